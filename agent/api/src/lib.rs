@@ -1,0 +1,146 @@
+//! The agent's local API, spoken over a Unix socket: one JSON request per
+//! line, one JSON response line back. The CNI plugin registers and
+//! deregisters endpoints through it; tools read status and wait for the
+//! "programmed generation" (a counter the agent bumps each time a change has
+//! reached the kernel maps) instead of sleeping.
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::Ipv4Addr,
+    os::unix::net::UnixStream,
+    path::Path,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_SOCKET: &str = "/run/palisade/agent.sock";
+
+/// What the CNI plugin knows about a pod it just wired (or, chained, found).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registration {
+    pub container_id: String,
+    /// CNI_IFNAME inside the pod.
+    pub ifname: String,
+    pub netns: String,
+    /// From CNI_ARGS K8S_POD_NAMESPACE / K8S_POD_NAME.
+    pub namespace: String,
+    pub pod: String,
+    pub ipv4: Ipv4Addr,
+    /// The host-side interface the agent attaches the programs to.
+    pub host_ifname: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Returns only after the programs are attached and the pod's policy is
+    /// in the maps: the pod never runs unenforced.
+    Register(Registration),
+    /// Idempotent: unknown endpoints are not an error.
+    Deregister { container_id: String, ifname: String },
+    Status,
+    /// Wait until the programmed generation is at least `generation`.
+    WaitProgrammed { generation: u64, timeout_ms: u64 },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    Ok { generation: u64, endpoint_id: Option<u32> },
+    Status(Box<StatusReport>),
+    Error { message: String },
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// Bumped each time a model change has been written to the kernel.
+    pub programmed_generation: u64,
+    /// Bumped each time the agent's sources changed the model.
+    pub model_generation: u64,
+    pub endpoints: Vec<EndpointStatus>,
+    pub identities: usize,
+    pub policies: Vec<PolicyStatus>,
+    pub maps: Vec<MapFill>,
+    pub audit: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointStatus {
+    pub namespace: String,
+    pub pod: String,
+    pub endpoint_id: u32,
+    pub ipv4: Ipv4Addr,
+    pub host_ifname: String,
+    pub identity: u32,
+    pub ingress_enforced: bool,
+    pub egress_enforced: bool,
+    pub audit: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyStatus {
+    pub namespace: String,
+    pub name: String,
+    /// None when compiled; the reason when rejected.
+    pub rejected: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapFill {
+    pub name: String,
+    pub entries: u64,
+    pub max_entries: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the palisade agent at {path}: {source}")]
+    Unreachable {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("talking to the palisade agent: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("bad response from the palisade agent: {0}")]
+    Decode(#[from] serde_json::Error),
+}
+
+/// One request, one response, blocking (the CNI plugin is synchronous).
+pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Response, ClientError> {
+    let mut s = UnixStream::connect(socket).map_err(|source| ClientError::Unreachable {
+        path: socket.display().to_string(),
+        source,
+    })?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    s.write_all(&line)?;
+    let mut resp = String::new();
+    BufReader::new(s).read_line(&mut resp)?;
+    Ok(serde_json::from_str(&resp)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_format_is_tagged_json() {
+        let r = Request::Deregister { container_id: "c1".into(), ifname: "eth0".into() };
+        let s = serde_json::to_string(&r).unwrap();
+        assert_eq!(s, r#"{"op":"deregister","container_id":"c1","ifname":"eth0"}"#);
+        let back: Request = serde_json::from_str(&s).unwrap();
+        assert_eq!(back, r);
+        let ok = Response::Ok { generation: 3, endpoint_id: Some(7) };
+        assert_eq!(serde_json::to_string(&ok).unwrap(), r#"{"result":"ok","generation":3,"endpoint_id":7}"#);
+    }
+
+    #[test]
+    fn unreachable_agent_is_a_clear_error() {
+        let e = call(Path::new("/nonexistent/agent.sock"), &Request::Status, Duration::from_secs(1))
+            .unwrap_err();
+        assert!(e.to_string().contains("cannot reach the palisade agent"), "{e}");
+    }
+}

@@ -1,0 +1,86 @@
+//! The agent's view of the cluster, fed by a source (Kubernetes or the
+//! standalone manifest directory) and by the CNI plugin's registrations.
+//! Sources only ever produce this; the compiler only ever reads it.
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+};
+
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+
+pub type Labels = BTreeMap<String, String>;
+
+/// namespace/name
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self { namespace: namespace.into(), name: name.into() }
+    }
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Annotation that puts a namespace in audit mode: drops are reported as
+/// AUDIT and the packets pass.
+pub const AUDIT_ANNOTATION: &str = "palisade.dev/audit";
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Namespace {
+    pub name: String,
+    pub labels: Labels,
+    /// From AUDIT_ANNOTATION == "true".
+    pub audit: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainerPort {
+    pub name: Option<String>,
+    pub port: u16,
+    /// "TCP", "UDP" or "SCTP"
+    pub protocol: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    pub labels: Labels,
+    /// None until the pod has an address.
+    pub ip: Option<Ipv4Addr>,
+    pub host_network: bool,
+    pub ports: Vec<ContainerPort>,
+}
+
+/// A pod on this node, wired by the CNI plugin and registered with the agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalEndpoint {
+    pub key: ObjectKey,
+    pub endpoint_id: u32,
+    pub ifindex: u32,
+    pub host_ifname: String,
+    pub ipv4: Ipv4Addr,
+    pub container_id: String,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Model {
+    pub namespaces: BTreeMap<String, Namespace>,
+    /// All pods of the cluster (remote ones matter for identities).
+    pub pods: BTreeMap<ObjectKey, Pod>,
+    pub policies: BTreeMap<ObjectKey, NetworkPolicy>,
+    /// Pods of this node, by container id.
+    pub endpoints: BTreeMap<String, LocalEndpoint>,
+    /// The node's own addresses (reserved `host` identity).
+    pub host_ips: Vec<Ipv4Addr>,
+    /// Global audit mode.
+    pub audit: bool,
+}

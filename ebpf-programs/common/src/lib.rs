@@ -1,0 +1,354 @@
+//! Map keys, values and event records shared by palisade's kernel programs
+//! and userspace. Everything here is `#[repr(C)]`, `Copy`, padding-free and
+//! uses integer flags instead of `bool`, so the byte layout is the same on
+//! both sides. IPv4 addresses are kept as the raw network-order `u32` read
+//! from the packet (`u32::from_ne_bytes(addr.octets())` in userspace).
+#![no_std]
+
+pub mod conntrack;
+
+/// Map names, as declared in the object and pinned under bpffs.
+pub mod maps {
+    pub const ENDPOINTS: &str = "ENDPOINTS";
+    pub const IPCACHE: &str = "IPCACHE";
+    pub const POLICY: &str = "POLICY";
+    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const FRAGMENTS: &str = "FRAGMENTS";
+    pub const EVENTS: &str = "EVENTS";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const XDP_DENY: &str = "XDP_DENY";
+    pub const XDP_COUNTERS: &str = "XDP_COUNTERS";
+    /// Every map the programs share, in a stable order (pinning, adoption).
+    pub const ALL: [&str; 9] = [
+        ENDPOINTS,
+        IPCACHE,
+        POLICY,
+        CONNTRACK,
+        FRAGMENTS,
+        EVENTS,
+        COUNTERS,
+        XDP_DENY,
+        XDP_COUNTERS,
+    ];
+}
+
+/// Program names in the object.
+pub mod programs {
+    /// tc ingress of the host-side veth: packets leaving the pod.
+    pub const POD_EGRESS: &str = "pod_egress";
+    /// tc egress of the host-side veth: packets going to the pod.
+    pub const POD_INGRESS: &str = "pod_ingress";
+    /// XDP on a node uplink: CIDR deny list.
+    pub const XDP_PREFILTER: &str = "xdp_prefilter";
+}
+
+/// Default map sizes; userspace may override them before load.
+pub mod sizes {
+    pub const ENDPOINTS: u32 = 16 * 1024;
+    pub const IPCACHE: u32 = 256 * 1024;
+    pub const POLICY: u32 = 512 * 1024;
+    pub const CONNTRACK: u32 = 256 * 1024;
+    pub const FRAGMENTS: u32 = 8 * 1024;
+    pub const EVENTS_BYTES: u32 = 1 << 22;
+    pub const XDP_DENY: u32 = 64 * 1024;
+}
+
+/// Direction of a packet relative to the pod whose veth carries it.
+pub const DIR_EGRESS: u8 = 0;
+pub const DIR_INGRESS: u8 = 1;
+
+/// Reserved identities. 0 is the wildcard peer in policy keys.
+pub const IDENTITY_ANY: u32 = 0;
+pub const IDENTITY_HOST: u32 = 1;
+pub const IDENTITY_WORLD: u32 = 2;
+/// First identity userspace may hand out for label sets and CIDRs.
+pub const IDENTITY_FIRST_DYNAMIC: u32 = 256;
+
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_SCTP: u8 = 132;
+
+/// `EndpointInfo::flags`
+pub const EP_INGRESS_ENFORCED: u32 = 1;
+pub const EP_EGRESS_ENFORCED: u32 = 1 << 1;
+pub const EP_AUDIT: u32 = 1 << 2;
+
+/// `EndpointKey::kind`: a pod is indexed both by its host veth and its IP.
+pub const EP_KEY_IFINDEX: u32 = 1;
+pub const EP_KEY_IPV4: u32 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EndpointKey {
+    pub kind: u32,
+    /// ifindex of the host-side veth, or the pod IPv4 address (network order).
+    pub value: u32,
+}
+
+impl EndpointKey {
+    pub const fn ifindex(ifindex: u32) -> Self {
+        Self { kind: EP_KEY_IFINDEX, value: ifindex }
+    }
+    pub const fn ipv4(addr_be: u32) -> Self {
+        Self { kind: EP_KEY_IPV4, value: addr_be }
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EndpointInfo {
+    pub endpoint_id: u32,
+    pub identity: u32,
+    /// The pod's IPv4 address (network order); anything else from it is spoofed.
+    pub ipv4: u32,
+    pub flags: u32,
+}
+
+impl EndpointInfo {
+    #[inline(always)]
+    pub fn enforced(&self, dir: u8) -> bool {
+        let bit = if dir == DIR_EGRESS { EP_EGRESS_ENFORCED } else { EP_INGRESS_ENFORCED };
+        self.flags & bit != 0
+    }
+    #[inline(always)]
+    pub fn enforced_any(&self) -> bool {
+        self.flags & (EP_INGRESS_ENFORCED | EP_EGRESS_ENFORCED) != 0
+    }
+}
+
+/// ipcache value. `identity` is what the longest prefix says (a pod's label
+/// identity for a pod /32, a CIDR identity, host or world). `cidr_identity`
+/// is the identity of the longest ipBlock prefix containing the address,
+/// ignoring pod /32s, so that ipBlock rules also match pod addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct IpcacheValue {
+    pub identity: u32,
+    pub cidr_identity: u32,
+}
+
+/// Policy LPM key data. Byte order of the bits matched by the prefix:
+/// endpoint (32), peer (32), direction (8), protocol (8), port (16). A rule
+/// for all protocols has prefix 72, for all ports of one protocol 80, for one
+/// port 96; an `endPort` range is split into port prefixes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PolicyKey {
+    pub endpoint_id: u32,
+    pub peer_identity: u32,
+    pub direction: u8,
+    pub protocol: u8,
+    /// Destination port, network order.
+    pub dport_be: u16,
+}
+
+pub const POLICY_PREFIX_FIXED: u32 = 72;
+pub const POLICY_PREFIX_PROTO: u32 = 80;
+pub const POLICY_PREFIX_FULL: u32 = 96;
+
+pub const ACTION_ALLOW: u32 = 1;
+pub const ACTION_DENY: u32 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PolicyValue {
+    pub action: u32,
+    /// Maps back (in userspace) to the policy and rule that produced the entry.
+    pub cookie: u32,
+}
+
+/// Conntrack key: the packet's 5-tuple as seen, plus the scope (direction of
+/// the program that admitted the flow) so a pod's egress verdict can never
+/// stand in for its peer's ingress verdict.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub protocol: u8,
+    pub scope: u8,
+    pub _pad: u16,
+}
+
+impl CtKey {
+    #[inline(always)]
+    pub fn reversed(&self, scope: u8) -> Self {
+        Self {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport_be: self.dport_be,
+            dport_be: self.sport_be,
+            protocol: self.protocol,
+            scope,
+            _pad: 0,
+        }
+    }
+}
+
+/// `CtValue::flags`
+pub const CT_AUDIT: u8 = 1;
+pub const CT_SEEN_REPLY: u8 = 1 << 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtValue {
+    /// bpf_ktime_get_ns() after which the entry is dead.
+    pub expires_ns: u64,
+    pub cookie: u32,
+    pub tcp_state: u8,
+    pub flags: u8,
+    pub _pad: u16,
+}
+
+/// Fragment tracking: non-first fragments inherit the first one's verdict.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub id_be: u16,
+    pub protocol: u8,
+    pub scope: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragValue {
+    pub expires_ns: u64,
+    /// VERDICT_* of the first fragment.
+    pub verdict: u32,
+    pub _pad: u32,
+}
+
+pub const FRAG_TIMEOUT_NS: u64 = 30 * 1_000_000_000;
+
+pub const VERDICT_ALLOW: u8 = 1;
+pub const VERDICT_DROP: u8 = 2;
+pub const VERDICT_AUDIT: u8 = 3;
+
+/// Why a verdict was reached. Also the index into the per-CPU `COUNTERS`.
+pub mod reason {
+    pub const NONE: u8 = 0;
+    // Allowed.
+    pub const POLICY_ALLOW: u8 = 1;
+    pub const UNENFORCED: u8 = 2;
+    pub const HOST: u8 = 3;
+    pub const ESTABLISHED: u8 = 4;
+    pub const REPLY: u8 = 5;
+    pub const FRAG_ALLOWED: u8 = 6;
+    pub const NOT_IP: u8 = 7;
+    // Dropped (or, in audit mode, would have been).
+    pub const NO_POLICY_MATCH: u8 = 16;
+    pub const DENY_RULE: u8 = 17;
+    pub const SPOOFED_SOURCE: u8 = 18;
+    pub const FRAG_UNTRACKED: u8 = 19;
+    pub const FRAG_DENIED: u8 = 20;
+    pub const IPV6_UNSUPPORTED: u8 = 21;
+    pub const MALFORMED: u8 = 22;
+    pub const UNSUPPORTED_L3: u8 = 23;
+    pub const XDP_DENYLIST: u8 = 24;
+    // Bookkeeping.
+    pub const EVENTS_LOST: u8 = 32;
+    pub const XDP_PASS: u8 = 33;
+
+    pub const MAX: u32 = 64;
+
+    pub fn name(r: u8) -> &'static str {
+        match r {
+            POLICY_ALLOW => "policy-allow",
+            UNENFORCED => "unenforced",
+            HOST => "host",
+            ESTABLISHED => "established",
+            REPLY => "reply",
+            FRAG_ALLOWED => "fragment-allowed",
+            NOT_IP => "not-ip",
+            NO_POLICY_MATCH => "no-policy-match",
+            DENY_RULE => "deny-rule",
+            SPOOFED_SOURCE => "spoofed-source",
+            FRAG_UNTRACKED => "fragment-untracked",
+            FRAG_DENIED => "fragment-denied",
+            IPV6_UNSUPPORTED => "ipv6-unsupported",
+            MALFORMED => "malformed-header",
+            UNSUPPORTED_L3 => "unsupported-l3",
+            XDP_DENYLIST => "xdp-denylist",
+            EVENTS_LOST => "events-lost",
+            XDP_PASS => "xdp-pass",
+            _ => "none",
+        }
+    }
+
+    pub fn is_drop(r: u8) -> bool {
+        (NO_POLICY_MATCH..EVENTS_LOST).contains(&r)
+    }
+}
+
+/// A verdict record in the `EVENTS` ring buffer: one per new flow and one
+/// per dropped packet, never one per forwarded packet of a known flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowEvent {
+    pub ts_ns: u64,
+    pub endpoint_id: u32,
+    pub ifindex: u32,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub protocol: u8,
+    pub direction: u8,
+    pub verdict: u8,
+    pub reason: u8,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub cookie: u32,
+    pub _pad: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod_impls {
+    use super::*;
+    // SAFETY: all of these are repr(C), Copy, and have no padding bytes or
+    // invalid bit patterns.
+    unsafe impl aya::Pod for EndpointKey {}
+    unsafe impl aya::Pod for EndpointInfo {}
+    unsafe impl aya::Pod for IpcacheValue {}
+    unsafe impl aya::Pod for PolicyKey {}
+    unsafe impl aya::Pod for PolicyValue {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragValue {}
+    unsafe impl aya::Pod for FlowEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_padding() {
+        assert_eq!(size_of::<EndpointKey>(), 8);
+        assert_eq!(size_of::<EndpointInfo>(), 16);
+        assert_eq!(size_of::<IpcacheValue>(), 8);
+        assert_eq!(size_of::<PolicyKey>(), 12);
+        assert_eq!(size_of::<PolicyKey>() as u32 * 8, POLICY_PREFIX_FULL);
+        assert_eq!(size_of::<PolicyValue>(), 8);
+        assert_eq!(size_of::<CtKey>(), 16);
+        assert_eq!(size_of::<CtValue>(), 16);
+        assert_eq!(size_of::<FragKey>(), 12);
+        assert_eq!(size_of::<FragValue>(), 16);
+        assert_eq!(size_of::<FlowEvent>(), 48);
+    }
+
+    #[test]
+    fn drop_reasons_are_classified() {
+        assert!(reason::is_drop(reason::NO_POLICY_MATCH));
+        assert!(reason::is_drop(reason::XDP_DENYLIST));
+        assert!(!reason::is_drop(reason::POLICY_ALLOW));
+        assert!(!reason::is_drop(reason::EVENTS_LOST));
+    }
+}

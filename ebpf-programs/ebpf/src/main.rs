@@ -1,0 +1,109 @@
+//! palisade's kernel programs.
+//!
+//! `pod_egress` runs at tc ingress of a pod's host-side veth (packets the pod
+//! sends), `pod_ingress` at tc egress of the same device (packets to the
+//! pod). Both share one verdict path in `verdict.rs`; `xdp_prefilter` drops
+//! deny-listed sources on a node uplink before an skb exists.
+#![no_std]
+#![no_main]
+
+mod headers;
+mod verdict;
+
+use aya_ebpf::{
+    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
+    macros::{classifier, map, xdp},
+    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    programs::{TcContext, XdpContext},
+};
+use palisade_common::{
+    reason, sizes, CtKey, CtValue, EndpointInfo, EndpointKey, FragKey, FragValue, IpcacheValue,
+    PolicyKey, PolicyValue, DIR_EGRESS, DIR_INGRESS,
+};
+
+// ---- maps shared with userspace (layouts in palisade-common) ----
+
+#[map]
+static ENDPOINTS: HashMap<EndpointKey, EndpointInfo> =
+    HashMap::with_max_entries(sizes::ENDPOINTS, 0);
+
+#[map]
+static IPCACHE: LpmTrie<u32, IpcacheValue> = LpmTrie::with_max_entries(sizes::IPCACHE, 0);
+
+#[map]
+static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::with_max_entries(sizes::POLICY, 0);
+
+#[map]
+static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(sizes::CONNTRACK, 0);
+
+#[map]
+static FRAGMENTS: LruHashMap<FragKey, FragValue> =
+    LruHashMap::with_max_entries(sizes::FRAGMENTS, 0);
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(sizes::EVENTS_BYTES, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::MAX, 0);
+
+// ---- XDP prefilter maps ----
+
+#[map]
+static XDP_DENY: LpmTrie<u32, u32> = LpmTrie::with_max_entries(sizes::XDP_DENY, 0);
+
+#[map]
+static XDP_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::MAX, 0);
+
+#[classifier]
+pub fn pod_egress(ctx: TcContext) -> i32 {
+    tc_action(verdict::process(&ctx, DIR_EGRESS))
+}
+
+#[classifier]
+pub fn pod_ingress(ctx: TcContext) -> i32 {
+    tc_action(verdict::process(&ctx, DIR_INGRESS))
+}
+
+/// `Err` means the program could not reach a verdict (e.g. a map it relies
+/// on was unreadable). A pod's traffic must never pass unenforced, so that
+/// is a drop, not TC_ACT_OK.
+#[inline(always)]
+fn tc_action(r: Result<bool, ()>) -> i32 {
+    match r {
+        Ok(true) => TC_ACT_OK,
+        _ => TC_ACT_SHOT,
+    }
+}
+
+#[xdp]
+pub fn xdp_prefilter(ctx: XdpContext) -> u32 {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    let Some(saddr) = headers::ipv4_saddr(start, end) else {
+        return xdp_action::XDP_PASS;
+    };
+    let r = if XDP_DENY.get(Key::new(32, saddr)).is_some() {
+        reason::XDP_DENYLIST
+    } else {
+        reason::XDP_PASS
+    };
+    if let Some(c) = XDP_COUNTERS.get_ptr_mut(r as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *c += 1 };
+    }
+    if r == reason::XDP_DENYLIST {
+        xdp_action::XDP_DROP
+    } else {
+        xdp_action::XDP_PASS
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,308 @@
+//! Loads palisade's object, adopting pinned maps, and attaches programs to
+//! pod veths through pinned TCX links. Links are pinned so they outlive the
+//! agent: a restarted agent (also after kill -9) finds them, and swaps its
+//! freshly loaded programs in atomically with `attach_to_link`, so the
+//! interface is never without a program.
+use std::{
+    ffi::CString,
+    fs,
+    io,
+    path::Path,
+};
+
+use aya::{
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::{XdpLink, XdpMode},
+        LinkOrder, SchedClassifier, TcAttachType, Xdp,
+    },
+    Ebpf, EbpfLoader,
+};
+use log::{debug, warn};
+use palisade_common::{maps as names, programs, sizes, DIR_EGRESS, DIR_INGRESS};
+
+use crate::{maps::Maps, object, pins::Pins, Error};
+
+/// Map sizes (entries); the defaults come from `palisade_common::sizes`.
+#[derive(Clone, Debug)]
+pub struct MapSizes {
+    pub endpoints: u32,
+    pub ipcache: u32,
+    pub policy: u32,
+    pub conntrack: u32,
+    pub fragments: u32,
+    pub xdp_deny: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            endpoints: sizes::ENDPOINTS,
+            ipcache: sizes::IPCACHE,
+            policy: sizes::POLICY,
+            conntrack: sizes::CONNTRACK,
+            fragments: sizes::FRAGMENTS,
+            xdp_deny: sizes::XDP_DENY,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct DatapathConfig {
+    pub pins: Pins,
+    pub sizes: MapSizes,
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    pins: Pins,
+    sizes: MapSizes,
+}
+
+/// (program, tc hook on the host-side veth, policy direction)
+const POD_HOOKS: [(&str, TcAttachType, u8); 2] = [
+    (programs::POD_EGRESS, TcAttachType::Ingress, DIR_EGRESS),
+    (programs::POD_INGRESS, TcAttachType::Egress, DIR_INGRESS),
+];
+
+impl Datapath {
+    /// Load the programs. Maps already pinned under the root are reused
+    /// with their contents; missing ones are created and pinned.
+    pub fn load(cfg: &DatapathConfig) -> Result<Self, Error> {
+        let obj = object()?;
+        for dir in [cfg.pins.maps_dir(), cfg.pins.links_dir()] {
+            fs::create_dir_all(&dir).map_err(|source| Error::Io {
+                what: format!("creating {}", dir.display()),
+                source,
+            })?;
+        }
+        raise_memlock();
+
+        let s = &cfg.sizes;
+        let paths: Vec<_> = names::ALL.iter().map(|n| (*n, cfg.pins.map(n))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        loader
+            .map_max_entries(names::ENDPOINTS, s.endpoints)
+            .map_max_entries(names::IPCACHE, s.ipcache)
+            .map_max_entries(names::POLICY, s.policy)
+            .map_max_entries(names::CONNTRACK, s.conntrack)
+            .map_max_entries(names::FRAGMENTS, s.fragments)
+            .map_max_entries(names::XDP_DENY, s.xdp_deny);
+        let mut ebpf = loader.load(obj).map_err(Error::Load)?;
+
+        for (name, _, _) in POD_HOOKS {
+            let p = classifier(&mut ebpf, name)?;
+            p.load().map_err(|source| Error::Program { name, source })?;
+        }
+        let xdp = xdp_program(&mut ebpf)?;
+        xdp.load().map_err(|source| Error::Program { name: programs::XDP_PREFILTER, source })?;
+        Ok(Self { ebpf, pins: cfg.pins.clone(), sizes: cfg.sizes.clone() })
+    }
+
+    pub fn pins(&self) -> &Pins {
+        &self.pins
+    }
+
+    /// Typed handles on the maps (call once; the maps move out of the object).
+    pub fn take_maps(&mut self) -> Result<Maps, Error> {
+        Maps::take(&mut self.ebpf, &self.sizes)
+    }
+
+    pub fn classifier(&mut self, name: &'static str) -> Result<&mut SchedClassifier, Error> {
+        classifier(&mut self.ebpf, name)
+    }
+
+    pub fn xdp(&mut self) -> Result<&mut Xdp, Error> {
+        xdp_program(&mut self.ebpf)
+    }
+
+    /// Attach both policy programs to a pod's host-side interface and
+    /// return its ifindex. Idempotent: an existing pinned link is reused and
+    /// gets this instance's program swapped in atomically.
+    pub fn attach_pod(&mut self, ifname: &str) -> Result<u32, Error> {
+        let ifindex = ifindex(ifname)?;
+        for (name, hook, dir) in POD_HOOKS {
+            let path = self.pins.link(ifindex, dir);
+            let prog = classifier(&mut self.ebpf, name)?;
+            attach_tc(prog, name, ifname, hook, &path)?;
+        }
+        Ok(ifindex)
+    }
+
+    /// Detach both programs from an interface (gone or not). Keeps going
+    /// after an error so nothing stays half attached; returns the first.
+    pub fn detach_pod(&self, ifindex: u32) -> Result<(), Error> {
+        let mut first = None;
+        for (_, _, dir) in POD_HOOKS {
+            if let Err(e) = unpin_link(&self.pins.link(ifindex, dir)) {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// After a restart: move every pinned pod link onto this instance's
+    /// programs, and drop the pins of links whose interface is gone.
+    /// Returns the ifindexes that are still attached.
+    pub fn adopt_links(&mut self) -> Result<Vec<u32>, Error> {
+        let mut live = Vec::new();
+        for (ifindex, dir) in self.pins.pinned_links() {
+            let path = self.pins.link(ifindex, dir);
+            let name = if dir == DIR_EGRESS { programs::POD_EGRESS } else { programs::POD_INGRESS };
+            let prog = classifier(&mut self.ebpf, name)?;
+            match swap_into_link(prog, name, &path) {
+                Ok(()) => {
+                    if !live.contains(&ifindex) {
+                        live.push(ifindex);
+                    }
+                }
+                Err(e) => {
+                    warn!("dropping stale link {}: {e}", path.display());
+                    let _ = unpin_link(&path);
+                }
+            }
+        }
+        Ok(live)
+    }
+
+    /// Attach the XDP prefilter to an uplink (native mode, pinned link).
+    pub fn attach_xdp(&mut self, ifname: &str) -> Result<u32, Error> {
+        let ifindex = ifindex(ifname)?;
+        let path = self.pins.xdp_link(ifindex);
+        if path.exists() {
+            return Ok(ifindex);
+        }
+        let name = programs::XDP_PREFILTER;
+        let prog = xdp_program(&mut self.ebpf)?;
+        let id = prog
+            .attach(ifname, XdpMode::Driver)
+            .map_err(|source| Error::Program { name, source })?;
+        let link: XdpLink = prog.take_link(id).map_err(|source| Error::Program { name, source })?;
+        let fd: FdLink = link.try_into().map_err(|source| Error::Link { path: path_str(&path), source })?;
+        fd.pin(&path).map_err(|source| Error::Pin { path: path_str(&path), source })?;
+        Ok(ifindex)
+    }
+
+    pub fn detach_xdp(&self, ifindex: u32) -> Result<(), Error> {
+        unpin_link(&self.pins.xdp_link(ifindex))
+    }
+}
+
+/// Remove everything palisade pinned under `pins` (links first, so the
+/// programs detach, then maps). For tests and `palisade-agent cleanup`.
+pub fn remove_all(pins: &Pins) -> Result<(), Error> {
+    let io = |what: String| move |source| Error::Io { what, source };
+    if let Ok(rd) = fs::read_dir(pins.links_dir()) {
+        for e in rd.flatten() {
+            unpin_link(&e.path())?;
+        }
+    }
+    match fs::remove_dir_all(pins.root()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(format!("removing {}", pins.root().display()))(e)),
+    }
+}
+
+fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, Error> {
+    let p = ebpf.program_mut(name).ok_or(Error::Program {
+        name,
+        source: aya::programs::ProgramError::NotLoaded,
+    })?;
+    p.try_into().map_err(|source| Error::Program { name, source })
+}
+
+fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, Error> {
+    let name = programs::XDP_PREFILTER;
+    let p = ebpf.program_mut(name).ok_or(Error::Program {
+        name,
+        source: aya::programs::ProgramError::NotLoaded,
+    })?;
+    p.try_into().map_err(|source| Error::Program { name, source })
+}
+
+fn attach_tc(
+    prog: &mut SchedClassifier,
+    name: &'static str,
+    ifname: &str,
+    hook: TcAttachType,
+    path: &Path,
+) -> Result<(), Error> {
+    if path.exists() {
+        match swap_into_link(prog, name, path) {
+            Ok(()) => return Ok(()),
+            // A pin left by an interface that no longer exists (ifindex reuse).
+            Err(e) => {
+                debug!("replacing stale link {}: {e}", path.display());
+                unpin_link(path)?;
+            }
+        }
+    }
+    let id = prog
+        .attach_with_options(ifname, hook, TcAttachOptions::TcxOrder(LinkOrder::default()))
+        .map_err(|source| Error::Program { name, source })?;
+    let link = prog.take_link(id).map_err(|source| Error::Program { name, source })?;
+    let fd: FdLink = link.try_into().map_err(|source| Error::Link { path: path_str(path), source })?;
+    fd.pin(path).map_err(|source| Error::Pin { path: path_str(path), source })?;
+    Ok(())
+}
+
+/// Atomically replace the program behind a pinned TCX link with `prog`.
+fn swap_into_link(prog: &mut SchedClassifier, name: &'static str, path: &Path) -> Result<(), Error> {
+    let link_err = |source| Error::Link { path: path_str(path), source };
+    let pinned = PinnedLink::from_pin(path).map_err(link_err)?;
+    let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(link_err)?;
+    let id = prog.attach_to_link(link).map_err(|source| Error::Program { name, source })?;
+    // The link stays pinned; forget our handle without detaching.
+    let link = prog.take_link(id).map_err(|source| Error::Program { name, source })?;
+    let fd: FdLink = link.try_into().map_err(link_err)?;
+    drop(fd);
+    Ok(())
+}
+
+/// Remove a link's pin; with its last reference gone the kernel detaches it.
+fn unpin_link(path: &Path) -> Result<(), Error> {
+    match PinnedLink::from_pin(path) {
+        Ok(l) => {
+            let fd = l.unpin().map_err(|source| Error::Io {
+                what: format!("unpinning {}", path.display()),
+                source,
+            })?;
+            drop(fd);
+            Ok(())
+        }
+        Err(_) if !path.exists() => Ok(()),
+        Err(_) => fs::remove_file(path).map_err(|source| Error::Io {
+            what: format!("removing {}", path.display()),
+            source,
+        }),
+    }
+}
+
+pub fn ifindex(ifname: &str) -> Result<u32, Error> {
+    let c = CString::new(ifname).map_err(|_| Error::NoSuchInterface(ifname.into()))?;
+    // SAFETY: `c` is a valid NUL-terminated string for the call's duration.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if idx == 0 {
+        return Err(Error::NoSuchInterface(ifname.into()));
+    }
+    Ok(idx)
+}
+
+fn path_str(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// Kernels >= 5.11 account BPF memory to the cgroup; RLIMIT_MEMLOCK only
+/// matters on older ones, and raising it fails in some sandboxes.
+fn raise_memlock() {
+    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: plain syscall with a valid pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        debug!("setrlimit(RLIMIT_MEMLOCK) failed (not needed on this kernel): {}", io::Error::last_os_error());
+    }
+}

@@ -1,0 +1,212 @@
+//! Helpers shared by the privileged integration tests: network namespaces
+//! that clean up on drop (also when a test panics), a node-with-pods
+//! topology wired like the CNI plugin wires it, and a private bpffs root.
+//!
+//! Every address used lives only inside namespaces these guards create.
+use std::{
+    fs::File,
+    net::Ipv4Addr,
+    os::fd::AsRawFd,
+    path::PathBuf,
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{bail, Context, Result};
+use palisade_dataplane::Pins;
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A short name unique to this process and call, e.g. `pl12345-3`.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Privileged tests need root (CI runs as root). Elsewhere they say so and
+/// return early instead of failing on a missing capability.
+pub fn require_root() -> bool {
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP: needs root (netns, BPF)");
+        return false;
+    }
+    true
+}
+
+pub fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(out)
+}
+
+pub fn ip(args: &[&str]) -> Result<Output> {
+    run(Command::new("ip").args(args))
+}
+
+/// A named network namespace, deleted on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new(prefix: &str) -> Result<Self> {
+        let name = unique(prefix);
+        ip(&["netns", "add", &name])?;
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// `ip -n <ns> args…`
+    pub fn ip(&self, args: &[&str]) -> Result<Output> {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        ip(&all)
+    }
+
+    /// A command run inside the namespace.
+    pub fn cmd(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        run(self.cmd("sysctl").args(["-qw", &format!("{key}={value}")]))?;
+        Ok(())
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// Run `f` on a fresh thread that has entered this namespace (setns
+    /// affects only the calling thread, so the test's own thread stays put).
+    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let path = self.path();
+        std::thread::spawn(move || -> Result<T> {
+            enter_thread(&path)?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in netns panicked"))?
+    }
+}
+
+/// Move the current thread into the namespace at `path`.
+pub fn enter_thread(path: &std::path::Path) -> Result<()> {
+    let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: valid fd; CLONE_NEWNET only changes this thread's namespace.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns {}: {}", path.display(), std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+/// One pod: its namespace, address and the host-side veth in the node.
+pub struct Pod {
+    pub ns: NetNs,
+    pub ip: Ipv4Addr,
+    pub host_if: String,
+}
+
+/// A node namespace that routes between pods attached by veth pairs, wired
+/// as the CNI plugin wires them: pod /32 behind a gateway on the host veth.
+pub struct Node {
+    pub ns: NetNs,
+    pub gateway: Ipv4Addr,
+    pub pods: Vec<Pod>,
+}
+
+impl Node {
+    pub fn new(gateway: Ipv4Addr) -> Result<Self> {
+        let ns = NetNs::new("pnode")?;
+        ns.sysctl("net.ipv4.ip_forward", "1")?;
+        Ok(Self { ns, gateway, pods: Vec::new() })
+    }
+
+    pub fn add_pod(&mut self, ip: Ipv4Addr) -> Result<&Pod> {
+        let ns = NetNs::new("ppod")?;
+        let host_if = format!("h{}", unique(""));
+        let host_if = host_if.chars().take(15).collect::<String>();
+        let gw = format!("{}", self.gateway);
+        self.ns.ip(&["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name])?;
+        self.ns.ip(&["addr", "add", &format!("{gw}/32"), "dev", &host_if])?;
+        self.ns.ip(&["link", "set", &host_if, "up"])?;
+        self.ns.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_if])?;
+        ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&["route", "add", &gw, "dev", "eth0", "scope", "link"])?;
+        ns.ip(&["route", "add", "default", "via", &gw, "dev", "eth0"])?;
+        self.pods.push(Pod { ns, ip, host_if });
+        Ok(self.pods.last().expect("just pushed"))
+    }
+}
+
+/// A private bpffs root for one test, removed (links first) on drop.
+pub struct PinRoot {
+    pub pins: Pins,
+}
+
+impl PinRoot {
+    pub fn new() -> Result<Self> {
+        ensure_bpffs()?;
+        let pins = Pins::new(format!("/sys/fs/bpf/{}", unique("palisade-test-")));
+        Ok(Self { pins })
+    }
+}
+
+impl Drop for PinRoot {
+    fn drop(&mut self) {
+        if let Err(e) = palisade_dataplane::loader::remove_all(&self.pins) {
+            eprintln!("cleanup of {}: {e}", self.pins.root().display());
+        }
+    }
+}
+
+pub fn ensure_bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts")?;
+    if !mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")) {
+        run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    }
+    Ok(())
+}
+
+/// Try a TCP connection from inside `ns`; true when it was established.
+pub fn tcp_connects(ns: &NetNs, to: Ipv4Addr, port: u16, timeout_ms: u64) -> Result<bool> {
+    ns.enter(move || {
+        std::net::TcpStream::connect_timeout(
+            &(to, port).into(),
+            std::time::Duration::from_millis(timeout_ms),
+        )
+        .is_ok()
+    })
+}
+
+/// A TCP server in `ns` that accepts and echoes until the process ends.
+pub fn tcp_echo_server(ns: &NetNs, port: u16) -> Result<()> {
+    let listener = ns.enter(move || std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))??;
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut s = s;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,164 @@
+//! The real programs on real veths: pods in network namespaces routed
+//! through a node namespace, as the CNI plugin wires them.
+use std::{net::Ipv4Addr, time::Duration};
+
+use anyhow::Result;
+use palisade_common::{
+    reason, EndpointInfo, FlowEvent, IpcacheValue, PolicyKey, PolicyValue, ACTION_ALLOW,
+    DIR_INGRESS, EP_INGRESS_ENFORCED, IDENTITY_WORLD, POLICY_PREFIX_FULL, PROTO_TCP,
+    VERDICT_ALLOW, VERDICT_DROP,
+};
+use palisade_dataplane::{
+    events::EventReader,
+    maps::{be, from_be},
+    Datapath, DatapathConfig, Maps,
+};
+use palisade_tests::*;
+
+const GW: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
+const A: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
+const B: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 3);
+
+struct Setup {
+    node: Node,
+    _dp: Datapath,
+    maps: Maps,
+    events: EventReader,
+    // Dropped last: links are unpinned after the namespaces are gone.
+    _pins: PinRoot,
+}
+
+/// Node with pods A and B; programs loaded and attached to B's host veth
+/// (and A's when `both`), endpoints registered unenforced.
+fn setup(both: bool) -> Result<Setup> {
+    let pins = PinRoot::new()?;
+    let mut node = Node::new(GW)?;
+    node.add_pod(A)?;
+    node.add_pod(B)?;
+    let cfg = DatapathConfig { pins: pins.pins.clone(), ..Default::default() };
+    let ifs: Vec<(String, Ipv4Addr, u32)> = node
+        .pods
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| both || *i == 1)
+        .map(|(i, p)| (p.host_if.clone(), p.ip, i as u32 + 1))
+        .collect();
+    let (dp, mut maps) = node.ns.enter(move || -> Result<(Datapath, Maps)> {
+        let mut dp = Datapath::load(&cfg)?;
+        let mut maps = dp.take_maps()?;
+        for (ifname, ip, ep) in ifs {
+            // The endpoint entry goes in before the programs: an attached
+            // program fails closed for an interface it does not know.
+            let ifindex = palisade_dataplane::loader::ifindex(&ifname)?;
+            let info = EndpointInfo { endpoint_id: ep, identity: 1000 + ep, ipv4: be(ip), flags: 0 };
+            maps.upsert_endpoint(ifindex, info)?;
+            dp.attach_pod(&ifname)?;
+        }
+        Ok((dp, maps))
+    })??;
+    maps.set_ipcache(Ipv4Addr::UNSPECIFIED, 0, IpcacheValue { identity: IDENTITY_WORLD, cidr_identity: IDENTITY_WORLD })?;
+    maps.set_ipcache(A, 32, IpcacheValue { identity: 1001, cidr_identity: IDENTITY_WORLD })?;
+    maps.set_ipcache(B, 32, IpcacheValue { identity: 1002, cidr_identity: IDENTITY_WORLD })?;
+    let events = EventReader::new(maps.events.take().expect("events map"));
+    Ok(Setup { node, _dp: dp, maps, events, _pins: pins })
+}
+
+fn b_ifindex(s: &Setup) -> Result<u32> {
+    let name = s.node.pods[1].host_if.clone();
+    s.node.ns.enter(move || palisade_dataplane::loader::ifindex(&name))?.map_err(Into::into)
+}
+
+fn enforce_ingress(s: &mut Setup, ifindex: u32) -> Result<()> {
+    let mut info = s.maps.endpoint(ifindex).expect("B registered");
+    info.flags |= EP_INGRESS_ENFORCED;
+    s.maps.upsert_endpoint(ifindex, info)?;
+    Ok(())
+}
+
+fn is_tcp_to(e: &FlowEvent, dst: Ipv4Addr, port: u16) -> bool {
+    e.protocol == PROTO_TCP && from_be(e.daddr) == dst && u16::from_be(e.dport_be) == port
+}
+
+#[test]
+fn program_drops_on_map_entry_and_reports_the_drop() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut s = setup(false)?;
+    tcp_echo_server(&s.node.pods[1].ns, 8080)?;
+    let a = &s.node.pods[0].ns;
+    assert!(tcp_connects(a, B, 8080, 3000)?, "unenforced pod must be reachable with programs attached");
+    let seen = s.events.wait_for(Duration::from_secs(5), |e| is_tcp_to(e, B, 8080));
+    let e = seen.expect("an event for the new allowed flow");
+    assert_eq!((e.verdict, e.reason), (VERDICT_ALLOW, reason::UNENFORCED));
+
+    let ifindex = b_ifindex(&s)?;
+    enforce_ingress(&mut s, ifindex)?;
+    let a = &s.node.pods[0].ns;
+    assert!(!tcp_connects(a, B, 8080, 1000)?, "enforced ingress with no rule must drop");
+    let e = s
+        .events
+        .wait_for(Duration::from_secs(5), |e| e.verdict == VERDICT_DROP && is_tcp_to(e, B, 8080))
+        .expect("a drop event");
+    assert_eq!(e.reason, reason::NO_POLICY_MATCH);
+    assert_eq!(e.direction, DIR_INGRESS);
+    assert_eq!(from_be(e.saddr), A);
+    assert_eq!(e.ifindex, ifindex);
+    assert!(s.maps.counters()?.get(reason::NO_POLICY_MATCH) >= 1);
+    Ok(())
+}
+
+#[test]
+fn allow_rule_admits_one_port_both_ways_and_drops_another() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut s = setup(true)?;
+    tcp_echo_server(&s.node.pods[1].ns, 8080)?;
+    tcp_echo_server(&s.node.pods[1].ns, 9090)?;
+    let ifindex = b_ifindex(&s)?;
+    enforce_ingress(&mut s, ifindex)?;
+    let key = PolicyKey {
+        endpoint_id: 2,
+        peer_identity: 1001,
+        direction: DIR_INGRESS,
+        protocol: PROTO_TCP,
+        dport_be: 8080u16.to_be(),
+    };
+    s.maps.set_policy(POLICY_PREFIX_FULL, key, PolicyValue { action: ACTION_ALLOW, cookie: 77 })?;
+
+    // 8080: a request and its echoed reply cross both programs (conntrack).
+    let echoed = s.node.pods[0].ns.enter(|| -> Result<Vec<u8>> {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect_timeout(&(B, 8080).into(), Duration::from_secs(3))?;
+        c.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let mut got = Vec::new();
+        for round in 0..5u8 {
+            c.write_all(&[round; 1000])?;
+            let mut buf = [0u8; 1000];
+            c.read_exact(&mut buf)?;
+            got.extend_from_slice(&buf);
+        }
+        Ok(got)
+    })??;
+    assert_eq!(echoed.len(), 5000);
+
+    let a = &s.node.pods[0].ns;
+    assert!(!tcp_connects(a, B, 9090, 1000)?, "9090 has no rule");
+
+    let allow = s
+        .events
+        .wait_for(Duration::from_secs(5), |e| e.direction == DIR_INGRESS && is_tcp_to(e, B, 8080))
+        .expect("allow event for 8080");
+    assert_eq!((allow.verdict, allow.reason, allow.cookie), (VERDICT_ALLOW, reason::POLICY_ALLOW, 77));
+    assert_eq!((allow.src_identity, allow.dst_identity), (1001, 1002));
+    assert_eq!(allow.endpoint_id, 2);
+    let drop = s
+        .events
+        .wait_for(Duration::from_secs(5), |e| e.verdict == VERDICT_DROP && is_tcp_to(e, B, 9090))
+        .expect("drop event for 9090");
+    assert_eq!(drop.reason, reason::NO_POLICY_MATCH);
+    assert_eq!((drop.src_identity, drop.dst_identity), (1001, 1002));
+    assert_eq!(from_be(drop.saddr), A);
+    Ok(())
+}
