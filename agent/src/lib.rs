@@ -2,5 +2,18 @@
 //!
 //! sources (k8s | manifests) -> `model` -> `compiler` (pure) -> `sync`
 //! (diff into the kernel maps); verdicts flow back through `flowlog`.
+pub mod cli;
 pub mod compiler;
+pub mod daemon;
+pub mod endpoints;
+pub mod flowlog;
+pub mod identity;
+pub mod k8s;
+pub mod manifests;
+pub mod metrics;
 pub mod model;
+pub mod selector;
+pub mod server;
+pub mod source;
+pub mod sync;
+pub mod trace;

@@ -1,1 +1,294 @@
-fn main() { eprintln!("palisade-agent: the daemon is being written"); std::process::exit(1) }
+//! palisade-agent: the daemon (`run`) and the operator CLI (`status`,
+//! `observe`, `trace`, `sync`, `cleanup`, `install-cni`).
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::Ipv4Addr,
+    os::unix::net::UnixStream,
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use palisade_agent::{
+    cli,
+    daemon::{Config, METRICS_DEFAULT_ADDR},
+    server,
+};
+use palisade_api::{Request, Response, TraceRequest, DEFAULT_SOCKET};
+use palisade_dataplane::{pins, Pins};
+
+#[derive(Parser)]
+#[command(
+    name = "palisade-agent",
+    version,
+    about = "palisade's per-node NetworkPolicy agent and operator CLI"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Clone)]
+struct SocketArg {
+    /// The agent's API socket.
+    #[arg(long, default_value = DEFAULT_SOCKET, env = "PALISADE_SOCKET")]
+    socket: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent (foreground).
+    Run(RunArgs),
+    /// Endpoints, identities, policies and map fill levels.
+    Status {
+        #[command(flatten)]
+        s: SocketArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Flow records, filtered; recent ones, then live with --follow.
+    Observe(cli::ObserveArgs),
+    /// The verdict for a new flow and the policies that decide it. Exit
+    /// status 0 when allowed, 3 when policy denies it (DROP, or AUDIT in
+    /// audit mode).
+    Trace {
+        #[command(flatten)]
+        s: SocketArg,
+        /// namespace/pod
+        #[arg(long)]
+        from: String,
+        /// namespace/pod or an IPv4 address
+        #[arg(long)]
+        to: String,
+        /// PORT/PROTOCOL, e.g. 8080/TCP (protocol defaults to TCP)
+        #[arg(long)]
+        port: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-read the source now and wait until the result is programmed.
+    Sync {
+        #[command(flatten)]
+        s: SocketArg,
+    },
+    /// Detach every program and remove palisade's pinned state (uninstall).
+    Cleanup {
+        #[arg(long, default_value = pins::DEFAULT_ROOT)]
+        pin_root: PathBuf,
+    },
+    /// Install the CNI binary and a conflist atomically (DaemonSet init).
+    InstallCni(cli::InstallCniArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    s: SocketArg,
+    /// bpffs directory for pinned maps and links.
+    #[arg(long, default_value = pins::DEFAULT_ROOT)]
+    pin_root: PathBuf,
+    /// Where the endpoint registry is kept.
+    #[arg(long, default_value = "/var/run/palisade")]
+    state_dir: PathBuf,
+    /// Standalone mode: a directory of YAML manifests (Namespaces, Pods, NetworkPolicies).
+    #[arg(long, conflicts_with = "kubernetes")]
+    manifests: Option<PathBuf>,
+    /// Watch the Kubernetes API (in-cluster config or KUBECONFIG).
+    #[arg(long)]
+    kubernetes: bool,
+    /// This node's name (Kubernetes mode).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    #[arg(long, default_value = "/var/log/palisade/flows.jsonl")]
+    flow_log: PathBuf,
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    flow_log_max_bytes: u64,
+    /// Address of /metrics, /healthz, /readyz ("off" disables).
+    #[arg(long, default_value = METRICS_DEFAULT_ADDR)]
+    metrics_addr: String,
+    /// Global audit mode: would-be drops pass and are logged as AUDIT.
+    #[arg(long)]
+    audit: bool,
+    /// The node's own addresses (reserved `host` identity); repeatable.
+    #[arg(long = "host-ip")]
+    host_ips: Vec<Ipv4Addr>,
+    /// Attach the XDP prefilter to this uplink; repeatable.
+    #[arg(long = "xdp-uplink")]
+    xdp_uplinks: Vec<String>,
+    /// A source prefix the XDP prefilter drops (e.g. 198.51.100.0/24); repeatable.
+    #[arg(long = "xdp-deny")]
+    xdp_deny: Vec<ipnetwork::Ipv4Network>,
+    /// Entries of the policy map (a full map is an error and a metric).
+    #[arg(long, default_value_t = palisade_common::sizes::POLICY)]
+    policy_map_entries: u32,
+    #[arg(long, default_value_t = palisade_common::sizes::IPCACHE)]
+    ipcache_map_entries: u32,
+    #[arg(long, default_value_t = palisade_common::sizes::ENDPOINTS)]
+    endpoint_map_entries: u32,
+    #[arg(long, default_value_t = palisade_common::sizes::CONNTRACK)]
+    conntrack_map_entries: u32,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("palisade-agent: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn call(s: &SocketArg, req: &Request, timeout: Duration) -> Result<Response> {
+    Ok(palisade_api::call(&s.socket, req, timeout)?)
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Run(a) => {
+            let metrics_addr = match a.metrics_addr.as_str() {
+                "off" | "" => None,
+                s => Some(s.parse().with_context(|| format!("--metrics-addr {s}"))?),
+            };
+            let cfg = Config {
+                socket: a.s.socket,
+                pins: Pins::new(a.pin_root),
+                state_dir: a.state_dir,
+                manifests: a.manifests,
+                kubernetes: a.kubernetes,
+                node_name: a.node_name,
+                flow_log: a.flow_log,
+                flow_log_max_bytes: a.flow_log_max_bytes,
+                metrics_addr,
+                audit: a.audit,
+                host_ips: a.host_ips,
+                xdp_uplinks: a.xdp_uplinks,
+                xdp_deny: a.xdp_deny,
+                map_sizes: palisade_dataplane::loader::MapSizes {
+                    policy: a.policy_map_entries,
+                    ipcache: a.ipcache_map_entries,
+                    endpoints: a.endpoint_map_entries,
+                    conntrack: a.conntrack_map_entries,
+                    ..Default::default()
+                },
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(server::run(cfg))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Status { s, json } => match call(&s, &Request::Status, Duration::from_secs(10))? {
+            Response::Status(r) => {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&r)?);
+                } else {
+                    print!("{}", cli::render_status(&r));
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            other => unexpected(other),
+        },
+        Cmd::Observe(a) => {
+            let mut conn =
+                UnixStream::connect(server::flow_socket(&a.socket)).with_context(|| {
+                    format!(
+                        "connecting to the flow stream next to {}",
+                        a.socket.display()
+                    )
+                })?;
+            let mode = if a.follow {
+                "recent follow\n"
+            } else {
+                "recent\n"
+            };
+            conn.write_all(mode.as_bytes())?;
+            let filter = a.filter()?;
+            let mut out = std::io::stdout().lock();
+            for line in BufReader::new(conn).lines() {
+                let line = line?;
+                let Ok(rec) = serde_json::from_str::<palisade_agent::flowlog::FlowRecord>(&line)
+                else {
+                    continue;
+                };
+                if !filter.matches(&rec) {
+                    continue;
+                }
+                if a.json {
+                    writeln!(out, "{line}")?;
+                } else {
+                    writeln!(out, "{}", cli::render_flow(&rec))?;
+                }
+                out.flush()?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Trace {
+            s,
+            from,
+            to,
+            port,
+            json,
+        } => {
+            let (port, protocol) = cli::parse_port(&port)?;
+            let req = Request::Trace(TraceRequest {
+                from,
+                to,
+                port,
+                protocol,
+            });
+            match call(&s, &req, Duration::from_secs(10))? {
+                Response::Trace(r) => {
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&r)?);
+                    } else {
+                        print!("{}", cli::render_trace(&r));
+                    }
+                    Ok(if r.verdict == "ALLOW" {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(3)
+                    })
+                }
+                other => unexpected(other),
+            }
+        }
+        Cmd::Sync { s } => match call(&s, &Request::Sync, Duration::from_secs(60))? {
+            Response::Ok { generation, .. } => {
+                println!("programmed generation {generation}");
+                Ok(ExitCode::SUCCESS)
+            }
+            other => unexpected(other),
+        },
+        Cmd::Cleanup { pin_root } => {
+            palisade_dataplane::loader::remove_all(&Pins::new(&pin_root))?;
+            println!("removed {}", pin_root.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::InstallCni(mut a) => {
+            if a.kubernetes && a.pod_cidr.is_none() && cli::needs_pod_cidr(&a)? {
+                let node = a
+                    .node_name
+                    .clone()
+                    .context("--kubernetes needs --node-name or NODE_NAME")?;
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                a.pod_cidr = Some(rt.block_on(palisade_agent::k8s::node_pod_cidr(&node))?);
+            }
+            cli::install_cni(&a)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn unexpected(r: Response) -> Result<ExitCode> {
+    match r {
+        Response::Error { message } => bail!("agent: {message}"),
+        other => bail!("unexpected answer from the agent: {other:?}"),
+    }
+}

@@ -1,10 +1,7 @@
 //! The agent's view of the cluster, fed by a source (Kubernetes or the
 //! standalone manifest directory) and by the CNI plugin's registrations.
 //! Sources only ever produce this; the compiler only ever reads it.
-use std::{
-    collections::BTreeMap,
-    net::Ipv4Addr,
-};
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
@@ -19,7 +16,10 @@ pub struct ObjectKey {
 
 impl ObjectKey {
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        Self { namespace: namespace.into(), name: name.into() }
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
     }
 }
 
@@ -83,4 +83,85 @@ pub struct Model {
     pub host_ips: Vec<Ipv4Addr>,
     /// Global audit mode.
     pub audit: bool,
+}
+
+/// Kubernetes objects -> model, shared by both sources.
+pub mod convert {
+    use k8s_openapi::api::core::v1 as core;
+
+    use super::{ContainerPort, Namespace, ObjectKey, Pod, AUDIT_ANNOTATION};
+
+    pub const NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+    pub fn namespace(ns: &core::Namespace) -> Option<Namespace> {
+        let name = ns.metadata.name.clone()?;
+        let mut labels = ns.metadata.labels.clone().unwrap_or_default();
+        // Always present on a real cluster; selectors rely on it.
+        labels.insert(NAME_LABEL.into(), name.clone());
+        let audit = ns
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(AUDIT_ANNOTATION))
+            .is_some_and(|v| v == "true");
+        Some(Namespace {
+            name,
+            labels,
+            audit,
+        })
+    }
+
+    /// Pods that finished (Succeeded/Failed) hold no address any more.
+    pub fn pod(p: &core::Pod) -> Option<Pod> {
+        let namespace = p
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let name = p.metadata.name.clone()?;
+        let spec = p.spec.as_ref();
+        let status = p.status.as_ref();
+        let finished = status
+            .and_then(|s| s.phase.as_deref())
+            .is_some_and(|ph| ph == "Succeeded" || ph == "Failed");
+        let ip = if finished {
+            None
+        } else {
+            status
+                .and_then(|s| s.pod_ip.as_deref())
+                .and_then(|ip| ip.parse().ok())
+        };
+        let ports = spec
+            .map(|s| {
+                s.containers
+                    .iter()
+                    .flat_map(|c| c.ports.iter().flatten())
+                    .filter_map(|cp| {
+                        Some(ContainerPort {
+                            name: cp.name.clone(),
+                            port: u16::try_from(cp.container_port).ok()?,
+                            protocol: cp.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Some(Pod {
+            namespace,
+            name,
+            labels: p.metadata.labels.clone().unwrap_or_default(),
+            ip,
+            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+            ports,
+        })
+    }
+
+    pub fn key(
+        meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    ) -> Option<ObjectKey> {
+        Some(ObjectKey::new(
+            meta.namespace.clone().unwrap_or_else(|| "default".into()),
+            meta.name.clone()?,
+        ))
+    }
 }

@@ -37,7 +37,11 @@ fn main() -> anyhow::Result<()> {
     env::set_var("RUSTC_BOOTSTRAP", "aya_ebpf");
     let root_dir = root.to_str().expect("utf-8 path");
     aya_build::build_ebpf(
-        [aya_build::Package { name: "palisade-ebpf", root_dir, ..Default::default() }],
+        [aya_build::Package {
+            name: "palisade-ebpf",
+            root_dir,
+            ..Default::default()
+        }],
         aya_build::Toolchain::Custom("debian"),
     )
 }

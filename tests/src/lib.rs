@@ -15,11 +15,18 @@ use std::{
 use anyhow::{bail, Context, Result};
 use palisade_dataplane::Pins;
 
+pub mod agent;
+pub mod conformance;
+
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A short name unique to this process and call, e.g. `pl12345-3`.
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Privileged tests need root (CI runs as root). Elsewhere they say so and
@@ -36,7 +43,10 @@ pub fn require_root() -> bool {
 pub fn run(cmd: &mut Command) -> Result<Output> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(out)
 }
@@ -100,14 +110,20 @@ pub fn enter_thread(path: &std::path::Path) -> Result<()> {
     let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     // SAFETY: valid fd; CLONE_NEWNET only changes this thread's namespace.
     if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        bail!("setns {}: {}", path.display(), std::io::Error::last_os_error());
+        bail!(
+            "setns {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
     }
     Ok(())
 }
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
@@ -130,7 +146,11 @@ impl Node {
     pub fn new(gateway: Ipv4Addr) -> Result<Self> {
         let ns = NetNs::new("pnode")?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
-        Ok(Self { ns, gateway, pods: Vec::new() })
+        Ok(Self {
+            ns,
+            gateway,
+            pods: Vec::new(),
+        })
     }
 
     pub fn add_pod(&mut self, ip: Ipv4Addr) -> Result<&Pod> {
@@ -138,10 +158,14 @@ impl Node {
         let host_if = format!("h{}", unique(""));
         let host_if = host_if.chars().take(15).collect::<String>();
         let gw = format!("{}", self.gateway);
-        self.ns.ip(&["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name])?;
-        self.ns.ip(&["addr", "add", &format!("{gw}/32"), "dev", &host_if])?;
+        self.ns.ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+        ])?;
+        self.ns
+            .ip(&["addr", "add", &format!("{gw}/32"), "dev", &host_if])?;
         self.ns.ip(&["link", "set", &host_if, "up"])?;
-        self.ns.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_if])?;
+        self.ns
+            .ip(&["route", "add", &format!("{ip}/32"), "dev", &host_if])?;
         ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
         ns.ip(&["route", "add", &gw, "dev", "eth0", "scope", "link"])?;
@@ -174,7 +198,10 @@ impl Drop for PinRoot {
 
 pub fn ensure_bpffs() -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/mounts")?;
-    if !mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")) {
+    if !mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
         run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
     }
     Ok(())
@@ -193,7 +220,8 @@ pub fn tcp_connects(ns: &NetNs, to: Ipv4Addr, port: u16, timeout_ms: u64) -> Res
 
 /// A TCP server in `ns` that accepts and echoes until the process ends.
 pub fn tcp_echo_server(ns: &NetNs, port: u16) -> Result<()> {
-    let listener = ns.enter(move || std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))??;
+    let listener =
+        ns.enter(move || std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))??;
     std::thread::spawn(move || {
         for s in listener.incoming().flatten() {
             std::thread::spawn(move || {
@@ -209,4 +237,238 @@ pub fn tcp_echo_server(ns: &NetNs, port: u16) -> Result<()> {
         }
     });
     Ok(())
+}
+
+/// Helpers of the CNI plugin tests (tests/tests/cni_*.rs): the `palisade`
+/// binary run as a process, nodes with the real agent, and a
+/// private bpffs for an agent started with `ip netns exec` (which mounts a
+/// fresh /sys, hiding /sys/fs/bpf).
+pub mod cni {
+    use std::{
+        io::Write,
+        path::{Path, PathBuf},
+        process::{Command, ExitStatus, Stdio},
+    };
+
+    use anyhow::{bail, Context, Result};
+
+    use crate::{run, unique, NetNs};
+
+    /// CNI results and errors are read as JSON values.
+    pub use serde_json::Value as Json;
+
+    /// One run of the plugin.
+    #[derive(Debug)]
+    pub struct Outcome {
+        pub status: ExitStatus,
+        pub stdout: String,
+        pub stderr: String,
+        /// stdout parsed (Null when empty).
+        pub json: Json,
+    }
+
+    impl Outcome {
+        /// The CNI error code, when the run failed with a CNI error.
+        pub fn code(&self) -> Option<u64> {
+            self.json["code"].as_u64()
+        }
+        /// Success, or an error naming everything the plugin said.
+        pub fn ok(self) -> Result<Self> {
+            if !self.status.success() {
+                bail!(
+                    "plugin failed ({}): {}\nstderr: {}",
+                    self.status,
+                    self.stdout.trim(),
+                    self.stderr.trim()
+                );
+            }
+            Ok(self)
+        }
+    }
+
+    /// A workspace binary next to the test executable's directory.
+    pub fn bin(name: &str) -> Result<PathBuf> {
+        let p = crate::agent::target_bin(name);
+        if !p.is_file() {
+            bail!(
+                "{} is not built (cargo build --workspace builds it)",
+                p.display()
+            );
+        }
+        Ok(p)
+    }
+
+    /// Runs the `palisade` plugin with `CNI_COMMAND=command`, the CNI_*
+    /// variables in `env` and `stdin`, inside `node` when given (the plugin
+    /// then sees the node's interfaces, like a kubelet on that node).
+    pub fn exec(
+        node: Option<&NetNs>,
+        command: &str,
+        env: &[(&str, &str)],
+        stdin: &str,
+    ) -> Result<Outcome> {
+        let plugin = bin("palisade")?;
+        let mut cmd = match node {
+            Some(n) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &n.name]).arg(&plugin);
+                c
+            }
+            None => Command::new(&plugin),
+        };
+        for k in [
+            "CNI_COMMAND",
+            "CNI_CONTAINERID",
+            "CNI_NETNS",
+            "CNI_IFNAME",
+            "CNI_ARGS",
+            "CNI_PATH",
+        ] {
+            cmd.env_remove(k);
+        }
+        if !command.is_empty() {
+            cmd.env("CNI_COMMAND", command);
+        }
+        cmd.envs(env.iter().copied());
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("running {}", plugin.display()))?;
+        let mut input = child.stdin.take().expect("piped");
+        let _ = input.write_all(stdin.as_bytes());
+        drop(input);
+        let out = child.wait_with_output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let json = if stdout.trim().is_empty() {
+            Json::Null
+        } else {
+            serde_json::from_str(stdout.trim())
+                .with_context(|| format!("plugin output is not JSON: {stdout}"))?
+        };
+        Ok(Outcome {
+            status: out.status,
+            stdout,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            json,
+        })
+    }
+
+    /// A bpffs instance of its own, mounted on a scratch directory, for an
+    /// agent run with `ip netns exec` (mounts under /tmp stay visible
+    /// there). Unmounting drops every pin, so the programs and maps go too.
+    pub struct BpfFs {
+        pub path: PathBuf,
+    }
+
+    impl BpfFs {
+        pub fn new() -> Result<Self> {
+            let path = std::env::temp_dir().join(unique("palisade-bpffs-"));
+            std::fs::create_dir_all(&path)?;
+            let fs = Self { path };
+            run(Command::new("mount")
+                .args(["-t", "bpf", "bpf"])
+                .arg(&fs.path))?;
+            Ok(fs)
+        }
+
+        /// A pin root inside the instance.
+        pub fn pin_root(&self) -> PathBuf {
+            self.path.join("palisade")
+        }
+    }
+
+    impl Drop for BpfFs {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.path).output();
+            let _ = std::fs::remove_dir(&self.path);
+        }
+    }
+
+    /// A node namespace for CNI tests with a scratch directory and,
+    /// optionally, the real agent running in it. Dropped in field order:
+    /// agent (killed), its bpffs, the node, the directory.
+    pub struct CniNode {
+        pub agent: Option<crate::agent::Agent>,
+        _bpffs: Option<BpfFs>,
+        pub node: NetNs,
+        pub dir: crate::agent::TempDir,
+    }
+
+    impl CniNode {
+        pub fn new() -> Result<Self> {
+            let dir = crate::agent::TempDir::new("palisade-cni-")?;
+            let node = NetNs::new("pcnode")?;
+            std::fs::create_dir_all(dir.path().join("agent"))?;
+            Ok(Self {
+                agent: None,
+                _bpffs: None,
+                node,
+                dir,
+            })
+        }
+
+        /// With `palisade-agent run` in the node (standalone, no manifests).
+        pub fn with_agent() -> Result<Self> {
+            let mut n = Self::new()?;
+            bin("palisade-agent")?;
+            let fs = BpfFs::new()?;
+            let manifests = n.dir.path().join("manifests");
+            std::fs::create_dir_all(&manifests)?;
+            let agent = crate::agent::Agent::start(
+                &n.node,
+                &n.dir.path().join("agent"),
+                &fs.pin_root(),
+                &manifests,
+            )?;
+            n.agent = Some(agent);
+            n._bpffs = Some(fs);
+            Ok(n)
+        }
+
+        /// The agent's socket (nothing listens there without an agent).
+        pub fn socket(&self) -> PathBuf {
+            self.dir.path().join("agent").join("agent.sock")
+        }
+
+        pub fn ipam_dir(&self) -> PathBuf {
+            self.dir.path().join("ipam")
+        }
+
+        /// The endpoints the agent reports: (namespace/pod, ipv4, host_ifname).
+        pub fn endpoints(&self) -> Result<Vec<(String, std::net::Ipv4Addr, String)>> {
+            let agent = self.agent.as_ref().context("no agent")?;
+            Ok(agent
+                .status()?
+                .endpoints
+                .into_iter()
+                .map(|e| (format!("{}/{}", e.namespace, e.pod), e.ipv4, e.host_ifname))
+                .collect())
+        }
+    }
+
+    /// Interface names in a namespace (`ip -o link`).
+    pub fn links(ns: &NetNs) -> Result<Vec<String>> {
+        let out = ns.ip(&["-o", "link", "show"])?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .collect())
+    }
+
+    /// The allocation files of the built-in IPAM in `dir` (address names).
+    pub fn allocations(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                    .filter(|n| n.parse::<std::net::Ipv4Addr>().is_ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
 }

@@ -5,8 +5,8 @@ use std::{net::Ipv4Addr, time::Duration};
 use anyhow::Result;
 use palisade_common::{
     reason, EndpointInfo, FlowEvent, IpcacheValue, PolicyKey, PolicyValue, ACTION_ALLOW,
-    DIR_INGRESS, EP_INGRESS_ENFORCED, IDENTITY_WORLD, POLICY_PREFIX_FULL, PROTO_TCP,
-    VERDICT_ALLOW, VERDICT_DROP,
+    DIR_INGRESS, EP_INGRESS_ENFORCED, IDENTITY_WORLD, POLICY_PREFIX_FULL, PROTO_TCP, VERDICT_ALLOW,
+    VERDICT_DROP,
 };
 use palisade_dataplane::{
     events::EventReader,
@@ -35,7 +35,10 @@ fn setup(both: bool) -> Result<Setup> {
     let mut node = Node::new(GW)?;
     node.add_pod(A)?;
     node.add_pod(B)?;
-    let cfg = DatapathConfig { pins: pins.pins.clone(), ..Default::default() };
+    let cfg = DatapathConfig {
+        pins: pins.pins.clone(),
+        ..Default::default()
+    };
     let ifs: Vec<(String, Ipv4Addr, u32)> = node
         .pods
         .iter()
@@ -50,22 +53,57 @@ fn setup(both: bool) -> Result<Setup> {
             // The endpoint entry goes in before the programs: an attached
             // program fails closed for an interface it does not know.
             let ifindex = palisade_dataplane::loader::ifindex(&ifname)?;
-            let info = EndpointInfo { endpoint_id: ep, identity: 1000 + ep, ipv4: be(ip), flags: 0 };
+            let info = EndpointInfo {
+                endpoint_id: ep,
+                identity: 1000 + ep,
+                ipv4: be(ip),
+                flags: 0,
+            };
             maps.upsert_endpoint(ifindex, info)?;
             dp.attach_pod(&ifname)?;
         }
         Ok((dp, maps))
     })??;
-    maps.set_ipcache(Ipv4Addr::UNSPECIFIED, 0, IpcacheValue { identity: IDENTITY_WORLD, cidr_identity: IDENTITY_WORLD })?;
-    maps.set_ipcache(A, 32, IpcacheValue { identity: 1001, cidr_identity: IDENTITY_WORLD })?;
-    maps.set_ipcache(B, 32, IpcacheValue { identity: 1002, cidr_identity: IDENTITY_WORLD })?;
+    maps.set_ipcache(
+        Ipv4Addr::UNSPECIFIED,
+        0,
+        IpcacheValue {
+            identity: IDENTITY_WORLD,
+            cidr_identity: IDENTITY_WORLD,
+        },
+    )?;
+    maps.set_ipcache(
+        A,
+        32,
+        IpcacheValue {
+            identity: 1001,
+            cidr_identity: IDENTITY_WORLD,
+        },
+    )?;
+    maps.set_ipcache(
+        B,
+        32,
+        IpcacheValue {
+            identity: 1002,
+            cidr_identity: IDENTITY_WORLD,
+        },
+    )?;
     let events = EventReader::new(maps.events.take().expect("events map"));
-    Ok(Setup { node, _dp: dp, maps, events, _pins: pins })
+    Ok(Setup {
+        node,
+        _dp: dp,
+        maps,
+        events,
+        _pins: pins,
+    })
 }
 
 fn b_ifindex(s: &Setup) -> Result<u32> {
     let name = s.node.pods[1].host_if.clone();
-    s.node.ns.enter(move || palisade_dataplane::loader::ifindex(&name))?.map_err(Into::into)
+    s.node
+        .ns
+        .enter(move || palisade_dataplane::loader::ifindex(&name))?
+        .map_err(Into::into)
 }
 
 fn enforce_ingress(s: &mut Setup, ifindex: u32) -> Result<()> {
@@ -87,18 +125,28 @@ fn program_drops_on_map_entry_and_reports_the_drop() -> Result<()> {
     let mut s = setup(false)?;
     tcp_echo_server(&s.node.pods[1].ns, 8080)?;
     let a = &s.node.pods[0].ns;
-    assert!(tcp_connects(a, B, 8080, 3000)?, "unenforced pod must be reachable with programs attached");
-    let seen = s.events.wait_for(Duration::from_secs(5), |e| is_tcp_to(e, B, 8080));
+    assert!(
+        tcp_connects(a, B, 8080, 3000)?,
+        "unenforced pod must be reachable with programs attached"
+    );
+    let seen = s
+        .events
+        .wait_for(Duration::from_secs(5), |e| is_tcp_to(e, B, 8080));
     let e = seen.expect("an event for the new allowed flow");
     assert_eq!((e.verdict, e.reason), (VERDICT_ALLOW, reason::UNENFORCED));
 
     let ifindex = b_ifindex(&s)?;
     enforce_ingress(&mut s, ifindex)?;
     let a = &s.node.pods[0].ns;
-    assert!(!tcp_connects(a, B, 8080, 1000)?, "enforced ingress with no rule must drop");
+    assert!(
+        !tcp_connects(a, B, 8080, 1000)?,
+        "enforced ingress with no rule must drop"
+    );
     let e = s
         .events
-        .wait_for(Duration::from_secs(5), |e| e.verdict == VERDICT_DROP && is_tcp_to(e, B, 8080))
+        .wait_for(Duration::from_secs(5), |e| {
+            e.verdict == VERDICT_DROP && is_tcp_to(e, B, 8080)
+        })
         .expect("a drop event");
     assert_eq!(e.reason, reason::NO_POLICY_MATCH);
     assert_eq!(e.direction, DIR_INGRESS);
@@ -125,12 +173,20 @@ fn allow_rule_admits_one_port_both_ways_and_drops_another() -> Result<()> {
         protocol: PROTO_TCP,
         dport_be: 8080u16.to_be(),
     };
-    s.maps.set_policy(POLICY_PREFIX_FULL, key, PolicyValue { action: ACTION_ALLOW, cookie: 77 })?;
+    s.maps.set_policy(
+        POLICY_PREFIX_FULL,
+        key,
+        PolicyValue {
+            action: ACTION_ALLOW,
+            cookie: 77,
+        },
+    )?;
 
     // 8080: a request and its echoed reply cross both programs (conntrack).
     let echoed = s.node.pods[0].ns.enter(|| -> Result<Vec<u8>> {
         use std::io::{Read, Write};
-        let mut c = std::net::TcpStream::connect_timeout(&(B, 8080).into(), Duration::from_secs(3))?;
+        let mut c =
+            std::net::TcpStream::connect_timeout(&(B, 8080).into(), Duration::from_secs(3))?;
         c.set_read_timeout(Some(Duration::from_secs(3)))?;
         let mut got = Vec::new();
         for round in 0..5u8 {
@@ -148,14 +204,21 @@ fn allow_rule_admits_one_port_both_ways_and_drops_another() -> Result<()> {
 
     let allow = s
         .events
-        .wait_for(Duration::from_secs(5), |e| e.direction == DIR_INGRESS && is_tcp_to(e, B, 8080))
+        .wait_for(Duration::from_secs(5), |e| {
+            e.direction == DIR_INGRESS && is_tcp_to(e, B, 8080)
+        })
         .expect("allow event for 8080");
-    assert_eq!((allow.verdict, allow.reason, allow.cookie), (VERDICT_ALLOW, reason::POLICY_ALLOW, 77));
+    assert_eq!(
+        (allow.verdict, allow.reason, allow.cookie),
+        (VERDICT_ALLOW, reason::POLICY_ALLOW, 77)
+    );
     assert_eq!((allow.src_identity, allow.dst_identity), (1001, 1002));
     assert_eq!(allow.endpoint_id, 2);
     let drop = s
         .events
-        .wait_for(Duration::from_secs(5), |e| e.verdict == VERDICT_DROP && is_tcp_to(e, B, 9090))
+        .wait_for(Duration::from_secs(5), |e| {
+            e.verdict == VERDICT_DROP && is_tcp_to(e, B, 9090)
+        })
         .expect("drop event for 9090");
     assert_eq!(drop.reason, reason::NO_POLICY_MATCH);
     assert_eq!((drop.src_identity, drop.dst_identity), (1001, 1002));

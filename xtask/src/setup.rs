@@ -13,7 +13,8 @@ use crate::step;
 
 /// Debian packages: the eBPF toolchain, then what the tests drive for real
 /// (iproute2 for netns, podman + reference CNI plugins + busybox for libcni
-/// tests, load generators for the benchmarks).
+/// tests, python3-venv for the offline manifest validator, load generators
+/// for the benchmarks).
 const PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
@@ -26,6 +27,8 @@ const PACKAGES: &[&str] = &[
     "runc",
     "containernetworking-plugins",
     "busybox-static",
+    "python3",
+    "python3-venv",
     "iperf3",
     "qperf",
     "sockperf",
@@ -56,7 +59,10 @@ pub fn run(root: &Path) -> Result<()> {
 }
 
 fn quiet_ok(cmd: &mut Command) -> bool {
-    cmd.stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 fn packages() -> Result<()> {
@@ -64,7 +70,9 @@ fn packages() -> Result<()> {
         .iter()
         .copied()
         .filter(|p| {
-            let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
+            let out = Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output();
             !out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
         })
         .collect();
@@ -72,8 +80,14 @@ fn packages() -> Result<()> {
         step("setup: Debian packages present");
         return Ok(());
     }
-    step(&format!("setup: installing Debian packages: {}", missing.join(" ")));
-    let ok = Command::new("apt-get").args(["update", "-qq"]).status()?.success();
+    step(&format!(
+        "setup: installing Debian packages: {}",
+        missing.join(" ")
+    ));
+    let ok = Command::new("apt-get")
+        .args(["update", "-qq"])
+        .status()?
+        .success();
     if !ok {
         bail!("apt-get update failed");
     }
@@ -95,12 +109,19 @@ fn rustup_link() -> Result<()> {
         return Ok(());
     }
     step("setup: linking Debian's rustc as rustup toolchain `debian`");
-    let status = Command::new("rustup").args(["toolchain", "link", "debian", "/usr"]).status()?;
+    let status = Command::new("rustup")
+        .args(["toolchain", "link", "debian", "/usr"])
+        .status()?;
     if !status.success() {
         bail!("rustup toolchain link debian /usr failed");
     }
-    let out = Command::new("rustc").args(["+debian", "--print", "target-list"]).output()?;
-    if !String::from_utf8_lossy(&out.stdout).lines().any(|l| l == "bpfel-unknown-none") {
+    let out = Command::new("rustc")
+        .args(["+debian", "--print", "target-list"])
+        .output()?;
+    if !String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l == "bpfel-unknown-none")
+    {
         bail!("Debian's rustc has no bpfel-unknown-none target (libstd-rust-web-dev-bpf missing?)");
     }
     Ok(())
@@ -110,12 +131,20 @@ fn bpf_linker(root: &Path) -> Result<()> {
     let bin = tools_dir(root).join("bin/bpf-linker");
     let have = Command::new(&bin).arg("--version").output();
     if have.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)) {
-        step(&format!("setup: bpf-linker {BPF_LINKER_VERSION} present in .tools/bin"));
+        step(&format!(
+            "setup: bpf-linker {BPF_LINKER_VERSION} present in .tools/bin"
+        ));
         return Ok(());
     }
     step(&format!("setup: building bpf-linker {BPF_LINKER_VERSION} against llvm-22 into .tools (about a minute)"));
     let status = Command::new("cargo")
-        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked"])
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+        ])
         .args(["--no-default-features", "--features", "llvm-22", "--root"])
         .arg(tools_dir(root))
         // Without it the build finds llvm-14's llvm-config and fails.
@@ -130,7 +159,10 @@ fn bpf_linker(root: &Path) -> Result<()> {
 
 fn bpffs() -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")) {
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
         step("setup: bpffs mounted at /sys/fs/bpf");
         return Ok(());
     }

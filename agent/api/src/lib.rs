@@ -37,18 +37,62 @@ pub enum Request {
     /// in the maps: the pod never runs unenforced.
     Register(Registration),
     /// Idempotent: unknown endpoints are not an error.
-    Deregister { container_id: String, ifname: String },
+    Deregister {
+        container_id: String,
+        ifname: String,
+    },
     Status,
     /// Wait until the programmed generation is at least `generation`.
-    WaitProgrammed { generation: u64, timeout_ms: u64 },
+    WaitProgrammed {
+        generation: u64,
+        timeout_ms: u64,
+    },
+    /// Re-read the source now (standalone manifests) and answer with the
+    /// programmed generation that includes what it found.
+    Sync,
+    /// The verdict the datapath would give a new flow, and why.
+    Trace(TraceRequest),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceRequest {
+    /// namespace/pod
+    pub from: String,
+    /// namespace/pod or an IPv4 address
+    pub to: String,
+    pub port: u16,
+    /// TCP, UDP, SCTP
+    pub protocol: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceStep {
+    /// "egress of x/a" or "ingress of y/b"
+    pub hop: String,
+    pub verdict: String,
+    pub reason: String,
+    pub policies: Vec<String>,
+    pub detail: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceReport {
+    pub verdict: String,
+    pub steps: Vec<TraceStep>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
-    Ok { generation: u64, endpoint_id: Option<u32> },
+    Ok {
+        generation: u64,
+        endpoint_id: Option<u32>,
+    },
     Status(Box<StatusReport>),
-    Error { message: String },
+    Trace(TraceReport),
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,19 +172,38 @@ mod tests {
 
     #[test]
     fn wire_format_is_tagged_json() {
-        let r = Request::Deregister { container_id: "c1".into(), ifname: "eth0".into() };
+        let r = Request::Deregister {
+            container_id: "c1".into(),
+            ifname: "eth0".into(),
+        };
         let s = serde_json::to_string(&r).unwrap();
-        assert_eq!(s, r#"{"op":"deregister","container_id":"c1","ifname":"eth0"}"#);
+        assert_eq!(
+            s,
+            r#"{"op":"deregister","container_id":"c1","ifname":"eth0"}"#
+        );
         let back: Request = serde_json::from_str(&s).unwrap();
         assert_eq!(back, r);
-        let ok = Response::Ok { generation: 3, endpoint_id: Some(7) };
-        assert_eq!(serde_json::to_string(&ok).unwrap(), r#"{"result":"ok","generation":3,"endpoint_id":7}"#);
+        let ok = Response::Ok {
+            generation: 3,
+            endpoint_id: Some(7),
+        };
+        assert_eq!(
+            serde_json::to_string(&ok).unwrap(),
+            r#"{"result":"ok","generation":3,"endpoint_id":7}"#
+        );
     }
 
     #[test]
     fn unreachable_agent_is_a_clear_error() {
-        let e = call(Path::new("/nonexistent/agent.sock"), &Request::Status, Duration::from_secs(1))
-            .unwrap_err();
-        assert!(e.to_string().contains("cannot reach the palisade agent"), "{e}");
+        let e = call(
+            Path::new("/nonexistent/agent.sock"),
+            &Request::Status,
+            Duration::from_secs(1),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("cannot reach the palisade agent"),
+            "{e}"
+        );
     }
 }

@@ -33,7 +33,11 @@ pub fn tcp_next_state(state: u8, flags: u8, reply: bool) -> u8 {
         return TCP_CLOSE;
     }
     if flags & TCP_FLAG_FIN != 0 {
-        return if state == TCP_CLOSE { TCP_CLOSE } else { TCP_FIN_WAIT };
+        return if state == TCP_CLOSE {
+            TCP_CLOSE
+        } else {
+            TCP_FIN_WAIT
+        };
     }
     let syn = flags & TCP_FLAG_SYN != 0;
     let ack = flags & TCP_FLAG_ACK != 0;
@@ -95,12 +99,18 @@ mod tests {
 
     #[test]
     fn syn_ack_from_the_originator_does_not_advance() {
-        assert_eq!(tcp_next_state(TCP_SYN_SENT, TCP_FLAG_SYN | TCP_FLAG_ACK, false), TCP_SYN_SENT);
+        assert_eq!(
+            tcp_next_state(TCP_SYN_SENT, TCP_FLAG_SYN | TCP_FLAG_ACK, false),
+            TCP_SYN_SENT
+        );
     }
 
     #[test]
     fn midstream_pickup_is_established() {
-        assert_eq!(tcp_next_state(TCP_NONE, TCP_FLAG_ACK, false), TCP_ESTABLISHED);
+        assert_eq!(
+            tcp_next_state(TCP_NONE, TCP_FLAG_ACK, false),
+            TCP_ESTABLISHED
+        );
     }
 
     #[test]

@@ -88,10 +88,16 @@ pub struct EndpointKey {
 
 impl EndpointKey {
     pub const fn ifindex(ifindex: u32) -> Self {
-        Self { kind: EP_KEY_IFINDEX, value: ifindex }
+        Self {
+            kind: EP_KEY_IFINDEX,
+            value: ifindex,
+        }
     }
     pub const fn ipv4(addr_be: u32) -> Self {
-        Self { kind: EP_KEY_IPV4, value: addr_be }
+        Self {
+            kind: EP_KEY_IPV4,
+            value: addr_be,
+        }
     }
 }
 
@@ -108,7 +114,11 @@ pub struct EndpointInfo {
 impl EndpointInfo {
     #[inline(always)]
     pub fn enforced(&self, dir: u8) -> bool {
-        let bit = if dir == DIR_EGRESS { EP_EGRESS_ENFORCED } else { EP_INGRESS_ENFORCED };
+        let bit = if dir == DIR_EGRESS {
+            EP_EGRESS_ENFORCED
+        } else {
+            EP_INGRESS_ENFORCED
+        };
         self.flags & bit != 0
     }
     #[inline(always)]

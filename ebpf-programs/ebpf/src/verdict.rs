@@ -5,15 +5,13 @@
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key, programs::TcContext};
 use palisade_common::{
     conntrack::{tcp_next_state, tcp_reopens, timeout_ns},
-    reason, CtKey, CtValue, EndpointInfo, EndpointKey, FlowEvent, FragKey, FragValue,
-    IpcacheValue, PolicyKey, ACTION_ALLOW, CT_AUDIT, CT_SEEN_REPLY, DIR_EGRESS, DIR_INGRESS,
-    EP_AUDIT, FRAG_TIMEOUT_NS, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, POLICY_PREFIX_FULL,
-    PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP,
+    reason, CtKey, CtValue, EndpointInfo, EndpointKey, FlowEvent, FragKey, FragValue, IpcacheValue,
+    PolicyKey, ACTION_ALLOW, CT_AUDIT, CT_SEEN_REPLY, DIR_EGRESS, DIR_INGRESS, EP_AUDIT,
+    FRAG_TIMEOUT_NS, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, POLICY_PREFIX_FULL, PROTO_ICMP,
+    PROTO_SCTP, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP,
 };
 
-use crate::{
-    headers::*, CONNTRACK, COUNTERS, ENDPOINTS, EVENTS, FRAGMENTS, IPCACHE, POLICY,
-};
+use crate::{headers::*, CONNTRACK, COUNTERS, ENDPOINTS, EVENTS, FRAGMENTS, IPCACHE, POLICY};
 
 /// Bytes of headers the programs may need in the linear part of the skb:
 /// Ethernet, the largest IPv4 header and a TCP header.
@@ -47,10 +45,15 @@ pub fn process(ctx: &TcContext, dir: u8) -> Result<bool, ()> {
     };
 
     let (mut start, mut end) = (ctx.data(), ctx.data_end());
-    if !has_bytes(start, end, 0, PULL_LEN as usize) && ctx.len() > (end - start) as u32 {
-        // Headers may sit in paged data; pulling them in is cheaper than
-        // a helper call per field, and failure just means a short packet.
-        let want = if ctx.len() < PULL_LEN { ctx.len() } else { PULL_LEN };
+    // Headers may sit in paged data; pulling them in is cheaper than a
+    // helper call per field, and failure just means a short packet. (No
+    // `end - start` here: pointer subtraction needs CAP_PERFMON.)
+    let want = if ctx.len() < PULL_LEN {
+        ctx.len()
+    } else {
+        PULL_LEN
+    };
+    if !has_bytes(start, end, 0, want as usize) {
         let _ = ctx.pull_data(want);
         start = ctx.data();
         end = ctx.data_end();
@@ -93,36 +96,60 @@ pub fn process(ctx: &TcContext, dir: u8) -> Result<bool, ()> {
 
     // Anti-spoofing holds for every registered pod, enforced or not.
     if dir == DIR_EGRESS && saddr != ep.ipv4 {
-        let flow = Flow { key: ct_key(saddr, daddr, 0, 0, protocol, dir), tcp_flags: 0 };
+        let flow = Flow {
+            key: ct_key(saddr, daddr, 0, 0, protocol, dir),
+            tcp_flags: 0,
+        };
         let d = drop_decision(&ep, reason::SPOOFED_SOURCE, 0, own_side(&ep, dir));
         finish(&ep, ifindex, &flow, &d);
         return Ok(false);
     }
 
-    let frag_key = FragKey { saddr, daddr, id_be, protocol, scope: dir };
+    let frag_key = FragKey {
+        saddr,
+        daddr,
+        id_be,
+        protocol,
+        scope: dir,
+    };
     let offset = frag_off & IP_OFFSET_MASK;
     if offset != 0 {
-        return Ok(later_fragment(&ep, dir, ifindex, &frag_key, saddr, daddr, protocol));
+        return Ok(later_fragment(
+            &ep, dir, ifindex, &frag_key, saddr, daddr, protocol,
+        ));
     }
 
     let l4 = ETH_HLEN + ihl;
-    let mut flow = Flow { key: ct_key(saddr, daddr, 0, 0, protocol, dir), tcp_flags: 0 };
+    // Bytes of the datagram after the IP header. The transport header must
+    // lie inside the datagram, not merely inside the frame: the receiving
+    // stack trims the frame to the total length, so a header that only a
+    // trailer completes (RFC 1858 tiny first fragment) would be judged on
+    // bytes the pod never sees, e.g. TCP flags the next fragment replaces.
+    let l4_room = tot_len as usize - ihl;
+    let mut flow = Flow {
+        key: ct_key(saddr, daddr, 0, 0, protocol, dir),
+        tcp_flags: 0,
+    };
     let parsed = match protocol {
         PROTO_TCP => match ptr_at::<TcpHdr>(start, end, l4) {
             // SAFETY: bounds checked by ptr_at.
-            Some(h) => unsafe {
+            Some(h) if TCP_MIN_HLEN <= l4_room => unsafe {
                 flow.key.sport_be = (*h).sport_be;
                 flow.key.dport_be = (*h).dport_be;
                 flow.tcp_flags = (*h).flags;
                 ((*h).doff_res >> 4) >= 5
             },
-            None => false,
+            _ => false,
         },
         PROTO_UDP | PROTO_SCTP => {
-            let need = if protocol == PROTO_SCTP { SCTP_COMMON_HLEN } else { 8 };
+            let need = if protocol == PROTO_SCTP {
+                SCTP_COMMON_HLEN
+            } else {
+                8
+            };
             match ptr_at::<PortsHdr>(start, end, l4) {
                 // SAFETY: bounds checked by ptr_at.
-                Some(h) if has_bytes(start, end, l4, need) => unsafe {
+                Some(h) if has_bytes(start, end, l4, need) && need <= l4_room => unsafe {
                     flow.key.sport_be = (*h).sport_be;
                     flow.key.dport_be = (*h).dport_be;
                     true
@@ -132,7 +159,7 @@ pub fn process(ctx: &TcContext, dir: u8) -> Result<bool, ()> {
         }
         PROTO_ICMP => match ptr_at::<IcmpHdr>(start, end, l4) {
             // SAFETY: bounds checked by ptr_at.
-            Some(h) => unsafe {
+            Some(h) if core::mem::size_of::<IcmpHdr>() <= l4_room => unsafe {
                 let t = (*h).icmp_type;
                 if t == ICMP_ECHO_REQUEST || t == ICMP_ECHO_REPLY {
                     // Both ports carry the echo id so the reply's reversed
@@ -142,7 +169,7 @@ pub fn process(ctx: &TcContext, dir: u8) -> Result<bool, ()> {
                 }
                 true
             },
-            None => false,
+            _ => false,
         },
         _ => true,
     };
@@ -156,7 +183,11 @@ pub fn process(ctx: &TcContext, dir: u8) -> Result<bool, ()> {
         let v = FragValue {
             // SAFETY: helper without preconditions.
             expires_ns: unsafe { bpf_ktime_get_ns() } + FRAG_TIMEOUT_NS,
-            verdict: if pass { VERDICT_ALLOW as u32 } else { VERDICT_DROP as u32 },
+            verdict: if pass {
+                VERDICT_ALLOW as u32
+            } else {
+                VERDICT_DROP as u32
+            },
             _pad: 0,
         };
         let _ = FRAGMENTS.insert(&frag_key, &v, 0);
@@ -166,7 +197,15 @@ pub fn process(ctx: &TcContext, dir: u8) -> Result<bool, ()> {
 
 #[inline(always)]
 fn ct_key(saddr: u32, daddr: u32, sport_be: u16, dport_be: u16, protocol: u8, scope: u8) -> CtKey {
-    CtKey { saddr, daddr, sport_be, dport_be, protocol, scope, _pad: 0 }
+    CtKey {
+        saddr,
+        daddr,
+        sport_be,
+        dport_be,
+        protocol,
+        scope,
+        _pad: 0,
+    }
 }
 
 #[inline(always)]
@@ -200,7 +239,8 @@ fn track_and_decide(ep: &EndpointInfo, dir: u8, ifindex: u32, flow: &Flow) -> bo
     if let Some(p) = CONNTRACK.get_ptr_mut(&key.reversed(opposite(dir))) {
         // SAFETY: as above.
         let ct = unsafe { &mut *p };
-        if ct.expires_ns > now {
+        // A SYN from the peer on a closed tuple is a new connection too.
+        if ct.expires_ns > now && !(is_tcp && tcp_reopens(ct.tcp_state, flow.tcp_flags)) {
             refresh(ct, key.protocol, flow.tcp_flags, true, now);
             ct.flags |= CT_SEEN_REPLY;
             count(reason::REPLY);
@@ -210,12 +250,20 @@ fn track_and_decide(ep: &EndpointInfo, dir: u8, ifindex: u32, flow: &Flow) -> bo
 
     let d = decide(ep, dir, key);
     if d.pass {
-        let state = if is_tcp { tcp_next_state(0, flow.tcp_flags, false) } else { 0 };
+        let state = if is_tcp {
+            tcp_next_state(0, flow.tcp_flags, false)
+        } else {
+            0
+        };
         let v = CtValue {
             expires_ns: now + timeout_ns(key.protocol, state),
             cookie: d.cookie,
             tcp_state: state,
-            flags: if d.verdict == VERDICT_AUDIT { CT_AUDIT } else { 0 },
+            flags: if d.verdict == VERDICT_AUDIT {
+                CT_AUDIT
+            } else {
+                0
+            },
             _pad: 0,
         };
         let _ = CONNTRACK.insert(key, &v, 0);
@@ -235,10 +283,17 @@ fn refresh(ct: &mut CtValue, protocol: u8, tcp_flags: u8, reply: bool, now: u64)
 /// Policy verdict for the first packet of a flow.
 #[inline(always)]
 fn decide(ep: &EndpointInfo, dir: u8, key: &CtKey) -> Decision {
-    let remote = if dir == DIR_EGRESS { key.daddr } else { key.saddr };
+    let remote = if dir == DIR_EGRESS {
+        key.daddr
+    } else {
+        key.saddr
+    };
     let peer = match IPCACHE.get(Key::new(32, remote)) {
         Some(v) => *v,
-        None => IpcacheValue { identity: IDENTITY_WORLD, cidr_identity: IDENTITY_WORLD },
+        None => IpcacheValue {
+            identity: IDENTITY_WORLD,
+            cidr_identity: IDENTITY_WORLD,
+        },
     };
     let (src_identity, dst_identity) = if dir == DIR_EGRESS {
         (ep.identity, peer.identity)
@@ -278,8 +333,7 @@ fn decide(ep: &EndpointInfo, dir: u8, key: &CtKey) -> Decision {
     );
     // Exact peer, then the peer's CIDR identity (ipBlock), then any peer.
     let mut hit = POLICY.get(&pk).copied();
-    if hit.is_none() && peer.cidr_identity != peer.identity && peer.cidr_identity != IDENTITY_ANY
-    {
+    if hit.is_none() && peer.cidr_identity != peer.identity && peer.cidr_identity != IDENTITY_ANY {
         pk.data.peer_identity = peer.cidr_identity;
         hit = POLICY.get(&pk).copied();
     }
@@ -289,7 +343,12 @@ fn decide(ep: &EndpointInfo, dir: u8, key: &CtKey) -> Decision {
     }
     match hit {
         Some(v) if v.action == ACTION_ALLOW => allow(reason::POLICY_ALLOW, v.cookie),
-        Some(v) => drop_decision(ep, reason::DENY_RULE, v.cookie, (src_identity, dst_identity)),
+        Some(v) => drop_decision(
+            ep,
+            reason::DENY_RULE,
+            v.cookie,
+            (src_identity, dst_identity),
+        ),
         None => drop_decision(ep, reason::NO_POLICY_MATCH, 0, (src_identity, dst_identity)),
     }
 }
@@ -340,17 +399,29 @@ fn later_fragment(
                 count(reason::FRAG_ALLOWED);
                 return true;
             }
-            count(reason::FRAG_DENIED);
+            // Every drop is reported, fragments of a denied datagram too.
+            let mut d = drop_decision(ep, reason::FRAG_DENIED, 0, own_side(ep, dir));
+            d.pass = false;
+            d.verdict = VERDICT_DROP;
+            finish(ep, ifindex, &frag_flow(saddr, daddr, protocol, dir), &d);
             return false;
         }
     }
     if !ep.enforced(dir) {
         return true;
     }
-    let flow = Flow { key: ct_key(saddr, daddr, 0, 0, protocol, dir), tcp_flags: 0 };
     let d = drop_decision(ep, reason::FRAG_UNTRACKED, 0, own_side(ep, dir));
-    finish(ep, ifindex, &flow, &d);
+    finish(ep, ifindex, &frag_flow(saddr, daddr, protocol, dir), &d);
     d.pass
+}
+
+/// Fragments carry no ports after the first.
+#[inline(always)]
+fn frag_flow(saddr: u32, daddr: u32, protocol: u8, dir: u8) -> Flow {
+    Flow {
+        key: ct_key(saddr, daddr, 0, 0, protocol, dir),
+        tcp_flags: 0,
+    }
 }
 
 /// IPv6 is not enforced yet, so it never reaches or leaves an enforced pod,
@@ -372,7 +443,10 @@ fn ipv6(ep: &EndpointInfo, dir: u8, ifindex: u32, start: usize, end: usize) -> b
         count(reason::NOT_IP);
         return true;
     }
-    let flow = Flow { key: ct_key(0, 0, 0, 0, 0, dir), tcp_flags: 0 };
+    let flow = Flow {
+        key: ct_key(0, 0, 0, 0, 0, dir),
+        tcp_flags: 0,
+    };
     let mut d = drop_decision(ep, reason::IPV6_UNSUPPORTED, 0, own_side(ep, dir));
     // Audit mode does not open an IPv6 bypass either.
     d.pass = false;
@@ -386,7 +460,10 @@ fn drop_if_enforced(ep: &EndpointInfo, dir: u8, ifindex: u32, why: u8) -> bool {
     if !ep.enforced(dir) {
         return true;
     }
-    let flow = Flow { key: ct_key(0, 0, 0, 0, 0, dir), tcp_flags: 0 };
+    let flow = Flow {
+        key: ct_key(0, 0, 0, 0, 0, dir),
+        tcp_flags: 0,
+    };
     let d = drop_decision(ep, why, 0, own_side(ep, dir));
     finish(ep, ifindex, &flow, &d);
     d.pass

@@ -16,7 +16,10 @@ pub struct EventReader {
 
 impl EventReader {
     pub fn new(ring: RingBuf<MapData>) -> Self {
-        Self { ring, backlog: VecDeque::new() }
+        Self {
+            ring,
+            backlog: VecDeque::new(),
+        }
     }
 
     /// Everything queued now.
@@ -34,9 +37,19 @@ impl EventReader {
 
     /// Block up to `timeout` for data; true when something is readable.
     pub fn wait(&self, timeout: Duration) -> bool {
-        let mut pfd = libc::pollfd { fd: self.ring.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd: self.ring.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
+        let n = unsafe {
+            libc::poll(
+                &mut pfd,
+                1,
+                timeout.as_millis().min(i32::MAX as u128) as i32,
+            )
+        };
         n > 0
     }
 

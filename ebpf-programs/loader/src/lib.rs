@@ -7,7 +7,9 @@
 pub mod events;
 pub mod loader;
 pub mod maps;
+pub mod packet;
 pub mod pins;
+pub mod reference;
 pub mod state;
 pub mod testrun;
 

@@ -3,12 +3,7 @@
 //! agent: a restarted agent (also after kill -9) finds them, and swaps its
 //! freshly loaded programs in atomically with `attach_to_link`, so the
 //! interface is never without a program.
-use std::{
-    ffi::CString,
-    fs,
-    io,
-    path::Path,
-};
+use std::{ffi::CString, fs, io, path::Path};
 
 use aya::{
     programs::{
@@ -99,8 +94,15 @@ impl Datapath {
             p.load().map_err(|source| Error::Program { name, source })?;
         }
         let xdp = xdp_program(&mut ebpf)?;
-        xdp.load().map_err(|source| Error::Program { name: programs::XDP_PREFILTER, source })?;
-        Ok(Self { ebpf, pins: cfg.pins.clone(), sizes: cfg.sizes.clone() })
+        xdp.load().map_err(|source| Error::Program {
+            name: programs::XDP_PREFILTER,
+            source,
+        })?;
+        Ok(Self {
+            ebpf,
+            pins: cfg.pins.clone(),
+            sizes: cfg.sizes.clone(),
+        })
     }
 
     pub fn pins(&self) -> &Pins {
@@ -152,7 +154,11 @@ impl Datapath {
         let mut live = Vec::new();
         for (ifindex, dir) in self.pins.pinned_links() {
             let path = self.pins.link(ifindex, dir);
-            let name = if dir == DIR_EGRESS { programs::POD_EGRESS } else { programs::POD_INGRESS };
+            let name = if dir == DIR_EGRESS {
+                programs::POD_EGRESS
+            } else {
+                programs::POD_INGRESS
+            };
             let prog = classifier(&mut self.ebpf, name)?;
             match swap_into_link(prog, name, &path) {
                 Ok(()) => {
@@ -169,21 +175,37 @@ impl Datapath {
         Ok(live)
     }
 
-    /// Attach the XDP prefilter to an uplink (native mode, pinned link).
+    /// Attach the XDP prefilter to an uplink (native mode, pinned link). A
+    /// link pinned by an earlier agent gets this instance's program swapped in.
     pub fn attach_xdp(&mut self, ifname: &str) -> Result<u32, Error> {
         let ifindex = ifindex(ifname)?;
         let path = self.pins.xdp_link(ifindex);
-        if path.exists() {
-            return Ok(ifindex);
-        }
         let name = programs::XDP_PREFILTER;
+        let link_err = |source| Error::Link {
+            path: path_str(&path),
+            source,
+        };
         let prog = xdp_program(&mut self.ebpf)?;
-        let id = prog
-            .attach(ifname, XdpMode::Driver)
+        let id = match PinnedLink::from_pin(&path) {
+            Ok(pinned) => {
+                let link = XdpLink::try_from(FdLink::from(pinned)).map_err(link_err)?;
+                prog.attach_to_link(link)
+                    .map_err(|source| Error::Program { name, source })?
+            }
+            Err(_) => prog
+                .attach(ifname, XdpMode::Driver)
+                .map_err(|source| Error::Program { name, source })?,
+        };
+        let link: XdpLink = prog
+            .take_link(id)
             .map_err(|source| Error::Program { name, source })?;
-        let link: XdpLink = prog.take_link(id).map_err(|source| Error::Program { name, source })?;
-        let fd: FdLink = link.try_into().map_err(|source| Error::Link { path: path_str(&path), source })?;
-        fd.pin(&path).map_err(|source| Error::Pin { path: path_str(&path), source })?;
+        let fd: FdLink = link.try_into().map_err(link_err)?;
+        if !path.exists() {
+            fd.pin(&path).map_err(|source| Error::Pin {
+                path: path_str(&path),
+                source,
+            })?;
+        }
         Ok(ifindex)
     }
 
@@ -208,12 +230,16 @@ pub fn remove_all(pins: &Pins) -> Result<(), Error> {
     }
 }
 
-fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, Error> {
+fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, Error> {
     let p = ebpf.program_mut(name).ok_or(Error::Program {
         name,
         source: aya::programs::ProgramError::NotLoaded,
     })?;
-    p.try_into().map_err(|source| Error::Program { name, source })
+    p.try_into()
+        .map_err(|source| Error::Program { name, source })
 }
 
 fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, Error> {
@@ -222,7 +248,8 @@ fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, Error> {
         name,
         source: aya::programs::ProgramError::NotLoaded,
     })?;
-    p.try_into().map_err(|source| Error::Program { name, source })
+    p.try_into()
+        .map_err(|source| Error::Program { name, source })
 }
 
 fn attach_tc(
@@ -243,22 +270,45 @@ fn attach_tc(
         }
     }
     let id = prog
-        .attach_with_options(ifname, hook, TcAttachOptions::TcxOrder(LinkOrder::default()))
+        .attach_with_options(
+            ifname,
+            hook,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
         .map_err(|source| Error::Program { name, source })?;
-    let link = prog.take_link(id).map_err(|source| Error::Program { name, source })?;
-    let fd: FdLink = link.try_into().map_err(|source| Error::Link { path: path_str(path), source })?;
-    fd.pin(path).map_err(|source| Error::Pin { path: path_str(path), source })?;
+    let link = prog
+        .take_link(id)
+        .map_err(|source| Error::Program { name, source })?;
+    let fd: FdLink = link.try_into().map_err(|source| Error::Link {
+        path: path_str(path),
+        source,
+    })?;
+    fd.pin(path).map_err(|source| Error::Pin {
+        path: path_str(path),
+        source,
+    })?;
     Ok(())
 }
 
 /// Atomically replace the program behind a pinned TCX link with `prog`.
-fn swap_into_link(prog: &mut SchedClassifier, name: &'static str, path: &Path) -> Result<(), Error> {
-    let link_err = |source| Error::Link { path: path_str(path), source };
+fn swap_into_link(
+    prog: &mut SchedClassifier,
+    name: &'static str,
+    path: &Path,
+) -> Result<(), Error> {
+    let link_err = |source| Error::Link {
+        path: path_str(path),
+        source,
+    };
     let pinned = PinnedLink::from_pin(path).map_err(link_err)?;
     let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(link_err)?;
-    let id = prog.attach_to_link(link).map_err(|source| Error::Program { name, source })?;
+    let id = prog
+        .attach_to_link(link)
+        .map_err(|source| Error::Program { name, source })?;
     // The link stays pinned; forget our handle without detaching.
-    let link = prog.take_link(id).map_err(|source| Error::Program { name, source })?;
+    let link = prog
+        .take_link(id)
+        .map_err(|source| Error::Program { name, source })?;
     let fd: FdLink = link.try_into().map_err(link_err)?;
     drop(fd);
     Ok(())
@@ -300,9 +350,15 @@ fn path_str(p: &Path) -> String {
 /// Kernels >= 5.11 account BPF memory to the cgroup; RLIMIT_MEMLOCK only
 /// matters on older ones, and raising it fails in some sandboxes.
 fn raise_memlock() {
-    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: plain syscall with a valid pointer.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
-        debug!("setrlimit(RLIMIT_MEMLOCK) failed (not needed on this kernel): {}", io::Error::last_os_error());
+        debug!(
+            "setrlimit(RLIMIT_MEMLOCK) failed (not needed on this kernel): {}",
+            io::Error::last_os_error()
+        );
     }
 }

@@ -31,7 +31,10 @@ fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
     ebpf: &mut Ebpf,
     name: &'static str,
 ) -> Result<T, Error> {
-    let m = ebpf.take_map(name).ok_or(Error::Map { name, source: MapError::InvalidName { name: name.into() } })?;
+    let m = ebpf.take_map(name).ok_or(Error::Map {
+        name,
+        source: MapError::InvalidName { name: name.into() },
+    })?;
     T::try_from(m).map_err(|source| Error::Map { name, source })
 }
 
@@ -39,7 +42,10 @@ fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
 fn write_err(name: &'static str, entries: u32) -> impl Fn(MapError) -> Error {
     move |source| match &source {
         MapError::SyscallError(e)
-            if matches!(e.io_error.raw_os_error(), Some(libc::E2BIG) | Some(libc::ENOSPC)) =>
+            if matches!(
+                e.io_error.raw_os_error(),
+                Some(libc::E2BIG) | Some(libc::ENOSPC)
+            ) =>
         {
             Error::MapFull { name, entries }
         }
@@ -83,8 +89,12 @@ impl Maps {
     /// Index a pod by its host veth and by its address.
     pub fn upsert_endpoint(&mut self, ifindex: u32, info: EndpointInfo) -> Result<(), Error> {
         let full = write_err(names::ENDPOINTS, self.sizes.endpoints);
-        self.endpoints.insert(EndpointKey::ipv4(info.ipv4), info, 0).map_err(&full)?;
-        self.endpoints.insert(EndpointKey::ifindex(ifindex), info, 0).map_err(&full)
+        self.endpoints
+            .insert(EndpointKey::ipv4(info.ipv4), info, 0)
+            .map_err(&full)?;
+        self.endpoints
+            .insert(EndpointKey::ifindex(ifindex), info, 0)
+            .map_err(&full)
     }
 
     pub fn endpoint(&self, ifindex: u32) -> Option<EndpointInfo> {
@@ -92,19 +102,33 @@ impl Maps {
     }
 
     pub fn remove_endpoint(&mut self, ifindex: u32, ipv4_be: u32) -> Result<(), Error> {
-        let a = removed(names::ENDPOINTS, self.endpoints.remove(&EndpointKey::ifindex(ifindex)));
-        let b = removed(names::ENDPOINTS, self.endpoints.remove(&EndpointKey::ipv4(ipv4_be)));
+        let a = removed(
+            names::ENDPOINTS,
+            self.endpoints.remove(&EndpointKey::ifindex(ifindex)),
+        );
+        let b = removed(
+            names::ENDPOINTS,
+            self.endpoints.remove(&EndpointKey::ipv4(ipv4_be)),
+        );
         a.and(b)
     }
 
-    pub fn set_ipcache(&mut self, addr: Ipv4Addr, prefix: u32, v: IpcacheValue) -> Result<(), Error> {
+    pub fn set_ipcache(
+        &mut self,
+        addr: Ipv4Addr,
+        prefix: u32,
+        v: IpcacheValue,
+    ) -> Result<(), Error> {
         self.ipcache
             .insert(&Key::new(prefix, be(addr)), v, 0)
             .map_err(write_err(names::IPCACHE, self.sizes.ipcache))
     }
 
     pub fn remove_ipcache(&mut self, addr: Ipv4Addr, prefix: u32) -> Result<(), Error> {
-        removed(names::IPCACHE, self.ipcache.remove(&Key::new(prefix, be(addr))))
+        removed(
+            names::IPCACHE,
+            self.ipcache.remove(&Key::new(prefix, be(addr))),
+        )
     }
 
     pub fn set_policy(&mut self, prefix: u32, k: PolicyKey, v: PolicyValue) -> Result<(), Error> {
@@ -124,7 +148,10 @@ impl Maps {
     }
 
     pub fn allow_source(&mut self, addr: Ipv4Addr, prefix: u32) -> Result<(), Error> {
-        removed(names::XDP_DENY, self.xdp_deny.remove(&Key::new(prefix, be(addr))))
+        removed(
+            names::XDP_DENY,
+            self.xdp_deny.remove(&Key::new(prefix, be(addr))),
+        )
     }
 
     /// Verdict/reason counters summed over CPUs.
@@ -186,7 +213,9 @@ impl Counters {
 fn sum_counters(map: &PerCpuArray<MapData, u64>, name: &'static str) -> Result<Counters, Error> {
     let mut out = Vec::with_capacity(reason::MAX as usize);
     for i in 0..reason::MAX {
-        let v = map.get(&i, 0).map_err(|source| Error::Map { name, source })?;
+        let v = map
+            .get(&i, 0)
+            .map_err(|source| Error::Map { name, source })?;
         out.push(v.iter().sum());
     }
     Ok(Counters(out))
@@ -194,7 +223,10 @@ fn sum_counters(map: &PerCpuArray<MapData, u64>, name: &'static str) -> Result<C
 
 /// CLOCK_MONOTONIC in ns, comparable with bpf_ktime_get_ns().
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid pointer to a timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64

@@ -34,7 +34,11 @@ impl Pins {
 
     /// The TCX link of one direction on one host-side interface.
     pub fn link(&self, ifindex: u32, dir: u8) -> PathBuf {
-        let d = if dir == DIR_EGRESS { "egress" } else { "ingress" };
+        let d = if dir == DIR_EGRESS {
+            "egress"
+        } else {
+            "ingress"
+        };
         self.links_dir().join(format!("{ifindex}-{d}"))
     }
 

@@ -21,7 +21,12 @@ pub struct RunResult {
     pub per_run: Duration,
 }
 
-pub fn run_tc(prog: &SchedClassifier, packet: &[u8], ifindex: u32, repeat: u32) -> Result<RunResult, Error> {
+pub fn run_tc(
+    prog: &SchedClassifier,
+    packet: &[u8],
+    ifindex: u32,
+    repeat: u32,
+) -> Result<RunResult, Error> {
     let mut ctx = [0u8; SKB_CTX_LEN];
     ctx[SKB_IFINDEX_OFF..SKB_IFINDEX_OFF + 4].copy_from_slice(&ifindex.to_ne_bytes());
     let mut out = vec![0u8; packet.len() + 256];
@@ -32,8 +37,12 @@ pub fn run_tc(prog: &SchedClassifier, packet: &[u8], ifindex: u32, repeat: u32) 
         repeat: repeat.max(1),
         ..Default::default()
     };
-    let r = prog
-        .test_run(opts)
-        .map_err(|source| Error::Program { name: "test_run", source })?;
-    Ok(RunResult { action: r.return_value, per_run: r.duration })
+    let r = prog.test_run(opts).map_err(|source| Error::Program {
+        name: "test_run",
+        source,
+    })?;
+    Ok(RunResult {
+        action: r.return_value,
+        per_run: r.duration,
+    })
 }

@@ -1,0 +1,389 @@
+//! Operator CLI helpers: argument types, filters and human-readable output.
+use std::{
+    fmt::Write as _,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use palisade_api::{StatusReport, TraceReport, DEFAULT_SOCKET};
+
+use crate::flowlog::{FlowRecord, Peer};
+
+#[derive(Args, Debug)]
+pub struct ObserveArgs {
+    #[arg(long, default_value = DEFAULT_SOCKET, env = "PALISADE_SOCKET")]
+    pub socket: PathBuf,
+    /// Either side in this namespace.
+    #[arg(long, short = 'n')]
+    pub namespace: Option<String>,
+    /// Either side is this pod (name, or namespace/name).
+    #[arg(long)]
+    pub pod: Option<String>,
+    /// Either side has this label (key=value); repeatable, all must hold.
+    #[arg(long = "label", short = 'l')]
+    pub labels: Vec<String>,
+    /// ALLOW, DROP or AUDIT.
+    #[arg(long)]
+    pub verdict: Option<String>,
+    /// Destination port.
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// TCP, UDP, SCTP, ICMP.
+    #[arg(long)]
+    pub protocol: Option<String>,
+    /// Keep streaming new flows.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    /// JSON lines instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct Filter {
+    namespace: Option<String>,
+    pod: Option<(Option<String>, String)>,
+    labels: Vec<(String, String)>,
+    verdict: Option<String>,
+    port: Option<u16>,
+    protocol: Option<String>,
+}
+
+impl ObserveArgs {
+    pub fn filter(&self) -> Result<Filter> {
+        let labels = self
+            .labels
+            .iter()
+            .map(|l| match l.split_once('=') {
+                Some((k, v)) => Ok((k.to_string(), v.to_string())),
+                None => bail!("--label {l}: expected key=value"),
+            })
+            .collect::<Result<_>>()?;
+        let pod = self.pod.as_ref().map(|p| match p.split_once('/') {
+            Some((ns, name)) => (Some(ns.to_string()), name.to_string()),
+            None => (None, p.clone()),
+        });
+        Ok(Filter {
+            namespace: self.namespace.clone(),
+            pod,
+            labels,
+            verdict: self.verdict.as_ref().map(|v| v.to_uppercase()),
+            port: self.port,
+            protocol: self.protocol.as_ref().map(|p| p.to_uppercase()),
+        })
+    }
+}
+
+impl Filter {
+    pub fn matches(&self, r: &FlowRecord) -> bool {
+        let sides = [&r.src, &r.dst];
+        let any = |f: &dyn Fn(&Peer) -> bool| sides.iter().any(|p| f(p));
+        if let Some(ns) = &self.namespace {
+            if !any(&|p| p.namespace.as_deref() == Some(ns)) {
+                return false;
+            }
+        }
+        if let Some((ns, name)) = &self.pod {
+            if !any(&|p| p.pod.as_deref() == Some(name) && (ns.is_none() || p.namespace == *ns)) {
+                return false;
+            }
+        }
+        if !self.labels.is_empty()
+            && !any(&|p| self.labels.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
+        {
+            return false;
+        }
+        if self.verdict.as_ref().is_some_and(|v| *v != r.verdict) {
+            return false;
+        }
+        if self.port.is_some() && self.port != r.dst.port {
+            return false;
+        }
+        if self.protocol.as_ref().is_some_and(|p| *p != r.protocol) {
+            return false;
+        }
+        true
+    }
+}
+
+fn side(p: &Peer) -> String {
+    let who = match (&p.namespace, &p.pod) {
+        (Some(ns), Some(pod)) => format!("{ns}/{pod}"),
+        _ => format!("{}({})", p.ip, p.kind),
+    };
+    match p.port {
+        Some(port) => format!("{who}:{port}"),
+        None => who,
+    }
+}
+
+pub fn render_flow(r: &FlowRecord) -> String {
+    let mut s = format!(
+        "{} {:<5} {} -> {} {} {} [{}]",
+        r.time,
+        r.verdict,
+        side(&r.src),
+        side(&r.dst),
+        r.protocol,
+        r.direction,
+        r.reason
+    );
+    if !r.policies.is_empty() {
+        let _ = write!(s, " policies: {}", r.policies.join(", "));
+    }
+    s
+}
+
+pub fn render_status(r: &StatusReport) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "programmed generation {} (model generation {}){}",
+        r.programmed_generation,
+        r.model_generation,
+        if r.audit { ", AUDIT MODE" } else { "" }
+    );
+    let _ = writeln!(s, "\nENDPOINTS ({})", r.endpoints.len());
+    let _ = writeln!(
+        s,
+        "  {:<32} {:>4} {:<15} {:<15} {:>8}  ingress  egress",
+        "POD", "ID", "IP", "INTERFACE", "IDENTITY"
+    );
+    for e in &r.endpoints {
+        let on = |b: bool| if b { "enforced" } else { "open" };
+        let _ = writeln!(
+            s,
+            "  {:<32} {:>4} {:<15} {:<15} {:>8}  {:<8} {}{}",
+            format!("{}/{}", e.namespace, e.pod),
+            e.endpoint_id,
+            e.ipv4,
+            e.host_ifname,
+            e.identity,
+            on(e.ingress_enforced),
+            on(e.egress_enforced),
+            if e.audit { " audit" } else { "" }
+        );
+    }
+    let _ = writeln!(s, "\nIDENTITIES {}", r.identities);
+    let _ = writeln!(s, "\nPOLICIES ({})", r.policies.len());
+    for p in &r.policies {
+        match &p.rejected {
+            None => {
+                let _ = writeln!(s, "  {}/{}  enforced", p.namespace, p.name);
+            }
+            Some(why) => {
+                let _ = writeln!(s, "  {}/{}  REJECTED: {why}", p.namespace, p.name);
+            }
+        }
+    }
+    let _ = writeln!(s, "\nMAPS");
+    for m in &r.maps {
+        let pct = if m.max_entries > 0 {
+            m.entries as f64 * 100.0 / m.max_entries as f64
+        } else {
+            0.0
+        };
+        let _ = writeln!(
+            s,
+            "  {:<10} {:>8} / {:<8} ({pct:.1}%)",
+            m.name, m.entries, m.max_entries
+        );
+    }
+    s
+}
+
+pub fn render_trace(r: &TraceReport) -> String {
+    let mut s = String::new();
+    for st in &r.steps {
+        let _ = writeln!(
+            s,
+            "{:<28} {:<5} [{}] {}",
+            st.hop, st.verdict, st.reason, st.detail
+        );
+        for p in &st.policies {
+            let _ = writeln!(s, "    policy {p}");
+        }
+    }
+    let _ = writeln!(s, "verdict: {}", r.verdict);
+    s
+}
+
+/// "8080/TCP", "53/udp" or "80" (TCP).
+pub fn parse_port(s: &str) -> Result<(u16, String)> {
+    let (p, proto) = s.split_once('/').unwrap_or((s, "TCP"));
+    let port: u16 = p.parse().with_context(|| format!("port {p:?}"))?;
+    let proto = proto.to_uppercase();
+    if !["TCP", "UDP", "SCTP"].contains(&proto.as_str()) {
+        bail!("protocol {proto:?}: expected TCP, UDP or SCTP");
+    }
+    Ok((port, proto))
+}
+
+#[derive(Args, Debug)]
+pub struct InstallCniArgs {
+    /// The plugin binary to install.
+    #[arg(long, default_value = "/usr/local/bin/palisade")]
+    pub bin_src: PathBuf,
+    #[arg(long, default_value = "/host/opt/cni/bin")]
+    pub bin_dir: PathBuf,
+    #[arg(long, default_value = "/host/etc/cni/net.d")]
+    pub conf_dir: PathBuf,
+    /// The conflist to install.
+    #[arg(long)]
+    pub conflist: PathBuf,
+    /// Name of the installed conflist. It must sort before other networks'
+    /// conflists (e.g. 10-flannel.conflist): runtimes use the first one.
+    #[arg(long, default_value = "05-palisade.conflist")]
+    pub conf_name: String,
+    /// Replace `__POD_CIDR__` in the conflist with this.
+    #[arg(long, env = "POD_CIDR")]
+    pub pod_cidr: Option<String>,
+    /// Read the pod CIDR from this node's spec.podCIDR (in-cluster config),
+    /// only when the conflist has the placeholder.
+    #[arg(long)]
+    pub kubernetes: bool,
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+}
+
+/// The conflist needs the node's pod CIDR.
+pub fn needs_pod_cidr(a: &InstallCniArgs) -> Result<bool> {
+    let conf = fs::read_to_string(&a.conflist)
+        .with_context(|| format!("reading {}", a.conflist.display()))?;
+    Ok(conf.contains("__POD_CIDR__"))
+}
+
+/// Copy to a temporary name in the target directory, then rename: the
+/// kubelet never sees half a binary or half a conflist.
+fn install_atomic(data: &[u8], dir: &Path, name: &str, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
+    fs::rename(&tmp, dir.join(name))
+        .with_context(|| format!("installing {}", dir.join(name).display()))
+}
+
+pub fn install_cni(a: &InstallCniArgs) -> Result<()> {
+    let bin = fs::read(&a.bin_src).with_context(|| format!("reading {}", a.bin_src.display()))?;
+    install_atomic(&bin, &a.bin_dir, "palisade", 0o755)?;
+    let mut conf = fs::read_to_string(&a.conflist)
+        .with_context(|| format!("reading {}", a.conflist.display()))?;
+    if conf.contains("__POD_CIDR__") {
+        let Some(cidr) = &a.pod_cidr else {
+            bail!("the conflist needs the node's pod CIDR: pass --pod-cidr or set POD_CIDR");
+        };
+        conf = conf.replace("__POD_CIDR__", cidr);
+    }
+    serde_json::from_str::<serde_json::Value>(&conf).context("the conflist is not valid JSON")?;
+    install_atomic(conf.as_bytes(), &a.conf_dir, &a.conf_name, 0o644)?;
+    println!(
+        "installed {} and {}",
+        a.bin_dir.join("palisade").display(),
+        a.conf_dir.join(&a.conf_name).display()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec() -> FlowRecord {
+        FlowRecord {
+            verdict: "DROP".into(),
+            protocol: "TCP".into(),
+            src: Peer {
+                namespace: Some("x".into()),
+                pod: Some("a".into()),
+                labels: [("app".to_string(), "web".to_string())].into(),
+                ..Default::default()
+            },
+            dst: Peer {
+                namespace: Some("y".into()),
+                pod: Some("b".into()),
+                port: Some(80),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn args(f: impl FnOnce(&mut ObserveArgs)) -> Filter {
+        let mut a = ObserveArgs {
+            socket: "/x".into(),
+            namespace: None,
+            pod: None,
+            labels: vec![],
+            verdict: None,
+            port: None,
+            protocol: None,
+            follow: false,
+            json: false,
+        };
+        f(&mut a);
+        a.filter().unwrap()
+    }
+
+    #[test]
+    fn filters_match_either_side() {
+        let r = rec();
+        assert!(args(|a| a.namespace = Some("y".into())).matches(&r));
+        assert!(!args(|a| a.namespace = Some("z".into())).matches(&r));
+        assert!(args(|a| a.pod = Some("x/a".into())).matches(&r));
+        assert!(!args(|a| a.pod = Some("y/a".into())).matches(&r));
+        assert!(args(|a| a.labels = vec!["app=web".into()]).matches(&r));
+        assert!(!args(|a| a.labels = vec!["app=db".into()]).matches(&r));
+        assert!(args(|a| a.verdict = Some("drop".into())).matches(&r));
+        assert!(!args(|a| a.verdict = Some("ALLOW".into())).matches(&r));
+        assert!(args(|a| a.port = Some(80)).matches(&r));
+        assert!(!args(|a| a.protocol = Some("udp".into())).matches(&r));
+    }
+
+    #[test]
+    fn port_arguments() {
+        assert_eq!(parse_port("8080/tcp").unwrap(), (8080, "TCP".into()));
+        assert_eq!(parse_port("53/UDP").unwrap(), (53, "UDP".into()));
+        assert_eq!(parse_port("80").unwrap(), (80, "TCP".into()));
+        assert!(parse_port("80/ICMP").is_err());
+        assert!(parse_port("99999").is_err());
+    }
+
+    #[test]
+    fn install_cni_is_atomic_and_fills_the_pod_cidr() {
+        let dir = std::env::temp_dir().join(format!("palisade-install-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("bin"), b"\x7fELF").unwrap();
+        fs::write(dir.join("c.conflist"), r#"{"subnet":"__POD_CIDR__"}"#).unwrap();
+        let mut a = InstallCniArgs {
+            bin_src: dir.join("bin"),
+            bin_dir: dir.join("opt"),
+            conf_dir: dir.join("net.d"),
+            conflist: dir.join("c.conflist"),
+            conf_name: "05-palisade.conflist".into(),
+            pod_cidr: None,
+            kubernetes: false,
+            node_name: None,
+        };
+        assert!(install_cni(&a)
+            .unwrap_err()
+            .to_string()
+            .contains("pod CIDR"));
+        a.pod_cidr = Some("10.1.2.0/24".into());
+        install_cni(&a).unwrap();
+        assert_eq!(
+            fs::read_to_string(dir.join("net.d/05-palisade.conflist")).unwrap(),
+            r#"{"subnet":"10.1.2.0/24"}"#
+        );
+        assert_eq!(
+            fs::read_dir(dir.join("net.d")).unwrap().count(),
+            1,
+            "no temp file left"
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

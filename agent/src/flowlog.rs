@@ -1,0 +1,266 @@
+//! Verdict events -> flow records: JSON lines naming pods, namespaces,
+//! labels and the policies that allowed or denied, written to a rotated
+//! file and streamed to `palisade-agent observe` over a local socket.
+use std::{
+    collections::{BTreeMap, VecDeque},
+    fs::{self, File, OpenOptions},
+    io::{self, Write},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use palisade_common::{
+    reason, FlowEvent, DIR_EGRESS, IDENTITY_HOST, IDENTITY_WORLD, PROTO_ICMP, PROTO_SCTP,
+    PROTO_TCP, PROTO_UDP, VERDICT_ALLOW, VERDICT_AUDIT,
+};
+use palisade_dataplane::maps::{from_be, monotonic_ns};
+use serde::{Deserialize, Serialize};
+
+use crate::{compiler::IdentitySource, daemon::View, model::Labels};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peer {
+    pub ip: Ipv4Addr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// pod, host, world or cidr
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: Labels,
+    pub identity: u32,
+}
+
+impl Default for Peer {
+    fn default() -> Self {
+        Self {
+            ip: Ipv4Addr::UNSPECIFIED,
+            port: None,
+            kind: String::new(),
+            namespace: None,
+            pod: None,
+            labels: Labels::new(),
+            identity: 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowRecord {
+    pub time: String,
+    /// ALLOW, DROP or AUDIT
+    pub verdict: String,
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drop_reason: Option<String>,
+    /// ingress or egress, relative to `endpoint`
+    pub direction: String,
+    pub protocol: String,
+    pub src: Peer,
+    pub dst: Peer,
+    /// The pod whose policy decided (namespace/name).
+    pub endpoint: String,
+    /// Policies that allowed the flow, or that isolate the endpoint and
+    /// had no rule for it.
+    pub policies: Vec<String>,
+}
+
+pub fn protocol_name(p: u8) -> String {
+    match p {
+        PROTO_TCP => "TCP".into(),
+        PROTO_UDP => "UDP".into(),
+        PROTO_SCTP => "SCTP".into(),
+        PROTO_ICMP => "ICMP".into(),
+        0 => "none".into(),
+        n => format!("proto-{n}"),
+    }
+}
+
+/// Wall-clock time of a bpf_ktime_get_ns() stamp.
+fn wall_time(ts_ns: u64) -> SystemTime {
+    let now_mono = monotonic_ns();
+    let ago = Duration::from_nanos(now_mono.saturating_sub(ts_ns));
+    SystemTime::now() - ago
+}
+
+fn peer(view: &View, ip: Ipv4Addr, port: Option<u16>, identity: u32) -> Peer {
+    let mut p = Peer {
+        ip,
+        port,
+        identity,
+        ..Default::default()
+    };
+    if let Some(pod) = view
+        .pods_by_ip
+        .get(&ip)
+        .and_then(|k| view.model.pods.get(k))
+    {
+        p.kind = "pod".into();
+        p.namespace = Some(pod.namespace.clone());
+        p.pod = Some(pod.name.clone());
+        p.labels = pod.labels.clone();
+        return p;
+    }
+    p.kind = match (identity, view.compiled.identities.get(&identity)) {
+        (IDENTITY_HOST, _) => "host",
+        (IDENTITY_WORLD, _) => "world",
+        (_, Some(IdentitySource::Cidr(_))) => "cidr",
+        _ if view.model.host_ips.contains(&ip) => "host",
+        _ => "world",
+    }
+    .into();
+    p
+}
+
+/// Turn one kernel event into a record, naming what the view knows.
+pub fn record(view: &View, e: &FlowEvent) -> FlowRecord {
+    let has_ports = matches!(e.protocol, PROTO_TCP | PROTO_UDP | PROTO_SCTP);
+    let port = |p: u16| has_ports.then_some(u16::from_be(p));
+    let src = peer(view, from_be(e.saddr), port(e.sport_be), e.src_identity);
+    let dst = peer(view, from_be(e.daddr), port(e.dport_be), e.dst_identity);
+    let endpoint = view
+        .model
+        .endpoints
+        .values()
+        .find(|le| le.endpoint_id == e.endpoint_id)
+        .map(|le| le.key.to_string())
+        .unwrap_or_else(|| format!("endpoint-{}", e.endpoint_id));
+    let mut policies: Vec<String> = Vec::new();
+    if let Some(r) = view.compiled.cookies.get(&e.cookie) {
+        policies.push(r.policy.to_string());
+    } else if e.reason == reason::NO_POLICY_MATCH {
+        policies = view
+            .compiled
+            .isolating(e.endpoint_id, e.direction)
+            .iter()
+            .map(|k| k.to_string())
+            .collect();
+    }
+    let verdict = match e.verdict {
+        VERDICT_ALLOW => "ALLOW",
+        VERDICT_AUDIT => "AUDIT",
+        _ => "DROP",
+    };
+    FlowRecord {
+        time: humantime::format_rfc3339_micros(wall_time(e.ts_ns)).to_string(),
+        verdict: verdict.into(),
+        reason: reason::name(e.reason).into(),
+        drop_reason: reason::is_drop(e.reason).then(|| reason::name(e.reason).into()),
+        direction: if e.direction == DIR_EGRESS {
+            "egress"
+        } else {
+            "ingress"
+        }
+        .into(),
+        protocol: protocol_name(e.protocol),
+        src,
+        dst,
+        endpoint,
+        policies,
+    }
+}
+
+/// The flow log file, rotated by size (`path`, `path.1` .. `path.N`), and
+/// a short history for new `observe` clients.
+pub struct FlowLog {
+    path: PathBuf,
+    file: Option<File>,
+    size: u64,
+    max_bytes: u64,
+    keep: usize,
+    recent: VecDeque<String>,
+}
+
+const RECENT: usize = 2048;
+
+impl FlowLog {
+    pub fn open(path: &Path, max_bytes: u64) -> io::Result<Self> {
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let size = file.metadata()?.len();
+        Ok(Self {
+            path: path.into(),
+            file: Some(file),
+            size,
+            max_bytes,
+            keep: 3,
+            recent: VecDeque::new(),
+        })
+    }
+
+    pub fn write(&mut self, line: &str) -> io::Result<()> {
+        if self.size + line.len() as u64 + 1 > self.max_bytes && self.size > 0 {
+            self.rotate()?;
+        }
+        if let Some(f) = self.file.as_mut() {
+            f.write_all(line.as_bytes())?;
+            f.write_all(b"\n")?;
+            self.size += line.len() as u64 + 1;
+        }
+        if self.recent.len() == RECENT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(line.to_string());
+        Ok(())
+    }
+
+    pub fn recent(&self) -> impl Iterator<Item = &String> {
+        self.recent.iter()
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        self.file = None;
+        let nth = |n: usize| PathBuf::from(format!("{}.{n}", self.path.display()));
+        for n in (1..self.keep).rev() {
+            let _ = fs::rename(nth(n), nth(n + 1));
+        }
+        fs::rename(&self.path, nth(1))?;
+        self.file = Some(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)?,
+        );
+        self.size = 0;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotation_keeps_a_bounded_number_of_files() {
+        let dir = std::env::temp_dir().join(format!("palisade-flowlog-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let path = dir.join("flows.jsonl");
+        let mut log = FlowLog::open(&path, 100).unwrap();
+        for i in 0..40 {
+            log.write(&format!("{{\"n\":{i:020}}}")).unwrap();
+        }
+        assert!(fs::metadata(&path).unwrap().len() <= 100);
+        assert!(dir.join("flows.jsonl.3").exists());
+        assert!(!dir.join("flows.jsonl.4").exists());
+        let last = fs::read_to_string(&path).unwrap();
+        assert!(
+            last.trim_end().ends_with(&format!("{:020}}}", 39)),
+            "{last}"
+        );
+        assert_eq!(log.recent().count(), 40);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn protocol_names() {
+        assert_eq!(protocol_name(6), "TCP");
+        assert_eq!(protocol_name(132), "SCTP");
+        assert_eq!(protocol_name(47), "proto-47");
+    }
+}

@@ -1,0 +1,476 @@
+//! Map sync: applies only the difference between what the kernel maps hold
+//! and what the compiler wants, in an order that never shows a flow a
+//! state stricter or looser than either the old or the new policy:
+//!
+//! 1. policy upserts     (allows for new identities exist before they are used)
+//! 2. ipcache upserts    (addresses move to new identities)
+//! 3. endpoint upserts   (enforcement switches on after its rules are in)
+//! 4. endpoint removals
+//! 5. ipcache removals
+//! 6. policy removals    (rules go only once nothing can reach them)
+use std::{collections::HashMap, hash::Hash, net::Ipv4Addr};
+
+use palisade_common::{EndpointInfo, IpcacheValue, PolicyKey, PolicyValue};
+use palisade_dataplane::{maps::from_be, MapState, Maps};
+
+/// The changes that turn one map state into another.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Diff {
+    pub policy_upserts: Vec<((u32, PolicyKey), PolicyValue)>,
+    pub ipcache_upserts: Vec<((Ipv4Addr, u32), IpcacheValue)>,
+    pub endpoint_upserts: Vec<(u32, EndpointInfo)>,
+    pub endpoint_removals: Vec<(u32, EndpointInfo)>,
+    pub ipcache_removals: Vec<(Ipv4Addr, u32)>,
+    pub policy_removals: Vec<(u32, PolicyKey)>,
+}
+
+impl Diff {
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn len(&self) -> usize {
+        self.policy_upserts.len()
+            + self.ipcache_upserts.len()
+            + self.endpoint_upserts.len()
+            + self.endpoint_removals.len()
+            + self.ipcache_removals.len()
+            + self.policy_removals.len()
+    }
+}
+
+/// Entries to write and entries to delete.
+type Changes<K, V> = (Vec<(K, V)>, Vec<(K, V)>);
+
+fn changed<K: Eq + Hash + Clone, V: PartialEq + Clone>(
+    cur: &HashMap<K, V>,
+    want: &HashMap<K, V>,
+) -> Changes<K, V> {
+    let upserts = want
+        .iter()
+        .filter(|(k, v)| cur.get(*k) != Some(*v))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let removals = cur
+        .iter()
+        .filter(|(k, _)| !want.contains_key(*k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    (upserts, removals)
+}
+
+pub fn diff(cur: &MapState, want: &MapState) -> Diff {
+    let (policy_upserts, pr) = changed(&cur.policy, &want.policy);
+    let (ipcache_upserts, ir) = changed(&cur.ipcache, &want.ipcache);
+    let (endpoint_upserts, endpoint_removals) = changed(&cur.endpoints, &want.endpoints);
+    Diff {
+        policy_upserts,
+        ipcache_upserts,
+        endpoint_upserts,
+        endpoint_removals,
+        ipcache_removals: ir.into_iter().map(|(k, _)| k).collect(),
+        policy_removals: pr.into_iter().map(|(k, _)| k).collect(),
+    }
+}
+
+/// A sync that could not write everything. Whatever could be written was
+/// (`current` mirrors exactly what the kernel holds), so the failure closes
+/// rather than opens: missing allows are drops, enforcement is still on.
+#[derive(Debug, thiserror::Error)]
+#[error("map sync left {failed} of {total} changes unwritten: {source}")]
+pub struct SyncError {
+    pub failed: usize,
+    pub total: usize,
+    #[source]
+    pub source: palisade_dataplane::Error,
+}
+
+/// The kernel side of a sync; `Maps` in production, a recorder in tests.
+pub trait MapWriter {
+    fn upsert_policy(
+        &mut self,
+        prefix: u32,
+        k: PolicyKey,
+        v: PolicyValue,
+    ) -> Result<(), palisade_dataplane::Error>;
+    fn remove_policy(&mut self, prefix: u32, k: PolicyKey)
+        -> Result<(), palisade_dataplane::Error>;
+    fn upsert_ipcache(
+        &mut self,
+        addr: Ipv4Addr,
+        prefix: u32,
+        v: IpcacheValue,
+    ) -> Result<(), palisade_dataplane::Error>;
+    fn remove_ipcache(
+        &mut self,
+        addr: Ipv4Addr,
+        prefix: u32,
+    ) -> Result<(), palisade_dataplane::Error>;
+    fn upsert_endpoint(
+        &mut self,
+        ifindex: u32,
+        v: EndpointInfo,
+    ) -> Result<(), palisade_dataplane::Error>;
+    fn remove_endpoint(
+        &mut self,
+        ifindex: u32,
+        ipv4_be: u32,
+    ) -> Result<(), palisade_dataplane::Error>;
+}
+
+impl MapWriter for Maps {
+    fn upsert_policy(
+        &mut self,
+        prefix: u32,
+        k: PolicyKey,
+        v: PolicyValue,
+    ) -> Result<(), palisade_dataplane::Error> {
+        self.set_policy(prefix, k, v)
+    }
+    fn remove_policy(
+        &mut self,
+        prefix: u32,
+        k: PolicyKey,
+    ) -> Result<(), palisade_dataplane::Error> {
+        Maps::remove_policy(self, prefix, k)
+    }
+    fn upsert_ipcache(
+        &mut self,
+        addr: Ipv4Addr,
+        prefix: u32,
+        v: IpcacheValue,
+    ) -> Result<(), palisade_dataplane::Error> {
+        self.set_ipcache(addr, prefix, v)
+    }
+    fn remove_ipcache(
+        &mut self,
+        addr: Ipv4Addr,
+        prefix: u32,
+    ) -> Result<(), palisade_dataplane::Error> {
+        Maps::remove_ipcache(self, addr, prefix)
+    }
+    fn upsert_endpoint(
+        &mut self,
+        ifindex: u32,
+        v: EndpointInfo,
+    ) -> Result<(), palisade_dataplane::Error> {
+        Maps::upsert_endpoint(self, ifindex, v)
+    }
+    fn remove_endpoint(
+        &mut self,
+        ifindex: u32,
+        ipv4_be: u32,
+    ) -> Result<(), palisade_dataplane::Error> {
+        Maps::remove_endpoint(self, ifindex, ipv4_be)
+    }
+}
+
+/// Apply `want` on top of `current` (which mirrors the kernel) and keep the
+/// mirror exact. A write that fails (e.g. a full map) does not stop the
+/// sync: every other change is still made, in order, so enforcement still
+/// switches on and stale allows still go; then, since removals may have
+/// freed room, what failed is tried once more.
+pub fn apply(
+    w: &mut impl MapWriter,
+    current: &mut MapState,
+    want: &MapState,
+) -> Result<usize, SyncError> {
+    let total = diff(current, want).len();
+    let mut applied = 0;
+    let mut failure = None;
+    for _pass in 0..2 {
+        let (n, f) = apply_once(w, current, diff(current, want));
+        applied += n;
+        failure = f;
+        if failure.is_none() {
+            break;
+        }
+    }
+    match failure {
+        None => Ok(applied),
+        Some(source) => Err(SyncError {
+            failed: diff(current, want).len(),
+            total,
+            source,
+        }),
+    }
+}
+
+/// One ordered pass; (changes made, first error).
+fn apply_once(
+    w: &mut impl MapWriter,
+    current: &mut MapState,
+    d: Diff,
+) -> (usize, Option<palisade_dataplane::Error>) {
+    let mut applied = 0;
+    let mut first = None;
+    let mut done = |r: Result<(), palisade_dataplane::Error>| match r {
+        Ok(()) => {
+            applied += 1;
+            true
+        }
+        Err(e) => {
+            first.get_or_insert(e);
+            false
+        }
+    };
+    for ((prefix, k), v) in d.policy_upserts {
+        if done(w.upsert_policy(prefix, k, v)) {
+            current.policy.insert((prefix, k), v);
+        }
+    }
+    for ((addr, prefix), v) in d.ipcache_upserts {
+        if done(w.upsert_ipcache(addr, prefix, v)) {
+            current.ipcache.insert((addr, prefix), v);
+        }
+    }
+    for (ifindex, v) in d.endpoint_upserts {
+        // A pod whose address changed must not keep its old by-IP entry.
+        let moved = current
+            .endpoints
+            .get(&ifindex)
+            .filter(|old| old.ipv4 != v.ipv4)
+            .copied();
+        let r = match moved {
+            Some(old) => w
+                .remove_endpoint(ifindex, old.ipv4)
+                .and_then(|()| w.upsert_endpoint(ifindex, v)),
+            None => w.upsert_endpoint(ifindex, v),
+        };
+        if done(r) {
+            current.endpoints.insert(ifindex, v);
+        } else if moved.is_some() {
+            // Both indexes of the old address may be gone: fail closed.
+            current.endpoints.remove(&ifindex);
+        }
+    }
+    for (ifindex, v) in d.endpoint_removals {
+        if done(w.remove_endpoint(ifindex, v.ipv4)) {
+            current.endpoints.remove(&ifindex);
+        }
+    }
+    for (addr, prefix) in d.ipcache_removals {
+        if done(w.remove_ipcache(addr, prefix)) {
+            current.ipcache.remove(&(addr, prefix));
+        }
+    }
+    for (prefix, k) in d.policy_removals {
+        if done(w.remove_policy(prefix, k)) {
+            current.policy.remove(&(prefix, k));
+        }
+    }
+    (applied, first)
+}
+
+/// What the kernel maps hold now (after a restart, before the first sync).
+pub fn read_back(maps: &Maps) -> MapState {
+    let mut s = MapState::default();
+    for (k, v) in maps.endpoints.iter().filter_map(Result::ok) {
+        if k.kind == palisade_common::EP_KEY_IFINDEX {
+            s.endpoints.insert(k.value, v);
+        }
+    }
+    for (k, v) in maps.ipcache.iter().filter_map(Result::ok) {
+        s.ipcache.insert((from_be(k.data()), k.prefix_len()), v);
+    }
+    for (k, v) in maps.policy.iter().filter_map(Result::ok) {
+        s.policy.insert((k.prefix_len(), k.data()), v);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use palisade_common::{ACTION_ALLOW, DIR_INGRESS, EP_INGRESS_ENFORCED, PROTO_TCP};
+
+    #[derive(Default)]
+    struct Recorder {
+        ops: Vec<String>,
+        /// Every op starting with this fails.
+        fail_on: Option<String>,
+        /// Policy map capacity, and entries in it.
+        capacity: Option<usize>,
+        policies: usize,
+    }
+
+    impl Recorder {
+        fn op(&mut self, s: String) -> Result<(), palisade_dataplane::Error> {
+            let full = palisade_dataplane::Error::MapFull {
+                name: "POLICY",
+                entries: 1,
+            };
+            if self
+                .fail_on
+                .as_ref()
+                .is_some_and(|f| s.starts_with(f.as_str()))
+            {
+                return Err(full);
+            }
+            if s.starts_with("policy+") {
+                if self.capacity.is_some_and(|c| self.policies >= c) {
+                    return Err(full);
+                }
+                self.policies += 1;
+            }
+            if s.starts_with("policy-") {
+                self.policies = self.policies.saturating_sub(1);
+            }
+            self.ops.push(s);
+            Ok(())
+        }
+    }
+
+    impl MapWriter for Recorder {
+        fn upsert_policy(
+            &mut self,
+            p: u32,
+            k: PolicyKey,
+            _: PolicyValue,
+        ) -> Result<(), palisade_dataplane::Error> {
+            self.op(format!("policy+ {p} {}", k.peer_identity))
+        }
+        fn remove_policy(&mut self, p: u32, k: PolicyKey) -> Result<(), palisade_dataplane::Error> {
+            self.op(format!("policy- {p} {}", k.peer_identity))
+        }
+        fn upsert_ipcache(
+            &mut self,
+            a: Ipv4Addr,
+            p: u32,
+            v: IpcacheValue,
+        ) -> Result<(), palisade_dataplane::Error> {
+            self.op(format!("ipcache+ {a}/{p} {}", v.identity))
+        }
+        fn remove_ipcache(&mut self, a: Ipv4Addr, p: u32) -> Result<(), palisade_dataplane::Error> {
+            self.op(format!("ipcache- {a}/{p}"))
+        }
+        fn upsert_endpoint(
+            &mut self,
+            i: u32,
+            v: EndpointInfo,
+        ) -> Result<(), palisade_dataplane::Error> {
+            self.op(format!("endpoint+ {i} {}", v.flags))
+        }
+        fn remove_endpoint(&mut self, i: u32, _: u32) -> Result<(), palisade_dataplane::Error> {
+            self.op(format!("endpoint- {i}"))
+        }
+    }
+
+    fn key(peer: u32) -> PolicyKey {
+        PolicyKey {
+            endpoint_id: 1,
+            peer_identity: peer,
+            direction: DIR_INGRESS,
+            protocol: PROTO_TCP,
+            dport_be: 80u16.to_be(),
+        }
+    }
+
+    fn state(peer: u32, enforced: bool) -> MapState {
+        let mut s = MapState::default();
+        let flags = if enforced { EP_INGRESS_ENFORCED } else { 0 };
+        s.endpoints.insert(
+            7,
+            EndpointInfo {
+                endpoint_id: 1,
+                identity: 300,
+                ipv4: 1,
+                flags,
+            },
+        );
+        s.ipcache.insert(
+            (Ipv4Addr::new(10, 0, 0, 2), 32),
+            IpcacheValue {
+                identity: peer,
+                cidr_identity: 2,
+            },
+        );
+        s.policy.insert(
+            (96, key(peer)),
+            PolicyValue {
+                action: ACTION_ALLOW,
+                cookie: 1,
+            },
+        );
+        s
+    }
+
+    #[test]
+    fn identity_change_adds_rules_before_moving_addresses_and_removes_after() {
+        let mut cur = state(400, true);
+        let want = state(401, true);
+        let mut r = Recorder::default();
+        assert_eq!(apply(&mut r, &mut cur, &want).unwrap(), 3);
+        assert_eq!(
+            r.ops,
+            [
+                "policy+ 96 401",
+                "ipcache+ 10.0.0.2/32 401",
+                "policy- 96 400"
+            ]
+        );
+        assert_eq!(cur, want);
+        // Nothing left to do.
+        assert!(diff(&cur, &want).is_empty());
+    }
+
+    #[test]
+    fn enforcement_switches_on_after_rules_and_off_before_their_removal() {
+        let mut cur = MapState {
+            endpoints: state(400, false).endpoints,
+            ..Default::default()
+        };
+        let want = state(400, true);
+        let mut r = Recorder::default();
+        apply(&mut r, &mut cur, &want).unwrap();
+        assert_eq!(r.ops.last().unwrap(), "endpoint+ 7 1");
+        assert!(r.ops[0].starts_with("policy+"));
+
+        let back = MapState {
+            endpoints: state(400, false).endpoints,
+            ..Default::default()
+        };
+        let mut r = Recorder::default();
+        apply(&mut r, &mut cur, &back).unwrap();
+        assert_eq!(r.ops.first().unwrap(), "endpoint+ 7 0");
+        assert!(r.ops.last().unwrap().starts_with("policy-"));
+    }
+
+    #[test]
+    fn a_failed_write_still_switches_enforcement_on_and_mirrors_the_kernel() {
+        let mut cur = MapState::default();
+        let want = state(400, true);
+        // The first write (the policy entry) fails, in both passes.
+        let mut r = Recorder {
+            fail_on: Some("policy+".into()),
+            ..Default::default()
+        };
+        let e = apply(&mut r, &mut cur, &want).unwrap_err();
+        assert_eq!((e.failed, e.total), (1, 3));
+        assert!(
+            cur.policy.is_empty(),
+            "the mirror holds only what was written"
+        );
+        assert_eq!(
+            cur.endpoints, want.endpoints,
+            "enforcement is on (fail closed)"
+        );
+        assert_eq!(cur.ipcache, want.ipcache);
+        // A later sync writes exactly the rest.
+        assert_eq!(diff(&cur, &want).len(), 1);
+    }
+
+    #[test]
+    fn room_freed_by_removals_is_used_in_the_second_pass() {
+        let mut cur = state(400, true);
+        let want = state(401, true);
+        // A map of one entry: the new rule fits only once the old one is gone.
+        let mut r = Recorder {
+            capacity: Some(1),
+            ..Default::default()
+        };
+        r.policies = 1;
+        assert_eq!(apply(&mut r, &mut cur, &want).unwrap(), 3);
+        assert_eq!(cur, want);
+    }
+}

@@ -1,0 +1,166 @@
+//! `palisade-agent trace`: the verdict on a new flow, computed by the
+//! reference evaluator over the exact map contents the agent last wrote to
+//! the kernel (not over the policies themselves), hop by hop: the source
+//! pod's egress program, then the destination pod's ingress program, each
+//! where that pod is on this node.
+use std::net::Ipv4Addr;
+
+use anyhow::{bail, Context, Result};
+use palisade_api::{TraceReport, TraceRequest, TraceStep};
+use palisade_common::{reason, DIR_EGRESS, DIR_INGRESS, VERDICT_ALLOW, VERDICT_AUDIT};
+use palisade_dataplane::{
+    packet::{Packet, TCP_FLAG_SYN},
+    reference::{Evaluator, Verdict},
+};
+
+use crate::{
+    compiler::{Compiled, IdentitySource},
+    daemon::Agent,
+    model::{LocalEndpoint, Model, ObjectKey},
+};
+
+/// A trace endpoint: a pod of the model, or a bare address.
+struct Side {
+    name: String,
+    ip: Ipv4Addr,
+    local: Option<LocalEndpoint>,
+}
+
+fn resolve(model: &Model, s: &str, what: &str) -> Result<Side> {
+    if let Ok(ip) = s.parse::<Ipv4Addr>() {
+        let local = model.endpoints.values().find(|e| e.ipv4 == ip).cloned();
+        return Ok(Side {
+            name: ip.to_string(),
+            ip,
+            local,
+        });
+    }
+    let Some((ns, name)) = s.split_once('/') else {
+        bail!("{what} {s:?}: expected namespace/pod or an IPv4 address");
+    };
+    let key = ObjectKey::new(ns, name);
+    let local = model.endpoints.values().find(|e| e.key == key).cloned();
+    let ip = match (&local, model.pods.get(&key)) {
+        (Some(le), _) => le.ipv4,
+        (None, Some(p)) => {
+            p.ip.with_context(|| format!("{what} {key} has no address yet"))?
+        }
+        (None, None) => bail!("{what} {key}: no such pod"),
+    };
+    Ok(Side {
+        name: key.to_string(),
+        ip,
+        local,
+    })
+}
+
+fn identity_text(c: &Compiled, id: u32) -> String {
+    match c.identities.get(&id) {
+        Some(IdentitySource::Reserved(r)) => format!("{id} ({r})"),
+        Some(IdentitySource::Labels {
+            namespace,
+            pod_labels,
+            ..
+        }) => {
+            let labels: Vec<String> = pod_labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            format!("{id} ({namespace}: {})", labels.join(","))
+        }
+        Some(IdentitySource::Cidr(net)) => format!("{id} (cidr {net})"),
+        None => id.to_string(),
+    }
+}
+
+fn verdict_name(v: &Verdict) -> &'static str {
+    match v.verdict {
+        VERDICT_ALLOW => "ALLOW",
+        VERDICT_AUDIT => "AUDIT",
+        _ => "DROP",
+    }
+}
+
+fn step(c: &Compiled, hop: String, ep: &LocalEndpoint, dir: u8, v: &Verdict) -> TraceStep {
+    let policies = if let Some(r) = c.cookies.get(&v.cookie) {
+        vec![r.to_string()]
+    } else if v.reason == reason::NO_POLICY_MATCH {
+        c.isolating(ep.endpoint_id, dir)
+            .iter()
+            .map(|k| format!("{k} (isolates, no rule matches)"))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let peer = if dir == DIR_EGRESS {
+        v.dst_identity
+    } else {
+        v.src_identity
+    };
+    TraceStep {
+        hop,
+        verdict: verdict_name(v).into(),
+        reason: reason::name(v.reason).into(),
+        policies,
+        detail: format!("peer identity {}", identity_text(c, peer)),
+    }
+}
+
+impl Agent {
+    pub fn trace(&self, t: &TraceRequest) -> Result<TraceReport> {
+        let model = self.model();
+        let compiled = self.compiled();
+        let from = resolve(&model, &t.from, "--from")?;
+        let to = resolve(&model, &t.to, "--to")?;
+        let packet = match t.protocol.as_str() {
+            "TCP" => Packet::tcp(from.ip, 40000, to.ip, t.port, TCP_FLAG_SYN),
+            "UDP" => Packet::udp(from.ip, 40000, to.ip, t.port),
+            "SCTP" => Packet::sctp(from.ip, 40000, to.ip, t.port),
+            p => bail!("protocol {p}: expected TCP, UDP or SCTP"),
+        };
+        if from.local.is_none() && to.local.is_none() {
+            bail!(
+                "neither {} nor {} is a pod on this node: no palisade program sees this flow here",
+                from.name,
+                to.name
+            );
+        }
+        // One evaluator for both hops, as in the kernel: the egress hop's
+        // conntrack entry is scoped and cannot admit the ingress hop.
+        let mut eval = Evaluator::new(self.current());
+        let mut steps = Vec::new();
+        let mut verdicts = Vec::new();
+        if let Some(ep) = &from.local {
+            let v = eval.evaluate(ep.ifindex, DIR_EGRESS, &packet);
+            steps.push(step(
+                &compiled,
+                format!("egress of {}", from.name),
+                ep,
+                DIR_EGRESS,
+                &v,
+            ));
+            verdicts.push(v);
+        }
+        if verdicts.iter().all(|v| v.pass) {
+            if let Some(ep) = &to.local {
+                let v = eval.evaluate(ep.ifindex, DIR_INGRESS, &packet);
+                steps.push(step(
+                    &compiled,
+                    format!("ingress of {}", to.name),
+                    ep,
+                    DIR_INGRESS,
+                    &v,
+                ));
+                verdicts.push(v);
+            }
+        }
+        let verdict = if verdicts.iter().any(|v| !v.pass) {
+            "DROP"
+        } else if verdicts.iter().any(|v| v.verdict == VERDICT_AUDIT) {
+            "AUDIT"
+        } else {
+            "ALLOW"
+        };
+        Ok(TraceReport {
+            verdict: verdict.into(),
+            steps,
+        })
+    }
+}

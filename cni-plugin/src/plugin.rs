@@ -1,0 +1,598 @@
+//! The CNI commands. An attachment is built in [`Step`] order and torn
+//! down by one function, in reverse: a failed ADD undoes exactly the steps
+//! it completed, DEL and GC undo all of them, and teardown keeps going after
+//! a failure and reports everything that went wrong at the end.
+use std::net::Ipv4Addr;
+
+use ipnetwork::Ipv4Network;
+use palisade_api::Registration;
+use serde_json::Value;
+
+use crate::{
+    agent,
+    config::{Command, Env, Ipam, NetConf, RouteConf},
+    error::{self, CniError, Errors, Result},
+    ipam::{self, Store},
+    netlink::{self, host_ifname, Netlink},
+    result::{self, CniResult, Interface, IpConfig},
+};
+
+/// The parts of an attachment, in setup order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    /// An address from the pool (built-in or delegated IPAM).
+    Address,
+    /// The veth pair, its addresses and routes (on the host and in the pod).
+    Veth,
+    /// The endpoint, registered with the agent.
+    Registration,
+}
+
+/// Everything a non-chained attachment has; chained mode only registers.
+const OWNED: [Step; 3] = [Step::Address, Step::Veth, Step::Registration];
+const CHAINED: [Step; 1] = [Step::Registration];
+
+pub struct Ctx<'a> {
+    pub env: Env,
+    pub conf: NetConf,
+    /// The exact bytes received, for delegated plugins.
+    pub stdin: &'a [u8],
+}
+
+/// An address lease: what the IPAM step hands to the wiring step.
+struct Lease {
+    address: Ipv4Network,
+    gateway: Ipv4Addr,
+    routes: Vec<RouteConf>,
+    dns: Option<Value>,
+}
+
+impl Ctx<'_> {
+    fn host_if(&self) -> String {
+        host_ifname(&self.env.container_id, &self.env.ifname)
+    }
+
+    fn steps(&self) -> &'static [Step] {
+        if self.conf.chained {
+            &CHAINED
+        } else {
+            &OWNED
+        }
+    }
+
+    fn prev_result(&self) -> Result<CniResult> {
+        let prev = self.conf.prev_result.as_ref().ok_or_else(|| {
+            CniError::new(
+                error::INVALID_CONFIG,
+                "no prevResult: chained mode and CHECK need the previous result",
+            )
+        })?;
+        result::parse(prev, "prevResult")
+    }
+}
+
+// ---- ADD ----------------------------------------------------------------
+
+pub fn add(ctx: &Ctx) -> Result<Value> {
+    if ctx.conf.chained {
+        return add_chained(ctx);
+    }
+    let ns = netlink::open_netns(&ctx.env.netns)?;
+    let host = Netlink::host()?;
+    let pod = Netlink::in_netns(&ns, &ctx.env.netns)?;
+    if pod.link(&ctx.env.ifname)?.is_some() {
+        return Err(CniError::new(
+            error::NETLINK,
+            format!(
+                "an interface named {} already exists in {}",
+                ctx.env.ifname, ctx.env.netns
+            ),
+        ));
+    }
+    let mut done: Vec<Step> = Vec::new();
+    let res = (|| -> Result<CniResult> {
+        done.push(Step::Address);
+        let lease = allocate(ctx)?;
+        done.push(Step::Veth);
+        let result = wire(ctx, &host, &pod, &ns, &lease)?;
+        // Before the call: an agent that times out may still finish the
+        // registration, and deregistering an unknown endpoint is harmless.
+        done.push(Step::Registration);
+        register(ctx, lease.address.ip(), ctx.host_if())?;
+        Ok(result)
+    })();
+    match res {
+        Ok(r) => Ok(r.to_json(&ctx.conf.cni_version)),
+        Err(e) => Err(rolled_back(e, teardown(ctx, &done, Some(&host)))),
+    }
+}
+
+/// The ADD error, with what its rollback could not undo.
+fn rolled_back(e: CniError, rollback: Errors) -> CniError {
+    if rollback.is_empty() {
+        eprintln!("palisade: ADD failed, everything it created was removed: {e}");
+        return e;
+    }
+    let left = rollback.into_result().expect_err("not empty");
+    let details = if e.details.is_empty() {
+        format!("rollback incomplete: {left}")
+    } else {
+        format!("{}; rollback incomplete: {left}", e.details)
+    };
+    CniError { details, ..e }
+}
+
+fn allocate(ctx: &Ctx) -> Result<Lease> {
+    match ctx.conf.ipam.as_ref().expect("non-chained has ipam") {
+        Ipam::Builtin(pool) => {
+            let ip = Store::lock(&pool.data_dir)?.allocate(
+                pool,
+                &ctx.env.container_id,
+                &ctx.env.ifname,
+            )?;
+            Ok(Lease {
+                address: Ipv4Network::new(ip, pool.subnet.prefix())
+                    .expect("prefix of a valid subnet"),
+                gateway: pool.gateway,
+                routes: pool.routes.clone(),
+                dns: ctx.conf.dns.clone(),
+            })
+        }
+        Ipam::Delegate(kind) => {
+            let out =
+                ipam::delegate(kind, Command::Add, &ctx.env, ctx.stdin)?.ok_or_else(|| {
+                    CniError::new(
+                        error::DELEGATE,
+                        format!("IPAM plugin {kind:?} printed no result"),
+                    )
+                })?;
+            let r = result::parse(&out, &format!("the result of IPAM plugin {kind:?}"))?;
+            let ip = r.ips.first().ok_or_else(|| {
+                CniError::new(
+                    error::DELEGATE,
+                    format!("IPAM plugin {kind:?} returned no IPv4 address"),
+                )
+            })?;
+            let gateway = ip
+                .gateway
+                .unwrap_or_else(|| Ipv4Addr::from(u32::from(ip.address.network()) + 1));
+            if gateway == ip.address.ip() {
+                return Err(CniError::new(
+                    error::DELEGATE,
+                    format!("IPAM plugin {kind:?} handed out the gateway address {gateway}"),
+                ));
+            }
+            Ok(Lease {
+                address: ip.address,
+                gateway,
+                routes: r.routes,
+                dns: r.dns.or_else(|| ctx.conf.dns.clone()),
+            })
+        }
+    }
+}
+
+/// The veth pair, wired like tests/src/lib.rs Node::add_pod: the pod has
+/// ip/32, a link route to the gateway and its routes via the gateway; the
+/// host side has gateway/32 and a link route to the pod.
+fn wire(
+    ctx: &Ctx,
+    host: &Netlink,
+    pod: &Netlink,
+    ns: &std::fs::File,
+    lease: &Lease,
+) -> Result<CniResult> {
+    let (host_if, ifname, mtu) = (ctx.host_if(), &ctx.env.ifname, ctx.conf.mtu);
+    let (ip, gw) = (lease.address.ip(), lease.gateway);
+    if host.delete_link(&host_if)? {
+        eprintln!(
+            "palisade: removed a stale {host_if} of an earlier ADD of {}/{ifname}",
+            ctx.env.container_id
+        );
+    }
+    host.create_veth(&host_if, ifname, ns, mtu)?;
+    let missing = |what: &str, place: &str| {
+        CniError::new(
+            error::NETLINK,
+            format!("{what} vanished from {place} right after it was created"),
+        )
+    };
+
+    let c = pod
+        .link(ifname)?
+        .ok_or_else(|| missing(ifname, &ctx.env.netns))?;
+    pod.add_address(c.index, ip, 32)?;
+    pod.set_up(c.index)?;
+    pod.add_route(gw, 32, None, c.index, true)?;
+    let routes: Vec<RouteConf> = lease
+        .routes
+        .iter()
+        .map(|r| RouteConf {
+            dst: r.dst,
+            gw: Some(r.gw.unwrap_or(gw)),
+        })
+        .collect();
+    for r in &routes {
+        pod.add_route(r.dst.network(), r.dst.prefix(), r.gw, c.index, false)?;
+    }
+
+    let h = host
+        .link(&host_if)?
+        .ok_or_else(|| missing(&host_if, "the host"))?;
+    host.add_address(h.index, gw, 32)?;
+    host.set_up(h.index)?;
+    host.add_route(ip, 32, None, h.index, true)?;
+    netlink::enable_ip_forward()?;
+
+    Ok(CniResult {
+        interfaces: vec![
+            Interface {
+                name: host_if,
+                mac: h.mac,
+                mtu: Some(h.mtu),
+                sandbox: String::new(),
+            },
+            Interface {
+                name: ifname.clone(),
+                mac: c.mac,
+                mtu: Some(c.mtu),
+                sandbox: ctx.env.netns.clone(),
+            },
+        ],
+        ips: vec![IpConfig {
+            address: lease.address,
+            gateway: Some(gw),
+            interface: Some(1),
+        }],
+        routes,
+        dns: lease.dns.clone(),
+    })
+}
+
+fn register(ctx: &Ctx, ip: Ipv4Addr, host_if: String) -> Result<()> {
+    let (namespace, pod) = ctx.env.pod();
+    agent::register(
+        &ctx.conf,
+        Registration {
+            container_id: ctx.env.container_id.clone(),
+            ifname: ctx.env.ifname.clone(),
+            netns: ctx.env.netns.clone(),
+            namespace,
+            pod,
+            ipv4: ip,
+            host_ifname: host_if,
+        },
+    )
+}
+
+/// Chained: nothing is created; the pod described by prevResult is
+/// registered and prevResult passed on.
+fn add_chained(ctx: &Ctx) -> Result<Value> {
+    let prev = ctx.prev_result()?;
+    let d = result::describe(&prev, &ctx.env.ifname)?;
+    let ns = netlink::open_netns(&ctx.env.netns)?;
+    let host = Netlink::host()?;
+    let pod = Netlink::in_netns(&ns, &ctx.env.netns)?;
+    let host_if = host_peer(ctx, &host, &pod, &d.host)?;
+    if let Err(e) = register(ctx, d.ip.address.ip(), host_if) {
+        return Err(rolled_back(e, teardown(ctx, &CHAINED, Some(&host))));
+    }
+    let prev = ctx.conf.prev_result.clone().expect("parsed above");
+    Ok(result::convert(prev, &ctx.conf.cni_version))
+}
+
+/// The host end of the pod's veth: a sandbox-less interface of prevResult
+/// that is the pod interface's peer, else the peer found through IFLA_LINK.
+/// Both directions are checked, so an ifindex that only happens to match in
+/// the other namespace is never taken.
+fn host_peer(ctx: &Ctx, host: &Netlink, pod: &Netlink, listed: &[&Interface]) -> Result<String> {
+    let lookup = |msg: String| CniError::new(error::CHAINED_LOOKUP, msg);
+    let c = pod.link(&ctx.env.ifname)?.ok_or_else(|| {
+        lookup(format!(
+            "no interface {} in {}",
+            ctx.env.ifname, ctx.env.netns
+        ))
+    })?;
+    if c.kind != "veth" {
+        return Err(lookup(format!(
+            "{} in {} is a {:?} link, not a veth: palisade enforces on the host end of a veth",
+            c.name, ctx.env.netns, c.kind
+        )));
+    }
+    let is_peer = |l: &netlink::Link| {
+        l.kind == "veth" && l.peer_index == Some(c.index) && c.peer_index == Some(l.index)
+    };
+    for i in listed {
+        if let Some(l) = host.link(&i.name)? {
+            if is_peer(&l) {
+                return Ok(l.name);
+            }
+        }
+    }
+    if let Some(idx) = c.peer_index {
+        if let Some(l) = host.link_by_index(idx)? {
+            if is_peer(&l) {
+                return Ok(l.name);
+            }
+        }
+    }
+    Err(lookup(format!(
+        "the host end of {} in {} is not in this network namespace (checked prevResult's host interfaces {:?} and ifindex {:?})",
+        c.name,
+        ctx.env.netns,
+        listed.iter().map(|i| &i.name).collect::<Vec<_>>(),
+        c.peer_index
+    )))
+}
+
+// ---- teardown (DEL, GC, failed ADD) ------------------------------------------
+
+/// Undoes `steps` in reverse order for the attachment in `ctx`. Missing
+/// things are not errors; the agent being unreachable is logged only (DEL
+/// must not wedge a pod's removal). `host` is reused when the caller has
+/// one open.
+fn teardown(ctx: &Ctx, steps: &[Step], host: Option<&Netlink>) -> Errors {
+    let mut errs = Errors::default();
+    let (cid, ifname) = (&ctx.env.container_id, &ctx.env.ifname);
+    for step in steps.iter().rev() {
+        match step {
+            Step::Registration => {
+                if let Err(e) = agent::deregister(&ctx.conf, cid, ifname) {
+                    eprintln!("palisade: deregistering {cid}/{ifname} (ignored): {e}");
+                }
+            }
+            Step::Veth => {
+                let opened;
+                let host = match host {
+                    Some(h) => Some(h),
+                    None => {
+                        opened = errs.check(Netlink::host());
+                        opened.as_ref()
+                    }
+                };
+                if let Some(host) = host {
+                    errs.check(host.delete_link(&ctx.host_if()));
+                }
+                // Normally gone with its peer; if the host end was lost, the
+                // pod end may remain.
+                if !ctx.env.netns.is_empty() {
+                    if let Ok(ns) = std::fs::File::open(&ctx.env.netns) {
+                        if let Some(pod) = errs.check(Netlink::in_netns(&ns, &ctx.env.netns)) {
+                            match pod.link(ifname) {
+                                Ok(Some(l)) if l.kind == "veth" => {
+                                    errs.check(pod.delete_link(ifname));
+                                }
+                                Ok(_) => {}
+                                Err(e) => errs.push(e),
+                            }
+                        }
+                    }
+                }
+            }
+            Step::Address => match ctx.conf.ipam.as_ref() {
+                Some(Ipam::Builtin(pool)) => {
+                    if let Some(store) = errs.check(Store::lock(&pool.data_dir)) {
+                        if let Some(freed) = errs.check(store.release(cid, ifname)) {
+                            for ip in freed {
+                                eprintln!("palisade: released {ip} of {cid}/{ifname}");
+                            }
+                        }
+                    }
+                }
+                Some(Ipam::Delegate(kind)) => {
+                    errs.check(ipam::delegate(kind, Command::Del, &ctx.env, ctx.stdin));
+                }
+                None => {}
+            },
+        }
+    }
+    errs
+}
+
+pub fn del(ctx: &Ctx) -> Result<()> {
+    teardown(ctx, ctx.steps(), None).into_result()
+}
+
+// ---- CHECK ----------------------------------------------------------------
+
+pub fn check(ctx: &Ctx) -> Result<()> {
+    let prev = ctx.prev_result()?;
+    let d = result::describe(&prev, &ctx.env.ifname)?;
+    let ip = d.ip.address.ip();
+    let bad = |msg: String| CniError::new(error::CHECK_FAILED, msg);
+    let ns = netlink::open_netns(&ctx.env.netns)?;
+    let host = Netlink::host()?;
+    let pod = Netlink::in_netns(&ns, &ctx.env.netns)?;
+
+    let c = pod.link(&ctx.env.ifname)?.ok_or_else(|| {
+        bad(format!(
+            "{} is missing from {}",
+            ctx.env.ifname, ctx.env.netns
+        ))
+    })?;
+    if !d.container.mac.is_empty() && !c.mac.eq_ignore_ascii_case(&d.container.mac) {
+        return Err(bad(format!(
+            "{} has MAC {}, prevResult says {}",
+            c.name, c.mac, d.container.mac
+        )));
+    }
+    if !pod.addresses(c.index)?.iter().any(|(a, _)| *a == ip) {
+        return Err(bad(format!(
+            "{} in {} does not have {ip}",
+            c.name, ctx.env.netns
+        )));
+    }
+
+    let host_if = if ctx.conf.chained {
+        host_peer(ctx, &host, &pod, &d.host)?
+    } else {
+        check_owned(ctx, &host, &pod, &c, ip, d.ip.gateway, &prev)?;
+        ctx.host_if()
+    };
+
+    let report = agent::status(&ctx.conf)?;
+    if !report
+        .endpoints
+        .iter()
+        .any(|e| e.ipv4 == ip && e.host_ifname == host_if)
+    {
+        return Err(bad(format!(
+            "the palisade agent has no endpoint for {ip} on {host_if}"
+        )));
+    }
+    Ok(())
+}
+
+/// What palisade itself created: pod routes, the host side, the reservation.
+fn check_owned(
+    ctx: &Ctx,
+    host: &Netlink,
+    pod: &Netlink,
+    c: &netlink::Link,
+    ip: Ipv4Addr,
+    gateway: Option<Ipv4Addr>,
+    prev: &CniResult,
+) -> Result<()> {
+    let bad = |msg: String| CniError::new(error::CHECK_FAILED, msg);
+    let gw =
+        gateway.ok_or_else(|| bad("prevResult has no gateway for the pod address".to_string()))?;
+    let routes = pod.routes()?;
+    let has =
+        |rs: &[netlink::Route], dst: Ipv4Addr, prefix: u8, via: Option<Ipv4Addr>, oif: u32| {
+            rs.iter().any(|r| {
+                r.dst == dst && r.prefix == prefix && r.gateway == via && r.oif == Some(oif)
+            })
+        };
+    if !has(&routes, gw, 32, None, c.index) {
+        return Err(bad(format!(
+            "route {gw}/32 dev {} is missing in {}",
+            c.name, ctx.env.netns
+        )));
+    }
+    for r in &prev.routes {
+        let via = Some(r.gw.unwrap_or(gw));
+        if !has(&routes, r.dst.network(), r.dst.prefix(), via, c.index) {
+            return Err(bad(format!(
+                "route {} via {gw} is missing in {}",
+                r.dst, ctx.env.netns
+            )));
+        }
+    }
+    let host_if = ctx.host_if();
+    let h = host
+        .link(&host_if)?
+        .ok_or_else(|| bad(format!("host veth {host_if} is missing")))?;
+    if !h.up {
+        return Err(bad(format!("host veth {host_if} is down")));
+    }
+    if !host
+        .addresses(h.index)?
+        .iter()
+        .any(|(a, p)| *a == gw && *p == 32)
+    {
+        return Err(bad(format!("host veth {host_if} does not have {gw}/32")));
+    }
+    if !has(&host.routes()?, ip, 32, None, h.index) {
+        return Err(bad(format!("host route {ip}/32 dev {host_if} is missing")));
+    }
+    match ctx.conf.ipam.as_ref() {
+        Some(Ipam::Builtin(pool)) => {
+            let held = Store::lock(&pool.data_dir)?.find(&ctx.env.container_id, &ctx.env.ifname)?;
+            if held != Some(ip) {
+                return Err(bad(format!(
+                    "the IPAM reservation of {ip} is missing (store holds {held:?})"
+                )));
+            }
+        }
+        Some(Ipam::Delegate(kind)) => {
+            ipam::delegate(kind, Command::Check, &ctx.env, ctx.stdin)?;
+        }
+        None => {}
+    }
+    Ok(())
+}
+
+// ---- GC and STATUS ----------------------------------------------------------
+
+/// Tears down every attachment the built-in allocator knows that is not in
+/// `cni.dev/valid-attachments`, and forwards GC to a delegated IPAM plugin.
+pub fn gc(ctx: &Ctx) -> Result<()> {
+    let mut errs = Errors::default();
+    match ctx.conf.ipam.as_ref() {
+        Some(Ipam::Builtin(pool)) => {
+            // The list is taken under the lock, which is then let go:
+            // teardown takes it again for each release.
+            let stale =
+                Store::lock(&pool.data_dir).and_then(|s| s.stale(&ctx.conf.valid_attachments));
+            if let Some(stale) = errs.check(stale) {
+                let host = errs.check(Netlink::host());
+                for a in stale {
+                    eprintln!(
+                        "palisade: GC: {} of {}/{} is not a valid attachment",
+                        a.ip, a.container_id, a.ifname
+                    );
+                    let one = Ctx {
+                        env: Env {
+                            container_id: a.container_id.clone(),
+                            ifname: a.ifname.clone(),
+                            netns: String::new(),
+                            ..ctx.env.clone()
+                        },
+                        conf: ctx.conf.clone(),
+                        stdin: ctx.stdin,
+                    };
+                    let mut rest = teardown(&one, &OWNED, host.as_ref());
+                    // A file that names no attachment is released by address.
+                    if a.container_id.is_empty() {
+                        let r = Store::lock(&pool.data_dir).and_then(|s| s.remove(a.ip));
+                        rest.check(r);
+                    }
+                    if let Err(e) = rest.into_result() {
+                        errs.push(e);
+                    }
+                }
+            }
+        }
+        Some(Ipam::Delegate(kind)) => {
+            errs.check(ipam::delegate(kind, Command::Gc, &ctx.env, ctx.stdin));
+        }
+        None => eprintln!("palisade: GC in chained mode: nothing of palisade's own to collect"),
+    }
+    errs.into_result()
+}
+
+/// Ready when the agent answers and (built-in IPAM) the pool has room;
+/// a delegated IPAM plugin is asked too.
+pub fn status(ctx: &Ctx) -> Result<()> {
+    let unavailable =
+        |msg: String, details: String| CniError::with_details(error::NOT_AVAILABLE, msg, details);
+    agent::status(&ctx.conf).map_err(|e| {
+        unavailable(
+            "the plugin is not available: the palisade agent does not answer".to_string(),
+            e.to_string(),
+        )
+    })?;
+    match ctx.conf.ipam.as_ref() {
+        Some(Ipam::Builtin(pool)) => {
+            let held = Store::lock(&pool.data_dir)?
+                .list()?
+                .iter()
+                .filter(|a| pool.contains(a.ip))
+                .count();
+            if held >= pool.size() {
+                return Err(unavailable(
+                    format!(
+                        "the plugin is not available: IPAM pool {}-{} is exhausted",
+                        pool.start, pool.end
+                    ),
+                    format!("{held} of {} addresses allocated", pool.size()),
+                ));
+            }
+        }
+        Some(Ipam::Delegate(kind)) => {
+            ipam::delegate(kind, Command::Status, &ctx.env, ctx.stdin)?;
+        }
+        None => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,903 @@
+//! A userspace model of the tc verdict path (`ebpf-programs/ebpf/src/verdict.rs`):
+//! the same parse, the same map semantics (hash lookups, longest-prefix
+//! match over the ipcache and over the 96-bit policy key, conntrack and
+//! fragment tables with expiry), the same events and counters. The
+//! differential test holds it to the kernel packet by packet, and
+//! `palisade-agent trace` uses it to explain what the datapath would do.
+//!
+//! It mirrors the kernel, quirks included; where the kernel is silent (no
+//! event, no counter) the model still says why a packet passed or dropped.
+//! Kernel behaviour worth knowing when reading a verdict:
+//!
+//! * The three policy lookups stop at the first hit (exact peer, then CIDR
+//!   identity, then any peer), allow or deny; the longest prefix decides
+//!   only within one lookup. The policy key's identities are host-order
+//!   `u32`s, so prefixes shorter than 64 bits cover their low bytes first.
+//! * Packets of known flows (`ESTABLISHED`, `REPLY`) and allowed later
+//!   fragments (`FRAG_ALLOWED`) are counted but not reported; a
+//!   malformed, non-IP or later-fragment packet in an unenforced direction
+//!   is neither (reason `UNENFORCED` here); an interface with no endpoint
+//!   drops silently (reason `NONE`).
+//! * A TCP SYN on a FIN_WAIT/CLOSE entry, in either scope, is a new flow
+//!   and goes to policy; a reopen that policy denies leaves the old entry
+//!   in place (it expires on its close timeout).
+//! * The reply lookup is the exact reversed tuple in the other scope; an
+//!   ICMP echo's id is both "ports" and the type is not part of the key,
+//!   so every non-echo ICMP message between two addresses is one flow.
+//! * Malformed, IPv6 and unsupported-L3 events carry a zero 5-tuple;
+//!   spoofed-source and untracked-fragment events carry addresses and
+//!   protocol but no ports. IPv6 drops when either direction is enforced,
+//!   malformed and unsupported-L3 only when this one is.
+//! * Conntrack and fragment tables are LRU maps in the kernel; eviction is
+//!   not modelled.
+//!
+//! ```ignore
+//! let mut ev = Evaluator::new(&state);
+//! let v = ev.evaluate(ifindex, DIR_INGRESS, &Packet::tcp(a, 40000, b, 80, TCP_FLAG_SYN));
+//! println!("{} {} cookie={}", v.pass, reason::name(v.reason), v.cookie);
+//! ```
+use std::{collections::HashMap, net::Ipv4Addr};
+
+use palisade_common::{
+    conntrack::{tcp_next_state, tcp_reopens, timeout_ns},
+    reason, CtKey, CtValue, EndpointInfo, FlowEvent, FragKey, FragValue, IpcacheValue, PolicyKey,
+    PolicyValue, ACTION_ALLOW, CT_AUDIT, CT_SEEN_REPLY, DIR_EGRESS, DIR_INGRESS, EP_AUDIT,
+    FRAG_TIMEOUT_NS, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, POLICY_PREFIX_FULL, PROTO_ICMP,
+    PROTO_SCTP, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP,
+};
+
+use crate::{
+    maps::monotonic_ns,
+    packet::{
+        Packet, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
+        IPPROTO_ICMPV6, IPV4_HLEN, IPV6_HLEN, SCTP_HLEN, TCP_HLEN, UDP_HLEN,
+    },
+    state::MapState,
+};
+
+/// The verdict on one packet, with everything the kernel makes observable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    /// TC_ACT_OK (true) or TC_ACT_SHOT (false).
+    pub pass: bool,
+    /// `VERDICT_ALLOW`, `VERDICT_DROP` or `VERDICT_AUDIT` (a drop that audit
+    /// mode let through).
+    pub verdict: u8,
+    /// Why (`palisade_common::reason`). Also set where the kernel counts
+    /// nothing, e.g. `UNENFORCED` for a malformed packet in an unenforced
+    /// direction, `NONE` for an interface with no endpoint.
+    pub reason: u8,
+    /// The policy entry's cookie, or the conntrack entry's for a packet of
+    /// a known flow (the kernel reports neither for those).
+    pub cookie: u32,
+    /// Identities as the kernel reports them (0 where it does not look).
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    /// The `COUNTERS` slot the kernel increments, if any.
+    pub counter: Option<u8>,
+    /// The ring-buffer event the kernel emits, if any (`ts_ns` is 0).
+    pub event: Option<FlowEvent>,
+}
+
+impl Verdict {
+    /// The tc action the program returns.
+    pub fn tc_action(&self) -> u32 {
+        if self.pass {
+            crate::testrun::TC_ACT_OK
+        } else {
+            crate::testrun::TC_ACT_SHOT
+        }
+    }
+
+    fn silent(pass: bool, why: u8, counter: Option<u8>) -> Self {
+        Self {
+            pass,
+            verdict: if pass { VERDICT_ALLOW } else { VERDICT_DROP },
+            reason: why,
+            cookie: 0,
+            src_identity: 0,
+            dst_identity: 0,
+            counter,
+            event: None,
+        }
+    }
+}
+
+/// What the verdict is about (the kernel's `Flow`).
+#[derive(Clone, Copy)]
+struct Flow {
+    key: CtKey,
+    tcp_flags: u8,
+}
+
+/// The kernel's `Decision`.
+#[derive(Clone, Copy)]
+struct Decision {
+    pass: bool,
+    verdict: u8,
+    reason: u8,
+    cookie: u32,
+    src_identity: u32,
+    dst_identity: u32,
+}
+
+/// Which of the three policy lookups matched, and how.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicyMatch {
+    /// The peer identity of the lookup that hit (exact, CIDR or `IDENTITY_ANY`).
+    pub peer_identity: u32,
+    /// Prefix length and key of the matching entry.
+    pub prefix: u32,
+    pub key: PolicyKey,
+    pub value: PolicyValue,
+}
+
+/// The model. Owns copies of the policy maps (from a [`MapState`]) and its
+/// own conntrack and fragment tables, which persist across `evaluate` calls
+/// exactly as the kernel's LRU maps do (eviction is not modelled).
+#[derive(Clone, Debug, Default)]
+pub struct Evaluator {
+    endpoints: HashMap<u32, EndpointInfo>,
+    /// (prefix, masked network-order address bytes, value), longest first.
+    ipcache: Vec<(u32, [u8; 4], IpcacheValue)>,
+    /// (prefix, masked key bytes as laid out in memory, key, value), longest first.
+    policy: Vec<(u32, [u8; 12], PolicyKey, PolicyValue)>,
+    conntrack: HashMap<CtKey, CtValue>,
+    fragments: HashMap<FragKey, FragValue>,
+}
+
+impl Evaluator {
+    pub fn new(state: &MapState) -> Self {
+        let mut e = Self::default();
+        e.set_maps(state);
+        e
+    }
+
+    /// Replace the policy maps (endpoints, ipcache, policy) and keep the
+    /// conntrack and fragment tables, as a map sync does in the kernel.
+    ///
+    /// LPM entries are identified by their prefix bits only: the kernel
+    /// keeps one entry for keys that differ beyond their prefix (the last
+    /// one written). A `MapState` holding such aliases is ambiguous; here
+    /// the numerically largest key wins. Prefixes the kernel would refuse
+    /// (> 32 for the ipcache, > 96 for policy) are ignored.
+    pub fn set_maps(&mut self, state: &MapState) {
+        self.endpoints = state.endpoints.clone();
+
+        // (prefix, masked, raw, ...): longest prefix first, and within one
+        // (prefix, masked) the largest raw key first, which dedup keeps.
+        let mut ipc: Vec<_> = state
+            .ipcache
+            .iter()
+            .filter(|((_, prefix), _)| *prefix <= 32)
+            .map(|(&(addr, prefix), v)| (prefix, mask(&addr.octets(), prefix), addr.octets(), *v))
+            .collect();
+        ipc.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(b.2.cmp(&a.2)));
+        ipc.dedup_by(|later, first| (later.0, later.1) == (first.0, first.1));
+        self.ipcache = ipc.into_iter().map(|(p, m, _, v)| (p, m, v)).collect();
+
+        let mut pol: Vec<_> = state
+            .policy
+            .iter()
+            .filter(|((prefix, _), _)| *prefix <= POLICY_PREFIX_FULL)
+            .map(|(&(prefix, k), v)| {
+                let raw = policy_bytes(&k);
+                (prefix, mask(&raw, prefix), raw, k, *v)
+            })
+            .collect();
+        pol.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(b.2.cmp(&a.2)));
+        pol.dedup_by(|later, first| (later.0, later.1) == (first.0, first.1));
+        self.policy = pol
+            .into_iter()
+            .map(|(p, m, _, k, v)| (p, m, k, v))
+            .collect();
+    }
+
+    pub fn conntrack(&self) -> &HashMap<CtKey, CtValue> {
+        &self.conntrack
+    }
+
+    /// E.g. to seed the model with the kernel's live table.
+    pub fn conntrack_mut(&mut self) -> &mut HashMap<CtKey, CtValue> {
+        &mut self.conntrack
+    }
+
+    pub fn fragments(&self) -> &HashMap<FragKey, FragValue> {
+        &self.fragments
+    }
+
+    pub fn fragments_mut(&mut self) -> &mut HashMap<FragKey, FragValue> {
+        &mut self.fragments
+    }
+
+    /// Forget all conntrack and fragment state.
+    pub fn clear_tracking(&mut self) {
+        self.conntrack.clear();
+        self.fragments.clear();
+    }
+
+    pub fn endpoint(&self, ifindex: u32) -> Option<&EndpointInfo> {
+        self.endpoints.get(&ifindex)
+    }
+
+    /// The ipcache's longest-prefix match for `addr`, if any (the kernel
+    /// treats a miss as `IDENTITY_WORLD`).
+    pub fn ipcache_lookup(&self, addr: Ipv4Addr) -> Option<IpcacheValue> {
+        let a = addr.octets();
+        self.ipcache
+            .iter()
+            .find(|(p, m, _)| prefix_eq(&a, m, *p))
+            .map(|(_, _, v)| *v)
+    }
+
+    /// One LPM lookup of the policy map with a full (96-bit) key.
+    pub fn policy_lookup(&self, key: &PolicyKey) -> Option<(u32, PolicyKey, PolicyValue)> {
+        let k = policy_bytes(key);
+        self.policy
+            .iter()
+            .find(|(p, m, _, _)| prefix_eq(&k, m, *p))
+            .map(|(p, _, key, v)| (*p, *key, *v))
+    }
+
+    /// The kernel's three lookups for a new flow (exact peer, the peer's
+    /// CIDR identity, any peer); the first hit.
+    pub fn policy_match(
+        &self,
+        endpoint_id: u32,
+        peer: IpcacheValue,
+        dir: u8,
+        protocol: u8,
+        dport: u16,
+    ) -> Option<PolicyMatch> {
+        let dport_be = match protocol {
+            PROTO_TCP | PROTO_UDP | PROTO_SCTP => dport.to_be(),
+            _ => 0,
+        };
+        let mut k = PolicyKey {
+            endpoint_id,
+            peer_identity: peer.identity,
+            direction: dir,
+            protocol,
+            dport_be,
+        };
+        let mut peers = vec![peer.identity];
+        if peer.cidr_identity != peer.identity && peer.cidr_identity != IDENTITY_ANY {
+            peers.push(peer.cidr_identity);
+        }
+        peers.push(IDENTITY_ANY);
+        for p in peers {
+            k.peer_identity = p;
+            if let Some((prefix, key, value)) = self.policy_lookup(&k) {
+                return Some(PolicyMatch {
+                    peer_identity: p,
+                    prefix,
+                    key,
+                    value,
+                });
+            }
+        }
+        None
+    }
+
+    /// The verdict on `packet` arriving at the program of direction `dir`
+    /// on interface `ifindex`, now (CLOCK_MONOTONIC, the kernel's clock).
+    pub fn evaluate(&mut self, ifindex: u32, dir: u8, packet: &Packet) -> Verdict {
+        self.evaluate_frame_at(monotonic_ns(), ifindex, dir, &packet.bytes())
+    }
+
+    /// As `evaluate`, at time `now_ns`.
+    pub fn evaluate_at(&mut self, now_ns: u64, ifindex: u32, dir: u8, packet: &Packet) -> Verdict {
+        self.evaluate_frame_at(now_ns, ifindex, dir, &packet.bytes())
+    }
+
+    /// The verdict on a raw Ethernet frame: `process()` in verdict.rs.
+    pub fn evaluate_frame_at(&mut self, now: u64, ifindex: u32, dir: u8, f: &[u8]) -> Verdict {
+        let Some(ep) = self.endpoints.get(&ifindex).copied() else {
+            // Err(()) in the kernel: TC_ACT_SHOT, nothing counted or reported.
+            return Verdict::silent(false, reason::NONE, None);
+        };
+
+        if f.len() < ETH_HLEN {
+            return drop_if_enforced(&ep, dir, ifindex, reason::MALFORMED);
+        }
+        match be16(f, 12) {
+            ETH_P_IP => {}
+            ETH_P_ARP => return Verdict::silent(true, reason::NOT_IP, Some(reason::NOT_IP)),
+            ETH_P_IPV6 => return ipv6(&ep, dir, ifindex, f),
+            _ => return drop_if_enforced(&ep, dir, ifindex, reason::UNSUPPORTED_L3),
+        }
+
+        if f.len() < ETH_HLEN + IPV4_HLEN {
+            return drop_if_enforced(&ep, dir, ifindex, reason::MALFORMED);
+        }
+        let ip = &f[ETH_HLEN..];
+        let ver_ihl = ip[0];
+        let tot_len = be16(ip, 2) as usize;
+        let id_be = ne16(ip, 4);
+        let frag_off = be16(ip, 6);
+        let protocol = ip[9];
+        let saddr = ne32(ip, 12);
+        let daddr = ne32(ip, 16);
+        let ihl = (ver_ihl & 0x0f) as usize * 4;
+        if ver_ihl >> 4 != 4 || ihl < IPV4_HLEN || tot_len < ihl {
+            return drop_if_enforced(&ep, dir, ifindex, reason::MALFORMED);
+        }
+
+        // Anti-spoofing, for every registered pod, enforced or not.
+        if dir == DIR_EGRESS && saddr != ep.ipv4 {
+            let flow = Flow {
+                key: ct_key(saddr, daddr, 0, 0, protocol, dir),
+                tcp_flags: 0,
+            };
+            let d = drop_decision(&ep, reason::SPOOFED_SOURCE, 0, own_side(&ep, dir));
+            return finish(&ep, ifindex, &flow, &d);
+        }
+
+        let frag_key = FragKey {
+            saddr,
+            daddr,
+            id_be,
+            protocol,
+            scope: dir,
+        };
+        if frag_off & 0x1fff != 0 {
+            return self.later_fragment(now, &ep, dir, ifindex, &frag_key);
+        }
+
+        let l4 = ETH_HLEN + ihl;
+        // The transport header must lie inside the frame and inside the
+        // datagram (total length).
+        let l4_room = tot_len - ihl;
+        let fits = |len: usize| l4 + len <= f.len() && len <= l4_room;
+        let mut flow = Flow {
+            key: ct_key(saddr, daddr, 0, 0, protocol, dir),
+            tcp_flags: 0,
+        };
+        let parsed = match protocol {
+            PROTO_TCP if fits(TCP_HLEN) => {
+                flow.key.sport_be = ne16(f, l4);
+                flow.key.dport_be = ne16(f, l4 + 2);
+                flow.tcp_flags = f[l4 + 13];
+                f[l4 + 12] >> 4 >= 5
+            }
+            PROTO_UDP | PROTO_SCTP => {
+                let need = if protocol == PROTO_SCTP {
+                    SCTP_HLEN
+                } else {
+                    UDP_HLEN
+                };
+                if fits(need) {
+                    flow.key.sport_be = ne16(f, l4);
+                    flow.key.dport_be = ne16(f, l4 + 2);
+                    true
+                } else {
+                    false
+                }
+            }
+            PROTO_ICMP if fits(8) => {
+                let t = f[l4];
+                if t == ICMP_ECHO_REQUEST || t == ICMP_ECHO_REPLY {
+                    let id = ne16(f, l4 + 4);
+                    flow.key.sport_be = id;
+                    flow.key.dport_be = id;
+                }
+                true
+            }
+            PROTO_TCP | PROTO_ICMP => false,
+            _ => true,
+        };
+        if !parsed {
+            return drop_if_enforced(&ep, dir, ifindex, reason::MALFORMED);
+        }
+
+        let v = self.track_and_decide(now, &ep, dir, ifindex, &flow);
+        if frag_off & 0x2000 != 0 {
+            // First fragment: the rest of the datagram inherits this verdict.
+            let fv = FragValue {
+                expires_ns: now + FRAG_TIMEOUT_NS,
+                verdict: if v.pass {
+                    VERDICT_ALLOW as u32
+                } else {
+                    VERDICT_DROP as u32
+                },
+                _pad: 0,
+            };
+            self.fragments.insert(frag_key, fv);
+        }
+        v
+    }
+
+    fn track_and_decide(
+        &mut self,
+        now: u64,
+        ep: &EndpointInfo,
+        dir: u8,
+        ifindex: u32,
+        flow: &Flow,
+    ) -> Verdict {
+        let key = flow.key;
+        let is_tcp = key.protocol == PROTO_TCP;
+
+        if let Some(ct) = self.conntrack.get_mut(&key) {
+            if ct.expires_ns > now && !(is_tcp && tcp_reopens(ct.tcp_state, flow.tcp_flags)) {
+                refresh(ct, key.protocol, flow.tcp_flags, false, now);
+                let mut v = Verdict::silent(true, reason::ESTABLISHED, Some(reason::ESTABLISHED));
+                v.cookie = ct.cookie;
+                return v;
+            }
+        }
+        if let Some(ct) = self.conntrack.get_mut(&key.reversed(opposite(dir))) {
+            if ct.expires_ns > now && !(is_tcp && tcp_reopens(ct.tcp_state, flow.tcp_flags)) {
+                refresh(ct, key.protocol, flow.tcp_flags, true, now);
+                ct.flags |= CT_SEEN_REPLY;
+                let mut v = Verdict::silent(true, reason::REPLY, Some(reason::REPLY));
+                v.cookie = ct.cookie;
+                return v;
+            }
+        }
+
+        let d = self.decide(ep, dir, &key);
+        if d.pass {
+            let state = if is_tcp {
+                tcp_next_state(0, flow.tcp_flags, false)
+            } else {
+                0
+            };
+            let v = CtValue {
+                expires_ns: now + timeout_ns(key.protocol, state),
+                cookie: d.cookie,
+                tcp_state: state,
+                flags: if d.verdict == VERDICT_AUDIT {
+                    CT_AUDIT
+                } else {
+                    0
+                },
+                _pad: 0,
+            };
+            self.conntrack.insert(key, v);
+        }
+        finish(ep, ifindex, flow, &d)
+    }
+
+    fn decide(&self, ep: &EndpointInfo, dir: u8, key: &CtKey) -> Decision {
+        let remote = if dir == DIR_EGRESS {
+            key.daddr
+        } else {
+            key.saddr
+        };
+        let peer = self
+            .ipcache_lookup(Ipv4Addr::from(remote.to_ne_bytes()))
+            .unwrap_or(IpcacheValue {
+                identity: IDENTITY_WORLD,
+                cidr_identity: IDENTITY_WORLD,
+            });
+        let (src_identity, dst_identity) = if dir == DIR_EGRESS {
+            (ep.identity, peer.identity)
+        } else {
+            (peer.identity, ep.identity)
+        };
+        let allow = |reason, cookie| Decision {
+            pass: true,
+            verdict: VERDICT_ALLOW,
+            reason,
+            cookie,
+            src_identity,
+            dst_identity,
+        };
+        if !ep.enforced(dir) {
+            return allow(reason::UNENFORCED, 0);
+        }
+        if peer.identity == IDENTITY_HOST {
+            return allow(reason::HOST, 0);
+        }
+        let ids = (src_identity, dst_identity);
+        match self.policy_match(
+            ep.endpoint_id,
+            peer,
+            dir,
+            key.protocol,
+            u16::from_be(key.dport_be),
+        ) {
+            Some(m) if m.value.action == ACTION_ALLOW => {
+                allow(reason::POLICY_ALLOW, m.value.cookie)
+            }
+            Some(m) => drop_decision(ep, reason::DENY_RULE, m.value.cookie, ids),
+            None => drop_decision(ep, reason::NO_POLICY_MATCH, 0, ids),
+        }
+    }
+
+    fn later_fragment(
+        &self,
+        now: u64,
+        ep: &EndpointInfo,
+        dir: u8,
+        ifindex: u32,
+        key: &FragKey,
+    ) -> Verdict {
+        if let Some(v) = self.fragments.get(key) {
+            if v.expires_ns > now {
+                if v.verdict == VERDICT_ALLOW as u32 {
+                    return Verdict::silent(true, reason::FRAG_ALLOWED, Some(reason::FRAG_ALLOWED));
+                }
+                let mut d = drop_decision(ep, reason::FRAG_DENIED, 0, own_side(ep, dir));
+                d.pass = false;
+                d.verdict = VERDICT_DROP;
+                return finish(ep, ifindex, &frag_flow(key, dir), &d);
+            }
+        }
+        if !ep.enforced(dir) {
+            return Verdict::silent(true, reason::UNENFORCED, None);
+        }
+        let d = drop_decision(ep, reason::FRAG_UNTRACKED, 0, own_side(ep, dir));
+        finish(ep, ifindex, &frag_flow(key, dir), &d)
+    }
+}
+
+/// Fragments carry no ports after the first.
+fn frag_flow(key: &FragKey, dir: u8) -> Flow {
+    Flow {
+        key: ct_key(key.saddr, key.daddr, 0, 0, key.protocol, dir),
+        tcp_flags: 0,
+    }
+}
+
+fn ipv6(ep: &EndpointInfo, dir: u8, ifindex: u32, f: &[u8]) -> Verdict {
+    if !ep.enforced_any() {
+        return Verdict::silent(true, reason::UNENFORCED, None);
+    }
+    let nh = ETH_HLEN + 6;
+    let t = ETH_HLEN + IPV6_HLEN;
+    if t < f.len() && f[nh] == IPPROTO_ICMPV6 && (133..=137).contains(&f[t]) {
+        return Verdict::silent(true, reason::NOT_IP, Some(reason::NOT_IP));
+    }
+    let flow = Flow {
+        key: ct_key(0, 0, 0, 0, 0, dir),
+        tcp_flags: 0,
+    };
+    let mut d = drop_decision(ep, reason::IPV6_UNSUPPORTED, 0, own_side(ep, dir));
+    // Audit mode does not open an IPv6 bypass either.
+    d.pass = false;
+    d.verdict = VERDICT_DROP;
+    finish(ep, ifindex, &flow, &d)
+}
+
+fn drop_if_enforced(ep: &EndpointInfo, dir: u8, ifindex: u32, why: u8) -> Verdict {
+    if !ep.enforced(dir) {
+        return Verdict::silent(true, reason::UNENFORCED, None);
+    }
+    let flow = Flow {
+        key: ct_key(0, 0, 0, 0, 0, dir),
+        tcp_flags: 0,
+    };
+    let d = drop_decision(ep, why, 0, own_side(ep, dir));
+    finish(ep, ifindex, &flow, &d)
+}
+
+fn drop_decision(ep: &EndpointInfo, why: u8, cookie: u32, ids: (u32, u32)) -> Decision {
+    let audit = ep.flags & EP_AUDIT != 0 && why != reason::SPOOFED_SOURCE;
+    Decision {
+        pass: audit,
+        verdict: if audit { VERDICT_AUDIT } else { VERDICT_DROP },
+        reason: why,
+        cookie,
+        src_identity: ids.0,
+        dst_identity: ids.1,
+    }
+}
+
+fn own_side(ep: &EndpointInfo, dir: u8) -> (u32, u32) {
+    if dir == DIR_EGRESS {
+        (ep.identity, 0)
+    } else {
+        (0, ep.identity)
+    }
+}
+
+/// Counted and reported: the kernel's `finish`.
+fn finish(ep: &EndpointInfo, ifindex: u32, flow: &Flow, d: &Decision) -> Verdict {
+    Verdict {
+        pass: d.pass,
+        verdict: d.verdict,
+        reason: d.reason,
+        cookie: d.cookie,
+        src_identity: d.src_identity,
+        dst_identity: d.dst_identity,
+        counter: Some(d.reason),
+        event: Some(FlowEvent {
+            ts_ns: 0,
+            endpoint_id: ep.endpoint_id,
+            ifindex,
+            saddr: flow.key.saddr,
+            daddr: flow.key.daddr,
+            sport_be: flow.key.sport_be,
+            dport_be: flow.key.dport_be,
+            protocol: flow.key.protocol,
+            direction: flow.key.scope,
+            verdict: d.verdict,
+            reason: d.reason,
+            src_identity: d.src_identity,
+            dst_identity: d.dst_identity,
+            cookie: d.cookie,
+            _pad: 0,
+        }),
+    }
+}
+
+fn refresh(ct: &mut CtValue, protocol: u8, tcp_flags: u8, reply: bool, now: u64) {
+    if protocol == PROTO_TCP {
+        ct.tcp_state = tcp_next_state(ct.tcp_state, tcp_flags, reply);
+    }
+    ct.expires_ns = now + timeout_ns(protocol, ct.tcp_state);
+}
+
+fn ct_key(saddr: u32, daddr: u32, sport_be: u16, dport_be: u16, protocol: u8, scope: u8) -> CtKey {
+    CtKey {
+        saddr,
+        daddr,
+        sport_be,
+        dport_be,
+        protocol,
+        scope,
+        _pad: 0,
+    }
+}
+
+fn opposite(dir: u8) -> u8 {
+    if dir == DIR_EGRESS {
+        DIR_INGRESS
+    } else {
+        DIR_EGRESS
+    }
+}
+
+/// A policy key's bytes as the LPM trie sees them: the struct's memory, so
+/// the u32 identities are in host byte order and the port in network order.
+pub fn policy_bytes(k: &PolicyKey) -> [u8; 12] {
+    let mut b = [0u8; 12];
+    b[0..4].copy_from_slice(&k.endpoint_id.to_ne_bytes());
+    b[4..8].copy_from_slice(&k.peer_identity.to_ne_bytes());
+    b[8] = k.direction;
+    b[9] = k.protocol;
+    b[10..12].copy_from_slice(&k.dport_be.to_ne_bytes());
+    b
+}
+
+/// `bytes` with every bit past the first `prefix` cleared.
+fn mask<const N: usize>(bytes: &[u8; N], prefix: u32) -> [u8; N] {
+    let mut out = *bytes;
+    for (i, b) in out.iter_mut().enumerate() {
+        let first = i as u32 * 8;
+        if prefix <= first {
+            *b = 0;
+        } else if prefix < first + 8 {
+            *b &= 0xffu8 << (8 - (prefix - first));
+        }
+    }
+    out
+}
+
+/// True when the first `prefix` bits of `key` equal `masked` (already masked).
+fn prefix_eq<const N: usize>(key: &[u8; N], masked: &[u8; N], prefix: u32) -> bool {
+    mask(key, prefix) == *masked
+}
+
+fn be16(b: &[u8], off: usize) -> u16 {
+    u16::from_be_bytes([b[off], b[off + 1]])
+}
+
+/// Raw (network-order) 16 bits as the kernel's `u16` fields hold them.
+fn ne16(b: &[u8], off: usize) -> u16 {
+    u16::from_ne_bytes([b[off], b[off + 1]])
+}
+
+fn ne32(b: &[u8], off: usize) -> u32 {
+    u32::from_ne_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::{TCP_FLAG_ACK, TCP_FLAG_SYN};
+    use palisade_common::{
+        ACTION_DENY, EP_INGRESS_ENFORCED, POLICY_PREFIX_FIXED, POLICY_PREFIX_PROTO,
+    };
+
+    const A: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+    const B: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+
+    fn state() -> MapState {
+        let mut s = MapState::default();
+        s.endpoints.insert(
+            7,
+            EndpointInfo {
+                endpoint_id: 2,
+                identity: 1002,
+                ipv4: u32::from_ne_bytes(B.octets()),
+                flags: EP_INGRESS_ENFORCED,
+            },
+        );
+        s.ipcache.insert(
+            (A, 32),
+            IpcacheValue {
+                identity: 1001,
+                cidr_identity: 300,
+            },
+        );
+        s.ipcache.insert(
+            (Ipv4Addr::new(10, 0, 0, 0), 8),
+            IpcacheValue {
+                identity: 300,
+                cidr_identity: 300,
+            },
+        );
+        s
+    }
+
+    fn key(peer: u32, proto: u8, port: u16) -> PolicyKey {
+        PolicyKey {
+            endpoint_id: 2,
+            peer_identity: peer,
+            direction: DIR_INGRESS,
+            protocol: proto,
+            dport_be: port.to_be(),
+        }
+    }
+
+    #[test]
+    fn masks_and_prefixes() {
+        assert_eq!(mask(&[0xff, 0xff], 12), [0xff, 0xf0]);
+        assert_eq!(mask(&[0xff, 0xff], 0), [0, 0]);
+        assert_eq!(mask(&[0xab, 0xcd], 16), [0xab, 0xcd]);
+        assert!(prefix_eq(&[10, 1, 2, 3], &[10, 0, 0, 0], 8));
+        assert!(!prefix_eq(&[11, 1, 2, 3], &[10, 0, 0, 0], 8));
+    }
+
+    #[test]
+    fn lookups_follow_lpm_and_order() {
+        let mut s = state();
+        // Ports 8080-8083 (a /94 port prefix) for the CIDR identity.
+        s.policy.insert(
+            (94, key(300, PROTO_TCP, 8080)),
+            PolicyValue {
+                action: ACTION_ALLOW,
+                cookie: 1,
+            },
+        );
+        s.policy.insert(
+            (POLICY_PREFIX_PROTO, key(0, PROTO_TCP, 0)),
+            PolicyValue {
+                action: ACTION_DENY,
+                cookie: 2,
+            },
+        );
+        let ev = Evaluator::new(&s);
+        let peer = ev.ipcache_lookup(A).unwrap();
+        assert_eq!(peer.identity, 1001);
+        assert_eq!(
+            ev.ipcache_lookup(Ipv4Addr::new(10, 9, 9, 9))
+                .unwrap()
+                .identity,
+            300
+        );
+        assert!(ev.ipcache_lookup(Ipv4Addr::new(11, 0, 0, 1)).is_none());
+        let m = ev
+            .policy_match(2, peer, DIR_INGRESS, PROTO_TCP, 8083)
+            .unwrap();
+        assert_eq!((m.peer_identity, m.value.cookie), (300, 1));
+        let m = ev
+            .policy_match(2, peer, DIR_INGRESS, PROTO_TCP, 8084)
+            .unwrap();
+        assert_eq!((m.peer_identity, m.value.cookie), (0, 2));
+        assert!(ev
+            .policy_match(2, peer, DIR_INGRESS, PROTO_UDP, 8080)
+            .is_none());
+    }
+
+    #[test]
+    fn lpm_entries_are_identified_by_their_prefix_bits() {
+        let mut s = state();
+        // Host bits past the prefix are ignored; of two aliases the
+        // numerically larger key stands in for the kernel's last write.
+        s.ipcache.insert(
+            (Ipv4Addr::new(192, 0, 2, 1), 24),
+            IpcacheValue {
+                identity: 7,
+                cidr_identity: 7,
+            },
+        );
+        s.ipcache.insert(
+            (Ipv4Addr::new(192, 0, 2, 9), 24),
+            IpcacheValue {
+                identity: 8,
+                cidr_identity: 8,
+            },
+        );
+        // A /32 policy prefix covers the endpoint id only: every peer,
+        // direction, protocol and port. The u32 is in host byte order.
+        s.policy.insert(
+            (32, key(4242, 17, 9)),
+            PolicyValue {
+                action: ACTION_ALLOW,
+                cookie: 3,
+            },
+        );
+        let ev = Evaluator::new(&s);
+        assert_eq!(
+            ev.ipcache_lookup(Ipv4Addr::new(192, 0, 2, 200))
+                .unwrap()
+                .identity,
+            8
+        );
+        let (prefix, _, v) = ev.policy_lookup(&key(1, PROTO_TCP, 443)).unwrap();
+        assert_eq!((prefix, v.cookie), (32, 3));
+        let other = PolicyKey {
+            endpoint_id: 3,
+            ..key(1, PROTO_TCP, 443)
+        };
+        assert!(ev.policy_lookup(&other).is_none());
+        // A little-endian /8 covers the low byte of the endpoint id.
+        let mut s = state();
+        s.policy.insert(
+            (
+                8,
+                PolicyKey {
+                    endpoint_id: 0x0102,
+                    ..key(0, 0, 0)
+                },
+            ),
+            PolicyValue {
+                action: ACTION_ALLOW,
+                cookie: 4,
+            },
+        );
+        let ev = Evaluator::new(&s);
+        let low = PolicyKey {
+            endpoint_id: 0x7702,
+            ..key(1, PROTO_TCP, 1)
+        };
+        assert_eq!(ev.policy_lookup(&low).map(|e| e.2.cookie), Some(4));
+        let high = PolicyKey {
+            endpoint_id: 0x0103,
+            ..key(1, PROTO_TCP, 1)
+        };
+        assert!(ev.policy_lookup(&high).is_none());
+    }
+
+    #[test]
+    fn new_flow_then_established_then_reply() {
+        let mut s = state();
+        s.policy.insert(
+            (POLICY_PREFIX_FIXED, key(1001, 0, 0)),
+            PolicyValue {
+                action: ACTION_ALLOW,
+                cookie: 9,
+            },
+        );
+        let mut ev = Evaluator::new(&s);
+        let syn = Packet::tcp(A, 40000, B, 80, TCP_FLAG_SYN);
+        let v = ev.evaluate_at(1, 7, DIR_INGRESS, &syn);
+        assert!(v.pass);
+        assert_eq!(
+            (v.reason, v.cookie, v.src_identity, v.dst_identity),
+            (reason::POLICY_ALLOW, 9, 1001, 1002)
+        );
+        assert!(v.event.is_some());
+        let v = ev.evaluate_at(2, 7, DIR_INGRESS, &syn.clone().with_tcp_flags(TCP_FLAG_ACK));
+        assert_eq!(
+            (v.pass, v.reason, v.event),
+            (true, reason::ESTABLISHED, None)
+        );
+        let v = ev.evaluate_at(3, 7, DIR_EGRESS, &syn.reply(TCP_FLAG_SYN | TCP_FLAG_ACK));
+        assert_eq!((v.pass, v.reason), (true, reason::REPLY));
+        let v = ev.evaluate_at(
+            4,
+            7,
+            DIR_EGRESS,
+            &Packet::udp(B, 5000, Ipv4Addr::new(192, 0, 2, 1), 53),
+        );
+        assert_eq!(
+            (v.pass, v.reason, v.dst_identity),
+            (true, reason::UNENFORCED, IDENTITY_WORLD)
+        );
+    }
+}

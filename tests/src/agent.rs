@@ -1,0 +1,226 @@
+//! Running the real `palisade-agent` inside a test's node namespace.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use palisade_api::{call, Registration, Request, Response, StatusReport};
+
+use crate::{unique, NetNs, Pod};
+
+/// A binary of this workspace, next to the test executable's directory
+/// (`<target>/debug/deps/test-…` -> `<target>/debug/<name>`).
+pub fn target_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    dir.join(name)
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> Result<Self> {
+        let p = std::env::temp_dir().join(unique(prefix));
+        fs::create_dir_all(&p)?;
+        Ok(Self(p))
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running agent; killed (by PID) on drop.
+pub struct Agent {
+    pub child: Option<Child>,
+    pub socket: PathBuf,
+    pub pin_root: PathBuf,
+    pub state_dir: PathBuf,
+    pub manifests: PathBuf,
+    pub flow_log: PathBuf,
+    netns: String,
+    log: PathBuf,
+    extra: Vec<String>,
+}
+
+impl Agent {
+    /// Start `palisade-agent run` in `node`'s namespace with its files under
+    /// `dir`, and wait until it answers.
+    pub fn start(node: &NetNs, dir: &Path, pin_root: &Path, manifests: &Path) -> Result<Self> {
+        Self::start_with(node, dir, pin_root, manifests, &["--metrics-addr", "off"])
+    }
+
+    /// As `start`, with extra `run` arguments.
+    pub fn start_with(
+        node: &NetNs,
+        dir: &Path,
+        pin_root: &Path,
+        manifests: &Path,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let mut a = Self {
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            socket: dir.join("agent.sock"),
+            pin_root: pin_root.to_path_buf(),
+            state_dir: dir.join("state"),
+            manifests: manifests.to_path_buf(),
+            flow_log: dir.join("flows.jsonl"),
+            netns: node.name.clone(),
+            log: dir.join("agent.log"),
+        };
+        a.spawn()?;
+        Ok(a)
+    }
+
+    /// (Re)start the process with the same files.
+    pub fn spawn(&mut self) -> Result<()> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        // Only the network namespace: `ip netns exec` would also remount
+        // /sys and hide bpffs, where the agent pins its state.
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.netns))
+            .arg(target_bin("palisade-agent"))
+            .arg("run")
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--pin-root")
+            .arg(&self.pin_root)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--manifests")
+            .arg(&self.manifests)
+            .arg("--flow-log")
+            .arg(&self.flow_log)
+            .args(&self.extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting palisade-agent")?;
+        self.child = Some(child);
+        self.wait_ready(Duration::from_secs(30))
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Response::Status(_)) =
+                call(&self.socket, &Request::Status, Duration::from_secs(2))
+            {
+                return Ok(());
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Some(st) = c.try_wait()? {
+                    bail!("palisade-agent exited ({st}):\n{}", self.log_text());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "palisade-agent not ready after {timeout:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Run the CLI (`palisade-agent <args> --socket …`); (success, stdout
+    /// followed by stderr).
+    pub fn cli(&self, args: &[&str]) -> Result<(bool, String)> {
+        let out = Command::new(target_bin("palisade-agent"))
+            .args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .output()?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok((out.status.success(), text))
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, no cleanup: what a crash looks like.
+    pub fn kill9(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            // nsenter execs the agent, so this PID is the agent's.
+            // SAFETY: plain kill(2) of a child we started.
+            unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    pub fn request(&self, req: &Request) -> Result<Response> {
+        Ok(call(&self.socket, req, Duration::from_secs(30))?)
+    }
+
+    pub fn status(&self) -> Result<StatusReport> {
+        match self.request(&Request::Status)? {
+            Response::Status(s) => Ok(*s),
+            other => bail!("status: {other:?}"),
+        }
+    }
+
+    /// Re-read the manifests and wait until the result is in the kernel.
+    pub fn sync(&self) -> Result<u64> {
+        match self.request(&Request::Sync)? {
+            Response::Ok { generation, .. } => Ok(generation),
+            other => bail!("sync: {other:?}"),
+        }
+    }
+
+    /// Register a pod wired by the test harness, as the CNI plugin would.
+    pub fn register(&self, namespace: &str, name: &str, pod: &Pod) -> Result<u32> {
+        let r = Registration {
+            container_id: format!("{namespace}-{name}-{}", pod.host_if),
+            ifname: "eth0".into(),
+            netns: pod.ns.path().display().to_string(),
+            namespace: namespace.into(),
+            pod: name.into(),
+            ipv4: pod.ip,
+            host_ifname: pod.host_if.clone(),
+        };
+        match self.request(&Request::Register(r))? {
+            Response::Ok {
+                endpoint_id: Some(id),
+                ..
+            } => Ok(id),
+            other => bail!("register {namespace}/{name}: {other:?}"),
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Write a manifest atomically (the agent may be reading the directory).
+pub fn write_manifest(dir: &Path, name: &str, yaml: &str) -> Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    fs::write(&tmp, yaml)?;
+    fs::rename(&tmp, dir.join(name))?;
+    Ok(())
+}

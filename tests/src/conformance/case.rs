@@ -1,0 +1,552 @@
+//! Case files (../shared/conformance/FORMAT.md): the cluster, the steps,
+//! and the expected matrices, parsed and checked before anything is built.
+use std::{
+    collections::BTreeMap,
+    fmt,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Deserializer};
+use serde_yaml::Value;
+
+use super::matrix::Matrix;
+
+pub type Labels = BTreeMap<String, String>;
+
+/// The label every namespace carries, as on a real cluster.
+pub const NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.to_ascii_uppercase().as_str() {
+            "TCP" => Ok(Self::Tcp),
+            "UDP" => Ok(Self::Udp),
+            "SCTP" => Ok(Self::Sctp),
+            _ => bail!("protocol {s:?} is not TCP, UDP or SCTP"),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+            Self::Sctp => "SCTP",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Protocol {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Protocol::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+fn default_tcp() -> Protocol {
+    Protocol::Tcp
+}
+
+/// Label values written as YAML numbers or booleans are taken as their text
+/// (Kubernetes would insist on strings; a case should not fail on `v: 1`).
+fn labels<'de, D: Deserializer<'de>>(d: D) -> Result<Labels, D::Error> {
+    let raw: Option<BTreeMap<String, Value>> = Option::deserialize(d)?;
+    raw.unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| {
+            let v = match v {
+                Value::String(s) => s,
+                Value::Number(n) => n.to_string(),
+                Value::Bool(b) => b.to_string(),
+                Value::Null => String::new(),
+                other => {
+                    return Err(serde::de::Error::custom(format!(
+                        "label {k}: {other:?} is not a scalar"
+                    )))
+                }
+            };
+            Ok((k, v))
+        })
+        .collect()
+}
+
+fn null_as_default<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(
+    d: D,
+) -> Result<T, D::Error> {
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct NamespaceSpec {
+    #[serde(default, deserialize_with = "labels")]
+    pub labels: Labels,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct PortSpec {
+    pub port: u16,
+    #[serde(default = "default_tcp")]
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct PodSpec {
+    pub namespace: String,
+    pub name: String,
+    #[serde(default, deserialize_with = "labels")]
+    pub labels: Labels,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub ports: Vec<PortSpec>,
+}
+
+impl PodSpec {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    pub fn serves(&self, port: u16, protocol: Protocol) -> bool {
+        self.ports
+            .iter()
+            .any(|p| p.port == port && p.protocol == protocol)
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct ClusterSpec {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub namespaces: BTreeMap<String, Option<NamespaceSpec>>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub pods: Vec<PodSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(tag = "kind")]
+pub enum Relabel {
+    Namespace {
+        name: String,
+        #[serde(default, deserialize_with = "labels")]
+        labels: Labels,
+    },
+    Pod {
+        namespace: String,
+        name: String,
+        #[serde(default, deserialize_with = "labels")]
+        labels: Labels,
+    },
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct ProbeSpec {
+    pub port: u16,
+    #[serde(default = "default_tcp")]
+    pub protocol: Protocol,
+    pub expect: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct StepSpec {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub apply: Vec<Value>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub delete: Vec<String>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub relabel: Vec<Relabel>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub probes: Vec<ProbeSpec>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+struct CaseFile {
+    name: String,
+    #[serde(default)]
+    cluster: ClusterSpec,
+    #[serde(default, deserialize_with = "null_as_default")]
+    steps: Vec<StepSpec>,
+}
+
+/// A NetworkPolicy object of a step, with its namespace and name.
+#[derive(Clone, Debug)]
+pub struct PolicyDoc {
+    pub namespace: String,
+    pub name: String,
+    /// The whole object, placeholders not yet substituted.
+    pub doc: Value,
+}
+
+impl PolicyDoc {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Probe {
+    pub port: u16,
+    pub protocol: Protocol,
+    pub expect: Matrix,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Step {
+    pub apply: Vec<PolicyDoc>,
+    /// `namespace/name`
+    pub delete: Vec<(String, String)>,
+    pub relabel: Vec<Relabel>,
+    pub probes: Vec<Probe>,
+}
+
+/// A case, checked: every pod a matrix or a relabel names exists, every
+/// policy has a name, every deletion names a policy applied before.
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub name: String,
+    pub file: PathBuf,
+    /// Namespace -> labels, including namespaces only pods mention, each
+    /// with its `kubernetes.io/metadata.name` label.
+    pub namespaces: BTreeMap<String, Labels>,
+    pub pods: Vec<PodSpec>,
+    pub steps: Vec<Step>,
+}
+
+impl Case {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, file: &Path) -> Result<Self> {
+        let raw: CaseFile = serde_yaml::from_str(text).context("not a case file")?;
+        let mut namespaces: BTreeMap<String, Labels> = BTreeMap::new();
+        for (name, spec) in raw.cluster.namespaces {
+            namespaces.insert(name, spec.unwrap_or_default().labels);
+        }
+        for p in &raw.cluster.pods {
+            namespaces.entry(p.namespace.clone()).or_default();
+        }
+        for (name, labels) in &mut namespaces {
+            labels.insert(NAME_LABEL.into(), name.clone());
+        }
+        let mut pods: Vec<PodSpec> = Vec::new();
+        for p in raw.cluster.pods {
+            if pods.iter().any(|q| q.key() == p.key()) {
+                bail!("pod {} is listed twice", p.key());
+            }
+            for port in &p.ports {
+                if port.port == 0 {
+                    bail!("pod {}: port 0", p.key());
+                }
+            }
+            pods.push(p);
+        }
+        let has_pod = |key: &str| pods.iter().any(|p| p.key() == key);
+
+        let mut applied: Vec<String> = Vec::new();
+        let mut steps = Vec::new();
+        for (i, s) in raw.steps.into_iter().enumerate() {
+            let at = format!("step {}", i + 1);
+            let mut step = Step::default();
+            for d in &s.delete {
+                let (ns, name) = d
+                    .split_once('/')
+                    .ok_or_else(|| anyhow!("{at}: delete {d:?}: expected namespace/name"))?;
+                if !applied.contains(d) {
+                    bail!("{at}: delete {d}: no earlier step applied that policy");
+                }
+                applied.retain(|a| a != d);
+                step.delete.push((ns.to_string(), name.to_string()));
+            }
+            for (j, doc) in s.apply.into_iter().enumerate() {
+                let p = policy_doc(doc).with_context(|| format!("{at}: apply[{j}]"))?;
+                if !applied.contains(&p.key()) {
+                    applied.push(p.key());
+                }
+                step.apply.push(p);
+            }
+            for r in s.relabel {
+                match &r {
+                    Relabel::Namespace { name, .. } if !namespaces.contains_key(name) => {
+                        bail!("{at}: relabel of namespace {name}, which the cluster does not have")
+                    }
+                    Relabel::Pod {
+                        namespace, name, ..
+                    } if !has_pod(&format!("{namespace}/{name}")) => {
+                        bail!("{at}: relabel of pod {namespace}/{name}, which the cluster does not have")
+                    }
+                    _ => step.relabel.push(r),
+                }
+            }
+            for (j, p) in s.probes.into_iter().enumerate() {
+                let what = format!("{at}: probe {} ({}/{})", j + 1, p.protocol, p.port);
+                if p.port == 0 {
+                    bail!("{what}: port 0");
+                }
+                let expect = Matrix::parse(&p.expect).with_context(|| what.clone())?;
+                if let Some(unknown) = expect.pods().find(|k| !has_pod(k)) {
+                    bail!("{what}: the matrix names {unknown}, which is not a pod of the cluster");
+                }
+                step.probes.push(Probe {
+                    port: p.port,
+                    protocol: p.protocol,
+                    expect,
+                });
+            }
+            steps.push(step);
+        }
+        Ok(Self {
+            name: raw.name,
+            file: file.to_path_buf(),
+            namespaces,
+            pods,
+            steps,
+        })
+    }
+
+    pub fn pod(&self, key: &str) -> Option<&PodSpec> {
+        self.pods.iter().find(|p| p.key() == key)
+    }
+
+    /// How many probe cells the case has, and how many of them use `proto`.
+    pub fn cells(&self) -> (usize, usize, usize) {
+        let mut all = 0;
+        let mut sctp = 0;
+        for p in self.steps.iter().flat_map(|s| &s.probes) {
+            let n = p.expect.cells().count();
+            all += n;
+            if p.protocol == Protocol::Sctp {
+                sctp += n;
+            }
+        }
+        (all, sctp, self.steps.len())
+    }
+}
+
+fn policy_doc(doc: Value) -> Result<PolicyDoc> {
+    let kind = doc.get("kind").and_then(Value::as_str).unwrap_or_default();
+    if kind != "NetworkPolicy" {
+        bail!("kind is {kind:?}, expected NetworkPolicy");
+    }
+    let meta = doc.get("metadata").ok_or_else(|| anyhow!("no metadata"))?;
+    let name = meta
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| anyhow!("metadata.name is required"))?
+        .to_string();
+    let namespace = meta
+        .get("namespace")
+        .and_then(Value::as_str)
+        .unwrap_or("default")
+        .to_string();
+    for s in [&name, &namespace] {
+        if s.is_empty() || s.contains(['/', '_']) || s.starts_with('.') {
+            bail!("{s:?} is not a valid object name");
+        }
+    }
+    Ok(PolicyDoc {
+        namespace,
+        name,
+        doc,
+    })
+}
+
+/// The case files of a directory (`*.yaml`, `*.yml`, in name order), or the
+/// file itself.
+pub fn case_files(path: &Path) -> Result<Vec<PathBuf>> {
+    if path.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(path)
+        .with_context(|| format!("reading the case directory {}", path.display()))?
+    {
+        let p = e?.path();
+        if p.is_file() && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
+            files.push(p);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conformance::matrix::Reach;
+
+    const CASE: &str = r#"
+name: example
+source: ignored
+cluster:
+  namespaces:
+    x: {labels: {ns: x}}
+    y: {labels: {ns: y, kubernetes.io/metadata.name: y, v: 1}}
+    z:
+  pods:
+    - namespace: x
+      name: a
+      labels: {pod: a}
+      ports:
+        - {port: 80, protocol: TCP, name: serve-80-tcp}
+        - {port: 80, protocol: udp}
+    - {namespace: y, name: b, labels: {pod: b}, ports: []}
+    - {namespace: w, name: c, ports: null}
+steps:
+  - apply:
+      - apiVersion: networking.k8s.io/v1
+        kind: NetworkPolicy
+        metadata: {name: deny-all, namespace: x}
+        spec: {podSelector: {}, policyTypes: [Ingress]}
+    probes:
+      - port: 80
+        protocol: TCP
+        expect: |
+          -    x/a y/b
+          x/a  .   X
+          y/b  X   .
+  - delete: [x/deny-all]
+    relabel:
+      - {kind: Namespace, name: y, labels: {a: b}}
+      - {kind: Pod, namespace: x, name: a, labels: {}}
+    probes:
+      - port: 80
+        protocol: SCTP
+        expect: "- x/a\nw/c .\n"
+  - {}
+"#;
+
+    #[test]
+    fn parses_the_format() {
+        let c = Case::parse(CASE, Path::new("t.yaml")).unwrap();
+        assert_eq!(c.name, "example");
+        assert_eq!(c.namespaces["x"]["ns"], "x");
+        assert_eq!(c.namespaces["x"][NAME_LABEL], "x");
+        assert_eq!(c.namespaces["y"]["v"], "1");
+        assert_eq!(c.namespaces["z"].len(), 1);
+        assert_eq!(
+            c.namespaces["w"][NAME_LABEL], "w",
+            "namespaces of pods are added"
+        );
+        let a = c.pod("x/a").unwrap();
+        assert_eq!(
+            a.ports[1],
+            PortSpec {
+                port: 80,
+                protocol: Protocol::Udp,
+                name: None
+            }
+        );
+        assert!(a.serves(80, Protocol::Udp) && !a.serves(81, Protocol::Tcp));
+        assert!(c.pod("w/c").unwrap().ports.is_empty());
+        assert_eq!(c.steps.len(), 3);
+        assert_eq!(c.steps[0].apply[0].key(), "x/deny-all");
+        assert_eq!(
+            c.steps[0].probes[0].expect.rows[1].1,
+            [Reach::Fail, Reach::Pass]
+        );
+        assert_eq!(
+            c.steps[1].delete,
+            [("x".to_string(), "deny-all".to_string())]
+        );
+        assert_eq!(
+            c.steps[1].relabel[0],
+            Relabel::Namespace {
+                name: "y".into(),
+                labels: [("a".into(), "b".into())].into()
+            }
+        );
+        assert_eq!(c.steps[1].probes[0].protocol, Protocol::Sctp);
+        assert_eq!(c.cells(), (5, 1, 3));
+    }
+
+    fn err(text: &str) -> String {
+        format!("{:#}", Case::parse(text, Path::new("t.yaml")).unwrap_err())
+    }
+
+    #[test]
+    fn rejects_inconsistent_cases() {
+        let base = "name: n\ncluster: {pods: [{namespace: x, name: a}]}\nsteps:\n";
+        assert!(err(&format!(
+            "{base}  - probes: [{{port: 80, expect: \"- x/b\\nx/a .\"}}]"
+        ))
+        .contains("names x/b"));
+        assert!(err(&format!("{base}  - delete: [x/p]")).contains("no earlier step applied"));
+        assert!(err(&format!("{base}  - delete: [p]")).contains("namespace/name"));
+        assert!(err(&format!(
+            "{base}  - relabel: [{{kind: Pod, namespace: x, name: b}}]"
+        ))
+        .contains("pod x/b"));
+        assert!(err(&format!(
+            "{base}  - relabel: [{{kind: Namespace, name: q}}]"
+        ))
+        .contains("namespace q"));
+        assert!(err(&format!("{base}  - relabel: [{{kind: Node, name: q}}]")).contains("Node"));
+        assert!(err(&format!(
+            "{base}  - apply: [{{kind: Pod, metadata: {{name: p}}}}]"
+        ))
+        .contains("expected NetworkPolicy"));
+        assert!(err(&format!(
+            "{base}  - apply: [{{kind: NetworkPolicy, metadata: {{}}}}]"
+        ))
+        .contains("metadata.name"));
+        assert!(err(&format!(
+            "{base}  - probes: [{{port: 80, protocol: ICMP, expect: \"- x/a\\nx/a .\"}}]"
+        ))
+        .contains("ICMP"));
+        assert!(err(&format!(
+            "{base}  - probes: [{{port: 80, expect: \"- x/a\\nx/a\"}}]"
+        ))
+        .contains("0 cells"));
+        assert!(err(
+            "name: n\ncluster: {pods: [{namespace: x, name: a}, {namespace: x, name: a}]}"
+        )
+        .contains("twice"));
+        assert!(err("cluster: {}").contains("name"));
+    }
+
+    #[test]
+    fn deleting_and_reapplying_is_tracked() {
+        let text = "name: n
+cluster: {pods: [{namespace: x, name: a}]}
+steps:
+  - apply: [{kind: NetworkPolicy, metadata: {name: p, namespace: x}}]
+  - delete: [x/p]
+    apply: [{kind: NetworkPolicy, metadata: {name: p, namespace: x}}]
+  - delete: [x/p]
+";
+        let c = Case::parse(text, Path::new("t.yaml")).unwrap();
+        assert_eq!(c.steps[2].delete.len(), 1);
+        let twice = format!("{text}  - delete: [x/p]\n");
+        assert!(err(&twice).contains("step 4: delete x/p"));
+    }
+
+    #[test]
+    fn the_shared_and_own_corpora_parse() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        for dir in [
+            root.join("conformance"),
+            root.join("../../shared/conformance/cases"),
+        ] {
+            let Ok(files) = case_files(&dir) else {
+                continue;
+            };
+            for f in files {
+                Case::load(&f).unwrap_or_else(|e| panic!("{}: {e:#}", f.display()));
+            }
+        }
+    }
+}

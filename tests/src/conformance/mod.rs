@@ -1,0 +1,30 @@
+//! The policy conformance runner (../shared/conformance/FORMAT.md).
+//!
+//! Every pod of a case is a real network namespace wired by the `palisade`
+//! CNI binary inside a per-case "node" namespace; the agent runs there in
+//! standalone mode on a manifest directory (namespaces, pods, policies, one
+//! object per file, rewritten atomically); each pod serves its ports; every
+//! cell of an expected matrix is a real connection attempt from the source
+//! pod's namespace, all cells of a step at once.
+//!
+//! Decisions the format leaves open:
+//! - Within a step, `delete` is applied first, then `apply`, then `relabel`;
+//!   then the agent is asked to Sync (it answers once the result is in the
+//!   kernel) and the step's probes run. Steps are numbered from 1.
+//! - A pod's probe to itself is probed like any other cell.
+//! - SCTP cells are skipped (never passed) when the kernel cannot open an
+//!   SCTP socket. A case passes when every cell that was probed matches; a
+//!   case whose every cell was skipped is reported as `SKIP name` and counted
+//!   in `K skipped` on the last line; the number of skipped probes is printed
+//!   under each case and before the last line.
+//! - Under each case a line gives its steps, probes and duration; under a
+//!   failure each mismatching cell is followed by the flow-log records of
+//!   that connection (`flow: DROP ...`), which say where and why.
+pub mod case;
+pub mod cluster;
+pub mod flows;
+pub mod matrix;
+pub mod placeholder;
+pub mod probe;
+pub mod runner;
+pub mod signal;
