@@ -1006,7 +1006,11 @@ fn emit_rule(
 mod tests {
     use super::*;
     use crate::model::{LocalEndpoint, Namespace, Pod};
-    use palisade_common::PROTO_ICMP;
+    use palisade_common::{reason, PROTO_ICMP};
+    use palisade_dataplane::{
+        packet::{Packet, TCP_FLAG_SYN},
+        reference::Evaluator,
+    };
 
     // -- harness ------------------------------------------------------------
 
@@ -1107,7 +1111,9 @@ mod tests {
         )
     }
 
-    // -- kernel emulation (verdict.rs `decide`) -----------------------------
+    // -- the kernel's verdict, through the reference evaluator ---------------
+    // (palisade_dataplane::reference, held to the kernel by the differential
+    // test), on the compiled map contents.
 
     #[derive(Debug, PartialEq, Eq)]
     enum V {
@@ -1118,76 +1124,36 @@ mod tests {
     }
 
     fn ipcache_lookup(c: &Compiled, addr: Ipv4Addr) -> IpcacheValue {
-        c.maps
-            .ipcache
-            .iter()
-            .filter(|((net, len), _)| Ipv4Network::new(*net, *len as u8).unwrap().contains(addr))
-            .max_by_key(|((_, len), _)| *len)
-            .map(|(_, v)| *v)
+        Evaluator::new(&c.maps)
+            .ipcache_lookup(addr)
             .unwrap_or(IpcacheValue {
                 identity: IDENTITY_WORLD,
                 cidr_identity: IDENTITY_WORLD,
             })
     }
 
-    fn key_bytes(k: &PolicyKey) -> [u8; 12] {
-        let mut b = [0u8; 12];
-        b[0..4].copy_from_slice(&k.endpoint_id.to_ne_bytes());
-        b[4..8].copy_from_slice(&k.peer_identity.to_ne_bytes());
-        b[8] = k.direction;
-        b[9] = k.protocol;
-        b[10..12].copy_from_slice(&k.dport_be.to_ne_bytes());
-        b
-    }
-
-    fn lpm(c: &Compiled, k: &PolicyKey) -> Option<PolicyValue> {
-        let want = key_bytes(k);
-        c.maps
-            .policy
-            .iter()
-            .filter(|((prefix, e), _)| {
-                let have = key_bytes(e);
-                (0..*prefix as usize).all(|bit| {
-                    let m = 0x80u8 >> (bit % 8);
-                    want[bit / 8] & m == have[bit / 8] & m
-                })
-            })
-            .max_by_key(|((prefix, _), _)| *prefix)
-            .map(|(_, v)| *v)
-    }
-
+    /// The verdict on the first packet of a flow between the endpoint on
+    /// `ifindex` and `peer`, at the program of direction `dir`.
     fn decide(c: &Compiled, ifindex: u32, dir: u8, peer: &str, proto: u8, port: u16) -> V {
-        let ep = c.maps.endpoints[&ifindex];
-        let peer = ipcache_lookup(c, ip(peer));
-        if !ep.enforced(dir) {
-            return V::Unenforced;
-        }
-        if peer.identity == IDENTITY_HOST {
-            return V::Host;
-        }
-        let dport_be = match proto {
-            PROTO_TCP | PROTO_UDP | PROTO_SCTP => port.to_be(),
-            _ => 0,
+        let me = palisade_dataplane::maps::from_be(c.maps.endpoints[&ifindex].ipv4);
+        let (src, dst) = if dir == DIR_EGRESS {
+            (me, ip(peer))
+        } else {
+            (ip(peer), me)
         };
-        let mut k = PolicyKey {
-            endpoint_id: ep.endpoint_id,
-            peer_identity: peer.identity,
-            direction: dir,
-            protocol: proto,
-            dport_be,
+        let packet = match proto {
+            PROTO_TCP => Packet::tcp(src, 40000, dst, port, TCP_FLAG_SYN),
+            PROTO_UDP => Packet::udp(src, 40000, dst, port),
+            PROTO_SCTP => Packet::sctp(src, 40000, dst, port),
+            PROTO_ICMP => Packet::icmp_echo(src, dst, 7, 1),
+            p => Packet::ipv4_proto(src, dst, p),
         };
-        let mut hit = lpm(c, &k);
-        if hit.is_none() && peer.cidr_identity != peer.identity && peer.cidr_identity != 0 {
-            k.peer_identity = peer.cidr_identity;
-            hit = lpm(c, &k);
-        }
-        if hit.is_none() {
-            k.peer_identity = IDENTITY_ANY;
-            hit = lpm(c, &k);
-        }
-        match hit {
-            Some(v) => V::Allow(v.cookie),
-            None => V::Drop,
+        let v = Evaluator::new(&c.maps).evaluate(ifindex, dir, &packet);
+        match v.reason {
+            reason::UNENFORCED => V::Unenforced,
+            reason::HOST => V::Host,
+            reason::POLICY_ALLOW => V::Allow(v.cookie),
+            _ => V::Drop,
         }
     }
 

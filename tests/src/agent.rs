@@ -39,6 +39,44 @@ impl Drop for TempDir {
     }
 }
 
+/// What an agent test needs around it: a private bpffs root, a scratch
+/// directory and a manifests directory in it. Declare it first so it is
+/// dropped last (after the agent and the namespaces).
+pub struct Scratch {
+    pub dir: TempDir,
+    pub manifests: PathBuf,
+    pub pins: crate::PinRoot,
+}
+
+impl Scratch {
+    /// With `files` (name, YAML) written into the manifests directory.
+    pub fn new(prefix: &str, files: &[(&str, &str)]) -> Result<Self> {
+        let pins = crate::PinRoot::new()?;
+        let dir = TempDir::new(prefix)?;
+        let manifests = dir.path().join("manifests");
+        fs::create_dir_all(&manifests)?;
+        for (name, yaml) in files {
+            write_manifest(&manifests, name, yaml)?;
+        }
+        Ok(Self {
+            dir,
+            manifests,
+            pins,
+        })
+    }
+
+    /// Start an agent in `node` on these files, with extra `run` arguments.
+    pub fn agent(&self, node: &NetNs, extra: &[&str]) -> Result<Agent> {
+        Agent::start_with(
+            node,
+            self.dir.path(),
+            self.pins.pins.root(),
+            &self.manifests,
+            extra,
+        )
+    }
+}
+
 /// A running agent; killed (by PID) on drop.
 pub struct Agent {
     pub child: Option<Child>,

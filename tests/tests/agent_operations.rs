@@ -114,13 +114,15 @@ fn operator_view_matches_the_kernel() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
-    let pins = PinRoot::new()?;
-    let dir = TempDir::new("palisade-ops-")?;
-    let manifests = dir.path().join("manifests");
-    std::fs::create_dir_all(&manifests)?;
-    write_manifest(&manifests, "cluster.yaml", CLUSTER)?;
-    write_manifest(&manifests, "policies.yaml", POLICIES)?;
-    write_manifest(&manifests, "broken.yaml", BROKEN_POLICY)?;
+    let scratch = Scratch::new(
+        "palisade-ops-",
+        &[
+            ("cluster.yaml", CLUSTER),
+            ("policies.yaml", POLICIES),
+            ("broken.yaml", BROKEN_POLICY),
+        ],
+    )?;
+    let manifests = &scratch.manifests;
 
     let mut node = Node::new(GW)?;
     for ip in [CLIENT, SERVER, LABBOX] {
@@ -129,13 +131,7 @@ fn operator_view_matches_the_kernel() -> Result<()> {
     tcp_echo_server(&node.pods[1].ns, 8080)?;
     tcp_echo_server(&node.pods[1].ns, 9090)?;
     tcp_echo_server(&node.pods[2].ns, 80)?;
-    let agent = Agent::start_with(
-        &node.ns,
-        dir.path(),
-        pins.pins.root(),
-        &manifests,
-        &["--metrics-addr", METRICS],
-    )?;
+    let agent = scratch.agent(&node.ns, &["--metrics-addr", METRICS])?;
     agent.register("shop", "client", &node.pods[0])?;
     agent.register("shop", "server", &node.pods[1])?;
     agent.register("lab", "box", &node.pods[2])?;
@@ -277,7 +273,7 @@ fn operator_view_matches_the_kernel() -> Result<()> {
 
     // A manifest broken mid-edit keeps its last good contents in force.
     write_manifest(
-        &manifests,
+        manifests,
         "policies.yaml",
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: [",
     )?;
@@ -316,10 +312,7 @@ fn xdp_prefilter_drops_deny_listed_sources_on_the_uplink() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
-    let pins = PinRoot::new()?;
-    let dir = TempDir::new("palisade-xdp-")?;
-    let manifests = dir.path().join("manifests");
-    std::fs::create_dir_all(&manifests)?;
+    let scratch = Scratch::new("palisade-xdp-", &[])?;
     let node = Node::new(GW)?;
     // node:up0 (10.95.0.1) <-> outside:eth0 (10.95.0.2 and 10.95.0.3)
     let outside = NetNs::new("pout")?;
@@ -345,11 +338,8 @@ fn xdp_prefilter_drops_deny_listed_sources_on_the_uplink() -> Result<()> {
         .enter(|| std::net::TcpListener::bind("10.95.0.1:7000"))??;
     std::thread::spawn(move || for _ in listener.incoming() {});
 
-    let agent = Agent::start_with(
+    let agent = scratch.agent(
         &node.ns,
-        dir.path(),
-        pins.pins.root(),
-        &manifests,
         &[
             "--metrics-addr",
             METRICS,
@@ -418,24 +408,18 @@ fn a_full_policy_map_is_an_error_and_a_metric_never_a_silent_drop() -> Result<()
     if !require_root() {
         return Ok(());
     }
-    let pins = PinRoot::new()?;
-    let dir = TempDir::new("palisade-full-")?;
-    let manifests = dir.path().join("manifests");
-    std::fs::create_dir_all(&manifests)?;
-    write_manifest(&manifests, "cluster.yaml", CLUSTER)?;
+    let scratch = Scratch::new("palisade-full-", &[("cluster.yaml", CLUSTER)])?;
+    let manifests = &scratch.manifests;
     let mut node = Node::new(GW)?;
     node.add_pod(SERVER)?;
-    let agent = Agent::start_with(
+    let agent = scratch.agent(
         &node.ns,
-        dir.path(),
-        pins.pins.root(),
-        &manifests,
         &["--metrics-addr", METRICS, "--policy-map-entries", "2"],
     )?;
     agent.register("shop", "server", &node.pods[0])?;
     // Three ports from one peer: three policy entries for a map of two.
     write_manifest(
-        &manifests,
+        manifests,
         "policy.yaml",
         r#"
 apiVersion: networking.k8s.io/v1

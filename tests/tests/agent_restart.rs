@@ -69,12 +69,10 @@ fn kill_dash_nine_keeps_enforcing_and_the_restarted_agent_adopts() -> Result<()>
     if !require_root() {
         return Ok(());
     }
-    let pins = PinRoot::new()?;
-    let dir = TempDir::new("palisade-restart-")?;
-    let manifests = dir.path().join("manifests");
-    std::fs::create_dir_all(&manifests)?;
-    write_manifest(&manifests, "pods.yaml", PODS)?;
-    write_manifest(&manifests, "policy.yaml", ALLOW_CLIENT)?;
+    let scratch = Scratch::new(
+        "palisade-restart-",
+        &[("pods.yaml", PODS), ("policy.yaml", ALLOW_CLIENT)],
+    )?;
 
     let mut node = Node::new(GW)?;
     node.add_pod(CLIENT)?;
@@ -83,7 +81,7 @@ fn kill_dash_nine_keeps_enforcing_and_the_restarted_agent_adopts() -> Result<()>
     tcp_echo_server(&node.pods[1].ns, 8080)?;
     tcp_echo_server(&node.pods[1].ns, 9090)?;
 
-    let mut agent = Agent::start(&node.ns, dir.path(), pins.pins.root(), &manifests)?;
+    let mut agent = scratch.agent(&node.ns, &["--metrics-addr", "off"])?;
     for (i, name) in ["client", "server", "other"].iter().enumerate() {
         agent.register("shop", name, &node.pods[i])?;
     }
@@ -147,7 +145,7 @@ fn kill_dash_nine_keeps_enforcing_and_the_restarted_agent_adopts() -> Result<()>
     std::thread::sleep(Duration::from_millis(500));
     agent.kill9()?;
     // Changed while the agent is down.
-    write_manifest(&manifests, "policy-other.yaml", ALLOW_OTHER_9090)?;
+    write_manifest(&scratch.manifests, "policy-other.yaml", ALLOW_OTHER_9090)?;
     let before = rounds.load(Ordering::Relaxed);
     std::thread::sleep(Duration::from_millis(1500));
     assert!(
