@@ -225,3 +225,81 @@ fn allow_rule_admits_one_port_both_ways_and_drops_another() -> Result<()> {
     assert_eq!(from_be(drop.saddr), A);
     Ok(())
 }
+
+#[test]
+fn gc_removes_expired_conntrack_and_fragment_entries_only() -> Result<()> {
+    use palisade_common::{CtKey, CtValue, FragKey, FragValue};
+    if !require_root() {
+        return Ok(());
+    }
+    let pins = PinRoot::new()?;
+    let cfg = DatapathConfig {
+        pins: pins.pins.clone(),
+        ..Default::default()
+    };
+    let mut dp = Datapath::load(&cfg)?;
+    let mut maps = dp.take_maps()?;
+    let now = palisade_dataplane::maps::monotonic_ns();
+    let ct = |sport: u16| CtKey {
+        saddr: be(A),
+        daddr: be(B),
+        sport_be: sport.to_be(),
+        dport_be: 80u16.to_be(),
+        protocol: PROTO_TCP,
+        scope: DIR_INGRESS,
+        _pad: 0,
+    };
+    let value = |expires_ns| CtValue {
+        expires_ns,
+        cookie: 0,
+        tcp_state: 3,
+        flags: 0,
+        _pad: 0,
+    };
+    maps.conntrack.insert(ct(1000), value(now - 1), 0)?;
+    maps.conntrack
+        .insert(ct(1001), value(now + 60_000_000_000), 0)?;
+    let frag = |id: u16| FragKey {
+        saddr: be(A),
+        daddr: be(B),
+        id_be: id.to_be(),
+        protocol: PROTO_TCP,
+        scope: DIR_INGRESS,
+    };
+    maps.fragments.insert(
+        frag(1),
+        FragValue {
+            expires_ns: now - 1,
+            verdict: 1,
+            _pad: 0,
+        },
+        0,
+    )?;
+    maps.fragments.insert(
+        frag(2),
+        FragValue {
+            expires_ns: now + 60_000_000_000,
+            verdict: 1,
+            _pad: 0,
+        },
+        0,
+    )?;
+
+    assert_eq!(maps.gc(palisade_dataplane::maps::monotonic_ns())?, 2);
+    let left: Vec<u16> = maps
+        .conntrack
+        .keys()
+        .filter_map(Result::ok)
+        .map(|k| u16::from_be(k.sport_be))
+        .collect();
+    assert_eq!(left, vec![1001]);
+    let left: Vec<u16> = maps
+        .fragments
+        .keys()
+        .filter_map(Result::ok)
+        .map(|k| u16::from_be(k.id_be))
+        .collect();
+    assert_eq!(left, vec![2]);
+    drop(dp);
+    Ok(())
+}
