@@ -244,7 +244,9 @@ fn spawn_event_reader(
     std::thread::Builder::new()
         .name("flow-events".into())
         .spawn(move || loop {
-            events.wait(Duration::from_millis(500));
+            // The kernel wakes us only for a backlog; poll often enough that
+            // flow records trail their packets by well under a second.
+            events.wait(Duration::from_millis(100));
             let batch = events.drain();
             if batch.is_empty() {
                 continue;

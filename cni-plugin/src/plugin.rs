@@ -99,12 +99,26 @@ pub fn add(ctx: &Ctx) -> Result<Value> {
         // registration, and deregistering an unknown endpoint is harmless.
         done.push(Step::Registration);
         register(ctx, lease.address.ip(), ctx.host_if())?;
+        // Only now, with the programs attached and the pod's policy in the
+        // kernel, does the pod get a carrier and a route: no packet ever
+        // reaches or leaves it unenforced.
+        open_host_side(ctx, &host, lease.address.ip())?;
         Ok(result)
     })();
     match res {
         Ok(r) => Ok(r.to_json(&ctx.conf.cni_version)),
         Err(e) => Err(rolled_back(e, teardown(ctx, &done, Some(&host)))),
     }
+}
+
+/// Bring the host end up and route the pod's address to it.
+fn open_host_side(ctx: &Ctx, host: &Netlink, ip: std::net::Ipv4Addr) -> Result<()> {
+    let host_if = ctx.host_if();
+    let h = host.link(&host_if)?.ok_or_else(|| {
+        CniError::new(error::NETLINK, format!("{host_if} vanished during registration"))
+    })?;
+    host.set_up(h.index)?;
+    host.add_route(ip, 32, None, h.index, true)
 }
 
 /// The ADD error, with what its rollback could not undo.
@@ -219,9 +233,9 @@ fn wire(
     let h = host
         .link(&host_if)?
         .ok_or_else(|| missing(&host_if, "the host"))?;
+    // The host end stays down (the pod has no carrier) until the agent has
+    // attached the programs: see `open_host_side`.
     host.add_address(h.index, gw, 32)?;
-    host.set_up(h.index)?;
-    host.add_route(ip, 32, None, h.index, true)?;
     netlink::enable_ip_forward()?;
 
     Ok(CniResult {

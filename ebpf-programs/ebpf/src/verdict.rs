@@ -493,9 +493,26 @@ fn finish(ep: &EndpointInfo, ifindex: u32, flow: &Flow, d: &Decision) {
                 cookie: d.cookie,
                 _pad: 0,
             });
-            e.submit(0);
+            e.submit(wakeup_flags());
         }
         None => count(reason::EVENTS_LOST),
+    }
+}
+
+/// Waking the reader on every record costs microseconds per new flow; the
+/// agent polls the ring on a short interval instead, and is woken only when
+/// a backlog builds up (bpf_ringbuf_query(BPF_RB_AVAIL_DATA)).
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+const WAKEUP_BACKLOG: u64 = 64 * 1024;
+
+#[inline(always)]
+fn wakeup_flags() -> u64 {
+    if EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BACKLOG {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
     }
 }
 

@@ -35,7 +35,9 @@ impl EventReader {
         out
     }
 
-    /// Block up to `timeout` for data; true when something is readable.
+    /// Block up to `timeout` for data; true when woken. The programs wake
+    /// readers only once a backlog builds up, so drain after every wait,
+    /// woken or not.
     pub fn wait(&self, timeout: Duration) -> bool {
         let mut pfd = libc::pollfd {
             fd: self.ring.as_raw_fd(),
