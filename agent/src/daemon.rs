@@ -348,6 +348,8 @@ impl Agent {
             .insert(entry)
             .context("saving endpoint registry")?;
 
+        let t0 = Instant::now();
+        let mut t_attach = t0;
         let programmed = self.reprogram().and_then(|g| {
             // The endpoint entry must be in the kernel before a program that
             // would otherwise fail closed runs for it.
@@ -357,6 +359,7 @@ impl Agent {
                     r.host_ifname
                 ));
             }
+            t_attach = Instant::now();
             self.dp
                 .attach_pod(&r.host_ifname)
                 .context("attaching programs")?;
@@ -365,8 +368,14 @@ impl Agent {
         match programmed {
             Ok(g) => {
                 info!(
-                    "registered {}/{} ({}, {}) as endpoint {endpoint_id}",
-                    r.namespace, r.pod, r.ipv4, r.host_ifname
+                    "registered {}/{} ({}, {}) as endpoint {endpoint_id} in {:?} (program {:?}, attach {:?})",
+                    r.namespace,
+                    r.pod,
+                    r.ipv4,
+                    r.host_ifname,
+                    t0.elapsed(),
+                    t_attach - t0,
+                    t_attach.elapsed()
                 );
                 Ok((endpoint_id, g))
             }
