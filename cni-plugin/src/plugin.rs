@@ -115,7 +115,10 @@ pub fn add(ctx: &Ctx) -> Result<Value> {
 fn open_host_side(ctx: &Ctx, host: &Netlink, ip: std::net::Ipv4Addr) -> Result<()> {
     let host_if = ctx.host_if();
     let h = host.link(&host_if)?.ok_or_else(|| {
-        CniError::new(error::NETLINK, format!("{host_if} vanished during registration"))
+        CniError::new(
+            error::NETLINK,
+            format!("{host_if} vanished during registration"),
+        )
     })?;
     host.set_up(h.index)?;
     host.add_route(ip, 32, None, h.index, true)
