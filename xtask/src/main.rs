@@ -51,6 +51,13 @@ enum Task {
         #[arg(long)]
         keep: Option<PathBuf>,
     },
+    /// Benchmarks (bench/README.md): report.md, results.json and PNG charts
+    /// in bench-report/. About 10 minutes; --quick takes 1-2.
+    Bench {
+        /// A 1-2 minute smoke run.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -118,6 +125,26 @@ fn run(cli: Cli) -> Result<()> {
             build(&root, false)?;
             step("conformance: NetworkPolicy cases on real packets");
             conformance(&root, &cases, filter.as_deref(), keep.map(abs).as_deref())
+        }
+        Task::Bench { quick } => {
+            setup::run(&root)?;
+            step("build: release binaries the benchmarks run (agent, CNI plugin, bench)");
+            let bins = [
+                "-p",
+                "palisade-agent",
+                "-p",
+                "palisade-cni",
+                "-p",
+                "palisade-bench",
+            ];
+            cargo(&root, &[&["build", "--release"][..], &bins[..]].concat())?;
+            step("bench: writing bench-report/ (report.md, results.json, charts)");
+            let mut args = vec!["run", "--quiet", "--release", "-p", "palisade-bench", "--"];
+            args.extend(["--out", "bench-report"]);
+            if quick {
+                args.push("--quick");
+            }
+            exec_cargo(&root, &args)
         }
     }
 }

@@ -32,6 +32,8 @@ const PACKAGES: &[&str] = &[
     "iperf3",
     "qperf",
     "sockperf",
+    // The benchmark report's PNG charts render text with this font file.
+    "fonts-dejavu-core",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -1,0 +1,1018 @@
+//! The results of one benchmark run: raw samples (serialized whole to
+//! `results.json`) and their rendering as `report.md`. Rendering is pure:
+//! it only reads the structures, so it is unit-tested on made-up numbers.
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::stats::{median, paired_diffs, paired_ratios, percentile, Summary};
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Meta {
+    pub started: String,
+    pub machine: String,
+    pub quick: bool,
+    pub sections: Vec<String>,
+    pub duration_s: f64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Results {
+    pub meta: Meta,
+    pub testrun: Option<Testrun>,
+    pub veth: Option<Veth>,
+    pub update: Option<Update>,
+    pub cni: Option<Cni>,
+    pub memory: Option<Memory>,
+    pub podstart: Option<Podstart>,
+    /// Sections that failed, with the error.
+    pub errors: Vec<(String, String)>,
+    /// PNG files written next to the report (empty without a font).
+    pub plots: Vec<String>,
+    pub plot_note: Option<String>,
+}
+
+// ---- 1. per-packet cost ---------------------------------------------------
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Testrun {
+    pub repeat: u32,
+    pub rounds: usize,
+    pub configs: Vec<TestrunConfig>,
+    pub distinct: Option<DistinctTuples>,
+}
+
+/// Cross-check of "new flow allowed" with genuinely distinct tuples: a
+/// plain SYN with a new source port per call, repeat 1, against the empty
+/// program at repeat 1 (both include one clock read of the kernel's timer).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DistinctTuples {
+    pub policy_entries: usize,
+    pub identities: usize,
+    pub calls_per_round: usize,
+    /// Per round: median ns of one empty-program run.
+    pub empty_ns: Vec<f64>,
+    /// Per round: median ns of one new-flow (allowed SYN) run, events
+    /// consumed as they come.
+    pub new_flow_ns: Vec<f64>,
+    /// The same with the event ring full (no event written, no wakeup),
+    /// and the empty program measured alongside.
+    pub empty_full_ns: Vec<f64>,
+    pub new_flow_full_ns: Vec<f64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TestrunConfig {
+    pub policy_entries: usize,
+    pub identities: usize,
+    /// The empty program, ns per run, one sample per round.
+    pub empty: Vec<f64>,
+    pub scenarios: Vec<Scenario>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Scenario {
+    pub name: String,
+    /// ns per run, one sample per round (same rounds as `empty`).
+    pub ns: Vec<f64>,
+    /// Verdict events the ring buffer could not take, of all this scenario
+    /// produced (new flows only; the drainer thread keeps it low).
+    pub events_lost: u64,
+    pub events: u64,
+}
+
+impl Scenario {
+    pub fn median_ns(&self) -> f64 {
+        median(&self.ns).unwrap_or(f64::NAN)
+    }
+    /// Median over rounds of (this - empty program in the same round).
+    pub fn median_overhead(&self, empty: &[f64]) -> f64 {
+        median(&paired_diffs(&self.ns, empty)).unwrap_or(f64::NAN)
+    }
+}
+
+pub const TESTRUN_TARGET_NS: f64 = 40.0;
+
+// ---- 2. veth ----------------------------------------------------------------
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Veth {
+    pub rounds: usize,
+    pub seconds_per_sample: f64,
+    /// Configuration names in display order: "a", "b-10", ..., "c-10000".
+    pub configs: Vec<String>,
+    pub measures: Vec<VethMeasure>,
+    /// Sanity checks run before measuring (enforcement really on/off).
+    pub checks: Vec<String>,
+    /// Seconds iptables-restore took per chain size, per load.
+    pub iptables_load_s: Vec<(usize, f64)>,
+    /// CPU the agent used while a (b) configuration was measured, as a
+    /// fraction of one CPU, per sample.
+    pub agent_cpu: Vec<(String, f64)>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct VethMeasure {
+    /// "crr", "rr", "stream"
+    pub name: String,
+    pub unit: String,
+    /// (config, one sample per round); a failed sample is NaN.
+    pub samples: Vec<(String, Vec<f64>)>,
+}
+
+impl VethMeasure {
+    pub fn of(&self, config: &str) -> &[f64] {
+        self.samples
+            .iter()
+            .find(|(c, _)| c == config)
+            .map_or(&[], |(_, v)| v.as_slice())
+    }
+    /// Median over rounds of num/den measured in the same round.
+    pub fn ratio(&self, num: &str, den: &str) -> f64 {
+        median(&paired_ratios(self.of(num), self.of(den))).unwrap_or(f64::NAN)
+    }
+}
+
+pub const VETH_B_OVER_A: f64 = 0.95;
+pub const VETH_B_OVER_C_CRR_10K: f64 = 3.0;
+
+// ---- 3. policy update latency ----------------------------------------------
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Update {
+    pub pods: usize,
+    pub namespaces: usize,
+    pub policies: usize,
+    pub local_endpoints: usize,
+    pub identities: usize,
+    pub policy_entries: usize,
+    pub ipcache_entries: usize,
+    pub initial_compile_ms: f64,
+    pub initial_apply_ms: f64,
+    pub kinds: Vec<UpdateKind>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct UpdateKind {
+    /// "policy add", "pod label change", "pod add"
+    pub name: String,
+    pub samples: Vec<UpdateSample>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct UpdateSample {
+    /// Model clone (what the agent's build_model does each time).
+    pub build_ms: f64,
+    pub compile_ms: f64,
+    pub apply_ms: f64,
+    pub total_ms: f64,
+    /// Map writes the sync made.
+    pub writes: usize,
+}
+
+impl UpdateKind {
+    pub fn totals(&self) -> Vec<f64> {
+        self.samples.iter().map(|s| s.total_ms).collect()
+    }
+    pub fn phase(&self, f: impl Fn(&UpdateSample) -> f64) -> Vec<f64> {
+        self.samples.iter().map(f).collect()
+    }
+}
+
+pub const UPDATE_P99_MS: f64 = 100.0;
+
+// ---- 4. CNI -------------------------------------------------------------
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Cni {
+    pub runs: Vec<CniRunSet>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CniRunSet {
+    /// e.g. "sequential", "20 concurrent"
+    pub name: String,
+    pub model: String,
+    pub concurrency: usize,
+    pub add_ms: Vec<f64>,
+    pub del_ms: Vec<f64>,
+    pub add_wall_s: f64,
+    pub del_wall_s: f64,
+    pub failures: usize,
+}
+
+pub const CNI_ADD_P50_MS: f64 = 20.0;
+
+// ---- 5. memory ------------------------------------------------------------
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Memory {
+    pub pods: usize,
+    pub policies: usize,
+    pub namespaces: usize,
+    pub manifest_bytes: u64,
+    pub startup_s: f64,
+    pub policy_entries: u64,
+    pub ipcache_entries: u64,
+    pub identities: usize,
+    pub rss_kib_after_sync: u64,
+    pub local_endpoints: usize,
+    pub rss_kib_with_endpoints: u64,
+    pub hwm_kib: u64,
+    /// VmRSS with endpoints by kind of mapping (KiB).
+    pub rss_breakdown_kib: Vec<(String, u64)>,
+    /// Diagnostic: (after sync, with endpoints) with MALLOC_ARENA_MAX=1.
+    pub one_arena_rss_kib: Option<(u64, u64)>,
+}
+
+pub const RSS_TARGET_KIB: u64 = 64 * 1024;
+
+// ---- 6. pod start -------------------------------------------------------
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Podstart {
+    pub trials: Vec<PodstartTrial>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PodstartTrial {
+    /// "default-deny" (counts) or "no policy (control)".
+    pub policy: String,
+    /// What the agent's model held (how long registration takes).
+    pub model: String,
+    pub udp_sent: u64,
+    pub tcp_syns_sent: u64,
+    /// IPv4 packets from the flooding pod seen on the new pod's interface.
+    pub packets_received: u64,
+    pub udp_received: u64,
+    pub tcp_accepted: u64,
+    pub add_ms: f64,
+    /// When the first / last UDP datagram from the flooder was seen in the
+    /// pod, in ms after ADD started (None: none seen).
+    pub first_udp_ms: Option<f64>,
+    pub last_udp_ms: Option<f64>,
+}
+
+impl Podstart {
+    pub fn leaked(&self) -> u64 {
+        self.trials
+            .iter()
+            .filter(|t| !t.policy.contains("control"))
+            .map(|t| t.packets_received.max(t.udp_received + t.tcp_accepted))
+            .sum()
+    }
+}
+
+// ---- targets ------------------------------------------------------------
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Target {
+    pub metric: String,
+    pub target: String,
+    pub measured: String,
+    /// None when not measured.
+    pub met: Option<bool>,
+}
+
+pub fn fmt_num(x: f64) -> String {
+    if x.is_nan() {
+        return "n/a".into();
+    }
+    let a = x.abs();
+    if a >= 100_000.0 {
+        format!("{:.0}k", x / 1000.0)
+    } else if a >= 10_000.0 {
+        format!("{:.1}k", x / 1000.0)
+    } else if a >= 100.0 {
+        format!("{x:.0}")
+    } else if a >= 10.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.2}")
+    }
+}
+
+fn mark(met: Option<bool>) -> &'static str {
+    match met {
+        Some(true) => "met",
+        Some(false) => "**MISSED**",
+        None => "not measured",
+    }
+}
+
+fn size_label(n: usize) -> String {
+    if n >= 1000 && n.is_multiple_of(1000) {
+        format!("{}k", n / 1000)
+    } else {
+        n.to_string()
+    }
+}
+
+/// Every target of the issue, with what this run measured.
+pub fn targets(r: &Results) -> Vec<Target> {
+    let mut out = Vec::new();
+    let not = |metric: &str, target: &str| Target {
+        metric: metric.into(),
+        target: target.into(),
+        measured: "-".into(),
+        met: None,
+    };
+
+    // 1.
+    let t1 = format!("<= {TESTRUN_TARGET_NS} ns over the empty program at every size");
+    match &r.testrun {
+        Some(t) if !t.configs.is_empty() => {
+            // The ring-full variants are a diagnostic (the path without
+            // writing its event), not a configuration: table only.
+            let names: Vec<String> = t.configs[0]
+                .scenarios
+                .iter()
+                .map(|s| s.name.clone())
+                .filter(|n| !n.contains("ring full"))
+                .collect();
+            for name in names {
+                let overheads: Vec<f64> = t
+                    .configs
+                    .iter()
+                    .filter_map(|c| {
+                        c.scenarios
+                            .iter()
+                            .find(|s| s.name == name)
+                            .map(|s| s.median_overhead(&c.empty))
+                    })
+                    .collect();
+                let worst = overheads.iter().copied().fold(f64::NAN, f64::max);
+                let best = overheads.iter().copied().fold(f64::NAN, f64::min);
+                out.push(Target {
+                    metric: format!("per-packet cost, {name}"),
+                    target: t1.clone(),
+                    measured: format!(
+                        "+{} .. +{} ns (spread {} ns)",
+                        fmt_num(best),
+                        fmt_num(worst),
+                        fmt_num(worst - best)
+                    ),
+                    met: Some(worst <= TESTRUN_TARGET_NS),
+                });
+            }
+        }
+        _ => out.push(not("per-packet cost", &t1)),
+    }
+
+    // 2.
+    match &r.veth {
+        Some(v) => {
+            for m in &v.measures {
+                let bs: Vec<&String> = v.configs.iter().filter(|c| c.starts_with("b-")).collect();
+                let ratios: Vec<(String, f64)> =
+                    bs.iter().map(|b| ((*b).clone(), m.ratio(b, "a"))).collect();
+                let worst = ratios.iter().map(|x| x.1).fold(f64::NAN, f64::min);
+                out.push(Target {
+                    metric: format!("veth {} (b)/(a)", m.name),
+                    target: format!(">= {VETH_B_OVER_A}"),
+                    measured: ratios
+                        .iter()
+                        .map(|(b, x)| format!("{b}: {:.3}", x))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    met: (!worst.is_nan()).then_some(worst >= VETH_B_OVER_A),
+                });
+            }
+            match v.measures.iter().find(|m| m.name == "crr") {
+                Some(m) if v.configs.iter().any(|c| c == "c-10000") => {
+                    let x = m.ratio("b-10000", "c-10000");
+                    out.push(Target {
+                        metric: "veth new connections (b)/(c) at 10k rules".into(),
+                        target: format!(">= {VETH_B_OVER_C_CRR_10K}"),
+                        measured: format!("{x:.2}"),
+                        met: (!x.is_nan()).then_some(x >= VETH_B_OVER_C_CRR_10K),
+                    });
+                }
+                _ => out.push(not("veth new connections (b)/(c) at 10k rules", ">= 3")),
+            }
+        }
+        None => out.push(not("veth rates (b)/(a)", ">= 0.95")),
+    }
+
+    // 3.
+    match &r.update {
+        Some(u) => {
+            for k in &u.kinds {
+                let p99 = percentile(&k.totals(), 99.0).unwrap_or(f64::NAN);
+                out.push(Target {
+                    metric: format!("policy update p99, {}", k.name),
+                    target: format!("<= {UPDATE_P99_MS} ms"),
+                    measured: format!("{} ms", fmt_num(p99)),
+                    met: (!p99.is_nan()).then_some(p99 <= UPDATE_P99_MS),
+                });
+            }
+        }
+        None => out.push(not("policy update p99", "<= 100 ms")),
+    }
+
+    // 4.
+    match &r.cni {
+        Some(c) => {
+            for run in c.runs.iter().filter(|r| !r.model.contains("stub")) {
+                let p50 = median(&run.add_ms).unwrap_or(f64::NAN);
+                out.push(Target {
+                    metric: format!("CNI ADD p50, {} ({})", run.name, run.model),
+                    target: format!("<= {CNI_ADD_P50_MS} ms"),
+                    measured: format!("{} ms", fmt_num(p50)),
+                    met: (!p50.is_nan()).then_some(p50 <= CNI_ADD_P50_MS),
+                });
+            }
+        }
+        None => out.push(not("CNI ADD p50", "<= 20 ms")),
+    }
+
+    // 5.
+    match &r.memory {
+        Some(m) => {
+            let rss = m.rss_kib_with_endpoints.max(m.rss_kib_after_sync);
+            out.push(Target {
+                metric: format!(
+                    "agent VmRSS, {} pods / {} policies",
+                    size_label(m.pods),
+                    size_label(m.policies)
+                ),
+                target: "<= 64 MiB".into(),
+                measured: format!("{:.1} MiB", rss as f64 / 1024.0),
+                met: Some(rss <= RSS_TARGET_KIB),
+            });
+        }
+        None => out.push(not("agent VmRSS", "<= 64 MiB")),
+    }
+
+    // 6.
+    match &r.podstart {
+        Some(p) => {
+            let leaked = p.leaked();
+            let trials = p
+                .trials
+                .iter()
+                .filter(|t| !t.policy.contains("control"))
+                .count();
+            out.push(Target {
+                metric: "packets passed unenforced at pod start".into(),
+                target: "0".into(),
+                measured: format!("{leaked} over {trials} pod starts"),
+                met: Some(leaked == 0),
+            });
+        }
+        None => out.push(not("packets passed unenforced at pod start", "0")),
+    }
+    out
+}
+
+// ---- Markdown ------------------------------------------------------------
+
+pub fn render(r: &Results) -> String {
+    let mut s = String::new();
+    let m = &r.meta;
+    let _ = writeln!(s, "# palisade benchmark report\n");
+    let _ = writeln!(
+        s,
+        "{} run started {}, {:.0} s, on {}. Sections: {}.\n",
+        if m.quick { "Quick (smoke)" } else { "Full" },
+        m.started,
+        m.duration_s,
+        m.machine,
+        m.sections.join(", ")
+    );
+    let _ = writeln!(
+        s,
+        "Configurations are compared inside this run, interleaved round by round; \
+         the numbers are medians over rounds and ratios are medians of per-round ratios. \
+         Raw samples: `results.json`. How to read this: `bench/README.md`.\n"
+    );
+
+    let _ = writeln!(s, "## Targets\n");
+    let _ = writeln!(s, "| metric | target | measured | |");
+    let _ = writeln!(s, "| --- | --- | --- | --- |");
+    for t in targets(r) {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} |",
+            t.metric,
+            t.target,
+            t.measured,
+            mark(t.met)
+        );
+    }
+    s.push('\n');
+    if !r.errors.is_empty() {
+        let _ = writeln!(s, "Sections that failed:\n");
+        for (sec, e) in &r.errors {
+            let _ = writeln!(s, "- **{sec}**: `{}`", e.replace('\n', " "));
+        }
+        s.push('\n');
+    }
+    if let Some(n) = &r.plot_note {
+        let _ = writeln!(s, "_{n}_\n");
+    }
+
+    if let Some(t) = &r.testrun {
+        render_testrun(&mut s, t, r);
+    }
+    if let Some(v) = &r.veth {
+        render_veth(&mut s, v, r);
+    }
+    if let Some(u) = &r.update {
+        render_update(&mut s, u, r);
+    }
+    if let Some(c) = &r.cni {
+        render_cni(&mut s, c, r);
+    }
+    if let Some(m) = &r.memory {
+        render_memory(&mut s, m);
+    }
+    if let Some(p) = &r.podstart {
+        render_podstart(&mut s, p);
+    }
+    s
+}
+
+fn image(s: &mut String, r: &Results, file: &str, alt: &str) {
+    if r.plots.iter().any(|p| p == file) {
+        let _ = writeln!(s, "![{alt}]({file})\n");
+    }
+}
+
+fn render_testrun(s: &mut String, t: &Testrun, r: &Results) {
+    let _ = writeln!(s, "## 1. Per-packet cost (BPF_PROG_TEST_RUN)\n");
+    let _ = writeln!(
+        s,
+        "ns per run as the kernel measures it, repeat {} per sample, {} rounds; \
+         `+x` is the median over rounds of (scenario - empty program) in the same round.\n",
+        t.repeat, t.rounds
+    );
+    let names: Vec<String> = t
+        .configs
+        .first()
+        .map(|c| c.scenarios.iter().map(|s| s.name.clone()).collect())
+        .unwrap_or_default();
+    let _ = write!(s, "| policy entries | identities | empty |");
+    for n in &names {
+        let _ = write!(s, " {n} |");
+    }
+    let _ = write!(s, "\n| ---: | ---: | ---: |");
+    for _ in &names {
+        let _ = write!(s, " ---: |");
+    }
+    s.push('\n');
+    for c in &t.configs {
+        let empty = median(&c.empty).unwrap_or(f64::NAN);
+        let _ = write!(
+            s,
+            "| {} | {} | {} |",
+            size_label(c.policy_entries),
+            size_label(c.identities),
+            fmt_num(empty)
+        );
+        for sc in &c.scenarios {
+            let lost = if sc.events > 0 && sc.events_lost > 0 {
+                format!(
+                    " ({:.0}% ev. lost)",
+                    100.0 * sc.events_lost as f64 / sc.events as f64
+                )
+            } else {
+                String::new()
+            };
+            let _ = write!(
+                s,
+                " {} (+{}){} |",
+                fmt_num(sc.median_ns()),
+                fmt_num(sc.median_overhead(&c.empty)),
+                lost
+            );
+        }
+        s.push('\n');
+    }
+    s.push('\n');
+    if let Some(d) = &t.distinct {
+        let m = |v: &[f64]| fmt_num(median(v).unwrap_or(f64::NAN));
+        let _ = writeln!(
+            s,
+            "Cross-check with genuinely distinct tuples ({} policy entries, {} identities; \
+             a SYN with a new source port per call, {} calls per round, repeat 1, medians): \
+             events consumed: empty {} ns, new flow allowed {} ns (+{}); ring full: empty {} ns, \
+             new flow allowed {} ns (+{}).\n",
+            size_label(d.policy_entries),
+            size_label(d.identities),
+            d.calls_per_round,
+            m(&d.empty_ns),
+            m(&d.new_flow_ns),
+            m(&paired_diffs(&d.new_flow_ns, &d.empty_ns)),
+            m(&d.empty_full_ns),
+            m(&d.new_flow_full_ns),
+            m(&paired_diffs(&d.new_flow_full_ns, &d.empty_full_ns)),
+        );
+    }
+    image(s, r, "testrun.png", "ns per run against map sizes");
+}
+
+fn render_veth(s: &mut String, v: &Veth, r: &Results) {
+    let _ = writeln!(s, "## 2. Through real veths\n");
+    let _ = writeln!(
+        s,
+        "{} rounds, {:.1} s per sample; configurations rotated each round. \
+         (a) no programs attached, (b-N) palisade enforcing the allow rule with N other \
+         entries in its maps, (c-N) an iptables FORWARD chain: conntrack shortcut, N rules, \
+         the allow, drop. Client and server share one CPU (bench/README.md).\n",
+        v.rounds, v.seconds_per_sample
+    );
+    let _ = write!(s, "| measure |");
+    for c in &v.configs {
+        let _ = write!(s, " {c} |");
+    }
+    let _ = write!(s, "\n| --- |");
+    for _ in &v.configs {
+        let _ = write!(s, " ---: |");
+    }
+    s.push('\n');
+    for m in &v.measures {
+        let _ = write!(s, "| {} ({}) |", m.name, m.unit);
+        for c in &v.configs {
+            let _ = write!(s, " {} |", fmt_num(median(m.of(c)).unwrap_or(f64::NAN)));
+        }
+        s.push('\n');
+        let _ = write!(s, "| {} ratio to (a) |", m.name);
+        for c in &v.configs {
+            let _ = write!(s, " {:.3} |", m.ratio(c, "a"));
+        }
+        s.push('\n');
+    }
+    s.push('\n');
+    if let Some(m) = v.measures.iter().find(|m| m.name == "crr") {
+        let pairs: Vec<String> = v
+            .configs
+            .iter()
+            .filter_map(|c| c.strip_prefix("b-"))
+            .filter(|n| v.configs.iter().any(|c| c == &format!("c-{n}")))
+            .map(|n| {
+                format!(
+                    "{}: {:.2}",
+                    size_label(n.parse().unwrap_or(0)),
+                    m.ratio(&format!("b-{n}"), &format!("c-{n}"))
+                )
+            })
+            .collect();
+        if !pairs.is_empty() {
+            let _ = writeln!(
+                s,
+                "New connections, palisade over iptables at the same rule count: {}.\n",
+                pairs.join(", ")
+            );
+        }
+    }
+    if !v.iptables_load_s.is_empty() {
+        let mut by: Vec<(usize, Vec<f64>)> = Vec::new();
+        for (n, t) in &v.iptables_load_s {
+            match by.iter_mut().find(|(k, _)| k == n) {
+                Some((_, ts)) => ts.push(*t),
+                None => by.push((*n, vec![*t])),
+            }
+        }
+        let txt: Vec<String> = by
+            .iter()
+            .map(|(n, ts)| {
+                format!(
+                    "{}: {:.2} s",
+                    size_label(*n),
+                    median(ts).unwrap_or(f64::NAN)
+                )
+            })
+            .collect();
+        let _ = writeln!(s, "iptables-restore time (median): {}.\n", txt.join(", "));
+    }
+    if !v.agent_cpu.is_empty() {
+        let mut by: Vec<(String, Vec<f64>)> = Vec::new();
+        for (c, x) in &v.agent_cpu {
+            match by.iter_mut().find(|(k, _)| k == c) {
+                Some((_, xs)) => xs.push(*x),
+                None => by.push((c.clone(), vec![*x])),
+            }
+        }
+        let txt: Vec<String> = by
+            .iter()
+            .map(|(c, xs)| format!("{c}: {:.0}%", 100.0 * median(xs).unwrap_or(f64::NAN)))
+            .collect();
+        let _ = writeln!(
+            s,
+            "palisade-agent CPU while (b) was measured (median, % of one CPU): {}. \
+             `bs-N` is (b) with the agent stopped (SIGSTOP): same programs and maps, flow events \
+             not read, so they pile up in the ring (past the wakeup backlog every event tries \
+             to wake the reader): what a stalled agent costs the datapath.\n",
+            txt.join(", ")
+        );
+    }
+    if !v.checks.is_empty() {
+        let _ = writeln!(s, "Checks before measuring:\n");
+        for c in &v.checks {
+            let _ = writeln!(s, "- {c}");
+        }
+        s.push('\n');
+    }
+    image(s, r, "veth.png", "ratios to no enforcement");
+}
+
+fn render_update(s: &mut String, u: &Update, r: &Results) {
+    let _ = writeln!(
+        s,
+        "## 3. Policy update latency (in-process, real kernel maps)\n"
+    );
+    let _ = writeln!(
+        s,
+        "Model: {} pods in {} namespaces, {} policies, {} local endpoints \
+         -> {} identities, {} policy entries, {} ipcache entries. \
+         Initial compile {} ms, initial sync {} ms.\n",
+        u.pods,
+        u.namespaces,
+        u.policies,
+        u.local_endpoints,
+        u.identities,
+        u.policy_entries,
+        u.ipcache_entries,
+        fmt_num(u.initial_compile_ms),
+        fmt_num(u.initial_apply_ms)
+    );
+    let _ = writeln!(
+        s,
+        "| change | n | p50 ms | p99 ms | max ms | build p50 | compile p50 | apply p50 | map writes p50 |"
+    );
+    let _ = writeln!(
+        s,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for k in &u.kinds {
+        let t = Summary::of(&k.totals());
+        let p = |f: fn(&UpdateSample) -> f64| fmt_num(median(&k.phase(f)).unwrap_or(f64::NAN));
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            k.name,
+            t.n,
+            fmt_num(t.p50),
+            fmt_num(t.p99),
+            fmt_num(t.max),
+            p(|x| x.build_ms),
+            p(|x| x.compile_ms),
+            p(|x| x.apply_ms),
+            p(|x| x.writes as f64)
+        );
+    }
+    s.push('\n');
+    image(s, r, "update.png", "policy update latency");
+}
+
+fn render_cni(s: &mut String, c: &Cni, r: &Results) {
+    let _ = writeln!(s, "## 4. CNI ADD / DEL latency (real plugin, real agent)\n");
+    let _ = writeln!(
+        s,
+        "| run | model | pods | concurrency | ADD p50 ms | ADD p99 ms | DEL p50 ms | DEL p99 ms | ADDs/s | DELs/s | failures |"
+    );
+    let _ = writeln!(
+        s,
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for run in &c.runs {
+        let a = Summary::of(&run.add_ms);
+        let d = Summary::of(&run.del_ms);
+        let rate = |n: usize, t: f64| if t > 0.0 { n as f64 / t } else { f64::NAN };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            run.name,
+            run.model,
+            run.add_ms.len(),
+            run.concurrency,
+            fmt_num(a.p50),
+            fmt_num(a.p99),
+            fmt_num(d.p50),
+            fmt_num(d.p99),
+            fmt_num(rate(run.add_ms.len(), run.add_wall_s)),
+            fmt_num(rate(run.del_ms.len(), run.del_wall_s)),
+            run.failures
+        );
+    }
+    s.push('\n');
+    image(s, r, "cni.png", "CNI latency");
+}
+
+fn render_memory(s: &mut String, m: &Memory) {
+    let _ = writeln!(s, "## 5. Agent memory\n");
+    let _ = writeln!(
+        s,
+        "The real `palisade-agent` reading {} pods and {} policies in {} namespaces \
+         ({:.1} MiB of YAML), ready (first sync done) {:.1} s after its start: {} identities, \
+         {} ipcache entries; with {} local endpoints, {} policy entries.\n",
+        m.pods,
+        m.policies,
+        m.namespaces,
+        m.manifest_bytes as f64 / (1024.0 * 1024.0),
+        m.startup_s,
+        m.identities,
+        m.ipcache_entries,
+        m.local_endpoints,
+        m.policy_entries
+    );
+    let _ = writeln!(s, "| when | VmRSS MiB |");
+    let _ = writeln!(s, "| --- | ---: |");
+    let _ = writeln!(
+        s,
+        "| after the first sync | {:.1} |",
+        m.rss_kib_after_sync as f64 / 1024.0
+    );
+    let _ = writeln!(
+        s,
+        "| with {} local endpoints registered through the CNI | {:.1} |",
+        m.local_endpoints,
+        m.rss_kib_with_endpoints as f64 / 1024.0
+    );
+    let _ = writeln!(s, "| peak (VmHWM) | {:.1} |", m.hwm_kib as f64 / 1024.0);
+    if let Some((a, b)) = m.one_arena_rss_kib {
+        let _ = writeln!(
+            s,
+            "| diagnostic, MALLOC_ARENA_MAX=1: after sync / with endpoints | {:.1} / {:.1} |",
+            a as f64 / 1024.0,
+            b as f64 / 1024.0
+        );
+    }
+    s.push('\n');
+    if !m.rss_breakdown_kib.is_empty() {
+        let parts: Vec<String> = m
+            .rss_breakdown_kib
+            .iter()
+            .map(|(k, v)| format!("{k} {:.1} MiB", *v as f64 / 1024.0))
+            .collect();
+        let _ = writeln!(
+            s,
+            "VmRSS with endpoints by mapping (/proc/PID/smaps): {}.\n",
+            parts.join(", ")
+        );
+    }
+}
+
+fn render_podstart(s: &mut String, p: &Podstart) {
+    let _ = writeln!(s, "## 6. Packets passed unenforced at pod start\n");
+    let _ = writeln!(
+        s,
+        "Another pod floods the new pod's address (UDP and TCP SYNs) from before CNI ADD \
+         until after it returns; the new pod counts every IPv4 packet from the flooder on any \
+         of its interfaces (AF_PACKET), UDP datagrams and accepted TCP connections. With the \
+         namespace's default deny in force before the pod exists, every one counted passed \
+         unenforced. The control trial has no policy and must count packets (it proves the \
+         counters see traffic).\n"
+    );
+    let _ = writeln!(
+        s,
+        "| agent model | policy | UDP sent | SYNs sent | packets seen | UDP received | TCP accepted | ADD ms | UDP seen at (ms after ADD start) |"
+    );
+    let _ = writeln!(
+        s,
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+    );
+    for t in &p.trials {
+        let when = match (t.first_udp_ms, t.last_udp_ms) {
+            (Some(a), Some(b)) => format!("{a:.1} .. {b:.1}"),
+            _ => "-".into(),
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {when} |",
+            t.model,
+            t.policy,
+            t.udp_sent,
+            t.tcp_syns_sent,
+            t.packets_received,
+            t.udp_received,
+            t.tcp_accepted,
+            fmt_num(t.add_ms)
+        );
+    }
+    s.push('\n');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Results {
+        Results {
+            meta: Meta {
+                started: "now".into(),
+                machine: "2 CPUs".into(),
+                quick: true,
+                sections: vec!["testrun".into()],
+                duration_s: 12.0,
+            },
+            testrun: Some(Testrun {
+                repeat: 1_000_000,
+                rounds: 2,
+                configs: vec![TestrunConfig {
+                    policy_entries: 10_000,
+                    identities: 1000,
+                    empty: vec![26.0, 28.0],
+                    scenarios: vec![
+                        Scenario {
+                            name: "established".into(),
+                            ns: vec![50.0, 54.0],
+                            ..Default::default()
+                        },
+                        Scenario {
+                            name: "new flow".into(),
+                            ns: vec![126.0, 128.0],
+                            events: 100,
+                            events_lost: 10,
+                        },
+                    ],
+                }],
+                distinct: None,
+            }),
+            veth: Some(Veth {
+                rounds: 2,
+                seconds_per_sample: 1.0,
+                configs: vec!["a".into(), "b-10000".into(), "c-10000".into()],
+                measures: vec![VethMeasure {
+                    name: "crr".into(),
+                    unit: "conn/s".into(),
+                    samples: vec![
+                        ("a".into(), vec![10_000.0, 9_000.0]),
+                        ("b-10000".into(), vec![9_800.0, 8_900.0]),
+                        ("c-10000".into(), vec![3_000.0, 3_000.0]),
+                    ],
+                }],
+                ..Default::default()
+            }),
+            podstart: Some(Podstart {
+                trials: vec![
+                    PodstartTrial {
+                        policy: "default-deny".into(),
+                        packets_received: 3,
+                        ..Default::default()
+                    },
+                    PodstartTrial {
+                        policy: "no policy (control)".into(),
+                        packets_received: 500,
+                        ..Default::default()
+                    },
+                ],
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn numbers_are_short_and_readable() {
+        assert_eq!(fmt_num(26.04), "26.0");
+        assert_eq!(fmt_num(4.5678), "4.57");
+        assert_eq!(fmt_num(512.4), "512");
+        assert_eq!(fmt_num(12_345.0), "12.3k");
+        assert_eq!(fmt_num(512_000.0), "512k");
+        assert_eq!(fmt_num(f64::NAN), "n/a");
+        assert_eq!(size_label(10_000), "10k");
+        assert_eq!(size_label(10), "10");
+    }
+
+    #[test]
+    fn targets_are_evaluated_from_paired_medians() {
+        let t = targets(&sample());
+        let find = |m: &str| t.iter().find(|x| x.metric.contains(m)).unwrap().clone();
+        // established: +24 and +26 -> median +25 <= 40.
+        assert_eq!(find("established").met, Some(true));
+        // new flow: +100 -> missed.
+        assert_eq!(find("new flow").met, Some(false));
+        // (b)/(a): 0.98 and 0.989 -> met.
+        assert_eq!(find("veth crr (b)/(a)").met, Some(true));
+        // (b)/(c) at 10k: ~3.1 -> met.
+        let bc = find("(b)/(c)");
+        assert_eq!(bc.met, Some(true));
+        // Leaked packets count only the non-control trials.
+        assert_eq!(find("unenforced").measured, "3 over 1 pod starts");
+        assert_eq!(find("unenforced").met, Some(false));
+        assert_eq!(find("VmRSS").met, None);
+    }
+
+    #[test]
+    fn report_has_every_section_that_ran_and_no_others() {
+        let md = render(&sample());
+        assert!(md.contains("## Targets"));
+        assert!(md.contains("## 1. Per-packet cost"));
+        assert!(md.contains("| 10k | 1k | 27.0 |"), "{md}");
+        assert!(md.contains("(10% ev. lost)"));
+        assert!(md.contains("## 2. Through real veths"));
+        assert!(md.contains("## 6. Packets passed"));
+        assert!(!md.contains("## 3."));
+        assert!(md.contains("**MISSED**"));
+        // No plot files were written: no image links.
+        assert!(!md.contains("!["));
+    }
+
+    #[test]
+    fn results_serialize_to_json() {
+        let v = serde_json::to_value(sample()).unwrap();
+        assert_eq!(v["testrun"]["repeat"], 1_000_000);
+        assert_eq!(v["veth"]["measures"][0]["samples"][0][0], "a");
+    }
+}

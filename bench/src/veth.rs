@@ -1,0 +1,672 @@
+//! Section 2: Through real veths: three identical nodes (a node namespace, a client
+//! and a server pod, wired by the real `palisade` CNI binary), one per
+//! enforcement kind, measured round by round in rotated order:
+//!
+//! * (a) no enforcement: a stub agent accepts the registrations, no
+//!   program is attached;
+//! * (b-N) the real agent enforcing `allow client -> server` on the
+//!   measured ports, with N more policy entries (and N ipcache entries for
+//!   their peers) written straight into its pinned maps for the server;
+//! * (c-N) a stub agent, and in the node's FORWARD chain what an
+//!   iptables-based enforcer installs: conntrack ESTABLISHED,RELATED accept,
+//!   N per-peer/port accepts, the real allow, drop to the server.
+//!
+//! Measures: new connections per second (connect, 1-byte request, 1-byte
+//! response, close; the server closes first and the client reads EOF so no
+//! TIME_WAIT piles up on the client), 1-byte request/response transactions
+//! per second on one connection, and TCP stream throughput (iperf3).
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    process::{Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc, Arc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use aya::maps::{lpm_trie::Key, LpmTrie, Map, MapData, PerCpuArray};
+use palisade_common::{
+    reason, IpcacheValue, PolicyKey, PolicyValue, ACTION_ALLOW, DIR_INGRESS, IDENTITY_WORLD,
+    POLICY_PREFIX_FULL, PROTO_TCP,
+};
+
+use crate::{
+    node::{CniPod, Node},
+    report::{Veth, VethMeasure},
+    stats::rotated,
+    sys::{self, enter_thread, in_netns, ChildGuard},
+};
+
+const CRR_PORT: u16 = 7001;
+const RR_PORT: u16 = 7002;
+const IPERF_PORT: u16 = 7003;
+const DENY_PORT: u16 = 7004;
+const NAMESPACE: &str = "bench";
+/// Client and server threads share one CPU in every configuration: on 2
+/// vCPUs, letting the scheduler place them makes the rates bimodal (a
+/// cross-CPU wakeup is an IPI, a VM exit here), which swamps the effect
+/// measured. The other CPU is left to the agent and everything else.
+const TRAFFIC_CPU: usize = 1;
+
+pub struct Plan {
+    pub rounds: usize,
+    pub secs: f64,
+    pub iperf_secs: u32,
+    pub b_sizes: Vec<usize>,
+    pub c_sizes: Vec<usize>,
+}
+
+impl Plan {
+    pub fn new(quick: bool, rounds: usize) -> Self {
+        if quick {
+            Self {
+                rounds,
+                secs: 0.5,
+                iperf_secs: 1,
+                b_sizes: vec![10_000],
+                c_sizes: vec![10_000],
+            }
+        } else {
+            Self {
+                rounds,
+                secs: 1.5,
+                iperf_secs: 2,
+                b_sizes: vec![10, 1000, 10_000],
+                c_sizes: vec![10, 1000, 10_000],
+            }
+        }
+    }
+}
+
+// ---- servers ----------------------------------------------------------------
+
+/// A TCP server thread in a pod; stopped (listener shut down) on drop.
+struct Server {
+    fd: i32,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    _listener: Arc<TcpListener>,
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    /// Read 1 byte, answer 1 byte, close.
+    Crr,
+    /// Answer each byte with a byte until EOF.
+    Rr,
+    /// Accept and close.
+    Accept,
+}
+
+impl Server {
+    fn start(pod: &CniPod, port: u16, kind: Kind) -> Result<Self> {
+        let path = pod.ns.path();
+        let (tx, rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            sys::pin_thread(TRAFFIC_CPU);
+            let l = match enter_thread(&path)
+                .and_then(|_| Ok(TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?))
+            {
+                Ok(l) => Arc::new(l),
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = tx.send(Ok(l.clone()));
+            for conn in l.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(mut c) = conn else { continue };
+                let _ = c.set_nodelay(true);
+                let mut b = [0u8; 1];
+                match kind {
+                    Kind::Crr => {
+                        if c.read_exact(&mut b).is_ok() {
+                            let _ = c.write_all(&b);
+                        }
+                    }
+                    Kind::Rr => {
+                        let _ = c.set_read_timeout(Some(Duration::from_secs(30)));
+                        while !s.load(Ordering::Relaxed) && c.read_exact(&mut b).is_ok() {
+                            if c.write_all(&b).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    Kind::Accept => {}
+                }
+            }
+        });
+        let listener = rx.recv().context("server thread")??;
+        Ok(Self {
+            fd: listener.as_raw_fd(),
+            stop,
+            thread: Some(thread),
+            _listener: listener,
+        })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // SAFETY: our own listening socket; shutdown wakes a blocked accept.
+        unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+// ---- clients ----------------------------------------------------------------
+
+/// (completed, failed, seconds)
+fn crr(pod: &CniPod, to: Ipv4Addr, secs: f64) -> Result<(u64, u64, f64)> {
+    in_netns(&pod.ns.path(), move || {
+        sys::pin_thread(TRAFFIC_CPU);
+        let addr = SocketAddr::from((to, CRR_PORT));
+        let end = Instant::now() + Duration::from_secs_f64(secs);
+        let t = Instant::now();
+        let (mut ok, mut failed) = (0u64, 0u64);
+        let mut buf = [0u8; 8];
+        while Instant::now() < end && !sys::interrupted() && ok < 1_000_000 {
+            let mut one = || -> std::io::Result<()> {
+                let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+                s.set_read_timeout(Some(Duration::from_secs(1)))?;
+                s.write_all(&[1])?;
+                s.read_exact(&mut buf[..1])?;
+                // The server closes first: wait for its FIN, so the
+                // TIME_WAIT stays on its side.
+                let _ = s.read(&mut buf);
+                Ok(())
+            };
+            match one() {
+                Ok(()) => ok += 1,
+                Err(_) => failed += 1,
+            }
+        }
+        (ok, failed, t.elapsed().as_secs_f64())
+    })
+}
+
+/// (transactions, seconds)
+fn rr(pod: &CniPod, to: Ipv4Addr, secs: f64) -> Result<(u64, f64)> {
+    in_netns(&pod.ns.path(), move || -> Result<(u64, f64)> {
+        sys::pin_thread(TRAFFIC_CPU);
+        let mut s = TcpStream::connect_timeout(&(to, RR_PORT).into(), Duration::from_secs(2))?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut b = [0u8; 1];
+        // Warm the connection up (handshake, first verdicts) untimed.
+        for _ in 0..100 {
+            s.write_all(&b)?;
+            s.read_exact(&mut b)?;
+        }
+        let end = Instant::now() + Duration::from_secs_f64(secs);
+        let t = Instant::now();
+        let mut n = 0u64;
+        while !sys::interrupted() {
+            // Check the clock every 64 transactions.
+            for _ in 0..64 {
+                s.write_all(&b)?;
+                s.read_exact(&mut b)?;
+            }
+            n += 64;
+            if Instant::now() >= end {
+                break;
+            }
+        }
+        Ok((n, t.elapsed().as_secs_f64()))
+    })?
+}
+
+/// Gbit/s received, from iperf3's JSON.
+fn stream(pod: &CniPod, to: Ipv4Addr, secs: u32) -> Result<f64> {
+    let out = in_netns(&pod.ns.path(), move || {
+        Command::new("iperf3")
+            .args(["-c", &to.to_string(), "-p", &IPERF_PORT.to_string()])
+            .args(["-t", &secs.to_string(), "-J"])
+            .args(["-A", &format!("{TRAFFIC_CPU},{TRAFFIC_CPU}")])
+            .stdin(Stdio::null())
+            .output()
+    })??;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stdout)))?;
+    if let Some(e) = v["error"].as_str() {
+        bail!("iperf3: {e}");
+    }
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3: no end.sum_received.bits_per_second")?;
+    Ok(bps / 1e9)
+}
+
+fn connects(pod: &CniPod, to: Ipv4Addr, port: u16) -> Result<bool> {
+    in_netns(&pod.ns.path(), move || {
+        TcpStream::connect_timeout(&(to, port).into(), Duration::from_millis(400)).is_ok()
+    })
+}
+
+// ---- iptables -----------------------------------------------------------------
+
+/// A filler peer address (only a match criterion; nothing is sent there).
+fn filler_peer(k: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 251, 0, 1)) + k as u32)
+}
+
+/// The ruleset an iptables-based enforcer installs for "allow client to
+/// server on `ports`" with `n` other allowed peer/port pairs ahead of it.
+pub fn iptables_rules(n: usize, client: Ipv4Addr, server: Ipv4Addr, ports: &[u16]) -> String {
+    let mut s = String::with_capacity(100 * (n + 8));
+    s.push_str("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n");
+    s.push_str("-A FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n");
+    for k in 0..n {
+        s.push_str(&format!(
+            "-A FORWARD -s {}/32 -d {server}/32 -p tcp -m tcp --dport {} -j ACCEPT\n",
+            filler_peer(k),
+            20000 + (k % 10000)
+        ));
+    }
+    for p in ports {
+        s.push_str(&format!(
+            "-A FORWARD -s {client}/32 -d {server}/32 -p tcp -m tcp --dport {p} -j ACCEPT\n"
+        ));
+    }
+    s.push_str(&format!("-A FORWARD -d {server}/32 -j DROP\nCOMMIT\n"));
+    s
+}
+
+fn iptables_restore(node: &Node, rules: String) -> Result<f64> {
+    let t = Instant::now();
+    let out = node.ns.enter(move || -> Result<std::process::Output> {
+        let mut c = Command::new("iptables-restore")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        c.stdin
+            .take()
+            .context("stdin")?
+            .write_all(rules.as_bytes())?;
+        Ok(c.wait_with_output()?)
+    })??;
+    if !out.status.success() {
+        bail!(
+            "iptables-restore: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+// ---- palisade extra entries -------------------------------------------------
+
+struct Extras {
+    policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    ipcache: LpmTrie<MapData, u32, IpcacheValue>,
+    counters: PerCpuArray<MapData, u64>,
+    endpoint_id: u32,
+    installed: usize,
+}
+
+fn extra_key(endpoint_id: u32, k: usize) -> PolicyKey {
+    PolicyKey {
+        endpoint_id,
+        peer_identity: 0x4000_0000 + k as u32,
+        direction: DIR_INGRESS,
+        protocol: PROTO_TCP,
+        dport_be: (20000 + (k % 10000) as u16).to_be(),
+    }
+}
+
+impl Extras {
+    fn open(pin_root: &std::path::Path, endpoint_id: u32) -> Result<Self> {
+        let maps = pin_root.join("maps");
+        let open = |name: &str| -> Result<MapData> {
+            MapData::from_pin(maps.join(name)).with_context(|| format!("opening pinned {name}"))
+        };
+        Ok(Self {
+            policy: LpmTrie::try_from(Map::LpmTrie(open("POLICY")?))?,
+            ipcache: LpmTrie::try_from(Map::LpmTrie(open("IPCACHE")?))?,
+            counters: PerCpuArray::try_from(Map::PerCpuArray(open("COUNTERS")?))?,
+            endpoint_id,
+            installed: 0,
+        })
+    }
+
+    /// Make exactly `n` extra entries present.
+    fn set(&mut self, n: usize) -> Result<()> {
+        for k in self.installed..n {
+            let peer = u32::from_ne_bytes(filler_peer(k).octets());
+            self.ipcache.insert(
+                &Key::new(32, peer),
+                IpcacheValue {
+                    identity: 0x4000_0000 + k as u32,
+                    cidr_identity: IDENTITY_WORLD,
+                },
+                0,
+            )?;
+            self.policy.insert(
+                &Key::new(POLICY_PREFIX_FULL, extra_key(self.endpoint_id, k)),
+                PolicyValue {
+                    action: ACTION_ALLOW,
+                    cookie: 0,
+                },
+                0,
+            )?;
+        }
+        for k in n..self.installed {
+            let peer = u32::from_ne_bytes(filler_peer(k).octets());
+            self.policy.remove(&Key::new(
+                POLICY_PREFIX_FULL,
+                extra_key(self.endpoint_id, k),
+            ))?;
+            self.ipcache.remove(&Key::new(32, peer))?;
+        }
+        self.installed = n;
+        Ok(())
+    }
+
+    fn policy_allowed(&self) -> Result<u64> {
+        Ok(self
+            .counters
+            .get(&(reason::POLICY_ALLOW as u32), 0)?
+            .iter()
+            .sum())
+    }
+}
+
+/// The agent stopped with SIGSTOP until dropped (then SIGCONT).
+struct Stopped(u32);
+
+impl Stopped {
+    fn new(pid: u32) -> Self {
+        if pid > 0 {
+            // SAFETY: kill(2) of the agent process we started.
+            unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+        }
+        Self(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if self.0 > 0 {
+            // SAFETY: as above.
+            unsafe { libc::kill(self.0 as i32, libc::SIGCONT) };
+        }
+    }
+}
+
+// ---- the section ------------------------------------------------------------
+
+struct Site {
+    node: Node,
+    client: usize,
+    server: usize,
+    _servers: Vec<Server>,
+    _iperf: ChildGuard,
+}
+
+impl Site {
+    fn client(&self) -> &CniPod {
+        &self.node.pods[self.client]
+    }
+    fn server_ip(&self) -> Ipv4Addr {
+        self.node.pods[self.server].ip
+    }
+}
+
+fn manifests() -> Vec<(&'static str, String)> {
+    let pod = |name: &str, app: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {NAMESPACE}\n  labels:\n    app: {app}\nspec:\n  containers:\n  - name: main\n    image: bench\n"
+        )
+    };
+    let policy = format!(
+        "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: allow-client\n  namespace: {NAMESPACE}\nspec:\n  podSelector:\n    matchLabels:\n      app: server\n  policyTypes: [Ingress]\n  ingress:\n  - from:\n    - podSelector:\n        matchLabels:\n          app: client\n    ports:\n    - {{protocol: TCP, port: {CRR_PORT}}}\n    - {{protocol: TCP, port: {RR_PORT}}}\n    - {{protocol: TCP, port: {IPERF_PORT}}}\n"
+    );
+    vec![(
+        "bench.yaml",
+        format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {NAMESPACE}\n{}{}{policy}",
+            pod("client", "client"),
+            pod("server", "server")
+        ),
+    )]
+}
+
+fn site(mut node: Node, subnet: &str) -> Result<Site> {
+    let net = node.network("bench", subnet, None);
+    node.add_pod(&net, NAMESPACE, "client")?;
+    node.add_pod(&net, NAMESPACE, "server")?;
+    node.pods[0]
+        .ns
+        .sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
+    let server = &node.pods[1];
+    let servers = vec![
+        Server::start(server, CRR_PORT, Kind::Crr)?,
+        Server::start(server, RR_PORT, Kind::Rr)?,
+        Server::start(server, DENY_PORT, Kind::Accept)?,
+    ];
+    let iperf = in_netns(&server.ns.path(), || {
+        Command::new("iperf3")
+            .args(["-s", "-p", &IPERF_PORT.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+    })??;
+    let iperf = ChildGuard(iperf);
+    Ok(Site {
+        node,
+        client: 0,
+        server: 1,
+        _servers: servers,
+        _iperf: iperf,
+    })
+}
+
+pub fn run(plan: &Plan) -> Result<Veth> {
+    let a = site(Node::with_stub("pbna")?, "10.200.1.0/24")?;
+    let c = site(Node::with_stub("pbnc")?, "10.200.2.0/24")?;
+    let b = site(Node::with_agent("pbnb", &manifests())?, "10.200.3.0/24")?;
+    sys::sleep(Duration::from_millis(300)); // iperf3 servers listening
+
+    let agent = b.node.agent().context("agent")?;
+    let st = agent.status()?;
+    let server_ep = st
+        .endpoints
+        .iter()
+        .find(|e| e.pod == "server")
+        .context("the agent has no server endpoint")?;
+    anyhow::ensure!(
+        server_ep.ingress_enforced,
+        "the server is not enforced: {st:?}"
+    );
+    let mut extras = Extras::open(&agent.pin_root, server_ep.endpoint_id)?;
+
+    let mut out = Veth {
+        rounds: plan.rounds,
+        seconds_per_sample: plan.secs,
+        ..Default::default()
+    };
+    let mut configs = vec!["a".to_string()];
+    configs.extend(plan.b_sizes.iter().map(|n| format!("b-{n}")));
+    // Diagnostic: (b) with the agent stopped (SIGSTOP): the programs and
+    // maps work on, the flow events are not read and pile up in the ring
+    // (past the wakeup backlog every event tries to wake the reader, until
+    // the ring is full): what a stalled agent costs the datapath.
+    if let Some(n) = plan.b_sizes.iter().max() {
+        configs.push(format!("bs-{n}"));
+    }
+    configs.extend(plan.c_sizes.iter().map(|n| format!("c-{n}")));
+    out.configs = configs.clone();
+
+    // Checks: enforcement really is off in (a) and on in (b) and (c).
+    let (cip, sip) = (c.client().ip, c.server_ip());
+    let first_c = plan.c_sizes.first().copied().unwrap_or(10);
+    let ports = [CRR_PORT, RR_PORT, IPERF_PORT];
+    out.iptables_load_s.push((
+        first_c,
+        iptables_restore(&c.node, iptables_rules(first_c, cip, sip, &ports))?,
+    ));
+    let mut c_loaded = first_c;
+    for (name, s, want_denied) in [("(a)", &a, false), ("(b)", &b, true), ("(c)", &c, true)] {
+        let allowed = connects(s.client(), s.server_ip(), CRR_PORT)?;
+        let denied_port = connects(s.client(), s.server_ip(), DENY_PORT)?;
+        out.checks.push(format!(
+            "{name}: allowed port connects: {allowed}; port {DENY_PORT} (no rule) connects: {denied_port}"
+        ));
+        if !allowed || denied_port == want_denied {
+            bail!("enforcement check failed: {}", out.checks.join("; "));
+        }
+    }
+    // Warm-up, untimed.
+    for s in [&a, &b, &c] {
+        crr(s.client(), s.server_ip(), 0.3)?;
+        rr(s.client(), s.server_ip(), 0.2)?;
+    }
+
+    let mut crr_m = VethMeasure {
+        name: "crr".into(),
+        unit: "conn/s".into(),
+        samples: configs.iter().map(|c| (c.clone(), Vec::new())).collect(),
+    };
+    let mut rr_m = VethMeasure {
+        name: "rr".into(),
+        unit: "trans/s".into(),
+        samples: crr_m.samples.clone(),
+    };
+    let mut st_m = VethMeasure {
+        name: "stream".into(),
+        unit: "Gbit/s".into(),
+        samples: crr_m.samples.clone(),
+    };
+    let push = |m: &mut VethMeasure, cfg: &str, v: f64| {
+        if let Some((_, s)) = m.samples.iter_mut().find(|(c, _)| c == cfg) {
+            s.push(v);
+        }
+    };
+    let mut checked_b = false;
+    for round in 0..plan.rounds {
+        for cfg in rotated(&configs, round) {
+            sys::check()?;
+            let (kind, n) = match cfg.split_once('-') {
+                Some((k, n)) => (k, n.parse::<usize>()?),
+                None => ("a", 0),
+            };
+            let agent_pid = b.node.agent().map_or(0, |a| a.pid());
+            let _stopped = (kind == "bs").then(|| Stopped::new(agent_pid));
+            let s = match kind {
+                "a" => &a,
+                "b" | "bs" => {
+                    extras.set(n)?;
+                    &b
+                }
+                _ => {
+                    if c_loaded != n {
+                        let t = iptables_restore(&c.node, iptables_rules(n, cip, sip, &ports))?;
+                        out.iptables_load_s.push((n, t));
+                        c_loaded = n;
+                    }
+                    &c
+                }
+            };
+            let before = if kind == "b" {
+                extras.policy_allowed()?
+            } else {
+                0
+            };
+            let cpu0 = (kind == "b")
+                .then(|| sys::cpu_seconds(agent_pid))
+                .transpose()?;
+            let t0 = Instant::now();
+            let (ok, failed, secs) = crr(s.client(), s.server_ip(), plan.secs)?;
+            if kind == "b" && !checked_b {
+                let admitted = extras.policy_allowed()? - before;
+                out.checks.push(format!(
+                    "(b): {ok} connections, {admitted} new flows admitted by the policy rule (POLICY_ALLOW counter)"
+                ));
+                checked_b = true;
+            }
+            let crr_rate = if failed > ok / 100 + 5 {
+                eprintln!("    {cfg}: {failed} failed connections; sample dropped");
+                f64::NAN
+            } else {
+                ok as f64 / secs
+            };
+            push(&mut crr_m, &cfg, crr_rate);
+            let rr_rate = match rr(s.client(), s.server_ip(), plan.secs) {
+                Ok((n, secs)) => n as f64 / secs,
+                Err(e) => {
+                    eprintln!("    {cfg}: rr failed: {e:#}");
+                    f64::NAN
+                }
+            };
+            push(&mut rr_m, &cfg, rr_rate);
+            let gbps = match stream(s.client(), s.server_ip(), plan.iperf_secs) {
+                Ok(g) => g,
+                Err(e) => {
+                    eprintln!("    {cfg}: iperf3 failed: {e:#}");
+                    f64::NAN
+                }
+            };
+            push(&mut st_m, &cfg, gbps);
+            if let Some(c0) = cpu0 {
+                let used = sys::cpu_seconds(agent_pid)? - c0;
+                out.agent_cpu
+                    .push((cfg.clone(), used / t0.elapsed().as_secs_f64()));
+            }
+            eprintln!(
+                "    round {}/{} {cfg:>8}: {:>7.0} conn/s {:>7.0} trans/s {:>6.2} Gbit/s",
+                round + 1,
+                plan.rounds,
+                crr_rate,
+                rr_rate,
+                gbps
+            );
+        }
+    }
+    out.measures = vec![crr_m, rr_m, st_m];
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iptables_ruleset_has_the_shortcut_first_and_the_drop_last() {
+        let c = Ipv4Addr::new(10, 200, 2, 2);
+        let s = Ipv4Addr::new(10, 200, 2, 3);
+        let r = iptables_rules(3, c, s, &[7001, 7002]);
+        let lines: Vec<&str> = r.lines().collect();
+        assert_eq!(lines[0], "*filter");
+        assert!(lines[4].contains("--ctstate RELATED,ESTABLISHED -j ACCEPT"));
+        assert_eq!(lines.iter().filter(|l| l.contains("10.251.")).count(), 3);
+        assert!(lines[8].starts_with("-A FORWARD -s 10.200.2.2/32 -d 10.200.2.3/32"));
+        assert!(lines[8].ends_with("--dport 7001 -j ACCEPT"));
+        assert_eq!(
+            lines[lines.len() - 2],
+            "-A FORWARD -d 10.200.2.3/32 -j DROP"
+        );
+        assert_eq!(lines[lines.len() - 1], "COMMIT");
+    }
+
+    #[test]
+    fn filler_peers_are_distinct_and_outside_the_pod_subnets() {
+        assert_eq!(filler_peer(0), Ipv4Addr::new(10, 251, 0, 1));
+        assert_eq!(filler_peer(9999), Ipv4Addr::new(10, 251, 39, 16));
+        assert_ne!(extra_key(5, 1), extra_key(5, 2));
+    }
+}
