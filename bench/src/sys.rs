@@ -4,19 +4,19 @@
 //! the guards get to run. Every address used lives only inside namespaces
 //! these guards create.
 use std::{
-    fs::{self, File},
-    os::fd::AsRawFd,
+    fs,
     path::{Path, PathBuf},
-    process::{Child, Command, Output},
-    sync::atomic::{AtomicBool, AtomicU32, Ordering},
+    process::Child,
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
+// The namespace, scratch-directory and bpffs guards are the test harness's.
+pub use palisade_tests::{agent::TempDir, enter_thread, unique, NetNs, PinRoot};
+
 use anyhow::{bail, Context, Result};
-use palisade_dataplane::Pins;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-static SEQ: AtomicU32 = AtomicU32::new(0);
 
 extern "C" fn on_signal(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
@@ -55,26 +55,6 @@ pub fn sleep(d: Duration) {
     }
 }
 
-/// A short name unique to this process and call, e.g. `pb1234-7`.
-pub fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}{}-{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-pub fn run(cmd: &mut Command) -> Result<Output> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(out)
-}
-
 /// A binary of this workspace, next to this one (`target/release/`).
 pub fn bin(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe().context("own executable path")?;
@@ -88,65 +68,6 @@ pub fn bin(name: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
-/// A named network namespace, deleted on drop.
-pub struct NetNs {
-    pub name: String,
-}
-
-impl NetNs {
-    pub fn new(prefix: &str) -> Result<Self> {
-        let name = unique(prefix);
-        run(Command::new("ip").args(["netns", "add", &name]))?;
-        let ns = Self { name };
-        ns.ip(&["link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-
-    pub fn ip(&self, args: &[&str]) -> Result<Output> {
-        run(Command::new("ip").arg("-n").arg(&self.name).args(args))
-    }
-
-    pub fn path(&self) -> PathBuf {
-        PathBuf::from("/run/netns").join(&self.name)
-    }
-
-    /// Run `f` on a fresh thread inside this namespace; processes it
-    /// spawns start in the namespace too (they inherit the thread's).
-    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-        in_netns(&self.path(), f)
-    }
-
-    /// Write a sysctl of this namespace (`net.ipv4.ip_forward` style key).
-    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
-        let file = PathBuf::from("/proc/sys").join(key.replace('.', "/"));
-        let value = value.to_string();
-        self.enter(move || fs::write(&file, value))?
-            .with_context(|| format!("sysctl {key} in {}", self.name))
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-    }
-}
-
-/// Move the calling thread into the network namespace at `path`.
-pub fn enter_thread(path: &Path) -> Result<()> {
-    let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: valid fd; CLONE_NEWNET only changes this thread's namespace.
-    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        bail!(
-            "setns {}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(())
-}
-
 pub fn in_netns<T: Send + 'static>(
     path: &Path,
     f: impl FnOnce() -> T + Send + 'static,
@@ -158,53 +79,6 @@ pub fn in_netns<T: Send + 'static>(
     })
     .join()
     .map_err(|_| anyhow::anyhow!("thread in netns panicked"))?
-}
-
-/// A scratch directory removed on drop.
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    pub fn new(prefix: &str) -> Result<Self> {
-        let p = std::env::temp_dir().join(unique(prefix));
-        fs::create_dir_all(&p)?;
-        Ok(Self(p))
-    }
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A private pin root in bpffs, removed (links first) on drop.
-pub struct PinRoot {
-    pub pins: Pins,
-}
-
-impl PinRoot {
-    pub fn new() -> Result<Self> {
-        let mounts = fs::read_to_string("/proc/mounts")?;
-        if !mounts
-            .lines()
-            .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
-        {
-            run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
-        }
-        let pins = Pins::new(format!("/sys/fs/bpf/{}", unique("palisade-bench-")));
-        Ok(Self { pins })
-    }
-}
-
-impl Drop for PinRoot {
-    fn drop(&mut self) {
-        if let Err(e) = palisade_dataplane::loader::remove_all(&self.pins) {
-            eprintln!("cleanup of {}: {e}", self.pins.root().display());
-        }
-    }
 }
 
 /// A child process killed (by its PID) and reaped on drop.
