@@ -3,7 +3,6 @@
 //! event reader, source polling, conntrack GC and the metrics endpoint are
 //! tasks around one shared `Agent`.
 use std::{
-    io::{BufRead, BufReader as StdBufReader},
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -422,10 +421,4 @@ async fn serve_http(l: TcpListener, shared: Shared, metrics: Arc<Metrics>) {
             let _ = w.write_all(resp.as_bytes()).await;
         });
     }
-}
-
-/// Read every flow line from a file (observe on the log file itself).
-pub fn read_flow_file(path: &Path) -> Result<Vec<String>> {
-    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    Ok(StdBufReader::new(f).lines().map_while(Result::ok).collect())
 }
