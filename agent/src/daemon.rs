@@ -13,14 +13,18 @@ use std::{
 
 use anyhow::{anyhow, Context, Result};
 use log::{error, info, warn};
-use palisade_api::{EndpointStatus, MapFill, PolicyStatus, Registration, StatusReport};
+use palisade_api::{
+    EndpointStatus, ErrorKind, MapFill, PolicyStatus, Registration, StatusReport,
+};
 use palisade_common::{EP_AUDIT, EP_EGRESS_ENFORCED, EP_INGRESS_ENFORCED};
-use palisade_dataplane::{loader, Datapath, DatapathConfig, MapState, Maps, Pins};
+use palisade_dataplane::{ConntrackGc, DatapathConfig, MapState, Pins, StatsReader};
 use tokio::sync::watch;
 
 use crate::{
     compiler::{Compiled, Compiler},
+    dataplane::{ConntrackFill, Dataplane, KernelDataplane},
     endpoints::{Entry, Registry},
+    error::refuse,
     metrics::Metrics,
     model::{LocalEndpoint, Model, Namespace, ObjectKey, Pod},
     source::Snapshot,
@@ -77,8 +81,10 @@ impl View {
 }
 
 pub struct Agent {
-    dp: Datapath,
-    pub maps: Maps,
+    /// The kernel (or, in tests, `dataplane::memory`).
+    dp: Box<dyn Dataplane>,
+    /// Conntrack fill as of the GC task's last pass.
+    conntrack_fill: ConntrackFill,
     /// Mirror of what the kernel maps hold.
     current: MapState,
     compiler: Compiler,
@@ -112,19 +118,24 @@ impl Agent {
         palisade_dataplane::events::EventReader,
         watch::Receiver<u64>,
     )> {
-        let mut dp = Datapath::load(&DatapathConfig {
+        let (dp, events) = KernelDataplane::load(&DatapathConfig {
             pins: cfg.pins.clone(),
             sizes: cfg.map_sizes.clone(),
         })
         .context("loading the datapath")?;
-        let mut maps = dp.take_maps().context("opening the maps")?;
-        let events = palisade_dataplane::events::EventReader::new(
-            maps.events
-                .take()
-                .ok_or_else(|| anyhow!("events map missing"))?,
-        );
+        let (agent, rx) = Self::with_dataplane(cfg, metrics, Box::new(dp))?;
+        Ok((agent, events, rx))
+    }
+
+    /// `start` on a given dataplane: adopt its pinned links, read its maps
+    /// back, open the registry and forget endpoints whose interface is gone.
+    pub fn with_dataplane(
+        cfg: &Config,
+        metrics: Arc<Metrics>,
+        mut dp: Box<dyn Dataplane>,
+    ) -> Result<(Self, watch::Receiver<u64>)> {
         let adopted = dp.adopt_links().context("adopting pinned links")?;
-        let current = sync::read_back(&maps);
+        let current = dp.read_state();
         let registry = Registry::open(&cfg.state_dir)
             .with_context(|| format!("opening endpoint registry in {}", cfg.state_dir.display()))?;
         info!(
@@ -137,7 +148,7 @@ impl Agent {
         let (tx, rx) = watch::channel(0);
         let mut agent = Self {
             dp,
-            maps,
+            conntrack_fill: ConntrackFill::default(),
             current,
             compiler: Compiler::new(),
             compiled: Arc::default(),
@@ -155,7 +166,7 @@ impl Agent {
         };
         agent.forget_vanished_endpoints();
         agent.prefilter(&cfg.xdp_uplinks, &cfg.xdp_deny)?;
-        Ok((agent, events, rx))
+        Ok((agent, rx))
     }
 
     /// Attach the XDP prefilter to the uplinks and make its deny list
@@ -165,18 +176,12 @@ impl Agent {
             .iter()
             .map(|n| (n.network(), n.prefix() as u32))
             .collect();
-        let have: Vec<(Ipv4Addr, u32)> = self
-            .maps
-            .xdp_deny
-            .keys()
-            .filter_map(Result::ok)
-            .map(|k| (palisade_dataplane::maps::from_be(k.data()), k.prefix_len()))
-            .collect();
+        let have = self.dp.denied_sources();
         for (addr, prefix) in have.iter().filter(|k| !want.contains(k)) {
-            self.maps.allow_source(*addr, *prefix)?;
+            self.dp.allow_source(*addr, *prefix)?;
         }
         for (i, (addr, prefix)) in want.iter().enumerate() {
-            self.maps.deny_source(*addr, *prefix, i as u32 + 1)?;
+            self.dp.deny_source(*addr, *prefix, i as u32 + 1)?;
         }
         for up in uplinks {
             self.dp
@@ -191,7 +196,7 @@ impl Agent {
         let gone: Vec<Entry> = self
             .registry
             .iter()
-            .filter(|e| loader::ifindex(&e.registration.host_ifname).ok() != Some(e.ifindex))
+            .filter(|e| self.dp.ifindex(&e.registration.host_ifname).ok() != Some(e.ifindex))
             .cloned()
             .collect();
         for e in gone {
@@ -204,6 +209,11 @@ impl Agent {
                 error!("updating registry: {err}");
             }
         }
+    }
+
+    /// The source's view, as last applied.
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
     }
 
     pub fn programmed_generation(&self) -> u64 {
@@ -227,7 +237,7 @@ impl Agent {
         let mut m = Model {
             namespaces: self.snapshot.namespaces.clone(),
             pods: self.snapshot.pods.clone(),
-            policies: self.snapshot.policies.clone(),
+            policies: Default::default(),
             endpoints: BTreeMap::new(),
             host_ips: {
                 let mut ips = self.host_ips.clone();
@@ -241,6 +251,9 @@ impl Agent {
             },
             audit: self.audit,
         };
+        for (k, np) in &self.snapshot.policies {
+            m.add_policy(k.clone(), np);
+        }
         for e in self.registry.iter() {
             let r = &e.registration;
             let key = ObjectKey::new(&r.namespace, &r.pod);
@@ -303,7 +316,7 @@ impl Agent {
             .set(compiled.rejected.len() as u64);
 
         let t = Instant::now();
-        let r = sync::apply(&mut self.maps, &mut self.current, &compiled.maps);
+        let r = sync::apply(&mut self.dp, &mut self.current, &compiled.maps);
         self.metrics.sync_seconds.observe(t.elapsed().as_secs_f64());
         self.compiled = compiled;
         self.model = model;
@@ -331,12 +344,14 @@ impl Agent {
     /// CNI ADD: index the pod, write its entries, then attach the programs.
     /// Returns only when the pod's policy is in the kernel.
     pub fn register(&mut self, r: Registration) -> Result<(u32, u64)> {
-        let ifindex = loader::ifindex(&r.host_ifname).with_context(|| {
+        validate(&r)?;
+        let ifindex = self.dp.ifindex(&r.host_ifname).with_context(|| {
             format!(
                 "host interface {} of {}/{}",
                 r.host_ifname, r.namespace, r.pod
             )
         })?;
+        self.settle_claims(&r, ifindex)?;
         let endpoint_id = self.registry.id_for(&r.container_id);
         let previous = self.registry.get(&r.container_id).cloned();
         let entry = Entry {
@@ -365,6 +380,14 @@ impl Agent {
                 .context("attaching programs")?;
             Ok(g)
         });
+        if programmed.is_ok() {
+            self.metrics
+                .registration_program_seconds
+                .observe((t_attach - t0).as_secs_f64());
+            self.metrics
+                .registration_attach_seconds
+                .observe(t_attach.elapsed().as_secs_f64());
+        }
         match programmed {
             Ok(g) => {
                 info!(
@@ -390,6 +413,42 @@ impl Agent {
                 Err(e)
             }
         }
+    }
+
+    /// Another container's registration of the same address or interface.
+    /// A stale one (its interface is gone or was recreated: a DEL that never
+    /// arrived) is forgotten; a live one is a conflict, never overwritten,
+    /// or one pod could take over another's address and its policy.
+    fn settle_claims(&mut self, r: &Registration, ifindex: u32) -> Result<()> {
+        let others: Vec<Entry> = self
+            .registry
+            .iter()
+            .filter(|e| e.registration.container_id != r.container_id)
+            .filter(|e| {
+                e.registration.ipv4 == r.ipv4
+                    || e.registration.host_ifname == r.host_ifname
+                    || e.ifindex == ifindex
+            })
+            .cloned()
+            .collect();
+        for e in others {
+            let o = &e.registration;
+            if self.dp.ifindex(&o.host_ifname).ok() == Some(e.ifindex) {
+                return Err(refuse(
+                    ErrorKind::Conflict,
+                    format!(
+                        "{}/{} ({}, {}) is registered for container {} whose interface {} is still there",
+                        o.namespace, o.pod, o.ipv4, o.host_ifname, o.container_id, o.host_ifname
+                    ),
+                ));
+            }
+            warn!(
+                "forgetting stale endpoint {}/{} (container {}, {}): its interface is gone and {}/{} claims its address or interface",
+                o.namespace, o.pod, o.container_id, o.host_ifname, r.namespace, r.pod
+            );
+            self.deregister(&o.container_id)?;
+        }
+        Ok(())
     }
 
     /// CNI DEL: detach first (the interface may already be gone), then drop
@@ -459,9 +518,14 @@ impl Agent {
         }
     }
 
+    /// Fill levels: endpoint, ipcache and policy from the mirror,
+    /// conntrack from the GC task's last pass (no map walk here).
     pub fn map_fill(&self) -> Vec<MapFill> {
-        let s = &self.maps.sizes;
-        let ct = self.maps.conntrack.keys().count() as u64;
+        let s = self.dp.sizes();
+        let (ct, ct_max) = self
+            .conntrack_fill
+            .last()
+            .map_or((0, s.conntrack), |p| (p.conntrack_entries, p.conntrack_max));
         vec![
             fill(
                 "endpoints",
@@ -470,8 +534,30 @@ impl Agent {
             ),
             fill("ipcache", self.current.ipcache.len() as u64, s.ipcache),
             fill("policy", self.current.policy.len() as u64, s.policy),
-            fill("conntrack", ct, s.conntrack),
+            fill("conntrack", ct, ct_max),
         ]
+    }
+
+    /// A conntrack GC with map handles of its own, for a task of its own,
+    /// and where it publishes each pass for `map_fill`.
+    pub fn conntrack_gc(&self) -> Result<(ConntrackGc, ConntrackFill)> {
+        let pins = self
+            .dp
+            .pins()
+            .ok_or_else(|| anyhow!("this dataplane has no pinned maps"))?;
+        let gc = ConntrackGc::open(pins).context("opening the conntrack maps")?;
+        Ok((gc, self.conntrack_fill.clone()))
+    }
+
+    /// The conntrack fill as of the GC's last pass, readable without the
+    /// agent.
+    pub fn conntrack_fill(&self) -> ConntrackFill {
+        self.conntrack_fill.clone()
+    }
+
+    /// The kernel counters, readable without the agent (for /metrics).
+    pub fn stats_reader(&self) -> Option<StatsReader> {
+        self.dp.stats_reader()
     }
 
     pub fn current(&self) -> &MapState {
@@ -493,4 +579,38 @@ fn fill(name: &str, entries: u64, max: u32) -> MapFill {
         entries,
         max_entries: max as u64,
     }
+}
+
+#[cfg(test)]
+mod tests;
+
+/// Fields a registration must have before anything is looked up.
+fn validate(r: &Registration) -> Result<()> {
+    let bad = |why: String| Err(refuse(ErrorKind::InvalidRequest, why));
+    let id_ok = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 256
+            && s
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+    };
+    if !id_ok(&r.container_id) {
+        return bad(format!("invalid container id {:?}", r.container_id));
+    }
+    if r.namespace.is_empty() || r.pod.is_empty() {
+        return bad("a registration needs the pod's namespace and name".into());
+    }
+    let ifname_ok = (1..=15).contains(&r.host_ifname.len())
+        && !r
+            .host_ifname
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b.is_ascii_control());
+    if !ifname_ok {
+        return bad(format!("invalid host interface name {:?}", r.host_ifname));
+    }
+    let ip = r.ipv4;
+    if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast() {
+        return bad(format!("{ip} cannot be a pod address"));
+    }
+    Ok(())
 }

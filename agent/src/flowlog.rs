@@ -17,7 +17,11 @@ use palisade_common::{
 use palisade_dataplane::maps::{from_be, monotonic_ns};
 use serde::{Deserialize, Serialize};
 
-use crate::{compiler::IdentitySource, daemon::View, model::Labels};
+use crate::{
+    compiler::{IdentitySource, Names, RuleRef},
+    daemon::View,
+    model::{Labels, LocalEndpoint, ObjectKey, Pod},
+};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Peer {
@@ -87,29 +91,25 @@ fn wall_time(ts_ns: u64) -> SystemTime {
     SystemTime::now() - ago
 }
 
-fn peer(view: &View, ip: Ipv4Addr, port: Option<u16>, identity: u32) -> Peer {
+fn peer<N: Names + ?Sized>(view: &N, ip: Ipv4Addr, port: Option<u16>, identity: u32) -> Peer {
     let mut p = Peer {
         ip,
         port,
         identity,
         ..Default::default()
     };
-    if let Some(pod) = view
-        .pods_by_ip
-        .get(&ip)
-        .and_then(|k| view.model.pods.get(k))
-    {
+    if let Some(pod) = view.pod_at(ip) {
         p.kind = "pod".into();
         p.namespace = Some(pod.namespace.clone());
         p.pod = Some(pod.name.clone());
         p.labels = pod.labels.clone();
         return p;
     }
-    p.kind = match (identity, view.compiled.identities.get(&identity)) {
+    p.kind = match (identity, view.identity(identity)) {
         (IDENTITY_HOST, _) => "host",
         (IDENTITY_WORLD, _) => "world",
         (_, Some(IdentitySource::Cidr(_))) => "cidr",
-        _ if view.model.host_ips.contains(&ip) => "host",
+        _ if view.is_host_ip(ip) => "host",
         _ => "world",
     }
     .into();
@@ -117,24 +117,20 @@ fn peer(view: &View, ip: Ipv4Addr, port: Option<u16>, identity: u32) -> Peer {
 }
 
 /// Turn one kernel event into a record, naming what the view knows.
-pub fn record(view: &View, e: &FlowEvent) -> FlowRecord {
+pub fn record<N: Names + ?Sized>(view: &N, e: &FlowEvent) -> FlowRecord {
     let has_ports = matches!(e.protocol, PROTO_TCP | PROTO_UDP | PROTO_SCTP);
     let port = |p: u16| has_ports.then_some(u16::from_be(p));
     let src = peer(view, from_be(e.saddr), port(e.sport_be), e.src_identity);
     let dst = peer(view, from_be(e.daddr), port(e.dport_be), e.dst_identity);
     let endpoint = view
-        .model
-        .endpoints
-        .values()
-        .find(|le| le.endpoint_id == e.endpoint_id)
+        .endpoint_by_id(e.endpoint_id)
         .map(|le| le.key.to_string())
         .unwrap_or_else(|| format!("endpoint-{}", e.endpoint_id));
     let mut policies: Vec<String> = Vec::new();
-    if let Some(r) = view.compiled.cookies.get(&e.cookie) {
+    if let Some(r) = view.cookie(e.cookie) {
         policies.push(r.policy.to_string());
     } else if e.reason == reason::NO_POLICY_MATCH {
         policies = view
-            .compiled
             .isolating(e.endpoint_id, e.direction)
             .iter()
             .map(|k| k.to_string())
@@ -161,6 +157,43 @@ pub fn record(view: &View, e: &FlowEvent) -> FlowRecord {
         dst,
         endpoint,
         policies,
+    }
+}
+
+/// The daemon's view of a full compile (until it publishes the engine's
+/// [`crate::compiler::View`], which answers the same questions).
+impl Names for View {
+    fn cookie(&self, cookie: u32) -> Option<&RuleRef> {
+        self.compiled.cookies.get(&cookie)
+    }
+    fn identity(&self, id: u32) -> Option<&IdentitySource> {
+        self.compiled.identities.get(&id)
+    }
+    fn isolating(&self, endpoint_id: u32, direction: u8) -> &[ObjectKey] {
+        self.compiled.isolating(endpoint_id, direction)
+    }
+    fn pod_at(&self, ip: Ipv4Addr) -> Option<&Pod> {
+        self.pods_by_ip
+            .get(&ip)
+            .and_then(|k| self.model.pods.get(k))
+    }
+    fn pod(&self, key: &ObjectKey) -> Option<&Pod> {
+        self.model.pods.get(key)
+    }
+    fn endpoint_by_id(&self, endpoint_id: u32) -> Option<&LocalEndpoint> {
+        self.model
+            .endpoints
+            .values()
+            .find(|le| le.endpoint_id == endpoint_id)
+    }
+    fn local_endpoint_at(&self, ip: Ipv4Addr) -> Option<&LocalEndpoint> {
+        self.model.endpoints.values().find(|e| e.ipv4 == ip)
+    }
+    fn local_endpoint_of(&self, key: &ObjectKey) -> Option<&LocalEndpoint> {
+        self.model.endpoints.values().find(|e| e.key == *key)
+    }
+    fn is_host_ip(&self, ip: Ipv4Addr) -> bool {
+        self.model.host_ips.contains(&ip)
     }
 }
 

@@ -36,6 +36,18 @@ impl<K: Hash + Eq + Clone> Allocator<K> {
         }
     }
 
+    /// An allocator that already holds `pairs` (numbers from `first` on).
+    pub fn seeded(first: u32, pairs: impl IntoIterator<Item = (K, u32)>) -> Self {
+        let mut a = Self::new(first);
+        for (k, n) in pairs {
+            a.next = a.next.max(n + 1);
+            a.by_key.insert(k, n);
+        }
+        let used: HashSet<u32> = a.by_key.values().copied().collect();
+        a.free = (first..a.next).filter(|n| !used.contains(n)).collect();
+        a
+    }
+
     /// The allocator for label and CIDR identities.
     pub fn identities() -> Self {
         Self::new(IDENTITY_FIRST_DYNAMIC)
@@ -102,9 +114,60 @@ impl<K: Hash + Eq + Clone> Allocator<K> {
     }
 }
 
+/// Numbers for the incremental engine, which knows exactly when a key
+/// appears and disappears. A released number is not handed out again until
+/// [`Pool::flush`] (called once the maps that may still carry it have been
+/// synced), so one sync never sees a number stand for two keys.
+#[derive(Debug, Clone)]
+pub struct Pool {
+    next: u32,
+    free: BTreeSet<u32>,
+    pending: Vec<u32>,
+}
+
+impl Pool {
+    pub fn new(first: u32) -> Self {
+        Self {
+            next: first,
+            free: BTreeSet::new(),
+            pending: Vec::new(),
+        }
+    }
+
+    /// The lowest free number.
+    pub fn take(&mut self) -> u32 {
+        self.free.pop_first().unwrap_or_else(|| {
+            let n = self.next;
+            self.next = self.next.checked_add(1).expect("number pool exhausted");
+            n
+        })
+    }
+
+    /// `n` is no longer in use; reusable after the next flush.
+    pub fn release(&mut self, n: u32) {
+        self.pending.push(n);
+    }
+
+    /// Numbers released so far become reusable.
+    pub fn flush(&mut self) {
+        self.free.extend(self.pending.drain(..));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pool_reuses_numbers_only_after_a_flush() {
+        let mut p = Pool::new(256);
+        assert_eq!(p.take(), 256);
+        assert_eq!(p.take(), 257);
+        p.release(256);
+        assert_eq!(p.take(), 258);
+        p.flush();
+        assert_eq!(p.take(), 256);
+    }
 
     #[test]
     fn numbers_are_stable_across_rounds() {

@@ -1,31 +1,54 @@
 //! The Kubernetes source: kube-rs reflectors over every Pod (remote pod
 //! addresses feed the ipcache), Namespace and NetworkPolicy of the cluster
-//! and over this Node. Any change yields a fresh `Snapshot` from the
-//! stores. Watch restarts and 410 Gone are the watcher's job: it re-lists,
-//! and the store is replaced with what the re-list returns.
-use std::{net::Ipv4Addr, sync::Arc, time::Duration};
+//! and over this Node, merged into one stream of typed events for the
+//! owner's channel. It never applies anything itself.
+//!
+//! - Each watch event becomes [`Change`]s (Apply → upsert, Delete →
+//!   deleted), once a kind-specific predicate ([`Watch::relevant`], a kube
+//!   runtime predicate over exactly what the agent reads) says it changed
+//!   something: a pod's status heartbeat never reaches the owner.
+//! - After every kind's initial list, and after any re-list (the watch
+//!   expired, 410 Gone: `Init` … `InitDone`), a [`SourceEvent::Resync`] built
+//!   from all the reflector stores; the owner diffs it against its view. The
+//!   first event sent is always that first Resync.
+//! - Adding a kind is an `impl Watch` and one `kinds.watch::<K>(…)` line in
+//!   [`spawn`]; [`WATCHED`] (checked against deploy/'s RBAC) stays the one
+//!   list of what is read, and `watch` refuses a kind that is not in it.
+use std::{
+    collections::HashMap,
+    hash::{Hash, Hasher},
+    marker::PhantomData,
+    net::Ipv4Addr,
+    sync::Arc,
+};
 
-use anyhow::{Context, Result};
-use futures::{Stream, StreamExt};
-use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Pod},
-    networking::v1::NetworkPolicy,
+use anyhow::{ensure, Context, Result};
+use futures::{stream::BoxStream, StreamExt};
+use k8s_openapi::{
+    api::{
+        core::v1::{Container, Namespace, Node, NodeStatus, Pod, PodSpec, PodStatus},
+        networking::v1::NetworkPolicy,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
     runtime::{
         reflector::{self, Store},
-        watcher, WatchStreamExt,
+        watcher, Predicate, WatchStreamExt,
     },
     Api, Client, Resource,
 };
 use log::{info, warn};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 
-use crate::{daemon::Shared, model::convert, server::lock, source::Snapshot};
+use crate::{
+    change::{Change, Snapshot, SourceEvent},
+    model::{convert, ObjectKey, AUDIT_ANNOTATION},
+};
 
 /// What the agent reads from the API server. deploy/'s ClusterRole is
-/// checked against this table (deploy/tests), and `watch_cluster` builds its
-/// watchers from the same resources.
+/// checked against this table (deploy/tests), and `spawn` refuses
+/// a kind that is not in it.
 pub struct Watched {
     pub group: &'static str,
     pub resource: &'static str,
@@ -71,34 +94,248 @@ pub async fn node_pod_cidr(node: &str) -> Result<String> {
     })
 }
 
-/// Changes arriving within this window are compiled together.
-const DEBOUNCE: Duration = Duration::from_millis(20);
+/// Starts watching the cluster (this node's addresses too, given its
+/// name). Events go to `tx`: first a Resync once every kind is listed, then
+/// Changes and, after a re-list, Resyncs. The task ends when `tx` closes.
+pub async fn spawn(
+    client: Client,
+    node: Option<String>,
+    tx: mpsc::Sender<SourceEvent>,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let mut kinds = Kinds::default();
+    kinds.watch(Api::<Pod>::all(client.clone()), watcher::Config::default())?;
+    kinds.watch(
+        Api::<Namespace>::all(client.clone()),
+        watcher::Config::default(),
+    )?;
+    kinds.watch(
+        Api::<NetworkPolicy>::all(client.clone()),
+        watcher::Config::default(),
+    )?;
+    if let Some(n) = &node {
+        kinds.watch(
+            Api::<Node>::all(client),
+            watcher::Config::default().fields(&format!("metadata.name={n}")),
+        )?;
+    }
+    info!("watching the Kubernetes API");
+    Ok(tokio::spawn(kinds.run(tx)))
+}
 
-/// Start watching and apply the first complete snapshot before returning,
-/// so the agent reports ready only once it enforces the cluster's policy.
-pub async fn spawn(shared: Shared, node: Option<String>) -> Result<()> {
-    let client = Client::try_default()
-        .await
-        .context("connecting to the Kubernetes API")?;
-    let mut rx = watch_cluster(client, node);
-    let first = rx
-        .recv()
-        .await
-        .context("the Kubernetes watch ended before the first sync")?;
-    let s = shared.clone();
-    tokio::task::spawn_blocking(move || lock(&s).apply_snapshot(first)).await??;
-    tokio::spawn(async move {
-        while let Some(snap) = rx.recv().await {
-            let s = shared.clone();
-            match tokio::task::spawn_blocking(move || lock(&s).apply_snapshot(snap)).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => warn!("applying the cluster view: {e:#}"),
-                Err(e) => warn!("applying the cluster view: {e}"),
+/// A kind the agent watches: what of it is kept, what matters, and the
+/// typed changes it makes.
+pub trait Watch:
+    Resource<DynamicType = ()>
+    + Clone
+    + std::fmt::Debug
+    + serde::de::DeserializeOwned
+    + Send
+    + Sync
+    + 'static
+{
+    /// Drops what the agent never reads before the object reaches the
+    /// reflector's cache (managed fields at least: often most of an
+    /// object's size).
+    fn trim(&mut self) {
+        self.meta_mut().managed_fields = None;
+    }
+
+    /// A hash of what the agent reads of the object (a kube runtime
+    /// [`Predicate`]): an update that leaves it unchanged is not sent.
+    /// None: cannot tell, always sent.
+    fn relevant(&self) -> Option<u64>;
+
+    /// The object as it now is, as a change (None: nothing usable in it).
+    fn applied(&self) -> Option<Change>;
+
+    /// Its deletion.
+    fn deleted(&self) -> Option<Change>;
+
+    /// Adds every object of the kind (a complete list) to a view.
+    fn fill(objects: &[Arc<Self>], view: &mut Snapshot);
+}
+
+fn hash_of(t: &impl Hash) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    t.hash(&mut h);
+    h.finish()
+}
+
+/// Name, namespace, uid and (if `labels`) labels: all the metadata the
+/// agent reads of most kinds.
+fn identity_meta(m: &ObjectMeta, labels: bool) -> ObjectMeta {
+    ObjectMeta {
+        name: m.name.clone(),
+        namespace: m.namespace.clone(),
+        uid: m.uid.clone(),
+        labels: if labels { m.labels.clone() } else { None },
+        ..Default::default()
+    }
+}
+
+impl Watch for Pod {
+    /// Every pod of the cluster is cached: keep labels, addresses, phase,
+    /// hostNetwork and container ports, nothing else.
+    fn trim(&mut self) {
+        self.metadata = identity_meta(&self.metadata, true);
+        self.spec = self.spec.take().map(|s| PodSpec {
+            host_network: s.host_network,
+            containers: s
+                .containers
+                .into_iter()
+                .map(|c| Container {
+                    name: c.name,
+                    ports: c.ports,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        });
+        self.status = self.status.take().map(|s| PodStatus {
+            phase: s.phase,
+            pod_ip: s.pod_ip,
+            pod_ips: s.pod_ips,
+            ..Default::default()
+        });
+    }
+
+    /// Exactly the model's pod: labels, address (podIP, gone once the
+    /// phase is Succeeded/Failed), hostNetwork, container ports.
+    fn relevant(&self) -> Option<u64> {
+        let p = convert::pod(self)?;
+        let ports: Vec<_> = p
+            .ports
+            .iter()
+            .map(|c| (&c.name, c.port, &c.protocol))
+            .collect();
+        Some(hash_of(&(
+            &p.namespace,
+            &p.name,
+            &p.labels,
+            p.ip,
+            p.host_network,
+            ports,
+        )))
+    }
+
+    fn applied(&self) -> Option<Change> {
+        convert::pod(self).map(Change::Pod)
+    }
+
+    fn deleted(&self) -> Option<Change> {
+        convert::key(&self.metadata).map(Change::PodDeleted)
+    }
+
+    fn fill(objects: &[Arc<Self>], view: &mut Snapshot) {
+        for p in objects.iter().filter_map(|p| convert::pod(p)) {
+            view.pods.insert(ObjectKey::new(&p.namespace, &p.name), p);
+        }
+    }
+}
+
+impl Watch for Namespace {
+    fn trim(&mut self) {
+        let audit = self
+            .metadata
+            .annotations
+            .as_mut()
+            .and_then(|a| a.remove(AUDIT_ANNOTATION));
+        self.metadata = identity_meta(&self.metadata, true);
+        self.metadata.annotations = audit.map(|v| [(AUDIT_ANNOTATION.to_string(), v)].into());
+        self.spec = None;
+        self.status = None;
+    }
+
+    fn relevant(&self) -> Option<u64> {
+        let n = convert::namespace(self)?;
+        Some(hash_of(&(&n.name, &n.labels, n.audit)))
+    }
+
+    fn applied(&self) -> Option<Change> {
+        convert::namespace(self).map(Change::Namespace)
+    }
+
+    fn deleted(&self) -> Option<Change> {
+        self.metadata.name.clone().map(Change::NamespaceDeleted)
+    }
+
+    fn fill(objects: &[Arc<Self>], view: &mut Snapshot) {
+        for n in objects.iter().filter_map(|n| convert::namespace(n)) {
+            view.namespaces.insert(n.name.clone(), n);
+        }
+    }
+}
+
+impl Watch for NetworkPolicy {
+    /// The compiler reads the object itself: keep its identity and spec.
+    fn trim(&mut self) {
+        let generation = self.metadata.generation;
+        self.metadata = identity_meta(&self.metadata, true);
+        self.metadata.generation = generation;
+    }
+
+    /// Everything kept (name, labels, spec): an update that changes none of
+    /// it (annotations, status) is not sent.
+    fn relevant(&self) -> Option<u64> {
+        let m = &self.metadata;
+        let spec = serde_json::to_vec(&self.spec).ok()?;
+        Some(hash_of(&(&m.namespace, &m.name, &m.labels, spec)))
+    }
+
+    fn applied(&self) -> Option<Change> {
+        let key = convert::key(&self.metadata)?;
+        Some(Change::Policy(key, Arc::new(self.clone())))
+    }
+
+    fn deleted(&self) -> Option<Change> {
+        convert::key(&self.metadata).map(Change::PolicyDeleted)
+    }
+
+    fn fill(objects: &[Arc<Self>], view: &mut Snapshot) {
+        for np in objects {
+            if let Some(k) = convert::key(&np.metadata) {
+                view.policies.insert(k, np.clone());
             }
         }
-    });
-    info!("watching the Kubernetes API");
-    Ok(())
+    }
+}
+
+/// This node's addresses the agent uses: InternalIP and ExternalIP, IPv4.
+fn node_addresses(n: &Node) -> Vec<Ipv4Addr> {
+    n.status
+        .iter()
+        .flat_map(|st| st.addresses.iter().flatten())
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        .filter_map(|a| a.address.parse().ok())
+        .collect()
+}
+
+impl Watch for Node {
+    /// Only this node is watched, for its addresses.
+    fn trim(&mut self) {
+        self.metadata = identity_meta(&self.metadata, false);
+        self.spec = None;
+        self.status = self.status.take().map(|s| NodeStatus {
+            addresses: s.addresses,
+            ..Default::default()
+        });
+    }
+
+    fn relevant(&self) -> Option<u64> {
+        Some(hash_of(&node_addresses(self)))
+    }
+
+    fn applied(&self) -> Option<Change> {
+        Some(Change::NodeAddresses(node_addresses(self)))
+    }
+
+    fn deleted(&self) -> Option<Change> {
+        Some(Change::NodeAddresses(Vec::new()))
+    }
+
+    fn fill(objects: &[Arc<Self>], view: &mut Snapshot) {
+        view.host_ips = objects.iter().flat_map(|n| node_addresses(n)).collect();
+    }
 }
 
 fn resource_of<K: Resource<DynamicType = ()>>() -> (String, String) {
@@ -110,148 +347,202 @@ fn is_watched<K: Resource<DynamicType = ()>>() -> bool {
     WATCHED.iter().any(|w| w.group == g && w.resource == r)
 }
 
-/// One reflector: keep `store` current and ping `changed` on every event.
-fn reflect<K>(api: Api<K>, cfg: watcher::Config, changed: Arc<Notify>) -> Store<K>
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-{
-    assert!(
-        is_watched::<K>(),
-        "{:?} is not in WATCHED (RBAC)",
-        resource_of::<K>()
-    );
-    let (reader, writer) = reflector::store();
-    let stream = watcher(api, cfg)
-        .default_backoff()
-        .modify(|o: &mut K| {
-            // Only labels, names, addresses and specs matter to policy.
-            let m = o.meta_mut();
-            m.managed_fields = None;
-        })
-        .reflect(writer);
-    tokio::spawn(drive(stream, changed));
-    reader
+/// What one kind's watch contributes to the merged stream.
+#[derive(Debug, PartialEq)]
+enum Step {
+    Changes(Vec<Change>),
+    /// A complete list arrived (first list or re-list): the store is whole.
+    Listed,
+    Nothing,
 }
 
-async fn drive<S, T>(stream: S, changed: Arc<Notify>)
-where
-    S: Stream<Item = Result<T, watcher::Error>> + Send,
-{
-    let mut stream = std::pin::pin!(stream);
-    while let Some(ev) = stream.next().await {
+/// Turns one kind's watch events into steps, dropping applies that the
+/// predicate finds unchanged. kube's own `predicate_filter` works on
+/// decoded objects, where a delete looks like an unchanged apply and would
+/// be dropped too: this one sees the events, and never drops a delete.
+struct EventFilter<K, P> {
+    predicate: P,
+    /// The predicate's value for every object seen.
+    seen: HashMap<Key, u64>,
+    /// During a re-list: the values of the objects listed so far.
+    listing: Option<HashMap<Key, u64>>,
+    kind: PhantomData<fn(&K)>,
+}
+
+/// (namespace, name)
+type Key = (Option<String>, Option<String>);
+
+fn key_of<K: Resource>(obj: &K) -> Key {
+    let m = obj.meta();
+    (m.namespace.clone(), m.name.clone())
+}
+
+impl<K: Watch, P: Predicate<K>> EventFilter<K, P> {
+    fn new(predicate: P) -> Self {
+        Self {
+            predicate,
+            seen: HashMap::new(),
+            listing: None,
+            kind: PhantomData,
+        }
+    }
+
+    fn step(&mut self, ev: watcher::Event<K>) -> Step {
         match ev {
-            Ok(_) => changed.notify_one(),
-            Err(e) => warn!("kubernetes watch: {e} (retrying with backoff)"),
+            watcher::Event::Apply(obj) => {
+                let key = key_of(&obj);
+                if let Some(h) = self.predicate.hash_property(&obj) {
+                    if self.seen.insert(key, h) == Some(h) {
+                        return Step::Nothing;
+                    }
+                }
+                Step::Changes(obj.applied().into_iter().collect())
+            }
+            watcher::Event::Delete(obj) => {
+                self.seen.remove(&key_of(&obj));
+                Step::Changes(obj.deleted().into_iter().collect())
+            }
+            watcher::Event::Init => {
+                self.listing = Some(HashMap::new());
+                Step::Nothing
+            }
+            watcher::Event::InitApply(obj) => {
+                if let Some(h) = self.predicate.hash_property(&obj) {
+                    self.listing
+                        .get_or_insert_with(HashMap::new)
+                        .insert(key_of(&obj), h);
+                }
+                Step::Nothing
+            }
+            watcher::Event::InitDone => {
+                self.seen = self.listing.take().unwrap_or_default();
+                Step::Listed
+            }
         }
     }
 }
 
-/// Watch the cluster; every burst of changes yields one `Snapshot`.
-pub fn watch_cluster(client: Client, node: Option<String>) -> mpsc::Receiver<Snapshot> {
-    let changed = Arc::new(Notify::new());
-    let pods = reflect(
-        Api::<Pod>::all(client.clone()),
-        watcher::Config::default(),
-        changed.clone(),
-    );
-    let namespaces = reflect(
-        Api::<Namespace>::all(client.clone()),
-        watcher::Config::default(),
-        changed.clone(),
-    );
-    let policies = reflect(
-        Api::<NetworkPolicy>::all(client.clone()),
-        watcher::Config::default(),
-        changed.clone(),
-    );
-    let node_cfg = match &node {
-        Some(n) => watcher::Config::default().fields(&format!("metadata.name={n}")),
-        None => watcher::Config::default(),
-    };
-    let nodes = node
-        .as_ref()
-        .map(|_| reflect(Api::<Node>::all(client), node_cfg, changed.clone()));
+type Fill = Box<dyn Fn(&mut Snapshot) + Send + Sync>;
 
-    let (tx, rx) = mpsc::channel(4);
-    tokio::spawn(async move {
-        // The first snapshot waits for every initial list.
-        let _ = pods.wait_until_ready().await;
-        let _ = namespaces.wait_until_ready().await;
-        let _ = policies.wait_until_ready().await;
-        if let Some(n) = &nodes {
-            let _ = n.wait_until_ready().await;
+/// The watched kinds: one merged event stream, and how to build a whole
+/// view from their stores.
+#[derive(Default)]
+struct Kinds {
+    streams: Vec<BoxStream<'static, (usize, Step)>>,
+    fills: Vec<Fill>,
+}
+
+impl Kinds {
+    /// Adds a reflector over `api`.
+    fn watch<K: Watch>(&mut self, api: Api<K>, cfg: watcher::Config) -> Result<()> {
+        ensure!(
+            is_watched::<K>(),
+            "{:?} is not in WATCHED (the RBAC the agent is given)",
+            resource_of::<K>()
+        );
+        let index = self.streams.len();
+        let (store, writer): (Store<K>, _) = reflector::store();
+        let mut filter = EventFilter::new(K::relevant);
+        let plural = K::plural(&()).to_string();
+        let stream = watcher(api, cfg)
+            .default_backoff()
+            .modify(K::trim)
+            .reflect(writer)
+            .map(move |ev| {
+                let step = match ev {
+                    Ok(ev) => filter.step(ev),
+                    Err(e) => {
+                        warn!("kubernetes watch of {plural}: {e} (retrying with backoff)");
+                        Step::Nothing
+                    }
+                };
+                (index, step)
+            })
+            .boxed();
+        self.streams.push(stream);
+        self.fills
+            .push(Box::new(move |view| K::fill(&store.state(), view)));
+        Ok(())
+    }
+
+    /// The whole view, from the stores.
+    fn view(fills: &[Fill]) -> Snapshot {
+        let mut view = Snapshot::default();
+        for fill in fills {
+            fill(&mut view);
         }
-        loop {
-            let snap = snapshot(&pods, &namespaces, &policies, nodes.as_ref());
-            if tx.send(snap).await.is_err() {
+        view
+    }
+
+    /// Drives every watch and sends what they say. One task polls all the
+    /// reflectors, so the stores hold exactly the events seen here: a Resync
+    /// built from them never undoes a change sent before it.
+    async fn run(self, tx: mpsc::Sender<SourceEvent>) {
+        let Kinds { streams, fills } = self;
+        let mut listed = vec![false; fills.len()];
+        // Events that arrived together make one channel message.
+        let mut events = futures::stream::select_all(streams).ready_chunks(256);
+        while let Some(chunk) = events.next().await {
+            let mut changes = Vec::new();
+            let mut relisted = false;
+            for (kind, step) in chunk {
+                match step {
+                    Step::Changes(c) => changes.extend(c),
+                    Step::Listed => {
+                        listed[kind] = true;
+                        relisted = true;
+                    }
+                    Step::Nothing => {}
+                }
+            }
+            // Until every kind is listed, the first Resync will carry it all;
+            // a Resync also covers the changes that came with it (the stores
+            // already hold them).
+            let ev = if !listed.iter().all(|l| *l) {
+                continue;
+            } else if relisted {
+                SourceEvent::Resync(Self::view(&fills))
+            } else if changes.is_empty() {
+                continue;
+            } else {
+                SourceEvent::Changes(changes)
+            };
+            if tx.send(ev).await.is_err() {
                 return;
             }
-            changed.notified().await;
-            tokio::time::sleep(DEBOUNCE).await;
-        }
-    });
-    rx
-}
-
-fn snapshot(
-    pods: &Store<Pod>,
-    namespaces: &Store<Namespace>,
-    policies: &Store<NetworkPolicy>,
-    nodes: Option<&Store<Node>>,
-) -> Snapshot {
-    let mut s = Snapshot::default();
-    for ns in namespaces.state() {
-        if let Some(n) = convert::namespace(&ns) {
-            s.namespaces.insert(n.name.clone(), n);
         }
     }
-    for p in pods.state() {
-        if let Some(p) = convert::pod(&p) {
-            s.pods
-                .insert(crate::model::ObjectKey::new(&p.namespace, &p.name), p);
-        }
-    }
-    for np in policies.state() {
-        if let Some(k) = convert::key(&np.metadata) {
-            s.policies.insert(k, (*np).clone());
-        }
-    }
-    if let Some(nodes) = nodes {
-        s.host_ips = nodes
-            .state()
-            .iter()
-            .flat_map(|n| n.status.iter().flat_map(|st| st.addresses.iter().flatten()))
-            .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
-            .filter_map(|a| a.address.parse::<Ipv4Addr>().ok())
-            .collect();
-    }
-    s
 }
 
 #[cfg(test)]
 mod tests {
     //! Recorded API-server responses through a tower-test mock service: the
-    //! only mock in the project, because no API server runs on these machines.
-    use std::collections::BTreeSet;
+    //! only mock in the project, because no API server runs on these
+    //! machines. The event filter is also fed `watcher::Event`s directly, as
+    //! kube-runtime's own tests do.
+    use std::{collections::BTreeSet, time::Duration};
 
     use http::{Request, Response};
     use kube::client::Body;
     use serde_json::{json, Value};
+    use tokio::sync::watch;
     use tower_test::mock::{self, Handle};
 
     use super::*;
 
-    fn pod(name: &str, ip: &str, app: &str) -> Value {
+    fn pod(name: &str, ip: &str, app: &str, rv: &str) -> Value {
         json!({"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": "default", "labels": {"app": app}, "resourceVersion": "1"},
-            "spec": {"containers": [{"name": "c", "ports": [{"name": "http", "containerPort": 80}]}]},
+            "metadata": {"name": name, "namespace": "default", "labels": {"app": app}, "resourceVersion": rv,
+                "managedFields": [{"manager": "kubelet", "operation": "Update", "apiVersion": "v1"}]},
+            "spec": {"containers": [{"name": "c", "image": "busybox", "ports": [{"name": "http", "containerPort": 80}]}]},
             "status": {"podIP": ip, "phase": "Running"}})
+    }
+
+    fn node(rv: &str, ip: &str, ready: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1", "resourceVersion": rv},
+            "status": {"addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": "n1"},
+                {"type": "InternalIP", "address": "fd00::1"}],
+                "conditions": [{"type": "Ready", "status": ready}]}})
     }
 
     fn list(kind: &str, rv: &str, items: Vec<Value>) -> Vec<u8> {
@@ -270,37 +561,72 @@ mod tests {
             .collect()
     }
 
-    /// Serve a scripted API server: lists by resource (the pods list changes
-    /// after the first one), one scripted watch per resource, and watches
-    /// that stay open afterwards.
-    async fn api_server(mut handle: Handle<Request<Body>, Response<Body>>) {
+    /// A scripted API server. Lists by resource (the pods list changes after
+    /// the first one). The first pods and nodes watches answer once `go` is
+    /// set (the test saw the first Resync), the pods one ending in 410 Gone;
+    /// later watches stay open with nothing to say.
+    async fn api_server(
+        mut handle: Handle<Request<Body>, Response<Body>>,
+        go: watch::Receiver<bool>,
+    ) {
         let mut pod_lists = 0;
-        let mut pod_watches = 0;
+        let (mut pod_watches, mut node_watches) = (0, 0);
         let mut held = Vec::new();
         while let Some((req, send)) = handle.next_request().await {
             let uri = req.uri().to_string();
             let watch = uri.contains("watch=true");
+            let script = if uri.starts_with("/api/v1/pods") && watch && pod_watches == 0 {
+                pod_watches += 1;
+                let mut status_only = pod("a", "10.0.0.1", "web", "11");
+                status_only["status"]["conditions"] = json!([{"type": "Ready", "status": "True"}]);
+                status_only["metadata"]["annotations"] = json!({"restartedAt": "now"});
+                Some(events(&[
+                    json!({"type": "ADDED", "object": pod("b", "10.0.0.2", "db", "12")}),
+                    json!({"type": "MODIFIED", "object": status_only}),
+                    json!({"type": "MODIFIED", "object": pod("a", "10.0.0.1", "web2", "13")}),
+                    json!({"type": "DELETED", "object": pod("c", "10.0.0.3", "cache", "14")}),
+                    json!({"type": "ERROR", "object": {"apiVersion": "v1", "kind": "Status", "status": "Failure",
+                        "code": 410, "reason": "Expired", "message": "too old resource version"}}),
+                ]))
+            } else if uri.starts_with("/api/v1/nodes") && watch && node_watches == 0 {
+                node_watches += 1;
+                Some(events(&[
+                    // Only a condition changed: dropped.
+                    json!({"type": "MODIFIED", "object": node("6", "192.0.2.10", "False")}),
+                    json!({"type": "MODIFIED", "object": node("7", "192.0.2.11", "False")}),
+                ]))
+            } else {
+                None
+            };
+            if let Some(body) = script {
+                let mut go = go.clone();
+                tokio::spawn(async move {
+                    let _ = go.wait_for(|g| *g).await;
+                    send.send_response(Response::new(Body::from(body)));
+                });
+                continue;
+            }
             let body = if uri.starts_with("/api/v1/pods") && !watch {
                 pod_lists += 1;
                 if pod_lists == 1 {
-                    list("PodList", "10", vec![pod("a", "10.0.0.1", "web")])
+                    list(
+                        "PodList",
+                        "10",
+                        vec![
+                            pod("a", "10.0.0.1", "web", "9"),
+                            pod("c", "10.0.0.3", "cache", "8"),
+                        ],
+                    )
                 } else {
-                    // After 410 Gone: `a` was deleted while we were not watching.
-                    list("PodList", "20", vec![pod("b", "10.0.0.2", "db")])
+                    // After 410 Gone: `a` was deleted while nobody watched.
+                    list("PodList", "20", vec![pod("b", "10.0.0.2", "db", "12")])
                 }
-            } else if uri.starts_with("/api/v1/pods") && watch && pod_watches == 0 {
-                pod_watches += 1;
-                events(&[
-                    json!({"type": "ADDED", "object": pod("b", "10.0.0.2", "db")}),
-                    json!({"type": "ERROR", "object": {"apiVersion": "v1", "kind": "Status", "status": "Failure",
-                        "code": 410, "reason": "Expired", "message": "too old resource version"}}),
-                ])
             } else if uri.starts_with("/api/v1/namespaces") && !watch {
                 list(
                     "NamespaceList",
                     "3",
                     vec![json!({"apiVersion": "v1", "kind": "Namespace",
-                    "metadata": {"name": "default", "labels": {"team": "x"}}})],
+                        "metadata": {"name": "default", "labels": {"team": "x"}}})],
                 )
             } else if uri.starts_with("/apis/networking.k8s.io/v1/networkpolicies") && !watch {
                 list(
@@ -308,21 +634,16 @@ mod tests {
                     "4",
                     vec![
                         json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-                    "metadata": {"name": "deny", "namespace": "default"}, "spec": {"podSelector": {}}}),
+                        "metadata": {"name": "deny", "namespace": "default", "generation": 1, "resourceVersion": "4",
+                            "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"},
+                            "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
+                        "spec": {"podSelector": {}}}),
                     ],
                 )
             } else if uri.starts_with("/api/v1/nodes") && !watch {
                 assert!(uri.contains("fieldSelector=metadata.name%3Dn1"), "{uri}");
-                list(
-                    "NodeList",
-                    "5",
-                    vec![
-                        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"},
-                    "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.10"}, {"type": "Hostname", "address": "n1"}]}}),
-                    ],
-                )
+                list("NodeList", "5", vec![node("5", "192.0.2.10", "True")])
             } else {
-                // Later watches stay open with nothing to say.
                 held.push(send);
                 continue;
             };
@@ -334,48 +655,179 @@ mod tests {
         s.pods.keys().map(|k| k.name.clone()).collect()
     }
 
-    #[tokio::test]
-    async fn snapshots_follow_watch_events_and_relist_after_410_gone() {
-        let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
-        tokio::spawn(api_server(handle));
-        let mut rx = watch_cluster(Client::new(svc, "default"), Some("n1".into()));
+    fn set(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
 
-        let mut seen = Vec::new();
+    #[tokio::test]
+    async fn typed_events_follow_the_watch_and_a_relist_after_410_gone_resyncs() {
+        let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let (go, go_rx) = watch::channel(false);
+        tokio::spawn(api_server(handle, go_rx));
+        let (tx, mut rx) = mpsc::channel(16);
+        let task = spawn(Client::new(svc, "default"), Some("n1".into()), tx)
+            .await
+            .unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while let Ok(Some(s)) = tokio::time::timeout_at(deadline, rx.recv()).await {
-            let done = names(&s) == BTreeSet::from(["b".to_string()]);
-            seen.push(s);
-            if done {
-                break;
-            }
-        }
-        let first = &seen[0];
+        let mut recv = async || {
+            tokio::time::timeout_at(deadline, rx.recv())
+                .await
+                .expect("an event in time")
+                .expect("the source runs")
+        };
+
+        // First: one Resync, once every kind is listed.
+        let SourceEvent::Resync(first) = recv().await else {
+            panic!("the first event is a Resync")
+        };
+        assert_eq!(names(&first), set(&["a", "c"]), "initial list");
+        let ns = &first.namespaces["default"];
+        assert_eq!(ns.labels["kubernetes.io/metadata.name"], "default");
+        assert_eq!(ns.labels["team"], "x");
+        let np = &first.policies[&ObjectKey::new("default", "deny")];
+        assert_eq!(np.metadata.managed_fields, None, "managed fields stripped");
+        assert_eq!(np.metadata.annotations, None);
+        assert_eq!(np.metadata.generation, Some(1));
         assert_eq!(
-            names(first),
-            BTreeSet::from(["a".to_string()]),
-            "initial list"
+            first.host_ips,
+            vec![Ipv4Addr::new(192, 0, 2, 10)],
+            "IPv4 only"
         );
-        assert_eq!(
-            first.namespaces["default"].labels["kubernetes.io/metadata.name"],
-            "default"
-        );
-        assert_eq!(first.namespaces["default"].labels["team"], "x");
-        assert_eq!(first.policies.len(), 1);
-        assert_eq!(first.host_ips, vec![Ipv4Addr::new(192, 0, 2, 10)]);
-        let a = &first.pods.values().next().unwrap();
+        let a = &first.pods[&ObjectKey::new("default", "a")];
         assert_eq!(a.ip, Some(Ipv4Addr::new(10, 0, 0, 1)));
         assert_eq!(a.ports[0].name.as_deref(), Some("http"));
-        assert!(
-            seen.iter().any(|s| names(s).len() == 2),
-            "the ADDED event was applied: {:?}",
-            seen.iter().map(names).collect::<Vec<_>>()
-        );
-        let last = seen.last().unwrap();
+
+        // Then the watch events, as typed changes; the status-only update
+        // of `a` and the condition-only update of the node are not among
+        // them.
+        go.send(true).unwrap();
+        let mut view = first.clone();
+        let mut changes = Vec::new();
+        let last = loop {
+            match recv().await {
+                SourceEvent::Changes(c) => {
+                    c.iter().for_each(|c| view.apply(c));
+                    changes.extend(c);
+                }
+                SourceEvent::Resync(s) => break s,
+            }
+        };
+        let pod_changes: Vec<String> = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Pod(p) => Some(format!("{} app={}", p.name, p.labels["app"])),
+                Change::PodDeleted(k) => Some(format!("{} deleted", k.name)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(pod_changes, ["b app=db", "a app=web2", "c deleted"]);
+        let node_changes: Vec<&Change> = changes
+            .iter()
+            .filter(|c| matches!(c, Change::NodeAddresses(_)))
+            .collect();
         assert_eq!(
-            names(last),
-            BTreeSet::from(["b".to_string()]),
-            "the relist after 410 replaced the store"
+            node_changes,
+            [&Change::NodeAddresses(vec![Ipv4Addr::new(192, 0, 2, 11)])]
         );
+        assert_eq!(changes.len(), 4, "{changes:?}");
+        assert_eq!(names(&view), set(&["a", "b"]));
+
+        // The re-list after 410 Gone: a Resync from every store, which the
+        // owner diffs against its view (`a` went while nobody watched).
+        assert_eq!(names(&last), set(&["b"]), "the re-list replaced the store");
+        assert_eq!(last.host_ips, vec![Ipv4Addr::new(192, 0, 2, 11)]);
+        assert_eq!(last.policies.len(), 1);
+        assert_eq!(
+            view.changes_to(&last),
+            [Change::PodDeleted(ObjectKey::new("default", "a"))]
+        );
+        drop(rx);
+        task.abort();
+    }
+
+    fn pod_object(v: Value) -> Pod {
+        let mut p: Pod = serde_json::from_value(v).unwrap();
+        p.trim();
+        p
+    }
+
+    #[test]
+    fn the_predicate_passes_what_the_agent_reads_and_drops_the_rest() {
+        let mut f = EventFilter::new(Pod::relevant);
+        let base = pod("a", "10.0.0.1", "web", "1");
+        let apply = |f: &mut EventFilter<Pod, _>, v: &Value| {
+            f.step(watcher::Event::Apply(pod_object(v.clone())))
+        };
+
+        assert_eq!(f.step(watcher::Event::Init), Step::Nothing);
+        assert_eq!(
+            f.step(watcher::Event::InitApply(pod_object(base.clone()))),
+            Step::Nothing
+        );
+        assert_eq!(f.step(watcher::Event::InitDone), Step::Listed);
+
+        // Status-only, annotations, resourceVersion, image: nothing read.
+        let mut v = base.clone();
+        v["metadata"]["resourceVersion"] = json!("2");
+        v["metadata"]["annotations"] = json!({"x": "y"});
+        v["status"]["conditions"] = json!([{"type": "Ready", "status": "True"}]);
+        v["status"]["startTime"] = json!("2026-01-01T00:00:00Z");
+        v["spec"]["containers"][0]["image"] = json!("busybox:2");
+        assert_eq!(apply(&mut f, &v), Step::Nothing);
+
+        // What the agent reads: each passes once.
+        let mut cases = Vec::new();
+        let mut v = base.clone();
+        v["metadata"]["labels"]["tier"] = json!("1");
+        cases.push(v.clone());
+        v["status"]["podIP"] = json!("10.0.0.9");
+        cases.push(v.clone());
+        v["spec"]["hostNetwork"] = json!(true);
+        cases.push(v.clone());
+        v["spec"]["containers"][0]["ports"][0]["containerPort"] = json!(81);
+        cases.push(v.clone());
+        v["status"]["phase"] = json!("Succeeded");
+        cases.push(v.clone());
+        for v in &cases {
+            let Step::Changes(c) = apply(&mut f, v) else {
+                panic!("{v} was dropped")
+            };
+            assert!(matches!(&c[..], [Change::Pod(_)]), "{c:?}");
+            assert_eq!(apply(&mut f, v), Step::Nothing, "the same again");
+        }
+
+        // A delete always passes, though the object is unchanged.
+        assert_eq!(
+            f.step(watcher::Event::Delete(pod_object(cases[4].clone()))),
+            Step::Changes(vec![Change::PodDeleted(ObjectKey::new("default", "a"))])
+        );
+        // ... and forgets the object: the same pod again is news.
+        assert!(matches!(apply(&mut f, &cases[4]), Step::Changes(_)));
+    }
+
+    #[test]
+    fn trimming_keeps_what_the_agent_reads() {
+        let mut v = pod("a", "10.0.0.1", "web", "1");
+        v["metadata"]["annotations"] = json!({"x": "y"});
+        v["spec"]["containers"][0]["env"] = json!([{"name": "A", "value": "b"}]);
+        let full: Pod = serde_json::from_value(v).unwrap();
+        let mut trimmed = full.clone();
+        trimmed.trim();
+        assert_eq!(trimmed.metadata.managed_fields, None);
+        assert_eq!(trimmed.metadata.annotations, None);
+        assert_eq!(trimmed.spec.as_ref().unwrap().containers[0].env, None);
+        assert_eq!(trimmed.spec.as_ref().unwrap().containers[0].image, None);
+        assert_eq!(convert::pod(&trimmed), convert::pod(&full));
+
+        let ns: Namespace = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": "n", "labels": {"a": "b"}, "annotations": {"palisade.dev/audit": "true", "big": "x"},
+                "managedFields": [{"manager": "m"}]}}))
+        .unwrap();
+        let mut t = ns.clone();
+        t.trim();
+        assert_eq!(t.metadata.annotations.as_ref().unwrap().len(), 1);
+        assert_eq!(t.metadata.managed_fields, None);
+        assert_eq!(convert::namespace(&t), convert::namespace(&ns));
     }
 
     #[test]
@@ -384,6 +836,7 @@ mod tests {
         assert!(is_watched::<Namespace>());
         assert!(is_watched::<NetworkPolicy>());
         assert!(is_watched::<Node>());
+        assert!(!is_watched::<k8s_openapi::api::core::v1::Service>());
         assert_eq!(
             WATCHED.len(),
             4,

@@ -2,16 +2,21 @@
 //!
 //! sources (k8s | manifests) -> `model` -> `compiler` (pure) -> `sync`
 //! (diff into the kernel maps); verdicts flow back through `flowlog`.
+pub mod change;
 pub mod cli;
 pub mod compiler;
 pub mod daemon;
+pub mod dataplane;
 pub mod endpoints;
+pub mod error;
 pub mod flowlog;
+pub mod http;
 pub mod identity;
 pub mod k8s;
 pub mod manifests;
 pub mod metrics;
 pub mod model;
+pub mod owner;
 pub mod selector;
 pub mod server;
 pub mod source;

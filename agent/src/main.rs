@@ -131,8 +131,28 @@ struct RunArgs {
     conntrack_map_entries: u32,
 }
 
+/// Logs go to stderr through tracing: `RUST_LOG` filters (default info),
+/// `PALISADE_LOG_FORMAT=json` makes them JSON lines for log collectors.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let json = std::env::var("PALISADE_LOG_FORMAT").is_ok_and(|f| f == "json");
+    // `try_init` also routes the `log` crate's records into tracing.
+    let r = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+    if let Err(e) = r {
+        eprintln!("palisade-agent: logging not set up: {e}");
+    }
+}
+
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    init_logging();
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {
@@ -294,7 +314,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
 fn unexpected(r: Response) -> Result<ExitCode> {
     match r {
-        Response::Error { message } => bail!("agent: {message}"),
+        Response::Error { message, .. } => bail!("agent: {message}"),
         other => bail!("unexpected answer from the agent: {other:?}"),
     }
 }

@@ -13,22 +13,33 @@
 //! Namespaces referenced by a pod or a policy but not declared are created
 //! with no labels but `kubernetes.io/metadata.name`, which every namespace
 //! carries.
+//!
+//! Each file is parsed once into its own [`Manifests`] ([`parse_file`]);
+//! a directory is the [`Manifests::merge`] of its files in name order,
+//! then [`Manifests::finish`]. The manifest source (`source.rs`) keeps the
+//! per-file results and re-parses only files that changed.
 use std::{
     collections::BTreeMap,
     io,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use k8s_openapi::api::{core::v1 as core, networking::v1::NetworkPolicy};
 use serde_yaml::Value;
 
-use crate::model::{convert, Model, Namespace, ObjectKey, Pod};
+use crate::{
+    change::Snapshot,
+    model::{convert, Model, Namespace, ObjectKey, Pod},
+};
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Manifests {
     pub namespaces: BTreeMap<String, Namespace>,
     pub pods: BTreeMap<ObjectKey, Pod>,
-    pub policies: BTreeMap<ObjectKey, NetworkPolicy>,
+    /// Shared with the snapshots built from them: a policy is parsed once
+    /// and never copied afterwards.
+    pub policies: BTreeMap<ObjectKey, Arc<NetworkPolicy>>,
     /// One line per skipped file or document: `file: document N (line L): why`.
     pub errors: Vec<String>,
 }
@@ -72,9 +83,17 @@ pub fn yaml_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
 
 /// Parses one file's text (for tests and single files).
 pub fn parse_str(source: &str, text: &str) -> Manifests {
+    let mut m = parse_file(source, text);
+    m.finish();
+    m
+}
+
+/// Parses one file of a directory: its objects and errors, without the
+/// implied namespaces (those depend on every file: [`Manifests::finish`]
+/// after [`Manifests::merge`]).
+pub fn parse_file(source: &str, text: &str) -> Manifests {
     let mut m = Manifests::default();
     m.add_text(source, text);
-    m.finish();
     m
 }
 
@@ -202,7 +221,7 @@ impl Manifests {
                                 ));
                             }
                             np.metadata.namespace = Some(key.namespace.clone());
-                            self.policies.insert(key, np);
+                            self.policies.insert(key, Arc::new(np));
                         }
                         None => self
                             .errors
@@ -214,6 +233,46 @@ impl Manifests {
             (v, k) => self
                 .errors
                 .push(format!("{at}: {v} {k} is not used by palisade; skipped")),
+        }
+    }
+
+    /// Adds the objects and errors of a later file (`source`, parsed with
+    /// [`parse_file`]): as in one file, a later definition replaces an
+    /// earlier one and is reported.
+    pub fn merge(&mut self, source: &str, later: &Manifests) {
+        self.errors.extend(later.errors.iter().cloned());
+        for (name, ns) in &later.namespaces {
+            if self.namespaces.insert(name.clone(), ns.clone()).is_some() {
+                self.errors.push(format!(
+                    "{source}: Namespace {name} defined again (also in an earlier file); the later definition wins"
+                ));
+            }
+        }
+        for (key, pod) in &later.pods {
+            if self.pods.insert(key.clone(), pod.clone()).is_some() {
+                self.errors.push(format!(
+                    "{source}: Pod {key} defined again (also in an earlier file); the later definition wins"
+                ));
+            }
+        }
+        for (key, np) in &later.policies {
+            if self.policies.insert(key.clone(), np.clone()).is_some() {
+                self.errors.push(format!(
+                    "{source}: NetworkPolicy {key} defined again (also in an earlier file); the later definition wins"
+                ));
+            }
+        }
+    }
+
+    /// The objects as a source's complete view (no node addresses: a
+    /// manifest directory has none).
+    pub fn into_snapshot(self) -> Snapshot {
+        Snapshot {
+            namespaces: self.namespaces,
+            pods: self.pods,
+            policies: self.policies,
+            host_ips: Vec::new(),
+            errors: self.errors,
         }
     }
 
@@ -245,7 +304,10 @@ impl Manifests {
     pub fn apply_to(&self, model: &mut Model) {
         model.namespaces = self.namespaces.clone();
         model.pods = self.pods.clone();
-        model.policies = self.policies.clone();
+        model.policies.clear();
+        for (k, np) in &self.policies {
+            model.add_policy(k.clone(), np);
+        }
     }
 }
 
@@ -484,6 +546,40 @@ metadata: {name: a, labels: {v: '2'}}
 
         assert!(load_dir(dir.join("missing")).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn files_parse_alone_and_merge_in_order() {
+        let ns = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a, labels: {v: '1'}}\n";
+        let np = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec: {podSelector: {}}\n";
+        // A file referencing a namespace another file declares: no implied
+        // namespace until the merge is finished.
+        let second = parse_file("2.yaml", np);
+        assert!(second.namespaces.is_empty());
+        let mut all = Manifests::default();
+        all.merge("1.yaml", &parse_file("1.yaml", ns));
+        all.merge("2.yaml", &second);
+        all.merge("3.yaml", &parse_file("3.yaml", np));
+        all.finish();
+        assert_eq!(all.namespaces["a"].labels["v"], "1", "the declared one");
+        assert_eq!(all.policies.len(), 1);
+        assert_eq!(all.errors.len(), 1, "{:?}", all.errors);
+        assert!(
+            all.errors[0].starts_with("3.yaml: NetworkPolicy a/p defined again"),
+            "{}",
+            all.errors[0]
+        );
+        // The snapshot shares the parsed policy, it does not copy it.
+        let snap = all.clone().into_snapshot();
+        assert!(Arc::ptr_eq(
+            &snap.policies[&ObjectKey::new("a", "p")],
+            &all.policies[&ObjectKey::new("a", "p")]
+        ));
+        // Merging the same files gives what one text gives.
+        let mut one = parse_str("x", &format!("{ns}---\n{np}"));
+        one.errors.clear();
+        all.errors.clear();
+        assert_eq!(one, all);
     }
 
     #[test]

@@ -1,107 +1,120 @@
-//! Prometheus metrics in the text exposition format, and the HTTP endpoint
-//! that serves them with /healthz and /readyz. The format is small enough
-//! that a client library would add more code than it saves.
-use std::{
-    collections::BTreeMap,
-    fmt::Write as _,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Mutex,
-    },
+//! The agent's Prometheus metrics, kept with `prometheus-client` and
+//! rendered in the OpenMetrics text format (which Prometheus scrapes
+//! natively; `CONTENT_TYPE`). Two sources meet at scrape time:
+//!
+//! - the agent's own counters, gauges and latency histograms (`Metrics`),
+//!   updated where things happen (compile, map sync, sources, flow log);
+//! - the kernel's view (`KernelStats`: per-CPU verdict counters, XDP
+//!   counters, map fill), read from the maps when a scrape asks and passed
+//!   to `Metrics::render`.
+//!
+//! Families (names as scraped; counters end in `_total`):
+//! `palisade_policy_rejections_total`, `palisade_policies_rejected`,
+//! `palisade_map_sync_errors_total`, `palisade_map_full_errors_total{map}`,
+//! `palisade_source_errors_total`, `palisade_programmed_generation`,
+//! `palisade_flow_records_total`, `palisade_policy_compile_seconds`,
+//! `palisade_map_sync_seconds` (histograms); from the kernel
+//! `palisade_endpoints`, `palisade_verdicts_total{verdict,reason}`,
+//! `palisade_drops_total{reason}`, `palisade_xdp_packets_total{outcome}`,
+//! `palisade_map_entries{map}`, `palisade_map_capacity{map}`.
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::{
+    encoding::{text, EncodeLabelSet},
+    metrics::{counter, family::Family, gauge, histogram},
+    registry::Registry,
 };
 
-#[derive(Default, Debug)]
-pub struct Counter(AtomicU64);
+/// The `Content-Type` of `Metrics::render`'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-impl Counter {
-    pub fn inc(&self) {
-        self.add(1);
-    }
-    pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-#[derive(Default, Debug)]
-pub struct Gauge(AtomicU64);
-
-impl Gauge {
-    pub fn set(&self, v: u64) {
-        self.0.store(v, Ordering::Relaxed);
-    }
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// A counter with one label.
-#[derive(Default, Debug)]
-pub struct LabeledCounter(Mutex<BTreeMap<String, u64>>);
-
-impl LabeledCounter {
-    pub fn inc_label(&self, label: &str) {
-        *self
-            .0
-            .lock()
-            .expect("metrics lock")
-            .entry(label.to_string())
-            .or_default() += 1;
-    }
-    pub fn snapshot(&self) -> BTreeMap<String, u64> {
-        self.0.lock().expect("metrics lock").clone()
-    }
-}
-
-/// Latency histogram with fixed buckets (seconds).
-#[derive(Debug)]
-pub struct Histogram {
-    bounds: &'static [f64],
-    inner: Mutex<(Vec<u64>, f64, u64)>,
-}
-
-const LATENCY_BUCKETS: &[f64] = &[
+/// Latency buckets (seconds) of the compile and map-sync histograms.
+pub const LATENCY_BUCKETS: [f64; 13] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
+/// A monotonic counter (clones share the value).
+#[derive(Clone, Default, Debug)]
+pub struct Counter(counter::Counter<u64>);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.0.inc();
+    }
+    pub fn add(&self, n: u64) {
+        self.0.inc_by(n);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.get()
+    }
+}
+
+/// A gauge of a count (clones share the value).
+#[derive(Clone, Default, Debug)]
+pub struct Gauge(gauge::Gauge<u64, AtomicU64>);
+
+impl Gauge {
+    pub fn set(&self, v: u64) {
+        self.0.set(v);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.get()
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabel {
+    map: String,
+}
+
+/// A counter per datapath map (the `map` label).
+#[derive(Clone, Default, Debug)]
+pub struct LabeledCounter(Family<MapLabel, counter::Counter<u64>>);
+
+impl LabeledCounter {
+    pub fn inc_label(&self, map: &str) {
+        self.0
+            .get_or_create(&MapLabel {
+                map: map.to_string(),
+            })
+            .inc();
+    }
+    pub fn get(&self, map: &str) -> u64 {
+        self.0
+            .get_or_create(&MapLabel {
+                map: map.to_string(),
+            })
+            .get()
+    }
+}
+
+/// A latency histogram in seconds, `LATENCY_BUCKETS`.
+#[derive(Clone, Debug)]
+pub struct Histogram(histogram::Histogram);
+
 impl Default for Histogram {
     fn default() -> Self {
-        Self {
-            bounds: LATENCY_BUCKETS,
-            inner: Mutex::new((vec![0; LATENCY_BUCKETS.len()], 0.0, 0)),
-        }
+        Self(histogram::Histogram::new(LATENCY_BUCKETS))
     }
 }
 
 impl Histogram {
-    pub fn observe(&self, v: f64) {
-        let mut g = self.inner.lock().expect("metrics lock");
-        for (i, b) in self.bounds.iter().enumerate() {
-            if v <= *b {
-                g.0[i] += 1;
-            }
-        }
-        g.1 += v;
-        g.2 += 1;
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let g = self.inner.lock().expect("metrics lock");
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (i, b) in self.bounds.iter().enumerate() {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {}", g.0[i]);
-        }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", g.2);
-        let _ = writeln!(out, "{name}_sum {}\n{name}_count {}", g.1, g.2);
+    pub fn observe(&self, seconds: f64) {
+        self.0.observe(seconds);
     }
 }
 
-#[derive(Default, Debug)]
+/// The agent's own metrics. Share it as `Arc<Metrics>`; every field is
+/// updated lock-free.
+#[derive(Debug)]
 pub struct Metrics {
     pub compile_seconds: Histogram,
     pub sync_seconds: Histogram,
+    /// A registration's work in the agent besides the attach: compile of
+    /// that endpoint and its map writes.
+    pub registration_program_seconds: Histogram,
+    /// Attaching a registered pod's programs (kernel time, mostly RCU).
+    pub registration_attach_seconds: Histogram,
     pub policy_rejections: Counter,
     pub policies_rejected: Gauge,
     pub sync_errors: Counter,
@@ -109,107 +122,204 @@ pub struct Metrics {
     pub source_errors: Counter,
     pub programmed_generation: Gauge,
     pub flow_records: Counter,
+    /// The fields above, registered (the registry holds clones).
+    registry: Registry,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let (compile_seconds, sync_seconds) = (Histogram::default(), Histogram::default());
+        let (registration_program_seconds, registration_attach_seconds) =
+            (Histogram::default(), Histogram::default());
+        let (policy_rejections, sync_errors, source_errors, flow_records) = (
+            Counter::default(),
+            Counter::default(),
+            Counter::default(),
+            Counter::default(),
+        );
+        let (policies_rejected, programmed_generation) = (Gauge::default(), Gauge::default());
+        let map_full = LabeledCounter::default();
+
+        // Help texts get their final "." from the registry.
+        let mut r = Registry::default();
+        r.register(
+            "palisade_policy_rejections",
+            "Policies rejected by the compiler (each rejection once)",
+            policy_rejections.0.clone(),
+        );
+        r.register(
+            "palisade_policies_rejected",
+            "Policies currently rejected",
+            policies_rejected.0.clone(),
+        );
+        r.register(
+            "palisade_map_sync_errors",
+            "Map syncs that stopped on an error",
+            sync_errors.0.clone(),
+        );
+        r.register(
+            "palisade_map_full_errors",
+            "Writes refused because a map was full",
+            map_full.0.clone(),
+        );
+        r.register(
+            "palisade_source_errors",
+            "Objects or manifests the source could not read",
+            source_errors.0.clone(),
+        );
+        r.register(
+            "palisade_programmed_generation",
+            "Changes that have reached the kernel maps",
+            programmed_generation.0.clone(),
+        );
+        r.register(
+            "palisade_flow_records",
+            "Flow log records written",
+            flow_records.0.clone(),
+        );
+        r.register(
+            "palisade_policy_compile_seconds",
+            "Time to compile the model into map contents",
+            compile_seconds.0.clone(),
+        );
+        r.register(
+            "palisade_map_sync_seconds",
+            "Time to write a compiled change into the kernel maps",
+            sync_seconds.0.clone(),
+        );
+        r.register(
+            "palisade_registration_program_seconds",
+            "Agent-side work of a CNI registration besides the attach (the endpoint's entries into the maps)",
+            registration_program_seconds.0.clone(),
+        );
+        r.register(
+            "palisade_registration_attach_seconds",
+            "Time to attach a registered pod's programs",
+            registration_attach_seconds.0.clone(),
+        );
+        Self {
+            compile_seconds,
+            sync_seconds,
+            registration_program_seconds,
+            registration_attach_seconds,
+            policy_rejections,
+            policies_rejected,
+            sync_errors,
+            map_full,
+            source_errors,
+            programmed_generation,
+            flow_records,
+            registry: r,
+        }
+    }
 }
 
 /// Values read from the kernel at scrape time.
-#[derive(Default, Debug)]
+#[derive(Clone, Default, Debug, PartialEq, Eq)]
 pub struct KernelStats {
     /// (reason name, is drop, packets)
     pub reasons: Vec<(&'static str, bool, u64)>,
+    /// (outcome name, packets) of the XDP prefilter.
     pub xdp: Vec<(&'static str, u64)>,
     /// (map, entries, capacity)
     pub maps: Vec<(String, u64, u64)>,
+    /// Local endpoints registered.
     pub endpoints: u64,
 }
 
-impl Metrics {
-    pub fn render(&self, k: &KernelStats) -> String {
-        let mut o = String::new();
-        let mut simple = |name: &str, kind: &str, help: &str, v: u64| {
-            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
-        };
-        simple(
-            "palisade_policy_rejections_total",
-            "counter",
-            "Policies rejected by the compiler (each rejection once).",
-            self.policy_rejections.get(),
-        );
-        simple(
-            "palisade_policies_rejected",
-            "gauge",
-            "Policies currently rejected.",
-            self.policies_rejected.get(),
-        );
-        simple(
-            "palisade_map_sync_errors_total",
-            "counter",
-            "Map syncs that stopped on an error.",
-            self.sync_errors.get(),
-        );
-        simple(
-            "palisade_source_errors_total",
-            "counter",
-            "Objects or manifests the source could not read.",
-            self.source_errors.get(),
-        );
-        simple(
-            "palisade_programmed_generation",
-            "gauge",
-            "Changes that have reached the kernel maps.",
-            self.programmed_generation.get(),
-        );
-        simple(
-            "palisade_flow_records_total",
-            "counter",
-            "Flow log records written.",
-            self.flow_records.get(),
-        );
-        simple(
-            "palisade_endpoints",
-            "gauge",
-            "Local endpoints registered.",
-            k.endpoints,
-        );
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabels {
+    verdict: &'static str,
+    reason: &'static str,
+}
 
-        let _ = writeln!(o, "# HELP palisade_map_full_errors_total Writes refused because a map was full.\n# TYPE palisade_map_full_errors_total counter");
-        for (m, n) in self.map_full.snapshot() {
-            let _ = writeln!(o, "palisade_map_full_errors_total{{map=\"{m}\"}} {n}");
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+type CounterFamily<L> = Family<L, counter::Counter<u64>>;
+type GaugeFamily<L> = Family<L, gauge::Gauge<u64, AtomicU64>>;
+
+/// The kernel's families, built for one scrape from absolute values.
+fn kernel_registry(k: &KernelStats) -> Registry {
+    let mut r = Registry::default();
+    let endpoints = gauge::Gauge::<u64, AtomicU64>::default();
+    endpoints.set(k.endpoints);
+    r.register(
+        "palisade_endpoints",
+        "Local endpoints registered",
+        endpoints,
+    );
+
+    let (verdicts, drops) = (
+        CounterFamily::<VerdictLabels>::default(),
+        CounterFamily::<ReasonLabel>::default(),
+    );
+    for &(reason, drop, n) in &k.reasons {
+        let verdict = if drop { "drop" } else { "allow" };
+        verdicts
+            .get_or_create(&VerdictLabels { verdict, reason })
+            .inc_by(n);
+        if drop {
+            drops.get_or_create(&ReasonLabel { reason }).inc_by(n);
         }
-        let _ = writeln!(o, "# HELP palisade_verdicts_total Packets by verdict reason, from the kernel's per-CPU counters.\n# TYPE palisade_verdicts_total counter");
-        for (r, drop, n) in &k.reasons {
-            let v = if *drop { "drop" } else { "allow" };
-            let _ = writeln!(
-                o,
-                "palisade_verdicts_total{{verdict=\"{v}\",reason=\"{r}\"}} {n}"
-            );
-        }
-        let _ = writeln!(o, "# HELP palisade_drops_total Dropped packets by reason.\n# TYPE palisade_drops_total counter");
-        for (r, _, n) in k.reasons.iter().filter(|(_, d, _)| *d) {
-            let _ = writeln!(o, "palisade_drops_total{{reason=\"{r}\"}} {n}");
-        }
-        let _ = writeln!(o, "# HELP palisade_xdp_packets_total XDP prefilter packets by outcome.\n# TYPE palisade_xdp_packets_total counter");
-        for (r, n) in &k.xdp {
-            let _ = writeln!(o, "palisade_xdp_packets_total{{outcome=\"{r}\"}} {n}");
-        }
-        let _ = writeln!(o, "# HELP palisade_map_entries Entries in each datapath map.\n# TYPE palisade_map_entries gauge");
-        for (m, n, _) in &k.maps {
-            let _ = writeln!(o, "palisade_map_entries{{map=\"{m}\"}} {n}");
-        }
-        let _ = writeln!(o, "# HELP palisade_map_capacity Maximum entries of each datapath map.\n# TYPE palisade_map_capacity gauge");
-        for (m, _, c) in &k.maps {
-            let _ = writeln!(o, "palisade_map_capacity{{map=\"{m}\"}} {c}");
-        }
-        self.compile_seconds.render(
-            &mut o,
-            "palisade_policy_compile_seconds",
-            "Time to compile the model into map contents.",
-        );
-        self.sync_seconds.render(
-            &mut o,
-            "palisade_map_sync_seconds",
-            "Time to write a compiled change into the kernel maps.",
-        );
-        o
+    }
+    r.register(
+        "palisade_verdicts",
+        "Packets by verdict reason, from the kernel's per-CPU counters",
+        verdicts,
+    );
+    r.register("palisade_drops", "Dropped packets by reason", drops);
+
+    let xdp = CounterFamily::<OutcomeLabel>::default();
+    for &(outcome, n) in &k.xdp {
+        xdp.get_or_create(&OutcomeLabel { outcome }).inc_by(n);
+    }
+    r.register(
+        "palisade_xdp_packets",
+        "XDP prefilter packets by outcome",
+        xdp,
+    );
+
+    let (entries, capacity) = (
+        GaugeFamily::<MapLabel>::default(),
+        GaugeFamily::<MapLabel>::default(),
+    );
+    for (map, n, cap) in &k.maps {
+        let l = MapLabel { map: map.clone() };
+        entries.get_or_create(&l).set(*n);
+        capacity.get_or_create(&l).set(*cap);
+    }
+    r.register(
+        "palisade_map_entries",
+        "Entries in each datapath map",
+        entries,
+    );
+    r.register(
+        "palisade_map_capacity",
+        "Maximum entries of each datapath map",
+        capacity,
+    );
+    r
+}
+
+impl Metrics {
+    /// The exposition (`CONTENT_TYPE`): the agent's metrics, then the
+    /// kernel's from `k`, then `# EOF`.
+    pub fn render(&self, k: &KernelStats) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail, and the registries hold only
+        // metrics whose encoders do not fail.
+        let _ = text::encode_registry(&mut out, &self.registry)
+            .and_then(|()| text::encode_registry(&mut out, &kernel_registry(k)))
+            .and_then(|()| text::encode_eof(&mut out));
+        out
     }
 }
 
@@ -217,33 +327,152 @@ impl Metrics {
 mod tests {
     use super::*;
 
-    #[test]
-    fn histogram_buckets_are_cumulative() {
-        let h = Histogram::default();
-        h.observe(0.002);
-        h.observe(0.2);
-        let mut s = String::new();
-        h.render(&mut s, "x", "help");
-        assert!(s.contains("x_bucket{le=\"0.001\"} 0"), "{s}");
-        assert!(s.contains("x_bucket{le=\"0.0025\"} 1"), "{s}");
-        assert!(s.contains("x_bucket{le=\"0.25\"} 2"), "{s}");
-        assert!(s.contains("x_bucket{le=\"+Inf\"} 2"), "{s}");
-        assert!(s.contains("x_count 2"), "{s}");
+    /// The value of the sample line that is exactly `series` (name and
+    /// labels).
+    fn sample(text: &str, series: &str) -> Option<String> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .map(str::to_string)
+    }
+
+    fn kernel() -> KernelStats {
+        KernelStats {
+            reasons: vec![("no-policy-match", true, 5), ("policy-allow", false, 9)],
+            xdp: vec![("xdp-denylist", 3), ("xdp-pass", 40)],
+            maps: vec![("policy".into(), 10, 100), ("ipcache".into(), 4, 1024)],
+            endpoints: 2,
+        }
     }
 
     #[test]
-    fn render_exposes_kernel_reasons_and_map_fill() {
+    fn histograms_have_cumulative_latency_buckets() {
         let m = Metrics::default();
-        m.map_full.inc_label("POLICY");
-        let k = KernelStats {
-            reasons: vec![("no-policy-match", true, 5), ("policy-allow", false, 9)],
-            maps: vec![("policy".into(), 10, 100)],
-            ..Default::default()
+        m.compile_seconds.observe(0.002);
+        m.compile_seconds.observe(0.2);
+        m.sync_seconds.observe(7.0);
+        let s = m.render(&KernelStats::default());
+        assert!(
+            s.contains("# TYPE palisade_policy_compile_seconds histogram"),
+            "{s}"
+        );
+        let c = |series: &str| sample(&s, series);
+        let b = |le: &str| {
+            c(&format!(
+                "palisade_policy_compile_seconds_bucket{{le=\"{le}\"}}"
+            ))
         };
-        let s = m.render(&k);
-        assert!(s.contains("palisade_drops_total{reason=\"no-policy-match\"} 5"));
-        assert!(s.contains("palisade_verdicts_total{verdict=\"allow\",reason=\"policy-allow\"} 9"));
-        assert!(s.contains("palisade_map_full_errors_total{map=\"POLICY\"} 1"));
-        assert!(s.contains("palisade_map_capacity{map=\"policy\"} 100"));
+        assert_eq!(b("0.001").as_deref(), Some("0"), "{s}");
+        assert_eq!(b("0.0025").as_deref(), Some("1"), "{s}");
+        assert_eq!(b("0.25").as_deref(), Some("2"), "{s}");
+        assert_eq!(b("+Inf").as_deref(), Some("2"), "{s}");
+        assert_eq!(
+            c("palisade_policy_compile_seconds_count").as_deref(),
+            Some("2")
+        );
+        assert_eq!(
+            c("palisade_policy_compile_seconds_sum").as_deref(),
+            Some("0.202")
+        );
+        assert_eq!(
+            c("palisade_map_sync_seconds_bucket{le=\"5.0\"}").as_deref(),
+            Some("0"),
+            "{s}"
+        );
+        assert_eq!(
+            c("palisade_map_sync_seconds_bucket{le=\"+Inf\"}").as_deref(),
+            Some("1")
+        );
+    }
+
+    #[test]
+    fn counters_and_gauges_keep_their_names() {
+        let m = Metrics::default();
+        m.policy_rejections.inc();
+        m.policy_rejections.inc();
+        m.policies_rejected.set(1);
+        m.sync_errors.inc();
+        m.source_errors.add(3);
+        m.programmed_generation.set(42);
+        m.flow_records.add(7);
+        m.map_full.inc_label("POLICY");
+        let s = m.render(&KernelStats::default());
+        for (series, v) in [
+            ("palisade_policy_rejections_total", "2"),
+            ("palisade_policies_rejected", "1"),
+            ("palisade_map_sync_errors_total", "1"),
+            ("palisade_source_errors_total", "3"),
+            ("palisade_programmed_generation", "42"),
+            ("palisade_flow_records_total", "7"),
+            ("palisade_map_full_errors_total{map=\"POLICY\"}", "1"),
+        ] {
+            assert_eq!(sample(&s, series).as_deref(), Some(v), "{series}\n{s}");
+        }
+        assert!(
+            s.contains("# TYPE palisade_policy_rejections counter"),
+            "{s}"
+        );
+        assert!(s.contains("# TYPE palisade_policies_rejected gauge"), "{s}");
+        assert!(
+            s.contains("# HELP palisade_flow_records Flow log records written.\n"),
+            "{s}"
+        );
+        assert_eq!(m.map_full.get("POLICY"), 1);
+        assert_eq!(m.source_errors.get(), 3);
+        assert!(s.ends_with("# EOF\n"), "{s}");
+        assert_eq!(s.matches("# EOF").count(), 1);
+    }
+
+    #[test]
+    fn kernel_counters_and_map_fill_come_from_the_scrape() {
+        let m = Metrics::default();
+        let s = m.render(&kernel());
+        for (series, v) in [
+            ("palisade_endpoints", "2"),
+            ("palisade_drops_total{reason=\"no-policy-match\"}", "5"),
+            (
+                "palisade_verdicts_total{verdict=\"drop\",reason=\"no-policy-match\"}",
+                "5",
+            ),
+            (
+                "palisade_verdicts_total{verdict=\"allow\",reason=\"policy-allow\"}",
+                "9",
+            ),
+            ("palisade_xdp_packets_total{outcome=\"xdp-denylist\"}", "3"),
+            ("palisade_xdp_packets_total{outcome=\"xdp-pass\"}", "40"),
+            ("palisade_map_entries{map=\"policy\"}", "10"),
+            ("palisade_map_capacity{map=\"policy\"}", "100"),
+            ("palisade_map_capacity{map=\"ipcache\"}", "1024"),
+        ] {
+            assert_eq!(sample(&s, series).as_deref(), Some(v), "{series}\n{s}");
+        }
+        // Allowed reasons are verdicts, not drops.
+        assert!(!s.contains("palisade_drops_total{reason=\"policy-allow\"}"));
+        assert!(s.contains("# TYPE palisade_verdicts counter"), "{s}");
+        assert!(s.contains("# TYPE palisade_map_capacity gauge"), "{s}");
+
+        // Each scrape renders the values it is given, not a sum of scrapes.
+        let mut later = kernel();
+        later.reasons[0].2 = 6;
+        later.maps.truncate(1);
+        let s = m.render(&later);
+        assert_eq!(
+            sample(&s, "palisade_drops_total{reason=\"no-policy-match\"}").as_deref(),
+            Some("6")
+        );
+        assert!(!s.contains("map=\"ipcache\""), "{s}");
+    }
+
+    #[test]
+    fn every_sample_line_parses_as_name_labels_value() {
+        let m = Metrics::default();
+        m.map_full.inc_label("IPCACHE");
+        m.sync_seconds.observe(0.01);
+        let s = m.render(&kernel());
+        for l in s.lines().filter(|l| !l.starts_with('#')) {
+            let (series, value) = l.rsplit_once(' ').expect(l);
+            assert!(value.parse::<f64>().is_ok(), "{l}");
+            assert!(series.starts_with("palisade_"), "{l}");
+            assert_eq!(series.contains('{'), series.ends_with('}'), "{l}");
+        }
     }
 }

@@ -1,9 +1,11 @@
 //! The agent's view of the cluster, fed by a source (Kubernetes or the
 //! standalone manifest directory) and by the CNI plugin's registrations.
 //! Sources only ever produce this; the compiler only ever reads it.
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+
+use crate::compiler::ParsedPolicy;
 
 pub type Labels = BTreeMap<String, String>;
 
@@ -76,13 +78,32 @@ pub struct Model {
     pub namespaces: BTreeMap<String, Namespace>,
     /// All pods of the cluster (remote ones matter for identities).
     pub pods: BTreeMap<ObjectKey, Pod>,
-    pub policies: BTreeMap<ObjectKey, NetworkPolicy>,
+    /// Parsed and validated once, when they enter the model (through
+    /// [`Model::add_policy`]).
+    pub policies: BTreeMap<ObjectKey, Arc<ParsedPolicy>>,
     /// Pods of this node, by container id.
     pub endpoints: BTreeMap<String, LocalEndpoint>,
     /// The node's own addresses (reserved `host` identity).
     pub host_ips: Vec<Ipv4Addr>,
     /// Global audit mode.
     pub audit: bool,
+}
+
+impl Model {
+    /// Adds (or replaces) a NetworkPolicy, parsing and validating it: the
+    /// model keeps the typed rules (or the rejection and what it still
+    /// isolates), never the API object. Everything that builds a model
+    /// goes through here.
+    pub fn add_policy(&mut self, key: ObjectKey, np: &NetworkPolicy) -> Arc<ParsedPolicy> {
+        let parsed = Arc::new(ParsedPolicy::parse(&key, np));
+        self.policies.insert(key, parsed.clone());
+        parsed
+    }
+
+    /// Removes a policy; whether it was there.
+    pub fn remove_policy(&mut self, key: &ObjectKey) -> bool {
+        self.policies.remove(key).is_some()
+    }
 }
 
 /// Kubernetes objects -> model, shared by both sources.

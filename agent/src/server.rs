@@ -1,7 +1,8 @@
-//! `palisade-agent run`: wires the agent to the world. The API socket (CNI
+//! `palisade-agent run`: wires the agent to the world. One owner thread
+//! holds the `Agent` (see `owner`); around it run the API socket (CNI
 //! registrations, status, trace, sync), the flow socket (observe), the
-//! event reader, source polling, conntrack GC and the metrics endpoint are
-//! tasks around one shared `Agent`.
+//! event reader, the sources, conntrack GC and the HTTP endpoints, each
+//! talking to the owner through its handle or reading what it publishes.
 use std::{
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
@@ -11,19 +12,25 @@ use std::{
 
 use anyhow::{Context, Result};
 use log::{error, info, warn};
-use palisade_api::{Request, Response};
-use palisade_dataplane::events::EventReader;
+use palisade_api::{ErrorKind, Request, Response};
+use palisade_dataplane::{events::EventReader, StatsReader};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::{TcpListener, UnixListener, UnixStream},
-    sync::{broadcast, watch},
+    sync::{broadcast, mpsc, watch},
+    task::JoinSet,
 };
 
 use crate::{
-    daemon::{Agent, Config, Shared},
+    change::SourceEvent,
+    daemon::{Agent, Config, View},
+    dataplane::ConntrackFill,
+    error::kind_of,
     flowlog::{self, FlowLog},
+    http::{self, HttpState},
     metrics::{KernelStats, Metrics},
-    source::ManifestSource,
+    owner::{Handle, Levels, Owner},
+    source::{ManifestHandle, ManifestSource},
 };
 
 /// The flow stream lives next to the API socket.
@@ -31,52 +38,90 @@ pub fn flow_socket(api_socket: &Path) -> PathBuf {
     api_socket.with_file_name("flows.sock")
 }
 
+/// How the API asks the source to re-read (standalone manifests).
+type Rescan = Option<Arc<ManifestHandle>>;
+
 pub async fn run(cfg: Config) -> Result<()> {
     let metrics = Arc::new(Metrics::default());
     let (agent, events, generation_rx) = Agent::start(&cfg, metrics.clone())?;
-    let shared: Shared = Arc::new(Mutex::new(agent));
+    let view = agent.view.clone();
+    let (stats, conntrack) = (agent.stats_reader(), agent.conntrack_fill());
+    let (source_tx, source_rx) = mpsc::channel::<SourceEvent>(64);
+    let owner = Owner::spawn(agent, source_rx)?;
+    let handle = owner.handle.clone();
+    let mut tasks = JoinSet::new();
+
     // /healthz answers from the start; /readyz only after the first sync.
+    // Neither they nor /metrics ever wait for the owner.
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(addr) = cfg.metrics_addr {
         let l = TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding metrics on {addr}"))?;
-        tokio::spawn(serve_http(l, shared.clone(), metrics.clone()));
+        let levels = owner.levels.clone();
+        let state = HttpState {
+            ready: owner.ready.clone(),
+            metrics: metrics.clone(),
+            kernel: Arc::new(move || kernel_stats(stats.as_ref(), &conntrack, &levels.borrow())),
+        };
+        tokio::spawn(async move {
+            let stopped = async {
+                let _ = http_stopped.await;
+            };
+            if let Err(e) = http::serve(l, state, stopped).await {
+                error!("http endpoints: {e:#}");
+            }
+        });
     }
 
-    let mut source = cfg
-        .manifests
-        .as_ref()
-        .map(|d| ManifestSource::new(d.clone()));
-    if cfg.kubernetes {
-        crate::k8s::spawn(shared.clone(), cfg.node_name.clone()).await?;
+    let manifests = if cfg.kubernetes {
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to the Kubernetes API")?;
+        let watch = crate::k8s::spawn(client, cfg.node_name.clone(), source_tx.clone()).await?;
+        tasks.spawn(async move {
+            if let Err(e) = watch.await {
+                error!("the Kubernetes source stopped: {e}");
+            }
+        });
+        None
     } else {
-        let first = source
-            .as_mut()
-            .map(|s| s.scan(true))
-            .unwrap_or_default()
-            .unwrap_or_default();
-        lock(&shared).apply_snapshot(first).context("first sync")?;
-    }
-    let source = Arc::new(Mutex::new(source));
+        let dir = cfg.manifests.clone().context(
+            "standalone mode needs --manifests DIR (or --kubernetes inside a cluster)",
+        )?;
+        Some(Arc::new(ManifestSource::spawn(dir, source_tx.clone())?))
+    };
+    // The first complete view is in force before the API answers: a pod
+    // registered earlier would run without the policies that select it.
+    owner
+        .ready
+        .clone()
+        .wait_for(|ready| *ready)
+        .await
+        .context("the agent stopped before its first sync")?;
 
     let flowlog = Arc::new(Mutex::new(
         FlowLog::open(&cfg.flow_log, cfg.flow_log_max_bytes)
             .with_context(|| format!("opening flow log {}", cfg.flow_log.display()))?,
     ));
     let (flow_tx, _) = broadcast::channel::<String>(4096);
-    spawn_event_reader(events, shared.clone(), flowlog.clone(), flow_tx.clone());
+    let reader = spawn_event_reader(
+        events,
+        view,
+        metrics.clone(),
+        flowlog.clone(),
+        flow_tx.clone(),
+    );
+    tasks.spawn(async move {
+        let _ = reader.await;
+    });
 
     let api = bind_unix(&cfg.socket)?;
     let flows = bind_unix(&flow_socket(&cfg.socket))?;
-    tokio::spawn(serve_api(
-        api,
-        shared.clone(),
-        source.clone(),
-        generation_rx,
-    ));
-    tokio::spawn(serve_flows(flows, flowlog, flow_tx));
-    tokio::spawn(poll_source(shared.clone(), source));
-    tokio::spawn(gc(shared.clone()));
+    tasks.spawn(serve_api(api, handle.clone(), manifests.clone(), generation_rx));
+    tasks.spawn(serve_flows(flows, flowlog.clone(), flow_tx.clone()));
+    tasks.spawn(gc(handle.clone()));
+    drop(handle);
     info!("palisade-agent ready on {}", cfg.socket.display());
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -84,18 +129,20 @@ pub async fn run(cfg: Config) -> Result<()> {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+    // Graceful: stop taking work, let the owner finish what it has, flush.
     // Programs, links and maps stay pinned: enforcement continues, and the
     // next agent adopts them.
-    info!("exiting; programs stay attached");
+    info!("shutting down; programs stay attached");
     let _ = std::fs::remove_file(&cfg.socket);
     let _ = std::fs::remove_file(flow_socket(&cfg.socket));
+    let _ = stop_http.send(());
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    drop(source_tx);
+    drop(manifests);
+    owner.shutdown().await?;
+    info!("stopped");
     Ok(())
-}
-
-pub fn lock(s: &Shared) -> std::sync::MutexGuard<'_, Agent> {
-    // A panic while holding the lock is a bug; the state is still the
-    // kernel's mirror, so keep serving rather than poisoning every request.
-    s.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn bind_unix(path: &Path) -> Result<UnixListener> {
@@ -108,39 +155,53 @@ fn bind_unix(path: &Path) -> Result<UnixListener> {
     Ok(l)
 }
 
+/// Accept errors (e.g. out of descriptors) back off instead of spinning.
+async fn accept_backoff(e: std::io::Error) {
+    warn!("accepting a connection: {e}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
 async fn serve_api(
     l: UnixListener,
-    shared: Shared,
-    source: Arc<Mutex<Option<ManifestSource>>>,
+    handle: Handle,
+    rescan: Rescan,
     generation: watch::Receiver<u64>,
 ) {
     loop {
-        let Ok((conn, _)) = l.accept().await else {
-            continue;
+        let conn = match l.accept().await {
+            Ok((conn, _)) => conn,
+            Err(e) => {
+                accept_backoff(e).await;
+                continue;
+            }
         };
-        let (shared, source, generation) = (shared.clone(), source.clone(), generation.clone());
+        let (handle, rescan, generation) = (handle.clone(), rescan.clone(), generation.clone());
         tokio::spawn(async move {
-            if let Err(e) = handle_api(conn, shared, source, generation).await {
+            if let Err(e) = handle_api(conn, handle, rescan, generation).await {
                 warn!("api connection: {e:#}");
             }
         });
     }
 }
 
+/// A request line larger than this is refused.
+const MAX_REQUEST: u64 = 64 * 1024;
+
 async fn handle_api(
     conn: UnixStream,
-    shared: Shared,
-    source: Arc<Mutex<Option<ManifestSource>>>,
+    handle: Handle,
+    rescan: Rescan,
     mut generation: watch::Receiver<u64>,
 ) -> Result<()> {
     let (r, mut w) = conn.into_split();
     let mut line = String::new();
-    BufReader::new(r).read_line(&mut line).await?;
+    let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(r, MAX_REQUEST));
+    tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line))
+        .await
+        .context("reading the request timed out")??;
     let resp = match serde_json::from_str::<Request>(&line) {
-        Err(e) => Response::Error {
-            message: format!("malformed request: {e}"),
-        },
-        Ok(req) => dispatch(req, &shared, &source, &mut generation).await,
+        Err(e) => Response::error(ErrorKind::InvalidRequest, format!("malformed request: {e}")),
+        Ok(req) => dispatch(req, &handle, &rescan, &mut generation).await,
     };
     let mut out = serde_json::to_vec(&resp)?;
     out.push(b'\n');
@@ -148,105 +209,106 @@ async fn handle_api(
     Ok(())
 }
 
+/// The error answer, its kind read from the typed errors in the chain.
 fn error(e: anyhow::Error) -> Response {
-    Response::Error {
-        message: format!("{e:#}"),
+    Response::error(kind_of(&e), format!("{e:#}"))
+}
+
+fn ok(generation: u64, endpoint_id: Option<u32>) -> Response {
+    Response::Ok {
+        generation,
+        endpoint_id,
     }
 }
 
-/// Blocking agent work (syscalls, compile) off the async threads.
-async fn blocking<T: Send + 'static>(
-    shared: &Shared,
-    f: impl FnOnce(&mut Agent) -> Result<T> + Send + 'static,
-) -> Result<T> {
-    let s = shared.clone();
-    tokio::task::spawn_blocking(move || f(&mut lock(&s))).await?
+/// Re-read the source (standalone) and wait until what it found is
+/// programmed; the generation that includes it.
+async fn sync_source(rescan: &Rescan, handle: &Handle) -> Result<u64> {
+    if let Some(m) = rescan {
+        // Returns once the rescan's event is queued, so the barrier below
+        // comes after it.
+        m.rescan().await;
+    }
+    handle.barrier().await
 }
 
 async fn dispatch(
     req: Request,
-    shared: &Shared,
-    source: &Arc<Mutex<Option<ManifestSource>>>,
+    handle: &Handle,
+    rescan: &Rescan,
     generation: &mut watch::Receiver<u64>,
 ) -> Response {
     match req {
-        Request::Register(r) => match blocking(shared, move |a| a.register(r)).await {
-            Ok((id, g)) => Response::Ok {
-                generation: g,
-                endpoint_id: Some(id),
-            },
+        Request::Register(r) => match handle.register(r).await {
+            Ok((id, g)) => ok(g, Some(id)),
             Err(e) => error(e),
         },
-        Request::Deregister { container_id, .. } => {
-            match blocking(shared, move |a| a.deregister(&container_id)).await {
-                Ok(g) => Response::Ok {
-                    generation: g,
-                    endpoint_id: None,
-                },
-                Err(e) => error(e),
-            }
-        }
-        Request::Status => Response::Status(Box::new(lock(shared).status())),
+        Request::Deregister { container_id, .. } => match handle.deregister(container_id).await {
+            Ok(g) => ok(g, None),
+            Err(e) => error(e),
+        },
+        Request::Status => match handle.status().await {
+            Ok(s) => Response::Status(Box::new(s)),
+            Err(e) => error(e),
+        },
         Request::WaitProgrammed {
             generation: want,
             timeout_ms,
         } => {
             let wait = generation.wait_for(|g| *g >= want);
             match tokio::time::timeout(Duration::from_millis(timeout_ms), wait).await {
-                Ok(Ok(g)) => Response::Ok {
-                    generation: *g,
-                    endpoint_id: None,
-                },
-                _ => Response::Error {
-                    message: format!("generation {want} not programmed within {timeout_ms} ms"),
-                },
+                Ok(Ok(g)) => ok(*g, None),
+                _ => Response::error(
+                    ErrorKind::Unavailable,
+                    format!("generation {want} not programmed within {timeout_ms} ms"),
+                ),
             }
         }
-        Request::Sync => {
-            let source = source.clone();
-            let r = blocking(shared, move |a| {
-                let snap = source
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .as_mut()
-                    .and_then(|s| s.scan(true));
-                match snap {
-                    Some(s) => a.apply_snapshot(s),
-                    None => Ok(a.programmed_generation()),
-                }
-            })
-            .await;
-            match r {
-                Ok(g) => Response::Ok {
-                    generation: g,
-                    endpoint_id: None,
-                },
-                Err(e) => error(e),
-            }
-        }
-        Request::Trace(t) => match lock(shared).trace(&t) {
+        Request::Sync => match sync_source(rescan, handle).await {
+            Ok(g) => ok(g, None),
+            Err(e) => error(e),
+        },
+        Request::Trace(t) => match handle.trace(t).await {
             Ok(r) => Response::Trace(r),
             Err(e) => error(e),
         },
     }
 }
 
-/// Kernel events -> flow records, on a thread of its own (blocking poll).
+/// Kernel events -> flow records. The ring buffer's descriptor is polled
+/// through tokio (the programs wake readers only once a backlog builds up,
+/// so it is also drained every 100 ms).
 fn spawn_event_reader(
-    mut events: EventReader,
-    shared: Shared,
+    events: EventReader,
+    view: Arc<std::sync::RwLock<View>>,
+    metrics: Arc<Metrics>,
     log: Arc<Mutex<FlowLog>>,
     tx: broadcast::Sender<String>,
-) {
-    let view = lock(&shared).view.clone();
-    let metrics = lock(&shared).metrics.clone();
-    std::thread::Builder::new()
-        .name("flow-events".into())
-        .spawn(move || loop {
-            // The kernel wakes us only for a backlog; poll often enough that
-            // flow records trail their packets by well under a second.
-            events.wait(Duration::from_millis(100));
-            let batch = events.drain();
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        // SAFETY: the ring buffer map owns its descriptor for as long as the
+        // EventReader (moved into the AsyncFd) lives, and never replaces it.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(
+                EventFd(events),
+                tokio::io::Interest::READABLE,
+            )
+        };
+        let mut events = match registered {
+            Ok(fd) => fd,
+            Err(e) => {
+                error!("flow events: cannot poll the ring buffer: {e}; no flow records");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                r = events.readable_mut() => if let Ok(mut guard) = r {
+                    guard.clear_ready();
+                },
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+            let batch = events.get_mut().0.drain();
             if batch.is_empty() {
                 continue;
             }
@@ -263,15 +325,27 @@ fn spawn_event_reader(
                 metrics.flow_records.inc();
                 let _ = tx.send(line);
             }
-        })
-        .expect("spawning the event thread");
+        }
+    })
+}
+
+struct EventFd(EventReader);
+
+impl std::os::fd::AsRawFd for EventFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.fd()
+    }
 }
 
 /// `observe`: the client sends "recent", "follow" or "recent follow".
 async fn serve_flows(l: UnixListener, log: Arc<Mutex<FlowLog>>, tx: broadcast::Sender<String>) {
     loop {
-        let Ok((conn, _)) = l.accept().await else {
-            continue;
+        let conn = match l.accept().await {
+            Ok((conn, _)) => conn,
+            Err(e) => {
+                accept_backoff(e).await;
+                continue;
+            }
         };
         let (log, mut rx) = (log.clone(), tx.subscribe());
         tokio::spawn(async move {
@@ -315,50 +389,61 @@ async fn serve_flows(l: UnixListener, log: Arc<Mutex<FlowLog>>, tx: broadcast::S
     }
 }
 
-/// Standalone manifests: re-read when the directory changes.
-async fn poll_source(shared: Shared, source: Arc<Mutex<Option<ManifestSource>>>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
-    loop {
-        tick.tick().await;
-        let source = source.clone();
-        let r = blocking(&shared, move |a| {
-            let snap = source
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .as_mut()
-                .and_then(|s| s.scan(false));
-            if let Some(s) = snap {
-                a.apply_snapshot(s)?;
-            }
-            Ok(())
-        })
-        .await;
-        if let Err(e) = r {
-            error!("applying manifests: {e:#}");
-        }
-    }
-}
-
 /// Expired conntrack and fragment entries.
-async fn gc(shared: Shared) {
+async fn gc(handle: Handle) {
+    // Asks the owner once for map handles of its own; the passes (a walk of
+    // the whole conntrack map) then never wait for or hold up the agent.
+    let (mut gc, fill) = match handle.with(|a| a.conntrack_gc()).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) | Err(e) => {
+            error!("conntrack gc not running: {e:#}");
+            return;
+        }
+    };
     let mut tick = tokio::time::interval(Duration::from_secs(15));
     loop {
         tick.tick().await;
-        let r = blocking(&shared, |a| {
-            Ok(a.maps.gc(palisade_dataplane::maps::monotonic_ns())?)
+        let r = tokio::task::spawn_blocking(move || {
+            let r = gc.pass(palisade_dataplane::maps::monotonic_ns());
+            (gc, r)
         })
         .await;
+        let r = match r {
+            Ok((g, r)) => {
+                gc = g;
+                r
+            }
+            Err(e) => {
+                error!("conntrack gc stopped: {e}");
+                return;
+            }
+        };
         match r {
-            Ok(n) if n > 0 => log::debug!("conntrack gc: {n} expired entries removed"),
-            Ok(_) => {}
+            Ok(pass) => {
+                if pass.removed > 0 {
+                    log::debug!(
+                        "conntrack gc: {} expired entries removed, {} left",
+                        pass.removed,
+                        pass.conntrack_entries
+                    );
+                }
+                fill.record(pass);
+            }
             Err(e) => warn!("conntrack gc: {e:#}"),
         }
     }
 }
 
-fn kernel_stats(a: &Agent) -> KernelStats {
+/// What /metrics shows of the kernel: counters through a reader of their
+/// own, conntrack fill from the GC's last pass, the rest as the owner last
+/// published it. No map walk, no wait for the owner.
+fn kernel_stats(
+    stats: Option<&StatsReader>,
+    conntrack: &ConntrackFill,
+    levels: &Levels,
+) -> KernelStats {
     let mut k = KernelStats::default();
-    if let Ok(c) = a.maps.counters() {
+    if let Some(Ok(c)) = stats.map(|s| s.counters()) {
         for (i, n) in c.0.iter().enumerate() {
             let r = i as u8;
             if *n > 0 || palisade_common::reason::is_drop(r) {
@@ -370,55 +455,18 @@ fn kernel_stats(a: &Agent) -> KernelStats {
             }
         }
     }
-    if let Ok(c) = a.maps.xdp_counters() {
+    if let Some(Ok(c)) = stats.map(|s| s.xdp_counters()) {
         k.xdp = c.named();
     }
-    k.maps = a
-        .map_fill()
-        .into_iter()
-        .map(|m| (m.name, m.entries, m.max_entries))
+    let last_gc = conntrack.last();
+    k.maps = levels
+        .maps
+        .iter()
+        .map(|m| match (&last_gc, m.name.as_str()) {
+            (Some(p), "conntrack") => (m.name.clone(), p.conntrack_entries, p.conntrack_max as u64),
+            _ => (m.name.clone(), m.entries, m.max_entries),
+        })
         .collect();
-    k.endpoints = a.model().endpoints.len() as u64;
+    k.endpoints = levels.endpoints;
     k
-}
-
-/// /metrics, /healthz (the process answers), /readyz (first sync done).
-async fn serve_http(l: TcpListener, shared: Shared, metrics: Arc<Metrics>) {
-    loop {
-        let Ok((conn, _)) = l.accept().await else {
-            continue;
-        };
-        let (shared, metrics) = (shared.clone(), metrics.clone());
-        tokio::spawn(async move {
-            let (r, mut w) = conn.into_split();
-            let mut first = String::new();
-            let mut r = BufReader::new(r);
-            if r.read_line(&mut first).await.is_err() {
-                return;
-            }
-            let path = first.split_whitespace().nth(1).unwrap_or("/").to_string();
-            let (code, body) = match path.as_str() {
-                "/metrics" => {
-                    let k = tokio::task::spawn_blocking(move || kernel_stats(&lock(&shared)))
-                        .await
-                        .unwrap_or_default();
-                    ("200 OK", metrics.render(&k))
-                }
-                "/healthz" => ("200 OK", "ok\n".to_string()),
-                "/readyz" => {
-                    if lock(&shared).ready {
-                        ("200 OK", "ready\n".to_string())
-                    } else {
-                        ("503 Service Unavailable", "not ready\n".to_string())
-                    }
-                }
-                _ => ("404 Not Found", "not found\n".to_string()),
-            };
-            let resp = format!(
-                "HTTP/1.1 {code}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = w.write_all(resp.as_bytes()).await;
-        });
-    }
 }

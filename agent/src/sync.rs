@@ -11,7 +11,9 @@
 use std::{collections::HashMap, hash::Hash, net::Ipv4Addr};
 
 use palisade_common::{EndpointInfo, IpcacheValue, PolicyKey, PolicyValue};
-use palisade_dataplane::{maps::from_be, MapState, Maps};
+use palisade_dataplane::{MapState, Maps};
+
+use crate::compiler::Touched;
 
 /// The changes that turn one map state into another.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -196,6 +198,66 @@ pub fn apply(
     }
 }
 
+/// The changes among the `touched` keys only (what the engine says may
+/// have changed): the same [`Diff`] as [`diff`] restricted to those keys.
+pub fn diff_touched(cur: &MapState, want: &MapState, touched: &Touched) -> Diff {
+    let mut d = Diff::default();
+    for k in &touched.policy {
+        match (cur.policy.get(k), want.policy.get(k)) {
+            (c, Some(w)) if c != Some(w) => d.policy_upserts.push((*k, *w)),
+            (Some(_), None) => d.policy_removals.push(*k),
+            _ => {}
+        }
+    }
+    for k in &touched.ipcache {
+        match (cur.ipcache.get(k), want.ipcache.get(k)) {
+            (c, Some(w)) if c != Some(w) => d.ipcache_upserts.push((*k, *w)),
+            (Some(_), None) => d.ipcache_removals.push(*k),
+            _ => {}
+        }
+    }
+    for k in &touched.endpoints {
+        match (cur.endpoints.get(k), want.endpoints.get(k)) {
+            (c, Some(w)) if c != Some(w) => d.endpoint_upserts.push((*k, *w)),
+            (Some(c), None) => d.endpoint_removals.push((*k, *c)),
+            _ => {}
+        }
+    }
+    d
+}
+
+/// [`apply`] for the keys in `touched` only: the same order, the same
+/// write-what-fits-then-retry-once behaviour, in time proportional to the
+/// change rather than to the maps. On error, the keys still differing are
+/// among `touched`: hand them back to the engine ([`crate::compiler::Engine::retouch`])
+/// so the next sync retries them.
+pub fn apply_touched(
+    w: &mut impl MapWriter,
+    current: &mut MapState,
+    want: &MapState,
+    touched: &Touched,
+) -> Result<usize, SyncError> {
+    let total = diff_touched(current, want, touched).len();
+    let mut applied = 0;
+    let mut failure = None;
+    for _pass in 0..2 {
+        let (n, f) = apply_once(w, current, diff_touched(current, want, touched));
+        applied += n;
+        failure = f;
+        if failure.is_none() {
+            break;
+        }
+    }
+    match failure {
+        None => Ok(applied),
+        Some(source) => Err(SyncError {
+            failed: diff_touched(current, want, touched).len(),
+            total,
+            source,
+        }),
+    }
+}
+
 /// One ordered pass; (changes made, first error).
 fn apply_once(
     w: &mut impl MapWriter,
@@ -264,19 +326,7 @@ fn apply_once(
 
 /// What the kernel maps hold now (after a restart, before the first sync).
 pub fn read_back(maps: &Maps) -> MapState {
-    let mut s = MapState::default();
-    for (k, v) in maps.endpoints.iter().filter_map(Result::ok) {
-        if k.kind == palisade_common::EP_KEY_IFINDEX {
-            s.endpoints.insert(k.value, v);
-        }
-    }
-    for (k, v) in maps.ipcache.iter().filter_map(Result::ok) {
-        s.ipcache.insert((from_be(k.data()), k.prefix_len()), v);
-    }
-    for (k, v) in maps.policy.iter().filter_map(Result::ok) {
-        s.policy.insert((k.prefix_len(), k.data()), v);
-    }
-    s
+    maps.read_state()
 }
 
 #[cfg(test)]
@@ -471,6 +521,63 @@ mod tests {
         };
         r.policies = 1;
         assert_eq!(apply(&mut r, &mut cur, &want).unwrap(), 3);
+        assert_eq!(cur, want);
+    }
+
+    /// Every key of both states: what a full diff looks at.
+    fn all_keys(a: &MapState, b: &MapState) -> Touched {
+        let mut t = Touched::default();
+        for s in [a, b] {
+            t.policy.extend(s.policy.keys().copied());
+            t.ipcache.extend(s.ipcache.keys().copied());
+            t.endpoints.extend(s.endpoints.keys().copied());
+        }
+        t
+    }
+
+    #[test]
+    fn touched_keys_sync_in_the_same_order_as_a_full_sync() {
+        let mut cur = state(400, true);
+        let want = state(401, true);
+        let mut r = Recorder::default();
+        let t = all_keys(&cur, &want);
+        assert_eq!(diff_touched(&cur, &want, &t), diff(&cur, &want));
+        assert_eq!(apply_touched(&mut r, &mut cur, &want, &t).unwrap(), 3);
+        assert_eq!(
+            r.ops,
+            [
+                "policy+ 96 401",
+                "ipcache+ 10.0.0.2/32 401",
+                "policy- 96 400"
+            ]
+        );
+        assert_eq!(cur, want);
+    }
+
+    #[test]
+    fn only_touched_keys_are_written() {
+        let mut cur = state(400, true);
+        let want = state(401, true);
+        let mut t = Touched::default();
+        t.ipcache.insert((Ipv4Addr::new(10, 0, 0, 2), 32));
+        let mut r = Recorder::default();
+        assert_eq!(apply_touched(&mut r, &mut cur, &want, &t).unwrap(), 1);
+        assert_eq!(r.ops, ["ipcache+ 10.0.0.2/32 401"]);
+        // The untouched policy keys still differ.
+        assert_eq!(diff(&cur, &want).len(), 2);
+    }
+
+    #[test]
+    fn touched_sync_retries_once_when_removals_free_room() {
+        let mut cur = state(400, true);
+        let want = state(401, true);
+        let mut r = Recorder {
+            capacity: Some(1),
+            ..Default::default()
+        };
+        r.policies = 1;
+        let t = all_keys(&cur, &want);
+        assert_eq!(apply_touched(&mut r, &mut cur, &want, &t).unwrap(), 3);
         assert_eq!(cur, want);
     }
 }

@@ -13,10 +13,12 @@ use palisade_dataplane::{
     reference::{Evaluator, Verdict},
 };
 
+use palisade_dataplane::MapState;
+
 use crate::{
-    compiler::{Compiled, IdentitySource},
+    compiler::{IdentitySource, Names, View},
     daemon::Agent,
-    model::{LocalEndpoint, Model, ObjectKey},
+    model::{LocalEndpoint, ObjectKey},
 };
 
 /// A trace endpoint: a pod of the model, or a bare address.
@@ -26,9 +28,9 @@ struct Side {
     local: Option<LocalEndpoint>,
 }
 
-fn resolve(model: &Model, s: &str, what: &str) -> Result<Side> {
+fn resolve<N: Names + ?Sized>(view: &N, s: &str, what: &str) -> Result<Side> {
     if let Ok(ip) = s.parse::<Ipv4Addr>() {
-        let local = model.endpoints.values().find(|e| e.ipv4 == ip).cloned();
+        let local = view.local_endpoint_at(ip).cloned();
         return Ok(Side {
             name: ip.to_string(),
             ip,
@@ -39,8 +41,8 @@ fn resolve(model: &Model, s: &str, what: &str) -> Result<Side> {
         bail!("{what} {s:?}: expected namespace/pod or an IPv4 address");
     };
     let key = ObjectKey::new(ns, name);
-    let local = model.endpoints.values().find(|e| e.key == key).cloned();
-    let ip = match (&local, model.pods.get(&key)) {
+    let local = view.local_endpoint_of(&key).cloned();
+    let ip = match (&local, view.pod(&key)) {
         (Some(le), _) => le.ipv4,
         (None, Some(p)) => {
             p.ip.with_context(|| format!("{what} {key} has no address yet"))?
@@ -54,8 +56,8 @@ fn resolve(model: &Model, s: &str, what: &str) -> Result<Side> {
     })
 }
 
-fn identity_text(c: &Compiled, id: u32) -> String {
-    match c.identities.get(&id) {
+fn identity_text<N: Names + ?Sized>(c: &N, id: u32) -> String {
+    match c.identity(id) {
         Some(IdentitySource::Reserved(r)) => format!("{id} ({r})"),
         Some(IdentitySource::Labels {
             namespace,
@@ -78,8 +80,14 @@ fn verdict_name(v: &Verdict) -> &'static str {
     }
 }
 
-fn step(c: &Compiled, hop: String, ep: &LocalEndpoint, dir: u8, v: &Verdict) -> TraceStep {
-    let policies = if let Some(r) = c.cookies.get(&v.cookie) {
+fn step<N: Names + ?Sized>(
+    c: &N,
+    hop: String,
+    ep: &LocalEndpoint,
+    dir: u8,
+    v: &Verdict,
+) -> TraceStep {
+    let policies = if let Some(r) = c.cookie(v.cookie) {
         vec![r.to_string()]
     } else if v.reason == reason::NO_POLICY_MATCH {
         c.isolating(ep.endpoint_id, dir)
@@ -105,10 +113,22 @@ fn step(c: &Compiled, hop: String, ep: &LocalEndpoint, dir: u8, v: &Verdict) -> 
 
 impl Agent {
     pub fn trace(&self, t: &TraceRequest) -> Result<TraceReport> {
-        let model = self.model();
-        let compiled = self.compiled();
-        let from = resolve(&model, &t.from, "--from")?;
-        let to = resolve(&model, &t.to, "--to")?;
+        let view = View::from_compiled(&self.compiled(), &self.model());
+        trace(&view, self.current(), t)
+    }
+}
+
+/// The verdict on `t` over the map contents `current` (what the kernel
+/// holds), named through `names` (the engine's view, or a full compile's).
+pub fn trace<N: Names + ?Sized>(
+    names: &N,
+    current: &MapState,
+    t: &TraceRequest,
+) -> Result<TraceReport> {
+    {
+        let compiled = names;
+        let from = resolve(names, &t.from, "--from")?;
+        let to = resolve(names, &t.to, "--to")?;
         let packet = match t.protocol.as_str() {
             "TCP" => Packet::tcp(from.ip, 40000, to.ip, t.port, TCP_FLAG_SYN),
             "UDP" => Packet::udp(from.ip, 40000, to.ip, t.port),
@@ -124,13 +144,13 @@ impl Agent {
         }
         // One evaluator for both hops, as in the kernel: the egress hop's
         // conntrack entry is scoped and cannot admit the ingress hop.
-        let mut eval = Evaluator::new(self.current());
+        let mut eval = Evaluator::new(current);
         let mut steps = Vec::new();
         let mut verdicts = Vec::new();
         if let Some(ep) = &from.local {
             let v = eval.evaluate(ep.ifindex, DIR_EGRESS, &packet);
             steps.push(step(
-                &compiled,
+                compiled,
                 format!("egress of {}", from.name),
                 ep,
                 DIR_EGRESS,
@@ -142,7 +162,7 @@ impl Agent {
             if let Some(ep) = &to.local {
                 let v = eval.evaluate(ep.ifindex, DIR_INGRESS, &packet);
                 steps.push(step(
-                    &compiled,
+                    compiled,
                     format!("ingress of {}", to.name),
                     ep,
                     DIR_INGRESS,

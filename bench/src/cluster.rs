@@ -16,6 +16,8 @@
 use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
 
 use palisade_agent::{
+    change::Change,
+    compiler::Engine,
     manifests,
     model::{LocalEndpoint, Model, ObjectKey, Pod},
 };
@@ -208,6 +210,26 @@ impl Cluster {
     }
 }
 
+/// The agent's incremental engine loaded with `model`, in the order the
+/// owner task feeds a first list: namespaces, pods, policies (already
+/// parsed by the manifest reader), then the local endpoints.
+pub fn engine(model: &Model) -> Engine {
+    let mut e = Engine::new(model.audit, model.host_ips.clone());
+    for ns in model.namespaces.values() {
+        e.apply(Change::Namespace(ns.clone()));
+    }
+    for p in model.pods.values() {
+        e.apply(Change::Pod(p.clone()));
+    }
+    for (k, p) in &model.policies {
+        e.apply_parsed(k.clone(), p.clone());
+    }
+    for ep in model.endpoints.values() {
+        e.add_endpoint(ep.clone());
+    }
+    e
+}
+
 /// A pod for the model directly (the "pod add" change).
 pub fn model_pod(namespace: &str, name: &str, app: usize, ip: Ipv4Addr) -> Pod {
     Pod {
@@ -265,5 +287,12 @@ mod tests {
         let compiled = palisade_agent::compiler::Compiler::new().compile(&m);
         assert!(compiled.rejected.is_empty(), "{:?}", compiled.rejected);
         assert!(!compiled.maps.policy.is_empty());
+        // The engine the update benchmark drives makes the same maps (its
+        // numbering may differ; the sizes may not).
+        let e = engine(&m);
+        assert!(e.view().rejected.is_empty());
+        assert_eq!(e.desired().policy.len(), compiled.maps.policy.len());
+        assert_eq!(e.desired().ipcache.len(), compiled.maps.ipcache.len());
+        assert_eq!(e.desired().endpoints.len(), compiled.maps.endpoints.len());
     }
 }

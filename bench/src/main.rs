@@ -1,6 +1,7 @@
 //! `palisade-bench`: palisade's benchmarks (`cargo xtask bench`). Writes
 //! `report.md`, `results.json` and PNG charts into `--out`. See
 //! bench/README.md for what each section measures and how to read it.
+mod agent;
 mod cluster;
 mod cni;
 mod memory;
@@ -25,12 +26,14 @@ use clap::Parser;
 
 use report::Results;
 
-const SECTIONS: [&str; 6] = ["testrun", "veth", "update", "cni", "memory", "podstart"];
+const SECTIONS: [&str; 7] = [
+    "testrun", "veth", "update", "cni", "memory", "podstart", "agent",
+];
 
 #[derive(Parser)]
 #[command(
     name = "palisade-bench",
-    about = "palisade's benchmarks: per-packet cost, veth rates, update latency, CNI latency, agent memory, pod-start enforcement"
+    about = "palisade's benchmarks: per-packet cost, veth rates, update latency, CNI latency, agent memory, pod-start enforcement, agent-architecture floors"
 )]
 struct Args {
     /// Directory for report.md, results.json and the PNG charts.
@@ -39,7 +42,7 @@ struct Args {
     /// A 1-2 minute smoke run: fewer sizes, rounds and samples.
     #[arg(long)]
     quick: bool,
-    /// Only these sections (comma separated): testrun, veth, update, cni, memory, podstart.
+    /// Only these sections (comma separated): testrun, veth, update, cni, memory, podstart, agent.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Rounds for the interleaved sections (default 5, quick 2).
@@ -143,6 +146,7 @@ fn run(args: Args) -> Result<()> {
                 r.cni.get_or_insert_with(Default::default).runs.push(adds);
             }),
             "podstart" => podstart::run(&podstart::Plan::new(quick)).map(|x| r.podstart = Some(x)),
+            "agent" => agent::run(&agent::Plan::new(quick)).map(|x| r.agent = Some(x)),
             _ => unreachable!("validated above"),
         };
         match res {

@@ -19,7 +19,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use palisade_api::{call, Request, Response, StatusReport};
+use palisade_api::{call, ErrorKind, Request, Response, StatusReport};
 use serde_json::Value;
 
 use crate::sys::{self, in_netns, ChildGuard, NetNs, PinRoot, TempDir};
@@ -37,7 +37,16 @@ pub struct AgentProc {
 }
 
 impl AgentProc {
-    pub fn start(node: &NetNs, dir: &Path, manifests: &Path, env: &[(&str, &str)]) -> Result<Self> {
+    /// Started in `node`, reading `manifests`, serving /metrics, /healthz
+    /// and /readyz on `metrics_addr` (an address inside the node namespace,
+    /// or "off").
+    pub fn start_with_metrics(
+        node: &NetNs,
+        dir: &Path,
+        manifests: &Path,
+        env: &[(&str, &str)],
+        metrics_addr: &str,
+    ) -> Result<Self> {
         let pins = PinRoot::new()?;
         let agent = sys::bin("palisade-agent")?;
         let socket = dir.join("agent.sock");
@@ -55,7 +64,7 @@ impl AgentProc {
             .arg(manifests)
             .arg("--flow-log")
             .arg(dir.join("flows.jsonl"))
-            .args(["--metrics-addr", "off"])
+            .args(["--metrics-addr", metrics_addr])
             .env("RUST_LOG", "warn")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -172,9 +181,10 @@ fn serve_stub(conn: UnixStream, ids: &AtomicU32) -> Result<()> {
             endpoint_id: None,
         },
         Ok(Request::Status) => Response::Status(Box::default()),
-        _ => Response::Error {
-            message: "the benchmark's stub agent does not do that".into(),
-        },
+        _ => Response::error(
+            ErrorKind::InvalidRequest,
+            "the benchmark's stub agent does not do that",
+        ),
     };
     let mut out = serde_json::to_vec(&resp)?;
     out.push(b'\n');
@@ -316,6 +326,17 @@ impl Node {
         manifests: &[(&str, String)],
         env: &[(&str, &str)],
     ) -> Result<Self> {
+        Self::with_agent_metrics(prefix, manifests, env, "off")
+    }
+
+    /// As `with_agent_env`, the agent serving HTTP on `metrics_addr` inside
+    /// the node (reach it from a thread in `self.ns`).
+    pub fn with_agent_metrics(
+        prefix: &str,
+        manifests: &[(&str, String)],
+        env: &[(&str, &str)],
+        metrics_addr: &str,
+    ) -> Result<Self> {
         let dir = TempDir::new("palisade-bench-")?;
         let ns = NetNs::new(prefix)?;
         let mdir = dir.path().join("manifests");
@@ -323,7 +344,7 @@ impl Node {
         for (name, text) in manifests {
             fs::write(mdir.join(name), text)?;
         }
-        let agent = AgentProc::start(&ns, dir.path(), &mdir, env)?;
+        let agent = AgentProc::start_with_metrics(&ns, dir.path(), &mdir, env, metrics_addr)?;
         Ok(Self {
             pods: Vec::new(),
             enforcer: Enforcer::Agent(agent),

@@ -115,7 +115,7 @@ impl Rig {
         })
         .context("loading the datapath")?;
         let mut maps = dp.take_maps()?;
-        let ring = maps.events.take().context("events map")?;
+        let ring = maps.take_events().context("events map")?;
 
         maps.upsert_endpoint(
             IFINDEX,

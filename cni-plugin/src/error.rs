@@ -14,7 +14,8 @@ pub const IO_FAILURE: u32 = 5;
 pub const DECODE: u32 = 6;
 /// 7: the network config decodes but does not validate.
 pub const INVALID_CONFIG: u32 = 7;
-/// 11: transient: the agent is unreachable or refused the endpoint.
+/// 11: transient: the agent is unreachable, did not answer in time, or
+/// answered `Unavailable` (not ready, busy). Nothing else is 11.
 pub const TRY_AGAIN_LATER: u32 = 11;
 /// 50 (STATUS only): the plugin cannot service ADD requests.
 pub const NOT_AVAILABLE: u32 = 50;
@@ -33,6 +34,13 @@ pub const CHECK_FAILED: u32 = 104;
 pub const IPAM_STORE: u32 = 105;
 /// 106: the sysctl net.ipv4.ip_forward could not be set.
 pub const SYSCTL: u32 = 106;
+/// 107: the agent refused: the request conflicts with an endpoint it has.
+pub const AGENT_CONFLICT: u32 = 107;
+/// 108: the agent refused: a datapath map is full (capacity, not transient).
+pub const AGENT_MAP_FULL: u32 = 108;
+/// 109: the agent failed (a bug, a kernel refusal, a protocol mismatch):
+/// retrying the same request will not help.
+pub const AGENT_INTERNAL: u32 = 109;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct CniError {

@@ -206,6 +206,30 @@ impl Agent {
         Ok(())
     }
 
+    /// SIGTERM, then wait up to `timeout` for the exit; the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let Some(mut c) = self.child.take() else {
+            bail!("the agent is not running");
+        };
+        // SAFETY: plain kill(2) of a child we started (nsenter execs the agent).
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = c.try_wait()? {
+                return Ok(st);
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                bail!(
+                    "palisade-agent did not exit within {timeout:?} of SIGTERM:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn request(&self, req: &Request) -> Result<Response> {
         Ok(call(&self.socket, req, Duration::from_secs(30))?)
     }

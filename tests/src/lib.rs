@@ -17,6 +17,7 @@ use palisade_dataplane::Pins;
 
 pub mod agent;
 pub mod conformance;
+pub mod oracle;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 

@@ -2,9 +2,20 @@
 //! CNI_* environment, config on stdin, result or error JSON on stdout.
 //! Every error path has its code; ADD/CHECK/DEL/GC/STATUS run against the
 //! real agent inside a node namespace.
-use std::{fs, net::Ipv4Addr, path::Path};
+use std::{
+    fs,
+    io::{BufRead, BufReader, Write},
+    net::Ipv4Addr,
+    os::unix::net::{UnixListener, UnixStream},
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+};
 
 use anyhow::{ensure, Context, Result};
+use palisade_api::{ErrorKind, Request, Response};
 use palisade_tests::{
     agent::TempDir,
     cni::{allocations, exec, links, CniNode, Json, Outcome},
@@ -317,6 +328,118 @@ fn add_without_agent_is_retryable_and_leaves_nothing() -> Result<()> {
     expect_error(&o, 101, "1.0.0")?;
     assert!(links(&pod)?.contains(&"eth0".to_string()));
     assert!(allocations(&n.ipam_dir()).is_empty());
+    Ok(())
+}
+
+/// A stand-in agent on the CNI node's socket: every Register is answered
+/// with an error of the kind in `kind`, everything else with Ok. It keeps
+/// the ops it was asked, in order.
+struct FakeAgent {
+    socket: PathBuf,
+    kind: Arc<Mutex<ErrorKind>>,
+    ops: Arc<Mutex<Vec<&'static str>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FakeAgent {
+    fn start(socket: PathBuf) -> Result<Self> {
+        let l = UnixListener::bind(&socket)?;
+        let kind = Arc::new(Mutex::new(ErrorKind::Internal));
+        let ops = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (k, o, s) = (kind.clone(), ops.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            for conn in l.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(conn) = conn else { continue };
+                let mut line = String::new();
+                if BufReader::new(&conn).read_line(&mut line).is_err() {
+                    continue;
+                }
+                let resp = match serde_json::from_str::<Request>(&line) {
+                    Ok(Request::Register(_)) => {
+                        o.lock().unwrap().push("register");
+                        let kind = *k.lock().unwrap();
+                        Response::error(kind, format!("the fake agent says {kind}"))
+                    }
+                    Ok(Request::Deregister { .. }) => {
+                        o.lock().unwrap().push("deregister");
+                        Response::Ok {
+                            generation: 1,
+                            endpoint_id: None,
+                        }
+                    }
+                    _ => Response::error(ErrorKind::InvalidRequest, "not faked"),
+                };
+                let mut out = serde_json::to_vec(&resp).expect("encodes");
+                out.push(b'\n');
+                let _ = (&conn).write_all(&out);
+            }
+        });
+        Ok(Self {
+            socket,
+            kind,
+            ops,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for FakeAgent {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = UnixStream::connect(&self.socket);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn agent_error_kinds_have_their_codes_and_add_leaves_nothing() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let n = CniNode::new()?;
+    let agent = FakeAgent::start(n.socket())?;
+    let pod = NetNs::new("pcpod")?;
+    let path = pod.path().display().to_string();
+    let c = conf("1.1.0", &n, "10.206.0.0/24", "", "");
+    for (kind, code, says) in [
+        (ErrorKind::Unavailable, 11, "try again later"),
+        (ErrorKind::InvalidRequest, 4, "invalid"),
+        (ErrorKind::NotFound, 3, "does not exist"),
+        (ErrorKind::Conflict, 107, "conflicts"),
+        (ErrorKind::MapFull, 108, "map is full"),
+        (ErrorKind::Internal, 109, "agent's log"),
+    ] {
+        *agent.kind.lock().unwrap() = kind;
+        agent.ops.lock().unwrap().clear();
+        let env = add_env("c1", &path, "K8S_POD_NAMESPACE=app;K8S_POD_NAME=web");
+        let o = exec(Some(&n.node), "ADD", &env, &c)?;
+        expect_error(&o, code, "1.1.0").with_context(|| format!("{kind}"))?;
+        let msg = o.json["msg"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains("app/web") && msg.contains(says),
+            "{kind}: {}",
+            o.stdout
+        );
+        let details = o.json["details"].as_str().unwrap_or_default();
+        assert!(
+            details.contains(&format!("the fake agent says {kind}")),
+            "{kind}: {}",
+            o.stdout
+        );
+        // Rolled back: deregistered, no veth, no address.
+        assert_eq!(*agent.ops.lock().unwrap(), ["register", "deregister"]);
+        assert_eq!(links(&n.node)?, ["lo"], "{kind}");
+        assert_eq!(links(&pod)?, ["lo"], "{kind}");
+        assert!(allocations(&n.ipam_dir()).is_empty(), "{kind}");
+    }
     Ok(())
 }
 

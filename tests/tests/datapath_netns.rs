@@ -88,7 +88,7 @@ fn setup(both: bool) -> Result<Setup> {
             cidr_identity: IDENTITY_WORLD,
         },
     )?;
-    let events = EventReader::new(maps.events.take().expect("events map"));
+    let events = EventReader::new(maps.take_events().expect("events map"));
     Ok(Setup {
         node,
         _dp: dp,
@@ -256,9 +256,8 @@ fn gc_removes_expired_conntrack_and_fragment_entries_only() -> Result<()> {
         flags: 0,
         _pad: 0,
     };
-    maps.conntrack.insert(ct(1000), value(now - 1), 0)?;
-    maps.conntrack
-        .insert(ct(1001), value(now + 60_000_000_000), 0)?;
+    maps.insert_conntrack(ct(1000), value(now - 1))?;
+    maps.insert_conntrack(ct(1001), value(now + 60_000_000_000))?;
     let frag = |id: u16| FragKey {
         saddr: be(A),
         daddr: be(B),
@@ -266,40 +265,44 @@ fn gc_removes_expired_conntrack_and_fragment_entries_only() -> Result<()> {
         protocol: PROTO_TCP,
         scope: DIR_INGRESS,
     };
-    maps.fragments.insert(
+    maps.insert_fragment(
         frag(1),
         FragValue {
             expires_ns: now - 1,
             verdict: 1,
             _pad: 0,
         },
-        0,
     )?;
-    maps.fragments.insert(
+    maps.insert_fragment(
         frag(2),
         FragValue {
             expires_ns: now + 60_000_000_000,
             verdict: 1,
             _pad: 0,
         },
-        0,
     )?;
 
-    assert_eq!(maps.gc(palisade_dataplane::maps::monotonic_ns())?, 2);
+    // The GC has map handles of its own, opened from the pins.
+    let mut gc = palisade_dataplane::ConntrackGc::open(&pins.pins)?;
+    let pass = gc.pass(palisade_dataplane::maps::monotonic_ns())?;
+    assert_eq!(pass.removed, 2);
+    assert_eq!((pass.conntrack_entries, pass.fragment_entries), (1, 1));
+    assert_eq!(pass.conntrack_max, palisade_common::sizes::CONNTRACK);
     let left: Vec<u16> = maps
-        .conntrack
-        .keys()
-        .filter_map(Result::ok)
-        .map(|k| u16::from_be(k.sport_be))
+        .conntrack_entries()?
+        .into_iter()
+        .map(|(k, _)| u16::from_be(k.sport_be))
         .collect();
     assert_eq!(left, vec![1001]);
     let left: Vec<u16> = maps
-        .fragments
-        .keys()
-        .filter_map(Result::ok)
-        .map(|k| u16::from_be(k.id_be))
+        .fragment_entries()?
+        .into_iter()
+        .map(|(k, _)| u16::from_be(k.id_be))
         .collect();
     assert_eq!(left, vec![2]);
+    // A second pass finds nothing more to do and the same fill.
+    let again = gc.pass(palisade_dataplane::maps::monotonic_ns())?;
+    assert_eq!((again.removed, again.conntrack_entries), (0, 1));
     drop(dp);
     Ok(())
 }

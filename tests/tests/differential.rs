@@ -13,6 +13,14 @@
 //! Packets run on the interfaces of veth pairs in a private network
 //! namespace, so a policy set has several endpoints, each on its own
 //! ifindex, plus interfaces with no endpoint.
+//!
+//! What this can and cannot see: the kernel and the reference evaluator
+//! share their decision rules (`palisade_common::decision`), so this test
+//! checks the kernel's parse, map lookups, conntrack, fragments, events and
+//! counters against an independent model of those, and the shared rules
+//! only as the kernel uses them. A rule that is wrong in the shared code
+//! is wrong on both sides and passes here; `policy_oracle.rs` holds the
+//! kernel's verdicts to the NetworkPolicy semantics instead.
 use std::{
     collections::{HashMap, HashSet},
     fmt::Write as _,
@@ -827,26 +835,7 @@ struct Rig {
 
 impl Rig {
     fn clear(&mut self) -> Result<()> {
-        let keys: Vec<_> = self.maps.endpoints.keys().collect::<Result<_, _>>()?;
-        for k in keys {
-            self.maps.endpoints.remove(&k)?;
-        }
-        let keys: Vec<_> = self.maps.ipcache.keys().collect::<Result<_, _>>()?;
-        for k in keys {
-            self.maps.ipcache.remove(&k)?;
-        }
-        let keys: Vec<_> = self.maps.policy.keys().collect::<Result<_, _>>()?;
-        for k in keys {
-            self.maps.policy.remove(&k)?;
-        }
-        let keys: Vec<_> = self.maps.conntrack.keys().collect::<Result<_, _>>()?;
-        for k in keys {
-            self.maps.conntrack.remove(&k)?;
-        }
-        let keys: Vec<_> = self.maps.fragments.keys().collect::<Result<_, _>>()?;
-        for k in keys {
-            self.maps.fragments.remove(&k)?;
-        }
+        self.maps.clear()?;
         self.events.drain();
         Ok(())
     }
@@ -864,18 +853,18 @@ impl Rig {
         }
         let mut ev = Evaluator::new(&set.state());
         for (k, v) in &set.ct {
-            self.maps.conntrack.insert(k, v, 0)?;
+            self.maps.insert_conntrack(*k, *v)?;
             ev.conntrack_mut().insert(*k, *v);
         }
         for (k, v) in &set.frags {
-            self.maps.fragments.insert(k, v, 0)?;
+            self.maps.insert_fragment(*k, *v)?;
             ev.fragments_mut().insert(*k, *v);
         }
         Ok(ev)
     }
 
     fn counter(&self, r: u8) -> Result<u64> {
-        Ok(self.maps.counters.get(&(r as u32), 0)?.iter().sum())
+        Ok(self.maps.counter(r)?)
     }
 }
 
@@ -979,7 +968,7 @@ fn run_sequence(rig: &mut Rig, set: &PolicySet, steps: &[Step]) -> Result<Option
             .collect();
         problems.push(format!("counters differ: {diff:?}"));
     }
-    let kct: HashMap<CtKey, CtValue> = rig.maps.conntrack.iter().collect::<Result<_, _>>()?;
+    let kct: HashMap<CtKey, CtValue> = rig.maps.conntrack_entries()?.into_iter().collect();
     let mct = ev.conntrack();
     for (k, v) in mct {
         match kct.get(k) {
@@ -1002,7 +991,7 @@ fn run_sequence(rig: &mut Rig, set: &PolicySet, steps: &[Step]) -> Result<Option
             problems.push(format!("conntrack: {} only in the kernel", fmt_ct(k, v)));
         }
     }
-    let kfr: HashMap<FragKey, FragValue> = rig.maps.fragments.iter().collect::<Result<_, _>>()?;
+    let kfr: HashMap<FragKey, FragValue> = rig.maps.fragment_entries()?.into_iter().collect();
     let mfr = ev.fragments();
     let same_frags = kfr.len() == mfr.len()
         && mfr.iter().all(|(k, v)| {
@@ -1287,7 +1276,7 @@ fn kernel_and_reference_agree_on_random_policies_and_packets() -> Result<()> {
             .collect::<Result<_, _>>()?;
         let mut dp = Datapath::load(&cfg)?;
         let mut maps = dp.take_maps()?;
-        let events = EventReader::new(maps.events.take().expect("events map"));
+        let events = EventReader::new(maps.take_events().expect("events map"));
         let mut rig = Rig { dp, maps, events };
         run_all(&mut rig, &ifindexes, seed)
     })??;

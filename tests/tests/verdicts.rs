@@ -148,7 +148,7 @@ impl Rig {
         };
         let mut dp = Datapath::load(&cfg)?;
         let mut maps = dp.take_maps()?;
-        let events = EventReader::new(maps.events.take().expect("events map"));
+        let events = EventReader::new(maps.take_events().expect("events map"));
         let mut rig = Self {
             dp,
             maps,
@@ -249,13 +249,13 @@ impl Rig {
     }
 
     fn insert_ct(&mut self, k: CtKey, v: CtValue) -> Result<()> {
-        self.maps.conntrack.insert(k, v, 0)?;
+        self.maps.insert_conntrack(k, v)?;
         self.ev.conntrack_mut().insert(k, v);
         Ok(())
     }
 
     fn ct(&self, k: &CtKey) -> Option<CtValue> {
-        let kernel = self.maps.conntrack.get(k, 0).ok();
+        let kernel = self.maps.conntrack_entry(k);
         let model = self.ev.conntrack().get(k).copied();
         assert_eq!(
             kernel.map(|v| (v.tcp_state, v.flags, v.cookie)),
@@ -928,7 +928,7 @@ fn expired_entries_are_ignored() -> Result<()> {
         verdict: VERDICT_ALLOW as u32,
         _pad: 0,
     };
-    rig.maps.fragments.insert(fk, fv, 0)?;
+    rig.maps.insert_fragment(fk, fv)?;
     rig.ev.fragments_mut().insert(fk, fv);
     rig.run(DIR_INGRESS, &frag)?
         .assert_reported(false, VERDICT_DROP, reason::FRAG_UNTRACKED, 0);

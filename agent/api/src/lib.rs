@@ -90,9 +90,79 @@ pub enum Response {
     },
     Status(Box<StatusReport>),
     Trace(TraceReport),
+    /// The request failed. `kind` says what the caller should do about it;
+    /// `message` says what went wrong, for people.
     Error {
+        /// Absent in answers from agents that predate kinds: `Internal`.
+        #[serde(default)]
+        kind: ErrorKind,
         message: String,
     },
+}
+
+impl Response {
+    /// The error answer (what the agent sends when a request fails).
+    pub fn error(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self::Error {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// Why a request failed, chosen by what the caller should do next. Only
+/// `Unavailable` is worth retrying as is; every other kind fails again
+/// until something changes (the request, the cluster, the configuration,
+/// the agent).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// Transient: the agent is starting (first sync not done), overloaded,
+    /// shutting down, or a wait timed out. Retry later.
+    Unavailable,
+    /// The request is malformed or a field is invalid (an unparsable line,
+    /// an empty container id, a bad address or protocol). Fix the caller.
+    InvalidRequest,
+    /// Something the request names does not exist: the host interface of a
+    /// registration, a pod or endpoint of a trace.
+    NotFound,
+    /// The request contradicts state the agent holds (e.g. the address or
+    /// interface is registered to another container).
+    Conflict,
+    /// A datapath map is full: a capacity limit, not transient. Needs larger
+    /// maps or fewer policies/endpoints; whatever fitted is still enforced.
+    MapFull,
+    /// A bug, or the kernel refused an operation, in a way that will not fix
+    /// itself by retrying. Also the kind of an error without one, and of
+    /// kinds this build does not know.
+    #[default]
+    #[serde(other)]
+    Internal,
+}
+
+impl ErrorKind {
+    /// Retrying the same request later may succeed.
+    pub fn is_transient(self) -> bool {
+        matches!(self, Self::Unavailable)
+    }
+
+    /// The wire name (`snake_case`), also used in messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unavailable => "unavailable",
+            Self::InvalidRequest => "invalid_request",
+            Self::NotFound => "not_found",
+            Self::Conflict => "conflict",
+            Self::MapFull => "map_full",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -191,6 +261,42 @@ mod tests {
             serde_json::to_string(&ok).unwrap(),
             r#"{"result":"ok","generation":3,"endpoint_id":7}"#
         );
+    }
+
+    #[test]
+    fn errors_carry_a_kind() {
+        let e = Response::error(ErrorKind::MapFull, "map POLICY is full");
+        let s = serde_json::to_string(&e).unwrap();
+        assert_eq!(
+            s,
+            r#"{"result":"error","kind":"map_full","message":"map POLICY is full"}"#
+        );
+        assert_eq!(serde_json::from_str::<Response>(&s).unwrap(), e);
+        for k in [
+            ErrorKind::Unavailable,
+            ErrorKind::InvalidRequest,
+            ErrorKind::NotFound,
+            ErrorKind::Conflict,
+            ErrorKind::MapFull,
+            ErrorKind::Internal,
+        ] {
+            let wire = serde_json::to_string(&k).unwrap();
+            assert_eq!(wire, format!("\"{}\"", k.as_str()));
+            assert_eq!(serde_json::from_str::<ErrorKind>(&wire).unwrap(), k);
+            assert_eq!(k.is_transient(), k == ErrorKind::Unavailable);
+        }
+    }
+
+    #[test]
+    fn errors_without_or_with_unknown_kinds_decode_as_internal() {
+        // An agent that predates kinds.
+        let old: Response = serde_json::from_str(r#"{"result":"error","message":"x"}"#).unwrap();
+        assert_eq!(old, Response::error(ErrorKind::Internal, "x"));
+        // A kind from a newer agent.
+        let new: Response =
+            serde_json::from_str(r#"{"result":"error","kind":"rate_limited","message":"y"}"#)
+                .unwrap();
+        assert_eq!(new, Response::error(ErrorKind::Internal, "y"));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod conntrack;
+pub mod decision;
 
 /// Map names, as declared in the object and pinned under bpffs.
 pub mod maps {

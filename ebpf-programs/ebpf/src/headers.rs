@@ -9,7 +9,6 @@ pub const ETH_P_ARP: u16 = 0x0806;
 pub const ETH_P_IPV6: u16 = 0x86DD;
 
 pub const IPV6_HLEN: usize = 40;
-pub const IPPROTO_ICMPV6: u8 = 58;
 
 #[repr(C)]
 pub struct EthHdr {

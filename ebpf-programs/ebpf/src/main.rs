@@ -104,6 +104,24 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
+/// The licence the kernel records for these programs (BPF_PROG_LOAD's
+/// `license`), and the object's licence: MIT OR GPL-2.0-only, as this
+/// crate's Cargo.toml says (the userspace crates are Apache-2.0; this object
+/// is built from MIT-available code only, see Cargo.toml).
+///
+/// Why a GPL-compatible string and not "Apache-2.0": the verifier refuses
+/// calls to helpers marked `gpl_only` from a program whose licence is not
+/// in the kernel's GPL-compatible list ("GPL", "GPL v2", "Dual MIT/GPL",
+/// "Dual BSD/GPL", ...; "Apache-2.0" is not in it). None of the helpers
+/// these programs call today is `gpl_only`: bpf_map_lookup_elem,
+/// bpf_map_update_elem, bpf_ktime_get_ns, bpf_skb_pull_data,
+/// bpf_ringbuf_reserve, bpf_ringbuf_submit and bpf_ringbuf_query all load
+/// under a non-GPL licence too (checked on this machine's 6.18 kernel: all
+/// three programs load with the string patched to "Apache-2.0"). The dual
+/// licence keeps the GPL-only ones available to the datapath without a
+/// licence change the day it needs one: bpf_trace_printk, the
+/// bpf_perf_event_output behind aya-log, bpf_probe_read_kernel, or
+/// GPL-only kfuncs.
 #[link_section = "license"]
 #[no_mangle]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,14 +1,20 @@
 //! The verdict path shared by both tc programs: parse, anti-spoofing,
 //! fragments, conntrack, ipcache + policy lookups, events and counters.
 //! `Ok(true)` passes the packet, `Ok(false)` drops it.
+//!
+//! This file parses packets and touches the maps; every rule applied to
+//! what it parsed or looked up lives in `palisade_common::decision`, which
+//! the userspace reference evaluator calls too.
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key, programs::TcContext};
 use palisade_common::{
-    conntrack::{tcp_next_state, tcp_reopens, timeout_ns},
-    reason, CtKey, CtValue, EndpointInfo, EndpointKey, FlowEvent, FragKey, FragValue, IpcacheValue,
-    PolicyKey, ACTION_ALLOW, CT_AUDIT, CT_SEEN_REPLY, DIR_EGRESS, DIR_INGRESS, EP_AUDIT,
-    FRAG_TIMEOUT_NS, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, POLICY_PREFIX_FULL, PROTO_ICMP,
-    PROTO_SCTP, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP,
+    decision::{
+        ct_key, ct_use, decide, drop_if_enforced as enforced_drop, empty_key,
+        first_fragment_verdict, flow_event, hard_drop, is_neighbour_discovery,
+        later_fragment_verdict, new_ct_entry, peer_or_world, remote_addr, spoofed, track, Decision,
+    },
+    reason, CtKey, EndpointInfo, EndpointKey, FlowEvent, FragKey, FragValue, POLICY_PREFIX_FULL,
+    PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{headers::*, CONNTRACK, COUNTERS, ENDPOINTS, EVENTS, FRAGMENTS, IPCACHE, POLICY};
@@ -21,15 +27,6 @@ const PULL_LEN: u32 = (ETH_HLEN + 60 + TCP_MIN_HLEN) as u32;
 struct Flow {
     key: CtKey,
     tcp_flags: u8,
-}
-
-struct Decision {
-    pass: bool,
-    verdict: u8,
-    reason: u8,
-    cookie: u32,
-    src_identity: u32,
-    dst_identity: u32,
 }
 
 #[inline(always)]
@@ -95,14 +92,13 @@ pub fn process(ctx: &TcContext, dir: u8) -> Result<bool, ()> {
     }
 
     // Anti-spoofing holds for every registered pod, enforced or not.
-    if dir == DIR_EGRESS && saddr != ep.ipv4 {
+    if let Some(d) = spoofed(&ep, dir, saddr) {
         let flow = Flow {
             key: ct_key(saddr, daddr, 0, 0, protocol, dir),
             tcp_flags: 0,
         };
-        let d = drop_decision(&ep, reason::SPOOFED_SOURCE, 0, own_side(&ep, dir));
         finish(&ep, ifindex, &flow, &d);
-        return Ok(false);
+        return Ok(d.pass);
     }
 
     let frag_key = FragKey {
@@ -180,41 +176,16 @@ pub fn process(ctx: &TcContext, dir: u8) -> Result<bool, ()> {
     let pass = track_and_decide(&ep, dir, ifindex, &flow);
     if frag_off & IP_MF != 0 {
         // First fragment: the rest of the datagram inherits this verdict.
+        // SAFETY: helper without preconditions.
+        let (expires_ns, verdict) = first_fragment_verdict(pass, unsafe { bpf_ktime_get_ns() });
         let v = FragValue {
-            // SAFETY: helper without preconditions.
-            expires_ns: unsafe { bpf_ktime_get_ns() } + FRAG_TIMEOUT_NS,
-            verdict: if pass {
-                VERDICT_ALLOW as u32
-            } else {
-                VERDICT_DROP as u32
-            },
+            expires_ns,
+            verdict,
             _pad: 0,
         };
         let _ = FRAGMENTS.insert(&frag_key, &v, 0);
     }
     Ok(pass)
-}
-
-#[inline(always)]
-fn ct_key(saddr: u32, daddr: u32, sport_be: u16, dport_be: u16, protocol: u8, scope: u8) -> CtKey {
-    CtKey {
-        saddr,
-        daddr,
-        sport_be,
-        dport_be,
-        protocol,
-        scope,
-        _pad: 0,
-    }
-}
-
-#[inline(always)]
-fn opposite(dir: u8) -> u8 {
-    if dir == DIR_EGRESS {
-        DIR_INGRESS
-    } else {
-        DIR_EGRESS
-    }
 }
 
 /// Conntrack first (known flows and replies pass without a policy lookup),
@@ -224,158 +195,29 @@ fn track_and_decide(ep: &EndpointInfo, dir: u8, ifindex: u32, flow: &Flow) -> bo
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let key = &flow.key;
-    let is_tcp = key.protocol == PROTO_TCP;
 
-    if let Some(p) = CONNTRACK.get_ptr_mut(key) {
+    let known = track(key, dir, |k, reply| {
+        let p = CONNTRACK.get_ptr_mut(k)?;
         // SAFETY: valid map value pointer; concurrent updates of these
         // fields race benignly (last writer wins on a timestamp).
         let ct = unsafe { &mut *p };
-        if ct.expires_ns > now && !(is_tcp && tcp_reopens(ct.tcp_state, flow.tcp_flags)) {
-            refresh(ct, key.protocol, flow.tcp_flags, false, now);
-            count(reason::ESTABLISHED);
-            return true;
-        }
-    }
-    if let Some(p) = CONNTRACK.get_ptr_mut(&key.reversed(opposite(dir))) {
-        // SAFETY: as above.
-        let ct = unsafe { &mut *p };
-        // A SYN from the peer on a closed tuple is a new connection too.
-        if ct.expires_ns > now && !(is_tcp && tcp_reopens(ct.tcp_state, flow.tcp_flags)) {
-            refresh(ct, key.protocol, flow.tcp_flags, true, now);
-            ct.flags |= CT_SEEN_REPLY;
-            count(reason::REPLY);
-            return true;
-        }
+        ct_use(ct, k.protocol, flow.tcp_flags, reply, now).then_some(ct.cookie)
+    });
+    if let Some((why, _)) = known {
+        count(why);
+        return true;
     }
 
-    let d = decide(ep, dir, key);
+    let peer = peer_or_world(IPCACHE.get(Key::new(32, remote_addr(key, dir))).copied());
+    let d = decide(ep, dir, key, &peer, |pk| {
+        POLICY.get(&Key::new(POLICY_PREFIX_FULL, *pk)).copied()
+    });
     if d.pass {
-        let state = if is_tcp {
-            tcp_next_state(0, flow.tcp_flags, false)
-        } else {
-            0
-        };
-        let v = CtValue {
-            expires_ns: now + timeout_ns(key.protocol, state),
-            cookie: d.cookie,
-            tcp_state: state,
-            flags: if d.verdict == VERDICT_AUDIT {
-                CT_AUDIT
-            } else {
-                0
-            },
-            _pad: 0,
-        };
+        let v = new_ct_entry(&d, key.protocol, flow.tcp_flags, now);
         let _ = CONNTRACK.insert(key, &v, 0);
     }
     finish(ep, ifindex, flow, &d);
     d.pass
-}
-
-#[inline(always)]
-fn refresh(ct: &mut CtValue, protocol: u8, tcp_flags: u8, reply: bool, now: u64) {
-    if protocol == PROTO_TCP {
-        ct.tcp_state = tcp_next_state(ct.tcp_state, tcp_flags, reply);
-    }
-    ct.expires_ns = now + timeout_ns(protocol, ct.tcp_state);
-}
-
-/// Policy verdict for the first packet of a flow.
-#[inline(always)]
-fn decide(ep: &EndpointInfo, dir: u8, key: &CtKey) -> Decision {
-    let remote = if dir == DIR_EGRESS {
-        key.daddr
-    } else {
-        key.saddr
-    };
-    let peer = match IPCACHE.get(Key::new(32, remote)) {
-        Some(v) => *v,
-        None => IpcacheValue {
-            identity: IDENTITY_WORLD,
-            cidr_identity: IDENTITY_WORLD,
-        },
-    };
-    let (src_identity, dst_identity) = if dir == DIR_EGRESS {
-        (ep.identity, peer.identity)
-    } else {
-        (peer.identity, ep.identity)
-    };
-    let allow = |reason, cookie| Decision {
-        pass: true,
-        verdict: VERDICT_ALLOW,
-        reason,
-        cookie,
-        src_identity,
-        dst_identity,
-    };
-
-    if !ep.enforced(dir) {
-        return allow(reason::UNENFORCED, 0);
-    }
-    // NetworkPolicy: traffic between a pod and its own node is always allowed.
-    if peer.identity == IDENTITY_HOST {
-        return allow(reason::HOST, 0);
-    }
-
-    let dport_be = match key.protocol {
-        PROTO_TCP | PROTO_UDP | PROTO_SCTP => key.dport_be,
-        _ => 0,
-    };
-    let mut pk = Key::new(
-        POLICY_PREFIX_FULL,
-        PolicyKey {
-            endpoint_id: ep.endpoint_id,
-            peer_identity: peer.identity,
-            direction: dir,
-            protocol: key.protocol,
-            dport_be,
-        },
-    );
-    // Exact peer, then the peer's CIDR identity (ipBlock), then any peer.
-    let mut hit = POLICY.get(&pk).copied();
-    if hit.is_none() && peer.cidr_identity != peer.identity && peer.cidr_identity != IDENTITY_ANY {
-        pk.data.peer_identity = peer.cidr_identity;
-        hit = POLICY.get(&pk).copied();
-    }
-    if hit.is_none() {
-        pk.data.peer_identity = IDENTITY_ANY;
-        hit = POLICY.get(&pk).copied();
-    }
-    match hit {
-        Some(v) if v.action == ACTION_ALLOW => allow(reason::POLICY_ALLOW, v.cookie),
-        Some(v) => drop_decision(
-            ep,
-            reason::DENY_RULE,
-            v.cookie,
-            (src_identity, dst_identity),
-        ),
-        None => drop_decision(ep, reason::NO_POLICY_MATCH, 0, (src_identity, dst_identity)),
-    }
-}
-
-/// Identities for a verdict reached before the peer was looked up.
-#[inline(always)]
-fn own_side(ep: &EndpointInfo, dir: u8) -> (u32, u32) {
-    if dir == DIR_EGRESS {
-        (ep.identity, 0)
-    } else {
-        (0, ep.identity)
-    }
-}
-
-/// A drop, or in audit mode a pass that is reported as AUDIT.
-#[inline(always)]
-fn drop_decision(ep: &EndpointInfo, why: u8, cookie: u32, ids: (u32, u32)) -> Decision {
-    let (src_identity, dst_identity) = ids;
-    let audit = ep.flags & EP_AUDIT != 0 && why != reason::SPOOFED_SOURCE;
-    Decision {
-        pass: audit,
-        verdict: if audit { VERDICT_AUDIT } else { VERDICT_DROP },
-        reason: why,
-        cookie,
-        src_identity,
-        dst_identity,
-    }
 }
 
 /// Non-first fragments carry no ports: they get their first fragment's verdict.
@@ -394,23 +236,23 @@ fn later_fragment(
     if let Some(p) = FRAGMENTS.get_ptr(key) {
         // SAFETY: valid map value pointer.
         let v = unsafe { *p };
-        if v.expires_ns > now {
-            if v.verdict == VERDICT_ALLOW as u32 {
+        match later_fragment_verdict(v.expires_ns, v.verdict, now) {
+            Some(true) => {
                 count(reason::FRAG_ALLOWED);
                 return true;
             }
-            // Every drop is reported, fragments of a denied datagram too.
-            let mut d = drop_decision(ep, reason::FRAG_DENIED, 0, own_side(ep, dir));
-            d.pass = false;
-            d.verdict = VERDICT_DROP;
-            finish(ep, ifindex, &frag_flow(saddr, daddr, protocol, dir), &d);
-            return false;
+            Some(false) => {
+                // Every drop is reported, fragments of a denied datagram too.
+                let d = hard_drop(ep, reason::FRAG_DENIED, dir);
+                finish(ep, ifindex, &frag_flow(saddr, daddr, protocol, dir), &d);
+                return false;
+            }
+            None => {}
         }
     }
-    if !ep.enforced(dir) {
+    let Some(d) = enforced_drop(ep, dir, reason::FRAG_UNTRACKED) else {
         return true;
-    }
-    let d = drop_decision(ep, reason::FRAG_UNTRACKED, 0, own_side(ep, dir));
+    };
     finish(ep, ifindex, &frag_flow(saddr, daddr, protocol, dir), &d);
     d.pass
 }
@@ -436,7 +278,7 @@ fn ipv6(ep: &EndpointInfo, dir: u8, ifindex: u32, start: usize, end: usize) -> b
         ptr_at::<u8>(start, end, ETH_HLEN + IPV6_HLEN),
     ) {
         // SAFETY: bounds checked by ptr_at.
-        (Some(nh), Some(t)) => unsafe { *nh == IPPROTO_ICMPV6 && (133..=137).contains(&*t) },
+        (Some(nh), Some(t)) => unsafe { is_neighbour_discovery(*nh, *t) },
         _ => false,
     };
     if nd {
@@ -444,27 +286,24 @@ fn ipv6(ep: &EndpointInfo, dir: u8, ifindex: u32, start: usize, end: usize) -> b
         return true;
     }
     let flow = Flow {
-        key: ct_key(0, 0, 0, 0, 0, dir),
+        key: empty_key(dir),
         tcp_flags: 0,
     };
-    let mut d = drop_decision(ep, reason::IPV6_UNSUPPORTED, 0, own_side(ep, dir));
     // Audit mode does not open an IPv6 bypass either.
-    d.pass = false;
-    d.verdict = VERDICT_DROP;
+    let d = hard_drop(ep, reason::IPV6_UNSUPPORTED, dir);
     finish(ep, ifindex, &flow, &d);
     false
 }
 
 #[inline(always)]
 fn drop_if_enforced(ep: &EndpointInfo, dir: u8, ifindex: u32, why: u8) -> bool {
-    if !ep.enforced(dir) {
+    let Some(d) = enforced_drop(ep, dir, why) else {
         return true;
-    }
+    };
     let flow = Flow {
-        key: ct_key(0, 0, 0, 0, 0, dir),
+        key: empty_key(dir),
         tcp_flags: 0,
     };
-    let d = drop_decision(ep, why, 0, own_side(ep, dir));
     finish(ep, ifindex, &flow, &d);
     d.pass
 }
@@ -475,24 +314,14 @@ fn finish(ep: &EndpointInfo, ifindex: u32, flow: &Flow, d: &Decision) {
     count(d.reason);
     match EVENTS.reserve::<FlowEvent>(0) {
         Some(mut e) => {
-            e.write(FlowEvent {
+            e.write(flow_event(
                 // SAFETY: helper without preconditions.
-                ts_ns: unsafe { bpf_ktime_get_ns() },
-                endpoint_id: ep.endpoint_id,
+                unsafe { bpf_ktime_get_ns() },
+                ep.endpoint_id,
                 ifindex,
-                saddr: flow.key.saddr,
-                daddr: flow.key.daddr,
-                sport_be: flow.key.sport_be,
-                dport_be: flow.key.dport_be,
-                protocol: flow.key.protocol,
-                direction: flow.key.scope,
-                verdict: d.verdict,
-                reason: d.reason,
-                src_identity: d.src_identity,
-                dst_identity: d.dst_identity,
-                cookie: d.cookie,
-                _pad: 0,
-            });
+                &flow.key,
+                d,
+            ));
             e.submit(wakeup_flags());
         }
         None => count(reason::EVENTS_LOST),

@@ -2,20 +2,38 @@
 //! `aya::Ebpf` object: it loads the programs (reusing pinned maps, so a
 //! restarted agent adopts the live state), attaches them to pod veths
 //! through pinned TCX links, and hands out typed maps (`maps`) and the
-//! verdict event stream (`events`).
+//! verdict event stream (`events`). `handles` opens maps from their pins
+//! on its own, for the conntrack GC and the counters behind /metrics.
+//!
+//! The `test-utils` feature adds what only tests and benchmarks use:
+//! BPF_PROG_TEST_RUN (`testrun`) and raw conntrack/fragment access on
+//! `Maps`. `packet` is not behind it: the reference evaluator (and so
+//! `palisade-agent trace`) renders its frames.
 
 pub mod events;
+pub mod handles;
 pub mod loader;
 pub mod maps;
 pub mod packet;
 pub mod pins;
 pub mod reference;
+pub mod sizes;
 pub mod state;
+pub mod tc;
+#[cfg(feature = "test-utils")]
 pub mod testrun;
+/// Without `test-utils`, only the verdict constants, at the path
+/// `reference.rs` names them by.
+#[cfg(not(feature = "test-utils"))]
+mod testrun {
+    pub use crate::tc::{TC_ACT_OK, TC_ACT_SHOT};
+}
 
+pub use handles::{ConntrackGc, GcPass, StatsReader};
 pub use loader::{Datapath, DatapathConfig};
 pub use maps::{Counters, Maps};
 pub use pins::Pins;
+pub use sizes::MapSizes;
 pub use state::MapState;
 
 /// The eBPF object built by build.rs (empty when the toolchain was absent).
@@ -63,6 +81,17 @@ pub enum Error {
         path: String,
         #[source]
         source: aya::programs::links::LinkError,
+    },
+    #[error(
+        "pin root {root} is not on a bpf filesystem ({checked} is on filesystem type {fs_type:#x}): \
+         mount bpffs (`mount -t bpf bpf /sys/fs/bpf`), do not start the agent under \
+         `ip netns exec` (it mounts a fresh /sys without bpffs), or pass --pin-root \
+         with a directory on a bpffs mount"
+    )]
+    NotBpffs {
+        root: std::path::PathBuf,
+        checked: std::path::PathBuf,
+        fs_type: u32,
     },
     #[error("interface {0} not found")]
     NoSuchInterface(String),

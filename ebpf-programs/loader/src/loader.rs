@@ -15,33 +15,10 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use log::{debug, warn};
-use palisade_common::{maps as names, programs, sizes, DIR_EGRESS, DIR_INGRESS};
+use palisade_common::{maps as names, programs, DIR_EGRESS, DIR_INGRESS};
 
+pub use crate::sizes::MapSizes;
 use crate::{maps::Maps, object, pins::Pins, Error};
-
-/// Map sizes (entries); the defaults come from `palisade_common::sizes`.
-#[derive(Clone, Debug)]
-pub struct MapSizes {
-    pub endpoints: u32,
-    pub ipcache: u32,
-    pub policy: u32,
-    pub conntrack: u32,
-    pub fragments: u32,
-    pub xdp_deny: u32,
-}
-
-impl Default for MapSizes {
-    fn default() -> Self {
-        Self {
-            endpoints: sizes::ENDPOINTS,
-            ipcache: sizes::IPCACHE,
-            policy: sizes::POLICY,
-            conntrack: sizes::CONNTRACK,
-            fragments: sizes::FRAGMENTS,
-            xdp_deny: sizes::XDP_DENY,
-        }
-    }
-}
 
 #[derive(Clone, Debug, Default)]
 pub struct DatapathConfig {
@@ -66,6 +43,9 @@ impl Datapath {
     /// with their contents; missing ones are created and pinned.
     pub fn load(cfg: &DatapathConfig) -> Result<Self, Error> {
         let obj = object()?;
+        // Before anything is created: a root off bpffs would otherwise fail
+        // later with a bare ENOENT (or pin nothing at all).
+        cfg.pins.check_bpffs()?;
         for dir in [cfg.pins.maps_dir(), cfg.pins.links_dir()] {
             fs::create_dir_all(&dir).map_err(|source| Error::Io {
                 what: format!("creating {}", dir.display()),
@@ -114,10 +94,14 @@ impl Datapath {
         Maps::take(&mut self.ebpf, &self.sizes)
     }
 
+    /// A loaded tc program, for BPF_PROG_TEST_RUN (`testrun`).
+    #[cfg(feature = "test-utils")]
     pub fn classifier(&mut self, name: &'static str) -> Result<&mut SchedClassifier, Error> {
         classifier(&mut self.ebpf, name)
     }
 
+    /// The loaded XDP prefilter, for BPF_PROG_TEST_RUN.
+    #[cfg(feature = "test-utils")]
     pub fn xdp(&mut self) -> Result<&mut Xdp, Error> {
         xdp_program(&mut self.ebpf)
     }

@@ -1,5 +1,7 @@
 //! Typed handles on the datapath maps, with methods named for what they do.
-//! Writes that do not fit are `Error::MapFull`, never silently dropped.
+//! Writes that do not fit are `Error::MapFull`, never silently dropped. The
+//! handles are private: every caller goes through the methods, and so
+//! through their error mapping.
 use std::net::Ipv4Addr;
 
 use aya::{
@@ -7,24 +9,28 @@ use aya::{
     Ebpf,
 };
 use palisade_common::{
-    maps as names, reason, CtKey, CtValue, EndpointInfo, EndpointKey, FragKey, FragValue,
-    IpcacheValue, PolicyKey, PolicyValue,
+    maps as names, reason, EndpointInfo, EndpointKey, IpcacheValue, PolicyKey, PolicyValue,
 };
+#[cfg(feature = "test-utils")]
+use palisade_common::{CtKey, CtValue, FragKey, FragValue};
 
-use crate::{loader::MapSizes, Error};
+use crate::{sizes::MapSizes, state::MapState, Error};
 
 pub struct Maps {
-    pub endpoints: HashMap<MapData, EndpointKey, EndpointInfo>,
-    pub ipcache: LpmTrie<MapData, u32, IpcacheValue>,
-    pub policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
-    pub conntrack: HashMap<MapData, CtKey, CtValue>,
-    pub fragments: HashMap<MapData, FragKey, FragValue>,
-    pub counters: PerCpuArray<MapData, u64>,
-    pub xdp_deny: LpmTrie<MapData, u32, u32>,
-    pub xdp_counters: PerCpuArray<MapData, u64>,
-    /// Taken by the event reader (`events::EventReader::new`).
-    pub events: Option<RingBuf<MapData>>,
-    pub sizes: MapSizes,
+    endpoints: HashMap<MapData, EndpointKey, EndpointInfo>,
+    ipcache: LpmTrie<MapData, u32, IpcacheValue>,
+    policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    /// Raw access for tests only; the GC opens its own (`handles`).
+    #[cfg(feature = "test-utils")]
+    conntrack: HashMap<MapData, CtKey, CtValue>,
+    #[cfg(feature = "test-utils")]
+    fragments: HashMap<MapData, FragKey, FragValue>,
+    counters: PerCpuArray<MapData, u64>,
+    xdp_deny: LpmTrie<MapData, u32, u32>,
+    xdp_counters: PerCpuArray<MapData, u64>,
+    /// Until taken by the event reader (`take_events`).
+    events: Option<RingBuf<MapData>>,
+    sizes: MapSizes,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
@@ -54,7 +60,7 @@ fn write_err(name: &'static str, entries: u32) -> impl Fn(MapError) -> Error {
 }
 
 /// Removing an absent entry is not an error.
-fn removed(name: &'static str, r: Result<(), MapError>) -> Result<(), Error> {
+pub(crate) fn removed(name: &'static str, r: Result<(), MapError>) -> Result<(), Error> {
     match r {
         Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
@@ -76,7 +82,9 @@ impl Maps {
             endpoints: take(ebpf, names::ENDPOINTS)?,
             ipcache: take(ebpf, names::IPCACHE)?,
             policy: take(ebpf, names::POLICY)?,
+            #[cfg(feature = "test-utils")]
             conntrack: take(ebpf, names::CONNTRACK)?,
+            #[cfg(feature = "test-utils")]
             fragments: take(ebpf, names::FRAGMENTS)?,
             counters: take(ebpf, names::COUNTERS)?,
             xdp_deny: take(ebpf, names::XDP_DENY)?,
@@ -163,30 +171,131 @@ impl Maps {
         sum_counters(&self.xdp_counters, names::XDP_COUNTERS)
     }
 
-    /// Delete conntrack and fragment entries that expired before `now_ns`
-    /// (CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns). Returns how many.
-    pub fn gc(&mut self, now_ns: u64) -> Result<usize, Error> {
-        let dead: Vec<CtKey> = self
-            .conntrack
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, v)| v.expires_ns <= now_ns)
-            .map(|(k, _)| k)
-            .collect();
-        for k in &dead {
-            removed(names::CONNTRACK, self.conntrack.remove(k))?;
+    /// One counter summed over CPUs (index = `palisade_common::reason` code).
+    pub fn counter(&self, r: u8) -> Result<u64, Error> {
+        let v = self
+            .counters
+            .get(&(r as u32), 0)
+            .map_err(|source| Error::Map {
+                name: names::COUNTERS,
+                source,
+            })?;
+        Ok(v.iter().sum())
+    }
+
+    /// The sizes the maps were configured with.
+    pub fn sizes(&self) -> &MapSizes {
+        &self.sizes
+    }
+
+    /// The verdict event ring, for `events::EventReader::new`; `None` once
+    /// taken.
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+
+    /// The verdict event stream (once: an error when already taken).
+    pub fn take_event_reader(&mut self) -> Result<crate::events::EventReader, Error> {
+        let ring = self.take_events().ok_or(Error::Map {
+            name: names::EVENTS,
+            source: MapError::InvalidName {
+                name: format!("{} (already taken)", names::EVENTS),
+            },
+        })?;
+        Ok(crate::events::EventReader::new(ring))
+    }
+
+    /// What the endpoint, ipcache and policy maps hold now (read back after
+    /// a restart, before the first sync). Unreadable entries are skipped.
+    pub fn read_state(&self) -> MapState {
+        let mut s = MapState::default();
+        for (k, v) in self.endpoints.iter().filter_map(Result::ok) {
+            if k.kind == palisade_common::EP_KEY_IFINDEX {
+                s.endpoints.insert(k.value, v);
+            }
         }
-        let dead_frags: Vec<FragKey> = self
-            .fragments
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, v)| v.expires_ns <= now_ns)
-            .map(|(k, _)| k)
-            .collect();
-        for k in &dead_frags {
-            removed(names::FRAGMENTS, self.fragments.remove(k))?;
+        for (k, v) in self.ipcache.iter().filter_map(Result::ok) {
+            s.ipcache.insert((from_be(k.data()), k.prefix_len()), v);
         }
-        Ok(dead.len() + dead_frags.len())
+        for (k, v) in self.policy.iter().filter_map(Result::ok) {
+            s.policy.insert((k.prefix_len(), k.data()), v);
+        }
+        s
+    }
+
+    /// The XDP prefilter's deny list: (network address, prefix length).
+    pub fn denied_sources(&self) -> Vec<(Ipv4Addr, u32)> {
+        self.xdp_deny
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| (from_be(k.data()), k.prefix_len()))
+            .collect()
+    }
+}
+
+/// Raw conntrack and fragment access and wholesale clearing, for the
+/// verdict, differential and netns tests and the benchmarks only.
+#[cfg(feature = "test-utils")]
+impl Maps {
+    pub fn insert_conntrack(&mut self, k: CtKey, v: CtValue) -> Result<(), Error> {
+        self.conntrack
+            .insert(k, v, 0)
+            .map_err(write_err(names::CONNTRACK, self.sizes.conntrack))
+    }
+
+    pub fn conntrack_entry(&self, k: &CtKey) -> Option<CtValue> {
+        self.conntrack.get(k, 0).ok()
+    }
+
+    pub fn conntrack_entries(&self) -> Result<Vec<(CtKey, CtValue)>, Error> {
+        self.conntrack
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(|source| Error::Map {
+                name: names::CONNTRACK,
+                source,
+            })
+    }
+
+    pub fn insert_fragment(&mut self, k: FragKey, v: FragValue) -> Result<(), Error> {
+        self.fragments
+            .insert(k, v, 0)
+            .map_err(write_err(names::FRAGMENTS, self.sizes.fragments))
+    }
+
+    pub fn fragment_entries(&self) -> Result<Vec<(FragKey, FragValue)>, Error> {
+        self.fragments
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(|source| Error::Map {
+                name: names::FRAGMENTS,
+                source,
+            })
+    }
+
+    /// Empty the endpoint, ipcache, policy, conntrack and fragment maps.
+    pub fn clear(&mut self) -> Result<(), Error> {
+        fn clear_map<K>(
+            name: &'static str,
+            keys: Vec<Result<K, MapError>>,
+            mut remove: impl FnMut(&K) -> Result<(), MapError>,
+        ) -> Result<(), Error> {
+            for k in keys {
+                let k = k.map_err(|source| Error::Map { name, source })?;
+                removed(name, remove(&k))?;
+            }
+            Ok(())
+        }
+        let keys = self.endpoints.keys().collect();
+        clear_map(names::ENDPOINTS, keys, |k| self.endpoints.remove(k))?;
+        let keys = self.ipcache.keys().collect();
+        clear_map(names::IPCACHE, keys, |k| self.ipcache.remove(k))?;
+        let keys = self.policy.keys().collect();
+        clear_map(names::POLICY, keys, |k| self.policy.remove(k))?;
+        let keys = self.conntrack.keys().collect();
+        clear_map(names::CONNTRACK, keys, |k| self.conntrack.remove(k))?;
+        let keys = self.fragments.keys().collect();
+        clear_map(names::FRAGMENTS, keys, |k| self.fragments.remove(k))
     }
 }
 
@@ -210,7 +319,10 @@ impl Counters {
     }
 }
 
-fn sum_counters(map: &PerCpuArray<MapData, u64>, name: &'static str) -> Result<Counters, Error> {
+pub(crate) fn sum_counters(
+    map: &PerCpuArray<MapData, u64>,
+    name: &'static str,
+) -> Result<Counters, Error> {
     let mut out = Vec::with_capacity(reason::MAX as usize);
     for i in 0..reason::MAX {
         let v = map

@@ -5,6 +5,15 @@
 //! differential test holds it to the kernel packet by packet, and
 //! `palisade-agent trace` uses it to explain what the datapath would do.
 //!
+//! The decision rules themselves (spoofing, audit, host and unenforced
+//! passes, the order of the policy lookups, conntrack liveness and refresh,
+//! fragment verdicts, event fields) are not copied here: both sides call
+//! `palisade_common::decision`. What this file models is the rest: the
+//! parse of the frame and the maps (hash, LPM, LRU tables with expiry). So
+//! the differential test checks the kernel's parse and map use against
+//! this model; whether the shared rules implement NetworkPolicy is checked
+//! against an independent oracle (tests/tests/policy_oracle.rs).
+//!
 //! It mirrors the kernel, quirks included; where the kernel is silent (no
 //! event, no counter) the model still says why a packet passed or dropped.
 //! Kernel behaviour worth knowing when reading a verdict:
@@ -39,18 +48,21 @@
 use std::{collections::HashMap, net::Ipv4Addr};
 
 use palisade_common::{
-    conntrack::{tcp_next_state, tcp_reopens, timeout_ns},
+    decision::{
+        self, ct_key, ct_use, empty_key, first_fragment_verdict, flow_event, hard_drop,
+        is_neighbour_discovery, later_fragment_verdict, new_ct_entry, peer_or_world, policy_key,
+        policy_lookups, remote_addr, spoofed, track, Decision,
+    },
     reason, CtKey, CtValue, EndpointInfo, FlowEvent, FragKey, FragValue, IpcacheValue, PolicyKey,
-    PolicyValue, ACTION_ALLOW, CT_AUDIT, CT_SEEN_REPLY, DIR_EGRESS, DIR_INGRESS, EP_AUDIT,
-    FRAG_TIMEOUT_NS, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, POLICY_PREFIX_FULL, PROTO_ICMP,
-    PROTO_SCTP, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP,
+    PolicyValue, POLICY_PREFIX_FULL, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW,
+    VERDICT_DROP,
 };
 
 use crate::{
     maps::monotonic_ns,
     packet::{
         Packet, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
-        IPPROTO_ICMPV6, IPV4_HLEN, IPV6_HLEN, SCTP_HLEN, TCP_HLEN, UDP_HLEN,
+        IPV4_HLEN, IPV6_HLEN, SCTP_HLEN, TCP_HLEN, UDP_HLEN,
     },
     state::MapState,
 };
@@ -108,17 +120,6 @@ impl Verdict {
 struct Flow {
     key: CtKey,
     tcp_flags: u8,
-}
-
-/// The kernel's `Decision`.
-#[derive(Clone, Copy)]
-struct Decision {
-    pass: bool,
-    verdict: u8,
-    reason: u8,
-    cookie: u32,
-    src_identity: u32,
-    dst_identity: u32,
 }
 
 /// Which of the three policy lookups matched, and how.
@@ -249,34 +250,23 @@ impl Evaluator {
         protocol: u8,
         dport: u16,
     ) -> Option<PolicyMatch> {
-        let dport_be = match protocol {
-            PROTO_TCP | PROTO_UDP | PROTO_SCTP => dport.to_be(),
-            _ => 0,
-        };
-        let mut k = PolicyKey {
+        let ep = EndpointInfo {
             endpoint_id,
-            peer_identity: peer.identity,
-            direction: dir,
-            protocol,
-            dport_be,
+            identity: 0,
+            ipv4: 0,
+            flags: 0,
         };
-        let mut peers = vec![peer.identity];
-        if peer.cidr_identity != peer.identity && peer.cidr_identity != IDENTITY_ANY {
-            peers.push(peer.cidr_identity);
-        }
-        peers.push(IDENTITY_ANY);
-        for p in peers {
-            k.peer_identity = p;
-            if let Some((prefix, key, value)) = self.policy_lookup(&k) {
-                return Some(PolicyMatch {
-                    peer_identity: p,
+        let flow = ct_key(0, 0, 0, dport.to_be(), protocol, dir);
+        let mut k = policy_key(&ep, dir, &flow, &peer);
+        policy_lookups(&mut k, &peer, |k| {
+            self.policy_lookup(k)
+                .map(|(prefix, key, value)| PolicyMatch {
+                    peer_identity: k.peer_identity,
                     prefix,
                     key,
                     value,
-                });
-            }
-        }
-        None
+                })
+        })
     }
 
     /// The verdict on `packet` arriving at the program of direction `dir`
@@ -324,12 +314,11 @@ impl Evaluator {
         }
 
         // Anti-spoofing, for every registered pod, enforced or not.
-        if dir == DIR_EGRESS && saddr != ep.ipv4 {
+        if let Some(d) = spoofed(&ep, dir, saddr) {
             let flow = Flow {
                 key: ct_key(saddr, daddr, 0, 0, protocol, dir),
                 tcp_flags: 0,
             };
-            let d = drop_decision(&ep, reason::SPOOFED_SOURCE, 0, own_side(&ep, dir));
             return finish(&ep, ifindex, &flow, &d);
         }
 
@@ -393,13 +382,10 @@ impl Evaluator {
         let v = self.track_and_decide(now, &ep, dir, ifindex, &flow);
         if frag_off & 0x2000 != 0 {
             // First fragment: the rest of the datagram inherits this verdict.
+            let (expires_ns, verdict) = first_fragment_verdict(v.pass, now);
             let fv = FragValue {
-                expires_ns: now + FRAG_TIMEOUT_NS,
-                verdict: if v.pass {
-                    VERDICT_ALLOW as u32
-                } else {
-                    VERDICT_DROP as u32
-                },
+                expires_ns,
+                verdict,
                 _pad: 0,
             };
             self.fragments.insert(frag_key, fv);
@@ -416,94 +402,33 @@ impl Evaluator {
         flow: &Flow,
     ) -> Verdict {
         let key = flow.key;
-        let is_tcp = key.protocol == PROTO_TCP;
 
-        if let Some(ct) = self.conntrack.get_mut(&key) {
-            if ct.expires_ns > now && !(is_tcp && tcp_reopens(ct.tcp_state, flow.tcp_flags)) {
-                refresh(ct, key.protocol, flow.tcp_flags, false, now);
-                let mut v = Verdict::silent(true, reason::ESTABLISHED, Some(reason::ESTABLISHED));
-                v.cookie = ct.cookie;
-                return v;
-            }
-        }
-        if let Some(ct) = self.conntrack.get_mut(&key.reversed(opposite(dir))) {
-            if ct.expires_ns > now && !(is_tcp && tcp_reopens(ct.tcp_state, flow.tcp_flags)) {
-                refresh(ct, key.protocol, flow.tcp_flags, true, now);
-                ct.flags |= CT_SEEN_REPLY;
-                let mut v = Verdict::silent(true, reason::REPLY, Some(reason::REPLY));
-                v.cookie = ct.cookie;
-                return v;
-            }
+        let conntrack = &mut self.conntrack;
+        let known = track(&key, dir, |k, reply| {
+            let ct = conntrack.get_mut(k)?;
+            ct_use(ct, k.protocol, flow.tcp_flags, reply, now).then_some(ct.cookie)
+        });
+        if let Some((why, cookie)) = known {
+            let mut v = Verdict::silent(true, why, Some(why));
+            v.cookie = cookie;
+            return v;
         }
 
         let d = self.decide(ep, dir, &key);
         if d.pass {
-            let state = if is_tcp {
-                tcp_next_state(0, flow.tcp_flags, false)
-            } else {
-                0
-            };
-            let v = CtValue {
-                expires_ns: now + timeout_ns(key.protocol, state),
-                cookie: d.cookie,
-                tcp_state: state,
-                flags: if d.verdict == VERDICT_AUDIT {
-                    CT_AUDIT
-                } else {
-                    0
-                },
-                _pad: 0,
-            };
-            self.conntrack.insert(key, v);
+            self.conntrack
+                .insert(key, new_ct_entry(&d, key.protocol, flow.tcp_flags, now));
         }
         finish(ep, ifindex, flow, &d)
     }
 
+    /// `decision::decide` over this model's maps, with the same lookups.
     fn decide(&self, ep: &EndpointInfo, dir: u8, key: &CtKey) -> Decision {
-        let remote = if dir == DIR_EGRESS {
-            key.daddr
-        } else {
-            key.saddr
-        };
-        let peer = self
-            .ipcache_lookup(Ipv4Addr::from(remote.to_ne_bytes()))
-            .unwrap_or(IpcacheValue {
-                identity: IDENTITY_WORLD,
-                cidr_identity: IDENTITY_WORLD,
-            });
-        let (src_identity, dst_identity) = if dir == DIR_EGRESS {
-            (ep.identity, peer.identity)
-        } else {
-            (peer.identity, ep.identity)
-        };
-        let allow = |reason, cookie| Decision {
-            pass: true,
-            verdict: VERDICT_ALLOW,
-            reason,
-            cookie,
-            src_identity,
-            dst_identity,
-        };
-        if !ep.enforced(dir) {
-            return allow(reason::UNENFORCED, 0);
-        }
-        if peer.identity == IDENTITY_HOST {
-            return allow(reason::HOST, 0);
-        }
-        let ids = (src_identity, dst_identity);
-        match self.policy_match(
-            ep.endpoint_id,
-            peer,
-            dir,
-            key.protocol,
-            u16::from_be(key.dport_be),
-        ) {
-            Some(m) if m.value.action == ACTION_ALLOW => {
-                allow(reason::POLICY_ALLOW, m.value.cookie)
-            }
-            Some(m) => drop_decision(ep, reason::DENY_RULE, m.value.cookie, ids),
-            None => drop_decision(ep, reason::NO_POLICY_MATCH, 0, ids),
-        }
+        let remote = remote_addr(key, dir);
+        let peer = peer_or_world(self.ipcache_lookup(Ipv4Addr::from(remote.to_ne_bytes())));
+        decision::decide(ep, dir, key, &peer, |k| {
+            self.policy_lookup(k).map(|(_, _, v)| v)
+        })
     }
 
     fn later_fragment(
@@ -515,21 +440,21 @@ impl Evaluator {
         key: &FragKey,
     ) -> Verdict {
         if let Some(v) = self.fragments.get(key) {
-            if v.expires_ns > now {
-                if v.verdict == VERDICT_ALLOW as u32 {
-                    return Verdict::silent(true, reason::FRAG_ALLOWED, Some(reason::FRAG_ALLOWED));
+            match later_fragment_verdict(v.expires_ns, v.verdict, now) {
+                Some(true) => {
+                    return Verdict::silent(true, reason::FRAG_ALLOWED, Some(reason::FRAG_ALLOWED))
                 }
-                let mut d = drop_decision(ep, reason::FRAG_DENIED, 0, own_side(ep, dir));
-                d.pass = false;
-                d.verdict = VERDICT_DROP;
-                return finish(ep, ifindex, &frag_flow(key, dir), &d);
+                Some(false) => {
+                    let d = hard_drop(ep, reason::FRAG_DENIED, dir);
+                    return finish(ep, ifindex, &frag_flow(key, dir), &d);
+                }
+                None => {}
             }
         }
-        if !ep.enforced(dir) {
-            return Verdict::silent(true, reason::UNENFORCED, None);
+        match decision::drop_if_enforced(ep, dir, reason::FRAG_UNTRACKED) {
+            None => Verdict::silent(true, reason::UNENFORCED, None),
+            Some(d) => finish(ep, ifindex, &frag_flow(key, dir), &d),
         }
-        let d = drop_decision(ep, reason::FRAG_UNTRACKED, 0, own_side(ep, dir));
-        finish(ep, ifindex, &frag_flow(key, dir), &d)
     }
 }
 
@@ -547,49 +472,28 @@ fn ipv6(ep: &EndpointInfo, dir: u8, ifindex: u32, f: &[u8]) -> Verdict {
     }
     let nh = ETH_HLEN + 6;
     let t = ETH_HLEN + IPV6_HLEN;
-    if t < f.len() && f[nh] == IPPROTO_ICMPV6 && (133..=137).contains(&f[t]) {
+    if t < f.len() && is_neighbour_discovery(f[nh], f[t]) {
         return Verdict::silent(true, reason::NOT_IP, Some(reason::NOT_IP));
     }
     let flow = Flow {
-        key: ct_key(0, 0, 0, 0, 0, dir),
+        key: empty_key(dir),
         tcp_flags: 0,
     };
-    let mut d = drop_decision(ep, reason::IPV6_UNSUPPORTED, 0, own_side(ep, dir));
     // Audit mode does not open an IPv6 bypass either.
-    d.pass = false;
-    d.verdict = VERDICT_DROP;
+    let d = hard_drop(ep, reason::IPV6_UNSUPPORTED, dir);
     finish(ep, ifindex, &flow, &d)
 }
 
 fn drop_if_enforced(ep: &EndpointInfo, dir: u8, ifindex: u32, why: u8) -> Verdict {
-    if !ep.enforced(dir) {
-        return Verdict::silent(true, reason::UNENFORCED, None);
-    }
-    let flow = Flow {
-        key: ct_key(0, 0, 0, 0, 0, dir),
-        tcp_flags: 0,
-    };
-    let d = drop_decision(ep, why, 0, own_side(ep, dir));
-    finish(ep, ifindex, &flow, &d)
-}
-
-fn drop_decision(ep: &EndpointInfo, why: u8, cookie: u32, ids: (u32, u32)) -> Decision {
-    let audit = ep.flags & EP_AUDIT != 0 && why != reason::SPOOFED_SOURCE;
-    Decision {
-        pass: audit,
-        verdict: if audit { VERDICT_AUDIT } else { VERDICT_DROP },
-        reason: why,
-        cookie,
-        src_identity: ids.0,
-        dst_identity: ids.1,
-    }
-}
-
-fn own_side(ep: &EndpointInfo, dir: u8) -> (u32, u32) {
-    if dir == DIR_EGRESS {
-        (ep.identity, 0)
-    } else {
-        (0, ep.identity)
+    match decision::drop_if_enforced(ep, dir, why) {
+        None => Verdict::silent(true, reason::UNENFORCED, None),
+        Some(d) => {
+            let flow = Flow {
+                key: empty_key(dir),
+                tcp_flags: 0,
+            };
+            finish(ep, ifindex, &flow, &d)
+        }
     }
 }
 
@@ -603,50 +507,7 @@ fn finish(ep: &EndpointInfo, ifindex: u32, flow: &Flow, d: &Decision) -> Verdict
         src_identity: d.src_identity,
         dst_identity: d.dst_identity,
         counter: Some(d.reason),
-        event: Some(FlowEvent {
-            ts_ns: 0,
-            endpoint_id: ep.endpoint_id,
-            ifindex,
-            saddr: flow.key.saddr,
-            daddr: flow.key.daddr,
-            sport_be: flow.key.sport_be,
-            dport_be: flow.key.dport_be,
-            protocol: flow.key.protocol,
-            direction: flow.key.scope,
-            verdict: d.verdict,
-            reason: d.reason,
-            src_identity: d.src_identity,
-            dst_identity: d.dst_identity,
-            cookie: d.cookie,
-            _pad: 0,
-        }),
-    }
-}
-
-fn refresh(ct: &mut CtValue, protocol: u8, tcp_flags: u8, reply: bool, now: u64) {
-    if protocol == PROTO_TCP {
-        ct.tcp_state = tcp_next_state(ct.tcp_state, tcp_flags, reply);
-    }
-    ct.expires_ns = now + timeout_ns(protocol, ct.tcp_state);
-}
-
-fn ct_key(saddr: u32, daddr: u32, sport_be: u16, dport_be: u16, protocol: u8, scope: u8) -> CtKey {
-    CtKey {
-        saddr,
-        daddr,
-        sport_be,
-        dport_be,
-        protocol,
-        scope,
-        _pad: 0,
-    }
-}
-
-fn opposite(dir: u8) -> u8 {
-    if dir == DIR_EGRESS {
-        DIR_INGRESS
-    } else {
-        DIR_EGRESS
+        event: Some(flow_event(0, ep.endpoint_id, ifindex, &flow.key, d)),
     }
 }
 
@@ -699,7 +560,8 @@ mod tests {
     use super::*;
     use crate::packet::{TCP_FLAG_ACK, TCP_FLAG_SYN};
     use palisade_common::{
-        ACTION_DENY, EP_INGRESS_ENFORCED, POLICY_PREFIX_FIXED, POLICY_PREFIX_PROTO,
+        ACTION_ALLOW, ACTION_DENY, DIR_EGRESS, DIR_INGRESS, EP_INGRESS_ENFORCED, IDENTITY_WORLD,
+        POLICY_PREFIX_FIXED, POLICY_PREFIX_PROTO,
     };
 
     const A: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);

@@ -1,14 +1,12 @@
 //! BPF_PROG_TEST_RUN for the tc programs: crafted packets in, verdict out.
-//! Used by the unit tests, the differential test and the benchmarks.
+//! Used by the verdict and differential tests and the benchmarks (feature
+//! `test-utils`).
 use std::time::Duration;
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 
+pub use crate::tc::{TC_ACT_OK, TC_ACT_SHOT};
 use crate::Error;
-
-/// tc verdicts as the programs return them.
-pub const TC_ACT_OK: u32 = 0;
-pub const TC_ACT_SHOT: u32 = 2;
 
 /// `struct __sk_buff` is 192 bytes on 6.x kernels; only `ifindex` (byte 40)
 /// is set: the kernel runs the program on that device (1 = loopback).

@@ -437,7 +437,7 @@ impl Cluster {
     pub fn sync(&self) -> Result<u64> {
         match self.request(&Request::Sync)? {
             Response::Ok { generation, .. } => Ok(generation),
-            Response::Error { message } => bail!("agent Sync failed: {message}"),
+            Response::Error { message, .. } => bail!("agent Sync failed: {message}"),
             other => bail!("agent Sync: unexpected answer {other:?}"),
         }
     }

@@ -1,0 +1,1706 @@
+//! The incremental compiler. The engine owns the model and keeps the
+//! desired map state equal to what [`super::Compiler::compile`] would make
+//! of it (number for number, given the same numbering), touching only what
+//! a change can affect:
+//!
+//! * **Label identities** are refcounted by their [`LabelSet`]; a pod
+//!   change releases one and acquires another. An identity that appears is
+//!   matched against every rule with pod peers; one that disappears leaves
+//!   the rules that held it (`id_rules`).
+//! * **CIDR identities** are refcounted by the accepted rules' ipBlock
+//!   prefixes, plus the pod addresses that need their own /32 (named ports
+//!   on ipBlock egress peers). One that appears or disappears changes the
+//!   peer sets of the rules with blocks and the `cidr_identity` of the pod
+//!   addresses inside it only.
+//! * **Rules** keep their peer set (identities) and their cookie; a change
+//!   of a rule's peers marks the endpoints its policy selects (`selects`).
+//! * **Endpoints** are recompiled one by one when marked (their own pod
+//!   changed, a policy selecting them changed, a rule selecting them
+//!   changed CIDR peers); their entries are diffed against what they had,
+//!   and the keys that changed are recorded in [`Touched`] for
+//!   [`crate::sync::apply_touched`]. A label identity that appears or
+//!   disappears does not recompile anything: on every other endpoint, the
+//!   entries whose peer it is are added (its selecting rules' entries,
+//!   restricted to it) or removed.
+//! * **ipcache** keys are recomputed when marked (a pod address, a CIDR
+//!   identity, a node address).
+//!
+//! Numbers released by a change are reused only after [`Engine::take_touched`]
+//! (the caller syncs the maps right after), so one sync never sees a number
+//! stand for two things.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    net::Ipv4Addr,
+    sync::Arc,
+};
+
+use ipnetwork::Ipv4Network;
+use palisade_common::{
+    EndpointInfo, IpcacheValue, PolicyKey, DIR_EGRESS, DIR_INGRESS, IDENTITY_FIRST_DYNAMIC,
+    IDENTITY_HOST, IDENTITY_WORLD,
+};
+use palisade_dataplane::MapState;
+
+use super::{
+    emit::{emit_rule, Destinations, PolicyEntries, RuleInput},
+    endpoints::{compile_endpoint, EndpointPod, EndpointPolicy},
+    identities::{namespace_labels, LabelSet},
+    ipcache::{longest_cidr, net_of, world},
+    parse::{ParsedPolicy, Peer, Port, Rule},
+    peers::{host_net, named_block_contains, rule_matches_cidr, rule_matches_labels, PeerSet},
+    view::{unknown_pod, View},
+    IdentitySource, RuleRef,
+};
+use crate::{
+    change::Change,
+    identity::Pool,
+    model::{Labels, LocalEndpoint, Model, ObjectKey},
+};
+
+/// Map keys that may have changed since the last [`Engine::take_touched`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Touched {
+    pub policy: HashSet<(u32, PolicyKey)>,
+    pub ipcache: HashSet<(Ipv4Addr, u32)>,
+    /// By ifindex.
+    pub endpoints: HashSet<u32>,
+}
+
+impl Touched {
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn len(&self) -> usize {
+        self.policy.len() + self.ipcache.len() + self.endpoints.len()
+    }
+
+    /// Adds the keys of `other` (e.g. a sync that failed, to retry).
+    pub fn merge(&mut self, other: Touched) {
+        self.policy.extend(other.policy);
+        self.ipcache.extend(other.ipcache);
+        self.endpoints.extend(other.endpoints);
+    }
+}
+
+/// (identity key, number) and (rule, cookie) pairs.
+#[cfg(test)]
+type Numbering = (
+    Vec<(super::identities::IdentityKey, u32)>,
+    Vec<(RuleRef, u32)>,
+);
+
+/// A pod as the engine sees it (model pod and/or local endpoint).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Eff {
+    /// None for hostNetwork pods.
+    label_id: Option<u32>,
+    ip: Option<Ipv4Addr>,
+    local: bool,
+}
+
+struct LabelEntry {
+    set: Arc<LabelSet>,
+    refs: usize,
+}
+
+struct RuleState {
+    policy: ObjectKey,
+    rule_ref: RuleRef,
+    rule: Rule,
+    peers: PeerSet,
+}
+
+struct EpState {
+    ep: LocalEndpoint,
+    keys: Vec<(u32, PolicyKey)>,
+    result: EndpointPolicy,
+}
+
+static NO_LABELS: Labels = Labels::new();
+
+pub struct Engine {
+    model: Model,
+    configured_host_ips: Vec<Ipv4Addr>,
+    source_host_ips: Vec<Ipv4Addr>,
+
+    ids: Pool,
+    cookie_pool: Pool,
+    label_ids: HashMap<Arc<LabelSet>, u32>,
+    labels: HashMap<u32, LabelEntry>,
+    /// Prefix -> number of accepted rules' block prefixes naming it.
+    cidr_refs: HashMap<Ipv4Network, usize>,
+    /// Pod addresses that need a CIDR identity of their own.
+    addr_need: HashSet<Ipv4Addr>,
+    cidr_ids: HashMap<Ipv4Network, u32>,
+    cidr_by_id: HashMap<u32, Ipv4Network>,
+
+    eff: HashMap<ObjectKey, Eff>,
+    /// Address -> (remote, pod): the first holds the ipcache entry.
+    /// (Sorted; nearly always one pod, so a vector.)
+    by_ip: BTreeMap<Ipv4Addr, Vec<(bool, ObjectKey)>>,
+
+    rules: HashMap<u32, RuleState>,
+    rule_cookies: HashMap<ObjectKey, Vec<u32>>,
+    id_rules: HashMap<u32, BTreeSet<u32>>,
+    /// Rules with pod peers, with ipBlock peers, any-peer rules with egress
+    /// named ports, rules with egress named ports and ipBlock peers.
+    label_rules: BTreeSet<u32>,
+    block_rules: BTreeSet<u32>,
+    any_named: BTreeSet<u32>,
+    named_blocks: BTreeSet<u32>,
+
+    eps: BTreeMap<String, EpState>,
+    eps_by_key: HashMap<ObjectKey, BTreeSet<String>>,
+    eps_by_ifindex: HashMap<u32, BTreeSet<String>>,
+    /// Policy -> the local endpoints it selects.
+    selects: HashMap<ObjectKey, BTreeSet<String>>,
+
+    desired: MapState,
+    touched: Touched,
+    dirty_eps: BTreeSet<String>,
+    /// Label identities that appeared / disappeared: their entries are
+    /// added / removed on the endpoints not recompiled whole.
+    new_ids: Vec<u32>,
+    gone_ids: Vec<u32>,
+    dirty_ips: BTreeSet<Ipv4Addr>,
+    dirty_ipcache: HashSet<(Ipv4Addr, u32)>,
+    dirty_ifindex: HashSet<u32>,
+
+    view: View,
+}
+
+impl Destinations for Engine {
+    fn named(&self, id: u32, name: &str, proto: u8, f: &mut dyn FnMut(u16)) {
+        let id = match self.cidr_by_id.get(&id) {
+            Some(net) if net.prefix() == 32 && !self.model.host_ips.contains(&net.ip()) => {
+                match self.winner(net.ip()).and_then(|k| self.eff[k].label_id) {
+                    Some(l) => l,
+                    None => return,
+                }
+            }
+            _ => id,
+        };
+        if let Some(e) = self.labels.get(&id) {
+            e.set.named(name, proto).for_each(f);
+        }
+    }
+
+    fn each_label_id(&self, f: &mut dyn FnMut(u32)) {
+        self.labels.keys().for_each(|id| f(*id));
+    }
+}
+
+impl Engine {
+    pub fn new(audit: bool, configured_host_ips: Vec<Ipv4Addr>) -> Self {
+        let mut e = Self {
+            model: Model {
+                audit,
+                ..Default::default()
+            },
+            configured_host_ips,
+            source_host_ips: Vec::new(),
+            ids: Pool::new(IDENTITY_FIRST_DYNAMIC),
+            cookie_pool: Pool::new(1),
+            label_ids: HashMap::new(),
+            labels: HashMap::new(),
+            cidr_refs: HashMap::new(),
+            addr_need: HashSet::new(),
+            cidr_ids: HashMap::from([(world(), IDENTITY_WORLD)]),
+            cidr_by_id: HashMap::new(),
+            eff: HashMap::new(),
+            by_ip: BTreeMap::new(),
+            rules: HashMap::new(),
+            rule_cookies: HashMap::new(),
+            id_rules: HashMap::new(),
+            label_rules: BTreeSet::new(),
+            block_rules: BTreeSet::new(),
+            any_named: BTreeSet::new(),
+            named_blocks: BTreeSet::new(),
+            eps: BTreeMap::new(),
+            eps_by_key: HashMap::new(),
+            eps_by_ifindex: HashMap::new(),
+            selects: HashMap::new(),
+            desired: MapState::default(),
+            touched: Touched::default(),
+            dirty_eps: BTreeSet::new(),
+            new_ids: Vec::new(),
+            gone_ids: Vec::new(),
+            dirty_ips: BTreeSet::new(),
+            dirty_ipcache: HashSet::new(),
+            dirty_ifindex: HashSet::new(),
+            view: View {
+                audit,
+                ..Default::default()
+            },
+        };
+        e.view
+            .identities
+            .insert(IDENTITY_HOST, IdentitySource::Reserved("host"));
+        e.view
+            .identities
+            .insert(IDENTITY_WORLD, IdentitySource::Reserved("world"));
+        // Room for a cluster of ~10k pods without rehashing the desired
+        // state in the middle of a change (a rehash of 30k entries is a
+        // few ms; the memory is ~3 MiB).
+        e.desired.policy.reserve(1 << 16);
+        e.desired.ipcache.reserve(1 << 14);
+        e.dirty_ipcache.insert((Ipv4Addr::UNSPECIFIED, 0));
+        e.set_host_ips();
+        e.settle();
+        e
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Always equal to `Compiler::compile(self.model()).maps`, modulo
+    /// numbering.
+    pub fn desired(&self) -> &MapState {
+        &self.desired
+    }
+
+    /// The keys possibly changed since the last call. Numbers released
+    /// since then become reusable: call it right before syncing.
+    pub fn take_touched(&mut self) -> Touched {
+        self.ids.flush();
+        self.cookie_pool.flush();
+        std::mem::take(&mut self.touched)
+    }
+
+    /// Puts back keys a sync could not write, for the next one.
+    pub fn retouch(&mut self, t: Touched) {
+        self.touched.merge(t);
+    }
+
+    /// The published view: cheap (persistent maps), share it freely.
+    pub fn view(&self) -> Arc<View> {
+        Arc::new(self.view.clone())
+    }
+
+    pub fn apply(&mut self, c: Change) {
+        match c {
+            Change::Namespace(ns) => {
+                let name = ns.name.clone();
+                self.view.namespaces.insert(name.clone(), ns.clone());
+                let old = self.model.namespaces.insert(name.clone(), ns);
+                self.namespace_changed(&name, old);
+            }
+            Change::NamespaceDeleted(name) => {
+                self.view.namespaces.remove(&name);
+                if let Some(old) = self.model.namespaces.remove(&name) {
+                    self.namespace_changed(&name, Some(old));
+                }
+            }
+            Change::Pod(p) => {
+                let key = ObjectKey::new(&p.namespace, &p.name);
+                self.model.pods.insert(key.clone(), p);
+                self.refresh_pod(&key);
+            }
+            Change::PodDeleted(key) => {
+                if self.model.pods.remove(&key).is_some() {
+                    self.refresh_pod(&key);
+                }
+            }
+            Change::Policy(key, np) => {
+                let parsed = Arc::new(ParsedPolicy::parse(&key, &np));
+                self.put_policy(key, Some(parsed));
+            }
+            Change::PolicyDeleted(key) => {
+                if self.model.policies.contains_key(&key) {
+                    self.put_policy(key, None);
+                }
+            }
+            Change::NodeAddresses(ips) => {
+                self.source_host_ips = ips;
+                self.set_host_ips();
+            }
+        }
+        self.settle();
+    }
+
+    /// A policy already parsed (e.g. kept by a source).
+    pub fn apply_parsed(&mut self, key: ObjectKey, parsed: Arc<ParsedPolicy>) {
+        self.put_policy(key, Some(parsed));
+        self.settle();
+    }
+
+    /// CNI ADD: replaces an endpoint of the same container id.
+    pub fn add_endpoint(&mut self, ep: LocalEndpoint) {
+        let replaced = self
+            .eps
+            .contains_key(&ep.container_id)
+            .then(|| self.drop_endpoint(&ep.container_id.clone()));
+        let cid = ep.container_id.clone();
+        let key = ep.key.clone();
+        self.model.endpoints.insert(cid.clone(), ep.clone());
+        self.view.endpoints.insert(cid.clone(), ep.clone());
+        self.view
+            .endpoints_by_id
+            .insert(ep.endpoint_id, cid.clone());
+        self.eps_by_key
+            .entry(key.clone())
+            .or_default()
+            .insert(cid.clone());
+        self.eps_by_ifindex
+            .entry(ep.ifindex)
+            .or_default()
+            .insert(cid.clone());
+        self.dirty_ifindex.insert(ep.ifindex);
+        self.eps.insert(
+            cid.clone(),
+            EpState {
+                ep,
+                keys: Vec::new(),
+                result: EndpointPolicy::default(),
+            },
+        );
+        self.dirty_eps.insert(cid);
+        if let Some(old) = replaced.filter(|k| *k != key) {
+            self.refresh_pod(&old);
+        }
+        self.refresh_pod(&key);
+        self.settle();
+    }
+
+    pub fn remove_endpoint(&mut self, container_id: &str) {
+        if self.eps.contains_key(container_id) {
+            let key = self.drop_endpoint(container_id);
+            self.refresh_pod(&key);
+            self.settle();
+        }
+    }
+
+    pub fn set_audit(&mut self, on: bool) {
+        if self.model.audit != on {
+            self.model.audit = on;
+            self.view.audit = on;
+            self.dirty_eps.extend(self.eps.keys().cloned());
+            self.settle();
+        }
+    }
+
+    /// (identity key, number) and (rule, cookie) of everything numbered:
+    /// seeds a full compile that numbers as the engine does.
+    #[cfg(test)]
+    pub(crate) fn numbering(&self) -> Numbering {
+        use super::identities::IdentityKey;
+        let mut ids: Vec<(IdentityKey, u32)> = self
+            .labels
+            .iter()
+            .map(|(id, e)| (IdentityKey::Labels((*e.set).clone()), *id))
+            .collect();
+        ids.extend(
+            self.cidr_by_id
+                .iter()
+                .map(|(id, net)| (IdentityKey::Cidr(*net), *id)),
+        );
+        let cookies = self
+            .rules
+            .iter()
+            .map(|(c, r)| (r.rule_ref.clone(), *c))
+            .collect();
+        (ids, cookies)
+    }
+
+    // -- pods and identities ------------------------------------------------
+
+    fn winner(&self, ip: Ipv4Addr) -> Option<&ObjectKey> {
+        self.by_ip.get(&ip).and_then(|s| s.first()).map(|(_, k)| k)
+    }
+
+    fn namespace_changed(&mut self, name: &str, old: Option<crate::model::Namespace>) {
+        let new = self.model.namespaces.get(name);
+        let (old_labels, old_audit) = old.map_or((None, false), |n| (Some(n.labels), n.audit));
+        let labels_changed = old_labels.as_ref() != new.map(|n| &n.labels)
+            && old_labels.unwrap_or_default() != new.map(|n| n.labels.clone()).unwrap_or_default();
+        let audit_changed = old_audit != new.is_some_and(|n| n.audit);
+        let in_ns: Vec<String> = self
+            .eps
+            .iter()
+            .filter(|(_, s)| s.ep.key.namespace == name)
+            .map(|(c, _)| c.clone())
+            .collect();
+        if audit_changed {
+            self.dirty_eps.extend(in_ns.iter().cloned());
+        }
+        if labels_changed {
+            let mut keys: BTreeSet<ObjectKey> = self
+                .model
+                .pods
+                .range(ObjectKey::new(name, "")..)
+                .take_while(|(k, _)| k.namespace == name)
+                .map(|(k, _)| k.clone())
+                .collect();
+            keys.extend(in_ns.iter().map(|c| self.eps[c].ep.key.clone()));
+            for k in keys {
+                self.refresh_pod(&k);
+            }
+        }
+    }
+
+    /// The engine's view of a pod from the model and the local endpoints.
+    fn compute_eff(&self, key: &ObjectKey) -> Option<(Eff, Option<LabelSet>)> {
+        let pod = self.model.pods.get(key);
+        let ep = self
+            .eps_by_key
+            .get(key)
+            .and_then(|s| s.last())
+            .map(|c| &self.eps[c].ep);
+        if pod.is_none() && ep.is_none() {
+            return None;
+        }
+        let host_network = pod.is_some_and(|p| p.host_network);
+        let (ip, local) = match ep {
+            Some(ep) if !host_network => (Some(ep.ipv4), true),
+            _ => (pod.and_then(|p| p.ip), false),
+        };
+        let set = (!host_network).then(|| {
+            LabelSet::new(
+                &key.namespace,
+                namespace_labels(&self.model, &key.namespace),
+                pod.map_or(&NO_LABELS, |p| &p.labels),
+                pod.map_or(&[], |p| &p.ports),
+            )
+        });
+        Some((
+            Eff {
+                label_id: None,
+                ip,
+                local,
+            },
+            set,
+        ))
+    }
+
+    fn refresh_pod(&mut self, key: &ObjectKey) {
+        let old = self.eff.remove(key);
+        let new = self.compute_eff(key).map(|(mut eff, set)| {
+            eff.label_id = set.map(|s| self.acquire(s));
+            eff
+        });
+        if let Some(id) = old.as_ref().and_then(|e| e.label_id) {
+            self.release(id);
+        }
+        let addr = |e: &Option<Eff>| {
+            e.as_ref()
+                .filter(|e| e.label_id.is_some())
+                .and_then(|e| Some((e.ip?, !e.local)))
+        };
+        let (old_addr, new_addr) = (addr(&old), addr(&new));
+        if old_addr != new_addr {
+            if let Some((ip, remote)) = old_addr {
+                if let Some(s) = self.by_ip.get_mut(&ip) {
+                    s.retain(|(r, k)| !(*r == remote && k == key));
+                    if s.is_empty() {
+                        self.by_ip.remove(&ip);
+                    }
+                }
+                self.dirty_ips.insert(ip);
+            }
+            if let Some((ip, remote)) = new_addr {
+                let s = self.by_ip.entry(ip).or_default();
+                let entry = (remote, key.clone());
+                if let Err(at) = s.binary_search(&entry) {
+                    s.insert(at, entry);
+                }
+                self.dirty_ips.insert(ip);
+            }
+        } else if old.as_ref().and_then(|e| e.label_id) != new.as_ref().and_then(|e| e.label_id) {
+            if let Some((ip, _)) = new_addr {
+                self.dirty_ips.insert(ip);
+            }
+        }
+        match (self.model.pods.get(key), self.eps_by_key.get(key)) {
+            (Some(p), _) => {
+                self.view.pods.insert(key.clone(), Arc::new(p.clone()));
+            }
+            (None, Some(cids)) if !cids.is_empty() => {
+                let ep = &self.eps[cids.last().expect("non-empty")].ep;
+                self.view
+                    .pods
+                    .insert(key.clone(), Arc::new(unknown_pod(ep)));
+            }
+            _ => {
+                self.view.pods.remove(key);
+            }
+        }
+        if let Some(cids) = self.eps_by_key.get(key) {
+            self.dirty_eps.extend(cids.iter().cloned());
+        }
+        if let Some(e) = new {
+            self.eff.insert(key.clone(), e);
+        }
+    }
+
+    fn acquire(&mut self, set: LabelSet) -> u32 {
+        if let Some(&id) = self.label_ids.get(&set) {
+            self.labels.get_mut(&id).expect("label entry").refs += 1;
+            return id;
+        }
+        let id = self.ids.take();
+        let set = Arc::new(set);
+        self.label_ids.insert(set.clone(), id);
+        self.view.identities.insert(id, set.source());
+        for c in self.label_rules.clone() {
+            let r = &self.rules[&c];
+            if rule_matches_labels(&r.policy.namespace, &r.rule, &set) {
+                self.add_peer(c, id, false);
+            }
+        }
+        self.labels.insert(id, LabelEntry { set, refs: 1 });
+        // Its entries are added endpoint by endpoint in `settle`.
+        self.new_ids.push(id);
+        id
+    }
+
+    fn release(&mut self, id: u32) {
+        let e = self.labels.get_mut(&id).expect("label entry");
+        e.refs -= 1;
+        if e.refs > 0 {
+            return;
+        }
+        let e = self.labels.remove(&id).expect("label entry");
+        self.label_ids.remove(&e.set);
+        self.view.identities.remove(&id);
+        // Its entries go endpoint by endpoint in `settle`.
+        self.identity_gone(id, false);
+        self.gone_ids.push(id);
+        self.ids.release(id);
+    }
+
+    fn add_peer(&mut self, c: u32, id: u32, mark: bool) {
+        if let Some(r) = self.rules.get_mut(&c) {
+            if let PeerSet::Ids(ids) = &mut r.peers {
+                ids.insert(id);
+            }
+        }
+        self.id_rules.entry(id).or_default().insert(c);
+        if mark {
+            self.rule_dirty(c);
+        }
+    }
+
+    /// Removes `id` from every rule's peers.
+    /// `mark`: recompile the endpoints of the rules that held it (else the
+    /// caller removes its entries).
+    fn identity_gone(&mut self, id: u32, mark: bool) {
+        for c in self.id_rules.remove(&id).unwrap_or_default() {
+            if let Some(r) = self.rules.get_mut(&c) {
+                if let PeerSet::Ids(ids) = &mut r.peers {
+                    ids.remove(&id);
+                }
+            }
+            if mark {
+                self.rule_dirty(c);
+            }
+        }
+    }
+
+    fn rule_dirty(&mut self, c: u32) {
+        if let Some(r) = self.rules.get(&c) {
+            if let Some(cids) = self.selects.get(&r.policy) {
+                self.dirty_eps.extend(cids.iter().cloned());
+            }
+        }
+    }
+
+    /// Creates or drops the CIDR identity of `net` as its uses say.
+    fn refresh_cidr(&mut self, net: Ipv4Network) {
+        if net == world() {
+            return;
+        }
+        let want = self.cidr_refs.get(&net).is_some_and(|n| *n > 0)
+            || (net.prefix() == 32 && self.addr_need.contains(&net.ip()));
+        match (want, self.cidr_ids.get(&net).copied()) {
+            (true, None) => {
+                let id = self.ids.take();
+                self.cidr_ids.insert(net, id);
+                self.cidr_by_id.insert(id, net);
+                self.view.identities.insert(id, IdentitySource::Cidr(net));
+                for c in self.block_rules.clone() {
+                    if rule_matches_cidr(&self.rules[&c].rule, net) {
+                        self.add_peer(c, id, true);
+                    }
+                }
+                self.cidr_moved(net);
+            }
+            (false, Some(id)) => {
+                self.cidr_ids.remove(&net);
+                self.cidr_by_id.remove(&id);
+                self.view.identities.remove(&id);
+                self.identity_gone(id, true);
+                self.ids.release(id);
+                self.cidr_moved(net);
+            }
+            _ => {}
+        }
+    }
+
+    /// The ipcache keys a CIDR identity's change can affect: its own and
+    /// the `cidr_identity` of the pod addresses inside it.
+    fn cidr_moved(&mut self, net: Ipv4Network) {
+        self.dirty_ipcache
+            .insert((net.network(), u32::from(net.prefix())));
+        let ips: Vec<Ipv4Addr> = self
+            .by_ip
+            .range(net.network()..=net.broadcast())
+            .map(|(ip, _)| *ip)
+            .collect();
+        for ip in ips {
+            self.dirty_ipcache.insert((ip, 32));
+        }
+    }
+
+    fn set_host_ips(&mut self) {
+        let mut ips = self.configured_host_ips.clone();
+        ips.extend(
+            self.source_host_ips
+                .iter()
+                .filter(|ip| !self.configured_host_ips.contains(ip)),
+        );
+        let old: HashSet<Ipv4Addr> = self.model.host_ips.iter().copied().collect();
+        let new: HashSet<Ipv4Addr> = ips.iter().copied().collect();
+        for ip in old.symmetric_difference(&new) {
+            self.dirty_ips.insert(*ip);
+            self.dirty_ipcache.insert((*ip, 32));
+        }
+        self.view.host_ips = Arc::new(ips.clone());
+        self.model.host_ips = ips;
+        // Named egress ports on a node address's identity.
+        if old != new {
+            for c in self.named_blocks.clone() {
+                self.rule_dirty(c);
+            }
+        }
+    }
+
+    // -- policies -----------------------------------------------------------
+
+    fn put_policy(&mut self, key: ObjectKey, parsed: Option<Arc<ParsedPolicy>>) {
+        let mut reuse: HashMap<RuleRef, u32> = HashMap::new();
+        if let Some(cids) = self.selects.get(&key) {
+            self.dirty_eps.extend(cids.iter().cloned());
+        }
+        for c in self.rule_cookies.remove(&key).unwrap_or_default() {
+            let st = self.drop_rule(c);
+            reuse.insert(st.rule_ref, c);
+        }
+        match &parsed {
+            Some(p) => {
+                self.model.policies.insert(key.clone(), p.clone());
+                self.view
+                    .policies
+                    .insert(key.clone(), p.rejected().map(str::to_string));
+                match p.rejected() {
+                    Some(why) => {
+                        self.view.rejected.insert(key.clone(), why.to_string());
+                    }
+                    None => {
+                        self.view.rejected.remove(&key);
+                    }
+                }
+            }
+            None => {
+                self.model.policies.remove(&key);
+                self.view.policies.remove(&key);
+                self.view.rejected.remove(&key);
+            }
+        }
+        if let Some(ParsedPolicy::Accepted(p)) = parsed.as_deref() {
+            let mut cookies = Vec::with_capacity(p.rules.len());
+            for r in &p.rules {
+                let rr = RuleRef {
+                    policy: key.clone(),
+                    direction: r.direction,
+                    rule: r.index,
+                };
+                let c = reuse.remove(&rr).unwrap_or_else(|| self.cookie_pool.take());
+                cookies.push(c);
+                self.add_rule(c, &key, rr, r.clone());
+            }
+            self.rule_cookies.insert(key.clone(), cookies);
+        }
+        for (_, c) in reuse {
+            self.view.cookies.remove(&c);
+            self.cookie_pool.release(c);
+        }
+        // Endpoints it selects now (those it selected are marked above).
+        if let Some(p) = parsed.as_deref() {
+            let now: Vec<String> = self
+                .eps
+                .iter()
+                .filter(|(_, s)| s.ep.key.namespace == key.namespace)
+                .filter(|(_, s)| {
+                    let pod = self.model.pods.get(&s.ep.key);
+                    !pod.is_some_and(|p| p.host_network)
+                        && p.selection(pod.map_or(&NO_LABELS, |p| &p.labels)).is_some()
+                })
+                .map(|(c, _)| c.clone())
+                .collect();
+            self.dirty_eps.extend(now);
+        }
+    }
+
+    fn prefixes(rule: &Rule) -> Vec<Ipv4Network> {
+        rule.blocks()
+            .flat_map(|(cidr, except)| std::iter::once(cidr).chain(except.iter().copied()))
+            .collect()
+    }
+
+    fn named_block_ips(&self, rule: &Rule) -> Vec<Ipv4Addr> {
+        if !rule.has_named_egress() {
+            return Vec::new();
+        }
+        rule.blocks()
+            .flat_map(|(cidr, _)| {
+                self.by_ip
+                    .range(cidr.network()..=cidr.broadcast())
+                    .map(|(ip, _)| *ip)
+            })
+            .collect()
+    }
+
+    fn add_rule(&mut self, c: u32, key: &ObjectKey, rule_ref: RuleRef, rule: Rule) {
+        let peers = if rule.peers.is_none() {
+            PeerSet::Any
+        } else {
+            let mut ids: BTreeSet<u32> = self
+                .labels
+                .iter()
+                .filter(|(_, e)| rule_matches_labels(&key.namespace, &rule, &e.set))
+                .map(|(id, _)| *id)
+                .collect();
+            ids.extend(
+                self.cidr_ids
+                    .iter()
+                    .filter(|(net, _)| rule_matches_cidr(&rule, **net))
+                    .map(|(_, id)| *id),
+            );
+            PeerSet::Ids(ids)
+        };
+        if let PeerSet::Ids(ids) = &peers {
+            for id in ids {
+                self.id_rules.entry(*id).or_default().insert(c);
+            }
+        }
+        let peers_of = |f: fn(&Peer) -> bool| rule.peers.iter().flatten().any(f);
+        if peers_of(|p| matches!(p, Peer::Pods { .. })) {
+            self.label_rules.insert(c);
+        }
+        let has_blocks = peers_of(|p| matches!(p, Peer::Block { .. }));
+        if has_blocks {
+            self.block_rules.insert(c);
+        }
+        if rule.peers.is_none() && rule.has_named_egress() {
+            self.any_named.insert(c);
+        }
+        if has_blocks && rule.has_named_egress() {
+            self.named_blocks.insert(c);
+        }
+        let prefixes = Self::prefixes(&rule);
+        let named_ips = self.named_block_ips(&rule);
+        self.view.cookies.insert(c, rule_ref.clone());
+        self.rules.insert(
+            c,
+            RuleState {
+                policy: key.clone(),
+                rule_ref,
+                rule,
+                peers,
+            },
+        );
+        for net in prefixes {
+            *self.cidr_refs.entry(net).or_default() += 1;
+            self.refresh_cidr(net);
+        }
+        self.dirty_ips.extend(named_ips);
+    }
+
+    fn drop_rule(&mut self, c: u32) -> RuleState {
+        let st = self.rules.remove(&c).expect("rule");
+        if let PeerSet::Ids(ids) = &st.peers {
+            for id in ids {
+                if let Some(s) = self.id_rules.get_mut(id) {
+                    s.remove(&c);
+                    if s.is_empty() {
+                        self.id_rules.remove(id);
+                    }
+                }
+            }
+        }
+        self.label_rules.remove(&c);
+        self.block_rules.remove(&c);
+        self.any_named.remove(&c);
+        self.named_blocks.remove(&c);
+        let named_ips = self.named_block_ips(&st.rule);
+        self.dirty_ips.extend(named_ips);
+        for net in Self::prefixes(&st.rule) {
+            let n = self.cidr_refs.get_mut(&net).expect("prefix refcount");
+            *n -= 1;
+            if *n == 0 {
+                self.cidr_refs.remove(&net);
+            }
+            self.refresh_cidr(net);
+        }
+        st
+    }
+
+    // -- endpoints ----------------------------------------------------------
+
+    /// Forgets an endpoint and its entries; the pod's key.
+    fn drop_endpoint(&mut self, cid: &str) -> ObjectKey {
+        let st = self.eps.remove(cid).expect("endpoint");
+        self.model.endpoints.remove(cid);
+        self.view.endpoints.remove(cid);
+        if self
+            .view
+            .endpoints_by_id
+            .get(&st.ep.endpoint_id)
+            .map(String::as_str)
+            == Some(cid)
+        {
+            self.view.endpoints_by_id.remove(&st.ep.endpoint_id);
+        }
+        let key = st.ep.key.clone();
+        if let Some(s) = self.eps_by_key.get_mut(&key) {
+            s.remove(cid);
+            if s.is_empty() {
+                self.eps_by_key.remove(&key);
+            }
+        }
+        if let Some(s) = self.eps_by_ifindex.get_mut(&st.ep.ifindex) {
+            s.remove(cid);
+            if s.is_empty() {
+                self.eps_by_ifindex.remove(&st.ep.ifindex);
+            }
+        }
+        self.dirty_ifindex.insert(st.ep.ifindex);
+        for k in st.keys {
+            self.desired.policy.remove(&k);
+            self.touched.policy.insert(k);
+        }
+        for p in &st.result.selected_by {
+            if let Some(s) = self.selects.get_mut(p) {
+                s.remove(cid);
+                if s.is_empty() {
+                    self.selects.remove(p);
+                }
+            }
+        }
+        for dir in [DIR_INGRESS, DIR_EGRESS] {
+            self.view.isolated_by.remove(&(st.ep.endpoint_id, dir));
+        }
+        self.dirty_eps.remove(cid);
+        self.publish_selected(&key);
+        key
+    }
+
+    fn publish_selected(&mut self, key: &ObjectKey) {
+        match self.eps_by_key.get(key).and_then(|s| s.last()) {
+            Some(c) => {
+                let v = self.eps[c].result.selected_by.clone();
+                self.view.selected_by.insert(key.clone(), v);
+            }
+            None => {
+                self.view.selected_by.remove(key);
+            }
+        }
+    }
+
+    fn recompile_endpoint(&mut self, cid: &str) {
+        let Some(st) = self.eps.get(cid) else { return };
+        let ep = st.ep.clone();
+        let pod = self.model.pods.get(&ep.key);
+        let view = EndpointPod {
+            labels: pod.map_or(&NO_LABELS, |p| &p.labels),
+            ports: pod.map_or(&[], |p| &p.ports),
+            host_network: pod.is_some_and(|p| p.host_network),
+        };
+        let audit = self.model.audit
+            || self
+                .model
+                .namespaces
+                .get(&ep.key.namespace)
+                .is_some_and(|n| n.audit);
+        let ns = &ep.key.namespace;
+        let in_ns = self
+            .model
+            .policies
+            .range(ObjectKey::new(ns.as_str(), "")..)
+            .take_while(|(k, _)| k.namespace == *ns)
+            .map(|(k, p)| (k, &**p));
+        let mut entries = PolicyEntries::new();
+        let res = compile_endpoint(
+            ep.endpoint_id,
+            &view,
+            audit,
+            in_ns,
+            |k, i| {
+                let c = self.rule_cookies[k][i];
+                (c, &self.rules[&c].peers)
+            },
+            self,
+            &mut entries,
+        );
+        let st = self.eps.get_mut(cid).expect("endpoint");
+        let old_keys = std::mem::take(&mut st.keys);
+        let old_sel = std::mem::replace(&mut st.result, res.clone());
+        st.keys = entries.keys().copied().collect();
+        for k in old_keys {
+            if !entries.contains_key(&k) {
+                self.desired.policy.remove(&k);
+                self.touched.policy.insert(k);
+            }
+        }
+        for (k, v) in entries {
+            if self.desired.policy.get(&k) != Some(&v) {
+                self.desired.policy.insert(k, v);
+                self.touched.policy.insert(k);
+            }
+        }
+        if old_sel.selected_by != res.selected_by {
+            for p in &old_sel.selected_by {
+                if let Some(s) = self.selects.get_mut(p) {
+                    s.remove(cid);
+                    if s.is_empty() {
+                        self.selects.remove(p);
+                    }
+                }
+            }
+            for p in &res.selected_by {
+                self.selects
+                    .entry(p.clone())
+                    .or_default()
+                    .insert(cid.to_string());
+            }
+        }
+        for (dir, keys) in res.isolating.iter().enumerate() {
+            let k = (ep.endpoint_id, dir as u8);
+            if keys.is_empty() {
+                self.view.isolated_by.remove(&k);
+            } else if self.view.isolated_by.get(&k) != Some(keys) {
+                self.view.isolated_by.insert(k, keys.clone());
+            }
+        }
+        self.publish_selected(&ep.key);
+        self.dirty_ifindex.insert(ep.ifindex);
+    }
+
+    /// A label identity that appeared or disappeared changes, on an
+    /// endpoint that is otherwise unchanged, only the entries whose peer it
+    /// is: those are added (the rules holding it, and any-peer rules with
+    /// egress named ports, restricted to it) or removed, instead of
+    /// recompiling the endpoint.
+    fn identity_deltas(&mut self) {
+        let gone = std::mem::take(&mut self.gone_ids);
+        let new: Vec<u32> = std::mem::take(&mut self.new_ids)
+            .into_iter()
+            .filter(|id| self.labels.contains_key(id))
+            .collect();
+        if gone.is_empty() && new.is_empty() {
+            return;
+        }
+        let gone: HashSet<u32> = gone.into_iter().collect();
+        let cids: Vec<String> = self
+            .eps
+            .keys()
+            .filter(|c| !self.dirty_eps.contains(*c))
+            .cloned()
+            .collect();
+        for cid in cids {
+            let mut added = PolicyEntries::new();
+            if !new.is_empty() {
+                let st = &self.eps[&cid];
+                let pod = self.model.pods.get(&st.ep.key);
+                let own_ports = pod.map_or(&[][..], |p| &p.ports[..]);
+                for key in &st.result.selected_by {
+                    let Some(cookies) = self.rule_cookies.get(key) else {
+                        continue;
+                    };
+                    for c in cookies {
+                        let r = &self.rules[c];
+                        let named_only = match &r.peers {
+                            PeerSet::Any if r.rule.has_named_egress() => true,
+                            PeerSet::Any => continue,
+                            PeerSet::Ids(_) => false,
+                        };
+                        let ports: Vec<Port> = r
+                            .rule
+                            .ports
+                            .iter()
+                            .filter(|p| !named_only || matches!(p, Port::Named { .. }))
+                            .cloned()
+                            .collect();
+                        for id in &new {
+                            if let PeerSet::Ids(ids) = &r.peers {
+                                if !ids.contains(id) {
+                                    continue;
+                                }
+                            }
+                            let only = PeerSet::Ids(BTreeSet::from([*id]));
+                            let input = RuleInput {
+                                direction: r.rule.direction,
+                                cookie: *c,
+                                peers: &only,
+                                ports: &ports,
+                            };
+                            emit_rule(&mut added, st.ep.endpoint_id, own_ports, &input, self);
+                        }
+                    }
+                }
+            }
+            let st = self.eps.get_mut(&cid).expect("endpoint");
+            if !gone.is_empty() {
+                let (desired, touched) = (&mut self.desired.policy, &mut self.touched.policy);
+                st.keys.retain(|k| {
+                    if gone.contains(&k.1.peer_identity) {
+                        desired.remove(k);
+                        touched.insert(*k);
+                        false
+                    } else {
+                        true
+                    }
+                });
+            }
+            for (k, v) in added {
+                let cur = self.desired.policy.entry(k).or_insert_with(|| {
+                    st.keys.push(k);
+                    v
+                });
+                cur.cookie = cur.cookie.min(v.cookie);
+                self.touched.policy.insert(k);
+            }
+        }
+    }
+
+    fn endpoint_value(&self, ifindex: u32) -> Option<EndpointInfo> {
+        let cid = self.eps_by_ifindex.get(&ifindex)?.last()?;
+        let st = &self.eps[cid];
+        let identity = self
+            .eff
+            .get(&st.ep.key)
+            .and_then(|e| e.label_id)
+            .unwrap_or(IDENTITY_HOST);
+        Some(EndpointInfo {
+            endpoint_id: st.ep.endpoint_id,
+            identity,
+            ipv4: u32::from_ne_bytes(st.ep.ipv4.octets()),
+            flags: st.result.flags,
+        })
+    }
+
+    fn ipcache_value(&self, (ip, len): (Ipv4Addr, u32)) -> Option<IpcacheValue> {
+        if len == 32 {
+            if self.model.host_ips.contains(&ip) {
+                return Some(IpcacheValue {
+                    identity: IDENTITY_HOST,
+                    cidr_identity: IDENTITY_HOST,
+                });
+            }
+            if let Some(id) = self.winner(ip).and_then(|k| self.eff[k].label_id) {
+                return Some(IpcacheValue {
+                    identity: id,
+                    cidr_identity: longest_cidr(&self.cidr_ids, ip),
+                });
+            }
+        }
+        let net = net_of(ip, len as u8);
+        (net.ip() == ip)
+            .then(|| self.cidr_ids.get(&net))
+            .flatten()
+            .map(|id| IpcacheValue {
+                identity: *id,
+                cidr_identity: *id,
+            })
+    }
+
+    /// Brings everything marked up to date.
+    fn settle(&mut self) {
+        // Pod addresses: their own CIDR identity, the rules that resolve
+        // named ports on them, their ipcache entry.
+        while let Some(ip) = self.dirty_ips.pop_first() {
+            let winner = self.winner(ip).cloned();
+            let need = winner.is_some()
+                && !self.model.host_ips.contains(&ip)
+                && self
+                    .named_blocks
+                    .iter()
+                    .any(|c| named_block_contains(&self.rules[c].rule, ip));
+            if need != self.addr_need.contains(&ip) {
+                if need {
+                    self.addr_need.insert(ip);
+                } else {
+                    self.addr_need.remove(&ip);
+                }
+                self.refresh_cidr(host_net(ip));
+            }
+            if let Some(id) = self.cidr_ids.get(&host_net(ip)) {
+                for c in self.id_rules.get(id).cloned().unwrap_or_default() {
+                    if self.named_blocks.contains(&c) {
+                        self.rule_dirty(c);
+                    }
+                }
+            }
+            self.dirty_ipcache.insert((ip, 32));
+            match winner {
+                Some(k) => {
+                    self.view.pods_by_ip.insert(ip, k);
+                }
+                None => {
+                    self.view.pods_by_ip.remove(&ip);
+                }
+            }
+        }
+        for k in std::mem::take(&mut self.dirty_ipcache) {
+            let want = self.ipcache_value(k);
+            if self.desired.ipcache.get(&k) != want.as_ref() {
+                match want {
+                    Some(v) => self.desired.ipcache.insert(k, v),
+                    None => self.desired.ipcache.remove(&k),
+                };
+                self.touched.ipcache.insert(k);
+            }
+        }
+        self.identity_deltas();
+        while let Some(cid) = self.dirty_eps.pop_first() {
+            self.recompile_endpoint(&cid);
+        }
+        for ifindex in std::mem::take(&mut self.dirty_ifindex) {
+            let want = self.endpoint_value(ifindex);
+            if self.desired.endpoints.get(&ifindex) != want.as_ref() {
+                match want {
+                    Some(v) => self.desired.endpoints.insert(ifindex, v),
+                    None => self.desired.endpoints.remove(&ifindex),
+                };
+                self.touched.endpoints.insert(ifindex);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
+
+    use super::*;
+    use crate::{
+        compiler::{Compiled, Compiler},
+        model::{ContainerPort, Namespace, Pod},
+        sync,
+    };
+
+    /// Writes nothing: the mirror alone tells what a sync would do.
+    struct Null;
+
+    impl sync::MapWriter for Null {
+        fn upsert_policy(
+            &mut self,
+            _: u32,
+            _: PolicyKey,
+            _: palisade_common::PolicyValue,
+        ) -> Result<(), palisade_dataplane::Error> {
+            Ok(())
+        }
+        fn remove_policy(&mut self, _: u32, _: PolicyKey) -> Result<(), palisade_dataplane::Error> {
+            Ok(())
+        }
+        fn upsert_ipcache(
+            &mut self,
+            _: Ipv4Addr,
+            _: u32,
+            _: IpcacheValue,
+        ) -> Result<(), palisade_dataplane::Error> {
+            Ok(())
+        }
+        fn remove_ipcache(&mut self, _: Ipv4Addr, _: u32) -> Result<(), palisade_dataplane::Error> {
+            Ok(())
+        }
+        fn upsert_endpoint(
+            &mut self,
+            _: u32,
+            _: EndpointInfo,
+        ) -> Result<(), palisade_dataplane::Error> {
+            Ok(())
+        }
+        fn remove_endpoint(&mut self, _: u32, _: u32) -> Result<(), palisade_dataplane::Error> {
+            Ok(())
+        }
+    }
+
+    /// The full compile of the engine's model, numbered as the engine numbers.
+    fn oracle(e: &Engine) -> Compiled {
+        let (ids, cookies) = e.numbering();
+        Compiler::seeded(ids, cookies).compile(e.model())
+    }
+
+    fn check(e: &mut Engine, mirror: &mut MapState, what: &str) {
+        let full = oracle(e);
+        assert_eq!(
+            e.desired().endpoints,
+            full.maps.endpoints,
+            "{what}: endpoints"
+        );
+        assert_eq!(e.desired().ipcache, full.maps.ipcache, "{what}: ipcache");
+        if e.desired().policy != full.maps.policy {
+            let a: BTreeMap<_, _> = e
+                .desired()
+                .policy
+                .iter()
+                .map(|((p, k), v)| {
+                    (
+                        (
+                            *p,
+                            k.endpoint_id,
+                            k.peer_identity,
+                            k.direction,
+                            k.protocol,
+                            u16::from_be(k.dport_be),
+                        ),
+                        v.cookie,
+                    )
+                })
+                .collect();
+            let b: BTreeMap<_, _> = full
+                .maps
+                .policy
+                .iter()
+                .map(|((p, k), v)| {
+                    (
+                        (
+                            *p,
+                            k.endpoint_id,
+                            k.peer_identity,
+                            k.direction,
+                            k.protocol,
+                            u16::from_be(k.dport_be),
+                        ),
+                        v.cookie,
+                    )
+                })
+                .collect();
+            let only_engine: Vec<_> = a.iter().filter(|(k, v)| b.get(*k) != Some(*v)).collect();
+            let only_full: Vec<_> = b.iter().filter(|(k, v)| a.get(*k) != Some(*v)).collect();
+            panic!("{what}: policy differs\n engine only: {only_engine:?}\n full only: {only_full:?}\n identities: {:?}", full.identities);
+        }
+        let v = e.view();
+        let map =
+            |m: &im::OrdMap<ObjectKey, String>| m.clone().into_iter().collect::<BTreeMap<_, _>>();
+        assert_eq!(map(&v.rejected), full.rejected, "{what}: rejected");
+        assert_eq!(
+            v.isolated_by
+                .clone()
+                .into_iter()
+                .collect::<BTreeMap<_, _>>(),
+            full.isolated_by,
+            "{what}: isolated_by"
+        );
+        assert_eq!(
+            v.selected_by
+                .clone()
+                .into_iter()
+                .collect::<BTreeMap<_, _>>(),
+            full.selected_by,
+            "{what}: selected_by"
+        );
+        assert_eq!(
+            v.cookies.clone().into_iter().collect::<HashMap<_, _>>(),
+            full.cookies,
+            "{what}: cookies"
+        );
+        assert_eq!(
+            v.identities.clone().into_iter().collect::<HashMap<_, _>>(),
+            full.identities,
+            "{what}: identities"
+        );
+        // The touched keys are enough to bring a mirror of the kernel up to date.
+        let t = e.take_touched();
+        sync::apply_touched(&mut Null, mirror, e.desired(), &t).unwrap();
+        assert_eq!(mirror, e.desired(), "{what}: touched keys miss a change");
+    }
+
+    const NS: [&str; 3] = ["a", "b", "c"];
+
+    fn ip(rng: &mut StdRng) -> Ipv4Addr {
+        let pool = [
+            "10.0.0.3",
+            "10.0.0.4",
+            "10.0.0.5",
+            "10.0.0.6",
+            "10.0.0.200",
+            "10.0.1.5",
+            "10.0.1.1",
+            "192.168.0.1",
+            "10.0.0.1",
+        ];
+        pool.choose(rng).unwrap().parse().unwrap()
+    }
+
+    fn some<T: Clone>(rng: &mut StdRng, xs: &[T]) -> Vec<T> {
+        xs.iter().filter(|_| rng.gen_bool(0.4)).cloned().collect()
+    }
+
+    fn namespace(rng: &mut StdRng) -> Namespace {
+        let name = NS.choose(rng).unwrap().to_string();
+        let mut labels: Labels = some(rng, &[("team", "x"), ("env", "prod")])
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        if rng.gen_bool(0.3) {
+            labels.insert("team".into(), "y".into());
+        }
+        Namespace {
+            name,
+            labels,
+            audit: rng.gen_bool(0.2),
+        }
+    }
+
+    fn pod(rng: &mut StdRng) -> Pod {
+        let cp = |name: Option<&str>, port, protocol: &str| ContainerPort {
+            name: name.map(str::to_string),
+            port,
+            protocol: protocol.into(),
+        };
+        let ports = some(
+            rng,
+            &[
+                cp(Some("http"), 80, "TCP"),
+                cp(Some("http"), 8080, "TCP"),
+                cp(Some("dns"), 53, "UDP"),
+                cp(None, 9000, "TCP"),
+            ],
+        );
+        let mut labels = Labels::new();
+        if rng.gen_bool(0.7) {
+            labels.insert(
+                "app".into(),
+                ["web", "db", "api"].choose(rng).unwrap().to_string(),
+            );
+        }
+        if rng.gen_bool(0.3) {
+            labels.insert("tier".into(), "f".into());
+        }
+        Pod {
+            namespace: NS.choose(rng).unwrap().to_string(),
+            name: format!("p{}", rng.gen_range(0..8)),
+            labels,
+            ip: rng.gen_bool(0.85).then(|| ip(rng)),
+            host_network: rng.gen_bool(0.08),
+            ports,
+        }
+    }
+
+    fn peer(rng: &mut StdRng) -> String {
+        let sel = |rng: &mut StdRng| {
+            [
+                "{}",
+                "{matchLabels: {app: web}}",
+                "{matchLabels: {app: db}}",
+                "{matchExpressions: [{key: tier, operator: DoesNotExist}]}",
+                "{matchExpressions: [{key: app, operator: In, values: [web, api]}]}",
+            ]
+            .choose(rng)
+            .unwrap()
+            .to_string()
+        };
+        let block = [
+            "{cidr: 10.0.0.0/16}",
+            "{cidr: 10.0.0.0/24, except: [10.0.0.128/25]}",
+            "{cidr: 10.0.0.4/30, except: [10.0.0.4/31]}",
+            "{cidr: 10.0.0.5/32}",
+            "{cidr: 0.0.0.0/0, except: [10.0.1.0/24]}",
+            "{cidr: 0.0.0.0/0}",
+            "{cidr: 10.0.0.0/24, except: [10.1.0.0/24]}",
+            "{cidr: 'fd00::/8'}",
+        ];
+        match rng.gen_range(0..5) {
+            0 => format!("{{podSelector: {}}}", sel(rng)),
+            1 => format!(
+                "{{namespaceSelector: {{matchLabels: {{team: x}}}}, podSelector: {}}}",
+                sel(rng)
+            ),
+            2 => "{namespaceSelector: {}}".to_string(),
+            _ => format!("{{ipBlock: {}}}", block.choose(rng).unwrap()),
+        }
+    }
+
+    fn rule(rng: &mut StdRng, field: &str) -> String {
+        let mut s = String::from("- ");
+        if rng.gen_bool(0.8) {
+            let peers: Vec<String> = (0..rng.gen_range(1..3)).map(|_| peer(rng)).collect();
+            s.push_str(&format!("{field}: [{}]\n  ", peers.join(", ")));
+        }
+        let ports = [
+            "{port: 80}",
+            "{port: http}",
+            "{port: dns, protocol: UDP}",
+            "{port: 9000, endPort: 9010}",
+            "{protocol: UDP}",
+            "{port: 8080}",
+        ];
+        let mut chosen: Vec<&str> = (0..rng.gen_range(0..3))
+            .map(|_| *ports.choose(rng).unwrap())
+            .collect();
+        if rng.gen_bool(0.03) {
+            chosen.push("{port: 0}");
+        }
+        s.push_str(&format!("ports: [{}]\n", chosen.join(", ")));
+        s
+    }
+
+    fn policy(rng: &mut StdRng) -> (ObjectKey, NetworkPolicy) {
+        let ns = *NS.choose(rng).unwrap();
+        let name = format!("q{}", rng.gen_range(0..6));
+        let selector = [
+            "{}",
+            "{matchLabels: {app: web}}",
+            "{matchLabels: {app: db}}",
+            "{matchExpressions: [{key: app, operator: NotIn, values: [api]}]}",
+            "{matchExpressions: [{key: app, operator: Bogus}]}",
+        ]
+        .choose(rng)
+        .unwrap();
+        let types = [
+            "",
+            "policyTypes: [Ingress]\n",
+            "policyTypes: [Egress]\n",
+            "policyTypes: [Ingress, Egress]\n",
+            "policyTypes: [Sideways]\n",
+        ];
+        let mut y = format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  podSelector: {selector}\n"
+        );
+        let t = if rng.gen_bool(0.5) {
+            types[0]
+        } else {
+            types.choose(rng).unwrap()
+        };
+        for l in t.lines() {
+            y.push_str(&format!("  {l}\n"));
+        }
+        for (field, list) in [("from", "ingress"), ("to", "egress")] {
+            let n = rng.gen_range(0..3);
+            if n > 0 {
+                y.push_str(&format!("  {list}:\n"));
+                for _ in 0..n {
+                    for l in rule(rng, field).lines() {
+                        y.push_str(&format!("  {l}\n"));
+                    }
+                }
+            }
+        }
+        let np: NetworkPolicy = serde_yaml::from_str(&y).unwrap_or_else(|e| panic!("{e}: {y}"));
+        (ObjectKey::new(ns, name), np)
+    }
+
+    fn endpoint(rng: &mut StdRng) -> LocalEndpoint {
+        let i = rng.gen_range(0..6u32);
+        LocalEndpoint {
+            key: ObjectKey::new(
+                *NS.choose(rng).unwrap(),
+                format!("p{}", rng.gen_range(0..9)),
+            ),
+            endpoint_id: i + 1,
+            ifindex: 100 + i,
+            host_ifname: format!("veth{i}"),
+            ipv4: ip(rng),
+            container_id: format!("c{i}"),
+        }
+    }
+
+    /// One random event; a description of it.
+    fn event(rng: &mut StdRng, e: &mut Engine) -> String {
+        match rng.gen_range(0..100) {
+            0..=9 => {
+                let ns = namespace(rng);
+                let d = format!("namespace {ns:?}");
+                e.apply(Change::Namespace(ns));
+                d
+            }
+            10..=12 => {
+                let ns = NS.choose(rng).unwrap().to_string();
+                e.apply(Change::NamespaceDeleted(ns.clone()));
+                format!("namespace {ns} deleted")
+            }
+            13..=37 => {
+                let p = pod(rng);
+                let d = format!("pod {p:?}");
+                e.apply(Change::Pod(p));
+                d
+            }
+            38..=44 => {
+                let key = ObjectKey::new(
+                    *NS.choose(rng).unwrap(),
+                    format!("p{}", rng.gen_range(0..8)),
+                );
+                let d = format!("pod {key} deleted");
+                e.apply(Change::PodDeleted(key));
+                d
+            }
+            45..=69 => {
+                let (key, np) = policy(rng);
+                let d = format!("policy {key}: {}", serde_json::to_string(&np.spec).unwrap());
+                e.apply(Change::Policy(key, Arc::new(np)));
+                d
+            }
+            70..=76 => {
+                let key = ObjectKey::new(
+                    *NS.choose(rng).unwrap(),
+                    format!("q{}", rng.gen_range(0..6)),
+                );
+                let d = format!("policy {key} deleted");
+                e.apply(Change::PolicyDeleted(key));
+                d
+            }
+            77..=88 => {
+                let ep = endpoint(rng);
+                let d = format!("endpoint {ep:?}");
+                e.add_endpoint(ep);
+                d
+            }
+            89..=93 => {
+                let cid = format!("c{}", rng.gen_range(0..6));
+                e.remove_endpoint(&cid);
+                format!("endpoint {cid} removed")
+            }
+            94..=97 => {
+                let ips = some(rng, &["10.0.0.1", "10.0.1.1", "10.0.0.5", "192.168.0.1"]);
+                let ips: Vec<Ipv4Addr> = ips.iter().map(|s| s.parse().unwrap()).collect();
+                let d = format!("node addresses {ips:?}");
+                e.apply(Change::NodeAddresses(ips));
+                d
+            }
+            _ => {
+                let on = rng.gen_bool(0.5);
+                e.set_audit(on);
+                format!("audit {on}")
+            }
+        }
+    }
+
+    fn run(seed: u64, steps: usize) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let configured = if rng.gen_bool(0.5) {
+            vec!["10.0.0.1".parse().unwrap()]
+        } else {
+            Vec::new()
+        };
+        let mut e = Engine::new(rng.gen_bool(0.1), configured);
+        let mut mirror = MapState::default();
+        check(&mut e, &mut mirror, &format!("seed {seed}, initial"));
+        let mut log = Vec::new();
+        for i in 0..steps {
+            let d = event(&mut rng, &mut e);
+            log.push(d);
+            let what = format!(
+                "seed {seed} (PALISADE_ENGINE_SEED={seed} to replay), step {i}; events:\n  {}\n",
+                log.join("\n  ")
+            );
+            check(&mut e, &mut mirror, &what);
+        }
+    }
+
+    #[test]
+    fn the_engine_always_equals_a_full_compile() {
+        if let Some(seed) = std::env::var("PALISADE_ENGINE_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+        {
+            run(seed, 300);
+            return;
+        }
+        let base: u64 = rand::random::<u32>().into();
+        for s in 0..40 {
+            run(base + s, 150);
+        }
+    }
+
+    #[test]
+    fn a_cni_add_touches_only_that_endpoint() {
+        let mut e = Engine::new(false, Vec::new());
+        let (key, np) = {
+            let y = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec:\n  podSelector: {}\n  ingress:\n  - from: [{podSelector: {}}]\n";
+            (
+                ObjectKey::new("a", "p"),
+                serde_yaml::from_str::<NetworkPolicy>(y).unwrap(),
+            )
+        };
+        e.apply(Change::Policy(key, Arc::new(np)));
+        let ep = |i: u32| LocalEndpoint {
+            key: ObjectKey::new("a", format!("p{i}")),
+            endpoint_id: i,
+            ifindex: 100 + i,
+            host_ifname: format!("veth{i}"),
+            ipv4: Ipv4Addr::new(10, 0, 0, i as u8),
+            container_id: format!("c{i}"),
+        };
+        e.add_endpoint(ep(1));
+        e.take_touched();
+        e.add_endpoint(ep(2));
+        let t = e.take_touched();
+        // Both pods have the same (empty) labels: one identity, so the new
+        // endpoint's entries, its ipcache /32 and its endpoint entry only.
+        assert_eq!(t.endpoints, HashSet::from([102]));
+        assert_eq!(t.ipcache, HashSet::from([(Ipv4Addr::new(10, 0, 0, 2), 32)]));
+        assert!(t.policy.iter().all(|(_, k)| k.endpoint_id == 2), "{t:?}");
+        assert_eq!(t.policy.len(), 1);
+    }
+
+    fn block_policy(name: &str, cidr: &str) -> (ObjectKey, Arc<NetworkPolicy>) {
+        let y = format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: a}}\nspec:\n  podSelector: {{}}\n  ingress:\n  - from: [{{ipBlock: {{cidr: {cidr}}}}}]\n");
+        (
+            ObjectKey::new("a", name),
+            Arc::new(serde_yaml::from_str(&y).unwrap()),
+        )
+    }
+
+    fn cidr_number(e: &Engine, cidr: &str) -> Option<u32> {
+        e.view()
+            .identities
+            .iter()
+            .find(|(_, s)| **s == IdentitySource::Cidr(cidr.parse().unwrap()))
+            .map(|(id, _)| *id)
+    }
+
+    #[test]
+    fn a_released_number_is_not_reused_before_the_sync() {
+        let mut e = Engine::new(false, Vec::new());
+        let (k, np) = block_policy("p", "192.0.2.0/24");
+        e.apply(Change::Policy(k.clone(), np));
+        let first = cidr_number(&e, "192.0.2.0/24").unwrap();
+        e.take_touched();
+        e.apply(Change::PolicyDeleted(k));
+        let (k2, np2) = block_policy("q", "198.51.100.0/24");
+        e.apply(Change::Policy(k2.clone(), np2));
+        let second = cidr_number(&e, "198.51.100.0/24").unwrap();
+        assert_ne!(
+            first, second,
+            "one sync must not see a number mean two prefixes"
+        );
+        e.take_touched();
+        e.apply(Change::PolicyDeleted(k2));
+        let (k3, np3) = block_policy("r", "203.0.113.0/24");
+        e.apply(Change::Policy(k3, np3));
+        assert_eq!(
+            cidr_number(&e, "203.0.113.0/24"),
+            Some(first),
+            "reused after a sync"
+        );
+    }
+
+    #[test]
+    fn a_changed_policy_keeps_the_cookies_of_its_rules() {
+        let mut e = Engine::new(false, Vec::new());
+        let (k, np) = block_policy("p", "192.0.2.0/24");
+        e.apply(Change::Policy(k.clone(), np));
+        let cookies = e.view().cookies.clone();
+        let (_, np) = block_policy("p", "192.0.2.0/25");
+        e.apply(Change::Policy(k, np));
+        assert_eq!(e.view().cookies, cookies);
+    }
+}

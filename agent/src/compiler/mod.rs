@@ -1,0 +1,497 @@
+//! NetworkPolicy compiler: from the model to the desired map contents.
+//!
+//! Two ways to the same result: [`Compiler::compile`], a deterministic
+//! function of the whole model (plus the allocation tables that keep
+//! identities and cookies stable across compiles), kept as the oracle; and
+//! [`engine::Engine`], which owns the model and keeps the same map state
+//! up to date change by change (a property test holds the two equal after
+//! every change).
+//!
+//! Modules, by phase: [`parse`] (a NetworkPolicy into typed rules, once,
+//! on arrival), [`identities`] (label and CIDR identities), [`peers`]
+//! (selectors → identity sets), [`emit`] (a rule's policy entries),
+//! [`endpoints`] (one endpoint's selection, flags and entries),
+//! [`ipcache`] (addresses → identities), [`engine`] (incremental) and
+//! [`view`] (what flow logs, trace and status read).
+//!
+//! # What it produces
+//!
+//! * **Identities.** `host` (1) and `world` (2) are reserved. Every distinct
+//!   (namespace, namespace labels, pod labels) set of a non-hostNetwork pod
+//!   gets a label identity; every distinct ipBlock prefix (`cidr` and each
+//!   `except`) of an accepted policy gets a CIDR identity, except
+//!   `0.0.0.0/0`, which is `world`; and every pod address inside an
+//!   ipBlock of an egress rule with a named port gets the CIDR identity of
+//!   its /32 (see named ports below). Numbers come from one [`Allocator`] and
+//!   stay the same as long as their key is in use.
+//! * **ipcache.** `0.0.0.0/0` → world; every ipBlock prefix → its CIDR
+//!   identity; every non-hostNetwork pod address (/32) → its label identity,
+//!   with `cidr_identity` = the identity of the longest ipBlock prefix that
+//!   contains it (world if none); every node address (/32) → host. On the
+//!   same /32, a node address beats a pod, a local pod beats a remote one,
+//!   and a pod beats an ipBlock prefix (whose identity then becomes the
+//!   pod's `cidr_identity`).
+//! * **Endpoints.** One entry per local endpoint, with the enforced flags of
+//!   the policies that select it and the audit flag.
+//! * **Policy.** For every local endpoint, the union of the allow entries of
+//!   every accepted policy that selects it, in the directions of the
+//!   policy's effective `policyTypes`.
+//!
+//! # Decisions on points the API leaves open
+//!
+//! * `policyTypes` absent or empty: `Ingress`, plus `Egress` when
+//!   `spec.egress` has at least one rule (as the API server's defaulting:
+//!   `egress: []` does not count). Rules of a direction that is not in the
+//!   effective `policyTypes` are validated but ignored.
+//! * A policy that fails validation is listed in [`Compiled::rejected`] and
+//!   contributes no allow entry, no cookie and no ipBlock prefix. It still
+//!   **isolates** the pods it selects in its `policyTypes` directions (fail
+//!   closed: a broken policy never opens traffic that the cluster meant to
+//!   restrict, nor silently drops an isolation). If the `podSelector` itself
+//!   is invalid it isolates every pod of its namespace; unknown
+//!   `policyTypes` values make it isolate both directions.
+//! * IPv6 ipBlocks are validated (syntax, `except` inside `cidr`) and then
+//!   skipped: the peer matches nothing (the datapath drops IPv6 to enforced
+//!   pods anyway). A rule whose only peers are IPv6 blocks therefore allows
+//!   nothing; it does not turn into "any peer".
+//! * Non-canonical CIDRs (`10.0.0.1/8`) are accepted and masked, as Go's
+//!   `net.ParseCIDR` does. An `except` must be a strict subset of `cidr`.
+//! * A local endpoint whose pod is not in the model (yet) is treated as a
+//!   pod with no labels and no container ports in the endpoint's namespace:
+//!   it gets the label identity of that empty label set, it is a peer of
+//!   selectors that match no labels, and it is selected (and so isolated) by
+//!   policies whose `podSelector` matches an empty label set (`{}`,
+//!   `NotIn`, `DoesNotExist`). For a local pod, the endpoint's address is
+//!   authoritative over `status.podIP`.
+//! * A local endpoint whose pod is hostNetwork (should not happen: the CNI
+//!   plugin is not called for them) is never selected and carries the host
+//!   identity.
+//! * Namespace labels always include `kubernetes.io/metadata.name: <name>`
+//!   (as the API server guarantees), also for namespaces the model does not
+//!   know yet.
+//! * Named ports: an ingress rule resolves the name (and protocol) against
+//!   the selected local pod's own container ports. An egress rule resolves
+//!   it per destination: for every peer label identity, the ports of that
+//!   name on the pods holding that identity, keyed by the identity. A named
+//!   port in an egress rule *without* peers resolves over every pod of the
+//!   cluster (what upstream's "egress on one named port" e2e test expects).
+//!   On an ipBlock peer it resolves on the destination pod when the
+//!   destination is a pod address (as kube-network-policies does), and to
+//!   nothing for other addresses: every (non-hostNetwork, non-node) pod
+//!   address inside `cidr` and outside `except` of such a block gets a CIDR
+//!   identity of its own /32, which becomes its `cidr_identity` and which
+//!   every ipBlock peer containing the address includes; the rule allows
+//!   that identity on that pod's own number for the name. A label identity is keyed by
+//!   the pod's named container ports too, so pods with the same labels but
+//!   a name mapped to different numbers get different identities, and each
+//!   only its own port. An unresolvable name produces no entry (not an error).
+//! * Two rules producing the same (prefix, key) keep the lowest cookie.
+//! * Policies are parsed when they enter the model ([`Model::add_policy`]);
+//!   the model keeps the typed result, never the API object.
+//! * Two local endpoints of one pod (a sandbox replaced before the old one
+//!   is deleted): the one with the greatest container id gives the pod its
+//!   address; each keeps its own entries. Endpoint ids are unique per node.
+pub mod emit;
+pub mod endpoints;
+pub mod engine;
+pub mod identities;
+pub mod ipcache;
+pub mod parse;
+pub mod peers;
+pub mod view;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::Ipv4Addr,
+};
+
+use ipnetwork::Ipv4Network;
+use palisade_common::{EndpointInfo, IpcacheValue, DIR_INGRESS, IDENTITY_HOST, IDENTITY_WORLD};
+use palisade_dataplane::MapState;
+
+pub use self::{
+    emit::split_port_range,
+    engine::{Engine, Touched},
+    parse::ParsedPolicy,
+    view::{Names, View},
+};
+use self::{
+    emit::Destinations,
+    endpoints::{compile_endpoint, EndpointPod},
+    identities::{namespace_labels, IdentityKey, LabelSet},
+    ipcache::{longest_cidr, world},
+    parse::Policy,
+    peers::{host_net, named_block_contains, resolve_peers, PeerSet},
+};
+use crate::{
+    identity::Allocator,
+    model::{ContainerPort, Labels, Model, ObjectKey},
+};
+
+/// The label every namespace carries, with its name as value.
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+/// Which policy rule a cookie in a policy entry stands for.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RuleRef {
+    pub policy: ObjectKey,
+    /// palisade_common::DIR_INGRESS / DIR_EGRESS
+    pub direction: u8,
+    /// Index in spec.ingress / spec.egress.
+    pub rule: usize,
+}
+
+impl std::fmt::Display for RuleRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let dir = if self.direction == DIR_INGRESS {
+            "ingress"
+        } else {
+            "egress"
+        };
+        write!(f, "{} {dir}[{}]", self.policy, self.rule)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IdentitySource {
+    Reserved(&'static str),
+    /// A distinct (namespace labels, pod labels) set.
+    Labels {
+        namespace: String,
+        namespace_labels: Labels,
+        pod_labels: Labels,
+    },
+    Cidr(Ipv4Network),
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Compiled {
+    pub maps: MapState,
+    /// Every cookie of every rule of every accepted policy (whether or not
+    /// the rule produced entries on this node).
+    pub cookies: HashMap<u32, RuleRef>,
+    /// Every identity in use: host, world, label and CIDR identities.
+    pub identities: HashMap<u32, IdentitySource>,
+    /// Policies that could not be compiled, with the reason. Every other
+    /// policy is compiled and enforced as usual.
+    pub rejected: BTreeMap<ObjectKey, String>,
+    /// For every local pod (by pod key), the policies that select it,
+    /// accepted and rejected (a rejected one only isolates).
+    pub selected_by: BTreeMap<ObjectKey, Vec<ObjectKey>>,
+    /// (endpoint id, direction) -> the policies (accepted and rejected)
+    /// that isolate the endpoint in that direction, sorted. Only enforced
+    /// directions have an entry.
+    pub isolated_by: BTreeMap<(u32, u8), Vec<ObjectKey>>,
+}
+
+impl Compiled {
+    /// The policies that isolate `endpoint_id` in `direction`: what a
+    /// NO_POLICY_MATCH drop is attributed to.
+    pub fn isolating(&self, endpoint_id: u32, direction: u8) -> &[ObjectKey] {
+        self.isolated_by
+            .get(&(endpoint_id, direction))
+            .map_or(&[], Vec::as_slice)
+    }
+}
+
+/// Keeps identity and cookie numbers stable across compiles, so that a
+/// change touches only the entries it really changes.
+#[derive(Debug)]
+pub struct Compiler {
+    identities: Allocator<IdentityKey>,
+    cookies: Allocator<RuleRef>,
+}
+
+impl Default for Compiler {
+    fn default() -> Self {
+        Self {
+            identities: Allocator::identities(),
+            cookies: Allocator::cookies(),
+        }
+    }
+}
+
+static NO_LABELS: Labels = Labels::new();
+
+/// A pod as the compiler sees it (model pods plus unknown local endpoints).
+struct PodView<'a> {
+    labels: &'a Labels,
+    ip: Option<Ipv4Addr>,
+    host_network: bool,
+    ports: &'a [ContainerPort],
+    local: bool,
+}
+
+/// Named ports of the full compile's identities.
+struct FullDestinations<'a> {
+    labels_by_id: &'a BTreeMap<u32, LabelSet>,
+    /// CIDR identity of a pod address -> the label identity of that pod.
+    addresses: HashMap<u32, u32>,
+}
+
+impl Destinations for FullDestinations<'_> {
+    fn named(&self, id: u32, name: &str, proto: u8, f: &mut dyn FnMut(u16)) {
+        let id = self.addresses.get(&id).copied().unwrap_or(id);
+        if let Some(set) = self.labels_by_id.get(&id) {
+            set.named(name, proto).for_each(f);
+        }
+    }
+
+    fn each_label_id(&self, f: &mut dyn FnMut(u32)) {
+        self.labels_by_id.keys().for_each(|id| f(*id));
+    }
+}
+
+impl Compiler {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A compiler that numbers as the given tables do (for comparing a full
+    /// compile with the engine's state number for number).
+    #[cfg(test)]
+    pub(crate) fn seeded(
+        identities: impl IntoIterator<Item = (IdentityKey, u32)>,
+        cookies: impl IntoIterator<Item = (RuleRef, u32)>,
+    ) -> Self {
+        Self {
+            identities: Allocator::seeded(palisade_common::IDENTITY_FIRST_DYNAMIC, identities),
+            cookies: Allocator::seeded(1, cookies),
+        }
+    }
+
+    pub fn compile(&mut self, model: &Model) -> Compiled {
+        let mut out = Compiled::default();
+
+        // Pods, with the local endpoints' view applied.
+        let mut pods: BTreeMap<ObjectKey, PodView> = model
+            .pods
+            .iter()
+            .map(|(k, p)| {
+                let view = PodView {
+                    labels: &p.labels,
+                    ip: p.ip,
+                    host_network: p.host_network,
+                    ports: &p.ports,
+                    local: false,
+                };
+                (k.clone(), view)
+            })
+            .collect();
+        for ep in model.endpoints.values() {
+            let view = pods.entry(ep.key.clone()).or_insert(PodView {
+                labels: &NO_LABELS,
+                ip: None,
+                host_network: false,
+                ports: &[],
+                local: true,
+            });
+            if !view.host_network {
+                view.ip = Some(ep.ipv4);
+                view.local = true;
+            }
+        }
+
+        // Policies (parsed when they entered the model).
+        let mut accepted: Vec<&Policy> = Vec::new();
+        for (key, pp) in &model.policies {
+            match &**pp {
+                ParsedPolicy::Accepted(p) => accepted.push(p),
+                ParsedPolicy::Rejected { reason, .. } => {
+                    out.rejected.insert(key.clone(), reason.clone());
+                }
+            }
+        }
+
+        // Label identities.
+        let mut ns_labels: HashMap<&str, Labels> = HashMap::new();
+        let mut pod_identity: BTreeMap<&ObjectKey, u32> = BTreeMap::new();
+        let mut labels_by_id: BTreeMap<u32, LabelSet> = BTreeMap::new();
+        for (key, view) in &pods {
+            if view.host_network {
+                continue;
+            }
+            let nsl = ns_labels
+                .entry(&key.namespace)
+                .or_insert_with(|| namespace_labels(model, &key.namespace))
+                .clone();
+            let set = LabelSet::new(&key.namespace, nsl, view.labels, view.ports);
+            let id = self.identities.assign(&IdentityKey::Labels(set.clone()));
+            pod_identity.insert(key, id);
+            labels_by_id.entry(id).or_insert(set);
+        }
+
+        // Pod addresses: on one address a local pod beats a remote one,
+        // then the first by key.
+        let mut pod_at: BTreeMap<Ipv4Addr, &ObjectKey> = BTreeMap::new();
+        for local in [true, false] {
+            for (key, view) in pods
+                .iter()
+                .filter(|(_, v)| v.local == local && !v.host_network)
+            {
+                if let Some(ip) = view.ip {
+                    pod_at.entry(ip).or_insert(key);
+                }
+            }
+        }
+
+        // CIDR identities: every prefix of every accepted policy, and the
+        // /32 of every pod address in a named-port egress ipBlock.
+        let mut prefixes: BTreeSet<Ipv4Network> = BTreeSet::new();
+        for p in &accepted {
+            for r in &p.rules {
+                for (cidr, except) in r.blocks() {
+                    prefixes.insert(cidr);
+                    prefixes.extend(except.iter().copied());
+                }
+            }
+        }
+        for ip in pod_at.keys() {
+            if !model.host_ips.contains(ip)
+                && accepted
+                    .iter()
+                    .any(|p| p.rules.iter().any(|r| named_block_contains(r, *ip)))
+            {
+                prefixes.insert(host_net(*ip));
+            }
+        }
+        let mut cidr_ids: HashMap<Ipv4Network, u32> = HashMap::new();
+        cidr_ids.insert(world(), IDENTITY_WORLD);
+        for net in &prefixes {
+            if *net != world() {
+                cidr_ids.insert(*net, self.identities.assign(&IdentityKey::Cidr(*net)));
+            }
+        }
+        self.identities.finish_round();
+
+        out.identities
+            .insert(IDENTITY_HOST, IdentitySource::Reserved("host"));
+        out.identities
+            .insert(IDENTITY_WORLD, IdentitySource::Reserved("world"));
+        for (id, set) in &labels_by_id {
+            out.identities.insert(*id, set.source());
+        }
+        for (net, id) in &cidr_ids {
+            if *id != IDENTITY_WORLD {
+                out.identities.insert(*id, IdentitySource::Cidr(*net));
+            }
+        }
+
+        // ipcache, lowest precedence first.
+        let ipcache = &mut out.maps.ipcache;
+        for (net, id) in &cidr_ids {
+            ipcache.insert(
+                (net.network(), net.prefix() as u32),
+                IpcacheValue {
+                    identity: *id,
+                    cidr_identity: *id,
+                },
+            );
+        }
+        for (ip, key) in &pod_at {
+            ipcache.insert(
+                (*ip, 32),
+                IpcacheValue {
+                    identity: pod_identity[key],
+                    cidr_identity: longest_cidr(&cidr_ids, *ip),
+                },
+            );
+        }
+        for ip in &model.host_ips {
+            ipcache.insert(
+                (*ip, 32),
+                IpcacheValue {
+                    identity: IDENTITY_HOST,
+                    cidr_identity: IDENTITY_HOST,
+                },
+            );
+        }
+
+        // Cookies, and every rule's peers, resolved once.
+        let mut rules: HashMap<ObjectKey, Vec<(u32, PeerSet)>> = HashMap::new();
+        for p in &accepted {
+            for r in &p.rules {
+                let rr = RuleRef {
+                    policy: p.key.clone(),
+                    direction: r.direction,
+                    rule: r.index,
+                };
+                let c = self.cookies.assign(&rr);
+                out.cookies.insert(c, rr);
+                let peers = resolve_peers(
+                    &p.key.namespace,
+                    r,
+                    labels_by_id.iter().map(|(id, s)| (*id, s)),
+                    cidr_ids.iter().map(|(n, id)| (*n, *id)),
+                );
+                rules.entry(p.key.clone()).or_default().push((c, peers));
+            }
+        }
+        self.cookies.finish_round();
+
+        // Endpoints and their policy entries.
+        let addresses = cidr_ids
+            .iter()
+            .filter(|(net, _)| net.prefix() == 32 && !model.host_ips.contains(&net.ip()))
+            .filter_map(|(net, id)| Some((*id, pod_identity[pod_at.get(&net.ip())?])))
+            .collect();
+        let dest = FullDestinations {
+            labels_by_id: &labels_by_id,
+            addresses,
+        };
+        for ep in model.endpoints.values() {
+            let view = &pods[&ep.key];
+            let audit = model.audit
+                || model
+                    .namespaces
+                    .get(&ep.key.namespace)
+                    .is_some_and(|n| n.audit);
+            let ns = &ep.key.namespace;
+            let in_ns = model
+                .policies
+                .range(ObjectKey::new(ns.as_str(), "")..)
+                .take_while(|(k, _)| k.namespace == *ns)
+                .map(|(k, p)| (k, &**p));
+            let pod = EndpointPod {
+                labels: view.labels,
+                ports: view.ports,
+                host_network: view.host_network,
+            };
+            let res = compile_endpoint(
+                ep.endpoint_id,
+                &pod,
+                audit,
+                in_ns,
+                |k, i| {
+                    let (c, p) = &rules[k][i];
+                    (*c, p)
+                },
+                &dest,
+                &mut out.maps.policy,
+            );
+            let identity = if view.host_network {
+                IDENTITY_HOST
+            } else {
+                pod_identity[&ep.key]
+            };
+            out.selected_by.insert(ep.key.clone(), res.selected_by);
+            for (dir, keys) in res.isolating.into_iter().enumerate() {
+                if !keys.is_empty() {
+                    out.isolated_by.insert((ep.endpoint_id, dir as u8), keys);
+                }
+            }
+            out.maps.endpoints.insert(
+                ep.ifindex,
+                EndpointInfo {
+                    endpoint_id: ep.endpoint_id,
+                    identity,
+                    ipv4: u32::from_ne_bytes(ep.ipv4.octets()),
+                    flags: res.flags,
+                },
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,104 @@
+//! Selector → identity sets: which label and CIDR identities a rule's
+//! peers match.
+use std::{collections::BTreeSet, net::Ipv4Addr};
+
+use ipnetwork::Ipv4Network;
+
+use super::{
+    identities::LabelSet,
+    parse::{v4_subset, Peer, Rule},
+};
+
+/// The peers of one rule, as identities.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum PeerSet {
+    /// No `from`/`to`: any peer.
+    Any,
+    Ids(BTreeSet<u32>),
+}
+
+/// Whether a label identity is a peer of `rule` (of a policy in `policy_ns`).
+pub(crate) fn rule_matches_labels(policy_ns: &str, rule: &Rule, set: &LabelSet) -> bool {
+    rule.peers.iter().flatten().any(|peer| match peer {
+        Peer::Pods { namespaces, pods } => {
+            let ns_ok = match namespaces {
+                None => set.namespace == policy_ns,
+                Some(sel) => sel.matches(&set.namespace_labels),
+            };
+            ns_ok && pods.as_ref().is_none_or(|s| s.matches(&set.pod_labels))
+        }
+        _ => false,
+    })
+}
+
+/// Whether a CIDR identity (an ipBlock prefix, `0.0.0.0/0` for world, or a
+/// pod address's /32) is a peer of `rule`: inside a `cidr`, outside its
+/// `except`s.
+pub(crate) fn rule_matches_cidr(rule: &Rule, net: Ipv4Network) -> bool {
+    rule.blocks()
+        .any(|(cidr, except)| block_contains(cidr, except, net))
+}
+
+pub(crate) fn block_contains(cidr: Ipv4Network, except: &[Ipv4Network], net: Ipv4Network) -> bool {
+    v4_subset(net, cidr) && !except.iter().any(|e| v4_subset(net, *e))
+}
+
+/// Whether a pod address falls in an ipBlock of an egress rule with a named
+/// port: such an address gets its own CIDR identity (see the module doc).
+pub(crate) fn named_block_contains(rule: &Rule, ip: Ipv4Addr) -> bool {
+    rule.has_named_egress()
+        && rule
+            .blocks()
+            .any(|(cidr, except)| block_contains(cidr, except, host_net(ip)))
+}
+
+/// `ip/32`.
+pub(crate) fn host_net(ip: Ipv4Addr) -> Ipv4Network {
+    Ipv4Network::new(ip, 32).expect("valid")
+}
+
+/// A rule's peer set over the given identities (the full compile).
+pub(crate) fn resolve_peers<'a>(
+    policy_ns: &str,
+    rule: &Rule,
+    labels: impl Iterator<Item = (u32, &'a LabelSet)>,
+    cidrs: impl Iterator<Item = (Ipv4Network, u32)>,
+) -> PeerSet {
+    if rule.peers.is_none() {
+        return PeerSet::Any;
+    }
+    let mut ids: BTreeSet<u32> = labels
+        .filter(|(_, set)| rule_matches_labels(policy_ns, rule, set))
+        .map(|(id, _)| id)
+        .collect();
+    ids.extend(
+        cidrs
+            .filter(|(net, _)| rule_matches_cidr(rule, *net))
+            .map(|(_, id)| id),
+    );
+    PeerSet::Ids(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> Ipv4Network {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_block_contains_its_subsets_outside_its_excepts() {
+        let except = [net("10.0.0.128/25")];
+        let c = net("10.0.0.0/24");
+        assert!(block_contains(c, &except, net("10.0.0.0/24")));
+        assert!(block_contains(c, &except, net("10.0.0.5/32")));
+        assert!(!block_contains(c, &except, net("10.0.0.200/32")));
+        assert!(!block_contains(c, &except, net("10.0.0.128/25")));
+        assert!(
+            !block_contains(c, &except, net("10.0.0.0/16")),
+            "a superset"
+        );
+        assert!(!block_contains(c, &except, net("10.0.1.5/32")));
+    }
+}

@@ -1,0 +1,451 @@
+//! The agent's own logic on the in-memory dataplane: no root, no kernel.
+//! The same paths run for real in tests/tests/agent_{restart,operations}.rs.
+use std::{net::Ipv4Addr, path::PathBuf, sync::Arc};
+
+use palisade_api::Registration;
+use palisade_common::{maps as names, EP_INGRESS_ENFORCED};
+use palisade_dataplane::{GcPass, Pins};
+
+use super::{Agent, Config};
+use crate::{
+    dataplane::memory::{MemoryDataplane, Op},
+    endpoints::Registry,
+    manifests,
+    metrics::Metrics,
+    source::Snapshot,
+};
+
+/// A scratch directory (registry, sockets), removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let p =
+            std::env::temp_dir().join(format!("palisade-agent-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("scratch dir");
+        Self(p)
+    }
+
+    fn config(&self) -> Config {
+        Config {
+            socket: self.0.join("agent.sock"),
+            pins: Pins::new(self.0.join("pins")),
+            state_dir: self.0.join("state"),
+            manifests: None,
+            kubernetes: false,
+            node_name: None,
+            flow_log: self.0.join("flows.jsonl"),
+            flow_log_max_bytes: 1 << 20,
+            metrics_addr: None,
+            audit: false,
+            host_ips: Vec::new(),
+            xdp_uplinks: Vec::new(),
+            xdp_deny: Vec::new(),
+            map_sizes: Default::default(),
+        }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn start(s: &Scratch, dp: &MemoryDataplane) -> Agent {
+    Agent::with_dataplane(
+        &s.config(),
+        Arc::new(Metrics::default()),
+        Box::new(dp.clone()),
+    )
+    .expect("agent starts on the memory dataplane")
+    .0
+}
+
+/// A pod with its host-side interface created in the fake interface table.
+fn pod(dp: &MemoryDataplane, name: &str, last_octet: u8) -> (Registration, u32) {
+    let host_ifname = format!("pal{name}");
+    let ifindex = dp.add_interface(&host_ifname);
+    let r = Registration {
+        container_id: format!("c-{name}"),
+        ifname: "eth0".into(),
+        netns: format!("/run/netns/{name}"),
+        namespace: "app".into(),
+        pod: name.into(),
+        ipv4: Ipv4Addr::new(10, 244, 0, last_octet),
+        host_ifname,
+    };
+    (r, ifindex)
+}
+
+/// Every pod in `app` isolated for ingress, TCP/80 allowed from any pod of
+/// `app`: per selected endpoint, at least one policy entry.
+fn isolating_policy() -> Snapshot {
+    let m = manifests::parse_str(
+        "test",
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: web-from-app
+  namespace: app
+spec:
+  podSelector: {}
+  policyTypes: [Ingress]
+  ingress:
+    - from:
+        - podSelector: {}
+      ports:
+        - protocol: TCP
+          port: 80
+"#,
+    );
+    assert!(m.errors.is_empty(), "{:?}", m.errors);
+    m.into_snapshot()
+}
+
+fn enforced(dp: &MemoryDataplane, ifindex: u32) -> bool {
+    dp.maps()
+        .endpoints
+        .get(&ifindex)
+        .is_some_and(|e| e.flags & EP_INGRESS_ENFORCED != 0)
+}
+
+fn position(log: &[Op], pred: impl Fn(&Op) -> bool) -> Option<usize> {
+    log.iter().position(pred)
+}
+
+fn rposition(log: &[Op], pred: impl Fn(&Op) -> bool) -> Option<usize> {
+    log.iter().rposition(pred)
+}
+
+#[test]
+fn a_failed_attach_leaves_nothing_behind() {
+    let s = Scratch::new("rollback");
+    let dp = MemoryDataplane::new();
+    let mut agent = start(&s, &dp);
+    agent.apply_snapshot(isolating_policy()).unwrap();
+    let (web, web_if) = pod(&dp, "web", 2);
+    agent.register(web).unwrap();
+    let before = dp.maps();
+    assert!(enforced(&dp, web_if));
+
+    let (db, db_if) = pod(&dp, "db", 3);
+    dp.fail_attach(Some(&db.host_ifname));
+    let e = agent.register(db.clone()).unwrap_err();
+    assert!(format!("{e:#}").contains("attaching programs"), "{e:#}");
+
+    // The entries were written (they must precede the attach), then removed.
+    let log = dp.log();
+    assert!(log.contains(&Op::UpsertEndpoint {
+        ifindex: db_if,
+        flags: EP_INGRESS_ENFORCED
+    }));
+    assert!(log.contains(&Op::RemoveEndpoint { ifindex: db_if }));
+    assert_eq!(dp.maps(), before, "the maps are as before the attempt");
+    assert!(!dp.attached().contains(&db_if));
+    assert!(dp.attached().contains(&web_if));
+    assert!(agent.registry.get(&db.container_id).is_none());
+    assert!(!agent.current.endpoints.contains_key(&db_if));
+    // Also on disk: a restarted agent would not know the pod either.
+    let on_disk = Registry::open(&s.config().state_dir).unwrap();
+    assert!(on_disk.get(&db.container_id).is_none());
+    assert_eq!(on_disk.len(), 1);
+
+    // Once attaching works, the same ADD (the runtime's retry) succeeds.
+    dp.fail_attach(None);
+    agent.register(db).unwrap();
+    assert!(enforced(&dp, db_if));
+    assert!(dp.attached().contains(&db_if));
+}
+
+#[test]
+fn a_restarted_agent_adopts_the_kernel_state_and_forgets_vanished_pods() {
+    let s = Scratch::new("restart");
+    let dp = MemoryDataplane::new();
+    let mut first = start(&s, &dp);
+    first.apply_snapshot(isolating_policy()).unwrap();
+    let (web, web_if) = pod(&dp, "web", 2);
+    let (db, db_if) = pod(&dp, "db", 3);
+    first.register(web.clone()).unwrap();
+    first.register(db.clone()).unwrap();
+    let written = dp.maps();
+    // kill -9: nothing is cleaned up. While the agent is down, db's
+    // interface goes away.
+    drop(first);
+    dp.remove_interface(&db.host_ifname);
+    dp.clear_log();
+
+    let mut second = start(&s, &dp);
+    // The kernel's maps were read back as the mirror, before any sync.
+    assert_eq!(second.current, written);
+    assert!(second.registry.get(&web.container_id).is_some());
+    assert!(
+        second.registry.get(&db.container_id).is_none(),
+        "an endpoint whose interface vanished is forgotten"
+    );
+    assert_eq!(dp.attached().into_iter().collect::<Vec<_>>(), vec![web_if]);
+    // Adoption touched nothing of the live pod: no detach, no re-attach,
+    // no write.
+    let log = dp.log();
+    assert!(
+        !log.iter().any(|op| matches!(op,
+            Op::AttachPod { ifindex } | Op::DetachPod { ifindex } if *ifindex == web_if)),
+        "{log:?}"
+    );
+    assert!(
+        !log.iter().any(|op| matches!(op, Op::UpsertEndpoint { .. })),
+        "{log:?}"
+    );
+
+    // The first sync removes what belonged to db and leaves web as it was.
+    dp.clear_log();
+    second.apply_snapshot(isolating_policy()).unwrap();
+    assert!(!dp.maps().endpoints.contains_key(&db_if));
+    assert!(enforced(&dp, web_if));
+    let log = dp.log();
+    assert!(
+        log.contains(&Op::RemoveEndpoint { ifindex: db_if }),
+        "{log:?}"
+    );
+    assert!(
+        !log.iter().any(|op| matches!(op,
+            Op::UpsertEndpoint { ifindex, .. } if *ifindex == web_if)),
+        "web's entry is rewritten by nobody: {log:?}"
+    );
+    assert_eq!(second.current, dp.maps());
+}
+
+#[test]
+fn a_full_policy_map_writes_what_fits_enforces_and_is_counted() {
+    let s = Scratch::new("full");
+    let dp = MemoryDataplane::new();
+    let mut agent = start(&s, &dp);
+    let (web, web_if) = pod(&dp, "web", 2);
+    let (db, db_if) = pod(&dp, "db", 3);
+    agent.register(web).unwrap();
+    agent.register(db).unwrap();
+    assert!(!enforced(&dp, web_if) && !enforced(&dp, db_if));
+
+    // Room for one policy entry only: two endpoints need at least two.
+    dp.set_capacity(|c| c.policy = Some(1));
+    let e = agent.apply_snapshot(isolating_policy()).unwrap_err();
+    assert!(format!("{e:#}").contains("full"), "{e:#}");
+    assert_eq!(dp.maps().policy.len(), 1, "what fits was written");
+    assert!(
+        enforced(&dp, web_if) && enforced(&dp, db_if),
+        "enforcement still switched on (fail closed)"
+    );
+    assert_eq!(agent.current, dp.maps(), "the mirror is exact");
+    assert_eq!(agent.metrics.sync_errors.get(), 1);
+    assert_eq!(agent.metrics.map_full.get(names::POLICY), 1);
+    let fill = agent.map_fill();
+    let policy = fill.iter().find(|m| m.name == "policy").unwrap();
+    assert_eq!((policy.entries, policy.max_entries), (1, 1));
+
+    // With room again, the next change writes the rest.
+    dp.set_capacity(|c| c.policy = None);
+    agent.apply_snapshot(isolating_policy()).unwrap();
+    assert_eq!(
+        dp.maps().policy,
+        agent.compiled.maps.policy,
+        "everything compiled is in the kernel"
+    );
+    assert_eq!(agent.metrics.sync_errors.get(), 1);
+}
+
+#[test]
+fn allows_go_in_before_enforcement_and_out_after_it() {
+    let s = Scratch::new("order");
+    let dp = MemoryDataplane::new();
+    let mut agent = start(&s, &dp);
+    let (web, web_if) = pod(&dp, "web", 2);
+    agent.register(web).unwrap();
+    assert!(!enforced(&dp, web_if));
+
+    dp.clear_log();
+    agent.apply_snapshot(isolating_policy()).unwrap();
+    let log = dp.log();
+    let on = position(&log, |op| {
+        *op == Op::UpsertEndpoint {
+            ifindex: web_if,
+            flags: EP_INGRESS_ENFORCED,
+        }
+    })
+    .expect("enforcement switched on");
+    let last_allow =
+        rposition(&log, |op| matches!(op, Op::UpsertPolicy { .. })).expect("allows written");
+    assert!(last_allow < on, "allows before enforcement: {log:?}");
+    if let Some(ipc) = rposition(&log, |op| matches!(op, Op::UpsertIpcache { .. })) {
+        assert!(ipc < on, "identities before enforcement: {log:?}");
+    }
+
+    dp.clear_log();
+    agent.apply_snapshot(Snapshot::default()).unwrap();
+    let log = dp.log();
+    let off = position(&log, |op| {
+        *op == Op::UpsertEndpoint {
+            ifindex: web_if,
+            flags: 0,
+        }
+    })
+    .expect("enforcement switched off");
+    let first_removal =
+        position(&log, |op| matches!(op, Op::RemovePolicy { .. })).expect("allows removed");
+    assert!(
+        off < first_removal,
+        "removals after enforcement off: {log:?}"
+    );
+    assert!(dp.maps().policy.is_empty());
+}
+
+#[test]
+fn conntrack_fill_comes_from_the_last_gc_pass() {
+    let s = Scratch::new("fill");
+    let dp = MemoryDataplane::new();
+    let agent = start(&s, &dp);
+    let ct = |a: &Agent| {
+        a.map_fill()
+            .into_iter()
+            .find(|m| m.name == "conntrack")
+            .map(|m| (m.entries, m.max_entries))
+            .unwrap()
+    };
+    assert_eq!(ct(&agent).0, 0, "nothing known before the first pass");
+    // The memory dataplane has no pinned maps: no GC of its own to open.
+    assert!(agent.conntrack_gc().is_err());
+    agent.conntrack_fill.record(GcPass {
+        removed: 3,
+        conntrack_entries: 42,
+        conntrack_max: 1000,
+        fragment_entries: 0,
+        fragment_max: 10,
+    });
+    assert_eq!(ct(&agent), (42, 1000));
+    assert_eq!(
+        agent
+            .status()
+            .maps
+            .iter()
+            .find(|m| m.name == "conntrack")
+            .map(|m| m.entries),
+        Some(42)
+    );
+}
+
+#[test]
+fn a_live_pods_address_or_interface_cannot_be_claimed_by_another_container() {
+    let s = Scratch::new("claims");
+    let dp = MemoryDataplane::default();
+    let mut agent = start(&s, &dp);
+    let (a, _) = pod(&dp, "a", 5);
+    agent.register(a.clone()).expect("a registers");
+
+    // Same address, another container, a's interface still there: refused.
+    let (mut b, _) = pod(&dp, "b", 6);
+    b.ipv4 = a.ipv4;
+    let e = agent.register(b.clone()).expect_err("address taken");
+    assert_eq!(
+        crate::error::kind_of(&e),
+        palisade_api::ErrorKind::Conflict,
+        "{e:#}"
+    );
+    // Same interface, another container: refused too.
+    let mut c = b.clone();
+    c.container_id = "c-c".into();
+    c.ipv4 = Ipv4Addr::new(10, 244, 0, 7);
+    c.host_ifname = a.host_ifname.clone();
+    assert!(agent.register(c).is_err());
+    assert_eq!(agent.model().endpoints.len(), 1, "a alone is registered");
+
+    // a's interface goes away without a DEL (a crashed runtime): its
+    // registration is stale, and b takes the address.
+    dp.remove_interface(&a.host_ifname);
+    agent.register(b.clone()).expect("the stale claim is forgotten");
+    let eps: Vec<String> = agent.model().endpoints.keys().cloned().collect();
+    assert_eq!(eps, vec![b.container_id.clone()]);
+}
+
+#[test]
+fn malformed_registrations_are_invalid_requests() {
+    let s = Scratch::new("invalid");
+    let dp = MemoryDataplane::default();
+    let mut agent = start(&s, &dp);
+    let (good, _) = pod(&dp, "a", 5);
+    let cases: Vec<Box<dyn Fn(&mut Registration)>> = vec![
+        Box::new(|r| r.container_id.clear()),
+        Box::new(|r| r.container_id = "../../etc".into()),
+        Box::new(|r| r.pod.clear()),
+        Box::new(|r| r.host_ifname = "a/b".into()),
+        Box::new(|r| r.host_ifname = "x".repeat(16)),
+        Box::new(|r| r.ipv4 = Ipv4Addr::UNSPECIFIED),
+        Box::new(|r| r.ipv4 = Ipv4Addr::new(224, 0, 0, 1)),
+    ];
+    for (i, break_it) in cases.iter().enumerate() {
+        let mut r = good.clone();
+        break_it(&mut r);
+        let e = agent.register(r).expect_err("invalid");
+        assert_eq!(
+            crate::error::kind_of(&e),
+            palisade_api::ErrorKind::InvalidRequest,
+            "case {i}: {e:#}"
+        );
+    }
+    assert!(agent.model().endpoints.is_empty());
+    agent.register(good).expect("the valid one registers");
+}
+
+/// The owner: source events queued before a barrier are applied before it
+/// answers; a failed apply is reported by the next barrier (`sync`), and
+/// readiness is published without asking the owner.
+#[test]
+fn the_owner_orders_source_events_before_barriers_and_reports_failures() {
+    use crate::{change::SourceEvent, owner::Owner};
+    let s = Scratch::new("owner");
+    let dp = MemoryDataplane::default();
+    let agent = start(&s, &dp);
+    let (a, ifindex) = pod(&dp, "a", 5);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let owner = Owner::spawn(agent, rx).expect("owner");
+        assert!(!*owner.ready.borrow(), "not ready before the first view");
+        tx.send(SourceEvent::Resync(Snapshot::default()))
+            .await
+            .unwrap();
+        let g1 = owner.handle.barrier().await.expect("first view applied");
+        assert!(*owner.ready.clone().wait_for(|r| *r).await.unwrap());
+        owner.handle.register(a).await.expect("registers");
+        assert!(!enforced(&dp, ifindex));
+
+        tx.send(SourceEvent::Resync(isolating_policy()))
+            .await
+            .unwrap();
+        let g2 = owner.handle.barrier().await.expect("policy applied");
+        assert!(g2 > g1);
+        assert!(enforced(&dp, ifindex), "the barrier came after the policy");
+
+        // A policy map with no room: the apply fails; `sync` says so.
+        dp.set_capacity(|c| c.policy = Some(0));
+        let mut more = isolating_policy();
+        let port_81 = manifests::parse_str(
+            "test",
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p81, namespace: app}\nspec:\n  podSelector: {}\n  ingress: [{ports: [{port: 81}]}]\n",
+        )
+        .into_snapshot();
+        more.policies.extend(port_81.policies);
+        tx.send(SourceEvent::Resync(more)).await.unwrap();
+        let e = owner.handle.barrier().await.expect_err("a full map");
+        assert_eq!(
+            crate::error::kind_of(&e),
+            palisade_api::ErrorKind::MapFull,
+            "{e:#}"
+        );
+        let agent = owner.shutdown().await.expect("stops");
+        assert_eq!(agent.model().endpoints.len(), 1);
+    });
+}

@@ -1,0 +1,485 @@
+//! The verdict rules of the tc programs, as plain functions over keys,
+//! flags, states and identities: written once, called by the kernel
+//! (`ebpf-programs/ebpf/src/verdict.rs`, with its maps) and by the userspace
+//! reference evaluator (`palisade-dataplane::reference`, with its copies of
+//! the maps). Packet parsing and map access stay with each caller; every
+//! decision taken on what was parsed or looked up is made here.
+//!
+//! Everything is `#[inline(always)]` and takes or returns small `Copy`
+//! values, so the kernel's code is what it was when these lived in
+//! `verdict.rs`: no extra map lookups, no extra helper calls. Map lookups
+//! are passed in as closures where the order of lookups is itself a rule
+//! ([`policy_lookups`]).
+
+use crate::{
+    conntrack::{tcp_next_state, tcp_reopens, timeout_ns},
+    reason, CtKey, CtValue, EndpointInfo, FlowEvent, IpcacheValue, PolicyKey, PolicyValue,
+    ACTION_ALLOW, CT_AUDIT, CT_SEEN_REPLY, DIR_EGRESS, DIR_INGRESS, EP_AUDIT, FRAG_TIMEOUT_NS,
+    IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, PROTO_SCTP, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW,
+    VERDICT_AUDIT, VERDICT_DROP,
+};
+
+/// A verdict with what the event about it reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// TC_ACT_OK (true) or TC_ACT_SHOT (false).
+    pub pass: bool,
+    /// `VERDICT_ALLOW`, `VERDICT_DROP` or `VERDICT_AUDIT`.
+    pub verdict: u8,
+    pub reason: u8,
+    pub cookie: u32,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+}
+
+/// A conntrack key (also the event 5-tuple) for a packet seen by the
+/// program of direction `scope`.
+#[inline(always)]
+pub fn ct_key(
+    saddr: u32,
+    daddr: u32,
+    sport_be: u16,
+    dport_be: u16,
+    protocol: u8,
+    scope: u8,
+) -> CtKey {
+    CtKey {
+        saddr,
+        daddr,
+        sport_be,
+        dport_be,
+        protocol,
+        scope,
+        _pad: 0,
+    }
+}
+
+/// The key events carry when the packet could not be parsed (malformed,
+/// IPv6, unsupported L3): a zero 5-tuple in the program's scope.
+#[inline(always)]
+pub fn empty_key(dir: u8) -> CtKey {
+    ct_key(0, 0, 0, 0, 0, dir)
+}
+
+#[inline(always)]
+pub fn opposite(dir: u8) -> u8 {
+    if dir == DIR_EGRESS {
+        DIR_INGRESS
+    } else {
+        DIR_EGRESS
+    }
+}
+
+/// Only the pod itself may send from its veth: anything else is spoofed
+/// and dropped (reported; never audited through). Holds for every
+/// registered pod, enforced or not.
+#[inline(always)]
+pub fn spoofed(ep: &EndpointInfo, dir: u8, saddr: u32) -> Option<Decision> {
+    if dir == DIR_EGRESS && saddr != ep.ipv4 {
+        Some(drop_decision(
+            ep,
+            reason::SPOOFED_SOURCE,
+            0,
+            own_side(ep, dir),
+        ))
+    } else {
+        None
+    }
+}
+
+/// Identities for a verdict reached before the peer was looked up.
+#[inline(always)]
+pub fn own_side(ep: &EndpointInfo, dir: u8) -> (u32, u32) {
+    if dir == DIR_EGRESS {
+        (ep.identity, 0)
+    } else {
+        (0, ep.identity)
+    }
+}
+
+/// The address the policy is about: the destination of what the pod sends,
+/// the source of what it receives.
+#[inline(always)]
+pub fn remote_addr(key: &CtKey, dir: u8) -> u32 {
+    if dir == DIR_EGRESS {
+        key.daddr
+    } else {
+        key.saddr
+    }
+}
+
+/// An address the ipcache has no prefix for is the outside world.
+#[inline(always)]
+pub fn peer_or_world(hit: Option<IpcacheValue>) -> IpcacheValue {
+    match hit {
+        Some(v) => v,
+        None => IpcacheValue {
+            identity: IDENTITY_WORLD,
+            cidr_identity: IDENTITY_WORLD,
+        },
+    }
+}
+
+/// (source, destination) identities of a flow of `ep` with `peer`.
+#[inline(always)]
+pub fn flow_identities(ep: &EndpointInfo, dir: u8, peer: u32) -> (u32, u32) {
+    if dir == DIR_EGRESS {
+        (ep.identity, peer)
+    } else {
+        (peer, ep.identity)
+    }
+}
+
+#[inline(always)]
+pub fn allow_decision(why: u8, cookie: u32, ids: (u32, u32)) -> Decision {
+    Decision {
+        pass: true,
+        verdict: VERDICT_ALLOW,
+        reason: why,
+        cookie,
+        src_identity: ids.0,
+        dst_identity: ids.1,
+    }
+}
+
+/// A drop, or in audit mode a pass that is reported as AUDIT. A spoofed
+/// source is never audited through.
+#[inline(always)]
+pub fn drop_decision(ep: &EndpointInfo, why: u8, cookie: u32, ids: (u32, u32)) -> Decision {
+    let audit = ep.flags & EP_AUDIT != 0 && why != reason::SPOOFED_SOURCE;
+    Decision {
+        pass: audit,
+        verdict: if audit { VERDICT_AUDIT } else { VERDICT_DROP },
+        reason: why,
+        cookie,
+        src_identity: ids.0,
+        dst_identity: ids.1,
+    }
+}
+
+/// A drop that audit mode does not turn into a pass: IPv6 to or from an
+/// enforced pod, and the later fragments of a datagram whose first
+/// fragment was denied (or audited).
+#[inline(always)]
+pub fn hard_drop(ep: &EndpointInfo, why: u8, dir: u8) -> Decision {
+    let mut d = drop_decision(ep, why, 0, own_side(ep, dir));
+    d.pass = false;
+    d.verdict = VERDICT_DROP;
+    d
+}
+
+/// The verdict on a packet this program cannot judge (malformed, an
+/// unsupported L3, a later fragment without a valid first-fragment record):
+/// `None` passes it silently in an unenforced direction, otherwise the drop
+/// (reported; audit mode lets it through).
+#[inline(always)]
+pub fn drop_if_enforced(ep: &EndpointInfo, dir: u8, why: u8) -> Option<Decision> {
+    if !ep.enforced(dir) {
+        return None;
+    }
+    Some(drop_decision(ep, why, 0, own_side(ep, dir)))
+}
+
+/// ICMPv6 neighbour discovery (types 133..=137), which addressing needs
+/// even where IPv6 is otherwise dropped. `next_header` is the IPv6 header's.
+#[inline(always)]
+pub fn is_neighbour_discovery(next_header: u8, icmp_type: u8) -> bool {
+    next_header == IPPROTO_ICMPV6 && (133..=137).contains(&icmp_type)
+}
+
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+/// The verdict before any policy lookup, if there is one: an unenforced
+/// direction passes, and so does traffic between a pod and its own node
+/// (NetworkPolicy never restricts it).
+#[inline(always)]
+pub fn pre_policy(ep: &EndpointInfo, dir: u8, peer: &IpcacheValue) -> Option<Decision> {
+    let ids = flow_identities(ep, dir, peer.identity);
+    if !ep.enforced(dir) {
+        return Some(allow_decision(reason::UNENFORCED, 0, ids));
+    }
+    if peer.identity == IDENTITY_HOST {
+        return Some(allow_decision(reason::HOST, 0, ids));
+    }
+    None
+}
+
+/// The full (96-bit) policy key of a new flow for the exact peer. Ports
+/// count for TCP, UDP and SCTP only; other protocols look up port 0.
+#[inline(always)]
+pub fn policy_key(ep: &EndpointInfo, dir: u8, key: &CtKey, peer: &IpcacheValue) -> PolicyKey {
+    let dport_be = match key.protocol {
+        PROTO_TCP | PROTO_UDP | PROTO_SCTP => key.dport_be,
+        _ => 0,
+    };
+    PolicyKey {
+        endpoint_id: ep.endpoint_id,
+        peer_identity: peer.identity,
+        direction: dir,
+        protocol: key.protocol,
+        dport_be,
+    }
+}
+
+/// The policy lookups of a new flow, in order, stopping at the first hit
+/// (allow or deny): the exact peer, then the peer's CIDR identity (so
+/// ipBlock rules match pod addresses too), then any peer. `lookup` is one
+/// longest-prefix match of the policy map with the given full key.
+#[inline(always)]
+pub fn policy_lookups<T>(
+    pk: &mut PolicyKey,
+    peer: &IpcacheValue,
+    mut lookup: impl FnMut(&PolicyKey) -> Option<T>,
+) -> Option<T> {
+    pk.peer_identity = peer.identity;
+    let mut hit = lookup(pk);
+    if hit.is_none() && peer.cidr_identity != peer.identity && peer.cidr_identity != IDENTITY_ANY {
+        pk.peer_identity = peer.cidr_identity;
+        hit = lookup(pk);
+    }
+    if hit.is_none() {
+        pk.peer_identity = IDENTITY_ANY;
+        hit = lookup(pk);
+    }
+    hit
+}
+
+/// The verdict on a new flow once the policy lookups are done.
+#[inline(always)]
+pub fn policy_decision(
+    ep: &EndpointInfo,
+    dir: u8,
+    peer: &IpcacheValue,
+    hit: Option<PolicyValue>,
+) -> Decision {
+    let ids = flow_identities(ep, dir, peer.identity);
+    match hit {
+        Some(v) if v.action == ACTION_ALLOW => allow_decision(reason::POLICY_ALLOW, v.cookie, ids),
+        Some(v) => drop_decision(ep, reason::DENY_RULE, v.cookie, ids),
+        None => drop_decision(ep, reason::NO_POLICY_MATCH, 0, ids),
+    }
+}
+
+/// The policy verdict on the first packet of a flow of `ep` with `peer`
+/// (its ipcache value, or [`peer_or_world`] of a miss). `lookup` is one
+/// longest-prefix match of the policy map.
+#[inline(always)]
+pub fn decide(
+    ep: &EndpointInfo,
+    dir: u8,
+    key: &CtKey,
+    peer: &IpcacheValue,
+    lookup: impl FnMut(&PolicyKey) -> Option<PolicyValue>,
+) -> Decision {
+    if let Some(d) = pre_policy(ep, dir, peer) {
+        return d;
+    }
+    let mut pk = policy_key(ep, dir, key, peer);
+    let hit = policy_lookups(&mut pk, peer, lookup);
+    policy_decision(ep, dir, peer, hit)
+}
+
+/// True when a conntrack entry still carries its flow for a packet with
+/// `tcp_flags`: not expired, and not a TCP SYN on a closing or closed
+/// entry (a new connection, which goes to policy again).
+#[inline(always)]
+pub fn ct_live(ct: &CtValue, protocol: u8, tcp_flags: u8, now: u64) -> bool {
+    ct.expires_ns > now && !(protocol == PROTO_TCP && tcp_reopens(ct.tcp_state, tcp_flags))
+}
+
+/// Advance an entry on a packet of its flow (`reply`: against the
+/// direction that opened it) and push its expiry out.
+#[inline(always)]
+pub fn refresh(ct: &mut CtValue, protocol: u8, tcp_flags: u8, reply: bool, now: u64) {
+    if protocol == PROTO_TCP {
+        ct.tcp_state = tcp_next_state(ct.tcp_state, tcp_flags, reply);
+    }
+    ct.expires_ns = now + timeout_ns(protocol, ct.tcp_state);
+    if reply {
+        ct.flags |= CT_SEEN_REPLY;
+    }
+}
+
+/// A packet of the flow of entry `ct`, if the entry still carries it
+/// ([`ct_live`]): the entry is refreshed and the packet passes (true).
+#[inline(always)]
+pub fn ct_use(ct: &mut CtValue, protocol: u8, tcp_flags: u8, reply: bool, now: u64) -> bool {
+    if !ct_live(ct, protocol, tcp_flags, now) {
+        return false;
+    }
+    refresh(ct, protocol, tcp_flags, reply, now);
+    true
+}
+
+/// The conntrack stage, before any policy: the packet's own tuple in its
+/// own scope (`ESTABLISHED`), then the reversed tuple in the opposite scope
+/// (`REPLY`), each looked up only if the previous one did not pass.
+/// `lookup_use(key, reply)` finds the entry and applies [`ct_use`] to it,
+/// returning the entry's cookie when it passed the packet. `None`: a new
+/// flow, for policy.
+#[inline(always)]
+pub fn track(
+    key: &CtKey,
+    dir: u8,
+    mut lookup_use: impl FnMut(&CtKey, bool) -> Option<u32>,
+) -> Option<(u8, u32)> {
+    if let Some(cookie) = lookup_use(key, false) {
+        return Some((reason::ESTABLISHED, cookie));
+    }
+    // A SYN from the peer on a closed tuple is a new connection too
+    // (ct_live), so it falls through to policy.
+    if let Some(cookie) = lookup_use(&key.reversed(opposite(dir)), true) {
+        return Some((reason::REPLY, cookie));
+    }
+    None
+}
+
+/// The entry recorded for a new flow that `d` admitted.
+#[inline(always)]
+pub fn new_ct_entry(d: &Decision, protocol: u8, tcp_flags: u8, now: u64) -> CtValue {
+    let state = if protocol == PROTO_TCP {
+        tcp_next_state(0, tcp_flags, false)
+    } else {
+        0
+    };
+    CtValue {
+        expires_ns: now + timeout_ns(protocol, state),
+        cookie: d.cookie,
+        tcp_state: state,
+        flags: if d.verdict == VERDICT_AUDIT {
+            CT_AUDIT
+        } else {
+            0
+        },
+        _pad: 0,
+    }
+}
+
+/// The verdict later fragments of a datagram inherit from its first one:
+/// (expiry, `VERDICT_ALLOW` or `VERDICT_DROP` as stored in `FragValue`).
+#[inline(always)]
+pub fn first_fragment_verdict(pass: bool, now: u64) -> (u64, u32) {
+    let v = if pass { VERDICT_ALLOW } else { VERDICT_DROP };
+    (now + FRAG_TIMEOUT_NS, v as u32)
+}
+
+/// What a later fragment gets from a recorded first-fragment verdict, if
+/// the record is still valid: `Some(true)` pass, `Some(false)` drop.
+#[inline(always)]
+pub fn later_fragment_verdict(expires_ns: u64, verdict: u32, now: u64) -> Option<bool> {
+    if expires_ns > now {
+        Some(verdict == VERDICT_ALLOW as u32)
+    } else {
+        None
+    }
+}
+
+/// The ring-buffer record of a verdict.
+#[inline(always)]
+pub fn flow_event(
+    ts_ns: u64,
+    endpoint_id: u32,
+    ifindex: u32,
+    key: &CtKey,
+    d: &Decision,
+) -> FlowEvent {
+    FlowEvent {
+        ts_ns,
+        endpoint_id,
+        ifindex,
+        saddr: key.saddr,
+        daddr: key.daddr,
+        sport_be: key.sport_be,
+        dport_be: key.dport_be,
+        protocol: key.protocol,
+        direction: key.scope,
+        verdict: d.verdict,
+        reason: d.reason,
+        src_identity: d.src_identity,
+        dst_identity: d.dst_identity,
+        cookie: d.cookie,
+        _pad: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ACTION_DENY, EP_INGRESS_ENFORCED};
+
+    const EP: EndpointInfo = EndpointInfo {
+        endpoint_id: 7,
+        identity: 1000,
+        ipv4: 0x0100_000a,
+        flags: EP_INGRESS_ENFORCED,
+    };
+
+    #[test]
+    fn lookups_stop_at_first_hit_in_order() {
+        let peer = IpcacheValue {
+            identity: 1001,
+            cidr_identity: 3000,
+        };
+        let key = ct_key(1, 2, 3, 80u16.to_be(), PROTO_TCP, DIR_INGRESS);
+        let mut seen = [0u32; 3];
+        let mut n = 0;
+        let d = decide(&EP, DIR_INGRESS, &key, &peer, |k| {
+            seen[n] = k.peer_identity;
+            n += 1;
+            (k.peer_identity == IDENTITY_ANY).then_some(PolicyValue {
+                action: ACTION_DENY,
+                cookie: 5,
+            })
+        });
+        assert_eq!(seen, [1001, 3000, IDENTITY_ANY]);
+        assert_eq!((d.pass, d.reason, d.cookie), (false, reason::DENY_RULE, 5));
+        assert_eq!((d.src_identity, d.dst_identity), (1001, 1000));
+    }
+
+    #[test]
+    fn host_and_unenforced_skip_policy() {
+        let host = IpcacheValue {
+            identity: IDENTITY_HOST,
+            cidr_identity: IDENTITY_WORLD,
+        };
+        let key = ct_key(1, 2, 3, 4, PROTO_UDP, DIR_INGRESS);
+        let d = decide(&EP, DIR_INGRESS, &key, &host, |_| unreachable!());
+        assert_eq!((d.pass, d.reason), (true, reason::HOST));
+        let world = peer_or_world(None);
+        let d = decide(&EP, DIR_EGRESS, &key, &world, |_| unreachable!());
+        assert_eq!((d.pass, d.reason), (true, reason::UNENFORCED));
+    }
+
+    #[test]
+    fn audit_passes_drops_but_not_spoofing_or_hard_drops() {
+        let ep = EndpointInfo {
+            flags: EP_INGRESS_ENFORCED | EP_AUDIT,
+            ..EP
+        };
+        let d = drop_decision(&ep, reason::NO_POLICY_MATCH, 0, (1, 2));
+        assert_eq!((d.pass, d.verdict), (true, VERDICT_AUDIT));
+        assert!(!drop_decision(&ep, reason::SPOOFED_SOURCE, 0, (1, 2)).pass);
+        let d = spoofed(&ep, DIR_EGRESS, 0x0200_000a).expect("spoofed");
+        assert_eq!((d.pass, d.src_identity), (false, 1000));
+        assert!(spoofed(&ep, DIR_EGRESS, EP.ipv4).is_none());
+        assert!(spoofed(&ep, DIR_INGRESS, 0x0200_000a).is_none());
+        let d = hard_drop(&ep, reason::IPV6_UNSUPPORTED, DIR_INGRESS);
+        assert_eq!(
+            (d.pass, d.verdict, d.dst_identity),
+            (false, VERDICT_DROP, 1000)
+        );
+        assert_eq!(
+            new_ct_entry(&allow_decision(1, 0, (0, 0)), PROTO_UDP, 0, 0).flags,
+            0
+        );
+    }
+
+    #[test]
+    fn ports_only_for_port_protocols() {
+        let peer = peer_or_world(None);
+        let icmp = ct_key(1, 2, 9, 9, crate::PROTO_ICMP, DIR_INGRESS);
+        assert_eq!(policy_key(&EP, DIR_INGRESS, &icmp, &peer).dport_be, 0);
+        let sctp = ct_key(1, 2, 9, 9, PROTO_SCTP, DIR_INGRESS);
+        assert_eq!(policy_key(&EP, DIR_INGRESS, &sctp, &peer).dport_be, 9);
+    }
+}

@@ -1,0 +1,29 @@
+//! Map sizes (entries). Its own module so that `loader` (which sizes the
+//! maps at load) and `maps` (which names the size in a full-map error) both
+//! depend on it and not on each other.
+use palisade_common::sizes;
+
+/// Map sizes (entries); the defaults come from `palisade_common::sizes`.
+/// Maps already pinned keep the size they were created with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    pub endpoints: u32,
+    pub ipcache: u32,
+    pub policy: u32,
+    pub conntrack: u32,
+    pub fragments: u32,
+    pub xdp_deny: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            endpoints: sizes::ENDPOINTS,
+            ipcache: sizes::IPCACHE,
+            policy: sizes::POLICY,
+            conntrack: sizes::CONNTRACK,
+            fragments: sizes::FRAGMENTS,
+            xdp_deny: sizes::XDP_DENY,
+        }
+    }
+}
