@@ -18,9 +18,9 @@ use palisade_dataplane::maps::{from_be, monotonic_ns};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    compiler::{IdentitySource, Names, RuleRef},
+    compiler::{view::PodRef, IdentitySource, Names, RuleRef},
     daemon::View,
-    model::{Labels, LocalEndpoint, ObjectKey, Pod},
+    model::{Labels, LocalEndpoint, ObjectKey},
 };
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,8 +100,8 @@ fn peer<N: Names + ?Sized>(view: &N, ip: Ipv4Addr, port: Option<u16>, identity: 
     };
     if let Some(pod) = view.pod_at(ip) {
         p.kind = "pod".into();
-        p.namespace = Some(pod.namespace.clone());
-        p.pod = Some(pod.name.clone());
+        p.namespace = Some(pod.key.namespace.clone());
+        p.pod = Some(pod.key.name.clone());
         p.labels = pod.labels.clone();
         return p;
     }
@@ -172,13 +172,18 @@ impl Names for View {
     fn isolating(&self, endpoint_id: u32, direction: u8) -> &[ObjectKey] {
         self.compiled.isolating(endpoint_id, direction)
     }
-    fn pod_at(&self, ip: Ipv4Addr) -> Option<&Pod> {
-        self.pods_by_ip
+    fn pod_at(&self, ip: Ipv4Addr) -> Option<PodRef<'_>> {
+        let (key, pod) = self
+            .pods_by_ip
             .get(&ip)
-            .and_then(|k| self.model.pods.get(k))
+            .and_then(|k| self.model.pods.get_key_value(k))?;
+        Some(PodRef {
+            key,
+            labels: &pod.labels,
+        })
     }
-    fn pod(&self, key: &ObjectKey) -> Option<&Pod> {
-        self.model.pods.get(key)
+    fn pod_address(&self, key: &ObjectKey) -> Option<Option<Ipv4Addr>> {
+        self.model.pods.get(key).map(|p| p.ip)
     }
     fn endpoint_by_id(&self, endpoint_id: u32) -> Option<&LocalEndpoint> {
         self.model

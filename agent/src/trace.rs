@@ -42,11 +42,9 @@ fn resolve<N: Names + ?Sized>(view: &N, s: &str, what: &str) -> Result<Side> {
     };
     let key = ObjectKey::new(ns, name);
     let local = view.local_endpoint_of(&key).cloned();
-    let ip = match (&local, view.pod(&key)) {
+    let ip = match (&local, view.pod_address(&key)) {
         (Some(le), _) => le.ipv4,
-        (None, Some(p)) => {
-            p.ip.with_context(|| format!("{what} {key} has no address yet"))?
-        }
+        (None, Some(ip)) => ip.with_context(|| format!("{what} {key} has no address yet"))?,
         (None, None) => bail!("{what} {key}: no such pod"),
     };
     Ok(Side {

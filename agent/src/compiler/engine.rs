@@ -48,7 +48,7 @@ use super::{
     ipcache::{longest_cidr, net_of, world},
     parse::{ParsedPolicy, Peer, Port, Rule},
     peers::{host_net, named_block_contains, rule_matches_cidr, rule_matches_labels, PeerSet},
-    view::{unknown_pod, View},
+    view::View,
     IdentitySource, RuleRef,
 };
 use crate::{
@@ -514,16 +514,14 @@ impl Engine {
         }
         match (self.model.pods.get(key), self.eps_by_key.get(key)) {
             (Some(p), _) => {
-                self.view.pods.insert(key.clone(), Arc::new(p.clone()));
+                self.view.pod_addresses.insert(key.clone(), p.ip);
             }
             (None, Some(cids)) if !cids.is_empty() => {
                 let ep = &self.eps[cids.last().expect("non-empty")].ep;
-                self.view
-                    .pods
-                    .insert(key.clone(), Arc::new(unknown_pod(ep)));
+                self.view.pod_addresses.insert(key.clone(), Some(ep.ipv4));
             }
             _ => {
-                self.view.pods.remove(key);
+                self.view.pod_addresses.remove(key);
             }
         }
         if let Some(cids) = self.eps_by_key.get(key) {
@@ -1144,9 +1142,13 @@ impl Engine {
                 }
             }
             self.dirty_ipcache.insert((ip, 32));
-            match winner {
+            // A node address is the node's, whatever pod claims it.
+            match winner.filter(|_| !self.model.host_ips.contains(&ip)) {
                 Some(k) => {
-                    self.view.pods_by_ip.insert(ip, k);
+                    let id = self.eff[&k]
+                        .label_id
+                        .expect("a pod address has a label identity");
+                    self.view.pods_by_ip.insert(ip, (k, id));
                 }
                 None => {
                     self.view.pods_by_ip.remove(&ip);
@@ -1316,6 +1318,22 @@ mod tests {
             v.identities.clone().into_iter().collect::<HashMap<_, _>>(),
             full.identities,
             "{what}: identities"
+        );
+        // Flow-log names: the same pods at the same addresses as a view
+        // built from the full compile.
+        let fv = View::from_compiled(&full, e.model());
+        assert_eq!(
+            v.pods_by_ip.clone().into_iter().collect::<BTreeMap<_, _>>(),
+            fv.pods_by_ip.into_iter().collect::<BTreeMap<_, _>>(),
+            "{what}: pods_by_ip"
+        );
+        assert_eq!(
+            v.pod_addresses
+                .clone()
+                .into_iter()
+                .collect::<BTreeMap<_, _>>(),
+            fv.pod_addresses.into_iter().collect::<BTreeMap<_, _>>(),
+            "{what}: pod_addresses"
         );
         // The touched keys are enough to bring a mirror of the kernel up to date.
         let t = e.take_touched();

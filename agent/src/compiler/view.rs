@@ -2,10 +2,21 @@
 //! policies that isolate an endpoint, pods by address. The engine keeps
 //! one [`View`] up to date in persistent maps (`im`), so publishing it
 //! after a change is a handful of reference-count increments, not a copy.
-use std::{net::Ipv4Addr, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
+    sync::Arc,
+};
 
 use super::{Compiled, IdentitySource, RuleRef};
-use crate::model::{LocalEndpoint, Model, Namespace, ObjectKey, Pod};
+use crate::model::{Labels, LocalEndpoint, Model, Namespace, ObjectKey};
+
+/// A pod as the flow log names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodRef<'a> {
+    pub key: &'a ObjectKey,
+    pub labels: &'a Labels,
+}
 
 /// The questions the flow log and trace ask of a compiled state.
 pub trait Names {
@@ -14,9 +25,10 @@ pub trait Names {
     fn identity(&self, id: u32) -> Option<&IdentitySource>;
     /// The policies that isolate `endpoint_id` in `direction` (sorted).
     fn isolating(&self, endpoint_id: u32, direction: u8) -> &[ObjectKey];
-    /// The pod holding an address (not hostNetwork pods).
-    fn pod_at(&self, ip: Ipv4Addr) -> Option<&Pod>;
-    fn pod(&self, key: &ObjectKey) -> Option<&Pod>;
+    /// The pod the ipcache gives an address to (not hostNetwork pods).
+    fn pod_at(&self, ip: Ipv4Addr) -> Option<PodRef<'_>>;
+    /// `None`: no such pod; `Some(None)`: a pod without an address yet.
+    fn pod_address(&self, key: &ObjectKey) -> Option<Option<Ipv4Addr>>;
     fn endpoint_by_id(&self, endpoint_id: u32) -> Option<&LocalEndpoint>;
     fn local_endpoint_at(&self, ip: Ipv4Addr) -> Option<&LocalEndpoint>;
     fn local_endpoint_of(&self, key: &ObjectKey) -> Option<&LocalEndpoint>;
@@ -37,11 +49,12 @@ pub struct View {
     /// (endpoint id, direction) -> the policies that isolate it.
     pub isolated_by: im::OrdMap<(u32, u8), Vec<ObjectKey>>,
     pub namespaces: im::OrdMap<String, Namespace>,
-    /// Model pods, and a label-less pod for local endpoints the model does
-    /// not know.
-    pub pods: im::OrdMap<ObjectKey, Arc<Pod>>,
-    /// The pod the ipcache gives each pod address to.
-    pub pods_by_ip: im::HashMap<Ipv4Addr, ObjectKey>,
+    /// Every pod's address (model pods, and the pods of local endpoints
+    /// the model does not know). Pods themselves are not copied: their
+    /// labels are their identity's.
+    pub pod_addresses: im::HashMap<ObjectKey, Option<Ipv4Addr>>,
+    /// The pod the ipcache gives each pod address to, and its identity.
+    pub pods_by_ip: im::HashMap<Ipv4Addr, (ObjectKey, u32)>,
     /// Local endpoints by container id.
     pub endpoints: im::OrdMap<String, LocalEndpoint>,
     pub endpoints_by_id: im::HashMap<u32, String>,
@@ -52,27 +65,44 @@ pub struct View {
 impl View {
     /// The view of a full compile (the daemon's path before the engine).
     pub fn from_compiled(c: &Compiled, model: &Model) -> Self {
-        let mut pods: im::OrdMap<ObjectKey, Arc<Pod>> = model
-            .pods
-            .iter()
-            .map(|(k, p)| (k.clone(), Arc::new(p.clone())))
-            .collect();
+        // Model pods as the model has them; pods only an endpoint knows
+        // at their (last) endpoint's address.
+        let mut pod_addresses: im::HashMap<ObjectKey, Option<Ipv4Addr>> = im::HashMap::new();
         for ep in model.endpoints.values() {
-            pods.entry(ep.key.clone())
-                .or_insert_with(|| Arc::new(unknown_pod(ep)));
-        }
-        let mut pods_by_ip = im::HashMap::new();
-        // Local first, as the ipcache does.
-        for ep in model.endpoints.values() {
-            if !model.pods.get(&ep.key).is_some_and(|p| p.host_network) {
-                pods_by_ip.entry(ep.ipv4).or_insert_with(|| ep.key.clone());
-            }
+            pod_addresses.insert(ep.key.clone(), Some(ep.ipv4));
         }
         for (k, p) in &model.pods {
-            if let Some(ip) = p.ip.filter(|_| !p.host_network) {
-                pods_by_ip.entry(ip).or_insert_with(|| k.clone());
+            pod_addresses.insert(k.clone(), p.ip);
+        }
+        // As the compiler does: a local pod's address is its (last)
+        // endpoint's; on one address a local pod beats a remote one, then
+        // the first by key.
+        let mut local: BTreeMap<&ObjectKey, Ipv4Addr> = BTreeMap::new();
+        for ep in model.endpoints.values() {
+            if !model.pods.get(&ep.key).is_some_and(|p| p.host_network) {
+                local.insert(&ep.key, ep.ipv4);
             }
         }
+        let mut by_ip: HashMap<Ipv4Addr, &ObjectKey> = HashMap::new();
+        for (k, ip) in &local {
+            by_ip.entry(*ip).or_insert(k);
+        }
+        for (k, p) in &model.pods {
+            if let Some(ip) = p.ip.filter(|_| !p.host_network && !local.contains_key(k)) {
+                by_ip.entry(ip).or_insert(k);
+            }
+        }
+        let pods_by_ip = by_ip
+            .into_iter()
+            .filter_map(|(ip, k)| {
+                let v = c.maps.ipcache.get(&(ip, 32))?;
+                let labels = matches!(
+                    c.identities.get(&v.identity),
+                    Some(IdentitySource::Labels { .. })
+                );
+                labels.then(|| (ip, (k.clone(), v.identity)))
+            })
+            .collect();
         Self {
             cookies: c.cookies.iter().map(|(k, v)| (*k, v.clone())).collect(),
             identities: c.identities.iter().map(|(k, v)| (*k, v.clone())).collect(),
@@ -97,7 +127,7 @@ impl View {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
-            pods,
+            pod_addresses,
             pods_by_ip,
             endpoints: model
                 .endpoints
@@ -115,18 +145,6 @@ impl View {
     }
 }
 
-/// The pod a local endpoint stands for when the model does not know it.
-pub(crate) fn unknown_pod(ep: &LocalEndpoint) -> Pod {
-    Pod {
-        namespace: ep.key.namespace.clone(),
-        name: ep.key.name.clone(),
-        labels: Default::default(),
-        ip: Some(ep.ipv4),
-        host_network: false,
-        ports: Vec::new(),
-    }
-}
-
 impl Names for View {
     fn cookie(&self, cookie: u32) -> Option<&RuleRef> {
         self.cookies.get(&cookie)
@@ -139,14 +157,18 @@ impl Names for View {
             .get(&(endpoint_id, direction))
             .map_or(&[], Vec::as_slice)
     }
-    fn pod_at(&self, ip: Ipv4Addr) -> Option<&Pod> {
-        self.pods_by_ip
-            .get(&ip)
-            .and_then(|k| self.pods.get(k))
-            .map(|p| &**p)
+    fn pod_at(&self, ip: Ipv4Addr) -> Option<PodRef<'_>> {
+        let (key, id) = self.pods_by_ip.get(&ip)?;
+        match self.identities.get(id)? {
+            IdentitySource::Labels { pod_labels, .. } => Some(PodRef {
+                key,
+                labels: pod_labels,
+            }),
+            _ => None,
+        }
     }
-    fn pod(&self, key: &ObjectKey) -> Option<&Pod> {
-        self.pods.get(key).map(|p| &**p)
+    fn pod_address(&self, key: &ObjectKey) -> Option<Option<Ipv4Addr>> {
+        self.pod_addresses.get(key).copied()
     }
     fn endpoint_by_id(&self, endpoint_id: u32) -> Option<&LocalEndpoint> {
         self.endpoints_by_id
@@ -177,11 +199,11 @@ macro_rules! forward_names {
             fn isolating(&self, endpoint_id: u32, direction: u8) -> &[ObjectKey] {
                 (**self).isolating(endpoint_id, direction)
             }
-            fn pod_at(&self, ip: Ipv4Addr) -> Option<&Pod> {
+            fn pod_at(&self, ip: Ipv4Addr) -> Option<PodRef<'_>> {
                 (**self).pod_at(ip)
             }
-            fn pod(&self, key: &ObjectKey) -> Option<&Pod> {
-                (**self).pod(key)
+            fn pod_address(&self, key: &ObjectKey) -> Option<Option<Ipv4Addr>> {
+                (**self).pod_address(key)
             }
             fn endpoint_by_id(&self, endpoint_id: u32) -> Option<&LocalEndpoint> {
                 (**self).endpoint_by_id(endpoint_id)
