@@ -4,29 +4,27 @@
 //! kernel -> bump the programmed generation. Changes are serialized by the
 //! lock around the `Agent`.
 use std::{
-    collections::{BTreeMap, HashMap},
     net::Ipv4Addr,
     path::PathBuf,
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, RwLock},
     time::Instant,
 };
 
 use anyhow::{anyhow, Context, Result};
 use log::{error, info, warn};
-use palisade_api::{
-    EndpointStatus, ErrorKind, MapFill, PolicyStatus, Registration, StatusReport,
-};
+use palisade_api::{EndpointStatus, ErrorKind, MapFill, PolicyStatus, Registration, StatusReport};
 use palisade_common::{EP_AUDIT, EP_EGRESS_ENFORCED, EP_INGRESS_ENFORCED};
 use palisade_dataplane::{ConntrackGc, DatapathConfig, MapState, Pins, StatsReader};
 use tokio::sync::watch;
 
 use crate::{
-    compiler::{Compiled, Compiler},
+    change::SourceEvent,
+    compiler::{Engine, View},
     dataplane::{ConntrackFill, Dataplane, KernelDataplane},
     endpoints::{Entry, Registry},
     error::refuse,
     metrics::Metrics,
-    model::{LocalEndpoint, Model, Namespace, ObjectKey, Pod},
+    model::{LocalEndpoint, Model, ObjectKey},
     source::Snapshot,
     sync,
 };
@@ -54,31 +52,9 @@ pub struct Config {
 
 pub const METRICS_DEFAULT_ADDR: &str = "0.0.0.0:9962";
 
-/// What the flow log needs to turn identities and cookies into names.
-/// Replaced whole after every reprogram.
-#[derive(Debug, Default)]
-pub struct View {
-    pub compiled: Arc<Compiled>,
-    pub model: Arc<Model>,
-    /// Pod by address (not host-network pods: their address is the node's).
-    pub pods_by_ip: HashMap<Ipv4Addr, ObjectKey>,
-}
-
-impl View {
-    fn new(compiled: Arc<Compiled>, model: Arc<Model>) -> Self {
-        let pods_by_ip = model
-            .pods
-            .iter()
-            .filter(|(_, p)| !p.host_network)
-            .filter_map(|(k, p)| Some((p.ip?, k.clone())))
-            .collect();
-        Self {
-            compiled,
-            model,
-            pods_by_ip,
-        }
-    }
-}
+/// What the flow log, trace and status read: the engine's published view,
+/// swapped whole after every change (cheap: persistent maps).
+pub type SharedView = Arc<RwLock<Arc<View>>>;
 
 pub struct Agent {
     /// The kernel (or, in tests, `dataplane::memory`).
@@ -87,24 +63,25 @@ pub struct Agent {
     conntrack_fill: ConntrackFill,
     /// Mirror of what the kernel maps hold.
     current: MapState,
-    compiler: Compiler,
-    compiled: Arc<Compiled>,
-    /// The last snapshot from the source (before local endpoints are laid on).
+    /// The model and the desired map state, kept up to date change by
+    /// change (the full `Compiler::compile` is its test oracle).
+    engine: Engine,
+    /// The source's raw view, to turn a resync into changes.
     snapshot: Snapshot,
-    model: Arc<Model>,
     registry: Registry,
-    audit: bool,
-    host_ips: Vec<Ipv4Addr>,
+    /// The first sync after start writes the whole difference: the kernel
+    /// may hold entries an earlier agent wrote that this one never made.
+    full_sync: bool,
+    /// The last sync left changes unwritten: sync even without a change.
+    unwritten: bool,
     programmed: u64,
     model_generation: u64,
     generation_tx: watch::Sender<u64>,
     pub metrics: Arc<Metrics>,
-    pub view: Arc<RwLock<View>>,
+    pub view: SharedView,
     /// Set once the first full sync reached the kernel (readiness).
     pub ready: bool,
 }
-
-pub type Shared = Arc<Mutex<Agent>>;
 
 impl Agent {
     /// Load (or adopt) the datapath and the registry, and move every pinned
@@ -150,13 +127,11 @@ impl Agent {
             dp,
             conntrack_fill: ConntrackFill::default(),
             current,
-            compiler: Compiler::new(),
-            compiled: Arc::default(),
+            engine: Engine::new(cfg.audit, cfg.host_ips.clone()),
             snapshot: Snapshot::default(),
-            model: Arc::default(),
             registry,
-            audit: cfg.audit,
-            host_ips: cfg.host_ips.clone(),
+            full_sync: true,
+            unwritten: false,
             programmed: 0,
             model_generation: 0,
             generation_tx: tx,
@@ -165,6 +140,9 @@ impl Agent {
             ready: false,
         };
         agent.forget_vanished_endpoints();
+        for e in agent.registry.iter() {
+            agent.engine.add_endpoint(local_endpoint(e));
+        }
         agent.prefilter(&cfg.xdp_uplinks, &cfg.xdp_deny)?;
         Ok((agent, rx))
     }
@@ -222,108 +200,84 @@ impl Agent {
 
     /// A new view of the cluster from the source.
     pub fn apply_snapshot(&mut self, snap: Snapshot) -> Result<u64> {
-        for e in &snap.errors {
-            warn!("source: {e}");
-        }
-        self.metrics.source_errors.add(snap.errors.len() as u64);
-        self.snapshot = snap;
-        self.reprogram()
+        self.apply_events(vec![SourceEvent::Resync(snap)])
     }
 
-    /// Build the model: the source's view with the local endpoints laid on.
-    /// A registered pod takes labels and ports from the source object of the
-    /// same namespace/name and its address from the registration.
-    fn build_model(&self) -> Model {
-        let mut m = Model {
-            namespaces: self.snapshot.namespaces.clone(),
-            pods: self.snapshot.pods.clone(),
-            policies: Default::default(),
-            endpoints: BTreeMap::new(),
-            host_ips: {
-                let mut ips = self.host_ips.clone();
-                ips.extend(
-                    self.snapshot
-                        .host_ips
-                        .iter()
-                        .filter(|ip| !self.host_ips.contains(ip)),
-                );
-                ips
-            },
-            audit: self.audit,
-        };
-        for (k, np) in &self.snapshot.policies {
-            m.add_policy(k.clone(), np);
-        }
-        for e in self.registry.iter() {
-            let r = &e.registration;
-            let key = ObjectKey::new(&r.namespace, &r.pod);
-            m.namespaces
-                .entry(r.namespace.clone())
-                .or_insert_with(|| Namespace {
-                    name: r.namespace.clone(),
-                    labels: [(
-                        "kubernetes.io/metadata.name".to_string(),
-                        r.namespace.clone(),
-                    )]
-                    .into(),
-                    audit: false,
-                });
-            m.pods
-                .entry(key.clone())
-                .and_modify(|p| p.ip = Some(r.ipv4))
-                .or_insert_with(|| Pod {
-                    namespace: r.namespace.clone(),
-                    name: r.pod.clone(),
-                    labels: Default::default(),
-                    ip: Some(r.ipv4),
-                    host_network: false,
-                    ports: Vec::new(),
-                });
-            m.endpoints.insert(
-                r.container_id.clone(),
-                LocalEndpoint {
-                    key,
-                    endpoint_id: e.endpoint_id,
-                    ifindex: e.ifindex,
-                    host_ifname: r.host_ifname.clone(),
-                    ipv4: r.ipv4,
-                    container_id: r.container_id.clone(),
-                },
-            );
-        }
-        m
-    }
-
-    /// model -> compile -> sync. A failed sync (e.g. a full map) is reported
-    /// and counted; what was written stays consistent with `current`, and the
-    /// next change retries the rest.
-    pub fn reprogram(&mut self) -> Result<u64> {
-        self.model_generation += 1;
-        let model = Arc::new(self.build_model());
+    /// Source events, in order: changes go to the engine as they are; a
+    /// resync becomes the changes between the last view and the new one.
+    /// Then one sync. Nothing changed: no sync (once the first one is done).
+    pub fn apply_events(&mut self, events: Vec<SourceEvent>) -> Result<u64> {
         let t = Instant::now();
-        let compiled = Arc::new(self.compiler.compile(&model));
+        let mut changed = false;
+        for ev in events {
+            let changes = match ev {
+                SourceEvent::Changes(cs) => {
+                    for c in &cs {
+                        self.snapshot.apply(c);
+                    }
+                    cs
+                }
+                SourceEvent::Resync(snap) => {
+                    for e in &snap.errors {
+                        warn!("source: {e}");
+                    }
+                    self.metrics.source_errors.add(snap.errors.len() as u64);
+                    let cs = self.snapshot.changes_to(&snap);
+                    self.snapshot = snap;
+                    cs
+                }
+            };
+            changed |= !changes.is_empty();
+            for c in changes {
+                self.engine.apply(c);
+            }
+        }
         self.metrics
             .compile_seconds
             .observe(t.elapsed().as_secs_f64());
-        for (k, why) in &compiled.rejected {
-            if !self.compiled.rejected.contains_key(k) {
-                error!("policy {k} rejected: {why}; every other policy stays enforced");
-                self.metrics.policy_rejections.inc();
+        if !changed && self.ready && !self.unwritten {
+            return Ok(self.programmed);
+        }
+        self.reprogram()
+    }
+
+    /// Writes what the engine changed into the kernel. A failed sync (e.g.
+    /// a full map) is reported and counted; what was written stays
+    /// consistent with `current`, and the next change retries the rest.
+    pub fn reprogram(&mut self) -> Result<u64> {
+        self.model_generation += 1;
+        let view = self.engine.view();
+        {
+            let before = self.view.read().unwrap_or_else(|p| p.into_inner());
+            for (k, why) in view.rejected.iter() {
+                if !before.rejected.contains_key(k) {
+                    error!("policy {k} rejected: {why}; every other policy stays enforced");
+                    self.metrics.policy_rejections.inc();
+                }
             }
         }
         self.metrics
             .policies_rejected
-            .set(compiled.rejected.len() as u64);
+            .set(view.rejected.len() as u64);
 
+        let touched = self.engine.take_touched();
         let t = Instant::now();
-        let r = sync::apply(&mut self.dp, &mut self.current, &compiled.maps);
+        let r = if self.full_sync {
+            sync::apply(&mut self.dp, &mut self.current, self.engine.desired())
+        } else {
+            sync::apply_touched(
+                &mut self.dp,
+                &mut self.current,
+                self.engine.desired(),
+                &touched,
+            )
+        };
         self.metrics.sync_seconds.observe(t.elapsed().as_secs_f64());
-        self.compiled = compiled;
-        self.model = model;
-        *self.view.write().expect("view lock") =
-            View::new(self.compiled.clone(), self.model.clone());
+        *self.view.write().unwrap_or_else(|p| p.into_inner()) = view;
         match r {
             Ok(_) => {
+                self.full_sync = false;
+                self.unwritten = false;
                 self.programmed += 1;
                 self.ready = true;
                 self.generation_tx.send_replace(self.programmed);
@@ -331,6 +285,9 @@ impl Agent {
                 Ok(self.programmed)
             }
             Err(e) => {
+                // What was not written is tried again with the next change.
+                self.engine.retouch(touched);
+                self.unwritten = true;
                 if let palisade_dataplane::Error::MapFull { name, .. } = &e.source {
                     self.metrics.map_full.inc_label(name);
                 }
@@ -360,11 +317,12 @@ impl Agent {
             ifindex,
         };
         self.registry
-            .insert(entry)
+            .insert(entry.clone())
             .context("saving endpoint registry")?;
 
         let t0 = Instant::now();
         let mut t_attach = t0;
+        self.engine.add_endpoint(local_endpoint(&entry));
         let programmed = self.reprogram().and_then(|g| {
             // The endpoint entry must be in the kernel before a program that
             // would otherwise fail closed runs for it.
@@ -406,8 +364,14 @@ impl Agent {
                 // Leave nothing behind; the CNI plugin tears the pod down.
                 let _ = self.dp.detach_pod(ifindex);
                 let _ = match previous {
-                    Some(p) => self.registry.insert(p),
-                    None => self.registry.remove(&r.container_id).map(|_| ()),
+                    Some(p) => {
+                        self.engine.add_endpoint(local_endpoint(&p));
+                        self.registry.insert(p)
+                    }
+                    None => {
+                        self.engine.remove_endpoint(&r.container_id);
+                        self.registry.remove(&r.container_id).map(|_| ())
+                    }
                 };
                 let _ = self.reprogram();
                 Err(e)
@@ -463,6 +427,7 @@ impl Agent {
         self.registry
             .remove(container_id)
             .context("saving endpoint registry")?;
+        self.engine.remove_endpoint(container_id);
         info!(
             "deregistered {}/{} (endpoint {})",
             e.registration.namespace, e.registration.pod, e.endpoint_id
@@ -471,8 +436,10 @@ impl Agent {
     }
 
     pub fn status(&self) -> StatusReport {
+        let view = self.engine.view();
         let endpoints = self
-            .model
+            .engine
+            .model()
             .endpoints
             .values()
             .map(|le| {
@@ -497,24 +464,23 @@ impl Agent {
                 }
             })
             .collect();
-        let policies = self
-            .model
+        let policies = view
             .policies
-            .keys()
-            .map(|k| PolicyStatus {
+            .iter()
+            .map(|(k, rejected)| PolicyStatus {
                 namespace: k.namespace.clone(),
                 name: k.name.clone(),
-                rejected: self.compiled.rejected.get(k).cloned(),
+                rejected: rejected.clone(),
             })
             .collect();
         StatusReport {
             programmed_generation: self.programmed,
             model_generation: self.model_generation,
             endpoints,
-            identities: self.compiled.identities.len(),
+            identities: view.identities.len(),
             policies,
             maps: self.map_fill(),
-            audit: self.audit,
+            audit: view.audit,
         }
     }
 
@@ -564,12 +530,27 @@ impl Agent {
         &self.current
     }
 
-    pub fn compiled(&self) -> Arc<Compiled> {
-        self.compiled.clone()
+    /// The model as the engine holds it (source view plus local endpoints).
+    pub fn model(&self) -> &Model {
+        self.engine.model()
     }
 
-    pub fn model(&self) -> Arc<Model> {
-        self.model.clone()
+    /// The published view (names for the flow log, trace and status).
+    pub fn view(&self) -> Arc<View> {
+        self.engine.view()
+    }
+}
+
+/// A registry entry as the engine's local endpoint.
+fn local_endpoint(e: &Entry) -> LocalEndpoint {
+    let r = &e.registration;
+    LocalEndpoint {
+        key: ObjectKey::new(&r.namespace, &r.pod),
+        endpoint_id: e.endpoint_id,
+        ifindex: e.ifindex,
+        host_ifname: r.host_ifname.clone(),
+        ipv4: r.ipv4,
+        container_id: r.container_id.clone(),
     }
 }
 
@@ -590,8 +571,7 @@ fn validate(r: &Registration) -> Result<()> {
     let id_ok = |s: &str| {
         !s.is_empty()
             && s.len() <= 256
-            && s
-                .bytes()
+            && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
     };
     if !id_ok(&r.container_id) {

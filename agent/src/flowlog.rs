@@ -18,9 +18,8 @@ use palisade_dataplane::maps::{from_be, monotonic_ns};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    compiler::{view::PodRef, IdentitySource, Names, RuleRef},
-    daemon::View,
-    model::{Labels, LocalEndpoint, ObjectKey},
+    compiler::{IdentitySource, Names},
+    model::Labels,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -157,48 +156,6 @@ pub fn record<N: Names + ?Sized>(view: &N, e: &FlowEvent) -> FlowRecord {
         dst,
         endpoint,
         policies,
-    }
-}
-
-/// The daemon's view of a full compile (until it publishes the engine's
-/// [`crate::compiler::View`], which answers the same questions).
-impl Names for View {
-    fn cookie(&self, cookie: u32) -> Option<&RuleRef> {
-        self.compiled.cookies.get(&cookie)
-    }
-    fn identity(&self, id: u32) -> Option<&IdentitySource> {
-        self.compiled.identities.get(&id)
-    }
-    fn isolating(&self, endpoint_id: u32, direction: u8) -> &[ObjectKey] {
-        self.compiled.isolating(endpoint_id, direction)
-    }
-    fn pod_at(&self, ip: Ipv4Addr) -> Option<PodRef<'_>> {
-        let (key, pod) = self
-            .pods_by_ip
-            .get(&ip)
-            .and_then(|k| self.model.pods.get_key_value(k))?;
-        Some(PodRef {
-            key,
-            labels: &pod.labels,
-        })
-    }
-    fn pod_address(&self, key: &ObjectKey) -> Option<Option<Ipv4Addr>> {
-        self.model.pods.get(key).map(|p| p.ip)
-    }
-    fn endpoint_by_id(&self, endpoint_id: u32) -> Option<&LocalEndpoint> {
-        self.model
-            .endpoints
-            .values()
-            .find(|le| le.endpoint_id == endpoint_id)
-    }
-    fn local_endpoint_at(&self, ip: Ipv4Addr) -> Option<&LocalEndpoint> {
-        self.model.endpoints.values().find(|e| e.ipv4 == ip)
-    }
-    fn local_endpoint_of(&self, key: &ObjectKey) -> Option<&LocalEndpoint> {
-        self.model.endpoints.values().find(|e| e.key == *key)
-    }
-    fn is_host_ip(&self, ip: Ipv4Addr) -> bool {
-        self.model.host_ips.contains(&ip)
     }
 }
 

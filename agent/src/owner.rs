@@ -218,23 +218,9 @@ fn run(
     agent
 }
 
-/// Folds a batch of source events into one new view and applies it.
+/// Applies a batch of source events with one sync.
 fn apply_source(agent: &mut Agent, batch: Vec<SourceEvent>) -> Result<()> {
-    let mut view = agent.snapshot().clone();
-    for ev in batch {
-        match ev {
-            SourceEvent::Changes(changes) => {
-                for c in &changes {
-                    view.apply(c);
-                }
-            }
-            SourceEvent::Resync(s) => view = s,
-        }
-    }
-    if agent.ready && view == *agent.snapshot() {
-        return Ok(());
-    }
-    agent.apply_snapshot(view).map(|_| ())
+    agent.apply_events(batch).map(|_| ())
 }
 
 fn handle(agent: &mut Agent, cmd: Command) {

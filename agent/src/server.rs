@@ -23,7 +23,7 @@ use tokio::{
 
 use crate::{
     change::SourceEvent,
-    daemon::{Agent, Config, View},
+    daemon::{Agent, Config, SharedView},
     dataplane::ConntrackFill,
     error::kind_of,
     flowlog::{self, FlowLog},
@@ -86,9 +86,10 @@ pub async fn run(cfg: Config) -> Result<()> {
         });
         None
     } else {
-        let dir = cfg.manifests.clone().context(
-            "standalone mode needs --manifests DIR (or --kubernetes inside a cluster)",
-        )?;
+        let dir = cfg
+            .manifests
+            .clone()
+            .context("standalone mode needs --manifests DIR (or --kubernetes inside a cluster)")?;
         Some(Arc::new(ManifestSource::spawn(dir, source_tx.clone())?))
     };
     // The first complete view is in force before the API answers: a pod
@@ -118,7 +119,12 @@ pub async fn run(cfg: Config) -> Result<()> {
 
     let api = bind_unix(&cfg.socket)?;
     let flows = bind_unix(&flow_socket(&cfg.socket))?;
-    tasks.spawn(serve_api(api, handle.clone(), manifests.clone(), generation_rx));
+    tasks.spawn(serve_api(
+        api,
+        handle.clone(),
+        manifests.clone(),
+        generation_rx,
+    ));
     tasks.spawn(serve_flows(flows, flowlog.clone(), flow_tx.clone()));
     tasks.spawn(gc(handle.clone()));
     drop(handle);
@@ -280,7 +286,7 @@ async fn dispatch(
 /// so it is also drained every 100 ms).
 fn spawn_event_reader(
     events: EventReader,
-    view: Arc<std::sync::RwLock<View>>,
+    view: SharedView,
     metrics: Arc<Metrics>,
     log: Arc<Mutex<FlowLog>>,
     tx: broadcast::Sender<String>,
@@ -312,7 +318,7 @@ fn spawn_event_reader(
             if batch.is_empty() {
                 continue;
             }
-            let v = view.read().unwrap_or_else(|p| p.into_inner());
+            let v = view.read().unwrap_or_else(|p| p.into_inner()).clone();
             let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
             for e in &batch {
                 let rec = flowlog::record(&v, e);

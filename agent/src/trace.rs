@@ -16,7 +16,7 @@ use palisade_dataplane::{
 use palisade_dataplane::MapState;
 
 use crate::{
-    compiler::{IdentitySource, Names, View},
+    compiler::{IdentitySource, Names},
     daemon::Agent,
     model::{LocalEndpoint, ObjectKey},
 };
@@ -111,8 +111,7 @@ fn step<N: Names + ?Sized>(
 
 impl Agent {
     pub fn trace(&self, t: &TraceRequest) -> Result<TraceReport> {
-        let view = View::from_compiled(&self.compiled(), &self.model());
-        trace(&view, self.current(), t)
+        trace(&*self.view(), self.current(), t)
     }
 }
 

@@ -66,7 +66,11 @@ fn sigterm_stops_gracefully_and_enforcement_stays() -> Result<()> {
     assert!(!tcp_connects(&node.pods[0].ns, SERVER, 9090, 300)?);
 
     let status = agent.terminate(Duration::from_secs(10))?;
-    assert!(status.success(), "exit status {status}:\n{}", agent.log_text());
+    assert!(
+        status.success(),
+        "exit status {status}:\n{}",
+        agent.log_text()
+    );
     assert!(
         !agent.socket.exists(),
         "the API socket is removed on a graceful stop"

@@ -249,7 +249,7 @@ fn a_full_policy_map_writes_what_fits_enforces_and_is_counted() {
     agent.apply_snapshot(isolating_policy()).unwrap();
     assert_eq!(
         dp.maps().policy,
-        agent.compiled.maps.policy,
+        agent.engine.desired().policy,
         "everything compiled is in the kernel"
     );
     assert_eq!(agent.metrics.sync_errors.get(), 1);
@@ -362,7 +362,9 @@ fn a_live_pods_address_or_interface_cannot_be_claimed_by_another_container() {
     // a's interface goes away without a DEL (a crashed runtime): its
     // registration is stale, and b takes the address.
     dp.remove_interface(&a.host_ifname);
-    agent.register(b.clone()).expect("the stale claim is forgotten");
+    agent
+        .register(b.clone())
+        .expect("the stale claim is forgotten");
     let eps: Vec<String> = agent.model().endpoints.keys().cloned().collect();
     assert_eq!(eps, vec![b.container_id.clone()]);
 }
@@ -373,14 +375,14 @@ fn malformed_registrations_are_invalid_requests() {
     let dp = MemoryDataplane::default();
     let mut agent = start(&s, &dp);
     let (good, _) = pod(&dp, "a", 5);
-    let cases: Vec<Box<dyn Fn(&mut Registration)>> = vec![
-        Box::new(|r| r.container_id.clear()),
-        Box::new(|r| r.container_id = "../../etc".into()),
-        Box::new(|r| r.pod.clear()),
-        Box::new(|r| r.host_ifname = "a/b".into()),
-        Box::new(|r| r.host_ifname = "x".repeat(16)),
-        Box::new(|r| r.ipv4 = Ipv4Addr::UNSPECIFIED),
-        Box::new(|r| r.ipv4 = Ipv4Addr::new(224, 0, 0, 1)),
+    let cases: [fn(&mut Registration); 7] = [
+        |r| r.container_id.clear(),
+        |r| r.container_id = "../../etc".into(),
+        |r| r.pod.clear(),
+        |r| r.host_ifname = "a/b".into(),
+        |r| r.host_ifname = "x".repeat(16),
+        |r| r.ipv4 = Ipv4Addr::UNSPECIFIED,
+        |r| r.ipv4 = Ipv4Addr::new(224, 0, 0, 1),
     ];
     for (i, break_it) in cases.iter().enumerate() {
         let mut r = good.clone();
