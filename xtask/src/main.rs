@@ -50,6 +50,10 @@ enum Task {
         /// Copy each case's agent log, flow log and manifests below this directory.
         #[arg(long)]
         keep: Option<PathBuf>,
+        /// Report cases that need a FORMAT version 2 feature not implemented
+        /// yet as skipped (saying what they need) instead of failed.
+        #[arg(long)]
+        skip_unsupported: bool,
     },
     /// Benchmarks (bench/README.md): report.md, results.json and PNG charts
     /// in bench-report/. About 10 minutes; --quick takes 1-2.
@@ -91,8 +95,11 @@ fn run(cli: Cli) -> Result<()> {
             }
             deploy_checks(&root)?;
             let cases = default_corpora(&root);
+            // Version-2 cases whose features are still open issues are listed
+            // as skipped, with what they need; `cargo xtask conformance`
+            // alone reports them as failed.
             step("conformance: NetworkPolicy cases on real packets");
-            conformance(&root, &cases, None, None)
+            conformance(&root, &cases, None, None, true)
         }
         Task::Demo => {
             setup::run(&root)?;
@@ -107,6 +114,7 @@ fn run(cli: Cli) -> Result<()> {
             cases,
             filter,
             keep,
+            skip_unsupported,
         } => {
             // Relative to where the command was typed, not the workspace.
             let here = std::env::current_dir()?;
@@ -124,7 +132,13 @@ fn run(cli: Cli) -> Result<()> {
             setup::run(&root)?;
             build(&root, false)?;
             step("conformance: NetworkPolicy cases on real packets");
-            conformance(&root, &cases, filter.as_deref(), keep.map(abs).as_deref())
+            conformance(
+                &root,
+                &cases,
+                filter.as_deref(),
+                keep.map(abs).as_deref(),
+                skip_unsupported,
+            )
         }
         Task::Bench { quick } => {
             setup::run(&root)?;
@@ -171,6 +185,7 @@ fn conformance(
     cases: &[PathBuf],
     filter: Option<&str>,
     keep: Option<&Path>,
+    skip_unsupported: bool,
 ) -> Result<()> {
     let mut args: Vec<String> = [
         "run",
@@ -192,6 +207,9 @@ fn conformance(
     }
     if let Some(k) = keep {
         args.extend(["--keep".to_string(), k.display().to_string()]);
+    }
+    if skip_unsupported {
+        args.push("--skip-unsupported".into());
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     exec_cargo(root, &args)

@@ -11,13 +11,17 @@ use palisade_tests::conformance::{
 };
 
 const USAGE: &str = "\
-usage: conformance --cases DIR|FILE [--cases ...] [--filter TEXT] [--keep DIR] [--parallel N] [--verbose]
+usage: conformance --cases DIR|FILE [--cases ...] [--filter TEXT] [--keep DIR] [--parallel N] [--verbose] [--skip-unsupported]
 
   --cases DIR   a directory of case files (*.yaml) or one case file; repeatable
   --filter TEXT only cases whose name or file contains TEXT; repeatable (any)
   --keep DIR    copy each case's agent log, flow log and manifests below DIR
   --parallel N  probe threads per step (default 96)
   --verbose     print the agent's warnings under failing cases
+  --skip-unsupported
+                report cases that need a FORMAT version 2 feature this agent
+                does not implement yet as skipped (with what they need),
+                not as failed
 
 Environment: PALISADE_AGENT_BIN, PALISADE_CNI_BIN (default: next to this
 binary), PALISADE_AGENT_LOG (the agent's RUST_LOG, default info).";
@@ -52,6 +56,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args> {
             "--keep" => a.opts.keep = Some(PathBuf::from(value("--keep")?)),
             "--parallel" => a.opts.parallel = value("--parallel")?.parse()?,
             "--verbose" | "-v" => a.opts.verbose = true,
+            "--skip-unsupported" => a.opts.skip_unsupported = true,
             "--help" | "-h" => {
                 println!("{USAGE}");
                 std::process::exit(0);

@@ -275,6 +275,9 @@ pub struct Options {
     pub keep: Option<PathBuf>,
     /// Print the agent's warnings under failures.
     pub verbose: bool,
+    /// Cases that need a FORMAT version 2 feature not implemented yet are
+    /// reported as skipped (with what they need) instead of failed.
+    pub skip_unsupported: bool,
 }
 
 impl Default for Options {
@@ -283,6 +286,7 @@ impl Default for Options {
             parallel: 96,
             keep: None,
             verbose: false,
+            skip_unsupported: false,
         }
     }
 }
@@ -502,6 +506,16 @@ pub fn run_paths(paths: &[PathBuf], filters: &[String], opts: &Options) -> Resul
                     .iter()
                     .any(|s| case.name.contains(s.as_str()) || file.contains(s.as_str()))
             {
+                continue;
+            }
+            if let Some(why) = &case.unsupported {
+                if opts.skip_unsupported {
+                    say(&format!("SKIP {}\n  {why}\n", case.name));
+                    totals.skipped += 1;
+                } else {
+                    say(&format!("FAIL {}\n  cannot run: {why}\n", case.name));
+                    totals.failed += 1;
+                }
                 continue;
             }
             let report = run_case(&case, &tools, &pins.0, sctp, opts);
