@@ -278,6 +278,22 @@ pub mod memory {
         }
     }
 
+    /// An update, or an insert the capacity still has room for (a full
+    /// kernel map refuses new keys, not updates).
+    fn insert_capped<K: std::hash::Hash + Eq, V>(
+        map: &mut std::collections::HashMap<K, V>,
+        cap: Option<usize>,
+        name: &'static str,
+        k: K,
+        v: V,
+    ) -> Result<(), Error> {
+        if let Some(cap) = cap.filter(|c| !map.contains_key(&k) && map.len() >= *c) {
+            return Err(full(name, cap));
+        }
+        map.insert(k, v);
+        Ok(())
+    }
+
     impl MemoryDataplane {
         pub fn new() -> Self {
             Self::default()
@@ -337,15 +353,8 @@ pub mod memory {
             v: PolicyValue,
         ) -> Result<(), Error> {
             let mut m = self.lock();
-            let fresh = !m.maps.policy.contains_key(&(prefix, key));
-            if let Some(cap) = m
-                .capacity
-                .policy
-                .filter(|c| fresh && m.maps.policy.len() >= *c)
-            {
-                return Err(full(names::POLICY, cap));
-            }
-            m.maps.policy.insert((prefix, key), v);
+            let cap = m.capacity.policy;
+            insert_capped(&mut m.maps.policy, cap, names::POLICY, (prefix, key), v)?;
             m.log.push(Op::UpsertPolicy { prefix, key });
             Ok(())
         }
@@ -362,15 +371,8 @@ pub mod memory {
             v: IpcacheValue,
         ) -> Result<(), Error> {
             let mut m = self.lock();
-            let fresh = !m.maps.ipcache.contains_key(&(addr, prefix));
-            if let Some(cap) = m
-                .capacity
-                .ipcache
-                .filter(|c| fresh && m.maps.ipcache.len() >= *c)
-            {
-                return Err(full(names::IPCACHE, cap));
-            }
-            m.maps.ipcache.insert((addr, prefix), v);
+            let cap = m.capacity.ipcache;
+            insert_capped(&mut m.maps.ipcache, cap, names::IPCACHE, (addr, prefix), v)?;
             m.log.push(Op::UpsertIpcache { addr, prefix });
             Ok(())
         }

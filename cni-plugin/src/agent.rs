@@ -140,14 +140,7 @@ mod tests {
 
     use super::*;
 
-    const KINDS: [ErrorKind; 6] = [
-        ErrorKind::Unavailable,
-        ErrorKind::InvalidRequest,
-        ErrorKind::NotFound,
-        ErrorKind::Conflict,
-        ErrorKind::MapFull,
-        ErrorKind::Internal,
-    ];
+    const KINDS: [ErrorKind; 6] = ErrorKind::ALL;
 
     #[test]
     fn each_kind_has_its_code_and_only_unavailable_is_retryable() {

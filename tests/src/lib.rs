@@ -21,6 +21,18 @@ pub mod oracle;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
+/// A number from the environment (decimal or 0x-hex), for the seeds and
+/// sizes of the randomized tests; a value that is not a number panics.
+pub fn env_num(name: &str) -> Option<u64> {
+    let v = std::env::var(name).ok()?;
+    let v = v.trim();
+    let n = match v.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => v.parse(),
+    };
+    Some(n.unwrap_or_else(|_| panic!("{name}={v} is not a number")))
+}
+
 /// A short name unique to this process and call, e.g. `pl12345-3`.
 pub fn unique(prefix: &str) -> String {
     format!(

@@ -46,7 +46,7 @@ use palisade_dataplane::{
     testrun::run_tc,
     Counters, Datapath, DatapathConfig, MapState, Maps,
 };
-use palisade_tests::{require_root, NetNs, PinRoot};
+use palisade_tests::{env_num, require_root, NetNs, PinRoot};
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 
 const DEFAULT_SEED: u64 = 0x9a11_5ade_d1ff_0001;
@@ -55,16 +55,6 @@ const DEFAULT_PACKETS: usize = 500;
 /// veth pairs in the namespace: 2 interfaces each.
 const VETH_PAIRS: usize = 3;
 const SEC: u64 = 1_000_000_000;
-
-fn env_num(name: &str) -> Option<u64> {
-    let v = std::env::var(name).ok()?;
-    let v = v.trim();
-    let n = match v.strip_prefix("0x") {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => v.parse(),
-    };
-    Some(n.unwrap_or_else(|_| panic!("{name}={v} is not a number")))
-}
 
 // ---------------------------------------------------------------- the world
 

@@ -35,6 +35,7 @@ use palisade_dataplane::{
     Datapath, DatapathConfig, MapSizes, Maps,
 };
 use palisade_tests::{
+    env_num,
     oracle::{self, evaluate, evaluate_with, Cluster, Dir, Flow, Semantics},
     require_root, NetNs, PinRoot,
 };
@@ -44,16 +45,6 @@ const DEFAULT_SEED: u64 = 0x0_2ac1_e5ee_d000_0001;
 const DEFAULT_CLUSTERS: usize = 300;
 const DEFAULT_FLOWS: usize = 100;
 const VETH_PAIRS: usize = 2;
-
-fn env_num(name: &str) -> Option<u64> {
-    let v = std::env::var(name).ok()?;
-    let v = v.trim();
-    let n = match v.strip_prefix("0x") {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => v.parse(),
-    };
-    Some(n.unwrap_or_else(|_| panic!("{name}={v} is not a number")))
-}
 
 /// Each cluster has its own seed, so one can be replayed alone.
 fn cluster_seed(seed: u64, index: usize) -> u64 {

@@ -141,6 +141,16 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Every kind, for tables and tests.
+    pub const ALL: [ErrorKind; 6] = [
+        Self::Unavailable,
+        Self::InvalidRequest,
+        Self::NotFound,
+        Self::Conflict,
+        Self::MapFull,
+        Self::Internal,
+    ];
+
     /// Retrying the same request later may succeed.
     pub fn is_transient(self) -> bool {
         matches!(self, Self::Unavailable)
@@ -272,14 +282,7 @@ mod tests {
             r#"{"result":"error","kind":"map_full","message":"map POLICY is full"}"#
         );
         assert_eq!(serde_json::from_str::<Response>(&s).unwrap(), e);
-        for k in [
-            ErrorKind::Unavailable,
-            ErrorKind::InvalidRequest,
-            ErrorKind::NotFound,
-            ErrorKind::Conflict,
-            ErrorKind::MapFull,
-            ErrorKind::Internal,
-        ] {
+        for k in ErrorKind::ALL {
             let wire = serde_json::to_string(&k).unwrap();
             assert_eq!(wire, format!("\"{}\"", k.as_str()));
             assert_eq!(serde_json::from_str::<ErrorKind>(&wire).unwrap(), k);
