@@ -88,6 +88,9 @@ impl Stamp {
 struct FileState {
     stamp: Option<Stamp>,
     settled: bool,
+    /// A hash of the contents last read: a forced rescan re-reads every
+    /// file but parses only those whose contents changed.
+    digest: Option<u64>,
     /// The last contents that parsed without an error.
     good: Option<Arc<Manifests>>,
     /// What the file adds to the view now: its current contents, or its
@@ -203,14 +206,30 @@ impl ManifestSource {
         old: Option<FileState>,
     ) -> FileState {
         let name = path.display().to_string();
-        let good = old.and_then(|o| o.good);
         let settled = stamp.is_some_and(|s| s.settled(now));
+        let text = std::fs::read_to_string(path);
+        let digest = text.as_ref().ok().map(|t| {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            t.hash(&mut h);
+            h.finish()
+        });
+        if let Some(o) = old.as_ref().filter(|o| digest.is_some() && o.digest == digest) {
+            return FileState {
+                stamp,
+                settled,
+                digest,
+                good: o.good.clone(),
+                contributes: o.contributes.clone(),
+            };
+        }
+        let good = old.and_then(|o| o.good);
         let kept = |errors: Vec<String>, good: &Option<Arc<Manifests>>| {
             let mut m = good.as_deref().cloned().unwrap_or_default();
             m.errors = errors;
             Arc::new(m)
         };
-        match std::fs::read_to_string(path) {
+        match text {
             Err(e) => {
                 let mut errors = vec![format!("{name}: {e}")];
                 if good.is_some() {
@@ -220,6 +239,7 @@ impl ManifestSource {
                     stamp,
                     // Try again on the next rescan.
                     settled: false,
+                    digest: None,
                     contributes: kept(errors, &good),
                     good,
                 }
@@ -231,6 +251,7 @@ impl ManifestSource {
                     return FileState {
                         stamp,
                         settled,
+                        digest,
                         good: Some(parsed.clone()),
                         contributes: parsed,
                     };
@@ -247,6 +268,7 @@ impl ManifestSource {
                 FileState {
                     stamp,
                     settled,
+                    digest,
                     good,
                     contributes,
                 }
@@ -624,11 +646,25 @@ mod tests {
         assert_eq!(policy_names(&src.scan(false).unwrap()), ["c", "e", "f"]);
         assert_eq!(src.parses, 6);
         assert!(src.scan(false).is_none());
-        assert_eq!(src.parses, 7, "unsettled: read again, same view");
+        assert_eq!(src.parses, 6, "unsettled: read again, same contents: not parsed");
 
-        // A forced rescan reads everything.
+        // A forced rescan reads everything and parses only what changed,
+        // even behind an unchanged size and modification time.
         assert!(src.scan(true).is_some());
-        assert_eq!(src.parses, 10);
+        assert_eq!(src.parses, 6, "nothing changed");
+        let c = dir.join("c.yaml");
+        let before = fs::metadata(&c).unwrap();
+        let text = fs::read_to_string(&c).unwrap().replace("name: c", "name: g");
+        assert_eq!(text.len() as u64, before.len(), "same size");
+        fs::write(&c, text).unwrap();
+        fs::File::options()
+            .write(true)
+            .open(&c)
+            .unwrap()
+            .set_modified(before.modified().unwrap())
+            .unwrap();
+        assert_eq!(policy_names(&src.scan(true).unwrap()), ["e", "f", "g"]);
+        assert_eq!(src.parses, 7);
     }
 
     const WITHIN: Duration = Duration::from_secs(5);
