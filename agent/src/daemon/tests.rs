@@ -451,3 +451,47 @@ fn the_owner_orders_source_events_before_barriers_and_reports_failures() {
         assert_eq!(agent.model().endpoints.len(), 1);
     });
 }
+
+/// Registration churn leaves nothing behind: after every pod that came
+/// has gone, the engine, the kernel mirror and the published view are
+/// what they were before the first one.
+#[test]
+fn registration_churn_leaves_no_state_behind() {
+    let s = Scratch::new("churn");
+    let dp = MemoryDataplane::default();
+    let mut agent = start(&s, &dp);
+    let mut yaml = String::new();
+    for i in 0..300 {
+        yaml.push_str(&format!("---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, namespace: app, labels: {{app: a{}}}}}\nspec: {{containers: [{{name: c}}]}}\nstatus: {{podIP: 10.1.{}.{}}}\n", i % 20, i / 250, i % 250));
+    }
+    for i in 0..30 {
+        yaml.push_str(&format!("---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: np{i}, namespace: app}}\nspec:\n  podSelector: {{matchLabels: {{app: a{}}}}}\n  ingress: [{{from: [{{podSelector: {{matchLabels: {{app: a{}}}}}}}], ports: [{{port: 80}}]}}]\n  egress: [{{to: [{{namespaceSelector: {{}}}}], ports: [{{port: 53, protocol: UDP}}]}}]\n", i % 20, (i + 1) % 20));
+    }
+    let m = manifests::parse_str("big", &yaml);
+    assert!(m.errors.is_empty(), "{:?}", m.errors);
+    agent.apply_snapshot(m.into_snapshot()).unwrap();
+    let before = (agent.engine.desired().clone(), agent.current.clone());
+    let view = agent.view();
+    let pods: Vec<(Registration, u32)> = (0..20)
+        .map(|i| pod(&dp, &format!("q{i}"), 10 + i as u8))
+        .collect();
+    for round in 0..10 {
+        for (r, _) in &pods {
+            let mut r = r.clone();
+            // Pods of the manifests, so policies select them.
+            r.pod = format!("p{}", round * 7 % 20);
+            agent.register(r).unwrap();
+        }
+        assert!(agent.current.policy.len() > before.1.policy.len());
+        for (r, _) in &pods {
+            agent.deregister(&r.container_id).unwrap();
+        }
+    }
+    assert_eq!(agent.engine.desired(), &before.0, "desired state back to where it was");
+    assert_eq!(agent.current, before.1, "kernel mirror back to where it was");
+    assert_eq!(dp.maps(), before.1, "and so is the (fake) kernel");
+    let after = agent.view();
+    assert!(after.endpoints.is_empty() && after.endpoints_by_id.is_empty());
+    assert_eq!(after.identities.len(), view.identities.len());
+    assert_eq!(after.cookies.len(), view.cookies.len());
+}
