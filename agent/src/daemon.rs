@@ -11,11 +11,11 @@ use std::{
 };
 
 use anyhow::{anyhow, Context, Result};
-use log::{error, info, warn};
 use palisade_api::{EndpointStatus, ErrorKind, MapFill, PolicyStatus, Registration, StatusReport};
 use palisade_common::{EP_AUDIT, EP_EGRESS_ENFORCED, EP_INGRESS_ENFORCED};
 use palisade_dataplane::{ConntrackGc, DatapathConfig, MapState, Pins, StatsReader};
 use tokio::sync::watch;
+use tracing::{error, info, warn};
 
 use crate::{
     change::SourceEvent,

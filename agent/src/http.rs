@@ -26,13 +26,13 @@ use hyper_util::{
     rt::{TokioIo, TokioTimer},
     service::TowerToHyperService,
 };
-use log::{debug, warn};
 use tokio::{
     net::TcpListener,
     sync::{watch, Semaphore},
 };
 use tower::limit::ConcurrencyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
+use tracing::{debug, warn};
 
 use crate::metrics::{KernelStats, Metrics, CONTENT_TYPE};
 

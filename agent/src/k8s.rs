@@ -38,8 +38,8 @@ use kube::{
     },
     Api, Client, Resource,
 };
-use log::{info, warn};
 use tokio::sync::mpsc;
+use tracing::{info, warn};
 
 use crate::{
     change::{Change, Snapshot, SourceEvent},

@@ -8,9 +8,9 @@
 use std::thread::JoinHandle;
 
 use anyhow::{anyhow, Result};
-use log::{error, info};
 use palisade_api::{ErrorKind, MapFill, Registration, StatusReport, TraceReport, TraceRequest};
 use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{error, info};
 
 use crate::{
     change::SourceEvent,

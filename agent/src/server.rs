@@ -11,7 +11,6 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use log::{error, info, warn};
 use palisade_api::{ErrorKind, Request, Response};
 use palisade_dataplane::{events::EventReader, StatsReader};
 use tokio::{
@@ -20,6 +19,7 @@ use tokio::{
     sync::{broadcast, mpsc, watch},
     task::JoinSet,
 };
+use tracing::{error, info, warn};
 
 use crate::{
     change::SourceEvent,
@@ -427,7 +427,7 @@ async fn gc(handle: Handle) {
         match r {
             Ok(pass) => {
                 if pass.removed > 0 {
-                    log::debug!(
+                    tracing::debug!(
                         "conntrack gc: {} expired entries removed, {} left",
                         pass.removed,
                         pass.conntrack_entries

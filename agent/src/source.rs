@@ -29,12 +29,12 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use log::{error, info, warn};
 use notify::{
     event::{AccessKind, AccessMode},
     EventKind, RecursiveMode, Watcher,
 };
 use tokio::sync::{mpsc, oneshot};
+use tracing::{error, info, warn};
 
 pub use crate::change::Snapshot;
 use crate::{
@@ -214,7 +214,10 @@ impl ManifestSource {
             t.hash(&mut h);
             h.finish()
         });
-        if let Some(o) = old.as_ref().filter(|o| digest.is_some() && o.digest == digest) {
+        if let Some(o) = old
+            .as_ref()
+            .filter(|o| digest.is_some() && o.digest == digest)
+        {
             return FileState {
                 stamp,
                 settled,
@@ -646,7 +649,10 @@ mod tests {
         assert_eq!(policy_names(&src.scan(false).unwrap()), ["c", "e", "f"]);
         assert_eq!(src.parses, 6);
         assert!(src.scan(false).is_none());
-        assert_eq!(src.parses, 6, "unsettled: read again, same contents: not parsed");
+        assert_eq!(
+            src.parses, 6,
+            "unsettled: read again, same contents: not parsed"
+        );
 
         // A forced rescan reads everything and parses only what changed,
         // even behind an unchanged size and modification time.
@@ -654,7 +660,9 @@ mod tests {
         assert_eq!(src.parses, 6, "nothing changed");
         let c = dir.join("c.yaml");
         let before = fs::metadata(&c).unwrap();
-        let text = fs::read_to_string(&c).unwrap().replace("name: c", "name: g");
+        let text = fs::read_to_string(&c)
+            .unwrap()
+            .replace("name: c", "name: g");
         assert_eq!(text.len() as u64, before.len(), "same size");
         fs::write(&c, text).unwrap();
         fs::File::options()

@@ -487,8 +487,15 @@ fn registration_churn_leaves_no_state_behind() {
             agent.deregister(&r.container_id).unwrap();
         }
     }
-    assert_eq!(agent.engine.desired(), &before.0, "desired state back to where it was");
-    assert_eq!(agent.current, before.1, "kernel mirror back to where it was");
+    assert_eq!(
+        agent.engine.desired(),
+        &before.0,
+        "desired state back to where it was"
+    );
+    assert_eq!(
+        agent.current, before.1,
+        "kernel mirror back to where it was"
+    );
     assert_eq!(dp.maps(), before.1, "and so is the (fake) kernel");
     let after = agent.view();
     assert!(after.endpoints.is_empty() && after.endpoints_by_id.is_empty());
