@@ -194,6 +194,7 @@ fn run(
                             error!("applying the cluster view: {e:#}");
                             (kind_of(&e), format!("{e:#}"))
                         });
+                        release_free_memory();
                     }
                     None => sources_open = false,
                 },
@@ -243,5 +244,15 @@ fn handle(agent: &mut Agent, cmd: Command) {
         }
         Command::With(f) => f(agent),
         Command::Shutdown => {}
+    }
+}
+
+/// Hands the heap's free pages back to the kernel. A resync (the first
+/// view above all: every manifest parsed) frees far more than the agent
+/// keeps, and glibc would otherwise hold on to it as resident memory.
+pub fn release_free_memory() {
+    // SAFETY: malloc_trim only walks glibc's own arenas; thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

@@ -410,6 +410,8 @@ async fn gc(handle: Handle) {
     loop {
         tick.tick().await;
         let r = tokio::task::spawn_blocking(move || {
+            // Registration churn frees memory the allocator keeps otherwise.
+            crate::owner::release_free_memory();
             let r = gc.pass(palisade_dataplane::maps::monotonic_ns());
             (gc, r)
         })
