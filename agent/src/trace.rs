@@ -7,7 +7,10 @@ use std::net::Ipv4Addr;
 
 use anyhow::{bail, Context, Result};
 use palisade_api::{TraceReport, TraceRequest, TraceStep};
-use palisade_common::{reason, DIR_EGRESS, DIR_INGRESS, VERDICT_ALLOW, VERDICT_AUDIT};
+use palisade_common::{
+    decision::peer_or_world, reason, DIR_EGRESS, DIR_INGRESS, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    VERDICT_ALLOW, VERDICT_AUDIT,
+};
 use palisade_dataplane::{
     packet::{Packet, TCP_FLAG_SYN},
     reference::{Evaluator, Verdict},
@@ -78,12 +81,32 @@ fn verdict_name(v: &Verdict) -> &'static str {
     }
 }
 
+/// The peer identity of the policy entry that decided a new flow of `ep`
+/// (the exact peer, its CIDR identity, any-pod or any peer), if one did.
+/// `flow`: (remote address, protocol, destination port).
+fn matched_peer(
+    eval: &Evaluator,
+    ep: &LocalEndpoint,
+    dir: u8,
+    flow: (Ipv4Addr, u8, u16),
+    v: &Verdict,
+) -> Option<u32> {
+    if !matches!(v.reason, reason::POLICY_ALLOW | reason::DENY_RULE) {
+        return None;
+    }
+    let (remote, protocol, port) = flow;
+    let peer = peer_or_world(eval.ipcache_lookup(remote));
+    eval.policy_match(ep.endpoint_id, peer, dir, protocol, port)
+        .map(|m| m.peer_identity)
+}
+
 fn step<N: Names + ?Sized>(
     c: &N,
     hop: String,
     ep: &LocalEndpoint,
     dir: u8,
     v: &Verdict,
+    matched: Option<u32>,
 ) -> TraceStep {
     let policies = if let Some(r) = c.cookie(v.cookie) {
         vec![r.to_string()]
@@ -105,7 +128,14 @@ fn step<N: Names + ?Sized>(
         verdict: verdict_name(v).into(),
         reason: reason::name(v.reason).into(),
         policies,
-        detail: format!("peer identity {}", identity_text(c, peer)),
+        detail: match matched.filter(|m| *m != peer) {
+            Some(m) => format!(
+                "peer identity {}, matched the entry for {}",
+                identity_text(c, peer),
+                identity_text(c, m)
+            ),
+            None => format!("peer identity {}", identity_text(c, peer)),
+        },
     }
 }
 
@@ -126,10 +156,13 @@ pub fn trace<N: Names + ?Sized>(
         let compiled = names;
         let from = resolve(names, &t.from, "--from")?;
         let to = resolve(names, &t.to, "--to")?;
-        let packet = match t.protocol.as_str() {
-            "TCP" => Packet::tcp(from.ip, 40000, to.ip, t.port, TCP_FLAG_SYN),
-            "UDP" => Packet::udp(from.ip, 40000, to.ip, t.port),
-            "SCTP" => Packet::sctp(from.ip, 40000, to.ip, t.port),
+        let (packet, protocol) = match t.protocol.as_str() {
+            "TCP" => (
+                Packet::tcp(from.ip, 40000, to.ip, t.port, TCP_FLAG_SYN),
+                PROTO_TCP,
+            ),
+            "UDP" => (Packet::udp(from.ip, 40000, to.ip, t.port), PROTO_UDP),
+            "SCTP" => (Packet::sctp(from.ip, 40000, to.ip, t.port), PROTO_SCTP),
             p => bail!("protocol {p}: expected TCP, UDP or SCTP"),
         };
         if from.local.is_none() && to.local.is_none() {
@@ -146,24 +179,28 @@ pub fn trace<N: Names + ?Sized>(
         let mut verdicts = Vec::new();
         if let Some(ep) = &from.local {
             let v = eval.evaluate(ep.ifindex, DIR_EGRESS, &packet);
+            let m = matched_peer(&eval, ep, DIR_EGRESS, (to.ip, protocol, t.port), &v);
             steps.push(step(
                 compiled,
                 format!("egress of {}", from.name),
                 ep,
                 DIR_EGRESS,
                 &v,
+                m,
             ));
             verdicts.push(v);
         }
         if verdicts.iter().all(|v| v.pass) {
             if let Some(ep) = &to.local {
                 let v = eval.evaluate(ep.ifindex, DIR_INGRESS, &packet);
+                let m = matched_peer(&eval, ep, DIR_INGRESS, (from.ip, protocol, t.port), &v);
                 steps.push(step(
                     compiled,
                     format!("ingress of {}", to.name),
                     ep,
                     DIR_INGRESS,
                     &v,
+                    m,
                 ));
                 verdicts.push(v);
             }
