@@ -218,3 +218,67 @@ pub fn trace<N: Names + ?Sized>(
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+
+    use super::*;
+    use crate::{
+        change::Change,
+        compiler::Engine,
+        model::{Labels, Pod},
+    };
+
+    #[test]
+    fn trace_names_the_any_pod_entry_that_decided() {
+        let mut e = Engine::new(false, Vec::new());
+        for (ns, name, app, ip) in [
+            ("a", "web", "web", [10, 0, 0, 1]),
+            ("b", "db", "db", [10, 0, 1, 2]),
+        ] {
+            e.apply(Change::Pod(Pod {
+                namespace: ns.into(),
+                name: name.into(),
+                labels: Labels::from([("app".to_string(), app.to_string())]),
+                ip: Some(Ipv4Addr::from(ip)),
+                host_network: false,
+                ports: Vec::new(),
+            }));
+        }
+        let y = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: dns, namespace: a}\nspec:\n  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - to: [{namespaceSelector: {}}]\n    ports: [{port: 53, protocol: UDP}]\n";
+        let np: NetworkPolicy = serde_yaml::from_str(y).unwrap();
+        e.apply(Change::Policy(ObjectKey::new("a", "dns"), Arc::new(np)));
+        e.add_endpoint(LocalEndpoint {
+            key: ObjectKey::new("a", "web"),
+            endpoint_id: 1,
+            ifindex: 11,
+            host_ifname: "veth1".into(),
+            ipv4: Ipv4Addr::new(10, 0, 0, 1),
+            container_id: "c1".into(),
+        });
+        let req = |to: &str| TraceRequest {
+            from: "a/web".into(),
+            to: to.into(),
+            port: 53,
+            protocol: "UDP".into(),
+        };
+        let r = trace(&*e.view(), e.desired(), &req("b/db")).unwrap();
+        assert_eq!(r.verdict, "ALLOW");
+        let d = &r.steps[0].detail;
+        assert!(d.contains("(b: app=db)"), "{d}");
+        assert!(
+            d.contains(&format!(
+                "matched the entry for {} (any-pod)",
+                palisade_common::IDENTITY_ANY_POD
+            )),
+            "{d}"
+        );
+        assert_eq!(r.steps[0].policies, vec!["a/dns egress[0]".to_string()]);
+        // An external address is no pod.
+        let r = trace(&*e.view(), e.desired(), &req("192.0.2.1")).unwrap();
+        assert_eq!(r.verdict, "DROP");
+    }
+}
