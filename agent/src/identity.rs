@@ -13,11 +13,13 @@ use std::{
     hash::Hash,
 };
 
-use palisade_common::IDENTITY_FIRST_DYNAMIC;
+use palisade_common::{IDENTITY_FIRST_CIDR, IDENTITY_FIRST_DYNAMIC};
 
 #[derive(Debug, Clone)]
 pub struct Allocator<K> {
     first: u32,
+    /// Numbers stay below this bound.
+    end: u32,
     next: u32,
     by_key: HashMap<K, u32>,
     live: HashSet<u32>,
@@ -29,6 +31,7 @@ impl<K: Hash + Eq + Clone> Allocator<K> {
     pub fn new(first: u32) -> Self {
         Self {
             first,
+            end: u32::MAX,
             next: first,
             by_key: HashMap::new(),
             live: HashSet::new(),
@@ -48,9 +51,18 @@ impl<K: Hash + Eq + Clone> Allocator<K> {
         a
     }
 
-    /// The allocator for label and CIDR identities.
-    pub fn identities() -> Self {
-        Self::new(IDENTITY_FIRST_DYNAMIC)
+    /// The allocator for label identities (`IDENTITY_FIRST_DYNAMIC..`,
+    /// below `IDENTITY_FIRST_CIDR`).
+    pub fn label_identities() -> Self {
+        Self {
+            end: IDENTITY_FIRST_CIDR,
+            ..Self::new(IDENTITY_FIRST_DYNAMIC)
+        }
+    }
+
+    /// The allocator for CIDR identities (`IDENTITY_FIRST_CIDR..`).
+    pub fn cidr_identities() -> Self {
+        Self::new(IDENTITY_FIRST_CIDR)
     }
 
     /// The allocator for rule cookies (0 means "no rule").
@@ -68,7 +80,8 @@ impl<K: Hash + Eq + Clone> Allocator<K> {
                     Some(n) => n,
                     None => {
                         let n = self.next;
-                        self.next = self.next.checked_add(1).expect("allocator exhausted");
+                        assert!(n < self.end, "allocator exhausted");
+                        self.next = n + 1;
                         n
                     }
                 };
@@ -120,6 +133,8 @@ impl<K: Hash + Eq + Clone> Allocator<K> {
 /// synced), so one sync never sees a number stand for two keys.
 #[derive(Debug, Clone)]
 pub struct Pool {
+    /// Numbers stay below this bound.
+    end: u32,
     next: u32,
     free: BTreeSet<u32>,
     pending: Vec<u32>,
@@ -127,18 +142,35 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(first: u32) -> Self {
+        Self::bounded(first, u32::MAX)
+    }
+
+    /// Numbers in `first..end`.
+    pub fn bounded(first: u32, end: u32) -> Self {
         Self {
+            end,
             next: first,
             free: BTreeSet::new(),
             pending: Vec::new(),
         }
     }
 
+    /// The pool of label identities (below the CIDR range).
+    pub fn label_identities() -> Self {
+        Self::bounded(IDENTITY_FIRST_DYNAMIC, IDENTITY_FIRST_CIDR)
+    }
+
+    /// The pool of CIDR identities.
+    pub fn cidr_identities() -> Self {
+        Self::new(IDENTITY_FIRST_CIDR)
+    }
+
     /// The lowest free number.
     pub fn take(&mut self) -> u32 {
         self.free.pop_first().unwrap_or_else(|| {
             let n = self.next;
-            self.next = self.next.checked_add(1).expect("number pool exhausted");
+            assert!(n < self.end, "number pool exhausted");
+            self.next = n + 1;
             n
         })
     }

@@ -7,7 +7,10 @@ use std::net::Ipv4Addr;
 
 use anyhow::{bail, Context, Result};
 use palisade_api::{TraceReport, TraceRequest, TraceStep};
-use palisade_common::{reason, DIR_EGRESS, DIR_INGRESS, VERDICT_ALLOW, VERDICT_AUDIT};
+use palisade_common::{
+    decision::peer_or_world, reason, DIR_EGRESS, DIR_INGRESS, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    VERDICT_ALLOW, VERDICT_AUDIT,
+};
 use palisade_dataplane::{
     packet::{Packet, TCP_FLAG_SYN},
     reference::{Evaluator, Verdict},
@@ -78,12 +81,32 @@ fn verdict_name(v: &Verdict) -> &'static str {
     }
 }
 
+/// The peer identity of the policy entry that decided a new flow of `ep`
+/// (the exact peer, its CIDR identity, any-pod or any peer), if one did.
+/// `flow`: (remote address, protocol, destination port).
+fn matched_peer(
+    eval: &Evaluator,
+    ep: &LocalEndpoint,
+    dir: u8,
+    flow: (Ipv4Addr, u8, u16),
+    v: &Verdict,
+) -> Option<u32> {
+    if !matches!(v.reason, reason::POLICY_ALLOW | reason::DENY_RULE) {
+        return None;
+    }
+    let (remote, protocol, port) = flow;
+    let peer = peer_or_world(eval.ipcache_lookup(remote));
+    eval.policy_match(ep.endpoint_id, peer, dir, protocol, port)
+        .map(|m| m.peer_identity)
+}
+
 fn step<N: Names + ?Sized>(
     c: &N,
     hop: String,
     ep: &LocalEndpoint,
     dir: u8,
     v: &Verdict,
+    matched: Option<u32>,
 ) -> TraceStep {
     let policies = if let Some(r) = c.cookie(v.cookie) {
         vec![r.to_string()]
@@ -105,7 +128,14 @@ fn step<N: Names + ?Sized>(
         verdict: verdict_name(v).into(),
         reason: reason::name(v.reason).into(),
         policies,
-        detail: format!("peer identity {}", identity_text(c, peer)),
+        detail: match matched.filter(|m| *m != peer) {
+            Some(m) => format!(
+                "peer identity {}, matched the entry for {}",
+                identity_text(c, peer),
+                identity_text(c, m)
+            ),
+            None => format!("peer identity {}", identity_text(c, peer)),
+        },
     }
 }
 
@@ -126,10 +156,13 @@ pub fn trace<N: Names + ?Sized>(
         let compiled = names;
         let from = resolve(names, &t.from, "--from")?;
         let to = resolve(names, &t.to, "--to")?;
-        let packet = match t.protocol.as_str() {
-            "TCP" => Packet::tcp(from.ip, 40000, to.ip, t.port, TCP_FLAG_SYN),
-            "UDP" => Packet::udp(from.ip, 40000, to.ip, t.port),
-            "SCTP" => Packet::sctp(from.ip, 40000, to.ip, t.port),
+        let (packet, protocol) = match t.protocol.as_str() {
+            "TCP" => (
+                Packet::tcp(from.ip, 40000, to.ip, t.port, TCP_FLAG_SYN),
+                PROTO_TCP,
+            ),
+            "UDP" => (Packet::udp(from.ip, 40000, to.ip, t.port), PROTO_UDP),
+            "SCTP" => (Packet::sctp(from.ip, 40000, to.ip, t.port), PROTO_SCTP),
             p => bail!("protocol {p}: expected TCP, UDP or SCTP"),
         };
         if from.local.is_none() && to.local.is_none() {
@@ -146,24 +179,28 @@ pub fn trace<N: Names + ?Sized>(
         let mut verdicts = Vec::new();
         if let Some(ep) = &from.local {
             let v = eval.evaluate(ep.ifindex, DIR_EGRESS, &packet);
+            let m = matched_peer(&eval, ep, DIR_EGRESS, (to.ip, protocol, t.port), &v);
             steps.push(step(
                 compiled,
                 format!("egress of {}", from.name),
                 ep,
                 DIR_EGRESS,
                 &v,
+                m,
             ));
             verdicts.push(v);
         }
         if verdicts.iter().all(|v| v.pass) {
             if let Some(ep) = &to.local {
                 let v = eval.evaluate(ep.ifindex, DIR_INGRESS, &packet);
+                let m = matched_peer(&eval, ep, DIR_INGRESS, (from.ip, protocol, t.port), &v);
                 steps.push(step(
                     compiled,
                     format!("ingress of {}", to.name),
                     ep,
                     DIR_INGRESS,
                     &v,
+                    m,
                 ));
                 verdicts.push(v);
             }
@@ -179,5 +216,69 @@ pub fn trace<N: Names + ?Sized>(
             verdict: verdict.into(),
             steps,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+
+    use super::*;
+    use crate::{
+        change::Change,
+        compiler::Engine,
+        model::{Labels, Pod},
+    };
+
+    #[test]
+    fn trace_names_the_any_pod_entry_that_decided() {
+        let mut e = Engine::new(false, Vec::new());
+        for (ns, name, app, ip) in [
+            ("a", "web", "web", [10, 0, 0, 1]),
+            ("b", "db", "db", [10, 0, 1, 2]),
+        ] {
+            e.apply(Change::Pod(Pod {
+                namespace: ns.into(),
+                name: name.into(),
+                labels: Labels::from([("app".to_string(), app.to_string())]),
+                ip: Some(Ipv4Addr::from(ip)),
+                host_network: false,
+                ports: Vec::new(),
+            }));
+        }
+        let y = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: dns, namespace: a}\nspec:\n  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - to: [{namespaceSelector: {}}]\n    ports: [{port: 53, protocol: UDP}]\n";
+        let np: NetworkPolicy = serde_yaml::from_str(y).unwrap();
+        e.apply(Change::Policy(ObjectKey::new("a", "dns"), Arc::new(np)));
+        e.add_endpoint(LocalEndpoint {
+            key: ObjectKey::new("a", "web"),
+            endpoint_id: 1,
+            ifindex: 11,
+            host_ifname: "veth1".into(),
+            ipv4: Ipv4Addr::new(10, 0, 0, 1),
+            container_id: "c1".into(),
+        });
+        let req = |to: &str| TraceRequest {
+            from: "a/web".into(),
+            to: to.into(),
+            port: 53,
+            protocol: "UDP".into(),
+        };
+        let r = trace(&*e.view(), e.desired(), &req("b/db")).unwrap();
+        assert_eq!(r.verdict, "ALLOW");
+        let d = &r.steps[0].detail;
+        assert!(d.contains("(b: app=db)"), "{d}");
+        assert!(
+            d.contains(&format!(
+                "matched the entry for {} (any-pod)",
+                palisade_common::IDENTITY_ANY_POD
+            )),
+            "{d}"
+        );
+        assert_eq!(r.steps[0].policies, vec!["a/dns egress[0]".to_string()]);
+        // An external address is no pod.
+        let r = trace(&*e.view(), e.desired(), &req("192.0.2.1")).unwrap();
+        assert_eq!(r.verdict, "DROP");
     }
 }

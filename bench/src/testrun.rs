@@ -71,7 +71,7 @@ const IFINDEX: u32 = 1;
 const EP_ID: u32 = 7;
 const POD: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 5);
 const POD_IDENTITY: u32 = 300;
-const CIDR_IDENTITY: u32 = 900;
+const CIDR_IDENTITY: u32 = palisade_common::IDENTITY_FIRST_CIDR + 900;
 const FIRST_PEER_IDENTITY: u32 = 1000;
 
 /// Scenario names, in measuring order (see the module docs).

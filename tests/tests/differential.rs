@@ -34,8 +34,8 @@ use palisade_common::{
     programs, reason, CtKey, CtValue, EndpointInfo, FlowEvent, FragKey, FragValue, IpcacheValue,
     PolicyKey, PolicyValue, ACTION_ALLOW, ACTION_DENY, CT_AUDIT, CT_SEEN_REPLY, DIR_EGRESS,
     DIR_INGRESS, EP_AUDIT, EP_EGRESS_ENFORCED, EP_INGRESS_ENFORCED, FRAG_TIMEOUT_NS, IDENTITY_ANY,
-    IDENTITY_HOST, IDENTITY_WORLD, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW,
-    VERDICT_DROP,
+    IDENTITY_ANY_POD, IDENTITY_FIRST_CIDR, IDENTITY_HOST, IDENTITY_WORLD, PROTO_ICMP, PROTO_SCTP,
+    PROTO_TCP, PROTO_UDP, VERDICT_ALLOW, VERDICT_DROP,
 };
 use palisade_dataplane::{
     events::EventReader,
@@ -59,7 +59,14 @@ const SEC: u64 = 1_000_000_000;
 // ---------------------------------------------------------------- the world
 
 const LABEL_IDS: [u32; 8] = [1000, 1001, 1002, 1003, 1004, 1005, 1006, 1007];
-const CIDR_IDS: [u32; 5] = [3000, 3001, 3002, 3003, 3004];
+/// CIDR identities live in their own range (the kernel tells pods by it).
+const CIDR_IDS: [u32; 5] = [
+    IDENTITY_FIRST_CIDR,
+    IDENTITY_FIRST_CIDR + 1,
+    IDENTITY_FIRST_CIDR + 2,
+    IDENTITY_FIRST_CIDR + 3,
+    IDENTITY_FIRST_CIDR + 4,
+];
 
 fn a(o: [u8; 4]) -> Ipv4Addr {
     Ipv4Addr::from(o)
@@ -316,12 +323,13 @@ fn gen_policy_set(rng: &mut StdRng, ifindexes: &[u32], now: u64) -> PolicySet {
         } else {
             rng.gen_range(1..=9)
         };
-        let peer = match rng.gen_range(0..20) {
+        let peer = match rng.gen_range(0..22) {
             0..=4 => IDENTITY_ANY,
             5..=10 => pick(rng, &LABEL_IDS),
             11..=14 => pick(rng, &CIDR_IDS),
             15 => IDENTITY_WORLD,
             16 => IDENTITY_HOST,
+            17..=18 => IDENTITY_ANY_POD,
             _ => pick(rng, &ep_identities),
         };
         let direction = if rng.gen_bool(0.5) {

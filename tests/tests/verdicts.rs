@@ -10,9 +10,10 @@ use palisade_common::{
     conntrack::{TCP_CLOSE, TCP_ESTABLISHED, TCP_FIN_WAIT, TCP_SYN_RECV, TCP_SYN_SENT},
     programs, reason, CtKey, CtValue, EndpointInfo, FlowEvent, FragKey, FragValue, IpcacheValue,
     PolicyKey, PolicyValue, ACTION_ALLOW, ACTION_DENY, CT_AUDIT, CT_SEEN_REPLY, DIR_EGRESS,
-    DIR_INGRESS, EP_AUDIT, EP_EGRESS_ENFORCED, EP_INGRESS_ENFORCED, IDENTITY_ANY, IDENTITY_HOST,
-    IDENTITY_WORLD, POLICY_PREFIX_FIXED, POLICY_PREFIX_FULL, POLICY_PREFIX_PROTO, PROTO_ICMP,
-    PROTO_SCTP, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP,
+    DIR_INGRESS, EP_AUDIT, EP_EGRESS_ENFORCED, EP_INGRESS_ENFORCED, IDENTITY_ANY, IDENTITY_ANY_POD,
+    IDENTITY_FIRST_CIDR, IDENTITY_HOST, IDENTITY_WORLD, POLICY_PREFIX_FIXED, POLICY_PREFIX_FULL,
+    POLICY_PREFIX_PROTO, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW,
+    VERDICT_AUDIT, VERDICT_DROP,
 };
 use palisade_dataplane::{
     events::EventReader,
@@ -34,9 +35,9 @@ const POD: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 5);
 const PEER: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 9);
 const PEER_IDENTITY: u32 = 2001;
 /// An ipBlock (CIDR identity) that contains PEER.
-const BLOCK_IDENTITY: u32 = 3001;
+const BLOCK_IDENTITY: u32 = IDENTITY_FIRST_CIDR + 1;
 const EXTERNAL: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 44);
-const EXTERNAL_IDENTITY: u32 = 3002;
+const EXTERNAL_IDENTITY: u32 = IDENTITY_FIRST_CIDR + 2;
 const NODE: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
 
 const XDP_DROP: u32 = 1;
@@ -708,6 +709,133 @@ fn deny_rule_drops_with_its_cookie() -> Result<()> {
         &Packet::tcp(EXTERNAL, 1, POD, 8001, TCP_FLAG_SYN),
     )?
     .assert_reported(false, VERDICT_DROP, reason::DENY_RULE, 63);
+    Ok(())
+}
+
+#[test]
+fn any_pod_matches_pod_peers_only_after_the_exact_and_cidr_lookups() -> Result<()> {
+    let mut rig = rig!();
+    rig.endpoint(EP_INGRESS_ENFORCED | EP_EGRESS_ENFORCED)?;
+    let allow = |rig: &mut Rig, peer, dir, proto, port, action, cookie| {
+        rig.policy(POLICY_PREFIX_FULL, peer, dir, proto, port, action, cookie)
+    };
+    allow(
+        &mut rig,
+        IDENTITY_ANY_POD,
+        DIR_EGRESS,
+        PROTO_UDP,
+        53,
+        ACTION_ALLOW,
+        81,
+    )?;
+    // A pod (label identity): the any-pod entry matches.
+    let s = rig.run(DIR_EGRESS, &Packet::udp(POD, 5000, PEER, 53))?;
+    s.assert_reported(true, VERDICT_ALLOW, reason::POLICY_ALLOW, 81);
+    assert_eq!(
+        s.event().dst_identity,
+        PEER_IDENTITY,
+        "the real peer is reported"
+    );
+    // An address in an ipBlock (CIDR identity), an external one, the world
+    // and a no-pod address inside the pod's block: no pods.
+    for (dst, id) in [
+        (EXTERNAL, EXTERNAL_IDENTITY),
+        (Ipv4Addr::new(8, 8, 8, 8), IDENTITY_WORLD),
+        (Ipv4Addr::new(10, 1, 0, 77), BLOCK_IDENTITY),
+    ] {
+        let s = rig.run(DIR_EGRESS, &Packet::udp(POD, 5000, dst, 53))?;
+        s.assert_reported(false, VERDICT_DROP, reason::NO_POLICY_MATCH, 0);
+        assert_eq!(s.event().dst_identity, id);
+    }
+    // The node: host, before any lookup.
+    rig.run(DIR_EGRESS, &Packet::udp(POD, 5000, NODE, 53))?
+        .assert_reported(true, VERDICT_ALLOW, reason::HOST, 0);
+
+    // Order: exact peer, then its CIDR identity, then any pod, then any.
+    allow(
+        &mut rig,
+        PEER_IDENTITY,
+        DIR_EGRESS,
+        PROTO_UDP,
+        54,
+        ACTION_ALLOW,
+        82,
+    )?;
+    allow(
+        &mut rig,
+        IDENTITY_ANY_POD,
+        DIR_EGRESS,
+        PROTO_UDP,
+        54,
+        ACTION_DENY,
+        83,
+    )?;
+    rig.run(DIR_EGRESS, &Packet::udp(POD, 5000, PEER, 54))?
+        .assert_reported(true, VERDICT_ALLOW, reason::POLICY_ALLOW, 82);
+    allow(
+        &mut rig,
+        BLOCK_IDENTITY,
+        DIR_EGRESS,
+        PROTO_UDP,
+        55,
+        ACTION_ALLOW,
+        84,
+    )?;
+    allow(
+        &mut rig,
+        IDENTITY_ANY_POD,
+        DIR_EGRESS,
+        PROTO_UDP,
+        55,
+        ACTION_DENY,
+        85,
+    )?;
+    rig.run(DIR_EGRESS, &Packet::udp(POD, 5000, PEER, 55))?
+        .assert_reported(true, VERDICT_ALLOW, reason::POLICY_ALLOW, 84);
+    allow(
+        &mut rig,
+        IDENTITY_ANY_POD,
+        DIR_EGRESS,
+        PROTO_UDP,
+        56,
+        ACTION_DENY,
+        86,
+    )?;
+    allow(
+        &mut rig,
+        IDENTITY_ANY,
+        DIR_EGRESS,
+        PROTO_UDP,
+        56,
+        ACTION_ALLOW,
+        87,
+    )?;
+    rig.run(DIR_EGRESS, &Packet::udp(POD, 5000, PEER, 56))?
+        .assert_reported(false, VERDICT_DROP, reason::DENY_RULE, 86);
+    // Not a pod: straight from the CIDR lookup to any.
+    rig.run(DIR_EGRESS, &Packet::udp(POD, 5000, EXTERNAL, 56))?
+        .assert_reported(true, VERDICT_ALLOW, reason::POLICY_ALLOW, 87);
+
+    // Ingress from any pod, likewise.
+    allow(
+        &mut rig,
+        IDENTITY_ANY_POD,
+        DIR_INGRESS,
+        PROTO_TCP,
+        8080,
+        ACTION_ALLOW,
+        88,
+    )?;
+    let s = rig.run(DIR_INGRESS, &tcp_in(40000, 8080, TCP_FLAG_SYN))?;
+    s.assert_reported(true, VERDICT_ALLOW, reason::POLICY_ALLOW, 88);
+    assert_eq!(s.event().src_identity, PEER_IDENTITY);
+    rig.run(
+        DIR_INGRESS,
+        &Packet::tcp(EXTERNAL, 40000, POD, 8080, TCP_FLAG_SYN),
+    )?
+    .assert_reported(false, VERDICT_DROP, reason::NO_POLICY_MATCH, 0);
+    rig.run(DIR_INGRESS, &tcp_in(40000, 8081, TCP_FLAG_SYN))?
+        .assert_reported(false, VERDICT_DROP, reason::NO_POLICY_MATCH, 0);
     Ok(())
 }
 

@@ -2,8 +2,8 @@
 use std::collections::{BTreeSet, HashMap};
 
 use palisade_common::{
-    PolicyKey, PolicyValue, ACTION_ALLOW, DIR_INGRESS, IDENTITY_ANY, POLICY_PREFIX_FIXED,
-    POLICY_PREFIX_FULL, POLICY_PREFIX_PROTO,
+    PolicyKey, PolicyValue, ACTION_ALLOW, DIR_INGRESS, IDENTITY_ANY, IDENTITY_ANY_POD,
+    POLICY_PREFIX_FIXED, POLICY_PREFIX_FULL, POLICY_PREFIX_PROTO,
 };
 
 use super::{
@@ -120,23 +120,23 @@ pub(crate) fn emit_rule(
                 }
             }
             Port::Named { proto, name } => {
+                // Egress: per destination identity, also when every pod is
+                // a peer (no peers, or an "any pod" peer).
                 let mut emit_for = |id: u32| {
                     dest.named(id, name, *proto, &mut |n| {
                         insert_entry(policy, POLICY_PREFIX_FULL, key(id, *proto, n), r.cookie)
                     });
                 };
-                match r.peers {
-                    PeerSet::Any => {
-                        let mut ids = Vec::new();
-                        dest.each_label_id(&mut |id| ids.push(id));
-                        for id in ids {
-                            emit_for(id);
-                        }
+                if r.peers.all_pods() {
+                    let mut ids = Vec::new();
+                    dest.each_label_id(&mut |id| ids.push(id));
+                    for id in ids {
+                        emit_for(id);
                     }
-                    PeerSet::Ids(ids) => {
-                        for &id in ids {
-                            emit_for(id);
-                        }
+                }
+                if let PeerSet::Ids(ids) = r.peers {
+                    for &id in ids.iter().filter(|id| **id != IDENTITY_ANY_POD) {
+                        emit_for(id);
                     }
                 }
             }

@@ -5,8 +5,10 @@
 //!
 //! * **Label identities** are refcounted by their [`LabelSet`]; a pod
 //!   change releases one and acquires another. An identity that appears is
-//!   matched against every rule with pod peers; one that disappears leaves
-//!   the rules that held it (`id_rules`).
+//!   matched against every rule with pod peers (except "any pod" rules,
+//!   whose peer is `IDENTITY_ANY_POD` whatever identities exist); one that
+//!   disappears leaves the rules that held it (`id_rules`). Label and CIDR
+//!   identities come from two pools with disjoint ranges.
 //! * **CIDR identities** are refcounted by the accepted rules' ipBlock
 //!   prefixes, plus the pod addresses that need their own /32 (named ports
 //!   on ipBlock egress peers). One that appears or disappears changes the
@@ -36,7 +38,7 @@ use std::{
 
 use ipnetwork::Ipv4Network;
 use palisade_common::{
-    EndpointInfo, IpcacheValue, PolicyKey, DIR_EGRESS, DIR_INGRESS, IDENTITY_FIRST_DYNAMIC,
+    EndpointInfo, IpcacheValue, PolicyKey, DIR_EGRESS, DIR_INGRESS, IDENTITY_ANY_POD,
     IDENTITY_HOST, IDENTITY_WORLD,
 };
 use palisade_dataplane::MapState;
@@ -124,7 +126,9 @@ pub struct Engine {
     configured_host_ips: Vec<Ipv4Addr>,
     source_host_ips: Vec<Ipv4Addr>,
 
-    ids: Pool,
+    /// Label identities and CIDR identities: disjoint ranges.
+    label_pool: Pool,
+    cidr_pool: Pool,
     cookie_pool: Pool,
     label_ids: HashMap<Arc<LabelSet>, u32>,
     labels: HashMap<u32, LabelEntry>,
@@ -200,7 +204,8 @@ impl Engine {
             },
             configured_host_ips,
             source_host_ips: Vec::new(),
-            ids: Pool::new(IDENTITY_FIRST_DYNAMIC),
+            label_pool: Pool::label_identities(),
+            cidr_pool: Pool::cidr_identities(),
             cookie_pool: Pool::new(1),
             label_ids: HashMap::new(),
             labels: HashMap::new(),
@@ -240,6 +245,9 @@ impl Engine {
         e.view
             .identities
             .insert(IDENTITY_WORLD, IdentitySource::Reserved("world"));
+        e.view
+            .identities
+            .insert(IDENTITY_ANY_POD, IdentitySource::Reserved("any-pod"));
         // Room for a cluster of ~10k pods without rehashing the desired
         // state in the middle of a change (a rehash of 30k entries is a
         // few ms; the memory is ~3 MiB).
@@ -264,7 +272,8 @@ impl Engine {
     /// The keys possibly changed since the last call. Numbers released
     /// since then become reusable: call it right before syncing.
     pub fn take_touched(&mut self) -> Touched {
-        self.ids.flush();
+        self.label_pool.flush();
+        self.cidr_pool.flush();
         self.cookie_pool.flush();
         std::mem::take(&mut self.touched)
     }
@@ -537,7 +546,7 @@ impl Engine {
             self.labels.get_mut(&id).expect("label entry").refs += 1;
             return id;
         }
-        let id = self.ids.take();
+        let id = self.label_pool.take();
         let set = Arc::new(set);
         self.label_ids.insert(set.clone(), id);
         self.view.identities.insert(id, set.source());
@@ -565,7 +574,7 @@ impl Engine {
         // Its entries go endpoint by endpoint in `settle`.
         self.identity_gone(id, false);
         self.gone_ids.push(id);
-        self.ids.release(id);
+        self.label_pool.release(id);
     }
 
     fn add_peer(&mut self, c: u32, id: u32, mark: bool) {
@@ -613,7 +622,7 @@ impl Engine {
             || (net.prefix() == 32 && self.addr_need.contains(&net.ip()));
         match (want, self.cidr_ids.get(&net).copied()) {
             (true, None) => {
-                let id = self.ids.take();
+                let id = self.cidr_pool.take();
                 self.cidr_ids.insert(net, id);
                 self.cidr_by_id.insert(id, net);
                 self.view.identities.insert(id, IdentitySource::Cidr(net));
@@ -629,7 +638,7 @@ impl Engine {
                 self.cidr_by_id.remove(&id);
                 self.view.identities.remove(&id);
                 self.identity_gone(id, true);
-                self.ids.release(id);
+                self.cidr_pool.release(id);
                 self.cidr_moved(net);
             }
             _ => {}
@@ -761,15 +770,19 @@ impl Engine {
     }
 
     fn add_rule(&mut self, c: u32, key: &ObjectKey, rule_ref: RuleRef, rule: Rule) {
+        let any_pod = rule.any_pod();
         let peers = if rule.peers.is_none() {
             PeerSet::Any
         } else {
-            let mut ids: BTreeSet<u32> = self
-                .labels
-                .iter()
-                .filter(|(_, e)| rule_matches_labels(&key.namespace, &rule, &e.set))
-                .map(|(id, _)| *id)
-                .collect();
+            let mut ids: BTreeSet<u32> = if any_pod {
+                BTreeSet::from([IDENTITY_ANY_POD])
+            } else {
+                self.labels
+                    .iter()
+                    .filter(|(_, e)| rule_matches_labels(&key.namespace, &rule, &e.set))
+                    .map(|(id, _)| *id)
+                    .collect()
+            };
             ids.extend(
                 self.cidr_ids
                     .iter()
@@ -784,7 +797,8 @@ impl Engine {
             }
         }
         let peers_of = |f: fn(&Peer) -> bool| rule.peers.iter().flatten().any(f);
-        if peers_of(|p| matches!(p, Peer::Pods { .. })) {
+        // An "any pod" rule holds no label identity: nothing to match.
+        if !any_pod && peers_of(|p| matches!(p, Peer::Pods { .. })) {
             self.label_rules.insert(c);
         }
         let has_blocks = peers_of(|p| matches!(p, Peer::Block { .. }));
@@ -1019,11 +1033,12 @@ impl Engine {
                     };
                     for c in cookies {
                         let r = &self.rules[c];
-                        let named_only = match &r.peers {
-                            PeerSet::Any if r.rule.has_named_egress() => true,
-                            PeerSet::Any => continue,
-                            PeerSet::Ids(_) => false,
-                        };
+                        // Every pod is a peer (no peers, or "any pod"):
+                        // only egress named ports are per identity.
+                        let named_only = r.peers.all_pods();
+                        if named_only && !r.rule.has_named_egress() {
+                            continue;
+                        }
                         let ports: Vec<Port> = r
                             .rule
                             .ports
@@ -1033,7 +1048,7 @@ impl Engine {
                             .collect();
                         for id in &new {
                             if let PeerSet::Ids(ids) = &r.peers {
-                                if !ids.contains(id) {
+                                if !named_only && !ids.contains(id) {
                                     continue;
                                 }
                             }
@@ -1442,7 +1457,14 @@ mod tests {
                 "{{namespaceSelector: {{matchLabels: {{team: x}}}}, podSelector: {}}}",
                 sel(rng)
             ),
-            2 => "{namespaceSelector: {}}".to_string(),
+            2 => [
+                "{namespaceSelector: {}}",
+                "{namespaceSelector: {}, podSelector: {}}",
+                "{namespaceSelector: {}, podSelector: {matchLabels: {app: web}}}",
+            ]
+            .choose(rng)
+            .unwrap()
+            .to_string(),
             _ => format!("{{ipBlock: {}}}", block.choose(rng).unwrap()),
         }
     }

@@ -16,14 +16,19 @@
 //!
 //! # What it produces
 //!
-//! * **Identities.** `host` (1) and `world` (2) are reserved. Every distinct
+//! * **Identities.** `host` (1), `world` (2) and `any-pod` (3, a policy
+//!   peer only, see below) are reserved. Every distinct
 //!   (namespace, namespace labels, pod labels) set of a non-hostNetwork pod
 //!   gets a label identity; every distinct ipBlock prefix (`cidr` and each
 //!   `except`) of an accepted policy gets a CIDR identity, except
 //!   `0.0.0.0/0`, which is `world`; and every pod address inside an
 //!   ipBlock of an egress rule with a named port gets the CIDR identity of
-//!   its /32 (see named ports below). Numbers come from one [`Allocator`] and
-//!   stay the same as long as their key is in use.
+//!   its /32 (see named ports below). Label identities are numbered from
+//!   `IDENTITY_FIRST_DYNAMIC` (256), CIDR identities from
+//!   `IDENTITY_FIRST_CIDR` (0x0080_0000): disjoint ranges, so the kernel
+//!   tells a pod peer from an address by its number. Numbers come from one
+//!   [`Allocator`] per range and stay the same as long as their key is in
+//!   use.
 //! * **ipcache.** `0.0.0.0/0` → world; every ipBlock prefix → its CIDR
 //!   identity; every non-hostNetwork pod address (/32) → its label identity,
 //!   with `cidr_identity` = the identity of the longest ipBlock prefix that
@@ -35,7 +40,10 @@
 //!   the policies that select it and the audit flag.
 //! * **Policy.** For every local endpoint, the union of the allow entries of
 //!   every accepted policy that selects it, in the directions of the
-//!   policy's effective `policyTypes`.
+//!   policy's effective `policyTypes`. A rule without peers allows
+//!   `IDENTITY_ANY`; a rule one of whose peers matches every pod of the
+//!   cluster (see "any pod" below) allows `IDENTITY_ANY_POD` once instead of
+//!   every label identity.
 //!
 //! # Decisions on points the API leaves open
 //!
@@ -85,6 +93,25 @@
 //!   the pod's named container ports too, so pods with the same labels but
 //!   a name mapped to different numbers get different identities, and each
 //!   only its own port. An unresolvable name produces no entry (not an error).
+//! * **Any pod.** A peer with `namespaceSelector` present and empty (`{}`)
+//!   and `podSelector` absent or empty matches every non-hostNetwork pod of
+//!   the cluster, decided syntactically (not by looking at which label
+//!   identities exist). A rule with such a peer gets the peer identity
+//!   `IDENTITY_ANY_POD` (plus the CIDR identities of its ipBlock peers; its
+//!   other pod peers add nothing): one entry per (endpoint, port) instead of
+//!   one per label identity, so a pod's CNI ADD writes a handful of entries
+//!   for "allow DNS to every pod" rather than one per identity. The kernel
+//!   looks `IDENTITY_ANY_POD` up after the exact peer and its CIDR identity
+//!   missed, only for a peer whose identity is a label identity: host,
+//!   world, node addresses and other addresses (CIDR identities) never
+//!   match it, exactly as they never were label identities. Egress named
+//!   ports of such a rule still resolve per destination: they keep one
+//!   entry per label identity (and port number), as a rule without peers
+//!   does; ingress named ports resolve on the selected pod, so one entry.
+//!   When the exact peer also has an entry for the port, it decides (first
+//!   hit), so the rule reported for a flow may be another allowing rule
+//!   than with per-identity entries (which kept the lowest cookie); the
+//!   verdict is the same.
 //! * Two rules producing the same (prefix, key) keep the lowest cookie.
 //! * Policies are parsed when they enter the model ([`Model::add_policy`]);
 //!   the model keeps the typed result, never the API object.
@@ -106,7 +133,9 @@ use std::{
 };
 
 use ipnetwork::Ipv4Network;
-use palisade_common::{EndpointInfo, IpcacheValue, DIR_INGRESS, IDENTITY_HOST, IDENTITY_WORLD};
+use palisade_common::{
+    EndpointInfo, IpcacheValue, DIR_INGRESS, IDENTITY_ANY_POD, IDENTITY_HOST, IDENTITY_WORLD,
+};
 use palisade_dataplane::MapState;
 
 pub use self::{
@@ -169,7 +198,8 @@ pub struct Compiled {
     /// Every cookie of every rule of every accepted policy (whether or not
     /// the rule produced entries on this node).
     pub cookies: HashMap<u32, RuleRef>,
-    /// Every identity in use: host, world, label and CIDR identities.
+    /// Every identity in use: host, world, any-pod, label and CIDR
+    /// identities.
     pub identities: HashMap<u32, IdentitySource>,
     /// Policies that could not be compiled, with the reason. Every other
     /// policy is compiled and enforced as usual.
@@ -197,14 +227,18 @@ impl Compiled {
 /// change touches only the entries it really changes.
 #[derive(Debug)]
 pub struct Compiler {
-    identities: Allocator<IdentityKey>,
+    /// Label identities, from `IDENTITY_FIRST_DYNAMIC`.
+    label_ids: Allocator<IdentityKey>,
+    /// CIDR identities, from `IDENTITY_FIRST_CIDR`.
+    cidr_ids: Allocator<IdentityKey>,
     cookies: Allocator<RuleRef>,
 }
 
 impl Default for Compiler {
     fn default() -> Self {
         Self {
-            identities: Allocator::identities(),
+            label_ids: Allocator::label_identities(),
+            cidr_ids: Allocator::cidr_identities(),
             cookies: Allocator::cookies(),
         }
     }
@@ -253,8 +287,12 @@ impl Compiler {
         identities: impl IntoIterator<Item = (IdentityKey, u32)>,
         cookies: impl IntoIterator<Item = (RuleRef, u32)>,
     ) -> Self {
+        let (cidrs, labels): (Vec<_>, Vec<_>) = identities
+            .into_iter()
+            .partition(|(k, _)| matches!(k, IdentityKey::Cidr(_)));
         Self {
-            identities: Allocator::seeded(palisade_common::IDENTITY_FIRST_DYNAMIC, identities),
+            label_ids: Allocator::seeded(palisade_common::IDENTITY_FIRST_DYNAMIC, labels),
+            cidr_ids: Allocator::seeded(palisade_common::IDENTITY_FIRST_CIDR, cidrs),
             cookies: Allocator::seeded(1, cookies),
         }
     }
@@ -315,7 +353,7 @@ impl Compiler {
                 .or_insert_with(|| namespace_labels(model, &key.namespace))
                 .clone();
             let set = LabelSet::new(&key.namespace, nsl, view.labels, view.ports);
-            let id = self.identities.assign(&IdentityKey::Labels(set.clone()));
+            let id = self.label_ids.assign(&IdentityKey::Labels(set.clone()));
             pod_identity.insert(key, id);
             labels_by_id.entry(id).or_insert(set);
         }
@@ -358,15 +396,18 @@ impl Compiler {
         cidr_ids.insert(world(), IDENTITY_WORLD);
         for net in &prefixes {
             if *net != world() {
-                cidr_ids.insert(*net, self.identities.assign(&IdentityKey::Cidr(*net)));
+                cidr_ids.insert(*net, self.cidr_ids.assign(&IdentityKey::Cidr(*net)));
             }
         }
-        self.identities.finish_round();
+        self.label_ids.finish_round();
+        self.cidr_ids.finish_round();
 
         out.identities
             .insert(IDENTITY_HOST, IdentitySource::Reserved("host"));
         out.identities
             .insert(IDENTITY_WORLD, IdentitySource::Reserved("world"));
+        out.identities
+            .insert(IDENTITY_ANY_POD, IdentitySource::Reserved("any-pod"));
         for (id, set) in &labels_by_id {
             out.identities.insert(*id, set.source());
         }

@@ -381,6 +381,20 @@ impl Rule {
         self.direction == DIR_EGRESS && self.ports.iter().any(|p| matches!(p, Port::Named { .. }))
     }
 
+    /// Whether one of the rule's peers matches every pod of the cluster,
+    /// syntactically: `namespaceSelector: {}` with `podSelector` absent or
+    /// `{}`. Its peers are then "any pod" (`IDENTITY_ANY_POD`) instead of
+    /// every label identity (the other pod peers add nothing).
+    pub(crate) fn any_pod(&self) -> bool {
+        self.peers.iter().flatten().any(|p| match p {
+            Peer::Pods {
+                namespaces: Some(ns),
+                pods,
+            } => ns.is_everything() && pods.as_ref().is_none_or(|s| s.is_everything()),
+            _ => false,
+        })
+    }
+
     /// The ipBlock peers of the rule.
     pub(crate) fn blocks(&self) -> impl Iterator<Item = (Ipv4Network, &[Ipv4Network])> {
         self.peers.iter().flatten().filter_map(|p| match p {

@@ -3,6 +3,7 @@
 use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use ipnetwork::Ipv4Network;
+use palisade_common::IDENTITY_ANY_POD;
 
 use super::{
     identities::LabelSet,
@@ -14,7 +15,19 @@ use super::{
 pub(crate) enum PeerSet {
     /// No `from`/`to`: any peer.
     Any,
+    /// Label and CIDR identities; `IDENTITY_ANY_POD` (then with no label
+    /// identity) when a peer matches every pod ([`Rule::any_pod`]).
     Ids(BTreeSet<u32>),
+}
+
+impl PeerSet {
+    /// Every pod is a peer: no `from`/`to`, or an "any pod" peer.
+    pub(crate) fn all_pods(&self) -> bool {
+        match self {
+            PeerSet::Any => true,
+            PeerSet::Ids(ids) => ids.contains(&IDENTITY_ANY_POD),
+        }
+    }
 }
 
 /// Whether a label identity is a peer of `rule` (of a policy in `policy_ns`).
@@ -67,10 +80,14 @@ pub(crate) fn resolve_peers<'a>(
     if rule.peers.is_none() {
         return PeerSet::Any;
     }
-    let mut ids: BTreeSet<u32> = labels
-        .filter(|(_, set)| rule_matches_labels(policy_ns, rule, set))
-        .map(|(id, _)| id)
-        .collect();
+    let mut ids: BTreeSet<u32> = if rule.any_pod() {
+        BTreeSet::from([IDENTITY_ANY_POD])
+    } else {
+        labels
+            .filter(|(_, set)| rule_matches_labels(policy_ns, rule, set))
+            .map(|(id, _)| id)
+            .collect()
+    };
     ids.extend(
         cidrs
             .filter(|(net, _)| rule_matches_cidr(rule, *net))

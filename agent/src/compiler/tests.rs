@@ -6,8 +6,8 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use palisade_common::{reason, PROTO_ICMP};
 use palisade_common::{
     PolicyKey, PolicyValue, ACTION_ALLOW, DIR_EGRESS, EP_AUDIT, EP_EGRESS_ENFORCED,
-    EP_INGRESS_ENFORCED, IDENTITY_ANY, POLICY_PREFIX_FIXED, POLICY_PREFIX_PROTO, PROTO_SCTP,
-    PROTO_TCP, PROTO_UDP,
+    EP_INGRESS_ENFORCED, IDENTITY_ANY, IDENTITY_ANY_POD, POLICY_PREFIX_FIXED, POLICY_PREFIX_PROTO,
+    PROTO_SCTP, PROTO_TCP, PROTO_UDP,
 };
 use palisade_dataplane::{
     packet::{Packet, TCP_FLAG_SYN},
@@ -433,6 +433,199 @@ fn empty_namespace_selector_peer_is_every_pod_of_the_cluster() {
     assert!(!ingress_ok(&c, 2, "198.51.100.1", 1));
 }
 
+/// Adds `n` pods with distinct labels (so `n` more label identities) in
+/// namespace `b`, not local.
+fn many_identities(t: &mut T, n: u32) {
+    for i in 0..n {
+        let name = format!("extra{i}");
+        let app = format!("app{i}");
+        t.pod(
+            "b",
+            &name,
+            &[("app", app.as_str())],
+            &format!("10.0.2.{}", i + 1),
+        );
+    }
+}
+
+#[test]
+fn an_any_pod_peer_is_one_entry_instead_of_one_per_identity() {
+    const DNS: &str = "ports: [{port: 53, protocol: UDP}, {port: 53}]";
+    let mut t = two_namespaces();
+    many_identities(&mut t, 40);
+    t.model.host_ips.push(ip("192.168.0.10"));
+    t.pod("a", "node-agent", &[("app", "web")], "192.168.0.11")
+        .host_network = true;
+    // Every pod of every namespace: `namespaceSelector: {}` alone, or with
+    // `podSelector: {}`.
+    t.policy(&np(
+        "a",
+        "dns",
+        &format!(
+            "podSelector: {{matchLabels: {{app: db}}}}
+policyTypes: [Egress]
+egress:
+- to: [{{namespaceSelector: {{}}}}]
+  {DNS}"
+        ),
+    ));
+    t.policy(&np(
+        "a",
+        "from-all",
+        "podSelector: {matchLabels: {app: db}}
+ingress:
+- from: [{namespaceSelector: {}, podSelector: {}}, {ipBlock: {cidr: 192.0.2.0/24}}]
+  ports: [{port: 5432}]",
+    ));
+    let c = t.compile();
+    assert!(c.rejected.is_empty(), "{:?}", c.rejected);
+    let labels = c
+        .identities
+        .values()
+        .filter(|s| matches!(s, IdentitySource::Labels { .. }))
+        .count();
+    assert!(labels > 40, "{labels}");
+    assert_eq!(
+        c.identities[&IDENTITY_ANY_POD],
+        IdentitySource::Reserved("any-pod")
+    );
+    let block = cidr_id(&c, "192.0.2.0/24");
+    assert!(block >= palisade_common::IDENTITY_FIRST_CIDR);
+    assert!(palisade_common::is_label_identity(label_id(
+        &c,
+        "a",
+        &[("app", "web")]
+    )));
+    // One entry per (port, protocol) with the any-pod peer, not one per
+    // label identity; the ipBlock peer of the same rule keeps its own.
+    assert_eq!(
+        entries_of(&c, 2),
+        BTreeSet::from([
+            (96, IDENTITY_ANY_POD, DIR_EGRESS, PROTO_UDP, 53),
+            (96, IDENTITY_ANY_POD, DIR_EGRESS, PROTO_TCP, 53),
+            (96, IDENTITY_ANY_POD, DIR_INGRESS, PROTO_TCP, 5432),
+            (96, block, DIR_INGRESS, PROTO_TCP, 5432),
+        ])
+    );
+    // Every pod, in every namespace, is a peer; nothing else is.
+    for peer in [A_WEB, A_OTHER, B_WEB, B_DB, B_CLIENT, "10.0.2.7"] {
+        assert!(allowed(&c, 2, DIR_EGRESS, peer, PROTO_UDP, 53), "{peer}");
+        assert!(egress_ok(&c, 2, peer, 53), "{peer}");
+        assert!(!egress_ok(&c, 2, peer, 54), "{peer}");
+        assert!(ingress_ok(&c, 2, peer, 5432), "{peer}");
+        assert!(!ingress_ok(&c, 2, peer, 5433), "{peer}");
+    }
+    // External addresses, also inside an ipBlock of another rule, and a
+    // remote hostNetwork pod's address are no pods.
+    for peer in ["8.8.8.8", "192.0.2.9", "192.168.0.11"] {
+        assert!(!allowed(&c, 2, DIR_EGRESS, peer, PROTO_UDP, 53), "{peer}");
+    }
+    assert!(ingress_ok(&c, 2, "192.0.2.9", 5432), "the ipBlock peer");
+    assert!(!ingress_ok(&c, 2, "198.51.100.1", 5432));
+    assert!(!ingress_ok(&c, 2, "192.168.0.11", 5432));
+    // The node itself: always allowed (host), never through any-pod.
+    assert_eq!(
+        decide(&c, 2, DIR_EGRESS, "192.168.0.10", PROTO_UDP, 53),
+        V::Host
+    );
+
+    // A namespace selector that selects some namespaces (here all that
+    // exist) is still resolved per identity: one entry per label identity.
+    let mut t2 = two_namespaces();
+    many_identities(&mut t2, 40);
+    t2.policy(&np(
+        "a",
+        "dns",
+        &format!(
+            "podSelector: {{matchLabels: {{app: db}}}}
+policyTypes: [Egress]
+egress:
+- to: [{{namespaceSelector: {{matchExpressions: [{{key: team, operator: Exists}}]}}}}]
+  {DNS}"
+        ),
+    ));
+    let c2 = t2.compile();
+    assert_eq!(entries_of(&c2, 2).len(), 2 * labels);
+    for peer in [A_WEB, B_CLIENT, "10.0.2.7"] {
+        assert!(egress_ok(&c2, 2, peer, 53), "{peer}");
+    }
+}
+
+#[test]
+fn a_pod_selector_under_an_empty_namespace_selector_is_not_any_pod() {
+    let mut t = two_namespaces();
+    t.policy(&np(
+        "a",
+        "p",
+        "podSelector: {matchLabels: {app: db}}
+ingress:
+- from: [{namespaceSelector: {}, podSelector: {matchLabels: {app: web}}}]",
+    ));
+    let c = t.compile();
+    let a_web = label_id(&c, "a", &[("app", "web")]);
+    let b_web = label_id(&c, "b", &[("app", "web")]);
+    assert_eq!(
+        entries_of(&c, 2),
+        BTreeSet::from([
+            (72, a_web, DIR_INGRESS, 0, 0),
+            (72, b_web, DIR_INGRESS, 0, 0),
+        ])
+    );
+    assert!(ingress_ok(&c, 2, B_WEB, 1));
+    assert!(!ingress_ok(&c, 2, B_DB, 1));
+}
+
+#[test]
+fn named_ports_of_an_any_pod_peer_still_resolve_per_destination() {
+    let mut t = two_namespaces();
+    with_named_ports(&mut t);
+    t.policy(&np(
+        "b",
+        "p",
+        "podSelector: {matchLabels: {app: client}}
+policyTypes: [Egress]
+egress:
+- to: [{namespaceSelector: {}}]
+  ports: [{port: http}, {port: 7000}]",
+    ));
+    t.policy(&np(
+        "a",
+        "q",
+        "podSelector: {matchLabels: {app: web}}
+ingress:
+- from: [{namespaceSelector: {}}]
+  ports: [{port: http}]",
+    ));
+    let c = t.compile();
+    let a_web = label_id(&c, "a", &[("app", "web")]);
+    let a_db = label_id(&c, "a", &[("app", "db")]);
+    let b_web = label_id(&c, "b", &[("app", "web")]);
+    // Egress: the named port per destination identity, the number once.
+    assert_eq!(
+        entries_of(&c, 6),
+        BTreeSet::from([
+            (96, a_web, DIR_EGRESS, PROTO_TCP, 8080),
+            (96, a_db, DIR_EGRESS, PROTO_TCP, 9090),
+            (96, b_web, DIR_EGRESS, PROTO_TCP, 80),
+            (96, IDENTITY_ANY_POD, DIR_EGRESS, PROTO_TCP, 7000),
+        ])
+    );
+    assert!(egress_ok(&c, 6, A_WEB, 8080));
+    assert!(!egress_ok(&c, 6, A_WEB, 9090));
+    assert!(egress_ok(&c, 6, A_DB, 9090));
+    assert!(egress_ok(&c, 6, B_WEB, 80));
+    assert!(!egress_ok(&c, 6, B_DB, 80));
+    assert!(egress_ok(&c, 6, B_DB, 7000));
+    assert!(!egress_ok(&c, 6, "8.8.8.8", 7000));
+    // Ingress: the name resolves on the selected pod, so one entry.
+    assert_eq!(
+        entries_of(&c, 1),
+        BTreeSet::from([(96, IDENTITY_ANY_POD, DIR_INGRESS, PROTO_TCP, 8080)])
+    );
+    assert!(ingress_ok(&c, 1, B_CLIENT, 8080));
+    assert!(!ingress_ok(&c, 1, "8.8.8.8", 8080));
+}
+
 #[test]
 fn namespace_selector_matches_namespace_labels() {
     let mut t = two_namespaces();
@@ -721,7 +914,8 @@ fn ipcache_contents() {
         .any(|s| *s == IdentitySource::Cidr("0.0.0.0/0".parse().unwrap())));
     // prefixes (3) + host + 6 pods.
     assert_eq!(c.maps.ipcache.len(), 3 + 1 + 6);
-    assert_eq!(c.identities.len(), 2 + 6 + 2);
+    // host, world, any-pod + 6 label + 2 CIDR identities.
+    assert_eq!(c.identities.len(), 3 + 6 + 2);
 }
 
 #[test]

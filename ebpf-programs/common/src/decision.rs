@@ -13,10 +13,10 @@
 
 use crate::{
     conntrack::{tcp_next_state, tcp_reopens, timeout_ns},
-    reason, CtKey, CtValue, EndpointInfo, FlowEvent, IpcacheValue, PolicyKey, PolicyValue,
-    ACTION_ALLOW, CT_AUDIT, CT_SEEN_REPLY, DIR_EGRESS, DIR_INGRESS, EP_AUDIT, FRAG_TIMEOUT_NS,
-    IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, PROTO_SCTP, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW,
-    VERDICT_AUDIT, VERDICT_DROP,
+    is_label_identity, reason, CtKey, CtValue, EndpointInfo, FlowEvent, IpcacheValue, PolicyKey,
+    PolicyValue, ACTION_ALLOW, CT_AUDIT, CT_SEEN_REPLY, DIR_EGRESS, DIR_INGRESS, EP_AUDIT,
+    FRAG_TIMEOUT_NS, IDENTITY_ANY, IDENTITY_ANY_POD, IDENTITY_HOST, IDENTITY_WORLD, PROTO_SCTP,
+    PROTO_TCP, PROTO_UDP, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP,
 };
 
 /// A verdict with what the event about it reports.
@@ -223,8 +223,10 @@ pub fn policy_key(ep: &EndpointInfo, dir: u8, key: &CtKey, peer: &IpcacheValue) 
 
 /// The policy lookups of a new flow, in order, stopping at the first hit
 /// (allow or deny): the exact peer, then the peer's CIDR identity (so
-/// ipBlock rules match pod addresses too), then any peer. `lookup` is one
-/// longest-prefix match of the policy map with the given full key.
+/// ipBlock rules match pod addresses too), then any pod (only when the
+/// peer is a pod: its identity is a label identity, see
+/// [`is_label_identity`]), then any peer. `lookup` is one longest-prefix
+/// match of the policy map with the given full key.
 #[inline(always)]
 pub fn policy_lookups<T>(
     pk: &mut PolicyKey,
@@ -235,6 +237,10 @@ pub fn policy_lookups<T>(
     let mut hit = lookup(pk);
     if hit.is_none() && peer.cidr_identity != peer.identity && peer.cidr_identity != IDENTITY_ANY {
         pk.peer_identity = peer.cidr_identity;
+        hit = lookup(pk);
+    }
+    if hit.is_none() && is_label_identity(peer.identity) {
+        pk.peer_identity = IDENTITY_ANY_POD;
         hit = lookup(pk);
     }
     if hit.is_none() {
@@ -421,7 +427,7 @@ mod tests {
             cidr_identity: 3000,
         };
         let key = ct_key(1, 2, 3, 80u16.to_be(), PROTO_TCP, DIR_INGRESS);
-        let mut seen = [0u32; 3];
+        let mut seen = [0u32; 4];
         let mut n = 0;
         let d = decide(&EP, DIR_INGRESS, &key, &peer, |k| {
             seen[n] = k.peer_identity;
@@ -431,9 +437,64 @@ mod tests {
                 cookie: 5,
             })
         });
-        assert_eq!(seen, [1001, 3000, IDENTITY_ANY]);
+        assert_eq!(seen, [1001, 3000, IDENTITY_ANY_POD, IDENTITY_ANY]);
         assert_eq!((d.pass, d.reason, d.cookie), (false, reason::DENY_RULE, 5));
         assert_eq!((d.src_identity, d.dst_identity), (1001, 1000));
+    }
+
+    #[test]
+    fn any_pod_is_looked_up_for_pod_peers_only() {
+        let key = ct_key(1, 2, 3, 80u16.to_be(), PROTO_TCP, DIR_INGRESS);
+        let lookups = |identity, cidr_identity| {
+            let peer = IpcacheValue {
+                identity,
+                cidr_identity,
+            };
+            let mut seen = [u32::MAX; 4];
+            let mut n = 0;
+            let d = decide(&EP, DIR_INGRESS, &key, &peer, |k| {
+                seen[n] = k.peer_identity;
+                n += 1;
+                (k.peer_identity == IDENTITY_ANY_POD).then_some(PolicyValue {
+                    action: ACTION_ALLOW,
+                    cookie: 9,
+                })
+            });
+            (seen, d.pass)
+        };
+        let cidr = crate::IDENTITY_FIRST_CIDR + 4;
+        // A pod (label identity), with or without a CIDR identity: hit.
+        let (seen, pass) = lookups(1001, cidr);
+        assert_eq!(
+            (&seen[..3], pass),
+            (&[1001, cidr, IDENTITY_ANY_POD][..], true)
+        );
+        let (seen, pass) = lookups(1001, IDENTITY_WORLD);
+        assert_eq!(
+            (&seen[..3], pass),
+            (&[1001, IDENTITY_WORLD, IDENTITY_ANY_POD][..], true)
+        );
+        // A CIDR identity, world (and host, before any lookup) are no pods.
+        for (id, c) in [
+            (cidr, cidr),
+            (IDENTITY_WORLD, IDENTITY_WORLD),
+            (cidr, IDENTITY_WORLD),
+        ] {
+            let (seen, pass) = lookups(id, c);
+            assert!(!seen.contains(&IDENTITY_ANY_POD), "{id}: {seen:?}");
+            assert!(!pass);
+        }
+        assert!(is_label_identity(crate::IDENTITY_FIRST_DYNAMIC));
+        assert!(is_label_identity(crate::IDENTITY_FIRST_CIDR - 1));
+        assert!(!is_label_identity(crate::IDENTITY_FIRST_CIDR));
+        for id in [
+            IDENTITY_ANY,
+            IDENTITY_HOST,
+            IDENTITY_WORLD,
+            IDENTITY_ANY_POD,
+        ] {
+            assert!(!is_label_identity(id));
+        }
     }
 
     #[test]

@@ -62,8 +62,23 @@ pub const DIR_INGRESS: u8 = 1;
 pub const IDENTITY_ANY: u32 = 0;
 pub const IDENTITY_HOST: u32 = 1;
 pub const IDENTITY_WORLD: u32 = 2;
-/// First identity userspace may hand out for label sets and CIDRs.
+/// Wildcard peer in policy keys for "any pod": matches every peer whose
+/// identity is a label identity ([`is_label_identity`]), never host, world
+/// or a CIDR identity. Never an ipcache identity itself.
+pub const IDENTITY_ANY_POD: u32 = 3;
+/// First identity userspace may hand out for label sets. Label identities
+/// are `IDENTITY_FIRST_DYNAMIC..IDENTITY_FIRST_CIDR`.
 pub const IDENTITY_FIRST_DYNAMIC: u32 = 256;
+/// First CIDR identity (ipBlock prefixes, pod /32s of named-port ipBlock
+/// egress rules). CIDR identities are `IDENTITY_FIRST_CIDR..`, disjoint from
+/// label identities, so the kernel tells a pod peer by its number.
+pub const IDENTITY_FIRST_CIDR: u32 = 0x0080_0000;
+
+/// Whether `id` is a label identity (a pod's), by its range.
+#[inline(always)]
+pub const fn is_label_identity(id: u32) -> bool {
+    id >= IDENTITY_FIRST_DYNAMIC && id < IDENTITY_FIRST_CIDR
+}
 
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
@@ -132,6 +147,10 @@ impl EndpointInfo {
 /// identity for a pod /32, a CIDR identity, host or world). `cidr_identity`
 /// is the identity of the longest ipBlock prefix containing the address,
 /// ignoring pod /32s, so that ipBlock rules also match pod addresses.
+/// Label identities (`IDENTITY_FIRST_DYNAMIC..IDENTITY_FIRST_CIDR`) and CIDR
+/// identities (`IDENTITY_FIRST_CIDR..`) have disjoint ranges: an `identity`
+/// in the label range is a pod, which `IDENTITY_ANY_POD` policy entries
+/// match.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct IpcacheValue {
@@ -142,7 +161,12 @@ pub struct IpcacheValue {
 /// Policy LPM key data. Byte order of the bits matched by the prefix:
 /// endpoint (32), peer (32), direction (8), protocol (8), port (16). A rule
 /// for all protocols has prefix 72, for all ports of one protocol 80, for one
-/// port 96; an `endPort` range is split into port prefixes.
+/// port 96; an `endPort` range is split into port prefixes. `peer_identity`
+/// is a label, CIDR, host or world identity, `IDENTITY_ANY_POD` (any peer
+/// with a label identity) or `IDENTITY_ANY` (any peer); a new flow looks up
+/// its exact peer, its CIDR identity, `IDENTITY_ANY_POD` (pod peers only)
+/// and `IDENTITY_ANY`, in that order, stopping at the first hit
+/// (`decision::policy_lookups`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PolicyKey {

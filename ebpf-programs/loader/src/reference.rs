@@ -125,7 +125,8 @@ struct Flow {
 /// Which of the three policy lookups matched, and how.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PolicyMatch {
-    /// The peer identity of the lookup that hit (exact, CIDR or `IDENTITY_ANY`).
+    /// The peer identity of the lookup that hit (exact, CIDR,
+    /// `IDENTITY_ANY_POD` or `IDENTITY_ANY`).
     pub peer_identity: u32,
     /// Prefix length and key of the matching entry.
     pub prefix: u32,
@@ -240,8 +241,8 @@ impl Evaluator {
             .map(|(p, _, key, v)| (*p, *key, *v))
     }
 
-    /// The kernel's three lookups for a new flow (exact peer, the peer's
-    /// CIDR identity, any peer); the first hit.
+    /// The kernel's lookups for a new flow (exact peer, the peer's CIDR
+    /// identity, any pod if the peer is a pod, any peer); the first hit.
     pub fn policy_match(
         &self,
         endpoint_id: u32,
