@@ -189,11 +189,6 @@ impl Agent {
         }
     }
 
-    /// The source's view, as last applied.
-    pub fn snapshot(&self) -> &Snapshot {
-        &self.snapshot
-    }
-
     pub fn programmed_generation(&self) -> u64 {
         self.programmed
     }

@@ -151,15 +151,16 @@ impl Owner {
     }
 }
 
-/// The owner loop: a current-thread runtime of its own, so the blocking work
-/// (compile, map writes, attach) never occupies the async workers that serve
-/// probes and sockets. Source events are taken first and coalesced: a burst
-/// of changes is one recompile.
+/// What the owner publishes after every step.
 struct Published {
     ready: watch::Sender<bool>,
     levels: watch::Sender<Levels>,
 }
 
+/// The owner loop: a current-thread runtime of its own, so the blocking work
+/// (compile, map writes, attach) never occupies the async workers that serve
+/// probes and sockets. Source events are taken first and coalesced: a burst
+/// of changes is one recompile.
 fn run(
     mut agent: Agent,
     mut sources: mpsc::Receiver<SourceEvent>,
@@ -190,23 +191,16 @@ fn run(
                         while let Ok(ev) = sources.try_recv() {
                             batch.push(ev);
                         }
-                        failed = apply_source(&mut agent, batch).err().map(|e| {
+                        failed = agent.apply_events(batch).err().map(|e| {
                             error!("applying the cluster view: {e:#}");
                             (kind_of(&e), format!("{e:#}"))
                         });
-                        release_free_memory();
                     }
                     None => sources_open = false,
                 },
                 cmd = commands.recv() => match cmd {
                     None | Some(Command::Shutdown) => break,
-                    Some(Command::Barrier(tx)) => {
-                        let _ = tx.send(match &failed {
-                            None => Ok(agent.programmed_generation()),
-                            Some((kind, why)) => Err(refuse(*kind, why.clone())),
-                        });
-                    }
-                    Some(cmd) => handle(&mut agent, cmd),
+                    Some(cmd) => handle(&mut agent, cmd, &failed),
                 },
             }
             published
@@ -219,12 +213,8 @@ fn run(
     agent
 }
 
-/// Applies a batch of source events with one sync.
-fn apply_source(agent: &mut Agent, batch: Vec<SourceEvent>) -> Result<()> {
-    agent.apply_events(batch).map(|_| ())
-}
-
-fn handle(agent: &mut Agent, cmd: Command) {
+/// One command. `failed` is why the last source apply failed, if it did.
+fn handle(agent: &mut Agent, cmd: Command, failed: &Option<(ErrorKind, String)>) {
     // A receiver that gave up (client gone) is not an error.
     match cmd {
         Command::Register(r, tx) => {
@@ -240,19 +230,13 @@ fn handle(agent: &mut Agent, cmd: Command) {
             let _ = tx.send(agent.trace(&t));
         }
         Command::Barrier(tx) => {
-            let _ = tx.send(Ok(agent.programmed_generation()));
+            let _ = tx.send(match failed {
+                None => Ok(agent.programmed_generation()),
+                Some((kind, why)) => Err(refuse(*kind, why.clone())),
+            });
         }
         Command::With(f) => f(agent),
+        // The loop stops on it before asking here.
         Command::Shutdown => {}
-    }
-}
-
-/// Hands the heap's free pages back to the kernel. A resync (the first
-/// view above all: every manifest parsed) frees far more than the agent
-/// keeps, and glibc would otherwise hold on to it as resident memory.
-pub fn release_free_memory() {
-    // SAFETY: malloc_trim only walks glibc's own arenas; thread-safe.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }

@@ -106,16 +106,13 @@ pub async fn run(cfg: Config) -> Result<()> {
             .with_context(|| format!("opening flow log {}", cfg.flow_log.display()))?,
     ));
     let (flow_tx, _) = broadcast::channel::<String>(4096);
-    let reader = spawn_event_reader(
+    tasks.spawn(read_events(
         events,
         view,
         metrics.clone(),
         flowlog.clone(),
         flow_tx.clone(),
-    );
-    tasks.spawn(async move {
-        let _ = reader.await;
-    });
+    ));
 
     let api = bind_unix(&cfg.socket)?;
     let flows = bind_unix(&flow_socket(&cfg.socket))?;
@@ -284,55 +281,53 @@ async fn dispatch(
 /// Kernel events -> flow records. The ring buffer's descriptor is polled
 /// through tokio (the programs wake readers only once a backlog builds up,
 /// so it is also drained every 100 ms).
-fn spawn_event_reader(
+async fn read_events(
     events: EventReader,
     view: SharedView,
     metrics: Arc<Metrics>,
     log: Arc<Mutex<FlowLog>>,
     tx: broadcast::Sender<String>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        // SAFETY: the ring buffer map owns its descriptor for as long as the
-        // EventReader (moved into the AsyncFd) lives, and never replaces it.
-        let registered = unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(
-                EventFd(events),
-                tokio::io::Interest::READABLE,
-            )
-        };
-        let mut events = match registered {
-            Ok(fd) => fd,
-            Err(e) => {
-                error!("flow events: cannot poll the ring buffer: {e}; no flow records");
-                return;
-            }
-        };
-        loop {
-            tokio::select! {
-                r = events.readable_mut() => if let Ok(mut guard) = r {
-                    guard.clear_ready();
-                },
-                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-            }
-            let batch = events.get_mut().0.drain();
-            if batch.is_empty() {
-                continue;
-            }
-            let v = view.read().unwrap_or_else(|p| p.into_inner()).clone();
-            let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
-            for e in &batch {
-                let rec = flowlog::record(&v, e);
-                let Ok(line) = serde_json::to_string(&rec) else {
-                    continue;
-                };
-                if let Err(err) = log.write(&line) {
-                    error!("writing flow log: {err}");
-                }
-                metrics.flow_records.inc();
-                let _ = tx.send(line);
-            }
+) {
+    // SAFETY: the ring buffer map owns its descriptor for as long as the
+    // EventReader (moved into the AsyncFd) lives, and never replaces it.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(
+            EventFd(events),
+            tokio::io::Interest::READABLE,
+        )
+    };
+    let mut events = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            error!("flow events: cannot poll the ring buffer: {e}; no flow records");
+            return;
         }
-    })
+    };
+    loop {
+        tokio::select! {
+            r = events.readable_mut() => if let Ok(mut guard) = r {
+                guard.clear_ready();
+            },
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+        let batch = events.get_mut().0.drain();
+        if batch.is_empty() {
+            continue;
+        }
+        let v = view.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+        for e in &batch {
+            let rec = flowlog::record(&v, e);
+            let Ok(line) = serde_json::to_string(&rec) else {
+                continue;
+            };
+            if let Err(err) = log.write(&line) {
+                error!("writing flow log: {err}");
+            }
+            metrics.flow_records.inc();
+            let _ = tx.send(line);
+        }
+    }
 }
 
 struct EventFd(EventReader);
@@ -410,8 +405,7 @@ async fn gc(handle: Handle) {
     loop {
         tick.tick().await;
         let r = tokio::task::spawn_blocking(move || {
-            // Registration churn frees memory the allocator keeps otherwise.
-            crate::owner::release_free_memory();
+            release_free_memory();
             let r = gc.pass(palisade_dataplane::maps::monotonic_ns());
             (gc, r)
         })
@@ -477,4 +471,14 @@ fn kernel_stats(
         .collect();
     k.endpoints = levels.endpoints;
     k
+}
+
+/// Hands the heap's free pages back to the kernel: registration churn and
+/// resyncs free memory glibc would otherwise keep resident. Run with every
+/// GC pass, off the owner's path.
+fn release_free_memory() {
+    // SAFETY: malloc_trim only walks glibc's own arenas; thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }

@@ -101,6 +101,19 @@ impl NetNs {
         Ok(())
     }
 
+    /// `n` veth pairs inside this namespace, `{prefix}a{i}` and
+    /// `{prefix}b{i}`; their names, both ends of each pair in turn.
+    pub fn veth_pairs(&self, prefix: &str, n: usize) -> Result<Vec<String>> {
+        let mut names = Vec::new();
+        for i in 0..n {
+            let (x, y) = (format!("{prefix}a{i}"), format!("{prefix}b{i}"));
+            self.ip(&["link", "add", &x, "type", "veth", "peer", "name", &y])?;
+            names.push(x);
+            names.push(y);
+        }
+        Ok(names)
+    }
+
     pub fn path(&self) -> PathBuf {
         PathBuf::from("/run/netns").join(&self.name)
     }

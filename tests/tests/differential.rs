@@ -1247,13 +1247,7 @@ fn kernel_and_reference_agree_on_random_policies_and_packets() -> Result<()> {
     eprintln!("differential: seed {seed:#x} (set PALISADE_DIFF_SEED to change)");
     let pins = PinRoot::new()?;
     let ns = NetNs::new("pdiff")?;
-    let mut names = Vec::new();
-    for i in 0..VETH_PAIRS {
-        let (x, y) = (format!("da{i}"), format!("db{i}"));
-        ns.ip(&["link", "add", &x, "type", "veth", "peer", "name", &y])?;
-        names.push(x);
-        names.push(y);
-    }
+    let names = ns.veth_pairs("d", VETH_PAIRS)?;
     let sizes = MapSizes {
         endpoints: 256,
         ipcache: 4096,

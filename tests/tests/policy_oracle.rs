@@ -562,13 +562,7 @@ fn kernel_verdicts_match_the_networkpolicy_oracle() -> Result<()> {
     let wall = Instant::now();
     let pins = PinRoot::new()?;
     let ns = NetNs::new("h2-oracle")?;
-    let mut names = Vec::new();
-    for i in 0..VETH_PAIRS {
-        let (x, y) = (format!("oa{i}"), format!("ob{i}"));
-        ns.ip(&["link", "add", &x, "type", "veth", "peer", "name", &y])?;
-        names.push(x);
-        names.push(y);
-    }
+    let names = ns.veth_pairs("o", VETH_PAIRS)?;
     let cfg = DatapathConfig {
         pins: pins.pins.clone(),
         sizes: MapSizes {
