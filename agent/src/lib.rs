@@ -19,6 +19,7 @@ pub mod model;
 pub mod owner;
 pub mod selector;
 pub mod server;
+pub mod service;
 pub mod source;
 pub mod sync;
 pub mod trace;
