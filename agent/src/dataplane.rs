@@ -58,6 +58,17 @@ pub trait Dataplane: MapWriter + Send {
     /// Where the maps are pinned, for handles of their own (conntrack GC);
     /// `None` without a kernel.
     fn pins(&self) -> Option<&Pins>;
+    /// Program Service translation: the complete list of frontends (see
+    /// `crate::service`), replacing what was programmed before. Flows
+    /// already translated keep their backend.
+    fn set_services(&mut self, frontends: &[crate::service::Frontend]) -> Result<(), Error> {
+        if frontends.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Unsupported(
+            "Service translation is not implemented by this dataplane".into(),
+        ))
+    }
 }
 
 /// `sync::apply` takes a sized writer; the agent holds a boxed dataplane.

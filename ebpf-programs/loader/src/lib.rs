@@ -95,6 +95,9 @@ pub enum Error {
     },
     #[error("interface {0} not found")]
     NoSuchInterface(String),
+    /// A capability this dataplane does not have (yet); the message says which.
+    #[error("{0}")]
+    Unsupported(String),
     #[error("{what}")]
     Io {
         what: String,
