@@ -7,7 +7,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use palisade_api::{StatusReport, TraceReport, DEFAULT_SOCKET};
+use palisade_api::{StatusReport, TraceReport, VerifyReport, DEFAULT_SOCKET};
 
 use crate::flowlog::{FlowRecord, Peer};
 
@@ -207,6 +207,65 @@ pub fn render_trace(r: &TraceReport) -> String {
         }
     }
     let _ = writeln!(s, "verdict: {}", r.verdict);
+    s
+}
+
+/// `-o json` or `-o text` (the default, for people).
+#[derive(Args, Debug, Clone)]
+pub struct OutputArg {
+    #[arg(short = 'o', long = "output", default_value = "text", value_parser = ["text", "json"])]
+    pub output: String,
+}
+
+impl OutputArg {
+    pub fn json(&self) -> bool {
+        self.output == "json"
+    }
+
+    pub fn print<T: serde::Serialize>(&self, v: &T, text: impl Fn(&T) -> String) -> Result<()> {
+        if self.json() {
+            println!("{}", serde_json::to_string_pretty(v)?);
+        } else {
+            print!("{}", text(v));
+        }
+        Ok(())
+    }
+}
+
+pub fn render_verify(r: &VerifyReport) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "generation {}: {} probes over {} endpoints ({} distinguished by policy entries, the rest sampled){} in {} ms",
+        r.generation,
+        r.probes,
+        r.endpoints,
+        r.distinguished,
+        if r.truncated { ", TRUNCATED at the cap" } else { "" },
+        r.duration_ms
+    );
+    if r.mismatches.is_empty() {
+        let _ = writeln!(s, "OK: every kernel verdict matches the model");
+        return s;
+    }
+    let _ = writeln!(s, "{} MISMATCHES", r.mismatches.len());
+    for m in &r.mismatches {
+        let _ = writeln!(
+            s,
+            "  {} {}: {}\n    peer {}; kernel {}, model {} ({}){}",
+            m.endpoint,
+            m.direction,
+            m.packet,
+            m.peer,
+            m.kernel,
+            m.model,
+            m.model_reason,
+            m.rule
+                .as_deref()
+                .map(|r| format!(", {r}"))
+                .unwrap_or_default()
+        );
+    }
     s
 }
 

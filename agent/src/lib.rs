@@ -22,4 +22,6 @@ pub mod server;
 pub mod service;
 pub mod source;
 pub mod sync;
+pub mod tools;
 pub mod trace;
+pub mod verify;

@@ -80,6 +80,15 @@ enum Cmd {
     },
     /// Install the CNI binary and a conflist atomically (DaemonSet init).
     InstallCni(cli::InstallCniArgs),
+    /// Prove the kernel enforces what the model says: probe packets through
+    /// the programs' own verdict path against the live maps (nothing sent,
+    /// nothing recorded) and compare with the model. Exit 1 on a mismatch.
+    Verify {
+        #[command(flatten)]
+        s: SocketArg,
+        #[command(flatten)]
+        o: cli::OutputArg,
+    },
 }
 
 #[derive(Args)]
@@ -129,6 +138,12 @@ struct RunArgs {
     endpoint_map_entries: u32,
     #[arg(long, default_value_t = palisade_common::sizes::CONNTRACK)]
     conntrack_map_entries: u32,
+    /// Run `verify` in the agent this often, e.g. 5m ("off" disables).
+    #[arg(long, default_value = "off")]
+    verify_interval: String,
+    /// /readyz fails while the last verify run found mismatches.
+    #[arg(long)]
+    verify_readiness: bool,
 }
 
 /// Logs go to stderr through tracing: `RUST_LOG` filters (default info),
@@ -194,6 +209,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     conntrack: a.conntrack_map_entries,
                     ..Default::default()
                 },
+                verify_interval: match a.verify_interval.as_str() {
+                    "off" | "" | "0" => None,
+                    s => Some(
+                        humantime::parse_duration(s)
+                            .with_context(|| format!("--verify-interval {s}"))?,
+                    ),
+                },
+                verify_readiness: a.verify_readiness,
             };
             // Agent work is serialized by one lock: a few blocking threads
             // suffice, and glibc would give each of them its own malloc
@@ -287,6 +310,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Response::Ok { generation, .. } => {
                 println!("programmed generation {generation}");
                 Ok(ExitCode::SUCCESS)
+            }
+            other => unexpected(other),
+        },
+        Cmd::Verify { s, o } => match call(&s, &Request::Verify, Duration::from_secs(300))? {
+            Response::Verify(r) => {
+                o.print(&*r, cli::render_verify)?;
+                Ok(if r.mismatches.is_empty() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
             }
             other => unexpected(other),
         },

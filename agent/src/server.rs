@@ -31,6 +31,7 @@ use crate::{
     metrics::{KernelStats, Metrics},
     owner::{Handle, Levels, Owner},
     source::{ManifestHandle, ManifestSource},
+    tools::{gate_readiness, periodic_verify, Tools},
 };
 
 /// The flow stream lives next to the API socket.
@@ -50,6 +51,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     let owner = Owner::spawn(agent, source_rx)?;
     let handle = owner.handle.clone();
     let mut tasks = JoinSet::new();
+    let tools = Tools::new(cfg.pins.clone(), cfg.map_sizes.clone(), metrics.clone());
 
     // /healthz answers from the start; /readyz only after the first sync.
     // Neither they nor /metrics ever wait for the owner.
@@ -59,8 +61,13 @@ pub async fn run(cfg: Config) -> Result<()> {
             .await
             .with_context(|| format!("binding metrics on {addr}"))?;
         let levels = owner.levels.clone();
+        let ready = if cfg.verify_readiness {
+            gate_readiness(owner.ready.clone(), tools.verified())
+        } else {
+            owner.ready.clone()
+        };
         let state = HttpState {
-            ready: owner.ready.clone(),
+            ready,
             metrics: metrics.clone(),
             kernel: Arc::new(move || kernel_stats(stats.as_ref(), &conntrack, &levels.borrow())),
         };
@@ -121,7 +128,11 @@ pub async fn run(cfg: Config) -> Result<()> {
         handle.clone(),
         manifests.clone(),
         generation_rx,
+        tools.clone(),
     ));
+    if let Some(every) = cfg.verify_interval {
+        tasks.spawn(periodic_verify(tools.clone(), handle.clone(), every));
+    }
     tasks.spawn(serve_flows(flows, flowlog.clone(), flow_tx.clone()));
     tasks.spawn(gc(handle.clone()));
     drop(handle);
@@ -169,6 +180,7 @@ async fn serve_api(
     handle: Handle,
     rescan: Rescan,
     generation: watch::Receiver<u64>,
+    tools: Arc<Tools>,
 ) {
     loop {
         let conn = match l.accept().await {
@@ -179,8 +191,9 @@ async fn serve_api(
             }
         };
         let (handle, rescan, generation) = (handle.clone(), rescan.clone(), generation.clone());
+        let tools = tools.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle_api(conn, handle, rescan, generation).await {
+            if let Err(e) = handle_api(conn, handle, rescan, generation, tools).await {
                 warn!("api connection: {e:#}");
             }
         });
@@ -195,6 +208,7 @@ async fn handle_api(
     handle: Handle,
     rescan: Rescan,
     mut generation: watch::Receiver<u64>,
+    tools: Arc<Tools>,
 ) -> Result<()> {
     let (r, mut w) = conn.into_split();
     let mut line = String::new();
@@ -204,7 +218,7 @@ async fn handle_api(
         .context("reading the request timed out")??;
     let resp = match serde_json::from_str::<Request>(&line) {
         Err(e) => Response::error(ErrorKind::InvalidRequest, format!("malformed request: {e}")),
-        Ok(req) => dispatch(req, &handle, &rescan, &mut generation).await,
+        Ok(req) => dispatch(req, &handle, &rescan, &mut generation, &tools).await,
     };
     let mut out = serde_json::to_vec(&resp)?;
     out.push(b'\n');
@@ -240,6 +254,7 @@ async fn dispatch(
     handle: &Handle,
     rescan: &Rescan,
     generation: &mut watch::Receiver<u64>,
+    tools: &Arc<Tools>,
 ) -> Response {
     match req {
         Request::Register(r) => match handle.register(r).await {
@@ -275,6 +290,18 @@ async fn dispatch(
             Ok(r) => Response::Trace(r),
             Err(e) => error(e),
         },
+        Request::Verify => match tools.verify(handle).await {
+            Ok(r) => Response::Verify(Box::new(r)),
+            Err(e) => error(e),
+        },
+        Request::Coverage => Response::error(
+            ErrorKind::Internal,
+            "coverage is not built into this agent yet",
+        ),
+        Request::Preview(_) => Response::error(
+            ErrorKind::Internal,
+            "preview is not built into this agent yet",
+        ),
     }
 }
 

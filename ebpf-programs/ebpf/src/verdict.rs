@@ -5,6 +5,11 @@
 //! This file parses packets and touches the maps; every rule applied to
 //! what it parsed or looked up lives in `palisade_common::decision`, which
 //! the userspace reference evaluator calls too.
+//!
+//! `DRY` (the `pod_verify` program, run only through BPF_PROG_TEST_RUN by
+//! `palisade-agent verify`) takes the same path against the same maps but
+//! writes nothing: no conntrack or fragment entry, no event, no counter,
+//! and it skips the conntrack lookup so every probe is judged as a new flow.
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key, programs::TcContext};
 use palisade_common::{
@@ -30,7 +35,7 @@ struct Flow {
 }
 
 #[inline(always)]
-pub fn process(ctx: &TcContext, dir: u8) -> Result<bool, ()> {
+pub fn process<const DRY: bool>(ctx: &TcContext, dir: u8) -> Result<bool, ()> {
     // SAFETY: the context pointer is valid for the program's whole run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let ep = match ENDPOINTS.get_ptr(EndpointKey::ifindex(ifindex)) {
@@ -57,22 +62,39 @@ pub fn process(ctx: &TcContext, dir: u8) -> Result<bool, ()> {
     }
 
     let Some(eth) = ptr_at::<EthHdr>(start, end, 0) else {
-        return Ok(drop_if_enforced(&ep, dir, ifindex, reason::MALFORMED));
+        return Ok(drop_if_enforced::<DRY>(
+            &ep,
+            dir,
+            ifindex,
+            reason::MALFORMED,
+        ));
     };
     // SAFETY: bounds checked by ptr_at.
     let ether_type = u16::from_be(unsafe { (*eth).ether_type_be });
     match ether_type {
         ETH_P_IP => {}
         ETH_P_ARP => {
-            count(reason::NOT_IP);
+            count::<DRY>(reason::NOT_IP);
             return Ok(true);
         }
-        ETH_P_IPV6 => return Ok(ipv6(&ep, dir, ifindex, start, end)),
-        _ => return Ok(drop_if_enforced(&ep, dir, ifindex, reason::UNSUPPORTED_L3)),
+        ETH_P_IPV6 => return Ok(ipv6::<DRY>(&ep, dir, ifindex, start, end)),
+        _ => {
+            return Ok(drop_if_enforced::<DRY>(
+                &ep,
+                dir,
+                ifindex,
+                reason::UNSUPPORTED_L3,
+            ))
+        }
     }
 
     let Some(ip) = ptr_at::<Ipv4Hdr>(start, end, ETH_HLEN) else {
-        return Ok(drop_if_enforced(&ep, dir, ifindex, reason::MALFORMED));
+        return Ok(drop_if_enforced::<DRY>(
+            &ep,
+            dir,
+            ifindex,
+            reason::MALFORMED,
+        ));
     };
     // SAFETY: bounds checked by ptr_at.
     let (ver_ihl, tot_len, id_be, frag_off, protocol, saddr, daddr) = unsafe {
@@ -88,7 +110,12 @@ pub fn process(ctx: &TcContext, dir: u8) -> Result<bool, ()> {
     };
     let ihl = ((ver_ihl & 0x0f) as usize) * 4;
     if ver_ihl >> 4 != 4 || ihl < 20 || (tot_len as usize) < ihl {
-        return Ok(drop_if_enforced(&ep, dir, ifindex, reason::MALFORMED));
+        return Ok(drop_if_enforced::<DRY>(
+            &ep,
+            dir,
+            ifindex,
+            reason::MALFORMED,
+        ));
     }
 
     // Anti-spoofing holds for every registered pod, enforced or not.
@@ -97,7 +124,7 @@ pub fn process(ctx: &TcContext, dir: u8) -> Result<bool, ()> {
             key: ct_key(saddr, daddr, 0, 0, protocol, dir),
             tcp_flags: 0,
         };
-        finish(&ep, ifindex, &flow, &d);
+        finish::<DRY>(&ep, ifindex, &flow, &d);
         return Ok(d.pass);
     }
 
@@ -110,7 +137,7 @@ pub fn process(ctx: &TcContext, dir: u8) -> Result<bool, ()> {
     };
     let offset = frag_off & IP_OFFSET_MASK;
     if offset != 0 {
-        return Ok(later_fragment(
+        return Ok(later_fragment::<DRY>(
             &ep, dir, ifindex, &frag_key, saddr, daddr, protocol,
         ));
     }
@@ -170,11 +197,16 @@ pub fn process(ctx: &TcContext, dir: u8) -> Result<bool, ()> {
         _ => true,
     };
     if !parsed {
-        return Ok(drop_if_enforced(&ep, dir, ifindex, reason::MALFORMED));
+        return Ok(drop_if_enforced::<DRY>(
+            &ep,
+            dir,
+            ifindex,
+            reason::MALFORMED,
+        ));
     }
 
-    let pass = track_and_decide(&ep, dir, ifindex, &flow);
-    if frag_off & IP_MF != 0 {
+    let pass = track_and_decide::<DRY>(&ep, dir, ifindex, &flow);
+    if !DRY && frag_off & IP_MF != 0 {
         // First fragment: the rest of the datagram inherits this verdict.
         // SAFETY: helper without preconditions.
         let (expires_ns, verdict) = first_fragment_verdict(pass, unsafe { bpf_ktime_get_ns() });
@@ -191,20 +223,29 @@ pub fn process(ctx: &TcContext, dir: u8) -> Result<bool, ()> {
 /// Conntrack first (known flows and replies pass without a policy lookup),
 /// then policy for a new flow, which is recorded when admitted.
 #[inline(always)]
-fn track_and_decide(ep: &EndpointInfo, dir: u8, ifindex: u32, flow: &Flow) -> bool {
+fn track_and_decide<const DRY: bool>(
+    ep: &EndpointInfo,
+    dir: u8,
+    ifindex: u32,
+    flow: &Flow,
+) -> bool {
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let key = &flow.key;
 
-    let known = track(key, dir, |k, reply| {
-        let p = CONNTRACK.get_ptr_mut(k)?;
-        // SAFETY: valid map value pointer; concurrent updates of these
-        // fields race benignly (last writer wins on a timestamp).
-        let ct = unsafe { &mut *p };
-        ct_use(ct, k.protocol, flow.tcp_flags, reply, now).then_some(ct.cookie)
-    });
+    let known = if DRY {
+        None
+    } else {
+        track(key, dir, |k, reply| {
+            let p = CONNTRACK.get_ptr_mut(k)?;
+            // SAFETY: valid map value pointer; concurrent updates of these
+            // fields race benignly (last writer wins on a timestamp).
+            let ct = unsafe { &mut *p };
+            ct_use(ct, k.protocol, flow.tcp_flags, reply, now).then_some(ct.cookie)
+        })
+    };
     if let Some((why, _)) = known {
-        count(why);
+        count::<DRY>(why);
         return true;
     }
 
@@ -212,17 +253,17 @@ fn track_and_decide(ep: &EndpointInfo, dir: u8, ifindex: u32, flow: &Flow) -> bo
     let d = decide(ep, dir, key, &peer, |pk| {
         POLICY.get(&Key::new(POLICY_PREFIX_FULL, *pk)).copied()
     });
-    if d.pass {
+    if d.pass && !DRY {
         let v = new_ct_entry(&d, key.protocol, flow.tcp_flags, now);
         let _ = CONNTRACK.insert(key, &v, 0);
     }
-    finish(ep, ifindex, flow, &d);
+    finish::<DRY>(ep, ifindex, flow, &d);
     d.pass
 }
 
 /// Non-first fragments carry no ports: they get their first fragment's verdict.
 #[inline(always)]
-fn later_fragment(
+fn later_fragment<const DRY: bool>(
     ep: &EndpointInfo,
     dir: u8,
     ifindex: u32,
@@ -238,13 +279,13 @@ fn later_fragment(
         let v = unsafe { *p };
         match later_fragment_verdict(v.expires_ns, v.verdict, now) {
             Some(true) => {
-                count(reason::FRAG_ALLOWED);
+                count::<DRY>(reason::FRAG_ALLOWED);
                 return true;
             }
             Some(false) => {
                 // Every drop is reported, fragments of a denied datagram too.
                 let d = hard_drop(ep, reason::FRAG_DENIED, dir);
-                finish(ep, ifindex, &frag_flow(saddr, daddr, protocol, dir), &d);
+                finish::<DRY>(ep, ifindex, &frag_flow(saddr, daddr, protocol, dir), &d);
                 return false;
             }
             None => {}
@@ -253,7 +294,7 @@ fn later_fragment(
     let Some(d) = enforced_drop(ep, dir, reason::FRAG_UNTRACKED) else {
         return true;
     };
-    finish(ep, ifindex, &frag_flow(saddr, daddr, protocol, dir), &d);
+    finish::<DRY>(ep, ifindex, &frag_flow(saddr, daddr, protocol, dir), &d);
     d.pass
 }
 
@@ -269,7 +310,13 @@ fn frag_flow(saddr: u32, daddr: u32, protocol: u8, dir: u8) -> Flow {
 /// IPv6 is not enforced yet, so it never reaches or leaves an enforced pod,
 /// except neighbour discovery (ICMPv6 133..=137), which addressing needs.
 #[inline(always)]
-fn ipv6(ep: &EndpointInfo, dir: u8, ifindex: u32, start: usize, end: usize) -> bool {
+fn ipv6<const DRY: bool>(
+    ep: &EndpointInfo,
+    dir: u8,
+    ifindex: u32,
+    start: usize,
+    end: usize,
+) -> bool {
     if !ep.enforced_any() {
         return true;
     }
@@ -282,7 +329,7 @@ fn ipv6(ep: &EndpointInfo, dir: u8, ifindex: u32, start: usize, end: usize) -> b
         _ => false,
     };
     if nd {
-        count(reason::NOT_IP);
+        count::<DRY>(reason::NOT_IP);
         return true;
     }
     let flow = Flow {
@@ -291,12 +338,12 @@ fn ipv6(ep: &EndpointInfo, dir: u8, ifindex: u32, start: usize, end: usize) -> b
     };
     // Audit mode does not open an IPv6 bypass either.
     let d = hard_drop(ep, reason::IPV6_UNSUPPORTED, dir);
-    finish(ep, ifindex, &flow, &d);
+    finish::<DRY>(ep, ifindex, &flow, &d);
     false
 }
 
 #[inline(always)]
-fn drop_if_enforced(ep: &EndpointInfo, dir: u8, ifindex: u32, why: u8) -> bool {
+fn drop_if_enforced<const DRY: bool>(ep: &EndpointInfo, dir: u8, ifindex: u32, why: u8) -> bool {
     let Some(d) = enforced_drop(ep, dir, why) else {
         return true;
     };
@@ -304,14 +351,17 @@ fn drop_if_enforced(ep: &EndpointInfo, dir: u8, ifindex: u32, why: u8) -> bool {
         key: empty_key(dir),
         tcp_flags: 0,
     };
-    finish(ep, ifindex, &flow, &d);
+    finish::<DRY>(ep, ifindex, &flow, &d);
     d.pass
 }
 
 /// Count the verdict and report it: one event per new flow or drop.
 #[inline(always)]
-fn finish(ep: &EndpointInfo, ifindex: u32, flow: &Flow, d: &Decision) {
-    count(d.reason);
+fn finish<const DRY: bool>(ep: &EndpointInfo, ifindex: u32, flow: &Flow, d: &Decision) {
+    if DRY {
+        return;
+    }
+    count::<DRY>(d.reason);
     match EVENTS.reserve::<FlowEvent>(0) {
         Some(mut e) => {
             e.write(flow_event(
@@ -324,7 +374,7 @@ fn finish(ep: &EndpointInfo, ifindex: u32, flow: &Flow, d: &Decision) {
             ));
             e.submit(wakeup_flags());
         }
-        None => count(reason::EVENTS_LOST),
+        None => count::<DRY>(reason::EVENTS_LOST),
     }
 }
 
@@ -346,7 +396,10 @@ fn wakeup_flags() -> u64 {
 }
 
 #[inline(always)]
-fn count(r: u8) {
+fn count<const DRY: bool>(r: u8) {
+    if DRY {
+        return;
+    }
     if let Some(c) = COUNTERS.get_ptr_mut(r as u32) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *c += 1 };
