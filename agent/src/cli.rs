@@ -7,7 +7,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use palisade_api::{StatusReport, TraceReport, VerifyReport, DEFAULT_SOCKET};
+use palisade_api::{CoverageReport, StatusReport, TraceReport, VerifyReport, DEFAULT_SOCKET};
 
 use crate::flowlog::{FlowRecord, Peer};
 
@@ -230,6 +230,85 @@ impl OutputArg {
         }
         Ok(())
     }
+}
+
+#[derive(Args, Debug)]
+pub struct CoverageArgs {
+    #[arg(long, default_value = DEFAULT_SOCKET, env = "PALISADE_SOCKET")]
+    pub socket: PathBuf,
+    /// Only this namespace (its pods, policies and findings).
+    #[arg(long, short = 'n')]
+    pub namespace: Option<String>,
+    /// Fail (exit 1) when a check finds something: default-deny,
+    /// default-deny-ingress, default-deny-egress, dns, selected,
+    /// no-empty-selectors, no-shadowed-rules, no-ipblock-pods,
+    /// governed-namespace-labels. Comma-separated or repeated.
+    #[arg(long, value_delimiter = ',')]
+    pub require: Vec<String>,
+    #[command(flatten)]
+    pub o: OutputArg,
+}
+
+/// The report restricted to one namespace (subjects are `ns`, `ns/...`).
+pub fn coverage_in(mut r: CoverageReport, ns: Option<&str>) -> CoverageReport {
+    let Some(ns) = ns else { return r };
+    let prefix = format!("{ns}/");
+    r.namespaces.retain(|n| n.namespace == ns);
+    r.pods.retain(|p| p.namespace == ns);
+    r.findings
+        .retain(|f| f.subject == ns || f.subject.starts_with(&prefix));
+    r
+}
+
+pub fn render_coverage(r: &CoverageReport) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "NAMESPACES");
+    let _ = writeln!(
+        s,
+        "  {:<24} {:>5} {:>9} {:>9}  default deny (ingress | egress)",
+        "NAMESPACE", "PODS", "INGRESS", "EGRESS"
+    );
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "NONE".to_string()
+        } else {
+            v.join(",")
+        }
+    };
+    for n in &r.namespaces {
+        let _ = writeln!(
+            s,
+            "  {:<24} {:>5} {:>9} {:>9}  {} | {}",
+            n.namespace,
+            n.pods,
+            format!("{}/{}", n.ingress_isolated_pods, n.pods),
+            format!("{}/{}", n.egress_isolated_pods, n.pods),
+            list(&n.default_deny_ingress),
+            list(&n.default_deny_egress)
+        );
+    }
+    let _ = writeln!(s, "\nPODS (isolated by)");
+    for p in &r.pods {
+        let by = |v: &[String]| {
+            if v.is_empty() {
+                "open".to_string()
+            } else {
+                v.join(",")
+            }
+        };
+        let _ = writeln!(
+            s,
+            "  {:<40} ingress: {}  egress: {}",
+            format!("{}/{}", p.namespace, p.pod),
+            by(&p.ingress),
+            by(&p.egress)
+        );
+    }
+    let _ = writeln!(s, "\nFINDINGS ({})", r.findings.len());
+    for f in &r.findings {
+        let _ = writeln!(s, "  [{}] {}: {}", f.kind, f.subject, f.detail);
+    }
+    s
 }
 
 pub fn render_verify(r: &VerifyReport) -> String {

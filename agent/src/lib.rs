@@ -5,6 +5,7 @@
 pub mod change;
 pub mod cli;
 pub mod compiler;
+pub mod coverage;
 pub mod daemon;
 pub mod dataplane;
 pub mod endpoints;

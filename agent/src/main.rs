@@ -89,6 +89,9 @@ enum Cmd {
         #[command(flatten)]
         o: cli::OutputArg,
     },
+    /// Which pods and namespaces policy isolates and by what, and the
+    /// classic mistakes. Exit 1 when a --require check fails.
+    Coverage(cli::CoverageArgs),
 }
 
 #[derive(Args)]
@@ -324,6 +327,29 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             other => unexpected(other),
         },
+        Cmd::Coverage(a) => {
+            let s = SocketArg {
+                socket: a.socket.clone(),
+            };
+            match call(&s, &Request::Coverage, Duration::from_secs(60))? {
+                Response::Coverage(r) => {
+                    let r = cli::coverage_in(*r, a.namespace.as_deref());
+                    a.o.print(&r, cli::render_coverage)?;
+                    let failed =
+                        palisade_agent::coverage::failed_requirements(&r.findings, &a.require)
+                            .map_err(anyhow::Error::msg)?;
+                    for (name, n) in &failed {
+                        eprintln!("require {name}: FAILED ({n} finding(s))");
+                    }
+                    Ok(if failed.is_empty() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    })
+                }
+                other => unexpected(other),
+            }
+        }
         Cmd::Cleanup { pin_root } => {
             palisade_dataplane::loader::remove_all(&Pins::new(&pin_root))?;
             println!("removed {}", pin_root.display());

@@ -294,10 +294,10 @@ async fn dispatch(
             Ok(r) => Response::Verify(Box::new(r)),
             Err(e) => error(e),
         },
-        Request::Coverage => Response::error(
-            ErrorKind::Internal,
-            "coverage is not built into this agent yet",
-        ),
+        Request::Coverage => match handle.with(|a| crate::coverage::report(a.model())).await {
+            Ok(r) => Response::Coverage(Box::new(r)),
+            Err(e) => error(e),
+        },
         Request::Preview(_) => Response::error(
             ErrorKind::Internal,
             "preview is not built into this agent yet",

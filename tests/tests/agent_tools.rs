@@ -223,3 +223,104 @@ fn verify_proves_the_kernel_agrees_and_catches_a_corrupted_entry() -> Result<()>
     drop(agent);
     Ok(())
 }
+
+const CRAFTED: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: app, labels: {team: a}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: infra}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: app, labels: {app: web}}
+spec: {containers: [{name: c}]}
+status: {podIP: 10.97.1.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db, namespace: app, labels: {app: db}}
+spec: {containers: [{name: c}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: cache, namespace: infra, labels: {app: cache}}
+spec: {containers: [{name: c}]}
+status: {podIP: 10.97.1.20}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: default-deny, namespace: app}
+spec: {podSelector: {}, policyTypes: [Ingress, Egress]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db-ingress, namespace: app}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  ingress:
+  - from: [{podSelector: {}}]
+  - from: [{podSelector: {matchLabels: {app: web}}}]
+    ports: [{port: 5432}]
+  - from: [{ipBlock: {cidr: 10.97.1.0/24}}]
+  - from: [{namespaceSelector: {matchLabels: {team: ops}}}]
+"#;
+
+#[test]
+fn coverage_reports_isolation_and_mistakes_and_gates_on_require() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let scratch = Scratch::new("palisade-coverage-", &[("cluster.yaml", CRAFTED)])?;
+    let mut node = Node::new(Ipv4Addr::new(10, 97, 1, 1))?;
+    node.add_pod(Ipv4Addr::new(10, 97, 1, 2))?;
+    let agent = scratch.agent(&node.ns, &["--metrics-addr", "off"])?;
+    agent.register("app", "db", &node.pods[0])?;
+
+    let (ok, out) = agent.cli(&["coverage", "-o", "json"])?;
+    assert!(ok, "no --require: exit 0\n{out}");
+    let r: palisade_api::CoverageReport = serde_json::from_str(&out)?;
+    let has = |kind: &str, subject: &str| {
+        r.findings
+            .iter()
+            .any(|f| f.kind == kind && f.subject == subject)
+    };
+    let db = r.pods.iter().find(|p| p.pod == "db").context("db")?;
+    assert_eq!(db.ingress, vec!["app/db-ingress", "app/default-deny"]);
+    assert_eq!(db.egress, vec!["app/default-deny"]);
+    assert!(has("unselected-pod", "infra/cache"));
+    assert!(has("no-default-deny-ingress", "infra"));
+    assert!(!has("no-default-deny-ingress", "app"));
+    assert!(has("no-dns", "app/web") && has("no-dns", "app/db"));
+    assert!(
+        has("shadowed-rule", "app/db-ingress ingress[1]"),
+        "{:?}",
+        r.findings
+    );
+    assert!(has(
+        "ipblock-contains-pods",
+        "app/db-ingress ingress[2] peer 0"
+    ));
+    assert!(has("empty-selector", "app/db-ingress ingress[3] peer 0"));
+    assert!(has(
+        "ungoverned-namespace-label",
+        "app/db-ingress ingress[3] peer 0"
+    ));
+
+    // Human output, and the CI gate.
+    let (ok, text) = agent.cli(&["coverage"])?;
+    assert!(
+        ok && text.contains("FINDINGS") && text.contains("[no-dns] app/web"),
+        "{text}"
+    );
+    let (ok, text) = agent.cli(&["coverage", "-n", "app", "--require", "default-deny"])?;
+    assert!(ok, "app has a default deny both ways: {text}");
+    let (ok, text) = agent.cli(&["coverage", "-n", "app", "--require", "default-deny,dns"])?;
+    assert!(!ok && text.contains("require dns: FAILED"), "{text}");
+    let (ok, text) = agent.cli(&["coverage", "--require", "nonsense"])?;
+    assert!(!ok && text.contains("unknown check"), "{text}");
+    drop(agent);
+    Ok(())
+}
