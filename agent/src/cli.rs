@@ -7,7 +7,10 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use palisade_api::{CoverageReport, StatusReport, TraceReport, VerifyReport, DEFAULT_SOCKET};
+use palisade_api::{
+    CoverageReport, PreviewReport, PreviewRequest, StatusReport, TraceReport, VerifyReport,
+    DEFAULT_SOCKET,
+};
 
 use crate::flowlog::{FlowRecord, Peer};
 
@@ -307,6 +310,95 @@ pub fn render_coverage(r: &CoverageReport) -> String {
     let _ = writeln!(s, "\nFINDINGS ({})", r.findings.len());
     for f in &r.findings {
         let _ = writeln!(s, "  [{}] {}: {}", f.kind, f.subject, f.detail);
+    }
+    s
+}
+
+#[derive(Args, Debug)]
+pub struct PreviewArgs {
+    #[arg(long, default_value = DEFAULT_SOCKET, env = "PALISADE_SOCKET")]
+    pub socket: PathBuf,
+    /// YAML files of NetworkPolicies to apply (or replace); repeatable,
+    /// several documents per file allowed.
+    #[arg(short = 'f', long = "filename", num_args = 1..)]
+    pub files: Vec<PathBuf>,
+    /// namespace/name of a NetworkPolicy to delete; repeatable.
+    #[arg(long)]
+    pub delete: Vec<String>,
+    /// Only flows recorded since: a duration ago (10m, 2h) or an RFC 3339 time.
+    #[arg(long)]
+    pub since: Option<String>,
+    #[command(flatten)]
+    pub o: OutputArg,
+}
+
+/// `--since`: "10m" (ago) or an RFC 3339 time, as seconds since the epoch.
+pub fn since_unix(s: &str) -> Result<u64> {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let t = match humantime::parse_duration(s) {
+        Ok(ago) => SystemTime::now()
+            .checked_sub(ago)
+            .context("--since: too long ago")?,
+        Err(_) => humantime::parse_rfc3339_weak(s).with_context(|| {
+            format!("--since {s:?}: expected a duration (10m) or an RFC 3339 time")
+        })?,
+    };
+    Ok(t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
+}
+
+impl PreviewArgs {
+    pub fn request(&self) -> Result<PreviewRequest> {
+        if self.files.is_empty() && self.delete.is_empty() {
+            bail!("nothing to preview: pass -f FILE and/or --delete NAMESPACE/NAME");
+        }
+        let mut apply = Vec::new();
+        for f in &self.files {
+            let text = fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+                let v = <serde_yaml::Value as serde::Deserialize>::deserialize(doc)
+                    .with_context(|| format!("{} document {i}", f.display()))?;
+                if v.is_null() {
+                    continue;
+                }
+                apply.push(serde_yaml::to_string(&v)?);
+            }
+        }
+        Ok(PreviewRequest {
+            apply,
+            delete: self.delete.clone(),
+            since_unix: self.since.as_deref().map(since_unix).transpose()?,
+        })
+    }
+}
+
+pub fn render_preview(r: &PreviewReport) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "replayed {} flow records ({} not replayable: their pod is no longer on this node)",
+        r.replayed, r.skipped
+    );
+    for why in &r.rejected {
+        let _ = writeln!(
+            s,
+            "REJECTED {why} (it would isolate what it selects and allow nothing)"
+        );
+    }
+    for (title, groups) in [
+        ("NEWLY DROPPED", &r.newly_dropped),
+        ("NEWLY ALLOWED", &r.newly_allowed),
+    ] {
+        let _ = writeln!(s, "\n{title} ({})", groups.len());
+        if groups.is_empty() {
+            let _ = writeln!(s, "  none");
+        }
+        for g in groups {
+            let _ = writeln!(
+                s,
+                "  {:>6}  {} -> {} {}  ({})",
+                g.flows, g.source, g.destination, g.port, g.rule
+            );
+        }
     }
     s
 }

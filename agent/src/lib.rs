@@ -18,6 +18,7 @@ pub mod manifests;
 pub mod metrics;
 pub mod model;
 pub mod owner;
+pub mod preview;
 pub mod selector;
 pub mod server;
 pub mod service;

@@ -92,6 +92,9 @@ enum Cmd {
     /// Which pods and namespaces policy isolates and by what, and the
     /// classic mistakes. Exit 1 when a --require check fails.
     Coverage(cli::CoverageArgs),
+    /// The effect of applying (-f) or deleting (--delete) NetworkPolicies
+    /// on the flows in the flow log; nothing is applied.
+    Preview(cli::PreviewArgs),
 }
 
 #[derive(Args)]
@@ -346,6 +349,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     } else {
                         ExitCode::FAILURE
                     })
+                }
+                other => unexpected(other),
+            }
+        }
+        Cmd::Preview(a) => {
+            let req = Request::Preview(a.request()?);
+            let s = SocketArg {
+                socket: a.socket.clone(),
+            };
+            match call(&s, &req, Duration::from_secs(300))? {
+                Response::Preview(r) => {
+                    a.o.print(&*r, cli::render_preview)?;
+                    Ok(ExitCode::SUCCESS)
                 }
                 other => unexpected(other),
             }

@@ -51,7 +51,12 @@ pub async fn run(cfg: Config) -> Result<()> {
     let owner = Owner::spawn(agent, source_rx)?;
     let handle = owner.handle.clone();
     let mut tasks = JoinSet::new();
-    let tools = Tools::new(cfg.pins.clone(), cfg.map_sizes.clone(), metrics.clone());
+    let tools = Tools::new(
+        cfg.flow_log.clone(),
+        cfg.pins.clone(),
+        cfg.map_sizes.clone(),
+        metrics.clone(),
+    );
 
     // /healthz answers from the start; /readyz only after the first sync.
     // Neither they nor /metrics ever wait for the owner.
@@ -200,8 +205,9 @@ async fn serve_api(
     }
 }
 
-/// A request line larger than this is refused.
-const MAX_REQUEST: u64 = 64 * 1024;
+/// A request line larger than this is refused (`preview` carries policy
+/// objects).
+const MAX_REQUEST: u64 = 1024 * 1024;
 
 async fn handle_api(
     conn: UnixStream,
@@ -298,10 +304,10 @@ async fn dispatch(
             Ok(r) => Response::Coverage(Box::new(r)),
             Err(e) => error(e),
         },
-        Request::Preview(_) => Response::error(
-            ErrorKind::Internal,
-            "preview is not built into this agent yet",
-        ),
+        Request::Preview(p) => match tools.preview(handle, p).await {
+            Ok(r) => Response::Preview(Box::new(r)),
+            Err(e) => Response::error(ErrorKind::InvalidRequest, format!("{e:#}")),
+        },
     }
 }
 

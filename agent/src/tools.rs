@@ -1,14 +1,16 @@
 //! The operator tools behind the API socket that need more than the owner's
 //! state: `verify` (a kernel prober of its own, run off the owner thread)
 //! and its periodic run with the `verify_mismatches` metric and the
-//! optional readiness gate.
+//! optional readiness gate; `preview` (two compiles of a copy of the model
+//! and a flow log replay, off the owner thread).
 use std::{
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use anyhow::{Context, Result};
-use palisade_api::VerifyReport;
+use palisade_api::{PreviewReport, PreviewRequest, VerifyReport};
 use palisade_dataplane::{probe::Prober, MapSizes, Pins};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
@@ -20,6 +22,7 @@ use crate::{metrics::Metrics, owner::Handle, verify};
 const ATTEMPTS: usize = 3;
 
 pub struct Tools {
+    flow_log: PathBuf,
     pins: Pins,
     sizes: MapSizes,
     /// Opened on first use (loads `pod_verify` against the pinned maps).
@@ -31,8 +34,9 @@ pub struct Tools {
 }
 
 impl Tools {
-    pub fn new(pins: Pins, sizes: MapSizes, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(flow_log: PathBuf, pins: Pins, sizes: MapSizes, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Self {
+            flow_log,
             pins,
             sizes,
             prober: Mutex::new(None),
@@ -44,6 +48,16 @@ impl Tools {
 
     pub fn verified(&self) -> watch::Receiver<bool> {
         self.verified.subscribe()
+    }
+
+    /// `preview`: the owner only copies the model; the compiles and the
+    /// replay run on a blocking thread.
+    pub async fn preview(&self, handle: &Handle, req: PreviewRequest) -> Result<PreviewReport> {
+        let model = handle.with(|a| a.model().clone()).await?;
+        let log = self.flow_log.clone();
+        tokio::task::spawn_blocking(move || crate::preview::preview(&model, &req, &log))
+            .await
+            .context("the preview task stopped")?
     }
 
     /// One verify run against the programmed state. The maps the probes

@@ -208,6 +208,10 @@ pub struct PreviewReport {
     pub skipped: usize,
     pub newly_dropped: Vec<PreviewGroup>,
     pub newly_allowed: Vec<PreviewGroup>,
+    /// Applied policies the compiler rejects ("ns/name: why"): they would
+    /// still isolate what they select, and allow nothing.
+    #[serde(default)]
+    pub rejected: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
