@@ -215,7 +215,7 @@ pub fn replay(
                 },
             )
             .collect();
-        v.sort_by(|a, b| b.flows.cmp(&a.flows));
+        v.sort_by_key(|g| std::cmp::Reverse(g.flows));
         v
     };
     report.newly_dropped = list(dropped);
