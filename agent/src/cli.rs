@@ -42,6 +42,87 @@ pub struct ObserveArgs {
     /// JSON lines instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Only flows recorded since: a duration ago (10m, 2h) or an RFC 3339
+    /// time (read from the flow log files, not only the recent history).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Summary: the N busiest dropped (source, destination, port) triples.
+    #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "10", conflicts_with = "follow")]
+    pub top: Option<usize>,
+}
+
+/// One row of `observe --top`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct TopDrop {
+    pub source: String,
+    pub destination: String,
+    /// e.g. 5432/TCP
+    pub port: String,
+    pub drops: usize,
+    /// The policies the drops were attributed to.
+    pub policies: Vec<String>,
+}
+
+fn workload(p: &Peer) -> String {
+    match (&p.namespace, &p.pod) {
+        (Some(ns), Some(pod)) => format!("{ns}/{pod}"),
+        _ => format!("{}({})", p.ip, p.kind),
+    }
+}
+
+/// The `n` busiest dropped (source, destination, port) triples of
+/// `records` (DROP verdicts, and AUDIT: drops audit mode let through).
+pub fn top_drops<'a>(records: impl IntoIterator<Item = &'a FlowRecord>, n: usize) -> Vec<TopDrop> {
+    let mut by: std::collections::BTreeMap<(String, String, String), TopDrop> = Default::default();
+    for r in records {
+        if r.verdict != "DROP" && r.verdict != "AUDIT" {
+            continue;
+        }
+        // Drops without an IPv4 flow (IPv6, malformed frames) are named by
+        // their reason instead.
+        let port = match r.dst.port {
+            Some(p) => format!("{p}/{}", r.protocol),
+            None if r.protocol == "none" => r.reason.clone(),
+            None => r.protocol.clone(),
+        };
+        let key = (workload(&r.src), workload(&r.dst), port);
+        let e = by.entry(key.clone()).or_insert_with(|| TopDrop {
+            source: key.0,
+            destination: key.1,
+            port: key.2,
+            drops: 0,
+            policies: Vec::new(),
+        });
+        e.drops += 1;
+        for p in &r.policies {
+            if !e.policies.contains(p) {
+                e.policies.push(p.clone());
+            }
+        }
+    }
+    let mut v: Vec<TopDrop> = by.into_values().collect();
+    v.sort_by(|a, b| b.drops.cmp(&a.drops).then_with(|| a.source.cmp(&b.source)));
+    v.truncate(n);
+    v
+}
+
+pub fn render_top(rows: &[TopDrop]) -> String {
+    let mut s = format!(
+        "{:>7}  {:<32} {:<32} {:<10} POLICIES\n",
+        "DROPS", "SOURCE", "DESTINATION", "PORT"
+    );
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "{:>7}  {:<32} {:<32} {:<10} {}",
+            r.drops,
+            r.source,
+            r.destination,
+            r.port,
+            r.policies.join(", ")
+        );
+    }
+    s
 }
 
 #[derive(Debug, Default)]
@@ -553,6 +634,8 @@ mod tests {
             protocol: None,
             follow: false,
             json: false,
+            since: None,
+            top: None,
         };
         f(&mut a);
         a.filter().unwrap()
@@ -571,6 +654,34 @@ mod tests {
         assert!(!args(|a| a.verdict = Some("ALLOW".into())).matches(&r));
         assert!(args(|a| a.port = Some(80)).matches(&r));
         assert!(!args(|a| a.protocol = Some("udp".into())).matches(&r));
+    }
+
+    #[test]
+    fn top_counts_drops_by_triple() {
+        let mut a = rec();
+        a.policies = vec!["y/deny".into()];
+        let mut other_port = rec();
+        other_port.dst.port = Some(81);
+        let mut allowed = rec();
+        allowed.verdict = "ALLOW".into();
+        let recs = [a.clone(), a.clone(), a, other_port, allowed];
+        let top = top_drops(&recs, 10);
+        assert_eq!(top.len(), 2);
+        assert_eq!(
+            (
+                top[0].source.as_str(),
+                top[0].destination.as_str(),
+                top[0].port.as_str(),
+                top[0].drops
+            ),
+            ("x/a", "y/b", "80/TCP", 3)
+        );
+        assert_eq!(top[0].policies, vec!["y/deny".to_string()]);
+        assert_eq!((top[1].port.as_str(), top[1].drops), ("81/TCP", 1));
+        assert_eq!(top_drops(&recs, 1).len(), 1);
+        assert!(since_unix("10m").unwrap() > 1_700_000_000);
+        assert_eq!(since_unix("2026-01-01T00:00:00Z").unwrap(), 1_767_225_600);
+        assert!(since_unix("yesterday").is_err());
     }
 
     #[test]

@@ -256,14 +256,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         a.socket.display()
                     )
                 })?;
-            let mode = if a.follow {
-                "recent follow\n"
-            } else {
-                "recent\n"
+            let since = a.since.as_deref().map(cli::since_unix).transpose()?;
+            let mode = match (since, a.follow) {
+                (Some(s), true) => format!("since={s} follow\n"),
+                (Some(s), false) => format!("since={s}\n"),
+                (None, true) => "recent follow\n".into(),
+                (None, false) => "recent\n".into(),
             };
             conn.write_all(mode.as_bytes())?;
             let filter = a.filter()?;
             let mut out = std::io::stdout().lock();
+            let mut kept = Vec::new();
             for line in BufReader::new(conn).lines() {
                 let line = line?;
                 let Ok(rec) = serde_json::from_str::<palisade_agent::flowlog::FlowRecord>(&line)
@@ -273,12 +276,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 if !filter.matches(&rec) {
                     continue;
                 }
+                if a.top.is_some() {
+                    kept.push(rec);
+                    continue;
+                }
                 if a.json {
                     writeln!(out, "{line}")?;
                 } else {
                     writeln!(out, "{}", cli::render_flow(&rec))?;
                 }
                 out.flush()?;
+            }
+            if let Some(n) = a.top {
+                let top = cli::top_drops(&kept, n);
+                if a.json {
+                    writeln!(out, "{}", serde_json::to_string_pretty(&top)?)?;
+                } else {
+                    write!(out, "{}", cli::render_top(&top))?;
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

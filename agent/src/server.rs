@@ -371,7 +371,9 @@ impl std::os::fd::AsRawFd for EventFd {
     }
 }
 
-/// `observe`: the client sends "recent", "follow" or "recent follow".
+/// `observe`: the client sends "recent", "follow" or "recent follow", or
+/// "since=SECS" (seconds since the epoch; from the flow log files rather
+/// than the in-memory history), optionally with "follow".
 async fn serve_flows(l: UnixListener, log: Arc<Mutex<FlowLog>>, tx: broadcast::Sender<String>) {
     loop {
         let conn = match l.accept().await {
@@ -388,7 +390,26 @@ async fn serve_flows(l: UnixListener, log: Arc<Mutex<FlowLog>>, tx: broadcast::S
             if BufReader::new(r).read_line(&mut mode).await.is_err() {
                 return;
             }
-            if mode.contains("recent") {
+            if let Some(since) = since_of(&mode) {
+                let path = log
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .path()
+                    .to_path_buf();
+                let lines = tokio::task::spawn_blocking(move || {
+                    crate::preview::read_records(&path, Some(since))
+                })
+                .await
+                .unwrap_or_default();
+                for rec in lines {
+                    let Ok(line) = serde_json::to_string(&rec) else {
+                        continue;
+                    };
+                    if w.write_all(format!("{line}\n").as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            } else if mode.contains("recent") {
                 let recent: Vec<String> = log
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -421,6 +442,16 @@ async fn serve_flows(l: UnixListener, log: Arc<Mutex<FlowLog>>, tx: broadcast::S
             }
         });
     }
+}
+
+/// "since=SECS" in an observe request.
+fn since_of(mode: &str) -> Option<std::time::SystemTime> {
+    let secs = mode
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("since="))?
+        .parse()
+        .ok()?;
+    Some(std::time::UNIX_EPOCH + Duration::from_secs(secs))
 }
 
 /// Expired conntrack and fragment entries.

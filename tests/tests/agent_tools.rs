@@ -461,6 +461,28 @@ fn preview_replays_recorded_flows_against_a_change_and_programs_nothing() -> Res
     write_manifest(&scratch.manifests, "server-policy.yaml", SERVER_POLICY)?;
     agent.sync()?;
     assert!(!tcp_connects(&node.pods[2].ns, server_ip, 8080, 500)?);
+    // observe: the busiest dropped triples, and a time window.
+    wait_records(&agent, 1, |l| l.contains("\"verdict\":\"DROP\""))?;
+    let (ok, text) = agent.cli(&["observe", "--top"])?;
+    // (The veths' IPv6 neighbour traffic is dropped too, and counted.)
+    assert!(
+        ok && text.lines().any(|l| l.contains("shop/intruder")
+            && l.contains("shop/server")
+            && l.contains("8080/TCP")
+            && l.contains("shop/server-ingress")),
+        "{text}"
+    );
+    let (ok, text) = agent.cli(&["observe", "--since", "1h", "--verdict", "drop"])?;
+    assert!(
+        ok && text.contains("shop/intruder") && !text.contains("ALLOW"),
+        "{text}"
+    );
+    let (ok, text) = agent.cli(&["observe", "--since", "2999-01-01T00:00:00Z"])?;
+    assert!(ok && text.trim().is_empty(), "{text}");
+    let (ok, out) = agent.cli(&["observe", "--top", "1", "--json"])?;
+    let top: serde_json::Value = serde_json::from_str(&out)?;
+    assert!(ok && top.as_array().map(Vec::len) == Some(1), "{out}");
+
     let (ok, out) = agent.cli(&["preview", "--delete", "shop/server-ingress", "-o", "json"])?;
     let r: palisade_api::PreviewReport = serde_json::from_str(&out)?;
     assert!(ok && r.newly_dropped.is_empty(), "{out}");
