@@ -9,9 +9,11 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use aya::maps::{lpm_trie::Key, LpmTrie, Map, MapData};
+use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData};
 use palisade_api::VerifyReport;
-use palisade_common::{maps as names, PolicyKey, PolicyValue, ACTION_ALLOW, ACTION_DENY};
+use palisade_common::{
+    maps as names, CtKey, CtValue, PolicyKey, PolicyValue, ACTION_ALLOW, ACTION_DENY,
+};
 use palisade_tests::{agent::*, *};
 
 const GW: Ipv4Addr = Ipv4Addr::new(10, 97, 0, 1);
@@ -158,6 +160,16 @@ fn verify_proves_the_kernel_agrees_and_catches_a_corrupted_entry() -> Result<()>
         "verify produced flow records"
     );
     assert!(http_get(&node.ns, "/readyz")?.contains("200 OK"));
+    // Probes the policy admits (client -> server on 8080, 8000..8100, from
+    // source port 40000) would have left conntrack entries.
+    let ct = MapData::from_pin(scratch.pins.pins.map(names::CONNTRACK))?;
+    let ct: HashMap<MapData, CtKey, CtValue> = HashMap::try_from(Map::from_map_data(ct)?)?;
+    let probe_entries = ct
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| u16::from_be(k.sport_be) == 40000 || u16::from_be(k.dport_be) == 40000)
+        .count();
+    assert_eq!(probe_entries, 0, "verify left conntrack entries");
 
     // Corrupt the kernel behind the agent's back: the server's allow entry
     // for the client on 8080 becomes a deny.
