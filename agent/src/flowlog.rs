@@ -71,6 +71,9 @@ pub struct FlowRecord {
     pub dst: Peer,
     /// The pod whose policy decided (namespace/name).
     pub endpoint: String,
+    /// The node whose agent recorded the verdict (its configured name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// Policies that allowed the flow, or that isolate the endpoint and
     /// had no rule for it.
     pub policies: Vec<String>,
@@ -164,6 +167,7 @@ pub fn record<N: Names + ?Sized>(view: &N, e: &FlowEvent) -> FlowRecord {
         src,
         dst,
         endpoint,
+        node: view.node_name().map(str::to_string),
         policies,
     }
 }

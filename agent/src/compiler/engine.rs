@@ -277,6 +277,7 @@ impl Engine {
     /// Names this node: the addresses of its Node object become `host`,
     /// every other node's `remote-node`.
     pub fn set_node_name(&mut self, name: Option<String>) {
+        self.view.node_name = name.as_deref().map(Arc::from);
         self.node_name = name;
         self.set_host_ips();
         self.settle();

@@ -109,6 +109,35 @@ fn this_nodes_addresses_are_host_and_other_nodes_are_remote_node() {
 }
 
 #[test]
+fn flow_records_name_this_node_and_a_remote_node_peer() {
+    use palisade_common::{FlowEvent, PROTO_TCP, VERDICT_DROP};
+    let e = cluster();
+    let v = e.view();
+    let ev = FlowEvent {
+        saddr: u32::from_ne_bytes(ip(OTHER_NODE).octets()),
+        daddr: u32::from_ne_bytes(ip(WEB).octets()),
+        src_identity: IDENTITY_REMOTE_NODE,
+        endpoint_id: 1,
+        direction: DIR_INGRESS,
+        protocol: PROTO_TCP,
+        verdict: VERDICT_DROP,
+        reason: reason::NO_POLICY_MATCH,
+        ts_ns: 0,
+        ifindex: 1,
+        sport_be: 40000u16.to_be(),
+        dport_be: 80u16.to_be(),
+        dst_identity: 0,
+        cookie: 0,
+        _pad: 0,
+    };
+    let r = crate::flowlog::record(&*v, &ev);
+    assert_eq!(r.node.as_deref(), Some("n1"));
+    assert_eq!(r.src.kind, "remote-node");
+    assert_eq!(r.src.node.as_deref(), Some("n2"));
+    assert_eq!(r.endpoint, "a/web");
+}
+
+#[test]
 fn another_node_is_matched_only_by_an_ipblock_containing_it() {
     let mut e = cluster();
     policy(&mut e, "nodes", "[{ipBlock: {cidr: 192.168.0.0/24}}]");

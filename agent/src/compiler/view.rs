@@ -37,6 +37,10 @@ pub trait Names {
     fn remote_node_name(&self, _ip: Ipv4Addr) -> Option<&str> {
         None
     }
+    /// This node's name, if the agent was given one.
+    fn node_name(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// A published state. Every part is a persistent map: cloning a `View` is
@@ -66,6 +70,8 @@ pub struct View {
     /// The cluster's nodes, and the addresses of the other ones.
     pub nodes: im::OrdMap<String, Node>,
     pub remote_node_ips: Arc<Vec<Ipv4Addr>>,
+    /// This node's name.
+    pub node_name: Option<Arc<str>>,
     pub audit: bool,
 }
 
@@ -163,6 +169,7 @@ impl View {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             remote_node_ips: Arc::new(model.remote_node_ips.clone()),
+            node_name: None,
             audit: model.audit,
         }
     }
@@ -210,6 +217,9 @@ impl Names for View {
     fn remote_node_name(&self, ip: Ipv4Addr) -> Option<&str> {
         self.remote_node_at(ip).map(|n| n.name.as_str())
     }
+    fn node_name(&self) -> Option<&str> {
+        self.node_name.as_deref()
+    }
 }
 
 /// Names through a smart pointer or a lock guard (`&*guard` works too).
@@ -245,6 +255,9 @@ macro_rules! forward_names {
             }
             fn remote_node_name(&self, ip: Ipv4Addr) -> Option<&str> {
                 (**self).remote_node_name(ip)
+            }
+            fn node_name(&self) -> Option<&str> {
+                (**self).node_name()
             }
         }
     )*};
