@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
-use crate::model::{Namespace, ObjectKey, Pod};
+use crate::model::{Namespace, Node, ObjectKey, Pod};
 
 /// One object added, changed or deleted.
 #[derive(Clone, Debug, PartialEq)]
@@ -21,6 +21,10 @@ pub enum Change {
     /// This node's addresses as the source knows them (replaces the
     /// previous set; the agent's configured addresses are kept besides).
     NodeAddresses(Vec<Ipv4Addr>),
+    /// A node of the cluster added or changed (this node's addresses are
+    /// `host`, every other node's `remote-node`).
+    Node(Node),
+    NodeDeleted(String),
 }
 
 /// A complete view from one source.
@@ -31,6 +35,8 @@ pub struct Snapshot {
     pub policies: BTreeMap<ObjectKey, Arc<NetworkPolicy>>,
     /// Node addresses the source knows (Kubernetes: this Node's InternalIPs).
     pub host_ips: Vec<Ipv4Addr>,
+    /// The cluster's nodes, by name.
+    pub nodes: BTreeMap<String, Node>,
     /// Objects the source could not read; everything else is in the snapshot.
     pub errors: Vec<String>,
 }
@@ -86,6 +92,12 @@ impl Snapshot {
                 self.policies.remove(k);
             }
             Change::NodeAddresses(ips) => self.host_ips = ips.clone(),
+            Change::Node(n) => {
+                self.nodes.insert(n.name.clone(), n.clone());
+            }
+            Change::NodeDeleted(name) => {
+                self.nodes.remove(name);
+            }
         }
     }
 
@@ -113,6 +125,13 @@ impl Snapshot {
             &next.policies,
             |k| Change::PolicyDeleted(k.clone()),
             |k, v| Change::Policy(k.clone(), v.clone()),
+            &mut out,
+        );
+        diff_maps(
+            &self.nodes,
+            &next.nodes,
+            |k| Change::NodeDeleted(k.clone()),
+            |_, v| Change::Node(v.clone()),
             &mut out,
         );
         if self.host_ips != next.host_ips {

@@ -144,11 +144,28 @@ impl Agent {
             ready: false,
         };
         agent.forget_vanished_endpoints();
+        agent.engine.set_node_name(cfg.node_name.clone());
+        agent.refresh_gateways();
         for e in agent.registry.iter() {
             agent.engine.add_endpoint(local_endpoint(e));
         }
         agent.prefilter(&cfg.xdp_uplinks, &cfg.xdp_deny)?;
         Ok((agent, rx))
+    }
+
+    /// The addresses the registered pods' host veths carry are `host`:
+    /// the node's source towards its pods (kubelet probes). Read from the
+    /// kernel, so a registration cannot claim one.
+    fn refresh_gateways(&mut self) {
+        let names: std::collections::HashSet<&str> = self
+            .registry
+            .iter()
+            .map(|e| e.registration.host_ifname.as_str())
+            .collect();
+        match crate::ifaddrs::ipv4_of(&names) {
+            Ok(ips) => self.engine.set_gateway_ips(ips),
+            Err(e) => warn!("reading the host veths' addresses: {e}"),
+        }
     }
 
     /// Attach the XDP prefilter to the uplinks and make its deny list
@@ -321,6 +338,7 @@ impl Agent {
 
         let t0 = Instant::now();
         let mut t_attach = t0;
+        self.refresh_gateways();
         self.engine.add_endpoint(local_endpoint(&entry));
         let programmed = self.reprogram().and_then(|g| {
             // The endpoint entry must be in the kernel before a program that
@@ -427,6 +445,7 @@ impl Agent {
             .remove(container_id)
             .context("saving endpoint registry")?;
         self.engine.remove_endpoint(container_id);
+        self.refresh_gateways();
         info!(
             "deregistered {}/{} (endpoint {})",
             e.registration.namespace, e.registration.pod, e.endpoint_id

@@ -11,8 +11,8 @@ use std::{
 };
 
 use palisade_common::{
-    reason, FlowEvent, DIR_EGRESS, IDENTITY_HOST, IDENTITY_WORLD, PROTO_ICMP, PROTO_SCTP,
-    PROTO_TCP, PROTO_UDP, VERDICT_ALLOW, VERDICT_AUDIT,
+    reason, FlowEvent, DIR_EGRESS, IDENTITY_HOST, IDENTITY_REMOTE_NODE, IDENTITY_WORLD, PROTO_ICMP,
+    PROTO_SCTP, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW, VERDICT_AUDIT,
 };
 use palisade_dataplane::maps::{from_be, monotonic_ns};
 use serde::{Deserialize, Serialize};
@@ -27,8 +27,11 @@ pub struct Peer {
     pub ip: Ipv4Addr,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
-    /// pod, host, world or cidr
+    /// pod, host, remote-node, world or cidr
     pub kind: String,
+    /// The other node a `remote-node` peer is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -44,6 +47,7 @@ impl Default for Peer {
             ip: Ipv4Addr::UNSPECIFIED,
             port: None,
             kind: String::new(),
+            node: None,
             namespace: None,
             pod: None,
             labels: Labels::new(),
@@ -67,6 +71,9 @@ pub struct FlowRecord {
     pub dst: Peer,
     /// The pod whose policy decided (namespace/name).
     pub endpoint: String,
+    /// The node whose agent recorded the verdict (its configured name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// Policies that allowed the flow, or that isolate the endpoint and
     /// had no rule for it.
     pub policies: Vec<String>,
@@ -102,6 +109,11 @@ fn peer<N: Names + ?Sized>(view: &N, ip: Ipv4Addr, port: Option<u16>, identity: 
         p.namespace = Some(pod.key.namespace.clone());
         p.pod = Some(pod.key.name.clone());
         p.labels = pod.labels.clone();
+        return p;
+    }
+    if identity == IDENTITY_REMOTE_NODE {
+        p.kind = "remote-node".into();
+        p.node = view.remote_node_name(ip).map(str::to_string);
         return p;
     }
     p.kind = match (identity, view.identity(identity)) {
@@ -155,6 +167,7 @@ pub fn record<N: Names + ?Sized>(view: &N, e: &FlowEvent) -> FlowRecord {
         src,
         dst,
         endpoint,
+        node: view.node_name().map(str::to_string),
         policies,
     }
 }

@@ -18,7 +18,6 @@ use std::{
     collections::HashMap,
     hash::{Hash, Hasher},
     marker::PhantomData,
-    net::Ipv4Addr,
     sync::Arc,
 };
 
@@ -26,7 +25,7 @@ use anyhow::{ensure, Context, Result};
 use futures::{stream::BoxStream, StreamExt};
 use k8s_openapi::{
     api::{
-        core::v1::{Container, Namespace, Node, NodeStatus, Pod, PodSpec, PodStatus},
+        core::v1::{Container, Namespace, Node, NodeSpec, NodeStatus, Pod, PodSpec, PodStatus},
         networking::v1::NetworkPolicy,
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -112,13 +111,9 @@ pub async fn spawn(
         Api::<NetworkPolicy>::all(client.clone()),
         watcher::Config::default(),
     )?;
-    if let Some(n) = &node {
-        kinds.watch(
-            Api::<Node>::all(client),
-            watcher::Config::default().fields(&format!("metadata.name={n}")),
-        )?;
-    }
-    info!("watching the Kubernetes API");
+    // Every node: the agent tells its own by name (`Engine::set_node_name`).
+    kinds.watch(Api::<Node>::all(client), watcher::Config::default())?;
+    info!(node = ?node, "watching the Kubernetes API");
     Ok(tokio::spawn(kinds.run(tx)))
 }
 
@@ -300,41 +295,41 @@ impl Watch for NetworkPolicy {
     }
 }
 
-/// This node's addresses the agent uses: InternalIP and ExternalIP, IPv4.
-fn node_addresses(n: &Node) -> Vec<Ipv4Addr> {
-    n.status
-        .iter()
-        .flat_map(|st| st.addresses.iter().flatten())
-        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
-        .filter_map(|a| a.address.parse().ok())
-        .collect()
-}
-
 impl Watch for Node {
-    /// Only this node is watched, for its addresses.
+    /// Every node of the cluster: this one's addresses are `host`, the
+    /// others' `remote-node` (and their pod ranges are routed to them).
     fn trim(&mut self) {
-        self.metadata = identity_meta(&self.metadata, false);
-        self.spec = None;
+        self.metadata = identity_meta(&self.metadata, true);
+        self.spec = self.spec.take().map(|s| NodeSpec {
+            pod_cidr: s.pod_cidr,
+            pod_cidrs: s.pod_cidrs,
+            ..Default::default()
+        });
         self.status = self.status.take().map(|s| NodeStatus {
             addresses: s.addresses,
             ..Default::default()
         });
     }
 
+    /// Exactly the model's node: name, labels, addresses, pod CIDRs (a
+    /// heartbeat or condition update is not sent).
     fn relevant(&self) -> Option<u64> {
-        Some(hash_of(&node_addresses(self)))
+        let n = convert::node(self)?;
+        Some(hash_of(&(&n.name, &n.labels, &n.addresses, &n.pod_cidrs)))
     }
 
     fn applied(&self) -> Option<Change> {
-        Some(Change::NodeAddresses(node_addresses(self)))
+        convert::node(self).map(Change::Node)
     }
 
     fn deleted(&self) -> Option<Change> {
-        Some(Change::NodeAddresses(Vec::new()))
+        self.metadata.name.clone().map(Change::NodeDeleted)
     }
 
     fn fill(objects: &[Arc<Self>], view: &mut Snapshot) {
-        view.host_ips = objects.iter().flat_map(|n| node_addresses(n)).collect();
+        for n in objects.iter().filter_map(|n| convert::node(n)) {
+            view.nodes.insert(n.name.clone(), n);
+        }
     }
 }
 
@@ -520,7 +515,7 @@ mod tests {
     //! only mock in the project, because no API server runs on these
     //! machines. The event filter is also fed `watcher::Event`s directly, as
     //! kube-runtime's own tests do.
-    use std::{collections::BTreeSet, time::Duration};
+    use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
 
     use http::{Request, Response};
     use kube::client::Body;
@@ -538,11 +533,17 @@ mod tests {
             "status": {"podIP": ip, "phase": "Running"}})
     }
 
-    fn node(rv: &str, ip: &str, ready: &str) -> Value {
-        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1", "resourceVersion": rv},
-            "status": {"addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": "n1"},
+    /// A Node as the API server sends it (heartbeat fields included).
+    fn node(name: &str, rv: &str, ip: &str, ready: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "resourceVersion": rv,
+                "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"},
+                "managedFields": [{"manager": "kubelet", "operation": "Update", "apiVersion": "v1"}]},
+            "spec": {"podCIDR": "10.0.9.0/24", "podCIDRs": ["10.0.9.0/24", "fd00:9::/64"], "providerID": "kind://x"},
+            "status": {"addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": name},
                 {"type": "InternalIP", "address": "fd00::1"}],
-                "conditions": [{"type": "Ready", "status": ready}]}})
+                "conditions": [{"type": "Ready", "status": ready, "lastHeartbeatTime": "2026-01-01T00:00:00Z"}],
+                "nodeInfo": {"kubeletVersion": "v1.35.0"}}})
     }
 
     fn list(kind: &str, rv: &str, items: Vec<Value>) -> Vec<u8> {
@@ -592,8 +593,10 @@ mod tests {
                 node_watches += 1;
                 Some(events(&[
                     // Only a condition changed: dropped.
-                    json!({"type": "MODIFIED", "object": node("6", "192.0.2.10", "False")}),
-                    json!({"type": "MODIFIED", "object": node("7", "192.0.2.11", "False")}),
+                    json!({"type": "MODIFIED", "object": node("n1", "6", "192.0.2.10", "False")}),
+                    json!({"type": "MODIFIED", "object": node("n1", "7", "192.0.2.11", "False")}),
+                    json!({"type": "DELETED", "object": node("n2", "8", "192.0.2.20", "True")}),
+                    json!({"type": "ADDED", "object": node("n3", "9", "192.0.2.30", "True")}),
                 ]))
             } else {
                 None
@@ -641,8 +644,18 @@ mod tests {
                     ],
                 )
             } else if uri.starts_with("/api/v1/nodes") && !watch {
-                assert!(uri.contains("fieldSelector=metadata.name%3Dn1"), "{uri}");
-                list("NodeList", "5", vec![node("5", "192.0.2.10", "True")])
+                assert!(
+                    !uri.contains("fieldSelector"),
+                    "every node is listed: {uri}"
+                );
+                list(
+                    "NodeList",
+                    "5",
+                    vec![
+                        node("n1", "5", "192.0.2.10", "True"),
+                        node("n2", "5", "192.0.2.20", "True"),
+                    ],
+                )
             } else {
                 held.push(send);
                 continue;
@@ -689,10 +702,18 @@ mod tests {
         assert_eq!(np.metadata.annotations, None);
         assert_eq!(np.metadata.generation, Some(1));
         assert_eq!(
-            first.host_ips,
-            vec![Ipv4Addr::new(192, 0, 2, 10)],
+            first.nodes.keys().collect::<Vec<_>>(),
+            ["n1", "n2"],
+            "every node, not only this one"
+        );
+        let n2 = &first.nodes["n2"];
+        assert_eq!(
+            n2.addresses,
+            vec![Ipv4Addr::new(192, 0, 2, 20)],
             "IPv4 only"
         );
+        assert_eq!(n2.pod_cidrs, vec!["10.0.9.0/24".parse().unwrap()]);
+        assert_eq!(n2.labels["kubernetes.io/hostname"], "n2");
         let a = &first.pods[&ObjectKey::new("default", "a")];
         assert_eq!(a.ip, Some(Ipv4Addr::new(10, 0, 0, 1)));
         assert_eq!(a.ports[0].name.as_deref(), Some("http"));
@@ -721,21 +742,30 @@ mod tests {
             })
             .collect();
         assert_eq!(pod_changes, ["b app=db", "a app=web2", "c deleted"]);
-        let node_changes: Vec<&Change> = changes
+        let node_changes: Vec<String> = changes
             .iter()
-            .filter(|c| matches!(c, Change::NodeAddresses(_)))
+            .filter_map(|c| match c {
+                Change::Node(n) => Some(format!("{} {:?}", n.name, n.addresses)),
+                Change::NodeDeleted(n) => Some(format!("{n} deleted")),
+                _ => None,
+            })
             .collect();
         assert_eq!(
             node_changes,
-            [&Change::NodeAddresses(vec![Ipv4Addr::new(192, 0, 2, 11)])]
+            ["n1 [192.0.2.11]", "n2 deleted", "n3 [192.0.2.30]"],
+            "a condition-only update of n1 is not a change"
         );
-        assert_eq!(changes.len(), 4, "{changes:?}");
+        assert_eq!(changes.len(), 6, "{changes:?}");
         assert_eq!(names(&view), set(&["a", "b"]));
 
         // The re-list after 410 Gone: a Resync from every store, which the
         // owner diffs against its view (`a` went while nobody watched).
         assert_eq!(names(&last), set(&["b"]), "the re-list replaced the store");
-        assert_eq!(last.host_ips, vec![Ipv4Addr::new(192, 0, 2, 11)]);
+        assert_eq!(last.nodes.keys().collect::<Vec<_>>(), ["n1", "n3"]);
+        assert_eq!(
+            last.nodes["n1"].addresses,
+            vec![Ipv4Addr::new(192, 0, 2, 11)]
+        );
         assert_eq!(last.policies.len(), 1);
         assert_eq!(
             view.changes_to(&last),

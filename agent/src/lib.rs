@@ -13,6 +13,7 @@ pub mod error;
 pub mod flowlog;
 pub mod http;
 pub mod identity;
+pub mod ifaddrs;
 pub mod k8s;
 pub mod manifests;
 pub mod metrics;

@@ -30,7 +30,7 @@ use serde_yaml::Value;
 
 use crate::{
     change::Snapshot,
-    model::{convert, Model, Namespace, ObjectKey, Pod},
+    model::{convert, Model, Namespace, Node, ObjectKey, Pod},
 };
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -40,6 +40,8 @@ pub struct Manifests {
     /// Shared with the snapshots built from them: a policy is parsed once
     /// and never copied afterwards.
     pub policies: BTreeMap<ObjectKey, Arc<NetworkPolicy>>,
+    /// `kind: Node` documents (the cluster's nodes), by name.
+    pub nodes: BTreeMap<String, Node>,
     /// One line per skipped file or document: `file: document N (line L): why`.
     pub errors: Vec<String>,
 }
@@ -230,6 +232,23 @@ impl Manifests {
                     Err(e) => self.errors.push(format!("{at}: NetworkPolicy: {e}")),
                 }
             }
+            ("v1", "Node") => match serde_yaml::from_value::<core::Node>(value) {
+                Ok(n) => match convert::node(&n) {
+                    Some(node) => {
+                        if self.nodes.contains_key(&node.name) {
+                            self.errors.push(format!(
+                                "{at}: Node {} defined again; the later definition wins",
+                                node.name
+                            ));
+                        }
+                        self.nodes.insert(node.name.clone(), node);
+                    }
+                    None => self
+                        .errors
+                        .push(format!("{at}: Node: metadata.name is required")),
+                },
+                Err(e) => self.errors.push(format!("{at}: Node: {e}")),
+            },
             (v, k) => self
                 .errors
                 .push(format!("{at}: {v} {k} is not used by palisade; skipped")),
@@ -255,6 +274,13 @@ impl Manifests {
                 ));
             }
         }
+        for (name, n) in &later.nodes {
+            if self.nodes.insert(name.clone(), n.clone()).is_some() {
+                self.errors.push(format!(
+                    "{source}: Node {name} defined again (also in an earlier file); the later definition wins"
+                ));
+            }
+        }
         for (key, np) in &later.policies {
             if self.policies.insert(key.clone(), np.clone()).is_some() {
                 self.errors.push(format!(
@@ -272,6 +298,7 @@ impl Manifests {
             pods: self.pods,
             policies: self.policies,
             host_ips: Vec::new(),
+            nodes: self.nodes,
             errors: self.errors,
         }
     }
@@ -379,6 +406,24 @@ kind: Deployment
 metadata: {name: d}
 ---
 "#;
+
+    #[test]
+    fn nodes_are_read_with_labels_addresses_and_pod_cidrs() {
+        let m = parse_str(
+            "nodes.yaml",
+            "apiVersion: v1\nkind: Node\nmetadata: {name: n2, labels: {zone: b}}\nspec: {podCIDR: 10.0.1.0/24}\nstatus: {addresses: [{type: InternalIP, address: 192.168.0.2}, {type: Hostname, address: n2}]}\n---\napiVersion: v1\nkind: Node\nmetadata: {labels: {zone: c}}\n",
+        );
+        let n = &m.nodes["n2"];
+        assert_eq!(n.labels["zone"], "b");
+        assert_eq!(
+            n.addresses,
+            vec!["192.168.0.2".parse::<std::net::Ipv4Addr>().unwrap()]
+        );
+        assert_eq!(n.pod_cidrs, vec!["10.0.1.0/24".parse().unwrap()]);
+        assert_eq!(m.errors.len(), 1, "{:?}", m.errors);
+        assert!(m.errors[0].contains("Node: metadata.name is required"));
+        assert_eq!(m.into_snapshot().nodes.len(), 1);
+    }
 
     #[test]
     fn parses_good_documents_and_reports_bad_ones() {

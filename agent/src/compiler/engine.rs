@@ -39,7 +39,7 @@ use std::{
 use ipnetwork::Ipv4Network;
 use palisade_common::{
     EndpointInfo, IpcacheValue, PolicyKey, DIR_EGRESS, DIR_INGRESS, IDENTITY_ANY_POD,
-    IDENTITY_HOST, IDENTITY_WORLD,
+    IDENTITY_HOST, IDENTITY_REMOTE_NODE, IDENTITY_WORLD,
 };
 use palisade_dataplane::MapState;
 
@@ -125,6 +125,11 @@ pub struct Engine {
     model: Model,
     configured_host_ips: Vec<Ipv4Addr>,
     source_host_ips: Vec<Ipv4Addr>,
+    /// This node's name: its Node object's addresses are `host`.
+    node_name: Option<String>,
+    /// Addresses the host veths carry (the pods' gateway): the node's own
+    /// source towards its pods (kubelet probes), so `host`.
+    gateway_ips: Vec<Ipv4Addr>,
 
     /// Label identities and CIDR identities: disjoint ranges.
     label_pool: Pool,
@@ -177,7 +182,7 @@ pub struct Engine {
 impl Destinations for Engine {
     fn named(&self, id: u32, name: &str, proto: u8, f: &mut dyn FnMut(u16)) {
         let id = match self.cidr_by_id.get(&id) {
-            Some(net) if net.prefix() == 32 && !self.model.host_ips.contains(&net.ip()) => {
+            Some(net) if net.prefix() == 32 && !self.is_node_ip(&net.ip()) => {
                 match self.winner(net.ip()).and_then(|k| self.eff[k].label_id) {
                     Some(l) => l,
                     None => return,
@@ -204,6 +209,8 @@ impl Engine {
             },
             configured_host_ips,
             source_host_ips: Vec::new(),
+            node_name: None,
+            gateway_ips: Vec::new(),
             label_pool: Pool::label_identities(),
             cidr_pool: Pool::cidr_identities(),
             cookie_pool: Pool::new(1),
@@ -248,6 +255,10 @@ impl Engine {
         e.view
             .identities
             .insert(IDENTITY_ANY_POD, IdentitySource::Reserved("any-pod"));
+        e.view.identities.insert(
+            IDENTITY_REMOTE_NODE,
+            IdentitySource::Reserved("remote-node"),
+        );
         // Room for a cluster of ~10k pods without rehashing the desired
         // state in the middle of a change (a rehash of 30k entries is a
         // few ms; the memory is ~3 MiB).
@@ -261,6 +272,27 @@ impl Engine {
 
     pub fn model(&self) -> &Model {
         &self.model
+    }
+
+    /// Names this node: the addresses of its Node object become `host`,
+    /// every other node's `remote-node`.
+    pub fn set_node_name(&mut self, name: Option<String>) {
+        self.view.node_name = name.as_deref().map(Arc::from);
+        self.node_name = name;
+        self.set_host_ips();
+        self.settle();
+    }
+
+    /// The addresses the host-side veths carry (replaces the previous set):
+    /// `host`, since the node uses them as its source towards its pods.
+    pub fn set_gateway_ips(&mut self, mut ips: Vec<Ipv4Addr>) {
+        ips.sort();
+        ips.dedup();
+        if ips != self.gateway_ips {
+            self.gateway_ips = ips;
+            self.set_host_ips();
+            self.settle();
+        }
     }
 
     /// Always equal to `Compiler::compile(self.model()).maps`, modulo
@@ -324,6 +356,17 @@ impl Engine {
             Change::NodeAddresses(ips) => {
                 self.source_host_ips = ips;
                 self.set_host_ips();
+            }
+            Change::Node(n) => {
+                self.view.nodes.insert(n.name.clone(), n.clone());
+                self.model.nodes.insert(n.name.clone(), n);
+                self.set_host_ips();
+            }
+            Change::NodeDeleted(name) => {
+                self.view.nodes.remove(&name);
+                if self.model.nodes.remove(&name).is_some() {
+                    self.set_host_ips();
+                }
             }
         }
         self.settle();
@@ -658,29 +701,68 @@ impl Engine {
         for ip in ips {
             self.dirty_ipcache.insert((ip, 32));
         }
+        for ip in &self.model.remote_node_ips {
+            if net.contains(*ip) {
+                self.dirty_ipcache.insert((*ip, 32));
+            }
+        }
     }
 
     fn set_host_ips(&mut self) {
         let mut ips = self.configured_host_ips.clone();
-        ips.extend(
-            self.source_host_ips
-                .iter()
-                .filter(|ip| !self.configured_host_ips.contains(ip)),
-        );
+        let own = self
+            .node_name
+            .as_ref()
+            .and_then(|n| self.model.nodes.get(n))
+            .map(|n| n.addresses.clone())
+            .unwrap_or_default();
+        for ip in self
+            .source_host_ips
+            .iter()
+            .chain(&own)
+            .chain(&self.gateway_ips)
+        {
+            if !ips.contains(ip) {
+                ips.push(*ip);
+            }
+        }
+        let mut remote: Vec<Ipv4Addr> = self
+            .model
+            .nodes
+            .values()
+            .filter(|n| Some(&n.name) != self.node_name.as_ref())
+            .flat_map(|n| n.addresses.iter().copied())
+            .filter(|ip| !ips.contains(ip))
+            .collect();
+        remote.sort();
+        remote.dedup();
         let old: HashSet<Ipv4Addr> = self.model.host_ips.iter().copied().collect();
         let new: HashSet<Ipv4Addr> = ips.iter().copied().collect();
-        for ip in old.symmetric_difference(&new) {
+        let old_remote: HashSet<Ipv4Addr> = self.model.remote_node_ips.iter().copied().collect();
+        let new_remote: HashSet<Ipv4Addr> = remote.iter().copied().collect();
+        for ip in old
+            .symmetric_difference(&new)
+            .chain(old_remote.symmetric_difference(&new_remote))
+        {
             self.dirty_ips.insert(*ip);
             self.dirty_ipcache.insert((*ip, 32));
         }
         self.view.host_ips = Arc::new(ips.clone());
+        self.view.remote_node_ips = Arc::new(remote.clone());
         self.model.host_ips = ips;
+        self.model.remote_node_ips = remote;
         // Named egress ports on a node address's identity.
-        if old != new {
+        if old != new || old_remote != new_remote {
             for c in self.named_blocks.clone() {
                 self.rule_dirty(c);
             }
         }
+    }
+
+    /// A node's address (this node's or another's): a pod claiming it does
+    /// not make it a pod address.
+    fn is_node_ip(&self, ip: &Ipv4Addr) -> bool {
+        self.model.host_ips.contains(ip) || self.model.remote_node_ips.contains(ip)
     }
 
     // -- policies -----------------------------------------------------------
@@ -1112,6 +1194,12 @@ impl Engine {
                     cidr_identity: IDENTITY_HOST,
                 });
             }
+            if self.model.remote_node_ips.contains(&ip) {
+                return Some(IpcacheValue {
+                    identity: IDENTITY_REMOTE_NODE,
+                    cidr_identity: longest_cidr(&self.cidr_ids, ip),
+                });
+            }
             if let Some(id) = self.winner(ip).and_then(|k| self.eff[k].label_id) {
                 return Some(IpcacheValue {
                     identity: id,
@@ -1136,7 +1224,7 @@ impl Engine {
         while let Some(ip) = self.dirty_ips.pop_first() {
             let winner = self.winner(ip).cloned();
             let need = winner.is_some()
-                && !self.model.host_ips.contains(&ip)
+                && !self.is_node_ip(&ip)
                 && self
                     .named_blocks
                     .iter()
@@ -1158,7 +1246,7 @@ impl Engine {
             }
             self.dirty_ipcache.insert((ip, 32));
             // A node address is the node's, whatever pod claims it.
-            match winner.filter(|_| !self.model.host_ips.contains(&ip)) {
+            match winner.filter(|_| !self.is_node_ip(&ip)) {
                 Some(k) => {
                     let id = self.eff[&k]
                         .label_id
@@ -1555,7 +1643,7 @@ mod tests {
 
     /// One random event; a description of it.
     fn event(rng: &mut StdRng, e: &mut Engine) -> String {
-        match rng.gen_range(0..100) {
+        match rng.gen_range(0..106) {
             0..=9 => {
                 let ns = namespace(rng);
                 let d = format!("namespace {ns:?}");
@@ -1615,6 +1703,24 @@ mod tests {
                 e.apply(Change::NodeAddresses(ips));
                 d
             }
+            100..=103 => {
+                // n0 is this node: its addresses are host, the others'
+                // remote-node, whatever pod or ipBlock claims them.
+                let ips = some(rng, &["10.0.0.5", "10.0.1.5", "192.168.0.1", "10.0.0.200"]);
+                let n = crate::model::Node {
+                    name: format!("n{}", rng.gen_range(0..3)),
+                    addresses: ips.iter().map(|s| s.parse().unwrap()).collect(),
+                    ..Default::default()
+                };
+                let d = format!("node {n:?}");
+                e.apply(Change::Node(n));
+                d
+            }
+            104..=105 => {
+                let name = format!("n{}", rng.gen_range(0..3));
+                e.apply(Change::NodeDeleted(name.clone()));
+                format!("node {name} deleted")
+            }
             _ => {
                 let on = rng.gen_bool(0.5);
                 e.set_audit(on);
@@ -1631,6 +1737,7 @@ mod tests {
             Vec::new()
         };
         let mut e = Engine::new(rng.gen_bool(0.1), configured);
+        e.set_node_name(Some("n0".into()));
         let mut mirror = MapState::default();
         check(&mut e, &mut mirror, &format!("seed {seed}, initial"));
         let mut log = Vec::new();

@@ -134,7 +134,8 @@ use std::{
 
 use ipnetwork::Ipv4Network;
 use palisade_common::{
-    EndpointInfo, IpcacheValue, DIR_INGRESS, IDENTITY_ANY_POD, IDENTITY_HOST, IDENTITY_WORLD,
+    EndpointInfo, IpcacheValue, DIR_INGRESS, IDENTITY_ANY_POD, IDENTITY_HOST, IDENTITY_REMOTE_NODE,
+    IDENTITY_WORLD,
 };
 use palisade_dataplane::MapState;
 
@@ -383,8 +384,10 @@ impl Compiler {
                 }
             }
         }
+        let node_ip =
+            |ip: &Ipv4Addr| model.host_ips.contains(ip) || model.remote_node_ips.contains(ip);
         for ip in pod_at.keys() {
-            if !model.host_ips.contains(ip)
+            if !node_ip(ip)
                 && accepted
                     .iter()
                     .any(|p| p.rules.iter().any(|r| named_block_contains(r, *ip)))
@@ -408,6 +411,10 @@ impl Compiler {
             .insert(IDENTITY_WORLD, IdentitySource::Reserved("world"));
         out.identities
             .insert(IDENTITY_ANY_POD, IdentitySource::Reserved("any-pod"));
+        out.identities.insert(
+            IDENTITY_REMOTE_NODE,
+            IdentitySource::Reserved("remote-node"),
+        );
         for (id, set) in &labels_by_id {
             out.identities.insert(*id, set.source());
         }
@@ -433,6 +440,17 @@ impl Compiler {
                 (*ip, 32),
                 IpcacheValue {
                     identity: pod_identity[key],
+                    cidr_identity: longest_cidr(&cidr_ids, *ip),
+                },
+            );
+        }
+        // Another node's address is that node's, whatever pod claims it
+        // (host-network pods of that node): only ipBlocks match it.
+        for ip in &model.remote_node_ips {
+            ipcache.insert(
+                (*ip, 32),
+                IpcacheValue {
+                    identity: IDENTITY_REMOTE_NODE,
                     cidr_identity: longest_cidr(&cidr_ids, *ip),
                 },
             );
@@ -472,7 +490,7 @@ impl Compiler {
         // Endpoints and their policy entries.
         let addresses = cidr_ids
             .iter()
-            .filter(|(net, _)| net.prefix() == 32 && !model.host_ips.contains(&net.ip()))
+            .filter(|(net, _)| net.prefix() == 32 && !node_ip(&net.ip()))
             .filter_map(|(net, id)| Some((*id, pod_identity[pod_at.get(&net.ip())?])))
             .collect();
         let dest = FullDestinations {
@@ -534,5 +552,7 @@ impl Compiler {
     }
 }
 
+#[cfg(test)]
+mod nodes_tests;
 #[cfg(test)]
 mod tests;

@@ -74,6 +74,11 @@ pub const IDENTITY_WORLD: u32 = 2;
 /// identity is a label identity ([`is_label_identity`]), never host, world
 /// or a CIDR identity. Never an ipcache identity itself.
 pub const IDENTITY_ANY_POD: u32 = 3;
+/// Another node's addresses. Not `host` (NetworkPolicy's "traffic from
+/// the pod's own node is allowed" covers only the own node) and not a label
+/// identity, so any-pod entries never match it: only rules whose ipBlock
+/// contains the address (through its `cidr_identity`) or any-peer rules do.
+pub const IDENTITY_REMOTE_NODE: u32 = 4;
 /// First identity userspace may hand out for label sets. Label identities
 /// are `IDENTITY_FIRST_DYNAMIC..IDENTITY_FIRST_CIDR`.
 pub const IDENTITY_FIRST_DYNAMIC: u32 = 256;
