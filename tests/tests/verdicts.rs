@@ -142,6 +142,7 @@ impl Rig {
             conntrack: 4096,
             fragments: 256,
             xdp_deny: 64,
+            ..Default::default()
         };
         let cfg = DatapathConfig {
             pins: pins.pins.clone(),

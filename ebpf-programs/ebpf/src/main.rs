@@ -8,6 +8,7 @@
 #![no_main]
 
 mod headers;
+mod service;
 mod verdict;
 
 use aya_ebpf::{
@@ -17,8 +18,10 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use palisade_common::{
-    reason, sizes, CtKey, CtValue, EndpointInfo, EndpointKey, FragKey, FragValue, IpcacheValue,
-    PolicyKey, PolicyValue, DIR_EGRESS, DIR_INGRESS,
+    reason,
+    service::{SvcBackend, SvcBackendKey, SvcFrontend, SvcFrontendKey, SvcNat},
+    sizes, CtKey, CtValue, EndpointInfo, EndpointKey, FragKey, FragValue, IpcacheValue, PolicyKey,
+    PolicyValue, DIR_EGRESS, DIR_INGRESS,
 };
 
 // ---- maps shared with userspace (layouts in palisade-common) ----
@@ -46,6 +49,19 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(sizes::EVENTS_BYTES, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::MAX, 0);
 
+// ---- Service translation (layouts in palisade_common::service) ----
+
+#[map]
+static SVC_FRONTENDS: HashMap<SvcFrontendKey, SvcFrontend> =
+    HashMap::with_max_entries(sizes::SVC_FRONTENDS, 0);
+
+#[map]
+static SVC_BACKENDS: HashMap<SvcBackendKey, SvcBackend> =
+    HashMap::with_max_entries(sizes::SVC_BACKENDS, 0);
+
+#[map]
+static SVC_NAT: LruHashMap<CtKey, SvcNat> = LruHashMap::with_max_entries(sizes::SVC_NAT, 0);
+
 // ---- XDP prefilter maps ----
 
 #[map]
@@ -56,12 +72,19 @@ static XDP_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::MA
 
 #[classifier]
 pub fn pod_egress(ctx: TcContext) -> i32 {
-    tc_action(verdict::process(&ctx, DIR_EGRESS))
+    let mut redirect = None;
+    let r = verdict::process(&ctx, DIR_EGRESS, &mut redirect);
+    match (r, redirect) {
+        // A hairpinned reply turned back into its pod (`service`).
+        (Ok(true), Some(act)) => act,
+        _ => tc_action(r),
+    }
 }
 
 #[classifier]
 pub fn pod_ingress(ctx: TcContext) -> i32 {
-    tc_action(verdict::process(&ctx, DIR_INGRESS))
+    let mut redirect = None;
+    tc_action(verdict::process(&ctx, DIR_INGRESS, &mut redirect))
 }
 
 /// `Err` means the program could not reach a verdict (e.g. a map it relies

@@ -6,18 +6,30 @@
 //! what it parsed or looked up lives in `palisade_common::decision`, which
 //! the userspace reference evaluator calls too.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key, programs::TcContext};
+use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
+    maps::{lpm_trie::Key, HashMap, LruHashMap},
+    programs::TcContext,
+};
 use palisade_common::{
     decision::{
         ct_key, ct_use, decide, drop_if_enforced as enforced_drop, empty_key,
         first_fragment_verdict, flow_event, hard_drop, is_neighbour_discovery,
         later_fragment_verdict, new_ct_entry, peer_or_world, remote_addr, spoofed, track, Decision,
     },
-    reason, CtKey, EndpointInfo, EndpointKey, FlowEvent, FragKey, FragValue, POLICY_PREFIX_FULL,
-    PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    reason,
+    service::{
+        backend_slot, policy_peer_addr, reverse_key, translated, SvcBackendKey, SvcFrontend,
+        SvcFrontendKey, SvcNat, HAIRPIN_ADDR, NAT_HAIRPIN,
+    },
+    CtKey, EndpointInfo, EndpointKey, FlowEvent, FragKey, FragValue, CT_SVC_NAT, DIR_EGRESS,
+    DIR_INGRESS, POLICY_PREFIX_FULL, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
 };
 
-use crate::{headers::*, CONNTRACK, COUNTERS, ENDPOINTS, EVENTS, FRAGMENTS, IPCACHE, POLICY};
+use crate::{
+    headers::*, service, CONNTRACK, COUNTERS, ENDPOINTS, EVENTS, FRAGMENTS, IPCACHE, POLICY,
+    SVC_BACKENDS, SVC_FRONTENDS, SVC_NAT,
+};
 
 /// Bytes of headers the programs may need in the linear part of the skb:
 /// Ethernet, the largest IPv4 header and a TCP header.
@@ -27,10 +39,12 @@ const PULL_LEN: u32 = (ETH_HLEN + 60 + TCP_MIN_HLEN) as u32;
 struct Flow {
     key: CtKey,
     tcp_flags: u8,
+    /// `SvcFrontend::service_id` of a translated flow, else 0.
+    svc: u32,
 }
 
 #[inline(always)]
-pub fn process(ctx: &TcContext, dir: u8) -> Result<bool, ()> {
+pub fn process(ctx: &TcContext, dir: u8, redirect: &mut Option<i32>) -> Result<bool, ()> {
     // SAFETY: the context pointer is valid for the program's whole run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let ep = match ENDPOINTS.get_ptr(EndpointKey::ifindex(ifindex)) {
@@ -96,6 +110,7 @@ pub fn process(ctx: &TcContext, dir: u8) -> Result<bool, ()> {
         let flow = Flow {
             key: ct_key(saddr, daddr, 0, 0, protocol, dir),
             tcp_flags: 0,
+            svc: 0,
         };
         finish(&ep, ifindex, &flow, &d);
         return Ok(d.pass);
@@ -125,6 +140,7 @@ pub fn process(ctx: &TcContext, dir: u8) -> Result<bool, ()> {
     let mut flow = Flow {
         key: ct_key(saddr, daddr, 0, 0, protocol, dir),
         tcp_flags: 0,
+        svc: 0,
     };
     let parsed = match protocol {
         PROTO_TCP => match ptr_at::<TcpHdr>(start, end, l4) {
@@ -173,7 +189,7 @@ pub fn process(ctx: &TcContext, dir: u8) -> Result<bool, ()> {
         return Ok(drop_if_enforced(&ep, dir, ifindex, reason::MALFORMED));
     }
 
-    let pass = track_and_decide(&ep, dir, ifindex, &flow);
+    let pass = track_and_decide(ctx, &ep, dir, ifindex, &mut flow, l4, redirect);
     if frag_off & IP_MF != 0 {
         // First fragment: the rest of the datagram inherits this verdict.
         // SAFETY: helper without preconditions.
@@ -189,35 +205,190 @@ pub fn process(ctx: &TcContext, dir: u8) -> Result<bool, ()> {
 }
 
 /// Conntrack first (known flows and replies pass without a policy lookup),
+/// then, for a new flow leaving a pod, Service translation (`service_flow`),
 /// then policy for a new flow, which is recorded when admitted.
 #[inline(always)]
-fn track_and_decide(ep: &EndpointInfo, dir: u8, ifindex: u32, flow: &Flow) -> bool {
+fn track_and_decide(
+    ctx: &TcContext,
+    ep: &EndpointInfo,
+    dir: u8,
+    ifindex: u32,
+    flow: &mut Flow,
+    l4: usize,
+    redirect: &mut Option<i32>,
+) -> bool {
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let key = &flow.key;
+    let mut ct_flags = 0;
+    if let Some((why, _)) = ct_track(&flow.key, dir, flow.tcp_flags, now, &mut ct_flags) {
+        count(why);
+        if dir == DIR_INGRESS && ct_flags & CT_SVC_NAT != 0 {
+            // A reply of a translated flow: back to ClusterIP:port.
+            return match lookup(&SVC_NAT, &flow.key) {
+                Some(n) => service::reverse(ctx, &flow.key, &n, l4).is_ok(),
+                // The reverse entry was evicted: the client would drop a
+                // reply from the backend's address anyway.
+                None => true,
+            };
+        }
+        if dir == DIR_EGRESS && flow.key.daddr == HAIRPIN_ADDR {
+            if let Some(n) = lookup(&SVC_NAT, &flow.key) {
+                return match service::hairpin_reply(ctx, &flow.key, &n, l4, ifindex) {
+                    Ok(act) => {
+                        *redirect = Some(act);
+                        true
+                    }
+                    Err(()) => false,
+                };
+            }
+        }
+        return true;
+    }
 
-    let known = track(key, dir, |k, reply| {
+    if dir == DIR_EGRESS && (flow.key.protocol == PROTO_TCP || flow.key.protocol == PROTO_UDP) {
+        let fk = SvcFrontendKey {
+            addr: flow.key.daddr,
+            port_be: flow.key.dport_be,
+            protocol: flow.key.protocol,
+            _pad: 0,
+        };
+        if let Some(fe) = lookup(&SVC_FRONTENDS, &fk) {
+            return service_flow(ctx, ep, ifindex, flow, &fe, l4, now);
+        }
+    }
+
+    let d = policy(ep, dir, &flow.key);
+    if d.pass {
+        let v = new_ct_entry(&d, flow.key.protocol, flow.tcp_flags, now);
+        let _ = CONNTRACK.insert(&flow.key, &v, 0);
+    }
+    finish(ep, ifindex, flow, &d);
+    d.pass
+}
+
+/// Conntrack lookup of `key` (and its reply direction); `flags` receives
+/// the flags of the entry that matched.
+#[inline(always)]
+fn ct_track(key: &CtKey, dir: u8, tcp_flags: u8, now: u64, flags: &mut u8) -> Option<(u8, u32)> {
+    track(key, dir, |k, reply| {
         let p = CONNTRACK.get_ptr_mut(k)?;
         // SAFETY: valid map value pointer; concurrent updates of these
         // fields race benignly (last writer wins on a timestamp).
         let ct = unsafe { &mut *p };
-        ct_use(ct, k.protocol, flow.tcp_flags, reply, now).then_some(ct.cookie)
-    });
-    if let Some((why, _)) = known {
-        count(why);
-        return true;
-    }
+        *flags = ct.flags;
+        ct_use(ct, k.protocol, tcp_flags, reply, now).then_some(ct.cookie)
+    })
+}
 
-    let peer = peer_or_world(IPCACHE.get(Key::new(32, remote_addr(key, dir))).copied());
-    let d = decide(ep, dir, key, &peer, |pk| {
+/// The policy verdict on a new flow.
+#[inline(always)]
+fn policy(ep: &EndpointInfo, dir: u8, key: &CtKey) -> Decision {
+    let addr = policy_peer_addr(ep, dir, remote_addr(key, dir));
+    let peer = peer_or_world(IPCACHE.get(Key::new(32, addr)).copied());
+    decide(ep, dir, key, &peer, |pk| {
         POLICY.get(&Key::new(POLICY_PREFIX_FULL, *pk)).copied()
-    });
-    if d.pass {
-        let v = new_ct_entry(&d, key.protocol, flow.tcp_flags, now);
-        let _ = CONNTRACK.insert(key, &v, 0);
+    })
+}
+
+/// A packet from a pod to a Service frontend. An open flow keeps the
+/// backend it was given while its conntrack entry lives; a new one gets a
+/// backend by the hash of its tuple and is judged by policy as traffic to
+/// that backend. Only admitted flows are translated and recorded.
+#[inline(always)]
+fn service_flow(
+    ctx: &TcContext,
+    ep: &EndpointInfo,
+    ifindex: u32,
+    flow: &mut Flow,
+    fe: &SvcFrontend,
+    l4: usize,
+    now: u64,
+) -> bool {
+    let orig = flow.key;
+    flow.svc = fe.service_id;
+    if let Some(n) = lookup(&SVC_NAT, &orig) {
+        let tk = translated(&orig, n.addr, n.port_be);
+        let mut f = 0;
+        if let Some((why, _)) = ct_track(&tk, DIR_EGRESS, flow.tcp_flags, now, &mut f) {
+            count(why);
+            return service::forward(ctx, &orig, &n, l4).is_ok();
+        }
     }
+    let backend = if fe.backends == 0 {
+        None
+    } else {
+        let bk = SvcBackendKey {
+            service_id: fe.service_id,
+            slot: backend_slot(&orig, fe.backends),
+        };
+        lookup(&SVC_BACKENDS, &bk)
+    };
+    let Some(b) = backend else {
+        // kube-proxy rejects these; palisade drops them (no reset or ICMP
+        // unreachable is generated), reported with their own reason.
+        let d = hard_drop(ep, reason::NO_SERVICE_BACKEND, DIR_EGRESS);
+        finish(ep, ifindex, flow, &d);
+        return false;
+    };
+    let hairpin = b.addr == ep.ipv4;
+    flow.key = translated(&orig, b.addr, b.port_be);
+    let d = policy(ep, DIR_EGRESS, &flow.key);
+    if !d.pass {
+        finish(ep, ifindex, flow, &d);
+        return false;
+    }
+    let flags = if hairpin { NAT_HAIRPIN } else { 0 };
+    let fwd = SvcNat {
+        addr: b.addr,
+        port_be: b.port_be,
+        flags,
+        _pad: 0,
+        service_id: fe.service_id,
+    };
+    let rev = SvcNat {
+        addr: orig.daddr,
+        port_be: orig.dport_be,
+        flags,
+        _pad: 0,
+        service_id: fe.service_id,
+    };
+    let rk = reverse_key(&orig, b.addr, b.port_be, hairpin);
+    if SVC_NAT.insert(&orig, &fwd, 0).is_err() || SVC_NAT.insert(&rk, &rev, 0).is_err() {
+        let d = hard_drop(ep, reason::SVC_NAT_FAILED, DIR_EGRESS);
+        finish(ep, ifindex, flow, &d);
+        return false;
+    }
+    let mut v = new_ct_entry(&d, flow.key.protocol, flow.tcp_flags, now);
+    v.flags |= CT_SVC_NAT;
+    let _ = CONNTRACK.insert(&flow.key, &v, 0);
+    count(reason::SVC_TRANSLATED);
     finish(ep, ifindex, flow, &d);
-    d.pass
+    service::forward(ctx, &orig, &fwd, l4).is_ok()
+}
+
+/// A copy of a map value.
+#[inline(always)]
+fn lookup<K, V: Copy>(map: &impl Lookup<K, V>, k: &K) -> Option<V> {
+    // SAFETY: map values stay valid while the program runs (RCU).
+    map.ptr(k).map(|p| unsafe { *p })
+}
+
+trait Lookup<K, V> {
+    fn ptr(&self, k: &K) -> Option<*const V>;
+}
+
+impl<K, V> Lookup<K, V> for HashMap<K, V> {
+    #[inline(always)]
+    fn ptr(&self, k: &K) -> Option<*const V> {
+        self.get_ptr(k)
+    }
+}
+
+impl<K, V> Lookup<K, V> for LruHashMap<K, V> {
+    #[inline(always)]
+    fn ptr(&self, k: &K) -> Option<*const V> {
+        self.get_ptr(k)
+    }
 }
 
 /// Non-first fragments carry no ports: they get their first fragment's verdict.
@@ -263,6 +434,7 @@ fn frag_flow(saddr: u32, daddr: u32, protocol: u8, dir: u8) -> Flow {
     Flow {
         key: ct_key(saddr, daddr, 0, 0, protocol, dir),
         tcp_flags: 0,
+        svc: 0,
     }
 }
 
@@ -288,6 +460,7 @@ fn ipv6(ep: &EndpointInfo, dir: u8, ifindex: u32, start: usize, end: usize) -> b
     let flow = Flow {
         key: empty_key(dir),
         tcp_flags: 0,
+        svc: 0,
     };
     // Audit mode does not open an IPv6 bypass either.
     let d = hard_drop(ep, reason::IPV6_UNSUPPORTED, dir);
@@ -303,6 +476,7 @@ fn drop_if_enforced(ep: &EndpointInfo, dir: u8, ifindex: u32, why: u8) -> bool {
     let flow = Flow {
         key: empty_key(dir),
         tcp_flags: 0,
+        svc: 0,
     };
     finish(ep, ifindex, &flow, &d);
     d.pass
@@ -321,6 +495,7 @@ fn finish(ep: &EndpointInfo, ifindex: u32, flow: &Flow, d: &Decision) {
                 ifindex,
                 &flow.key,
                 d,
+                flow.svc,
             ));
             e.submit(wakeup_flags());
         }
