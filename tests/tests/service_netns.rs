@@ -375,6 +375,14 @@ fn a_pod_reaches_its_own_service_hairpin() -> Result<()> {
         return Ok(());
     }
     let mut r = rig()?;
+    // Strict reverse-path filtering on the node, as on many hosts: the
+    // hairpin's link-local source never crosses the node's routing.
+    r.node.ns.sysctl("net.ipv4.conf.all.rp_filter", "1")?;
+    r.node.ns.sysctl("net.ipv4.conf.default.rp_filter", "1")?;
+    let h = r.node.pods[A].host_if.clone();
+    r.node
+        .ns
+        .sysctl(&format!("net.ipv4.conf.{h}.rp_filter"), "1")?;
     r.service(80, PROTO_TCP, &[A])?;
     r.service(53, PROTO_UDP, &[A])?;
     let (tag, mut c) = tcp_tag(r.ns(A), vip(80))?;
@@ -382,7 +390,16 @@ fn a_pod_reaches_its_own_service_hairpin() -> Result<()> {
     echo(&mut c, 4)?;
     assert_eq!(udp_tag(r.ns(A), vip(53))?, Some(A as u8));
     // Ingress enforced with only "itself" allowed: the hairpin is the pod.
+    // The pod's own ingress program judges the hairpin, as the pod itself.
     r.enforce(A, EP_INGRESS_ENFORCED)?;
+    assert!(tcp_tag(r.ns(A), vip(80)).is_err(), "ingress without a rule");
+    let e = r
+        .events
+        .wait_for(Duration::from_secs(5), |e| {
+            e.verdict == VERDICT_DROP && e.direction == palisade_common::DIR_INGRESS
+        })
+        .expect("A's ingress drop of its hairpin");
+    assert_eq!(e.src_identity, identity(A));
     r.allow(A, A, palisade_common::DIR_INGRESS, TARGET)?;
     assert_eq!(tcp_tag(r.ns(A), vip(80))?.0, A as u8);
     Ok(())

@@ -5,7 +5,10 @@
 //! `palisade_common::service`; this file only edits headers and fixes their
 //! checksums (incrementally, so CHECKSUM_PARTIAL packets from the pod stay
 //! valid).
-use aya_ebpf::{helpers::bpf_redirect_peer, programs::TcContext};
+use aya_ebpf::{
+    helpers::{bpf_redirect, bpf_redirect_peer},
+    programs::TcContext,
+};
 use palisade_common::{
     service::{SvcNat, HAIRPIN_ADDR, NAT_HAIRPIN},
     CtKey, PROTO_TCP, PROTO_UDP,
@@ -91,12 +94,28 @@ pub fn hairpin_reply(
     reverse(ctx, key, nat, l4)?;
     let csum = l4_csum(key.protocol, l4).ok_or(())?;
     set_addr(ctx, IP_DADDR_OFF, csum, HAIRPIN_ADDR, key.saddr)?;
-    // The frame was addressed to the node; back into the pod it must be
-    // addressed to the pod.
+    swap_macs(ctx)?;
+    // SAFETY: helper called from tc ingress, as it requires.
+    Ok(unsafe { bpf_redirect_peer(ifindex, 0) } as i32)
+}
+
+/// A hairpinned request (already rewritten by `forward`) goes out of the
+/// same host veth towards the pod, through the pod's ingress program,
+/// without the node's routing: no reverse-path filter sees a
+/// HAIRPIN_ADDR source arrive from a pod, and no ICMP redirect is sent.
+#[inline(always)]
+pub fn hairpin_request(ctx: &TcContext, ifindex: u32) -> Result<i32, ()> {
+    swap_macs(ctx)?;
+    // SAFETY: helper without preconditions.
+    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+}
+
+/// The frame was addressed to the node; turned back into the pod it must
+/// be addressed to the pod.
+#[inline(always)]
+fn swap_macs(ctx: &TcContext) -> Result<(), ()> {
     let dst: [u8; 6] = ctx.load(0).map_err(|_| ())?;
     let src: [u8; 6] = ctx.load(6).map_err(|_| ())?;
     ctx.store(0, &src, 0).map_err(|_| ())?;
-    ctx.store(6, &dst, 0).map_err(|_| ())?;
-    // SAFETY: helper called from tc ingress, as it requires.
-    Ok(unsafe { bpf_redirect_peer(ifindex, 0) } as i32)
+    ctx.store(6, &dst, 0).map_err(|_| ())
 }

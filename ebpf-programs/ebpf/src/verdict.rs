@@ -253,7 +253,7 @@ fn track_and_decide(
             _pad: 0,
         };
         if let Some(fe) = lookup(&SVC_FRONTENDS, &fk) {
-            return service_flow(ctx, ep, ifindex, flow, &fe, l4, now);
+            return service_flow(ctx, ep, ifindex, flow, &fe, l4, now, redirect);
         }
     }
 
@@ -303,6 +303,7 @@ fn service_flow(
     fe: &SvcFrontend,
     l4: usize,
     now: u64,
+    redirect: &mut Option<i32>,
 ) -> bool {
     let orig = flow.key;
     flow.svc = fe.service_id;
@@ -311,7 +312,7 @@ fn service_flow(
         let mut f = 0;
         if let Some((why, _)) = ct_track(&tk, DIR_EGRESS, flow.tcp_flags, now, &mut f) {
             count(why);
-            return service::forward(ctx, &orig, &n, l4).is_ok();
+            return translate(ctx, &orig, &n, l4, ifindex, redirect);
         }
     }
     let backend = if fe.backends == 0 {
@@ -363,7 +364,30 @@ fn service_flow(
     let _ = CONNTRACK.insert(&flow.key, &v, 0);
     count(reason::SVC_TRANSLATED);
     finish(ep, ifindex, flow, &d);
-    service::forward(ctx, &orig, &fwd, l4).is_ok()
+    translate(ctx, &orig, &fwd, l4, ifindex, redirect)
+}
+
+/// Rewrite an admitted packet to its backend; a hairpin is turned back
+/// into the pod.
+#[inline(always)]
+fn translate(
+    ctx: &TcContext,
+    orig: &CtKey,
+    nat: &SvcNat,
+    l4: usize,
+    ifindex: u32,
+    redirect: &mut Option<i32>,
+) -> bool {
+    if service::forward(ctx, orig, nat, l4).is_err() {
+        return false;
+    }
+    if nat.flags & NAT_HAIRPIN != 0 {
+        match service::hairpin_request(ctx, ifindex) {
+            Ok(act) => *redirect = Some(act),
+            Err(()) => return false,
+        }
+    }
+    true
 }
 
 /// A copy of a map value.
