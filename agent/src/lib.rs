@@ -24,3 +24,4 @@ pub mod service_map;
 pub mod source;
 pub mod sync;
 pub mod trace;
+pub mod trace_service;
