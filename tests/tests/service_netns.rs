@@ -456,3 +456,41 @@ fn kube_proxy_dnat_rules_in_the_node_change_nothing() -> Result<()> {
     assert_eq!(tcp_tag(r.ns(A), vip(80))?.0, C as u8);
     Ok(())
 }
+
+#[test]
+fn a_restarted_datapath_keeps_open_translated_flows_and_the_frontends() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut r = rig()?;
+    r.service(80, PROTO_TCP, &[B])?;
+    let (tag, mut open) = tcp_tag(r.ns(A), vip(80))?;
+    assert_eq!(tag, B as u8);
+    // A new agent: programs loaded again on the same pins, links adopted
+    // (the old programs stay attached until swapped).
+    let cfg = DatapathConfig {
+        pins: r._pins.pins.clone(),
+        ..Default::default()
+    };
+    let (dp2, maps2) = r.node.ns.enter(move || -> Result<(Datapath, Maps)> {
+        let mut dp = Datapath::load(&cfg)?;
+        let maps = dp.take_maps()?;
+        dp.adopt_links()?;
+        Ok((dp, maps))
+    })??;
+    assert_eq!(
+        maps2.frontends().len(),
+        1,
+        "frontends adopted from the pins"
+    );
+    assert_eq!(maps2.backends().len(), 1);
+    let old = std::mem::replace(&mut r._dp, dp2);
+    drop(old);
+    r.maps = maps2;
+    // The open flow keeps its backend through the new programs, even with
+    // the Service now pointing elsewhere; new flows follow the Service.
+    r.service(80, PROTO_TCP, &[C])?;
+    echo(&mut open, 6)?;
+    assert_eq!(tcp_tag(r.ns(A), vip(80))?.0, C as u8);
+    Ok(())
+}
