@@ -272,7 +272,7 @@ fn tcp_and_udp_to_a_cluster_ip_reach_backends_and_replies_come_from_the_cluster_
     assert_eq!(
         seen,
         [B as u8, C as u8].into(),
-        "new flows spread over both backends"
+        "new flows spread over both backends: {seen:?}"
     );
     let mut useen = std::collections::BTreeSet::new();
     for _ in 0..12 {

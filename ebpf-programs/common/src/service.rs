@@ -75,19 +75,30 @@ pub struct SvcNat {
     pub service_id: u32,
 }
 
-/// The backend slot of a new flow: a hash of its original tuple, so a
-/// retransmitted first packet picks the same backend.
+/// The backend slot of a new flow: a hash of its original tuple (every
+/// bit of it reaches every bit of the result: murmur3's finalizer), so a
+/// retransmitted first packet picks the same backend and consecutive
+/// client ports spread over all of them.
 #[inline(always)]
 pub fn backend_slot(key: &CtKey, backends: u32) -> u32 {
-    let mut h = key.saddr ^ 0x9e37_79b9;
-    h = (h ^ ((key.sport_be as u32) << 16 | key.dport_be as u32)).wrapping_mul(0x85eb_ca6b);
-    h = (h ^ key.daddr ^ key.protocol as u32).wrapping_mul(0xc2b2_ae35);
-    h ^= h >> 16;
+    let ports = (key.sport_be as u32) << 16 | key.dport_be as u32;
+    let mut h = fmix32(key.saddr ^ 0x9e37_79b9);
+    h = fmix32(h ^ key.daddr);
+    h = fmix32(h ^ ports ^ (key.protocol as u32) << 8);
     if backends == 0 {
         0
     } else {
         h % backends
     }
+}
+
+#[inline(always)]
+fn fmix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
 }
 
 /// The tuple policy and conntrack see after translation.
@@ -173,6 +184,12 @@ mod tests {
             seen[s as usize] += 1;
         }
         assert!(seen.iter().all(|n| *n > 50), "{seen:?}");
+        // connect() hands out even ports, a few apart: still both halves.
+        let mut two = [0u32; 2];
+        for p in (40000..40040).step_by(2) {
+            two[backend_slot(&key(p), 2) as usize] += 1;
+        }
+        assert!(two.iter().all(|n| *n >= 5), "{two:?}");
         assert_eq!(backend_slot(&key(5), 0), 0);
         assert_eq!(backend_slot(&key(5), 7), backend_slot(&key(5), 7));
     }

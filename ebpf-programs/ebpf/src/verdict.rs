@@ -15,15 +15,16 @@ use palisade_common::{
     decision::{
         ct_key, ct_use, decide, drop_if_enforced as enforced_drop, empty_key,
         first_fragment_verdict, flow_event, hard_drop, is_neighbour_discovery,
-        later_fragment_verdict, new_ct_entry, peer_or_world, remote_addr, spoofed, track, Decision,
+        later_fragment_verdict, new_ct_entry, peer_or_world, refresh, remote_addr, spoofed, track,
+        Decision,
     },
     reason,
     service::{
         backend_slot, policy_peer_addr, reverse_key, translated, SvcBackendKey, SvcFrontend,
         SvcFrontendKey, SvcNat, HAIRPIN_ADDR, NAT_HAIRPIN,
     },
-    CtKey, EndpointInfo, EndpointKey, FlowEvent, FragKey, FragValue, CT_SVC_NAT, DIR_EGRESS,
-    DIR_INGRESS, POLICY_PREFIX_FULL, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    CtKey, CtValue, EndpointInfo, EndpointKey, FlowEvent, FragKey, FragValue, CT_SVC_NAT,
+    DIR_EGRESS, DIR_INGRESS, POLICY_PREFIX_FULL, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
@@ -221,7 +222,22 @@ fn track_and_decide(
     let now = unsafe { bpf_ktime_get_ns() };
     let mut ct_flags = 0;
     if let Some((why, _)) = ct_track(&flow.key, dir, flow.tcp_flags, now, &mut ct_flags) {
-        count(why);
+        if dir == DIR_EGRESS && ct_flags & CT_SVC_NAT != 0 {
+            // A later packet of a translated flow, by its original tuple:
+            // to the backend it was given. Its translated tuple's entry is
+            // kept alive too (replies are matched against it).
+            if let Some(n) = lookup(&SVC_NAT, &flow.key) {
+                count(why);
+                let tk = translated(&flow.key, n.addr, n.port_be);
+                let mut f = 0;
+                let _ = ct_track(&tk, DIR_EGRESS, flow.tcp_flags, now, &mut f);
+                let orig = flow.key;
+                return translate(ctx, &orig, &n, l4, ifindex, redirect);
+            }
+            // The translation entry was evicted: a new flow again.
+        } else {
+            count(why);
+        }
         if dir == DIR_INGRESS && ct_flags & CT_SVC_NAT != 0 {
             // A reply of a translated flow: back to ClusterIP:port.
             return match lookup(&SVC_NAT, &flow.key) {
@@ -242,7 +258,9 @@ fn track_and_decide(
                 };
             }
         }
-        return true;
+        if !(dir == DIR_EGRESS && ct_flags & CT_SVC_NAT != 0) {
+            return true;
+        }
     }
 
     if dir == DIR_EGRESS && (flow.key.protocol == PROTO_TCP || flow.key.protocol == PROTO_UDP) {
@@ -310,8 +328,18 @@ fn service_flow(
     if let Some(n) = lookup(&SVC_NAT, &orig) {
         let tk = translated(&orig, n.addr, n.port_be);
         let mut f = 0;
-        if let Some((why, _)) = ct_track(&tk, DIR_EGRESS, flow.tcp_flags, now, &mut f) {
+        if let Some((why, cookie)) = ct_track(&tk, DIR_EGRESS, flow.tcp_flags, now, &mut f) {
             count(why);
+            // The original tuple's entry was gone: the flow's own again.
+            let mut v = CtValue {
+                expires_ns: 0,
+                cookie,
+                tcp_state: 0,
+                flags: CT_SVC_NAT,
+                _pad: 0,
+            };
+            refresh(&mut v, orig.protocol, flow.tcp_flags, false, now);
+            let _ = CONNTRACK.insert(&orig, &v, 0);
             return translate(ctx, &orig, &n, l4, ifindex, redirect);
         }
     }
@@ -359,9 +387,15 @@ fn service_flow(
         finish(ep, ifindex, flow, &d);
         return false;
     }
+    // Two entries: the translated tuple's (policy's verdict, replies) and
+    // the original tuple's, which later packets find first and which says
+    // "translate" (CT_SVC_NAT), so they cost one conntrack lookup before
+    // their SVC_NAT lookup, not a miss, a reverse miss and a frontend
+    // lookup.
     let mut v = new_ct_entry(&d, flow.key.protocol, flow.tcp_flags, now);
     v.flags |= CT_SVC_NAT;
     let _ = CONNTRACK.insert(&flow.key, &v, 0);
+    let _ = CONNTRACK.insert(&orig, &v, 0);
     count(reason::SVC_TRANSLATED);
     finish(ep, ifindex, flow, &d);
     translate(ctx, &orig, &fwd, l4, ifindex, redirect)
