@@ -134,7 +134,7 @@ fn translation_rewrites_headers_with_valid_checksums_both_ways() -> Result<()> {
         let req = with_checksum(p.bytes(), csum_off);
         assert!(checksums_valid(&req, csum_off));
         let (act, out) = run_tc_out(dp.classifier("pod_egress")?, &req, IFINDEX)?;
-        assert_eq!(act, TC_ACT_OK as u32);
+        assert_eq!(act, TC_ACT_OK);
         assert_eq!((addr(&out, 26), addr(&out, 30)), (POD, BACKEND));
         assert_eq!((port(&out, 34), port(&out, 36)), (40000, tport));
         assert!(checksums_valid(&out, csum_off), "proto {proto}: {out:02x?}");
@@ -151,7 +151,7 @@ fn translation_rewrites_headers_with_valid_checksums_both_ways() -> Result<()> {
         .with_payload(11);
         let reply = with_checksum(r.bytes(), csum_off);
         let (act, back) = run_tc_out(dp.classifier("pod_ingress")?, &reply, IFINDEX)?;
-        assert_eq!(act, TC_ACT_OK as u32);
+        assert_eq!(act, TC_ACT_OK);
         assert_eq!((addr(&back, 26), addr(&back, 30)), (VIP, POD));
         assert_eq!((port(&back, 34), port(&back, 36)), (sport, 40000));
         assert!(
@@ -165,7 +165,7 @@ fn translation_rewrites_headers_with_valid_checksums_both_ways() -> Result<()> {
     bare[40] = 0;
     bare[41] = 0;
     let (act, out) = run_tc_out(dp.classifier("pod_egress")?, &bare, IFINDEX)?;
-    assert_eq!(act, TC_ACT_OK as u32);
+    assert_eq!(act, TC_ACT_OK);
     assert_eq!(addr(&out, 30), BACKEND);
     assert_eq!((out[40], out[41]), (0, 0));
 
@@ -185,6 +185,6 @@ fn translation_rewrites_headers_with_valid_checksums_both_ways() -> Result<()> {
     )?;
     let syn = with_checksum(Packet::tcp(POD, 40004, VIP, 80, TCP_FLAG_SYN).bytes(), 16);
     let (act, _) = run_tc_out(dp.classifier("pod_egress")?, &syn, IFINDEX)?;
-    assert_eq!(act, TC_ACT_SHOT as u32);
+    assert_eq!(act, TC_ACT_SHOT);
     Ok(())
 }
