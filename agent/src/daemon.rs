@@ -201,6 +201,9 @@ impl Agent {
     /// (each named); all others are programmed regardless.
     pub fn program_services(&mut self, frontends: Vec<crate::service::Frontend>) -> Result<()> {
         let r = self.dp.set_services(&frontends);
+        if let Err(palisade_dataplane::Error::MapFull { name, .. }) = &r {
+            self.metrics.map_full.inc_label(name);
+        }
         *self.services.write().unwrap_or_else(|p| p.into_inner()) = self.dp.services();
         self.metrics
             .services_programmed
