@@ -222,10 +222,12 @@ fn track_and_decide(
     let now = unsafe { bpf_ktime_get_ns() };
     let mut ct_flags = 0;
     if let Some((why, _)) = ct_track(&flow.key, dir, flow.tcp_flags, now, &mut ct_flags) {
-        if dir == DIR_EGRESS && ct_flags & CT_SVC_NAT != 0 {
+        let was_translated = ct_flags & CT_SVC_NAT != 0;
+        if dir == DIR_EGRESS && was_translated {
             // A later packet of a translated flow, by its original tuple:
             // to the backend it was given. Its translated tuple's entry is
-            // kept alive too (replies are matched against it).
+            // kept alive too (replies are matched against it). Without its
+            // translation entry (evicted) it is a new flow again, below.
             if let Some(n) = lookup(&SVC_NAT, &flow.key) {
                 count(why);
                 let tk = translated(&flow.key, n.addr, n.port_be);
@@ -234,32 +236,9 @@ fn track_and_decide(
                 let orig = flow.key;
                 return translate(ctx, &orig, &n, l4, ifindex, redirect);
             }
-            // The translation entry was evicted: a new flow again.
         } else {
             count(why);
-        }
-        if dir == DIR_INGRESS && ct_flags & CT_SVC_NAT != 0 {
-            // A reply of a translated flow: back to ClusterIP:port.
-            return match lookup(&SVC_NAT, &flow.key) {
-                Some(n) => service::reverse(ctx, &flow.key, &n, l4).is_ok(),
-                // The reverse entry was evicted: the client would drop a
-                // reply from the backend's address anyway.
-                None => true,
-            };
-        }
-        if dir == DIR_EGRESS && flow.key.daddr == HAIRPIN_ADDR {
-            if let Some(n) = lookup(&SVC_NAT, &flow.key) {
-                return match service::hairpin_reply(ctx, &flow.key, &n, l4, ifindex) {
-                    Ok(act) => {
-                        *redirect = Some(act);
-                        true
-                    }
-                    Err(()) => false,
-                };
-            }
-        }
-        if !(dir == DIR_EGRESS && ct_flags & CT_SVC_NAT != 0) {
-            return true;
+            return known_flow(ctx, dir, &flow.key, was_translated, l4, ifindex, redirect);
         }
     }
 
@@ -282,6 +261,41 @@ fn track_and_decide(
     }
     finish(ep, ifindex, flow, &d);
     d.pass
+}
+
+/// A packet conntrack passed: replies of translated flows are turned back
+/// into ClusterIP:port (at the client's ingress; a hairpin's at the pod's
+/// own egress, then handed back into the pod), all else passes as it is.
+#[inline(always)]
+fn known_flow(
+    ctx: &TcContext,
+    dir: u8,
+    key: &CtKey,
+    was_translated: bool,
+    l4: usize,
+    ifindex: u32,
+    redirect: &mut Option<i32>,
+) -> bool {
+    if dir == DIR_INGRESS && was_translated {
+        return match lookup(&SVC_NAT, key) {
+            Some(n) => service::reverse(ctx, key, &n, l4).is_ok(),
+            // The reverse entry was evicted: the client would drop a
+            // reply from the backend's address anyway.
+            None => true,
+        };
+    }
+    if dir == DIR_EGRESS && key.daddr == HAIRPIN_ADDR {
+        if let Some(n) = lookup(&SVC_NAT, key) {
+            return match service::hairpin_reply(ctx, key, &n, l4, ifindex) {
+                Ok(act) => {
+                    *redirect = Some(act);
+                    true
+                }
+                Err(()) => false,
+            };
+        }
+    }
+    true
 }
 
 /// Conntrack lookup of `key` (and its reply direction); `flags` receives
