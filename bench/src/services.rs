@@ -202,9 +202,6 @@ fn crr(node: &Node, to: SocketAddr, secs: f64) -> Result<f64> {
     if failed > ok / 100 {
         bail!("{to}: {failed} failed connections ({ok} ok)");
     }
-    if std::env::var_os("PALISADE_BENCH_DEBUG").is_some() {
-        eprintln!("      {to}: {ok} ok, {failed} failed in {t:.2} s");
-    }
     Ok(ok as f64 / t)
 }
 
