@@ -48,6 +48,10 @@ pub struct Config {
     pub xdp_deny: Vec<ipnetwork::Ipv4Network>,
     /// Map sizes (entries). Maps already pinned keep the size they have.
     pub map_sizes: palisade_dataplane::loader::MapSizes,
+    /// Run `verify` this often in the agent (None: only on request).
+    pub verify_interval: Option<std::time::Duration>,
+    /// /readyz fails while the last verify run found mismatches.
+    pub verify_readiness: bool,
 }
 
 pub const METRICS_DEFAULT_ADDR: &str = "0.0.0.0:9962";

@@ -234,6 +234,11 @@ impl FlowLog {
         Ok(())
     }
 
+    /// The current file (rotated ones beside it: `path.1`, ...).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     pub fn recent(&self) -> impl Iterator<Item = &String> {
         self.recent.iter()
     }

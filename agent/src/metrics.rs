@@ -13,7 +13,8 @@
 //! `palisade_map_sync_errors_total`, `palisade_map_full_errors_total{map}`,
 //! `palisade_source_errors_total`, `palisade_programmed_generation`,
 //! `palisade_flow_records_total`, `palisade_policy_compile_seconds`,
-//! `palisade_map_sync_seconds` (histograms); from the kernel
+//! `palisade_map_sync_seconds` (histograms), `palisade_verify_mismatches`,
+//! `palisade_verify_runs_total`; from the kernel
 //! `palisade_endpoints`, `palisade_verdicts_total{verdict,reason}`,
 //! `palisade_drops_total{reason}`, `palisade_xdp_packets_total{outcome}`,
 //! `palisade_map_entries{map}`, `palisade_map_capacity{map}`,
@@ -125,6 +126,10 @@ pub struct Metrics {
     pub flow_records: Counter,
     /// Service frontends (ClusterIP:port/protocol) translated in the kernel.
     pub services_programmed: Gauge,
+    /// Probes whose kernel verdict differed from the model's in the last
+    /// `verify` run, and verify runs (`palisade-agent verify`, periodic).
+    pub verify_mismatches: Gauge,
+    pub verify_runs: Counter,
     /// The fields above, registered (the registry holds clones).
     registry: Registry,
 }
@@ -143,6 +148,7 @@ impl Default for Metrics {
         let (policies_rejected, programmed_generation) = (Gauge::default(), Gauge::default());
         let map_full = LabeledCounter::default();
         let services_programmed = Gauge::default();
+        let (verify_mismatches, verify_runs) = (Gauge::default(), Counter::default());
 
         // Help texts get their final "." from the registry.
         let mut r = Registry::default();
@@ -206,6 +212,16 @@ impl Default for Metrics {
             "Time to attach a registered pod's programs",
             registration_attach_seconds.0.clone(),
         );
+        r.register(
+            "palisade_verify_mismatches",
+            "Probes whose kernel verdict differed from the model's in the last verify run",
+            verify_mismatches.0.clone(),
+        );
+        r.register(
+            "palisade_verify_runs",
+            "Verify runs (kernel verdicts probed against the model)",
+            verify_runs.0.clone(),
+        );
         Self {
             compile_seconds,
             sync_seconds,
@@ -219,6 +235,8 @@ impl Default for Metrics {
             programmed_generation,
             flow_records,
             services_programmed,
+            verify_mismatches,
+            verify_runs,
             registry: r,
         }
     }

@@ -57,7 +57,7 @@ fn resolve<N: Names + ?Sized>(view: &N, s: &str, what: &str) -> Result<Side> {
     })
 }
 
-fn identity_text<N: Names + ?Sized>(c: &N, id: u32) -> String {
+pub(crate) fn identity_text<N: Names + ?Sized>(c: &N, id: u32) -> String {
     match c.identity(id) {
         Some(IdentitySource::Reserved(r)) => format!("{id} ({r})"),
         Some(IdentitySource::Labels {

@@ -43,6 +43,8 @@ impl Scratch {
             xdp_uplinks: Vec::new(),
             xdp_deny: Vec::new(),
             map_sizes: Default::default(),
+            verify_interval: None,
+            verify_readiness: false,
         }
     }
 }

@@ -48,7 +48,15 @@ pub mod programs {
     pub const POD_INGRESS: &str = "pod_ingress";
     /// XDP on a node uplink: CIDR deny list.
     pub const XDP_PREFILTER: &str = "xdp_prefilter";
+    /// The verdict path in dry-run mode (no map writes, no events), attached
+    /// nowhere: BPF_PROG_TEST_RUN only, for `palisade-agent verify`.
+    pub const POD_VERIFY: &str = "pod_verify";
 }
+
+/// skb marks that tell `pod_verify` which direction a probe is judged in
+/// (nonzero, so a zeroed context is refused).
+pub const VERIFY_MARK_EGRESS: u32 = 0x7601;
+pub const VERIFY_MARK_INGRESS: u32 = 0x7602;
 
 /// Default map sizes; userspace may override them before load.
 pub mod sizes {

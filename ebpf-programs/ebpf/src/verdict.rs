@@ -5,6 +5,14 @@
 //! This file parses packets and touches the maps; every rule applied to
 //! what it parsed or looked up lives in `palisade_common::decision`, which
 //! the userspace reference evaluator calls too.
+//!
+//! `DRY` (the `pod_verify` program, run only through BPF_PROG_TEST_RUN by
+//! `palisade-agent verify`) takes the same path against the same maps but
+//! writes nothing: no conntrack or fragment entry, no event, no counter,
+//! and it skips the conntrack lookup so every probe is judged as a new flow.
+//! It does not translate Service traffic either (no rewrite, no
+//! translation entry): a probe is judged on its own tuple, as the
+//! reference evaluator judges it.
 
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
@@ -45,7 +53,11 @@ struct Flow {
 }
 
 #[inline(always)]
-pub fn process(ctx: &TcContext, dir: u8, redirect: &mut Option<i32>) -> Result<bool, ()> {
+pub fn process<const DRY: bool>(
+    ctx: &TcContext,
+    dir: u8,
+    redirect: &mut Option<i32>,
+) -> Result<bool, ()> {
     // SAFETY: the context pointer is valid for the program's whole run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let ep = match ENDPOINTS.get_ptr(EndpointKey::ifindex(ifindex)) {
@@ -72,22 +84,39 @@ pub fn process(ctx: &TcContext, dir: u8, redirect: &mut Option<i32>) -> Result<b
     }
 
     let Some(eth) = ptr_at::<EthHdr>(start, end, 0) else {
-        return Ok(drop_if_enforced(&ep, dir, ifindex, reason::MALFORMED));
+        return Ok(drop_if_enforced::<DRY>(
+            &ep,
+            dir,
+            ifindex,
+            reason::MALFORMED,
+        ));
     };
     // SAFETY: bounds checked by ptr_at.
     let ether_type = u16::from_be(unsafe { (*eth).ether_type_be });
     match ether_type {
         ETH_P_IP => {}
         ETH_P_ARP => {
-            count(reason::NOT_IP);
+            count::<DRY>(reason::NOT_IP);
             return Ok(true);
         }
-        ETH_P_IPV6 => return Ok(ipv6(&ep, dir, ifindex, start, end)),
-        _ => return Ok(drop_if_enforced(&ep, dir, ifindex, reason::UNSUPPORTED_L3)),
+        ETH_P_IPV6 => return Ok(ipv6::<DRY>(&ep, dir, ifindex, start, end)),
+        _ => {
+            return Ok(drop_if_enforced::<DRY>(
+                &ep,
+                dir,
+                ifindex,
+                reason::UNSUPPORTED_L3,
+            ))
+        }
     }
 
     let Some(ip) = ptr_at::<Ipv4Hdr>(start, end, ETH_HLEN) else {
-        return Ok(drop_if_enforced(&ep, dir, ifindex, reason::MALFORMED));
+        return Ok(drop_if_enforced::<DRY>(
+            &ep,
+            dir,
+            ifindex,
+            reason::MALFORMED,
+        ));
     };
     // SAFETY: bounds checked by ptr_at.
     let (ver_ihl, tot_len, id_be, frag_off, protocol, saddr, daddr) = unsafe {
@@ -103,7 +132,12 @@ pub fn process(ctx: &TcContext, dir: u8, redirect: &mut Option<i32>) -> Result<b
     };
     let ihl = ((ver_ihl & 0x0f) as usize) * 4;
     if ver_ihl >> 4 != 4 || ihl < 20 || (tot_len as usize) < ihl {
-        return Ok(drop_if_enforced(&ep, dir, ifindex, reason::MALFORMED));
+        return Ok(drop_if_enforced::<DRY>(
+            &ep,
+            dir,
+            ifindex,
+            reason::MALFORMED,
+        ));
     }
 
     // Anti-spoofing holds for every registered pod, enforced or not.
@@ -113,7 +147,7 @@ pub fn process(ctx: &TcContext, dir: u8, redirect: &mut Option<i32>) -> Result<b
             tcp_flags: 0,
             svc: 0,
         };
-        finish(&ep, ifindex, &flow, &d);
+        finish::<DRY>(&ep, ifindex, &flow, &d);
         return Ok(d.pass);
     }
 
@@ -126,7 +160,7 @@ pub fn process(ctx: &TcContext, dir: u8, redirect: &mut Option<i32>) -> Result<b
     };
     let offset = frag_off & IP_OFFSET_MASK;
     if offset != 0 {
-        return Ok(later_fragment(
+        return Ok(later_fragment::<DRY>(
             &ep, dir, ifindex, &frag_key, saddr, daddr, protocol,
         ));
     }
@@ -187,11 +221,16 @@ pub fn process(ctx: &TcContext, dir: u8, redirect: &mut Option<i32>) -> Result<b
         _ => true,
     };
     if !parsed {
-        return Ok(drop_if_enforced(&ep, dir, ifindex, reason::MALFORMED));
+        return Ok(drop_if_enforced::<DRY>(
+            &ep,
+            dir,
+            ifindex,
+            reason::MALFORMED,
+        ));
     }
 
-    let pass = track_and_decide(ctx, &ep, dir, ifindex, &mut flow, l4, redirect);
-    if frag_off & IP_MF != 0 {
+    let pass = track_and_decide::<DRY>(ctx, &ep, dir, ifindex, &mut flow, l4, redirect);
+    if !DRY && frag_off & IP_MF != 0 {
         // First fragment: the rest of the datagram inherits this verdict.
         // SAFETY: helper without preconditions.
         let (expires_ns, verdict) = first_fragment_verdict(pass, unsafe { bpf_ktime_get_ns() });
@@ -209,7 +248,7 @@ pub fn process(ctx: &TcContext, dir: u8, redirect: &mut Option<i32>) -> Result<b
 /// then, for a new flow leaving a pod, Service translation (`service_flow`),
 /// then policy for a new flow, which is recorded when admitted.
 #[inline(always)]
-fn track_and_decide(
+fn track_and_decide<const DRY: bool>(
     ctx: &TcContext,
     ep: &EndpointInfo,
     dir: u8,
@@ -221,7 +260,12 @@ fn track_and_decide(
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let mut ct_flags = 0;
-    if let Some((why, _)) = ct_track(&flow.key, dir, flow.tcp_flags, now, &mut ct_flags) {
+    let known = if DRY {
+        None
+    } else {
+        ct_track(&flow.key, dir, flow.tcp_flags, now, &mut ct_flags)
+    };
+    if let Some((why, _)) = known {
         let was_translated = ct_flags & CT_SVC_NAT != 0;
         if dir == DIR_EGRESS && was_translated {
             // A later packet of a translated flow, by its original tuple:
@@ -229,7 +273,7 @@ fn track_and_decide(
             // kept alive too (replies are matched against it). Without its
             // translation entry (evicted) it is a new flow again, below.
             if let Some(n) = lookup(&SVC_NAT, &flow.key) {
-                count(why);
+                count::<DRY>(why);
                 let tk = translated(&flow.key, n.addr, n.port_be);
                 let mut f = 0;
                 let _ = ct_track(&tk, DIR_EGRESS, flow.tcp_flags, now, &mut f);
@@ -237,12 +281,15 @@ fn track_and_decide(
                 return translate(ctx, &orig, &n, l4, ifindex, redirect);
             }
         } else {
-            count(why);
+            count::<DRY>(why);
             return known_flow(ctx, dir, &flow.key, was_translated, l4, ifindex, redirect);
         }
     }
 
-    if dir == DIR_EGRESS && (flow.key.protocol == PROTO_TCP || flow.key.protocol == PROTO_UDP) {
+    if !DRY
+        && dir == DIR_EGRESS
+        && (flow.key.protocol == PROTO_TCP || flow.key.protocol == PROTO_UDP)
+    {
         let fk = SvcFrontendKey {
             addr: flow.key.daddr,
             port_be: flow.key.dport_be,
@@ -255,11 +302,11 @@ fn track_and_decide(
     }
 
     let d = policy(ep, dir, &flow.key);
-    if d.pass {
+    if d.pass && !DRY {
         let v = new_ct_entry(&d, flow.key.protocol, flow.tcp_flags, now);
         let _ = CONNTRACK.insert(&flow.key, &v, 0);
     }
-    finish(ep, ifindex, flow, &d);
+    finish::<DRY>(ep, ifindex, flow, &d);
     d.pass
 }
 
@@ -343,7 +390,7 @@ fn service_flow(
         let tk = translated(&orig, n.addr, n.port_be);
         let mut f = 0;
         if let Some((why, cookie)) = ct_track(&tk, DIR_EGRESS, flow.tcp_flags, now, &mut f) {
-            count(why);
+            count::<false>(why);
             // The original tuple's entry was gone: the flow's own again.
             let mut v = CtValue {
                 expires_ns: 0,
@@ -370,14 +417,14 @@ fn service_flow(
         // kube-proxy rejects these; palisade drops them (no reset or ICMP
         // unreachable is generated), reported with their own reason.
         let d = hard_drop(ep, reason::NO_SERVICE_BACKEND, DIR_EGRESS);
-        finish(ep, ifindex, flow, &d);
+        finish::<false>(ep, ifindex, flow, &d);
         return false;
     };
     let hairpin = b.addr == ep.ipv4;
     flow.key = translated(&orig, b.addr, b.port_be);
     let d = policy(ep, DIR_EGRESS, &flow.key);
     if !d.pass {
-        finish(ep, ifindex, flow, &d);
+        finish::<false>(ep, ifindex, flow, &d);
         return false;
     }
     let flags = if hairpin { NAT_HAIRPIN } else { 0 };
@@ -398,7 +445,7 @@ fn service_flow(
     let rk = reverse_key(&orig, b.addr, b.port_be, hairpin);
     if SVC_NAT.insert(&orig, &fwd, 0).is_err() || SVC_NAT.insert(&rk, &rev, 0).is_err() {
         let d = hard_drop(ep, reason::SVC_NAT_FAILED, DIR_EGRESS);
-        finish(ep, ifindex, flow, &d);
+        finish::<false>(ep, ifindex, flow, &d);
         return false;
     }
     // Two entries: the translated tuple's (policy's verdict, replies) and
@@ -410,8 +457,8 @@ fn service_flow(
     v.flags |= CT_SVC_NAT;
     let _ = CONNTRACK.insert(&flow.key, &v, 0);
     let _ = CONNTRACK.insert(&orig, &v, 0);
-    count(reason::SVC_TRANSLATED);
-    finish(ep, ifindex, flow, &d);
+    count::<false>(reason::SVC_TRANSLATED);
+    finish::<false>(ep, ifindex, flow, &d);
     translate(ctx, &orig, &fwd, l4, ifindex, redirect)
 }
 
@@ -465,7 +512,7 @@ impl<K, V> Lookup<K, V> for LruHashMap<K, V> {
 
 /// Non-first fragments carry no ports: they get their first fragment's verdict.
 #[inline(always)]
-fn later_fragment(
+fn later_fragment<const DRY: bool>(
     ep: &EndpointInfo,
     dir: u8,
     ifindex: u32,
@@ -481,13 +528,13 @@ fn later_fragment(
         let v = unsafe { *p };
         match later_fragment_verdict(v.expires_ns, v.verdict, now) {
             Some(true) => {
-                count(reason::FRAG_ALLOWED);
+                count::<DRY>(reason::FRAG_ALLOWED);
                 return true;
             }
             Some(false) => {
                 // Every drop is reported, fragments of a denied datagram too.
                 let d = hard_drop(ep, reason::FRAG_DENIED, dir);
-                finish(ep, ifindex, &frag_flow(saddr, daddr, protocol, dir), &d);
+                finish::<DRY>(ep, ifindex, &frag_flow(saddr, daddr, protocol, dir), &d);
                 return false;
             }
             None => {}
@@ -496,7 +543,7 @@ fn later_fragment(
     let Some(d) = enforced_drop(ep, dir, reason::FRAG_UNTRACKED) else {
         return true;
     };
-    finish(ep, ifindex, &frag_flow(saddr, daddr, protocol, dir), &d);
+    finish::<DRY>(ep, ifindex, &frag_flow(saddr, daddr, protocol, dir), &d);
     d.pass
 }
 
@@ -513,7 +560,13 @@ fn frag_flow(saddr: u32, daddr: u32, protocol: u8, dir: u8) -> Flow {
 /// IPv6 is not enforced yet, so it never reaches or leaves an enforced pod,
 /// except neighbour discovery (ICMPv6 133..=137), which addressing needs.
 #[inline(always)]
-fn ipv6(ep: &EndpointInfo, dir: u8, ifindex: u32, start: usize, end: usize) -> bool {
+fn ipv6<const DRY: bool>(
+    ep: &EndpointInfo,
+    dir: u8,
+    ifindex: u32,
+    start: usize,
+    end: usize,
+) -> bool {
     if !ep.enforced_any() {
         return true;
     }
@@ -526,7 +579,7 @@ fn ipv6(ep: &EndpointInfo, dir: u8, ifindex: u32, start: usize, end: usize) -> b
         _ => false,
     };
     if nd {
-        count(reason::NOT_IP);
+        count::<DRY>(reason::NOT_IP);
         return true;
     }
     let flow = Flow {
@@ -536,12 +589,12 @@ fn ipv6(ep: &EndpointInfo, dir: u8, ifindex: u32, start: usize, end: usize) -> b
     };
     // Audit mode does not open an IPv6 bypass either.
     let d = hard_drop(ep, reason::IPV6_UNSUPPORTED, dir);
-    finish(ep, ifindex, &flow, &d);
+    finish::<DRY>(ep, ifindex, &flow, &d);
     false
 }
 
 #[inline(always)]
-fn drop_if_enforced(ep: &EndpointInfo, dir: u8, ifindex: u32, why: u8) -> bool {
+fn drop_if_enforced<const DRY: bool>(ep: &EndpointInfo, dir: u8, ifindex: u32, why: u8) -> bool {
     let Some(d) = enforced_drop(ep, dir, why) else {
         return true;
     };
@@ -550,14 +603,17 @@ fn drop_if_enforced(ep: &EndpointInfo, dir: u8, ifindex: u32, why: u8) -> bool {
         tcp_flags: 0,
         svc: 0,
     };
-    finish(ep, ifindex, &flow, &d);
+    finish::<DRY>(ep, ifindex, &flow, &d);
     d.pass
 }
 
 /// Count the verdict and report it: one event per new flow or drop.
 #[inline(always)]
-fn finish(ep: &EndpointInfo, ifindex: u32, flow: &Flow, d: &Decision) {
-    count(d.reason);
+fn finish<const DRY: bool>(ep: &EndpointInfo, ifindex: u32, flow: &Flow, d: &Decision) {
+    if DRY {
+        return;
+    }
+    count::<DRY>(d.reason);
     match EVENTS.reserve::<FlowEvent>(0) {
         Some(mut e) => {
             e.write(flow_event(
@@ -571,7 +627,7 @@ fn finish(ep: &EndpointInfo, ifindex: u32, flow: &Flow, d: &Decision) {
             ));
             e.submit(wakeup_flags());
         }
-        None => count(reason::EVENTS_LOST),
+        None => count::<DRY>(reason::EVENTS_LOST),
     }
 }
 
@@ -593,7 +649,10 @@ fn wakeup_flags() -> u64 {
 }
 
 #[inline(always)]
-fn count(r: u8) {
+fn count<const DRY: bool>(r: u8) {
+    if DRY {
+        return;
+    }
     if let Some(c) = COUNTERS.get_ptr_mut(r as u32) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *c += 1 };
