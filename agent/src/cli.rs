@@ -36,6 +36,9 @@ pub struct ObserveArgs {
     /// TCP, UDP, SCTP, ICMP.
     #[arg(long)]
     pub protocol: Option<String>,
+    /// Flows sent to this Service's ClusterIP (namespace/name).
+    #[arg(long)]
+    pub service: Option<String>,
     /// Keep streaming new flows.
     #[arg(long, short = 'f')]
     pub follow: bool,
@@ -133,6 +136,7 @@ pub struct Filter {
     verdict: Option<String>,
     port: Option<u16>,
     protocol: Option<String>,
+    service: Option<String>,
 }
 
 impl ObserveArgs {
@@ -156,6 +160,7 @@ impl ObserveArgs {
             verdict: self.verdict.as_ref().map(|v| v.to_uppercase()),
             port: self.port,
             protocol: self.protocol.as_ref().map(|p| p.to_uppercase()),
+            service: self.service.clone(),
         })
     }
 }
@@ -188,6 +193,9 @@ impl Filter {
         if self.protocol.as_ref().is_some_and(|p| *p != r.protocol) {
             return false;
         }
+        if self.service.is_some() && self.service != r.service {
+            return false;
+        }
         true
     }
 }
@@ -216,6 +224,12 @@ pub fn render_flow(r: &FlowRecord) -> String {
     );
     if !r.policies.is_empty() {
         let _ = write!(s, " policies: {}", r.policies.join(", "));
+    }
+    if let Some(svc) = &r.service {
+        let _ = write!(s, " service: {svc}");
+        if let Some(a) = &r.service_address {
+            let _ = write!(s, " ({a})");
+        }
     }
     s
 }
@@ -632,6 +646,7 @@ mod tests {
             verdict: None,
             port: None,
             protocol: None,
+            service: None,
             follow: false,
             json: false,
             since: None,
@@ -654,6 +669,13 @@ mod tests {
         assert!(!args(|a| a.verdict = Some("ALLOW".into())).matches(&r));
         assert!(args(|a| a.port = Some(80)).matches(&r));
         assert!(!args(|a| a.protocol = Some("udp".into())).matches(&r));
+        assert!(!args(|a| a.service = Some("y/svc".into())).matches(&r));
+        let mut via = rec();
+        via.service = Some("y/svc".into());
+        via.service_address = Some("10.96.0.1:80".into());
+        assert!(args(|a| a.service = Some("y/svc".into())).matches(&via));
+        assert!(!args(|a| a.service = Some("y/other".into())).matches(&via));
+        assert!(render_flow(&via).ends_with(" service: y/svc (10.96.0.1:80)"));
     }
 
     #[test]

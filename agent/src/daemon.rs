@@ -59,6 +59,8 @@ pub const METRICS_DEFAULT_ADDR: &str = "0.0.0.0:9962";
 /// What the flow log, trace and status read: the engine's published view,
 /// swapped whole after every change (cheap: persistent maps).
 pub type SharedView = Arc<RwLock<Arc<View>>>;
+/// The Service each programmed frontend id stands for (flow records).
+pub type SharedServices = Arc<RwLock<std::collections::BTreeMap<u32, crate::service::Frontend>>>;
 
 pub struct Agent {
     /// The kernel (or, in tests, `dataplane::memory`).
@@ -83,6 +85,7 @@ pub struct Agent {
     generation_tx: watch::Sender<u64>,
     pub metrics: Arc<Metrics>,
     pub view: SharedView,
+    pub services: SharedServices,
     /// Set once the first full sync reached the kernel (readiness).
     pub ready: bool,
 }
@@ -141,8 +144,11 @@ impl Agent {
             generation_tx: tx,
             metrics,
             view: Arc::default(),
+            services: Arc::default(),
             ready: false,
         };
+        // Frontends adopted from an earlier agent name their flows too.
+        *agent.services.write().unwrap_or_else(|p| p.into_inner()) = agent.dp.services();
         agent.forget_vanished_endpoints();
         agent.engine.set_node_name(cfg.node_name.clone());
         agent.refresh_gateways();
@@ -208,6 +214,22 @@ impl Agent {
                 error!("updating registry: {err}");
             }
         }
+    }
+
+    /// Make the kernel translate exactly these Service frontends (see
+    /// `crate::service`); flows already translated keep their backend.
+    /// Frontends the datapath cannot translate are refused in the error
+    /// (each named); all others are programmed regardless.
+    pub fn program_services(&mut self, frontends: Vec<crate::service::Frontend>) -> Result<()> {
+        let r = self.dp.set_services(&frontends);
+        if let Err(palisade_dataplane::Error::MapFull { name, .. }) = &r {
+            self.metrics.map_full.inc_label(name);
+        }
+        *self.services.write().unwrap_or_else(|p| p.into_inner()) = self.dp.services();
+        self.metrics
+            .services_programmed
+            .set(self.services.read().map_or(0, |s| s.len() as u64));
+        r.context("programming Service frontends")
     }
 
     pub fn programmed_generation(&self) -> u64 {

@@ -77,6 +77,13 @@ pub struct FlowRecord {
     /// Policies that allowed the flow, or that isolate the endpoint and
     /// had no rule for it.
     pub policies: Vec<String>,
+    /// The Service (namespace/name) of a flow sent to its ClusterIP and
+    /// translated in the kernel; `dst` is then the backend it was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// That Service's ClusterIP:port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_address: Option<String>,
 }
 
 pub fn protocol_name(p: u8) -> String {
@@ -169,6 +176,28 @@ pub fn record<N: Names + ?Sized>(view: &N, e: &FlowEvent) -> FlowRecord {
         endpoint,
         node: view.node_name().map(str::to_string),
         policies,
+        service: None,
+        service_address: None,
+    }
+}
+
+/// Name the Service of a translated flow (`FlowEvent::service_id`, as
+/// programmed by `Dataplane::set_services`).
+pub fn name_service(
+    rec: &mut FlowRecord,
+    e: &FlowEvent,
+    services: &BTreeMap<u32, crate::service::Frontend>,
+) {
+    if e.service_id == 0 {
+        return;
+    }
+    match services.get(&e.service_id) {
+        Some(f) => {
+            rec.service = Some(f.service.to_string());
+            rec.service_address = Some(f.address.to_string());
+        }
+        // Removed since the event was written.
+        None => rec.service = Some(format!("service-{}", e.service_id)),
     }
 }
 
@@ -268,6 +297,33 @@ mod tests {
         );
         assert_eq!(log.recent().count(), 40);
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn translated_flows_name_their_service() {
+        use crate::{model::ObjectKey, service::Frontend};
+        let f = Frontend {
+            service: ObjectKey::new("kube-system", "kube-dns"),
+            port_name: "dns".into(),
+            address: "10.96.0.10:53".parse().unwrap(),
+            protocol: PROTO_UDP,
+            backends: vec![],
+            affinity_timeout_s: None,
+        };
+        let services = [(4, f)].into_iter().collect();
+        let mut e: FlowEvent = unsafe { std::mem::zeroed() };
+        let mut rec = FlowRecord::default();
+        name_service(&mut rec, &e, &services);
+        assert_eq!(rec.service, None);
+        e.service_id = 4;
+        name_service(&mut rec, &e, &services);
+        assert_eq!(rec.service.as_deref(), Some("kube-system/kube-dns"));
+        assert_eq!(rec.service_address.as_deref(), Some("10.96.0.10:53"));
+        let json = serde_json::to_string(&rec).unwrap();
+        assert!(
+            json.contains(r#""service":"kube-system/kube-dns""#),
+            "{json}"
+        );
     }
 
     #[test]

@@ -59,10 +59,13 @@ enum Cmd {
         /// namespace/pod
         #[arg(long)]
         from: String,
-        /// namespace/pod or an IPv4 address
+        /// namespace/pod, an IPv4 address, or svc/<namespace>/<name>: every
+        /// backend of that Service port (verdict PARTIAL when only some
+        /// would be allowed)
         #[arg(long)]
         to: String,
-        /// PORT/PROTOCOL, e.g. 8080/TCP (protocol defaults to TCP)
+        /// PORT/PROTOCOL, e.g. 8080/TCP (protocol defaults to TCP; for
+        /// svc/..., the Service port)
         #[arg(long)]
         port: String,
         #[arg(long)]

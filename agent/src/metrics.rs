@@ -17,7 +17,8 @@
 //! `palisade_verify_runs_total`; from the kernel
 //! `palisade_endpoints`, `palisade_verdicts_total{verdict,reason}`,
 //! `palisade_drops_total{reason}`, `palisade_xdp_packets_total{outcome}`,
-//! `palisade_map_entries{map}`, `palisade_map_capacity{map}`.
+//! `palisade_map_entries{map}`, `palisade_map_capacity{map}`,
+//! `palisade_service_translations_total`; `palisade_service_frontends`.
 use std::sync::atomic::AtomicU64;
 
 use prometheus_client::{
@@ -123,6 +124,8 @@ pub struct Metrics {
     pub source_errors: Counter,
     pub programmed_generation: Gauge,
     pub flow_records: Counter,
+    /// Service frontends (ClusterIP:port/protocol) translated in the kernel.
+    pub services_programmed: Gauge,
     /// Probes whose kernel verdict differed from the model's in the last
     /// `verify` run, and verify runs (`palisade-agent verify`, periodic).
     pub verify_mismatches: Gauge,
@@ -144,6 +147,7 @@ impl Default for Metrics {
         );
         let (policies_rejected, programmed_generation) = (Gauge::default(), Gauge::default());
         let map_full = LabeledCounter::default();
+        let services_programmed = Gauge::default();
         let (verify_mismatches, verify_runs) = (Gauge::default(), Counter::default());
 
         // Help texts get their final "." from the registry.
@@ -182,6 +186,11 @@ impl Default for Metrics {
             "palisade_flow_records",
             "Flow log records written",
             flow_records.0.clone(),
+        );
+        r.register(
+            "palisade_service_frontends",
+            "Service frontends (ClusterIP:port/protocol) translated in the kernel",
+            services_programmed.0.clone(),
         );
         r.register(
             "palisade_policy_compile_seconds",
@@ -225,6 +234,7 @@ impl Default for Metrics {
             source_errors,
             programmed_generation,
             flow_records,
+            services_programmed,
             verify_mismatches,
             verify_runs,
             registry: r,
@@ -279,7 +289,13 @@ fn kernel_registry(k: &KernelStats) -> Registry {
         CounterFamily::<VerdictLabels>::default(),
         CounterFamily::<ReasonLabel>::default(),
     );
+    let translations = counter::Counter::<u64, AtomicU64>::default();
     for &(reason, drop, n) in &k.reasons {
+        // Bookkeeping, not a verdict: the flow's verdict is counted apart.
+        if reason == palisade_common::reason::name(palisade_common::reason::SVC_TRANSLATED) {
+            translations.inc_by(n);
+            continue;
+        }
         let verdict = if drop { "drop" } else { "allow" };
         verdicts
             .get_or_create(&VerdictLabels { verdict, reason })
@@ -294,6 +310,11 @@ fn kernel_registry(k: &KernelStats) -> Registry {
         verdicts,
     );
     r.register("palisade_drops", "Dropped packets by reason", drops);
+    r.register(
+        "palisade_service_translations",
+        "New flows translated from a Service ClusterIP to a backend (no-backend refusals are palisade_drops_total{reason=\"no-service-backend\"})",
+        translations,
+    );
 
     let xdp = CounterFamily::<OutcomeLabel>::default();
     for &(outcome, n) in &k.xdp {
@@ -355,7 +376,12 @@ mod tests {
 
     fn kernel() -> KernelStats {
         KernelStats {
-            reasons: vec![("no-policy-match", true, 5), ("policy-allow", false, 9)],
+            reasons: vec![
+                ("no-policy-match", true, 5),
+                ("policy-allow", false, 9),
+                ("no-service-backend", true, 2),
+                ("service-translated", false, 11),
+            ],
             xdp: vec![("xdp-denylist", 3), ("xdp-pass", 40)],
             maps: vec![("policy".into(), 10, 100), ("ipcache".into(), 4, 1024)],
             endpoints: 2,
@@ -460,9 +486,12 @@ mod tests {
             ("palisade_map_entries{map=\"policy\"}", "10"),
             ("palisade_map_capacity{map=\"policy\"}", "100"),
             ("palisade_map_capacity{map=\"ipcache\"}", "1024"),
+            ("palisade_drops_total{reason=\"no-service-backend\"}", "2"),
+            ("palisade_service_translations_total", "11"),
         ] {
             assert_eq!(sample(&s, series).as_deref(), Some(v), "{series}\n{s}");
         }
+        assert!(!s.contains("reason=\"service-translated\""), "{s}");
         // Allowed reasons are verdicts, not drops.
         assert!(!s.contains("palisade_drops_total{reason=\"policy-allow\"}"));
         assert!(s.contains("# TYPE palisade_verdicts counter"), "{s}");

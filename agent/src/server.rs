@@ -23,7 +23,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     change::SourceEvent,
-    daemon::{Agent, Config, SharedView},
+    daemon::{Agent, Config, SharedServices, SharedView},
     dataplane::ConntrackFill,
     error::kind_of,
     flowlog::{self, FlowLog},
@@ -46,6 +46,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     let metrics = Arc::new(Metrics::default());
     let (agent, events, generation_rx) = Agent::start(&cfg, metrics.clone())?;
     let view = agent.view.clone();
+    let services = agent.services.clone();
     let (stats, conntrack) = (agent.stats_reader(), agent.conntrack_fill());
     let (source_tx, source_rx) = mpsc::channel::<SourceEvent>(64);
     let owner = Owner::spawn(agent, source_rx)?;
@@ -121,6 +122,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     tasks.spawn(read_events(
         events,
         view,
+        services,
         metrics.clone(),
         flowlog.clone(),
         flow_tx.clone(),
@@ -317,6 +319,7 @@ async fn dispatch(
 async fn read_events(
     events: EventReader,
     view: SharedView,
+    services: SharedServices,
     metrics: Arc<Metrics>,
     log: Arc<Mutex<FlowLog>>,
     tx: broadcast::Sender<String>,
@@ -348,9 +351,11 @@ async fn read_events(
             continue;
         }
         let v = view.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let svcs = services.read().unwrap_or_else(|p| p.into_inner()).clone();
         let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
         for e in &batch {
-            let rec = flowlog::record(&v, e);
+            let mut rec = flowlog::record(&v, e);
+            flowlog::name_service(&mut rec, e, &svcs);
             let Ok(line) = serde_json::to_string(&rec) else {
                 continue;
             };

@@ -141,6 +141,16 @@ fn step<N: Names + ?Sized>(
 
 impl Agent {
     pub fn trace(&self, t: &TraceRequest) -> Result<TraceReport> {
+        if let Some(svc) = crate::trace_service::service_target(&t.to) {
+            let services = self.services.read().unwrap_or_else(|p| p.into_inner());
+            return crate::trace_service::trace_service(
+                &*self.view(),
+                self.current(),
+                &services,
+                &svc?,
+                t,
+            );
+        }
         trace(&*self.view(), self.current(), t)
     }
 }

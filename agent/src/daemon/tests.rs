@@ -504,3 +504,59 @@ fn registration_churn_leaves_no_state_behind() {
     assert_eq!(after.identities.len(), view.identities.len());
     assert_eq!(after.cookies.len(), view.cookies.len());
 }
+
+fn frontend(name: &str, port: u16, backends: &[&str]) -> crate::service::Frontend {
+    crate::service::Frontend {
+        service: crate::model::ObjectKey::new("default", name),
+        port_name: String::new(),
+        address: format!("10.96.0.20:{port}").parse().unwrap(),
+        protocol: palisade_common::PROTO_TCP,
+        backends: backends
+            .iter()
+            .map(|b| crate::service::Backend {
+                address: b.parse().unwrap(),
+                pod: None,
+            })
+            .collect(),
+        affinity_timeout_s: None,
+    }
+}
+
+#[test]
+fn programmed_services_name_their_ids_and_survive_a_restart() {
+    let s = Scratch::new("services");
+    let dp = MemoryDataplane::new();
+    let mut agent = start(&s, &dp);
+    agent
+        .program_services(vec![frontend("web", 80, &["10.0.0.2:8080"])])
+        .unwrap();
+    let ids = agent.services.read().unwrap().clone();
+    assert_eq!(ids.len(), 1);
+    let (id, f) = ids.iter().next().unwrap();
+    assert_eq!(f.service.to_string(), "default/web");
+    assert_eq!(dp.lock().frontends.values().next().unwrap().service_id, *id);
+    assert_eq!(agent.metrics.services_programmed.get(), 1);
+
+    // A frontend the datapath cannot translate is refused by name; the
+    // others stay programmed.
+    let mut sticky = frontend("sticky", 81, &["10.0.0.3:80"]);
+    sticky.affinity_timeout_s = Some(60);
+    let e = agent
+        .program_services(vec![frontend("web", 80, &["10.0.0.2:8080"]), sticky])
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("default/sticky"), "{e:#}");
+    assert_eq!(dp.lock().frontends.len(), 1);
+
+    // A restarted agent (same kernel) names the same id.
+    drop(agent);
+    let agent = start(&s, &dp);
+    assert_eq!(
+        agent
+            .services
+            .read()
+            .unwrap()
+            .get(id)
+            .map(|f| f.service.to_string()),
+        Some("default/web".into())
+    );
+}

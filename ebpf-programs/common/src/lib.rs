@@ -7,6 +7,7 @@
 
 pub mod conntrack;
 pub mod decision;
+pub mod service;
 
 /// Map names, as declared in the object and pinned under bpffs.
 pub mod maps {
@@ -19,8 +20,11 @@ pub mod maps {
     pub const COUNTERS: &str = "COUNTERS";
     pub const XDP_DENY: &str = "XDP_DENY";
     pub const XDP_COUNTERS: &str = "XDP_COUNTERS";
+    pub const SVC_FRONTENDS: &str = "SVC_FRONTENDS";
+    pub const SVC_BACKENDS: &str = "SVC_BACKENDS";
+    pub const SVC_NAT: &str = "SVC_NAT";
     /// Every map the programs share, in a stable order (pinning, adoption).
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 12] = [
         ENDPOINTS,
         IPCACHE,
         POLICY,
@@ -30,6 +34,9 @@ pub mod maps {
         COUNTERS,
         XDP_DENY,
         XDP_COUNTERS,
+        SVC_FRONTENDS,
+        SVC_BACKENDS,
+        SVC_NAT,
     ];
 }
 
@@ -60,6 +67,10 @@ pub mod sizes {
     pub const FRAGMENTS: u32 = 8 * 1024;
     pub const EVENTS_BYTES: u32 = 1 << 22;
     pub const XDP_DENY: u32 = 64 * 1024;
+    pub const SVC_FRONTENDS: u32 = 16 * 1024;
+    pub const SVC_BACKENDS: u32 = 64 * 1024;
+    /// Two entries per translated flow (forward and reverse).
+    pub const SVC_NAT: u32 = 128 * 1024;
 }
 
 /// Direction of a packet relative to the pod whose veth carries it.
@@ -239,6 +250,9 @@ impl CtKey {
 /// `CtValue::flags`
 pub const CT_AUDIT: u8 = 1;
 pub const CT_SEEN_REPLY: u8 = 1 << 1;
+/// The flow was translated from a Service frontend (`service`): its
+/// replies are reverse translated through `SVC_NAT`.
+pub const CT_SVC_NAT: u8 = 1 << 2;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -298,9 +312,15 @@ pub mod reason {
     pub const MALFORMED: u8 = 22;
     pub const UNSUPPORTED_L3: u8 = 23;
     pub const XDP_DENYLIST: u8 = 24;
+    /// A new flow to a Service frontend without backends.
+    pub const NO_SERVICE_BACKEND: u8 = 25;
+    /// The translation entry could not be written (SVC_NAT full).
+    pub const SVC_NAT_FAILED: u8 = 26;
     // Bookkeeping.
     pub const EVENTS_LOST: u8 = 32;
     pub const XDP_PASS: u8 = 33;
+    /// A new flow translated from a Service frontend to a backend.
+    pub const SVC_TRANSLATED: u8 = 34;
 
     pub const MAX: u32 = 64;
 
@@ -322,8 +342,11 @@ pub mod reason {
             MALFORMED => "malformed-header",
             UNSUPPORTED_L3 => "unsupported-l3",
             XDP_DENYLIST => "xdp-denylist",
+            NO_SERVICE_BACKEND => "no-service-backend",
             EVENTS_LOST => "events-lost",
             XDP_PASS => "xdp-pass",
+            SVC_TRANSLATED => "service-translated",
+            SVC_NAT_FAILED => "service-nat-failed",
             _ => "none",
         }
     }
@@ -352,7 +375,9 @@ pub struct FlowEvent {
     pub src_identity: u32,
     pub dst_identity: u32,
     pub cookie: u32,
-    pub _pad: u32,
+    /// The Service frontend (`SvcFrontend::service_id`) the flow was
+    /// translated from, 0 when it was not; the 5-tuple is the translated one.
+    pub service_id: u32,
 }
 
 #[cfg(feature = "user")]
@@ -370,6 +395,11 @@ mod pod_impls {
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragValue {}
     unsafe impl aya::Pod for FlowEvent {}
+    unsafe impl aya::Pod for service::SvcFrontendKey {}
+    unsafe impl aya::Pod for service::SvcFrontend {}
+    unsafe impl aya::Pod for service::SvcBackendKey {}
+    unsafe impl aya::Pod for service::SvcBackend {}
+    unsafe impl aya::Pod for service::SvcNat {}
 }
 
 #[cfg(test)]

@@ -425,7 +425,7 @@ impl Evaluator {
 
     /// `decision::decide` over this model's maps, with the same lookups.
     fn decide(&self, ep: &EndpointInfo, dir: u8, key: &CtKey) -> Decision {
-        let remote = remote_addr(key, dir);
+        let remote = palisade_common::service::policy_peer_addr(ep, dir, remote_addr(key, dir));
         let peer = peer_or_world(self.ipcache_lookup(Ipv4Addr::from(remote.to_ne_bytes())));
         decision::decide(ep, dir, key, &peer, |k| {
             self.policy_lookup(k).map(|(_, _, v)| v)
@@ -508,7 +508,7 @@ fn finish(ep: &EndpointInfo, ifindex: u32, flow: &Flow, d: &Decision) -> Verdict
         src_identity: d.src_identity,
         dst_identity: d.dst_identity,
         counter: Some(d.reason),
-        event: Some(flow_event(0, ep.endpoint_id, ifindex, &flow.key, d)),
+        event: Some(flow_event(0, ep.endpoint_id, ifindex, &flow.key, d, 0)),
     }
 }
 
