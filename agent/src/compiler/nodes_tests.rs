@@ -128,7 +128,7 @@ fn flow_records_name_this_node_and_a_remote_node_peer() {
         dport_be: 80u16.to_be(),
         dst_identity: 0,
         cookie: 0,
-        _pad: 0,
+        service_id: 0,
     };
     let r = crate::flowlog::record(&*v, &ev);
     assert_eq!(r.node.as_deref(), Some("n1"));
