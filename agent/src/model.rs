@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
-use crate::compiler::ParsedPolicy;
+use crate::compiler::{cluster::ParsedClusterPolicy, ParsedPolicy};
 
 pub type Labels = BTreeMap<String, String>;
 
@@ -87,6 +87,9 @@ pub struct Model {
     pub host_ips: Vec<Ipv4Addr>,
     /// Global audit mode.
     pub audit: bool,
+    /// ClusterNetworkPolicies by name, parsed and validated on arrival
+    /// ([`Model::add_cluster_policy`]).
+    pub cluster_policies: BTreeMap<String, Arc<ParsedClusterPolicy>>,
 }
 
 impl Model {
@@ -98,6 +101,22 @@ impl Model {
         let parsed = Arc::new(ParsedPolicy::parse(&key, np));
         self.policies.insert(key, parsed.clone());
         parsed
+    }
+
+    /// Adds (or replaces) a ClusterNetworkPolicy, parsing and validating it.
+    pub fn add_cluster_policy(
+        &mut self,
+        cnp: &crate::cnp::ClusterNetworkPolicy,
+    ) -> Arc<ParsedClusterPolicy> {
+        let parsed = Arc::new(ParsedClusterPolicy::parse(cnp));
+        let name = cnp.metadata.name.clone().unwrap_or_default();
+        self.cluster_policies.insert(name, parsed.clone());
+        parsed
+    }
+
+    /// Removes a ClusterNetworkPolicy; whether it was there.
+    pub fn remove_cluster_policy(&mut self, name: &str) -> bool {
+        self.cluster_policies.remove(name).is_some()
     }
 
     /// Removes a policy; whether it was there.

@@ -118,6 +118,7 @@
 //! * Two local endpoints of one pod (a sandbox replaced before the old one
 //!   is deleted): the one with the greatest container id gives the pod its
 //!   address; each keeps its own entries. Endpoint ids are unique per node.
+pub mod cluster;
 pub mod emit;
 pub mod endpoints;
 pub mod engine;
@@ -125,6 +126,7 @@ pub mod identities;
 pub mod ipcache;
 pub mod parse;
 pub mod peers;
+pub mod tiers;
 pub mod view;
 
 use std::{
@@ -211,6 +213,15 @@ pub struct Compiled {
     /// that isolate the endpoint in that direction, sorted. Only enforced
     /// directions have an entry.
     pub isolated_by: BTreeMap<(u32, u8), Vec<ObjectKey>>,
+    /// Every cookie of every rule of every accepted ClusterNetworkPolicy
+    /// (from `tiers::CLUSTER_COOKIE_BASE`).
+    pub cluster_cookies: HashMap<u32, tiers::ClusterRuleRef>,
+    /// ClusterNetworkPolicies that could not be compiled, with the reason
+    /// (they contribute nothing).
+    pub cluster_rejected: BTreeMap<String, String>,
+    /// Accepted ClusterNetworkPolicies sharing a tier and priority with
+    /// another: the warning.
+    pub cluster_warnings: BTreeMap<String, String>,
 }
 
 impl Compiled {
@@ -232,6 +243,8 @@ pub struct Compiler {
     /// CIDR identities, from `IDENTITY_FIRST_CIDR`.
     cidr_ids: Allocator<IdentityKey>,
     cookies: Allocator<RuleRef>,
+    /// ClusterNetworkPolicy rule cookies.
+    cluster_cookies: Allocator<tiers::ClusterRuleRef>,
 }
 
 impl Default for Compiler {
@@ -240,6 +253,7 @@ impl Default for Compiler {
             label_ids: Allocator::label_identities(),
             cidr_ids: Allocator::cidr_identities(),
             cookies: Allocator::cookies(),
+            cluster_cookies: tiers::cluster_cookies(),
         }
     }
 }
@@ -294,6 +308,7 @@ impl Compiler {
             label_ids: Allocator::seeded(palisade_common::IDENTITY_FIRST_DYNAMIC, labels),
             cidr_ids: Allocator::seeded(palisade_common::IDENTITY_FIRST_CIDR, cidrs),
             cookies: Allocator::seeded(1, cookies),
+            cluster_cookies: tiers::cluster_cookies(),
         }
     }
 
@@ -340,6 +355,17 @@ impl Compiler {
             }
         }
 
+        // ClusterNetworkPolicies (parsed when they entered the model), in
+        // evaluation order.
+        for (name, cp) in &model.cluster_policies {
+            if let Some(reason) = cp.rejected() {
+                out.cluster_rejected
+                    .insert(name.clone(), reason.to_string());
+            }
+        }
+        let cluster = tiers::ordered(model.cluster_policies.values().filter_map(|p| p.accepted()));
+        out.cluster_warnings = tiers::equal_priority_warnings(cluster.iter().copied());
+
         // Label identities.
         let mut ns_labels: HashMap<&str, Labels> = HashMap::new();
         let mut pod_identity: BTreeMap<&ObjectKey, u32> = BTreeMap::new();
@@ -383,11 +409,16 @@ impl Compiler {
                 }
             }
         }
+        prefixes.extend(cluster.iter().flat_map(|p| p.networks()));
         for ip in pod_at.keys() {
+            // While any ClusterNetworkPolicy exists every pod address gets
+            // its own /32 CIDR identity: the tier stage may need to decide
+            // pods of one label identity apart (see tiers.rs).
             if !model.host_ips.contains(ip)
-                && accepted
-                    .iter()
-                    .any(|p| p.rules.iter().any(|r| named_block_contains(r, *ip)))
+                && (!cluster.is_empty()
+                    || accepted
+                        .iter()
+                        .any(|p| p.rules.iter().any(|r| named_block_contains(r, *ip))))
             {
                 prefixes.insert(host_net(*ip));
             }
@@ -530,6 +561,27 @@ impl Compiler {
                 },
             );
         }
+
+        // ClusterNetworkPolicy tiers over the NetworkPolicy result.
+        let mut cluster_cookies = HashMap::new();
+        for p in &cluster {
+            for r in &p.rules {
+                let rr = tiers::ClusterRuleRef {
+                    policy: p.name.clone(),
+                    tier: p.tier,
+                    priority: p.priority,
+                    direction: r.direction,
+                    rule: r.index,
+                    label: r.label(),
+                    action: r.effective_action(),
+                };
+                let c = self.cluster_cookies.assign(&rr);
+                out.cluster_cookies.insert(c, rr);
+                cluster_cookies.insert((p.name.clone(), r.direction, r.index), c);
+            }
+        }
+        self.cluster_cookies.finish_round();
+        tiers::apply_tiers(model, &mut out, &cluster, &cluster_cookies);
         out
     }
 }
