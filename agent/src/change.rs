@@ -5,7 +5,10 @@ use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
-use crate::model::{Namespace, ObjectKey, Pod};
+use crate::{
+    cnp::ClusterNetworkPolicy,
+    model::{Namespace, ObjectKey, Pod},
+};
 
 /// One object added, changed or deleted.
 #[derive(Clone, Debug, PartialEq)]
@@ -21,6 +24,9 @@ pub enum Change {
     /// This node's addresses as the source knows them (replaces the
     /// previous set; the agent's configured addresses are kept besides).
     NodeAddresses(Vec<Ipv4Addr>),
+    /// A ClusterNetworkPolicy (cluster-scoped, by name), parsed on arrival.
+    ClusterPolicy(Arc<ClusterNetworkPolicy>),
+    ClusterPolicyDeleted(String),
 }
 
 /// A complete view from one source.
@@ -33,6 +39,8 @@ pub struct Snapshot {
     pub host_ips: Vec<Ipv4Addr>,
     /// Objects the source could not read; everything else is in the snapshot.
     pub errors: Vec<String>,
+    /// ClusterNetworkPolicies by name.
+    pub cluster_policies: BTreeMap<String, Arc<ClusterNetworkPolicy>>,
 }
 
 /// What a source sends to the owner.
@@ -86,6 +94,13 @@ impl Snapshot {
                 self.policies.remove(k);
             }
             Change::NodeAddresses(ips) => self.host_ips = ips.clone(),
+            Change::ClusterPolicy(c) => {
+                let name = c.metadata.name.clone().unwrap_or_default();
+                self.cluster_policies.insert(name, c.clone());
+            }
+            Change::ClusterPolicyDeleted(name) => {
+                self.cluster_policies.remove(name);
+            }
         }
     }
 
@@ -113,6 +128,13 @@ impl Snapshot {
             &next.policies,
             |k| Change::PolicyDeleted(k.clone()),
             |k, v| Change::Policy(k.clone(), v.clone()),
+            &mut out,
+        );
+        diff_maps(
+            &self.cluster_policies,
+            &next.cluster_policies,
+            |k| Change::ClusterPolicyDeleted(k.clone()),
+            |_, v| Change::ClusterPolicy(v.clone()),
             &mut out,
         );
         if self.host_ips != next.host_ips {

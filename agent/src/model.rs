@@ -111,12 +111,35 @@ impl Model {
         let parsed = Arc::new(ParsedClusterPolicy::parse(cnp));
         let name = cnp.metadata.name.clone().unwrap_or_default();
         self.cluster_policies.insert(name, parsed.clone());
+        self.refresh_cluster_addresses();
         parsed
     }
 
     /// Removes a ClusterNetworkPolicy; whether it was there.
     pub fn remove_cluster_policy(&mut self, name: &str) -> bool {
-        self.cluster_policies.remove(name).is_some()
+        let was = self.cluster_policies.remove(name).is_some();
+        self.refresh_cluster_addresses();
+        was
+    }
+
+    /// The hidden policy the tiers need (see
+    /// `compiler::tiers::cluster_addresses_key`), as it should be now.
+    pub fn cluster_addresses(&self) -> Option<Arc<ParsedPolicy>> {
+        let cluster: Vec<_> = self
+            .cluster_policies
+            .values()
+            .filter_map(|p| p.accepted())
+            .collect();
+        crate::compiler::tiers::cluster_addresses_policy(&cluster)
+            .map(|p| Arc::new(ParsedPolicy::Accepted(p)))
+    }
+
+    fn refresh_cluster_addresses(&mut self) {
+        let key = crate::compiler::tiers::cluster_addresses_key();
+        match self.cluster_addresses() {
+            Some(p) => self.policies.insert(key, p),
+            None => self.policies.remove(&key),
+        };
     }
 
     /// Removes a policy; whether it was there.

@@ -243,8 +243,6 @@ pub struct Compiler {
     /// CIDR identities, from `IDENTITY_FIRST_CIDR`.
     cidr_ids: Allocator<IdentityKey>,
     cookies: Allocator<RuleRef>,
-    /// ClusterNetworkPolicy rule cookies.
-    cluster_cookies: Allocator<tiers::ClusterRuleRef>,
 }
 
 impl Default for Compiler {
@@ -253,7 +251,6 @@ impl Default for Compiler {
             label_ids: Allocator::label_identities(),
             cidr_ids: Allocator::cidr_identities(),
             cookies: Allocator::cookies(),
-            cluster_cookies: tiers::cluster_cookies(),
         }
     }
 }
@@ -308,7 +305,6 @@ impl Compiler {
             label_ids: Allocator::seeded(palisade_common::IDENTITY_FIRST_DYNAMIC, labels),
             cidr_ids: Allocator::seeded(palisade_common::IDENTITY_FIRST_CIDR, cidrs),
             cookies: Allocator::seeded(1, cookies),
-            cluster_cookies: tiers::cluster_cookies(),
         }
     }
 
@@ -409,16 +405,11 @@ impl Compiler {
                 }
             }
         }
-        prefixes.extend(cluster.iter().flat_map(|p| p.networks()));
         for ip in pod_at.keys() {
-            // While any ClusterNetworkPolicy exists every pod address gets
-            // its own /32 CIDR identity: the tier stage may need to decide
-            // pods of one label identity apart (see tiers.rs).
             if !model.host_ips.contains(ip)
-                && (!cluster.is_empty()
-                    || accepted
-                        .iter()
-                        .any(|p| p.rules.iter().any(|r| named_block_contains(r, *ip))))
+                && accepted
+                    .iter()
+                    .any(|p| p.rules.iter().any(|r| named_block_contains(r, *ip)))
             {
                 prefixes.insert(host_net(*ip));
             }
@@ -562,26 +553,18 @@ impl Compiler {
             );
         }
 
-        // ClusterNetworkPolicy tiers over the NetworkPolicy result.
-        let mut cluster_cookies = HashMap::new();
-        for p in &cluster {
-            for r in &p.rules {
-                let rr = tiers::ClusterRuleRef {
-                    policy: p.name.clone(),
-                    tier: p.tier,
-                    priority: p.priority,
-                    direction: r.direction,
-                    rule: r.index,
-                    label: r.label(),
-                    action: r.effective_action(),
-                };
-                let c = self.cluster_cookies.assign(&rr);
-                out.cluster_cookies.insert(c, rr);
-                cluster_cookies.insert((p.name.clone(), r.direction, r.index), c);
-            }
-        }
-        self.cluster_cookies.finish_round();
-        tiers::apply_tiers(model, &mut out, &cluster, &cluster_cookies);
+        // ClusterNetworkPolicy tiers over the NetworkPolicy result (the
+        // identities they need come from the hidden policy
+        // `tiers::cluster_addresses_key`, which the model keeps).
+        out.cluster_cookies = tiers::cluster_rule_refs(&cluster);
+        let identities = std::mem::take(&mut out.identities);
+        tiers::apply_tiers(
+            model,
+            &mut out.maps,
+            &tiers::labels_of(&identities),
+            &cluster,
+        );
+        out.identities = identities;
         out
     }
 }

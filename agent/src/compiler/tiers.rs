@@ -40,12 +40,11 @@ use super::{
     cluster::{Action, ClusterPeer, ClusterPolicy, ClusterPort, ClusterRule, Tier},
     emit::{split_port_range, PolicyEntries},
     parse::{protocol_number, v4_subset},
-    Compiled, IdentitySource,
+    IdentitySource,
 };
-use crate::{
-    identity::Allocator,
-    model::{ContainerPort, Labels, Model},
-};
+use palisade_dataplane::MapState;
+
+use crate::model::{ContainerPort, Labels, Model};
 
 /// Cookies of ClusterNetworkPolicy rules start here (NetworkPolicy rule
 /// cookies count up from 1).
@@ -81,9 +80,102 @@ impl std::fmt::Display for ClusterRuleRef {
     }
 }
 
-/// The allocator of ClusterNetworkPolicy rule cookies.
-pub(crate) fn cluster_cookies() -> Allocator<ClusterRuleRef> {
-    Allocator::new(CLUSTER_COOKIE_BASE)
+/// Cookies of ClusterNetworkPolicy rules: numbered in evaluation order
+/// from `CLUSTER_COOKIE_BASE`, a function of the accepted policies alone
+/// (so the full compile and the engine agree without sharing a table; a
+/// change of order renumbers the rules after it, whose entries change
+/// anyway).
+pub(crate) fn cluster_cookie_numbers(
+    cluster: &[&ClusterPolicy],
+) -> HashMap<(String, u8, usize), u32> {
+    let mut out = HashMap::new();
+    let mut next = CLUSTER_COOKIE_BASE;
+    for p in cluster {
+        for r in &p.rules {
+            out.insert((p.name.clone(), r.direction, r.index), next);
+            next += 1;
+        }
+    }
+    out
+}
+
+/// What every cookie of `cluster` stands for.
+pub fn cluster_rule_refs(cluster: &[&ClusterPolicy]) -> HashMap<u32, ClusterRuleRef> {
+    let numbers = cluster_cookie_numbers(cluster);
+    let mut out = HashMap::new();
+    for p in cluster {
+        for r in &p.rules {
+            out.insert(
+                numbers[&(p.name.clone(), r.direction, r.index)],
+                ClusterRuleRef {
+                    policy: p.name.clone(),
+                    tier: p.tier,
+                    priority: p.priority,
+                    direction: r.direction,
+                    rule: r.index,
+                    label: r.label(),
+                    action: r.effective_action(),
+                },
+            );
+        }
+    }
+    out
+}
+
+/// Label sets of the compiled identities, for [`apply_tiers`].
+pub(crate) fn labels_of<'a>(
+    identities: &'a HashMap<u32, IdentitySource>,
+) -> impl Fn(u32) -> Option<(&'a Labels, &'a Labels)> + 'a {
+    move |id| match identities.get(&id) {
+        Some(IdentitySource::Labels {
+            namespace_labels,
+            pod_labels,
+            ..
+        }) => Some((namespace_labels, pod_labels)),
+        _ => None,
+    }
+}
+
+/// The key of the hidden NetworkPolicy that carries what the tiers need
+/// from the identity phase while any ClusterNetworkPolicy exists: CIDR
+/// identities for every `networks` prefix, and a /32 CIDR identity for
+/// every pod address (through an egress named-port ipBlock 0.0.0.0/0
+/// rule, the mechanism named ports already use). Its namespace is empty,
+/// so it selects no endpoint and emits no entry.
+pub fn cluster_addresses_key() -> crate::model::ObjectKey {
+    crate::model::ObjectKey::new("", "clusternetworkpolicy-addresses")
+}
+
+/// The hidden policy for the accepted `cluster` policies (None if none).
+pub(crate) fn cluster_addresses_policy(cluster: &[&ClusterPolicy]) -> Option<super::parse::Policy> {
+    use super::parse::{Peer, Policy, Port, Rule};
+    if cluster.is_empty() {
+        return None;
+    }
+    let mut nets: BTreeSet<Ipv4Network> = cluster.iter().flat_map(|p| p.networks()).collect();
+    nets.insert(Ipv4Network::new(Ipv4Addr::UNSPECIFIED, 0).expect("valid"));
+    Some(Policy {
+        key: cluster_addresses_key(),
+        selector: crate::selector::Selector::everything(),
+        ingress: false,
+        egress: true,
+        rules: vec![Rule {
+            direction: DIR_EGRESS,
+            index: 0,
+            peers: Some(
+                nets.into_iter()
+                    .map(|cidr| Peer::Block {
+                        cidr,
+                        except: Vec::new(),
+                    })
+                    .collect(),
+            ),
+            ports: vec![Port::Named {
+                proto: PROTO_TCP,
+                name: "tiers".into(),
+            }],
+        }],
+    })
 }
 
 /// One rule in evaluation order.
@@ -274,7 +366,6 @@ pub(crate) fn walk(
     proto: u8,
     port: u16,
 ) -> PolicyValue {
-    let mut passed: Option<Tier> = None;
     for tier in [Tier::Admin, Tier::Baseline] {
         if tier == Tier::Baseline {
             if let Some(entries) = np {
@@ -282,20 +373,15 @@ pub(crate) fn walk(
                     .map_or(deny(COOKIE_NP_ISOLATION), |v| allow(v.cookie));
             }
         }
-        for r in rules
-            .iter()
-            .filter(|r| r.tier == tier && passed != Some(tier))
-        {
+        // A Pass ends this tier's walk (the `break`).
+        for r in rules.iter().filter(|r| r.tier == tier) {
             if !rule_matches(r.rule, own_ports, peer, proto, port) {
                 continue;
             }
             match r.rule.effective_action() {
                 Action::Accept => return allow(r.cookie),
                 Action::Deny => return deny(r.cookie),
-                Action::Pass => {
-                    passed = Some(tier);
-                    break;
-                }
+                Action::Pass => break,
             }
         }
     }
@@ -411,15 +497,16 @@ fn boundaries(
 
 /// Runs the tier stage over a NetworkPolicy compile (`out`): see the
 /// module doc. `cluster` are the accepted policies in evaluation order.
-pub(crate) fn apply_tiers(
-    model: &Model,
-    out: &mut Compiled,
-    cluster: &[&ClusterPolicy],
-    cookies: &HashMap<(String, u8, usize), u32>,
+pub(crate) fn apply_tiers<'a>(
+    model: &'a Model,
+    maps: &mut MapState,
+    label_sets: &dyn Fn(u32) -> Option<(&'a Labels, &'a Labels)>,
+    cluster: &[&'a ClusterPolicy],
 ) {
     if cluster.is_empty() {
         return;
     }
+    let cookies = &cluster_cookie_numbers(cluster);
     // Peers: pods (by address) and CIDR identities, from the ipcache.
     let mut ports_at: HashMap<Ipv4Addr, &[ContainerPort]> = HashMap::new();
     for p in model.pods.values().filter(|p| !p.host_network) {
@@ -429,17 +516,12 @@ pub(crate) fn apply_tiers(
     }
     let mut pods: BTreeMap<u32, Vec<PeerRep>> = BTreeMap::new();
     let mut cidrs: Vec<PeerRep> = Vec::new();
-    let mut ipcache: Vec<_> = out.maps.ipcache.iter().collect();
+    let mut ipcache: Vec<_> = maps.ipcache.iter().collect();
     ipcache.sort_by_key(|((ip, len), _)| (*ip, *len));
     for ((ip, len), v) in ipcache {
         let net = Ipv4Network::new(*ip, *len as u8).expect("valid prefix");
         if is_label_identity(v.identity) {
-            let Some(IdentitySource::Labels {
-                namespace_labels,
-                pod_labels,
-                ..
-            }) = out.identities.get(&v.identity)
-            else {
+            let Some((namespace_labels, pod_labels)) = label_sets(v.identity) else {
                 continue;
             };
             let ports = ports_at.get(ip).copied().unwrap_or(&[]);
@@ -466,13 +548,13 @@ pub(crate) fn apply_tiers(
     }
     let no_labels = Labels::new();
     let mut np_entries: HashMap<u32, Vec<(u32, PolicyKey, PolicyValue)>> = HashMap::new();
-    for ((prefix, k), v) in &out.maps.policy {
+    for ((prefix, k), v) in &maps.policy {
         np_entries
             .entry(k.endpoint_id)
             .or_default()
             .push((*prefix, *k, *v));
     }
-    let mut infos: Vec<_> = out.maps.endpoints.iter_mut().collect();
+    let mut infos: Vec<_> = maps.endpoints.iter_mut().collect();
     infos.sort_by_key(|(ifindex, _)| **ifindex);
     for (_, info) in infos {
         let Some(ep) = by_id.get(&info.endpoint_id) else {
@@ -521,11 +603,11 @@ pub(crate) fn apply_tiers(
                 .collect();
             let np: NpLayer = (info.flags & flag != 0).then_some(mine.as_slice());
             for (prefix, k, _) in &mine {
-                out.maps.policy.remove(&(*prefix, *k));
+                maps.policy.remove(&(*prefix, *k));
             }
             info.flags |= flag;
             let id = info.endpoint_id;
-            let entries = &mut out.maps.policy;
+            let entries = &mut maps.policy;
             let base_bounds = boundaries(&rules, np, &[own_ports]);
             let table_of = |peer: &PeerRep| {
                 let extra: &[ContainerPort] = peer.pod.map_or(&[], |(_, _, p)| p);
@@ -577,4 +659,4 @@ pub(crate) fn apply_tiers(
 
 #[cfg(test)]
 #[path = "tiers_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -395,7 +395,7 @@ fn random_protocols(rng: &mut StdRng, named_ok: bool) -> String {
     }
 }
 
-fn random_cnp(rng: &mut StdRng, i: usize) -> String {
+pub(crate) fn random_cnp(rng: &mut StdRng, i: usize) -> String {
     let tier = if rng.gen_bool(0.5) {
         "Admin"
     } else {

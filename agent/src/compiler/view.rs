@@ -40,6 +40,10 @@ pub trait Names {
 #[derive(Clone, Debug, Default)]
 pub struct View {
     pub cookies: im::HashMap<u32, RuleRef>,
+    /// ClusterNetworkPolicy rule cookies (from `tiers::CLUSTER_COOKIE_BASE`).
+    pub cluster_cookies: im::HashMap<u32, super::tiers::ClusterRuleRef>,
+    /// Every ClusterNetworkPolicy of the model, parsed (accepted or rejected).
+    pub cluster_policies: im::OrdMap<String, std::sync::Arc<super::cluster::ParsedClusterPolicy>>,
     pub identities: im::HashMap<u32, IdentitySource>,
     /// Every policy of the model, with the reason if rejected.
     pub policies: im::OrdMap<ObjectKey, Option<String>>,
@@ -105,10 +109,21 @@ impl View {
             .collect();
         Self {
             cookies: c.cookies.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            cluster_cookies: c
+                .cluster_cookies
+                .iter()
+                .map(|(k, v)| (*k, v.clone()))
+                .collect(),
+            cluster_policies: model
+                .cluster_policies
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             identities: c.identities.iter().map(|(k, v)| (*k, v.clone())).collect(),
             policies: model
                 .policies
                 .iter()
+                .filter(|(k, _)| **k != super::tiers::cluster_addresses_key())
                 .map(|(k, p)| (k.clone(), p.rejected().map(str::to_string)))
                 .collect(),
             rejected: c
