@@ -230,6 +230,42 @@ pub fn equal_priority_warnings<'a>(
     out
 }
 
+/// `status` rows: every ClusterNetworkPolicy with its subject count,
+/// rejection and equal-priority warning.
+pub fn cluster_status(model: &Model) -> Vec<palisade_api::ClusterPolicyStatus> {
+    let accepted = model.cluster_policies.values().filter_map(|p| p.accepted());
+    let warnings = equal_priority_warnings(accepted);
+    model
+        .cluster_policies
+        .iter()
+        .map(|(name, p)| {
+            let (tier, priority, subjects) = match p.accepted() {
+                Some(c) => {
+                    let n = model
+                        .pods
+                        .values()
+                        .filter(|pod| !pod.host_network)
+                        .filter(|pod| {
+                            let nsl = super::identities::namespace_labels(model, &pod.namespace);
+                            c.subject.matches(&nsl, &pod.labels)
+                        })
+                        .count();
+                    (c.tier.to_string(), Some(c.priority), n)
+                }
+                None => (String::new(), None, 0),
+            };
+            palisade_api::ClusterPolicyStatus {
+                name: name.clone(),
+                tier,
+                priority,
+                subjects,
+                rejected: p.rejected().map(str::to_string),
+                warning: warnings.get(name).cloned(),
+            }
+        })
+        .collect()
+}
+
 /// A peer of a new flow as the tier walk sees it.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct PeerRep<'a> {

@@ -33,6 +33,10 @@ pub trait Names {
     fn local_endpoint_at(&self, ip: Ipv4Addr) -> Option<&LocalEndpoint>;
     fn local_endpoint_of(&self, key: &ObjectKey) -> Option<&LocalEndpoint>;
     fn is_host_ip(&self, ip: Ipv4Addr) -> bool;
+    /// The ClusterNetworkPolicy rule a cookie stands for.
+    fn cluster_cookie(&self, _cookie: u32) -> Option<&super::tiers::ClusterRuleRef> {
+        None
+    }
 }
 
 /// A published state. Every part is a persistent map: cloning a `View` is
@@ -199,6 +203,9 @@ impl Names for View {
     fn is_host_ip(&self, ip: Ipv4Addr) -> bool {
         self.host_ips.contains(&ip)
     }
+    fn cluster_cookie(&self, cookie: u32) -> Option<&super::tiers::ClusterRuleRef> {
+        self.cluster_cookies.get(&cookie)
+    }
 }
 
 /// Names through a smart pointer or a lock guard (`&*guard` works too).
@@ -231,6 +238,9 @@ macro_rules! forward_names {
             }
             fn is_host_ip(&self, ip: Ipv4Addr) -> bool {
                 (**self).is_host_ip(ip)
+            }
+            fn cluster_cookie(&self, cookie: u32) -> Option<&super::tiers::ClusterRuleRef> {
+                (**self).cluster_cookie(cookie)
             }
         }
     )*};
