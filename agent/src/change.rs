@@ -5,7 +5,10 @@ use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
-use crate::model::{Namespace, Node, ObjectKey, Pod};
+use crate::{
+    cnp::ClusterNetworkPolicy,
+    model::{Namespace, Node, ObjectKey, Pod},
+};
 
 /// One object added, changed or deleted.
 #[derive(Clone, Debug, PartialEq)]
@@ -25,6 +28,9 @@ pub enum Change {
     /// `host`, every other node's `remote-node`).
     Node(Node),
     NodeDeleted(String),
+    /// A ClusterNetworkPolicy (cluster-scoped, by name), parsed on arrival.
+    ClusterPolicy(Arc<ClusterNetworkPolicy>),
+    ClusterPolicyDeleted(String),
 }
 
 /// A complete view from one source.
@@ -39,6 +45,8 @@ pub struct Snapshot {
     pub nodes: BTreeMap<String, Node>,
     /// Objects the source could not read; everything else is in the snapshot.
     pub errors: Vec<String>,
+    /// ClusterNetworkPolicies by name.
+    pub cluster_policies: BTreeMap<String, Arc<ClusterNetworkPolicy>>,
 }
 
 /// What a source sends to the owner.
@@ -98,6 +106,13 @@ impl Snapshot {
             Change::NodeDeleted(name) => {
                 self.nodes.remove(name);
             }
+            Change::ClusterPolicy(c) => {
+                let name = c.metadata.name.clone().unwrap_or_default();
+                self.cluster_policies.insert(name, c.clone());
+            }
+            Change::ClusterPolicyDeleted(name) => {
+                self.cluster_policies.remove(name);
+            }
         }
     }
 
@@ -132,6 +147,13 @@ impl Snapshot {
             &next.nodes,
             |k| Change::NodeDeleted(k.clone()),
             |_, v| Change::Node(v.clone()),
+            &mut out,
+        );
+        diff_maps(
+            &self.cluster_policies,
+            &next.cluster_policies,
+            |k| Change::ClusterPolicyDeleted(k.clone()),
+            |_, v| Change::ClusterPolicy(v.clone()),
             &mut out,
         );
         if self.host_ips != next.host_ips {

@@ -293,10 +293,28 @@ impl Agent {
                     self.metrics.policy_rejections.inc();
                 }
             }
+            for (name, p) in view.cluster_policies.iter() {
+                let Some(why) = p.rejected() else { continue };
+                let was = before
+                    .cluster_policies
+                    .get(name)
+                    .and_then(|b| b.rejected().map(str::to_string));
+                if was.as_deref() != Some(why) {
+                    error!(
+                        "ClusterNetworkPolicy {name} rejected: {why}; every other policy stays enforced"
+                    );
+                    self.metrics.policy_rejections.inc();
+                }
+            }
         }
+        let cluster_rejected = view
+            .cluster_policies
+            .values()
+            .filter(|p| p.rejected().is_some())
+            .count();
         self.metrics
             .policies_rejected
-            .set(view.rejected.len() as u64);
+            .set((view.rejected.len() + cluster_rejected) as u64);
 
         let touched = self.engine.take_touched();
         let t = Instant::now();
@@ -521,6 +539,7 @@ impl Agent {
             policies,
             maps: self.map_fill(),
             audit: view.audit,
+            cluster_policies: crate::compiler::tiers::cluster_status(self.engine.model()),
         }
     }
 

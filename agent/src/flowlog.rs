@@ -145,9 +145,15 @@ pub fn record<N: Names + ?Sized>(view: &N, e: &FlowEvent) -> FlowRecord {
         .map(|le| le.key.to_string())
         .unwrap_or_else(|| format!("endpoint-{}", e.endpoint_id));
     let mut policies: Vec<String> = Vec::new();
+    use crate::compiler::tiers::{COOKIE_DEFAULT_ALLOW, COOKIE_NP_ISOLATION};
     if let Some(r) = view.cookie(e.cookie) {
         policies.push(r.policy.to_string());
-    } else if e.reason == reason::NO_POLICY_MATCH {
+    } else if let Some(r) = view.cluster_cookie(e.cookie) {
+        // "ClusterNetworkPolicy/<name> rule <rule> (<tier> tier, <action>)"
+        policies.push(r.to_string());
+    } else if e.cookie == COOKIE_DEFAULT_ALLOW && e.cookie != 0 {
+        policies.push("baseline default (no tier decided)".into());
+    } else if e.reason == reason::NO_POLICY_MATCH || e.cookie == COOKIE_NP_ISOLATION {
         policies = view
             .isolating(e.endpoint_id, e.direction)
             .iter()

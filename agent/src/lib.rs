@@ -4,6 +4,7 @@
 //! (diff into the kernel maps); verdicts flow back through `flowlog`.
 pub mod change;
 pub mod cli;
+pub mod cnp;
 pub mod compiler;
 pub mod coverage;
 pub mod daemon;

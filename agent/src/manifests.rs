@@ -5,7 +5,8 @@
 //! ConfigMap's `..data` is ignored while its symlinked files are read), in
 //! name order, each possibly holding several `---`-separated documents. The
 //! kinds used are `Namespace` (v1), `Pod` (v1), `NetworkPolicy`
-//! (networking.k8s.io/v1) and `List` (of those). A document that cannot be
+//! (networking.k8s.io/v1), `ClusterNetworkPolicy`
+//! (policy.networking.k8s.io/v1alpha2) and `List` (of those). A document that cannot be
 //! parsed, or is of another kind, is reported in [`Manifests::errors`] and
 //! skipped; every other document is kept. A later definition of the same
 //! object replaces an earlier one (and is reported).
@@ -42,6 +43,8 @@ pub struct Manifests {
     pub policies: BTreeMap<ObjectKey, Arc<NetworkPolicy>>,
     /// `kind: Node` documents (the cluster's nodes), by name.
     pub nodes: BTreeMap<String, Node>,
+    /// ClusterNetworkPolicies by name.
+    pub cluster_policies: BTreeMap<String, Arc<crate::cnp::ClusterNetworkPolicy>>,
     /// One line per skipped file or document: `file: document N (line L): why`.
     pub errors: Vec<String>,
 }
@@ -249,6 +252,24 @@ impl Manifests {
                 },
                 Err(e) => self.errors.push(format!("{at}: Node: {e}")),
             },
+            (crate::cnp::API_VERSION, crate::cnp::KIND) => {
+                match serde_yaml::from_value::<crate::cnp::ClusterNetworkPolicy>(value) {
+                    Ok(c) => match c.metadata.name.clone() {
+                        Some(name) => {
+                            if self.cluster_policies.contains_key(&name) {
+                                self.errors.push(format!(
+                                    "{at}: ClusterNetworkPolicy {name} defined again; the later definition wins"
+                                ));
+                            }
+                            self.cluster_policies.insert(name, Arc::new(c));
+                        }
+                        None => self.errors.push(format!(
+                            "{at}: ClusterNetworkPolicy: metadata.name is required"
+                        )),
+                    },
+                    Err(e) => self.errors.push(format!("{at}: ClusterNetworkPolicy: {e}")),
+                }
+            }
             (v, k) => self
                 .errors
                 .push(format!("{at}: {v} {k} is not used by palisade; skipped")),
@@ -288,6 +309,17 @@ impl Manifests {
                 ));
             }
         }
+        for (name, c) in &later.cluster_policies {
+            if self
+                .cluster_policies
+                .insert(name.clone(), c.clone())
+                .is_some()
+            {
+                self.errors.push(format!(
+                    "{source}: ClusterNetworkPolicy {name} defined again (also in an earlier file); the later definition wins"
+                ));
+            }
+        }
     }
 
     /// The objects as a source's complete view (no node addresses: a
@@ -300,6 +332,7 @@ impl Manifests {
             host_ips: Vec::new(),
             nodes: self.nodes,
             errors: self.errors,
+            cluster_policies: self.cluster_policies,
         }
     }
 
@@ -334,6 +367,14 @@ impl Manifests {
         model.policies.clear();
         for (k, np) in &self.policies {
             model.add_policy(k.clone(), np);
+        }
+        model.cluster_policies.clear();
+        for c in self.cluster_policies.values() {
+            model.add_cluster_policy(c);
+        }
+        if model.cluster_policies.is_empty() {
+            // Drops the hidden addresses policy too.
+            model.remove_cluster_policy("");
         }
     }
 }

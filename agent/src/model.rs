@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
-use crate::compiler::ParsedPolicy;
+use crate::compiler::{cluster::ParsedClusterPolicy, ParsedPolicy};
 
 pub type Labels = BTreeMap<String, String>;
 
@@ -103,6 +103,9 @@ pub struct Model {
     pub remote_node_ips: Vec<Ipv4Addr>,
     /// Global audit mode.
     pub audit: bool,
+    /// ClusterNetworkPolicies by name, parsed and validated on arrival
+    /// ([`Model::add_cluster_policy`]).
+    pub cluster_policies: BTreeMap<String, Arc<ParsedClusterPolicy>>,
 }
 
 impl Model {
@@ -114,6 +117,45 @@ impl Model {
         let parsed = Arc::new(ParsedPolicy::parse(&key, np));
         self.policies.insert(key, parsed.clone());
         parsed
+    }
+
+    /// Adds (or replaces) a ClusterNetworkPolicy, parsing and validating it.
+    pub fn add_cluster_policy(
+        &mut self,
+        cnp: &crate::cnp::ClusterNetworkPolicy,
+    ) -> Arc<ParsedClusterPolicy> {
+        let parsed = Arc::new(ParsedClusterPolicy::parse(cnp));
+        let name = cnp.metadata.name.clone().unwrap_or_default();
+        self.cluster_policies.insert(name, parsed.clone());
+        self.refresh_cluster_addresses();
+        parsed
+    }
+
+    /// Removes a ClusterNetworkPolicy; whether it was there.
+    pub fn remove_cluster_policy(&mut self, name: &str) -> bool {
+        let was = self.cluster_policies.remove(name).is_some();
+        self.refresh_cluster_addresses();
+        was
+    }
+
+    /// The hidden policy the tiers need (see
+    /// `compiler::tiers::cluster_addresses_key`), as it should be now.
+    pub fn cluster_addresses(&self) -> Option<Arc<ParsedPolicy>> {
+        let cluster: Vec<_> = self
+            .cluster_policies
+            .values()
+            .filter_map(|p| p.accepted())
+            .collect();
+        crate::compiler::tiers::cluster_addresses_policy(&cluster)
+            .map(|p| Arc::new(ParsedPolicy::Accepted(p)))
+    }
+
+    fn refresh_cluster_addresses(&mut self) {
+        let key = crate::compiler::tiers::cluster_addresses_key();
+        match self.cluster_addresses() {
+            Some(p) => self.policies.insert(key, p),
+            None => self.policies.remove(&key),
+        };
     }
 
     /// Removes a policy; whether it was there.

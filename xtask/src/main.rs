@@ -163,9 +163,13 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// tests/conformance, and ../shared/conformance/cases when it is there.
+/// tests/conformance, tests/conformance-cnp (ClusterNetworkPolicy), and
+/// ../shared/conformance/cases when it is there.
 fn default_corpora(root: &Path) -> Vec<PathBuf> {
-    let mut v = vec![root.join("tests/conformance")];
+    let mut v = vec![
+        root.join("tests/conformance"),
+        root.join("tests/conformance-cnp"),
+    ];
     let shared = root.join("../shared/conformance/cases");
     if shared.is_dir() {
         v.push(shared);

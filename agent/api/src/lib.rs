@@ -312,6 +312,23 @@ pub struct StatusReport {
     pub policies: Vec<PolicyStatus>,
     pub maps: Vec<MapFill>,
     pub audit: bool,
+    /// Every ClusterNetworkPolicy, by name (absent from older agents).
+    #[serde(default)]
+    pub cluster_policies: Vec<ClusterPolicyStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterPolicyStatus {
+    pub name: String,
+    /// "Admin" or "Baseline"; empty when rejected before the tier was read.
+    pub tier: String,
+    pub priority: Option<u32>,
+    /// Pods of the cluster it selects (host-network pods never count).
+    pub subjects: usize,
+    /// None when compiled; the reason when rejected (it then does nothing).
+    pub rejected: Option<String>,
+    /// E.g. a priority shared with another policy of the tier.
+    pub warning: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

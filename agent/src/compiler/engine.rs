@@ -166,6 +166,10 @@ pub struct Engine {
     selects: HashMap<ObjectKey, BTreeSet<String>>,
 
     desired: MapState,
+    /// While any ClusterNetworkPolicy is accepted: `desired` with the tier
+    /// stage applied (what the kernel gets). Recomputed from `desired` after
+    /// every change (see `settle_tiers`).
+    tiered: Option<MapState>,
     touched: Touched,
     dirty_eps: BTreeSet<String>,
     /// Label identities that appeared / disappeared: their entries are
@@ -234,6 +238,7 @@ impl Engine {
             eps_by_ifindex: HashMap::new(),
             selects: HashMap::new(),
             desired: MapState::default(),
+            tiered: None,
             touched: Touched::default(),
             dirty_eps: BTreeSet::new(),
             new_ids: Vec::new(),
@@ -298,7 +303,7 @@ impl Engine {
     /// Always equal to `Compiler::compile(self.model()).maps`, modulo
     /// numbering.
     pub fn desired(&self) -> &MapState {
-        &self.desired
+        self.tiered.as_ref().unwrap_or(&self.desired)
     }
 
     /// The keys possibly changed since the last call. Numbers released
@@ -368,8 +373,82 @@ impl Engine {
                     self.set_host_ips();
                 }
             }
+            Change::ClusterPolicy(c) => {
+                self.model.add_cluster_policy(&c);
+                self.cluster_policies_changed();
+            }
+            Change::ClusterPolicyDeleted(name) => {
+                if self.model.remove_cluster_policy(&name) {
+                    self.cluster_policies_changed();
+                }
+            }
         }
         self.settle();
+    }
+
+    /// The hidden addresses policy follows the accepted
+    /// ClusterNetworkPolicies; the view lists them.
+    fn cluster_policies_changed(&mut self) {
+        let key = super::tiers::cluster_addresses_key();
+        let hidden = self.model.cluster_addresses();
+        self.put_policy(key.clone(), hidden);
+        self.view.policies.remove(&key);
+        let cluster: Vec<_> = self
+            .model
+            .cluster_policies
+            .values()
+            .filter_map(|p| p.accepted())
+            .collect();
+        let cluster = super::tiers::ordered(cluster.into_iter());
+        self.view.cluster_cookies = super::tiers::cluster_rule_refs(&cluster)
+            .into_iter()
+            .collect();
+        self.view.cluster_policies = self.model.cluster_policies.clone().into_iter().collect();
+    }
+
+    /// The tier stage over the NetworkPolicy state: a full pass over the
+    /// selected endpoints (the kernel's maps stay one decision per lookup;
+    /// see tiers.rs), touching the keys whose value changed.
+    fn settle_tiers(&mut self) {
+        let cluster: Vec<_> = self
+            .model
+            .cluster_policies
+            .values()
+            .filter_map(|p| p.accepted())
+            .collect();
+        if cluster.is_empty() && self.tiered.is_none() {
+            return;
+        }
+        let cluster = super::tiers::ordered(cluster.into_iter());
+        let next = (!cluster.is_empty()).then(|| {
+            let mut maps = self.desired.clone();
+            let labels = &self.labels;
+            let lookup = |id: u32| {
+                labels
+                    .get(&id)
+                    .map(|e| (&e.set.namespace_labels, &e.set.pod_labels))
+            };
+            super::tiers::apply_tiers(&self.model, &mut maps, &lookup, &cluster);
+            maps
+        });
+        let old = self.tiered.as_ref().unwrap_or(&self.desired);
+        let new = next.as_ref().unwrap_or(&self.desired);
+        for (k, v) in &new.policy {
+            if old.policy.get(k) != Some(v) {
+                self.touched.policy.insert(*k);
+            }
+        }
+        for k in old.policy.keys() {
+            if !new.policy.contains_key(k) {
+                self.touched.policy.insert(*k);
+            }
+        }
+        for (k, v) in &new.endpoints {
+            if old.endpoints.get(k) != Some(v) {
+                self.touched.endpoints.insert(*k);
+            }
+        }
+        self.tiered = next;
     }
 
     /// A policy already parsed (e.g. kept by a source).
@@ -1282,6 +1361,7 @@ impl Engine {
                 self.touched.endpoints.insert(ifindex);
             }
         }
+        self.settle_tiers();
     }
 }
 
@@ -1643,7 +1723,19 @@ mod tests {
 
     /// One random event; a description of it.
     fn event(rng: &mut StdRng, e: &mut Engine) -> String {
-        match rng.gen_range(0..106) {
+        match rng.gen_range(0..118) {
+            106..=113 => {
+                let i = rng.gen_range(0..4);
+                let y = crate::compiler::tiers::tests::random_cnp(rng, i);
+                let c: crate::cnp::ClusterNetworkPolicy = serde_yaml::from_str(&y).unwrap();
+                e.apply(Change::ClusterPolicy(Arc::new(c)));
+                format!("cluster policy {y}")
+            }
+            114..=117 => {
+                let name = format!("c{}", rng.gen_range(0..4));
+                e.apply(Change::ClusterPolicyDeleted(name.clone()));
+                format!("cluster policy {name} deleted")
+            }
             0..=9 => {
                 let ns = namespace(rng);
                 let d = format!("namespace {ns:?}");

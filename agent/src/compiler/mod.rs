@@ -118,6 +118,7 @@
 //! * Two local endpoints of one pod (a sandbox replaced before the old one
 //!   is deleted): the one with the greatest container id gives the pod its
 //!   address; each keeps its own entries. Endpoint ids are unique per node.
+pub mod cluster;
 pub mod emit;
 pub mod endpoints;
 pub mod engine;
@@ -125,6 +126,7 @@ pub mod identities;
 pub mod ipcache;
 pub mod parse;
 pub mod peers;
+pub mod tiers;
 pub mod view;
 
 use std::{
@@ -212,6 +214,15 @@ pub struct Compiled {
     /// that isolate the endpoint in that direction, sorted. Only enforced
     /// directions have an entry.
     pub isolated_by: BTreeMap<(u32, u8), Vec<ObjectKey>>,
+    /// Every cookie of every rule of every accepted ClusterNetworkPolicy
+    /// (from `tiers::CLUSTER_COOKIE_BASE`).
+    pub cluster_cookies: HashMap<u32, tiers::ClusterRuleRef>,
+    /// ClusterNetworkPolicies that could not be compiled, with the reason
+    /// (they contribute nothing).
+    pub cluster_rejected: BTreeMap<String, String>,
+    /// Accepted ClusterNetworkPolicies sharing a tier and priority with
+    /// another: the warning.
+    pub cluster_warnings: BTreeMap<String, String>,
 }
 
 impl Compiled {
@@ -340,6 +351,17 @@ impl Compiler {
                 }
             }
         }
+
+        // ClusterNetworkPolicies (parsed when they entered the model), in
+        // evaluation order.
+        for (name, cp) in &model.cluster_policies {
+            if let Some(reason) = cp.rejected() {
+                out.cluster_rejected
+                    .insert(name.clone(), reason.to_string());
+            }
+        }
+        let cluster = tiers::ordered(model.cluster_policies.values().filter_map(|p| p.accepted()));
+        out.cluster_warnings = tiers::equal_priority_warnings(cluster.iter().copied());
 
         // Label identities.
         let mut ns_labels: HashMap<&str, Labels> = HashMap::new();
@@ -548,6 +570,19 @@ impl Compiler {
                 },
             );
         }
+
+        // ClusterNetworkPolicy tiers over the NetworkPolicy result (the
+        // identities they need come from the hidden policy
+        // `tiers::cluster_addresses_key`, which the model keeps).
+        out.cluster_cookies = tiers::cluster_rule_refs(&cluster);
+        let identities = std::mem::take(&mut out.identities);
+        tiers::apply_tiers(
+            model,
+            &mut out.maps,
+            &tiers::labels_of(&identities),
+            &cluster,
+        );
+        out.identities = identities;
         out
     }
 }

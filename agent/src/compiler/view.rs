@@ -41,6 +41,10 @@ pub trait Names {
     fn node_name(&self) -> Option<&str> {
         None
     }
+    /// The ClusterNetworkPolicy rule a cookie stands for.
+    fn cluster_cookie(&self, _cookie: u32) -> Option<&super::tiers::ClusterRuleRef> {
+        None
+    }
 }
 
 /// A published state. Every part is a persistent map: cloning a `View` is
@@ -48,6 +52,10 @@ pub trait Names {
 #[derive(Clone, Debug, Default)]
 pub struct View {
     pub cookies: im::HashMap<u32, RuleRef>,
+    /// ClusterNetworkPolicy rule cookies (from `tiers::CLUSTER_COOKIE_BASE`).
+    pub cluster_cookies: im::HashMap<u32, super::tiers::ClusterRuleRef>,
+    /// Every ClusterNetworkPolicy of the model, parsed (accepted or rejected).
+    pub cluster_policies: im::OrdMap<String, std::sync::Arc<super::cluster::ParsedClusterPolicy>>,
     pub identities: im::HashMap<u32, IdentitySource>,
     /// Every policy of the model, with the reason if rejected.
     pub policies: im::OrdMap<ObjectKey, Option<String>>,
@@ -128,10 +136,21 @@ impl View {
             .collect();
         Self {
             cookies: c.cookies.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            cluster_cookies: c
+                .cluster_cookies
+                .iter()
+                .map(|(k, v)| (*k, v.clone()))
+                .collect(),
+            cluster_policies: model
+                .cluster_policies
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             identities: c.identities.iter().map(|(k, v)| (*k, v.clone())).collect(),
             policies: model
                 .policies
                 .iter()
+                .filter(|(k, _)| **k != super::tiers::cluster_addresses_key())
                 .map(|(k, p)| (k.clone(), p.rejected().map(str::to_string)))
                 .collect(),
             rejected: c
@@ -220,6 +239,9 @@ impl Names for View {
     fn node_name(&self) -> Option<&str> {
         self.node_name.as_deref()
     }
+    fn cluster_cookie(&self, cookie: u32) -> Option<&super::tiers::ClusterRuleRef> {
+        self.cluster_cookies.get(&cookie)
+    }
 }
 
 /// Names through a smart pointer or a lock guard (`&*guard` works too).
@@ -258,6 +280,9 @@ macro_rules! forward_names {
             }
             fn node_name(&self) -> Option<&str> {
                 (**self).node_name()
+            }
+            fn cluster_cookie(&self, cookie: u32) -> Option<&super::tiers::ClusterRuleRef> {
+                (**self).cluster_cookie(cookie)
             }
         }
     )*};

@@ -136,9 +136,19 @@ impl<'a> Live<'a> {
         }
         self.cluster.sync()?;
         let mut notes = Vec::new();
-        for p in self.cluster.status()?.policies {
-            let key = format!("{}/{}", p.namespace, p.name);
-            match p.rejected {
+        let status = self.cluster.status()?;
+        let cluster = status.cluster_policies.into_iter().map(|c| {
+            (
+                format!("{}/{}", super::case::CLUSTER_POLICY, c.name),
+                c.rejected,
+            )
+        });
+        let namespaced = status
+            .policies
+            .into_iter()
+            .map(|p| (format!("{}/{}", p.namespace, p.name), p.rejected));
+        for (key, rejected) in namespaced.chain(cluster) {
+            match rejected {
                 Some(why) if self.rejected.get(&key) != Some(&why) => {
                     notes.push(format!("the agent rejected policy {key}: {why}"));
                     self.rejected.insert(key, why);
