@@ -3,7 +3,9 @@
 //! [`SourceEvent`]s, and the owner feeds them to the compiler.
 use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
 
-use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::{
+    core::v1::Service, discovery::v1::EndpointSlice, networking::v1::NetworkPolicy,
+};
 
 use crate::model::{Namespace, ObjectKey, Pod};
 
@@ -21,6 +23,12 @@ pub enum Change {
     /// This node's addresses as the source knows them (replaces the
     /// previous set; the agent's configured addresses are kept besides).
     NodeAddresses(Vec<Ipv4Addr>),
+    /// Services and EndpointSlices as the API gives them: resolved into
+    /// frontends by `service_resolve`, which reports what it rejects.
+    Service(ObjectKey, Arc<Service>),
+    ServiceDeleted(ObjectKey),
+    EndpointSlice(ObjectKey, Arc<EndpointSlice>),
+    EndpointSliceDeleted(ObjectKey),
 }
 
 /// A complete view from one source.
@@ -31,6 +39,12 @@ pub struct Snapshot {
     pub policies: BTreeMap<ObjectKey, Arc<NetworkPolicy>>,
     /// Node addresses the source knows (Kubernetes: this Node's InternalIPs).
     pub host_ips: Vec<Ipv4Addr>,
+    pub services: BTreeMap<ObjectKey, Arc<Service>>,
+    pub endpoint_slices: BTreeMap<ObjectKey, Arc<EndpointSlice>>,
+    /// Standalone mode: a selector Service without given EndpointSlices
+    /// gets the ones the EndpointSlice controller would write (a cluster
+    /// has that controller; its slices arrive through the source).
+    pub derive_endpoint_slices: bool,
     /// Objects the source could not read; everything else is in the snapshot.
     pub errors: Vec<String>,
 }
@@ -86,6 +100,18 @@ impl Snapshot {
                 self.policies.remove(k);
             }
             Change::NodeAddresses(ips) => self.host_ips = ips.clone(),
+            Change::Service(k, s) => {
+                self.services.insert(k.clone(), s.clone());
+            }
+            Change::ServiceDeleted(k) => {
+                self.services.remove(k);
+            }
+            Change::EndpointSlice(k, s) => {
+                self.endpoint_slices.insert(k.clone(), s.clone());
+            }
+            Change::EndpointSliceDeleted(k) => {
+                self.endpoint_slices.remove(k);
+            }
         }
     }
 
@@ -113,6 +139,20 @@ impl Snapshot {
             &next.policies,
             |k| Change::PolicyDeleted(k.clone()),
             |k, v| Change::Policy(k.clone(), v.clone()),
+            &mut out,
+        );
+        diff_maps(
+            &self.services,
+            &next.services,
+            |k| Change::ServiceDeleted(k.clone()),
+            |k, v| Change::Service(k.clone(), v.clone()),
+            &mut out,
+        );
+        diff_maps(
+            &self.endpoint_slices,
+            &next.endpoint_slices,
+            |k| Change::EndpointSliceDeleted(k.clone()),
+            |k, v| Change::EndpointSlice(k.clone(), v.clone()),
             &mut out,
         );
         if self.host_ips != next.host_ips {

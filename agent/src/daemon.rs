@@ -81,6 +81,10 @@ pub struct Agent {
     pub view: SharedView,
     /// Set once the first full sync reached the kernel (readiness).
     pub ready: bool,
+    /// The Services as last resolved from `snapshot`.
+    services: crate::service_resolve::Resolved,
+    /// Why the dataplane refused the last frontend list, if it did.
+    services_error: Option<String>,
 }
 
 impl Agent {
@@ -138,6 +142,8 @@ impl Agent {
             metrics,
             view: Arc::default(),
             ready: false,
+            services: Default::default(),
+            services_error: None,
         };
         agent.forget_vanished_endpoints();
         for e in agent.registry.iter() {
@@ -227,6 +233,9 @@ impl Agent {
                 self.engine.apply(c);
             }
         }
+        if changed {
+            self.resolve_services();
+        }
         self.metrics
             .compile_seconds
             .observe(t.elapsed().as_secs_f64());
@@ -234,6 +243,44 @@ impl Agent {
             return Ok(self.programmed);
         }
         self.reprogram()
+    }
+
+    /// Re-resolves the Services from the source view (cheap next to a
+    /// compile; pods matter too: derived slices, unknown addresses), reports
+    /// new rejections and hands a changed frontend list to the dataplane. A
+    /// refusal is reported, never fatal: policy stays enforced.
+    fn resolve_services(&mut self) {
+        let next = crate::service_resolve::resolve(&self.snapshot);
+        for r in &next.rejections {
+            if !self.services.rejections.contains(r) {
+                error!("{r}; every other Service keeps working");
+                self.metrics.service_rejections.inc();
+            }
+        }
+        self.metrics
+            .services_rejected
+            .set(next.rejections.len() as u64);
+        let changed = next.frontends != self.services.frontends;
+        self.services = next;
+        if changed || self.services_error.is_some() {
+            match self.dp.set_services(&self.services.frontends) {
+                Ok(()) => self.services_error = None,
+                Err(e) => {
+                    if self.services_error.is_none() {
+                        error!(
+                            "{} Service frontends not programmed: {e}",
+                            self.services.frontends.len()
+                        );
+                    }
+                    self.services_error = Some(e.to_string());
+                }
+            }
+        }
+    }
+
+    /// The resolved Services (frontends and rejections).
+    pub fn services(&self) -> &crate::service_resolve::Resolved {
+        &self.services
     }
 
     /// Writes what the engine changed into the kernel. A failed sync (e.g.
@@ -476,6 +523,14 @@ impl Agent {
             policies,
             maps: self.map_fill(),
             audit: view.audit,
+            services: service_status(&self.services.frontends),
+            service_rejections: self
+                .services
+                .rejections
+                .iter()
+                .map(|r| r.to_string())
+                .collect(),
+            services_error: self.services_error.clone(),
         }
     }
 
@@ -537,6 +592,31 @@ impl Agent {
 }
 
 /// A registry entry as the engine's local endpoint.
+/// Frontends grouped by Service, for `status`.
+fn service_status(frontends: &[crate::service::Frontend]) -> Vec<palisade_api::ServiceStatus> {
+    let mut by: std::collections::BTreeMap<&crate::model::ObjectKey, Vec<_>> = Default::default();
+    for f in frontends {
+        by.entry(&f.service)
+            .or_default()
+            .push(palisade_api::FrontendStatus {
+                frontend: format!(
+                    "{}/{}",
+                    f.address,
+                    crate::service_resolve::protocol_name(f.protocol)
+                ),
+                port_name: f.port_name.clone(),
+                backends: f.backends.len(),
+            });
+    }
+    by.into_iter()
+        .map(|(k, frontends)| palisade_api::ServiceStatus {
+            namespace: k.namespace.clone(),
+            name: k.name.clone(),
+            frontends,
+        })
+        .collect()
+}
+
 fn local_endpoint(e: &Entry) -> LocalEndpoint {
     let r = &e.registration;
     LocalEndpoint {

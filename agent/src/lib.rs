@@ -20,6 +20,7 @@ pub mod owner;
 pub mod selector;
 pub mod server;
 pub mod service;
+pub mod service_resolve;
 pub mod source;
 pub mod sync;
 pub mod trace;

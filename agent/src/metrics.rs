@@ -122,6 +122,8 @@ pub struct Metrics {
     pub source_errors: Counter,
     pub programmed_generation: Gauge,
     pub flow_records: Counter,
+    pub service_rejections: Counter,
+    pub services_rejected: Gauge,
     /// The fields above, registered (the registry holds clones).
     registry: Registry,
 }
@@ -139,6 +141,7 @@ impl Default for Metrics {
         );
         let (policies_rejected, programmed_generation) = (Gauge::default(), Gauge::default());
         let map_full = LabeledCounter::default();
+        let (service_rejections, services_rejected) = (Counter::default(), Gauge::default());
 
         // Help texts get their final "." from the registry.
         let mut r = Registry::default();
@@ -151,6 +154,16 @@ impl Default for Metrics {
             "palisade_policies_rejected",
             "Policies currently rejected",
             policies_rejected.0.clone(),
+        );
+        r.register(
+            "palisade_service_rejections",
+            "Services or EndpointSlices (or parts of them) rejected (each rejection once)",
+            service_rejections.0.clone(),
+        );
+        r.register(
+            "palisade_services_rejected",
+            "Service and EndpointSlice rejections currently in force",
+            services_rejected.0.clone(),
         );
         r.register(
             "palisade_map_sync_errors",
@@ -209,6 +222,8 @@ impl Default for Metrics {
             source_errors,
             programmed_generation,
             flow_records,
+            service_rejections,
+            services_rejected,
             registry: r,
         }
     }

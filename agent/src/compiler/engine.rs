@@ -325,6 +325,12 @@ impl Engine {
                 self.source_host_ips = ips;
                 self.set_host_ips();
             }
+            // Services are resolved beside the engine (service_resolve):
+            // policy is judged on the backend, never on a ClusterIP.
+            Change::Service(..)
+            | Change::ServiceDeleted(_)
+            | Change::EndpointSlice(..)
+            | Change::EndpointSliceDeleted(_) => {}
         }
         self.settle();
     }
