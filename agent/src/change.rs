@@ -3,7 +3,9 @@
 //! [`SourceEvent`]s, and the owner feeds them to the compiler.
 use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
 
-use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::{
+    core::v1::Service, discovery::v1::EndpointSlice, networking::v1::NetworkPolicy,
+};
 
 use crate::{
     cnp::ClusterNetworkPolicy,
@@ -31,6 +33,12 @@ pub enum Change {
     /// A ClusterNetworkPolicy (cluster-scoped, by name), parsed on arrival.
     ClusterPolicy(Arc<ClusterNetworkPolicy>),
     ClusterPolicyDeleted(String),
+    /// Services and EndpointSlices as the API gives them: resolved into
+    /// frontends by `service_resolve`, which reports what it rejects.
+    Service(ObjectKey, Arc<Service>),
+    ServiceDeleted(ObjectKey),
+    EndpointSlice(ObjectKey, Arc<EndpointSlice>),
+    EndpointSliceDeleted(ObjectKey),
 }
 
 /// A complete view from one source.
@@ -43,6 +51,12 @@ pub struct Snapshot {
     pub host_ips: Vec<Ipv4Addr>,
     /// The cluster's nodes, by name.
     pub nodes: BTreeMap<String, Node>,
+    pub services: BTreeMap<ObjectKey, Arc<Service>>,
+    pub endpoint_slices: BTreeMap<ObjectKey, Arc<EndpointSlice>>,
+    /// Standalone mode: a selector Service without given EndpointSlices
+    /// gets the ones the EndpointSlice controller would write (a cluster
+    /// has that controller; its slices arrive through the source).
+    pub derive_endpoint_slices: bool,
     /// Objects the source could not read; everything else is in the snapshot.
     pub errors: Vec<String>,
     /// ClusterNetworkPolicies by name.
@@ -113,6 +127,18 @@ impl Snapshot {
             Change::ClusterPolicyDeleted(name) => {
                 self.cluster_policies.remove(name);
             }
+            Change::Service(k, s) => {
+                self.services.insert(k.clone(), s.clone());
+            }
+            Change::ServiceDeleted(k) => {
+                self.services.remove(k);
+            }
+            Change::EndpointSlice(k, s) => {
+                self.endpoint_slices.insert(k.clone(), s.clone());
+            }
+            Change::EndpointSliceDeleted(k) => {
+                self.endpoint_slices.remove(k);
+            }
         }
     }
 
@@ -154,6 +180,20 @@ impl Snapshot {
             &next.cluster_policies,
             |k| Change::ClusterPolicyDeleted(k.clone()),
             |_, v| Change::ClusterPolicy(v.clone()),
+            &mut out,
+        );
+        diff_maps(
+            &self.services,
+            &next.services,
+            |k| Change::ServiceDeleted(k.clone()),
+            |k, v| Change::Service(k.clone(), v.clone()),
+            &mut out,
+        );
+        diff_maps(
+            &self.endpoint_slices,
+            &next.endpoint_slices,
+            |k| Change::EndpointSliceDeleted(k.clone()),
+            |k, v| Change::EndpointSlice(k.clone(), v.clone()),
             &mut out,
         );
         if self.host_ips != next.host_ips {

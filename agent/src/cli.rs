@@ -276,6 +276,27 @@ pub fn render_status(r: &StatusReport) -> String {
             }
         }
     }
+    let _ = writeln!(s, "\nSERVICES ({})", r.services.len());
+    for svc in &r.services {
+        for f in &svc.frontends {
+            let name = if f.port_name.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", f.port_name)
+            };
+            let _ = writeln!(
+                s,
+                "  {}/{}  {}{name}  {} backends",
+                svc.namespace, svc.name, f.frontend, f.backends
+            );
+        }
+    }
+    if let Some(e) = &r.services_error {
+        let _ = writeln!(s, "  NOT PROGRAMMED: {e}");
+    }
+    for why in &r.service_rejections {
+        let _ = writeln!(s, "  REJECTED: {why}");
+    }
     let _ = writeln!(s, "\nMAPS");
     for m in &r.maps {
         let pct = if m.max_entries > 0 {

@@ -88,6 +88,10 @@ pub struct Agent {
     pub services: SharedServices,
     /// Set once the first full sync reached the kernel (readiness).
     pub ready: bool,
+    /// The Services as last resolved from `snapshot`.
+    resolved_services: crate::service_resolve::Resolved,
+    /// Why the dataplane refused the last frontend list, if it did.
+    services_error: Option<String>,
 }
 
 impl Agent {
@@ -146,6 +150,8 @@ impl Agent {
             view: Arc::default(),
             services: Arc::default(),
             ready: false,
+            resolved_services: Default::default(),
+            services_error: None,
         };
         // Frontends adopted from an earlier agent name their flows too.
         *agent.services.write().unwrap_or_else(|p| p.into_inner()) = agent.dp.services();
@@ -270,6 +276,9 @@ impl Agent {
                 self.engine.apply(c);
             }
         }
+        if changed {
+            self.resolve_services();
+        }
         self.metrics
             .compile_seconds
             .observe(t.elapsed().as_secs_f64());
@@ -277,6 +286,44 @@ impl Agent {
             return Ok(self.programmed);
         }
         self.reprogram()
+    }
+
+    /// Re-resolves the Services from the source view (cheap next to a
+    /// compile; pods matter too: derived slices, unknown addresses), reports
+    /// new rejections and hands a changed frontend list to the dataplane. A
+    /// refusal is reported, never fatal: policy stays enforced.
+    fn resolve_services(&mut self) {
+        let next = crate::service_resolve::resolve(&self.snapshot);
+        for r in &next.rejections {
+            if !self.resolved_services.rejections.contains(r) {
+                error!("{r}; every other Service keeps working");
+                self.metrics.service_rejections.inc();
+            }
+        }
+        self.metrics
+            .services_rejected
+            .set(next.rejections.len() as u64);
+        let changed = next.frontends != self.resolved_services.frontends;
+        self.resolved_services = next;
+        if changed || self.services_error.is_some() {
+            match self.program_services(self.resolved_services.frontends.clone()) {
+                Ok(()) => self.services_error = None,
+                Err(e) => {
+                    if self.services_error.is_none() {
+                        error!(
+                            "{} Service frontends not programmed: {e}",
+                            self.resolved_services.frontends.len()
+                        );
+                    }
+                    self.services_error = Some(format!("{e:#}"));
+                }
+            }
+        }
+    }
+
+    /// The resolved Services (frontends and rejections).
+    pub fn resolved_services(&self) -> &crate::service_resolve::Resolved {
+        &self.resolved_services
     }
 
     /// Writes what the engine changed into the kernel. A failed sync (e.g.
@@ -540,6 +587,14 @@ impl Agent {
             maps: self.map_fill(),
             audit: view.audit,
             cluster_policies: crate::compiler::tiers::cluster_status(self.engine.model()),
+            services: service_status(&self.resolved_services.frontends),
+            service_rejections: self
+                .resolved_services
+                .rejections
+                .iter()
+                .map(|r| r.to_string())
+                .collect(),
+            services_error: self.services_error.clone(),
         }
     }
 
@@ -601,6 +656,31 @@ impl Agent {
 }
 
 /// A registry entry as the engine's local endpoint.
+/// Frontends grouped by Service, for `status`.
+fn service_status(frontends: &[crate::service::Frontend]) -> Vec<palisade_api::ServiceStatus> {
+    let mut by: std::collections::BTreeMap<&crate::model::ObjectKey, Vec<_>> = Default::default();
+    for f in frontends {
+        by.entry(&f.service)
+            .or_default()
+            .push(palisade_api::FrontendStatus {
+                frontend: format!(
+                    "{}/{}",
+                    f.address,
+                    crate::service_resolve::protocol_name(f.protocol)
+                ),
+                port_name: f.port_name.clone(),
+                backends: f.backends.len(),
+            });
+    }
+    by.into_iter()
+        .map(|(k, frontends)| palisade_api::ServiceStatus {
+            namespace: k.namespace.clone(),
+            name: k.name.clone(),
+            frontends,
+        })
+        .collect()
+}
+
 fn local_endpoint(e: &Entry) -> LocalEndpoint {
     let r = &e.registration;
     LocalEndpoint {

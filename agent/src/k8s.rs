@@ -1,6 +1,6 @@
 //! The Kubernetes source: kube-rs reflectors over every Pod (remote pod
-//! addresses feed the ipcache), Namespace and NetworkPolicy of the cluster
-//! and over this Node, merged into one stream of typed events for the
+//! addresses feed the ipcache), Namespace, NetworkPolicy, Service and
+//! EndpointSlice of the cluster and over this Node, merged into one stream of typed events for the
 //! owner's channel. It never applies anything itself.
 //!
 //! - Each watch event becomes [`Change`]s (Apply → upsert, Delete →
@@ -25,7 +25,11 @@ use anyhow::{ensure, Context, Result};
 use futures::{stream::BoxStream, StreamExt};
 use k8s_openapi::{
     api::{
-        core::v1::{Container, Namespace, Node, NodeSpec, NodeStatus, Pod, PodSpec, PodStatus},
+        core::v1::{
+            Container, Namespace, Node, NodeSpec, NodeStatus, Pod, PodSpec, PodStatus, Service,
+            ServiceSpec,
+        },
+        discovery::v1::{Endpoint, EndpointSlice},
         networking::v1::NetworkPolicy,
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -75,6 +79,16 @@ pub const WATCHED: &[Watched] = &[
         resource: "nodes",
         verbs: &["get", "list", "watch"],
     },
+    Watched {
+        group: "",
+        resource: "services",
+        verbs: &["get", "list", "watch"],
+    },
+    Watched {
+        group: "discovery.k8s.io",
+        resource: "endpointslices",
+        verbs: &["get", "list", "watch"],
+    },
 ];
 
 /// This node's spec.podCIDR (for `install-cni --kubernetes`).
@@ -109,6 +123,14 @@ pub async fn spawn(
     )?;
     kinds.watch(
         Api::<NetworkPolicy>::all(client.clone()),
+        watcher::Config::default(),
+    )?;
+    kinds.watch(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+    )?;
+    kinds.watch(
+        Api::<EndpointSlice>::all(client.clone()),
         watcher::Config::default(),
     )?;
     // Every node: the agent tells its own by name (`Engine::set_node_name`).
@@ -290,6 +312,97 @@ impl Watch for NetworkPolicy {
         for np in objects {
             if let Some(k) = convert::key(&np.metadata) {
                 view.policies.insert(k, np.clone());
+            }
+        }
+    }
+}
+
+impl Watch for Service {
+    /// What resolution reads: identity, creation time (the older of two
+    /// Services claiming one ClusterIP:port keeps it) and the spec fields
+    /// of ClusterIPs, ports, selector and affinity; no status.
+    fn trim(&mut self) {
+        let created = self.metadata.creation_timestamp.take();
+        self.metadata = identity_meta(&self.metadata, false);
+        self.metadata.creation_timestamp = created;
+        self.spec = self.spec.take().map(|s| ServiceSpec {
+            type_: s.type_,
+            cluster_ip: s.cluster_ip,
+            cluster_ips: s.cluster_ips,
+            ports: s.ports,
+            selector: s.selector,
+            session_affinity: s.session_affinity,
+            session_affinity_config: s.session_affinity_config,
+            ..Default::default()
+        });
+        self.status = None;
+    }
+
+    fn relevant(&self) -> Option<u64> {
+        let m = &self.metadata;
+        let spec = serde_json::to_vec(&self.spec).ok()?;
+        Some(hash_of(&(&m.namespace, &m.name, spec)))
+    }
+
+    fn applied(&self) -> Option<Change> {
+        let key = convert::key(&self.metadata)?;
+        Some(Change::Service(key, Arc::new(self.clone())))
+    }
+
+    fn deleted(&self) -> Option<Change> {
+        convert::key(&self.metadata).map(Change::ServiceDeleted)
+    }
+
+    fn fill(objects: &[Arc<Self>], view: &mut Snapshot) {
+        for s in objects {
+            if let Some(k) = convert::key(&s.metadata) {
+                view.services.insert(k, s.clone());
+            }
+        }
+    }
+}
+
+impl Watch for EndpointSlice {
+    /// Identity, labels (the Service it belongs to), address type, ports
+    /// and per endpoint its addresses, conditions and pod.
+    fn trim(&mut self) {
+        self.metadata = identity_meta(&self.metadata, true);
+        for ep in &mut self.endpoints {
+            *ep = Endpoint {
+                addresses: std::mem::take(&mut ep.addresses),
+                conditions: ep.conditions.take(),
+                target_ref: ep.target_ref.take().map(|t| {
+                    k8s_openapi::api::core::v1::ObjectReference {
+                        kind: t.kind,
+                        namespace: t.namespace,
+                        name: t.name,
+                        ..Default::default()
+                    }
+                }),
+                ..Default::default()
+            };
+        }
+    }
+
+    fn relevant(&self) -> Option<u64> {
+        let m = &self.metadata;
+        let body = serde_json::to_vec(&(&self.address_type, &self.ports, &self.endpoints)).ok()?;
+        Some(hash_of(&(&m.namespace, &m.name, &m.labels, body)))
+    }
+
+    fn applied(&self) -> Option<Change> {
+        let key = convert::key(&self.metadata)?;
+        Some(Change::EndpointSlice(key, Arc::new(self.clone())))
+    }
+
+    fn deleted(&self) -> Option<Change> {
+        convert::key(&self.metadata).map(Change::EndpointSliceDeleted)
+    }
+
+    fn fill(objects: &[Arc<Self>], view: &mut Snapshot) {
+        for s in objects {
+            if let Some(k) = convert::key(&s.metadata) {
+                view.endpoint_slices.insert(k, s.clone());
             }
         }
     }
@@ -546,6 +659,35 @@ mod tests {
                 "nodeInfo": {"kubeletVersion": "v1.35.0"}}})
     }
 
+    /// As `kubectl get svc -o json` shows one (status and all).
+    fn service() -> Value {
+        json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "default", "resourceVersion": "40",
+                "creationTimestamp": "2026-01-01T00:00:00Z", "uid": "u1",
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"},
+                "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
+            "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+                "internalTrafficPolicy": "Cluster", "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack",
+                "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": "http"}],
+                "selector": {"app": "web"}, "sessionAffinity": "None"},
+            "status": {"loadBalancer": {}}})
+    }
+
+    /// As the EndpointSlice controller writes one.
+    fn slice(rv: &str, ready: bool) -> Value {
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "web-abcde", "namespace": "default", "resourceVersion": rv,
+                "generateName": "web-",
+                "labels": {"kubernetes.io/service-name": "web", "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"},
+                "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": "web", "uid": "u1"}]},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 80, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["10.0.0.1"],
+                "conditions": {"ready": ready, "serving": ready, "terminating": false},
+                "nodeName": "n1", "zone": "z1",
+                "targetRef": {"kind": "Pod", "namespace": "default", "name": "a", "uid": "p1"}}]})
+    }
+
     fn list(kind: &str, rv: &str, items: Vec<Value>) -> Vec<u8> {
         serde_json::to_vec(&json!({"apiVersion": "v1", "kind": kind, "metadata": {"resourceVersion": rv}, "items": items}))
             .unwrap()
@@ -571,7 +713,7 @@ mod tests {
         go: watch::Receiver<bool>,
     ) {
         let mut pod_lists = 0;
-        let (mut pod_watches, mut node_watches) = (0, 0);
+        let (mut pod_watches, mut node_watches, mut slice_watches) = (0, 0, 0);
         let mut held = Vec::new();
         while let Some((req, send)) = handle.next_request().await {
             let uri = req.uri().to_string();
@@ -588,6 +730,18 @@ mod tests {
                     json!({"type": "DELETED", "object": pod("c", "10.0.0.3", "cache", "14")}),
                     json!({"type": "ERROR", "object": {"apiVersion": "v1", "kind": "Status", "status": "Failure",
                         "code": 410, "reason": "Expired", "message": "too old resource version"}}),
+                ]))
+            } else if uri.starts_with("/apis/discovery.k8s.io/v1/endpointslices")
+                && watch
+                && slice_watches == 0
+            {
+                slice_watches += 1;
+                let mut hint_only = slice("31", true);
+                hint_only["endpoints"][0]["zone"] = json!("z2");
+                Some(events(&[
+                    // Only a topology field changed: dropped.
+                    json!({"type": "MODIFIED", "object": hint_only}),
+                    json!({"type": "MODIFIED", "object": slice("32", false)}),
                 ]))
             } else if uri.starts_with("/api/v1/nodes") && watch && node_watches == 0 {
                 node_watches += 1;
@@ -643,6 +797,10 @@ mod tests {
                         "spec": {"podSelector": {}}}),
                     ],
                 )
+            } else if uri.starts_with("/api/v1/services") && !watch {
+                list("ServiceList", "40", vec![service()])
+            } else if uri.starts_with("/apis/discovery.k8s.io/v1/endpointslices") && !watch {
+                list("EndpointSliceList", "30", vec![slice("30", true)])
             } else if uri.starts_with("/api/v1/nodes") && !watch {
                 assert!(
                     !uri.contains("fieldSelector"),
@@ -717,6 +875,27 @@ mod tests {
         let a = &first.pods[&ObjectKey::new("default", "a")];
         assert_eq!(a.ip, Some(Ipv4Addr::new(10, 0, 0, 1)));
         assert_eq!(a.ports[0].name.as_deref(), Some("http"));
+        let web = ObjectKey::new("default", "web");
+        let svc = &first.services[&web];
+        assert_eq!(svc.metadata.managed_fields, None);
+        assert_eq!(svc.metadata.annotations, None);
+        assert!(svc.metadata.creation_timestamp.is_some(), "kept: overlaps");
+        assert!(svc.status.is_none());
+        assert_eq!(svc.spec.as_ref().unwrap().ip_families, None);
+        let es = &first.endpoint_slices[&ObjectKey::new("default", "web-abcde")];
+        assert_eq!(es.endpoints[0].zone, None);
+        assert_eq!(
+            es.endpoints[0].target_ref.as_ref().unwrap().name.as_deref(),
+            Some("a")
+        );
+        // What the API served resolves: the slice's pod behind the port.
+        let resolved = crate::service_resolve::resolve(&first);
+        assert!(resolved.rejections.is_empty(), "{:?}", resolved.rejections);
+        assert_eq!(resolved.frontends.len(), 1);
+        assert_eq!(
+            resolved.frontends[0].backends[0].address,
+            "10.0.0.1:80".parse().unwrap()
+        );
 
         // Then the watch events, as typed changes; the status-only update
         // of `a` and the condition-only update of the node are not among
@@ -755,8 +934,18 @@ mod tests {
             ["n1 [192.0.2.11]", "n2 deleted", "n3 [192.0.2.30]"],
             "a condition-only update of n1 is not a change"
         );
-        assert_eq!(changes.len(), 6, "{changes:?}");
+        let slice_changes: Vec<bool> = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::EndpointSlice(_, s) => s.endpoints[0].conditions.as_ref()?.ready,
+                _ => None,
+            })
+            .collect();
+        assert_eq!(slice_changes, [false], "the zone-only update is dropped");
         assert_eq!(names(&view), set(&["a", "b"]));
+        // Not ready any more: the frontend stays, with no backend.
+        let resolved = crate::service_resolve::resolve(&view);
+        assert!(resolved.frontends[0].backends.is_empty());
 
         // The re-list after 410 Gone: a Resync from every store, which the
         // owner diffs against its view (`a` went while nobody watched).
@@ -866,10 +1055,12 @@ mod tests {
         assert!(is_watched::<Namespace>());
         assert!(is_watched::<NetworkPolicy>());
         assert!(is_watched::<Node>());
-        assert!(!is_watched::<k8s_openapi::api::core::v1::Service>());
+        assert!(is_watched::<Service>());
+        assert!(is_watched::<EndpointSlice>());
+        assert!(!is_watched::<k8s_openapi::api::core::v1::Secret>());
         assert_eq!(
             WATCHED.len(),
-            4,
+            6,
             "a resource in WATCHED that nothing watches"
         );
     }

@@ -25,6 +25,7 @@ pub mod selector;
 pub mod server;
 pub mod service;
 pub mod service_map;
+pub mod service_resolve;
 pub mod source;
 pub mod sync;
 pub mod tools;

@@ -130,6 +130,8 @@ pub struct Metrics {
     /// `verify` run, and verify runs (`palisade-agent verify`, periodic).
     pub verify_mismatches: Gauge,
     pub verify_runs: Counter,
+    pub service_rejections: Counter,
+    pub services_rejected: Gauge,
     /// The fields above, registered (the registry holds clones).
     registry: Registry,
 }
@@ -149,6 +151,7 @@ impl Default for Metrics {
         let map_full = LabeledCounter::default();
         let services_programmed = Gauge::default();
         let (verify_mismatches, verify_runs) = (Gauge::default(), Counter::default());
+        let (service_rejections, services_rejected) = (Counter::default(), Gauge::default());
 
         // Help texts get their final "." from the registry.
         let mut r = Registry::default();
@@ -161,6 +164,16 @@ impl Default for Metrics {
             "palisade_policies_rejected",
             "Policies currently rejected",
             policies_rejected.0.clone(),
+        );
+        r.register(
+            "palisade_service_rejections",
+            "Services or EndpointSlices (or parts of them) rejected (each rejection once)",
+            service_rejections.0.clone(),
+        );
+        r.register(
+            "palisade_services_rejected",
+            "Service and EndpointSlice rejections currently in force",
+            services_rejected.0.clone(),
         );
         r.register(
             "palisade_map_sync_errors",
@@ -237,6 +250,8 @@ impl Default for Metrics {
             services_programmed,
             verify_mismatches,
             verify_runs,
+            service_rejections,
+            services_rejected,
             registry: r,
         }
     }

@@ -54,6 +54,10 @@ enum Task {
         /// yet as skipped (saying what they need) instead of failed.
         #[arg(long)]
         skip_unsupported: bool,
+        /// Probe every pod through its own ClusterIP Service, through
+        /// kube-proxy's iptables rules (FORMAT version 2).
+        #[arg(long)]
+        via_services: bool,
     },
     /// Benchmarks (bench/README.md): report.md, results.json and PNG charts
     /// in bench-report/. About 10 minutes; --quick takes 1-2.
@@ -99,7 +103,7 @@ fn run(cli: Cli) -> Result<()> {
             // as skipped, with what they need; `cargo xtask conformance`
             // alone reports them as failed.
             step("conformance: NetworkPolicy cases on real packets");
-            conformance(&root, &cases, None, None, true)
+            conformance(&root, &cases, None, None, true, false)
         }
         Task::Demo => {
             setup::run(&root)?;
@@ -115,6 +119,7 @@ fn run(cli: Cli) -> Result<()> {
             filter,
             keep,
             skip_unsupported,
+            via_services,
         } => {
             // Relative to where the command was typed, not the workspace.
             let here = std::env::current_dir()?;
@@ -138,6 +143,7 @@ fn run(cli: Cli) -> Result<()> {
                 filter.as_deref(),
                 keep.map(abs).as_deref(),
                 skip_unsupported,
+                via_services,
             )
         }
         Task::Bench { quick } => {
@@ -190,6 +196,7 @@ fn conformance(
     filter: Option<&str>,
     keep: Option<&Path>,
     skip_unsupported: bool,
+    via_services: bool,
 ) -> Result<()> {
     let mut args: Vec<String> = [
         "run",
@@ -214,6 +221,9 @@ fn conformance(
     }
     if skip_unsupported {
         args.push("--skip-unsupported".into());
+    }
+    if via_services {
+        args.push("--via-services".into());
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     exec_cargo(root, &args)

@@ -315,6 +315,15 @@ pub struct StatusReport {
     /// Every ClusterNetworkPolicy, by name (absent from older agents).
     #[serde(default)]
     pub cluster_policies: Vec<ClusterPolicyStatus>,
+    /// Services with frontends (absent from an older agent's report).
+    #[serde(default)]
+    pub services: Vec<ServiceStatus>,
+    /// Services and EndpointSlices (or parts of them) rejected, one line each.
+    #[serde(default)]
+    pub service_rejections: Vec<String>,
+    /// Why the frontends could not be programmed, if they could not.
+    #[serde(default)]
+    pub services_error: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -329,6 +338,22 @@ pub struct ClusterPolicyStatus {
     pub rejected: Option<String>,
     /// E.g. a priority shared with another policy of the tier.
     pub warning: Option<String>,
+}
+
+/// One Service's frontends: `ClusterIP:port/PROTO` and its backend count.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub namespace: String,
+    pub name: String,
+    pub frontends: Vec<FrontendStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrontendStatus {
+    /// `10.96.0.10:53/UDP`
+    pub frontend: String,
+    pub port_name: String,
+    pub backends: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

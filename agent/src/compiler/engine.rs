@@ -382,6 +382,12 @@ impl Engine {
                     self.cluster_policies_changed();
                 }
             }
+            // Services are resolved beside the engine (service_resolve):
+            // policy is judged on the backend, never on a ClusterIP.
+            Change::Service(..)
+            | Change::ServiceDeleted(_)
+            | Change::EndpointSlice(..)
+            | Change::EndpointSliceDeleted(_) => {}
         }
         self.settle();
     }
