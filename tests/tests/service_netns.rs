@@ -389,19 +389,25 @@ fn a_pod_reaches_its_own_service_hairpin() -> Result<()> {
     assert_eq!(tag, A as u8);
     echo(&mut c, 4)?;
     assert_eq!(udp_tag(r.ns(A), vip(53))?, Some(A as u8));
-    // Ingress enforced with only "itself" allowed: the hairpin is the pod.
-    // The pod's own ingress program judges the hairpin, as the pod itself.
-    r.enforce(A, EP_INGRESS_ENFORCED)?;
-    assert!(tcp_tag(r.ns(A), vip(80)).is_err(), "ingress without a rule");
+    // Both directions enforced with no rule at all: a hairpin is the pod
+    // talking to itself (kube-proxy would masquerade it to the node), so
+    // it is judged as `host` at both ends and passes, as a pod's traffic
+    // to its own address does.
+    r.enforce(A, EP_INGRESS_ENFORCED | EP_EGRESS_ENFORCED)?;
+    assert_eq!(
+        tcp_tag(r.ns(A), vip(80))?.0,
+        A as u8,
+        "hairpin under default deny"
+    );
     let e = r
         .events
         .wait_for(Duration::from_secs(5), |e| {
-            e.verdict == VERDICT_DROP && e.direction == palisade_common::DIR_INGRESS
+            e.direction == palisade_common::DIR_INGRESS && e.reason == reason::HOST
         })
-        .expect("A's ingress drop of its hairpin");
-    assert_eq!(e.src_identity, identity(A));
-    r.allow(A, A, palisade_common::DIR_INGRESS, TARGET)?;
-    assert_eq!(tcp_tag(r.ns(A), vip(80))?.0, A as u8);
+        .expect("A's ingress judged its hairpin as host");
+    assert_eq!(e.verdict, palisade_common::VERDICT_ALLOW);
+    // Another pod is still refused by A's ingress.
+    assert!(tcp_tag(r.ns(B), vip(80)).is_err(), "B is not A's hairpin");
     Ok(())
 }
 

@@ -150,6 +150,24 @@ pub fn policy_peer_addr(ep: &EndpointInfo, dir: u8, remote: u32) -> u32 {
     }
 }
 
+/// A hairpinned flow (a pod reaching its own Service and given itself as
+/// the backend) is the pod talking to itself: policy never judges that
+/// (a pod's traffic to itself never leaves it when sent to its own
+/// address), and under kube-proxy it is masqueraded to the node, which
+/// NetworkPolicy always allows. So both of its ends are judged as `host`:
+/// egress at the translation (`backend == the pod`), ingress by the
+/// [`HAIRPIN_ADDR`] source.
+#[inline(always)]
+pub fn is_hairpin_peer(dir: u8, remote: u32) -> bool {
+    dir == DIR_INGRESS && remote == HAIRPIN_ADDR
+}
+
+/// The ipcache value a hairpinned flow's peer is judged with.
+pub const HAIRPIN_PEER: crate::IpcacheValue = crate::IpcacheValue {
+    identity: crate::IDENTITY_HOST,
+    cidr_identity: crate::IDENTITY_HOST,
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -28,8 +28,8 @@ use palisade_common::{
     },
     reason,
     service::{
-        backend_slot, policy_peer_addr, reverse_key, translated, SvcBackendKey, SvcFrontend,
-        SvcFrontendKey, SvcNat, HAIRPIN_ADDR, NAT_HAIRPIN,
+        backend_slot, is_hairpin_peer, policy_peer_addr, reverse_key, translated, SvcBackendKey,
+        SvcFrontend, SvcFrontendKey, SvcNat, HAIRPIN_ADDR, HAIRPIN_PEER, NAT_HAIRPIN,
     },
     CtKey, CtValue, EndpointInfo, EndpointKey, FlowEvent, FragKey, FragValue, CT_SVC_NAT,
     DIR_EGRESS, DIR_INGRESS, POLICY_PREFIX_FULL, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
@@ -362,8 +362,13 @@ fn ct_track(key: &CtKey, dir: u8, tcp_flags: u8, now: u64, flags: &mut u8) -> Op
 /// The policy verdict on a new flow.
 #[inline(always)]
 fn policy(ep: &EndpointInfo, dir: u8, key: &CtKey) -> Decision {
-    let addr = policy_peer_addr(ep, dir, remote_addr(key, dir));
-    let peer = peer_or_world(IPCACHE.get(Key::new(32, addr)).copied());
+    let remote = remote_addr(key, dir);
+    let peer = if is_hairpin_peer(dir, remote) {
+        HAIRPIN_PEER
+    } else {
+        let addr = policy_peer_addr(ep, dir, remote);
+        peer_or_world(IPCACHE.get(Key::new(32, addr)).copied())
+    };
     decide(ep, dir, key, &peer, |pk| {
         POLICY.get(&Key::new(POLICY_PREFIX_FULL, *pk)).copied()
     })
@@ -422,7 +427,11 @@ fn service_flow(
     };
     let hairpin = b.addr == ep.ipv4;
     flow.key = translated(&orig, b.addr, b.port_be);
-    let d = policy(ep, DIR_EGRESS, &flow.key);
+    let d = if hairpin {
+        decide(ep, DIR_EGRESS, &flow.key, &HAIRPIN_PEER, |_| None)
+    } else {
+        policy(ep, DIR_EGRESS, &flow.key)
+    };
     if !d.pass {
         finish::<false>(ep, ifindex, flow, &d);
         return false;

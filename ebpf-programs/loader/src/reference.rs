@@ -425,8 +425,14 @@ impl Evaluator {
 
     /// `decision::decide` over this model's maps, with the same lookups.
     fn decide(&self, ep: &EndpointInfo, dir: u8, key: &CtKey) -> Decision {
-        let remote = palisade_common::service::policy_peer_addr(ep, dir, remote_addr(key, dir));
-        let peer = peer_or_world(self.ipcache_lookup(Ipv4Addr::from(remote.to_ne_bytes())));
+        use palisade_common::service::{is_hairpin_peer, policy_peer_addr, HAIRPIN_PEER};
+        let remote = remote_addr(key, dir);
+        let peer = if is_hairpin_peer(dir, remote) {
+            HAIRPIN_PEER
+        } else {
+            let addr = policy_peer_addr(ep, dir, remote);
+            peer_or_world(self.ipcache_lookup(Ipv4Addr::from(addr.to_ne_bytes())))
+        };
         decision::decide(ep, dir, key, &peer, |k| {
             self.policy_lookup(k).map(|(_, _, v)| v)
         })
