@@ -103,7 +103,11 @@ fn run(cli: Cli) -> Result<()> {
             // as skipped, with what they need; `cargo xtask conformance`
             // alone reports them as failed.
             step("conformance: NetworkPolicy cases on real packets");
-            conformance(&root, &cases, None, None, true, false)
+            conformance(&root, &cases, None, None, true, false, false)?;
+            // The same cases again with every probe through a ClusterIP
+            // (palisade's Service translation, kube-proxy's rules beside it).
+            step("conformance: the same cases through Services (--via-services)");
+            conformance(&root, &cases, None, None, true, true, true)
         }
         Task::Demo => {
             setup::run(&root)?;
@@ -144,6 +148,7 @@ fn run(cli: Cli) -> Result<()> {
                 keep.map(abs).as_deref(),
                 skip_unsupported,
                 via_services,
+                true,
             )
         }
         Task::Bench { quick } => {
@@ -197,6 +202,7 @@ fn conformance(
     keep: Option<&Path>,
     skip_unsupported: bool,
     via_services: bool,
+    last: bool,
 ) -> Result<()> {
     let mut args: Vec<String> = [
         "run",
@@ -226,7 +232,11 @@ fn conformance(
         args.push("--via-services".into());
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    exec_cargo(root, &args)
+    if last {
+        exec_cargo(root, &args)
+    } else {
+        cargo(root, &args)
+    }
 }
 
 /// `cargo` with the repo's tools dir on PATH, replacing this process (the
