@@ -14,7 +14,7 @@
 //!   translates sees it, holds the ClusterIP:port the reply must come from.
 //!   A flow keeps its backend while its conntrack entry (on the translated
 //!   tuple) lives, whatever happens to the backend list meanwhile.
-use crate::{CtKey, EndpointInfo, DIR_EGRESS, DIR_INGRESS};
+use crate::{CtKey, DIR_EGRESS, DIR_INGRESS};
 
 /// Source address a hairpinned flow (a pod reaching its own Service and
 /// chosen as its backend) carries towards the pod: the pod would drop a
@@ -139,17 +139,6 @@ pub fn reverse_key(orig: &CtKey, backend: u32, port_be: u16, hairpin: bool) -> C
     }
 }
 
-/// The address whose identity policy judges: a hairpinned flow reaches
-/// the pod from [`HAIRPIN_ADDR`] but comes from the pod itself.
-#[inline(always)]
-pub fn policy_peer_addr(ep: &EndpointInfo, dir: u8, remote: u32) -> u32 {
-    if dir == DIR_INGRESS && remote == HAIRPIN_ADDR {
-        ep.ipv4
-    } else {
-        remote
-    }
-}
-
 /// A hairpinned flow (a pod reaching its own Service and given itself as
 /// the backend) is the pod talking to itself: policy never judges that
 /// (a pod's traffic to itself never leaves it when sent to its own
@@ -157,16 +146,27 @@ pub fn policy_peer_addr(ep: &EndpointInfo, dir: u8, remote: u32) -> u32 {
 /// NetworkPolicy always allows. So both of its ends are judged as `host`:
 /// egress at the translation (`backend == the pod`), ingress by the
 /// [`HAIRPIN_ADDR`] source.
-#[inline(always)]
-pub fn is_hairpin_peer(dir: u8, remote: u32) -> bool {
-    dir == DIR_INGRESS && remote == HAIRPIN_ADDR
-}
-
-/// The ipcache value a hairpinned flow's peer is judged with.
 pub const HAIRPIN_PEER: crate::IpcacheValue = crate::IpcacheValue {
     identity: crate::IDENTITY_HOST,
     cidr_identity: crate::IDENTITY_HOST,
 };
+
+/// The peer a new flow's policy is judged with: [`HAIRPIN_PEER`] for a
+/// hairpin arriving at the pod, else what the ipcache says of the remote
+/// address (`lookup`), `world` on a miss. Kernel and reference evaluator
+/// both call this.
+#[inline(always)]
+pub fn policy_peer(
+    dir: u8,
+    remote: u32,
+    lookup: impl FnOnce(u32) -> Option<crate::IpcacheValue>,
+) -> crate::IpcacheValue {
+    if dir == DIR_INGRESS && remote == HAIRPIN_ADDR {
+        HAIRPIN_PEER
+    } else {
+        crate::decision::peer_or_world(lookup(remote))
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -28,8 +28,8 @@ use palisade_common::{
     },
     reason,
     service::{
-        backend_slot, is_hairpin_peer, policy_peer_addr, reverse_key, translated, SvcBackendKey,
-        SvcFrontend, SvcFrontendKey, SvcNat, HAIRPIN_ADDR, HAIRPIN_PEER, NAT_HAIRPIN,
+        backend_slot, policy_peer, reverse_key, translated, SvcBackendKey, SvcFrontend,
+        SvcFrontendKey, SvcNat, HAIRPIN_ADDR, HAIRPIN_PEER, NAT_HAIRPIN,
     },
     CtKey, CtValue, EndpointInfo, EndpointKey, FlowEvent, FragKey, FragValue, CT_SVC_NAT,
     DIR_EGRESS, DIR_INGRESS, POLICY_PREFIX_FULL, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
@@ -362,13 +362,9 @@ fn ct_track(key: &CtKey, dir: u8, tcp_flags: u8, now: u64, flags: &mut u8) -> Op
 /// The policy verdict on a new flow.
 #[inline(always)]
 fn policy(ep: &EndpointInfo, dir: u8, key: &CtKey) -> Decision {
-    let remote = remote_addr(key, dir);
-    let peer = if is_hairpin_peer(dir, remote) {
-        HAIRPIN_PEER
-    } else {
-        let addr = policy_peer_addr(ep, dir, remote);
-        peer_or_world(IPCACHE.get(Key::new(32, addr)).copied())
-    };
+    let peer = policy_peer(dir, remote_addr(key, dir), |a| {
+        IPCACHE.get(Key::new(32, a)).copied()
+    });
     decide(ep, dir, key, &peer, |pk| {
         POLICY.get(&Key::new(POLICY_PREFIX_FULL, *pk)).copied()
     })
