@@ -37,8 +37,12 @@ pub struct ObserveArgs {
     #[arg(long)]
     pub protocol: Option<String>,
     /// Flows sent to this Service's ClusterIP (namespace/name).
-    #[arg(long)]
+    #[arg(long, visible_alias = "to-service")]
     pub service: Option<String>,
+    /// Flows whose source is on this node (a pod of it, its address, or
+    /// the node itself).
+    #[arg(long)]
+    pub from_node: Option<String>,
     /// Keep streaming new flows.
     #[arg(long, short = 'f')]
     pub follow: bool,
@@ -137,6 +141,7 @@ pub struct Filter {
     port: Option<u16>,
     protocol: Option<String>,
     service: Option<String>,
+    from_node: Option<String>,
 }
 
 impl ObserveArgs {
@@ -161,6 +166,7 @@ impl ObserveArgs {
             port: self.port,
             protocol: self.protocol.as_ref().map(|p| p.to_uppercase()),
             service: self.service.clone(),
+            from_node: self.from_node.clone(),
         })
     }
 }
@@ -194,6 +200,9 @@ impl Filter {
             return false;
         }
         if self.service.is_some() && self.service != r.service {
+            return false;
+        }
+        if self.from_node.is_some() && self.from_node != r.src.node {
             return false;
         }
         true
@@ -668,6 +677,7 @@ mod tests {
             port: None,
             protocol: None,
             service: None,
+            from_node: None,
             follow: false,
             json: false,
             since: None,
@@ -697,6 +707,14 @@ mod tests {
         assert!(args(|a| a.service = Some("y/svc".into())).matches(&via));
         assert!(!args(|a| a.service = Some("y/other".into())).matches(&via));
         assert!(render_flow(&via).ends_with(" service: y/svc (10.96.0.1:80)"));
+        assert!(!args(|a| a.from_node = Some("n1".into())).matches(&r));
+        let mut from_n1 = rec();
+        from_n1.src.node = Some("n1".into());
+        assert!(args(|a| a.from_node = Some("n1".into())).matches(&from_n1));
+        assert!(!args(|a| a.from_node = Some("n2".into())).matches(&from_n1));
+        let mut to_n1 = rec();
+        to_n1.dst.node = Some("n1".into());
+        assert!(!args(|a| a.from_node = Some("n1".into())).matches(&to_n1));
     }
 
     #[test]

@@ -29,7 +29,9 @@ pub struct Peer {
     pub port: Option<u16>,
     /// pod, host, remote-node, world or cidr
     pub kind: String,
-    /// The other node a `remote-node` peer is.
+    /// The node the peer is on: a `remote-node` peer's own; a pod's (a
+    /// local pod: this node; another: by the nodes' pod ranges); `host`:
+    /// this node. None when unknown.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -116,6 +118,12 @@ fn peer<N: Names + ?Sized>(view: &N, ip: Ipv4Addr, port: Option<u16>, identity: 
         p.namespace = Some(pod.key.namespace.clone());
         p.pod = Some(pod.key.name.clone());
         p.labels = pod.labels.clone();
+        p.node = if view.local_endpoint_at(ip).is_some() {
+            view.node_name()
+        } else {
+            view.pod_node_name(ip)
+        }
+        .map(str::to_string);
         return p;
     }
     if identity == IDENTITY_REMOTE_NODE {
@@ -131,6 +139,9 @@ fn peer<N: Names + ?Sized>(view: &N, ip: Ipv4Addr, port: Option<u16>, identity: 
         _ => "world",
     }
     .into();
+    if p.kind == "host" {
+        p.node = view.node_name().map(str::to_string);
+    }
     p
 }
 

@@ -333,9 +333,71 @@ fn coverage_reports_isolation_and_mistakes_and_gates_on_require() -> Result<()> 
     assert!(!ok && text.contains("require dns: FAILED"), "{text}");
     let (ok, text) = agent.cli(&["coverage", "--require", "nonsense"])?;
     assert!(!ok && text.contains("unknown check"), "{text}");
+
+    // ClusterNetworkPolicies count: a Baseline deny gives infra its
+    // default deny and isolates cache; an Admin Deny of every pod into app
+    // makes db-ingress's pod rules dead (not its ipBlock rule: addresses
+    // outside the pods are not denied above it).
+    write_manifest(&scratch.manifests, "tiers.yaml", TIERS)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let r = loop {
+        let (_, out) = agent.cli(&["coverage", "-o", "json"])?;
+        let r: palisade_api::CoverageReport = serde_json::from_str(&out)?;
+        if !r.findings.iter().any(|f| f.kind == "unselected-pod") {
+            break r;
+        }
+        if Instant::now() > deadline {
+            bail!("the ClusterNetworkPolicies never reached coverage: {out}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let has = |kind: &str, subject: &str| {
+        r.findings
+            .iter()
+            .any(|f| f.kind == kind && f.subject == subject)
+    };
+    assert!(!has("no-default-deny-ingress", "infra"), "{:?}", r.findings);
+    let cache = r.pods.iter().find(|p| p.pod == "cache").context("cache")?;
+    assert_eq!(cache.ingress, vec!["ClusterNetworkPolicy/baseline-deny"]);
+    let f = r
+        .findings
+        .iter()
+        .find(|f| f.kind == "shadowed-rule" && f.subject == "app/db-ingress ingress[0]")
+        .with_context(|| format!("ingress[0] not shadowed: {:?}", r.findings))?;
+    assert!(
+        f.detail
+            .contains("ClusterNetworkPolicy/app-lockdown rule no-pods (Admin, Deny)"),
+        "{f:?}"
+    );
+    assert!(!has("shadowed-rule", "app/db-ingress ingress[2]"));
     drop(agent);
     Ok(())
 }
+
+const TIERS: &str = r#"
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: app-lockdown}
+spec:
+  tier: Admin
+  priority: 5
+  subject: {namespaces: {matchLabels: {kubernetes.io/metadata.name: app}}}
+  ingress:
+  - name: no-pods
+    action: Deny
+    from: [{namespaces: {}}]
+---
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: baseline-deny}
+spec:
+  tier: Baseline
+  priority: 5
+  subject: {namespaces: {}}
+  ingress:
+  - action: Deny
+    from: [{namespaces: {}}]
+"#;
 
 const OPEN_SHOP: &str = r#"
 apiVersion: v1

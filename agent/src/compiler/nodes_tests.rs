@@ -135,6 +135,19 @@ fn flow_records_name_this_node_and_a_remote_node_peer() {
     assert_eq!(r.src.kind, "remote-node");
     assert_eq!(r.src.node.as_deref(), Some("n2"));
     assert_eq!(r.endpoint, "a/web");
+    assert_eq!(r.dst.node.as_deref(), Some("n1"), "a local pod: this node");
+    // A pod of the other node is on it by the node's pod range (what
+    // `observe --from-node n2` selects).
+    let from_pod = FlowEvent {
+        saddr: u32::from_ne_bytes(ip(REMOTE_POD).octets()),
+        src_identity: 0,
+        ..ev
+    };
+    let r = crate::flowlog::record(&*v, &from_pod);
+    assert_eq!(
+        (r.src.kind.as_str(), r.src.node.as_deref()),
+        ("pod", Some("n2"))
+    );
 }
 
 #[test]

@@ -41,6 +41,10 @@ pub trait Names {
     fn node_name(&self) -> Option<&str> {
         None
     }
+    /// The node whose pod range (spec.podCIDRs) holds a pod address.
+    fn pod_node_name(&self, _ip: Ipv4Addr) -> Option<&str> {
+        None
+    }
     /// The ClusterNetworkPolicy rule a cookie stands for.
     fn cluster_cookie(&self, _cookie: u32) -> Option<&super::tiers::ClusterRuleRef> {
         None
@@ -239,6 +243,12 @@ impl Names for View {
     fn node_name(&self) -> Option<&str> {
         self.node_name.as_deref()
     }
+    fn pod_node_name(&self, ip: Ipv4Addr) -> Option<&str> {
+        self.nodes
+            .values()
+            .find(|n| n.pod_cidrs.iter().any(|c| c.contains(ip)))
+            .map(|n| n.name.as_str())
+    }
     fn cluster_cookie(&self, cookie: u32) -> Option<&super::tiers::ClusterRuleRef> {
         self.cluster_cookies.get(&cookie)
     }
@@ -280,6 +290,9 @@ macro_rules! forward_names {
             }
             fn node_name(&self) -> Option<&str> {
                 (**self).node_name()
+            }
+            fn pod_node_name(&self, ip: Ipv4Addr) -> Option<&str> {
+                (**self).pod_node_name(ip)
             }
             fn cluster_cookie(&self, cookie: u32) -> Option<&super::tiers::ClusterRuleRef> {
                 (**self).cluster_cookie(cookie)

@@ -4,9 +4,12 @@
 //! parsed policy), so it answers for the whole cluster from any node.
 //!
 //! Findings are produced by independent checks (`CHECKS`), each a function
-//! of the model; a check for another policy kind (e.g. ClusterNetworkPolicy:
-//! a rule shadowed by a higher-priority Deny) is one more entry there.
+//! of the model. ClusterNetworkPolicies count everywhere (`cluster`): they
+//! constrain pods, give namespaces a default deny, take part in the DNS
+//! walk, and an Admin decision above a rule can make it dead.
 use std::collections::BTreeMap;
+
+mod cluster;
 
 use ipnetwork::Ipv4Network;
 use palisade_api::{CoverageReport, Finding, NamespaceCoverage, PodCoverage};
@@ -58,8 +61,10 @@ const CHECKS: &[Check] = &[
     dns,
     empty_selectors,
     shadowed_rules,
+    cluster::shadowed_cluster_rules,
     ipblocks_with_pods,
     ungoverned_namespace_labels,
+    cluster::selector_findings,
 ];
 
 fn finding(kind: &str, subject: impl ToString, detail: impl Into<String>) -> Finding {
@@ -83,15 +88,30 @@ fn pods(m: &Model) -> impl Iterator<Item = &Pod> {
     m.pods.values().filter(|p| !p.host_network)
 }
 
+/// Accepted NetworkPolicies (not the compiler's own policy for
+/// ClusterNetworkPolicy addresses).
 fn accepted(m: &Model) -> impl Iterator<Item = (&ObjectKey, &Policy)> {
-    m.policies.iter().filter_map(|(k, p)| match &**p {
-        ParsedPolicy::Accepted(p) => Some((k, p)),
-        ParsedPolicy::Rejected { .. } => None,
-    })
+    let internal = crate::compiler::tiers::cluster_addresses_key();
+    m.policies
+        .iter()
+        .filter(move |(k, _)| **k != internal)
+        .filter_map(|(k, p)| match &**p {
+            ParsedPolicy::Accepted(p) => Some((k, p)),
+            ParsedPolicy::Rejected { .. } => None,
+        })
 }
 
-/// The policies of `pod`'s namespace that isolate it in each direction.
+/// The objects that isolate `pod` in each direction: NetworkPolicies of
+/// its namespace, then ClusterNetworkPolicies that can deny it there.
 fn isolating(m: &Model, pod: &Pod) -> (Vec<String>, Vec<String>) {
+    let (mut ing, mut eg) = np_isolating(m, pod);
+    ing.extend(cluster::constraining(m, pod, DIR_INGRESS));
+    eg.extend(cluster::constraining(m, pod, DIR_EGRESS));
+    (ing, eg)
+}
+
+/// The NetworkPolicies of `pod`'s namespace that isolate it.
+fn np_isolating(m: &Model, pod: &Pod) -> (Vec<String>, Vec<String>) {
     let (mut ing, mut eg) = (Vec::new(), Vec::new());
     for (k, p) in m
         .policies
@@ -145,15 +165,22 @@ fn unselected_pods(m: &Model, out: &mut Vec<Finding>) {
             out.push(finding(
                 kind::UNSELECTED_POD,
                 ObjectKey::new(&p.namespace, &p.name),
-                "no NetworkPolicy selects this pod: all its traffic is allowed",
+                "no NetworkPolicy or ClusterNetworkPolicy selects this pod: all its traffic is allowed",
             ));
         }
     }
 }
 
 /// Accepted policies of `ns` that select every pod and allow nothing in
-/// direction `d`.
+/// direction `d`, then ClusterNetworkPolicies denying every peer of every
+/// pod of `ns` there.
 fn default_denies(m: &Model, ns: &str, d: u8) -> Vec<String> {
+    let mut out = np_default_denies(m, ns, d);
+    out.extend(cluster::default_denies(m, ns, d));
+    out
+}
+
+fn np_default_denies(m: &Model, ns: &str, d: u8) -> Vec<String> {
     accepted(m)
         .filter(|(k, p)| k.namespace == ns && p.selector.is_everything())
         .filter(|(_, p)| {
@@ -179,7 +206,7 @@ fn default_deny(m: &Model, out: &mut Vec<Finding>) {
                     kind,
                     ns,
                     format!(
-                        "no policy selects every pod of the namespace with no {} rule: a new pod is open until a policy selects it",
+                        "no policy selects every pod of the namespace with no {} rule (nor a ClusterNetworkPolicy denying every peer): a new pod is open until a policy selects it",
                         dir_name(d)
                     ),
                 ));
@@ -222,6 +249,20 @@ fn dns(m: &Model, out: &mut Vec<Finding>) {
     for p in pods(m) {
         let (_, eg) = isolating(m, p);
         if eg.is_empty() {
+            continue;
+        }
+        if cluster::applies_in(m, p, DIR_EGRESS) {
+            let np_isolated = !np_isolating(m, p).1.is_empty();
+            if !cluster::dns_reachable(m, p, np_isolated) {
+                out.push(finding(
+                    kind::NO_DNS,
+                    ObjectKey::new(&p.namespace, &p.name),
+                    format!(
+                        "egress is constrained (by {}) and the tier walk admits 53/UDP and 53/TCP to nothing: name resolution fails",
+                        eg.join(", ")
+                    ),
+                ));
+            }
             continue;
         }
         let allowed = accepted(m)
@@ -385,6 +426,7 @@ fn rule_covers(a: &Rule, b: &Rule) -> bool {
 }
 
 fn shadowed_rules(m: &Model, out: &mut Vec<Finding>) {
+    let cnps = cluster::policies(m);
     for (k, pol) in accepted(m) {
         for (j, b) in pol.rules.iter().enumerate() {
             // The first rule that covers `b` (for identical rules, the
@@ -404,6 +446,12 @@ fn shadowed_rules(m: &Model, out: &mut Vec<Finding>) {
                         dir_name(a.direction),
                         a.index
                     ),
+                ));
+            } else if let Some(detail) = cluster::np_rule_shadowed(m, &cnps, k, pol, b) {
+                out.push(finding(
+                    kind::SHADOWED_RULE,
+                    format!("{k} {}[{}]", dir_name(b.direction), b.index),
+                    detail,
                 ));
             }
         }
@@ -456,32 +504,38 @@ fn requirement_key(r: &Requirement) -> &str {
     }
 }
 
+/// A namespace selector on labels other than the name label: whoever can
+/// label a namespace can join it.
+fn ungoverned(s: &Selector, at: String, out: &mut Vec<Finding>) {
+    let keys: Vec<&str> = s
+        .requirements()
+        .iter()
+        .map(requirement_key)
+        .filter(|k| *k != NAME_LABEL)
+        .collect();
+    if !keys.is_empty() {
+        out.push(finding(
+            kind::UNGOVERNED_NAMESPACE_LABEL,
+            at,
+            format!(
+                "namespaceSelector on {}: whoever can label a namespace can join it; select on {NAME_LABEL}",
+                keys.join(", ")
+            ),
+        ));
+    }
+}
+
 fn ungoverned_namespace_labels(m: &Model, out: &mut Vec<Finding>) {
     for (k, pol) in accepted(m) {
         for r in &pol.rules {
             for (i, peer) in r.peers.iter().flatten().enumerate() {
-                let Peer::Pods {
+                if let Peer::Pods {
                     namespaces: Some(s),
                     ..
                 } = peer
-                else {
-                    continue;
-                };
-                let keys: Vec<&str> = s
-                    .requirements()
-                    .iter()
-                    .map(requirement_key)
-                    .filter(|k| *k != NAME_LABEL)
-                    .collect();
-                if !keys.is_empty() {
-                    out.push(finding(
-                        kind::UNGOVERNED_NAMESPACE_LABEL,
-                        format!("{k} {}[{}] peer {i}", dir_name(r.direction), r.index),
-                        format!(
-                            "namespaceSelector on {}: whoever can label a namespace can join it; select on {NAME_LABEL}",
-                            keys.join(", ")
-                        ),
-                    ));
+                {
+                    let at = format!("{k} {}[{}] peer {i}", dir_name(r.direction), r.index);
+                    ungoverned(s, at, out);
                 }
             }
         }
@@ -737,5 +791,191 @@ spec: {podSelector: {matchLabels: {app: ghost}}, policyTypes: [Ingress]}
             ]
         );
         assert!(failed_requirements(&r.findings, &["bogus".into()]).is_err());
+    }
+
+    fn with_cluster(m: &mut Model, docs: &str) {
+        for doc in docs.split("\n---\n") {
+            let c: crate::cnp::ClusterNetworkPolicy = serde_yaml::from_str(doc).unwrap();
+            m.add_cluster_policy(&c);
+        }
+    }
+
+    fn detail<'a>(r: &'a CoverageReport, subject: &str) -> &'a str {
+        &r.findings
+            .iter()
+            .find(|f| f.subject == subject)
+            .unwrap_or_else(|| panic!("no finding for {subject}: {:?}", r.findings))
+            .detail
+    }
+
+    const ADMIN_DENY_DB: &str = r#"
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: no-db-from-web}
+spec:
+  tier: Admin
+  priority: 10
+  subject: {namespaces: {matchLabels: {kubernetes.io/metadata.name: app}}}
+  egress:
+  - name: dns
+    action: Accept
+    to: [{namespaces: {matchLabels: {kubernetes.io/metadata.name: kube-system}}}]
+    protocols: [{udp: {destinationPort: {number: 53}}}]
+  - name: db
+    action: Deny
+    to: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: db}}}}]
+  - name: db-again
+    action: Accept
+    to: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: db}}}}]
+    protocols: [{tcp: {destinationPort: {number: 5432}}}]
+---
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: baseline}
+spec:
+  tier: Baseline
+  priority: 10
+  subject: {namespaces: {}}
+  ingress:
+  - name: deny-all
+    action: Deny
+    from: [{namespaces: {}}]
+  egress:
+  - name: db-5432
+    action: Accept
+    to: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: db}}}}]
+    protocols: [{tcp: {destinationPort: {number: 5432}}}]
+  - name: deny-all
+    action: Deny
+    to: [{networks: [0.0.0.0/0]}]
+"#;
+
+    #[test]
+    fn cluster_policies_isolate_deny_by_default_and_shadow() {
+        let mut m = model(POLICIES);
+        with_cluster(&mut m, ADMIN_DENY_DB);
+        let r = report(&m);
+        // The Baseline deny isolates every pod, kube-system's included.
+        let dns = r.pods.iter().find(|p| p.pod == "dns").unwrap();
+        assert_eq!(dns.ingress, vec!["ClusterNetworkPolicy/baseline"]);
+        assert_eq!(
+            kinds(&r, "kube-system/dns"),
+            vec![kind::NO_DNS],
+            "denied by Baseline"
+        );
+        let sys = r
+            .namespaces
+            .iter()
+            .find(|n| n.namespace == "kube-system")
+            .unwrap();
+        assert_eq!(
+            sys.default_deny_ingress,
+            vec!["ClusterNetworkPolicy/baseline"]
+        );
+        assert_eq!(
+            sys.default_deny_egress,
+            vec!["ClusterNetworkPolicy/baseline"]
+        );
+        assert!(!kinds(&r, "app").contains(&kind::NO_DEFAULT_DENY_EGRESS.to_string()));
+
+        // web's NetworkPolicy rules to the db are dead under the Admin Deny;
+        // the ipBlock rule (all ports to 10.0.0.0/24) is not: non-pod
+        // addresses there are not denied above it.
+        for rule in ["app/web-egress egress[0]", "app/web-egress egress[1]"] {
+            assert_eq!(kinds(&r, rule), vec![kind::SHADOWED_RULE], "{rule}");
+        }
+        assert!(detail(&r, "app/web-egress egress[1]")
+            .contains("ClusterNetworkPolicy/no-db-from-web rule db (Admin, Deny)"));
+        assert!(!kinds(&r, "app/web-egress egress[2]").contains(&kind::SHADOWED_RULE.to_string()));
+        // Inside the CNP: db-again comes after db, which covers it.
+        assert!(detail(&r, "ClusterNetworkPolicy/no-db-from-web egress[2]")
+            .contains("rule db of the same policy"),);
+        // The Baseline accept to the db on 5432 is dead for app's pods (the
+        // Admin Deny) but not for kube-system's: not reported.
+        assert!(kinds(&r, "ClusterNetworkPolicy/baseline egress[0]").is_empty());
+        // DNS: app's pods reach kube-system on 53/UDP through the Admin
+        // accept; kube-system's dns pod is denied everything by Baseline.
+        for pod in ["app/web", "app/db", "app/stray"] {
+            assert!(!kinds(&r, pod).contains(&kind::NO_DNS.to_string()), "{pod}");
+        }
+        let dns_pod = m.pods.get(&ObjectKey::new("kube-system", "dns")).unwrap();
+        assert!(!cluster::dns_reachable(&m, dns_pod, false));
+    }
+
+    #[test]
+    fn admin_deny_everything_shadows_dns_and_governance_of_cluster_selectors() {
+        let mut m = model(POLICIES);
+        with_cluster(
+            &mut m,
+            r#"
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: lockdown}
+spec:
+  tier: Admin
+  priority: 1
+  subject: {namespaces: {matchLabels: {team: a}}}
+  egress:
+  - action: Deny
+    to: [{networks: [0.0.0.0/0]}]
+  - action: Accept
+    to: [{namespaces: {matchLabels: {team: sys}}}]
+---
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: nobody}
+spec:
+  tier: Admin
+  priority: 2
+  subject: {pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: ghost}}}}
+  ingress:
+  - action: Accept
+    from: [{namespaces: {matchLabels: {kubernetes.io/metadata.name: gone}}}]
+"#,
+        );
+        let r = report(&m);
+        // Every egress rule of app's policies is dead, the ipBlock one too
+        // (0.0.0.0/0 covers it, pods and addresses alike).
+        for rule in [
+            "app/web-egress egress[0]",
+            "app/web-egress egress[1]",
+            "app/web-egress egress[2]",
+            "app/db-egress egress[0]",
+        ] {
+            assert!(
+                kinds(&r, rule).contains(&kind::SHADOWED_RULE.to_string()),
+                "{rule}: {:?}",
+                r.findings
+            );
+        }
+        // The accept after the deny-everything never decides.
+        assert_eq!(
+            kinds(&r, "ClusterNetworkPolicy/lockdown egress[1]"),
+            vec![kind::SHADOWED_RULE]
+        );
+        assert_eq!(
+            kinds(&r, "ClusterNetworkPolicy/lockdown egress[1] peer 0"),
+            vec![kind::UNGOVERNED_NAMESPACE_LABEL]
+        );
+        assert_eq!(
+            kinds(&r, "ClusterNetworkPolicy/lockdown subject"),
+            vec![kind::UNGOVERNED_NAMESPACE_LABEL]
+        );
+        for pod in ["app/web", "app/db", "app/stray"] {
+            assert!(kinds(&r, pod).contains(&kind::NO_DNS.to_string()), "{pod}");
+        }
+        assert_eq!(
+            kinds(&r, "ClusterNetworkPolicy/nobody subject"),
+            vec![kind::EMPTY_SELECTOR]
+        );
+        assert_eq!(
+            kinds(&r, "ClusterNetworkPolicy/nobody ingress[0] peer 0"),
+            vec![kind::EMPTY_SELECTOR]
+        );
+        // Without the lockdown, nothing is shadowed by the tier.
+        m.cluster_policies.remove("lockdown");
+        let r = report(&m);
+        assert!(kinds(&r, "app/web-egress egress[1]").is_empty());
+        assert!(!kinds(&r, "app/web").contains(&kind::NO_DNS.to_string()));
     }
 }
