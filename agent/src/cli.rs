@@ -443,11 +443,13 @@ pub fn render_coverage(r: &CoverageReport) -> String {
 pub struct PreviewArgs {
     #[arg(long, default_value = DEFAULT_SOCKET, env = "PALISADE_SOCKET")]
     pub socket: PathBuf,
-    /// YAML files of NetworkPolicies to apply (or replace); repeatable,
+    /// YAML files of NetworkPolicies and ClusterNetworkPolicies to apply
+    /// (or replace); repeatable,
     /// several documents per file allowed.
     #[arg(short = 'f', long = "filename", num_args = 1..)]
     pub files: Vec<PathBuf>,
-    /// namespace/name of a NetworkPolicy to delete; repeatable.
+    /// namespace/name of a NetworkPolicy, or ClusterNetworkPolicy/name, to
+    /// delete; repeatable.
     #[arg(long)]
     pub delete: Vec<String>,
     /// Only flows recorded since: a duration ago (10m, 2h) or an RFC 3339 time.

@@ -76,21 +76,44 @@ pub fn changed_model(model: &Model, req: &PreviewRequest) -> Result<(Model, Vec<
         let v: serde_yaml::Value =
             serde_yaml::from_str(doc).with_context(|| format!("object {i}: not YAML"))?;
         let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or_default();
-        if kind != "NetworkPolicy" {
-            bail!("object {i}: kind {kind:?}: preview takes NetworkPolicy objects");
-        }
-        let np: NetworkPolicy = serde_yaml::from_value(v)
-            .with_context(|| format!("object {i}: not a NetworkPolicy"))?;
-        let key = convert::key(&np.metadata)
-            .with_context(|| format!("object {i}: a NetworkPolicy without metadata.name"))?;
-        let parsed = m.add_policy(key.clone(), &np);
-        if let Some(why) = parsed.rejected() {
-            rejected.push(format!("{key}: {why}"));
+        match kind {
+            "NetworkPolicy" => {
+                let np: NetworkPolicy = serde_yaml::from_value(v)
+                    .with_context(|| format!("object {i}: not a NetworkPolicy"))?;
+                let key = convert::key(&np.metadata).with_context(|| {
+                    format!("object {i}: a NetworkPolicy without metadata.name")
+                })?;
+                let parsed = m.add_policy(key.clone(), &np);
+                if let Some(why) = parsed.rejected() {
+                    rejected.push(format!("{key}: {why}"));
+                }
+            }
+            crate::cnp::KIND => {
+                let cnp: crate::cnp::ClusterNetworkPolicy = serde_yaml::from_value(v)
+                    .with_context(|| format!("object {i}: not a ClusterNetworkPolicy"))?;
+                let name = cnp.metadata.name.clone().filter(|n| !n.is_empty());
+                let name = name.with_context(|| {
+                    format!("object {i}: a ClusterNetworkPolicy without metadata.name")
+                })?;
+                let parsed = m.add_cluster_policy(&cnp);
+                if let Some(why) = parsed.rejected() {
+                    rejected.push(format!("{}/{name}: {why}", crate::cnp::KIND));
+                }
+            }
+            _ => bail!(
+                "object {i}: kind {kind:?}: preview takes NetworkPolicy and ClusterNetworkPolicy objects"
+            ),
         }
     }
     for d in &req.delete {
+        if let Some(name) = d.strip_prefix("ClusterNetworkPolicy/") {
+            if !m.remove_cluster_policy(name) {
+                bail!("--delete {d}: no such ClusterNetworkPolicy");
+            }
+            continue;
+        }
         let Some((ns, name)) = d.split_once('/') else {
-            bail!("--delete {d:?}: expected namespace/name");
+            bail!("--delete {d:?}: expected namespace/name or ClusterNetworkPolicy/name");
         };
         if !m.remove_policy(&ObjectKey::new(ns, name)) {
             bail!("--delete {d}: no such NetworkPolicy");
@@ -128,6 +151,12 @@ fn allowed(v: &Verdict) -> bool {
 fn responsible(c: &Compiled, endpoint_id: u32, dir: u8, v: &Verdict) -> String {
     if let Some(r) = c.cookies.get(&v.cookie) {
         return r.to_string();
+    }
+    if let Some(r) = c.cluster_cookies.get(&v.cookie) {
+        return r.to_string();
+    }
+    if v.cookie == crate::compiler::tiers::COOKIE_DEFAULT_ALLOW {
+        return "baseline default (no tier decided)".into();
     }
     match v.reason {
         reason::NO_POLICY_MATCH => {
@@ -406,5 +435,74 @@ mod tests {
             let e = changed_model(&with, &req).unwrap_err();
             assert!(format!("{e:#}").contains(want), "{e:#}");
         }
+    }
+
+    const ADMIN_DENY: &str = "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: no-db}\nspec:\n  tier: Admin\n  priority: 1\n  subject: {namespaces: {}}\n  ingress:\n  - name: web-to-db\n    action: Deny\n    from: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: web}}}}]\n    protocols: [{tcp: {destinationPort: {number: 5432}}}]\n";
+
+    #[test]
+    fn cluster_network_policies_are_previewed_and_deleted_by_name() {
+        let mut m = model();
+        let np: NetworkPolicy = serde_yaml::from_str(DB_POLICY).unwrap();
+        m.add_policy(ObjectKey::new("app", "db"), &np);
+        let records = vec![
+            rec(("web", 1), ("db", 2), 5432, "app/db", "ingress"),
+            rec(("web", 1), ("db", 2), 5432, "app/db", "ingress"),
+        ];
+        let req = PreviewRequest {
+            apply: vec![ADMIN_DENY.into()],
+            delete: vec![],
+            since_unix: None,
+        };
+        let (changed, rejected) = changed_model(&m, &req).unwrap();
+        assert!(rejected.is_empty(), "{rejected:?}");
+        let mut c = Compiler::new();
+        let (before, after) = (c.compile(&m), c.compile(&changed));
+        let r = replay(&m, &before, &after, &records);
+        assert_eq!(r.newly_dropped.len(), 1, "{r:?}");
+        assert_eq!(r.newly_dropped[0].flows, 2);
+        assert_eq!(
+            r.newly_dropped[0].rule,
+            "ClusterNetworkPolicy/no-db rule web-to-db (Admin tier, Deny)"
+        );
+
+        // Deleting it by name: the NetworkPolicy decides again.
+        let req = PreviewRequest {
+            apply: vec![],
+            delete: vec!["ClusterNetworkPolicy/no-db".into()],
+            since_unix: None,
+        };
+        let (back, _) = changed_model(&changed, &req).unwrap();
+        let mut c = Compiler::new();
+        let (before, after) = (c.compile(&changed), c.compile(&back));
+        let r = replay(&changed, &before, &after, &records);
+        assert_eq!(r.newly_allowed.len(), 1, "{r:?}");
+        assert_eq!(r.newly_allowed[0].rule, "app/db ingress[0]");
+        let e = changed_model(
+            &back,
+            &PreviewRequest {
+                apply: vec![],
+                delete: vec!["ClusterNetworkPolicy/no-db".into()],
+                since_unix: None,
+            },
+        )
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("no such ClusterNetworkPolicy"));
+
+        // A rejected one is reported, not applied.
+        let bad = ADMIN_DENY.replace("priority: 1", "priority: 5000");
+        let (_, rejected) = changed_model(
+            &m,
+            &PreviewRequest {
+                apply: vec![bad],
+                delete: vec![],
+                since_unix: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(rejected.len(), 1);
+        assert!(
+            rejected[0].starts_with("ClusterNetworkPolicy/no-db: "),
+            "{rejected:?}"
+        );
     }
 }

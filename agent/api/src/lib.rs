@@ -64,10 +64,12 @@ pub enum Request {
 /// `palisade-agent preview`: policy objects to apply or delete hypothetically.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PreviewRequest {
-    /// YAML documents (NetworkPolicy objects) to apply or replace.
+    /// YAML documents (NetworkPolicy or ClusterNetworkPolicy objects) to
+    /// apply or replace.
     #[serde(default)]
     pub apply: Vec<String>,
-    /// namespace/name of policies to delete.
+    /// namespace/name of NetworkPolicies, ClusterNetworkPolicy/name of
+    /// cluster ones, to delete.
     #[serde(default)]
     pub delete: Vec<String>,
     /// Only flows recorded at or after this time (seconds since the epoch).
