@@ -54,7 +54,34 @@ pub struct Config {
     pub verify_readiness: bool,
 }
 
-pub const METRICS_DEFAULT_ADDR: &str = "0.0.0.0:9962";
+/// `--metrics-addr` by default: the node's address (see [`metrics_bind`]).
+pub const METRICS_DEFAULT_ADDR: &str = "node";
+pub const METRICS_PORT: u16 = 9962;
+
+/// Where `/metrics`, `/healthz` and `/readyz` listen. `node` (the default)
+/// binds the node's address from `NODE_IP` (the DaemonSet sets it from
+/// `status.hostIP`), else loopback: never every address of the node by
+/// default. `off` disables the endpoint; anything else is an address:port.
+pub fn metrics_bind(
+    arg: &str,
+    node_ip: Option<&str>,
+) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    use anyhow::Context;
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+    Ok(match arg {
+        "off" | "" => None,
+        "node" => {
+            let ip = match node_ip.filter(|s| !s.is_empty()) {
+                Some(s) => s
+                    .parse::<IpAddr>()
+                    .with_context(|| format!("NODE_IP {s:?} is not an address"))?,
+                None => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            };
+            Some(SocketAddr::new(ip, METRICS_PORT))
+        }
+        s => Some(s.parse().with_context(|| format!("--metrics-addr {s}"))?),
+    })
+}
 
 /// What the flow log, trace and status read: the engine's published view,
 /// swapped whole after every change (cheap: persistent maps).
@@ -732,4 +759,24 @@ fn validate(r: &Registration) -> Result<()> {
         return bad(format!("{ip} cannot be a pod address"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod metrics_bind_tests {
+    use super::metrics_bind;
+
+    #[test]
+    fn the_default_binds_the_node_address_or_loopback_never_everything() {
+        let at = |arg, ip| metrics_bind(arg, ip).unwrap().map(|a| a.to_string());
+        assert_eq!(
+            at("node", Some("192.168.1.5")),
+            Some("192.168.1.5:9962".into())
+        );
+        assert_eq!(at("node", None), Some("127.0.0.1:9962".into()));
+        assert_eq!(at("node", Some("")), Some("127.0.0.1:9962".into()));
+        assert_eq!(at("off", Some("192.168.1.5")), None);
+        assert_eq!(at("0.0.0.0:9000", None), Some("0.0.0.0:9000".into()));
+        assert!(metrics_bind("node", Some("nonsense")).is_err());
+        assert!(metrics_bind("nonsense", None).is_err());
+    }
 }

@@ -123,7 +123,8 @@ struct RunArgs {
     flow_log: PathBuf,
     #[arg(long, default_value_t = 64 * 1024 * 1024)]
     flow_log_max_bytes: u64,
-    /// Address of /metrics, /healthz, /readyz ("off" disables).
+    /// Address of /metrics, /healthz, /readyz: "node" (the node's address
+    /// from NODE_IP, else 127.0.0.1; port 9962), an address:port, or "off".
     #[arg(long, default_value = METRICS_DEFAULT_ADDR)]
     metrics_addr: String,
     /// Global audit mode: would-be drops pass and are logged as AUDIT.
@@ -193,10 +194,9 @@ fn call(s: &SocketArg, req: &Request, timeout: Duration) -> Result<Response> {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Run(a) => {
-            let metrics_addr = match a.metrics_addr.as_str() {
-                "off" | "" => None,
-                s => Some(s.parse().with_context(|| format!("--metrics-addr {s}"))?),
-            };
+            let node_ip = std::env::var("NODE_IP").ok();
+            let metrics_addr =
+                palisade_agent::daemon::metrics_bind(&a.metrics_addr, node_ip.as_deref())?;
             let cfg = Config {
                 socket: a.s.socket,
                 pins: Pins::new(a.pin_root),

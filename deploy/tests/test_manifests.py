@@ -335,6 +335,10 @@ def test_probes_and_metrics():
     agent = container("agent")
     addr = flag(agent, "--metrics-addr")
     assert addr.rsplit(":", 1)[1] == str(METRICS_PORT), addr
+    # The node's address, not every address of the node.
+    assert addr.rsplit(":", 1)[0] == "$(NODE_IP)", addr
+    env = {e["name"]: e for e in agent["env"]}
+    assert env["NODE_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
     ports = {p["name"]: p["containerPort"] for p in agent["ports"]}
     for probe, path in [("startupProbe", "/healthz"), ("livenessProbe", "/healthz"),
                         ("readinessProbe", "/readyz")]:
