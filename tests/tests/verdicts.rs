@@ -1082,6 +1082,33 @@ fn spoofed_sources_are_dropped_even_unenforced_and_in_audit() -> Result<()> {
         let f = Packet::udp(PEER, 5000, EXTERNAL, 53).later_fragment(3, 100, false);
         rig.run(DIR_EGRESS, &f)?
             .assert_reported(false, VERDICT_DROP, reason::SPOOFED_SOURCE, 0);
+        // So are malformed headers: the source check comes before the
+        // header check, whose drop an unenforced pod would skip.
+        let tcp = Packet::tcp(PEER, 5000, EXTERNAL, 80, TCP_FLAG_SYN);
+        for bad in [
+            tcp.clone().with_ihl(4),
+            tcp.clone().with_ip_version(6),
+            tcp.clone().with_tot_len(19),
+            tcp.clone().with_ihl(15).with_tot_len(80),
+        ] {
+            rig.run(DIR_EGRESS, &bad)?.assert_reported(
+                false,
+                VERDICT_DROP,
+                reason::SPOOFED_SOURCE,
+                0,
+            );
+        }
+    }
+    // A frame too short to hold an IPv4 source never leaves a pod (the
+    // kernel's test run refuses such frames: the model's alone).
+    for flags in [0, EP_AUDIT | EP_EGRESS_ENFORCED] {
+        rig.endpoint(flags)?;
+        let short = Packet::udp(POD, 5000, EXTERNAL, 53).truncated(14 + 10);
+        let v = rig.ev.evaluate(IFINDEX, DIR_EGRESS, &short);
+        assert_eq!(
+            (v.pass, v.reason, v.counter),
+            (false, reason::MALFORMED, Some(reason::MALFORMED))
+        );
     }
     // Ingress has no source check: a packet to the pod from anywhere is decided by policy.
     rig.endpoint(0)?;

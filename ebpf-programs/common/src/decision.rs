@@ -180,6 +180,19 @@ pub fn drop_if_enforced(ep: &EndpointInfo, dir: u8, why: u8) -> Option<Decision>
     Some(drop_decision(ep, why, 0, own_side(ep, dir)))
 }
 
+/// A frame whose IPv4 source cannot be read (shorter than an IPv4
+/// header): from a pod it never passes, enforced or not, audit or not,
+/// since anti-spoofing cannot hold for it; towards a pod, dropped where
+/// enforced as any malformed header.
+#[inline(always)]
+pub fn unchecked_source(ep: &EndpointInfo, dir: u8, why: u8) -> Option<Decision> {
+    if dir == DIR_EGRESS {
+        Some(hard_drop(ep, why, dir))
+    } else {
+        drop_if_enforced(ep, dir, why)
+    }
+}
+
 /// ICMPv6 neighbour discovery (types 133..=137), which addressing needs
 /// even where IPv6 is otherwise dropped. `next_header` is the IPv6 header's.
 #[inline(always)]

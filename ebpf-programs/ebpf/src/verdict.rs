@@ -23,8 +23,8 @@ use palisade_common::{
     decision::{
         ct_key, ct_use, decide, drop_if_enforced as enforced_drop, empty_key,
         first_fragment_verdict, flow_event, hard_drop, is_neighbour_discovery,
-        later_fragment_verdict, new_ct_entry, peer_or_world, refresh, remote_addr, spoofed, track,
-        Decision,
+        later_fragment_verdict, new_ct_entry, refresh, remote_addr, spoofed, track,
+        unchecked_source, Decision,
     },
     reason,
     service::{
@@ -84,12 +84,7 @@ pub fn process<const DRY: bool>(
     }
 
     let Some(eth) = ptr_at::<EthHdr>(start, end, 0) else {
-        return Ok(drop_if_enforced::<DRY>(
-            &ep,
-            dir,
-            ifindex,
-            reason::MALFORMED,
-        ));
+        return Ok(drop_unchecked::<DRY>(&ep, dir, ifindex, reason::MALFORMED));
     };
     // SAFETY: bounds checked by ptr_at.
     let ether_type = u16::from_be(unsafe { (*eth).ether_type_be });
@@ -111,12 +106,7 @@ pub fn process<const DRY: bool>(
     }
 
     let Some(ip) = ptr_at::<Ipv4Hdr>(start, end, ETH_HLEN) else {
-        return Ok(drop_if_enforced::<DRY>(
-            &ep,
-            dir,
-            ifindex,
-            reason::MALFORMED,
-        ));
+        return Ok(drop_unchecked::<DRY>(&ep, dir, ifindex, reason::MALFORMED));
     };
     // SAFETY: bounds checked by ptr_at.
     let (ver_ihl, tot_len, id_be, frag_off, protocol, saddr, daddr) = unsafe {
@@ -130,17 +120,8 @@ pub fn process<const DRY: bool>(
             (*ip).daddr,
         )
     };
-    let ihl = ((ver_ihl & 0x0f) as usize) * 4;
-    if ver_ihl >> 4 != 4 || ihl < 20 || (tot_len as usize) < ihl {
-        return Ok(drop_if_enforced::<DRY>(
-            &ep,
-            dir,
-            ifindex,
-            reason::MALFORMED,
-        ));
-    }
-
-    // Anti-spoofing holds for every registered pod, enforced or not.
+    // Anti-spoofing first: it holds for every frame from a registered pod,
+    // enforced or not, well-formed or not (the source field is there).
     if let Some(d) = spoofed(&ep, dir, saddr) {
         let flow = Flow {
             key: ct_key(saddr, daddr, 0, 0, protocol, dir),
@@ -149,6 +130,16 @@ pub fn process<const DRY: bool>(
         };
         finish::<DRY>(&ep, ifindex, &flow, &d);
         return Ok(d.pass);
+    }
+
+    let ihl = ((ver_ihl & 0x0f) as usize) * 4;
+    if ver_ihl >> 4 != 4 || ihl < 20 || (tot_len as usize) < ihl {
+        return Ok(drop_if_enforced::<DRY>(
+            &ep,
+            dir,
+            ifindex,
+            reason::MALFORMED,
+        ));
     }
 
     let frag_key = FragKey {
@@ -600,7 +591,24 @@ fn ipv6<const DRY: bool>(
 
 #[inline(always)]
 fn drop_if_enforced<const DRY: bool>(ep: &EndpointInfo, dir: u8, ifindex: u32, why: u8) -> bool {
-    let Some(d) = enforced_drop(ep, dir, why) else {
+    report_drop::<DRY>(ep, ifindex, dir, enforced_drop(ep, dir, why))
+}
+
+/// A frame whose source cannot be checked (see `decision::unchecked_source`).
+#[inline(always)]
+fn drop_unchecked<const DRY: bool>(ep: &EndpointInfo, dir: u8, ifindex: u32, why: u8) -> bool {
+    report_drop::<DRY>(ep, ifindex, dir, unchecked_source(ep, dir, why))
+}
+
+/// Reports a drop decided before any flow was parsed (none: pass).
+#[inline(always)]
+fn report_drop<const DRY: bool>(
+    ep: &EndpointInfo,
+    ifindex: u32,
+    dir: u8,
+    d: Option<Decision>,
+) -> bool {
+    let Some(d) = d else {
         return true;
     };
     let flow = Flow {

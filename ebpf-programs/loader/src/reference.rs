@@ -289,7 +289,7 @@ impl Evaluator {
         };
 
         if f.len() < ETH_HLEN {
-            return drop_if_enforced(&ep, dir, ifindex, reason::MALFORMED);
+            return drop_unchecked(&ep, dir, ifindex, reason::MALFORMED);
         }
         match be16(f, 12) {
             ETH_P_IP => {}
@@ -299,7 +299,7 @@ impl Evaluator {
         }
 
         if f.len() < ETH_HLEN + IPV4_HLEN {
-            return drop_if_enforced(&ep, dir, ifindex, reason::MALFORMED);
+            return drop_unchecked(&ep, dir, ifindex, reason::MALFORMED);
         }
         let ip = &f[ETH_HLEN..];
         let ver_ihl = ip[0];
@@ -309,18 +309,19 @@ impl Evaluator {
         let protocol = ip[9];
         let saddr = ne32(ip, 12);
         let daddr = ne32(ip, 16);
-        let ihl = (ver_ihl & 0x0f) as usize * 4;
-        if ver_ihl >> 4 != 4 || ihl < IPV4_HLEN || tot_len < ihl {
-            return drop_if_enforced(&ep, dir, ifindex, reason::MALFORMED);
-        }
-
-        // Anti-spoofing, for every registered pod, enforced or not.
+        // Anti-spoofing first, for every frame from a registered pod,
+        // enforced or not, well-formed or not.
         if let Some(d) = spoofed(&ep, dir, saddr) {
             let flow = Flow {
                 key: ct_key(saddr, daddr, 0, 0, protocol, dir),
                 tcp_flags: 0,
             };
             return finish(&ep, ifindex, &flow, &d);
+        }
+
+        let ihl = (ver_ihl & 0x0f) as usize * 4;
+        if ver_ihl >> 4 != 4 || ihl < IPV4_HLEN || tot_len < ihl {
+            return drop_if_enforced(&ep, dir, ifindex, reason::MALFORMED);
         }
 
         let frag_key = FragKey {
@@ -487,7 +488,16 @@ fn ipv6(ep: &EndpointInfo, dir: u8, ifindex: u32, f: &[u8]) -> Verdict {
 }
 
 fn drop_if_enforced(ep: &EndpointInfo, dir: u8, ifindex: u32, why: u8) -> Verdict {
-    match decision::drop_if_enforced(ep, dir, why) {
+    report_drop(ep, dir, ifindex, decision::drop_if_enforced(ep, dir, why))
+}
+
+/// The kernel's `drop_unchecked`: a frame whose source cannot be read.
+fn drop_unchecked(ep: &EndpointInfo, dir: u8, ifindex: u32, why: u8) -> Verdict {
+    report_drop(ep, dir, ifindex, decision::unchecked_source(ep, dir, why))
+}
+
+fn report_drop(ep: &EndpointInfo, dir: u8, ifindex: u32, d: Option<Decision>) -> Verdict {
+    match d {
         None => Verdict::silent(true, reason::UNENFORCED, None),
         Some(d) => {
             let flow = Flow {
