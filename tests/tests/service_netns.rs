@@ -247,6 +247,33 @@ fn udp_tag(ns: &NetNs, to: SocketAddr) -> Result<Option<u8>> {
     })?
 }
 
+/// A connect() that must fail: how, and how long it took.
+fn tcp_refusal(ns: &NetNs, to: SocketAddr) -> Result<(std::io::ErrorKind, Duration)> {
+    ns.enter(move || -> Result<_> {
+        let t = std::time::Instant::now();
+        match TcpStream::connect_timeout(&to, Duration::from_millis(1500)) {
+            Ok(_) => anyhow::bail!("connected to {to}"),
+            Err(e) => Ok((e.kind(), t.elapsed())),
+        }
+    })?
+}
+
+/// A connected UDP socket's error after one datagram to `to` (the kernel
+/// reports a port unreachable on the next call).
+fn udp_refusal(ns: &NetNs, to: SocketAddr) -> Result<std::io::ErrorKind> {
+    ns.enter(move || -> Result<_> {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        s.connect(to)?;
+        s.set_read_timeout(Some(Duration::from_millis(1500)))?;
+        s.send(b"q")?;
+        let mut buf = [0u8; 16];
+        match s.recv(&mut buf) {
+            Ok(n) => anyhow::bail!("{n}-byte answer from {to}"),
+            Err(e) => Ok(e.kind()),
+        }
+    })?
+}
+
 fn vip(port: u16) -> SocketAddr {
     (VIP, port).into()
 }
@@ -352,11 +379,20 @@ fn an_open_flow_keeps_its_backend_and_zero_backends_refuse_new_flows() -> Result
     echo(&mut open, 9)?; // still B
     assert_eq!(tcp_tag(r.ns(A), vip(80))?.0, C as u8, "new flows go to C");
 
+    // Scale-down to zero while the client holds a flow: the flow stays,
+    // new flows are refused at once as kube-proxy's REJECT refuses them
+    // (ICMP port unreachable from the ClusterIP), not left to time out.
     r.service(80, PROTO_TCP, &[])?;
     echo(&mut open, 8)?; // still open to B
-    assert!(tcp_tag(r.ns(A), vip(80)).is_err(), "no backend, no flow");
+    let (kind, took) = tcp_refusal(r.ns(A), vip(80))?;
+    assert_eq!(kind, std::io::ErrorKind::ConnectionRefused);
+    assert!(took < Duration::from_millis(500), "refused in {took:?}");
+    echo(&mut open, 7)?; // and still open after the refusal
     r.service(53, PROTO_UDP, &[])?;
-    assert_eq!(udp_tag(r.ns(A), vip(53))?, None);
+    assert_eq!(
+        udp_refusal(r.ns(A), vip(53))?,
+        std::io::ErrorKind::ConnectionRefused
+    );
     let e = r
         .events
         .wait_for(Duration::from_secs(5), |e| {

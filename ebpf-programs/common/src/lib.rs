@@ -7,6 +7,7 @@
 
 pub mod conntrack;
 pub mod decision;
+pub mod reject;
 pub mod service;
 
 /// Map names, as declared in the object and pinned under bpffs.

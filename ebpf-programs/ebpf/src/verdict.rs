@@ -20,6 +20,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use palisade_common::{
+    conntrack::TCP_FLAG_RST,
     decision::{
         ct_key, ct_use, decide, drop_if_enforced as enforced_drop, empty_key,
         first_fragment_verdict, flow_event, hard_drop, is_neighbour_discovery,
@@ -27,6 +28,7 @@ use palisade_common::{
         Decision,
     },
     reason,
+    reject::answerable,
     service::{
         backend_slot, policy_peer, reverse_key, translated, SvcBackendKey, SvcFrontend,
         SvcFrontendKey, SvcNat, HAIRPIN_ADDR, HAIRPIN_PEER, NAT_HAIRPIN,
@@ -50,6 +52,8 @@ struct Flow {
     tcp_flags: u8,
     /// `SvcFrontend::service_id` of a translated flow, else 0.
     svc: u32,
+    /// May be answered with an ICMP error (`palisade_common::reject`).
+    answerable: bool,
 }
 
 #[inline(always)]
@@ -146,6 +150,7 @@ pub fn process<const DRY: bool>(
             key: ct_key(saddr, daddr, 0, 0, protocol, dir),
             tcp_flags: 0,
             svc: 0,
+            answerable: false,
         };
         finish::<DRY>(&ep, ifindex, &flow, &d);
         return Ok(d.pass);
@@ -176,6 +181,7 @@ pub fn process<const DRY: bool>(
         key: ct_key(saddr, daddr, 0, 0, protocol, dir),
         tcp_flags: 0,
         svc: 0,
+        answerable: false,
     };
     let parsed = match protocol {
         PROTO_TCP => match ptr_at::<TcpHdr>(start, end, l4) {
@@ -220,6 +226,7 @@ pub fn process<const DRY: bool>(
         },
         _ => true,
     };
+    flow.answerable = answerable(ihl, frag_off, flow.tcp_flags & TCP_FLAG_RST != 0);
     if !parsed {
         return Ok(drop_if_enforced::<DRY>(
             &ep,
@@ -415,10 +422,16 @@ fn service_flow(
         lookup(&SVC_BACKENDS, &bk)
     };
     let Some(b) = backend else {
-        // kube-proxy rejects these; palisade drops them (no reset or ICMP
-        // unreachable is generated), reported with their own reason.
+        // Dropped with its own reason, and answered as kube-proxy's REJECT
+        // answers it (ICMP port unreachable) so the client fails at once.
         let d = hard_drop(ep, reason::NO_SERVICE_BACKEND, DIR_EGRESS);
         finish::<false>(ep, ifindex, flow, &d);
+        if flow.answerable {
+            if let Ok(act) = service::reject(ctx, ifindex) {
+                *redirect = Some(act);
+                return true;
+            }
+        }
         return false;
     };
     let hairpin = b.addr == ep.ipv4;
@@ -559,6 +572,7 @@ fn frag_flow(saddr: u32, daddr: u32, protocol: u8, dir: u8) -> Flow {
         key: ct_key(saddr, daddr, 0, 0, protocol, dir),
         tcp_flags: 0,
         svc: 0,
+        answerable: false,
     }
 }
 
@@ -591,6 +605,7 @@ fn ipv6<const DRY: bool>(
         key: empty_key(dir),
         tcp_flags: 0,
         svc: 0,
+        answerable: false,
     };
     // Audit mode does not open an IPv6 bypass either.
     let d = hard_drop(ep, reason::IPV6_UNSUPPORTED, dir);
@@ -607,6 +622,7 @@ fn drop_if_enforced<const DRY: bool>(ep: &EndpointInfo, dir: u8, ifindex: u32, w
         key: empty_key(dir),
         tcp_flags: 0,
         svc: 0,
+        answerable: false,
     };
     finish::<DRY>(ep, ifindex, &flow, &d);
     d.pass
