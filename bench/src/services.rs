@@ -324,7 +324,7 @@ fn setup(maps: &mut Maps) -> Result<()> {
             SvcFrontend {
                 service_id: id,
                 backends: 1,
-                flags: 0,
+                affinity_s: 0,
             },
         )?;
     }

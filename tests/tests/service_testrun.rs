@@ -117,7 +117,7 @@ fn translation_rewrites_headers_with_valid_checksums_both_ways() -> Result<()> {
             SvcFrontend {
                 service_id: id,
                 backends: 1,
-                flags: 0,
+                affinity_s: 0,
             },
         )?;
     }
@@ -180,7 +180,7 @@ fn translation_rewrites_headers_with_valid_checksums_both_ways() -> Result<()> {
         SvcFrontend {
             service_id: 1,
             backends: 0,
-            flags: 0,
+            affinity_s: 0,
         },
     )?;
     let syn = with_checksum(
@@ -203,7 +203,7 @@ fn translation_rewrites_headers_with_valid_checksums_both_ways() -> Result<()> {
         SvcFrontend {
             service_id: 2,
             backends: 0,
-            flags: 0,
+            affinity_s: 0,
         },
     )?;
     let dgram = with_checksum(Packet::udp(POD, 40005, VIP, 53).with_payload(1).bytes(), 6);

@@ -30,8 +30,9 @@ use palisade_common::{
     reason,
     reject::answerable,
     service::{
-        backend_slot, policy_peer, reverse_key, translated, SvcBackendKey, SvcFrontend,
-        SvcFrontendKey, SvcNat, HAIRPIN_ADDR, HAIRPIN_PEER, NAT_HAIRPIN,
+        affinity_holds, backend_slot, policy_peer, reverse_key, translated, SvcAffinity,
+        SvcAffinityKey, SvcBackend, SvcBackendKey, SvcFrontend, SvcFrontendKey, SvcNat,
+        HAIRPIN_ADDR, HAIRPIN_PEER, NAT_HAIRPIN,
     },
     CtKey, CtValue, EndpointInfo, EndpointKey, FlowEvent, FragKey, FragValue, CT_SVC_NAT,
     DIR_EGRESS, DIR_INGRESS, POLICY_PREFIX_FULL, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
@@ -39,7 +40,7 @@ use palisade_common::{
 
 use crate::{
     headers::*, service, CONNTRACK, COUNTERS, ENDPOINTS, EVENTS, FRAGMENTS, IPCACHE, POLICY,
-    SVC_BACKENDS, SVC_FRONTENDS, SVC_NAT,
+    SVC_AFFINITY, SVC_BACKENDS, SVC_FRONTENDS, SVC_NAT,
 };
 
 /// Bytes of headers the programs may need in the linear part of the skb:
@@ -412,16 +413,7 @@ fn service_flow(
             return translate(ctx, &orig, &n, l4, ifindex, redirect);
         }
     }
-    let backend = if fe.backends == 0 {
-        None
-    } else {
-        let bk = SvcBackendKey {
-            service_id: fe.service_id,
-            slot: backend_slot(&orig, fe.backends),
-        };
-        lookup(&SVC_BACKENDS, &bk)
-    };
-    let Some(b) = backend else {
+    let Some((slot, b)) = pick_backend(&orig, fe, now) else {
         // Dropped with its own reason, and answered as kube-proxy's REJECT
         // answers it (ICMP port unreachable) so the client fails at once.
         let d = hard_drop(ep, reason::NO_SERVICE_BACKEND, DIR_EGRESS);
@@ -475,9 +467,71 @@ fn service_flow(
     v.flags |= CT_SVC_NAT;
     let _ = CONNTRACK.insert(&flow.key, &v, 0);
     let _ = CONNTRACK.insert(&orig, &v, 0);
+    if fe.affinity_s != 0 {
+        let a = SvcAffinity {
+            last_ns: now,
+            slot,
+            addr: b.addr,
+            port_be: b.port_be,
+            _pad: [0; 6],
+        };
+        let _ = SVC_AFFINITY.insert(&affinity_key(&orig, fe), &a, 0);
+    }
     count::<false>(reason::SVC_TRANSLATED);
     finish::<false>(ep, ifindex, flow, &d);
     translate(ctx, &orig, &fwd, l4, ifindex, redirect)
+}
+
+/// The backend slot of a new flow: with `sessionAffinity: ClientIP`, the
+/// one this client was last given while that still holds (and the slot
+/// still holds that backend), else by the hash of the tuple.
+#[inline(always)]
+fn pick_backend(orig: &CtKey, fe: &SvcFrontend, now: u64) -> Option<(u32, SvcBackend)> {
+    if fe.backends == 0 {
+        return None;
+    }
+    if fe.affinity_s != 0 {
+        if let Some(a) = lookup(&SVC_AFFINITY, &affinity_key(orig, fe)) {
+            if affinity_holds(a.last_ns, fe.affinity_s, now) {
+                // Where it was, else where the backend list moved it (the
+                // list is rewritten in order when backends come and go).
+                let mut i = 0;
+                while i <= AFFINITY_SCAN && i <= fe.backends {
+                    let slot = if i == 0 { a.slot } else { i - 1 };
+                    let bk = SvcBackendKey {
+                        service_id: fe.service_id,
+                        slot,
+                    };
+                    if slot < fe.backends {
+                        if let Some(b) = lookup(&SVC_BACKENDS, &bk) {
+                            if b.addr == a.addr && b.port_be == a.port_be {
+                                return Some((slot, b));
+                            }
+                        }
+                    }
+                    i += 1;
+                }
+            }
+        }
+    }
+    let slot = backend_slot(orig, fe.backends);
+    let bk = SvcBackendKey {
+        service_id: fe.service_id,
+        slot,
+    };
+    lookup(&SVC_BACKENDS, &bk).map(|b| (slot, b))
+}
+
+/// How many slots a client's pinned backend is looked for in when it is
+/// no longer where it was; beyond that the client is given a backend anew.
+const AFFINITY_SCAN: u32 = 32;
+
+#[inline(always)]
+fn affinity_key(orig: &CtKey, fe: &SvcFrontend) -> SvcAffinityKey {
+    SvcAffinityKey {
+        client: orig.saddr,
+        service_id: fe.service_id,
+    }
 }
 
 /// Rewrite an admitted packet to its backend; a hairpin is turned back
