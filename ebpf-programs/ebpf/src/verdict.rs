@@ -20,7 +20,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use palisade_common::{
-    conntrack::TCP_FLAG_RST,
+    conntrack::{TCP_ESTABLISHED, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN},
     decision::{
         ct_key, ct_use, decide, drop_if_enforced as enforced_drop, empty_key,
         first_fragment_verdict, flow_event, hard_drop, is_neighbour_discovery,
@@ -268,23 +268,37 @@ fn track_and_decide<const DRY: bool>(
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let mut ct_flags = 0;
+    let mut ct_state = 0;
     let known = if DRY {
         None
     } else {
-        ct_track(&flow.key, dir, flow.tcp_flags, now, &mut ct_flags)
+        ct_track(
+            &flow.key,
+            dir,
+            flow.tcp_flags,
+            now,
+            &mut ct_flags,
+            &mut ct_state,
+        )
     };
     if let Some((why, _)) = known {
         let was_translated = ct_flags & CT_SVC_NAT != 0;
         if dir == DIR_EGRESS && was_translated {
             // A later packet of a translated flow, by its original tuple:
-            // to the backend it was given. Its translated tuple's entry is
-            // kept alive too (replies are matched against it). Without its
-            // translation entry (evicted) it is a new flow again, below.
+            // to the backend it was given. Without its translation entry
+            // (evicted) it is a new flow again, below.
             if let Some(n) = lookup(&SVC_NAT, &flow.key) {
                 count::<DRY>(why);
-                let tk = translated(&flow.key, n.addr, n.port_be);
-                let mut f = 0;
-                let _ = ct_track(&tk, DIR_EGRESS, flow.tcp_flags, now, &mut f);
+                // The translated tuple's entry (replies are matched
+                // against it) follows the handshake and the close; an
+                // established TCP flow's plain segments leave it to the
+                // replies, which refresh it (TCP always answers), so they
+                // cost one conntrack lookup, not two.
+                if !translated_entry_idle(flow.key.protocol, ct_state, flow.tcp_flags) {
+                    let tk = translated(&flow.key, n.addr, n.port_be);
+                    let (mut f, mut st) = (0, 0);
+                    let _ = ct_track(&tk, DIR_EGRESS, flow.tcp_flags, now, &mut f, &mut st);
+                }
                 let orig = flow.key;
                 return translate(ctx, &orig, &n, l4, ifindex, redirect);
             }
@@ -353,16 +367,35 @@ fn known_flow(
     true
 }
 
-/// Conntrack lookup of `key` (and its reply direction); `flags` receives
-/// the flags of the entry that matched.
+/// Whether a packet of an established translated TCP flow may leave the
+/// translated tuple's conntrack entry alone: no SYN, FIN or RST, and the
+/// original tuple's entry was established before it.
 #[inline(always)]
-fn ct_track(key: &CtKey, dir: u8, tcp_flags: u8, now: u64, flags: &mut u8) -> Option<(u8, u32)> {
+fn translated_entry_idle(protocol: u8, state_before: u8, tcp_flags: u8) -> bool {
+    protocol == PROTO_TCP
+        && state_before == TCP_ESTABLISHED
+        && tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST) == 0
+}
+
+/// Conntrack lookup of `key` (and its reply direction); `flags` and
+/// `state` receive the flags and the TCP state (before this packet) of the
+/// entry that matched.
+#[inline(always)]
+fn ct_track(
+    key: &CtKey,
+    dir: u8,
+    tcp_flags: u8,
+    now: u64,
+    flags: &mut u8,
+    state: &mut u8,
+) -> Option<(u8, u32)> {
     track(key, dir, |k, reply| {
         let p = CONNTRACK.get_ptr_mut(k)?;
         // SAFETY: valid map value pointer; concurrent updates of these
         // fields race benignly (last writer wins on a timestamp).
         let ct = unsafe { &mut *p };
         *flags = ct.flags;
+        *state = ct.tcp_state;
         ct_use(ct, k.protocol, tcp_flags, reply, now).then_some(ct.cookie)
     })
 }
@@ -397,8 +430,9 @@ fn service_flow(
     flow.svc = fe.service_id;
     if let Some(n) = lookup(&SVC_NAT, &orig) {
         let tk = translated(&orig, n.addr, n.port_be);
-        let mut f = 0;
-        if let Some((why, cookie)) = ct_track(&tk, DIR_EGRESS, flow.tcp_flags, now, &mut f) {
+        let (mut f, mut st) = (0, 0);
+        if let Some((why, cookie)) = ct_track(&tk, DIR_EGRESS, flow.tcp_flags, now, &mut f, &mut st)
+        {
             count::<false>(why);
             // The original tuple's entry was gone: the flow's own again.
             let mut v = CtValue {
