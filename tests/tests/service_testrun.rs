@@ -233,7 +233,7 @@ fn assert_unreachable(req: &[u8], out: &[u8]) {
     assert_eq!(&out[12..14], &[0x08, 0x00]);
     assert_eq!(fold(sum(&out[14..34], 0)), 0, "IP checksum");
     assert_eq!((out[14], out[23]), (0x45, 1), "IPv4, ICMP");
-    assert_eq!((addr(&out, 26), addr(&out, 30)), (VIP, POD));
+    assert_eq!((addr(out, 26), addr(out, 30)), (VIP, POD));
     assert_eq!((out[34], out[35]), (3, 3), "port unreachable");
     assert_eq!(fold(sum(&out[34..], 0)), 0, "ICMP checksum");
     assert_eq!(&out[42..], &req[14..42], "the quote");

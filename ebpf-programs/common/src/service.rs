@@ -200,22 +200,6 @@ pub fn policy_peer(
     }
 }
 
-/// The IPv4 header checksum after 4 bytes of the header changed from
-/// `from` to `to` (RFC 1624: HC' = ~(~HC + ~m + m')). All three are the
-/// raw memory values (any byte order, as long as it is the same: one's
-/// complement sums commute with byte swapping), so the kernel patches the
-/// header in place without a helper call. Not for L4 checksums, whose
-/// meaning depends on the skb's checksum offload state.
-#[inline(always)]
-pub fn ip_csum_replace4(check: u16, from: u32, to: u32) -> u16 {
-    let mut s = u32::from(!check);
-    s += u32::from(!(from as u16)) + u32::from(!((from >> 16) as u16));
-    s += (to & 0xffff) + (to >> 16);
-    s = (s & 0xffff) + (s >> 16);
-    s = (s & 0xffff) + (s >> 16);
-    !(s as u16)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,49 +214,6 @@ mod tests {
         assert_eq!(size_of::<SvcNat>(), 12);
         assert_eq!(size_of::<SvcAffinityKey>(), 8);
         assert_eq!(size_of::<SvcAffinity>(), 24);
-    }
-
-    fn ip_csum(h: &[u8; 20]) -> u16 {
-        let mut s = 0u32;
-        for i in (0..20).step_by(2) {
-            s += u32::from(u16::from_ne_bytes([h[i], h[i + 1]]));
-        }
-        while s > 0xffff {
-            s = (s & 0xffff) + (s >> 16);
-        }
-        !(s as u16)
-    }
-
-    #[test]
-    fn ip_checksum_patched_in_place_equals_a_full_recompute() {
-        let mut h = [
-            0x45, 0, 0, 60, 0x1c, 0x46, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 2, 10, 96, 0, 10,
-        ];
-        let c = ip_csum(&h);
-        h[10..12].copy_from_slice(&c.to_ne_bytes());
-        for to in [
-            [10u8, 244, 3, 7],
-            [255, 255, 255, 255],
-            [0, 0, 0, 0],
-            [169, 254, 42, 1],
-        ] {
-            for off in [12usize, 16] {
-                let mut g = h;
-                let from = u32::from_ne_bytes(g[off..off + 4].try_into().unwrap());
-                let old = u16::from_ne_bytes([g[10], g[11]]);
-                g[off..off + 4].copy_from_slice(&to);
-                let patched = ip_csum_replace4(old, from, u32::from_ne_bytes(to));
-                g[10..12].copy_from_slice(&[0, 0]);
-                let full = ip_csum(&g);
-                // 0x0000 and 0xffff are the same one's complement value.
-                assert!(
-                    patched == full || (patched ^ full) == 0xffff && full % 0xffff == 0,
-                    "{to:?}@{off}: {patched:04x} vs {full:04x}"
-                );
-                g[10..12].copy_from_slice(&patched.to_ne_bytes());
-                assert!(ip_csum(&g) == 0 || ip_csum(&g) == 0xffff);
-            }
-        }
     }
 
     #[test]
