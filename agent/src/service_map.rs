@@ -7,8 +7,10 @@
 //! count shrinks before slots go. Open flows are not affected by any of it
 //! (their backend is in their own translation entry).
 //!
-//! A frontend the datapath cannot translate (IPv6, SCTP, sessionAffinity
-//! ClientIP, a ClusterIP:port/protocol given twice) is left out with a
+//! `sessionAffinity: ClientIP` is the frontend's `affinity_s` (the kernel
+//! pins each client to its backend, `SVC_AFFINITY`). A frontend the
+//! datapath cannot translate (IPv6, SCTP, a ClusterIP:port/protocol given
+//! twice) is left out with a
 //! clear error naming it; every other frontend is still programmed.
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -34,6 +36,7 @@ pub trait ServiceWriter {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Programmed {
     id: u32,
+    affinity_s: u32,
     backends: Vec<SvcBackend>,
 }
 
@@ -62,12 +65,6 @@ pub fn compile(f: &Frontend) -> Result<(SvcFrontendKey, Vec<SvcBackend>), String
     if !matches!(f.protocol, PROTO_TCP | PROTO_UDP) {
         return Err(format!(
             "{}: only TCP and UDP are translated (SCTP's CRC32c checksum cannot be updated in place)",
-            what()
-        ));
-    }
-    if let Some(t) = f.affinity_timeout_s {
-        return Err(format!(
-            "{}: sessionAffinity ClientIP (timeout {t}s) is not supported by palisade's Service translation",
             what()
         ));
     }
@@ -123,6 +120,7 @@ impl ServiceMaps {
                 k,
                 Programmed {
                     id: v.service_id,
+                    affinity_s: v.affinity_s,
                     backends,
                 },
             );
@@ -204,13 +202,16 @@ impl ServiceMaps {
                     )?;
                 }
             }
-            if old.as_ref().map(|p| p.backends.len()) != Some(backends.len()) {
+            let affinity_s = f.affinity_timeout_s.unwrap_or(0);
+            if old.as_ref().map(|p| (p.backends.len(), p.affinity_s))
+                != Some((backends.len(), affinity_s))
+            {
                 w.set_frontend(
                     k,
                     SvcFrontend {
                         service_id: id,
                         backends: backends.len() as u32,
-                        flags: 0,
+                        affinity_s,
                     },
                 )?;
             }
@@ -220,7 +221,14 @@ impl ServiceMaps {
                     slot: slot as u32,
                 })?;
             }
-            self.programmed.insert(k, Programmed { id, backends });
+            self.programmed.insert(
+                k,
+                Programmed {
+                    id,
+                    affinity_s,
+                    backends,
+                },
+            );
             self.by_id.insert(id, f.clone());
         }
 
@@ -345,19 +353,13 @@ mod tests {
     fn untranslatable_frontends_are_refused_by_name_and_the_rest_programmed() {
         let mut m = ServiceMaps::default();
         let mut w = Log::default();
-        let mut aff = fe("sticky", 90, &["10.0.0.1:80"]);
-        aff.affinity_timeout_s = Some(10800);
         let mut sctp = fe("sctp", 91, &["10.0.0.1:80"]);
         sctp.protocol = palisade_common::PROTO_SCTP;
         let dup = fe("dup", 80, &["10.0.0.9:80"]);
         let err = m
-            .apply(&mut w, &[fe("a", 80, &["10.0.0.1:8080"]), aff, sctp, dup])
+            .apply(&mut w, &[fe("a", 80, &["10.0.0.1:8080"]), sctp, dup])
             .unwrap_err()
             .to_string();
-        assert!(
-            err.contains("default/sticky") && err.contains("sessionAffinity"),
-            "{err}"
-        );
         assert!(
             err.contains("default/sctp") && err.contains("SCTP"),
             "{err}"
@@ -368,5 +370,33 @@ mod tests {
         );
         assert_eq!(w.frontends.len(), 1);
         assert_eq!(m.by_id().len(), 1);
+    }
+    #[test]
+    fn session_affinity_is_programmed_and_a_timeout_change_rewrites_the_frontend() {
+        let mut m = ServiceMaps::default();
+        let mut w = Log::default();
+        let mut sticky = fe("sticky", 90, &["10.0.0.1:80", "10.0.0.2:80"]);
+        sticky.affinity_timeout_s = Some(10800);
+        m.apply(&mut w, &[sticky.clone()]).unwrap();
+        let v = *w.frontends.values().next().unwrap();
+        assert_eq!((v.backends, v.affinity_s), (2, 10800));
+        w.ops.clear();
+        sticky.affinity_timeout_s = Some(60);
+        m.apply(&mut w, &[sticky.clone()]).unwrap();
+        assert_eq!(w.ops, ["fe 1 n=2"], "only the frontend, backends kept");
+        assert_eq!(w.frontends.values().next().unwrap().affinity_s, 60);
+        sticky.affinity_timeout_s = None;
+        m.apply(&mut w, &[sticky]).unwrap();
+        assert_eq!(w.frontends.values().next().unwrap().affinity_s, 0);
+        // Adopted as programmed: no writes.
+        let mut m2 = ServiceMaps::adopt(
+            w.frontends.clone().into_iter().collect(),
+            w.backends.clone().into_iter().collect(),
+        );
+        w.ops.clear();
+        let mut again = fe("sticky", 90, &["10.0.0.1:80", "10.0.0.2:80"]);
+        again.affinity_timeout_s = None;
+        m2.apply(&mut w, &[again]).unwrap();
+        assert!(w.ops.is_empty(), "{:?}", w.ops);
     }
 }

@@ -10,6 +10,7 @@ mod plot;
 mod podstart;
 mod report;
 mod services;
+mod services_testrun;
 mod stats;
 mod sys;
 mod testrun;

@@ -778,6 +778,19 @@ fn render_services(s: &mut String, sv: &crate::services::Services) {
         );
     }
     s.push('\n');
+    if !sv.per_packet.is_empty() {
+        let _ = writeln!(
+            s,
+            "Per packet of an established flow (BPF_PROG_TEST_RUN, one run per call, median ns, \
+             test_run timer overhead included):\n"
+        );
+        let _ = writeln!(s, "| path | ns |");
+        let _ = writeln!(s, "| --- | --- |");
+        for (n, v) in &sv.per_packet {
+            let _ = writeln!(s, "| {n} | {v:.0} |");
+        }
+        s.push('\n');
+    }
 }
 
 // ---- Markdown ------------------------------------------------------------

@@ -91,6 +91,9 @@ pub struct Services {
     /// Per measure ("connections/s", "request/response/s"), per config,
     /// one rate per round.
     pub measures: Vec<ServiceMeasure>,
+    /// Per packet of an established flow, direct and translated
+    /// (`services_testrun`): (scenario, median ns).
+    pub per_packet: Vec<(String, f64)>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -324,7 +327,7 @@ fn setup(maps: &mut Maps) -> Result<()> {
             SvcFrontend {
                 service_id: id,
                 backends: 1,
-                flags: 0,
+                affinity_s: 0,
             },
         )?;
     }
@@ -402,6 +405,7 @@ pub fn run(plan: &Plan) -> Result<Services> {
                     .collect(),
             })
             .collect(),
+        per_packet: crate::services_testrun::run(if plan.secs < 1.0 { 2000 } else { 20000 })?,
     };
     // Every path works before anything is timed.
     for c in CONFIGS {

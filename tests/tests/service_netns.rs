@@ -152,7 +152,23 @@ fn ident_servers(ns: &NetNs, tag: u8) -> Result<()> {
 impl Rig {
     /// Program the frontend VIP:port/proto with these backend pods.
     fn service(&mut self, port: u16, protocol: u8, backends: &[usize]) -> Result<()> {
-        let id = SVC_ID + protocol as u32;
+        self.sticky_service(port, protocol, backends, 0)
+    }
+
+    /// As `service`, with sessionAffinity ClientIP for `affinity_s`
+    /// seconds (0: none). The service id is per port here.
+    fn sticky_service(
+        &mut self,
+        port: u16,
+        protocol: u8,
+        backends: &[usize],
+        affinity_s: u32,
+    ) -> Result<()> {
+        let id = if affinity_s == 0 {
+            SVC_ID + protocol as u32
+        } else {
+            1000 + port as u32
+        };
         for (slot, i) in backends.iter().enumerate() {
             self.maps.set_backend(
                 SvcBackendKey {
@@ -176,7 +192,7 @@ impl Rig {
             SvcFrontend {
                 service_id: id,
                 backends: backends.len() as u32,
-                flags: 0,
+                affinity_s,
             },
         )?)
     }
@@ -247,6 +263,33 @@ fn udp_tag(ns: &NetNs, to: SocketAddr) -> Result<Option<u8>> {
     })?
 }
 
+/// A connect() that must fail: how, and how long it took.
+fn tcp_refusal(ns: &NetNs, to: SocketAddr) -> Result<(std::io::ErrorKind, Duration)> {
+    ns.enter(move || -> Result<_> {
+        let t = std::time::Instant::now();
+        match TcpStream::connect_timeout(&to, Duration::from_millis(1500)) {
+            Ok(_) => anyhow::bail!("connected to {to}"),
+            Err(e) => Ok((e.kind(), t.elapsed())),
+        }
+    })?
+}
+
+/// A connected UDP socket's error after one datagram to `to` (the kernel
+/// reports a port unreachable on the next call).
+fn udp_refusal(ns: &NetNs, to: SocketAddr) -> Result<std::io::ErrorKind> {
+    ns.enter(move || -> Result<_> {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        s.connect(to)?;
+        s.set_read_timeout(Some(Duration::from_millis(1500)))?;
+        s.send(b"q")?;
+        let mut buf = [0u8; 16];
+        match s.recv(&mut buf) {
+            Ok(n) => anyhow::bail!("{n}-byte answer from {to}"),
+            Err(e) => Ok(e.kind()),
+        }
+    })?
+}
+
 fn vip(port: u16) -> SocketAddr {
     (VIP, port).into()
 }
@@ -291,6 +334,41 @@ fn tcp_and_udp_to_a_cluster_ip_reach_backends_and_replies_come_from_the_cluster_
     assert!(r.maps.counters()?.get(reason::SVC_TRANSLATED) >= 24);
     // Unrelated traffic straight to a pod is untouched.
     assert_eq!(tcp_tag(r.ns(A), (PODS[C], TARGET).into())?.0, C as u8);
+    Ok(())
+}
+
+#[test]
+fn session_affinity_pins_a_client_to_its_backend_while_the_backend_stays() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut r = rig()?;
+    r.sticky_service(82, PROTO_TCP, &[B, C], 10800)?;
+    r.sticky_service(54, PROTO_UDP, &[B, C], 10800)?;
+    let first = tcp_tag(r.ns(A), vip(82))?.0;
+    for _ in 0..10 {
+        assert_eq!(tcp_tag(r.ns(A), vip(82))?.0, first, "pinned (TCP)");
+    }
+    let ufirst = udp_tag(r.ns(A), vip(54))?.expect("UDP answer");
+    for _ in 0..10 {
+        assert_eq!(udp_tag(r.ns(A), vip(54))?, Some(ufirst), "pinned (UDP)");
+    }
+    // The pinned backend leaves: the client gets the other, and keeps it
+    // when the first comes back (at another slot order, too).
+    let other = if first == B as u8 { C } else { B };
+    r.sticky_service(82, PROTO_TCP, &[other], 10800)?;
+    assert_eq!(tcp_tag(r.ns(A), vip(82))?.0, other as u8);
+    r.sticky_service(82, PROTO_TCP, &[C, B], 10800)?;
+    for _ in 0..10 {
+        assert_eq!(tcp_tag(r.ns(A), vip(82))?.0, other as u8, "re-pinned");
+    }
+    // Without affinity the same client spreads over both.
+    r.sticky_service(82, PROTO_TCP, &[B, C], 0)?;
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..12 {
+        seen.insert(tcp_tag(r.ns(A), vip(82))?.0);
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
     Ok(())
 }
 
@@ -352,11 +430,20 @@ fn an_open_flow_keeps_its_backend_and_zero_backends_refuse_new_flows() -> Result
     echo(&mut open, 9)?; // still B
     assert_eq!(tcp_tag(r.ns(A), vip(80))?.0, C as u8, "new flows go to C");
 
+    // Scale-down to zero while the client holds a flow: the flow stays,
+    // new flows are refused at once as kube-proxy's REJECT refuses them
+    // (ICMP port unreachable from the ClusterIP), not left to time out.
     r.service(80, PROTO_TCP, &[])?;
     echo(&mut open, 8)?; // still open to B
-    assert!(tcp_tag(r.ns(A), vip(80)).is_err(), "no backend, no flow");
+    let (kind, took) = tcp_refusal(r.ns(A), vip(80))?;
+    assert_eq!(kind, std::io::ErrorKind::ConnectionRefused);
+    assert!(took < Duration::from_millis(500), "refused in {took:?}");
+    echo(&mut open, 7)?; // and still open after the refusal
     r.service(53, PROTO_UDP, &[])?;
-    assert_eq!(udp_tag(r.ns(A), vip(53))?, None);
+    assert_eq!(
+        udp_refusal(r.ns(A), vip(53))?,
+        std::io::ErrorKind::ConnectionRefused
+    );
     let e = r
         .events
         .wait_for(Duration::from_secs(5), |e| {

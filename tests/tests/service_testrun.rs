@@ -117,7 +117,7 @@ fn translation_rewrites_headers_with_valid_checksums_both_ways() -> Result<()> {
             SvcFrontend {
                 service_id: id,
                 backends: 1,
-                flags: 0,
+                affinity_s: 0,
             },
         )?;
     }
@@ -180,11 +180,61 @@ fn translation_rewrites_headers_with_valid_checksums_both_ways() -> Result<()> {
         SvcFrontend {
             service_id: 1,
             backends: 0,
-            flags: 0,
+            affinity_s: 0,
         },
     )?;
-    let syn = with_checksum(Packet::tcp(POD, 40004, VIP, 80, TCP_FLAG_SYN).bytes(), 16);
-    let (act, _) = run_tc_out(dp.classifier("pod_egress")?, &syn, IFINDEX)?;
-    assert_eq!(act, TC_ACT_SHOT);
+    let syn = with_checksum(
+        Packet::tcp(POD, 40004, VIP, 80, TCP_FLAG_SYN)
+            .with_payload(20)
+            .bytes(),
+        16,
+    );
+    let (act, out) = run_tc_out(dp.classifier("pod_egress")?, &syn, IFINDEX)?;
+    assert_eq!(act, TC_ACT_REDIRECT, "answered, back into the pod");
+    assert_unreachable(&syn, &out);
+    // A short UDP datagram grows into the answer.
+    maps.set_frontend(
+        SvcFrontendKey {
+            addr: be(VIP),
+            port_be: 53u16.to_be(),
+            protocol: PROTO_UDP,
+            _pad: 0,
+        },
+        SvcFrontend {
+            service_id: 2,
+            backends: 0,
+            affinity_s: 0,
+        },
+    )?;
+    let dgram = with_checksum(Packet::udp(POD, 40005, VIP, 53).with_payload(1).bytes(), 6);
+    let (act, out) = run_tc_out(dp.classifier("pod_egress")?, &dgram, IFINDEX)?;
+    assert_eq!(act, TC_ACT_REDIRECT);
+    assert_unreachable(&dgram, &out);
+    // Never answered: a fragment, a packet with IP options, a reset.
+    for p in [
+        Packet::udp(POD, 40006, VIP, 53).first_fragment(9),
+        Packet::udp(POD, 40007, VIP, 53).with_ip_options(1),
+        Packet::tcp(POD, 40008, VIP, 80, 0x04),
+    ] {
+        let (act, _) = run_tc_out(dp.classifier("pod_egress")?, &p.bytes(), IFINDEX)?;
+        assert_eq!(act, TC_ACT_SHOT, "{p:?}");
+    }
     Ok(())
+}
+
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// `out` is an ICMP port unreachable from the ClusterIP to the pod,
+/// quoting the first 28 bytes of `req`'s IP datagram, with valid checksums
+/// and the MACs swapped.
+fn assert_unreachable(req: &[u8], out: &[u8]) {
+    assert_eq!(out.len(), 14 + 56, "{out:02x?}");
+    assert_eq!((&out[0..6], &out[6..12]), (&req[6..12], &req[0..6]));
+    assert_eq!(&out[12..14], &[0x08, 0x00]);
+    assert_eq!(fold(sum(&out[14..34], 0)), 0, "IP checksum");
+    assert_eq!((out[14], out[23]), (0x45, 1), "IPv4, ICMP");
+    assert_eq!((addr(out, 26), addr(out, 30)), (VIP, POD));
+    assert_eq!((out[34], out[35]), (3, 3), "port unreachable");
+    assert_eq!(fold(sum(&out[34..], 0)), 0, "ICMP checksum");
+    assert_eq!(&out[42..], &req[14..42], "the quote");
 }

@@ -538,14 +538,17 @@ fn programmed_services_name_their_ids_and_survive_a_restart() {
     assert_eq!(agent.metrics.services_programmed.get(), 1);
 
     // A frontend the datapath cannot translate is refused by name; the
-    // others stay programmed.
+    // others stay programmed. sessionAffinity ClientIP is programmed.
     let mut sticky = frontend("sticky", 81, &["10.0.0.3:80"]);
     sticky.affinity_timeout_s = Some(60);
+    let mut sctp = frontend("sctp", 82, &["10.0.0.3:80"]);
+    sctp.protocol = palisade_common::PROTO_SCTP;
     let e = agent
-        .program_services(vec![frontend("web", 80, &["10.0.0.2:8080"]), sticky])
+        .program_services(vec![frontend("web", 80, &["10.0.0.2:8080"]), sticky, sctp])
         .unwrap_err();
-    assert!(format!("{e:#}").contains("default/sticky"), "{e:#}");
-    assert_eq!(dp.lock().frontends.len(), 1);
+    assert!(format!("{e:#}").contains("default/sctp"), "{e:#}");
+    assert_eq!(dp.lock().frontends.len(), 2);
+    assert!(dp.lock().frontends.values().any(|f| f.affinity_s == 60));
 
     // A restarted agent (same kernel) names the same id.
     drop(agent);

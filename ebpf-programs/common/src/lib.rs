@@ -7,6 +7,7 @@
 
 pub mod conntrack;
 pub mod decision;
+pub mod reject;
 pub mod service;
 
 /// Map names, as declared in the object and pinned under bpffs.
@@ -23,8 +24,9 @@ pub mod maps {
     pub const SVC_FRONTENDS: &str = "SVC_FRONTENDS";
     pub const SVC_BACKENDS: &str = "SVC_BACKENDS";
     pub const SVC_NAT: &str = "SVC_NAT";
+    pub const SVC_AFFINITY: &str = "SVC_AFFINITY";
     /// Every map the programs share, in a stable order (pinning, adoption).
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         ENDPOINTS,
         IPCACHE,
         POLICY,
@@ -37,6 +39,7 @@ pub mod maps {
         SVC_FRONTENDS,
         SVC_BACKENDS,
         SVC_NAT,
+        SVC_AFFINITY,
     ];
 }
 
@@ -71,6 +74,8 @@ pub mod sizes {
     pub const SVC_BACKENDS: u32 = 64 * 1024;
     /// Two entries per translated flow (forward and reverse).
     pub const SVC_NAT: u32 = 128 * 1024;
+    /// One entry per (client, sessionAffinity frontend).
+    pub const SVC_AFFINITY: u32 = 64 * 1024;
 }
 
 /// Direction of a packet relative to the pod whose veth carries it.
@@ -400,6 +405,8 @@ mod pod_impls {
     unsafe impl aya::Pod for service::SvcBackendKey {}
     unsafe impl aya::Pod for service::SvcBackend {}
     unsafe impl aya::Pod for service::SvcNat {}
+    unsafe impl aya::Pod for service::SvcAffinityKey {}
+    unsafe impl aya::Pod for service::SvcAffinity {}
 }
 
 #[cfg(test)]

@@ -14,6 +14,8 @@
 //!   translates sees it, holds the ClusterIP:port the reply must come from.
 //!   A flow keeps its backend while its conntrack entry (on the translated
 //!   tuple) lives, whatever happens to the backend list meanwhile.
+//! - `SVC_AFFINITY` (LRU hash): [`SvcAffinityKey`] (client, service id) ->
+//!   [`SvcAffinity`], for `sessionAffinity: ClientIP` frontends only.
 use crate::{CtKey, DIR_EGRESS, DIR_INGRESS};
 
 /// Source address a hairpinned flow (a pod reaching its own Service and
@@ -44,8 +46,38 @@ pub struct SvcFrontend {
     /// Number of `SVC_BACKENDS` slots; 0 refuses new flows
     /// (`reason::NO_SERVICE_BACKEND`).
     pub backends: u32,
-    /// Reserved (sessionAffinity is refused by userspace today).
-    pub flags: u32,
+    /// `sessionAffinity: ClientIP`: seconds a client keeps its backend
+    /// after its last new flow (`SVC_AFFINITY`); 0 = no affinity.
+    pub affinity_s: u32,
+}
+
+/// `SVC_AFFINITY` (LRU hash) key: a client of one frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SvcAffinityKey {
+    pub client: u32,
+    pub service_id: u32,
+}
+
+/// The backend a client of a `sessionAffinity: ClientIP` frontend was last
+/// given, and when. Valid while the slot still holds that backend (a
+/// backend that left the Service releases its clients, as kube-proxy's
+/// per-endpoint `recent` lists do) and the timeout has not run out since.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SvcAffinity {
+    pub last_ns: u64,
+    pub slot: u32,
+    pub addr: u32,
+    pub port_be: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Whether an affinity entry written at `last_ns` still holds at `now`
+/// (kube-proxy: `recent --rcheck --seconds T`, renewed by every new flow).
+#[inline(always)]
+pub fn affinity_holds(last_ns: u64, timeout_s: u32, now: u64) -> bool {
+    timeout_s != 0 && now.wrapping_sub(last_ns) < timeout_s as u64 * 1_000_000_000
 }
 
 #[repr(C)]
@@ -180,6 +212,18 @@ mod tests {
         assert_eq!(size_of::<SvcBackendKey>(), 8);
         assert_eq!(size_of::<SvcBackend>(), 8);
         assert_eq!(size_of::<SvcNat>(), 12);
+        assert_eq!(size_of::<SvcAffinityKey>(), 8);
+        assert_eq!(size_of::<SvcAffinity>(), 24);
+    }
+
+    #[test]
+    fn affinity_holds_for_its_timeout_after_the_last_new_flow() {
+        let s = 1_000_000_000u64;
+        assert!(affinity_holds(100 * s, 10, 100 * s));
+        assert!(affinity_holds(100 * s, 10, 110 * s - 1));
+        assert!(!affinity_holds(100 * s, 10, 110 * s));
+        assert!(!affinity_holds(100 * s, 0, 100 * s), "no affinity");
+        assert!(affinity_holds(100 * s, 10800, 100 * s + 10799 * s));
     }
 
     fn key(sport: u16) -> CtKey {

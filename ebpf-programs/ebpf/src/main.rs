@@ -20,7 +20,9 @@ use aya_ebpf::{
 };
 use palisade_common::{
     reason,
-    service::{SvcBackend, SvcBackendKey, SvcFrontend, SvcFrontendKey, SvcNat},
+    service::{
+        SvcAffinity, SvcAffinityKey, SvcBackend, SvcBackendKey, SvcFrontend, SvcFrontendKey, SvcNat,
+    },
     sizes, CtKey, CtValue, EndpointInfo, EndpointKey, FragKey, FragValue, IpcacheValue, PolicyKey,
     PolicyValue, DIR_EGRESS, DIR_INGRESS,
 };
@@ -62,6 +64,10 @@ static SVC_BACKENDS: HashMap<SvcBackendKey, SvcBackend> =
 
 #[map]
 static SVC_NAT: LruHashMap<CtKey, SvcNat> = LruHashMap::with_max_entries(sizes::SVC_NAT, 0);
+
+#[map]
+static SVC_AFFINITY: LruHashMap<SvcAffinityKey, SvcAffinity> =
+    LruHashMap::with_max_entries(sizes::SVC_AFFINITY, 0);
 
 // ---- XDP prefilter maps ----
 

@@ -6,10 +6,11 @@
 //! checksums (incrementally, so CHECKSUM_PARTIAL packets from the pod stay
 //! valid).
 use aya_ebpf::{
-    helpers::{bpf_redirect, bpf_redirect_peer},
+    helpers::{bpf_redirect, bpf_redirect_peer, bpf_skb_change_tail},
     programs::TcContext,
 };
 use palisade_common::{
+    reject::{port_unreachable, ANSWER_LEN, QUOTE_LEN},
     service::{SvcNat, HAIRPIN_ADDR, NAT_HAIRPIN},
     CtKey, PROTO_TCP, PROTO_UDP,
 };
@@ -108,6 +109,28 @@ pub fn hairpin_request(ctx: &TcContext, ifindex: u32) -> Result<i32, ()> {
     swap_macs(ctx)?;
     // SAFETY: helper without preconditions.
     Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+}
+
+/// A new flow to a Service without a ready backend, answered as
+/// kube-proxy's REJECT answers it: the packet becomes an ICMP port
+/// unreachable from the ClusterIP quoting its own first bytes
+/// (`palisade_common::reject`), handed straight back into the pod (as a
+/// hairpin reply is, so the pod's ingress program and the node's routing
+/// never see it). The caller checked `reject::answerable` (a 20-byte IP
+/// header, no fragment). Returns the tc action.
+#[inline(always)]
+pub fn reject(ctx: &TcContext, ifindex: u32) -> Result<i32, ()> {
+    let quote: [u8; QUOTE_LEN] = ctx.load(ETH_HLEN).map_err(|_| ())?;
+    let answer = port_unreachable(&quote);
+    // SAFETY: the context pointer is valid for the program's whole run;
+    // the helper grows or trims the frame to the answer's length.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + ANSWER_LEN) as u32, 0) } != 0 {
+        return Err(());
+    }
+    ctx.store(ETH_HLEN, &answer, 0).map_err(|_| ())?;
+    swap_macs(ctx)?;
+    // SAFETY: helper called from tc ingress, as it requires.
+    Ok(unsafe { bpf_redirect_peer(ifindex, 0) } as i32)
 }
 
 /// The frame was addressed to the node; turned back into the pod it must

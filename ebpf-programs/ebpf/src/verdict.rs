@@ -20,6 +20,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use palisade_common::{
+    conntrack::{TCP_ESTABLISHED, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN},
     decision::{
         ct_key, ct_use, decide, drop_if_enforced as enforced_drop, empty_key,
         first_fragment_verdict, flow_event, hard_drop, is_neighbour_discovery,
@@ -27,9 +28,11 @@ use palisade_common::{
         unchecked_source, Decision,
     },
     reason,
+    reject::answerable,
     service::{
-        backend_slot, policy_peer, reverse_key, translated, SvcBackendKey, SvcFrontend,
-        SvcFrontendKey, SvcNat, HAIRPIN_ADDR, HAIRPIN_PEER, NAT_HAIRPIN,
+        affinity_holds, backend_slot, policy_peer, reverse_key, translated, SvcAffinity,
+        SvcAffinityKey, SvcBackend, SvcBackendKey, SvcFrontend, SvcFrontendKey, SvcNat,
+        HAIRPIN_ADDR, HAIRPIN_PEER, NAT_HAIRPIN,
     },
     CtKey, CtValue, EndpointInfo, EndpointKey, FlowEvent, FragKey, FragValue, CT_SVC_NAT,
     DIR_EGRESS, DIR_INGRESS, POLICY_PREFIX_FULL, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
@@ -37,7 +40,7 @@ use palisade_common::{
 
 use crate::{
     headers::*, service, CONNTRACK, COUNTERS, ENDPOINTS, EVENTS, FRAGMENTS, IPCACHE, POLICY,
-    SVC_BACKENDS, SVC_FRONTENDS, SVC_NAT,
+    SVC_AFFINITY, SVC_BACKENDS, SVC_FRONTENDS, SVC_NAT,
 };
 
 /// Bytes of headers the programs may need in the linear part of the skb:
@@ -50,6 +53,8 @@ struct Flow {
     tcp_flags: u8,
     /// `SvcFrontend::service_id` of a translated flow, else 0.
     svc: u32,
+    /// May be answered with an ICMP error (`palisade_common::reject`).
+    answerable: bool,
 }
 
 #[inline(always)]
@@ -127,6 +132,7 @@ pub fn process<const DRY: bool>(
             key: ct_key(saddr, daddr, 0, 0, protocol, dir),
             tcp_flags: 0,
             svc: 0,
+            answerable: false,
         };
         finish::<DRY>(&ep, ifindex, &flow, &d);
         return Ok(d.pass);
@@ -167,6 +173,7 @@ pub fn process<const DRY: bool>(
         key: ct_key(saddr, daddr, 0, 0, protocol, dir),
         tcp_flags: 0,
         svc: 0,
+        answerable: false,
     };
     let parsed = match protocol {
         PROTO_TCP => match ptr_at::<TcpHdr>(start, end, l4) {
@@ -211,6 +218,7 @@ pub fn process<const DRY: bool>(
         },
         _ => true,
     };
+    flow.answerable = answerable(ihl, frag_off, flow.tcp_flags & TCP_FLAG_RST != 0);
     if !parsed {
         return Ok(drop_if_enforced::<DRY>(
             &ep,
@@ -251,23 +259,37 @@ fn track_and_decide<const DRY: bool>(
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let mut ct_flags = 0;
+    let mut ct_state = 0;
     let known = if DRY {
         None
     } else {
-        ct_track(&flow.key, dir, flow.tcp_flags, now, &mut ct_flags)
+        ct_track(
+            &flow.key,
+            dir,
+            flow.tcp_flags,
+            now,
+            &mut ct_flags,
+            &mut ct_state,
+        )
     };
     if let Some((why, _)) = known {
         let was_translated = ct_flags & CT_SVC_NAT != 0;
         if dir == DIR_EGRESS && was_translated {
             // A later packet of a translated flow, by its original tuple:
-            // to the backend it was given. Its translated tuple's entry is
-            // kept alive too (replies are matched against it). Without its
-            // translation entry (evicted) it is a new flow again, below.
+            // to the backend it was given. Without its translation entry
+            // (evicted) it is a new flow again, below.
             if let Some(n) = lookup(&SVC_NAT, &flow.key) {
                 count::<DRY>(why);
-                let tk = translated(&flow.key, n.addr, n.port_be);
-                let mut f = 0;
-                let _ = ct_track(&tk, DIR_EGRESS, flow.tcp_flags, now, &mut f);
+                // The translated tuple's entry (replies are matched
+                // against it) follows the handshake and the close; an
+                // established TCP flow's plain segments leave it to the
+                // replies, which refresh it (TCP always answers), so they
+                // cost one conntrack lookup, not two.
+                if !translated_entry_idle(flow.key.protocol, ct_state, flow.tcp_flags) {
+                    let tk = translated(&flow.key, n.addr, n.port_be);
+                    let (mut f, mut st) = (0, 0);
+                    let _ = ct_track(&tk, DIR_EGRESS, flow.tcp_flags, now, &mut f, &mut st);
+                }
                 let orig = flow.key;
                 return translate(ctx, &orig, &n, l4, ifindex, redirect);
             }
@@ -336,16 +358,35 @@ fn known_flow(
     true
 }
 
-/// Conntrack lookup of `key` (and its reply direction); `flags` receives
-/// the flags of the entry that matched.
+/// Whether a packet of an established translated TCP flow may leave the
+/// translated tuple's conntrack entry alone: no SYN, FIN or RST, and the
+/// original tuple's entry was established before it.
 #[inline(always)]
-fn ct_track(key: &CtKey, dir: u8, tcp_flags: u8, now: u64, flags: &mut u8) -> Option<(u8, u32)> {
+fn translated_entry_idle(protocol: u8, state_before: u8, tcp_flags: u8) -> bool {
+    protocol == PROTO_TCP
+        && state_before == TCP_ESTABLISHED
+        && tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST) == 0
+}
+
+/// Conntrack lookup of `key` (and its reply direction); `flags` and
+/// `state` receive the flags and the TCP state (before this packet) of the
+/// entry that matched.
+#[inline(always)]
+fn ct_track(
+    key: &CtKey,
+    dir: u8,
+    tcp_flags: u8,
+    now: u64,
+    flags: &mut u8,
+    state: &mut u8,
+) -> Option<(u8, u32)> {
     track(key, dir, |k, reply| {
         let p = CONNTRACK.get_ptr_mut(k)?;
         // SAFETY: valid map value pointer; concurrent updates of these
         // fields race benignly (last writer wins on a timestamp).
         let ct = unsafe { &mut *p };
         *flags = ct.flags;
+        *state = ct.tcp_state;
         ct_use(ct, k.protocol, tcp_flags, reply, now).then_some(ct.cookie)
     })
 }
@@ -380,8 +421,9 @@ fn service_flow(
     flow.svc = fe.service_id;
     if let Some(n) = lookup(&SVC_NAT, &orig) {
         let tk = translated(&orig, n.addr, n.port_be);
-        let mut f = 0;
-        if let Some((why, cookie)) = ct_track(&tk, DIR_EGRESS, flow.tcp_flags, now, &mut f) {
+        let (mut f, mut st) = (0, 0);
+        if let Some((why, cookie)) = ct_track(&tk, DIR_EGRESS, flow.tcp_flags, now, &mut f, &mut st)
+        {
             count::<false>(why);
             // The original tuple's entry was gone: the flow's own again.
             let mut v = CtValue {
@@ -396,20 +438,17 @@ fn service_flow(
             return translate(ctx, &orig, &n, l4, ifindex, redirect);
         }
     }
-    let backend = if fe.backends == 0 {
-        None
-    } else {
-        let bk = SvcBackendKey {
-            service_id: fe.service_id,
-            slot: backend_slot(&orig, fe.backends),
-        };
-        lookup(&SVC_BACKENDS, &bk)
-    };
-    let Some(b) = backend else {
-        // kube-proxy rejects these; palisade drops them (no reset or ICMP
-        // unreachable is generated), reported with their own reason.
+    let Some((slot, b)) = pick_backend(&orig, fe, now) else {
+        // Dropped with its own reason, and answered as kube-proxy's REJECT
+        // answers it (ICMP port unreachable) so the client fails at once.
         let d = hard_drop(ep, reason::NO_SERVICE_BACKEND, DIR_EGRESS);
         finish::<false>(ep, ifindex, flow, &d);
+        if flow.answerable {
+            if let Ok(act) = service::reject(ctx, ifindex) {
+                *redirect = Some(act);
+                return true;
+            }
+        }
         return false;
     };
     let hairpin = b.addr == ep.ipv4;
@@ -453,9 +492,71 @@ fn service_flow(
     v.flags |= CT_SVC_NAT;
     let _ = CONNTRACK.insert(&flow.key, &v, 0);
     let _ = CONNTRACK.insert(&orig, &v, 0);
+    if fe.affinity_s != 0 {
+        let a = SvcAffinity {
+            last_ns: now,
+            slot,
+            addr: b.addr,
+            port_be: b.port_be,
+            _pad: [0; 6],
+        };
+        let _ = SVC_AFFINITY.insert(&affinity_key(&orig, fe), &a, 0);
+    }
     count::<false>(reason::SVC_TRANSLATED);
     finish::<false>(ep, ifindex, flow, &d);
     translate(ctx, &orig, &fwd, l4, ifindex, redirect)
+}
+
+/// The backend slot of a new flow: with `sessionAffinity: ClientIP`, the
+/// one this client was last given while that still holds (and the slot
+/// still holds that backend), else by the hash of the tuple.
+#[inline(always)]
+fn pick_backend(orig: &CtKey, fe: &SvcFrontend, now: u64) -> Option<(u32, SvcBackend)> {
+    if fe.backends == 0 {
+        return None;
+    }
+    if fe.affinity_s != 0 {
+        if let Some(a) = lookup(&SVC_AFFINITY, &affinity_key(orig, fe)) {
+            if affinity_holds(a.last_ns, fe.affinity_s, now) {
+                // Where it was, else where the backend list moved it (the
+                // list is rewritten in order when backends come and go).
+                let mut i = 0;
+                while i <= AFFINITY_SCAN && i <= fe.backends {
+                    let slot = if i == 0 { a.slot } else { i - 1 };
+                    let bk = SvcBackendKey {
+                        service_id: fe.service_id,
+                        slot,
+                    };
+                    if slot < fe.backends {
+                        if let Some(b) = lookup(&SVC_BACKENDS, &bk) {
+                            if b.addr == a.addr && b.port_be == a.port_be {
+                                return Some((slot, b));
+                            }
+                        }
+                    }
+                    i += 1;
+                }
+            }
+        }
+    }
+    let slot = backend_slot(orig, fe.backends);
+    let bk = SvcBackendKey {
+        service_id: fe.service_id,
+        slot,
+    };
+    lookup(&SVC_BACKENDS, &bk).map(|b| (slot, b))
+}
+
+/// How many slots a client's pinned backend is looked for in when it is
+/// no longer where it was; beyond that the client is given a backend anew.
+const AFFINITY_SCAN: u32 = 32;
+
+#[inline(always)]
+fn affinity_key(orig: &CtKey, fe: &SvcFrontend) -> SvcAffinityKey {
+    SvcAffinityKey {
+        client: orig.saddr,
+        service_id: fe.service_id,
+    }
 }
 
 /// Rewrite an admitted packet to its backend; a hairpin is turned back
@@ -550,6 +651,7 @@ fn frag_flow(saddr: u32, daddr: u32, protocol: u8, dir: u8) -> Flow {
         key: ct_key(saddr, daddr, 0, 0, protocol, dir),
         tcp_flags: 0,
         svc: 0,
+        answerable: false,
     }
 }
 
@@ -582,6 +684,7 @@ fn ipv6<const DRY: bool>(
         key: empty_key(dir),
         tcp_flags: 0,
         svc: 0,
+        answerable: false,
     };
     // Audit mode does not open an IPv6 bypass either.
     let d = hard_drop(ep, reason::IPV6_UNSUPPORTED, dir);
@@ -615,6 +718,7 @@ fn report_drop<const DRY: bool>(
         key: empty_key(dir),
         tcp_flags: 0,
         svc: 0,
+        answerable: false,
     };
     finish::<DRY>(ep, ifindex, &flow, &d);
     d.pass

@@ -69,7 +69,8 @@ impl Datapath {
             .map_max_entries(names::XDP_DENY, s.xdp_deny)
             .map_max_entries(names::SVC_FRONTENDS, s.svc_frontends)
             .map_max_entries(names::SVC_BACKENDS, s.svc_backends)
-            .map_max_entries(names::SVC_NAT, s.svc_nat);
+            .map_max_entries(names::SVC_NAT, s.svc_nat)
+            .map_max_entries(names::SVC_AFFINITY, s.svc_affinity);
         let mut ebpf = loader.load(obj).map_err(Error::Load)?;
 
         for (name, _, _) in POD_HOOKS {

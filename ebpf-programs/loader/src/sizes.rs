@@ -16,6 +16,7 @@ pub struct MapSizes {
     pub svc_frontends: u32,
     pub svc_backends: u32,
     pub svc_nat: u32,
+    pub svc_affinity: u32,
 }
 
 impl Default for MapSizes {
@@ -30,6 +31,7 @@ impl Default for MapSizes {
             svc_frontends: sizes::SVC_FRONTENDS,
             svc_backends: sizes::SVC_BACKENDS,
             svc_nat: sizes::SVC_NAT,
+            svc_affinity: sizes::SVC_AFFINITY,
         }
     }
 }

@@ -39,7 +39,8 @@ pub fn run_tc_out(
         name: "test_run",
         source,
     })?;
-    out.truncate(packet.len());
+    // The packet as the program left it: it may have grown or shrunk.
+    out.truncate(r.data_size_out as usize);
     Ok((r.return_value, out))
 }
 

@@ -9,6 +9,7 @@
 //! on failure or Ctrl-C.
 use std::{
     collections::BTreeMap,
+    net::Ipv4Addr,
     path::Path,
     process::{Command, ExitCode},
     time::{Duration, Instant},
@@ -18,6 +19,7 @@ use anyhow::{bail, Context, Result};
 use palisade_tests::conformance::{
     case::{Case, Protocol},
     cluster::Tools,
+    dns,
     flows::{Flow, Tail},
     matrix::table,
     probe,
@@ -195,6 +197,62 @@ const SERVICES: [(&str, u16, Protocol); 5] = [
     ("kube-system/coredns", 53, Protocol::Udp),
     ("kube-system/coredns", 53, Protocol::Tcp),
 ];
+
+/// kube-dns as in a cluster: a ClusterIP Service in kube-system whose
+/// backend (its EndpointSlice derived from the selector by the agent) is
+/// the coredns pod; pods' resolvers point at the ClusterIP.
+const KUBE_DNS_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const KUBE_DNS: &str = "kube-system/kube-dns";
+/// Who resolves what at each step, and whether NetworkPolicy lets it.
+const DNS_CLIENT: &str = "app/frontend";
+const DNS_NAME: &str = "backend";
+const DNS_EXPECT: [bool; 4] = [true, false, true, true];
+/// The resolver configuration a kubelet writes for a pod of `app` (one
+/// search domain and short timeouts keep the blocked step short).
+const RESOLV_CONF: &str =
+    "nameserver 10.96.0.10\nsearch app.svc.cluster.local\noptions ndots:5 timeout:1 attempts:1\n";
+
+fn kube_dns_service() -> Result<serde_yaml::Value> {
+    let doc = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "kube-dns", "namespace": "kube-system", "labels": {"k8s-app": "kube-dns"}},
+        "spec": {
+            "clusterIP": KUBE_DNS_IP.to_string(),
+            "selector": {"k8s-app": "kube-dns"},
+            "ports": [
+                {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53},
+                {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 53}
+            ]
+        }
+    });
+    Ok(serde_yaml::to_value(doc)?)
+}
+
+/// `name` resolved by glibc (`getent ahostsv4`) in the pod's network
+/// namespace, with `resolv` bind-mounted over /etc/resolv.conf in a
+/// private mount namespace of its own (what `ip netns exec` does): the
+/// pod's own resolver, nothing of the node's changed.
+fn resolve(netns: &Path, resolv: &Path, name: &str) -> Result<Option<Ipv4Addr>> {
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(
+            r#"mount --bind "$0" /etc/resolv.conf && exec nsenter --net="$1" getent ahostsv4 "$2""#,
+        )
+        .arg(resolv)
+        .arg(netns)
+        .arg(name)
+        .output()
+        .context("running unshare/nsenter/getent")?;
+    if !out.status.success() {
+        // getent: 2 = not found (here: no answer in time).
+        return Ok(None);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|a| a.parse().ok()))
+}
 
 struct Style {
     color: bool,
@@ -380,6 +438,23 @@ fn run(style: &Style) -> Result<bool> {
             )
         );
 
+        // kube-dns: the Service, its names, the pods' resolver.
+        live.cluster
+            .write_object("svc-kube-system-kube-dns.yaml", &kube_dns_service()?)?;
+        live.cluster.sync()?;
+        dns::set_records(case.pods.iter().map(|p| {
+            (
+                format!("{}.{}.svc.cluster.local", p.name, p.namespace),
+                live.ip(&p.key()),
+            )
+        }));
+        let resolv = live.cluster.dir().join("resolv.conf");
+        std::fs::write(&resolv, RESOLV_CONF)?;
+        let dns_netns = live.cluster.pod(DNS_CLIENT).expect("added").netns_path();
+        println!(
+            "dns     Service {KUBE_DNS} ClusterIP {KUBE_DNS_IP}:53 UDP/TCP -> kube-system/coredns (EndpointSlice derived from its selector); pods resolve through it (nameserver {KUBE_DNS_IP}, search app.svc.cluster.local)"
+        );
+
         let mut all_ok = true;
         for (i, (step, n)) in case.steps.iter().zip(&NARRATION).enumerate() {
             signal::check()?;
@@ -475,6 +550,47 @@ fn run(style: &Style) -> Result<bool> {
                 for a in allowed {
                     println!("    {}", style.paint("32", &a));
                 }
+            }
+
+            // DNS the way a pod does it: its resolver, the kube-dns
+            // ClusterIP, translated to coredns before policy judges it.
+            let mut dns_tail = Tail::new(&live.cluster.agent.as_ref().expect("running").flow_log);
+            let got = resolve(&dns_netns, &resolv, DNS_NAME)?;
+            let dns_ok = got == Some(live.ip("app/backend"));
+            let client_ip = live.ip(DNS_CLIENT);
+            let named = |f: &Flow| {
+                f.src.ip == client_ip
+                    && f.dst.port == Some(53)
+                    && f.service.as_deref() == Some(KUBE_DNS)
+            };
+            let dns_flows = dns_tail.gather(Duration::from_secs(2), |fs| fs.iter().any(named));
+            println!();
+            match got {
+                Some(a) => println!(
+                    "  DNS: {DNS_CLIENT} resolves {DNS_NAME} -> {a} (getent, through {KUBE_DNS} {KUBE_DNS_IP}:53)"
+                ),
+                None => println!(
+                    "  DNS: {DNS_CLIENT} cannot resolve {DNS_NAME}: no answer from {KUBE_DNS} {KUBE_DNS_IP}:53"
+                ),
+            }
+            match dns_flows.iter().find(|f| named(f)) {
+                Some(f) => {
+                    let colour = if f.verdict == "ALLOW" { "32" } else { "31" };
+                    println!("    {}", style.paint(colour, &f.describe()));
+                }
+                None => {
+                    all_ok = false;
+                    println!("    no flow record naming {KUBE_DNS} reached the flow log");
+                }
+            }
+            if dns_ok != DNS_EXPECT[i] {
+                all_ok = false;
+                println!(
+                    "  {} DNS through the ClusterIP: NetworkPolicy requires {}, saw {}",
+                    style.paint("1;31", "✗"),
+                    if DNS_EXPECT[i] { "an answer" } else { "none" },
+                    got.map_or("none".to_string(), |a| a.to_string())
+                );
             }
 
             let want = expected(n)?;

@@ -72,6 +72,11 @@ pub struct Flow {
     pub endpoint: String,
     #[serde(default)]
     pub policies: Vec<String>,
+    /// A translated flow's Service (`ns/name`) and its ClusterIP:port.
+    #[serde(default)]
+    pub service: Option<String>,
+    #[serde(default)]
+    pub service_address: Option<String>,
 }
 
 impl Flow {
@@ -108,7 +113,11 @@ impl Flow {
             (_, Some(r)) => format!("{r} at {at}"),
             (_, None) => format!("{} at {at}", self.reason),
         };
-        format!("{head} ({why})")
+        match (&self.service, &self.service_address) {
+            (Some(s), Some(a)) => format!("{head} ({why}) via Service {s} ({a})"),
+            (Some(s), None) => format!("{head} ({why}) via Service {s}"),
+            _ => format!("{head} ({why})"),
+        }
     }
 }
 

@@ -22,6 +22,7 @@
 //!   that connection (`flow: DROP ...`), which say where and why.
 pub mod case;
 pub mod cluster;
+pub mod dns;
 pub mod flows;
 pub mod matrix;
 pub mod placeholder;

@@ -285,7 +285,13 @@ impl Sock {
             Sock::Udp(s) => {
                 let mut buf = [0u8; 2048];
                 while let Ok((n, from)) = s.recv_from(&mut buf) {
-                    let _ = s.send_to(&buf[..n], from);
+                    // A DNS query, when the demo serves names (`dns`);
+                    // else the echo the probes wait for.
+                    match super::dns::answer(&buf[..n]) {
+                        Some(a) => s.send_to(&a, from),
+                        None => s.send_to(&buf[..n], from),
+                    }
+                    .ok();
                 }
             }
             Sock::Sctp(fd) => loop {
