@@ -148,3 +148,106 @@ fn no_packet_reaches_a_default_deny_pod_while_it_starts() -> Result<()> {
     }
     Ok(())
 }
+
+const LABELS_LATER: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: locked}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: free}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: flooder, namespace: free, labels: {app: flooder}}
+spec: {containers: [{name: c}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: target-from-free, namespace: locked}
+spec:
+  podSelector: {matchLabels: {app: target}}
+  policyTypes: [Ingress]
+  ingress:
+  - from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: free}}}]
+"#;
+
+const TARGET_POD: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: target, namespace: locked, labels: {app: target}}
+spec: {containers: [{name: c}]}
+"#;
+
+/// Datagrams from `from` to the target for `for_ms`: (sent, received).
+fn fire(from: &NetNs, receiver: &UdpSocket, for_ms: u64) -> Result<(u64, u64)> {
+    let sender = from.enter(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))??;
+    let (mut sent, mut received) = (0, 0);
+    receiver.set_read_timeout(Some(Duration::from_millis(5)))?;
+    let deadline = Instant::now() + Duration::from_millis(for_ms);
+    let mut buf = [0u8; 64];
+    while Instant::now() < deadline {
+        if sender.send_to(b"x", (TARGET, PORT)).is_ok() {
+            sent += 1;
+        }
+        while receiver.recv(&mut buf).is_ok() {
+            received += 1;
+        }
+    }
+    Ok((sent, received))
+}
+
+/// A CNI ADD that reaches the agent before the pod's labels (its Pod
+/// object) does: a `matchLabels` policy cannot select it yet, so it is
+/// held closed both ways until the labels arrive, then judged by them.
+#[test]
+fn a_pod_whose_labels_are_not_known_yet_starts_closed() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let n = CniNode::with_agent()?;
+    let agent = n.agent.as_ref().expect("agent");
+    write_manifest(&agent.manifests, "cluster.yaml", LABELS_LATER)?;
+    agent.sync()?;
+    let flooder = NetNs::new("pul")?;
+    add(&n, &flooder, "flooder", "free", "flooder")?;
+    let target = NetNs::new("put")?;
+    let receiver = target.enter(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, PORT)))??;
+    add(&n, &target, "target", "locked", "target")?;
+
+    let (sent, received) = fire(&flooder, &receiver, 500)?;
+    ensure!(sent > 10, "the sender did not run");
+    assert_eq!(received, 0, "a pod without known labels was open");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = std::fs::read_to_string(&agent.flow_log).unwrap_or_default();
+        let held = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<FlowRecord>(l).ok())
+            .any(|r| {
+                r.verdict == "DROP"
+                    && r.dst.ip == TARGET
+                    && r.policies
+                        .iter()
+                        .any(|p| p.contains("pod-labels-not-known-yet"))
+            });
+        if held {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("no drop names the pending labels:\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The labels arrive: the policy selects the pod and admits `free`.
+    write_manifest(&agent.manifests, "target.yaml", TARGET_POD)?;
+    agent.sync()?;
+    let (sent, received) = fire(&flooder, &receiver, 300)?;
+    ensure!(
+        received > 0 && received <= sent,
+        "the known pod's policy admits free: {received}/{sent}"
+    );
+    Ok(())
+}

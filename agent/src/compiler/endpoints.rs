@@ -14,6 +14,33 @@ pub(crate) struct EndpointPod<'a> {
     pub(crate) labels: &'a Labels,
     pub(crate) ports: &'a [ContainerPort],
     pub(crate) host_network: bool,
+    /// The model has no pod for the endpoint yet, and policy could select
+    /// it once its labels are known (see [`labels_pending`]).
+    pub(crate) labels_pending: bool,
+}
+
+/// What isolates an endpoint whose labels are not known yet (shown where
+/// policies would be: flow records, status, trace).
+pub fn labels_pending_key() -> ObjectKey {
+    ObjectKey::new("", "pod-labels-not-known-yet")
+}
+
+/// Whether an endpoint of namespace `ns` without a pod in the model is
+/// denied both ways until its pod arrives: a CNI ADD can reach the agent
+/// before the pod's labels do, and a `matchLabels` policy would not select
+/// an endpoint without labels, so it would start open. Only where policy
+/// could apply (a NetworkPolicy in its namespace, or any
+/// ClusterNetworkPolicy): pods of runtimes without pod objects (podman in
+/// a namespace no policy names) keep working.
+pub(crate) fn labels_pending(model: &crate::model::Model, ns: &str, pod_known: bool) -> bool {
+    !pod_known
+        && (!model.cluster_policies.is_empty()
+            || model
+                .policies
+                .range(ObjectKey::new(ns, "")..)
+                .take_while(|(k, _)| k.namespace == ns)
+                .next()
+                .is_some())
 }
 
 /// What the policies make of one endpoint (its entries go to the caller's
@@ -46,6 +73,11 @@ where
         out.flags |= EP_AUDIT;
     }
     if pod.host_network {
+        return out;
+    }
+    if pod.labels_pending {
+        out.flags |= EP_INGRESS_ENFORCED | EP_EGRESS_ENFORCED;
+        out.isolating = [vec![labels_pending_key()], vec![labels_pending_key()]];
         return out;
     }
     for (key, pp) in policies {

@@ -394,7 +394,20 @@ impl Engine {
 
     /// The hidden addresses policy follows the accepted
     /// ClusterNetworkPolicies; the view lists them.
+    /// Marks the endpoints without a pod in the model (of `ns`, or all).
+    fn dirty_unknown_endpoints(&mut self, ns: Option<&str>) {
+        let unknown: Vec<String> = self
+            .eps
+            .iter()
+            .filter(|(_, s)| ns.is_none_or(|n| s.ep.key.namespace == n))
+            .filter(|(_, s)| !self.model.pods.contains_key(&s.ep.key))
+            .map(|(c, _)| c.clone())
+            .collect();
+        self.dirty_eps.extend(unknown);
+    }
+
     fn cluster_policies_changed(&mut self) {
+        self.dirty_unknown_endpoints(None);
         let key = super::tiers::cluster_addresses_key();
         let hidden = self.model.cluster_addresses();
         self.put_policy(key.clone(), hidden);
@@ -857,6 +870,9 @@ impl Engine {
         if let Some(cids) = self.selects.get(&key) {
             self.dirty_eps.extend(cids.iter().cloned());
         }
+        // Whether the namespace's endpoints without pods are held closed
+        // may change with its first or last policy.
+        self.dirty_unknown_endpoints(Some(&key.namespace));
         for c in self.rule_cookies.remove(&key).unwrap_or_default() {
             let st = self.drop_rule(c);
             reuse.insert(st.rule_ref, c);
@@ -1096,6 +1112,11 @@ impl Engine {
             labels: pod.map_or(&NO_LABELS, |p| &p.labels),
             ports: pod.map_or(&[], |p| &p.ports),
             host_network: pod.is_some_and(|p| p.host_network),
+            labels_pending: super::endpoints::labels_pending(
+                &self.model,
+                &ep.key.namespace,
+                pod.is_some(),
+            ),
         };
         let audit = self.model.audit
             || self
@@ -1884,11 +1905,21 @@ mod tests {
             ipv4: Ipv4Addr::new(10, 0, 0, i as u8),
             container_id: format!("c{i}"),
         };
+        for i in [1, 2] {
+            e.apply(Change::Pod(Pod {
+                namespace: "a".into(),
+                name: format!("p{i}"),
+                labels: Labels::from([("app".to_string(), "x".to_string())]),
+                ip: None,
+                host_network: false,
+                ports: Vec::new(),
+            }));
+        }
         e.add_endpoint(ep(1));
         e.take_touched();
         e.add_endpoint(ep(2));
         let t = e.take_touched();
-        // Both pods have the same (empty) labels: one identity, so the new
+        // Both pods have the same labels: one identity, so the new
         // endpoint's entries, its ipcache /32 and its endpoint entry only.
         assert_eq!(t.endpoints, HashSet::from([102]));
         assert_eq!(t.ipcache, HashSet::from([(Ipv4Addr::new(10, 0, 0, 2), 32)]));

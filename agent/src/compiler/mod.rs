@@ -536,6 +536,11 @@ impl Compiler {
                 labels: view.labels,
                 ports: view.ports,
                 host_network: view.host_network,
+                labels_pending: endpoints::labels_pending(
+                    model,
+                    ns,
+                    model.pods.contains_key(&ep.key),
+                ),
             };
             let res = compile_endpoint(
                 ep.endpoint_id,

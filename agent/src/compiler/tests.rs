@@ -821,6 +821,35 @@ fn host_network_pods_are_never_selected_nor_peers() {
     assert!(!c.maps.policy.keys().any(|(_, k)| k.endpoint_id == 9));
 }
 
+/// A CNI ADD can come before the pod's labels: where policy could select
+/// the pod, it is held closed both ways until they arrive (a `matchLabels`
+/// policy would not select it yet); elsewhere (no policy in its namespace,
+/// no ClusterNetworkPolicy) it is open as any unselected pod. Either way
+/// it is a peer with the empty label set of its namespace.
+#[test]
+fn local_endpoint_without_a_pod_is_held_closed_where_policy_could_apply() {
+    let mut t = two_namespaces();
+    t.local("c", "new", 6);
+    let c = t.compile();
+    assert_eq!(flags(&c, 6), 0, "no policy in c: open");
+    t.local("a", "new", 7);
+    t.local("b", "new", 8);
+    t.policy(&np("a", "deny", "podSelector: {}"));
+    t.policy(&np(
+        "b",
+        "web-only",
+        "podSelector: {matchLabels: {app: web}}",
+    ));
+    let c = t.compile();
+    let both = EP_INGRESS_ENFORCED | EP_EGRESS_ENFORCED;
+    assert_eq!((flags(&c, 7), flags(&c, 8)), (both, both));
+    assert_eq!(flags(&c, 6), 0);
+    assert!(!c.maps.policy.keys().any(|(_, k)| k.endpoint_id == 8));
+    let pending = vec![super::endpoints::labels_pending_key()];
+    assert_eq!(c.isolating(8, DIR_INGRESS), pending.as_slice());
+    assert_eq!(c.isolating(8, DIR_EGRESS), pending.as_slice());
+}
+
 #[test]
 fn local_endpoint_without_a_pod_gets_the_empty_label_identity() {
     let mut t = two_namespaces();
@@ -834,8 +863,8 @@ fn local_endpoint_without_a_pod_gets_the_empty_label_identity() {
     ));
     t.policy(&np("b", "from-unlabelled", "podSelector: {matchLabels: {app: db}}\ningress:\n- from: [{podSelector: {matchExpressions: [{key: app, operator: DoesNotExist}]}}]"));
     let c = t.compile();
-    assert_eq!(flags(&c, 7), EP_INGRESS_ENFORCED);
-    assert_eq!(flags(&c, 8), 0);
+    let both = EP_INGRESS_ENFORCED | EP_EGRESS_ENFORCED;
+    assert_eq!((flags(&c, 7), flags(&c, 8)), (both, both), "held closed");
     let id = label_id(&c, "b", &[]);
     assert_eq!(c.maps.endpoints[&8].identity, id);
     assert_eq!(ipcache_lookup(&c, ip("10.9.0.8")).identity, id);

@@ -596,10 +596,14 @@ pub(crate) fn apply_tiers<'a>(
         let Some(ep) = by_id.get(&info.endpoint_id) else {
             continue;
         };
-        let pod = model.pods.get(&ep.key);
-        if pod.is_some_and(|p| p.host_network) {
+        // No pod yet: held closed both ways (endpoints::labels_pending).
+        let Some(pod) = model.pods.get(&ep.key) else {
+            continue;
+        };
+        if pod.host_network {
             continue;
         }
+        let pod = Some(pod);
         let nsl = super::identities::namespace_labels(model, &ep.key.namespace);
         let labels = pod.map_or(&no_labels, |p| &p.labels);
         let own_ports: &[ContainerPort] = pod.map_or(&[], |p| &p.ports);
