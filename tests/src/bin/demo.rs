@@ -327,7 +327,7 @@ fn run(style: &Style) -> Result<bool> {
         println!();
         let t = Instant::now();
         let mut live = Live::start(&case, &tools, &pin_parent, None, false)?;
-        let agent = live.cluster.agent.as_ref().expect("started");
+        let agent = live.cluster.agent().expect("started");
         println!(
             "node    network namespace {}, palisade-agent pid {} (standalone: reads {})",
             live.cluster.node()?.name,
@@ -388,7 +388,7 @@ fn run(style: &Style) -> Result<bool> {
             for l in n.lines {
                 println!("  {l}");
             }
-            let mut tail = Tail::new(&live.cluster.agent.as_ref().expect("running").flow_log);
+            let mut tail = Tail::new(&live.cluster.agent().expect("running").flow_log);
             let t = Instant::now();
             let notes = live.apply(step)?;
             let generation = live.cluster.status()?.programmed_generation;
@@ -514,7 +514,7 @@ fn run(style: &Style) -> Result<bool> {
 
         println!();
         println!("{}", style.bold("palisade-agent status"));
-        let agent = live.cluster.agent.as_ref().expect("running");
+        let agent = live.cluster.agent().expect("running");
         match status_output(&tools.agent, &agent.socket) {
             Ok(s) => print!("{s}"),
             Err(e) => {

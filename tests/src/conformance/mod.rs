@@ -24,6 +24,7 @@ pub mod case;
 pub mod cluster;
 pub mod flows;
 pub mod matrix;
+pub mod nodes;
 pub mod placeholder;
 pub mod probe;
 pub mod runner;
