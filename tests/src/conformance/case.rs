@@ -341,7 +341,10 @@ impl Case {
         let mut nodes: Vec<NodeSpec> = Vec::new();
         for n in &raw.cluster.nodes {
             if n.name.is_empty() || nodes.iter().any(|m| m.name == n.name) {
-                bail!("cluster.nodes: node {:?} is unnamed or listed twice", n.name);
+                bail!(
+                    "cluster.nodes: node {:?} is unnamed or listed twice",
+                    n.name
+                );
             }
             nodes.push(NodeSpec::named(&n.name, &n.labels));
         }
@@ -548,7 +551,10 @@ steps:
             .unsupported
             .expect("unsupported");
         assert!(why.contains("IPv6"), "{why}");
-        assert!(!why.contains("node"), "nodes and host-network pods are supported: {why}");
+        assert!(
+            !why.contains("node"),
+            "nodes and host-network pods are supported: {why}"
+        );
         let nodes = "name: t\ncluster:\n  nodes: [{name: n1, labels: {zone: a}}, {name: n2}]\n  pods: [{namespace: x, name: a, node: n2}, {namespace: x, name: h, hostNetwork: true}]\n";
         let c = Case::parse(nodes, Path::new("t.yaml")).unwrap();
         assert_eq!(c.unsupported, None);
@@ -557,8 +563,10 @@ steps:
         assert_eq!(c.pods[0].node.as_deref(), Some("n2"));
         assert!(c.pods[1].host_network);
         let bad = nodes.replace("node: n2", "node: n3");
-        assert!(format!("{:#}", Case::parse(&bad, Path::new("t.yaml")).unwrap_err())
-            .contains("n3 is not in cluster.nodes"));
+        assert!(
+            format!("{:#}", Case::parse(&bad, Path::new("t.yaml")).unwrap_err())
+                .contains("n3 is not in cluster.nodes")
+        );
         // A version-1 case needs nothing.
         let v1 = "name: t\ncluster: {pods: [{namespace: x, name: a, ports: [{port: 80}]}]}\nsteps:\n  - probes: [{port: 80, expect: \"- x/a\\nx/a .\"}]\n";
         assert_eq!(

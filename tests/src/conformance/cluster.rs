@@ -699,7 +699,11 @@ impl Cluster {
     }
 
     pub fn request_on(&self, i: usize, req: &Request) -> Result<Response> {
-        Ok(call(&self.agent_on(i)?.socket, req, Duration::from_secs(60))?)
+        Ok(call(
+            &self.agent_on(i)?.socket,
+            req,
+            Duration::from_secs(60),
+        )?)
     }
 
     /// Re-read the manifests now, on every node; returns the first node's
@@ -939,6 +943,31 @@ impl Cluster {
         Ok(self.pods.last().expect("just pushed"))
     }
 
+    /// Deletes a pod as the kubelet and API server would: CNI DEL on its
+    /// node, its namespace, its manifest.
+    pub fn remove_pod(&mut self, key: &str) -> Result<()> {
+        let i = self
+            .pods
+            .iter()
+            .position(|p| p.key() == key)
+            .ok_or_else(|| anyhow!("no pod {key}"))?;
+        let mut pod = self.pods.remove(i);
+        if pod.host_ns.is_none() {
+            let path = pod.netns_path();
+            self.cni(
+                pod.node,
+                "DEL",
+                &pod.container_id,
+                &path,
+                &pod.namespace,
+                &pod.name,
+            )?;
+            drop(pod.netns.take());
+        }
+        let f = self.manifests().join(pod_file(&pod.namespace, &pod.name));
+        fs::remove_file(&f).with_context(|| format!("removing {}", f.display()))
+    }
+
     /// Serve `ports` in the pod `key`.
     pub fn serve(&mut self, key: &str, ports: Vec<(u16, Protocol)>) -> Result<()> {
         let path = self
@@ -979,11 +1008,7 @@ impl Cluster {
                 continue;
             }
             let path = pod.netns_path();
-            if self
-                .nodes
-                .get(pod.node)
-                .is_some_and(|n| n.netns.is_some())
-            {
+            if self.nodes.get(pod.node).is_some_and(|n| n.netns.is_some()) {
                 if let Err(e) = self.cni(
                     pod.node,
                     "DEL",

@@ -85,7 +85,10 @@ mod tests {
     fn round_robin_in_file_order_unless_pinned() {
         let text = "name: t\ncluster:\n  pods:\n  - {namespace: x, name: a}\n  - {namespace: x, name: b, node: n1}\n  - {namespace: x, name: c}\n  - {namespace: x, name: d}\n  - {namespace: x, name: e}\n";
         let case = Case::parse(text, Path::new("t.yaml")).unwrap();
-        assert!(Layout::of(&case, 1).unwrap().is_some(), "a node: pin needs nodes");
+        assert!(
+            Layout::of(&case, 1).unwrap().is_some(),
+            "a node: pin needs nodes"
+        );
         let l = Layout::of(&case, 3).unwrap().unwrap();
         let got: Vec<(String, usize)> = l.placement.clone().into_iter().collect();
         assert_eq!(

@@ -135,7 +135,10 @@ mod tests {
         );
         assert_eq!(a.substitute_str("{{cidr x/b 0}}").unwrap(), "0.0.0.0/0");
         assert_eq!(a.substitute_str("{{subnet}}").unwrap(), "10.213.0.0/24");
-        assert_eq!(a.substitute_str("{{node-ip n1}}/32").unwrap(), "10.212.0.1/32");
+        assert_eq!(
+            a.substitute_str("{{node-ip n1}}/32").unwrap(),
+            "10.212.0.1/32"
+        );
         assert!(a.substitute_str("{{node-ip n9}}").is_err());
         assert_eq!(
             a.substitute_str("no placeholder").unwrap(),

@@ -13,9 +13,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use super::{
     case::{case_files, Case, Labels, Probe, Protocol, Relabel, Step, NAME_LABEL},
     cluster::{Cluster, Tools},
-    nodes,
     flows::{Flow, Tail},
     matrix::Reach,
+    nodes,
     placeholder::Addresses,
     probe::{self, Job},
     services, signal,
@@ -477,12 +477,7 @@ pub fn run_case(
         let l = live.insert(Live::start_on(case, tools, pin_parent, keep, opts)?);
         for (i, step) in case.steps.iter().enumerate() {
             signal::check()?;
-            let mut tails: Vec<Tail> = l
-                .cluster
-                .flow_logs()
-                .iter()
-                .map(|f| Tail::new(f))
-                .collect();
+            let mut tails: Vec<Tail> = l.cluster.flow_logs().iter().map(|f| Tail::new(f)).collect();
             let notes = l.apply(step).with_context(|| format!("step {}", i + 1))?;
             report.lines.extend(
                 notes
@@ -507,9 +502,8 @@ pub fn run_case(
                 flows.extend(t.gather(wait, |fs| {
                     bad.iter().all(|c| {
                         let p = &step.probes[c.probe];
-                        fs.iter().any(|f| {
-                            f.is(l.ip(&c.src), l.ip(&c.dst), p.port, p.protocol.as_str())
-                        })
+                        fs.iter()
+                            .any(|f| f.is(l.ip(&c.src), l.ip(&c.dst), p.port, p.protocol.as_str()))
                     })
                 }));
             }
