@@ -72,6 +72,9 @@ pub struct Flow {
     pub endpoint: String,
     #[serde(default)]
     pub policies: Vec<String>,
+    /// The node whose agent recorded it (several nodes).
+    #[serde(default)]
+    pub node: Option<String>,
 }
 
 impl Flow {
