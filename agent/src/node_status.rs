@@ -34,6 +34,44 @@ pub fn nodes(model: &Model, me: Option<&str>) -> Vec<NodeStatus> {
         .collect()
 }
 
+/// The NODES and ROUTING sections of `palisade-agent status`.
+pub fn render(s: &mut String, r: &palisade_api::StatusReport) {
+    use std::fmt::Write as _;
+    if r.nodes.is_empty() && r.routing.is_none() {
+        return;
+    }
+    let _ = writeln!(s, "\nNODES ({})", r.nodes.len());
+    for n in &r.nodes {
+        let addrs: Vec<String> = n.addresses.iter().map(|a| a.to_string()).collect();
+        let _ = writeln!(
+            s,
+            "  {}{}  {}  pods {}  ({} pods)",
+            n.name,
+            if n.local { " (this node)" } else { "" },
+            addrs.join(","),
+            n.pod_cidrs.join(","),
+            n.pods.len()
+        );
+        if !n.local {
+            for p in &n.pods {
+                let _ = writeln!(s, "    {p}");
+            }
+        }
+    }
+    if let Some(rt) = &r.routing {
+        let _ = writeln!(s, "\nROUTING ({})", rt.mode);
+        for l in &rt.routes {
+            let _ = writeln!(s, "  {l}");
+        }
+        for p in &rt.problems {
+            let _ = writeln!(s, "  NOT ROUTED: {p}");
+        }
+        if let Some(e) = &rt.error {
+            let _ = writeln!(s, "  FAILING ({} passes): {e}", rt.failures);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,43 +110,5 @@ mod tests {
         assert!(s[0].local && !s[1].local);
         assert_eq!(s[0].pods, ["x/h 192.0.2.1"]);
         assert_eq!(s[1].pods, ["x/a 10.1.1.7"]);
-    }
-}
-
-/// The NODES and ROUTING sections of `palisade-agent status`.
-pub fn render(s: &mut String, r: &palisade_api::StatusReport) {
-    use std::fmt::Write as _;
-    if r.nodes.is_empty() && r.routing.is_none() {
-        return;
-    }
-    let _ = writeln!(s, "\nNODES ({})", r.nodes.len());
-    for n in &r.nodes {
-        let addrs: Vec<String> = n.addresses.iter().map(|a| a.to_string()).collect();
-        let _ = writeln!(
-            s,
-            "  {}{}  {}  pods {}  ({} peers)",
-            n.name,
-            if n.local { " (this node)" } else { "" },
-            addrs.join(","),
-            n.pod_cidrs.join(","),
-            n.pods.len()
-        );
-        if !n.local {
-            for p in &n.pods {
-                let _ = writeln!(s, "    {p}");
-            }
-        }
-    }
-    if let Some(rt) = &r.routing {
-        let _ = writeln!(s, "\nROUTING ({})", rt.mode);
-        for l in &rt.routes {
-            let _ = writeln!(s, "  {l}");
-        }
-        for p in &rt.problems {
-            let _ = writeln!(s, "  NOT ROUTED: {p}");
-        }
-        if let Some(e) = &rt.error {
-            let _ = writeln!(s, "  FAILING ({} passes): {e}", rt.failures);
-        }
     }
 }

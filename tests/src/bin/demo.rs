@@ -472,7 +472,12 @@ fn run(style: &Style) -> Result<bool> {
                     })
                 }));
             }
-            let on = |f: &Flow| f.node.as_ref().map(|n| format!("[{n}] ")).unwrap_or_default();
+            let on = |f: &Flow| {
+                f.node
+                    .as_ref()
+                    .map(|n| format!("[{n}] "))
+                    .unwrap_or_default()
+            };
             if !drops.is_empty() {
                 println!();
                 println!("  Why each drop happened (agent flow log):");
