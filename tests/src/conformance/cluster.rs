@@ -534,8 +534,9 @@ impl Cluster {
     }
 
     /// `iptables-restore --noflush` of `rules` in every node namespace (as
-    /// kube-proxy writes its rules), and an unreachable route for
-    /// `unreachable` so nothing meant for it leaves the node.
+    /// kube-proxy writes its rules), and a route for `unreachable` that
+    /// keeps it inside the test: unreachable on a single node, the fabric
+    /// when there are several.
     pub fn install_node_rules(&self, rules: &str, unreachable: &str) -> Result<()> {
         use std::io::Write as _;
         for i in 0..self.nodes.len() {
@@ -558,14 +559,23 @@ impl Cluster {
                     String::from_utf8_lossy(&out.stderr)
                 );
             }
-            crate::ip(&[
-                "-n",
-                &node.name,
-                "route",
-                "replace",
-                "unreachable",
-                unreachable,
-            ])?;
+            if self.nodes[i].address.is_some() {
+                // A node with an uplink: its own processes (host-network
+                // pods) must get past the route lookup at connect() for
+                // kube-proxy's OUTPUT DNAT to apply, as on a node with a
+                // default route; what no rule translates goes onto the
+                // fabric, where no node answers for it.
+                crate::ip(&["-n", &node.name, "route", "replace", unreachable, "dev", "up0"])?;
+            } else {
+                crate::ip(&[
+                    "-n",
+                    &node.name,
+                    "route",
+                    "replace",
+                    "unreachable",
+                    unreachable,
+                ])?;
+            }
         }
         Ok(())
     }
