@@ -750,7 +750,10 @@ fn node_targets(nd: Option<&crate::nodes::Nodes>, out: &mut Vec<Target>) {
 }
 
 fn render_nodes(s: &mut String, nd: &crate::nodes::Nodes) {
-    let _ = writeln!(s, "## 9. Traffic between nodes (simulated nodes, real agents)\n");
+    let _ = writeln!(
+        s,
+        "## 9. Traffic between nodes (simulated nodes, real agents)\n"
+    );
     let _ = writeln!(
         s,
         "A client pod on n1, a server pod on n2, routed by the agents (native routes or their VXLAN overlay); \

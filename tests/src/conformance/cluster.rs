@@ -565,7 +565,15 @@ impl Cluster {
                 // kube-proxy's OUTPUT DNAT to apply, as on a node with a
                 // default route; what no rule translates goes onto the
                 // fabric, where no node answers for it.
-                crate::ip(&["-n", &node.name, "route", "replace", unreachable, "dev", "up0"])?;
+                crate::ip(&[
+                    "-n",
+                    &node.name,
+                    "route",
+                    "replace",
+                    unreachable,
+                    "dev",
+                    "up0",
+                ])?;
             } else {
                 crate::ip(&[
                     "-n",
