@@ -37,8 +37,12 @@ pub fn nodes(model: &Model, me: Option<&str>) -> Vec<NodeStatus> {
 /// The NODES and ROUTING sections of `palisade-agent status`.
 pub fn render(s: &mut String, r: &palisade_api::StatusReport) {
     use std::fmt::Write as _;
-    if r.nodes.is_empty() && r.routing.is_none() {
-        return;
+    let routing_says_something = r
+        .routing
+        .as_ref()
+        .is_some_and(|rt| !rt.routes.is_empty() || !rt.problems.is_empty() || rt.error.is_some());
+    if r.nodes.is_empty() && !routing_says_something {
+        return; // a single node without Node objects: nothing to show
     }
     let _ = writeln!(s, "\nNODES ({})", r.nodes.len());
     for n in &r.nodes {
