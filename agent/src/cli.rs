@@ -306,6 +306,7 @@ pub fn render_status(r: &StatusReport) -> String {
     for why in &r.service_rejections {
         let _ = writeln!(s, "  REJECTED: {why}");
     }
+    crate::node_status::render(&mut s, r);
     let _ = writeln!(s, "\nMAPS");
     for m in &r.maps {
         let pct = if m.max_entries > 0 {

@@ -52,6 +52,8 @@ pub struct Config {
     pub verify_interval: Option<std::time::Duration>,
     /// /readyz fails while the last verify run found mismatches.
     pub verify_readiness: bool,
+    /// Routing between nodes (native, vxlan, none).
+    pub routing: crate::routing::Mode,
 }
 
 /// `--metrics-addr` by default: the node's address (see [`metrics_bind`]).
@@ -119,6 +121,10 @@ pub struct Agent {
     resolved_services: crate::service_resolve::Resolved,
     /// Why the dataplane refused the last frontend list, if it did.
     services_error: Option<String>,
+    /// Routes to other nodes' pod ranges (None: routing left alone).
+    routes: Option<crate::route_sync::RouteSync>,
+    routing_mode: crate::routing::Mode,
+    node_name: Option<String>,
 }
 
 impl Agent {
@@ -179,7 +185,13 @@ impl Agent {
             ready: false,
             resolved_services: Default::default(),
             services_error: None,
+            routes: None,
+            routing_mode: cfg.routing,
+            node_name: cfg.node_name.clone(),
         };
+        if cfg.routing != crate::routing::Mode::None {
+            agent.routes = Some(crate::route_sync::RouteSync::spawn(cfg.routing)?);
+        }
         // Frontends adopted from an earlier agent name their flows too.
         *agent.services.write().unwrap_or_else(|p| p.into_inner()) = agent.dp.services();
         agent.forget_vanished_endpoints();
@@ -348,6 +360,18 @@ impl Agent {
         }
     }
 
+    /// Hands the routes the model's nodes call for to the route sync
+    /// thread (it compares with what it has; nodes rarely change).
+    fn sync_routes(&mut self) {
+        if let Some(r) = self.routes.as_mut() {
+            r.want(crate::routing::desired(
+                self.engine.model(),
+                self.node_name.as_deref(),
+                self.routing_mode,
+            ));
+        }
+    }
+
     /// The resolved Services (frontends and rejections).
     pub fn resolved_services(&self) -> &crate::service_resolve::Resolved {
         &self.resolved_services
@@ -404,6 +428,7 @@ impl Agent {
         };
         self.metrics.sync_seconds.observe(t.elapsed().as_secs_f64());
         *self.view.write().unwrap_or_else(|p| p.into_inner()) = view;
+        self.sync_routes();
         match r {
             Ok(_) => {
                 self.full_sync = false;
@@ -622,6 +647,11 @@ impl Agent {
                 .map(|r| r.to_string())
                 .collect(),
             services_error: self.services_error.clone(),
+            nodes: crate::node_status::nodes(self.engine.model(), self.node_name.as_deref()),
+            routing: self
+                .routes
+                .as_ref()
+                .map(|r| r.status.lock().unwrap_or_else(|p| p.into_inner()).clone()),
         }
     }
 

@@ -154,6 +154,11 @@ struct RunArgs {
     /// /readyz fails while the last verify run found mismatches.
     #[arg(long)]
     verify_readiness: bool,
+    /// Routing between nodes: native (a route per other node's pod range
+    /// via its address), vxlan (an overlay the agent manages) or none
+    /// (chained mode: the primary CNI routes). Needs --node-name.
+    #[arg(long, env = "PALISADE_ROUTING", default_value = "native")]
+    routing: palisade_agent::routing::Mode,
 }
 
 /// Logs go to stderr through tracing: `RUST_LOG` filters (default info),
@@ -226,6 +231,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     ),
                 },
                 verify_readiness: a.verify_readiness,
+                routing: a.routing,
             };
             // Agent work is serialized by one lock: a few blocking threads
             // suffice, and glibc would give each of them its own malloc

@@ -6,6 +6,7 @@ mod cluster;
 mod cni;
 mod memory;
 mod node;
+mod nodes;
 mod plot;
 mod podstart;
 mod report;
@@ -28,8 +29,8 @@ use clap::Parser;
 
 use report::Results;
 
-const SECTIONS: [&str; 8] = [
-    "testrun", "veth", "update", "cni", "memory", "podstart", "agent", "services",
+const SECTIONS: [&str; 9] = [
+    "testrun", "veth", "update", "cni", "memory", "podstart", "agent", "services", "nodes",
 ];
 
 #[derive(Parser)]
@@ -44,7 +45,7 @@ struct Args {
     /// A 1-2 minute smoke run: fewer sizes, rounds and samples.
     #[arg(long)]
     quick: bool,
-    /// Only these sections (comma separated): testrun, veth, update, cni, memory, podstart, agent, services.
+    /// Only these sections (comma separated): testrun, veth, update, cni, memory, podstart, agent, services, nodes.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Rounds for the interleaved sections (default 5, quick 2).
@@ -152,6 +153,7 @@ fn run(args: Args) -> Result<()> {
             "services" => {
                 services::run(&services::Plan::new(quick, rounds)).map(|x| r.services = Some(x))
             }
+            "nodes" => nodes::run(&nodes::Plan::new(quick, rounds)).map(|x| r.nodes = Some(x)),
             _ => unreachable!("validated above"),
         };
         match res {

@@ -27,6 +27,8 @@ pub struct Results {
     pub podstart: Option<Podstart>,
     pub agent: Option<AgentArch>,
     pub services: Option<crate::services::Services>,
+    /// Section 9: traffic between nodes, native and VXLAN.
+    pub nodes: Option<crate::nodes::Nodes>,
     /// Sections that failed, with the error.
     pub errors: Vec<(String, String)>,
     /// PNG files written next to the report (empty without a font).
@@ -714,7 +716,65 @@ pub fn targets(r: &Results) -> Vec<Target> {
 
     // 8.
     service_targets(r.services.as_ref(), &mut out);
+
+    // 9.
+    node_targets(r.nodes.as_ref(), &mut out);
     out
+}
+
+fn node_targets(nd: Option<&crate::nodes::Nodes>, out: &mut Vec<Target>) {
+    use crate::nodes::{FLOOR, MODES};
+    for mode in MODES {
+        for name in ["connections/s", "request/response/s"] {
+            let metric = format!("cross-node {name} ({mode}), policy / none");
+            let m = nd.and_then(|n| n.measures.iter().find(|m| m.mode == mode && m.name == name));
+            out.push(match m {
+                Some(m) => {
+                    let ratio = m.ratio();
+                    Target {
+                        metric,
+                        target: format!(">= {FLOOR}"),
+                        measured: format!("{ratio:.3}"),
+                        met: Some(ratio >= FLOOR),
+                    }
+                }
+                None => Target {
+                    metric,
+                    target: format!(">= {FLOOR}"),
+                    measured: "-".into(),
+                    met: None,
+                },
+            });
+        }
+    }
+}
+
+fn render_nodes(s: &mut String, nd: &crate::nodes::Nodes) {
+    let _ = writeln!(
+        s,
+        "## 9. Traffic between nodes (simulated nodes, real agents)\n"
+    );
+    let _ = writeln!(
+        s,
+        "A client pod on n1, a server pod on n2, routed by the agents (native routes or their VXLAN overlay); \
+         {} rounds of {} s per configuration. `policy`: the client's egress and the server's ingress enforced; \
+         `none`: no NetworkPolicy on the same pods, programs and routes.\n",
+        nd.rounds, nd.secs
+    );
+    let _ = writeln!(s, "| routing | measure | policy | none | policy/none |");
+    let _ = writeln!(s, "| --- | --- | --- | --- | --- |");
+    for m in &nd.measures {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {:.3} |",
+            m.mode,
+            m.name,
+            fmt_num(m.median("policy")),
+            fmt_num(m.median("none")),
+            m.ratio()
+        );
+    }
+    s.push('\n');
 }
 
 fn service_targets(sv: Option<&crate::services::Services>, out: &mut Vec<Target>) {
@@ -863,6 +923,9 @@ pub fn render(r: &Results) -> String {
     }
     if let Some(sv) = &r.services {
         render_services(&mut s, sv);
+    }
+    if let Some(nd) = &r.nodes {
+        render_nodes(&mut s, nd);
     }
     s
 }

@@ -36,7 +36,11 @@ enum Task {
     },
     /// The main job: a node with pods in network namespaces, policy applied
     /// step by step, what passes and what is dropped, and why.
-    Demo,
+    Demo {
+        /// Split the application over this many simulated nodes.
+        #[arg(long)]
+        nodes: Option<usize>,
+    },
     /// Run NetworkPolicy conformance cases on real packets
     /// (../shared/conformance/FORMAT.md). Default: tests/conformance and
     /// ../shared/conformance/cases.
@@ -58,6 +62,13 @@ enum Task {
         /// kube-proxy's iptables rules (FORMAT version 2).
         #[arg(long)]
         via_services: bool,
+        /// N simulated nodes, each with its own agent and CNI plugin
+        /// (FORMAT version 2).
+        #[arg(long)]
+        nodes: Option<usize>,
+        /// How the agents route between nodes: native or vxlan.
+        #[arg(long)]
+        routing: Option<String>,
     },
     /// Benchmarks (bench/README.md): report.md, results.json and PNG charts
     /// in bench-report/. About 10 minutes; --quick takes 1-2.
@@ -107,16 +118,44 @@ fn run(cli: Cli) -> Result<()> {
             // The same cases again with every probe through a ClusterIP
             // (palisade's Service translation, kube-proxy's rules beside it).
             step("conformance: the same cases through Services (--via-services)");
-            conformance(&root, &cases, None, None, true, true, true)
+            conformance(&root, &cases, None, None, true, true, false)?;
+            // Several nodes (FORMAT v2 --nodes): the node cases and the
+            // shared corpus on 3 simulated nodes with native routing, the
+            // node cases again over the VXLAN overlay. (Every corpus passes
+            // with --nodes 3, with and without --via-services; the full
+            // runs are `cargo xtask conformance --nodes 3 [--via-services]`.)
+            step("conformance: several nodes (--nodes 3; node cases also over VXLAN)");
+            let mut node_cases = vec![root.join("tests/conformance-nodes")];
+            node_cases.extend(
+                cases
+                    .iter()
+                    .filter(|c| c.ends_with("shared/conformance/cases"))
+                    .cloned(),
+            );
+            let three = ["--nodes".to_string(), "3".to_string()];
+            conformance_with(&root, &node_cases, None, None, true, false, false, &three)?;
+            let vxlan = ["--routing".to_string(), "vxlan".to_string()];
+            conformance_with(
+                &root,
+                &[root.join("tests/conformance-nodes")],
+                None,
+                None,
+                true,
+                false,
+                true,
+                &vxlan,
+            )
         }
-        Task::Demo => {
+        Task::Demo { nodes } => {
             setup::run(&root)?;
             build(&root, false)?;
             step("demo: a three-tier application, policy applied step by step");
-            exec_cargo(
-                &root,
-                &["run", "--quiet", "-p", "palisade-tests", "--bin", "demo"],
-            )
+            let n = nodes.map(|n| n.to_string());
+            let mut args = vec!["run", "--quiet", "-p", "palisade-tests", "--bin", "demo"];
+            if let Some(n) = &n {
+                args.extend(["--", "--nodes", n]);
+            }
+            exec_cargo(&root, &args)
         }
         Task::Conformance {
             cases,
@@ -124,6 +163,8 @@ fn run(cli: Cli) -> Result<()> {
             keep,
             skip_unsupported,
             via_services,
+            nodes,
+            routing,
         } => {
             // Relative to where the command was typed, not the workspace.
             let here = std::env::current_dir()?;
@@ -141,7 +182,14 @@ fn run(cli: Cli) -> Result<()> {
             setup::run(&root)?;
             build(&root, false)?;
             step("conformance: NetworkPolicy cases on real packets");
-            conformance(
+            let mut extra = Vec::new();
+            if let Some(n) = nodes {
+                extra.extend(["--nodes".to_string(), n.to_string()]);
+            }
+            if let Some(r) = routing {
+                extra.extend(["--routing".to_string(), r]);
+            }
+            conformance_with(
                 &root,
                 &cases,
                 filter.as_deref(),
@@ -149,6 +197,7 @@ fn run(cli: Cli) -> Result<()> {
                 skip_unsupported,
                 via_services,
                 true,
+                &extra,
             )
         }
         Task::Bench { quick } => {
@@ -204,6 +253,30 @@ fn conformance(
     via_services: bool,
     last: bool,
 ) -> Result<()> {
+    conformance_with(
+        root,
+        cases,
+        filter,
+        keep,
+        skip_unsupported,
+        via_services,
+        last,
+        &[],
+    )
+}
+
+/// [`conformance`] with more runner arguments (`--nodes N`, `--routing`).
+#[allow(clippy::too_many_arguments)]
+fn conformance_with(
+    root: &Path,
+    cases: &[PathBuf],
+    filter: Option<&str>,
+    keep: Option<&Path>,
+    skip_unsupported: bool,
+    via_services: bool,
+    last: bool,
+    extra: &[String],
+) -> Result<()> {
     let mut args: Vec<String> = [
         "run",
         "--quiet",
@@ -231,6 +304,7 @@ fn conformance(
     if via_services {
         args.push("--via-services".into());
     }
+    args.extend(extra.iter().cloned());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     if last {
         exec_cargo(root, &args)

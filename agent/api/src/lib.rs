@@ -326,6 +326,40 @@ pub struct StatusReport {
     /// Why the frontends could not be programmed, if they could not.
     #[serde(default)]
     pub services_error: Option<String>,
+    /// The cluster's nodes as this agent knows them, with the peers (pods)
+    /// of each other node (absent from older agents).
+    #[serde(default)]
+    pub nodes: Vec<NodeStatus>,
+    /// Routing between nodes (None when the agent leaves routing alone).
+    #[serde(default)]
+    pub routing: Option<RoutingStatus>,
+}
+
+/// One node of the cluster as an agent knows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub name: String,
+    /// This agent's own node.
+    pub local: bool,
+    pub addresses: Vec<std::net::Ipv4Addr>,
+    pub pod_cidrs: Vec<String>,
+    /// Pods with an address in the node's pod ranges, `namespace/name ip`,
+    /// and host-network pods at one of its addresses.
+    pub pods: Vec<String>,
+}
+
+/// What the agent's route sync installed, and what it could not.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutingStatus {
+    /// native, vxlan or none.
+    pub mode: String,
+    /// Installed routes, one line each (`10.1.2.0/24 via 192.0.2.3 (n3)`).
+    pub routes: Vec<String>,
+    /// Nodes or ranges left out, and why.
+    pub problems: Vec<String>,
+    /// The last pass failed (it is retried).
+    pub error: Option<String>,
+    pub failures: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

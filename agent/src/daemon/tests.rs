@@ -45,6 +45,7 @@ impl Scratch {
             map_sizes: Default::default(),
             verify_interval: None,
             verify_readiness: false,
+            routing: crate::routing::Mode::None,
         }
     }
 }

@@ -11,7 +11,7 @@ use palisade_tests::conformance::{
 };
 
 const USAGE: &str = "\
-usage: conformance --cases DIR|FILE [--cases ...] [--filter TEXT] [--keep DIR] [--parallel N] [--verbose] [--skip-unsupported] [--via-services]
+usage: conformance --cases DIR|FILE [--cases ...] [--filter TEXT] [--keep DIR] [--parallel N] [--verbose] [--skip-unsupported] [--via-services] [--nodes N] [--routing native|vxlan]
 
   --cases DIR   a directory of case files (*.yaml) or one case file; repeatable
   --filter TEXT only cases whose name or file contains TEXT; repeatable (any)
@@ -26,6 +26,10 @@ usage: conformance --cases DIR|FILE [--cases ...] [--filter TEXT] [--keep DIR] [
                 probe every pod through its own ClusterIP Service (with its
                 EndpointSlice, and kube-proxy's iptables rules in the node),
                 FORMAT version 2
+  --nodes N     N simulated nodes (namespaces joined by a fabric, an agent
+                and the CNI plugin each), pods spread round robin unless a
+                case pins them (FORMAT version 2); cluster.nodes wins
+  --routing M   how the agents route between nodes: native (default) or vxlan
 
 Environment: PALISADE_AGENT_BIN, PALISADE_CNI_BIN (default: next to this
 binary), PALISADE_AGENT_LOG (the agent's RUST_LOG, default info).";
@@ -62,6 +66,19 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args> {
             "--verbose" | "-v" => a.opts.verbose = true,
             "--skip-unsupported" => a.opts.skip_unsupported = true,
             "--via-services" => a.opts.via_services = true,
+            "--nodes" => {
+                a.opts.nodes = value("--nodes")?.parse()?;
+                if a.opts.nodes == 0 {
+                    bail!("--nodes 0: a cluster has at least one node");
+                }
+            }
+            "--routing" => {
+                let r = value("--routing")?;
+                if r != "native" && r != "vxlan" {
+                    bail!("--routing {r}: native or vxlan");
+                }
+                a.opts.routing = r;
+            }
             "--help" | "-h" => {
                 println!("{USAGE}");
                 std::process::exit(0);

@@ -23,7 +23,7 @@ use palisade_tests::conformance::{
     flows::{Flow, Tail},
     matrix::table,
     probe,
-    runner::Live,
+    runner::{Live, Options},
     signal,
 };
 
@@ -368,7 +368,27 @@ fn status_output(agent: &Path, socket: &Path) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// `--nodes N`: the same story on N simulated nodes (pods round robin).
+fn nodes_arg() -> Result<usize> {
+    let mut it = std::env::args().skip(1);
+    let mut n = 1;
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--nodes" => {
+                n = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|n| *n >= 1)
+                    .context("--nodes needs a number >= 1")?
+            }
+            other => bail!("unknown argument {other:?} (usage: demo [--nodes N])"),
+        }
+    }
+    Ok(n)
+}
+
 fn run(style: &Style) -> Result<bool> {
+    let nodes = nodes_arg()?;
     let case = Case::parse(STORY, Path::new("demo"))?;
     let tools = Tools::locate()?;
     palisade_tests::ensure_bpffs()?;
@@ -384,14 +404,24 @@ fn run(style: &Style) -> Result<bool> {
         );
         println!();
         let t = Instant::now();
-        let mut live = Live::start(&case, &tools, &pin_parent, None, false)?;
-        let agent = live.cluster.agent.as_ref().expect("started");
-        println!(
-            "node    network namespace {}, palisade-agent pid {} (standalone: reads {})",
-            live.cluster.node()?.name,
-            agent.pid(),
-            live.cluster.manifests().display()
-        );
+        let opts = Options {
+            nodes,
+            ..Options::default()
+        };
+        let mut live = Live::start_on(&case, &tools, &pin_parent, None, &opts)?;
+        for n in &live.cluster.nodes {
+            let agent = n.agent.as_ref().expect("started");
+            let at = match n.address {
+                Some(a) => format!(" {} at {a}, pods {}", n.name, n.subnet),
+                None => String::new(),
+            };
+            println!(
+                "node   {at} network namespace {}, palisade-agent pid {} (standalone: reads {})",
+                n.netns.as_ref().map(|x| x.name.as_str()).unwrap_or("-"),
+                agent.pid(),
+                live.cluster.manifests().display()
+            );
+        }
         println!(
             "pods    wired by the palisade CNI plugin (CNI ADD from the node, IPAM {}), set up in {:.1} s:",
             live.cluster.subnet,
@@ -417,9 +447,15 @@ fn run(style: &Style) -> Result<bool> {
                         .collect::<Vec<_>>()
                         .join(" ")
                 };
+                let node = &live.cluster.nodes[pod.node].name;
+                let at = if node.is_empty() {
+                    pod.ip.to_string()
+                } else {
+                    format!("{} ({node})", pod.ip)
+                };
                 (
                     format!("  {}", p.key()),
-                    vec![pod.ip.to_string(), labels, serves, pod.host_if.clone()],
+                    vec![at, labels, serves, pod.host_if.clone()],
                 )
             })
             .collect();
@@ -463,7 +499,12 @@ fn run(style: &Style) -> Result<bool> {
             for l in n.lines {
                 println!("  {l}");
             }
-            let mut tail = Tail::new(&live.cluster.agent.as_ref().expect("running").flow_log);
+            let mut tails: Vec<Tail> = live
+                .cluster
+                .flow_logs()
+                .iter()
+                .map(|f| Tail::new(f))
+                .collect();
             let t = Instant::now();
             let notes = live.apply(step)?;
             let generation = live.cluster.status()?.programmed_generation;
@@ -492,14 +533,26 @@ fn run(style: &Style) -> Result<bool> {
                 .filter(|(_, ok)| !**ok)
                 .map(|(k, _)| *k)
                 .collect();
-            let flows = tail.gather(Duration::from_secs(3), |fs| {
-                drops.iter().all(|(r, c)| {
-                    let (dst, port, proto) = SERVICES[*c];
-                    fs.iter().any(|f| {
-                        f.verdict == "DROP" && f.is(ip(SOURCES[*r]), ip(dst), port, proto.as_str())
+            // Every node's flow log: across nodes a connection is judged by
+            // the source's node (egress) and the destination's (ingress).
+            let mut flows = Vec::new();
+            for tail in &mut tails {
+                flows.extend(tail.gather(Duration::from_millis(1500), |fs| {
+                    drops.iter().all(|(r, c)| {
+                        let (dst, port, proto) = SERVICES[*c];
+                        fs.iter().any(|f| {
+                            f.verdict == "DROP"
+                                && f.is(ip(SOURCES[*r]), ip(dst), port, proto.as_str())
+                        })
                     })
-                })
-            });
+                }));
+            }
+            let on = |f: &Flow| {
+                f.node
+                    .as_ref()
+                    .map(|n| format!("[{n}] "))
+                    .unwrap_or_default()
+            };
             if !drops.is_empty() {
                 println!();
                 println!("  Why each drop happened (agent flow log):");
@@ -509,7 +562,10 @@ fn run(style: &Style) -> Result<bool> {
                         f.verdict == "DROP" && f.is(ip(SOURCES[*r]), ip(dst), port, proto.as_str())
                     });
                     match rec {
-                        Some(f) => println!("    {}", style.paint("31", &f.describe())),
+                        Some(f) => println!(
+                            "    {}",
+                            style.paint("31", &format!("{}{}", on(f), f.describe()))
+                        ),
                         None => println!(
                             "    {} -> {dst}:{port} {proto}: dropped, but no DROP record reached the flow log",
                             SOURCES[*r]
@@ -528,7 +584,8 @@ fn run(style: &Style) -> Result<bool> {
                         .filter(|f| f.is(ip(SOURCES[*r]), ip(dst), port, proto.as_str()))
                         .map(|f| {
                             format!(
-                                "{} of {} by {}",
+                                "{}{} of {} by {}",
+                                on(f),
                                 f.direction,
                                 f.endpoint,
                                 f.policies.join(", ")
@@ -554,7 +611,14 @@ fn run(style: &Style) -> Result<bool> {
 
             // DNS the way a pod does it: its resolver, the kube-dns
             // ClusterIP, translated to coredns before policy judges it.
-            let mut dns_tail = Tail::new(&live.cluster.agent.as_ref().expect("running").flow_log);
+            // The client's node records its egress (every node's log: the
+            // demo may run on several).
+            let mut dns_tails: Vec<Tail> = live
+                .cluster
+                .flow_logs()
+                .iter()
+                .map(|f| Tail::new(f))
+                .collect();
             let got = resolve(&dns_netns, &resolv, DNS_NAME)?;
             let dns_ok = got == Some(live.ip("app/backend"));
             let client_ip = live.ip(DNS_CLIENT);
@@ -563,7 +627,17 @@ fn run(style: &Style) -> Result<bool> {
                     && f.dst.port == Some(53)
                     && f.service.as_deref() == Some(KUBE_DNS)
             };
-            let dns_flows = dns_tail.gather(Duration::from_secs(2), |fs| fs.iter().any(named));
+            let mut dns_flows = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(2);
+            loop {
+                for t in &mut dns_tails {
+                    dns_flows.extend(t.read());
+                }
+                if dns_flows.iter().any(named) || Instant::now() > deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
             println!();
             match got {
                 Some(a) => println!(
@@ -629,13 +703,20 @@ fn run(style: &Style) -> Result<bool> {
         }
 
         println!();
-        println!("{}", style.bold("palisade-agent status"));
-        let agent = live.cluster.agent.as_ref().expect("running");
-        match status_output(&tools.agent, &agent.socket) {
-            Ok(s) => print!("{s}"),
-            Err(e) => {
-                all_ok = false;
-                println!("  {e:#}");
+        for n in &live.cluster.nodes {
+            let title = if n.name.is_empty() {
+                "palisade-agent status".to_string()
+            } else {
+                format!("palisade-agent status on {}", n.name)
+            };
+            println!("{}", style.bold(&title));
+            let agent = n.agent.as_ref().expect("running");
+            match status_output(&tools.agent, &agent.socket) {
+                Ok(s) => print!("{s}"),
+                Err(e) => {
+                    all_ok = false;
+                    println!("  {e:#}");
+                }
             }
         }
         println!();

@@ -112,6 +112,12 @@ pub struct PodSpec {
     pub labels: Labels,
     #[serde(default, deserialize_with = "null_as_default")]
     pub ports: Vec<PortSpec>,
+    /// FORMAT v2: the node the pod runs on (else the runner spreads pods).
+    #[serde(default)]
+    pub node: Option<String>,
+    /// FORMAT v2: a process in its node's namespace, at its node's address.
+    #[serde(default, rename = "hostNetwork")]
+    pub host_network: bool,
 }
 
 impl PodSpec {
@@ -132,6 +138,31 @@ pub struct ClusterSpec {
     pub namespaces: BTreeMap<String, Option<NamespaceSpec>>,
     #[serde(default, deserialize_with = "null_as_default")]
     pub pods: Vec<PodSpec>,
+    /// FORMAT v2 `cluster.nodes`.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub nodes: Vec<NodeSpec>,
+}
+
+/// A node of `cluster.nodes`.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct NodeSpec {
+    pub name: String,
+    #[serde(default, deserialize_with = "labels")]
+    pub labels: Labels,
+}
+
+impl NodeSpec {
+    /// A node as the runner makes it: its labels plus the two every node
+    /// carries.
+    pub fn named(name: &str, labels: &Labels) -> Self {
+        let mut labels = labels.clone();
+        labels.insert("kubernetes.io/hostname".into(), name.into());
+        labels.insert("kubernetes.io/os".into(), "linux".into());
+        Self {
+            name: name.into(),
+            labels,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -220,6 +251,9 @@ pub struct Case {
     /// with its `kubernetes.io/metadata.name` label.
     pub namespaces: BTreeMap<String, Labels>,
     pub pods: Vec<PodSpec>,
+    /// `cluster.nodes` (each with the labels every node carries); empty
+    /// when the runner decides the nodes.
+    pub nodes: Vec<NodeSpec>,
     pub steps: Vec<Step>,
     /// A FORMAT version 2 feature the agent does not implement yet: the
     /// case is not run (nothing else of it is read), and the runner says so.
@@ -230,11 +264,6 @@ pub struct Case {
 /// with the issue that brings it; None when the case needs none of them.
 pub fn unsupported(raw: &Value) -> Option<String> {
     let cluster = raw.get("cluster");
-    let pods = cluster
-        .and_then(|c| c.get("pods"))
-        .and_then(Value::as_sequence)
-        .map(Vec::as_slice)
-        .unwrap_or_default();
     let steps = raw
         .get("steps")
         .and_then(Value::as_sequence)
@@ -249,17 +278,6 @@ pub fn unsupported(raw: &Value) -> Option<String> {
     let mut needs = Vec::new();
     if cluster.is_some_and(|c| c.get("dns").is_some() || c.get("external").is_some()) {
         needs.push("cluster DNS and egress by domain name (issue 16)");
-    }
-    let several_nodes = cluster.is_some_and(|c| c.get("nodes").is_some())
-        || pods.iter().any(|p| p.get("node").is_some());
-    if several_nodes {
-        needs.push("several nodes (issue 13)");
-    }
-    if pods
-        .iter()
-        .any(|p| p.get("hostNetwork").and_then(Value::as_bool) == Some(true))
-    {
-        needs.push("host-network pods (issue 13)");
     }
     let family = steps.iter().any(|s| {
         seq(s, "probes")
@@ -291,6 +309,7 @@ impl Case {
                 file: file.to_path_buf(),
                 namespaces: BTreeMap::new(),
                 pods: Vec::new(),
+                nodes: Vec::new(),
                 steps: Vec::new(),
                 unsupported: Some(why),
             });
@@ -319,6 +338,23 @@ impl Case {
             pods.push(p);
         }
         let has_pod = |key: &str| pods.iter().any(|p| p.key() == key);
+        let mut nodes: Vec<NodeSpec> = Vec::new();
+        for n in &raw.cluster.nodes {
+            if n.name.is_empty() || nodes.iter().any(|m| m.name == n.name) {
+                bail!(
+                    "cluster.nodes: node {:?} is unnamed or listed twice",
+                    n.name
+                );
+            }
+            nodes.push(NodeSpec::named(&n.name, &n.labels));
+        }
+        for p in &pods {
+            if let Some(n) = &p.node {
+                if !nodes.is_empty() && !nodes.iter().any(|m| &m.name == n) {
+                    bail!("pod {}: node {n} is not in cluster.nodes", p.key());
+                }
+            }
+        }
 
         let mut applied: Vec<String> = Vec::new();
         let mut steps = Vec::new();
@@ -377,6 +413,7 @@ impl Case {
             file: file.to_path_buf(),
             namespaces,
             pods,
+            nodes,
             steps,
             unsupported: None,
         })
@@ -513,9 +550,23 @@ steps:
             .unwrap()
             .unsupported
             .expect("unsupported");
-        for need in ["several nodes", "host-network pods", "IPv6"] {
-            assert!(why.contains(need), "{why}");
-        }
+        assert!(why.contains("IPv6"), "{why}");
+        assert!(
+            !why.contains("node"),
+            "nodes and host-network pods are supported: {why}"
+        );
+        let nodes = "name: t\ncluster:\n  nodes: [{name: n1, labels: {zone: a}}, {name: n2}]\n  pods: [{namespace: x, name: a, node: n2}, {namespace: x, name: h, hostNetwork: true}]\n";
+        let c = Case::parse(nodes, Path::new("t.yaml")).unwrap();
+        assert_eq!(c.unsupported, None);
+        assert_eq!(c.nodes[0].labels["kubernetes.io/hostname"], "n1");
+        assert_eq!(c.nodes[0].labels["zone"], "a");
+        assert_eq!(c.pods[0].node.as_deref(), Some("n2"));
+        assert!(c.pods[1].host_network);
+        let bad = nodes.replace("node: n2", "node: n3");
+        assert!(
+            format!("{:#}", Case::parse(&bad, Path::new("t.yaml")).unwrap_err())
+                .contains("n3 is not in cluster.nodes")
+        );
         // A version-1 case needs nothing.
         let v1 = "name: t\ncluster: {pods: [{namespace: x, name: a, ports: [{port: 80}]}]}\nsteps:\n  - probes: [{port: 80, expect: \"- x/a\\nx/a .\"}]\n";
         assert_eq!(

@@ -4,9 +4,18 @@
 //! CNI binary, invoked exactly like a container runtime would (CNI_*
 //! environment, network configuration on stdin, from the node's namespace).
 //!
+//! Several nodes (FORMAT v2 `--nodes N`, `cluster.nodes`): one namespace
+//! per node, each with its own agent (pin root, socket, state directory,
+//! flow log, metrics port), CNI configuration and pod range, joined by a
+//! fabric: a bridge in a namespace of its own, each node attached by an
+//! uplink veth carrying the node's address. Every agent reads the same
+//! manifest directory (Node objects with addresses and podCIDRs included)
+//! and routes to the other nodes' pod ranges itself.
+//!
 //! Everything is torn down in reverse on drop, also after a failure: server
-//! threads, CNI DEL of each pod, the pod namespaces, the agent (by PID), its
-//! pinned objects, the node namespace, the scratch directory.
+//! threads, CNI DEL of each pod, the pod namespaces, the agents (by PID),
+//! their pinned objects, the node namespaces, the fabric, the scratch
+//! directory.
 use std::{
     collections::BTreeMap,
     fs::{self, File},
@@ -72,6 +81,10 @@ pub struct PodNet {
     pub ip: Ipv4Addr,
     /// The host-side interface, from the CNI result.
     pub host_if: String,
+    /// The index of its node in [`Cluster::nodes`].
+    pub node: usize,
+    /// A host-network pod: its node's namespace (no CNI attachment).
+    pub host_ns: Option<PathBuf>,
 }
 
 impl PodNet {
@@ -80,6 +93,9 @@ impl PodNet {
     }
 
     pub fn netns_path(&self) -> PathBuf {
+        if let Some(p) = &self.host_ns {
+            return p.clone();
+        }
         self.netns.as_ref().map(NetNs::path).unwrap_or_default()
     }
 }
@@ -120,16 +136,39 @@ impl AgentProc {
     }
 }
 
-/// Where a one-node cluster lives and what it is made of.
+/// One node: its namespace, agent, pin root and pod range.
+pub struct SimNode {
+    pub name: String,
+    pub labels: Labels,
+    pub netns: Option<NetNs>,
+    /// Its agent's socket, state, IPAM and logs.
+    pub dir: PathBuf,
+    pub pin_root: PathBuf,
+    pub agent: Option<AgentProc>,
+    /// The range its pods' addresses come from (its podCIDR).
+    pub subnet: String,
+    /// Its address on the fabric (several nodes only).
+    pub address: Option<Ipv4Addr>,
+}
+
+/// The fabric's addresses: node `i` is `10.212.0.(i+1)`.
+pub const FABRIC_PREFIX: &str = "10.212.0";
+
+/// Where a cluster lives and what it is made of.
 pub struct Cluster {
     pub name: String,
+    /// The range every pod address comes from (`{{subnet}}`).
     pub subnet: String,
     pub tools: Tools,
     dir: Option<TempDir>,
-    pub node: Option<NetNs>,
-    pub pin_root: PathBuf,
-    pub agent: Option<AgentProc>,
+    pub nodes: Vec<SimNode>,
+    /// The namespace holding the fabric bridge (several nodes only).
+    fabric: Option<NetNs>,
+    /// `--routing` for the agents (several nodes only).
+    pub routing: String,
     pub pods: Vec<PodNet>,
+    /// Pod `namespace/name` -> node index (written as `spec.nodeName`).
+    pub placement: BTreeMap<String, usize>,
     servers: Servers,
     torn_down: bool,
     /// Copy logs and manifests here before the scratch dir goes.
@@ -232,6 +271,59 @@ pub fn namespace_manifest(name: &str, labels: &Labels) -> Value {
     ])
 }
 
+/// The Pod manifest on a node: `spec.nodeName` and, for a host-network
+/// pod, `spec.hostNetwork` (several nodes).
+pub fn pod_manifest_on(
+    pod: &PodSpec,
+    labels: &Labels,
+    ip: Option<Ipv4Addr>,
+    node: Option<&str>,
+) -> Value {
+    let mut doc = pod_manifest(pod, labels, ip);
+    if let Some(n) = node {
+        doc["spec"]["nodeName"] = n.into();
+    }
+    if pod.host_network {
+        doc["spec"]["hostNetwork"] = true.into();
+    }
+    doc
+}
+
+/// The Node manifest: labels, podCIDR(s), the InternalIP.
+pub fn node_manifest(node: &SimNode) -> Value {
+    let mut doc = map(vec![
+        ("apiVersion", "v1".into()),
+        ("kind", "Node".into()),
+        (
+            "metadata",
+            map(vec![
+                ("name", node.name.as_str().into()),
+                ("labels", labels_value(&node.labels)),
+            ]),
+        ),
+        (
+            "spec",
+            map(vec![
+                ("podCIDR", node.subnet.as_str().into()),
+                (
+                    "podCIDRs",
+                    Value::Sequence(vec![node.subnet.as_str().into()]),
+                ),
+            ]),
+        ),
+    ]);
+    if let Some(a) = node.address {
+        doc["status"] = map(vec![(
+            "addresses",
+            Value::Sequence(vec![map(vec![
+                ("type", "InternalIP".into()),
+                ("address", a.to_string().into()),
+            ])]),
+        )]);
+    }
+    doc
+}
+
 /// The Pod manifest: one container with the pod's ports; the address once
 /// the pod has one (as the kubelet reports it after the CNI ADD).
 pub fn pod_manifest(pod: &PodSpec, labels: &Labels, ip: Option<Ipv4Addr>) -> Value {
@@ -288,33 +380,106 @@ impl Cluster {
     /// The scratch directory, the node namespace and the manifest
     /// directory; `pin_parent` holds this cluster's pin root.
     pub fn new(name: &str, tools: Tools, pin_parent: &Path, subnet: &str) -> Result<Self> {
+        let mut c = Self::empty(name, tools, subnet)?;
+        let dir = c.dir().to_path_buf();
+        for d in ["state", "ipam"] {
+            fs::create_dir_all(dir.join(d))?;
+        }
+        let node = NetNs::new(signal::NETNS_PREFIX)?;
+        node.sysctl("net.ipv4.ip_forward", "1")?;
+        c.nodes.push(SimNode {
+            name: String::new(),
+            labels: Labels::new(),
+            netns: Some(node),
+            pin_root: pin_parent.join(dir.file_name().expect("named").to_string_lossy().as_ref()),
+            dir,
+            agent: None,
+            subnet: subnet.to_string(),
+            address: None,
+        });
+        Ok(c)
+    }
+
+    fn empty(name: &str, tools: Tools, subnet: &str) -> Result<Self> {
         let dir = TempDir::new(signal::PIN_PREFIX)?;
-        let mut c = Self {
+        let c = Self {
             name: name.to_string(),
             subnet: subnet.to_string(),
             tools,
-            pin_root: pin_parent.join(
-                dir.path()
-                    .file_name()
-                    .expect("named")
-                    .to_string_lossy()
-                    .as_ref(),
-            ),
             dir: Some(dir),
-            node: None,
-            agent: None,
+            nodes: Vec::new(),
+            fabric: None,
+            routing: "native".into(),
             pods: Vec::new(),
+            placement: BTreeMap::new(),
             servers: Servers::default(),
             torn_down: false,
             keep: None,
         };
-        for d in ["manifests", "state", "ipam"] {
-            fs::create_dir_all(c.dir().join(d))?;
-        }
-        let node = NetNs::new(signal::NETNS_PREFIX)?;
-        c.node = Some(node);
-        c.node()?.sysctl("net.ipv4.ip_forward", "1")?;
+        fs::create_dir_all(c.manifests())?;
         Ok(c)
+    }
+
+    /// Several nodes joined by a fabric: node `i` gets the pod range
+    /// `subnets[i]` and the address `10.212.0.(i+1)` on its uplink; its
+    /// agent routes with `routing` (native or vxlan).
+    pub fn with_nodes(
+        name: &str,
+        tools: Tools,
+        pin_parent: &Path,
+        subnet: &str,
+        nodes: &[super::case::NodeSpec],
+        subnets: &[String],
+        routing: &str,
+    ) -> Result<Self> {
+        if nodes.is_empty() || nodes.len() > 250 || subnets.len() < nodes.len() {
+            bail!("a cluster needs 1 to 250 nodes, each with a pod range");
+        }
+        let mut c = Self::empty(name, tools, subnet)?;
+        c.routing = routing.to_string();
+        let fabric = NetNs::new(signal::NETNS_PREFIX)?;
+        fabric.ip(&["link", "add", "fab0", "type", "bridge"])?;
+        fabric.ip(&["link", "set", "fab0", "up"])?;
+        c.fabric = Some(fabric);
+        let base = c.dir().to_path_buf();
+        let stem = base
+            .file_name()
+            .expect("named")
+            .to_string_lossy()
+            .into_owned();
+        for (i, spec) in nodes.iter().enumerate() {
+            let dir = base.join(format!("node-{}", spec.name));
+            for d in ["state", "ipam"] {
+                fs::create_dir_all(dir.join(d))?;
+            }
+            let ns = NetNs::new(signal::NETNS_PREFIX)?;
+            ns.sysctl("net.ipv4.ip_forward", "1")?;
+            let address: Ipv4Addr = format!("{FABRIC_PREFIX}.{}", i + 1).parse()?;
+            let fab = c.fabric.as_ref().expect("just made");
+            let port = format!("fp{i}");
+            fab.ip(&[
+                "link", "add", &port, "type", "veth", "peer", "name", "up0", "netns", &ns.name,
+            ])?;
+            fab.ip(&["link", "set", &port, "master", "fab0", "up"])?;
+            ns.ip(&["addr", "add", &format!("{address}/24"), "dev", "up0"])?;
+            ns.ip(&["link", "set", "up0", "up"])?;
+            c.nodes.push(SimNode {
+                name: spec.name.clone(),
+                labels: spec.labels.clone(),
+                netns: Some(ns),
+                dir,
+                pin_root: pin_parent.join(format!("{stem}-{i}")),
+                agent: None,
+                subnet: subnets[i].clone(),
+                address: Some(address),
+            });
+        }
+        Ok(c)
+    }
+
+    /// More than the classic one node (Node objects, node names, uplinks).
+    pub fn multi(&self) -> bool {
+        self.fabric.is_some()
     }
 
     pub fn dir(&self) -> &Path {
@@ -328,10 +493,29 @@ impl Cluster {
         self.dir().join("manifests")
     }
 
+    /// The first node's namespace.
     pub fn node(&self) -> Result<&NetNs> {
-        self.node
-            .as_ref()
+        self.node_ns(0)
+    }
+
+    pub fn node_ns(&self, i: usize) -> Result<&NetNs> {
+        self.nodes
+            .get(i)
+            .and_then(|n| n.netns.as_ref())
             .ok_or_else(|| anyhow!("the node namespace is gone"))
+    }
+
+    /// The first node's agent.
+    pub fn agent(&self) -> Option<&AgentProc> {
+        self.nodes.first().and_then(|n| n.agent.as_ref())
+    }
+
+    /// Every running agent's flow log.
+    pub fn flow_logs(&self) -> Vec<PathBuf> {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.agent.as_ref().map(|a| a.flow_log.clone()))
+            .collect()
     }
 
     pub fn pod(&self, key: &str) -> Option<&PodNet> {
@@ -349,38 +533,58 @@ impl Cluster {
         self.write(file, doc)
     }
 
-    /// `iptables-restore --noflush` of `rules` in the node namespace (as
-    /// kube-proxy writes its rules), and an unreachable route for
-    /// `unreachable` so nothing meant for it leaves the node.
+    /// `iptables-restore --noflush` of `rules` in every node namespace (as
+    /// kube-proxy writes its rules), and a route for `unreachable` that
+    /// keeps it inside the test: unreachable on a single node, the fabric
+    /// when there are several.
     pub fn install_node_rules(&self, rules: &str, unreachable: &str) -> Result<()> {
         use std::io::Write as _;
-        let node = self.node()?;
-        let mut child = std::process::Command::new("ip")
-            .args(["netns", "exec", &node.name, "iptables-restore", "--noflush"])
-            .stdin(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .context("running iptables-restore in the node namespace")?;
-        child
-            .stdin
-            .take()
-            .expect("piped stdin")
-            .write_all(rules.as_bytes())?;
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "iptables-restore (kube-proxy's rules) failed: {}\n{rules}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+        for i in 0..self.nodes.len() {
+            let node = self.node_ns(i)?;
+            let mut child = std::process::Command::new("ip")
+                .args(["netns", "exec", &node.name, "iptables-restore", "--noflush"])
+                .stdin(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .context("running iptables-restore in the node namespace")?;
+            child
+                .stdin
+                .take()
+                .expect("piped stdin")
+                .write_all(rules.as_bytes())?;
+            let out = child.wait_with_output()?;
+            if !out.status.success() {
+                bail!(
+                    "iptables-restore (kube-proxy's rules) failed: {}\n{rules}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            if self.nodes[i].address.is_some() {
+                // A node with an uplink: its own processes (host-network
+                // pods) must get past the route lookup at connect() for
+                // kube-proxy's OUTPUT DNAT to apply, as on a node with a
+                // default route; what no rule translates goes onto the
+                // fabric, where no node answers for it.
+                crate::ip(&[
+                    "-n",
+                    &node.name,
+                    "route",
+                    "replace",
+                    unreachable,
+                    "dev",
+                    "up0",
+                ])?;
+            } else {
+                crate::ip(&[
+                    "-n",
+                    &node.name,
+                    "route",
+                    "replace",
+                    "unreachable",
+                    unreachable,
+                ])?;
+            }
         }
-        crate::ip(&[
-            "-n",
-            &node.name,
-            "route",
-            "replace",
-            "unreachable",
-            unreachable,
-        ])?;
         Ok(())
     }
 
@@ -388,10 +592,29 @@ impl Cluster {
         self.write(&namespace_file(name), &namespace_manifest(name, labels))
     }
 
+    /// Every node's Node object (several nodes only).
+    pub fn write_nodes(&self) -> Result<()> {
+        if !self.multi() {
+            return Ok(());
+        }
+        for n in &self.nodes {
+            self.write(&format!("node_{}.yaml", n.name), &node_manifest(n))?;
+        }
+        Ok(())
+    }
+
     pub fn write_pod(&self, pod: &PodSpec, labels: &Labels, ip: Option<Ipv4Addr>) -> Result<()> {
+        let node = if self.multi() {
+            self.placement
+                .get(&pod.key())
+                .and_then(|i| self.nodes.get(*i))
+                .map(|n| n.name.as_str())
+        } else {
+            None
+        };
         self.write(
             &pod_file(&pod.namespace, &pod.name),
-            &pod_manifest(pod, labels, ip),
+            &pod_manifest_on(pod, labels, ip, node),
         )
     }
 
@@ -404,10 +627,21 @@ impl Cluster {
         fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))
     }
 
-    /// `palisade-agent run` in the node namespace, standalone on the
-    /// manifest directory; returns once it answers on its socket.
+    /// `palisade-agent run` in every node namespace, standalone on the
+    /// manifest directory; returns once each answers on its socket.
     pub fn start_agent(&mut self) -> Result<()> {
-        let dir = self.dir().to_path_buf();
+        for i in 0..self.nodes.len() {
+            self.start_agent_on(i)?;
+        }
+        Ok(())
+    }
+
+    fn start_agent_on(&mut self, i: usize) -> Result<()> {
+        let multi = self.multi();
+        let manifests = self.manifests();
+        let routing = self.routing.clone();
+        let node = &self.nodes[i];
+        let dir = node.dir.clone();
         let log = dir.join("agent.log");
         let socket = dir.join("agent.sock");
         let flow_log = dir.join("flows.jsonl");
@@ -416,14 +650,13 @@ impl Cluster {
             .arg("--socket")
             .arg(&socket)
             .arg("--pin-root")
-            .arg(&self.pin_root)
+            .arg(&node.pin_root)
             .arg("--state-dir")
             .arg(dir.join("state"))
             .arg("--manifests")
-            .arg(self.manifests())
+            .arg(manifests)
             .arg("--flow-log")
             .arg(&flow_log)
-            .args(["--metrics-addr", "off"])
             .env(
                 "RUST_LOG",
                 std::env::var("PALISADE_AGENT_LOG").unwrap_or_else(|_| "info".into()),
@@ -431,8 +664,17 @@ impl Cluster {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&log)?);
-        let child = spawn_in(&self.node()?.path(), &mut cmd)?;
-        self.agent = Some(AgentProc {
+        if multi {
+            // Each node is a namespace of its own: the same port on each
+            // node's loopback, as on real nodes.
+            cmd.args(["--node-name", &node.name])
+                .args(["--routing", &routing])
+                .args(["--metrics-addr", "127.0.0.1:9962"]);
+        } else {
+            cmd.args(["--metrics-addr", "off"]);
+        }
+        let child = spawn_in(&self.node_ns(i)?.path(), &mut cmd)?;
+        self.nodes[i].agent = Some(AgentProc {
             child,
             socket: socket.clone(),
             log,
@@ -445,7 +687,7 @@ impl Cluster {
             {
                 return Ok(());
             }
-            let a = self.agent.as_mut().expect("just set");
+            let a = self.nodes[i].agent.as_mut().expect("just set");
             if let Some(st) = a.child.try_wait()? {
                 bail!(
                     "palisade-agent exited ({st}) during startup:\n{}",
@@ -462,47 +704,117 @@ impl Cluster {
         }
     }
 
-    fn agent(&self) -> Result<&AgentProc> {
-        self.agent
-            .as_ref()
+    fn agent_on(&self, i: usize) -> Result<&AgentProc> {
+        self.nodes
+            .get(i)
+            .and_then(|n| n.agent.as_ref())
             .ok_or_else(|| anyhow!("the agent is not running"))
     }
 
+    /// A request to the first node's agent.
     pub fn request(&self, req: &Request) -> Result<Response> {
-        Ok(call(&self.agent()?.socket, req, Duration::from_secs(60))?)
+        self.request_on(0, req)
     }
 
-    /// Re-read the manifests now; returns the programmed generation that
-    /// includes them (the agent answers only once it is in the kernel).
+    pub fn request_on(&self, i: usize, req: &Request) -> Result<Response> {
+        Ok(call(
+            &self.agent_on(i)?.socket,
+            req,
+            Duration::from_secs(60),
+        )?)
+    }
+
+    /// Re-read the manifests now, on every node; returns the first node's
+    /// programmed generation that includes them (each agent answers only
+    /// once it is in the kernel).
     pub fn sync(&self) -> Result<u64> {
-        match self.request(&Request::Sync)? {
-            Response::Ok { generation, .. } => Ok(generation),
-            Response::Error { message, .. } => bail!("agent Sync failed: {message}"),
-            other => bail!("agent Sync: unexpected answer {other:?}"),
+        let mut first = 0;
+        for i in 0..self.nodes.len() {
+            let g = match self.request_on(i, &Request::Sync)? {
+                Response::Ok { generation, .. } => generation,
+                Response::Error { message, .. } => bail!("agent Sync failed: {message}"),
+                other => bail!("agent Sync: unexpected answer {other:?}"),
+            };
+            if i == 0 {
+                first = g;
+            }
         }
+        Ok(first)
     }
 
     pub fn status(&self) -> Result<StatusReport> {
-        match self.request(&Request::Status)? {
+        self.status_on(0)
+    }
+
+    pub fn status_on(&self, i: usize) -> Result<StatusReport> {
+        match self.request_on(i, &Request::Status)? {
             Response::Status(s) => Ok(*s),
             other => bail!("agent Status: unexpected answer {other:?}"),
         }
     }
 
-    pub fn agent_log(&self) -> String {
-        self.agent
-            .as_ref()
-            .and_then(|a| fs::read_to_string(&a.log).ok())
-            .unwrap_or_default()
+    /// Waits until every agent has routed every other node's pod range
+    /// (the route sync runs beside the map sync).
+    pub fn wait_routes(&self, timeout: Duration) -> Result<()> {
+        if !self.multi() {
+            return Ok(());
+        }
+        let want = self.nodes.len() - 1;
+        let deadline = Instant::now() + timeout;
+        for i in 0..self.nodes.len() {
+            loop {
+                let st = self.status_on(i)?;
+                let r = st.routing.clone().unwrap_or_default();
+                if r.routes.len() == want && r.error.is_none() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "node {}: its agent routed {} of {want} other nodes within {timeout:?}: {r:?}",
+                        self.nodes[i].name,
+                        r.routes.len()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
     }
 
-    /// How the agent ended, if it is no longer running.
-    pub fn agent_exit(&mut self) -> Option<String> {
-        let a = self.agent.as_mut()?;
-        match a.child.try_wait() {
-            Ok(Some(st)) => Some(st.to_string()),
-            _ => None,
+    /// Every agent's log (prefixed by node when there are several).
+    pub fn agent_log(&self) -> String {
+        let mut out = String::new();
+        for n in &self.nodes {
+            let log = n
+                .agent
+                .as_ref()
+                .and_then(|a| fs::read_to_string(&a.log).ok())
+                .unwrap_or_default();
+            if self.multi() {
+                for l in log.lines() {
+                    out.push_str(&format!("[{}] {l}\n", n.name));
+                }
+            } else {
+                out.push_str(&log);
+            }
         }
+        out
+    }
+
+    /// How an agent ended, if one is no longer running.
+    pub fn agent_exit(&mut self) -> Option<String> {
+        let multi = self.multi();
+        for n in &mut self.nodes {
+            let Some(a) = n.agent.as_mut() else { continue };
+            if let Ok(Some(st)) = a.child.try_wait() {
+                return Some(if multi {
+                    format!("{st}, node {}", n.name)
+                } else {
+                    st.to_string()
+                });
+            }
+        }
+        None
     }
 
     pub fn agent_log_tail(&self, n: usize) -> String {
@@ -514,15 +826,15 @@ impl Cluster {
             .collect()
     }
 
-    fn cni_config(&self) -> String {
-        let agent_socket = self.dir().join("agent.sock");
+    fn cni_config(&self, node: usize) -> String {
+        let n = &self.nodes[node];
         serde_json::json!({
             "cniVersion": "1.0.0",
             "name": "palisade-conformance",
             "type": "palisade",
-            "agentSocket": agent_socket,
+            "agentSocket": n.dir.join("agent.sock"),
             "agentTimeoutMs": 30000,
-            "ipam": {"type": "palisade", "subnet": self.subnet, "dataDir": self.dir().join("ipam")},
+            "ipam": {"type": "palisade", "subnet": n.subnet, "dataDir": n.dir.join("ipam")},
         })
         .to_string()
     }
@@ -530,6 +842,7 @@ impl Cluster {
     /// Runs the CNI binary as a runtime does, from the node's namespace.
     fn cni(
         &self,
+        node: usize,
         command: &str,
         container_id: &str,
         netns: &Path,
@@ -557,10 +870,13 @@ impl Cluster {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let child = spawn_in(&self.node()?.path(), &mut cmd)?;
-        let (ok, out, err) =
-            wait_output(child, self.cni_config().as_bytes(), Duration::from_secs(60))
-                .with_context(|| format!("CNI {command} of {namespace}/{pod}"))?;
+        let child = spawn_in(&self.node_ns(node)?.path(), &mut cmd)?;
+        let (ok, out, err) = wait_output(
+            child,
+            self.cni_config(node).as_bytes(),
+            Duration::from_secs(60),
+        )
+        .with_context(|| format!("CNI {command} of {namespace}/{pod}"))?;
         if !ok {
             bail!(
                 "CNI {command} of {namespace}/{pod} failed: {}\n    stderr: {}",
@@ -571,9 +887,15 @@ impl Cluster {
         Ok(out)
     }
 
-    /// A pod namespace, attached by CNI ADD. The pod is recorded before
-    /// the ADD, so a failed ADD is still followed by a DEL.
+    /// A pod namespace on the first node, attached by CNI ADD.
     pub fn add_pod(&mut self, namespace: &str, name: &str) -> Result<&PodNet> {
+        self.add_pod_on(0, namespace, name)
+    }
+
+    /// A pod namespace on node `node`, attached by that node's CNI ADD.
+    /// The pod is recorded before the ADD, so a failed ADD is still
+    /// followed by a DEL.
+    pub fn add_pod_on(&mut self, node: usize, namespace: &str, name: &str) -> Result<&PodNet> {
         signal::check()?;
         let netns = NetNs::new(signal::NETNS_PREFIX)?;
         let container_id = format!("conf-{}", unique(""));
@@ -585,8 +907,10 @@ impl Cluster {
             container_id: container_id.clone(),
             ip: Ipv4Addr::UNSPECIFIED,
             host_if: String::new(),
+            node,
+            host_ns: None,
         });
-        let out = self.cni("ADD", &container_id, &path, namespace, name)?;
+        let out = self.cni(node, "ADD", &container_id, &path, namespace, name)?;
         let result: serde_json::Value = serde_json::from_str(&out)
             .with_context(|| format!("CNI ADD result of {namespace}/{name}: {out}"))?;
         let addr = result["ips"][0]["address"].as_str().ok_or_else(|| {
@@ -613,6 +937,55 @@ impl Cluster {
         Ok(pod)
     }
 
+    /// A host-network pod of node `node`: its node's namespace and
+    /// address, no CNI attachment.
+    pub fn add_host_pod(&mut self, node: usize, namespace: &str, name: &str) -> Result<&PodNet> {
+        let n = self
+            .nodes
+            .get(node)
+            .ok_or_else(|| anyhow!("no node {node}"))?;
+        let ip = n.address.ok_or_else(|| {
+            anyhow!("{namespace}/{name}: a host-network pod needs a node with an address")
+        })?;
+        let host_ns = self.node_ns(node)?.path();
+        self.pods.push(PodNet {
+            namespace: namespace.into(),
+            name: name.into(),
+            netns: None,
+            container_id: String::new(),
+            ip,
+            host_if: String::new(),
+            node,
+            host_ns: Some(host_ns),
+        });
+        Ok(self.pods.last().expect("just pushed"))
+    }
+
+    /// Deletes a pod as the kubelet and API server would: CNI DEL on its
+    /// node, its namespace, its manifest.
+    pub fn remove_pod(&mut self, key: &str) -> Result<()> {
+        let i = self
+            .pods
+            .iter()
+            .position(|p| p.key() == key)
+            .ok_or_else(|| anyhow!("no pod {key}"))?;
+        let mut pod = self.pods.remove(i);
+        if pod.host_ns.is_none() {
+            let path = pod.netns_path();
+            self.cni(
+                pod.node,
+                "DEL",
+                &pod.container_id,
+                &path,
+                &pod.namespace,
+                &pod.name,
+            )?;
+            drop(pod.netns.take());
+        }
+        let f = self.manifests().join(pod_file(&pod.namespace, &pod.name));
+        fs::remove_file(&f).with_context(|| format!("removing {}", f.display()))
+    }
+
     /// Serve `ports` in the pod `key`.
     pub fn serve(&mut self, key: &str, ports: Vec<(u16, Protocol)>) -> Result<()> {
         let path = self
@@ -625,6 +998,14 @@ impl Cluster {
     /// Pod addresses by `namespace/name`.
     pub fn addresses(&self) -> BTreeMap<String, Ipv4Addr> {
         self.pods.iter().map(|p| (p.key(), p.ip)).collect()
+    }
+
+    /// Node addresses by name (several nodes).
+    pub fn node_addresses(&self) -> BTreeMap<String, Ipv4Addr> {
+        self.nodes
+            .iter()
+            .filter_map(|n| Some((n.name.clone(), n.address?)))
+            .collect()
     }
 
     /// Everything, in reverse; keeps going after errors and returns them.
@@ -641,10 +1022,19 @@ impl Cluster {
             }
         }
         while let Some(mut pod) = self.pods.pop() {
+            if pod.host_ns.is_some() {
+                continue;
+            }
             let path = pod.netns_path();
-            if self.node.is_some() {
-                if let Err(e) = self.cni("DEL", &pod.container_id, &path, &pod.namespace, &pod.name)
-                {
+            if self.nodes.get(pod.node).is_some_and(|n| n.netns.is_some()) {
+                if let Err(e) = self.cni(
+                    pod.node,
+                    "DEL",
+                    &pod.container_id,
+                    &path,
+                    &pod.namespace,
+                    &pod.name,
+                ) {
                     errs.push(format!("{e:#}"));
                 }
             }
@@ -657,23 +1047,28 @@ impl Cluster {
                 ));
             }
         }
-        if let Some(mut a) = self.agent.take() {
-            if let Err(e) = a.stop() {
-                errs.push(format!("{e:#}"));
+        for n in &mut self.nodes {
+            if let Some(mut a) = n.agent.take() {
+                if let Err(e) = a.stop() {
+                    errs.push(format!("{e:#}"));
+                }
             }
         }
-        if let Err(e) =
-            palisade_dataplane::loader::remove_all(&palisade_dataplane::Pins::new(&self.pin_root))
-        {
-            errs.push(format!("removing pins {}: {e}", self.pin_root.display()));
-        }
-        if let Some(node) = self.node.take() {
-            let path = node.path();
-            drop(node);
-            if path.exists() {
-                errs.push(format!("node namespace {} is still there", path.display()));
+        for n in &mut self.nodes {
+            if let Err(e) =
+                palisade_dataplane::loader::remove_all(&palisade_dataplane::Pins::new(&n.pin_root))
+            {
+                errs.push(format!("removing pins {}: {e}", n.pin_root.display()));
+            }
+            if let Some(node) = n.netns.take() {
+                let path = node.path();
+                drop(node);
+                if path.exists() {
+                    errs.push(format!("node namespace {} is still there", path.display()));
+                }
             }
         }
+        drop(self.fabric.take());
         drop(self.dir.take());
         errs
     }
@@ -724,6 +1119,8 @@ mod tests {
                     name: None,
                 },
             ],
+            node: None,
+            host_network: false,
         };
         let text = serde_yaml::to_string(&pod_manifest(
             &pod,

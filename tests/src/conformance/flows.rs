@@ -77,6 +77,9 @@ pub struct Flow {
     pub service: Option<String>,
     #[serde(default)]
     pub service_address: Option<String>,
+    /// The node whose agent recorded it (several nodes).
+    #[serde(default)]
+    pub node: Option<String>,
 }
 
 impl Flow {

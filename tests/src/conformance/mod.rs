@@ -25,6 +25,7 @@ pub mod cluster;
 pub mod dns;
 pub mod flows;
 pub mod matrix;
+pub mod nodes;
 pub mod placeholder;
 pub mod probe;
 pub mod runner;

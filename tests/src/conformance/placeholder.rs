@@ -13,6 +13,8 @@ pub struct Addresses {
     pub pods: BTreeMap<String, Ipv4Addr>,
     /// The CIDR all pod addresses come from, e.g. `10.213.0.0/24`.
     pub subnet: String,
+    /// Node name -> address (`{{node-ip NODE}}`), FORMAT v2.
+    pub nodes: BTreeMap<String, Ipv4Addr>,
 }
 
 /// The canonical network of `ip` with `prefix` bits: `{{cidr x/a 8}}`.
@@ -44,6 +46,11 @@ impl Addresses {
             }
             ["subnet"] => Ok(self.subnet.clone()),
             ["host", pod] => Ok(format!("{}/32", self.pod(pod)?)),
+            ["node-ip", node] => self
+                .nodes
+                .get(*node)
+                .map(|a| a.to_string())
+                .ok_or_else(|| anyhow!("no node {node} in this cluster")),
             _ => bail!("unknown placeholder {{{{{body}}}}} (known: {{{{ip ns/pod}}}}, {{{{cidr ns/pod N}}}}, {{{{subnet}}}})"),
         }
     }
@@ -108,6 +115,7 @@ mod tests {
             ]
             .into(),
             subnet: "10.213.0.0/24".into(),
+            nodes: [("n1".to_string(), Ipv4Addr::new(10, 212, 0, 1))].into(),
         }
     }
 
@@ -127,6 +135,11 @@ mod tests {
         );
         assert_eq!(a.substitute_str("{{cidr x/b 0}}").unwrap(), "0.0.0.0/0");
         assert_eq!(a.substitute_str("{{subnet}}").unwrap(), "10.213.0.0/24");
+        assert_eq!(
+            a.substitute_str("{{node-ip n1}}/32").unwrap(),
+            "10.212.0.1/32"
+        );
+        assert!(a.substitute_str("{{node-ip n9}}").is_err());
         assert_eq!(
             a.substitute_str("no placeholder").unwrap(),
             "no placeholder"

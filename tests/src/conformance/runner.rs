@@ -15,6 +15,7 @@ use super::{
     cluster::{Cluster, Tools},
     flows::{Flow, Tail},
     matrix::Reach,
+    nodes,
     placeholder::Addresses,
     probe::{self, Job},
     services, signal,
@@ -46,7 +47,43 @@ impl<'a> Live<'a> {
         keep: Option<PathBuf>,
         via_services: bool,
     ) -> Result<Self> {
-        let mut cluster = Cluster::new(&case.name, tools.clone(), pin_parent, SUBNET)?;
+        Self::start_on(
+            case,
+            tools,
+            pin_parent,
+            keep,
+            &Options {
+                via_services,
+                ..Options::default()
+            },
+        )
+    }
+
+    /// As [`Live::start`], on the nodes `opts` and the case call for.
+    pub fn start_on(
+        case: &'a Case,
+        tools: &Tools,
+        pin_parent: &Path,
+        keep: Option<PathBuf>,
+        opts: &Options,
+    ) -> Result<Self> {
+        let via_services = opts.via_services;
+        let layout = nodes::Layout::of(case, opts.nodes)?;
+        let mut cluster = match &layout {
+            None => Cluster::new(&case.name, tools.clone(), pin_parent, SUBNET)?,
+            Some(l) => Cluster::with_nodes(
+                &case.name,
+                tools.clone(),
+                pin_parent,
+                nodes::SUBNET,
+                &l.nodes,
+                &l.subnets,
+                &opts.routing,
+            )?,
+        };
+        if let Some(l) = &layout {
+            cluster.placement = l.placement.clone();
+        }
         cluster.keep = keep;
         let pod_labels: BTreeMap<String, Labels> = case
             .pods
@@ -56,16 +93,23 @@ impl<'a> Live<'a> {
         for (name, labels) in &case.namespaces {
             cluster.write_namespace(name, labels)?;
         }
+        cluster.write_nodes()?;
         for p in &case.pods {
             cluster.write_pod(p, &p.labels, None)?;
         }
         cluster.start_agent()?;
         for p in &case.pods {
-            cluster.add_pod(&p.namespace, &p.name)?;
+            let node = cluster.placement.get(&p.key()).copied().unwrap_or(0);
+            if p.host_network {
+                cluster.add_host_pod(node, &p.namespace, &p.name)?;
+            } else {
+                cluster.add_pod_on(node, &p.namespace, &p.name)?;
+            }
         }
         let addresses = Addresses {
             pods: cluster.addresses(),
-            subnet: SUBNET.to_string(),
+            subnet: cluster.subnet.clone(),
+            nodes: cluster.node_addresses(),
         };
         let sctp = probe::sctp_supported();
         for p in &case.pods {
@@ -84,6 +128,9 @@ impl<'a> Live<'a> {
         if via_services {
             let mut ports = Vec::new();
             for (i, p) in case.pods.iter().enumerate() {
+                if p.host_network {
+                    continue; // FORMAT: no Service; probed at its node's address
+                }
                 let ip = services::cluster_ip(i);
                 let pod_ip = addresses.pods[&p.key()];
                 let (Some(svc), Some(slice)) = (
@@ -102,12 +149,15 @@ impl<'a> Live<'a> {
                 .install_node_rules(&services::kube_proxy_rules(&ports), services::SERVICE_RANGE)?;
         }
         cluster.sync()?;
-        let status = cluster.status()?;
-        if status.endpoints.len() != case.pods.len() {
+        cluster.wait_routes(Duration::from_secs(15))?;
+        let mut endpoints = 0;
+        for i in 0..cluster.nodes.len() {
+            endpoints += cluster.status_on(i)?.endpoints.len();
+        }
+        let attached = case.pods.iter().filter(|p| !p.host_network).count();
+        if endpoints != attached {
             bail!(
-                "the agent knows {} endpoints after {} CNI ADDs:\n{}",
-                status.endpoints.len(),
-                case.pods.len(),
+                "the agents know {endpoints} endpoints after {attached} CNI ADDs:\n{}",
                 cluster.agent_log_tail(20)
             );
         }
@@ -198,7 +248,8 @@ impl<'a> Live<'a> {
             .ok_or_else(|| anyhow!("no pod {src}"))?;
         // Via services: the pod's ClusterIP; a pod without a Service (it
         // serves no port) is probed at the range, which the node refuses.
-        let to = if self.service_ips.is_empty() {
+        let host_network = self.case.pod(dst).is_some_and(|p| p.host_network);
+        let to = if self.service_ips.is_empty() || host_network {
             self.ip(dst)
         } else {
             self.service_ips
@@ -325,15 +376,22 @@ pub struct Options {
     pub skip_unsupported: bool,
     /// Probe every pod through its own ClusterIP Service (FORMAT v2).
     pub via_services: bool,
+    /// `--nodes N` (FORMAT v2): simulated nodes when the case does not
+    /// list its own.
+    pub nodes: usize,
+    /// How the agents route between nodes: native or vxlan.
+    pub routing: String,
 }
 
 impl Options {
     /// The first line a run prints (FORMAT: the options it ran with).
     pub fn line(&self) -> String {
         format!(
-            "conformance options: parallel={} via-services={} skip-unsupported={}{}",
+            "conformance options: parallel={} via-services={} nodes={} routing={} skip-unsupported={}{}",
             self.parallel,
             self.via_services,
+            self.nodes,
+            self.routing,
             self.skip_unsupported,
             self.keep
                 .as_ref()
@@ -351,6 +409,8 @@ impl Default for Options {
             verbose: false,
             skip_unsupported: false,
             via_services: false,
+            nodes: 1,
+            routing: "native".into(),
         }
     }
 }
@@ -414,16 +474,10 @@ pub fn run_case(
     });
     let mut live = None;
     let r = (|| -> Result<()> {
-        let l = live.insert(Live::start(
-            case,
-            tools,
-            pin_parent,
-            keep,
-            opts.via_services,
-        )?);
+        let l = live.insert(Live::start_on(case, tools, pin_parent, keep, opts)?);
         for (i, step) in case.steps.iter().enumerate() {
             signal::check()?;
-            let mut tail = l.cluster.agent.as_ref().map(|a| Tail::new(&a.flow_log));
+            let mut tails: Vec<Tail> = l.cluster.flow_logs().iter().map(|f| Tail::new(f)).collect();
             let notes = l.apply(step).with_context(|| format!("step {}", i + 1))?;
             report.lines.extend(
                 notes
@@ -440,20 +494,19 @@ pub fn run_case(
                 continue;
             }
             report.outcome = Outcome::Fail;
-            // The records of the mismatching connections, for the reader.
-            let flows = tail
-                .as_mut()
-                .map(|t| {
-                    t.gather(Duration::from_secs(2), |fs| {
-                        bad.iter().all(|c| {
-                            let p = &step.probes[c.probe];
-                            fs.iter().any(|f| {
-                                f.is(l.ip(&c.src), l.ip(&c.dst), p.port, p.protocol.as_str())
-                            })
-                        })
+            // The records of the mismatching connections, for the reader
+            // (every node's flow log: a probe may be judged at both ends).
+            let mut flows = Vec::new();
+            let wait = Duration::from_millis(2000 / tails.len().max(1) as u64);
+            for t in &mut tails {
+                flows.extend(t.gather(wait, |fs| {
+                    bad.iter().all(|c| {
+                        let p = &step.probes[c.probe];
+                        fs.iter()
+                            .any(|f| f.is(l.ip(&c.src), l.ip(&c.dst), p.port, p.protocol.as_str()))
                     })
-                })
-                .unwrap_or_default();
+                }));
+            }
             for c in bad {
                 let p = &step.probes[c.probe];
                 report.lines.push(format!(

@@ -261,6 +261,8 @@ mod tests {
         );
         let none = PodSpec {
             ports: Vec::<PortSpec>::new(),
+            node: None,
+            host_network: false,
             ..pod()
         };
         assert!(service_manifest(&none, cluster_ip(1)).is_none());
