@@ -361,7 +361,7 @@ fn np_lookup(
 }
 
 /// The kernel's chain over NetworkPolicy entries (exact, CIDR, any-pod, any).
-fn np_chain(
+pub(crate) fn np_chain(
     entries: &[(u32, PolicyKey, PolicyValue)],
     peer: &PeerRep,
     proto: u8,
