@@ -366,11 +366,17 @@ impl Engine {
                 self.view.nodes.insert(n.name.clone(), n.clone());
                 self.model.nodes.insert(n.name.clone(), n);
                 self.set_host_ips();
+                if self.model.resolve_node_peers() {
+                    self.cluster_policies_changed();
+                }
             }
             Change::NodeDeleted(name) => {
                 self.view.nodes.remove(&name);
                 if self.model.nodes.remove(&name).is_some() {
                     self.set_host_ips();
+                    if self.model.resolve_node_peers() {
+                        self.cluster_policies_changed();
+                    }
                 }
             }
             Change::ClusterPolicy(c) => {

@@ -783,3 +783,101 @@ fn the_walk_names_the_pass_and_the_deciding_step() {
         )
         .is_none());
 }
+
+/// `nodes` peers: resolved to the selected nodes' addresses, followed as
+/// nodes come, change labels and go; other nodes' addresses are decided
+/// apart (each by its own CIDR identity once a peer tells them apart).
+#[test]
+fn nodes_peers_follow_the_node_objects() {
+    use crate::{change::Change, model::Node};
+    let node = |name: &str, role: &str, ip: [u8; 4]| {
+        Change::Node(Node {
+            name: name.into(),
+            labels: labels(&[("role", role)]),
+            addresses: vec![Ipv4Addr::from(ip)],
+            pod_cidrs: Vec::new(),
+        })
+    };
+    let mut e = crate::compiler::Engine::new(false, Vec::new());
+    e.set_node_name(Some("n1".into()));
+    e.apply(node("n1", "worker", [192, 0, 2, 1]));
+    e.apply(node("n2", "control-plane", [192, 0, 2, 2]));
+    e.apply(node("n3", "worker", [192, 0, 2, 3]));
+    e.apply(Change::Pod(Pod {
+        namespace: "a".into(),
+        name: "web".into(),
+        labels: labels(&[("app", "web")]),
+        ip: Some(Ipv4Addr::new(10, 1, 0, 1)),
+        host_network: false,
+        ports: Vec::new(),
+    }));
+    e.add_endpoint(LocalEndpoint {
+        key: ObjectKey::new("a", "web"),
+        endpoint_id: 1,
+        ifindex: 1,
+        host_ifname: "v1".into(),
+        ipv4: Ipv4Addr::new(10, 1, 0, 1),
+        container_id: "c1".into(),
+    });
+    let y = "metadata: {name: no-control-plane}\nspec: {tier: Admin, priority: 1, subject: {namespaces: {}}, egress: [{name: cp, action: Deny, to: [{nodes: {matchLabels: {role: control-plane}}}]}, {name: nodes-6443, action: Accept, to: [{nodes: {}}], protocols: [{tcp: {destinationPort: {number: 6443}}}]}]}";
+    let c: ClusterNetworkPolicy = serde_yaml::from_str(y).unwrap();
+    e.apply(Change::ClusterPolicy(std::sync::Arc::new(c)));
+    // Baseline: everything else to nodes denied.
+    let y = "metadata: {name: nodes-baseline}\nspec: {tier: Baseline, priority: 1, subject: {namespaces: {}}, egress: [{action: Deny, to: [{nodes: {}}]}]}";
+    let c: ClusterNetworkPolicy = serde_yaml::from_str(y).unwrap();
+    e.apply(Change::ClusterPolicy(std::sync::Arc::new(c)));
+    let allowed = |e: &crate::compiler::Engine, ip: [u8; 4], port: u16| {
+        let ev = Evaluator::new(e.desired());
+        let v = ev
+            .ipcache_lookup(Ipv4Addr::from(ip))
+            .unwrap_or(IpcacheValue {
+                identity: palisade_common::IDENTITY_WORLD,
+                cidr_identity: palisade_common::IDENTITY_WORLD,
+            });
+        if v.identity == IDENTITY_HOST {
+            return true;
+        }
+        ev.policy_match(1, v, DIR_EGRESS, PROTO_TCP, port)
+            .is_some_and(|m| m.value.action == ACTION_ALLOW)
+    };
+    assert!(
+        !allowed(&e, [192, 0, 2, 2], 6443),
+        "control plane: Deny first"
+    );
+    assert!(allowed(&e, [192, 0, 2, 3], 6443), "another node on 6443");
+    assert!(!allowed(&e, [192, 0, 2, 3], 22), "baseline deny to nodes");
+    assert!(allowed(&e, [192, 0, 2, 1], 22), "this node is host: always");
+    assert!(allowed(&e, [198, 51, 100, 1], 22), "not a node");
+    // The walk names it.
+    let w = e
+        .tier_walk(1, DIR_EGRESS, Ipv4Addr::new(192, 0, 2, 2), PROTO_TCP, 6443)
+        .unwrap();
+    assert_eq!(w.steps.len(), 1, "{w:?}");
+    // Relabel n3 as control plane; n2 leaves.
+    e.apply(node("n3", "control-plane", [192, 0, 2, 3]));
+    e.apply(Change::NodeDeleted("n2".into()));
+    assert!(
+        !allowed(&e, [192, 0, 2, 3], 6443),
+        "n3 is control plane now"
+    );
+    assert!(allowed(&e, [192, 0, 2, 2], 22), "n2's address is no node's");
+    // The full compile agrees with the engine.
+    let full = Compiler::new().compile(e.model());
+    for (ip, port) in [
+        ([192, 0, 2, 3], 6443),
+        ([192, 0, 2, 2], 22),
+        ([192, 0, 2, 3], 22),
+    ] {
+        let ev = Evaluator::new(&full.maps);
+        let v = ev
+            .ipcache_lookup(Ipv4Addr::from(ip))
+            .unwrap_or(IpcacheValue {
+                identity: palisade_common::IDENTITY_WORLD,
+                cidr_identity: palisade_common::IDENTITY_WORLD,
+            });
+        let f = ev
+            .policy_match(1, v, DIR_EGRESS, PROTO_TCP, port)
+            .is_some_and(|m| m.value.action == ACTION_ALLOW);
+        assert_eq!(f, allowed(&e, ip, port), "{ip:?}:{port}");
+    }
+}
