@@ -231,6 +231,9 @@ pub fn render_flow(r: &FlowRecord) -> String {
         r.direction,
         r.reason
     );
+    if !r.passed.is_empty() {
+        let _ = write!(s, " passed by: {};", r.passed.join(", then "));
+    }
     if !r.policies.is_empty() {
         let _ = write!(s, " policies: {}", r.policies.join(", "));
     }
@@ -285,6 +288,27 @@ pub fn render_status(r: &StatusReport) -> String {
             }
         }
     }
+    let _ = writeln!(s, "\nCLUSTER POLICIES ({})", r.cluster_policies.len());
+    for c in &r.cluster_policies {
+        match &c.rejected {
+            None => {
+                let _ = writeln!(
+                    s,
+                    "  {:<32} {:<8} priority {:<5} {} subjects{}",
+                    c.name,
+                    c.tier,
+                    c.priority.map_or("-".to_string(), |p| p.to_string()),
+                    c.subjects,
+                    c.warning
+                        .as_ref()
+                        .map_or(String::new(), |w| format!("  WARNING: {w}"))
+                );
+            }
+            Some(why) => {
+                let _ = writeln!(s, "  {:<32} REJECTED: {why}", c.name);
+            }
+        }
+    }
     let _ = writeln!(s, "\nSERVICES ({})", r.services.len());
     for svc in &r.services {
         for f in &svc.frontends {
@@ -333,6 +357,12 @@ pub fn render_trace(r: &TraceReport) -> String {
         );
         for p in &st.policies {
             let _ = writeln!(s, "    policy {p}");
+        }
+        if !st.walk.is_empty() {
+            let _ = writeln!(s, "    tier walk:");
+            for l in &st.walk {
+                let _ = writeln!(s, "      {l}");
+            }
         }
     }
     let _ = writeln!(s, "verdict: {}", r.verdict);

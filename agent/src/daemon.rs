@@ -710,6 +710,11 @@ impl Agent {
     pub fn view(&self) -> Arc<View> {
         self.engine.view()
     }
+
+    /// The engine (model and NetworkPolicy state), for explanations.
+    pub(crate) fn engine(&self) -> &crate::compiler::Engine {
+        &self.engine
+    }
 }
 
 /// A registry entry as the engine's local endpoint.

@@ -86,6 +86,40 @@ pub struct FlowRecord {
     /// That Service's ClusterIP:port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_address: Option<String>,
+    /// ClusterNetworkPolicy Pass rules the flow went through, in order,
+    /// before what `policies` names decided it (e.g. passed by an Admin
+    /// rule, decided by a NetworkPolicy).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub passed: Vec<String>,
+    /// The tier whose rule decided: "Admin", "NetworkPolicy", "Baseline",
+    /// or "default" (no tier decided: allowed); absent for verdicts no
+    /// policy made (conntrack, host, malformed packets, unenforced).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
+    /// "Accept" or "Deny" (a would-be deny in audit mode too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    /// The tiers of `passed`, for the metrics (not written).
+    #[serde(skip)]
+    pub passed_tiers: Vec<&'static str>,
+}
+
+/// `tier` / `action` values and the metric's labels.
+pub mod decision {
+    pub const ADMIN: &str = "Admin";
+    pub const NETWORK_POLICY: &str = "NetworkPolicy";
+    pub const BASELINE: &str = "Baseline";
+    pub const DEFAULT: &str = "default";
+    pub const ACCEPT: &str = "Accept";
+    pub const DENY: &str = "Deny";
+    pub const PASS: &str = "Pass";
+
+    pub fn tier_name(t: crate::compiler::cluster::Tier) -> &'static str {
+        match t {
+            crate::compiler::cluster::Tier::Admin => ADMIN,
+            crate::compiler::cluster::Tier::Baseline => BASELINE,
+        }
+    }
 }
 
 pub fn protocol_name(p: u8) -> String {
@@ -157,20 +191,53 @@ pub fn record<N: Names + ?Sized>(view: &N, e: &FlowEvent) -> FlowRecord {
         .unwrap_or_else(|| format!("endpoint-{}", e.endpoint_id));
     let mut policies: Vec<String> = Vec::new();
     use crate::compiler::tiers::{COOKIE_DEFAULT_ALLOW, COOKIE_NP_ISOLATION};
+    use decision::*;
+    let mut decided: Option<(&str, &str)> = None;
     if let Some(r) = view.cookie(e.cookie) {
         policies.push(r.policy.to_string());
+        decided = Some((NETWORK_POLICY, ACCEPT));
     } else if let Some(r) = view.cluster_cookie(e.cookie) {
         // "ClusterNetworkPolicy/<name> rule <rule> (<tier> tier, <action>)"
         policies.push(r.to_string());
+        let action = match r.action {
+            crate::compiler::cluster::Action::Accept => ACCEPT,
+            _ => DENY,
+        };
+        decided = Some((tier_name(r.tier), action));
     } else if e.cookie == COOKIE_DEFAULT_ALLOW && e.cookie != 0 {
         policies.push("baseline default (no tier decided)".into());
+        decided = Some((DEFAULT, ACCEPT));
     } else if e.reason == reason::NO_POLICY_MATCH || e.cookie == COOKIE_NP_ISOLATION {
         policies = view
             .isolating(e.endpoint_id, e.direction)
             .iter()
             .map(|k| k.to_string())
             .collect();
+        decided = Some((NETWORK_POLICY, DENY));
     }
+    // A Pass chain is possible only when no Admin rule decided.
+    let passed = if view
+        .cluster_cookie(e.cookie)
+        .is_some_and(|r| r.tier == crate::compiler::cluster::Tier::Admin)
+        || e.cookie == 0
+    {
+        Vec::new()
+    } else {
+        let remote = if e.direction == DIR_EGRESS {
+            dst.ip
+        } else {
+            src.ip
+        };
+        view.cluster_passed(
+            e.endpoint_id,
+            e.direction,
+            remote,
+            (e.protocol, dst.port.unwrap_or(0)),
+            e.cookie,
+        )
+    };
+    let passed_tiers = passed.iter().map(|r| tier_name(r.tier)).collect();
+    let passed = passed.iter().map(|r| r.to_string()).collect();
     let verdict = match e.verdict {
         VERDICT_ALLOW => "ALLOW",
         VERDICT_AUDIT => "AUDIT",
@@ -195,6 +262,10 @@ pub fn record<N: Names + ?Sized>(view: &N, e: &FlowEvent) -> FlowRecord {
         policies,
         service: None,
         service_address: None,
+        passed,
+        tier: decided.map(|d| d.0.to_string()),
+        action: decided.map(|d| d.1.to_string()),
+        passed_tiers,
     }
 }
 

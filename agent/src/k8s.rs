@@ -1,6 +1,7 @@
 //! The Kubernetes source: kube-rs reflectors over every Pod (remote pod
 //! addresses feed the ipcache), Namespace, NetworkPolicy, Service and
-//! EndpointSlice of the cluster and over this Node, merged into one stream of typed events for the
+//! EndpointSlice of the cluster, every Node, and ClusterNetworkPolicy (if the
+//! CRD is installed), merged into one stream of typed events for the
 //! owner's channel. It never applies anything itself.
 //!
 //! - Each watch event becomes [`Change`]s (Apply → upsert, Delete →
@@ -46,8 +47,11 @@ use tracing::{info, warn};
 
 use crate::{
     change::{Change, Snapshot, SourceEvent},
+    cnp::ClusterNetworkPolicy,
     model::{convert, ObjectKey, AUDIT_ANNOTATION},
 };
+
+mod cluster_policy;
 
 /// What the agent reads from the API server. deploy/'s ClusterRole is
 /// checked against this table (deploy/tests), and `spawn` refuses
@@ -87,6 +91,12 @@ pub const WATCHED: &[Watched] = &[
     Watched {
         group: "discovery.k8s.io",
         resource: "endpointslices",
+        verbs: &["get", "list", "watch"],
+    },
+    // The network-policy-api CRD (v0.2.0); watched only if installed.
+    Watched {
+        group: "policy.networking.k8s.io",
+        resource: "clusternetworkpolicies",
         verbs: &["get", "list", "watch"],
     },
 ];
@@ -134,7 +144,18 @@ pub async fn spawn(
         watcher::Config::default(),
     )?;
     // Every node: the agent tells its own by name (`Engine::set_node_name`).
-    kinds.watch(Api::<Node>::all(client), watcher::Config::default())?;
+    kinds.watch(Api::<Node>::all(client.clone()), watcher::Config::default())?;
+    // A cluster without the CRD has no ClusterNetworkPolicy to enforce; it
+    // is asked once, here (installing the CRD later needs an agent restart).
+    let cnps = Api::<ClusterNetworkPolicy>::all(client);
+    if cluster_policy::installed(&cnps).await? {
+        kinds.watch(cnps, watcher::Config::default())?;
+    } else {
+        warn!(
+            "the ClusterNetworkPolicy CRD (policy.networking.k8s.io/v1alpha2) is not installed: \
+             ClusterNetworkPolicies are not read (install it, then restart the agent; deploy/README.md)"
+        );
+    }
     info!(node = ?node, "watching the Kubernetes API");
     Ok(tokio::spawn(kinds.run(tx)))
 }
@@ -688,6 +709,23 @@ mod tests {
                 "targetRef": {"kind": "Pod", "namespace": "default", "name": "a", "uid": "p1"}}]})
     }
 
+    /// A ClusterNetworkPolicy as the API server sends it (the CRD's
+    /// status conditions, managed fields).
+    fn cnp(name: &str, rv: &str, priority: i64, condition: &str) -> Value {
+        json!({"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+            "metadata": {"name": name, "resourceVersion": rv, "generation": 1, "uid": format!("u-{name}"),
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"},
+                "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
+            "spec": {"tier": "Admin", "priority": priority,
+                "subject": {"namespaces": {"matchLabels": {"team": "x"}}},
+                "ingress": [{"name": "deny-all", "action": "Deny",
+                    "from": [{"namespaces": {}}]}]},
+            "status": {"conditions": [{"type": "Ready", "status": condition, "reason": "r", "message": "m",
+                "lastTransitionTime": "2026-01-01T00:00:00Z"}]}})
+    }
+
+    const CNP_PATH: &str = "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies";
+
     fn list(kind: &str, rv: &str, items: Vec<Value>) -> Vec<u8> {
         serde_json::to_vec(&json!({"apiVersion": "v1", "kind": kind, "metadata": {"resourceVersion": rv}, "items": items}))
             .unwrap()
@@ -711,14 +749,35 @@ mod tests {
     async fn api_server(
         mut handle: Handle<Request<Body>, Response<Body>>,
         go: watch::Receiver<bool>,
+        cnp_installed: bool,
     ) {
         let mut pod_lists = 0;
         let (mut pod_watches, mut node_watches, mut slice_watches) = (0, 0, 0);
+        let mut cnp_watches = 0;
         let mut held = Vec::new();
         while let Some((req, send)) = handle.next_request().await {
             let uri = req.uri().to_string();
             let watch = uri.contains("watch=true");
-            let script = if uri.starts_with("/api/v1/pods") && watch && pod_watches == 0 {
+            if uri.starts_with(CNP_PATH) && !cnp_installed {
+                // What an API server without the CRD answers.
+                let body = json!({"apiVersion": "v1", "kind": "Status", "status": "Failure",
+                    "message": "the server could not find the requested resource",
+                    "reason": "NotFound", "details": {}, "code": 404});
+                let mut r = Response::new(Body::from(serde_json::to_vec(&body).unwrap()));
+                *r.status_mut() = http::StatusCode::NOT_FOUND;
+                send.send_response(r);
+                continue;
+            }
+            let script = if uri.starts_with(CNP_PATH) && watch && cnp_watches == 0 {
+                cnp_watches += 1;
+                Some(events(&[
+                    // Only the status conditions changed: dropped.
+                    json!({"type": "MODIFIED", "object": cnp("a", "51", 10, "False")}),
+                    json!({"type": "MODIFIED", "object": cnp("a", "52", 20, "False")}),
+                    json!({"type": "ADDED", "object": cnp("b", "53", 30, "True")}),
+                    json!({"type": "DELETED", "object": cnp("a", "54", 20, "True")}),
+                ]))
+            } else if uri.starts_with("/api/v1/pods") && watch && pod_watches == 0 {
                 pod_watches += 1;
                 let mut status_only = pod("a", "10.0.0.1", "web", "11");
                 status_only["status"]["conditions"] = json!([{"type": "Ready", "status": "True"}]);
@@ -797,6 +856,12 @@ mod tests {
                         "spec": {"podSelector": {}}}),
                     ],
                 )
+            } else if uri.starts_with(CNP_PATH) && !watch {
+                list(
+                    "ClusterNetworkPolicyList",
+                    "50",
+                    vec![cnp("a", "50", 10, "True")],
+                )
             } else if uri.starts_with("/api/v1/services") && !watch {
                 list("ServiceList", "40", vec![service()])
             } else if uri.starts_with("/apis/discovery.k8s.io/v1/endpointslices") && !watch {
@@ -834,7 +899,7 @@ mod tests {
     async fn typed_events_follow_the_watch_and_a_relist_after_410_gone_resyncs() {
         let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
         let (go, go_rx) = watch::channel(false);
-        tokio::spawn(api_server(handle, go_rx));
+        tokio::spawn(api_server(handle, go_rx, true));
         let (tx, mut rx) = mpsc::channel(16);
         let task = spawn(Client::new(svc, "default"), Some("n1".into()), tx)
             .await
@@ -872,6 +937,17 @@ mod tests {
         );
         assert_eq!(n2.pod_cidrs, vec!["10.0.9.0/24".parse().unwrap()]);
         assert_eq!(n2.labels["kubernetes.io/hostname"], "n2");
+        let cnp_a = &first.cluster_policies["a"];
+        assert_eq!(
+            cnp_a.metadata.managed_fields, None,
+            "managed fields stripped"
+        );
+        assert_eq!(cnp_a.metadata.annotations, None);
+        assert_eq!(cnp_a.spec.priority, Some(10));
+        assert!(cnp_a.spec.other.is_empty(), "{:?}", cnp_a.spec.other);
+        // What the API served parses and validates.
+        let parsed = crate::compiler::cluster::ParsedClusterPolicy::parse(cnp_a);
+        assert_eq!(parsed.rejected(), None);
         let a = &first.pods[&ObjectKey::new("default", "a")];
         assert_eq!(a.ip, Some(Ipv4Addr::new(10, 0, 0, 1)));
         assert_eq!(a.ports[0].name.as_deref(), Some("http"));
@@ -942,6 +1018,23 @@ mod tests {
             })
             .collect();
         assert_eq!(slice_changes, [false], "the zone-only update is dropped");
+        let cnp_changes: Vec<String> = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::ClusterPolicy(c) => Some(format!(
+                    "{} {:?}",
+                    c.metadata.name.as_deref().unwrap_or(""),
+                    c.spec.priority
+                )),
+                Change::ClusterPolicyDeleted(n) => Some(format!("{n} deleted")),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            cnp_changes,
+            ["a Some(20)", "b Some(30)", "a deleted"],
+            "a status-only update is not a change"
+        );
         assert_eq!(names(&view), set(&["a", "b"]));
         // Not ready any more: the frontend stays, with no backend.
         let resolved = crate::service_resolve::resolve(&view);
@@ -957,10 +1050,36 @@ mod tests {
         );
         assert_eq!(last.policies.len(), 1);
         assert_eq!(
+            last.cluster_policies.keys().collect::<Vec<_>>(),
+            ["b"],
+            "the Resync carries the ClusterNetworkPolicy store"
+        );
+        assert_eq!(
             view.changes_to(&last),
             [Change::PodDeleted(ObjectKey::new("default", "a"))]
         );
         drop(rx);
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn without_the_cluster_network_policy_crd_every_other_kind_is_still_read() {
+        let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let (_go, go_rx) = watch::channel(false);
+        tokio::spawn(api_server(handle, go_rx, false));
+        let (tx, mut rx) = mpsc::channel(16);
+        let task = spawn(Client::new(svc, "default"), Some("n1".into()), tx)
+            .await
+            .unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .expect("a Resync although the CRD is missing")
+            .unwrap();
+        let SourceEvent::Resync(first) = first else {
+            panic!("the first event is a Resync")
+        };
+        assert_eq!(names(&first), set(&["a", "c"]));
+        assert!(first.cluster_policies.is_empty());
         task.abort();
     }
 
@@ -1057,10 +1176,11 @@ mod tests {
         assert!(is_watched::<Node>());
         assert!(is_watched::<Service>());
         assert!(is_watched::<EndpointSlice>());
+        assert!(is_watched::<ClusterNetworkPolicy>());
         assert!(!is_watched::<k8s_openapi::api::core::v1::Secret>());
         assert_eq!(
             WATCHED.len(),
-            6,
+            7,
             "a resource in WATCHED that nothing watches"
         );
     }

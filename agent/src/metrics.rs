@@ -14,7 +14,8 @@
 //! `palisade_source_errors_total`, `palisade_programmed_generation`,
 //! `palisade_flow_records_total`, `palisade_policy_compile_seconds`,
 //! `palisade_map_sync_seconds` (histograms), `palisade_verify_mismatches`,
-//! `palisade_verify_runs_total`; from the kernel
+//! `palisade_verify_runs_total`, `palisade_policy_decisions_total{tier,action}`
+//! (from flow records); from the kernel
 //! `palisade_endpoints`, `palisade_verdicts_total{verdict,reason}`,
 //! `palisade_drops_total{reason}`, `palisade_xdp_packets_total{outcome}`,
 //! `palisade_map_entries{map}`, `palisade_map_capacity{map}`,
@@ -90,6 +91,46 @@ impl LabeledCounter {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabel {
+    tier: String,
+    action: String,
+}
+
+/// Flow records by the tier and action that decided them
+/// (`palisade_policy_decisions_total{tier,action}`), and the Pass rules
+/// they went through (`action="Pass"`, by the Pass rule's tier).
+#[derive(Clone, Default, Debug)]
+pub struct DecisionCounter(Family<DecisionLabel, counter::Counter<u64>>);
+
+impl DecisionCounter {
+    pub fn inc(&self, tier: &str, action: &str) {
+        self.0
+            .get_or_create(&DecisionLabel {
+                tier: tier.to_string(),
+                action: action.to_string(),
+            })
+            .inc();
+    }
+    pub fn get(&self, tier: &str, action: &str) -> u64 {
+        self.0
+            .get_or_create(&DecisionLabel {
+                tier: tier.to_string(),
+                action: action.to_string(),
+            })
+            .get()
+    }
+    /// Counts what a flow record says decided it.
+    pub fn count(&self, rec: &crate::flowlog::FlowRecord) {
+        for t in &rec.passed_tiers {
+            self.inc(t, crate::flowlog::decision::PASS);
+        }
+        if let (Some(t), Some(a)) = (&rec.tier, &rec.action) {
+            self.inc(t, a);
+        }
+    }
+}
+
 /// A latency histogram in seconds, `LATENCY_BUCKETS`.
 #[derive(Clone, Debug)]
 pub struct Histogram(histogram::Histogram);
@@ -132,6 +173,8 @@ pub struct Metrics {
     pub verify_runs: Counter,
     pub service_rejections: Counter,
     pub services_rejected: Gauge,
+    /// Flow records by deciding tier and action.
+    pub policy_decisions: DecisionCounter,
     /// The fields above, registered (the registry holds clones).
     registry: Registry,
 }
@@ -152,6 +195,7 @@ impl Default for Metrics {
         let services_programmed = Gauge::default();
         let (verify_mismatches, verify_runs) = (Gauge::default(), Counter::default());
         let (service_rejections, services_rejected) = (Counter::default(), Gauge::default());
+        let policy_decisions = DecisionCounter::default();
 
         // Help texts get their final "." from the registry.
         let mut r = Registry::default();
@@ -199,6 +243,11 @@ impl Default for Metrics {
             "palisade_flow_records",
             "Flow log records written",
             flow_records.0.clone(),
+        );
+        r.register(
+            "palisade_policy_decisions",
+            "Flow records by the tier (Admin, NetworkPolicy, Baseline, default) and action (Accept, Deny) that decided them; Pass: the Pass rules they went through, by tier",
+            policy_decisions.0.clone(),
         );
         r.register(
             "palisade_service_frontends",
@@ -252,6 +301,7 @@ impl Default for Metrics {
             verify_runs,
             service_rejections,
             services_rejected,
+            policy_decisions,
             registry: r,
         }
     }

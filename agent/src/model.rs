@@ -124,11 +124,36 @@ impl Model {
         &mut self,
         cnp: &crate::cnp::ClusterNetworkPolicy,
     ) -> Arc<ParsedClusterPolicy> {
-        let parsed = Arc::new(ParsedClusterPolicy::parse(cnp));
+        let mut parsed = ParsedClusterPolicy::parse(cnp);
+        if let ParsedClusterPolicy::Accepted(p) = &mut parsed {
+            p.resolve_nodes(&self.nodes);
+        }
+        let parsed = Arc::new(parsed);
         let name = cnp.metadata.name.clone().unwrap_or_default();
         self.cluster_policies.insert(name, parsed.clone());
         self.refresh_cluster_addresses();
         parsed
+    }
+
+    /// Re-resolves the `nodes` peers of every ClusterNetworkPolicy against
+    /// the model's nodes (after a node change); whether any changed.
+    pub fn resolve_node_peers(&mut self) -> bool {
+        let mut changed = false;
+        for p in self.cluster_policies.values_mut() {
+            if let ParsedClusterPolicy::Accepted(c) = &**p {
+                if c.has_node_peers() {
+                    let mut c = c.clone();
+                    if c.resolve_nodes(&self.nodes) {
+                        *p = Arc::new(ParsedClusterPolicy::Accepted(c));
+                        changed = true;
+                    }
+                }
+            }
+        }
+        if changed {
+            self.refresh_cluster_addresses();
+        }
+        changed
     }
 
     /// Removes a ClusterNetworkPolicy; whether it was there.

@@ -363,6 +363,7 @@ async fn read_events(
                 error!("writing flow log: {err}");
             }
             metrics.flow_records.inc();
+            metrics.policy_decisions.count(&rec);
             let _ = tx.send(line);
         }
     }

@@ -139,6 +139,7 @@ fn step<N: Names + ?Sized>(
         v.src_identity
     };
     TraceStep {
+        walk: Vec::new(),
         hop,
         verdict: verdict_name(v).into(),
         reason: reason::name(v.reason).into(),
@@ -166,9 +167,20 @@ impl Agent {
                 t,
             );
         }
-        trace(&*self.view(), self.current(), t)
+        let view = self.view();
+        let walk = |ep: &LocalEndpoint, dir: u8, remote: Ipv4Addr, proto: u8, port: u16| {
+            self.engine()
+                .tier_walk(ep.endpoint_id, dir, remote, proto, port)
+                .map(|w| w.lines(&*view, ep.endpoint_id, dir))
+                .unwrap_or_default()
+        };
+        trace_with(&*view, self.current(), t, &walk)
     }
 }
+
+/// How a caller that knows the model explains a hop's tier walk (lines;
+/// empty when no ClusterNetworkPolicy selects the pod there).
+pub type WalkFn<'a> = dyn Fn(&LocalEndpoint, u8, Ipv4Addr, u8, u16) -> Vec<String> + 'a;
 
 /// The verdict on `t` over the map contents `current` (what the kernel
 /// holds), named through `names` (the engine's view, or a full compile's).
@@ -176,6 +188,16 @@ pub fn trace<N: Names + ?Sized>(
     names: &N,
     current: &MapState,
     t: &TraceRequest,
+) -> Result<TraceReport> {
+    trace_with(names, current, t, &|_, _, _, _, _| Vec::new())
+}
+
+/// [`trace`], with each hop's tier walk from `walk`.
+pub fn trace_with<N: Names + ?Sized>(
+    names: &N,
+    current: &MapState,
+    t: &TraceRequest,
+    walk: &WalkFn,
 ) -> Result<TraceReport> {
     {
         let compiled = names;
@@ -214,28 +236,32 @@ pub fn trace<N: Names + ?Sized>(
         if let Some(ep) = &from.local {
             let v = eval.evaluate(ep.ifindex, DIR_EGRESS, &packet);
             let m = matched_peer(&eval, ep, DIR_EGRESS, (to.ip, protocol, t.port), &v);
-            steps.push(step(
+            let mut st = step(
                 compiled,
                 format!("egress of {}", from.name),
                 ep,
                 DIR_EGRESS,
                 &v,
                 m,
-            ));
+            );
+            st.walk = walk(ep, DIR_EGRESS, to.ip, protocol, t.port);
+            steps.push(st);
             verdicts.push(v);
         }
         if verdicts.iter().all(|v| v.pass) {
             if let Some(ep) = &to.local {
                 let v = eval.evaluate(ep.ifindex, DIR_INGRESS, &packet);
                 let m = matched_peer(&eval, ep, DIR_INGRESS, (from.ip, protocol, t.port), &v);
-                steps.push(step(
+                let mut st = step(
                     compiled,
                     format!("ingress of {}", to.name),
                     ep,
                     DIR_INGRESS,
                     &v,
                     m,
-                ));
+                );
+                st.walk = walk(ep, DIR_INGRESS, from.ip, protocol, t.port);
+                steps.push(st);
                 verdicts.push(v);
             }
         }

@@ -68,6 +68,7 @@ pub fn trace_service<N: Names + ?Sized>(
         return Ok(TraceReport {
             verdict: "DROP".into(),
             steps: vec![TraceStep {
+                walk: Vec::new(),
                 hop: format!("service {svc} ({})", f.address),
                 verdict: "DROP".into(),
                 reason: reason::name(reason::NO_SERVICE_BACKEND).into(),
@@ -104,6 +105,7 @@ pub fn trace_service<N: Names + ?Sized>(
                     allowed += 1;
                 }
                 steps.push(TraceStep {
+                    walk: Vec::new(),
                     hop: format!("via {svc} ({}) -> backend {who}", f.address),
                     verdict: r.verdict.clone(),
                     reason: String::new(),

@@ -255,6 +255,7 @@ pub fn run(plan: &Plan) -> Result<Update> {
         "pod add",
         "pod add, new identity",
         "cni add",
+        "cluster network policy change",
     ] {
         let mut k = UpdateKind {
             name: kind.into(),
@@ -331,6 +332,23 @@ pub fn run(plan: &Plan) -> Result<Update> {
                     let mut pod = cluster::model_pod(&ns, &name, i % spec.apps, ip);
                     pod.labels.insert("app".into(), format!("fresh-{i}"));
                     p.change(started, |e| e.apply(Change::Pod(pod)))?
+                }
+                "cluster network policy change" => {
+                    // An Admin policy over every namespace whose priority
+                    // and port move with each change (the first one adds
+                    // it): the whole tier overlay is recomputed.
+                    let y = format!(
+                        "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {{name: bench-cnp}}\nspec:\n  tier: Admin\n  priority: {}\n  subject: {{namespaces: {{}}}}\n  ingress:\n  - {{name: deny-port, action: Deny, from: [{{namespaces: {{}}}}], protocols: [{{tcp: {{destinationPort: {{number: {}}}}}}}]}}\n",
+                        i % 1000,
+                        1000 + i % 5000
+                    );
+                    let started = Instant::now();
+                    let c = manifests::parse_str("change", &y)
+                        .cluster_policies
+                        .into_values()
+                        .next()
+                        .context("generated ClusterNetworkPolicy")?;
+                    p.change(started, |e| e.apply(Change::ClusterPolicy(c)))?
                 }
                 _ => {
                     // A pod the API server already told about (no address

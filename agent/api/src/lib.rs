@@ -96,6 +96,11 @@ pub struct TraceStep {
     pub reason: String,
     pub policies: Vec<String>,
     pub detail: String,
+    /// For a pod a ClusterNetworkPolicy selects in this direction: the tier
+    /// walk, one line per step (Admin rules considered in order →
+    /// NetworkPolicy → Baseline → default), the deciding one marked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub walk: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -7,9 +7,10 @@
 //! contributes nothing (the API server would never have stored it).
 //! What palisade does not understand fails closed as the API prescribes:
 //! a rule with a peer or field it does not know (an unknown field, a
-//! peer with no known field, `domainNames`, and `nodes` while the model
-//! has no Node objects) matches nothing if it is an Accept, and becomes
-//! "Deny everything" if it is a Deny or a Pass.
+//! peer with no known field, `domainNames`) matches nothing if it is an
+//! Accept, and becomes "Deny everything" if it is a Deny or a Pass.
+//! `nodes` peers select Node objects by label; the model resolves them to
+//! those nodes' addresses.
 use ipnetwork::Ipv4Network;
 use palisade_common::{DIR_EGRESS, DIR_INGRESS, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 
@@ -182,6 +183,13 @@ pub enum ClusterPeer {
     },
     /// IPv4 networks (IPv6 ones match nothing here and are dropped).
     Networks(Vec<Ipv4Network>),
+    /// Nodes by label (egress): the IPv4 addresses (/32) of the nodes the
+    /// selector matches, resolved by the model ([`ClusterPolicy::resolve_nodes`])
+    /// whenever nodes or the policy change.
+    Nodes {
+        selector: Selector,
+        addresses: Vec<Ipv4Network>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -264,10 +272,10 @@ fn parse_peer(
         return Ok(Ok(ClusterPeer::Networks(v4)));
     }
     if let Some(nodes) = &p.nodes {
-        selector(nodes, &format!("{at}.nodes"))?;
-        return Ok(Err(format!(
-            "{at}.nodes: Node peers are not supported by this agent (it has no Node objects)"
-        )));
+        return Ok(Ok(ClusterPeer::Nodes {
+            selector: selector(nodes, &format!("{at}.nodes"))?,
+            addresses: Vec::new(),
+        }));
     }
     if p.domain_names.is_some() {
         return Ok(Err(format!("{at}.domainNames: not supported")));
@@ -534,10 +542,51 @@ impl ClusterPolicy {
             .flat_map(|r| {
                 r.peers.iter().flat_map(|p| match p {
                     ClusterPeer::Networks(n) => n.as_slice(),
+                    ClusterPeer::Nodes { addresses, .. } => addresses.as_slice(),
                     _ => &[],
                 })
             })
             .copied()
+    }
+
+    pub fn has_node_peers(&self) -> bool {
+        self.rules.iter().any(|r| {
+            r.peers
+                .iter()
+                .any(|p| matches!(p, ClusterPeer::Nodes { .. }))
+        })
+    }
+
+    /// Resolves every `nodes` peer to the addresses of the nodes it
+    /// selects now; whether anything changed.
+    pub fn resolve_nodes(
+        &mut self,
+        nodes: &std::collections::BTreeMap<String, crate::model::Node>,
+    ) -> bool {
+        let mut changed = false;
+        for r in &mut self.rules {
+            for p in &mut r.peers {
+                if let ClusterPeer::Nodes {
+                    selector,
+                    addresses,
+                } = p
+                {
+                    let mut now: Vec<Ipv4Network> = nodes
+                        .values()
+                        .filter(|n| selector.matches(&n.labels))
+                        .flat_map(|n| n.addresses.iter())
+                        .map(|ip| Ipv4Network::new(*ip, 32).expect("valid"))
+                        .collect();
+                    now.sort();
+                    now.dedup();
+                    if *addresses != now {
+                        *addresses = now;
+                        changed = true;
+                    }
+                }
+            }
+        }
+        changed
     }
 }
 
@@ -628,7 +677,8 @@ mod tests {
             vec![
                 (Some(false), Action::Accept),
                 (Some(true), Action::Deny),
-                (Some(true), Action::Deny),
+                // `nodes` is understood (resolved against Node objects).
+                (None, Action::Deny),
                 (Some(false), Action::Accept),
                 (Some(false), Action::Accept),
             ]

@@ -366,11 +366,17 @@ impl Engine {
                 self.view.nodes.insert(n.name.clone(), n.clone());
                 self.model.nodes.insert(n.name.clone(), n);
                 self.set_host_ips();
+                if self.model.resolve_node_peers() {
+                    self.cluster_policies_changed();
+                }
             }
             Change::NodeDeleted(name) => {
                 self.view.nodes.remove(&name);
                 if self.model.nodes.remove(&name).is_some() {
                     self.set_host_ips();
+                    if self.model.resolve_node_peers() {
+                        self.cluster_policies_changed();
+                    }
                 }
             }
             Change::ClusterPolicy(c) => {
@@ -423,6 +429,40 @@ impl Engine {
             .into_iter()
             .collect();
         self.view.cluster_policies = self.model.cluster_policies.clone().into_iter().collect();
+    }
+
+    /// The tier walk of a flow of a local endpoint, step by step (for
+    /// `trace`); None if no ClusterNetworkPolicy selects it in `direction`
+    /// (or no such endpoint).
+    pub fn tier_walk(
+        &self,
+        endpoint_id: u32,
+        direction: u8,
+        remote: Ipv4Addr,
+        proto: u8,
+        port: u16,
+    ) -> Option<super::tier_walk::Walk> {
+        let ep = self
+            .model
+            .endpoints
+            .values()
+            .find(|e| e.endpoint_id == endpoint_id)?;
+        let labels = &self.labels;
+        let lookup = |id: u32| {
+            labels
+                .get(&id)
+                .map(|e| (&e.set.namespace_labels, &e.set.pod_labels))
+        };
+        super::tier_walk::walk_of(
+            &self.model,
+            &self.desired,
+            &lookup,
+            ep,
+            direction,
+            remote,
+            proto,
+            port,
+        )
     }
 
     /// The tier stage over the NetworkPolicy state: a full pass over the

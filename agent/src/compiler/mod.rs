@@ -126,6 +126,7 @@ pub mod identities;
 pub mod ipcache;
 pub mod parse;
 pub mod peers;
+pub mod tier_walk;
 pub mod tiers;
 pub mod view;
 

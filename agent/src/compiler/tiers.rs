@@ -303,6 +303,9 @@ pub(crate) fn rule_matches(
             namespaces.matches(nsl) && pods.matches(pl)
         }
         (ClusterPeer::Networks(nets), _) => nets.iter().any(|n| v4_subset(peer.net, *n)),
+        (ClusterPeer::Nodes { addresses, .. }, _) => {
+            addresses.iter().any(|n| v4_subset(peer.net, *n))
+        }
         _ => false,
     });
     if !peer_ok {
@@ -361,7 +364,7 @@ fn np_lookup(
 }
 
 /// The kernel's chain over NetworkPolicy entries (exact, CIDR, any-pod, any).
-fn np_chain(
+pub(crate) fn np_chain(
     entries: &[(u32, PolicyKey, PolicyValue)],
     peer: &PeerRep,
     proto: u8,
@@ -552,6 +555,9 @@ pub(crate) fn apply_tiers<'a>(
     }
     let mut pods: BTreeMap<u32, Vec<PeerRep>> = BTreeMap::new();
     let mut cidrs: Vec<PeerRep> = Vec::new();
+    // Other nodes' addresses share the remote-node identity; `nodes` and
+    // `networks` peers can tell them apart (each then by its CIDR identity).
+    let mut remote_nodes: Vec<PeerRep> = Vec::new();
     let mut ipcache: Vec<_> = maps.ipcache.iter().collect();
     ipcache.sort_by_key(|((ip, len), _)| (*ip, *len));
     for ((ip, len), v) in ipcache {
@@ -563,6 +569,13 @@ pub(crate) fn apply_tiers<'a>(
             let ports = ports_at.get(ip).copied().unwrap_or(&[]);
             pods.entry(v.identity).or_default().push(PeerRep {
                 pod: Some((namespace_labels, pod_labels, ports)),
+                net,
+                identity: v.identity,
+                cidr_identity: v.cidr_identity,
+            });
+        } else if v.identity == palisade_common::IDENTITY_REMOTE_NODE {
+            remote_nodes.push(PeerRep {
+                pod: None,
                 net,
                 identity: v.identity,
                 cidr_identity: v.cidr_identity,
@@ -687,6 +700,29 @@ pub(crate) fn apply_tiers<'a>(
                     }
                 } else {
                     for (rep, t) in reps.iter().zip(&tables) {
+                        if *t != any {
+                            write_table(t, id, dir, rep.cidr_identity, entries);
+                        }
+                    }
+                }
+            }
+            if !remote_nodes.is_empty() {
+                let tables: Vec<Table> = remote_nodes.iter().map(&table_of).collect();
+                if tables.windows(2).all(|w| w[0] == w[1]) {
+                    if tables[0] != any {
+                        write_table(
+                            &tables[0],
+                            id,
+                            dir,
+                            palisade_common::IDENTITY_REMOTE_NODE,
+                            entries,
+                        );
+                    }
+                } else {
+                    // A node a peer names has its own /32 CIDR identity (the
+                    // hidden addresses policy); another one's table is its
+                    // longest prefix's, written above or equal to `any`.
+                    for (rep, t) in remote_nodes.iter().zip(&tables) {
                         if *t != any {
                             write_table(t, id, dir, rep.cidr_identity, entries);
                         }

@@ -551,3 +551,333 @@ fn tiered_verdicts_equal_the_direct_walk() {
         }
     }
 }
+
+/// The model without its ClusterNetworkPolicies, compiled: the
+/// NetworkPolicy-only state the tier walk explains against.
+fn np_only(model: &Model) -> Compiled {
+    let mut m = model.clone();
+    m.cluster_policies.clear();
+    Compiler::new().compile(&m)
+}
+
+/// The explained walk reaches the kernel's decision (same allow/deny; the
+/// same deciding ClusterNetworkPolicy rule or sentinel), on random
+/// clusters; with no container ports known (a flow record's view), it
+/// either agrees or says it cannot tell.
+#[test]
+fn the_explained_walk_reaches_the_kernels_decision() {
+    use super::super::tier_walk::{explain, rules_of, walk_of, NpOutcome};
+    let mut checked = 0;
+    for seed in 100..130u64 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut m = M::new();
+        m.ns("a", &[("env", "prod")]);
+        m.ns("b", &[]);
+        let mut peers = vec![Ipv4Addr::new(192, 0, 2, 7), Ipv4Addr::new(10, 3, 0, 1)];
+        for i in 0..6u8 {
+            let ns = if i % 2 == 0 { "a" } else { "b" };
+            let app = ["a", "b", "c"][rng.gen_range(0..3)];
+            let addr = Ipv4Addr::new(10, 1 + (i % 2), 0, 1 + i);
+            m.pod(ns, &format!("p{i}"), &[("app", app)], addr, &[("http", 80)]);
+            if i < 4 {
+                m.local(ns, &format!("p{i}"), i as u32 + 1);
+            }
+            peers.push(addr);
+        }
+        for i in 0..rng.gen_range(0..3) {
+            let ns = if rng.gen_bool(0.5) { "a" } else { "b" };
+            let y = random_np(&mut rng, ns, i);
+            m.np(&y);
+        }
+        for i in 0..rng.gen_range(1..5) {
+            let y = random_cnp(&mut rng, i);
+            m.cnp(&y);
+        }
+        let c = Compiler::new().compile(&m.model);
+        let np = np_only(&m.model);
+        let label_sets = labels_of(&np.identities);
+        let cluster = ordered(
+            m.model
+                .cluster_policies
+                .values()
+                .filter_map(|p| p.accepted()),
+        );
+        for e in m.model.endpoints.values() {
+            for dir in [DIR_INGRESS, DIR_EGRESS] {
+                for peer in peers.iter().filter(|p| **p != e.ipv4) {
+                    for (proto, port) in [(PROTO_TCP, 80), (PROTO_TCP, 443), (PROTO_UDP, 53)] {
+                        let Some(w) =
+                            walk_of(&m.model, &np.maps, &label_sets, e, dir, *peer, proto, port)
+                        else {
+                            continue;
+                        };
+                        let k = kernel(&c, e, dir, *peer, proto, port);
+                        let d = w.decision().expect("the exact walk always decides");
+                        let what = || {
+                            format!("seed {seed} {} dir {dir} {peer} {proto}/{port}: {w:?} kernel {k:?}", e.key)
+                        };
+                        assert_eq!(d.action == ACTION_ALLOW, k.0, "{}", what());
+                        if k.1 >= CLUSTER_COOKIE_BASE {
+                            assert_eq!(d.cookie, k.1, "{}", what());
+                        }
+                        checked += 1;
+                        // Without container ports: agrees, or unresolved.
+                        let pod = &m.model.pods[&e.key];
+                        let nsl =
+                            super::super::identities::namespace_labels(&m.model, &e.key.namespace);
+                        let rules = rules_of(&cluster, &nsl, &pod.labels, dir);
+                        let peer_pod = m.model.pods.values().find(|p| p.ip == Some(*peer));
+                        let peer_nsl = peer_pod.map(|p| {
+                            super::super::identities::namespace_labels(&m.model, &p.namespace)
+                        });
+                        let rep = PeerRep {
+                            pod: peer_pod.map(|p| (peer_nsl.as_ref().unwrap(), &p.labels, &[][..])),
+                            net: Ipv4Network::new(*peer, 32).unwrap(),
+                            identity: 0,
+                            cidr_identity: 0,
+                        };
+                        let np_step = w.steps.iter().find_map(|s| match s {
+                            super::super::tier_walk::Step::NetworkPolicy(o) => Some(*o),
+                            _ => None,
+                        });
+                        let mut np_fn = || np_step.unwrap_or(NpOutcome::NotIsolated);
+                        let blind = explain(&rules, None, &rep, false, proto, port, &mut np_fn);
+                        if let Some(b) = blind.decision() {
+                            assert_eq!(b, d, "{}", what());
+                            assert_eq!(blind.passed(), w.passed(), "{}", what());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        checked > 500,
+        "only {checked} flows had a ClusterNetworkPolicy"
+    );
+}
+
+/// The walk of case 06's Pass chain, as `trace` prints it.
+#[test]
+fn the_walk_names_the_pass_and_the_deciding_step() {
+    let mut m = M::new();
+    m.ns("store", &[("env", "prod")]);
+    m.ns("tools", &[("env", "dev")]);
+    for (ns, name, i) in [("store", "web", 1), ("tools", "ci", 5)] {
+        m.pod(ns, name, &[("app", name)], Ipv4Addr::new(10, 1, 0, i), &[]);
+        m.local(ns, name, i as u32);
+    }
+    let cnps = [
+        "metadata: {name: protect-db}\nspec: {tier: Admin, priority: 10, subject: {namespaces: {matchLabels: {env: prod}}}, ingress: [{name: no-dev-into-db, action: Deny, from: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: db}}}}]}]}",
+        "metadata: {name: defer-dev}\nspec: {tier: Admin, priority: 20, subject: {namespaces: {matchLabels: {env: prod}}}, ingress: [{name: to-np, action: Pass, from: [{namespaces: {matchLabels: {env: dev}}}]}]}",
+    ];
+    m.np("metadata: {name: web-from-ci, namespace: store}\nspec: {podSelector: {matchLabels: {app: web}}, policyTypes: [Ingress], ingress: [{from: [{namespaceSelector: {matchLabels: {env: dev}}, podSelector: {matchLabels: {app: ci}}}]}]}");
+    let mut e = crate::compiler::Engine::new(false, Vec::new());
+    for (_, p) in m.model.pods.clone() {
+        e.apply(crate::change::Change::Pod(p));
+    }
+    for n in m.model.namespaces.values() {
+        e.apply(crate::change::Change::Namespace(n.clone()));
+    }
+    for ep in m.model.endpoints.values() {
+        e.add_endpoint(ep.clone());
+    }
+    e.apply_parsed(
+        ObjectKey::new("store", "web-from-ci"),
+        m.model.policies[&ObjectKey::new("store", "web-from-ci")].clone(),
+    );
+    for y in cnps {
+        let c: ClusterNetworkPolicy = serde_yaml::from_str(y).unwrap();
+        e.apply(crate::change::Change::ClusterPolicy(std::sync::Arc::new(c)));
+    }
+    let web = e
+        .model()
+        .endpoints
+        .values()
+        .find(|x| x.key.name == "web")
+        .unwrap()
+        .clone();
+    let w = e
+        .tier_walk(
+            web.endpoint_id,
+            DIR_INGRESS,
+            Ipv4Addr::new(10, 1, 0, 5),
+            PROTO_TCP,
+            80,
+        )
+        .expect("selected");
+    let lines = w.lines(&*e.view(), web.endpoint_id, DIR_INGRESS);
+    assert_eq!(lines.len(), 3, "{lines:#?}");
+    assert!(
+        lines[0].contains("ClusterNetworkPolicy/protect-db") && lines[0].contains("no match"),
+        "{lines:#?}"
+    );
+    assert!(
+        lines[1].contains("rule to-np [Pass]")
+            && lines[1].contains("Pass, rest of the tier skipped"),
+        "{lines:#?}"
+    );
+    assert!(
+        lines[2].starts_with("3. NetworkPolicy: allowed by store/web-from-ci")
+            && lines[2].ends_with("=> decides"),
+        "{lines:#?}"
+    );
+
+    // The flow record of that flow: decided by the NetworkPolicy, passed by
+    // the Admin rule; the metric counts both.
+    let ev_for = |from: u8, port: u16| {
+        let remote = Ipv4Addr::new(10, 1, 0, from);
+        let ev = Evaluator::new(e.desired());
+        let v = ev.ipcache_lookup(remote).unwrap();
+        let m = ev
+            .policy_match(web.endpoint_id, v, DIR_INGRESS, PROTO_TCP, port)
+            .unwrap();
+        palisade_common::FlowEvent {
+            saddr: u32::from_ne_bytes(remote.octets()),
+            daddr: u32::from_ne_bytes(web.ipv4.octets()),
+            src_identity: v.identity,
+            endpoint_id: web.endpoint_id,
+            direction: DIR_INGRESS,
+            protocol: PROTO_TCP,
+            verdict: if m.value.action == ACTION_ALLOW { 1 } else { 2 },
+            reason: if m.value.action == ACTION_ALLOW {
+                palisade_common::reason::POLICY_ALLOW
+            } else {
+                palisade_common::reason::DENY_RULE
+            },
+            ts_ns: 0,
+            ifindex: web.ifindex,
+            sport_be: 40000u16.to_be(),
+            dport_be: port.to_be(),
+            dst_identity: 0,
+            cookie: m.value.cookie,
+            service_id: 0,
+        }
+    };
+    let r = crate::flowlog::record(&*e.view(), &ev_for(5, 80));
+    assert_eq!(r.policies, ["store/web-from-ci".to_string()], "{r:?}");
+    assert_eq!(
+        r.passed,
+        ["ClusterNetworkPolicy/defer-dev rule to-np (Admin tier, Pass)".to_string()]
+    );
+    assert_eq!(
+        (r.tier.as_deref(), r.action.as_deref()),
+        (Some("NetworkPolicy"), Some("Accept"))
+    );
+    let metrics = crate::metrics::Metrics::default();
+    metrics.policy_decisions.count(&r);
+    assert_eq!(metrics.policy_decisions.get("Admin", "Pass"), 1);
+    assert_eq!(metrics.policy_decisions.get("NetworkPolicy", "Accept"), 1);
+    assert!(metrics
+        .render(&crate::metrics::KernelStats::default())
+        .contains("palisade_policy_decisions_total{tier=\"Admin\",action=\"Pass\"} 1"));
+
+    // Not selected in egress: no walk.
+    assert!(e
+        .tier_walk(
+            web.endpoint_id,
+            palisade_common::DIR_EGRESS,
+            Ipv4Addr::new(10, 1, 0, 5),
+            PROTO_TCP,
+            80
+        )
+        .is_none());
+}
+
+/// `nodes` peers: resolved to the selected nodes' addresses, followed as
+/// nodes come, change labels and go; other nodes' addresses are decided
+/// apart (each by its own CIDR identity once a peer tells them apart).
+#[test]
+fn nodes_peers_follow_the_node_objects() {
+    use crate::{change::Change, model::Node};
+    let node = |name: &str, role: &str, ip: [u8; 4]| {
+        Change::Node(Node {
+            name: name.into(),
+            labels: labels(&[("role", role)]),
+            addresses: vec![Ipv4Addr::from(ip)],
+            pod_cidrs: Vec::new(),
+        })
+    };
+    let mut e = crate::compiler::Engine::new(false, Vec::new());
+    e.set_node_name(Some("n1".into()));
+    e.apply(node("n1", "worker", [192, 0, 2, 1]));
+    e.apply(node("n2", "control-plane", [192, 0, 2, 2]));
+    e.apply(node("n3", "worker", [192, 0, 2, 3]));
+    e.apply(Change::Pod(Pod {
+        namespace: "a".into(),
+        name: "web".into(),
+        labels: labels(&[("app", "web")]),
+        ip: Some(Ipv4Addr::new(10, 1, 0, 1)),
+        host_network: false,
+        ports: Vec::new(),
+    }));
+    e.add_endpoint(LocalEndpoint {
+        key: ObjectKey::new("a", "web"),
+        endpoint_id: 1,
+        ifindex: 1,
+        host_ifname: "v1".into(),
+        ipv4: Ipv4Addr::new(10, 1, 0, 1),
+        container_id: "c1".into(),
+    });
+    let y = "metadata: {name: no-control-plane}\nspec: {tier: Admin, priority: 1, subject: {namespaces: {}}, egress: [{name: cp, action: Deny, to: [{nodes: {matchLabels: {role: control-plane}}}]}, {name: nodes-6443, action: Accept, to: [{nodes: {}}], protocols: [{tcp: {destinationPort: {number: 6443}}}]}]}";
+    let c: ClusterNetworkPolicy = serde_yaml::from_str(y).unwrap();
+    e.apply(Change::ClusterPolicy(std::sync::Arc::new(c)));
+    // Baseline: everything else to nodes denied.
+    let y = "metadata: {name: nodes-baseline}\nspec: {tier: Baseline, priority: 1, subject: {namespaces: {}}, egress: [{action: Deny, to: [{nodes: {}}]}]}";
+    let c: ClusterNetworkPolicy = serde_yaml::from_str(y).unwrap();
+    e.apply(Change::ClusterPolicy(std::sync::Arc::new(c)));
+    let allowed = |e: &crate::compiler::Engine, ip: [u8; 4], port: u16| {
+        let ev = Evaluator::new(e.desired());
+        let v = ev
+            .ipcache_lookup(Ipv4Addr::from(ip))
+            .unwrap_or(IpcacheValue {
+                identity: palisade_common::IDENTITY_WORLD,
+                cidr_identity: palisade_common::IDENTITY_WORLD,
+            });
+        if v.identity == IDENTITY_HOST {
+            return true;
+        }
+        ev.policy_match(1, v, DIR_EGRESS, PROTO_TCP, port)
+            .is_some_and(|m| m.value.action == ACTION_ALLOW)
+    };
+    assert!(
+        !allowed(&e, [192, 0, 2, 2], 6443),
+        "control plane: Deny first"
+    );
+    assert!(allowed(&e, [192, 0, 2, 3], 6443), "another node on 6443");
+    assert!(!allowed(&e, [192, 0, 2, 3], 22), "baseline deny to nodes");
+    assert!(allowed(&e, [192, 0, 2, 1], 22), "this node is host: always");
+    assert!(allowed(&e, [198, 51, 100, 1], 22), "not a node");
+    // The walk names it.
+    let w = e
+        .tier_walk(1, DIR_EGRESS, Ipv4Addr::new(192, 0, 2, 2), PROTO_TCP, 6443)
+        .unwrap();
+    assert_eq!(w.steps.len(), 1, "{w:?}");
+    // Relabel n3 as control plane; n2 leaves.
+    e.apply(node("n3", "control-plane", [192, 0, 2, 3]));
+    e.apply(Change::NodeDeleted("n2".into()));
+    assert!(
+        !allowed(&e, [192, 0, 2, 3], 6443),
+        "n3 is control plane now"
+    );
+    assert!(allowed(&e, [192, 0, 2, 2], 22), "n2's address is no node's");
+    // The full compile agrees with the engine.
+    let full = Compiler::new().compile(e.model());
+    for (ip, port) in [
+        ([192, 0, 2, 3], 6443),
+        ([192, 0, 2, 2], 22),
+        ([192, 0, 2, 3], 22),
+    ] {
+        let ev = Evaluator::new(&full.maps);
+        let v = ev
+            .ipcache_lookup(Ipv4Addr::from(ip))
+            .unwrap_or(IpcacheValue {
+                identity: palisade_common::IDENTITY_WORLD,
+                cidr_identity: palisade_common::IDENTITY_WORLD,
+            });
+        let f = ev
+            .policy_match(1, v, DIR_EGRESS, PROTO_TCP, port)
+            .is_some_and(|m| m.value.action == ACTION_ALLOW);
+        assert_eq!(f, allowed(&e, ip, port), "{ip:?}:{port}");
+    }
+}

@@ -49,6 +49,18 @@ pub trait Names {
     fn cluster_cookie(&self, _cookie: u32) -> Option<&super::tiers::ClusterRuleRef> {
         None
     }
+    /// The Pass rules a recorded flow went through before the rule with
+    /// `cookie` decided (`tier_walk::passed_for_record`).
+    fn cluster_passed(
+        &self,
+        _endpoint_id: u32,
+        _direction: u8,
+        _remote: Ipv4Addr,
+        _proto_port: (u8, u16),
+        _cookie: u32,
+    ) -> Vec<super::tiers::ClusterRuleRef> {
+        Vec::new()
+    }
 }
 
 /// A published state. Every part is a persistent map: cloning a `View` is
@@ -252,6 +264,24 @@ impl Names for View {
     fn cluster_cookie(&self, cookie: u32) -> Option<&super::tiers::ClusterRuleRef> {
         self.cluster_cookies.get(&cookie)
     }
+    fn cluster_passed(
+        &self,
+        endpoint_id: u32,
+        direction: u8,
+        remote: Ipv4Addr,
+        (proto, port): (u8, u16),
+        cookie: u32,
+    ) -> Vec<super::tiers::ClusterRuleRef> {
+        super::tier_walk::passed_for_record(
+            self,
+            endpoint_id,
+            direction,
+            remote,
+            proto,
+            port,
+            cookie,
+        )
+    }
 }
 
 /// Names through a smart pointer or a lock guard (`&*guard` works too).
@@ -296,6 +326,16 @@ macro_rules! forward_names {
             }
             fn cluster_cookie(&self, cookie: u32) -> Option<&super::tiers::ClusterRuleRef> {
                 (**self).cluster_cookie(cookie)
+            }
+            fn cluster_passed(
+                &self,
+                endpoint_id: u32,
+                direction: u8,
+                remote: Ipv4Addr,
+                proto_port: (u8, u16),
+                cookie: u32,
+            ) -> Vec<super::tiers::ClusterRuleRef> {
+                (**self).cluster_passed(endpoint_id, direction, remote, proto_port, cookie)
             }
         }
     )*};

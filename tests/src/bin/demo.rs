@@ -109,6 +109,55 @@ steps:
               ports: [{protocol: UDP, port: 53}, {protocol: TCP, port: 53}]
   - relabel:
       - {kind: Pod, namespace: app, name: probe, labels: {tier: frontend}}
+  - apply:
+      - apiVersion: policy.networking.k8s.io/v1alpha2
+        kind: ClusterNetworkPolicy
+        metadata: {name: baseline-default-deny}
+        spec:
+          tier: Baseline
+          priority: 100
+          subject: {namespaces: {}}
+          ingress:
+            - name: dns-in
+              action: Accept
+              from: [{namespaces: {}}]
+              protocols: [{udp: {destinationPort: {number: 53}}}, {tcp: {destinationPort: {number: 53}}}]
+            - {name: deny-rest, action: Deny, from: [{namespaces: {}}]}
+          egress:
+            - name: dns-out
+              action: Accept
+              to: [{pods: {namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: kube-system}}, podSelector: {matchLabels: {k8s-app: kube-dns}}}}]
+              protocols: [{udp: {destinationPort: {number: 53}}}, {tcp: {destinationPort: {number: 53}}}]
+            - {name: deny-rest, action: Deny, to: [{namespaces: {}}]}
+      - apiVersion: policy.networking.k8s.io/v1alpha2
+        kind: ClusterNetworkPolicy
+        metadata: {name: protect-database}
+        spec:
+          tier: Admin
+          priority: 10
+          subject: {pods: {namespaceSelector: {}, podSelector: {matchLabels: {tier: database}}}}
+          ingress:
+            - name: no-frontend
+              action: Deny
+              from: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {tier: frontend}}}}]
+      - apiVersion: networking.k8s.io/v1
+        kind: NetworkPolicy
+        metadata: {name: database-from-frontend, namespace: app}
+        spec:
+          podSelector: {matchLabels: {tier: database}}
+          policyTypes: [Ingress]
+          ingress:
+            - from: [{podSelector: {matchLabels: {tier: frontend}}}]
+              ports: [{protocol: TCP, port: 5432}]
+      - apiVersion: networking.k8s.io/v1
+        kind: NetworkPolicy
+        metadata: {name: frontend-to-database, namespace: app}
+        spec:
+          podSelector: {matchLabels: {tier: frontend}}
+          policyTypes: [Egress]
+          egress:
+            - to: [{podSelector: {matchLabels: {tier: database}}}]
+              ports: [{protocol: TCP, port: 5432}]
 "#;
 
 /// What each step means, and the matrix NetworkPolicy semantics require
@@ -119,7 +168,7 @@ struct Narration {
     expect: &'static str,
 }
 
-const NARRATION: [Narration; 4] = [
+const NARRATION: [Narration; 5] = [
     Narration {
         title: "no NetworkPolicy: the flat network",
         lines: &["Kubernetes starts open: every pod reaches every port of every other pod."],
@@ -179,6 +228,24 @@ const NARRATION: [Narration; 4] = [
             X . X . .
             . X X . .
             . X X - -",
+    },
+    Narration {
+        title: "cluster-wide: a Baseline default deny and an Admin Deny (ClusterNetworkPolicy)",
+        lines: &[
+            "+ ClusterNetworkPolicy/baseline-default-deny  Baseline, every namespace: only DNS in and out",
+            "+ ClusterNetworkPolicy/protect-database       Admin: tier=database never accepts tier=frontend",
+            "+ app/database-from-frontend, app/frontend-to-database   a namespace admin tries to open it",
+            "Baseline decides only where no NetworkPolicy does: app keeps its policies, while other/probe",
+            "and coredns lose everything but DNS. The Admin Deny is evaluated before any NetworkPolicy,",
+            "so the namespace's new allow cannot open frontend -> database (the drop names the rule).",
+        ],
+        expect: "
+            - . X . .
+            X - . . .
+            X X - . .
+            X . X . .
+            X X X . .
+            X X X - -",
     },
 ];
 

@@ -113,6 +113,10 @@ impl Flow {
                     self.drop_reason.as_deref().unwrap_or(&self.reason)
                 )
             }
+            // A ClusterNetworkPolicy Deny names its rule.
+            (_, Some(r @ "deny-rule")) if !policies.is_empty() => {
+                format!("{r} at {at} by {policies}")
+            }
             (_, Some(r)) => format!("{r} at {at}"),
             (_, None) => format!("{} at {at}", self.reason),
         };
