@@ -1756,7 +1756,7 @@ mod tests {
             13..=37 => {
                 let p = pod(rng);
                 let d = format!("pod {p:?}");
-                e.apply(Change::Pod(p));
+                e.apply(Change::Pod(p.into()));
                 d
             }
             38..=44 => {

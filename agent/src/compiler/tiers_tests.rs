@@ -220,7 +220,8 @@ impl M {
                 ip: Some(addr),
                 host_network: false,
                 ports,
-            },
+            }
+            .into(),
         );
     }
     fn local(&mut self, ns: &str, name: &str, id: u32) {
