@@ -17,7 +17,9 @@ use crate::{
 pub enum Change {
     Namespace(Namespace),
     NamespaceDeleted(String),
-    Pod(Pod),
+    /// Shared with the source's view and the model: one copy of a pod's
+    /// labels and ports however many views hold it.
+    Pod(Arc<Pod>),
     PodDeleted(ObjectKey),
     /// The raw API object: the compiler parses and validates it once, on
     /// arrival.
@@ -45,7 +47,7 @@ pub enum Change {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     pub namespaces: BTreeMap<String, Namespace>,
-    pub pods: BTreeMap<ObjectKey, Pod>,
+    pub pods: BTreeMap<ObjectKey, Arc<Pod>>,
     pub policies: BTreeMap<ObjectKey, Arc<NetworkPolicy>>,
     /// Node addresses the source knows (Kubernetes: this Node's InternalIPs).
     pub host_ips: Vec<Ipv4Addr>,
@@ -221,13 +223,16 @@ mod tests {
     #[test]
     fn a_resync_becomes_the_changes_between_two_views() {
         let mut a = Snapshot::default();
-        a.pods.insert(ObjectKey::new("ns", "x"), pod("x", "1"));
-        a.pods.insert(ObjectKey::new("ns", "y"), pod("y", "1"));
+        a.pods
+            .insert(ObjectKey::new("ns", "x"), pod("x", "1").into());
+        a.pods
+            .insert(ObjectKey::new("ns", "y"), pod("y", "1").into());
         let mut b = a.clone();
         assert!(a.changes_to(&b).is_empty(), "same view, no change");
 
         b.pods.remove(&ObjectKey::new("ns", "x"));
-        b.pods.insert(ObjectKey::new("ns", "y"), pod("y", "2"));
+        b.pods
+            .insert(ObjectKey::new("ns", "y"), pod("y", "2").into());
         b.host_ips = vec![Ipv4Addr::new(192, 0, 2, 1)];
         let changes = a.changes_to(&b);
         let mut replayed = a.clone();
@@ -239,7 +244,7 @@ mod tests {
             changes,
             vec![
                 Change::PodDeleted(ObjectKey::new("ns", "x")),
-                Change::Pod(pod("y", "2")),
+                Change::Pod(pod("y", "2").into()),
                 Change::NodeAddresses(vec![Ipv4Addr::new(192, 0, 2, 1)]),
             ]
         );

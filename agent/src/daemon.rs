@@ -292,6 +292,7 @@ impl Agent {
     pub fn apply_events(&mut self, events: Vec<SourceEvent>) -> Result<u64> {
         let t = Instant::now();
         let mut changed = false;
+        let resynced = events.iter().any(|e| matches!(e, SourceEvent::Resync(_)));
         for ev in events {
             let changes = match ev {
                 SourceEvent::Changes(cs) => {
@@ -324,7 +325,15 @@ impl Agent {
         if !changed && self.ready && !self.unwritten {
             return Ok(self.programmed);
         }
-        self.reprogram()
+        let r = self.reprogram();
+        if resynced {
+            // A complete view replaced the last one: the old view, the
+            // parse and the diff leave megabytes of freed heap that glibc
+            // keeps mapped. Hand whole free pages back to the kernel.
+            // SAFETY: malloc_trim only releases memory malloc owns.
+            unsafe { libc::malloc_trim(0) };
+        }
+        r
     }
 
     /// Re-resolves the Services from the source view (cheap next to a

@@ -257,7 +257,7 @@ impl Watch for Pod {
     }
 
     fn applied(&self) -> Option<Change> {
-        convert::pod(self).map(Change::Pod)
+        convert::pod(self).map(|p| Change::Pod(Arc::new(p)))
     }
 
     fn deleted(&self) -> Option<Change> {
@@ -266,7 +266,8 @@ impl Watch for Pod {
 
     fn fill(objects: &[Arc<Self>], view: &mut Snapshot) {
         for p in objects.iter().filter_map(|p| convert::pod(p)) {
-            view.pods.insert(ObjectKey::new(&p.namespace, &p.name), p);
+            view.pods
+                .insert(ObjectKey::new(&p.namespace, &p.name), Arc::new(p));
         }
     }
 }

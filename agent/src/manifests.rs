@@ -42,7 +42,7 @@ use crate::{
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Manifests {
     pub namespaces: BTreeMap<String, Namespace>,
-    pub pods: BTreeMap<ObjectKey, Pod>,
+    pub pods: BTreeMap<ObjectKey, Arc<Pod>>,
     /// Shared with the snapshots built from them: a policy is parsed once
     /// and never copied afterwards.
     pub policies: BTreeMap<ObjectKey, Arc<NetworkPolicy>>,
@@ -214,7 +214,7 @@ impl Manifests {
                                     "{at}: Pod {key} defined again; the later definition wins"
                                 ));
                             }
-                            self.pods.insert(key, pod);
+                            self.pods.insert(key, Arc::new(pod));
                         }
                         None => self
                             .errors

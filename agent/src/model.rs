@@ -87,8 +87,9 @@ pub struct LocalEndpoint {
 #[derive(Clone, Debug, Default)]
 pub struct Model {
     pub namespaces: BTreeMap<String, Namespace>,
-    /// All pods of the cluster (remote ones matter for identities).
-    pub pods: BTreeMap<ObjectKey, Pod>,
+    /// All pods of the cluster (remote ones matter for identities),
+    /// shared with the source's view (see [`crate::change::Change::Pod`]).
+    pub pods: BTreeMap<ObjectKey, Arc<Pod>>,
     /// Parsed and validated once, when they enter the model (through
     /// [`Model::add_policy`]).
     pub policies: BTreeMap<ObjectKey, Arc<ParsedPolicy>>,

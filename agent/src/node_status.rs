@@ -107,9 +107,9 @@ mod tests {
             ports: vec![],
         };
         m.pods
-            .insert(ObjectKey::new("x", "a"), pod("10.1.1.7", false));
+            .insert(ObjectKey::new("x", "a"), pod("10.1.1.7", false).into());
         m.pods
-            .insert(ObjectKey::new("x", "h"), pod("192.0.2.1", true));
+            .insert(ObjectKey::new("x", "h"), pod("192.0.2.1", true).into());
         let s = nodes(&m, Some("n1"));
         assert!(s[0].local && !s[1].local);
         assert_eq!(s[0].pods, ["x/h 192.0.2.1"]);

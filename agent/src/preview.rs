@@ -299,7 +299,8 @@ mod tests {
                     ip: Some(Ipv4Addr::new(10, 0, 0, ip)),
                     host_network: false,
                     ports: Vec::new(),
-                },
+                }
+                .into(),
             );
             m.endpoints.insert(
                 format!("c-{name}"),

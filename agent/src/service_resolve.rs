@@ -427,7 +427,11 @@ pub fn resolve(view: &Snapshot) -> Resolved {
         let sources: &[SlicePorts] = match given {
             Some(s) => s,
             None if view.derive_endpoint_slices => {
-                derived = [derived_candidates(&key.namespace, &spec, view.pods.iter())];
+                derived = [derived_candidates(
+                    &key.namespace,
+                    &spec,
+                    view.pods.iter().map(|(k, p)| (k, &**p)),
+                )];
                 &derived
             }
             None => &[],

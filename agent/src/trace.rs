@@ -299,14 +299,17 @@ mod tests {
             ("a", "web", "web", [10, 0, 0, 1]),
             ("b", "db", "db", [10, 0, 1, 2]),
         ] {
-            e.apply(Change::Pod(Pod {
-                namespace: ns.into(),
-                name: name.into(),
-                labels: Labels::from([("app".to_string(), app.to_string())]),
-                ip: Some(Ipv4Addr::from(ip)),
-                host_network: false,
-                ports: Vec::new(),
-            }));
+            e.apply(Change::Pod(
+                Pod {
+                    namespace: ns.into(),
+                    name: name.into(),
+                    labels: Labels::from([("app".to_string(), app.to_string())]),
+                    ip: Some(Ipv4Addr::from(ip)),
+                    host_network: false,
+                    ports: Vec::new(),
+                }
+                .into(),
+            ));
         }
         let y = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: dns, namespace: a}\nspec:\n  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - to: [{namespaceSelector: {}}]\n    ports: [{port: 53, protocol: UDP}]\n";
         let np: NetworkPolicy = serde_yaml::from_str(y).unwrap();

@@ -153,14 +153,17 @@ mod tests {
             ("db1", "db", [10, 0, 0, 2]),
             ("db2", "cache", [10, 0, 0, 3]),
         ] {
-            e.apply(Change::Pod(Pod {
-                namespace: "a".into(),
-                name: name.into(),
-                labels: Labels::from([("app".to_string(), app.to_string())]),
-                ip: Some(Ipv4Addr::from(ip)),
-                host_network: false,
-                ports: Vec::new(),
-            }));
+            e.apply(Change::Pod(
+                Pod {
+                    namespace: "a".into(),
+                    name: name.into(),
+                    labels: Labels::from([("app".to_string(), app.to_string())]),
+                    ip: Some(Ipv4Addr::from(ip)),
+                    host_network: false,
+                    ports: Vec::new(),
+                }
+                .into(),
+            ));
         }
         let y = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: to-db, namespace: a}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Egress]\n  egress:\n  - to: [{podSelector: {matchLabels: {app: db}}}]\n";
         let np: NetworkPolicy = serde_yaml::from_str(y).unwrap();

@@ -314,14 +314,17 @@ mod tests {
     fn engine() -> Engine {
         let mut e = Engine::new(false, Vec::new());
         for (name, app, ip) in [("web", "web", 1), ("db", "db", 2), ("other", "x", 3)] {
-            e.apply(Change::Pod(Pod {
-                namespace: "a".into(),
-                name: name.into(),
-                labels: Labels::from([("app".to_string(), app.to_string())]),
-                ip: Some(Ipv4Addr::new(10, 0, 0, ip)),
-                host_network: false,
-                ports: Vec::new(),
-            }));
+            e.apply(Change::Pod(
+                Pod {
+                    namespace: "a".into(),
+                    name: name.into(),
+                    labels: Labels::from([("app".to_string(), app.to_string())]),
+                    ip: Some(Ipv4Addr::new(10, 0, 0, ip)),
+                    host_network: false,
+                    ports: Vec::new(),
+                }
+                .into(),
+            ));
         }
         let y = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: db, namespace: a}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: web}}}]\n    ports: [{port: 5432, endPort: 5439, protocol: TCP}]\n";
         let np: NetworkPolicy = serde_yaml::from_str(y).unwrap();

@@ -122,7 +122,7 @@ fn baseline(model: &palisade_agent::model::Model, plan: &Plan, spec: &Spec) -> R
                 }
                 "pod label change" => {
                     let key = model.pods.keys().nth(i * 37).cloned().context("pod")?;
-                    let pod = model.pods.get_mut(&key).context("pod")?;
+                    let pod = std::sync::Arc::make_mut(model.pods.get_mut(&key).context("pod")?);
                     let next = (i + 1) % spec.apps;
                     pod.labels.insert("app".into(), format!("app-{next}"));
                 }
@@ -132,7 +132,7 @@ fn baseline(model: &palisade_agent::model::Model, plan: &Plan, spec: &Spec) -> R
                     let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 1)) + i as u32);
                     model.pods.insert(
                         ObjectKey::new(&ns, &name),
-                        cluster::model_pod(&ns, &name, i % spec.apps, ip),
+                        cluster::model_pod(&ns, &name, i % spec.apps, ip).into(),
                     );
                 }
             }
@@ -303,7 +303,7 @@ pub fn run(plan: &Plan) -> Result<Update> {
                         &remotes[(i / 2) % remotes.len()]
                     };
                     let started = Instant::now();
-                    let mut pod = p.engine.model().pods.get(key).context("pod")?.clone();
+                    let mut pod = (**p.engine.model().pods.get(key).context("pod")?).clone();
                     let app: usize = pod.labels["app"]
                         .trim_start_matches("app-")
                         .parse()
@@ -312,7 +312,7 @@ pub fn run(plan: &Plan) -> Result<Update> {
                     pod.labels.insert("app".into(), format!("app-{next}"));
                     pod.labels
                         .insert("tier".into(), ["web", "api", "db"][next % 3].into());
-                    p.change(started, |e| e.apply(Change::Pod(pod)))?
+                    p.change(started, |e| e.apply(Change::Pod(pod.into())))?
                 }
                 "pod add" => {
                     let ns = cluster::ns_name(i % spec.namespaces);
@@ -320,7 +320,7 @@ pub fn run(plan: &Plan) -> Result<Update> {
                     let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 80, 0, 1)) + i as u32);
                     let started = Instant::now();
                     let pod = cluster::model_pod(&ns, &name, i % spec.apps, ip);
-                    p.change(started, |e| e.apply(Change::Pod(pod)))?
+                    p.change(started, |e| e.apply(Change::Pod(pod.into())))?
                 }
                 "pod add, new identity" => {
                     // Labels no pod had: a new identity, matched against
@@ -331,7 +331,7 @@ pub fn run(plan: &Plan) -> Result<Update> {
                     let started = Instant::now();
                     let mut pod = cluster::model_pod(&ns, &name, i % spec.apps, ip);
                     pod.labels.insert("app".into(), format!("fresh-{i}"));
-                    p.change(started, |e| e.apply(Change::Pod(pod)))?
+                    p.change(started, |e| e.apply(Change::Pod(pod.into())))?
                 }
                 "cluster network policy change" => {
                     // An Admin policy over every namespace whose priority
@@ -359,7 +359,7 @@ pub fn run(plan: &Plan) -> Result<Update> {
                     let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 90, 0, 1)) + i as u32);
                     let mut pod = cluster::model_pod(&ns, &name, i % spec.apps, ip);
                     pod.ip = None;
-                    p.change(Instant::now(), |e| e.apply(Change::Pod(pod)))?;
+                    p.change(Instant::now(), |e| e.apply(Change::Pod(pod.into())))?;
                     let n = first_free_endpoint + i as u32;
                     let ep = LocalEndpoint {
                         key: ObjectKey::new(&ns, &name),

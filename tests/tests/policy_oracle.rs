@@ -86,7 +86,8 @@ fn model_of(c: &Cluster) -> Result<Model> {
                         protocol: cp.protocol.into(),
                     })
                     .collect(),
-            },
+            }
+            .into(),
         );
         if let Some((endpoint_id, ifindex)) = p.local {
             let container_id = format!("c-{}-{}", p.namespace, p.name);

@@ -1817,7 +1817,7 @@ mod tests {
             13..=37 => {
                 let p = pod(rng);
                 let d = format!("pod {p:?}");
-                e.apply(Change::Pod(p));
+                e.apply(Change::Pod(p.into()));
                 d
             }
             38..=44 => {
@@ -1946,14 +1946,17 @@ mod tests {
             container_id: format!("c{i}"),
         };
         for i in [1, 2] {
-            e.apply(Change::Pod(Pod {
-                namespace: "a".into(),
-                name: format!("p{i}"),
-                labels: Labels::from([("app".to_string(), "x".to_string())]),
-                ip: None,
-                host_network: false,
-                ports: Vec::new(),
-            }));
+            e.apply(Change::Pod(
+                Pod {
+                    namespace: "a".into(),
+                    name: format!("p{i}"),
+                    labels: Labels::from([("app".to_string(), "x".to_string())]),
+                    ip: None,
+                    host_network: false,
+                    ports: Vec::new(),
+                }
+                .into(),
+            ));
         }
         e.add_endpoint(ep(1));
         e.take_touched();

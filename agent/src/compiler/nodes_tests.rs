@@ -75,8 +75,10 @@ fn cluster() -> Engine {
     }
     e.apply(Change::Node(node("n1", OWN_NODE, "10.0.0.0/24")));
     e.apply(Change::Node(node("n2", OTHER_NODE, "10.0.1.0/24")));
-    e.apply(Change::Pod(pod("a", "web", "web", Some(WEB))));
-    e.apply(Change::Pod(pod("b", "client", "client", Some(REMOTE_POD))));
+    e.apply(Change::Pod(pod("a", "web", "web", Some(WEB)).into()));
+    e.apply(Change::Pod(
+        pod("b", "client", "client", Some(REMOTE_POD)).into(),
+    ));
     e.add_endpoint(LocalEndpoint {
         key: ObjectKey::new("a", "web"),
         endpoint_id: 1,
@@ -184,9 +186,11 @@ fn a_node_that_leaves_takes_its_addresses_and_a_moved_pod_follows_its_address() 
     // address yet (not a peer of anything), then with its new address.
     e.apply(Change::PodDeleted(ObjectKey::new("b", "client")));
     assert_eq!(ingress(&e, REMOTE_POD), reason::NO_POLICY_MATCH);
-    e.apply(Change::Pod(pod("b", "client", "client", None)));
+    e.apply(Change::Pod(pod("b", "client", "client", None).into()));
     assert_eq!(ingress(&e, REMOTE_POD), reason::NO_POLICY_MATCH);
-    e.apply(Change::Pod(pod("b", "client", "client", Some("10.0.2.9"))));
+    e.apply(Change::Pod(
+        pod("b", "client", "client", Some("10.0.2.9")).into(),
+    ));
     assert_eq!(ingress(&e, "10.0.2.9"), reason::POLICY_ALLOW);
     assert_eq!(ingress(&e, REMOTE_POD), reason::NO_POLICY_MATCH);
 }
@@ -194,7 +198,9 @@ fn a_node_that_leaves_takes_its_addresses_and_a_moved_pod_follows_its_address() 
 #[test]
 fn a_pod_claiming_a_node_address_does_not_make_it_a_pod() {
     let mut e = cluster();
-    e.apply(Change::Pod(pod("b", "liar", "client", Some(OTHER_NODE))));
+    e.apply(Change::Pod(
+        pod("b", "liar", "client", Some(OTHER_NODE)).into(),
+    ));
     assert_eq!(
         e.desired().ipcache[&(ip(OTHER_NODE), 32)].identity,
         IDENTITY_REMOTE_NODE

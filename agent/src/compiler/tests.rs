@@ -13,6 +13,7 @@ use palisade_dataplane::{
     packet::{Packet, TCP_FLAG_SYN},
     reference::Evaluator,
 };
+use std::sync::Arc;
 
 // -- harness ------------------------------------------------------------
 
@@ -58,8 +59,8 @@ impl T {
             ports: Vec::new(),
         };
         let key = ObjectKey::new(ns, name);
-        self.model.pods.insert(key.clone(), p);
-        self.model.pods.get_mut(&key).unwrap()
+        self.model.pods.insert(key.clone(), Arc::new(p));
+        Arc::make_mut(self.model.pods.get_mut(&key).unwrap())
     }
 
     /// Registers a pod of the model as a local endpoint with endpoint
@@ -1119,21 +1120,12 @@ fn with_named_ports(t: &mut T) {
         port,
         protocol: proto.into(),
     };
-    t.model
-        .pods
-        .get_mut(&ObjectKey::new("a", "web"))
-        .unwrap()
-        .ports = vec![cp("http", 8080, "TCP"), cp("dns", 5353, "UDP")];
-    t.model
-        .pods
-        .get_mut(&ObjectKey::new("a", "db"))
-        .unwrap()
-        .ports = vec![cp("http", 9090, "TCP")];
-    t.model
-        .pods
-        .get_mut(&ObjectKey::new("b", "web"))
-        .unwrap()
-        .ports = vec![cp("http", 80, "TCP")];
+    Arc::make_mut(t.model.pods.get_mut(&ObjectKey::new("a", "web")).unwrap()).ports =
+        vec![cp("http", 8080, "TCP"), cp("dns", 5353, "UDP")];
+    Arc::make_mut(t.model.pods.get_mut(&ObjectKey::new("a", "db")).unwrap()).ports =
+        vec![cp("http", 9090, "TCP")];
+    Arc::make_mut(t.model.pods.get_mut(&ObjectKey::new("b", "web")).unwrap()).ports =
+        vec![cp("http", 80, "TCP")];
 }
 
 #[test]
@@ -1210,13 +1202,9 @@ fn same_labels_with_different_named_port_numbers_resolve_per_pod() {
             protocol: "TCP".into(),
         }]
     };
-    t.model
-        .pods
-        .get_mut(&ObjectKey::new("a", "web"))
-        .unwrap()
-        .ports = http(80);
+    Arc::make_mut(t.model.pods.get_mut(&ObjectKey::new("a", "web")).unwrap()).ports = http(80);
     // a/db gets a/web's labels but maps `web` to 81.
-    let db = t.model.pods.get_mut(&ObjectKey::new("a", "db")).unwrap();
+    let db = Arc::make_mut(t.model.pods.get_mut(&ObjectKey::new("a", "db")).unwrap());
     db.labels = [("app".to_string(), "web".to_string())].into();
     db.ports = http(81);
     t.policy(&np(
@@ -1474,11 +1462,8 @@ fn a_label_change_touches_only_the_expected_entries() {
     let c1 = t.compile();
     let old_id = label_id(&c1, "b", &[("app", "web")]);
     // b/web stops being "web".
-    t.model
-        .pods
-        .get_mut(&ObjectKey::new("b", "web"))
-        .unwrap()
-        .labels = labels(&[("app", "api")]);
+    Arc::make_mut(t.model.pods.get_mut(&ObjectKey::new("b", "web")).unwrap()).labels =
+        labels(&[("app", "api")]);
     let c2 = t.compile();
     let new_id = label_id(&c2, "b", &[("app", "api")]);
     assert_ne!(
@@ -1507,11 +1492,8 @@ fn a_label_change_touches_only_the_expected_entries() {
     assert!(r.iter().all(|(_, k)| k.peer_identity == old_id));
 
     // Back to "web": a new number, and the freed one may be reused now.
-    t.model
-        .pods
-        .get_mut(&ObjectKey::new("b", "web"))
-        .unwrap()
-        .labels = labels(&[("app", "web")]);
+    Arc::make_mut(t.model.pods.get_mut(&ObjectKey::new("b", "web")).unwrap()).labels =
+        labels(&[("app", "web")]);
     let c3 = t.compile();
     let back = label_id(&c3, "b", &[("app", "web")]);
     assert_ne!(back, new_id);
@@ -1633,7 +1615,8 @@ fn other_ip_blocks_containing_a_pod_address_still_match_it() {
 #[test]
 fn a_pod_moving_out_of_the_block_loses_the_named_port() {
     let mut t = ip_block_named_port_world();
-    t.model.pods.get_mut(&ObjectKey::new("b", "in")).unwrap().ip = Some(ip("10.0.2.5"));
+    Arc::make_mut(t.model.pods.get_mut(&ObjectKey::new("b", "in")).unwrap()).ip =
+        Some(ip("10.0.2.5"));
     let c = t.compile();
     assert!(!egress_ok(&c, 1, "10.0.2.5", 8080));
     assert!(c

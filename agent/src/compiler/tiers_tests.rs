@@ -220,7 +220,8 @@ impl M {
                 ip: Some(addr),
                 host_network: false,
                 ports,
-            },
+            }
+            .into(),
         );
     }
     fn local(&mut self, ns: &str, name: &str, id: u32) {
@@ -803,14 +804,17 @@ fn nodes_peers_follow_the_node_objects() {
     e.apply(node("n1", "worker", [192, 0, 2, 1]));
     e.apply(node("n2", "control-plane", [192, 0, 2, 2]));
     e.apply(node("n3", "worker", [192, 0, 2, 3]));
-    e.apply(Change::Pod(Pod {
-        namespace: "a".into(),
-        name: "web".into(),
-        labels: labels(&[("app", "web")]),
-        ip: Some(Ipv4Addr::new(10, 1, 0, 1)),
-        host_network: false,
-        ports: Vec::new(),
-    }));
+    e.apply(Change::Pod(
+        Pod {
+            namespace: "a".into(),
+            name: "web".into(),
+            labels: labels(&[("app", "web")]),
+            ip: Some(Ipv4Addr::new(10, 1, 0, 1)),
+            host_network: false,
+            ports: Vec::new(),
+        }
+        .into(),
+    ));
     e.add_endpoint(LocalEndpoint {
         key: ObjectKey::new("a", "web"),
         endpoint_id: 1,

@@ -74,6 +74,7 @@ fn denies_everything(r: &ClusterRule) -> bool {
                 namespaces.is_everything() && pods.is_everything()
             }
             ClusterPeer::Networks(n) => n.iter().any(|n| n.prefix() == 0),
+            ClusterPeer::Nodes { .. } => false,
         })
 }
 
@@ -224,6 +225,14 @@ fn samples(rules: &TierRules, dest: &[ContainerPort], iv: Interval) -> BTreeSet<
     out
 }
 
+/// The addresses of a `networks` or `nodes` peer (those match by address).
+fn address_peers(p: &ClusterPeer) -> Option<&Vec<Ipv4Network>> {
+    match p {
+        ClusterPeer::Networks(n) | ClusterPeer::Nodes { addresses: n, .. } => Some(n),
+        _ => None,
+    }
+}
+
 fn overlaps(a: Ipv4Network, b: Ipv4Network) -> bool {
     a.contains(b.network()) || b.contains(a.network())
 }
@@ -248,10 +257,7 @@ fn block_decided<'a>(
         let nets: Vec<Ipv4Network> = r
             .peers
             .iter()
-            .filter_map(|x| match x {
-                ClusterPeer::Networks(n) => Some(n),
-                _ => None,
-            })
+            .filter_map(address_peers)
             .flatten()
             .copied()
             .filter(|n| overlaps(*n, cidr) && !except.iter().any(|e| v4_subset(*n, *e)))
@@ -346,11 +352,9 @@ fn decided_above(
         if rules.is_empty() {
             return None;
         }
-        let by_address = rules.iter().any(|(_, r)| {
-            r.peers
-                .iter()
-                .any(|p| matches!(p, ClusterPeer::Networks(_)))
-        });
+        let by_address = rules
+            .iter()
+            .any(|(_, r)| r.peers.iter().any(|p| address_peers(p).is_some()));
         let mut seen_peers = HashSet::new();
         let mut name = |(p, r): (&ClusterPolicy, &ClusterRule)| {
             by.insert(format!(
@@ -444,6 +448,8 @@ fn cluster_peer_pods<'a>(m: &'a Model, peer: &ClusterPeer) -> Vec<&'a Pod> {
                 ClusterPeer::Networks(nets) => {
                     q.ip.is_some_and(|ip| nets.iter().any(|n| n.contains(ip)))
                 }
+                // Node addresses are never a (non-host-network) pod's.
+                ClusterPeer::Nodes { .. } => false,
             }
         })
         .collect()
@@ -454,7 +460,7 @@ fn cnp_matched<'a>(m: &'a Model, p: &ClusterPolicy, r: &ClusterRule) -> Matched<
     let mut blocks = Vec::new();
     for peer in &r.peers {
         pod_peers.extend(cluster_peer_pods(m, peer));
-        if let ClusterPeer::Networks(nets) = peer {
+        if let Some(nets) = address_peers(peer) {
             blocks.extend(nets.iter().map(|n| (*n, Vec::new())));
         }
     }
@@ -511,6 +517,10 @@ fn cluster_peer_covers(a: &ClusterPeer, b: &ClusterPeer) -> bool {
     use ClusterPeer::*;
     match (a, b) {
         (Networks(x), Networks(y)) => y.iter().all(|n| x.iter().any(|o| v4_subset(*n, *o))),
+        (Nodes { selector: x, .. }, Nodes { selector: y, .. }) => selector_covers(x, y),
+        (Nodes { .. }, _) => false,
+        // Nodes' addresses, whichever nodes the selector matches later.
+        (Networks(x), Nodes { .. }) => x.iter().any(|n| n.prefix() == 0),
         // `networks` match pod addresses too.
         (Networks(x), _) => x.iter().any(|n| n.prefix() == 0),
         (Namespaces(x), Namespaces(y)) => selector_covers(x, y),
@@ -679,11 +689,9 @@ pub(super) fn dns_reachable(m: &Model, pod: &Pod, np_isolated: bool) -> bool {
         .iter()
         .flat_map(|p| p.rules.iter())
         .flat_map(|r| r.peers.iter())
-        .filter_map(|x| match x {
-            ClusterPeer::Networks(n) => Some(n.clone()),
-            _ => None,
-        })
+        .filter_map(address_peers)
         .flatten()
+        .copied()
         .collect();
     for (k, pol) in super::accepted(m) {
         if k.namespace != pod.namespace {
@@ -744,6 +752,16 @@ pub(super) fn selector_findings(m: &Model, out: &mut Vec<Finding>) {
                     ClusterPeer::Namespaces(s) => s,
                     ClusterPeer::Pods { namespaces, .. } => namespaces,
                     ClusterPeer::Networks(_) => continue,
+                    ClusterPeer::Nodes { addresses, .. } => {
+                        if addresses.is_empty() {
+                            out.push(finding(
+                                kind::EMPTY_SELECTOR,
+                                at,
+                                "the nodes selector matches no node today",
+                            ));
+                        }
+                        continue;
+                    }
                 };
                 super::ungoverned(ns, at.clone(), out);
                 if !m.namespaces.values().any(|n| ns.matches(&n.labels)) {

@@ -85,7 +85,7 @@ fn dir_name(d: u8) -> &'static str {
 
 /// Pods policy can apply to (hostNetwork pods are the node's).
 fn pods(m: &Model) -> impl Iterator<Item = &Pod> {
-    m.pods.values().filter(|p| !p.host_network)
+    m.pods.values().map(|p| &**p).filter(|p| !p.host_network)
 }
 
 /// Accepted NetworkPolicies (not the compiler's own policy for
@@ -654,7 +654,8 @@ mod tests {
                         port: 53,
                         protocol: "UDP".into(),
                     }],
-                },
+                }
+                .into(),
             );
         }
         for doc in policies.split("\n---\n") {
