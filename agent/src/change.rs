@@ -3,9 +3,14 @@
 //! [`SourceEvent`]s, and the owner feeds them to the compiler.
 use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
 
-use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::{
+    core::v1::Service, discovery::v1::EndpointSlice, networking::v1::NetworkPolicy,
+};
 
-use crate::model::{Namespace, ObjectKey, Pod};
+use crate::{
+    cnp::ClusterNetworkPolicy,
+    model::{Namespace, Node, ObjectKey, Pod},
+};
 
 /// One object added, changed or deleted.
 #[derive(Clone, Debug, PartialEq)]
@@ -21,6 +26,19 @@ pub enum Change {
     /// This node's addresses as the source knows them (replaces the
     /// previous set; the agent's configured addresses are kept besides).
     NodeAddresses(Vec<Ipv4Addr>),
+    /// A node of the cluster added or changed (this node's addresses are
+    /// `host`, every other node's `remote-node`).
+    Node(Node),
+    NodeDeleted(String),
+    /// A ClusterNetworkPolicy (cluster-scoped, by name), parsed on arrival.
+    ClusterPolicy(Arc<ClusterNetworkPolicy>),
+    ClusterPolicyDeleted(String),
+    /// Services and EndpointSlices as the API gives them: resolved into
+    /// frontends by `service_resolve`, which reports what it rejects.
+    Service(ObjectKey, Arc<Service>),
+    ServiceDeleted(ObjectKey),
+    EndpointSlice(ObjectKey, Arc<EndpointSlice>),
+    EndpointSliceDeleted(ObjectKey),
 }
 
 /// A complete view from one source.
@@ -31,8 +49,18 @@ pub struct Snapshot {
     pub policies: BTreeMap<ObjectKey, Arc<NetworkPolicy>>,
     /// Node addresses the source knows (Kubernetes: this Node's InternalIPs).
     pub host_ips: Vec<Ipv4Addr>,
+    /// The cluster's nodes, by name.
+    pub nodes: BTreeMap<String, Node>,
+    pub services: BTreeMap<ObjectKey, Arc<Service>>,
+    pub endpoint_slices: BTreeMap<ObjectKey, Arc<EndpointSlice>>,
+    /// Standalone mode: a selector Service without given EndpointSlices
+    /// gets the ones the EndpointSlice controller would write (a cluster
+    /// has that controller; its slices arrive through the source).
+    pub derive_endpoint_slices: bool,
     /// Objects the source could not read; everything else is in the snapshot.
     pub errors: Vec<String>,
+    /// ClusterNetworkPolicies by name.
+    pub cluster_policies: BTreeMap<String, Arc<ClusterNetworkPolicy>>,
 }
 
 /// What a source sends to the owner.
@@ -86,6 +114,31 @@ impl Snapshot {
                 self.policies.remove(k);
             }
             Change::NodeAddresses(ips) => self.host_ips = ips.clone(),
+            Change::Node(n) => {
+                self.nodes.insert(n.name.clone(), n.clone());
+            }
+            Change::NodeDeleted(name) => {
+                self.nodes.remove(name);
+            }
+            Change::ClusterPolicy(c) => {
+                let name = c.metadata.name.clone().unwrap_or_default();
+                self.cluster_policies.insert(name, c.clone());
+            }
+            Change::ClusterPolicyDeleted(name) => {
+                self.cluster_policies.remove(name);
+            }
+            Change::Service(k, s) => {
+                self.services.insert(k.clone(), s.clone());
+            }
+            Change::ServiceDeleted(k) => {
+                self.services.remove(k);
+            }
+            Change::EndpointSlice(k, s) => {
+                self.endpoint_slices.insert(k.clone(), s.clone());
+            }
+            Change::EndpointSliceDeleted(k) => {
+                self.endpoint_slices.remove(k);
+            }
         }
     }
 
@@ -113,6 +166,34 @@ impl Snapshot {
             &next.policies,
             |k| Change::PolicyDeleted(k.clone()),
             |k, v| Change::Policy(k.clone(), v.clone()),
+            &mut out,
+        );
+        diff_maps(
+            &self.nodes,
+            &next.nodes,
+            |k| Change::NodeDeleted(k.clone()),
+            |_, v| Change::Node(v.clone()),
+            &mut out,
+        );
+        diff_maps(
+            &self.cluster_policies,
+            &next.cluster_policies,
+            |k| Change::ClusterPolicyDeleted(k.clone()),
+            |_, v| Change::ClusterPolicy(v.clone()),
+            &mut out,
+        );
+        diff_maps(
+            &self.services,
+            &next.services,
+            |k| Change::ServiceDeleted(k.clone()),
+            |k, v| Change::Service(k.clone(), v.clone()),
+            &mut out,
+        );
+        diff_maps(
+            &self.endpoint_slices,
+            &next.endpoint_slices,
+            |k| Change::EndpointSliceDeleted(k.clone()),
+            |k, v| Change::EndpointSlice(k.clone(), v.clone()),
             &mut out,
         );
         if self.host_ips != next.host_ips {

@@ -7,7 +7,10 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use palisade_api::{StatusReport, TraceReport, DEFAULT_SOCKET};
+use palisade_api::{
+    CoverageReport, PreviewReport, PreviewRequest, StatusReport, TraceReport, VerifyReport,
+    DEFAULT_SOCKET,
+};
 
 use crate::flowlog::{FlowRecord, Peer};
 
@@ -33,12 +36,100 @@ pub struct ObserveArgs {
     /// TCP, UDP, SCTP, ICMP.
     #[arg(long)]
     pub protocol: Option<String>,
+    /// Flows sent to this Service's ClusterIP (namespace/name).
+    #[arg(long, visible_alias = "to-service")]
+    pub service: Option<String>,
+    /// Flows whose source is on this node (a pod of it, its address, or
+    /// the node itself).
+    #[arg(long)]
+    pub from_node: Option<String>,
     /// Keep streaming new flows.
     #[arg(long, short = 'f')]
     pub follow: bool,
     /// JSON lines instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Only flows recorded since: a duration ago (10m, 2h) or an RFC 3339
+    /// time (read from the flow log files, not only the recent history).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Summary: the N busiest dropped (source, destination, port) triples.
+    #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "10", conflicts_with = "follow")]
+    pub top: Option<usize>,
+}
+
+/// One row of `observe --top`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct TopDrop {
+    pub source: String,
+    pub destination: String,
+    /// e.g. 5432/TCP
+    pub port: String,
+    pub drops: usize,
+    /// The policies the drops were attributed to.
+    pub policies: Vec<String>,
+}
+
+fn workload(p: &Peer) -> String {
+    match (&p.namespace, &p.pod) {
+        (Some(ns), Some(pod)) => format!("{ns}/{pod}"),
+        _ => format!("{}({})", p.ip, p.kind),
+    }
+}
+
+/// The `n` busiest dropped (source, destination, port) triples of
+/// `records` (DROP verdicts, and AUDIT: drops audit mode let through).
+pub fn top_drops<'a>(records: impl IntoIterator<Item = &'a FlowRecord>, n: usize) -> Vec<TopDrop> {
+    let mut by: std::collections::BTreeMap<(String, String, String), TopDrop> = Default::default();
+    for r in records {
+        if r.verdict != "DROP" && r.verdict != "AUDIT" {
+            continue;
+        }
+        // Drops without an IPv4 flow (IPv6, malformed frames) are named by
+        // their reason instead.
+        let port = match r.dst.port {
+            Some(p) => format!("{p}/{}", r.protocol),
+            None if r.protocol == "none" => r.reason.clone(),
+            None => r.protocol.clone(),
+        };
+        let key = (workload(&r.src), workload(&r.dst), port);
+        let e = by.entry(key.clone()).or_insert_with(|| TopDrop {
+            source: key.0,
+            destination: key.1,
+            port: key.2,
+            drops: 0,
+            policies: Vec::new(),
+        });
+        e.drops += 1;
+        for p in &r.policies {
+            if !e.policies.contains(p) {
+                e.policies.push(p.clone());
+            }
+        }
+    }
+    let mut v: Vec<TopDrop> = by.into_values().collect();
+    v.sort_by(|a, b| b.drops.cmp(&a.drops).then_with(|| a.source.cmp(&b.source)));
+    v.truncate(n);
+    v
+}
+
+pub fn render_top(rows: &[TopDrop]) -> String {
+    let mut s = format!(
+        "{:>7}  {:<32} {:<32} {:<10} POLICIES\n",
+        "DROPS", "SOURCE", "DESTINATION", "PORT"
+    );
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "{:>7}  {:<32} {:<32} {:<10} {}",
+            r.drops,
+            r.source,
+            r.destination,
+            r.port,
+            r.policies.join(", ")
+        );
+    }
+    s
 }
 
 #[derive(Debug, Default)]
@@ -49,6 +140,8 @@ pub struct Filter {
     verdict: Option<String>,
     port: Option<u16>,
     protocol: Option<String>,
+    service: Option<String>,
+    from_node: Option<String>,
 }
 
 impl ObserveArgs {
@@ -72,6 +165,8 @@ impl ObserveArgs {
             verdict: self.verdict.as_ref().map(|v| v.to_uppercase()),
             port: self.port,
             protocol: self.protocol.as_ref().map(|p| p.to_uppercase()),
+            service: self.service.clone(),
+            from_node: self.from_node.clone(),
         })
     }
 }
@@ -104,6 +199,12 @@ impl Filter {
         if self.protocol.as_ref().is_some_and(|p| *p != r.protocol) {
             return false;
         }
+        if self.service.is_some() && self.service != r.service {
+            return false;
+        }
+        if self.from_node.is_some() && self.from_node != r.src.node {
+            return false;
+        }
         true
     }
 }
@@ -132,6 +233,12 @@ pub fn render_flow(r: &FlowRecord) -> String {
     );
     if !r.policies.is_empty() {
         let _ = write!(s, " policies: {}", r.policies.join(", "));
+    }
+    if let Some(svc) = &r.service {
+        let _ = write!(s, " service: {svc}");
+        if let Some(a) = &r.service_address {
+            let _ = write!(s, " ({a})");
+        }
     }
     s
 }
@@ -178,6 +285,27 @@ pub fn render_status(r: &StatusReport) -> String {
             }
         }
     }
+    let _ = writeln!(s, "\nSERVICES ({})", r.services.len());
+    for svc in &r.services {
+        for f in &svc.frontends {
+            let name = if f.port_name.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", f.port_name)
+            };
+            let _ = writeln!(
+                s,
+                "  {}/{}  {}{name}  {} backends",
+                svc.namespace, svc.name, f.frontend, f.backends
+            );
+        }
+    }
+    if let Some(e) = &r.services_error {
+        let _ = writeln!(s, "  NOT PROGRAMMED: {e}");
+    }
+    for why in &r.service_rejections {
+        let _ = writeln!(s, "  REJECTED: {why}");
+    }
     let _ = writeln!(s, "\nMAPS");
     for m in &r.maps {
         let pct = if m.max_entries > 0 {
@@ -207,6 +335,235 @@ pub fn render_trace(r: &TraceReport) -> String {
         }
     }
     let _ = writeln!(s, "verdict: {}", r.verdict);
+    s
+}
+
+/// `-o json` or `-o text` (the default, for people).
+#[derive(Args, Debug, Clone)]
+pub struct OutputArg {
+    #[arg(short = 'o', long = "output", default_value = "text", value_parser = ["text", "json"])]
+    pub output: String,
+}
+
+impl OutputArg {
+    pub fn json(&self) -> bool {
+        self.output == "json"
+    }
+
+    pub fn print<T: serde::Serialize>(&self, v: &T, text: impl Fn(&T) -> String) -> Result<()> {
+        if self.json() {
+            println!("{}", serde_json::to_string_pretty(v)?);
+        } else {
+            print!("{}", text(v));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct CoverageArgs {
+    #[arg(long, default_value = DEFAULT_SOCKET, env = "PALISADE_SOCKET")]
+    pub socket: PathBuf,
+    /// Only this namespace (its pods, policies and findings).
+    #[arg(long, short = 'n')]
+    pub namespace: Option<String>,
+    /// Fail (exit 1) when a check finds something: default-deny,
+    /// default-deny-ingress, default-deny-egress, dns, selected,
+    /// no-empty-selectors, no-shadowed-rules, no-ipblock-pods,
+    /// governed-namespace-labels. Comma-separated or repeated.
+    #[arg(long, value_delimiter = ',')]
+    pub require: Vec<String>,
+    #[command(flatten)]
+    pub o: OutputArg,
+}
+
+/// The report restricted to one namespace (subjects are `ns`, `ns/...`).
+pub fn coverage_in(mut r: CoverageReport, ns: Option<&str>) -> CoverageReport {
+    let Some(ns) = ns else { return r };
+    let prefix = format!("{ns}/");
+    r.namespaces.retain(|n| n.namespace == ns);
+    r.pods.retain(|p| p.namespace == ns);
+    r.findings
+        .retain(|f| f.subject == ns || f.subject.starts_with(&prefix));
+    r
+}
+
+pub fn render_coverage(r: &CoverageReport) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "NAMESPACES");
+    let _ = writeln!(
+        s,
+        "  {:<24} {:>5} {:>9} {:>9}  default deny (ingress | egress)",
+        "NAMESPACE", "PODS", "INGRESS", "EGRESS"
+    );
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "NONE".to_string()
+        } else {
+            v.join(",")
+        }
+    };
+    for n in &r.namespaces {
+        let _ = writeln!(
+            s,
+            "  {:<24} {:>5} {:>9} {:>9}  {} | {}",
+            n.namespace,
+            n.pods,
+            format!("{}/{}", n.ingress_isolated_pods, n.pods),
+            format!("{}/{}", n.egress_isolated_pods, n.pods),
+            list(&n.default_deny_ingress),
+            list(&n.default_deny_egress)
+        );
+    }
+    let _ = writeln!(s, "\nPODS (isolated by)");
+    for p in &r.pods {
+        let by = |v: &[String]| {
+            if v.is_empty() {
+                "open".to_string()
+            } else {
+                v.join(",")
+            }
+        };
+        let _ = writeln!(
+            s,
+            "  {:<40} ingress: {}  egress: {}",
+            format!("{}/{}", p.namespace, p.pod),
+            by(&p.ingress),
+            by(&p.egress)
+        );
+    }
+    let _ = writeln!(s, "\nFINDINGS ({})", r.findings.len());
+    for f in &r.findings {
+        let _ = writeln!(s, "  [{}] {}: {}", f.kind, f.subject, f.detail);
+    }
+    s
+}
+
+#[derive(Args, Debug)]
+pub struct PreviewArgs {
+    #[arg(long, default_value = DEFAULT_SOCKET, env = "PALISADE_SOCKET")]
+    pub socket: PathBuf,
+    /// YAML files of NetworkPolicies and ClusterNetworkPolicies to apply
+    /// (or replace); repeatable,
+    /// several documents per file allowed.
+    #[arg(short = 'f', long = "filename", num_args = 1..)]
+    pub files: Vec<PathBuf>,
+    /// namespace/name of a NetworkPolicy, or ClusterNetworkPolicy/name, to
+    /// delete; repeatable.
+    #[arg(long)]
+    pub delete: Vec<String>,
+    /// Only flows recorded since: a duration ago (10m, 2h) or an RFC 3339 time.
+    #[arg(long)]
+    pub since: Option<String>,
+    #[command(flatten)]
+    pub o: OutputArg,
+}
+
+/// `--since`: "10m" (ago) or an RFC 3339 time, as seconds since the epoch.
+pub fn since_unix(s: &str) -> Result<u64> {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let t = match humantime::parse_duration(s) {
+        Ok(ago) => SystemTime::now()
+            .checked_sub(ago)
+            .context("--since: too long ago")?,
+        Err(_) => humantime::parse_rfc3339_weak(s).with_context(|| {
+            format!("--since {s:?}: expected a duration (10m) or an RFC 3339 time")
+        })?,
+    };
+    Ok(t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
+}
+
+impl PreviewArgs {
+    pub fn request(&self) -> Result<PreviewRequest> {
+        if self.files.is_empty() && self.delete.is_empty() {
+            bail!("nothing to preview: pass -f FILE and/or --delete NAMESPACE/NAME");
+        }
+        let mut apply = Vec::new();
+        for f in &self.files {
+            let text = fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+                let v = <serde_yaml::Value as serde::Deserialize>::deserialize(doc)
+                    .with_context(|| format!("{} document {i}", f.display()))?;
+                if v.is_null() {
+                    continue;
+                }
+                apply.push(serde_yaml::to_string(&v)?);
+            }
+        }
+        Ok(PreviewRequest {
+            apply,
+            delete: self.delete.clone(),
+            since_unix: self.since.as_deref().map(since_unix).transpose()?,
+        })
+    }
+}
+
+pub fn render_preview(r: &PreviewReport) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "replayed {} flow records ({} not replayable: their pod is no longer on this node)",
+        r.replayed, r.skipped
+    );
+    for why in &r.rejected {
+        let _ = writeln!(
+            s,
+            "REJECTED {why} (it would isolate what it selects and allow nothing)"
+        );
+    }
+    for (title, groups) in [
+        ("NEWLY DROPPED", &r.newly_dropped),
+        ("NEWLY ALLOWED", &r.newly_allowed),
+    ] {
+        let _ = writeln!(s, "\n{title} ({})", groups.len());
+        if groups.is_empty() {
+            let _ = writeln!(s, "  none");
+        }
+        for g in groups {
+            let _ = writeln!(
+                s,
+                "  {:>6}  {} -> {} {}  ({})",
+                g.flows, g.source, g.destination, g.port, g.rule
+            );
+        }
+    }
+    s
+}
+
+pub fn render_verify(r: &VerifyReport) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "generation {}: {} probes over {} endpoints ({} distinguished by policy entries, the rest sampled){} in {} ms",
+        r.generation,
+        r.probes,
+        r.endpoints,
+        r.distinguished,
+        if r.truncated { ", TRUNCATED at the cap" } else { "" },
+        r.duration_ms
+    );
+    if r.mismatches.is_empty() {
+        let _ = writeln!(s, "OK: every kernel verdict matches the model");
+        return s;
+    }
+    let _ = writeln!(s, "{} MISMATCHES", r.mismatches.len());
+    for m in &r.mismatches {
+        let _ = writeln!(
+            s,
+            "  {} {}: {}\n    peer {}; kernel {}, model {} ({}){}",
+            m.endpoint,
+            m.direction,
+            m.packet,
+            m.peer,
+            m.kernel,
+            m.model,
+            m.model_reason,
+            m.rule
+                .as_deref()
+                .map(|r| format!(", {r}"))
+                .unwrap_or_default()
+        );
+    }
     s
 }
 
@@ -321,8 +678,12 @@ mod tests {
             verdict: None,
             port: None,
             protocol: None,
+            service: None,
+            from_node: None,
             follow: false,
             json: false,
+            since: None,
+            top: None,
         };
         f(&mut a);
         a.filter().unwrap()
@@ -341,6 +702,49 @@ mod tests {
         assert!(!args(|a| a.verdict = Some("ALLOW".into())).matches(&r));
         assert!(args(|a| a.port = Some(80)).matches(&r));
         assert!(!args(|a| a.protocol = Some("udp".into())).matches(&r));
+        assert!(!args(|a| a.service = Some("y/svc".into())).matches(&r));
+        let mut via = rec();
+        via.service = Some("y/svc".into());
+        via.service_address = Some("10.96.0.1:80".into());
+        assert!(args(|a| a.service = Some("y/svc".into())).matches(&via));
+        assert!(!args(|a| a.service = Some("y/other".into())).matches(&via));
+        assert!(render_flow(&via).ends_with(" service: y/svc (10.96.0.1:80)"));
+        assert!(!args(|a| a.from_node = Some("n1".into())).matches(&r));
+        let mut from_n1 = rec();
+        from_n1.src.node = Some("n1".into());
+        assert!(args(|a| a.from_node = Some("n1".into())).matches(&from_n1));
+        assert!(!args(|a| a.from_node = Some("n2".into())).matches(&from_n1));
+        let mut to_n1 = rec();
+        to_n1.dst.node = Some("n1".into());
+        assert!(!args(|a| a.from_node = Some("n1".into())).matches(&to_n1));
+    }
+
+    #[test]
+    fn top_counts_drops_by_triple() {
+        let mut a = rec();
+        a.policies = vec!["y/deny".into()];
+        let mut other_port = rec();
+        other_port.dst.port = Some(81);
+        let mut allowed = rec();
+        allowed.verdict = "ALLOW".into();
+        let recs = [a.clone(), a.clone(), a, other_port, allowed];
+        let top = top_drops(&recs, 10);
+        assert_eq!(top.len(), 2);
+        assert_eq!(
+            (
+                top[0].source.as_str(),
+                top[0].destination.as_str(),
+                top[0].port.as_str(),
+                top[0].drops
+            ),
+            ("x/a", "y/b", "80/TCP", 3)
+        );
+        assert_eq!(top[0].policies, vec!["y/deny".to_string()]);
+        assert_eq!((top[1].port.as_str(), top[1].drops), ("81/TCP", 1));
+        assert_eq!(top_drops(&recs, 1).len(), 1);
+        assert!(since_unix("10m").unwrap() > 1_700_000_000);
+        assert_eq!(since_unix("2026-01-01T00:00:00Z").unwrap(), 1_767_225_600);
+        assert!(since_unix("yesterday").is_err());
     }
 
     #[test]

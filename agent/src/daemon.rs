@@ -48,6 +48,10 @@ pub struct Config {
     pub xdp_deny: Vec<ipnetwork::Ipv4Network>,
     /// Map sizes (entries). Maps already pinned keep the size they have.
     pub map_sizes: palisade_dataplane::loader::MapSizes,
+    /// Run `verify` this often in the agent (None: only on request).
+    pub verify_interval: Option<std::time::Duration>,
+    /// /readyz fails while the last verify run found mismatches.
+    pub verify_readiness: bool,
 }
 
 pub const METRICS_DEFAULT_ADDR: &str = "0.0.0.0:9962";
@@ -55,6 +59,8 @@ pub const METRICS_DEFAULT_ADDR: &str = "0.0.0.0:9962";
 /// What the flow log, trace and status read: the engine's published view,
 /// swapped whole after every change (cheap: persistent maps).
 pub type SharedView = Arc<RwLock<Arc<View>>>;
+/// The Service each programmed frontend id stands for (flow records).
+pub type SharedServices = Arc<RwLock<std::collections::BTreeMap<u32, crate::service::Frontend>>>;
 
 pub struct Agent {
     /// The kernel (or, in tests, `dataplane::memory`).
@@ -79,8 +85,13 @@ pub struct Agent {
     generation_tx: watch::Sender<u64>,
     pub metrics: Arc<Metrics>,
     pub view: SharedView,
+    pub services: SharedServices,
     /// Set once the first full sync reached the kernel (readiness).
     pub ready: bool,
+    /// The Services as last resolved from `snapshot`.
+    resolved_services: crate::service_resolve::Resolved,
+    /// Why the dataplane refused the last frontend list, if it did.
+    services_error: Option<String>,
 }
 
 impl Agent {
@@ -137,14 +148,36 @@ impl Agent {
             generation_tx: tx,
             metrics,
             view: Arc::default(),
+            services: Arc::default(),
             ready: false,
+            resolved_services: Default::default(),
+            services_error: None,
         };
+        // Frontends adopted from an earlier agent name their flows too.
+        *agent.services.write().unwrap_or_else(|p| p.into_inner()) = agent.dp.services();
         agent.forget_vanished_endpoints();
+        agent.engine.set_node_name(cfg.node_name.clone());
+        agent.refresh_gateways();
         for e in agent.registry.iter() {
             agent.engine.add_endpoint(local_endpoint(e));
         }
         agent.prefilter(&cfg.xdp_uplinks, &cfg.xdp_deny)?;
         Ok((agent, rx))
+    }
+
+    /// The addresses the registered pods' host veths carry are `host`:
+    /// the node's source towards its pods (kubelet probes). Read from the
+    /// kernel, so a registration cannot claim one.
+    fn refresh_gateways(&mut self) {
+        let names: std::collections::HashSet<&str> = self
+            .registry
+            .iter()
+            .map(|e| e.registration.host_ifname.as_str())
+            .collect();
+        match crate::ifaddrs::ipv4_of(&names) {
+            Ok(ips) => self.engine.set_gateway_ips(ips),
+            Err(e) => warn!("reading the host veths' addresses: {e}"),
+        }
     }
 
     /// Attach the XDP prefilter to the uplinks and make its deny list
@@ -189,6 +222,22 @@ impl Agent {
         }
     }
 
+    /// Make the kernel translate exactly these Service frontends (see
+    /// `crate::service`); flows already translated keep their backend.
+    /// Frontends the datapath cannot translate are refused in the error
+    /// (each named); all others are programmed regardless.
+    pub fn program_services(&mut self, frontends: Vec<crate::service::Frontend>) -> Result<()> {
+        let r = self.dp.set_services(&frontends);
+        if let Err(palisade_dataplane::Error::MapFull { name, .. }) = &r {
+            self.metrics.map_full.inc_label(name);
+        }
+        *self.services.write().unwrap_or_else(|p| p.into_inner()) = self.dp.services();
+        self.metrics
+            .services_programmed
+            .set(self.services.read().map_or(0, |s| s.len() as u64));
+        r.context("programming Service frontends")
+    }
+
     pub fn programmed_generation(&self) -> u64 {
         self.programmed
     }
@@ -227,6 +276,9 @@ impl Agent {
                 self.engine.apply(c);
             }
         }
+        if changed {
+            self.resolve_services();
+        }
         self.metrics
             .compile_seconds
             .observe(t.elapsed().as_secs_f64());
@@ -234,6 +286,44 @@ impl Agent {
             return Ok(self.programmed);
         }
         self.reprogram()
+    }
+
+    /// Re-resolves the Services from the source view (cheap next to a
+    /// compile; pods matter too: derived slices, unknown addresses), reports
+    /// new rejections and hands a changed frontend list to the dataplane. A
+    /// refusal is reported, never fatal: policy stays enforced.
+    fn resolve_services(&mut self) {
+        let next = crate::service_resolve::resolve(&self.snapshot);
+        for r in &next.rejections {
+            if !self.resolved_services.rejections.contains(r) {
+                error!("{r}; every other Service keeps working");
+                self.metrics.service_rejections.inc();
+            }
+        }
+        self.metrics
+            .services_rejected
+            .set(next.rejections.len() as u64);
+        let changed = next.frontends != self.resolved_services.frontends;
+        self.resolved_services = next;
+        if changed || self.services_error.is_some() {
+            match self.program_services(self.resolved_services.frontends.clone()) {
+                Ok(()) => self.services_error = None,
+                Err(e) => {
+                    if self.services_error.is_none() {
+                        error!(
+                            "{} Service frontends not programmed: {e}",
+                            self.resolved_services.frontends.len()
+                        );
+                    }
+                    self.services_error = Some(format!("{e:#}"));
+                }
+            }
+        }
+    }
+
+    /// The resolved Services (frontends and rejections).
+    pub fn resolved_services(&self) -> &crate::service_resolve::Resolved {
+        &self.resolved_services
     }
 
     /// Writes what the engine changed into the kernel. A failed sync (e.g.
@@ -250,10 +340,28 @@ impl Agent {
                     self.metrics.policy_rejections.inc();
                 }
             }
+            for (name, p) in view.cluster_policies.iter() {
+                let Some(why) = p.rejected() else { continue };
+                let was = before
+                    .cluster_policies
+                    .get(name)
+                    .and_then(|b| b.rejected().map(str::to_string));
+                if was.as_deref() != Some(why) {
+                    error!(
+                        "ClusterNetworkPolicy {name} rejected: {why}; every other policy stays enforced"
+                    );
+                    self.metrics.policy_rejections.inc();
+                }
+            }
         }
+        let cluster_rejected = view
+            .cluster_policies
+            .values()
+            .filter(|p| p.rejected().is_some())
+            .count();
         self.metrics
             .policies_rejected
-            .set(view.rejected.len() as u64);
+            .set((view.rejected.len() + cluster_rejected) as u64);
 
         let touched = self.engine.take_touched();
         let t = Instant::now();
@@ -317,6 +425,7 @@ impl Agent {
 
         let t0 = Instant::now();
         let mut t_attach = t0;
+        self.refresh_gateways();
         self.engine.add_endpoint(local_endpoint(&entry));
         let programmed = self.reprogram().and_then(|g| {
             // The endpoint entry must be in the kernel before a program that
@@ -423,6 +532,7 @@ impl Agent {
             .remove(container_id)
             .context("saving endpoint registry")?;
         self.engine.remove_endpoint(container_id);
+        self.refresh_gateways();
         info!(
             "deregistered {}/{} (endpoint {})",
             e.registration.namespace, e.registration.pod, e.endpoint_id
@@ -476,6 +586,15 @@ impl Agent {
             policies,
             maps: self.map_fill(),
             audit: view.audit,
+            cluster_policies: crate::compiler::tiers::cluster_status(self.engine.model()),
+            services: service_status(&self.resolved_services.frontends),
+            service_rejections: self
+                .resolved_services
+                .rejections
+                .iter()
+                .map(|r| r.to_string())
+                .collect(),
+            services_error: self.services_error.clone(),
         }
     }
 
@@ -537,6 +656,31 @@ impl Agent {
 }
 
 /// A registry entry as the engine's local endpoint.
+/// Frontends grouped by Service, for `status`.
+fn service_status(frontends: &[crate::service::Frontend]) -> Vec<palisade_api::ServiceStatus> {
+    let mut by: std::collections::BTreeMap<&crate::model::ObjectKey, Vec<_>> = Default::default();
+    for f in frontends {
+        by.entry(&f.service)
+            .or_default()
+            .push(palisade_api::FrontendStatus {
+                frontend: format!(
+                    "{}/{}",
+                    f.address,
+                    crate::service_resolve::protocol_name(f.protocol)
+                ),
+                port_name: f.port_name.clone(),
+                backends: f.backends.len(),
+            });
+    }
+    by.into_iter()
+        .map(|(k, frontends)| palisade_api::ServiceStatus {
+            namespace: k.namespace.clone(),
+            name: k.name.clone(),
+            frontends,
+        })
+        .collect()
+}
+
 fn local_endpoint(e: &Entry) -> LocalEndpoint {
     let r = &e.registration;
     LocalEndpoint {

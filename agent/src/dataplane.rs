@@ -17,13 +17,19 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use palisade_common::{EndpointInfo, IpcacheValue, PolicyKey, PolicyValue};
+use palisade_common::{
+    service::{SvcBackend, SvcBackendKey, SvcFrontend, SvcFrontendKey},
+    EndpointInfo, IpcacheValue, PolicyKey, PolicyValue,
+};
 use palisade_dataplane::{
     events::EventReader, loader, Counters, Datapath, DatapathConfig, Error, GcPass, MapSizes,
     MapState, Maps, Pins, StatsReader,
 };
 
-use crate::sync::MapWriter;
+use crate::{
+    service_map::{ServiceMaps, ServiceWriter},
+    sync::MapWriter,
+};
 
 /// The kernel side of the agent. `Send`: the agent lives on its owner's
 /// thread.
@@ -69,6 +75,11 @@ pub trait Dataplane: MapWriter + Send {
             "Service translation is not implemented by this dataplane".into(),
         ))
     }
+    /// The Service each programmed frontend id stands for (the id flow
+    /// events carry in `service_id`).
+    fn services(&self) -> std::collections::BTreeMap<u32, crate::service::Frontend> {
+        Default::default()
+    }
 }
 
 /// `sync::apply` takes a sized writer; the agent holds a boxed dataplane.
@@ -103,6 +114,7 @@ pub struct KernelDataplane {
     datapath: Datapath,
     maps: Maps,
     stats: StatsReader,
+    services: ServiceMaps,
 }
 
 impl KernelDataplane {
@@ -113,11 +125,14 @@ impl KernelDataplane {
         let mut maps = datapath.take_maps()?;
         let events = maps.take_event_reader()?;
         let stats = StatsReader::open(datapath.pins())?;
+        // Frontends an earlier agent programmed keep their ids.
+        let services = ServiceMaps::adopt(maps.frontends(), maps.backends());
         Ok((
             Self {
                 datapath,
                 maps,
                 stats,
+                services,
             },
             events,
         ))
@@ -193,6 +208,27 @@ impl Dataplane for KernelDataplane {
     fn pins(&self) -> Option<&Pins> {
         Some(self.datapath.pins())
     }
+    fn set_services(&mut self, frontends: &[crate::service::Frontend]) -> Result<(), Error> {
+        self.services.apply(&mut self.maps, frontends)
+    }
+    fn services(&self) -> std::collections::BTreeMap<u32, crate::service::Frontend> {
+        self.services.by_id().clone()
+    }
+}
+
+impl ServiceWriter for Maps {
+    fn set_frontend(&mut self, k: SvcFrontendKey, v: SvcFrontend) -> Result<(), Error> {
+        Maps::set_frontend(self, k, v)
+    }
+    fn remove_frontend(&mut self, k: &SvcFrontendKey) -> Result<(), Error> {
+        Maps::remove_frontend(self, k)
+    }
+    fn set_backend(&mut self, k: SvcBackendKey, v: SvcBackend) -> Result<(), Error> {
+        Maps::set_backend(self, k, v)
+    }
+    fn remove_backend(&mut self, k: &SvcBackendKey) -> Result<(), Error> {
+        Maps::remove_backend(self, k)
+    }
 }
 
 /// The conntrack fill level as of the last GC pass, shared between the GC
@@ -222,7 +258,9 @@ pub mod memory {
     };
 
     use palisade_common::{
-        maps as names, reason, EndpointInfo, IpcacheValue, PolicyKey, PolicyValue,
+        maps as names, reason,
+        service::{SvcBackend, SvcBackendKey, SvcFrontend, SvcFrontendKey},
+        EndpointInfo, IpcacheValue, PolicyKey, PolicyValue,
     };
     use palisade_dataplane::{Counters, Error, MapSizes, MapState, Pins, StatsReader};
 
@@ -274,6 +312,29 @@ pub mod memory {
         pub log: Vec<Op>,
         pub counters: Counters,
         pub xdp_counters: Counters,
+        /// The Service translation maps.
+        pub frontends: BTreeMap<SvcFrontendKey, SvcFrontend>,
+        pub backends: BTreeMap<SvcBackendKey, SvcBackend>,
+        pub services: crate::service_map::ServiceMaps,
+    }
+
+    impl crate::service_map::ServiceWriter for Memory {
+        fn set_frontend(&mut self, k: SvcFrontendKey, v: SvcFrontend) -> Result<(), Error> {
+            self.frontends.insert(k, v);
+            Ok(())
+        }
+        fn remove_frontend(&mut self, k: &SvcFrontendKey) -> Result<(), Error> {
+            self.frontends.remove(k);
+            Ok(())
+        }
+        fn set_backend(&mut self, k: SvcBackendKey, v: SvcBackend) -> Result<(), Error> {
+            self.backends.insert(k, v);
+            Ok(())
+        }
+        fn remove_backend(&mut self, k: &SvcBackendKey) -> Result<(), Error> {
+            self.backends.remove(k);
+            Ok(())
+        }
     }
 
     /// Clones share the state: a test keeps one to look at what the agent
@@ -508,6 +569,16 @@ pub mod memory {
         }
         fn pins(&self) -> Option<&Pins> {
             None
+        }
+        fn set_services(&mut self, frontends: &[crate::service::Frontend]) -> Result<(), Error> {
+            let mut m = self.lock();
+            let mut services = std::mem::take(&mut m.services);
+            let r = services.apply(&mut *m, frontends);
+            m.services = services;
+            r
+        }
+        fn services(&self) -> BTreeMap<u32, crate::service::Frontend> {
+            self.lock().services.by_id().clone()
         }
     }
 

@@ -11,8 +11,8 @@ use std::{
 };
 
 use palisade_common::{
-    reason, FlowEvent, DIR_EGRESS, IDENTITY_HOST, IDENTITY_WORLD, PROTO_ICMP, PROTO_SCTP,
-    PROTO_TCP, PROTO_UDP, VERDICT_ALLOW, VERDICT_AUDIT,
+    reason, FlowEvent, DIR_EGRESS, IDENTITY_HOST, IDENTITY_REMOTE_NODE, IDENTITY_WORLD, PROTO_ICMP,
+    PROTO_SCTP, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW, VERDICT_AUDIT,
 };
 use palisade_dataplane::maps::{from_be, monotonic_ns};
 use serde::{Deserialize, Serialize};
@@ -27,8 +27,13 @@ pub struct Peer {
     pub ip: Ipv4Addr,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
-    /// pod, host, world or cidr
+    /// pod, host, remote-node, world or cidr
     pub kind: String,
+    /// The node the peer is on: a `remote-node` peer's own; a pod's (a
+    /// local pod: this node; another: by the nodes' pod ranges); `host`:
+    /// this node. None when unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -44,6 +49,7 @@ impl Default for Peer {
             ip: Ipv4Addr::UNSPECIFIED,
             port: None,
             kind: String::new(),
+            node: None,
             namespace: None,
             pod: None,
             labels: Labels::new(),
@@ -67,9 +73,19 @@ pub struct FlowRecord {
     pub dst: Peer,
     /// The pod whose policy decided (namespace/name).
     pub endpoint: String,
+    /// The node whose agent recorded the verdict (its configured name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// Policies that allowed the flow, or that isolate the endpoint and
     /// had no rule for it.
     pub policies: Vec<String>,
+    /// The Service (namespace/name) of a flow sent to its ClusterIP and
+    /// translated in the kernel; `dst` is then the backend it was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// That Service's ClusterIP:port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_address: Option<String>,
 }
 
 pub fn protocol_name(p: u8) -> String {
@@ -102,6 +118,17 @@ fn peer<N: Names + ?Sized>(view: &N, ip: Ipv4Addr, port: Option<u16>, identity: 
         p.namespace = Some(pod.key.namespace.clone());
         p.pod = Some(pod.key.name.clone());
         p.labels = pod.labels.clone();
+        p.node = if view.local_endpoint_at(ip).is_some() {
+            view.node_name()
+        } else {
+            view.pod_node_name(ip)
+        }
+        .map(str::to_string);
+        return p;
+    }
+    if identity == IDENTITY_REMOTE_NODE {
+        p.kind = "remote-node".into();
+        p.node = view.remote_node_name(ip).map(str::to_string);
         return p;
     }
     p.kind = match (identity, view.identity(identity)) {
@@ -112,6 +139,9 @@ fn peer<N: Names + ?Sized>(view: &N, ip: Ipv4Addr, port: Option<u16>, identity: 
         _ => "world",
     }
     .into();
+    if p.kind == "host" {
+        p.node = view.node_name().map(str::to_string);
+    }
     p
 }
 
@@ -126,9 +156,15 @@ pub fn record<N: Names + ?Sized>(view: &N, e: &FlowEvent) -> FlowRecord {
         .map(|le| le.key.to_string())
         .unwrap_or_else(|| format!("endpoint-{}", e.endpoint_id));
     let mut policies: Vec<String> = Vec::new();
+    use crate::compiler::tiers::{COOKIE_DEFAULT_ALLOW, COOKIE_NP_ISOLATION};
     if let Some(r) = view.cookie(e.cookie) {
         policies.push(r.policy.to_string());
-    } else if e.reason == reason::NO_POLICY_MATCH {
+    } else if let Some(r) = view.cluster_cookie(e.cookie) {
+        // "ClusterNetworkPolicy/<name> rule <rule> (<tier> tier, <action>)"
+        policies.push(r.to_string());
+    } else if e.cookie == COOKIE_DEFAULT_ALLOW && e.cookie != 0 {
+        policies.push("baseline default (no tier decided)".into());
+    } else if e.reason == reason::NO_POLICY_MATCH || e.cookie == COOKIE_NP_ISOLATION {
         policies = view
             .isolating(e.endpoint_id, e.direction)
             .iter()
@@ -155,7 +191,30 @@ pub fn record<N: Names + ?Sized>(view: &N, e: &FlowEvent) -> FlowRecord {
         src,
         dst,
         endpoint,
+        node: view.node_name().map(str::to_string),
         policies,
+        service: None,
+        service_address: None,
+    }
+}
+
+/// Name the Service of a translated flow (`FlowEvent::service_id`, as
+/// programmed by `Dataplane::set_services`).
+pub fn name_service(
+    rec: &mut FlowRecord,
+    e: &FlowEvent,
+    services: &BTreeMap<u32, crate::service::Frontend>,
+) {
+    if e.service_id == 0 {
+        return;
+    }
+    match services.get(&e.service_id) {
+        Some(f) => {
+            rec.service = Some(f.service.to_string());
+            rec.service_address = Some(f.address.to_string());
+        }
+        // Removed since the event was written.
+        None => rec.service = Some(format!("service-{}", e.service_id)),
     }
 }
 
@@ -205,6 +264,11 @@ impl FlowLog {
         Ok(())
     }
 
+    /// The current file (rotated ones beside it: `path.1`, ...).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     pub fn recent(&self) -> impl Iterator<Item = &String> {
         self.recent.iter()
     }
@@ -250,6 +314,33 @@ mod tests {
         );
         assert_eq!(log.recent().count(), 40);
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn translated_flows_name_their_service() {
+        use crate::{model::ObjectKey, service::Frontend};
+        let f = Frontend {
+            service: ObjectKey::new("kube-system", "kube-dns"),
+            port_name: "dns".into(),
+            address: "10.96.0.10:53".parse().unwrap(),
+            protocol: PROTO_UDP,
+            backends: vec![],
+            affinity_timeout_s: None,
+        };
+        let services = [(4, f)].into_iter().collect();
+        let mut e: FlowEvent = unsafe { std::mem::zeroed() };
+        let mut rec = FlowRecord::default();
+        name_service(&mut rec, &e, &services);
+        assert_eq!(rec.service, None);
+        e.service_id = 4;
+        name_service(&mut rec, &e, &services);
+        assert_eq!(rec.service.as_deref(), Some("kube-system/kube-dns"));
+        assert_eq!(rec.service_address.as_deref(), Some("10.96.0.10:53"));
+        let json = serde_json::to_string(&rec).unwrap();
+        assert!(
+            json.contains(r#""service":"kube-system/kube-dns""#),
+            "{json}"
+        );
     }
 
     #[test]

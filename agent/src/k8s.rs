@@ -1,6 +1,6 @@
 //! The Kubernetes source: kube-rs reflectors over every Pod (remote pod
-//! addresses feed the ipcache), Namespace and NetworkPolicy of the cluster
-//! and over this Node, merged into one stream of typed events for the
+//! addresses feed the ipcache), Namespace, NetworkPolicy, Service and
+//! EndpointSlice of the cluster and over this Node, merged into one stream of typed events for the
 //! owner's channel. It never applies anything itself.
 //!
 //! - Each watch event becomes [`Change`]s (Apply → upsert, Delete →
@@ -18,7 +18,6 @@ use std::{
     collections::HashMap,
     hash::{Hash, Hasher},
     marker::PhantomData,
-    net::Ipv4Addr,
     sync::Arc,
 };
 
@@ -26,7 +25,11 @@ use anyhow::{ensure, Context, Result};
 use futures::{stream::BoxStream, StreamExt};
 use k8s_openapi::{
     api::{
-        core::v1::{Container, Namespace, Node, NodeStatus, Pod, PodSpec, PodStatus},
+        core::v1::{
+            Container, Namespace, Node, NodeSpec, NodeStatus, Pod, PodSpec, PodStatus, Service,
+            ServiceSpec,
+        },
+        discovery::v1::{Endpoint, EndpointSlice},
         networking::v1::NetworkPolicy,
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -76,6 +79,16 @@ pub const WATCHED: &[Watched] = &[
         resource: "nodes",
         verbs: &["get", "list", "watch"],
     },
+    Watched {
+        group: "",
+        resource: "services",
+        verbs: &["get", "list", "watch"],
+    },
+    Watched {
+        group: "discovery.k8s.io",
+        resource: "endpointslices",
+        verbs: &["get", "list", "watch"],
+    },
 ];
 
 /// This node's spec.podCIDR (for `install-cni --kubernetes`).
@@ -112,13 +125,17 @@ pub async fn spawn(
         Api::<NetworkPolicy>::all(client.clone()),
         watcher::Config::default(),
     )?;
-    if let Some(n) = &node {
-        kinds.watch(
-            Api::<Node>::all(client),
-            watcher::Config::default().fields(&format!("metadata.name={n}")),
-        )?;
-    }
-    info!("watching the Kubernetes API");
+    kinds.watch(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+    )?;
+    kinds.watch(
+        Api::<EndpointSlice>::all(client.clone()),
+        watcher::Config::default(),
+    )?;
+    // Every node: the agent tells its own by name (`Engine::set_node_name`).
+    kinds.watch(Api::<Node>::all(client), watcher::Config::default())?;
+    info!(node = ?node, "watching the Kubernetes API");
     Ok(tokio::spawn(kinds.run(tx)))
 }
 
@@ -300,41 +317,132 @@ impl Watch for NetworkPolicy {
     }
 }
 
-/// This node's addresses the agent uses: InternalIP and ExternalIP, IPv4.
-fn node_addresses(n: &Node) -> Vec<Ipv4Addr> {
-    n.status
-        .iter()
-        .flat_map(|st| st.addresses.iter().flatten())
-        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
-        .filter_map(|a| a.address.parse().ok())
-        .collect()
+impl Watch for Service {
+    /// What resolution reads: identity, creation time (the older of two
+    /// Services claiming one ClusterIP:port keeps it) and the spec fields
+    /// of ClusterIPs, ports, selector and affinity; no status.
+    fn trim(&mut self) {
+        let created = self.metadata.creation_timestamp.take();
+        self.metadata = identity_meta(&self.metadata, false);
+        self.metadata.creation_timestamp = created;
+        self.spec = self.spec.take().map(|s| ServiceSpec {
+            type_: s.type_,
+            cluster_ip: s.cluster_ip,
+            cluster_ips: s.cluster_ips,
+            ports: s.ports,
+            selector: s.selector,
+            session_affinity: s.session_affinity,
+            session_affinity_config: s.session_affinity_config,
+            ..Default::default()
+        });
+        self.status = None;
+    }
+
+    fn relevant(&self) -> Option<u64> {
+        let m = &self.metadata;
+        let spec = serde_json::to_vec(&self.spec).ok()?;
+        Some(hash_of(&(&m.namespace, &m.name, spec)))
+    }
+
+    fn applied(&self) -> Option<Change> {
+        let key = convert::key(&self.metadata)?;
+        Some(Change::Service(key, Arc::new(self.clone())))
+    }
+
+    fn deleted(&self) -> Option<Change> {
+        convert::key(&self.metadata).map(Change::ServiceDeleted)
+    }
+
+    fn fill(objects: &[Arc<Self>], view: &mut Snapshot) {
+        for s in objects {
+            if let Some(k) = convert::key(&s.metadata) {
+                view.services.insert(k, s.clone());
+            }
+        }
+    }
+}
+
+impl Watch for EndpointSlice {
+    /// Identity, labels (the Service it belongs to), address type, ports
+    /// and per endpoint its addresses, conditions and pod.
+    fn trim(&mut self) {
+        self.metadata = identity_meta(&self.metadata, true);
+        for ep in &mut self.endpoints {
+            *ep = Endpoint {
+                addresses: std::mem::take(&mut ep.addresses),
+                conditions: ep.conditions.take(),
+                target_ref: ep.target_ref.take().map(|t| {
+                    k8s_openapi::api::core::v1::ObjectReference {
+                        kind: t.kind,
+                        namespace: t.namespace,
+                        name: t.name,
+                        ..Default::default()
+                    }
+                }),
+                ..Default::default()
+            };
+        }
+    }
+
+    fn relevant(&self) -> Option<u64> {
+        let m = &self.metadata;
+        let body = serde_json::to_vec(&(&self.address_type, &self.ports, &self.endpoints)).ok()?;
+        Some(hash_of(&(&m.namespace, &m.name, &m.labels, body)))
+    }
+
+    fn applied(&self) -> Option<Change> {
+        let key = convert::key(&self.metadata)?;
+        Some(Change::EndpointSlice(key, Arc::new(self.clone())))
+    }
+
+    fn deleted(&self) -> Option<Change> {
+        convert::key(&self.metadata).map(Change::EndpointSliceDeleted)
+    }
+
+    fn fill(objects: &[Arc<Self>], view: &mut Snapshot) {
+        for s in objects {
+            if let Some(k) = convert::key(&s.metadata) {
+                view.endpoint_slices.insert(k, s.clone());
+            }
+        }
+    }
 }
 
 impl Watch for Node {
-    /// Only this node is watched, for its addresses.
+    /// Every node of the cluster: this one's addresses are `host`, the
+    /// others' `remote-node` (and their pod ranges are routed to them).
     fn trim(&mut self) {
-        self.metadata = identity_meta(&self.metadata, false);
-        self.spec = None;
+        self.metadata = identity_meta(&self.metadata, true);
+        self.spec = self.spec.take().map(|s| NodeSpec {
+            pod_cidr: s.pod_cidr,
+            pod_cidrs: s.pod_cidrs,
+            ..Default::default()
+        });
         self.status = self.status.take().map(|s| NodeStatus {
             addresses: s.addresses,
             ..Default::default()
         });
     }
 
+    /// Exactly the model's node: name, labels, addresses, pod CIDRs (a
+    /// heartbeat or condition update is not sent).
     fn relevant(&self) -> Option<u64> {
-        Some(hash_of(&node_addresses(self)))
+        let n = convert::node(self)?;
+        Some(hash_of(&(&n.name, &n.labels, &n.addresses, &n.pod_cidrs)))
     }
 
     fn applied(&self) -> Option<Change> {
-        Some(Change::NodeAddresses(node_addresses(self)))
+        convert::node(self).map(Change::Node)
     }
 
     fn deleted(&self) -> Option<Change> {
-        Some(Change::NodeAddresses(Vec::new()))
+        self.metadata.name.clone().map(Change::NodeDeleted)
     }
 
     fn fill(objects: &[Arc<Self>], view: &mut Snapshot) {
-        view.host_ips = objects.iter().flat_map(|n| node_addresses(n)).collect();
+        for n in objects.iter().filter_map(|n| convert::node(n)) {
+            view.nodes.insert(n.name.clone(), n);
+        }
     }
 }
 
@@ -520,7 +628,7 @@ mod tests {
     //! only mock in the project, because no API server runs on these
     //! machines. The event filter is also fed `watcher::Event`s directly, as
     //! kube-runtime's own tests do.
-    use std::{collections::BTreeSet, time::Duration};
+    use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
 
     use http::{Request, Response};
     use kube::client::Body;
@@ -538,11 +646,46 @@ mod tests {
             "status": {"podIP": ip, "phase": "Running"}})
     }
 
-    fn node(rv: &str, ip: &str, ready: &str) -> Value {
-        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1", "resourceVersion": rv},
-            "status": {"addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": "n1"},
+    /// A Node as the API server sends it (heartbeat fields included).
+    fn node(name: &str, rv: &str, ip: &str, ready: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "resourceVersion": rv,
+                "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"},
+                "managedFields": [{"manager": "kubelet", "operation": "Update", "apiVersion": "v1"}]},
+            "spec": {"podCIDR": "10.0.9.0/24", "podCIDRs": ["10.0.9.0/24", "fd00:9::/64"], "providerID": "kind://x"},
+            "status": {"addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": name},
                 {"type": "InternalIP", "address": "fd00::1"}],
-                "conditions": [{"type": "Ready", "status": ready}]}})
+                "conditions": [{"type": "Ready", "status": ready, "lastHeartbeatTime": "2026-01-01T00:00:00Z"}],
+                "nodeInfo": {"kubeletVersion": "v1.35.0"}}})
+    }
+
+    /// As `kubectl get svc -o json` shows one (status and all).
+    fn service() -> Value {
+        json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "default", "resourceVersion": "40",
+                "creationTimestamp": "2026-01-01T00:00:00Z", "uid": "u1",
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"},
+                "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
+            "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+                "internalTrafficPolicy": "Cluster", "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack",
+                "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": "http"}],
+                "selector": {"app": "web"}, "sessionAffinity": "None"},
+            "status": {"loadBalancer": {}}})
+    }
+
+    /// As the EndpointSlice controller writes one.
+    fn slice(rv: &str, ready: bool) -> Value {
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "web-abcde", "namespace": "default", "resourceVersion": rv,
+                "generateName": "web-",
+                "labels": {"kubernetes.io/service-name": "web", "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"},
+                "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": "web", "uid": "u1"}]},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 80, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["10.0.0.1"],
+                "conditions": {"ready": ready, "serving": ready, "terminating": false},
+                "nodeName": "n1", "zone": "z1",
+                "targetRef": {"kind": "Pod", "namespace": "default", "name": "a", "uid": "p1"}}]})
     }
 
     fn list(kind: &str, rv: &str, items: Vec<Value>) -> Vec<u8> {
@@ -570,7 +713,7 @@ mod tests {
         go: watch::Receiver<bool>,
     ) {
         let mut pod_lists = 0;
-        let (mut pod_watches, mut node_watches) = (0, 0);
+        let (mut pod_watches, mut node_watches, mut slice_watches) = (0, 0, 0);
         let mut held = Vec::new();
         while let Some((req, send)) = handle.next_request().await {
             let uri = req.uri().to_string();
@@ -588,12 +731,26 @@ mod tests {
                     json!({"type": "ERROR", "object": {"apiVersion": "v1", "kind": "Status", "status": "Failure",
                         "code": 410, "reason": "Expired", "message": "too old resource version"}}),
                 ]))
+            } else if uri.starts_with("/apis/discovery.k8s.io/v1/endpointslices")
+                && watch
+                && slice_watches == 0
+            {
+                slice_watches += 1;
+                let mut hint_only = slice("31", true);
+                hint_only["endpoints"][0]["zone"] = json!("z2");
+                Some(events(&[
+                    // Only a topology field changed: dropped.
+                    json!({"type": "MODIFIED", "object": hint_only}),
+                    json!({"type": "MODIFIED", "object": slice("32", false)}),
+                ]))
             } else if uri.starts_with("/api/v1/nodes") && watch && node_watches == 0 {
                 node_watches += 1;
                 Some(events(&[
                     // Only a condition changed: dropped.
-                    json!({"type": "MODIFIED", "object": node("6", "192.0.2.10", "False")}),
-                    json!({"type": "MODIFIED", "object": node("7", "192.0.2.11", "False")}),
+                    json!({"type": "MODIFIED", "object": node("n1", "6", "192.0.2.10", "False")}),
+                    json!({"type": "MODIFIED", "object": node("n1", "7", "192.0.2.11", "False")}),
+                    json!({"type": "DELETED", "object": node("n2", "8", "192.0.2.20", "True")}),
+                    json!({"type": "ADDED", "object": node("n3", "9", "192.0.2.30", "True")}),
                 ]))
             } else {
                 None
@@ -640,9 +797,23 @@ mod tests {
                         "spec": {"podSelector": {}}}),
                     ],
                 )
+            } else if uri.starts_with("/api/v1/services") && !watch {
+                list("ServiceList", "40", vec![service()])
+            } else if uri.starts_with("/apis/discovery.k8s.io/v1/endpointslices") && !watch {
+                list("EndpointSliceList", "30", vec![slice("30", true)])
             } else if uri.starts_with("/api/v1/nodes") && !watch {
-                assert!(uri.contains("fieldSelector=metadata.name%3Dn1"), "{uri}");
-                list("NodeList", "5", vec![node("5", "192.0.2.10", "True")])
+                assert!(
+                    !uri.contains("fieldSelector"),
+                    "every node is listed: {uri}"
+                );
+                list(
+                    "NodeList",
+                    "5",
+                    vec![
+                        node("n1", "5", "192.0.2.10", "True"),
+                        node("n2", "5", "192.0.2.20", "True"),
+                    ],
+                )
             } else {
                 held.push(send);
                 continue;
@@ -689,13 +860,42 @@ mod tests {
         assert_eq!(np.metadata.annotations, None);
         assert_eq!(np.metadata.generation, Some(1));
         assert_eq!(
-            first.host_ips,
-            vec![Ipv4Addr::new(192, 0, 2, 10)],
+            first.nodes.keys().collect::<Vec<_>>(),
+            ["n1", "n2"],
+            "every node, not only this one"
+        );
+        let n2 = &first.nodes["n2"];
+        assert_eq!(
+            n2.addresses,
+            vec![Ipv4Addr::new(192, 0, 2, 20)],
             "IPv4 only"
         );
+        assert_eq!(n2.pod_cidrs, vec!["10.0.9.0/24".parse().unwrap()]);
+        assert_eq!(n2.labels["kubernetes.io/hostname"], "n2");
         let a = &first.pods[&ObjectKey::new("default", "a")];
         assert_eq!(a.ip, Some(Ipv4Addr::new(10, 0, 0, 1)));
         assert_eq!(a.ports[0].name.as_deref(), Some("http"));
+        let web = ObjectKey::new("default", "web");
+        let svc = &first.services[&web];
+        assert_eq!(svc.metadata.managed_fields, None);
+        assert_eq!(svc.metadata.annotations, None);
+        assert!(svc.metadata.creation_timestamp.is_some(), "kept: overlaps");
+        assert!(svc.status.is_none());
+        assert_eq!(svc.spec.as_ref().unwrap().ip_families, None);
+        let es = &first.endpoint_slices[&ObjectKey::new("default", "web-abcde")];
+        assert_eq!(es.endpoints[0].zone, None);
+        assert_eq!(
+            es.endpoints[0].target_ref.as_ref().unwrap().name.as_deref(),
+            Some("a")
+        );
+        // What the API served resolves: the slice's pod behind the port.
+        let resolved = crate::service_resolve::resolve(&first);
+        assert!(resolved.rejections.is_empty(), "{:?}", resolved.rejections);
+        assert_eq!(resolved.frontends.len(), 1);
+        assert_eq!(
+            resolved.frontends[0].backends[0].address,
+            "10.0.0.1:80".parse().unwrap()
+        );
 
         // Then the watch events, as typed changes; the status-only update
         // of `a` and the condition-only update of the node are not among
@@ -721,21 +921,40 @@ mod tests {
             })
             .collect();
         assert_eq!(pod_changes, ["b app=db", "a app=web2", "c deleted"]);
-        let node_changes: Vec<&Change> = changes
+        let node_changes: Vec<String> = changes
             .iter()
-            .filter(|c| matches!(c, Change::NodeAddresses(_)))
+            .filter_map(|c| match c {
+                Change::Node(n) => Some(format!("{} {:?}", n.name, n.addresses)),
+                Change::NodeDeleted(n) => Some(format!("{n} deleted")),
+                _ => None,
+            })
             .collect();
         assert_eq!(
             node_changes,
-            [&Change::NodeAddresses(vec![Ipv4Addr::new(192, 0, 2, 11)])]
+            ["n1 [192.0.2.11]", "n2 deleted", "n3 [192.0.2.30]"],
+            "a condition-only update of n1 is not a change"
         );
-        assert_eq!(changes.len(), 4, "{changes:?}");
+        let slice_changes: Vec<bool> = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::EndpointSlice(_, s) => s.endpoints[0].conditions.as_ref()?.ready,
+                _ => None,
+            })
+            .collect();
+        assert_eq!(slice_changes, [false], "the zone-only update is dropped");
         assert_eq!(names(&view), set(&["a", "b"]));
+        // Not ready any more: the frontend stays, with no backend.
+        let resolved = crate::service_resolve::resolve(&view);
+        assert!(resolved.frontends[0].backends.is_empty());
 
         // The re-list after 410 Gone: a Resync from every store, which the
         // owner diffs against its view (`a` went while nobody watched).
         assert_eq!(names(&last), set(&["b"]), "the re-list replaced the store");
-        assert_eq!(last.host_ips, vec![Ipv4Addr::new(192, 0, 2, 11)]);
+        assert_eq!(last.nodes.keys().collect::<Vec<_>>(), ["n1", "n3"]);
+        assert_eq!(
+            last.nodes["n1"].addresses,
+            vec![Ipv4Addr::new(192, 0, 2, 11)]
+        );
         assert_eq!(last.policies.len(), 1);
         assert_eq!(
             view.changes_to(&last),
@@ -836,10 +1055,12 @@ mod tests {
         assert!(is_watched::<Namespace>());
         assert!(is_watched::<NetworkPolicy>());
         assert!(is_watched::<Node>());
-        assert!(!is_watched::<k8s_openapi::api::core::v1::Service>());
+        assert!(is_watched::<Service>());
+        assert!(is_watched::<EndpointSlice>());
+        assert!(!is_watched::<k8s_openapi::api::core::v1::Secret>());
         assert_eq!(
             WATCHED.len(),
-            4,
+            6,
             "a resource in WATCHED that nothing watches"
         );
     }

@@ -59,10 +59,13 @@ enum Cmd {
         /// namespace/pod
         #[arg(long)]
         from: String,
-        /// namespace/pod or an IPv4 address
+        /// namespace/pod, an IPv4 address, or svc/<namespace>/<name>: every
+        /// backend of that Service port (verdict PARTIAL when only some
+        /// would be allowed)
         #[arg(long)]
         to: String,
-        /// PORT/PROTOCOL, e.g. 8080/TCP (protocol defaults to TCP)
+        /// PORT/PROTOCOL, e.g. 8080/TCP (protocol defaults to TCP; for
+        /// svc/..., the Service port)
         #[arg(long)]
         port: String,
         #[arg(long)]
@@ -80,6 +83,21 @@ enum Cmd {
     },
     /// Install the CNI binary and a conflist atomically (DaemonSet init).
     InstallCni(cli::InstallCniArgs),
+    /// Prove the kernel enforces what the model says: probe packets through
+    /// the programs' own verdict path against the live maps (nothing sent,
+    /// nothing recorded) and compare with the model. Exit 1 on a mismatch.
+    Verify {
+        #[command(flatten)]
+        s: SocketArg,
+        #[command(flatten)]
+        o: cli::OutputArg,
+    },
+    /// Which pods and namespaces policy isolates and by what, and the
+    /// classic mistakes. Exit 1 when a --require check fails.
+    Coverage(cli::CoverageArgs),
+    /// The effect of applying (-f) or deleting (--delete) NetworkPolicies
+    /// on the flows in the flow log; nothing is applied.
+    Preview(cli::PreviewArgs),
 }
 
 #[derive(Args)]
@@ -129,6 +147,12 @@ struct RunArgs {
     endpoint_map_entries: u32,
     #[arg(long, default_value_t = palisade_common::sizes::CONNTRACK)]
     conntrack_map_entries: u32,
+    /// Run `verify` in the agent this often, e.g. 5m ("off" disables).
+    #[arg(long, default_value = "off")]
+    verify_interval: String,
+    /// /readyz fails while the last verify run found mismatches.
+    #[arg(long)]
+    verify_readiness: bool,
 }
 
 /// Logs go to stderr through tracing: `RUST_LOG` filters (default info),
@@ -194,6 +218,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     conntrack: a.conntrack_map_entries,
                     ..Default::default()
                 },
+                verify_interval: match a.verify_interval.as_str() {
+                    "off" | "" | "0" => None,
+                    s => Some(
+                        humantime::parse_duration(s)
+                            .with_context(|| format!("--verify-interval {s}"))?,
+                    ),
+                },
+                verify_readiness: a.verify_readiness,
             };
             // Agent work is serialized by one lock: a few blocking threads
             // suffice, and glibc would give each of them its own malloc
@@ -227,14 +259,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         a.socket.display()
                     )
                 })?;
-            let mode = if a.follow {
-                "recent follow\n"
-            } else {
-                "recent\n"
+            let since = a.since.as_deref().map(cli::since_unix).transpose()?;
+            let mode = match (since, a.follow) {
+                (Some(s), true) => format!("since={s} follow\n"),
+                (Some(s), false) => format!("since={s}\n"),
+                (None, true) => "recent follow\n".into(),
+                (None, false) => "recent\n".into(),
             };
             conn.write_all(mode.as_bytes())?;
             let filter = a.filter()?;
             let mut out = std::io::stdout().lock();
+            let mut kept = Vec::new();
             for line in BufReader::new(conn).lines() {
                 let line = line?;
                 let Ok(rec) = serde_json::from_str::<palisade_agent::flowlog::FlowRecord>(&line)
@@ -244,12 +279,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 if !filter.matches(&rec) {
                     continue;
                 }
+                if a.top.is_some() {
+                    kept.push(rec);
+                    continue;
+                }
                 if a.json {
                     writeln!(out, "{line}")?;
                 } else {
                     writeln!(out, "{}", cli::render_flow(&rec))?;
                 }
                 out.flush()?;
+            }
+            if let Some(n) = a.top {
+                let top = cli::top_drops(&kept, n);
+                if a.json {
+                    writeln!(out, "{}", serde_json::to_string_pretty(&top)?)?;
+                } else {
+                    write!(out, "{}", cli::render_top(&top))?;
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -290,6 +337,53 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             other => unexpected(other),
         },
+        Cmd::Verify { s, o } => match call(&s, &Request::Verify, Duration::from_secs(300))? {
+            Response::Verify(r) => {
+                o.print(&*r, cli::render_verify)?;
+                Ok(if r.mismatches.is_empty() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
+            }
+            other => unexpected(other),
+        },
+        Cmd::Coverage(a) => {
+            let s = SocketArg {
+                socket: a.socket.clone(),
+            };
+            match call(&s, &Request::Coverage, Duration::from_secs(60))? {
+                Response::Coverage(r) => {
+                    let r = cli::coverage_in(*r, a.namespace.as_deref());
+                    a.o.print(&r, cli::render_coverage)?;
+                    let failed =
+                        palisade_agent::coverage::failed_requirements(&r.findings, &a.require)
+                            .map_err(anyhow::Error::msg)?;
+                    for (name, n) in &failed {
+                        eprintln!("require {name}: FAILED ({n} finding(s))");
+                    }
+                    Ok(if failed.is_empty() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    })
+                }
+                other => unexpected(other),
+            }
+        }
+        Cmd::Preview(a) => {
+            let req = Request::Preview(a.request()?);
+            let s = SocketArg {
+                socket: a.socket.clone(),
+            };
+            match call(&s, &req, Duration::from_secs(300))? {
+                Response::Preview(r) => {
+                    a.o.print(&*r, cli::render_preview)?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                other => unexpected(other),
+            }
+        }
         Cmd::Cleanup { pin_root } => {
             palisade_dataplane::loader::remove_all(&Pins::new(&pin_root))?;
             println!("removed {}", pin_root.display());

@@ -5,7 +5,10 @@
 //! ConfigMap's `..data` is ignored while its symlinked files are read), in
 //! name order, each possibly holding several `---`-separated documents. The
 //! kinds used are `Namespace` (v1), `Pod` (v1), `NetworkPolicy`
-//! (networking.k8s.io/v1) and `List` (of those). A document that cannot be
+//! (networking.k8s.io/v1), `ClusterNetworkPolicy`
+//! (policy.networking.k8s.io/v1alpha2), `Service` (v1), `EndpointSlice`
+//! (discovery.k8s.io/v1) and `List` (of those). A Service without a given
+//! EndpointSlice gets the ones its selector implies (`service_resolve`). A document that cannot be
 //! parsed, or is of another kind, is reported in [`Manifests::errors`] and
 //! skipped; every other document is kept. A later definition of the same
 //! object replaces an earlier one (and is reported).
@@ -25,12 +28,15 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::{core::v1 as core, networking::v1::NetworkPolicy};
+use k8s_openapi::api::{
+    core::v1 as core, discovery::v1::EndpointSlice, networking::v1::NetworkPolicy,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_yaml::Value;
 
 use crate::{
     change::Snapshot,
-    model::{convert, Model, Namespace, ObjectKey, Pod},
+    model::{convert, Model, Namespace, Node, ObjectKey, Pod},
 };
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -40,6 +46,12 @@ pub struct Manifests {
     /// Shared with the snapshots built from them: a policy is parsed once
     /// and never copied afterwards.
     pub policies: BTreeMap<ObjectKey, Arc<NetworkPolicy>>,
+    /// `kind: Node` documents (the cluster's nodes), by name.
+    pub nodes: BTreeMap<String, Node>,
+    /// ClusterNetworkPolicies by name.
+    pub cluster_policies: BTreeMap<String, Arc<crate::cnp::ClusterNetworkPolicy>>,
+    pub services: BTreeMap<ObjectKey, Arc<core::Service>>,
+    pub endpoint_slices: BTreeMap<ObjectKey, Arc<EndpointSlice>>,
     /// One line per skipped file or document: `file: document N (line L): why`.
     pub errors: Vec<String>,
 }
@@ -230,10 +242,85 @@ impl Manifests {
                     Err(e) => self.errors.push(format!("{at}: NetworkPolicy: {e}")),
                 }
             }
+            ("v1", "Node") => match serde_yaml::from_value::<core::Node>(value) {
+                Ok(n) => match convert::node(&n) {
+                    Some(node) => {
+                        if self.nodes.contains_key(&node.name) {
+                            self.errors.push(format!(
+                                "{at}: Node {} defined again; the later definition wins",
+                                node.name
+                            ));
+                        }
+                        self.nodes.insert(node.name.clone(), node);
+                    }
+                    None => self
+                        .errors
+                        .push(format!("{at}: Node: metadata.name is required")),
+                },
+                Err(e) => self.errors.push(format!("{at}: Node: {e}")),
+            },
+            (crate::cnp::API_VERSION, crate::cnp::KIND) => {
+                match serde_yaml::from_value::<crate::cnp::ClusterNetworkPolicy>(value) {
+                    Ok(c) => match c.metadata.name.clone() {
+                        Some(name) => {
+                            if self.cluster_policies.contains_key(&name) {
+                                self.errors.push(format!(
+                                    "{at}: ClusterNetworkPolicy {name} defined again; the later definition wins"
+                                ));
+                            }
+                            self.cluster_policies.insert(name, Arc::new(c));
+                        }
+                        None => self.errors.push(format!(
+                            "{at}: ClusterNetworkPolicy: metadata.name is required"
+                        )),
+                    },
+                    Err(e) => self.errors.push(format!("{at}: ClusterNetworkPolicy: {e}")),
+                }
+            }
+            ("v1", "Service") => {
+                if let Some((key, svc)) = self.object::<core::Service>(at, "Service", value) {
+                    if self.services.insert(key.clone(), svc).is_some() {
+                        self.errors.push(format!(
+                            "{at}: Service {key} defined again; the later definition wins"
+                        ));
+                    }
+                }
+            }
+            ("discovery.k8s.io/v1", "EndpointSlice") => {
+                if let Some((key, es)) = self.object::<EndpointSlice>(at, "EndpointSlice", value) {
+                    if self.endpoint_slices.insert(key.clone(), es).is_some() {
+                        self.errors.push(format!(
+                            "{at}: EndpointSlice {key} defined again; the later definition wins"
+                        ));
+                    }
+                }
+            }
             (v, k) => self
                 .errors
                 .push(format!("{at}: {v} {k} is not used by palisade; skipped")),
         }
+    }
+
+    /// A namespaced object kept as the API gives it (its namespace filled
+    /// in); a parse error or a missing name is reported.
+    fn object<T>(&mut self, at: &str, kind: &str, value: Value) -> Option<(ObjectKey, Arc<T>)>
+    where
+        T: serde::de::DeserializeOwned + k8s_openapi::Metadata<Ty = ObjectMeta>,
+    {
+        let mut obj = match serde_yaml::from_value::<T>(value) {
+            Ok(o) => o,
+            Err(e) => {
+                self.errors.push(format!("{at}: {kind}: {e}"));
+                return None;
+            }
+        };
+        let Some(key) = convert::key(obj.metadata()) else {
+            self.errors
+                .push(format!("{at}: {kind}: metadata.name is required"));
+            return None;
+        };
+        obj.metadata_mut().namespace = Some(key.namespace.clone());
+        Some((key, Arc::new(obj)))
     }
 
     /// Adds the objects and errors of a later file (`source`, parsed with
@@ -255,10 +342,46 @@ impl Manifests {
                 ));
             }
         }
+        for (name, n) in &later.nodes {
+            if self.nodes.insert(name.clone(), n.clone()).is_some() {
+                self.errors.push(format!(
+                    "{source}: Node {name} defined again (also in an earlier file); the later definition wins"
+                ));
+            }
+        }
+        for (key, s) in &later.services {
+            if self.services.insert(key.clone(), s.clone()).is_some() {
+                self.errors.push(format!(
+                    "{source}: Service {key} defined again (also in an earlier file); the later definition wins"
+                ));
+            }
+        }
+        for (key, s) in &later.endpoint_slices {
+            if self
+                .endpoint_slices
+                .insert(key.clone(), s.clone())
+                .is_some()
+            {
+                self.errors.push(format!(
+                    "{source}: EndpointSlice {key} defined again (also in an earlier file); the later definition wins"
+                ));
+            }
+        }
         for (key, np) in &later.policies {
             if self.policies.insert(key.clone(), np.clone()).is_some() {
                 self.errors.push(format!(
                     "{source}: NetworkPolicy {key} defined again (also in an earlier file); the later definition wins"
+                ));
+            }
+        }
+        for (name, c) in &later.cluster_policies {
+            if self
+                .cluster_policies
+                .insert(name.clone(), c.clone())
+                .is_some()
+            {
+                self.errors.push(format!(
+                    "{source}: ClusterNetworkPolicy {name} defined again (also in an earlier file); the later definition wins"
                 ));
             }
         }
@@ -272,7 +395,13 @@ impl Manifests {
             pods: self.pods,
             policies: self.policies,
             host_ips: Vec::new(),
+            nodes: self.nodes,
+            services: self.services,
+            endpoint_slices: self.endpoint_slices,
+            // No EndpointSlice controller here: selectors imply the slices.
+            derive_endpoint_slices: true,
             errors: self.errors,
+            cluster_policies: self.cluster_policies,
         }
     }
 
@@ -283,6 +412,8 @@ impl Manifests {
             .pods
             .keys()
             .chain(self.policies.keys())
+            .chain(self.services.keys())
+            .chain(self.endpoint_slices.keys())
             .map(|k| k.namespace.clone())
             .collect();
         for name in referenced {
@@ -307,6 +438,14 @@ impl Manifests {
         model.policies.clear();
         for (k, np) in &self.policies {
             model.add_policy(k.clone(), np);
+        }
+        model.cluster_policies.clear();
+        for c in self.cluster_policies.values() {
+            model.add_cluster_policy(c);
+        }
+        if model.cluster_policies.is_empty() {
+            // Drops the hidden addresses policy too.
+            model.remove_cluster_policy("");
         }
     }
 }
@@ -379,6 +518,24 @@ kind: Deployment
 metadata: {name: d}
 ---
 "#;
+
+    #[test]
+    fn nodes_are_read_with_labels_addresses_and_pod_cidrs() {
+        let m = parse_str(
+            "nodes.yaml",
+            "apiVersion: v1\nkind: Node\nmetadata: {name: n2, labels: {zone: b}}\nspec: {podCIDR: 10.0.1.0/24}\nstatus: {addresses: [{type: InternalIP, address: 192.168.0.2}, {type: Hostname, address: n2}]}\n---\napiVersion: v1\nkind: Node\nmetadata: {labels: {zone: c}}\n",
+        );
+        let n = &m.nodes["n2"];
+        assert_eq!(n.labels["zone"], "b");
+        assert_eq!(
+            n.addresses,
+            vec!["192.168.0.2".parse::<std::net::Ipv4Addr>().unwrap()]
+        );
+        assert_eq!(n.pod_cidrs, vec!["10.0.1.0/24".parse().unwrap()]);
+        assert_eq!(m.errors.len(), 1, "{:?}", m.errors);
+        assert!(m.errors[0].contains("Node: metadata.name is required"));
+        assert_eq!(m.into_snapshot().nodes.len(), 1);
+    }
 
     #[test]
     fn parses_good_documents_and_reports_bad_ones() {
@@ -580,6 +737,49 @@ metadata: {name: a, labels: {v: '2'}}
         one.errors.clear();
         all.errors.clear();
         assert_eq!(one, all);
+    }
+
+    #[test]
+    fn services_and_endpoint_slices_are_read_and_bad_ones_reported() {
+        let text = "\
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.10, ports: [{port: 80, targetPort: http}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints: [{addresses: [10.0.0.1]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: bad}
+spec: {ports: 80}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: badendpoints}
+addressType: IPv4
+endpoints: 5
+";
+        let m = parse_str("s.yaml", text);
+        assert_eq!(m.errors.len(), 2, "{:?}", m.errors);
+        assert!(m.errors[0].contains("document 3") && m.errors[0].contains("Service:"));
+        assert!(m.errors[1].contains("document 4") && m.errors[1].contains("EndpointSlice:"));
+        let web = &m.services[&ObjectKey::new("shop", "web")];
+        assert_eq!(web.metadata.namespace.as_deref(), Some("shop"));
+        assert!(m
+            .endpoint_slices
+            .contains_key(&ObjectKey::new("shop", "web-1")));
+        assert!(m.namespaces.contains_key("shop"), "implied namespace");
+        let snap = m.into_snapshot();
+        assert!(
+            snap.derive_endpoint_slices,
+            "no controller in standalone mode"
+        );
+        assert_eq!(snap.services.len(), 1);
     }
 
     #[test]

@@ -13,10 +13,12 @@
 //! `palisade_map_sync_errors_total`, `palisade_map_full_errors_total{map}`,
 //! `palisade_source_errors_total`, `palisade_programmed_generation`,
 //! `palisade_flow_records_total`, `palisade_policy_compile_seconds`,
-//! `palisade_map_sync_seconds` (histograms); from the kernel
+//! `palisade_map_sync_seconds` (histograms), `palisade_verify_mismatches`,
+//! `palisade_verify_runs_total`; from the kernel
 //! `palisade_endpoints`, `palisade_verdicts_total{verdict,reason}`,
 //! `palisade_drops_total{reason}`, `palisade_xdp_packets_total{outcome}`,
-//! `palisade_map_entries{map}`, `palisade_map_capacity{map}`.
+//! `palisade_map_entries{map}`, `palisade_map_capacity{map}`,
+//! `palisade_service_translations_total`; `palisade_service_frontends`.
 use std::sync::atomic::AtomicU64;
 
 use prometheus_client::{
@@ -122,6 +124,14 @@ pub struct Metrics {
     pub source_errors: Counter,
     pub programmed_generation: Gauge,
     pub flow_records: Counter,
+    /// Service frontends (ClusterIP:port/protocol) translated in the kernel.
+    pub services_programmed: Gauge,
+    /// Probes whose kernel verdict differed from the model's in the last
+    /// `verify` run, and verify runs (`palisade-agent verify`, periodic).
+    pub verify_mismatches: Gauge,
+    pub verify_runs: Counter,
+    pub service_rejections: Counter,
+    pub services_rejected: Gauge,
     /// The fields above, registered (the registry holds clones).
     registry: Registry,
 }
@@ -139,6 +149,9 @@ impl Default for Metrics {
         );
         let (policies_rejected, programmed_generation) = (Gauge::default(), Gauge::default());
         let map_full = LabeledCounter::default();
+        let services_programmed = Gauge::default();
+        let (verify_mismatches, verify_runs) = (Gauge::default(), Counter::default());
+        let (service_rejections, services_rejected) = (Counter::default(), Gauge::default());
 
         // Help texts get their final "." from the registry.
         let mut r = Registry::default();
@@ -151,6 +164,16 @@ impl Default for Metrics {
             "palisade_policies_rejected",
             "Policies currently rejected",
             policies_rejected.0.clone(),
+        );
+        r.register(
+            "palisade_service_rejections",
+            "Services or EndpointSlices (or parts of them) rejected (each rejection once)",
+            service_rejections.0.clone(),
+        );
+        r.register(
+            "palisade_services_rejected",
+            "Service and EndpointSlice rejections currently in force",
+            services_rejected.0.clone(),
         );
         r.register(
             "palisade_map_sync_errors",
@@ -178,6 +201,11 @@ impl Default for Metrics {
             flow_records.0.clone(),
         );
         r.register(
+            "palisade_service_frontends",
+            "Service frontends (ClusterIP:port/protocol) translated in the kernel",
+            services_programmed.0.clone(),
+        );
+        r.register(
             "palisade_policy_compile_seconds",
             "Time to compile the model into map contents",
             compile_seconds.0.clone(),
@@ -197,6 +225,16 @@ impl Default for Metrics {
             "Time to attach a registered pod's programs",
             registration_attach_seconds.0.clone(),
         );
+        r.register(
+            "palisade_verify_mismatches",
+            "Probes whose kernel verdict differed from the model's in the last verify run",
+            verify_mismatches.0.clone(),
+        );
+        r.register(
+            "palisade_verify_runs",
+            "Verify runs (kernel verdicts probed against the model)",
+            verify_runs.0.clone(),
+        );
         Self {
             compile_seconds,
             sync_seconds,
@@ -209,6 +247,11 @@ impl Default for Metrics {
             source_errors,
             programmed_generation,
             flow_records,
+            services_programmed,
+            verify_mismatches,
+            verify_runs,
+            service_rejections,
+            services_rejected,
             registry: r,
         }
     }
@@ -261,7 +304,13 @@ fn kernel_registry(k: &KernelStats) -> Registry {
         CounterFamily::<VerdictLabels>::default(),
         CounterFamily::<ReasonLabel>::default(),
     );
+    let translations = counter::Counter::<u64, AtomicU64>::default();
     for &(reason, drop, n) in &k.reasons {
+        // Bookkeeping, not a verdict: the flow's verdict is counted apart.
+        if reason == palisade_common::reason::name(palisade_common::reason::SVC_TRANSLATED) {
+            translations.inc_by(n);
+            continue;
+        }
         let verdict = if drop { "drop" } else { "allow" };
         verdicts
             .get_or_create(&VerdictLabels { verdict, reason })
@@ -276,6 +325,11 @@ fn kernel_registry(k: &KernelStats) -> Registry {
         verdicts,
     );
     r.register("palisade_drops", "Dropped packets by reason", drops);
+    r.register(
+        "palisade_service_translations",
+        "New flows translated from a Service ClusterIP to a backend (no-backend refusals are palisade_drops_total{reason=\"no-service-backend\"})",
+        translations,
+    );
 
     let xdp = CounterFamily::<OutcomeLabel>::default();
     for &(outcome, n) in &k.xdp {
@@ -337,7 +391,12 @@ mod tests {
 
     fn kernel() -> KernelStats {
         KernelStats {
-            reasons: vec![("no-policy-match", true, 5), ("policy-allow", false, 9)],
+            reasons: vec![
+                ("no-policy-match", true, 5),
+                ("policy-allow", false, 9),
+                ("no-service-backend", true, 2),
+                ("service-translated", false, 11),
+            ],
             xdp: vec![("xdp-denylist", 3), ("xdp-pass", 40)],
             maps: vec![("policy".into(), 10, 100), ("ipcache".into(), 4, 1024)],
             endpoints: 2,
@@ -442,9 +501,12 @@ mod tests {
             ("palisade_map_entries{map=\"policy\"}", "10"),
             ("palisade_map_capacity{map=\"policy\"}", "100"),
             ("palisade_map_capacity{map=\"ipcache\"}", "1024"),
+            ("palisade_drops_total{reason=\"no-service-backend\"}", "2"),
+            ("palisade_service_translations_total", "11"),
         ] {
             assert_eq!(sample(&s, series).as_deref(), Some(v), "{series}\n{s}");
         }
+        assert!(!s.contains("reason=\"service-translated\""), "{s}");
         // Allowed reasons are verdicts, not drops.
         assert!(!s.contains("palisade_drops_total{reason=\"policy-allow\"}"));
         assert!(s.contains("# TYPE palisade_verdicts counter"), "{s}");

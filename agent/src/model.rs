@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
-use crate::compiler::ParsedPolicy;
+use crate::compiler::{cluster::ParsedClusterPolicy, ParsedPolicy};
 
 pub type Labels = BTreeMap<String, String>;
 
@@ -62,6 +62,17 @@ pub struct Pod {
     pub ports: Vec<ContainerPort>,
 }
 
+/// A node of the cluster (Kubernetes Node object, or `kind: Node` manifest).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Node {
+    pub name: String,
+    pub labels: Labels,
+    /// InternalIP and ExternalIP addresses (IPv4).
+    pub addresses: Vec<Ipv4Addr>,
+    /// spec.podCIDRs (or spec.podCIDR), IPv4.
+    pub pod_cidrs: Vec<ipnetwork::Ipv4Network>,
+}
+
 /// A pod on this node, wired by the CNI plugin and registered with the agent.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LocalEndpoint {
@@ -85,8 +96,16 @@ pub struct Model {
     pub endpoints: BTreeMap<String, LocalEndpoint>,
     /// The node's own addresses (reserved `host` identity).
     pub host_ips: Vec<Ipv4Addr>,
+    /// The nodes of the cluster, by name.
+    pub nodes: BTreeMap<String, Node>,
+    /// Other nodes' addresses (reserved `remote-node` identity): every
+    /// address of `nodes` except this node's and `host_ips`.
+    pub remote_node_ips: Vec<Ipv4Addr>,
     /// Global audit mode.
     pub audit: bool,
+    /// ClusterNetworkPolicies by name, parsed and validated on arrival
+    /// ([`Model::add_cluster_policy`]).
+    pub cluster_policies: BTreeMap<String, Arc<ParsedClusterPolicy>>,
 }
 
 impl Model {
@@ -98,6 +117,45 @@ impl Model {
         let parsed = Arc::new(ParsedPolicy::parse(&key, np));
         self.policies.insert(key, parsed.clone());
         parsed
+    }
+
+    /// Adds (or replaces) a ClusterNetworkPolicy, parsing and validating it.
+    pub fn add_cluster_policy(
+        &mut self,
+        cnp: &crate::cnp::ClusterNetworkPolicy,
+    ) -> Arc<ParsedClusterPolicy> {
+        let parsed = Arc::new(ParsedClusterPolicy::parse(cnp));
+        let name = cnp.metadata.name.clone().unwrap_or_default();
+        self.cluster_policies.insert(name, parsed.clone());
+        self.refresh_cluster_addresses();
+        parsed
+    }
+
+    /// Removes a ClusterNetworkPolicy; whether it was there.
+    pub fn remove_cluster_policy(&mut self, name: &str) -> bool {
+        let was = self.cluster_policies.remove(name).is_some();
+        self.refresh_cluster_addresses();
+        was
+    }
+
+    /// The hidden policy the tiers need (see
+    /// `compiler::tiers::cluster_addresses_key`), as it should be now.
+    pub fn cluster_addresses(&self) -> Option<Arc<ParsedPolicy>> {
+        let cluster: Vec<_> = self
+            .cluster_policies
+            .values()
+            .filter_map(|p| p.accepted())
+            .collect();
+        crate::compiler::tiers::cluster_addresses_policy(&cluster)
+            .map(|p| Arc::new(ParsedPolicy::Accepted(p)))
+    }
+
+    fn refresh_cluster_addresses(&mut self) {
+        let key = crate::compiler::tiers::cluster_addresses_key();
+        match self.cluster_addresses() {
+            Some(p) => self.policies.insert(key, p),
+            None => self.policies.remove(&key),
+        };
     }
 
     /// Removes a policy; whether it was there.
@@ -174,6 +232,31 @@ pub mod convert {
             ip,
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
             ports,
+        })
+    }
+
+    /// A Node: name, labels, InternalIP/ExternalIP IPv4 addresses and IPv4
+    /// pod CIDRs (podCIDRs, falling back to podCIDR).
+    pub fn node(n: &core::Node) -> Option<super::Node> {
+        let name = n.metadata.name.clone()?;
+        let addresses = n
+            .status
+            .iter()
+            .flat_map(|st| st.addresses.iter().flatten())
+            .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+            .filter_map(|a| a.address.parse().ok())
+            .collect();
+        let spec = n.spec.as_ref();
+        let cidrs: Vec<&String> = match spec.and_then(|s| s.pod_cidrs.as_ref()) {
+            Some(v) if !v.is_empty() => v.iter().collect(),
+            _ => spec.and_then(|s| s.pod_cidr.as_ref()).into_iter().collect(),
+        };
+        let pod_cidrs = cidrs.into_iter().filter_map(|c| c.parse().ok()).collect();
+        Some(super::Node {
+            name,
+            labels: n.metadata.labels.clone().unwrap_or_default(),
+            addresses,
+            pod_cidrs,
         })
     }
 

@@ -23,7 +23,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     change::SourceEvent,
-    daemon::{Agent, Config, SharedView},
+    daemon::{Agent, Config, SharedServices, SharedView},
     dataplane::ConntrackFill,
     error::kind_of,
     flowlog::{self, FlowLog},
@@ -31,6 +31,7 @@ use crate::{
     metrics::{KernelStats, Metrics},
     owner::{Handle, Levels, Owner},
     source::{ManifestHandle, ManifestSource},
+    tools::{gate_readiness, periodic_verify, Tools},
 };
 
 /// The flow stream lives next to the API socket.
@@ -45,11 +46,18 @@ pub async fn run(cfg: Config) -> Result<()> {
     let metrics = Arc::new(Metrics::default());
     let (agent, events, generation_rx) = Agent::start(&cfg, metrics.clone())?;
     let view = agent.view.clone();
+    let services = agent.services.clone();
     let (stats, conntrack) = (agent.stats_reader(), agent.conntrack_fill());
     let (source_tx, source_rx) = mpsc::channel::<SourceEvent>(64);
     let owner = Owner::spawn(agent, source_rx)?;
     let handle = owner.handle.clone();
     let mut tasks = JoinSet::new();
+    let tools = Tools::new(
+        cfg.flow_log.clone(),
+        cfg.pins.clone(),
+        cfg.map_sizes.clone(),
+        metrics.clone(),
+    );
 
     // /healthz answers from the start; /readyz only after the first sync.
     // Neither they nor /metrics ever wait for the owner.
@@ -59,8 +67,13 @@ pub async fn run(cfg: Config) -> Result<()> {
             .await
             .with_context(|| format!("binding metrics on {addr}"))?;
         let levels = owner.levels.clone();
+        let ready = if cfg.verify_readiness {
+            gate_readiness(owner.ready.clone(), tools.verified())
+        } else {
+            owner.ready.clone()
+        };
         let state = HttpState {
-            ready: owner.ready.clone(),
+            ready,
             metrics: metrics.clone(),
             kernel: Arc::new(move || kernel_stats(stats.as_ref(), &conntrack, &levels.borrow())),
         };
@@ -109,6 +122,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     tasks.spawn(read_events(
         events,
         view,
+        services,
         metrics.clone(),
         flowlog.clone(),
         flow_tx.clone(),
@@ -121,7 +135,11 @@ pub async fn run(cfg: Config) -> Result<()> {
         handle.clone(),
         manifests.clone(),
         generation_rx,
+        tools.clone(),
     ));
+    if let Some(every) = cfg.verify_interval {
+        tasks.spawn(periodic_verify(tools.clone(), handle.clone(), every));
+    }
     tasks.spawn(serve_flows(flows, flowlog.clone(), flow_tx.clone()));
     tasks.spawn(gc(handle.clone()));
     drop(handle);
@@ -169,6 +187,7 @@ async fn serve_api(
     handle: Handle,
     rescan: Rescan,
     generation: watch::Receiver<u64>,
+    tools: Arc<Tools>,
 ) {
     loop {
         let conn = match l.accept().await {
@@ -179,22 +198,25 @@ async fn serve_api(
             }
         };
         let (handle, rescan, generation) = (handle.clone(), rescan.clone(), generation.clone());
+        let tools = tools.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle_api(conn, handle, rescan, generation).await {
+            if let Err(e) = handle_api(conn, handle, rescan, generation, tools).await {
                 warn!("api connection: {e:#}");
             }
         });
     }
 }
 
-/// A request line larger than this is refused.
-const MAX_REQUEST: u64 = 64 * 1024;
+/// A request line larger than this is refused (`preview` carries policy
+/// objects).
+const MAX_REQUEST: u64 = 1024 * 1024;
 
 async fn handle_api(
     conn: UnixStream,
     handle: Handle,
     rescan: Rescan,
     mut generation: watch::Receiver<u64>,
+    tools: Arc<Tools>,
 ) -> Result<()> {
     let (r, mut w) = conn.into_split();
     let mut line = String::new();
@@ -204,7 +226,7 @@ async fn handle_api(
         .context("reading the request timed out")??;
     let resp = match serde_json::from_str::<Request>(&line) {
         Err(e) => Response::error(ErrorKind::InvalidRequest, format!("malformed request: {e}")),
-        Ok(req) => dispatch(req, &handle, &rescan, &mut generation).await,
+        Ok(req) => dispatch(req, &handle, &rescan, &mut generation, &tools).await,
     };
     let mut out = serde_json::to_vec(&resp)?;
     out.push(b'\n');
@@ -240,6 +262,7 @@ async fn dispatch(
     handle: &Handle,
     rescan: &Rescan,
     generation: &mut watch::Receiver<u64>,
+    tools: &Arc<Tools>,
 ) -> Response {
     match req {
         Request::Register(r) => match handle.register(r).await {
@@ -275,6 +298,18 @@ async fn dispatch(
             Ok(r) => Response::Trace(r),
             Err(e) => error(e),
         },
+        Request::Verify => match tools.verify(handle).await {
+            Ok(r) => Response::Verify(Box::new(r)),
+            Err(e) => error(e),
+        },
+        Request::Coverage => match handle.with(|a| crate::coverage::report(a.model())).await {
+            Ok(r) => Response::Coverage(Box::new(r)),
+            Err(e) => error(e),
+        },
+        Request::Preview(p) => match tools.preview(handle, p).await {
+            Ok(r) => Response::Preview(Box::new(r)),
+            Err(e) => Response::error(ErrorKind::InvalidRequest, format!("{e:#}")),
+        },
     }
 }
 
@@ -284,6 +319,7 @@ async fn dispatch(
 async fn read_events(
     events: EventReader,
     view: SharedView,
+    services: SharedServices,
     metrics: Arc<Metrics>,
     log: Arc<Mutex<FlowLog>>,
     tx: broadcast::Sender<String>,
@@ -315,9 +351,11 @@ async fn read_events(
             continue;
         }
         let v = view.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let svcs = services.read().unwrap_or_else(|p| p.into_inner()).clone();
         let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
         for e in &batch {
-            let rec = flowlog::record(&v, e);
+            let mut rec = flowlog::record(&v, e);
+            flowlog::name_service(&mut rec, e, &svcs);
             let Ok(line) = serde_json::to_string(&rec) else {
                 continue;
             };
@@ -338,7 +376,9 @@ impl std::os::fd::AsRawFd for EventFd {
     }
 }
 
-/// `observe`: the client sends "recent", "follow" or "recent follow".
+/// `observe`: the client sends "recent", "follow" or "recent follow", or
+/// "since=SECS" (seconds since the epoch; from the flow log files rather
+/// than the in-memory history), optionally with "follow".
 async fn serve_flows(l: UnixListener, log: Arc<Mutex<FlowLog>>, tx: broadcast::Sender<String>) {
     loop {
         let conn = match l.accept().await {
@@ -355,7 +395,26 @@ async fn serve_flows(l: UnixListener, log: Arc<Mutex<FlowLog>>, tx: broadcast::S
             if BufReader::new(r).read_line(&mut mode).await.is_err() {
                 return;
             }
-            if mode.contains("recent") {
+            if let Some(since) = since_of(&mode) {
+                let path = log
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .path()
+                    .to_path_buf();
+                let lines = tokio::task::spawn_blocking(move || {
+                    crate::preview::read_records(&path, Some(since))
+                })
+                .await
+                .unwrap_or_default();
+                for rec in lines {
+                    let Ok(line) = serde_json::to_string(&rec) else {
+                        continue;
+                    };
+                    if w.write_all(format!("{line}\n").as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            } else if mode.contains("recent") {
                 let recent: Vec<String> = log
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -388,6 +447,16 @@ async fn serve_flows(l: UnixListener, log: Arc<Mutex<FlowLog>>, tx: broadcast::S
             }
         });
     }
+}
+
+/// "since=SECS" in an observe request.
+fn since_of(mode: &str) -> Option<std::time::SystemTime> {
+    let secs = mode
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("since="))?
+        .parse()
+        .ok()?;
+    Some(std::time::UNIX_EPOCH + Duration::from_secs(secs))
 }
 
 /// Expired conntrack and fragment entries.

@@ -5,8 +5,8 @@
 //! where that pod is on this node.
 use std::net::Ipv4Addr;
 
-use anyhow::{bail, Context, Result};
-use palisade_api::{TraceReport, TraceRequest, TraceStep};
+use anyhow::Result;
+use palisade_api::{ErrorKind, TraceReport, TraceRequest, TraceStep};
 use palisade_common::{
     decision::peer_or_world, reason, DIR_EGRESS, DIR_INGRESS, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
     VERDICT_ALLOW, VERDICT_AUDIT,
@@ -21,6 +21,7 @@ use palisade_dataplane::MapState;
 use crate::{
     compiler::{IdentitySource, Names},
     daemon::Agent,
+    error::refuse,
     model::{LocalEndpoint, ObjectKey},
 };
 
@@ -41,14 +42,28 @@ fn resolve<N: Names + ?Sized>(view: &N, s: &str, what: &str) -> Result<Side> {
         });
     }
     let Some((ns, name)) = s.split_once('/') else {
-        bail!("{what} {s:?}: expected namespace/pod or an IPv4 address");
+        return Err(refuse(
+            ErrorKind::InvalidRequest,
+            format!("{what} {s:?}: expected namespace/pod or an IPv4 address"),
+        ));
     };
     let key = ObjectKey::new(ns, name);
     let local = view.local_endpoint_of(&key).cloned();
     let ip = match (&local, view.pod_address(&key)) {
         (Some(le), _) => le.ipv4,
-        (None, Some(ip)) => ip.with_context(|| format!("{what} {key} has no address yet"))?,
-        (None, None) => bail!("{what} {key}: no such pod"),
+        (None, Some(Some(ip))) => ip,
+        (None, Some(None)) => {
+            return Err(refuse(
+                ErrorKind::NotFound,
+                format!("{what} {key} has no address yet"),
+            ))
+        }
+        (None, None) => {
+            return Err(refuse(
+                ErrorKind::NotFound,
+                format!("{what} {key}: no such pod"),
+            ))
+        }
     };
     Ok(Side {
         name: key.to_string(),
@@ -57,7 +72,7 @@ fn resolve<N: Names + ?Sized>(view: &N, s: &str, what: &str) -> Result<Side> {
     })
 }
 
-fn identity_text<N: Names + ?Sized>(c: &N, id: u32) -> String {
+pub(crate) fn identity_text<N: Names + ?Sized>(c: &N, id: u32) -> String {
     match c.identity(id) {
         Some(IdentitySource::Reserved(r)) => format!("{id} ({r})"),
         Some(IdentitySource::Labels {
@@ -141,6 +156,16 @@ fn step<N: Names + ?Sized>(
 
 impl Agent {
     pub fn trace(&self, t: &TraceRequest) -> Result<TraceReport> {
+        if let Some(svc) = crate::trace_service::service_target(&t.to) {
+            let services = self.services.read().unwrap_or_else(|p| p.into_inner());
+            return crate::trace_service::trace_service(
+                &*self.view(),
+                self.current(),
+                &services,
+                &svc?,
+                t,
+            );
+        }
         trace(&*self.view(), self.current(), t)
     }
 }
@@ -163,14 +188,23 @@ pub fn trace<N: Names + ?Sized>(
             ),
             "UDP" => (Packet::udp(from.ip, 40000, to.ip, t.port), PROTO_UDP),
             "SCTP" => (Packet::sctp(from.ip, 40000, to.ip, t.port), PROTO_SCTP),
-            p => bail!("protocol {p}: expected TCP, UDP or SCTP"),
+            p => {
+                return Err(refuse(
+                    ErrorKind::InvalidRequest,
+                    format!("protocol {p}: expected TCP, UDP or SCTP"),
+                ))
+            }
         };
         if from.local.is_none() && to.local.is_none() {
-            bail!(
-                "neither {} nor {} is a pod on this node: no palisade program sees this flow here",
-                from.name,
-                to.name
-            );
+            // Nothing on this node enforces the flow: the endpoint the
+            // trace needs is not here.
+            return Err(refuse(
+                ErrorKind::NotFound,
+                format!(
+                    "neither {} nor {} is a pod on this node: no palisade program sees this flow here",
+                    from.name, to.name
+                ),
+            ));
         }
         // One evaluator for both hops, as in the kernel: the egress hop's
         // conntrack entry is scoped and cannot admit the ingress hop.
@@ -280,5 +314,21 @@ mod tests {
         // An external address is no pod.
         let r = trace(&*e.view(), e.desired(), &req("192.0.2.1")).unwrap();
         assert_eq!(r.verdict, "DROP");
+        // Errors carry the kind the caller acts on.
+        use crate::error::kind_of;
+        let kind = |t: &TraceRequest| kind_of(&trace(&*e.view(), e.desired(), t).unwrap_err());
+        assert_eq!(kind(&req("b/nope")), ErrorKind::NotFound);
+        assert_eq!(kind(&req("10.0.0.999")), ErrorKind::InvalidRequest);
+        assert_eq!(kind(&req("no-slash")), ErrorKind::InvalidRequest);
+        let mut bad_proto = req("b/db");
+        bad_proto.protocol = "ICMP".into();
+        assert_eq!(kind(&bad_proto), ErrorKind::InvalidRequest);
+        let remote = TraceRequest {
+            from: "b/db".into(),
+            to: "192.0.2.1".into(),
+            port: 53,
+            protocol: "UDP".into(),
+        };
+        assert_eq!(kind(&remote), ErrorKind::NotFound);
     }
 }

@@ -9,6 +9,7 @@ mod node;
 mod plot;
 mod podstart;
 mod report;
+mod services;
 mod stats;
 mod sys;
 mod testrun;
@@ -26,8 +27,8 @@ use clap::Parser;
 
 use report::Results;
 
-const SECTIONS: [&str; 7] = [
-    "testrun", "veth", "update", "cni", "memory", "podstart", "agent",
+const SECTIONS: [&str; 8] = [
+    "testrun", "veth", "update", "cni", "memory", "podstart", "agent", "services",
 ];
 
 #[derive(Parser)]
@@ -42,7 +43,7 @@ struct Args {
     /// A 1-2 minute smoke run: fewer sizes, rounds and samples.
     #[arg(long)]
     quick: bool,
-    /// Only these sections (comma separated): testrun, veth, update, cni, memory, podstart, agent.
+    /// Only these sections (comma separated): testrun, veth, update, cni, memory, podstart, agent, services.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Rounds for the interleaved sections (default 5, quick 2).
@@ -147,6 +148,9 @@ fn run(args: Args) -> Result<()> {
             }),
             "podstart" => podstart::run(&podstart::Plan::new(quick)).map(|x| r.podstart = Some(x)),
             "agent" => agent::run(&agent::Plan::new(quick)).map(|x| r.agent = Some(x)),
+            "services" => {
+                services::run(&services::Plan::new(quick, rounds)).map(|x| r.services = Some(x))
+            }
             _ => unreachable!("validated above"),
         };
         match res {

@@ -26,6 +26,7 @@ pub struct Results {
     pub memory: Option<Memory>,
     pub podstart: Option<Podstart>,
     pub agent: Option<AgentArch>,
+    pub services: Option<crate::services::Services>,
     /// Sections that failed, with the error.
     pub errors: Vec<(String, String)>,
     /// PNG files written next to the report (empty without a font).
@@ -710,7 +711,73 @@ pub fn targets(r: &Results) -> Vec<Target> {
 
     // 7.
     agent_targets(r.agent.as_ref(), &mut out);
+
+    // 8.
+    service_targets(r.services.as_ref(), &mut out);
     out
+}
+
+fn service_targets(sv: Option<&crate::services::Services>, out: &mut Vec<Target>) {
+    use crate::services::{FLOOR_DIRECT, FLOOR_IPTABLES};
+    for (name, den, floor) in [
+        ("connections/s", "direct", FLOOR_DIRECT),
+        ("request/response/s", "direct", FLOOR_DIRECT),
+        ("connections/s", "iptables", FLOOR_IPTABLES),
+        ("request/response/s", "iptables", FLOOR_IPTABLES),
+    ] {
+        let metric = format!("ClusterIP {name}, palisade translation / {den}");
+        let m = sv.and_then(|s| s.measures.iter().find(|m| m.name == name));
+        out.push(match m {
+            Some(m) => {
+                let ratio = m.ratio("clusterip", den);
+                Target {
+                    metric,
+                    target: format!(">= {floor}"),
+                    measured: format!("{ratio:.3}"),
+                    met: Some(ratio >= floor),
+                }
+            }
+            None => Target {
+                metric,
+                target: format!(">= {floor}"),
+                measured: "-".into(),
+                met: None,
+            },
+        });
+    }
+}
+
+fn render_services(s: &mut String, sv: &crate::services::Services) {
+    let _ = writeln!(
+        s,
+        "## 8. Traffic to a Service ClusterIP (real veths)
+"
+    );
+    let _ = writeln!(
+        s,
+        "Client and server pod, policy enforced on both; {} rounds of {} s per configuration. \
+         `direct`: the pod address; `clusterip`: translated by palisade in tc; \
+         `iptables`: another ClusterIP DNATed by kube-proxy-style nat rules, palisade's translation off.\n",
+        sv.rounds, sv.secs
+    );
+    let _ = writeln!(
+        s,
+        "| measure | direct | clusterip | iptables | clusterip/direct | clusterip/iptables |"
+    );
+    let _ = writeln!(s, "| --- | --- | --- | --- | --- | --- |");
+    for m in &sv.measures {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {:.3} | {:.3} |",
+            m.name,
+            fmt_num(m.median("direct")),
+            fmt_num(m.median("clusterip")),
+            fmt_num(m.median("iptables")),
+            m.ratio("clusterip", "direct"),
+            m.ratio("clusterip", "iptables")
+        );
+    }
+    s.push('\n');
 }
 
 // ---- Markdown ------------------------------------------------------------
@@ -780,6 +847,9 @@ pub fn render(r: &Results) -> String {
     }
     if let Some(a) = &r.agent {
         render_agent(&mut s, a);
+    }
+    if let Some(sv) = &r.services {
+        render_services(&mut s, sv);
     }
     s
 }

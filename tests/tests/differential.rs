@@ -1255,6 +1255,7 @@ fn kernel_and_reference_agree_on_random_policies_and_packets() -> Result<()> {
         conntrack: 16384,
         fragments: 4096,
         xdp_deny: 16,
+        ..Default::default()
     };
     let cfg = DatapathConfig {
         pins: pins.pins.clone(),

@@ -572,6 +572,7 @@ fn kernel_verdicts_match_the_networkpolicy_oracle() -> Result<()> {
             conntrack: 65536,
             fragments: 64,
             xdp_deny: 16,
+            ..Default::default()
         },
     };
     // test_run resolves the ifindex in the caller's namespace: run there.

@@ -142,6 +142,7 @@ impl Rig {
             conntrack: 4096,
             fragments: 256,
             xdp_deny: 64,
+            ..Default::default()
         };
         let cfg = DatapathConfig {
             pins: pins.pins.clone(),
@@ -392,7 +393,7 @@ fn unenforced_passes_and_reports_the_new_flow() -> Result<()> {
             src_identity: POD_IDENTITY,
             dst_identity: EXTERNAL_IDENTITY,
             cookie: 0,
-            _pad: 0,
+            service_id: 0,
         }
     );
     assert!(e.ts_ns > 0 && e.ts_ns <= monotonic_ns());

@@ -56,6 +56,10 @@ enum Task {
         /// yet as skipped (saying what they need) instead of failed.
         #[arg(long)]
         skip_unsupported: bool,
+        /// Probe every pod through its own ClusterIP Service, through
+        /// kube-proxy's iptables rules (FORMAT version 2).
+        #[arg(long)]
+        via_services: bool,
     },
     /// Benchmarks (bench/README.md): report.md, results.json and PNG charts
     /// in bench-report/. About 10 minutes; --quick takes 1-2.
@@ -111,7 +115,11 @@ fn run(cli: Cli) -> Result<()> {
             // as skipped, with what they need; `cargo xtask conformance`
             // alone reports them as failed.
             step("conformance: NetworkPolicy cases on real packets");
-            conformance(&root, &cases, None, None, true)
+            conformance(&root, &cases, None, None, true, false, false)?;
+            // The same cases again with every probe through a ClusterIP
+            // (palisade's Service translation, kube-proxy's rules beside it).
+            step("conformance: the same cases through Services (--via-services)");
+            conformance(&root, &cases, None, None, true, true, true)
         }
         Task::Demo => {
             setup::run(&root)?;
@@ -127,6 +135,7 @@ fn run(cli: Cli) -> Result<()> {
             filter,
             keep,
             skip_unsupported,
+            via_services,
         } => {
             // Relative to where the command was typed, not the workspace.
             let here = std::env::current_dir()?;
@@ -150,6 +159,8 @@ fn run(cli: Cli) -> Result<()> {
                 filter.as_deref(),
                 keep.map(abs).as_deref(),
                 skip_unsupported,
+                via_services,
+                true,
             )
         }
         Task::Bench { quick } => {
@@ -175,9 +186,13 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// tests/conformance, and ../shared/conformance/cases when it is there.
+/// tests/conformance, tests/conformance-cnp (ClusterNetworkPolicy), and
+/// ../shared/conformance/cases when it is there.
 fn default_corpora(root: &Path) -> Vec<PathBuf> {
-    let mut v = vec![root.join("tests/conformance")];
+    let mut v = vec![
+        root.join("tests/conformance"),
+        root.join("tests/conformance-cnp"),
+    ];
     let shared = root.join("../shared/conformance/cases");
     if shared.is_dir() {
         v.push(shared);
@@ -198,6 +213,8 @@ fn conformance(
     filter: Option<&str>,
     keep: Option<&Path>,
     skip_unsupported: bool,
+    via_services: bool,
+    last: bool,
 ) -> Result<()> {
     let mut args: Vec<String> = [
         "run",
@@ -223,8 +240,15 @@ fn conformance(
     if skip_unsupported {
         args.push("--skip-unsupported".into());
     }
+    if via_services {
+        args.push("--via-services".into());
+    }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    exec_cargo(root, &args)
+    if last {
+        exec_cargo(root, &args)
+    } else {
+        cargo(root, &args)
+    }
 }
 
 /// `cargo` with the repo's tools dir on PATH, replacing this process (the

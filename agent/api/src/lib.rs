@@ -52,6 +52,29 @@ pub enum Request {
     Sync,
     /// The verdict the datapath would give a new flow, and why.
     Trace(TraceRequest),
+    /// Probe the kernel's verdict path (no traffic, nothing recorded) for
+    /// every local endpoint and compare it with the model's.
+    Verify,
+    /// Which pods and namespaces policy isolates, and likely mistakes.
+    Coverage,
+    /// The effect of policy objects on the recorded flows, nothing applied.
+    Preview(PreviewRequest),
+}
+
+/// `palisade-agent preview`: policy objects to apply or delete hypothetically.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreviewRequest {
+    /// YAML documents (NetworkPolicy or ClusterNetworkPolicy objects) to
+    /// apply or replace.
+    #[serde(default)]
+    pub apply: Vec<String>,
+    /// namespace/name of NetworkPolicies, ClusterNetworkPolicy/name of
+    /// cluster ones, to delete.
+    #[serde(default)]
+    pub delete: Vec<String>,
+    /// Only flows recorded at or after this time (seconds since the epoch).
+    #[serde(default)]
+    pub since_unix: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,6 +121,111 @@ pub enum Response {
         kind: ErrorKind,
         message: String,
     },
+    Verify(Box<VerifyReport>),
+    Coverage(Box<CoverageReport>),
+    Preview(Box<PreviewReport>),
+}
+
+/// `palisade-agent verify`: kernel verdicts against the model's.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyReport {
+    /// The programmed generation the probes ran against.
+    pub generation: u64,
+    pub endpoints: usize,
+    pub probes: usize,
+    /// Probes the model distinguishes (one per policy entry and port edge);
+    /// the rest are a sample.
+    pub distinguished: usize,
+    /// Probe generation stopped at the cap.
+    pub truncated: bool,
+    pub mismatches: Vec<VerifyMismatch>,
+    pub duration_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyMismatch {
+    /// namespace/pod of the local endpoint
+    pub endpoint: String,
+    pub direction: String,
+    /// The probe, e.g. "TCP 10.0.0.1:40000 -> 10.0.0.2:80 [S]".
+    pub packet: String,
+    /// The remote side's identity, named.
+    pub peer: String,
+    /// PASS or DROP as the kernel decided.
+    pub kernel: String,
+    /// ALLOW, AUDIT or DROP as the model decides, with its reason.
+    pub model: String,
+    pub model_reason: String,
+    /// The policy rule the model's verdict comes from, if any.
+    pub rule: Option<String>,
+}
+
+/// `palisade-agent coverage`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoverageReport {
+    pub namespaces: Vec<NamespaceCoverage>,
+    pub pods: Vec<PodCoverage>,
+    pub findings: Vec<Finding>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespaceCoverage {
+    pub namespace: String,
+    pub pods: usize,
+    pub ingress_isolated_pods: usize,
+    pub egress_isolated_pods: usize,
+    /// Policies selecting every pod of the namespace with no rule for
+    /// the direction (default deny).
+    pub default_deny_ingress: Vec<String>,
+    pub default_deny_egress: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodCoverage {
+    pub namespace: String,
+    pub pod: String,
+    /// Policies isolating the pod's ingress (empty: not isolated).
+    pub ingress: Vec<String>,
+    pub egress: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Finding {
+    /// e.g. `unselected-pod`, `no-default-deny-ingress`, `no-dns`,
+    /// `empty-selector`, `shadowed-rule`, `ipblock-contains-pods`,
+    /// `ungoverned-namespace-label`.
+    pub kind: String,
+    /// What it is about: a pod, namespace or policy (rule).
+    pub subject: String,
+    pub detail: String,
+}
+
+/// `palisade-agent preview`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreviewReport {
+    /// Flow records replayed (new flows and drops in the window).
+    pub replayed: usize,
+    /// Records that could not be replayed (a side no longer known, no
+    /// local endpoint, not a policy verdict).
+    pub skipped: usize,
+    pub newly_dropped: Vec<PreviewGroup>,
+    pub newly_allowed: Vec<PreviewGroup>,
+    /// Applied policies the compiler rejects ("ns/name: why"): they would
+    /// still isolate what they select, and allow nothing.
+    #[serde(default)]
+    pub rejected: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreviewGroup {
+    /// namespace/pod (or address) of each side.
+    pub source: String,
+    pub destination: String,
+    /// e.g. 5432/TCP
+    pub port: String,
+    pub flows: usize,
+    /// The rule (or isolating policies) that decides after the change.
+    pub rule: String,
 }
 
 impl Response {
@@ -186,6 +314,48 @@ pub struct StatusReport {
     pub policies: Vec<PolicyStatus>,
     pub maps: Vec<MapFill>,
     pub audit: bool,
+    /// Every ClusterNetworkPolicy, by name (absent from older agents).
+    #[serde(default)]
+    pub cluster_policies: Vec<ClusterPolicyStatus>,
+    /// Services with frontends (absent from an older agent's report).
+    #[serde(default)]
+    pub services: Vec<ServiceStatus>,
+    /// Services and EndpointSlices (or parts of them) rejected, one line each.
+    #[serde(default)]
+    pub service_rejections: Vec<String>,
+    /// Why the frontends could not be programmed, if they could not.
+    #[serde(default)]
+    pub services_error: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterPolicyStatus {
+    pub name: String,
+    /// "Admin" or "Baseline"; empty when rejected before the tier was read.
+    pub tier: String,
+    pub priority: Option<u32>,
+    /// Pods of the cluster it selects (host-network pods never count).
+    pub subjects: usize,
+    /// None when compiled; the reason when rejected (it then does nothing).
+    pub rejected: Option<String>,
+    /// E.g. a priority shared with another policy of the tier.
+    pub warning: Option<String>,
+}
+
+/// One Service's frontends: `ClusterIP:port/PROTO` and its backend count.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub namespace: String,
+    pub name: String,
+    pub frontends: Vec<FrontendStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrontendStatus {
+    /// `10.96.0.10:53/UDP`
+    pub frontend: String,
+    pub port_name: String,
+    pub backends: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

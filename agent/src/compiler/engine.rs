@@ -39,7 +39,7 @@ use std::{
 use ipnetwork::Ipv4Network;
 use palisade_common::{
     EndpointInfo, IpcacheValue, PolicyKey, DIR_EGRESS, DIR_INGRESS, IDENTITY_ANY_POD,
-    IDENTITY_HOST, IDENTITY_WORLD,
+    IDENTITY_HOST, IDENTITY_REMOTE_NODE, IDENTITY_WORLD,
 };
 use palisade_dataplane::MapState;
 
@@ -125,6 +125,11 @@ pub struct Engine {
     model: Model,
     configured_host_ips: Vec<Ipv4Addr>,
     source_host_ips: Vec<Ipv4Addr>,
+    /// This node's name: its Node object's addresses are `host`.
+    node_name: Option<String>,
+    /// Addresses the host veths carry (the pods' gateway): the node's own
+    /// source towards its pods (kubelet probes), so `host`.
+    gateway_ips: Vec<Ipv4Addr>,
 
     /// Label identities and CIDR identities: disjoint ranges.
     label_pool: Pool,
@@ -161,6 +166,10 @@ pub struct Engine {
     selects: HashMap<ObjectKey, BTreeSet<String>>,
 
     desired: MapState,
+    /// While any ClusterNetworkPolicy is accepted: `desired` with the tier
+    /// stage applied (what the kernel gets). Recomputed from `desired` after
+    /// every change (see `settle_tiers`).
+    tiered: Option<MapState>,
     touched: Touched,
     dirty_eps: BTreeSet<String>,
     /// Label identities that appeared / disappeared: their entries are
@@ -177,7 +186,7 @@ pub struct Engine {
 impl Destinations for Engine {
     fn named(&self, id: u32, name: &str, proto: u8, f: &mut dyn FnMut(u16)) {
         let id = match self.cidr_by_id.get(&id) {
-            Some(net) if net.prefix() == 32 && !self.model.host_ips.contains(&net.ip()) => {
+            Some(net) if net.prefix() == 32 && !self.is_node_ip(&net.ip()) => {
                 match self.winner(net.ip()).and_then(|k| self.eff[k].label_id) {
                     Some(l) => l,
                     None => return,
@@ -204,6 +213,8 @@ impl Engine {
             },
             configured_host_ips,
             source_host_ips: Vec::new(),
+            node_name: None,
+            gateway_ips: Vec::new(),
             label_pool: Pool::label_identities(),
             cidr_pool: Pool::cidr_identities(),
             cookie_pool: Pool::new(1),
@@ -227,6 +238,7 @@ impl Engine {
             eps_by_ifindex: HashMap::new(),
             selects: HashMap::new(),
             desired: MapState::default(),
+            tiered: None,
             touched: Touched::default(),
             dirty_eps: BTreeSet::new(),
             new_ids: Vec::new(),
@@ -248,6 +260,10 @@ impl Engine {
         e.view
             .identities
             .insert(IDENTITY_ANY_POD, IdentitySource::Reserved("any-pod"));
+        e.view.identities.insert(
+            IDENTITY_REMOTE_NODE,
+            IdentitySource::Reserved("remote-node"),
+        );
         // Room for a cluster of ~10k pods without rehashing the desired
         // state in the middle of a change (a rehash of 30k entries is a
         // few ms; the memory is ~3 MiB).
@@ -263,10 +279,31 @@ impl Engine {
         &self.model
     }
 
+    /// Names this node: the addresses of its Node object become `host`,
+    /// every other node's `remote-node`.
+    pub fn set_node_name(&mut self, name: Option<String>) {
+        self.view.node_name = name.as_deref().map(Arc::from);
+        self.node_name = name;
+        self.set_host_ips();
+        self.settle();
+    }
+
+    /// The addresses the host-side veths carry (replaces the previous set):
+    /// `host`, since the node uses them as its source towards its pods.
+    pub fn set_gateway_ips(&mut self, mut ips: Vec<Ipv4Addr>) {
+        ips.sort();
+        ips.dedup();
+        if ips != self.gateway_ips {
+            self.gateway_ips = ips;
+            self.set_host_ips();
+            self.settle();
+        }
+    }
+
     /// Always equal to `Compiler::compile(self.model()).maps`, modulo
     /// numbering.
     pub fn desired(&self) -> &MapState {
-        &self.desired
+        self.tiered.as_ref().unwrap_or(&self.desired)
     }
 
     /// The keys possibly changed since the last call. Numbers released
@@ -325,8 +362,99 @@ impl Engine {
                 self.source_host_ips = ips;
                 self.set_host_ips();
             }
+            Change::Node(n) => {
+                self.view.nodes.insert(n.name.clone(), n.clone());
+                self.model.nodes.insert(n.name.clone(), n);
+                self.set_host_ips();
+            }
+            Change::NodeDeleted(name) => {
+                self.view.nodes.remove(&name);
+                if self.model.nodes.remove(&name).is_some() {
+                    self.set_host_ips();
+                }
+            }
+            Change::ClusterPolicy(c) => {
+                self.model.add_cluster_policy(&c);
+                self.cluster_policies_changed();
+            }
+            Change::ClusterPolicyDeleted(name) => {
+                if self.model.remove_cluster_policy(&name) {
+                    self.cluster_policies_changed();
+                }
+            }
+            // Services are resolved beside the engine (service_resolve):
+            // policy is judged on the backend, never on a ClusterIP.
+            Change::Service(..)
+            | Change::ServiceDeleted(_)
+            | Change::EndpointSlice(..)
+            | Change::EndpointSliceDeleted(_) => {}
         }
         self.settle();
+    }
+
+    /// The hidden addresses policy follows the accepted
+    /// ClusterNetworkPolicies; the view lists them.
+    fn cluster_policies_changed(&mut self) {
+        let key = super::tiers::cluster_addresses_key();
+        let hidden = self.model.cluster_addresses();
+        self.put_policy(key.clone(), hidden);
+        self.view.policies.remove(&key);
+        let cluster: Vec<_> = self
+            .model
+            .cluster_policies
+            .values()
+            .filter_map(|p| p.accepted())
+            .collect();
+        let cluster = super::tiers::ordered(cluster.into_iter());
+        self.view.cluster_cookies = super::tiers::cluster_rule_refs(&cluster)
+            .into_iter()
+            .collect();
+        self.view.cluster_policies = self.model.cluster_policies.clone().into_iter().collect();
+    }
+
+    /// The tier stage over the NetworkPolicy state: a full pass over the
+    /// selected endpoints (the kernel's maps stay one decision per lookup;
+    /// see tiers.rs), touching the keys whose value changed.
+    fn settle_tiers(&mut self) {
+        let cluster: Vec<_> = self
+            .model
+            .cluster_policies
+            .values()
+            .filter_map(|p| p.accepted())
+            .collect();
+        if cluster.is_empty() && self.tiered.is_none() {
+            return;
+        }
+        let cluster = super::tiers::ordered(cluster.into_iter());
+        let next = (!cluster.is_empty()).then(|| {
+            let mut maps = self.desired.clone();
+            let labels = &self.labels;
+            let lookup = |id: u32| {
+                labels
+                    .get(&id)
+                    .map(|e| (&e.set.namespace_labels, &e.set.pod_labels))
+            };
+            super::tiers::apply_tiers(&self.model, &mut maps, &lookup, &cluster);
+            maps
+        });
+        let old = self.tiered.as_ref().unwrap_or(&self.desired);
+        let new = next.as_ref().unwrap_or(&self.desired);
+        for (k, v) in &new.policy {
+            if old.policy.get(k) != Some(v) {
+                self.touched.policy.insert(*k);
+            }
+        }
+        for k in old.policy.keys() {
+            if !new.policy.contains_key(k) {
+                self.touched.policy.insert(*k);
+            }
+        }
+        for (k, v) in &new.endpoints {
+            if old.endpoints.get(k) != Some(v) {
+                self.touched.endpoints.insert(*k);
+            }
+        }
+        self.tiered = next;
     }
 
     /// A policy already parsed (e.g. kept by a source).
@@ -658,29 +786,68 @@ impl Engine {
         for ip in ips {
             self.dirty_ipcache.insert((ip, 32));
         }
+        for ip in &self.model.remote_node_ips {
+            if net.contains(*ip) {
+                self.dirty_ipcache.insert((*ip, 32));
+            }
+        }
     }
 
     fn set_host_ips(&mut self) {
         let mut ips = self.configured_host_ips.clone();
-        ips.extend(
-            self.source_host_ips
-                .iter()
-                .filter(|ip| !self.configured_host_ips.contains(ip)),
-        );
+        let own = self
+            .node_name
+            .as_ref()
+            .and_then(|n| self.model.nodes.get(n))
+            .map(|n| n.addresses.clone())
+            .unwrap_or_default();
+        for ip in self
+            .source_host_ips
+            .iter()
+            .chain(&own)
+            .chain(&self.gateway_ips)
+        {
+            if !ips.contains(ip) {
+                ips.push(*ip);
+            }
+        }
+        let mut remote: Vec<Ipv4Addr> = self
+            .model
+            .nodes
+            .values()
+            .filter(|n| Some(&n.name) != self.node_name.as_ref())
+            .flat_map(|n| n.addresses.iter().copied())
+            .filter(|ip| !ips.contains(ip))
+            .collect();
+        remote.sort();
+        remote.dedup();
         let old: HashSet<Ipv4Addr> = self.model.host_ips.iter().copied().collect();
         let new: HashSet<Ipv4Addr> = ips.iter().copied().collect();
-        for ip in old.symmetric_difference(&new) {
+        let old_remote: HashSet<Ipv4Addr> = self.model.remote_node_ips.iter().copied().collect();
+        let new_remote: HashSet<Ipv4Addr> = remote.iter().copied().collect();
+        for ip in old
+            .symmetric_difference(&new)
+            .chain(old_remote.symmetric_difference(&new_remote))
+        {
             self.dirty_ips.insert(*ip);
             self.dirty_ipcache.insert((*ip, 32));
         }
         self.view.host_ips = Arc::new(ips.clone());
+        self.view.remote_node_ips = Arc::new(remote.clone());
         self.model.host_ips = ips;
+        self.model.remote_node_ips = remote;
         // Named egress ports on a node address's identity.
-        if old != new {
+        if old != new || old_remote != new_remote {
             for c in self.named_blocks.clone() {
                 self.rule_dirty(c);
             }
         }
+    }
+
+    /// A node's address (this node's or another's): a pod claiming it does
+    /// not make it a pod address.
+    fn is_node_ip(&self, ip: &Ipv4Addr) -> bool {
+        self.model.host_ips.contains(ip) || self.model.remote_node_ips.contains(ip)
     }
 
     // -- policies -----------------------------------------------------------
@@ -1112,6 +1279,12 @@ impl Engine {
                     cidr_identity: IDENTITY_HOST,
                 });
             }
+            if self.model.remote_node_ips.contains(&ip) {
+                return Some(IpcacheValue {
+                    identity: IDENTITY_REMOTE_NODE,
+                    cidr_identity: longest_cidr(&self.cidr_ids, ip),
+                });
+            }
             if let Some(id) = self.winner(ip).and_then(|k| self.eff[k].label_id) {
                 return Some(IpcacheValue {
                     identity: id,
@@ -1136,7 +1309,7 @@ impl Engine {
         while let Some(ip) = self.dirty_ips.pop_first() {
             let winner = self.winner(ip).cloned();
             let need = winner.is_some()
-                && !self.model.host_ips.contains(&ip)
+                && !self.is_node_ip(&ip)
                 && self
                     .named_blocks
                     .iter()
@@ -1158,7 +1331,7 @@ impl Engine {
             }
             self.dirty_ipcache.insert((ip, 32));
             // A node address is the node's, whatever pod claims it.
-            match winner.filter(|_| !self.model.host_ips.contains(&ip)) {
+            match winner.filter(|_| !self.is_node_ip(&ip)) {
                 Some(k) => {
                     let id = self.eff[&k]
                         .label_id
@@ -1194,6 +1367,7 @@ impl Engine {
                 self.touched.endpoints.insert(ifindex);
             }
         }
+        self.settle_tiers();
     }
 }
 
@@ -1555,7 +1729,19 @@ mod tests {
 
     /// One random event; a description of it.
     fn event(rng: &mut StdRng, e: &mut Engine) -> String {
-        match rng.gen_range(0..100) {
+        match rng.gen_range(0..118) {
+            106..=113 => {
+                let i = rng.gen_range(0..4);
+                let y = crate::compiler::tiers::tests::random_cnp(rng, i);
+                let c: crate::cnp::ClusterNetworkPolicy = serde_yaml::from_str(&y).unwrap();
+                e.apply(Change::ClusterPolicy(Arc::new(c)));
+                format!("cluster policy {y}")
+            }
+            114..=117 => {
+                let name = format!("c{}", rng.gen_range(0..4));
+                e.apply(Change::ClusterPolicyDeleted(name.clone()));
+                format!("cluster policy {name} deleted")
+            }
             0..=9 => {
                 let ns = namespace(rng);
                 let d = format!("namespace {ns:?}");
@@ -1615,6 +1801,24 @@ mod tests {
                 e.apply(Change::NodeAddresses(ips));
                 d
             }
+            100..=103 => {
+                // n0 is this node: its addresses are host, the others'
+                // remote-node, whatever pod or ipBlock claims them.
+                let ips = some(rng, &["10.0.0.5", "10.0.1.5", "192.168.0.1", "10.0.0.200"]);
+                let n = crate::model::Node {
+                    name: format!("n{}", rng.gen_range(0..3)),
+                    addresses: ips.iter().map(|s| s.parse().unwrap()).collect(),
+                    ..Default::default()
+                };
+                let d = format!("node {n:?}");
+                e.apply(Change::Node(n));
+                d
+            }
+            104..=105 => {
+                let name = format!("n{}", rng.gen_range(0..3));
+                e.apply(Change::NodeDeleted(name.clone()));
+                format!("node {name} deleted")
+            }
             _ => {
                 let on = rng.gen_bool(0.5);
                 e.set_audit(on);
@@ -1631,6 +1835,7 @@ mod tests {
             Vec::new()
         };
         let mut e = Engine::new(rng.gen_bool(0.1), configured);
+        e.set_node_name(Some("n0".into()));
         let mut mirror = MapState::default();
         check(&mut e, &mut mirror, &format!("seed {seed}, initial"));
         let mut log = Vec::new();

@@ -118,6 +118,7 @@
 //! * Two local endpoints of one pod (a sandbox replaced before the old one
 //!   is deleted): the one with the greatest container id gives the pod its
 //!   address; each keeps its own entries. Endpoint ids are unique per node.
+pub mod cluster;
 pub mod emit;
 pub mod endpoints;
 pub mod engine;
@@ -125,6 +126,7 @@ pub mod identities;
 pub mod ipcache;
 pub mod parse;
 pub mod peers;
+pub mod tiers;
 pub mod view;
 
 use std::{
@@ -134,7 +136,8 @@ use std::{
 
 use ipnetwork::Ipv4Network;
 use palisade_common::{
-    EndpointInfo, IpcacheValue, DIR_INGRESS, IDENTITY_ANY_POD, IDENTITY_HOST, IDENTITY_WORLD,
+    EndpointInfo, IpcacheValue, DIR_INGRESS, IDENTITY_ANY_POD, IDENTITY_HOST, IDENTITY_REMOTE_NODE,
+    IDENTITY_WORLD,
 };
 use palisade_dataplane::MapState;
 
@@ -211,6 +214,15 @@ pub struct Compiled {
     /// that isolate the endpoint in that direction, sorted. Only enforced
     /// directions have an entry.
     pub isolated_by: BTreeMap<(u32, u8), Vec<ObjectKey>>,
+    /// Every cookie of every rule of every accepted ClusterNetworkPolicy
+    /// (from `tiers::CLUSTER_COOKIE_BASE`).
+    pub cluster_cookies: HashMap<u32, tiers::ClusterRuleRef>,
+    /// ClusterNetworkPolicies that could not be compiled, with the reason
+    /// (they contribute nothing).
+    pub cluster_rejected: BTreeMap<String, String>,
+    /// Accepted ClusterNetworkPolicies sharing a tier and priority with
+    /// another: the warning.
+    pub cluster_warnings: BTreeMap<String, String>,
 }
 
 impl Compiled {
@@ -340,6 +352,17 @@ impl Compiler {
             }
         }
 
+        // ClusterNetworkPolicies (parsed when they entered the model), in
+        // evaluation order.
+        for (name, cp) in &model.cluster_policies {
+            if let Some(reason) = cp.rejected() {
+                out.cluster_rejected
+                    .insert(name.clone(), reason.to_string());
+            }
+        }
+        let cluster = tiers::ordered(model.cluster_policies.values().filter_map(|p| p.accepted()));
+        out.cluster_warnings = tiers::equal_priority_warnings(cluster.iter().copied());
+
         // Label identities.
         let mut ns_labels: HashMap<&str, Labels> = HashMap::new();
         let mut pod_identity: BTreeMap<&ObjectKey, u32> = BTreeMap::new();
@@ -383,8 +406,10 @@ impl Compiler {
                 }
             }
         }
+        let node_ip =
+            |ip: &Ipv4Addr| model.host_ips.contains(ip) || model.remote_node_ips.contains(ip);
         for ip in pod_at.keys() {
-            if !model.host_ips.contains(ip)
+            if !node_ip(ip)
                 && accepted
                     .iter()
                     .any(|p| p.rules.iter().any(|r| named_block_contains(r, *ip)))
@@ -408,6 +433,10 @@ impl Compiler {
             .insert(IDENTITY_WORLD, IdentitySource::Reserved("world"));
         out.identities
             .insert(IDENTITY_ANY_POD, IdentitySource::Reserved("any-pod"));
+        out.identities.insert(
+            IDENTITY_REMOTE_NODE,
+            IdentitySource::Reserved("remote-node"),
+        );
         for (id, set) in &labels_by_id {
             out.identities.insert(*id, set.source());
         }
@@ -433,6 +462,17 @@ impl Compiler {
                 (*ip, 32),
                 IpcacheValue {
                     identity: pod_identity[key],
+                    cidr_identity: longest_cidr(&cidr_ids, *ip),
+                },
+            );
+        }
+        // Another node's address is that node's, whatever pod claims it
+        // (host-network pods of that node): only ipBlocks match it.
+        for ip in &model.remote_node_ips {
+            ipcache.insert(
+                (*ip, 32),
+                IpcacheValue {
+                    identity: IDENTITY_REMOTE_NODE,
                     cidr_identity: longest_cidr(&cidr_ids, *ip),
                 },
             );
@@ -472,7 +512,7 @@ impl Compiler {
         // Endpoints and their policy entries.
         let addresses = cidr_ids
             .iter()
-            .filter(|(net, _)| net.prefix() == 32 && !model.host_ips.contains(&net.ip()))
+            .filter(|(net, _)| net.prefix() == 32 && !node_ip(&net.ip()))
             .filter_map(|(net, id)| Some((*id, pod_identity[pod_at.get(&net.ip())?])))
             .collect();
         let dest = FullDestinations {
@@ -530,9 +570,24 @@ impl Compiler {
                 },
             );
         }
+
+        // ClusterNetworkPolicy tiers over the NetworkPolicy result (the
+        // identities they need come from the hidden policy
+        // `tiers::cluster_addresses_key`, which the model keeps).
+        out.cluster_cookies = tiers::cluster_rule_refs(&cluster);
+        let identities = std::mem::take(&mut out.identities);
+        tiers::apply_tiers(
+            model,
+            &mut out.maps,
+            &tiers::labels_of(&identities),
+            &cluster,
+        );
+        out.identities = identities;
         out
     }
 }
 
+#[cfg(test)]
+mod nodes_tests;
 #[cfg(test)]
 mod tests;

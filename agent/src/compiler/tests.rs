@@ -914,8 +914,8 @@ fn ipcache_contents() {
         .any(|s| *s == IdentitySource::Cidr("0.0.0.0/0".parse().unwrap())));
     // prefixes (3) + host + 6 pods.
     assert_eq!(c.maps.ipcache.len(), 3 + 1 + 6);
-    // host, world, any-pod + 6 label + 2 CIDR identities.
-    assert_eq!(c.identities.len(), 3 + 6 + 2);
+    // host, world, any-pod, remote-node + 6 label + 2 CIDR identities.
+    assert_eq!(c.identities.len(), 4 + 6 + 2);
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::{
 };
 
 use super::{Compiled, IdentitySource, RuleRef};
-use crate::model::{Labels, LocalEndpoint, Model, Namespace, ObjectKey};
+use crate::model::{Labels, LocalEndpoint, Model, Namespace, Node, ObjectKey};
 
 /// A pod as the flow log names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,6 +33,22 @@ pub trait Names {
     fn local_endpoint_at(&self, ip: Ipv4Addr) -> Option<&LocalEndpoint>;
     fn local_endpoint_of(&self, key: &ObjectKey) -> Option<&LocalEndpoint>;
     fn is_host_ip(&self, ip: Ipv4Addr) -> bool;
+    /// The other node an address belongs to (`remote-node` identity).
+    fn remote_node_name(&self, _ip: Ipv4Addr) -> Option<&str> {
+        None
+    }
+    /// This node's name, if the agent was given one.
+    fn node_name(&self) -> Option<&str> {
+        None
+    }
+    /// The node whose pod range (spec.podCIDRs) holds a pod address.
+    fn pod_node_name(&self, _ip: Ipv4Addr) -> Option<&str> {
+        None
+    }
+    /// The ClusterNetworkPolicy rule a cookie stands for.
+    fn cluster_cookie(&self, _cookie: u32) -> Option<&super::tiers::ClusterRuleRef> {
+        None
+    }
 }
 
 /// A published state. Every part is a persistent map: cloning a `View` is
@@ -40,6 +56,10 @@ pub trait Names {
 #[derive(Clone, Debug, Default)]
 pub struct View {
     pub cookies: im::HashMap<u32, RuleRef>,
+    /// ClusterNetworkPolicy rule cookies (from `tiers::CLUSTER_COOKIE_BASE`).
+    pub cluster_cookies: im::HashMap<u32, super::tiers::ClusterRuleRef>,
+    /// Every ClusterNetworkPolicy of the model, parsed (accepted or rejected).
+    pub cluster_policies: im::OrdMap<String, std::sync::Arc<super::cluster::ParsedClusterPolicy>>,
     pub identities: im::HashMap<u32, IdentitySource>,
     /// Every policy of the model, with the reason if rejected.
     pub policies: im::OrdMap<ObjectKey, Option<String>>,
@@ -59,7 +79,22 @@ pub struct View {
     pub endpoints: im::OrdMap<String, LocalEndpoint>,
     pub endpoints_by_id: im::HashMap<u32, String>,
     pub host_ips: Arc<Vec<Ipv4Addr>>,
+    /// The cluster's nodes, and the addresses of the other ones.
+    pub nodes: im::OrdMap<String, Node>,
+    pub remote_node_ips: Arc<Vec<Ipv4Addr>>,
+    /// This node's name.
+    pub node_name: Option<Arc<str>>,
     pub audit: bool,
+}
+
+impl View {
+    /// The node (other than this one) an address belongs to.
+    pub fn remote_node_at(&self, ip: Ipv4Addr) -> Option<&Node> {
+        if !self.remote_node_ips.contains(&ip) {
+            return None;
+        }
+        self.nodes.values().find(|n| n.addresses.contains(&ip))
+    }
 }
 
 impl View {
@@ -105,10 +140,21 @@ impl View {
             .collect();
         Self {
             cookies: c.cookies.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            cluster_cookies: c
+                .cluster_cookies
+                .iter()
+                .map(|(k, v)| (*k, v.clone()))
+                .collect(),
+            cluster_policies: model
+                .cluster_policies
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             identities: c.identities.iter().map(|(k, v)| (*k, v.clone())).collect(),
             policies: model
                 .policies
                 .iter()
+                .filter(|(k, _)| **k != super::tiers::cluster_addresses_key())
                 .map(|(k, p)| (k.clone(), p.rejected().map(str::to_string)))
                 .collect(),
             rejected: c
@@ -140,6 +186,13 @@ impl View {
                 .map(|(k, v)| (v.endpoint_id, k.clone()))
                 .collect(),
             host_ips: Arc::new(model.host_ips.clone()),
+            nodes: model
+                .nodes
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            remote_node_ips: Arc::new(model.remote_node_ips.clone()),
+            node_name: None,
             audit: model.audit,
         }
     }
@@ -184,6 +237,21 @@ impl Names for View {
     fn is_host_ip(&self, ip: Ipv4Addr) -> bool {
         self.host_ips.contains(&ip)
     }
+    fn remote_node_name(&self, ip: Ipv4Addr) -> Option<&str> {
+        self.remote_node_at(ip).map(|n| n.name.as_str())
+    }
+    fn node_name(&self) -> Option<&str> {
+        self.node_name.as_deref()
+    }
+    fn pod_node_name(&self, ip: Ipv4Addr) -> Option<&str> {
+        self.nodes
+            .values()
+            .find(|n| n.pod_cidrs.iter().any(|c| c.contains(ip)))
+            .map(|n| n.name.as_str())
+    }
+    fn cluster_cookie(&self, cookie: u32) -> Option<&super::tiers::ClusterRuleRef> {
+        self.cluster_cookies.get(&cookie)
+    }
 }
 
 /// Names through a smart pointer or a lock guard (`&*guard` works too).
@@ -216,6 +284,18 @@ macro_rules! forward_names {
             }
             fn is_host_ip(&self, ip: Ipv4Addr) -> bool {
                 (**self).is_host_ip(ip)
+            }
+            fn remote_node_name(&self, ip: Ipv4Addr) -> Option<&str> {
+                (**self).remote_node_name(ip)
+            }
+            fn node_name(&self) -> Option<&str> {
+                (**self).node_name()
+            }
+            fn pod_node_name(&self, ip: Ipv4Addr) -> Option<&str> {
+                (**self).pod_node_name(ip)
+            }
+            fn cluster_cookie(&self, cookie: u32) -> Option<&super::tiers::ClusterRuleRef> {
+                (**self).cluster_cookie(cookie)
             }
         }
     )*};

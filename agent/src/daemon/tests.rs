@@ -43,6 +43,8 @@ impl Scratch {
             xdp_uplinks: Vec::new(),
             xdp_deny: Vec::new(),
             map_sizes: Default::default(),
+            verify_interval: None,
+            verify_readiness: false,
         }
     }
 }
@@ -501,4 +503,121 @@ fn registration_churn_leaves_no_state_behind() {
     assert!(after.endpoints.is_empty() && after.endpoints_by_id.is_empty());
     assert_eq!(after.identities.len(), view.identities.len());
     assert_eq!(after.cookies.len(), view.cookies.len());
+}
+
+fn frontend(name: &str, port: u16, backends: &[&str]) -> crate::service::Frontend {
+    crate::service::Frontend {
+        service: crate::model::ObjectKey::new("default", name),
+        port_name: String::new(),
+        address: format!("10.96.0.20:{port}").parse().unwrap(),
+        protocol: palisade_common::PROTO_TCP,
+        backends: backends
+            .iter()
+            .map(|b| crate::service::Backend {
+                address: b.parse().unwrap(),
+                pod: None,
+            })
+            .collect(),
+        affinity_timeout_s: None,
+    }
+}
+
+#[test]
+fn programmed_services_name_their_ids_and_survive_a_restart() {
+    let s = Scratch::new("services");
+    let dp = MemoryDataplane::new();
+    let mut agent = start(&s, &dp);
+    agent
+        .program_services(vec![frontend("web", 80, &["10.0.0.2:8080"])])
+        .unwrap();
+    let ids = agent.services.read().unwrap().clone();
+    assert_eq!(ids.len(), 1);
+    let (id, f) = ids.iter().next().unwrap();
+    assert_eq!(f.service.to_string(), "default/web");
+    assert_eq!(dp.lock().frontends.values().next().unwrap().service_id, *id);
+    assert_eq!(agent.metrics.services_programmed.get(), 1);
+
+    // A frontend the datapath cannot translate is refused by name; the
+    // others stay programmed.
+    let mut sticky = frontend("sticky", 81, &["10.0.0.3:80"]);
+    sticky.affinity_timeout_s = Some(60);
+    let e = agent
+        .program_services(vec![frontend("web", 80, &["10.0.0.2:8080"]), sticky])
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("default/sticky"), "{e:#}");
+    assert_eq!(dp.lock().frontends.len(), 1);
+
+    // A restarted agent (same kernel) names the same id.
+    drop(agent);
+    let agent = start(&s, &dp);
+    assert_eq!(
+        agent
+            .services
+            .read()
+            .unwrap()
+            .get(id)
+            .map(|f| f.service.to_string()),
+        Some("default/web".into())
+    );
+}
+
+/// Services resolve beside the policy: a bad one is logged, listed in
+/// status and counted, the good one is listed with its backends, and a
+/// dataplane that cannot translate yet is reported, never fatal.
+#[test]
+fn services_are_resolved_and_bad_ones_reported_without_stopping_policy() {
+    let s = Scratch::new("services");
+    let dp = MemoryDataplane::default();
+    let mut agent = start(&s, &dp);
+    let mut snap = isolating_policy();
+    let more = manifests::parse_str(
+        "svc",
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: app, labels: {app: web}}
+spec: {containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 10.244.0.7}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: app}
+spec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{name: http, port: 80, targetPort: http}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: broken, namespace: app}
+spec: {clusterIP: 10.96.0.11, ports: [{port: 0}]}
+"#,
+    )
+    .into_snapshot();
+    snap.pods.extend(more.pods);
+    snap.services.extend(more.services);
+    agent
+        .apply_snapshot(snap.clone())
+        .expect("policy still programmed");
+    let st = agent.status();
+    assert_eq!(st.policies.len(), 1);
+    assert_eq!(st.services.len(), 1, "{:?}", st.services);
+    assert_eq!(st.services[0].name, "web");
+    assert_eq!(st.services[0].frontends[0].frontend, "10.96.0.10:80/TCP");
+    assert_eq!(st.services[0].frontends[0].backends, 1);
+    assert_eq!(st.service_rejections.len(), 1);
+    assert!(
+        st.service_rejections[0].starts_with("Service app/broken: spec.ports[0].port: 0"),
+        "{:?}",
+        st.service_rejections
+    );
+    assert_eq!(st.services_error, None, "the memory dataplane translates");
+    assert_eq!(
+        dp.lock().frontends.len(),
+        1,
+        "the good Service is programmed"
+    );
+    assert_eq!(agent.metrics.service_rejections.get(), 1);
+    // The same view again: the rejection is not counted twice.
+    snap.pods.clear();
+    agent.apply_snapshot(snap).unwrap();
+    assert_eq!(agent.metrics.service_rejections.get(), 1);
+    assert_eq!(agent.status().services[0].frontends[0].backends, 0);
 }

@@ -388,6 +388,7 @@ pub fn flow_event(
     ifindex: u32,
     key: &CtKey,
     d: &Decision,
+    service_id: u32,
 ) -> FlowEvent {
     FlowEvent {
         ts_ns,
@@ -404,7 +405,7 @@ pub fn flow_event(
         src_identity: d.src_identity,
         dst_identity: d.dst_identity,
         cookie: d.cookie,
-        _pad: 0,
+        service_id,
     }
 }
 

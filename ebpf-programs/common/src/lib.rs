@@ -7,6 +7,7 @@
 
 pub mod conntrack;
 pub mod decision;
+pub mod service;
 
 /// Map names, as declared in the object and pinned under bpffs.
 pub mod maps {
@@ -19,8 +20,11 @@ pub mod maps {
     pub const COUNTERS: &str = "COUNTERS";
     pub const XDP_DENY: &str = "XDP_DENY";
     pub const XDP_COUNTERS: &str = "XDP_COUNTERS";
+    pub const SVC_FRONTENDS: &str = "SVC_FRONTENDS";
+    pub const SVC_BACKENDS: &str = "SVC_BACKENDS";
+    pub const SVC_NAT: &str = "SVC_NAT";
     /// Every map the programs share, in a stable order (pinning, adoption).
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 12] = [
         ENDPOINTS,
         IPCACHE,
         POLICY,
@@ -30,6 +34,9 @@ pub mod maps {
         COUNTERS,
         XDP_DENY,
         XDP_COUNTERS,
+        SVC_FRONTENDS,
+        SVC_BACKENDS,
+        SVC_NAT,
     ];
 }
 
@@ -41,7 +48,15 @@ pub mod programs {
     pub const POD_INGRESS: &str = "pod_ingress";
     /// XDP on a node uplink: CIDR deny list.
     pub const XDP_PREFILTER: &str = "xdp_prefilter";
+    /// The verdict path in dry-run mode (no map writes, no events), attached
+    /// nowhere: BPF_PROG_TEST_RUN only, for `palisade-agent verify`.
+    pub const POD_VERIFY: &str = "pod_verify";
 }
+
+/// skb marks that tell `pod_verify` which direction a probe is judged in
+/// (nonzero, so a zeroed context is refused).
+pub const VERIFY_MARK_EGRESS: u32 = 0x7601;
+pub const VERIFY_MARK_INGRESS: u32 = 0x7602;
 
 /// Default map sizes; userspace may override them before load.
 pub mod sizes {
@@ -52,6 +67,10 @@ pub mod sizes {
     pub const FRAGMENTS: u32 = 8 * 1024;
     pub const EVENTS_BYTES: u32 = 1 << 22;
     pub const XDP_DENY: u32 = 64 * 1024;
+    pub const SVC_FRONTENDS: u32 = 16 * 1024;
+    pub const SVC_BACKENDS: u32 = 64 * 1024;
+    /// Two entries per translated flow (forward and reverse).
+    pub const SVC_NAT: u32 = 128 * 1024;
 }
 
 /// Direction of a packet relative to the pod whose veth carries it.
@@ -66,6 +85,11 @@ pub const IDENTITY_WORLD: u32 = 2;
 /// identity is a label identity ([`is_label_identity`]), never host, world
 /// or a CIDR identity. Never an ipcache identity itself.
 pub const IDENTITY_ANY_POD: u32 = 3;
+/// Another node's addresses. Not `host` (NetworkPolicy's "traffic from
+/// the pod's own node is allowed" covers only the own node) and not a label
+/// identity, so any-pod entries never match it: only rules whose ipBlock
+/// contains the address (through its `cidr_identity`) or any-peer rules do.
+pub const IDENTITY_REMOTE_NODE: u32 = 4;
 /// First identity userspace may hand out for label sets. Label identities
 /// are `IDENTITY_FIRST_DYNAMIC..IDENTITY_FIRST_CIDR`.
 pub const IDENTITY_FIRST_DYNAMIC: u32 = 256;
@@ -226,6 +250,9 @@ impl CtKey {
 /// `CtValue::flags`
 pub const CT_AUDIT: u8 = 1;
 pub const CT_SEEN_REPLY: u8 = 1 << 1;
+/// The flow was translated from a Service frontend (`service`): its
+/// replies are reverse translated through `SVC_NAT`.
+pub const CT_SVC_NAT: u8 = 1 << 2;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -285,9 +312,15 @@ pub mod reason {
     pub const MALFORMED: u8 = 22;
     pub const UNSUPPORTED_L3: u8 = 23;
     pub const XDP_DENYLIST: u8 = 24;
+    /// A new flow to a Service frontend without backends.
+    pub const NO_SERVICE_BACKEND: u8 = 25;
+    /// The translation entry could not be written (SVC_NAT full).
+    pub const SVC_NAT_FAILED: u8 = 26;
     // Bookkeeping.
     pub const EVENTS_LOST: u8 = 32;
     pub const XDP_PASS: u8 = 33;
+    /// A new flow translated from a Service frontend to a backend.
+    pub const SVC_TRANSLATED: u8 = 34;
 
     pub const MAX: u32 = 64;
 
@@ -309,8 +342,11 @@ pub mod reason {
             MALFORMED => "malformed-header",
             UNSUPPORTED_L3 => "unsupported-l3",
             XDP_DENYLIST => "xdp-denylist",
+            NO_SERVICE_BACKEND => "no-service-backend",
             EVENTS_LOST => "events-lost",
             XDP_PASS => "xdp-pass",
+            SVC_TRANSLATED => "service-translated",
+            SVC_NAT_FAILED => "service-nat-failed",
             _ => "none",
         }
     }
@@ -339,7 +375,9 @@ pub struct FlowEvent {
     pub src_identity: u32,
     pub dst_identity: u32,
     pub cookie: u32,
-    pub _pad: u32,
+    /// The Service frontend (`SvcFrontend::service_id`) the flow was
+    /// translated from, 0 when it was not; the 5-tuple is the translated one.
+    pub service_id: u32,
 }
 
 #[cfg(feature = "user")]
@@ -357,6 +395,11 @@ mod pod_impls {
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragValue {}
     unsafe impl aya::Pod for FlowEvent {}
+    unsafe impl aya::Pod for service::SvcFrontendKey {}
+    unsafe impl aya::Pod for service::SvcFrontend {}
+    unsafe impl aya::Pod for service::SvcBackendKey {}
+    unsafe impl aya::Pod for service::SvcBackend {}
+    unsafe impl aya::Pod for service::SvcNat {}
 }
 
 #[cfg(test)]

@@ -2,12 +2,14 @@
 //!
 //! `pod_egress` runs at tc ingress of a pod's host-side veth (packets the pod
 //! sends), `pod_ingress` at tc egress of the same device (packets to the
-//! pod). Both share one verdict path in `verdict.rs`; `xdp_prefilter` drops
+//! pod). Both share one verdict path in `verdict.rs` (and so does
+//! `pod_verify`, its side-effect-free twin for `palisade-agent verify`); `xdp_prefilter` drops
 //! deny-listed sources on a node uplink before an skb exists.
 #![no_std]
 #![no_main]
 
 mod headers;
+mod service;
 mod verdict;
 
 use aya_ebpf::{
@@ -17,8 +19,10 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use palisade_common::{
-    reason, sizes, CtKey, CtValue, EndpointInfo, EndpointKey, FragKey, FragValue, IpcacheValue,
-    PolicyKey, PolicyValue, DIR_EGRESS, DIR_INGRESS,
+    reason,
+    service::{SvcBackend, SvcBackendKey, SvcFrontend, SvcFrontendKey, SvcNat},
+    sizes, CtKey, CtValue, EndpointInfo, EndpointKey, FragKey, FragValue, IpcacheValue, PolicyKey,
+    PolicyValue, DIR_EGRESS, DIR_INGRESS,
 };
 
 // ---- maps shared with userspace (layouts in palisade-common) ----
@@ -46,6 +50,19 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(sizes::EVENTS_BYTES, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::MAX, 0);
 
+// ---- Service translation (layouts in palisade_common::service) ----
+
+#[map]
+static SVC_FRONTENDS: HashMap<SvcFrontendKey, SvcFrontend> =
+    HashMap::with_max_entries(sizes::SVC_FRONTENDS, 0);
+
+#[map]
+static SVC_BACKENDS: HashMap<SvcBackendKey, SvcBackend> =
+    HashMap::with_max_entries(sizes::SVC_BACKENDS, 0);
+
+#[map]
+static SVC_NAT: LruHashMap<CtKey, SvcNat> = LruHashMap::with_max_entries(sizes::SVC_NAT, 0);
+
 // ---- XDP prefilter maps ----
 
 #[map]
@@ -56,12 +73,37 @@ static XDP_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::MA
 
 #[classifier]
 pub fn pod_egress(ctx: TcContext) -> i32 {
-    tc_action(verdict::process(&ctx, DIR_EGRESS))
+    let mut redirect = None;
+    let r = verdict::process::<false>(&ctx, DIR_EGRESS, &mut redirect);
+    match (r, redirect) {
+        // A hairpin turned back into its pod (`service`).
+        (Ok(true), Some(act)) => act,
+        _ => tc_action(r),
+    }
 }
 
 #[classifier]
 pub fn pod_ingress(ctx: TcContext) -> i32 {
-    tc_action(verdict::process(&ctx, DIR_INGRESS))
+    let mut redirect = None;
+    tc_action(verdict::process::<false>(&ctx, DIR_INGRESS, &mut redirect))
+}
+
+/// The verdict path of `pod_egress`/`pod_ingress` in dry-run mode: reads
+/// the live maps, writes nothing (see `verdict.rs`). Attached nowhere; run
+/// only through BPF_PROG_TEST_RUN by `palisade-agent verify`, which puts
+/// the direction in the skb mark (`VERIFY_MARK_*`). Any other mark drops.
+#[classifier]
+pub fn pod_verify(ctx: TcContext) -> i32 {
+    // SAFETY: the context pointer is valid for the program's whole run.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    let dir = match mark {
+        palisade_common::VERIFY_MARK_EGRESS => DIR_EGRESS,
+        palisade_common::VERIFY_MARK_INGRESS => DIR_INGRESS,
+        _ => return TC_ACT_SHOT,
+    };
+    // Dry run: never translates, so never redirects.
+    let mut redirect = None;
+    tc_action(verdict::process::<true>(&ctx, dir, &mut redirect))
 }
 
 /// `Err` means the program could not reach a verdict (e.g. a map it relies

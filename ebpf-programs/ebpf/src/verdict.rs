@@ -5,19 +5,40 @@
 //! This file parses packets and touches the maps; every rule applied to
 //! what it parsed or looked up lives in `palisade_common::decision`, which
 //! the userspace reference evaluator calls too.
+//!
+//! `DRY` (the `pod_verify` program, run only through BPF_PROG_TEST_RUN by
+//! `palisade-agent verify`) takes the same path against the same maps but
+//! writes nothing: no conntrack or fragment entry, no event, no counter,
+//! and it skips the conntrack lookup so every probe is judged as a new flow.
+//! It does not translate Service traffic either (no rewrite, no
+//! translation entry): a probe is judged on its own tuple, as the
+//! reference evaluator judges it.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key, programs::TcContext};
+use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
+    maps::{lpm_trie::Key, HashMap, LruHashMap},
+    programs::TcContext,
+};
 use palisade_common::{
     decision::{
         ct_key, ct_use, decide, drop_if_enforced as enforced_drop, empty_key,
         first_fragment_verdict, flow_event, hard_drop, is_neighbour_discovery,
-        later_fragment_verdict, new_ct_entry, peer_or_world, remote_addr, spoofed, track, Decision,
+        later_fragment_verdict, new_ct_entry, peer_or_world, refresh, remote_addr, spoofed, track,
+        Decision,
     },
-    reason, CtKey, EndpointInfo, EndpointKey, FlowEvent, FragKey, FragValue, POLICY_PREFIX_FULL,
-    PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    reason,
+    service::{
+        backend_slot, policy_peer, reverse_key, translated, SvcBackendKey, SvcFrontend,
+        SvcFrontendKey, SvcNat, HAIRPIN_ADDR, HAIRPIN_PEER, NAT_HAIRPIN,
+    },
+    CtKey, CtValue, EndpointInfo, EndpointKey, FlowEvent, FragKey, FragValue, CT_SVC_NAT,
+    DIR_EGRESS, DIR_INGRESS, POLICY_PREFIX_FULL, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
 };
 
-use crate::{headers::*, CONNTRACK, COUNTERS, ENDPOINTS, EVENTS, FRAGMENTS, IPCACHE, POLICY};
+use crate::{
+    headers::*, service, CONNTRACK, COUNTERS, ENDPOINTS, EVENTS, FRAGMENTS, IPCACHE, POLICY,
+    SVC_BACKENDS, SVC_FRONTENDS, SVC_NAT,
+};
 
 /// Bytes of headers the programs may need in the linear part of the skb:
 /// Ethernet, the largest IPv4 header and a TCP header.
@@ -27,10 +48,16 @@ const PULL_LEN: u32 = (ETH_HLEN + 60 + TCP_MIN_HLEN) as u32;
 struct Flow {
     key: CtKey,
     tcp_flags: u8,
+    /// `SvcFrontend::service_id` of a translated flow, else 0.
+    svc: u32,
 }
 
 #[inline(always)]
-pub fn process(ctx: &TcContext, dir: u8) -> Result<bool, ()> {
+pub fn process<const DRY: bool>(
+    ctx: &TcContext,
+    dir: u8,
+    redirect: &mut Option<i32>,
+) -> Result<bool, ()> {
     // SAFETY: the context pointer is valid for the program's whole run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let ep = match ENDPOINTS.get_ptr(EndpointKey::ifindex(ifindex)) {
@@ -57,22 +84,39 @@ pub fn process(ctx: &TcContext, dir: u8) -> Result<bool, ()> {
     }
 
     let Some(eth) = ptr_at::<EthHdr>(start, end, 0) else {
-        return Ok(drop_if_enforced(&ep, dir, ifindex, reason::MALFORMED));
+        return Ok(drop_if_enforced::<DRY>(
+            &ep,
+            dir,
+            ifindex,
+            reason::MALFORMED,
+        ));
     };
     // SAFETY: bounds checked by ptr_at.
     let ether_type = u16::from_be(unsafe { (*eth).ether_type_be });
     match ether_type {
         ETH_P_IP => {}
         ETH_P_ARP => {
-            count(reason::NOT_IP);
+            count::<DRY>(reason::NOT_IP);
             return Ok(true);
         }
-        ETH_P_IPV6 => return Ok(ipv6(&ep, dir, ifindex, start, end)),
-        _ => return Ok(drop_if_enforced(&ep, dir, ifindex, reason::UNSUPPORTED_L3)),
+        ETH_P_IPV6 => return Ok(ipv6::<DRY>(&ep, dir, ifindex, start, end)),
+        _ => {
+            return Ok(drop_if_enforced::<DRY>(
+                &ep,
+                dir,
+                ifindex,
+                reason::UNSUPPORTED_L3,
+            ))
+        }
     }
 
     let Some(ip) = ptr_at::<Ipv4Hdr>(start, end, ETH_HLEN) else {
-        return Ok(drop_if_enforced(&ep, dir, ifindex, reason::MALFORMED));
+        return Ok(drop_if_enforced::<DRY>(
+            &ep,
+            dir,
+            ifindex,
+            reason::MALFORMED,
+        ));
     };
     // SAFETY: bounds checked by ptr_at.
     let (ver_ihl, tot_len, id_be, frag_off, protocol, saddr, daddr) = unsafe {
@@ -88,7 +132,12 @@ pub fn process(ctx: &TcContext, dir: u8) -> Result<bool, ()> {
     };
     let ihl = ((ver_ihl & 0x0f) as usize) * 4;
     if ver_ihl >> 4 != 4 || ihl < 20 || (tot_len as usize) < ihl {
-        return Ok(drop_if_enforced(&ep, dir, ifindex, reason::MALFORMED));
+        return Ok(drop_if_enforced::<DRY>(
+            &ep,
+            dir,
+            ifindex,
+            reason::MALFORMED,
+        ));
     }
 
     // Anti-spoofing holds for every registered pod, enforced or not.
@@ -96,8 +145,9 @@ pub fn process(ctx: &TcContext, dir: u8) -> Result<bool, ()> {
         let flow = Flow {
             key: ct_key(saddr, daddr, 0, 0, protocol, dir),
             tcp_flags: 0,
+            svc: 0,
         };
-        finish(&ep, ifindex, &flow, &d);
+        finish::<DRY>(&ep, ifindex, &flow, &d);
         return Ok(d.pass);
     }
 
@@ -110,7 +160,7 @@ pub fn process(ctx: &TcContext, dir: u8) -> Result<bool, ()> {
     };
     let offset = frag_off & IP_OFFSET_MASK;
     if offset != 0 {
-        return Ok(later_fragment(
+        return Ok(later_fragment::<DRY>(
             &ep, dir, ifindex, &frag_key, saddr, daddr, protocol,
         ));
     }
@@ -125,6 +175,7 @@ pub fn process(ctx: &TcContext, dir: u8) -> Result<bool, ()> {
     let mut flow = Flow {
         key: ct_key(saddr, daddr, 0, 0, protocol, dir),
         tcp_flags: 0,
+        svc: 0,
     };
     let parsed = match protocol {
         PROTO_TCP => match ptr_at::<TcpHdr>(start, end, l4) {
@@ -170,11 +221,16 @@ pub fn process(ctx: &TcContext, dir: u8) -> Result<bool, ()> {
         _ => true,
     };
     if !parsed {
-        return Ok(drop_if_enforced(&ep, dir, ifindex, reason::MALFORMED));
+        return Ok(drop_if_enforced::<DRY>(
+            &ep,
+            dir,
+            ifindex,
+            reason::MALFORMED,
+        ));
     }
 
-    let pass = track_and_decide(&ep, dir, ifindex, &flow);
-    if frag_off & IP_MF != 0 {
+    let pass = track_and_decide::<DRY>(ctx, &ep, dir, ifindex, &mut flow, l4, redirect);
+    if !DRY && frag_off & IP_MF != 0 {
         // First fragment: the rest of the datagram inherits this verdict.
         // SAFETY: helper without preconditions.
         let (expires_ns, verdict) = first_fragment_verdict(pass, unsafe { bpf_ktime_get_ns() });
@@ -189,40 +245,279 @@ pub fn process(ctx: &TcContext, dir: u8) -> Result<bool, ()> {
 }
 
 /// Conntrack first (known flows and replies pass without a policy lookup),
+/// then, for a new flow leaving a pod, Service translation (`service_flow`),
 /// then policy for a new flow, which is recorded when admitted.
 #[inline(always)]
-fn track_and_decide(ep: &EndpointInfo, dir: u8, ifindex: u32, flow: &Flow) -> bool {
+fn track_and_decide<const DRY: bool>(
+    ctx: &TcContext,
+    ep: &EndpointInfo,
+    dir: u8,
+    ifindex: u32,
+    flow: &mut Flow,
+    l4: usize,
+    redirect: &mut Option<i32>,
+) -> bool {
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let key = &flow.key;
+    let mut ct_flags = 0;
+    let known = if DRY {
+        None
+    } else {
+        ct_track(&flow.key, dir, flow.tcp_flags, now, &mut ct_flags)
+    };
+    if let Some((why, _)) = known {
+        let was_translated = ct_flags & CT_SVC_NAT != 0;
+        if dir == DIR_EGRESS && was_translated {
+            // A later packet of a translated flow, by its original tuple:
+            // to the backend it was given. Its translated tuple's entry is
+            // kept alive too (replies are matched against it). Without its
+            // translation entry (evicted) it is a new flow again, below.
+            if let Some(n) = lookup(&SVC_NAT, &flow.key) {
+                count::<DRY>(why);
+                let tk = translated(&flow.key, n.addr, n.port_be);
+                let mut f = 0;
+                let _ = ct_track(&tk, DIR_EGRESS, flow.tcp_flags, now, &mut f);
+                let orig = flow.key;
+                return translate(ctx, &orig, &n, l4, ifindex, redirect);
+            }
+        } else {
+            count::<DRY>(why);
+            return known_flow(ctx, dir, &flow.key, was_translated, l4, ifindex, redirect);
+        }
+    }
 
-    let known = track(key, dir, |k, reply| {
+    if !DRY
+        && dir == DIR_EGRESS
+        && (flow.key.protocol == PROTO_TCP || flow.key.protocol == PROTO_UDP)
+    {
+        let fk = SvcFrontendKey {
+            addr: flow.key.daddr,
+            port_be: flow.key.dport_be,
+            protocol: flow.key.protocol,
+            _pad: 0,
+        };
+        if let Some(fe) = lookup(&SVC_FRONTENDS, &fk) {
+            return service_flow(ctx, ep, ifindex, flow, &fe, l4, now, redirect);
+        }
+    }
+
+    let d = policy(ep, dir, &flow.key);
+    if d.pass && !DRY {
+        let v = new_ct_entry(&d, flow.key.protocol, flow.tcp_flags, now);
+        let _ = CONNTRACK.insert(&flow.key, &v, 0);
+    }
+    finish::<DRY>(ep, ifindex, flow, &d);
+    d.pass
+}
+
+/// A packet conntrack passed: replies of translated flows are turned back
+/// into ClusterIP:port (at the client's ingress; a hairpin's at the pod's
+/// own egress, then handed back into the pod), all else passes as it is.
+#[inline(always)]
+fn known_flow(
+    ctx: &TcContext,
+    dir: u8,
+    key: &CtKey,
+    was_translated: bool,
+    l4: usize,
+    ifindex: u32,
+    redirect: &mut Option<i32>,
+) -> bool {
+    if dir == DIR_INGRESS && was_translated {
+        return match lookup(&SVC_NAT, key) {
+            Some(n) => service::reverse(ctx, key, &n, l4).is_ok(),
+            // The reverse entry was evicted: the client would drop a
+            // reply from the backend's address anyway.
+            None => true,
+        };
+    }
+    if dir == DIR_EGRESS && key.daddr == HAIRPIN_ADDR {
+        if let Some(n) = lookup(&SVC_NAT, key) {
+            return match service::hairpin_reply(ctx, key, &n, l4, ifindex) {
+                Ok(act) => {
+                    *redirect = Some(act);
+                    true
+                }
+                Err(()) => false,
+            };
+        }
+    }
+    true
+}
+
+/// Conntrack lookup of `key` (and its reply direction); `flags` receives
+/// the flags of the entry that matched.
+#[inline(always)]
+fn ct_track(key: &CtKey, dir: u8, tcp_flags: u8, now: u64, flags: &mut u8) -> Option<(u8, u32)> {
+    track(key, dir, |k, reply| {
         let p = CONNTRACK.get_ptr_mut(k)?;
         // SAFETY: valid map value pointer; concurrent updates of these
         // fields race benignly (last writer wins on a timestamp).
         let ct = unsafe { &mut *p };
-        ct_use(ct, k.protocol, flow.tcp_flags, reply, now).then_some(ct.cookie)
-    });
-    if let Some((why, _)) = known {
-        count(why);
-        return true;
-    }
+        *flags = ct.flags;
+        ct_use(ct, k.protocol, tcp_flags, reply, now).then_some(ct.cookie)
+    })
+}
 
-    let peer = peer_or_world(IPCACHE.get(Key::new(32, remote_addr(key, dir))).copied());
-    let d = decide(ep, dir, key, &peer, |pk| {
-        POLICY.get(&Key::new(POLICY_PREFIX_FULL, *pk)).copied()
+/// The policy verdict on a new flow.
+#[inline(always)]
+fn policy(ep: &EndpointInfo, dir: u8, key: &CtKey) -> Decision {
+    let peer = policy_peer(dir, remote_addr(key, dir), |a| {
+        IPCACHE.get(Key::new(32, a)).copied()
     });
-    if d.pass {
-        let v = new_ct_entry(&d, key.protocol, flow.tcp_flags, now);
-        let _ = CONNTRACK.insert(key, &v, 0);
+    decide(ep, dir, key, &peer, |pk| {
+        POLICY.get(&Key::new(POLICY_PREFIX_FULL, *pk)).copied()
+    })
+}
+
+/// A packet from a pod to a Service frontend. An open flow keeps the
+/// backend it was given while its conntrack entry lives; a new one gets a
+/// backend by the hash of its tuple and is judged by policy as traffic to
+/// that backend. Only admitted flows are translated and recorded.
+#[inline(always)]
+fn service_flow(
+    ctx: &TcContext,
+    ep: &EndpointInfo,
+    ifindex: u32,
+    flow: &mut Flow,
+    fe: &SvcFrontend,
+    l4: usize,
+    now: u64,
+    redirect: &mut Option<i32>,
+) -> bool {
+    let orig = flow.key;
+    flow.svc = fe.service_id;
+    if let Some(n) = lookup(&SVC_NAT, &orig) {
+        let tk = translated(&orig, n.addr, n.port_be);
+        let mut f = 0;
+        if let Some((why, cookie)) = ct_track(&tk, DIR_EGRESS, flow.tcp_flags, now, &mut f) {
+            count::<false>(why);
+            // The original tuple's entry was gone: the flow's own again.
+            let mut v = CtValue {
+                expires_ns: 0,
+                cookie,
+                tcp_state: 0,
+                flags: CT_SVC_NAT,
+                _pad: 0,
+            };
+            refresh(&mut v, orig.protocol, flow.tcp_flags, false, now);
+            let _ = CONNTRACK.insert(&orig, &v, 0);
+            return translate(ctx, &orig, &n, l4, ifindex, redirect);
+        }
     }
-    finish(ep, ifindex, flow, &d);
-    d.pass
+    let backend = if fe.backends == 0 {
+        None
+    } else {
+        let bk = SvcBackendKey {
+            service_id: fe.service_id,
+            slot: backend_slot(&orig, fe.backends),
+        };
+        lookup(&SVC_BACKENDS, &bk)
+    };
+    let Some(b) = backend else {
+        // kube-proxy rejects these; palisade drops them (no reset or ICMP
+        // unreachable is generated), reported with their own reason.
+        let d = hard_drop(ep, reason::NO_SERVICE_BACKEND, DIR_EGRESS);
+        finish::<false>(ep, ifindex, flow, &d);
+        return false;
+    };
+    let hairpin = b.addr == ep.ipv4;
+    flow.key = translated(&orig, b.addr, b.port_be);
+    let d = if hairpin {
+        decide(ep, DIR_EGRESS, &flow.key, &HAIRPIN_PEER, |_| None)
+    } else {
+        policy(ep, DIR_EGRESS, &flow.key)
+    };
+    if !d.pass {
+        finish::<false>(ep, ifindex, flow, &d);
+        return false;
+    }
+    let flags = if hairpin { NAT_HAIRPIN } else { 0 };
+    let fwd = SvcNat {
+        addr: b.addr,
+        port_be: b.port_be,
+        flags,
+        _pad: 0,
+        service_id: fe.service_id,
+    };
+    let rev = SvcNat {
+        addr: orig.daddr,
+        port_be: orig.dport_be,
+        flags,
+        _pad: 0,
+        service_id: fe.service_id,
+    };
+    let rk = reverse_key(&orig, b.addr, b.port_be, hairpin);
+    if SVC_NAT.insert(&orig, &fwd, 0).is_err() || SVC_NAT.insert(&rk, &rev, 0).is_err() {
+        let d = hard_drop(ep, reason::SVC_NAT_FAILED, DIR_EGRESS);
+        finish::<false>(ep, ifindex, flow, &d);
+        return false;
+    }
+    // Two entries: the translated tuple's (policy's verdict, replies) and
+    // the original tuple's, which later packets find first and which says
+    // "translate" (CT_SVC_NAT), so they cost one conntrack lookup before
+    // their SVC_NAT lookup, not a miss, a reverse miss and a frontend
+    // lookup.
+    let mut v = new_ct_entry(&d, flow.key.protocol, flow.tcp_flags, now);
+    v.flags |= CT_SVC_NAT;
+    let _ = CONNTRACK.insert(&flow.key, &v, 0);
+    let _ = CONNTRACK.insert(&orig, &v, 0);
+    count::<false>(reason::SVC_TRANSLATED);
+    finish::<false>(ep, ifindex, flow, &d);
+    translate(ctx, &orig, &fwd, l4, ifindex, redirect)
+}
+
+/// Rewrite an admitted packet to its backend; a hairpin is turned back
+/// into the pod.
+#[inline(always)]
+fn translate(
+    ctx: &TcContext,
+    orig: &CtKey,
+    nat: &SvcNat,
+    l4: usize,
+    ifindex: u32,
+    redirect: &mut Option<i32>,
+) -> bool {
+    if service::forward(ctx, orig, nat, l4).is_err() {
+        return false;
+    }
+    if nat.flags & NAT_HAIRPIN != 0 {
+        match service::hairpin_request(ctx, ifindex) {
+            Ok(act) => *redirect = Some(act),
+            Err(()) => return false,
+        }
+    }
+    true
+}
+
+/// A copy of a map value.
+#[inline(always)]
+fn lookup<K, V: Copy>(map: &impl Lookup<K, V>, k: &K) -> Option<V> {
+    // SAFETY: map values stay valid while the program runs (RCU).
+    map.ptr(k).map(|p| unsafe { *p })
+}
+
+trait Lookup<K, V> {
+    fn ptr(&self, k: &K) -> Option<*const V>;
+}
+
+impl<K, V> Lookup<K, V> for HashMap<K, V> {
+    #[inline(always)]
+    fn ptr(&self, k: &K) -> Option<*const V> {
+        self.get_ptr(k)
+    }
+}
+
+impl<K, V> Lookup<K, V> for LruHashMap<K, V> {
+    #[inline(always)]
+    fn ptr(&self, k: &K) -> Option<*const V> {
+        self.get_ptr(k)
+    }
 }
 
 /// Non-first fragments carry no ports: they get their first fragment's verdict.
 #[inline(always)]
-fn later_fragment(
+fn later_fragment<const DRY: bool>(
     ep: &EndpointInfo,
     dir: u8,
     ifindex: u32,
@@ -238,13 +533,13 @@ fn later_fragment(
         let v = unsafe { *p };
         match later_fragment_verdict(v.expires_ns, v.verdict, now) {
             Some(true) => {
-                count(reason::FRAG_ALLOWED);
+                count::<DRY>(reason::FRAG_ALLOWED);
                 return true;
             }
             Some(false) => {
                 // Every drop is reported, fragments of a denied datagram too.
                 let d = hard_drop(ep, reason::FRAG_DENIED, dir);
-                finish(ep, ifindex, &frag_flow(saddr, daddr, protocol, dir), &d);
+                finish::<DRY>(ep, ifindex, &frag_flow(saddr, daddr, protocol, dir), &d);
                 return false;
             }
             None => {}
@@ -253,7 +548,7 @@ fn later_fragment(
     let Some(d) = enforced_drop(ep, dir, reason::FRAG_UNTRACKED) else {
         return true;
     };
-    finish(ep, ifindex, &frag_flow(saddr, daddr, protocol, dir), &d);
+    finish::<DRY>(ep, ifindex, &frag_flow(saddr, daddr, protocol, dir), &d);
     d.pass
 }
 
@@ -263,13 +558,20 @@ fn frag_flow(saddr: u32, daddr: u32, protocol: u8, dir: u8) -> Flow {
     Flow {
         key: ct_key(saddr, daddr, 0, 0, protocol, dir),
         tcp_flags: 0,
+        svc: 0,
     }
 }
 
 /// IPv6 is not enforced yet, so it never reaches or leaves an enforced pod,
 /// except neighbour discovery (ICMPv6 133..=137), which addressing needs.
 #[inline(always)]
-fn ipv6(ep: &EndpointInfo, dir: u8, ifindex: u32, start: usize, end: usize) -> bool {
+fn ipv6<const DRY: bool>(
+    ep: &EndpointInfo,
+    dir: u8,
+    ifindex: u32,
+    start: usize,
+    end: usize,
+) -> bool {
     if !ep.enforced_any() {
         return true;
     }
@@ -282,36 +584,41 @@ fn ipv6(ep: &EndpointInfo, dir: u8, ifindex: u32, start: usize, end: usize) -> b
         _ => false,
     };
     if nd {
-        count(reason::NOT_IP);
+        count::<DRY>(reason::NOT_IP);
         return true;
     }
     let flow = Flow {
         key: empty_key(dir),
         tcp_flags: 0,
+        svc: 0,
     };
     // Audit mode does not open an IPv6 bypass either.
     let d = hard_drop(ep, reason::IPV6_UNSUPPORTED, dir);
-    finish(ep, ifindex, &flow, &d);
+    finish::<DRY>(ep, ifindex, &flow, &d);
     false
 }
 
 #[inline(always)]
-fn drop_if_enforced(ep: &EndpointInfo, dir: u8, ifindex: u32, why: u8) -> bool {
+fn drop_if_enforced<const DRY: bool>(ep: &EndpointInfo, dir: u8, ifindex: u32, why: u8) -> bool {
     let Some(d) = enforced_drop(ep, dir, why) else {
         return true;
     };
     let flow = Flow {
         key: empty_key(dir),
         tcp_flags: 0,
+        svc: 0,
     };
-    finish(ep, ifindex, &flow, &d);
+    finish::<DRY>(ep, ifindex, &flow, &d);
     d.pass
 }
 
 /// Count the verdict and report it: one event per new flow or drop.
 #[inline(always)]
-fn finish(ep: &EndpointInfo, ifindex: u32, flow: &Flow, d: &Decision) {
-    count(d.reason);
+fn finish<const DRY: bool>(ep: &EndpointInfo, ifindex: u32, flow: &Flow, d: &Decision) {
+    if DRY {
+        return;
+    }
+    count::<DRY>(d.reason);
     match EVENTS.reserve::<FlowEvent>(0) {
         Some(mut e) => {
             e.write(flow_event(
@@ -321,10 +628,11 @@ fn finish(ep: &EndpointInfo, ifindex: u32, flow: &Flow, d: &Decision) {
                 ifindex,
                 &flow.key,
                 d,
+                flow.svc,
             ));
             e.submit(wakeup_flags());
         }
-        None => count(reason::EVENTS_LOST),
+        None => count::<DRY>(reason::EVENTS_LOST),
     }
 }
 
@@ -346,7 +654,10 @@ fn wakeup_flags() -> u64 {
 }
 
 #[inline(always)]
-fn count(r: u8) {
+fn count<const DRY: bool>(r: u8) {
+    if DRY {
+        return;
+    }
     if let Some(c) = COUNTERS.get_ptr_mut(r as u32) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *c += 1 };

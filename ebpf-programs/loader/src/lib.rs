@@ -16,6 +16,7 @@ pub mod loader;
 pub mod maps;
 pub mod packet;
 pub mod pins;
+pub mod probe;
 pub mod reference;
 pub mod sizes;
 pub mod state;

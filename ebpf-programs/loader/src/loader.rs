@@ -66,7 +66,10 @@ impl Datapath {
             .map_max_entries(names::POLICY, s.policy)
             .map_max_entries(names::CONNTRACK, s.conntrack)
             .map_max_entries(names::FRAGMENTS, s.fragments)
-            .map_max_entries(names::XDP_DENY, s.xdp_deny);
+            .map_max_entries(names::XDP_DENY, s.xdp_deny)
+            .map_max_entries(names::SVC_FRONTENDS, s.svc_frontends)
+            .map_max_entries(names::SVC_BACKENDS, s.svc_backends)
+            .map_max_entries(names::SVC_NAT, s.svc_nat);
         let mut ebpf = loader.load(obj).map_err(Error::Load)?;
 
         for (name, _, _) in POD_HOOKS {

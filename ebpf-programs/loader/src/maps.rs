@@ -9,7 +9,9 @@ use aya::{
     Ebpf,
 };
 use palisade_common::{
-    maps as names, reason, EndpointInfo, EndpointKey, IpcacheValue, PolicyKey, PolicyValue,
+    maps as names, reason,
+    service::{SvcBackend, SvcBackendKey, SvcFrontend, SvcFrontendKey},
+    EndpointInfo, EndpointKey, IpcacheValue, PolicyKey, PolicyValue,
 };
 #[cfg(feature = "test-utils")]
 use palisade_common::{CtKey, CtValue, FragKey, FragValue};
@@ -28,6 +30,10 @@ pub struct Maps {
     counters: PerCpuArray<MapData, u64>,
     xdp_deny: LpmTrie<MapData, u32, u32>,
     xdp_counters: PerCpuArray<MapData, u64>,
+    svc_frontends: HashMap<MapData, SvcFrontendKey, SvcFrontend>,
+    svc_backends: HashMap<MapData, SvcBackendKey, SvcBackend>,
+    #[cfg(feature = "test-utils")]
+    svc_nat: HashMap<MapData, CtKey, palisade_common::service::SvcNat>,
     /// Until taken by the event reader (`take_events`).
     events: Option<RingBuf<MapData>>,
     sizes: MapSizes,
@@ -89,6 +95,10 @@ impl Maps {
             counters: take(ebpf, names::COUNTERS)?,
             xdp_deny: take(ebpf, names::XDP_DENY)?,
             xdp_counters: take(ebpf, names::XDP_COUNTERS)?,
+            svc_frontends: take(ebpf, names::SVC_FRONTENDS)?,
+            svc_backends: take(ebpf, names::SVC_BACKENDS)?,
+            #[cfg(feature = "test-utils")]
+            svc_nat: take(ebpf, names::SVC_NAT)?,
             events: Some(take(ebpf, names::EVENTS)?),
             sizes: sizes.clone(),
         })
@@ -223,6 +233,37 @@ impl Maps {
         s
     }
 
+    /// Program one Service frontend (ClusterIP, port, protocol).
+    pub fn set_frontend(&mut self, k: SvcFrontendKey, v: SvcFrontend) -> Result<(), Error> {
+        self.svc_frontends
+            .insert(k, v, 0)
+            .map_err(write_err(names::SVC_FRONTENDS, self.sizes.svc_frontends))
+    }
+
+    pub fn remove_frontend(&mut self, k: &SvcFrontendKey) -> Result<(), Error> {
+        removed(names::SVC_FRONTENDS, self.svc_frontends.remove(k))
+    }
+
+    pub fn set_backend(&mut self, k: SvcBackendKey, v: SvcBackend) -> Result<(), Error> {
+        self.svc_backends
+            .insert(k, v, 0)
+            .map_err(write_err(names::SVC_BACKENDS, self.sizes.svc_backends))
+    }
+
+    pub fn remove_backend(&mut self, k: &SvcBackendKey) -> Result<(), Error> {
+        removed(names::SVC_BACKENDS, self.svc_backends.remove(k))
+    }
+
+    /// The frontends programmed now (read back after a restart).
+    pub fn frontends(&self) -> Vec<(SvcFrontendKey, SvcFrontend)> {
+        self.svc_frontends.iter().filter_map(Result::ok).collect()
+    }
+
+    /// The backend slots programmed now.
+    pub fn backends(&self) -> Vec<(SvcBackendKey, SvcBackend)> {
+        self.svc_backends.iter().filter_map(Result::ok).collect()
+    }
+
     /// The XDP prefilter's deny list: (network address, prefix length).
     pub fn denied_sources(&self) -> Vec<(Ipv4Addr, u32)> {
         self.xdp_deny
@@ -255,6 +296,11 @@ impl Maps {
                 name: names::CONNTRACK,
                 source,
             })
+    }
+
+    /// Service translation entries (forward and reverse).
+    pub fn svc_nat_entries(&self) -> Vec<(CtKey, palisade_common::service::SvcNat)> {
+        self.svc_nat.iter().filter_map(Result::ok).collect()
     }
 
     pub fn insert_fragment(&mut self, k: FragKey, v: FragValue) -> Result<(), Error> {

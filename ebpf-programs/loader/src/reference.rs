@@ -50,8 +50,8 @@ use std::{collections::HashMap, net::Ipv4Addr};
 use palisade_common::{
     decision::{
         self, ct_key, ct_use, empty_key, first_fragment_verdict, flow_event, hard_drop,
-        is_neighbour_discovery, later_fragment_verdict, new_ct_entry, peer_or_world, policy_key,
-        policy_lookups, remote_addr, spoofed, track, Decision,
+        is_neighbour_discovery, later_fragment_verdict, new_ct_entry, policy_key, policy_lookups,
+        remote_addr, spoofed, track, Decision,
     },
     reason, CtKey, CtValue, EndpointInfo, FlowEvent, FragKey, FragValue, IpcacheValue, PolicyKey,
     PolicyValue, POLICY_PREFIX_FULL, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW,
@@ -425,8 +425,9 @@ impl Evaluator {
 
     /// `decision::decide` over this model's maps, with the same lookups.
     fn decide(&self, ep: &EndpointInfo, dir: u8, key: &CtKey) -> Decision {
-        let remote = remote_addr(key, dir);
-        let peer = peer_or_world(self.ipcache_lookup(Ipv4Addr::from(remote.to_ne_bytes())));
+        let peer = palisade_common::service::policy_peer(dir, remote_addr(key, dir), |a| {
+            self.ipcache_lookup(Ipv4Addr::from(a.to_ne_bytes()))
+        });
         decision::decide(ep, dir, key, &peer, |k| {
             self.policy_lookup(k).map(|(_, _, v)| v)
         })
@@ -508,7 +509,7 @@ fn finish(ep: &EndpointInfo, ifindex: u32, flow: &Flow, d: &Decision) -> Verdict
         src_identity: d.src_identity,
         dst_identity: d.dst_identity,
         counter: Some(d.reason),
-        event: Some(flow_event(0, ep.endpoint_id, ifindex, &flow.key, d)),
+        event: Some(flow_event(0, ep.endpoint_id, ifindex, &flow.key, d, 0)),
     }
 }
 

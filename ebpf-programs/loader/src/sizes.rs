@@ -13,6 +13,9 @@ pub struct MapSizes {
     pub conntrack: u32,
     pub fragments: u32,
     pub xdp_deny: u32,
+    pub svc_frontends: u32,
+    pub svc_backends: u32,
+    pub svc_nat: u32,
 }
 
 impl Default for MapSizes {
@@ -24,6 +27,9 @@ impl Default for MapSizes {
             conntrack: sizes::CONNTRACK,
             fragments: sizes::FRAGMENTS,
             xdp_deny: sizes::XDP_DENY,
+            svc_frontends: sizes::SVC_FRONTENDS,
+            svc_backends: sizes::SVC_BACKENDS,
+            svc_nat: sizes::SVC_NAT,
         }
     }
 }

@@ -19,6 +19,30 @@ pub struct RunResult {
     pub per_run: Duration,
 }
 
+/// One run; the verdict and the packet as the program left it (rewrites).
+pub fn run_tc_out(
+    prog: &SchedClassifier,
+    packet: &[u8],
+    ifindex: u32,
+) -> Result<(u32, Vec<u8>), Error> {
+    let mut ctx = [0u8; SKB_CTX_LEN];
+    ctx[SKB_IFINDEX_OFF..SKB_IFINDEX_OFF + 4].copy_from_slice(&ifindex.to_ne_bytes());
+    let mut out = vec![0u8; packet.len() + 256];
+    let opts = TestRunOptions {
+        data_in: Some(packet),
+        data_out: Some(&mut out),
+        ctx_in: Some(&ctx),
+        repeat: 1,
+        ..Default::default()
+    };
+    let r = prog.test_run(opts).map_err(|source| Error::Program {
+        name: "test_run",
+        source,
+    })?;
+    out.truncate(packet.len());
+    Ok((r.return_value, out))
+}
+
 pub fn run_tc(
     prog: &SchedClassifier,
     packet: &[u8],

@@ -11,7 +11,7 @@ use palisade_tests::conformance::{
 };
 
 const USAGE: &str = "\
-usage: conformance --cases DIR|FILE [--cases ...] [--filter TEXT] [--keep DIR] [--parallel N] [--verbose] [--skip-unsupported]
+usage: conformance --cases DIR|FILE [--cases ...] [--filter TEXT] [--keep DIR] [--parallel N] [--verbose] [--skip-unsupported] [--via-services]
 
   --cases DIR   a directory of case files (*.yaml) or one case file; repeatable
   --filter TEXT only cases whose name or file contains TEXT; repeatable (any)
@@ -22,6 +22,10 @@ usage: conformance --cases DIR|FILE [--cases ...] [--filter TEXT] [--keep DIR] [
                 report cases that need a FORMAT version 2 feature this agent
                 does not implement yet as skipped (with what they need),
                 not as failed
+  --via-services
+                probe every pod through its own ClusterIP Service (with its
+                EndpointSlice, and kube-proxy's iptables rules in the node),
+                FORMAT version 2
 
 Environment: PALISADE_AGENT_BIN, PALISADE_CNI_BIN (default: next to this
 binary), PALISADE_AGENT_LOG (the agent's RUST_LOG, default info).";
@@ -57,6 +61,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args> {
             "--parallel" => a.opts.parallel = value("--parallel")?.parse()?,
             "--verbose" | "-v" => a.opts.verbose = true,
             "--skip-unsupported" => a.opts.skip_unsupported = true,
+            "--via-services" => a.opts.via_services = true,
             "--help" | "-h" => {
                 println!("{USAGE}");
                 std::process::exit(0);

@@ -326,7 +326,7 @@ fn run(style: &Style) -> Result<bool> {
         );
         println!();
         let t = Instant::now();
-        let mut live = Live::start(&case, &tools, &pin_parent, None)?;
+        let mut live = Live::start(&case, &tools, &pin_parent, None, false)?;
         let agent = live.cluster.agent.as_ref().expect("started");
         println!(
             "node    network namespace {}, palisade-agent pid {} (standalone: reads {})",

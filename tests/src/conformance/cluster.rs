@@ -344,6 +344,46 @@ impl Cluster {
             .with_context(|| format!("writing manifest {file}"))
     }
 
+    /// Any other object, as `file` in the manifest directory.
+    pub fn write_object(&self, file: &str, doc: &Value) -> Result<()> {
+        self.write(file, doc)
+    }
+
+    /// `iptables-restore --noflush` of `rules` in the node namespace (as
+    /// kube-proxy writes its rules), and an unreachable route for
+    /// `unreachable` so nothing meant for it leaves the node.
+    pub fn install_node_rules(&self, rules: &str, unreachable: &str) -> Result<()> {
+        use std::io::Write as _;
+        let node = self.node()?;
+        let mut child = std::process::Command::new("ip")
+            .args(["netns", "exec", &node.name, "iptables-restore", "--noflush"])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("running iptables-restore in the node namespace")?;
+        child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(rules.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "iptables-restore (kube-proxy's rules) failed: {}\n{rules}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        crate::ip(&[
+            "-n",
+            &node.name,
+            "route",
+            "replace",
+            "unreachable",
+            unreachable,
+        ])?;
+        Ok(())
+    }
+
     pub fn write_namespace(&self, name: &str, labels: &Labels) -> Result<()> {
         self.write(&namespace_file(name), &namespace_manifest(name, labels))
     }

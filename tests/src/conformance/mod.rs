@@ -27,4 +27,5 @@ pub mod matrix;
 pub mod placeholder;
 pub mod probe;
 pub mod runner;
+pub mod services;
 pub mod signal;

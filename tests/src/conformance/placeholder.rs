@@ -43,6 +43,7 @@ impl Addresses {
                 Ok(format!("{}/{prefix}", network(self.pod(pod)?, prefix)))
             }
             ["subnet"] => Ok(self.subnet.clone()),
+            ["host", pod] => Ok(format!("{}/32", self.pod(pod)?)),
             _ => bail!("unknown placeholder {{{{{body}}}}} (known: {{{{ip ns/pod}}}}, {{{{cidr ns/pod N}}}}, {{{{subnet}}}})"),
         }
     }

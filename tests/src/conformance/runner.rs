@@ -17,7 +17,7 @@ use super::{
     matrix::Reach,
     placeholder::Addresses,
     probe::{self, Job},
-    signal,
+    services, signal,
 };
 
 /// The range pod addresses come from, in every case's own namespaces.
@@ -32,6 +32,8 @@ pub struct Live<'a> {
     pub addresses: Addresses,
     /// Policy rejections the agent reported, already noted.
     pub rejected: BTreeMap<String, String>,
+    /// `--via-services`: pod -> its Service's ClusterIP (probes go there).
+    pub service_ips: BTreeMap<String, Ipv4Addr>,
 }
 
 impl<'a> Live<'a> {
@@ -42,6 +44,7 @@ impl<'a> Live<'a> {
         tools: &Tools,
         pin_parent: &Path,
         keep: Option<PathBuf>,
+        via_services: bool,
     ) -> Result<Self> {
         let mut cluster = Cluster::new(&case.name, tools.clone(), pin_parent, SUBNET)?;
         cluster.keep = keep;
@@ -77,6 +80,27 @@ impl<'a> Live<'a> {
             ports.dedup();
             cluster.serve(&p.key(), ports)?;
         }
+        let mut service_ips = BTreeMap::new();
+        if via_services {
+            let mut ports = Vec::new();
+            for (i, p) in case.pods.iter().enumerate() {
+                let ip = services::cluster_ip(i);
+                let pod_ip = addresses.pods[&p.key()];
+                let (Some(svc), Some(slice)) = (
+                    services::service_manifest(p, ip),
+                    services::endpoint_slice_manifest(p, pod_ip),
+                ) else {
+                    continue; // serves nothing: no Service (probes to it fail either way)
+                };
+                let file = format!("svc-{}-{}.yaml", p.namespace, p.name);
+                cluster.write_object(&file, &svc)?;
+                cluster.write_object(&format!("eps-{}-{}.yaml", p.namespace, p.name), &slice)?;
+                ports.extend(services::service_ports(p, ip, Some(pod_ip)));
+                service_ips.insert(p.key(), ip);
+            }
+            cluster
+                .install_node_rules(&services::kube_proxy_rules(&ports), services::SERVICE_RANGE)?;
+        }
         cluster.sync()?;
         let status = cluster.status()?;
         if status.endpoints.len() != case.pods.len() {
@@ -94,6 +118,7 @@ impl<'a> Live<'a> {
             pod_labels,
             addresses,
             rejected: BTreeMap::new(),
+            service_ips,
         })
     }
 
@@ -136,9 +161,19 @@ impl<'a> Live<'a> {
         }
         self.cluster.sync()?;
         let mut notes = Vec::new();
-        for p in self.cluster.status()?.policies {
-            let key = format!("{}/{}", p.namespace, p.name);
-            match p.rejected {
+        let status = self.cluster.status()?;
+        let cluster = status.cluster_policies.into_iter().map(|c| {
+            (
+                format!("{}/{}", super::case::CLUSTER_POLICY, c.name),
+                c.rejected,
+            )
+        });
+        let namespaced = status
+            .policies
+            .into_iter()
+            .map(|p| (format!("{}/{}", p.namespace, p.name), p.rejected));
+        for (key, rejected) in namespaced.chain(cluster) {
+            match rejected {
                 Some(why) if self.rejected.get(&key) != Some(&why) => {
                     notes.push(format!("the agent rejected policy {key}: {why}"));
                     self.rejected.insert(key, why);
@@ -161,9 +196,19 @@ impl<'a> Live<'a> {
             .cluster
             .pod(src)
             .ok_or_else(|| anyhow!("no pod {src}"))?;
+        // Via services: the pod's ClusterIP; a pod without a Service (it
+        // serves no port) is probed at the range, which the node refuses.
+        let to = if self.service_ips.is_empty() {
+            self.ip(dst)
+        } else {
+            self.service_ips
+                .get(dst)
+                .copied()
+                .unwrap_or(services::cluster_ip(65000))
+        };
         Ok(Job {
             src_netns: s.netns_path(),
-            dst: self.ip(dst),
+            dst: to,
             port,
             protocol,
         })
@@ -278,6 +323,24 @@ pub struct Options {
     /// Cases that need a FORMAT version 2 feature not implemented yet are
     /// reported as skipped (with what they need) instead of failed.
     pub skip_unsupported: bool,
+    /// Probe every pod through its own ClusterIP Service (FORMAT v2).
+    pub via_services: bool,
+}
+
+impl Options {
+    /// The first line a run prints (FORMAT: the options it ran with).
+    pub fn line(&self) -> String {
+        format!(
+            "conformance options: parallel={} via-services={} skip-unsupported={}{}",
+            self.parallel,
+            self.via_services,
+            self.skip_unsupported,
+            self.keep
+                .as_ref()
+                .map(|k| format!(" keep={}", k.display()))
+                .unwrap_or_default()
+        )
+    }
 }
 
 impl Default for Options {
@@ -287,6 +350,7 @@ impl Default for Options {
             keep: None,
             verbose: false,
             skip_unsupported: false,
+            via_services: false,
         }
     }
 }
@@ -350,7 +414,13 @@ pub fn run_case(
     });
     let mut live = None;
     let r = (|| -> Result<()> {
-        let l = live.insert(Live::start(case, tools, pin_parent, keep)?);
+        let l = live.insert(Live::start(
+            case,
+            tools,
+            pin_parent,
+            keep,
+            opts.via_services,
+        )?);
         for (i, step) in case.steps.iter().enumerate() {
             signal::check()?;
             let mut tail = l.cluster.agent.as_ref().map(|a| Tail::new(&a.flow_log));
@@ -474,6 +544,7 @@ fn say(text: &str) {
 /// file contains one of `filters` (all when empty), printing as it goes;
 /// the last line is `N passed, M failed[, K skipped]`.
 pub fn run_paths(paths: &[PathBuf], filters: &[String], opts: &Options) -> Result<Totals> {
+    say(&format!("{}\n", opts.line()));
     let tools = Tools::locate()?;
     crate::ensure_bpffs()?;
     for r in signal::reap_leftovers() {

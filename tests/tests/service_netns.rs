@@ -1,0 +1,502 @@
+//! Service translation on real packets: pods in network namespaces routed
+//! through a node namespace, the programs on every pod's host veth, and
+//! frontends/backends written straight into the maps (the agent's
+//! `set_services` is what writes them in production).
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use anyhow::{ensure, Result};
+use palisade_common::{
+    reason,
+    service::{SvcBackend, SvcBackendKey, SvcFrontend, SvcFrontendKey},
+    EndpointInfo, FlowEvent, IpcacheValue, PolicyKey, PolicyValue, ACTION_ALLOW, DIR_EGRESS,
+    EP_EGRESS_ENFORCED, EP_INGRESS_ENFORCED, IDENTITY_WORLD, POLICY_PREFIX_FULL, PROTO_TCP,
+    PROTO_UDP, VERDICT_ALLOW, VERDICT_DROP,
+};
+use palisade_dataplane::{
+    events::EventReader,
+    maps::{be, from_be},
+    Datapath, DatapathConfig, Maps,
+};
+use palisade_tests::*;
+
+const GW: Ipv4Addr = Ipv4Addr::new(10, 98, 0, 1);
+/// Client, and two backends.
+const PODS: [Ipv4Addr; 3] = [
+    Ipv4Addr::new(10, 98, 0, 2),
+    Ipv4Addr::new(10, 98, 0, 3),
+    Ipv4Addr::new(10, 98, 0, 4),
+];
+const A: usize = 0;
+const B: usize = 1;
+const C: usize = 2;
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 97, 0, 10);
+const SVC_ID: u32 = 7;
+const TARGET: u16 = 8080;
+
+struct Rig {
+    node: Node,
+    _dp: Datapath,
+    maps: Maps,
+    events: EventReader,
+    ifindexes: Vec<u32>,
+    _pins: PinRoot,
+}
+
+fn identity(i: usize) -> u32 {
+    1001 + i as u32
+}
+
+/// Node with pods A, B, C, programs attached to all three, registered
+/// unenforced; each of B and C runs a TCP and a UDP server on TARGET that
+/// answers with its own index (A too, for the hairpin).
+fn rig() -> Result<Rig> {
+    let pins = PinRoot::new()?;
+    let mut node = Node::new(GW)?;
+    for ip in PODS {
+        node.add_pod(ip)?;
+    }
+    let cfg = DatapathConfig {
+        pins: pins.pins.clone(),
+        ..Default::default()
+    };
+    let ifs: Vec<(String, Ipv4Addr, u32)> = node
+        .pods
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.host_if.clone(), p.ip, i as u32 + 1))
+        .collect();
+    let (dp, mut maps, ifindexes) =
+        node.ns
+            .enter(move || -> Result<(Datapath, Maps, Vec<u32>)> {
+                let mut dp = Datapath::load(&cfg)?;
+                let mut maps = dp.take_maps()?;
+                let mut idx = Vec::new();
+                for (ifname, ip, ep) in ifs {
+                    let ifindex = palisade_dataplane::loader::ifindex(&ifname)?;
+                    let info = EndpointInfo {
+                        endpoint_id: ep,
+                        identity: 1000 + ep,
+                        ipv4: be(ip),
+                        flags: 0,
+                    };
+                    maps.upsert_endpoint(ifindex, info)?;
+                    dp.attach_pod(&ifname)?;
+                    idx.push(ifindex);
+                }
+                Ok((dp, maps, idx))
+            })??;
+    let world = IpcacheValue {
+        identity: IDENTITY_WORLD,
+        cidr_identity: IDENTITY_WORLD,
+    };
+    maps.set_ipcache(Ipv4Addr::UNSPECIFIED, 0, world)?;
+    for (i, ip) in PODS.iter().enumerate() {
+        let v = IpcacheValue {
+            identity: identity(i),
+            cidr_identity: IDENTITY_WORLD,
+        };
+        maps.set_ipcache(*ip, 32, v)?;
+    }
+    for (i, p) in node.pods.iter().enumerate() {
+        ident_servers(&p.ns, i as u8)?;
+    }
+    let events = EventReader::new(maps.take_events().expect("events map"));
+    Ok(Rig {
+        node,
+        _dp: dp,
+        maps,
+        events,
+        ifindexes,
+        _pins: pins,
+    })
+}
+
+/// TCP: sends `tag` on accept, then echoes. UDP: answers every datagram
+/// with `tag`.
+fn ident_servers(ns: &NetNs, tag: u8) -> Result<()> {
+    let (tcp, udp) = ns.enter(|| -> std::io::Result<_> {
+        Ok((
+            std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, TARGET))?,
+            UdpSocket::bind((Ipv4Addr::UNSPECIFIED, TARGET))?,
+        ))
+    })??;
+    std::thread::spawn(move || {
+        for s in tcp.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                if s.write_all(&[tag]).is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((_, from)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(&[tag], from);
+        }
+    });
+    Ok(())
+}
+
+impl Rig {
+    /// Program the frontend VIP:port/proto with these backend pods.
+    fn service(&mut self, port: u16, protocol: u8, backends: &[usize]) -> Result<()> {
+        let id = SVC_ID + protocol as u32;
+        for (slot, i) in backends.iter().enumerate() {
+            self.maps.set_backend(
+                SvcBackendKey {
+                    service_id: id,
+                    slot: slot as u32,
+                },
+                SvcBackend {
+                    addr: be(PODS[*i]),
+                    port_be: TARGET.to_be(),
+                    _pad: 0,
+                },
+            )?;
+        }
+        Ok(self.maps.set_frontend(
+            SvcFrontendKey {
+                addr: be(VIP),
+                port_be: port.to_be(),
+                protocol,
+                _pad: 0,
+            },
+            SvcFrontend {
+                service_id: id,
+                backends: backends.len() as u32,
+                flags: 0,
+            },
+        )?)
+    }
+
+    fn ns(&self, i: usize) -> &NetNs {
+        &self.node.pods[i].ns
+    }
+
+    fn enforce(&mut self, i: usize, flags: u32) -> Result<()> {
+        let mut info = self.maps.endpoint(self.ifindexes[i]).expect("registered");
+        info.flags |= flags;
+        self.maps.upsert_endpoint(self.ifindexes[i], info)?;
+        Ok(())
+    }
+
+    fn allow(&mut self, ep: usize, peer: usize, dir: u8, port: u16) -> Result<()> {
+        let key = PolicyKey {
+            endpoint_id: ep as u32 + 1,
+            peer_identity: identity(peer),
+            direction: dir,
+            protocol: PROTO_TCP,
+            dport_be: port.to_be(),
+        };
+        let v = PolicyValue {
+            action: ACTION_ALLOW,
+            cookie: 5,
+        };
+        Ok(self.maps.set_policy(POLICY_PREFIX_FULL, key, v)?)
+    }
+}
+
+/// Connect from pod `from` to `to`; the server's tag and the open stream.
+fn tcp_tag(ns: &NetNs, to: SocketAddr) -> Result<(u8, TcpStream)> {
+    ns.enter(move || -> Result<(u8, TcpStream)> {
+        let mut c = TcpStream::connect_timeout(&to, Duration::from_millis(1500))?;
+        c.set_read_timeout(Some(Duration::from_secs(3)))?;
+        // The kernel accepted the SYN-ACK from `to`: the reply was reverse
+        // translated (otherwise it would have come from the backend).
+        ensure!(c.peer_addr()? == to, "peer {}", c.peer_addr()?);
+        let mut tag = [0u8; 1];
+        c.read_exact(&mut tag)?;
+        Ok((tag[0], c))
+    })?
+}
+
+fn echo(c: &mut TcpStream, byte: u8) -> Result<()> {
+    c.write_all(&[byte; 10])?;
+    let mut buf = [0u8; 10];
+    c.read_exact(&mut buf)?;
+    ensure!(buf == [byte; 10], "echo mismatch");
+    Ok(())
+}
+
+/// One UDP request from pod `from` to `to` on a connected socket (which
+/// only accepts a reply from `to` itself): the answering server's tag.
+fn udp_tag(ns: &NetNs, to: SocketAddr) -> Result<Option<u8>> {
+    ns.enter(move || -> Result<Option<u8>> {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        s.connect(to)?;
+        s.set_read_timeout(Some(Duration::from_millis(1500)))?;
+        s.send(b"q")?;
+        let mut buf = [0u8; 16];
+        match s.recv(&mut buf) {
+            Ok(1) => Ok(Some(buf[0])),
+            Ok(n) => anyhow::bail!("unexpected {n}-byte answer"),
+            Err(_) => Ok(None),
+        }
+    })?
+}
+
+fn vip(port: u16) -> SocketAddr {
+    (VIP, port).into()
+}
+
+fn is_to(e: &FlowEvent, i: usize) -> bool {
+    from_be(e.daddr) == PODS[i] && u16::from_be(e.dport_be) == TARGET
+}
+
+#[test]
+fn tcp_and_udp_to_a_cluster_ip_reach_backends_and_replies_come_from_the_cluster_ip() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut r = rig()?;
+    r.service(80, PROTO_TCP, &[B, C])?;
+    r.service(53, PROTO_UDP, &[B, C])?;
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..12 {
+        let (tag, mut c) = tcp_tag(r.ns(A), vip(80))?;
+        echo(&mut c, 3)?;
+        seen.insert(tag);
+    }
+    assert_eq!(
+        seen,
+        [B as u8, C as u8].into(),
+        "new flows spread over both backends: {seen:?}"
+    );
+    let mut useen = std::collections::BTreeSet::new();
+    for _ in 0..12 {
+        useen.insert(udp_tag(r.ns(A), vip(53))?.expect("UDP answer from the ClusterIP"));
+    }
+    assert_eq!(useen, [B as u8, C as u8].into());
+    // Records name the Service and carry the translated tuple.
+    let e = r
+        .events
+        .wait_for(Duration::from_secs(5), |e| {
+            e.direction == DIR_EGRESS && e.protocol == PROTO_TCP && e.service_id != 0
+        })
+        .expect("a record of a translated flow");
+    assert_eq!(e.service_id, SVC_ID + PROTO_TCP as u32);
+    assert!(is_to(&e, B) || is_to(&e, C), "{e:?}");
+    assert!(r.maps.counters()?.get(reason::SVC_TRANSLATED) >= 24);
+    // Unrelated traffic straight to a pod is untouched.
+    assert_eq!(tcp_tag(r.ns(A), (PODS[C], TARGET).into())?.0, C as u8);
+    Ok(())
+}
+
+#[test]
+fn policy_judges_the_backend_and_the_backend_sees_the_client() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut r = rig()?;
+    // A may reach B only; B admits A only; C admits nobody.
+    r.enforce(A, EP_EGRESS_ENFORCED)?;
+    r.enforce(B, EP_INGRESS_ENFORCED)?;
+    r.enforce(C, EP_INGRESS_ENFORCED)?;
+    r.allow(A, B, DIR_EGRESS, TARGET)?;
+    r.allow(B, A, palisade_common::DIR_INGRESS, TARGET)?;
+    r.service(80, PROTO_TCP, &[B])?;
+    let (tag, mut c) = tcp_tag(r.ns(A), vip(80))?;
+    assert_eq!(tag, B as u8);
+    echo(&mut c, 1)?;
+    // The backend's ingress saw the client's own address and identity.
+    let e = r
+        .events
+        .wait_for(Duration::from_secs(5), |e| {
+            e.direction == palisade_common::DIR_INGRESS && is_to(e, B)
+        })
+        .expect("B's ingress record");
+    assert_eq!((from_be(e.saddr), e.src_identity), (PODS[A], identity(A)));
+    assert_eq!((e.verdict, e.reason), (VERDICT_ALLOW, reason::POLICY_ALLOW));
+
+    // Behind the same ClusterIP, C is not allowed by A's egress policy.
+    r.service(81, PROTO_TCP, &[C])?;
+    assert!(tcp_tag(r.ns(A), vip(81)).is_err());
+    let e = r
+        .events
+        .wait_for(Duration::from_secs(5), |e| {
+            e.verdict == VERDICT_DROP && e.direction == DIR_EGRESS && is_to(e, C)
+        })
+        .expect("A's egress drop, naming C");
+    assert_eq!(e.reason, reason::NO_POLICY_MATCH);
+    assert_eq!(e.dst_identity, identity(C));
+    assert_eq!(e.service_id, SVC_ID + PROTO_TCP as u32);
+    Ok(())
+}
+
+#[test]
+fn an_open_flow_keeps_its_backend_and_zero_backends_refuse_new_flows() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut r = rig()?;
+    r.service(80, PROTO_TCP, &[B])?;
+    let (tag, mut open) = tcp_tag(r.ns(A), vip(80))?;
+    assert_eq!(tag, B as u8);
+    r.service(80, PROTO_TCP, &[C])?;
+    r.maps.remove_backend(&SvcBackendKey {
+        service_id: SVC_ID + PROTO_TCP as u32,
+        slot: 1,
+    })?;
+    echo(&mut open, 9)?; // still B
+    assert_eq!(tcp_tag(r.ns(A), vip(80))?.0, C as u8, "new flows go to C");
+
+    r.service(80, PROTO_TCP, &[])?;
+    echo(&mut open, 8)?; // still open to B
+    assert!(tcp_tag(r.ns(A), vip(80)).is_err(), "no backend, no flow");
+    r.service(53, PROTO_UDP, &[])?;
+    assert_eq!(udp_tag(r.ns(A), vip(53))?, None);
+    let e = r
+        .events
+        .wait_for(Duration::from_secs(5), |e| {
+            e.reason == reason::NO_SERVICE_BACKEND
+        })
+        .expect("a no-backend drop record");
+    assert_eq!(e.verdict, VERDICT_DROP);
+    assert_eq!(from_be(e.daddr), VIP);
+    assert!(r.maps.counters()?.get(reason::NO_SERVICE_BACKEND) >= 2);
+    Ok(())
+}
+
+#[test]
+fn a_pod_reaches_its_own_service_hairpin() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut r = rig()?;
+    // Strict reverse-path filtering on the node, as on many hosts: the
+    // hairpin's link-local source never crosses the node's routing.
+    r.node.ns.sysctl("net.ipv4.conf.all.rp_filter", "1")?;
+    r.node.ns.sysctl("net.ipv4.conf.default.rp_filter", "1")?;
+    let h = r.node.pods[A].host_if.clone();
+    r.node
+        .ns
+        .sysctl(&format!("net.ipv4.conf.{h}.rp_filter"), "1")?;
+    r.service(80, PROTO_TCP, &[A])?;
+    r.service(53, PROTO_UDP, &[A])?;
+    let (tag, mut c) = tcp_tag(r.ns(A), vip(80))?;
+    assert_eq!(tag, A as u8);
+    echo(&mut c, 4)?;
+    assert_eq!(udp_tag(r.ns(A), vip(53))?, Some(A as u8));
+    // Both directions enforced with no rule at all: a hairpin is the pod
+    // talking to itself (kube-proxy would masquerade it to the node), so
+    // it is judged as `host` at both ends and passes, as a pod's traffic
+    // to its own address does.
+    r.enforce(A, EP_INGRESS_ENFORCED | EP_EGRESS_ENFORCED)?;
+    assert_eq!(
+        tcp_tag(r.ns(A), vip(80))?.0,
+        A as u8,
+        "hairpin under default deny"
+    );
+    let e = r
+        .events
+        .wait_for(Duration::from_secs(5), |e| {
+            e.direction == palisade_common::DIR_INGRESS && e.reason == reason::HOST
+        })
+        .expect("A's ingress judged its hairpin as host");
+    assert_eq!(e.verdict, palisade_common::VERDICT_ALLOW);
+    // Another pod is still refused by A's ingress.
+    assert!(tcp_tag(r.ns(B), vip(80)).is_err(), "B is not A's hairpin");
+    Ok(())
+}
+
+#[test]
+fn kube_proxy_dnat_rules_in_the_node_change_nothing() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut r = rig()?;
+    r.enforce(A, EP_EGRESS_ENFORCED)?;
+    r.allow(A, B, DIR_EGRESS, TARGET)?;
+    r.service(80, PROTO_TCP, &[B])?;
+    let before = tcp_tag(r.ns(A), vip(80))?.0;
+    // kube-proxy's rule for the same Service (DNAT in PREROUTING). Pointed
+    // at C so that a packet it translated would show.
+    let rule = [
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-d",
+        "10.97.0.10/32",
+        "-p",
+        "tcp",
+        "--dport",
+        "80",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        "10.98.0.4:8080",
+    ];
+    run(r.node.ns.cmd("iptables").args(rule))?;
+    let after = tcp_tag(r.ns(A), vip(80))?.0;
+    assert_eq!((before, after), (B as u8, B as u8));
+    // And with palisade's translation off, kube-proxy's rule is what works.
+    r.maps.remove_frontend(&SvcFrontendKey {
+        addr: be(VIP),
+        port_be: 80u16.to_be(),
+        protocol: PROTO_TCP,
+        _pad: 0,
+    })?;
+    // Untranslated, A's egress policy judges the ClusterIP as world...
+    assert!(
+        tcp_tag(r.ns(A), vip(80)).is_err(),
+        "ClusterIP judged as world"
+    );
+    // ...and unenforced, kube-proxy's rule is what carries it (to C): the
+    // rule was live all along, palisade's translation ran first.
+    let mut info = r.maps.endpoint(r.ifindexes[A]).expect("registered");
+    info.flags = 0;
+    r.maps.upsert_endpoint(r.ifindexes[A], info)?;
+    assert_eq!(tcp_tag(r.ns(A), vip(80))?.0, C as u8);
+    Ok(())
+}
+
+#[test]
+fn a_restarted_datapath_keeps_open_translated_flows_and_the_frontends() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut r = rig()?;
+    r.service(80, PROTO_TCP, &[B])?;
+    let (tag, mut open) = tcp_tag(r.ns(A), vip(80))?;
+    assert_eq!(tag, B as u8);
+    // A new agent: programs loaded again on the same pins, links adopted
+    // (the old programs stay attached until swapped).
+    let cfg = DatapathConfig {
+        pins: r._pins.pins.clone(),
+        ..Default::default()
+    };
+    let (dp2, maps2) = r.node.ns.enter(move || -> Result<(Datapath, Maps)> {
+        let mut dp = Datapath::load(&cfg)?;
+        let maps = dp.take_maps()?;
+        dp.adopt_links()?;
+        Ok((dp, maps))
+    })??;
+    assert_eq!(
+        maps2.frontends().len(),
+        1,
+        "frontends adopted from the pins"
+    );
+    assert_eq!(maps2.backends().len(), 1);
+    let old = std::mem::replace(&mut r._dp, dp2);
+    drop(old);
+    r.maps = maps2;
+    // The open flow keeps its backend through the new programs, even with
+    // the Service now pointing elsewhere; new flows follow the Service.
+    r.service(80, PROTO_TCP, &[C])?;
+    echo(&mut open, 6)?;
+    assert_eq!(tcp_tag(r.ns(A), vip(80))?.0, C as u8);
+    Ok(())
+}
