@@ -1,6 +1,7 @@
 //! `cargo xtask <task>`: palisade's setup, build, test, demo and bench
 //! entry points. Every task prints what it does, step by step.
 mod image;
+mod oci_archive;
 mod pause_image;
 mod setup;
 
