@@ -1,5 +1,8 @@
 //! `cargo xtask <task>`: palisade's setup, build, test, demo and bench
 //! entry points. Every task prints what it does, step by step.
+mod image;
+mod oci_archive;
+mod pause_image;
 mod setup;
 
 use std::{
@@ -77,6 +80,9 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// The DaemonSet's image, built offline from the release binaries and
+    /// the libraries they link: a docker-archive for `ctr images import`.
+    Image,
 }
 
 fn main() -> ExitCode {
@@ -93,6 +99,13 @@ fn run(cli: Cli) -> Result<()> {
     let root = workspace_root();
     match cli.task {
         Task::Setup => setup::run(&root),
+        Task::Image => {
+            setup::run(&root)?;
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root.join("target"));
+            image::run(&root, &target).map(|_| ())
+        }
         Task::Build { release } => {
             setup::run(&root)?;
             build(&root, release)
@@ -350,7 +363,7 @@ pub fn cargo(root: &Path, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn build(root: &Path, release: bool) -> Result<()> {
+pub fn build(root: &Path, release: bool) -> Result<()> {
     step("build: eBPF object (via aya-build) and all userspace binaries");
     // The default members: the BPF crate is built by the loader's build.rs
     // (aya-build). Building it for the host with --workspace fails (feature

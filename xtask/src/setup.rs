@@ -25,6 +25,13 @@ const PACKAGES: &[&str] = &[
     "iptables",
     "podman",
     "runc",
+    // The kubelet's runtime (its CRI plugin is built in) for cni_containerd;
+    // gcc builds its local pause image.
+    "containerd",
+    "gcc",
+    "libc6-dev",
+    // k8s-cri generates its CRI client from the .proto files at build time.
+    "protobuf-compiler",
     "containernetworking-plugins",
     "busybox-static",
     "python3",
@@ -56,6 +63,7 @@ pub fn run(root: &Path) -> Result<()> {
     rustup_link()?;
     bpf_linker(root)?;
     bpffs()?;
+    crate::pause_image::ensure(root)?;
     step("setup: done");
     Ok(())
 }
