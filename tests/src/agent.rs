@@ -286,3 +286,41 @@ pub fn write_manifest(dir: &Path, name: &str, yaml: &str) -> Result<()> {
     fs::rename(&tmp, dir.join(name))?;
     Ok(())
 }
+
+impl Agent {
+    /// The first record of this agent's flow log with `pred`, waiting up to
+    /// 5 s for it.
+    pub fn wait_flow(
+        &self,
+        pred: impl Fn(&palisade_agent::flowlog::FlowRecord) -> bool,
+    ) -> Result<palisade_agent::flowlog::FlowRecord> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = fs::read_to_string(&self.flow_log).unwrap_or_default();
+            if let Some(r) = text
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .find(|r| pred(r))
+            {
+                return Ok(r);
+            }
+            if Instant::now() > deadline {
+                bail!("no matching flow record in:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// One HTTP/1.1 GET to `addr` from inside `node`: the whole response.
+pub fn http_get(node: &NetNs, addr: &str, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let (addr, path) = (addr.parse::<std::net::SocketAddr>()?, path.to_string());
+    node.enter(move || -> Result<String> {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })?
+}

@@ -3,14 +3,9 @@
 //! policy, status and metrics tell the truth, a policy that cannot compile
 //! is rejected without disturbing the others, a broken manifest keeps the
 //! last good state, and audit mode passes would-be drops as AUDIT.
-use std::{
-    io::{Read, Write},
-    net::{Ipv4Addr, TcpStream},
-    time::{Duration, Instant},
-};
+use std::net::Ipv4Addr;
 
-use anyhow::{bail, Result};
-use palisade_agent::flowlog::FlowRecord;
+use anyhow::Result;
 use palisade_tests::{agent::*, *};
 
 const GW: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
@@ -72,16 +67,6 @@ spec:
     - from: [{ipBlock: {cidr: 10.0.0.0/33}}]
 "#;
 
-fn http_get(node: &NetNs, path: &'static str) -> Result<String> {
-    node.enter(move || -> Result<String> {
-        let mut s = TcpStream::connect_timeout(&METRICS.parse()?, Duration::from_secs(2))?;
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out)
-    })?
-}
-
 fn metric(text: &str, line_prefix: &str) -> Option<u64> {
     text.lines()
         .find(|l| l.starts_with(line_prefix))?
@@ -89,24 +74,6 @@ fn metric(text: &str, line_prefix: &str) -> Option<u64> {
         .next()?
         .parse()
         .ok()
-}
-
-fn wait_flow(agent: &Agent, pred: impl Fn(&FlowRecord) -> bool) -> Result<FlowRecord> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let text = std::fs::read_to_string(&agent.flow_log).unwrap_or_default();
-        if let Some(r) = text
-            .lines()
-            .filter_map(|l| serde_json::from_str::<FlowRecord>(l).ok())
-            .find(|r| pred(r))
-        {
-            return Ok(r);
-        }
-        if Instant::now() > deadline {
-            bail!("no matching flow record in:\n{text}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
@@ -224,7 +191,7 @@ fn operator_view_matches_the_kernel() -> Result<()> {
     assert!(!ok && out.contains("verdict: AUDIT"), "{out}");
 
     // Flow records name pods and policies.
-    let dropped = wait_flow(&agent, |r| r.verdict == "DROP" && r.dst.port == Some(9090))?;
+    let dropped = agent.wait_flow(|r| r.verdict == "DROP" && r.dst.port == Some(9090))?;
     assert_eq!(dropped.src.pod.as_deref(), Some("client"));
     assert_eq!(dropped.dst.namespace.as_deref(), Some("shop"));
     assert_eq!(dropped.drop_reason.as_deref(), Some("no-policy-match"));
@@ -234,7 +201,7 @@ fn operator_view_matches_the_kernel() -> Result<()> {
         vec!["shop/broken".to_string(), "shop/server-ingress".to_string()]
     );
     assert_eq!(dropped.direction, "ingress");
-    let allow = wait_flow(&agent, |r| {
+    let allow = agent.wait_flow(|r| {
         r.verdict == "ALLOW" && r.dst.port == Some(8080) && r.reason == "policy-allow"
     })?;
     assert_eq!(allow.policies, vec!["shop/server-ingress".to_string()]);
@@ -242,7 +209,7 @@ fn operator_view_matches_the_kernel() -> Result<()> {
         allow.src.labels.get("app").map(String::as_str),
         Some("client")
     );
-    let audit = wait_flow(&agent, |r| r.verdict == "AUDIT")?;
+    let audit = agent.wait_flow(|r| r.verdict == "AUDIT")?;
     assert_eq!(audit.dst.pod.as_deref(), Some("box"));
     assert_eq!(audit.policies, vec!["lab/deny-all".to_string()]);
     let (ok, out) = agent.cli(&["observe", "--verdict", "drop", "--port", "9090", "--json"])?;
@@ -257,7 +224,7 @@ fn operator_view_matches_the_kernel() -> Result<()> {
     );
 
     // Metrics and health.
-    let m = http_get(&node.ns, "/metrics")?;
+    let m = http_get(&node.ns, METRICS, "/metrics")?;
     assert_eq!(metric(&m, "palisade_policies_rejected "), Some(1), "{m}");
     assert!(
         metric(&m, "palisade_drops_total{reason=\"no-policy-match\"}").unwrap_or(0) >= 1,
@@ -268,8 +235,8 @@ fn operator_view_matches_the_kernel() -> Result<()> {
         "{m}"
     );
     assert!(m.contains("palisade_map_capacity{map=\"policy\"}"), "{m}");
-    assert!(http_get(&node.ns, "/healthz")?.starts_with("HTTP/1.1 200"));
-    assert!(http_get(&node.ns, "/readyz")?.contains("ready"));
+    assert!(http_get(&node.ns, METRICS, "/healthz")?.starts_with("HTTP/1.1 200"));
+    assert!(http_get(&node.ns, METRICS, "/readyz")?.contains("ready"));
 
     // A manifest broken mid-edit keeps its last good contents in force.
     write_manifest(
@@ -288,7 +255,7 @@ fn operator_view_matches_the_kernel() -> Result<()> {
         .policies
         .iter()
         .any(|p| p.name == "server-ingress"));
-    let m = http_get(&node.ns, "/metrics")?;
+    let m = http_get(&node.ns, METRICS, "/metrics")?;
     assert!(
         metric(&m, "palisade_source_errors_total").unwrap_or(0) >= 1,
         "{m}"
@@ -355,7 +322,7 @@ fn xdp_prefilter_drops_deny_listed_sources_on_the_uplink() -> Result<()> {
         !from("10.95.0.3")?,
         "a deny-listed source is dropped at XDP"
     );
-    let m = http_get(&node.ns, "/metrics")?;
+    let m = http_get(&node.ns, METRICS, "/metrics")?;
     assert!(
         metric(&m, "palisade_xdp_packets_total{outcome=\"xdp-denylist\"}").unwrap_or(0) >= 1,
         "{m}"
@@ -436,7 +403,7 @@ spec:
         .sync()
         .expect_err("a sync that cannot write every entry must fail");
     assert!(format!("{err:#}").contains("POLICY is full"), "{err:#}");
-    let m = http_get(&node.ns, "/metrics")?;
+    let m = http_get(&node.ns, METRICS, "/metrics")?;
     assert_eq!(
         metric(&m, "palisade_map_full_errors_total{map=\"POLICY\"}"),
         Some(1),

@@ -3,8 +3,7 @@
 //! anything and catches a corrupted POLICY entry written behind the agent's
 //! back; `coverage` and `preview` answer on crafted models.
 use std::{
-    io::{Read, Write},
-    net::{Ipv4Addr, TcpStream},
+    net::Ipv4Addr,
     time::{Duration, Instant},
 };
 
@@ -55,16 +54,6 @@ spec:
     - to: [{podSelector: {matchLabels: {app: server}}}]
       ports: [{port: 8000, endPort: 8100}]
 "#;
-
-fn http_get(node: &NetNs, path: &'static str) -> Result<String> {
-    node.enter(move || -> Result<String> {
-        let mut s = TcpStream::connect_timeout(&METRICS.parse()?, Duration::from_secs(2))?;
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out)
-    })?
-}
 
 fn metric(text: &str, line_prefix: &str) -> Option<u64> {
     text.lines()
@@ -131,7 +120,7 @@ fn verify_proves_the_kernel_agrees_and_catches_a_corrupted_entry() -> Result<()>
     // conntrack entry (a probe admitted into conntrack would be an
     // ESTABLISHED verdict later; the counters would show it).
     std::thread::sleep(Duration::from_millis(300));
-    let before = http_get(&node.ns, "/metrics")?;
+    let before = http_get(&node.ns, METRICS, "/metrics")?;
     let log_before = ipv4_records(&agent);
     let (ok, r) = verify(&agent)?;
     assert!(ok, "{r:?}");
@@ -148,7 +137,7 @@ fn verify_proves_the_kernel_agrees_and_catches_a_corrupted_entry() -> Result<()>
         "{text}"
     );
     std::thread::sleep(Duration::from_millis(300));
-    let after = http_get(&node.ns, "/metrics")?;
+    let after = http_get(&node.ns, METRICS, "/metrics")?;
     assert_eq!(
         verdicts_total(&before),
         verdicts_total(&after),
@@ -159,7 +148,7 @@ fn verify_proves_the_kernel_agrees_and_catches_a_corrupted_entry() -> Result<()>
         ipv4_records(&agent),
         "verify produced flow records"
     );
-    assert!(http_get(&node.ns, "/readyz")?.contains("200 OK"));
+    assert!(http_get(&node.ns, METRICS, "/readyz")?.contains("200 OK"));
     // Probes the policy admits (client -> server on 8080, 8000..8100, from
     // source port 40000) would have left conntrack entries.
     let ct = MapData::from_pin(scratch.pins.pins.map(names::CONNTRACK))?;
@@ -214,8 +203,8 @@ fn verify_proves_the_kernel_agrees_and_catches_a_corrupted_entry() -> Result<()>
     // The periodic run sees it too: metric, log, readiness.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let m = http_get(&node.ns, "/metrics")?;
-        let ready = http_get(&node.ns, "/readyz")?;
+        let m = http_get(&node.ns, METRICS, "/metrics")?;
+        let ready = http_get(&node.ns, METRICS, "/readyz")?;
         if metric(&m, "palisade_verify_mismatches").unwrap_or(0) > 0 && ready.contains("503") {
             break;
         }

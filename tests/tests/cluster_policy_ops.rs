@@ -4,14 +4,9 @@
 //! ClusterNetworkPolicy deny as AUDIT; and what explains them: flow records
 //! (deciding rule, tier, action, Pass chain), `trace`'s tier walk,
 //! `status` (subjects, rejection) and the metrics by tier and action.
-use std::{
-    io::{Read, Write},
-    net::{Ipv4Addr, TcpStream},
-    time::{Duration, Instant},
-};
+use std::net::Ipv4Addr;
 
-use anyhow::{bail, Result};
-use palisade_agent::flowlog::FlowRecord;
+use anyhow::Result;
 use palisade_tests::{agent::*, *};
 
 const GW: Ipv4Addr = Ipv4Addr::new(10, 97, 0, 1);
@@ -102,38 +97,10 @@ spec:
   ingress: [{action: Deny, from: [{namespaces: {}}]}]
 "#;
 
-fn http_get(node: &NetNs, path: &'static str) -> Result<String> {
-    node.enter(move || -> Result<String> {
-        let mut s = TcpStream::connect_timeout(&METRICS.parse()?, Duration::from_secs(2))?;
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out)
-    })?
-}
-
 fn metric(text: &str, series: &str) -> u64 {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0)
-}
-
-fn wait_flow(agent: &Agent, pred: impl Fn(&FlowRecord) -> bool) -> Result<FlowRecord> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let text = std::fs::read_to_string(&agent.flow_log).unwrap_or_default();
-        if let Some(r) = text
-            .lines()
-            .filter_map(|l| serde_json::from_str::<FlowRecord>(l).ok())
-            .find(|r| pred(r))
-        {
-            return Ok(r);
-        }
-        if Instant::now() > deadline {
-            bail!("no matching flow record in:\n{text}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
@@ -177,7 +144,7 @@ fn cluster_network_policy_verdicts_are_explained() -> Result<()> {
     );
 
     // Flow records: deciding rule, tier, action, Pass chain.
-    let denied = wait_flow(&agent, |r| r.verdict == "DROP" && r.dst.port == Some(9090))?;
+    let denied = agent.wait_flow(|r| r.verdict == "DROP" && r.dst.port == Some(9090))?;
     assert_eq!(
         denied.policies,
         ["ClusterNetworkPolicy/no-9090 rule deny-9090 (Admin tier, Deny)"]
@@ -185,7 +152,7 @@ fn cluster_network_policy_verdicts_are_explained() -> Result<()> {
     assert_eq!(denied.tier.as_deref(), Some("Admin"));
     assert_eq!(denied.action.as_deref(), Some("Deny"));
     assert!(denied.passed.is_empty());
-    let passed = wait_flow(&agent, |r| {
+    let passed = agent.wait_flow(|r| {
         r.verdict == "ALLOW" && r.dst.port == Some(8080) && r.direction == "ingress"
     })?;
     assert_eq!(passed.policies, ["shop/server-ingress"]);
@@ -194,13 +161,13 @@ fn cluster_network_policy_verdicts_are_explained() -> Result<()> {
         ["ClusterNetworkPolicy/defer-prod rule to-namespace-policy (Admin tier, Pass)"]
     );
     assert_eq!(passed.tier.as_deref(), Some("NetworkPolicy"));
-    let audited = wait_flow(&agent, |r| r.verdict == "AUDIT" && r.dst.port == Some(80))?;
+    let audited = agent.wait_flow(|r| r.verdict == "AUDIT" && r.dst.port == Some(80))?;
     assert_eq!(
         audited.policies,
         ["ClusterNetworkPolicy/default-deny rule deny-rest (Baseline tier, Deny)"]
     );
     assert_eq!(audited.dst.pod.as_deref(), Some("box"));
-    let baseline = wait_flow(&agent, |r| r.verdict == "DROP" && r.dst.ip == CLIENT)?;
+    let baseline = agent.wait_flow(|r| r.verdict == "DROP" && r.dst.ip == CLIENT)?;
     assert_eq!(baseline.tier.as_deref(), Some("Baseline"));
     let (ok, out) = agent.cli(&["observe", "--port", "8080"])?;
     assert!(
@@ -289,7 +256,7 @@ fn cluster_network_policy_verdicts_are_explained() -> Result<()> {
     );
 
     // Metrics by tier and action.
-    let m = http_get(&node.ns, "/metrics")?;
+    let m = http_get(&node.ns, METRICS, "/metrics")?;
     let d = |t: &str, a: &str| {
         metric(
             &m,

@@ -10,8 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, ensure, Result};
-use palisade_agent::flowlog::FlowRecord;
+use anyhow::{ensure, Context, Result};
 use palisade_tests::{
     agent::write_manifest,
     cni::{exec, CniNode},
@@ -131,32 +130,10 @@ fn no_packet_reaches_a_default_deny_pod_while_it_starts() -> Result<()> {
         "datagrams reached the pod unenforced"
     );
     // The flood did reach the pod's program, which dropped it.
-    wait_for_record(&agent.flow_log, "no drop of the flood was recorded", |r| {
-        r.verdict == "DROP" && r.dst.ip == TARGET && r.dst.port == Some(PORT)
-    })
-}
-
-/// Until the flow log at `path` has a record with `pred` (5 s).
-fn wait_for_record(
-    path: &std::path::Path,
-    what: &str,
-    pred: impl Fn(&FlowRecord) -> bool,
-) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let log = std::fs::read_to_string(path).unwrap_or_default();
-        if log
-            .lines()
-            .filter_map(|l| serde_json::from_str::<FlowRecord>(l).ok())
-            .any(|r| pred(&r))
-        {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("{what}:\n{log}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    agent
+        .wait_flow(|r| r.verdict == "DROP" && r.dst.ip == TARGET && r.dst.port == Some(PORT))
+        .context("no drop of the flood was recorded")?;
+    Ok(())
 }
 
 const LABELS_LATER: &str = r#"
@@ -229,13 +206,15 @@ fn a_pod_whose_labels_are_not_known_yet_starts_closed() -> Result<()> {
     let (sent, received) = fire(&flooder, &receiver, 500)?;
     ensure!(sent > 10, "the sender did not run");
     assert_eq!(received, 0, "a pod without known labels was open");
-    wait_for_record(&agent.flow_log, "no drop names the pending labels", |r| {
-        r.verdict == "DROP"
-            && r.dst.ip == TARGET
-            && r.policies
-                .iter()
-                .any(|p| p.contains("pod-labels-not-known-yet"))
-    })?;
+    agent
+        .wait_flow(|r| {
+            r.verdict == "DROP"
+                && r.dst.ip == TARGET
+                && r.policies
+                    .iter()
+                    .any(|p| p.contains("pod-labels-not-known-yet"))
+        })
+        .context("no drop names the pending labels")?;
 
     // The labels arrive: the policy selects the pod and admits `free`.
     write_manifest(&agent.manifests, "target.yaml", TARGET_POD)?;
