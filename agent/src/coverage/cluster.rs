@@ -681,9 +681,6 @@ pub(super) fn dns_reachable(m: &Model, pod: &Pod, np_isolated: bool) -> bool {
         decide(&baseline, &pod.ports, peer, proto, 53)
             .is_none_or(|(_, r)| r.effective_action() == Action::Accept)
     };
-    let mut candidates: Vec<(Option<&Pod>, PeerRep)> = pods(m)
-        .filter_map(|q| Some((Some(q), pod_peer(m, q)?)))
-        .collect();
     // Addresses rules name, each by its first address outside the holes.
     let mut nets: Vec<Ipv4Network> = cnps
         .iter()
@@ -707,7 +704,8 @@ pub(super) fn dns_reachable(m: &Model, pod: &Pod, np_isolated: bool) -> bool {
             }
         }
     }
-    candidates.extend(nets.into_iter().filter_map(|n| {
+    // Lazily: the first admitted candidate ends the search.
+    let addresses = nets.into_iter().filter_map(|n| {
         let net = Ipv4Network::new(n.network(), 32).ok()?;
         Some((
             None,
@@ -718,10 +716,11 @@ pub(super) fn dns_reachable(m: &Model, pod: &Pod, np_isolated: bool) -> bool {
                 cidr_identity: 0,
             },
         ))
-    }));
-    candidates
-        .iter()
-        .any(|c| allowed(c, PROTO_UDP) || allowed(c, PROTO_TCP))
+    });
+    pods(m)
+        .filter_map(|q| Some((Some(q), pod_peer(m, q)?)))
+        .chain(addresses)
+        .any(|c| allowed(&c, PROTO_UDP) || allowed(&c, PROTO_TCP))
 }
 
 /// Selectors of ClusterNetworkPolicies that match nothing today, and
