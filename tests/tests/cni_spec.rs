@@ -613,6 +613,16 @@ fn add_check_del_with_the_agent_in_every_version() -> Result<()> {
             palisade_tests::run(n.node.cmd("sysctl").args(["-n", "net.ipv4.ip_forward"]))?.stdout,
         )?;
         assert_eq!(fwd.trim(), "1");
+        // IPv6 off in the pod (no IPv6 address: no RS/MLD); the host end
+        // takes no router advertisement (issue 17 point 4).
+        let sysctl = |ns: &NetNs, key: &str| -> Result<String> {
+            let o = palisade_tests::run(ns.cmd("sysctl").args(["-n", key]))?;
+            Ok(String::from_utf8(o.stdout)?.trim().to_string())
+        };
+        assert_eq!(sysctl(&server, "net.ipv6.conf.eth0.disable_ipv6")?, "1");
+        let conf = |k: &str| format!("net.ipv6.conf.{host_if}.{k}");
+        assert_eq!(sysctl(&n.node, &conf("accept_ra"))?, "0");
+        assert_eq!(sysctl(&n.node, &conf("autoconf"))?, "0");
 
         // Pods reach each other through the node.
         // (A port per round: the echo listeners live as long as the test.)

@@ -1239,6 +1239,58 @@ fn ipv6_is_dropped_for_enforced_endpoints_except_neighbour_discovery() -> Result
     Ok(())
 }
 
+/// Issue 17 point 4: a pod is never a router. Router advertisements and
+/// redirects from a pod are dropped whether or not it is enforced (on a
+/// shared bridge they would reconfigure its neighbours), also behind
+/// extension headers; neighbour discovery passes only with hop limit 255;
+/// an IPv6 chain from a pod that cannot be followed is dropped.
+#[test]
+fn pods_never_send_router_advertisements_or_redirects() -> Result<()> {
+    use palisade_common::ipv6::{ICMPV6_REDIRECT, ICMPV6_ROUTER_ADVERTISEMENT, IPPROTO_ICMPV6};
+    let mut rig = rig!();
+    let pod6: Ipv6Addr = "fe80::5".parse()?;
+    let all_nodes: Ipv6Addr = "ff02::1".parse()?;
+    let ra = Packet::icmpv6(pod6, all_nodes, ICMPV6_ROUTER_ADVERTISEMENT, 12);
+    let redirect = Packet::icmpv6(pod6, "fe80::9".parse()?, ICMPV6_REDIRECT, 36);
+    // The same RA behind a hop-by-hop header (8 bytes of options).
+    let mut body = vec![IPPROTO_ICMPV6, 0, 1, 4, 0, 0, 0, 0];
+    body.extend_from_slice(&[ICMPV6_ROUTER_ADVERTISEMENT, 0, 0, 0]);
+    body.resize(8 + 16, 0);
+    let hidden = Packet::ipv6(pod6, all_nodes, 0, body);
+    // Seven destination-options headers: more than the walk follows.
+    let mut chain = Vec::new();
+    for _ in 0..7 {
+        chain.extend_from_slice(&[60, 0, 1, 4, 0, 0, 0, 0]);
+    }
+    chain[7 * 8 - 8] = 17;
+    chain.resize(7 * 8 + 8, 0);
+    let endless = Packet::ipv6(pod6, all_nodes, 60, chain);
+    let udp_out = Packet::ipv6_udp("fd00::5".parse()?, 5000, "fd00::9".parse()?, 53);
+
+    for flags in [0, EP_INGRESS_ENFORCED, EP_EGRESS_ENFORCED | EP_AUDIT] {
+        rig.endpoint(flags)?;
+        for p in [&ra, &redirect, &hidden] {
+            rig.run(DIR_EGRESS, p)?
+                .assert_reported(false, VERDICT_DROP, reason::ND_FORBIDDEN, 0);
+        }
+        rig.run(DIR_EGRESS, &endless)?
+            .assert_reported(false, VERDICT_DROP, reason::MALFORMED, 0);
+        // Towards the pod an RA is the node's business, and passes.
+        rig.run(DIR_INGRESS, &ra)?
+            .assert_silent(true, Some(reason::NOT_IP));
+        // ND with a hop limit other than 255 was forwarded: never valid.
+        let ns = Packet::neighbour_solicitation(pod6, "fe80::9".parse()?);
+        rig.run(DIR_EGRESS, &ns)?
+            .assert_silent(true, Some(reason::NOT_IP));
+        rig.run(DIR_EGRESS, &ns.clone().with_hop_limit(64))?
+            .assert_reported(false, VERDICT_DROP, reason::ND_FORBIDDEN, 0);
+    }
+    // An unenforced pod's other IPv6 still passes.
+    rig.endpoint(0)?;
+    rig.run(DIR_EGRESS, &udp_out)?.assert_silent(true, None);
+    Ok(())
+}
+
 #[test]
 fn malformed_headers_drop_when_enforced() -> Result<()> {
     let mut rig = rig!();

@@ -193,15 +193,6 @@ pub fn unchecked_source(ep: &EndpointInfo, dir: u8, why: u8) -> Option<Decision>
     }
 }
 
-/// ICMPv6 neighbour discovery (types 133..=137), which addressing needs
-/// even where IPv6 is otherwise dropped. `next_header` is the IPv6 header's.
-#[inline(always)]
-pub fn is_neighbour_discovery(next_header: u8, icmp_type: u8) -> bool {
-    next_header == IPPROTO_ICMPV6 && (133..=137).contains(&icmp_type)
-}
-
-pub const IPPROTO_ICMPV6: u8 = 58;
-
 /// The verdict before any policy lookup, if there is one: an unenforced
 /// direction passes, and so does traffic between a pod and its own node
 /// (NetworkPolicy never restricts it).

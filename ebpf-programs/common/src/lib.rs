@@ -7,6 +7,7 @@
 
 pub mod conntrack;
 pub mod decision;
+pub mod ipv6;
 pub mod reject;
 pub mod service;
 
@@ -321,6 +322,9 @@ pub mod reason {
     pub const NO_SERVICE_BACKEND: u8 = 25;
     /// The translation entry could not be written (SVC_NAT full).
     pub const SVC_NAT_FAILED: u8 = 26;
+    /// IPv6 neighbour discovery a pod may not send (router advertisement,
+    /// redirect), or any with a hop limit other than 255.
+    pub const ND_FORBIDDEN: u8 = 31;
     // Bookkeeping.
     pub const EVENTS_LOST: u8 = 32;
     pub const XDP_PASS: u8 = 33;
@@ -352,6 +356,7 @@ pub mod reason {
             XDP_PASS => "xdp-pass",
             SVC_TRANSLATED => "service-translated",
             SVC_NAT_FAILED => "service-nat-failed",
+            ND_FORBIDDEN => "nd-forbidden",
             _ => "none",
         }
     }

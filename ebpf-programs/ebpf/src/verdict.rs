@@ -23,10 +23,10 @@ use palisade_common::{
     conntrack::{TCP_ESTABLISHED, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN},
     decision::{
         ct_key, ct_use, decide, drop_if_enforced as enforced_drop, empty_key,
-        first_fragment_verdict, flow_event, hard_drop, is_neighbour_discovery,
-        later_fragment_verdict, new_ct_entry, refresh, remote_addr, spoofed, track,
-        unchecked_source, Decision,
+        first_fragment_verdict, flow_event, hard_drop, later_fragment_verdict, new_ct_entry,
+        refresh, remote_addr, spoofed, track, unchecked_source, Decision,
     },
+    ipv6::V6,
     reason,
     reject::answerable,
     service::{
@@ -99,7 +99,7 @@ pub fn process<const DRY: bool>(
             count::<DRY>(reason::NOT_IP);
             return Ok(true);
         }
-        ETH_P_IPV6 => return Ok(ipv6::<DRY>(&ep, dir, ifindex, start, end)),
+        ETH_P_IPV6 => return Ok(ipv6::<DRY>(ctx, &ep, dir, ifindex)),
         _ => {
             return Ok(drop_if_enforced::<DRY>(
                 &ep,
@@ -655,41 +655,30 @@ fn frag_flow(saddr: u32, daddr: u32, protocol: u8, dir: u8) -> Flow {
     }
 }
 
-/// IPv6 is not enforced yet, so it never reaches or leaves an enforced pod,
-/// except neighbour discovery (ICMPv6 133..=137), which addressing needs.
+/// IPv6 is not enforced yet (see `palisade_common::ipv6::verdict`). Its
+/// headers are read through `bpf_skb_load_bytes`: the extension-header walk
+/// has offsets the verifier could not bound on direct packet access.
 #[inline(always)]
-fn ipv6<const DRY: bool>(
-    ep: &EndpointInfo,
-    dir: u8,
-    ifindex: u32,
-    start: usize,
-    end: usize,
-) -> bool {
-    if !ep.enforced_any() {
-        return true;
+fn ipv6<const DRY: bool>(ctx: &TcContext, ep: &EndpointInfo, dir: u8, ifindex: u32) -> bool {
+    let read = |off: usize| ctx.load::<u8>(ETH_HLEN + off).ok();
+    match palisade_common::ipv6::verdict(dir, ep.enforced_any(), read) {
+        V6::Pass(None) => true,
+        V6::Pass(Some(r)) => {
+            count::<DRY>(r);
+            true
+        }
+        V6::Drop(why) => {
+            let flow = Flow {
+                key: empty_key(dir),
+                tcp_flags: 0,
+                svc: 0,
+                answerable: false,
+            };
+            // Audit mode does not open an IPv6 bypass either.
+            finish::<DRY>(ep, ifindex, &flow, &hard_drop(ep, why, dir));
+            false
+        }
     }
-    let nd = match (
-        ptr_at::<u8>(start, end, ETH_HLEN + 6),
-        ptr_at::<u8>(start, end, ETH_HLEN + IPV6_HLEN),
-    ) {
-        // SAFETY: bounds checked by ptr_at.
-        (Some(nh), Some(t)) => unsafe { is_neighbour_discovery(*nh, *t) },
-        _ => false,
-    };
-    if nd {
-        count::<DRY>(reason::NOT_IP);
-        return true;
-    }
-    let flow = Flow {
-        key: empty_key(dir),
-        tcp_flags: 0,
-        svc: 0,
-        answerable: false,
-    };
-    // Audit mode does not open an IPv6 bypass either.
-    let d = hard_drop(ep, reason::IPV6_UNSUPPORTED, dir);
-    finish::<DRY>(ep, ifindex, &flow, &d);
-    false
 }
 
 #[inline(always)]

@@ -50,9 +50,10 @@ use std::{collections::HashMap, net::Ipv4Addr};
 use palisade_common::{
     decision::{
         self, ct_key, ct_use, empty_key, first_fragment_verdict, flow_event, hard_drop,
-        is_neighbour_discovery, later_fragment_verdict, new_ct_entry, policy_key, policy_lookups,
-        remote_addr, spoofed, track, Decision,
+        later_fragment_verdict, new_ct_entry, policy_key, policy_lookups, remote_addr, spoofed,
+        track, Decision,
     },
+    ipv6::V6,
     reason, CtKey, CtValue, EndpointInfo, FlowEvent, FragKey, FragValue, IpcacheValue, PolicyKey,
     PolicyValue, POLICY_PREFIX_FULL, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW,
     VERDICT_DROP,
@@ -62,7 +63,7 @@ use crate::{
     maps::monotonic_ns,
     packet::{
         Packet, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
-        IPV4_HLEN, IPV6_HLEN, SCTP_HLEN, TCP_HLEN, UDP_HLEN,
+        IPV4_HLEN, SCTP_HLEN, TCP_HLEN, UDP_HLEN,
     },
     state::MapState,
 };
@@ -470,21 +471,19 @@ fn frag_flow(key: &FragKey, dir: u8) -> Flow {
 }
 
 fn ipv6(ep: &EndpointInfo, dir: u8, ifindex: u32, f: &[u8]) -> Verdict {
-    if !ep.enforced_any() {
-        return Verdict::silent(true, reason::UNENFORCED, None);
+    let read = |off: usize| f.get(ETH_HLEN + off).copied();
+    match palisade_common::ipv6::verdict(dir, ep.enforced_any(), read) {
+        V6::Pass(None) => Verdict::silent(true, reason::UNENFORCED, None),
+        V6::Pass(Some(r)) => Verdict::silent(true, r, Some(r)),
+        V6::Drop(why) => {
+            let flow = Flow {
+                key: empty_key(dir),
+                tcp_flags: 0,
+            };
+            // Audit mode does not open an IPv6 bypass either.
+            finish(ep, ifindex, &flow, &hard_drop(ep, why, dir))
+        }
     }
-    let nh = ETH_HLEN + 6;
-    let t = ETH_HLEN + IPV6_HLEN;
-    if t < f.len() && is_neighbour_discovery(f[nh], f[t]) {
-        return Verdict::silent(true, reason::NOT_IP, Some(reason::NOT_IP));
-    }
-    let flow = Flow {
-        key: empty_key(dir),
-        tcp_flags: 0,
-    };
-    // Audit mode does not open an IPv6 bypass either.
-    let d = hard_drop(ep, reason::IPV6_UNSUPPORTED, dir);
-    finish(ep, ifindex, &flow, &d)
 }
 
 fn drop_if_enforced(ep: &EndpointInfo, dir: u8, ifindex: u32, why: u8) -> Verdict {
