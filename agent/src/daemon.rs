@@ -54,6 +54,8 @@ pub struct Config {
     pub verify_readiness: bool,
     /// Routing between nodes (native, vxlan, none).
     pub routing: crate::routing::Mode,
+    /// How often endpoints whose interface is gone are forgotten.
+    pub endpoint_check_interval: std::time::Duration,
 }
 
 /// `--metrics-addr` by default: the node's address (see [`metrics_bind`]).
@@ -240,6 +242,31 @@ impl Agent {
             info!("XDP prefilter on {up}: {} deny-listed prefixes", want.len());
         }
         Ok(())
+    }
+
+    /// While running: endpoints whose host interface is gone (a CNI DEL
+    /// whose deregistration failed or never came) are deregistered, so
+    /// their address stops carrying their identity before it is reused.
+    pub fn reap_vanished_endpoints(&mut self) -> Result<usize> {
+        let gone: Vec<String> = self
+            .registry
+            .iter()
+            .filter(|e| self.dp.ifindex(&e.registration.host_ifname).ok() != Some(e.ifindex))
+            .map(|e| e.registration.container_id.clone())
+            .collect();
+        for id in &gone {
+            if let Some(e) = self.registry.get(id) {
+                warn!(
+                    "endpoint {}/{} ({}, {}): its interface is gone without a deregistration; forgetting it",
+                    e.registration.namespace,
+                    e.registration.pod,
+                    e.registration.ipv4,
+                    e.registration.host_ifname
+                );
+            }
+            self.deregister(id)?;
+        }
+        Ok(gone.len())
     }
 
     fn forget_vanished_endpoints(&mut self) {
@@ -466,12 +493,21 @@ impl Agent {
     /// Returns only when the pod's policy is in the kernel.
     pub fn register(&mut self, r: Registration) -> Result<(u32, u64)> {
         validate(&r)?;
+        self.check_pool(&r)?;
         let ifindex = self.dp.ifindex(&r.host_ifname).with_context(|| {
             format!(
                 "host interface {} of {}/{}",
                 r.host_ifname, r.namespace, r.pod
             )
         })?;
+        self.dp
+            .check_pod_link(&r.host_ifname, &r.netns, &r.ifname)
+            .map_err(|e| {
+                refuse(
+                    ErrorKind::InvalidRequest,
+                    format!("{}/{}: {e:#}", r.namespace, r.pod),
+                )
+            })?;
         self.settle_claims(&r, ifindex)?;
         let endpoint_id = self.registry.id_for(&r.container_id);
         let previous = self.registry.get(&r.container_id).cloned();
@@ -548,6 +584,34 @@ impl Agent {
     /// A stale one (its interface is gone or was recreated: a DEL that never
     /// arrived) is forgotten; a live one is a conflict, never overwritten,
     /// or one pod could take over another's address and its policy.
+    /// Where this node's pod ranges are known (its Node object), a pod's
+    /// address comes from them: a registration cannot claim another node's
+    /// pod, a Service or a node address.
+    fn check_pool(&self, r: &Registration) -> Result<()> {
+        let Some(node) = self
+            .node_name
+            .as_deref()
+            .and_then(|n| self.engine.model().nodes.get(n))
+        else {
+            return Ok(());
+        };
+        if node.pod_cidrs.is_empty() || node.pod_cidrs.iter().any(|c| c.contains(r.ipv4)) {
+            return Ok(());
+        }
+        let ranges: Vec<String> = node.pod_cidrs.iter().map(|c| c.to_string()).collect();
+        Err(refuse(
+            ErrorKind::InvalidRequest,
+            format!(
+                "{}/{}: {} is outside node {}'s pod ranges {}",
+                r.namespace,
+                r.pod,
+                r.ipv4,
+                node.name,
+                ranges.join(", ")
+            ),
+        ))
+    }
+
     fn settle_claims(&mut self, r: &Registration, ifindex: u32) -> Result<()> {
         let others: Vec<Entry> = self
             .registry

@@ -415,6 +415,7 @@ fn agent_error_kinds_have_their_codes_and_add_leaves_nothing() -> Result<()> {
         (ErrorKind::NotFound, 3, "does not exist"),
         (ErrorKind::Conflict, 107, "conflicts"),
         (ErrorKind::MapFull, 108, "map is full"),
+        (ErrorKind::Forbidden, 110, "root"),
         (ErrorKind::Internal, 109, "agent's log"),
     ] {
         *agent.kind.lock().unwrap() = kind;

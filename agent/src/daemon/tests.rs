@@ -46,6 +46,7 @@ impl Scratch {
             verify_interval: None,
             verify_readiness: false,
             routing: crate::routing::Mode::None,
+            endpoint_check_interval: std::time::Duration::from_secs(15),
         }
     }
 }
@@ -410,6 +411,34 @@ fn a_live_pods_address_or_interface_cannot_be_claimed_by_another_container() {
         .expect("the stale claim is forgotten");
     let eps: Vec<String> = agent.model().endpoints.keys().cloned().collect();
     assert_eq!(eps, vec![b.container_id.clone()]);
+}
+
+/// Issue 17: a DEL whose deregistration never reached the agent leaves no
+/// stale endpoint once the interface is gone: the periodic check forgets
+/// it and its address stops carrying its identity.
+#[test]
+fn endpoints_whose_interface_vanished_are_reaped_while_running() {
+    let s = Scratch::new("reap");
+    let dp = MemoryDataplane::default();
+    let mut agent = start(&s, &dp);
+    agent.apply_snapshot(isolating_policy()).expect("policy");
+    let (a, _) = pod(&dp, "a", 5);
+    let (b, _) = pod(&dp, "b", 6);
+    agent.register(a.clone()).expect("a");
+    agent.register(b.clone()).expect("b");
+    assert_eq!(agent.reap_vanished_endpoints().expect("check"), 0);
+    let ip = u32::from(a.ipv4).to_be();
+    assert!(dp.lock().endpoints_by_ip.contains_key(&ip));
+
+    dp.remove_interface(&a.host_ifname);
+    assert_eq!(agent.reap_vanished_endpoints().expect("check"), 1);
+    let eps: Vec<String> = agent.model().endpoints.keys().cloned().collect();
+    assert_eq!(eps, vec![b.container_id.clone()]);
+    assert!(
+        !dp.lock().endpoints_by_ip.contains_key(&ip),
+        "a's address is no longer an endpoint"
+    );
+    assert_eq!(agent.reap_vanished_endpoints().expect("check"), 0);
 }
 
 #[test]
