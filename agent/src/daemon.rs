@@ -682,8 +682,8 @@ impl Agent {
                     },
                 );
                 EndpointStatus {
-                    namespace: le.key.namespace.clone(),
-                    pod: le.key.name.clone(),
+                    namespace: le.key.namespace.to_string(),
+                    pod: le.key.name.to_string(),
                     endpoint_id: le.endpoint_id,
                     ipv4: le.ipv4,
                     host_ifname: le.host_ifname.clone(),
@@ -698,8 +698,8 @@ impl Agent {
             .policies
             .iter()
             .map(|(k, rejected)| PolicyStatus {
-                namespace: k.namespace.clone(),
-                name: k.name.clone(),
+                namespace: k.namespace.to_string(),
+                name: k.name.to_string(),
                 rejected: rejected.clone(),
             })
             .collect();
@@ -809,8 +809,8 @@ fn service_status(frontends: &[crate::service::Frontend]) -> Vec<palisade_api::S
     }
     by.into_iter()
         .map(|(k, frontends)| palisade_api::ServiceStatus {
-            namespace: k.namespace.clone(),
-            name: k.name.clone(),
+            namespace: k.namespace.to_string(),
+            name: k.name.to_string(),
             frontends,
         })
         .collect()

@@ -278,7 +278,7 @@ pub fn run(plan: &Plan) -> Result<Update> {
                         .trim_start_matches("app-")
                         .parse()
                         .unwrap_or(0);
-                    (key.namespace.clone(), app)
+                    (key.namespace.to_string(), app)
                 } else {
                     (cluster::ns_name(i % spec.namespaces), i % spec.apps)
                 };

@@ -405,7 +405,7 @@ impl Engine {
         let unknown: Vec<String> = self
             .eps
             .iter()
-            .filter(|(_, s)| ns.is_none_or(|n| s.ep.key.namespace == n))
+            .filter(|(_, s)| ns.is_none_or(|n| *s.ep.key.namespace == *n))
             .filter(|(_, s)| !self.model.pods.contains_key(&s.ep.key))
             .map(|(c, _)| c.clone())
             .collect();
@@ -609,7 +609,7 @@ impl Engine {
         let in_ns: Vec<String> = self
             .eps
             .iter()
-            .filter(|(_, s)| s.ep.key.namespace == name)
+            .filter(|(_, s)| *s.ep.key.namespace == *name)
             .map(|(c, _)| c.clone())
             .collect();
         if audit_changed {
@@ -620,7 +620,7 @@ impl Engine {
                 .model
                 .pods
                 .range(ObjectKey::new(name, "")..)
-                .take_while(|(k, _)| k.namespace == name)
+                .take_while(|(k, _)| *k.namespace == *name)
                 .map(|(k, _)| k.clone())
                 .collect();
             keys.extend(in_ns.iter().map(|c| self.eps[c].ep.key.clone()));
@@ -1162,13 +1162,13 @@ impl Engine {
             || self
                 .model
                 .namespaces
-                .get(&ep.key.namespace)
+                .get(&*ep.key.namespace)
                 .is_some_and(|n| n.audit);
         let ns = &ep.key.namespace;
         let in_ns = self
             .model
             .policies
-            .range(ObjectKey::new(ns.as_str(), "")..)
+            .range(ObjectKey::new(&**ns, "")..)
             .take_while(|(k, _)| k.namespace == *ns)
             .map(|(k, p)| (k, &**p));
         let mut entries = PolicyEntries::new();
