@@ -4,6 +4,7 @@
 //! kernel -> bump the programmed generation. Changes are serialized by the
 //! lock around the `Agent`.
 use std::{
+    collections::HashMap,
     net::Ipv4Addr,
     path::PathBuf,
     sync::{Arc, RwLock},
@@ -127,6 +128,9 @@ pub struct Agent {
     routes: Option<crate::route_sync::RouteSync>,
     routing_mode: crate::routing::Mode,
     node_name: Option<String>,
+    /// The address each registered host veth carries (by ifindex), read
+    /// once when it registers: the gateways the node talks to its pods from.
+    gateways: HashMap<u32, Option<Ipv4Addr>>,
 }
 
 impl Agent {
@@ -190,6 +194,7 @@ impl Agent {
             routes: None,
             routing_mode: cfg.routing,
             node_name: cfg.node_name.clone(),
+            gateways: HashMap::new(),
         };
         if cfg.routing != crate::routing::Mode::None {
             agent.routes = Some(crate::route_sync::RouteSync::spawn(cfg.routing)?);
@@ -210,15 +215,26 @@ impl Agent {
     /// the node's source towards its pods (kubelet probes). Read from the
     /// kernel, so a registration cannot claim one.
     fn refresh_gateways(&mut self) {
-        let names: std::collections::HashSet<&str> = self
+        let live: HashMap<u32, &str> = self
             .registry
             .iter()
-            .map(|e| e.registration.host_ifname.as_str())
+            .map(|e| (e.ifindex, e.registration.host_ifname.as_str()))
             .collect();
-        match crate::ifaddrs::ipv4_of(&names) {
-            Ok(ips) => self.engine.set_gateway_ips(ips),
-            Err(e) => warn!("reading the host veths' addresses: {e}"),
+        self.gateways
+            .retain(|ifindex, _| live.contains_key(ifindex));
+        for (ifindex, name) in live {
+            if self.gateways.contains_key(&ifindex) {
+                continue;
+            }
+            match crate::ifaddrs::primary_ipv4(name) {
+                Ok(ip) => {
+                    self.gateways.insert(ifindex, ip);
+                }
+                Err(e) => warn!("reading the address of {name}: {e}"),
+            }
         }
+        let ips = self.gateways.values().flatten().copied().collect();
+        self.engine.set_gateway_ips(ips);
     }
 
     /// Attach the XDP prefilter to the uplinks and make its deny list
@@ -522,6 +538,8 @@ impl Agent {
 
         let t0 = Instant::now();
         let mut t_attach = t0;
+        // A re-ADD may have given the interface another address.
+        self.gateways.remove(&ifindex);
         self.refresh_gateways();
         self.engine.add_endpoint(local_endpoint(&entry));
         let programmed = self.reprogram().and_then(|g| {

@@ -346,7 +346,11 @@ mod tests {
         assert_eq!(ids, [1, 2]);
         m2.apply(&mut w, &[list[0].clone(), fe("c", 82, &[])])
             .unwrap();
-        assert_eq!(m2.by_id()[&3].service.name.as_ref(), "c", "a fresh id, not b's");
+        assert_eq!(
+            m2.by_id()[&3].service.name.as_ref(),
+            "c",
+            "a fresh id, not b's"
+        );
     }
 
     #[test]

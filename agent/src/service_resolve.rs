@@ -283,7 +283,9 @@ fn slice_candidates(
             .filter(|t| t.kind.as_deref() == Some("Pod"))
         {
             let named = ObjectKey::new(
-                t.namespace.clone().unwrap_or_else(|| key.namespace.to_string()),
+                t.namespace
+                    .clone()
+                    .unwrap_or_else(|| key.namespace.to_string()),
                 t.name.clone().unwrap_or_default(),
             );
             if &named != pod {
