@@ -264,7 +264,7 @@ pub fn policy_keys(
 /// The empty classifier (`r0 = TC_ACT_OK; exit`), loaded with a raw
 /// bpf(2) call and pinned, then opened through aya so that it runs through
 /// exactly the same `run_tc` as the policy programs.
-fn load_empty(dir: &Path) -> Result<SchedClassifier> {
+pub(crate) fn load_empty(dir: &Path) -> Result<SchedClassifier> {
     #[repr(C)]
     struct ProgLoad {
         prog_type: u32,
@@ -354,7 +354,7 @@ fn load_empty(dir: &Path) -> Result<SchedClassifier> {
 
 /// Consumes every ring while the benchmark runs (as the agent would), and
 /// can be paused so that a ring fills up.
-struct Drainer {
+pub(crate) struct Drainer {
     stop: Arc<AtomicBool>,
     pause: Arc<AtomicBool>,
     paused: Arc<AtomicBool>,
@@ -362,7 +362,7 @@ struct Drainer {
 }
 
 impl Drainer {
-    fn start(mut rings: Vec<RingBuf<MapData>>) -> Self {
+    pub(crate) fn start(mut rings: Vec<RingBuf<MapData>>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let pause = Arc::new(AtomicBool::new(false));
         let paused = Arc::new(AtomicBool::new(false));
