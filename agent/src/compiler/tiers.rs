@@ -673,7 +673,17 @@ pub(crate) fn apply_tiers<'a>(
         .collect();
     // Which rules' peers each candidate matches, by rule set: endpoints
     // selected by the same policies share it. Interned into group ids.
-    let mut matched_by_rules: HashMap<Vec<u32>, std::rc::Rc<Vec<u32>>> = HashMap::new();
+    let mut matched_by_rules: HashMap<Vec<u32>, std::rc::Rc<RuleSetView>> = HashMap::new();
+    // Candidates by the peer keys of their chain that a NetworkPolicy entry
+    // may name (their identity, their CIDR identity).
+    let mut cands_by_key: HashMap<u32, Vec<usize>> = HashMap::new();
+    for (ci, (keys, n)) in chains.iter().enumerate() {
+        for k in &keys[..*n] {
+            if *k != IDENTITY_ANY_POD && *k != IDENTITY_ANY {
+                cands_by_key.entry(*k).or_default().push(ci);
+            }
+        }
+    }
 
     // Endpoints the policies select.
     let mut by_id: HashMap<u32, &crate::model::LocalEndpoint> = HashMap::new();
@@ -751,7 +761,7 @@ pub(crate) fn apply_tiers<'a>(
                 .entry(rules.iter().map(|r| r.cookie).collect())
                 .or_insert_with(|| {
                     let mut seen: HashMap<Vec<bool>, u32> = HashMap::new();
-                    let ids = cands
+                    let ids: Vec<u32> = cands
                         .iter()
                         .map(|(c, _)| {
                             let bits: Vec<bool> = rules
@@ -765,9 +775,32 @@ pub(crate) fn apply_tiers<'a>(
                             *seen.entry(bits).or_insert(n)
                         })
                         .collect();
-                    std::rc::Rc::new(ids)
+                    // Pod classes with the same matches, ports and chain
+                    // length get the same table unless a NetworkPolicy entry
+                    // names one of them (checked per endpoint).
+                    let mut groups: HashMap<(u32, u32, usize), u32> = HashMap::new();
+                    let group: Vec<u32> = (0..cands.len())
+                        .map(|ci| {
+                            let n = groups.len() as u32;
+                            *groups
+                                .entry((ids[ci], cands[ci].1, chains[ci].1))
+                                .or_insert(n)
+                        })
+                        .collect();
+                    std::rc::Rc::new(RuleSetView {
+                        groups: groups.len(),
+                        matched: ids,
+                        group,
+                    })
                 })
                 .clone();
+            // Candidates a NetworkPolicy entry of this endpoint names.
+            let mut special = vec![false; cands.len()];
+            for (_, k, _) in np.into_iter().flatten() {
+                for ci in cands_by_key.get(&k.peer_identity).into_iter().flatten() {
+                    special[*ci] = true;
+                }
+            }
             // NetworkPolicy entries by peer key, interned: what `np_chain`
             // can see of a peer.
             let mut np_by_peer: HashMap<u32, Vec<(u32, u8, u16, PolicyValue)>> = HashMap::new();
@@ -805,7 +838,7 @@ pub(crate) fn apply_tiers<'a>(
                     }
                 }
                 let sig = PeerSig {
-                    matched: matched[ci],
+                    matched: matched.matched[ci],
                     ports: *ports,
                     np: np_ids,
                     chain: *n as u8,
@@ -841,13 +874,23 @@ pub(crate) fn apply_tiers<'a>(
             // Pods: one table per class; the most common table of the
             // uniform label identities goes to `any-pod` (pods only), so
             // a policy over every pod costs one table, not one per identity.
+            let mut group_table: Vec<Option<usize>> = vec![None; matched.groups];
             let pod_tables: Vec<(u32, Vec<ClassTable>)> = pod_classes
                 .iter()
                 .map(|(label_id, cls)| {
-                    (
-                        *label_id,
-                        cls.iter().map(|(ci, reps)| (table_of(*ci), reps)).collect(),
-                    )
+                    let ts = cls
+                        .iter()
+                        .map(|(ci, reps)| {
+                            let t = if special[*ci] {
+                                table_of(*ci)
+                            } else {
+                                let g = matched.group[*ci] as usize;
+                                *group_table[g].get_or_insert_with(|| table_of(*ci))
+                            };
+                            (t, reps)
+                        })
+                        .collect();
+                    (*label_id, ts)
                 })
                 .collect();
             let mut counts: HashMap<usize, usize> = HashMap::new();
@@ -904,6 +947,16 @@ pub(crate) fn apply_tiers<'a>(
 type PodClass<'a> = (usize, Vec<PeerRep<'a>>);
 /// A class's table (index) and its pods.
 type ClassTable<'b, 'a> = (usize, &'b Vec<PeerRep<'a>>);
+
+/// The candidates as one set of rules sees them.
+struct RuleSetView {
+    /// Per candidate: which rules' peers match it (interned).
+    matched: Vec<u32>,
+    /// Per candidate: (matched, ports, chain length) interned; equal groups
+    /// get equal tables when no NetworkPolicy entry names either.
+    group: Vec<u32>,
+    groups: usize,
+}
 
 /// What makes pods of one label identity differ for the tier walk.
 #[derive(PartialEq, Eq)]
