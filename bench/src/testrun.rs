@@ -262,7 +262,7 @@ pub fn policy_keys(
 
 /// Consumes every ring while the benchmark runs (as the agent would), and
 /// can be paused so that a ring fills up.
-struct Drainer {
+pub(crate) struct Drainer {
     stop: Arc<AtomicBool>,
     pause: Arc<AtomicBool>,
     paused: Arc<AtomicBool>,
@@ -270,7 +270,7 @@ struct Drainer {
 }
 
 impl Drainer {
-    fn start(mut rings: Vec<RingBuf<MapData>>) -> Self {
+    pub(crate) fn start(mut rings: Vec<RingBuf<MapData>>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let pause = Arc::new(AtomicBool::new(false));
         let paused = Arc::new(AtomicBool::new(false));

@@ -170,6 +170,9 @@ pub struct Engine {
     /// stage applied (what the kernel gets). Recomputed from `desired` after
     /// every change (see `settle_tiers`).
     tiered: Option<MapState>,
+    /// The hidden addresses policy last put (Debug form), to skip putting
+    /// an identical one.
+    hidden_addresses: Option<String>,
     touched: Touched,
     dirty_eps: BTreeSet<String>,
     /// Label identities that appeared / disappeared: their entries are
@@ -239,6 +242,7 @@ impl Engine {
             selects: HashMap::new(),
             desired: MapState::default(),
             tiered: None,
+            hidden_addresses: None,
             touched: Touched::default(),
             dirty_eps: BTreeSet::new(),
             new_ids: Vec::new(),
@@ -416,7 +420,14 @@ impl Engine {
         self.dirty_unknown_endpoints(None);
         let key = super::tiers::cluster_addresses_key();
         let hidden = self.model.cluster_addresses();
-        self.put_policy(key.clone(), hidden);
+        // It depends only on the set of `networks`/`nodes` prefixes: most
+        // changes leave it as it was, and replacing it would re-resolve
+        // its peers over every pod address.
+        let now = hidden.as_ref().map(|h| format!("{h:?}"));
+        if now != self.hidden_addresses {
+            self.hidden_addresses = now;
+            self.put_policy(key.clone(), hidden);
+        }
         self.view.policies.remove(&key);
         let cluster: Vec<_> = self
             .model
