@@ -58,6 +58,7 @@ fn setup(both: bool) -> Result<Setup> {
                 identity: 1000 + ep,
                 ipv4: be(ip),
                 flags: 0,
+                generation: 0,
             };
             maps.upsert_endpoint(ifindex, info)?;
             dp.attach_pod(&ifname)?;
@@ -248,6 +249,7 @@ fn gc_removes_expired_conntrack_and_fragment_entries_only() -> Result<()> {
         protocol: PROTO_TCP,
         scope: DIR_INGRESS,
         _pad: 0,
+        endpoint_id: 1,
     };
     let value = |expires_ns| CtValue {
         expires_ns,
@@ -255,6 +257,8 @@ fn gc_removes_expired_conntrack_and_fragment_entries_only() -> Result<()> {
         tcp_state: 3,
         flags: 0,
         _pad: 0,
+        generation: 0,
+        _pad2: 0,
     };
     maps.insert_conntrack(ct(1000), value(now - 1))?;
     maps.insert_conntrack(ct(1001), value(now + 60_000_000_000))?;
@@ -264,6 +268,7 @@ fn gc_removes_expired_conntrack_and_fragment_entries_only() -> Result<()> {
         id_be: id.to_be(),
         protocol: PROTO_TCP,
         scope: DIR_INGRESS,
+        endpoint_id: 1,
     };
     maps.insert_fragment(
         frag(1),

@@ -82,6 +82,7 @@ fn rig() -> Result<Rig> {
                         identity: 1000 + ep,
                         ipv4: be(ip),
                         flags: 0,
+                        generation: 0,
                     };
                     maps.upsert_endpoint(ifindex, info)?;
                     dp.attach_pod(&ifname)?;

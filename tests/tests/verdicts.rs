@@ -187,6 +187,7 @@ impl Rig {
             identity: POD_IDENTITY,
             ipv4: be(POD),
             flags,
+            generation: 0,
         };
         self.maps.upsert_endpoint(IFINDEX, info)?;
         self.state.endpoints.insert(IFINDEX, info);
@@ -351,6 +352,7 @@ fn ct_key(p: &Packet, scope: u8) -> CtKey {
         protocol: ip.l4.protocol(),
         scope,
         _pad: 0,
+        endpoint_id: EP_ID,
     }
 }
 
@@ -1028,6 +1030,8 @@ fn expired_entries_are_ignored() -> Result<()> {
         tcp_state: TCP_ESTABLISHED,
         flags: 0,
         _pad: 0,
+        generation: 0,
+        _pad2: 0,
     };
     rig.insert_ct(ct_key(&p, DIR_INGRESS), ct(now - 1))?;
     rig.run(DIR_INGRESS, &p)?
@@ -1051,6 +1055,7 @@ fn expired_entries_are_ignored() -> Result<()> {
         id_be: 77u16.to_be(),
         protocol: PROTO_UDP,
         scope: DIR_INGRESS,
+        endpoint_id: EP_ID,
     };
     let fv = FragValue {
         expires_ns: now - 1,

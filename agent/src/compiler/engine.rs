@@ -1329,6 +1329,7 @@ impl Engine {
             identity,
             ipv4: u32::from_ne_bytes(st.ep.ipv4.octets()),
             flags: st.result.flags,
+            generation: 0,
         })
     }
 
