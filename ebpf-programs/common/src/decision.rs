@@ -12,7 +12,7 @@
 //! ([`policy_lookups`]).
 
 use crate::{
-    conntrack::{tcp_next_state, tcp_reopens, timeout_ns},
+    conntrack::{tcp_next_state, tcp_reopens, timeout_ns, TCP_FLAG_ACK, TCP_FLAG_SYN},
     is_label_identity, reason, CtKey, CtValue, EndpointInfo, FlowEvent, IpcacheValue, PolicyKey,
     PolicyValue, ACTION_ALLOW, CT_AUDIT, CT_SEEN_REPLY, DIR_EGRESS, DIR_INGRESS, EP_AUDIT,
     FRAG_TIMEOUT_NS, IDENTITY_ANY, IDENTITY_ANY_POD, IDENTITY_HOST, IDENTITY_WORLD, PROTO_SCTP,
@@ -447,6 +447,21 @@ pub fn track(
         });
     }
     None
+}
+
+/// Whether a new flow that `d` admitted is recorded in conntrack. A TCP
+/// segment passed in an unenforced direction is recorded only if it opens
+/// a connection (a SYN): one picked up mid-stream passes unrecorded, so
+/// it cannot revive, as "replies" admitted by its entry, a connection the
+/// enforced direction refused or cut (`reason::POLICY_CHANGED`). Every
+/// other admitted flow is recorded (also unenforced and host flows: their
+/// entry is what keeps their later packets from being reported as new).
+#[inline(always)]
+pub fn records_entry(d: &Decision, protocol: u8, tcp_flags: u8) -> bool {
+    if d.reason == reason::UNENFORCED && protocol == PROTO_TCP {
+        return tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
+    }
+    d.pass
 }
 
 /// The entry recorded for a new flow of `ep` that `d` admitted.

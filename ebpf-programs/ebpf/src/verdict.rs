@@ -24,8 +24,8 @@ use palisade_common::{
     decision::{
         ct_key, ct_use, decide, drop_if_enforced as enforced_drop, empty_key,
         first_fragment_verdict, flow_event, foreign_destination, hard_drop, is_neighbour_discovery,
-        later_fragment_verdict, new_ct_entry, refresh, rejudged, rejudged_entry, remote_addr,
-        spoofed, track, unchecked_source, Decision, Tracked,
+        later_fragment_verdict, new_ct_entry, records_entry, refresh, rejudged, rejudged_entry,
+        remote_addr, spoofed, track, unchecked_source, Decision, Tracked,
     },
     reason,
     reject::answerable,
@@ -350,7 +350,7 @@ fn track_and_decide<const DRY: bool>(
     }
 
     let d = policy(ep, dir, &flow.key);
-    if d.pass && !DRY {
+    if !DRY && records_entry(&d, flow.key.protocol, flow.tcp_flags) {
         let v = new_ct_entry(ep, &d, flow.key.protocol, flow.tcp_flags, now);
         let _ = CONNTRACK.insert(&flow.key, &v, 0);
     }

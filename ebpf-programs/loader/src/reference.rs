@@ -451,7 +451,7 @@ impl Evaluator {
         }
 
         let d = self.decide(ep, dir, &key);
-        if d.pass {
+        if decision::records_entry(&d, key.protocol, flow.tcp_flags) {
             self.conntrack
                 .insert(key, new_ct_entry(ep, &d, key.protocol, flow.tcp_flags, now));
         }
