@@ -697,6 +697,7 @@ impl Agent {
                         identity: 0,
                         ipv4: 0,
                         flags: 0,
+                        generation: 0,
                     },
                 );
                 EndpointStatus {

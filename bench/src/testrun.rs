@@ -123,6 +123,7 @@ impl Rig {
                 identity: POD_IDENTITY,
                 ipv4: u32::from_ne_bytes(POD.octets()),
                 flags: EP_INGRESS_ENFORCED | EP_EGRESS_ENFORCED,
+                generation: 0,
             },
         )?;
         // ipcache: world, one CIDR block containing every peer, and one /32

@@ -573,6 +573,7 @@ impl Compiler {
                     identity,
                     ipv4: u32::from_ne_bytes(ep.ipv4.octets()),
                     flags: res.flags,
+                    generation: 0,
                 },
             );
         }

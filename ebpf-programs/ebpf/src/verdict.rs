@@ -23,8 +23,9 @@ use palisade_common::{
     conntrack::{TCP_ESTABLISHED, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN},
     decision::{
         ct_key, ct_use, decide, drop_if_enforced as enforced_drop, empty_key,
-        first_fragment_verdict, flow_event, hard_drop, later_fragment_verdict, new_ct_entry,
-        refresh, remote_addr, spoofed, track, unchecked_source, Decision,
+        first_fragment_verdict, flow_event, foreign_destination, hard_drop, later_fragment_verdict,
+        new_ct_entry, records_entry, refresh, rejudged, rejudged_entry, remote_addr, spoofed,
+        track, unchecked_source, Decision, Tracked,
     },
     ipv6::V6,
     reason,
@@ -129,7 +130,19 @@ pub fn process<const DRY: bool>(
     // enforced or not, well-formed or not (the source field is there).
     if let Some(d) = spoofed(&ep, dir, saddr) {
         let flow = Flow {
-            key: ct_key(saddr, daddr, 0, 0, protocol, dir),
+            key: ct_key(ep.endpoint_id, saddr, daddr, 0, 0, protocol, dir),
+            tcp_flags: 0,
+            svc: 0,
+            answerable: false,
+        };
+        finish::<DRY>(&ep, ifindex, &flow, &d);
+        return Ok(d.pass);
+    }
+    // And every frame to a pod is addressed to it: no other tuple's state
+    // is made or used on its veth.
+    if let Some(d) = foreign_destination(&ep, dir, daddr) {
+        let flow = Flow {
+            key: ct_key(ep.endpoint_id, saddr, daddr, 0, 0, protocol, dir),
             tcp_flags: 0,
             svc: 0,
             answerable: false,
@@ -154,6 +167,7 @@ pub fn process<const DRY: bool>(
         id_be,
         protocol,
         scope: dir,
+        endpoint_id: ep.endpoint_id,
     };
     let offset = frag_off & IP_OFFSET_MASK;
     if offset != 0 {
@@ -170,7 +184,7 @@ pub fn process<const DRY: bool>(
     // bytes the pod never sees, e.g. TCP flags the next fragment replaces.
     let l4_room = tot_len as usize - ihl;
     let mut flow = Flow {
-        key: ct_key(saddr, daddr, 0, 0, protocol, dir),
+        key: ct_key(ep.endpoint_id, saddr, daddr, 0, 0, protocol, dir),
         tcp_flags: 0,
         svc: 0,
         answerable: false,
@@ -264,6 +278,7 @@ fn track_and_decide<const DRY: bool>(
         None
     } else {
         ct_track(
+            ep,
             &flow.key,
             dir,
             flow.tcp_flags,
@@ -272,7 +287,11 @@ fn track_and_decide<const DRY: bool>(
             &mut ct_state,
         )
     };
-    if let Some((why, _)) = known {
+    if let Some(t) = known {
+        let why = t.why;
+        if t.stale && !rejudge(ep, ifindex, flow, &t, ct_flags, now) {
+            return false;
+        }
         let was_translated = ct_flags & CT_SVC_NAT != 0;
         if dir == DIR_EGRESS && was_translated {
             // A later packet of a translated flow, by its original tuple:
@@ -285,10 +304,27 @@ fn track_and_decide<const DRY: bool>(
                 // established TCP flow's plain segments leave it to the
                 // replies, which refresh it (TCP always answers), so they
                 // cost one conntrack lookup, not two.
-                if !translated_entry_idle(flow.key.protocol, ct_state, flow.tcp_flags) {
+                if t.stale || !translated_entry_idle(flow.key.protocol, ct_state, flow.tcp_flags) {
+                    // (A stale original entry was judged on the translated
+                    // tuple: that entry is brought up to date, or cut, too.)
                     let tk = translated(&flow.key, n.addr, n.port_be);
                     let (mut f, mut st) = (0, 0);
-                    let _ = ct_track(&tk, DIR_EGRESS, flow.tcp_flags, now, &mut f, &mut st);
+                    if let Some(tt) =
+                        ct_track(ep, &tk, DIR_EGRESS, flow.tcp_flags, now, &mut f, &mut st)
+                    {
+                        if tt.stale {
+                            let mut tf = Flow {
+                                key: tk,
+                                tcp_flags: flow.tcp_flags,
+                                svc: n.service_id,
+                                answerable: false,
+                            };
+                            if !rejudge(ep, ifindex, &mut tf, &tt, f, now) {
+                                let _ = CONNTRACK.remove(&flow.key);
+                                return false;
+                            }
+                        }
+                    }
                 }
                 let orig = flow.key;
                 return translate(ctx, &orig, &n, l4, ifindex, redirect);
@@ -315,12 +351,57 @@ fn track_and_decide<const DRY: bool>(
     }
 
     let d = policy(ep, dir, &flow.key);
-    if d.pass && !DRY {
-        let v = new_ct_entry(&d, flow.key.protocol, flow.tcp_flags, now);
+    if !DRY && records_entry(&d, flow.key.protocol, flow.tcp_flags) {
+        let v = new_ct_entry(ep, &d, flow.key.protocol, flow.tcp_flags, now);
         let _ = CONNTRACK.insert(&flow.key, &v, 0);
     }
     finish::<DRY>(ep, ifindex, flow, &d);
     d.pass
+}
+
+/// A tracked flow whose entry is stale (`decision::ct_stale`): judged
+/// again as the new flow it once was, in the entry's own scope. Admitted:
+/// the entry is brought up to date and the packet goes on as a known
+/// flow's (true). Denied: the entry is deleted, the packet dropped and
+/// reported (`reason::POLICY_CHANGED`). Only on the first packet after a
+/// change, so it may cost what a new flow costs.
+#[inline(always)]
+fn rejudge(
+    ep: &EndpointInfo,
+    ifindex: u32,
+    flow: &mut Flow,
+    t: &Tracked,
+    ct_flags: u8,
+    now: u64,
+) -> bool {
+    let k = t.key;
+    let mut judged = k;
+    if k.scope == DIR_EGRESS && ct_flags & CT_SVC_NAT != 0 {
+        // The original tuple of a translated flow (client -> ClusterIP):
+        // policy judged it as traffic to its backend.
+        if let Some(n) = lookup(&SVC_NAT, &k) {
+            judged = translated(&k, n.addr, n.port_be);
+        }
+    }
+    let d = if judged.scope == DIR_EGRESS && judged.daddr == ep.ipv4 {
+        // A hairpin: the pod reaching itself through its own Service.
+        decide(ep, DIR_EGRESS, &judged, &HAIRPIN_PEER, |_| None)
+    } else {
+        policy(ep, judged.scope, &judged)
+    };
+    let d = rejudged(d);
+    if !d.pass {
+        let _ = CONNTRACK.remove(&k);
+        finish::<false>(ep, ifindex, flow, &d);
+        return false;
+    }
+    if let Some(p) = CONNTRACK.get_ptr_mut(&k) {
+        // SAFETY: valid map value pointer (see `ct_track`).
+        let ct = unsafe { &mut *p };
+        let reply = t.why == reason::REPLY;
+        rejudged_entry(ct, ep, &d, flow.tcp_flags, reply, now, k.protocol);
+    }
+    true
 }
 
 /// A packet conntrack passed: replies of translated flows are turned back
@@ -370,16 +451,18 @@ fn translated_entry_idle(protocol: u8, state_before: u8, tcp_flags: u8) -> bool 
 
 /// Conntrack lookup of `key` (and its reply direction); `flags` and
 /// `state` receive the flags and the TCP state (before this packet) of the
-/// entry that matched.
+/// entry that matched. A stale entry (another generation of `ep`'s policy)
+/// is reported as such, untouched, for `rejudge`.
 #[inline(always)]
 fn ct_track(
+    ep: &EndpointInfo,
     key: &CtKey,
     dir: u8,
     tcp_flags: u8,
     now: u64,
     flags: &mut u8,
     state: &mut u8,
-) -> Option<(u8, u32)> {
+) -> Option<Tracked> {
     track(key, dir, |k, reply| {
         let p = CONNTRACK.get_ptr_mut(k)?;
         // SAFETY: valid map value pointer; concurrent updates of these
@@ -387,7 +470,8 @@ fn ct_track(
         let ct = unsafe { &mut *p };
         *flags = ct.flags;
         *state = ct.tcp_state;
-        ct_use(ct, k.protocol, tcp_flags, reply, now).then_some(ct.cookie)
+        let stale = ct_use(ct, ep, k.protocol, tcp_flags, reply, now)?;
+        Some((ct.cookie, stale))
     })
 }
 
@@ -422,16 +506,22 @@ fn service_flow(
     if let Some(n) = lookup(&SVC_NAT, &orig) {
         let tk = translated(&orig, n.addr, n.port_be);
         let (mut f, mut st) = (0, 0);
-        if let Some((why, cookie)) = ct_track(&tk, DIR_EGRESS, flow.tcp_flags, now, &mut f, &mut st)
-        {
-            count::<false>(why);
+        if let Some(t) = ct_track(ep, &tk, DIR_EGRESS, flow.tcp_flags, now, &mut f, &mut st) {
+            flow.key = tk;
+            if t.stale && !rejudge(ep, ifindex, flow, &t, f, now) {
+                return false;
+            }
+            flow.key = orig;
+            count::<false>(t.why);
             // The original tuple's entry was gone: the flow's own again.
             let mut v = CtValue {
                 expires_ns: 0,
-                cookie,
+                cookie: t.cookie,
                 tcp_state: 0,
                 flags: CT_SVC_NAT,
                 _pad: 0,
+                generation: ep.generation,
+                _pad2: 0,
             };
             refresh(&mut v, orig.protocol, flow.tcp_flags, false, now);
             let _ = CONNTRACK.insert(&orig, &v, 0);
@@ -488,7 +578,7 @@ fn service_flow(
     // "translate" (CT_SVC_NAT), so they cost one conntrack lookup before
     // their SVC_NAT lookup, not a miss, a reverse miss and a frontend
     // lookup.
-    let mut v = new_ct_entry(&d, flow.key.protocol, flow.tcp_flags, now);
+    let mut v = new_ct_entry(ep, &d, flow.key.protocol, flow.tcp_flags, now);
     v.flags |= CT_SVC_NAT;
     let _ = CONNTRACK.insert(&flow.key, &v, 0);
     let _ = CONNTRACK.insert(&orig, &v, 0);
@@ -648,7 +738,7 @@ fn later_fragment<const DRY: bool>(
 #[inline(always)]
 fn frag_flow(saddr: u32, daddr: u32, protocol: u8, dir: u8) -> Flow {
     Flow {
-        key: ct_key(saddr, daddr, 0, 0, protocol, dir),
+        key: ct_key(0, saddr, daddr, 0, 0, protocol, dir),
         tcp_flags: 0,
         svc: 0,
         answerable: false,
