@@ -283,9 +283,9 @@ mod tests {
         );
         // From a pod, a chain that cannot be followed is dropped.
         assert_eq!(
-            verdict(DIR_EGRESS, false, read(&udp[..7])),
+            verdict(DIR_EGRESS, false, read(&udp[..6])),
             V6::Drop(reason::MALFORMED)
         );
-        assert_eq!(verdict(DIR_INGRESS, false, read(&udp[..7])), V6::Pass(None));
+        assert_eq!(verdict(DIR_INGRESS, false, read(&udp[..6])), V6::Pass(None));
     }
 }
