@@ -280,13 +280,21 @@ impl Netlink {
     /// in the peer's namespace). `None` when absent; an error for another
     /// kind of link.
     pub fn veth(&self, name: &str) -> Result<Option<(u32, Option<u32>)>> {
+        Ok(self.veth_info(name)?.map(|(i, p, _)| (i, p)))
+    }
+
+    /// As [`Self::veth`], and whether the peer lives in another network
+    /// namespace (IFLA_LINK_NETNSID present).
+    fn veth_info(&self, name: &str) -> Result<Option<(u32, Option<u32>, bool)>> {
         let Some(m) = self.link(name)? else {
             return Ok(None);
         };
         let mut veth = false;
         let mut peer = None;
+        let mut elsewhere = false;
         for a in &m.attributes {
             match a {
+                LinkAttribute::LinkNetNsId(_) => elsewhere = true,
                 LinkAttribute::Link(i) => peer = Some(*i),
                 LinkAttribute::LinkInfo(infos) => {
                     veth |= infos
@@ -299,7 +307,7 @@ impl Netlink {
         if !veth {
             return Err(anyhow!("{name} is not a veth"));
         }
-        Ok(Some((m.header.index, peer)))
+        Ok(Some((m.header.index, peer, elsewhere)))
     }
 
     /// The ifindex of `name`, if it exists.
@@ -439,10 +447,26 @@ pub fn check_veth_pair(host_ifname: &str, netns: &str, ifname: &str) -> Result<(
 }
 
 fn veth_pair(host_ifname: &str, netns: &str, ifname: &str) -> Result<()> {
-    let (host, pod) = (Netlink::open()?, Netlink::in_netns(netns)?);
-    let (h, h_peer) = host
-        .veth(host_ifname)?
+    let host = Netlink::open()?;
+    let (h, h_peer, elsewhere) = host
+        .veth_info(host_ifname)?
         .ok_or_else(|| anyhow!("no interface {host_ifname} on the node"))?;
+    // An agent in a container sees the runtime's netns files only where
+    // they are mounted in (the DaemonSet mounts /var/run/netns). Without
+    // the file, what can be checked from here is that the interface is a
+    // veth whose peer lives in another namespace.
+    if !std::path::Path::new(netns).exists() {
+        if h_peer.is_some() && elsewhere {
+            tracing::warn!(
+                "{netns} is not visible to the agent: {host_ifname} checked as a veth into another namespace only"
+            );
+            return Ok(());
+        }
+        return Err(anyhow!(
+            "{host_ifname} is not a veth into another namespace (and {netns} is not visible to the agent)"
+        ));
+    }
+    let pod = Netlink::in_netns(netns)?;
     let (p, p_peer) = pod
         .veth(ifname)
         .with_context(|| format!("in {netns}"))?
