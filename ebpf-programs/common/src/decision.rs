@@ -419,6 +419,10 @@ pub fn flow_event(
         dst_identity: d.dst_identity,
         cookie: d.cookie,
         service_id,
+        // Filled in by the kernel's event budget (`event_limit`).
+        suppressed_drops: 0,
+        suppressed_flows: 0,
+        suppressed_reasons: 0,
     }
 }
 
