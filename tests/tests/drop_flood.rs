@@ -255,3 +255,89 @@ fn a_stalled_reader_is_woken_once_not_per_event() -> Result<()> {
     drop(pins);
     Ok(())
 }
+
+const AGENT_CLUSTER: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: noisy}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: quiet}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: flooder, namespace: noisy, labels: {app: flooder}}
+spec: {containers: [{name: c}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: quiet, labels: {app: client}}
+spec: {containers: [{name: c}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: no-egress, namespace: noisy}
+spec: {podSelector: {}, policyTypes: [Egress]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: no-egress, namespace: quiet}
+spec: {podSelector: {}, policyTypes: [Egress]}
+"#;
+
+/// The same through the agent: the quiet pod's denied connection has its
+/// flow record while the noisy pod floods, and the flood's left-out drops
+/// come back as a record's `suppressed` part and as the metric.
+#[test]
+fn the_agent_records_what_a_flood_left_out_and_counts_it() -> Result<()> {
+    use palisade_tests::agent::{http_get, Scratch};
+    if !require_root() {
+        return Ok(());
+    }
+    const METRICS: &str = "127.0.0.1:19971";
+    let scratch = Scratch::new("palisade-flood-", &[("cluster.yaml", AGENT_CLUSTER)])?;
+    let gw = Ipv4Addr::new(10, 95, 0, 1);
+    let (flooder, client) = (Ipv4Addr::new(10, 95, 0, 2), Ipv4Addr::new(10, 95, 0, 3));
+    let mut node = Node::new(gw)?;
+    node.add_pod(flooder)?;
+    node.add_pod(client)?;
+    let agent = scratch.agent(&node.ns, &["--metrics-addr", METRICS])?;
+    agent.register("noisy", "flooder", &node.pods[0])?;
+    agent.register("quiet", "client", &node.pods[1])?;
+
+    let sent = udp_flood(&node.pods[0].ns, client, 30_000)?;
+    assert!(!tcp_connects(&node.pods[1].ns, flooder, 8080, 300)?);
+    let quiet = agent.wait_flow(|r| {
+        r.endpoint == "quiet/client" && r.verdict == "DROP" && r.protocol == "TCP"
+    })?;
+    assert_eq!(quiet.dst.port, Some(8080));
+
+    // A's next events, once its window refilled, carry what was left out.
+    std::thread::sleep(Duration::from_millis(1100));
+    let cpus = std::thread::available_parallelism()?.get();
+    for _ in 0..cpus * 4 {
+        udp_flood(&node.pods[0].ns, client, 1)?;
+    }
+    let carried = agent.wait_flow(|r| {
+        r.endpoint == "noisy/flooder" && r.suppressed.as_ref().is_some_and(|s| s.drops > 0)
+    })?;
+    let s = carried.suppressed.expect("suppressed");
+    assert_eq!(s.drop_reasons, ["no-policy-match"]);
+    assert!((s.drops as usize) < sent, "{} of {sent}", s.drops);
+    let m = http_get(&node.ns, METRICS, "/metrics")?;
+    let line = m
+        .lines()
+        .find(|l| l.starts_with("palisade_drop_events_suppressed_total{namespace=\"noisy\"}"))
+        .with_context(|| format!("no suppressed metric for noisy:\n{m}"))?;
+    let n: u64 = line.rsplit(' ').next().unwrap_or("0").parse()?;
+    assert!(n >= s.drops as u64, "{line}");
+    assert!(
+        !m.contains("palisade_drop_events_suppressed_total{namespace=\"quiet\"} 1"),
+        "{m}"
+    );
+    drop(agent);
+    drop(node);
+    drop(scratch);
+    Ok(())
+}
