@@ -7,7 +7,7 @@ use std::{net::Ipv4Addr, time::Duration};
 use anyhow::{Context, Result};
 use palisade_common::{
     event_limit, reason, EndpointInfo, IpcacheValue, EP_EGRESS_ENFORCED, IDENTITY_WORLD, PROTO_TCP,
-    PROTO_UDP, VERDICT_DROP,
+    VERDICT_DROP,
 };
 use palisade_dataplane::{
     events::EventReader,
@@ -40,6 +40,25 @@ fn udp_flood(ns: &NetNs, to: Ipv4Addr, n: usize) -> Result<usize> {
         }
         Ok(sent)
     })?
+}
+
+/// One datagram from `ns` to `to` sent on each CPU in turn (the budget
+/// state is per CPU; a veth delivers on the sending CPU).
+fn udp_from_each_cpu(ns: &NetNs, to: Ipv4Addr) -> Result<()> {
+    let cpus = std::thread::available_parallelism()?.get();
+    for cpu in 0..cpus {
+        ns.enter(move || -> Result<()> {
+            // SAFETY: a zeroed cpu_set_t with one bit set, for this thread.
+            unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+            }
+            std::net::UdpSocket::bind("0.0.0.0:0")?.send_to(b"again", (to, 9999))?;
+            Ok(())
+        })??;
+    }
+    Ok(())
 }
 
 #[test]
@@ -138,24 +157,28 @@ fn a_drop_flood_from_one_pod_hides_no_other_pods_verdicts() -> Result<()> {
     // `suppressed` part (and the metric).
     std::thread::sleep(Duration::from_millis(1100));
     let mut carried = 0u64;
-    for _ in 0..cpus * 4 {
-        udp_flood(&node.pods[0].ns, B, 1)?;
+    for _ in 0..3 {
+        udp_from_each_cpu(&node.pods[0].ns, B)?;
+        std::thread::sleep(Duration::from_millis(50));
         for e in events.drain().iter().filter(|e| e.endpoint_id == 1) {
             carried += e.suppressed_drops as u64;
             if e.suppressed_drops > 0 {
-                assert_eq!(e.suppressed_reasons, 1 << reason::NO_POLICY_MATCH);
-                assert_eq!(e.protocol, PROTO_UDP);
+                // (The pod's own IPv6 chatter may be among them.)
+                assert_ne!(e.suppressed_reasons & (1 << reason::NO_POLICY_MATCH), 0);
                 let s = palisade_agent::flowlog::suppressed(e).context("a suppressed part")?;
-                assert_eq!(s.drop_reasons, ["no-policy-match"]);
+                assert!(s.drop_reasons.iter().any(|r| r == "no-policy-match"));
             }
         }
         if carried == suppressed {
             break;
         }
     }
+    // Every left-out drop of the flood came back, on some CPU's next event
+    // (and no more than were left out in all, counting later IPv6 chatter).
+    let total = maps.counters()?.get(reason::EVENTS_SUPPRESSED);
     assert!(
-        carried > 0 && carried <= suppressed,
-        "carried {carried} of {suppressed} suppressed"
+        carried >= suppressed && carried <= total,
+        "carried {carried}: {suppressed} suppressed by the flood, {total} in all"
     );
     drop(node);
     drop(pins);
@@ -315,15 +338,15 @@ fn the_agent_records_what_a_flood_left_out_and_counts_it() -> Result<()> {
 
     // A's next events, once its window refilled, carry what was left out.
     std::thread::sleep(Duration::from_millis(1100));
-    let cpus = std::thread::available_parallelism()?.get();
-    for _ in 0..cpus * 4 {
-        udp_flood(&node.pods[0].ns, client, 1)?;
-    }
+    udp_from_each_cpu(&node.pods[0].ns, client)?;
     let carried = agent.wait_flow(|r| {
         r.endpoint == "noisy/flooder" && r.suppressed.as_ref().is_some_and(|s| s.drops > 0)
     })?;
     let s = carried.suppressed.expect("suppressed");
-    assert_eq!(s.drop_reasons, ["no-policy-match"]);
+    assert!(
+        s.drop_reasons.iter().any(|r| r == "no-policy-match"),
+        "{s:?}"
+    );
     assert!((s.drops as usize) < sent, "{} of {sent}", s.drops);
     let m = http_get(&node.ns, METRICS, "/metrics")?;
     let line = m
