@@ -4,6 +4,7 @@
 //! kernel -> bump the programmed generation. Changes are serialized by the
 //! lock around the `Agent`.
 use std::{
+    collections::HashMap,
     net::Ipv4Addr,
     path::PathBuf,
     sync::{Arc, RwLock},
@@ -54,6 +55,8 @@ pub struct Config {
     pub verify_readiness: bool,
     /// Routing between nodes (native, vxlan, none).
     pub routing: crate::routing::Mode,
+    /// How often endpoints whose interface is gone are forgotten.
+    pub endpoint_check_interval: std::time::Duration,
 }
 
 /// `--metrics-addr` by default: the node's address (see [`metrics_bind`]).
@@ -125,6 +128,9 @@ pub struct Agent {
     routes: Option<crate::route_sync::RouteSync>,
     routing_mode: crate::routing::Mode,
     node_name: Option<String>,
+    /// The address each registered host veth carries (by ifindex), read
+    /// once when it registers: the gateways the node talks to its pods from.
+    gateways: HashMap<u32, Option<Ipv4Addr>>,
 }
 
 impl Agent {
@@ -188,6 +194,7 @@ impl Agent {
             routes: None,
             routing_mode: cfg.routing,
             node_name: cfg.node_name.clone(),
+            gateways: HashMap::new(),
         };
         if cfg.routing != crate::routing::Mode::None {
             agent.routes = Some(crate::route_sync::RouteSync::spawn(cfg.routing)?);
@@ -208,15 +215,26 @@ impl Agent {
     /// the node's source towards its pods (kubelet probes). Read from the
     /// kernel, so a registration cannot claim one.
     fn refresh_gateways(&mut self) {
-        let names: std::collections::HashSet<&str> = self
+        let live: HashMap<u32, &str> = self
             .registry
             .iter()
-            .map(|e| e.registration.host_ifname.as_str())
+            .map(|e| (e.ifindex, e.registration.host_ifname.as_str()))
             .collect();
-        match crate::ifaddrs::ipv4_of(&names) {
-            Ok(ips) => self.engine.set_gateway_ips(ips),
-            Err(e) => warn!("reading the host veths' addresses: {e}"),
+        self.gateways
+            .retain(|ifindex, _| live.contains_key(ifindex));
+        for (ifindex, name) in live {
+            if self.gateways.contains_key(&ifindex) {
+                continue;
+            }
+            match crate::ifaddrs::primary_ipv4(name) {
+                Ok(ip) => {
+                    self.gateways.insert(ifindex, ip);
+                }
+                Err(e) => warn!("reading the address of {name}: {e}"),
+            }
         }
+        let ips = self.gateways.values().flatten().copied().collect();
+        self.engine.set_gateway_ips(ips);
     }
 
     /// Attach the XDP prefilter to the uplinks and make its deny list
@@ -240,6 +258,31 @@ impl Agent {
             info!("XDP prefilter on {up}: {} deny-listed prefixes", want.len());
         }
         Ok(())
+    }
+
+    /// While running: endpoints whose host interface is gone (a CNI DEL
+    /// whose deregistration failed or never came) are deregistered, so
+    /// their address stops carrying their identity before it is reused.
+    pub fn reap_vanished_endpoints(&mut self) -> Result<usize> {
+        let gone: Vec<String> = self
+            .registry
+            .iter()
+            .filter(|e| self.dp.ifindex(&e.registration.host_ifname).ok() != Some(e.ifindex))
+            .map(|e| e.registration.container_id.clone())
+            .collect();
+        for id in &gone {
+            if let Some(e) = self.registry.get(id) {
+                warn!(
+                    "endpoint {}/{} ({}, {}): its interface is gone without a deregistration; forgetting it",
+                    e.registration.namespace,
+                    e.registration.pod,
+                    e.registration.ipv4,
+                    e.registration.host_ifname
+                );
+            }
+            self.deregister(id)?;
+        }
+        Ok(gone.len())
     }
 
     fn forget_vanished_endpoints(&mut self) {
@@ -466,12 +509,21 @@ impl Agent {
     /// Returns only when the pod's policy is in the kernel.
     pub fn register(&mut self, r: Registration) -> Result<(u32, u64)> {
         validate(&r)?;
+        self.check_pool(&r)?;
         let ifindex = self.dp.ifindex(&r.host_ifname).with_context(|| {
             format!(
                 "host interface {} of {}/{}",
                 r.host_ifname, r.namespace, r.pod
             )
         })?;
+        self.dp
+            .check_pod_link(&r.host_ifname, &r.netns, &r.ifname)
+            .map_err(|e| {
+                refuse(
+                    ErrorKind::InvalidRequest,
+                    format!("{}/{}: {e:#}", r.namespace, r.pod),
+                )
+            })?;
         self.settle_claims(&r, ifindex)?;
         let endpoint_id = self.registry.id_for(&r.container_id);
         let previous = self.registry.get(&r.container_id).cloned();
@@ -486,6 +538,8 @@ impl Agent {
 
         let t0 = Instant::now();
         let mut t_attach = t0;
+        // A re-ADD may have given the interface another address.
+        self.gateways.remove(&ifindex);
         self.refresh_gateways();
         self.engine.add_endpoint(local_endpoint(&entry));
         let programmed = self.reprogram().and_then(|g| {
@@ -548,6 +602,34 @@ impl Agent {
     /// A stale one (its interface is gone or was recreated: a DEL that never
     /// arrived) is forgotten; a live one is a conflict, never overwritten,
     /// or one pod could take over another's address and its policy.
+    /// Where this node's pod ranges are known (its Node object), a pod's
+    /// address comes from them: a registration cannot claim another node's
+    /// pod, a Service or a node address.
+    fn check_pool(&self, r: &Registration) -> Result<()> {
+        let Some(node) = self
+            .node_name
+            .as_deref()
+            .and_then(|n| self.engine.model().nodes.get(n))
+        else {
+            return Ok(());
+        };
+        if node.pod_cidrs.is_empty() || node.pod_cidrs.iter().any(|c| c.contains(r.ipv4)) {
+            return Ok(());
+        }
+        let ranges: Vec<String> = node.pod_cidrs.iter().map(|c| c.to_string()).collect();
+        Err(refuse(
+            ErrorKind::InvalidRequest,
+            format!(
+                "{}/{}: {} is outside node {}'s pod ranges {}",
+                r.namespace,
+                r.pod,
+                r.ipv4,
+                node.name,
+                ranges.join(", ")
+            ),
+        ))
+    }
+
     fn settle_claims(&mut self, r: &Registration, ifindex: u32) -> Result<()> {
         let others: Vec<Entry> = self
             .registry
@@ -615,11 +697,12 @@ impl Agent {
                         identity: 0,
                         ipv4: 0,
                         flags: 0,
+                        generation: 0,
                     },
                 );
                 EndpointStatus {
-                    namespace: le.key.namespace.clone(),
-                    pod: le.key.name.clone(),
+                    namespace: le.key.namespace.to_string(),
+                    pod: le.key.name.to_string(),
                     endpoint_id: le.endpoint_id,
                     ipv4: le.ipv4,
                     host_ifname: le.host_ifname.clone(),
@@ -634,8 +717,8 @@ impl Agent {
             .policies
             .iter()
             .map(|(k, rejected)| PolicyStatus {
-                namespace: k.namespace.clone(),
-                name: k.name.clone(),
+                namespace: k.namespace.to_string(),
+                name: k.name.to_string(),
                 rejected: rejected.clone(),
             })
             .collect();
@@ -745,8 +828,8 @@ fn service_status(frontends: &[crate::service::Frontend]) -> Vec<palisade_api::S
     }
     by.into_iter()
         .map(|(k, frontends)| palisade_api::ServiceStatus {
-            namespace: k.namespace.clone(),
-            name: k.name.clone(),
+            namespace: k.namespace.to_string(),
+            name: k.name.to_string(),
             frontends,
         })
         .collect()

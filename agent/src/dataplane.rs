@@ -41,6 +41,9 @@ pub trait Dataplane: MapWriter + Send {
     fn attach_pod(&mut self, ifname: &str) -> Result<u32, Error>;
     /// Detach both programs (the interface may be gone already).
     fn detach_pod(&mut self, ifindex: u32) -> Result<(), Error>;
+    /// A registration's interfaces are one veth pair: `host_ifname` on the
+    /// node, `ifname` in the namespace `netns`.
+    fn check_pod_link(&self, host_ifname: &str, netns: &str, ifname: &str) -> anyhow::Result<()>;
     /// After a restart: take over every pinned pod link whose interface
     /// still exists (dropping the others); their ifindexes.
     fn adopt_links(&mut self) -> Result<Vec<u32>, Error>;
@@ -174,6 +177,9 @@ impl Dataplane for KernelDataplane {
     }
     fn detach_pod(&mut self, ifindex: u32) -> Result<(), Error> {
         self.datapath.detach_pod(ifindex)
+    }
+    fn check_pod_link(&self, host_ifname: &str, netns: &str, ifname: &str) -> anyhow::Result<()> {
+        crate::netlink::check_veth_pair(host_ifname, netns, ifname)
     }
     fn adopt_links(&mut self) -> Result<Vec<u32>, Error> {
         self.datapath.adopt_links()
@@ -486,6 +492,11 @@ pub mod memory {
                 .get(ifname)
                 .copied()
                 .ok_or_else(|| Error::NoSuchInterface(ifname.into()))
+        }
+        /// Interfaces here are names in a table, with no peers to check.
+        fn check_pod_link(&self, host_ifname: &str, _: &str, _: &str) -> anyhow::Result<()> {
+            self.ifindex(host_ifname)?;
+            Ok(())
         }
         fn attach_pod(&mut self, ifname: &str) -> Result<u32, Error> {
             let ifindex = self.ifindex(ifname)?;

@@ -179,8 +179,8 @@ fn peer<N: Names + ?Sized>(view: &N, ip: Ipv4Addr, port: Option<u16>, identity: 
     };
     if let Some(pod) = view.pod_at(ip) {
         p.kind = "pod".into();
-        p.namespace = Some(pod.key.namespace.clone());
-        p.pod = Some(pod.key.name.clone());
+        p.namespace = Some(pod.key.namespace.to_string());
+        p.pod = Some(pod.key.name.to_string());
         p.labels = pod.labels.clone();
         p.node = if view.local_endpoint_at(ip).is_some() {
             view.node_name()

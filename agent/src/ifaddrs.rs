@@ -1,47 +1,43 @@
-//! The IPv4 addresses of this node's interfaces (getifaddrs(3)). The host
-//! side of every pod veth carries the pods' gateway address; the node uses
-//! it as its source towards its pods (kubelet probes), so it is `host`.
-use std::{collections::HashSet, ffi::CStr, io, net::Ipv4Addr};
+//! The IPv4 address of a host-side pod veth. The host side of every pod
+//! veth carries the pods' gateway address; the node uses it as its source
+//! towards its pods (kubelet probes), so it is `host`.
+//!
+//! One `SIOCGIFADDR` per interface, asked once per registration: a
+//! getifaddrs(3) per registration dumped every link of the node with its
+//! statistics, half of the agent's time per CNI ADD at a few hundred pods.
+use std::{io, net::Ipv4Addr, os::fd::AsRawFd};
 
-/// The IPv4 addresses of the interfaces named in `names` (interfaces that
-/// do not exist contribute nothing).
-pub fn ipv4_of(names: &HashSet<&str>) -> io::Result<Vec<Ipv4Addr>> {
-    if names.is_empty() {
-        return Ok(Vec::new());
+/// The primary IPv4 address of interface `name`; `None` when it has none
+/// (a bridge port in chained mode) or does not exist.
+pub fn primary_ipv4(name: &str) -> io::Result<Option<Ipv4Addr>> {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ {
+        return Ok(None);
     }
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list we free below.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+    // SAFETY: a plain datagram socket, owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
         return Err(io::Error::last_os_error());
     }
-    let mut out = Vec::new();
-    let mut cur = head;
-    while !cur.is_null() {
-        // SAFETY: `cur` is a node of the list getifaddrs returned.
-        let ifa = unsafe { &*cur };
-        cur = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
-            continue;
-        }
-        // SAFETY: non-null, points into the list.
-        let family = unsafe { (*ifa.ifa_addr).sa_family };
-        if i32::from(family) != libc::AF_INET {
-            continue;
-        }
-        // SAFETY: a NUL-terminated name from the kernel.
-        let name = unsafe { CStr::from_ptr(ifa.ifa_name) }.to_string_lossy();
-        if !names.contains(name.as_ref()) {
-            continue;
-        }
-        // SAFETY: AF_INET, so the address is a sockaddr_in.
-        let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-        out.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+    // SAFETY: `fd` is ours; OwnedFd closes it.
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain data; zeroed is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
     }
-    // SAFETY: the list from getifaddrs, freed once.
-    unsafe { libc::freeifaddrs(head) };
-    out.sort();
-    out.dedup();
-    Ok(out)
+    // SAFETY: SIOCGIFADDR reads ifr_name and writes ifr_addr of `req`.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFADDR, &mut req) } != 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EADDRNOTAVAIL) | Some(libc::ENODEV) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    // SAFETY: the kernel filled an AF_INET sockaddr_in into ifr_addr.
+    let sin =
+        unsafe { &*(&req.ifr_ifru.ifru_addr as *const libc::sockaddr as *const libc::sockaddr_in) };
+    Ok(Some(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))))
 }
 
 #[cfg(test)]
@@ -50,8 +46,8 @@ mod tests {
 
     #[test]
     fn loopback_has_127_0_0_1_and_unknown_names_nothing() {
-        let lo = ipv4_of(&HashSet::from(["lo"])).unwrap();
-        assert!(lo.contains(&Ipv4Addr::LOCALHOST), "{lo:?}");
-        assert!(ipv4_of(&HashSet::from(["no-such-if0"])).unwrap().is_empty());
+        assert_eq!(primary_ipv4("lo").unwrap(), Some(Ipv4Addr::LOCALHOST));
+        assert_eq!(primary_ipv4("no-such-if0").unwrap(), None);
+        assert_eq!(primary_ipv4("").unwrap(), None);
     }
 }

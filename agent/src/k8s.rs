@@ -889,7 +889,7 @@ mod tests {
     }
 
     fn names(s: &Snapshot) -> BTreeSet<String> {
-        s.pods.keys().map(|k| k.name.clone()).collect()
+        s.pods.keys().map(|k| k.name.to_string()).collect()
     }
 
     fn set(names: &[&str]) -> BTreeSet<String> {

@@ -154,6 +154,10 @@ struct RunArgs {
     /// /readyz fails while the last verify run found mismatches.
     #[arg(long)]
     verify_readiness: bool,
+    /// How often endpoints whose host interface is gone are forgotten (a
+    /// CNI DEL whose deregistration never reached the agent), e.g. 15s.
+    #[arg(long, default_value = "15s")]
+    endpoint_check_interval: String,
     /// Routing between nodes: native (a route per other node's pod range
     /// via its address), vxlan (an overlay the agent manages) or none
     /// (chained mode: the primary CNI routes). Needs --node-name.
@@ -232,6 +236,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 },
                 verify_readiness: a.verify_readiness,
                 routing: a.routing,
+                endpoint_check_interval: humantime::parse_duration(&a.endpoint_check_interval)
+                    .with_context(|| {
+                        format!("--endpoint-check-interval {}", a.endpoint_check_interval)
+                    })?,
             };
             // Agent work is serialized by one lock: a few blocking threads
             // suffice, and glibc would give each of them its own malloc

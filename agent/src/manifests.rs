@@ -232,7 +232,7 @@ impl Manifests {
                                     "{at}: NetworkPolicy {key} defined again; the later definition wins"
                                 ));
                             }
-                            np.metadata.namespace = Some(key.namespace.clone());
+                            np.metadata.namespace = Some(key.namespace.to_string());
                             self.policies.insert(key, Arc::new(np));
                         }
                         None => self
@@ -319,7 +319,7 @@ impl Manifests {
                 .push(format!("{at}: {kind}: metadata.name is required"));
             return None;
         };
-        obj.metadata_mut().namespace = Some(key.namespace.clone());
+        obj.metadata_mut().namespace = Some(key.namespace.to_string());
         Some((key, Arc::new(obj)))
     }
 
@@ -414,7 +414,7 @@ impl Manifests {
             .chain(self.policies.keys())
             .chain(self.services.keys())
             .chain(self.endpoint_slices.keys())
-            .map(|k| k.namespace.clone())
+            .map(|k| k.namespace.to_string())
             .collect();
         for name in referenced {
             self.namespaces

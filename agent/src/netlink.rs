@@ -9,7 +9,7 @@
 //! touched: adding ours over it fails with EEXIST and is reported.
 use std::{
     net::{IpAddr, Ipv4Addr},
-    os::fd::{FromRawFd, IntoRawFd},
+    os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd},
 };
 
 use anyhow::{anyhow, Context, Result};
@@ -68,7 +68,30 @@ impl Netlink {
     /// A socket in the agent's own network namespace (the node's).
     pub fn open() -> Result<Self> {
         let socket = Socket::new(NETLINK_ROUTE).context("opening a netlink socket")?;
-        let fd = socket.into_raw_fd();
+        Self::from_fd(socket.into_raw_fd())
+    }
+
+    /// A socket in the network namespace whose file is `path` (a pod's),
+    /// opened from a short-lived thread that entered it: setns moves only
+    /// the calling thread, and the socket stays bound to that namespace.
+    pub fn in_netns(path: &str) -> Result<Self> {
+        let ns = std::fs::File::open(path).with_context(|| format!("opening netns {path}"))?;
+        let fd = std::thread::scope(|s| {
+            s.spawn(|| -> std::io::Result<RawFd> {
+                // SAFETY: a valid namespace fd; only this thread moves.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(Socket::new(NETLINK_ROUTE)?.into_raw_fd())
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("netns thread panicked")))
+        })
+        .with_context(|| format!("opening a netlink socket in {path}"))?;
+        Self::from_fd(fd)
+    }
+
+    fn from_fd(fd: RawFd) -> Result<Self> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .build()
@@ -253,6 +276,32 @@ impl Netlink {
         }
     }
 
+    /// `name` if it is a veth: (its ifindex, IFLA_LINK: its peer's ifindex
+    /// in the peer's namespace). `None` when absent; an error for another
+    /// kind of link.
+    pub fn veth(&self, name: &str) -> Result<Option<(u32, Option<u32>)>> {
+        let Some(m) = self.link(name)? else {
+            return Ok(None);
+        };
+        let mut veth = false;
+        let mut peer = None;
+        for a in &m.attributes {
+            match a {
+                LinkAttribute::Link(i) => peer = Some(*i),
+                LinkAttribute::LinkInfo(infos) => {
+                    veth |= infos
+                        .iter()
+                        .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
+                }
+                _ => {}
+            }
+        }
+        if !veth {
+            return Err(anyhow!("{name} is not a veth"));
+        }
+        Ok(Some((m.header.index, peer)))
+    }
+
     /// The ifindex of `name`, if it exists.
     pub fn ifindex(&self, name: &str) -> Result<Option<u32>> {
         Ok(self.link(name)?.map(|m| m.header.index))
@@ -372,4 +421,36 @@ impl Netlink {
             Err(e) => Err(e).with_context(|| format!("removing forwarding entry to {remote}")),
         }
     }
+}
+
+/// A registration's interfaces are one veth pair: `host_ifname` here and
+/// `ifname` inside the namespace `netns`, each the other's peer (checked
+/// both ways, so an ifindex that merely coincides in the other namespace
+/// is never taken). Keeps a local process from having the agent attach to
+/// (and vouch for) an interface that is not the pod's.
+pub fn check_veth_pair(host_ifname: &str, netns: &str, ifname: &str) -> Result<()> {
+    // On a thread of its own: the caller (the owner thread) may be inside
+    // a tokio context, where our runtimes cannot block.
+    std::thread::scope(|s| {
+        s.spawn(|| veth_pair(host_ifname, netns, ifname))
+            .join()
+            .unwrap_or_else(|_| Err(anyhow!("the veth check panicked")))
+    })
+}
+
+fn veth_pair(host_ifname: &str, netns: &str, ifname: &str) -> Result<()> {
+    let (host, pod) = (Netlink::open()?, Netlink::in_netns(netns)?);
+    let (h, h_peer) = host
+        .veth(host_ifname)?
+        .ok_or_else(|| anyhow!("no interface {host_ifname} on the node"))?;
+    let (p, p_peer) = pod
+        .veth(ifname)
+        .with_context(|| format!("in {netns}"))?
+        .ok_or_else(|| anyhow!("no interface {ifname} in {netns}"))?;
+    if h_peer != Some(p) || p_peer != Some(h) {
+        return Err(anyhow!(
+            "{host_ifname} (ifindex {h}, peer {h_peer:?}) and {ifname} in {netns} (ifindex {p}, peer {p_peer:?}) are not one veth pair"
+        ));
+    }
+    Ok(())
 }

@@ -142,6 +142,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     }
     tasks.spawn(serve_flows(flows, flowlog.clone(), flow_tx.clone()));
     tasks.spawn(gc(handle.clone()));
+    tasks.spawn(reap_endpoints(handle.clone(), cfg.endpoint_check_interval));
     drop(handle);
     info!("palisade-agent ready on {}", cfg.socket.display());
 
@@ -218,6 +219,10 @@ async fn handle_api(
     mut generation: watch::Receiver<u64>,
     tools: Arc<Tools>,
 ) -> Result<()> {
+    let uid = conn
+        .peer_cred()
+        .context("reading the caller's credentials")?
+        .uid();
     let (r, mut w) = conn.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(r, MAX_REQUEST));
@@ -226,12 +231,32 @@ async fn handle_api(
         .context("reading the request timed out")??;
     let resp = match serde_json::from_str::<Request>(&line) {
         Err(e) => Response::error(ErrorKind::InvalidRequest, format!("malformed request: {e}")),
+        Ok(req) if changes_endpoints(&req) && !may_change_endpoints(uid) => {
+            warn!("refused a registration change from uid {uid}");
+            Response::error(
+                ErrorKind::Forbidden,
+                format!("uid {uid} may not register or remove endpoints (root or the agent's user only)"),
+            )
+        }
         Ok(req) => dispatch(req, &handle, &rescan, &mut generation, &tools).await,
     };
     let mut out = serde_json::to_vec(&resp)?;
     out.push(b'\n');
     w.write_all(&out).await?;
     Ok(())
+}
+
+fn changes_endpoints(req: &Request) -> bool {
+    matches!(req, Request::Register(_) | Request::Deregister { .. })
+}
+
+/// Registering an endpoint makes the agent attach to an interface and vouch
+/// for an address; only root (the CNI plugin runs as root under the
+/// container runtime) or the agent's own user may, whatever the socket's
+/// mode (0600 by default) is later loosened to for the read-only tools.
+fn may_change_endpoints(uid: u32) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    uid == 0 || uid == unsafe { libc::geteuid() }
 }
 
 /// The error answer, its kind read from the typed errors in the chain.
@@ -462,6 +487,20 @@ fn since_of(mode: &str) -> Option<std::time::SystemTime> {
 }
 
 /// Expired conntrack and fragment entries.
+/// Endpoints whose interface vanished without a deregistration go.
+async fn reap_endpoints(handle: Handle, every: Duration) {
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        match handle.with(|a| a.reap_vanished_endpoints()).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => info!("forgot {n} endpoints whose interface is gone"),
+            Ok(Err(e)) | Err(e) => warn!("checking endpoints: {e:#}"),
+        }
+    }
+}
+
 async fn gc(handle: Handle) {
     // Asks the owner once for map handles of its own; the passes (a walk of
     // the whole conntrack map) then never wait for or hold up the agent.

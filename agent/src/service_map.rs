@@ -315,7 +315,7 @@ mod tests {
         w.ops.clear();
         m.apply(&mut w, &[fe("a", 80, &[])]).unwrap();
         assert_eq!(w.ops, ["fe 1 n=0", "be- 1/0"]);
-        assert_eq!(m.by_id()[&1].service.name, "a");
+        assert_eq!(m.by_id()[&1].service.name.as_ref(), "a");
         w.ops.clear();
         m.apply(&mut w, &[]).unwrap();
         assert_eq!(w.ops, ["fe-"]);
@@ -346,7 +346,11 @@ mod tests {
         assert_eq!(ids, [1, 2]);
         m2.apply(&mut w, &[list[0].clone(), fe("c", 82, &[])])
             .unwrap();
-        assert_eq!(m2.by_id()[&3].service.name, "c", "a fresh id, not b's");
+        assert_eq!(
+            m2.by_id()[&3].service.name.as_ref(),
+            "c",
+            "a fresh id, not b's"
+        );
     }
 
     #[test]

@@ -283,7 +283,9 @@ fn slice_candidates(
             .filter(|t| t.kind.as_deref() == Some("Pod"))
         {
             let named = ObjectKey::new(
-                t.namespace.clone().unwrap_or_else(|| key.namespace.clone()),
+                t.namespace
+                    .clone()
+                    .unwrap_or_else(|| key.namespace.to_string()),
                 t.name.clone().unwrap_or_default(),
             );
             if &named != pod {
@@ -324,7 +326,7 @@ fn derived_candidates<'a>(
     };
     let matching: Vec<(&ObjectKey, &Pod, Ipv4Addr)> = pods
         .filter(|(k, p)| {
-            k.namespace == ns && selector.iter().all(|(l, v)| p.labels.get(l) == Some(v))
+            *k.namespace == *ns && selector.iter().all(|(l, v)| p.labels.get(l) == Some(v))
         })
         .filter_map(|(k, p)| Some((k, p, p.ip?)))
         .collect();

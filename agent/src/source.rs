@@ -522,7 +522,7 @@ mod tests {
     }
 
     fn policy_names(s: &Snapshot) -> Vec<String> {
-        s.policies.keys().map(|k| k.name.clone()).collect()
+        s.policies.keys().map(|k| k.name.to_string()).collect()
     }
 
     struct TempDir(PathBuf);

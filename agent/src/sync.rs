@@ -8,6 +8,18 @@
 //! 4. endpoint removals
 //! 5. ipcache removals
 //! 6. policy removals    (rules go only once nothing can reach them)
+//! 7. generation bumps   (`EndpointInfo::generation`, last: every tracked
+//!    flow of an endpoint whose verdicts may have changed is judged again
+//!    on its next packet, against the maps as they now are)
+//!
+//! The generation belongs to the sync, not the compiler: the compiler's
+//! endpoint values carry 0, compared without it, and written with the
+//! generation the kernel holds. It is bumped for an endpoint whose policy
+//! entries were written or removed or whose own value changed (flags:
+//! enforcement, audit), and for every endpoint when an address already in
+//! the ipcache changed or lost its identity (a peer's labels changed: the
+//! verdict on any flow with it may differ). A new address does not bump
+//! anything. So one pod's policy change re-judges that pod's flows only.
 use std::{collections::HashMap, hash::Hash, net::Ipv4Addr};
 
 use palisade_common::{EndpointInfo, IpcacheValue, PolicyKey, PolicyValue};
@@ -64,7 +76,7 @@ fn changed<K: Eq + Hash + Clone, V: PartialEq + Clone>(
 pub fn diff(cur: &MapState, want: &MapState) -> Diff {
     let (policy_upserts, pr) = changed(&cur.policy, &want.policy);
     let (ipcache_upserts, ir) = changed(&cur.ipcache, &want.ipcache);
-    let (endpoint_upserts, endpoint_removals) = changed(&cur.endpoints, &want.endpoints);
+    let (endpoint_upserts, endpoint_removals) = endpoint_changes(cur, want);
     Diff {
         policy_upserts,
         ipcache_upserts,
@@ -73,6 +85,76 @@ pub fn diff(cur: &MapState, want: &MapState) -> Diff {
         ipcache_removals: ir.into_iter().map(|(k, _)| k).collect(),
         policy_removals: pr.into_iter().map(|(k, _)| k).collect(),
     }
+}
+
+/// `s` with every endpoint generation 0: map states compared for what the
+/// compiler decides (the generation is the sync's own).
+pub fn without_generations(s: &MapState) -> MapState {
+    let mut s = s.clone();
+    for v in s.endpoints.values_mut() {
+        v.generation = 0;
+    }
+    s
+}
+
+/// Endpoint values equal but for the generation (which the sync keeps).
+fn same_endpoint(a: &EndpointInfo, b: &EndpointInfo) -> bool {
+    EndpointInfo {
+        generation: 0,
+        ..*a
+    } == EndpointInfo {
+        generation: 0,
+        ..*b
+    }
+}
+
+/// The value to write: `want` with the generation the kernel holds.
+fn with_generation(cur: Option<&EndpointInfo>, want: &EndpointInfo) -> EndpointInfo {
+    EndpointInfo {
+        generation: cur.map_or(0, |c| c.generation),
+        ..*want
+    }
+}
+
+fn endpoint_changes(cur: &MapState, want: &MapState) -> Changes<u32, EndpointInfo> {
+    let upserts = want
+        .endpoints
+        .iter()
+        .filter(|(k, v)| !cur.endpoints.get(*k).is_some_and(|c| same_endpoint(c, v)))
+        .map(|(k, v)| (*k, with_generation(cur.endpoints.get(k), v)))
+        .collect();
+    let removals = cur
+        .endpoints
+        .iter()
+        .filter(|(k, _)| !want.endpoints.contains_key(*k))
+        .map(|(k, v)| (*k, *v))
+        .collect();
+    (upserts, removals)
+}
+
+/// Which endpoints' tracked flows a diff may change the verdict on.
+enum Bumps {
+    All,
+    Ids(std::collections::HashSet<u32>),
+}
+
+fn bumps(current: &MapState, d: &Diff) -> Bumps {
+    let peer_changed = d
+        .ipcache_upserts
+        .iter()
+        .any(|(k, _)| current.ipcache.contains_key(k))
+        || !d.ipcache_removals.is_empty();
+    if peer_changed {
+        return Bumps::All;
+    }
+    let mut ids: std::collections::HashSet<u32> = d
+        .policy_upserts
+        .iter()
+        .map(|((_, k), _)| k.endpoint_id)
+        .chain(d.policy_removals.iter().map(|(_, k)| k.endpoint_id))
+        .collect();
+    ids.extend(d.endpoint_upserts.iter().map(|(_, v)| v.endpoint_id));
+    Bumps::Ids(ids)
 }
 
 /// A sync that could not write everything. Whatever could be written was
@@ -218,7 +300,9 @@ pub fn diff_touched(cur: &MapState, want: &MapState, touched: &Touched) -> Diff 
     }
     for k in &touched.endpoints {
         match (cur.endpoints.get(k), want.endpoints.get(k)) {
-            (c, Some(w)) if c != Some(w) => d.endpoint_upserts.push((*k, *w)),
+            (c, Some(w)) if !c.is_some_and(|c| same_endpoint(c, w)) => {
+                d.endpoint_upserts.push((*k, with_generation(c, w)))
+            }
             (Some(c), None) => d.endpoint_removals.push((*k, *c)),
             _ => {}
         }
@@ -266,6 +350,7 @@ fn apply_once(
 ) -> (usize, Option<palisade_dataplane::Error>) {
     let mut applied = 0;
     let mut first = None;
+    let bump = bumps(current, &d);
     let mut done = |r: Result<(), palisade_dataplane::Error>| match r {
         Ok(()) => {
             applied += 1;
@@ -319,6 +404,27 @@ fn apply_once(
     for (prefix, k) in d.policy_removals {
         if done(w.remove_policy(prefix, k)) {
             current.policy.remove(&(prefix, k));
+        }
+    }
+    // Not counted as changes: they follow from the ones above.
+    let bumped: Vec<(u32, EndpointInfo)> = current
+        .endpoints
+        .iter()
+        .filter(|(_, v)| match &bump {
+            Bumps::All => true,
+            Bumps::Ids(ids) => ids.contains(&v.endpoint_id),
+        })
+        .map(|(k, v)| {
+            let mut v = *v;
+            v.generation = v.generation.wrapping_add(1);
+            (*k, v)
+        })
+        .collect();
+    for (ifindex, v) in bumped {
+        if let Err(e) = w.upsert_endpoint(ifindex, v) {
+            first.get_or_insert(e);
+        } else {
+            current.endpoints.insert(ifindex, v);
         }
     }
     (applied, first)
@@ -426,6 +532,7 @@ mod tests {
                 identity: 300,
                 ipv4: 1,
                 flags,
+                generation: 0,
             },
         );
         s.ipcache.insert(
@@ -456,10 +563,12 @@ mod tests {
             [
                 "policy+ 96 401",
                 "ipcache+ 10.0.0.2/32 401",
-                "policy- 96 400"
+                "policy- 96 400",
+                // The peer's identity changed: its flows are judged again.
+                "endpoint+ 7 1"
             ]
         );
-        assert_eq!(cur, want);
+        assert!(same(&cur, &want), "{cur:?} {want:?}");
         // Nothing left to do.
         assert!(diff(&cur, &want).is_empty());
     }
@@ -483,7 +592,10 @@ mod tests {
         let mut r = Recorder::default();
         apply(&mut r, &mut cur, &back).unwrap();
         assert_eq!(r.ops.first().unwrap(), "endpoint+ 7 0");
-        assert!(r.ops.last().unwrap().starts_with("policy-"));
+        let n = r.ops.len();
+        assert!(r.ops[n - 2].starts_with("policy-"));
+        assert_eq!(r.ops[n - 1], "endpoint+ 7 0", "generation bump, last");
+        assert_eq!(cur.endpoints[&7].generation, 2);
     }
 
     #[test]
@@ -501,8 +613,8 @@ mod tests {
             cur.policy.is_empty(),
             "the mirror holds only what was written"
         );
-        assert_eq!(
-            cur.endpoints, want.endpoints,
+        assert!(
+            same_endpoint(&cur.endpoints[&7], &want.endpoints[&7]),
             "enforcement is on (fail closed)"
         );
         assert_eq!(cur.ipcache, want.ipcache);
@@ -521,7 +633,79 @@ mod tests {
         };
         r.policies = 1;
         assert_eq!(apply(&mut r, &mut cur, &want).unwrap(), 3);
-        assert_eq!(cur, want);
+        assert!(same(&cur, &want), "{cur:?} {want:?}");
+    }
+
+    /// Equal but for endpoint generations (the sync's own).
+    fn same(a: &MapState, b: &MapState) -> bool {
+        a.policy == b.policy
+            && a.ipcache == b.ipcache
+            && a.endpoints.len() == b.endpoints.len()
+            && a.endpoints
+                .iter()
+                .all(|(k, v)| b.endpoints.get(k).is_some_and(|w| same_endpoint(v, w)))
+    }
+
+    #[test]
+    fn generations_bump_for_the_endpoints_whose_verdicts_may_change() {
+        let mut cur = state(400, true);
+        let mut other = cur.endpoints[&7];
+        other.endpoint_id = 2;
+        other.ipv4 = 5;
+        cur.endpoints.insert(8, other);
+        let mut want = cur.clone();
+        // A new rule of endpoint 1: its generation only.
+        let mut k = key(402);
+        k.dport_be = 81u16.to_be();
+        want.policy.insert(
+            (96, k),
+            PolicyValue {
+                action: ACTION_ALLOW,
+                cookie: 2,
+            },
+        );
+        let mut r = Recorder::default();
+        apply(&mut r, &mut cur, &want).unwrap();
+        assert_eq!(
+            (cur.endpoints[&7].generation, cur.endpoints[&8].generation),
+            (1, 0)
+        );
+        // Nothing changed: nothing bumped, nothing written.
+        let mut r = Recorder::default();
+        assert_eq!(apply(&mut r, &mut cur, &want).unwrap(), 0);
+        assert!(r.ops.is_empty());
+        // A new address bumps nothing; a changed one bumps every endpoint.
+        want.ipcache.insert(
+            (Ipv4Addr::new(10, 0, 0, 9), 32),
+            IpcacheValue {
+                identity: 500,
+                cidr_identity: 2,
+            },
+        );
+        apply(&mut r, &mut cur, &want).unwrap();
+        assert_eq!(
+            (cur.endpoints[&7].generation, cur.endpoints[&8].generation),
+            (1, 0)
+        );
+        want.ipcache.insert(
+            (Ipv4Addr::new(10, 0, 0, 9), 32),
+            IpcacheValue {
+                identity: 501,
+                cidr_identity: 2,
+            },
+        );
+        apply(&mut r, &mut cur, &want).unwrap();
+        assert_eq!(
+            (cur.endpoints[&7].generation, cur.endpoints[&8].generation),
+            (2, 1)
+        );
+        // Audit switched on for endpoint 2: its generation.
+        want.endpoints.get_mut(&8).unwrap().flags |= palisade_common::EP_AUDIT;
+        apply(&mut r, &mut cur, &want).unwrap();
+        assert_eq!(
+            (cur.endpoints[&7].generation, cur.endpoints[&8].generation),
+            (2, 2)
+        );
     }
 
     /// Every key of both states: what a full diff looks at.
@@ -548,10 +732,12 @@ mod tests {
             [
                 "policy+ 96 401",
                 "ipcache+ 10.0.0.2/32 401",
-                "policy- 96 400"
+                "policy- 96 400",
+                // The peer's identity changed: its flows are judged again.
+                "endpoint+ 7 1"
             ]
         );
-        assert_eq!(cur, want);
+        assert!(same(&cur, &want), "{cur:?} {want:?}");
     }
 
     #[test]
@@ -562,7 +748,7 @@ mod tests {
         t.ipcache.insert((Ipv4Addr::new(10, 0, 0, 2), 32));
         let mut r = Recorder::default();
         assert_eq!(apply_touched(&mut r, &mut cur, &want, &t).unwrap(), 1);
-        assert_eq!(r.ops, ["ipcache+ 10.0.0.2/32 401"]);
+        assert_eq!(r.ops, ["ipcache+ 10.0.0.2/32 401", "endpoint+ 7 1"]);
         // The untouched policy keys still differ.
         assert_eq!(diff(&cur, &want).len(), 2);
     }
@@ -578,6 +764,6 @@ mod tests {
         r.policies = 1;
         let t = all_keys(&cur, &want);
         assert_eq!(apply_touched(&mut r, &mut cur, &want, &t).unwrap(), 3);
-        assert_eq!(cur, want);
+        assert!(same(&cur, &want), "{cur:?} {want:?}");
     }
 }

@@ -450,7 +450,8 @@ impl Ctx<'_> {
         let p = &self.cluster.pods[pod_for(k, self.cluster.pods.len())];
         Registration {
             container_id: format!("agentbench-{k}"),
-            ifname: "eth0".into(),
+            // The peer of `veth_name(veth)`, in the same (node) namespace.
+            ifname: format!("pbagp{veth}"),
             netns: self.netns.clone(),
             namespace: p.namespace.clone(),
             pod: p.name.clone(),

@@ -4,6 +4,7 @@
 mod agent;
 mod cluster;
 mod cni;
+mod cnp_testrun;
 mod memory;
 mod node;
 mod nodes;
@@ -29,8 +30,8 @@ use clap::Parser;
 
 use report::Results;
 
-const SECTIONS: [&str; 9] = [
-    "testrun", "veth", "update", "cni", "memory", "podstart", "agent", "services", "nodes",
+const SECTIONS: [&str; 10] = [
+    "testrun", "veth", "update", "cni", "memory", "podstart", "agent", "services", "nodes", "cnp",
 ];
 
 #[derive(Parser)]
@@ -45,7 +46,7 @@ struct Args {
     /// A 1-2 minute smoke run: fewer sizes, rounds and samples.
     #[arg(long)]
     quick: bool,
-    /// Only these sections (comma separated): testrun, veth, update, cni, memory, podstart, agent, services, nodes.
+    /// Only these sections (comma separated): testrun, veth, update, cni, memory, podstart, agent, services, nodes, cnp.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Rounds for the interleaved sections (default 5, quick 2).
@@ -154,6 +155,9 @@ fn run(args: Args) -> Result<()> {
                 services::run(&services::Plan::new(quick, rounds)).map(|x| r.services = Some(x))
             }
             "nodes" => nodes::run(&nodes::Plan::new(quick, rounds)).map(|x| r.nodes = Some(x)),
+            "cnp" => {
+                cnp_testrun::run(&cnp_testrun::Plan::new(quick, rounds)).map(|x| r.cnp = Some(x))
+            }
             _ => unreachable!("validated above"),
         };
         match res {

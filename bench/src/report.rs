@@ -29,6 +29,8 @@ pub struct Results {
     pub services: Option<crate::services::Services>,
     /// Section 9: traffic between nodes, native and VXLAN.
     pub nodes: Option<crate::nodes::Nodes>,
+    /// Section 10: new-flow cost with 1k ClusterNetworkPolicy rules.
+    pub cnp: Option<crate::cnp_testrun::CnpCost>,
     /// Sections that failed, with the error.
     pub errors: Vec<(String, String)>,
     /// PNG files written next to the report (empty without a font).
@@ -719,7 +721,106 @@ pub fn targets(r: &Results) -> Vec<Target> {
 
     // 9.
     node_targets(r.nodes.as_ref(), &mut out);
+
+    // 10.
+    cnp_targets(r.cnp.as_ref(), &mut out);
     out
+}
+
+/// Section 10: every scenario with 1k ClusterNetworkPolicy rules, held to
+/// section 1's per-packet target, with the difference to NetworkPolicy only.
+fn cnp_targets(c: Option<&crate::cnp_testrun::CnpCost>, out: &mut Vec<Target>) {
+    let target = format!("<= {TESTRUN_TARGET_NS} ns over the empty program (section 1's)");
+    let (Some(np), Some(cnp)) = (
+        c.and_then(|c| c.configs.first()),
+        c.and_then(|c| c.configs.get(1)),
+    ) else {
+        out.push(Target {
+            metric: "per-packet cost with 1k ClusterNetworkPolicy rules".into(),
+            target,
+            measured: "-".into(),
+            met: None,
+        });
+        return;
+    };
+    for (a, b) in np.scenarios.iter().zip(&cnp.scenarios) {
+        let with = b.median_overhead(&cnp.empty);
+        let without = a.median_overhead(&np.empty);
+        out.push(Target {
+            metric: format!(
+                "per-packet cost, {}, 1k ClusterNetworkPolicy rules (NetworkPolicy only)",
+                b.name
+            ),
+            target: target.clone(),
+            measured: format!(
+                "+{} ns (+{} ns; difference {} ns)",
+                fmt_num(with),
+                fmt_num(without),
+                fmt_num(median(&paired_diffs(&b.ns, &a.ns)).unwrap_or(f64::NAN))
+            ),
+            met: (!with.is_nan()).then_some(with <= TESTRUN_TARGET_NS),
+        });
+    }
+}
+
+fn render_cnp(s: &mut String, c: &crate::cnp_testrun::CnpCost) {
+    let _ = writeln!(
+        s,
+        "## 10. New-flow cost with 1k ClusterNetworkPolicy rules (BPF_PROG_TEST_RUN)\n"
+    );
+    let _ = writeln!(
+        s,
+        "The agent's compiler on a cluster of {} pods and {} NetworkPolicies, with and without \
+         {} ClusterNetworkPolicies of {} rules (both tiers, all selecting the measured pod); \
+         `pod_ingress` of the measured pod, repeat {} per sample, {} rounds, interleaved. \
+         `+x`: median over rounds of (scenario - empty program) in the same round; \
+         the reason is the counter each run advanced.\n",
+        c.pods,
+        c.policies,
+        crate::cnp_testrun::POLICIES,
+        crate::cnp_testrun::RULES_PER_POLICY,
+        c.repeat,
+        c.rounds
+    );
+    let names: Vec<String> = c
+        .configs
+        .first()
+        .map(|x| x.scenarios.iter().map(|s| s.name.clone()).collect())
+        .unwrap_or_default();
+    let _ = write!(
+        s,
+        "| configuration | policy entries (measured pod) | compile ms | empty |"
+    );
+    for n in &names {
+        let _ = write!(s, " {n} |");
+    }
+    let _ = write!(s, "\n| --- | ---: | ---: | ---: |");
+    for _ in &names {
+        let _ = write!(s, " --- |");
+    }
+    s.push('\n');
+    for x in &c.configs {
+        let _ = write!(
+            s,
+            "| {} | {} ({}) | {} | {} |",
+            x.name,
+            x.policy_entries,
+            x.endpoint_entries,
+            fmt_num(x.compile_ms),
+            fmt_num(median(&x.empty).unwrap_or(f64::NAN))
+        );
+        for (i, sc) in x.scenarios.iter().enumerate() {
+            let _ = write!(
+                s,
+                " {} (+{}), {} |",
+                fmt_num(sc.median_ns()),
+                fmt_num(sc.median_overhead(&x.empty)),
+                x.reasons.get(i).map_or("?", String::as_str)
+            );
+        }
+        s.push('\n');
+    }
+    s.push('\n');
 }
 
 fn node_targets(nd: Option<&crate::nodes::Nodes>, out: &mut Vec<Target>) {
@@ -926,6 +1027,9 @@ pub fn render(r: &Results) -> String {
     }
     if let Some(nd) = &r.nodes {
         render_nodes(&mut s, nd);
+    }
+    if let Some(c) = &r.cnp {
+        render_cnp(&mut s, c);
     }
     s
 }

@@ -359,6 +359,7 @@ pub fn run(plan: &Plan) -> Result<Services> {
                     identity: 1000 + ep,
                     ipv4: be(ip),
                     flags,
+                    generation: 0,
                 },
             )?;
             dp.attach_pod(&ifname)?;

@@ -54,6 +54,7 @@ pub fn run(calls: usize) -> Result<Vec<(String, f64)>> {
             identity: 1001,
             ipv4: be(POD),
             flags: EP_EGRESS_ENFORCED | EP_INGRESS_ENFORCED,
+            generation: 0,
         },
     )?;
     let world = IpcacheValue {

@@ -37,7 +37,6 @@
 use std::{
     collections::HashSet,
     net::Ipv4Addr,
-    path::Path,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -57,7 +56,7 @@ use palisade_common::{
 };
 use palisade_dataplane::{
     packet::{Packet, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_SYN},
-    testrun::{run_tc, TC_ACT_OK, TC_ACT_SHOT},
+    testrun::{load_pass_all, run_tc, TC_ACT_OK, TC_ACT_SHOT},
     Datapath, DatapathConfig, Maps,
 };
 
@@ -124,6 +123,7 @@ impl Rig {
                 identity: POD_IDENTITY,
                 ipv4: u32::from_ne_bytes(POD.octets()),
                 flags: EP_INGRESS_ENFORCED | EP_EGRESS_ENFORCED,
+                generation: 0,
             },
         )?;
         // ipcache: world, one CIDR block containing every peer, and one /32
@@ -261,100 +261,9 @@ pub fn policy_keys(
     out
 }
 
-/// The empty classifier (`r0 = TC_ACT_OK; exit`), loaded with a raw
-/// bpf(2) call and pinned, then opened through aya so that it runs through
-/// exactly the same `run_tc` as the policy programs.
-fn load_empty(dir: &Path) -> Result<SchedClassifier> {
-    #[repr(C)]
-    struct ProgLoad {
-        prog_type: u32,
-        insn_cnt: u32,
-        insns: u64,
-        license: u64,
-        log_level: u32,
-        log_size: u32,
-        log_buf: u64,
-        kern_version: u32,
-        prog_flags: u32,
-        prog_name: [u8; 16],
-        rest: [u8; 64],
-    }
-    #[repr(C)]
-    struct ObjPin {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-        rest: [u8; 16],
-    }
-    const BPF_PROG_LOAD: libc::c_long = 5;
-    const BPF_OBJ_PIN: libc::c_long = 6;
-    const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
-    // mov64 r0, 0 ; exit
-    let insns: [u64; 2] = [
-        u64::from_le_bytes([0xb7, 0, 0, 0, 0, 0, 0, 0]),
-        u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
-    ];
-    let license = c"GPL";
-    let mut name = [0u8; 16];
-    name[..11].copy_from_slice(b"bench_empty");
-    let attr = ProgLoad {
-        prog_type: BPF_PROG_TYPE_SCHED_CLS,
-        insn_cnt: 2,
-        insns: insns.as_ptr() as u64,
-        license: license.as_ptr() as u64,
-        log_level: 0,
-        log_size: 0,
-        log_buf: 0,
-        kern_version: 0,
-        prog_flags: 0,
-        prog_name: name,
-        rest: [0; 64],
-    };
-    // SAFETY: a valid bpf_attr prefix (zero tail) that outlives the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_LOAD,
-            &attr as *const ProgLoad,
-            std::mem::size_of::<ProgLoad>(),
-        )
-    };
-    if fd < 0 {
-        bail!(
-            "loading the empty program: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    std::fs::create_dir_all(dir)?;
-    let path = dir.join("bench_empty");
-    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
-    let pin = ObjPin {
-        pathname: cpath.as_ptr() as u64,
-        bpf_fd: fd as u32,
-        file_flags: 0,
-        rest: [0; 16],
-    };
-    // SAFETY: as above; the path string outlives the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_PIN,
-            &pin as *const ObjPin,
-            std::mem::size_of::<ObjPin>(),
-        )
-    };
-    let pin_err = std::io::Error::last_os_error();
-    // SAFETY: we own this descriptor; the pin keeps the program.
-    unsafe { libc::close(fd as i32) };
-    if r != 0 {
-        bail!("pinning the empty program: {pin_err}");
-    }
-    Ok(SchedClassifier::from_pin(&path)?)
-}
-
 /// Consumes every ring while the benchmark runs (as the agent would), and
 /// can be paused so that a ring fills up.
-struct Drainer {
+pub(crate) struct Drainer {
     stop: Arc<AtomicBool>,
     pause: Arc<AtomicBool>,
     paused: Arc<AtomicBool>,
@@ -362,7 +271,7 @@ struct Drainer {
 }
 
 impl Drainer {
-    fn start(mut rings: Vec<RingBuf<MapData>>) -> Self {
+    pub(crate) fn start(mut rings: Vec<RingBuf<MapData>>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let pause = Arc::new(AtomicBool::new(false));
         let paused = Arc::new(AtomicBool::new(false));
@@ -467,7 +376,7 @@ fn measure(
 
 pub fn run(plan: &Plan) -> Result<Testrun> {
     let empty_pins = PinRoot::new()?;
-    let empty = load_empty(empty_pins.pins.root())?;
+    let empty = load_pass_all(empty_pins.pins.root())?;
 
     let mut rigs = Vec::new();
     let mut rings = Vec::new();

@@ -256,6 +256,9 @@ pub fn run(plan: &Plan) -> Result<Update> {
         "pod add, new identity",
         "cni add",
         "cluster network policy change",
+        // Every change pays the tier overlay while a ClusterNetworkPolicy
+        // exists (the previous kind leaves `bench-cnp` in place).
+        "pod label change, with a cluster network policy",
     ] {
         let mut k = UpdateKind {
             name: kind.into(),
@@ -278,7 +281,7 @@ pub fn run(plan: &Plan) -> Result<Update> {
                         .trim_start_matches("app-")
                         .parse()
                         .unwrap_or(0);
-                    (key.namespace.clone(), app)
+                    (key.namespace.to_string(), app)
                 } else {
                     (cluster::ns_name(i % spec.namespaces), i % spec.apps)
                 };
@@ -294,7 +297,7 @@ pub fn run(plan: &Plan) -> Result<Update> {
                     let started = Instant::now();
                     p.change(started, |e| e.apply(Change::Policy(key, np)))?
                 }
-                "pod label change" => {
+                "pod label change" | "pod label change, with a cluster network policy" => {
                     // Alternate local and remote pods; the app label moves
                     // the pod to another identity.
                     let key = if i % 2 == 0 {

@@ -22,6 +22,7 @@ pub fn code_for(kind: ErrorKind) -> u32 {
         ErrorKind::NotFound => error::CONTAINER_UNKNOWN,
         ErrorKind::Conflict => error::AGENT_CONFLICT,
         ErrorKind::MapFull => error::AGENT_MAP_FULL,
+        ErrorKind::Forbidden => error::AGENT_FORBIDDEN,
         ErrorKind::Internal => error::AGENT_INTERNAL,
     }
 }
@@ -36,6 +37,7 @@ fn meaning(kind: ErrorKind) -> &'static str {
         ErrorKind::MapFull => {
             "a datapath map is full (raise the agent's map sizes or reduce the policies)"
         }
+        ErrorKind::Forbidden => "the agent takes registrations only from root or its own user",
         ErrorKind::Internal => {
             "the agent failed in a way retrying will not fix (see the agent's log)"
         }
@@ -140,7 +142,7 @@ mod tests {
 
     use super::*;
 
-    const KINDS: [ErrorKind; 6] = ErrorKind::ALL;
+    const KINDS: [ErrorKind; 7] = ErrorKind::ALL;
 
     #[test]
     fn each_kind_has_its_code_and_only_unavailable_is_retryable() {
@@ -153,6 +155,7 @@ mod tests {
                 (ErrorKind::NotFound, 3),
                 (ErrorKind::Conflict, 107),
                 (ErrorKind::MapFull, 108),
+                (ErrorKind::Forbidden, 110),
                 (ErrorKind::Internal, 109),
             ]
         );

@@ -41,6 +41,9 @@ pub const AGENT_MAP_FULL: u32 = 108;
 /// 109: the agent failed (a bug, a kernel refusal, a protocol mismatch):
 /// retrying the same request will not help.
 pub const AGENT_INTERNAL: u32 = 109;
+/// 110: the agent refused the caller: the plugin does not run as root (or
+/// as the agent's user).
+pub const AGENT_FORBIDDEN: u32 = 110;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct CniError {

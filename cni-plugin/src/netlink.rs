@@ -392,6 +392,38 @@ pub fn enable_ip_forward() -> Result<()> {
     })
 }
 
+/// Sets `net.ipv6.conf.<ifname>.<key>` in the namespace of `ns` (None: the
+/// plugin's own), from a short-lived thread that entered it (the
+/// /proc/sys/net files follow the opener's namespace). A node or pod
+/// without IPv6 has no such file, and nothing to set.
+pub fn ipv6_conf(ns: Option<&File>, ifname: &str, key: &str, value: &str) -> Result<()> {
+    let path = format!("/proc/sys/net/ipv6/conf/{ifname}/{key}");
+    let write = || -> std::io::Result<()> {
+        if let Some(ns) = ns {
+            // SAFETY: a valid namespace fd; only this short-lived thread moves.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        match std::fs::write(&path, value) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            r => r,
+        }
+    };
+    std::thread::scope(|s| {
+        s.spawn(write)
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("netns thread panicked")))
+    })
+    .map_err(|e| {
+        CniError::with_details(
+            error::SYSCTL,
+            format!("cannot set {path} to {value}"),
+            e.to_string(),
+        )
+    })
+}
+
 /// The host-side veth name of an attachment: "pal" and 11 hex digits of a
 /// stable hash (FNV-1a 64) of container id and ifname, 14 bytes in all.
 pub fn host_ifname(container_id: &str, ifname: &str) -> String {

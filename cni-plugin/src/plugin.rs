@@ -218,6 +218,13 @@ fn wire(
     let c = pod
         .link(ifname)?
         .ok_or_else(|| missing(ifname, &ctx.env.netns))?;
+    // IPv6 off in the pod before its link comes up: the pool is IPv4, and
+    // a pod without an IPv6 address would only emit router solicitations
+    // and MLD reports. The host end takes no router advertisements and
+    // configures no address from one (issue 17 point 4).
+    netlink::ipv6_conf(Some(ns), ifname, "disable_ipv6", "1")?;
+    netlink::ipv6_conf(None, &host_if, "accept_ra", "0")?;
+    netlink::ipv6_conf(None, &host_if, "autoconf", "0")?;
     pod.add_address(c.index, ip, 32)?;
     pod.set_up(c.index)?;
     pod.add_route(gw, 32, None, c.index, true)?;

@@ -18,6 +18,7 @@ use palisade_dataplane::Pins;
 pub mod agent;
 pub mod conformance;
 pub mod oracle;
+pub mod oracle_tiers;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 

@@ -143,3 +143,150 @@ fn api_errors_say_what_the_caller_should_do() -> Result<()> {
     drop(node);
     Ok(())
 }
+
+const NODE_A: &str = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: node-a}
+spec: {podCIDR: 10.96.7.0/24}
+"#;
+
+/// Issue 17: the API socket takes registrations only for what is really
+/// a pod on this node: the caller is root (or the agent's user), the two
+/// interfaces are one veth pair (host end here, pod end in the named
+/// namespace), and the address is in this node's pod range.
+#[test]
+fn registrations_are_checked_against_the_caller_the_veth_pair_and_the_pool() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let scratch = Scratch::new(
+        "palisade-regs-",
+        &[("pods.yaml", PODS), ("node.yaml", NODE_A)],
+    )?;
+    let mut node = Node::new(GW)?;
+    node.add_pod(CLIENT)?;
+    node.add_pod(SERVER)?;
+    let agent = scratch.agent(
+        &node.ns,
+        &["--metrics-addr", "off", "--node-name", "node-a"],
+    )?;
+    let reg = |pod: &Pod, netns: &Pod, ip: Ipv4Addr| Registration {
+        container_id: format!("c-{}", pod.host_if),
+        ifname: "eth0".into(),
+        netns: netns.ns.path().display().to_string(),
+        namespace: "life".into(),
+        pod: "client".into(),
+        ipv4: ip,
+        host_ifname: pod.host_if.clone(),
+    };
+    let refused = |r: Registration, says: &str| -> Result<()> {
+        let a = agent.request(&Request::Register(r))?;
+        match &a {
+            Response::Error {
+                kind: ErrorKind::InvalidRequest,
+                message,
+            } if message.contains(says) => Ok(()),
+            other => anyhow::bail!("expected invalid_request saying {says:?}, got {other:?}"),
+        }
+    };
+    let (client, server) = (&node.pods[0], &node.pods[1]);
+
+    // The client's host veth, but the server's namespace: not a pair.
+    refused(reg(client, server, CLIENT), "not one veth pair")?;
+    // A host interface that is no veth at all.
+    let mut r = reg(client, client, CLIENT);
+    r.host_ifname = "lo".into();
+    refused(r, "not a veth")?;
+    // An address outside node-a's 10.96.7.0/24.
+    refused(
+        reg(client, client, Ipv4Addr::new(10, 96, 8, 2)),
+        "outside node node-a's pod ranges",
+    )?;
+    assert!(agent.status()?.endpoints.is_empty(), "nothing registered");
+
+    // Another user, even with the socket opened up, is refused changes but
+    // may still read.
+    use std::os::unix::{fs::PermissionsExt, process::CommandExt};
+    let open = |p: &std::path::Path, mode| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+    };
+    open(scratch.dir.path(), 0o755)?;
+    open(&agent.socket, 0o666)?;
+    let as_nobody = |line: String| -> Result<Response> {
+        let script = "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\ns.sendall(sys.argv[2].encode()+b'\\n')\nprint(s.makefile().readline(),end='')";
+        let o = std::process::Command::new("python3")
+            .args(["-c", script, &agent.socket.display().to_string(), &line])
+            .uid(65534)
+            .gid(65534)
+            .output()?;
+        anyhow::ensure!(
+            o.status.success(),
+            "python3: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Ok(serde_json::from_slice(&o.stdout)?)
+    };
+    let line = serde_json::to_string(&Request::Register(reg(client, client, CLIENT)))?;
+    assert_eq!(kind(&as_nobody(line)?), Some(ErrorKind::Forbidden));
+    let line = serde_json::to_string(&Request::Deregister {
+        container_id: "c-x".into(),
+        ifname: "eth0".into(),
+    })?;
+    assert_eq!(kind(&as_nobody(line)?), Some(ErrorKind::Forbidden));
+    let status = as_nobody(serde_json::to_string(&Request::Status)?)?;
+    assert!(matches!(status, Response::Status(_)), "{status:?}");
+    assert!(agent.status()?.endpoints.is_empty(), "nothing registered");
+
+    // The real thing still registers.
+    agent.register("life", "client", client)?;
+    assert_eq!(agent.status()?.endpoints.len(), 1);
+    drop(agent);
+    drop(node);
+    Ok(())
+}
+
+/// Issue 17: palisade's programs run first on a pod's interface. A program
+/// already attached there (another CNI's, a leftover) that answers
+/// TC_ACT_OK would end the TCX chain before policy; attached after it,
+/// palisade would never see the packets.
+#[test]
+fn palisade_runs_before_programs_already_on_the_interface() -> Result<()> {
+    use aya::programs::TcAttachType;
+    if !require_root() {
+        return Ok(());
+    }
+    let scratch = Scratch::new(
+        "palisade-order-",
+        &[("pods.yaml", PODS), ("policy.yaml", ALLOW_8080)],
+    )?;
+    let mut node = Node::new(GW)?;
+    node.add_pod(CLIENT)?;
+    node.add_pod(SERVER)?;
+    tcp_echo_server(&node.pods[1].ns, 8080)?;
+    tcp_echo_server(&node.pods[1].ns, 9090)?;
+
+    // Someone else's pass-everything program, on both hooks of the
+    // server's host veth before palisade attaches.
+    let other = PinRoot::new()?;
+    let prog = palisade_dataplane::testrun::load_pass_all(other.pins.root())?;
+    let host_if = node.pods[1].host_if.clone();
+    let _prog = node.ns.enter(move || -> Result<_> {
+        let mut prog = prog;
+        prog.attach(&host_if, TcAttachType::Ingress)?;
+        prog.attach(&host_if, TcAttachType::Egress)?;
+        Ok(prog)
+    })??;
+
+    let agent = scratch.agent(&node.ns, &["--metrics-addr", "off"])?;
+    agent.register("life", "client", &node.pods[0])?;
+    agent.register("life", "server", &node.pods[1])?;
+    assert!(tcp_connects(&node.pods[0].ns, SERVER, 8080, 2000)?);
+    assert!(
+        !tcp_connects(&node.pods[0].ns, SERVER, 9090, 300)?,
+        "a program attached earlier let 9090 past the policy"
+    );
+    drop(agent);
+    drop(node);
+    Ok(())
+}

@@ -415,6 +415,7 @@ fn agent_error_kinds_have_their_codes_and_add_leaves_nothing() -> Result<()> {
         (ErrorKind::NotFound, 3, "does not exist"),
         (ErrorKind::Conflict, 107, "conflicts"),
         (ErrorKind::MapFull, 108, "map is full"),
+        (ErrorKind::Forbidden, 110, "root"),
         (ErrorKind::Internal, 109, "agent's log"),
     ] {
         *agent.kind.lock().unwrap() = kind;
@@ -613,6 +614,16 @@ fn add_check_del_with_the_agent_in_every_version() -> Result<()> {
             palisade_tests::run(n.node.cmd("sysctl").args(["-n", "net.ipv4.ip_forward"]))?.stdout,
         )?;
         assert_eq!(fwd.trim(), "1");
+        // IPv6 off in the pod (no IPv6 address: no RS/MLD); the host end
+        // takes no router advertisement (issue 17 point 4).
+        let sysctl = |ns: &NetNs, key: &str| -> Result<String> {
+            let o = palisade_tests::run(ns.cmd("sysctl").args(["-n", key]))?;
+            Ok(String::from_utf8(o.stdout)?.trim().to_string())
+        };
+        assert_eq!(sysctl(&server, "net.ipv6.conf.eth0.disable_ipv6")?, "1");
+        let conf = |k: &str| format!("net.ipv6.conf.{host_if}.{k}");
+        assert_eq!(sysctl(&n.node, &conf("accept_ra"))?, "0");
+        assert_eq!(sysctl(&n.node, &conf("autoconf"))?, "0");
 
         // Pods reach each other through the node.
         // (A port per round: the echo listeners live as long as the test.)

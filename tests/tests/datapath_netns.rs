@@ -58,6 +58,7 @@ fn setup(both: bool) -> Result<Setup> {
                 identity: 1000 + ep,
                 ipv4: be(ip),
                 flags: 0,
+                generation: 0,
             };
             maps.upsert_endpoint(ifindex, info)?;
             dp.attach_pod(&ifname)?;
@@ -248,6 +249,7 @@ fn gc_removes_expired_conntrack_and_fragment_entries_only() -> Result<()> {
         protocol: PROTO_TCP,
         scope: DIR_INGRESS,
         _pad: 0,
+        endpoint_id: 1,
     };
     let value = |expires_ns| CtValue {
         expires_ns,
@@ -255,6 +257,8 @@ fn gc_removes_expired_conntrack_and_fragment_entries_only() -> Result<()> {
         tcp_state: 3,
         flags: 0,
         _pad: 0,
+        generation: 0,
+        _pad2: 0,
     };
     maps.insert_conntrack(ct(1000), value(now - 1))?;
     maps.insert_conntrack(ct(1001), value(now + 60_000_000_000))?;
@@ -264,6 +268,7 @@ fn gc_removes_expired_conntrack_and_fragment_entries_only() -> Result<()> {
         id_be: id.to_be(),
         protocol: PROTO_TCP,
         scope: DIR_INGRESS,
+        endpoint_id: 1,
     };
     maps.insert_fragment(
         frag(1),
@@ -304,5 +309,147 @@ fn gc_removes_expired_conntrack_and_fragment_entries_only() -> Result<()> {
     let again = gc.pass(palisade_dataplane::maps::monotonic_ns())?;
     assert_eq!((again.removed, again.conntrack_entries), (0, 1));
     drop(dp);
+    Ok(())
+}
+
+// ---- issue 17 point 2: entries do not outlive the decision that made them ----
+
+/// B's endpoint value with `f` applied and its generation bumped, as the
+/// agent's map sync does after a change of B's policy (`sync.rs`).
+fn bump_b(s: &mut Setup, ifindex: u32, f: impl FnOnce(&mut EndpointInfo)) -> Result<()> {
+    let mut info = s.maps.endpoint(ifindex).expect("B registered");
+    f(&mut info);
+    info.generation = info.generation.wrapping_add(1);
+    s.maps.upsert_endpoint(ifindex, info)?;
+    Ok(())
+}
+
+fn allow_a_to_b_8080(s: &mut Setup, endpoint_id: u32) -> Result<PolicyKey> {
+    let key = PolicyKey {
+        endpoint_id,
+        peer_identity: 1001,
+        direction: DIR_INGRESS,
+        protocol: PROTO_TCP,
+        dport_be: 8080u16.to_be(),
+    };
+    s.maps.set_policy(
+        POLICY_PREFIX_FULL,
+        key,
+        PolicyValue {
+            action: ACTION_ALLOW,
+            cookie: 78,
+        },
+    )?;
+    Ok(key)
+}
+
+/// A connection from A to B:8080 whose one echo round worked.
+fn open_echo(s: &Setup) -> Result<std::net::TcpStream> {
+    s.node.pods[0].ns.enter(|| -> Result<std::net::TcpStream> {
+        let c = std::net::TcpStream::connect_timeout(&(B, 8080).into(), Duration::from_secs(3))?;
+        c.set_read_timeout(Some(Duration::from_millis(1500)))?;
+        assert!(echo_round(&c), "first round");
+        Ok(c)
+    })?
+}
+
+fn echo_round(mut c: &std::net::TcpStream) -> bool {
+    use std::io::{Read, Write};
+    let mut buf = [0u8; 100];
+    c.write_all(&[7u8; 100]).is_ok() && c.read_exact(&mut buf).is_ok()
+}
+
+#[test]
+fn a_policy_change_cuts_an_established_connection_it_now_denies() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut s = setup(true)?;
+    tcp_echo_server(&s.node.pods[1].ns, 8080)?;
+    let ifindex = b_ifindex(&s)?;
+    enforce_ingress(&mut s, ifindex)?;
+    let key = allow_a_to_b_8080(&mut s, 2)?;
+    let c = open_echo(&s)?;
+    // An unrelated change elsewhere (no bump of B) leaves it alone.
+    assert!(echo_round(&c), "still allowed");
+
+    // Deny it: the rule goes, B's generation moves on.
+    s.maps.remove_policy(POLICY_PREFIX_FULL, key)?;
+    bump_b(&mut s, ifindex, |_| {})?;
+    // (B may still send to A, e.g. a delayed ACK: its unenforced egress
+    // passes that unrecorded, so it cannot revive the connection.)
+    assert!(!echo_round(&c), "the established connection must be cut");
+    let e = s
+        .events
+        .wait_for(Duration::from_secs(5), |e| {
+            e.reason == reason::POLICY_CHANGED && e.ifindex == ifindex
+        })
+        .expect("a policy-changed drop");
+    assert_eq!(e.verdict, VERDICT_DROP);
+    assert_eq!((from_be(e.saddr), from_be(e.daddr)), (A, B));
+
+    // And back: a new connection is judged by the new rule.
+    let a = &s.node.pods[0].ns;
+    assert!(!tcp_connects(a, B, 8080, 1000)?, "denied now");
+    allow_a_to_b_8080(&mut s, 2)?;
+    bump_b(&mut s, ifindex, |_| {})?;
+    let c = open_echo(&s)?;
+    assert!(echo_round(&c), "allowed again");
+    Ok(())
+}
+
+#[test]
+fn audit_entries_are_judged_again_when_audit_ends() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut s = setup(true)?;
+    tcp_echo_server(&s.node.pods[1].ns, 8080)?;
+    let ifindex = b_ifindex(&s)?;
+    // Enforced in audit mode with no rule: audited through.
+    bump_b(&mut s, ifindex, |i| {
+        i.flags |= EP_INGRESS_ENFORCED | palisade_common::EP_AUDIT
+    })?;
+    let c = open_echo(&s)?;
+    assert!(echo_round(&c), "audit passes");
+    // Audit off (the flags change; no generation bump needed for this).
+    let mut info = s.maps.endpoint(ifindex).expect("B");
+    info.flags &= !palisade_common::EP_AUDIT;
+    s.maps.upsert_endpoint(ifindex, info)?;
+    assert!(!echo_round(&c), "the audited connection must be cut");
+    s.events
+        .wait_for(Duration::from_secs(5), |e| {
+            e.reason == reason::POLICY_CHANGED && e.ifindex == ifindex
+        })
+        .expect("a policy-changed drop");
+    Ok(())
+}
+
+#[test]
+fn a_new_pod_on_an_old_pods_address_inherits_none_of_its_flows() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut s = setup(true)?;
+    tcp_echo_server(&s.node.pods[1].ns, 8080)?;
+    let ifindex = b_ifindex(&s)?;
+    // The old pod (endpoint 2, unenforced) had a connection open.
+    let c = open_echo(&s)?;
+    // A new registration on the address: a new endpoint id, isolated.
+    let mut info = s.maps.endpoint(ifindex).expect("B");
+    info.endpoint_id = 9;
+    info.flags = EP_INGRESS_ENFORCED;
+    s.maps.upsert_endpoint(ifindex, info)?;
+    assert!(
+        !echo_round(&c),
+        "the old pod's connection is not the new pod's"
+    );
+    let e = s
+        .events
+        .wait_for(Duration::from_secs(5), |e| {
+            e.endpoint_id == 9 && e.verdict == VERDICT_DROP && is_tcp_to(e, B, 8080)
+        })
+        .expect("the new pod's ingress judges it as a new flow");
+    assert_eq!(e.reason, reason::NO_POLICY_MATCH);
     Ok(())
 }

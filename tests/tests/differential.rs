@@ -216,6 +216,8 @@ fn gen_policy_set(rng: &mut StdRng, ifindexes: &[u32], now: u64) -> PolicySet {
             identity: pick(rng, &LABEL_IDS),
             ipv4: be(ips[i]),
             flags,
+            // Conntrack entries below are of this generation or not.
+            generation: rng.gen_range(0..3),
         };
         endpoints.push((ifs[i], info));
     }
@@ -395,8 +397,16 @@ fn gen_policy_set(rng: &mut StdRng, ifindexes: &[u32], now: u64) -> PolicySet {
     // Stale and live conntrack/fragment entries on tuples packets will use.
     for _ in 0..rng.gen_range(0..=12) {
         let (ifindex, dir, p) = gen_new_flow(rng, &set, ifindexes);
-        let _ = ifindex;
-        if let Some(k) = ct_key_of(&p, dir) {
+        // Mostly the entry of the endpoint whose veth the tuple is on;
+        // sometimes another's (which must never be found there).
+        let own = set.endpoint_at(ifindex).map_or(0, |e| e.endpoint_id);
+        let endpoint_id = if rng.gen_bool(0.8) {
+            own
+        } else {
+            rng.gen_range(1..=8)
+        };
+        if let Some(mut k) = ct_key_of(&p, dir) {
+            k.endpoint_id = endpoint_id;
             let expires_ns = if rng.gen_bool(0.5) {
                 now.saturating_sub(rng.gen_range(1..100) * SEC)
             } else {
@@ -412,14 +422,18 @@ fn gen_policy_set(rng: &mut StdRng, ifindexes: &[u32], now: u64) -> PolicySet {
                 tcp_state: rng.gen_range(0..=5),
                 flags,
                 _pad: 0,
+                generation: rng.gen_range(0..3),
+                _pad2: 0,
             };
             set.ct.push((k, v));
         }
     }
     for _ in 0..rng.gen_range(0..=4) {
-        let (_, dir, p) = gen_new_flow(rng, &set, ifindexes);
+        let (ifindex, dir, p) = gen_new_flow(rng, &set, ifindexes);
+        let endpoint_id = set.endpoint_at(ifindex).map_or(0, |e| e.endpoint_id);
         if let Some(ip) = p.ipv4() {
             let k = FragKey {
+                endpoint_id,
                 saddr: be(ip.src),
                 daddr: be(ip.dst),
                 id_be: rng.gen_range(1u16..=6).to_be(),
@@ -473,6 +487,7 @@ fn ct_key_of(p: &Packet, scope: u8) -> Option<CtKey> {
         protocol: ip.l4.protocol(),
         scope,
         _pad: 0,
+        endpoint_id: 0,
     })
 }
 

@@ -92,6 +92,7 @@ fn a_drop_flood_from_one_pod_hides_no_other_pods_verdicts() -> Result<()> {
                 identity: 1000 + ep,
                 ipv4: be(ip),
                 flags: EP_EGRESS_ENFORCED,
+                generation: 0,
             };
             maps.upsert_endpoint(ifindex, info)?;
             dp.attach_pod(&ifname)?;
@@ -225,6 +226,7 @@ fn a_stalled_reader_is_woken_once_not_per_event() -> Result<()> {
                 identity: 1001,
                 ipv4: be(pod),
                 flags: EP_EGRESS_ENFORCED,
+                generation: 0,
             },
         )?;
         maps.set_ipcache(

@@ -82,6 +82,7 @@ fn rig() -> Result<Rig> {
                         identity: 1000 + ep,
                         ipv4: be(ip),
                         flags: 0,
+                        generation: 0,
                     };
                     maps.upsert_endpoint(ifindex, info)?;
                     dp.attach_pod(&ifname)?;
@@ -585,5 +586,58 @@ fn a_restarted_datapath_keeps_open_translated_flows_and_the_frontends() -> Resul
     r.service(80, PROTO_TCP, &[C])?;
     echo(&mut open, 6)?;
     assert_eq!(tcp_tag(r.ns(A), vip(80))?.0, C as u8);
+    Ok(())
+}
+
+/// Issue 17 point 2 through a Service: a translated flow is judged again
+/// on its backend tuple when the client's generation moves on (kept while
+/// allowed, cut once not), and a hairpin stays a hairpin.
+#[test]
+fn a_policy_change_rejudges_translated_flows_on_their_backend() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut r = rig()?;
+    r.enforce(A, EP_EGRESS_ENFORCED)?;
+    r.allow(A, B, DIR_EGRESS, TARGET)?;
+    r.service(80, PROTO_TCP, &[B])?;
+    // (A service id of its own: `service` gives one per protocol.)
+    r.sticky_service(90, PROTO_TCP, &[A], 1)?;
+    let (tag, mut c) = tcp_tag(r.ns(A), vip(80))?;
+    assert_eq!(tag, B as u8);
+    let (tag, mut h) = tcp_tag(r.ns(A), vip(90))?;
+    assert_eq!(tag, A as u8);
+    echo(&mut c, 1)?;
+    let bump = |r: &mut Rig| -> Result<()> {
+        let mut info = r.maps.endpoint(r.ifindexes[A]).expect("A");
+        info.generation += 1;
+        Ok(r.maps.upsert_endpoint(r.ifindexes[A], info)?)
+    };
+    // A change that still admits both: they go on, translated as before.
+    bump(&mut r)?;
+    echo(&mut c, 2)?;
+    echo(&mut h, 3)?;
+    // A's rule for B goes: the translated flow is cut, the hairpin stays.
+    r.maps.remove_policy(
+        POLICY_PREFIX_FULL,
+        PolicyKey {
+            endpoint_id: A as u32 + 1,
+            peer_identity: identity(B),
+            direction: DIR_EGRESS,
+            protocol: PROTO_TCP,
+            dport_be: TARGET.to_be(),
+        },
+    )?;
+    bump(&mut r)?;
+    c.set_read_timeout(Some(Duration::from_millis(1500)))?;
+    assert!(echo(&mut c, 4).is_err(), "the flow to B must be cut");
+    let e = r
+        .events
+        .wait_for(Duration::from_secs(5), |e| {
+            e.reason == reason::POLICY_CHANGED
+        })
+        .expect("a policy-changed drop");
+    assert_eq!((e.verdict, e.direction), (VERDICT_DROP, DIR_EGRESS));
+    echo(&mut h, 5)?;
     Ok(())
 }

@@ -88,6 +88,7 @@ fn translation_rewrites_headers_with_valid_checksums_both_ways() -> Result<()> {
             identity: 1001,
             ipv4: be(POD),
             flags: 0,
+            generation: 0,
         },
     )?;
     let world = IpcacheValue {

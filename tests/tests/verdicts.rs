@@ -187,6 +187,7 @@ impl Rig {
             identity: POD_IDENTITY,
             ipv4: be(POD),
             flags,
+            generation: 0,
         };
         self.maps.upsert_endpoint(IFINDEX, info)?;
         self.state.endpoints.insert(IFINDEX, info);
@@ -351,6 +352,7 @@ fn ct_key(p: &Packet, scope: u8) -> CtKey {
         protocol: ip.l4.protocol(),
         scope,
         _pad: 0,
+        endpoint_id: EP_ID,
     }
 }
 
@@ -906,10 +908,10 @@ fn conntrack_established_and_replies_cross_directions() -> Result<()> {
     // The reply entry is the egress one: no ingress entry was created.
     assert!(rig.ct(&ct_key(&syn.reply(0), DIR_INGRESS)).is_none());
 
-    // The scope matters: the same tuple as a new *ingress* flow is not
-    // admitted by the egress entry.
+    // The scope matters: the same tuple at ingress is not admitted by the
+    // egress entry (it is not even addressed to the pod: refused first).
     let s = rig.run(DIR_INGRESS, &syn.clone().with_tcp_flags(TCP_FLAG_ACK))?;
-    s.assert_reported(false, VERDICT_DROP, reason::NO_POLICY_MATCH, 0);
+    s.assert_reported(false, VERDICT_DROP, reason::NOT_OWN_DESTINATION, 0);
     // UDP and ICMP echo replies work the same way.
     let q = Packet::udp(POD, 5353, PEER, 80);
     rig.policy(
@@ -1031,6 +1033,8 @@ fn expired_entries_are_ignored() -> Result<()> {
         tcp_state: TCP_ESTABLISHED,
         flags: 0,
         _pad: 0,
+        generation: 0,
+        _pad2: 0,
     };
     rig.insert_ct(ct_key(&p, DIR_INGRESS), ct(now - 1))?;
     rig.run(DIR_INGRESS, &p)?
@@ -1054,6 +1058,7 @@ fn expired_entries_are_ignored() -> Result<()> {
         id_be: 77u16.to_be(),
         protocol: PROTO_UDP,
         scope: DIR_INGRESS,
+        endpoint_id: EP_ID,
     };
     let fv = FragValue {
         expires_ns: now - 1,
@@ -1239,6 +1244,58 @@ fn ipv6_is_dropped_for_enforced_endpoints_except_neighbour_discovery() -> Result
         rig.run(DIR_INGRESS, &ns.clone().truncated(54))?
             .assert_reported(false, VERDICT_DROP, reason::IPV6_UNSUPPORTED, 0);
     }
+    Ok(())
+}
+
+/// Issue 17 point 4: a pod is never a router. Router advertisements and
+/// redirects from a pod are dropped whether or not it is enforced (on a
+/// shared bridge they would reconfigure its neighbours), also behind
+/// extension headers; neighbour discovery passes only with hop limit 255;
+/// an IPv6 chain from a pod that cannot be followed is dropped.
+#[test]
+fn pods_never_send_router_advertisements_or_redirects() -> Result<()> {
+    use palisade_common::ipv6::{ICMPV6_REDIRECT, ICMPV6_ROUTER_ADVERTISEMENT, IPPROTO_ICMPV6};
+    let mut rig = rig!();
+    let pod6: Ipv6Addr = "fe80::5".parse()?;
+    let all_nodes: Ipv6Addr = "ff02::1".parse()?;
+    let ra = Packet::icmpv6(pod6, all_nodes, ICMPV6_ROUTER_ADVERTISEMENT, 12);
+    let redirect = Packet::icmpv6(pod6, "fe80::9".parse()?, ICMPV6_REDIRECT, 36);
+    // The same RA behind a hop-by-hop header (8 bytes of options).
+    let mut body = vec![IPPROTO_ICMPV6, 0, 1, 4, 0, 0, 0, 0];
+    body.extend_from_slice(&[ICMPV6_ROUTER_ADVERTISEMENT, 0, 0, 0]);
+    body.resize(8 + 16, 0);
+    let hidden = Packet::ipv6(pod6, all_nodes, 0, body);
+    // Seven destination-options headers: more than the walk follows.
+    let mut chain = Vec::new();
+    for _ in 0..7 {
+        chain.extend_from_slice(&[60, 0, 1, 4, 0, 0, 0, 0]);
+    }
+    chain[7 * 8 - 8] = 17;
+    chain.resize(7 * 8 + 8, 0);
+    let endless = Packet::ipv6(pod6, all_nodes, 60, chain);
+    let udp_out = Packet::ipv6_udp("fd00::5".parse()?, 5000, "fd00::9".parse()?, 53);
+
+    for flags in [0, EP_INGRESS_ENFORCED, EP_EGRESS_ENFORCED | EP_AUDIT] {
+        rig.endpoint(flags)?;
+        for p in [&ra, &redirect, &hidden] {
+            rig.run(DIR_EGRESS, p)?
+                .assert_reported(false, VERDICT_DROP, reason::ND_FORBIDDEN, 0);
+        }
+        rig.run(DIR_EGRESS, &endless)?
+            .assert_reported(false, VERDICT_DROP, reason::MALFORMED, 0);
+        // Towards the pod an RA is the node's business, and passes.
+        rig.run(DIR_INGRESS, &ra)?
+            .assert_silent(true, Some(reason::NOT_IP));
+        // ND with a hop limit other than 255 was forwarded: never valid.
+        let ns = Packet::neighbour_solicitation(pod6, "fe80::9".parse()?);
+        rig.run(DIR_EGRESS, &ns)?
+            .assert_silent(true, Some(reason::NOT_IP));
+        rig.run(DIR_EGRESS, &ns.clone().with_hop_limit(64))?
+            .assert_reported(false, VERDICT_DROP, reason::ND_FORBIDDEN, 0);
+    }
+    // An unenforced pod's other IPv6 still passes.
+    rig.endpoint(0)?;
+    rig.run(DIR_EGRESS, &udp_out)?.assert_silent(true, None);
     Ok(())
 }
 
@@ -1603,5 +1660,191 @@ fn peer_syn_on_a_closed_tuple_is_a_new_flow_not_a_reply() -> Result<()> {
     // peer: its egress policy decides, the old ingress entry does not.
     rig.run(DIR_EGRESS, &syn.reply(TCP_FLAG_SYN))?
         .assert_reported(false, VERDICT_DROP, reason::NO_POLICY_MATCH, 0);
+    Ok(())
+}
+
+// ---- issue 17 points 1 and 2: entries bound to their endpoint and to the
+// policy generation that admitted them (kernel and reference compared) ----
+
+impl Rig {
+    /// Rewrite the endpoint's value (as the map sync does).
+    fn endpoint_with(&mut self, f: impl FnOnce(&mut EndpointInfo)) -> Result<()> {
+        let mut info = self.state.endpoints[&IFINDEX];
+        f(&mut info);
+        self.maps.upsert_endpoint(IFINDEX, info)?;
+        self.state.endpoints.insert(IFINDEX, info);
+        self.ev.set_maps(&self.state);
+        Ok(())
+    }
+}
+
+#[test]
+fn a_generation_change_rejudges_and_cuts_denied_flows_keeps_allowed_ones() -> Result<()> {
+    let mut rig = rig!();
+    rig.endpoint(EP_INGRESS_ENFORCED)?;
+    rig.policy(
+        POLICY_PREFIX_FULL,
+        PEER_IDENTITY,
+        DIR_INGRESS,
+        PROTO_TCP,
+        80,
+        ACTION_ALLOW,
+        90,
+    )?;
+    rig.policy(
+        POLICY_PREFIX_FULL,
+        PEER_IDENTITY,
+        DIR_INGRESS,
+        PROTO_TCP,
+        81,
+        ACTION_ALLOW,
+        91,
+    )?;
+    let a = tcp_in(44000, 80, TCP_FLAG_SYN);
+    let b = tcp_in(44001, 81, TCP_FLAG_SYN);
+    rig.run(DIR_INGRESS, &a)?
+        .assert_reported(true, VERDICT_ALLOW, reason::POLICY_ALLOW, 90);
+    rig.run(DIR_INGRESS, &b)?
+        .assert_reported(true, VERDICT_ALLOW, reason::POLICY_ALLOW, 91);
+    // Port 81's rule goes; the generation moves on.
+    rig.unpolicy(
+        POLICY_PREFIX_FULL,
+        PEER_IDENTITY,
+        DIR_INGRESS,
+        PROTO_TCP,
+        81,
+    )?;
+    rig.endpoint_with(|i| i.generation += 1)?;
+    // Still allowed: judged again silently, brought up to date.
+    rig.run(DIR_INGRESS, &a.clone().with_tcp_flags(TCP_FLAG_ACK))?
+        .assert_silent(true, Some(reason::ESTABLISHED));
+    assert_eq!(
+        rig.ct(&ct_key(&a, DIR_INGRESS)).map(|v| v.generation),
+        Some(1)
+    );
+    // Now denied: cut, reported, the entry gone.
+    rig.run(DIR_INGRESS, &b.clone().with_tcp_flags(TCP_FLAG_ACK))?
+        .assert_reported(false, VERDICT_DROP, reason::POLICY_CHANGED, 0);
+    assert!(rig.ct(&ct_key(&b, DIR_INGRESS)).is_none());
+    // The pod's own segments of the cut flow are no replies any more:
+    // its unenforced egress passes them as new, unrecorded (mid-stream),
+    // so the peer's next segment is judged by policy again.
+    let back = b.reply(TCP_FLAG_ACK);
+    rig.run(DIR_EGRESS, &back)?
+        .assert_reported(true, VERDICT_ALLOW, reason::UNENFORCED, 0);
+    assert!(rig.ct(&ct_key(&back, DIR_EGRESS)).is_none());
+    rig.run(DIR_INGRESS, &b.clone().with_tcp_flags(TCP_FLAG_ACK))?
+        .assert_reported(false, VERDICT_DROP, reason::NO_POLICY_MATCH, 0);
+    Ok(())
+}
+
+#[test]
+fn a_syn_on_an_established_entry_is_a_new_flow() -> Result<()> {
+    let mut rig = rig!();
+    rig.endpoint(EP_INGRESS_ENFORCED)?;
+    rig.policy(
+        POLICY_PREFIX_FULL,
+        PEER_IDENTITY,
+        DIR_INGRESS,
+        PROTO_TCP,
+        80,
+        ACTION_ALLOW,
+        92,
+    )?;
+    let syn = tcp_in(44100, 80, TCP_FLAG_SYN);
+    rig.run(DIR_INGRESS, &syn)?
+        .assert_reported(true, VERDICT_ALLOW, reason::POLICY_ALLOW, 92);
+    rig.run(DIR_EGRESS, &syn.reply(TCP_FLAG_SYN | TCP_FLAG_ACK))?
+        .assert_silent(true, Some(reason::REPLY));
+    rig.run(DIR_INGRESS, &syn.clone().with_tcp_flags(TCP_FLAG_ACK))?
+        .assert_silent(true, Some(reason::ESTABLISHED));
+    assert_eq!(
+        rig.ct(&ct_key(&syn, DIR_INGRESS)).map(|v| v.tcp_state),
+        Some(TCP_ESTABLISHED)
+    );
+    // A retransmitted SYN during the handshake rides on the entry; a SYN
+    // on the established entry goes to policy again (reported).
+    rig.unpolicy(
+        POLICY_PREFIX_FULL,
+        PEER_IDENTITY,
+        DIR_INGRESS,
+        PROTO_TCP,
+        80,
+    )?;
+    rig.run(DIR_INGRESS, &syn)?
+        .assert_reported(false, VERDICT_DROP, reason::NO_POLICY_MATCH, 0);
+    Ok(())
+}
+
+#[test]
+fn audited_entries_are_judged_again_when_audit_ends() -> Result<()> {
+    let mut rig = rig!();
+    rig.endpoint(EP_INGRESS_ENFORCED | EP_AUDIT)?;
+    let p = Packet::udp(PEER, 5000, POD, 53);
+    rig.run(DIR_INGRESS, &p)?
+        .assert_reported(true, VERDICT_AUDIT, reason::NO_POLICY_MATCH, 0);
+    rig.run(DIR_INGRESS, &p)?
+        .assert_silent(true, Some(reason::ESTABLISHED));
+    rig.endpoint_with(|i| i.flags &= !EP_AUDIT)?;
+    rig.run(DIR_INGRESS, &p)?
+        .assert_reported(false, VERDICT_DROP, reason::POLICY_CHANGED, 0);
+    Ok(())
+}
+
+#[test]
+fn entries_of_another_endpoint_are_never_used() -> Result<()> {
+    let mut rig = rig!();
+    rig.endpoint(EP_INGRESS_ENFORCED)?;
+    let now = monotonic_ns();
+    let p = tcp_in(44200, 80, TCP_FLAG_ACK);
+    // An established entry for the tuple, made on another endpoint's veth
+    // (or by the pod that had this address before: another id).
+    let mut k = ct_key(&p, DIR_INGRESS);
+    k.endpoint_id = EP_ID + 1;
+    let v = CtValue {
+        expires_ns: now + 60_000_000_000,
+        cookie: 5,
+        tcp_state: TCP_ESTABLISHED,
+        flags: 0,
+        _pad: 0,
+        generation: 0,
+        _pad2: 0,
+    };
+    rig.insert_ct(k, v)?;
+    rig.run(DIR_INGRESS, &p)?
+        .assert_reported(false, VERDICT_DROP, reason::NO_POLICY_MATCH, 0);
+    // A frame to the pod's veth not addressed to the pod, enforced or not.
+    rig.endpoint(0)?;
+    let stray = Packet::udp(PEER, 1, Ipv4Addr::new(10, 1, 0, 77), 2);
+    rig.run(DIR_INGRESS, &stray)?.assert_reported(
+        false,
+        VERDICT_DROP,
+        reason::NOT_OWN_DESTINATION,
+        0,
+    );
+    // Broadcast still reaches it (judged as usual: unenforced here).
+    let bcast = Packet::udp(PEER, 68, Ipv4Addr::BROADCAST, 67);
+    rig.run(DIR_INGRESS, &bcast)?
+        .assert_reported(true, VERDICT_ALLOW, reason::UNENFORCED, 0);
+    Ok(())
+}
+
+#[test]
+fn tcp_picked_up_mid_stream_in_an_unenforced_direction_is_not_recorded() -> Result<()> {
+    let mut rig = rig!();
+    rig.endpoint(EP_INGRESS_ENFORCED)?;
+    let mid = tcp_out(PEER, 44300, 8080, TCP_FLAG_ACK);
+    rig.run(DIR_EGRESS, &mid)?
+        .assert_reported(true, VERDICT_ALLOW, reason::UNENFORCED, 0);
+    assert!(rig.ct(&ct_key(&mid, DIR_EGRESS)).is_none());
+    // So the peer's segments are judged by the pod's ingress policy.
+    rig.run(DIR_INGRESS, &mid.reply(TCP_FLAG_ACK))?
+        .assert_reported(false, VERDICT_DROP, reason::NO_POLICY_MATCH, 0);
+    // A connection the pod opens is recorded: its replies pass.
+    let syn = tcp_out(PEER, 44301, 8080, TCP_FLAG_SYN);
+    rig.run(DIR_EGRESS, &syn)?
+        .assert_reported(true, VERDICT_ALLOW, reason::UNENFORCED, 0);
+    rig.run(DIR_INGRESS, &syn.reply(TCP_FLAG_SYN | TCP_FLAG_ACK))?
+        .assert_silent(true, Some(reason::REPLY));
     Ok(())
 }

@@ -265,6 +265,10 @@ pub enum ErrorKind {
     /// A datapath map is full: a capacity limit, not transient. Needs larger
     /// maps or fewer policies/endpoints; whatever fitted is still enforced.
     MapFull,
+    /// The caller may not do this: registering or removing endpoints is
+    /// for root (the CNI plugin under the container runtime) or the agent's
+    /// own user, whatever the socket's mode.
+    Forbidden,
     /// A bug, or the kernel refused an operation, in a way that will not fix
     /// itself by retrying. Also the kind of an error without one, and of
     /// kinds this build does not know.
@@ -275,12 +279,13 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind, for tables and tests.
-    pub const ALL: [ErrorKind; 6] = [
+    pub const ALL: [ErrorKind; 7] = [
         Self::Unavailable,
         Self::InvalidRequest,
         Self::NotFound,
         Self::Conflict,
         Self::MapFull,
+        Self::Forbidden,
         Self::Internal,
     ];
 
@@ -297,6 +302,7 @@ impl ErrorKind {
             Self::NotFound => "not_found",
             Self::Conflict => "conflict",
             Self::MapFull => "map_full",
+            Self::Forbidden => "forbidden",
             Self::Internal => "internal",
         }
     }

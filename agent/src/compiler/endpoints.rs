@@ -38,7 +38,7 @@ pub(crate) fn labels_pending(model: &crate::model::Model, ns: &str, pod_known: b
             || model
                 .policies
                 .range(ObjectKey::new(ns, "")..)
-                .take_while(|(k, _)| k.namespace == ns)
+                .take_while(|(k, _)| *k.namespace == *ns)
                 .next()
                 .is_some())
 }

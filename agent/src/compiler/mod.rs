@@ -525,12 +525,12 @@ impl Compiler {
             let audit = model.audit
                 || model
                     .namespaces
-                    .get(&ep.key.namespace)
+                    .get(&*ep.key.namespace)
                     .is_some_and(|n| n.audit);
             let ns = &ep.key.namespace;
             let in_ns = model
                 .policies
-                .range(ObjectKey::new(ns.as_str(), "")..)
+                .range(ObjectKey::new(&**ns, "")..)
                 .take_while(|(k, _)| k.namespace == *ns)
                 .map(|(k, p)| (k, &**p));
             let pod = EndpointPod {
@@ -573,6 +573,7 @@ impl Compiler {
                     identity,
                     ipv4: u32::from_ne_bytes(ep.ipv4.octets()),
                     flags: res.flags,
+                    generation: 0,
                 },
             );
         }

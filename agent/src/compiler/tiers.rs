@@ -26,7 +26,7 @@
 //! [`COOKIE_NP_ISOLATION`] (a NetworkPolicy isolates the pod and none of
 //! its rules matched) or, for allows, a NetworkPolicy rule's cookie or
 //! [`COOKIE_DEFAULT_ALLOW`] (no tier decided: the Kubernetes default).
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
@@ -285,6 +285,21 @@ fn named_port_matches(ports: &[ContainerPort], name: &str, proto: u8, port: u16)
     })
 }
 
+/// Whether one of `rule`'s peers is `peer` (ports and failing closed aside).
+fn rule_peer_matches(rule: &ClusterRule, peer: &PeerRep) -> bool {
+    rule.peers.iter().any(|p| match (p, &peer.pod) {
+        (ClusterPeer::Namespaces(ns), Some((nsl, _, _))) => ns.matches(nsl),
+        (ClusterPeer::Pods { namespaces, pods }, Some((nsl, pl, _))) => {
+            namespaces.matches(nsl) && pods.matches(pl)
+        }
+        (ClusterPeer::Networks(nets), _) => nets.iter().any(|n| v4_subset(peer.net, *n)),
+        (ClusterPeer::Nodes { addresses, .. }, _) => {
+            addresses.iter().any(|n| v4_subset(peer.net, *n))
+        }
+        _ => false,
+    })
+}
+
 /// Whether `rule` matches a flow with `peer` to/from an endpoint whose pod
 /// has `own_ports`, on (proto, port).
 pub(crate) fn rule_matches(
@@ -297,18 +312,7 @@ pub(crate) fn rule_matches(
     if let Some(m) = rule.fail_closed_matches() {
         return m;
     }
-    let peer_ok = rule.peers.iter().any(|p| match (p, &peer.pod) {
-        (ClusterPeer::Namespaces(ns), Some((nsl, _, _))) => ns.matches(nsl),
-        (ClusterPeer::Pods { namespaces, pods }, Some((nsl, pl, _))) => {
-            namespaces.matches(nsl) && pods.matches(pl)
-        }
-        (ClusterPeer::Networks(nets), _) => nets.iter().any(|n| v4_subset(peer.net, *n)),
-        (ClusterPeer::Nodes { addresses, .. }, _) => {
-            addresses.iter().any(|n| v4_subset(peer.net, *n))
-        }
-        _ => false,
-    });
-    if !peer_ok {
+    if !rule_peer_matches(rule, peer) {
         return false;
     }
     let Some(ports) = &rule.ports else {
@@ -370,6 +374,13 @@ pub(crate) fn np_chain(
     proto: u8,
     port: u16,
 ) -> Option<PolicyValue> {
+    chain_keys(peer)
+        .into_iter()
+        .find_map(|k| np_lookup(entries, k, proto, port))
+}
+
+/// The peer keys the kernel looks up for `peer`, in order.
+fn chain_keys(peer: &PeerRep) -> Vec<u32> {
     let mut keys = vec![peer.identity];
     if peer.cidr_identity != peer.identity && peer.cidr_identity != IDENTITY_ANY {
         keys.push(peer.cidr_identity);
@@ -378,8 +389,7 @@ pub(crate) fn np_chain(
         keys.push(IDENTITY_ANY_POD);
     }
     keys.push(IDENTITY_ANY);
-    keys.into_iter()
-        .find_map(|k| np_lookup(entries, k, proto, port))
+    keys
 }
 
 const fn allow(cookie: u32) -> PolicyValue {
@@ -590,6 +600,91 @@ pub(crate) fn apply_tiers<'a>(
         }
     }
 
+    // Every peer class a table may be written for: the world (index 0),
+    // the CIDR identities, one pod per class of each label identity (see
+    // `RepClass`), the other nodes.
+    let world = cidrs
+        .iter()
+        .find(|c| c.net.prefix() == 0)
+        .copied()
+        .unwrap_or(PeerRep {
+            pod: None,
+            net: Ipv4Network::new(Ipv4Addr::UNSPECIFIED, 0).expect("valid"),
+            identity: palisade_common::IDENTITY_WORLD,
+            cidr_identity: palisade_common::IDENTITY_WORLD,
+        });
+    let prefixes: Vec<Ipv4Network> = {
+        let mut v: Vec<Ipv4Network> = cluster.iter().flat_map(|p| p.networks()).collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let np_peers: HashSet<u32> = maps.policy.keys().map(|(_, k)| k.peer_identity).collect();
+    // Container port lists, interned (pods of one app share theirs).
+    let mut port_lists: Vec<&[ContainerPort]> = vec![&[]];
+    let mut port_id = |ports: &'a [ContainerPort]| -> u32 {
+        match port_lists.iter().position(|p| *p == ports) {
+            Some(i) => i as u32,
+            None => {
+                port_lists.push(ports);
+                (port_lists.len() - 1) as u32
+            }
+        }
+    };
+    let mut cands: Vec<(PeerRep, u32)> = vec![(world, 0)];
+    cands.extend(cidrs.iter().map(|c| (*c, 0)));
+    // (label identity, [(candidate index, the class's pods)])
+    let mut pod_classes: Vec<(u32, Vec<PodClass>)> = Vec::new();
+    for (id, reps) in &pods {
+        let mut groups: Vec<(RepClass, Vec<PeerRep>)> = Vec::new();
+        for rep in reps {
+            let key = RepClass {
+                ports: port_id(rep.pod.map_or(&[][..], |(_, _, p)| p)),
+                inside: prefixes.iter().map(|n| v4_subset(rep.net, *n)).collect(),
+                own: np_peers
+                    .contains(&rep.cidr_identity)
+                    .then_some(rep.cidr_identity),
+            };
+            match groups.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, g)) => g.push(*rep),
+                None => groups.push((key, vec![*rep])),
+            }
+        }
+        let mut cls = Vec::new();
+        for (key, g) in groups {
+            cands.push((g[0], key.ports));
+            cls.push((cands.len() - 1, g));
+        }
+        pod_classes.push((*id, cls));
+    }
+    let first_remote = cands.len();
+    for r in &remote_nodes {
+        cands.push((*r, 0));
+    }
+    // Each candidate's lookup chain (at most 4 keys).
+    let chains: Vec<([u32; 4], usize)> = cands
+        .iter()
+        .map(|(c, _)| {
+            let mut a = [0u32; 4];
+            let keys = chain_keys(c);
+            a[..keys.len()].copy_from_slice(&keys);
+            (a, keys.len())
+        })
+        .collect();
+    // Which rules' peers each candidate matches, by rule set: endpoints
+    // selected by the same policies share it. Interned into group ids.
+    let mut matched_by_rules: HashMap<Vec<u32>, std::rc::Rc<RuleSetView>> = HashMap::new();
+    // Candidates by the peer keys of their chain that a NetworkPolicy entry
+    // may name (their identity, their CIDR identity).
+    let mut cands_by_key: HashMap<u32, Vec<usize>> = HashMap::new();
+    for (ci, (keys, n)) in chains.iter().enumerate() {
+        for k in &keys[..*n] {
+            if *k != IDENTITY_ANY_POD && *k != IDENTITY_ANY {
+                cands_by_key.entry(*k).or_default().push(ci);
+            }
+        }
+    }
+
     // Endpoints the policies select.
     let mut by_id: HashMap<u32, &crate::model::LocalEndpoint> = HashMap::new();
     for ep in model.endpoints.values() {
@@ -661,76 +756,231 @@ pub(crate) fn apply_tiers<'a>(
             info.flags |= flag;
             let id = info.endpoint_id;
             let entries = &mut maps.policy;
-            let base_bounds = boundaries(&rules, np, &[own_ports]);
-            let table_of = |peer: &PeerRep| {
-                let extra: &[ContainerPort] = peer.pod.map_or(&[], |(_, _, p)| p);
-                let b = if extra.is_empty() {
-                    base_bounds.clone()
-                } else {
-                    boundaries(&rules, np, &[own_ports, extra])
+
+            let matched = matched_by_rules
+                .entry(rules.iter().map(|r| r.cookie).collect())
+                .or_insert_with(|| {
+                    let mut seen: HashMap<Vec<bool>, u32> = HashMap::new();
+                    let ids: Vec<u32> = cands
+                        .iter()
+                        .map(|(c, _)| {
+                            let bits: Vec<bool> = rules
+                                .iter()
+                                .map(|r| {
+                                    r.rule.fail_closed_matches().is_none()
+                                        && rule_peer_matches(r.rule, c)
+                                })
+                                .collect();
+                            let n = seen.len() as u32;
+                            *seen.entry(bits).or_insert(n)
+                        })
+                        .collect();
+                    // Pod classes with the same matches, ports and chain
+                    // length get the same table unless a NetworkPolicy entry
+                    // names one of them (checked per endpoint).
+                    let mut groups: HashMap<(u32, u32, usize), u32> = HashMap::new();
+                    let group: Vec<u32> = (0..cands.len())
+                        .map(|ci| {
+                            let n = groups.len() as u32;
+                            *groups
+                                .entry((ids[ci], cands[ci].1, chains[ci].1))
+                                .or_insert(n)
+                        })
+                        .collect();
+                    std::rc::Rc::new(RuleSetView {
+                        groups: groups.len(),
+                        matched: ids,
+                        group,
+                    })
+                })
+                .clone();
+            // Candidates a NetworkPolicy entry of this endpoint names.
+            let mut special = vec![false; cands.len()];
+            for (_, k, _) in np.into_iter().flatten() {
+                for ci in cands_by_key.get(&k.peer_identity).into_iter().flatten() {
+                    special[*ci] = true;
+                }
+            }
+            // NetworkPolicy entries by peer key, interned: what `np_chain`
+            // can see of a peer.
+            let mut np_by_peer: HashMap<u32, Vec<(u32, u8, u16, PolicyValue)>> = HashMap::new();
+            for (prefix, k, v) in np.into_iter().flatten() {
+                np_by_peer
+                    .entry(k.peer_identity)
+                    .or_default()
+                    .push((*prefix, k.protocol, k.dport_be, *v));
+            }
+            let mut lists: Vec<Vec<(u32, u8, u16, PolicyValue)>> = Vec::new();
+            let mut np_list: HashMap<u32, u32> = HashMap::new();
+            for (peer, mut v) in np_by_peer {
+                v.sort_by_key(|(prefix, proto, port, _)| (*prefix, *proto, *port));
+                let i = match lists.iter().position(|l| *l == v) {
+                    Some(i) => i,
+                    None => {
+                        lists.push(v);
+                        lists.len() - 1
+                    }
                 };
-                table(&b, &|proto, port| {
-                    walk(&rules, np, own_ports, peer, proto, port)
+                np_list.insert(peer, i as u32);
+            }
+            let base_bounds = boundaries(&rules, np, &[own_ports]);
+            // Tables by everything the walk reads of a peer (`PeerSig`),
+            // each distinct table once (equal indexes = equal tables).
+            let mut memo: HashMap<PeerSig, usize> = HashMap::new();
+            let mut tables: Vec<Table> = Vec::new();
+            let mut table_of = |ci: usize| -> usize {
+                let (peer, ports) = &cands[ci];
+                let (keys, n) = &chains[ci];
+                let mut np_ids = [u32::MAX; 4];
+                if !np_list.is_empty() {
+                    for (slot, k) in np_ids.iter_mut().zip(&keys[..*n]) {
+                        *slot = np_list.get(k).copied().unwrap_or(u32::MAX - 1);
+                    }
+                }
+                let sig = PeerSig {
+                    matched: matched.matched[ci],
+                    ports: *ports,
+                    np: np_ids,
+                    chain: *n as u8,
+                };
+                *memo.entry(sig).or_insert_with(|| {
+                    let extra: &[ContainerPort] = peer.pod.map_or(&[], |(_, _, p)| p);
+                    let b = if extra.is_empty() {
+                        base_bounds.clone()
+                    } else {
+                        boundaries(&rules, np, &[own_ports, extra])
+                    };
+                    let t = table(&b, &|proto, port| {
+                        walk(&rules, np, own_ports, peer, proto, port)
+                    });
+                    match tables.iter().position(|u| *u == t) {
+                        Some(i) => i,
+                        None => {
+                            tables.push(t);
+                            tables.len() - 1
+                        }
+                    }
                 })
             };
             // `any`: the world table (every peer not written below lands there).
-            let world = cidrs
-                .iter()
-                .find(|c| c.net.prefix() == 0)
-                .copied()
-                .unwrap_or(PeerRep {
-                    pod: None,
-                    net: Ipv4Network::new(Ipv4Addr::UNSPECIFIED, 0).expect("valid"),
-                    identity: palisade_common::IDENTITY_WORLD,
-                    cidr_identity: palisade_common::IDENTITY_WORLD,
-                });
-            let any = table_of(&world);
-            write_table(&any, id, dir, IDENTITY_ANY, entries);
-            for c in &cidrs {
-                let t = table_of(c);
+            let any = table_of(0);
+            let mut writes: Vec<(usize, u32)> = vec![(any, IDENTITY_ANY)];
+            for (i, c) in cidrs.iter().enumerate() {
+                let t = table_of(1 + i);
                 if t != any {
-                    write_table(&t, id, dir, c.identity, entries);
+                    writes.push((t, c.identity));
                 }
             }
-            for (label_id, reps) in &pods {
-                let tables: Vec<Table> = reps.iter().map(&table_of).collect();
-                if tables.windows(2).all(|w| w[0] == w[1]) {
-                    if tables[0] != any {
-                        write_table(&tables[0], id, dir, *label_id, entries);
+            // Pods: one table per class; the most common table of the
+            // uniform label identities goes to `any-pod` (pods only), so
+            // a policy over every pod costs one table, not one per identity.
+            let mut group_table: Vec<Option<usize>> = vec![None; matched.groups];
+            let pod_tables: Vec<(u32, Vec<ClassTable>)> = pod_classes
+                .iter()
+                .map(|(label_id, cls)| {
+                    let ts = cls
+                        .iter()
+                        .map(|(ci, reps)| {
+                            let t = if special[*ci] {
+                                table_of(*ci)
+                            } else {
+                                let g = matched.group[*ci] as usize;
+                                *group_table[g].get_or_insert_with(|| table_of(*ci))
+                            };
+                            (t, reps)
+                        })
+                        .collect();
+                    (*label_id, ts)
+                })
+                .collect();
+            let mut counts: HashMap<usize, usize> = HashMap::new();
+            for (_, cls) in &pod_tables {
+                if let [(t, _)] = cls.as_slice() {
+                    *counts.entry(*t).or_default() += 1;
+                }
+            }
+            let any_pod = counts
+                .iter()
+                .max_by_key(|(t, n)| (**n, **t == any, std::cmp::Reverse(**t)))
+                .map_or(any, |(t, _)| *t);
+            if any_pod != any {
+                writes.push((any_pod, IDENTITY_ANY_POD));
+            }
+            for (label_id, cls) in &pod_tables {
+                if let [(t, _)] = cls.as_slice() {
+                    if *t != any_pod {
+                        writes.push((*t, *label_id));
                     }
                 } else {
-                    for (rep, t) in reps.iter().zip(&tables) {
-                        if *t != any {
-                            write_table(t, id, dir, rep.cidr_identity, entries);
+                    for (t, reps) in cls {
+                        if *t != any_pod {
+                            writes.extend(reps.iter().map(|rep| (*t, rep.cidr_identity)));
                         }
                     }
                 }
             }
             if !remote_nodes.is_empty() {
-                let tables: Vec<Table> = remote_nodes.iter().map(&table_of).collect();
-                if tables.windows(2).all(|w| w[0] == w[1]) {
-                    if tables[0] != any {
-                        write_table(
-                            &tables[0],
-                            id,
-                            dir,
-                            palisade_common::IDENTITY_REMOTE_NODE,
-                            entries,
-                        );
+                let ts: Vec<usize> = (first_remote..cands.len()).map(&mut table_of).collect();
+                if ts.windows(2).all(|w| w[0] == w[1]) {
+                    if ts[0] != any {
+                        writes.push((ts[0], palisade_common::IDENTITY_REMOTE_NODE));
                     }
                 } else {
                     // A node a peer names has its own /32 CIDR identity (the
                     // hidden addresses policy); another one's table is its
                     // longest prefix's, written above or equal to `any`.
-                    for (rep, t) in remote_nodes.iter().zip(&tables) {
+                    for (rep, t) in remote_nodes.iter().zip(&ts) {
                         if *t != any {
-                            write_table(t, id, dir, rep.cidr_identity, entries);
+                            writes.push((*t, rep.cidr_identity));
                         }
                     }
                 }
             }
+            for (t, peer) in writes {
+                write_table(&tables[t], id, dir, peer, entries);
+            }
         }
     }
+}
+
+/// A class of pods of one label identity: (candidate index, its pods).
+type PodClass<'a> = (usize, Vec<PeerRep<'a>>);
+/// A class's table (index) and its pods.
+type ClassTable<'b, 'a> = (usize, &'b Vec<PeerRep<'a>>);
+
+/// The candidates as one set of rules sees them.
+struct RuleSetView {
+    /// Per candidate: which rules' peers match it (interned).
+    matched: Vec<u32>,
+    /// Per candidate: (matched, ports, chain length) interned; equal groups
+    /// get equal tables when no NetworkPolicy entry names either.
+    group: Vec<u32>,
+    groups: usize,
+}
+
+/// What makes pods of one label identity differ for the tier walk.
+#[derive(PartialEq, Eq)]
+struct RepClass {
+    /// Interned container ports.
+    ports: u32,
+    /// Inside each `networks`/`nodes` prefix of any policy.
+    inside: Vec<bool>,
+    /// Its /32 CIDR identity, if some NetworkPolicy entry names it.
+    own: Option<u32>,
+}
+
+/// Everything `walk` and `boundaries` read of a peer, for one endpoint and
+/// direction: two peers with equal signatures get equal tables.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct PeerSig {
+    /// Which rules' peers match it (interned per rule set).
+    matched: u32,
+    /// Its container ports (named ports of egress rules), interned.
+    ports: u32,
+    /// The NetworkPolicy entries of each key of its lookup chain, interned
+    /// (MAX - 1: none).
+    np: [u32; 4],
+    chain: u8,
 }
 
 #[cfg(test)]

@@ -118,7 +118,7 @@ fn direct(
                             Some(peers) => peers.iter().any(|pe| match pe {
                                 Peer::Pods { namespaces, pods } => peer_pod.is_some_and(|pp| {
                                     let ns_ok = match namespaces {
-                                        None => pp.namespace == p.key.namespace,
+                                        None => *pp.namespace == *p.key.namespace,
                                         Some(s) => s.matches(peer_nsl.as_ref().unwrap()),
                                     };
                                     ns_ok && pods.as_ref().is_none_or(|s| s.matches(&pp.labels))
@@ -695,7 +695,7 @@ fn the_walk_names_the_pass_and_the_deciding_step() {
         .model()
         .endpoints
         .values()
-        .find(|x| x.key.name == "web")
+        .find(|x| &*x.key.name == "web")
         .unwrap()
         .clone();
     let w = e

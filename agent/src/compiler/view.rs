@@ -64,15 +64,17 @@ pub trait Names {
 }
 
 /// A published state. Every part is a persistent map: cloning a `View` is
-/// cheap and shares everything with the engine's copy.
+/// cheap and shares everything with the engine's copy. B-trees (`OrdMap`),
+/// not HAMTs: at 10k pods a HAMT's sparse 32-slot nodes cost several times
+/// the entries they hold.
 #[derive(Clone, Debug, Default)]
 pub struct View {
-    pub cookies: im::HashMap<u32, RuleRef>,
+    pub cookies: im::OrdMap<u32, RuleRef>,
     /// ClusterNetworkPolicy rule cookies (from `tiers::CLUSTER_COOKIE_BASE`).
-    pub cluster_cookies: im::HashMap<u32, super::tiers::ClusterRuleRef>,
+    pub cluster_cookies: im::OrdMap<u32, super::tiers::ClusterRuleRef>,
     /// Every ClusterNetworkPolicy of the model, parsed (accepted or rejected).
     pub cluster_policies: im::OrdMap<String, std::sync::Arc<super::cluster::ParsedClusterPolicy>>,
-    pub identities: im::HashMap<u32, IdentitySource>,
+    pub identities: im::OrdMap<u32, IdentitySource>,
     /// Every policy of the model, with the reason if rejected.
     pub policies: im::OrdMap<ObjectKey, Option<String>>,
     pub rejected: im::OrdMap<ObjectKey, String>,
@@ -84,12 +86,12 @@ pub struct View {
     /// Every pod's address (model pods, and the pods of local endpoints
     /// the model does not know). Pods themselves are not copied: their
     /// labels are their identity's.
-    pub pod_addresses: im::HashMap<ObjectKey, Option<Ipv4Addr>>,
+    pub pod_addresses: im::OrdMap<ObjectKey, Option<Ipv4Addr>>,
     /// The pod the ipcache gives each pod address to, and its identity.
-    pub pods_by_ip: im::HashMap<Ipv4Addr, (ObjectKey, u32)>,
+    pub pods_by_ip: im::OrdMap<Ipv4Addr, (ObjectKey, u32)>,
     /// Local endpoints by container id.
     pub endpoints: im::OrdMap<String, LocalEndpoint>,
-    pub endpoints_by_id: im::HashMap<u32, String>,
+    pub endpoints_by_id: im::OrdMap<u32, String>,
     pub host_ips: Arc<Vec<Ipv4Addr>>,
     /// The cluster's nodes, and the addresses of the other ones.
     pub nodes: im::OrdMap<String, Node>,
@@ -114,7 +116,7 @@ impl View {
     pub fn from_compiled(c: &Compiled, model: &Model) -> Self {
         // Model pods as the model has them; pods only an endpoint knows
         // at their (last) endpoint's address.
-        let mut pod_addresses: im::HashMap<ObjectKey, Option<Ipv4Addr>> = im::HashMap::new();
+        let mut pod_addresses: im::OrdMap<ObjectKey, Option<Ipv4Addr>> = im::OrdMap::new();
         for ep in model.endpoints.values() {
             pod_addresses.insert(ep.key.clone(), Some(ep.ipv4));
         }

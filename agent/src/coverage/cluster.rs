@@ -626,7 +626,7 @@ fn np_admits(m: &Model, pod: &Pod, q: Option<&Pod>, peer: &PeerRep, proto: u8, p
     let addr = peer.net.ip();
     super::accepted(m)
         .filter(|(k, pol)| {
-            k.namespace == pod.namespace && pol.egress && pol.selector.matches(&pod.labels)
+            *k.namespace == *pod.namespace && pol.egress && pol.selector.matches(&pod.labels)
         })
         .flat_map(|(k, pol)| pol.rules.iter().map(move |r| (k, r)))
         .filter(|(_, r)| r.direction == DIR_EGRESS)
@@ -636,7 +636,7 @@ fn np_admits(m: &Model, pod: &Pod, q: Option<&Pod>, peer: &PeerRep, proto: u8, p
                 Some(peers) => peers.iter().any(|x| match (x, q) {
                     (Peer::Pods { namespaces, pods }, Some(q)) => {
                         let ns_ok = match namespaces {
-                            None => q.namespace == k.namespace,
+                            None => *q.namespace == *k.namespace,
                             Some(s) => s.matches(ns_labels(m, &q.namespace)),
                         };
                         ns_ok && pods.as_ref().is_none_or(|s| s.matches(&q.labels))
@@ -691,7 +691,7 @@ pub(super) fn dns_reachable(m: &Model, pod: &Pod, np_isolated: bool) -> bool {
         .copied()
         .collect();
     for (k, pol) in super::accepted(m) {
-        if k.namespace != pod.namespace {
+        if *k.namespace != *pod.namespace {
             continue;
         }
         for r in &pol.rules {

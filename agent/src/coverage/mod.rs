@@ -116,7 +116,7 @@ fn np_isolating(m: &Model, pod: &Pod) -> (Vec<String>, Vec<String>) {
     for (k, p) in m
         .policies
         .iter()
-        .filter(|(k, _)| k.namespace == pod.namespace)
+        .filter(|(k, _)| *k.namespace == *pod.namespace)
     {
         if let Some((i, e)) = p.selection(&pod.labels) {
             if i {
@@ -182,7 +182,7 @@ fn default_denies(m: &Model, ns: &str, d: u8) -> Vec<String> {
 
 fn np_default_denies(m: &Model, ns: &str, d: u8) -> Vec<String> {
     accepted(m)
-        .filter(|(k, p)| k.namespace == ns && p.selector.is_everything())
+        .filter(|(k, p)| *k.namespace == *ns && p.selector.is_everything())
         .filter(|(_, p)| {
             let on = if d == DIR_INGRESS {
                 p.ingress
@@ -267,7 +267,7 @@ fn dns(m: &Model, out: &mut Vec<Finding>) {
         }
         let allowed = accepted(m)
             .filter(|(k, pol)| {
-                k.namespace == p.namespace && pol.egress && pol.selector.matches(&p.labels)
+                *k.namespace == *p.namespace && pol.egress && pol.selector.matches(&p.labels)
             })
             .flat_map(|(k, pol)| pol.rules.iter().map(move |r| (k, r)))
             .filter(|(_, r)| r.direction == DIR_EGRESS)
@@ -290,7 +290,7 @@ fn dns(m: &Model, out: &mut Vec<Finding>) {
 
 fn empty_selectors(m: &Model, out: &mut Vec<Finding>) {
     for (k, pol) in accepted(m) {
-        if !pods(m).any(|p| p.namespace == k.namespace && pol.selector.matches(&p.labels)) {
+        if !pods(m).any(|p| *p.namespace == *k.namespace && pol.selector.matches(&p.labels)) {
             out.push(finding(
                 kind::EMPTY_SELECTOR,
                 k,

@@ -209,7 +209,7 @@ spec: {{clusterIP: 10.96.0.30, selector: {{app: web}}, ports: [{{port: {port}, t
     assert!(r
         .rejections
         .iter()
-        .all(|x| x.key.name == "young" && x.reason.contains("older Service ns/old")));
+        .all(|x| &*x.key.name == "young" && x.reason.contains("older Service ns/old")));
     // A different port of the same ClusterIP is not an overlap.
     let yaml = format!(
         "{PODS}---{}---{}",
@@ -281,7 +281,7 @@ ports: [{port: 8080}]
     let why = |name: &str| -> Vec<&str> {
         r.rejections
             .iter()
-            .filter(|x| x.key.name == name)
+            .filter(|x| *x.key.name == *name)
             .map(|x| x.reason.as_str())
             .collect()
     };

@@ -52,13 +52,14 @@ pub fn tcp_next_state(state: u8, flags: u8, reply: bool) -> u8 {
     }
 }
 
-/// A SYN on a closing or closed entry starts a new connection that must be
-/// checked against policy again instead of riding on the old verdict.
+/// A SYN on an established, closing or closed entry starts a new
+/// connection that must be checked against policy again instead of riding
+/// on the old verdict (a retransmitted SYN during the handshake does not).
 #[inline(always)]
 pub fn tcp_reopens(state: u8, flags: u8) -> bool {
     flags & TCP_FLAG_SYN != 0
         && flags & TCP_FLAG_ACK == 0
-        && (state == TCP_CLOSE || state == TCP_FIN_WAIT)
+        && (state == TCP_ESTABLISHED || state == TCP_CLOSE || state == TCP_FIN_WAIT)
 }
 
 /// How long an entry lives after the last packet that refreshed it.
@@ -117,7 +118,8 @@ mod tests {
     fn syn_on_closed_entry_reopens() {
         assert!(tcp_reopens(TCP_CLOSE, TCP_FLAG_SYN));
         assert!(tcp_reopens(TCP_FIN_WAIT, TCP_FLAG_SYN));
-        assert!(!tcp_reopens(TCP_ESTABLISHED, TCP_FLAG_SYN));
+        assert!(tcp_reopens(TCP_ESTABLISHED, TCP_FLAG_SYN));
+        assert!(!tcp_reopens(TCP_SYN_SENT, TCP_FLAG_SYN));
         assert!(!tcp_reopens(TCP_CLOSE, TCP_FLAG_SYN | TCP_FLAG_ACK));
     }
 

@@ -12,7 +12,7 @@
 //! ([`policy_lookups`]).
 
 use crate::{
-    conntrack::{tcp_next_state, tcp_reopens, timeout_ns},
+    conntrack::{tcp_next_state, tcp_reopens, timeout_ns, TCP_FLAG_ACK, TCP_FLAG_SYN},
     is_label_identity, reason, CtKey, CtValue, EndpointInfo, FlowEvent, IpcacheValue, PolicyKey,
     PolicyValue, ACTION_ALLOW, CT_AUDIT, CT_SEEN_REPLY, DIR_EGRESS, DIR_INGRESS, EP_AUDIT,
     FRAG_TIMEOUT_NS, IDENTITY_ANY, IDENTITY_ANY_POD, IDENTITY_HOST, IDENTITY_WORLD, PROTO_SCTP,
@@ -33,9 +33,10 @@ pub struct Decision {
 }
 
 /// A conntrack key (also the event 5-tuple) for a packet seen by the
-/// program of direction `scope`.
+/// program of direction `scope` on the veth of endpoint `endpoint_id`.
 #[inline(always)]
 pub fn ct_key(
+    endpoint_id: u32,
     saddr: u32,
     daddr: u32,
     sport_be: u16,
@@ -51,6 +52,7 @@ pub fn ct_key(
         protocol,
         scope,
         _pad: 0,
+        endpoint_id,
     }
 }
 
@@ -58,7 +60,7 @@ pub fn ct_key(
 /// IPv6, unsupported L3): a zero 5-tuple in the program's scope.
 #[inline(always)]
 pub fn empty_key(dir: u8) -> CtKey {
-    ct_key(0, 0, 0, 0, 0, dir)
+    ct_key(0, 0, 0, 0, 0, 0, dir)
 }
 
 #[inline(always)]
@@ -82,6 +84,24 @@ pub fn spoofed(ep: &EndpointInfo, dir: u8, saddr: u32) -> Option<Decision> {
             0,
             own_side(ep, dir),
         ))
+    } else {
+        None
+    }
+}
+
+/// A frame on its way to a pod must be addressed to that pod (or be
+/// broadcast or multicast, which policy judges as usual): anything else
+/// was sent to the pod's MAC by someone else (e.g. hairpinned back by a
+/// bridge) and could plant conntrack state for a tuple that is not the
+/// pod's. Dropped for every registered pod, enforced or not, never
+/// audited through.
+#[inline(always)]
+pub fn foreign_destination(ep: &EndpointInfo, dir: u8, daddr: u32) -> Option<Decision> {
+    // Network order: the first octet is the low byte.
+    let first = (u32::from_be(daddr) >> 24) as u8;
+    let group = daddr == u32::MAX || (224..240).contains(&first);
+    if dir == DIR_INGRESS && daddr != ep.ipv4 && !group {
+        Some(hard_drop(ep, reason::NOT_OWN_DESTINATION, dir))
     } else {
         None
     }
@@ -193,15 +213,6 @@ pub fn unchecked_source(ep: &EndpointInfo, dir: u8, why: u8) -> Option<Decision>
     }
 }
 
-/// ICMPv6 neighbour discovery (types 133..=137), which addressing needs
-/// even where IPv6 is otherwise dropped. `next_header` is the IPv6 header's.
-#[inline(always)]
-pub fn is_neighbour_discovery(next_header: u8, icmp_type: u8) -> bool {
-    next_header == IPPROTO_ICMPV6 && (133..=137).contains(&icmp_type)
-}
-
-pub const IPPROTO_ICMPV6: u8 = 58;
-
 /// The verdict before any policy lookup, if there is one: an unenforced
 /// direction passes, and so does traffic between a pod and its own node
 /// (NetworkPolicy never restricts it).
@@ -294,8 +305,31 @@ pub fn decide(
         return d;
     }
     let mut pk = policy_key(ep, dir, key, peer);
-    let hit = policy_lookups(&mut pk, peer, lookup);
-    policy_decision(ep, dir, peer, hit)
+    // The hit travels through the lookups as a non-zero integer rather
+    // than an `Option<PolicyValue>`: LLVM may copy a `None`'s undefined
+    // payload ahead of the check, and the verifier refuses a program that
+    // reads an uninitialised register (seen once the programs grew).
+    let mut lookup = lookup;
+    match policy_lookups(&mut pk, peer, |k| lookup(k).map(pack_hit)) {
+        Some(h) => policy_decision(ep, dir, peer, Some(unpack_hit(h))),
+        None => policy_decision(ep, dir, peer, None),
+    }
+}
+
+#[inline(always)]
+fn pack_hit(v: PolicyValue) -> core::num::NonZeroU64 {
+    let bits = 1 << 63 | (v.action as u64 & 0x7fff_ffff) << 32 | v.cookie as u64;
+    // The top bit is set: never zero.
+    core::num::NonZeroU64::new(bits).unwrap_or(core::num::NonZeroU64::MAX)
+}
+
+#[inline(always)]
+fn unpack_hit(h: core::num::NonZeroU64) -> PolicyValue {
+    let bits = h.get();
+    PolicyValue {
+        action: (bits >> 32) as u32 & 0x7fff_ffff,
+        cookie: bits as u32,
+    }
 }
 
 /// True when a conntrack entry still carries its flow for a packet with
@@ -319,43 +353,140 @@ pub fn refresh(ct: &mut CtValue, protocol: u8, tcp_flags: u8, reply: bool, now: 
     }
 }
 
-/// A packet of the flow of entry `ct`, if the entry still carries it
-/// ([`ct_live`]): the entry is refreshed and the packet passes (true).
+/// Whether an entry must be judged again before it passes anything: it
+/// was judged under an older generation of its endpoint's policy
+/// (`EndpointInfo::generation`), or admitted in audit mode that has ended.
 #[inline(always)]
-pub fn ct_use(ct: &mut CtValue, protocol: u8, tcp_flags: u8, reply: bool, now: u64) -> bool {
+pub fn ct_stale(ct: &CtValue, ep: &EndpointInfo) -> bool {
+    ct.generation != ep.generation || (ct.flags & CT_AUDIT != 0 && ep.flags & EP_AUDIT == 0)
+}
+
+/// A packet of the flow of entry `ct`, if the entry still carries it
+/// ([`ct_live`]): `Some(false)` when it is current, refreshed, and the
+/// packet passes; `Some(true)` when it is stale ([`ct_stale`], not
+/// refreshed): the flow must be judged again ([`rejudged`]).
+#[inline(always)]
+pub fn ct_use(
+    ct: &mut CtValue,
+    ep: &EndpointInfo,
+    protocol: u8,
+    tcp_flags: u8,
+    reply: bool,
+    now: u64,
+) -> Option<bool> {
     if !ct_live(ct, protocol, tcp_flags, now) {
-        return false;
+        return None;
+    }
+    if ct_stale(ct, ep) {
+        return Some(true);
     }
     refresh(ct, protocol, tcp_flags, reply, now);
-    true
+    Some(false)
+}
+
+/// The verdict on a tracked flow judged again: an admitted flow keeps its
+/// entry (now of the current generation: [`rejudged_entry`]); a denied one
+/// is cut with its own reason, the rule's cookie kept.
+#[inline(always)]
+pub fn rejudged(mut d: Decision) -> Decision {
+    if d.verdict != VERDICT_ALLOW {
+        d.reason = reason::POLICY_CHANGED;
+    }
+    d
+}
+
+/// An entry that passed its re-judging ([`rejudged`] with `d.pass`):
+/// stamped with the current generation, audit flag as `d` says, refreshed.
+#[inline(always)]
+pub fn rejudged_entry(
+    ct: &mut CtValue,
+    ep: &EndpointInfo,
+    d: &Decision,
+    tcp_flags: u8,
+    reply: bool,
+    now: u64,
+    protocol: u8,
+) {
+    ct.generation = ep.generation;
+    ct.cookie = d.cookie;
+    if d.verdict == VERDICT_AUDIT {
+        ct.flags |= CT_AUDIT;
+    } else {
+        ct.flags &= !CT_AUDIT;
+    }
+    refresh(ct, protocol, tcp_flags, reply, now);
+}
+
+/// What the conntrack stage found for a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tracked {
+    /// `reason::ESTABLISHED` or `reason::REPLY`.
+    pub why: u8,
+    pub cookie: u32,
+    /// The entry must be judged again first ([`ct_stale`]).
+    pub stale: bool,
+    /// The key of the entry that matched (the reversed tuple for a reply).
+    pub key: CtKey,
 }
 
 /// The conntrack stage, before any policy: the packet's own tuple in its
 /// own scope (`ESTABLISHED`), then the reversed tuple in the opposite scope
 /// (`REPLY`), each looked up only if the previous one did not pass.
 /// `lookup_use(key, reply)` finds the entry and applies [`ct_use`] to it,
-/// returning the entry's cookie when it passed the packet. `None`: a new
-/// flow, for policy.
+/// returning the entry's cookie and whether it is stale when it carries
+/// the packet's flow. `None`: a new flow, for policy.
 #[inline(always)]
 pub fn track(
     key: &CtKey,
     dir: u8,
-    mut lookup_use: impl FnMut(&CtKey, bool) -> Option<u32>,
-) -> Option<(u8, u32)> {
-    if let Some(cookie) = lookup_use(key, false) {
-        return Some((reason::ESTABLISHED, cookie));
+    mut lookup_use: impl FnMut(&CtKey, bool) -> Option<(u32, bool)>,
+) -> Option<Tracked> {
+    if let Some((cookie, stale)) = lookup_use(key, false) {
+        return Some(Tracked {
+            why: reason::ESTABLISHED,
+            cookie,
+            stale,
+            key: *key,
+        });
     }
     // A SYN from the peer on a closed tuple is a new connection too
     // (ct_live), so it falls through to policy.
-    if let Some(cookie) = lookup_use(&key.reversed(opposite(dir)), true) {
-        return Some((reason::REPLY, cookie));
+    let rk = key.reversed(opposite(dir));
+    if let Some((cookie, stale)) = lookup_use(&rk, true) {
+        return Some(Tracked {
+            why: reason::REPLY,
+            cookie,
+            stale,
+            key: rk,
+        });
     }
     None
 }
 
-/// The entry recorded for a new flow that `d` admitted.
+/// Whether a new flow that `d` admitted is recorded in conntrack. A TCP
+/// segment passed in an unenforced direction is recorded only if it opens
+/// a connection (a SYN): one picked up mid-stream passes unrecorded, so
+/// it cannot revive, as "replies" admitted by its entry, a connection the
+/// enforced direction refused or cut (`reason::POLICY_CHANGED`). Every
+/// other admitted flow is recorded (also unenforced and host flows: their
+/// entry is what keeps their later packets from being reported as new).
 #[inline(always)]
-pub fn new_ct_entry(d: &Decision, protocol: u8, tcp_flags: u8, now: u64) -> CtValue {
+pub fn records_entry(d: &Decision, protocol: u8, tcp_flags: u8) -> bool {
+    if d.reason == reason::UNENFORCED && protocol == PROTO_TCP {
+        return tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
+    }
+    d.pass
+}
+
+/// The entry recorded for a new flow of `ep` that `d` admitted.
+#[inline(always)]
+pub fn new_ct_entry(
+    ep: &EndpointInfo,
+    d: &Decision,
+    protocol: u8,
+    tcp_flags: u8,
+    now: u64,
+) -> CtValue {
     let state = if protocol == PROTO_TCP {
         tcp_next_state(0, tcp_flags, false)
     } else {
@@ -371,6 +502,8 @@ pub fn new_ct_entry(d: &Decision, protocol: u8, tcp_flags: u8, now: u64) -> CtVa
             0
         },
         _pad: 0,
+        generation: ep.generation,
+        _pad2: 0,
     }
 }
 
@@ -436,6 +569,7 @@ mod tests {
         identity: 1000,
         ipv4: 0x0100_000a,
         flags: EP_INGRESS_ENFORCED,
+        generation: 0,
     };
 
     #[test]
@@ -444,7 +578,7 @@ mod tests {
             identity: 1001,
             cidr_identity: 3000,
         };
-        let key = ct_key(1, 2, 3, 80u16.to_be(), PROTO_TCP, DIR_INGRESS);
+        let key = ct_key(7, 1, 2, 3, 80u16.to_be(), PROTO_TCP, DIR_INGRESS);
         let mut seen = [0u32; 4];
         let mut n = 0;
         let d = decide(&EP, DIR_INGRESS, &key, &peer, |k| {
@@ -462,7 +596,7 @@ mod tests {
 
     #[test]
     fn any_pod_is_looked_up_for_pod_peers_only() {
-        let key = ct_key(1, 2, 3, 80u16.to_be(), PROTO_TCP, DIR_INGRESS);
+        let key = ct_key(7, 1, 2, 3, 80u16.to_be(), PROTO_TCP, DIR_INGRESS);
         let lookups = |identity, cidr_identity| {
             let peer = IpcacheValue {
                 identity,
@@ -521,7 +655,7 @@ mod tests {
             identity: IDENTITY_HOST,
             cidr_identity: IDENTITY_WORLD,
         };
-        let key = ct_key(1, 2, 3, 4, PROTO_UDP, DIR_INGRESS);
+        let key = ct_key(7, 1, 2, 3, 4, PROTO_UDP, DIR_INGRESS);
         let d = decide(&EP, DIR_INGRESS, &key, &host, |_| unreachable!());
         assert_eq!((d.pass, d.reason), (true, reason::HOST));
         let world = peer_or_world(None);
@@ -548,7 +682,7 @@ mod tests {
             (false, VERDICT_DROP, 1000)
         );
         assert_eq!(
-            new_ct_entry(&allow_decision(1, 0, (0, 0)), PROTO_UDP, 0, 0).flags,
+            new_ct_entry(&EP, &allow_decision(1, 0, (0, 0)), PROTO_UDP, 0, 0).flags,
             0
         );
     }
@@ -556,9 +690,76 @@ mod tests {
     #[test]
     fn ports_only_for_port_protocols() {
         let peer = peer_or_world(None);
-        let icmp = ct_key(1, 2, 9, 9, crate::PROTO_ICMP, DIR_INGRESS);
+        let icmp = ct_key(7, 1, 2, 9, 9, crate::PROTO_ICMP, DIR_INGRESS);
         assert_eq!(policy_key(&EP, DIR_INGRESS, &icmp, &peer).dport_be, 0);
-        let sctp = ct_key(1, 2, 9, 9, PROTO_SCTP, DIR_INGRESS);
+        let sctp = ct_key(7, 1, 2, 9, 9, PROTO_SCTP, DIR_INGRESS);
         assert_eq!(policy_key(&EP, DIR_INGRESS, &sctp, &peer).dport_be, 9);
+    }
+}
+
+#[cfg(test)]
+mod ct_tests {
+    use super::*;
+    use crate::{EP_INGRESS_ENFORCED, PROTO_ICMP};
+
+    const EP: EndpointInfo = EndpointInfo {
+        endpoint_id: 7,
+        identity: 1000,
+        ipv4: 0x0100_000a,
+        flags: EP_INGRESS_ENFORCED,
+        generation: 3,
+    };
+
+    #[test]
+    fn entries_of_another_generation_or_ended_audit_are_stale() {
+        let d = allow_decision(reason::POLICY_ALLOW, 4, (1, 2));
+        let mut ct = new_ct_entry(&EP, &d, PROTO_ICMP, 0, 0);
+        assert_eq!(ct_use(&mut ct, &EP, PROTO_ICMP, 0, false, 1), Some(false));
+        let bumped = EndpointInfo {
+            generation: 4,
+            ..EP
+        };
+        let before = ct;
+        assert_eq!(
+            ct_use(&mut ct, &bumped, PROTO_ICMP, 0, false, 2),
+            Some(true)
+        );
+        assert_eq!(ct, before, "a stale entry is not refreshed");
+        rejudged_entry(&mut ct, &bumped, &d, 0, false, 3, PROTO_ICMP);
+        assert_eq!(
+            ct_use(&mut ct, &bumped, PROTO_ICMP, 0, false, 4),
+            Some(false)
+        );
+        // Audit mode ended: an audited entry is judged again.
+        ct.flags |= CT_AUDIT;
+        assert_eq!(
+            ct_use(&mut ct, &bumped, PROTO_ICMP, 0, false, 5),
+            Some(true)
+        );
+        let audit = EndpointInfo {
+            flags: EP_INGRESS_ENFORCED | EP_AUDIT,
+            ..bumped
+        };
+        assert_eq!(
+            ct_use(&mut ct, &audit, PROTO_ICMP, 0, false, 6),
+            Some(false)
+        );
+        let denied = rejudged(drop_decision(&bumped, reason::NO_POLICY_MATCH, 0, (1, 2)));
+        assert_eq!(
+            (denied.pass, denied.reason),
+            (false, reason::POLICY_CHANGED)
+        );
+    }
+
+    #[test]
+    fn frames_to_a_pod_must_be_addressed_to_it() {
+        let other = 0x0200_000a;
+        let d = foreign_destination(&EP, DIR_INGRESS, other).expect("foreign");
+        assert_eq!((d.pass, d.reason), (false, reason::NOT_OWN_DESTINATION));
+        assert!(foreign_destination(&EP, DIR_INGRESS, EP.ipv4).is_none());
+        assert!(foreign_destination(&EP, DIR_EGRESS, other).is_none());
+        assert!(foreign_destination(&EP, DIR_INGRESS, u32::MAX).is_none());
+        let mcast = u32::from_ne_bytes([224, 0, 0, 251]);
+        assert!(foreign_destination(&EP, DIR_INGRESS, mcast).is_none());
     }
 }

@@ -8,6 +8,7 @@
 pub mod conntrack;
 pub mod decision;
 pub mod event_limit;
+pub mod ipv6;
 pub mod reject;
 pub mod service;
 
@@ -160,6 +161,14 @@ pub struct EndpointInfo {
     /// The pod's IPv4 address (network order); anything else from it is spoofed.
     pub ipv4: u32,
     pub flags: u32,
+    /// Policy generation of this endpoint: bumped by the map sync whenever
+    /// the verdict on any of its flows may have changed (its policy
+    /// entries, its flags, a peer's identity). A conntrack entry records
+    /// the generation it was judged under (`CtValue::generation`); a packet
+    /// that finds an entry of an older generation is judged again, and cut
+    /// when now denied (`reason::POLICY_CHANGED`). One compare of a value
+    /// already loaded for every packet: no lookup on the established path.
+    pub generation: u32,
 }
 
 impl EndpointInfo {
@@ -230,7 +239,12 @@ pub struct PolicyValue {
 
 /// Conntrack key: the packet's 5-tuple as seen, plus the scope (direction of
 /// the program that admitted the flow) so a pod's egress verdict can never
-/// stand in for its peer's ingress verdict.
+/// stand in for its peer's ingress verdict, plus the endpoint whose program
+/// judged it, so an entry made on one pod's veth is never found on
+/// another's (a hostile pod cannot plant a verdict for its victim's tuple
+/// through an unenforced veth). Endpoint ids are never reused
+/// (`endpoints::Registry::id_for`), so a new pod on an old pod's address
+/// inherits none of its entries.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CtKey {
@@ -241,6 +255,8 @@ pub struct CtKey {
     pub protocol: u8,
     pub scope: u8,
     pub _pad: u16,
+    /// `EndpointInfo::endpoint_id` of the program that looked it up.
+    pub endpoint_id: u32,
 }
 
 impl CtKey {
@@ -254,6 +270,7 @@ impl CtKey {
             protocol: self.protocol,
             scope,
             _pad: 0,
+            endpoint_id: self.endpoint_id,
         }
     }
 }
@@ -274,6 +291,9 @@ pub struct CtValue {
     pub tcp_state: u8,
     pub flags: u8,
     pub _pad: u16,
+    /// `EndpointInfo::generation` the flow was last judged under.
+    pub generation: u32,
+    pub _pad2: u32,
 }
 
 /// Fragment tracking: non-first fragments inherit the first one's verdict.
@@ -285,6 +305,9 @@ pub struct FragKey {
     pub id_be: u16,
     pub protocol: u8,
     pub scope: u8,
+    /// As in `CtKey`: a first fragment judged on one veth says nothing on
+    /// another's.
+    pub endpoint_id: u32,
 }
 
 #[repr(C)]
@@ -327,6 +350,16 @@ pub mod reason {
     pub const NO_SERVICE_BACKEND: u8 = 25;
     /// The translation entry could not be written (SVC_NAT full).
     pub const SVC_NAT_FAILED: u8 = 26;
+    /// A frame on the way to a pod whose destination is not that pod's
+    /// address (nor broadcast or multicast): never the pod's traffic.
+    pub const NOT_OWN_DESTINATION: u8 = 27;
+    /// A packet of a tracked flow that the endpoint's current policy no
+    /// longer admits (its generation changed, or audit mode ended): the
+    /// entry is deleted and the flow cut.
+    pub const POLICY_CHANGED: u8 = 28;
+    /// IPv6 neighbour discovery a pod may not send (router advertisement,
+    /// redirect), or any with a hop limit other than 255.
+    pub const ND_FORBIDDEN: u8 = 31;
     // Bookkeeping.
     pub const EVENTS_LOST: u8 = 32;
     pub const XDP_PASS: u8 = 33;
@@ -361,6 +394,9 @@ pub mod reason {
             XDP_PASS => "xdp-pass",
             SVC_TRANSLATED => "service-translated",
             SVC_NAT_FAILED => "service-nat-failed",
+            NOT_OWN_DESTINATION => "not-own-destination",
+            POLICY_CHANGED => "policy-changed",
+            ND_FORBIDDEN => "nd-forbidden",
             EVENTS_SUPPRESSED => "events-suppressed",
             _ => "none",
         }
@@ -436,14 +472,14 @@ mod tests {
     #[test]
     fn layouts_have_no_padding() {
         assert_eq!(size_of::<EndpointKey>(), 8);
-        assert_eq!(size_of::<EndpointInfo>(), 16);
+        assert_eq!(size_of::<EndpointInfo>(), 20);
         assert_eq!(size_of::<IpcacheValue>(), 8);
         assert_eq!(size_of::<PolicyKey>(), 12);
         assert_eq!(size_of::<PolicyKey>() as u32 * 8, POLICY_PREFIX_FULL);
         assert_eq!(size_of::<PolicyValue>(), 8);
-        assert_eq!(size_of::<CtKey>(), 16);
-        assert_eq!(size_of::<CtValue>(), 16);
-        assert_eq!(size_of::<FragKey>(), 12);
+        assert_eq!(size_of::<CtKey>(), 20);
+        assert_eq!(size_of::<CtValue>(), 24);
+        assert_eq!(size_of::<FragKey>(), 16);
         assert_eq!(size_of::<FragValue>(), 16);
         assert_eq!(size_of::<FlowEvent>(), 64);
         assert_eq!(size_of::<event_limit::EventLimitState>(), 32);

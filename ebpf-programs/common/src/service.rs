@@ -157,6 +157,7 @@ pub fn reverse_key(orig: &CtKey, backend: u32, port_be: u16, hairpin: bool) -> C
             protocol: orig.protocol,
             scope: DIR_EGRESS,
             _pad: 0,
+            endpoint_id: orig.endpoint_id,
         }
     } else {
         CtKey {
@@ -167,6 +168,7 @@ pub fn reverse_key(orig: &CtKey, backend: u32, port_be: u16, hairpin: bool) -> C
             protocol: orig.protocol,
             scope: DIR_INGRESS,
             _pad: 0,
+            endpoint_id: orig.endpoint_id,
         }
     }
 }
@@ -235,6 +237,7 @@ mod tests {
             protocol: 6,
             scope: DIR_EGRESS,
             _pad: 0,
+            endpoint_id: 5,
         }
     }
 

@@ -8,8 +8,6 @@ pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_ARP: u16 = 0x0806;
 pub const ETH_P_IPV6: u16 = 0x86DD;
 
-pub const IPV6_HLEN: usize = 40;
-
 #[repr(C)]
 pub struct EthHdr {
     pub dst: [u8; 6],

@@ -23,9 +23,11 @@ use palisade_common::{
     conntrack::{TCP_ESTABLISHED, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN},
     decision::{
         ct_key, ct_use, decide, drop_if_enforced as enforced_drop, empty_key,
-        first_fragment_verdict, hard_drop, is_neighbour_discovery, later_fragment_verdict,
-        new_ct_entry, refresh, remote_addr, spoofed, track, unchecked_source, Decision,
+        first_fragment_verdict, foreign_destination, hard_drop, later_fragment_verdict,
+        new_ct_entry, records_entry, refresh, rejudged, rejudged_entry, remote_addr, spoofed,
+        track, unchecked_source, Decision, Tracked,
     },
+    ipv6::V6,
     reason,
     reject::answerable,
     service::{
@@ -98,7 +100,7 @@ pub fn process<const DRY: bool>(
             count::<DRY>(reason::NOT_IP);
             return Ok(true);
         }
-        ETH_P_IPV6 => return Ok(ipv6::<DRY>(&ep, dir, ifindex, start, end)),
+        ETH_P_IPV6 => return Ok(ipv6::<DRY>(ctx, &ep, dir, ifindex)),
         _ => {
             return Ok(drop_if_enforced::<DRY>(
                 &ep,
@@ -128,7 +130,19 @@ pub fn process<const DRY: bool>(
     // enforced or not, well-formed or not (the source field is there).
     if let Some(d) = spoofed(&ep, dir, saddr) {
         let flow = Flow {
-            key: ct_key(saddr, daddr, 0, 0, protocol, dir),
+            key: ct_key(ep.endpoint_id, saddr, daddr, 0, 0, protocol, dir),
+            tcp_flags: 0,
+            svc: 0,
+            answerable: false,
+        };
+        finish::<DRY>(&ep, ifindex, &flow, &d);
+        return Ok(d.pass);
+    }
+    // And every frame to a pod is addressed to it: no other tuple's state
+    // is made or used on its veth.
+    if let Some(d) = foreign_destination(&ep, dir, daddr) {
+        let flow = Flow {
+            key: ct_key(ep.endpoint_id, saddr, daddr, 0, 0, protocol, dir),
             tcp_flags: 0,
             svc: 0,
             answerable: false,
@@ -159,6 +173,7 @@ pub fn process<const DRY: bool>(
         id_be,
         protocol,
         scope: dir,
+        endpoint_id: ep.endpoint_id,
     };
     let offset = frag_off & IP_OFFSET_MASK;
     if offset != 0 {
@@ -175,7 +190,7 @@ pub fn process<const DRY: bool>(
     // bytes the pod never sees, e.g. TCP flags the next fragment replaces.
     let l4_room = tot_len as usize - ihl;
     let mut flow = Flow {
-        key: ct_key(saddr, daddr, 0, 0, protocol, dir),
+        key: ct_key(ep.endpoint_id, saddr, daddr, 0, 0, protocol, dir),
         tcp_flags: 0,
         svc: 0,
         answerable: false,
@@ -269,6 +284,7 @@ fn track_and_decide<const DRY: bool>(
         None
     } else {
         ct_track(
+            ep,
             &flow.key,
             dir,
             flow.tcp_flags,
@@ -277,7 +293,11 @@ fn track_and_decide<const DRY: bool>(
             &mut ct_state,
         )
     };
-    if let Some((why, _)) = known {
+    if let Some(t) = known {
+        let why = t.why;
+        if t.stale && !rejudge(ep, ifindex, flow, &t, ct_flags, now) {
+            return false;
+        }
         let was_translated = ct_flags & CT_SVC_NAT != 0;
         if dir == DIR_EGRESS && was_translated {
             // A later packet of a translated flow, by its original tuple:
@@ -290,10 +310,27 @@ fn track_and_decide<const DRY: bool>(
                 // established TCP flow's plain segments leave it to the
                 // replies, which refresh it (TCP always answers), so they
                 // cost one conntrack lookup, not two.
-                if !translated_entry_idle(flow.key.protocol, ct_state, flow.tcp_flags) {
+                if t.stale || !translated_entry_idle(flow.key.protocol, ct_state, flow.tcp_flags) {
+                    // (A stale original entry was judged on the translated
+                    // tuple: that entry is brought up to date, or cut, too.)
                     let tk = translated(&flow.key, n.addr, n.port_be);
                     let (mut f, mut st) = (0, 0);
-                    let _ = ct_track(&tk, DIR_EGRESS, flow.tcp_flags, now, &mut f, &mut st);
+                    if let Some(tt) =
+                        ct_track(ep, &tk, DIR_EGRESS, flow.tcp_flags, now, &mut f, &mut st)
+                    {
+                        if tt.stale {
+                            let mut tf = Flow {
+                                key: tk,
+                                tcp_flags: flow.tcp_flags,
+                                svc: n.service_id,
+                                answerable: false,
+                            };
+                            if !rejudge(ep, ifindex, &mut tf, &tt, f, now) {
+                                let _ = CONNTRACK.remove(&flow.key);
+                                return false;
+                            }
+                        }
+                    }
                 }
                 let orig = flow.key;
                 return translate(ctx, &orig, &n, l4, ifindex, redirect);
@@ -320,12 +357,57 @@ fn track_and_decide<const DRY: bool>(
     }
 
     let d = policy(ep, dir, &flow.key);
-    if d.pass && !DRY {
-        let v = new_ct_entry(&d, flow.key.protocol, flow.tcp_flags, now);
+    if !DRY && records_entry(&d, flow.key.protocol, flow.tcp_flags) {
+        let v = new_ct_entry(ep, &d, flow.key.protocol, flow.tcp_flags, now);
         let _ = CONNTRACK.insert(&flow.key, &v, 0);
     }
     finish::<DRY>(ep, ifindex, flow, &d);
     d.pass
+}
+
+/// A tracked flow whose entry is stale (`decision::ct_stale`): judged
+/// again as the new flow it once was, in the entry's own scope. Admitted:
+/// the entry is brought up to date and the packet goes on as a known
+/// flow's (true). Denied: the entry is deleted, the packet dropped and
+/// reported (`reason::POLICY_CHANGED`). Only on the first packet after a
+/// change, so it may cost what a new flow costs.
+#[inline(always)]
+fn rejudge(
+    ep: &EndpointInfo,
+    ifindex: u32,
+    flow: &mut Flow,
+    t: &Tracked,
+    ct_flags: u8,
+    now: u64,
+) -> bool {
+    let k = t.key;
+    let mut judged = k;
+    if k.scope == DIR_EGRESS && ct_flags & CT_SVC_NAT != 0 {
+        // The original tuple of a translated flow (client -> ClusterIP):
+        // policy judged it as traffic to its backend.
+        if let Some(n) = lookup(&SVC_NAT, &k) {
+            judged = translated(&k, n.addr, n.port_be);
+        }
+    }
+    let d = if judged.scope == DIR_EGRESS && judged.daddr == ep.ipv4 {
+        // A hairpin: the pod reaching itself through its own Service.
+        decide(ep, DIR_EGRESS, &judged, &HAIRPIN_PEER, |_| None)
+    } else {
+        policy(ep, judged.scope, &judged)
+    };
+    let d = rejudged(d);
+    if !d.pass {
+        let _ = CONNTRACK.remove(&k);
+        finish::<false>(ep, ifindex, flow, &d);
+        return false;
+    }
+    if let Some(p) = CONNTRACK.get_ptr_mut(&k) {
+        // SAFETY: valid map value pointer (see `ct_track`).
+        let ct = unsafe { &mut *p };
+        let reply = t.why == reason::REPLY;
+        rejudged_entry(ct, ep, &d, flow.tcp_flags, reply, now, k.protocol);
+    }
+    true
 }
 
 /// A packet conntrack passed: replies of translated flows are turned back
@@ -375,16 +457,18 @@ fn translated_entry_idle(protocol: u8, state_before: u8, tcp_flags: u8) -> bool 
 
 /// Conntrack lookup of `key` (and its reply direction); `flags` and
 /// `state` receive the flags and the TCP state (before this packet) of the
-/// entry that matched.
+/// entry that matched. A stale entry (another generation of `ep`'s policy)
+/// is reported as such, untouched, for `rejudge`.
 #[inline(always)]
 fn ct_track(
+    ep: &EndpointInfo,
     key: &CtKey,
     dir: u8,
     tcp_flags: u8,
     now: u64,
     flags: &mut u8,
     state: &mut u8,
-) -> Option<(u8, u32)> {
+) -> Option<Tracked> {
     track(key, dir, |k, reply| {
         let p = CONNTRACK.get_ptr_mut(k)?;
         // SAFETY: valid map value pointer; concurrent updates of these
@@ -392,7 +476,8 @@ fn ct_track(
         let ct = unsafe { &mut *p };
         *flags = ct.flags;
         *state = ct.tcp_state;
-        ct_use(ct, k.protocol, tcp_flags, reply, now).then_some(ct.cookie)
+        let stale = ct_use(ct, ep, k.protocol, tcp_flags, reply, now)?;
+        Some((ct.cookie, stale))
     })
 }
 
@@ -427,16 +512,22 @@ fn service_flow(
     if let Some(n) = lookup(&SVC_NAT, &orig) {
         let tk = translated(&orig, n.addr, n.port_be);
         let (mut f, mut st) = (0, 0);
-        if let Some((why, cookie)) = ct_track(&tk, DIR_EGRESS, flow.tcp_flags, now, &mut f, &mut st)
-        {
-            count::<false>(why);
+        if let Some(t) = ct_track(ep, &tk, DIR_EGRESS, flow.tcp_flags, now, &mut f, &mut st) {
+            flow.key = tk;
+            if t.stale && !rejudge(ep, ifindex, flow, &t, f, now) {
+                return false;
+            }
+            flow.key = orig;
+            count::<false>(t.why);
             // The original tuple's entry was gone: the flow's own again.
             let mut v = CtValue {
                 expires_ns: 0,
-                cookie,
+                cookie: t.cookie,
                 tcp_state: 0,
                 flags: CT_SVC_NAT,
                 _pad: 0,
+                generation: ep.generation,
+                _pad2: 0,
             };
             refresh(&mut v, orig.protocol, flow.tcp_flags, false, now);
             let _ = CONNTRACK.insert(&orig, &v, 0);
@@ -493,7 +584,7 @@ fn service_flow(
     // "translate" (CT_SVC_NAT), so they cost one conntrack lookup before
     // their SVC_NAT lookup, not a miss, a reverse miss and a frontend
     // lookup.
-    let mut v = new_ct_entry(&d, flow.key.protocol, flow.tcp_flags, now);
+    let mut v = new_ct_entry(ep, &d, flow.key.protocol, flow.tcp_flags, now);
     v.flags |= CT_SVC_NAT;
     let _ = CONNTRACK.insert(&flow.key, &v, 0);
     let _ = CONNTRACK.insert(&orig, &v, 0);
@@ -653,48 +744,37 @@ fn later_fragment<const DRY: bool>(
 #[inline(always)]
 fn frag_flow(saddr: u32, daddr: u32, protocol: u8, dir: u8) -> Flow {
     Flow {
-        key: ct_key(saddr, daddr, 0, 0, protocol, dir),
+        key: ct_key(0, saddr, daddr, 0, 0, protocol, dir),
         tcp_flags: 0,
         svc: 0,
         answerable: false,
     }
 }
 
-/// IPv6 is not enforced yet, so it never reaches or leaves an enforced pod,
-/// except neighbour discovery (ICMPv6 133..=137), which addressing needs.
+/// IPv6 is not enforced yet (see `palisade_common::ipv6::verdict`). Its
+/// headers are read through `bpf_skb_load_bytes`: the extension-header walk
+/// has offsets the verifier could not bound on direct packet access.
 #[inline(always)]
-fn ipv6<const DRY: bool>(
-    ep: &EndpointInfo,
-    dir: u8,
-    ifindex: u32,
-    start: usize,
-    end: usize,
-) -> bool {
-    if !ep.enforced_any() {
-        return true;
+fn ipv6<const DRY: bool>(ctx: &TcContext, ep: &EndpointInfo, dir: u8, ifindex: u32) -> bool {
+    let read = |off: usize| ctx.load::<u8>(ETH_HLEN + off).ok();
+    match palisade_common::ipv6::verdict(dir, ep.enforced_any(), read) {
+        V6::Pass(None) => true,
+        V6::Pass(Some(r)) => {
+            count::<DRY>(r);
+            true
+        }
+        V6::Drop(why) => {
+            let flow = Flow {
+                key: empty_key(dir),
+                tcp_flags: 0,
+                svc: 0,
+                answerable: false,
+            };
+            // Audit mode does not open an IPv6 bypass either.
+            finish::<DRY>(ep, ifindex, &flow, &hard_drop(ep, why, dir));
+            false
+        }
     }
-    let nd = match (
-        ptr_at::<u8>(start, end, ETH_HLEN + 6),
-        ptr_at::<u8>(start, end, ETH_HLEN + IPV6_HLEN),
-    ) {
-        // SAFETY: bounds checked by ptr_at.
-        (Some(nh), Some(t)) => unsafe { is_neighbour_discovery(*nh, *t) },
-        _ => false,
-    };
-    if nd {
-        count::<DRY>(reason::NOT_IP);
-        return true;
-    }
-    let flow = Flow {
-        key: empty_key(dir),
-        tcp_flags: 0,
-        svc: 0,
-        answerable: false,
-    };
-    // Audit mode does not open an IPv6 bypass either.
-    let d = hard_drop(ep, reason::IPV6_UNSUPPORTED, dir);
-    finish::<DRY>(ep, ifindex, &flow, &d);
-    false
 }
 
 #[inline(always)]

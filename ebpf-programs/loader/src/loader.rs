@@ -257,12 +257,11 @@ fn attach_tc(
             }
         }
     }
+    // First in the interface's TCX chain: a program attached before ours
+    // (another CNI's, a leftover) that returns TC_ACT_OK would end the
+    // chain and let packets past policy unseen.
     let id = prog
-        .attach_with_options(
-            ifname,
-            hook,
-            TcAttachOptions::TcxOrder(LinkOrder::default()),
-        )
+        .attach_with_options(ifname, hook, TcAttachOptions::TcxOrder(LinkOrder::first()))
         .map_err(|source| Error::Program { name, source })?;
     let link = prog
         .take_link(id)

@@ -31,9 +31,8 @@ pub const ICMP_HLEN: usize = 8;
 pub const ICMP_ECHO_REPLY: u8 = 0;
 pub const ICMP_DEST_UNREACH: u8 = 3;
 pub const ICMP_ECHO_REQUEST: u8 = 8;
-pub const IPPROTO_ICMPV6: u8 = 58;
 pub const ICMPV6_ECHO_REQUEST: u8 = 128;
-pub const ICMPV6_NEIGHBOUR_SOLICITATION: u8 = 135;
+pub use palisade_common::ipv6::{ICMPV6_NEIGHBOUR_SOLICITATION, IPPROTO_ICMPV6};
 pub const ARP_REQUEST: u16 = 1;
 pub const ARP_REPLY: u16 = 2;
 
@@ -226,6 +225,8 @@ pub enum L3 {
         src: Ipv6Addr,
         dst: Ipv6Addr,
         next_header: u8,
+        /// 255 unless set (what neighbour discovery must carry).
+        hop_limit: u8,
         payload: Vec<u8>,
     },
     Arp {
@@ -311,8 +312,17 @@ impl Packet {
             src,
             dst,
             next_header,
+            hop_limit: 255,
             payload,
         })
+    }
+
+    /// The same IPv6 packet with another hop limit (no-op for others).
+    pub fn with_hop_limit(mut self, h: u8) -> Self {
+        if let L3::Ipv6 { hop_limit, .. } = &mut self.l3 {
+            *hop_limit = h;
+        }
+        self
     }
 
     /// An IPv6 UDP datagram.
@@ -545,13 +555,14 @@ impl Packet {
                 src,
                 dst,
                 next_header,
+                hop_limit,
                 payload,
             } => {
                 out.extend_from_slice(&ETH_P_IPV6.to_be_bytes());
                 out.extend_from_slice(&[0x60, 0, 0, 0]);
                 out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
                 out.push(*next_header);
-                out.push(255);
+                out.push(*hop_limit);
                 out.extend_from_slice(&src.octets());
                 out.extend_from_slice(&dst.octets());
                 out.extend_from_slice(payload);
@@ -678,9 +689,10 @@ impl fmt::Display for Packet {
                 src,
                 dst,
                 next_header,
+                hop_limit,
                 payload,
             } => {
-                write!(f, "ipv6 {src} > {dst} nh={next_header}")?;
+                write!(f, "ipv6 {src} > {dst} nh={next_header} hlim={hop_limit}")?;
                 if *next_header == IPPROTO_ICMPV6 {
                     if let Some(t) = payload.first() {
                         write!(f, " icmpv6 type={t}")?;

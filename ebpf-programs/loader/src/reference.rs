@@ -49,20 +49,23 @@ use std::{collections::HashMap, net::Ipv4Addr};
 
 use palisade_common::{
     decision::{
-        self, ct_key, ct_use, empty_key, first_fragment_verdict, flow_event, hard_drop,
-        is_neighbour_discovery, later_fragment_verdict, new_ct_entry, policy_key, policy_lookups,
-        remote_addr, spoofed, track, Decision,
+        self, ct_key, ct_use, empty_key, first_fragment_verdict, flow_event, foreign_destination,
+        hard_drop, later_fragment_verdict, new_ct_entry, policy_key, policy_lookups, rejudged,
+        rejudged_entry, remote_addr, spoofed, track, Decision,
     },
-    reason, CtKey, CtValue, EndpointInfo, FlowEvent, FragKey, FragValue, IpcacheValue, PolicyKey,
-    PolicyValue, POLICY_PREFIX_FULL, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW,
-    VERDICT_DROP,
+    ipv6::V6,
+    reason,
+    service::HAIRPIN_PEER,
+    CtKey, CtValue, EndpointInfo, FlowEvent, FragKey, FragValue, IpcacheValue, PolicyKey,
+    PolicyValue, DIR_EGRESS, POLICY_PREFIX_FULL, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    VERDICT_ALLOW, VERDICT_DROP,
 };
 
 use crate::{
     maps::monotonic_ns,
     packet::{
         Packet, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
-        IPV4_HLEN, IPV6_HLEN, SCTP_HLEN, TCP_HLEN, UDP_HLEN,
+        IPV4_HLEN, SCTP_HLEN, TCP_HLEN, UDP_HLEN,
     },
     state::MapState,
 };
@@ -256,8 +259,9 @@ impl Evaluator {
             identity: 0,
             ipv4: 0,
             flags: 0,
+            generation: 0,
         };
-        let flow = ct_key(0, 0, 0, dport.to_be(), protocol, dir);
+        let flow = ct_key(endpoint_id, 0, 0, 0, dport.to_be(), protocol, dir);
         let mut k = policy_key(&ep, dir, &flow, &peer);
         policy_lookups(&mut k, &peer, |k| {
             self.policy_lookup(k)
@@ -313,7 +317,15 @@ impl Evaluator {
         // enforced or not, well-formed or not.
         if let Some(d) = spoofed(&ep, dir, saddr) {
             let flow = Flow {
-                key: ct_key(saddr, daddr, 0, 0, protocol, dir),
+                key: ct_key(ep.endpoint_id, saddr, daddr, 0, 0, protocol, dir),
+                tcp_flags: 0,
+            };
+            return finish(&ep, ifindex, &flow, &d);
+        }
+        // Every frame to a pod is addressed to it.
+        if let Some(d) = foreign_destination(&ep, dir, daddr) {
+            let flow = Flow {
+                key: ct_key(ep.endpoint_id, saddr, daddr, 0, 0, protocol, dir),
                 tcp_flags: 0,
             };
             return finish(&ep, ifindex, &flow, &d);
@@ -331,6 +343,7 @@ impl Evaluator {
             id_be,
             protocol,
             scope: dir,
+            endpoint_id: ep.endpoint_id,
         };
         if frag_off & 0x1fff != 0 {
             return self.later_fragment(now, &ep, dir, ifindex, &frag_key);
@@ -342,7 +355,7 @@ impl Evaluator {
         let l4_room = tot_len - ihl;
         let fits = |len: usize| l4 + len <= f.len() && len <= l4_room;
         let mut flow = Flow {
-            key: ct_key(saddr, daddr, 0, 0, protocol, dir),
+            key: ct_key(ep.endpoint_id, saddr, daddr, 0, 0, protocol, dir),
             tcp_flags: 0,
         };
         let parsed = match protocol {
@@ -409,18 +422,40 @@ impl Evaluator {
         let conntrack = &mut self.conntrack;
         let known = track(&key, dir, |k, reply| {
             let ct = conntrack.get_mut(k)?;
-            ct_use(ct, k.protocol, flow.tcp_flags, reply, now).then_some(ct.cookie)
+            let stale = ct_use(ct, ep, k.protocol, flow.tcp_flags, reply, now)?;
+            Some((ct.cookie, stale))
         });
-        if let Some((why, cookie)) = known {
-            let mut v = Verdict::silent(true, why, Some(why));
+        if let Some(t) = known {
+            let mut cookie = t.cookie;
+            if t.stale {
+                // `rejudge` in verdict.rs: the entry's own flow, in its
+                // own scope, as a new flow (no Services in this model).
+                let k = t.key;
+                let d = if k.scope == DIR_EGRESS && k.daddr == ep.ipv4 {
+                    decision::decide(ep, DIR_EGRESS, &k, &HAIRPIN_PEER, |_| None)
+                } else {
+                    self.decide(ep, k.scope, &k)
+                };
+                let d = rejudged(d);
+                if !d.pass {
+                    self.conntrack.remove(&k);
+                    return finish(ep, ifindex, flow, &d);
+                }
+                if let Some(ct) = self.conntrack.get_mut(&k) {
+                    let reply = t.why == reason::REPLY;
+                    rejudged_entry(ct, ep, &d, flow.tcp_flags, reply, now, k.protocol);
+                }
+                cookie = d.cookie;
+            }
+            let mut v = Verdict::silent(true, t.why, Some(t.why));
             v.cookie = cookie;
             return v;
         }
 
         let d = self.decide(ep, dir, &key);
-        if d.pass {
+        if decision::records_entry(&d, key.protocol, flow.tcp_flags) {
             self.conntrack
-                .insert(key, new_ct_entry(&d, key.protocol, flow.tcp_flags, now));
+                .insert(key, new_ct_entry(ep, &d, key.protocol, flow.tcp_flags, now));
         }
         finish(ep, ifindex, flow, &d)
     }
@@ -465,27 +500,25 @@ impl Evaluator {
 /// Fragments carry no ports after the first.
 fn frag_flow(key: &FragKey, dir: u8) -> Flow {
     Flow {
-        key: ct_key(key.saddr, key.daddr, 0, 0, key.protocol, dir),
+        key: ct_key(0, key.saddr, key.daddr, 0, 0, key.protocol, dir),
         tcp_flags: 0,
     }
 }
 
 fn ipv6(ep: &EndpointInfo, dir: u8, ifindex: u32, f: &[u8]) -> Verdict {
-    if !ep.enforced_any() {
-        return Verdict::silent(true, reason::UNENFORCED, None);
+    let read = |off: usize| f.get(ETH_HLEN + off).copied();
+    match palisade_common::ipv6::verdict(dir, ep.enforced_any(), read) {
+        V6::Pass(None) => Verdict::silent(true, reason::UNENFORCED, None),
+        V6::Pass(Some(r)) => Verdict::silent(true, r, Some(r)),
+        V6::Drop(why) => {
+            let flow = Flow {
+                key: empty_key(dir),
+                tcp_flags: 0,
+            };
+            // Audit mode does not open an IPv6 bypass either.
+            finish(ep, ifindex, &flow, &hard_drop(ep, why, dir))
+        }
     }
-    let nh = ETH_HLEN + 6;
-    let t = ETH_HLEN + IPV6_HLEN;
-    if t < f.len() && is_neighbour_discovery(f[nh], f[t]) {
-        return Verdict::silent(true, reason::NOT_IP, Some(reason::NOT_IP));
-    }
-    let flow = Flow {
-        key: empty_key(dir),
-        tcp_flags: 0,
-    };
-    // Audit mode does not open an IPv6 bypass either.
-    let d = hard_drop(ep, reason::IPV6_UNSUPPORTED, dir);
-    finish(ep, ifindex, &flow, &d)
 }
 
 fn drop_if_enforced(ep: &EndpointInfo, dir: u8, ifindex: u32, why: u8) -> Verdict {
@@ -589,6 +622,7 @@ mod tests {
                 identity: 1002,
                 ipv4: u32::from_ne_bytes(B.octets()),
                 flags: EP_INGRESS_ENFORCED,
+                generation: 0,
             },
         );
         s.ipcache.insert(
