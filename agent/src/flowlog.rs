@@ -102,6 +102,36 @@ pub struct FlowRecord {
     /// The tiers of `passed`, for the metrics (not written).
     #[serde(skip)]
     pub passed_tiers: Vec<&'static str>,
+    /// Events of the same endpoint the kernel left out (over the
+    /// endpoint's event budget, `palisade_common::event_limit`) before this
+    /// one: "N more drops" of a flood this record stands for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suppressed: Option<Suppressed>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Suppressed {
+    /// Drop records left out, and their reasons.
+    pub drops: u32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drop_reasons: Vec<String>,
+    /// Other records (new flows) left out.
+    pub flows: u32,
+}
+
+/// The `suppressed` part of a record, if the event carries any.
+pub fn suppressed(e: &FlowEvent) -> Option<Suppressed> {
+    if e.suppressed_drops == 0 && e.suppressed_flows == 0 {
+        return None;
+    }
+    Some(Suppressed {
+        drops: e.suppressed_drops,
+        drop_reasons: (0..64u8)
+            .filter(|r| e.suppressed_reasons & (1u64 << r) != 0)
+            .map(|r| reason::name(r).to_string())
+            .collect(),
+        flows: e.suppressed_flows,
+    })
 }
 
 /// `tier` / `action` values and the metric's labels.
@@ -266,6 +296,7 @@ pub fn record<N: Names + ?Sized>(view: &N, e: &FlowEvent) -> FlowRecord {
         tier: decided.map(|d| d.0.to_string()),
         action: decided.map(|d| d.1.to_string()),
         passed_tiers,
+        suppressed: suppressed(e),
     }
 }
 
@@ -385,6 +416,20 @@ mod tests {
         );
         assert_eq!(log.recent().count(), 40);
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_event_carrying_suppressed_drops_says_how_many_and_why() {
+        // SAFETY: FlowEvent is plain data; all-zero is a valid value.
+        let mut e: FlowEvent = unsafe { std::mem::zeroed() };
+        assert_eq!(suppressed(&e), None);
+        e.suppressed_drops = 1234;
+        e.suppressed_reasons = (1 << reason::DENY_RULE) | (1 << reason::MALFORMED);
+        let s = suppressed(&e).expect("carried");
+        assert_eq!(s.drops, 1234);
+        assert_eq!(s.drop_reasons, ["deny-rule", "malformed-header"]);
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(json.contains("\"drops\":1234"), "{json}");
     }
 
     #[test]

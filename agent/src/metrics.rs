@@ -131,6 +131,46 @@ impl DecisionCounter {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NamespaceLabel {
+    namespace: String,
+}
+
+/// Events the kernel left out by the per-endpoint budget, by the
+/// endpoint's namespace (one series per namespace, not per pod: a label
+/// per pod would grow with pod churn), from the `suppressed` part of flow
+/// records: `palisade_drop_events_suppressed_total{namespace}` and
+/// `palisade_flow_events_suppressed_total{namespace}`.
+#[derive(Clone, Default, Debug)]
+pub struct SuppressedCounter {
+    drops: Family<NamespaceLabel, counter::Counter<u64>>,
+    flows: Family<NamespaceLabel, counter::Counter<u64>>,
+}
+
+impl SuppressedCounter {
+    pub fn count(&self, rec: &crate::flowlog::FlowRecord) {
+        let Some(s) = &rec.suppressed else {
+            return;
+        };
+        let l = NamespaceLabel {
+            namespace: rec
+                .endpoint
+                .split_once('/')
+                .map_or("unknown", |(ns, _)| ns)
+                .to_string(),
+        };
+        self.drops.get_or_create(&l).inc_by(s.drops as u64);
+        self.flows.get_or_create(&l).inc_by(s.flows as u64);
+    }
+    pub fn drops(&self, namespace: &str) -> u64 {
+        self.drops
+            .get_or_create(&NamespaceLabel {
+                namespace: namespace.into(),
+            })
+            .get()
+    }
+}
+
 /// A latency histogram in seconds, `LATENCY_BUCKETS`.
 #[derive(Clone, Debug)]
 pub struct Histogram(histogram::Histogram);
@@ -175,6 +215,8 @@ pub struct Metrics {
     pub services_rejected: Gauge,
     /// Flow records by deciding tier and action.
     pub policy_decisions: DecisionCounter,
+    /// Events left out by the kernel's per-endpoint budget.
+    pub events_suppressed: SuppressedCounter,
     /// The fields above, registered (the registry holds clones).
     registry: Registry,
 }
@@ -196,6 +238,7 @@ impl Default for Metrics {
         let (verify_mismatches, verify_runs) = (Gauge::default(), Counter::default());
         let (service_rejections, services_rejected) = (Counter::default(), Gauge::default());
         let policy_decisions = DecisionCounter::default();
+        let events_suppressed = SuppressedCounter::default();
 
         // Help texts get their final "." from the registry.
         let mut r = Registry::default();
@@ -250,6 +293,16 @@ impl Default for Metrics {
             policy_decisions.0.clone(),
         );
         r.register(
+            "palisade_drop_events_suppressed",
+            "Drop events the kernel left out of the flow log (over the endpoint's event budget; each later record says how many), by namespace",
+            events_suppressed.drops.clone(),
+        );
+        r.register(
+            "palisade_flow_events_suppressed",
+            "New-flow events the kernel left out of the flow log (over the endpoint's event budget), by namespace",
+            events_suppressed.flows.clone(),
+        );
+        r.register(
             "palisade_service_frontends",
             "Service frontends (ClusterIP:port/protocol) translated in the kernel",
             services_programmed.0.clone(),
@@ -302,6 +355,7 @@ impl Default for Metrics {
             service_rejections,
             services_rejected,
             policy_decisions,
+            events_suppressed,
             registry: r,
         }
     }
@@ -529,6 +583,39 @@ mod tests {
         assert_eq!(m.source_errors.get(), 3);
         assert!(s.ends_with("# EOF\n"), "{s}");
         assert_eq!(s.matches("# EOF").count(), 1);
+    }
+
+    #[test]
+    fn suppressed_events_are_counted_by_namespace() {
+        let m = Metrics::default();
+        let rec = crate::flowlog::FlowRecord {
+            endpoint: "noisy/flooder".into(),
+            suppressed: Some(crate::flowlog::Suppressed {
+                drops: 500,
+                drop_reasons: vec!["deny-rule".into()],
+                flows: 3,
+            }),
+            ..Default::default()
+        };
+        m.events_suppressed.count(&rec);
+        m.events_suppressed.count(&crate::flowlog::FlowRecord {
+            endpoint: "noisy/flooder".into(),
+            ..Default::default()
+        });
+        assert_eq!(m.events_suppressed.drops("noisy"), 500);
+        let s = m.render(&KernelStats::default());
+        for (series, v) in [
+            (
+                "palisade_drop_events_suppressed_total{namespace=\"noisy\"}",
+                "500",
+            ),
+            (
+                "palisade_flow_events_suppressed_total{namespace=\"noisy\"}",
+                "3",
+            ),
+        ] {
+            assert_eq!(sample(&s, series).as_deref(), Some(v), "{series}\n{s}");
+        }
     }
 
     #[test]

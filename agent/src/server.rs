@@ -389,6 +389,7 @@ async fn read_events(
             }
             metrics.flow_records.inc();
             metrics.policy_decisions.count(&rec);
+            metrics.events_suppressed.count(&rec);
             let _ = tx.send(line);
         }
     }

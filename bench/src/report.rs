@@ -1203,8 +1203,9 @@ fn render_veth(s: &mut String, v: &Veth, r: &Results) {
             s,
             "palisade-agent CPU while (b) was measured (median, % of one CPU): {}. \
              `bs-N` is (b) with the agent stopped (SIGSTOP): same programs and maps, flow events \
-             not read, so they pile up in the ring (past the wakeup backlog every event tries \
-             to wake the reader): what a stalled agent costs the datapath.\n",
+             not read, so they pile up in the ring (within each endpoint's event budget; the \
+             reader is woken once, when the backlog passes 64 KiB; a full ring refuses records): \
+             what a stalled agent costs the datapath.\n",
             txt.join(", ")
         );
     }

@@ -504,8 +504,8 @@ pub fn run(plan: &Plan) -> Result<Veth> {
     configs.extend(plan.b_sizes.iter().map(|n| format!("b-{n}")));
     // Diagnostic: (b) with the agent stopped (SIGSTOP): the programs and
     // maps work on, the flow events are not read and pile up in the ring
-    // (past the wakeup backlog every event tries to wake the reader, until
-    // the ring is full): what a stalled agent costs the datapath.
+    // (woken once when the backlog passes the threshold, records refused
+    // once the ring is full): what a stalled agent costs the datapath.
     if let Some(n) = plan.b_sizes.iter().max() {
         configs.push(format!("bs-{n}"));
     }

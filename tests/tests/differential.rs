@@ -31,6 +31,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use palisade_common::{
     conntrack::{TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN},
+    event_limit::EventBudget,
     programs, reason, CtKey, CtValue, EndpointInfo, FlowEvent, FragKey, FragValue, IpcacheValue,
     PolicyKey, PolicyValue, ACTION_ALLOW, ACTION_DENY, CT_AUDIT, CT_SEEN_REPLY, DIR_EGRESS,
     DIR_INGRESS, EP_AUDIT, EP_EGRESS_ENFORCED, EP_INGRESS_ENFORCED, FRAG_TIMEOUT_NS, IDENTITY_ANY,
@@ -1284,6 +1285,8 @@ fn kernel_and_reference_agree_on_random_policies_and_packets() -> Result<()> {
             .collect::<Result<_, _>>()?;
         let mut dp = Datapath::load(&cfg)?;
         let mut maps = dp.take_maps()?;
+        // Every event is compared: no per-endpoint budget.
+        maps.set_event_budget(EventBudget::UNLIMITED)?;
         let events = EventReader::new(maps.take_events().expect("events map"));
         let mut rig = Rig { dp, maps, events };
         run_all(&mut rig, &ifindexes, seed)
@@ -1324,5 +1327,331 @@ fn kernel_and_reference_agree_on_random_policies_and_packets() -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- fuzzing
+//
+// Issue 17's fuzz target, on the same rig and generators: frames made from
+// the generated packets and then mutated (bit flips, field overwrites,
+// truncation, VLAN tags, IP options and fragment bits, random ethertypes,
+// random bytes), run through the real pod programs with the set's policy
+// and a conntrack state built by a generated sequence first. Each verdict
+// and event must equal the reference evaluator's (which parses any bytes),
+// and, independently of the shared decision code, a frame from an enforced
+// direction whose transport header cannot be parsed never passes, nor does
+// a frame leaving a pod with another source address (or none).
+//
+// Bounded for CI: `PALISADE_FUZZ_FRAMES` (default 100000, about 7 s) frames from
+// `PALISADE_FUZZ_SEED` (default fixed; printed, and on a failure printed
+// with the frame in hex and the command line to replay it).
+
+const FUZZ_DEFAULT_SEED: u64 = 0xf100_d5ee_d000_0017;
+const FUZZ_DEFAULT_FRAMES: usize = 100_000;
+/// Frames per policy set (and conntrack warm-up sequence).
+const FUZZ_FRAMES_PER_SET: usize = 400;
+const ETH_P_8021Q: u16 = 0x8100;
+
+/// One mutation of a valid frame (`b`), or a frame of random bytes.
+fn mutate(rng: &mut StdRng, mut b: Vec<u8>) -> Vec<u8> {
+    let ip = 14;
+    let rounds = rng.gen_range(1..=3);
+    for _ in 0..rounds {
+        match rng.gen_range(0..14) {
+            // Random bit flips anywhere.
+            0 | 1 => {
+                for _ in 0..rng.gen_range(1..8) {
+                    if b.is_empty() {
+                        break;
+                    }
+                    let i = rng.gen_range(0..b.len());
+                    b[i] ^= 1 << rng.gen_range(0..8);
+                }
+            }
+            // A random byte in the headers.
+            2 | 3 => {
+                let n = b.len().min(80);
+                if n > 0 {
+                    let i = rng.gen_range(0..n);
+                    b[i] = rng.gen();
+                }
+            }
+            // Truncation anywhere past the Ethernet header.
+            4 if b.len() > 14 => b.truncate(rng.gen_range(14..b.len())),
+            // Trailing garbage.
+            5 => b.extend((0..rng.gen_range(1..64)).map(|_| rng.gen::<u8>())),
+            // A VLAN tag (or two) before the ethertype.
+            6 if b.len() >= 14 => {
+                for _ in 0..rng.gen_range(1..=2) {
+                    let tci: u16 = rng.gen();
+                    let tag = [0x81, 0x00, (tci >> 8) as u8, tci as u8];
+                    b.splice(12..12, tag);
+                }
+            }
+            // A random ethertype.
+            7 if b.len() >= 14 => {
+                let x = rng.gen();
+                let t: u16 = pick(rng, &[0x0800, 0x86dd, 0x0806, ETH_P_8021Q, 0x88a8, x]);
+                b[12..14].copy_from_slice(&t.to_be_bytes());
+            }
+            // IPv4 header fields: IHL/version, total length, fragment
+            // bits and offset, protocol.
+            8 if b.len() >= ip + 20 => b[ip] = rng.gen(),
+            9 if b.len() >= ip + 20 => {
+                let x = rng.gen();
+                let t: u16 = pick(rng, &[0, 1, 19, 20, 21, 27, 28, 40, 60, x]);
+                b[ip + 2..ip + 4].copy_from_slice(&t.to_be_bytes());
+            }
+            10 if b.len() >= ip + 20 => {
+                let x = rng.gen();
+                let f: u16 = pick(rng, &[0x2000, 0x4000, 0x0001, 0x2001, 0x1fff, x]);
+                b[ip + 6..ip + 8].copy_from_slice(&f.to_be_bytes());
+            }
+            11 if b.len() >= ip + 20 => {
+                let x = rng.gen();
+                b[ip + 9] = pick(rng, &[6, 17, 1, 132, 58, 0, x]);
+            }
+            // IPv4 options inserted after the fixed header (IHL updated).
+            12 if b.len() >= ip + 20 && b[ip] >> 4 == 4 => {
+                let words = rng.gen_range(1..=10u8);
+                let ihl = (b[ip] & 0x0f).max(5);
+                let at = (ip + ihl as usize * 4).min(b.len());
+                let opts: Vec<u8> = (0..words as usize * 4)
+                    .map(|_| {
+                        let x = rng.gen();
+                        pick(rng, &[0, 1, 7, 68, 130, 148, x])
+                    })
+                    .collect();
+                b.splice(at..at, opts);
+                b[ip] = 0x40 | (ihl + words).min(15);
+                if rng.gen_bool(0.7) {
+                    let tot = u16::from_be_bytes([b[ip + 2], b[ip + 3]]) + words as u16 * 4;
+                    b[ip + 2..ip + 4].copy_from_slice(&tot.to_be_bytes());
+                }
+            }
+            // Random bytes, with an Ethernet header sometimes.
+            _ => {
+                let n = rng.gen_range(14..120);
+                let keep_eth = rng.gen_bool(0.5) && b.len() >= 14;
+                let head: Vec<u8> = if keep_eth {
+                    b[..14].to_vec()
+                } else {
+                    Vec::new()
+                };
+                b = head;
+                while b.len() < n {
+                    b.push(rng.gen());
+                }
+            }
+        }
+    }
+    b
+}
+
+/// Independent of `palisade_common::decision` and the reference: what a
+/// frame leaving (`DIR_EGRESS`) or entering a pod must never do.
+fn invariant_violation(ep: &EndpointInfo, dir: u8, f: &[u8], pass: bool) -> Option<String> {
+    if !pass || f.len() < 14 {
+        return None;
+    }
+    let ethertype = u16::from_be_bytes([f[12], f[13]]);
+    let enforced = ep.enforced(dir) && ep.flags & EP_AUDIT == 0;
+    if ethertype != 0x0800 {
+        if enforced && ![0x86dd, 0x0806].contains(&ethertype) {
+            return Some(format!(
+                "ethertype {ethertype:#06x} passed an enforced direction"
+            ));
+        }
+        return None;
+    }
+    let ip = &f[14..];
+    if dir == DIR_EGRESS && (ip.len() < 20 || ip[12..16] != ep.ipv4.to_ne_bytes()) {
+        return Some("a frame with another (or no) source address left its pod".into());
+    }
+    if !enforced {
+        return None;
+    }
+    if ip.len() < 20 {
+        return Some("a frame without a whole IPv4 header passed".into());
+    }
+    let ihl = (ip[0] & 0x0f) as usize * 4;
+    let tot = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    if ip[0] >> 4 != 4 || ihl < 20 || tot < ihl {
+        return Some("a bad IPv4 header (version, IHL or total length) passed".into());
+    }
+    let frag_offset = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff;
+    if frag_offset != 0 {
+        return None; // no transport header; judged by its first fragment
+    }
+    let need = match ip[9] {
+        6 => 20,
+        17 => 8,
+        132 => 12,
+        1 => 8,
+        _ => 0,
+    };
+    // Inside the frame and inside the datagram (RFC 1858).
+    let parsed =
+        ip.len() >= ihl + need && tot - ihl >= need && (ip[9] != 6 || ip[ihl + 12] >> 4 >= 5);
+    if !parsed {
+        return Some(format!(
+            "protocol {} passed with a transport header that cannot be parsed",
+            ip[9]
+        ));
+    }
+    None
+}
+
+/// BPF_PROG_TEST_RUN refuses (EINVAL) frames shorter than an Ethernet
+/// header, and IPv4/IPv6 frames shorter than their fixed IP header; such
+/// frames cannot be presented here (the programs' own bounds checks and the
+/// differential test's truncations cover the parse of them).
+fn test_run_takes(f: &[u8]) -> bool {
+    match f.get(12..14).map(|t| u16::from_be_bytes([t[0], t[1]])) {
+        None => false,
+        Some(0x0800) => f.len() >= 14 + 20,
+        Some(0x86dd) => f.len() >= 14 + 40,
+        Some(_) => true,
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// One frame through the kernel and the reference: what differs.
+fn fuzz_frame(
+    rig: &mut Rig,
+    ev: &mut Evaluator,
+    set: &PolicySet,
+    ifindex: u32,
+    dir: u8,
+    f: &[u8],
+) -> Result<Vec<String>> {
+    let model = ev.evaluate_frame_at(monotonic_ns(), ifindex, dir, f);
+    let name = if dir == DIR_EGRESS {
+        programs::POD_EGRESS
+    } else {
+        programs::POD_INGRESS
+    };
+    let r = run_tc(rig.dp.classifier(name)?, f, ifindex, 1)
+        .with_context(|| format!("test_run of {}", hex(f)))?;
+    let events: Vec<FlowEvent> = rig
+        .events
+        .drain()
+        .into_iter()
+        .map(|e| FlowEvent { ts_ns: 0, ..e })
+        .collect();
+    let mut problems = Vec::new();
+    if r.action != model.tc_action() {
+        problems.push(format!(
+            "action: kernel {} model {} ({})",
+            r.action,
+            model.tc_action(),
+            reason::name(model.reason)
+        ));
+    }
+    let want: Vec<FlowEvent> = model.event.into_iter().collect();
+    if events != want {
+        let k: Vec<String> = events.iter().map(fmt_event).collect();
+        let m: Vec<String> = want.iter().map(fmt_event).collect();
+        problems.push(format!("events: kernel {k:?} model {m:?}"));
+    }
+    if let Some(ep) = set.endpoint_at(ifindex) {
+        if let Some(v) = invariant_violation(ep, dir, f, model.pass) {
+            problems.push(format!("invariant: {v}"));
+        }
+        if let Some(v) = invariant_violation(ep, dir, f, r.action == TC_ACT_OK) {
+            problems.push(format!("invariant (kernel): {v}"));
+        }
+    }
+    Ok(problems)
+}
+
+const TC_ACT_OK: u32 = 0;
+
+#[test]
+fn fuzzed_frames_get_the_reference_verdict_and_never_break_the_invariants() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let seed = env_num("PALISADE_FUZZ_SEED").unwrap_or(FUZZ_DEFAULT_SEED);
+    let frames = env_num("PALISADE_FUZZ_FRAMES").map_or(FUZZ_DEFAULT_FRAMES, |n| n as usize);
+    eprintln!("fuzz: seed {seed:#x}, {frames} frames (PALISADE_FUZZ_SEED, PALISADE_FUZZ_FRAMES)");
+    let pins = PinRoot::new()?;
+    let ns = NetNs::new("pfuzz")?;
+    let names = ns.veth_pairs("f", VETH_PAIRS)?;
+    let cfg = DatapathConfig {
+        pins: pins.pins.clone(),
+        sizes: MapSizes {
+            endpoints: 256,
+            ipcache: 4096,
+            policy: 4096,
+            conntrack: 16384,
+            fragments: 4096,
+            xdp_deny: 16,
+            ..Default::default()
+        },
+    };
+    let (ran, reasons) = ns.enter(move || -> Result<(usize, Vec<(&'static str, u64)>)> {
+        let ifindexes: Vec<u32> = names
+            .iter()
+            .map(|n| palisade_dataplane::loader::ifindex(n))
+            .collect::<Result<_, _>>()?;
+        let mut dp = Datapath::load(&cfg)?;
+        let mut maps = dp.take_maps()?;
+        maps.set_event_budget(EventBudget::UNLIMITED)?;
+        let events = EventReader::new(maps.take_events().expect("events map"));
+        let mut rig = Rig { dp, maps, events };
+        let before = rig.maps.counters()?;
+        let mut ran = 0;
+        let mut set_no = 0u64;
+        while ran < frames {
+            let mut rng = StdRng::seed_from_u64(seed ^ (set_no + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let set = gen_policy_set(&mut rng, &ifindexes, monotonic_ns());
+            // Conntrack and fragment state from a generated sequence.
+            let warm = gen_steps(&mut rng, &set, &ifindexes, 100);
+            if let Some(m) = run_sequence(&mut rig, &set, &warm)? {
+                bail!("fuzz warm-up disagrees (seed {seed:#x}, set {set_no}): {:?}", m.problems);
+            }
+            let mut ev = Evaluator::new(&set.state());
+            for (k, v) in rig.maps.conntrack_entries()? {
+                ev.conntrack_mut().insert(k, v);
+            }
+            for (k, v) in rig.maps.fragment_entries()? {
+                ev.fragments_mut().insert(k, v);
+            }
+            let bases = gen_steps(&mut rng, &set, &ifindexes, FUZZ_FRAMES_PER_SET);
+            for (i, s) in bases.iter().enumerate() {
+                if ran >= frames {
+                    break;
+                }
+                let f = mutate(&mut rng, s.packet.bytes());
+                if !test_run_takes(&f) {
+                    continue;
+                }
+                ran += 1;
+                let problems = fuzz_frame(&mut rig, &mut ev, &set, s.ifindex, s.dir, &f)?;
+                if !problems.is_empty() {
+                    bail!(
+                        "fuzz: frame {i} of set {set_no} (seed {seed:#x}) on ifindex {} {}:\n  {}\n  \
+                         frame {}\n  replay: PALISADE_FUZZ_SEED={seed:#x} PALISADE_FUZZ_FRAMES={}",
+                        s.ifindex,
+                        dir_name(s.dir),
+                        problems.join("\n  "),
+                        hex(&f),
+                        (set_no as usize + 1) * FUZZ_FRAMES_PER_SET,
+                    );
+                }
+            }
+            set_no += 1;
+        }
+        let after = rig.maps.counters()?;
+        let reasons =
+            Counters(after.0.iter().zip(&before.0).map(|(a, b)| a - b).collect()).named();
+        Ok((ran, reasons))
+    })??;
+    eprintln!("fuzz: {ran} frames agree; reasons {reasons:?}");
+    assert!(ran >= frames.min(1));
     Ok(())
 }

@@ -396,6 +396,9 @@ fn unenforced_passes_and_reports_the_new_flow() -> Result<()> {
             dst_identity: EXTERNAL_IDENTITY,
             cookie: 0,
             service_id: 0,
+            suppressed_drops: 0,
+            suppressed_flows: 0,
+            suppressed_reasons: 0,
         }
     );
     assert!(e.ts_ns > 0 && e.ts_ns <= monotonic_ns());

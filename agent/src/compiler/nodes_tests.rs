@@ -131,6 +131,9 @@ fn flow_records_name_this_node_and_a_remote_node_peer() {
         dst_identity: 0,
         cookie: 0,
         service_id: 0,
+        suppressed_drops: 0,
+        suppressed_flows: 0,
+        suppressed_reasons: 0,
     };
     let r = crate::flowlog::record(&*v, &ev);
     assert_eq!(r.node.as_deref(), Some("n1"));

@@ -753,6 +753,9 @@ fn the_walk_names_the_pass_and_the_deciding_step() {
             dst_identity: 0,
             cookie: m.value.cookie,
             service_id: 0,
+            suppressed_drops: 0,
+            suppressed_flows: 0,
+            suppressed_reasons: 0,
         }
     };
     let r = crate::flowlog::record(&*e.view(), &ev_for(5, 80));

@@ -305,8 +305,31 @@ pub fn decide(
         return d;
     }
     let mut pk = policy_key(ep, dir, key, peer);
-    let hit = policy_lookups(&mut pk, peer, lookup);
-    policy_decision(ep, dir, peer, hit)
+    // The hit travels through the lookups as a non-zero integer rather
+    // than an `Option<PolicyValue>`: LLVM may copy a `None`'s undefined
+    // payload ahead of the check, and the verifier refuses a program that
+    // reads an uninitialised register (seen once the programs grew).
+    let mut lookup = lookup;
+    match policy_lookups(&mut pk, peer, |k| lookup(k).map(pack_hit)) {
+        Some(h) => policy_decision(ep, dir, peer, Some(unpack_hit(h))),
+        None => policy_decision(ep, dir, peer, None),
+    }
+}
+
+#[inline(always)]
+fn pack_hit(v: PolicyValue) -> core::num::NonZeroU64 {
+    let bits = 1 << 63 | (v.action as u64 & 0x7fff_ffff) << 32 | v.cookie as u64;
+    // The top bit is set: never zero.
+    core::num::NonZeroU64::new(bits).unwrap_or(core::num::NonZeroU64::MAX)
+}
+
+#[inline(always)]
+fn unpack_hit(h: core::num::NonZeroU64) -> PolicyValue {
+    let bits = h.get();
+    PolicyValue {
+        action: (bits >> 32) as u32 & 0x7fff_ffff,
+        cookie: bits as u32,
+    }
 }
 
 /// True when a conntrack entry still carries its flow for a packet with
@@ -529,6 +552,10 @@ pub fn flow_event(
         dst_identity: d.dst_identity,
         cookie: d.cookie,
         service_id,
+        // Filled in by the kernel's event budget (`event_limit`).
+        suppressed_drops: 0,
+        suppressed_flows: 0,
+        suppressed_reasons: 0,
     }
 }
 

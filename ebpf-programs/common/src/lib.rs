@@ -7,6 +7,7 @@
 
 pub mod conntrack;
 pub mod decision;
+pub mod event_limit;
 pub mod ipv6;
 pub mod reject;
 pub mod service;
@@ -26,6 +27,11 @@ pub mod maps {
     pub const SVC_BACKENDS: &str = "SVC_BACKENDS";
     pub const SVC_NAT: &str = "SVC_NAT";
     pub const SVC_AFFINITY: &str = "SVC_AFFINITY";
+    /// Per-endpoint event budgets (`event_limit`); not pinned: a reload
+    /// starts with fresh windows.
+    pub const EVENT_LIMIT: &str = "EVENT_LIMIT";
+    /// The budget in force (one entry; zeros mean the defaults).
+    pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
     /// Every map the programs share, in a stable order (pinning, adoption).
     pub const ALL: [&str; 13] = [
         ENDPOINTS,
@@ -359,6 +365,9 @@ pub mod reason {
     pub const XDP_PASS: u8 = 33;
     /// A new flow translated from a Service frontend to a backend.
     pub const SVC_TRANSLATED: u8 = 34;
+    /// An event left out by the per-endpoint budget (`event_limit`); the
+    /// verdict itself was counted under its own reason.
+    pub const EVENTS_SUPPRESSED: u8 = 35;
 
     pub const MAX: u32 = 64;
 
@@ -388,6 +397,7 @@ pub mod reason {
             NOT_OWN_DESTINATION => "not-own-destination",
             POLICY_CHANGED => "policy-changed",
             ND_FORBIDDEN => "nd-forbidden",
+            EVENTS_SUPPRESSED => "events-suppressed",
             _ => "none",
         }
     }
@@ -419,6 +429,12 @@ pub struct FlowEvent {
     /// The Service frontend (`SvcFrontend::service_id`) the flow was
     /// translated from, 0 when it was not; the 5-tuple is the translated one.
     pub service_id: u32,
+    /// Events of the same endpoint left out by its budget (`event_limit`)
+    /// since its previous event on this CPU: drops, other events, and the
+    /// drop reasons (bit `r` for reason `r`).
+    pub suppressed_drops: u32,
+    pub suppressed_flows: u32,
+    pub suppressed_reasons: u64,
 }
 
 #[cfg(feature = "user")]
@@ -436,6 +452,9 @@ mod pod_impls {
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragValue {}
     unsafe impl aya::Pod for FlowEvent {}
+    unsafe impl aya::Pod for crate::event_limit::EventBudget {}
+    unsafe impl aya::Pod for crate::event_limit::EventLimitKey {}
+    unsafe impl aya::Pod for crate::event_limit::EventLimitState {}
     unsafe impl aya::Pod for service::SvcFrontendKey {}
     unsafe impl aya::Pod for service::SvcFrontend {}
     unsafe impl aya::Pod for service::SvcBackendKey {}
@@ -462,7 +481,8 @@ mod tests {
         assert_eq!(size_of::<CtValue>(), 24);
         assert_eq!(size_of::<FragKey>(), 16);
         assert_eq!(size_of::<FragValue>(), 16);
-        assert_eq!(size_of::<FlowEvent>(), 48);
+        assert_eq!(size_of::<FlowEvent>(), 64);
+        assert_eq!(size_of::<event_limit::EventLimitState>(), 32);
     }
 
     #[test]

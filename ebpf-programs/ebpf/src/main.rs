@@ -8,6 +8,7 @@
 #![no_std]
 #![no_main]
 
+mod events;
 mod headers;
 mod service;
 mod verdict;
@@ -15,10 +16,13 @@ mod verdict;
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
     macros::{classifier, map, xdp},
-    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{
+        lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf,
+    },
     programs::{TcContext, XdpContext},
 };
 use palisade_common::{
+    event_limit::{EventBudget, EventLimitKey, EventLimitState},
     reason,
     service::{
         SvcAffinity, SvcAffinityKey, SvcBackend, SvcBackendKey, SvcFrontend, SvcFrontendKey, SvcNat,
@@ -48,6 +52,14 @@ static FRAGMENTS: LruHashMap<FragKey, FragValue> =
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(sizes::EVENTS_BYTES, 0);
+
+/// Per-endpoint event budgets (`events`, `palisade_common::event_limit`).
+#[map]
+static EVENT_LIMIT: LruPerCpuHashMap<EventLimitKey, EventLimitState> =
+    LruPerCpuHashMap::with_max_entries(sizes::ENDPOINTS, 0);
+
+#[map]
+static EVENT_BUDGET: Array<EventBudget> = Array::with_max_entries(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::MAX, 0);

@@ -5,7 +5,7 @@
 use std::net::Ipv4Addr;
 
 use aya::{
-    maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf},
     Ebpf,
 };
 use palisade_common::{
@@ -34,6 +34,7 @@ pub struct Maps {
     svc_backends: HashMap<MapData, SvcBackendKey, SvcBackend>,
     #[cfg(feature = "test-utils")]
     svc_nat: HashMap<MapData, CtKey, palisade_common::service::SvcNat>,
+    event_budget: Array<MapData, palisade_common::event_limit::EventBudget>,
     /// Until taken by the event reader (`take_events`).
     events: Option<RingBuf<MapData>>,
     sizes: MapSizes,
@@ -99,8 +100,22 @@ impl Maps {
             svc_backends: take(ebpf, names::SVC_BACKENDS)?,
             #[cfg(feature = "test-utils")]
             svc_nat: take(ebpf, names::SVC_NAT)?,
+            event_budget: take(ebpf, names::EVENT_BUDGET)?,
             events: Some(take(ebpf, names::EVENTS)?),
             sizes: sizes.clone(),
+        })
+    }
+
+    /// The per-endpoint event budget the programs apply
+    /// (`palisade_common::event_limit`); zeros restore the defaults,
+    /// `EventBudget::UNLIMITED` lifts it (tests that compare every event).
+    pub fn set_event_budget(
+        &mut self,
+        b: palisade_common::event_limit::EventBudget,
+    ) -> Result<(), Error> {
+        self.event_budget.set(0, b, 0).map_err(|source| Error::Map {
+            name: names::EVENT_BUDGET,
+            source,
         })
     }
 

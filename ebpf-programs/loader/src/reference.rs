@@ -332,7 +332,8 @@ impl Evaluator {
         }
 
         let ihl = (ver_ihl & 0x0f) as usize * 4;
-        if ver_ihl >> 4 != 4 || ihl < IPV4_HLEN || tot_len < ihl {
+        // The whole header, options included, must be in the frame.
+        if ver_ihl >> 4 != 4 || ihl < IPV4_HLEN || tot_len < ihl || ETH_HLEN + ihl > f.len() {
             return drop_if_enforced(&ep, dir, ifindex, reason::MALFORMED);
         }
 

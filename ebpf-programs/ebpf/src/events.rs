@@ -1,0 +1,95 @@
+//! Verdict events into the `EVENTS` ring: under each endpoint's budget
+//! (`palisade_common::event_limit`), and without waking the reader per
+//! record.
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use palisade_common::{
+    decision::{flow_event, Decision},
+    event_limit::{admit, restore, Carry, EventLimitKey, EventLimitState},
+    reason, CtKey, EndpointInfo, FlowEvent,
+};
+
+use crate::{verdict::count, EVENTS, EVENT_BUDGET, EVENT_LIMIT};
+
+/// Report one verdict (a new flow or a drop), if the endpoint's budget
+/// allows; otherwise count it as suppressed, to be carried on the
+/// endpoint's next event.
+#[inline(always)]
+pub fn report(ep: &EndpointInfo, ifindex: u32, key: &CtKey, d: &Decision, svc: u32) {
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let lk = EventLimitKey {
+        ifindex,
+        endpoint_id: ep.endpoint_id,
+    };
+    let state = budget_state(&lk, now);
+    let carry = match state {
+        Some(s) => {
+            let budget = EVENT_BUDGET.get(0).copied().unwrap_or_default();
+            // SAFETY: a per-CPU value, valid for this run (RCU); programs
+            // run with migration disabled, so no other writer on this CPU.
+            match admit(unsafe { &mut *s }, &budget, now, d.reason) {
+                Some(c) => c,
+                None => {
+                    count::<false>(reason::EVENTS_SUPPRESSED);
+                    return;
+                }
+            }
+        }
+        // No budget entry (the LRU could not make one): report unlimited
+        // rather than lose verdicts.
+        None => Carry::default(),
+    };
+    match EVENTS.reserve::<FlowEvent>(0) {
+        Some(mut e) => {
+            let mut ev = flow_event(now, ep.endpoint_id, ifindex, key, d, svc);
+            carry.apply(&mut ev);
+            e.write(ev);
+            e.submit(wakeup_flags());
+        }
+        None => {
+            count::<false>(reason::EVENTS_LOST);
+            if let Some(s) = state {
+                // SAFETY: as above.
+                restore(unsafe { &mut *s }, &carry);
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn budget_state(k: &EventLimitKey, now: u64) -> Option<*mut EventLimitState> {
+    if let Some(p) = EVENT_LIMIT.get_ptr_mut(k) {
+        return Some(p);
+    }
+    let fresh = EventLimitState {
+        window_start_ns: now,
+        ..Default::default()
+    };
+    let _ = EVENT_LIMIT.insert(k, &fresh, 0);
+    EVENT_LIMIT.get_ptr_mut(k)
+}
+
+/// Waking the reader on every record costs microseconds per event; the
+/// agent drains the ring on a short interval instead, and is woken once
+/// when a backlog builds up: by the record that crosses `WAKEUP_BACKLOG`,
+/// not by every record after it (a stalled or slow reader then costs the
+/// datapath nothing per event; a full ring refuses records, counted as
+/// `EVENTS_LOST`). Records from several CPUs at once may skip the crossing
+/// record; the interval drain still reads them.
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+const WAKEUP_BACKLOG: u64 = 64 * 1024;
+/// A record's share of the ring: the event and the 8-byte record header.
+const RECORD_BYTES: u64 = core::mem::size_of::<FlowEvent>() as u64 + 8;
+
+/// Called after the record was reserved, so the backlog includes it.
+#[inline(always)]
+fn wakeup_flags() -> u64 {
+    let avail = EVENTS.query(BPF_RB_AVAIL_DATA);
+    if (WAKEUP_BACKLOG..WAKEUP_BACKLOG + RECORD_BYTES).contains(&avail) {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}
