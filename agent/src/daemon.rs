@@ -264,35 +264,22 @@ impl Agent {
     /// whose deregistration failed or never came) are deregistered, so
     /// their address stops carrying their identity before it is reused.
     pub fn reap_vanished_endpoints(&mut self) -> Result<usize> {
-        let gone: Vec<String> = self
-            .registry
-            .iter()
-            .filter(|e| self.dp.ifindex(&e.registration.host_ifname).ok() != Some(e.ifindex))
-            .map(|e| e.registration.container_id.clone())
-            .collect();
-        for id in &gone {
-            if let Some(e) = self.registry.get(id) {
-                warn!(
-                    "endpoint {}/{} ({}, {}): its interface is gone without a deregistration; forgetting it",
-                    e.registration.namespace,
-                    e.registration.pod,
-                    e.registration.ipv4,
-                    e.registration.host_ifname
-                );
-            }
-            self.deregister(id)?;
+        let gone = self.vanished();
+        for e in &gone {
+            warn!(
+                "endpoint {}/{} ({}, {}): its interface is gone without a deregistration; forgetting it",
+                e.registration.namespace,
+                e.registration.pod,
+                e.registration.ipv4,
+                e.registration.host_ifname
+            );
+            self.deregister(&e.registration.container_id)?;
         }
         Ok(gone.len())
     }
 
     fn forget_vanished_endpoints(&mut self) {
-        let gone: Vec<Entry> = self
-            .registry
-            .iter()
-            .filter(|e| self.dp.ifindex(&e.registration.host_ifname).ok() != Some(e.ifindex))
-            .cloned()
-            .collect();
-        for e in gone {
+        for e in self.vanished() {
             warn!(
                 "endpoint {}/{} ({}) vanished while the agent was down; forgetting it",
                 e.registration.namespace, e.registration.pod, e.registration.host_ifname
@@ -302,6 +289,20 @@ impl Agent {
                 error!("updating registry: {err}");
             }
         }
+    }
+
+    /// Registered endpoints whose host interface is gone (or is another
+    /// interface now, by ifindex).
+    fn vanished(&self) -> Vec<Entry> {
+        self.registry
+            .iter()
+            .filter(|e| !self.interface_live(e))
+            .cloned()
+            .collect()
+    }
+
+    fn interface_live(&self, e: &Entry) -> bool {
+        self.dp.ifindex(&e.registration.host_ifname).ok() == Some(e.ifindex)
     }
 
     /// Make the kernel translate exactly these Service frontends (see
@@ -644,7 +645,7 @@ impl Agent {
             .collect();
         for e in others {
             let o = &e.registration;
-            if self.dp.ifindex(&o.host_ifname).ok() == Some(e.ifindex) {
+            if self.interface_live(&e) {
                 return Err(refuse(
                     ErrorKind::Conflict,
                     format!(

@@ -410,12 +410,16 @@ pub fn ipv6_conf(ns: Option<&File>, ifname: &str, key: &str, value: &str) -> Res
             r => r,
         }
     };
-    std::thread::scope(|s| {
-        s.spawn(write)
-            .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("netns thread panicked")))
-    })
-    .map_err(|e| {
+    // Only a namespace switch needs a thread of its own.
+    let written = match ns {
+        None => write(),
+        Some(_) => std::thread::scope(|s| {
+            s.spawn(write)
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("netns thread panicked")))
+        }),
+    };
+    written.map_err(|e| {
         CniError::with_details(
             error::SYSCTL,
             format!("cannot set {path} to {value}"),
