@@ -184,6 +184,8 @@ mod tests {
             pod: id.into(),
             ipv4: "10.0.0.2".parse().unwrap(),
             host_ifname: "palx".into(),
+            mac: None,
+            ipv6: None,
         }
     }
 

@@ -457,6 +457,8 @@ impl Ctx<'_> {
             pod: p.name.clone(),
             ipv4: p.ip,
             host_ifname: veth_name(veth),
+            mac: None,
+            ipv6: None,
         }
     }
 

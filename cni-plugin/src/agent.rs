@@ -228,6 +228,8 @@ mod tests {
                 pod: "web".into(),
                 ipv4: "10.0.0.5".parse().unwrap(),
                 host_ifname: "pal0".into(),
+                mac: None,
+                ipv6: None,
             };
             let e = register(&conf(sock.clone()), reg).unwrap_err();
             assert!(matches!(agent.join().unwrap(), Request::Register(_)));

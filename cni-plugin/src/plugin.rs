@@ -98,7 +98,8 @@ pub fn add(ctx: &Ctx) -> Result<Value> {
         // Before the call: an agent that times out may still finish the
         // registration, and deregistering an unknown endpoint is harmless.
         done.push(Step::Registration);
-        register(ctx, lease.address.ip(), ctx.host_if())?;
+        let mac = result.interfaces.get(1).map(|i| i.mac.clone());
+        register(ctx, lease.address.ip(), ctx.host_if(), mac)?;
         // Only now, with the programs attached and the pod's policy in the
         // kernel, does the pod get a carrier and a route: no packet ever
         // reaches or leaves it unenforced.
@@ -273,7 +274,7 @@ fn wire(
     })
 }
 
-fn register(ctx: &Ctx, ip: Ipv4Addr, host_if: String) -> Result<()> {
+fn register(ctx: &Ctx, ip: Ipv4Addr, host_if: String, mac: Option<String>) -> Result<()> {
     let (namespace, pod) = ctx.env.pod();
     agent::register(
         &ctx.conf,
@@ -285,6 +286,8 @@ fn register(ctx: &Ctx, ip: Ipv4Addr, host_if: String) -> Result<()> {
             pod,
             ipv4: ip,
             host_ifname: host_if,
+            mac: mac.filter(|m| !m.is_empty()),
+            ipv6: None,
         },
     )
 }
@@ -297,8 +300,8 @@ fn add_chained(ctx: &Ctx) -> Result<Value> {
     let ns = netlink::open_netns(&ctx.env.netns)?;
     let host = Netlink::host()?;
     let pod = Netlink::in_netns(&ns, &ctx.env.netns)?;
-    let host_if = host_peer(ctx, &host, &pod, &d.host)?;
-    if let Err(e) = register(ctx, d.ip.address.ip(), host_if) {
+    let (host_if, mac) = host_peer(ctx, &host, &pod, &d.host)?;
+    if let Err(e) = register(ctx, d.ip.address.ip(), host_if, Some(mac)) {
         return Err(rolled_back(e, teardown(ctx, &CHAINED, Some(&host))));
     }
     let prev = ctx.conf.prev_result.clone().expect("parsed above");
@@ -308,8 +311,13 @@ fn add_chained(ctx: &Ctx) -> Result<Value> {
 /// The host end of the pod's veth: a sandbox-less interface of prevResult
 /// that is the pod interface's peer, else the peer found through IFLA_LINK.
 /// Both directions are checked, so an ifindex that only happens to match in
-/// the other namespace is never taken.
-fn host_peer(ctx: &Ctx, host: &Netlink, pod: &Netlink, listed: &[&Interface]) -> Result<String> {
+/// the other namespace is never taken. Also returns the pod end's MAC.
+fn host_peer(
+    ctx: &Ctx,
+    host: &Netlink,
+    pod: &Netlink,
+    listed: &[&Interface],
+) -> Result<(String, String)> {
     let lookup = |msg: String| CniError::new(error::CHAINED_LOOKUP, msg);
     let c = pod.link(&ctx.env.ifname)?.ok_or_else(|| {
         lookup(format!(
@@ -329,14 +337,14 @@ fn host_peer(ctx: &Ctx, host: &Netlink, pod: &Netlink, listed: &[&Interface]) ->
     for i in listed {
         if let Some(l) = host.link(&i.name)? {
             if is_peer(&l) {
-                return Ok(l.name);
+                return Ok((l.name, c.mac.clone()));
             }
         }
     }
     if let Some(idx) = c.peer_index {
         if let Some(l) = host.link_by_index(idx)? {
             if is_peer(&l) {
-                return Ok(l.name);
+                return Ok((l.name, c.mac.clone()));
             }
         }
     }
@@ -448,7 +456,7 @@ pub fn check(ctx: &Ctx) -> Result<()> {
     }
 
     let host_if = if ctx.conf.chained {
-        host_peer(ctx, &host, &pod, &d.host)?
+        host_peer(ctx, &host, &pod, &d.host)?.0
     } else {
         check_owned(ctx, &host, &pod, &c, ip, d.ip.gateway, &prev)?;
         ctx.host_if()

@@ -259,6 +259,8 @@ impl Agent {
             pod: name.into(),
             ipv4: pod.ip,
             host_ifname: pod.host_if.clone(),
+            mac: None,
+            ipv6: None,
         };
         match self.request(&Request::Register(r))? {
             Response::Ok {

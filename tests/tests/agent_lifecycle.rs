@@ -134,6 +134,8 @@ fn api_errors_say_what_the_caller_should_do() -> Result<()> {
         pod: "client".into(),
         ipv4: CLIENT,
         host_ifname: "nosuchif0".into(),
+        mac: None,
+        ipv6: None,
     };
     let r = agent.request(&Request::Register(reg))?;
     assert_eq!(kind(&r), Some(ErrorKind::NotFound), "{r:?}");
@@ -179,6 +181,8 @@ fn registrations_are_checked_against_the_caller_the_veth_pair_and_the_pool() -> 
         pod: "client".into(),
         ipv4: ip,
         host_ifname: pod.host_if.clone(),
+        mac: None,
+        ipv6: None,
     };
     let refused = |r: Registration, says: &str| -> Result<()> {
         let a = agent.request(&Request::Register(r))?;

@@ -28,6 +28,13 @@ pub struct Registration {
     pub ipv4: Ipv4Addr,
     /// The host-side interface the agent attaches the programs to.
     pub host_ifname: String,
+    /// The pod interface's MAC address ("aa:bb:cc:dd:ee:ff"), where the
+    /// plugin knows it: frames from the pod must carry it as their source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// The pod's IPv6 address, for a dual-stack or IPv6-only pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<std::net::Ipv6Addr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -79,6 +79,8 @@ fn pod(dp: &MemoryDataplane, name: &str, last_octet: u8) -> (Registration, u32) 
         pod: name.into(),
         ipv4: Ipv4Addr::new(10, 244, 0, last_octet),
         host_ifname,
+mac: None,
+ipv6: None,
     };
     (r, ifindex)
 }
