@@ -57,6 +57,8 @@ pub struct Config {
     pub routing: crate::routing::Mode,
     /// How often endpoints whose interface is gone are forgotten.
     pub endpoint_check_interval: std::time::Duration,
+    /// Conntrack entries and fragment records each endpoint may hold.
+    pub conntrack_budget: palisade_common::ct_budget::CtBudget,
 }
 
 /// `--metrics-addr` by default: the node's address (see [`metrics_bind`]).
@@ -99,6 +101,8 @@ pub struct Agent {
     dp: Box<dyn Dataplane>,
     /// Conntrack fill as of the GC task's last pass.
     conntrack_fill: ConntrackFill,
+    /// What the programs were told each endpoint may hold.
+    conntrack_budget: palisade_common::ct_budget::CtBudget,
     /// Mirror of what the kernel maps hold.
     current: MapState,
     /// The model and the desired map state, kept up to date change by
@@ -145,11 +149,13 @@ impl Agent {
         palisade_dataplane::events::EventReader,
         watch::Receiver<u64>,
     )> {
-        let (dp, events) = KernelDataplane::load(&DatapathConfig {
+        let (mut dp, events) = KernelDataplane::load(&DatapathConfig {
             pins: cfg.pins.clone(),
             sizes: cfg.map_sizes.clone(),
         })
         .context("loading the datapath")?;
+        dp.set_conntrack_budget(cfg.conntrack_budget)
+            .context("setting the conntrack budget")?;
         let (agent, rx) = Self::with_dataplane(cfg, metrics, Box::new(dp))?;
         Ok((agent, events, rx))
     }
@@ -176,6 +182,7 @@ impl Agent {
         let mut agent = Self {
             dp,
             conntrack_fill: ConntrackFill::default(),
+            conntrack_budget: cfg.conntrack_budget,
             current,
             engine: Engine::new(cfg.audit, cfg.host_ips.clone()),
             snapshot: Snapshot::default(),
@@ -686,6 +693,19 @@ impl Agent {
 
     pub fn status(&self) -> StatusReport {
         let view = self.engine.view();
+        let gc = self.conntrack_fill.last();
+        let charge = |id: u32| {
+            let p = gc.as_ref()?;
+            let c = p
+                .charges
+                .binary_search_by_key(&id, |(i, _)| *i)
+                .map_or_else(|_| Default::default(), |i| p.charges[i].1);
+            Some(palisade_api::ConntrackCharge {
+                entries: c.entries,
+                fragments: c.fragments,
+                budget_spent: p.over_budget.iter().any(|(i, _)| *i == id),
+            })
+        };
         let endpoints = self
             .engine
             .model()
@@ -699,6 +719,8 @@ impl Agent {
                         ipv4: 0,
                         flags: 0,
                         generation: 0,
+                        mac: [0; 6],
+                        _pad: [0; 2],
                     },
                 );
                 EndpointStatus {
@@ -711,6 +733,7 @@ impl Agent {
                     ingress_enforced: info.flags & EP_INGRESS_ENFORCED != 0,
                     egress_enforced: info.flags & EP_EGRESS_ENFORCED != 0,
                     audit: info.flags & EP_AUDIT != 0,
+                    conntrack: charge(le.endpoint_id),
                 }
             })
             .collect();
@@ -752,10 +775,13 @@ impl Agent {
     /// conntrack from the GC task's last pass (no map walk here).
     pub fn map_fill(&self) -> Vec<MapFill> {
         let s = self.dp.sizes();
-        let (ct, ct_max) = self
-            .conntrack_fill
-            .last()
+        let last = self.conntrack_fill.last();
+        let (ct, ct_max) = last
+            .as_ref()
             .map_or((0, s.conntrack), |p| (p.conntrack_entries, p.conntrack_max));
+        let (frags, frags_max) = last
+            .as_ref()
+            .map_or((0, s.fragments), |p| (p.fragment_entries, p.fragment_max));
         vec![
             fill(
                 "endpoints",
@@ -765,6 +791,7 @@ impl Agent {
             fill("ipcache", self.current.ipcache.len() as u64, s.ipcache),
             fill("policy", self.current.policy.len() as u64, s.policy),
             fill("conntrack", ct, ct_max),
+            fill("fragments", frags, frags_max),
         ]
     }
 
@@ -775,7 +802,9 @@ impl Agent {
             .dp
             .pins()
             .ok_or_else(|| anyhow!("this dataplane has no pinned maps"))?;
-        let gc = ConntrackGc::open(pins).context("opening the conntrack maps")?;
+        let gc = ConntrackGc::open(pins)
+            .context("opening the conntrack maps")?
+            .with_budget(self.conntrack_budget);
         Ok((gc, self.conntrack_fill.clone()))
     }
 
@@ -845,6 +874,12 @@ fn local_endpoint(e: &Entry) -> LocalEndpoint {
         host_ifname: r.host_ifname.clone(),
         ipv4: r.ipv4,
         container_id: r.container_id.clone(),
+        // (Checked by `validate` when it registered.)
+        mac: r
+            .mac
+            .as_deref()
+            .and_then(palisade_api::parse_mac)
+            .unwrap_or_default(),
     }
 }
 
@@ -885,6 +920,12 @@ fn validate(r: &Registration) -> Result<()> {
     let ip = r.ipv4;
     if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast() {
         return bad(format!("{ip} cannot be a pod address"));
+    }
+    if let Some(m) = &r.mac {
+        match palisade_api::parse_mac(m) {
+            Some(b) if b != [0; 6] && b[0] & 1 == 0 => {}
+            _ => return bad(format!("{m:?} is not a unicast MAC address")),
+        }
     }
     Ok(())
 }

@@ -142,6 +142,16 @@ impl KernelDataplane {
     }
 }
 
+impl KernelDataplane {
+    /// See `Maps::set_conntrack_budget`.
+    pub fn set_conntrack_budget(
+        &mut self,
+        b: palisade_common::ct_budget::CtBudget,
+    ) -> Result<(), Error> {
+        self.maps.set_conntrack_budget(b)
+    }
+}
+
 impl MapWriter for KernelDataplane {
     fn upsert_policy(&mut self, prefix: u32, k: PolicyKey, v: PolicyValue) -> Result<(), Error> {
         self.maps.set_policy(prefix, k, v)
@@ -250,7 +260,7 @@ impl ConntrackFill {
 
     /// `None` until the first pass.
     pub fn last(&self) -> Option<GcPass> {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 

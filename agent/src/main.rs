@@ -158,6 +158,16 @@ struct RunArgs {
     /// CNI DEL whose deregistration never reached the agent), e.g. 15s.
     #[arg(long, default_value = "15s")]
     endpoint_check_interval: String,
+    /// Conntrack entries one pod may hold (its egress flows, and ingress
+    /// flows from pods of this node it sends to, are charged to it; 0: no
+    /// limit). A pod over it gets its new flows dropped as
+    /// `conntrack-budget` where an entry is needed, never others' flushed.
+    #[arg(long, default_value_t = palisade_common::ct_budget::ENTRIES)]
+    conntrack_budget: u32,
+    /// IP fragment records (first fragments in flight) one pod may hold
+    /// (0: no limit).
+    #[arg(long, default_value_t = palisade_common::ct_budget::FRAGMENTS)]
+    fragment_budget: u32,
     /// Routing between nodes: native (a route per other node's pod range
     /// via its address), vxlan (an overlay the agent manages) or none
     /// (chained mode: the primary CNI routes). Needs --node-name.
@@ -240,6 +250,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .with_context(|| {
                         format!("--endpoint-check-interval {}", a.endpoint_check_interval)
                     })?,
+                conntrack_budget: palisade_common::ct_budget::CtBudget {
+                    entries: if a.conntrack_budget == 0 {
+                        u32::MAX
+                    } else {
+                        a.conntrack_budget
+                    },
+                    fragments: if a.fragment_budget == 0 {
+                        u32::MAX
+                    } else {
+                        a.fragment_budget
+                    },
+                },
             };
             // Agent work is serialized by one lock: a few blocking threads
             // suffice, and glibc would give each of them its own malloc

@@ -372,6 +372,9 @@ pub struct KernelStats {
     pub maps: Vec<(String, u64, u64)>,
     /// Local endpoints registered.
     pub endpoints: u64,
+    /// Endpoints holding their whole conntrack or fragment budget, as of
+    /// the last GC pass.
+    pub conntrack_over_budget: u64,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -409,10 +412,15 @@ fn kernel_registry(k: &KernelStats) -> Registry {
         CounterFamily::<ReasonLabel>::default(),
     );
     let translations = counter::Counter::<u64, AtomicU64>::default();
+    let untracked = counter::Counter::<u64, AtomicU64>::default();
     for &(reason, drop, n) in &k.reasons {
         // Bookkeeping, not a verdict: the flow's verdict is counted apart.
         if reason == palisade_common::reason::name(palisade_common::reason::SVC_TRANSLATED) {
             translations.inc_by(n);
+            continue;
+        }
+        if reason == palisade_common::reason::name(palisade_common::reason::CT_BUDGET_UNTRACKED) {
+            untracked.inc_by(n);
             continue;
         }
         let verdict = if drop { "drop" } else { "allow" };
@@ -433,6 +441,19 @@ fn kernel_registry(k: &KernelStats) -> Registry {
         "palisade_service_translations",
         "New flows translated from a Service ClusterIP to a backend (no-backend refusals are palisade_drops_total{reason=\"no-service-backend\"})",
         translations,
+    );
+
+    r.register(
+        "palisade_conntrack_budget_untracked",
+        "New flows and first fragments passed without a conntrack entry because their pod had spent its conntrack budget (flows that need one are dropped: palisade_drops_total{reason=\"conntrack-budget\"})",
+        untracked,
+    );
+    let over = gauge::Gauge::<u64, AtomicU64>::default();
+    over.set(k.conntrack_over_budget);
+    r.register(
+        "palisade_conntrack_over_budget_endpoints",
+        "Local endpoints holding their whole conntrack or fragment budget (last GC pass)",
+        over,
     );
 
     let xdp = CounterFamily::<OutcomeLabel>::default();
@@ -500,10 +521,12 @@ mod tests {
                 ("policy-allow", false, 9),
                 ("no-service-backend", true, 2),
                 ("service-translated", false, 11),
+                ("conntrack-budget-untracked", false, 4),
             ],
             xdp: vec![("xdp-denylist", 3), ("xdp-pass", 40)],
             maps: vec![("policy".into(), 10, 100), ("ipcache".into(), 4, 1024)],
             endpoints: 2,
+            conntrack_over_budget: 1,
         }
     }
 
@@ -640,10 +663,14 @@ mod tests {
             ("palisade_map_capacity{map=\"ipcache\"}", "1024"),
             ("palisade_drops_total{reason=\"no-service-backend\"}", "2"),
             ("palisade_service_translations_total", "11"),
+            ("palisade_conntrack_budget_untracked_total", "4"),
+            ("palisade_conntrack_over_budget_endpoints", "1"),
         ] {
             assert_eq!(sample(&s, series).as_deref(), Some(v), "{series}\n{s}");
         }
         assert!(!s.contains("reason=\"service-translated\""), "{s}");
+        // Bookkeeping, not a verdict.
+        assert!(!s.contains("reason=\"conntrack-budget-untracked\""), "{s}");
         // Allowed reasons are verdicts, not drops.
         assert!(!s.contains("palisade_drops_total{reason=\"policy-allow\"}"));
         assert!(s.contains("# TYPE palisade_verdicts counter"), "{s}");

@@ -84,6 +84,8 @@ pub struct LocalEndpoint {
     pub host_ifname: String,
     pub ipv4: Ipv4Addr,
     pub container_id: String,
+    /// The pod interface's MAC (all zero: not known, not checked).
+    pub mac: [u8; 6],
 }
 
 #[derive(Clone, Debug, Default)]

@@ -212,8 +212,15 @@ pub fn replay(
         report.replayed += 1;
         eb.clear_tracking();
         ea.clear_tracking();
-        let vb = eb.evaluate(ifindex, dir, &pkt);
-        let va = ea.evaluate(ifindex, dir, &pkt);
+        // (Frames carry the pod's MAC: the replay is about policy.)
+        let mac =
+            |s: &palisade_dataplane::MapState| s.endpoints.get(&ifindex).map_or([0; 6], |e| e.mac);
+        let vb = eb.evaluate(
+            ifindex,
+            dir,
+            &pkt.clone().at_pod_mac(mac(&before.maps), dir),
+        );
+        let va = ea.evaluate(ifindex, dir, &pkt.clone().at_pod_mac(mac(&after.maps), dir));
         if allowed(&vb) == allowed(&va) {
             continue;
         }
@@ -311,6 +318,7 @@ mod tests {
                     host_ifname: format!("veth{ip}"),
                     ipv4: Ipv4Addr::new(10, 0, 0, ip),
                     container_id: format!("c-{name}"),
+                    mac: [0; 6],
                 },
             );
         }

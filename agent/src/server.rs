@@ -532,6 +532,20 @@ async fn gc(handle: Handle) {
         };
         match r {
             Ok(pass) => {
+                if pass.orphans_removed > 0 {
+                    info!(
+                        "conntrack gc: {} entries of endpoints that are gone removed",
+                        pass.orphans_removed
+                    );
+                }
+                for (id, c) in &pass.over_budget {
+                    warn!(
+                        endpoint_id = id,
+                        entries = c.entries,
+                        fragments = c.fragments,
+                        "endpoint holds its whole conntrack budget: its new flows that need an entry are dropped (conntrack-budget)"
+                    );
+                }
                 if pass.removed > 0 {
                     tracing::debug!(
                         "conntrack gc: {} expired entries removed, {} left",
@@ -576,10 +590,12 @@ fn kernel_stats(
         .iter()
         .map(|m| match (&last_gc, m.name.as_str()) {
             (Some(p), "conntrack") => (m.name.clone(), p.conntrack_entries, p.conntrack_max as u64),
+            (Some(p), "fragments") => (m.name.clone(), p.fragment_entries, p.fragment_max as u64),
             _ => (m.name.clone(), m.entries, m.max_entries),
         })
         .collect();
     k.endpoints = levels.endpoints;
+    k.conntrack_over_budget = last_gc.map_or(0, |p| p.over_budget.len() as u64);
     k
 }
 

@@ -533,6 +533,8 @@ mod tests {
                 ipv4: 1,
                 flags,
                 generation: 0,
+                mac: [0; 6],
+                _pad: [0; 2],
             },
         );
         s.ipcache.insert(

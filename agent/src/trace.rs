@@ -234,7 +234,9 @@ pub fn trace_with<N: Names + ?Sized>(
         let mut steps = Vec::new();
         let mut verdicts = Vec::new();
         if let Some(ep) = &from.local {
-            let v = eval.evaluate(ep.ifindex, DIR_EGRESS, &packet);
+            // (Frames carry the pod's MAC: the trace is about policy.)
+            let frame = packet.clone().at_pod_mac(ep.mac, DIR_EGRESS);
+            let v = eval.evaluate(ep.ifindex, DIR_EGRESS, &frame);
             let m = matched_peer(&eval, ep, DIR_EGRESS, (to.ip, protocol, t.port), &v);
             let mut st = step(
                 compiled,
@@ -250,7 +252,8 @@ pub fn trace_with<N: Names + ?Sized>(
         }
         if verdicts.iter().all(|v| v.pass) {
             if let Some(ep) = &to.local {
-                let v = eval.evaluate(ep.ifindex, DIR_INGRESS, &packet);
+                let frame = packet.clone().at_pod_mac(ep.mac, DIR_INGRESS);
+                let v = eval.evaluate(ep.ifindex, DIR_INGRESS, &frame);
                 let m = matched_peer(&eval, ep, DIR_INGRESS, (from.ip, protocol, t.port), &v);
                 let mut st = step(
                     compiled,
@@ -321,6 +324,7 @@ mod tests {
             host_ifname: "veth1".into(),
             ipv4: Ipv4Addr::new(10, 0, 0, 1),
             container_id: "c1".into(),
+            mac: [0; 6],
         });
         let req = |to: &str| TraceRequest {
             from: "a/web".into(),

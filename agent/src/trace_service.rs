@@ -175,6 +175,7 @@ mod tests {
             host_ifname: "veth1".into(),
             ipv4: Ipv4Addr::new(10, 0, 0, 1),
             container_id: "c1".into(),
+            mac: [0; 6],
         });
         let backend = |pod: &str, ip: &str| Backend {
             address: ip.parse().unwrap(),

@@ -208,7 +208,8 @@ pub fn probes(state: &MapState, seed: u64, cap: usize) -> Probes {
                         endpoint: *ep,
                         dir,
                         peer,
-                        packet: packet(ep_ip, dir, peer, proto, port),
+                        // (The pod's own MAC: probes are about policy.)
+                        packet: packet(ep_ip, dir, peer, proto, port).at_pod_mac(ep.mac, dir),
                     });
                 }
             }
@@ -336,6 +337,7 @@ mod tests {
             host_ifname: "veth1".into(),
             ipv4: Ipv4Addr::new(10, 0, 0, 2),
             container_id: "c1".into(),
+            mac: [0; 6],
         });
         e
     }

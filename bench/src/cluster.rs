@@ -203,6 +203,7 @@ impl Cluster {
                     host_ifname: format!("fake{k}"),
                     ipv4: p.ip,
                     container_id: cid,
+                    mac: [0; 6],
                 },
             );
         }

@@ -251,6 +251,7 @@ fn model(spec: &Spec, tiers: bool) -> Result<Model> {
             host_ifname: "fake-server".into(),
             ipv4: SERVER,
             container_id: "server".into(),
+            mac: [0; 6],
         },
     );
     if tiers {

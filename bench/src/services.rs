@@ -360,6 +360,8 @@ pub fn run(plan: &Plan) -> Result<Services> {
                     ipv4: be(ip),
                     flags,
                     generation: 0,
+                    mac: [0; 6],
+                    _pad: [0; 2],
                 },
             )?;
             dp.attach_pod(&ifname)?;

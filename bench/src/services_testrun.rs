@@ -55,6 +55,8 @@ pub fn run(calls: usize) -> Result<Vec<(String, f64)>> {
             ipv4: be(POD),
             flags: EP_EGRESS_ENFORCED | EP_INGRESS_ENFORCED,
             generation: 0,
+            mac: [0; 6],
+            _pad: [0; 2],
         },
     )?;
     let world = IpcacheValue {

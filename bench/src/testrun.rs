@@ -124,6 +124,8 @@ impl Rig {
                 ipv4: u32::from_ne_bytes(POD.octets()),
                 flags: EP_INGRESS_ENFORCED | EP_EGRESS_ENFORCED,
                 generation: 0,
+                mac: [0; 6],
+                _pad: [0; 2],
             },
         )?;
         // ipcache: world, one CIDR block containing every peer, and one /32

@@ -371,6 +371,7 @@ pub fn run(plan: &Plan) -> Result<Update> {
                         host_ifname: format!("fake-cni{i}"),
                         ipv4: ip,
                         container_id: format!("cni-{i}"),
+                        mac: [0; 6],
                     };
                     let started = Instant::now();
                     p.change(started, |e| e.add_endpoint(ep))?

@@ -33,8 +33,9 @@ fn main() -> anyhow::Result<()> {
         fs::write(&object, [])?;
         return Ok(());
     }
-    // Only aya-ebpf needs unstable features; see TOOLCHAIN.md.
-    env::set_var("RUSTC_BOOTSTRAP", "aya_ebpf");
+    // Only aya-ebpf and the programs (the atomic add of `verdict::charge`)
+    // use unstable features; see TOOLCHAIN.md.
+    env::set_var("RUSTC_BOOTSTRAP", "aya_ebpf,palisade");
     let root_dir = root.to_str().expect("utf-8 path");
     aya_build::build_ebpf(
         [aya_build::Package {

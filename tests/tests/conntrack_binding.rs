@@ -96,6 +96,8 @@ fn bridged() -> Result<Bridged> {
                     // V (endpoint 2): ingress enforced, no rule.
                     flags: if ep == 2 { EP_INGRESS_ENFORCED } else { 0 },
                     generation: 0,
+                    mac: [0; 6],
+                    _pad: [0; 2],
                 };
                 maps.upsert_endpoint(ifindex, info)?;
                 dp.attach_pod(&ifname)?;

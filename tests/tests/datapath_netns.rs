@@ -59,6 +59,8 @@ fn setup(both: bool) -> Result<Setup> {
                 ipv4: be(ip),
                 flags: 0,
                 generation: 0,
+                mac: [0; 6],
+                _pad: [0; 2],
             };
             maps.upsert_endpoint(ifindex, info)?;
             dp.attach_pod(&ifname)?;
@@ -287,6 +289,20 @@ fn gc_removes_expired_conntrack_and_fragment_entries_only() -> Result<()> {
         },
     )?;
 
+    // Endpoint 1 is registered (the entries of one that is not are
+    // orphans, deleted: conntrack_budget.rs).
+    maps.upsert_endpoint(
+        7,
+        palisade_common::EndpointInfo {
+            endpoint_id: 1,
+            identity: 1001,
+            ipv4: be(B),
+            flags: 0,
+            generation: 0,
+            mac: [0; 6],
+            _pad: [0; 2],
+        },
+    )?;
     // The GC has map handles of its own, opened from the pins.
     let mut gc = palisade_dataplane::ConntrackGc::open(&pins.pins)?;
     let pass = gc.pass(palisade_dataplane::maps::monotonic_ns())?;

@@ -218,6 +218,8 @@ fn gen_policy_set(rng: &mut StdRng, ifindexes: &[u32], now: u64) -> PolicySet {
             flags,
             // Conntrack entries below are of this generation or not.
             generation: rng.gen_range(0..3),
+            mac: [0; 6],
+            _pad: [0; 2],
         };
         endpoints.push((ifs[i], info));
     }
@@ -1287,6 +1289,8 @@ fn kernel_and_reference_agree_on_random_policies_and_packets() -> Result<()> {
         let mut maps = dp.take_maps()?;
         // Every event is compared: no per-endpoint budget.
         maps.set_event_budget(EventBudget::UNLIMITED)?;
+        // The reference has no conntrack budgets (conntrack_budget.rs).
+        maps.set_conntrack_budget(palisade_common::ct_budget::CtBudget::UNLIMITED)?;
         let events = EventReader::new(maps.take_events().expect("events map"));
         let mut rig = Rig { dp, maps, events };
         run_all(&mut rig, &ifindexes, seed)
@@ -1601,6 +1605,8 @@ fn fuzzed_frames_get_the_reference_verdict_and_never_break_the_invariants() -> R
         let mut dp = Datapath::load(&cfg)?;
         let mut maps = dp.take_maps()?;
         maps.set_event_budget(EventBudget::UNLIMITED)?;
+        // The reference has no conntrack budgets (conntrack_budget.rs).
+        maps.set_conntrack_budget(palisade_common::ct_budget::CtBudget::UNLIMITED)?;
         let events = EventReader::new(maps.take_events().expect("events map"));
         let mut rig = Rig { dp, maps, events };
         let before = rig.maps.counters()?;

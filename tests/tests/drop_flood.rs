@@ -93,6 +93,8 @@ fn a_drop_flood_from_one_pod_hides_no_other_pods_verdicts() -> Result<()> {
                 ipv4: be(ip),
                 flags: EP_EGRESS_ENFORCED,
                 generation: 0,
+                mac: [0; 6],
+                _pad: [0; 2],
             };
             maps.upsert_endpoint(ifindex, info)?;
             dp.attach_pod(&ifname)?;
@@ -227,6 +229,8 @@ fn a_stalled_reader_is_woken_once_not_per_event() -> Result<()> {
                 ipv4: be(pod),
                 flags: EP_EGRESS_ENFORCED,
                 generation: 0,
+                mac: [0; 6],
+                _pad: [0; 2],
             },
         )?;
         maps.set_ipcache(

@@ -100,6 +100,7 @@ fn model_of(c: &Cluster) -> Result<Model> {
                     host_ifname: format!("veth{ifindex}"),
                     ipv4: p.ip,
                     container_id,
+                    mac: [0; 6],
                 },
             );
         }

@@ -83,6 +83,8 @@ fn rig() -> Result<Rig> {
                         ipv4: be(ip),
                         flags: 0,
                         generation: 0,
+                        mac: [0; 6],
+                        _pad: [0; 2],
                     };
                     maps.upsert_endpoint(ifindex, info)?;
                     dp.attach_pod(&ifname)?;

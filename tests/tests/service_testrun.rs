@@ -89,6 +89,8 @@ fn translation_rewrites_headers_with_valid_checksums_both_ways() -> Result<()> {
             ipv4: be(POD),
             flags: 0,
             generation: 0,
+            mac: [0; 6],
+            _pad: [0; 2],
         },
     )?;
     let world = IpcacheValue {

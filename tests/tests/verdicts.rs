@@ -150,6 +150,8 @@ impl Rig {
         };
         let mut dp = Datapath::load(&cfg)?;
         let mut maps = dp.take_maps()?;
+        // The reference has no conntrack budgets (conntrack_budget.rs).
+        maps.set_conntrack_budget(palisade_common::ct_budget::CtBudget::UNLIMITED)?;
         let events = EventReader::new(maps.take_events().expect("events map"));
         let mut rig = Self {
             dp,
@@ -182,12 +184,19 @@ impl Rig {
 
     /// The pod on ifindex 1 with `flags`.
     fn endpoint(&mut self, flags: u32) -> Result<()> {
+        self.endpoint_mac(flags, [0; 6])
+    }
+
+    /// The pod with `flags` and the MAC the CNI reported (zero: unknown).
+    fn endpoint_mac(&mut self, flags: u32, mac: [u8; 6]) -> Result<()> {
         let info = EndpointInfo {
             endpoint_id: EP_ID,
             identity: POD_IDENTITY,
             ipv4: be(POD),
             flags,
             generation: 0,
+            mac,
+            _pad: [0; 2],
         };
         self.maps.upsert_endpoint(IFINDEX, info)?;
         self.state.endpoints.insert(IFINDEX, info);
@@ -367,6 +376,73 @@ fn unknown_endpoint_fails_closed() -> Result<()> {
     // Even ARP: the endpoint lookup comes first.
     let s = rig.run(DIR_INGRESS, &Packet::arp_request(PEER, POD))?;
     s.assert_silent(false, None);
+    Ok(())
+}
+
+#[test]
+fn frames_from_a_pod_carry_its_mac_and_its_arp_speaks_only_for_it() -> Result<()> {
+    const MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x05];
+    const OTHER: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 0x07];
+    const GW: [u8; 6] = [0x02, 0xcc, 0, 0, 0, 0x01];
+    const BCAST: [u8; 6] = [0xff; 6];
+    let mut rig = rig!();
+    // Unenforced both ways: the MAC checks hold anyway.
+    rig.endpoint_mac(0, MAC)?;
+    let out = tcp_out(EXTERNAL, 40000, 443, TCP_FLAG_SYN);
+    rig.run(DIR_EGRESS, &out.clone().with_macs(MAC, GW))?
+        .assert_reported(true, VERDICT_ALLOW, reason::UNENFORCED, 0);
+    rig.run(DIR_EGRESS, &out.clone().with_macs(OTHER, GW))?
+        .assert_reported(false, VERDICT_DROP, reason::SPOOFED_MAC, 0);
+    // ARP and IPv6 frames too.
+    rig.run(
+        DIR_EGRESS,
+        &Packet::arp_request(POD, NODE).with_macs(OTHER, BCAST),
+    )?
+    .assert_reported(false, VERDICT_DROP, reason::SPOOFED_MAC, 0);
+    let ns = Packet::neighbour_solicitation(
+        "fe80::5".parse::<Ipv6Addr>()?,
+        "fe80::1".parse::<Ipv6Addr>()?,
+    );
+    rig.run(DIR_EGRESS, &ns.with_macs(OTHER, BCAST))?
+        .assert_reported(false, VERDICT_DROP, reason::SPOOFED_MAC, 0);
+    // An ARP reply claiming another pod's address, from the pod's own MAC.
+    rig.run(
+        DIR_EGRESS,
+        &Packet::arp_reply(PEER, NODE).with_macs(MAC, GW),
+    )?
+    .assert_reported(false, VERDICT_DROP, reason::SPOOFED_MAC, 0);
+    // Its own address, and an RFC 5227 probe, pass.
+    rig.run(
+        DIR_EGRESS,
+        &Packet::arp_request(POD, NODE).with_macs(MAC, BCAST),
+    )?
+    .assert_silent(true, Some(reason::NOT_IP));
+    rig.run(
+        DIR_EGRESS,
+        &Packet::arp_request(Ipv4Addr::UNSPECIFIED, POD).with_macs(MAC, BCAST),
+    )?
+    .assert_silent(true, Some(reason::NOT_IP));
+    // To the pod: its MAC, broadcast or multicast; another unicast MAC is
+    // not its traffic.
+    rig.run(
+        DIR_INGRESS,
+        &Packet::udp(PEER, 5353, POD, 53).with_macs(GW, OTHER),
+    )?
+    .assert_reported(false, VERDICT_DROP, reason::NOT_OWN_DESTINATION, 0);
+    rig.run(
+        DIR_INGRESS,
+        &Packet::udp(PEER, 5353, POD, 53).with_macs(GW, MAC),
+    )?
+    .assert_reported(true, VERDICT_ALLOW, reason::UNENFORCED, 0);
+    rig.run(
+        DIR_INGRESS,
+        &Packet::arp_request(NODE, POD).with_macs(GW, BCAST),
+    )?
+    .assert_silent(true, Some(reason::NOT_IP));
+    // A MAC the CNI did not report is not checked.
+    rig.endpoint(0)?;
+    rig.run(DIR_EGRESS, &out.clone().with_macs(OTHER, GW))?
+        .assert_silent(true, Some(reason::ESTABLISHED));
     Ok(())
 }
 

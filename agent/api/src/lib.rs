@@ -15,6 +15,20 @@ use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_SOCKET: &str = "/run/palisade/agent.sock";
 
+/// "aa:bb:cc:dd:ee:ff" (either case) as bytes.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut out {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
 /// What the CNI plugin knows about a pod it just wired (or, chained, found).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Registration {
@@ -421,6 +435,21 @@ pub struct EndpointStatus {
     pub ingress_enforced: bool,
     pub egress_enforced: bool,
     pub audit: bool,
+    /// What the conntrack GC's last pass found it charged (absent before
+    /// the first pass and from older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conntrack: Option<ConntrackCharge>,
+}
+
+/// An endpoint's share of the conntrack and fragment tables (issue 17
+/// point 7: a per-pod budget, so no pod can flush the others' state).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConntrackCharge {
+    pub entries: u64,
+    pub fragments: u64,
+    /// It holds its whole budget: new flows that need an entry are
+    /// dropped as `conntrack-budget`.
+    pub budget_spent: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

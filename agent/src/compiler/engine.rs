@@ -1341,6 +1341,8 @@ impl Engine {
             ipv4: u32::from_ne_bytes(st.ep.ipv4.octets()),
             flags: st.result.flags,
             generation: 0,
+            mac: st.ep.mac,
+            _pad: [0; 2],
         })
     }
 
@@ -1801,6 +1803,7 @@ mod tests {
             host_ifname: format!("veth{i}"),
             ipv4: ip(rng),
             container_id: format!("c{i}"),
+            mac: [0; 6],
         }
     }
 
@@ -1960,6 +1963,7 @@ mod tests {
             host_ifname: format!("veth{i}"),
             ipv4: Ipv4Addr::new(10, 0, 0, i as u8),
             container_id: format!("c{i}"),
+            mac: [0; 6],
         };
         for i in [1, 2] {
             e.apply(Change::Pod(

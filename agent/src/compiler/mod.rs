@@ -574,6 +574,8 @@ impl Compiler {
                     ipv4: u32::from_ne_bytes(ep.ipv4.octets()),
                     flags: res.flags,
                     generation: 0,
+                    mac: ep.mac,
+                    _pad: [0; 2],
                 },
             );
         }

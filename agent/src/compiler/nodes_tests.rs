@@ -86,6 +86,7 @@ fn cluster() -> Engine {
         host_ifname: "veth1".into(),
         ipv4: ip(WEB),
         container_id: "c1".into(),
+        mac: [0; 6],
     });
     policy(
         &mut e,

@@ -82,6 +82,7 @@ impl T {
                 host_ifname: format!("veth{id}"),
                 ipv4: addr,
                 container_id: format!("c{id}"),
+                mac: [0; 6],
             },
         );
         self

@@ -236,6 +236,7 @@ impl M {
                 host_ifname: format!("v{id}"),
                 ipv4,
                 container_id: format!("c{id}"),
+                mac: [0; 6],
             },
         );
     }
@@ -825,6 +826,7 @@ fn nodes_peers_follow_the_node_objects() {
         host_ifname: "v1".into(),
         ipv4: Ipv4Addr::new(10, 1, 0, 1),
         container_id: "c1".into(),
+        mac: [0; 6],
     });
     let y = "metadata: {name: no-control-plane}\nspec: {tier: Admin, priority: 1, subject: {namespaces: {}}, egress: [{name: cp, action: Deny, to: [{nodes: {matchLabels: {role: control-plane}}}]}, {name: nodes-6443, action: Accept, to: [{nodes: {}}], protocols: [{tcp: {destinationPort: {number: 6443}}}]}]}";
     let c: ClusterNetworkPolicy = serde_yaml::from_str(y).unwrap();

@@ -47,6 +47,7 @@ impl Scratch {
             verify_readiness: false,
             routing: crate::routing::Mode::None,
             endpoint_check_interval: std::time::Duration::from_secs(15),
+            conntrack_budget: Default::default(),
         }
     }
 }
@@ -79,8 +80,8 @@ fn pod(dp: &MemoryDataplane, name: &str, last_octet: u8) -> (Registration, u32) 
         pod: name.into(),
         ipv4: Ipv4Addr::new(10, 244, 0, last_octet),
         host_ifname,
-mac: None,
-ipv6: None,
+        mac: None,
+        ipv6: None,
     };
     (r, ifindex)
 }
@@ -360,7 +361,10 @@ fn allows_go_in_before_enforcement_and_out_after_it() {
 fn conntrack_fill_comes_from_the_last_gc_pass() {
     let s = Scratch::new("fill");
     let dp = MemoryDataplane::new();
-    let agent = start(&s, &dp);
+    let mut agent = start(&s, &dp);
+    let (web, _) = pod(&dp, "web", 5);
+    agent.register(web).expect("registers");
+    let id = agent.model().endpoints["c-web"].endpoint_id;
     let ct = |a: &Agent| {
         a.map_fill()
             .into_iter()
@@ -371,14 +375,31 @@ fn conntrack_fill_comes_from_the_last_gc_pass() {
     assert_eq!(ct(&agent).0, 0, "nothing known before the first pass");
     // The memory dataplane has no pinned maps: no GC of its own to open.
     assert!(agent.conntrack_gc().is_err());
+    assert_eq!(agent.status().endpoints[0].conntrack, None);
+    let held = palisade_common::ct_budget::CtCharge {
+        entries: 40,
+        fragments: 2,
+    };
     agent.conntrack_fill.record(GcPass {
         removed: 3,
         conntrack_entries: 42,
         conntrack_max: 1000,
-        fragment_entries: 0,
+        fragment_entries: 2,
         fragment_max: 10,
+        charges: vec![(id, held)],
+        over_budget: vec![(id, held)],
+        ..Default::default()
     });
     assert_eq!(ct(&agent), (42, 1000));
+    // Each endpoint's share, and whether it is spent, in its status.
+    assert_eq!(
+        agent.status().endpoints[0].conntrack,
+        Some(palisade_api::ConntrackCharge {
+            entries: 40,
+            fragments: 2,
+            budget_spent: true,
+        })
+    );
     assert_eq!(
         agent
             .status()
@@ -459,7 +480,7 @@ fn malformed_registrations_are_invalid_requests() {
     let dp = MemoryDataplane::default();
     let mut agent = start(&s, &dp);
     let (good, _) = pod(&dp, "a", 5);
-    let cases: [fn(&mut Registration); 7] = [
+    let cases: [fn(&mut Registration); 10] = [
         |r| r.container_id.clear(),
         |r| r.container_id = "../../etc".into(),
         |r| r.pod.clear(),
@@ -467,6 +488,9 @@ fn malformed_registrations_are_invalid_requests() {
         |r| r.host_ifname = "x".repeat(16),
         |r| r.ipv4 = Ipv4Addr::UNSPECIFIED,
         |r| r.ipv4 = Ipv4Addr::new(224, 0, 0, 1),
+        |r| r.mac = Some("02:00:00:00:00".into()),
+        |r| r.mac = Some("01:00:5e:00:00:01".into()),
+        |r| r.mac = Some("zz:00:00:00:00:01".into()),
     ];
     for (i, break_it) in cases.iter().enumerate() {
         let mut r = good.clone();

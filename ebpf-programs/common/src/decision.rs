@@ -107,6 +107,53 @@ pub fn foreign_destination(ep: &EndpointInfo, dir: u8, daddr: u32) -> Option<Dec
     }
 }
 
+/// Layer 2 of a frame on a pod's veth, where the CNI told the pod's MAC
+/// (`EndpointInfo::mac`): from the pod, the source must be that MAC (one
+/// sent as another MAC poisons a bridge's forwarding table and draws other
+/// pods' frames, chained behind a bridge CNI); to the pod, a unicast
+/// destination must be it. Dropped enforced or not, never audited through.
+#[inline(always)]
+pub fn foreign_mac(ep: &EndpointInfo, dir: u8, src: &[u8; 6], dst: &[u8; 6]) -> Option<Decision> {
+    if ep.mac == [0; 6] {
+        return None;
+    }
+    if dir == DIR_EGRESS {
+        if *src != ep.mac {
+            return Some(hard_drop(ep, reason::SPOOFED_MAC, dir));
+        }
+    } else if dst[0] & 1 == 0 && *dst != ep.mac {
+        return Some(hard_drop(ep, reason::NOT_OWN_DESTINATION, dir));
+    }
+    None
+}
+
+/// An ARP packet from a pod speaks for the pod only: Ethernet/IPv4 ARP
+/// (`hlen` 6, `plen` 4, else `malformed-header`), its sender protocol
+/// address the pod's (or 0.0.0.0, an RFC 5227 probe) and its sender
+/// hardware address the frame's source. Otherwise (an ARP reply or
+/// gratuitous ARP claiming another pod's address) it is dropped as
+/// `spoofed-mac`, enforced or not. ARP to the pod passes as before.
+#[inline(always)]
+pub fn arp_spoofed(
+    ep: &EndpointInfo,
+    dir: u8,
+    (hlen, plen): (u8, u8),
+    spa: u32,
+    sha: &[u8; 6],
+    src: &[u8; 6],
+) -> Option<Decision> {
+    if dir != DIR_EGRESS {
+        return None;
+    }
+    if hlen != 6 || plen != 4 {
+        return Some(hard_drop(ep, reason::MALFORMED, dir));
+    }
+    if (spa != ep.ipv4 && spa != 0) || sha != src {
+        return Some(hard_drop(ep, reason::SPOOFED_MAC, dir));
+    }
+    None
+}
+
 /// Identities for a verdict reached before the peer was looked up.
 #[inline(always)]
 pub fn own_side(ep: &EndpointInfo, dir: u8) -> (u32, u32) {
@@ -570,7 +617,62 @@ mod tests {
         ipv4: 0x0100_000a,
         flags: EP_INGRESS_ENFORCED,
         generation: 0,
+        mac: [0; 6],
+        _pad: [0; 2],
     };
+
+    #[test]
+    fn macs_are_checked_only_where_known_and_arp_speaks_for_the_pod() {
+        let (own, other, bcast) = ([2, 0xaa, 0, 0, 0, 5], [2, 0xbb, 0, 0, 0, 7], [0xff; 6]);
+        let known = EndpointInfo { mac: own, ..EP };
+        let why = |d: Option<Decision>| d.map(|d| (d.pass, d.reason));
+        assert_eq!(why(foreign_mac(&EP, DIR_EGRESS, &other, &bcast)), None);
+        assert_eq!(why(foreign_mac(&known, DIR_EGRESS, &own, &other)), None);
+        assert_eq!(
+            why(foreign_mac(&known, DIR_EGRESS, &other, &own)),
+            Some((false, reason::SPOOFED_MAC))
+        );
+        assert_eq!(why(foreign_mac(&known, DIR_INGRESS, &other, &own)), None);
+        assert_eq!(why(foreign_mac(&known, DIR_INGRESS, &other, &bcast)), None);
+        let multicast = [0x01, 0, 0x5e, 0, 0, 1];
+        assert_eq!(
+            why(foreign_mac(&known, DIR_INGRESS, &other, &multicast)),
+            None
+        );
+        assert_eq!(
+            why(foreign_mac(&known, DIR_INGRESS, &own, &other)),
+            Some((false, reason::NOT_OWN_DESTINATION))
+        );
+        // Audit mode lets none of it through.
+        let audited = EndpointInfo {
+            flags: EP_AUDIT | EP_INGRESS_ENFORCED,
+            ..known
+        };
+        assert!(
+            !foreign_mac(&audited, DIR_EGRESS, &other, &own)
+                .unwrap()
+                .pass
+        );
+
+        let arp = |ep: &EndpointInfo, dir, lens, spa, sha: [u8; 6]| {
+            why(arp_spoofed(ep, dir, lens, spa, &sha, &own))
+        };
+        assert_eq!(arp(&EP, DIR_EGRESS, (6, 4), EP.ipv4, own), None);
+        assert_eq!(arp(&EP, DIR_EGRESS, (6, 4), 0, own), None);
+        assert_eq!(
+            arp(&EP, DIR_EGRESS, (6, 4), 0x0200_000a, own),
+            Some((false, reason::SPOOFED_MAC))
+        );
+        assert_eq!(
+            arp(&EP, DIR_EGRESS, (6, 4), EP.ipv4, other),
+            Some((false, reason::SPOOFED_MAC))
+        );
+        assert_eq!(
+            arp(&EP, DIR_EGRESS, (16, 4), EP.ipv4, own),
+            Some((false, reason::MALFORMED))
+        );
+        assert_eq!(arp(&EP, DIR_INGRESS, (6, 4), 0x0200_000a, other), None);
+    }
 
     #[test]
     fn lookups_stop_at_first_hit_in_order() {
@@ -708,6 +810,8 @@ mod ct_tests {
         ipv4: 0x0100_000a,
         flags: EP_INGRESS_ENFORCED,
         generation: 3,
+        mac: [0; 6],
+        _pad: [0; 2],
     };
 
     #[test]

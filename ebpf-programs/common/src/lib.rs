@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod conntrack;
+pub mod ct_budget;
 pub mod decision;
 pub mod event_limit;
 pub mod ipv6;
@@ -32,8 +33,14 @@ pub mod maps {
     pub const EVENT_LIMIT: &str = "EVENT_LIMIT";
     /// The budget in force (one entry; zeros mean the defaults).
     pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
+    /// Conntrack and fragment entries charged to each endpoint
+    /// (`ct_budget`), by endpoint id.
+    pub const CT_CHARGE: &str = "CT_CHARGE";
+    /// The per-endpoint conntrack budget in force (one entry; zeros mean
+    /// the defaults); not pinned, set by the agent at every start.
+    pub const CT_BUDGET: &str = "CT_BUDGET";
     /// Every map the programs share, in a stable order (pinning, adoption).
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         ENDPOINTS,
         IPCACHE,
         POLICY,
@@ -47,6 +54,7 @@ pub mod maps {
         SVC_BACKENDS,
         SVC_NAT,
         SVC_AFFINITY,
+        CT_CHARGE,
     ];
 }
 
@@ -73,7 +81,9 @@ pub mod sizes {
     pub const ENDPOINTS: u32 = 16 * 1024;
     pub const IPCACHE: u32 = 256 * 1024;
     pub const POLICY: u32 = 512 * 1024;
-    pub const CONNTRACK: u32 = 256 * 1024;
+    /// 512k, like Cilium's TCP table; each pod may hold an eighth
+    /// (`ct_budget::ENTRIES`).
+    pub const CONNTRACK: u32 = 512 * 1024;
     pub const FRAGMENTS: u32 = 8 * 1024;
     pub const EVENTS_BYTES: u32 = 1 << 22;
     pub const XDP_DENY: u32 = 64 * 1024;
@@ -169,6 +179,10 @@ pub struct EndpointInfo {
     /// when now denied (`reason::POLICY_CHANGED`). One compare of a value
     /// already loaded for every packet: no lookup on the established path.
     pub generation: u32,
+    /// The pod interface's MAC as the CNI plugin saw it; all zero when it
+    /// is not known (then no MAC is checked: `decision::foreign_mac`).
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
 }
 
 impl EndpointInfo {
@@ -357,6 +371,12 @@ pub mod reason {
     /// longer admits (its generation changed, or audit mode ended): the
     /// entry is deleted and the flow cut.
     pub const POLICY_CHANGED: u8 = 28;
+    /// A new flow whose conntrack entry its verdicts depend on, from or
+    /// to an endpoint that has spent its conntrack budget (`ct_budget`).
+    pub const CT_BUDGET: u8 = 29;
+    /// A frame from a pod whose source MAC is not the pod's, or an ARP
+    /// packet from it that claims another address.
+    pub const SPOOFED_MAC: u8 = 30;
     /// IPv6 neighbour discovery a pod may not send (router advertisement,
     /// redirect), or any with a hop limit other than 255.
     pub const ND_FORBIDDEN: u8 = 31;
@@ -368,6 +388,9 @@ pub mod reason {
     /// An event left out by the per-endpoint budget (`event_limit`); the
     /// verdict itself was counted under its own reason.
     pub const EVENTS_SUPPRESSED: u8 = 35;
+    /// A new flow or first fragment passed without an entry because its
+    /// endpoint's conntrack budget was spent (`ct_budget`).
+    pub const CT_BUDGET_UNTRACKED: u8 = 36;
 
     pub const MAX: u32 = 64;
 
@@ -398,6 +421,9 @@ pub mod reason {
             POLICY_CHANGED => "policy-changed",
             ND_FORBIDDEN => "nd-forbidden",
             EVENTS_SUPPRESSED => "events-suppressed",
+            CT_BUDGET => "conntrack-budget",
+            SPOOFED_MAC => "spoofed-mac",
+            CT_BUDGET_UNTRACKED => "conntrack-budget-untracked",
             _ => "none",
         }
     }
@@ -455,6 +481,8 @@ mod pod_impls {
     unsafe impl aya::Pod for crate::event_limit::EventBudget {}
     unsafe impl aya::Pod for crate::event_limit::EventLimitKey {}
     unsafe impl aya::Pod for crate::event_limit::EventLimitState {}
+    unsafe impl aya::Pod for crate::ct_budget::CtBudget {}
+    unsafe impl aya::Pod for crate::ct_budget::CtCharge {}
     unsafe impl aya::Pod for service::SvcFrontendKey {}
     unsafe impl aya::Pod for service::SvcFrontend {}
     unsafe impl aya::Pod for service::SvcBackendKey {}
@@ -472,7 +500,7 @@ mod tests {
     #[test]
     fn layouts_have_no_padding() {
         assert_eq!(size_of::<EndpointKey>(), 8);
-        assert_eq!(size_of::<EndpointInfo>(), 20);
+        assert_eq!(size_of::<EndpointInfo>(), 28);
         assert_eq!(size_of::<IpcacheValue>(), 8);
         assert_eq!(size_of::<PolicyKey>(), 12);
         assert_eq!(size_of::<PolicyKey>() as u32 * 8, POLICY_PREFIX_FULL);
@@ -483,6 +511,8 @@ mod tests {
         assert_eq!(size_of::<FragValue>(), 16);
         assert_eq!(size_of::<FlowEvent>(), 64);
         assert_eq!(size_of::<event_limit::EventLimitState>(), 32);
+        assert_eq!(size_of::<ct_budget::CtBudget>(), 8);
+        assert_eq!(size_of::<ct_budget::CtCharge>(), 16);
     }
 
     #[test]

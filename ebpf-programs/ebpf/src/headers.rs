@@ -15,6 +15,19 @@ pub struct EthHdr {
     pub ether_type_be: u16,
 }
 
+/// An ARP header up to the sender's addresses (offset 14 of the sender
+/// protocol address is not 4-aligned: bytes).
+#[repr(C)]
+pub struct ArpHdr {
+    pub htype_be: u16,
+    pub ptype_be: u16,
+    pub hlen: u8,
+    pub plen: u8,
+    pub op_be: u16,
+    pub sha: [u8; 6],
+    pub spa: [u8; 4],
+}
+
 #[repr(C)]
 pub struct Ipv4Hdr {
     pub ver_ihl: u8,

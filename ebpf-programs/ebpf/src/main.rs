@@ -7,6 +7,10 @@
 //! deny-listed sources on a node uplink before an skb exists.
 #![no_std]
 #![no_main]
+// For `atomic_xadd` (`verdict::atomic_add`): the BPF target has no
+// read-modify-write atomics in `core::sync::atomic`.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 mod events;
 mod headers;
@@ -22,6 +26,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use palisade_common::{
+    ct_budget::{CtBudget, CtCharge},
     event_limit::{EventBudget, EventLimitKey, EventLimitState},
     reason,
     service::{
@@ -60,6 +65,14 @@ static EVENT_LIMIT: LruPerCpuHashMap<EventLimitKey, EventLimitState> =
 
 #[map]
 static EVENT_BUDGET: Array<EventBudget> = Array::with_max_entries(1, 0);
+
+/// Conntrack and fragment entries charged to each endpoint, and the
+/// budget in force (`palisade_common::ct_budget`).
+#[map]
+static CT_CHARGE: HashMap<u32, CtCharge> = HashMap::with_max_entries(sizes::ENDPOINTS, 0);
+
+#[map]
+static CT_BUDGET: Array<CtBudget> = Array::with_max_entries(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::MAX, 0);

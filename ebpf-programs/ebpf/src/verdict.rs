@@ -21,11 +21,12 @@ use aya_ebpf::{
 };
 use palisade_common::{
     conntrack::{TCP_ESTABLISHED, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN},
+    ct_budget::{self, CtCharge},
     decision::{
-        ct_key, ct_use, decide, drop_if_enforced as enforced_drop, empty_key,
-        first_fragment_verdict, foreign_destination, hard_drop, later_fragment_verdict,
-        new_ct_entry, records_entry, refresh, rejudged, rejudged_entry, remote_addr, spoofed,
-        track, unchecked_source, Decision, Tracked,
+        arp_spoofed, ct_key, ct_use, decide, drop_if_enforced as enforced_drop, empty_key,
+        first_fragment_verdict, foreign_destination, foreign_mac, hard_drop,
+        later_fragment_verdict, new_ct_entry, records_entry, refresh, rejudged, rejudged_entry,
+        remote_addr, spoofed, track, unchecked_source, Decision, Tracked,
     },
     ipv6::V6,
     reason,
@@ -40,8 +41,8 @@ use palisade_common::{
 };
 
 use crate::{
-    headers::*, service, CONNTRACK, COUNTERS, ENDPOINTS, FRAGMENTS, IPCACHE, POLICY, SVC_AFFINITY,
-    SVC_BACKENDS, SVC_FRONTENDS, SVC_NAT,
+    headers::*, service, CONNTRACK, COUNTERS, CT_BUDGET, CT_CHARGE, ENDPOINTS, FRAGMENTS, IPCACHE,
+    POLICY, SVC_AFFINITY, SVC_BACKENDS, SVC_FRONTENDS, SVC_NAT,
 };
 
 /// Bytes of headers the programs may need in the linear part of the skb:
@@ -93,10 +94,31 @@ pub fn process<const DRY: bool>(
         return Ok(drop_unchecked::<DRY>(&ep, dir, ifindex, reason::MALFORMED));
     };
     // SAFETY: bounds checked by ptr_at.
-    let ether_type = u16::from_be(unsafe { (*eth).ether_type_be });
+    let (src_mac, dst_mac, ether_type) =
+        unsafe { ((*eth).src, (*eth).dst, u16::from_be((*eth).ether_type_be)) };
+    // Layer 2 first: every frame from the pod carries its MAC.
+    if let Some(d) = foreign_mac(&ep, dir, &src_mac, &dst_mac) {
+        return Ok(report_drop::<DRY>(&ep, ifindex, dir, Some(d)));
+    }
     match ether_type {
         ETH_P_IP => {}
         ETH_P_ARP => {
+            if dir == DIR_EGRESS {
+                let Some(a) = ptr_at::<ArpHdr>(start, end, ETH_HLEN) else {
+                    return Ok(drop_unchecked::<DRY>(&ep, dir, ifindex, reason::MALFORMED));
+                };
+                // SAFETY: bounds checked by ptr_at.
+                let (lens, spa, sha) = unsafe {
+                    (
+                        ((*a).hlen, (*a).plen),
+                        u32::from_ne_bytes((*a).spa),
+                        (*a).sha,
+                    )
+                };
+                if let Some(d) = arp_spoofed(&ep, dir, lens, spa, &sha, &src_mac) {
+                    return Ok(report_drop::<DRY>(&ep, ifindex, dir, Some(d)));
+                }
+            }
             count::<DRY>(reason::NOT_IP);
             return Ok(true);
         }
@@ -250,15 +272,20 @@ pub fn process<const DRY: bool>(
 
     let pass = track_and_decide::<DRY>(ctx, &ep, dir, ifindex, &mut flow, l4, redirect);
     if !DRY && frag_off & IP_MF != 0 {
-        // First fragment: the rest of the datagram inherits this verdict.
-        // SAFETY: helper without preconditions.
-        let (expires_ns, verdict) = first_fragment_verdict(pass, unsafe { bpf_ktime_get_ns() });
-        let v = FragValue {
-            expires_ns,
-            verdict,
-            _pad: 0,
-        };
-        let _ = FRAGMENTS.insert(&frag_key, &v, 0);
+        // First fragment: the rest of the datagram inherits this verdict,
+        // if its endpoint may keep one more record.
+        if charge(&ep, dir, saddr, 1, true) {
+            // SAFETY: helper without preconditions.
+            let (expires_ns, verdict) = first_fragment_verdict(pass, unsafe { bpf_ktime_get_ns() });
+            let v = FragValue {
+                expires_ns,
+                verdict,
+                _pad: 0,
+            };
+            let _ = FRAGMENTS.insert(&frag_key, &v, 0);
+        } else {
+            count::<DRY>(reason::CT_BUDGET_UNTRACKED);
+        }
     }
     Ok(pass)
 }
@@ -356,13 +383,120 @@ fn track_and_decide<const DRY: bool>(
         }
     }
 
-    let d = policy(ep, dir, &flow.key);
+    let mut d = policy(ep, dir, &flow.key);
     if !DRY && records_entry(&d, flow.key.protocol, flow.tcp_flags) {
         let v = new_ct_entry(ep, &d, flow.key.protocol, flow.tcp_flags, now);
-        let _ = CONNTRACK.insert(&flow.key, &v, 0);
+        // (One that starts closing, picked up at its FIN or RST, is free.)
+        if !ct_budget::charged(flow.key.protocol, v.tcp_state)
+            || charge(ep, dir, flow.key.saddr, 1, false)
+        {
+            let _ = CONNTRACK.insert(&flow.key, &v, 0);
+        } else if ct_budget::needed(ep, dir, d.reason) {
+            d = hard_drop(ep, reason::CT_BUDGET, dir);
+        } else {
+            count::<DRY>(reason::CT_BUDGET_UNTRACKED);
+        }
     }
     finish::<DRY>(ep, ifindex, flow, &d);
     d.pass
+}
+
+/// The endpoint a new entry of `ep` in `scope` from `saddr` is charged to
+/// (`palisade_common::ct_budget`): `ep` for its egress, for ingress the
+/// sending pod when it is on this node, else `ep`.
+#[inline(always)]
+fn charged_to(ep: &EndpointInfo, scope: u8, saddr: u32) -> u32 {
+    if scope == DIR_INGRESS {
+        if let Some(src) = lookup(&ENDPOINTS, &EndpointKey::ipv4(saddr)) {
+            return src.endpoint_id;
+        }
+    }
+    ep.endpoint_id
+}
+
+/// Gives back the charge of entry `k` (its TCP connection closed).
+#[inline(always)]
+fn release(ep: &EndpointInfo, k: &CtKey) {
+    let id = charged_to(ep, k.scope, k.saddr);
+    if let Some(c) = CT_CHARGE.get_ptr_mut(&id) {
+        // SAFETY: valid map value pointer, changed atomically only.
+        let field = unsafe { &raw mut (*c).entries };
+        // SAFETY: as above.
+        if unsafe { core::ptr::read_volatile(field) } != 0 {
+            // Adding u64::MAX subtracts one (see `ct_budget::fits` on a
+            // race to below zero).
+            atomic_add(field, u64::MAX);
+        }
+    }
+}
+
+/// `*p += n`, atomically, the result unused (BPF_ATOMIC BPF_ADD): the BPF
+/// target has no read-modify-write atomics in `core::sync::atomic`.
+#[inline(always)]
+fn atomic_add(p: *mut u64, n: u64) {
+    // SAFETY (both): callers pass an aligned u64 in a map value.
+    #[cfg(target_arch = "bpf")]
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            p, n,
+        )
+    };
+    #[cfg(not(target_arch = "bpf"))]
+    unsafe { core::sync::atomic::AtomicU64::from_ptr(p) }
+        .fetch_add(n, core::sync::atomic::Ordering::Relaxed);
+}
+
+/// Charges `n` new conntrack entries (or fragment records) to the endpoint
+/// that caused them (`palisade_common::ct_budget`): `ep` for its egress,
+/// for ingress the sending pod when it is on this node, else `ep`. False,
+/// and nothing charged, when they do not fit its budget.
+#[inline(always)]
+fn charge(ep: &EndpointInfo, dir: u8, saddr: u32, n: u64, fragments: bool) -> bool {
+    let id = charged_to(ep, dir, saddr);
+    let limit = match CT_BUDGET.get(0) {
+        Some(b) => b.limit(fragments),
+        None => ct_budget::CtBudget::default().limit(fragments),
+    };
+    match CT_CHARGE.get_ptr_mut(&id) {
+        Some(c) => {
+            // SAFETY: valid map value pointer; the field is only ever
+            // changed atomically here (the agent's GC overwrites it whole).
+            let field = unsafe {
+                if fragments {
+                    &raw mut (*c).fragments
+                } else {
+                    &raw mut (*c).entries
+                }
+            };
+            // A plain read: several CPUs may pass the check at once, so the
+            // budget may be overrun by a few entries, never by a flood.
+            // SAFETY: as above.
+            if !ct_budget::fits(unsafe { core::ptr::read_volatile(field) }, n, limit) {
+                return false;
+            }
+            // SAFETY: as above; an aligned u64 in a map value.
+            atomic_add(field, n);
+        }
+        None => {
+            if !ct_budget::fits(0, n, limit) {
+                return false;
+            }
+            let c = if fragments {
+                CtCharge {
+                    entries: 0,
+                    fragments: n,
+                }
+            } else {
+                CtCharge {
+                    entries: n,
+                    fragments: 0,
+                }
+            };
+            // BPF_NOEXIST: another CPU's first charge stays.
+            let _ = CT_CHARGE.insert(&id, &c, 1);
+        }
+    }
+    true
 }
 
 /// A tracked flow whose entry is stale (`decision::ct_stale`): judged
@@ -469,7 +603,7 @@ fn ct_track(
     flags: &mut u8,
     state: &mut u8,
 ) -> Option<Tracked> {
-    track(key, dir, |k, reply| {
+    let t = track(key, dir, |k, reply| {
         let p = CONNTRACK.get_ptr_mut(k)?;
         // SAFETY: valid map value pointer; concurrent updates of these
         // fields race benignly (last writer wins on a timestamp).
@@ -478,7 +612,23 @@ fn ct_track(
         *state = ct.tcp_state;
         let stale = ct_use(ct, ep, k.protocol, tcp_flags, reply, now)?;
         Some((ct.cookie, stale))
-    })
+    });
+    // A FIN or RST moves a refreshed TCP entry to a closing state
+    // (`conntrack::tcp_next_state`): it no longer holds its endpoint's
+    // budget. (Decided here, not in the closure, which the two lookups
+    // share as a function call of its own: its stack adds to the
+    // program's.)
+    if key.protocol == PROTO_TCP
+        && tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0
+        && ct_budget::charged(PROTO_TCP, *state)
+    {
+        if let Some(t) = &t {
+            if !t.stale {
+                release(ep, &t.key);
+            }
+        }
+    }
+    t
 }
 
 /// The policy verdict on a new flow.
@@ -555,6 +705,12 @@ fn service_flow(
         policy(ep, DIR_EGRESS, &flow.key)
     };
     if !d.pass {
+        finish::<false>(ep, ifindex, flow, &d);
+        return false;
+    }
+    // Two conntrack entries (below): the translation needs both.
+    if !charge(ep, DIR_EGRESS, orig.saddr, 2, false) {
+        let d = hard_drop(ep, reason::CT_BUDGET, DIR_EGRESS);
         finish::<false>(ep, ifindex, flow, &d);
         return false;
     }

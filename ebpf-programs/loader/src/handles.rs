@@ -3,10 +3,17 @@
 //! that can hold hundreds of thousands of entries, and the counter reader
 //! behind /metrics. Each holds its own file descriptors, so neither ever
 //! waits for (or holds up) a registration or a map sync.
-use std::sync::Arc;
+use std::{
+    collections::{HashMap as StdHashMap, HashSet},
+    sync::Arc,
+};
 
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
-use palisade_common::{maps as names, CtKey, CtValue, FragKey, FragValue};
+use palisade_common::{
+    ct_budget::{charged, fits, CtBudget, CtCharge},
+    maps as names, CtKey, CtValue, EndpointInfo, EndpointKey, FragKey, FragValue, DIR_INGRESS,
+    EP_KEY_IFINDEX, EP_KEY_IPV4,
+};
 
 use crate::{
     maps::{removed, sum_counters, Counters},
@@ -26,10 +33,13 @@ fn open<T: TryFrom<Map, Error = MapError>>(
 }
 
 /// What one GC pass did and left.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct GcPass {
     /// Expired conntrack and fragment entries deleted.
     pub removed: usize,
+    /// Entries of endpoints that are gone (deregistered or forgotten)
+    /// deleted: a pod's state goes with it.
+    pub orphans_removed: usize,
     /// Conntrack entries left after the pass (the map's fill level).
     pub conntrack_entries: u64,
     /// The conntrack map's capacity (as created, which for an adopted map
@@ -37,16 +47,65 @@ pub struct GcPass {
     pub conntrack_max: u32,
     pub fragment_entries: u64,
     pub fragment_max: u32,
+    /// What each endpoint of `ENDPOINTS` holding any entry is charged
+    /// (`palisade_common::ct_budget`), by id.
+    pub charges: Vec<(u32, CtCharge)>,
+    /// Those of `charges` holding their whole conntrack or fragment budget.
+    pub over_budget: Vec<(u32, CtCharge)>,
 }
 
-/// Deletes expired CONNTRACK and FRAGMENTS entries. Opened from the pinned
-/// maps (the datapath must have been loaded once), `Send`: it lives in a
-/// task of its own.
+/// Deletes expired CONNTRACK and FRAGMENTS entries and those of endpoints
+/// that are gone, and recounts what each endpoint is charged
+/// (`CT_CHARGE`). Opened from the pinned maps (the datapath must have been
+/// loaded once), `Send`: it lives in a task of its own.
 pub struct ConntrackGc {
     conntrack: HashMap<MapData, CtKey, CtValue>,
     conntrack_max: u32,
     fragments: HashMap<MapData, FragKey, FragValue>,
     fragment_max: u32,
+    endpoints: HashMap<MapData, EndpointKey, EndpointInfo>,
+    charge: HashMap<MapData, u32, CtCharge>,
+    budget: CtBudget,
+}
+
+/// The endpoints in `ENDPOINTS` at one moment: their ids, and which one
+/// holds each address (to charge ingress entries to a local sender, as the
+/// kernel does).
+#[derive(Default)]
+struct Live {
+    ids: HashSet<u32>,
+    by_addr: StdHashMap<u32, u32>,
+}
+
+impl Live {
+    fn read(endpoints: &HashMap<MapData, EndpointKey, EndpointInfo>) -> Self {
+        let mut l = Live::default();
+        for (k, v) in endpoints.iter().filter_map(Result::ok) {
+            // (Both of an endpoint's keys name it; either keeps it live.)
+            match k.kind {
+                EP_KEY_IFINDEX => {
+                    l.ids.insert(v.endpoint_id);
+                }
+                EP_KEY_IPV4 => {
+                    l.ids.insert(v.endpoint_id);
+                    l.by_addr.insert(k.value, v.endpoint_id);
+                }
+                _ => {}
+            }
+        }
+        l
+    }
+
+    /// The endpoint an entry made on `endpoint_id`'s interface in `scope`
+    /// is charged to (`palisade_common::ct_budget`).
+    fn charged_to(&self, endpoint_id: u32, scope: u8, saddr: u32) -> u32 {
+        if scope == DIR_INGRESS {
+            if let Some(id) = self.by_addr.get(&saddr) {
+                return *id;
+            }
+        }
+        endpoint_id
+    }
 }
 
 impl ConntrackGc {
@@ -54,49 +113,154 @@ impl ConntrackGc {
         pins.check_bpffs()?;
         let (conntrack, conntrack_max) = open(pins, names::CONNTRACK)?;
         let (fragments, fragment_max) = open(pins, names::FRAGMENTS)?;
+        let (endpoints, _) = open(pins, names::ENDPOINTS)?;
+        let (charge, _) = open(pins, names::CT_CHARGE)?;
         Ok(Self {
             conntrack,
             conntrack_max,
             fragments,
             fragment_max,
+            endpoints,
+            charge,
+            budget: CtBudget::default(),
         })
     }
 
+    /// The budget the programs apply (`Maps::set_conntrack_budget`), for
+    /// `GcPass::over_budget`.
+    pub fn with_budget(mut self, budget: CtBudget) -> Self {
+        self.budget = budget;
+        self
+    }
+
     /// Delete the entries that expired before `now_ns` (CLOCK_MONOTONIC, the
-    /// clock of bpf_ktime_get_ns, see `maps::monotonic_ns`) and count what
-    /// is left, in one walk of each map.
+    /// clock of bpf_ktime_get_ns, see `maps::monotonic_ns`) and those of
+    /// endpoints no longer in `ENDPOINTS`, count what is left, in one walk
+    /// of each map, and set every endpoint's charge to what it holds.
+    ///
+    /// `ENDPOINTS` is read before and after the walks: an entry of an
+    /// endpoint missing from both is an orphan (one registered during the
+    /// walk is in the second read; one deregistered during it is not).
+    /// Charges the kernel adds while the pass runs are overwritten by the
+    /// recount, so a budget may be overrun by what one pass's duration
+    /// allows; the next pass counts those entries.
     pub fn pass(&mut self, now_ns: u64) -> Result<GcPass, Error> {
-        let mut live = 0u64;
-        let mut dead = Vec::new();
+        let before = Live::read(&self.endpoints);
+        let mut charges: StdHashMap<u32, CtCharge> = StdHashMap::new();
+        let (mut live, mut dead, mut orphans) = (0u64, Vec::new(), Vec::new());
         for (k, v) in self.conntrack.iter().filter_map(Result::ok) {
             if v.expires_ns <= now_ns {
                 dead.push(k);
+            } else if !before.ids.contains(&k.endpoint_id) {
+                orphans.push((k, v.tcp_state));
             } else {
                 live += 1;
+                if charged(k.protocol, v.tcp_state) {
+                    let id = before.charged_to(k.endpoint_id, k.scope, k.saddr);
+                    charges.entry(id).or_default().entries += 1;
+                }
+            }
+        }
+        let (mut live_frags, mut dead_frags, mut frag_orphans) = (0u64, Vec::new(), Vec::new());
+        for (k, v) in self.fragments.iter().filter_map(Result::ok) {
+            if v.expires_ns <= now_ns {
+                dead_frags.push(k);
+            } else if !before.ids.contains(&k.endpoint_id) {
+                frag_orphans.push(k);
+            } else {
+                live_frags += 1;
+                let id = before.charged_to(k.endpoint_id, k.scope, k.saddr);
+                charges.entry(id).or_default().fragments += 1;
+            }
+        }
+        let after = Live::read(&self.endpoints);
+        let mut orphans_removed = 0;
+        for (k, tcp_state) in &orphans {
+            if after.ids.contains(&k.endpoint_id) {
+                live += 1;
+                if charged(k.protocol, *tcp_state) {
+                    let id = after.charged_to(k.endpoint_id, k.scope, k.saddr);
+                    charges.entry(id).or_default().entries += 1;
+                }
+            } else {
+                removed(names::CONNTRACK, self.conntrack.remove(k))?;
+                orphans_removed += 1;
+            }
+        }
+        for k in &frag_orphans {
+            if after.ids.contains(&k.endpoint_id) {
+                live_frags += 1;
+                let id = after.charged_to(k.endpoint_id, k.scope, k.saddr);
+                charges.entry(id).or_default().fragments += 1;
+            } else {
+                removed(names::FRAGMENTS, self.fragments.remove(k))?;
+                orphans_removed += 1;
             }
         }
         for k in &dead {
             removed(names::CONNTRACK, self.conntrack.remove(k))?;
         }
-        let mut live_frags = 0u64;
-        let mut dead_frags = Vec::new();
-        for (k, v) in self.fragments.iter().filter_map(Result::ok) {
-            if v.expires_ns <= now_ns {
-                dead_frags.push(k);
-            } else {
-                live_frags += 1;
-            }
-        }
         for k in &dead_frags {
             removed(names::FRAGMENTS, self.fragments.remove(k))?;
         }
+        let charges = self.recharge(charges, &after)?;
+        let over_budget = charges
+            .iter()
+            .filter(|(_, c)| {
+                !fits(c.entries, 1, self.budget.limit(false))
+                    || !fits(c.fragments, 1, self.budget.limit(true))
+            })
+            .copied()
+            .collect();
         Ok(GcPass {
             removed: dead.len() + dead_frags.len(),
+            orphans_removed,
             conntrack_entries: live,
             conntrack_max: self.conntrack_max,
             fragment_entries: live_frags,
             fragment_max: self.fragment_max,
+            charges,
+            over_budget,
         })
+    }
+
+    /// Sets every endpoint's charge to what it was found holding; the
+    /// charges of endpoints that are gone and hold nothing are deleted.
+    /// Returns the charges of live endpoints, by id.
+    fn recharge(
+        &mut self,
+        mut charges: StdHashMap<u32, CtCharge>,
+        live: &Live,
+    ) -> Result<Vec<(u32, CtCharge)>, Error> {
+        let known: Vec<u32> = self.charge.keys().filter_map(Result::ok).collect();
+        let write = |m: &mut HashMap<MapData, u32, CtCharge>, id: u32, c: CtCharge| {
+            m.insert(id, c, 0).map_err(|source| Error::Map {
+                name: names::CT_CHARGE,
+                source,
+            })
+        };
+        for id in known {
+            let c = charges.get(&id).copied().unwrap_or_default();
+            if c == CtCharge::default() && !live.ids.contains(&id) {
+                removed(names::CT_CHARGE, self.charge.remove(&id))?;
+            } else {
+                write(&mut self.charge, id, c)?;
+            }
+        }
+        let mut out = Vec::new();
+        for (id, c) in charges.drain() {
+            if !live.ids.contains(&id) {
+                continue;
+            }
+            // (An endpoint the kernel has not charged yet: written too, so
+            // its count starts from the truth.)
+            if self.charge.get(&id, 0).is_err() {
+                write(&mut self.charge, id, c)?;
+            }
+            out.push((id, c));
+        }
+        out.sort_by_key(|(id, _)| *id);
+        Ok(out)
     }
 }
 

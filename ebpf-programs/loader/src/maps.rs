@@ -35,6 +35,9 @@ pub struct Maps {
     #[cfg(feature = "test-utils")]
     svc_nat: HashMap<MapData, CtKey, palisade_common::service::SvcNat>,
     event_budget: Array<MapData, palisade_common::event_limit::EventBudget>,
+    ct_budget: Array<MapData, palisade_common::ct_budget::CtBudget>,
+    #[cfg(feature = "test-utils")]
+    ct_charge: HashMap<MapData, u32, palisade_common::ct_budget::CtCharge>,
     /// Until taken by the event reader (`take_events`).
     events: Option<RingBuf<MapData>>,
     sizes: MapSizes,
@@ -101,6 +104,9 @@ impl Maps {
             #[cfg(feature = "test-utils")]
             svc_nat: take(ebpf, names::SVC_NAT)?,
             event_budget: take(ebpf, names::EVENT_BUDGET)?,
+            ct_budget: take(ebpf, names::CT_BUDGET)?,
+            #[cfg(feature = "test-utils")]
+            ct_charge: take(ebpf, names::CT_CHARGE)?,
             events: Some(take(ebpf, names::EVENTS)?),
             sizes: sizes.clone(),
         })
@@ -117,6 +123,25 @@ impl Maps {
             name: names::EVENT_BUDGET,
             source,
         })
+    }
+
+    /// The per-endpoint conntrack and fragment budget the programs apply
+    /// (`palisade_common::ct_budget`); zeros restore the defaults,
+    /// `CtBudget::UNLIMITED` lifts it.
+    pub fn set_conntrack_budget(
+        &mut self,
+        b: palisade_common::ct_budget::CtBudget,
+    ) -> Result<(), Error> {
+        self.ct_budget.set(0, b, 0).map_err(|source| Error::Map {
+            name: names::CT_BUDGET,
+            source,
+        })
+    }
+
+    /// What the kernel has charged endpoint `id` (tests).
+    #[cfg(feature = "test-utils")]
+    pub fn conntrack_charge(&self, id: u32) -> Option<palisade_common::ct_budget::CtCharge> {
+        self.ct_charge.get(&id, 0).ok()
     }
 
     /// Index a pod by its host veth and by its address.
@@ -334,7 +359,7 @@ impl Maps {
             })
     }
 
-    /// Empty the endpoint, ipcache, policy, conntrack and fragment maps.
+    /// Empty the endpoint, ipcache, policy, conntrack, fragment and charge maps.
     pub fn clear(&mut self) -> Result<(), Error> {
         fn clear_map<K>(
             name: &'static str,
@@ -356,7 +381,9 @@ impl Maps {
         let keys = self.conntrack.keys().collect();
         clear_map(names::CONNTRACK, keys, |k| self.conntrack.remove(k))?;
         let keys = self.fragments.keys().collect();
-        clear_map(names::FRAGMENTS, keys, |k| self.fragments.remove(k))
+        clear_map(names::FRAGMENTS, keys, |k| self.fragments.remove(k))?;
+        let keys = self.ct_charge.keys().collect();
+        clear_map(names::CT_CHARGE, keys, |k| self.ct_charge.remove(k))
     }
 }
 

@@ -245,6 +245,9 @@ pub enum L3 {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Packet {
     pub l3: L3,
+    /// Ethernet addresses (the ARP sender hardware address is `src_mac`).
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
     /// Cut the rendered frame to this many bytes (truncated headers).
     /// BPF_PROG_TEST_RUN refuses frames shorter than 14 bytes.
     pub truncate: Option<usize>,
@@ -252,7 +255,12 @@ pub struct Packet {
 
 impl Packet {
     pub fn new(l3: L3) -> Self {
-        Self { l3, truncate: None }
+        Self {
+            l3,
+            src_mac: SRC_MAC,
+            dst_mac: DST_MAC,
+            truncate: None,
+        }
     }
 
     fn v4(src: Ipv4Addr, dst: Ipv4Addr, l4: L4) -> Self {
@@ -390,6 +398,26 @@ impl Packet {
     }
 
     // ---- modifiers ----
+
+    pub fn with_macs(mut self, src: [u8; 6], dst: [u8; 6]) -> Self {
+        self.src_mac = src;
+        self.dst_mac = dst;
+        self
+    }
+
+    /// As a frame of the pod with MAC `mac` in direction `dir` carries it:
+    /// its source leaving the pod (egress), its destination towards it.
+    pub fn at_pod_mac(self, mac: [u8; 6], dir: u8) -> Self {
+        if mac == [0; 6] {
+            return self;
+        }
+        let (src, dst) = (self.src_mac, self.dst_mac);
+        if dir == palisade_common::DIR_EGRESS {
+            self.with_macs(mac, dst)
+        } else {
+            self.with_macs(src, mac)
+        }
+    }
 
     pub fn ipv4(&self) -> Option<&Ipv4> {
         match &self.l3 {
@@ -544,8 +572,8 @@ impl Packet {
 
     fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(128);
-        out.extend_from_slice(&DST_MAC);
-        out.extend_from_slice(&SRC_MAC);
+        out.extend_from_slice(&self.dst_mac);
+        out.extend_from_slice(&self.src_mac);
         match &self.l3 {
             L3::Ipv4(ip) => {
                 out.extend_from_slice(&ETH_P_IP.to_be_bytes());
@@ -571,7 +599,7 @@ impl Packet {
                 out.extend_from_slice(&ETH_P_ARP.to_be_bytes());
                 out.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4]);
                 out.extend_from_slice(&op.to_be_bytes());
-                out.extend_from_slice(&SRC_MAC);
+                out.extend_from_slice(&self.src_mac);
                 out.extend_from_slice(&sender.octets());
                 out.extend_from_slice(&[0; 6]);
                 out.extend_from_slice(&target.octets());

@@ -49,9 +49,10 @@ use std::{collections::HashMap, net::Ipv4Addr};
 
 use palisade_common::{
     decision::{
-        self, ct_key, ct_use, empty_key, first_fragment_verdict, flow_event, foreign_destination,
-        hard_drop, later_fragment_verdict, new_ct_entry, policy_key, policy_lookups, rejudged,
-        rejudged_entry, remote_addr, spoofed, track, Decision,
+        self, arp_spoofed, ct_key, ct_use, empty_key, first_fragment_verdict, flow_event,
+        foreign_destination, foreign_mac, hard_drop, later_fragment_verdict, new_ct_entry,
+        policy_key, policy_lookups, rejudged, rejudged_entry, remote_addr, spoofed, track,
+        Decision,
     },
     ipv6::V6,
     reason,
@@ -260,6 +261,8 @@ impl Evaluator {
             ipv4: 0,
             flags: 0,
             generation: 0,
+            mac: [0; 6],
+            _pad: [0; 2],
         };
         let flow = ct_key(endpoint_id, 0, 0, 0, dport.to_be(), protocol, dir);
         let mut k = policy_key(&ep, dir, &flow, &peer);
@@ -295,9 +298,29 @@ impl Evaluator {
         if f.len() < ETH_HLEN {
             return drop_unchecked(&ep, dir, ifindex, reason::MALFORMED);
         }
+        let mac = |o: usize| -> [u8; 6] { f[o..o + 6].try_into().expect("6 bytes") };
+        let (dst_mac, src_mac) = (mac(0), mac(6));
+        // Layer 2 first: every frame from the pod carries its MAC.
+        if let Some(d) = foreign_mac(&ep, dir, &src_mac, &dst_mac) {
+            return report_drop(&ep, dir, ifindex, Some(d));
+        }
         match be16(f, 12) {
             ETH_P_IP => {}
-            ETH_P_ARP => return Verdict::silent(true, reason::NOT_IP, Some(reason::NOT_IP)),
+            ETH_P_ARP => {
+                if dir == DIR_EGRESS {
+                    // The kernel's ArpHdr: 18 bytes up to the sender's addresses.
+                    if f.len() < ETH_HLEN + 18 {
+                        return drop_unchecked(&ep, dir, ifindex, reason::MALFORMED);
+                    }
+                    let a = &f[ETH_HLEN..];
+                    let spa = ne32(a, 14);
+                    let sha: [u8; 6] = a[8..14].try_into().expect("6 bytes");
+                    if let Some(d) = arp_spoofed(&ep, dir, (a[4], a[5]), spa, &sha, &src_mac) {
+                        return report_drop(&ep, dir, ifindex, Some(d));
+                    }
+                }
+                return Verdict::silent(true, reason::NOT_IP, Some(reason::NOT_IP));
+            }
             ETH_P_IPV6 => return ipv6(&ep, dir, ifindex, f),
             _ => return drop_if_enforced(&ep, dir, ifindex, reason::UNSUPPORTED_L3),
         }
@@ -623,6 +646,8 @@ mod tests {
                 ipv4: u32::from_ne_bytes(B.octets()),
                 flags: EP_INGRESS_ENFORCED,
                 generation: 0,
+                mac: [0; 6],
+                _pad: [0; 2],
             },
         );
         s.ipcache.insert(
