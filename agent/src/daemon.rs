@@ -59,6 +59,45 @@ pub struct Config {
     pub endpoint_check_interval: std::time::Duration,
     /// Conntrack entries and fragment records each endpoint may hold.
     pub conntrack_budget: palisade_common::ct_budget::CtBudget,
+    /// Host protection: the node ports pods may reach (protocol, port;
+    /// None: every port), or None (off, the default).
+    pub host_protection: Option<Vec<(u8, Option<u16>)>>,
+}
+
+/// `--host-protection`: "53/UDP,10250/TCP,ICMP" (a protocol alone: every
+/// port of it; "none": no port) as (protocol, port).
+pub fn parse_host_ports(s: &str) -> anyhow::Result<Vec<(u8, Option<u16>)>> {
+    let proto = |p: &str| match p.to_ascii_uppercase().as_str() {
+        "TCP" => Ok(palisade_common::PROTO_TCP),
+        "UDP" => Ok(palisade_common::PROTO_UDP),
+        "SCTP" => Ok(palisade_common::PROTO_SCTP),
+        "ICMP" => Ok(palisade_common::PROTO_ICMP),
+        other => Err(anyhow!("{other:?} is not TCP, UDP, SCTP or ICMP")),
+    };
+    let mut out = Vec::new();
+    if s.trim().eq_ignore_ascii_case("none") {
+        return Ok(out);
+    }
+    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        match item.split_once('/') {
+            Some((port, p)) => {
+                let n: u16 = port
+                    .parse()
+                    .ok()
+                    .filter(|n| *n != 0)
+                    .ok_or_else(|| anyhow!("{item:?}: {port:?} is not a port 1-65535"))?;
+                let p = proto(p)?;
+                if p == palisade_common::PROTO_ICMP {
+                    anyhow::bail!("{item:?}: ICMP has no ports");
+                }
+                out.push((p, Some(n)));
+            }
+            None => out.push((proto(item)?, None)),
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
 }
 
 /// `--metrics-addr` by default: the node's address (see [`metrics_bind`]).
@@ -210,6 +249,9 @@ impl Agent {
         *agent.services.write().unwrap_or_else(|p| p.into_inner()) = agent.dp.services();
         agent.forget_vanished_endpoints();
         agent.engine.set_node_name(cfg.node_name.clone());
+        agent
+            .engine
+            .set_host_protection(cfg.host_protection.clone());
         agent.refresh_gateways();
         for e in agent.registry.iter() {
             agent.engine.add_endpoint(local_endpoint(e));

@@ -168,6 +168,12 @@ struct RunArgs {
     /// (0: no limit).
     #[arg(long, default_value_t = palisade_common::ct_budget::FRAGMENTS)]
     fragment_budget: u32,
+    /// Host protection (off by default): what pods send to their own node
+    /// passes only on these ports, e.g. "53/UDP,53/TCP,ICMP" (a protocol
+    /// alone opens all its ports; "none" closes every port). Replies to the
+    /// node's own connections (kubelet probes) still pass.
+    #[arg(long, env = "PALISADE_HOST_PROTECTION")]
+    host_protection: Option<String>,
     /// Routing between nodes: native (a route per other node's pod range
     /// via its address), vxlan (an overlay the agent manages) or none
     /// (chained mode: the primary CNI routes). Needs --node-name.
@@ -250,6 +256,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .with_context(|| {
                         format!("--endpoint-check-interval {}", a.endpoint_check_interval)
                     })?,
+                host_protection: a
+                    .host_protection
+                    .as_deref()
+                    .map(palisade_agent::daemon::parse_host_ports)
+                    .transpose()
+                    .context("--host-protection")?,
                 conntrack_budget: palisade_common::ct_budget::CtBudget {
                     entries: if a.conntrack_budget == 0 {
                         u32::MAX

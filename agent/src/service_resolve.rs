@@ -96,6 +96,8 @@ enum Target {
 struct Port {
     name: String,
     port: u16,
+    /// NodePort and LoadBalancer Services: the port on every node address.
+    node_port: Option<u16>,
     protocol: u8,
     protocol_name: String,
     target: Target,
@@ -105,6 +107,9 @@ struct Port {
 #[derive(Debug)]
 struct Spec {
     ips: Vec<Ipv4Addr>,
+    /// `externalIPs` and the load balancer's ingress addresses: served on
+    /// the Service ports like the ClusterIP (kube-proxy DNATs them too).
+    external: Vec<Ipv4Addr>,
     ports: Vec<Port>,
     selector: Option<BTreeMap<String, String>>,
     affinity_timeout_s: Option<u32>,
@@ -164,9 +169,15 @@ fn parse_service(svc: &Service) -> Result<Option<Spec>, String> {
         if !seen.insert((port, protocol)) {
             return Err(format!("{at}: port {port}/{protocol} is given twice"));
         }
+        let exposed = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
+        let node_port = match p.node_port {
+            Some(n) if exposed => Some(port_number(n, &format!("{at}.nodePort"))?),
+            _ => None,
+        };
         ports.push(Port {
             name: p.name.clone().unwrap_or_default(),
             port,
+            node_port,
             protocol,
             protocol_name: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
             target,
@@ -197,11 +208,40 @@ fn parse_service(svc: &Service) -> Result<Option<Spec>, String> {
         }
     };
     Ok(Some(Spec {
+        external: external_ips(svc)?,
         ips,
         ports,
         selector: spec.selector.clone(),
         affinity_timeout_s,
     }))
+}
+
+/// `spec.externalIPs` and `status.loadBalancer.ingress[].ip` (IPv4; the
+/// datapath is IPv4-only), each once.
+fn external_ips(svc: &Service) -> Result<Vec<Ipv4Addr>, String> {
+    let mut out = BTreeSet::new();
+    let given = svc.spec.as_ref().and_then(|s| s.external_ips.as_ref());
+    for (i, s) in given.into_iter().flatten().enumerate() {
+        match s.parse::<IpAddr>() {
+            Ok(IpAddr::V4(ip)) => {
+                out.insert(ip);
+            }
+            Ok(IpAddr::V6(_)) => {}
+            Err(_) => return Err(format!("spec.externalIPs[{i}]: {s:?} is not an IP address")),
+        }
+    }
+    let lb = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|l| l.ingress.as_ref());
+    for ing in lb.into_iter().flatten() {
+        // (A hostname-only ingress is reached through DNS: not ours.)
+        if let Some(Ok(IpAddr::V4(ip))) = ing.ip.as_deref().map(str::parse::<IpAddr>) {
+            out.insert(ip);
+        }
+    }
+    Ok(out.into_iter().collect())
 }
 
 /// One endpoint's addresses for a port, with kube-proxy's conditions.
@@ -451,8 +491,19 @@ pub fn resolve(view: &Snapshot) -> Resolved {
                 .cloned()
                 .collect();
             let backends = choose(&candidates);
-            for ip in &spec.ips {
-                let address = SocketAddr::new(IpAddr::V4(*ip), port.port);
+            // The ClusterIPs and external addresses on the Service port; a
+            // NodePort at 0.0.0.0, which the datapath serves on every
+            // node's address (`host` and `remote-node` in the ipcache).
+            let addresses = spec
+                .ips
+                .iter()
+                .chain(&spec.external)
+                .map(|ip| SocketAddr::new(IpAddr::V4(*ip), port.port))
+                .chain(
+                    port.node_port
+                        .map(|n| SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), n)),
+                );
+            for address in addresses {
                 claims.entry((address, port.protocol)).or_default().push((
                     created.clone(),
                     key.clone(),

@@ -154,6 +154,10 @@ fn bumps(current: &MapState, d: &Diff) -> Bumps {
         .chain(d.policy_removals.iter().map(|(_, k)| k.endpoint_id))
         .collect();
     ids.extend(d.endpoint_upserts.iter().map(|(_, v)| v.endpoint_id));
+    // The node's open ports (host protection) are every endpoint's.
+    if ids.contains(&palisade_common::HOST_PORTS_ENDPOINT) {
+        return Bumps::All;
+    }
     Bumps::Ids(ids)
 }
 

@@ -113,8 +113,8 @@ impl Plan {
                 e2e_changes: 10,
                 readyz_budget: Duration::from_secs(20),
                 reg_budget: Duration::from_secs(20),
-                churn_budget: Duration::from_secs(30),
-                section_budget: Duration::from_secs(170),
+                churn_budget: Duration::from_secs(660),
+                section_budget: Duration::from_secs(800),
                 e2e_budget: Duration::from_secs(12),
             }
         }

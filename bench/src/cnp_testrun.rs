@@ -300,6 +300,10 @@ impl Rig {
         })
         .context("loading the datapath")?;
         let mut maps = dp.take_maps()?;
+        // Per-packet cost of the verdict path as it runs for a pod within its
+        // budgets: a packet repeated 50k times would otherwise be measured
+        // on the cheaper over-budget paths (events suppressed, flows unrecorded).
+        crate::testrun::unlimited_budgets(&mut maps)?;
         let ring = maps.take_events().context("events map")?;
         let s: &MapState = &compiled.maps;
         for (ifindex, e) in &s.endpoints {

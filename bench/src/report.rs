@@ -112,6 +112,8 @@ pub struct Veth {
     pub checks: Vec<String>,
     /// Seconds iptables-restore took per chain size, per load.
     pub iptables_load_s: Vec<(usize, f64)>,
+    /// Seconds `nft -f` took per set size, per load.
+    pub nft_load_s: Vec<(usize, f64)>,
     /// CPU the agent used while a (b) configuration was measured, as a
     /// fraction of one CPU, per sample.
     pub agent_cpu: Vec<(String, f64)>,
@@ -1120,7 +1122,9 @@ fn render_veth(s: &mut String, v: &Veth, r: &Results) {
         "{} rounds, {:.1} s per sample; configurations rotated each round. \
          (a) no programs attached, (b-N) palisade enforcing the allow rule with N other \
          entries in its maps, (c-N) an iptables FORWARD chain: conntrack shortcut, N rules, \
-         the allow, drop. Client and server share one CPU (bench/README.md).\n",
+         the allow, drop; (d-N) nftables: conntrack shortcut, one lookup in a set of \
+         `ip saddr . ip daddr . tcp dport` holding the N pairs and the allows, drop. \
+         Client and server share one CPU (bench/README.md).\n",
         v.rounds, v.seconds_per_sample
     );
     let _ = write!(s, "| measure |");
@@ -1146,30 +1150,38 @@ fn render_veth(s: &mut String, v: &Veth, r: &Results) {
     }
     s.push('\n');
     if let Some(m) = v.measures.iter().find(|m| m.name == "crr") {
-        let pairs: Vec<String> = v
-            .configs
-            .iter()
-            .filter_map(|c| c.strip_prefix("b-"))
-            .filter(|n| v.configs.iter().any(|c| c == &format!("c-{n}")))
-            .map(|n| {
-                format!(
-                    "{}: {:.2}",
-                    size_label(n.parse().unwrap_or(0)),
-                    m.ratio(&format!("b-{n}"), &format!("c-{n}"))
-                )
-            })
-            .collect();
-        if !pairs.is_empty() {
-            let _ = writeln!(
-                s,
-                "New connections, palisade over iptables at the same rule count: {}.\n",
-                pairs.join(", ")
-            );
+        for (peer, name) in [("c", "iptables"), ("d", "nftables (set lookup)")] {
+            let pairs: Vec<String> = v
+                .configs
+                .iter()
+                .filter_map(|c| c.strip_prefix("b-"))
+                .filter(|n| v.configs.iter().any(|c| c == &format!("{peer}-{n}")))
+                .map(|n| {
+                    format!(
+                        "{}: {:.2}",
+                        size_label(n.parse().unwrap_or(0)),
+                        m.ratio(&format!("b-{n}"), &format!("{peer}-{n}"))
+                    )
+                })
+                .collect();
+            if !pairs.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "New connections, palisade over {name} at the same rule count: {}.\n",
+                    pairs.join(", ")
+                );
+            }
         }
     }
-    if !v.iptables_load_s.is_empty() {
+    for (what, loads) in [
+        ("iptables-restore", &v.iptables_load_s),
+        ("nft -f", &v.nft_load_s),
+    ] {
+        if loads.is_empty() {
+            continue;
+        }
         let mut by: Vec<(usize, Vec<f64>)> = Vec::new();
-        for (n, t) in &v.iptables_load_s {
+        for (n, t) in loads {
             match by.iter_mut().find(|(k, _)| k == n) {
                 Some((_, ts)) => ts.push(*t),
                 None => by.push((*n, vec![*t])),
@@ -1185,7 +1197,7 @@ fn render_veth(s: &mut String, v: &Veth, r: &Results) {
                 )
             })
             .collect();
-        let _ = writeln!(s, "iptables-restore time (median): {}.\n", txt.join(", "));
+        let _ = writeln!(s, "{what} time (median): {}.\n", txt.join(", "));
     }
     if !v.agent_cpu.is_empty() {
         let mut by: Vec<(String, Vec<f64>)> = Vec::new();

@@ -114,6 +114,10 @@ impl Rig {
         })
         .context("loading the datapath")?;
         let mut maps = dp.take_maps()?;
+        // Per-packet cost of the verdict path as it runs for a pod within its
+        // budgets: a packet repeated 50k times would otherwise be measured
+        // on the cheaper over-budget paths (events suppressed, flows unrecorded).
+        unlimited_budgets(&mut maps)?;
         let ring = maps.take_events().context("events map")?;
 
         maps.upsert_endpoint(
@@ -325,6 +329,13 @@ impl Drop for Drainer {
             let _ = t.join();
         }
     }
+}
+
+/// No event or conntrack budget (both still looked up on their paths).
+pub fn unlimited_budgets(maps: &mut palisade_dataplane::Maps) -> Result<()> {
+    maps.set_event_budget(palisade_common::event_limit::EventBudget::UNLIMITED)?;
+    maps.set_conntrack_budget(palisade_common::ct_budget::CtBudget::UNLIMITED)?;
+    Ok(())
 }
 
 /// With the drainer paused: run `pkt` (a packet that emits an event) until

@@ -9,7 +9,11 @@
 //!   their peers) written straight into its pinned maps for the server;
 //! * (c-N) a stub agent, and in the node's FORWARD chain what an
 //!   iptables-based enforcer installs: conntrack ESTABLISHED,RELATED accept,
-//!   N per-peer/port accepts, the real allow, drop to the server.
+//!   N per-peer/port accepts, the real allow, drop to the server;
+//! * (d-N) a stub agent, and the best a non-eBPF enforcer does: an
+//!   nftables forward chain with the conntrack shortcut, then one lookup in
+//!   a set of `ip saddr . ip daddr . tcp dport` concatenations holding the
+//!   N peer/port pairs and the real allows, then drop to the server.
 //!
 //! Measures: new connections per second (connect, 1-byte request, 1-byte
 //! response, close; the server closes first and the client reads EOF so no
@@ -59,6 +63,8 @@ pub struct Plan {
     pub iperf_secs: u32,
     pub b_sizes: Vec<usize>,
     pub c_sizes: Vec<usize>,
+    /// nftables rule counts (d-N).
+    pub d_sizes: Vec<usize>,
 }
 
 impl Plan {
@@ -70,6 +76,7 @@ impl Plan {
                 iperf_secs: 1,
                 b_sizes: vec![10_000],
                 c_sizes: vec![10_000],
+                d_sizes: vec![10_000],
             }
         } else {
             Self {
@@ -78,6 +85,7 @@ impl Plan {
                 iperf_secs: 2,
                 b_sizes: vec![10, 1000, 10_000],
                 c_sizes: vec![10, 1000, 10_000],
+                d_sizes: vec![10, 1000, 10_000],
             }
         }
     }
@@ -308,6 +316,79 @@ fn iptables_restore(node: &Node, rules: String) -> Result<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
+// ---- nftables -----------------------------------------------------------------
+
+/// The same allows as `iptables_rules` as an nftables enforcer at its best
+/// writes them: the conntrack shortcut first, then one hash lookup of the
+/// (source, destination, port) concatenation in a set, whatever `n` is.
+/// Replaces the whole ruleset of the node's namespace (only this table
+/// lives there).
+pub fn nft_rules(n: usize, client: Ipv4Addr, server: Ipv4Addr, ports: &[u16]) -> String {
+    let mut s = String::with_capacity(40 * (n + 8));
+    s.push_str(
+        "flush ruleset
+table inet palisade_bench {
+",
+    );
+    s.push_str(
+        "  set allowed {
+    type ipv4_addr . ipv4_addr . inet_service
+",
+    );
+    let mut elems: Vec<String> = (0..n)
+        .map(|k| format!("{} . {server} . {}", filler_peer(k), 20000 + (k % 10000)))
+        .collect();
+    elems.extend(ports.iter().map(|p| format!("{client} . {server} . {p}")));
+    s.push_str(&format!(
+        "    elements = {{ {} }}
+  }}
+",
+        elems.join(", ")
+    ));
+    s.push_str(
+        "  chain forward {
+    type filter hook forward priority filter; policy accept;
+",
+    );
+    s.push_str(
+        "    ct state established,related accept
+",
+    );
+    s.push_str(&format!(
+        "    ip daddr {server} ip saddr . ip daddr . tcp dport @allowed accept
+"
+    ));
+    s.push_str(&format!(
+        "    ip daddr {server} drop
+  }}
+}}
+"
+    ));
+    s
+}
+
+fn nft_load(node: &Node, rules: String) -> Result<f64> {
+    let t = Instant::now();
+    let out = node.ns.enter(move || -> Result<std::process::Output> {
+        let mut c = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running nft (cargo xtask setup installs nftables)")?;
+        c.stdin
+            .take()
+            .context("stdin")?
+            .write_all(rules.as_bytes())?;
+        Ok(c.wait_with_output()?)
+    })??;
+    if !out.status.success() {
+        bail!("nft -f: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
 // ---- palisade extra entries -------------------------------------------------
 
 struct Extras {
@@ -480,6 +561,7 @@ pub fn run(plan: &Plan) -> Result<Veth> {
     let a = site(Node::with_stub("pbna")?, "10.200.1.0/24")?;
     let c = site(Node::with_stub("pbnc")?, "10.200.2.0/24")?;
     let b = site(Node::with_agent("pbnb", &manifests())?, "10.200.3.0/24")?;
+    let d = site(Node::with_stub("pbnd")?, "10.200.4.0/24")?;
     sys::sleep(Duration::from_millis(300)); // iperf3 servers listening
 
     let agent = b.node.agent().context("agent")?;
@@ -510,6 +592,7 @@ pub fn run(plan: &Plan) -> Result<Veth> {
         configs.push(format!("bs-{n}"));
     }
     configs.extend(plan.c_sizes.iter().map(|n| format!("c-{n}")));
+    configs.extend(plan.d_sizes.iter().map(|n| format!("d-{n}")));
     out.configs = configs.clone();
 
     // Checks: enforcement really is off in (a) and on in (b) and (c).
@@ -521,7 +604,19 @@ pub fn run(plan: &Plan) -> Result<Veth> {
         iptables_restore(&c.node, iptables_rules(first_c, cip, sip, &ports))?,
     ));
     let mut c_loaded = first_c;
-    for (name, s, want_denied) in [("(a)", &a, false), ("(b)", &b, true), ("(c)", &c, true)] {
+    let (dcip, dsip) = (d.client().ip, d.server_ip());
+    let first_d = plan.d_sizes.first().copied().unwrap_or(10);
+    out.nft_load_s.push((
+        first_d,
+        nft_load(&d.node, nft_rules(first_d, dcip, dsip, &ports))?,
+    ));
+    let mut d_loaded = first_d;
+    for (name, s, want_denied) in [
+        ("(a)", &a, false),
+        ("(b)", &b, true),
+        ("(c)", &c, true),
+        ("(d)", &d, true),
+    ] {
         let allowed = connects(s.client(), s.server_ip(), CRR_PORT)?;
         let denied_port = connects(s.client(), s.server_ip(), DENY_PORT)?;
         out.checks.push(format!(
@@ -532,7 +627,7 @@ pub fn run(plan: &Plan) -> Result<Veth> {
         }
     }
     // Warm-up, untimed.
-    for s in [&a, &b, &c] {
+    for s in [&a, &b, &c, &d] {
         crr(s.client(), s.server_ip(), 0.3)?;
         rr(s.client(), s.server_ip(), 0.2)?;
     }
@@ -572,6 +667,14 @@ pub fn run(plan: &Plan) -> Result<Veth> {
                 "b" | "bs" => {
                     extras.set(n)?;
                     &b
+                }
+                "d" => {
+                    if d_loaded != n {
+                        let t = nft_load(&d.node, nft_rules(n, dcip, dsip, &ports))?;
+                        out.nft_load_s.push((n, t));
+                        d_loaded = n;
+                    }
+                    &d
                 }
                 _ => {
                     if c_loaded != n {
@@ -661,6 +764,28 @@ mod tests {
             "-A FORWARD -d 10.200.2.3/32 -j DROP"
         );
         assert_eq!(lines[lines.len() - 1], "COMMIT");
+    }
+
+    #[test]
+    fn nft_ruleset_is_one_set_lookup_after_the_shortcut() {
+        let c = Ipv4Addr::new(10, 200, 4, 2);
+        let s = Ipv4Addr::new(10, 200, 4, 3);
+        let r = nft_rules(3, c, s, &[7001, 7002]);
+        assert!(r.starts_with("flush ruleset\n"));
+        assert!(r.contains("type ipv4_addr . ipv4_addr . inet_service"));
+        assert!(r.contains("10.251.0.1 . 10.200.4.3 . 20000, "));
+        assert!(r.contains("10.200.4.2 . 10.200.4.3 . 7002 }"));
+        let chain: Vec<&str> = r
+            .lines()
+            .skip_while(|l| !l.contains("chain forward"))
+            .map(str::trim)
+            .collect();
+        assert_eq!(chain[2], "ct state established,related accept");
+        assert_eq!(
+            chain[3],
+            "ip daddr 10.200.4.3 ip saddr . ip daddr . tcp dport @allowed accept"
+        );
+        assert_eq!(chain[4], "ip daddr 10.200.4.3 drop");
     }
 
     #[test]

@@ -167,6 +167,22 @@ impl Rig {
         backends: &[usize],
         affinity_s: u32,
     ) -> Result<()> {
+        self.frontend_at(VIP, port, protocol, backends, affinity_s)
+    }
+
+    /// A NodePort: the frontend at 0.0.0.0, served on node addresses.
+    fn node_port(&mut self, port: u16, protocol: u8, backends: &[usize]) -> Result<()> {
+        self.frontend_at(Ipv4Addr::UNSPECIFIED, port, protocol, backends, 0)
+    }
+
+    fn frontend_at(
+        &mut self,
+        addr: Ipv4Addr,
+        port: u16,
+        protocol: u8,
+        backends: &[usize],
+        affinity_s: u32,
+    ) -> Result<()> {
         let id = if affinity_s == 0 {
             SVC_ID + protocol as u32
         } else {
@@ -187,7 +203,7 @@ impl Rig {
         }
         Ok(self.maps.set_frontend(
             SvcFrontendKey {
-                addr: be(VIP),
+                addr: be(addr),
                 port_be: port.to_be(),
                 protocol,
                 _pad: 0,
@@ -498,6 +514,60 @@ fn a_pod_reaches_its_own_service_hairpin() -> Result<()> {
     assert_eq!(e.verdict, palisade_common::VERDICT_ALLOW);
     // Another pod is still refused by A's ingress.
     assert!(tcp_tag(r.ns(B), vip(80)).is_err(), "B is not A's hairpin");
+    Ok(())
+}
+
+#[test]
+fn a_node_port_on_the_nodes_address_is_translated_and_judged_on_its_backend() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut r = rig()?;
+    r.enforce(A, EP_EGRESS_ENFORCED)?;
+    r.allow(A, B, DIR_EGRESS, TARGET)?;
+    // The node's address (the pods' gateway) is `host`.
+    let host = IpcacheValue {
+        identity: palisade_common::IDENTITY_HOST,
+        cidr_identity: IDENTITY_WORLD,
+    };
+    r.maps.set_ipcache(GW, 32, host)?;
+    // kube-proxy's NodePort rule: the node's address:30080 -> C.
+    let rule = [
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-d",
+        "10.98.0.1/32",
+        "-p",
+        "tcp",
+        "--dport",
+        "30080",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        "10.98.0.4:8080",
+    ];
+    run(r.node.ns.cmd("iptables").args(rule))?;
+    let np = SocketAddr::from((GW, 30080));
+    // Without palisade's frontend the packet is traffic to the pod's own
+    // node, which passes; kube-proxy then carries it to C, which A's
+    // egress policy does not allow: what the frontend closes.
+    assert_eq!(tcp_tag(r.ns(A), np)?.0, C as u8);
+    // With it: translated first and judged on the backend.
+    r.node_port(30080, PROTO_TCP, &[B])?;
+    assert_eq!(tcp_tag(r.ns(A), np)?.0, B as u8);
+    r.node_port(30080, PROTO_TCP, &[C])?;
+    assert!(tcp_tag(r.ns(A), np).is_err());
+    let e = r
+        .events
+        .wait_for(Duration::from_secs(5), |e| {
+            e.verdict == VERDICT_DROP && e.direction == DIR_EGRESS && is_to(e, C)
+        })
+        .expect("A's egress drop, naming C");
+    assert_eq!(e.reason, reason::NO_POLICY_MATCH);
+    // A port no NodePort has on the node is the node's traffic as before.
+    assert!(tcp_tag(r.ns(A), SocketAddr::from((GW, 30081))).is_err());
     Ok(())
 }
 

@@ -447,6 +447,94 @@ fn frames_from_a_pod_carry_its_mac_and_its_arp_speaks_only_for_it() -> Result<()
 }
 
 #[test]
+fn host_protection_opens_only_the_listed_node_ports() -> Result<()> {
+    let mut rig = rig!();
+    // The node lists DNS (UDP 53) and all of ICMP (the agent writes these
+    // as entries of HOST_PORTS_ENDPOINT).
+    let host_port = |rig: &mut Rig, prefix, protocol, port: u16| {
+        let k = PolicyKey {
+            endpoint_id: palisade_common::HOST_PORTS_ENDPOINT,
+            peer_identity: IDENTITY_HOST,
+            direction: DIR_EGRESS,
+            protocol,
+            dport_be: port.to_be(),
+        };
+        let v = PolicyValue {
+            action: ACTION_ALLOW,
+            cookie: 0,
+        };
+        rig.maps.set_policy(prefix, k, v)?;
+        rig.state.policy.insert((prefix, k), v);
+        rig.ev.set_maps(&rig.state);
+        anyhow::Ok(())
+    };
+    host_port(&mut rig, POLICY_PREFIX_FULL, PROTO_UDP, 53)?;
+    host_port(&mut rig, POLICY_PREFIX_PROTO, PROTO_ICMP, 0)?;
+    // Unenforced, and egress allowed to anything: host protection holds
+    // over both.
+    rig.endpoint(palisade_common::EP_HOST_PROTECTED)?;
+    rig.run(DIR_EGRESS, &Packet::udp(POD, 40000, NODE, 53))?
+        .assert_reported(true, VERDICT_ALLOW, reason::UNENFORCED, 0);
+    rig.run(DIR_EGRESS, &Packet::icmp_echo(POD, NODE, 9, 1))?
+        .assert_reported(true, VERDICT_ALLOW, reason::UNENFORCED, 0);
+    rig.run(DIR_EGRESS, &tcp_out(NODE, 40001, 22, TCP_FLAG_SYN))?
+        .assert_reported(false, VERDICT_DROP, reason::HOST_PROTECTED, 0);
+    rig.run(DIR_EGRESS, &Packet::udp(POD, 40002, NODE, 54))?
+        .assert_reported(false, VERDICT_DROP, reason::HOST_PROTECTED, 0);
+    // Other peers are not the node's business.
+    rig.run(DIR_EGRESS, &tcp_out(EXTERNAL, 40003, 22, TCP_FLAG_SYN))?
+        .assert_reported(true, VERDICT_ALLOW, reason::UNENFORCED, 0);
+    // The node's own connections (a kubelet probe) get their replies.
+    rig.endpoint(palisade_common::EP_HOST_PROTECTED | EP_INGRESS_ENFORCED | EP_EGRESS_ENFORCED)?;
+    let probe = Packet::tcp(NODE, 51000, POD, 8080, TCP_FLAG_SYN);
+    rig.run(DIR_INGRESS, &probe)?
+        .assert_reported(true, VERDICT_ALLOW, reason::HOST, 0);
+    rig.run(DIR_EGRESS, &probe.reply(TCP_FLAG_SYN | TCP_FLAG_ACK))?
+        .assert_silent(true, Some(reason::REPLY));
+    // Enforced, NetworkPolicy's "traffic with the own node passes" holds
+    // only on the listed ports.
+    rig.run(DIR_EGRESS, &Packet::udp(POD, 40004, NODE, 53))?
+        .assert_reported(true, VERDICT_ALLOW, reason::HOST, 0);
+    rig.run(DIR_EGRESS, &tcp_out(NODE, 40005, 10250, TCP_FLAG_SYN))?
+        .assert_reported(false, VERDICT_DROP, reason::HOST_PROTECTED, 0);
+    // Off: the node's traffic passes on any port.
+    rig.endpoint(EP_EGRESS_ENFORCED)?;
+    rig.run(DIR_EGRESS, &tcp_out(NODE, 40006, 10250, TCP_FLAG_SYN))?
+        .assert_reported(true, VERDICT_ALLOW, reason::HOST, 0);
+    Ok(())
+}
+
+#[test]
+fn pods_never_reach_a_nodes_tunnel_port() -> Result<()> {
+    let mut rig = rig!();
+    // Unenforced, and its node's traffic would pass anyway when enforced:
+    // a tunnel packet is neither.
+    rig.endpoint(0)?;
+    let other_node = Ipv4Addr::new(10, 2, 0, 1);
+    rig.ipcache(
+        other_node,
+        32,
+        palisade_common::IDENTITY_REMOTE_NODE,
+        IDENTITY_WORLD,
+    )?;
+    for (to, port) in [(NODE, 8472), (NODE, 4789), (other_node, 6081)] {
+        let s = rig.run(DIR_EGRESS, &Packet::udp(POD, 40000, to, port))?;
+        s.assert_reported(false, VERDICT_DROP, reason::TUNNEL_FROM_POD, 0);
+    }
+    // Other UDP to the node, and the tunnel port of an address that is no
+    // node's, are not tunnel traffic.
+    rig.run(DIR_EGRESS, &Packet::udp(POD, 40001, NODE, 53))?
+        .assert_reported(true, VERDICT_ALLOW, reason::UNENFORCED, 0);
+    rig.run(DIR_EGRESS, &Packet::udp(POD, 40002, EXTERNAL, 8472))?
+        .assert_reported(true, VERDICT_ALLOW, reason::UNENFORCED, 0);
+    // Enforced egress with the node allowed: still dropped.
+    rig.endpoint(EP_EGRESS_ENFORCED)?;
+    rig.run(DIR_EGRESS, &Packet::udp(POD, 40003, NODE, 8472))?
+        .assert_reported(false, VERDICT_DROP, reason::TUNNEL_FROM_POD, 0);
+    Ok(())
+}
+
+#[test]
 fn unenforced_passes_and_reports_the_new_flow() -> Result<()> {
     let mut rig = rig!();
     rig.endpoint(0)?;

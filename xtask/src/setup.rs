@@ -23,6 +23,8 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
     "iptables",
+    // The nftables peer of the veth benchmark (d-N).
+    "nftables",
     "podman",
     "runc",
     // The kubelet's runtime (its CRI plugin is built in) for cni_containerd;

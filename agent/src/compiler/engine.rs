@@ -130,6 +130,9 @@ pub struct Engine {
     /// Addresses the host veths carry (the pods' gateway): the node's own
     /// source towards its pods (kubelet probes), so `host`.
     gateway_ips: Vec<Ipv4Addr>,
+    /// Host protection: the node's open ports (protocol, port; None: every
+    /// port of the protocol), or None when it is off.
+    host_protection: Option<Vec<(u8, Option<u16>)>>,
 
     /// Label identities and CIDR identities: disjoint ranges.
     label_pool: Pool,
@@ -218,6 +221,7 @@ impl Engine {
             source_host_ips: Vec::new(),
             node_name: None,
             gateway_ips: Vec::new(),
+            host_protection: None,
             label_pool: Pool::label_identities(),
             cidr_pool: Pool::cidr_identities(),
             cookie_pool: Pool::new(1),
@@ -304,8 +308,52 @@ impl Engine {
         }
     }
 
+    /// Host protection (`palisade_common::decision::host_protected`): with
+    /// `Some(ports)`, what pods send to their own node passes only on these
+    /// (protocol, port; None: every port); None turns it off. Sets
+    /// `EP_HOST_PROTECTED` on every endpoint and the open ports as policy
+    /// entries of `HOST_PORTS_ENDPOINT`.
+    pub fn set_host_protection(&mut self, ports: Option<Vec<(u8, Option<u16>)>>) {
+        if ports == self.host_protection {
+            return;
+        }
+        let key = |(protocol, port): (u8, Option<u16>)| {
+            let prefix = if port.is_some() {
+                palisade_common::POLICY_PREFIX_FULL
+            } else {
+                palisade_common::POLICY_PREFIX_PROTO
+            };
+            let k = PolicyKey {
+                endpoint_id: palisade_common::HOST_PORTS_ENDPOINT,
+                peer_identity: IDENTITY_HOST,
+                direction: palisade_common::DIR_EGRESS,
+                protocol,
+                dport_be: port.unwrap_or(0).to_be(),
+            };
+            (prefix, k)
+        };
+        for p in self.host_protection.iter().flatten() {
+            let k = key(*p);
+            self.desired.policy.remove(&k);
+            self.touched.policy.insert(k);
+        }
+        for p in ports.iter().flatten() {
+            let k = key(*p);
+            let v = palisade_common::PolicyValue {
+                action: palisade_common::ACTION_ALLOW,
+                cookie: 0,
+            };
+            self.desired.policy.insert(k, v);
+            self.touched.policy.insert(k);
+        }
+        self.host_protection = ports;
+        self.dirty_ifindex
+            .extend(self.eps_by_ifindex.keys().copied());
+        self.settle();
+    }
+
     /// Always equal to `Compiler::compile(self.model()).maps`, modulo
-    /// numbering.
+    /// numbering (and host protection, which only the engine applies).
     pub fn desired(&self) -> &MapState {
         self.tiered.as_ref().unwrap_or(&self.desired)
     }
@@ -1339,7 +1387,12 @@ impl Engine {
             endpoint_id: st.ep.endpoint_id,
             identity,
             ipv4: u32::from_ne_bytes(st.ep.ipv4.octets()),
-            flags: st.result.flags,
+            flags: st.result.flags
+                | if self.host_protection.is_some() {
+                    palisade_common::EP_HOST_PROTECTED
+                } else {
+                    0
+                },
             generation: 0,
             mac: st.ep.mac,
             _pad: [0; 2],

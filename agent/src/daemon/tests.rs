@@ -48,6 +48,7 @@ impl Scratch {
             routing: crate::routing::Mode::None,
             endpoint_check_interval: std::time::Duration::from_secs(15),
             conntrack_budget: Default::default(),
+            host_protection: None,
         }
     }
 }
@@ -729,4 +730,47 @@ spec: {clusterIP: 10.96.0.11, ports: [{port: 0}]}
     agent.apply_snapshot(snap).unwrap();
     assert_eq!(agent.metrics.service_rejections.get(), 1);
     assert_eq!(agent.status().services[0].frontends[0].backends, 0);
+}
+
+/// `--host-protection`: every endpoint carries the flag and the node's
+/// open ports are policy entries of `HOST_PORTS_ENDPOINT`; off, neither.
+#[test]
+fn host_protection_marks_every_endpoint_and_writes_the_open_ports() {
+    use palisade_common::{EP_HOST_PROTECTED, HOST_PORTS_ENDPOINT};
+    let s = Scratch::new("hostprot");
+    let dp = MemoryDataplane::default();
+    let mut cfg = s.config();
+    cfg.host_protection = Some(crate::daemon::parse_host_ports("53/UDP, 53/tcp,ICMP").unwrap());
+    let mut agent = Agent::with_dataplane(&cfg, Arc::new(Metrics::default()), Box::new(dp.clone()))
+        .expect("starts")
+        .0;
+    let (web, ifindex) = pod(&dp, "web", 5);
+    agent.register(web).expect("registers");
+    let maps = dp.maps();
+    assert_ne!(maps.endpoints[&ifindex].flags & EP_HOST_PROTECTED, 0);
+    let mut open: Vec<(u8, u16)> = maps
+        .policy
+        .keys()
+        .filter(|(_, k)| k.endpoint_id == HOST_PORTS_ENDPOINT)
+        .map(|(_, k)| (k.protocol, u16::from_be(k.dport_be)))
+        .collect();
+    open.sort();
+    assert_eq!(open, [(1, 0), (6, 53), (17, 53)]);
+
+    let s2 = Scratch::new("hostprot-off");
+    let dp2 = MemoryDataplane::default();
+    let mut agent2 = start(&s2, &dp2);
+    let (web, ifindex) = pod(&dp2, "web", 5);
+    agent2.register(web).expect("registers");
+    let maps = dp2.maps();
+    assert_eq!(maps.endpoints[&ifindex].flags & EP_HOST_PROTECTED, 0);
+    assert!(!maps
+        .policy
+        .keys()
+        .any(|(_, k)| k.endpoint_id == HOST_PORTS_ENDPOINT));
+
+    for bad in ["53/HTTP", "0/TCP", "70000/UDP", "8/ICMP"] {
+        assert!(crate::daemon::parse_host_ports(bad).is_err(), "{bad}");
+    }
+    assert_eq!(crate::daemon::parse_host_ports("none").unwrap(), []);
 }

@@ -303,3 +303,61 @@ ports: [{port: 8080}]
     assert_eq!(r.frontends.len(), 1, "{:?}", r.frontends);
     assert_eq!(backends(&r, "10.96.0.43:80", 6), ["10.0.0.1:8080"]);
 }
+
+#[test]
+fn node_ports_external_ips_and_load_balancer_addresses_are_frontends_too() {
+    let svc = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: ns}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.10
+  externalIPs: [192.0.2.7, "2001:db8::7"]
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: http, nodePort: 30080}
+status:
+  loadBalancer: {ingress: [{ip: 198.51.100.9}, {hostname: lb.example.com}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: plain, namespace: ns}
+spec:
+  clusterIP: 10.96.0.11
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: http, nodePort: 30081}
+"#;
+    let r = resolve(&view(&format!("{PODS}---{svc}")));
+    assert!(r.rejections.is_empty(), "{:?}", r.rejections);
+    let want = ["10.0.0.1:8080", "10.0.0.2:9090"];
+    for at in [
+        "10.96.0.10:80",
+        "192.0.2.7:80",
+        "198.51.100.9:80",
+        // Every node's address: the datapath serves 0.0.0.0 frontends on
+        // addresses the ipcache calls host or remote-node.
+        "0.0.0.0:30080",
+    ] {
+        assert_eq!(backends(&r, at, 6), want, "{at}");
+    }
+    // A ClusterIP Service's nodePort field means nothing.
+    let plain: Vec<_> = r
+        .frontends
+        .iter()
+        .filter(|f| f.service.name.as_ref() == "plain")
+        .map(|f| f.address.to_string())
+        .collect();
+    assert_eq!(plain, ["10.96.0.11:80"]);
+
+    let bad = svc.replace("nodePort: 30080", "nodePort: 70000");
+    let r = resolve(&view(&format!("{PODS}---{bad}")));
+    assert!(
+        r.rejections.iter().any(|x| x
+            .reason
+            .contains("spec.ports[0].nodePort: 70000 is out of range")),
+        "{:?}",
+        r.rejections
+    );
+}

@@ -107,8 +107,15 @@ pub fn charged(protocol: u8, tcp_state: u8) -> bool {
 /// does everything of a pod enforced in neither direction; in the
 /// scope's own direction later packets are judged again as new ones, with
 /// the same result.
+///
+/// Under host protection (`EP_HOST_PROTECTED`) every ingress flow needs
+/// its entry: replies to the node would otherwise be judged as new flows
+/// to it, on ports it does not list.
 #[inline(always)]
 pub fn needed(ep: &EndpointInfo, scope: u8, why: u8) -> bool {
+    if scope == crate::DIR_INGRESS && ep.flags & crate::EP_HOST_PROTECTED != 0 {
+        return true;
+    }
     why != reason::HOST && ep.enforced(opposite(scope))
 }
 

@@ -154,6 +154,80 @@ pub fn arp_spoofed(
     None
 }
 
+/// UDP ports on which nodes decapsulate tunnelled packets: VXLAN (IANA
+/// 4789, and 8472, Linux's default, palisade's and flannel's), Geneve.
+pub const TUNNEL_PORTS: [u16; 3] = [4789, 6081, 8472];
+
+/// A pod's UDP to a node's tunnel port: the node would decapsulate it and
+/// forward the inner packet with whatever source it claims, past the pod's
+/// anti-spoofing and policy (to this node's pods, or another node's). Not
+/// traffic with its node that NetworkPolicy lets pass: dropped whatever is
+/// enforced, never audited through.
+#[inline(always)]
+pub fn tunnel_from_pod(
+    ep: &EndpointInfo,
+    dir: u8,
+    key: &CtKey,
+    peer: &IpcacheValue,
+) -> Option<Decision> {
+    let node = peer.identity == IDENTITY_HOST || peer.identity == crate::IDENTITY_REMOTE_NODE;
+    let port = u16::from_be(key.dport_be);
+    if dir == DIR_EGRESS
+        && key.protocol == PROTO_UDP
+        && node
+        && (port == TUNNEL_PORTS[0] || port == TUNNEL_PORTS[1] || port == TUNNEL_PORTS[2])
+    {
+        let mut d = hard_drop(ep, reason::TUNNEL_FROM_POD, dir);
+        d.dst_identity = peer.identity;
+        Some(d)
+    } else {
+        None
+    }
+}
+
+/// Host protection (`EP_HOST_PROTECTED`, off by default): a new flow from
+/// the pod to its own node passes only on a port the node lists (a policy
+/// entry of `HOST_PORTS_ENDPOINT`; one of its protocol with prefix
+/// `POLICY_PREFIX_PROTO` opens every port), whatever is enforced and
+/// whatever NetworkPolicy allows; otherwise it is dropped as
+/// `host-protected`, never audited through. Replies to the node's own
+/// flows (kubelet probes) ride on their conntrack entries; a hairpin (the
+/// pod to itself through a Service) is not node traffic.
+#[inline(always)]
+pub fn host_protected(
+    ep: &EndpointInfo,
+    dir: u8,
+    key: &CtKey,
+    peer: &IpcacheValue,
+    mut lookup: impl FnMut(&PolicyKey) -> Option<PolicyValue>,
+) -> Option<Decision> {
+    if dir != DIR_EGRESS
+        || ep.flags & crate::EP_HOST_PROTECTED == 0
+        || peer.identity != IDENTITY_HOST
+        || key.daddr == ep.ipv4
+    {
+        return None;
+    }
+    let pk = PolicyKey {
+        endpoint_id: crate::HOST_PORTS_ENDPOINT,
+        peer_identity: IDENTITY_HOST,
+        direction: DIR_EGRESS,
+        protocol: key.protocol,
+        dport_be: match key.protocol {
+            PROTO_TCP | PROTO_UDP | PROTO_SCTP => key.dport_be,
+            _ => 0,
+        },
+    };
+    match lookup(&pk) {
+        Some(v) if v.action == crate::ACTION_ALLOW => None,
+        _ => {
+            let mut d = hard_drop(ep, reason::HOST_PROTECTED, dir);
+            d.dst_identity = IDENTITY_HOST;
+            Some(d)
+        }
+    }
+}
+
 /// Identities for a verdict reached before the peer was looked up.
 #[inline(always)]
 pub fn own_side(ep: &EndpointInfo, dir: u8) -> (u32, u32) {
@@ -348,6 +422,13 @@ pub fn decide(
     peer: &IpcacheValue,
     lookup: impl FnMut(&PolicyKey) -> Option<PolicyValue>,
 ) -> Decision {
+    if let Some(d) = tunnel_from_pod(ep, dir, key, peer) {
+        return d;
+    }
+    let mut lookup = lookup;
+    if let Some(d) = host_protected(ep, dir, key, peer, &mut lookup) {
+        return d;
+    }
     if let Some(d) = pre_policy(ep, dir, peer) {
         return d;
     }
@@ -356,7 +437,6 @@ pub fn decide(
     // than an `Option<PolicyValue>`: LLVM may copy a `None`'s undefined
     // payload ahead of the check, and the verifier refuses a program that
     // reads an uninitialised register (seen once the programs grew).
-    let mut lookup = lookup;
     match policy_lookups(&mut pk, peer, |k| lookup(k).map(pack_hit)) {
         Some(h) => policy_decision(ep, dir, peer, Some(unpack_hit(h))),
         None => policy_decision(ep, dir, peer, None),

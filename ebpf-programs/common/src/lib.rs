@@ -135,6 +135,13 @@ pub const PROTO_SCTP: u8 = 132;
 pub const EP_INGRESS_ENFORCED: u32 = 1;
 pub const EP_EGRESS_ENFORCED: u32 = 1 << 1;
 pub const EP_AUDIT: u32 = 1 << 2;
+/// Host protection (`--host-protection`): what the pod sends to its own
+/// node passes only on the node's listed ports (`HOST_PORTS_ENDPOINT`).
+pub const EP_HOST_PROTECTED: u32 = 1 << 3;
+/// The endpoint id (never a pod's: ids count from 1) under which the
+/// policy map holds host protection's open node ports: keys
+/// (HOST_PORTS_ENDPOINT, IDENTITY_HOST, egress, protocol, port).
+pub const HOST_PORTS_ENDPOINT: u32 = 0;
 
 /// `EndpointKey::kind`: a pod is indexed both by its host veth and its IP.
 pub const EP_KEY_IFINDEX: u32 = 1;
@@ -391,6 +398,14 @@ pub mod reason {
     /// A new flow or first fragment passed without an entry because its
     /// endpoint's conntrack budget was spent (`ct_budget`).
     pub const CT_BUDGET_UNTRACKED: u8 = 36;
+    // Dropped (the range after the bookkeeping ones).
+    /// UDP from a pod to a tunnel port (VXLAN, Geneve) of a node: the node
+    /// would decapsulate it and forward its inner packet, whatever source
+    /// that claims, past the pod's anti-spoofing and policy.
+    pub const TUNNEL_FROM_POD: u8 = 40;
+    /// Host protection: a new flow from a pod to its own node on a port
+    /// the node does not list.
+    pub const HOST_PROTECTED: u8 = 41;
 
     pub const MAX: u32 = 64;
 
@@ -424,12 +439,14 @@ pub mod reason {
             CT_BUDGET => "conntrack-budget",
             SPOOFED_MAC => "spoofed-mac",
             CT_BUDGET_UNTRACKED => "conntrack-budget-untracked",
+            TUNNEL_FROM_POD => "tunnel-from-pod",
+            HOST_PROTECTED => "host-protected",
             _ => "none",
         }
     }
 
     pub fn is_drop(r: u8) -> bool {
-        (NO_POLICY_MATCH..EVENTS_LOST).contains(&r)
+        (NO_POLICY_MATCH..EVENTS_LOST).contains(&r) || (40..MAX as u8).contains(&r)
     }
 }
 

@@ -37,7 +37,8 @@ use palisade_common::{
         HAIRPIN_ADDR, HAIRPIN_PEER, NAT_HAIRPIN,
     },
     CtKey, CtValue, EndpointInfo, EndpointKey, FragKey, FragValue, CT_SVC_NAT, DIR_EGRESS,
-    DIR_INGRESS, POLICY_PREFIX_FULL, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    DIR_INGRESS, IDENTITY_HOST, IDENTITY_REMOTE_NODE, POLICY_PREFIX_FULL, PROTO_ICMP, PROTO_SCTP,
+    PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
@@ -372,13 +373,23 @@ fn track_and_decide<const DRY: bool>(
         && dir == DIR_EGRESS
         && (flow.key.protocol == PROTO_TCP || flow.key.protocol == PROTO_UDP)
     {
-        let fk = SvcFrontendKey {
+        let mut fk = SvcFrontendKey {
             addr: flow.key.daddr,
             port_be: flow.key.dport_be,
             protocol: flow.key.protocol,
             _pad: 0,
         };
-        if let Some(fe) = lookup(&SVC_FRONTENDS, &fk) {
+        let fe = match lookup(&SVC_FRONTENDS, &fk) {
+            Some(fe) => Some(fe),
+            None => {
+                // A NodePort: its frontend is at 0.0.0.0, for every address
+                // of every node (this one's, as `host`, and the others').
+                // One hash miss for other flows; the ipcache only on a hit.
+                fk.addr = 0;
+                lookup(&SVC_FRONTENDS, &fk).filter(|_| node_address(flow.key.daddr))
+            }
+        };
+        if let Some(fe) = fe {
             return service_flow(ctx, ep, ifindex, flow, &fe, l4, now, redirect);
         }
     }
@@ -629,6 +640,14 @@ fn ct_track(
         }
     }
     t
+}
+
+/// Whether `addr` is a node's (the ipcache says `host` or `remote-node`).
+#[inline(always)]
+fn node_address(addr: u32) -> bool {
+    IPCACHE
+        .get(Key::new(32, addr))
+        .is_some_and(|v| v.identity == IDENTITY_HOST || v.identity == IDENTITY_REMOTE_NODE)
 }
 
 /// The policy verdict on a new flow.
