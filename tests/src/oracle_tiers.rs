@@ -273,10 +273,13 @@ impl TieredCluster {
                     && selector_matches(pods, &q.labels)
             }),
             CPeer::Networks(n) => n.iter().any(|c| in_cidr(addr, c)),
-            CPeer::Nodes(s) => self
-                .nodes
-                .iter()
-                .any(|n| n.ip == addr && selector_matches(s, &n.labels)),
+            CPeer::Nodes(s) => {
+                self.nodes
+                    .iter()
+                    .any(|n| n.ip == addr && selector_matches(s, &n.labels))
+                    // This node (n1, at the cluster's host address) too.
+                    || (self.base.host_ips.contains(&addr) && selector_matches(s, &own_node_labels()))
+            }
             CPeer::DomainNames(_) => false,
         }
     }
@@ -353,7 +356,11 @@ impl TieredCluster {
 
 /// Would a cluster implementing ClusterNetworkPolicy allow `flow`?
 pub fn evaluate(c: &TieredCluster, flow: &Flow) -> Expected {
-    if c.base.host_ips.contains(&flow.peer) {
+    // Traffic with the pod's own node: NetworkPolicy never restricts it,
+    // a ClusterNetworkPolicy can restrict the pod's egress to it (admin
+    // tier; baseline where no NetworkPolicy isolates the pod).
+    let own_node = c.base.host_ips.contains(&flow.peer);
+    if own_node && flow.dir == Dir::Ingress {
         return Expected {
             allow: true,
             why: "the pod's own node".into(),
@@ -373,8 +380,27 @@ pub fn evaluate(c: &TieredCluster, flow: &Flow) -> Expected {
     if let Some(e) = c.tier(Tier::Admin, flow, &mut passed) {
         return note(e, &passed);
     }
+    if own_node {
+        // Isolation does not depend on the peer: ask about any other one.
+        let probe = Flow {
+            peer: Ipv4Addr::new(192, 0, 2, 1),
+            ..*flow
+        };
+        if !oracle::evaluate(&c.base, &probe)
+            .why
+            .starts_with("not isolated")
+        {
+            return note(
+                Expected {
+                    allow: true,
+                    why: "NetworkPolicy: the pod's own node".into(),
+                },
+                &passed,
+            );
+        }
+    }
     let np = oracle::evaluate(&c.base, flow);
-    if !np.why.starts_with("not isolated") {
+    if !own_node && !np.why.starts_with("not isolated") {
         return note(
             Expected {
                 allow: np.allow,
@@ -402,6 +428,12 @@ const POD_VALUES: [&str; 3] = ["a", "b", "c"];
 const NS_KEYS: [&str; 2] = ["team", "env"];
 const NS_VALUES: [&str; 2] = ["x", "y"];
 const NODE_ZONES: [&str; 2] = ["z1", "z2"];
+
+/// This node's labels (its name is n1; tier_oracle.rs gives the engine the
+/// same Node object).
+pub fn own_node_labels() -> Labels {
+    Labels::from([("kubernetes.io/hostname".to_string(), "n1".to_string())])
+}
 
 /// Other nodes: one inside the pods' /16 (NetworkPolicy ipBlocks and
 /// `networks` reach it), one far away.
@@ -478,12 +510,14 @@ fn ns_sel(rng: &mut StdRng) -> Selector {
     }
 }
 
-const NETWORKS: [&str; 8] = [
+const NETWORKS: [&str; 9] = [
     "10.1.0.0/24",
     "10.1.0.0/28",
     "10.1.0.8/29",
     "10.1.1.0/24",
     "10.1.254.0/24",
+    // The pods' /16 with the node's address in it.
+    "10.1.0.0/16",
     "192.168.0.0/16",
     "8.8.8.8/32",
     "0.0.0.0/0",
@@ -508,7 +542,7 @@ fn gen_peer(rng: &mut StdRng, egress: bool) -> CPeer {
         8 => CPeer::Nodes(sel(
             rng,
             &["zone", "kubernetes.io/hostname"],
-            &["z1", "z2", "n2", "n3"],
+            &["z1", "z2", "n1", "n2", "n3"],
         )),
         _ => {
             if rng.gen_bool(0.15) {

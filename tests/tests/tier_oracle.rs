@@ -94,7 +94,7 @@ fn engine_of(c: &TieredCluster) -> Result<Engine> {
     let b = &c.base;
     let mut e = Engine::new(false, b.host_ips.clone());
     e.set_node_name(Some("n1".into()));
-    let own = Labels::from([("kubernetes.io/hostname".to_string(), "n1".to_string())]);
+    let own = palisade_tests::oracle_tiers::own_node_labels();
     e.apply(Change::Node(node_object("n1", &own, b.host_ips[0])));
     for n in &c.nodes {
         e.apply(Change::Node(node_object(&n.name, &n.labels, n.ip)));

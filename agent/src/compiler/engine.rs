@@ -898,7 +898,12 @@ impl Engine {
         for ip in ips {
             self.dirty_ipcache.insert((ip, 32));
         }
-        for ip in &self.model.remote_node_ips {
+        for ip in self
+            .model
+            .remote_node_ips
+            .iter()
+            .chain(&self.model.host_ips)
+        {
             if net.contains(*ip) {
                 self.dirty_ipcache.insert((*ip, 32));
             }
@@ -1402,9 +1407,12 @@ impl Engine {
     fn ipcache_value(&self, (ip, len): (Ipv4Addr, u32)) -> Option<IpcacheValue> {
         if len == 32 {
             if self.model.host_ips.contains(&ip) {
+                // The CIDR identity lets a ClusterNetworkPolicy `nodes` or
+                // `networks` peer deny a pod's egress to its own node
+                // (`decision::own_node_checked`).
                 return Some(IpcacheValue {
                     identity: IDENTITY_HOST,
-                    cidr_identity: IDENTITY_HOST,
+                    cidr_identity: longest_cidr(&self.cidr_ids, ip),
                 });
             }
             if self.model.remote_node_ips.contains(&ip) {

@@ -478,12 +478,15 @@ impl Compiler {
                 },
             );
         }
+        // This node's addresses: `host`, with the CIDR identity a
+        // ClusterNetworkPolicy's deny of them is found under
+        // (`decision::own_node_checked`).
         for ip in &model.host_ips {
             ipcache.insert(
                 (*ip, 32),
                 IpcacheValue {
                     identity: IDENTITY_HOST,
-                    cidr_identity: IDENTITY_HOST,
+                    cidr_identity: longest_cidr(&cidr_ids, *ip),
                 },
             );
         }

@@ -897,9 +897,11 @@ fn ipcache_contents() {
         cidr_identity: IDENTITY_WORLD,
     };
     assert_eq!(c.maps.ipcache[&(ip("0.0.0.0"), 0)], world);
+    // The node's address is `host`, with the CIDR identity of the longest
+    // prefix holding it (here none but 0.0.0.0/0: world).
     let host = IpcacheValue {
         identity: IDENTITY_HOST,
-        cidr_identity: IDENTITY_HOST,
+        cidr_identity: IDENTITY_WORLD,
     };
     assert_eq!(c.maps.ipcache[&(ip("192.168.0.10"), 32)], host);
     let c16 = cidr_id(&c, "10.0.0.0/16");

@@ -51,7 +51,7 @@ use crate::model::{ContainerPort, Labels, Model};
 pub const CLUSTER_COOKIE_BASE: u32 = 0x4000_0000;
 /// A deny: a NetworkPolicy isolates the pod in this direction and none of
 /// its rules matched.
-pub const COOKIE_NP_ISOLATION: u32 = 0xffff_fffe;
+pub const COOKIE_NP_ISOLATION: u32 = palisade_common::COOKIE_NP_ISOLATION;
 /// An allow: no tier decided (the "baseline default").
 pub const COOKIE_DEFAULT_ALLOW: u32 = 0xffff_ffff;
 
@@ -595,6 +595,21 @@ pub(crate) fn apply_tiers<'a>(
                 pod: None,
                 net,
                 identity: v.identity,
+                cidr_identity: v.cidr_identity,
+            });
+        } else if v.cidr_identity >= palisade_common::IDENTITY_FIRST_CIDR
+            && cluster.iter().any(|p| p.networks().any(|n| n == net))
+        {
+            // This node's address as a prefix of its own (a `nodes` peer's,
+            // or a /32 `networks`): a class under that CIDR identity (only
+            // this address has it), so that a
+            // ClusterNetworkPolicy can deny a pod's egress to its own node
+            // (the kernel honours such a deny for `host`:
+            // `decision::own_node_denied`).
+            cidrs.push(PeerRep {
+                pod: None,
+                net,
+                identity: v.cidr_identity,
                 cidr_identity: v.cidr_identity,
             });
         }

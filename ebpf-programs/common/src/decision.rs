@@ -228,6 +228,18 @@ pub fn host_protected(
     }
 }
 
+/// Whether the policy entry a pod's new flow to its own node hits first
+/// denies it: NetworkPolicy never restricts that traffic, but a
+/// ClusterNetworkPolicy can (a `nodes` or `networks` peer covering the
+/// node, admin tier, or baseline where no NetworkPolicy decides). Such a
+/// deny is any deny but the one the tier overlay writes for "isolated by
+/// a NetworkPolicy, no rule matched" (`COOKIE_NP_ISOLATION`). Without
+/// ClusterNetworkPolicies the map holds no denies: nothing changes.
+#[inline(always)]
+pub fn own_node_denied(v: &PolicyValue) -> bool {
+    v.action != ACTION_ALLOW && v.cookie != crate::COOKIE_NP_ISOLATION
+}
+
 /// Identities for a verdict reached before the peer was looked up.
 #[inline(always)]
 pub fn own_side(ep: &EndpointInfo, dir: u8) -> (u32, u32) {
@@ -440,6 +452,32 @@ pub fn decide(
     match policy_lookups(&mut pk, peer, |k| lookup(k).map(pack_hit)) {
         Some(h) => policy_decision(ep, dir, peer, Some(unpack_hit(h))),
         None => policy_decision(ep, dir, peer, None),
+    }
+}
+
+/// A new flow's decision `d` (from [`decide`]) where it passed as traffic
+/// from the pod to its own node: unless a ClusterNetworkPolicy denies it
+/// ([`own_node_denied`], the first policy entry the flow hits). Applied to
+/// a pod's new flows, not when a tracked flow is judged again (the
+/// verifier's budget: the programs inline `decide` at every call site).
+#[inline(always)]
+pub fn own_node_checked(
+    ep: &EndpointInfo,
+    dir: u8,
+    key: &CtKey,
+    peer: &IpcacheValue,
+    d: Decision,
+    mut lookup: impl FnMut(&PolicyKey) -> Option<PolicyValue>,
+) -> Decision {
+    if d.reason != reason::HOST || dir != DIR_EGRESS {
+        return d;
+    }
+    let mut pk = policy_key(ep, dir, key, peer);
+    match policy_lookups(&mut pk, peer, |k| lookup(k).map(pack_hit)) {
+        Some(h) if own_node_denied(&unpack_hit(h)) => {
+            policy_decision(ep, dir, peer, Some(unpack_hit(h)))
+        }
+        _ => d,
     }
 }
 

@@ -249,6 +249,10 @@ pub const POLICY_PREFIX_FULL: u32 = 96;
 
 pub const ACTION_ALLOW: u32 = 1;
 pub const ACTION_DENY: u32 = 2;
+/// The cookie of a deny the ClusterNetworkPolicy tier overlay writes where
+/// a NetworkPolicy isolates the pod and none of its rules matched (not a
+/// ClusterNetworkPolicy rule's: traffic with the pod's own node passes it).
+pub const COOKIE_NP_ISOLATION: u32 = 0xffff_fffe;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

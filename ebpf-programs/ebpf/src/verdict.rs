@@ -25,8 +25,8 @@ use palisade_common::{
     decision::{
         arp_spoofed, ct_key, ct_use, decide, drop_if_enforced as enforced_drop, empty_key,
         first_fragment_verdict, foreign_destination, foreign_mac, hard_drop,
-        later_fragment_verdict, new_ct_entry, records_entry, refresh, rejudged, rejudged_entry,
-        remote_addr, spoofed, track, unchecked_source, Decision, Tracked,
+        later_fragment_verdict, new_ct_entry, own_node_checked, records_entry, refresh, rejudged,
+        rejudged_entry, remote_addr, spoofed, track, unchecked_source, Decision, Tracked,
     },
     ipv6::V6,
     reason,
@@ -394,7 +394,7 @@ fn track_and_decide<const DRY: bool>(
         }
     }
 
-    let mut d = policy(ep, dir, &flow.key);
+    let mut d = new_flow_policy(ep, dir, &flow.key);
     if !DRY && records_entry(&d, flow.key.protocol, flow.tcp_flags) {
         let v = new_ct_entry(ep, &d, flow.key.protocol, flow.tcp_flags, now);
         // (One that starts closing, picked up at its FIN or RST, is free.)
@@ -648,6 +648,19 @@ fn node_address(addr: u32) -> bool {
     IPCACHE
         .get(Key::new(32, addr))
         .is_some_and(|v| v.identity == IDENTITY_HOST || v.identity == IDENTITY_REMOTE_NODE)
+}
+
+/// `policy`, and for a pod's new flow to its own node, a
+/// ClusterNetworkPolicy's deny (`decision::own_node_checked`).
+#[inline(always)]
+fn new_flow_policy(ep: &EndpointInfo, dir: u8, key: &CtKey) -> Decision {
+    let peer = policy_peer(dir, remote_addr(key, dir), |a| {
+        IPCACHE.get(Key::new(32, a)).copied()
+    });
+    let lookup =
+        |pk: &palisade_common::PolicyKey| POLICY.get(&Key::new(POLICY_PREFIX_FULL, *pk)).copied();
+    let d = decide(ep, dir, key, &peer, lookup);
+    own_node_checked(ep, dir, key, &peer, d, lookup)
 }
 
 /// The policy verdict on a new flow.

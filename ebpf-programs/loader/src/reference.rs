@@ -475,12 +475,23 @@ impl Evaluator {
             return v;
         }
 
-        let d = self.decide(ep, dir, &key);
+        let d = self.decide_new_flow(ep, dir, &key);
         if decision::records_entry(&d, key.protocol, flow.tcp_flags) {
             self.conntrack
                 .insert(key, new_ct_entry(ep, &d, key.protocol, flow.tcp_flags, now));
         }
         finish(ep, ifindex, flow, &d)
+    }
+
+    /// The kernel's `new_flow_policy`: `decide`, then a
+    /// ClusterNetworkPolicy's deny of the pod's own node.
+    fn decide_new_flow(&self, ep: &EndpointInfo, dir: u8, key: &CtKey) -> Decision {
+        let peer = palisade_common::service::policy_peer(dir, remote_addr(key, dir), |a| {
+            self.ipcache_lookup(Ipv4Addr::from(a.to_ne_bytes()))
+        });
+        let lookup = |k: &PolicyKey| self.policy_lookup(k).map(|(_, _, v)| v);
+        let d = decision::decide(ep, dir, key, &peer, lookup);
+        decision::own_node_checked(ep, dir, key, &peer, d, lookup)
     }
 
     /// `decision::decide` over this model's maps, with the same lookups.
