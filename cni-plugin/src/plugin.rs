@@ -284,7 +284,7 @@ fn register(ctx: &Ctx, ip: Ipv4Addr, host_if: String, mac: Option<String>) -> Re
             netns: ctx.env.netns.clone(),
             namespace,
             pod,
-            ipv4: ip,
+            ipv4: Some(ip),
             host_ifname: host_if,
             mac: mac.filter(|m| !m.is_empty()),
             ipv6: None,
