@@ -480,3 +480,86 @@ fn delegated_host_local_dual_stack() -> Result<()> {
         .is_empty());
     Ok(())
 }
+
+/// Chained after the reference bridge + host-local with an IPv4 and an
+/// IPv6 range set: palisade registers the bridge's veth with both of
+/// prevResult's addresses and passes prevResult on unchanged.
+#[test]
+fn chained_after_a_dual_stack_bridge_registers_both_addresses() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let n = CniNode::with_agent()?;
+    let bridge = format!("pc6br{}", std::process::id() % 100_000);
+    let br_conf = format!(
+        r#"{{"cniVersion":"1.0.0","name":"br6net","type":"bridge","bridge":"{bridge}","isGateway":true,
+            "ipam":{{"type":"host-local","ranges":[[{{"subnet":"10.218.0.0/24"}}],[{{"subnet":"fd00:218::/64"}}]],"dataDir":"{}"}}}}"#,
+        n.dir.path().join("hl").display()
+    );
+    let pod = NetNs::new("pcpod")?;
+    let p = pod.path().display().to_string();
+    let env = add_env(
+        "ch6",
+        &p,
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE=web;K8S_POD_NAME=front",
+    );
+    let prev = run_reference(&n.node, "/usr/lib/cni/bridge", "ADD", &env, &br_conf)?;
+    let prev_json: Json = serde_json::from_str(&prev)?;
+    let want = ips(&prev_json);
+    assert_eq!(want.len(), 2, "{prev}");
+    let chained = format!(
+        r#"{{"cniVersion":"1.1.0","name":"br6net","type":"palisade","chained":true,"agentSocket":"{}"}}"#,
+        n.socket().display()
+    );
+    let c = with_key(&chained, "prevResult", &prev);
+    let out = exec(Some(&n.node), "ADD", &env, &c)?.ok()?;
+    assert_eq!(out.json["ips"], prev_json["ips"]);
+    let st = n.agent.as_ref().context("agent")?.status()?;
+    assert_eq!(st.endpoints.len(), 1, "{:?}", st.endpoints);
+    let e = &st.endpoints[0];
+    assert_eq!(IpAddr::V4(e.ipv4), want[0]);
+    assert_eq!(e.ipv6.map(IpAddr::V6), Some(want[1]));
+    exec(Some(&n.node), "CHECK", &env, &c)?.ok()?;
+    exec(Some(&n.node), "DEL", &env, &c)?.ok()?;
+    assert!(n
+        .agent
+        .as_ref()
+        .context("agent")?
+        .status()?
+        .endpoints
+        .is_empty());
+    run_reference(&n.node, "/usr/lib/cni/bridge", "DEL", &env, &br_conf)?;
+    Ok(())
+}
+
+/// A reference plugin run inside `node`, stdout on success.
+fn run_reference(
+    node: &NetNs,
+    plugin: &str,
+    command: &str,
+    env: &[(&str, &str)],
+    stdin: &str,
+) -> Result<String> {
+    use std::io::Write;
+    let mut child = node
+        .cmd(plugin)
+        .envs(env.iter().copied())
+        .env("CNI_COMMAND", command)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(stdin.as_bytes())?;
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8(out.stdout)?;
+    ensure!(
+        out.status.success(),
+        "{plugin} {command}: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(stdout)
+}
