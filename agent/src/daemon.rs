@@ -507,8 +507,20 @@ impl Agent {
     }
 
     /// CNI ADD: index the pod, write its entries, then attach the programs.
-    /// Returns only when the pod's policy is in the kernel.
+    /// Returns only when the pod's policy is in the kernel. A refusal is
+    /// logged and counted by kind (the CNI plugin gets the error).
     pub fn register(&mut self, r: Registration) -> Result<(u32, u64)> {
+        let who = format!("{}/{} ({})", r.namespace, r.pod, r.addresses());
+        let res = self.register_endpoint(r);
+        if let Err(e) = &res {
+            let kind = crate::error::kind_of(e);
+            warn!("registration of {who} refused ({kind}): {e:#}");
+            self.metrics.registration_refusals.inc(kind.as_str());
+        }
+        res
+    }
+
+    fn register_endpoint(&mut self, r: Registration) -> Result<(u32, u64)> {
         validate(&r)?;
         self.check_pool(&r)?;
         let ifindex = self.dp.ifindex(&r.host_ifname).with_context(|| {

@@ -750,6 +750,7 @@ fn dual_stack_registrations_keep_and_check_their_ipv6_address() {
         .find(|e| e.pod == "web")
         .expect("listed");
     assert_eq!(ep.ipv6, a.ipv6);
+    assert_eq!(st.nodes[0].pod_cidrs, ["10.244.0.0/24", "fd00:244::/64"]);
     assert!(
         ep.ipv6_datapath
             .as_deref()
@@ -775,6 +776,16 @@ fn dual_stack_registrations_keep_and_check_their_ipv6_address() {
     assert_eq!(crate::error::kind_of(&e), ErrorKind::Unsupported, "{e:#}");
     assert!(format!("{e:#}").contains("IPv6-only"), "{e:#}");
     assert_eq!(agent.model().endpoints.len(), 1);
+    // Each refusal counted by its kind.
+    let refused = &agent.metrics.registration_refusals;
+    assert_eq!(
+        (
+            refused.get("unsupported"),
+            refused.get("conflict"),
+            refused.get("invalid_request")
+        ),
+        (1, 1, 1)
+    );
 
     // Enforced: its IPv6 is reported dropped.
     agent
