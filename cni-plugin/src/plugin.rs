@@ -297,6 +297,11 @@ fn wire(
     }
     netlink::ipv6_conf(None, &host_if, "accept_ra", "0")?;
     netlink::ipv6_conf(None, &host_if, "autoconf", "0")?;
+    if lease.v6().is_some() {
+        // A node whose new interfaces start with IPv6 off
+        // (default.disable_ipv6=1) still carries the pod's gateway.
+        netlink::ipv6_conf(None, &host_if, "disable_ipv6", "0")?;
+    }
     for a in &lease.addresses {
         let ip = a.address.ip();
         pod.add_address(c.index, ip, host_prefix(ip))?;

@@ -434,14 +434,18 @@ fn an_exhausted_ipv6_range_is_code_100_and_keeps_no_ipv4_address() -> Result<()>
 }
 
 /// Delegated IPAM: host-local with an IPv4 and an IPv6 range set; the
-/// plugin wires and registers both addresses, CHECK and DEL go through
-/// host-local too.
+/// plugin wires and registers both addresses (also on a node whose new
+/// interfaces start with IPv6 off), CHECK and DEL go through host-local
+/// too.
 #[test]
 fn delegated_host_local_dual_stack() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
     let n = CniNode::with_agent()?;
+    // A node whose new interfaces start with IPv6 off: the host veth still
+    // gets the IPv6 gateway.
+    n.node.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
     let hl = n.dir.path().join("host-local");
     let c = format!(
         r#"{{"cniVersion":"1.0.0","name":"hldual","type":"palisade","agentSocket":"{}",
