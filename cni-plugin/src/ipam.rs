@@ -478,6 +478,10 @@ mod tests {
         assert!(e.msg.contains("fd00:9::/64"), "{e}");
         assert!(s.find("c2", "eth0").unwrap().is_empty(), "nothing kept");
         assert_eq!(s.list().unwrap().len(), 2, "c1's two addresses only");
+        // STATUS's measure: the IPv6 range is full, the IPv4 one is not.
+        let (v4, v6) = (p.v4.as_ref().unwrap(), p.v6.as_ref().unwrap());
+        assert_eq!(s.held_in(v6).unwrap(), v6.size());
+        assert!(s.held_in(v4).unwrap() < v4.size());
         fs::remove_dir_all(&d).unwrap();
     }
 
