@@ -275,6 +275,9 @@ pub fn render_status(r: &StatusReport) -> String {
             on(e.egress_enforced),
             if e.audit { " audit" } else { "" }
         );
+        if let (Some(v6), Some(what)) = (e.ipv6, &e.ipv6_datapath) {
+            let _ = writeln!(s, "  {:<32}      IPv6 {v6}: {what}", "");
+        }
     }
     let _ = writeln!(s, "\nIDENTITIES {}", r.identities);
     let _ = writeln!(s, "\nPOLICIES ({})", r.policies.len());

@@ -319,7 +319,7 @@ impl Agent {
                 "endpoint {}/{} ({}, {}): its interface is gone without a deregistration; forgetting it",
                 e.registration.namespace,
                 e.registration.pod,
-                e.registration.ipv4,
+                e.registration.addresses(),
                 e.registration.host_ifname
             );
             self.deregister(&e.registration.container_id)?;
@@ -556,8 +556,20 @@ impl Agent {
     }
 
     /// CNI ADD: index the pod, write its entries, then attach the programs.
-    /// Returns only when the pod's policy is in the kernel.
+    /// Returns only when the pod's policy is in the kernel. A refusal is
+    /// logged and counted by kind (the CNI plugin gets the error).
     pub fn register(&mut self, r: Registration) -> Result<(u32, u64)> {
+        let who = format!("{}/{} ({})", r.namespace, r.pod, r.addresses());
+        let res = self.register_endpoint(r);
+        if let Err(e) = &res {
+            let kind = crate::error::kind_of(e);
+            warn!("registration of {who} refused ({kind}): {e:#}");
+            self.metrics.registration_refusals.inc(kind.as_str());
+        }
+        res
+    }
+
+    fn register_endpoint(&mut self, r: Registration) -> Result<(u32, u64)> {
         validate(&r)?;
         self.check_pool(&r)?;
         let ifindex = self.dp.ifindex(&r.host_ifname).with_context(|| {
@@ -621,7 +633,7 @@ impl Agent {
                     "registered {}/{} ({}, {}) as endpoint {endpoint_id} in {:?} (program {:?}, attach {:?})",
                     r.namespace,
                     r.pod,
-                    r.ipv4,
+                    r.addresses(),
                     r.host_ifname,
                     t0.elapsed(),
                     t_attach - t0,
@@ -655,6 +667,8 @@ impl Agent {
     /// Where this node's pod ranges are known (its Node object), a pod's
     /// address comes from them: a registration cannot claim another node's
     /// pod, a Service or a node address.
+    /// Each address against the node's pod ranges of its family, where
+    /// the Node object gives any.
     fn check_pool(&self, r: &Registration) -> Result<()> {
         let Some(node) = self
             .node_name
@@ -663,21 +677,30 @@ impl Agent {
         else {
             return Ok(());
         };
-        if node.pod_cidrs.is_empty() || node.pod_cidrs.iter().any(|c| c.contains(r.ipv4)) {
-            return Ok(());
+        let outside = |ip: String, ranges: Vec<String>| {
+            Err(refuse(
+                ErrorKind::InvalidRequest,
+                format!(
+                    "{}/{}: {ip} is outside node {}'s pod ranges {}",
+                    r.namespace,
+                    r.pod,
+                    node.name,
+                    ranges.join(", ")
+                ),
+            ))
+        };
+        let (v4, v6) = (&node.pod_cidrs, &node.pod_cidrs6);
+        if let Some(ip) = r.ipv4 {
+            if !v4.is_empty() && !v4.iter().any(|c| c.contains(ip)) {
+                return outside(ip.to_string(), v4.iter().map(|c| c.to_string()).collect());
+            }
         }
-        let ranges: Vec<String> = node.pod_cidrs.iter().map(|c| c.to_string()).collect();
-        Err(refuse(
-            ErrorKind::InvalidRequest,
-            format!(
-                "{}/{}: {} is outside node {}'s pod ranges {}",
-                r.namespace,
-                r.pod,
-                r.ipv4,
-                node.name,
-                ranges.join(", ")
-            ),
-        ))
+        if let Some(ip) = r.ipv6 {
+            if !v6.is_empty() && !v6.iter().any(|c| c.contains(ip)) {
+                return outside(ip.to_string(), v6.iter().map(|c| c.to_string()).collect());
+            }
+        }
+        Ok(())
     }
 
     fn settle_claims(&mut self, r: &Registration, ifindex: u32) -> Result<()> {
@@ -686,7 +709,9 @@ impl Agent {
             .iter()
             .filter(|e| e.registration.container_id != r.container_id)
             .filter(|e| {
-                e.registration.ipv4 == r.ipv4
+                let o = &e.registration;
+                (o.ipv4.is_some() && o.ipv4 == r.ipv4)
+                    || (o.ipv6.is_some() && o.ipv6 == r.ipv6)
                     || e.registration.host_ifname == r.host_ifname
                     || e.ifindex == ifindex
             })
@@ -699,7 +724,7 @@ impl Agent {
                     ErrorKind::Conflict,
                     format!(
                         "{}/{} ({}, {}) is registered for container {} whose interface {} is still there",
-                        o.namespace, o.pod, o.ipv4, o.host_ifname, o.container_id, o.host_ifname
+                        o.namespace, o.pod, o.addresses(), o.host_ifname, o.container_id, o.host_ifname
                     ),
                 ));
             }
@@ -765,6 +790,12 @@ impl Agent {
                         _pad: [0; 2],
                     },
                 );
+                let ipv6 = self
+                    .registry
+                    .get(&le.container_id)
+                    .and_then(|e| e.registration.ipv6);
+                let ingress_enforced = info.flags & EP_INGRESS_ENFORCED != 0;
+                let egress_enforced = info.flags & EP_EGRESS_ENFORCED != 0;
                 EndpointStatus {
                     namespace: le.key.namespace.to_string(),
                     pod: le.key.name.to_string(),
@@ -772,10 +803,13 @@ impl Agent {
                     ipv4: le.ipv4,
                     host_ifname: le.host_ifname.clone(),
                     identity: info.identity,
-                    ingress_enforced: info.flags & EP_INGRESS_ENFORCED != 0,
-                    egress_enforced: info.flags & EP_EGRESS_ENFORCED != 0,
+                    ingress_enforced,
+                    egress_enforced,
                     audit: info.flags & EP_AUDIT != 0,
                     conntrack: charge(le.endpoint_id),
+                    ipv6,
+                    ipv6_datapath: ipv6
+                        .map(|_| ipv6_datapath(ingress_enforced || egress_enforced).to_string()),
                 }
             })
             .collect();
@@ -914,7 +948,9 @@ fn local_endpoint(e: &Entry) -> LocalEndpoint {
         endpoint_id: e.endpoint_id,
         ifindex: e.ifindex,
         host_ifname: r.host_ifname.clone(),
-        ipv4: r.ipv4,
+        // Every registered endpoint has one: `validate` refuses IPv6-only
+        // registrations until the datapath enforces IPv6.
+        ipv4: r.ipv4.unwrap_or(Ipv4Addr::UNSPECIFIED),
         container_id: r.container_id.clone(),
         // (Checked by `validate` when it registered.)
         mac: r
@@ -922,6 +958,17 @@ fn local_endpoint(e: &Entry) -> LocalEndpoint {
             .as_deref()
             .and_then(palisade_api::parse_mac)
             .unwrap_or_default(),
+    }
+}
+
+/// What the datapath does with an endpoint's IPv6 today
+/// (`palisade_common::ipv6::verdict`): not policed by rule, so dropped
+/// both ways where any direction is enforced.
+pub(crate) fn ipv6_datapath(enforced: bool) -> &'static str {
+    if enforced {
+        "dropped both ways (not policed by rule yet; only neighbour discovery passes)"
+    } else {
+        "passed unpoliced (no policy selects the pod; no IPv6 source check yet; router advertisements and redirects from it are dropped)"
     }
 }
 
@@ -959,7 +1006,28 @@ fn validate(r: &Registration) -> Result<()> {
     if !ifname_ok {
         return bad(format!("invalid host interface name {:?}", r.host_ifname));
     }
-    let ip = r.ipv4;
+    if let Some(ip) = r.ipv6 {
+        let link_local = ip.segments()[0] & 0xffc0 == 0xfe80;
+        if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || link_local {
+            return bad(format!("{ip} cannot be a pod address"));
+        }
+    }
+    let Some(ip) = r.ipv4 else {
+        if r.ipv6.is_none() {
+            return bad("a registration needs the pod's IPv4 address".into());
+        }
+        // Fail closed: the datapath keys endpoints, anti-spoofing and the
+        // ipcache by IPv4 and drops IPv6 to and from enforced pods.
+        return Err(refuse(
+            ErrorKind::Unsupported,
+            format!(
+                "{}/{} is IPv6-only ({}): this agent enforces policy on IPv4 and cannot enforce an IPv6-only pod yet (issue 15); give the pod an IPv4 address too (dual-stack)",
+                r.namespace,
+                r.pod,
+                r.addresses()
+            ),
+        ));
+    };
     if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast() {
         return bad(format!("{ip} cannot be a pod address"));
     }

@@ -182,7 +182,7 @@ mod tests {
             netns: "/run/netns/x".into(),
             namespace: "default".into(),
             pod: id.into(),
-            ipv4: "10.0.0.2".parse().unwrap(),
+            ipv4: Some("10.0.0.2".parse().unwrap()),
             host_ifname: "palx".into(),
             mac: None,
             ipv6: None,

@@ -450,7 +450,13 @@ impl Watch for Node {
     /// heartbeat or condition update is not sent).
     fn relevant(&self) -> Option<u64> {
         let n = convert::node(self)?;
-        Some(hash_of(&(&n.name, &n.labels, &n.addresses, &n.pod_cidrs)))
+        Some(hash_of(&(
+            &n.name,
+            &n.labels,
+            &n.addresses,
+            &n.pod_cidrs,
+            &n.pod_cidrs6,
+        )))
     }
 
     fn applied(&self) -> Option<Change> {

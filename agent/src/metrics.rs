@@ -19,7 +19,8 @@
 //! `palisade_endpoints`, `palisade_verdicts_total{verdict,reason}`,
 //! `palisade_drops_total{reason}`, `palisade_xdp_packets_total{outcome}`,
 //! `palisade_map_entries{map}`, `palisade_map_capacity{map}`,
-//! `palisade_service_translations_total`; `palisade_service_frontends`.
+//! `palisade_service_translations_total`; `palisade_service_frontends`;
+//! `palisade_registration_refusals_total{kind}`.
 use std::sync::atomic::AtomicU64;
 
 use prometheus_client::{
@@ -86,6 +87,32 @@ impl LabeledCounter {
         self.0
             .get_or_create(&MapLabel {
                 map: map.to_string(),
+            })
+            .get()
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+/// A counter per API error kind (the `kind` label).
+#[derive(Clone, Default, Debug)]
+pub struct KindCounter(Family<KindLabel, counter::Counter<u64>>);
+
+impl KindCounter {
+    pub fn inc(&self, kind: &str) {
+        self.0
+            .get_or_create(&KindLabel {
+                kind: kind.to_string(),
+            })
+            .inc();
+    }
+    pub fn get(&self, kind: &str) -> u64 {
+        self.0
+            .get_or_create(&KindLabel {
+                kind: kind.to_string(),
             })
             .get()
     }
@@ -217,6 +244,9 @@ pub struct Metrics {
     pub policy_decisions: DecisionCounter,
     /// Events left out by the kernel's per-endpoint budget.
     pub events_suppressed: SuppressedCounter,
+    /// CNI registrations refused, by error kind (e.g. `unsupported`: an
+    /// IPv6-only pod).
+    pub registration_refusals: KindCounter,
     /// The fields above, registered (the registry holds clones).
     registry: Registry,
 }
@@ -337,6 +367,12 @@ impl Default for Metrics {
             "Verify runs (kernel verdicts probed against the model)",
             verify_runs.0.clone(),
         );
+        let registration_refusals = KindCounter::default();
+        r.register(
+            "palisade_registration_refusals",
+            "CNI registrations the agent refused, by error kind (unsupported: an IPv6-only pod)",
+            registration_refusals.0.clone(),
+        );
         Self {
             compile_seconds,
             sync_seconds,
@@ -356,6 +392,7 @@ impl Default for Metrics {
             services_rejected,
             policy_decisions,
             events_suppressed,
+            registration_refusals,
             registry: r,
         }
     }

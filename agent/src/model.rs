@@ -73,6 +73,9 @@ pub struct Node {
     pub addresses: Vec<Ipv4Addr>,
     /// spec.podCIDRs (or spec.podCIDR), IPv4.
     pub pod_cidrs: Vec<ipnetwork::Ipv4Network>,
+    /// The IPv6 ones of spec.podCIDRs (dual-stack or IPv6 nodes); only the
+    /// registration check reads them so far.
+    pub pod_cidrs6: Vec<ipnetwork::Ipv6Network>,
 }
 
 /// A pod on this node, wired by the CNI plugin and registered with the agent.
@@ -268,8 +271,8 @@ pub mod convert {
         })
     }
 
-    /// A Node: name, labels, InternalIP/ExternalIP IPv4 addresses and IPv4
-    /// pod CIDRs (podCIDRs, falling back to podCIDR).
+    /// A Node: name, labels, InternalIP/ExternalIP IPv4 addresses and pod
+    /// CIDRs of each family (podCIDRs, falling back to podCIDR).
     pub fn node(n: &core::Node) -> Option<super::Node> {
         let name = n.metadata.name.clone()?;
         let addresses = n
@@ -284,12 +287,14 @@ pub mod convert {
             Some(v) if !v.is_empty() => v.iter().collect(),
             _ => spec.and_then(|s| s.pod_cidr.as_ref()).into_iter().collect(),
         };
-        let pod_cidrs = cidrs.into_iter().filter_map(|c| c.parse().ok()).collect();
+        let pod_cidrs = cidrs.iter().filter_map(|c| c.parse().ok()).collect();
+        let pod_cidrs6 = cidrs.iter().filter_map(|c| c.parse().ok()).collect();
         Some(super::Node {
             name,
             labels: n.metadata.labels.clone().unwrap_or_default(),
             addresses,
             pod_cidrs,
+            pod_cidrs6,
         })
     }
 

@@ -27,7 +27,9 @@ pub fn nodes(model: &Model, me: Option<&str>) -> Vec<NodeStatus> {
                 name: n.name.clone(),
                 local: Some(n.name.as_str()) == me,
                 addresses: n.addresses.clone(),
-                pod_cidrs: n.pod_cidrs.iter().map(|c| c.to_string()).collect(),
+                pod_cidrs: (n.pod_cidrs.iter().map(|c| c.to_string()))
+                    .chain(n.pod_cidrs6.iter().map(|c| c.to_string()))
+                    .collect(),
                 pods,
             }
         })

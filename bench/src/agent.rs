@@ -455,7 +455,7 @@ impl Ctx<'_> {
             netns: self.netns.clone(),
             namespace: p.namespace.clone(),
             pod: p.name.clone(),
-            ipv4: p.ip,
+            ipv4: Some(p.ip),
             host_ifname: veth_name(veth),
             mac: None,
             ipv6: None,

@@ -24,6 +24,7 @@ pub fn code_for(kind: ErrorKind) -> u32 {
         ErrorKind::MapFull => error::AGENT_MAP_FULL,
         ErrorKind::Forbidden => error::AGENT_FORBIDDEN,
         ErrorKind::Internal => error::AGENT_INTERNAL,
+        ErrorKind::Unsupported => error::AGENT_UNSUPPORTED,
     }
 }
 
@@ -40,6 +41,9 @@ fn meaning(kind: ErrorKind) -> &'static str {
         ErrorKind::Forbidden => "the agent takes registrations only from root or its own user",
         ErrorKind::Internal => {
             "the agent failed in a way retrying will not fix (see the agent's log)"
+        }
+        ErrorKind::Unsupported => {
+            "the agent cannot enforce such a pod yet (e.g. IPv6-only: give it an IPv4 range too)"
         }
     }
 }
@@ -91,7 +95,10 @@ fn ask(conf: &NetConf, req: &Request) -> Result<Response> {
 pub fn register(conf: &NetConf, reg: Registration) -> Result<()> {
     let who = format!(
         "{}/{} ({} on {})",
-        reg.namespace, reg.pod, reg.ipv4, reg.host_ifname
+        reg.namespace,
+        reg.pod,
+        reg.addresses(),
+        reg.host_ifname
     );
     let what = format!("register {who}");
     match ask(conf, &Request::Register(reg))? {
@@ -142,7 +149,7 @@ mod tests {
 
     use super::*;
 
-    const KINDS: [ErrorKind; 7] = ErrorKind::ALL;
+    const KINDS: [ErrorKind; 8] = ErrorKind::ALL;
 
     #[test]
     fn each_kind_has_its_code_and_only_unavailable_is_retryable() {
@@ -157,6 +164,7 @@ mod tests {
                 (ErrorKind::MapFull, 108),
                 (ErrorKind::Forbidden, 110),
                 (ErrorKind::Internal, 109),
+                (ErrorKind::Unsupported, 111),
             ]
         );
         for k in KINDS {
@@ -226,7 +234,7 @@ mod tests {
                 netns: "/run/netns/x".into(),
                 namespace: "app".into(),
                 pod: "web".into(),
-                ipv4: "10.0.0.5".parse().unwrap(),
+                ipv4: Some("10.0.0.5".parse().unwrap()),
                 host_ifname: "pal0".into(),
                 mac: None,
                 ipv6: None,

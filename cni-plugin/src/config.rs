@@ -1,11 +1,11 @@
 //! The environment (CNI_*) and the network configuration on stdin.
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     time::Duration,
 };
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -169,85 +169,134 @@ pub fn version_at_least(v: &str, min: &str) -> bool {
     parts(v) >= parts(min)
 }
 
-/// One `routes` entry of a config or a result.
+/// One `routes` entry of a config or a result (either family).
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 pub struct RouteConf {
-    pub dst: Ipv4Network,
+    pub dst: IpNetwork,
     #[serde(default)]
-    pub gw: Option<Ipv4Addr>,
+    pub gw: Option<IpAddr>,
 }
 
-/// The built-in allocator's section (`ipam.type` = "palisade").
-#[derive(Clone, Debug, Deserialize)]
+/// One range, as host-local writes it in `ranges`.
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct BuiltinIpamConf {
+pub struct RangeConf {
     pub subnet: String,
     #[serde(default)]
-    pub range_start: Option<Ipv4Addr>,
+    pub range_start: Option<IpAddr>,
     #[serde(default)]
-    pub range_end: Option<Ipv4Addr>,
+    pub range_end: Option<IpAddr>,
     #[serde(default)]
-    pub gateway: Option<Ipv4Addr>,
+    pub gateway: Option<IpAddr>,
+}
+
+/// The built-in allocator's section (`ipam.type` = "palisade"): a single
+/// `subnet` (with `rangeStart`, `rangeEnd`, `gateway`), or host-local's
+/// `ranges` (a list of range sets, each a list of ranges), or both, as
+/// host-local takes them: `subnet` is then the first range set. At most
+/// one range set per family (dual-stack: one IPv4, one IPv6), and one
+/// range per set.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BuiltinIpamConf {
+    #[serde(default)]
+    pub subnet: Option<String>,
+    #[serde(default)]
+    pub range_start: Option<IpAddr>,
+    #[serde(default)]
+    pub range_end: Option<IpAddr>,
+    #[serde(default)]
+    pub gateway: Option<IpAddr>,
+    #[serde(default)]
+    pub ranges: Vec<Vec<RangeConf>>,
     #[serde(default)]
     pub data_dir: Option<PathBuf>,
     #[serde(default)]
     pub routes: Option<Vec<RouteConf>>,
 }
 
-/// A validated pool: the subnet, its gateway and the range handed out.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Pool {
-    pub subnet: Ipv4Network,
-    pub gateway: Ipv4Addr,
-    pub start: Ipv4Addr,
-    pub end: Ipv4Addr,
-    pub data_dir: PathBuf,
-    pub routes: Vec<RouteConf>,
+/// An address as a number, so both families share the range arithmetic.
+fn num(a: IpAddr) -> u128 {
+    match a {
+        IpAddr::V4(a) => u32::from(a) as u128,
+        IpAddr::V6(a) => u128::from(a),
+    }
 }
 
-impl Pool {
-    pub fn from_conf(c: &BuiltinIpamConf, network: &str) -> Result<Self> {
+/// `n` as an address of `like`'s family (`n` fits: it comes from a range
+/// of that family).
+fn addr(like: IpAddr, n: u128) -> IpAddr {
+    match like {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::from(n as u32)),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::from(n)),
+    }
+}
+
+fn family(a: IpAddr) -> &'static str {
+    if a.is_ipv4() {
+        "IPv4"
+    } else {
+        "IPv6"
+    }
+}
+
+/// A validated range: its subnet, gateway and the addresses handed out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Range {
+    pub subnet: IpNetwork,
+    pub gateway: IpAddr,
+    pub start: IpAddr,
+    pub end: IpAddr,
+}
+
+impl Range {
+    /// `at` names the range in messages ("ipam", "ipam.ranges[1][0]").
+    pub fn from_conf(c: &RangeConf, at: &str) -> Result<Self> {
         let bad = |msg: String| CniError::new(error::INVALID_CONFIG, msg);
-        let subnet: Ipv4Network = c.subnet.parse().map_err(|e| {
-            bad(format!(
-                "ipam.subnet {:?} is not an IPv4 CIDR: {e}",
-                c.subnet
-            ))
-        })?;
+        let subnet: IpNetwork = c
+            .subnet
+            .parse()
+            .map_err(|e| bad(format!("{at}.subnet {:?} is not a CIDR: {e}", c.subnet)))?;
         if subnet.network() != subnet.ip() {
             return Err(bad(format!(
-                "ipam.subnet {} has host bits set (did you mean {}/{}?)",
+                "{at}.subnet {} has host bits set (did you mean {}/{}?)",
                 c.subnet,
                 subnet.network(),
                 subnet.prefix()
             )));
         }
-        if subnet.prefix() > 30 {
+        // Room for a gateway and a pod: /30 (the IPv4 broadcast address is
+        // not handed out), /126.
+        let (max_prefix, broadcast) = if subnet.is_ipv4() { (30, 1) } else { (126, 0) };
+        if subnet.prefix() > max_prefix {
             return Err(bad(format!(
-                "ipam.subnet {subnet} is too small: it needs room for a gateway and a pod (/30 or larger)"
+                "{at}.subnet {subnet} is too small: it needs room for a gateway and a pod (/{max_prefix} or larger)"
             )));
         }
-        let first = u32::from(subnet.network()) + 1;
-        let last = u32::from(subnet.broadcast()) - 1;
-        let usable = |a: Ipv4Addr| (first..=last).contains(&u32::from(a));
-        let gateway = c.gateway.unwrap_or(Ipv4Addr::from(first));
+        let net = num(subnet.network());
+        let host_bits = u32::from(if subnet.is_ipv4() { 32u8 } else { 128 } - subnet.prefix());
+        let last_in = net + (u128::MAX >> (128 - host_bits));
+        let (first, last) = (net + 1, last_in - broadcast);
+        let usable =
+            |a: IpAddr| a.is_ipv4() == subnet.is_ipv4() && (first..=last).contains(&num(a));
+        let gateway = c.gateway.unwrap_or(addr(subnet.ip(), first));
         if !usable(gateway) {
             return Err(bad(format!(
-                "ipam.gateway {gateway} is not a usable address of {subnet}"
+                "{at}.gateway {gateway} is not a usable address of {subnet}"
             )));
         }
-        let start = c.range_start.unwrap_or(Ipv4Addr::from(first));
-        let end = c.range_end.unwrap_or(Ipv4Addr::from(last));
+        let start = c.range_start.unwrap_or(addr(subnet.ip(), first));
+        let end = c.range_end.unwrap_or(addr(subnet.ip(), last));
         for (key, a) in [("rangeStart", start), ("rangeEnd", end)] {
             if !usable(a) {
                 return Err(bad(format!(
-                    "ipam.{key} {a} is not a usable address of {subnet}"
+                    "{at}.{key} {a} is not a usable address of {subnet}"
                 )));
             }
         }
-        if u32::from(start) > u32::from(end) {
+        if num(start) > num(end) {
             return Err(bad(format!(
-                "ipam.rangeStart {start} is after ipam.rangeEnd {end}"
+                "{at}.rangeStart {start} is after {at}.rangeEnd {end}"
             )));
         }
         if start == end && start == gateway {
@@ -255,39 +304,157 @@ impl Pool {
                 "the range {start}-{end} holds only the gateway"
             )));
         }
-        let data_dir = c
-            .data_dir
-            .clone()
-            .unwrap_or_else(|| Path::new(DEFAULT_IPAM_DIR).join(network));
-        let routes = c.routes.clone().unwrap_or_else(|| {
-            vec![RouteConf {
-                dst: Ipv4Network::new(Ipv4Addr::UNSPECIFIED, 0).expect("/0"),
-                gw: None,
-            }]
-        });
         Ok(Self {
             subnet,
             gateway,
             start,
             end,
+        })
+    }
+
+    pub fn is_ipv4(&self) -> bool {
+        self.subnet.is_ipv4()
+    }
+
+    /// Addresses handed out (the gateway is never one of them).
+    pub fn size(&self) -> u128 {
+        let all = num(self.end) - num(self.start) + 1;
+        all - u128::from(self.contains_raw(self.gateway))
+    }
+
+    fn contains_raw(&self, a: IpAddr) -> bool {
+        a.is_ipv4() == self.is_ipv4() && (num(self.start)..=num(self.end)).contains(&num(a))
+    }
+
+    pub fn contains(&self, a: IpAddr) -> bool {
+        self.contains_raw(a) && a != self.gateway
+    }
+
+    /// Every address handed out, in round-robin order from the one after
+    /// `last` (wrapping), lazily: an IPv6 range is far too large to list.
+    pub fn after(&self, last: Option<IpAddr>) -> impl Iterator<Item = IpAddr> + '_ {
+        let (lo, hi) = (num(self.start), num(self.end));
+        let from = last.filter(|l| self.contains_raw(*l)).map_or(lo, |l| {
+            if num(l) == hi {
+                lo
+            } else {
+                num(l) + 1
+            }
+        });
+        (from..=hi)
+            .chain(lo..from)
+            .map(|n| addr(self.start, n))
+            .filter(|a| *a != self.gateway)
+    }
+}
+
+/// A validated pool: one range per family it serves (dual-stack: both).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pool {
+    pub v4: Option<Range>,
+    pub v6: Option<Range>,
+    pub data_dir: PathBuf,
+    pub routes: Vec<RouteConf>,
+}
+
+impl Pool {
+    pub fn from_conf(c: &BuiltinIpamConf, network: &str) -> Result<Self> {
+        let bad = |msg: String| CniError::new(error::INVALID_CONFIG, msg);
+        let mut sets: Vec<(String, RangeConf)> = Vec::new();
+        match &c.subnet {
+            Some(subnet) => sets.push((
+                "ipam".to_string(),
+                RangeConf {
+                    subnet: subnet.clone(),
+                    range_start: c.range_start,
+                    range_end: c.range_end,
+                    gateway: c.gateway,
+                },
+            )),
+            None if c.range_start.is_some() || c.range_end.is_some() || c.gateway.is_some() => {
+                return Err(bad(
+                    "ipam.rangeStart, rangeEnd and gateway belong to ipam.subnet; with \"ranges\", give them in each range".to_string(),
+                ))
+            }
+            None => {}
+        }
+        for (i, set) in c.ranges.iter().enumerate() {
+            match set.as_slice() {
+                [] => return Err(bad(format!("ipam.ranges[{i}] is an empty range set"))),
+                [one] => sets.push((format!("ipam.ranges[{i}][0]"), one.clone())),
+                more => {
+                    return Err(bad(format!(
+                        "ipam.ranges[{i}] has {} ranges: palisade takes one range per range set (one set for IPv4, one for IPv6)",
+                        more.len()
+                    )))
+                }
+            }
+        }
+        if sets.is_empty() {
+            return Err(bad(
+                "ipam: a \"subnet\" or \"ranges\" (one IPv4 and/or one IPv6 range) is required"
+                    .to_string(),
+            ));
+        }
+        // Each family's range, with where it was given.
+        let mut v4: Option<(String, Range)> = None;
+        let mut v6: Option<(String, Range)> = None;
+        for (at, rc) in &sets {
+            let r = Range::from_conf(rc, at)?;
+            let slot = if r.is_ipv4() { &mut v4 } else { &mut v6 };
+            if let Some((first, _)) = slot {
+                return Err(bad(format!(
+                    "{at} is a second {} range (the first is {first}): palisade takes at most one range per family",
+                    family(r.subnet.ip())
+                )));
+            }
+            *slot = Some((at.clone(), r));
+        }
+        let (v4, v6) = (v4.map(|(_, r)| r), v6.map(|(_, r)| r));
+        let data_dir = c
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| Path::new(DEFAULT_IPAM_DIR).join(network));
+        let routes = match &c.routes {
+            Some(routes) => routes.clone(),
+            None => {
+                let default4 =
+                    IpNetwork::V4(Ipv4Network::new(Ipv4Addr::UNSPECIFIED, 0).expect("/0"));
+                let default6 =
+                    IpNetwork::V6(Ipv6Network::new(Ipv6Addr::UNSPECIFIED, 0).expect("/0"));
+                [(v4.is_some(), default4), (v6.is_some(), default6)]
+                    .into_iter()
+                    .filter(|(has, _)| *has)
+                    .map(|(_, dst)| RouteConf { dst, gw: None })
+                    .collect()
+            }
+        };
+        for r in &routes {
+            let fam = family(r.dst.ip());
+            if (r.dst.is_ipv4() && v4.is_none()) || (r.dst.is_ipv6() && v6.is_none()) {
+                return Err(bad(format!(
+                    "ipam.routes: {} is {fam} but ipam has no {fam} range",
+                    r.dst
+                )));
+            }
+            if let Some(gw) = r.gw.filter(|g| g.is_ipv4() != r.dst.is_ipv4()) {
+                return Err(bad(format!(
+                    "ipam.routes: the gateway {gw} of {} is not {fam}",
+                    r.dst
+                )));
+            }
+        }
+        Ok(Self {
+            v4,
+            v6,
             data_dir,
             routes,
         })
     }
 
-    /// Addresses handed out, in order (the gateway is never one of them).
-    pub fn addresses(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
-        (u32::from(self.start)..=u32::from(self.end))
-            .map(Ipv4Addr::from)
-            .filter(move |a| *a != self.gateway)
-    }
-
-    pub fn size(&self) -> usize {
-        self.addresses().count()
-    }
-
-    pub fn contains(&self, a: Ipv4Addr) -> bool {
-        (u32::from(self.start)..=u32::from(self.end)).contains(&u32::from(a)) && a != self.gateway
+    /// The ranges, IPv4 first.
+    pub fn ranges(&self) -> impl Iterator<Item = &Range> {
+        self.v4.iter().chain(self.v6.iter())
     }
 }
 
@@ -555,20 +722,158 @@ mod tests {
         )
     }
 
+    fn pool(ipam: &str) -> Pool {
+        match conf(ipam).unwrap().ipam {
+            Some(Ipam::Builtin(p)) => p,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
     #[test]
     fn builtin_pool_defaults() {
         let c = conf(r#"{"type":"palisade","subnet":"10.7.0.0/24"}"#).unwrap();
         let Some(Ipam::Builtin(p)) = c.ipam else {
             panic!()
         };
-        assert_eq!(p.gateway, Ipv4Addr::new(10, 7, 0, 1));
-        assert_eq!(p.start, Ipv4Addr::new(10, 7, 0, 1));
-        assert_eq!(p.end, Ipv4Addr::new(10, 7, 0, 254));
-        assert_eq!(p.size(), 253);
-        assert_eq!(p.addresses().next(), Some(Ipv4Addr::new(10, 7, 0, 2)));
+        assert!(p.v6.is_none());
+        let r = p.v4.as_ref().unwrap();
+        assert_eq!(r.gateway, ip("10.7.0.1"));
+        assert_eq!(r.start, ip("10.7.0.1"));
+        assert_eq!(r.end, ip("10.7.0.254"));
+        assert_eq!(r.size(), 253);
+        assert_eq!(r.after(None).next(), Some(ip("10.7.0.2")));
         assert_eq!(p.data_dir, PathBuf::from("/var/lib/palisade/ipam/n1"));
+        assert_eq!(
+            p.routes,
+            vec![RouteConf {
+                dst: "0.0.0.0/0".parse().unwrap(),
+                gw: None
+            }]
+        );
         assert_eq!(c.mtu, 1500);
         assert_eq!(c.agent_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn dual_stack_in_host_locals_ranges_form_and_beside_subnet() {
+        let both = [
+            r#"{"type":"palisade","ranges":[[{"subnet":"10.7.0.0/24"}],[{"subnet":"fd00:7::/64","gateway":"fd00:7::1"}]]}"#,
+            r#"{"type":"palisade","subnet":"10.7.0.0/24","ranges":[[{"subnet":"fd00:7::/64"}]]}"#,
+        ];
+        for c in both {
+            let p = pool(c);
+            assert_eq!(
+                p.v4.as_ref().unwrap().subnet,
+                "10.7.0.0/24".parse().unwrap()
+            );
+            let r6 = p.v6.as_ref().unwrap();
+            assert_eq!(r6.gateway, ip("fd00:7::1"));
+            assert_eq!(r6.start, ip("fd00:7::1"));
+            assert_eq!(r6.end, ip("fd00:7::ffff:ffff:ffff:ffff"));
+            assert_eq!(r6.size(), (1u128 << 64) - 2);
+            assert_eq!(r6.after(None).next(), Some(ip("fd00:7::2")));
+            let dsts: Vec<String> = p.routes.iter().map(|r| r.dst.to_string()).collect();
+            assert_eq!(dsts, ["0.0.0.0/0", "::/0"], "a default route per family");
+            assert!(r6.contains(ip("fd00:7::9")));
+            assert!(!r6.contains(ip("fd00:7::1")), "the gateway");
+        }
+        // IPv6 only, in either form.
+        for c in [
+            r#"{"type":"palisade","subnet":"fd00:8::/120","rangeStart":"fd00:8::10","rangeEnd":"fd00:8::11"}"#,
+            r#"{"type":"palisade","ranges":[[{"subnet":"fd00:8::/120","rangeStart":"fd00:8::10","rangeEnd":"fd00:8::11"}]]}"#,
+        ] {
+            let p = pool(c);
+            assert!(p.v4.is_none());
+            let r6 = p.v6.as_ref().unwrap();
+            assert_eq!(r6.size(), 2);
+            // Round robin wraps.
+            let order: Vec<IpAddr> = r6.after(Some(ip("fd00:8::10"))).collect();
+            assert_eq!(order, [ip("fd00:8::11"), ip("fd00:8::10")]);
+            assert_eq!(p.routes.len(), 1);
+            assert_eq!(p.routes[0].dst.to_string(), "::/0");
+        }
+    }
+
+    #[test]
+    fn malformed_ipv6_ranges_are_config_errors_that_say_where() {
+        let err = |ipam: &str| {
+            let e = conf(ipam).unwrap_err();
+            (e.code, e.msg)
+        };
+        for (ipam, says) in [
+            (
+                r#"{"type":"palisade","ranges":[[{"subnet":"fd00::/129"}]]}"#,
+                "ipam.ranges[0][0].subnet",
+            ),
+            (
+                r#"{"type":"palisade","ranges":[[{"subnet":"fd00::5/64"}]]}"#,
+                "host bits",
+            ),
+            (
+                r#"{"type":"palisade","ranges":[[{"subnet":"fd00::/127"}]]}"#,
+                "too small",
+            ),
+            (
+                r#"{"type":"palisade","ranges":[[{"subnet":"fd00::/64","gateway":"10.0.0.1"}]]}"#,
+                "gateway 10.0.0.1",
+            ),
+            (
+                r#"{"type":"palisade","ranges":[[{"subnet":"fd00::/64","rangeStart":"fd01::1"}]]}"#,
+                "rangeStart",
+            ),
+            (
+                r#"{"type":"palisade","ranges":[[{"subnet":"fd00::/64","rangeStart":"fd00::9","rangeEnd":"fd00::3"}]]}"#,
+                "after",
+            ),
+            (
+                r#"{"type":"palisade","ranges":[[{"subnet":"fd00::/64"}],[{"subnet":"fd01::/64"}]]}"#,
+                "second IPv6 range",
+            ),
+            (
+                r#"{"type":"palisade","subnet":"10.0.0.0/24","ranges":[[{"subnet":"10.1.0.0/24"}]]}"#,
+                "second IPv4 range",
+            ),
+            (
+                r#"{"type":"palisade","ranges":[[{"subnet":"fd00::/64"},{"subnet":"fd01::/64"}]]}"#,
+                "one range per range set",
+            ),
+            (r#"{"type":"palisade","ranges":[[]]}"#, "empty range set"),
+            (
+                r#"{"type":"palisade","ranges":[]}"#,
+                "\"subnet\" or \"ranges\"",
+            ),
+            (
+                r#"{"type":"palisade","ranges":[[{"gateway":"fd00::1"}]]}"#,
+                "subnet",
+            ),
+            (
+                r#"{"type":"palisade","gateway":"fd00::1","ranges":[[{"subnet":"fd00::/64"}]]}"#,
+                "belong to ipam.subnet",
+            ),
+            (
+                r#"{"type":"palisade","subnet":"10.0.0.0/24","routes":[{"dst":"::/0"}]}"#,
+                "no IPv6 range",
+            ),
+            (
+                r#"{"type":"palisade","subnet":"10.0.0.0/24","ranges":[[{"subnet":"fd00::/64"}]],"routes":[{"dst":"::/0","gw":"10.0.0.1"}]}"#,
+                "not IPv6",
+            ),
+        ] {
+            let (code, msg) = err(ipam);
+            assert_eq!(code, error::INVALID_CONFIG, "{ipam}: {msg}");
+            assert!(msg.contains(says), "{ipam}: {msg:?} should say {says:?}");
+        }
+        // Not an address at all: the section does not decode.
+        assert_eq!(
+            conf(r#"{"type":"palisade","ranges":[[{"subnet":"fd00::/64","gateway":"nope"}]]}"#)
+                .unwrap_err()
+                .code,
+            error::DECODE
+        );
     }
 
     #[test]

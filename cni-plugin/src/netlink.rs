@@ -7,14 +7,14 @@
 //! it was created in, so the plugin's own thread never moves.
 use std::{
     fs::File,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd},
     path::Path,
 };
 
 use futures_util::stream::TryStreamExt;
 use netlink_packet_route::{
-    address::{AddressAttribute, AddressMessage},
+    address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage},
     link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteScope},
     AddressFamily,
@@ -41,12 +41,12 @@ pub struct Link {
     pub peer_index: Option<u32>,
 }
 
-/// An IPv4 route as read back from the main table.
+/// A route as read back from the main table (either family).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Route {
-    pub dst: Ipv4Addr,
+    pub dst: IpAddr,
     pub prefix: u8,
-    pub gateway: Option<Ipv4Addr>,
+    pub gateway: Option<IpAddr>,
     pub oif: Option<u32>,
     pub scope: RouteScope,
 }
@@ -236,14 +236,30 @@ impl Netlink {
 
     // ---- addresses ----------------------------------------------------
 
-    /// `ip addr add <ip>/<prefix> dev <index>`
-    pub fn add_address(&self, index: u32, ip: Ipv4Addr, prefix: u8) -> Result<()> {
-        let msg = AddressMessageBuilder::<Ipv4Addr>::new()
-            .index(index)
-            .address(ip, prefix)
-            .build();
+    /// `ip addr add <ip>/<prefix> dev <index>`; an IPv6 address with
+    /// `nodad`: it is unique on its veth by construction (the IPAM store
+    /// hands it out once; the gateway is never handed out), so duplicate
+    /// address detection could find nothing and would only keep it
+    /// tentative, unusable, for a second or more after the link comes up.
+    pub fn add_address(&self, index: u32, ip: IpAddr, prefix: u8) -> Result<()> {
+        let msg = match ip {
+            IpAddr::V4(v4) => AddressMessageBuilder::<Ipv4Addr>::new()
+                .index(index)
+                .address(v4, prefix)
+                .build(),
+            IpAddr::V6(v6) => {
+                let mut m = AddressMessageBuilder::<Ipv6Addr>::new()
+                    .index(index)
+                    .address(v6, prefix)
+                    .build();
+                m.header.flags = AddressHeaderFlags::Nodad;
+                m.attributes
+                    .push(AddressAttribute::Flags(AddressFlags::Nodad));
+                m
+            }
+        };
         let res = self.run(async {
-            let mut req = self.handle.address().add(index, IpAddr::V4(ip), prefix);
+            let mut req = self.handle.address().add(index, ip, prefix);
             *req.message_mut() = msg;
             req.execute().await
         });
@@ -257,8 +273,8 @@ impl Netlink {
         }
     }
 
-    /// The IPv4 addresses on a link.
-    pub fn addresses(&self, index: u32) -> Result<Vec<(Ipv4Addr, u8)>> {
+    /// The IPv4 and IPv6 addresses on a link.
+    pub fn addresses(&self, index: u32) -> Result<Vec<(IpAddr, u8)>> {
         let msgs: Vec<AddressMessage> = self
             .run(
                 self.handle
@@ -276,12 +292,15 @@ impl Netlink {
             })?;
         Ok(msgs
             .into_iter()
-            .filter(|m| m.header.family == AddressFamily::Inet && m.header.index == index)
+            .filter(|m| m.header.index == index)
             .filter_map(|m| {
                 let prefix = m.header.prefix_len;
+                // IPv4 carries the local address in IFA_LOCAL, IPv6 in
+                // IFA_ADDRESS only.
                 m.attributes.into_iter().find_map(|a| match a {
-                    AddressAttribute::Local(IpAddr::V4(ip))
-                    | AddressAttribute::Address(IpAddr::V4(ip)) => Some((ip, prefix)),
+                    AddressAttribute::Local(ip) | AddressAttribute::Address(ip) => {
+                        Some((ip, prefix))
+                    }
                     _ => None,
                 })
             })
@@ -291,24 +310,49 @@ impl Netlink {
     // ---- routes -------------------------------------------------------
 
     /// `ip route add <dst>/<prefix> [via <gw>] dev <oif> [scope link]`
+    /// (IPv6 routes have no scope: `link_scope` is for IPv4). The gateway
+    /// must be of the destination's family.
     pub fn add_route(
         &self,
-        dst: Ipv4Addr,
+        dst: IpAddr,
         prefix: u8,
-        gateway: Option<Ipv4Addr>,
+        gateway: Option<IpAddr>,
         oif: u32,
         link_scope: bool,
     ) -> Result<()> {
-        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(dst, prefix)
-            .output_interface(oif);
-        if let Some(gw) = gateway {
-            b = b.gateway(gw);
-        }
-        if link_scope {
-            b = b.scope(RouteScope::Link);
-        }
-        let msg: RouteMessage = b.build();
+        let family = |gw: IpAddr| {
+            CniError::new(
+                error::NETLINK,
+                format!("route {dst}/{prefix} via {gw}: the gateway is not of the route's family"),
+            )
+        };
+        let msg: RouteMessage = match dst {
+            IpAddr::V4(d) => {
+                let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(d, prefix)
+                    .output_interface(oif);
+                match gateway {
+                    Some(IpAddr::V4(gw)) => b = b.gateway(gw),
+                    Some(gw) => return Err(family(gw)),
+                    None => {}
+                }
+                if link_scope {
+                    b = b.scope(RouteScope::Link);
+                }
+                b.build()
+            }
+            IpAddr::V6(d) => {
+                let mut b = RouteMessageBuilder::<Ipv6Addr>::new()
+                    .destination_prefix(d, prefix)
+                    .output_interface(oif);
+                match gateway {
+                    Some(IpAddr::V6(gw)) => b = b.gateway(gw),
+                    Some(gw) => return Err(family(gw)),
+                    None => {}
+                }
+                b.build()
+            }
+        };
         match self.run(self.handle.route().add(msg).execute()) {
             Ok(()) => Ok(()),
             Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(()),
@@ -325,15 +369,26 @@ impl Netlink {
         }
     }
 
-    /// The main table's IPv4 routes.
+    /// The main table's routes of both families.
     pub fn routes(&self) -> Result<Vec<Route>> {
-        let query = RouteMessageBuilder::<Ipv4Addr>::new().build();
-        let msgs: Vec<RouteMessage> = self
-            .run(self.handle.route().get(query).execute().try_collect())
-            .map_err(|e| fail(format!("listing routes in {}", self.place), e))?;
+        let mut msgs: Vec<RouteMessage> = Vec::new();
+        for query in [
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        ] {
+            let got: Vec<RouteMessage> = self
+                .run(self.handle.route().get(query).execute().try_collect())
+                .map_err(|e| fail(format!("listing routes in {}", self.place), e))?;
+            msgs.extend(got);
+        }
         Ok(msgs
             .into_iter()
-            .filter(|m| m.header.address_family == AddressFamily::Inet)
+            .filter(|m| {
+                matches!(
+                    m.header.address_family,
+                    AddressFamily::Inet | AddressFamily::Inet6
+                )
+            })
             .filter(|m| {
                 m.header.table == netlink_packet_route::route::RouteHeader::RT_TABLE_MAIN
                     || m.attributes
@@ -341,8 +396,13 @@ impl Netlink {
                         .any(|a| matches!(a, RouteAttribute::Table(254)))
             })
             .map(|m| {
+                let unspecified = if m.header.address_family == AddressFamily::Inet6 {
+                    IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+                } else {
+                    IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+                };
                 let mut r = Route {
-                    dst: Ipv4Addr::UNSPECIFIED,
+                    dst: unspecified,
                     prefix: m.header.destination_prefix_length,
                     gateway: None,
                     oif: None,
@@ -350,8 +410,14 @@ impl Netlink {
                 };
                 for a in m.attributes {
                     match a {
-                        RouteAttribute::Destination(RouteAddress::Inet(d)) => r.dst = d,
-                        RouteAttribute::Gateway(RouteAddress::Inet(g)) => r.gateway = Some(g),
+                        RouteAttribute::Destination(RouteAddress::Inet(d)) => r.dst = d.into(),
+                        RouteAttribute::Destination(RouteAddress::Inet6(d)) => r.dst = d.into(),
+                        RouteAttribute::Gateway(RouteAddress::Inet(g)) => {
+                            r.gateway = Some(g.into())
+                        }
+                        RouteAttribute::Gateway(RouteAddress::Inet6(g)) => {
+                            r.gateway = Some(g.into())
+                        }
                         RouteAttribute::Oif(i) => r.oif = Some(i),
                         _ => {}
                     }
@@ -376,7 +442,22 @@ pub fn open_netns(path: &str) -> Result<File> {
 /// net.ipv4.ip_forward=1 in the namespace the plugin runs in (the
 /// /proc/sys/net files follow the opener's network namespace).
 pub fn enable_ip_forward() -> Result<()> {
-    let path = "/proc/sys/net/ipv4/ip_forward";
+    enable_forward("/proc/sys/net/ipv4/ip_forward", "net.ipv4.ip_forward")
+}
+
+/// net.ipv6.conf.all.forwarding=1, for pods with an IPv6 address: IPv6
+/// forwarding is one switch for the whole namespace. It also makes the
+/// node's interfaces with accept_ra=1 ignore router advertisements (an
+/// uplink configured by SLAAC needs accept_ra=2), as for every dual-stack
+/// Kubernetes node.
+pub fn enable_ipv6_forward() -> Result<()> {
+    enable_forward(
+        "/proc/sys/net/ipv6/conf/all/forwarding",
+        "net.ipv6.conf.all.forwarding",
+    )
+}
+
+fn enable_forward(path: &str, name: &str) -> Result<()> {
     if std::fs::read_to_string(path)
         .map(|s| s.trim() == "1")
         .unwrap_or(false)
@@ -386,7 +467,7 @@ pub fn enable_ip_forward() -> Result<()> {
     std::fs::write(path, "1").map_err(|e| {
         CniError::with_details(
             error::SYSCTL,
-            "cannot enable net.ipv4.ip_forward",
+            format!("cannot enable {name}"),
             e.to_string(),
         )
     })

@@ -2,9 +2,9 @@
 //! down by one function, in reverse: a failed ADD undoes exactly the steps
 //! it completed, DEL and GC undo all of them, and teardown keeps going after
 //! a failure and reports everything that went wrong at the end.
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::IpNetwork;
 use palisade_api::Registration;
 use serde_json::Value;
 
@@ -39,12 +39,54 @@ pub struct Ctx<'a> {
     pub stdin: &'a [u8],
 }
 
-/// An address lease: what the IPAM step hands to the wiring step.
+/// One address of a lease, with the gateway of its family.
+#[derive(Clone, Copy, Debug)]
+struct Leased {
+    /// With the prefix of its subnet (the pod's interface carries a /32 or
+    /// /128).
+    address: IpNetwork,
+    gateway: IpAddr,
+}
+
+/// An address lease: what the IPAM step hands to the wiring step. At most
+/// one address per family, IPv4 first; at least one.
 struct Lease {
-    address: Ipv4Network,
-    gateway: Ipv4Addr,
+    addresses: Vec<Leased>,
     routes: Vec<RouteConf>,
     dns: Option<Value>,
+}
+
+impl Lease {
+    fn v4(&self) -> Option<Ipv4Addr> {
+        self.addresses.iter().find_map(|a| match a.address.ip() {
+            IpAddr::V4(ip) => Some(ip),
+            _ => None,
+        })
+    }
+
+    fn v6(&self) -> Option<Ipv6Addr> {
+        self.addresses.iter().find_map(|a| match a.address.ip() {
+            IpAddr::V6(ip) => Some(ip),
+            _ => None,
+        })
+    }
+
+    /// The gateway of `dst`'s family, if the lease has that family.
+    fn gateway_for(&self, dst: &IpNetwork) -> Option<IpAddr> {
+        self.addresses
+            .iter()
+            .find(|a| a.address.is_ipv4() == dst.is_ipv4())
+            .map(|a| a.gateway)
+    }
+}
+
+/// The host prefix of an address: /32 or /128.
+fn host_prefix(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() {
+        32
+    } else {
+        128
+    }
 }
 
 impl Ctx<'_> {
@@ -99,11 +141,11 @@ pub fn add(ctx: &Ctx) -> Result<Value> {
         // registration, and deregistering an unknown endpoint is harmless.
         done.push(Step::Registration);
         let mac = result.interfaces.get(1).map(|i| i.mac.clone());
-        register(ctx, lease.address.ip(), ctx.host_if(), mac)?;
+        register(ctx, lease.v4(), lease.v6(), ctx.host_if(), mac)?;
         // Only now, with the programs attached and the pod's policy in the
-        // kernel, does the pod get a carrier and a route: no packet ever
-        // reaches or leaves it unenforced.
-        open_host_side(ctx, &host, lease.address.ip())?;
+        // kernel, does the pod get a carrier and a route (each family):
+        // no packet ever reaches or leaves it unenforced.
+        open_host_side(ctx, &host, &lease)?;
         Ok(result)
     })();
     match res {
@@ -112,8 +154,8 @@ pub fn add(ctx: &Ctx) -> Result<Value> {
     }
 }
 
-/// Bring the host end up and route the pod's address to it.
-fn open_host_side(ctx: &Ctx, host: &Netlink, ip: std::net::Ipv4Addr) -> Result<()> {
+/// Bring the host end up and route the pod's addresses to it.
+fn open_host_side(ctx: &Ctx, host: &Netlink, lease: &Lease) -> Result<()> {
     let host_if = ctx.host_if();
     let h = host.link(&host_if)?.ok_or_else(|| {
         CniError::new(
@@ -122,7 +164,11 @@ fn open_host_side(ctx: &Ctx, host: &Netlink, ip: std::net::Ipv4Addr) -> Result<(
         )
     })?;
     host.set_up(h.index)?;
-    host.add_route(ip, 32, None, h.index, true)
+    for a in &lease.addresses {
+        let ip = a.address.ip();
+        host.add_route(ip, host_prefix(ip), None, h.index, true)?;
+    }
+    Ok(())
 }
 
 /// The ADD error, with what its rollback could not undo.
@@ -143,15 +189,21 @@ fn rolled_back(e: CniError, rollback: Errors) -> CniError {
 fn allocate(ctx: &Ctx) -> Result<Lease> {
     match ctx.conf.ipam.as_ref().expect("non-chained has ipam") {
         Ipam::Builtin(pool) => {
-            let ip = Store::lock(&pool.data_dir)?.allocate(
+            let got = Store::lock(&pool.data_dir)?.allocate(
                 pool,
                 &ctx.env.container_id,
                 &ctx.env.ifname,
             )?;
+            let addresses = got
+                .into_iter()
+                .map(|(ip, range)| Leased {
+                    address: IpNetwork::new(ip, range.subnet.prefix())
+                        .expect("prefix of a valid subnet"),
+                    gateway: range.gateway,
+                })
+                .collect();
             Ok(Lease {
-                address: Ipv4Network::new(ip, pool.subnet.prefix())
-                    .expect("prefix of a valid subnet"),
-                gateway: pool.gateway,
+                addresses,
                 routes: pool.routes.clone(),
                 dns: ctx.conf.dns.clone(),
             })
@@ -165,24 +217,35 @@ fn allocate(ctx: &Ctx) -> Result<Lease> {
                     )
                 })?;
             let r = result::parse(&out, &format!("the result of IPAM plugin {kind:?}"))?;
-            let ip = r.ips.first().ok_or_else(|| {
-                CniError::new(
-                    error::DELEGATE,
-                    format!("IPAM plugin {kind:?} returned no IPv4 address"),
-                )
-            })?;
-            let gateway = ip
-                .gateway
-                .unwrap_or_else(|| Ipv4Addr::from(u32::from(ip.address.network()) + 1));
-            if gateway == ip.address.ip() {
+            // The first address of each family.
+            let mut addresses: Vec<Leased> = Vec::new();
+            for v4 in [true, false] {
+                let Some(ip) = r.ips.iter().find(|ip| ip.address.is_ipv4() == v4) else {
+                    continue;
+                };
+                let gateway = ip.gateway.unwrap_or_else(|| match ip.address.network() {
+                    IpAddr::V4(n) => IpAddr::V4(Ipv4Addr::from(u32::from(n) + 1)),
+                    IpAddr::V6(n) => IpAddr::V6(Ipv6Addr::from(u128::from(n) + 1)),
+                });
+                if gateway == ip.address.ip() {
+                    return Err(CniError::new(
+                        error::DELEGATE,
+                        format!("IPAM plugin {kind:?} handed out the gateway address {gateway}"),
+                    ));
+                }
+                addresses.push(Leased {
+                    address: ip.address,
+                    gateway,
+                });
+            }
+            if addresses.is_empty() {
                 return Err(CniError::new(
                     error::DELEGATE,
-                    format!("IPAM plugin {kind:?} handed out the gateway address {gateway}"),
+                    format!("IPAM plugin {kind:?} returned no IP address"),
                 ));
             }
             Ok(Lease {
-                address: ip.address,
-                gateway,
+                addresses,
                 routes: r.routes,
                 dns: r.dns.or_else(|| ctx.conf.dns.clone()),
             })
@@ -190,9 +253,10 @@ fn allocate(ctx: &Ctx) -> Result<Lease> {
     }
 }
 
-/// The veth pair, wired like tests/src/lib.rs Node::add_pod: the pod has
-/// ip/32, a link route to the gateway and its routes via the gateway; the
-/// host side has gateway/32 and a link route to the pod.
+/// The veth pair, wired like tests/src/lib.rs Node::add_pod, per family:
+/// the pod has ip/32 (ip/128), a link route to the gateway and its routes
+/// via the gateway; the host side has gateway/32 (gateway/128) and, once
+/// registered, a link route to the pod.
 fn wire(
     ctx: &Ctx,
     host: &Netlink,
@@ -201,7 +265,6 @@ fn wire(
     lease: &Lease,
 ) -> Result<CniResult> {
     let (host_if, ifname, mtu) = (ctx.host_if(), &ctx.env.ifname, ctx.conf.mtu);
-    let (ip, gw) = (lease.address.ip(), lease.gateway);
     if host.delete_link(&host_if)? {
         eprintln!(
             "palisade: removed a stale {host_if} of an earlier ADD of {}/{ifname}",
@@ -219,26 +282,51 @@ fn wire(
     let c = pod
         .link(ifname)?
         .ok_or_else(|| missing(ifname, &ctx.env.netns))?;
-    // IPv6 off in the pod before its link comes up: the pool is IPv4, and
-    // a pod without an IPv6 address would only emit router solicitations
-    // and MLD reports. The host end takes no router advertisements and
-    // configures no address from one (issue 17 point 4).
-    netlink::ipv6_conf(Some(ns), ifname, "disable_ipv6", "1")?;
+    // Before the pod's link comes up. Without an IPv6 address, IPv6 is off
+    // in the pod: it would only emit router solicitations and MLD reports.
+    // With one, it is on but takes no router advertisement and configures
+    // no address from one: its address and routes are the ones set here.
+    // The host end takes no router advertisements and configures no
+    // address from one either (issue 17 point 4).
+    if lease.v6().is_some() {
+        netlink::ipv6_conf(Some(ns), ifname, "accept_ra", "0")?;
+        netlink::ipv6_conf(Some(ns), ifname, "autoconf", "0")?;
+        netlink::ipv6_conf(Some(ns), ifname, "disable_ipv6", "0")?;
+    } else {
+        netlink::ipv6_conf(Some(ns), ifname, "disable_ipv6", "1")?;
+    }
     netlink::ipv6_conf(None, &host_if, "accept_ra", "0")?;
     netlink::ipv6_conf(None, &host_if, "autoconf", "0")?;
-    pod.add_address(c.index, ip, 32)?;
+    if lease.v6().is_some() {
+        // A node whose new interfaces start with IPv6 off
+        // (default.disable_ipv6=1) still carries the pod's gateway.
+        netlink::ipv6_conf(None, &host_if, "disable_ipv6", "0")?;
+    }
+    for a in &lease.addresses {
+        let ip = a.address.ip();
+        pod.add_address(c.index, ip, host_prefix(ip))?;
+    }
     pod.set_up(c.index)?;
-    pod.add_route(gw, 32, None, c.index, true)?;
-    let routes: Vec<RouteConf> = lease
-        .routes
-        .iter()
-        .map(|r| RouteConf {
+    for a in &lease.addresses {
+        let gw = a.gateway;
+        pod.add_route(gw, host_prefix(gw), None, c.index, true)?;
+    }
+    let mut routes: Vec<RouteConf> = Vec::new();
+    for r in &lease.routes {
+        let Some(gw) = r.gw.or_else(|| lease.gateway_for(&r.dst)) else {
+            // Only from a delegated plugin (the built-in pool's routes
+            // are checked against its families).
+            eprintln!(
+                "palisade: route {} skipped: the pod has no address of its family",
+                r.dst
+            );
+            continue;
+        };
+        pod.add_route(r.dst.network(), r.dst.prefix(), Some(gw), c.index, false)?;
+        routes.push(RouteConf {
             dst: r.dst,
-            gw: Some(r.gw.unwrap_or(gw)),
-        })
-        .collect();
-    for r in &routes {
-        pod.add_route(r.dst.network(), r.dst.prefix(), r.gw, c.index, false)?;
+            gw: Some(gw),
+        });
     }
 
     let h = host
@@ -246,8 +334,16 @@ fn wire(
         .ok_or_else(|| missing(&host_if, "the host"))?;
     // The host end stays down (the pod has no carrier) until the agent has
     // attached the programs: see `open_host_side`.
-    host.add_address(h.index, gw, 32)?;
-    netlink::enable_ip_forward()?;
+    for a in &lease.addresses {
+        let gw = a.gateway;
+        host.add_address(h.index, gw, host_prefix(gw))?;
+    }
+    if lease.v4().is_some() {
+        netlink::enable_ip_forward()?;
+    }
+    if lease.v6().is_some() {
+        netlink::enable_ipv6_forward()?;
+    }
 
     Ok(CniResult {
         interfaces: vec![
@@ -264,17 +360,27 @@ fn wire(
                 sandbox: ctx.env.netns.clone(),
             },
         ],
-        ips: vec![IpConfig {
-            address: lease.address,
-            gateway: Some(gw),
-            interface: Some(1),
-        }],
+        ips: lease
+            .addresses
+            .iter()
+            .map(|a| IpConfig {
+                address: a.address,
+                gateway: Some(a.gateway),
+                interface: Some(1),
+            })
+            .collect(),
         routes,
         dns: lease.dns.clone(),
     })
 }
 
-fn register(ctx: &Ctx, ip: Ipv4Addr, host_if: String, mac: Option<String>) -> Result<()> {
+fn register(
+    ctx: &Ctx,
+    ipv4: Option<Ipv4Addr>,
+    ipv6: Option<Ipv6Addr>,
+    host_if: String,
+    mac: Option<String>,
+) -> Result<()> {
     let (namespace, pod) = ctx.env.pod();
     agent::register(
         &ctx.conf,
@@ -284,10 +390,10 @@ fn register(ctx: &Ctx, ip: Ipv4Addr, host_if: String, mac: Option<String>) -> Re
             netns: ctx.env.netns.clone(),
             namespace,
             pod,
-            ipv4: ip,
+            ipv4,
             host_ifname: host_if,
             mac: mac.filter(|m| !m.is_empty()),
-            ipv6: None,
+            ipv6,
         },
     )
 }
@@ -301,7 +407,15 @@ fn add_chained(ctx: &Ctx) -> Result<Value> {
     let host = Netlink::host()?;
     let pod = Netlink::in_netns(&ns, &ctx.env.netns)?;
     let (host_if, mac) = host_peer(ctx, &host, &pod, &d.host)?;
-    if let Err(e) = register(ctx, d.ip.address.ip(), host_if, Some(mac)) {
+    let ipv4 = d.ipv4.and_then(|ip| match ip.address.ip() {
+        IpAddr::V4(a) => Some(a),
+        _ => None,
+    });
+    let ipv6 = d.ipv6.and_then(|ip| match ip.address.ip() {
+        IpAddr::V6(a) => Some(a),
+        _ => None,
+    });
+    if let Err(e) = register(ctx, ipv4, ipv6, host_if, Some(mac)) {
         return Err(rolled_back(e, teardown(ctx, &CHAINED, Some(&host))));
     }
     let prev = ctx.conf.prev_result.clone().expect("parsed above");
@@ -430,7 +544,6 @@ pub fn del(ctx: &Ctx) -> Result<()> {
 pub fn check(ctx: &Ctx) -> Result<()> {
     let prev = ctx.prev_result()?;
     let d = result::describe(&prev, &ctx.env.ifname)?;
-    let ip = d.ip.address.ip();
     let bad = |msg: String| CniError::new(error::CHECK_FAILED, msg);
     let ns = netlink::open_netns(&ctx.env.netns)?;
     let host = Netlink::host()?;
@@ -448,68 +561,59 @@ pub fn check(ctx: &Ctx) -> Result<()> {
             c.name, c.mac, d.container.mac
         )));
     }
-    if !pod.addresses(c.index)?.iter().any(|(a, _)| *a == ip) {
-        return Err(bad(format!(
-            "{} in {} does not have {ip}",
-            c.name, ctx.env.netns
-        )));
+    let have = pod.addresses(c.index)?;
+    for ip in d.ips().map(|i| i.address.ip()) {
+        if !have.iter().any(|(a, _)| *a == ip) {
+            return Err(bad(format!(
+                "{} in {} does not have {ip}",
+                c.name, ctx.env.netns
+            )));
+        }
     }
 
     let host_if = if ctx.conf.chained {
         host_peer(ctx, &host, &pod, &d.host)?.0
     } else {
-        check_owned(ctx, &host, &pod, &c, ip, d.ip.gateway, &prev)?;
+        check_owned(ctx, &host, &pod, &c, &d, &prev)?;
         ctx.host_if()
     };
 
+    let (v4, v6) = (
+        d.ipv4.map(|i| i.address.ip()),
+        d.ipv6.map(|i| i.address.ip()),
+    );
     let report = agent::status(&ctx.conf)?;
-    if !report
-        .endpoints
-        .iter()
-        .any(|e| e.ipv4 == ip && e.host_ifname == host_if)
-    {
+    let known = report.endpoints.iter().any(|e| {
+        e.host_ifname == host_if
+            && v4.is_none_or(|ip| ip == IpAddr::V4(e.ipv4))
+            && v6.is_none_or(|ip| e.ipv6.map(IpAddr::V6) == Some(ip))
+    });
+    if !known {
+        let ips: Vec<String> = d.ips().map(|i| i.address.ip().to_string()).collect();
         return Err(bad(format!(
-            "the palisade agent has no endpoint for {ip} on {host_if}"
+            "the palisade agent has no endpoint for {} on {host_if}",
+            ips.join(" and ")
         )));
     }
     Ok(())
 }
 
-/// What palisade itself created: pod routes, the host side, the reservation.
+/// What palisade itself created, per family: pod routes, the host side,
+/// the reservation.
 fn check_owned(
     ctx: &Ctx,
     host: &Netlink,
     pod: &Netlink,
     c: &netlink::Link,
-    ip: Ipv4Addr,
-    gateway: Option<Ipv4Addr>,
+    d: &result::Described,
     prev: &CniResult,
 ) -> Result<()> {
     let bad = |msg: String| CniError::new(error::CHECK_FAILED, msg);
-    let gw =
-        gateway.ok_or_else(|| bad("prevResult has no gateway for the pod address".to_string()))?;
     let routes = pod.routes()?;
-    let has =
-        |rs: &[netlink::Route], dst: Ipv4Addr, prefix: u8, via: Option<Ipv4Addr>, oif: u32| {
-            rs.iter().any(|r| {
-                r.dst == dst && r.prefix == prefix && r.gateway == via && r.oif == Some(oif)
-            })
-        };
-    if !has(&routes, gw, 32, None, c.index) {
-        return Err(bad(format!(
-            "route {gw}/32 dev {} is missing in {}",
-            c.name, ctx.env.netns
-        )));
-    }
-    for r in &prev.routes {
-        let via = Some(r.gw.unwrap_or(gw));
-        if !has(&routes, r.dst.network(), r.dst.prefix(), via, c.index) {
-            return Err(bad(format!(
-                "route {} via {gw} is missing in {}",
-                r.dst, ctx.env.netns
-            )));
-        }
-    }
+    let has = |rs: &[netlink::Route], dst: IpAddr, prefix: u8, via: Option<IpAddr>, oif: u32| {
+        rs.iter()
+            .any(|r| r.dst == dst && r.prefix == prefix && r.gateway == via && r.oif == Some(oif))
+    };
     let host_if = ctx.host_if();
     let h = host
         .link(&host_if)?
@@ -517,23 +621,54 @@ fn check_owned(
     if !h.up {
         return Err(bad(format!("host veth {host_if} is down")));
     }
-    if !host
-        .addresses(h.index)?
-        .iter()
-        .any(|(a, p)| *a == gw && *p == 32)
-    {
-        return Err(bad(format!("host veth {host_if} does not have {gw}/32")));
-    }
-    if !has(&host.routes()?, ip, 32, None, h.index) {
-        return Err(bad(format!("host route {ip}/32 dev {host_if} is missing")));
+    let host_addrs = host.addresses(h.index)?;
+    let host_routes = host.routes()?;
+    for ipc in d.ips() {
+        let ip = ipc.address.ip();
+        let gw = ipc
+            .gateway
+            .ok_or_else(|| bad(format!("prevResult has no gateway for {ip}")))?;
+        let gw_prefix = host_prefix(gw);
+        if !has(&routes, gw, gw_prefix, None, c.index) {
+            return Err(bad(format!(
+                "route {gw}/{gw_prefix} dev {} is missing in {}",
+                c.name, ctx.env.netns
+            )));
+        }
+        for r in prev
+            .routes
+            .iter()
+            .filter(|r| r.dst.is_ipv4() == ip.is_ipv4())
+        {
+            let via = Some(r.gw.unwrap_or(gw));
+            if !has(&routes, r.dst.network(), r.dst.prefix(), via, c.index) {
+                return Err(bad(format!(
+                    "route {} via {gw} is missing in {}",
+                    r.dst, ctx.env.netns
+                )));
+            }
+        }
+        if !host_addrs.iter().any(|(a, p)| *a == gw && *p == gw_prefix) {
+            return Err(bad(format!(
+                "host veth {host_if} does not have {gw}/{gw_prefix}"
+            )));
+        }
+        let prefix = host_prefix(ip);
+        if !has(&host_routes, ip, prefix, None, h.index) {
+            return Err(bad(format!(
+                "host route {ip}/{prefix} dev {host_if} is missing"
+            )));
+        }
     }
     match ctx.conf.ipam.as_ref() {
         Some(Ipam::Builtin(pool)) => {
             let held = Store::lock(&pool.data_dir)?.find(&ctx.env.container_id, &ctx.env.ifname)?;
-            if held != Some(ip) {
-                return Err(bad(format!(
-                    "the IPAM reservation of {ip} is missing (store holds {held:?})"
-                )));
+            for ip in d.ips().map(|i| i.address.ip()) {
+                if !held.contains(&ip) {
+                    return Err(bad(format!(
+                        "the IPAM reservation of {ip} is missing (store holds {held:?})"
+                    )));
+                }
             }
         }
         Some(Ipam::Delegate(kind)) => {
@@ -606,19 +741,18 @@ pub fn status(ctx: &Ctx) -> Result<()> {
     })?;
     match ctx.conf.ipam.as_ref() {
         Some(Ipam::Builtin(pool)) => {
-            let held = Store::lock(&pool.data_dir)?
-                .list()?
-                .iter()
-                .filter(|a| pool.contains(a.ip))
-                .count();
-            if held >= pool.size() {
-                return Err(unavailable(
-                    format!(
-                        "the plugin is not available: IPAM pool {}-{} is exhausted",
-                        pool.start, pool.end
-                    ),
-                    format!("{held} of {} addresses allocated", pool.size()),
-                ));
+            let store = Store::lock(&pool.data_dir)?;
+            for range in pool.ranges() {
+                let held = store.held_in(range)?;
+                if held >= range.size() {
+                    return Err(unavailable(
+                        format!(
+                            "the plugin is not available: IPAM pool {}-{} ({}) is exhausted",
+                            range.start, range.end, range.subnet
+                        ),
+                        format!("{held} of {} addresses allocated", range.size()),
+                    ));
+                }
             }
         }
         Some(Ipam::Delegate(kind)) => {

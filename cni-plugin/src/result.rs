@@ -1,8 +1,8 @@
 //! Success results: built by palisade (ADD) or taken from prevResult
 //! (chained), written in the dialect of the config's cniVersion.
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
-use ipnetwork::{IpNetwork, Ipv4Network};
+use ipnetwork::IpNetwork;
 use serde_json::{json, Map, Value};
 
 use crate::{
@@ -22,9 +22,9 @@ pub struct Interface {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IpConfig {
     /// The pod address with the prefix of its subnet (as ptp reports it;
-    /// the pod's interface carries it as /32).
-    pub address: Ipv4Network,
-    pub gateway: Option<Ipv4Addr>,
+    /// the pod's interface carries it as /32 or /128).
+    pub address: IpNetwork,
+    pub gateway: Option<IpAddr>,
     pub interface: Option<usize>,
 }
 
@@ -37,8 +37,8 @@ pub struct CniResult {
 }
 
 impl CniResult {
-    /// Serialized for `version`: 0.3.x/0.4.0 carry `"version": "4"` in
-    /// each ip, 1.1.0 adds interface MTUs.
+    /// Serialized for `version`: 0.3.x/0.4.0 carry `"version": "4"` (or
+    /// "6") in each ip, 1.1.0 adds interface MTUs.
     pub fn to_json(&self, version: &str) -> Value {
         let v1 = version_at_least(version, "1.0.0");
         let interfaces: Vec<Value> = self
@@ -65,7 +65,8 @@ impl CniResult {
             .map(|ip| {
                 let mut o = Map::new();
                 if !v1 {
-                    o.insert("version".into(), "4".into());
+                    let fam = if ip.address.is_ipv4() { "4" } else { "6" };
+                    o.insert("version".into(), fam.into());
                 }
                 o.insert("address".into(), ip.address.to_string().into());
                 if let Some(gw) = ip.gateway {
@@ -167,17 +168,14 @@ pub fn parse(v: &Value, what: &str) -> Result<CniResult> {
                 .get("address")
                 .and_then(Value::as_str)
                 .unwrap_or_default();
-            let Ok(net) = addr.parse::<IpNetwork>() else {
+            let Ok(address) = addr.parse::<IpNetwork>() else {
                 return Err(decode_err(what, format!("bad ips address {addr:?}")));
             };
-            let IpNetwork::V4(address) = net else {
-                continue;
-            }; // IPv6 is not palisade's
             let gateway = match ip.get("gateway").and_then(Value::as_str) {
                 None | Some("") => None,
                 Some(g) => match g.parse::<IpAddr>() {
-                    Ok(IpAddr::V4(g)) => Some(g),
-                    _ => return Err(decode_err(what, format!("bad gateway {g:?}"))),
+                    Ok(g) if g.is_ipv4() == address.is_ipv4() => Some(g),
+                    _ => return Err(decode_err(what, format!("bad gateway {g:?} for {address}"))),
                 },
             };
             let interface = ip
@@ -196,15 +194,15 @@ pub fn parse(v: &Value, what: &str) -> Result<CniResult> {
             .as_array()
             .ok_or_else(|| decode_err(what, "routes is not a list"))?
         {
-            // IPv6 routes are skipped, like IPv6 addresses.
             let dst = rt.get("dst").and_then(Value::as_str).unwrap_or_default();
-            let Ok(IpNetwork::V4(dst)) = dst.parse::<IpNetwork>() else {
+            let Ok(dst) = dst.parse::<IpNetwork>() else {
                 continue;
             };
             let gw = rt
                 .get("gw")
                 .and_then(Value::as_str)
-                .and_then(|g| g.parse().ok());
+                .and_then(|g| g.parse::<IpAddr>().ok())
+                .filter(|g| g.is_ipv4() == dst.is_ipv4());
             r.routes.push(RouteConf { dst, gw });
         }
     }
@@ -217,13 +215,21 @@ pub fn parse(v: &Value, what: &str) -> Result<CniResult> {
 }
 
 /// The attachment a prevResult describes for `ifname`: the container
-/// interface (sandbox set, that name), its IPv4 configuration, and the
-/// sandbox-less (host) interfaces.
+/// interface (sandbox set, that name), its address of each family (at
+/// least one), and the sandbox-less (host) interfaces.
 #[derive(Debug)]
 pub struct Described<'a> {
     pub container: &'a Interface,
-    pub ip: &'a IpConfig,
+    pub ipv4: Option<&'a IpConfig>,
+    pub ipv6: Option<&'a IpConfig>,
     pub host: Vec<&'a Interface>,
+}
+
+impl Described<'_> {
+    /// Both addresses, IPv4 first.
+    pub fn ips(&self) -> impl Iterator<Item = &IpConfig> {
+        self.ipv4.into_iter().chain(self.ipv6)
+    }
 }
 
 pub fn describe<'a>(r: &'a CniResult, ifname: &str) -> Result<Described<'a>> {
@@ -238,12 +244,22 @@ pub fn describe<'a>(r: &'a CniResult, ifname: &str) -> Result<Described<'a>> {
                 "prevResult has no container interface named {ifname:?}"
             ))
         })?;
-    let ip = r
-        .ips
-        .iter()
-        .find(|ip| ip.interface == Some(idx))
-        .or_else(|| r.ips.iter().find(|ip| ip.interface.is_none()))
-        .ok_or_else(|| lookup(format!("prevResult has no IPv4 address for {ifname:?}")))?;
+    // The interface's own address of the family, else one that names no
+    // interface.
+    let of = |v4: bool| {
+        let fam = |ip: &&IpConfig| ip.address.is_ipv4() == v4;
+        r.ips
+            .iter()
+            .filter(fam)
+            .find(|ip| ip.interface == Some(idx))
+            .or_else(|| r.ips.iter().filter(fam).find(|ip| ip.interface.is_none()))
+    };
+    let (ipv4, ipv6) = (of(true), of(false));
+    if ipv4.is_none() && ipv6.is_none() {
+        return Err(lookup(format!(
+            "prevResult has no IP address for {ifname:?}"
+        )));
+    }
     let host = r
         .interfaces
         .iter()
@@ -251,7 +267,8 @@ pub fn describe<'a>(r: &'a CniResult, ifname: &str) -> Result<Described<'a>> {
         .collect();
     Ok(Described {
         container,
-        ip,
+        ipv4,
+        ipv6,
         host,
     })
 }
@@ -278,12 +295,12 @@ mod tests {
             ],
             ips: vec![IpConfig {
                 address: "10.7.0.2/24".parse().unwrap(),
-                gateway: Some(Ipv4Addr::new(10, 7, 0, 1)),
+                gateway: Some("10.7.0.1".parse().unwrap()),
                 interface: Some(1),
             }],
             routes: vec![RouteConf {
                 dst: "0.0.0.0/0".parse().unwrap(),
-                gw: Some(Ipv4Addr::new(10, 7, 0, 1)),
+                gw: Some("10.7.0.1".parse().unwrap()),
             }],
             dns: Some(json!({"nameservers": ["10.7.0.1"]})),
         }
@@ -325,11 +342,67 @@ mod tests {
     fn describe_finds_the_container_side() {
         let r = sample();
         let d = describe(&r, "eth0").unwrap();
-        assert_eq!(d.ip.address.ip(), Ipv4Addr::new(10, 7, 0, 2));
+        assert_eq!(
+            d.ipv4.unwrap().address.ip(),
+            "10.7.0.2".parse::<IpAddr>().unwrap()
+        );
+        assert!(d.ipv6.is_none());
         assert_eq!(d.host.len(), 1);
         assert_eq!(
             describe(&r, "eth1").unwrap_err().code,
             error::CHAINED_LOOKUP
         );
+    }
+}
+
+#[cfg(test)]
+mod dual_stack_tests {
+    use super::*;
+
+    /// host-local's dual-stack result, as 0.4.0 and 1.0.0 print it.
+    #[test]
+    fn both_families_are_read_written_and_described() {
+        let hl = json!({
+            "cniVersion": "0.4.0",
+            "interfaces": [{"name": "veth1"}, {"name": "eth0", "sandbox": "/run/netns/p"}],
+            "ips": [
+                {"version": "4", "address": "10.7.0.2/24", "gateway": "10.7.0.1", "interface": 1},
+                {"version": "6", "address": "fd00:7::2/64", "gateway": "fd00:7::1", "interface": 1}
+            ],
+            "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0", "gw": "fd00:7::1"}]
+        });
+        let r = parse(&hl, "x").unwrap();
+        assert_eq!(r.ips.len(), 2);
+        assert_eq!(r.routes.len(), 2);
+        assert_eq!(r.routes[1].gw, Some("fd00:7::1".parse().unwrap()));
+        let d = describe(&r, "eth0").unwrap();
+        assert_eq!(d.ipv4.unwrap().address.to_string(), "10.7.0.2/24");
+        assert_eq!(d.ipv6.unwrap().address.to_string(), "fd00:7::2/64");
+        assert_eq!(d.ips().count(), 2);
+        let old = r.to_json("0.4.0");
+        assert_eq!(old["ips"][1]["version"], "6");
+        assert_eq!(old["ips"], hl["ips"]);
+        assert!(r.to_json("1.0.0")["ips"][1].get("version").is_none());
+        assert_eq!(
+            convert(r.to_json("1.0.0"), "0.4.0")["ips"][1]["version"],
+            "6"
+        );
+
+        // IPv6 only.
+        let v6 = json!({"cniVersion": "1.0.0",
+            "interfaces": [{"name": "eth0", "sandbox": "/p"}],
+            "ips": [{"address": "fd00:7::2/64", "interface": 0}]});
+        let r = parse(&v6, "x").unwrap();
+        let d = describe(&r, "eth0").unwrap();
+        assert!(d.ipv4.is_none() && d.ipv6.is_some());
+        // No address at all, or a gateway of the other family.
+        let none = json!({"cniVersion": "1.0.0", "interfaces": [{"name": "eth0", "sandbox": "/p"}], "ips": []});
+        let r = parse(&none, "x").unwrap();
+        assert_eq!(
+            describe(&r, "eth0").unwrap_err().code,
+            error::CHAINED_LOOKUP
+        );
+        let mixed = json!({"cniVersion": "1.0.0", "ips": [{"address": "fd00:7::2/64", "gateway": "10.0.0.1"}]});
+        assert_eq!(parse(&mixed, "x").unwrap_err().code, error::DECODE);
     }
 }

@@ -257,7 +257,7 @@ impl Agent {
             netns: pod.ns.path().display().to_string(),
             namespace: namespace.into(),
             pod: name.into(),
-            ipv4: pod.ip,
+            ipv4: Some(pod.ip),
             host_ifname: pod.host_if.clone(),
             mac: None,
             ipv6: None,

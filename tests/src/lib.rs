@@ -485,13 +485,14 @@ pub mod cni {
             .collect())
     }
 
-    /// The allocation files of the built-in IPAM in `dir` (address names).
+    /// The allocation files of the built-in IPAM in `dir` (address names,
+    /// either family).
     pub fn allocations(dir: &Path) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(dir)
             .map(|rd| {
                 rd.flatten()
                     .filter_map(|e| e.file_name().to_str().map(str::to_string))
-                    .filter(|n| n.parse::<std::net::Ipv4Addr>().is_ok())
+                    .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
                     .collect()
             })
             .unwrap_or_default();

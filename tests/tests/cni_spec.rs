@@ -417,6 +417,7 @@ fn agent_error_kinds_have_their_codes_and_add_leaves_nothing() -> Result<()> {
         (ErrorKind::MapFull, 108, "map is full"),
         (ErrorKind::Forbidden, 110, "root"),
         (ErrorKind::Internal, 109, "agent's log"),
+        (ErrorKind::Unsupported, 111, "cannot enforce"),
     ] {
         *agent.kind.lock().unwrap() = kind;
         agent.ops.lock().unwrap().clear();

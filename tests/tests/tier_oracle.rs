@@ -60,6 +60,7 @@ fn node_object(name: &str, labels: &Labels, ip: Ipv4Addr) -> model::Node {
         labels: labels.clone(),
         addresses: vec![ip],
         pod_cidrs: Vec::new(),
+        ..Default::default()
     }
 }
 

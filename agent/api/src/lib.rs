@@ -39,7 +39,11 @@ pub struct Registration {
     /// From CNI_ARGS K8S_POD_NAMESPACE / K8S_POD_NAME.
     pub namespace: String,
     pub pod: String,
-    pub ipv4: Ipv4Addr,
+    /// The pod's IPv4 address. None only for an IPv6-only pod, which this
+    /// agent refuses (`ErrorKind::Unsupported`) until the datapath enforces
+    /// IPv6; absent on the wire then, so IPv4 registrations read as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4: Option<Ipv4Addr>,
     /// The host-side interface the agent attaches the programs to.
     pub host_ifname: String,
     /// The pod interface's MAC address ("aa:bb:cc:dd:ee:ff"), where the
@@ -49,6 +53,20 @@ pub struct Registration {
     /// The pod's IPv6 address, for a dual-stack or IPv6-only pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ipv6: Option<std::net::Ipv6Addr>,
+}
+
+impl Registration {
+    /// The pod's addresses for messages: "10.0.0.2", "10.0.0.2, fd00::2".
+    pub fn addresses(&self) -> String {
+        let v4 = self.ipv4.map(|a| a.to_string());
+        let v6 = self.ipv6.map(|a| a.to_string());
+        let all: Vec<String> = v4.into_iter().chain(v6).collect();
+        if all.is_empty() {
+            "no address".to_string()
+        } else {
+            all.join(", ")
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -290,6 +308,12 @@ pub enum ErrorKind {
     /// for root (the CNI plugin under the container runtime) or the agent's
     /// own user, whatever the socket's mode.
     Forbidden,
+    /// The request is understood but asks for something this agent cannot
+    /// enforce yet (an IPv6-only pod: the datapath enforces IPv4 and drops
+    /// IPv6). Retrying fails until the agent is upgraded; older callers
+    /// read it as `Internal`.
+    // Before `Internal`: serde's catch-all must be the last variant.
+    Unsupported,
     /// A bug, or the kernel refused an operation, in a way that will not fix
     /// itself by retrying. Also the kind of an error without one, and of
     /// kinds this build does not know.
@@ -300,7 +324,7 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind, for tables and tests.
-    pub const ALL: [ErrorKind; 7] = [
+    pub const ALL: [ErrorKind; 8] = [
         Self::Unavailable,
         Self::InvalidRequest,
         Self::NotFound,
@@ -308,6 +332,7 @@ impl ErrorKind {
         Self::MapFull,
         Self::Forbidden,
         Self::Internal,
+        Self::Unsupported,
     ];
 
     /// Retrying the same request later may succeed.
@@ -325,6 +350,7 @@ impl ErrorKind {
             Self::MapFull => "map_full",
             Self::Forbidden => "forbidden",
             Self::Internal => "internal",
+            Self::Unsupported => "unsupported",
         }
     }
 }
@@ -439,6 +465,15 @@ pub struct EndpointStatus {
     /// the first pass and from older agents).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conntrack: Option<ConntrackCharge>,
+    /// The pod's IPv6 address (dual-stack), absent from older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<std::net::Ipv6Addr>,
+    /// What the datapath does with this pod's IPv6 today: IPv6 is not
+    /// policed by rule yet, so an endpoint enforced in either direction has
+    /// all its IPv6 dropped but neighbour discovery. None without an IPv6
+    /// address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6_datapath: Option<String>,
 }
 
 /// An endpoint's share of the conntrack and fragment tables (issue 17
@@ -522,6 +557,35 @@ mod tests {
             serde_json::to_string(&ok).unwrap(),
             r#"{"result":"ok","generation":3,"endpoint_id":7}"#
         );
+    }
+
+    #[test]
+    fn registrations_read_as_before_and_may_lack_ipv4() {
+        // What plugins before dual-stack send.
+        let old = r#"{"op":"register","container_id":"c","ifname":"eth0","netns":"/n","namespace":"a","pod":"p","ipv4":"10.0.0.2","host_ifname":"palx"}"#;
+        let Request::Register(r) = serde_json::from_str(old).unwrap() else {
+            panic!()
+        };
+        assert_eq!(r.ipv4, Some(Ipv4Addr::new(10, 0, 0, 2)));
+        assert_eq!(r.ipv6, None);
+        assert_eq!(
+            serde_json::to_string(&Request::Register(r.clone())).unwrap(),
+            old
+        );
+        assert_eq!(r.addresses(), "10.0.0.2");
+        // IPv6-only: no ipv4 key at all.
+        let v6 = Registration {
+            ipv4: None,
+            ipv6: Some("fd00::2".parse().unwrap()),
+            ..r
+        };
+        let wire = serde_json::to_string(&v6).unwrap();
+        assert!(
+            !wire.contains("ipv4") && wire.contains(r#""ipv6":"fd00::2""#),
+            "{wire}"
+        );
+        assert_eq!(serde_json::from_str::<Registration>(&wire).unwrap(), v6);
+        assert_eq!(v6.addresses(), "fd00::2");
     }
 
     #[test]

@@ -33,6 +33,7 @@ fn node(name: &str, addr: &str, cidr: &str) -> Node {
         labels: [("kubernetes.io/hostname".to_string(), name.to_string())].into(),
         addresses: vec![ip(addr)],
         pod_cidrs: vec![cidr.parse().unwrap()],
+        ..Default::default()
     }
 }
 

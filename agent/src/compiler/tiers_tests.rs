@@ -801,6 +801,7 @@ fn nodes_peers_follow_the_node_objects() {
             labels: labels(&[("role", role)]),
             addresses: vec![Ipv4Addr::from(ip)],
             pod_cidrs: Vec::new(),
+            ..Default::default()
         })
     };
     let mut e = crate::compiler::Engine::new(false, Vec::new());

@@ -2,7 +2,7 @@
 //! The same paths run for real in tests/tests/agent_{restart,operations}.rs.
 use std::{net::Ipv4Addr, path::PathBuf, sync::Arc};
 
-use palisade_api::Registration;
+use palisade_api::{ErrorKind, Registration};
 use palisade_common::{maps as names, EP_INGRESS_ENFORCED};
 use palisade_dataplane::{GcPass, Pins};
 
@@ -79,7 +79,7 @@ fn pod(dp: &MemoryDataplane, name: &str, last_octet: u8) -> (Registration, u32) 
         netns: format!("/run/netns/{name}"),
         namespace: "app".into(),
         pod: name.into(),
-        ipv4: Ipv4Addr::new(10, 244, 0, last_octet),
+        ipv4: Some(Ipv4Addr::new(10, 244, 0, last_octet)),
         host_ifname,
         mac: None,
         ipv6: None,
@@ -113,6 +113,12 @@ spec: {containers: [{name: c}]}
 "#;
 
 /// The policy alone: the registered pods stay unknown to the model.
+fn isolating_policy_without_policy() -> Snapshot {
+    let mut s = isolating_policy();
+    s.policies.clear();
+    s
+}
+
 fn isolating_policy_without_pods() -> Snapshot {
     let mut s = isolating_policy();
     s.pods.clear();
@@ -432,7 +438,7 @@ fn a_live_pods_address_or_interface_cannot_be_claimed_by_another_container() {
     // Same interface, another container: refused too.
     let mut c = b.clone();
     c.container_id = "c-c".into();
-    c.ipv4 = Ipv4Addr::new(10, 244, 0, 7);
+    c.ipv4 = Some(Ipv4Addr::new(10, 244, 0, 7));
     c.host_ifname = a.host_ifname.clone();
     assert!(agent.register(c).is_err());
     assert_eq!(agent.model().endpoints.len(), 1, "a alone is registered");
@@ -461,7 +467,7 @@ fn endpoints_whose_interface_vanished_are_reaped_while_running() {
     agent.register(a.clone()).expect("a");
     agent.register(b.clone()).expect("b");
     assert_eq!(agent.reap_vanished_endpoints().expect("check"), 0);
-    let ip = u32::from(a.ipv4).to_be();
+    let ip = u32::from(a.ipv4.expect("v4")).to_be();
     assert!(dp.lock().endpoints_by_ip.contains_key(&ip));
 
     dp.remove_interface(&a.host_ifname);
@@ -481,17 +487,20 @@ fn malformed_registrations_are_invalid_requests() {
     let dp = MemoryDataplane::default();
     let mut agent = start(&s, &dp);
     let (good, _) = pod(&dp, "a", 5);
-    let cases: [fn(&mut Registration); 10] = [
+    let cases: [fn(&mut Registration); 13] = [
         |r| r.container_id.clear(),
         |r| r.container_id = "../../etc".into(),
         |r| r.pod.clear(),
         |r| r.host_ifname = "a/b".into(),
         |r| r.host_ifname = "x".repeat(16),
-        |r| r.ipv4 = Ipv4Addr::UNSPECIFIED,
-        |r| r.ipv4 = Ipv4Addr::new(224, 0, 0, 1),
+        |r| r.ipv4 = Some(Ipv4Addr::UNSPECIFIED),
+        |r| r.ipv4 = Some(Ipv4Addr::new(224, 0, 0, 1)),
         |r| r.mac = Some("02:00:00:00:00".into()),
         |r| r.mac = Some("01:00:5e:00:00:01".into()),
         |r| r.mac = Some("zz:00:00:00:00:01".into()),
+        |r| r.ipv4 = None,
+        |r| r.ipv6 = Some("fe80::1".parse().unwrap()),
+        |r| r.ipv6 = Some("ff02::1".parse().unwrap()),
     ];
     for (i, break_it) in cases.iter().enumerate() {
         let mut r = good.clone();
@@ -773,4 +782,107 @@ fn host_protection_marks_every_endpoint_and_writes_the_open_ports() {
         assert!(crate::daemon::parse_host_ports(bad).is_err(), "{bad}");
     }
     assert_eq!(crate::daemon::parse_host_ports("none").unwrap(), []);
+}
+
+/// Issue 15 (CNI part): a dual-stack registration keeps its IPv6 address
+/// (persisted, in `status` with what the datapath does with it), claims it
+/// like its IPv4 one, and is held to the node's IPv6 pod ranges; an
+/// IPv6-only one is refused as unsupported, not half enforced.
+#[test]
+fn dual_stack_registrations_keep_and_check_their_ipv6_address() {
+    let s = Scratch::new("dual");
+    let dp = MemoryDataplane::default();
+    let mut cfg = s.config();
+    cfg.node_name = Some("n1".into());
+    let mut agent = Agent::with_dataplane(&cfg, Arc::new(Metrics::default()), Box::new(dp.clone()))
+        .expect("agent starts")
+        .0;
+    let node = "---\napiVersion: v1\nkind: Node\nmetadata: {name: n1}\nspec: {podCIDRs: [10.244.0.0/24, 'fd00:244::/64']}\n";
+    let with_node = |mut snap: Snapshot| {
+        let m = manifests::parse_str("node", node);
+        assert!(m.errors.is_empty(), "{:?}", m.errors);
+        snap.nodes = m.into_snapshot().nodes;
+        snap
+    };
+    agent
+        .apply_snapshot(with_node(isolating_policy_without_policy()))
+        .expect("node");
+
+    let (mut a, _) = pod(&dp, "web", 5);
+    a.ipv6 = Some("fd00:244::5".parse().unwrap());
+    agent.register(a.clone()).expect("dual-stack registers");
+    let st = agent.status();
+    let ep = st
+        .endpoints
+        .iter()
+        .find(|e| e.pod == "web")
+        .expect("listed");
+    assert_eq!(ep.ipv6, a.ipv6);
+    assert_eq!(st.nodes[0].pod_cidrs, ["10.244.0.0/24", "fd00:244::/64"]);
+    assert!(
+        ep.ipv6_datapath
+            .as_deref()
+            .is_some_and(|d| d.contains("passed")),
+        "{ep:?}"
+    );
+
+    // Another live pod claiming the IPv6 address: a conflict.
+    let (mut b, _) = pod(&dp, "db", 6);
+    b.ipv6 = a.ipv6;
+    let e = agent.register(b.clone()).expect_err("v6 taken");
+    assert_eq!(crate::error::kind_of(&e), ErrorKind::Conflict, "{e:#}");
+    assert!(format!("{e:#}").contains("fd00:244::5"), "{e:#}");
+    // Outside the node's IPv6 pod range: invalid.
+    b.ipv6 = Some("fd00:999::6".parse().unwrap());
+    let e = agent.register(b.clone()).expect_err("outside");
+    assert_eq!(crate::error::kind_of(&e), ErrorKind::InvalidRequest);
+    assert!(format!("{e:#}").contains("fd00:244::/64"), "{e:#}");
+    // IPv6-only: refused as unsupported, nothing registered.
+    b.ipv4 = None;
+    b.ipv6 = Some("fd00:244::6".parse().unwrap());
+    let e = agent.register(b.clone()).expect_err("v6-only");
+    assert_eq!(crate::error::kind_of(&e), ErrorKind::Unsupported, "{e:#}");
+    assert!(format!("{e:#}").contains("IPv6-only"), "{e:#}");
+    assert_eq!(agent.model().endpoints.len(), 1);
+    // Each refusal counted by its kind.
+    let refused = &agent.metrics.registration_refusals;
+    assert_eq!(
+        (
+            refused.get("unsupported"),
+            refused.get("conflict"),
+            refused.get("invalid_request")
+        ),
+        (1, 1, 1)
+    );
+
+    // Enforced: its IPv6 is reported dropped.
+    agent
+        .apply_snapshot(with_node(isolating_policy()))
+        .expect("policy");
+    let st = agent.status();
+    let ep = st
+        .endpoints
+        .iter()
+        .find(|e| e.pod == "web")
+        .expect("listed");
+    assert!(ep.ingress_enforced);
+    assert!(
+        ep.ipv6_datapath
+            .as_deref()
+            .is_some_and(|d| d.contains("dropped")),
+        "{ep:?}"
+    );
+
+    // Persisted: a restarted agent knows the address.
+    drop(agent);
+    let agent = Agent::with_dataplane(&cfg, Arc::new(Metrics::default()), Box::new(dp.clone()))
+        .expect("agent restarts")
+        .0;
+    let st = agent.status();
+    let ep = st
+        .endpoints
+        .iter()
+        .find(|e| e.pod == "web")
+        .expect("adopted");
+    assert_eq!(ep.ipv6, a.ipv6);
 }
