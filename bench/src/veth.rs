@@ -294,13 +294,26 @@ pub fn iptables_rules(n: usize, client: Ipv4Addr, server: Ipv4Addr, ports: &[u16
 }
 
 fn iptables_restore(node: &Node, rules: String) -> Result<f64> {
+    load_rules(node, "iptables-restore", &[], rules)
+}
+
+/// Feed `rules` to `program` (with `args`) in the node's namespace; the
+/// seconds it took.
+fn load_rules(
+    node: &Node,
+    program: &'static str,
+    args: &'static [&'static str],
+    rules: String,
+) -> Result<f64> {
     let t = Instant::now();
     let out = node.ns.enter(move || -> Result<std::process::Output> {
-        let mut c = Command::new("iptables-restore")
+        let mut c = Command::new(program)
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .spawn()?;
+            .spawn()
+            .with_context(|| format!("running {program} (cargo xtask setup installs it)"))?;
         c.stdin
             .take()
             .context("stdin")?
@@ -308,10 +321,7 @@ fn iptables_restore(node: &Node, rules: String) -> Result<f64> {
         Ok(c.wait_with_output()?)
     })??;
     if !out.status.success() {
-        bail!(
-            "iptables-restore: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{program}: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(t.elapsed().as_secs_f64())
 }
@@ -368,25 +378,7 @@ table inet palisade_bench {
 }
 
 fn nft_load(node: &Node, rules: String) -> Result<f64> {
-    let t = Instant::now();
-    let out = node.ns.enter(move || -> Result<std::process::Output> {
-        let mut c = Command::new("nft")
-            .args(["-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("running nft (cargo xtask setup installs nftables)")?;
-        c.stdin
-            .take()
-            .context("stdin")?
-            .write_all(rules.as_bytes())?;
-        Ok(c.wait_with_output()?)
-    })??;
-    if !out.status.success() {
-        bail!("nft -f: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(t.elapsed().as_secs_f64())
+    load_rules(node, "nft", &["-f", "-"], rules)
 }
 
 // ---- palisade extra entries -------------------------------------------------
