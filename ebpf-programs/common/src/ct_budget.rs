@@ -76,6 +76,26 @@ pub struct CtCharge {
     pub fragments: u64,
 }
 
+/// The endpoint a new entry made on `endpoint_id`'s interface in `scope`
+/// is charged to: for ingress, the sending pod when it is on this node
+/// (`local_sender` finds the endpoint id holding an address), else the
+/// interface's own endpoint. The kernel charges by it, the GC recounts by
+/// it.
+#[inline(always)]
+pub fn charged_to(
+    endpoint_id: u32,
+    scope: u8,
+    saddr: u32,
+    local_sender: impl FnOnce(u32) -> Option<u32>,
+) -> u32 {
+    if scope == crate::DIR_INGRESS {
+        if let Some(id) = local_sender(saddr) {
+            return id;
+        }
+    }
+    endpoint_id
+}
+
 /// Whether `n` more entries fit when `charged` are held under `limit`.
 /// A charge above `i64::MAX` is one that two CPUs releasing the same last
 /// entry took below zero: it counts as none (the GC writes the truth).
@@ -152,6 +172,15 @@ mod tests {
         // Taken below zero by a race: counts as nothing held.
         assert!(fits(u64::MAX, 1, 7));
         assert!(!fits(7, 1, 7));
+    }
+
+    #[test]
+    fn ingress_is_charged_to_a_local_sender_else_to_the_receiver() {
+        use crate::{DIR_EGRESS, DIR_INGRESS};
+        let local = |a: u32| (a == 7).then_some(42);
+        assert_eq!(charged_to(1, DIR_INGRESS, 7, local), 42);
+        assert_eq!(charged_to(1, DIR_INGRESS, 8, local), 1);
+        assert_eq!(charged_to(1, DIR_EGRESS, 7, local), 1);
     }
 
     #[test]

@@ -208,16 +208,10 @@ pub fn host_protected(
     {
         return None;
     }
-    let pk = PolicyKey {
-        endpoint_id: crate::HOST_PORTS_ENDPOINT,
-        peer_identity: IDENTITY_HOST,
-        direction: DIR_EGRESS,
-        protocol: key.protocol,
-        dport_be: match key.protocol {
-            PROTO_TCP | PROTO_UDP | PROTO_SCTP => key.dport_be,
-            _ => 0,
-        },
-    };
+    // The flow's own key (ports only where the protocol has them), under
+    // the node's reserved endpoint.
+    let mut pk = policy_key(ep, dir, key, peer);
+    pk.endpoint_id = crate::HOST_PORTS_ENDPOINT;
     match lookup(&pk) {
         Some(v) if v.action == crate::ACTION_ALLOW => None,
         _ => {
@@ -473,11 +467,17 @@ pub fn own_node_checked(
         return d;
     }
     let mut pk = policy_key(ep, dir, key, peer);
+    // (The hit stays packed until it is known to be one: see `decide`.)
     match policy_lookups(&mut pk, peer, |k| lookup(k).map(pack_hit)) {
-        Some(h) if own_node_denied(&unpack_hit(h)) => {
-            policy_decision(ep, dir, peer, Some(unpack_hit(h)))
+        Some(h) => {
+            let v = unpack_hit(h);
+            if own_node_denied(&v) {
+                policy_decision(ep, dir, peer, Some(v))
+            } else {
+                d
+            }
         }
-        _ => d,
+        None => d,
     }
 }
 

@@ -417,12 +417,9 @@ fn track_and_decide<const DRY: bool>(
 /// sending pod when it is on this node, else `ep`.
 #[inline(always)]
 fn charged_to(ep: &EndpointInfo, scope: u8, saddr: u32) -> u32 {
-    if scope == DIR_INGRESS {
-        if let Some(src) = lookup(&ENDPOINTS, &EndpointKey::ipv4(saddr)) {
-            return src.endpoint_id;
-        }
-    }
-    ep.endpoint_id
+    ct_budget::charged_to(ep.endpoint_id, scope, saddr, |a| {
+        lookup(&ENDPOINTS, &EndpointKey::ipv4(a)).map(|src| src.endpoint_id)
+    })
 }
 
 /// Gives back the charge of entry `k` (its TCP connection closed).
@@ -654,24 +651,29 @@ fn node_address(addr: u32) -> bool {
 /// ClusterNetworkPolicy's deny (`decision::own_node_checked`).
 #[inline(always)]
 fn new_flow_policy(ep: &EndpointInfo, dir: u8, key: &CtKey) -> Decision {
-    let peer = policy_peer(dir, remote_addr(key, dir), |a| {
-        IPCACHE.get(Key::new(32, a)).copied()
-    });
-    let lookup =
-        |pk: &palisade_common::PolicyKey| POLICY.get(&Key::new(POLICY_PREFIX_FULL, *pk)).copied();
-    let d = decide(ep, dir, key, &peer, lookup);
-    own_node_checked(ep, dir, key, &peer, d, lookup)
+    let peer = peer_of(dir, key);
+    let d = decide(ep, dir, key, &peer, policy_entry);
+    own_node_checked(ep, dir, key, &peer, d, policy_entry)
 }
 
 /// The policy verdict on a new flow.
 #[inline(always)]
 fn policy(ep: &EndpointInfo, dir: u8, key: &CtKey) -> Decision {
-    let peer = policy_peer(dir, remote_addr(key, dir), |a| {
+    decide(ep, dir, key, &peer_of(dir, key), policy_entry)
+}
+
+/// The ipcache's word on the flow's remote end.
+#[inline(always)]
+fn peer_of(dir: u8, key: &CtKey) -> palisade_common::IpcacheValue {
+    policy_peer(dir, remote_addr(key, dir), |a| {
         IPCACHE.get(Key::new(32, a)).copied()
-    });
-    decide(ep, dir, key, &peer, |pk| {
-        POLICY.get(&Key::new(POLICY_PREFIX_FULL, *pk)).copied()
     })
+}
+
+/// One longest-prefix match of the policy map with a full key.
+#[inline(always)]
+fn policy_entry(pk: &palisade_common::PolicyKey) -> Option<palisade_common::PolicyValue> {
+    POLICY.get(&Key::new(POLICY_PREFIX_FULL, *pk)).copied()
 }
 
 /// A packet from a pod to a Service frontend. An open flow keeps the

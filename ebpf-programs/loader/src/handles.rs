@@ -11,8 +11,8 @@ use std::{
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
 use palisade_common::{
     ct_budget::{charged, fits, CtBudget, CtCharge},
-    maps as names, CtKey, CtValue, EndpointInfo, EndpointKey, FragKey, FragValue, DIR_INGRESS,
-    EP_KEY_IFINDEX, EP_KEY_IPV4,
+    maps as names, CtKey, CtValue, EndpointInfo, EndpointKey, FragKey, FragValue, EP_KEY_IFINDEX,
+    EP_KEY_IPV4,
 };
 
 use crate::{
@@ -99,12 +99,9 @@ impl Live {
     /// The endpoint an entry made on `endpoint_id`'s interface in `scope`
     /// is charged to (`palisade_common::ct_budget`).
     fn charged_to(&self, endpoint_id: u32, scope: u8, saddr: u32) -> u32 {
-        if scope == DIR_INGRESS {
-            if let Some(id) = self.by_addr.get(&saddr) {
-                return *id;
-            }
-        }
-        endpoint_id
+        palisade_common::ct_budget::charged_to(endpoint_id, scope, saddr, |a| {
+            self.by_addr.get(&a).copied()
+        })
     }
 }
 

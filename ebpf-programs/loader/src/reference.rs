@@ -486,9 +486,7 @@ impl Evaluator {
     /// The kernel's `new_flow_policy`: `decide`, then a
     /// ClusterNetworkPolicy's deny of the pod's own node.
     fn decide_new_flow(&self, ep: &EndpointInfo, dir: u8, key: &CtKey) -> Decision {
-        let peer = palisade_common::service::policy_peer(dir, remote_addr(key, dir), |a| {
-            self.ipcache_lookup(Ipv4Addr::from(a.to_ne_bytes()))
-        });
+        let peer = self.peer_of(dir, key);
         let lookup = |k: &PolicyKey| self.policy_lookup(k).map(|(_, _, v)| v);
         let d = decision::decide(ep, dir, key, &peer, lookup);
         decision::own_node_checked(ep, dir, key, &peer, d, lookup)
@@ -496,11 +494,15 @@ impl Evaluator {
 
     /// `decision::decide` over this model's maps, with the same lookups.
     fn decide(&self, ep: &EndpointInfo, dir: u8, key: &CtKey) -> Decision {
-        let peer = palisade_common::service::policy_peer(dir, remote_addr(key, dir), |a| {
-            self.ipcache_lookup(Ipv4Addr::from(a.to_ne_bytes()))
-        });
-        decision::decide(ep, dir, key, &peer, |k| {
+        decision::decide(ep, dir, key, &self.peer_of(dir, key), |k| {
             self.policy_lookup(k).map(|(_, _, v)| v)
+        })
+    }
+
+    /// The ipcache's word on the flow's remote end.
+    fn peer_of(&self, dir: u8, key: &CtKey) -> IpcacheValue {
+        palisade_common::service::policy_peer(dir, remote_addr(key, dir), |a| {
+            self.ipcache_lookup(Ipv4Addr::from(a.to_ne_bytes()))
         })
     }
 
