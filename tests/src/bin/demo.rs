@@ -273,7 +273,12 @@ const KUBE_DNS: &str = "kube-system/kube-dns";
 /// Who resolves what at each step, and whether NetworkPolicy lets it.
 const DNS_CLIENT: &str = "app/frontend";
 const DNS_NAME: &str = "backend";
-const DNS_EXPECT: [bool; 4] = [true, false, true, true];
+/// One per step; the cluster-wide step keeps app's DNS allowance (its
+/// NetworkPolicy decides before Baseline, which allows DNS too).
+const DNS_EXPECT: [bool; 5] = [true, false, true, true, true];
+// A step without its DNS expectation panicked the demo once (a merge added
+// a step): the lengths must agree at compile time.
+const _: () = assert!(DNS_EXPECT.len() == NARRATION.len());
 /// The resolver configuration a kubelet writes for a pod of `app` (one
 /// search domain and short timeouts keep the blocked step short).
 const RESOLV_CONF: &str =
