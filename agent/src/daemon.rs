@@ -788,6 +788,7 @@ impl Agent {
                         generation: 0,
                         mac: [0; 6],
                         _pad: [0; 2],
+                        ipv6: [0; 4],
                     },
                 );
                 let ipv6 = self

@@ -362,6 +362,7 @@ pub fn run(plan: &Plan) -> Result<Services> {
                     generation: 0,
                     mac: [0; 6],
                     _pad: [0; 2],
+                    ipv6: [0; 4],
                 },
             )?;
             dp.attach_pod(&ifname)?;

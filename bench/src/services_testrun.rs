@@ -61,6 +61,7 @@ pub fn run(calls: usize) -> Result<Vec<(String, f64)>> {
             generation: 0,
             mac: [0; 6],
             _pad: [0; 2],
+            ipv6: [0; 4],
         },
     )?;
     let world = IpcacheValue {

@@ -130,6 +130,7 @@ impl Rig {
                 generation: 0,
                 mac: [0; 6],
                 _pad: [0; 2],
+                ipv6: [0; 4],
             },
         )?;
         // ipcache: world, one CIDR block containing every peer, and one /32

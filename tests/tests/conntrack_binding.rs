@@ -98,6 +98,7 @@ fn bridged() -> Result<Bridged> {
                     generation: 0,
                     mac: [0; 6],
                     _pad: [0; 2],
+                    ipv6: [0; 4],
                 };
                 maps.upsert_endpoint(ifindex, info)?;
                 dp.attach_pod(&ifname)?;

@@ -111,6 +111,7 @@ impl Rig {
             generation: 0,
             mac: [0; 6],
             _pad: [0; 2],
+            ipv6: [0; 4],
         };
         self.maps.upsert_endpoint(IFINDEX, info)?;
         Ok(())

@@ -61,6 +61,7 @@ fn setup(both: bool) -> Result<Setup> {
                 generation: 0,
                 mac: [0; 6],
                 _pad: [0; 2],
+                ipv6: [0; 4],
             };
             maps.upsert_endpoint(ifindex, info)?;
             dp.attach_pod(&ifname)?;
@@ -301,6 +302,7 @@ fn gc_removes_expired_conntrack_and_fragment_entries_only() -> Result<()> {
             generation: 0,
             mac: [0; 6],
             _pad: [0; 2],
+            ipv6: [0; 4],
         },
     )?;
     // The GC has map handles of its own, opened from the pins.

@@ -220,6 +220,7 @@ fn gen_policy_set(rng: &mut StdRng, ifindexes: &[u32], now: u64) -> PolicySet {
             generation: rng.gen_range(0..3),
             mac: [0; 6],
             _pad: [0; 2],
+            ipv6: [0; 4],
         };
         endpoints.push((ifs[i], info));
     }

@@ -95,6 +95,7 @@ fn a_drop_flood_from_one_pod_hides_no_other_pods_verdicts() -> Result<()> {
                 generation: 0,
                 mac: [0; 6],
                 _pad: [0; 2],
+                ipv6: [0; 4],
             };
             maps.upsert_endpoint(ifindex, info)?;
             dp.attach_pod(&ifname)?;
@@ -231,6 +232,7 @@ fn a_stalled_reader_is_woken_once_not_per_event() -> Result<()> {
                 generation: 0,
                 mac: [0; 6],
                 _pad: [0; 2],
+                ipv6: [0; 4],
             },
         )?;
         maps.set_ipcache(

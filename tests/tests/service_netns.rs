@@ -85,6 +85,7 @@ fn rig() -> Result<Rig> {
                         generation: 0,
                         mac: [0; 6],
                         _pad: [0; 2],
+                        ipv6: [0; 4],
                     };
                     maps.upsert_endpoint(ifindex, info)?;
                     dp.attach_pod(&ifname)?;

@@ -91,6 +91,7 @@ fn translation_rewrites_headers_with_valid_checksums_both_ways() -> Result<()> {
             generation: 0,
             mac: [0; 6],
             _pad: [0; 2],
+            ipv6: [0; 4],
         },
     )?;
     let world = IpcacheValue {

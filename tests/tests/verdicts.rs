@@ -197,6 +197,7 @@ impl Rig {
             generation: 0,
             mac,
             _pad: [0; 2],
+            ipv6: [0; 4],
         };
         self.maps.upsert_endpoint(IFINDEX, info)?;
         self.state.endpoints.insert(IFINDEX, info);
@@ -563,6 +564,10 @@ fn unenforced_passes_and_reports_the_new_flow() -> Result<()> {
             suppressed_drops: 0,
             suppressed_flows: 0,
             suppressed_reasons: 0,
+            family: 4,
+            _pad: 0,
+            saddr6: [0; 4],
+            daddr6: [0; 4],
         }
     );
     assert!(e.ts_ns > 0 && e.ts_ns <= monotonic_ns());

@@ -1401,6 +1401,7 @@ impl Engine {
             generation: 0,
             mac: st.ep.mac,
             _pad: [0; 2],
+            ipv6: [0; 4],
         })
     }
 

@@ -579,6 +579,7 @@ impl Compiler {
                     generation: 0,
                     mac: ep.mac,
                     _pad: [0; 2],
+                    ipv6: [0; 4],
                 },
             );
         }

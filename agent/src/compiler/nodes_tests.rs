@@ -136,6 +136,10 @@ fn flow_records_name_this_node_and_a_remote_node_peer() {
         suppressed_drops: 0,
         suppressed_flows: 0,
         suppressed_reasons: 0,
+        family: 4,
+        _pad: 0,
+        saddr6: [0; 4],
+        daddr6: [0; 4],
     };
     let r = crate::flowlog::record(&*v, &ev);
     assert_eq!(r.node.as_deref(), Some("n1"));

@@ -757,6 +757,10 @@ fn the_walk_names_the_pass_and_the_deciding_step() {
             suppressed_drops: 0,
             suppressed_flows: 0,
             suppressed_reasons: 0,
+            family: 4,
+            _pad: 0,
+            saddr6: [0; 4],
+            daddr6: [0; 4],
         }
     };
     let r = crate::flowlog::record(&*e.view(), &ev_for(5, 80));

@@ -153,6 +153,7 @@ mod tests {
             generation: 0,
             mac: [0; 6],
             _pad: [0; 2],
+            ipv6: [0; 4],
         }
     }
 

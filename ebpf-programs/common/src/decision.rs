@@ -13,11 +13,51 @@
 
 use crate::{
     conntrack::{tcp_next_state, tcp_reopens, timeout_ns, TCP_FLAG_ACK, TCP_FLAG_SYN},
-    is_label_identity, reason, CtKey, CtValue, EndpointInfo, FlowEvent, IpcacheValue, PolicyKey,
-    PolicyValue, ACTION_ALLOW, CT_AUDIT, CT_SEEN_REPLY, DIR_EGRESS, DIR_INGRESS, EP_AUDIT,
-    FRAG_TIMEOUT_NS, IDENTITY_ANY, IDENTITY_ANY_POD, IDENTITY_HOST, IDENTITY_WORLD, PROTO_SCTP,
-    PROTO_TCP, PROTO_UDP, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP,
+    is_label_identity, reason, CtKey, CtKeyOf, CtValue, EndpointInfo, FlowEvent, Ip6, IpcacheValue,
+    PolicyKey, PolicyValue, ACTION_ALLOW, CT_AUDIT, CT_SEEN_REPLY, DIR_EGRESS, DIR_INGRESS,
+    EP_AUDIT, FRAG_TIMEOUT_NS, IDENTITY_ANY, IDENTITY_ANY_POD, IDENTITY_HOST, IDENTITY_WORLD,
+    PROTO_SCTP, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP,
 };
+
+/// An address family's address as the programs keep it: `u32` (IPv4) or
+/// [`Ip6`]. The rules below are written once for both.
+pub trait Addr: Copy + PartialEq {
+    /// `FlowEvent::family`.
+    const FAMILY: u32;
+    const ZERO: Self;
+    /// The pod's own address of this family (zero when it has none).
+    fn own(ep: &EndpointInfo) -> Self;
+    /// The addresses of an event.
+    fn set_event(ev: &mut FlowEvent, saddr: Self, daddr: Self);
+}
+
+impl Addr for u32 {
+    const FAMILY: u32 = 4;
+    const ZERO: Self = 0;
+    #[inline(always)]
+    fn own(ep: &EndpointInfo) -> Self {
+        ep.ipv4
+    }
+    #[inline(always)]
+    fn set_event(ev: &mut FlowEvent, saddr: Self, daddr: Self) {
+        ev.saddr = saddr;
+        ev.daddr = daddr;
+    }
+}
+
+impl Addr for Ip6 {
+    const FAMILY: u32 = 6;
+    const ZERO: Self = [0; 4];
+    #[inline(always)]
+    fn own(ep: &EndpointInfo) -> Self {
+        ep.ipv6
+    }
+    #[inline(always)]
+    fn set_event(ev: &mut FlowEvent, saddr: Self, daddr: Self) {
+        ev.saddr6 = saddr;
+        ev.daddr6 = daddr;
+    }
+}
 
 /// A verdict with what the event about it reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,8 +99,31 @@ pub fn ct_key(
 /// The key events carry when the packet could not be parsed (malformed,
 /// IPv6, unsupported L3): a zero 5-tuple in the program's scope.
 #[inline(always)]
-pub fn empty_key(dir: u8) -> CtKey {
-    ct_key(0, 0, 0, 0, 0, 0, dir)
+pub fn empty_key<A: Addr>(dir: u8) -> CtKeyOf<A> {
+    key_of(0, A::ZERO, A::ZERO, 0, 0, 0, dir)
+}
+
+/// [`ct_key`] of either family.
+#[inline(always)]
+pub fn key_of<A>(
+    endpoint_id: u32,
+    saddr: A,
+    daddr: A,
+    sport_be: u16,
+    dport_be: u16,
+    protocol: u8,
+    scope: u8,
+) -> CtKeyOf<A> {
+    CtKeyOf {
+        saddr,
+        daddr,
+        sport_be,
+        dport_be,
+        protocol,
+        scope,
+        _pad: 0,
+        endpoint_id,
+    }
 }
 
 #[inline(always)]
@@ -164,10 +227,10 @@ pub const TUNNEL_PORTS: [u16; 3] = [4789, 6081, 8472];
 /// traffic with its node that NetworkPolicy lets pass: dropped whatever is
 /// enforced, never audited through.
 #[inline(always)]
-pub fn tunnel_from_pod(
+pub fn tunnel_from_pod<A>(
     ep: &EndpointInfo,
     dir: u8,
-    key: &CtKey,
+    key: &CtKeyOf<A>,
     peer: &IpcacheValue,
 ) -> Option<Decision> {
     let node = peer.identity == IDENTITY_HOST || peer.identity == crate::IDENTITY_REMOTE_NODE;
@@ -194,17 +257,17 @@ pub fn tunnel_from_pod(
 /// flows (kubelet probes) ride on their conntrack entries; a hairpin (the
 /// pod to itself through a Service) is not node traffic.
 #[inline(always)]
-pub fn host_protected(
+pub fn host_protected<A: Addr>(
     ep: &EndpointInfo,
     dir: u8,
-    key: &CtKey,
+    key: &CtKeyOf<A>,
     peer: &IpcacheValue,
     mut lookup: impl FnMut(&PolicyKey) -> Option<PolicyValue>,
 ) -> Option<Decision> {
     if dir != DIR_EGRESS
         || ep.flags & crate::EP_HOST_PROTECTED == 0
         || peer.identity != IDENTITY_HOST
-        || key.daddr == ep.ipv4
+        || key.daddr == A::own(ep)
     {
         return None;
     }
@@ -247,7 +310,7 @@ pub fn own_side(ep: &EndpointInfo, dir: u8) -> (u32, u32) {
 /// The address the policy is about: the destination of what the pod sends,
 /// the source of what it receives.
 #[inline(always)]
-pub fn remote_addr(key: &CtKey, dir: u8) -> u32 {
+pub fn remote_addr<A: Copy>(key: &CtKeyOf<A>, dir: u8) -> A {
     if dir == DIR_EGRESS {
         key.daddr
     } else {
@@ -358,7 +421,12 @@ pub fn pre_policy(ep: &EndpointInfo, dir: u8, peer: &IpcacheValue) -> Option<Dec
 /// The full (96-bit) policy key of a new flow for the exact peer. Ports
 /// count for TCP, UDP and SCTP only; other protocols look up port 0.
 #[inline(always)]
-pub fn policy_key(ep: &EndpointInfo, dir: u8, key: &CtKey, peer: &IpcacheValue) -> PolicyKey {
+pub fn policy_key<A>(
+    ep: &EndpointInfo,
+    dir: u8,
+    key: &CtKeyOf<A>,
+    peer: &IpcacheValue,
+) -> PolicyKey {
     let dport_be = match key.protocol {
         PROTO_TCP | PROTO_UDP | PROTO_SCTP => key.dport_be,
         _ => 0,
@@ -421,10 +489,10 @@ pub fn policy_decision(
 /// (its ipcache value, or [`peer_or_world`] of a miss). `lookup` is one
 /// longest-prefix match of the policy map.
 #[inline(always)]
-pub fn decide(
+pub fn decide<A: Addr>(
     ep: &EndpointInfo,
     dir: u8,
-    key: &CtKey,
+    key: &CtKeyOf<A>,
     peer: &IpcacheValue,
     lookup: impl FnMut(&PolicyKey) -> Option<PolicyValue>,
 ) -> Decision {
@@ -455,10 +523,10 @@ pub fn decide(
 /// a pod's new flows, not when a tracked flow is judged again (the
 /// verifier's budget: the programs inline `decide` at every call site).
 #[inline(always)]
-pub fn own_node_checked(
+pub fn own_node_checked<A>(
     ep: &EndpointInfo,
     dir: u8,
-    key: &CtKey,
+    key: &CtKeyOf<A>,
     peer: &IpcacheValue,
     d: Decision,
     mut lookup: impl FnMut(&PolicyKey) -> Option<PolicyValue>,
@@ -584,14 +652,14 @@ pub fn rejudged_entry(
 
 /// What the conntrack stage found for a packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Tracked {
+pub struct Tracked<A = u32> {
     /// `reason::ESTABLISHED` or `reason::REPLY`.
     pub why: u8,
     pub cookie: u32,
     /// The entry must be judged again first ([`ct_stale`]).
     pub stale: bool,
     /// The key of the entry that matched (the reversed tuple for a reply).
-    pub key: CtKey,
+    pub key: CtKeyOf<A>,
 }
 
 /// The conntrack stage, before any policy: the packet's own tuple in its
@@ -601,11 +669,11 @@ pub struct Tracked {
 /// returning the entry's cookie and whether it is stale when it carries
 /// the packet's flow. `None`: a new flow, for policy.
 #[inline(always)]
-pub fn track(
-    key: &CtKey,
+pub fn track<A: Copy>(
+    key: &CtKeyOf<A>,
     dir: u8,
-    mut lookup_use: impl FnMut(&CtKey, bool) -> Option<(u32, bool)>,
-) -> Option<Tracked> {
+    mut lookup_use: impl FnMut(&CtKeyOf<A>, bool) -> Option<(u32, bool)>,
+) -> Option<Tracked<A>> {
     if let Some((cookie, stale)) = lookup_use(key, false) {
         return Some(Tracked {
             why: reason::ESTABLISHED,
@@ -693,20 +761,20 @@ pub fn later_fragment_verdict(expires_ns: u64, verdict: u32, now: u64) -> Option
 
 /// The ring-buffer record of a verdict.
 #[inline(always)]
-pub fn flow_event(
+pub fn flow_event<A: Addr>(
     ts_ns: u64,
     endpoint_id: u32,
     ifindex: u32,
-    key: &CtKey,
+    key: &CtKeyOf<A>,
     d: &Decision,
     service_id: u32,
 ) -> FlowEvent {
-    FlowEvent {
+    let mut ev = FlowEvent {
         ts_ns,
         endpoint_id,
         ifindex,
-        saddr: key.saddr,
-        daddr: key.daddr,
+        saddr: 0,
+        daddr: 0,
         sport_be: key.sport_be,
         dport_be: key.dport_be,
         protocol: key.protocol,
@@ -721,7 +789,13 @@ pub fn flow_event(
         suppressed_drops: 0,
         suppressed_flows: 0,
         suppressed_reasons: 0,
-    }
+        family: A::FAMILY,
+        _pad: 0,
+        saddr6: [0; 4],
+        daddr6: [0; 4],
+    };
+    A::set_event(&mut ev, key.saddr, key.daddr);
+    ev
 }
 
 #[cfg(test)]
@@ -737,6 +811,7 @@ mod tests {
         generation: 0,
         mac: [0; 6],
         _pad: [0; 2],
+        ipv6: [0; 4],
     };
 
     #[test]
@@ -930,6 +1005,7 @@ mod ct_tests {
         generation: 3,
         mac: [0; 6],
         _pad: [0; 2],
+        ipv6: [0; 4],
     };
 
     #[test]

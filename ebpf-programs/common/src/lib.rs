@@ -2,7 +2,9 @@
 //! and userspace. Everything here is `#[repr(C)]`, `Copy`, padding-free and
 //! uses integer flags instead of `bool`, so the byte layout is the same on
 //! both sides. IPv4 addresses are kept as the raw network-order `u32` read
-//! from the packet (`u32::from_ne_bytes(addr.octets())` in userspace).
+//! from the packet (`u32::from_ne_bytes(addr.octets())` in userspace);
+//! IPv6 addresses as four such words ([`Ip6`]: the header's 16 bytes, in
+//! their order, `ip6_words` in userspace).
 #![no_std]
 
 pub mod conntrack;
@@ -39,8 +41,13 @@ pub mod maps {
     /// The per-endpoint conntrack budget in force (one entry; zeros mean
     /// the defaults); not pinned, set by the agent at every start.
     pub const CT_BUDGET: &str = "CT_BUDGET";
+    /// IPv6: pod address -> endpoint id (what `EndpointKey::ipv4` is to IPv4).
+    pub const ENDPOINTS6: &str = "ENDPOINTS6";
+    pub const IPCACHE6: &str = "IPCACHE6";
+    pub const CONNTRACK6: &str = "CONNTRACK6";
+    pub const FRAGMENTS6: &str = "FRAGMENTS6";
     /// Every map the programs share, in a stable order (pinning, adoption).
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 18] = [
         ENDPOINTS,
         IPCACHE,
         POLICY,
@@ -55,6 +62,10 @@ pub mod maps {
         SVC_NAT,
         SVC_AFFINITY,
         CT_CHARGE,
+        ENDPOINTS6,
+        IPCACHE6,
+        CONNTRACK6,
+        FRAGMENTS6,
     ];
 }
 
@@ -93,7 +104,18 @@ pub mod sizes {
     pub const SVC_NAT: u32 = 128 * 1024;
     /// One entry per (client, sessionAffinity frontend).
     pub const SVC_AFFINITY: u32 = 64 * 1024;
+    pub const IPCACHE6: u32 = 64 * 1024;
+    /// Half the IPv4 table: an entry is twice the size, and most flows of
+    /// a dual-stack cluster are still IPv4. Charged to the same per-pod
+    /// budget as IPv4 entries.
+    pub const CONNTRACK6: u32 = 256 * 1024;
+    pub const FRAGMENTS6: u32 = 4 * 1024;
 }
+
+/// An IPv6 address as the kernel reads it: the header's 16 bytes as four
+/// native-order words (so each word holds 4 network-order bytes). An LPM
+/// key of this type matches the bytes in order, like a `[u8; 16]`.
+pub type Ip6 = [u32; 4];
 
 /// Direction of a packet relative to the pod whose veth carries it.
 pub const DIR_EGRESS: u8 = 0;
@@ -190,6 +212,9 @@ pub struct EndpointInfo {
     /// is not known (then no MAC is checked: `decision::foreign_mac`).
     pub mac: [u8; 6],
     pub _pad: [u8; 2],
+    /// The pod's IPv6 address (`Ip6`); all zero when it has none (then
+    /// every IPv6 packet from it but neighbour discovery is spoofed).
+    pub ipv6: Ip6,
 }
 
 impl EndpointInfo {
@@ -270,11 +295,14 @@ pub struct PolicyValue {
 /// through an unenforced veth). Endpoint ids are never reused
 /// (`endpoints::Registry::id_for`), so a new pod on an old pod's address
 /// inherits none of its entries.
+///
+/// Generic over the address: [`CtKey`] for IPv4, [`CtKey6`] for IPv6 (the
+/// same fields, kept in `CONNTRACK` and `CONNTRACK6`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct CtKey {
-    pub saddr: u32,
-    pub daddr: u32,
+pub struct CtKeyOf<A> {
+    pub saddr: A,
+    pub daddr: A,
     pub sport_be: u16,
     pub dport_be: u16,
     pub protocol: u8,
@@ -284,7 +312,10 @@ pub struct CtKey {
     pub endpoint_id: u32,
 }
 
-impl CtKey {
+pub type CtKey = CtKeyOf<u32>;
+pub type CtKey6 = CtKeyOf<Ip6>;
+
+impl<A: Copy> CtKeyOf<A> {
     #[inline(always)]
     pub fn reversed(&self, scope: u8) -> Self {
         Self {
@@ -335,6 +366,19 @@ pub struct FragKey {
     pub endpoint_id: u32,
 }
 
+/// [`FragKey`] of IPv6, whose fragment identification has 32 bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragKey6 {
+    pub saddr: Ip6,
+    pub daddr: Ip6,
+    pub id: u32,
+    pub protocol: u8,
+    pub scope: u8,
+    pub _pad: u16,
+    pub endpoint_id: u32,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FragValue {
@@ -361,6 +405,10 @@ pub mod reason {
     pub const REPLY: u8 = 5;
     pub const FRAG_ALLOWED: u8 = 6;
     pub const NOT_IP: u8 = 7;
+    /// An ICMP or ICMPv6 error (unreachable, fragmentation needed / packet
+    /// too big, time exceeded, parameter problem) about a tracked flow:
+    /// passed with that flow, as path MTU discovery needs.
+    pub const RELATED: u8 = 8;
     // Dropped (or, in audit mode, would have been).
     pub const NO_POLICY_MATCH: u8 = 16;
     pub const DENY_RULE: u8 = 17;
@@ -422,6 +470,7 @@ pub mod reason {
             REPLY => "reply",
             FRAG_ALLOWED => "fragment-allowed",
             NOT_IP => "not-ip",
+            RELATED => "related",
             NO_POLICY_MATCH => "no-policy-match",
             DENY_RULE => "deny-rule",
             SPOOFED_SOURCE => "spoofed-source",
@@ -482,6 +531,12 @@ pub struct FlowEvent {
     pub suppressed_drops: u32,
     pub suppressed_flows: u32,
     pub suppressed_reasons: u64,
+    /// 4 or 6. An IPv6 event has its addresses in `saddr6`/`daddr6` (and
+    /// zero in `saddr`/`daddr`); an IPv4 one has zero there.
+    pub family: u32,
+    pub _pad: u32,
+    pub saddr6: Ip6,
+    pub daddr6: Ip6,
 }
 
 #[cfg(feature = "user")]
@@ -495,6 +550,8 @@ mod pod_impls {
     unsafe impl aya::Pod for PolicyKey {}
     unsafe impl aya::Pod for PolicyValue {}
     unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtKey6 {}
+    unsafe impl aya::Pod for FragKey6 {}
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragValue {}
@@ -521,16 +578,18 @@ mod tests {
     #[test]
     fn layouts_have_no_padding() {
         assert_eq!(size_of::<EndpointKey>(), 8);
-        assert_eq!(size_of::<EndpointInfo>(), 28);
+        assert_eq!(size_of::<EndpointInfo>(), 44);
         assert_eq!(size_of::<IpcacheValue>(), 8);
         assert_eq!(size_of::<PolicyKey>(), 12);
         assert_eq!(size_of::<PolicyKey>() as u32 * 8, POLICY_PREFIX_FULL);
         assert_eq!(size_of::<PolicyValue>(), 8);
         assert_eq!(size_of::<CtKey>(), 20);
+        assert_eq!(size_of::<CtKey6>(), 44);
+        assert_eq!(size_of::<FragKey6>(), 44);
         assert_eq!(size_of::<CtValue>(), 24);
         assert_eq!(size_of::<FragKey>(), 16);
         assert_eq!(size_of::<FragValue>(), 16);
-        assert_eq!(size_of::<FlowEvent>(), 64);
+        assert_eq!(size_of::<FlowEvent>(), 104);
         assert_eq!(size_of::<event_limit::EventLimitState>(), 32);
         assert_eq!(size_of::<ct_budget::CtBudget>(), 8);
         assert_eq!(size_of::<ct_budget::CtCharge>(), 16);

@@ -32,8 +32,8 @@ use palisade_common::{
     service::{
         SvcAffinity, SvcAffinityKey, SvcBackend, SvcBackendKey, SvcFrontend, SvcFrontendKey, SvcNat,
     },
-    sizes, CtKey, CtValue, EndpointInfo, EndpointKey, FragKey, FragValue, IpcacheValue, PolicyKey,
-    PolicyValue, DIR_EGRESS, DIR_INGRESS,
+    sizes, CtKey, CtKey6, CtValue, EndpointInfo, EndpointKey, FragKey, FragKey6, FragValue, Ip6,
+    IpcacheValue, PolicyKey, PolicyValue, DIR_EGRESS, DIR_INGRESS,
 };
 
 // ---- maps shared with userspace (layouts in palisade-common) ----
@@ -54,6 +54,23 @@ static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(size
 #[map]
 static FRAGMENTS: LruHashMap<FragKey, FragValue> =
     LruHashMap::with_max_entries(sizes::FRAGMENTS, 0);
+
+// ---- IPv6 (`verdict6`): the same roles, keyed by IPv6 addresses ----
+
+/// A pod's IPv6 address -> its endpoint id (its veth's `ENDPOINTS` entry
+/// holds the address itself).
+#[map]
+static ENDPOINTS6: HashMap<Ip6, u32> = HashMap::with_max_entries(sizes::ENDPOINTS, 0);
+
+#[map]
+static IPCACHE6: LpmTrie<Ip6, IpcacheValue> = LpmTrie::with_max_entries(sizes::IPCACHE6, 0);
+
+#[map]
+static CONNTRACK6: LruHashMap<CtKey6, CtValue> = LruHashMap::with_max_entries(sizes::CONNTRACK6, 0);
+
+#[map]
+static FRAGMENTS6: LruHashMap<FragKey6, FragValue> =
+    LruHashMap::with_max_entries(sizes::FRAGMENTS6, 0);
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(sizes::EVENTS_BYTES, 0);

@@ -70,7 +70,11 @@ impl Datapath {
             .map_max_entries(names::SVC_FRONTENDS, s.svc_frontends)
             .map_max_entries(names::SVC_BACKENDS, s.svc_backends)
             .map_max_entries(names::SVC_NAT, s.svc_nat)
-            .map_max_entries(names::SVC_AFFINITY, s.svc_affinity);
+            .map_max_entries(names::SVC_AFFINITY, s.svc_affinity)
+            .map_max_entries(names::ENDPOINTS6, s.endpoints)
+            .map_max_entries(names::IPCACHE6, s.ipcache6)
+            .map_max_entries(names::CONNTRACK6, s.conntrack6)
+            .map_max_entries(names::FRAGMENTS6, s.fragments6);
         let mut ebpf = loader.load(obj).map_err(Error::Load)?;
 
         for (name, _, _) in POD_HOOKS {

@@ -2,7 +2,7 @@
 //! Writes that do not fit are `Error::MapFull`, never silently dropped. The
 //! handles are private: every caller goes through the methods, and so
 //! through their error mapping.
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf},
@@ -11,16 +11,20 @@ use aya::{
 use palisade_common::{
     maps as names, reason,
     service::{SvcBackend, SvcBackendKey, SvcFrontend, SvcFrontendKey},
-    EndpointInfo, EndpointKey, IpcacheValue, PolicyKey, PolicyValue,
+    EndpointInfo, EndpointKey, Ip6, IpcacheValue, PolicyKey, PolicyValue,
 };
 #[cfg(feature = "test-utils")]
-use palisade_common::{CtKey, CtValue, FragKey, FragValue};
+use palisade_common::{CtKey, CtKey6, CtValue, FragKey, FragValue};
 
 use crate::{sizes::MapSizes, state::MapState, Error};
 
 pub struct Maps {
     endpoints: HashMap<MapData, EndpointKey, EndpointInfo>,
     ipcache: LpmTrie<MapData, u32, IpcacheValue>,
+    endpoints6: HashMap<MapData, Ip6, u32>,
+    ipcache6: LpmTrie<MapData, Ip6, IpcacheValue>,
+    #[cfg(feature = "test-utils")]
+    conntrack6: HashMap<MapData, CtKey6, CtValue>,
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
     /// Raw access for tests only; the GC opens its own (`handles`).
     #[cfg(feature = "test-utils")]
@@ -86,11 +90,30 @@ pub fn from_be(addr: u32) -> Ipv4Addr {
     Ipv4Addr::from(addr.to_ne_bytes())
 }
 
+/// An IPv6 address as the programs keep it (`palisade_common::Ip6`).
+pub fn ip6_words(addr: Ipv6Addr) -> Ip6 {
+    let o = addr.octets();
+    let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+    [w(0), w(4), w(8), w(12)]
+}
+
+pub fn from_ip6_words(w: Ip6) -> Ipv6Addr {
+    let mut o = [0u8; 16];
+    for (i, x) in w.iter().enumerate() {
+        o[i * 4..i * 4 + 4].copy_from_slice(&x.to_ne_bytes());
+    }
+    Ipv6Addr::from(o)
+}
+
 impl Maps {
     pub(crate) fn take(ebpf: &mut Ebpf, sizes: &MapSizes) -> Result<Self, Error> {
         Ok(Self {
             endpoints: take(ebpf, names::ENDPOINTS)?,
             ipcache: take(ebpf, names::IPCACHE)?,
+            endpoints6: take(ebpf, names::ENDPOINTS6)?,
+            ipcache6: take(ebpf, names::IPCACHE6)?,
+            #[cfg(feature = "test-utils")]
+            conntrack6: take(ebpf, names::CONNTRACK6)?,
             policy: take(ebpf, names::POLICY)?,
             #[cfg(feature = "test-utils")]
             conntrack: take(ebpf, names::CONNTRACK)?,
@@ -147,9 +170,22 @@ impl Maps {
     /// Index a pod by its host veth and by its address.
     pub fn upsert_endpoint(&mut self, ifindex: u32, info: EndpointInfo) -> Result<(), Error> {
         let full = write_err(names::ENDPOINTS, self.sizes.endpoints);
-        self.endpoints
-            .insert(EndpointKey::ipv4(info.ipv4), info, 0)
-            .map_err(&full)?;
+        if info.ipv4 != 0 {
+            self.endpoints
+                .insert(EndpointKey::ipv4(info.ipv4), info, 0)
+                .map_err(&full)?;
+        }
+        if info.ipv6 != [0; 4] {
+            self.endpoints6
+                .insert(info.ipv6, info.endpoint_id, 0)
+                .map_err(write_err(names::ENDPOINTS6, self.sizes.endpoints))?;
+        }
+        // A changed IPv6 address leaves no stale index behind.
+        if let Some(old) = self.endpoint(ifindex) {
+            if old.ipv6 != info.ipv6 && old.ipv6 != [0; 4] {
+                removed(names::ENDPOINTS6, self.endpoints6.remove(&old.ipv6))?;
+            }
+        }
         self.endpoints
             .insert(EndpointKey::ifindex(ifindex), info, 0)
             .map_err(&full)
@@ -160,6 +196,12 @@ impl Maps {
     }
 
     pub fn remove_endpoint(&mut self, ifindex: u32, ipv4_be: u32) -> Result<(), Error> {
+        let c = match self.endpoint(ifindex) {
+            Some(old) if old.ipv6 != [0; 4] => {
+                removed(names::ENDPOINTS6, self.endpoints6.remove(&old.ipv6))
+            }
+            _ => Ok(()),
+        };
         let a = removed(
             names::ENDPOINTS,
             self.endpoints.remove(&EndpointKey::ifindex(ifindex)),
@@ -168,7 +210,30 @@ impl Maps {
             names::ENDPOINTS,
             self.endpoints.remove(&EndpointKey::ipv4(ipv4_be)),
         );
-        a.and(b)
+        c.and(a).and(b)
+    }
+
+    /// The endpoint id `IPCACHE6`'s pod address `addr` belongs to.
+    pub fn endpoint6(&self, addr: Ipv6Addr) -> Option<u32> {
+        self.endpoints6.get(&ip6_words(addr), 0).ok()
+    }
+
+    pub fn set_ipcache6(
+        &mut self,
+        addr: Ipv6Addr,
+        prefix: u32,
+        v: IpcacheValue,
+    ) -> Result<(), Error> {
+        self.ipcache6
+            .insert(&Key::new(prefix, ip6_words(addr)), v, 0)
+            .map_err(write_err(names::IPCACHE6, self.sizes.ipcache6))
+    }
+
+    pub fn remove_ipcache6(&mut self, addr: Ipv6Addr, prefix: u32) -> Result<(), Error> {
+        removed(
+            names::IPCACHE6,
+            self.ipcache6.remove(&Key::new(prefix, ip6_words(addr))),
+        )
     }
 
     pub fn set_ipcache(
@@ -267,6 +332,10 @@ impl Maps {
         for (k, v) in self.ipcache.iter().filter_map(Result::ok) {
             s.ipcache.insert((from_be(k.data()), k.prefix_len()), v);
         }
+        for (k, v) in self.ipcache6.iter().filter_map(Result::ok) {
+            s.ipcache6
+                .insert((from_ip6_words(k.data()), k.prefix_len()), v);
+        }
         for (k, v) in self.policy.iter().filter_map(Result::ok) {
             s.policy.insert((k.prefix_len(), k.data()), v);
         }
@@ -328,12 +397,32 @@ impl Maps {
         self.conntrack.get(k, 0).ok()
     }
 
+    pub fn conntrack6_entry(&self, k: &CtKey6) -> Option<CtValue> {
+        self.conntrack6.get(k, 0).ok()
+    }
+
+    pub fn insert_conntrack6(&mut self, k: CtKey6, v: CtValue) -> Result<(), Error> {
+        self.conntrack6
+            .insert(k, v, 0)
+            .map_err(write_err(names::CONNTRACK6, self.sizes.conntrack6))
+    }
+
     pub fn conntrack_entries(&self) -> Result<Vec<(CtKey, CtValue)>, Error> {
         self.conntrack
             .iter()
             .collect::<Result<_, _>>()
             .map_err(|source| Error::Map {
                 name: names::CONNTRACK,
+                source,
+            })
+    }
+
+    pub fn conntrack6_entries(&self) -> Result<Vec<(CtKey6, CtValue)>, Error> {
+        self.conntrack6
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(|source| Error::Map {
+                name: names::CONNTRACK6,
                 source,
             })
     }
@@ -382,6 +471,12 @@ impl Maps {
         clear_map(names::CONNTRACK, keys, |k| self.conntrack.remove(k))?;
         let keys = self.fragments.keys().collect();
         clear_map(names::FRAGMENTS, keys, |k| self.fragments.remove(k))?;
+        let keys = self.endpoints6.keys().collect();
+        clear_map(names::ENDPOINTS6, keys, |k| self.endpoints6.remove(k))?;
+        let keys = self.ipcache6.keys().collect();
+        clear_map(names::IPCACHE6, keys, |k| self.ipcache6.remove(k))?;
+        let keys = self.conntrack6.keys().collect();
+        clear_map(names::CONNTRACK6, keys, |k| self.conntrack6.remove(k))?;
         let keys = self.ct_charge.keys().collect();
         clear_map(names::CT_CHARGE, keys, |k| self.ct_charge.remove(k))
     }

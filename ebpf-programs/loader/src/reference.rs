@@ -263,6 +263,7 @@ impl Evaluator {
             generation: 0,
             mac: [0; 6],
             _pad: [0; 2],
+            ipv6: [0; 4],
         };
         let flow = ct_key(endpoint_id, 0, 0, 0, dport.to_be(), protocol, dir);
         let mut k = policy_key(&ep, dir, &flow, &peer);
@@ -661,6 +662,7 @@ mod tests {
                 generation: 0,
                 mac: [0; 6],
                 _pad: [0; 2],
+                ipv6: [0; 4],
             },
         );
         s.ipcache.insert(

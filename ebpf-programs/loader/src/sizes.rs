@@ -17,6 +17,9 @@ pub struct MapSizes {
     pub svc_backends: u32,
     pub svc_nat: u32,
     pub svc_affinity: u32,
+    pub ipcache6: u32,
+    pub conntrack6: u32,
+    pub fragments6: u32,
 }
 
 impl Default for MapSizes {
@@ -32,6 +35,9 @@ impl Default for MapSizes {
             svc_backends: sizes::SVC_BACKENDS,
             svc_nat: sizes::SVC_NAT,
             svc_affinity: sizes::SVC_AFFINITY,
+            ipcache6: sizes::IPCACHE6,
+            conntrack6: sizes::CONNTRACK6,
+            fragments6: sizes::FRAGMENTS6,
         }
     }
 }

@@ -1,7 +1,10 @@
 //! The desired contents of the policy maps as plain data: what the agent's
 //! compiler produces, what the map sync diffs against the kernel, and what
 //! the reference evaluator (and `palisade-agent trace`) decides verdicts on.
-use std::{collections::HashMap, net::Ipv4Addr};
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use palisade_common::{EndpointInfo, IpcacheValue, PolicyKey, PolicyValue};
 
@@ -11,6 +14,8 @@ pub struct MapState {
     pub endpoints: HashMap<u32, EndpointInfo>,
     /// (network address, prefix length) -> identities.
     pub ipcache: HashMap<(Ipv4Addr, u32), IpcacheValue>,
+    /// The same for IPv6 (`IPCACHE6`).
+    pub ipcache6: HashMap<(Ipv6Addr, u32), IpcacheValue>,
     /// (prefix length, key) -> action and cookie.
     pub policy: HashMap<(u32, PolicyKey), PolicyValue>,
 }
