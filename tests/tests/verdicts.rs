@@ -8,17 +8,17 @@ use anyhow::Result;
 use aya::programs::{TestRun, TestRunOptions};
 use palisade_common::{
     conntrack::{TCP_CLOSE, TCP_ESTABLISHED, TCP_FIN_WAIT, TCP_SYN_RECV, TCP_SYN_SENT},
-    programs, reason, CtKey, CtValue, EndpointInfo, FlowEvent, FragKey, FragValue, IpcacheValue,
-    PolicyKey, PolicyValue, ACTION_ALLOW, ACTION_DENY, CT_AUDIT, CT_SEEN_REPLY, DIR_EGRESS,
-    DIR_INGRESS, EP_AUDIT, EP_EGRESS_ENFORCED, EP_INGRESS_ENFORCED, IDENTITY_ANY, IDENTITY_ANY_POD,
-    IDENTITY_FIRST_CIDR, IDENTITY_HOST, IDENTITY_WORLD, POLICY_PREFIX_FIXED, POLICY_PREFIX_FULL,
-    POLICY_PREFIX_PROTO, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW,
-    VERDICT_AUDIT, VERDICT_DROP,
+    programs, reason, CtKey, CtKey6, CtValue, EndpointInfo, FlowEvent, FragKey, FragValue,
+    IpcacheValue, PolicyKey, PolicyValue, ACTION_ALLOW, ACTION_DENY, CT_AUDIT, CT_SEEN_REPLY,
+    DIR_EGRESS, DIR_INGRESS, EP_AUDIT, EP_EGRESS_ENFORCED, EP_INGRESS_ENFORCED, IDENTITY_ANY,
+    IDENTITY_ANY_POD, IDENTITY_FIRST_CIDR, IDENTITY_HOST, IDENTITY_WORLD, POLICY_PREFIX_FIXED,
+    POLICY_PREFIX_FULL, POLICY_PREFIX_PROTO, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP,
 };
 use palisade_dataplane::{
     events::EventReader,
     loader::MapSizes,
-    maps::{be, monotonic_ns},
+    maps::{be, ip6_words, monotonic_ns},
     packet::{Packet, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_PSH, TCP_FLAG_RST, TCP_FLAG_SYN},
     reference::{Evaluator, Verdict},
     testrun::{run_tc, TC_ACT_OK, TC_ACT_SHOT},
@@ -39,6 +39,13 @@ const BLOCK_IDENTITY: u32 = IDENTITY_FIRST_CIDR + 1;
 const EXTERNAL: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 44);
 const EXTERNAL_IDENTITY: u32 = IDENTITY_FIRST_CIDR + 2;
 const NODE: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
+
+/// The same pod, peer, node and external host over IPv6 (the ipcache and
+/// policy semantics are the same: identities are family-blind).
+const POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 5);
+const PEER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 9);
+const NODE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 1);
+const EXTERNAL6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 44);
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -179,6 +186,14 @@ impl Rig {
             EXTERNAL_IDENTITY,
             EXTERNAL_IDENTITY,
         )?;
+        rig.ipcache6(Ipv6Addr::UNSPECIFIED, 0, IDENTITY_WORLD, IDENTITY_WORLD)?;
+        rig.ipcache6(NODE6, 128, IDENTITY_HOST, IDENTITY_WORLD)?;
+        let block6 = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 0);
+        rig.ipcache6(block6, 64, BLOCK_IDENTITY, BLOCK_IDENTITY)?;
+        rig.ipcache6(PEER6, 128, PEER_IDENTITY, BLOCK_IDENTITY)?;
+        rig.ipcache6(POD6, 128, POD_IDENTITY, BLOCK_IDENTITY)?;
+        let external6 = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0);
+        rig.ipcache6(external6, 64, EXTERNAL_IDENTITY, EXTERNAL_IDENTITY)?;
         Ok(rig)
     }
 
@@ -189,7 +204,7 @@ impl Rig {
 
     /// The pod with `flags` and the MAC the CNI reported (zero: unknown).
     fn endpoint_mac(&mut self, flags: u32, mac: [u8; 6]) -> Result<()> {
-        let info = EndpointInfo {
+        self.endpoint_info(EndpointInfo {
             endpoint_id: EP_ID,
             identity: POD_IDENTITY,
             ipv4: be(POD),
@@ -197,8 +212,11 @@ impl Rig {
             generation: 0,
             mac,
             _pad: [0; 2],
-            ipv6: [0; 4],
-        };
+            ipv6: ip6_words(POD6),
+        })
+    }
+
+    fn endpoint_info(&mut self, info: EndpointInfo) -> Result<()> {
         self.maps.upsert_endpoint(IFINDEX, info)?;
         self.state.endpoints.insert(IFINDEX, info);
         self.ev.set_maps(&self.state);
@@ -220,6 +238,34 @@ impl Rig {
         self.state.ipcache.insert((addr, prefix), v);
         self.ev.set_maps(&self.state);
         Ok(())
+    }
+
+    fn ipcache6(
+        &mut self,
+        addr: Ipv6Addr,
+        prefix: u32,
+        identity: u32,
+        cidr_identity: u32,
+    ) -> Result<()> {
+        let v = IpcacheValue {
+            identity,
+            cidr_identity,
+        };
+        self.maps.set_ipcache6(addr, prefix, v)?;
+        self.state.ipcache6.insert((addr, prefix), v);
+        self.ev.set_maps(&self.state);
+        Ok(())
+    }
+
+    /// The IPv6 conntrack entry `k`, the kernel's and the model's alike.
+    fn ct6(&self, k: &CtKey6) -> Option<CtValue> {
+        let kernel = self.maps.conntrack6_entry(k);
+        let model = self.ev.conntrack6().get(k).copied();
+        assert_eq!(
+            kernel.map(|v| (v.tcp_state, v.flags, v.cookie)),
+            model.map(|v| (v.tcp_state, v.flags, v.cookie))
+        );
+        kernel
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1375,44 +1421,224 @@ fn untracked_later_fragments_drop_when_enforced_pass_when_not() -> Result<()> {
     Ok(())
 }
 
+/// Issue 15: IPv6 is enforced with IPv4's semantics: the same policy
+/// entries (identities are family-blind), conntrack for replies, ipBlocks
+/// through CIDR identities, anti-spoofing by address, frames to the pod
+/// addressed to it; events carry the IPv6 addresses.
 #[test]
-fn ipv6_is_dropped_for_enforced_endpoints_except_neighbour_discovery() -> Result<()> {
+fn ipv6_is_enforced_like_ipv4() -> Result<()> {
     let mut rig = rig!();
-    let pod6: Ipv6Addr = "fd00::5".parse()?;
-    let peer6: Ipv6Addr = "fd00::9".parse()?;
-    let udp_in = Packet::ipv6_udp(peer6, 5000, pod6, 53);
-    let udp_out = Packet::ipv6_udp(pod6, 5000, peer6, 53);
-    let ns = Packet::neighbour_solicitation("fe80::9".parse()?, pod6);
+    let udp_in = Packet::ipv6_udp(PEER6, 5000, POD6, 53);
+    let udp_out = Packet::ipv6_udp(POD6, 5000, PEER6, 53);
 
     rig.endpoint(0)?;
-    rig.run(DIR_INGRESS, &udp_in)?.assert_silent(true, None);
-    rig.run(DIR_EGRESS, &udp_out)?.assert_silent(true, None);
+    let s = rig.run(DIR_EGRESS, &udp_out)?;
+    s.assert_reported(true, VERDICT_ALLOW, reason::UNENFORCED, 0);
+    let e = s.event();
+    assert_eq!(
+        (e.family, e.saddr6, e.daddr6, e.saddr),
+        (6, ip6_words(POD6), ip6_words(PEER6), 0)
+    );
+    assert_eq!(
+        (e.src_identity, e.dst_identity),
+        (POD_IDENTITY, PEER_IDENTITY)
+    );
+    rig.run(DIR_INGRESS, &udp_out.reply(0))?
+        .assert_silent(true, Some(reason::REPLY));
 
-    // Enforced in one direction drops IPv6 both ways, audit or not.
-    for flags in [EP_INGRESS_ENFORCED, EP_INGRESS_ENFORCED | EP_AUDIT] {
-        rig.endpoint(flags)?;
-        for (dir, p) in [(DIR_INGRESS, &udp_in), (DIR_EGRESS, &udp_out)] {
-            let s = rig.run(dir, p)?;
-            s.assert_reported(false, VERDICT_DROP, reason::IPV6_UNSUPPORTED, 0);
-            let e = s.event();
-            assert_eq!((e.saddr, e.daddr, e.protocol, e.direction), (0, 0, 0, dir));
-        }
-        rig.run(DIR_INGRESS, &ns)?
+    rig.endpoint(EP_INGRESS_ENFORCED)?;
+    let s = rig.run(DIR_INGRESS, &udp_in)?;
+    s.assert_reported(false, VERDICT_DROP, reason::NO_POLICY_MATCH, 0);
+    assert_eq!(s.event().src_identity, PEER_IDENTITY);
+    // An IPv4 rule for the peer's identity holds for its IPv6 address.
+    rig.policy(
+        POLICY_PREFIX_FULL,
+        PEER_IDENTITY,
+        DIR_INGRESS,
+        PROTO_UDP,
+        53,
+        ACTION_ALLOW,
+        61,
+    )?;
+    rig.run(DIR_INGRESS, &udp_in)?
+        .assert_reported(true, VERDICT_ALLOW, reason::POLICY_ALLOW, 61);
+    let k = CtKey6 {
+        saddr: ip6_words(PEER6),
+        daddr: ip6_words(POD6),
+        sport_be: 5000u16.to_be(),
+        dport_be: 53u16.to_be(),
+        protocol: PROTO_UDP,
+        scope: DIR_INGRESS,
+        _pad: 0,
+        endpoint_id: EP_ID,
+    };
+    assert_eq!(rig.ct6(&k).map(|v| v.cookie), Some(61));
+    rig.run(DIR_EGRESS, &udp_in.reply(0))?
+        .assert_silent(true, Some(reason::REPLY));
+    // Another port is not allowed; an ipBlock (CIDR identity) rule is.
+    let tcp_in = Packet::ipv6_tcp(PEER6, 40000, POD6, 80, TCP_FLAG_SYN);
+    rig.run(DIR_INGRESS, &tcp_in)?
+        .assert_reported(false, VERDICT_DROP, reason::NO_POLICY_MATCH, 0);
+    rig.policy(
+        POLICY_PREFIX_FULL,
+        BLOCK_IDENTITY,
+        DIR_INGRESS,
+        PROTO_TCP,
+        80,
+        ACTION_ALLOW,
+        62,
+    )?;
+    rig.run(DIR_INGRESS, &tcp_in)?
+        .assert_reported(true, VERDICT_ALLOW, reason::POLICY_ALLOW, 62);
+    // The world (no ipcache prefix but ::/0) is not the block.
+    let ext_in = Packet::ipv6_tcp("2001:db9::1".parse()?, 40000, POD6, 80, TCP_FLAG_SYN);
+    let s = rig.run(DIR_INGRESS, &ext_in)?;
+    s.assert_reported(false, VERDICT_DROP, reason::NO_POLICY_MATCH, 0);
+    assert_eq!(s.event().src_identity, IDENTITY_WORLD);
+
+    // Anti-spoofing by address, enforced or not; a pod without an IPv6
+    // address sends none.
+    rig.endpoint(0)?;
+    let spoofed = Packet::ipv6_udp(PEER6, 5000, EXTERNAL6, 53);
+    rig.run(DIR_EGRESS, &spoofed)?
+        .assert_reported(false, VERDICT_DROP, reason::SPOOFED_SOURCE, 0);
+    let mut v4_only = *rig.state.endpoints.get(&IFINDEX).expect("endpoint");
+    v4_only.ipv6 = [0; 4];
+    rig.endpoint_info(v4_only)?;
+    rig.run(DIR_EGRESS, &udp_out)?
+        .assert_reported(false, VERDICT_DROP, reason::SPOOFED_SOURCE, 0);
+    rig.endpoint(0)?;
+    // To the pod: its own address, or multicast.
+    rig.run(DIR_INGRESS, &Packet::ipv6_udp(PEER6, 5000, EXTERNAL6, 53))?
+        .assert_reported(false, VERDICT_DROP, reason::NOT_OWN_DESTINATION, 0);
+    rig.run(
+        DIR_INGRESS,
+        &Packet::ipv6_udp(PEER6, 5000, "ff02::fb".parse()?, 5353),
+    )?
+    .assert_reported(true, VERDICT_ALLOW, reason::UNENFORCED, 0);
+    Ok(())
+}
+
+/// Issue 15: ICMPv6 echo is tracked (the reply passes), and an ICMPv6
+/// error about a tracked flow (packet too big) reaches the pod however its
+/// ingress is enforced, as path MTU discovery needs; one about no flow of
+/// the pod's is judged as any packet.
+#[test]
+fn ipv6_echo_is_tracked_and_errors_about_tracked_flows_pass() -> Result<()> {
+    let mut rig = rig!();
+    rig.endpoint(EP_INGRESS_ENFORCED | EP_EGRESS_ENFORCED)?;
+    rig.policy(
+        POLICY_PREFIX_PROTO,
+        EXTERNAL_IDENTITY,
+        DIR_EGRESS,
+        PROTO_TCP,
+        0,
+        ACTION_ALLOW,
+        71,
+    )?;
+    rig.policy(
+        POLICY_PREFIX_PROTO,
+        EXTERNAL_IDENTITY,
+        DIR_EGRESS,
+        58,
+        0,
+        ACTION_ALLOW,
+        72,
+    )?;
+    let ping = Packet::icmpv6_echo(POD6, EXTERNAL6, 128, 7);
+    rig.run(DIR_EGRESS, &ping)?
+        .assert_reported(true, VERDICT_ALLOW, reason::POLICY_ALLOW, 72);
+    rig.run(DIR_INGRESS, &Packet::icmpv6_echo(EXTERNAL6, POD6, 129, 7))?
+        .assert_silent(true, Some(reason::REPLY));
+    // Another identifier is another flow: no reply of anything.
+    rig.run(DIR_INGRESS, &Packet::icmpv6_echo(EXTERNAL6, POD6, 129, 8))?
+        .assert_reported(false, VERDICT_DROP, reason::NO_POLICY_MATCH, 0);
+
+    let syn = Packet::ipv6_tcp(POD6, 40000, EXTERNAL6, 443, TCP_FLAG_SYN);
+    rig.run(DIR_EGRESS, &syn)?
+        .assert_reported(true, VERDICT_ALLOW, reason::POLICY_ALLOW, 71);
+    let router: Ipv6Addr = "2001:db8::fe".parse()?;
+    let big = syn.clone().with_tcp_flags(TCP_FLAG_ACK);
+    rig.run(DIR_INGRESS, &Packet::icmpv6_error(router, 2, &big))?
+        .assert_silent(true, Some(reason::RELATED));
+    // About a flow the pod never opened: dropped by ingress policy.
+    let other = Packet::ipv6_tcp(POD6, 40001, EXTERNAL6, 443, TCP_FLAG_ACK);
+    rig.run(DIR_INGRESS, &Packet::icmpv6_error(router, 2, &other))?
+        .assert_reported(false, VERDICT_DROP, reason::NO_POLICY_MATCH, 0);
+    Ok(())
+}
+
+/// Issue 15: IPv6 fragments get their first fragment's verdict, as IPv4
+/// fragments do; a later fragment without a first one is dropped where
+/// enforced.
+#[test]
+fn ipv6_fragments_inherit_the_first_fragments_verdict() -> Result<()> {
+    let mut rig = rig!();
+    rig.endpoint(EP_INGRESS_ENFORCED)?;
+    rig.policy(
+        POLICY_PREFIX_FULL,
+        PEER_IDENTITY,
+        DIR_INGRESS,
+        PROTO_UDP,
+        53,
+        ACTION_ALLOW,
+        81,
+    )?;
+    let allowed = Packet::ipv6_udp(PEER6, 5000, POD6, 53);
+    let denied = Packet::ipv6_udp(PEER6, 5000, POD6, 54);
+    rig.run(
+        DIR_INGRESS,
+        &Packet::ipv6_fragment(&allowed, 0, true, 0x1234),
+    )?
+    .assert_reported(true, VERDICT_ALLOW, reason::POLICY_ALLOW, 81);
+    rig.run(
+        DIR_INGRESS,
+        &Packet::ipv6_fragment(&allowed, 2, false, 0x1234),
+    )?
+    .assert_silent(true, Some(reason::FRAG_ALLOWED));
+    rig.run(DIR_INGRESS, &Packet::ipv6_fragment(&denied, 0, true, 0x99))?
+        .assert_reported(false, VERDICT_DROP, reason::NO_POLICY_MATCH, 0);
+    rig.run(DIR_INGRESS, &Packet::ipv6_fragment(&denied, 2, false, 0x99))?
+        .assert_reported(false, VERDICT_DROP, reason::FRAG_DENIED, 0);
+    rig.run(
+        DIR_INGRESS,
+        &Packet::ipv6_fragment(&allowed, 2, false, 0x777),
+    )?
+    .assert_reported(false, VERDICT_DROP, reason::FRAG_UNTRACKED, 0);
+    Ok(())
+}
+
+/// Issue 15: neighbour discovery and MLD pass only on the link: from the
+/// pod's own, link-local or unspecified address to link-local, link-scope
+/// multicast or its node's address, with hop limit 255 for ND.
+#[test]
+fn ipv6_neighbour_discovery_stays_on_the_link() -> Result<()> {
+    let mut rig = rig!();
+    rig.endpoint(EP_INGRESS_ENFORCED | EP_EGRESS_ENFORCED)?;
+    let ll: Ipv6Addr = "fe80::5".parse()?;
+    for ns in [
+        Packet::neighbour_solicitation(POD6, NODE6),
+        Packet::neighbour_solicitation(ll, NODE6),
+        Packet::neighbour_solicitation(Ipv6Addr::UNSPECIFIED, POD6),
+        Packet::icmpv6(POD6, NODE6, 135, 20),
+        Packet::icmpv6(ll, "ff02::16".parse()?, 143, 20).with_hop_limit(1),
+    ] {
+        rig.run(DIR_EGRESS, &ns)?
             .assert_silent(true, Some(reason::NOT_IP));
-        rig.run(DIR_EGRESS, &Packet::icmpv6(pod6, peer6, 136, 20))?
-            .assert_silent(true, Some(reason::NOT_IP));
-        // Other ICMPv6 (echo) is not ND.
-        let ping = Packet::icmpv6(peer6, pod6, 128, 8);
-        rig.run(DIR_INGRESS, &ping)?.assert_reported(
-            false,
-            VERDICT_DROP,
-            reason::IPV6_UNSUPPORTED,
-            0,
-        );
-        // An ND type cut off before the ICMPv6 type byte is not ND.
-        rig.run(DIR_INGRESS, &ns.clone().truncated(54))?
-            .assert_reported(false, VERDICT_DROP, reason::IPV6_UNSUPPORTED, 0);
     }
+    for bad in [
+        // To another pod, from another address, or off the link.
+        Packet::icmpv6(POD6, PEER6, 135, 20),
+        Packet::icmpv6(PEER6, "ff02::1".parse()?, 136, 20),
+        Packet::icmpv6(POD6, "ff02::1".parse()?, 136, 20).with_hop_limit(64),
+    ] {
+        rig.run(DIR_EGRESS, &bad)?
+            .assert_reported(false, VERDICT_DROP, reason::ND_FORBIDDEN, 0);
+    }
+    rig.run(DIR_INGRESS, &Packet::icmpv6(NODE6, POD6, 136, 20))?
+        .assert_silent(true, Some(reason::NOT_IP));
+    rig.run(DIR_INGRESS, &Packet::icmpv6(PEER6, POD6, 136, 20))?
+        .assert_reported(false, VERDICT_DROP, reason::ND_FORBIDDEN, 0);
     Ok(())
 }
 
@@ -1442,7 +1668,7 @@ fn pods_never_send_router_advertisements_or_redirects() -> Result<()> {
     chain[7 * 8 - 8] = 17;
     chain.resize(7 * 8 + 8, 0);
     let endless = Packet::ipv6(pod6, all_nodes, 60, chain);
-    let udp_out = Packet::ipv6_udp("fd00::5".parse()?, 5000, "fd00::9".parse()?, 53);
+    let udp_out = Packet::ipv6_udp(POD6, 5000, PEER6, 53);
 
     for flags in [0, EP_INGRESS_ENFORCED, EP_EGRESS_ENFORCED | EP_AUDIT] {
         rig.endpoint(flags)?;
@@ -1462,9 +1688,10 @@ fn pods_never_send_router_advertisements_or_redirects() -> Result<()> {
         rig.run(DIR_EGRESS, &ns.clone().with_hop_limit(64))?
             .assert_reported(false, VERDICT_DROP, reason::ND_FORBIDDEN, 0);
     }
-    // An unenforced pod's other IPv6 still passes.
+    // An unenforced pod's other IPv6 still passes (as a new flow).
     rig.endpoint(0)?;
-    rig.run(DIR_EGRESS, &udp_out)?.assert_silent(true, None);
+    rig.run(DIR_EGRESS, &udp_out)?
+        .assert_reported(true, VERDICT_ALLOW, reason::UNENFORCED, 0);
     Ok(())
 }
 

@@ -82,11 +82,11 @@ pub struct CtCharge {
 /// interface's own endpoint. The kernel charges by it, the GC recounts by
 /// it.
 #[inline(always)]
-pub fn charged_to(
+pub fn charged_to<A>(
     endpoint_id: u32,
     scope: u8,
-    saddr: u32,
-    local_sender: impl FnOnce(u32) -> Option<u32>,
+    saddr: A,
+    local_sender: impl FnOnce(A) -> Option<u32>,
 ) -> u32 {
     if scope == crate::DIR_INGRESS {
         if let Some(id) = local_sender(saddr) {

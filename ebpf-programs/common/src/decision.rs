@@ -13,10 +13,10 @@
 
 use crate::{
     conntrack::{tcp_next_state, tcp_reopens, timeout_ns, TCP_FLAG_ACK, TCP_FLAG_SYN},
-    is_label_identity, reason, CtKey, CtKeyOf, CtValue, EndpointInfo, FlowEvent, Ip6, IpcacheValue,
-    PolicyKey, PolicyValue, ACTION_ALLOW, CT_AUDIT, CT_SEEN_REPLY, DIR_EGRESS, DIR_INGRESS,
-    EP_AUDIT, FRAG_TIMEOUT_NS, IDENTITY_ANY, IDENTITY_ANY_POD, IDENTITY_HOST, IDENTITY_WORLD,
-    PROTO_SCTP, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP,
+    is_label_identity, reason, CtKey, CtKeyOf, CtValue, EndpointInfo, FlowEvent, FlowEvent4, Ip6,
+    IpcacheValue, PolicyKey, PolicyValue, ACTION_ALLOW, CT_AUDIT, CT_SEEN_REPLY, DIR_EGRESS,
+    DIR_INGRESS, EP_AUDIT, FRAG_TIMEOUT_NS, IDENTITY_ANY, IDENTITY_ANY_POD, IDENTITY_HOST,
+    IDENTITY_WORLD, PROTO_SCTP, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP,
 };
 
 /// An address family's address as the programs keep it: `u32` (IPv4) or
@@ -27,8 +27,15 @@ pub trait Addr: Copy + PartialEq {
     const ZERO: Self;
     /// The pod's own address of this family (zero when it has none).
     fn own(ep: &EndpointInfo) -> Self;
-    /// The addresses of an event.
-    fn set_event(ev: &mut FlowEvent, saddr: Self, daddr: Self);
+    /// The addresses of an event being written (`write_flow_event`).
+    ///
+    /// # Safety
+    /// `ev` is valid for writes.
+    unsafe fn set_event(ev: *mut FlowEvent, saddr: Self, daddr: Self);
+    /// Broadcast or multicast: a destination many share.
+    fn group(&self) -> bool;
+    /// The address as IPv4 (`FlowEvent4`); zero for IPv6.
+    fn v4(&self) -> u32;
 }
 
 impl Addr for u32 {
@@ -39,9 +46,22 @@ impl Addr for u32 {
         ep.ipv4
     }
     #[inline(always)]
-    fn set_event(ev: &mut FlowEvent, saddr: Self, daddr: Self) {
-        ev.saddr = saddr;
-        ev.daddr = daddr;
+    unsafe fn set_event(ev: *mut FlowEvent, saddr: Self, daddr: Self) {
+        // SAFETY: as the caller promised.
+        unsafe {
+            (*ev).saddr = saddr;
+            (*ev).daddr = daddr;
+        }
+    }
+    #[inline(always)]
+    fn group(&self) -> bool {
+        // Network order: the first octet is the low byte.
+        let first = (u32::from_be(*self) >> 24) as u8;
+        *self == u32::MAX || (224..240).contains(&first)
+    }
+    #[inline(always)]
+    fn v4(&self) -> u32 {
+        *self
     }
 }
 
@@ -53,9 +73,20 @@ impl Addr for Ip6 {
         ep.ipv6
     }
     #[inline(always)]
-    fn set_event(ev: &mut FlowEvent, saddr: Self, daddr: Self) {
-        ev.saddr6 = saddr;
-        ev.daddr6 = daddr;
+    unsafe fn set_event(ev: *mut FlowEvent, saddr: Self, daddr: Self) {
+        // SAFETY: as the caller promised.
+        unsafe {
+            (*ev).saddr6 = saddr;
+            (*ev).daddr6 = daddr;
+        }
+    }
+    #[inline(always)]
+    fn group(&self) -> bool {
+        crate::ipv6::is_multicast(self)
+    }
+    #[inline(always)]
+    fn v4(&self) -> u32 {
+        0
     }
 }
 
@@ -139,8 +170,10 @@ pub fn opposite(dir: u8) -> u8 {
 /// and dropped (reported; never audited through). Holds for every
 /// registered pod, enforced or not.
 #[inline(always)]
-pub fn spoofed(ep: &EndpointInfo, dir: u8, saddr: u32) -> Option<Decision> {
-    if dir == DIR_EGRESS && saddr != ep.ipv4 {
+pub fn spoofed<A: Addr>(ep: &EndpointInfo, dir: u8, saddr: A) -> Option<Decision> {
+    // A pod without an address of this family has no source to send from.
+    let own = A::own(ep);
+    if dir == DIR_EGRESS && (saddr != own || own == A::ZERO) {
         Some(drop_decision(
             ep,
             reason::SPOOFED_SOURCE,
@@ -159,11 +192,8 @@ pub fn spoofed(ep: &EndpointInfo, dir: u8, saddr: u32) -> Option<Decision> {
 /// pod's. Dropped for every registered pod, enforced or not, never
 /// audited through.
 #[inline(always)]
-pub fn foreign_destination(ep: &EndpointInfo, dir: u8, daddr: u32) -> Option<Decision> {
-    // Network order: the first octet is the low byte.
-    let first = (u32::from_be(daddr) >> 24) as u8;
-    let group = daddr == u32::MAX || (224..240).contains(&first);
-    if dir == DIR_INGRESS && daddr != ep.ipv4 && !group {
+pub fn foreign_destination<A: Addr>(ep: &EndpointInfo, dir: u8, daddr: A) -> Option<Decision> {
+    if dir == DIR_INGRESS && (daddr != A::own(ep) || daddr == A::ZERO) && !daddr.group() {
         Some(hard_drop(ep, reason::NOT_OWN_DESTINATION, dir))
     } else {
         None
@@ -769,12 +799,39 @@ pub fn flow_event<A: Addr>(
     d: &Decision,
     service_id: u32,
 ) -> FlowEvent {
-    let mut ev = FlowEvent {
+    let mut ev = core::mem::MaybeUninit::<FlowEvent>::uninit();
+    // SAFETY: `write_flow_event` writes every field.
+    unsafe {
+        write_flow_event(
+            ev.as_mut_ptr(),
+            ts_ns,
+            endpoint_id,
+            ifindex,
+            key,
+            d,
+            service_id,
+        );
+        ev.assume_init()
+    }
+}
+
+/// The IPv4 path's record ([`FlowEvent4`], the first 64 bytes of what
+/// [`flow_event`] makes of the same verdict).
+#[inline(always)]
+pub fn flow_event4<A: Addr>(
+    ts_ns: u64,
+    endpoint_id: u32,
+    ifindex: u32,
+    key: &CtKeyOf<A>,
+    d: &Decision,
+    service_id: u32,
+) -> FlowEvent4 {
+    FlowEvent4 {
         ts_ns,
         endpoint_id,
         ifindex,
-        saddr: 0,
-        daddr: 0,
+        saddr: key.saddr.v4(),
+        daddr: key.daddr.v4(),
         sport_be: key.sport_be,
         dport_be: key.dport_be,
         protocol: key.protocol,
@@ -789,13 +846,53 @@ pub fn flow_event<A: Addr>(
         suppressed_drops: 0,
         suppressed_flows: 0,
         suppressed_reasons: 0,
-        family: A::FAMILY,
-        _pad: 0,
-        saddr6: [0; 4],
-        daddr6: [0; 4],
-    };
-    A::set_event(&mut ev, key.saddr, key.daddr);
-    ev
+    }
+}
+
+/// [`flow_event`] written in place, field by field (the kernel writes it
+/// straight into its ring-buffer slot: a 104-byte record built on the
+/// stack first would not fit the programs' 512 bytes). The suppressed
+/// counts are left zero, for the kernel's event budget (`event_limit`).
+///
+/// # Safety
+/// `p` is valid for writes of a `FlowEvent`.
+#[inline(always)]
+pub unsafe fn write_flow_event<A: Addr>(
+    p: *mut FlowEvent,
+    ts_ns: u64,
+    endpoint_id: u32,
+    ifindex: u32,
+    key: &CtKeyOf<A>,
+    d: &Decision,
+    service_id: u32,
+) {
+    use core::ptr::addr_of_mut as at;
+    // SAFETY: as the caller promised; every write is to a field of `*p`.
+    unsafe {
+        at!((*p).ts_ns).write(ts_ns);
+        at!((*p).endpoint_id).write(endpoint_id);
+        at!((*p).ifindex).write(ifindex);
+        at!((*p).saddr).write(0);
+        at!((*p).daddr).write(0);
+        at!((*p).sport_be).write(key.sport_be);
+        at!((*p).dport_be).write(key.dport_be);
+        at!((*p).protocol).write(key.protocol);
+        at!((*p).direction).write(key.scope);
+        at!((*p).verdict).write(d.verdict);
+        at!((*p).reason).write(d.reason);
+        at!((*p).src_identity).write(d.src_identity);
+        at!((*p).dst_identity).write(d.dst_identity);
+        at!((*p).cookie).write(d.cookie);
+        at!((*p).service_id).write(service_id);
+        at!((*p).suppressed_drops).write(0);
+        at!((*p).suppressed_flows).write(0);
+        at!((*p).suppressed_reasons).write(0);
+        at!((*p).family).write(A::FAMILY);
+        at!((*p)._pad).write(0);
+        at!((*p).saddr6).write([0; 4]);
+        at!((*p).daddr6).write([0; 4]);
+        A::set_event(p, key.saddr, key.daddr);
+    }
 }
 
 #[cfg(test)]

@@ -79,10 +79,22 @@ pub struct Carry {
 
 impl Carry {
     #[inline(always)]
-    pub fn apply(&self, e: &mut FlowEvent) {
+    pub fn apply4(&self, e: &mut crate::FlowEvent4) {
         e.suppressed_drops = self.drops;
         e.suppressed_flows = self.flows;
         e.suppressed_reasons = self.reasons;
+    }
+
+    /// # Safety
+    /// `e` is valid for writes.
+    #[inline(always)]
+    pub unsafe fn apply(&self, e: *mut FlowEvent) {
+        // SAFETY: as the caller promised.
+        unsafe {
+            (*e).suppressed_drops = self.drops;
+            (*e).suppressed_flows = self.flows;
+            (*e).suppressed_reasons = self.reasons;
+        }
     }
 }
 

@@ -46,8 +46,10 @@ pub mod maps {
     pub const IPCACHE6: &str = "IPCACHE6";
     pub const CONNTRACK6: &str = "CONNTRACK6";
     pub const FRAGMENTS6: &str = "FRAGMENTS6";
+    /// The programs reached by tail call (`SLOT_*`).
+    pub const PROGRAMS: &str = "PROGRAMS";
     /// Every map the programs share, in a stable order (pinning, adoption).
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 19] = [
         ENDPOINTS,
         IPCACHE,
         POLICY,
@@ -66,8 +68,16 @@ pub mod maps {
         IPCACHE6,
         CONNTRACK6,
         FRAGMENTS6,
+        PROGRAMS,
     ];
 }
+
+/// Slots of `PROGRAMS`.
+pub const SLOT_EGRESS4: u32 = 0;
+pub const SLOT_EGRESS6: u32 = 1;
+pub const SLOT_INGRESS6: u32 = 2;
+pub const SLOT_VERIFY6: u32 = 3;
+pub const SLOTS: u32 = 4;
 
 /// Program names in the object.
 pub mod programs {
@@ -80,6 +90,12 @@ pub mod programs {
     /// The verdict path in dry-run mode (no map writes, no events), attached
     /// nowhere: BPF_PROG_TEST_RUN only, for `palisade-agent verify`.
     pub const POD_VERIFY: &str = "pod_verify";
+    /// Tail-called: `pod_egress`'s halves, and the IPv6 halves of the
+    /// other two.
+    pub const POD_EGRESS4: &str = "pod_egress4";
+    pub const POD_EGRESS6: &str = "pod_egress6";
+    pub const POD_INGRESS6: &str = "pod_ingress6";
+    pub const POD_VERIFY6: &str = "pod_verify6";
 }
 
 /// skb marks that tell `pod_verify` which direction a probe is judged in
@@ -503,6 +519,37 @@ pub mod reason {
     }
 }
 
+/// The IPv4 path's record in `EVENTS`: the first 64 bytes of [`FlowEvent`]
+/// (the reader tells the two apart by length), kept short because the
+/// IPv4 programs build it on their stack.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowEvent4 {
+    pub ts_ns: u64,
+    pub endpoint_id: u32,
+    pub ifindex: u32,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub protocol: u8,
+    pub direction: u8,
+    pub verdict: u8,
+    pub reason: u8,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub cookie: u32,
+    /// The Service frontend (`SvcFrontend::service_id`) the flow was
+    /// translated from, 0 when it was not; the 5-tuple is the translated one.
+    pub service_id: u32,
+    /// Events of the same endpoint left out by its budget (`event_limit`)
+    /// since its previous event on this CPU: drops, other events, and the
+    /// drop reasons (bit `r` for reason `r`).
+    pub suppressed_drops: u32,
+    pub suppressed_flows: u32,
+    pub suppressed_reasons: u64,
+}
+
 /// A verdict record in the `EVENTS` ring buffer: one per new flow and one
 /// per dropped packet, never one per forwarded packet of a known flow.
 #[repr(C)]
@@ -532,11 +579,41 @@ pub struct FlowEvent {
     pub suppressed_flows: u32,
     pub suppressed_reasons: u64,
     /// 4 or 6. An IPv6 event has its addresses in `saddr6`/`daddr6` (and
-    /// zero in `saddr`/`daddr`); an IPv4 one has zero there.
+    /// zero in `saddr`/`daddr`); an IPv4 one (written as a [`FlowEvent4`])
+    /// has zero there.
     pub family: u32,
     pub _pad: u32,
     pub saddr6: Ip6,
     pub daddr6: Ip6,
+}
+
+impl From<FlowEvent4> for FlowEvent {
+    fn from(e: FlowEvent4) -> Self {
+        FlowEvent {
+            ts_ns: e.ts_ns,
+            endpoint_id: e.endpoint_id,
+            ifindex: e.ifindex,
+            saddr: e.saddr,
+            daddr: e.daddr,
+            sport_be: e.sport_be,
+            dport_be: e.dport_be,
+            protocol: e.protocol,
+            direction: e.direction,
+            verdict: e.verdict,
+            reason: e.reason,
+            src_identity: e.src_identity,
+            dst_identity: e.dst_identity,
+            cookie: e.cookie,
+            service_id: e.service_id,
+            suppressed_drops: e.suppressed_drops,
+            suppressed_flows: e.suppressed_flows,
+            suppressed_reasons: e.suppressed_reasons,
+            family: 4,
+            _pad: 0,
+            saddr6: [0; 4],
+            daddr6: [0; 4],
+        }
+    }
 }
 
 #[cfg(feature = "user")]
@@ -556,6 +633,7 @@ mod pod_impls {
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragValue {}
     unsafe impl aya::Pod for FlowEvent {}
+    unsafe impl aya::Pod for FlowEvent4 {}
     unsafe impl aya::Pod for crate::event_limit::EventBudget {}
     unsafe impl aya::Pod for crate::event_limit::EventLimitKey {}
     unsafe impl aya::Pod for crate::event_limit::EventLimitState {}
@@ -590,6 +668,7 @@ mod tests {
         assert_eq!(size_of::<FragKey>(), 16);
         assert_eq!(size_of::<FragValue>(), 16);
         assert_eq!(size_of::<FlowEvent>(), 104);
+        assert_eq!(size_of::<FlowEvent4>(), 64);
         assert_eq!(size_of::<event_limit::EventLimitState>(), 32);
         assert_eq!(size_of::<ct_budget::CtBudget>(), 8);
         assert_eq!(size_of::<ct_budget::CtCharge>(), 16);

@@ -3,9 +3,9 @@
 //! record.
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use palisade_common::{
-    decision::{flow_event, Decision},
+    decision::{flow_event4, write_flow_event, Addr, Decision},
     event_limit::{admit, restore, Carry, EventLimitKey, EventLimitState},
-    reason, CtKey, EndpointInfo, FlowEvent,
+    reason, CtKeyOf, EndpointInfo, FlowEvent, FlowEvent4,
 };
 
 use crate::{verdict::count, EVENTS, EVENT_BUDGET, EVENT_LIMIT};
@@ -14,7 +14,7 @@ use crate::{verdict::count, EVENTS, EVENT_BUDGET, EVENT_LIMIT};
 /// allows; otherwise count it as suppressed, to be carried on the
 /// endpoint's next event.
 #[inline(always)]
-pub fn report(ep: &EndpointInfo, ifindex: u32, key: &CtKey, d: &Decision, svc: u32) {
+pub fn report<A: Addr>(ep: &EndpointInfo, ifindex: u32, key: &CtKeyOf<A>, d: &Decision, svc: u32) {
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let lk = EventLimitKey {
@@ -39,19 +39,40 @@ pub fn report(ep: &EndpointInfo, ifindex: u32, key: &CtKey, d: &Decision, svc: u
         // rather than lose verdicts.
         None => Carry::default(),
     };
-    match EVENTS.reserve::<FlowEvent>(0) {
-        Some(mut e) => {
-            let mut ev = flow_event(now, ep.endpoint_id, ifindex, key, d, svc);
-            carry.apply(&mut ev);
-            e.write(ev);
-            e.submit(wakeup_flags());
-        }
-        None => {
-            count::<false>(reason::EVENTS_LOST);
-            if let Some(s) = state {
-                // SAFETY: as above.
-                restore(unsafe { &mut *s }, &carry);
+    let written = if A::FAMILY == 4 {
+        // Built on the stack and copied, as the IPv4 programs always did:
+        // a short record, and the fewest instructions for the verifier.
+        match EVENTS.reserve::<FlowEvent4>(0) {
+            Some(mut e) => {
+                let mut ev = flow_event4(now, ep.endpoint_id, ifindex, key, d, svc);
+                carry.apply4(&mut ev);
+                e.write(ev);
+                e.submit(wakeup_flags(RECORD4_BYTES));
+                true
             }
+            None => false,
+        }
+    } else {
+        match EVENTS.reserve::<FlowEvent>(0) {
+            Some(mut e) => {
+                let p = e.as_mut_ptr();
+                // SAFETY: the reserved slot holds one FlowEvent; every field
+                // is written before the submit.
+                unsafe {
+                    write_flow_event(p, now, ep.endpoint_id, ifindex, key, d, svc);
+                    carry.apply(p);
+                }
+                e.submit(wakeup_flags(RECORD_BYTES));
+                true
+            }
+            None => false,
+        }
+    };
+    if !written {
+        count::<false>(reason::EVENTS_LOST);
+        if let Some(s) = state {
+            // SAFETY: as above.
+            restore(unsafe { &mut *s }, &carry);
         }
     }
 }
@@ -82,12 +103,14 @@ const BPF_RB_AVAIL_DATA: u64 = 0;
 const WAKEUP_BACKLOG: u64 = 64 * 1024;
 /// A record's share of the ring: the event and the 8-byte record header.
 const RECORD_BYTES: u64 = core::mem::size_of::<FlowEvent>() as u64 + 8;
+const RECORD4_BYTES: u64 = core::mem::size_of::<FlowEvent4>() as u64 + 8;
 
-/// Called after the record was reserved, so the backlog includes it.
+/// Called after the record (of `record` bytes) was reserved, so the
+/// backlog includes it.
 #[inline(always)]
-fn wakeup_flags() -> u64 {
+fn wakeup_flags(record: u64) -> u64 {
     let avail = EVENTS.query(BPF_RB_AVAIL_DATA);
-    if (WAKEUP_BACKLOG..WAKEUP_BACKLOG + RECORD_BYTES).contains(&avail) {
+    if (WAKEUP_BACKLOG..WAKEUP_BACKLOG + record).contains(&avail) {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP

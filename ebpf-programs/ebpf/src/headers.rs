@@ -42,6 +42,18 @@ pub struct Ipv4Hdr {
     pub daddr: u32,
 }
 
+/// The fixed IPv6 header.
+#[repr(C)]
+pub struct Ipv6Hdr {
+    pub ver_tc_flow: u32,
+    pub payload_len_be: u16,
+    pub next_header: u8,
+    pub hop_limit: u8,
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+}
+pub const IPV6_HLEN: usize = 40;
+
 pub const IP_MF: u16 = 0x2000;
 pub const IP_OFFSET_MASK: u16 = 0x1fff;
 

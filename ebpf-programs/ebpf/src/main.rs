@@ -16,12 +16,14 @@ mod events;
 mod headers;
 mod service;
 mod verdict;
+mod verdict6;
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
     macros::{classifier, map, xdp},
     maps::{
-        lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf,
+        lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray,
+        ProgramArray, RingBuf,
     },
     programs::{TcContext, XdpContext},
 };
@@ -72,6 +74,23 @@ static CONNTRACK6: LruHashMap<CtKey6, CtValue> = LruHashMap::with_max_entries(si
 static FRAGMENTS6: LruHashMap<FragKey6, FragValue> =
     LruHashMap::with_max_entries(sizes::FRAGMENTS6, 0);
 
+/// The IPv6 path's flow, per CPU (`verdict6`: off the stack). Not shared
+/// with userspace, not pinned.
+#[map]
+static SCRATCH6: PerCpuArray<verdict6::Scratch6> = PerCpuArray::with_max_entries(1, 0);
+
+/// Programs reached by tail call, by slot (filled by the loader before
+/// anything is attached): the IPv6 halves, and `pod_egress`'s IPv4 half.
+/// A program that tail-calls may have no BPF subprograms unless the kernel
+/// takes the object's BTF, which it refuses for Rust objects today; the
+/// IPv4 egress path has one, so `pod_egress` only dispatches.
+#[map]
+static PROGRAMS: ProgramArray = ProgramArray::with_max_entries(palisade_common::SLOTS, 0);
+const SLOT_EGRESS4: u32 = palisade_common::SLOT_EGRESS4;
+const SLOT_EGRESS6: u32 = palisade_common::SLOT_EGRESS6;
+const SLOT_INGRESS6: u32 = palisade_common::SLOT_INGRESS6;
+const SLOT_VERIFY6: u32 = palisade_common::SLOT_VERIFY6;
+
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(sizes::EVENTS_BYTES, 0);
 
@@ -119,10 +138,30 @@ static XDP_DENY: LpmTrie<u32, u32> = LpmTrie::with_max_entries(sizes::XDP_DENY, 
 #[map]
 static XDP_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::MAX, 0);
 
+/// Attached at tc ingress of a pod's veth: hands the frame to
+/// `pod_egress4` or `pod_egress6` (see `PROGRAMS`). An empty slot (never,
+/// once loaded) drops.
 #[classifier]
+// Inlined into the entry point the macro makes: a subprogram would keep
+// the program from tail-calling.
+#[inline(always)]
 pub fn pod_egress(ctx: TcContext) -> i32 {
+    let slot = if verdict::is_ipv6(&ctx) {
+        SLOT_EGRESS6
+    } else {
+        SLOT_EGRESS4
+    };
+    // SAFETY: `ctx` is this program's context.
+    unsafe { PROGRAMS.tail_call(&ctx, slot) };
+    verdict::count::<false>(reason::IPV6_UNSUPPORTED);
+    TC_ACT_SHOT
+}
+
+/// `pod_egress` for frames that are not IPv6.
+#[classifier]
+pub fn pod_egress4(ctx: TcContext) -> i32 {
     let mut redirect = None;
-    let r = verdict::process::<false>(&ctx, DIR_EGRESS, &mut redirect);
+    let r = verdict::frame::<false>(&ctx, DIR_EGRESS, &mut redirect);
     match (r, redirect) {
         // A hairpin turned back into its pod (`service`).
         (Ok(true), Some(act)) => act,
@@ -131,6 +170,9 @@ pub fn pod_egress(ctx: TcContext) -> i32 {
 }
 
 #[classifier]
+// Inlined into the entry point the macro makes: a subprogram would keep
+// the program from tail-calling (see `verdict::ct_track`).
+#[inline(always)]
 pub fn pod_ingress(ctx: TcContext) -> i32 {
     let mut redirect = None;
     tc_action(verdict::process::<false>(&ctx, DIR_INGRESS, &mut redirect))
@@ -141,6 +183,9 @@ pub fn pod_ingress(ctx: TcContext) -> i32 {
 /// only through BPF_PROG_TEST_RUN by `palisade-agent verify`, which puts
 /// the direction in the skb mark (`VERIFY_MARK_*`). Any other mark drops.
 #[classifier]
+// Inlined into the entry point the macro makes: a subprogram would keep
+// the program from tail-calling (see `verdict::ct_track`).
+#[inline(always)]
 pub fn pod_verify(ctx: TcContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's whole run.
     let mark = unsafe { (*ctx.skb.skb).mark };
@@ -152,6 +197,31 @@ pub fn pod_verify(ctx: TcContext) -> i32 {
     // Dry run: never translates, so never redirects.
     let mut redirect = None;
     tc_action(verdict::process::<true>(&ctx, dir, &mut redirect))
+}
+
+/// `pod_egress` for IPv6 frames (tail-called from it).
+#[classifier]
+pub fn pod_egress6(ctx: TcContext) -> i32 {
+    tc_action(verdict6::frame::<false>(&ctx, DIR_EGRESS))
+}
+
+/// `pod_ingress` for IPv6 frames (tail-called from it).
+#[classifier]
+pub fn pod_ingress6(ctx: TcContext) -> i32 {
+    tc_action(verdict6::frame::<false>(&ctx, DIR_INGRESS))
+}
+
+/// `pod_verify` for IPv6 frames (tail-called from it).
+#[classifier]
+pub fn pod_verify6(ctx: TcContext) -> i32 {
+    // SAFETY: the context pointer is valid for the program's whole run.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    let dir = match mark {
+        palisade_common::VERIFY_MARK_EGRESS => DIR_EGRESS,
+        palisade_common::VERIFY_MARK_INGRESS => DIR_INGRESS,
+        _ => return TC_ACT_SHOT,
+    };
+    tc_action(verdict6::frame::<true>(&ctx, dir))
 }
 
 /// `Err` means the program could not reach a verdict (e.g. a map it relies

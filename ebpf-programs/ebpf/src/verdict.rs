@@ -24,11 +24,10 @@ use palisade_common::{
     ct_budget::{self, CtCharge},
     decision::{
         arp_spoofed, ct_key, ct_use, decide, drop_if_enforced as enforced_drop, empty_key,
-        first_fragment_verdict, foreign_destination, foreign_mac, hard_drop,
+        first_fragment_verdict, foreign_destination, foreign_mac, hard_drop, key_of,
         later_fragment_verdict, new_ct_entry, own_node_checked, records_entry, refresh, rejudged,
-        rejudged_entry, remote_addr, spoofed, track, unchecked_source, Decision, Tracked,
+        rejudged_entry, remote_addr, spoofed, track, unchecked_source, Addr, Decision, Tracked,
     },
-    ipv6::V6,
     reason,
     reject::answerable,
     service::{
@@ -36,14 +35,15 @@ use palisade_common::{
         SvcAffinityKey, SvcBackend, SvcBackendKey, SvcFrontend, SvcFrontendKey, SvcNat,
         HAIRPIN_ADDR, HAIRPIN_PEER, NAT_HAIRPIN,
     },
-    CtKey, CtValue, EndpointInfo, EndpointKey, FragKey, FragValue, CT_SVC_NAT, DIR_EGRESS,
-    DIR_INGRESS, IDENTITY_HOST, IDENTITY_REMOTE_NODE, POLICY_PREFIX_FULL, PROTO_ICMP, PROTO_SCTP,
-    PROTO_TCP, PROTO_UDP,
+    CtKey, CtKeyOf, CtValue, EndpointInfo, EndpointKey, FragKey, FragValue, IpcacheValue,
+    CT_SVC_NAT, DIR_EGRESS, DIR_INGRESS, IDENTITY_HOST, IDENTITY_REMOTE_NODE, POLICY_PREFIX_FULL,
+    PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
     headers::*, service, CONNTRACK, COUNTERS, CT_BUDGET, CT_CHARGE, ENDPOINTS, FRAGMENTS, IPCACHE,
-    POLICY, SVC_AFFINITY, SVC_BACKENDS, SVC_FRONTENDS, SVC_NAT,
+    POLICY, PROGRAMS, SLOT_EGRESS6, SLOT_INGRESS6, SLOT_VERIFY6, SVC_AFFINITY, SVC_BACKENDS,
+    SVC_FRONTENDS, SVC_NAT,
 };
 
 /// Bytes of headers the programs may need in the linear part of the skb:
@@ -51,46 +51,155 @@ use crate::{
 const PULL_LEN: u32 = (ETH_HLEN + 60 + TCP_MIN_HLEN) as u32;
 
 /// What the verdict is about, for events.
-struct Flow {
-    key: CtKey,
-    tcp_flags: u8,
+pub(crate) struct Flow<A = u32> {
+    pub(crate) key: CtKeyOf<A>,
+    pub(crate) tcp_flags: u8,
     /// `SvcFrontend::service_id` of a translated flow, else 0.
-    svc: u32,
+    pub(crate) svc: u32,
     /// May be answered with an ICMP error (`palisade_common::reject`).
-    answerable: bool,
+    pub(crate) answerable: bool,
 }
 
+/// What the verdict path needs of an address family: its conntrack table,
+/// its pods by address, its ipcache, and how a stale entry is judged
+/// again. `u32` is IPv4 (here), `Ip6` IPv6 (`verdict6`).
+pub(crate) trait Family: Addr {
+    fn ct(k: &CtKeyOf<Self>) -> Option<*mut CtValue>;
+    fn ct_insert(k: &CtKeyOf<Self>, v: &CtValue);
+    fn ct_remove(k: &CtKeyOf<Self>);
+    /// The endpoint id of the pod on this node with address `a`.
+    fn endpoint_of(a: Self) -> Option<u32>;
+    /// The ipcache's word on the remote end of a new flow.
+    fn peer(dir: u8, remote: Self) -> IpcacheValue;
+    /// The policy verdict on the flow of stale entry `k` (with flags
+    /// `ct_flags`), judged again as the new flow it once was.
+    fn rejudge_decision(ep: &EndpointInfo, k: &CtKeyOf<Self>, ct_flags: u8) -> Decision;
+    /// `finish`, inlined or as a subprogram of its own (stack frames).
+    fn report<const DRY: bool>(ep: &EndpointInfo, ifindex: u32, flow: &Flow<Self>, d: &Decision);
+}
+
+impl Family for u32 {
+    #[inline(always)]
+    fn report<const DRY: bool>(ep: &EndpointInfo, ifindex: u32, flow: &Flow, d: &Decision) {
+        finish::<DRY>(ep, ifindex, flow, d);
+    }
+    #[inline(always)]
+    fn ct(k: &CtKey) -> Option<*mut CtValue> {
+        CONNTRACK.get_ptr_mut(k)
+    }
+    #[inline(always)]
+    fn ct_insert(k: &CtKey, v: &CtValue) {
+        let _ = CONNTRACK.insert(k, v, 0);
+    }
+    #[inline(always)]
+    fn ct_remove(k: &CtKey) {
+        let _ = CONNTRACK.remove(k);
+    }
+    #[inline(always)]
+    fn endpoint_of(a: u32) -> Option<u32> {
+        lookup(&ENDPOINTS, &EndpointKey::ipv4(a)).map(|src| src.endpoint_id)
+    }
+    #[inline(always)]
+    fn peer(dir: u8, remote: u32) -> IpcacheValue {
+        policy_peer(dir, remote, |a| IPCACHE.get(Key::new(32, a)).copied())
+    }
+    #[inline(always)]
+    fn rejudge_decision(ep: &EndpointInfo, k: &CtKey, ct_flags: u8) -> Decision {
+        let mut judged = *k;
+        if k.scope == DIR_EGRESS && ct_flags & CT_SVC_NAT != 0 {
+            // The original tuple of a translated flow (client -> ClusterIP):
+            // policy judged it as traffic to its backend.
+            if let Some(n) = lookup(&SVC_NAT, k) {
+                judged = translated(k, n.addr, n.port_be);
+            }
+        }
+        if judged.scope == DIR_EGRESS && judged.daddr == ep.ipv4 {
+            // A hairpin: the pod reaching itself through its own Service.
+            decide(ep, DIR_EGRESS, &judged, &HAIRPIN_PEER, |_| None)
+        } else {
+            policy(ep, judged.scope, &judged)
+        }
+    }
+}
+
+/// The verdict on a frame. IPv6 goes to programs of its own
+/// (`verdict6`), by tail call: each program gets the verifier's whole
+/// budget and its own 512-byte stack.
 #[inline(always)]
 pub fn process<const DRY: bool>(
     ctx: &TcContext,
     dir: u8,
     redirect: &mut Option<i32>,
 ) -> Result<bool, ()> {
+    if is_ipv6(ctx) {
+        let slot = if DRY {
+            SLOT_VERIFY6
+        } else if dir == DIR_EGRESS {
+            SLOT_EGRESS6
+        } else {
+            SLOT_INGRESS6
+        };
+        // SAFETY: `ctx` is this program's context.
+        unsafe { PROGRAMS.tail_call(ctx, slot) };
+        // Only reached when the slot is empty (the loader fills it before
+        // any program is attached): IPv6 cannot be judged, so it is
+        // dropped, and counted.
+        count::<DRY>(reason::IPV6_UNSUPPORTED);
+        return Err(());
+    }
+    frame::<DRY>(ctx, dir, redirect)
+}
+
+/// The frame's interface and its endpoint. None: programs are attached
+/// only to registered veths; an unknown one is being set up or torn down,
+/// and fails closed.
+#[inline(always)]
+pub(crate) fn endpoint(ctx: &TcContext) -> Option<(u32, EndpointInfo)> {
     // SAFETY: the context pointer is valid for the program's whole run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let ep = match ENDPOINTS.get_ptr(EndpointKey::ifindex(ifindex)) {
-        // SAFETY: map values stay valid while the program runs (RCU).
-        Some(p) => unsafe { *p },
-        // Programs are attached only to registered veths; an unknown one is
-        // being set up or torn down, and fails closed.
-        None => return Err(()),
-    };
+    // SAFETY: map values stay valid while the program runs (RCU).
+    let ep = unsafe { *ENDPOINTS.get_ptr(EndpointKey::ifindex(ifindex))? };
+    Some((ifindex, ep))
+}
 
-    let (mut start, mut end) = (ctx.data(), ctx.data_end());
-    // Headers may sit in paged data; pulling them in is cheaper than a
-    // helper call per field, and failure just means a short packet. (No
-    // `end - start` here: pointer subtraction needs CAP_PERFMON.)
+/// The frame's headers pulled into the linear part: (data, data_end).
+/// They may sit in paged data; pulling them in is cheaper than a helper
+/// call per field, and failure just means a short packet. (No `end -
+/// start` here: pointer subtraction needs CAP_PERFMON.)
+#[inline(always)]
+pub(crate) fn pull(ctx: &TcContext) -> (usize, usize) {
+    let (start, end) = (ctx.data(), ctx.data_end());
     let want = if ctx.len() < PULL_LEN {
         ctx.len()
     } else {
         PULL_LEN
     };
-    if !has_bytes(start, end, 0, want as usize) {
-        let _ = ctx.pull_data(want);
-        start = ctx.data();
-        end = ctx.data_end();
+    if has_bytes(start, end, 0, want as usize) {
+        return (start, end);
     }
+    let _ = ctx.pull_data(want);
+    (ctx.data(), ctx.data_end())
+}
 
+/// Whether the frame's ether type is IPv6.
+#[inline(always)]
+pub fn is_ipv6(ctx: &TcContext) -> bool {
+    let eth = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0);
+    // SAFETY: bounds checked by ptr_at.
+    eth.is_some_and(|e| unsafe { (*e).ether_type_be } == ETH_P_IPV6.to_be())
+}
+
+/// Every frame but IPv6: IPv4, ARP, and the rest.
+#[inline(always)]
+pub fn frame<const DRY: bool>(
+    ctx: &TcContext,
+    dir: u8,
+    redirect: &mut Option<i32>,
+) -> Result<bool, ()> {
+    let Some((ifindex, ep)) = endpoint(ctx) else {
+        return Err(());
+    };
+    let (start, end) = pull(ctx);
     let Some(eth) = ptr_at::<EthHdr>(start, end, 0) else {
         return Ok(drop_unchecked::<DRY>(&ep, dir, ifindex, reason::MALFORMED));
     };
@@ -101,12 +210,13 @@ pub fn process<const DRY: bool>(
     if let Some(d) = foreign_mac(&ep, dir, &src_mac, &dst_mac) {
         return Ok(report_drop::<DRY>(&ep, ifindex, dir, Some(d)));
     }
+    let ep = &ep;
     match ether_type {
-        ETH_P_IP => {}
+        ETH_P_IP => return Ok(ipv4::<DRY>(ctx, ep, dir, ifindex, redirect)),
         ETH_P_ARP => {
             if dir == DIR_EGRESS {
                 let Some(a) = ptr_at::<ArpHdr>(start, end, ETH_HLEN) else {
-                    return Ok(drop_unchecked::<DRY>(&ep, dir, ifindex, reason::MALFORMED));
+                    return Ok(drop_unchecked::<DRY>(ep, dir, ifindex, reason::MALFORMED));
                 };
                 // SAFETY: bounds checked by ptr_at.
                 let (lens, spa, sha) = unsafe {
@@ -116,26 +226,38 @@ pub fn process<const DRY: bool>(
                         (*a).sha,
                     )
                 };
-                if let Some(d) = arp_spoofed(&ep, dir, lens, spa, &sha, &src_mac) {
-                    return Ok(report_drop::<DRY>(&ep, ifindex, dir, Some(d)));
+                if let Some(d) = arp_spoofed(ep, dir, lens, spa, &sha, &src_mac) {
+                    return Ok(report_drop::<DRY>(ep, ifindex, dir, Some(d)));
                 }
             }
             count::<DRY>(reason::NOT_IP);
             return Ok(true);
         }
-        ETH_P_IPV6 => return Ok(ipv6::<DRY>(ctx, &ep, dir, ifindex)),
+        // (`process` sends IPv6 to its own path.)
         _ => {
             return Ok(drop_if_enforced::<DRY>(
-                &ep,
+                ep,
                 dir,
                 ifindex,
                 reason::UNSUPPORTED_L3,
             ))
         }
     }
+}
+
+/// The IPv4 path.
+#[inline(always)]
+fn ipv4<const DRY: bool>(
+    ctx: &TcContext,
+    ep: &EndpointInfo,
+    dir: u8,
+    ifindex: u32,
+    redirect: &mut Option<i32>,
+) -> bool {
+    let (start, end) = (ctx.data(), ctx.data_end());
 
     let Some(ip) = ptr_at::<Ipv4Hdr>(start, end, ETH_HLEN) else {
-        return Ok(drop_unchecked::<DRY>(&ep, dir, ifindex, reason::MALFORMED));
+        return drop_unchecked::<DRY>(ep, dir, ifindex, reason::MALFORMED);
     };
     // SAFETY: bounds checked by ptr_at.
     let (ver_ihl, tot_len, id_be, frag_off, protocol, saddr, daddr) = unsafe {
@@ -151,27 +273,27 @@ pub fn process<const DRY: bool>(
     };
     // Anti-spoofing first: it holds for every frame from a registered pod,
     // enforced or not, well-formed or not (the source field is there).
-    if let Some(d) = spoofed(&ep, dir, saddr) {
+    if let Some(d) = spoofed(ep, dir, saddr) {
         let flow = Flow {
             key: ct_key(ep.endpoint_id, saddr, daddr, 0, 0, protocol, dir),
             tcp_flags: 0,
             svc: 0,
             answerable: false,
         };
-        finish::<DRY>(&ep, ifindex, &flow, &d);
-        return Ok(d.pass);
+        finish::<DRY>(ep, ifindex, &flow, &d);
+        return d.pass;
     }
     // And every frame to a pod is addressed to it: no other tuple's state
     // is made or used on its veth.
-    if let Some(d) = foreign_destination(&ep, dir, daddr) {
+    if let Some(d) = foreign_destination(ep, dir, daddr) {
         let flow = Flow {
             key: ct_key(ep.endpoint_id, saddr, daddr, 0, 0, protocol, dir),
             tcp_flags: 0,
             svc: 0,
             answerable: false,
         };
-        finish::<DRY>(&ep, ifindex, &flow, &d);
-        return Ok(d.pass);
+        finish::<DRY>(ep, ifindex, &flow, &d);
+        return d.pass;
     }
 
     let ihl = ((ver_ihl & 0x0f) as usize) * 4;
@@ -182,12 +304,7 @@ pub fn process<const DRY: bool>(
         || (tot_len as usize) < ihl
         || !has_bytes(start, end, ETH_HLEN, ihl)
     {
-        return Ok(drop_if_enforced::<DRY>(
-            &ep,
-            dir,
-            ifindex,
-            reason::MALFORMED,
-        ));
+        return drop_if_enforced::<DRY>(ep, dir, ifindex, reason::MALFORMED);
     }
 
     let frag_key = FragKey {
@@ -200,9 +317,7 @@ pub fn process<const DRY: bool>(
     };
     let offset = frag_off & IP_OFFSET_MASK;
     if offset != 0 {
-        return Ok(later_fragment::<DRY>(
-            &ep, dir, ifindex, &frag_key, saddr, daddr, protocol,
-        ));
+        return later_fragment::<DRY>(ep, dir, ifindex, &frag_key, saddr, daddr, protocol);
     }
 
     let l4 = ETH_HLEN + ihl;
@@ -263,19 +378,14 @@ pub fn process<const DRY: bool>(
     };
     flow.answerable = answerable(ihl, frag_off, flow.tcp_flags & TCP_FLAG_RST != 0);
     if !parsed {
-        return Ok(drop_if_enforced::<DRY>(
-            &ep,
-            dir,
-            ifindex,
-            reason::MALFORMED,
-        ));
+        return drop_if_enforced::<DRY>(ep, dir, ifindex, reason::MALFORMED);
     }
 
-    let pass = track_and_decide::<DRY>(ctx, &ep, dir, ifindex, &mut flow, l4, redirect);
+    let pass = track_and_decide::<DRY>(ctx, ep, dir, ifindex, &mut flow, l4, redirect);
     if !DRY && frag_off & IP_MF != 0 {
         // First fragment: the rest of the datagram inherits this verdict,
         // if its endpoint may keep one more record.
-        if charge(&ep, dir, saddr, 1, true) {
+        if charge(ep, dir, saddr, 1, true) {
             // SAFETY: helper without preconditions.
             let (expires_ns, verdict) = first_fragment_verdict(pass, unsafe { bpf_ktime_get_ns() });
             let v = FragValue {
@@ -288,7 +398,7 @@ pub fn process<const DRY: bool>(
             count::<DRY>(reason::CT_BUDGET_UNTRACKED);
         }
     }
-    Ok(pass)
+    pass
 }
 
 /// Conntrack first (known flows and replies pass without a policy lookup),
@@ -394,6 +504,19 @@ fn track_and_decide<const DRY: bool>(
         }
     }
 
+    new_flow::<DRY, u32>(ep, dir, ifindex, flow, now)
+}
+
+/// A new flow (no Service translation): policy, and an entry when it is
+/// admitted and its endpoint may keep one more.
+#[inline(always)]
+pub(crate) fn new_flow<const DRY: bool, A: Family>(
+    ep: &EndpointInfo,
+    dir: u8,
+    ifindex: u32,
+    flow: &Flow<A>,
+    now: u64,
+) -> bool {
     let mut d = new_flow_policy(ep, dir, &flow.key);
     if !DRY && records_entry(&d, flow.key.protocol, flow.tcp_flags) {
         let v = new_ct_entry(ep, &d, flow.key.protocol, flow.tcp_flags, now);
@@ -401,14 +524,14 @@ fn track_and_decide<const DRY: bool>(
         if !ct_budget::charged(flow.key.protocol, v.tcp_state)
             || charge(ep, dir, flow.key.saddr, 1, false)
         {
-            let _ = CONNTRACK.insert(&flow.key, &v, 0);
+            A::ct_insert(&flow.key, &v);
         } else if ct_budget::needed(ep, dir, d.reason) {
             d = hard_drop(ep, reason::CT_BUDGET, dir);
         } else {
             count::<DRY>(reason::CT_BUDGET_UNTRACKED);
         }
     }
-    finish::<DRY>(ep, ifindex, flow, &d);
+    A::report::<DRY>(ep, ifindex, flow, &d);
     d.pass
 }
 
@@ -416,15 +539,13 @@ fn track_and_decide<const DRY: bool>(
 /// (`palisade_common::ct_budget`): `ep` for its egress, for ingress the
 /// sending pod when it is on this node, else `ep`.
 #[inline(always)]
-fn charged_to(ep: &EndpointInfo, scope: u8, saddr: u32) -> u32 {
-    ct_budget::charged_to(ep.endpoint_id, scope, saddr, |a| {
-        lookup(&ENDPOINTS, &EndpointKey::ipv4(a)).map(|src| src.endpoint_id)
-    })
+fn charged_to<A: Family>(ep: &EndpointInfo, scope: u8, saddr: A) -> u32 {
+    ct_budget::charged_to(ep.endpoint_id, scope, saddr, A::endpoint_of)
 }
 
 /// Gives back the charge of entry `k` (its TCP connection closed).
 #[inline(always)]
-fn release(ep: &EndpointInfo, k: &CtKey) {
+fn release<A: Family>(ep: &EndpointInfo, k: &CtKeyOf<A>) {
     let id = charged_to(ep, k.scope, k.saddr);
     if let Some(c) = CT_CHARGE.get_ptr_mut(&id) {
         // SAFETY: valid map value pointer, changed atomically only.
@@ -459,7 +580,13 @@ fn atomic_add(p: *mut u64, n: u64) {
 /// for ingress the sending pod when it is on this node, else `ep`. False,
 /// and nothing charged, when they do not fit its budget.
 #[inline(always)]
-fn charge(ep: &EndpointInfo, dir: u8, saddr: u32, n: u64, fragments: bool) -> bool {
+pub(crate) fn charge<A: Family>(
+    ep: &EndpointInfo,
+    dir: u8,
+    saddr: A,
+    n: u64,
+    fragments: bool,
+) -> bool {
     let id = charged_to(ep, dir, saddr);
     let limit = match CT_BUDGET.get(0) {
         Some(b) => b.limit(fragments),
@@ -514,36 +641,22 @@ fn charge(ep: &EndpointInfo, dir: u8, saddr: u32, n: u64, fragments: bool) -> bo
 /// reported (`reason::POLICY_CHANGED`). Only on the first packet after a
 /// change, so it may cost what a new flow costs.
 #[inline(always)]
-fn rejudge(
+pub(crate) fn rejudge<A: Family>(
     ep: &EndpointInfo,
     ifindex: u32,
-    flow: &mut Flow,
-    t: &Tracked,
+    flow: &mut Flow<A>,
+    t: &Tracked<A>,
     ct_flags: u8,
     now: u64,
 ) -> bool {
     let k = t.key;
-    let mut judged = k;
-    if k.scope == DIR_EGRESS && ct_flags & CT_SVC_NAT != 0 {
-        // The original tuple of a translated flow (client -> ClusterIP):
-        // policy judged it as traffic to its backend.
-        if let Some(n) = lookup(&SVC_NAT, &k) {
-            judged = translated(&k, n.addr, n.port_be);
-        }
-    }
-    let d = if judged.scope == DIR_EGRESS && judged.daddr == ep.ipv4 {
-        // A hairpin: the pod reaching itself through its own Service.
-        decide(ep, DIR_EGRESS, &judged, &HAIRPIN_PEER, |_| None)
-    } else {
-        policy(ep, judged.scope, &judged)
-    };
-    let d = rejudged(d);
+    let d = rejudged(A::rejudge_decision(ep, &k, ct_flags));
     if !d.pass {
-        let _ = CONNTRACK.remove(&k);
-        finish::<false>(ep, ifindex, flow, &d);
+        A::ct_remove(&k);
+        A::report::<false>(ep, ifindex, flow, &d);
         return false;
     }
-    if let Some(p) = CONNTRACK.get_ptr_mut(&k) {
+    if let Some(p) = A::ct(&k) {
         // SAFETY: valid map value pointer (see `ct_track`).
         let ct = unsafe { &mut *p };
         let reply = t.why == reason::REPLY;
@@ -602,17 +715,17 @@ fn translated_entry_idle(protocol: u8, state_before: u8, tcp_flags: u8) -> bool 
 /// entry that matched. A stale entry (another generation of `ep`'s policy)
 /// is reported as such, untouched, for `rejudge`.
 #[inline(always)]
-fn ct_track(
+pub(crate) fn ct_track<A: Family>(
     ep: &EndpointInfo,
-    key: &CtKey,
+    key: &CtKeyOf<A>,
     dir: u8,
     tcp_flags: u8,
     now: u64,
     flags: &mut u8,
     state: &mut u8,
-) -> Option<Tracked> {
+) -> Option<Tracked<A>> {
     let t = track(key, dir, |k, reply| {
-        let p = CONNTRACK.get_ptr_mut(k)?;
+        let p = A::ct(k)?;
         // SAFETY: valid map value pointer; concurrent updates of these
         // fields race benignly (last writer wins on a timestamp).
         let ct = unsafe { &mut *p };
@@ -650,24 +763,22 @@ fn node_address(addr: u32) -> bool {
 /// `policy`, and for a pod's new flow to its own node, a
 /// ClusterNetworkPolicy's deny (`decision::own_node_checked`).
 #[inline(always)]
-fn new_flow_policy(ep: &EndpointInfo, dir: u8, key: &CtKey) -> Decision {
-    let peer = peer_of(dir, key);
+pub(crate) fn new_flow_policy<A: Family>(ep: &EndpointInfo, dir: u8, key: &CtKeyOf<A>) -> Decision {
+    let peer = A::peer(dir, remote_addr(key, dir));
     let d = decide(ep, dir, key, &peer, policy_entry);
     own_node_checked(ep, dir, key, &peer, d, policy_entry)
 }
 
 /// The policy verdict on a new flow.
 #[inline(always)]
-fn policy(ep: &EndpointInfo, dir: u8, key: &CtKey) -> Decision {
-    decide(ep, dir, key, &peer_of(dir, key), policy_entry)
-}
-
-/// The ipcache's word on the flow's remote end.
-#[inline(always)]
-fn peer_of(dir: u8, key: &CtKey) -> palisade_common::IpcacheValue {
-    policy_peer(dir, remote_addr(key, dir), |a| {
-        IPCACHE.get(Key::new(32, a)).copied()
-    })
+pub(crate) fn policy<A: Family>(ep: &EndpointInfo, dir: u8, key: &CtKeyOf<A>) -> Decision {
+    decide(
+        ep,
+        dir,
+        key,
+        &A::peer(dir, remote_addr(key, dir)),
+        policy_entry,
+    )
 }
 
 /// One longest-prefix match of the policy map with a full key.
@@ -870,12 +981,12 @@ fn translate(
 
 /// A copy of a map value.
 #[inline(always)]
-fn lookup<K, V: Copy>(map: &impl Lookup<K, V>, k: &K) -> Option<V> {
+pub(crate) fn lookup<K, V: Copy>(map: &impl Lookup<K, V>, k: &K) -> Option<V> {
     // SAFETY: map values stay valid while the program runs (RCU).
     map.ptr(k).map(|p| unsafe { *p })
 }
 
-trait Lookup<K, V> {
+pub(crate) trait Lookup<K, V> {
     fn ptr(&self, k: &K) -> Option<*const V>;
 }
 
@@ -904,11 +1015,32 @@ fn later_fragment<const DRY: bool>(
     daddr: u32,
     protocol: u8,
 ) -> bool {
+    let first = lookup(&FRAGMENTS, key);
+    later_fragment_of::<DRY, u32>(ep, dir, ifindex, first, saddr, daddr, protocol)
+}
+
+/// A later fragment of a datagram whose first fragment's record is
+/// `first`, if there is one.
+#[inline(always)]
+pub(crate) fn later_fragment_of<const DRY: bool, A: Family>(
+    ep: &EndpointInfo,
+    dir: u8,
+    ifindex: u32,
+    first: Option<FragValue>,
+    saddr: A,
+    daddr: A,
+    protocol: u8,
+) -> bool {
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(p) = FRAGMENTS.get_ptr(key) {
-        // SAFETY: valid map value pointer.
-        let v = unsafe { *p };
+    // Fragments carry no ports after the first.
+    let flow = Flow {
+        key: key_of(0, saddr, daddr, 0, 0, protocol, dir),
+        tcp_flags: 0,
+        svc: 0,
+        answerable: false,
+    };
+    if let Some(v) = first {
         match later_fragment_verdict(v.expires_ns, v.verdict, now) {
             Some(true) => {
                 count::<DRY>(reason::FRAG_ALLOWED);
@@ -917,7 +1049,7 @@ fn later_fragment<const DRY: bool>(
             Some(false) => {
                 // Every drop is reported, fragments of a denied datagram too.
                 let d = hard_drop(ep, reason::FRAG_DENIED, dir);
-                finish::<DRY>(ep, ifindex, &frag_flow(saddr, daddr, protocol, dir), &d);
+                A::report::<DRY>(ep, ifindex, &flow, &d);
                 return false;
             }
             None => {}
@@ -926,45 +1058,8 @@ fn later_fragment<const DRY: bool>(
     let Some(d) = enforced_drop(ep, dir, reason::FRAG_UNTRACKED) else {
         return true;
     };
-    finish::<DRY>(ep, ifindex, &frag_flow(saddr, daddr, protocol, dir), &d);
+    A::report::<DRY>(ep, ifindex, &flow, &d);
     d.pass
-}
-
-/// Fragments carry no ports after the first.
-#[inline(always)]
-fn frag_flow(saddr: u32, daddr: u32, protocol: u8, dir: u8) -> Flow {
-    Flow {
-        key: ct_key(0, saddr, daddr, 0, 0, protocol, dir),
-        tcp_flags: 0,
-        svc: 0,
-        answerable: false,
-    }
-}
-
-/// IPv6 is not enforced yet (see `palisade_common::ipv6::verdict`). Its
-/// headers are read through `bpf_skb_load_bytes`: the extension-header walk
-/// has offsets the verifier could not bound on direct packet access.
-#[inline(always)]
-fn ipv6<const DRY: bool>(ctx: &TcContext, ep: &EndpointInfo, dir: u8, ifindex: u32) -> bool {
-    let read = |off: usize| ctx.load::<u8>(ETH_HLEN + off).ok();
-    match palisade_common::ipv6::verdict(dir, ep.enforced_any(), read) {
-        V6::Pass(None) => true,
-        V6::Pass(Some(r)) => {
-            count::<DRY>(r);
-            true
-        }
-        V6::Drop(why) => {
-            let flow = Flow {
-                key: empty_key(dir),
-                tcp_flags: 0,
-                svc: 0,
-                answerable: false,
-            };
-            // Audit mode does not open an IPv6 bypass either.
-            finish::<DRY>(ep, ifindex, &flow, &hard_drop(ep, why, dir));
-            false
-        }
-    }
 }
 
 #[inline(always)]
@@ -986,23 +1081,39 @@ fn report_drop<const DRY: bool>(
     dir: u8,
     d: Option<Decision>,
 ) -> bool {
+    report_drop_of::<DRY, u32>(ep, ifindex, dir, d)
+}
+
+/// [`report_drop`] with an event of family `A`.
+#[inline(always)]
+pub(crate) fn report_drop_of<const DRY: bool, A: Family>(
+    ep: &EndpointInfo,
+    ifindex: u32,
+    dir: u8,
+    d: Option<Decision>,
+) -> bool {
     let Some(d) = d else {
         return true;
     };
     let flow = Flow {
-        key: empty_key(dir),
+        key: empty_key::<A>(dir),
         tcp_flags: 0,
         svc: 0,
         answerable: false,
     };
-    finish::<DRY>(ep, ifindex, &flow, &d);
+    A::report::<DRY>(ep, ifindex, &flow, &d);
     d.pass
 }
 
 /// Count the verdict and report it: one event per new flow or drop, under
 /// the endpoint's event budget (`events`).
 #[inline(always)]
-fn finish<const DRY: bool>(ep: &EndpointInfo, ifindex: u32, flow: &Flow, d: &Decision) {
+pub(crate) fn finish<const DRY: bool>(
+    ep: &EndpointInfo,
+    ifindex: u32,
+    flow: &Flow<impl Addr>,
+    d: &Decision,
+) {
     if DRY {
         return;
     }

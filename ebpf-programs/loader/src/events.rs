@@ -6,7 +6,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use palisade_common::FlowEvent;
+use palisade_common::{FlowEvent, FlowEvent4};
 
 pub struct EventReader {
     ring: RingBuf<MapData>,
@@ -26,10 +26,16 @@ impl EventReader {
     pub fn drain(&mut self) -> Vec<FlowEvent> {
         let mut out: Vec<FlowEvent> = self.backlog.drain(..).collect();
         while let Some(item) = self.ring.next() {
+            // The IPv6 path writes a whole FlowEvent, the IPv4 path its
+            // first 64 bytes (`FlowEvent4`): told apart by length.
             if item.len() >= std::mem::size_of::<FlowEvent>() {
                 // SAFETY: the kernel wrote a whole FlowEvent (checked length);
                 // read_unaligned because ring records are only 8-byte aligned.
                 out.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const FlowEvent) });
+            } else if item.len() >= std::mem::size_of::<FlowEvent4>() {
+                // SAFETY: as above, for a FlowEvent4.
+                let e = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const FlowEvent4) };
+                out.push(e.into());
             }
         }
         out

@@ -11,8 +11,8 @@ use std::{
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
 use palisade_common::{
     ct_budget::{charged, fits, CtBudget, CtCharge},
-    maps as names, CtKey, CtValue, EndpointInfo, EndpointKey, FragKey, FragValue, EP_KEY_IFINDEX,
-    EP_KEY_IPV4,
+    maps as names, CtKey, CtKey6, CtValue, EndpointInfo, EndpointKey, FragKey, FragKey6, FragValue,
+    Ip6, EP_KEY_IFINDEX, EP_KEY_IPV4,
 };
 
 use crate::{
@@ -47,6 +47,11 @@ pub struct GcPass {
     pub conntrack_max: u32,
     pub fragment_entries: u64,
     pub fragment_max: u32,
+    /// The same for the IPv6 tables (`CONNTRACK6`, `FRAGMENTS6`).
+    pub conntrack6_entries: u64,
+    pub conntrack6_max: u32,
+    pub fragment6_entries: u64,
+    pub fragment6_max: u32,
     /// What each endpoint of `ENDPOINTS` holding any entry is charged
     /// (`palisade_common::ct_budget`), by id.
     pub charges: Vec<(u32, CtCharge)>,
@@ -63,9 +68,176 @@ pub struct ConntrackGc {
     conntrack_max: u32,
     fragments: HashMap<MapData, FragKey, FragValue>,
     fragment_max: u32,
+    conntrack6: HashMap<MapData, CtKey6, CtValue>,
+    conntrack6_max: u32,
+    fragments6: HashMap<MapData, FragKey6, FragValue>,
+    fragment6_max: u32,
     endpoints: HashMap<MapData, EndpointKey, EndpointInfo>,
+    endpoints6: HashMap<MapData, Ip6, u32>,
     charge: HashMap<MapData, u32, CtCharge>,
     budget: CtBudget,
+}
+
+/// A conntrack or fragment table's key and value, as the GC sees them.
+trait Entry: Copy {
+    type Value: Copy;
+    fn endpoint_id(&self) -> u32;
+    fn expires_ns(v: &Self::Value) -> u64;
+    /// Counted against the budget at all (a closing TCP entry is not).
+    fn charged(&self, v: &Self::Value) -> bool;
+    /// Which budget: fragment records or conntrack entries.
+    const FRAGMENT: bool;
+    fn charged_to(&self, live: &Live) -> u32;
+}
+
+impl Entry for CtKey {
+    type Value = CtValue;
+    fn endpoint_id(&self) -> u32 {
+        self.endpoint_id
+    }
+    fn expires_ns(v: &CtValue) -> u64 {
+        v.expires_ns
+    }
+    fn charged(&self, v: &CtValue) -> bool {
+        charged(self.protocol, v.tcp_state)
+    }
+    const FRAGMENT: bool = false;
+    fn charged_to(&self, live: &Live) -> u32 {
+        live.charged_to(self.endpoint_id, self.scope, self.saddr)
+    }
+}
+
+impl Entry for CtKey6 {
+    type Value = CtValue;
+    fn endpoint_id(&self) -> u32 {
+        self.endpoint_id
+    }
+    fn expires_ns(v: &CtValue) -> u64 {
+        v.expires_ns
+    }
+    fn charged(&self, v: &CtValue) -> bool {
+        charged(self.protocol, v.tcp_state)
+    }
+    const FRAGMENT: bool = false;
+    fn charged_to(&self, live: &Live) -> u32 {
+        live.charged_to6(self.endpoint_id, self.scope, self.saddr)
+    }
+}
+
+impl Entry for FragKey {
+    type Value = FragValue;
+    fn endpoint_id(&self) -> u32 {
+        self.endpoint_id
+    }
+    fn expires_ns(v: &FragValue) -> u64 {
+        v.expires_ns
+    }
+    fn charged(&self, _: &FragValue) -> bool {
+        true
+    }
+    const FRAGMENT: bool = true;
+    fn charged_to(&self, live: &Live) -> u32 {
+        live.charged_to(self.endpoint_id, self.scope, self.saddr)
+    }
+}
+
+impl Entry for FragKey6 {
+    type Value = FragValue;
+    fn endpoint_id(&self) -> u32 {
+        self.endpoint_id
+    }
+    fn expires_ns(v: &FragValue) -> u64 {
+        v.expires_ns
+    }
+    fn charged(&self, _: &FragValue) -> bool {
+        true
+    }
+    const FRAGMENT: bool = true;
+    fn charged_to(&self, live: &Live) -> u32 {
+        live.charged_to6(self.endpoint_id, self.scope, self.saddr)
+    }
+}
+
+/// One table's share of a GC pass.
+struct Swept<K> {
+    live: u64,
+    dead: Vec<K>,
+    /// Entries of endpoints missing from the first read of `ENDPOINTS`.
+    orphans: Vec<K>,
+}
+
+/// Walks one table: expired entries and orphans are set aside for
+/// deletion, the rest counted and charged.
+fn sweep<K: Entry + aya::Pod>(
+    map: &HashMap<MapData, K, K::Value>,
+    now_ns: u64,
+    live: &Live,
+    charges: &mut StdHashMap<u32, CtCharge>,
+) -> Swept<K>
+where
+    K::Value: aya::Pod,
+{
+    let mut s = Swept {
+        live: 0,
+        dead: Vec::new(),
+        orphans: Vec::new(),
+    };
+    for (k, v) in map.iter().filter_map(Result::ok) {
+        if K::expires_ns(&v) <= now_ns {
+            s.dead.push(k);
+        } else if !live.ids.contains(&k.endpoint_id()) {
+            s.orphans.push(k);
+        } else {
+            s.live += 1;
+            charge(charges, live, &k, &v);
+        }
+    }
+    s
+}
+
+fn charge<K: Entry>(charges: &mut StdHashMap<u32, CtCharge>, live: &Live, k: &K, v: &K::Value) {
+    if !k.charged(v) {
+        return;
+    }
+    let c = charges.entry(k.charged_to(live)).or_default();
+    if K::FRAGMENT {
+        c.fragments += 1;
+    } else {
+        c.entries += 1;
+    }
+}
+
+/// Deletes a sweep's dead entries, and its orphans whose endpoint is still
+/// missing from the second read (`after`); the others are counted and
+/// charged after all. Returns (expired, orphans) deleted.
+fn reap<K: Entry + aya::Pod>(
+    map: &mut HashMap<MapData, K, K::Value>,
+    name: &'static str,
+    s: &mut Swept<K>,
+    after: &Live,
+    charges: &mut StdHashMap<u32, CtCharge>,
+) -> Result<(usize, usize), Error>
+where
+    K::Value: aya::Pod,
+{
+    let mut orphans = 0;
+    for k in &s.orphans {
+        match map.get(k, 0) {
+            Ok(v) if after.ids.contains(&k.endpoint_id()) => {
+                s.live += 1;
+                charge(charges, after, k, &v);
+            }
+            Ok(_) => {
+                removed(name, map.remove(k))?;
+                orphans += 1;
+            }
+            Err(_) => {}
+        }
+    }
+    for k in &s.dead {
+        removed(name, map.remove(k))?;
+    }
+    Ok((s.dead.len(), orphans))
 }
 
 /// The endpoints in `ENDPOINTS` at one moment: their ids, and which one
@@ -75,11 +247,16 @@ pub struct ConntrackGc {
 struct Live {
     ids: HashSet<u32>,
     by_addr: StdHashMap<u32, u32>,
+    by_addr6: StdHashMap<Ip6, u32>,
 }
 
 impl Live {
-    fn read(endpoints: &HashMap<MapData, EndpointKey, EndpointInfo>) -> Self {
+    fn read(
+        endpoints: &HashMap<MapData, EndpointKey, EndpointInfo>,
+        endpoints6: &HashMap<MapData, Ip6, u32>,
+    ) -> Self {
         let mut l = Live::default();
+        l.by_addr6 = endpoints6.iter().filter_map(Result::ok).collect();
         for (k, v) in endpoints.iter().filter_map(Result::ok) {
             // (Both of an endpoint's keys name it; either keeps it live.)
             match k.kind {
@@ -103,6 +280,12 @@ impl Live {
             self.by_addr.get(&a).copied()
         })
     }
+
+    fn charged_to6(&self, endpoint_id: u32, scope: u8, saddr: Ip6) -> u32 {
+        palisade_common::ct_budget::charged_to(endpoint_id, scope, saddr, |a| {
+            self.by_addr6.get(&a).copied()
+        })
+    }
 }
 
 impl ConntrackGc {
@@ -110,14 +293,22 @@ impl ConntrackGc {
         pins.check_bpffs()?;
         let (conntrack, conntrack_max) = open(pins, names::CONNTRACK)?;
         let (fragments, fragment_max) = open(pins, names::FRAGMENTS)?;
+        let (conntrack6, conntrack6_max) = open(pins, names::CONNTRACK6)?;
+        let (fragments6, fragment6_max) = open(pins, names::FRAGMENTS6)?;
         let (endpoints, _) = open(pins, names::ENDPOINTS)?;
+        let (endpoints6, _) = open(pins, names::ENDPOINTS6)?;
         let (charge, _) = open(pins, names::CT_CHARGE)?;
         Ok(Self {
             conntrack,
             conntrack_max,
             fragments,
             fragment_max,
+            conntrack6,
+            conntrack6_max,
+            fragments6,
+            fragment6_max,
             endpoints,
+            endpoints6,
             charge,
             budget: CtBudget::default(),
         })
@@ -142,64 +333,26 @@ impl ConntrackGc {
     /// recount, so a budget may be overrun by what one pass's duration
     /// allows; the next pass counts those entries.
     pub fn pass(&mut self, now_ns: u64) -> Result<GcPass, Error> {
-        let before = Live::read(&self.endpoints);
+        let before = Live::read(&self.endpoints, &self.endpoints6);
         let mut charges: StdHashMap<u32, CtCharge> = StdHashMap::new();
-        let (mut live, mut dead, mut orphans) = (0u64, Vec::new(), Vec::new());
-        for (k, v) in self.conntrack.iter().filter_map(Result::ok) {
-            if v.expires_ns <= now_ns {
-                dead.push(k);
-            } else if !before.ids.contains(&k.endpoint_id) {
-                orphans.push((k, v.tcp_state));
-            } else {
-                live += 1;
-                if charged(k.protocol, v.tcp_state) {
-                    let id = before.charged_to(k.endpoint_id, k.scope, k.saddr);
-                    charges.entry(id).or_default().entries += 1;
-                }
-            }
-        }
-        let (mut live_frags, mut dead_frags, mut frag_orphans) = (0u64, Vec::new(), Vec::new());
-        for (k, v) in self.fragments.iter().filter_map(Result::ok) {
-            if v.expires_ns <= now_ns {
-                dead_frags.push(k);
-            } else if !before.ids.contains(&k.endpoint_id) {
-                frag_orphans.push(k);
-            } else {
-                live_frags += 1;
-                let id = before.charged_to(k.endpoint_id, k.scope, k.saddr);
-                charges.entry(id).or_default().fragments += 1;
-            }
-        }
-        let after = Live::read(&self.endpoints);
-        let mut orphans_removed = 0;
-        for (k, tcp_state) in &orphans {
-            if after.ids.contains(&k.endpoint_id) {
-                live += 1;
-                if charged(k.protocol, *tcp_state) {
-                    let id = after.charged_to(k.endpoint_id, k.scope, k.saddr);
-                    charges.entry(id).or_default().entries += 1;
-                }
-            } else {
-                removed(names::CONNTRACK, self.conntrack.remove(k))?;
-                orphans_removed += 1;
-            }
-        }
-        for k in &frag_orphans {
-            if after.ids.contains(&k.endpoint_id) {
-                live_frags += 1;
-                let id = after.charged_to(k.endpoint_id, k.scope, k.saddr);
-                charges.entry(id).or_default().fragments += 1;
-            } else {
-                removed(names::FRAGMENTS, self.fragments.remove(k))?;
-                orphans_removed += 1;
-            }
-        }
-        for k in &dead {
-            removed(names::CONNTRACK, self.conntrack.remove(k))?;
-        }
-        for k in &dead_frags {
-            removed(names::FRAGMENTS, self.fragments.remove(k))?;
-        }
+        let mut ct = sweep(&self.conntrack, now_ns, &before, &mut charges);
+        let mut frag = sweep(&self.fragments, now_ns, &before, &mut charges);
+        let mut ct6 = sweep(&self.conntrack6, now_ns, &before, &mut charges);
+        let mut frag6 = sweep(&self.fragments6, now_ns, &before, &mut charges);
+        let after = Live::read(&self.endpoints, &self.endpoints6);
+        let c = &mut charges;
+        let reaped = [
+            reap(&mut self.conntrack, names::CONNTRACK, &mut ct, &after, c)?,
+            reap(&mut self.fragments, names::FRAGMENTS, &mut frag, &after, c)?,
+            reap(&mut self.conntrack6, names::CONNTRACK6, &mut ct6, &after, c)?,
+            reap(
+                &mut self.fragments6,
+                names::FRAGMENTS6,
+                &mut frag6,
+                &after,
+                c,
+            )?,
+        ];
         let charges = self.recharge(charges, &after)?;
         let over_budget = charges
             .iter()
@@ -210,12 +363,16 @@ impl ConntrackGc {
             .copied()
             .collect();
         Ok(GcPass {
-            removed: dead.len() + dead_frags.len(),
-            orphans_removed,
-            conntrack_entries: live,
+            removed: reaped.iter().map(|r| r.0).sum(),
+            orphans_removed: reaped.iter().map(|r| r.1).sum(),
+            conntrack_entries: ct.live,
             conntrack_max: self.conntrack_max,
-            fragment_entries: live_frags,
+            fragment_entries: frag.live,
             fragment_max: self.fragment_max,
+            conntrack6_entries: ct6.live,
+            conntrack6_max: self.conntrack6_max,
+            fragment6_entries: frag6.live,
+            fragment6_max: self.fragment6_max,
             charges,
             over_budget,
         })

@@ -32,6 +32,43 @@ pub struct Datapath {
     sizes: MapSizes,
 }
 
+/// The programs the pod programs tail-call, by `PROGRAMS` slot.
+const TAIL_CALLED: [(&str, u32); 3] = [
+    (programs::POD_EGRESS4, palisade_common::SLOT_EGRESS4),
+    (programs::POD_EGRESS6, palisade_common::SLOT_EGRESS6),
+    (programs::POD_INGRESS6, palisade_common::SLOT_INGRESS6),
+];
+
+/// Loads the programs `slots` names and puts them in their `PROGRAMS`
+/// slots (the map is pinned: a restarted agent's programs replace the old
+/// ones there, which the adopted links' programs call).
+pub(crate) fn load_tail_called(
+    ebpf: &mut Ebpf,
+    slots: &[(&'static str, u32)],
+) -> Result<(), Error> {
+    let mut fds = Vec::new();
+    for &(name, slot) in slots {
+        let p = classifier(ebpf, name)?;
+        p.load().map_err(|source| Error::Program { name, source })?;
+        let fd = p
+            .fd()
+            .and_then(|fd| fd.try_clone().map_err(aya::programs::ProgramError::IOError))
+            .map_err(|source| Error::Program { name, source })?;
+        fds.push((slot, fd));
+    }
+    let name = names::PROGRAMS;
+    let err = |source| Error::Map { name, source };
+    let map = ebpf.map_mut(name).ok_or(Error::Map {
+        name,
+        source: aya::maps::MapError::InvalidName { name: name.into() },
+    })?;
+    let mut array = aya::maps::ProgramArray::try_from(map).map_err(err)?;
+    for (slot, fd) in &fds {
+        array.set(*slot, fd, 0).map_err(err)?;
+    }
+    Ok(())
+}
+
 /// (program, tc hook on the host-side veth, policy direction)
 const POD_HOOKS: [(&str, TcAttachType, u8); 2] = [
     (programs::POD_EGRESS, TcAttachType::Ingress, DIR_EGRESS),
@@ -81,6 +118,9 @@ impl Datapath {
             let p = classifier(&mut ebpf, name)?;
             p.load().map_err(|source| Error::Program { name, source })?;
         }
+        // Before anything is attached: a frame meeting an empty slot is
+        // dropped.
+        load_tail_called(&mut ebpf, &TAIL_CALLED)?;
         let xdp = xdp_program(&mut ebpf)?;
         xdp.load().map_err(|source| Error::Program {
             name: programs::XDP_PREFILTER,
@@ -222,7 +262,7 @@ pub fn remove_all(pins: &Pins) -> Result<(), Error> {
     }
 }
 
-fn classifier<'a>(
+pub(crate) fn classifier<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
 ) -> Result<&'a mut SchedClassifier, Error> {

@@ -351,6 +351,60 @@ impl Packet {
         Self::ipv6(src, dst, IPPROTO_ICMPV6, p)
     }
 
+    /// An IPv6 TCP segment with `flags` (a 20-byte header).
+    pub fn ipv6_tcp(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, flags: u8) -> Self {
+        let mut p = Vec::with_capacity(TCP_HLEN);
+        p.extend_from_slice(&sport.to_be_bytes());
+        p.extend_from_slice(&dport.to_be_bytes());
+        p.extend_from_slice(&[0; 8]);
+        p.extend_from_slice(&[5 << 4, flags, 0xff, 0xff, 0, 0, 0, 0]);
+        Self::ipv6(src, dst, PROTO_TCP, p).with_hop_limit(64)
+    }
+
+    /// An ICMPv6 echo request (128) or reply (129) with identifier `id`.
+    pub fn icmpv6_echo(src: Ipv6Addr, dst: Ipv6Addr, icmp_type: u8, id: u16) -> Self {
+        let mut p = vec![icmp_type, 0, 0, 0];
+        p.extend_from_slice(&id.to_be_bytes());
+        p.extend_from_slice(&[0, 1]);
+        Self::ipv6(src, dst, IPPROTO_ICMPV6, p).with_hop_limit(64)
+    }
+
+    /// An ICMPv6 error of `icmp_type` (e.g. 2, packet too big) from `src`
+    /// quoting `quoted`'s IPv6 packet, to its source.
+    pub fn icmpv6_error(src: Ipv6Addr, icmp_type: u8, quoted: &Packet) -> Self {
+        let L3::Ipv6 { src: qsrc, .. } = &quoted.l3 else {
+            panic!("icmpv6_error quotes an IPv6 packet");
+        };
+        let mut p = vec![icmp_type, 0, 0, 0, 0, 0, 0x05, 0xdc];
+        p.extend_from_slice(&quoted.bytes()[ETH_HLEN..]);
+        Self::ipv6(src, *qsrc, IPPROTO_ICMPV6, p).with_hop_limit(64)
+    }
+
+    /// The IPv6 packet `inner` (next header and payload) behind a fragment
+    /// header: offset in 8-byte units, M flag, identification.
+    pub fn ipv6_fragment(inner: &Packet, offset: u16, more: bool, id: u32) -> Self {
+        let L3::Ipv6 {
+            src,
+            dst,
+            next_header,
+            payload,
+            hop_limit,
+        } = &inner.l3
+        else {
+            panic!("ipv6_fragment of an IPv6 packet");
+        };
+        let off = offset << 3 | more as u16;
+        let mut p = vec![*next_header, 0];
+        p.extend_from_slice(&off.to_be_bytes());
+        p.extend_from_slice(&id.to_be_bytes());
+        if offset == 0 {
+            p.extend_from_slice(payload);
+        } else {
+            p.extend_from_slice(&[0; 16]);
+        }
+        Self::ipv6(*src, *dst, 44, p).with_hop_limit(*hop_limit)
+    }
+
     /// ICMPv6 neighbour solicitation for `target`, to its solicited-node
     /// multicast address.
     pub fn neighbour_solicitation(src: Ipv6Addr, target: Ipv6Addr) -> Self {
@@ -527,6 +581,26 @@ impl Packet {
     /// request becomes an echo reply, TCP carries `tcp_flags`. Fragment
     /// fields and malformations are reset; the payload length is kept.
     pub fn reply(&self, tcp_flags: u8) -> Self {
+        if let L3::Ipv6 {
+            src,
+            dst,
+            next_header,
+            hop_limit,
+            payload,
+        } = &self.l3
+        {
+            // Addresses and ports swapped (TCP, UDP, SCTP: ports first).
+            let mut payload = payload.clone();
+            if matches!(*next_header, PROTO_TCP | PROTO_UDP | PROTO_SCTP) && payload.len() >= 4 {
+                let (a, b) = ([payload[0], payload[1]], [payload[2], payload[3]]);
+                payload[0..2].copy_from_slice(&b);
+                payload[2..4].copy_from_slice(&a);
+                if *next_header == PROTO_TCP && payload.len() > 13 {
+                    payload[13] = tcp_flags;
+                }
+            }
+            return Self::ipv6(*dst, *src, *next_header, payload).with_hop_limit(*hop_limit);
+        }
         let Some(ip) = self.ipv4() else {
             return self.clone();
         };

@@ -63,6 +63,10 @@ impl Prober {
             .try_into()
             .map_err(|source| Error::Program { name, source })?;
         p.load().map_err(|source| Error::Program { name, source })?;
+        crate::loader::load_tail_called(
+            &mut ebpf,
+            &[(programs::POD_VERIFY6, palisade_common::SLOT_VERIFY6)],
+        )?;
         Ok(Self { ebpf })
     }
 

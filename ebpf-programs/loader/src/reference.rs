@@ -45,7 +45,10 @@
 //! let v = ev.evaluate(ifindex, DIR_INGRESS, &Packet::tcp(a, 40000, b, 80, TCP_FLAG_SYN));
 //! println!("{} {} cookie={}", v.pass, reason::name(v.reason), v.cookie);
 //! ```
-use std::{collections::HashMap, net::Ipv4Addr};
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use palisade_common::{
     decision::{
@@ -54,12 +57,12 @@ use palisade_common::{
         policy_key, policy_lookups, rejudged, rejudged_entry, remote_addr, spoofed, track,
         Decision,
     },
-    ipv6::V6,
+    ipv6::{self as v6, IPPROTO_ICMPV6},
     reason,
     service::HAIRPIN_PEER,
-    CtKey, CtValue, EndpointInfo, FlowEvent, FragKey, FragValue, IpcacheValue, PolicyKey,
-    PolicyValue, DIR_EGRESS, POLICY_PREFIX_FULL, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
-    VERDICT_ALLOW, VERDICT_DROP,
+    CtKey, CtKey6, CtKeyOf, CtValue, EndpointInfo, FlowEvent, FragKey, FragKey6, FragValue, Ip6,
+    IpcacheValue, PolicyKey, PolicyValue, DIR_EGRESS, POLICY_PREFIX_FULL, PROTO_ICMP, PROTO_SCTP,
+    PROTO_TCP, PROTO_UDP, VERDICT_ALLOW, VERDICT_DROP,
 };
 
 use crate::{
@@ -121,9 +124,49 @@ impl Verdict {
 
 /// What the verdict is about (the kernel's `Flow`).
 #[derive(Clone, Copy)]
-struct Flow {
-    key: CtKey,
+struct Flow<A = u32> {
+    key: CtKeyOf<A>,
     tcp_flags: u8,
+}
+
+/// The kernel's `verdict::Family`: the tables of one address family.
+trait Family: decision::Addr + std::hash::Hash + Eq {
+    fn conntrack(e: &mut Evaluator) -> &mut HashMap<CtKeyOf<Self>, CtValue>;
+    fn peer(e: &Evaluator, dir: u8, remote: Self) -> IpcacheValue;
+    /// The verdict a stale entry `k` is judged on again.
+    fn rejudge_decision(e: &Evaluator, ep: &EndpointInfo, k: &CtKeyOf<Self>) -> Decision;
+}
+
+impl Family for u32 {
+    fn conntrack(e: &mut Evaluator) -> &mut HashMap<CtKey, CtValue> {
+        &mut e.conntrack
+    }
+    fn peer(e: &Evaluator, dir: u8, remote: u32) -> IpcacheValue {
+        palisade_common::service::policy_peer(dir, remote, |a| {
+            e.ipcache_lookup(Ipv4Addr::from(a.to_ne_bytes()))
+        })
+    }
+    fn rejudge_decision(e: &Evaluator, ep: &EndpointInfo, k: &CtKey) -> Decision {
+        // The entry's own flow, in its own scope, as a new flow (no
+        // Services in this model).
+        if k.scope == DIR_EGRESS && k.daddr == ep.ipv4 {
+            decision::decide(ep, DIR_EGRESS, k, &HAIRPIN_PEER, |_| None)
+        } else {
+            e.decide(ep, k.scope, k)
+        }
+    }
+}
+
+impl Family for Ip6 {
+    fn conntrack(e: &mut Evaluator) -> &mut HashMap<CtKey6, CtValue> {
+        &mut e.conntrack6
+    }
+    fn peer(e: &Evaluator, _dir: u8, remote: Ip6) -> IpcacheValue {
+        decision::peer_or_world(e.ipcache6_lookup(crate::maps::from_ip6_words(remote)))
+    }
+    fn rejudge_decision(e: &Evaluator, ep: &EndpointInfo, k: &CtKey6) -> Decision {
+        e.decide(ep, k.scope, k)
+    }
 }
 
 /// Which of the three policy lookups matched, and how.
@@ -150,6 +193,10 @@ pub struct Evaluator {
     policy: Vec<(u32, [u8; 12], PolicyKey, PolicyValue)>,
     conntrack: HashMap<CtKey, CtValue>,
     fragments: HashMap<FragKey, FragValue>,
+    /// As `ipcache`, over 16 address bytes (`IPCACHE6`).
+    ipcache6: Vec<(u32, [u8; 16], IpcacheValue)>,
+    conntrack6: HashMap<CtKey6, CtValue>,
+    fragments6: HashMap<FragKey6, FragValue>,
 }
 
 impl Evaluator {
@@ -181,6 +228,16 @@ impl Evaluator {
         ipc.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(b.2.cmp(&a.2)));
         ipc.dedup_by(|later, first| (later.0, later.1) == (first.0, first.1));
         self.ipcache = ipc.into_iter().map(|(p, m, _, v)| (p, m, v)).collect();
+
+        let mut ipc6: Vec<_> = state
+            .ipcache6
+            .iter()
+            .filter(|((_, prefix), _)| *prefix <= 128)
+            .map(|(&(addr, prefix), v)| (prefix, mask(&addr.octets(), prefix), addr.octets(), *v))
+            .collect();
+        ipc6.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(b.2.cmp(&a.2)));
+        ipc6.dedup_by(|later, first| (later.0, later.1) == (first.0, first.1));
+        self.ipcache6 = ipc6.into_iter().map(|(p, m, _, v)| (p, m, v)).collect();
 
         let mut pol: Vec<_> = state
             .policy
@@ -220,6 +277,21 @@ impl Evaluator {
     pub fn clear_tracking(&mut self) {
         self.conntrack.clear();
         self.fragments.clear();
+        self.conntrack6.clear();
+        self.fragments6.clear();
+    }
+
+    pub fn conntrack6(&self) -> &HashMap<CtKey6, CtValue> {
+        &self.conntrack6
+    }
+
+    /// The IPv6 ipcache's longest-prefix match for `addr`, if any.
+    pub fn ipcache6_lookup(&self, addr: Ipv6Addr) -> Option<IpcacheValue> {
+        let a = addr.octets();
+        self.ipcache6
+            .iter()
+            .find(|(p, m, _)| prefix_eq(&a, m, *p))
+            .map(|(_, _, v)| *v)
     }
 
     pub fn endpoint(&self, ifindex: u32) -> Option<&EndpointInfo> {
@@ -301,8 +373,16 @@ impl Evaluator {
         }
         let mac = |o: usize| -> [u8; 6] { f[o..o + 6].try_into().expect("6 bytes") };
         let (dst_mac, src_mac) = (mac(0), mac(6));
-        // Layer 2 first: every frame from the pod carries its MAC.
+        // Layer 2 first: every frame from the pod carries its MAC. (The
+        // IPv6 programs report with an IPv6 event.)
         if let Some(d) = foreign_mac(&ep, dir, &src_mac, &dst_mac) {
+            if be16(f, 12) == ETH_P_IPV6 {
+                let flow = Flow::<Ip6> {
+                    key: decision::empty_key(dir),
+                    tcp_flags: 0,
+                };
+                return finish(&ep, ifindex, &flow, &d);
+            }
             return report_drop(&ep, dir, ifindex, Some(d));
         }
         match be16(f, 12) {
@@ -322,7 +402,7 @@ impl Evaluator {
                 }
                 return Verdict::silent(true, reason::NOT_IP, Some(reason::NOT_IP));
             }
-            ETH_P_IPV6 => return ipv6(&ep, dir, ifindex, f),
+            ETH_P_IPV6 => return self.ipv6(now, &ep, dir, ifindex, f),
             _ => return drop_if_enforced(&ep, dir, ifindex, reason::UNSUPPORTED_L3),
         }
 
@@ -433,17 +513,17 @@ impl Evaluator {
         v
     }
 
-    fn track_and_decide(
+    fn track_and_decide<A: Family>(
         &mut self,
         now: u64,
         ep: &EndpointInfo,
         dir: u8,
         ifindex: u32,
-        flow: &Flow,
+        flow: &Flow<A>,
     ) -> Verdict {
         let key = flow.key;
 
-        let conntrack = &mut self.conntrack;
+        let conntrack = A::conntrack(self);
         let known = track(&key, dir, |k, reply| {
             let ct = conntrack.get_mut(k)?;
             let stale = ct_use(ct, ep, k.protocol, flow.tcp_flags, reply, now)?;
@@ -452,20 +532,14 @@ impl Evaluator {
         if let Some(t) = known {
             let mut cookie = t.cookie;
             if t.stale {
-                // `rejudge` in verdict.rs: the entry's own flow, in its
-                // own scope, as a new flow (no Services in this model).
+                // `rejudge` in verdict.rs.
                 let k = t.key;
-                let d = if k.scope == DIR_EGRESS && k.daddr == ep.ipv4 {
-                    decision::decide(ep, DIR_EGRESS, &k, &HAIRPIN_PEER, |_| None)
-                } else {
-                    self.decide(ep, k.scope, &k)
-                };
-                let d = rejudged(d);
+                let d = rejudged(A::rejudge_decision(self, ep, &k));
                 if !d.pass {
-                    self.conntrack.remove(&k);
+                    A::conntrack(self).remove(&k);
                     return finish(ep, ifindex, flow, &d);
                 }
-                if let Some(ct) = self.conntrack.get_mut(&k) {
+                if let Some(ct) = A::conntrack(self).get_mut(&k) {
                     let reply = t.why == reason::REPLY;
                     rejudged_entry(ct, ep, &d, flow.tcp_flags, reply, now, k.protocol);
                 }
@@ -478,33 +552,29 @@ impl Evaluator {
 
         let d = self.decide_new_flow(ep, dir, &key);
         if decision::records_entry(&d, key.protocol, flow.tcp_flags) {
-            self.conntrack
-                .insert(key, new_ct_entry(ep, &d, key.protocol, flow.tcp_flags, now));
+            A::conntrack(self).insert(key, new_ct_entry(ep, &d, key.protocol, flow.tcp_flags, now));
         }
         finish(ep, ifindex, flow, &d)
     }
 
     /// The kernel's `new_flow_policy`: `decide`, then a
     /// ClusterNetworkPolicy's deny of the pod's own node.
-    fn decide_new_flow(&self, ep: &EndpointInfo, dir: u8, key: &CtKey) -> Decision {
-        let peer = self.peer_of(dir, key);
+    fn decide_new_flow<A: Family>(&self, ep: &EndpointInfo, dir: u8, key: &CtKeyOf<A>) -> Decision {
+        let peer = A::peer(self, dir, remote_addr(key, dir));
         let lookup = |k: &PolicyKey| self.policy_lookup(k).map(|(_, _, v)| v);
         let d = decision::decide(ep, dir, key, &peer, lookup);
         decision::own_node_checked(ep, dir, key, &peer, d, lookup)
     }
 
     /// `decision::decide` over this model's maps, with the same lookups.
-    fn decide(&self, ep: &EndpointInfo, dir: u8, key: &CtKey) -> Decision {
-        decision::decide(ep, dir, key, &self.peer_of(dir, key), |k| {
-            self.policy_lookup(k).map(|(_, _, v)| v)
-        })
-    }
-
-    /// The ipcache's word on the flow's remote end.
-    fn peer_of(&self, dir: u8, key: &CtKey) -> IpcacheValue {
-        palisade_common::service::policy_peer(dir, remote_addr(key, dir), |a| {
-            self.ipcache_lookup(Ipv4Addr::from(a.to_ne_bytes()))
-        })
+    fn decide<A: Family>(&self, ep: &EndpointInfo, dir: u8, key: &CtKeyOf<A>) -> Decision {
+        decision::decide(
+            ep,
+            dir,
+            key,
+            &A::peer(self, dir, remote_addr(key, dir)),
+            |k| self.policy_lookup(k).map(|(_, _, v)| v),
+        )
     }
 
     fn later_fragment(
@@ -532,6 +602,173 @@ impl Evaluator {
             Some(d) => finish(ep, ifindex, &frag_flow(key, dir), &d),
         }
     }
+
+    /// The kernel's `verdict6::process`.
+    fn ipv6(&mut self, now: u64, ep: &EndpointInfo, dir: u8, ifindex: u32, f: &[u8]) -> Verdict {
+        let hdr = ETH_HLEN + v6::IPV6_HLEN;
+        if f.len() < hdr {
+            return drop_unchecked(ep, dir, ifindex, reason::MALFORMED);
+        }
+        let ip = &f[ETH_HLEN..];
+        let read = |off: usize| ip.get(off).copied();
+        let words = |at: usize| -> Ip6 { std::array::from_fn(|i| ne32(ip, at + 4 * i)) };
+        let (payload_len, hop_limit, saddr, daddr) =
+            (be16(ip, 4) as usize, ip[7], words(8), words(24));
+        let upper = v6::upper_layer(read);
+        let report6 = |d: Option<Decision>| match d {
+            None => Verdict::silent(true, reason::UNENFORCED, None),
+            Some(d) => finish(
+                ep,
+                ifindex,
+                &Flow::<Ip6> {
+                    key: decision::empty_key(dir),
+                    tcp_flags: 0,
+                },
+                &d,
+            ),
+        };
+        if v6::unknown_upper(dir, &upper) {
+            return report6(Some(hard_drop(ep, reason::MALFORMED, dir)));
+        }
+        let (protocol, offset) = (upper.protocol, upper.offset);
+        // The kernel reads the frame as far as it goes: bytes past the
+        // frame are missing, past the payload length cut by `room`.
+        let room = (payload_len + v6::IPV6_HLEN).saturating_sub(offset);
+        let t = v6::transport(protocol, offset, room, read);
+        if protocol == IPPROTO_ICMPV6 && upper.kind == v6::UPPER_AT && t.ok {
+            let node = |a: &Ip6| {
+                self.ipcache6_lookup(crate::maps::from_ip6_words(*a))
+                    .is_some_and(|v| v.identity == palisade_common::IDENTITY_HOST)
+            };
+            match v6::link_control(dir, t.icmp_type, hop_limit, &saddr, &daddr, &ep.ipv6, node) {
+                Some(reason::NOT_IP) => {
+                    return Verdict::silent(true, reason::NOT_IP, Some(reason::NOT_IP))
+                }
+                Some(r) => return report6(Some(hard_drop(ep, r, dir))),
+                None => {}
+            }
+        }
+        let bare = Flow {
+            key: decision::key_of(ep.endpoint_id, saddr, daddr, 0, 0, protocol, dir),
+            tcp_flags: 0,
+        };
+        if let Some(d) = spoofed(ep, dir, saddr).or_else(|| foreign_destination(ep, dir, daddr)) {
+            return finish(ep, ifindex, &bare, &d);
+        }
+        if ip[0] >> 4 != 6 || upper.kind == v6::UPPER_UNKNOWN {
+            return report6(decision::drop_if_enforced(ep, dir, reason::MALFORMED));
+        }
+        let frag_key = |id: u32| FragKey6 {
+            saddr,
+            daddr,
+            id,
+            protocol: 0,
+            scope: dir,
+            _pad: 0,
+            endpoint_id: ep.endpoint_id,
+        };
+        if upper.kind == v6::UPPER_LATER_FRAGMENT {
+            let first = self.fragments6.get(&frag_key(upper.frag_id)).copied();
+            let flow = Flow {
+                key: decision::key_of(0, saddr, daddr, 0, 0, 0, dir),
+                tcp_flags: 0,
+            };
+            return later_fragment_of(now, ep, dir, ifindex, first, &flow);
+        }
+        if !t.ok {
+            return report6(decision::drop_if_enforced(ep, dir, reason::MALFORMED));
+        }
+        let flow = Flow {
+            key: decision::key_of(
+                ep.endpoint_id,
+                saddr,
+                daddr,
+                t.sport_be,
+                t.dport_be,
+                protocol,
+                dir,
+            ),
+            tcp_flags: t.tcp_flags,
+        };
+        let error = protocol == IPPROTO_ICMPV6 && v6::is_error(t.icmp_type);
+        let v = if error && self.related6(now, ep, dir, offset, read) {
+            Verdict::silent(true, reason::RELATED, Some(reason::RELATED))
+        } else {
+            self.track_and_decide(now, ep, dir, ifindex, &flow)
+        };
+        if upper.fragmented {
+            let (expires_ns, verdict) = first_fragment_verdict(v.pass, now);
+            self.fragments6.insert(
+                frag_key(upper.frag_id),
+                FragValue {
+                    expires_ns,
+                    verdict,
+                    _pad: 0,
+                },
+            );
+        }
+        v
+    }
+
+    /// The kernel's `verdict6::related`.
+    fn related6(
+        &self,
+        now: u64,
+        ep: &EndpointInfo,
+        dir: u8,
+        offset: usize,
+        read: impl Fn(usize) -> Option<u8>,
+    ) -> bool {
+        let q = v6::quoted(offset, read);
+        if !q.ok {
+            return false;
+        }
+        let (s, d) = (q.saddr, q.daddr);
+        let protocol = q.protocol;
+        let scope = decision::opposite(dir);
+        let k = decision::key_of(
+            ep.endpoint_id,
+            s,
+            d,
+            q.sport_be,
+            q.dport_be,
+            protocol,
+            scope,
+        );
+        let live = |k: &CtKey6| {
+            self.conntrack6.get(k).is_some_and(|ct| {
+                decision::ct_live(ct, protocol, 0, now) && !decision::ct_stale(ct, ep)
+            })
+        };
+        live(&k) || live(&k.reversed(dir))
+    }
+}
+
+/// The kernel's `later_fragment_of`, for IPv6 (the IPv4 one above reads
+/// its own table).
+fn later_fragment_of(
+    now: u64,
+    ep: &EndpointInfo,
+    dir: u8,
+    ifindex: u32,
+    first: Option<FragValue>,
+    flow: &Flow<Ip6>,
+) -> Verdict {
+    if let Some(v) = first {
+        match later_fragment_verdict(v.expires_ns, v.verdict, now) {
+            Some(true) => {
+                return Verdict::silent(true, reason::FRAG_ALLOWED, Some(reason::FRAG_ALLOWED))
+            }
+            Some(false) => {
+                return finish(ep, ifindex, flow, &hard_drop(ep, reason::FRAG_DENIED, dir))
+            }
+            None => {}
+        }
+    }
+    match decision::drop_if_enforced(ep, dir, reason::FRAG_UNTRACKED) {
+        None => Verdict::silent(true, reason::UNENFORCED, None),
+        Some(d) => finish(ep, ifindex, flow, &d),
+    }
 }
 
 /// Fragments carry no ports after the first.
@@ -539,22 +776,6 @@ fn frag_flow(key: &FragKey, dir: u8) -> Flow {
     Flow {
         key: ct_key(0, key.saddr, key.daddr, 0, 0, key.protocol, dir),
         tcp_flags: 0,
-    }
-}
-
-fn ipv6(ep: &EndpointInfo, dir: u8, ifindex: u32, f: &[u8]) -> Verdict {
-    let read = |off: usize| f.get(ETH_HLEN + off).copied();
-    match palisade_common::ipv6::verdict(dir, ep.enforced_any(), read) {
-        V6::Pass(None) => Verdict::silent(true, reason::UNENFORCED, None),
-        V6::Pass(Some(r)) => Verdict::silent(true, r, Some(r)),
-        V6::Drop(why) => {
-            let flow = Flow {
-                key: empty_key(dir),
-                tcp_flags: 0,
-            };
-            // Audit mode does not open an IPv6 bypass either.
-            finish(ep, ifindex, &flow, &hard_drop(ep, why, dir))
-        }
     }
 }
 
@@ -572,7 +793,7 @@ fn report_drop(ep: &EndpointInfo, dir: u8, ifindex: u32, d: Option<Decision>) ->
         None => Verdict::silent(true, reason::UNENFORCED, None),
         Some(d) => {
             let flow = Flow {
-                key: empty_key(dir),
+                key: empty_key::<u32>(dir),
                 tcp_flags: 0,
             };
             finish(ep, ifindex, &flow, &d)
@@ -581,7 +802,12 @@ fn report_drop(ep: &EndpointInfo, dir: u8, ifindex: u32, d: Option<Decision>) ->
 }
 
 /// Counted and reported: the kernel's `finish`.
-fn finish(ep: &EndpointInfo, ifindex: u32, flow: &Flow, d: &Decision) -> Verdict {
+fn finish<A: decision::Addr>(
+    ep: &EndpointInfo,
+    ifindex: u32,
+    flow: &Flow<A>,
+    d: &Decision,
+) -> Verdict {
     Verdict {
         pass: d.pass,
         verdict: d.verdict,

@@ -1,0 +1,412 @@
+//! The IPv6 verdict path: IPv4's stages (`verdict.rs`) with the same rules
+//! (`palisade_common::decision`, generic over the address) and the same
+//! policy map, over the IPv6 tables `ENDPOINTS6`, `IPCACHE6`, `CONNTRACK6`
+//! and `FRAGMENTS6`. Before anything else, the link's own control messages
+//! (neighbour discovery, MLD) are held to the link
+//! (`ipv6::link_control`). Not here: Service translation (an IPv6
+//! ClusterIP is judged as the address it is).
+//!
+//! Headers: the fixed header, and a transport header right behind it, are
+//! read in place (the common case, and so the established flow's path);
+//! extension headers are walked through `bpf_skb_load_bytes`, whose
+//! offsets need no verifier proof (`ipv6::upper_layer`).
+
+use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key, programs::TcContext};
+use palisade_common::{
+    decision::{
+        ct_live, ct_stale, drop_if_enforced as enforced_drop, first_fragment_verdict,
+        foreign_destination, foreign_mac, hard_drop, key_of, opposite, peer_or_world, spoofed,
+        unchecked_source, Decision,
+    },
+    ipv6::{self, Transport, Upper, IPPROTO_ICMPV6, UPPER_AT, UPPER_LATER_FRAGMENT, UPPER_UNKNOWN},
+    reason, CtKey6, CtValue, EndpointInfo, FragKey6, FragValue, Ip6, IpcacheValue, IDENTITY_HOST,
+    PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+};
+
+use crate::{
+    headers::{ptr_at, EthHdr, Ipv6Hdr, ETH_HLEN, IPV6_HLEN},
+    verdict::{
+        charge, count, ct_track, endpoint, finish, later_fragment_of, lookup, new_flow, policy,
+        pull, rejudge, report_drop_of, Family, Flow,
+    },
+    CONNTRACK6, ENDPOINTS6, FRAGMENTS6, IPCACHE6, SCRATCH6,
+};
+
+impl Family for Ip6 {
+    #[inline(always)]
+    fn ct(k: &CtKey6) -> Option<*mut CtValue> {
+        CONNTRACK6.get_ptr_mut(k)
+    }
+    #[inline(always)]
+    fn ct_insert(k: &CtKey6, v: &CtValue) {
+        let _ = CONNTRACK6.insert(k, v, 0);
+    }
+    #[inline(always)]
+    fn ct_remove(k: &CtKey6) {
+        let _ = CONNTRACK6.remove(k);
+    }
+    #[inline(always)]
+    fn endpoint_of(a: Ip6) -> Option<u32> {
+        lookup(&ENDPOINTS6, &a)
+    }
+    #[inline(always)]
+    fn peer(_dir: u8, remote: Ip6) -> IpcacheValue {
+        peer_or_world(IPCACHE6.get(Key::new(128, remote)).copied())
+    }
+    #[inline(always)]
+    fn rejudge_decision(ep: &EndpointInfo, k: &CtKey6, _ct_flags: u8) -> Decision {
+        policy(ep, k.scope, k)
+    }
+    /// Deferred: recorded in the scratch slot and reported by `frame` once
+    /// the verdict is reached, so the event code's stack frame is never
+    /// stacked on a stage's.
+    #[inline(always)]
+    fn report<const DRY: bool>(_ep: &EndpointInfo, _ifindex: u32, flow: &Flow<Ip6>, d: &Decision) {
+        if let Some(s) = SCRATCH6.get_ptr_mut(0) {
+            // SAFETY: this CPU's slot (see `Scratch6`).
+            unsafe {
+                (*s).report = Flow { ..*flow };
+                (*s).decision = *d;
+                (*s).pending = true;
+            }
+        }
+    }
+}
+
+/// Per-CPU working memory of the IPv6 path (`SCRATCH6`), off the stack:
+/// its stages are subprograms with stack frames of their own, and the
+/// frames of a chain of calls share 512 bytes. Valid for one program run
+/// (programs run with migration disabled: nothing else uses it meanwhile).
+pub(crate) struct Scratch6 {
+    /// The packet's flow.
+    flow: Flow<Ip6>,
+    /// The verdict to report, if `pending` (`Family::report`).
+    report: Flow<Ip6>,
+    decision: Decision,
+    pending: bool,
+}
+
+/// `finish` as a BPF subprogram (these programs tail-call nothing, so
+/// they may have some): the IPv6 path reports from many places, and
+/// inlined copies would each take stack of their own.
+#[inline(never)]
+fn report6<const DRY: bool>(ep: &EndpointInfo, ifindex: u32, flow: &Flow<Ip6>, d: &Decision) {
+    finish::<DRY>(ep, ifindex, flow, d);
+}
+
+/// The verdict on an IPv6 frame (the programs `pod_egress6`,
+/// `pod_ingress6`, `pod_verify6`, tail-called by the IPv4 ones).
+#[inline(always)]
+pub fn frame<const DRY: bool>(ctx: &TcContext, dir: u8) -> Result<bool, ()> {
+    let Some((ifindex, ep)) = endpoint(ctx) else {
+        return Err(());
+    };
+    let Some(s) = SCRATCH6.get_ptr_mut(0) else {
+        return Err(());
+    };
+    // SAFETY: this CPU's slot (see `Scratch6`).
+    unsafe { (*s).pending = false };
+    let pass = checked::<DRY>(ctx, &ep, dir, ifindex);
+    // Whatever the verdict's stage deferred (`Family::report`).
+    // SAFETY: as above.
+    unsafe {
+        if (*s).pending {
+            report6::<DRY>(&ep, ifindex, &(*s).report, &(*s).decision);
+        }
+    }
+    Ok(pass)
+}
+
+/// Layer 2 checked, then `process`.
+#[inline(always)]
+fn checked<const DRY: bool>(ctx: &TcContext, ep: &EndpointInfo, dir: u8, ifindex: u32) -> bool {
+    let (start, end) = pull(ctx);
+    let Some(eth) = ptr_at::<EthHdr>(start, end, 0) else {
+        let d = unchecked_source(ep, dir, reason::MALFORMED);
+        return report_drop_of::<DRY, Ip6>(ep, ifindex, dir, d);
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let (src_mac, dst_mac) = unsafe { ((*eth).src, (*eth).dst) };
+    // Layer 2 first: every frame from the pod carries its MAC.
+    if let Some(d) = foreign_mac(ep, dir, &src_mac, &dst_mac) {
+        return report_drop_of::<DRY, Ip6>(ep, ifindex, dir, Some(d));
+    }
+    process::<DRY>(ctx, ep, dir, ifindex, start, end)
+}
+
+#[inline(always)]
+fn process<const DRY: bool>(
+    ctx: &TcContext,
+    ep: &EndpointInfo,
+    dir: u8,
+    ifindex: u32,
+    start: usize,
+    end: usize,
+) -> bool {
+    let Some(ip) = ptr_at::<Ipv6Hdr>(start, end, ETH_HLEN) else {
+        let d = unchecked_source(ep, dir, reason::MALFORMED);
+        return report_drop_of::<DRY, Ip6>(ep, ifindex, dir, d);
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let (vtf, payload_len, nh, hop_limit, saddr, daddr) = unsafe {
+        (
+            (*ip).ver_tc_flow,
+            u16::from_be((*ip).payload_len_be) as usize,
+            (*ip).next_header,
+            (*ip).hop_limit,
+            (*ip).saddr,
+            (*ip).daddr,
+        )
+    };
+    let upper = match nh {
+        PROTO_TCP | PROTO_UDP | IPPROTO_ICMPV6 | PROTO_SCTP => Upper::at(nh, IPV6_HLEN),
+        _ => walk(ctx),
+    };
+    // From a pod, what cannot be followed is dropped enforced or not: it
+    // could hide a router advertisement.
+    if ipv6::unknown_upper(dir, &upper) {
+        let d = hard_drop(ep, reason::MALFORMED, dir);
+        return report_drop_of::<DRY, Ip6>(ep, ifindex, dir, Some(d));
+    }
+    let (protocol, offset) = (upper.protocol, upper.offset);
+    // The transport header: in place right behind the fixed header, else
+    // through the helper.
+    let room = (payload_len + IPV6_HLEN).saturating_sub(offset);
+    let transport = if offset == IPV6_HLEN {
+        ipv6::transport(protocol, IPV6_HLEN, room, |off| {
+            // SAFETY: bounds checked by ptr_at.
+            ptr_at::<u8>(start, end, ETH_HLEN + off).map(|p| unsafe { *p })
+        })
+    } else {
+        transport_at(ctx, protocol, offset, room)
+    };
+
+    // The flow lives in a per-CPU scratch slot, not on the stack: the
+    // stages below are subprograms (stack frames of their own), and the
+    // frames of a chain of calls share 512 bytes.
+    let Some(fp) = SCRATCH6.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's slot (see `Scratch6`).
+    let flow = unsafe { &mut (*fp).flow };
+    flow.key = key_of(ep.endpoint_id, saddr, daddr, 0, 0, protocol, dir);
+    flow.tcp_flags = 0;
+    flow.svc = 0;
+    flow.answerable = false;
+
+    // Neighbour discovery and MLD: on the link only, enforced or not.
+    if protocol == IPPROTO_ICMPV6 && upper.kind == UPPER_AT && transport.ok {
+        match link(ep, dir, flow, transport.icmp_type, hop_limit) {
+            reason::NONE => {}
+            reason::NOT_IP => {
+                count::<DRY>(reason::NOT_IP);
+                return true;
+            }
+            r => {
+                let d = hard_drop(ep, r, dir);
+                return report_drop_of::<DRY, Ip6>(ep, ifindex, dir, Some(d));
+            }
+        }
+    }
+
+    // Anti-spoofing, then frames to the pod addressed to it.
+    if let Some(d) = spoofed(ep, dir, saddr).or_else(|| foreign_destination(ep, dir, daddr)) {
+        Ip6::report::<DRY>(ep, ifindex, flow, &d);
+        return d.pass;
+    }
+    if vtf.to_ne_bytes()[0] >> 4 != 6 || upper.kind == UPPER_UNKNOWN {
+        let d = enforced_drop(ep, dir, reason::MALFORMED);
+        return report_drop_of::<DRY, Ip6>(ep, ifindex, dir, d);
+    }
+    if upper.kind == UPPER_LATER_FRAGMENT {
+        return later_fragment::<DRY>(ep, dir, ifindex, flow, upper.frag_id);
+    }
+    let t = transport;
+    if !t.ok {
+        let d = enforced_drop(ep, dir, reason::MALFORMED);
+        return report_drop_of::<DRY, Ip6>(ep, ifindex, dir, d);
+    }
+    flow.key.sport_be = t.sport_be;
+    flow.key.dport_be = t.dport_be;
+    flow.tcp_flags = t.tcp_flags;
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let error = protocol == IPPROTO_ICMPV6 && ipv6::is_error(t.icmp_type);
+    let pass = if !DRY && error && related(ctx, ep, dir, offset, now) {
+        count::<DRY>(reason::RELATED);
+        true
+    } else {
+        match known::<DRY>(ep, dir, ifindex, flow, now) {
+            KNOWN_PASS => true,
+            KNOWN_DROP => false,
+            _ => new::<DRY>(ep, dir, ifindex, flow, now),
+        }
+    };
+    if !DRY && upper.fragmented {
+        first_fragment(ep, dir, flow, upper.frag_id, pass);
+    }
+    pass
+}
+
+/// `ipv6::link_control` on the flow's addresses (`reason::NONE`: not
+/// neighbour discovery or MLD).
+#[inline(never)]
+fn link(ep: &EndpointInfo, dir: u8, flow: &Flow<Ip6>, icmp_type: u8, hop_limit: u8) -> u8 {
+    let node = |a: &Ip6| {
+        IPCACHE6
+            .get(Key::new(128, *a))
+            .is_some_and(|v| v.identity == IDENTITY_HOST)
+    };
+    // Volatile reads: LLVM would otherwise pass the 16-byte addresses
+    // themselves as arguments, and BPF calls take five registers at most.
+    // SAFETY: valid references.
+    let (s, d, own) = unsafe {
+        (
+            core::ptr::read_volatile(&flow.key.saddr),
+            core::ptr::read_volatile(&flow.key.daddr),
+            core::ptr::read_volatile(&ep.ipv6),
+        )
+    };
+    ipv6::link_control(dir, icmp_type, hop_limit, &s, &d, &own, node).unwrap_or(reason::NONE)
+}
+
+const KNOWN_PASS: u8 = 1;
+const KNOWN_DROP: u8 = 2;
+
+/// Conntrack: a known flow or reply passes without a policy lookup (a
+/// stale entry is judged again first). 0: not tracked, a new flow.
+#[inline(never)]
+fn known<const DRY: bool>(
+    ep: &EndpointInfo,
+    dir: u8,
+    ifindex: u32,
+    flow: &mut Flow<Ip6>,
+    now: u64,
+) -> u8 {
+    if DRY {
+        return 0;
+    }
+    let (mut flags, mut state) = (0, 0);
+    let Some(t) = ct_track(
+        ep,
+        &flow.key,
+        dir,
+        flow.tcp_flags,
+        now,
+        &mut flags,
+        &mut state,
+    ) else {
+        return 0;
+    };
+    if t.stale && !rejudge(ep, ifindex, flow, &t, flags, now) {
+        return KNOWN_DROP;
+    }
+    count::<DRY>(t.why);
+    KNOWN_PASS
+}
+
+/// Policy for a new flow, recorded when admitted.
+#[inline(never)]
+fn new<const DRY: bool>(
+    ep: &EndpointInfo,
+    dir: u8,
+    ifindex: u32,
+    flow: &Flow<Ip6>,
+    now: u64,
+) -> bool {
+    new_flow::<DRY, Ip6>(ep, dir, ifindex, flow, now)
+}
+
+/// A later fragment: its first fragment's verdict.
+#[inline(never)]
+fn later_fragment<const DRY: bool>(
+    ep: &EndpointInfo,
+    dir: u8,
+    ifindex: u32,
+    flow: &Flow<Ip6>,
+    id: u32,
+) -> bool {
+    let (saddr, daddr) = (flow.key.saddr, flow.key.daddr);
+    let first = lookup(&FRAGMENTS6, &frag_key(ep, dir, saddr, daddr, id));
+    later_fragment_of::<DRY, Ip6>(ep, dir, ifindex, first, saddr, daddr, 0)
+}
+
+/// A first fragment: the rest of the datagram inherits this verdict, if
+/// its endpoint may keep one more record.
+#[inline(never)]
+fn first_fragment(ep: &EndpointInfo, dir: u8, flow: &Flow<Ip6>, id: u32, pass: bool) {
+    let (saddr, daddr) = (flow.key.saddr, flow.key.daddr);
+    if charge(ep, dir, saddr, 1, true) {
+        // SAFETY: helper without preconditions.
+        let now = unsafe { bpf_ktime_get_ns() };
+        let (expires_ns, verdict) = first_fragment_verdict(pass, now);
+        let v = FragValue {
+            expires_ns,
+            verdict,
+            _pad: 0,
+        };
+        let _ = FRAGMENTS6.insert(&frag_key(ep, dir, saddr, daddr, id), &v, 0);
+    } else {
+        count::<false>(reason::CT_BUDGET_UNTRACKED);
+    }
+}
+
+/// The extension-header walk (`ipv6::upper_layer`), through the helper:
+/// a subprogram, so its reads take no room in the caller's stack frame.
+#[inline(never)]
+fn walk(ctx: &TcContext) -> Upper {
+    ipv6::upper_layer(|off: usize| ctx.load::<u8>(ETH_HLEN + off).ok())
+}
+
+/// A transport header behind extension headers, through the helper.
+#[inline(never)]
+fn transport_at(ctx: &TcContext, protocol: u8, offset: usize, room: usize) -> Transport {
+    ipv6::transport(protocol, offset, room, |off: usize| {
+        ctx.load::<u8>(ETH_HLEN + off).ok()
+    })
+}
+
+/// An ICMPv6 error about a flow this endpoint tracks (the quoted packet is
+/// one the receiver of the error sent): passes with that flow, as path MTU
+/// discovery needs (RFC 8201). Only looked up, never refreshed.
+#[inline(never)]
+fn related(ctx: &TcContext, ep: &EndpointInfo, dir: u8, offset: usize, now: u64) -> bool {
+    let read = |off: usize| ctx.load::<u8>(ETH_HLEN + off).ok();
+    let q = ipv6::quoted(offset, read);
+    if !q.ok {
+        return false;
+    }
+    let protocol = q.protocol;
+    // The quoted packet went the other way: its own scope first, then as
+    // the reply of a flow the error's sender opened.
+    let k = key_of(
+        ep.endpoint_id,
+        q.saddr,
+        q.daddr,
+        q.sport_be,
+        q.dport_be,
+        protocol,
+        opposite(dir),
+    );
+    let live = |k: &CtKey6| match Ip6::ct(k) {
+        // SAFETY: valid map value pointer (RCU).
+        Some(p) => unsafe { ct_live(&*p, protocol, 0, now) && !ct_stale(&*p, ep) },
+        None => false,
+    };
+    live(&k) || live(&k.reversed(dir))
+}
+
+#[inline(always)]
+fn frag_key(ep: &EndpointInfo, dir: u8, saddr: Ip6, daddr: Ip6, id: u32) -> FragKey6 {
+    // The protocol is left out: a later fragment does not say it where the
+    // walk stops, and (source, destination, id) names the datagram.
+    FragKey6 {
+        saddr,
+        daddr,
+        id,
+        protocol: 0,
+        scope: dir,
+        _pad: 0,
+        endpoint_id: ep.endpoint_id,
+    }
+}
