@@ -41,7 +41,7 @@ use palisade_common::{
 use palisade_dataplane::{
     events::EventReader,
     loader::MapSizes,
-    maps::{be, from_be, monotonic_ns},
+    maps::{be, from_be, ip6_words, monotonic_ns},
     packet::{Packet, L3, L4, TCP_FLAG_PSH},
     reference::{policy_bytes, Evaluator, Verdict},
     testrun::run_tc,
@@ -134,6 +134,7 @@ impl PolicySet {
         }
         for (addr, p, v) in &self.ipcache {
             s.ipcache.insert((*addr, *p), *v);
+            s.ipcache6.insert((map6(*addr), p + 96), *v);
         }
         for (p, k, v) in &self.policy {
             s.policy.insert((*p, *k), *v);
@@ -154,6 +155,37 @@ impl PolicySet {
             .find(|(_, e)| e.ipv4 == be(addr))
             .map(|(i, _)| *i)
     }
+}
+
+/// The IPv6 twin of an IPv4 address: `fd00::` and its 32 bits. Every set
+/// holds both families' twins (endpoints, ipcache entries with their
+/// prefixes 96 longer), so an IPv6 flow between twins is judged exactly
+/// as the IPv4 flow would be, by the kernel's separate IPv6 programs and
+/// tables, and the model's.
+fn map6(a: Ipv4Addr) -> Ipv6Addr {
+    Ipv6Addr::from(0xfd00u128 << 112 | u32::from(a) as u128)
+}
+
+fn unmap6(a: Ipv6Addr) -> Option<Ipv4Addr> {
+    let o = a.octets();
+    (o[..12] == map6(Ipv4Addr::UNSPECIFIED).octets()[..12])
+        .then(|| Ipv4Addr::new(o[12], o[13], o[14], o[15]))
+}
+
+/// An IPv4 flow's IPv6 twin (TCP, UDP and ICMP echo; None for the rest).
+fn to_v6(p: &Packet) -> Option<Packet> {
+    let ip = p.ipv4()?;
+    let (s, d) = (map6(ip.src), map6(ip.dst));
+    Some(match ip.l4 {
+        L4::Tcp { sport, dport, flags } => Packet::ipv6_tcp(s, sport, d, dport, flags),
+        L4::Udp { sport, dport } => Packet::ipv6_udp(s, sport, d, dport),
+        L4::Icmp {
+            icmp_type: t @ (0 | 8),
+            id,
+            ..
+        } => Packet::icmpv6_echo(s, d, if t == 8 { 128 } else { 129 }, id),
+        _ => return None,
+    })
 }
 
 fn mask4(addr: Ipv4Addr, prefix: u32) -> Ipv4Addr {
@@ -220,7 +252,7 @@ fn gen_policy_set(rng: &mut StdRng, ifindexes: &[u32], now: u64) -> PolicySet {
             generation: rng.gen_range(0..3),
             mac: [0; 6],
             _pad: [0; 2],
-            ipv6: [0; 4],
+            ipv6: ip6_words(map6(ips[i])),
         };
         endpoints.push((ifs[i], info));
     }
@@ -616,14 +648,17 @@ fn gen_new_flow(rng: &mut StdRng, set: &PolicySet, ifindexes: &[u32]) -> (u32, u
 /// Where a packet can be seen: leaving the endpoint that owns its source,
 /// entering the one that owns its destination.
 fn locations_of(set: &PolicySet, p: &Packet) -> Vec<(u32, u8)> {
+    let (src, dst) = match &p.l3 {
+        L3::Ipv4(ip) => (Some(ip.src), Some(ip.dst)),
+        L3::Ipv6 { src, dst, .. } => (unmap6(*src), unmap6(*dst)),
+        _ => (None, None),
+    };
     let mut v = Vec::new();
-    if let Some(ip) = p.ipv4() {
-        if let Some(i) = set.ifindex_of(ip.src) {
-            v.push((i, DIR_EGRESS));
-        }
-        if let Some(i) = set.ifindex_of(ip.dst) {
-            v.push((i, DIR_INGRESS));
-        }
+    if let Some(i) = src.and_then(|a| set.ifindex_of(a)) {
+        v.push((i, DIR_EGRESS));
+    }
+    if let Some(i) = dst.and_then(|a| set.ifindex_of(a)) {
+        v.push((i, DIR_INGRESS));
     }
     v
 }
@@ -687,9 +722,14 @@ fn gen_step(rng: &mut StdRng, set: &PolicySet, ifindexes: &[u32], h: &mut Histor
         packet,
     };
     match roll {
-        // A new flow.
+        // A new flow, a third of them over IPv6.
         0..=29 => {
-            let s = step(gen_new_flow(rng, set, ifindexes));
+            let mut s = step(gen_new_flow(rng, set, ifindexes));
+            if rng.gen_bool(0.33) {
+                if let Some(p) = to_v6(&s.packet) {
+                    s.packet = p;
+                }
+            }
             h.flows.push(s.clone());
             s
         }
@@ -745,8 +785,9 @@ fn gen_step(rng: &mut StdRng, set: &PolicySet, ifindexes: &[u32], h: &mut Histor
                     packet,
                 }
             } else {
+                // (IPv4 fragments: the IPv6 ones have tests of their own.)
                 let base = match h.flows.choose(rng) {
-                    Some(s) if rng.gen_bool(0.5) => s.clone(),
+                    Some(s) if rng.gen_bool(0.5) && s.packet.ipv4().is_some() => s.clone(),
                     _ => step(gen_new_flow(rng, set, ifindexes)),
                 };
                 let id = rng.gen_range(1..=6);
@@ -864,6 +905,7 @@ impl Rig {
         }
         for (addr, p, v) in &set.ipcache {
             self.maps.set_ipcache(*addr, *p, *v)?;
+            self.maps.set_ipcache6(map6(*addr), p + 96, *v)?;
         }
         for (p, k, v) in &set.policy {
             self.maps.set_policy(*p, *k, *v)?;
@@ -1321,7 +1363,6 @@ fn kernel_and_reference_agree_on_random_policies_and_packets() -> Result<()> {
             reason::SPOOFED_SOURCE,
             reason::FRAG_UNTRACKED,
             reason::FRAG_DENIED,
-            reason::IPV6_UNSUPPORTED,
             reason::MALFORMED,
             reason::UNSUPPORTED_L3,
         ] {
@@ -1624,6 +1665,9 @@ fn fuzzed_frames_get_the_reference_verdict_and_never_break_the_invariants() -> R
             let mut ev = Evaluator::new(&set.state());
             for (k, v) in rig.maps.conntrack_entries()? {
                 ev.conntrack_mut().insert(k, v);
+            }
+            for (k, v) in rig.maps.conntrack6_entries()? {
+                ev.conntrack6_mut().insert(k, v);
             }
             for (k, v) in rig.maps.fragment_entries()? {
                 ev.fragments_mut().insert(k, v);

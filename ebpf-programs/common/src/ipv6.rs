@@ -287,24 +287,14 @@ pub fn is_error(icmp_type: u8) -> bool {
     (ICMPV6_DEST_UNREACHABLE..=ICMPV6_PARAM_PROBLEM).contains(&icmp_type)
 }
 
-/// The flow an ICMPv6 error quotes (`quoted`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Quote {
-    /// Found and followed (else the rest is zero).
-    pub ok: bool,
-    pub protocol: u8,
-    pub saddr: Ip6,
-    pub daddr: Ip6,
-    pub sport_be: u16,
-    pub dport_be: u16,
-}
+pub use crate::related::Quote;
 
 /// The flow an ICMPv6 error at `offset` quotes: the quoted packet, which
 /// the receiver of the error once sent. Only a quote without extension
 /// headers, of TCP, UDP, SCTP or an echo, is followed; the quote is cut
 /// where the error's size limit fell, so only its ports are read.
 #[inline(always)]
-pub fn quoted(offset: usize, read: impl Fn(usize) -> Option<u8>) -> Quote {
+pub fn quoted(offset: usize, read: impl Fn(usize) -> Option<u8>) -> Quote<Ip6> {
     let inner = offset + 8;
     let byte = |at: usize| read(at).unwrap_or(0);
     let word = |at: usize| u32::from_ne_bytes([byte(at), byte(at + 1), byte(at + 2), byte(at + 3)]);

@@ -13,6 +13,7 @@ pub mod decision;
 pub mod event_limit;
 pub mod ipv6;
 pub mod reject;
+pub mod related;
 pub mod service;
 
 /// Map names, as declared in the object and pinned under bpffs.

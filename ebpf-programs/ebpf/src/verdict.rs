@@ -23,13 +23,14 @@ use palisade_common::{
     conntrack::{TCP_ESTABLISHED, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN},
     ct_budget::{self, CtCharge},
     decision::{
-        arp_spoofed, ct_key, ct_use, decide, drop_if_enforced as enforced_drop, empty_key,
-        first_fragment_verdict, foreign_destination, foreign_mac, hard_drop, key_of,
+        arp_spoofed, ct_key, ct_live, ct_stale, ct_use, decide, drop_if_enforced as enforced_drop,
+        empty_key, first_fragment_verdict, foreign_destination, foreign_mac, hard_drop, key_of,
         later_fragment_verdict, new_ct_entry, own_node_checked, records_entry, refresh, rejudged,
         rejudged_entry, remote_addr, spoofed, track, unchecked_source, Addr, Decision, Tracked,
     },
     reason,
     reject::answerable,
+    related::{is_error4, quoted4},
     service::{
         affinity_holds, backend_slot, policy_peer, reverse_key, translated, SvcAffinity,
         SvcAffinityKey, SvcBackend, SvcBackendKey, SvcFrontend, SvcFrontendKey, SvcNat,
@@ -333,6 +334,7 @@ fn ipv4<const DRY: bool>(
         svc: 0,
         answerable: false,
     };
+    let mut icmp_type = 0xff;
     let parsed = match protocol {
         PROTO_TCP => match ptr_at::<TcpHdr>(start, end, l4) {
             // SAFETY: bounds checked by ptr_at.
@@ -364,6 +366,7 @@ fn ipv4<const DRY: bool>(
             // SAFETY: bounds checked by ptr_at.
             Some(h) if core::mem::size_of::<IcmpHdr>() <= l4_room => unsafe {
                 let t = (*h).icmp_type;
+                icmp_type = t;
                 if t == ICMP_ECHO_REQUEST || t == ICMP_ECHO_REPLY {
                     // Both ports carry the echo id so the reply's reversed
                     // tuple finds the request's entry.
@@ -381,7 +384,13 @@ fn ipv4<const DRY: bool>(
         return drop_if_enforced::<DRY>(ep, dir, ifindex, reason::MALFORMED);
     }
 
-    let pass = track_and_decide::<DRY>(ctx, ep, dir, ifindex, &mut flow, l4, redirect);
+    let pass =
+        if !DRY && protocol == PROTO_ICMP && is_error4(icmp_type) && related4(ctx, ep, dir, l4) {
+            count::<DRY>(reason::RELATED);
+            true
+        } else {
+            track_and_decide::<DRY>(ctx, ep, dir, ifindex, &mut flow, l4, redirect)
+        };
     if !DRY && frag_off & IP_MF != 0 {
         // First fragment: the rest of the datagram inherits this verdict,
         // if its endpoint may keep one more record.
@@ -399,6 +408,14 @@ fn ipv4<const DRY: bool>(
         }
     }
     pass
+}
+
+/// An ICMP error about a flow `ep` tracks (`palisade_common::related`).
+#[inline(always)]
+fn related4(ctx: &TcContext, ep: &EndpointInfo, dir: u8, l4: usize) -> bool {
+    let q = quoted4(|off: usize| ctx.load::<u8>(l4 + off).ok());
+    // SAFETY: helper without preconditions.
+    q.ok && related_flow::<u32>(ep, dir, &q, unsafe { bpf_ktime_get_ns() })
 }
 
 /// Conntrack first (known flows and replies pass without a policy lookup),
@@ -977,6 +994,24 @@ fn translate(
         }
     }
     true
+}
+
+/// Whether the flow `q` quotes is one `ep` tracks, live and current
+/// (`palisade_common::related`). Only looked up, never refreshed.
+#[inline(always)]
+pub(crate) fn related_flow<A: Family>(
+    ep: &EndpointInfo,
+    dir: u8,
+    q: &palisade_common::related::Quote<A>,
+    now: u64,
+) -> bool {
+    let (own, rev) = q.keys(ep.endpoint_id, dir);
+    let live = |k: &CtKeyOf<A>| match A::ct(k) {
+        // SAFETY: valid map value pointer (RCU).
+        Some(p) => unsafe { ct_live(&*p, q.protocol, 0, now) && !ct_stale(&*p, ep) },
+        None => false,
+    };
+    live(&own) || live(&rev)
 }
 
 /// A copy of a map value.

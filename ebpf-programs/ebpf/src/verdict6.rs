@@ -14,9 +14,8 @@
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key, programs::TcContext};
 use palisade_common::{
     decision::{
-        ct_live, ct_stale, drop_if_enforced as enforced_drop, first_fragment_verdict,
-        foreign_destination, foreign_mac, hard_drop, key_of, opposite, peer_or_world, spoofed,
-        unchecked_source, Decision,
+        drop_if_enforced as enforced_drop, first_fragment_verdict, foreign_destination,
+        foreign_mac, hard_drop, key_of, peer_or_world, spoofed, unchecked_source, Decision,
     },
     ipv6::{self, Transport, Upper, IPPROTO_ICMPV6, UPPER_AT, UPPER_LATER_FRAGMENT, UPPER_UNKNOWN},
     reason, CtKey6, CtValue, EndpointInfo, FragKey6, FragValue, Ip6, IpcacheValue, IDENTITY_HOST,
@@ -27,7 +26,7 @@ use crate::{
     headers::{ptr_at, EthHdr, Ipv6Hdr, ETH_HLEN, IPV6_HLEN},
     verdict::{
         charge, count, ct_track, endpoint, finish, later_fragment_of, lookup, new_flow, policy,
-        pull, rejudge, report_drop_of, Family, Flow,
+        pull, rejudge, related_flow, report_drop_of, Family, Flow,
     },
     CONNTRACK6, ENDPOINTS6, FRAGMENTS6, IPCACHE6, SCRATCH6,
 };
@@ -373,27 +372,7 @@ fn transport_at(ctx: &TcContext, protocol: u8, offset: usize, room: usize) -> Tr
 fn related(ctx: &TcContext, ep: &EndpointInfo, dir: u8, offset: usize, now: u64) -> bool {
     let read = |off: usize| ctx.load::<u8>(ETH_HLEN + off).ok();
     let q = ipv6::quoted(offset, read);
-    if !q.ok {
-        return false;
-    }
-    let protocol = q.protocol;
-    // The quoted packet went the other way: its own scope first, then as
-    // the reply of a flow the error's sender opened.
-    let k = key_of(
-        ep.endpoint_id,
-        q.saddr,
-        q.daddr,
-        q.sport_be,
-        q.dport_be,
-        protocol,
-        opposite(dir),
-    );
-    let live = |k: &CtKey6| match Ip6::ct(k) {
-        // SAFETY: valid map value pointer (RCU).
-        Some(p) => unsafe { ct_live(&*p, protocol, 0, now) && !ct_stale(&*p, ep) },
-        None => false,
-    };
-    live(&k) || live(&k.reversed(dir))
+    q.ok && related_flow::<Ip6>(ep, dir, &q, now)
 }
 
 #[inline(always)]

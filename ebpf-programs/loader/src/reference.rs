@@ -59,6 +59,7 @@ use palisade_common::{
     },
     ipv6::{self as v6, IPPROTO_ICMPV6},
     reason,
+    related::quoted4,
     service::HAIRPIN_PEER,
     CtKey, CtKey6, CtKeyOf, CtValue, EndpointInfo, FlowEvent, FragKey, FragKey6, FragValue, Ip6,
     IpcacheValue, PolicyKey, PolicyValue, DIR_EGRESS, POLICY_PREFIX_FULL, PROTO_ICMP, PROTO_SCTP,
@@ -285,6 +286,10 @@ impl Evaluator {
         &self.conntrack6
     }
 
+    pub fn conntrack6_mut(&mut self) -> &mut HashMap<CtKey6, CtValue> {
+        &mut self.conntrack6
+    }
+
     /// The IPv6 ipcache's longest-prefix match for `addr`, if any.
     pub fn ipcache6_lookup(&self, addr: Ipv6Addr) -> Option<IpcacheValue> {
         let a = addr.octets();
@@ -462,6 +467,7 @@ impl Evaluator {
             key: ct_key(ep.endpoint_id, saddr, daddr, 0, 0, protocol, dir),
             tcp_flags: 0,
         };
+        let mut icmp_type = 0xff;
         let parsed = match protocol {
             PROTO_TCP if fits(TCP_HLEN) => {
                 flow.key.sport_be = ne16(f, l4);
@@ -485,6 +491,7 @@ impl Evaluator {
             }
             PROTO_ICMP if fits(8) => {
                 let t = f[l4];
+                icmp_type = t;
                 if t == ICMP_ECHO_REQUEST || t == ICMP_ECHO_REPLY {
                     let id = ne16(f, l4 + 4);
                     flow.key.sport_be = id;
@@ -499,7 +506,12 @@ impl Evaluator {
             return drop_if_enforced(&ep, dir, ifindex, reason::MALFORMED);
         }
 
-        let v = self.track_and_decide(now, &ep, dir, ifindex, &flow);
+        let error = protocol == PROTO_ICMP && palisade_common::related::is_error4(icmp_type);
+        let v = if error && self.related(now, &ep, dir, &quoted4(|o| f.get(l4 + o).copied())) {
+            Verdict::silent(true, reason::RELATED, Some(reason::RELATED))
+        } else {
+            self.track_and_decide(now, &ep, dir, ifindex, &flow)
+        };
         if frag_off & 0x2000 != 0 {
             // First fragment: the rest of the datagram inherits this verdict.
             let (expires_ns, verdict) = first_fragment_verdict(v.pass, now);
@@ -691,7 +703,7 @@ impl Evaluator {
             tcp_flags: t.tcp_flags,
         };
         let error = protocol == IPPROTO_ICMPV6 && v6::is_error(t.icmp_type);
-        let v = if error && self.related6(now, ep, dir, offset, read) {
+        let v = if error && self.related(now, ep, dir, &v6::quoted(offset, read)) {
             Verdict::silent(true, reason::RELATED, Some(reason::RELATED))
         } else {
             self.track_and_decide(now, ep, dir, ifindex, &flow)
@@ -710,37 +722,25 @@ impl Evaluator {
         v
     }
 
-    /// The kernel's `verdict6::related`.
-    fn related6(
-        &self,
+    /// The kernel's `verdict::related_flow`.
+    fn related<A: Family>(
+        &mut self,
         now: u64,
         ep: &EndpointInfo,
         dir: u8,
-        offset: usize,
-        read: impl Fn(usize) -> Option<u8>,
+        q: &palisade_common::related::Quote<A>,
     ) -> bool {
-        let q = v6::quoted(offset, read);
         if !q.ok {
             return false;
         }
-        let (s, d) = (q.saddr, q.daddr);
-        let protocol = q.protocol;
-        let scope = decision::opposite(dir);
-        let k = decision::key_of(
-            ep.endpoint_id,
-            s,
-            d,
-            q.sport_be,
-            q.dport_be,
-            protocol,
-            scope,
-        );
-        let live = |k: &CtKey6| {
-            self.conntrack6.get(k).is_some_and(|ct| {
-                decision::ct_live(ct, protocol, 0, now) && !decision::ct_stale(ct, ep)
+        let (own, rev) = q.keys(ep.endpoint_id, dir);
+        let table = A::conntrack(self);
+        let live = |k: &CtKeyOf<A>| {
+            table.get(k).is_some_and(|ct| {
+                decision::ct_live(ct, q.protocol, 0, now) && !decision::ct_stale(ct, ep)
             })
         };
-        live(&k) || live(&k.reversed(dir))
+        live(&own) || live(&rev)
     }
 }
 
