@@ -255,8 +255,10 @@ impl Live {
         endpoints: &HashMap<MapData, EndpointKey, EndpointInfo>,
         endpoints6: &HashMap<MapData, Ip6, u32>,
     ) -> Self {
-        let mut l = Live::default();
-        l.by_addr6 = endpoints6.iter().filter_map(Result::ok).collect();
+        let mut l = Live {
+            by_addr6: endpoints6.iter().filter_map(Result::ok).collect(),
+            ..Default::default()
+        };
         for (k, v) in endpoints.iter().filter_map(Result::ok) {
             // (Both of an endpoint's keys name it; either keeps it live.)
             match k.kind {
