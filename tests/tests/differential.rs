@@ -177,7 +177,11 @@ fn to_v6(p: &Packet) -> Option<Packet> {
     let ip = p.ipv4()?;
     let (s, d) = (map6(ip.src), map6(ip.dst));
     Some(match ip.l4 {
-        L4::Tcp { sport, dport, flags } => Packet::ipv6_tcp(s, sport, d, dport, flags),
+        L4::Tcp {
+            sport,
+            dport,
+            flags,
+        } => Packet::ipv6_tcp(s, sport, d, dport, flags),
         L4::Udp { sport, dport } => Packet::ipv6_udp(s, sport, d, dport),
         L4::Icmp {
             icmp_type: t @ (0 | 8),
