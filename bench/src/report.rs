@@ -98,6 +98,8 @@ impl Scenario {
 }
 
 pub const TESTRUN_TARGET_NS: f64 = 40.0;
+/// Issue 15: an IPv6 established flow within this much of IPv4's.
+pub const IPV6_ESTABLISHED_NS: f64 = 10.0;
 
 // ---- 2. veth ----------------------------------------------------------------
 
@@ -608,6 +610,33 @@ pub fn targets(r: &Results) -> Vec<Target> {
             }
         }
         _ => out.push(not("per-packet cost", &t1)),
+    }
+    // Issue 15: IPv6's established flows cost what IPv4's do.
+    let t6 = format!("within {IPV6_ESTABLISHED_NS} ns of IPv4 at every size");
+    match &r.testrun {
+        Some(t) if !t.configs.is_empty() => {
+            let gaps: Vec<f64> = t
+                .configs
+                .iter()
+                .filter_map(|c| {
+                    let find = |n: &str| c.scenarios.iter().find(|s| s.name == n);
+                    let (v4, v6) = (find("established")?, find("established, IPv6")?);
+                    median(&paired_diffs(&v6.ns, &v4.ns))
+                })
+                .collect();
+            let worst = gaps.iter().copied().fold(f64::NAN, f64::max);
+            out.push(Target {
+                metric: "per-packet cost, established IPv6 over IPv4".into(),
+                target: t6,
+                measured: gaps
+                    .iter()
+                    .map(|g| format!("{:+.1} ns", g))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                met: (!worst.is_nan()).then_some(worst <= IPV6_ESTABLISHED_NS),
+            });
+        }
+        _ => out.push(not("per-packet cost, established IPv6 over IPv4", &t6)),
     }
 
     // 2.

@@ -36,7 +36,7 @@
 //! the empty program at repeat 1.
 use std::{
     collections::HashSet,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -73,14 +73,25 @@ const POD_IDENTITY: u32 = 300;
 const CIDR_IDENTITY: u32 = palisade_common::IDENTITY_FIRST_CIDR + 900;
 const FIRST_PEER_IDENTITY: u32 = 1000;
 
-/// Scenario names, in measuring order (see the module docs).
-pub const SCENARIOS: [&str; 5] = [
+/// Scenario names, in measuring order (see the module docs). The IPv6
+/// ones are the first three over IPv6 (the same peers, twins in
+/// `IPCACHE6`, the same policy entries): `pod_ingress` tail-calls
+/// `pod_ingress6` for them.
+pub const SCENARIOS: [&str; 8] = [
     "established",
     "new flow allowed",
     "new flow denied",
     "new flow allowed, ring full",
     "new flow denied, ring full",
+    "established, IPv6",
+    "new flow allowed, IPv6",
+    "new flow denied, IPv6",
 ];
+
+/// The IPv6 twin of a bench address (`fd00::` and its 32 bits).
+fn twin6(a: Ipv4Addr) -> Ipv6Addr {
+    Ipv6Addr::from(0xfd00u128 << 112 | u32::from(a) as u128)
+}
 
 pub struct Plan {
     pub policy_entries: Vec<usize>,
@@ -130,7 +141,7 @@ impl Rig {
                 generation: 0,
                 mac: [0; 6],
                 _pad: [0; 2],
-                ipv6: [0; 4],
+                ipv6: palisade_dataplane::maps::ip6_words(twin6(POD)),
             },
         )?;
         // ipcache: world, one CIDR block containing every peer, and one /32
@@ -140,20 +151,20 @@ impl Rig {
             cidr_identity: IDENTITY_WORLD,
         };
         maps.set_ipcache(Ipv4Addr::UNSPECIFIED, 0, world)?;
+        maps.set_ipcache6(Ipv6Addr::UNSPECIFIED, 0, world)?;
         let block = IpcacheValue {
             identity: CIDR_IDENTITY,
             cidr_identity: CIDR_IDENTITY,
         };
         maps.set_ipcache(Ipv4Addr::new(10, 0, 0, 0), 8, block)?;
+        maps.set_ipcache6(twin6(Ipv4Addr::new(10, 0, 0, 0)), 104, block)?;
         for k in 0..identities {
-            maps.set_ipcache(
-                peer_addr(k),
-                32,
-                IpcacheValue {
-                    identity: FIRST_PEER_IDENTITY + k as u32,
-                    cidr_identity: CIDR_IDENTITY,
-                },
-            )?;
+            let v = IpcacheValue {
+                identity: FIRST_PEER_IDENTITY + k as u32,
+                cidr_identity: CIDR_IDENTITY,
+            };
+            maps.set_ipcache(peer_addr(k), 32, v)?;
+            maps.set_ipcache6(twin6(peer_addr(k)), 128, v)?;
         }
         let allowed_k = identities / 2;
         let denied_k = identities / 3;
@@ -440,25 +451,39 @@ pub fn run(plan: &Plan) -> Result<Testrun> {
             )
             .bytes();
             let new_no = Packet::tcp(rig.denied_peer, 40002, POD, 80, TCP_FLAG_SYN).bytes();
+            let (allowed6, denied6, pod6) =
+                (twin6(rig.allowed_peer), twin6(rig.denied_peer), twin6(POD));
+            let est6 = Packet::ipv6_tcp(allowed6, 40000, pod6, 80, TCP_FLAG_ACK).bytes();
+            let syn_fin = TCP_FLAG_SYN | TCP_FLAG_FIN;
+            let new_ok6 = Packet::ipv6_tcp(allowed6, 40001, pod6, 80, syn_fin).bytes();
+            let new_no6 = Packet::ipv6_tcp(denied6, 40002, pod6, 80, TCP_FLAG_SYN).bytes();
             if round == 0 {
                 // Warm up: the ACK creates the established entry, SYN+FIN
                 // its FIN_WAIT entry.
                 measure(rig, &est, 1, TC_ACT_OK, None)?;
                 measure(rig, &new_ok, 1, TC_ACT_OK, None)?;
+                measure(rig, &est6, 1, TC_ACT_OK, None)?;
+                measure(rig, &new_ok6, 1, TC_ACT_OK, None)?;
             }
             let e = run_tc(&empty, &est, IFINDEX, plan.repeat)?;
             configs[ri].empty.push(e.per_run.as_nanos() as f64);
-            let cases: [(&[u8], u32, u8, bool); 5] = [
+            let cases: [(&[u8], u32, u8, bool); 8] = [
                 (&est, TC_ACT_OK, reason::ESTABLISHED, false),
                 (&new_ok, TC_ACT_OK, reason::POLICY_ALLOW, true),
                 (&new_no, TC_ACT_SHOT, reason::NO_POLICY_MATCH, true),
                 (&new_ok, TC_ACT_OK, reason::POLICY_ALLOW, true),
                 (&new_no, TC_ACT_SHOT, reason::NO_POLICY_MATCH, true),
+                (&est6, TC_ACT_OK, reason::ESTABLISHED, false),
+                (&new_ok6, TC_ACT_OK, reason::POLICY_ALLOW, true),
+                (&new_no6, TC_ACT_SHOT, reason::NO_POLICY_MATCH, true),
             ];
             for (k, (pkt, action, why, emits)) in cases.iter().enumerate() {
                 if k == 3 {
                     drainer.pause();
                     fill_ring(rig, &new_no)?;
+                }
+                if k == 5 {
+                    drainer.resume();
                 }
                 let m = measure(rig, pkt, plan.repeat, *action, Some(*why))
                     .with_context(|| configs[ri].scenarios[k].name.clone())?;
