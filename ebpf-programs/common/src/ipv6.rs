@@ -300,24 +300,12 @@ pub fn quoted(offset: usize, read: impl Fn(usize) -> Option<u8>) -> Quote<Ip6> {
     let word = |at: usize| u32::from_ne_bytes([byte(at), byte(at + 1), byte(at + 2), byte(at + 3)]);
     let addr = |at: usize| -> Ip6 { [word(at), word(at + 4), word(at + 8), word(at + 12)] };
     let protocol = byte(inner + 6);
-    let pair = |at: usize| u16::from_ne_bytes([byte(at), byte(at + 1)]);
-    let (sport_be, dport_be, need) = match protocol {
-        crate::PROTO_TCP | crate::PROTO_UDP | crate::PROTO_SCTP => {
-            (pair(inner + 40), pair(inner + 42), inner + 44)
-        }
-        IPPROTO_ICMPV6 => {
-            let ty = byte(inner + 40);
-            if ty != ICMPV6_ECHO_REQUEST && ty != ICMPV6_ECHO_REPLY {
-                return Quote::default();
-            }
-            let id = pair(inner + 44);
-            (id, id, inner + 46)
-        }
-        _ => return Quote::default(),
-    };
-    if read(need - 1).is_none() {
+    let echo = [ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY];
+    let Some((sport_be, dport_be)) =
+        crate::related::quoted_ports(protocol, IPPROTO_ICMPV6, echo, inner + 40, &read)
+    else {
         return Quote::default();
-    }
+    };
     Quote {
         ok: true,
         protocol,

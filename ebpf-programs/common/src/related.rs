@@ -57,33 +57,17 @@ pub fn quoted4(read: impl Fn(usize) -> Option<u8>) -> Quote<u32> {
     let inner = 8;
     let byte = |at: usize| read(at).unwrap_or(0);
     let word = |at: usize| u32::from_ne_bytes([byte(at), byte(at + 1), byte(at + 2), byte(at + 3)]);
-    let pair = |at: usize| u16::from_ne_bytes([byte(at), byte(at + 1)]);
     let ver_ihl = byte(inner);
     let ihl = (ver_ihl & 0x0f) as usize * 4;
     if ver_ihl >> 4 != 4 || ihl < 20 {
         return Quote::default();
     }
     let protocol = byte(inner + 9);
-    let l4 = inner + ihl;
-    let (sport_be, dport_be) = match protocol {
-        PROTO_TCP | PROTO_UDP | PROTO_SCTP => (pair(l4), pair(l4 + 2)),
-        PROTO_ICMP => {
-            let t = byte(l4);
-            if t != ICMP_ECHO_REQUEST && t != ICMP_ECHO_REPLY {
-                return Quote::default();
-            }
-            (pair(l4 + 4), pair(l4 + 4))
-        }
-        _ => return Quote::default(),
-    };
-    let need = if protocol == PROTO_ICMP {
-        l4 + 6
-    } else {
-        l4 + 4
-    };
-    if read(need - 1).is_none() {
+    let echo = [ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY];
+    let Some((sport_be, dport_be)) = quoted_ports(protocol, PROTO_ICMP, echo, inner + ihl, &read)
+    else {
         return Quote::default();
-    }
+    };
     Quote {
         ok: true,
         protocol,
@@ -91,6 +75,29 @@ pub fn quoted4(read: impl Fn(usize) -> Option<u8>) -> Quote<u32> {
         daddr: word(inner + 16),
         sport_be,
         dport_be,
+    }
+}
+
+/// The ports of a quoted packet whose transport header is at `l4`: TCP,
+/// UDP and SCTP ports, or an echo's identifier (`icmp`: the protocol's
+/// number, `echo`: its request and reply types) in both. None for
+/// anything else, or when the quote is cut before them.
+#[inline(always)]
+pub fn quoted_ports(
+    protocol: u8,
+    icmp: u8,
+    echo: [u8; 2],
+    l4: usize,
+    read: impl Fn(usize) -> Option<u8>,
+) -> Option<(u16, u16)> {
+    let pair = |at: usize| Some(u16::from_ne_bytes([read(at)?, read(at + 1)?]));
+    match protocol {
+        PROTO_TCP | PROTO_UDP | PROTO_SCTP => Some((pair(l4)?, pair(l4 + 2)?)),
+        p if p == icmp && echo.contains(&read(l4)?) => {
+            let id = pair(l4 + 4)?;
+            Some((id, id))
+        }
+        _ => None,
     }
 }
 

@@ -105,7 +105,7 @@ pub fn frame<const DRY: bool>(ctx: &TcContext, dir: u8) -> Result<bool, ()> {
     };
     // SAFETY: this CPU's slot (see `Scratch6`).
     unsafe { (*s).pending = false };
-    let pass = checked::<DRY>(ctx, &ep, dir, ifindex);
+    let pass = checked::<DRY>(ctx, &ep, dir, ifindex, s);
     // Whatever the verdict's stage deferred (`Family::report`).
     // SAFETY: as above.
     unsafe {
@@ -118,7 +118,13 @@ pub fn frame<const DRY: bool>(ctx: &TcContext, dir: u8) -> Result<bool, ()> {
 
 /// Layer 2 checked, then `process`.
 #[inline(always)]
-fn checked<const DRY: bool>(ctx: &TcContext, ep: &EndpointInfo, dir: u8, ifindex: u32) -> bool {
+fn checked<const DRY: bool>(
+    ctx: &TcContext,
+    ep: &EndpointInfo,
+    dir: u8,
+    ifindex: u32,
+    scratch: *mut Scratch6,
+) -> bool {
     let (start, end) = pull(ctx);
     let Some(eth) = ptr_at::<EthHdr>(start, end, 0) else {
         let d = unchecked_source(ep, dir, reason::MALFORMED);
@@ -130,7 +136,7 @@ fn checked<const DRY: bool>(ctx: &TcContext, ep: &EndpointInfo, dir: u8, ifindex
     if let Some(d) = foreign_mac(ep, dir, &src_mac, &dst_mac) {
         return report_drop_of::<DRY, Ip6>(ep, ifindex, dir, Some(d));
     }
-    process::<DRY>(ctx, ep, dir, ifindex, start, end)
+    process::<DRY>(ctx, ep, dir, ifindex, (start, end), scratch)
 }
 
 #[inline(always)]
@@ -139,8 +145,8 @@ fn process<const DRY: bool>(
     ep: &EndpointInfo,
     dir: u8,
     ifindex: u32,
-    start: usize,
-    end: usize,
+    (start, end): (usize, usize),
+    scratch: *mut Scratch6,
 ) -> bool {
     let Some(ip) = ptr_at::<Ipv6Hdr>(start, end, ETH_HLEN) else {
         let d = unchecked_source(ep, dir, reason::MALFORMED);
@@ -183,11 +189,8 @@ fn process<const DRY: bool>(
     // The flow lives in a per-CPU scratch slot, not on the stack: the
     // stages below are subprograms (stack frames of their own), and the
     // frames of a chain of calls share 512 bytes.
-    let Some(fp) = SCRATCH6.get_ptr_mut(0) else {
-        return false;
-    };
     // SAFETY: this CPU's slot (see `Scratch6`).
-    let flow = unsafe { &mut (*fp).flow };
+    let flow = unsafe { &mut (*scratch).flow };
     flow.key = key_of(ep.endpoint_id, saddr, daddr, 0, 0, protocol, dir);
     flow.tcp_flags = 0;
     flow.svc = 0;

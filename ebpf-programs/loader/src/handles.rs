@@ -90,72 +90,53 @@ trait Entry: Copy {
     fn charged_to(&self, live: &Live) -> u32;
 }
 
-impl Entry for CtKey {
-    type Value = CtValue;
-    fn endpoint_id(&self) -> u32 {
-        self.endpoint_id
-    }
-    fn expires_ns(v: &CtValue) -> u64 {
-        v.expires_ns
-    }
-    fn charged(&self, v: &CtValue) -> bool {
-        charged(self.protocol, v.tcp_state)
-    }
-    const FRAGMENT: bool = false;
-    fn charged_to(&self, live: &Live) -> u32 {
-        live.charged_to(self.endpoint_id, self.scope, self.saddr)
+/// `Entry` for a key type of one family: `$fragment` says which budget
+/// its entries count against, `$charged_to` how `Live` finds the sender.
+macro_rules! entry {
+    ($key:ty, $value:ty, $fragment:expr, $charged_to:ident) => {
+        impl Entry for $key {
+            type Value = $value;
+            fn endpoint_id(&self) -> u32 {
+                self.endpoint_id
+            }
+            fn expires_ns(v: &$value) -> u64 {
+                v.expires_ns
+            }
+            fn charged(&self, v: &$value) -> bool {
+                entry_charged(self.protocol, v)
+            }
+            const FRAGMENT: bool = $fragment;
+            fn charged_to(&self, live: &Live) -> u32 {
+                live.$charged_to(self.endpoint_id, self.scope, self.saddr)
+            }
+        }
+    };
+}
+entry!(CtKey, CtValue, false, charged_to);
+entry!(CtKey6, CtValue, false, charged_to6);
+entry!(FragKey, FragValue, true, charged_to);
+entry!(FragKey6, FragValue, true, charged_to6);
+
+/// Counted against a budget at all: a closing TCP entry is not; every
+/// fragment record is.
+trait Charged {
+    fn charged(&self, protocol: u8) -> bool;
+}
+
+impl Charged for CtValue {
+    fn charged(&self, protocol: u8) -> bool {
+        charged(protocol, self.tcp_state)
     }
 }
 
-impl Entry for CtKey6 {
-    type Value = CtValue;
-    fn endpoint_id(&self) -> u32 {
-        self.endpoint_id
-    }
-    fn expires_ns(v: &CtValue) -> u64 {
-        v.expires_ns
-    }
-    fn charged(&self, v: &CtValue) -> bool {
-        charged(self.protocol, v.tcp_state)
-    }
-    const FRAGMENT: bool = false;
-    fn charged_to(&self, live: &Live) -> u32 {
-        live.charged_to6(self.endpoint_id, self.scope, self.saddr)
-    }
-}
-
-impl Entry for FragKey {
-    type Value = FragValue;
-    fn endpoint_id(&self) -> u32 {
-        self.endpoint_id
-    }
-    fn expires_ns(v: &FragValue) -> u64 {
-        v.expires_ns
-    }
-    fn charged(&self, _: &FragValue) -> bool {
+impl Charged for FragValue {
+    fn charged(&self, _: u8) -> bool {
         true
     }
-    const FRAGMENT: bool = true;
-    fn charged_to(&self, live: &Live) -> u32 {
-        live.charged_to(self.endpoint_id, self.scope, self.saddr)
-    }
 }
 
-impl Entry for FragKey6 {
-    type Value = FragValue;
-    fn endpoint_id(&self) -> u32 {
-        self.endpoint_id
-    }
-    fn expires_ns(v: &FragValue) -> u64 {
-        v.expires_ns
-    }
-    fn charged(&self, _: &FragValue) -> bool {
-        true
-    }
-    const FRAGMENT: bool = true;
-    fn charged_to(&self, live: &Live) -> u32 {
-        live.charged_to6(self.endpoint_id, self.scope, self.saddr)
-    }
+fn entry_charged(protocol: u8, v: &impl Charged) -> bool {
+    v.charged(protocol)
 }
 
 /// One table's share of a GC pass.
