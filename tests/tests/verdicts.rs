@@ -1568,6 +1568,52 @@ fn ipv6_echo_is_tracked_and_errors_about_tracked_flows_pass() -> Result<()> {
     Ok(())
 }
 
+/// Issue 15: an IPv4 ICMP error about a tracked flow (fragmentation
+/// needed) reaches the pod however its ingress is enforced: path MTU
+/// discovery needs it. One about no flow of the pod's is judged as any
+/// packet.
+#[test]
+fn icmp_errors_about_tracked_flows_pass() -> Result<()> {
+    let mut rig = rig!();
+    rig.endpoint(EP_INGRESS_ENFORCED | EP_EGRESS_ENFORCED)?;
+    rig.policy(
+        POLICY_PREFIX_PROTO,
+        EXTERNAL_IDENTITY,
+        DIR_EGRESS,
+        PROTO_TCP,
+        0,
+        ACTION_ALLOW,
+        91,
+    )?;
+    let syn = tcp_out(EXTERNAL, 40000, 443, TCP_FLAG_SYN);
+    rig.run(DIR_EGRESS, &syn)?
+        .assert_reported(true, VERDICT_ALLOW, reason::POLICY_ALLOW, 91);
+    let router = Ipv4Addr::new(192, 0, 2, 254);
+    let seg = syn.clone().with_tcp_flags(TCP_FLAG_ACK);
+    rig.run(DIR_INGRESS, &Packet::icmp_error(router, 3, 4, &seg))?
+        .assert_silent(true, Some(reason::RELATED));
+    let other = tcp_out(EXTERNAL, 40001, 443, TCP_FLAG_ACK);
+    rig.run(DIR_INGRESS, &Packet::icmp_error(router, 3, 4, &other))?
+        .assert_reported(false, VERDICT_DROP, reason::NO_POLICY_MATCH, 0);
+    // A pod's own error about a flow it accepted (port unreachable for a
+    // datagram the peer sent) leaves as related too.
+    rig.policy(
+        POLICY_PREFIX_FULL,
+        PEER_IDENTITY,
+        DIR_INGRESS,
+        PROTO_UDP,
+        53,
+        ACTION_ALLOW,
+        92,
+    )?;
+    let dgram = Packet::udp(PEER, 5353, POD, 53);
+    rig.run(DIR_INGRESS, &dgram)?
+        .assert_reported(true, VERDICT_ALLOW, reason::POLICY_ALLOW, 92);
+    rig.run(DIR_EGRESS, &Packet::icmp_error(POD, 3, 3, &dgram))?
+        .assert_silent(true, Some(reason::RELATED));
+    Ok(())
+}
+
 /// Issue 15: IPv6 fragments get their first fragment's verdict, as IPv4
 /// fragments do; a later fragment without a first one is dropped where
 /// enforced.

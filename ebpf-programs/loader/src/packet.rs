@@ -123,6 +123,9 @@ pub struct Ipv4 {
     pub tot_len_override: Option<u16>,
     /// TCP data offset (words); 5 unless deliberately wrong.
     pub tcp_data_offset: u8,
+    /// The data after the L4 header when given (then `payload_len` is its
+    /// length), else `payload_len` counting bytes.
+    pub data: Option<Vec<u8>>,
 }
 
 impl Ipv4 {
@@ -136,6 +139,7 @@ impl Ipv4 {
             ttl: 64,
             l4,
             payload_len: 0,
+            data: None,
             option_words: 0,
             version: 4,
             ihl_override: None,
@@ -211,7 +215,10 @@ impl Ipv4 {
             }
             L4::Opaque { .. } => {}
         }
-        out.extend((0..self.payload_len).map(|i| i as u8));
+        match &self.data {
+            Some(d) => out.extend_from_slice(d),
+            None => out.extend((0..self.payload_len).map(|i| i as u8)),
+        }
     }
 }
 
@@ -349,6 +356,24 @@ impl Packet {
         let mut p = vec![icmp_type, 0, 0, 0];
         p.resize(4 + body_len, 0);
         Self::ipv6(src, dst, IPPROTO_ICMPV6, p)
+    }
+
+    /// An ICMP error (`icmp_type`/`code`, e.g. 3/4 fragmentation needed)
+    /// from `src` quoting `quoted`'s IPv4 datagram, to its source.
+    pub fn icmp_error(src: Ipv4Addr, icmp_type: u8, code: u8, quoted: &Packet) -> Self {
+        let q = quoted.ipv4().expect("icmp_error quotes an IPv4 packet");
+        let data = quoted.bytes()[ETH_HLEN..].to_vec();
+        // The 4 bytes after type/code/checksum: unused, next-hop MTU 1400.
+        let l4 = L4::Icmp {
+            icmp_type,
+            code,
+            id: 0,
+            seq: 1400,
+        };
+        let mut ip = Ipv4::new(src, q.src, l4);
+        ip.payload_len = data.len();
+        ip.data = Some(data);
+        Self::new(L3::Ipv4(ip))
     }
 
     /// An IPv6 TCP segment with `flags` (a 20-byte header).
