@@ -72,6 +72,10 @@ enum Task {
         /// How the agents route between nodes: native or vxlan.
         #[arg(long)]
         routing: Option<String>,
+        /// Which addresses pods get: ipv4 (default), ipv6 or dual
+        /// (FORMAT version 2).
+        #[arg(long)]
+        ip_family: Option<String>,
     },
     /// Benchmarks (bench/README.md): report.md, results.json and PNG charts
     /// in bench-report/. About 10 minutes; --quick takes 1-2.
@@ -178,6 +182,7 @@ fn run(cli: Cli) -> Result<()> {
             via_services,
             nodes,
             routing,
+            ip_family,
         } => {
             // Relative to where the command was typed, not the workspace.
             let here = std::env::current_dir()?;
@@ -201,6 +206,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             if let Some(r) = routing {
                 extra.extend(["--routing".to_string(), r]);
+            }
+            if let Some(f) = ip_family {
+                extra.extend(["--ip-family".to_string(), f]);
             }
             conformance_with(
                 &root,

@@ -23,6 +23,7 @@
 pub mod case;
 pub mod cluster;
 pub mod dns;
+pub mod family;
 pub mod flows;
 pub mod matrix;
 pub mod nodes;
