@@ -952,13 +952,16 @@ impl Cluster {
     fn cni(
         &self,
         node: usize,
-        command: &str,
+        call: CniCall,
         container_id: &str,
         netns: &Path,
         namespace: &str,
         pod: &str,
-        pin6: Option<Ipv6Addr>,
     ) -> Result<String> {
+        let (command, pin6) = match call {
+            CniCall::Add { pin6 } => ("ADD", pin6),
+            CniCall::Del => ("DEL", None),
+        };
         let cni_dir = self
             .tools
             .cni
@@ -1026,7 +1029,14 @@ impl Cluster {
             IpFamily::Ipv6 | IpFamily::Dual => Some(self.next_ip6(node)?),
         };
         let out = self
-            .cni(node, "ADD", &container_id, &path, namespace, name, pin6)
+            .cni(
+                node,
+                CniCall::Add { pin6 },
+                &container_id,
+                &path,
+                namespace,
+                name,
+            )
             .map_err(|e| match self.family {
                 // The agent refuses what it cannot enforce (code 111).
                 IpFamily::Ipv6 => {
@@ -1111,12 +1121,11 @@ impl Cluster {
             let path = pod.netns_path();
             self.cni(
                 pod.node,
-                "DEL",
+                CniCall::Del,
                 &pod.container_id,
                 &path,
                 &pod.namespace,
                 &pod.name,
-                None,
             )?;
             drop(pod.netns.take());
         }
@@ -1176,12 +1185,11 @@ impl Cluster {
             if self.nodes.get(pod.node).is_some_and(|n| n.netns.is_some()) {
                 if let Err(e) = self.cni(
                     pod.node,
-                    "DEL",
+                    CniCall::Del,
                     &pod.container_id,
                     &path,
                     &pod.namespace,
                     &pod.name,
-                    None,
                 ) {
                     errs.push(format!("{e:#}"));
                 }
@@ -1220,6 +1228,13 @@ impl Cluster {
         drop(self.dir.take());
         errs
     }
+}
+
+/// A CNI command; an ADD may narrow the IPv6 range to the runner's choice.
+#[derive(Clone, Copy, Debug)]
+enum CniCall {
+    Add { pin6: Option<Ipv6Addr> },
+    Del,
 }
 
 /// An IPv4 CIDR's network and length.
@@ -1345,6 +1360,23 @@ status:
   podIP: 10.213.0.2
 "
         );
+        // With an IPv6 address: podIPs lists both, podIP is the first.
+        let v6: Ipv6Addr = "fd00:212:213:0:ad50:20::".parse().unwrap();
+        let dual = pod_manifest_ips(
+            &pod,
+            &pod.labels,
+            &[Ipv4Addr::new(10, 213, 0, 2).into(), v6.into()],
+        );
+        assert_eq!(dual["status"]["podIP"].as_str(), Some("10.213.0.2"));
+        assert_eq!(
+            dual["status"]["podIPs"][1]["ip"].as_str(),
+            Some("fd00:212:213:0:ad50:20::")
+        );
+        let only6 = pod_manifest_ips(&pod, &pod.labels, &[v6.into()]);
+        assert_eq!(
+            only6["status"]["podIP"].as_str(),
+            Some("fd00:212:213:0:ad50:20::")
+        );
         let ns = serde_yaml::to_string(&namespace_manifest(
             "x",
             &[("a".to_string(), "1".to_string())].into(),
@@ -1354,5 +1386,68 @@ status:
             ns,
             "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: x\n  labels:\n    a: '1'\n"
         );
+    }
+
+    #[test]
+    fn ipam_configuration_per_family() {
+        let tools = Tools {
+            agent: "agent".into(),
+            cni: "cni".into(),
+        };
+        let mut c = Cluster::empty("t", tools, "10.213.0.0/24").unwrap();
+        let dir = c.dir().to_path_buf();
+        c.nodes.push(SimNode {
+            name: String::new(),
+            labels: Labels::new(),
+            netns: None,
+            dir,
+            pin_root: "/nonexistent".into(),
+            agent: None,
+            subnet: "10.213.0.0/24".into(),
+            address: None,
+            subnet6: None,
+            handed6: 0,
+        });
+        let ipam = |c: &Cluster, pin: Option<Ipv6Addr>| -> serde_json::Value {
+            serde_json::from_str::<serde_json::Value>(&c.cni_config(0, pin)).unwrap()["ipam"]
+                .clone()
+        };
+        // IPv4: the configuration it always had.
+        let v4 = ipam(&c, None);
+        assert_eq!(v4["subnet"], "10.213.0.0/24");
+        assert!(v4.get("ranges").is_none());
+
+        c.set_family(IpFamily::Dual).unwrap();
+        assert_eq!(c.subnet6.as_deref(), Some("fd00:212:213:0:ad50::/84"));
+        let first = c.next_ip6(0).unwrap();
+        assert_eq!(first.to_string(), "fd00:212:213:0:ad50:20::");
+        assert_eq!(
+            c.next_ip6(0).unwrap().to_string(),
+            "fd00:212:213:0:ad50:30::"
+        );
+        let dual = ipam(&c, Some(first));
+        assert!(dual.get("subnet").is_none(), "the ranges form only");
+        assert_eq!(dual["ranges"][0][0]["subnet"], "10.213.0.0/24");
+        let r6 = &dual["ranges"][1][0];
+        assert_eq!(r6["subnet"], "fd00:212:213:0:ad50::/84");
+        assert_eq!(r6["gateway"], "fd00:212:213:0:ad50:10::");
+        assert_eq!(r6["rangeStart"], "fd00:212:213:0:ad50:20::");
+        assert_eq!(r6["rangeEnd"], "fd00:212:213:0:ad50:20::");
+        // DEL: the whole range (it releases by container).
+        assert!(ipam(&c, None)["ranges"][1][0].get("rangeStart").is_none());
+
+        c.set_family(IpFamily::Ipv6).unwrap();
+        let only6 = ipam(&c, Some(first));
+        assert_eq!(only6["ranges"].as_array().unwrap().len(), 1);
+        assert_eq!(only6["ranges"][0][0]["subnet"], "fd00:212:213:0:ad50::/84");
+
+        let result = serde_json::json!({"ips": [
+            {"address": "10.213.0.2/24", "gateway": "10.213.0.1"},
+            {"address": "fd00:212:213:0:ad50:20::/84"}]});
+        assert_eq!(
+            result_addresses(&result).unwrap(),
+            (Some(Ipv4Addr::new(10, 213, 0, 2)), Some(first))
+        );
+        assert!(result_addresses(&serde_json::json!({"ips": []})).is_err());
     }
 }
