@@ -853,6 +853,44 @@ impl Cluster {
         Ok(())
     }
 
+    /// Waits until no IPv6 address in the node and pod namespaces is
+    /// tentative. The CNI plugin adds pod and gateway addresses without
+    /// duplicate address detection, but the veths' link-local addresses go
+    /// through it (about 1.5 s after the link comes up), and until the host
+    /// end's is usable the node sends no neighbour solicitation for a pod
+    /// address it forwards to: the first IPv6 probes would fail for a
+    /// reason that is not policy.
+    pub fn wait_ipv6_ready(&self, timeout: Duration) -> Result<Duration> {
+        let started = Instant::now();
+        let mut spaces: Vec<(String, &NetNs)> = Vec::new();
+        for n in &self.nodes {
+            if let Some(ns) = &n.netns {
+                spaces.push((format!("node {}", n.name), ns));
+            }
+        }
+        for p in &self.pods {
+            if let (Some(ns), Some(_)) = (&p.netns, p.ip6) {
+                spaces.push((format!("pod {}", p.key()), ns));
+            }
+        }
+        let deadline = started + timeout;
+        for (what, ns) in spaces {
+            loop {
+                signal::check()?;
+                let out = ns.ip(&["-6", "-o", "addr", "show", "tentative"])?;
+                let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                if text.is_empty() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("{what}: IPv6 addresses still tentative after {timeout:?}:\n{text}");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(started.elapsed())
+    }
+
     /// Every agent's log (prefixed by node when there are several).
     pub fn agent_log(&self) -> String {
         let mut out = String::new();

@@ -156,6 +156,9 @@ impl<'a> Live<'a> {
             cluster
                 .install_node_rules(&services::kube_proxy_rules(&ports), services::SERVICE_RANGE)?;
         }
+        if opts.ip_family != IpFamily::Ipv4 {
+            cluster.wait_ipv6_ready(Duration::from_secs(10))?;
+        }
         cluster.sync()?;
         cluster.wait_routes(Duration::from_secs(15))?;
         let mut endpoints = 0;
