@@ -136,6 +136,22 @@ fn run(cli: Cli) -> Result<()> {
             // (palisade's Service translation, kube-proxy's rules beside it).
             step("conformance: the same cases through Services (--via-services)");
             conformance(&root, &cases, None, None, true, true, false)?;
+            // IPv6 (FORMAT v2 --ip-family): dual-stack pods, every probe
+            // over both families, on the cases without policy (IPv6
+            // enforcement is issue 15; `--ip-family dual|ipv6` runs any
+            // corpus).
+            step("conformance: dual-stack pods (--ip-family dual, tests/conformance-ipv6)");
+            let dual = ["--ip-family".to_string(), "dual".to_string()];
+            conformance_with(
+                &root,
+                &[root.join("tests/conformance-ipv6")],
+                None,
+                None,
+                true,
+                false,
+                false,
+                &dual,
+            )?;
             // Several nodes (FORMAT v2 --nodes): the node cases and the
             // shared corpus on 3 simulated nodes with native routing, the
             // node cases again over the VXLAN overlay. (Every corpus passes
