@@ -854,5 +854,45 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(t.line(), "3 passed, 0 failed, 1 skipped");
+        let v6 = Report {
+            skipped: 0,
+            skipped_family: 3,
+            ip_family: IpFamily::Ipv4,
+            lines: vec!["step 1 TCP/80 x/b -> y/a: expected X, saw . over IPv6".into()],
+            ..r
+        };
+        assert!(v6.render().ends_with(
+            "(2 steps, 7 probes, 2.5 s; 3 probes skipped: pinned to a family --ip-family ipv4 gives pods no address of)\n"
+        ));
+    }
+
+    /// Attempts per family: the dual rule doubles the cells of a case
+    /// without address peers, pinned probes count once or are skipped.
+    #[test]
+    fn plans_attempts_per_family() {
+        let text = "name: t
+cluster: {pods: [{namespace: x, name: a}, {namespace: x, name: b}]}
+steps:
+  - probes:
+      - {port: 80, expect: \"- x/a x/b\\nx/a . .\\nx/b . .\"}
+      - {port: 80, family: ipv6, expect: \"- x/a\\nx/b .\"}
+      - {port: 9, protocol: SCTP, expect: \"- x/a\\nx/b .\"}
+";
+        let case = Case::parse(text, Path::new("t.yaml")).unwrap();
+        assert_eq!(plan(&case, IpFamily::Ipv4, true), (6, 0, 1));
+        assert_eq!(plan(&case, IpFamily::Ipv4, false), (6, 1, 1));
+        assert_eq!(plan(&case, IpFamily::Ipv6, true), (6, 0, 0));
+        assert_eq!(plan(&case, IpFamily::Dual, true), (11, 0, 0));
+        assert_eq!(plan(&case, IpFamily::Dual, false), (11, 2, 0));
+        let blocks = format!(
+            "{text}    apply: [{{kind: NetworkPolicy, metadata: {{name: p, namespace: x}}, spec: {{ingress: [{{from: [{{ipBlock: {{cidr: '{{{{subnet}}}}'}}}}]}}]}}}}]\n"
+        );
+        let case = Case::parse(&blocks, Path::new("t.yaml")).unwrap();
+        assert!(case.address_peers);
+        assert_eq!(
+            plan(&case, IpFamily::Dual, true),
+            (6, 0, 0),
+            "IPv4 only, pinned IPv6 kept"
+        );
     }
 }
