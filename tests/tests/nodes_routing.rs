@@ -66,7 +66,7 @@ fn case(text: &str) -> Case {
 fn connects(live: &Live, src: &str, dst_ip: Ipv4Addr, port: u16) -> bool {
     let job = Job {
         src_netns: live.cluster.pod(src).expect("pod").netns_path(),
-        dst: dst_ip,
+        dst: dst_ip.into(),
         port,
         protocol: Protocol::Tcp,
     };

@@ -72,6 +72,10 @@ enum Task {
         /// How the agents route between nodes: native or vxlan.
         #[arg(long)]
         routing: Option<String>,
+        /// Which addresses pods get: ipv4 (default), ipv6 or dual
+        /// (FORMAT version 2).
+        #[arg(long)]
+        ip_family: Option<String>,
     },
     /// Benchmarks (bench/README.md): report.md, results.json and PNG charts
     /// in bench-report/. About 10 minutes; --quick takes 1-2.
@@ -132,6 +136,22 @@ fn run(cli: Cli) -> Result<()> {
             // (palisade's Service translation, kube-proxy's rules beside it).
             step("conformance: the same cases through Services (--via-services)");
             conformance(&root, &cases, None, None, true, true, false)?;
+            // IPv6 (FORMAT v2 --ip-family): dual-stack pods, every probe
+            // over both families, on the cases without policy (IPv6
+            // enforcement is issue 15; `--ip-family dual|ipv6` runs any
+            // corpus).
+            step("conformance: dual-stack pods (--ip-family dual, tests/conformance-ipv6)");
+            let dual = ["--ip-family".to_string(), "dual".to_string()];
+            conformance_with(
+                &root,
+                &[root.join("tests/conformance-ipv6")],
+                None,
+                None,
+                true,
+                false,
+                false,
+                &dual,
+            )?;
             // Several nodes (FORMAT v2 --nodes): the node cases and the
             // shared corpus on 3 simulated nodes with native routing, the
             // node cases again over the VXLAN overlay. (Every corpus passes
@@ -178,6 +198,7 @@ fn run(cli: Cli) -> Result<()> {
             via_services,
             nodes,
             routing,
+            ip_family,
         } => {
             // Relative to where the command was typed, not the workspace.
             let here = std::env::current_dir()?;
@@ -201,6 +222,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             if let Some(r) = routing {
                 extra.extend(["--routing".to_string(), r]);
+            }
+            if let Some(f) = ip_family {
+                extra.extend(["--ip-family".to_string(), f]);
             }
             conformance_with(
                 &root,

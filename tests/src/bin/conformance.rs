@@ -11,7 +11,7 @@ use palisade_tests::conformance::{
 };
 
 const USAGE: &str = "\
-usage: conformance --cases DIR|FILE [--cases ...] [--filter TEXT] [--keep DIR] [--parallel N] [--verbose] [--skip-unsupported] [--via-services] [--nodes N] [--routing native|vxlan]
+usage: conformance --cases DIR|FILE [--cases ...] [--filter TEXT] [--keep DIR] [--parallel N] [--verbose] [--skip-unsupported] [--via-services] [--nodes N] [--routing native|vxlan] [--ip-family ipv4|ipv6|dual]
 
   --cases DIR   a directory of case files (*.yaml) or one case file; repeatable
   --filter TEXT only cases whose name or file contains TEXT; repeatable (any)
@@ -30,6 +30,12 @@ usage: conformance --cases DIR|FILE [--cases ...] [--filter TEXT] [--keep DIR] [
                 and the CNI plugin each), pods spread round robin unless a
                 case pins them (FORMAT version 2); cluster.nodes wins
   --routing M   how the agents route between nodes: native (default) or vxlan
+  --ip-family F which addresses pods get (FORMAT version 2): ipv4 (default);
+                ipv6, every address, placeholder and probe IPv6; dual, both,
+                placeholders IPv4, every probe over both families except in
+                cases with an ipBlock or networks peer (IPv4 only); a cell
+                holds when it holds over every family probed. ipv6 and dual
+                do not combine with --nodes/--via-services yet
 
 Environment: PALISADE_AGENT_BIN, PALISADE_CNI_BIN (default: next to this
 binary), PALISADE_AGENT_LOG (the agent's RUST_LOG, default info).";
@@ -71,6 +77,10 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args> {
                 if a.opts.nodes == 0 {
                     bail!("--nodes 0: a cluster has at least one node");
                 }
+            }
+            "--ip-family" => {
+                a.opts.ip_family =
+                    palisade_tests::conformance::family::IpFamily::parse(&value("--ip-family")?)?
             }
             "--routing" => {
                 let r = value("--routing")?;

@@ -10,7 +10,10 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Deserializer};
 use serde_yaml::Value;
 
-use super::matrix::Matrix;
+use super::{
+    family::{has_address_peer, Family},
+    matrix::Matrix,
+};
 
 pub type Labels = BTreeMap<String, String>;
 
@@ -187,6 +190,9 @@ pub struct ProbeSpec {
     #[serde(default = "default_tcp")]
     pub protocol: Protocol,
     pub expect: String,
+    /// FORMAT v2: `ipv4` or `ipv6` pins the probe to that family.
+    #[serde(default)]
+    pub family: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -230,6 +236,8 @@ pub struct Probe {
     pub port: u16,
     pub protocol: Protocol,
     pub expect: Matrix,
+    /// Pinned to one family (FORMAT v2 `family:`).
+    pub family: Option<Family>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -258,34 +266,18 @@ pub struct Case {
     /// A FORMAT version 2 feature the agent does not implement yet: the
     /// case is not run (nothing else of it is read), and the runner says so.
     pub unsupported: Option<String>,
+    /// An applied object has an ipBlock or `networks` peer: under
+    /// `--ip-family dual` the case is probed over IPv4 only (FORMAT).
+    pub address_peers: bool,
 }
 
 /// The FORMAT version 2 features this project does not implement yet, each
 /// with the issue that brings it; None when the case needs none of them.
 pub fn unsupported(raw: &Value) -> Option<String> {
     let cluster = raw.get("cluster");
-    let steps = raw
-        .get("steps")
-        .and_then(Value::as_sequence)
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    let seq = |step: &Value, key: &str| -> Vec<Value> {
-        step.get(key)
-            .and_then(Value::as_sequence)
-            .cloned()
-            .unwrap_or_default()
-    };
     let mut needs = Vec::new();
     if cluster.is_some_and(|c| c.get("dns").is_some() || c.get("external").is_some()) {
         needs.push("cluster DNS and egress by domain name (issue 16)");
-    }
-    let family = steps.iter().any(|s| {
-        seq(s, "probes")
-            .iter()
-            .any(|p| p.get("family").and_then(Value::as_str) == Some("ipv6"))
-    });
-    if family {
-        needs.push("IPv6 (issue 15)");
     }
     (!needs.is_empty()).then(|| format!("needs {}: not implemented yet", needs.join(", ")))
 }
@@ -312,6 +304,7 @@ impl Case {
                 nodes: Vec::new(),
                 steps: Vec::new(),
                 unsupported: Some(why),
+                address_peers: false,
             });
         }
         let raw: CaseFile = serde_yaml::from_value(value).context("not a case file")?;
@@ -397,6 +390,12 @@ impl Case {
                     bail!("{what}: port 0");
                 }
                 let expect = Matrix::parse(&p.expect).with_context(|| what.clone())?;
+                let family = p
+                    .family
+                    .as_deref()
+                    .map(Family::parse)
+                    .transpose()
+                    .with_context(|| what.clone())?;
                 if let Some(unknown) = expect.pods().find(|k| !has_pod(k)) {
                     bail!("{what}: the matrix names {unknown}, which is not a pod of the cluster");
                 }
@@ -404,10 +403,15 @@ impl Case {
                     port: p.port,
                     protocol: p.protocol,
                     expect,
+                    family,
                 });
             }
             steps.push(step);
         }
+        let address_peers = steps
+            .iter()
+            .flat_map(|s| &s.apply)
+            .any(|p| has_address_peer(&p.doc));
         Ok(Self {
             name: raw.name,
             file: file.to_path_buf(),
@@ -416,6 +420,7 @@ impl Case {
             nodes,
             steps,
             unsupported: None,
+            address_peers,
         })
     }
 
@@ -546,14 +551,14 @@ steps:
         assert_eq!(c.unsupported, None, "ClusterNetworkPolicy is supported");
         assert_eq!(c.steps[0].apply[0].key(), "ClusterNetworkPolicy/p");
         let v6 = "name: t\ncluster:\n  nodes: [{name: n1}]\n  pods: [{namespace: x, name: a, hostNetwork: true}]\nsteps:\n  - probes: [{port: 80, family: ipv6, expect: \"- x/a\\nx/a .\"}]\n";
-        let why = Case::parse(v6, Path::new("t.yaml"))
-            .unwrap()
-            .unsupported
-            .expect("unsupported");
-        assert!(why.contains("IPv6"), "{why}");
+        let c = Case::parse(v6, Path::new("t.yaml")).unwrap();
+        assert_eq!(c.unsupported, None, "IPv6 probes are supported");
+        assert_eq!(c.steps[0].probes[0].family, Some(Family::V6));
+        assert!(!c.address_peers);
+        let bad = v6.replace("family: ipv6", "family: ipv5");
         assert!(
-            !why.contains("node"),
-            "nodes and host-network pods are supported: {why}"
+            format!("{:#}", Case::parse(&bad, Path::new("t.yaml")).unwrap_err())
+                .contains("family \"ipv5\" is not ipv4 or ipv6")
         );
         let nodes = "name: t\ncluster:\n  nodes: [{name: n1, labels: {zone: a}}, {name: n2}]\n  pods: [{namespace: x, name: a, node: n2}, {namespace: x, name: h, hostNetwork: true}]\n";
         let c = Case::parse(nodes, Path::new("t.yaml")).unwrap();

@@ -20,7 +20,7 @@ use std::{
     collections::BTreeMap,
     fs::{self, File},
     io::Write,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::{fd::AsRawFd, unix::process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -33,6 +33,7 @@ use serde_yaml::{Mapping, Value};
 
 use super::{
     case::{Labels, PodSpec, Protocol},
+    family::{self, IpFamily},
     probe::Servers,
     signal,
 };
@@ -78,7 +79,10 @@ pub struct PodNet {
     pub name: String,
     pub netns: Option<NetNs>,
     pub container_id: String,
+    /// Its IPv4 address; unspecified for an IPv6-only pod.
     pub ip: Ipv4Addr,
+    /// Its IPv6 address (`--ip-family ipv6|dual`).
+    pub ip6: Option<Ipv6Addr>,
     /// The host-side interface, from the CNI result.
     pub host_if: String,
     /// The index of its node in [`Cluster::nodes`].
@@ -149,6 +153,12 @@ pub struct SimNode {
     pub subnet: String,
     /// Its address on the fabric (several nodes only).
     pub address: Option<Ipv4Addr>,
+    /// Its IPv6 pod range (`--ip-family ipv6|dual`): the mirror of
+    /// `subnet` (see [`family`]).
+    pub subnet6: Option<String>,
+    /// IPv6 addresses handed out so far (the next pod's is the mirror of
+    /// the `subnet` address `2 + handed6`).
+    pub handed6: u32,
 }
 
 /// The fabric's addresses: node `i` is `10.212.0.(i+1)`.
@@ -173,6 +183,11 @@ pub struct Cluster {
     torn_down: bool,
     /// Copy logs and manifests here before the scratch dir goes.
     pub keep: Option<PathBuf>,
+    /// Which addresses pods get (`--ip-family`); see [`Cluster::set_family`].
+    pub family: IpFamily,
+    /// The IPv6 range every pod address comes from (`{{subnet}}` over
+    /// IPv6), when pods get IPv6.
+    pub subnet6: Option<String>,
 }
 
 fn spawn_in(netns: &Path, cmd: &mut Command) -> Result<Child> {
@@ -327,6 +342,14 @@ pub fn node_manifest(node: &SimNode) -> Value {
 /// The Pod manifest: one container with the pod's ports; the address once
 /// the pod has one (as the kubelet reports it after the CNI ADD).
 pub fn pod_manifest(pod: &PodSpec, labels: &Labels, ip: Option<Ipv4Addr>) -> Value {
+    let ips: Vec<IpAddr> = ip.into_iter().map(IpAddr::from).collect();
+    pod_manifest_ips(pod, labels, &ips)
+}
+
+/// The Pod manifest with every address of the pod: `podIP` the first,
+/// and `podIPs` all of them when one is IPv6 (an IPv4-only pod's manifest
+/// is the one it always was).
+pub fn pod_manifest_ips(pod: &PodSpec, labels: &Labels, ips: &[IpAddr]) -> Value {
     let ports: Vec<Value> = pod
         .ports
         .iter()
@@ -364,14 +387,19 @@ pub fn pod_manifest(pod: &PodSpec, labels: &Labels, ip: Option<Ipv4Addr>) -> Val
             )]),
         ),
     ];
-    if let Some(ip) = ip {
-        doc.push((
-            "status",
-            map(vec![
-                ("phase", "Running".into()),
-                ("podIP", ip.to_string().into()),
-            ]),
-        ));
+    if let Some(ip) = ips.first() {
+        let mut status = vec![
+            ("phase", "Running".into()),
+            ("podIP", ip.to_string().into()),
+        ];
+        if ips.iter().any(IpAddr::is_ipv6) {
+            let all = ips
+                .iter()
+                .map(|i| map(vec![("ip", i.to_string().into())]))
+                .collect();
+            status.push(("podIPs", Value::Sequence(all)));
+        }
+        doc.push(("status", map(status)));
     }
     map(doc)
 }
@@ -396,6 +424,8 @@ impl Cluster {
             agent: None,
             subnet: subnet.to_string(),
             address: None,
+            subnet6: None,
+            handed6: 0,
         });
         Ok(c)
     }
@@ -415,6 +445,8 @@ impl Cluster {
             servers: Servers::default(),
             torn_down: false,
             keep: None,
+            family: IpFamily::Ipv4,
+            subnet6: None,
         };
         fs::create_dir_all(c.manifests())?;
         Ok(c)
@@ -472,9 +504,34 @@ impl Cluster {
                 agent: None,
                 subnet: subnets[i].clone(),
                 address: Some(address),
+                subnet6: None,
+                handed6: 0,
             });
         }
         Ok(c)
+    }
+
+    /// Which addresses pods get; before any pod is added. Each node's IPv6
+    /// range mirrors its IPv4 one.
+    pub fn set_family(&mut self, f: IpFamily) -> Result<()> {
+        if !self.pods.is_empty() {
+            bail!("the IP family is set before pods are added");
+        }
+        self.family = f;
+        let v6 = f != IpFamily::Ipv4;
+        self.subnet6 = if v6 {
+            Some(family::mirror_cidr(&self.subnet)?)
+        } else {
+            None
+        };
+        for n in &mut self.nodes {
+            n.subnet6 = if v6 {
+                Some(family::mirror_cidr(&n.subnet)?)
+            } else {
+                None
+            };
+        }
+        Ok(())
     }
 
     /// More than the classic one node (Node objects, node names, uplinks).
@@ -604,6 +661,17 @@ impl Cluster {
     }
 
     pub fn write_pod(&self, pod: &PodSpec, labels: &Labels, ip: Option<Ipv4Addr>) -> Result<()> {
+        // Once it has an address: the IPv6 one too, and only that of an
+        // IPv6-only pod.
+        let mut ips: Vec<IpAddr> = Vec::new();
+        if let Some(ip) = ip {
+            if !ip.is_unspecified() {
+                ips.push(ip.into());
+            }
+            if let Some(v6) = self.pod(&pod.key()).and_then(|p| p.ip6) {
+                ips.push(v6.into());
+            }
+        }
         let node = if self.multi() {
             self.placement
                 .get(&pod.key())
@@ -612,10 +680,14 @@ impl Cluster {
         } else {
             None
         };
-        self.write(
-            &pod_file(&pod.namespace, &pod.name),
-            &pod_manifest_on(pod, labels, ip, node),
-        )
+        let mut doc = pod_manifest_ips(pod, labels, &ips);
+        if let Some(n) = node {
+            doc["spec"]["nodeName"] = n.into();
+        }
+        if pod.host_network {
+            doc["spec"]["hostNetwork"] = true.into();
+        }
+        self.write(&pod_file(&pod.namespace, &pod.name), &doc)
     }
 
     pub fn write_policy(&self, namespace: &str, name: &str, doc: &Value) -> Result<()> {
@@ -781,6 +853,44 @@ impl Cluster {
         Ok(())
     }
 
+    /// Waits until no IPv6 address in the node and pod namespaces is
+    /// tentative. The CNI plugin adds pod and gateway addresses without
+    /// duplicate address detection, but the veths' link-local addresses go
+    /// through it (about 1.5 s after the link comes up), and until the host
+    /// end's is usable the node sends no neighbour solicitation for a pod
+    /// address it forwards to: the first IPv6 probes would fail for a
+    /// reason that is not policy.
+    pub fn wait_ipv6_ready(&self, timeout: Duration) -> Result<Duration> {
+        let started = Instant::now();
+        let mut spaces: Vec<(String, &NetNs)> = Vec::new();
+        for n in &self.nodes {
+            if let Some(ns) = &n.netns {
+                spaces.push((format!("node {}", n.name), ns));
+            }
+        }
+        for p in &self.pods {
+            if let (Some(ns), Some(_)) = (&p.netns, p.ip6) {
+                spaces.push((format!("pod {}", p.key()), ns));
+            }
+        }
+        let deadline = started + timeout;
+        for (what, ns) in spaces {
+            loop {
+                signal::check()?;
+                let out = ns.ip(&["-6", "-o", "addr", "show", "tentative"])?;
+                let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                if text.is_empty() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("{what}: IPv6 addresses still tentative after {timeout:?}:\n{text}");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(started.elapsed())
+    }
+
     /// Every agent's log (prefixed by node when there are several).
     pub fn agent_log(&self) -> String {
         let mut out = String::new();
@@ -826,29 +936,70 @@ impl Cluster {
             .collect()
     }
 
-    fn cni_config(&self, node: usize) -> String {
+    /// The network configuration; with IPv6, the plugin's `ranges` form
+    /// (IPv4 and/or IPv6), the IPv6 range narrowed to `pin6` for an ADD
+    /// (the runner's choice of address, see [`family`]).
+    fn cni_config(&self, node: usize, pin6: Option<Ipv6Addr>) -> String {
         let n = &self.nodes[node];
+        let ipam = match (&n.subnet6, self.family) {
+            (Some(v6), f) if f != IpFamily::Ipv4 => {
+                let mut range6 = serde_json::json!({"subnet": v6});
+                if let Ok(gw) = family_gateway6(&n.subnet) {
+                    range6["gateway"] = gw.to_string().into();
+                }
+                if let Some(a) = pin6 {
+                    range6["rangeStart"] = a.to_string().into();
+                    range6["rangeEnd"] = a.to_string().into();
+                }
+                let mut ranges = Vec::new();
+                if f == IpFamily::Dual {
+                    ranges.push(serde_json::json!([{"subnet": n.subnet}]));
+                }
+                ranges.push(serde_json::json!([range6]));
+                serde_json::json!({"type": "palisade", "ranges": ranges, "dataDir": n.dir.join("ipam")})
+            }
+            _ => {
+                serde_json::json!({"type": "palisade", "subnet": n.subnet, "dataDir": n.dir.join("ipam")})
+            }
+        };
         serde_json::json!({
             "cniVersion": "1.0.0",
             "name": "palisade-conformance",
             "type": "palisade",
             "agentSocket": n.dir.join("agent.sock"),
             "agentTimeoutMs": 30000,
-            "ipam": {"type": "palisade", "subnet": n.subnet, "dataDir": n.dir.join("ipam")},
+            "ipam": ipam,
         })
         .to_string()
+    }
+
+    /// The IPv6 address node `node`'s next pod gets: the mirror of the
+    /// IPv4 address it would get from a fresh range (`.2`, `.3`, ...).
+    fn next_ip6(&mut self, node: usize) -> Result<Ipv6Addr> {
+        let n = &mut self.nodes[node];
+        let (net, len) = parse_v4_cidr(&n.subnet)?;
+        let k = 2 + n.handed6;
+        if len < 31 && u64::from(k) >= (1u64 << (32 - len)) - 1 {
+            bail!("node {}: no IPv6 address left in {}", n.name, n.subnet);
+        }
+        n.handed6 += 1;
+        Ok(family::mirror(Ipv4Addr::from(u32::from(net) + k)))
     }
 
     /// Runs the CNI binary as a runtime does, from the node's namespace.
     fn cni(
         &self,
         node: usize,
-        command: &str,
+        call: CniCall,
         container_id: &str,
         netns: &Path,
         namespace: &str,
         pod: &str,
     ) -> Result<String> {
+        let (command, pin6) = match call {
+            CniCall::Add { pin6 } => ("ADD", pin6),
+            CniCall::Del => ("DEL", None),
+        };
         let cni_dir = self
             .tools
             .cni
@@ -873,7 +1024,7 @@ impl Cluster {
         let child = spawn_in(&self.node_ns(node)?.path(), &mut cmd)?;
         let (ok, out, err) = wait_output(
             child,
-            self.cni_config(node).as_bytes(),
+            self.cni_config(node, pin6).as_bytes(),
             Duration::from_secs(60),
         )
         .with_context(|| format!("CNI {command} of {namespace}/{pod}"))?;
@@ -906,22 +1057,54 @@ impl Cluster {
             netns: Some(netns),
             container_id: container_id.clone(),
             ip: Ipv4Addr::UNSPECIFIED,
+            ip6: None,
             host_if: String::new(),
             node,
             host_ns: None,
         });
-        let out = self.cni(node, "ADD", &container_id, &path, namespace, name)?;
+        let pin6 = match self.family {
+            IpFamily::Ipv4 => None,
+            IpFamily::Ipv6 | IpFamily::Dual => Some(self.next_ip6(node)?),
+        };
+        let out = self
+            .cni(
+                node,
+                CniCall::Add { pin6 },
+                &container_id,
+                &path,
+                namespace,
+                name,
+            )
+            .map_err(|e| match self.family {
+                // The agent refuses what it cannot enforce (code 111).
+                IpFamily::Ipv6 => {
+                    e.context("--ip-family ipv6: IPv6-only pods need an agent that enforces them")
+                }
+                _ => e,
+            })?;
         let result: serde_json::Value = serde_json::from_str(&out)
             .with_context(|| format!("CNI ADD result of {namespace}/{name}: {out}"))?;
-        let addr = result["ips"][0]["address"].as_str().ok_or_else(|| {
-            anyhow!("CNI ADD result of {namespace}/{name} has no ips[0].address: {out}")
-        })?;
-        let ip: Ipv4Addr = addr
-            .split('/')
-            .next()
-            .unwrap_or_default()
-            .parse()
-            .with_context(|| format!("CNI ADD result of {namespace}/{name}: address {addr:?}"))?;
+        let (ip4, ip6) = result_addresses(&result)
+            .with_context(|| format!("CNI ADD result of {namespace}/{name}: {out}"))?;
+        let what = |fam: &str| {
+            format!(
+                "CNI ADD result of {namespace}/{name} has no {fam} address (--ip-family {}): {out}",
+                self.family
+            )
+        };
+        let ip = match (self.family, ip4) {
+            (IpFamily::Ipv6, _) => Ipv4Addr::UNSPECIFIED,
+            (_, Some(ip)) => ip,
+            (_, None) => bail!("{}", what("IPv4")),
+        };
+        let ip6 = match (pin6, ip6) {
+            (None, _) => None,
+            (Some(want), Some(got)) if want == got => Some(got),
+            (Some(want), Some(got)) => {
+                bail!("CNI ADD of {namespace}/{name} gave {got}, not the asked-for {want}")
+            }
+            (Some(_), None) => bail!("{}", what("IPv6")),
+        };
         let host_if = result["interfaces"]
             .as_array()
             .and_then(|ifs| {
@@ -933,6 +1116,7 @@ impl Cluster {
             .to_string();
         let pod = self.pods.last_mut().expect("just pushed");
         pod.ip = ip;
+        pod.ip6 = ip6;
         pod.host_if = host_if;
         Ok(pod)
     }
@@ -954,6 +1138,7 @@ impl Cluster {
             netns: None,
             container_id: String::new(),
             ip,
+            ip6: None,
             host_if: String::new(),
             node,
             host_ns: Some(host_ns),
@@ -974,7 +1159,7 @@ impl Cluster {
             let path = pod.netns_path();
             self.cni(
                 pod.node,
-                "DEL",
+                CniCall::Del,
                 &pod.container_id,
                 &path,
                 &pod.namespace,
@@ -992,12 +1177,21 @@ impl Cluster {
             .pod(key)
             .ok_or_else(|| anyhow!("no pod {key}"))?
             .netns_path();
-        self.servers.serve(path, ports)
+        let ipv6 = self.pod(key).is_some_and(|p| p.ip6.is_some());
+        self.servers.serve_on(path, ports, ipv6)
     }
 
     /// Pod addresses by `namespace/name`.
     pub fn addresses(&self) -> BTreeMap<String, Ipv4Addr> {
         self.pods.iter().map(|p| (p.key(), p.ip)).collect()
+    }
+
+    /// IPv6 pod addresses by `namespace/name` (pods that have one).
+    pub fn addresses6(&self) -> BTreeMap<String, Ipv6Addr> {
+        self.pods
+            .iter()
+            .filter_map(|p| Some((p.key(), p.ip6?)))
+            .collect()
     }
 
     /// Node addresses by name (several nodes).
@@ -1029,7 +1223,7 @@ impl Cluster {
             if self.nodes.get(pod.node).is_some_and(|n| n.netns.is_some()) {
                 if let Err(e) = self.cni(
                     pod.node,
-                    "DEL",
+                    CniCall::Del,
                     &pod.container_id,
                     &path,
                     &pod.namespace,
@@ -1072,6 +1266,58 @@ impl Cluster {
         drop(self.dir.take());
         errs
     }
+}
+
+/// A CNI command; an ADD may narrow the IPv6 range to the runner's choice.
+#[derive(Clone, Copy, Debug)]
+enum CniCall {
+    Add { pin6: Option<Ipv6Addr> },
+    Del,
+}
+
+/// An IPv4 CIDR's network and length.
+fn parse_v4_cidr(cidr: &str) -> Result<(Ipv4Addr, u32)> {
+    let (ip, len) = cidr
+        .split_once('/')
+        .ok_or_else(|| anyhow!("{cidr:?} is not a CIDR"))?;
+    let len: u32 = len.parse().context(format!("{cidr:?}"))?;
+    if len > 32 {
+        bail!("{cidr:?} is not an IPv4 CIDR");
+    }
+    Ok((ip.parse().context(format!("{cidr:?}"))?, len))
+}
+
+/// The IPv6 gateway of a node's pods: the mirror of its IPv4 one (the
+/// range's first address).
+fn family_gateway6(subnet: &str) -> Result<Ipv6Addr> {
+    let (net, _) = parse_v4_cidr(subnet)?;
+    Ok(family::mirror(Ipv4Addr::from(u32::from(net) + 1)))
+}
+
+/// The IPv4 and IPv6 address of a CNI result (`ips[].address`).
+fn result_addresses(result: &serde_json::Value) -> Result<(Option<Ipv4Addr>, Option<Ipv6Addr>)> {
+    let ips = result["ips"].as_array().ok_or_else(|| anyhow!("no ips"))?;
+    let (mut v4, mut v6) = (None, None);
+    for i in ips {
+        let addr = i["address"]
+            .as_str()
+            .ok_or_else(|| anyhow!("an ips entry has no address"))?;
+        let ip: IpAddr = addr
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .parse()
+            .with_context(|| format!("address {addr:?}"))?;
+        match ip {
+            IpAddr::V4(a) if v4.is_none() => v4 = Some(a),
+            IpAddr::V6(a) if v6.is_none() => v6 = Some(a),
+            _ => {}
+        }
+    }
+    if v4.is_none() && v6.is_none() {
+        bail!("no ips[].address");
+    }
+    Ok((v4, v6))
 }
 
 fn copy_dir(from: &Path, to: &Path) -> Result<()> {
@@ -1152,6 +1398,23 @@ status:
   podIP: 10.213.0.2
 "
         );
+        // With an IPv6 address: podIPs lists both, podIP is the first.
+        let v6: Ipv6Addr = "fd00:212:213:0:ad50:20::".parse().unwrap();
+        let dual = pod_manifest_ips(
+            &pod,
+            &pod.labels,
+            &[Ipv4Addr::new(10, 213, 0, 2).into(), v6.into()],
+        );
+        assert_eq!(dual["status"]["podIP"].as_str(), Some("10.213.0.2"));
+        assert_eq!(
+            dual["status"]["podIPs"][1]["ip"].as_str(),
+            Some("fd00:212:213:0:ad50:20::")
+        );
+        let only6 = pod_manifest_ips(&pod, &pod.labels, &[v6.into()]);
+        assert_eq!(
+            only6["status"]["podIP"].as_str(),
+            Some("fd00:212:213:0:ad50:20::")
+        );
         let ns = serde_yaml::to_string(&namespace_manifest(
             "x",
             &[("a".to_string(), "1".to_string())].into(),
@@ -1161,5 +1424,68 @@ status:
             ns,
             "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: x\n  labels:\n    a: '1'\n"
         );
+    }
+
+    #[test]
+    fn ipam_configuration_per_family() {
+        let tools = Tools {
+            agent: "agent".into(),
+            cni: "cni".into(),
+        };
+        let mut c = Cluster::empty("t", tools, "10.213.0.0/24").unwrap();
+        let dir = c.dir().to_path_buf();
+        c.nodes.push(SimNode {
+            name: String::new(),
+            labels: Labels::new(),
+            netns: None,
+            dir,
+            pin_root: "/nonexistent".into(),
+            agent: None,
+            subnet: "10.213.0.0/24".into(),
+            address: None,
+            subnet6: None,
+            handed6: 0,
+        });
+        let ipam = |c: &Cluster, pin: Option<Ipv6Addr>| -> serde_json::Value {
+            serde_json::from_str::<serde_json::Value>(&c.cni_config(0, pin)).unwrap()["ipam"]
+                .clone()
+        };
+        // IPv4: the configuration it always had.
+        let v4 = ipam(&c, None);
+        assert_eq!(v4["subnet"], "10.213.0.0/24");
+        assert!(v4.get("ranges").is_none());
+
+        c.set_family(IpFamily::Dual).unwrap();
+        assert_eq!(c.subnet6.as_deref(), Some("fd00:212:213:0:ad50::/84"));
+        let first = c.next_ip6(0).unwrap();
+        assert_eq!(first.to_string(), "fd00:212:213:0:ad50:20::");
+        assert_eq!(
+            c.next_ip6(0).unwrap().to_string(),
+            "fd00:212:213:0:ad50:30::"
+        );
+        let dual = ipam(&c, Some(first));
+        assert!(dual.get("subnet").is_none(), "the ranges form only");
+        assert_eq!(dual["ranges"][0][0]["subnet"], "10.213.0.0/24");
+        let r6 = &dual["ranges"][1][0];
+        assert_eq!(r6["subnet"], "fd00:212:213:0:ad50::/84");
+        assert_eq!(r6["gateway"], "fd00:212:213:0:ad50:10::");
+        assert_eq!(r6["rangeStart"], "fd00:212:213:0:ad50:20::");
+        assert_eq!(r6["rangeEnd"], "fd00:212:213:0:ad50:20::");
+        // DEL: the whole range (it releases by container).
+        assert!(ipam(&c, None)["ranges"][1][0].get("rangeStart").is_none());
+
+        c.set_family(IpFamily::Ipv6).unwrap();
+        let only6 = ipam(&c, Some(first));
+        assert_eq!(only6["ranges"].as_array().unwrap().len(), 1);
+        assert_eq!(only6["ranges"][0][0]["subnet"], "fd00:212:213:0:ad50::/84");
+
+        let result = serde_json::json!({"ips": [
+            {"address": "10.213.0.2/24", "gateway": "10.213.0.1"},
+            {"address": "fd00:212:213:0:ad50:20::/84"}]});
+        assert_eq!(
+            result_addresses(&result).unwrap(),
+            (Some(Ipv4Addr::new(10, 213, 0, 2)), Some(first))
+        );
+        assert!(result_addresses(&serde_json::json!({"ips": []})).is_err());
     }
 }

@@ -3,7 +3,7 @@
 use std::{
     fs::File,
     io::{BufRead, BufReader, Seek, SeekFrom},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -12,8 +12,9 @@ use serde::Deserialize;
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 pub struct Side {
+    /// IPv4 or IPv6 (a record of either family parses).
     #[serde(default = "unspecified")]
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     #[serde(default)]
     pub port: Option<u16>,
     #[serde(default)]
@@ -24,8 +25,8 @@ pub struct Side {
     pub pod: Option<String>,
 }
 
-fn unspecified() -> Ipv4Addr {
-    Ipv4Addr::UNSPECIFIED
+fn unspecified() -> IpAddr {
+    Ipv4Addr::UNSPECIFIED.into()
 }
 
 impl Default for Side {
@@ -84,9 +85,15 @@ pub struct Flow {
 
 impl Flow {
     /// The record of a connection from `src` to `dst:port/protocol`.
-    pub fn is(&self, src: Ipv4Addr, dst: Ipv4Addr, port: u16, protocol: &str) -> bool {
-        self.src.ip == src
-            && self.dst.ip == dst
+    pub fn is(
+        &self,
+        src: impl Into<IpAddr>,
+        dst: impl Into<IpAddr>,
+        port: u16,
+        protocol: &str,
+    ) -> bool {
+        self.src.ip == src.into()
+            && self.dst.ip == dst.into()
             && self.dst.port == Some(port)
             && self.protocol == protocol
     }
@@ -209,8 +216,8 @@ mod tests {
     fn describes_records() {
         let d: Flow = serde_json::from_str(DROP).unwrap();
         assert!(d.is(
-            "10.213.0.5".parse().unwrap(),
-            "10.213.0.3".parse().unwrap(),
+            "10.213.0.5".parse::<IpAddr>().unwrap(),
+            "10.213.0.3".parse::<Ipv4Addr>().unwrap(),
             8080,
             "TCP"
         ));
@@ -223,6 +230,22 @@ mod tests {
             a.describe(),
             "ALLOW app/frontend -> 10.213.0.9 (world):53 UDP (egress of app/frontend: allowed by app/allow-dns)"
         );
+        // An IPv6 record parses and matches its own addresses only.
+        let v6: Flow = serde_json::from_str(
+            &DROP
+                .replace("10.213.0.5", "fd00:212:213:0:ad50:50::")
+                .replace("10.213.0.3", "fd00:212:213:0:ad50:30::"),
+        )
+        .unwrap();
+        let (s6, d6): (IpAddr, IpAddr) = (
+            "fd00:212:213:0:ad50:50::".parse().unwrap(),
+            "fd00:212:213:0:ad50:30::".parse().unwrap(),
+        );
+        assert!(v6.is(s6, d6, 8080, "TCP"));
+        assert!(!d.is(s6, d6, 8080, "TCP"));
+        assert!(v6
+            .describe()
+            .starts_with("DROP app/probe -> app/backend:8080 TCP"));
         let spoof = Flow {
             verdict: "DROP".into(),
             drop_reason: Some("spoofed-source".into()),

@@ -20,9 +20,13 @@
 //! - Under each case a line gives its steps, probes and duration; under a
 //!   failure each mismatching cell is followed by the flow-log records of
 //!   that connection (`flow: DROP ...`), which say where and why.
+//! - `--ip-family ipv6|dual`: how pods get IPv6 addresses, which family a
+//!   probe runs over and what is refused is in [`family`]; a mismatch line
+//!   then ends with the family (`... saw X over IPv6`).
 pub mod case;
 pub mod cluster;
 pub mod dns;
+pub mod family;
 pub mod flows;
 pub mod matrix;
 pub mod nodes;

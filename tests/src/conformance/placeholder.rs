@@ -1,7 +1,14 @@
 //! `{{ip ns/pod}}`, `{{cidr ns/pod N}}` and `{{subnet}}` in policies: pod
 //! addresses are only known once the CNI plugin has allocated them, so
-//! cases name them symbolically.
-use std::{collections::BTreeMap, net::Ipv4Addr};
+//! cases name them symbolically. Over IPv6 (`--ip-family ipv6`) they give
+//! IPv6 forms: `{{host P}}` is a /128, `{{cidr P N}}` a /(N+60), and
+//! `{{ip P}}/32` a /128 (see [`super::family`]).
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
+};
+
+use super::family::{network6, Family, SHIFT};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_yaml::Value;
@@ -15,6 +22,13 @@ pub struct Addresses {
     pub subnet: String,
     /// Node name -> address (`{{node-ip NODE}}`), FORMAT v2.
     pub nodes: BTreeMap<String, Ipv4Addr>,
+    /// `namespace/name` -> IPv6 address (pods that have one).
+    pub pods6: BTreeMap<String, Ipv6Addr>,
+    /// The IPv6 range pod addresses come from, when they have IPv6.
+    pub subnet6: String,
+    /// The family placeholders give (FORMAT: IPv4 unless `--ip-family
+    /// ipv6`).
+    pub family: Family,
 }
 
 /// The canonical network of `ip` with `prefix` bits: `{{cidr x/a 8}}`.
@@ -35,8 +49,49 @@ impl Addresses {
             .ok_or_else(|| anyhow!("no pod {key} in this case"))
     }
 
+    fn pod6(&self, key: &str) -> Result<Ipv6Addr> {
+        if !self.pods.contains_key(key) && !self.pods6.contains_key(key) {
+            bail!("no pod {key} in this case");
+        }
+        self.pods6
+            .get(key)
+            .copied()
+            .ok_or_else(|| anyhow!("pod {key} has no IPv6 address"))
+    }
+
+    /// One placeholder's body over IPv6.
+    fn resolve6(&self, body: &str) -> Result<String> {
+        let words: Vec<&str> = body.split_whitespace().collect();
+        match words.as_slice() {
+            ["ip", pod] => Ok(self.pod6(pod)?.to_string()),
+            ["cidr", pod, n] => {
+                let prefix: u8 = n
+                    .parse()
+                    .ok()
+                    .filter(|p| *p <= 32)
+                    .ok_or_else(|| anyhow!("{n:?} is not a prefix length 0-32"))?;
+                let len = prefix + SHIFT;
+                Ok(format!("{}/{len}", network6(self.pod6(pod)?, len)))
+            }
+            ["subnet"] if self.subnet6.is_empty() => bail!("the pods have no IPv6 range"),
+            ["subnet"] => Ok(self.subnet6.clone()),
+            ["host", pod] => Ok(format!("{}/128", self.pod6(pod)?)),
+            ["node-ip", node] => {
+                bail!("node {node} has no IPv6 address: several nodes are IPv4 only in this runner")
+            }
+            _ => self.resolve4(body),
+        }
+    }
+
     /// One placeholder's body (what is between `{{` and `}}`).
     fn resolve(&self, body: &str) -> Result<String> {
+        if self.family == Family::V6 {
+            return self.resolve6(body);
+        }
+        self.resolve4(body)
+    }
+
+    fn resolve4(&self, body: &str) -> Result<String> {
         let words: Vec<&str> = body.split_whitespace().collect();
         match words.as_slice() {
             ["ip", pod] => Ok(self.pod(pod)?.to_string()),
@@ -51,7 +106,7 @@ impl Addresses {
                 .get(*node)
                 .map(|a| a.to_string())
                 .ok_or_else(|| anyhow!("no node {node} in this cluster")),
-            _ => bail!("unknown placeholder {{{{{body}}}}} (known: {{{{ip ns/pod}}}}, {{{{cidr ns/pod N}}}}, {{{{subnet}}}})"),
+            _ => bail!("unknown placeholder {{{{{body}}}}} (known: {{{{ip ns/pod}}}}, {{{{host ns/pod}}}}, {{{{cidr ns/pod N}}}}, {{{{subnet}}}}, {{{{node-ip NODE}}}})"),
         }
     }
 
@@ -65,12 +120,17 @@ impl Addresses {
             let end = after
                 .find("}}")
                 .ok_or_else(|| anyhow!("unterminated placeholder in {s:?}"))?;
-            out.push_str(
-                &self
-                    .resolve(&after[..end])
-                    .with_context(|| format!("in {s:?}"))?,
-            );
+            let body = &after[..end];
+            out.push_str(&self.resolve(body).with_context(|| format!("in {s:?}"))?);
             rest = &after[end + 2..];
+            // `{{ip P}}/32`, a host prefix, is `/128` over IPv6.
+            let is_ip = body.split_whitespace().next() == Some("ip");
+            if let (Family::V6, true, Some(r)) = (self.family, is_ip, rest.strip_prefix("/32")) {
+                if !r.starts_with(|c: char| c.is_ascii_digit()) {
+                    out.push_str("/128");
+                    rest = r;
+                }
+            }
         }
         out.push_str(rest);
         Ok(out)
@@ -116,7 +176,71 @@ mod tests {
             .into(),
             subnet: "10.213.0.0/24".into(),
             nodes: [("n1".to_string(), Ipv4Addr::new(10, 212, 0, 1))].into(),
+            ..Addresses::default()
         }
+    }
+
+    /// The same pods with their IPv6 mirrors, as `--ip-family ipv6` or
+    /// `dual` gives them.
+    fn addrs6(family: Family) -> Addresses {
+        use crate::conformance::family::{mirror, mirror_cidr};
+        let mut a = addrs();
+        a.pods6 = a
+            .pods
+            .iter()
+            .map(|(k, v)| (k.clone(), mirror(*v)))
+            .collect();
+        a.subnet6 = mirror_cidr(&a.subnet).unwrap();
+        a.family = family;
+        a
+    }
+
+    #[test]
+    fn over_ipv6_every_form_is_ipv6() {
+        let a = addrs6(Family::V6);
+        let s = |t: &str| a.substitute_str(t).unwrap();
+        assert_eq!(s("{{ip x/b}}"), "fd00:212:213:0:ad50:30::");
+        assert_eq!(s("{{host x/b}}"), "fd00:212:213:0:ad50:30::/128");
+        // The FORMAT's N + 60.
+        assert_eq!(s("{{cidr x/b 24}}"), "fd00:212:213:0:ad50::/84");
+        assert_eq!(s("{{cidr x/b 4}}"), "fd00:212:213::/64");
+        assert_eq!(s("{{cidr x/b 0}}"), "fd00:212:213::/60");
+        assert_eq!(s("{{cidr x/b 32}}"), "fd00:212:213:0:ad50:30::/92");
+        assert_eq!(s("{{cidr x/b 31}}"), "fd00:212:213:0:ad50:20::/91");
+        assert_eq!(s("{{subnet}}"), "fd00:212:213:0:ad50::/84");
+        // The version-1 host prefix is a /128; other suffixes stay.
+        assert_eq!(s("{{ip x/b}}/32"), "fd00:212:213:0:ad50:30::/128");
+        assert_eq!(
+            s("{{ip x/a}}/32,{{ip x/b}}/320"),
+            "fd00:212:213:0:ad50:20::/128,fd00:212:213:0:ad50:30::/320"
+        );
+        assert_eq!(s("0.0.0.0/0"), "0.0.0.0/0", "literal CIDRs stay");
+        assert!(
+            format!("{:#}", a.substitute_str("{{cidr x/b 33}}").unwrap_err())
+                .contains("prefix length")
+        );
+        assert!(format!("{:#}", a.substitute_str("{{ip y/z}}").unwrap_err()).contains("no pod y/z"));
+        assert!(
+            format!("{:#}", a.substitute_str("{{node-ip n1}}").unwrap_err())
+                .contains("no IPv6 address")
+        );
+        // A pod without an IPv6 address cannot be named over IPv6.
+        let mut b = addrs6(Family::V6);
+        b.pods6.remove("x/a");
+        assert!(format!("{:#}", b.substitute_str("{{ip x/a}}").unwrap_err())
+            .contains("x/a has no IPv6 address"));
+    }
+
+    #[test]
+    fn dual_stack_placeholders_give_ipv4_forms() {
+        let a = addrs6(Family::V4);
+        assert_eq!(a.substitute_str("{{ip x/b}}/32").unwrap(), "10.213.0.3/32");
+        assert_eq!(a.substitute_str("{{host x/b}}").unwrap(), "10.213.0.3/32");
+        assert_eq!(
+            a.substitute_str("{{cidr x/b 24}}").unwrap(),
+            "10.213.0.0/24"
+        );
+        assert_eq!(a.substitute_str("{{subnet}}").unwrap(), "10.213.0.0/24");
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! namespace; a step's probes all run at once on a pool of such threads.
 use std::{
     io::ErrorKind,
-    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     path::PathBuf,
     sync::{
@@ -48,24 +48,67 @@ pub fn sctp_supported() -> bool {
     true
 }
 
-fn sockaddr(ip: Ipv4Addr, port: u16) -> libc::sockaddr_in {
-    // SAFETY: sockaddr_in is plain data; zero is a valid value.
-    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    sa.sin_family = libc::AF_INET as libc::sa_family_t;
-    sa.sin_port = port.to_be();
-    sa.sin_addr = libc::in_addr {
-        s_addr: u32::from(ip).to_be(),
-    };
-    sa
+/// A socket address of either family, as the C calls take it.
+enum RawAddr {
+    V4(libc::sockaddr_in),
+    V6(libc::sockaddr_in6),
 }
 
-fn sctp_socket() -> std::io::Result<OwnedFd> {
+impl RawAddr {
+    fn family(&self) -> libc::c_int {
+        match self {
+            Self::V4(_) => libc::AF_INET,
+            Self::V6(_) => libc::AF_INET6,
+        }
+    }
+
+    fn ptr(&self) -> (*const libc::sockaddr, libc::socklen_t) {
+        match self {
+            Self::V4(sa) => (
+                (sa as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            ),
+            Self::V6(sa) => (
+                (sa as *const libc::sockaddr_in6).cast(),
+                std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+            ),
+        }
+    }
+}
+
+fn sockaddr(ip: IpAddr, port: u16) -> RawAddr {
+    match ip {
+        IpAddr::V4(ip) => {
+            // SAFETY: sockaddr_in is plain data; zero is a valid value.
+            let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+            sa.sin_family = libc::AF_INET as libc::sa_family_t;
+            sa.sin_port = port.to_be();
+            sa.sin_addr = libc::in_addr {
+                s_addr: u32::from(ip).to_be(),
+            };
+            RawAddr::V4(sa)
+        }
+        IpAddr::V6(ip) => {
+            // SAFETY: sockaddr_in6 is plain data; zero is a valid value.
+            let mut sa: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+            sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sa.sin6_port = port.to_be();
+            sa.sin6_addr = libc::in6_addr {
+                s6_addr: ip.octets(),
+            };
+            RawAddr::V6(sa)
+        }
+    }
+}
+
+/// A non-blocking socket of `family`.
+fn socket(family: libc::c_int, kind: libc::c_int, proto: libc::c_int) -> std::io::Result<OwnedFd> {
     // SAFETY: plain socket(2).
     let fd = unsafe {
         libc::socket(
-            libc::AF_INET,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            libc::IPPROTO_SCTP,
+            family,
+            kind | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            proto,
         )
     };
     if fd < 0 {
@@ -75,18 +118,61 @@ fn sctp_socket() -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn sctp_listen(port: u16) -> std::io::Result<OwnedFd> {
-    let fd = sctp_socket()?;
-    let sa = sockaddr(Ipv4Addr::UNSPECIFIED, port);
-    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+fn set_int(
+    fd: &OwnedFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> std::io::Result<()> {
+    // SAFETY: valid fd, value lives across the call, the length is its size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A bound (and for stream sockets listening) socket on `ip`:`port`; an
+/// IPv6 one is IPv6 only, so it sits beside the IPv4 one on the same port.
+fn listen_on(
+    ip: IpAddr,
+    port: u16,
+    kind: libc::c_int,
+    proto: libc::c_int,
+) -> std::io::Result<OwnedFd> {
+    let sa = sockaddr(ip, port);
+    let fd = socket(sa.family(), kind, proto)?;
+    set_int(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    if ip.is_ipv6() {
+        set_int(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
+    }
+    let (ptr, len) = sa.ptr();
     // SAFETY: valid fd, sa lives across the call, len is its size.
-    if unsafe { libc::bind(fd.as_raw_fd(), (&sa as *const libc::sockaddr_in).cast(), len) } != 0
-        // SAFETY: valid fd.
-        || unsafe { libc::listen(fd.as_raw_fd(), 128) } != 0
-    {
+    if unsafe { libc::bind(fd.as_raw_fd(), ptr, len) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: valid fd.
+    if kind == libc::SOCK_STREAM && unsafe { libc::listen(fd.as_raw_fd(), 128) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(fd)
+}
+
+fn sctp_listen(port: u16) -> std::io::Result<OwnedFd> {
+    listen_on(
+        Ipv4Addr::UNSPECIFIED.into(),
+        port,
+        libc::SOCK_STREAM,
+        libc::IPPROTO_SCTP,
+    )
 }
 
 /// Waits for `events` on one fd; false on timeout.
@@ -114,18 +200,14 @@ fn poll_one(fd: RawFd, events: libc::c_short, timeout: Duration) -> bool {
 }
 
 /// An SCTP association established within the timeout.
-pub fn sctp_connects(dst: Ipv4Addr, port: u16, timeout: Duration) -> bool {
-    let Ok(fd) = sctp_socket() else { return false };
-    let sa = sockaddr(dst, port);
-    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: valid fd, sa lives across the call.
-    let r = unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            (&sa as *const libc::sockaddr_in).cast(),
-            len,
-        )
+pub fn sctp_connects(dst: impl Into<IpAddr>, port: u16, timeout: Duration) -> bool {
+    let sa = sockaddr(dst.into(), port);
+    let Ok(fd) = socket(sa.family(), libc::SOCK_STREAM, libc::IPPROTO_SCTP) else {
+        return false;
     };
+    let (ptr, len) = sa.ptr();
+    // SAFETY: valid fd, sa lives across the call.
+    let r = unsafe { libc::connect(fd.as_raw_fd(), ptr, len) };
     if r != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINPROGRESS) {
         return false;
     }
@@ -147,15 +229,20 @@ pub fn sctp_connects(dst: Ipv4Addr, port: u16, timeout: Duration) -> bool {
     r == 0 && err == 0
 }
 
-pub fn tcp_connects(dst: Ipv4Addr, port: u16, timeout: Duration) -> bool {
-    TcpStream::connect_timeout(&SocketAddrV4::new(dst, port).into(), timeout).is_ok()
+pub fn tcp_connects(dst: impl Into<IpAddr>, port: u16, timeout: Duration) -> bool {
+    TcpStream::connect_timeout(&SocketAddr::new(dst.into(), port), timeout).is_ok()
 }
 
 static NONCE: AtomicUsize = AtomicUsize::new(0);
 
 /// A datagram whose echo comes back within the tries.
-pub fn udp_echoes(dst: Ipv4Addr, port: u16, tries: u32, wait: Duration) -> bool {
-    let Ok(s) = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) else {
+pub fn udp_echoes(dst: impl Into<IpAddr>, port: u16, tries: u32, wait: Duration) -> bool {
+    let dst = dst.into();
+    let any: IpAddr = match dst {
+        IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let Ok(s) = UdpSocket::bind((any, 0)) else {
         return false;
     };
     if s.connect((dst, port)).is_err() || s.set_read_timeout(Some(wait)).is_err() {
@@ -193,7 +280,8 @@ pub fn udp_echoes(dst: Ipv4Addr, port: u16, tries: u32, wait: Duration) -> bool 
 #[derive(Clone, Debug)]
 pub struct Job {
     pub src_netns: PathBuf,
-    pub dst: Ipv4Addr,
+    /// IPv4 or IPv6: the probe's socket is of the destination's family.
+    pub dst: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
 }
@@ -331,6 +419,21 @@ fn bind(port: u16, protocol: Protocol) -> Result<Sock> {
     })
 }
 
+/// The same port on `[::]`, IPv6 only (beside [`bind`]'s IPv4 socket).
+fn bind6(port: u16, protocol: Protocol) -> Result<Sock> {
+    let any = Ipv6Addr::UNSPECIFIED.into();
+    Ok(match protocol {
+        Protocol::Tcp => Sock::Tcp(TcpListener::from(listen_on(
+            any,
+            port,
+            libc::SOCK_STREAM,
+            0,
+        )?)),
+        Protocol::Udp => Sock::Udp(UdpSocket::from(listen_on(any, port, libc::SOCK_DGRAM, 0)?)),
+        Protocol::Sctp => Sock::Sctp(listen_on(any, port, libc::SOCK_STREAM, libc::IPPROTO_SCTP)?),
+    })
+}
+
 /// The server threads of a cluster; stopped and joined on drop.
 #[derive(Default)]
 pub struct Servers {
@@ -342,6 +445,16 @@ impl Servers {
     /// Serves `ports` inside `netns` until stopped; returns once every port
     /// is bound (or with the error of the first that is not).
     pub fn serve(&mut self, netns: PathBuf, ports: Vec<(u16, Protocol)>) -> Result<()> {
+        self.serve_on(netns, ports, false)
+    }
+
+    /// As [`Servers::serve`], and on IPv6 too when `ipv6`.
+    pub fn serve_on(
+        &mut self,
+        netns: PathBuf,
+        ports: Vec<(u16, Protocol)>,
+        ipv6: bool,
+    ) -> Result<()> {
         if ports.is_empty() {
             return Ok(());
         }
@@ -352,12 +465,20 @@ impl Servers {
             .name("pod-server".into())
             .spawn(move || {
                 let socks = enter_thread(&netns).and_then(|()| {
-                    ports
-                        .iter()
-                        .map(|(port, proto)| {
-                            bind(*port, *proto).with_context(|| format!("binding {proto}/{port}"))
-                        })
-                        .collect::<Result<Vec<Sock>>>()
+                    let mut socks = Vec::new();
+                    for (port, proto) in &ports {
+                        socks.push(
+                            bind(*port, *proto)
+                                .with_context(|| format!("binding {proto}/{port}"))?,
+                        );
+                        if ipv6 {
+                            socks.push(
+                                bind6(*port, *proto)
+                                    .with_context(|| format!("binding {proto}/{port} on IPv6"))?,
+                            );
+                        }
+                    }
+                    Ok(socks)
                 });
                 let socks = match socks {
                     Ok(s) => {
@@ -442,5 +563,41 @@ mod tests {
             t.elapsed() < UDP_WAIT * UDP_TRIES,
             "a refused port fails fast"
         );
+    }
+
+    // IPv6 loopback of the test's own namespace, IPv6-only sockets beside
+    // IPv4 ones on the same port (as pods serve under --ip-family dual).
+    #[test]
+    fn ipv6_probes_and_servers() {
+        let v4 = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let port = v4.local_addr().unwrap().port();
+        let lo6: IpAddr = Ipv6Addr::LOCALHOST.into();
+        assert!(
+            !tcp_connects(lo6, port, CONNECT_TIMEOUT),
+            "nothing on IPv6 yet"
+        );
+        let v6 = TcpListener::from(listen_on(lo6, port, libc::SOCK_STREAM, 0).unwrap());
+        assert!(v6.local_addr().unwrap().is_ipv6());
+        assert!(tcp_connects(lo6, port, CONNECT_TIMEOUT));
+        assert!(tcp_connects(Ipv4Addr::LOCALHOST, port, CONNECT_TIMEOUT));
+        drop(v4);
+        assert!(
+            !tcp_connects(Ipv4Addr::LOCALHOST, port, CONNECT_TIMEOUT),
+            "IPv6 only"
+        );
+        assert!(tcp_connects(lo6, port, CONNECT_TIMEOUT));
+
+        let udp = UdpSocket::from(listen_on(lo6, 0, libc::SOCK_DGRAM, 0).unwrap());
+        udp.set_nonblocking(false).unwrap();
+        let uport = udp.local_addr().unwrap().port();
+        let echo = std::thread::spawn(move || {
+            let mut buf = [0u8; 256];
+            let (n, from) = udp.recv_from(&mut buf).unwrap();
+            udp.send_to(&buf[..n], from).unwrap();
+        });
+        assert!(udp_echoes(lo6, uport, UDP_TRIES, UDP_WAIT));
+        echo.join().unwrap();
+        assert!(!udp_echoes(lo6, uport, UDP_TRIES, UDP_WAIT));
+        assert!(!udp_echoes(Ipv4Addr::LOCALHOST, uport, UDP_TRIES, UDP_WAIT));
     }
 }

@@ -3,7 +3,7 @@
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -13,6 +13,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use super::{
     case::{case_files, Case, Labels, Probe, Protocol, Relabel, Step, NAME_LABEL},
     cluster::{Cluster, Tools},
+    family::{self, Family, IpFamily},
     flows::{Flow, Tail},
     matrix::Reach,
     nodes,
@@ -85,6 +86,10 @@ impl<'a> Live<'a> {
             cluster.placement = l.placement.clone();
         }
         cluster.keep = keep;
+        if let Some(why) = ip_family_unsupported(case, opts)? {
+            bail!("{why}");
+        }
+        cluster.set_family(opts.ip_family)?;
         let pod_labels: BTreeMap<String, Labels> = case
             .pods
             .iter()
@@ -110,6 +115,9 @@ impl<'a> Live<'a> {
             pods: cluster.addresses(),
             subnet: cluster.subnet.clone(),
             nodes: cluster.node_addresses(),
+            pods6: cluster.addresses6(),
+            subnet6: cluster.subnet6.clone().unwrap_or_default(),
+            family: opts.ip_family.placeholders(),
         };
         let sctp = probe::sctp_supported();
         for p in &case.pods {
@@ -147,6 +155,9 @@ impl<'a> Live<'a> {
             }
             cluster
                 .install_node_rules(&services::kube_proxy_rules(&ports), services::SERVICE_RANGE)?;
+        }
+        if opts.ip_family != IpFamily::Ipv4 {
+            cluster.wait_ipv6_ready(Duration::from_secs(10))?;
         }
         cluster.sync()?;
         cluster.wait_routes(Duration::from_secs(15))?;
@@ -241,6 +252,51 @@ impl<'a> Live<'a> {
         self.addresses.pods[key]
     }
 
+    /// A pod's address of family `f` (unspecified when it has none).
+    pub fn ip_of(&self, key: &str, f: Family) -> IpAddr {
+        match f {
+            Family::V4 => self.ip(key).into(),
+            Family::V6 => self
+                .addresses
+                .pods6
+                .get(key)
+                .copied()
+                .unwrap_or(std::net::Ipv6Addr::UNSPECIFIED)
+                .into(),
+        }
+    }
+
+    /// The probe of `dst` from `src` over family `f`.
+    pub fn job_over(
+        &self,
+        src: &str,
+        dst: &str,
+        port: u16,
+        protocol: Protocol,
+        f: Family,
+    ) -> Result<Job> {
+        if f == Family::V4 {
+            return self.job(src, dst, port, protocol);
+        }
+        // Services and host-network pods are refused with IPv6 at start.
+        let s = self
+            .cluster
+            .pod(src)
+            .ok_or_else(|| anyhow!("no pod {src}"))?;
+        let to = self
+            .addresses
+            .pods6
+            .get(dst)
+            .copied()
+            .ok_or_else(|| anyhow!("pod {dst} has no IPv6 address to probe"))?;
+        Ok(Job {
+            src_netns: s.netns_path(),
+            dst: to.into(),
+            port,
+            protocol,
+        })
+    }
+
     pub fn job(&self, src: &str, dst: &str, port: u16, protocol: Protocol) -> Result<Job> {
         let s = self
             .cluster
@@ -259,14 +315,14 @@ impl<'a> Live<'a> {
         };
         Ok(Job {
             src_netns: s.netns_path(),
-            dst: to,
+            dst: to.into(),
             port,
             protocol,
         })
     }
 }
 
-/// One observed cell of a step.
+/// One observed cell of a step, over one family.
 #[derive(Clone, Debug)]
 pub struct Cell {
     pub probe: usize,
@@ -275,35 +331,47 @@ pub struct Cell {
     pub expected: Reach,
     /// None: skipped (protocol not available).
     pub saw: Option<Reach>,
+    pub family: Family,
 }
 
-/// Probes every cell of a step's probes at once. SCTP cells are skipped
-/// when the kernel has no SCTP.
+/// Probes every cell of a step's probes at once, over each family the
+/// run and the case call for ([`family::probe_families`]): a cell holds
+/// when it holds over every family probed. SCTP cells are skipped when
+/// the kernel has no SCTP; a probe pinned to a family the run lacks
+/// yields no cell (it is counted as skipped by [`plan`]).
 pub fn probe_step(live: &Live, probes: &[Probe], sctp: bool, parallel: usize) -> Result<Vec<Cell>> {
+    probe_step_over(live, probes, sctp, parallel, IpFamily::Ipv4)
+}
+
+pub fn probe_step_over(
+    live: &Live,
+    probes: &[Probe],
+    sctp: bool,
+    parallel: usize,
+    run: IpFamily,
+) -> Result<Vec<Cell>> {
     let mut cells = Vec::new();
     let mut jobs = Vec::new();
     let mut index = Vec::new();
     for (i, p) in probes.iter().enumerate() {
-        for (src, dst, expected) in p.expect.cells() {
-            if p.protocol == Protocol::Sctp && !sctp {
-                cells.push(Cell {
+        for f in family::probe_families(run, p.family, live.case.address_peers) {
+            for (src, dst, expected) in p.expect.cells() {
+                let cell = Cell {
                     probe: i,
                     src: src.into(),
                     dst: dst.into(),
                     expected,
                     saw: None,
-                });
-                continue;
+                    family: f,
+                };
+                if p.protocol == Protocol::Sctp && !sctp {
+                    cells.push(cell);
+                    continue;
+                }
+                index.push(cells.len());
+                jobs.push(live.job_over(src, dst, p.port, p.protocol, f)?);
+                cells.push(cell);
             }
-            index.push(cells.len());
-            jobs.push(live.job(src, dst, p.port, p.protocol)?);
-            cells.push(Cell {
-                probe: i,
-                src: src.into(),
-                dst: dst.into(),
-                expected,
-                saw: None,
-            });
         }
     }
     let results = probe::run_all(&jobs, parallel)?;
@@ -331,6 +399,9 @@ pub struct Report {
     pub probes: usize,
     pub skipped: usize,
     pub elapsed: Duration,
+    /// Probes pinned to a family this run gives pods no address of.
+    pub skipped_family: usize,
+    pub ip_family: IpFamily,
 }
 
 impl Report {
@@ -348,7 +419,7 @@ impl Report {
         let mut summary = format!(
             "  ({} steps, {} probes, {:.1} s",
             self.steps,
-            self.probes - self.skipped,
+            self.probes - self.skipped - self.skipped_family,
             self.elapsed.as_secs_f64()
         );
         if self.skipped > 0 {
@@ -356,6 +427,13 @@ impl Report {
                 summary,
                 "; {} SCTP probes skipped: this kernel cannot open SCTP sockets",
                 self.skipped
+            );
+        }
+        if self.skipped_family > 0 {
+            let _ = write!(
+                summary,
+                "; {}",
+                family_skips(self.skipped_family, self.ip_family)
             );
         }
         out.push_str(&summary);
@@ -381,17 +459,21 @@ pub struct Options {
     pub nodes: usize,
     /// How the agents route between nodes: native or vxlan.
     pub routing: String,
+    /// `--ip-family` (FORMAT v2): which addresses pods get and which
+    /// families probes run over.
+    pub ip_family: IpFamily,
 }
 
 impl Options {
     /// The first line a run prints (FORMAT: the options it ran with).
     pub fn line(&self) -> String {
         format!(
-            "conformance options: parallel={} via-services={} nodes={} routing={} skip-unsupported={}{}",
+            "conformance options: parallel={} via-services={} nodes={} routing={} ip-family={} skip-unsupported={}{}",
             self.parallel,
             self.via_services,
             self.nodes,
             self.routing,
+            self.ip_family,
             self.skip_unsupported,
             self.keep
                 .as_ref()
@@ -411,18 +493,61 @@ impl Default for Options {
             via_services: false,
             nodes: 1,
             routing: "native".into(),
+            ip_family: IpFamily::Ipv4,
         }
     }
 }
 
+/// The skipped-probe note for probes pinned to a family `run` lacks.
+fn family_skips(n: usize, run: IpFamily) -> String {
+    format!("{n} probes skipped: pinned to a family --ip-family {run} gives pods no address of")
+}
+
+/// Why `case` cannot run with `opts`' IP family (several nodes,
+/// host-network pods and Services are IPv4 only); None when it can.
+pub fn ip_family_unsupported(case: &Case, opts: &Options) -> Result<Option<String>> {
+    if opts.ip_family == IpFamily::Ipv4 {
+        return Ok(None);
+    }
+    if opts.via_services || opts.nodes > 1 {
+        return Ok(Some(family::unsupported(
+            opts.ip_family,
+            "--nodes/--via-services",
+        )));
+    }
+    if nodes::Layout::of(case, opts.nodes)?.is_some() {
+        return Ok(Some(family::unsupported(
+            opts.ip_family,
+            "nodes (this case has cluster.nodes, node: or hostNetwork pods)",
+        )));
+    }
+    Ok(None)
+}
+
+/// How many probe attempts a case makes under `run` (cells times the
+/// families each is probed over), how many of them are SCTP ones the
+/// kernel cannot carry, and how many cells are pinned to a family the
+/// run lacks.
+pub fn plan(case: &Case, run: IpFamily, sctp: bool) -> (usize, usize, usize) {
+    let (mut all, mut sctp_skipped, mut family_skipped) = (0, 0, 0);
+    for p in case.steps.iter().flat_map(|s| &s.probes) {
+        let cells = p.expect.cells().count();
+        let fams = family::probe_families(run, p.family, case.address_peers).len();
+        if fams == 0 {
+            all += cells;
+            family_skipped += cells;
+            continue;
+        }
+        all += cells * fams;
+        if p.protocol == Protocol::Sctp && !sctp {
+            sctp_skipped += cells * fams;
+        }
+    }
+    (all, sctp_skipped, family_skipped)
+}
+
 /// How the flow log explains one mismatching cell.
-fn explain(
-    flows: &[Flow],
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    port: u16,
-    proto: Protocol,
-) -> Vec<String> {
+fn explain(flows: &[Flow], src: IpAddr, dst: IpAddr, port: u16, proto: Protocol) -> Vec<String> {
     let mut seen: Vec<String> = Vec::new();
     for f in flows
         .iter()
@@ -449,20 +574,27 @@ pub fn run_case(
     opts: &Options,
 ) -> Report {
     let started = Instant::now();
-    let (all, sctp_cells, steps) = case.cells();
-    let skipped = if sctp { 0 } else { sctp_cells };
+    let run = opts.ip_family;
+    let (all, skipped, skipped_family) = plan(case, run, sctp);
     let mut report = Report {
         name: case.name.clone(),
         outcome: Outcome::Pass,
         lines: Vec::new(),
-        steps,
+        steps: case.steps.len(),
         probes: all,
         skipped,
         elapsed: Duration::ZERO,
+        skipped_family,
+        ip_family: run,
     };
-    if all > 0 && skipped == all {
+    if all > 0 && skipped + skipped_family == all {
         report.outcome = Outcome::Skip;
         return report;
+    }
+    if run == IpFamily::Dual && case.address_peers {
+        report.lines.push(
+            "probed over IPv4 only: the case has an ipBlock or networks peer (FORMAT, --ip-family dual)".into(),
+        );
     }
     let keep = opts.keep.as_ref().map(|k| {
         k.join(
@@ -485,7 +617,7 @@ pub fn run_case(
                     .map(|n| format!("step {}: note: {n}", i + 1)),
             );
             signal::check()?;
-            let cells = probe_step(l, &step.probes, sctp, opts.parallel)?;
+            let cells = probe_step_over(l, &step.probes, sctp, opts.parallel, run)?;
             let bad: Vec<&Cell> = cells
                 .iter()
                 .filter(|c| c.saw.is_some_and(|s| s != c.expected))
@@ -502,15 +634,21 @@ pub fn run_case(
                 flows.extend(t.gather(wait, |fs| {
                     bad.iter().all(|c| {
                         let p = &step.probes[c.probe];
-                        fs.iter()
-                            .any(|f| f.is(l.ip(&c.src), l.ip(&c.dst), p.port, p.protocol.as_str()))
+                        let (s, d) = (l.ip_of(&c.src, c.family), l.ip_of(&c.dst, c.family));
+                        fs.iter().any(|f| f.is(s, d, p.port, p.protocol.as_str()))
                     })
                 }));
             }
             for c in bad {
                 let p = &step.probes[c.probe];
+                // Which family, whenever a run has more than IPv4.
+                let over = if run == IpFamily::Ipv4 {
+                    String::new()
+                } else {
+                    format!(" over {}", c.family)
+                };
                 report.lines.push(format!(
-                    "step {} {}/{} {} -> {}: expected {}, saw {}",
+                    "step {} {}/{} {} -> {}: expected {}, saw {}{over}",
                     i + 1,
                     p.protocol,
                     p.port,
@@ -519,7 +657,8 @@ pub fn run_case(
                     c.expected,
                     c.saw.expect("probed")
                 ));
-                for e in explain(&flows, l.ip(&c.src), l.ip(&c.dst), p.port, p.protocol) {
+                let (s, d) = (l.ip_of(&c.src, c.family), l.ip_of(&c.dst, c.family));
+                for e in explain(&flows, s, d, p.port, p.protocol) {
                     report.lines.push(format!("    flow: {e}"));
                 }
             }
@@ -567,12 +706,14 @@ pub struct Totals {
     pub skipped: usize,
     pub skipped_probes: usize,
     pub interrupted: bool,
+    /// Probes pinned to a family the run lacks.
+    pub skipped_family_probes: usize,
 }
 
 impl Totals {
     pub fn line(&self) -> String {
         let mut l = format!("{} passed, {} failed", self.passed, self.failed);
-        if self.skipped > 0 || self.skipped_probes > 0 {
+        if self.skipped > 0 || self.skipped_probes > 0 || self.skipped_family_probes > 0 {
             let _ = write!(l, ", {} skipped", self.skipped);
         }
         l
@@ -598,6 +739,7 @@ fn say(text: &str) {
 /// the last line is `N passed, M failed[, K skipped]`.
 pub fn run_paths(paths: &[PathBuf], filters: &[String], opts: &Options) -> Result<Totals> {
     say(&format!("{}\n", opts.line()));
+    family::check_options(opts.ip_family, opts.nodes, opts.via_services)?;
     let tools = Tools::locate()?;
     crate::ensure_bpffs()?;
     for r in signal::reap_leftovers() {
@@ -632,7 +774,11 @@ pub fn run_paths(paths: &[PathBuf], filters: &[String], opts: &Options) -> Resul
             {
                 continue;
             }
-            if let Some(why) = &case.unsupported {
+            let why = match &case.unsupported {
+                Some(w) => Some(w.clone()),
+                None => ip_family_unsupported(&case, opts)?,
+            };
+            if let Some(why) = &why {
                 if opts.skip_unsupported {
                     say(&format!("SKIP {}\n  {why}\n", case.name));
                     totals.skipped += 1;
@@ -650,6 +796,7 @@ pub fn run_paths(paths: &[PathBuf], filters: &[String], opts: &Options) -> Resul
             }
             say(&report.render());
             totals.skipped_probes += report.skipped;
+            totals.skipped_family_probes += report.skipped_family;
             match report.outcome {
                 Outcome::Pass => totals.passed += 1,
                 Outcome::Fail => totals.failed += 1,
@@ -662,6 +809,12 @@ pub fn run_paths(paths: &[PathBuf], filters: &[String], opts: &Options) -> Resul
         say(&format!(
             "{} SCTP probes skipped: this kernel cannot open SCTP sockets\n",
             totals.skipped_probes
+        ));
+    }
+    if totals.skipped_family_probes > 0 {
+        say(&format!(
+            "{}\n",
+            family_skips(totals.skipped_family_probes, opts.ip_family)
         ));
     }
     say(&format!("{}\n", totals.line()));
@@ -682,6 +835,8 @@ mod tests {
             probes: 10,
             skipped: 2,
             elapsed: Duration::from_millis(2500),
+            skipped_family: 0,
+            ip_family: IpFamily::Ipv4,
         };
         assert_eq!(
             r.render(),
@@ -699,5 +854,45 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(t.line(), "3 passed, 0 failed, 1 skipped");
+        let v6 = Report {
+            skipped: 0,
+            skipped_family: 3,
+            ip_family: IpFamily::Ipv4,
+            lines: vec!["step 1 TCP/80 x/b -> y/a: expected X, saw . over IPv6".into()],
+            ..r
+        };
+        assert!(v6.render().ends_with(
+            "(2 steps, 7 probes, 2.5 s; 3 probes skipped: pinned to a family --ip-family ipv4 gives pods no address of)\n"
+        ));
+    }
+
+    /// Attempts per family: the dual rule doubles the cells of a case
+    /// without address peers, pinned probes count once or are skipped.
+    #[test]
+    fn plans_attempts_per_family() {
+        let text = "name: t
+cluster: {pods: [{namespace: x, name: a}, {namespace: x, name: b}]}
+steps:
+  - probes:
+      - {port: 80, expect: \"- x/a x/b\\nx/a . .\\nx/b . .\"}
+      - {port: 80, family: ipv6, expect: \"- x/a\\nx/b .\"}
+      - {port: 9, protocol: SCTP, expect: \"- x/a\\nx/b .\"}
+";
+        let case = Case::parse(text, Path::new("t.yaml")).unwrap();
+        assert_eq!(plan(&case, IpFamily::Ipv4, true), (6, 0, 1));
+        assert_eq!(plan(&case, IpFamily::Ipv4, false), (6, 1, 1));
+        assert_eq!(plan(&case, IpFamily::Ipv6, true), (6, 0, 0));
+        assert_eq!(plan(&case, IpFamily::Dual, true), (11, 0, 0));
+        assert_eq!(plan(&case, IpFamily::Dual, false), (11, 2, 0));
+        let blocks = format!(
+            "{text}    apply: [{{kind: NetworkPolicy, metadata: {{name: p, namespace: x}}, spec: {{ingress: [{{from: [{{ipBlock: {{cidr: '{{{{subnet}}}}'}}}}]}}]}}}}]\n"
+        );
+        let case = Case::parse(&blocks, Path::new("t.yaml")).unwrap();
+        assert!(case.address_peers);
+        assert_eq!(
+            plan(&case, IpFamily::Dual, true),
+            (6, 0, 0),
+            "IPv4 only, pinned IPv6 kept"
+        );
     }
 }
