@@ -952,6 +952,7 @@ fn local_endpoint(e: &Entry) -> LocalEndpoint {
         // Every registered endpoint has one: `validate` refuses IPv6-only
         // registrations until the datapath enforces IPv6.
         ipv4: r.ipv4.unwrap_or(Ipv4Addr::UNSPECIFIED),
+        ipv6: r.ipv6,
         container_id: r.container_id.clone(),
         // (Checked by `validate` when it registered.)
         mac: r

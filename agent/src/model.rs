@@ -60,6 +60,8 @@ pub struct Pod {
     pub labels: Labels,
     /// None until the pod has an address.
     pub ip: Option<Ipv4Addr>,
+    /// The pod's IPv6 address (`status.podIPs`), if it has one.
+    pub ipv6: Option<std::net::Ipv6Addr>,
     pub host_network: bool,
     pub ports: Vec<ContainerPort>,
 }
@@ -86,6 +88,9 @@ pub struct LocalEndpoint {
     pub ifindex: u32,
     pub host_ifname: String,
     pub ipv4: Ipv4Addr,
+    /// The pod's IPv6 address (dual-stack or IPv6-only pods; with
+    /// `ipv4` unspecified for IPv6-only ones).
+    pub ipv6: Option<std::net::Ipv6Addr>,
     pub container_id: String,
     /// The pod interface's MAC (all zero: not known, not checked).
     pub mac: [u8; 6],
@@ -266,6 +271,7 @@ pub mod convert {
             name,
             labels: p.metadata.labels.clone().unwrap_or_default(),
             ip,
+            ipv6: None,
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
             ports,
         })

@@ -304,6 +304,7 @@ mod tests {
                     name: name.into(),
                     labels: Labels::from([("app".to_string(), name.to_string())]),
                     ip: Some(Ipv4Addr::new(10, 0, 0, ip)),
+                    ipv6: None,
                     host_network: false,
                     ports: Vec::new(),
                 }
@@ -317,6 +318,7 @@ mod tests {
                     ifindex: 10 + ip as u32,
                     host_ifname: format!("veth{ip}"),
                     ipv4: Ipv4Addr::new(10, 0, 0, ip),
+                    ipv6: None,
                     container_id: format!("c-{name}"),
                     mac: [0; 6],
                 },

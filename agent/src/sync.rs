@@ -20,7 +20,7 @@
 //! the ipcache changed or lost its identity (a peer's labels changed: the
 //! verdict on any flow with it may differ). A new address does not bump
 //! anything. So one pod's policy change re-judges that pod's flows only.
-use std::{collections::HashMap, hash::Hash, net::Ipv4Addr};
+use std::{collections::HashMap, hash::Hash, net::{Ipv4Addr, Ipv6Addr}};
 
 use palisade_common::{EndpointInfo, IpcacheValue, PolicyKey, PolicyValue};
 use palisade_dataplane::{MapState, Maps};
@@ -36,6 +36,9 @@ pub struct Diff {
     pub endpoint_removals: Vec<(u32, EndpointInfo)>,
     pub ipcache_removals: Vec<(Ipv4Addr, u32)>,
     pub policy_removals: Vec<(u32, PolicyKey)>,
+    /// IPv6 ipcache entries, written and removed beside the IPv4 ones.
+    pub ipcache6_upserts: Vec<((Ipv6Addr, u32), IpcacheValue)>,
+    pub ipcache6_removals: Vec<(Ipv6Addr, u32)>,
 }
 
 impl Diff {
@@ -50,6 +53,8 @@ impl Diff {
             + self.endpoint_removals.len()
             + self.ipcache_removals.len()
             + self.policy_removals.len()
+            + self.ipcache6_upserts.len()
+            + self.ipcache6_removals.len()
     }
 }
 
@@ -76,6 +81,7 @@ fn changed<K: Eq + Hash + Clone, V: PartialEq + Clone>(
 pub fn diff(cur: &MapState, want: &MapState) -> Diff {
     let (policy_upserts, pr) = changed(&cur.policy, &want.policy);
     let (ipcache_upserts, ir) = changed(&cur.ipcache, &want.ipcache);
+    let (ipcache6_upserts, ir6) = changed(&cur.ipcache6, &want.ipcache6);
     let (endpoint_upserts, endpoint_removals) = endpoint_changes(cur, want);
     Diff {
         policy_upserts,
@@ -84,6 +90,8 @@ pub fn diff(cur: &MapState, want: &MapState) -> Diff {
         endpoint_removals,
         ipcache_removals: ir.into_iter().map(|(k, _)| k).collect(),
         policy_removals: pr.into_iter().map(|(k, _)| k).collect(),
+        ipcache6_upserts,
+        ipcache6_removals: ir6.into_iter().map(|(k, _)| k).collect(),
     }
 }
 
@@ -143,7 +151,11 @@ fn bumps(current: &MapState, d: &Diff) -> Bumps {
         .ipcache_upserts
         .iter()
         .any(|(k, _)| current.ipcache.contains_key(k))
-        || !d.ipcache_removals.is_empty();
+        || !d.ipcache_removals.is_empty()
+        || d.ipcache6_upserts
+            .iter()
+            .any(|(k, _)| current.ipcache6.contains_key(k))
+        || !d.ipcache6_removals.is_empty();
     if peer_changed {
         return Bumps::All;
     }
@@ -204,6 +216,17 @@ pub trait MapWriter {
         ifindex: u32,
         ipv4_be: u32,
     ) -> Result<(), palisade_dataplane::Error>;
+    fn upsert_ipcache6(
+        &mut self,
+        addr: Ipv6Addr,
+        prefix: u32,
+        v: IpcacheValue,
+    ) -> Result<(), palisade_dataplane::Error>;
+    fn remove_ipcache6(
+        &mut self,
+        addr: Ipv6Addr,
+        prefix: u32,
+    ) -> Result<(), palisade_dataplane::Error>;
 }
 
 impl MapWriter for Maps {
@@ -236,6 +259,21 @@ impl MapWriter for Maps {
         prefix: u32,
     ) -> Result<(), palisade_dataplane::Error> {
         Maps::remove_ipcache(self, addr, prefix)
+    }
+    fn upsert_ipcache6(
+        &mut self,
+        addr: Ipv6Addr,
+        prefix: u32,
+        v: IpcacheValue,
+    ) -> Result<(), palisade_dataplane::Error> {
+        self.set_ipcache6(addr, prefix, v)
+    }
+    fn remove_ipcache6(
+        &mut self,
+        addr: Ipv6Addr,
+        prefix: u32,
+    ) -> Result<(), palisade_dataplane::Error> {
+        Maps::remove_ipcache6(self, addr, prefix)
     }
     fn upsert_endpoint(
         &mut self,
@@ -299,6 +337,13 @@ pub fn diff_touched(cur: &MapState, want: &MapState, touched: &Touched) -> Diff 
         match (cur.ipcache.get(k), want.ipcache.get(k)) {
             (c, Some(w)) if c != Some(w) => d.ipcache_upserts.push((*k, *w)),
             (Some(_), None) => d.ipcache_removals.push(*k),
+            _ => {}
+        }
+    }
+    for k in &touched.ipcache6 {
+        match (cur.ipcache6.get(k), want.ipcache6.get(k)) {
+            (c, Some(w)) if c != Some(w) => d.ipcache6_upserts.push((*k, *w)),
+            (Some(_), None) => d.ipcache6_removals.push(*k),
             _ => {}
         }
     }
@@ -375,6 +420,11 @@ fn apply_once(
             current.ipcache.insert((addr, prefix), v);
         }
     }
+    for ((addr, prefix), v) in d.ipcache6_upserts {
+        if done(w.upsert_ipcache6(addr, prefix, v)) {
+            current.ipcache6.insert((addr, prefix), v);
+        }
+    }
     for (ifindex, v) in d.endpoint_upserts {
         // A pod whose address changed must not keep its old by-IP entry.
         let moved = current
@@ -403,6 +453,11 @@ fn apply_once(
     for (addr, prefix) in d.ipcache_removals {
         if done(w.remove_ipcache(addr, prefix)) {
             current.ipcache.remove(&(addr, prefix));
+        }
+    }
+    for (addr, prefix) in d.ipcache6_removals {
+        if done(w.remove_ipcache6(addr, prefix)) {
+            current.ipcache6.remove(&(addr, prefix));
         }
     }
     for (prefix, k) in d.policy_removals {
@@ -503,6 +558,17 @@ mod tests {
         }
         fn remove_ipcache(&mut self, a: Ipv4Addr, p: u32) -> Result<(), palisade_dataplane::Error> {
             self.op(format!("ipcache- {a}/{p}"))
+        }
+        fn upsert_ipcache6(
+            &mut self,
+            a: Ipv6Addr,
+            p: u32,
+            v: IpcacheValue,
+        ) -> Result<(), palisade_dataplane::Error> {
+            self.op(format!("ipcache6+ {a}/{p} {}", v.identity))
+        }
+        fn remove_ipcache6(&mut self, a: Ipv6Addr, p: u32) -> Result<(), palisade_dataplane::Error> {
+            self.op(format!("ipcache6- {a}/{p}"))
         }
         fn upsert_endpoint(
             &mut self,

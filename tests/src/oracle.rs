@@ -1276,6 +1276,7 @@ mod tests {
                     name: "server".into(),
                     labels: labels(&[("app", "a")]),
                     ip: Ipv4Addr::new(10, 1, 0, 1),
+                    ipv6: None,
                     ports: vec![ContainerPort {
                         name: Some("http".into()),
                         port: 8080,
@@ -1288,6 +1289,7 @@ mod tests {
                     name: "client".into(),
                     labels: labels(&[("app", "b")]),
                     ip: Ipv4Addr::new(10, 1, 1, 1),
+                    ipv6: None,
                     ports: vec![ContainerPort {
                         name: Some("http".into()),
                         port: 80,

@@ -764,6 +764,7 @@ mod tests {
             name: name.into(),
             labels: Labels::from([("app".to_string(), app.to_string())]),
             ip: Ipv4Addr::from(ip),
+            ipv6: None,
             ports: vec![ContainerPort {
                 name: Some("http".into()),
                 port: 8080,

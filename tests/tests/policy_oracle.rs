@@ -99,6 +99,7 @@ fn model_of(c: &Cluster) -> Result<Model> {
                     ifindex,
                     host_ifname: format!("veth{ifindex}"),
                     ipv4: p.ip,
+                    ipv6: None,
                     container_id,
                     mac: [0; 6],
                 },

@@ -129,6 +129,7 @@ fn engine_of(c: &TieredCluster) -> Result<Engine> {
                 ifindex,
                 host_ifname: format!("veth{ifindex}"),
                 ipv4: p.ip,
+                ipv6: None,
                 container_id: format!("c-{}-{}", p.namespace, p.name),
                 mac: [0; 6],
             });

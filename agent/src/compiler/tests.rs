@@ -55,6 +55,7 @@ impl T {
             name: name.into(),
             labels: labels(l),
             ip: (!addr.is_empty()).then(|| ip(addr)),
+            ipv6: None,
             host_network: false,
             ports: Vec::new(),
         };
@@ -81,6 +82,7 @@ impl T {
                 ifindex: id,
                 host_ifname: format!("veth{id}"),
                 ipv4: addr,
+                ipv6: None,
                 container_id: format!("c{id}"),
                 mac: [0; 6],
             },
