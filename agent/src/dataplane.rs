@@ -513,13 +513,18 @@ pub mod memory {
         }
         fn upsert_endpoint(&mut self, ifindex: u32, v: EndpointInfo) -> Result<(), Error> {
             let mut m = self.lock();
+            // As the kernel map: no by-address entry for IPv4 address 0
+            // (an IPv6-only pod).
+            let by_ip = v.ipv4 != 0;
             let new = usize::from(!m.maps.endpoints.contains_key(&ifindex))
-                + usize::from(!m.endpoints_by_ip.contains_key(&v.ipv4));
+                + usize::from(by_ip && !m.endpoints_by_ip.contains_key(&v.ipv4));
             let used = m.maps.endpoints.len() + m.endpoints_by_ip.len();
             if let Some(cap) = m.capacity.endpoints.filter(|c| used + new > *c) {
                 return Err(full(names::ENDPOINTS, cap));
             }
-            m.endpoints_by_ip.insert(v.ipv4, v);
+            if by_ip {
+                m.endpoints_by_ip.insert(v.ipv4, v);
+            }
             m.maps.endpoints.insert(ifindex, v);
             m.log.push(Op::UpsertEndpoint {
                 ifindex,
