@@ -713,7 +713,7 @@ impl Engine {
             // An IPv6-only endpoint has no IPv4 address to claim.
             Some(ep) if !host_network => (
                 Some(ep.ipv4).filter(|ip| !ip.is_unspecified()),
-                ep.ipv6.or(pod.and_then(|p| p.ipv6)),
+                ep.ipv6,
                 true,
             ),
             _ => (pod.and_then(|p| p.ip), pod.and_then(|p| p.ipv6), false),
@@ -1660,6 +1660,7 @@ mod tests {
             "{what}: endpoints"
         );
         assert_eq!(e.desired().ipcache, full.maps.ipcache, "{what}: ipcache");
+        assert_eq!(e.desired().ipcache6, full.maps.ipcache6, "{what}: ipcache6");
         if e.desired().policy != full.maps.policy {
             let a: BTreeMap<_, _> = e
                 .desired()
@@ -1774,6 +1775,13 @@ mod tests {
         pool.choose(rng).unwrap().parse().unwrap()
     }
 
+    /// Few addresses, so pods and endpoints share them as the IPv4 ones.
+    fn ip6(rng: &mut StdRng) -> Option<Ipv6Addr> {
+        let pool = ["fd00::3", "fd00::4", "fd00::5", "fd00:1::5"];
+        rng.gen_bool(0.5)
+            .then(|| pool.choose(rng).unwrap().parse().unwrap())
+    }
+
     fn some<T: Clone>(rng: &mut StdRng, xs: &[T]) -> Vec<T> {
         xs.iter().filter(|_| rng.gen_bool(0.4)).cloned().collect()
     }
@@ -1824,7 +1832,7 @@ mod tests {
             name: format!("p{}", rng.gen_range(0..8)),
             labels,
             ip: rng.gen_bool(0.85).then(|| ip(rng)),
-            ipv6: None,
+            ipv6: ip6(rng),
             host_network: rng.gen_bool(0.08),
             ports,
         }
@@ -1942,6 +1950,15 @@ mod tests {
 
     fn endpoint(rng: &mut StdRng) -> LocalEndpoint {
         let i = rng.gen_range(0..6u32);
+        let mut ep = endpoint_dual(rng, i);
+        // Some IPv6-only endpoints.
+        if ep.ipv6.is_some() && rng.gen_bool(0.3) {
+            ep.ipv4 = Ipv4Addr::UNSPECIFIED;
+        }
+        ep
+    }
+
+    fn endpoint_dual(rng: &mut StdRng, i: u32) -> LocalEndpoint {
         LocalEndpoint {
             key: ObjectKey::new(
                 *NS.choose(rng).unwrap(),
@@ -1951,7 +1968,7 @@ mod tests {
             ifindex: 100 + i,
             host_ifname: format!("veth{i}"),
             ipv4: ip(rng),
-            ipv6: None,
+            ipv6: ip6(rng),
             container_id: format!("c{i}"),
             mac: [0; 6],
         }

@@ -342,7 +342,8 @@ impl Compiler {
             if !view.host_network {
                 // An IPv6-only endpoint has no IPv4 address to claim.
                 view.ip = Some(ep.ipv4).filter(|ip| !ip.is_unspecified());
-                view.ip6 = ep.ipv6.or(view.ip6);
+                // The registration's addresses are the local pod's, as for IPv4.
+                view.ip6 = ep.ipv6;
                 view.local = true;
             }
         }
