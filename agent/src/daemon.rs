@@ -1023,11 +1023,7 @@ fn validate(r: &Registration) -> Result<()> {
         }
         None => {}
         Some(ip) => {
-            if ip.is_unspecified()
-                || ip.is_loopback()
-                || ip.is_multicast()
-                || ip.is_broadcast()
-            {
+            if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast() {
                 return bad(format!("{ip} cannot be a pod address"));
             }
         }

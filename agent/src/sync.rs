@@ -20,7 +20,11 @@
 //! the ipcache changed or lost its identity (a peer's labels changed: the
 //! verdict on any flow with it may differ). A new address does not bump
 //! anything. So one pod's policy change re-judges that pod's flows only.
-use std::{collections::HashMap, hash::Hash, net::{Ipv4Addr, Ipv6Addr}};
+use std::{
+    collections::HashMap,
+    hash::Hash,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use palisade_common::{EndpointInfo, IpcacheValue, PolicyKey, PolicyValue};
 use palisade_dataplane::{MapState, Maps};
@@ -567,7 +571,11 @@ mod tests {
         ) -> Result<(), palisade_dataplane::Error> {
             self.op(format!("ipcache6+ {a}/{p} {}", v.identity))
         }
-        fn remove_ipcache6(&mut self, a: Ipv6Addr, p: u32) -> Result<(), palisade_dataplane::Error> {
+        fn remove_ipcache6(
+            &mut self,
+            a: Ipv6Addr,
+            p: u32,
+        ) -> Result<(), palisade_dataplane::Error> {
             self.op(format!("ipcache6- {a}/{p}"))
         }
         fn upsert_endpoint(
@@ -713,6 +721,7 @@ mod tests {
     fn same(a: &MapState, b: &MapState) -> bool {
         a.policy == b.policy
             && a.ipcache == b.ipcache
+            && a.ipcache6 == b.ipcache6
             && a.endpoints.len() == b.endpoints.len()
             && a.endpoints
                 .iter()
@@ -781,12 +790,63 @@ mod tests {
         );
     }
 
+    /// IPv6 ipcache entries are written, moved and removed like IPv4 ones
+    /// (full and touched syncs alike), and an IPv6 address that changes
+    /// identity re-judges every endpoint's flows.
+    #[test]
+    fn ipcache6_syncs_like_ipcache() {
+        let a: Ipv6Addr = "fd00::2".parse().unwrap();
+        let v = |identity| IpcacheValue {
+            identity,
+            cidr_identity: 2,
+        };
+        for touched in [false, true] {
+            let mut cur = state(400, true);
+            let mut want = cur.clone();
+            let mut sync = |cur: &mut MapState, want: &MapState| {
+                let mut r = Recorder::default();
+                let n = if touched {
+                    apply_touched(&mut r, cur, want, &all_keys(cur, want)).unwrap()
+                } else {
+                    apply(&mut r, cur, want).unwrap()
+                };
+                assert!(same(cur, want), "{cur:?} {want:?}");
+                (n, r.ops)
+            };
+            // A new address: written, nothing re-judged.
+            want.ipcache6.insert((a, 128), v(400));
+            assert_eq!(
+                sync(&mut cur, &want),
+                (1, vec!["ipcache6+ fd00::2/128 400".into()])
+            );
+            assert_eq!(cur.endpoints[&7].generation, 0);
+            // Its identity changes: every endpoint's flows are judged again.
+            want.ipcache6.insert((a, 128), v(401));
+            let (n, ops) = sync(&mut cur, &want);
+            assert_eq!(
+                (n, &ops[..1]),
+                (1, &["ipcache6+ fd00::2/128 401".to_string()][..])
+            );
+            assert_eq!(cur.endpoints[&7].generation, 1);
+            // Removed.
+            want.ipcache6.clear();
+            let (n, ops) = sync(&mut cur, &want);
+            assert_eq!(
+                (n, &ops[..1]),
+                (1, &["ipcache6- fd00::2/128".to_string()][..])
+            );
+            assert!(cur.ipcache6.is_empty());
+            assert!(diff(&cur, &want).is_empty());
+        }
+    }
+
     /// Every key of both states: what a full diff looks at.
     fn all_keys(a: &MapState, b: &MapState) -> Touched {
         let mut t = Touched::default();
         for s in [a, b] {
             t.policy.extend(s.policy.keys().copied());
             t.ipcache.extend(s.ipcache.keys().copied());
+            t.ipcache6.extend(s.ipcache6.keys().copied());
             t.endpoints.extend(s.endpoints.keys().copied());
         }
         t

@@ -1631,7 +1631,11 @@ mod tests {
         ) -> Result<(), palisade_dataplane::Error> {
             Ok(())
         }
-        fn remove_ipcache6(&mut self, _: Ipv6Addr, _: u32) -> Result<(), palisade_dataplane::Error> {
+        fn remove_ipcache6(
+            &mut self,
+            _: Ipv6Addr,
+            _: u32,
+        ) -> Result<(), palisade_dataplane::Error> {
             Ok(())
         }
         fn upsert_endpoint(

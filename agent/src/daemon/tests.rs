@@ -866,7 +866,9 @@ fn dual_stack_registrations_keep_and_check_their_ipv6_address() {
         assert_eq!(v.identity, i.identity, "{v6}");
     }
     assert!(
-        !maps.ipcache.contains_key(&(std::net::Ipv4Addr::UNSPECIFIED, 32)),
+        !maps
+            .ipcache
+            .contains_key(&(std::net::Ipv4Addr::UNSPECIFIED, 32)),
         "no ipcache entry for the IPv6-only pod's missing IPv4 address"
     );
     // Each refusal counted by its kind.
