@@ -803,7 +803,7 @@ mod tests {
         for touched in [false, true] {
             let mut cur = state(400, true);
             let mut want = cur.clone();
-            let mut sync = |cur: &mut MapState, want: &MapState| {
+            let sync = |cur: &mut MapState, want: &MapState| {
                 let mut r = Recorder::default();
                 let n = if touched {
                     apply_touched(&mut r, cur, want, &all_keys(cur, want)).unwrap()

@@ -772,8 +772,8 @@ impl Engine {
     }
 
     /// The ipcache6 entries of the IPv6 addresses marked dirty: a pod's
-    /// /128 -> its label identity (IPv6 CIDR identities do not exist yet,
-    /// so its CIDR identity is world, as in the full compile).
+    /// /128 -> its label identity, also as its CIDR identity (as in the
+    /// full compile: no IPv4 ipBlock matches an IPv6 pod).
     fn settle_ip6(&mut self) {
         while let Some(ip) = self.dirty_ips6.pop_first() {
             let want = self
@@ -783,8 +783,16 @@ impl Engine {
                 .and_then(|(_, k)| self.eff[k].label_id)
                 .map(|identity| IpcacheValue {
                     identity,
-                    cidr_identity: IDENTITY_WORLD,
+                    cidr_identity: identity,
                 });
+            match (self.by_ip6.get(&ip).and_then(|s| s.first()), want) {
+                (Some((_, key)), Some(v)) => {
+                    self.view.pods_by_ip6.insert(ip, (key.clone(), v.identity));
+                }
+                _ => {
+                    self.view.pods_by_ip6.remove(&ip);
+                }
+            }
             let k = (ip, 128);
             if self.desired.ipcache6.get(&k) != want.as_ref() {
                 match want {
@@ -1743,6 +1751,14 @@ mod tests {
             v.pods_by_ip.clone().into_iter().collect::<BTreeMap<_, _>>(),
             fv.pods_by_ip.into_iter().collect::<BTreeMap<_, _>>(),
             "{what}: pods_by_ip"
+        );
+        assert_eq!(
+            v.pods_by_ip6
+                .clone()
+                .into_iter()
+                .collect::<BTreeMap<_, _>>(),
+            fv.pods_by_ip6.into_iter().collect::<BTreeMap<_, _>>(),
+            "{what}: pods_by_ip6"
         );
         assert_eq!(
             v.pod_addresses

@@ -477,15 +477,16 @@ impl Compiler {
                 },
             );
         }
-        // IPv6: pod addresses only so far (IPv6 ipBlocks and node
-        // addresses get no CIDR identity yet: a miss is world, and the
-        // pods' CIDR identity is world).
+        // IPv6: pod addresses only so far. IPv6 ipBlocks have no CIDR
+        // identities yet, so a pod's CIDR identity is its own identity (no
+        // CIDR lookup; `policy_lookups`): an IPv4 ipBlock, `0.0.0.0/0`
+        // (world) included, never matches an IPv6 pod address.
         for (ip, key) in &pod_at6 {
             out.maps.ipcache6.insert(
                 (*ip, 128),
                 IpcacheValue {
                     identity: pod_identity[key],
-                    cidr_identity: IDENTITY_WORLD,
+                    cidr_identity: pod_identity[key],
                 },
             );
         }

@@ -1677,7 +1677,11 @@ fn ipv6_pod_addresses_resolve_to_their_label_identity() {
         at("fd00:2::2").unwrap().identity,
         label_id(&c, "b", &[("app", "web")])
     );
-    assert_eq!(at("fd00::1").unwrap().cidr_identity, IDENTITY_WORLD);
+    // No CIDR identity: IPv4 ipBlocks (0.0.0.0/0 included) never match it.
+    assert_eq!(
+        at("fd00::1").unwrap().cidr_identity,
+        at("fd00::1").unwrap().identity
+    );
     assert_eq!(at("fd00:9::9"), None, "host network");
     assert_eq!(v6.len(), 4, "{v6:?}");
 
