@@ -332,11 +332,11 @@ spec:
     Ok(())
 }
 
-/// IPv6-only: the agent cannot enforce the pod, refuses it with
-/// `unsupported` (CNI code 111) and ADD leaves nothing behind: no veth, no
-/// address, no endpoint.
+/// IPv6-only (issue 15): ADD registers the pod with its IPv6 address only
+/// (IPv4 address 0 in the endpoint: no IPv4 from it passes the source
+/// check), in both IPAM dialects; DEL leaves nothing behind.
 #[test]
-fn ipv6_only_is_refused_and_rolled_back() -> Result<()> {
+fn ipv6_only_registers_and_del_cleans_up() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
@@ -348,15 +348,21 @@ fn ipv6_only_is_refused_and_rolled_back() -> Result<()> {
         format!(r#""ranges":[[{{"subnet":"{V6}"}}]]"#),
     ] {
         let c = conf("1.0.0", &n, &ipam, "");
-        let o = exec(Some(&n.node), "ADD", &add_env("v6only", &p, ""), &c)?;
-        expect_error(&o, 111)?;
-        let all = format!("{} {}", o.json["msg"], o.json["details"]);
-        assert!(
-            all.contains("IPv6-only") && all.contains("unsupported"),
-            "{all}"
-        );
+        let env = add_env("v6only", &p, "");
+        let o = exec(Some(&n.node), "ADD", &env, &c)?.ok()?;
+        let got = ips(&o.json);
+        assert!(got.len() == 1 && got[0].is_ipv6(), "{}", o.stdout);
+        let host = o.json["interfaces"][0]["name"]
+            .as_str()
+            .context("host if")?
+            .to_string();
+        let (v4, v6, _) = endpoint(&n, &host)?.context("registered")?;
+        assert_eq!(v4, "0.0.0.0");
+        assert_eq!(v6, Some(got[0].to_string()));
+        for _ in 0..2 {
+            exec(Some(&n.node), "DEL", &env, &c)?.ok()?;
+        }
         assert_eq!(links(&n.node)?, ["lo"]);
-        assert_eq!(links(&pod)?, ["lo"]);
         assert!(allocations(&n.ipam_dir()).is_empty());
         assert!(n
             .agent
