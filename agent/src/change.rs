@@ -215,6 +215,7 @@ mod tests {
             name: name.into(),
             labels: [("app".to_string(), app.to_string())].into(),
             ip: None,
+            ipv6: None,
             host_network: false,
             ports: Vec::new(),
         }

@@ -949,9 +949,10 @@ fn local_endpoint(e: &Entry) -> LocalEndpoint {
         endpoint_id: e.endpoint_id,
         ifindex: e.ifindex,
         host_ifname: r.host_ifname.clone(),
-        // Every registered endpoint has one: `validate` refuses IPv6-only
-        // registrations until the datapath enforces IPv6.
+        // Unspecified for an IPv6-only pod (`validate` requires one of
+        // the two).
         ipv4: r.ipv4.unwrap_or(Ipv4Addr::UNSPECIFIED),
+        ipv6: r.ipv6,
         container_id: r.container_id.clone(),
         // (Checked by `validate` when it registered.)
         mac: r
@@ -962,14 +963,13 @@ fn local_endpoint(e: &Entry) -> LocalEndpoint {
     }
 }
 
-/// What the datapath does with an endpoint's IPv6 today
-/// (`palisade_common::ipv6::verdict`): not policed by rule, so dropped
-/// both ways where any direction is enforced.
+/// What the datapath does with an endpoint's IPv6 (README, "IPv6
+/// datapath"): the same policy as its IPv4.
 pub(crate) fn ipv6_datapath(enforced: bool) -> &'static str {
     if enforced {
-        "dropped both ways (not policed by rule yet; only neighbour discovery passes)"
+        "enforced as IPv4 (same rules; neighbour discovery on the link only)"
     } else {
-        "passed unpoliced (no policy selects the pod; no IPv6 source check yet; router advertisements and redirects from it are dropped)"
+        "not enforced (no policy selects the pod); source checked, router advertisements and redirects from it dropped"
     }
 }
 
@@ -1013,24 +1013,23 @@ fn validate(r: &Registration) -> Result<()> {
             return bad(format!("{ip} cannot be a pod address"));
         }
     }
-    let Some(ip) = r.ipv4 else {
-        if r.ipv6.is_none() {
-            return bad("a registration needs the pod's IPv4 address".into());
+    match r.ipv4 {
+        // IPv6-only: its endpoint has IPv4 address 0 (no by-address entry;
+        // every IPv4 packet from it fails the source check) and its IPv6
+        // address in the endpoint and ipcache6 maps.
+        None if r.ipv6.is_none() => {
+            return bad("a registration needs the pod's IPv4 or IPv6 address".into());
         }
-        // Fail closed: the datapath keys endpoints, anti-spoofing and the
-        // ipcache by IPv4 and drops IPv6 to and from enforced pods.
-        return Err(refuse(
-            ErrorKind::Unsupported,
-            format!(
-                "{}/{} is IPv6-only ({}): this agent enforces policy on IPv4 and cannot enforce an IPv6-only pod yet (issue 15); give the pod an IPv4 address too (dual-stack)",
-                r.namespace,
-                r.pod,
-                r.addresses()
-            ),
-        ));
-    };
-    if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast() {
-        return bad(format!("{ip} cannot be a pod address"));
+        None => {}
+        Some(ip)
+            if ip.is_unspecified()
+                || ip.is_loopback()
+                || ip.is_multicast()
+                || ip.is_broadcast() =>
+        {
+            return bad(format!("{ip} cannot be a pod address"));
+        }
+        Some(_) => {}
     }
     if let Some(m) = &r.mac {
         match palisade_api::parse_mac(m) {

@@ -13,7 +13,7 @@
 //! all: they use handles of their own (`palisade_dataplane::ConntrackGc`,
 //! [`StatsReader`]), opened from the pins ([`Dataplane::pins`]).
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     sync::{Arc, Mutex},
 };
 
@@ -104,6 +104,17 @@ impl MapWriter for Box<dyn Dataplane> {
     fn remove_ipcache(&mut self, addr: Ipv4Addr, prefix: u32) -> Result<(), Error> {
         (**self).remove_ipcache(addr, prefix)
     }
+    fn upsert_ipcache6(
+        &mut self,
+        addr: Ipv6Addr,
+        prefix: u32,
+        v: IpcacheValue,
+    ) -> Result<(), Error> {
+        (**self).upsert_ipcache6(addr, prefix, v)
+    }
+    fn remove_ipcache6(&mut self, addr: Ipv6Addr, prefix: u32) -> Result<(), Error> {
+        (**self).remove_ipcache6(addr, prefix)
+    }
     fn upsert_endpoint(&mut self, ifindex: u32, v: EndpointInfo) -> Result<(), Error> {
         (**self).upsert_endpoint(ifindex, v)
     }
@@ -169,6 +180,17 @@ impl MapWriter for KernelDataplane {
     }
     fn remove_ipcache(&mut self, addr: Ipv4Addr, prefix: u32) -> Result<(), Error> {
         self.maps.remove_ipcache(addr, prefix)
+    }
+    fn upsert_ipcache6(
+        &mut self,
+        addr: Ipv6Addr,
+        prefix: u32,
+        v: IpcacheValue,
+    ) -> Result<(), Error> {
+        self.maps.set_ipcache6(addr, prefix, v)
+    }
+    fn remove_ipcache6(&mut self, addr: Ipv6Addr, prefix: u32) -> Result<(), Error> {
+        self.maps.remove_ipcache6(addr, prefix)
     }
     fn upsert_endpoint(&mut self, ifindex: u32, v: EndpointInfo) -> Result<(), Error> {
         self.maps.upsert_endpoint(ifindex, v)
@@ -269,7 +291,7 @@ pub mod memory {
     //! The dataplane in memory, for the agent's tests.
     use std::{
         collections::{BTreeMap, BTreeSet, HashMap},
-        net::Ipv4Addr,
+        net::{Ipv4Addr, Ipv6Addr},
         sync::{Arc, Mutex, MutexGuard},
     };
 
@@ -297,6 +319,8 @@ pub mod memory {
         AttachXdp { ifindex: u32 },
         DenySource { addr: Ipv4Addr, prefix: u32 },
         AllowSource { addr: Ipv4Addr, prefix: u32 },
+        UpsertIpcache6 { addr: Ipv6Addr, prefix: u32 },
+        RemoveIpcache6 { addr: Ipv6Addr, prefix: u32 },
     }
 
     /// Entries a map can hold; `None` is unlimited.
@@ -470,15 +494,37 @@ pub mod memory {
             m.log.push(Op::RemoveIpcache { addr, prefix });
             Ok(())
         }
+        fn upsert_ipcache6(
+            &mut self,
+            addr: Ipv6Addr,
+            prefix: u32,
+            v: IpcacheValue,
+        ) -> Result<(), Error> {
+            let mut m = self.lock();
+            m.maps.ipcache6.insert((addr, prefix), v);
+            m.log.push(Op::UpsertIpcache6 { addr, prefix });
+            Ok(())
+        }
+        fn remove_ipcache6(&mut self, addr: Ipv6Addr, prefix: u32) -> Result<(), Error> {
+            let mut m = self.lock();
+            m.maps.ipcache6.remove(&(addr, prefix));
+            m.log.push(Op::RemoveIpcache6 { addr, prefix });
+            Ok(())
+        }
         fn upsert_endpoint(&mut self, ifindex: u32, v: EndpointInfo) -> Result<(), Error> {
             let mut m = self.lock();
+            // As the kernel map: no by-address entry for IPv4 address 0
+            // (an IPv6-only pod).
+            let by_ip = v.ipv4 != 0;
             let new = usize::from(!m.maps.endpoints.contains_key(&ifindex))
-                + usize::from(!m.endpoints_by_ip.contains_key(&v.ipv4));
+                + usize::from(by_ip && !m.endpoints_by_ip.contains_key(&v.ipv4));
             let used = m.maps.endpoints.len() + m.endpoints_by_ip.len();
             if let Some(cap) = m.capacity.endpoints.filter(|c| used + new > *c) {
                 return Err(full(names::ENDPOINTS, cap));
             }
-            m.endpoints_by_ip.insert(v.ipv4, v);
+            if by_ip {
+                m.endpoints_by_ip.insert(v.ipv4, v);
+            }
             m.maps.endpoints.insert(ifindex, v);
             m.log.push(Op::UpsertEndpoint {
                 ifindex,

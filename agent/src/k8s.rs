@@ -237,7 +237,7 @@ impl Watch for Pod {
         });
     }
 
-    /// Exactly the model's pod: labels, address (podIP, gone once the
+    /// Exactly the model's pod: labels, addresses (podIP(s), gone once the
     /// phase is Succeeded/Failed), hostNetwork, container ports.
     fn relevant(&self) -> Option<u64> {
         let p = convert::pod(self)?;
@@ -251,6 +251,7 @@ impl Watch for Pod {
             &p.name,
             &p.labels,
             p.ip,
+            p.ipv6,
             p.host_network,
             ports,
         )))

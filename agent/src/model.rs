@@ -60,6 +60,8 @@ pub struct Pod {
     pub labels: Labels,
     /// None until the pod has an address.
     pub ip: Option<Ipv4Addr>,
+    /// The pod's IPv6 address (`status.podIPs`), if it has one.
+    pub ipv6: Option<std::net::Ipv6Addr>,
     pub host_network: bool,
     pub ports: Vec<ContainerPort>,
 }
@@ -86,6 +88,9 @@ pub struct LocalEndpoint {
     pub ifindex: u32,
     pub host_ifname: String,
     pub ipv4: Ipv4Addr,
+    /// The pod's IPv6 address (dual-stack or IPv6-only pods; with
+    /// `ipv4` unspecified for IPv6-only ones).
+    pub ipv6: Option<std::net::Ipv6Addr>,
     pub container_id: String,
     /// The pod interface's MAC (all zero: not known, not checked).
     pub mac: [u8; 6],
@@ -236,13 +241,26 @@ pub mod convert {
         let finished = status
             .and_then(|s| s.phase.as_deref())
             .is_some_and(|ph| ph == "Succeeded" || ph == "Failed");
-        let ip = if finished {
-            None
-        } else {
-            status
-                .and_then(|s| s.pod_ip.as_deref())
-                .and_then(|ip| ip.parse().ok())
-        };
+        // status.podIP and status.podIPs (dual-stack: one per family, the
+        // first of each family counts).
+        let addrs: Vec<std::net::IpAddr> = status
+            .filter(|_| !finished)
+            .map(|s| {
+                s.pod_ip
+                    .iter()
+                    .chain(s.pod_ips.iter().flatten().map(|p| &p.ip))
+                    .filter_map(|ip| ip.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let ip = addrs.iter().find_map(|a| match a {
+            std::net::IpAddr::V4(a) => Some(*a),
+            _ => None,
+        });
+        let ipv6 = addrs.iter().find_map(|a| match a {
+            std::net::IpAddr::V6(a) => Some(*a),
+            _ => None,
+        });
         let mut ports: Vec<ContainerPort> = spec
             .map(|s| {
                 s.containers
@@ -266,6 +284,7 @@ pub mod convert {
             name,
             labels: p.metadata.labels.clone().unwrap_or_default(),
             ip,
+            ipv6,
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
             ports,
         })
@@ -305,5 +324,37 @@ pub mod convert {
             meta.namespace.clone().unwrap_or_else(|| "default".into()),
             meta.name.clone()?,
         ))
+    }
+}
+
+#[cfg(test)]
+mod ip_family_tests {
+    use k8s_openapi::api::core::v1 as core;
+
+    fn pod(status: serde_json::Value) -> super::Pod {
+        let p: core::Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "a"},
+            "status": status,
+        }))
+        .unwrap();
+        super::convert::pod(&p).unwrap()
+    }
+
+    /// status.podIPs of both families (issue 15): the first of each.
+    #[test]
+    fn pod_addresses_of_both_families() {
+        let p = pod(serde_json::json!({"podIP": "10.0.0.5",
+            "podIPs": [{"ip": "10.0.0.5"}, {"ip": "fd00::5"}, {"ip": "fd00::6"}]}));
+        assert_eq!(p.ip, Some("10.0.0.5".parse().unwrap()));
+        assert_eq!(p.ipv6, Some("fd00::5".parse().unwrap()));
+        // IPv6-only (podIP is the IPv6 one).
+        let p = pod(serde_json::json!({"podIP": "fd00::7", "podIPs": [{"ip": "fd00::7"}]}));
+        assert_eq!((p.ip, p.ipv6), (None, Some("fd00::7".parse().unwrap())));
+        // Finished: no address of either family.
+        let p = pod(
+            serde_json::json!({"phase": "Succeeded", "podIP": "10.0.0.5",
+            "podIPs": [{"ip": "10.0.0.5"}, {"ip": "fd00::5"}]}),
+        );
+        assert_eq!((p.ip, p.ipv6), (None, None));
     }
 }

@@ -105,6 +105,7 @@ mod tests {
             name: String::new(),
             labels: Default::default(),
             ip: Some(ip.parse().unwrap()),
+            ipv6: None,
             host_network,
             ports: vec![],
         };

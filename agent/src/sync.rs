@@ -20,7 +20,11 @@
 //! the ipcache changed or lost its identity (a peer's labels changed: the
 //! verdict on any flow with it may differ). A new address does not bump
 //! anything. So one pod's policy change re-judges that pod's flows only.
-use std::{collections::HashMap, hash::Hash, net::Ipv4Addr};
+use std::{
+    collections::HashMap,
+    hash::Hash,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use palisade_common::{EndpointInfo, IpcacheValue, PolicyKey, PolicyValue};
 use palisade_dataplane::{MapState, Maps};
@@ -36,6 +40,9 @@ pub struct Diff {
     pub endpoint_removals: Vec<(u32, EndpointInfo)>,
     pub ipcache_removals: Vec<(Ipv4Addr, u32)>,
     pub policy_removals: Vec<(u32, PolicyKey)>,
+    /// IPv6 ipcache entries, written and removed beside the IPv4 ones.
+    pub ipcache6_upserts: Vec<((Ipv6Addr, u32), IpcacheValue)>,
+    pub ipcache6_removals: Vec<(Ipv6Addr, u32)>,
 }
 
 impl Diff {
@@ -50,6 +57,8 @@ impl Diff {
             + self.endpoint_removals.len()
             + self.ipcache_removals.len()
             + self.policy_removals.len()
+            + self.ipcache6_upserts.len()
+            + self.ipcache6_removals.len()
     }
 }
 
@@ -76,6 +85,7 @@ fn changed<K: Eq + Hash + Clone, V: PartialEq + Clone>(
 pub fn diff(cur: &MapState, want: &MapState) -> Diff {
     let (policy_upserts, pr) = changed(&cur.policy, &want.policy);
     let (ipcache_upserts, ir) = changed(&cur.ipcache, &want.ipcache);
+    let (ipcache6_upserts, ir6) = changed(&cur.ipcache6, &want.ipcache6);
     let (endpoint_upserts, endpoint_removals) = endpoint_changes(cur, want);
     Diff {
         policy_upserts,
@@ -84,6 +94,8 @@ pub fn diff(cur: &MapState, want: &MapState) -> Diff {
         endpoint_removals,
         ipcache_removals: ir.into_iter().map(|(k, _)| k).collect(),
         policy_removals: pr.into_iter().map(|(k, _)| k).collect(),
+        ipcache6_upserts,
+        ipcache6_removals: ir6.into_iter().map(|(k, _)| k).collect(),
     }
 }
 
@@ -143,7 +155,11 @@ fn bumps(current: &MapState, d: &Diff) -> Bumps {
         .ipcache_upserts
         .iter()
         .any(|(k, _)| current.ipcache.contains_key(k))
-        || !d.ipcache_removals.is_empty();
+        || !d.ipcache_removals.is_empty()
+        || d.ipcache6_upserts
+            .iter()
+            .any(|(k, _)| current.ipcache6.contains_key(k))
+        || !d.ipcache6_removals.is_empty();
     if peer_changed {
         return Bumps::All;
     }
@@ -204,6 +220,17 @@ pub trait MapWriter {
         ifindex: u32,
         ipv4_be: u32,
     ) -> Result<(), palisade_dataplane::Error>;
+    fn upsert_ipcache6(
+        &mut self,
+        addr: Ipv6Addr,
+        prefix: u32,
+        v: IpcacheValue,
+    ) -> Result<(), palisade_dataplane::Error>;
+    fn remove_ipcache6(
+        &mut self,
+        addr: Ipv6Addr,
+        prefix: u32,
+    ) -> Result<(), palisade_dataplane::Error>;
 }
 
 impl MapWriter for Maps {
@@ -236,6 +263,21 @@ impl MapWriter for Maps {
         prefix: u32,
     ) -> Result<(), palisade_dataplane::Error> {
         Maps::remove_ipcache(self, addr, prefix)
+    }
+    fn upsert_ipcache6(
+        &mut self,
+        addr: Ipv6Addr,
+        prefix: u32,
+        v: IpcacheValue,
+    ) -> Result<(), palisade_dataplane::Error> {
+        self.set_ipcache6(addr, prefix, v)
+    }
+    fn remove_ipcache6(
+        &mut self,
+        addr: Ipv6Addr,
+        prefix: u32,
+    ) -> Result<(), palisade_dataplane::Error> {
+        Maps::remove_ipcache6(self, addr, prefix)
     }
     fn upsert_endpoint(
         &mut self,
@@ -299,6 +341,13 @@ pub fn diff_touched(cur: &MapState, want: &MapState, touched: &Touched) -> Diff 
         match (cur.ipcache.get(k), want.ipcache.get(k)) {
             (c, Some(w)) if c != Some(w) => d.ipcache_upserts.push((*k, *w)),
             (Some(_), None) => d.ipcache_removals.push(*k),
+            _ => {}
+        }
+    }
+    for k in &touched.ipcache6 {
+        match (cur.ipcache6.get(k), want.ipcache6.get(k)) {
+            (c, Some(w)) if c != Some(w) => d.ipcache6_upserts.push((*k, *w)),
+            (Some(_), None) => d.ipcache6_removals.push(*k),
             _ => {}
         }
     }
@@ -375,6 +424,11 @@ fn apply_once(
             current.ipcache.insert((addr, prefix), v);
         }
     }
+    for ((addr, prefix), v) in d.ipcache6_upserts {
+        if done(w.upsert_ipcache6(addr, prefix, v)) {
+            current.ipcache6.insert((addr, prefix), v);
+        }
+    }
     for (ifindex, v) in d.endpoint_upserts {
         // A pod whose address changed must not keep its old by-IP entry.
         let moved = current
@@ -403,6 +457,11 @@ fn apply_once(
     for (addr, prefix) in d.ipcache_removals {
         if done(w.remove_ipcache(addr, prefix)) {
             current.ipcache.remove(&(addr, prefix));
+        }
+    }
+    for (addr, prefix) in d.ipcache6_removals {
+        if done(w.remove_ipcache6(addr, prefix)) {
+            current.ipcache6.remove(&(addr, prefix));
         }
     }
     for (prefix, k) in d.policy_removals {
@@ -503,6 +562,21 @@ mod tests {
         }
         fn remove_ipcache(&mut self, a: Ipv4Addr, p: u32) -> Result<(), palisade_dataplane::Error> {
             self.op(format!("ipcache- {a}/{p}"))
+        }
+        fn upsert_ipcache6(
+            &mut self,
+            a: Ipv6Addr,
+            p: u32,
+            v: IpcacheValue,
+        ) -> Result<(), palisade_dataplane::Error> {
+            self.op(format!("ipcache6+ {a}/{p} {}", v.identity))
+        }
+        fn remove_ipcache6(
+            &mut self,
+            a: Ipv6Addr,
+            p: u32,
+        ) -> Result<(), palisade_dataplane::Error> {
+            self.op(format!("ipcache6- {a}/{p}"))
         }
         fn upsert_endpoint(
             &mut self,
@@ -647,6 +721,7 @@ mod tests {
     fn same(a: &MapState, b: &MapState) -> bool {
         a.policy == b.policy
             && a.ipcache == b.ipcache
+            && a.ipcache6 == b.ipcache6
             && a.endpoints.len() == b.endpoints.len()
             && a.endpoints
                 .iter()
@@ -715,12 +790,63 @@ mod tests {
         );
     }
 
+    /// IPv6 ipcache entries are written, moved and removed like IPv4 ones
+    /// (full and touched syncs alike), and an IPv6 address that changes
+    /// identity re-judges every endpoint's flows.
+    #[test]
+    fn ipcache6_syncs_like_ipcache() {
+        let a: Ipv6Addr = "fd00::2".parse().unwrap();
+        let v = |identity| IpcacheValue {
+            identity,
+            cidr_identity: 2,
+        };
+        for touched in [false, true] {
+            let mut cur = state(400, true);
+            let mut want = cur.clone();
+            let sync = |cur: &mut MapState, want: &MapState| {
+                let mut r = Recorder::default();
+                let n = if touched {
+                    apply_touched(&mut r, cur, want, &all_keys(cur, want)).unwrap()
+                } else {
+                    apply(&mut r, cur, want).unwrap()
+                };
+                assert!(same(cur, want), "{cur:?} {want:?}");
+                (n, r.ops)
+            };
+            // A new address: written, nothing re-judged.
+            want.ipcache6.insert((a, 128), v(400));
+            assert_eq!(
+                sync(&mut cur, &want),
+                (1, vec!["ipcache6+ fd00::2/128 400".into()])
+            );
+            assert_eq!(cur.endpoints[&7].generation, 0);
+            // Its identity changes: every endpoint's flows are judged again.
+            want.ipcache6.insert((a, 128), v(401));
+            let (n, ops) = sync(&mut cur, &want);
+            assert_eq!(
+                (n, &ops[..1]),
+                (1, &["ipcache6+ fd00::2/128 401".to_string()][..])
+            );
+            assert_eq!(cur.endpoints[&7].generation, 1);
+            // Removed.
+            want.ipcache6.clear();
+            let (n, ops) = sync(&mut cur, &want);
+            assert_eq!(
+                (n, &ops[..1]),
+                (1, &["ipcache6- fd00::2/128".to_string()][..])
+            );
+            assert!(cur.ipcache6.is_empty());
+            assert!(diff(&cur, &want).is_empty());
+        }
+    }
+
     /// Every key of both states: what a full diff looks at.
     fn all_keys(a: &MapState, b: &MapState) -> Touched {
         let mut t = Touched::default();
         for s in [a, b] {
             t.policy.extend(s.policy.keys().copied());
             t.ipcache.extend(s.ipcache.keys().copied());
+            t.ipcache6.extend(s.ipcache6.keys().copied());
             t.endpoints.extend(s.endpoints.keys().copied());
         }
         t

@@ -321,6 +321,7 @@ mod tests {
                     name: name.into(),
                     labels: Labels::from([("app".to_string(), app.to_string())]),
                     ip: Some(Ipv4Addr::new(10, 0, 0, ip)),
+                    ipv6: None,
                     host_network: false,
                     ports: Vec::new(),
                 }
@@ -336,6 +337,7 @@ mod tests {
             ifindex: 11,
             host_ifname: "veth1".into(),
             ipv4: Ipv4Addr::new(10, 0, 0, 2),
+            ipv6: None,
             container_id: "c1".into(),
             mac: [0; 6],
         });

@@ -202,6 +202,7 @@ impl Cluster {
                     ifindex: 1_000_000 + k as u32,
                     host_ifname: format!("fake{k}"),
                     ipv4: p.ip,
+                    ipv6: None,
                     container_id: cid,
                     mac: [0; 6],
                 },
@@ -242,6 +243,7 @@ pub fn model_pod(namespace: &str, name: &str, app: usize, ip: Ipv4Addr) -> Pod {
         ]
         .into(),
         ip: Some(ip),
+        ipv6: None,
         host_network: false,
         ports: vec![palisade_agent::model::ContainerPort {
             name: Some("http".into()),

@@ -250,6 +250,7 @@ fn model(spec: &Spec, tiers: bool) -> Result<Model> {
             ifindex: IFINDEX,
             host_ifname: "fake-server".into(),
             ipv4: SERVER,
+            ipv6: None,
             container_id: "server".into(),
             mac: [0; 6],
         },

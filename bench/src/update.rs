@@ -370,6 +370,7 @@ pub fn run(plan: &Plan) -> Result<Update> {
                         ifindex: 2_000_000 + n,
                         host_ifname: format!("fake-cni{i}"),
                         ipv4: ip,
+                        ipv6: None,
                         container_id: format!("cni-{i}"),
                         mac: [0; 6],
                     };

@@ -209,13 +209,13 @@ fn dual_stack_add_check_gc_del_and_ping6() -> Result<()> {
     );
     assert_eq!(sysctl(&n.node, "net.ipv6.conf.all.forwarding")?, "1");
 
-    // The agent has the IPv6 address, and says its IPv6 passes unpoliced.
+    // The agent has the IPv6 address, and says nothing enforces it yet.
     let (e4, e6, what) = endpoint(&n, &host_a)?.context("no endpoint for pod a")?;
     assert_eq!(e4, ip4.to_string());
     assert_eq!(e6, Some(ip6.to_string()));
-    assert!(what.contains("passed"), "{what}");
+    assert!(what.contains("not enforced"), "{what}");
     let (_, human) = n.agent.as_ref().context("agent")?.cli(&["status"])?;
-    assert!(human.contains(&format!("IPv6 {ip6}: passed")), "{human}");
+    assert!(human.contains(&format!("IPv6 {ip6}: not enforced")), "{human}");
 
     // Unenforced: the gateway and the other pod answer over IPv6 (and IPv4).
     ensure!(pings(&a, GW6)?, "pod a cannot ping6 its gateway {GW6}");
@@ -280,15 +280,11 @@ spec:
     )?;
     n.agent.as_ref().context("agent")?.sync()?;
     let (_, _, what) = endpoint(&n, &host_a)?.context("endpoint a")?;
-    assert!(what.contains("dropped"), "{what}");
+    assert!(what.contains("enforced as IPv4"), "{what}");
     ensure!(pings(&b, &ip4.to_string())?, "the policy admits b's IPv4");
     ensure!(
-        !pings(&b, &ip6.to_string())?,
-        "an enforced pod's IPv6 must be dropped until the datapath polices it"
-    );
-    ensure!(
-        !pings(&a, GW6)?,
-        "an enforced pod's IPv6 to its gateway too"
+        pings(&b, &ip6.to_string())?,
+        "the same policy admits b's IPv6"
     );
 
     // GC: b is not a valid attachment any more; both its addresses, its
@@ -332,11 +328,11 @@ spec:
     Ok(())
 }
 
-/// IPv6-only: the agent cannot enforce the pod, refuses it with
-/// `unsupported` (CNI code 111) and ADD leaves nothing behind: no veth, no
-/// address, no endpoint.
+/// IPv6-only (issue 15): ADD registers the pod with its IPv6 address only
+/// (IPv4 address 0 in the endpoint: no IPv4 from it passes the source
+/// check), in both IPAM dialects; DEL leaves nothing behind.
 #[test]
-fn ipv6_only_is_refused_and_rolled_back() -> Result<()> {
+fn ipv6_only_registers_and_del_cleans_up() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
@@ -348,15 +344,21 @@ fn ipv6_only_is_refused_and_rolled_back() -> Result<()> {
         format!(r#""ranges":[[{{"subnet":"{V6}"}}]]"#),
     ] {
         let c = conf("1.0.0", &n, &ipam, "");
-        let o = exec(Some(&n.node), "ADD", &add_env("v6only", &p, ""), &c)?;
-        expect_error(&o, 111)?;
-        let all = format!("{} {}", o.json["msg"], o.json["details"]);
-        assert!(
-            all.contains("IPv6-only") && all.contains("unsupported"),
-            "{all}"
-        );
+        let env = add_env("v6only", &p, "");
+        let o = exec(Some(&n.node), "ADD", &env, &c)?.ok()?;
+        let got = ips(&o.json);
+        assert!(got.len() == 1 && got[0].is_ipv6(), "{}", o.stdout);
+        let host = o.json["interfaces"][0]["name"]
+            .as_str()
+            .context("host if")?
+            .to_string();
+        let (v4, v6, _) = endpoint(&n, &host)?.context("registered")?;
+        assert_eq!(v4, "0.0.0.0");
+        assert_eq!(v6, Some(got[0].to_string()));
+        for _ in 0..2 {
+            exec(Some(&n.node), "DEL", &env, &c)?.ok()?;
+        }
         assert_eq!(links(&n.node)?, ["lo"]);
-        assert_eq!(links(&pod)?, ["lo"]);
         assert!(allocations(&n.ipam_dir()).is_empty());
         assert!(n
             .agent

@@ -76,6 +76,7 @@ fn model_of(c: &Cluster) -> Result<Model> {
                 name: p.name.clone(),
                 labels: p.labels.clone(),
                 ip: Some(p.ip),
+                ipv6: None,
                 host_network: false,
                 ports: p
                     .ports
@@ -99,6 +100,7 @@ fn model_of(c: &Cluster) -> Result<Model> {
                     ifindex,
                     host_ifname: format!("veth{ifindex}"),
                     ipv4: p.ip,
+                    ipv6: None,
                     container_id,
                     mac: [0; 6],
                 },

@@ -70,6 +70,7 @@ fn pod_object(p: &palisade_tests::oracle::Pod) -> Arc<model::Pod> {
         name: p.name.clone(),
         labels: p.labels.clone(),
         ip: Some(p.ip),
+        ipv6: None,
         host_network: false,
         ports: p
             .ports
@@ -129,6 +130,7 @@ fn engine_of(c: &TieredCluster) -> Result<Engine> {
                 ifindex,
                 host_ifname: format!("veth{ifindex}"),
                 ipv4: p.ip,
+                ipv6: None,
                 container_id: format!("c-{}-{}", p.namespace, p.name),
                 mac: [0; 6],
             });

@@ -1673,8 +1673,8 @@ fn ipv6_neighbour_discovery_stays_on_the_link() -> Result<()> {
             .assert_silent(true, Some(reason::NOT_IP));
     }
     for bad in [
-        // To another pod, from another address, or off the link.
-        Packet::icmpv6(POD6, PEER6, 135, 20),
+        // From another address, beyond the link, or off hop limit 255.
+        Packet::icmpv6(POD6, "ff05::2".parse()?, 135, 20),
         Packet::icmpv6(PEER6, "ff02::1".parse()?, 136, 20),
         Packet::icmpv6(POD6, "ff02::1".parse()?, 136, 20).with_hop_limit(64),
     ] {
@@ -1683,7 +1683,7 @@ fn ipv6_neighbour_discovery_stays_on_the_link() -> Result<()> {
     }
     rig.run(DIR_INGRESS, &Packet::icmpv6(NODE6, POD6, 136, 20))?
         .assert_silent(true, Some(reason::NOT_IP));
-    rig.run(DIR_INGRESS, &Packet::icmpv6(PEER6, POD6, 136, 20))?
+    rig.run(DIR_INGRESS, &Packet::icmpv6(PEER6, EXTERNAL6, 136, 20))?
         .assert_reported(false, VERDICT_DROP, reason::ND_FORBIDDEN, 0);
     Ok(())
 }

@@ -39,9 +39,9 @@ pub struct Registration {
     /// From CNI_ARGS K8S_POD_NAMESPACE / K8S_POD_NAME.
     pub namespace: String,
     pub pod: String,
-    /// The pod's IPv4 address. None only for an IPv6-only pod, which this
-    /// agent refuses (`ErrorKind::Unsupported`) until the datapath enforces
-    /// IPv6; absent on the wire then, so IPv4 registrations read as before.
+    /// The pod's IPv4 address. None only for an IPv6-only pod (then
+    /// `ipv6` is set); absent on the wire then, so IPv4 registrations read
+    /// as before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ipv4: Option<Ipv4Addr>,
     /// The host-side interface the agent attaches the programs to.
@@ -309,8 +309,8 @@ pub enum ErrorKind {
     /// own user, whatever the socket's mode.
     Forbidden,
     /// The request is understood but asks for something this agent cannot
-    /// enforce yet (an IPv6-only pod: the datapath enforces IPv4 and drops
-    /// IPv6). Retrying fails until the agent is upgraded; older callers
+    /// enforce yet (older agents: an IPv6-only pod). Retrying fails until
+    /// the agent is upgraded; older callers
     /// read it as `Internal`.
     // Before `Internal`: serde's catch-all must be the last variant.
     Unsupported,

@@ -32,7 +32,7 @@
 //! stand for two things.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     sync::Arc,
 };
 
@@ -64,6 +64,7 @@ use crate::{
 pub struct Touched {
     pub policy: HashSet<(u32, PolicyKey)>,
     pub ipcache: HashSet<(Ipv4Addr, u32)>,
+    pub ipcache6: HashSet<(Ipv6Addr, u32)>,
     /// By ifindex.
     pub endpoints: HashSet<u32>,
 }
@@ -74,13 +75,14 @@ impl Touched {
     }
 
     pub fn len(&self) -> usize {
-        self.policy.len() + self.ipcache.len() + self.endpoints.len()
+        self.policy.len() + self.ipcache.len() + self.ipcache6.len() + self.endpoints.len()
     }
 
     /// Adds the keys of `other` (e.g. a sync that failed, to retry).
     pub fn merge(&mut self, other: Touched) {
         self.policy.extend(other.policy);
         self.ipcache.extend(other.ipcache);
+        self.ipcache6.extend(other.ipcache6);
         self.endpoints.extend(other.endpoints);
     }
 }
@@ -98,6 +100,7 @@ struct Eff {
     /// None for hostNetwork pods.
     label_id: Option<u32>,
     ip: Option<Ipv4Addr>,
+    ip6: Option<Ipv6Addr>,
     local: bool,
 }
 
@@ -151,6 +154,8 @@ pub struct Engine {
     /// Address -> (remote, pod): the first holds the ipcache entry.
     /// (Sorted; nearly always one pod, so a vector.)
     by_ip: BTreeMap<Ipv4Addr, Vec<(bool, ObjectKey)>>,
+    /// The same for IPv6 pod addresses (their only ipcache6 entries).
+    by_ip6: BTreeMap<Ipv6Addr, Vec<(bool, ObjectKey)>>,
 
     rules: HashMap<u32, RuleState>,
     rule_cookies: HashMap<ObjectKey, Vec<u32>>,
@@ -183,6 +188,7 @@ pub struct Engine {
     new_ids: Vec<u32>,
     gone_ids: Vec<u32>,
     dirty_ips: BTreeSet<Ipv4Addr>,
+    dirty_ips6: BTreeSet<Ipv6Addr>,
     dirty_ipcache: HashSet<(Ipv4Addr, u32)>,
     dirty_ifindex: HashSet<u32>,
 
@@ -233,6 +239,7 @@ impl Engine {
             cidr_by_id: HashMap::new(),
             eff: HashMap::new(),
             by_ip: BTreeMap::new(),
+            by_ip6: BTreeMap::new(),
             rules: HashMap::new(),
             rule_cookies: HashMap::new(),
             id_rules: HashMap::new(),
@@ -252,6 +259,7 @@ impl Engine {
             new_ids: Vec::new(),
             gone_ids: Vec::new(),
             dirty_ips: BTreeSet::new(),
+            dirty_ips6: BTreeSet::new(),
             dirty_ipcache: HashSet::new(),
             dirty_ifindex: HashSet::new(),
             view: View {
@@ -701,9 +709,14 @@ impl Engine {
             return None;
         }
         let host_network = pod.is_some_and(|p| p.host_network);
-        let (ip, local) = match ep {
-            Some(ep) if !host_network => (Some(ep.ipv4), true),
-            _ => (pod.and_then(|p| p.ip), false),
+        let (ip, ip6, local) = match ep {
+            // An IPv6-only endpoint has no IPv4 address to claim.
+            Some(ep) if !host_network => (
+                Some(ep.ipv4).filter(|ip| !ip.is_unspecified()),
+                ep.ipv6,
+                true,
+            ),
+            _ => (pod.and_then(|p| p.ip), pod.and_then(|p| p.ipv6), false),
         };
         let set = (!host_network).then(|| {
             LabelSet::new(
@@ -717,10 +730,78 @@ impl Engine {
             Eff {
                 label_id: None,
                 ip,
+                ip6,
                 local,
             },
             set,
         ))
+    }
+
+    /// `by_ip6` and the dirty IPv6 addresses after a pod's change.
+    fn refresh_pod_ip6(&mut self, key: &ObjectKey, old: &Option<Eff>, new: &Option<Eff>) {
+        let addr = |e: &Option<Eff>| {
+            e.as_ref()
+                .filter(|e| e.label_id.is_some())
+                .and_then(|e| Some((e.ip6?, !e.local)))
+        };
+        let (old_addr, new_addr) = (addr(old), addr(new));
+        let label = |e: &Option<Eff>| e.as_ref().and_then(|e| e.label_id);
+        if old_addr == new_addr {
+            if label(old) != label(new) {
+                self.dirty_ips6.extend(new_addr.map(|(ip, _)| ip));
+            }
+            return;
+        }
+        if let Some((ip, remote)) = old_addr {
+            if let Some(s) = self.by_ip6.get_mut(&ip) {
+                s.retain(|(r, k)| !(*r == remote && k == key));
+                if s.is_empty() {
+                    self.by_ip6.remove(&ip);
+                }
+            }
+            self.dirty_ips6.insert(ip);
+        }
+        if let Some((ip, remote)) = new_addr {
+            let s = self.by_ip6.entry(ip).or_default();
+            let entry = (remote, key.clone());
+            if let Err(at) = s.binary_search(&entry) {
+                s.insert(at, entry);
+            }
+            self.dirty_ips6.insert(ip);
+        }
+    }
+
+    /// The ipcache6 entries of the IPv6 addresses marked dirty: a pod's
+    /// /128 -> its label identity, also as its CIDR identity (as in the
+    /// full compile: no IPv4 ipBlock matches an IPv6 pod).
+    fn settle_ip6(&mut self) {
+        while let Some(ip) = self.dirty_ips6.pop_first() {
+            let want = self
+                .by_ip6
+                .get(&ip)
+                .and_then(|s| s.first())
+                .and_then(|(_, k)| self.eff[k].label_id)
+                .map(|identity| IpcacheValue {
+                    identity,
+                    cidr_identity: identity,
+                });
+            match (self.by_ip6.get(&ip).and_then(|s| s.first()), want) {
+                (Some((_, key)), Some(v)) => {
+                    self.view.pods_by_ip6.insert(ip, (key.clone(), v.identity));
+                }
+                _ => {
+                    self.view.pods_by_ip6.remove(&ip);
+                }
+            }
+            let k = (ip, 128);
+            if self.desired.ipcache6.get(&k) != want.as_ref() {
+                match want {
+                    Some(v) => self.desired.ipcache6.insert(k, v),
+                    None => self.desired.ipcache6.remove(&k),
+                };
+                self.touched.ipcache6.insert(k);
+            }
+        }
     }
 
     fn refresh_pod(&mut self, key: &ObjectKey) {
@@ -738,6 +819,7 @@ impl Engine {
                 .and_then(|e| Some((e.ip?, !e.local)))
         };
         let (old_addr, new_addr) = (addr(&old), addr(&new));
+        self.refresh_pod_ip6(key, &old, &new);
         if old_addr != new_addr {
             if let Some((ip, remote)) = old_addr {
                 if let Some(s) = self.by_ip.get_mut(&ip) {
@@ -1401,7 +1483,7 @@ impl Engine {
             generation: 0,
             mac: st.ep.mac,
             _pad: [0; 2],
-            ipv6: [0; 4],
+            ipv6: super::ipcache::endpoint_ipv6(&st.ep),
         })
     }
 
@@ -1480,6 +1562,7 @@ impl Engine {
                 }
             }
         }
+        self.settle_ip6();
         for k in std::mem::take(&mut self.dirty_ipcache) {
             let want = self.ipcache_value(k);
             if self.desired.ipcache.get(&k) != want.as_ref() {
@@ -1548,6 +1631,21 @@ mod tests {
         fn remove_ipcache(&mut self, _: Ipv4Addr, _: u32) -> Result<(), palisade_dataplane::Error> {
             Ok(())
         }
+        fn upsert_ipcache6(
+            &mut self,
+            _: Ipv6Addr,
+            _: u32,
+            _: IpcacheValue,
+        ) -> Result<(), palisade_dataplane::Error> {
+            Ok(())
+        }
+        fn remove_ipcache6(
+            &mut self,
+            _: Ipv6Addr,
+            _: u32,
+        ) -> Result<(), palisade_dataplane::Error> {
+            Ok(())
+        }
         fn upsert_endpoint(
             &mut self,
             _: u32,
@@ -1574,6 +1672,7 @@ mod tests {
             "{what}: endpoints"
         );
         assert_eq!(e.desired().ipcache, full.maps.ipcache, "{what}: ipcache");
+        assert_eq!(e.desired().ipcache6, full.maps.ipcache6, "{what}: ipcache6");
         if e.desired().policy != full.maps.policy {
             let a: BTreeMap<_, _> = e
                 .desired()
@@ -1654,6 +1753,14 @@ mod tests {
             "{what}: pods_by_ip"
         );
         assert_eq!(
+            v.pods_by_ip6
+                .clone()
+                .into_iter()
+                .collect::<BTreeMap<_, _>>(),
+            fv.pods_by_ip6.into_iter().collect::<BTreeMap<_, _>>(),
+            "{what}: pods_by_ip6"
+        );
+        assert_eq!(
             v.pod_addresses
                 .clone()
                 .into_iter()
@@ -1686,6 +1793,13 @@ mod tests {
             "10.0.0.1",
         ];
         pool.choose(rng).unwrap().parse().unwrap()
+    }
+
+    /// Few addresses, so pods and endpoints share them as the IPv4 ones.
+    fn ip6(rng: &mut StdRng) -> Option<Ipv6Addr> {
+        let pool = ["fd00::3", "fd00::4", "fd00::5", "fd00:1::5"];
+        rng.gen_bool(0.5)
+            .then(|| pool.choose(rng).unwrap().parse().unwrap())
     }
 
     fn some<T: Clone>(rng: &mut StdRng, xs: &[T]) -> Vec<T> {
@@ -1738,6 +1852,7 @@ mod tests {
             name: format!("p{}", rng.gen_range(0..8)),
             labels,
             ip: rng.gen_bool(0.85).then(|| ip(rng)),
+            ipv6: ip6(rng),
             host_network: rng.gen_bool(0.08),
             ports,
         }
@@ -1855,6 +1970,15 @@ mod tests {
 
     fn endpoint(rng: &mut StdRng) -> LocalEndpoint {
         let i = rng.gen_range(0..6u32);
+        let mut ep = endpoint_dual(rng, i);
+        // Some IPv6-only endpoints.
+        if ep.ipv6.is_some() && rng.gen_bool(0.3) {
+            ep.ipv4 = Ipv4Addr::UNSPECIFIED;
+        }
+        ep
+    }
+
+    fn endpoint_dual(rng: &mut StdRng, i: u32) -> LocalEndpoint {
         LocalEndpoint {
             key: ObjectKey::new(
                 *NS.choose(rng).unwrap(),
@@ -1864,6 +1988,7 @@ mod tests {
             ifindex: 100 + i,
             host_ifname: format!("veth{i}"),
             ipv4: ip(rng),
+            ipv6: ip6(rng),
             container_id: format!("c{i}"),
             mac: [0; 6],
         }
@@ -2024,6 +2149,7 @@ mod tests {
             ifindex: 100 + i,
             host_ifname: format!("veth{i}"),
             ipv4: Ipv4Addr::new(10, 0, 0, i as u8),
+            ipv6: None,
             container_id: format!("c{i}"),
             mac: [0; 6],
         };
@@ -2034,6 +2160,7 @@ mod tests {
                     name: format!("p{i}"),
                     labels: Labels::from([("app".to_string(), "x".to_string())]),
                     ip: None,
+                    ipv6: None,
                     host_network: false,
                     ports: Vec::new(),
                 }

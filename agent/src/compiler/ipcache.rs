@@ -23,6 +23,14 @@ pub(crate) fn longest_cidr(cidr_ids: &HashMap<Ipv4Network, u32>, ip: Ipv4Addr) -
         .unwrap_or(IDENTITY_WORLD)
 }
 
+/// An endpoint's IPv6 address as `EndpointInfo::ipv6` keeps it (all zero:
+/// the pod has no IPv6 address, and the programs drop its IPv6 as spoofed).
+pub(crate) fn endpoint_ipv6(ep: &crate::model::LocalEndpoint) -> palisade_common::Ip6 {
+    ep.ipv6
+        .map(palisade_dataplane::maps::ip6_words)
+        .unwrap_or_default()
+}
+
 /// The world prefix, `0.0.0.0/0`.
 pub(crate) fn world() -> Ipv4Network {
     Ipv4Network::new(Ipv4Addr::UNSPECIFIED, 0).expect("valid")

@@ -132,7 +132,7 @@ pub mod view;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
 };
 
 use ipnetwork::Ipv4Network;
@@ -263,6 +263,7 @@ static NO_LABELS: Labels = Labels::new();
 struct PodView<'a> {
     labels: &'a Labels,
     ip: Option<Ipv4Addr>,
+    ip6: Option<Ipv6Addr>,
     host_network: bool,
     ports: &'a [ContainerPort],
     local: bool,
@@ -321,6 +322,7 @@ impl Compiler {
                 let view = PodView {
                     labels: &p.labels,
                     ip: p.ip,
+                    ip6: p.ipv6,
                     host_network: p.host_network,
                     ports: &p.ports,
                     local: false,
@@ -332,12 +334,16 @@ impl Compiler {
             let view = pods.entry(ep.key.clone()).or_insert(PodView {
                 labels: &NO_LABELS,
                 ip: None,
+                ip6: None,
                 host_network: false,
                 ports: &[],
                 local: true,
             });
             if !view.host_network {
-                view.ip = Some(ep.ipv4);
+                // An IPv6-only endpoint has no IPv4 address to claim.
+                view.ip = Some(ep.ipv4).filter(|ip| !ip.is_unspecified());
+                // The registration's addresses are the local pod's, as for IPv4.
+                view.ip6 = ep.ipv6;
                 view.local = true;
             }
         }
@@ -385,6 +391,7 @@ impl Compiler {
         // Pod addresses: on one address a local pod beats a remote one,
         // then the first by key.
         let mut pod_at: BTreeMap<Ipv4Addr, &ObjectKey> = BTreeMap::new();
+        let mut pod_at6: BTreeMap<Ipv6Addr, &ObjectKey> = BTreeMap::new();
         for local in [true, false] {
             for (key, view) in pods
                 .iter()
@@ -392,6 +399,9 @@ impl Compiler {
             {
                 if let Some(ip) = view.ip {
                     pod_at.entry(ip).or_insert(key);
+                }
+                if let Some(ip) = view.ip6 {
+                    pod_at6.entry(ip).or_insert(key);
                 }
             }
         }
@@ -464,6 +474,19 @@ impl Compiler {
                 IpcacheValue {
                     identity: pod_identity[key],
                     cidr_identity: longest_cidr(&cidr_ids, *ip),
+                },
+            );
+        }
+        // IPv6: pod addresses only so far. IPv6 ipBlocks have no CIDR
+        // identities yet, so a pod's CIDR identity is its own identity (no
+        // CIDR lookup; `policy_lookups`): an IPv4 ipBlock, `0.0.0.0/0`
+        // (world) included, never matches an IPv6 pod address.
+        for (ip, key) in &pod_at6 {
+            out.maps.ipcache6.insert(
+                (*ip, 128),
+                IpcacheValue {
+                    identity: pod_identity[key],
+                    cidr_identity: pod_identity[key],
                 },
             );
         }
@@ -579,7 +602,7 @@ impl Compiler {
                     generation: 0,
                     mac: ep.mac,
                     _pad: [0; 2],
-                    ipv6: [0; 4],
+                    ipv6: ipcache::endpoint_ipv6(ep),
                 },
             );
         }

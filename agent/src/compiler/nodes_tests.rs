@@ -43,6 +43,7 @@ fn pod(ns: &str, name: &str, app: &str, addr: Option<&str>) -> Pod {
         name: name.into(),
         labels: [("app".to_string(), app.to_string())].into(),
         ip: addr.map(ip),
+        ipv6: None,
         host_network: false,
         ports: Vec::new(),
     }
@@ -86,6 +87,7 @@ fn cluster() -> Engine {
         ifindex: 1,
         host_ifname: "veth1".into(),
         ipv4: ip(WEB),
+        ipv6: None,
         container_id: "c1".into(),
         mac: [0; 6],
     });

@@ -55,6 +55,7 @@ impl T {
             name: name.into(),
             labels: labels(l),
             ip: (!addr.is_empty()).then(|| ip(addr)),
+            ipv6: None,
             host_network: false,
             ports: Vec::new(),
         };
@@ -81,6 +82,7 @@ impl T {
                 ifindex: id,
                 host_ifname: format!("veth{id}"),
                 ipv4: addr,
+                ipv6: None,
                 container_id: format!("c{id}"),
                 mac: [0; 6],
             },
@@ -1626,4 +1628,76 @@ fn a_pod_moving_out_of_the_block_loses_the_named_port() {
         .identities
         .values()
         .all(|s| *s != IdentitySource::Cidr("10.0.0.5/32".parse().unwrap())));
+}
+
+// -- IPv6 (issue 15) ----------------------------------------------------
+
+fn ip6(s: &str) -> std::net::Ipv6Addr {
+    s.parse().unwrap()
+}
+
+/// Pods' IPv6 addresses are in ipcache6 under their label identity (a
+/// local one from its registration, a remote one from the pod), the
+/// endpoint map carries a local pod's IPv6 address, and an IPv6-only
+/// endpoint claims no IPv4 address.
+#[test]
+fn ipv6_pod_addresses_resolve_to_their_label_identity() {
+    let mut t = two_namespaces();
+    let set_v6 = |t: &mut T, cid: &str, v6: &str| {
+        t.model.endpoints.get_mut(cid).unwrap().ipv6 = Some(ip6(v6));
+    };
+    set_v6(&mut t, "c1", "fd00::1");
+    // IPv6-only local pod (a/db).
+    set_v6(&mut t, "c2", "fd00::2");
+    t.model.endpoints.get_mut("c2").unwrap().ipv4 = Ipv4Addr::UNSPECIFIED;
+    // A remote pod with both families, one with IPv6 only, and a
+    // host-network pod (never a pod address).
+    t.pod("b", "remote", &[("app", "db")], "10.0.2.1").ipv6 = Some(ip6("fd00:2::1"));
+    t.pod("b", "remote6", &[("app", "web")], "").ipv6 = Some(ip6("fd00:2::2"));
+    let h = t.pod("b", "hostnet", &[("app", "x")], "192.168.0.9");
+    h.ipv6 = Some(ip6("fd00:9::9"));
+    h.host_network = true;
+    let c = t.compile();
+
+    let v6 = &c.maps.ipcache6;
+    let at = |a: &str| v6.get(&(ip6(a), 128)).copied();
+    assert_eq!(
+        at("fd00::1").unwrap().identity,
+        label_id(&c, "a", &[("app", "web")])
+    );
+    assert_eq!(
+        at("fd00::2").unwrap().identity,
+        label_id(&c, "a", &[("app", "db")])
+    );
+    assert_eq!(
+        at("fd00:2::1").unwrap().identity,
+        label_id(&c, "b", &[("app", "db")])
+    );
+    assert_eq!(
+        at("fd00:2::2").unwrap().identity,
+        label_id(&c, "b", &[("app", "web")])
+    );
+    // No CIDR identity: IPv4 ipBlocks (0.0.0.0/0 included) never match it.
+    assert_eq!(
+        at("fd00::1").unwrap().cidr_identity,
+        at("fd00::1").unwrap().identity
+    );
+    assert_eq!(at("fd00:9::9"), None, "host network");
+    assert_eq!(v6.len(), 4, "{v6:?}");
+
+    let words = palisade_dataplane::maps::ip6_words;
+    assert_eq!(c.maps.endpoints[&1].ipv6, words(ip6("fd00::1")));
+    assert_eq!(c.maps.endpoints[&2].ipv6, words(ip6("fd00::2")));
+    assert_eq!(c.maps.endpoints[&3].ipv6, [0; 4], "no IPv6 address");
+    assert_eq!(c.maps.endpoints[&2].ipv4, 0, "IPv6-only");
+    assert!(!c.maps.ipcache.contains_key(&(Ipv4Addr::UNSPECIFIED, 32)));
+    assert!(
+        !c.maps.ipcache.contains_key(&(ip(A_DB), 32)),
+        "the IPv6-only endpoint's pod address in the model is not its"
+    );
+    // The IPv4 side is untouched by the IPv6 addresses.
+    assert_eq!(
+        c.maps.ipcache[&(ip(A_WEB), 32)].identity,
+        label_id(&c, "a", &[("app", "web")])
+    );
 }

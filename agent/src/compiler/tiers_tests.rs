@@ -218,6 +218,7 @@ impl M {
                 name: name.into(),
                 labels: labels(l),
                 ip: Some(addr),
+                ipv6: None,
                 host_network: false,
                 ports,
             }
@@ -235,6 +236,7 @@ impl M {
                 ifindex: id,
                 host_ifname: format!("v{id}"),
                 ipv4,
+                ipv6: None,
                 container_id: format!("c{id}"),
                 mac: [0; 6],
             },
@@ -819,6 +821,7 @@ fn nodes_peers_follow_the_node_objects() {
             name: "web".into(),
             labels: labels(&[("app", "web")]),
             ip: Some(Ipv4Addr::new(10, 1, 0, 1)),
+            ipv6: None,
             host_network: false,
             ports: Vec::new(),
         }
@@ -830,6 +833,7 @@ fn nodes_peers_follow_the_node_objects() {
         ifindex: 1,
         host_ifname: "v1".into(),
         ipv4: Ipv4Addr::new(10, 1, 0, 1),
+        ipv6: None,
         container_id: "c1".into(),
         mac: [0; 6],
     });

@@ -27,6 +27,8 @@ pub trait Names {
     fn isolating(&self, endpoint_id: u32, direction: u8) -> &[ObjectKey];
     /// The pod the ipcache gives an address to (not hostNetwork pods).
     fn pod_at(&self, ip: Ipv4Addr) -> Option<PodRef<'_>>;
+    /// The pod ipcache6 gives an IPv6 address to.
+    fn pod_at6(&self, ip: std::net::Ipv6Addr) -> Option<PodRef<'_>>;
     /// `None`: no such pod; `Some(None)`: a pod without an address yet.
     fn pod_address(&self, key: &ObjectKey) -> Option<Option<Ipv4Addr>>;
     fn endpoint_by_id(&self, endpoint_id: u32) -> Option<&LocalEndpoint>;
@@ -89,6 +91,8 @@ pub struct View {
     pub pod_addresses: im::OrdMap<ObjectKey, Option<Ipv4Addr>>,
     /// The pod the ipcache gives each pod address to, and its identity.
     pub pods_by_ip: im::OrdMap<Ipv4Addr, (ObjectKey, u32)>,
+    /// The same for IPv6 pod addresses (ipcache6).
+    pub pods_by_ip6: im::OrdMap<std::net::Ipv6Addr, (ObjectKey, u32)>,
     /// Local endpoints by container id.
     pub endpoints: im::OrdMap<String, LocalEndpoint>,
     pub endpoints_by_id: im::OrdMap<u32, String>,
@@ -141,6 +145,35 @@ impl View {
                 by_ip.entry(ip).or_insert(k);
             }
         }
+        // IPv6: the same rules over the registrations' and pods' IPv6
+        // addresses, checked against ipcache6.
+        let mut local6: BTreeMap<&ObjectKey, Option<std::net::Ipv6Addr>> = BTreeMap::new();
+        for ep in model.endpoints.values() {
+            if !model.pods.get(&ep.key).is_some_and(|p| p.host_network) {
+                local6.insert(&ep.key, ep.ipv6);
+            }
+        }
+        let mut by_ip6: HashMap<std::net::Ipv6Addr, &ObjectKey> = HashMap::new();
+        for (k, ip) in &local6 {
+            if let Some(ip) = ip {
+                by_ip6.entry(*ip).or_insert(k);
+            }
+        }
+        for (k, p) in &model.pods {
+            if let Some(ip) = p
+                .ipv6
+                .filter(|_| !p.host_network && !local6.contains_key(k))
+            {
+                by_ip6.entry(ip).or_insert(k);
+            }
+        }
+        let pods_by_ip6 = by_ip6
+            .into_iter()
+            .filter_map(|(ip, k)| {
+                let v = c.maps.ipcache6.get(&(ip, 128))?;
+                Some((ip, (k.clone(), v.identity)))
+            })
+            .collect();
         let pods_by_ip = by_ip
             .into_iter()
             .filter_map(|(ip, k)| {
@@ -189,6 +222,7 @@ impl View {
                 .collect(),
             pod_addresses,
             pods_by_ip,
+            pods_by_ip6,
             endpoints: model
                 .endpoints
                 .iter()
@@ -223,6 +257,16 @@ impl Names for View {
         self.isolated_by
             .get(&(endpoint_id, direction))
             .map_or(&[], Vec::as_slice)
+    }
+    fn pod_at6(&self, ip: std::net::Ipv6Addr) -> Option<PodRef<'_>> {
+        let (key, id) = self.pods_by_ip6.get(&ip)?;
+        match self.identities.get(id)? {
+            IdentitySource::Labels { pod_labels, .. } => Some(PodRef {
+                key,
+                labels: pod_labels,
+            }),
+            _ => None,
+        }
     }
     fn pod_at(&self, ip: Ipv4Addr) -> Option<PodRef<'_>> {
         let (key, id) = self.pods_by_ip.get(&ip)?;
@@ -301,6 +345,9 @@ macro_rules! forward_names {
             }
             fn pod_at(&self, ip: Ipv4Addr) -> Option<PodRef<'_>> {
                 (**self).pod_at(ip)
+            }
+            fn pod_at6(&self, ip: std::net::Ipv6Addr) -> Option<PodRef<'_>> {
+                (**self).pod_at6(ip)
             }
             fn pod_address(&self, key: &ObjectKey) -> Option<Option<Ipv4Addr>> {
                 (**self).pod_address(key)

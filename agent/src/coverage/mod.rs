@@ -648,6 +648,7 @@ mod tests {
                     name: name.into(),
                     labels: Labels::from([("app".to_string(), app.to_string())]),
                     ip: Some(Ipv4Addr::new(10, 0, 0, ip)),
+                    ipv6: None,
                     host_network: false,
                     ports: vec![ContainerPort {
                         name: Some("dns".into()),

