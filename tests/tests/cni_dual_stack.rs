@@ -215,7 +215,10 @@ fn dual_stack_add_check_gc_del_and_ping6() -> Result<()> {
     assert_eq!(e6, Some(ip6.to_string()));
     assert!(what.contains("not enforced"), "{what}");
     let (_, human) = n.agent.as_ref().context("agent")?.cli(&["status"])?;
-    assert!(human.contains(&format!("IPv6 {ip6}: not enforced")), "{human}");
+    assert!(
+        human.contains(&format!("IPv6 {ip6}: not enforced")),
+        "{human}"
+    );
 
     // Unenforced: the gateway and the other pod answer over IPv6 (and IPv4).
     ensure!(pings(&a, GW6)?, "pod a cannot ping6 its gateway {GW6}");
