@@ -896,7 +896,7 @@ fn dual_stack_registrations_keep_and_check_their_ipv6_address() {
     assert!(
         ep.ipv6_datapath
             .as_deref()
-            .is_some_and(|d| d.contains("dropped")),
+            .is_some_and(|d| d.contains("enforced as IPv4")),
         "{ep:?}"
     );
 
