@@ -173,7 +173,7 @@ pub struct Agent {
     node_name: Option<String>,
     /// The address each registered host veth carries (by ifindex), read
     /// once when it registers: the gateways the node talks to its pods from.
-    gateways: HashMap<u32, Option<Ipv4Addr>>,
+    gateways: HashMap<u32, (Option<Ipv4Addr>, Vec<std::net::Ipv6Addr>)>,
 }
 
 impl Agent {
@@ -275,15 +275,18 @@ impl Agent {
             if self.gateways.contains_key(&ifindex) {
                 continue;
             }
-            match crate::ifaddrs::primary_ipv4(name) {
-                Ok(ip) => {
-                    self.gateways.insert(ifindex, ip);
-                }
-                Err(e) => warn!("reading the address of {name}: {e}"),
+            let v4 = crate::ifaddrs::primary_ipv4(name)
+                .inspect_err(|e| warn!("reading the address of {name}: {e}"));
+            let v6 = crate::ifaddrs::global_ipv6(name)
+                .inspect_err(|e| warn!("reading the IPv6 addresses of {name}: {e}"));
+            if let (Ok(v4), Ok(v6)) = (v4, v6) {
+                self.gateways.insert(ifindex, (v4, v6));
             }
         }
-        let ips = self.gateways.values().flatten().copied().collect();
+        let ips = self.gateways.values().filter_map(|g| g.0).collect();
+        let ips6 = self.gateways.values().flat_map(|g| g.1.clone()).collect();
         self.engine.set_gateway_ips(ips);
+        self.engine.set_gateway_ips6(ips6);
     }
 
     /// Attach the XDP prefilter to the uplinks and make its deny list

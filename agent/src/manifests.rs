@@ -523,13 +523,17 @@ metadata: {name: d}
     fn nodes_are_read_with_labels_addresses_and_pod_cidrs() {
         let m = parse_str(
             "nodes.yaml",
-            "apiVersion: v1\nkind: Node\nmetadata: {name: n2, labels: {zone: b}}\nspec: {podCIDR: 10.0.1.0/24}\nstatus: {addresses: [{type: InternalIP, address: 192.168.0.2}, {type: Hostname, address: n2}]}\n---\napiVersion: v1\nkind: Node\nmetadata: {labels: {zone: c}}\n",
+            "apiVersion: v1\nkind: Node\nmetadata: {name: n2, labels: {zone: b}}\nspec: {podCIDR: 10.0.1.0/24}\nstatus: {addresses: [{type: InternalIP, address: 192.168.0.2}, {type: InternalIP, address: 'fd00:9::2'}, {type: Hostname, address: n2}]}\n---\napiVersion: v1\nkind: Node\nmetadata: {labels: {zone: c}}\n",
         );
         let n = &m.nodes["n2"];
         assert_eq!(n.labels["zone"], "b");
         assert_eq!(
             n.addresses,
             vec!["192.168.0.2".parse::<std::net::Ipv4Addr>().unwrap()]
+        );
+        assert_eq!(
+            n.addresses6,
+            vec!["fd00:9::2".parse::<std::net::Ipv6Addr>().unwrap()]
         );
         assert_eq!(n.pod_cidrs, vec!["10.0.1.0/24".parse().unwrap()]);
         assert_eq!(m.errors.len(), 1, "{:?}", m.errors);

@@ -73,6 +73,8 @@ pub struct Node {
     pub labels: Labels,
     /// InternalIP and ExternalIP addresses (IPv4).
     pub addresses: Vec<Ipv4Addr>,
+    /// The IPv6 ones (dual-stack or IPv6 nodes).
+    pub addresses6: Vec<std::net::Ipv6Addr>,
     /// spec.podCIDRs (or spec.podCIDR), IPv4.
     pub pod_cidrs: Vec<ipnetwork::Ipv4Network>,
     /// The IPv6 ones of spec.podCIDRs (dual-stack or IPv6 nodes); only the
@@ -114,6 +116,10 @@ pub struct Model {
     /// Other nodes' addresses (reserved `remote-node` identity): every
     /// address of `nodes` except this node's and `host_ips`.
     pub remote_node_ips: Vec<Ipv4Addr>,
+    /// The same of IPv6: this node's addresses (its Node object's and the
+    /// IPv6 gateways its pods' host veths carry) and other nodes'.
+    pub host_ips6: Vec<std::net::Ipv6Addr>,
+    pub remote_node_ips6: Vec<std::net::Ipv6Addr>,
     /// Global audit mode.
     pub audit: bool,
     /// ClusterNetworkPolicies by name, parsed and validated on arrival
@@ -294,13 +300,14 @@ pub mod convert {
     /// CIDRs of each family (podCIDRs, falling back to podCIDR).
     pub fn node(n: &core::Node) -> Option<super::Node> {
         let name = n.metadata.name.clone()?;
-        let addresses = n
-            .status
-            .iter()
-            .flat_map(|st| st.addresses.iter().flatten())
-            .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
-            .filter_map(|a| a.address.parse().ok())
-            .collect();
+        let node_ips = || {
+            n.status
+                .iter()
+                .flat_map(|st| st.addresses.iter().flatten())
+                .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        };
+        let addresses = node_ips().filter_map(|a| a.address.parse().ok()).collect();
+        let addresses6 = node_ips().filter_map(|a| a.address.parse().ok()).collect();
         let spec = n.spec.as_ref();
         let cidrs: Vec<&String> = match spec.and_then(|s| s.pod_cidrs.as_ref()) {
             Some(v) if !v.is_empty() => v.iter().collect(),
@@ -312,6 +319,7 @@ pub mod convert {
             name,
             labels: n.metadata.labels.clone().unwrap_or_default(),
             addresses,
+            addresses6,
             pod_cidrs,
             pod_cidrs6,
         })

@@ -11,9 +11,9 @@ use palisade_common::{
     programs, reason, CtKey, CtKey6, CtValue, EndpointInfo, FlowEvent, FragKey, FragValue,
     IpcacheValue, PolicyKey, PolicyValue, ACTION_ALLOW, ACTION_DENY, CT_AUDIT, CT_SEEN_REPLY,
     DIR_EGRESS, DIR_INGRESS, EP_AUDIT, EP_EGRESS_ENFORCED, EP_INGRESS_ENFORCED, IDENTITY_ANY,
-    IDENTITY_ANY_POD, IDENTITY_FIRST_CIDR, IDENTITY_HOST, IDENTITY_WORLD, POLICY_PREFIX_FIXED,
-    POLICY_PREFIX_FULL, POLICY_PREFIX_PROTO, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
-    VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP,
+    IDENTITY_ANY_POD, IDENTITY_FIRST_CIDR, IDENTITY_HOST, IDENTITY_WORLD, IDENTITY_WORLD6,
+    POLICY_PREFIX_FIXED, POLICY_PREFIX_FULL, POLICY_PREFIX_PROTO, PROTO_ICMP, PROTO_SCTP,
+    PROTO_TCP, PROTO_UDP, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP,
 };
 use palisade_dataplane::{
     events::EventReader,
@@ -186,8 +186,8 @@ impl Rig {
             EXTERNAL_IDENTITY,
             EXTERNAL_IDENTITY,
         )?;
-        rig.ipcache6(Ipv6Addr::UNSPECIFIED, 0, IDENTITY_WORLD, IDENTITY_WORLD)?;
-        rig.ipcache6(NODE6, 128, IDENTITY_HOST, IDENTITY_WORLD)?;
+        rig.ipcache6(Ipv6Addr::UNSPECIFIED, 0, IDENTITY_WORLD6, IDENTITY_WORLD6)?;
+        rig.ipcache6(NODE6, 128, IDENTITY_HOST, IDENTITY_WORLD6)?;
         let block6 = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 0);
         rig.ipcache6(block6, 64, BLOCK_IDENTITY, BLOCK_IDENTITY)?;
         rig.ipcache6(PEER6, 128, PEER_IDENTITY, BLOCK_IDENTITY)?;
@@ -1494,7 +1494,30 @@ fn ipv6_is_enforced_like_ipv4() -> Result<()> {
     let ext_in = Packet::ipv6_tcp("2001:db9::1".parse()?, 40000, POD6, 80, TCP_FLAG_SYN);
     let s = rig.run(DIR_INGRESS, &ext_in)?;
     s.assert_reported(false, VERDICT_DROP, reason::NO_POLICY_MATCH, 0);
-    assert_eq!(s.event().src_identity, IDENTITY_WORLD);
+    assert_eq!(s.event().src_identity, IDENTITY_WORLD6);
+    // IPv4's world (`0.0.0.0/0`) does not admit the IPv6 world; `::/0` does.
+    rig.policy(
+        POLICY_PREFIX_FULL,
+        IDENTITY_WORLD,
+        DIR_INGRESS,
+        PROTO_TCP,
+        80,
+        ACTION_ALLOW,
+        63,
+    )?;
+    rig.run(DIR_INGRESS, &ext_in)?
+        .assert_reported(false, VERDICT_DROP, reason::NO_POLICY_MATCH, 0);
+    rig.policy(
+        POLICY_PREFIX_FULL,
+        IDENTITY_WORLD6,
+        DIR_INGRESS,
+        PROTO_TCP,
+        80,
+        ACTION_ALLOW,
+        64,
+    )?;
+    rig.run(DIR_INGRESS, &ext_in)?
+        .assert_reported(true, VERDICT_ALLOW, reason::POLICY_ALLOW, 64);
 
     // Anti-spoofing by address, enforced or not; a pod without an IPv6
     // address sends none.

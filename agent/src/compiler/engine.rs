@@ -36,10 +36,10 @@ use std::{
     sync::Arc,
 };
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::IpNetwork;
 use palisade_common::{
     EndpointInfo, IpcacheValue, PolicyKey, DIR_EGRESS, DIR_INGRESS, IDENTITY_ANY_POD,
-    IDENTITY_HOST, IDENTITY_REMOTE_NODE, IDENTITY_WORLD,
+    IDENTITY_HOST, IDENTITY_REMOTE_NODE, IDENTITY_WORLD, IDENTITY_WORLD6,
 };
 use palisade_dataplane::MapState;
 
@@ -47,7 +47,7 @@ use super::{
     emit::{emit_rule, Destinations, PolicyEntries, RuleInput},
     endpoints::{compile_endpoint, EndpointPod, EndpointPolicy},
     identities::{namespace_labels, LabelSet},
-    ipcache::{longest_cidr, net_of, world},
+    ipcache::{longest_cidr, net6_of, net_of, worlds},
     parse::{ParsedPolicy, Peer, Port, Rule},
     peers::{host_net, named_block_contains, rule_matches_cidr, rule_matches_labels, PeerSet},
     view::View,
@@ -133,6 +133,8 @@ pub struct Engine {
     /// Addresses the host veths carry (the pods' gateway): the node's own
     /// source towards its pods (kubelet probes), so `host`.
     gateway_ips: Vec<Ipv4Addr>,
+    /// The same of IPv6 (the IPv6 gateways on the host veths).
+    gateway_ips6: Vec<Ipv6Addr>,
     /// Host protection: the node's open ports (protocol, port; None: every
     /// port of the protocol), or None when it is off.
     host_protection: Option<Vec<(u8, Option<u16>)>>,
@@ -144,11 +146,11 @@ pub struct Engine {
     label_ids: HashMap<Arc<LabelSet>, u32>,
     labels: HashMap<u32, LabelEntry>,
     /// Prefix -> number of accepted rules' block prefixes naming it.
-    cidr_refs: HashMap<Ipv4Network, usize>,
+    cidr_refs: HashMap<IpNetwork, usize>,
     /// Pod addresses that need a CIDR identity of their own.
     addr_need: HashSet<Ipv4Addr>,
-    cidr_ids: HashMap<Ipv4Network, u32>,
-    cidr_by_id: HashMap<u32, Ipv4Network>,
+    cidr_ids: HashMap<IpNetwork, u32>,
+    cidr_by_id: HashMap<u32, IpNetwork>,
 
     eff: HashMap<ObjectKey, Eff>,
     /// Address -> (remote, pod): the first holds the ipcache entry.
@@ -190,6 +192,7 @@ pub struct Engine {
     dirty_ips: BTreeSet<Ipv4Addr>,
     dirty_ips6: BTreeSet<Ipv6Addr>,
     dirty_ipcache: HashSet<(Ipv4Addr, u32)>,
+    dirty_ipcache6: HashSet<(Ipv6Addr, u32)>,
     dirty_ifindex: HashSet<u32>,
 
     view: View,
@@ -198,7 +201,7 @@ pub struct Engine {
 impl Destinations for Engine {
     fn named(&self, id: u32, name: &str, proto: u8, f: &mut dyn FnMut(u16)) {
         let id = match self.cidr_by_id.get(&id) {
-            Some(net) if net.prefix() == 32 && !self.is_node_ip(&net.ip()) => {
+            Some(IpNetwork::V4(net)) if net.prefix() == 32 && !self.is_node_ip(&net.ip()) => {
                 match self.winner(net.ip()).and_then(|k| self.eff[k].label_id) {
                     Some(l) => l,
                     None => return,
@@ -227,6 +230,7 @@ impl Engine {
             source_host_ips: Vec::new(),
             node_name: None,
             gateway_ips: Vec::new(),
+            gateway_ips6: Vec::new(),
             host_protection: None,
             label_pool: Pool::label_identities(),
             cidr_pool: Pool::cidr_identities(),
@@ -235,7 +239,7 @@ impl Engine {
             labels: HashMap::new(),
             cidr_refs: HashMap::new(),
             addr_need: HashSet::new(),
-            cidr_ids: HashMap::from([(world(), IDENTITY_WORLD)]),
+            cidr_ids: HashMap::from(worlds()),
             cidr_by_id: HashMap::new(),
             eff: HashMap::new(),
             by_ip: BTreeMap::new(),
@@ -261,6 +265,7 @@ impl Engine {
             dirty_ips: BTreeSet::new(),
             dirty_ips6: BTreeSet::new(),
             dirty_ipcache: HashSet::new(),
+            dirty_ipcache6: HashSet::new(),
             dirty_ifindex: HashSet::new(),
             view: View {
                 audit,
@@ -275,6 +280,9 @@ impl Engine {
             .insert(IDENTITY_WORLD, IdentitySource::Reserved("world"));
         e.view
             .identities
+            .insert(IDENTITY_WORLD6, IdentitySource::Reserved("world-ipv6"));
+        e.view
+            .identities
             .insert(IDENTITY_ANY_POD, IdentitySource::Reserved("any-pod"));
         e.view.identities.insert(
             IDENTITY_REMOTE_NODE,
@@ -286,6 +294,7 @@ impl Engine {
         e.desired.policy.reserve(1 << 16);
         e.desired.ipcache.reserve(1 << 14);
         e.dirty_ipcache.insert((Ipv4Addr::UNSPECIFIED, 0));
+        e.dirty_ipcache6.insert((Ipv6Addr::UNSPECIFIED, 0));
         e.set_host_ips();
         e.settle();
         e
@@ -311,6 +320,18 @@ impl Engine {
         ips.dedup();
         if ips != self.gateway_ips {
             self.gateway_ips = ips;
+            self.set_host_ips();
+            self.settle();
+        }
+    }
+
+    /// The IPv6 addresses the host-side veths carry: `host`, as
+    /// [`Engine::set_gateway_ips`].
+    pub fn set_gateway_ips6(&mut self, mut ips: Vec<Ipv6Addr>) {
+        ips.sort();
+        ips.dedup();
+        if ips != self.gateway_ips6 {
+            self.gateway_ips6 = ips;
             self.set_host_ips();
             self.settle();
         }
@@ -771,29 +792,65 @@ impl Engine {
         }
     }
 
-    /// The ipcache6 entries of the IPv6 addresses marked dirty: a pod's
-    /// /128 -> its label identity, also as its CIDR identity (as in the
-    /// full compile: no IPv4 ipBlock matches an IPv6 pod).
+    /// The pod holding an IPv6 address, with its label identity.
+    fn pod6_at(&self, ip: Ipv6Addr) -> Option<(&ObjectKey, u32)> {
+        let (_, key) = self.by_ip6.get(&ip)?.first()?;
+        Some((key, self.eff[key].label_id?))
+    }
+
+    /// The ipcache6 entry of a key: a pod's /128 -> its label identity,
+    /// with the longest IPv6 ipBlock prefix containing it as its CIDR
+    /// identity (as in the full compile: no IPv4 ipBlock matches an IPv6
+    /// pod); an IPv6 CIDR identity's own prefix.
+    fn ipcache6_value(&self, (ip, len): (Ipv6Addr, u32)) -> Option<IpcacheValue> {
+        if len == 128 {
+            // A node's address is the node's, whatever pod claims it.
+            let node = if self.model.host_ips6.contains(&ip) {
+                Some(IDENTITY_HOST)
+            } else if self.model.remote_node_ips6.contains(&ip) {
+                Some(IDENTITY_REMOTE_NODE)
+            } else {
+                None
+            };
+            if let Some(identity) = node.or_else(|| self.pod6_at(ip).map(|(_, id)| id)) {
+                return Some(IpcacheValue {
+                    identity,
+                    cidr_identity: longest_cidr(&self.cidr_ids, ip),
+                });
+            }
+        }
+        let net = IpNetwork::V6(net6_of(ip, len as u8));
+        (net.ip() == ip)
+            .then(|| self.cidr_ids.get(&net))
+            .flatten()
+            .map(|id| IpcacheValue {
+                identity: *id,
+                cidr_identity: *id,
+            })
+    }
+
+    /// The ipcache6 entries marked dirty, and the view of the IPv6
+    /// addresses marked dirty.
     fn settle_ip6(&mut self) {
         while let Some(ip) = self.dirty_ips6.pop_first() {
-            let want = self
-                .by_ip6
-                .get(&ip)
-                .and_then(|s| s.first())
-                .and_then(|(_, k)| self.eff[k].label_id)
-                .map(|identity| IpcacheValue {
-                    identity,
-                    cidr_identity: identity,
-                });
-            match (self.by_ip6.get(&ip).and_then(|s| s.first()), want) {
-                (Some((_, key)), Some(v)) => {
-                    self.view.pods_by_ip6.insert(ip, (key.clone(), v.identity));
+            let node =
+                self.model.host_ips6.contains(&ip) || self.model.remote_node_ips6.contains(&ip);
+            match self
+                .pod6_at(ip)
+                .filter(|_| !node)
+                .map(|(k, id)| (k.clone(), id))
+            {
+                Some(held) => {
+                    self.view.pods_by_ip6.insert(ip, held);
                 }
-                _ => {
+                None => {
                     self.view.pods_by_ip6.remove(&ip);
                 }
             }
-            let k = (ip, 128);
+            self.dirty_ipcache6.insert((ip, 128));
+        }
+        for k in std::mem::take(&mut self.dirty_ipcache6) {
+            let want = self.ipcache6_value(k);
             if self.desired.ipcache6.get(&k) != want.as_ref() {
                 match want {
                     Some(v) => self.desired.ipcache6.insert(k, v),
@@ -936,12 +993,12 @@ impl Engine {
     }
 
     /// Creates or drops the CIDR identity of `net` as its uses say.
-    fn refresh_cidr(&mut self, net: Ipv4Network) {
-        if net == world() {
+    fn refresh_cidr(&mut self, net: IpNetwork) {
+        if worlds().iter().any(|(w, _)| *w == net) {
             return;
         }
         let want = self.cidr_refs.get(&net).is_some_and(|n| *n > 0)
-            || (net.prefix() == 32 && self.addr_need.contains(&net.ip()));
+            || matches!(net, IpNetwork::V4(n) if n.prefix() == 32 && self.addr_need.contains(&n.ip()));
         match (want, self.cidr_ids.get(&net).copied()) {
             (true, None) => {
                 let id = self.cidr_pool.take();
@@ -969,7 +1026,32 @@ impl Engine {
 
     /// The ipcache keys a CIDR identity's change can affect: its own and
     /// the `cidr_identity` of the pod addresses inside it.
-    fn cidr_moved(&mut self, net: Ipv4Network) {
+    fn cidr_moved(&mut self, net: IpNetwork) {
+        let net = match net {
+            IpNetwork::V4(net) => net,
+            IpNetwork::V6(net) => {
+                self.dirty_ipcache6
+                    .insert((net.network(), u32::from(net.prefix())));
+                let ips: Vec<Ipv6Addr> = self
+                    .by_ip6
+                    .range(net.network()..=net.broadcast())
+                    .map(|(ip, _)| *ip)
+                    .collect();
+                self.dirty_ipcache6
+                    .extend(ips.into_iter().map(|ip| (ip, 128)));
+                for ip in self
+                    .model
+                    .remote_node_ips6
+                    .iter()
+                    .chain(&self.model.host_ips6)
+                {
+                    if net.contains(*ip) {
+                        self.dirty_ipcache6.insert((*ip, 128));
+                    }
+                }
+                return;
+            }
+        };
         self.dirty_ipcache
             .insert((net.network(), u32::from(net.prefix())));
         let ips: Vec<Ipv4Addr> = self
@@ -1035,12 +1117,52 @@ impl Engine {
         self.view.remote_node_ips = Arc::new(remote.clone());
         self.model.host_ips = ips;
         self.model.remote_node_ips = remote;
+        self.set_host_ips6();
         // Named egress ports on a node address's identity.
         if old != new || old_remote != new_remote {
             for c in self.named_blocks.clone() {
                 self.rule_dirty(c);
             }
         }
+    }
+
+    /// `set_host_ips` of IPv6: this node's Node object's IPv6 addresses and
+    /// the IPv6 gateways are `host`, other nodes' `remote-node`.
+    fn set_host_ips6(&mut self) {
+        let own_node = self
+            .node_name
+            .as_ref()
+            .and_then(|n| self.model.nodes.get(n));
+        let mut ips: Vec<Ipv6Addr> = own_node
+            .map(|n| n.addresses6.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .chain(self.gateway_ips6.iter().copied())
+            .collect();
+        ips.sort();
+        ips.dedup();
+        let mut remote: Vec<Ipv6Addr> = self
+            .model
+            .nodes
+            .values()
+            .filter(|n| Some(&n.name) != self.node_name.as_ref())
+            .flat_map(|n| n.addresses6.iter().copied())
+            .filter(|ip| ips.binary_search(ip).is_err())
+            .collect();
+        remote.sort();
+        remote.dedup();
+        for ip in self
+            .model
+            .host_ips6
+            .iter()
+            .chain(&self.model.remote_node_ips6)
+            .chain(&ips)
+            .chain(&remote)
+        {
+            self.dirty_ips6.insert(*ip);
+        }
+        self.model.host_ips6 = ips;
+        self.model.remote_node_ips6 = remote;
     }
 
     /// A node's address (this node's or another's): a pod claiming it does
@@ -1119,10 +1241,8 @@ impl Engine {
         }
     }
 
-    fn prefixes(rule: &Rule) -> Vec<Ipv4Network> {
-        rule.blocks()
-            .flat_map(|(cidr, except)| std::iter::once(cidr).chain(except.iter().copied()))
-            .collect()
+    fn prefixes(rule: &Rule) -> Vec<IpNetwork> {
+        rule.prefixes().collect()
     }
 
     fn named_block_ips(&self, rule: &Rule) -> Vec<Ipv4Addr> {
@@ -1170,7 +1290,7 @@ impl Engine {
         if !any_pod && peers_of(|p| matches!(p, Peer::Pods { .. })) {
             self.label_rules.insert(c);
         }
-        let has_blocks = peers_of(|p| matches!(p, Peer::Block { .. }));
+        let has_blocks = peers_of(|p| matches!(p, Peer::Block { .. } | Peer::Block6 { .. }));
         if has_blocks {
             self.block_rules.insert(c);
         }
@@ -1511,7 +1631,7 @@ impl Engine {
                 });
             }
         }
-        let net = net_of(ip, len as u8);
+        let net = IpNetwork::V4(net_of(ip, len as u8));
         (net.ip() == ip)
             .then(|| self.cidr_ids.get(&net))
             .flatten()
@@ -1539,9 +1659,9 @@ impl Engine {
                 } else {
                     self.addr_need.remove(&ip);
                 }
-                self.refresh_cidr(host_net(ip));
+                self.refresh_cidr(IpNetwork::V4(host_net(ip)));
             }
-            if let Some(id) = self.cidr_ids.get(&host_net(ip)) {
+            if let Some(id) = self.cidr_ids.get(&IpNetwork::V4(host_net(ip))) {
                 for c in self.id_rules.get(id).cloned().unwrap_or_default() {
                     if self.named_blocks.contains(&c) {
                         self.rule_dirty(c);
@@ -1880,6 +2000,9 @@ mod tests {
             "{cidr: 0.0.0.0/0}",
             "{cidr: 10.0.0.0/24, except: [10.1.0.0/24]}",
             "{cidr: 'fd00::/8'}",
+            "{cidr: '::/0', except: ['fd00::4/128']}",
+            "{cidr: 'fd00::/16', except: ['fd00:0:0:1::/64']}",
+            "{cidr: 'fd00:1::/32'}",
         ];
         match rng.gen_range(0..5) {
             0 => format!("{{podSelector: {}}}", sel(rng)),
@@ -2075,6 +2198,10 @@ mod tests {
                 let n = crate::model::Node {
                     name: format!("n{}", rng.gen_range(0..3)),
                     addresses: ips.iter().map(|s| s.parse().unwrap()).collect(),
+                    addresses6: some(rng, &["fd00::5", "fd00:1::5", "fd00:9::1"])
+                        .iter()
+                        .map(|s| s.parse().unwrap())
+                        .collect(),
                     ..Default::default()
                 };
                 let d = format!("node {n:?}");

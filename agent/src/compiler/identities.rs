@@ -1,7 +1,7 @@
 //! Label and CIDR identities: what a number stands for.
 use std::collections::BTreeSet;
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::IpNetwork;
 
 use super::{parse::protocol_number, IdentitySource, NAMESPACE_NAME_LABEL};
 use crate::model::{ContainerPort, Labels, Model};
@@ -65,7 +65,7 @@ impl LabelSet {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum IdentityKey {
     Labels(LabelSet),
-    Cidr(Ipv4Network),
+    Cidr(IpNetwork),
 }
 
 /// A namespace's labels, always with the name label (also for namespaces

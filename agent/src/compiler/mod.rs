@@ -58,10 +58,15 @@
 //!   restrict, nor silently drops an isolation). If the `podSelector` itself
 //!   is invalid it isolates every pod of its namespace; unknown
 //!   `policyTypes` values make it isolate both directions.
-//! * IPv6 ipBlocks are validated (syntax, `except` inside `cidr`) and then
-//!   skipped: the peer matches nothing (the datapath drops IPv6 to enforced
-//!   pods anyway). A rule whose only peers are IPv6 blocks therefore allows
-//!   nothing; it does not turn into "any peer".
+//! * Each family's ipBlocks match addresses of that family only, as the
+//!   API says: IPv6 prefixes are CIDR identities in ipcache6 like IPv4 ones
+//!   in the ipcache, and each family has its own world (`0.0.0.0/0` is
+//!   `world`, `::/0` is `world-ipv6`, `IDENTITY_WORLD6`), so an IPv4 block
+//!   (`0.0.0.0/0` included) never admits an IPv6 address nor the reverse.
+//!   A pod's IPv6 address carries the longest IPv6 prefix containing it as
+//!   its `cidr_identity`. Not yet for IPv6: the per-address CIDR identity
+//!   of a pod inside a named-port egress ipBlock (such a rule admits no
+//!   IPv6 pod: closed, not open).
 //! * Non-canonical CIDRs (`10.0.0.1/8`) are accepted and masked, as Go's
 //!   `net.ParseCIDR` does. An `except` must be a strict subset of `cidr`.
 //! * A local endpoint whose pod is not in the model (yet) is treated as a
@@ -135,10 +140,10 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr},
 };
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::IpNetwork;
 use palisade_common::{
     EndpointInfo, IpcacheValue, DIR_INGRESS, IDENTITY_ANY_POD, IDENTITY_HOST, IDENTITY_REMOTE_NODE,
-    IDENTITY_WORLD,
+    IDENTITY_WORLD, IDENTITY_WORLD6,
 };
 use palisade_dataplane::MapState;
 
@@ -152,7 +157,7 @@ use self::{
     emit::Destinations,
     endpoints::{compile_endpoint, EndpointPod},
     identities::{namespace_labels, IdentityKey, LabelSet},
-    ipcache::{longest_cidr, world},
+    ipcache::{longest_cidr, worlds},
     parse::Policy,
     peers::{host_net, named_block_contains, resolve_peers, PeerSet},
 };
@@ -193,7 +198,7 @@ pub enum IdentitySource {
         namespace_labels: Labels,
         pod_labels: Labels,
     },
-    Cidr(Ipv4Network),
+    Cidr(IpNetwork),
 }
 
 #[derive(Clone, Debug, Default)]
@@ -408,13 +413,10 @@ impl Compiler {
 
         // CIDR identities: every prefix of every accepted policy, and the
         // /32 of every pod address in a named-port egress ipBlock.
-        let mut prefixes: BTreeSet<Ipv4Network> = BTreeSet::new();
+        let mut prefixes: BTreeSet<IpNetwork> = BTreeSet::new();
         for p in &accepted {
             for r in &p.rules {
-                for (cidr, except) in r.blocks() {
-                    prefixes.insert(cidr);
-                    prefixes.extend(except.iter().copied());
-                }
+                prefixes.extend(r.prefixes());
             }
         }
         let node_ip =
@@ -425,13 +427,12 @@ impl Compiler {
                     .iter()
                     .any(|p| p.rules.iter().any(|r| named_block_contains(r, *ip)))
             {
-                prefixes.insert(host_net(*ip));
+                prefixes.insert(IpNetwork::V4(host_net(*ip)));
             }
         }
-        let mut cidr_ids: HashMap<Ipv4Network, u32> = HashMap::new();
-        cidr_ids.insert(world(), IDENTITY_WORLD);
+        let mut cidr_ids: HashMap<IpNetwork, u32> = HashMap::from(worlds());
         for net in &prefixes {
-            if *net != world() {
+            if !cidr_ids.contains_key(net) {
                 cidr_ids.insert(*net, self.cidr_ids.assign(&IdentityKey::Cidr(*net)));
             }
         }
@@ -443,6 +444,8 @@ impl Compiler {
         out.identities
             .insert(IDENTITY_WORLD, IdentitySource::Reserved("world"));
         out.identities
+            .insert(IDENTITY_WORLD6, IdentitySource::Reserved("world-ipv6"));
+        out.identities
             .insert(IDENTITY_ANY_POD, IdentitySource::Reserved("any-pod"));
         out.identities.insert(
             IDENTITY_REMOTE_NODE,
@@ -452,22 +455,26 @@ impl Compiler {
             out.identities.insert(*id, set.source());
         }
         for (net, id) in &cidr_ids {
-            if *id != IDENTITY_WORLD {
+            if *id != IDENTITY_WORLD && *id != IDENTITY_WORLD6 {
                 out.identities.insert(*id, IdentitySource::Cidr(*net));
             }
         }
 
         // ipcache, lowest precedence first.
-        let ipcache = &mut out.maps.ipcache;
         for (net, id) in &cidr_ids {
-            ipcache.insert(
-                (net.network(), net.prefix() as u32),
-                IpcacheValue {
-                    identity: *id,
-                    cidr_identity: *id,
-                },
-            );
+            let v = IpcacheValue {
+                identity: *id,
+                cidr_identity: *id,
+            };
+            match net {
+                IpNetwork::V4(n) => out.maps.ipcache.insert((n.network(), n.prefix().into()), v),
+                IpNetwork::V6(n) => out
+                    .maps
+                    .ipcache6
+                    .insert((n.network(), n.prefix().into()), v),
+            };
         }
+        let ipcache = &mut out.maps.ipcache;
         for (ip, key) in &pod_at {
             ipcache.insert(
                 (*ip, 32),
@@ -477,18 +484,32 @@ impl Compiler {
                 },
             );
         }
-        // IPv6: pod addresses only so far. IPv6 ipBlocks have no CIDR
-        // identities yet, so a pod's CIDR identity is its own identity (no
-        // CIDR lookup; `policy_lookups`): an IPv4 ipBlock, `0.0.0.0/0`
-        // (world) included, never matches an IPv6 pod address.
+        // IPv6 pod addresses, with the longest IPv6 ipBlock prefix that
+        // contains them (`world-ipv6` if none): an IPv4 ipBlock, `0.0.0.0/0`
+        // included, never matches an IPv6 pod address, nor the reverse.
         for (ip, key) in &pod_at6 {
             out.maps.ipcache6.insert(
                 (*ip, 128),
                 IpcacheValue {
                     identity: pod_identity[key],
-                    cidr_identity: pod_identity[key],
+                    cidr_identity: longest_cidr(&cidr_ids, *ip),
                 },
             );
+        }
+        // Nodes' IPv6 addresses, as their IPv4 ones below.
+        for (ips, identity) in [
+            (&model.remote_node_ips6, IDENTITY_REMOTE_NODE),
+            (&model.host_ips6, IDENTITY_HOST),
+        ] {
+            for ip in ips {
+                out.maps.ipcache6.insert(
+                    (*ip, 128),
+                    IpcacheValue {
+                        identity,
+                        cidr_identity: longest_cidr(&cidr_ids, *ip),
+                    },
+                );
+            }
         }
         // Another node's address is that node's, whatever pod claims it
         // (host-network pods of that node): only ipBlocks match it.
@@ -539,8 +560,12 @@ impl Compiler {
         // Endpoints and their policy entries.
         let addresses = cidr_ids
             .iter()
-            .filter(|(net, _)| net.prefix() == 32 && !node_ip(&net.ip()))
-            .filter_map(|(net, id)| Some((*id, pod_identity[pod_at.get(&net.ip())?])))
+            .filter_map(|(net, id)| match net {
+                IpNetwork::V4(n) if n.prefix() == 32 && !node_ip(&n.ip()) => {
+                    Some((*id, pod_identity[pod_at.get(&n.ip())?]))
+                }
+                _ => None,
+            })
             .collect();
         let dest = FullDestinations {
             labels_by_id: &labels_by_id,

@@ -218,3 +218,91 @@ fn a_pod_claiming_a_node_address_does_not_make_it_a_pod() {
     );
     assert_eq!(ingress(&e, OTHER_NODE), reason::NO_POLICY_MATCH);
 }
+
+// -- IPv6 ---------------------------------------------------------------
+
+const WEB6: &str = "fd00:a::10";
+
+/// The reason the datapath gives an IPv6 TCP SYN from `from` to the web
+/// pod (given the IPv6 address `WEB6`).
+fn ingress6(e: &Engine, from: &str) -> u8 {
+    let p = Packet::ipv6_tcp(
+        from.parse().unwrap(),
+        40000,
+        WEB6.parse().unwrap(),
+        80,
+        TCP_FLAG_SYN,
+    );
+    Evaluator::new(e.desired())
+        .evaluate(1, DIR_INGRESS, &p)
+        .reason
+}
+
+/// Nodes' IPv6 addresses and the IPv6 gateways are `host` / `remote-node`
+/// as their IPv4 ones are: the node's own (kubelet probes over IPv6) pass,
+/// another node's is no pod, a pod claiming one does not make it a pod.
+#[test]
+fn nodes_ipv6_addresses_and_ipv6_gateways_are_host_or_remote_node() {
+    let mut e = cluster();
+    e.add_endpoint(LocalEndpoint {
+        key: ObjectKey::new("a", "web"),
+        endpoint_id: 1,
+        ifindex: 1,
+        host_ifname: "veth1".into(),
+        ipv4: ip(WEB),
+        ipv6: Some(WEB6.parse().unwrap()),
+        container_id: "c1".into(),
+        mac: [0; 6],
+    });
+    let with6 = |name: &str, v4: &str, v6: &str, cidr: &str| Node {
+        addresses6: vec![v6.parse().unwrap()],
+        ..node(name, v4, cidr)
+    };
+    e.apply(Change::Node(with6(
+        "n1",
+        OWN_NODE,
+        "fd00:1::1",
+        "10.0.0.0/24",
+    )));
+    e.apply(Change::Node(with6(
+        "n2",
+        OTHER_NODE,
+        "fd00:1::2",
+        "10.0.1.0/24",
+    )));
+    let mut liar = pod("b", "liar", "client", None);
+    liar.ipv6 = Some("fd00:1::2".parse().unwrap());
+    e.apply(Change::Pod(liar.into()));
+    let ipc6 = |e: &Engine, a: &str| {
+        e.desired()
+            .ipcache6
+            .get(&(a.parse().unwrap(), 128))
+            .copied()
+    };
+    assert_eq!(ipc6(&e, "fd00:1::1").unwrap().identity, IDENTITY_HOST);
+    assert_eq!(
+        ipc6(&e, "fd00:1::2").unwrap().identity,
+        IDENTITY_REMOTE_NODE
+    );
+    assert_eq!(ingress6(&e, "fd00:1::1"), reason::HOST);
+    assert_eq!(ingress6(&e, "fd00:1::2"), reason::NO_POLICY_MATCH);
+    assert!(e
+        .view()
+        .pods_by_ip6
+        .get(&"fd00:1::2".parse().unwrap())
+        .is_none());
+
+    // The IPv6 gateway the host veths carry, while they carry it.
+    assert_eq!(ingress6(&e, "fd00:a::1"), reason::NO_POLICY_MATCH);
+    e.set_gateway_ips6(vec!["fd00:a::1".parse().unwrap()]);
+    assert_eq!(ingress6(&e, "fd00:a::1"), reason::HOST);
+    e.set_gateway_ips6(Vec::new());
+    assert_eq!(ingress6(&e, "fd00:a::1"), reason::NO_POLICY_MATCH);
+
+    // A node that leaves takes its IPv6 address with it.
+    e.apply(Change::NodeDeleted("n2".into()));
+    assert_eq!(
+        ipc6(&e, "fd00:1::2").map(|v| v.identity),
+        Some(e.view().pods_by_ip6[&"fd00:1::2".parse().unwrap()].1)
+    );
+}

@@ -4,7 +4,7 @@
 //! reason and the [`Isolation`] it still imposes.
 use std::net::IpAddr;
 
-use ipnetwork::{Ipv4Network, Ipv6Network};
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use k8s_openapi::{
     api::networking::v1::{IPBlock, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort},
     apimachinery::pkg::util::intstr::IntOrString,
@@ -86,8 +86,12 @@ pub enum Peer {
         cidr: Ipv4Network,
         except: Vec<Ipv4Network>,
     },
-    /// Valid but unsupported (IPv6 ipBlock): matches nothing.
-    Nothing,
+    /// An IPv6 ipBlock: matches IPv6 addresses only, as a `Block` matches
+    /// IPv4 ones (each family's world is its own identity).
+    Block6 {
+        cidr: Ipv6Network,
+        except: Vec<Ipv6Network>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -180,6 +184,7 @@ pub(crate) fn v4_subset(a: Ipv4Network, b: Ipv4Network) -> bool {
 fn parse_ip_block(b: &IPBlock, at: &str) -> Result<Peer, String> {
     let cidr = parse_cidr(&b.cidr).map_err(|e| format!("{at}.cidr: {e}"))?;
     let mut except = Vec::new();
+    let mut except6 = Vec::new();
     for (i, e) in b.except.iter().flatten().enumerate() {
         let eat = format!("{at}.except[{i}]");
         let x = parse_cidr(e).map_err(|err| format!("{eat}: {err}"))?;
@@ -188,7 +193,10 @@ fn parse_ip_block(b: &IPBlock, at: &str) -> Result<Peer, String> {
                 except.push(x);
                 x.prefix() > c.prefix() && c.contains(x.network())
             }
-            (Cidr::V6(c), Cidr::V6(x)) => x.prefix() > c.prefix() && c.contains(x.network()),
+            (Cidr::V6(c), Cidr::V6(x)) => {
+                except6.push(x);
+                x.prefix() > c.prefix() && c.contains(x.network())
+            }
             _ => return Err(format!("{eat}: {e:?} is not of the address family of cidr")),
         };
         if !strict {
@@ -200,7 +208,10 @@ fn parse_ip_block(b: &IPBlock, at: &str) -> Result<Peer, String> {
     }
     Ok(match cidr {
         Cidr::V4(cidr) => Peer::Block { cidr, except },
-        Cidr::V6(_) => Peer::Nothing,
+        Cidr::V6(cidr) => Peer::Block6 {
+            cidr,
+            except: except6,
+        },
     })
 }
 
@@ -395,12 +406,34 @@ impl Rule {
         })
     }
 
-    /// The ipBlock peers of the rule.
+    /// The IPv4 ipBlock peers of the rule.
     pub(crate) fn blocks(&self) -> impl Iterator<Item = (Ipv4Network, &[Ipv4Network])> {
         self.peers.iter().flatten().filter_map(|p| match p {
             Peer::Block { cidr, except } => Some((*cidr, except.as_slice())),
             _ => None,
         })
+    }
+
+    /// The IPv6 ipBlock peers of the rule.
+    pub(crate) fn blocks6(&self) -> impl Iterator<Item = (Ipv6Network, &[Ipv6Network])> {
+        self.peers.iter().flatten().filter_map(|p| match p {
+            Peer::Block6 { cidr, except } => Some((*cidr, except.as_slice())),
+            _ => None,
+        })
+    }
+
+    /// Every prefix the rule's ipBlocks name (`cidr`s and `except`s), of
+    /// both families: each is a CIDR identity.
+    pub(crate) fn prefixes(&self) -> impl Iterator<Item = IpNetwork> + '_ {
+        let v4 = self
+            .blocks()
+            .flat_map(|(c, x)| std::iter::once(c).chain(x.iter().copied()))
+            .map(IpNetwork::V4);
+        let v6 = self
+            .blocks6()
+            .flat_map(|(c, x)| std::iter::once(c).chain(x.iter().copied()))
+            .map(IpNetwork::V6);
+        v4.chain(v6)
     }
 }
 

@@ -2,7 +2,7 @@
 //! peers match.
 use std::{collections::BTreeSet, net::Ipv4Addr};
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use palisade_common::IDENTITY_ANY_POD;
 
 use super::{
@@ -44,12 +44,24 @@ pub(crate) fn rule_matches_labels(policy_ns: &str, rule: &Rule, set: &LabelSet) 
     })
 }
 
-/// Whether a CIDR identity (an ipBlock prefix, `0.0.0.0/0` for world, or a
-/// pod address's /32) is a peer of `rule`: inside a `cidr`, outside its
-/// `except`s.
-pub(crate) fn rule_matches_cidr(rule: &Rule, net: Ipv4Network) -> bool {
-    rule.blocks()
-        .any(|(cidr, except)| block_contains(cidr, except, net))
+/// Whether a CIDR identity (an ipBlock prefix, `0.0.0.0/0` or `::/0` for
+/// each family's world, or a pod address's /32) is a peer of `rule`: inside
+/// a `cidr` of its family, outside its `except`s.
+pub(crate) fn rule_matches_cidr(rule: &Rule, net: IpNetwork) -> bool {
+    match net {
+        IpNetwork::V4(net) => rule
+            .blocks()
+            .any(|(cidr, except)| block_contains(cidr, except, net)),
+        IpNetwork::V6(net) => rule
+            .blocks6()
+            .any(|(cidr, except)| block6_contains(cidr, except, net)),
+    }
+}
+
+fn block6_contains(cidr: Ipv6Network, except: &[Ipv6Network], net: Ipv6Network) -> bool {
+    let subset =
+        |a: Ipv6Network, b: Ipv6Network| a.prefix() >= b.prefix() && b.contains(a.network());
+    subset(net, cidr) && !except.iter().any(|e| subset(net, *e))
 }
 
 pub(crate) fn block_contains(cidr: Ipv4Network, except: &[Ipv4Network], net: Ipv4Network) -> bool {
@@ -75,7 +87,7 @@ pub(crate) fn resolve_peers<'a>(
     policy_ns: &str,
     rule: &Rule,
     labels: impl Iterator<Item = (u32, &'a LabelSet)>,
-    cidrs: impl Iterator<Item = (Ipv4Network, u32)>,
+    cidrs: impl Iterator<Item = (IpNetwork, u32)>,
 ) -> PeerSet {
     if rule.peers.is_none() {
         return PeerSet::Any;
@@ -117,5 +129,38 @@ mod tests {
             "a superset"
         );
         assert!(!block_contains(c, &except, net("10.0.1.5/32")));
+    }
+
+    #[test]
+    fn an_ipv6_block_matches_ipv6_prefixes_only() {
+        let n6 = |s: &str| s.parse::<Ipv6Network>().unwrap();
+        assert!(block6_contains(
+            n6("fd00::/16"),
+            &[n6("fd00:1::/32")],
+            n6("fd00:2::1/128")
+        ));
+        assert!(!block6_contains(
+            n6("fd00::/16"),
+            &[n6("fd00:1::/32")],
+            n6("fd00:1::1/128")
+        ));
+        assert!(!block6_contains(n6("fd00::/16"), &[], n6("fd01::/128")));
+        let parsed = |y: &str| {
+            let np: k8s_openapi::api::networking::v1::NetworkPolicy =
+                serde_yaml::from_str(y).unwrap();
+            let key = crate::model::ObjectKey::new("a", "p");
+            match super::super::parse::parse_policy(&key, &np) {
+                Ok(p) => p.rules.into_iter().next().unwrap(),
+                Err((e, _)) => panic!("{e}"),
+            }
+        };
+        let r = parsed("metadata: {name: p, namespace: a}\nspec:\n  podSelector: {}\n  egress:\n  - to: [{ipBlock: {cidr: '::/0'}}, {ipBlock: {cidr: 10.0.0.0/8}}]\n  policyTypes: [Egress]\n");
+        assert!(rule_matches_cidr(&r, "fd00::1/128".parse().unwrap()));
+        assert!(rule_matches_cidr(&r, "10.1.0.0/16".parse().unwrap()));
+        assert!(
+            !rule_matches_cidr(&r, "0.0.0.0/0".parse().unwrap()),
+            "IPv4 world"
+        );
+        assert!(!rule_matches_cidr(&r, "11.0.0.1/32".parse().unwrap()));
     }
 }

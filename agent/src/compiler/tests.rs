@@ -198,7 +198,7 @@ fn label_id(c: &Compiled, ns: &str, l: &[(&str, &str)]) -> u32 {
 }
 
 fn cidr_id(c: &Compiled, cidr: &str) -> u32 {
-    let net: Ipv4Network = cidr.parse().unwrap();
+    let net: ipnetwork::IpNetwork = cidr.parse().unwrap();
     *c.identities
         .iter()
         .find(|(_, s)| **s == IdentitySource::Cidr(net))
@@ -949,8 +949,9 @@ fn ipcache_contents() {
         .any(|s| *s == IdentitySource::Cidr("0.0.0.0/0".parse().unwrap())));
     // prefixes (3) + host + 6 pods.
     assert_eq!(c.maps.ipcache.len(), 3 + 1 + 6);
-    // host, world, any-pod, remote-node + 6 label + 2 CIDR identities.
-    assert_eq!(c.identities.len(), 4 + 6 + 2);
+    // host, world, world-ipv6, any-pod, remote-node + 6 label + 2 CIDR
+    // identities.
+    assert_eq!(c.identities.len(), 5 + 6 + 2);
 }
 
 #[test]
@@ -1027,16 +1028,59 @@ fn ip_block_everything_except() {
         .any(|(_, k)| k.peer_identity == IDENTITY_WORLD));
 }
 
+/// An IPv6 ipBlock admits IPv6 addresses (pods' included) inside its
+/// `cidr` and outside its `except`s, and nothing of IPv4; an IPv4 block,
+/// `0.0.0.0/0` included, nothing of IPv6.
 #[test]
-fn ipv6_blocks_are_skipped_and_do_not_mean_any() {
+fn ipv6_blocks_are_cidr_identities_of_their_own_family() {
     let mut t = two_namespaces();
-    t.policy(&np("a", "p", "podSelector: {matchLabels: {app: web}}\ningress:\n- from: [{ipBlock: {cidr: 'fd00::/8', except: ['fd00::/16']}}]"));
+    t.model.endpoints.get_mut("c1").unwrap().ipv6 = Some(ip6("fd00:1::1"));
+    t.model.endpoints.get_mut("c2").unwrap().ipv6 = Some(ip6("fd00:2::2"));
+    t.model.endpoints.get_mut("c3").unwrap().ipv6 = Some(ip6("fd01::3"));
+    t.policy(&np("a", "p", "podSelector: {matchLabels: {app: web}}\ningress:\n- from: [{ipBlock: {cidr: 'fd00::/8', except: ['fd00:2::/32']}}]"));
+    t.policy(&np(
+        "a",
+        "q",
+        "podSelector: {matchLabels: {app: db}}\ningress:\n- from: [{ipBlock: {cidr: 0.0.0.0/0}}]",
+    ));
     let c = t.compile();
     assert!(c.rejected.is_empty(), "{:?}", c.rejected);
     assert_eq!(flags(&c, 1), EP_INGRESS_ENFORCED);
-    assert!(c.maps.policy.is_empty());
+    // a/web (ifindex 1) from IPv6 inside fd00::/8 but not fd00:2::/32.
+    assert!(ingress6_ok(&c, 1, "fd77::9", 1));
+    assert!(ingress6_ok(&c, 1, "fd01::3", 1), "a pod inside the block");
+    assert!(
+        !ingress6_ok(&c, 1, "fd00:2::2", 1),
+        "a pod in the except hole"
+    );
+    assert!(!ingress6_ok(&c, 1, "fd00:2::77", 1), "the except hole");
+    assert!(!ingress6_ok(&c, 1, "2001:db8::1", 1), "the IPv6 world");
     assert!(!ingress_ok(&c, 1, A_DB, 1));
     assert!(!ingress_ok(&c, 1, "8.8.8.8", 1));
+    // a/db (ifindex 2): 0.0.0.0/0 is IPv4's world only.
+    assert!(ingress_ok(&c, 2, "8.8.8.8", 1));
+    assert!(!ingress6_ok(&c, 2, "2001:db8::1", 1));
+    assert!(!ingress6_ok(&c, 2, "fd00:1::1", 1));
+    // The prefixes are in ipcache6 as CIDR identities; pods carry the
+    // longest one containing them.
+    let v6 = &c.maps.ipcache6;
+    let slash8 = cidr_id(&c, "fd00::/8");
+    assert_eq!(v6[&(ip6("fd00::"), 8)].identity, slash8);
+    assert_eq!(
+        v6[&(ip6("fd00:2::"), 32)].identity,
+        cidr_id(&c, "fd00:2::/32")
+    );
+    assert_eq!(v6[&(ip6("::"), 0)].identity, IDENTITY_WORLD6);
+    assert_eq!(v6[&(ip6("fd01::3"), 128)].cidr_identity, slash8);
+}
+
+/// The verdict on a TCP SYN between the endpoint on `ifindex` and an IPv6
+/// peer, at the ingress program.
+fn ingress6_ok(c: &Compiled, ifindex: u32, from: &str, port: u16) -> bool {
+    let me = palisade_dataplane::maps::from_ip6_words(c.maps.endpoints[&ifindex].ipv6);
+    let packet = Packet::ipv6_tcp(ip6(from), 40000, me, port, TCP_FLAG_SYN);
+    let v = Evaluator::new(&c.maps).evaluate(ifindex, DIR_INGRESS, &packet);
+    matches!(v.reason, reason::POLICY_ALLOW | reason::UNENFORCED)
 }
 
 #[test]
@@ -1677,13 +1721,12 @@ fn ipv6_pod_addresses_resolve_to_their_label_identity() {
         at("fd00:2::2").unwrap().identity,
         label_id(&c, "b", &[("app", "web")])
     );
-    // No CIDR identity: IPv4 ipBlocks (0.0.0.0/0 included) never match it.
-    assert_eq!(
-        at("fd00::1").unwrap().cidr_identity,
-        at("fd00::1").unwrap().identity
-    );
+    // Inside no IPv6 ipBlock: the IPv6 world is its CIDR identity (IPv4
+    // ipBlocks, 0.0.0.0/0 included, never match it).
+    assert_eq!(at("fd00::1").unwrap().cidr_identity, IDENTITY_WORLD6);
     assert_eq!(at("fd00:9::9"), None, "host network");
-    assert_eq!(v6.len(), 4, "{v6:?}");
+    // Four pods and ::/0.
+    assert_eq!(v6.len(), 5, "{v6:?}");
 
     let words = palisade_dataplane::maps::ip6_words;
     assert_eq!(c.maps.endpoints[&1].ipv6, words(ip6("fd00::1")));

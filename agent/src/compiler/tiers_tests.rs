@@ -128,7 +128,7 @@ fn direct(
                                     except,
                                     Ipv4Network::new(peer, 32).unwrap(),
                                 ),
-                                Peer::Nothing => false,
+                                Peer::Block6 { .. } => false,
                             }),
                         };
                         let dest_ports = if dir == DIR_INGRESS {

@@ -171,7 +171,9 @@ impl View {
             .into_iter()
             .filter_map(|(ip, k)| {
                 let v = c.maps.ipcache6.get(&(ip, 128))?;
-                Some((ip, (k.clone(), v.identity)))
+                // A node's address is the node's, whatever pod claims it.
+                let node = model.host_ips6.contains(&ip) || model.remote_node_ips6.contains(&ip);
+                (!node).then(|| (ip, (k.clone(), v.identity)))
             })
             .collect();
         let pods_by_ip = by_ip

@@ -150,7 +150,12 @@ fn peer_pods<'a>(m: &'a Model, ns: &str, peer: &Peer) -> Vec<&'a Pod> {
         Peer::Block { cidr, except } => pods(m)
             .filter(|p| p.ip.is_some_and(|ip| in_block(*cidr, except, ip)))
             .collect(),
-        Peer::Nothing => Vec::new(),
+        Peer::Block6 { cidr, except } => pods(m)
+            .filter(|p| {
+                p.ipv6
+                    .is_some_and(|ip| cidr.contains(ip) && !except.iter().any(|e| e.contains(ip)))
+            })
+            .collect(),
     }
 }
 
@@ -238,8 +243,7 @@ fn rule_reaches_something(m: &Model, ns: &str, r: &Rule) -> bool {
     match &r.peers {
         None => true,
         Some(peers) => peers.iter().any(|p| match p {
-            Peer::Block { .. } => true,
-            Peer::Nothing => false,
+            Peer::Block { .. } | Peer::Block6 { .. } => true,
             pods_peer => !peer_pods(m, ns, pods_peer).is_empty(),
         }),
     }
@@ -337,7 +341,6 @@ fn selector_covers(a: &Selector, b: &Selector) -> bool {
 /// state (not only today's).
 fn peer_covers(a: &Peer, b: &Peer) -> bool {
     match (a, b) {
-        (_, Peer::Nothing) => true,
         (
             Peer::Pods {
                 namespaces: na,
@@ -377,6 +380,25 @@ fn peer_covers(a: &Peer, b: &Peer) -> bool {
             inside
                 && ea.iter().all(|x| {
                     !overlaps(*x, *cb)
+                        || eb
+                            .iter()
+                            .any(|y| y.prefix() <= x.prefix() && y.contains(x.network()))
+                })
+        }
+        (
+            Peer::Block6 {
+                cidr: ca,
+                except: ea,
+            },
+            Peer::Block6 {
+                cidr: cb,
+                except: eb,
+            },
+        ) => {
+            let inside = ca.prefix() <= cb.prefix() && ca.contains(cb.network());
+            inside
+                && ea.iter().all(|x| {
+                    !(x.contains(cb.network()) || cb.contains(x.network()))
                         || eb
                             .iter()
                             .any(|y| y.prefix() <= x.prefix() && y.contains(x.network()))

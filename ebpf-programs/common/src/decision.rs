@@ -16,7 +16,8 @@ use crate::{
     is_label_identity, reason, CtKey, CtKeyOf, CtValue, EndpointInfo, FlowEvent, FlowEvent4, Ip6,
     IpcacheValue, PolicyKey, PolicyValue, ACTION_ALLOW, CT_AUDIT, CT_SEEN_REPLY, DIR_EGRESS,
     DIR_INGRESS, EP_AUDIT, FRAG_TIMEOUT_NS, IDENTITY_ANY, IDENTITY_ANY_POD, IDENTITY_HOST,
-    IDENTITY_WORLD, PROTO_SCTP, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP,
+    IDENTITY_WORLD, IDENTITY_WORLD6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW,
+    VERDICT_AUDIT, VERDICT_DROP,
 };
 
 /// An address family's address as the programs keep it: `u32` (IPv4) or
@@ -348,14 +349,25 @@ pub fn remote_addr<A: Copy>(key: &CtKeyOf<A>, dir: u8) -> A {
     }
 }
 
-/// An address the ipcache has no prefix for is the outside world.
+/// An IPv4 address the ipcache has no prefix for is the outside world.
 #[inline(always)]
 pub fn peer_or_world(hit: Option<IpcacheValue>) -> IpcacheValue {
+    peer_or(hit, IDENTITY_WORLD)
+}
+
+/// The same for IPv6: the IPv6 world ([`IDENTITY_WORLD6`]).
+#[inline(always)]
+pub fn peer_or_world6(hit: Option<IpcacheValue>) -> IpcacheValue {
+    peer_or(hit, IDENTITY_WORLD6)
+}
+
+#[inline(always)]
+fn peer_or(hit: Option<IpcacheValue>, world: u32) -> IpcacheValue {
     match hit {
         Some(v) => v,
         None => IpcacheValue {
-            identity: IDENTITY_WORLD,
-            cidr_identity: IDENTITY_WORLD,
+            identity: world,
+            cidr_identity: world,
         },
     }
 }

@@ -151,6 +151,11 @@ pub const IDENTITY_ANY_POD: u32 = 3;
 /// identity, so any-pod entries never match it: only rules whose ipBlock
 /// contains the address (through its `cidr_identity`) or any-peer rules do.
 pub const IDENTITY_REMOTE_NODE: u32 = 4;
+/// The IPv6 outside world: an IPv6 address the ipcache has no prefix for,
+/// and the ipBlock `::/0`. Apart from `IDENTITY_WORLD` (IPv4's) so that an
+/// IPv4 ipBlock (`0.0.0.0/0` included) never admits an IPv6 address, nor
+/// the reverse, as NetworkPolicy's ipBlock semantics say.
+pub const IDENTITY_WORLD6: u32 = 5;
 /// First identity userspace may hand out for label sets. Label identities
 /// are `IDENTITY_FIRST_DYNAMIC..IDENTITY_FIRST_CIDR`.
 pub const IDENTITY_FIRST_DYNAMIC: u32 = 256;

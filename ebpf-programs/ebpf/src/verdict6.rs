@@ -15,7 +15,7 @@ use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key, programs::TcConte
 use palisade_common::{
     decision::{
         drop_if_enforced as enforced_drop, first_fragment_verdict, foreign_destination,
-        foreign_mac, hard_drop, key_of, peer_or_world, spoofed, unchecked_source, Decision,
+        foreign_mac, hard_drop, key_of, peer_or_world6, spoofed, unchecked_source, Decision,
     },
     ipv6::{self, Transport, Upper, IPPROTO_ICMPV6, UPPER_AT, UPPER_LATER_FRAGMENT, UPPER_UNKNOWN},
     reason, CtKey6, CtValue, EndpointInfo, FragKey6, FragValue, Ip6, IpcacheValue, IDENTITY_HOST,
@@ -50,7 +50,7 @@ impl Family for Ip6 {
     }
     #[inline(always)]
     fn peer(_dir: u8, remote: Ip6) -> IpcacheValue {
-        peer_or_world(IPCACHE6.get(Key::new(128, remote)).copied())
+        peer_or_world6(IPCACHE6.get(Key::new(128, remote)).copied())
     }
     #[inline(always)]
     fn rejudge_decision(ep: &EndpointInfo, k: &CtKey6, _ct_flags: u8) -> Decision {

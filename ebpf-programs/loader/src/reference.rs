@@ -163,7 +163,7 @@ impl Family for Ip6 {
         &mut e.conntrack6
     }
     fn peer(e: &Evaluator, _dir: u8, remote: Ip6) -> IpcacheValue {
-        decision::peer_or_world(e.ipcache6_lookup(crate::maps::from_ip6_words(remote)))
+        decision::peer_or_world6(e.ipcache6_lookup(crate::maps::from_ip6_words(remote)))
     }
     fn rejudge_decision(e: &Evaluator, ep: &EndpointInfo, k: &CtKey6) -> Decision {
         e.decide(ep, k.scope, k)
