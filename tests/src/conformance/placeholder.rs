@@ -136,11 +136,32 @@ impl Addresses {
         Ok(out)
     }
 
+    /// Over IPv6 (`--ip-family ipv6`: every address is IPv6), a literal
+    /// IPv4 CIDR value (an ipBlock's `cidr` or `except`, a `networks`
+    /// entry) becomes IPv6 too: `0.0.0.0/0` the IPv6 world `::/0`, any
+    /// other its mirror (as `{{cidr P N}}` mirrors pods' networks, so
+    /// containment between literals and pods holds in both families).
+    fn literal6(&self, s: String) -> String {
+        if self.family != Family::V6 {
+            return s;
+        }
+        match s.split_once('/') {
+            Some((ip, len)) if ip.parse::<Ipv4Addr>().is_ok() && len.parse::<u8>().is_ok() => {
+                if len == "0" {
+                    "::/0".to_string()
+                } else {
+                    super::family::mirror_cidr(&s).unwrap_or(s)
+                }
+            }
+            _ => s,
+        }
+    }
+
     /// Replaces placeholders in every string value of a YAML document
     /// (keys are left alone).
     pub fn substitute(&self, v: &Value) -> Result<Value> {
         Ok(match v {
-            Value::String(s) => Value::String(self.substitute_str(s)?),
+            Value::String(s) => Value::String(self.literal6(self.substitute_str(s)?)),
             Value::Sequence(items) => Value::Sequence(
                 items
                     .iter()
@@ -214,7 +235,16 @@ mod tests {
             s("{{ip x/a}}/32,{{ip x/b}}/320"),
             "fd00:212:213:0:ad50:20::/128,fd00:212:213:0:ad50:30::/320"
         );
-        assert_eq!(s("0.0.0.0/0"), "0.0.0.0/0", "literal CIDRs stay");
+        let v = |t: &str| {
+            let v = a.substitute(&Value::String(t.into())).unwrap();
+            v.as_str().unwrap().to_string()
+        };
+        assert_eq!(v("0.0.0.0/0"), "::/0", "IPv4's world is IPv6's");
+        assert_eq!(v("10.213.0.0/24"), "fd00:212:213:0:ad50::/84", "mirrored");
+        assert_eq!(v("10.213.0.0"), "10.213.0.0", "not a CIDR");
+        let four = addrs();
+        let v4 = four.substitute(&Value::String("0.0.0.0/0".into())).unwrap();
+        assert_eq!(v4.as_str(), Some("0.0.0.0/0"), "IPv4 literals stay over IPv4");
         assert!(
             format!("{:#}", a.substitute_str("{{cidr x/b 33}}").unwrap_err())
                 .contains("prefix length")
