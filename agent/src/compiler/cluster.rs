@@ -11,7 +11,7 @@
 //! Accept, and becomes "Deny everything" if it is a Deny or a Pass.
 //! `nodes` peers select Node objects by label; the model resolves them to
 //! those nodes' addresses.
-use ipnetwork::Ipv4Network;
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use palisade_common::{DIR_EGRESS, DIR_INGRESS, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 
 use crate::{
@@ -181,7 +181,7 @@ pub enum ClusterPeer {
         namespaces: Selector,
         pods: Selector,
     },
-    /// IPv4 networks (IPv6 ones match nothing here and are dropped).
+    /// IPv4 networks.
     Networks(Vec<Ipv4Network>),
     /// Nodes by label (egress): the IPv4 addresses (/32) of the nodes the
     /// selector matches, resolved by the model ([`ClusterPolicy::resolve_nodes`])
@@ -190,6 +190,8 @@ pub enum ClusterPeer {
         selector: Selector,
         addresses: Vec<Ipv4Network>,
     },
+    /// IPv6 networks (a `networks` list of both families is two peers).
+    Networks6(Vec<Ipv6Network>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -229,7 +231,7 @@ fn parse_peer(
     p: &cnp::Peer,
     egress: bool,
     at: &str,
-) -> Result<Result<ClusterPeer, String>, String> {
+) -> Result<Result<Vec<ClusterPeer>, String>, String> {
     let set = [
         p.namespaces.is_some(),
         p.pods.is_some(),
@@ -245,14 +247,14 @@ fn parse_peer(
         return Err(format!("{at}: exactly one field must be set, found {set}"));
     }
     if let Some(ns) = &p.namespaces {
-        return Ok(Ok(ClusterPeer::Namespaces(selector(
+        return Ok(Ok(vec![ClusterPeer::Namespaces(selector(
             ns,
             &format!("{at}.namespaces"),
-        )?)));
+        )?)]));
     }
     if let Some(pp) = &p.pods {
         let (namespaces, pods) = pods(pp, &format!("{at}.pods"))?;
-        return Ok(Ok(ClusterPeer::Pods { namespaces, pods }));
+        return Ok(Ok(vec![ClusterPeer::Pods { namespaces, pods }]));
     }
     if !egress && (p.networks.is_some() || p.nodes.is_some() || p.domain_names.is_some()) {
         return Ok(Err(format!("{at}: not a field of an ingress peer")));
@@ -261,21 +263,29 @@ fn parse_peer(
         if nets.is_empty() || nets.len() > MAX_PEERS {
             return Err(format!("{at}.networks: 1 to {MAX_PEERS} CIDRs"));
         }
-        let mut v4 = Vec::new();
+        let (mut v4, mut v6) = (Vec::new(), Vec::new());
         for (i, n) in nets.iter().enumerate() {
             match parse_cidr(n) {
-                Some(Some(net)) => v4.push(net),
-                Some(None) => {}
+                Some(IpNetwork::V4(net)) => v4.push(net),
+                Some(IpNetwork::V6(net)) => v6.push(net),
                 None => return Err(format!("{at}.networks[{i}]: {n:?} is not a valid CIDR")),
             }
         }
-        return Ok(Ok(ClusterPeer::Networks(v4)));
+        // One peer per family (the peers of a rule are ORed).
+        let mut out = Vec::new();
+        if !v4.is_empty() {
+            out.push(ClusterPeer::Networks(v4));
+        }
+        if !v6.is_empty() {
+            out.push(ClusterPeer::Networks6(v6));
+        }
+        return Ok(Ok(out));
     }
     if let Some(nodes) = &p.nodes {
-        return Ok(Ok(ClusterPeer::Nodes {
+        return Ok(Ok(vec![ClusterPeer::Nodes {
             selector: selector(nodes, &format!("{at}.nodes"))?,
             addresses: Vec::new(),
-        }));
+        }]));
     }
     if p.domain_names.is_some() {
         return Ok(Err(format!("{at}.domainNames: not supported")));
@@ -285,18 +295,18 @@ fn parse_peer(
     ))
 }
 
-/// Some(Some(v4)), Some(None) for a valid IPv6 CIDR, None if invalid.
-fn parse_cidr(s: &str) -> Option<Option<Ipv4Network>> {
+/// A CIDR of either family, masked to its network; None if invalid.
+fn parse_cidr(s: &str) -> Option<IpNetwork> {
     let (addr, len) = s.split_once('/')?;
     let len: u8 = len.parse().ok()?;
     match addr.parse::<std::net::IpAddr>().ok()? {
         std::net::IpAddr::V4(a) => {
             let n = Ipv4Network::new(a, len).ok()?;
-            Some(Some(Ipv4Network::new(n.network(), len).ok()?))
+            Some(IpNetwork::V4(Ipv4Network::new(n.network(), len).ok()?))
         }
         std::net::IpAddr::V6(a) => {
-            ipnetwork::Ipv6Network::new(a, len).ok()?;
-            Some(None)
+            let n = Ipv6Network::new(a, len).ok()?;
+            Some(IpNetwork::V6(Ipv6Network::new(n.network(), len).ok()?))
         }
     }
 }
@@ -415,7 +425,7 @@ fn parse_rule(
     for (i, p) in peers.iter().enumerate() {
         has_address_peer |= p.networks.is_some() || p.nodes.is_some() || p.domain_names.is_some();
         match parse_peer(p, direction == DIR_EGRESS, &format!("{at}.{field}[{i}]"))? {
-            Ok(peer) => out_peers.push(peer),
+            Ok(peers) => out_peers.extend(peers),
             Err(why) => unknown = unknown.or(Some(why)),
         }
     }
@@ -543,6 +553,19 @@ impl ClusterPolicy {
                 r.peers.iter().flat_map(|p| match p {
                     ClusterPeer::Networks(n) => n.as_slice(),
                     ClusterPeer::Nodes { addresses, .. } => addresses.as_slice(),
+                    _ => &[],
+                })
+            })
+            .copied()
+    }
+
+    /// IPv6 networks of the policy's egress peers.
+    pub fn networks6(&self) -> impl Iterator<Item = Ipv6Network> + '_ {
+        self.rules
+            .iter()
+            .flat_map(|r| {
+                r.peers.iter().flat_map(|p| match p {
+                    ClusterPeer::Networks6(n) => n.as_slice(),
                     _ => &[],
                 })
             })

@@ -49,7 +49,10 @@ use super::{
     identities::{namespace_labels, LabelSet},
     ipcache::{longest_cidr, net6_of, net_of, worlds},
     parse::{ParsedPolicy, Peer, Port, Rule},
-    peers::{host_net, named_block_contains, rule_matches_cidr, rule_matches_labels, PeerSet},
+    peers::{
+        host6_net, host_net, named_block6_contains, named_block_contains, rule_matches_cidr,
+        rule_matches_labels, PeerSet,
+    },
     view::View,
     IdentitySource, RuleRef,
 };
@@ -149,6 +152,7 @@ pub struct Engine {
     cidr_refs: HashMap<IpNetwork, usize>,
     /// Pod addresses that need a CIDR identity of their own.
     addr_need: HashSet<Ipv4Addr>,
+    addr_need6: HashSet<Ipv6Addr>,
     cidr_ids: HashMap<IpNetwork, u32>,
     cidr_by_id: HashMap<u32, IpNetwork>,
 
@@ -207,6 +211,12 @@ impl Destinations for Engine {
                     None => return,
                 }
             }
+            Some(IpNetwork::V6(net)) if net.prefix() == 128 && !self.is_node_ip6(&net.ip()) => {
+                match self.pod6_at(net.ip()) {
+                    Some((_, l)) => l,
+                    None => return,
+                }
+            }
             _ => id,
         };
         if let Some(e) = self.labels.get(&id) {
@@ -239,6 +249,7 @@ impl Engine {
             labels: HashMap::new(),
             cidr_refs: HashMap::new(),
             addr_need: HashSet::new(),
+            addr_need6: HashSet::new(),
             cidr_ids: HashMap::from(worlds()),
             cidr_by_id: HashMap::new(),
             eff: HashMap::new(),
@@ -833,8 +844,30 @@ impl Engine {
     /// addresses marked dirty.
     fn settle_ip6(&mut self) {
         while let Some(ip) = self.dirty_ips6.pop_first() {
-            let node =
-                self.model.host_ips6.contains(&ip) || self.model.remote_node_ips6.contains(&ip);
+            let node = self.is_node_ip6(&ip);
+            // Its own /128 CIDR identity while a named-port egress ipBlock
+            // holds it (as `settle` for IPv4).
+            let need = !node
+                && self.pod6_at(ip).is_some()
+                && self
+                    .named_blocks
+                    .iter()
+                    .any(|c| named_block6_contains(&self.rules[c].rule, ip));
+            if need != self.addr_need6.contains(&ip) {
+                if need {
+                    self.addr_need6.insert(ip);
+                } else {
+                    self.addr_need6.remove(&ip);
+                }
+                self.refresh_cidr(IpNetwork::V6(host6_net(ip)));
+            }
+            if let Some(id) = self.cidr_ids.get(&IpNetwork::V6(host6_net(ip))) {
+                for c in self.id_rules.get(id).cloned().unwrap_or_default() {
+                    if self.named_blocks.contains(&c) {
+                        self.rule_dirty(c);
+                    }
+                }
+            }
             match self
                 .pod6_at(ip)
                 .filter(|_| !node)
@@ -998,7 +1031,8 @@ impl Engine {
             return;
         }
         let want = self.cidr_refs.get(&net).is_some_and(|n| *n > 0)
-            || matches!(net, IpNetwork::V4(n) if n.prefix() == 32 && self.addr_need.contains(&n.ip()));
+            || matches!(net, IpNetwork::V4(n) if n.prefix() == 32 && self.addr_need.contains(&n.ip()))
+            || matches!(net, IpNetwork::V6(n) if n.prefix() == 128 && self.addr_need6.contains(&n.ip()));
         match (want, self.cidr_ids.get(&net).copied()) {
             (true, None) => {
                 let id = self.cidr_pool.take();
@@ -1161,12 +1195,22 @@ impl Engine {
         {
             self.dirty_ips6.insert(*ip);
         }
+        let changed = self.model.host_ips6 != ips || self.model.remote_node_ips6 != remote;
         self.model.host_ips6 = ips;
         self.model.remote_node_ips6 = remote;
+        if changed {
+            for c in self.named_blocks.clone() {
+                self.rule_dirty(c);
+            }
+        }
     }
 
     /// A node's address (this node's or another's): a pod claiming it does
     /// not make it a pod address.
+    fn is_node_ip6(&self, ip: &Ipv6Addr) -> bool {
+        self.model.host_ips6.contains(ip) || self.model.remote_node_ips6.contains(ip)
+    }
+
     fn is_node_ip(&self, ip: &Ipv4Addr) -> bool {
         self.model.host_ips.contains(ip) || self.model.remote_node_ips.contains(ip)
     }
@@ -1245,6 +1289,19 @@ impl Engine {
         rule.prefixes().collect()
     }
 
+    fn named_block_ips6(&self, rule: &Rule) -> Vec<Ipv6Addr> {
+        if !rule.has_named_egress() {
+            return Vec::new();
+        }
+        rule.blocks6()
+            .flat_map(|(cidr, _)| {
+                self.by_ip6
+                    .range(cidr.network()..=cidr.broadcast())
+                    .map(|(ip, _)| *ip)
+            })
+            .collect()
+    }
+
     fn named_block_ips(&self, rule: &Rule) -> Vec<Ipv4Addr> {
         if !rule.has_named_egress() {
             return Vec::new();
@@ -1302,6 +1359,7 @@ impl Engine {
         }
         let prefixes = Self::prefixes(&rule);
         let named_ips = self.named_block_ips(&rule);
+        let named_ips6 = self.named_block_ips6(&rule);
         self.view.cookies.insert(c, rule_ref.clone());
         self.rules.insert(
             c,
@@ -1317,6 +1375,7 @@ impl Engine {
             self.refresh_cidr(net);
         }
         self.dirty_ips.extend(named_ips);
+        self.dirty_ips6.extend(named_ips6);
     }
 
     fn drop_rule(&mut self, c: u32) -> RuleState {
@@ -1337,6 +1396,8 @@ impl Engine {
         self.named_blocks.remove(&c);
         let named_ips = self.named_block_ips(&st.rule);
         self.dirty_ips.extend(named_ips);
+        let named_ips6 = self.named_block_ips6(&st.rule);
+        self.dirty_ips6.extend(named_ips6);
         for net in Self::prefixes(&st.rule) {
             let n = self.cidr_refs.get_mut(&net).expect("prefix refcount");
             *n -= 1;

@@ -159,7 +159,9 @@ use self::{
     identities::{namespace_labels, IdentityKey, LabelSet},
     ipcache::{longest_cidr, worlds},
     parse::Policy,
-    peers::{host_net, named_block_contains, resolve_peers, PeerSet},
+    peers::{
+        host6_net, host_net, named_block6_contains, named_block_contains, resolve_peers, PeerSet,
+    },
 };
 use crate::{
     identity::Allocator,
@@ -430,6 +432,17 @@ impl Compiler {
                 prefixes.insert(IpNetwork::V4(host_net(*ip)));
             }
         }
+        let node_ip6 =
+            |ip: &Ipv6Addr| model.host_ips6.contains(ip) || model.remote_node_ips6.contains(ip);
+        for ip in pod_at6.keys() {
+            if !node_ip6(ip)
+                && accepted
+                    .iter()
+                    .any(|p| p.rules.iter().any(|r| named_block6_contains(r, *ip)))
+            {
+                prefixes.insert(IpNetwork::V6(host6_net(*ip)));
+            }
+        }
         let mut cidr_ids: HashMap<IpNetwork, u32> = HashMap::from(worlds());
         for net in &prefixes {
             if !cidr_ids.contains_key(net) {
@@ -563,6 +576,9 @@ impl Compiler {
             .filter_map(|(net, id)| match net {
                 IpNetwork::V4(n) if n.prefix() == 32 && !node_ip(&n.ip()) => {
                     Some((*id, pod_identity[pod_at.get(&n.ip())?]))
+                }
+                IpNetwork::V6(n) if n.prefix() == 128 && !node_ip6(&n.ip()) => {
+                    Some((*id, pod_identity[pod_at6.get(&n.ip())?]))
                 }
                 _ => None,
             })

@@ -77,6 +77,19 @@ pub(crate) fn named_block_contains(rule: &Rule, ip: Ipv4Addr) -> bool {
             .any(|(cidr, except)| block_contains(cidr, except, host_net(ip)))
 }
 
+/// The same for an IPv6 pod address (its /128).
+pub(crate) fn named_block6_contains(rule: &Rule, ip: std::net::Ipv6Addr) -> bool {
+    rule.has_named_egress()
+        && rule
+            .blocks6()
+            .any(|(cidr, except)| block6_contains(cidr, except, host6_net(ip)))
+}
+
+/// `ip/128`.
+pub(crate) fn host6_net(ip: std::net::Ipv6Addr) -> Ipv6Network {
+    Ipv6Network::new(ip, 128).expect("valid")
+}
+
 /// `ip/32`.
 pub(crate) fn host_net(ip: Ipv4Addr) -> Ipv4Network {
     Ipv4Network::new(ip, 32).expect("valid")

@@ -331,7 +331,7 @@ pub fn walk_of<'a>(
             .then(|| label_sets(v.identity))
             .flatten()
             .map(|(n, p)| (n, p, peer_pod_ports)),
-        net: Ipv4Network::new(remote, 32).expect("valid"),
+        net: ipnetwork::IpNetwork::V4(Ipv4Network::new(remote, 32).expect("valid")),
         identity: v.identity,
         cidr_identity: v.cidr_identity,
     };
@@ -410,7 +410,7 @@ pub fn passed_for_record(
     }
     let peer = PeerRep {
         pod: labels(remote).map(|(n, p)| (n, p, &[][..])),
-        net: Ipv4Network::new(remote, 32).expect("valid"),
+        net: ipnetwork::IpNetwork::V4(Ipv4Network::new(remote, 32).expect("valid")),
         identity: 0,
         cidr_identity: 0,
     };

@@ -27,9 +27,9 @@
 //! its rules matched) or, for allows, a NetworkPolicy rule's cookie or
 //! [`COOKIE_DEFAULT_ALLOW`] (no tier decided: the Kubernetes default).
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use palisade_common::{
     is_label_identity, PolicyKey, PolicyValue, ACTION_ALLOW, ACTION_DENY, DIR_EGRESS, DIR_INGRESS,
     EP_EGRESS_ENFORCED, EP_INGRESS_ENFORCED, IDENTITY_ANY, IDENTITY_ANY_POD, IDENTITY_HOST,
@@ -154,6 +154,9 @@ pub(crate) fn cluster_addresses_policy(cluster: &[&ClusterPolicy]) -> Option<sup
     }
     let mut nets: BTreeSet<Ipv4Network> = cluster.iter().flat_map(|p| p.networks()).collect();
     nets.insert(Ipv4Network::new(Ipv4Addr::UNSPECIFIED, 0).expect("valid"));
+    // `::/0` too: every IPv6 pod address gets its /128 CIDR identity.
+    let mut nets6: BTreeSet<Ipv6Network> = cluster.iter().flat_map(|p| p.networks6()).collect();
+    nets6.insert(Ipv6Network::new(Ipv6Addr::UNSPECIFIED, 0).expect("valid"));
     Some(Policy {
         key: cluster_addresses_key(),
         selector: crate::selector::Selector::everything(),
@@ -168,6 +171,10 @@ pub(crate) fn cluster_addresses_policy(cluster: &[&ClusterPolicy]) -> Option<sup
                         cidr,
                         except: Vec::new(),
                     })
+                    .chain(nets6.into_iter().map(|cidr| Peer::Block6 {
+                        cidr,
+                        except: Vec::new(),
+                    }))
                     .collect(),
             ),
             ports: vec![Port::Named {
@@ -271,10 +278,19 @@ pub fn cluster_status(model: &Model) -> Vec<palisade_api::ClusterPolicyStatus> {
 pub(crate) struct PeerRep<'a> {
     /// (namespace labels, pod labels, container ports) of a pod peer.
     pub(crate) pod: Option<(&'a Labels, &'a Labels, &'a [ContainerPort])>,
-    /// The address (a pod's /32) or the prefix of a CIDR identity.
-    pub(crate) net: Ipv4Network,
+    /// The address (a pod's /32 or /128) or the prefix of a CIDR identity.
+    pub(crate) net: IpNetwork,
     pub(crate) identity: u32,
     pub(crate) cidr_identity: u32,
+}
+
+/// `a` ⊆ `b` (never across families).
+pub(crate) fn inside(a: IpNetwork, b: IpNetwork) -> bool {
+    match (a, b) {
+        (IpNetwork::V4(a), IpNetwork::V4(b)) => v4_subset(a, b),
+        (IpNetwork::V6(a), IpNetwork::V6(b)) => a.prefix() >= b.prefix() && b.contains(a.network()),
+        _ => false,
+    }
 }
 
 fn named_port_matches(ports: &[ContainerPort], name: &str, proto: u8, port: u16) -> bool {
@@ -292,9 +308,10 @@ fn rule_peer_matches(rule: &ClusterRule, peer: &PeerRep) -> bool {
         (ClusterPeer::Pods { namespaces, pods }, Some((nsl, pl, _))) => {
             namespaces.matches(nsl) && pods.matches(pl)
         }
-        (ClusterPeer::Networks(nets), _) => nets.iter().any(|n| v4_subset(peer.net, *n)),
+        (ClusterPeer::Networks(nets), _) => nets.iter().any(|n| inside(peer.net, (*n).into())),
+        (ClusterPeer::Networks6(nets), _) => nets.iter().any(|n| inside(peer.net, (*n).into())),
         (ClusterPeer::Nodes { addresses, .. }, _) => {
-            addresses.iter().any(|n| v4_subset(peer.net, *n))
+            addresses.iter().any(|n| inside(peer.net, (*n).into()))
         }
         _ => false,
     })
@@ -557,9 +574,13 @@ pub(crate) fn apply_tiers<'a>(
     }
     let cookies = &cluster_cookie_numbers(cluster);
     // Peers: pods (by address) and CIDR identities, from the ipcache.
-    let mut ports_at: HashMap<Ipv4Addr, &[ContainerPort]> = HashMap::new();
+    let mut ports_at: HashMap<IpAddr, &[ContainerPort]> = HashMap::new();
     for p in model.pods.values().filter(|p| !p.host_network) {
-        if let Some(ip) = p.ip {
+        for ip in
+            p.ip.map(IpAddr::V4)
+                .into_iter()
+                .chain(p.ipv6.map(IpAddr::V6))
+        {
             ports_at.entry(ip).or_insert(&p.ports);
         }
     }
@@ -568,10 +589,23 @@ pub(crate) fn apply_tiers<'a>(
     // Other nodes' addresses share the remote-node identity; `nodes` and
     // `networks` peers can tell them apart (each then by its CIDR identity).
     let mut remote_nodes: Vec<PeerRep> = Vec::new();
-    let mut ipcache: Vec<_> = maps.ipcache.iter().collect();
-    ipcache.sort_by_key(|((ip, len), _)| (*ip, *len));
-    for ((ip, len), v) in ipcache {
-        let net = Ipv4Network::new(*ip, *len as u8).expect("valid prefix");
+    // Both families: an IPv6 pod address is a peer of its own (IPv6-only
+    // pods have nothing else), of the same label identity.
+    let mut ipcache: Vec<(IpNetwork, &palisade_common::IpcacheValue)> = maps
+        .ipcache
+        .iter()
+        .map(|((ip, len), v)| {
+            let n = Ipv4Network::new(*ip, *len as u8).expect("valid prefix");
+            (IpNetwork::V4(n), v)
+        })
+        .chain(maps.ipcache6.iter().map(|((ip, len), v)| {
+            let n = Ipv6Network::new(*ip, *len as u8).expect("valid prefix");
+            (IpNetwork::V6(n), v)
+        }))
+        .collect();
+    ipcache.sort_by_key(|(net, _)| *net);
+    for (net, v) in ipcache {
+        let ip = &net.ip();
         if is_label_identity(v.identity) {
             let Some((namespace_labels, pod_labels)) = label_sets(v.identity) else {
                 continue;
@@ -598,7 +632,10 @@ pub(crate) fn apply_tiers<'a>(
                 cidr_identity: v.cidr_identity,
             });
         } else if v.cidr_identity >= palisade_common::IDENTITY_FIRST_CIDR
-            && cluster.iter().any(|p| p.networks().any(|n| n == net))
+            && cluster.iter().any(|p| {
+                p.networks().any(|n| IpNetwork::V4(n) == net)
+                    || p.networks6().any(|n| IpNetwork::V6(n) == net)
+            })
         {
             // This node's address as a prefix of its own (a `nodes` peer's,
             // or a /32 `networks`): a class under that CIDR identity (only
@@ -620,16 +657,23 @@ pub(crate) fn apply_tiers<'a>(
     // `RepClass`), the other nodes.
     let world = cidrs
         .iter()
-        .find(|c| c.net.prefix() == 0)
+        .find(|c| c.net.prefix() == 0 && c.net.is_ipv4())
         .copied()
         .unwrap_or(PeerRep {
             pod: None,
-            net: Ipv4Network::new(Ipv4Addr::UNSPECIFIED, 0).expect("valid"),
+            net: IpNetwork::V4(Ipv4Network::new(Ipv4Addr::UNSPECIFIED, 0).expect("valid")),
             identity: palisade_common::IDENTITY_WORLD,
             cidr_identity: palisade_common::IDENTITY_WORLD,
         });
-    let prefixes: Vec<Ipv4Network> = {
-        let mut v: Vec<Ipv4Network> = cluster.iter().flat_map(|p| p.networks()).collect();
+    let prefixes: Vec<IpNetwork> = {
+        let mut v: Vec<IpNetwork> = cluster
+            .iter()
+            .flat_map(|p| {
+                p.networks()
+                    .map(IpNetwork::V4)
+                    .chain(p.networks6().map(IpNetwork::V6))
+            })
+            .collect();
         v.sort();
         v.dedup();
         v
@@ -655,7 +699,7 @@ pub(crate) fn apply_tiers<'a>(
         for rep in reps {
             let key = RepClass {
                 ports: port_id(rep.pod.map_or(&[][..], |(_, _, p)| p)),
-                inside: prefixes.iter().map(|n| v4_subset(rep.net, *n)).collect(),
+                inside: prefixes.iter().map(|n| inside(rep.net, *n)).collect(),
                 own: np_peers
                     .contains(&rep.cidr_identity)
                     .then_some(rep.cidr_identity),

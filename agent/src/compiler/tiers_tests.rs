@@ -87,7 +87,7 @@ fn direct(
     };
     let rep = PeerRep {
         pod: peer_pod.map(|p| (peer_nsl.as_ref().unwrap(), &p.labels, p.ports.as_slice())),
-        net: Ipv4Network::new(peer, 32).unwrap(),
+        net: ipnetwork::IpNetwork::V4(Ipv4Network::new(peer, 32).unwrap()),
         identity: 0,
         cidr_identity: 0,
     };
@@ -636,7 +636,7 @@ fn the_explained_walk_reaches_the_kernels_decision() {
                         });
                         let rep = PeerRep {
                             pod: peer_pod.map(|p| (peer_nsl.as_ref().unwrap(), &p.labels, &[][..])),
-                            net: Ipv4Network::new(*peer, 32).unwrap(),
+                            net: ipnetwork::IpNetwork::V4(Ipv4Network::new(*peer, 32).unwrap()),
                             identity: 0,
                             cidr_identity: 0,
                         };

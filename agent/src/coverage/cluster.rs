@@ -74,6 +74,7 @@ fn denies_everything(r: &ClusterRule) -> bool {
                 namespaces.is_everything() && pods.is_everything()
             }
             ClusterPeer::Networks(n) => n.iter().any(|n| n.prefix() == 0),
+            ClusterPeer::Networks6(n) => n.iter().any(|n| n.prefix() == 0),
             ClusterPeer::Nodes { .. } => false,
         })
 }
@@ -127,7 +128,7 @@ fn tier_rules<'a>(
 fn pod_peer<'a>(m: &'a Model, q: &'a Pod) -> Option<PeerRep<'a>> {
     Some(PeerRep {
         pod: Some((ns_labels(m, &q.namespace), &q.labels, &q.ports)),
-        net: Ipv4Network::new(q.ip?, 32).ok()?,
+        net: ipnetwork::IpNetwork::V4(Ipv4Network::new(q.ip?, 32).ok()?),
         identity: 0,
         cidr_identity: 0,
     })
@@ -448,6 +449,9 @@ fn cluster_peer_pods<'a>(m: &'a Model, peer: &ClusterPeer) -> Vec<&'a Pod> {
                 ClusterPeer::Networks(nets) => {
                     q.ip.is_some_and(|ip| nets.iter().any(|n| n.contains(ip)))
                 }
+                ClusterPeer::Networks6(nets) => {
+                    q.ipv6.is_some_and(|ip| nets.iter().any(|n| n.contains(ip)))
+                }
                 // Node addresses are never a (non-host-network) pod's.
                 ClusterPeer::Nodes { .. } => false,
             }
@@ -641,7 +645,10 @@ fn np_admits(m: &Model, pod: &Pod, q: Option<&Pod>, peer: &PeerRep, proto: u8, p
                         };
                         ns_ok && pods.as_ref().is_none_or(|s| s.matches(&q.labels))
                     }
-                    (Peer::Block { cidr, except }, _) => super::in_block(*cidr, except, addr),
+                    (Peer::Block { cidr, except }, _) => match addr {
+                        std::net::IpAddr::V4(a) => super::in_block(*cidr, except, a),
+                        std::net::IpAddr::V6(_) => false,
+                    },
                     _ => false,
                 }),
             };
@@ -711,7 +718,7 @@ pub(super) fn dns_reachable(m: &Model, pod: &Pod, np_isolated: bool) -> bool {
             None,
             PeerRep {
                 pod: None,
-                net,
+                net: ipnetwork::IpNetwork::V4(net),
                 identity: 0,
                 cidr_identity: 0,
             },
@@ -750,7 +757,7 @@ pub(super) fn selector_findings(m: &Model, out: &mut Vec<Finding>) {
                 let ns = match peer {
                     ClusterPeer::Namespaces(s) => s,
                     ClusterPeer::Pods { namespaces, .. } => namespaces,
-                    ClusterPeer::Networks(_) => continue,
+                    ClusterPeer::Networks(_) | ClusterPeer::Networks6(_) => continue,
                     ClusterPeer::Nodes { addresses, .. } => {
                         if addresses.is_empty() {
                             out.push(finding(

@@ -244,7 +244,11 @@ mod tests {
         assert_eq!(v("10.213.0.0"), "10.213.0.0", "not a CIDR");
         let four = addrs();
         let v4 = four.substitute(&Value::String("0.0.0.0/0".into())).unwrap();
-        assert_eq!(v4.as_str(), Some("0.0.0.0/0"), "IPv4 literals stay over IPv4");
+        assert_eq!(
+            v4.as_str(),
+            Some("0.0.0.0/0"),
+            "IPv4 literals stay over IPv4"
+        );
         assert!(
             format!("{:#}", a.substitute_str("{{cidr x/b 33}}").unwrap_err())
                 .contains("prefix length")
