@@ -68,6 +68,10 @@ enum Cmd {
         /// svc/..., the Service port)
         #[arg(long)]
         port: String,
+        /// ipv4 or ipv6: which addresses of the pods the flow uses
+        /// (default: IPv6 when --from or --to is an IPv6 address).
+        #[arg(long)]
+        family: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -353,6 +357,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             from,
             to,
             port,
+            family,
             json,
         } => {
             let (port, protocol) = cli::parse_port(&port)?;
@@ -361,6 +366,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 to,
                 port,
                 protocol,
+                family,
             });
             match call(&s, &req, Duration::from_secs(10))? {
                 Response::Trace(r) => {

@@ -3,13 +3,14 @@
 //! the kernel (not over the policies themselves), hop by hop: the source
 //! pod's egress program, then the destination pod's ingress program, each
 //! where that pod is on this node.
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::Result;
 use palisade_api::{ErrorKind, TraceReport, TraceRequest, TraceStep};
 use palisade_common::{
-    decision::peer_or_world, reason, DIR_EGRESS, DIR_INGRESS, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
-    VERDICT_ALLOW, VERDICT_AUDIT,
+    decision::{peer_or_world, peer_or_world6},
+    reason, DIR_EGRESS, DIR_INGRESS, PROTO_SCTP, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW,
+    VERDICT_AUDIT,
 };
 use palisade_dataplane::{
     packet::{Packet, TCP_FLAG_SYN},
@@ -28,13 +29,42 @@ use crate::{
 /// A trace endpoint: a pod of the model, or a bare address.
 struct Side {
     name: String,
-    ip: Ipv4Addr,
+    ip: IpAddr,
     local: Option<LocalEndpoint>,
 }
 
-fn resolve<N: Names + ?Sized>(view: &N, s: &str, what: &str) -> Result<Side> {
-    if let Ok(ip) = s.parse::<Ipv4Addr>() {
-        let local = view.local_endpoint_at(ip).cloned();
+/// The family of a trace: as asked, else IPv6 when an end is an IPv6
+/// address.
+fn family(t: &TraceRequest) -> Result<bool> {
+    match t.family.as_deref() {
+        Some("ipv4" | "IPv4") => Ok(false),
+        Some("ipv6" | "IPv6") => Ok(true),
+        Some(f) => Err(refuse(
+            ErrorKind::InvalidRequest,
+            format!("family {f:?}: expected ipv4 or ipv6"),
+        )),
+        None => Ok([&t.from, &t.to]
+            .iter()
+            .any(|s| s.parse::<Ipv6Addr>().is_ok())),
+    }
+}
+
+fn resolve<N: Names + ?Sized>(view: &N, s: &str, what: &str, v6: bool) -> Result<Side> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        if ip.is_ipv6() != v6 {
+            return Err(refuse(
+                ErrorKind::InvalidRequest,
+                format!("{what} {ip} is not of the trace's family"),
+            ));
+        }
+        let local = match ip {
+            IpAddr::V4(a) => view.local_endpoint_at(a).cloned(),
+            IpAddr::V6(a) => view
+                .pod_at6(a)
+                .and_then(|p| view.local_endpoint_of(p.key))
+                .filter(|e| e.ipv6 == Some(a))
+                .cloned(),
+        };
         return Ok(Side {
             name: ip.to_string(),
             ip,
@@ -44,26 +74,28 @@ fn resolve<N: Names + ?Sized>(view: &N, s: &str, what: &str) -> Result<Side> {
     let Some((ns, name)) = s.split_once('/') else {
         return Err(refuse(
             ErrorKind::InvalidRequest,
-            format!("{what} {s:?}: expected namespace/pod or an IPv4 address"),
+            format!("{what} {s:?}: expected namespace/pod or an IPv4 or IPv6 address"),
         ));
     };
     let key = ObjectKey::new(ns, name);
     let local = view.local_endpoint_of(&key).cloned();
-    let ip = match (&local, view.pod_address(&key)) {
-        (Some(le), _) => le.ipv4,
-        (None, Some(Some(ip))) => ip,
-        (None, Some(None)) => {
-            return Err(refuse(
-                ErrorKind::NotFound,
-                format!("{what} {key} has no address yet"),
-            ))
-        }
-        (None, None) => {
-            return Err(refuse(
-                ErrorKind::NotFound,
-                format!("{what} {key}: no such pod"),
-            ))
-        }
+    let known = local.is_some() || view.pod_address(&key).is_some();
+    let ip = match (&local, v6) {
+        (Some(le), false) => Some(le.ipv4)
+            .filter(|a| !a.is_unspecified())
+            .map(IpAddr::V4),
+        (Some(le), true) => le.ipv6.map(IpAddr::V6),
+        (None, false) => view.pod_address(&key).flatten().map(IpAddr::V4),
+        (None, true) => view.pod_address6(&key).map(IpAddr::V6),
+    };
+    let Some(ip) = ip else {
+        let family = if v6 { "IPv6 " } else { "" };
+        let why = if known {
+            format!("{what} {key} has no {family}address yet")
+        } else {
+            format!("{what} {key}: no such pod")
+        };
+        return Err(refuse(ErrorKind::NotFound, why));
     };
     Ok(Side {
         name: key.to_string(),
@@ -103,14 +135,17 @@ fn matched_peer(
     eval: &Evaluator,
     ep: &LocalEndpoint,
     dir: u8,
-    flow: (Ipv4Addr, u8, u16),
+    flow: (IpAddr, u8, u16),
     v: &Verdict,
 ) -> Option<u32> {
     if !matches!(v.reason, reason::POLICY_ALLOW | reason::DENY_RULE) {
         return None;
     }
     let (remote, protocol, port) = flow;
-    let peer = peer_or_world(eval.ipcache_lookup(remote));
+    let peer = match remote {
+        IpAddr::V4(a) => peer_or_world(eval.ipcache_lookup(a)),
+        IpAddr::V6(a) => peer_or_world6(eval.ipcache6_lookup(a)),
+    };
     eval.policy_match(ep.endpoint_id, peer, dir, protocol, port)
         .map(|m| m.peer_identity)
 }
@@ -178,6 +213,46 @@ impl Agent {
     }
 }
 
+/// The first packet of the traced flow (a SYN for TCP).
+fn first_packet(from: IpAddr, to: IpAddr, protocol: u8, port: u16) -> Packet {
+    match (from, to) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => match protocol {
+            PROTO_TCP => Packet::tcp(s, 40000, d, port, TCP_FLAG_SYN),
+            PROTO_UDP => Packet::udp(s, 40000, d, port),
+            _ => Packet::sctp(s, 40000, d, port),
+        },
+        (IpAddr::V6(s), IpAddr::V6(d)) => match protocol {
+            PROTO_TCP => Packet::ipv6_tcp(s, 40000, d, port, TCP_FLAG_SYN),
+            PROTO_UDP => Packet::ipv6_udp(s, 40000, d, port),
+            // SCTP's common header: ports, verification tag, checksum.
+            _ => {
+                let mut h = Vec::with_capacity(12);
+                h.extend_from_slice(&40000u16.to_be_bytes());
+                h.extend_from_slice(&port.to_be_bytes());
+                h.extend_from_slice(&[0; 8]);
+                Packet::ipv6(s, d, PROTO_SCTP, h)
+            }
+        },
+        _ => unreachable!("both ends resolve in the trace's family"),
+    }
+}
+
+/// The tier walk lines of a hop: the walk explains IPv4 peers; over IPv6
+/// the verdict above (from the map contents) is all there is yet.
+fn tier_lines(
+    walk: &WalkFn,
+    ep: &LocalEndpoint,
+    dir: u8,
+    remote: IpAddr,
+    proto: u8,
+    port: u16,
+) -> Vec<String> {
+    match remote {
+        IpAddr::V4(a) => walk(ep, dir, a, proto, port),
+        IpAddr::V6(_) => Vec::new(),
+    }
+}
+
 /// How a caller that knows the model explains a hop's tier walk (lines;
 /// empty when no ClusterNetworkPolicy selects the pod there).
 pub type WalkFn<'a> = dyn Fn(&LocalEndpoint, u8, Ipv4Addr, u8, u16) -> Vec<String> + 'a;
@@ -201,15 +276,13 @@ pub fn trace_with<N: Names + ?Sized>(
 ) -> Result<TraceReport> {
     {
         let compiled = names;
-        let from = resolve(names, &t.from, "--from")?;
-        let to = resolve(names, &t.to, "--to")?;
-        let (packet, protocol) = match t.protocol.as_str() {
-            "TCP" => (
-                Packet::tcp(from.ip, 40000, to.ip, t.port, TCP_FLAG_SYN),
-                PROTO_TCP,
-            ),
-            "UDP" => (Packet::udp(from.ip, 40000, to.ip, t.port), PROTO_UDP),
-            "SCTP" => (Packet::sctp(from.ip, 40000, to.ip, t.port), PROTO_SCTP),
+        let v6 = family(t)?;
+        let from = resolve(names, &t.from, "--from", v6)?;
+        let to = resolve(names, &t.to, "--to", v6)?;
+        let protocol = match t.protocol.as_str() {
+            "TCP" => PROTO_TCP,
+            "UDP" => PROTO_UDP,
+            "SCTP" => PROTO_SCTP,
             p => {
                 return Err(refuse(
                     ErrorKind::InvalidRequest,
@@ -217,6 +290,7 @@ pub fn trace_with<N: Names + ?Sized>(
                 ))
             }
         };
+        let packet = first_packet(from.ip, to.ip, protocol, t.port);
         if from.local.is_none() && to.local.is_none() {
             // Nothing on this node enforces the flow: the endpoint the
             // trace needs is not here.
@@ -246,7 +320,7 @@ pub fn trace_with<N: Names + ?Sized>(
                 &v,
                 m,
             );
-            st.walk = walk(ep, DIR_EGRESS, to.ip, protocol, t.port);
+            st.walk = tier_lines(walk, ep, DIR_EGRESS, to.ip, protocol, t.port);
             steps.push(st);
             verdicts.push(v);
         }
@@ -263,7 +337,7 @@ pub fn trace_with<N: Names + ?Sized>(
                     &v,
                     m,
                 );
-                st.walk = walk(ep, DIR_INGRESS, from.ip, protocol, t.port);
+                st.walk = tier_lines(walk, ep, DIR_INGRESS, from.ip, protocol, t.port);
                 steps.push(st);
                 verdicts.push(v);
             }
@@ -333,6 +407,7 @@ mod tests {
             to: to.into(),
             port: 53,
             protocol: "UDP".into(),
+            family: None,
         };
         let r = trace(&*e.view(), e.desired(), &req("b/db")).unwrap();
         assert_eq!(r.verdict, "ALLOW");
@@ -363,7 +438,73 @@ mod tests {
             to: "192.0.2.1".into(),
             port: 53,
             protocol: "UDP".into(),
+            family: None,
         };
         assert_eq!(kind(&remote), ErrorKind::NotFound);
+    }
+
+    /// Over IPv6 (asked, or implied by an IPv6 address) the trace uses the
+    /// pods' IPv6 addresses and ipcache6, with the same verdicts.
+    #[test]
+    fn ipv6_flows_are_traced_over_the_pods_ipv6_addresses() {
+        let mut e = Engine::new(false, Vec::new());
+        for (ns, name, v4, v6) in [
+            ("a", "web", [10, 0, 0, 1], Some("fd00::1")),
+            ("b", "db", [10, 0, 1, 2], Some("fd00::2")),
+            ("b", "v4only", [10, 0, 1, 3], None),
+        ] {
+            e.apply(Change::Pod(
+                Pod {
+                    namespace: ns.into(),
+                    name: name.into(),
+                    labels: Labels::from([("app".to_string(), name.to_string())]),
+                    ip: Some(Ipv4Addr::from(v4)),
+                    ipv6: v6.map(|a| a.parse().unwrap()),
+                    host_network: false,
+                    ports: Vec::new(),
+                }
+                .into(),
+            ));
+        }
+        let y = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: db, namespace: a}\nspec:\n  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - to: [{namespaceSelector: {}, podSelector: {matchLabels: {app: db}}}]\n";
+        let np: NetworkPolicy = serde_yaml::from_str(y).unwrap();
+        e.apply(Change::Policy(ObjectKey::new("a", "db"), Arc::new(np)));
+        e.add_endpoint(LocalEndpoint {
+            key: ObjectKey::new("a", "web"),
+            endpoint_id: 1,
+            ifindex: 11,
+            host_ifname: "veth1".into(),
+            ipv4: Ipv4Addr::new(10, 0, 0, 1),
+            ipv6: Some("fd00::1".parse().unwrap()),
+            container_id: "c1".into(),
+            mac: [0; 6],
+        });
+        let req = |to: &str, family: Option<&str>| TraceRequest {
+            from: "a/web".into(),
+            to: to.into(),
+            port: 5432,
+            protocol: "TCP".into(),
+            family: family.map(str::to_string),
+        };
+        let run = |t: &TraceRequest| trace(&*e.view(), e.desired(), t);
+        let r = run(&req("b/db", Some("ipv6"))).unwrap();
+        assert_eq!(r.verdict, "ALLOW", "{r:?}");
+        assert_eq!(r.steps[0].policies, vec!["a/db egress[0]".to_string()]);
+        assert!(r.steps[0].detail.contains("(b: app=db)"), "{r:?}");
+        // The same pod by its IPv6 address; another IPv6 address is the
+        // IPv6 world, which the policy does not admit.
+        assert_eq!(run(&req("fd00::2", None)).unwrap().verdict, "ALLOW");
+        let r = run(&req("2001:db8::1", None)).unwrap();
+        assert_eq!(r.verdict, "DROP");
+        assert!(r.steps[0].detail.contains("world-ipv6"), "{r:?}");
+        // Ends of the wrong family, or without an address of it, are refused.
+        use crate::error::kind_of;
+        let kind = |t: &TraceRequest| kind_of(&run(t).unwrap_err());
+        assert_eq!(
+            kind(&req("fd00::2", Some("ipv4"))),
+            ErrorKind::InvalidRequest
+        );
+        assert_eq!(kind(&req("b/v4only", Some("ipv6"))), ErrorKind::NotFound);
+        assert_eq!(kind(&req("b/db", Some("ipv5"))), ErrorKind::InvalidRequest);
     }
 }

@@ -98,6 +98,7 @@ pub fn trace_service<N: Names + ?Sized>(
             to,
             port: b.address.port(),
             protocol: t.protocol.clone(),
+            family: None,
         };
         match trace(names, current, &req) {
             Ok(r) => {
@@ -200,6 +201,7 @@ mod tests {
             to: "svc/a/db".into(),
             port,
             protocol: "TCP".into(),
+            family: None,
         };
         let services: BTreeMap<u32, Frontend> = [(1, f.clone())].into();
         let r = trace_service(&*e.view(), e.desired(), &services, &svc, &req(5432)).unwrap();

@@ -137,9 +137,12 @@ fn run(cli: Cli) -> Result<()> {
             step("conformance: the same cases through Services (--via-services)");
             conformance(&root, &cases, None, None, true, true, false)?;
             // IPv6 (FORMAT v2 --ip-family): dual-stack pods, every probe
-            // over both families, on the cases without policy (IPv6
-            // enforcement is issue 15; `--ip-family dual|ipv6` runs any
-            // corpus).
+            // over both families (tests/conformance-ipv6: the IPv6 cases);
+            // then IPv6-only pods over a selection of the other corpora
+            // (ipBlocks, named ports, UDP, default deny, tiers, networks).
+            // Every corpus passes with `--ip-family ipv6|dual` except cases
+            // with nodes or hostNetwork pods (IPv4 only so far); the full
+            // runs are `cargo xtask conformance --ip-family ipv6|dual`.
             step("conformance: dual-stack pods (--ip-family dual, tests/conformance-ipv6)");
             let dual = ["--ip-family".to_string(), "dual".to_string()];
             conformance_with(
@@ -152,6 +155,24 @@ fn run(cli: Cli) -> Result<()> {
                 false,
                 &dual,
             )?;
+            step("conformance: IPv6-only pods (--ip-family ipv6, a selection)");
+            let v6_cases: Vec<PathBuf> = [
+                "tests/conformance/12-ipblock-ingress-pod-ip.yaml",
+                "tests/conformance/13-ipblock-except-ingress.yaml",
+                "tests/conformance/15-ipblock-world.yaml",
+                "tests/conformance/17-named-port-egress.yaml",
+                "tests/conformance/20-udp-egress-stateful.yaml",
+                "tests/conformance/27-default-deny-both-and-pairs.yaml",
+                "tests/conformance/42-ipblock-pods-sharing-labels.yaml",
+                "tests/conformance-cnp/01-admin-deny-ingress.yaml",
+                "tests/conformance-cnp/12-egress-networks-subnet-with-pass.yaml",
+                "tests/conformance-cnp/32-networks-pod-addresses-tiers.yaml",
+            ]
+            .iter()
+            .map(|c| root.join(c))
+            .collect();
+            let ipv6 = ["--ip-family".to_string(), "ipv6".to_string()];
+            conformance_with(&root, &v6_cases, None, None, true, false, false, &ipv6)?;
             // Several nodes (FORMAT v2 --nodes): the node cases and the
             // shared corpus on 3 simulated nodes with native routing, the
             // node cases again over the VXLAN overlay. (Every corpus passes

@@ -125,6 +125,10 @@ pub struct TraceRequest {
     pub port: u16,
     /// TCP, UDP, SCTP
     pub protocol: String,
+    /// "ipv4" or "ipv6": which addresses of the pods the flow uses
+    /// (default: IPv6 when an end is an IPv6 address, else IPv4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub family: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -34,6 +34,10 @@ pub trait Names {
     fn endpoint_by_id(&self, endpoint_id: u32) -> Option<&LocalEndpoint>;
     fn local_endpoint_at(&self, ip: Ipv4Addr) -> Option<&LocalEndpoint>;
     fn local_endpoint_of(&self, key: &ObjectKey) -> Option<&LocalEndpoint>;
+    /// A pod's IPv6 address, where ipcache6 has it.
+    fn pod_address6(&self, _key: &ObjectKey) -> Option<std::net::Ipv6Addr> {
+        None
+    }
     fn is_host_ip(&self, ip: Ipv4Addr) -> bool;
     /// The other node an address belongs to (`remote-node` identity).
     fn remote_node_name(&self, _ip: Ipv4Addr) -> Option<&str> {
@@ -293,6 +297,12 @@ impl Names for View {
     }
     fn local_endpoint_of(&self, key: &ObjectKey) -> Option<&LocalEndpoint> {
         self.endpoints.values().rev().find(|e| e.key == *key)
+    }
+    fn pod_address6(&self, key: &ObjectKey) -> Option<std::net::Ipv6Addr> {
+        self.pods_by_ip6
+            .iter()
+            .find(|(_, (k, _))| k == key)
+            .map(|(ip, _)| *ip)
     }
     fn is_host_ip(&self, ip: Ipv4Addr) -> bool {
         self.host_ips.contains(&ip)
