@@ -43,7 +43,7 @@ fn meaning(kind: ErrorKind) -> &'static str {
             "the agent failed in a way retrying will not fix (see the agent's log)"
         }
         ErrorKind::Unsupported => {
-            "the agent cannot enforce such a pod yet (e.g. IPv6-only: give it an IPv4 range too)"
+            "the agent cannot enforce such a pod (the details say why)"
         }
     }
 }

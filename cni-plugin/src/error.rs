@@ -44,7 +44,8 @@ pub const AGENT_INTERNAL: u32 = 109;
 /// 110: the agent refused the caller: the plugin does not run as root (or
 /// as the agent's user).
 pub const AGENT_FORBIDDEN: u32 = 110;
-/// 111: the agent refused what it cannot enforce yet (an IPv6-only pod);
+/// 111: the agent refused what it cannot enforce (e.g. a kernel without
+/// the IPv6 programs for a pod with an IPv6 address);
 /// not transient: the configuration must change (or the agent).
 pub const AGENT_UNSUPPORTED: u32 = 111;
 
