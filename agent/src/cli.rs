@@ -43,6 +43,9 @@ pub struct ObserveArgs {
     /// the node itself).
     #[arg(long)]
     pub from_node: Option<String>,
+    /// Flows of one address family: ipv4 or ipv6.
+    #[arg(long, value_parser = ["ipv4", "ipv6"])]
+    pub family: Option<String>,
     /// Keep streaming new flows.
     #[arg(long, short = 'f')]
     pub follow: bool,
@@ -142,6 +145,8 @@ pub struct Filter {
     protocol: Option<String>,
     service: Option<String>,
     from_node: Option<String>,
+    /// true: IPv6 flows only; false: IPv4 only.
+    ipv6: Option<bool>,
 }
 
 impl ObserveArgs {
@@ -167,6 +172,7 @@ impl ObserveArgs {
             protocol: self.protocol.as_ref().map(|p| p.to_uppercase()),
             service: self.service.clone(),
             from_node: self.from_node.clone(),
+            ipv6: self.family.as_deref().map(|f| f == "ipv6"),
         })
     }
 }
@@ -203,6 +209,9 @@ impl Filter {
             return false;
         }
         if self.from_node.is_some() && self.from_node != r.src.node {
+            return false;
+        }
+        if self.ipv6.is_some_and(|v6| v6 != r.src.ip.is_ipv6()) {
             return false;
         }
         true
@@ -714,6 +723,7 @@ mod tests {
             protocol: None,
             service: None,
             from_node: None,
+            family: None,
             follow: false,
             json: false,
             since: None,
@@ -751,6 +761,13 @@ mod tests {
         let mut to_n1 = rec();
         to_n1.dst.node = Some("n1".into());
         assert!(!args(|a| a.from_node = Some("n1".into())).matches(&to_n1));
+        assert!(args(|a| a.family = Some("ipv4".into())).matches(&r));
+        assert!(!args(|a| a.family = Some("ipv6".into())).matches(&r));
+        let mut v6 = rec();
+        v6.src.ip = "fd00::1".parse().unwrap();
+        v6.dst.ip = "fd00::2".parse().unwrap();
+        assert!(args(|a| a.family = Some("ipv6".into())).matches(&v6));
+        assert!(!args(|a| a.family = Some("ipv4".into())).matches(&v6));
     }
 
     #[test]

@@ -119,6 +119,33 @@ impl KindCounter {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FamilyLabel {
+    family: &'static str,
+    verdict: String,
+}
+
+/// Flow records by address family and verdict.
+#[derive(Clone, Default, Debug)]
+pub struct FamilyCounter(Family<FamilyLabel, counter::Counter<u64>>);
+
+impl FamilyCounter {
+    pub fn count(&self, rec: &crate::flowlog::FlowRecord) {
+        self.0
+            .get_or_create(&Self::label(rec.src.ip.is_ipv6(), &rec.verdict))
+            .inc();
+    }
+    pub fn get(&self, ipv6: bool, verdict: &str) -> u64 {
+        self.0.get_or_create(&Self::label(ipv6, verdict)).get()
+    }
+    fn label(ipv6: bool, verdict: &str) -> FamilyLabel {
+        FamilyLabel {
+            family: if ipv6 { "ipv6" } else { "ipv4" },
+            verdict: verdict.to_string(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DecisionLabel {
     tier: String,
     action: String,
@@ -232,6 +259,9 @@ pub struct Metrics {
     pub source_errors: Counter,
     pub programmed_generation: Gauge,
     pub flow_records: Counter,
+    /// Flow records by address family and verdict
+    /// (`palisade_flow_records_by_family_total{family,verdict}`).
+    pub flow_families: FamilyCounter,
     /// Service frontends (ClusterIP:port/protocol) translated in the kernel.
     pub services_programmed: Gauge,
     /// Probes whose kernel verdict differed from the model's in the last
@@ -370,8 +400,14 @@ impl Default for Metrics {
         let registration_refusals = KindCounter::default();
         r.register(
             "palisade_registration_refusals",
-            "CNI registrations the agent refused, by error kind (unsupported: an IPv6-only pod)",
+            "CNI registrations the agent refused, by error kind",
             registration_refusals.0.clone(),
+        );
+        let flow_families = FamilyCounter::default();
+        r.register(
+            "palisade_flow_records_by_family",
+            "Flow log records by address family (ipv4, ipv6) and verdict",
+            flow_families.0.clone(),
         );
         Self {
             compile_seconds,
@@ -385,6 +421,7 @@ impl Default for Metrics {
             source_errors,
             programmed_generation,
             flow_records,
+            flow_families,
             services_programmed,
             verify_mismatches,
             verify_runs,
@@ -641,6 +678,32 @@ mod tests {
         );
         assert_eq!(m.map_full.get("POLICY"), 1);
         assert_eq!(m.source_errors.get(), 3);
+        // Flow records by family and verdict.
+        let mut r = crate::flowlog::FlowRecord {
+            verdict: "DROP".into(),
+            ..Default::default()
+        };
+        m.flow_families.count(&r);
+        r.src.ip = "fd00::1".parse().unwrap();
+        m.flow_families.count(&r);
+        m.flow_families.count(&r);
+        assert_eq!(
+            (
+                m.flow_families.get(false, "DROP"),
+                m.flow_families.get(true, "DROP")
+            ),
+            (1, 2)
+        );
+        let s = m.render(&KernelStats::default());
+        assert_eq!(
+            sample(
+                &s,
+                "palisade_flow_records_by_family_total{family=\"ipv6\",verdict=\"DROP\"}"
+            )
+            .as_deref(),
+            Some("2"),
+            "{s}"
+        );
         assert!(s.ends_with("# EOF\n"), "{s}");
         assert_eq!(s.matches("# EOF").count(), 1);
     }

@@ -388,6 +388,7 @@ async fn read_events(
                 error!("writing flow log: {err}");
             }
             metrics.flow_records.inc();
+            metrics.flow_families.count(&rec);
             metrics.policy_decisions.count(&rec);
             metrics.events_suppressed.count(&rec);
             let _ = tx.send(line);

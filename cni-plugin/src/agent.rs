@@ -42,9 +42,7 @@ fn meaning(kind: ErrorKind) -> &'static str {
         ErrorKind::Internal => {
             "the agent failed in a way retrying will not fix (see the agent's log)"
         }
-        ErrorKind::Unsupported => {
-            "the agent cannot enforce such a pod (the details say why)"
-        }
+        ErrorKind::Unsupported => "the agent cannot enforce such a pod (the details say why)",
     }
 }
 
