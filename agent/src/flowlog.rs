@@ -159,6 +159,7 @@ pub fn protocol_name(p: u8) -> String {
         PROTO_UDP => "UDP".into(),
         PROTO_SCTP => "SCTP".into(),
         PROTO_ICMP => "ICMP".into(),
+        58 => "ICMPv6".into(),
         0 => "none".into(),
         n => format!("proto-{n}"),
     }

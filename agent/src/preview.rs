@@ -129,18 +129,21 @@ fn side(p: &Peer) -> String {
     }
 }
 
-/// None for an IPv6 flow too: the replay builds IPv4 frames only, so
-/// IPv6 flows count as skipped, never as judged.
+/// The first packet of a recorded flow, of its family (None: a protocol
+/// the replay does not build, counted as skipped).
 fn packet(r: &FlowRecord) -> Option<Packet> {
-    let (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) = (r.src.ip, r.dst.ip) else {
-        return None;
-    };
+    use std::net::IpAddr::{V4, V6};
     let (sp, dp) = (r.src.port.unwrap_or(0), r.dst.port.unwrap_or(0));
-    Some(match r.protocol.as_str() {
-        "TCP" => Packet::tcp(s, sp, d, dp, TCP_FLAG_SYN),
-        "UDP" => Packet::udp(s, sp, d, dp),
-        "SCTP" => Packet::sctp(s, sp, d, dp),
-        "ICMP" => Packet::icmp_echo(s, d, 0, 1),
+    Some(match (r.src.ip, r.dst.ip, r.protocol.as_str()) {
+        (V4(s), V4(d), "TCP") => Packet::tcp(s, sp, d, dp, TCP_FLAG_SYN),
+        (V4(s), V4(d), "UDP") => Packet::udp(s, sp, d, dp),
+        (V4(s), V4(d), "SCTP") => Packet::sctp(s, sp, d, dp),
+        (V4(s), V4(d), "ICMP") => Packet::icmp_echo(s, d, 0, 1),
+        (V6(s), V6(d), "TCP") => Packet::ipv6_tcp(s, sp, d, dp, TCP_FLAG_SYN),
+        (V6(s), V6(d), "UDP") => Packet::ipv6_udp(s, sp, d, dp),
+        (V6(s), V6(d), "SCTP") => Packet::ipv6_sctp(s, sp, d, dp),
+        // An echo request (128).
+        (V6(s), V6(d), "ICMPv6") => Packet::icmpv6_echo(s, d, 128, 0),
         _ => return None,
     })
 }
@@ -358,6 +361,67 @@ mod tests {
     }
 
     const DB_POLICY: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: db, namespace: app}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: web}}}]\n    ports: [{port: 5432}]\n";
+
+    /// IPv6 flows are replayed over their own family, by the same rules.
+    #[test]
+    fn ipv6_flows_are_replayed_too() {
+        let mut m = model();
+        for (i, (name, ip)) in [("web", "fd00::1"), ("db", "fd00::2")]
+            .into_iter()
+            .enumerate()
+        {
+            let key = ObjectKey::new("app", name);
+            let mut pod = (*m.pods[&key]).clone();
+            pod.ipv6 = Some(ip.parse().unwrap());
+            m.pods.insert(key, pod.into());
+            m.endpoints.get_mut(&format!("c-{name}")).unwrap().ipv6 = Some(ip.parse().unwrap());
+            assert_eq!(m.endpoints[&format!("c-{name}")].endpoint_id, i as u32 + 1);
+        }
+        let six = |mut r: FlowRecord, src: &str, dst: &str| {
+            r.src.ip = src.parse().unwrap();
+            r.dst.ip = dst.parse().unwrap();
+            r
+        };
+        let records = vec![
+            six(
+                rec(("web", 1), ("db", 2), 5432, "app/db", "ingress"),
+                "fd00::1",
+                "fd00::2",
+            ),
+            six(
+                rec(("web", 1), ("db", 2), 22, "app/db", "ingress"),
+                "fd00::1",
+                "fd00::2",
+            ),
+            six(
+                rec(("x", 0), ("db", 2), 5432, "app/db", "ingress"),
+                "2001:db8::7",
+                "fd00::2",
+            ),
+        ];
+        let req = PreviewRequest {
+            apply: vec![DB_POLICY.into()],
+            delete: vec![],
+            since_unix: None,
+        };
+        let (changed, _) = changed_model(&m, &req).unwrap();
+        let mut c = Compiler::new();
+        let (before, after) = (c.compile(&m), c.compile(&changed));
+        let r = replay(&m, &before, &after, &records);
+        assert_eq!((r.replayed, r.skipped), (3, 0));
+        let dropped: Vec<(&str, &str, usize)> = r
+            .newly_dropped
+            .iter()
+            .map(|g| (g.source.as_str(), g.port.as_str(), g.flows))
+            .collect();
+        assert_eq!(
+            dropped,
+            vec![
+                ("2001:db8::7 (world)", "5432/TCP", 1),
+                ("app/web", "22/TCP", 1)
+            ]
+        );
+    }
 
     #[test]
     fn a_new_policy_drops_what_it_does_not_allow_and_names_why() {

@@ -224,14 +224,7 @@ fn first_packet(from: IpAddr, to: IpAddr, protocol: u8, port: u16) -> Packet {
         (IpAddr::V6(s), IpAddr::V6(d)) => match protocol {
             PROTO_TCP => Packet::ipv6_tcp(s, 40000, d, port, TCP_FLAG_SYN),
             PROTO_UDP => Packet::ipv6_udp(s, 40000, d, port),
-            // SCTP's common header: ports, verification tag, checksum.
-            _ => {
-                let mut h = Vec::with_capacity(12);
-                h.extend_from_slice(&40000u16.to_be_bytes());
-                h.extend_from_slice(&port.to_be_bytes());
-                h.extend_from_slice(&[0; 8]);
-                Packet::ipv6(s, d, PROTO_SCTP, h)
-            }
+            _ => Packet::ipv6_sctp(s, 40000, d, port),
         },
         _ => unreachable!("both ends resolve in the trace's family"),
     }

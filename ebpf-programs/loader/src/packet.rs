@@ -350,6 +350,15 @@ impl Packet {
         Self::ipv6(src, dst, PROTO_UDP, p)
     }
 
+    /// An SCTP common header (ports, verification tag, checksum) over IPv6.
+    pub fn ipv6_sctp(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16) -> Self {
+        let mut p = Vec::with_capacity(12);
+        p.extend_from_slice(&sport.to_be_bytes());
+        p.extend_from_slice(&dport.to_be_bytes());
+        p.extend_from_slice(&[0; 8]);
+        Self::ipv6(src, dst, PROTO_SCTP, p)
+    }
+
     /// An ICMPv6 message of `icmp_type` with `body_len` zero bytes after
     /// the 4-byte type/code/checksum word.
     pub fn icmpv6(src: Ipv6Addr, dst: Ipv6Addr, icmp_type: u8, body_len: usize) -> Self {
