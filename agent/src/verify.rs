@@ -9,16 +9,17 @@
 //! missing kernel entry, or kernel code that decides differently.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::Instant,
 };
 
 use anyhow::Result;
 use palisade_api::{VerifyMismatch, VerifyReport};
 use palisade_common::{
+    decision::{peer_or_world, peer_or_world6},
     is_label_identity, reason, EndpointInfo, PolicyKey, DIR_EGRESS, IDENTITY_ANY, IDENTITY_ANY_POD,
-    IDENTITY_WORLD, POLICY_PREFIX_FIXED, POLICY_PREFIX_FULL, POLICY_PREFIX_PROTO, PROTO_ICMP,
-    PROTO_SCTP, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW, VERDICT_AUDIT,
+    IDENTITY_WORLD, IDENTITY_WORLD6, POLICY_PREFIX_FIXED, POLICY_PREFIX_FULL, POLICY_PREFIX_PROTO,
+    PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW, VERDICT_AUDIT,
 };
 use palisade_dataplane::{
     packet::{Packet, TCP_FLAG_SYN},
@@ -38,6 +39,8 @@ pub const SAMPLE_PORTS: usize = 8;
 /// A peer no ipcache entry names (TEST-NET-1: never sent anywhere, only
 /// judged): the world.
 const WORLD_PROBE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+/// The same over IPv6 (the documentation prefix): the IPv6 world.
+const WORLD6_PROBE: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
 const SOURCE_PORT: u16 = 40000;
 
 #[derive(Clone, Debug)]
@@ -45,7 +48,7 @@ pub struct Probe {
     pub ifindex: u32,
     pub endpoint: EndpointInfo,
     pub dir: u8,
-    pub peer: Ipv4Addr,
+    pub peer: IpAddr,
     pub packet: Packet,
 }
 
@@ -57,17 +60,22 @@ pub struct Probes {
     pub truncated: bool,
 }
 
-/// A few addresses that carry each identity (exact or as CIDR identity).
-fn addresses_by_identity(state: &MapState) -> BTreeMap<u32, Vec<Ipv4Addr>> {
-    let mut by: BTreeMap<u32, Vec<Ipv4Addr>> = BTreeMap::new();
-    let mut entries: Vec<_> = state.ipcache.iter().collect();
-    entries.sort_by_key(|((a, p), _)| (std::cmp::Reverse(*p), *a));
-    for ((net, prefix), v) in entries {
-        // Inside the prefix, off its network address where there is room.
-        let addr = if *prefix <= 30 {
-            Ipv4Addr::from(u32::from(*net) | 1)
-        } else {
-            *net
+/// A few addresses that carry each identity (exact or as CIDR identity),
+/// from one family's ipcache entries ((prefix address, length) → value);
+/// `inside` picks an address inside a prefix, off its network address
+/// where there is room.
+fn addresses_by_identity<'a>(
+    entries: impl Iterator<Item = (IpAddr, u32, &'a palisade_common::IpcacheValue)>,
+    world: (u32, IpAddr),
+) -> BTreeMap<u32, Vec<IpAddr>> {
+    let mut by: BTreeMap<u32, Vec<IpAddr>> = BTreeMap::new();
+    let mut entries: Vec<_> = entries.collect();
+    entries.sort_by_key(|(a, p, _)| (std::cmp::Reverse(*p), *a));
+    for (net, prefix, v) in entries {
+        let addr = match net {
+            IpAddr::V4(n) if prefix <= 30 => IpAddr::V4(Ipv4Addr::from(u32::from(n) | 1)),
+            IpAddr::V6(n) if prefix <= 126 => IpAddr::V6(Ipv6Addr::from(u128::from(n) | 1)),
+            a => a,
         };
         for id in [v.identity, v.cidr_identity] {
             let list = by.entry(id).or_default();
@@ -76,8 +84,40 @@ fn addresses_by_identity(state: &MapState) -> BTreeMap<u32, Vec<Ipv4Addr>> {
             }
         }
     }
-    by.entry(IDENTITY_WORLD).or_default().push(WORLD_PROBE);
+    by.entry(world.0).or_default().push(world.1);
     by
+}
+
+/// One family's probe peers: addresses by identity and its world probe.
+struct Family {
+    addrs: BTreeMap<u32, Vec<IpAddr>>,
+    world: IpAddr,
+}
+
+impl Family {
+    fn v4(state: &MapState) -> Self {
+        let world = IpAddr::V4(WORLD_PROBE);
+        let entries = state
+            .ipcache
+            .iter()
+            .map(|((a, p), v)| (IpAddr::V4(*a), *p, v));
+        Self {
+            addrs: addresses_by_identity(entries, (IDENTITY_WORLD, world)),
+            world,
+        }
+    }
+
+    fn v6(state: &MapState) -> Self {
+        let world = IpAddr::V6(WORLD6_PROBE);
+        let entries = state
+            .ipcache6
+            .iter()
+            .map(|((a, p), v)| (IpAddr::V6(*a), *p, v));
+        Self {
+            addrs: addresses_by_identity(entries, (IDENTITY_WORLD6, world)),
+            world,
+        }
+    }
 }
 
 /// (protocol, port) pairs a policy entry's prefix distinguishes: each end
@@ -104,18 +144,28 @@ fn ports_of(prefix: u32, key: &PolicyKey) -> Vec<(u8, u16)> {
     v
 }
 
-fn packet(ep: Ipv4Addr, dir: u8, peer: Ipv4Addr, proto: u8, port: u16) -> Packet {
+fn packet(ep: IpAddr, dir: u8, peer: IpAddr, proto: u8, port: u16) -> Packet {
     let (src, dst) = if dir == DIR_EGRESS {
         (ep, peer)
     } else {
         (peer, ep)
     };
-    match proto {
-        PROTO_UDP => Packet::udp(src, SOURCE_PORT, dst, port),
-        PROTO_SCTP => Packet::sctp(src, SOURCE_PORT, dst, port),
-        PROTO_ICMP => Packet::icmp_echo(src, dst, SOURCE_PORT, 1),
-        PROTO_TCP => Packet::tcp(src, SOURCE_PORT, dst, port, TCP_FLAG_SYN),
-        p => Packet::ipv4_proto(src, dst, p),
+    match (src, dst) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => match proto {
+            PROTO_UDP => Packet::udp(src, SOURCE_PORT, dst, port),
+            PROTO_SCTP => Packet::sctp(src, SOURCE_PORT, dst, port),
+            PROTO_ICMP => Packet::icmp_echo(src, dst, SOURCE_PORT, 1),
+            PROTO_TCP => Packet::tcp(src, SOURCE_PORT, dst, port, TCP_FLAG_SYN),
+            p => Packet::ipv4_proto(src, dst, p),
+        },
+        (IpAddr::V6(src), IpAddr::V6(dst)) => match proto {
+            PROTO_UDP => Packet::ipv6_udp(src, SOURCE_PORT, dst, port),
+            PROTO_SCTP => Packet::ipv6_sctp(src, SOURCE_PORT, dst, port),
+            // ICMP entries hold for ICMPv6 echo requests (128).
+            PROTO_ICMP => Packet::icmpv6_echo(src, dst, 128, SOURCE_PORT),
+            _ => Packet::ipv6_tcp(src, SOURCE_PORT, dst, port, TCP_FLAG_SYN),
+        },
+        _ => unreachable!("probes pair addresses of one family"),
     }
 }
 
@@ -136,25 +186,7 @@ impl Rng {
 
 /// The probes for every endpoint of `state`.
 pub fn probes(state: &MapState, seed: u64, cap: usize) -> Probes {
-    let addrs = addresses_by_identity(state);
-    let pod_addrs: Vec<Ipv4Addr> = addrs
-        .iter()
-        .filter(|(id, _)| is_label_identity(**id))
-        .flat_map(|(_, a)| a.iter().copied())
-        .collect();
-    // One address per identity: the sampled peers are distinct identities.
-    let reps: Vec<Ipv4Addr> = addrs.values().filter_map(|a| a.first().copied()).collect();
-    let peers_of = |id: u32| -> Vec<Ipv4Addr> {
-        match id {
-            IDENTITY_ANY => {
-                let mut v = vec![WORLD_PROBE];
-                v.extend(pod_addrs.iter().take(1));
-                v
-            }
-            IDENTITY_ANY_POD => pod_addrs.iter().take(2).copied().collect(),
-            id => addrs.get(&id).cloned().unwrap_or_default(),
-        }
-    };
+    let families = [Family::v4(state), Family::v6(state)];
     // Policy entries by endpoint id.
     let mut entries: BTreeMap<u32, Vec<(u32, PolicyKey)>> = BTreeMap::new();
     for (prefix, key) in state.policy.keys() {
@@ -167,8 +199,38 @@ pub fn probes(state: &MapState, seed: u64, cap: usize) -> Probes {
     let mut out = Probes::default();
     let mut endpoints: Vec<_> = state.endpoints.iter().collect();
     endpoints.sort_by_key(|(i, _)| **i);
-    for (&ifindex, ep) in endpoints {
-        let ep_ip = palisade_dataplane::maps::from_be(ep.ipv4);
+    // Every endpoint over each family it has an address of.
+    let sides = endpoints.into_iter().flat_map(|(ifindex, ep)| {
+        let v4 = Some(ep.ipv4)
+            .filter(|a| *a != 0)
+            .map(|a| IpAddr::V4(palisade_dataplane::maps::from_be(a)));
+        let v6 = Some(ep.ipv6)
+            .filter(|a| *a != [0; 4])
+            .map(|a| IpAddr::V6(palisade_dataplane::maps::from_ip6_words(a)));
+        [(v4, &families[0]), (v6, &families[1])]
+            .into_iter()
+            .filter_map(move |(ip, f)| Some((*ifindex, *ep, ip?, f)))
+    });
+    for (ifindex, ep, ep_ip, family) in sides {
+        let addrs = &family.addrs;
+        let pod_addrs: Vec<IpAddr> = addrs
+            .iter()
+            .filter(|(id, _)| is_label_identity(**id))
+            .flat_map(|(_, a)| a.iter().copied())
+            .collect();
+        // One address per identity: the sampled peers are distinct identities.
+        let reps: Vec<IpAddr> = addrs.values().filter_map(|a| a.first().copied()).collect();
+        let peers_of = |id: u32| -> Vec<IpAddr> {
+            match id {
+                IDENTITY_ANY => {
+                    let mut v = vec![family.world];
+                    v.extend(pod_addrs.iter().take(1));
+                    v
+                }
+                IDENTITY_ANY_POD => pod_addrs.iter().take(2).copied().collect(),
+                id => addrs.get(&id).cloned().unwrap_or_default(),
+            }
+        };
         let list = entries.get(&ep.endpoint_id).cloned().unwrap_or_default();
         for dir in [DIR_EGRESS, palisade_common::DIR_INGRESS] {
             // What this endpoint's entries distinguish in this direction...
@@ -192,7 +254,7 @@ pub fn probes(state: &MapState, seed: u64, cap: usize) -> Probes {
                 let proto = [PROTO_TCP, PROTO_TCP, PROTO_UDP, PROTO_SCTP][rng.below(4)];
                 ports.insert((proto, 1 + rng.below(65535) as u16));
             }
-            peers.insert(WORLD_PROBE);
+            peers.insert(family.world);
             ports.insert((PROTO_ICMP, 0));
             for &peer in &peers {
                 for &(proto, port) in &ports {
@@ -205,7 +267,7 @@ pub fn probes(state: &MapState, seed: u64, cap: usize) -> Probes {
                     }
                     out.probes.push(Probe {
                         ifindex,
-                        endpoint: *ep,
+                        endpoint: ep,
                         dir,
                         peer,
                         // (The pod's own MAC: probes are about policy.)
@@ -250,10 +312,11 @@ pub fn compare<N: Names + ?Sized>(
         if passed == model.pass {
             continue;
         }
-        let peer = match eval.ipcache_lookup(p.peer) {
-            Some(v) => identity_text(names, v.identity),
-            None => format!("{IDENTITY_WORLD} (world)"),
+        let peer = match p.peer {
+            IpAddr::V4(a) => peer_or_world(eval.ipcache_lookup(a)),
+            IpAddr::V6(a) => peer_or_world6(eval.ipcache6_lookup(a)),
         };
+        let peer = identity_text(names, peer.identity);
         out.push(VerifyMismatch {
             endpoint: names.endpoint_by_id(p.endpoint.endpoint_id).map_or_else(
                 || format!("endpoint {}", p.endpoint.endpoint_id),
@@ -410,6 +473,56 @@ mod tests {
         // Only ports the bad entry covers differ.
         assert!(
             r.mismatches.iter().all(|m| m.packet.contains(":543")),
+            "{:?}",
+            r.mismatches
+        );
+    }
+
+    /// Endpoints with an IPv6 address are probed over IPv6 too, with IPv6
+    /// peers (pods' /128s, the IPv6 world), and a kernel that differs
+    /// there is caught.
+    #[test]
+    fn ipv6_is_probed_over_ipv6_peers() {
+        let mut e = engine();
+        let mut web = (**e.model().pods.get(&ObjectKey::new("a", "web")).unwrap()).clone();
+        web.ipv6 = Some("fd00::1".parse().unwrap());
+        e.apply(Change::Pod(web.into()));
+        e.add_endpoint(LocalEndpoint {
+            key: ObjectKey::new("a", "db"),
+            endpoint_id: 1,
+            ifindex: 11,
+            host_ifname: "veth1".into(),
+            ipv4: Ipv4Addr::new(10, 0, 0, 2),
+            ipv6: Some("fd00::2".parse().unwrap()),
+            container_id: "c1".into(),
+            mac: [0; 6],
+        });
+        let state = e.desired().clone();
+        let p = probes(&state, 7, MAX_PROBES);
+        let web6: IpAddr = "fd00::1".parse().unwrap();
+        let world6 = IpAddr::V6(WORLD6_PROBE);
+        assert!(p
+            .probes
+            .iter()
+            .any(|p| p.dir == DIR_INGRESS && p.peer == web6));
+        assert!(p.probes.iter().any(|p| p.peer == world6));
+        assert!(
+            p.probes
+                .iter()
+                .all(|p| p.peer.is_ipv6() == p.packet.ipv4().is_none()),
+            "each probe's packet is of its peer's family"
+        );
+        // A "kernel" that lets the IPv6 world in everywhere.
+        let mut k = Evaluator::new(&state);
+        let r = run(&state, &*e.view(), 1, 3, |p| {
+            k.clear_tracking();
+            let v = k.evaluate(p.ifindex, p.dir, &p.packet);
+            Ok(v.pass || p.peer == world6)
+        })
+        .unwrap();
+        assert!(!r.mismatches.is_empty());
+        assert!(
+            r.mismatches.iter().all(|m| m.peer.contains("world-ipv6")),
             "{:?}",
             r.mismatches
         );

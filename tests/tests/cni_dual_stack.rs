@@ -255,9 +255,8 @@ fn dual_stack_add_check_gc_del_and_ping6() -> Result<()> {
     ])?;
     exec(Some(&n.node), "CHECK", &env_a, &checked)?.ok()?;
 
-    // Fail closed: once a policy selects pod a, its IPv6 is dropped both
-    // ways (not policed by rule yet) and status says so; IPv4 from b, which
-    // the policy admits, still arrives.
+    // Once a policy selects pod a, its IPv6 is enforced as its IPv4 (and
+    // status says so): b, which the policy admits, arrives over both.
     let manifests = n.dir.path().join("manifests");
     write_manifest(
         &manifests,
@@ -289,6 +288,16 @@ spec:
         pings(&b, &ip6.to_string())?,
         "the same policy admits b's IPv6"
     );
+    // verify probes both families through the kernel's own verdict path
+    // (the IPv6 half by tail call) and agrees with the model.
+    let (ok, out) = n
+        .agent
+        .as_ref()
+        .context("agent")?
+        .cli(&["verify", "-o", "json"])?;
+    let r: palisade_api::VerifyReport = serde_json::from_str(&out).context(out.clone())?;
+    ensure!(ok && r.mismatches.is_empty(), "verify: {out}");
+    ensure!(r.probes > 0, "{out}");
 
     // GC: b is not a valid attachment any more; both its addresses, its
     // veth and its endpoint go.
