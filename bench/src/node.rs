@@ -6,7 +6,7 @@
 use std::{
     fs,
     io::{BufRead, BufReader, Write},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::unix::net::{UnixListener, UnixStream},
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
@@ -228,12 +228,24 @@ impl Network {
         );
         Self { conf }
     }
+
+    /// The same network dual-stack: `subnet6` as an IPv6 range beside the
+    /// IPv4 one (host-local's `ranges` form beside `subnet`).
+    pub fn with_ipv6(self, subnet6: &str) -> Result<Self> {
+        let mut v: Value = serde_json::from_str(&self.conf)?;
+        v["ipam"]["ranges"] = serde_json::json!([[{ "subnet": subnet6 }]]);
+        Ok(Self {
+            conf: v.to_string(),
+        })
+    }
 }
 
 /// A pod wired by the plugin.
 pub struct CniPod {
     pub ns: NetNs,
     pub ip: Ipv4Addr,
+    /// The IPv6 address of a dual-stack pod, from the ADD result.
+    pub ip6: Option<Ipv6Addr>,
 }
 
 /// One plugin run: how long it took (spawn to exit) and what it printed.
@@ -431,8 +443,10 @@ impl Node {
         let run = self
             .cni(net, "ADD", &container_id, &ns.path(), namespace, name)?
             .ok()?;
-        let (ip, _host_if) = parse_add(&run.json()?)?;
-        self.pods.push(CniPod { ns, ip });
+        let v = run.json()?;
+        let (ip, _host_if) = parse_add(&v)?;
+        let ip6 = parse_add_ip6(&v);
+        self.pods.push(CniPod { ns, ip, ip6 });
         Ok(self.pods.last().expect("just pushed"))
     }
 }
@@ -448,6 +462,15 @@ pub fn parse_add(v: &Value) -> Result<(Ipv4Addr, String)> {
         .context("ADD result without interfaces[0].name")?
         .to_string();
     Ok((ip, host_if))
+}
+
+/// The pod's IPv6 address from an ADD result, if it has one.
+pub fn parse_add_ip6(v: &Value) -> Option<Ipv6Addr> {
+    v["ips"]
+        .as_array()?
+        .iter()
+        .filter_map(|ip| ip["address"].as_str()?.split('/').next()?.parse().ok())
+        .next()
 }
 
 #[cfg(test)]
@@ -480,5 +503,31 @@ mod tests {
             (Ipv4Addr::new(10, 200, 0, 7), "pal0123".to_string())
         );
         assert!(parse_add(&serde_json::json!({})).is_err());
+    }
+
+    #[test]
+    fn dual_stack_conf_and_result() {
+        let n = Network::new(
+            "n1",
+            Path::new("/tmp/s.sock"),
+            Path::new("/tmp/ipam"),
+            "10.200.0.0/24",
+            None,
+        )
+        .with_ipv6("fd00:200::/64")
+        .unwrap();
+        let v: Value = serde_json::from_str(&n.conf).unwrap();
+        assert_eq!(v["ipam"]["subnet"], "10.200.0.0/24");
+        assert_eq!(v["ipam"]["ranges"][0][0]["subnet"], "fd00:200::/64");
+        assert_eq!(v["ipam"]["dataDir"], "/tmp/ipam");
+        let r: Value = serde_json::from_str(
+            r#"{"ips":[{"address":"10.200.0.7/24"},{"address":"fd00:200::7/64"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(parse_add_ip6(&r), Some("fd00:200::7".parse().unwrap()));
+        let v4only: Value =
+            serde_json::from_str(r#"{"ips":[{"address":"10.200.0.7/24"}]}"#).unwrap();
+        assert_eq!(parse_add_ip6(&v4only), None);
+        assert_eq!(parse_add_ip6(&serde_json::json!({})), None);
     }
 }

@@ -299,9 +299,21 @@ pub fn write_all(r: &Results, dir: &Path) -> Result<Vec<String>> {
             .iter()
             .map(|m| {
                 let cats: Vec<String> = v.configs.clone();
-                let ratios: Vec<f64> = cats.iter().map(|c| m.ratio(c, "a")).collect();
+                let ratios: Vec<f64> = cats
+                    .iter()
+                    .map(|c| m.ratio(c, crate::report::veth_baseline(c)))
+                    .collect();
                 Panel::Bars(Bars {
-                    title: format!("{} ({}) relative to (a)", m.name, m.unit),
+                    title: format!(
+                        "{} ({}) relative to {}",
+                        m.name,
+                        m.unit,
+                        if v.configs.iter().any(|c| c == "a6") {
+                            "(a) / IPv6 to (a6)"
+                        } else {
+                            "(a)"
+                        }
+                    ),
                     y_label: "ratio to no enforcement".into(),
                     categories: cats,
                     series: vec![("median ratio".into(), ratios)],

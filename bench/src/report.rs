@@ -144,6 +144,50 @@ impl VethMeasure {
 }
 
 pub const VETH_B_OVER_A: f64 = 0.95;
+/// Issue 15: (b6-N)/(a6), the same rates over IPv6.
+pub const VETH6_B_OVER_A: f64 = 0.95;
+
+/// The no-enforcement configuration a veth configuration is compared
+/// with: (a6) for the IPv6 ones ("a6", "b6-N"), (a) for the rest.
+pub fn veth_baseline(config: &str) -> &'static str {
+    if config == "a6" || config.starts_with("b6-") {
+        "a6"
+    } else {
+        "a"
+    }
+}
+
+/// Per measure of the veth section, the IPv6 target row: the worst over
+/// the (b6-N) sizes of the median per-round ratio (b6-N)/(a6). None when
+/// no IPv6 configuration ran.
+fn veth6_targets(v: &Veth) -> Option<Vec<Target>> {
+    let b6: Vec<&String> = v.configs.iter().filter(|c| c.starts_with("b6-")).collect();
+    if b6.is_empty() {
+        return None;
+    }
+    Some(
+        v.measures
+            .iter()
+            .map(|m| {
+                let ratios: Vec<(String, f64)> = b6
+                    .iter()
+                    .map(|b| ((*b).clone(), m.ratio(b, "a6")))
+                    .collect();
+                let worst = ratios.iter().map(|x| x.1).fold(f64::NAN, f64::min);
+                Target {
+                    metric: format!("veth over IPv6 {}, enforced / none (b6)/(a6)", m.name),
+                    target: format!(">= {VETH6_B_OVER_A}"),
+                    measured: ratios
+                        .iter()
+                        .map(|(b, x)| format!("{b}: {x:.3}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    met: (!worst.is_nan()).then_some(worst >= VETH6_B_OVER_A),
+                }
+            })
+            .collect(),
+    )
+}
 pub const VETH_B_OVER_C_CRR_10K: f64 = 3.0;
 
 // ---- 3. policy update latency ----------------------------------------------
@@ -670,8 +714,15 @@ pub fn targets(r: &Results) -> Vec<Target> {
                 }
                 _ => out.push(not("veth new connections (b)/(c) at 10k rules", ">= 3")),
             }
+            match veth6_targets(v) {
+                Some(rows) => out.extend(rows),
+                None => out.push(not("veth over IPv6, enforced / none", ">= 0.95")),
+            }
         }
-        None => out.push(not("veth rates (b)/(a)", ">= 0.95")),
+        None => {
+            out.push(not("veth rates (b)/(a)", ">= 0.95"));
+            out.push(not("veth over IPv6, enforced / none", ">= 0.95"));
+        }
     }
 
     // 3.
@@ -1156,6 +1207,14 @@ fn render_veth(s: &mut String, v: &Veth, r: &Results) {
          Client and server share one CPU (bench/README.md).\n",
         v.rounds, v.seconds_per_sample
     );
+    let v6 = v.configs.iter().any(|c| c == "a6");
+    if v6 {
+        let _ = writeln!(
+            s,
+            "(a6) and (b6-N): (a) and (b-N) over IPv6, between the same dual-stack pods \
+             (the N extra peers also in the IPv6 ipcache); their ratios are to (a6).\n"
+        );
+    }
     let _ = write!(s, "| measure |");
     for c in &v.configs {
         let _ = write!(s, " {c} |");
@@ -1171,9 +1230,10 @@ fn render_veth(s: &mut String, v: &Veth, r: &Results) {
             let _ = write!(s, " {} |", fmt_num(median(m.of(c)).unwrap_or(f64::NAN)));
         }
         s.push('\n');
-        let _ = write!(s, "| {} ratio to (a) |", m.name);
+        let to = if v6 { "(a) / (a6)" } else { "(a)" };
+        let _ = write!(s, "| {} ratio to {to} |", m.name);
         for c in &v.configs {
-            let _ = write!(s, " {:.3} |", m.ratio(c, "a"));
+            let _ = write!(s, " {:.3} |", m.ratio(c, veth_baseline(c)));
         }
         s.push('\n');
     }
@@ -1740,6 +1800,73 @@ mod tests {
         assert_eq!(find("unenforced").measured, "3 over 1 pod starts");
         assert_eq!(find("unenforced").met, Some(false));
         assert_eq!(find("VmRSS").met, None);
+    }
+
+    /// The veth section with IPv6 configurations beside the IPv4 ones.
+    fn veth6_sample() -> Veth {
+        let m = |name: &str, b6_10: [f64; 3]| VethMeasure {
+            name: name.into(),
+            unit: "x/s".into(),
+            samples: vec![
+                ("a".into(), vec![100.0, 100.0, 100.0]),
+                ("b-10".into(), vec![99.0, 98.0, 97.0]),
+                ("a6".into(), vec![100.0, 90.0, 80.0]),
+                ("b6-10".into(), b6_10.to_vec()),
+                ("b6-10000".into(), vec![98.0, 88.0, 79.0]),
+            ],
+        };
+        Veth {
+            rounds: 3,
+            seconds_per_sample: 1.0,
+            configs: ["a", "b-10", "a6", "b6-10", "b6-10000"]
+                .map(String::from)
+                .to_vec(),
+            // (b6-10)/(a6) per round: crr 0.99, 1.0, 1.0 -> median 1.0;
+            // rr 0.9, 0.9, 1.0 -> median 0.9 -> missed.
+            measures: vec![m("crr", [99.0, 90.0, 80.0]), m("rr", [90.0, 81.0, 80.0])],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn ipv6_veth_rows_are_ratios_to_a6_from_paired_medians() {
+        let r = Results {
+            veth: Some(veth6_sample()),
+            ..Default::default()
+        };
+        let t = targets(&r);
+        let find = |m: &str| t.iter().find(|x| x.metric.contains(m)).unwrap().clone();
+        let crr = find("veth over IPv6 crr");
+        assert_eq!(crr.measured, "b6-10: 1.000, b6-10000: 0.980");
+        assert_eq!(crr.met, Some(true));
+        let rr = find("veth over IPv6 rr");
+        assert_eq!(rr.measured, "b6-10: 0.900, b6-10000: 0.980");
+        assert_eq!(rr.met, Some(false));
+        // The IPv4 rows still compare (b-N) with (a) only.
+        assert_eq!(find("veth crr (b)/(a)").measured, "b-10: 0.980");
+        let md = render(&r);
+        assert!(
+            md.contains("| crr ratio to (a) / (a6) | 1.000 | 0.980 | 1.000 | 1.000 | 0.980 |"),
+            "{md}"
+        );
+        assert!(md.contains("(a6) and (b6-N)"));
+        assert_eq!(veth_baseline("b6-10"), "a6");
+        assert_eq!(veth_baseline("bs-10"), "a");
+        assert_eq!(veth_baseline("a"), "a");
+    }
+
+    #[test]
+    fn ipv6_veth_rows_say_not_measured_without_ipv6_configs() {
+        let t = targets(&sample());
+        let row = t.iter().find(|x| x.metric.contains("over IPv6")).unwrap();
+        assert_eq!(row.met, None);
+        assert!(!render(&sample()).contains("(a6)"));
+        let none = targets(&Results::default());
+        let row = none
+            .iter()
+            .find(|x| x.metric.contains("over IPv6"))
+            .unwrap();
+        assert_eq!(row.met, None);
     }
 
     #[test]

@@ -15,13 +15,18 @@
 //!   a set of `ip saddr . ip daddr . tcp dport` concatenations holding the
 //!   N peer/port pairs and the real allows, then drop to the server.
 //!
+//! * (a6), (b6-N): (a) and (b) over IPv6 between the same dual-stack pods
+//!   (each node's CNI config has an IPv6 range beside the IPv4 one; the
+//!   policy selects pods, so it admits the client's IPv6 as its IPv4), at
+//!   the smallest and the largest N of (b).
+//!
 //! Measures: new connections per second (connect, 1-byte request, 1-byte
 //! response, close; the server closes first and the client reads EOF so no
 //! TIME_WAIT piles up on the client), 1-byte request/response transactions
 //! per second on one connection, and TCP stream throughput (iperf3).
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
     process::{Command, Stdio},
     sync::{
@@ -35,9 +40,11 @@ use std::{
 use anyhow::{bail, Context, Result};
 use aya::maps::{lpm_trie::Key, LpmTrie, Map, MapData, PerCpuArray};
 use palisade_common::{
-    reason, IpcacheValue, PolicyKey, PolicyValue, ACTION_ALLOW, DIR_INGRESS, IDENTITY_WORLD,
+    reason, Ip6, IpcacheValue, PolicyKey, PolicyValue, ACTION_ALLOW, DIR_INGRESS, IDENTITY_WORLD,
     POLICY_PREFIX_FULL, PROTO_TCP,
 };
+
+use palisade_dataplane::maps::ip6_words;
 
 use crate::{
     node::{CniPod, Node},
@@ -62,19 +69,39 @@ pub struct Plan {
     pub secs: f64,
     pub iperf_secs: u32,
     pub b_sizes: Vec<usize>,
+    /// (b6-N) sizes: the smallest and the largest of `b_sizes`.
+    pub b6_sizes: Vec<usize>,
     pub c_sizes: Vec<usize>,
     /// nftables rule counts (d-N).
     pub d_sizes: Vec<usize>,
 }
 
+/// The smallest and the largest size, once each.
+fn ends(sizes: &[usize]) -> Vec<usize> {
+    let mut v: Vec<usize> = [sizes.iter().min(), sizes.iter().max()]
+        .into_iter()
+        .flatten()
+        .copied()
+        .collect();
+    v.dedup();
+    v
+}
+
 impl Plan {
     pub fn new(quick: bool, rounds: usize) -> Self {
+        let mut p = Self::sizes(quick, rounds);
+        p.b6_sizes = ends(&p.b_sizes);
+        p
+    }
+
+    fn sizes(quick: bool, rounds: usize) -> Self {
         if quick {
             Self {
                 rounds,
                 secs: 0.5,
                 iperf_secs: 1,
                 b_sizes: vec![10_000],
+                b6_sizes: Vec::new(),
                 c_sizes: vec![10_000],
                 d_sizes: vec![10_000],
             }
@@ -84,6 +111,7 @@ impl Plan {
                 secs: 1.5,
                 iperf_secs: 2,
                 b_sizes: vec![10, 1000, 10_000],
+                b6_sizes: Vec::new(),
                 c_sizes: vec![10, 1000, 10_000],
                 d_sizes: vec![10, 1000, 10_000],
             }
@@ -112,16 +140,17 @@ enum Kind {
 }
 
 impl Server {
-    fn start(pod: &CniPod, port: u16, kind: Kind) -> Result<Self> {
+    /// Listening on `at` (the IPv4 wildcard, or the pod's IPv6 address:
+    /// a second socket on the same port, as the IPv6 wildcard would clash
+    /// with the IPv4 one).
+    fn start(pod: &CniPod, at: IpAddr, port: u16, kind: Kind) -> Result<Self> {
         let path = pod.ns.path();
         let (tx, rx) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let thread = std::thread::spawn(move || {
             sys::pin_thread(TRAFFIC_CPU);
-            let l = match enter_thread(&path)
-                .and_then(|_| Ok(TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?))
-            {
+            let l = match enter_thread(&path).and_then(|_| Ok(TcpListener::bind((at, port))?)) {
                 Ok(l) => Arc::new(l),
                 Err(e) => {
                     let _ = tx.send(Err(e));
@@ -178,7 +207,7 @@ impl Drop for Server {
 // ---- clients ----------------------------------------------------------------
 
 /// (completed, failed, seconds)
-fn crr(pod: &CniPod, to: Ipv4Addr, secs: f64) -> Result<(u64, u64, f64)> {
+fn crr(pod: &CniPod, to: IpAddr, secs: f64) -> Result<(u64, u64, f64)> {
     in_netns(&pod.ns.path(), move || {
         sys::pin_thread(TRAFFIC_CPU);
         let addr = SocketAddr::from((to, CRR_PORT));
@@ -207,7 +236,7 @@ fn crr(pod: &CniPod, to: Ipv4Addr, secs: f64) -> Result<(u64, u64, f64)> {
 }
 
 /// (transactions, seconds)
-fn rr(pod: &CniPod, to: Ipv4Addr, secs: f64) -> Result<(u64, f64)> {
+fn rr(pod: &CniPod, to: IpAddr, secs: f64) -> Result<(u64, f64)> {
     in_netns(&pod.ns.path(), move || -> Result<(u64, f64)> {
         sys::pin_thread(TRAFFIC_CPU);
         let mut s = TcpStream::connect_timeout(&(to, RR_PORT).into(), Duration::from_secs(2))?;
@@ -238,7 +267,7 @@ fn rr(pod: &CniPod, to: Ipv4Addr, secs: f64) -> Result<(u64, f64)> {
 }
 
 /// Gbit/s received, from iperf3's JSON.
-fn stream(pod: &CniPod, to: Ipv4Addr, secs: u32) -> Result<f64> {
+fn stream(pod: &CniPod, to: IpAddr, secs: u32) -> Result<f64> {
     let out = in_netns(&pod.ns.path(), move || {
         Command::new("iperf3")
             .args(["-c", &to.to_string(), "-p", &IPERF_PORT.to_string()])
@@ -258,13 +287,18 @@ fn stream(pod: &CniPod, to: Ipv4Addr, secs: u32) -> Result<f64> {
     Ok(bps / 1e9)
 }
 
-fn connects(pod: &CniPod, to: Ipv4Addr, port: u16) -> Result<bool> {
+fn connects(pod: &CniPod, to: IpAddr, port: u16) -> Result<bool> {
     in_netns(&pod.ns.path(), move || {
         TcpStream::connect_timeout(&(to, port).into(), Duration::from_millis(400)).is_ok()
     })
 }
 
 // ---- iptables -----------------------------------------------------------------
+
+/// The IPv6 twin of `filler_peer`, for IPCACHE6.
+fn filler_peer6(k: usize) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(Ipv6Addr::new(0xfd00, 0x251, 0, 0, 0, 0, 0, 1)) + k as u128)
+}
 
 /// A filler peer address (only a match criterion; nothing is sent there).
 fn filler_peer(k: usize) -> Ipv4Addr {
@@ -386,6 +420,7 @@ fn nft_load(node: &Node, rules: String) -> Result<f64> {
 struct Extras {
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
     ipcache: LpmTrie<MapData, u32, IpcacheValue>,
+    ipcache6: LpmTrie<MapData, Ip6, IpcacheValue>,
     counters: PerCpuArray<MapData, u64>,
     endpoint_id: u32,
     installed: usize,
@@ -410,24 +445,25 @@ impl Extras {
         Ok(Self {
             policy: LpmTrie::try_from(Map::LpmTrie(open("POLICY")?))?,
             ipcache: LpmTrie::try_from(Map::LpmTrie(open("IPCACHE")?))?,
+            ipcache6: LpmTrie::try_from(Map::LpmTrie(open("IPCACHE6")?))?,
             counters: PerCpuArray::try_from(Map::PerCpuArray(open("COUNTERS")?))?,
             endpoint_id,
             installed: 0,
         })
     }
 
-    /// Make exactly `n` extra entries present.
+    /// Make exactly `n` extra entries present (their peers in both
+    /// families' ipcaches, as dual-stack pods would be).
     fn set(&mut self, n: usize) -> Result<()> {
         for k in self.installed..n {
             let peer = u32::from_ne_bytes(filler_peer(k).octets());
-            self.ipcache.insert(
-                &Key::new(32, peer),
-                IpcacheValue {
-                    identity: 0x4000_0000 + k as u32,
-                    cidr_identity: IDENTITY_WORLD,
-                },
-                0,
-            )?;
+            let v = IpcacheValue {
+                identity: 0x4000_0000 + k as u32,
+                cidr_identity: IDENTITY_WORLD,
+            };
+            self.ipcache.insert(&Key::new(32, peer), v, 0)?;
+            self.ipcache6
+                .insert(&Key::new(128, ip6_words(filler_peer6(k))), v, 0)?;
             self.policy.insert(
                 &Key::new(POLICY_PREFIX_FULL, extra_key(self.endpoint_id, k)),
                 PolicyValue {
@@ -444,6 +480,8 @@ impl Extras {
                 extra_key(self.endpoint_id, k),
             ))?;
             self.ipcache.remove(&Key::new(32, peer))?;
+            self.ipcache6
+                .remove(&Key::new(128, ip6_words(filler_peer6(k))))?;
         }
         self.installed = n;
         Ok(())
@@ -497,6 +535,20 @@ impl Site {
     fn server_ip(&self) -> Ipv4Addr {
         self.node.pods[self.server].ip
     }
+    /// The server's address in the family a configuration measures.
+    fn server_at(&self, v6: bool) -> Result<IpAddr> {
+        let pod = &self.node.pods[self.server];
+        Ok(if v6 {
+            IpAddr::V6(pod.ip6.context("the server pod has no IPv6 address")?)
+        } else {
+            IpAddr::V4(pod.ip)
+        })
+    }
+}
+
+/// An IPv6 configuration ("a6", "b6-N") measures over IPv6.
+fn is_v6(config: &str) -> bool {
+    config.split('-').next().is_some_and(|k| k.ends_with('6'))
 }
 
 fn manifests() -> Vec<(&'static str, String)> {
@@ -518,19 +570,25 @@ fn manifests() -> Vec<(&'static str, String)> {
     )]
 }
 
-fn site(mut node: Node, subnet: &str) -> Result<Site> {
-    let net = node.network("bench", subnet, None);
+/// Dual-stack pods on every node (the same wiring for all configurations).
+fn site(mut node: Node, subnet: &str, subnet6: &str) -> Result<Site> {
+    let net = node.network("bench", subnet, None).with_ipv6(subnet6)?;
     node.add_pod(&net, NAMESPACE, "client")?;
     node.add_pod(&net, NAMESPACE, "server")?;
+    // One knob for both families' ephemeral ports.
     node.pods[0]
         .ns
         .sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
     let server = &node.pods[1];
-    let servers = vec![
-        Server::start(server, CRR_PORT, Kind::Crr)?,
-        Server::start(server, RR_PORT, Kind::Rr)?,
-        Server::start(server, DENY_PORT, Kind::Accept)?,
-    ];
+    let server6 = IpAddr::V6(server.ip6.with_context(|| {
+        format!("the CNI result gave the server no IPv6 address (range {subnet6})")
+    })?);
+    let mut servers = Vec::new();
+    for at in [IpAddr::V4(Ipv4Addr::UNSPECIFIED), server6] {
+        servers.push(Server::start(server, at, CRR_PORT, Kind::Crr)?);
+        servers.push(Server::start(server, at, RR_PORT, Kind::Rr)?);
+        servers.push(Server::start(server, at, DENY_PORT, Kind::Accept)?);
+    }
     let iperf = in_netns(&server.ns.path(), || {
         Command::new("iperf3")
             .args(["-s", "-p", &IPERF_PORT.to_string()])
@@ -550,10 +608,14 @@ fn site(mut node: Node, subnet: &str) -> Result<Site> {
 }
 
 pub fn run(plan: &Plan) -> Result<Veth> {
-    let a = site(Node::with_stub("pbna")?, "10.200.1.0/24")?;
-    let c = site(Node::with_stub("pbnc")?, "10.200.2.0/24")?;
-    let b = site(Node::with_agent("pbnb", &manifests())?, "10.200.3.0/24")?;
-    let d = site(Node::with_stub("pbnd")?, "10.200.4.0/24")?;
+    let a = site(Node::with_stub("pbna")?, "10.200.1.0/24", "fd00:200:1::/64")?;
+    let c = site(Node::with_stub("pbnc")?, "10.200.2.0/24", "fd00:200:2::/64")?;
+    let b = site(
+        Node::with_agent("pbnb", &manifests())?,
+        "10.200.3.0/24",
+        "fd00:200:3::/64",
+    )?;
+    let d = site(Node::with_stub("pbnd")?, "10.200.4.0/24", "fd00:200:4::/64")?;
     sys::sleep(Duration::from_millis(300)); // iperf3 servers listening
 
     let agent = b.node.agent().context("agent")?;
@@ -566,6 +628,11 @@ pub fn run(plan: &Plan) -> Result<Veth> {
     anyhow::ensure!(
         server_ep.ingress_enforced,
         "the server is not enforced: {st:?}"
+    );
+    anyhow::ensure!(
+        server_ep.ipv6.is_some() && server_ep.ipv6 == b.node.pods[b.server].ip6,
+        "the agent does not hold the server's IPv6 address {:?}: {server_ep:?}",
+        b.node.pods[b.server].ip6
     );
     let mut extras = Extras::open(&agent.pin_root, server_ep.endpoint_id)?;
 
@@ -583,6 +650,8 @@ pub fn run(plan: &Plan) -> Result<Veth> {
     if let Some(n) = plan.b_sizes.iter().max() {
         configs.push(format!("bs-{n}"));
     }
+    configs.push("a6".into());
+    configs.extend(plan.b6_sizes.iter().map(|n| format!("b6-{n}")));
     configs.extend(plan.c_sizes.iter().map(|n| format!("c-{n}")));
     configs.extend(plan.d_sizes.iter().map(|n| format!("d-{n}")));
     out.configs = configs.clone();
@@ -608,9 +677,12 @@ pub fn run(plan: &Plan) -> Result<Veth> {
         ("(b)", &b, true),
         ("(c)", &c, true),
         ("(d)", &d, true),
+        ("(a6) over IPv6", &a, false),
+        ("(b6) over IPv6", &b, true),
     ] {
-        let allowed = connects(s.client(), s.server_ip(), CRR_PORT)?;
-        let denied_port = connects(s.client(), s.server_ip(), DENY_PORT)?;
+        let to = s.server_at(name.contains("IPv6"))?;
+        let allowed = connects(s.client(), to, CRR_PORT)?;
+        let denied_port = connects(s.client(), to, DENY_PORT)?;
         out.checks.push(format!(
             "{name}: allowed port connects: {allowed}; port {DENY_PORT} (no rule) connects: {denied_port}"
         ));
@@ -619,9 +691,16 @@ pub fn run(plan: &Plan) -> Result<Veth> {
         }
     }
     // Warm-up, untimed.
-    for s in [&a, &b, &c, &d] {
-        crr(s.client(), s.server_ip(), 0.3)?;
-        rr(s.client(), s.server_ip(), 0.2)?;
+    for (s, v6) in [
+        (&a, false),
+        (&b, false),
+        (&c, false),
+        (&d, false),
+        (&a, true),
+        (&b, true),
+    ] {
+        crr(s.client(), s.server_at(v6)?, 0.3)?;
+        rr(s.client(), s.server_at(v6)?, 0.2)?;
     }
 
     let mut crr_m = VethMeasure {
@@ -644,19 +723,21 @@ pub fn run(plan: &Plan) -> Result<Veth> {
             s.push(v);
         }
     };
-    let mut checked_b = false;
+    let mut checked: Vec<String> = Vec::new();
     for round in 0..plan.rounds {
         for cfg in rotated(&configs, round) {
             sys::check()?;
             let (kind, n) = match cfg.split_once('-') {
                 Some((k, n)) => (k, n.parse::<usize>()?),
-                None => ("a", 0),
+                None => (cfg.as_str(), 0),
             };
+            // (b) and (b6) are the agent enforcing, over each family.
+            let enforced = matches!(kind, "b" | "b6");
             let agent_pid = b.node.agent().map_or(0, |a| a.pid());
             let _stopped = (kind == "bs").then(|| Stopped::new(agent_pid));
             let s = match kind {
-                "a" => &a,
-                "b" | "bs" => {
+                "a" | "a6" => &a,
+                "b" | "bs" | "b6" => {
                     extras.set(n)?;
                     &b
                 }
@@ -677,22 +758,21 @@ pub fn run(plan: &Plan) -> Result<Veth> {
                     &c
                 }
             };
-            let before = if kind == "b" {
+            let to = s.server_at(is_v6(&cfg))?;
+            let before = if enforced {
                 extras.policy_allowed()?
             } else {
                 0
             };
-            let cpu0 = (kind == "b")
-                .then(|| sys::cpu_seconds(agent_pid))
-                .transpose()?;
+            let cpu0 = enforced.then(|| sys::cpu_seconds(agent_pid)).transpose()?;
             let t0 = Instant::now();
-            let (ok, failed, secs) = crr(s.client(), s.server_ip(), plan.secs)?;
-            if kind == "b" && !checked_b {
+            let (ok, failed, secs) = crr(s.client(), to, plan.secs)?;
+            if enforced && !checked.iter().any(|k| k == kind) {
                 let admitted = extras.policy_allowed()? - before;
                 out.checks.push(format!(
-                    "(b): {ok} connections, {admitted} new flows admitted by the policy rule (POLICY_ALLOW counter)"
+                    "({kind}): {ok} connections to {to}, {admitted} new flows admitted by the policy rule (POLICY_ALLOW counter)"
                 ));
-                checked_b = true;
+                checked.push(kind.to_string());
             }
             let crr_rate = if failed > ok / 100 + 5 {
                 eprintln!("    {cfg}: {failed} failed connections; sample dropped");
@@ -701,7 +781,7 @@ pub fn run(plan: &Plan) -> Result<Veth> {
                 ok as f64 / secs
             };
             push(&mut crr_m, &cfg, crr_rate);
-            let rr_rate = match rr(s.client(), s.server_ip(), plan.secs) {
+            let rr_rate = match rr(s.client(), to, plan.secs) {
                 Ok((n, secs)) => n as f64 / secs,
                 Err(e) => {
                     eprintln!("    {cfg}: rr failed: {e:#}");
@@ -709,7 +789,7 @@ pub fn run(plan: &Plan) -> Result<Veth> {
                 }
             };
             push(&mut rr_m, &cfg, rr_rate);
-            let gbps = match stream(s.client(), s.server_ip(), plan.iperf_secs) {
+            let gbps = match stream(s.client(), to, plan.iperf_secs) {
                 Ok(g) => g,
                 Err(e) => {
                     eprintln!("    {cfg}: iperf3 failed: {e:#}");
@@ -785,5 +865,26 @@ mod tests {
         assert_eq!(filler_peer(0), Ipv4Addr::new(10, 251, 0, 1));
         assert_eq!(filler_peer(9999), Ipv4Addr::new(10, 251, 39, 16));
         assert_ne!(extra_key(5, 1), extra_key(5, 2));
+    }
+
+    #[test]
+    fn ipv6_configs_run_at_the_ends_of_the_b_sizes() {
+        assert_eq!(ends(&[10, 1000, 10_000]), vec![10, 10_000]);
+        assert_eq!(ends(&[10_000]), vec![10_000]);
+        assert!(ends(&[]).is_empty());
+        assert_eq!(Plan::new(true, 2).b6_sizes, vec![10_000]);
+        assert_eq!(Plan::new(false, 5).b6_sizes, vec![10, 10_000]);
+        assert!(is_v6("a6") && is_v6("b6-10") && is_v6("b6-10000"));
+        assert!(!is_v6("a") && !is_v6("b-10") && !is_v6("bs-10000") && !is_v6("c-10"));
+        assert!(!is_v6("d-10000"));
+    }
+
+    #[test]
+    fn ipv6_filler_peers_are_distinct_and_outside_the_pod_ranges() {
+        assert_eq!(filler_peer6(0), "fd00:251::1".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(
+            filler_peer6(9999),
+            "fd00:251::2710".parse::<Ipv6Addr>().unwrap()
+        );
     }
 }
