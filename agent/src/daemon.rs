@@ -43,6 +43,8 @@ pub struct Config {
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub audit: bool,
     pub host_ips: Vec<Ipv4Addr>,
+    /// The node's own IPv6 addresses (`--host-ip` of IPv6).
+    pub host_ips6: Vec<std::net::Ipv6Addr>,
     /// Node uplinks that get the XDP prefilter.
     pub xdp_uplinks: Vec<String>,
     /// Source prefixes the prefilter drops.
@@ -223,7 +225,8 @@ impl Agent {
             conntrack_fill: ConntrackFill::default(),
             conntrack_budget: cfg.conntrack_budget,
             current,
-            engine: Engine::new(cfg.audit, cfg.host_ips.clone()),
+            engine: Engine::new(cfg.audit, cfg.host_ips.clone())
+                .with_host_ips6(cfg.host_ips6.clone()),
             snapshot: Snapshot::default(),
             registry,
             full_sync: true,

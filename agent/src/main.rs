@@ -134,9 +134,10 @@ struct RunArgs {
     /// Global audit mode: would-be drops pass and are logged as AUDIT.
     #[arg(long)]
     audit: bool,
-    /// The node's own addresses (reserved `host` identity); repeatable.
+    /// The node's own addresses, IPv4 or IPv6 (reserved `host`
+    /// identity); repeatable.
     #[arg(long = "host-ip")]
-    host_ips: Vec<Ipv4Addr>,
+    host_ips: Vec<std::net::IpAddr>,
     /// Attach the XDP prefilter to this uplink; repeatable.
     #[arg(long = "xdp-uplink")]
     xdp_uplinks: Vec<String>,
@@ -237,7 +238,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 flow_log_max_bytes: a.flow_log_max_bytes,
                 metrics_addr,
                 audit: a.audit,
-                host_ips: a.host_ips,
+                host_ips: a
+                    .host_ips
+                    .iter()
+                    .filter_map(|ip| match ip {
+                        std::net::IpAddr::V4(v4) => Some(*v4),
+                        std::net::IpAddr::V6(_) => None,
+                    })
+                    .collect(),
+                host_ips6: a
+                    .host_ips
+                    .iter()
+                    .filter_map(|ip| match ip {
+                        std::net::IpAddr::V6(v6) => Some(*v6),
+                        std::net::IpAddr::V4(_) => None,
+                    })
+                    .collect(),
                 xdp_uplinks: a.xdp_uplinks,
                 xdp_deny: a.xdp_deny,
                 map_sizes: palisade_dataplane::loader::MapSizes {

@@ -138,6 +138,8 @@ pub struct Engine {
     gateway_ips: Vec<Ipv4Addr>,
     /// The same of IPv6 (the IPv6 gateways on the host veths).
     gateway_ips6: Vec<Ipv6Addr>,
+    /// The node's IPv6 addresses from the configuration (`--host-ip`).
+    configured_host_ips6: Vec<Ipv6Addr>,
     /// Host protection: the node's open ports (protocol, port; None: every
     /// port of the protocol), or None when it is off.
     host_protection: Option<Vec<(u8, Option<u16>)>>,
@@ -241,6 +243,7 @@ impl Engine {
             node_name: None,
             gateway_ips: Vec::new(),
             gateway_ips6: Vec::new(),
+            configured_host_ips6: Vec::new(),
             host_protection: None,
             label_pool: Pool::label_identities(),
             cidr_pool: Pool::cidr_identities(),
@@ -334,6 +337,15 @@ impl Engine {
             self.set_host_ips();
             self.settle();
         }
+    }
+
+    /// The node's configured IPv6 addresses (`host`), beside the IPv4 ones
+    /// given to [`Engine::new`].
+    pub fn with_host_ips6(mut self, ips: Vec<Ipv6Addr>) -> Self {
+        self.configured_host_ips6 = ips;
+        self.set_host_ips();
+        self.settle();
+        self
     }
 
     /// The IPv6 addresses the host-side veths carry: `host`, as
@@ -1172,6 +1184,7 @@ impl Engine {
             .unwrap_or_default()
             .into_iter()
             .chain(self.gateway_ips6.iter().copied())
+            .chain(self.configured_host_ips6.iter().copied())
             .collect();
         ips.sort();
         ips.dedup();

@@ -299,6 +299,10 @@ fn nodes_ipv6_addresses_and_ipv6_gateways_are_host_or_remote_node() {
     e.set_gateway_ips6(Vec::new());
     assert_eq!(ingress6(&e, "fd00:a::1"), reason::NO_POLICY_MATCH);
 
+    // A configured IPv6 address (`--host-ip`) is host too.
+    let e2 = Engine::new(false, Vec::new()).with_host_ips6(vec!["fd00:7::7".parse().unwrap()]);
+    assert_eq!(ipc6(&e2, "fd00:7::7").unwrap().identity, IDENTITY_HOST);
+
     // A node that leaves takes its IPv6 address with it.
     e.apply(Change::NodeDeleted("n2".into()));
     assert_eq!(

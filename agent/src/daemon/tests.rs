@@ -40,6 +40,7 @@ impl Scratch {
             metrics_addr: None,
             audit: false,
             host_ips: Vec::new(),
+            host_ips6: Vec::new(),
             xdp_uplinks: Vec::new(),
             xdp_deny: Vec::new(),
             map_sizes: Default::default(),
