@@ -2,7 +2,7 @@
 //! `observe`, `trace`, `sync`, `cleanup`, `install-cni`).
 use std::{
     io::{BufRead, BufReader, Write},
-    net::Ipv4Addr,
+    net::IpAddr,
     os::unix::net::UnixStream,
     path::PathBuf,
     process::ExitCode,
@@ -137,7 +137,7 @@ struct RunArgs {
     /// The node's own addresses, IPv4 or IPv6 (reserved `host`
     /// identity); repeatable.
     #[arg(long = "host-ip")]
-    host_ips: Vec<std::net::IpAddr>,
+    host_ips: Vec<IpAddr>,
     /// Attach the XDP prefilter to this uplink; repeatable.
     #[arg(long = "xdp-uplink")]
     xdp_uplinks: Vec<String>,
@@ -242,16 +242,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .host_ips
                     .iter()
                     .filter_map(|ip| match ip {
-                        std::net::IpAddr::V4(v4) => Some(*v4),
-                        std::net::IpAddr::V6(_) => None,
+                        IpAddr::V4(v4) => Some(*v4),
+                        IpAddr::V6(_) => None,
                     })
                     .collect(),
                 host_ips6: a
                     .host_ips
                     .iter()
                     .filter_map(|ip| match ip {
-                        std::net::IpAddr::V6(v6) => Some(*v6),
-                        std::net::IpAddr::V4(_) => None,
+                        IpAddr::V6(v6) => Some(*v6),
+                        IpAddr::V4(_) => None,
                     })
                     .collect(),
                 xdp_uplinks: a.xdp_uplinks,
