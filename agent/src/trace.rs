@@ -362,39 +362,54 @@ mod tests {
         model::{Labels, Pod},
     };
 
-    #[test]
-    fn trace_names_the_any_pod_entry_that_decided() {
+    /// Pods (namespace, name = its `app` label, IPv4, IPv6), a policy of
+    /// namespace `a`, and a/web as the local endpoint (with `web_v6`).
+    fn engine(
+        pods: &[(&str, &str, [u8; 4], Option<&str>)],
+        (policy, yaml): (&str, &str),
+        web_v6: Option<&str>,
+    ) -> Engine {
         let mut e = Engine::new(false, Vec::new());
-        for (ns, name, app, ip) in [
-            ("a", "web", "web", [10, 0, 0, 1]),
-            ("b", "db", "db", [10, 0, 1, 2]),
-        ] {
+        for (ns, name, v4, v6) in pods {
             e.apply(Change::Pod(
                 Pod {
-                    namespace: ns.into(),
-                    name: name.into(),
-                    labels: Labels::from([("app".to_string(), app.to_string())]),
-                    ip: Some(Ipv4Addr::from(ip)),
-                    ipv6: None,
+                    namespace: ns.to_string(),
+                    name: name.to_string(),
+                    labels: Labels::from([("app".to_string(), name.to_string())]),
+                    ip: Some(Ipv4Addr::from(*v4)),
+                    ipv6: v6.map(|a| a.parse().unwrap()),
                     host_network: false,
                     ports: Vec::new(),
                 }
                 .into(),
             ));
         }
-        let y = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: dns, namespace: a}\nspec:\n  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - to: [{namespaceSelector: {}}]\n    ports: [{port: 53, protocol: UDP}]\n";
-        let np: NetworkPolicy = serde_yaml::from_str(y).unwrap();
-        e.apply(Change::Policy(ObjectKey::new("a", "dns"), Arc::new(np)));
+        let np: NetworkPolicy = serde_yaml::from_str(yaml).unwrap();
+        e.apply(Change::Policy(ObjectKey::new("a", policy), Arc::new(np)));
         e.add_endpoint(LocalEndpoint {
             key: ObjectKey::new("a", "web"),
             endpoint_id: 1,
             ifindex: 11,
             host_ifname: "veth1".into(),
             ipv4: Ipv4Addr::new(10, 0, 0, 1),
-            ipv6: None,
+            ipv6: web_v6.map(|a| a.parse().unwrap()),
             container_id: "c1".into(),
             mac: [0; 6],
         });
+        e
+    }
+
+    #[test]
+    fn trace_names_the_any_pod_entry_that_decided() {
+        let y = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: dns, namespace: a}\nspec:\n  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - to: [{namespaceSelector: {}}]\n    ports: [{port: 53, protocol: UDP}]\n";
+        let e = engine(
+            &[
+                ("a", "web", [10, 0, 0, 1], None),
+                ("b", "db", [10, 0, 1, 2], None),
+            ],
+            ("dns", y),
+            None,
+        );
         let req = |to: &str| TraceRequest {
             from: "a/web".into(),
             to: to.into(),
@@ -440,38 +455,16 @@ mod tests {
     /// pods' IPv6 addresses and ipcache6, with the same verdicts.
     #[test]
     fn ipv6_flows_are_traced_over_the_pods_ipv6_addresses() {
-        let mut e = Engine::new(false, Vec::new());
-        for (ns, name, v4, v6) in [
-            ("a", "web", [10, 0, 0, 1], Some("fd00::1")),
-            ("b", "db", [10, 0, 1, 2], Some("fd00::2")),
-            ("b", "v4only", [10, 0, 1, 3], None),
-        ] {
-            e.apply(Change::Pod(
-                Pod {
-                    namespace: ns.into(),
-                    name: name.into(),
-                    labels: Labels::from([("app".to_string(), name.to_string())]),
-                    ip: Some(Ipv4Addr::from(v4)),
-                    ipv6: v6.map(|a| a.parse().unwrap()),
-                    host_network: false,
-                    ports: Vec::new(),
-                }
-                .into(),
-            ));
-        }
         let y = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: db, namespace: a}\nspec:\n  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - to: [{namespaceSelector: {}, podSelector: {matchLabels: {app: db}}}]\n";
-        let np: NetworkPolicy = serde_yaml::from_str(y).unwrap();
-        e.apply(Change::Policy(ObjectKey::new("a", "db"), Arc::new(np)));
-        e.add_endpoint(LocalEndpoint {
-            key: ObjectKey::new("a", "web"),
-            endpoint_id: 1,
-            ifindex: 11,
-            host_ifname: "veth1".into(),
-            ipv4: Ipv4Addr::new(10, 0, 0, 1),
-            ipv6: Some("fd00::1".parse().unwrap()),
-            container_id: "c1".into(),
-            mac: [0; 6],
-        });
+        let e = engine(
+            &[
+                ("a", "web", [10, 0, 0, 1], Some("fd00::1")),
+                ("b", "db", [10, 0, 1, 2], Some("fd00::2")),
+                ("b", "v4only", [10, 0, 1, 3], None),
+            ],
+            ("db", y),
+            Some("fd00::1"),
+        );
         let req = |to: &str, family: Option<&str>| TraceRequest {
             from: "a/web".into(),
             to: to.into(),

@@ -96,25 +96,24 @@ struct Family {
 
 impl Family {
     fn v4(state: &MapState) -> Self {
-        let world = IpAddr::V4(WORLD_PROBE);
-        let entries = state
-            .ipcache
-            .iter()
-            .map(|((a, p), v)| (IpAddr::V4(*a), *p, v));
-        Self {
-            addrs: addresses_by_identity(entries, (IDENTITY_WORLD, world)),
-            world,
-        }
+        let entries = state.ipcache.iter();
+        let entries = entries.map(|((a, p), v)| (IpAddr::V4(*a), *p, v));
+        Self::new(entries, IDENTITY_WORLD, IpAddr::V4(WORLD_PROBE))
     }
 
     fn v6(state: &MapState) -> Self {
-        let world = IpAddr::V6(WORLD6_PROBE);
-        let entries = state
-            .ipcache6
-            .iter()
-            .map(|((a, p), v)| (IpAddr::V6(*a), *p, v));
+        let entries = state.ipcache6.iter();
+        let entries = entries.map(|((a, p), v)| (IpAddr::V6(*a), *p, v));
+        Self::new(entries, IDENTITY_WORLD6, IpAddr::V6(WORLD6_PROBE))
+    }
+
+    fn new<'a>(
+        entries: impl Iterator<Item = (IpAddr, u32, &'a palisade_common::IpcacheValue)>,
+        world_id: u32,
+        world: IpAddr,
+    ) -> Self {
         Self {
-            addrs: addresses_by_identity(entries, (IDENTITY_WORLD6, world)),
+            addrs: addresses_by_identity(entries, (world_id, world)),
             world,
         }
     }

@@ -842,7 +842,12 @@ impl Engine {
                 });
             }
         }
-        let net = IpNetwork::V6(net6_of(ip, len as u8));
+        self.prefix_value(IpNetwork::V6(net6_of(ip, len as u8)), ip.into())
+    }
+
+    /// The entry of a prefix key (`net`, keyed at `ip`): its CIDR
+    /// identity, also as its `cidr_identity`, if it is one.
+    fn prefix_value(&self, net: IpNetwork, ip: std::net::IpAddr) -> Option<IpcacheValue> {
         (net.ip() == ip)
             .then(|| self.cidr_ids.get(&net))
             .flatten()
@@ -850,6 +855,18 @@ impl Engine {
                 identity: *id,
                 cidr_identity: *id,
             })
+    }
+
+    /// The named-port ipBlock rules that resolve on the address of the
+    /// host-prefix CIDR identity `net`, if it has one, are recompiled.
+    fn named_rules_dirty(&mut self, net: IpNetwork) {
+        if let Some(id) = self.cidr_ids.get(&net) {
+            for c in self.id_rules.get(id).cloned().unwrap_or_default() {
+                if self.named_blocks.contains(&c) {
+                    self.rule_dirty(c);
+                }
+            }
+        }
     }
 
     /// The ipcache6 entries marked dirty, and the view of the IPv6
@@ -873,13 +890,7 @@ impl Engine {
                 }
                 self.refresh_cidr(IpNetwork::V6(host6_net(ip)));
             }
-            if let Some(id) = self.cidr_ids.get(&IpNetwork::V6(host6_net(ip))) {
-                for c in self.id_rules.get(id).cloned().unwrap_or_default() {
-                    if self.named_blocks.contains(&c) {
-                        self.rule_dirty(c);
-                    }
-                }
-            }
+            self.named_rules_dirty(IpNetwork::V6(host6_net(ip)));
             match self
                 .pod6_at(ip)
                 .filter(|_| !node)
@@ -1705,14 +1716,7 @@ impl Engine {
                 });
             }
         }
-        let net = IpNetwork::V4(net_of(ip, len as u8));
-        (net.ip() == ip)
-            .then(|| self.cidr_ids.get(&net))
-            .flatten()
-            .map(|id| IpcacheValue {
-                identity: *id,
-                cidr_identity: *id,
-            })
+        self.prefix_value(IpNetwork::V4(net_of(ip, len as u8)), ip.into())
     }
 
     /// Brings everything marked up to date.
@@ -1735,13 +1739,7 @@ impl Engine {
                 }
                 self.refresh_cidr(IpNetwork::V4(host_net(ip)));
             }
-            if let Some(id) = self.cidr_ids.get(&IpNetwork::V4(host_net(ip))) {
-                for c in self.id_rules.get(id).cloned().unwrap_or_default() {
-                    if self.named_blocks.contains(&c) {
-                        self.rule_dirty(c);
-                    }
-                }
-            }
+            self.named_rules_dirty(IpNetwork::V4(host_net(ip)));
             self.dirty_ipcache.insert((ip, 32));
             // A node address is the node's, whatever pod claims it.
             match winner.filter(|_| !self.is_node_ip(&ip)) {

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 mod cluster;
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{IpNetwork, Ipv4Network};
 use palisade_api::{CoverageReport, Finding, NamespaceCoverage, PodCoverage};
 use palisade_common::{DIR_EGRESS, DIR_INGRESS, PROTO_TCP, PROTO_UDP};
 
@@ -374,17 +374,7 @@ fn peer_covers(a: &Peer, b: &Peer) -> bool {
                 cidr: cb,
                 except: eb,
             },
-        ) => {
-            let inside = ca.prefix() <= cb.prefix() && ca.contains(cb.network());
-            // Every hole of `a` overlapping `b` is a hole of `b` too.
-            inside
-                && ea.iter().all(|x| {
-                    !overlaps(*x, *cb)
-                        || eb
-                            .iter()
-                            .any(|y| y.prefix() <= x.prefix() && y.contains(x.network()))
-                })
-        }
+        ) => block_covers((*ca).into(), &nets(ea), (*cb).into(), &nets(eb)),
         (
             Peer::Block6 {
                 cidr: ca,
@@ -394,22 +384,24 @@ fn peer_covers(a: &Peer, b: &Peer) -> bool {
                 cidr: cb,
                 except: eb,
             },
-        ) => {
-            let inside = ca.prefix() <= cb.prefix() && ca.contains(cb.network());
-            inside
-                && ea.iter().all(|x| {
-                    !(x.contains(cb.network()) || cb.contains(x.network()))
-                        || eb
-                            .iter()
-                            .any(|y| y.prefix() <= x.prefix() && y.contains(x.network()))
-                })
-        }
+        ) => block_covers((*ca).into(), &nets(ea), (*cb).into(), &nets(eb)),
         _ => false,
     }
 }
 
-fn overlaps(a: Ipv4Network, b: Ipv4Network) -> bool {
-    a.contains(b.network()) || b.contains(a.network())
+fn nets<T: Copy + Into<IpNetwork>>(v: &[T]) -> Vec<IpNetwork> {
+    v.iter().map(|x| (*x).into()).collect()
+}
+
+/// Whether block `a` (cidr, except) matches everything block `b` does:
+/// `b` inside `a`, and every hole of `a` overlapping `b` a hole of `b` too.
+fn block_covers(ca: IpNetwork, ea: &[IpNetwork], cb: IpNetwork, eb: &[IpNetwork]) -> bool {
+    let within = |x: IpNetwork, y: IpNetwork| y.prefix() <= x.prefix() && y.contains(x.network());
+    within(cb, ca)
+        && ea.iter().all(|x| {
+            !(x.contains(cb.network()) || cb.contains(x.network()))
+                || eb.iter().any(|y| within(*x, *y))
+        })
 }
 
 fn port_covers(a: &Port, b: &Port) -> bool {
