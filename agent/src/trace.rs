@@ -3,7 +3,7 @@
 //! the kernel (not over the policies themselves), hop by hop: the source
 //! pod's egress program, then the destination pod's ingress program, each
 //! where that pod is on this node.
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv6Addr};
 
 use anyhow::Result;
 use palisade_api::{ErrorKind, TraceReport, TraceRequest, TraceStep};
@@ -203,7 +203,7 @@ impl Agent {
             );
         }
         let view = self.view();
-        let walk = |ep: &LocalEndpoint, dir: u8, remote: Ipv4Addr, proto: u8, port: u16| {
+        let walk = |ep: &LocalEndpoint, dir: u8, remote: IpAddr, proto: u8, port: u16| {
             self.engine()
                 .tier_walk(ep.endpoint_id, dir, remote, proto, port)
                 .map(|w| w.lines(&*view, ep.endpoint_id, dir))
@@ -230,25 +230,9 @@ fn first_packet(from: IpAddr, to: IpAddr, protocol: u8, port: u16) -> Packet {
     }
 }
 
-/// The tier walk lines of a hop: the walk explains IPv4 peers; over IPv6
-/// the verdict above (from the map contents) is all there is yet.
-fn tier_lines(
-    walk: &WalkFn,
-    ep: &LocalEndpoint,
-    dir: u8,
-    remote: IpAddr,
-    proto: u8,
-    port: u16,
-) -> Vec<String> {
-    match remote {
-        IpAddr::V4(a) => walk(ep, dir, a, proto, port),
-        IpAddr::V6(_) => Vec::new(),
-    }
-}
-
 /// How a caller that knows the model explains a hop's tier walk (lines;
 /// empty when no ClusterNetworkPolicy selects the pod there).
-pub type WalkFn<'a> = dyn Fn(&LocalEndpoint, u8, Ipv4Addr, u8, u16) -> Vec<String> + 'a;
+pub type WalkFn<'a> = dyn Fn(&LocalEndpoint, u8, IpAddr, u8, u16) -> Vec<String> + 'a;
 
 /// The verdict on `t` over the map contents `current` (what the kernel
 /// holds), named through `names` (the engine's view, or a full compile's).
@@ -313,7 +297,7 @@ pub fn trace_with<N: Names + ?Sized>(
                 &v,
                 m,
             );
-            st.walk = tier_lines(walk, ep, DIR_EGRESS, to.ip, protocol, t.port);
+            st.walk = walk(ep, DIR_EGRESS, to.ip, protocol, t.port);
             steps.push(st);
             verdicts.push(v);
         }
@@ -330,7 +314,7 @@ pub fn trace_with<N: Names + ?Sized>(
                     &v,
                     m,
                 );
-                st.walk = tier_lines(walk, ep, DIR_INGRESS, from.ip, protocol, t.port);
+                st.walk = walk(ep, DIR_INGRESS, from.ip, protocol, t.port);
                 steps.push(st);
                 verdicts.push(v);
             }
@@ -351,7 +335,7 @@ pub fn trace_with<N: Names + ?Sized>(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
+    use std::{net::Ipv4Addr, sync::Arc};
 
     use k8s_openapi::api::networking::v1::NetworkPolicy;
 
@@ -492,5 +476,20 @@ mod tests {
         );
         assert_eq!(kind(&req("b/v4only", Some("ipv6"))), ErrorKind::NotFound);
         assert_eq!(kind(&req("b/db", Some("ipv5"))), ErrorKind::InvalidRequest);
+        // A ClusterNetworkPolicy Admin Deny of namespace b decides over
+        // IPv6 too, and the walk says so.
+        let mut e = e;
+        let y = "metadata: {name: no-b}\nspec: {tier: Admin, priority: 1, subject: {namespaces: {}}, egress: [{name: deny-b, action: Deny, to: [{namespaces: {matchLabels: {kubernetes.io/metadata.name: b}}}]}]}";
+        let c: crate::cnp::ClusterNetworkPolicy = serde_yaml::from_str(y).unwrap();
+        e.apply(Change::ClusterPolicy(Arc::new(c)));
+        let walk = |ep: &LocalEndpoint, dir: u8, remote: IpAddr, proto: u8, port: u16| {
+            e.tier_walk(ep.endpoint_id, dir, remote, proto, port)
+                .map(|w| w.lines(&*e.view(), ep.endpoint_id, dir))
+                .unwrap_or_default()
+        };
+        let r = trace_with(&*e.view(), e.desired(), &req("b/db", Some("ipv6")), &walk).unwrap();
+        assert_eq!(r.verdict, "DROP", "{r:?}");
+        let lines = r.steps[0].walk.join("\n");
+        assert!(lines.contains("deny-b"), "{lines}");
     }
 }

@@ -549,7 +549,7 @@ impl Engine {
         &self,
         endpoint_id: u32,
         direction: u8,
-        remote: Ipv4Addr,
+        remote: impl Into<std::net::IpAddr>,
         proto: u8,
         port: u16,
     ) -> Option<super::tier_walk::Walk> {
@@ -570,7 +570,7 @@ impl Engine {
             &lookup,
             ep,
             direction,
-            remote,
+            remote.into(),
             proto,
             port,
         )

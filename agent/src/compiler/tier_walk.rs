@@ -5,12 +5,12 @@
 //! it. The kernel's maps hold only the walk's result (tiers.rs); this is
 //! the same walk ([`tiers::walk`]) kept step by step, tested to reach the
 //! same decision.
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use ipnetwork::Ipv4Network;
 use palisade_common::{
     is_label_identity, IpcacheValue, PolicyValue, DIR_INGRESS, EP_EGRESS_ENFORCED,
-    EP_INGRESS_ENFORCED, IDENTITY_WORLD,
+    EP_INGRESS_ENFORCED,
 };
 use palisade_dataplane::MapState;
 
@@ -271,15 +271,23 @@ pub(crate) fn rules_of<'a>(
         .collect()
 }
 
-/// Longest-prefix match in a map state's ipcache.
-fn ipcache_lookup(maps: &MapState, addr: Ipv4Addr) -> Option<IpcacheValue> {
-    (0..=32u8)
-        .rev()
-        .find_map(|len| {
-            let net = Ipv4Network::new(addr, len).ok()?;
+/// Longest-prefix match in a map state's ipcache of `addr`'s family; a
+/// miss is that family's world.
+fn ipcache_lookup(maps: &MapState, addr: IpAddr) -> IpcacheValue {
+    let hit = match addr {
+        IpAddr::V4(a) => (0..=32u8).rev().find_map(|len| {
+            let net = Ipv4Network::new(a, len).ok()?;
             maps.ipcache.get(&(net.network(), len as u32))
-        })
-        .copied()
+        }),
+        IpAddr::V6(a) => (0..=128u8).rev().find_map(|len| {
+            let net = super::ipcache::net6_of(a, len);
+            maps.ipcache6.get(&(net.network(), len as u32))
+        }),
+    };
+    match addr {
+        IpAddr::V4(_) => palisade_common::decision::peer_or_world(hit.copied()),
+        IpAddr::V6(_) => palisade_common::decision::peer_or_world6(hit.copied()),
+    }
 }
 
 /// The exact walk of a flow of a local endpoint, from the model and the
@@ -293,7 +301,7 @@ pub fn walk_of<'a>(
     label_sets: &dyn Fn(u32) -> Option<(&'a Labels, &'a Labels)>,
     ep: &LocalEndpoint,
     direction: u8,
-    remote: Ipv4Addr,
+    remote: IpAddr,
     proto: u8,
     port: u16,
 ) -> Option<Walk> {
@@ -317,21 +325,24 @@ pub fn walk_of<'a>(
         return None;
     }
     let own_ports: &[ContainerPort] = pod.map_or(&[], |p| &p.ports);
-    let v = ipcache_lookup(np_maps, remote).unwrap_or(IpcacheValue {
-        identity: IDENTITY_WORLD,
-        cidr_identity: IDENTITY_WORLD,
-    });
+    let v = ipcache_lookup(np_maps, remote);
     let peer_pod_ports: &[ContainerPort] = model
         .pods
         .values()
-        .find(|p| p.ip == Some(remote) && !p.host_network)
+        .find(|p| {
+            let has = match remote {
+                IpAddr::V4(a) => p.ip == Some(a),
+                IpAddr::V6(a) => p.ipv6 == Some(a),
+            };
+            has && !p.host_network
+        })
         .map_or(&[], |p| &p.ports);
     let peer = PeerRep {
         pod: is_label_identity(v.identity)
             .then(|| label_sets(v.identity))
             .flatten()
             .map(|(n, p)| (n, p, peer_pod_ports)),
-        net: ipnetwork::IpNetwork::V4(Ipv4Network::new(remote, 32).expect("valid")),
+        net: ipnetwork::IpNetwork::from(remote),
         identity: v.identity,
         cidr_identity: v.cidr_identity,
     };

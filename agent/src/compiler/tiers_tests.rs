@@ -610,9 +610,16 @@ fn the_explained_walk_reaches_the_kernels_decision() {
             for dir in [DIR_INGRESS, DIR_EGRESS] {
                 for peer in peers.iter().filter(|p| **p != e.ipv4) {
                     for (proto, port) in [(PROTO_TCP, 80), (PROTO_TCP, 443), (PROTO_UDP, 53)] {
-                        let Some(w) =
-                            walk_of(&m.model, &np.maps, &label_sets, e, dir, *peer, proto, port)
-                        else {
+                        let Some(w) = walk_of(
+                            &m.model,
+                            &np.maps,
+                            &label_sets,
+                            e,
+                            dir,
+                            (*peer).into(),
+                            proto,
+                            port,
+                        ) else {
                             continue;
                         };
                         let k = kernel(&c, e, dir, *peer, proto, port);
