@@ -18,7 +18,7 @@ use std::{
 };
 
 use palisade_common::{
-    service::{SvcBackend, SvcBackendKey, SvcFrontend, SvcFrontendKey},
+    service::{SvcBackendKey, SvcFrontend},
     EndpointInfo, IpcacheValue, PolicyKey, PolicyValue,
 };
 use palisade_dataplane::{
@@ -27,7 +27,7 @@ use palisade_dataplane::{
 };
 
 use crate::{
-    service_map::{ServiceMaps, ServiceWriter},
+    service_map::{BackendAddr, FrontendKey, ServiceMaps, ServiceWriter},
     sync::MapWriter,
 };
 
@@ -140,7 +140,7 @@ impl KernelDataplane {
         let events = maps.take_event_reader()?;
         let stats = StatsReader::open(datapath.pins())?;
         // Frontends an earlier agent programmed keep their ids.
-        let services = ServiceMaps::adopt(maps.frontends(), maps.backends());
+        let services = ServiceMaps::adopt(adopted_frontends(&maps), adopted_backends(&maps));
         Ok((
             Self {
                 datapath,
@@ -255,18 +255,56 @@ impl Dataplane for KernelDataplane {
 }
 
 impl ServiceWriter for Maps {
-    fn set_frontend(&mut self, k: SvcFrontendKey, v: SvcFrontend) -> Result<(), Error> {
-        Maps::set_frontend(self, k, v)
+    fn set_frontend(&mut self, k: FrontendKey, v: SvcFrontend) -> Result<(), Error> {
+        match k {
+            FrontendKey::V4(k) => Maps::set_frontend(self, k, v),
+            FrontendKey::V6(k) => Maps::set_frontend6(self, k, v),
+        }
     }
-    fn remove_frontend(&mut self, k: &SvcFrontendKey) -> Result<(), Error> {
-        Maps::remove_frontend(self, k)
+    fn remove_frontend(&mut self, k: &FrontendKey) -> Result<(), Error> {
+        match k {
+            FrontendKey::V4(k) => Maps::remove_frontend(self, k),
+            FrontendKey::V6(k) => Maps::remove_frontend6(self, k),
+        }
     }
-    fn set_backend(&mut self, k: SvcBackendKey, v: SvcBackend) -> Result<(), Error> {
-        Maps::set_backend(self, k, v)
+    fn set_backend(&mut self, k: SvcBackendKey, v: BackendAddr) -> Result<(), Error> {
+        match v {
+            BackendAddr::V4(v) => Maps::set_backend(self, k, v),
+            BackendAddr::V6(v) => Maps::set_backend6(self, k, v),
+        }
     }
-    fn remove_backend(&mut self, k: &SvcBackendKey) -> Result<(), Error> {
-        Maps::remove_backend(self, k)
+    fn remove_backend(&mut self, v6: bool, k: &SvcBackendKey) -> Result<(), Error> {
+        if v6 {
+            Maps::remove_backend6(self, k)
+        } else {
+            Maps::remove_backend(self, k)
+        }
     }
+}
+
+/// Both families' frontends as an earlier agent left them.
+fn adopted_frontends(maps: &Maps) -> Vec<(FrontendKey, SvcFrontend)> {
+    let v4 = maps
+        .frontends()
+        .into_iter()
+        .map(|(k, v)| (FrontendKey::V4(k), v));
+    let v6 = maps
+        .frontends6()
+        .into_iter()
+        .map(|(k, v)| (FrontendKey::V6(k), v));
+    v4.chain(v6).collect()
+}
+
+fn adopted_backends(maps: &Maps) -> Vec<(SvcBackendKey, BackendAddr)> {
+    let v4 = maps
+        .backends()
+        .into_iter()
+        .map(|(k, v)| (k, BackendAddr::V4(v)));
+    let v6 = maps
+        .backends6()
+        .into_iter()
+        .map(|(k, v)| (k, BackendAddr::V6(v)));
+    v4.chain(v6).collect()
 }
 
 /// The conntrack fill level as of the last GC pass, shared between the GC
@@ -297,12 +335,13 @@ pub mod memory {
 
     use palisade_common::{
         maps as names, reason,
-        service::{SvcBackend, SvcBackendKey, SvcFrontend, SvcFrontendKey},
+        service::{SvcBackendKey, SvcFrontend},
         EndpointInfo, IpcacheValue, PolicyKey, PolicyValue,
     };
     use palisade_dataplane::{Counters, Error, MapSizes, MapState, Pins, StatsReader};
 
     use super::Dataplane;
+    use crate::service_map::{BackendAddr, FrontendKey};
     use crate::sync::MapWriter;
 
     /// One thing done to the (pretend) kernel, in the order it was done.
@@ -353,26 +392,27 @@ pub mod memory {
         pub counters: Counters,
         pub xdp_counters: Counters,
         /// The Service translation maps.
-        pub frontends: BTreeMap<SvcFrontendKey, SvcFrontend>,
-        pub backends: BTreeMap<SvcBackendKey, SvcBackend>,
+        pub frontends: BTreeMap<FrontendKey, SvcFrontend>,
+        pub backends: BTreeMap<(bool, SvcBackendKey), BackendAddr>,
         pub services: crate::service_map::ServiceMaps,
     }
 
     impl crate::service_map::ServiceWriter for Memory {
-        fn set_frontend(&mut self, k: SvcFrontendKey, v: SvcFrontend) -> Result<(), Error> {
+        fn set_frontend(&mut self, k: FrontendKey, v: SvcFrontend) -> Result<(), Error> {
             self.frontends.insert(k, v);
             Ok(())
         }
-        fn remove_frontend(&mut self, k: &SvcFrontendKey) -> Result<(), Error> {
+        fn remove_frontend(&mut self, k: &FrontendKey) -> Result<(), Error> {
             self.frontends.remove(k);
             Ok(())
         }
-        fn set_backend(&mut self, k: SvcBackendKey, v: SvcBackend) -> Result<(), Error> {
-            self.backends.insert(k, v);
+        fn set_backend(&mut self, k: SvcBackendKey, v: BackendAddr) -> Result<(), Error> {
+            self.backends
+                .insert((matches!(v, BackendAddr::V6(_)), k), v);
             Ok(())
         }
-        fn remove_backend(&mut self, k: &SvcBackendKey) -> Result<(), Error> {
-            self.backends.remove(k);
+        fn remove_backend(&mut self, v6: bool, k: &SvcBackendKey) -> Result<(), Error> {
+            self.backends.remove(&(v6, *k));
             Ok(())
         }
     }

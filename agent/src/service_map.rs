@@ -9,48 +9,77 @@
 //!
 //! `sessionAffinity: ClientIP` is the frontend's `affinity_s` (the kernel
 //! pins each client to its backend, `SVC_AFFINITY`). A frontend the
-//! datapath cannot translate (IPv6, SCTP, a ClusterIP:port/protocol given
-//! twice) is left out with a
-//! clear error naming it; every other frontend is still programmed.
+//! datapath cannot translate (SCTP, a backend of the other family, a
+//! ClusterIP:port/protocol given twice) is left out with a clear error
+//! naming it; every other frontend is still programmed.
+//!
+//! IPv4 and IPv6 frontends go to their family's maps ([`FrontendKey`],
+//! [`BackendAddr`]) and share one id space, so a flow record's service id
+//! names its Service whatever the family.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
 };
 
 use palisade_common::{
-    service::{SvcBackend, SvcBackendKey, SvcFrontend, SvcFrontendKey},
+    service::{
+        SvcBackend, SvcBackend6, SvcBackendKey, SvcFrontend, SvcFrontendKey, SvcFrontendKey6,
+    },
     PROTO_TCP, PROTO_UDP,
 };
-use palisade_dataplane::{maps::be, Error};
+use palisade_dataplane::{
+    maps::{be, ip6_words},
+    Error,
+};
 
 use crate::service::Frontend;
 
-/// The map writes a diff needs.
+/// A frontend's key in its family's map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FrontendKey {
+    V4(SvcFrontendKey),
+    V6(SvcFrontendKey6),
+}
+
+impl FrontendKey {
+    pub fn is_v6(&self) -> bool {
+        matches!(self, Self::V6(_))
+    }
+}
+
+/// One backend slot's value in its family's map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendAddr {
+    V4(SvcBackend),
+    V6(SvcBackend6),
+}
+
+/// The map writes a diff needs. `v6`: the IPv6 maps.
 pub trait ServiceWriter {
-    fn set_frontend(&mut self, k: SvcFrontendKey, v: SvcFrontend) -> Result<(), Error>;
-    fn remove_frontend(&mut self, k: &SvcFrontendKey) -> Result<(), Error>;
-    fn set_backend(&mut self, k: SvcBackendKey, v: SvcBackend) -> Result<(), Error>;
-    fn remove_backend(&mut self, k: &SvcBackendKey) -> Result<(), Error>;
+    fn set_frontend(&mut self, k: FrontendKey, v: SvcFrontend) -> Result<(), Error>;
+    fn remove_frontend(&mut self, k: &FrontendKey) -> Result<(), Error>;
+    fn set_backend(&mut self, k: SvcBackendKey, v: BackendAddr) -> Result<(), Error>;
+    fn remove_backend(&mut self, v6: bool, k: &SvcBackendKey) -> Result<(), Error>;
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Programmed {
     id: u32,
     affinity_s: u32,
-    backends: Vec<SvcBackend>,
+    backends: Vec<BackendAddr>,
 }
 
 /// What the maps hold, and which Service each id stands for.
 #[derive(Clone, Debug, Default)]
 pub struct ServiceMaps {
-    programmed: BTreeMap<SvcFrontendKey, Programmed>,
+    programmed: BTreeMap<FrontendKey, Programmed>,
     by_id: BTreeMap<u32, Frontend>,
     next_id: u32,
 }
 
 /// The map key and backend slots of one frontend, or why it cannot be
 /// translated.
-pub fn compile(f: &Frontend) -> Result<(SvcFrontendKey, Vec<SvcBackend>), String> {
+pub fn compile(f: &Frontend) -> Result<(FrontendKey, Vec<BackendAddr>), String> {
     let what = || {
         format!(
             "Service {} port {} ({})",
@@ -58,9 +87,6 @@ pub fn compile(f: &Frontend) -> Result<(SvcFrontendKey, Vec<SvcBackend>), String
             f.address,
             proto(f.protocol)
         )
-    };
-    let SocketAddr::V4(addr) = f.address else {
-        return Err(format!("{}: IPv6 ClusterIPs are not translated", what()));
     };
     if !matches!(f.protocol, PROTO_TCP | PROTO_UDP) {
         return Err(format!(
@@ -70,20 +96,41 @@ pub fn compile(f: &Frontend) -> Result<(SvcFrontendKey, Vec<SvcBackend>), String
     }
     let mut backends = Vec::with_capacity(f.backends.len());
     for b in &f.backends {
-        let IpAddr::V4(ip) = b.address.ip() else {
-            return Err(format!("{}: IPv6 backend {}", what(), b.address));
-        };
-        backends.push(SvcBackend {
-            addr: be(ip),
-            port_be: b.address.port().to_be(),
-            _pad: 0,
+        let port_be = b.address.port().to_be();
+        backends.push(match (f.address, b.address.ip()) {
+            (SocketAddr::V4(_), IpAddr::V4(ip)) => BackendAddr::V4(SvcBackend {
+                addr: be(ip),
+                port_be,
+                _pad: 0,
+            }),
+            (SocketAddr::V6(_), IpAddr::V6(ip)) => BackendAddr::V6(SvcBackend6 {
+                addr: ip6_words(ip),
+                port_be,
+                _pad: 0,
+            }),
+            _ => {
+                return Err(format!(
+                    "{}: backend {} is of the other IP family",
+                    what(),
+                    b.address
+                ))
+            }
         });
     }
-    let key = SvcFrontendKey {
-        addr: be(*addr.ip()),
-        port_be: addr.port().to_be(),
-        protocol: f.protocol,
-        _pad: 0,
+    let (port_be, protocol) = (f.address.port().to_be(), f.protocol);
+    let key = match f.address {
+        SocketAddr::V4(a) => FrontendKey::V4(SvcFrontendKey {
+            addr: be(*a.ip()),
+            port_be,
+            protocol,
+            _pad: 0,
+        }),
+        SocketAddr::V6(a) => FrontendKey::V6(SvcFrontendKey6 {
+            addr: ip6_words(*a.ip()),
+            port_be,
+            protocol,
+            _pad: 0,
+        }),
     };
     Ok((key, backends))
 }
@@ -96,10 +143,12 @@ impl ServiceMaps {
     /// Start from what an earlier agent left in the maps, so ids stay
     /// stable and nothing is rewritten needlessly.
     pub fn adopt(
-        frontends: Vec<(SvcFrontendKey, SvcFrontend)>,
-        backends: Vec<(SvcBackendKey, SvcBackend)>,
+        frontends: Vec<(FrontendKey, SvcFrontend)>,
+        backends: Vec<(SvcBackendKey, BackendAddr)>,
     ) -> Self {
-        let slots: BTreeMap<SvcBackendKey, SvcBackend> = backends.into_iter().collect();
+        // (Ids are one space over both families: a slot key is one
+        // frontend's.)
+        let slots: BTreeMap<SvcBackendKey, BackendAddr> = backends.into_iter().collect();
         let mut s = Self::default();
         for (k, v) in frontends {
             let backends = (0..v.backends)
@@ -108,11 +157,14 @@ impl ServiceMaps {
                         service_id: v.service_id,
                         slot,
                     };
-                    slots.get(&bk).copied().unwrap_or(SvcBackend {
-                        addr: 0,
-                        port_be: 0,
-                        _pad: 0,
-                    })
+                    slots
+                        .get(&bk)
+                        .copied()
+                        .unwrap_or(BackendAddr::V4(SvcBackend {
+                            addr: 0,
+                            port_be: 0,
+                            _pad: 0,
+                        }))
                 })
                 .collect();
             s.next_id = s.next_id.max(v.service_id);
@@ -143,7 +195,7 @@ impl ServiceMaps {
         frontends: &[Frontend],
     ) -> Result<(), Error> {
         let mut rejected = Vec::new();
-        let mut want: BTreeMap<SvcFrontendKey, (&Frontend, Vec<SvcBackend>)> = BTreeMap::new();
+        let mut want: BTreeMap<FrontendKey, (&Frontend, Vec<BackendAddr>)> = BTreeMap::new();
         for f in frontends {
             match compile(f) {
                 Ok((k, b)) => {
@@ -164,7 +216,7 @@ impl ServiceMaps {
         }
 
         // Gone first (frees ids and map room).
-        let gone: Vec<SvcFrontendKey> = self
+        let gone: Vec<FrontendKey> = self
             .programmed
             .keys()
             .filter(|k| !want.contains_key(k))
@@ -174,10 +226,13 @@ impl ServiceMaps {
             let p = self.programmed[&k].clone();
             w.remove_frontend(&k)?;
             for slot in 0..p.backends.len() as u32 {
-                w.remove_backend(&SvcBackendKey {
-                    service_id: p.id,
-                    slot,
-                })?;
+                w.remove_backend(
+                    k.is_v6(),
+                    &SvcBackendKey {
+                        service_id: p.id,
+                        slot,
+                    },
+                )?;
             }
             self.programmed.remove(&k);
             self.by_id.remove(&p.id);
@@ -216,10 +271,13 @@ impl ServiceMaps {
                 )?;
             }
             for slot in backends.len()..old_backends.len() {
-                w.remove_backend(&SvcBackendKey {
-                    service_id: id,
-                    slot: slot as u32,
-                })?;
+                w.remove_backend(
+                    k.is_v6(),
+                    &SvcBackendKey {
+                        service_id: id,
+                        slot: slot as u32,
+                    },
+                )?;
             }
             self.programmed.insert(
                 k,
@@ -256,29 +314,29 @@ mod tests {
 
     #[derive(Default)]
     struct Log {
-        frontends: BTreeMap<SvcFrontendKey, SvcFrontend>,
-        backends: BTreeMap<SvcBackendKey, SvcBackend>,
+        frontends: BTreeMap<FrontendKey, SvcFrontend>,
+        backends: BTreeMap<SvcBackendKey, BackendAddr>,
         ops: Vec<String>,
     }
 
     impl ServiceWriter for Log {
-        fn set_frontend(&mut self, k: SvcFrontendKey, v: SvcFrontend) -> Result<(), Error> {
+        fn set_frontend(&mut self, k: FrontendKey, v: SvcFrontend) -> Result<(), Error> {
             self.ops
                 .push(format!("fe {} n={}", v.service_id, v.backends));
             self.frontends.insert(k, v);
             Ok(())
         }
-        fn remove_frontend(&mut self, k: &SvcFrontendKey) -> Result<(), Error> {
+        fn remove_frontend(&mut self, k: &FrontendKey) -> Result<(), Error> {
             self.ops.push("fe-".into());
             self.frontends.remove(k);
             Ok(())
         }
-        fn set_backend(&mut self, k: SvcBackendKey, v: SvcBackend) -> Result<(), Error> {
+        fn set_backend(&mut self, k: SvcBackendKey, v: BackendAddr) -> Result<(), Error> {
             self.ops.push(format!("be {}/{}", k.service_id, k.slot));
             self.backends.insert(k, v);
             Ok(())
         }
-        fn remove_backend(&mut self, k: &SvcBackendKey) -> Result<(), Error> {
+        fn remove_backend(&mut self, _v6: bool, k: &SvcBackendKey) -> Result<(), Error> {
             self.ops.push(format!("be- {}/{}", k.service_id, k.slot));
             self.backends.remove(k);
             Ok(())
@@ -286,10 +344,14 @@ mod tests {
     }
 
     fn fe(name: &str, port: u16, backends: &[&str]) -> Frontend {
+        fe_at("10.96.0.10", name, port, backends)
+    }
+
+    fn fe_at(ip: &str, name: &str, port: u16, backends: &[&str]) -> Frontend {
         Frontend {
             service: ObjectKey::new("default", name),
             port_name: String::new(),
-            address: format!("10.96.0.10:{port}").parse().unwrap(),
+            address: SocketAddr::new(ip.parse().unwrap(), port),
             protocol: PROTO_TCP,
             backends: backends
                 .iter()
@@ -402,5 +464,63 @@ mod tests {
         again.affinity_timeout_s = None;
         m2.apply(&mut w, &[again]).unwrap();
         assert!(w.ops.is_empty(), "{:?}", w.ops);
+    }
+
+    #[test]
+    fn ipv6_frontends_go_to_the_ipv6_maps_and_share_the_id_space() {
+        let mut m = ServiceMaps::default();
+        let mut w = Log::default();
+        let list = [
+            fe("a", 80, &["10.0.0.1:8080"]),
+            fe_at(
+                "fd00:96::10",
+                "a",
+                80,
+                &["[fd00::1]:8080", "[fd00::2]:8080"],
+            ),
+        ];
+        m.apply(&mut w, &list).unwrap();
+        let keys: Vec<bool> = w.frontends.keys().map(FrontendKey::is_v6).collect();
+        assert_eq!(keys, [false, true]);
+        let ids: BTreeSet<u32> = w.frontends.values().map(|v| v.service_id).collect();
+        assert_eq!(ids.len(), 2, "one id space");
+        let v6 = w.frontends[&w
+            .frontends
+            .keys()
+            .copied()
+            .find(FrontendKey::is_v6)
+            .unwrap()];
+        assert_eq!(v6.backends, 2);
+        let slot = w.backends[&SvcBackendKey {
+            service_id: v6.service_id,
+            slot: 1,
+        }];
+        let BackendAddr::V6(b) = slot else {
+            panic!("{slot:?}")
+        };
+        assert_eq!(
+            (b.addr, u16::from_be(b.port_be)),
+            (ip6_words("fd00::2".parse().unwrap()), 8080)
+        );
+        // Adopted as programmed: no writes.
+        let mut m2 = ServiceMaps::adopt(
+            w.frontends.clone().into_iter().collect(),
+            w.backends.clone().into_iter().collect(),
+        );
+        w.ops.clear();
+        m2.apply(&mut w, &list).unwrap();
+        assert!(w.ops.is_empty(), "{:?}", w.ops);
+        // A backend of the other family is refused by name.
+        let err = m
+            .apply(
+                &mut w,
+                &[fe_at("fd00:96::11", "mixed", 80, &["10.0.0.1:80"])],
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("default/mixed") && err.contains("other IP family"),
+            "{err}"
+        );
     }
 }

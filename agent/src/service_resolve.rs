@@ -3,9 +3,12 @@
 //! [`resolve`] on its source view after every change.
 //!
 //! The rules follow upstream so results match kube-proxy's:
-//! - Only ClusterIP Services get frontends (every IPv4 address of
-//!   `clusterIPs`/`clusterIP`; palisade is IPv4-only). Headless (`None`)
-//!   and ExternalName Services are left alone: no frontend, no error.
+//! - Only ClusterIP Services get frontends (every address of
+//!   `clusterIPs`/`clusterIP`, IPv4 and IPv6). Headless (`None`) and
+//!   ExternalName Services are left alone: no frontend, no error.
+//! - A frontend's backends are the endpoints of its own family (a
+//!   dual-stack Service has one EndpointSlice per family, `addressType`
+//!   IPv4 or IPv6; derived slices take each pod's address of that family).
 //! - A Service port's backends come from the EndpointSlices labelled
 //!   `kubernetes.io/service-name: <service>` in its namespace, through the
 //!   slice port of the same name and protocol (the EndpointSlice controller
@@ -28,7 +31,7 @@
 //!   namespace/name) keeps it, the other's port is rejected.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
 use k8s_openapi::{
@@ -106,10 +109,10 @@ struct Port {
 /// What a valid ClusterIP Service asks for.
 #[derive(Debug)]
 struct Spec {
-    ips: Vec<Ipv4Addr>,
+    ips: Vec<IpAddr>,
     /// `externalIPs` and the load balancer's ingress addresses: served on
     /// the Service ports like the ClusterIP (kube-proxy DNATs them too).
-    external: Vec<Ipv4Addr>,
+    external: Vec<IpAddr>,
     ports: Vec<Port>,
     selector: Option<BTreeMap<String, String>>,
     affinity_timeout_s: Option<u32>,
@@ -144,8 +147,7 @@ fn parse_service(svc: &Service) -> Result<Option<Spec>, String> {
     let mut ips = Vec::new();
     for (i, s) in raw.iter().enumerate() {
         match s.parse::<IpAddr>() {
-            Ok(IpAddr::V4(ip)) => ips.push(ip),
-            Ok(IpAddr::V6(_)) => {} // IPv4-only datapath: the IPv6 family is not served.
+            Ok(ip) => ips.push(ip),
             Err(_) => return Err(format!("spec.clusterIPs[{i}]: {s:?} is not an IP address")),
         }
     }
@@ -216,17 +218,15 @@ fn parse_service(svc: &Service) -> Result<Option<Spec>, String> {
     }))
 }
 
-/// `spec.externalIPs` and `status.loadBalancer.ingress[].ip` (IPv4; the
-/// datapath is IPv4-only), each once.
-fn external_ips(svc: &Service) -> Result<Vec<Ipv4Addr>, String> {
+/// `spec.externalIPs` and `status.loadBalancer.ingress[].ip`, each once.
+fn external_ips(svc: &Service) -> Result<Vec<IpAddr>, String> {
     let mut out = BTreeSet::new();
     let given = svc.spec.as_ref().and_then(|s| s.external_ips.as_ref());
     for (i, s) in given.into_iter().flatten().enumerate() {
         match s.parse::<IpAddr>() {
-            Ok(IpAddr::V4(ip)) => {
+            Ok(ip) => {
                 out.insert(ip);
             }
-            Ok(IpAddr::V6(_)) => {}
             Err(_) => return Err(format!("spec.externalIPs[{i}]: {s:?} is not an IP address")),
         }
     }
@@ -237,7 +237,7 @@ fn external_ips(svc: &Service) -> Result<Vec<Ipv4Addr>, String> {
         .and_then(|l| l.ingress.as_ref());
     for ing in lb.into_iter().flatten() {
         // (A hostname-only ingress is reached through DNS: not ours.)
-        if let Some(Ok(IpAddr::V4(ip))) = ing.ip.as_deref().map(str::parse::<IpAddr>) {
+        if let Some(Ok(ip)) = ing.ip.as_deref().map(str::parse::<IpAddr>) {
             out.insert(ip);
         }
     }
@@ -260,7 +260,7 @@ type SlicePorts = HashMap<(String, u8), Vec<Candidate>>;
 fn slice_candidates(
     key: &ObjectKey,
     slice: &EndpointSlice,
-    pods_by_ip: &HashMap<Ipv4Addr, ObjectKey>,
+    pods_by_ip: &HashMap<IpAddr, ObjectKey>,
     rejections: &mut Vec<Rejection>,
 ) -> SlicePorts {
     let mut reject = |reason: String| {
@@ -271,16 +271,17 @@ fn slice_candidates(
         })
     };
     let mut out = SlicePorts::new();
-    match slice.address_type.as_str() {
-        "IPv4" => {}
-        "IPv6" | "FQDN" => return out, // not served by an IPv4 datapath
+    let v6 = match slice.address_type.as_str() {
+        "IPv4" => false,
+        "IPv6" => true,
+        "FQDN" => return out, // names, not addresses: kube-proxy ignores them too
         other => {
             reject(format!(
                 "addressType {other:?} is not IPv4, IPv6 or FQDN; slice left out"
             ));
             return out;
         }
-    }
+    };
     let mut ports = Vec::new();
     for (i, p) in slice.ports.iter().flatten().enumerate() {
         let Some(n) = p.port else { continue }; // "all ports": not a Service's slice.
@@ -302,11 +303,12 @@ fn slice_candidates(
         let Some(addr) = ep.addresses.first() else {
             continue;
         };
-        let ip = match addr.parse::<Ipv4Addr>() {
-            Ok(ip) => ip,
-            Err(_) => {
+        let ip = match addr.parse::<IpAddr>() {
+            Ok(ip) if ip.is_ipv6() == v6 => ip,
+            _ => {
                 reject(format!(
-                    "endpoints[{i}].addresses[0]: {addr:?} is not an IPv4 address; left out"
+                    "endpoints[{i}].addresses[0]: {addr:?} is not an {} address; left out",
+                    slice.address_type
                 ));
                 continue;
             }
@@ -342,7 +344,7 @@ fn slice_candidates(
         for (ip, pod, ready, st) in &candidates {
             list.push(Candidate {
                 backend: Backend {
-                    address: SocketAddr::new(IpAddr::V4(*ip), port),
+                    address: SocketAddr::new(*ip, port),
                     pod: Some(pod.clone()),
                 },
                 ready: *ready,
@@ -364,11 +366,17 @@ fn derived_candidates<'a>(
     let Some(selector) = spec.selector.as_ref() else {
         return out;
     };
-    let matching: Vec<(&ObjectKey, &Pod, Ipv4Addr)> = pods
+    // One endpoint per pod and family (the controller writes a slice per
+    // family of the Service).
+    let matching: Vec<(&ObjectKey, &Pod, IpAddr)> = pods
         .filter(|(k, p)| {
             *k.namespace == *ns && selector.iter().all(|(l, v)| p.labels.get(l) == Some(v))
         })
-        .filter_map(|(k, p)| Some((k, p, p.ip?)))
+        .flat_map(|(k, p)| {
+            let v4 = p.ip.map(IpAddr::V4);
+            let v6 = p.ipv6.map(IpAddr::V6);
+            v4.into_iter().chain(v6).map(move |ip| (k, p, ip))
+        })
         .collect();
     for port in &spec.ports {
         let list = out.entry((port.name.clone(), port.protocol)).or_default();
@@ -386,7 +394,7 @@ fn derived_candidates<'a>(
             if let Some(target) = target {
                 list.push(Candidate {
                     backend: Backend {
-                        address: SocketAddr::new(IpAddr::V4(*ip), target),
+                        address: SocketAddr::new(*ip, target),
                         pod: Some((*key).clone()),
                     },
                     ready: true,
@@ -419,10 +427,14 @@ fn choose(candidates: &[Candidate]) -> Vec<Backend> {
 /// Resolves the source view into frontends and rejections.
 pub fn resolve(view: &Snapshot) -> Resolved {
     let mut rejections = Vec::new();
-    let pods_by_ip: HashMap<Ipv4Addr, ObjectKey> = view
+    let pods_by_ip: HashMap<IpAddr, ObjectKey> = view
         .pods
         .iter()
-        .filter_map(|(k, p)| Some((p.ip?, k.clone())))
+        .flat_map(|(k, p)| {
+            let v4 = p.ip.map(IpAddr::V4);
+            let v6 = p.ipv6.map(IpAddr::V6);
+            v4.into_iter().chain(v6).map(move |ip| (ip, k.clone()))
+        })
         .collect();
 
     // Slices per Service.
@@ -490,20 +502,38 @@ pub fn resolve(view: &Snapshot) -> Resolved {
                 .flatten()
                 .cloned()
                 .collect();
-            let backends = choose(&candidates);
+            let backends = [false, true].map(|v6| {
+                let of_family: Vec<Candidate> = candidates
+                    .iter()
+                    .filter(|c| c.backend.address.is_ipv6() == v6)
+                    .cloned()
+                    .collect();
+                choose(&of_family)
+            });
             // The ClusterIPs and external addresses on the Service port; a
-            // NodePort at 0.0.0.0, which the datapath serves on every
-            // node's address (`host` and `remote-node` in the ipcache).
+            // NodePort at 0.0.0.0 (and `::` for a Service with an IPv6
+            // ClusterIP), which the datapath serves on every node's address
+            // (`host` and `remote-node` in the ipcache).
+            let any = [
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            ];
+            let families: Vec<IpAddr> = any
+                .into_iter()
+                .filter(|a| spec.ips.iter().any(|ip| ip.is_ipv6() == a.is_ipv6()))
+                .collect();
             let addresses = spec
                 .ips
                 .iter()
                 .chain(&spec.external)
-                .map(|ip| SocketAddr::new(IpAddr::V4(*ip), port.port))
+                .map(|ip| SocketAddr::new(*ip, port.port))
                 .chain(
                     port.node_port
-                        .map(|n| SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), n)),
+                        .into_iter()
+                        .flat_map(|n| families.iter().map(move |a| SocketAddr::new(*a, n))),
                 );
             for address in addresses {
+                let backends = &backends[usize::from(address.is_ipv6())];
                 claims.entry((address, port.protocol)).or_default().push((
                     created.clone(),
                     key.clone(),

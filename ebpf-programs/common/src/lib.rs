@@ -47,10 +47,15 @@ pub mod maps {
     pub const IPCACHE6: &str = "IPCACHE6";
     pub const CONNTRACK6: &str = "CONNTRACK6";
     pub const FRAGMENTS6: &str = "FRAGMENTS6";
+    /// IPv6 Service translation (`service`): the IPv4 maps' roles.
+    pub const SVC_FRONTENDS6: &str = "SVC_FRONTENDS6";
+    pub const SVC_BACKENDS6: &str = "SVC_BACKENDS6";
+    pub const SVC_NAT6: &str = "SVC_NAT6";
+    pub const SVC_AFFINITY6: &str = "SVC_AFFINITY6";
     /// The programs reached by tail call (`SLOT_*`).
     pub const PROGRAMS: &str = "PROGRAMS";
     /// Every map the programs share, in a stable order (pinning, adoption).
-    pub const ALL: [&str; 19] = [
+    pub const ALL: [&str; 23] = [
         ENDPOINTS,
         IPCACHE,
         POLICY,
@@ -69,6 +74,10 @@ pub mod maps {
         IPCACHE6,
         CONNTRACK6,
         FRAGMENTS6,
+        SVC_FRONTENDS6,
+        SVC_BACKENDS6,
+        SVC_NAT6,
+        SVC_AFFINITY6,
         PROGRAMS,
     ];
 }
@@ -127,6 +136,12 @@ pub mod sizes {
     /// budget as IPv4 entries.
     pub const CONNTRACK6: u32 = 256 * 1024;
     pub const FRAGMENTS6: u32 = 4 * 1024;
+    /// IPv6 Service translation: the IPv4 sizes, NAT and affinity halved
+    /// as conntrack's are.
+    pub const SVC_FRONTENDS6: u32 = SVC_FRONTENDS;
+    pub const SVC_BACKENDS6: u32 = SVC_BACKENDS;
+    pub const SVC_NAT6: u32 = SVC_NAT / 2;
+    pub const SVC_AFFINITY6: u32 = SVC_AFFINITY / 2;
 }
 
 /// An IPv6 address as the kernel reads it: the header's 16 bytes as four
@@ -652,6 +667,11 @@ mod pod_impls {
     unsafe impl aya::Pod for service::SvcNat {}
     unsafe impl aya::Pod for service::SvcAffinityKey {}
     unsafe impl aya::Pod for service::SvcAffinity {}
+    unsafe impl aya::Pod for service::SvcFrontendKey6 {}
+    unsafe impl aya::Pod for service::SvcBackend6 {}
+    unsafe impl aya::Pod for service::SvcNat6 {}
+    unsafe impl aya::Pod for service::SvcAffinityKey6 {}
+    unsafe impl aya::Pod for service::SvcAffinity6 {}
 }
 
 #[cfg(test)]

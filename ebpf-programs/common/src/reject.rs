@@ -33,16 +33,58 @@ pub fn answerable(ihl: usize, frag_off: u16, tcp_rst: bool) -> bool {
 /// The one's complement sum of big-endian 16-bit words, folded.
 #[inline(always)]
 fn csum(bytes: &[u8]) -> u16 {
-    let mut acc: u32 = 0;
+    fold(sum(bytes, 0))
+}
+
+/// `acc` plus the big-endian 16-bit words of `bytes` (an even length).
+#[inline(always)]
+fn sum(bytes: &[u8], mut acc: u32) -> u32 {
     let mut i = 0;
     while i + 1 < bytes.len() {
         acc += u32::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
         i += 2;
     }
+    acc
+}
+
+#[inline(always)]
+fn fold(mut acc: u32) -> u16 {
     while acc > 0xffff {
         acc = (acc & 0xffff) + (acc >> 16);
     }
     !(acc as u16)
+}
+
+/// IPv6: the quote is the fixed header and 8 transport bytes (packets
+/// with extension headers are not answered).
+pub const QUOTE6_LEN: usize = 48;
+/// IPv6 (40) + ICMPv6 (8) + the quote.
+pub const ANSWER6_LEN: usize = 40 + 8 + QUOTE6_LEN;
+pub const ICMPV6_DEST_UNREACH: u8 = 1;
+pub const ICMPV6_PORT_UNREACH: u8 = 4;
+const PROTO_ICMPV6: u8 = 58;
+
+/// IPv6's [`port_unreachable`]: ICMPv6 destination unreachable (port
+/// unreachable, RFC 4443) from the address the packet was sent to,
+/// quoting it; its checksum covers the pseudo-header. Written into `a`
+/// (zeroed first): the kernel program keeps both buffers off its stack.
+#[inline(always)]
+pub fn port_unreachable6(quote: &[u8; QUOTE6_LEN], a: &mut [u8; ANSWER6_LEN]) {
+    const ICMP_LEN: usize = ANSWER6_LEN - 40;
+    *a = [0u8; ANSWER6_LEN];
+    a[0] = 0x60;
+    a[4..6].copy_from_slice(&(ICMP_LEN as u16).to_be_bytes());
+    a[6] = PROTO_ICMPV6;
+    a[7] = TTL;
+    a[8..24].copy_from_slice(&quote[24..40]);
+    a[24..40].copy_from_slice(&quote[8..24]);
+    a[40] = ICMPV6_DEST_UNREACH;
+    a[41] = ICMPV6_PORT_UNREACH;
+    a[48..].copy_from_slice(quote);
+    // Pseudo-header: the addresses, the ICMPv6 length, the next header.
+    let acc = sum(&a[8..40], ICMP_LEN as u32 + PROTO_ICMPV6 as u32);
+    let icmp = fold(sum(&a[40..], acc));
+    a[42..44].copy_from_slice(&icmp.to_be_bytes());
 }
 
 /// IP + ICMP port unreachable quoting `quote` (the offending packet from
@@ -100,6 +142,39 @@ mod tests {
         assert_eq!(&a[24..28], &[0; 4], "unused");
         assert_eq!(&a[28..], &q[..], "the quote, untouched");
         assert!(folds_to_zero(&a[20..]), "ICMP checksum");
+    }
+
+    #[test]
+    fn ipv6_answer_is_a_valid_icmpv6_port_unreachable_from_the_clusterip() {
+        let (client, vip) = ([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2], {
+            let mut v = [0u8; 16];
+            v[0] = 0xfd;
+            v[15] = 0x10;
+            v
+        });
+        let mut q = [0u8; QUOTE6_LEN];
+        q[0] = 0x60;
+        q[4..6].copy_from_slice(&9u16.to_be_bytes());
+        q[6] = 17;
+        q[7] = 64;
+        q[8..24].copy_from_slice(&client);
+        q[24..40].copy_from_slice(&vip);
+        q[40..42].copy_from_slice(&40000u16.to_be_bytes());
+        q[42..44].copy_from_slice(&53u16.to_be_bytes());
+        let mut a = [0xffu8; ANSWER6_LEN];
+        port_unreachable6(&q, &mut a);
+        assert_eq!(a[0] >> 4, 6);
+        assert_eq!(u16::from_be_bytes([a[4], a[5]]) as usize, ANSWER6_LEN - 40);
+        assert_eq!((a[6], &a[8..24], &a[24..40]), (58, &vip[..], &client[..]));
+        assert_eq!((a[40], a[41]), (1, 4));
+        assert_eq!(&a[48..], &q[..], "the quote, untouched");
+        // The checksum over pseudo-header + message folds to zero.
+        let mut pseudo = [0u8; 32 + 8 + ANSWER6_LEN - 40];
+        pseudo[..32].copy_from_slice(&a[8..40]);
+        pseudo[32..36].copy_from_slice(&((ANSWER6_LEN - 40) as u32).to_be_bytes());
+        pseudo[36..40].copy_from_slice(&[0, 0, 0, 58]);
+        pseudo[40..].copy_from_slice(&a[40..]);
+        assert!(folds_to_zero(&pseudo), "ICMPv6 checksum");
     }
 
     #[test]

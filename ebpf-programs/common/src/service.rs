@@ -16,7 +16,13 @@
 //!   tuple) lives, whatever happens to the backend list meanwhile.
 //! - `SVC_AFFINITY` (LRU hash): [`SvcAffinityKey`] (client, service id) ->
 //!   [`SvcAffinity`], for `sessionAffinity: ClientIP` frontends only.
-use crate::{CtKey, DIR_EGRESS, DIR_INGRESS};
+//!
+//! IPv6 has the same four maps (`SVC_FRONTENDS6`, `SVC_BACKENDS6`,
+//! `SVC_NAT6`, `SVC_AFFINITY6`) with the same roles: the key and value
+//! types are generic over the address ([`SvcAddr`]), `*6` aliases for
+//! IPv6. Backend slot keys and service ids are shared: one id space, so a
+//! flow record's `service_id` names its Service whatever the family.
+use crate::{decision::Addr, CtKeyOf, Ip6, IpcacheValue, DIR_EGRESS, DIR_INGRESS};
 
 /// Source address a hairpinned flow (a pod reaching its own Service and
 /// chosen as its backend) carries towards the pod: the pod would drop a
@@ -25,18 +31,65 @@ use crate::{CtKey, DIR_EGRESS, DIR_INGRESS};
 /// it: anti-spoofing), so the pod's ingress judges it as the pod itself.
 pub const HAIRPIN_ADDR: u32 = u32::from_ne_bytes([169, 254, 42, 1]);
 
+/// IPv6's [`HAIRPIN_ADDR`]: `100::42:1`, in the discard-only prefix
+/// (RFC 6666), never a pod's address and reached from a pod through its
+/// default route (a link-local source would need neighbour discovery).
+pub const HAIRPIN_ADDR6: Ip6 = [
+    u32::from_ne_bytes([0x01, 0, 0, 0]),
+    0,
+    0,
+    u32::from_ne_bytes([0, 0x42, 0, 1]),
+];
+
+/// What Service translation needs of an address family beyond [`Addr`].
+pub trait SvcAddr: Addr {
+    /// The hairpin source ([`HAIRPIN_ADDR`], [`HAIRPIN_ADDR6`]).
+    const HAIRPIN: Self;
+    /// The address folded to 32 bits for [`backend_slot`] (IPv4: itself).
+    fn fold(&self) -> u32;
+    /// The outside world of this family, for an ipcache miss.
+    fn peer_or_world(hit: Option<IpcacheValue>) -> IpcacheValue;
+}
+
+impl SvcAddr for u32 {
+    const HAIRPIN: Self = HAIRPIN_ADDR;
+    #[inline(always)]
+    fn fold(&self) -> u32 {
+        *self
+    }
+    #[inline(always)]
+    fn peer_or_world(hit: Option<IpcacheValue>) -> IpcacheValue {
+        crate::decision::peer_or_world(hit)
+    }
+}
+
+impl SvcAddr for Ip6 {
+    const HAIRPIN: Self = HAIRPIN_ADDR6;
+    #[inline(always)]
+    fn fold(&self) -> u32 {
+        self[0] ^ self[1].rotate_left(8) ^ self[2].rotate_left(16) ^ self[3].rotate_left(24)
+    }
+    #[inline(always)]
+    fn peer_or_world(hit: Option<IpcacheValue>) -> IpcacheValue {
+        crate::decision::peer_or_world6(hit)
+    }
+}
+
 /// `SvcNat::flags`: the reverse entry of a hairpinned flow (the reply
 /// leaves the pod towards [`HAIRPIN_ADDR`] and is turned back into the pod).
 pub const NAT_HAIRPIN: u8 = 1;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SvcFrontendKey {
-    pub addr: u32,
+pub struct SvcFrontendKeyOf<A> {
+    pub addr: A,
     pub port_be: u16,
     pub protocol: u8,
     pub _pad: u8,
 }
+
+pub type SvcFrontendKey = SvcFrontendKeyOf<u32>;
+pub type SvcFrontendKey6 = SvcFrontendKeyOf<Ip6>;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -54,10 +107,13 @@ pub struct SvcFrontend {
 /// `SVC_AFFINITY` (LRU hash) key: a client of one frontend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct SvcAffinityKey {
-    pub client: u32,
+pub struct SvcAffinityKeyOf<A> {
+    pub client: A,
     pub service_id: u32,
 }
+
+pub type SvcAffinityKey = SvcAffinityKeyOf<u32>;
+pub type SvcAffinityKey6 = SvcAffinityKeyOf<Ip6>;
 
 /// The backend a client of a `sessionAffinity: ClientIP` frontend was last
 /// given, and when. Valid while the slot still holds that backend (a
@@ -71,6 +127,17 @@ pub struct SvcAffinity {
     pub addr: u32,
     pub port_be: u16,
     pub _pad: [u8; 6],
+}
+
+/// IPv6's [`SvcAffinity`] (fields ordered so neither has padding).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SvcAffinity6 {
+    pub last_ns: u64,
+    pub slot: u32,
+    pub port_be: u16,
+    pub _pad: u16,
+    pub addr: Ip6,
 }
 
 /// Whether an affinity entry written at `last_ns` still holds at `now`
@@ -89,17 +156,20 @@ pub struct SvcBackendKey {
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct SvcBackend {
-    pub addr: u32,
+pub struct SvcBackendOf<A> {
+    pub addr: A,
     pub port_be: u16,
     pub _pad: u16,
 }
 
+pub type SvcBackend = SvcBackendOf<u32>;
+pub type SvcBackend6 = SvcBackendOf<Ip6>;
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct SvcNat {
+pub struct SvcNatOf<A> {
     /// Forward: the backend. Reverse: the ClusterIP.
-    pub addr: u32,
+    pub addr: A,
     pub port_be: u16,
     /// `NAT_HAIRPIN`
     pub flags: u8,
@@ -107,15 +177,18 @@ pub struct SvcNat {
     pub service_id: u32,
 }
 
+pub type SvcNat = SvcNatOf<u32>;
+pub type SvcNat6 = SvcNatOf<Ip6>;
+
 /// The backend slot of a new flow: a hash of its original tuple (every
 /// bit of it reaches every bit of the result: murmur3's finalizer), so a
 /// retransmitted first packet picks the same backend and consecutive
 /// client ports spread over all of them.
 #[inline(always)]
-pub fn backend_slot(key: &CtKey, backends: u32) -> u32 {
+pub fn backend_slot<A: SvcAddr>(key: &CtKeyOf<A>, backends: u32) -> u32 {
     let ports = (key.sport_be as u32) << 16 | key.dport_be as u32;
-    let mut h = fmix32(key.saddr ^ 0x9e37_79b9);
-    h = fmix32(h ^ key.daddr);
+    let mut h = fmix32(key.saddr.fold() ^ 0x9e37_79b9);
+    h = fmix32(h ^ key.daddr.fold());
     h = fmix32(h ^ ports ^ (key.protocol as u32) << 8);
     if backends == 0 {
         0
@@ -135,8 +208,8 @@ fn fmix32(mut h: u32) -> u32 {
 
 /// The tuple policy and conntrack see after translation.
 #[inline(always)]
-pub fn translated(orig: &CtKey, backend: u32, port_be: u16) -> CtKey {
-    CtKey {
+pub fn translated<A: Copy>(orig: &CtKeyOf<A>, backend: A, port_be: u16) -> CtKeyOf<A> {
+    CtKeyOf {
         daddr: backend,
         dport_be: port_be,
         ..*orig
@@ -147,11 +220,16 @@ pub fn translated(orig: &CtKey, backend: u32, port_be: u16) -> CtKey {
 /// sees it. Normally the client's ingress (backend -> client); for a
 /// hairpin the client's own egress (pod -> [`HAIRPIN_ADDR`]).
 #[inline(always)]
-pub fn reverse_key(orig: &CtKey, backend: u32, port_be: u16, hairpin: bool) -> CtKey {
+pub fn reverse_key<A: SvcAddr>(
+    orig: &CtKeyOf<A>,
+    backend: A,
+    port_be: u16,
+    hairpin: bool,
+) -> CtKeyOf<A> {
     if hairpin {
-        CtKey {
+        CtKeyOf {
             saddr: backend,
-            daddr: HAIRPIN_ADDR,
+            daddr: A::HAIRPIN,
             sport_be: port_be,
             dport_be: orig.sport_be,
             protocol: orig.protocol,
@@ -160,7 +238,7 @@ pub fn reverse_key(orig: &CtKey, backend: u32, port_be: u16, hairpin: bool) -> C
             endpoint_id: orig.endpoint_id,
         }
     } else {
-        CtKey {
+        CtKeyOf {
             saddr: backend,
             daddr: orig.saddr,
             sport_be: port_be,
@@ -190,15 +268,15 @@ pub const HAIRPIN_PEER: crate::IpcacheValue = crate::IpcacheValue {
 /// address (`lookup`), `world` on a miss. Kernel and reference evaluator
 /// both call this.
 #[inline(always)]
-pub fn policy_peer(
+pub fn policy_peer<A: SvcAddr>(
     dir: u8,
-    remote: u32,
-    lookup: impl FnOnce(u32) -> Option<crate::IpcacheValue>,
-) -> crate::IpcacheValue {
-    if dir == DIR_INGRESS && remote == HAIRPIN_ADDR {
+    remote: A,
+    lookup: impl FnOnce(A) -> Option<IpcacheValue>,
+) -> IpcacheValue {
+    if dir == DIR_INGRESS && remote == A::HAIRPIN {
         HAIRPIN_PEER
     } else {
-        crate::decision::peer_or_world(lookup(remote))
+        A::peer_or_world(lookup(remote))
     }
 }
 
@@ -216,6 +294,59 @@ mod tests {
         assert_eq!(size_of::<SvcNat>(), 12);
         assert_eq!(size_of::<SvcAffinityKey>(), 8);
         assert_eq!(size_of::<SvcAffinity>(), 24);
+        assert_eq!(size_of::<SvcFrontendKey6>(), 20);
+        assert_eq!(size_of::<SvcBackend6>(), 20);
+        assert_eq!(size_of::<SvcNat6>(), 24);
+        assert_eq!(size_of::<SvcAffinityKey6>(), 20);
+        assert_eq!(size_of::<SvcAffinity6>(), 32);
+    }
+
+    #[test]
+    fn the_ipv6_hairpin_address_is_100_42_1() {
+        let words = HAIRPIN_ADDR6;
+        let mut b = [0u8; 16];
+        for (i, w) in words.iter().enumerate() {
+            b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        assert_eq!(
+            core::net::Ipv6Addr::from(b),
+            "100::42:1".parse::<core::net::Ipv6Addr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn ipv6_slots_spread_and_ipv6_hairpins_reverse_to_it() {
+        let k = |sport: u16| CtKeyOf::<Ip6> {
+            saddr: [0xfd00, 0, 0, 2u32.to_be()],
+            daddr: [0xfd00, 0, 0, 0x10u32.to_be()],
+            sport_be: sport.to_be(),
+            dport_be: 80u16.to_be(),
+            protocol: 6,
+            scope: DIR_EGRESS,
+            _pad: 0,
+            endpoint_id: 5,
+        };
+        let mut seen = [0u32; 3];
+        for p in 1000..1300 {
+            seen[backend_slot(&k(p), 3) as usize] += 1;
+        }
+        assert!(seen.iter().all(|n| *n > 50), "{seen:?}");
+        let o = k(40000);
+        let h = reverse_key(&o, o.saddr, 8080u16.to_be(), true);
+        assert_eq!((h.daddr, h.scope), (HAIRPIN_ADDR6, DIR_EGRESS));
+        let r = reverse_key(&o, [9; 4], 8080u16.to_be(), false);
+        assert_eq!(
+            r,
+            translated(&o, [9; 4], 8080u16.to_be()).reversed(DIR_INGRESS)
+        );
+        assert_eq!(
+            policy_peer(DIR_INGRESS, HAIRPIN_ADDR6, |_| None).identity,
+            crate::IDENTITY_HOST
+        );
+        assert_eq!(
+            policy_peer::<Ip6>(DIR_INGRESS, [7; 4], |_| None).identity,
+            crate::IDENTITY_WORLD6
+        );
     }
 
     #[test]
@@ -228,8 +359,8 @@ mod tests {
         assert!(affinity_holds(100 * s, 10800, 100 * s + 10799 * s));
     }
 
-    fn key(sport: u16) -> CtKey {
-        CtKey {
+    fn key(sport: u16) -> crate::CtKey {
+        crate::CtKey {
             saddr: 0x0a00_0002,
             daddr: 0x0a60_0001,
             sport_be: sport.to_be(),

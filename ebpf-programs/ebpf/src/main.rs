@@ -15,6 +15,7 @@
 mod events;
 mod headers;
 mod service;
+mod service6;
 mod verdict;
 mod verdict6;
 
@@ -32,7 +33,8 @@ use palisade_common::{
     event_limit::{EventBudget, EventLimitKey, EventLimitState},
     reason,
     service::{
-        SvcAffinity, SvcAffinityKey, SvcBackend, SvcBackendKey, SvcFrontend, SvcFrontendKey, SvcNat,
+        SvcAffinity, SvcAffinity6, SvcAffinityKey, SvcAffinityKey6, SvcBackend, SvcBackend6,
+        SvcBackendKey, SvcFrontend, SvcFrontendKey, SvcFrontendKey6, SvcNat, SvcNat6,
     },
     sizes, CtKey, CtKey6, CtValue, EndpointInfo, EndpointKey, FragKey, FragKey6, FragValue, Ip6,
     IpcacheValue, PolicyKey, PolicyValue, DIR_EGRESS, DIR_INGRESS,
@@ -130,6 +132,22 @@ static SVC_NAT: LruHashMap<CtKey, SvcNat> = LruHashMap::with_max_entries(sizes::
 static SVC_AFFINITY: LruHashMap<SvcAffinityKey, SvcAffinity> =
     LruHashMap::with_max_entries(sizes::SVC_AFFINITY, 0);
 
+/// IPv6 Service translation (`service6`): the same roles.
+#[map]
+static SVC_FRONTENDS6: HashMap<SvcFrontendKey6, SvcFrontend> =
+    HashMap::with_max_entries(sizes::SVC_FRONTENDS6, 0);
+
+#[map]
+static SVC_BACKENDS6: HashMap<SvcBackendKey, SvcBackend6> =
+    HashMap::with_max_entries(sizes::SVC_BACKENDS6, 0);
+
+#[map]
+static SVC_NAT6: LruHashMap<CtKey6, SvcNat6> = LruHashMap::with_max_entries(sizes::SVC_NAT6, 0);
+
+#[map]
+static SVC_AFFINITY6: LruHashMap<SvcAffinityKey6, SvcAffinity6> =
+    LruHashMap::with_max_entries(sizes::SVC_AFFINITY6, 0);
+
 // ---- XDP prefilter maps ----
 
 #[map]
@@ -202,12 +220,18 @@ pub fn pod_verify(ctx: TcContext) -> i32 {
 /// `pod_egress` for IPv6 frames (tail-called from it).
 #[classifier]
 pub fn pod_egress6(ctx: TcContext) -> i32 {
-    tc_action(verdict6::frame::<false>(&ctx, DIR_EGRESS))
+    let r = verdict6::frame::<false>(&ctx, DIR_EGRESS);
+    match (r, verdict6::redirect()) {
+        // A hairpin or an answer turned back into its pod (`service6`).
+        (Ok(true), Some(act)) => act,
+        _ => tc_action(r),
+    }
 }
 
 /// `pod_ingress` for IPv6 frames (tail-called from it).
 #[classifier]
 pub fn pod_ingress6(ctx: TcContext) -> i32 {
+    // Replies are rewritten in place; nothing at a pod's ingress redirects.
     tc_action(verdict6::frame::<false>(&ctx, DIR_INGRESS))
 }
 
@@ -221,6 +245,7 @@ pub fn pod_verify6(ctx: TcContext) -> i32 {
         palisade_common::VERIFY_MARK_INGRESS => DIR_INGRESS,
         _ => return TC_ACT_SHOT,
     };
+    // Dry run: never translates, so never redirects.
     tc_action(verdict6::frame::<true>(&ctx, dir))
 }
 

@@ -21,13 +21,13 @@ const IP_CSUM_OFF: usize = ETH_HLEN + 10;
 const IP_SADDR_OFF: usize = ETH_HLEN + 12;
 const IP_DADDR_OFF: usize = ETH_HLEN + 16;
 /// bpf_l4_csum_replace flags (linux/bpf.h).
-const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
+pub(crate) const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
 const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
 
 /// Where the L4 checksum sits, and the flags its updates need (a UDP
 /// checksum of 0 means "none" and stays 0).
 #[inline(always)]
-fn l4_csum(protocol: u8, l4: usize) -> Option<(usize, u64)> {
+pub(crate) fn l4_csum(protocol: u8, l4: usize) -> Option<(usize, u64)> {
     match protocol {
         PROTO_TCP => Some((l4 + 16, 0)),
         PROTO_UDP => Some((l4 + 6, BPF_F_MARK_MANGLED_0)),
@@ -50,7 +50,13 @@ fn set_addr(ctx: &TcContext, off: usize, csum: (usize, u64), old: u32, new: u32)
 }
 
 #[inline(always)]
-fn set_port(ctx: &TcContext, off: usize, csum: (usize, u64), old: u16, new: u16) -> Result<(), ()> {
+pub(crate) fn set_port(
+    ctx: &TcContext,
+    off: usize,
+    csum: (usize, u64),
+    old: u16,
+    new: u16,
+) -> Result<(), ()> {
     if old == new {
         return Ok(());
     }
@@ -136,7 +142,7 @@ pub fn reject(ctx: &TcContext, ifindex: u32) -> Result<i32, ()> {
 /// The frame was addressed to the node; turned back into the pod it must
 /// be addressed to the pod.
 #[inline(always)]
-fn swap_macs(ctx: &TcContext) -> Result<(), ()> {
+pub(crate) fn swap_macs(ctx: &TcContext) -> Result<(), ()> {
     let dst: [u8; 6] = ctx.load(0).map_err(|_| ())?;
     let src: [u8; 6] = ctx.load(6).map_err(|_| ())?;
     ctx.store(0, &src, 0).map_err(|_| ())?;

@@ -721,7 +721,7 @@ fn known_flow(
 /// translated tuple's conntrack entry alone: no SYN, FIN or RST, and the
 /// original tuple's entry was established before it.
 #[inline(always)]
-fn translated_entry_idle(protocol: u8, state_before: u8, tcp_flags: u8) -> bool {
+pub(crate) fn translated_entry_idle(protocol: u8, state_before: u8, tcp_flags: u8) -> bool {
     protocol == PROTO_TCP
         && state_before == TCP_ESTABLISHED
         && tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST) == 0
@@ -963,7 +963,7 @@ fn pick_backend(orig: &CtKey, fe: &SvcFrontend, now: u64) -> Option<(u32, SvcBac
 
 /// How many slots a client's pinned backend is looked for in when it is
 /// no longer where it was; beyond that the client is given a backend anew.
-const AFFINITY_SCAN: u32 = 32;
+pub(crate) const AFFINITY_SCAN: u32 = 32;
 
 #[inline(always)]
 fn affinity_key(orig: &CtKey, fe: &SvcFrontend) -> SvcAffinityKey {

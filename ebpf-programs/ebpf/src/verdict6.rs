@@ -3,8 +3,7 @@
 //! policy map, over the IPv6 tables `ENDPOINTS6`, `IPCACHE6`, `CONNTRACK6`
 //! and `FRAGMENTS6`. Before anything else, the link's own control messages
 //! (neighbour discovery, MLD) are held to the link
-//! (`ipv6::link_control`). Not here: Service translation (an IPv6
-//! ClusterIP is judged as the address it is).
+//! (`ipv6::link_control`). Service translation is `service6`'s.
 //!
 //! Headers: the fixed header, and a transport header right behind it, are
 //! read in place (the common case, and so the established flow's path);
@@ -13,22 +12,26 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key, programs::TcContext};
 use palisade_common::{
+    conntrack::TCP_FLAG_RST,
     decision::{
         drop_if_enforced as enforced_drop, first_fragment_verdict, foreign_destination,
-        foreign_mac, hard_drop, key_of, peer_or_world6, spoofed, unchecked_source, Decision,
+        foreign_mac, hard_drop, key_of, spoofed, unchecked_source, Decision,
     },
     ipv6::{self, Transport, Upper, IPPROTO_ICMPV6, UPPER_AT, UPPER_LATER_FRAGMENT, UPPER_UNKNOWN},
-    reason, CtKey6, CtValue, EndpointInfo, FragKey6, FragValue, Ip6, IpcacheValue, IDENTITY_HOST,
-    PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    reason,
+    service::{policy_peer, translated, SvcBackend6, HAIRPIN_ADDR6, HAIRPIN_PEER},
+    CtKey6, CtValue, EndpointInfo, EndpointKey, FragKey6, FragValue, Ip6, IpcacheValue, CT_SVC_NAT,
+    DIR_EGRESS, IDENTITY_HOST, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
     headers::{ptr_at, EthHdr, Ipv6Hdr, ETH_HLEN, IPV6_HLEN},
+    service6,
     verdict::{
-        charge, count, ct_track, endpoint, finish, later_fragment_of, lookup, new_flow, policy,
-        pull, rejudge, related_flow, report_drop_of, Family, Flow,
+        charge, count, ct_track, finish, later_fragment_of, lookup, new_flow, policy, pull,
+        rejudge, related_flow, report_drop_of, Family, Flow,
     },
-    CONNTRACK6, ENDPOINTS6, FRAGMENTS6, IPCACHE6, SCRATCH6,
+    CONNTRACK6, ENDPOINTS, ENDPOINTS6, FRAGMENTS6, IPCACHE6, SCRATCH6, SVC_NAT6,
 };
 
 impl Family for Ip6 {
@@ -49,12 +52,25 @@ impl Family for Ip6 {
         lookup(&ENDPOINTS6, &a)
     }
     #[inline(always)]
-    fn peer(_dir: u8, remote: Ip6) -> IpcacheValue {
-        peer_or_world6(IPCACHE6.get(Key::new(128, remote)).copied())
+    fn peer(dir: u8, remote: Ip6) -> IpcacheValue {
+        policy_peer(dir, remote, |a| IPCACHE6.get(Key::new(128, a)).copied())
     }
     #[inline(always)]
-    fn rejudge_decision(ep: &EndpointInfo, k: &CtKey6, _ct_flags: u8) -> Decision {
-        policy(ep, k.scope, k)
+    fn rejudge_decision(ep: &EndpointInfo, k: &CtKey6, ct_flags: u8) -> Decision {
+        let mut judged = *k;
+        if k.scope == DIR_EGRESS && ct_flags & CT_SVC_NAT != 0 {
+            // The original tuple of a translated flow: judged as traffic
+            // to its backend, as it was.
+            if let Some(n) = lookup(&SVC_NAT6, k) {
+                judged = translated(k, n.addr, n.port_be);
+            }
+        }
+        if judged.scope == DIR_EGRESS && judged.daddr == ep.ipv6 {
+            // A hairpin: the pod reaching itself through its own Service.
+            palisade_common::decision::decide(ep, DIR_EGRESS, &judged, &HAIRPIN_PEER, |_| None)
+        } else {
+            policy(ep, judged.scope, &judged)
+        }
     }
     /// Deferred: recorded in the scratch slot and reported by `frame` once
     /// the verdict is reached, so the event code's stack frame is never
@@ -78,7 +94,35 @@ impl Family for Ip6 {
 /// (programs run with migration disabled: nothing else uses it meanwhile).
 pub(crate) struct Scratch6 {
     /// The packet's flow.
-    flow: Flow<Ip6>,
+    pub(crate) flow: Flow<Ip6>,
+    /// The packet's interface, clock reading and transport header offset
+    /// (from the frame's start), for `service6`'s stages.
+    pub(crate) ifindex: u32,
+    pub(crate) l4: u32,
+    pub(crate) now: u64,
+    /// The conntrack entry's flags and TCP state before this packet
+    /// (`known`).
+    pub(crate) ct_flags: u8,
+    pub(crate) ct_state: u8,
+    pub(crate) ct_stale: bool,
+    /// A tc action that replaces the verdict's (a hairpin or an answer
+    /// handed back into the pod); 0: none.
+    pub(crate) redirect: i32,
+    /// A new translated flow (`service6`): its original tuple, the
+    /// backend chosen and its slot, policy's verdict.
+    pub(crate) orig: CtKey6,
+    pub(crate) backend: SvcBackend6,
+    pub(crate) slot: u32,
+    pub(crate) judged: Decision,
+    /// The flow's translation (`SVC_NAT6`), and the cookie of the
+    /// conntrack entry last tracked.
+    pub(crate) nat: palisade_common::service::SvcNat6,
+    pub(crate) cookie: u32,
+    /// The frontend of a new flow leaving the pod.
+    pub(crate) fe: palisade_common::service::SvcFrontend,
+    /// `service6::reject`'s buffers: the quote and the answer.
+    pub(crate) quote: [u8; palisade_common::reject::QUOTE6_LEN],
+    pub(crate) answer: [u8; palisade_common::reject::ANSWER6_LEN],
     /// The verdict to report, if `pending` (`Family::report`).
     report: Flow<Ip6>,
     decision: Decision,
@@ -94,26 +138,48 @@ fn report6<const DRY: bool>(ep: &EndpointInfo, ifindex: u32, flow: &Flow<Ip6>, d
 }
 
 /// The verdict on an IPv6 frame (the programs `pod_egress6`,
-/// `pod_ingress6`, `pod_verify6`, tail-called by the IPv4 ones).
+/// `pod_ingress6`, `pod_verify6`, tail-called by the IPv4 ones); a frame
+/// turned back into its pod leaves its tc action for [`redirect`].
 #[inline(always)]
 pub fn frame<const DRY: bool>(ctx: &TcContext, dir: u8) -> Result<bool, ()> {
-    let Some((ifindex, ep)) = endpoint(ctx) else {
+    // SAFETY: the context pointer is valid for the program's whole run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // The endpoint is read in place, not copied onto the stack: the
+    // agent replaces an entry whole (a hash map update swaps elements
+    // under RCU), so the one this run sees stays consistent.
+    let Some(ep) = ENDPOINTS.get_ptr(EndpointKey::ifindex(ifindex)) else {
         return Err(());
     };
+    // SAFETY: map values stay valid while the program runs (RCU).
+    let ep = unsafe { &*ep };
     let Some(s) = SCRATCH6.get_ptr_mut(0) else {
         return Err(());
     };
     // SAFETY: this CPU's slot (see `Scratch6`).
-    unsafe { (*s).pending = false };
-    let pass = checked::<DRY>(ctx, &ep, dir, ifindex, s);
+    unsafe {
+        (*s).pending = false;
+        (*s).redirect = 0;
+        (*s).ifindex = ifindex;
+    }
+    let pass = checked::<DRY>(ctx, ep, dir, ifindex, s);
     // Whatever the verdict's stage deferred (`Family::report`).
     // SAFETY: as above.
     unsafe {
         if (*s).pending {
-            report6::<DRY>(&ep, ifindex, &(*s).report, &(*s).decision);
+            report6::<DRY>(ep, ifindex, &(*s).report, &(*s).decision);
         }
     }
     Ok(pass)
+}
+
+/// The tc action of a frame `frame` turned back into its pod (a hairpin
+/// or an answer), if it did.
+#[inline(always)]
+pub fn redirect() -> Option<i32> {
+    let s = SCRATCH6.get_ptr(0)?;
+    // SAFETY: this CPU's slot (see `Scratch6`).
+    let act = unsafe { (*s).redirect };
+    (act != 0).then_some(act)
 }
 
 /// Layer 2 checked, then `process`.
@@ -231,17 +297,53 @@ fn process<const DRY: bool>(
     flow.key.sport_be = t.sport_be;
     flow.key.dport_be = t.dport_be;
     flow.tcp_flags = t.tcp_flags;
+    // Answered when refused for want of a Service backend: only a whole
+    // packet without extension headers, never a reset (`reject`).
+    flow.answerable = offset == IPV6_HLEN && !upper.fragmented && t.tcp_flags & TCP_FLAG_RST == 0;
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: this CPU's slot (see `Scratch6`).
+    unsafe {
+        (*scratch).now = now;
+        (*scratch).l4 = (ETH_HLEN + offset) as u32;
+    }
     let error = protocol == IPPROTO_ICMPV6 && ipv6::is_error(t.icmp_type);
     let pass = if !DRY && error && related(ctx, ep, dir, offset, now) {
         count::<DRY>(reason::RELATED);
         true
     } else {
-        match known::<DRY>(ep, dir, ifindex, flow, now) {
+        // Service translation (`service6`) in stages called from here,
+        // never from each other where a stage tracks: the frames of a
+        // chain of calls share 512 bytes.
+        let mut k = known::<DRY>(ep, dir, scratch);
+        if k == KNOWN_SERVICE {
+            k = service6::known(ctx, scratch, dir);
+            if k == service6::KNOWN_FORWARD {
+                let tracked = if service6::follow(scratch) {
+                    service6::track6(ep, scratch, DIR_EGRESS)
+                } else {
+                    service6::TRACK_PASS
+                };
+                k = if service6::forward(ctx, scratch, tracked) {
+                    KNOWN_PASS
+                } else {
+                    KNOWN_DROP
+                };
+            }
+        }
+        match k {
             KNOWN_PASS => true,
             KNOWN_DROP => false,
-            _ => new::<DRY>(ep, dir, ifindex, flow, now),
+            _ if DRY || dir != DIR_EGRESS => new::<DRY>(ep, dir, ifindex, flow, now),
+            _ => match service6::frontend(scratch) {
+                service6::FRONTEND_NONE => new::<DRY>(ep, dir, ifindex, flow, now),
+                service6::FRONTEND_LIVE => match service6::track6(ep, scratch, DIR_EGRESS) {
+                    service6::TRACK_NONE => service6::new_flow(ctx, ep, scratch),
+                    service6::TRACK_PASS => service6::resume(ctx, ep, scratch),
+                    _ => false,
+                },
+                _ => service6::new_flow(ctx, ep, scratch),
+            },
         }
     };
     if !DRY && upper.fragmented {
@@ -272,38 +374,46 @@ fn link(ep: &EndpointInfo, dir: u8, flow: &Flow<Ip6>, icmp_type: u8, hop_limit: 
     ipv6::link_control(dir, icmp_type, hop_limit, &s, &d, &own, node).unwrap_or(reason::NONE)
 }
 
-const KNOWN_PASS: u8 = 1;
-const KNOWN_DROP: u8 = 2;
+use service6::{KNOWN_DROP, KNOWN_PASS};
+/// `known`: conntrack passed a packet of a translated flow, or a reply
+/// to a hairpin: `service6::known` finishes it.
+const KNOWN_SERVICE: u8 = 4;
 
 /// Conntrack: a known flow or reply passes without a policy lookup (a
-/// stale entry is judged again first). 0: not tracked, a new flow.
+/// stale entry is judged again first), translated as its flow was
+/// (`service6::known`). 0: not tracked, a new flow.
 #[inline(never)]
-fn known<const DRY: bool>(
-    ep: &EndpointInfo,
-    dir: u8,
-    ifindex: u32,
-    flow: &mut Flow<Ip6>,
-    now: u64,
-) -> u8 {
+fn known<const DRY: bool>(ep: &EndpointInfo, dir: u8, scratch: *mut Scratch6) -> u8 {
     if DRY {
         return 0;
     }
+    // SAFETY: this CPU's slot (see `Scratch6`).
+    let s = unsafe { &mut *scratch };
+    let (ifindex, now) = (s.ifindex, s.now);
     let (mut flags, mut state) = (0, 0);
     let Some(t) = ct_track(
         ep,
-        &flow.key,
+        &s.flow.key,
         dir,
-        flow.tcp_flags,
+        s.flow.tcp_flags,
         now,
         &mut flags,
         &mut state,
     ) else {
         return 0;
     };
-    if t.stale && !rejudge(ep, ifindex, flow, &t, flags, now) {
+    let stale = t.stale;
+    if stale && !rejudge(ep, ifindex, &mut s.flow, &t, flags, now) {
         return KNOWN_DROP;
     }
     count::<DRY>(t.why);
+    let hairpin_reply = dir == DIR_EGRESS && s.flow.key.daddr == HAIRPIN_ADDR6;
+    if flags & CT_SVC_NAT != 0 || hairpin_reply {
+        s.ct_flags = flags;
+        s.ct_state = state;
+        s.ct_stale = stale;
+        return KNOWN_SERVICE;
+    }
     KNOWN_PASS
 }
 

@@ -10,7 +10,9 @@ use aya::{
 };
 use palisade_common::{
     maps as names, reason,
-    service::{SvcBackend, SvcBackendKey, SvcFrontend, SvcFrontendKey},
+    service::{
+        SvcBackend, SvcBackend6, SvcBackendKey, SvcFrontend, SvcFrontendKey, SvcFrontendKey6,
+    },
     EndpointInfo, EndpointKey, Ip6, IpcacheValue, PolicyKey, PolicyValue,
 };
 #[cfg(feature = "test-utils")]
@@ -38,6 +40,10 @@ pub struct Maps {
     svc_backends: HashMap<MapData, SvcBackendKey, SvcBackend>,
     #[cfg(feature = "test-utils")]
     svc_nat: HashMap<MapData, CtKey, palisade_common::service::SvcNat>,
+    svc_frontends6: HashMap<MapData, SvcFrontendKey6, SvcFrontend>,
+    svc_backends6: HashMap<MapData, SvcBackendKey, SvcBackend6>,
+    #[cfg(feature = "test-utils")]
+    svc_nat6: HashMap<MapData, CtKey6, palisade_common::service::SvcNat6>,
     event_budget: Array<MapData, palisade_common::event_limit::EventBudget>,
     ct_budget: Array<MapData, palisade_common::ct_budget::CtBudget>,
     #[cfg(feature = "test-utils")]
@@ -126,6 +132,10 @@ impl Maps {
             svc_backends: take(ebpf, names::SVC_BACKENDS)?,
             #[cfg(feature = "test-utils")]
             svc_nat: take(ebpf, names::SVC_NAT)?,
+            svc_frontends6: take(ebpf, names::SVC_FRONTENDS6)?,
+            svc_backends6: take(ebpf, names::SVC_BACKENDS6)?,
+            #[cfg(feature = "test-utils")]
+            svc_nat6: take(ebpf, names::SVC_NAT6)?,
             event_budget: take(ebpf, names::EVENT_BUDGET)?,
             ct_budget: take(ebpf, names::CT_BUDGET)?,
             #[cfg(feature = "test-utils")]
@@ -373,6 +383,35 @@ impl Maps {
         self.svc_backends.iter().filter_map(Result::ok).collect()
     }
 
+    /// `set_frontend` for an IPv6 ClusterIP (`SVC_FRONTENDS6`).
+    pub fn set_frontend6(&mut self, k: SvcFrontendKey6, v: SvcFrontend) -> Result<(), Error> {
+        self.svc_frontends6
+            .insert(k, v, 0)
+            .map_err(write_err(names::SVC_FRONTENDS6, self.sizes.svc_frontends))
+    }
+
+    pub fn remove_frontend6(&mut self, k: &SvcFrontendKey6) -> Result<(), Error> {
+        removed(names::SVC_FRONTENDS6, self.svc_frontends6.remove(k))
+    }
+
+    pub fn set_backend6(&mut self, k: SvcBackendKey, v: SvcBackend6) -> Result<(), Error> {
+        self.svc_backends6
+            .insert(k, v, 0)
+            .map_err(write_err(names::SVC_BACKENDS6, self.sizes.svc_backends))
+    }
+
+    pub fn remove_backend6(&mut self, k: &SvcBackendKey) -> Result<(), Error> {
+        removed(names::SVC_BACKENDS6, self.svc_backends6.remove(k))
+    }
+
+    pub fn frontends6(&self) -> Vec<(SvcFrontendKey6, SvcFrontend)> {
+        self.svc_frontends6.iter().filter_map(Result::ok).collect()
+    }
+
+    pub fn backends6(&self) -> Vec<(SvcBackendKey, SvcBackend6)> {
+        self.svc_backends6.iter().filter_map(Result::ok).collect()
+    }
+
     /// The XDP prefilter's deny list: (network address, prefix length).
     pub fn denied_sources(&self) -> Vec<(Ipv4Addr, u32)> {
         self.xdp_deny
@@ -430,6 +469,11 @@ impl Maps {
     /// Service translation entries (forward and reverse).
     pub fn svc_nat_entries(&self) -> Vec<(CtKey, palisade_common::service::SvcNat)> {
         self.svc_nat.iter().filter_map(Result::ok).collect()
+    }
+
+    /// The IPv6 ones.
+    pub fn svc_nat6_entries(&self) -> Vec<(CtKey6, palisade_common::service::SvcNat6)> {
+        self.svc_nat6.iter().filter_map(Result::ok).collect()
     }
 
     pub fn insert_fragment(&mut self, k: FragKey, v: FragValue) -> Result<(), Error> {
