@@ -171,10 +171,85 @@ spec:
 "#
     )));
     assert!(r.rejections.is_empty(), "{:?}", r.rejections);
-    // The IPv6 family is not served (IPv4 datapath); the IPv4 one is.
-    assert_eq!(r.frontends.len(), 2);
+    // Both families of the dual-stack Service are served, sorted by
+    // address; these pods have no IPv6 address, so its IPv6 frontend has
+    // no backend (new flows refused, as kube-proxy refuses them).
+    assert_eq!(r.frontends.len(), 3);
     assert_eq!(r.frontends[0].affinity_timeout_s, Some(10800));
     assert_eq!(r.frontends[1].affinity_timeout_s, Some(60));
+    assert_eq!(r.frontends[2].address, "[fd00::20]:80".parse().unwrap());
+    assert_eq!(r.frontends[2].affinity_timeout_s, Some(10800));
+    assert!(r.frontends[2].backends.is_empty());
+}
+
+const DUAL_PODS: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: ns, labels: {app: web}}
+spec:
+  containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]
+status: {podIP: 10.0.0.1, podIPs: [{ip: 10.0.0.1}, {ip: "fd00::1"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: ns, labels: {app: web}}
+spec:
+  containers: [{name: c, ports: [{name: http, containerPort: 9090}]}]
+status: {podIP: "fd00::2", podIPs: [{ip: "fd00::2"}]}
+"#;
+
+#[test]
+fn dual_stack_frontends_take_backends_of_their_own_family() {
+    // Derived slices: one endpoint per pod and family.
+    let r = resolve(&view(&format!(
+        r#"{DUAL_PODS}---
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: ns}}
+spec:
+  type: NodePort
+  clusterIPs: [10.96.0.10, "fd00:96::10"]
+  selector: {{app: web}}
+  ports: [{{name: http, port: 80, targetPort: http, nodePort: 30080}}]
+"#
+    )));
+    assert!(r.rejections.is_empty(), "{:?}", r.rejections);
+    assert_eq!(backends(&r, "10.96.0.10:80", 6), ["10.0.0.1:8080"]);
+    assert_eq!(
+        backends(&r, "[fd00:96::10]:80", 6),
+        ["[fd00::1]:8080", "[fd00::2]:9090"]
+    );
+    // The NodePort on both families' node addresses.
+    assert_eq!(backends(&r, "0.0.0.0:30080", 6), ["10.0.0.1:8080"]);
+    assert_eq!(backends(&r, "[::]:30080", 6).len(), 2);
+
+    // Given slices: the IPv6 one feeds the IPv6 frontend only; an address
+    // of the other family in a slice is left out and reported.
+    let r = resolve(&view(&format!(
+        r#"{DUAL_PODS}---
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: ns}}
+spec:
+  clusterIPs: ["fd00:96::10", 10.96.0.10]
+  ports: [{{name: http, port: 80}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-6, namespace: ns, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv6
+endpoints: [{{addresses: ["fd00::2"]}}, {{addresses: [10.0.0.1]}}]
+ports: [{{name: http, port: 9090}}]
+"#
+    )));
+    assert_eq!(backends(&r, "[fd00:96::10]:80", 6), ["[fd00::2]:9090"]);
+    assert!(backends(&r, "10.96.0.10:80", 6).is_empty());
+    assert_eq!(r.rejections.len(), 1, "{:?}", r.rejections);
+    assert!(
+        r.rejections[0].reason.contains("not an IPv6 address"),
+        "{:?}",
+        r.rejections
+    );
 }
 
 #[test]
