@@ -39,11 +39,25 @@ pub fn trace_service<N: Names + ?Sized>(
         "SCTP" => PROTO_SCTP,
         p => bail!("protocol {p}: expected TCP, UDP or SCTP"),
     };
-    let ports: Vec<&Frontend> = services.values().filter(|f| f.service == *svc).collect();
-    let Some(f) = ports
+    // `--family` picks the ClusterIP of a dual-stack Service; without it,
+    // IPv4 where the Service has it.
+    let want_v6 = match t.family.as_deref() {
+        None => None,
+        Some("ipv4") => Some(false),
+        Some("ipv6") => Some(true),
+        Some(f) => bail!("family {f:?}: expected ipv4 or ipv6"),
+    };
+    let ports: Vec<&Frontend> = services
+        .values()
+        .filter(|f| f.service == *svc && !f.address.ip().is_unspecified())
+        .collect();
+    let mut of_port: Vec<&&Frontend> = ports
         .iter()
-        .find(|f| f.address.port() == t.port && f.protocol == protocol)
-    else {
+        .filter(|f| f.address.port() == t.port && f.protocol == protocol)
+        .filter(|f| want_v6.is_none_or(|v6| f.address.is_ipv6() == v6))
+        .collect();
+    of_port.sort_by_key(|f| f.address.is_ipv6());
+    let Some(f) = of_port.first() else {
         if ports.is_empty() {
             bail!("Service {svc} is not translated on this node (unknown, headless, or refused: see status)");
         }
@@ -84,21 +98,21 @@ pub fn trace_service<N: Names + ?Sized>(
             Some(p) => format!("{p} ({})", b.address),
             None => b.address.to_string(),
         };
+        let pod_ip = |p: &ObjectKey| match b.address.ip() {
+            std::net::IpAddr::V4(_) => names.pod_address(p).flatten().map(std::net::IpAddr::V4),
+            std::net::IpAddr::V6(_) => names.pod_address6(p).map(std::net::IpAddr::V6),
+        };
         let to = match (&b.pod, b.address.ip()) {
-            (Some(p), _)
-                if names.pod_address(p).flatten().map(std::net::IpAddr::V4)
-                    == Some(b.address.ip()) =>
-            {
-                p.to_string()
-            }
+            (Some(p), ip) if pod_ip(p) == Some(ip) => p.to_string(),
             (_, ip) => ip.to_string(),
         };
+        let v6 = b.address.is_ipv6();
         let req = TraceRequest {
             from: t.from.clone(),
             to,
             port: b.address.port(),
             protocol: t.protocol.clone(),
-            family: None,
+            family: Some(if v6 { "ipv6" } else { "ipv4" }.into()),
         };
         match trace(names, current, &req) {
             Ok(r) => {
@@ -232,5 +246,90 @@ mod tests {
         );
         assert!(service_target("svc/a").unwrap().is_err());
         assert_eq!(service_target("a/web").map(|r| r.is_ok()), None);
+    }
+
+    #[test]
+    fn a_dual_stack_service_is_traced_over_the_family_asked_for() {
+        let mut e = Engine::new(false, Vec::new());
+        for (name, app, i) in [("web", "web", 1u8), ("db1", "db", 2), ("db2", "cache", 3)] {
+            e.apply(Change::Pod(
+                Pod {
+                    namespace: "a".into(),
+                    name: name.into(),
+                    labels: Labels::from([("app".to_string(), app.to_string())]),
+                    ip: Some(Ipv4Addr::new(10, 0, 0, i)),
+                    ipv6: Some(format!("fd00::{i}").parse().unwrap()),
+                    host_network: false,
+                    ports: Vec::new(),
+                }
+                .into(),
+            ));
+        }
+        let y = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: to-db, namespace: a}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Egress]\n  egress:\n  - to: [{podSelector: {matchLabels: {app: db}}}]\n";
+        let np: NetworkPolicy = serde_yaml::from_str(y).unwrap();
+        e.apply(Change::Policy(ObjectKey::new("a", "to-db"), Arc::new(np)));
+        e.add_endpoint(LocalEndpoint {
+            key: ObjectKey::new("a", "web"),
+            endpoint_id: 1,
+            ifindex: 11,
+            host_ifname: "veth1".into(),
+            ipv4: Ipv4Addr::new(10, 0, 0, 1),
+            ipv6: Some("fd00::1".parse().unwrap()),
+            container_id: "c1".into(),
+            mac: [0; 6],
+        });
+        let fe = |at: &str, b1: &str, b2: &str| Frontend {
+            service: ObjectKey::new("a", "db"),
+            port_name: String::new(),
+            address: at.parse().unwrap(),
+            protocol: PROTO_TCP,
+            backends: [("db1", b1), ("db2", b2)]
+                .into_iter()
+                .map(|(pod, ip)| Backend {
+                    address: ip.parse().unwrap(),
+                    pod: Some(ObjectKey::new("a", pod)),
+                })
+                .collect(),
+            affinity_timeout_s: None,
+        };
+        let services: BTreeMap<u32, Frontend> = [
+            (1, fe("10.96.0.5:5432", "10.0.0.2:5432", "10.0.0.3:5432")),
+            (
+                2,
+                fe("[fd00:96::5]:5432", "[fd00::2]:5432", "[fd00::3]:5432"),
+            ),
+        ]
+        .into();
+        let req = |family: Option<&str>| TraceRequest {
+            from: "a/web".into(),
+            to: "svc/a/db".into(),
+            port: 5432,
+            protocol: "TCP".into(),
+            family: family.map(String::from),
+        };
+        let svc = ObjectKey::new("a", "db");
+        let heads = |r: &TraceReport| -> Vec<String> {
+            r.steps
+                .iter()
+                .filter(|s| s.hop.starts_with("via"))
+                .map(|s| format!("{} {}", s.hop, s.verdict))
+                .collect()
+        };
+        let v4 = trace_service(&*e.view(), e.desired(), &services, &svc, &req(None)).unwrap();
+        assert!(
+            heads(&v4)[0].contains("(10.96.0.5:5432)"),
+            "{:?}",
+            heads(&v4)
+        );
+        let v6 =
+            trace_service(&*e.view(), e.desired(), &services, &svc, &req(Some("ipv6"))).unwrap();
+        let h = heads(&v6);
+        assert_eq!(v6.verdict, "PARTIAL", "{v6:?}");
+        assert!(
+            h[0].ends_with("backend a/db1 ([fd00::2]:5432) ALLOW")
+                && h[1].ends_with("backend a/db2 ([fd00::3]:5432) DROP"),
+            "{h:?}"
+        );
+        assert!(trace_service(&*e.view(), e.desired(), &services, &svc, &req(Some("v7"))).is_err());
     }
 }

@@ -88,28 +88,29 @@ fn rig() -> Result<Rig> {
         pins: pins.pins.clone(),
         ..Default::default()
     };
-    let (dp, mut maps, ifindexes) = node.enter(move || -> Result<(Datapath, Maps, Vec<u32>)> {
-        let mut dp = Datapath::load(&cfg)?;
-        let mut maps = dp.take_maps()?;
-        let mut idx = Vec::new();
-        for (ifname, ip, ep) in ifs {
-            let ifindex = palisade_dataplane::loader::ifindex(&ifname)?;
-            let info = EndpointInfo {
-                endpoint_id: ep,
-                identity: 1000 + ep,
-                ipv4: 0,
-                flags: 0,
-                generation: 0,
-                mac: [0; 6],
-                _pad: [0; 2],
-                ipv6: ip6_words(ip),
-            };
-            maps.upsert_endpoint(ifindex, info)?;
-            dp.attach_pod(&ifname)?;
-            idx.push(ifindex);
-        }
-        Ok((dp, maps, idx))
-    })??;
+    let (dp, mut maps, ifindexes) =
+        node.enter(move || -> Result<(Datapath, Maps, Vec<u32>)> {
+            let mut dp = Datapath::load(&cfg)?;
+            let mut maps = dp.take_maps()?;
+            let mut idx = Vec::new();
+            for (ifname, ip, ep) in ifs {
+                let ifindex = palisade_dataplane::loader::ifindex(&ifname)?;
+                let info = EndpointInfo {
+                    endpoint_id: ep,
+                    identity: 1000 + ep,
+                    ipv4: 0,
+                    flags: 0,
+                    generation: 0,
+                    mac: [0; 6],
+                    _pad: [0; 2],
+                    ipv6: ip6_words(ip),
+                };
+                maps.upsert_endpoint(ifindex, info)?;
+                dp.attach_pod(&ifname)?;
+                idx.push(ifindex);
+            }
+            Ok((dp, maps, idx))
+        })??;
     let v = |identity| IpcacheValue {
         identity,
         cidr_identity: IDENTITY_WORLD6,
@@ -289,7 +290,10 @@ fn tcp_and_udp_to_an_ipv6_cluster_ip_reach_backends_and_replies_come_from_it() -
             e.service_id == 80 && e.verdict == VERDICT_ALLOW
         })
         .expect("a translated flow's record");
-    assert!(to_pod(&e, B) || to_pod(&e, C), "the record names the backend");
+    assert!(
+        to_pod(&e, B) || to_pod(&e, C),
+        "the record names the backend"
+    );
     Ok(())
 }
 
@@ -319,11 +323,18 @@ fn ipv6_policy_judges_the_backend_an_open_flow_keeps_it_and_a_hairpin_works() ->
     r.allow(A, C, DIR_EGRESS)?;
     r.service(80, PROTO_TCP, &[C])?;
     echo(&mut open, 7)?;
-    assert_eq!(tcp_tag(&r.pods[A], vip(80))?.0, C as u8, "new flows go to C");
+    assert_eq!(
+        tcp_tag(&r.pods[A], vip(80))?.0,
+        C as u8,
+        "new flows go to C"
+    );
     echo(&mut open, 8)?;
     // The ingress side judges the client as itself, not the ClusterIP.
     r.enforce(C, EP_INGRESS_ENFORCED)?;
-    assert!(tcp_tag(&r.pods[A], vip(80)).is_err(), "C's ingress denies A");
+    assert!(
+        tcp_tag(&r.pods[A], vip(80)).is_err(),
+        "C's ingress denies A"
+    );
     r.allow(C, A, DIR_INGRESS)?;
     assert_eq!(tcp_tag(&r.pods[A], vip(80))?.0, C as u8);
 

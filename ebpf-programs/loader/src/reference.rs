@@ -162,11 +162,18 @@ impl Family for Ip6 {
     fn conntrack(e: &mut Evaluator) -> &mut HashMap<CtKey6, CtValue> {
         &mut e.conntrack6
     }
-    fn peer(e: &Evaluator, _dir: u8, remote: Ip6) -> IpcacheValue {
-        decision::peer_or_world6(e.ipcache6_lookup(crate::maps::from_ip6_words(remote)))
+    fn peer(e: &Evaluator, dir: u8, remote: Ip6) -> IpcacheValue {
+        palisade_common::service::policy_peer(dir, remote, |a| {
+            e.ipcache6_lookup(crate::maps::from_ip6_words(a))
+        })
     }
     fn rejudge_decision(e: &Evaluator, ep: &EndpointInfo, k: &CtKey6) -> Decision {
-        e.decide(ep, k.scope, k)
+        // As IPv4's: a hairpin is the pod talking to itself.
+        if k.scope == DIR_EGRESS && k.daddr == ep.ipv6 {
+            decision::decide(ep, DIR_EGRESS, k, &HAIRPIN_PEER, |_| None)
+        } else {
+            e.decide(ep, k.scope, k)
+        }
     }
 }
 
