@@ -8,13 +8,13 @@
 //! route someone else put there (the primary CNI, an operator) is never
 //! touched: adding ours over it fails with EEXIST and is reported.
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd},
 };
 
 use anyhow::{anyhow, Context, Result};
 use futures::TryStreamExt;
-use ipnetwork::Ipv4Network;
+use ipnetwork::IpNetwork;
 use netlink_packet_route::{
     link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourState},
@@ -29,11 +29,11 @@ use tokio::runtime::Runtime;
 /// 0xb0`): not one iproute2 or a routing daemon uses.
 pub const RTPROT_PALISADE: u8 = 0xb0;
 
-/// A route of ours as read back.
+/// A route of ours as read back (either family).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct OwnedRoute {
-    pub dst: Ipv4Network,
-    pub gateway: Option<Ipv4Addr>,
+    pub dst: IpNetwork,
+    pub gateway: Option<IpAddr>,
     pub oif: Option<u32>,
 }
 
@@ -113,15 +113,19 @@ impl Netlink {
 
     // ---- routes -------------------------------------------------------
 
-    /// The main table's IPv4 routes with our protocol number.
+    /// The main table's routes of both families with our protocol number.
     pub fn owned_routes(&self) -> Result<Vec<OwnedRoute>> {
-        let query = RouteMessageBuilder::<Ipv4Addr>::new().build();
-        let msgs: Vec<RouteMessage> = self
-            .run(self.handle.route().get(query).execute().try_collect())
-            .context("listing routes")?;
+        let v4 = RouteMessageBuilder::<Ipv4Addr>::new().build();
+        let v6 = RouteMessageBuilder::<Ipv6Addr>::new().build();
+        let mut msgs: Vec<RouteMessage> = Vec::new();
+        for query in [v4, v6] {
+            let got: Vec<RouteMessage> = self
+                .run(self.handle.route().get(query).execute().try_collect())
+                .context("listing routes")?;
+            msgs.extend(got);
+        }
         let mut out: Vec<OwnedRoute> = msgs
             .into_iter()
-            .filter(|m| m.header.address_family == AddressFamily::Inet)
             .filter(|m| m.header.protocol == RouteProtocol::from(RTPROT_PALISADE))
             .filter(|m| {
                 m.header.table == RouteHeader::RT_TABLE_MAIN
@@ -130,18 +134,28 @@ impl Netlink {
                         .any(|a| matches!(a, RouteAttribute::Table(254)))
             })
             .filter_map(|m| {
-                let mut dst = Ipv4Addr::UNSPECIFIED;
+                let mut dst = match m.header.address_family {
+                    AddressFamily::Inet => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                    AddressFamily::Inet6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+                    _ => return None,
+                };
                 let mut gateway = None;
                 let mut oif = None;
                 for a in &m.attributes {
                     match a {
-                        RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = *d,
-                        RouteAttribute::Gateway(RouteAddress::Inet(g)) => gateway = Some(*g),
+                        RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = (*d).into(),
+                        RouteAttribute::Destination(RouteAddress::Inet6(d)) => dst = (*d).into(),
+                        RouteAttribute::Gateway(RouteAddress::Inet(g)) => {
+                            gateway = Some((*g).into())
+                        }
+                        RouteAttribute::Gateway(RouteAddress::Inet6(g)) => {
+                            gateway = Some((*g).into())
+                        }
                         RouteAttribute::Oif(i) => oif = Some(*i),
                         _ => {}
                     }
                 }
-                let dst = Ipv4Network::new(dst, m.header.destination_prefix_length).ok()?;
+                let dst = IpNetwork::new(dst, m.header.destination_prefix_length).ok()?;
                 Some(OwnedRoute { dst, gateway, oif })
             })
             .collect();
@@ -150,19 +164,38 @@ impl Netlink {
     }
 
     fn route_message(r: &OwnedRoute, onlink: bool) -> RouteMessage {
-        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(r.dst.network(), r.dst.prefix())
-            .protocol(RouteProtocol::from(RTPROT_PALISADE));
-        if let Some(gw) = r.gateway {
-            b = b.gateway(gw);
+        fn finish<T>(
+            mut b: RouteMessageBuilder<T>,
+            r: &OwnedRoute,
+            onlink: bool,
+        ) -> RouteMessageBuilder<T> {
+            b = b.protocol(RouteProtocol::from(RTPROT_PALISADE));
+            if let Some(oif) = r.oif {
+                b = b.output_interface(oif);
+            }
+            if onlink {
+                b = b.onlink();
+            }
+            b
         }
-        if let Some(oif) = r.oif {
-            b = b.output_interface(oif);
+        match (r.dst, r.gateway) {
+            (IpNetwork::V4(dst), gw) => {
+                let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(dst.network(), dst.prefix());
+                if let Some(IpAddr::V4(gw)) = gw {
+                    b = b.gateway(gw);
+                }
+                finish(b, r, onlink).build()
+            }
+            (IpNetwork::V6(dst), gw) => {
+                let mut b = RouteMessageBuilder::<Ipv6Addr>::new()
+                    .destination_prefix(dst.network(), dst.prefix());
+                if let Some(IpAddr::V6(gw)) = gw {
+                    b = b.gateway(gw);
+                }
+                finish(b, r, onlink).build()
+            }
         }
-        if onlink {
-            b = b.onlink();
-        }
-        b.build()
     }
 
     /// `ip route add <dst> via <gw> [dev <oif> onlink] proto 0xb0`; fails
@@ -315,16 +348,17 @@ impl Netlink {
         Ok(self.link(name)?.map(|m| m.header.index))
     }
 
-    /// Permanent IPv4 neighbour entries on `index`: (address, MAC).
-    pub fn neighbours(&self, index: u32) -> Result<Vec<(Ipv4Addr, Vec<u8>)>> {
-        let req = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Inet);
-        let msgs: Vec<_> = self
-            .run(req.execute().try_collect())
-            .context("listing neighbours")?;
+    /// Permanent neighbour entries of both families on `index`:
+    /// (address, MAC).
+    pub fn neighbours(&self, index: u32) -> Result<Vec<(IpAddr, Vec<u8>)>> {
+        let mut msgs = Vec::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let req = self.handle.neighbours().get().set_address_family(family);
+            let got: Vec<_> = self
+                .run(req.execute().try_collect())
+                .context("listing neighbours")?;
+            msgs.extend(got);
+        }
         Ok(msgs
             .into_iter()
             .filter(|m| m.header.ifindex == index && m.header.state == NeighbourState::Permanent)
@@ -333,7 +367,12 @@ impl Netlink {
                 let mut mac = Vec::new();
                 for a in m.attributes {
                     match a {
-                        NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) => ip = Some(d),
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) => {
+                            ip = Some(IpAddr::V4(d))
+                        }
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet6(d)) => {
+                            ip = Some(IpAddr::V6(d))
+                        }
                         NeighbourAttribute::LinkLayerAddress(l) => mac = l,
                         _ => {}
                     }
@@ -344,11 +383,11 @@ impl Netlink {
     }
 
     /// `ip neigh replace <ip> lladdr <mac> dev <index> nud permanent`
-    pub fn set_neighbour(&self, index: u32, ip: Ipv4Addr, mac: [u8; 6]) -> Result<()> {
+    pub fn set_neighbour(&self, index: u32, ip: IpAddr, mac: [u8; 6]) -> Result<()> {
         let req = self
             .handle
             .neighbours()
-            .add(index, IpAddr::V4(ip))
+            .add(index, ip)
             .link_layer_address(&mac)
             .state(NeighbourState::Permanent)
             .replace();
@@ -357,12 +396,15 @@ impl Netlink {
     }
 
     /// `ip neigh del <ip> dev <index>`
-    pub fn del_neighbour(&self, index: u32, ip: Ipv4Addr) -> Result<()> {
+    pub fn del_neighbour(&self, index: u32, ip: IpAddr) -> Result<()> {
         let mut msg = netlink_packet_route::neighbour::NeighbourMessage::default();
-        msg.header.family = AddressFamily::Inet;
         msg.header.ifindex = index;
-        msg.attributes
-            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        let (family, dst) = match ip {
+            IpAddr::V4(a) => (AddressFamily::Inet, NeighbourAddress::Inet(a)),
+            IpAddr::V6(a) => (AddressFamily::Inet6, NeighbourAddress::Inet6(a)),
+        };
+        msg.header.family = family;
+        msg.attributes.push(NeighbourAttribute::Destination(dst));
         match self.run(self.handle.neighbours().del(msg).execute()) {
             Ok(()) => Ok(()),
             Err(e) if is_missing(&e) => Ok(()),

@@ -5,6 +5,7 @@
 //! comes back), retries a failed pass after 2 s, and publishes what it
 //! installed and what it could not for `status`.
 use std::{
+    net::IpAddr,
     sync::{
         mpsc::{self, RecvTimeoutError},
         Arc, Mutex,
@@ -158,12 +159,12 @@ fn reconcile(nl: &Netlink, mode: Mode, d: &Desired) -> Result<(Vec<String>, Vec<
             let r = match vx {
                 Some(idx) => OwnedRoute {
                     dst,
-                    gateway: Some(p.vtep()?),
+                    gateway: Some(p.gateway(&dst, true)?),
                     oif: Some(idx),
                 },
                 None if mode == Mode::Native => OwnedRoute {
                     dst,
-                    gateway: Some(p.address),
+                    gateway: Some(p.gateway(&dst, false)?),
                     oif: None,
                 },
                 None => return None,
@@ -183,10 +184,17 @@ fn reconcile(nl: &Netlink, mode: Mode, d: &Desired) -> Result<(Vec<String>, Vec<
     if let Some(idx) = vx {
         // Neighbour and forwarding entries first: a route is usable the
         // moment it exists.
+        // An IPv4 and an IPv6 VTEP address per peer (IPv6 pods ride the
+        // same IPv4 tunnel), both at the peer's device MAC.
         let want_neigh: Vec<_> = d
             .peers
             .iter()
-            .filter_map(|p| Some((p.vtep()?, routing::vxlan_mac(p.address))))
+            .flat_map(|p| {
+                let mac = routing::vxlan_mac(p.address);
+                let v4 = p.vtep().map(IpAddr::V4);
+                let v6 = p.vtep6().map(IpAddr::V6);
+                v4.into_iter().chain(v6).map(move |ip| (ip, mac))
+            })
             .collect();
         for (ip, mac) in nl.neighbours(idx)? {
             if !want_neigh.iter().any(|(i, m)| *i == ip && m[..] == mac[..]) {
@@ -221,12 +229,17 @@ fn reconcile(nl: &Netlink, mode: Mode, d: &Desired) -> Result<(Vec<String>, Vec<
             Some(_) => format!(
                 "{} via {} dev {} ({}: {})",
                 w.dst,
-                w.gateway.unwrap_or(p.address),
+                w.gateway.unwrap_or(p.address.into()),
                 routing::VXLAN_DEVICE,
                 p.node,
                 p.address
             ),
-            None => format!("{} via {} ({})", w.dst, p.address, p.node),
+            None => format!(
+                "{} via {} ({})",
+                w.dst,
+                w.gateway.unwrap_or(p.address.into()),
+                p.node
+            ),
         };
         if !have.iter().any(|h| same(h, w)) {
             match nl.add_route(w, vx.is_some()) {
