@@ -555,17 +555,14 @@ fn family_skips(n: usize, run: IpFamily) -> String {
     format!("{n} probes skipped: pinned to a family --ip-family {run} gives pods no address of")
 }
 
-/// Why `case` cannot run with `opts`' IP family (several nodes,
-/// host-network pods and Services are IPv4 only); None when it can.
+/// Why `case` cannot run with `opts`' IP family (several nodes and
+/// host-network pods are IPv4 only; Services are not); None when it can.
 pub fn ip_family_unsupported(case: &Case, opts: &Options) -> Result<Option<String>> {
     if opts.ip_family == IpFamily::Ipv4 {
         return Ok(None);
     }
-    if opts.via_services || opts.nodes > 1 {
-        return Ok(Some(family::unsupported(
-            opts.ip_family,
-            "--nodes/--via-services",
-        )));
+    if opts.nodes > 1 {
+        return Ok(Some(family::unsupported(opts.ip_family, "--nodes")));
     }
     if nodes::Layout::of(case, opts.nodes)?.is_some() {
         return Ok(Some(family::unsupported(
@@ -791,7 +788,7 @@ fn say(text: &str) {
 /// the last line is `N passed, M failed[, K skipped]`.
 pub fn run_paths(paths: &[PathBuf], filters: &[String], opts: &Options) -> Result<Totals> {
     say(&format!("{}\n", opts.line()));
-    family::check_options(opts.ip_family, opts.nodes, opts.via_services)?;
+    family::check_options(opts.ip_family, opts.nodes)?;
     let tools = Tools::locate()?;
     crate::ensure_bpffs()?;
     for r in signal::reap_leftovers() {
