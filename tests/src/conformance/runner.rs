@@ -357,6 +357,14 @@ impl<'a> Live<'a> {
         )
     }
 
+    /// The addresses a probe over `f` to `dst` is known by: the pod's,
+    /// and via services the ClusterIP it went to.
+    pub fn probed(&self, dst: &str, f: Family) -> Vec<IpAddr> {
+        let mut out = vec![self.ip_of(dst, f)];
+        out.extend(self.service_ip(dst, f));
+        out
+    }
+
     pub fn job(&self, src: &str, dst: &str, port: u16, protocol: Protocol) -> Result<Job> {
         let s = self
             .cluster
@@ -595,12 +603,20 @@ pub fn plan(case: &Case, run: IpFamily, sctp: bool) -> (usize, usize, usize) {
     (all, sctp_skipped, family_skipped)
 }
 
-/// How the flow log explains one mismatching cell.
-fn explain(flows: &[Flow], src: IpAddr, dst: IpAddr, port: u16, proto: Protocol) -> Vec<String> {
+/// How the flow log explains one mismatching cell (records to any of
+/// `dsts`: the pod's address, and its ClusterIP via services, which the
+/// source's egress may record before translation).
+fn explain(
+    flows: &[Flow],
+    src: IpAddr,
+    dsts: &[IpAddr],
+    port: u16,
+    proto: Protocol,
+) -> Vec<String> {
     let mut seen: Vec<String> = Vec::new();
     for f in flows
         .iter()
-        .filter(|f| f.is(src, dst, port, proto.as_str()))
+        .filter(|f| dsts.iter().any(|d| f.is(src, *d, port, proto.as_str())))
     {
         let d = f.describe();
         if !seen.contains(&d) {
@@ -683,8 +699,9 @@ pub fn run_case(
                 flows.extend(t.gather(wait, |fs| {
                     bad.iter().all(|c| {
                         let p = &step.probes[c.probe];
-                        let (s, d) = (l.ip_of(&c.src, c.family), l.ip_of(&c.dst, c.family));
-                        fs.iter().any(|f| f.is(s, d, p.port, p.protocol.as_str()))
+                        let (s, ds) = (l.ip_of(&c.src, c.family), l.probed(&c.dst, c.family));
+                        fs.iter()
+                            .any(|f| ds.iter().any(|d| f.is(s, *d, p.port, p.protocol.as_str())))
                     })
                 }));
             }
@@ -706,8 +723,8 @@ pub fn run_case(
                     c.expected,
                     c.saw.expect("probed")
                 ));
-                let (s, d) = (l.ip_of(&c.src, c.family), l.ip_of(&c.dst, c.family));
-                for e in explain(&flows, s, d, p.port, p.protocol) {
+                let (s, ds) = (l.ip_of(&c.src, c.family), l.probed(&c.dst, c.family));
+                for e in explain(&flows, s, &ds, p.port, p.protocol) {
                     report.lines.push(format!("    flow: {e}"));
                 }
             }
