@@ -33,7 +33,7 @@ use serde_yaml::{Mapping, Value};
 
 use super::{
     case::{Labels, PodSpec, Protocol},
-    family::{self, IpFamily},
+    family::{self, Family, IpFamily},
     probe::Servers,
     signal,
 };
@@ -590,20 +590,26 @@ impl Cluster {
         self.write(file, doc)
     }
 
-    /// `iptables-restore --noflush` of `rules` in every node namespace (as
-    /// kube-proxy writes its rules), and a route for `unreachable` that
-    /// keeps it inside the test: unreachable on a single node, the fabric
-    /// when there are several.
-    pub fn install_node_rules(&self, rules: &str, unreachable: &str) -> Result<()> {
+    /// `iptables-restore --noflush` (IPv4) or `ip6tables-restore
+    /// --noflush` (IPv6) of `rules` in every node namespace (as kube-proxy's
+    /// proxier of family `f` writes its rules), and a route for
+    /// `unreachable` (a range of that family) that keeps it inside the
+    /// test: unreachable on a single node, the fabric when there are
+    /// several.
+    pub fn install_node_rules(&self, f: Family, rules: &str, unreachable: &str) -> Result<()> {
         use std::io::Write as _;
+        let restore = match f {
+            Family::V4 => "iptables-restore",
+            Family::V6 => "ip6tables-restore",
+        };
         for i in 0..self.nodes.len() {
             let node = self.node_ns(i)?;
             let mut child = std::process::Command::new("ip")
-                .args(["netns", "exec", &node.name, "iptables-restore", "--noflush"])
+                .args(["netns", "exec", &node.name, restore, "--noflush"])
                 .stdin(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
                 .spawn()
-                .context("running iptables-restore in the node namespace")?;
+                .with_context(|| format!("running {restore} in the node namespace"))?;
             child
                 .stdin
                 .take()
@@ -612,7 +618,7 @@ impl Cluster {
             let out = child.wait_with_output()?;
             if !out.status.success() {
                 bail!(
-                    "iptables-restore (kube-proxy's rules) failed: {}\n{rules}",
+                    "{restore} (kube-proxy's rules) failed: {}\n{rules}",
                     String::from_utf8_lossy(&out.stderr)
                 );
             }

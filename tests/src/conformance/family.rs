@@ -17,10 +17,16 @@
 //!   IPv6 address).
 //! - A probe pinned to a family the run has no addresses of (`family:
 //!   ipv6` under `--ip-family ipv4`) is skipped, never passed.
-//! - Several nodes, host-network pods and `--via-services` are IPv4 only:
-//!   the agents route IPv4 pod ranges only, nodes have IPv4 addresses, and
-//!   the datapath translates IPv4 ClusterIPs only. Asking for them with
-//!   IPv6 is refused with a clear error instead of probing something else.
+//! - `--via-services` works with every family: each pod's Service gets a
+//!   ClusterIP per family the run has (IPv6 ones from a ULA range that
+//!   exists only in the case's namespaces), an EndpointSlice per family,
+//!   and kube-proxy's rules per family (`ip6tables-restore` for IPv6); a
+//!   probe over a family goes to the ClusterIP of that family (see
+//!   [`super::services`]).
+//! - Several nodes and host-network pods are IPv4 only: the agents route
+//!   IPv4 pod ranges only and nodes have IPv4 addresses. Asking for them
+//!   with IPv6 is refused with a clear error instead of probing something
+//!   else.
 use std::{
     fmt,
     net::{Ipv4Addr, Ipv6Addr},
@@ -175,15 +181,16 @@ pub fn network6(ip: Ipv6Addr, prefix: u8) -> Ipv6Addr {
 /// or the case's needs).
 pub fn unsupported(run: IpFamily, what: &str) -> String {
     format!(
-        "--ip-family {run} with {what} is not supported yet (several nodes and host-network pods: the agents route and address nodes over IPv4 only; Services: the datapath translates IPv4 ClusterIPs only)"
+        "--ip-family {run} with {what} is not supported yet (several nodes and host-network pods: the agents route and address nodes over IPv4 only)"
     )
 }
 
 /// The run's options with `run`: refused when they need what IPv6 runs do
-/// not support.
-pub fn check_options(run: IpFamily, nodes: usize, via_services: bool) -> Result<()> {
-    if run != IpFamily::Ipv4 && (nodes > 1 || via_services) {
-        bail!("{}", unsupported(run, "--nodes/--via-services"));
+/// not support (several nodes; `--via-services` combines with every
+/// family, so it is no concern here).
+pub fn check_options(run: IpFamily, nodes: usize) -> Result<()> {
+    if run != IpFamily::Ipv4 && nodes > 1 {
+        bail!("{}", unsupported(run, "--nodes"));
     }
     Ok(())
 }
@@ -255,18 +262,20 @@ mod tests {
 
     #[test]
     fn options_ipv6_cannot_combine_with_yet() {
-        assert!(check_options(IpFamily::Ipv4, 3, true).is_ok());
-        assert!(check_options(IpFamily::Dual, 1, false).is_ok());
-        for (nodes, svc) in [(3, false), (1, true)] {
-            for run in [IpFamily::Ipv6, IpFamily::Dual] {
-                let e = check_options(run, nodes, svc).unwrap_err().to_string();
-                assert!(
-                    e.starts_with(&format!(
-                        "--ip-family {run} with --nodes/--via-services is not supported yet"
-                    )),
-                    "{e}"
-                );
-            }
+        assert!(check_options(IpFamily::Ipv4, 3).is_ok());
+        for run in [IpFamily::Ipv4, IpFamily::Ipv6, IpFamily::Dual] {
+            assert!(check_options(run, 1).is_ok(), "{run}");
+        }
+        // Several nodes stay IPv4 only.
+        for run in [IpFamily::Ipv6, IpFamily::Dual] {
+            let e = check_options(run, 3).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!(
+                    "--ip-family {run} with --nodes is not supported yet"
+                )),
+                "{e}"
+            );
+            assert!(!e.contains("Services") && !e.contains("ClusterIP"), "{e}");
         }
         assert_eq!(IpFamily::parse("dual").unwrap(), IpFamily::Dual);
         assert!(IpFamily::parse("v6").is_err());

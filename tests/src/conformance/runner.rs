@@ -34,8 +34,11 @@ pub struct Live<'a> {
     pub addresses: Addresses,
     /// Policy rejections the agent reported, already noted.
     pub rejected: BTreeMap<String, String>,
-    /// `--via-services`: pod -> its Service's ClusterIP (probes go there).
-    pub service_ips: BTreeMap<String, Ipv4Addr>,
+    /// `--via-services`: probes go to pods' ClusterIPs.
+    pub via_services: bool,
+    /// `--via-services`: (pod, family) -> its Service's ClusterIP of that
+    /// family (probes over that family go there).
+    pub service_ips: BTreeMap<(String, Family), IpAddr>,
 }
 
 impl<'a> Live<'a> {
@@ -134,27 +137,61 @@ impl<'a> Live<'a> {
         }
         let mut service_ips = BTreeMap::new();
         if via_services {
-            let mut ports = Vec::new();
+            // The run's families, IPv4 first (a dual-stack Service's
+            // primary family, as the API server orders `clusterIPs`).
+            let families: Vec<Family> = [Family::V4, Family::V6]
+                .into_iter()
+                .filter(|f| opts.ip_family.has(*f))
+                .collect();
+            let mut ports: BTreeMap<Family, Vec<services::ServicePort>> = BTreeMap::new();
             for (i, p) in case.pods.iter().enumerate() {
                 if p.host_network {
                     continue; // FORMAT: no Service; probed at its node's address
                 }
-                let ip = services::cluster_ip(i);
-                let pod_ip = addresses.pods[&p.key()];
-                let (Some(svc), Some(slice)) = (
-                    services::service_manifest(p, ip),
-                    services::endpoint_slice_manifest(p, pod_ip),
-                ) else {
+                // (family, ClusterIP, the pod's address of that family)
+                let mut per_family: Vec<(Family, IpAddr, IpAddr)> = Vec::new();
+                for &f in &families {
+                    let pod_ip = match f {
+                        Family::V4 => IpAddr::from(addresses.pods[&p.key()]),
+                        Family::V6 => addresses
+                            .pods6
+                            .get(&p.key())
+                            .copied()
+                            .ok_or_else(|| anyhow!("pod {} has no IPv6 address", p.key()))?
+                            .into(),
+                    };
+                    per_family.push((f, services::cluster_ip_of(f, i), pod_ip));
+                }
+                let ips: Vec<IpAddr> = per_family.iter().map(|(_, ip, _)| *ip).collect();
+                let Some(svc) = services::service_manifest(p, &ips) else {
                     continue; // serves nothing: no Service (probes to it fail either way)
                 };
                 let file = format!("svc-{}-{}.yaml", p.namespace, p.name);
                 cluster.write_object(&file, &svc)?;
-                cluster.write_object(&format!("eps-{}-{}.yaml", p.namespace, p.name), &slice)?;
-                ports.extend(services::service_ports(p, ip, Some(pod_ip)));
-                service_ips.insert(p.key(), ip);
+                for (f, ip, pod_ip) in per_family {
+                    let slice = services::endpoint_slice_manifest(p, pod_ip)
+                        .expect("a pod with a Service serves a port");
+                    let file = match f {
+                        Family::V4 => format!("eps-{}-{}.yaml", p.namespace, p.name),
+                        Family::V6 => format!("eps6-{}-{}.yaml", p.namespace, p.name),
+                    };
+                    cluster.write_object(&file, &slice)?;
+                    ports.entry(f).or_default().extend(services::service_ports(
+                        p,
+                        ip,
+                        Some(pod_ip),
+                    ));
+                    service_ips.insert((p.key(), f), ip);
+                }
             }
-            cluster
-                .install_node_rules(&services::kube_proxy_rules(&ports), services::SERVICE_RANGE)?;
+            for f in families {
+                let range = match f {
+                    Family::V4 => services::SERVICE_RANGE,
+                    Family::V6 => services::SERVICE_RANGE6,
+                };
+                let rules = services::kube_proxy_rules(f, ports.get(&f).map_or(&[], Vec::as_slice));
+                cluster.install_node_rules(f, &rules, range)?;
+            }
         }
         if opts.ip_family != IpFamily::Ipv4 {
             cluster.wait_ipv6_ready(Duration::from_secs(10))?;
@@ -179,6 +216,7 @@ impl<'a> Live<'a> {
             pod_labels,
             addresses,
             rejected: BTreeMap::new(),
+            via_services,
             service_ips,
         })
     }
@@ -278,23 +316,53 @@ impl<'a> Live<'a> {
         if f == Family::V4 {
             return self.job(src, dst, port, protocol);
         }
-        // Services and host-network pods are refused with IPv6 at start.
+        // Host-network pods are refused with IPv6 at start.
         let s = self
             .cluster
             .pod(src)
             .ok_or_else(|| anyhow!("no pod {src}"))?;
-        let to = self
-            .addresses
-            .pods6
-            .get(dst)
-            .copied()
-            .ok_or_else(|| anyhow!("pod {dst} has no IPv6 address to probe"))?;
+        let to = match self.service_ip(dst, f) {
+            Some(ip) => ip,
+            None => self
+                .addresses
+                .pods6
+                .get(dst)
+                .copied()
+                .ok_or_else(|| anyhow!("pod {dst} has no IPv6 address to probe"))?
+                .into(),
+        };
         Ok(Job {
             src_netns: s.netns_path(),
-            dst: to.into(),
+            dst: to,
             port,
             protocol,
         })
+    }
+
+    /// Where a probe over `f` to `dst` goes via services: the pod's
+    /// ClusterIP of that family; for a pod without a Service (it serves no
+    /// port) an address in the range that no rule serves, which the node
+    /// refuses. None without `--via-services` and for a host-network pod
+    /// (probed at its node's address).
+    pub fn service_ip(&self, dst: &str, f: Family) -> Option<IpAddr> {
+        let host_network = self.case.pod(dst).is_some_and(|p| p.host_network);
+        if !self.via_services || host_network {
+            return None;
+        }
+        Some(
+            self.service_ips
+                .get(&(dst.to_string(), f))
+                .copied()
+                .unwrap_or(services::cluster_ip_of(f, 65000)),
+        )
+    }
+
+    /// The addresses a probe over `f` to `dst` is known by: the pod's,
+    /// and via services the ClusterIP it went to.
+    pub fn probed(&self, dst: &str, f: Family) -> Vec<IpAddr> {
+        let mut out = vec![self.ip_of(dst, f)];
+        out.extend(self.service_ip(dst, f));
+        out
     }
 
     pub fn job(&self, src: &str, dst: &str, port: u16, protocol: Protocol) -> Result<Job> {
@@ -302,20 +370,12 @@ impl<'a> Live<'a> {
             .cluster
             .pod(src)
             .ok_or_else(|| anyhow!("no pod {src}"))?;
-        // Via services: the pod's ClusterIP; a pod without a Service (it
-        // serves no port) is probed at the range, which the node refuses.
-        let host_network = self.case.pod(dst).is_some_and(|p| p.host_network);
-        let to = if self.service_ips.is_empty() || host_network {
-            self.ip(dst)
-        } else {
-            self.service_ips
-                .get(dst)
-                .copied()
-                .unwrap_or(services::cluster_ip(65000))
-        };
+        let to = self
+            .service_ip(dst, Family::V4)
+            .unwrap_or_else(|| self.ip(dst).into());
         Ok(Job {
             src_netns: s.netns_path(),
-            dst: to.into(),
+            dst: to,
             port,
             protocol,
         })
@@ -503,17 +563,14 @@ fn family_skips(n: usize, run: IpFamily) -> String {
     format!("{n} probes skipped: pinned to a family --ip-family {run} gives pods no address of")
 }
 
-/// Why `case` cannot run with `opts`' IP family (several nodes,
-/// host-network pods and Services are IPv4 only); None when it can.
+/// Why `case` cannot run with `opts`' IP family (several nodes and
+/// host-network pods are IPv4 only; Services are not); None when it can.
 pub fn ip_family_unsupported(case: &Case, opts: &Options) -> Result<Option<String>> {
     if opts.ip_family == IpFamily::Ipv4 {
         return Ok(None);
     }
-    if opts.via_services || opts.nodes > 1 {
-        return Ok(Some(family::unsupported(
-            opts.ip_family,
-            "--nodes/--via-services",
-        )));
+    if opts.nodes > 1 {
+        return Ok(Some(family::unsupported(opts.ip_family, "--nodes")));
     }
     if nodes::Layout::of(case, opts.nodes)?.is_some() {
         return Ok(Some(family::unsupported(
@@ -546,12 +603,20 @@ pub fn plan(case: &Case, run: IpFamily, sctp: bool) -> (usize, usize, usize) {
     (all, sctp_skipped, family_skipped)
 }
 
-/// How the flow log explains one mismatching cell.
-fn explain(flows: &[Flow], src: IpAddr, dst: IpAddr, port: u16, proto: Protocol) -> Vec<String> {
+/// How the flow log explains one mismatching cell (records to any of
+/// `dsts`: the pod's address, and its ClusterIP via services, which the
+/// source's egress may record before translation).
+fn explain(
+    flows: &[Flow],
+    src: IpAddr,
+    dsts: &[IpAddr],
+    port: u16,
+    proto: Protocol,
+) -> Vec<String> {
     let mut seen: Vec<String> = Vec::new();
     for f in flows
         .iter()
-        .filter(|f| f.is(src, dst, port, proto.as_str()))
+        .filter(|f| dsts.iter().any(|d| f.is(src, *d, port, proto.as_str())))
     {
         let d = f.describe();
         if !seen.contains(&d) {
@@ -634,8 +699,9 @@ pub fn run_case(
                 flows.extend(t.gather(wait, |fs| {
                     bad.iter().all(|c| {
                         let p = &step.probes[c.probe];
-                        let (s, d) = (l.ip_of(&c.src, c.family), l.ip_of(&c.dst, c.family));
-                        fs.iter().any(|f| f.is(s, d, p.port, p.protocol.as_str()))
+                        let (s, ds) = (l.ip_of(&c.src, c.family), l.probed(&c.dst, c.family));
+                        fs.iter()
+                            .any(|f| ds.iter().any(|d| f.is(s, *d, p.port, p.protocol.as_str())))
                     })
                 }));
             }
@@ -657,8 +723,8 @@ pub fn run_case(
                     c.expected,
                     c.saw.expect("probed")
                 ));
-                let (s, d) = (l.ip_of(&c.src, c.family), l.ip_of(&c.dst, c.family));
-                for e in explain(&flows, s, d, p.port, p.protocol) {
+                let (s, ds) = (l.ip_of(&c.src, c.family), l.probed(&c.dst, c.family));
+                for e in explain(&flows, s, &ds, p.port, p.protocol) {
                     report.lines.push(format!("    flow: {e}"));
                 }
             }
@@ -739,7 +805,7 @@ fn say(text: &str) {
 /// the last line is `N passed, M failed[, K skipped]`.
 pub fn run_paths(paths: &[PathBuf], filters: &[String], opts: &Options) -> Result<Totals> {
     say(&format!("{}\n", opts.line()));
-    family::check_options(opts.ip_family, opts.nodes, opts.via_services)?;
+    family::check_options(opts.ip_family, opts.nodes)?;
     let tools = Tools::locate()?;
     crate::ensure_bpffs()?;
     for r in signal::reap_leftovers() {
