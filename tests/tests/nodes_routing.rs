@@ -3,7 +3,11 @@
 //! included). The agents route between nodes themselves (native routes or
 //! their VXLAN device); policy is enforced at both ends, and the receiving
 //! node sees the real source pod.
-use std::{net::Ipv4Addr, path::Path, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::Path,
+    time::Duration,
+};
 
 use anyhow::{bail, Context, Result};
 use palisade_tests::{
@@ -11,6 +15,7 @@ use palisade_tests::{
     conformance::{
         case::{Case, Protocol},
         cluster::{Cluster, Tools},
+        family::{Family, IpFamily},
         flows::{Flow, Tail},
         probe::{self, Job},
         runner::{Live, Options},
@@ -63,7 +68,8 @@ fn case(text: &str) -> Case {
 
 /// One TCP connection attempt from inside pod `src`'s namespace (a probe
 /// thread enters it; never from the test's own namespace).
-fn connects(live: &Live, src: &str, dst_ip: Ipv4Addr, port: u16) -> bool {
+fn connects(live: &Live, src: &str, dst_ip: impl Into<IpAddr>, port: u16) -> bool {
+    let dst_ip = dst_ip.into();
     let job = Job {
         src_netns: live.cluster.pod(src).expect("pod").netns_path(),
         dst: dst_ip.into(),
@@ -117,9 +123,19 @@ fn expect(cond: bool, what: &str, live: &Live) -> Result<()> {
 }
 
 fn setup<'a>(c: &'a Case, pins: &RunPins, routing: &str) -> Result<Live<'a>> {
+    setup_family(c, pins, routing, IpFamily::Ipv4)
+}
+
+fn setup_family<'a>(
+    c: &'a Case,
+    pins: &RunPins,
+    routing: &str,
+    ip_family: IpFamily,
+) -> Result<Live<'a>> {
     palisade_tests::ensure_bpffs()?;
     let opts = Options {
         routing: routing.into(),
+        ip_family,
         ..Options::default()
     };
     let mut live = Live::start_on(c, &tools(), &pins.0, None, &opts)?;
@@ -388,5 +404,80 @@ fn vxlan_overlay_with_policy_at_both_ends() -> Result<()> {
         &live,
     )?;
     drop(live);
+    Ok(())
+}
+
+/// IPv6-only pods on two nodes: the agents route the nodes' IPv6 pod
+/// ranges (natively via the nodes' IPv6 addresses, then inside the VXLAN
+/// tunnel via IPv6 VTEP addresses), and policy holds at both ends over
+/// IPv6 as over IPv4.
+#[test]
+fn ipv6_pods_cross_nodes_natively_and_over_vxlan() -> Result<()> {
+    if !palisade_tests::require_root() {
+        return Ok(());
+    }
+    let text = CASE.replace(
+        "nodes: [{name: n1}, {name: n2}, {name: n3}]",
+        "nodes: [{name: n1}, {name: n2}]",
+    );
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let c = case(&text);
+    for routing in ["native", "vxlan"] {
+        let pins = RunPins::create()?;
+        let live = setup_family(&c, &pins, routing, IpFamily::Ipv6)?;
+        let v6 = |k: &str| live.ip_of(k, Family::V6);
+        let (a, b, cc) = (v6("x/a"), v6("x/b"), v6("x/c"));
+        let out = std::process::Command::new("ip")
+            .args([
+                "-n",
+                &node_ns(&live.cluster, 0),
+                "-6",
+                "route",
+                "show",
+                "proto",
+                "0xb0",
+            ])
+            .output()?;
+        let routes = String::from_utf8_lossy(&out.stdout).into_owned();
+        let n2 = &live.cluster.nodes[1];
+        let range = n2.subnet6.clone().expect("an IPv6 range");
+        let via = match routing {
+            "native" => format!("via {}", n2.address6.expect("an IPv6 node address")),
+            _ => "dev palisade.vx".to_string(),
+        };
+        expect(
+            routes
+                .lines()
+                .any(|l| l.starts_with(range.as_str()) && l.contains(&via)),
+            &format!("{routing}: n1 routes n2's {range} {via}: {routes}"),
+            &live,
+        )?;
+        expect(
+            connects(&live, "x/a", b, 80),
+            &format!("{routing}: a -> b:80 over IPv6"),
+            &live,
+        )?;
+        expect(
+            connects(&live, "x/b", a, 80),
+            &format!("{routing}: b -> a:80 over IPv6"),
+            &live,
+        )?;
+        expect(
+            !connects(&live, "x/a", b, 81),
+            &format!("{routing}: a -> b:81 denied by a's egress"),
+            &live,
+        )?;
+        expect(
+            !connects(&live, "x/c", b, 80),
+            &format!("{routing}: c -> b:80 denied by b's ingress"),
+            &live,
+        )?;
+        expect(
+            connects(&live, "x/b", cc, 80),
+            &format!("{routing}: b -> c:80"),
+            &live,
+        )?;
+        drop(live);
+    }
     Ok(())
 }

@@ -153,6 +153,9 @@ pub struct SimNode {
     pub subnet: String,
     /// Its address on the fabric (several nodes only).
     pub address: Option<Ipv4Addr>,
+    /// Its IPv6 address on the fabric (several nodes, `--ip-family
+    /// ipv6|dual`): the mirror of `address` (see [`family`]).
+    pub address6: Option<Ipv6Addr>,
     /// Its IPv6 pod range (`--ip-family ipv6|dual`): the mirror of
     /// `subnet` (see [`family`]).
     pub subnet6: Option<String>,
@@ -322,19 +325,27 @@ pub fn node_manifest(node: &SimNode) -> Value {
                 ("podCIDR", node.subnet.as_str().into()),
                 (
                     "podCIDRs",
-                    Value::Sequence(vec![node.subnet.as_str().into()]),
+                    Value::Sequence(
+                        std::iter::once(&node.subnet)
+                            .chain(node.subnet6.as_ref())
+                            .map(|c| c.as_str().into())
+                            .collect(),
+                    ),
                 ),
             ]),
         ),
     ]);
-    if let Some(a) = node.address {
-        doc["status"] = map(vec![(
-            "addresses",
-            Value::Sequence(vec![map(vec![
+    let addresses: Vec<Value> = (node.address.map(IpAddr::V4).into_iter())
+        .chain(node.address6.map(IpAddr::V6))
+        .map(|a| {
+            map(vec![
                 ("type", "InternalIP".into()),
                 ("address", a.to_string().into()),
-            ])]),
-        )]);
+            ])
+        })
+        .collect();
+    if !addresses.is_empty() {
+        doc["status"] = map(vec![("addresses", Value::Sequence(addresses))]);
     }
     doc
 }
@@ -425,6 +436,7 @@ impl Cluster {
             subnet: subnet.to_string(),
             address: None,
             subnet6: None,
+            address6: None,
             handed6: 0,
         });
         Ok(c)
@@ -505,6 +517,7 @@ impl Cluster {
                 subnet: subnets[i].clone(),
                 address: Some(address),
                 subnet6: None,
+                address6: None,
                 handed6: 0,
             });
         }
@@ -524,12 +537,35 @@ impl Cluster {
         } else {
             None
         };
+        // The fabric's IPv6 prefix: the mirror of its IPv4 /24.
+        let fabric6 = family::mirror_cidr(&format!("{FABRIC_PREFIX}.0/24"))?;
+        let len = fabric6
+            .split_once('/')
+            .map_or("128", |(_, l)| l)
+            .to_string();
         for n in &mut self.nodes {
             n.subnet6 = if v6 {
                 Some(family::mirror_cidr(&n.subnet)?)
             } else {
                 None
             };
+            // Several nodes: each gets the mirror of its fabric address,
+            // routes IPv6 itself and says so in its Node object.
+            let (Some(a), Some(ns), true) = (n.address, &n.netns, v6) else {
+                continue;
+            };
+            let a6 = family::mirror(a);
+            ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+            ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{a6}/{len}"),
+                "dev",
+                "up0",
+                "nodad",
+            ])?;
+            n.address6 = Some(a6);
         }
         Ok(())
     }
@@ -837,7 +873,9 @@ impl Cluster {
         if !self.multi() {
             return Ok(());
         }
-        let want = self.nodes.len() - 1;
+        // A route per other node and family of pod ranges.
+        let families = 1 + usize::from(self.nodes.iter().any(|n| n.subnet6.is_some()));
+        let want = (self.nodes.len() - 1) * families;
         let deadline = Instant::now() + timeout;
         for i in 0..self.nodes.len() {
             loop {
@@ -1137,6 +1175,7 @@ impl Cluster {
         let ip = n.address.ok_or_else(|| {
             anyhow!("{namespace}/{name}: a host-network pod needs a node with an address")
         })?;
+        let ip6 = n.address6;
         let host_ns = self.node_ns(node)?.path();
         self.pods.push(PodNet {
             namespace: namespace.into(),
@@ -1144,7 +1183,7 @@ impl Cluster {
             netns: None,
             container_id: String::new(),
             ip,
-            ip6: None,
+            ip6,
             host_if: String::new(),
             node,
             host_ns: Some(host_ns),
@@ -1205,6 +1244,14 @@ impl Cluster {
         self.nodes
             .iter()
             .filter_map(|n| Some((n.name.clone(), n.address?)))
+            .collect()
+    }
+
+    /// Node IPv6 addresses by name (several nodes, IPv6 runs).
+    pub fn node_addresses6(&self) -> BTreeMap<String, Ipv6Addr> {
+        self.nodes
+            .iter()
+            .filter_map(|n| Some((n.name.clone(), n.address6?)))
             .collect()
     }
 
@@ -1450,6 +1497,7 @@ status:
             subnet: "10.213.0.0/24".into(),
             address: None,
             subnet6: None,
+            address6: None,
             handed6: 0,
         });
         let ipam = |c: &Cluster, pin: Option<Ipv6Addr>| -> serde_json::Value {

@@ -23,10 +23,11 @@
 //!   and kube-proxy's rules per family (`ip6tables-restore` for IPv6); a
 //!   probe over a family goes to the ClusterIP of that family (see
 //!   [`super::services`]).
-//! - Several nodes and host-network pods are IPv4 only: the agents route
-//!   IPv4 pod ranges only and nodes have IPv4 addresses. Asking for them
-//!   with IPv6 is refused with a clear error instead of probing something
-//!   else.
+//! - Several nodes work with every family: under `ipv6`/`dual` each node
+//!   also gets the mirror of its fabric address and of its pod range, both
+//!   in its Node object, and the agents route the IPv6 ranges between
+//!   nodes. A host-network pod has its node's addresses of both families,
+//!   and `{{node-ip NODE}}` over IPv6 is the node's IPv6 address.
 use std::{
     fmt,
     net::{Ipv4Addr, Ipv6Addr},
@@ -177,24 +178,6 @@ pub fn network6(ip: Ipv6Addr, prefix: u8) -> Ipv6Addr {
     Ipv6Addr::from(u128::from(ip) & mask)
 }
 
-/// The error for what IPv6 runs do not support yet (`what`: the options
-/// or the case's needs).
-pub fn unsupported(run: IpFamily, what: &str) -> String {
-    format!(
-        "--ip-family {run} with {what} is not supported yet (several nodes and host-network pods: the agents route and address nodes over IPv4 only)"
-    )
-}
-
-/// The run's options with `run`: refused when they need what IPv6 runs do
-/// not support (several nodes; `--via-services` combines with every
-/// family, so it is no concern here).
-pub fn check_options(run: IpFamily, nodes: usize) -> Result<()> {
-    if run != IpFamily::Ipv4 && nodes > 1 {
-        bail!("{}", unsupported(run, "--nodes"));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,22 +244,7 @@ mod tests {
     }
 
     #[test]
-    fn options_ipv6_cannot_combine_with_yet() {
-        assert!(check_options(IpFamily::Ipv4, 3).is_ok());
-        for run in [IpFamily::Ipv4, IpFamily::Ipv6, IpFamily::Dual] {
-            assert!(check_options(run, 1).is_ok(), "{run}");
-        }
-        // Several nodes stay IPv4 only.
-        for run in [IpFamily::Ipv6, IpFamily::Dual] {
-            let e = check_options(run, 3).unwrap_err().to_string();
-            assert!(
-                e.starts_with(&format!(
-                    "--ip-family {run} with --nodes is not supported yet"
-                )),
-                "{e}"
-            );
-            assert!(!e.contains("Services") && !e.contains("ClusterIP"), "{e}");
-        }
+    fn families_parse() {
         assert_eq!(IpFamily::parse("dual").unwrap(), IpFamily::Dual);
         assert!(IpFamily::parse("v6").is_err());
         assert_eq!(Family::parse("IPv6").unwrap(), Family::V6);

@@ -22,6 +22,8 @@ pub struct Addresses {
     pub subnet: String,
     /// Node name -> address (`{{node-ip NODE}}`), FORMAT v2.
     pub nodes: BTreeMap<String, Ipv4Addr>,
+    /// Node name -> IPv6 address (IPv6 runs with several nodes).
+    pub nodes6: BTreeMap<String, Ipv6Addr>,
     /// `namespace/name` -> IPv6 address (pods that have one).
     pub pods6: BTreeMap<String, Ipv6Addr>,
     /// The IPv6 range pod addresses come from, when they have IPv6.
@@ -76,9 +78,11 @@ impl Addresses {
             ["subnet"] if self.subnet6.is_empty() => bail!("the pods have no IPv6 range"),
             ["subnet"] => Ok(self.subnet6.clone()),
             ["host", pod] => Ok(format!("{}/128", self.pod6(pod)?)),
-            ["node-ip", node] => {
-                bail!("node {node} has no IPv6 address: several nodes are IPv4 only in this runner")
-            }
+            ["node-ip", node] => self
+                .nodes6
+                .get(*node)
+                .map(|a| a.to_string())
+                .ok_or_else(|| anyhow!("no node {node} with an IPv6 address in this cluster")),
             _ => self.resolve4(body),
         }
     }
@@ -201,6 +205,10 @@ mod tests {
         }
     }
 
+    fn mirror_node() -> Ipv6Addr {
+        crate::conformance::family::mirror(Ipv4Addr::new(10, 212, 0, 1))
+    }
+
     /// The same pods with their IPv6 mirrors, as `--ip-family ipv6` or
     /// `dual` gives them.
     fn addrs6(family: Family) -> Addresses {
@@ -256,7 +264,13 @@ mod tests {
         assert!(format!("{:#}", a.substitute_str("{{ip y/z}}").unwrap_err()).contains("no pod y/z"));
         assert!(
             format!("{:#}", a.substitute_str("{{node-ip n1}}").unwrap_err())
-                .contains("no IPv6 address")
+                .contains("no node n1 with an IPv6 address")
+        );
+        let mut n = addrs6(Family::V6);
+        n.nodes6 = [("n1".to_string(), mirror_node())].into();
+        assert_eq!(
+            n.substitute_str("{{node-ip n1}}/128").unwrap(),
+            format!("{}/128", mirror_node())
         );
         // A pod without an IPv6 address cannot be named over IPv6.
         let mut b = addrs6(Family::V6);

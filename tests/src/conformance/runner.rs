@@ -89,9 +89,6 @@ impl<'a> Live<'a> {
             cluster.placement = l.placement.clone();
         }
         cluster.keep = keep;
-        if let Some(why) = ip_family_unsupported(case, opts)? {
-            bail!("{why}");
-        }
         cluster.set_family(opts.ip_family)?;
         let pod_labels: BTreeMap<String, Labels> = case
             .pods
@@ -118,6 +115,7 @@ impl<'a> Live<'a> {
             pods: cluster.addresses(),
             subnet: cluster.subnet.clone(),
             nodes: cluster.node_addresses(),
+            nodes6: cluster.node_addresses6(),
             pods6: cluster.addresses6(),
             subnet6: cluster.subnet6.clone().unwrap_or_default(),
             family: opts.ip_family.placeholders(),
@@ -563,24 +561,6 @@ fn family_skips(n: usize, run: IpFamily) -> String {
     format!("{n} probes skipped: pinned to a family --ip-family {run} gives pods no address of")
 }
 
-/// Why `case` cannot run with `opts`' IP family (several nodes and
-/// host-network pods are IPv4 only; Services are not); None when it can.
-pub fn ip_family_unsupported(case: &Case, opts: &Options) -> Result<Option<String>> {
-    if opts.ip_family == IpFamily::Ipv4 {
-        return Ok(None);
-    }
-    if opts.nodes > 1 {
-        return Ok(Some(family::unsupported(opts.ip_family, "--nodes")));
-    }
-    if nodes::Layout::of(case, opts.nodes)?.is_some() {
-        return Ok(Some(family::unsupported(
-            opts.ip_family,
-            "nodes (this case has cluster.nodes, node: or hostNetwork pods)",
-        )));
-    }
-    Ok(None)
-}
-
 /// How many probe attempts a case makes under `run` (cells times the
 /// families each is probed over), how many of them are SCTP ones the
 /// kernel cannot carry, and how many cells are pinned to a family the
@@ -805,7 +785,6 @@ fn say(text: &str) {
 /// the last line is `N passed, M failed[, K skipped]`.
 pub fn run_paths(paths: &[PathBuf], filters: &[String], opts: &Options) -> Result<Totals> {
     say(&format!("{}\n", opts.line()));
-    family::check_options(opts.ip_family, opts.nodes)?;
     let tools = Tools::locate()?;
     crate::ensure_bpffs()?;
     for r in signal::reap_leftovers() {
@@ -840,10 +819,7 @@ pub fn run_paths(paths: &[PathBuf], filters: &[String], opts: &Options) -> Resul
             {
                 continue;
             }
-            let why = match &case.unsupported {
-                Some(w) => Some(w.clone()),
-                None => ip_family_unsupported(&case, opts)?,
-            };
+            let why = case.unsupported.clone();
             if let Some(why) = &why {
                 if opts.skip_unsupported {
                     say(&format!("SKIP {}\n  {why}\n", case.name));
