@@ -72,7 +72,7 @@ fn connects(live: &Live, src: &str, dst_ip: impl Into<IpAddr>, port: u16) -> boo
     let dst_ip = dst_ip.into();
     let job = Job {
         src_netns: live.cluster.pod(src).expect("pod").netns_path(),
-        dst: dst_ip.into(),
+        dst: dst_ip,
         port,
         protocol: Protocol::Tcp,
     };
