@@ -189,6 +189,8 @@ pub enum ClusterPeer {
     Nodes {
         selector: Selector,
         addresses: Vec<Ipv4Network>,
+        /// The selected nodes' IPv6 addresses.
+        addresses6: Vec<Ipv6Network>,
     },
     /// IPv6 networks (a `networks` list of both families is two peers).
     Networks6(Vec<Ipv6Network>),
@@ -285,6 +287,7 @@ fn parse_peer(
         return Ok(Ok(vec![ClusterPeer::Nodes {
             selector: selector(nodes, &format!("{at}.nodes"))?,
             addresses: Vec::new(),
+            addresses6: Vec::new(),
         }]));
     }
     if p.domain_names.is_some() {
@@ -566,6 +569,7 @@ impl ClusterPolicy {
             .flat_map(|r| {
                 r.peers.iter().flat_map(|p| match p {
                     ClusterPeer::Networks6(n) => n.as_slice(),
+                    ClusterPeer::Nodes { addresses6, .. } => addresses6.as_slice(),
                     _ => &[],
                 })
             })
@@ -592,18 +596,25 @@ impl ClusterPolicy {
                 if let ClusterPeer::Nodes {
                     selector,
                     addresses,
+                    addresses6,
                 } = p
                 {
-                    let mut now: Vec<Ipv4Network> = nodes
-                        .values()
-                        .filter(|n| selector.matches(&n.labels))
+                    let selected = || nodes.values().filter(|n| selector.matches(&n.labels));
+                    let mut now: Vec<Ipv4Network> = selected()
                         .flat_map(|n| n.addresses.iter())
                         .map(|ip| Ipv4Network::new(*ip, 32).expect("valid"))
                         .collect();
+                    let mut now6: Vec<Ipv6Network> = selected()
+                        .flat_map(|n| n.addresses6.iter())
+                        .map(|ip| Ipv6Network::new(*ip, 128).expect("valid"))
+                        .collect();
                     now.sort();
                     now.dedup();
-                    if *addresses != now {
+                    now6.sort();
+                    now6.dedup();
+                    if *addresses != now || *addresses6 != now6 {
                         *addresses = now;
+                        *addresses6 = now6;
                         changed = true;
                     }
                 }

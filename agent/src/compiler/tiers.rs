@@ -310,8 +310,16 @@ fn rule_peer_matches(rule: &ClusterRule, peer: &PeerRep) -> bool {
         }
         (ClusterPeer::Networks(nets), _) => nets.iter().any(|n| inside(peer.net, (*n).into())),
         (ClusterPeer::Networks6(nets), _) => nets.iter().any(|n| inside(peer.net, (*n).into())),
-        (ClusterPeer::Nodes { addresses, .. }, _) => {
+        (
+            ClusterPeer::Nodes {
+                addresses,
+                addresses6,
+                ..
+            },
+            _,
+        ) => {
             addresses.iter().any(|n| inside(peer.net, (*n).into()))
+                || addresses6.iter().any(|n| inside(peer.net, (*n).into()))
         }
         _ => false,
     })

@@ -906,3 +906,67 @@ fn nodes_peers_follow_the_node_objects() {
         assert_eq!(f, allowed(&e, ip, port), "{ip:?}:{port}");
     }
 }
+
+/// A `nodes` peer covers the selected nodes' IPv6 addresses too: an
+/// IPv6-only pod's flow to a control-plane node's IPv6 address is denied
+/// as its IPv4 one is.
+#[test]
+fn nodes_peers_cover_the_nodes_ipv6_addresses() {
+    use crate::{change::Change, model::Node};
+    use std::net::Ipv6Addr;
+    let node = |name: &str, role: &str, i: u8| {
+        Change::Node(Node {
+            name: name.into(),
+            labels: labels(&[("role", role)]),
+            addresses: vec![Ipv4Addr::new(192, 0, 2, i)],
+            addresses6: vec![Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, i.into())],
+            ..Default::default()
+        })
+    };
+    let mut e = crate::compiler::Engine::new(false, Vec::new());
+    e.set_node_name(Some("n1".into()));
+    e.apply(node("n1", "worker", 1));
+    e.apply(node("n2", "control-plane", 2));
+    e.apply(node("n3", "worker", 3));
+    let web6 = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 1);
+    e.apply(Change::Pod(
+        Pod {
+            namespace: "a".into(),
+            name: "web".into(),
+            labels: labels(&[("app", "web")]),
+            ip: None,
+            ipv6: Some(web6),
+            host_network: false,
+            ports: Vec::new(),
+        }
+        .into(),
+    ));
+    e.add_endpoint(LocalEndpoint {
+        key: ObjectKey::new("a", "web"),
+        endpoint_id: 1,
+        ifindex: 1,
+        host_ifname: "v1".into(),
+        ipv4: Ipv4Addr::UNSPECIFIED,
+        ipv6: Some(web6),
+        container_id: "c1".into(),
+        mac: [0; 6],
+    });
+    let y = "metadata: {name: no-control-plane}\nspec: {tier: Admin, priority: 1, subject: {namespaces: {}}, egress: [{name: cp, action: Deny, to: [{nodes: {matchLabels: {role: control-plane}}}]}]}";
+    let c: ClusterNetworkPolicy = serde_yaml::from_str(y).unwrap();
+    e.apply(Change::ClusterPolicy(std::sync::Arc::new(c)));
+    let allowed = |e: &crate::compiler::Engine, i: u16| {
+        let ev = Evaluator::new(e.desired());
+        let v = ev
+            .ipcache6_lookup(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, i))
+            .unwrap_or(IpcacheValue {
+                identity: palisade_common::IDENTITY_WORLD6,
+                cidr_identity: palisade_common::IDENTITY_WORLD6,
+            });
+        ev.policy_match(1, v, DIR_EGRESS, PROTO_TCP, 6443)
+            .is_none_or(|m| m.value.action == ACTION_ALLOW)
+    };
+    assert!(!allowed(&e, 2), "the control plane's IPv6 address: Deny");
+    assert!(allowed(&e, 3), "another node's IPv6 address");
+    e.apply(node("n3", "control-plane", 3));
+    assert!(!allowed(&e, 3), "n3 relabelled");
+}

@@ -758,8 +758,12 @@ pub(super) fn selector_findings(m: &Model, out: &mut Vec<Finding>) {
                     ClusterPeer::Namespaces(s) => s,
                     ClusterPeer::Pods { namespaces, .. } => namespaces,
                     ClusterPeer::Networks(_) | ClusterPeer::Networks6(_) => continue,
-                    ClusterPeer::Nodes { addresses, .. } => {
-                        if addresses.is_empty() {
+                    ClusterPeer::Nodes {
+                        addresses,
+                        addresses6,
+                        ..
+                    } => {
+                        if addresses.is_empty() && addresses6.is_empty() {
                             out.push(finding(
                                 kind::EMPTY_SELECTOR,
                                 at,

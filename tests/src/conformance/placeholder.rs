@@ -2,7 +2,7 @@
 //! addresses are only known once the CNI plugin has allocated them, so
 //! cases name them symbolically. Over IPv6 (`--ip-family ipv6`) they give
 //! IPv6 forms: `{{host P}}` is a /128, `{{cidr P N}}` a /(N+60), and
-//! `{{ip P}}/32` a /128 (see [`super::family`]).
+//! `{{ip P}}/32` (and `{{node-ip N}}/32`) a /128 (see [`super::family`]).
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, Ipv6Addr},
@@ -127,8 +127,9 @@ impl Addresses {
             let body = &after[..end];
             out.push_str(&self.resolve(body).with_context(|| format!("in {s:?}"))?);
             rest = &after[end + 2..];
-            // `{{ip P}}/32`, a host prefix, is `/128` over IPv6.
-            let is_ip = body.split_whitespace().next() == Some("ip");
+            // `{{ip P}}/32` and `{{node-ip N}}/32`, host prefixes, are
+            // `/128` over IPv6.
+            let is_ip = matches!(body.split_whitespace().next(), Some("ip" | "node-ip"));
             if let (Family::V6, true, Some(r)) = (self.family, is_ip, rest.strip_prefix("/32")) {
                 if !r.starts_with(|c: char| c.is_ascii_digit()) {
                     out.push_str("/128");
@@ -269,7 +270,7 @@ mod tests {
         let mut n = addrs6(Family::V6);
         n.nodes6 = [("n1".to_string(), mirror_node())].into();
         assert_eq!(
-            n.substitute_str("{{node-ip n1}}/128").unwrap(),
+            n.substitute_str("{{node-ip n1}}/32").unwrap(),
             format!("{}/128", mirror_node())
         );
         // A pod without an IPv6 address cannot be named over IPv6.
