@@ -140,9 +140,9 @@ fn run(cli: Cli) -> Result<()> {
             // over both families (tests/conformance-ipv6: the IPv6 cases);
             // then IPv6-only pods over a selection of the other corpora
             // (ipBlocks, named ports, UDP, default deny, tiers, networks).
-            // Every corpus passes with `--ip-family ipv6|dual` except cases
-            // with nodes or hostNetwork pods (IPv4 only so far); the full
-            // runs are `cargo xtask conformance --ip-family ipv6|dual`.
+            // Every corpus passes with `--ip-family ipv6|dual`, also with
+            // `--via-services` and `--nodes 3`; the full runs are
+            // `cargo xtask conformance --ip-family ipv6|dual [options]`.
             step("conformance: dual-stack pods (--ip-family dual, tests/conformance-ipv6)");
             let dual = ["--ip-family".to_string(), "dual".to_string()];
             conformance_with(
@@ -173,6 +173,28 @@ fn run(cli: Cli) -> Result<()> {
             .collect();
             let ipv6 = ["--ip-family".to_string(), "ipv6".to_string()];
             conformance_with(&root, &v6_cases, None, None, true, false, false, &ipv6)?;
+            // IPv6 ClusterIPs (palisade's IPv6 Service translation beside
+            // kube-proxy's ip6tables rules), and several nodes over IPv6
+            // (the agents' IPv6 routes, node peers, host-network pods).
+            step("conformance: IPv6-only pods through Services (--via-services, a selection)");
+            let svc6: Vec<PathBuf> = [
+                "tests/conformance/17-named-port-egress.yaml",
+                "tests/conformance/20-udp-egress-stateful.yaml",
+                "tests/conformance/27-default-deny-both-and-pairs.yaml",
+                "tests/conformance/29-egress-dns.yaml",
+                "tests/conformance-cnp/01-admin-deny-ingress.yaml",
+            ]
+            .iter()
+            .map(|c| root.join(c))
+            .collect();
+            conformance_with(&root, &svc6, None, None, true, true, false, &ipv6)?;
+            step("conformance: several nodes over IPv6 (node cases, --nodes 3)");
+            let nodes6 = [
+                root.join("tests/conformance-nodes"),
+                root.join("tests/conformance-cnp/31-nodes-peers.yaml"),
+            ];
+            let three6 = [ipv6[0].clone(), ipv6[1].clone(), "--nodes".into(), "3".into()];
+            conformance_with(&root, &nodes6, None, None, true, false, false, &three6)?;
             // Several nodes (FORMAT v2 --nodes): the node cases and the
             // shared corpus on 3 simulated nodes with native routing, the
             // node cases again over the VXLAN overlay. (Every corpus passes
