@@ -193,7 +193,12 @@ fn run(cli: Cli) -> Result<()> {
                 root.join("tests/conformance-nodes"),
                 root.join("tests/conformance-cnp/31-nodes-peers.yaml"),
             ];
-            let three6 = [ipv6[0].clone(), ipv6[1].clone(), "--nodes".into(), "3".into()];
+            let three6 = [
+                ipv6[0].clone(),
+                ipv6[1].clone(),
+                "--nodes".into(),
+                "3".into(),
+            ];
             conformance_with(&root, &nodes6, None, None, true, false, false, &three6)?;
             // Several nodes (FORMAT v2 --nodes): the node cases and the
             // shared corpus on 3 simulated nodes with native routing, the

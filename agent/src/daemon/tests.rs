@@ -742,6 +742,62 @@ spec: {clusterIP: 10.96.0.11, ports: [{port: 0}]}
     assert_eq!(agent.status().services[0].frontends[0].backends, 0);
 }
 
+/// A dual-stack Service: a frontend per ClusterIP, each in its family's
+/// maps with its family's backend, both listed in status under one name.
+#[test]
+fn a_dual_stack_service_is_programmed_in_both_families() {
+    let s = Scratch::new("services6");
+    let dp = MemoryDataplane::default();
+    let mut agent = start(&s, &dp);
+    let mut snap = isolating_policy();
+    let more = manifests::parse_str(
+        "svc6",
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: app, labels: {app: web}}
+spec: {containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 10.244.0.7, podIPs: [{ip: 10.244.0.7}, {ip: "fd00:244::7"}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: app}
+spec: {clusterIPs: [10.96.0.10, "fd00:96::10"], ipFamilies: [IPv4, IPv6], selector: {app: web}, ports: [{name: http, port: 80, targetPort: http}]}
+"#,
+    )
+    .into_snapshot();
+    snap.pods.extend(more.pods);
+    snap.services.extend(more.services);
+    agent.apply_snapshot(snap).expect("programmed");
+    let st = agent.status();
+    assert!(
+        st.service_rejections.is_empty(),
+        "{:?}",
+        st.service_rejections
+    );
+    let fronts: Vec<(&str, usize)> = st.services[0]
+        .frontends
+        .iter()
+        .map(|f| (f.frontend.as_str(), f.backends))
+        .collect();
+    assert_eq!(
+        fronts,
+        [("10.96.0.10:80/TCP", 1), ("[fd00:96::10]:80/TCP", 1)]
+    );
+    let m = dp.lock();
+    let v6: Vec<_> = m.frontends.keys().filter(|k| k.is_v6()).collect();
+    assert_eq!((m.frontends.len(), v6.len()), (2, 1));
+    let ids: std::collections::BTreeSet<u32> = m.frontends.values().map(|v| v.service_id).collect();
+    assert_eq!(ids.len(), 2, "one id per frontend, one space");
+    assert!(m.backends.iter().any(|((is6, _), b)| *is6
+        && *b
+            == crate::service_map::BackendAddr::V6(palisade_common::service::SvcBackend6 {
+                addr: palisade_dataplane::maps::ip6_words("fd00:244::7".parse().unwrap()),
+                port_be: 8080u16.to_be(),
+                _pad: 0,
+            })));
+}
+
 /// `--host-protection`: every endpoint carries the flag and the node's
 /// open ports are policy entries of `HOST_PORTS_ENDPOINT`; off, neither.
 #[test]
