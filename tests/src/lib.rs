@@ -5,7 +5,7 @@
 //! Every address used lives only inside namespaces these guards create.
 use std::{
     fs::File,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::AsRawFd,
     path::PathBuf,
     process::{Command, Output},
@@ -264,6 +264,65 @@ pub fn tcp_echo_server(ns: &NetNs, port: u16) -> Result<()> {
         }
     });
     Ok(())
+}
+
+/// Servers in `ns` on `port` of `addr`'s family that say who they are:
+/// TCP sends `tag` on accept, then echoes; UDP answers every datagram
+/// with `tag`. They run until the process ends.
+pub fn ident_servers(ns: &NetNs, tag: u8, addr: IpAddr, port: u16) -> Result<()> {
+    use std::io::{Read, Write};
+    let (tcp, udp) = ns.enter(move || -> std::io::Result<_> {
+        Ok((
+            std::net::TcpListener::bind((addr, port))?,
+            std::net::UdpSocket::bind((addr, port))?,
+        ))
+    })??;
+    std::thread::spawn(move || {
+        for s in tcp.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                if s.write_all(&[tag]).is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((_, from)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(&[tag], from);
+        }
+    });
+    Ok(())
+}
+
+/// An IPv6-only pod namespace with `ip`/128 behind `gw` on a host veth in
+/// `node` (no duplicate address detection: usable at once), as the CNI
+/// plugin wires an IPv6 pod. Returns the pod namespace and the host
+/// veth's name.
+pub fn add_pod6(node: &NetNs, gw: Ipv6Addr, ip: Ipv6Addr) -> Result<(NetNs, String)> {
+    let ns = NetNs::new("p6pod")?;
+    let host_if: String = format!("h{}", unique("")).chars().take(15).collect();
+    node.ip(&[
+        "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+    ])?;
+    let gw_host = format!("{gw}/128");
+    node.ip(&["-6", "addr", "add", &gw_host, "dev", &host_if, "nodad"])?;
+    node.ip(&["link", "set", &host_if, "up"])?;
+    node.ip(&["-6", "route", "add", &format!("{ip}/128"), "dev", &host_if])?;
+    let own = format!("{ip}/128");
+    ns.ip(&["-6", "addr", "add", &own, "dev", "eth0", "nodad"])?;
+    ns.ip(&["link", "set", "eth0", "up"])?;
+    let gw = gw.to_string();
+    ns.ip(&["-6", "route", "add", &gw, "dev", "eth0"])?;
+    ns.ip(&["-6", "route", "add", "default", "via", &gw, "dev", "eth0"])?;
+    Ok((ns, host_if))
 }
 
 /// Helpers of the CNI plugin tests (tests/tests/cni_*.rs): the `palisade`

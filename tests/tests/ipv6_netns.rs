@@ -35,55 +35,12 @@ struct Setup {
     _pins: PinRoot,
 }
 
-/// A pod with `ip`/128 behind the gateway on its host veth (no DAD: the
-/// addresses are usable at once).
-fn add_pod(node: &NetNs, ip: Ipv6Addr) -> Result<(NetNs, String)> {
-    let ns = NetNs::new("p6pod")?;
-    let host_if: String = format!("h{}", unique("")).chars().take(15).collect();
-    node.ip(&[
-        "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
-    ])?;
-    node.ip(&[
-        "-6",
-        "addr",
-        "add",
-        &format!("{GW}/128"),
-        "dev",
-        &host_if,
-        "nodad",
-    ])?;
-    node.ip(&["link", "set", &host_if, "up"])?;
-    node.ip(&["-6", "route", "add", &format!("{ip}/128"), "dev", &host_if])?;
-    ns.ip(&[
-        "-6",
-        "addr",
-        "add",
-        &format!("{ip}/128"),
-        "dev",
-        "eth0",
-        "nodad",
-    ])?;
-    ns.ip(&["link", "set", "eth0", "up"])?;
-    ns.ip(&["-6", "route", "add", &GW.to_string(), "dev", "eth0"])?;
-    ns.ip(&[
-        "-6",
-        "route",
-        "add",
-        "default",
-        "via",
-        &GW.to_string(),
-        "dev",
-        "eth0",
-    ])?;
-    Ok((ns, host_if))
-}
-
 fn setup() -> Result<Setup> {
     let pins = PinRoot::new()?;
     let node = NetNs::new("p6node")?;
     node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
-    let (a, a_if) = add_pod(&node, A)?;
-    let (b, b_if) = add_pod(&node, B)?;
+    let (a, a_if) = add_pod6(&node, GW, A)?;
+    let (b, b_if) = add_pod6(&node, GW, B)?;
     let cfg = DatapathConfig {
         pins: pins.pins.clone(),
         ..Default::default()

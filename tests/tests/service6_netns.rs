@@ -7,7 +7,7 @@
 //! the IPv6 world.
 use std::{
     io::{Read, Write},
-    net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
     time::Duration,
 };
 
@@ -51,26 +51,6 @@ fn identity(i: usize) -> u32 {
     1001 + i as u32
 }
 
-/// A pod with `ip`/128 behind the gateway on its host veth.
-fn add_pod(node: &NetNs, ip: Ipv6Addr) -> Result<(NetNs, String)> {
-    let ns = NetNs::new("s6pod")?;
-    let host_if: String = format!("h{}", unique("")).chars().take(15).collect();
-    node.ip(&[
-        "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
-    ])?;
-    let gw = format!("{GW}/128");
-    node.ip(&["-6", "addr", "add", &gw, "dev", &host_if, "nodad"])?;
-    node.ip(&["link", "set", &host_if, "up"])?;
-    node.ip(&["-6", "route", "add", &format!("{ip}/128"), "dev", &host_if])?;
-    let own = format!("{ip}/128");
-    ns.ip(&["-6", "addr", "add", &own, "dev", "eth0", "nodad"])?;
-    ns.ip(&["link", "set", "eth0", "up"])?;
-    ns.ip(&["-6", "route", "add", &GW.to_string(), "dev", "eth0"])?;
-    let gw = GW.to_string();
-    ns.ip(&["-6", "route", "add", "default", "via", &gw, "dev", "eth0"])?;
-    Ok((ns, host_if))
-}
-
 /// Node with pods A, B, C, programs attached, registered unenforced; each
 /// runs a TCP and a UDP server on TARGET answering with its own index.
 fn rig() -> Result<Rig> {
@@ -80,7 +60,7 @@ fn rig() -> Result<Rig> {
     let mut pods = Vec::new();
     let mut ifs = Vec::new();
     for (i, ip) in PODS.iter().enumerate() {
-        let (ns, host_if) = add_pod(&node, *ip)?;
+        let (ns, host_if) = add_pod6(&node, GW, *ip)?;
         pods.push(ns);
         ifs.push((host_if, *ip, i as u32 + 1));
     }
@@ -121,7 +101,7 @@ fn rig() -> Result<Rig> {
         maps.set_ipcache6(*ip, 128, v(identity(i)))?;
     }
     for (i, ns) in pods.iter().enumerate() {
-        ident_servers(ns, i as u8)?;
+        ident_servers(ns, i as u8, Ipv6Addr::UNSPECIFIED.into(), TARGET)?;
     }
     let events = maps.take_event_reader()?;
     Ok(Rig {
@@ -133,39 +113,6 @@ fn rig() -> Result<Rig> {
         events,
         _pins: pins,
     })
-}
-
-/// TCP: sends `tag` on accept, then echoes. UDP: answers with `tag`.
-fn ident_servers(ns: &NetNs, tag: u8) -> Result<()> {
-    let (tcp, udp) = ns.enter(|| -> std::io::Result<_> {
-        Ok((
-            TcpListener::bind((Ipv6Addr::UNSPECIFIED, TARGET))?,
-            UdpSocket::bind((Ipv6Addr::UNSPECIFIED, TARGET))?,
-        ))
-    })??;
-    std::thread::spawn(move || {
-        for s in tcp.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut s = s;
-                if s.write_all(&[tag]).is_err() {
-                    return;
-                }
-                let mut buf = [0u8; 1024];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 || s.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 1500];
-        while let Ok((_, from)) = udp.recv_from(&mut buf) {
-            let _ = udp.send_to(&[tag], from);
-        }
-    });
-    Ok(())
 }
 
 impl Rig {

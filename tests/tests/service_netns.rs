@@ -106,7 +106,7 @@ fn rig() -> Result<Rig> {
         maps.set_ipcache(*ip, 32, v)?;
     }
     for (i, p) in node.pods.iter().enumerate() {
-        ident_servers(&p.ns, i as u8)?;
+        ident_servers(&p.ns, i as u8, Ipv4Addr::UNSPECIFIED.into(), TARGET)?;
     }
     let events = EventReader::new(maps.take_events().expect("events map"));
     Ok(Rig {
@@ -117,40 +117,6 @@ fn rig() -> Result<Rig> {
         ifindexes,
         _pins: pins,
     })
-}
-
-/// TCP: sends `tag` on accept, then echoes. UDP: answers every datagram
-/// with `tag`.
-fn ident_servers(ns: &NetNs, tag: u8) -> Result<()> {
-    let (tcp, udp) = ns.enter(|| -> std::io::Result<_> {
-        Ok((
-            std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, TARGET))?,
-            UdpSocket::bind((Ipv4Addr::UNSPECIFIED, TARGET))?,
-        ))
-    })??;
-    std::thread::spawn(move || {
-        for s in tcp.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut s = s;
-                if s.write_all(&[tag]).is_err() {
-                    return;
-                }
-                let mut buf = [0u8; 1024];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 || s.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 1500];
-        while let Ok((_, from)) = udp.recv_from(&mut buf) {
-            let _ = udp.send_to(&[tag], from);
-        }
-    });
-    Ok(())
 }
 
 impl Rig {
