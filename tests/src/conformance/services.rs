@@ -408,20 +408,33 @@ mod tests {
         assert_eq!(r.matches("COMMIT").count(), 2);
     }
 
-    /// The manifests as the agent reads them: no parse errors, no
-    /// rejections, and the frontends the IPv4 datapath serves.
-    fn agent_view(docs: &[Value], pod_ips: &str) -> palisade_agent::service_resolve::Resolved {
+    /// The manifests, beside pod x/a with `pod_ips`, as the agent reads
+    /// them: no parse errors, no rejections, and whatever families the
+    /// agent serves, a frontend translates to the pod's address of its own
+    /// family only.
+    fn agent_view(docs: &[Value], pod_ips: &[IpAddr]) -> palisade_agent::service_resolve::Resolved {
         let mut text: Vec<String> = docs
             .iter()
             .map(|d| serde_yaml::to_string(d).unwrap())
             .collect();
+        let ips: Vec<String> = pod_ips.iter().map(|ip| format!("{{ip: '{ip}'}}")).collect();
         text.push(format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: a, namespace: x}}\nspec: {{containers: [{{name: c}}]}}\nstatus: {pod_ips}\n"
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: a, namespace: x}}\nspec: {{containers: [{{name: c}}]}}\nstatus: {{podIP: '{}', podIPs: [{}]}}\n",
+            pod_ips[0],
+            ips.join(", ")
         ));
         let m = palisade_agent::manifests::parse_str("t", &text.join("---\n"));
         assert!(m.errors.is_empty(), "{:?}", m.errors);
         let r = palisade_agent::service_resolve::resolve(&m.into_snapshot());
         assert!(r.rejections.is_empty(), "{:?}", r.rejections);
+        for f in &r.frontends {
+            for b in &f.backends {
+                let same = pod_ips
+                    .iter()
+                    .find(|ip| ip.is_ipv6() == f.address.is_ipv6());
+                assert_eq!(Some(&b.address.ip()), same, "{f:?}");
+            }
+        }
         r
     }
 
@@ -469,7 +482,7 @@ mod tests {
         assert_eq!(slice["ports"][1]["name"], "udp-81");
         // Read back as the agent reads them (it serves no IPv6 frontend
         // yet, and rejects nothing).
-        let r = agent_view(&[svc, slice], "{podIP: 'fd00:212:213:0:ad50:50::'}");
+        let r = agent_view(&[svc, slice], &[six]);
         assert!(r.frontends.iter().all(|f| f.address.is_ipv6()));
     }
 
@@ -496,10 +509,7 @@ mod tests {
             (&s4["addressType"], &s6["addressType"]),
             (&yaml("IPv4"), &yaml("IPv6"))
         );
-        let r = agent_view(
-            &[svc, s4, s6],
-            "{podIP: 10.213.0.5, podIPs: [{ip: 10.213.0.5}, {ip: 'fd00:212:213:0:ad50:50::'}]}",
-        );
+        let r = agent_view(&[svc, s4, s6], &[four, six]);
         let got: Vec<String> = r
             .frontends
             .iter()
