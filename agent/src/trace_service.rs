@@ -160,21 +160,19 @@ mod tests {
         service::Backend,
     };
 
-    #[test]
-    fn every_backend_is_traced_and_the_verdict_says_which_are_allowed() {
+    /// Pods a/web (app=web), a/db1 (app=db), a/db2 (app=cache), dual-stack
+    /// at 10.0.0.i and fd00::i; a policy lets web reach app=db only; web
+    /// is this node's endpoint.
+    fn engine() -> Engine {
         let mut e = Engine::new(false, Vec::new());
-        for (name, app, ip) in [
-            ("web", "web", [10, 0, 0, 1]),
-            ("db1", "db", [10, 0, 0, 2]),
-            ("db2", "cache", [10, 0, 0, 3]),
-        ] {
+        for (name, app, i) in [("web", "web", 1u8), ("db1", "db", 2), ("db2", "cache", 3)] {
             e.apply(Change::Pod(
                 Pod {
                     namespace: "a".into(),
                     name: name.into(),
                     labels: Labels::from([("app".to_string(), app.to_string())]),
-                    ip: Some(Ipv4Addr::from(ip)),
-                    ipv6: None,
+                    ip: Some(Ipv4Addr::new(10, 0, 0, i)),
+                    ipv6: Some(format!("fd00::{i}").parse().unwrap()),
                     host_network: false,
                     ports: Vec::new(),
                 }
@@ -190,10 +188,16 @@ mod tests {
             ifindex: 11,
             host_ifname: "veth1".into(),
             ipv4: Ipv4Addr::new(10, 0, 0, 1),
-            ipv6: None,
+            ipv6: Some("fd00::1".parse().unwrap()),
             container_id: "c1".into(),
             mac: [0; 6],
         });
+        e
+    }
+
+    #[test]
+    fn every_backend_is_traced_and_the_verdict_says_which_are_allowed() {
+        let e = engine();
         let backend = |pod: &str, ip: &str| Backend {
             address: ip.parse().unwrap(),
             pod: Some(ObjectKey::new("a", pod)),
@@ -250,34 +254,7 @@ mod tests {
 
     #[test]
     fn a_dual_stack_service_is_traced_over_the_family_asked_for() {
-        let mut e = Engine::new(false, Vec::new());
-        for (name, app, i) in [("web", "web", 1u8), ("db1", "db", 2), ("db2", "cache", 3)] {
-            e.apply(Change::Pod(
-                Pod {
-                    namespace: "a".into(),
-                    name: name.into(),
-                    labels: Labels::from([("app".to_string(), app.to_string())]),
-                    ip: Some(Ipv4Addr::new(10, 0, 0, i)),
-                    ipv6: Some(format!("fd00::{i}").parse().unwrap()),
-                    host_network: false,
-                    ports: Vec::new(),
-                }
-                .into(),
-            ));
-        }
-        let y = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: to-db, namespace: a}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Egress]\n  egress:\n  - to: [{podSelector: {matchLabels: {app: db}}}]\n";
-        let np: NetworkPolicy = serde_yaml::from_str(y).unwrap();
-        e.apply(Change::Policy(ObjectKey::new("a", "to-db"), Arc::new(np)));
-        e.add_endpoint(LocalEndpoint {
-            key: ObjectKey::new("a", "web"),
-            endpoint_id: 1,
-            ifindex: 11,
-            host_ifname: "veth1".into(),
-            ipv4: Ipv4Addr::new(10, 0, 0, 1),
-            ipv6: Some("fd00::1".parse().unwrap()),
-            container_id: "c1".into(),
-            mac: [0; 6],
-        });
+        let e = engine();
         let fe = |at: &str, b1: &str, b2: &str| Frontend {
             service: ObjectKey::new("a", "db"),
             port_name: String::new(),

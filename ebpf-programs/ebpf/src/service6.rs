@@ -20,9 +20,8 @@ use palisade_common::{
     reason,
     reject::{port_unreachable6, ANSWER6_LEN, QUOTE6_LEN},
     service::{
-        affinity_holds, backend_slot, reverse_key, translated, SvcAffinity6, SvcAffinityKey6,
-        SvcBackendKey, SvcFrontend, SvcFrontendKey6, SvcNat6, HAIRPIN_ADDR6, HAIRPIN_PEER,
-        NAT_HAIRPIN,
+        affinity_holds, reverse_key, translated, SvcAffinity6, SvcAffinityKey6, SvcFrontend,
+        SvcFrontendKey6, SvcNat6, HAIRPIN_ADDR6, HAIRPIN_PEER, NAT_HAIRPIN,
     },
     CtKey6, CtValue, EndpointInfo, Ip6, CT_SVC_NAT, DIR_EGRESS, DIR_INGRESS, IDENTITY_HOST,
     IDENTITY_REMOTE_NODE, PROTO_TCP, PROTO_UDP,
@@ -32,8 +31,7 @@ use crate::{
     headers::ETH_HLEN,
     service::{l4_csum, set_port, swap_macs, BPF_F_PSEUDO_HDR},
     verdict::{
-        charge, count, ct_track, lookup, policy, rejudge, translated_entry_idle, Family,
-        AFFINITY_SCAN,
+        charge, count, ct_track, lookup, pick_slot, policy, rejudge, translated_entry_idle, Family,
     },
     verdict6::Scratch6,
     CONNTRACK6, IPCACHE6, SVC_AFFINITY6, SVC_BACKENDS6, SVC_FRONTENDS6, SVC_NAT6,
@@ -364,40 +362,15 @@ fn pick_backend(s: *mut Scratch6) -> bool {
     // SAFETY: this CPU's slot (see `Scratch6`).
     let s = unsafe { &mut *s };
     let fe = s.fe;
-    if fe.backends == 0 {
-        return false;
-    }
-    if fe.affinity_s != 0 {
-        if let Some(a) = lookup(&SVC_AFFINITY6, &affinity_key(&s.orig, &fe)) {
-            if affinity_holds(a.last_ns, fe.affinity_s, s.now) {
-                let mut i = 0;
-                while i <= AFFINITY_SCAN && i <= fe.backends {
-                    let slot = if i == 0 { a.slot } else { i - 1 };
-                    let bk = SvcBackendKey {
-                        service_id: fe.service_id,
-                        slot,
-                    };
-                    if slot < fe.backends {
-                        if let Some(b) = lookup(&SVC_BACKENDS6, &bk) {
-                            if b.addr == a.addr && b.port_be == a.port_be {
-                                s.slot = slot;
-                                s.backend = b;
-                                return true;
-                            }
-                        }
-                    }
-                    i += 1;
-                }
-            }
-        }
-    }
-    let slot = backend_slot(&s.orig, fe.backends);
-    let bk = SvcBackendKey {
-        service_id: fe.service_id,
-        slot,
+    let pinned = if fe.affinity_s != 0 {
+        lookup(&SVC_AFFINITY6, &affinity_key(&s.orig, &fe))
+            .filter(|a| affinity_holds(a.last_ns, fe.affinity_s, s.now))
+            .map(|a| (a.slot, a.addr, a.port_be))
+    } else {
+        None
     };
-    match lookup(&SVC_BACKENDS6, &bk) {
-        Some(b) => {
+    match pick_slot(&s.orig, &fe, pinned, |k| lookup(&SVC_BACKENDS6, k)) {
+        Some((slot, b)) => {
             s.slot = slot;
             s.backend = b;
             true

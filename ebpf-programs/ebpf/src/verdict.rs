@@ -32,9 +32,9 @@ use palisade_common::{
     reject::answerable,
     related::{is_error4, quoted4},
     service::{
-        affinity_holds, backend_slot, policy_peer, reverse_key, translated, SvcAffinity,
-        SvcAffinityKey, SvcBackend, SvcBackendKey, SvcFrontend, SvcFrontendKey, SvcNat,
-        HAIRPIN_ADDR, HAIRPIN_PEER, NAT_HAIRPIN,
+        affinity_holds, backend_slot, policy_peer, reverse_key, translated, SvcAddr, SvcAffinity,
+        SvcAffinityKey, SvcBackend, SvcBackendKey, SvcBackendOf, SvcFrontend, SvcFrontendKey,
+        SvcNat, HAIRPIN_ADDR, HAIRPIN_PEER, NAT_HAIRPIN,
     },
     CtKey, CtKeyOf, CtValue, EndpointInfo, EndpointKey, FragKey, FragValue, IpcacheValue,
     CT_SVC_NAT, DIR_EGRESS, DIR_INGRESS, IDENTITY_HOST, IDENTITY_REMOTE_NODE, POLICY_PREFIX_FULL,
@@ -926,31 +926,47 @@ fn service_flow(
 /// still holds that backend), else by the hash of the tuple.
 #[inline(always)]
 fn pick_backend(orig: &CtKey, fe: &SvcFrontend, now: u64) -> Option<(u32, SvcBackend)> {
+    let pinned = if fe.affinity_s != 0 {
+        lookup(&SVC_AFFINITY, &affinity_key(orig, fe))
+            .filter(|a| affinity_holds(a.last_ns, fe.affinity_s, now))
+            .map(|a| (a.slot, a.addr, a.port_be))
+    } else {
+        None
+    };
+    pick_slot(orig, fe, pinned, |k| lookup(&SVC_BACKENDS, k))
+}
+
+/// `pick_backend` for either family: `pinned` is the client's affinity
+/// entry (slot, backend address and port) while it holds, `backend` reads
+/// a slot of the family's backend map.
+#[inline(always)]
+pub(crate) fn pick_slot<A: SvcAddr>(
+    orig: &CtKeyOf<A>,
+    fe: &SvcFrontend,
+    pinned: Option<(u32, A, u16)>,
+    backend: impl Fn(&SvcBackendKey) -> Option<SvcBackendOf<A>>,
+) -> Option<(u32, SvcBackendOf<A>)> {
     if fe.backends == 0 {
         return None;
     }
-    if fe.affinity_s != 0 {
-        if let Some(a) = lookup(&SVC_AFFINITY, &affinity_key(orig, fe)) {
-            if affinity_holds(a.last_ns, fe.affinity_s, now) {
-                // Where it was, else where the backend list moved it (the
-                // list is rewritten in order when backends come and go).
-                let mut i = 0;
-                while i <= AFFINITY_SCAN && i <= fe.backends {
-                    let slot = if i == 0 { a.slot } else { i - 1 };
-                    let bk = SvcBackendKey {
-                        service_id: fe.service_id,
-                        slot,
-                    };
-                    if slot < fe.backends {
-                        if let Some(b) = lookup(&SVC_BACKENDS, &bk) {
-                            if b.addr == a.addr && b.port_be == a.port_be {
-                                return Some((slot, b));
-                            }
-                        }
+    if let Some((at, addr, port_be)) = pinned {
+        // Where it was, else where the backend list moved it (the list is
+        // rewritten in order when backends come and go).
+        let mut i = 0;
+        while i <= AFFINITY_SCAN && i <= fe.backends {
+            let slot = if i == 0 { at } else { i - 1 };
+            let bk = SvcBackendKey {
+                service_id: fe.service_id,
+                slot,
+            };
+            if slot < fe.backends {
+                if let Some(b) = backend(&bk) {
+                    if b.addr == addr && b.port_be == port_be {
+                        return Some((slot, b));
                     }
-                    i += 1;
                 }
             }
+            i += 1;
         }
     }
     let slot = backend_slot(orig, fe.backends);
@@ -958,12 +974,12 @@ fn pick_backend(orig: &CtKey, fe: &SvcFrontend, now: u64) -> Option<(u32, SvcBac
         service_id: fe.service_id,
         slot,
     };
-    lookup(&SVC_BACKENDS, &bk).map(|b| (slot, b))
+    backend(&bk).map(|b| (slot, b))
 }
 
 /// How many slots a client's pinned backend is looked for in when it is
 /// no longer where it was; beyond that the client is given a backend anew.
-pub(crate) const AFFINITY_SCAN: u32 = 32;
+const AFFINITY_SCAN: u32 = 32;
 
 #[inline(always)]
 fn affinity_key(orig: &CtKey, fe: &SvcFrontend) -> SvcAffinityKey {
