@@ -302,6 +302,34 @@ pub fn ident_servers(ns: &NetNs, tag: u8, addr: IpAddr, port: u16) -> Result<()>
     Ok(())
 }
 
+/// Connects from `ns` to `to` (an `ident_servers` TCP server, directly or
+/// through a Service): the server's tag and the open stream. The peer
+/// address is checked: a reply through a translation must come back from
+/// `to` itself, not from the backend.
+pub fn tcp_tag(ns: &NetNs, to: std::net::SocketAddr) -> Result<(u8, std::net::TcpStream)> {
+    use std::io::Read;
+    ns.enter(move || -> Result<(u8, std::net::TcpStream)> {
+        let mut c =
+            std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_millis(1500))?;
+        c.set_read_timeout(Some(std::time::Duration::from_secs(3)))?;
+        let peer = c.peer_addr()?;
+        anyhow::ensure!(peer == to, "peer {peer}");
+        let mut tag = [0u8; 1];
+        c.read_exact(&mut tag)?;
+        Ok((tag[0], c))
+    })?
+}
+
+/// Ten bytes of `byte` through an `ident_servers` TCP stream and back.
+pub fn echo(c: &mut std::net::TcpStream, byte: u8) -> Result<()> {
+    use std::io::{Read, Write};
+    c.write_all(&[byte; 10])?;
+    let mut buf = [0u8; 10];
+    c.read_exact(&mut buf)?;
+    anyhow::ensure!(buf == [byte; 10], "echo mismatch");
+    Ok(())
+}
+
 /// An IPv6-only pod namespace with `ip`/128 behind `gw` on a host veth in
 /// `node` (no duplicate address detection: usable at once), as the CNI
 /// plugin wires an IPv6 pod. Returns the pod namespace and the host

@@ -6,12 +6,11 @@
 //! nowhere in the node (no kube-proxy here), and policy would judge it as
 //! the IPv6 world.
 use std::{
-    io::{Read, Write},
-    net::{Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
+    net::{Ipv6Addr, SocketAddr, UdpSocket},
     time::Duration,
 };
 
-use anyhow::{ensure, Result};
+use anyhow::Result;
 use palisade_common::{
     reason,
     service::{SvcBackend6, SvcBackendKey, SvcFrontend, SvcFrontendKey6},
@@ -171,28 +170,6 @@ impl Rig {
 
 fn vip(port: u16) -> SocketAddr {
     (VIP, port).into()
-}
-
-/// Connect from `ns` to `to`: the server's tag and the open stream. The
-/// kernel accepted a SYN-ACK from `to` itself, so the reply was reverse
-/// translated.
-fn tcp_tag(ns: &NetNs, to: SocketAddr) -> Result<(u8, TcpStream)> {
-    ns.enter(move || -> Result<(u8, TcpStream)> {
-        let mut c = TcpStream::connect_timeout(&to, Duration::from_millis(1500))?;
-        c.set_read_timeout(Some(Duration::from_secs(3)))?;
-        ensure!(c.peer_addr()? == to, "peer {}", c.peer_addr()?);
-        let mut tag = [0u8; 1];
-        c.read_exact(&mut tag)?;
-        Ok((tag[0], c))
-    })?
-}
-
-fn echo(c: &mut TcpStream, byte: u8) -> Result<()> {
-    c.write_all(&[byte; 10])?;
-    let mut buf = [0u8; 10];
-    c.read_exact(&mut buf)?;
-    ensure!(buf == [byte; 10], "echo mismatch");
-    Ok(())
 }
 
 /// One datagram on a connected socket (which takes a reply from `to`

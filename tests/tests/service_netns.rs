@@ -3,12 +3,11 @@
 //! frontends/backends written straight into the maps (the agent's
 //! `set_services` is what writes them in production).
 use std::{
-    io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     time::Duration,
 };
 
-use anyhow::{ensure, Result};
+use anyhow::Result;
 use palisade_common::{
     reason,
     service::{SvcBackend, SvcBackendKey, SvcFrontend, SvcFrontendKey},
@@ -208,28 +207,6 @@ impl Rig {
         };
         Ok(self.maps.set_policy(POLICY_PREFIX_FULL, key, v)?)
     }
-}
-
-/// Connect from pod `from` to `to`; the server's tag and the open stream.
-fn tcp_tag(ns: &NetNs, to: SocketAddr) -> Result<(u8, TcpStream)> {
-    ns.enter(move || -> Result<(u8, TcpStream)> {
-        let mut c = TcpStream::connect_timeout(&to, Duration::from_millis(1500))?;
-        c.set_read_timeout(Some(Duration::from_secs(3)))?;
-        // The kernel accepted the SYN-ACK from `to`: the reply was reverse
-        // translated (otherwise it would have come from the backend).
-        ensure!(c.peer_addr()? == to, "peer {}", c.peer_addr()?);
-        let mut tag = [0u8; 1];
-        c.read_exact(&mut tag)?;
-        Ok((tag[0], c))
-    })?
-}
-
-fn echo(c: &mut TcpStream, byte: u8) -> Result<()> {
-    c.write_all(&[byte; 10])?;
-    let mut buf = [0u8; 10];
-    c.read_exact(&mut buf)?;
-    ensure!(buf == [byte; 10], "echo mismatch");
-    Ok(())
 }
 
 /// One UDP request from pod `from` to `to` on a connected socket (which
