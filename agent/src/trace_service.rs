@@ -47,10 +47,7 @@ pub fn trace_service<N: Names + ?Sized>(
         Some("ipv6") => Some(true),
         Some(f) => bail!("family {f:?}: expected ipv4 or ipv6"),
     };
-    let ports: Vec<&Frontend> = services
-        .values()
-        .filter(|f| f.service == *svc && !f.address.ip().is_unspecified())
-        .collect();
+    let ports: Vec<&Frontend> = services.values().filter(|f| f.service == *svc).collect();
     let mut of_port: Vec<&&Frontend> = ports
         .iter()
         .filter(|f| f.address.port() == t.port && f.protocol == protocol)

@@ -184,7 +184,6 @@ fn judge(ep: &EndpointInfo, s: *mut Scratch6) -> bool {
 fn commit(ctx: &TcContext, ep: &EndpointInfo, s: *mut Scratch6) -> bool {
     // SAFETY: this CPU's slot (see `Scratch6`).
     let sc = unsafe { &mut *s };
-
     if !charge(ep, DIR_EGRESS, sc.orig.saddr, 2, false) {
         let d = hard_drop(ep, reason::CT_BUDGET, DIR_EGRESS);
         Ip6::report::<false>(ep, sc.ifindex, &sc.flow, &d);
@@ -199,7 +198,7 @@ fn commit(ctx: &TcContext, ep: &EndpointInfo, s: *mut Scratch6) -> bool {
         _pad: 0,
         service_id: sc.fe.service_id,
     };
-    if SVC_NAT6.insert(&sc.orig, &sc.nat, 0).is_err() || !reverse_entry(s, hairpin) {
+    if SVC_NAT6.insert(&sc.orig, &sc.nat, 0).is_err() || !reverse_entry(s) {
         let d = hard_drop(ep, reason::SVC_NAT_FAILED, DIR_EGRESS);
         Ip6::report::<false>(ep, sc.ifindex, &sc.flow, &d);
         return false;
@@ -226,11 +225,13 @@ fn commit(ctx: &TcContext, ep: &EndpointInfo, s: *mut Scratch6) -> bool {
     translate(ctx, s)
 }
 
-/// The reverse translation entry of a new flow (`s.orig` to `s.backend`).
+/// The reverse translation entry of a new flow (`s.orig` to `s.backend`,
+/// forward translation `s.nat`).
 #[inline(never)]
-fn reverse_entry(s: *mut Scratch6, hairpin: bool) -> bool {
+fn reverse_entry(s: *mut Scratch6) -> bool {
     // SAFETY: this CPU's slot (see `Scratch6`).
     let sc = unsafe { &mut *s };
+    let hairpin = sc.nat.flags & NAT_HAIRPIN != 0;
     let rev = SvcNat6 {
         addr: sc.orig.daddr,
         port_be: sc.orig.dport_be,

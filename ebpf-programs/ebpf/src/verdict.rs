@@ -34,7 +34,7 @@ use palisade_common::{
     service::{
         affinity_holds, backend_slot, policy_peer, reverse_key, translated, SvcAddr, SvcAffinity,
         SvcAffinityKey, SvcBackend, SvcBackendKey, SvcBackendOf, SvcFrontend, SvcFrontendKey,
-        SvcNat, HAIRPIN_ADDR, HAIRPIN_PEER, NAT_HAIRPIN,
+        SvcNat, SvcNatOf, HAIRPIN_ADDR, HAIRPIN_PEER, NAT_HAIRPIN,
     },
     CtKey, CtKeyOf, CtValue, EndpointInfo, EndpointKey, FragKey, FragValue, IpcacheValue,
     CT_SVC_NAT, DIR_EGRESS, DIR_INGRESS, IDENTITY_HOST, IDENTITY_REMOTE_NODE, POLICY_PREFIX_FULL,
@@ -64,7 +64,7 @@ pub(crate) struct Flow<A = u32> {
 /// What the verdict path needs of an address family: its conntrack table,
 /// its pods by address, its ipcache, and how a stale entry is judged
 /// again. `u32` is IPv4 (here), `Ip6` IPv6 (`verdict6`).
-pub(crate) trait Family: Addr {
+pub(crate) trait Family: SvcAddr {
     fn ct(k: &CtKeyOf<Self>) -> Option<*mut CtValue>;
     fn ct_insert(k: &CtKeyOf<Self>, v: &CtValue);
     fn ct_remove(k: &CtKeyOf<Self>);
@@ -72,9 +72,9 @@ pub(crate) trait Family: Addr {
     fn endpoint_of(a: Self) -> Option<u32>;
     /// The ipcache's word on the remote end of a new flow.
     fn peer(dir: u8, remote: Self) -> IpcacheValue;
-    /// The policy verdict on the flow of stale entry `k` (with flags
-    /// `ct_flags`), judged again as the new flow it once was.
-    fn rejudge_decision(ep: &EndpointInfo, k: &CtKeyOf<Self>, ct_flags: u8) -> Decision;
+    /// The translation of a flow by its original tuple (the family's
+    /// `SVC_NAT`).
+    fn nat_of(k: &CtKeyOf<Self>) -> Option<SvcNatOf<Self>>;
     /// `finish`, inlined or as a subprogram of its own (stack frames).
     fn report<const DRY: bool>(ep: &EndpointInfo, ifindex: u32, flow: &Flow<Self>, d: &Decision);
 }
@@ -105,21 +105,8 @@ impl Family for u32 {
         policy_peer(dir, remote, |a| IPCACHE.get(Key::new(32, a)).copied())
     }
     #[inline(always)]
-    fn rejudge_decision(ep: &EndpointInfo, k: &CtKey, ct_flags: u8) -> Decision {
-        let mut judged = *k;
-        if k.scope == DIR_EGRESS && ct_flags & CT_SVC_NAT != 0 {
-            // The original tuple of a translated flow (client -> ClusterIP):
-            // policy judged it as traffic to its backend.
-            if let Some(n) = lookup(&SVC_NAT, k) {
-                judged = translated(k, n.addr, n.port_be);
-            }
-        }
-        if judged.scope == DIR_EGRESS && judged.daddr == ep.ipv4 {
-            // A hairpin: the pod reaching itself through its own Service.
-            decide(ep, DIR_EGRESS, &judged, &HAIRPIN_PEER, |_| None)
-        } else {
-            policy(ep, judged.scope, &judged)
-        }
+    fn nat_of(k: &CtKey) -> Option<SvcNat> {
+        lookup(&SVC_NAT, k)
     }
 }
 
@@ -651,6 +638,26 @@ pub(crate) fn charge<A: Family>(
     true
 }
 
+/// The policy verdict on the flow of stale entry `k` (with flags
+/// `ct_flags`), judged again as the new flow it once was: a translated
+/// flow's original tuple (client -> ClusterIP) as traffic to its backend,
+/// a hairpin (the pod reaching itself through its own Service) as the pod
+/// talking to itself.
+#[inline(always)]
+fn rejudge_decision<A: Family>(ep: &EndpointInfo, k: &CtKeyOf<A>, ct_flags: u8) -> Decision {
+    let mut judged = *k;
+    if k.scope == DIR_EGRESS && ct_flags & CT_SVC_NAT != 0 {
+        if let Some(n) = A::nat_of(k) {
+            judged = translated(k, n.addr, n.port_be);
+        }
+    }
+    if judged.scope == DIR_EGRESS && judged.daddr == A::own(ep) {
+        decide(ep, DIR_EGRESS, &judged, &HAIRPIN_PEER, |_| None)
+    } else {
+        policy(ep, judged.scope, &judged)
+    }
+}
+
 /// A tracked flow whose entry is stale (`decision::ct_stale`): judged
 /// again as the new flow it once was, in the entry's own scope. Admitted:
 /// the entry is brought up to date and the packet goes on as a known
@@ -667,7 +674,7 @@ pub(crate) fn rejudge<A: Family>(
     now: u64,
 ) -> bool {
     let k = t.key;
-    let d = rejudged(A::rejudge_decision(ep, &k, ct_flags));
+    let d = rejudged(rejudge_decision(ep, &k, ct_flags));
     if !d.pass {
         A::ct_remove(&k);
         A::report::<false>(ep, ifindex, flow, &d);

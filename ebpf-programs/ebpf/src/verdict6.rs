@@ -19,7 +19,7 @@ use palisade_common::{
     },
     ipv6::{self, Transport, Upper, IPPROTO_ICMPV6, UPPER_AT, UPPER_LATER_FRAGMENT, UPPER_UNKNOWN},
     reason,
-    service::{policy_peer, translated, SvcBackend6, HAIRPIN_ADDR6, HAIRPIN_PEER},
+    service::{policy_peer, SvcBackend6, SvcNat6, HAIRPIN_ADDR6},
     CtKey6, CtValue, EndpointInfo, EndpointKey, FragKey6, FragValue, Ip6, IpcacheValue, CT_SVC_NAT,
     DIR_EGRESS, IDENTITY_HOST, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
 };
@@ -28,8 +28,8 @@ use crate::{
     headers::{ptr_at, EthHdr, Ipv6Hdr, ETH_HLEN, IPV6_HLEN},
     service6,
     verdict::{
-        charge, count, ct_track, finish, later_fragment_of, lookup, new_flow, policy, pull,
-        rejudge, related_flow, report_drop_of, Family, Flow,
+        charge, count, ct_track, finish, later_fragment_of, lookup, new_flow, pull, rejudge,
+        related_flow, report_drop_of, Family, Flow,
     },
     CONNTRACK6, ENDPOINTS, ENDPOINTS6, FRAGMENTS6, IPCACHE6, SCRATCH6, SVC_NAT6,
 };
@@ -56,21 +56,8 @@ impl Family for Ip6 {
         policy_peer(dir, remote, |a| IPCACHE6.get(Key::new(128, a)).copied())
     }
     #[inline(always)]
-    fn rejudge_decision(ep: &EndpointInfo, k: &CtKey6, ct_flags: u8) -> Decision {
-        let mut judged = *k;
-        if k.scope == DIR_EGRESS && ct_flags & CT_SVC_NAT != 0 {
-            // The original tuple of a translated flow: judged as traffic
-            // to its backend, as it was.
-            if let Some(n) = lookup(&SVC_NAT6, k) {
-                judged = translated(k, n.addr, n.port_be);
-            }
-        }
-        if judged.scope == DIR_EGRESS && judged.daddr == ep.ipv6 {
-            // A hairpin: the pod reaching itself through its own Service.
-            palisade_common::decision::decide(ep, DIR_EGRESS, &judged, &HAIRPIN_PEER, |_| None)
-        } else {
-            policy(ep, judged.scope, &judged)
-        }
+    fn nat_of(k: &CtKey6) -> Option<SvcNat6> {
+        lookup(&SVC_NAT6, k)
     }
     /// Deferred: recorded in the scratch slot and reported by `frame` once
     /// the verdict is reached, so the event code's stack frame is never

@@ -134,8 +134,6 @@ struct Flow<A = u32> {
 trait Family: decision::Addr + std::hash::Hash + Eq {
     fn conntrack(e: &mut Evaluator) -> &mut HashMap<CtKeyOf<Self>, CtValue>;
     fn peer(e: &Evaluator, dir: u8, remote: Self) -> IpcacheValue;
-    /// The verdict a stale entry `k` is judged on again.
-    fn rejudge_decision(e: &Evaluator, ep: &EndpointInfo, k: &CtKeyOf<Self>) -> Decision;
 }
 
 impl Family for u32 {
@@ -147,15 +145,6 @@ impl Family for u32 {
             e.ipcache_lookup(Ipv4Addr::from(a.to_ne_bytes()))
         })
     }
-    fn rejudge_decision(e: &Evaluator, ep: &EndpointInfo, k: &CtKey) -> Decision {
-        // The entry's own flow, in its own scope, as a new flow (no
-        // Services in this model).
-        if k.scope == DIR_EGRESS && k.daddr == ep.ipv4 {
-            decision::decide(ep, DIR_EGRESS, k, &HAIRPIN_PEER, |_| None)
-        } else {
-            e.decide(ep, k.scope, k)
-        }
-    }
 }
 
 impl Family for Ip6 {
@@ -166,14 +155,6 @@ impl Family for Ip6 {
         palisade_common::service::policy_peer(dir, remote, |a| {
             e.ipcache6_lookup(crate::maps::from_ip6_words(a))
         })
-    }
-    fn rejudge_decision(e: &Evaluator, ep: &EndpointInfo, k: &CtKey6) -> Decision {
-        // As IPv4's: a hairpin is the pod talking to itself.
-        if k.scope == DIR_EGRESS && k.daddr == ep.ipv6 {
-            decision::decide(ep, DIR_EGRESS, k, &HAIRPIN_PEER, |_| None)
-        } else {
-            e.decide(ep, k.scope, k)
-        }
     }
 }
 
@@ -553,7 +534,7 @@ impl Evaluator {
             if t.stale {
                 // `rejudge` in verdict.rs.
                 let k = t.key;
-                let d = rejudged(A::rejudge_decision(self, ep, &k));
+                let d = rejudged(self.rejudge_decision(ep, &k));
                 if !d.pass {
                     A::conntrack(self).remove(&k);
                     return finish(ep, ifindex, flow, &d);
@@ -586,6 +567,17 @@ impl Evaluator {
     }
 
     /// `decision::decide` over this model's maps, with the same lookups.
+    /// The verdict a stale entry `k` is judged on again: the entry's own
+    /// flow, in its own scope, as a new flow (no Services in this model); a
+    /// hairpin is the pod talking to itself.
+    fn rejudge_decision<A: Family>(&self, ep: &EndpointInfo, k: &CtKeyOf<A>) -> Decision {
+        if k.scope == DIR_EGRESS && k.daddr == A::own(ep) {
+            decision::decide(ep, DIR_EGRESS, k, &HAIRPIN_PEER, |_| None)
+        } else {
+            self.decide(ep, k.scope, k)
+        }
+    }
+
     fn decide<A: Family>(&self, ep: &EndpointInfo, dir: u8, key: &CtKeyOf<A>) -> Decision {
         decision::decide(
             ep,
