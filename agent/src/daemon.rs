@@ -64,6 +64,27 @@ pub struct Config {
     /// Host protection: the node ports pods may reach (protocol, port;
     /// None: every port), or None (off, the default).
     pub host_protection: Option<Vec<(u8, Option<u16>)>>,
+    /// Egress by domain name: where the cluster DNS is, and how learned
+    /// addresses live (`crate::fqdn`).
+    pub dns: DnsConfig,
+}
+
+#[derive(Clone, Debug)]
+pub struct DnsConfig {
+    pub cluster_dns: crate::fqdn::rules::ClusterDns,
+    pub limits: crate::fqdn::cache::Limits,
+    /// Longest a DNS answer is held while its addresses are programmed.
+    pub hold_timeout: std::time::Duration,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            cluster_dns: Default::default(),
+            limits: Default::default(),
+            hold_timeout: std::time::Duration::from_millis(500),
+        }
+    }
 }
 
 /// `--host-protection`: "53/UDP,10250/TCP,ICMP" (a protocol alone: every
@@ -176,6 +197,13 @@ pub struct Agent {
     /// The address each registered host veth carries (by ifindex), read
     /// once when it registers: the gateways the node talks to its pods from.
     gateways: HashMap<u32, (Option<Ipv4Addr>, Vec<std::net::Ipv6Addr>)>,
+    /// Egress by domain name: the pods whose answers are held and their
+    /// patterns (read by the DNS task), and the cluster DNS servers.
+    pub fqdn_rules: crate::fqdn::snoop::SharedRules,
+    cluster_dns: crate::fqdn::rules::ClusterDns,
+    /// `DNS_SERVERS` (None: no kernel, e.g. tests on the memory dataplane).
+    dns_servers: Option<palisade_dataplane::dns::DnsServers>,
+    dns_servers_now: std::collections::BTreeSet<palisade_common::dns::DnsServerKey>,
 }
 
 impl Agent {
@@ -244,6 +272,10 @@ impl Agent {
             routing_mode: cfg.routing,
             node_name: cfg.node_name.clone(),
             gateways: HashMap::new(),
+            fqdn_rules: Default::default(),
+            cluster_dns: cfg.dns.cluster_dns.clone(),
+            dns_servers: None,
+            dns_servers_now: Default::default(),
         };
         if cfg.routing != crate::routing::Mode::None {
             agent.routes = Some(crate::route_sync::RouteSync::spawn(cfg.routing)?);
@@ -480,6 +512,72 @@ impl Agent {
         }
     }
 
+    /// Writes `DNS_SERVERS` from then on (the kernel's, opened by the
+    /// caller from the pins).
+    pub fn set_dns_servers(&mut self, m: palisade_dataplane::dns::DnsServers) {
+        self.dns_servers_now = m.read();
+        self.dns_servers = Some(m);
+        self.refresh_fqdn();
+    }
+
+    /// Publishes which pods' DNS answers are held and for which patterns,
+    /// and writes where the cluster DNS answers from. The datapath's
+    /// `EP_DNS_SNOOP` flags came with the sync just done.
+    fn refresh_fqdn(&mut self) {
+        let model = self.engine.model();
+        let rules = crate::fqdn::rules::rules(model);
+        let active = !rules.is_empty();
+        {
+            let mut r = self.fqdn_rules.write().unwrap_or_else(|p| p.into_inner());
+            if *r != rules {
+                *r = rules;
+            }
+        }
+        if let Some(m) = self.dns_servers.as_mut() {
+            if m.active() != active {
+                if let Err(e) = m.set_active(active) {
+                    error!("switching DNS answer holding: {e}");
+                }
+            }
+        }
+        let want = crate::fqdn::rules::servers(
+            model,
+            &self.cluster_dns,
+            &self.resolved_services.frontends,
+        );
+        if want == self.dns_servers_now {
+            return;
+        }
+        if let Some(m) = self.dns_servers.as_mut() {
+            match m.set(&want) {
+                Ok(()) => self.dns_servers_now = want,
+                Err(e) => error!("writing the cluster DNS servers: {e}"),
+            }
+        }
+    }
+
+    /// The addresses learned from DNS answers (`crate::fqdn`), as they are
+    /// now: the `domainNames` peers follow them into the kernel. Returns
+    /// once they are there.
+    pub fn set_learned(
+        &mut self,
+        learned: std::collections::BTreeMap<String, Vec<std::net::IpAddr>>,
+    ) -> Result<u64> {
+        if learned == self.engine.model().learned {
+            return Ok(self.programmed);
+        }
+        self.engine.set_learned(learned);
+        self.reprogram()
+    }
+
+    /// The learned addresses an earlier agent left (before the first sync).
+    pub fn preload_learned(
+        &mut self,
+        learned: std::collections::BTreeMap<String, Vec<std::net::IpAddr>>,
+    ) {
+        self.engine.set_learned(learned);
+    }
+
     /// The resolved Services (frontends and rejections).
     pub fn resolved_services(&self) -> &crate::service_resolve::Resolved {
         &self.resolved_services
@@ -537,6 +635,7 @@ impl Agent {
         self.metrics.sync_seconds.observe(t.elapsed().as_secs_f64());
         *self.view.write().unwrap_or_else(|p| p.into_inner()) = view;
         self.sync_routes();
+        self.refresh_fqdn();
         match r {
             Ok(_) => {
                 self.full_sync = false;

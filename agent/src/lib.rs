@@ -12,6 +12,7 @@ pub mod dataplane;
 pub mod endpoints;
 pub mod error;
 pub mod flowlog;
+pub mod fqdn;
 pub mod http;
 pub mod identity;
 pub mod ifaddrs;

@@ -184,6 +184,27 @@ struct RunArgs {
     /// (chained mode: the primary CNI routes). Needs --node-name.
     #[arg(long, env = "PALISADE_ROUTING", default_value = "native")]
     routing: palisade_agent::routing::Mode,
+    /// The cluster DNS pods, NAMESPACE/KEY=VALUE[,KEY=VALUE]: egress by
+    /// domain name learns addresses only from their answers (and from
+    /// Services in front of them).
+    #[arg(long, default_value = "kube-system/k8s-app=kube-dns")]
+    cluster_dns: palisade_agent::fqdn::rules::ClusterDns,
+    /// Seconds a learned address stays allowed at least, whatever the TTL.
+    #[arg(long, default_value_t = 5)]
+    dns_min_ttl: u32,
+    /// Seconds a learned address stays allowed at most, whatever the TTL.
+    #[arg(long, default_value_t = 86_400)]
+    dns_max_ttl: u32,
+    /// Addresses one domain name may hold (older ones are evicted).
+    #[arg(long, default_value_t = 64)]
+    dns_max_per_name: usize,
+    /// Addresses the node may hold over all names.
+    #[arg(long, default_value_t = 16_384)]
+    dns_max_addresses: usize,
+    /// Longest a DNS answer waits for its addresses to be programmed
+    /// before it is sent on anyway (counted), e.g. 500ms.
+    #[arg(long, default_value = "500ms")]
+    dns_hold_timeout: String,
 }
 
 /// Logs go to stderr through tracing: `RUST_LOG` filters (default info),
@@ -282,6 +303,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .map(palisade_agent::daemon::parse_host_ports)
                     .transpose()
                     .context("--host-protection")?,
+                dns: palisade_agent::daemon::DnsConfig {
+                    cluster_dns: a.cluster_dns,
+                    limits: palisade_agent::fqdn::cache::Limits {
+                        ttl_min_s: a.dns_min_ttl,
+                        ttl_max_s: a.dns_max_ttl,
+                        per_name: a.dns_max_per_name,
+                        per_node: a.dns_max_addresses,
+                    },
+                    hold_timeout: humantime::parse_duration(&a.dns_hold_timeout)
+                        .with_context(|| format!("--dns-hold-timeout {}", a.dns_hold_timeout))?,
+                },
                 conntrack_budget: palisade_common::ct_budget::CtBudget {
                     entries: if a.conntrack_budget == 0 {
                         u32::MAX

@@ -277,6 +277,8 @@ pub struct Metrics {
     /// CNI registrations refused, by error kind (e.g. `unsupported`: an
     /// IPv6-only pod).
     pub registration_refusals: KindCounter,
+    /// Egress by domain name (`crate::fqdn`).
+    pub dns: DnsMetrics,
     /// The fields above, registered (the registry holds clones).
     registry: Registry,
 }
@@ -403,6 +405,8 @@ impl Default for Metrics {
             "CNI registrations the agent refused, by error kind",
             registration_refusals.0.clone(),
         );
+        let dns = DnsMetrics::default();
+        dns.register(&mut r);
         let flow_families = FamilyCounter::default();
         r.register(
             "palisade_flow_records_by_family",
@@ -430,8 +434,78 @@ impl Default for Metrics {
             policy_decisions,
             events_suppressed,
             registration_refusals,
+            dns,
             registry: r,
         }
+    }
+}
+
+/// Held DNS answers and what was learned from them (`crate::fqdn`).
+#[derive(Clone, Debug, Default)]
+pub struct DnsMetrics {
+    /// From the datapath taking an answer to sending it on.
+    pub hold_seconds: Histogram,
+    pub answers_held: Counter,
+    /// Answers sent on before the learned addresses were programmed.
+    pub hold_timeouts: Counter,
+    /// Held frames that held no DNS answer the agent could read (sent on).
+    pub unreadable: Counter,
+    pub addresses_learned: Counter,
+    /// Addresses held now, over all names.
+    pub learned_addresses: Gauge,
+    /// Addresses evicted by the per-name cap, and refused by the node's.
+    pub name_cap_evictions: Counter,
+    pub node_cap_refusals: Counter,
+    pub expired: Counter,
+}
+
+impl DnsMetrics {
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "palisade_dns_hold_seconds",
+            "Time a DNS answer to a pod with domain rules was held (learning and programming its addresses)",
+            self.hold_seconds.0.clone(),
+        );
+        r.register(
+            "palisade_dns_answers_held",
+            "DNS answers held for a pod with domain rules",
+            self.answers_held.0.clone(),
+        );
+        r.register(
+            "palisade_dns_hold_timeouts",
+            "Held DNS answers sent on before their addresses were programmed (hold timeout)",
+            self.hold_timeouts.0.clone(),
+        );
+        r.register(
+            "palisade_dns_unreadable",
+            "Held frames without a DNS answer the agent could read (sent on, nothing learned)",
+            self.unreadable.0.clone(),
+        );
+        r.register(
+            "palisade_dns_addresses_learned",
+            "Addresses learned for domain names (new for their name)",
+            self.addresses_learned.0.clone(),
+        );
+        r.register(
+            "palisade_dns_learned_addresses",
+            "Addresses held for domain names now",
+            self.learned_addresses.0.clone(),
+        );
+        r.register(
+            "palisade_dns_name_cap_evictions",
+            "Learned addresses evicted because their name held its cap",
+            self.name_cap_evictions.0.clone(),
+        );
+        r.register(
+            "palisade_dns_node_cap_refusals",
+            "Addresses not learned because the node held its cap",
+            self.node_cap_refusals.0.clone(),
+        );
+        r.register(
+            "palisade_dns_expired",
+            "Learned addresses forgotten after their TTL",
+            self.expired.0.clone(),
+        );
     }
 }
 

@@ -125,6 +125,9 @@ pub struct Model {
     /// ClusterNetworkPolicies by name, parsed and validated on arrival
     /// ([`Model::add_cluster_policy`]).
     pub cluster_policies: BTreeMap<String, Arc<ParsedClusterPolicy>>,
+    /// Addresses learned from the cluster DNS's answers, by name
+    /// (normalized): what `domainNames` peers resolve to (`crate::fqdn`).
+    pub learned: BTreeMap<String, Vec<std::net::IpAddr>>,
 }
 
 impl Model {
@@ -146,6 +149,7 @@ impl Model {
         let mut parsed = ParsedClusterPolicy::parse(cnp);
         if let ParsedClusterPolicy::Accepted(p) = &mut parsed {
             p.resolve_nodes(&self.nodes);
+            p.resolve_domains(&self.learned);
         }
         let parsed = Arc::new(parsed);
         let name = cnp.metadata.name.clone().unwrap_or_default();
@@ -163,6 +167,28 @@ impl Model {
                 if c.has_node_peers() {
                     let mut c = c.clone();
                     if c.resolve_nodes(&self.nodes) {
+                        *p = Arc::new(ParsedClusterPolicy::Accepted(c));
+                        changed = true;
+                    }
+                }
+            }
+        }
+        if changed {
+            self.refresh_cluster_addresses();
+        }
+        changed
+    }
+
+    /// Replaces the learned addresses and re-resolves the `domainNames`
+    /// peers; whether any changed.
+    pub fn set_learned(&mut self, learned: BTreeMap<String, Vec<std::net::IpAddr>>) -> bool {
+        self.learned = learned;
+        let mut changed = false;
+        for p in self.cluster_policies.values_mut() {
+            if let ParsedClusterPolicy::Accepted(c) = &**p {
+                if c.has_domain_peers() {
+                    let mut c = c.clone();
+                    if c.resolve_domains(&self.learned) {
                         *p = Arc::new(ParsedClusterPolicy::Accepted(c));
                         changed = true;
                     }

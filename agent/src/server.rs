@@ -44,7 +44,16 @@ type Rescan = Option<Arc<ManifestHandle>>;
 
 pub async fn run(cfg: Config) -> Result<()> {
     let metrics = Arc::new(Metrics::default());
-    let (agent, events, generation_rx) = Agent::start(&cfg, metrics.clone())?;
+    let (mut agent, events, generation_rx) = Agent::start(&cfg, metrics.clone())?;
+    // Egress by domain name: what an earlier agent learned is in force
+    // from the first sync (entries past their TTL are dropped on load).
+    let learned_file = cfg.state_dir.join("dns-learned.json");
+    let learned = crate::fqdn::cache::Cache::load(&learned_file, crate::fqdn::snoop::now_ms());
+    agent.preload_learned(learned.addresses());
+    agent.set_dns_servers(
+        palisade_dataplane::dns::DnsServers::open(&cfg.pins).context("opening DNS_SERVERS")?,
+    );
+    let fqdn_rules = agent.fqdn_rules.clone();
     let view = agent.view.clone();
     let services = agent.services.clone();
     let (stats, conntrack) = (agent.stats_reader(), agent.conntrack_fill());
@@ -113,6 +122,31 @@ pub async fn run(cfg: Config) -> Result<()> {
         .wait_for(|ready| *ready)
         .await
         .context("the agent stopped before its first sync")?;
+
+    // The DNS task: held answers are learned from, then sent on.
+    let learned = Arc::new(std::sync::Mutex::new(learned));
+    {
+        let peers = palisade_dataplane::dns::ConntrackPeers::open(&cfg.pins)
+            .context("opening conntrack for the DNS task")?;
+        crate::fqdn::snoop::Snooper::new(
+            palisade_dataplane::dns::HeldReader::open(&cfg.pins).context("opening DNS_HELD")?,
+            crate::fqdn::snoop::Injector::open().context("opening the DNS answer socket")?,
+            fqdn_rules,
+            learned.clone(),
+            crate::fqdn::snoop::Config {
+                limits: cfg.dns.limits,
+                hold_timeout: cfg.dns.hold_timeout,
+                state_file: learned_file,
+                in_use_grace: Duration::from_secs(30),
+            },
+            handle.clone(),
+            tokio::runtime::Handle::current(),
+            metrics.clone(),
+            Box::new(move || peers.addresses()),
+        )
+        .spawn()
+        .context("starting the DNS task")?;
+    }
 
     let flowlog = Arc::new(Mutex::new(
         FlowLog::open(&cfg.flow_log, cfg.flow_log_max_bytes)

@@ -7,15 +7,18 @@
 //! contributes nothing (the API server would never have stored it).
 //! What palisade does not understand fails closed as the API prescribes:
 //! a rule with a peer or field it does not know (an unknown field, a
-//! peer with no known field, `domainNames`) matches nothing if it is an
-//! Accept, and becomes "Deny everything" if it is a Deny or a Pass.
+//! peer with no known field) matches nothing if it is an Accept, and
+//! becomes "Deny everything" if it is a Deny or a Pass.
 //! `nodes` peers select Node objects by label; the model resolves them to
-//! those nodes' addresses.
+//! those nodes' addresses. `domainNames` peers (Accept rules only) resolve
+//! to the addresses learned from the cluster DNS's answers for the names
+//! they match (`crate::fqdn`).
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use palisade_common::{DIR_EGRESS, DIR_INGRESS, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 
 use crate::{
     cnp::{self, ClusterNetworkPolicy},
+    fqdn::DomainPattern,
     selector::Selector,
 };
 
@@ -143,6 +146,13 @@ pub struct ClusterRule {
 }
 
 impl ClusterRule {
+    /// An egress rule with a `domainNames` peer.
+    pub fn has_domain_peers(&self) -> bool {
+        self.peers
+            .iter()
+            .any(|p| matches!(p, ClusterPeer::Domains { .. }))
+    }
+
     /// What the rule does when it matches: a failing-closed Pass denies.
     pub fn effective_action(&self) -> Action {
         match (self.unknown.is_some(), self.action) {
@@ -194,6 +204,14 @@ pub enum ClusterPeer {
     },
     /// IPv6 networks (a `networks` list of both families is two peers).
     Networks6(Vec<Ipv6Network>),
+    /// Domain names (egress, Accept only): the addresses (/32, /128)
+    /// learned for names the patterns match, resolved by the model
+    /// ([`ClusterPolicy::resolve_domains`]) whenever they change.
+    Domains {
+        patterns: Vec<DomainPattern>,
+        addresses: Vec<Ipv4Network>,
+        addresses6: Vec<Ipv6Network>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -290,8 +308,22 @@ fn parse_peer(
             addresses6: Vec::new(),
         }]));
     }
-    if p.domain_names.is_some() {
-        return Ok(Err(format!("{at}.domainNames: not supported")));
+    if let Some(names) = &p.domain_names {
+        if names.is_empty() || names.len() > MAX_PEERS {
+            return Err(format!("{at}.domainNames: 1 to {MAX_PEERS} names"));
+        }
+        let mut patterns = Vec::new();
+        for (i, n) in names.iter().enumerate() {
+            patterns
+                .push(DomainPattern::parse(n).map_err(|e| format!("{at}.domainNames[{i}]: {e}"))?);
+        }
+        patterns.sort();
+        patterns.dedup();
+        return Ok(Ok(vec![ClusterPeer::Domains {
+            patterns,
+            addresses: Vec::new(),
+            addresses6: Vec::new(),
+        }]));
     }
     Ok(Err(
         unknown_fields(&p.other, at).unwrap_or_else(|| format!("{at}: no known peer field"))
@@ -448,6 +480,11 @@ fn parse_rule(
             Some(v)
         }
     };
+    if action != Action::Accept && peers.iter().any(|p| p.domain_names.is_some()) {
+        return Err(format!(
+            "{at}: domainNames peers are only allowed in Accept rules"
+        ));
+    }
     if direction == DIR_EGRESS
         && has_address_peer
         && ports
@@ -555,7 +592,8 @@ impl ClusterPolicy {
             .flat_map(|r| {
                 r.peers.iter().flat_map(|p| match p {
                     ClusterPeer::Networks(n) => n.as_slice(),
-                    ClusterPeer::Nodes { addresses, .. } => addresses.as_slice(),
+                    ClusterPeer::Nodes { addresses, .. }
+                    | ClusterPeer::Domains { addresses, .. } => addresses.as_slice(),
                     _ => &[],
                 })
             })
@@ -569,7 +607,8 @@ impl ClusterPolicy {
             .flat_map(|r| {
                 r.peers.iter().flat_map(|p| match p {
                     ClusterPeer::Networks6(n) => n.as_slice(),
-                    ClusterPeer::Nodes { addresses6, .. } => addresses6.as_slice(),
+                    ClusterPeer::Nodes { addresses6, .. }
+                    | ClusterPeer::Domains { addresses6, .. } => addresses6.as_slice(),
                     _ => &[],
                 })
             })
@@ -582,6 +621,69 @@ impl ClusterPolicy {
                 .iter()
                 .any(|p| matches!(p, ClusterPeer::Nodes { .. }))
         })
+    }
+
+    /// Whether an egress rule of the policy names domains (its subjects'
+    /// DNS answers are then held and learned from).
+    pub fn has_domain_peers(&self) -> bool {
+        self.rules.iter().any(ClusterRule::has_domain_peers)
+    }
+
+    /// The patterns of every `domainNames` peer of the policy.
+    pub fn domain_patterns(&self) -> impl Iterator<Item = &DomainPattern> + '_ {
+        self.rules.iter().flat_map(|r| {
+            r.peers.iter().flat_map(|p| match p {
+                ClusterPeer::Domains { patterns, .. } => patterns.as_slice(),
+                _ => &[],
+            })
+        })
+    }
+
+    /// Resolves every `domainNames` peer to the addresses learned for the
+    /// names its patterns match (`learned`: name -> addresses, names
+    /// normalized); whether anything changed.
+    pub fn resolve_domains(
+        &mut self,
+        learned: &std::collections::BTreeMap<String, Vec<std::net::IpAddr>>,
+    ) -> bool {
+        let mut changed = false;
+        for r in &mut self.rules {
+            for p in &mut r.peers {
+                if let ClusterPeer::Domains {
+                    patterns,
+                    addresses,
+                    addresses6,
+                } = p
+                {
+                    let (mut now, mut now6) = (Vec::new(), Vec::new());
+                    for (_, addrs) in learned
+                        .iter()
+                        .filter(|(n, _)| patterns.iter().any(|p| p.matches(n)))
+                    {
+                        for a in addrs {
+                            match a {
+                                std::net::IpAddr::V4(a) => {
+                                    now.push(Ipv4Network::new(*a, 32).expect("valid"))
+                                }
+                                std::net::IpAddr::V6(a) => {
+                                    now6.push(Ipv6Network::new(*a, 128).expect("valid"))
+                                }
+                            }
+                        }
+                    }
+                    now.sort();
+                    now.dedup();
+                    now6.sort();
+                    now6.dedup();
+                    if *addresses != now || *addresses6 != now6 {
+                        *addresses = now;
+                        *addresses6 = now6;
+                        changed = true;
+                    }
+                }
+            }
+        }
+        changed
     }
 
     /// Resolves every `nodes` peer to the addresses of the nodes it

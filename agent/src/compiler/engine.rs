@@ -502,6 +502,18 @@ impl Engine {
         self.settle();
     }
 
+    /// The addresses learned from DNS answers, by name, as they are now
+    /// (`crate::fqdn`): the `domainNames` peers follow them.
+    pub fn set_learned(
+        &mut self,
+        learned: std::collections::BTreeMap<String, Vec<std::net::IpAddr>>,
+    ) {
+        if self.model.set_learned(learned) {
+            self.cluster_policies_changed();
+        }
+        self.settle();
+    }
+
     /// The hidden addresses policy follows the accepted
     /// ClusterNetworkPolicies; the view lists them.
     /// Marks the endpoints without a pod in the model (of `ns`, or all).

@@ -32,8 +32,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use palisade_common::{
     is_label_identity, PolicyKey, PolicyValue, ACTION_ALLOW, ACTION_DENY, DIR_EGRESS, DIR_INGRESS,
-    EP_EGRESS_ENFORCED, EP_INGRESS_ENFORCED, IDENTITY_ANY, IDENTITY_ANY_POD, IDENTITY_HOST,
-    POLICY_PREFIX_FIXED, POLICY_PREFIX_PROTO, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    EP_DNS_SNOOP, EP_EGRESS_ENFORCED, EP_INGRESS_ENFORCED, IDENTITY_ANY, IDENTITY_ANY_POD,
+    IDENTITY_HOST, POLICY_PREFIX_FIXED, POLICY_PREFIX_PROTO, PROTO_ICMP, PROTO_SCTP, PROTO_TCP,
+    PROTO_UDP,
 };
 
 use super::{
@@ -312,6 +313,11 @@ fn rule_peer_matches(rule: &ClusterRule, peer: &PeerRep) -> bool {
         (ClusterPeer::Networks6(nets), _) => nets.iter().any(|n| inside(peer.net, (*n).into())),
         (
             ClusterPeer::Nodes {
+                addresses,
+                addresses6,
+                ..
+            }
+            | ClusterPeer::Domains {
                 addresses,
                 addresses6,
                 ..
@@ -821,6 +827,13 @@ pub(crate) fn apply_tiers<'a>(
                 maps.policy.remove(&(*prefix, *k));
             }
             info.flags |= flag;
+            // Its DNS answers are held until what they name is learned.
+            if rules
+                .iter()
+                .any(|r| r.rule.unknown.is_none() && r.rule.has_domain_peers())
+            {
+                info.flags |= EP_DNS_SNOOP;
+            }
             let id = info.endpoint_id;
             let entries = &mut maps.policy;
 

@@ -75,7 +75,7 @@ fn denies_everything(r: &ClusterRule) -> bool {
             }
             ClusterPeer::Networks(n) => n.iter().any(|n| n.prefix() == 0),
             ClusterPeer::Networks6(n) => n.iter().any(|n| n.prefix() == 0),
-            ClusterPeer::Nodes { .. } => false,
+            ClusterPeer::Nodes { .. } | ClusterPeer::Domains { .. } => false,
         })
 }
 
@@ -229,7 +229,9 @@ fn samples(rules: &TierRules, dest: &[ContainerPort], iv: Interval) -> BTreeSet<
 /// The addresses of a `networks` or `nodes` peer (those match by address).
 fn address_peers(p: &ClusterPeer) -> Option<&Vec<Ipv4Network>> {
     match p {
-        ClusterPeer::Networks(n) | ClusterPeer::Nodes { addresses: n, .. } => Some(n),
+        ClusterPeer::Networks(n)
+        | ClusterPeer::Nodes { addresses: n, .. }
+        | ClusterPeer::Domains { addresses: n, .. } => Some(n),
         _ => None,
     }
 }
@@ -453,7 +455,7 @@ fn cluster_peer_pods<'a>(m: &'a Model, peer: &ClusterPeer) -> Vec<&'a Pod> {
                     q.ipv6.is_some_and(|ip| nets.iter().any(|n| n.contains(ip)))
                 }
                 // Node addresses are never a (non-host-network) pod's.
-                ClusterPeer::Nodes { .. } => false,
+                ClusterPeer::Nodes { .. } | ClusterPeer::Domains { .. } => false,
             }
         })
         .collect()
@@ -523,6 +525,10 @@ fn cluster_peer_covers(a: &ClusterPeer, b: &ClusterPeer) -> bool {
         (Networks(x), Networks(y)) => y.iter().all(|n| x.iter().any(|o| v4_subset(*n, *o))),
         (Nodes { selector: x, .. }, Nodes { selector: y, .. }) => selector_covers(x, y),
         (Nodes { .. }, _) => false,
+        // Learned addresses change with every answer: nothing is covered
+        // for good, and a domain peer covers nothing but itself.
+        (Domains { patterns: x, .. }, Domains { patterns: y, .. }) => x == y,
+        (Domains { .. }, _) | (_, Domains { .. }) => false,
         // Nodes' addresses, whichever nodes the selector matches later.
         (Networks(x), Nodes { .. }) => x.iter().any(|n| n.prefix() == 0),
         // `networks` match pod addresses too.
@@ -757,7 +763,9 @@ pub(super) fn selector_findings(m: &Model, out: &mut Vec<Finding>) {
                 let ns = match peer {
                     ClusterPeer::Namespaces(s) => s,
                     ClusterPeer::Pods { namespaces, .. } => namespaces,
-                    ClusterPeer::Networks(_) | ClusterPeer::Networks6(_) => continue,
+                    ClusterPeer::Networks(_)
+                    | ClusterPeer::Networks6(_)
+                    | ClusterPeer::Domains { .. } => continue,
                     ClusterPeer::Nodes {
                         addresses,
                         addresses6,

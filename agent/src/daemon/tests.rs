@@ -50,6 +50,7 @@ impl Scratch {
             endpoint_check_interval: std::time::Duration::from_secs(15),
             conntrack_budget: Default::default(),
             host_protection: None,
+            dns: Default::default(),
         }
     }
 }

@@ -10,6 +10,7 @@
 pub mod conntrack;
 pub mod ct_budget;
 pub mod decision;
+pub mod dns;
 pub mod event_limit;
 pub mod ipv6;
 pub mod reject;
@@ -54,8 +55,14 @@ pub mod maps {
     pub const SVC_AFFINITY6: &str = "SVC_AFFINITY6";
     /// The programs reached by tail call (`SLOT_*`).
     pub const PROGRAMS: &str = "PROGRAMS";
+    /// Cluster DNS servers whose answers are held (`dns::DnsServerKey`).
+    pub const DNS_SERVERS: &str = "DNS_SERVERS";
+    /// DNS answers held for the agent (`dns::DnsHeld`), a ring buffer.
+    pub const DNS_HELD: &str = "DNS_HELD";
+    /// Nonzero while a pod of the node has domain rules (one `u32`).
+    pub const DNS_ACTIVE: &str = "DNS_ACTIVE";
     /// Every map the programs share, in a stable order (pinning, adoption).
-    pub const ALL: [&str; 23] = [
+    pub const ALL: [&str; 26] = [
         ENDPOINTS,
         IPCACHE,
         POLICY,
@@ -79,6 +86,9 @@ pub mod maps {
         SVC_NAT6,
         SVC_AFFINITY6,
         PROGRAMS,
+        DNS_SERVERS,
+        DNS_HELD,
+        DNS_ACTIVE,
     ];
 }
 
@@ -142,6 +152,10 @@ pub mod sizes {
     pub const SVC_BACKENDS6: u32 = SVC_BACKENDS;
     pub const SVC_NAT6: u32 = SVC_NAT / 2;
     pub const SVC_AFFINITY6: u32 = SVC_AFFINITY / 2;
+    /// Cluster DNS (address, port, protocol) entries.
+    pub const DNS_SERVERS: u32 = 1024;
+    /// 512 held answers (`dns::DnsHeld` is 2 KiB) across the node.
+    pub const DNS_HELD_BYTES: u32 = 1 << 20;
 }
 
 /// An IPv6 address as the kernel reads it: the header's 16 bytes as four
@@ -197,6 +211,9 @@ pub const EP_AUDIT: u32 = 1 << 2;
 /// Host protection (`--host-protection`): what the pod sends to its own
 /// node passes only on the node's listed ports (`HOST_PORTS_ENDPOINT`).
 pub const EP_HOST_PROTECTED: u32 = 1 << 3;
+/// A `domainNames` rule selects the pod: its DNS answers are held until
+/// the agent has learned their addresses (`dns`).
+pub const EP_DNS_SNOOP: u32 = 1 << 4;
 /// The endpoint id (never a pod's: ids count from 1) under which the
 /// policy map holds host protection's open node ports: keys
 /// (HOST_PORTS_ENDPOINT, IDENTITY_HOST, egress, protocol, port).
@@ -487,6 +504,12 @@ pub mod reason {
     /// A new flow or first fragment passed without an entry because its
     /// endpoint's conntrack budget was spent (`ct_budget`).
     pub const CT_BUDGET_UNTRACKED: u8 = 36;
+    /// A DNS answer to a pod with domain rules, held for the agent (`dns`).
+    pub const DNS_HELD: u8 = 37;
+    /// A DNS answer passed unheld: the hold ring was full.
+    pub const DNS_HOLD_FULL: u8 = 38;
+    /// A DNS answer passed unheld: the frame is larger than a held record.
+    pub const DNS_TOO_LARGE: u8 = 39;
     // Dropped (the range after the bookkeeping ones).
     /// UDP from a pod to a tunnel port (VXLAN, Geneve) of a node: the node
     /// would decapsulate it and forward its inner packet, whatever source
@@ -529,6 +552,9 @@ pub mod reason {
             CT_BUDGET => "conntrack-budget",
             SPOOFED_MAC => "spoofed-mac",
             CT_BUDGET_UNTRACKED => "conntrack-budget-untracked",
+            DNS_HELD => "dns-held",
+            DNS_HOLD_FULL => "dns-hold-full",
+            DNS_TOO_LARGE => "dns-too-large",
             TUNNEL_FROM_POD => "tunnel-from-pod",
             HOST_PROTECTED => "host-protected",
             _ => "none",
@@ -672,6 +698,7 @@ mod pod_impls {
     unsafe impl aya::Pod for service::SvcNat6 {}
     unsafe impl aya::Pod for service::SvcAffinityKey6 {}
     unsafe impl aya::Pod for service::SvcAffinity6 {}
+    unsafe impl aya::Pod for crate::dns::DnsServerKey {}
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
+mod dns;
 mod events;
 mod headers;
 mod service;
@@ -30,6 +31,7 @@ use aya_ebpf::{
 };
 use palisade_common::{
     ct_budget::{CtBudget, CtCharge},
+    dns::DnsServerKey,
     event_limit::{EventBudget, EventLimitKey, EventLimitState},
     reason,
     service::{
@@ -148,6 +150,19 @@ static SVC_NAT6: LruHashMap<CtKey6, SvcNat6> = LruHashMap::with_max_entries(size
 static SVC_AFFINITY6: LruHashMap<SvcAffinityKey6, SvcAffinity6> =
     LruHashMap::with_max_entries(sizes::SVC_AFFINITY6, 0);
 
+// ---- DNS answers held for the agent (`dns`) ----
+
+#[map]
+static DNS_SERVERS: HashMap<DnsServerKey, u8> = HashMap::with_max_entries(sizes::DNS_SERVERS, 0);
+
+/// Nonzero while a pod of the node has domain rules (one entry): frames to
+/// pods skip the hold check otherwise.
+#[map]
+static DNS_ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
+
+#[map]
+static DNS_HELD: RingBuf = RingBuf::with_byte_size(sizes::DNS_HELD_BYTES, 0);
+
 // ---- XDP prefilter maps ----
 
 #[map]
@@ -193,7 +208,15 @@ pub fn pod_egress4(ctx: TcContext) -> i32 {
 #[inline(always)]
 pub fn pod_ingress(ctx: TcContext) -> i32 {
     let mut redirect = None;
-    tc_action(verdict::process::<false>(&ctx, DIR_INGRESS, &mut redirect))
+    let r = verdict::process::<false>(&ctx, DIR_INGRESS, &mut redirect);
+    // A DNS answer for a pod with domain rules waits for the agent (`dns`):
+    // the copy goes on later, this frame ends here. (Not TC_ACT_STOLEN:
+    // TCX knows only pass, drop and redirect, and treats the rest as
+    // "next", which passes.)
+    if r == Ok(true) && dns::held(&ctx) {
+        return TC_ACT_SHOT;
+    }
+    tc_action(r)
 }
 
 /// The verdict path of `pod_egress`/`pod_ingress` in dry-run mode: reads

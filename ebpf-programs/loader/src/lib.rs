@@ -10,6 +10,7 @@
 //! `Maps`. `packet` is not behind it: the reference evaluator (and so
 //! `palisade-agent trace`) renders its frames.
 
+pub mod dns;
 pub mod events;
 pub mod handles;
 pub mod loader;

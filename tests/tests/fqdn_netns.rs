@@ -1,0 +1,383 @@
+//! Egress by domain name (issue 16) on real packets: a pod whose
+//! ClusterNetworkPolicy allows names resolves them through a DNS server
+//! pod and connects at once. The datapath holds each answer until the
+//! agent has programmed its addresses, so the first connection after a
+//! lookup is never dropped; TCP answers split over segments, CNAME chains
+//! and TTL expiry are learned right; a pod no domain rule selects is left
+//! alone; learned addresses survive an agent restart.
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use palisade_tests::{agent::*, *};
+use simple_dns::{
+    rdata, Name, Packet, PacketFlag, Question, ResourceRecord, CLASS, QCLASS, QTYPE, TYPE,
+};
+
+const GW: Ipv4Addr = Ipv4Addr::new(10, 96, 50, 1);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 96, 50, 2);
+const DNS: Ipv4Addr = Ipv4Addr::new(10, 96, 50, 3);
+const LAB: Ipv4Addr = Ipv4Addr::new(10, 96, 50, 4);
+/// External hosts, in a namespace behind the node.
+const EXT_GW: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+const API: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+const ADS: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 20);
+const IMG: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 30);
+const EDGE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 40);
+const SHORT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 50);
+const PORT: u16 = 443;
+
+/// (name, ttl, A address or CNAME target).
+const RECORDS: &[(&str, u32, Rec)] = &[
+    ("api.example.com", 300, Rec::A(API)),
+    ("ads.tracker.example", 30, Rec::A(ADS)),
+    ("img.cdn.example", 30, Rec::A(IMG)),
+    ("www.example.org", 30, Rec::Cname("edge.provider.example")),
+    ("edge.provider.example", 30, Rec::A(EDGE)),
+    ("short.example.com", 1, Rec::A(SHORT)),
+];
+
+#[derive(Clone, Copy)]
+enum Rec {
+    A(Ipv4Addr),
+    Cname(&'static str),
+}
+
+const CLUSTER: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: lab}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: kube-system}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: shop, labels: {app: client}}
+spec: {containers: [{name: c}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: coredns, namespace: kube-system, labels: {k8s-app: kube-dns}}
+spec: {containers: [{name: c, ports: [{containerPort: 53, protocol: UDP}, {containerPort: 53, protocol: TCP}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: box, namespace: lab, labels: {app: box}}
+spec: {containers: [{name: c}]}
+"#;
+
+const POLICIES: &str = r#"
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: shop-egress}
+spec:
+  tier: Admin
+  priority: 10
+  subject: {namespaces: {matchLabels: {kubernetes.io/metadata.name: shop}}}
+  egress:
+    - name: dns
+      action: Accept
+      to: [{pods: {namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: kube-system}}, podSelector: {matchLabels: {k8s-app: kube-dns}}}}]
+      protocols: [{udp: {destinationPort: {number: 53}}}, {tcp: {destinationPort: {number: 53}}}]
+    - name: partners
+      action: Accept
+      to: [{domainNames: [api.example.com, "*.cdn.example", www.example.org, short.example.com]}]
+      protocols: [{tcp: {destinationPort: {number: 443}}}]
+---
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: shop-default-deny}
+spec:
+  tier: Baseline
+  priority: 10
+  subject: {namespaces: {matchLabels: {kubernetes.io/metadata.name: shop}}}
+  egress:
+    - {name: rest, action: Deny, to: [{networks: [0.0.0.0/0]}]}
+"#;
+
+fn reply(query: &[u8]) -> Option<Vec<u8>> {
+    let q = Packet::parse(query).ok()?;
+    let question = q.questions.first()?.clone();
+    let mut r = Packet::new_reply(q.id());
+    r.set_flags(PacketFlag::AUTHORITATIVE_ANSWER);
+    let mut name = question.qname.to_string().to_ascii_lowercase();
+    r.questions.push(question.into_owned());
+    let mut found = false;
+    for _ in 0..4 {
+        let Some((_, ttl, rec)) = RECORDS.iter().find(|(n, _, _)| *n == name) else {
+            break;
+        };
+        found = true;
+        let owner = Name::new_unchecked(&name).into_owned();
+        match rec {
+            Rec::A(a) => {
+                r.answers.push(ResourceRecord::new(
+                    owner,
+                    CLASS::IN,
+                    *ttl,
+                    rdata::RData::A(rdata::A {
+                        address: u32::from(*a),
+                    }),
+                ));
+                break;
+            }
+            Rec::Cname(t) => {
+                r.answers.push(ResourceRecord::new(
+                    owner,
+                    CLASS::IN,
+                    *ttl,
+                    rdata::RData::CNAME(rdata::CNAME(Name::new_unchecked(t).into_owned())),
+                ));
+                name = t.to_string();
+            }
+        }
+    }
+    if !found {
+        *r.rcode_mut() = simple_dns::RCODE::NameError;
+    }
+    r.build_bytes_vec_compressed().ok()
+}
+
+/// UDP and TCP 53 in `ns`. Over TCP the length prefix and the message go
+/// in two segments, 20 ms apart: the agent must read across them.
+fn dns_server(ns: &NetNs) -> Result<()> {
+    let (udp, tcp) = ns.enter(|| -> Result<(UdpSocket, TcpListener)> {
+        Ok((
+            UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 53))?,
+            TcpListener::bind((Ipv4Addr::UNSPECIFIED, 53))?,
+        ))
+    })??;
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = udp.recv_from(&mut buf) {
+            if let Some(r) = reply(&buf[..n]) {
+                let _ = udp.send_to(&r, from);
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        for s in tcp.incoming().flatten() {
+            std::thread::spawn(move || -> Result<()> {
+                let mut s = s;
+                s.set_nodelay(true)?;
+                loop {
+                    let mut len = [0u8; 2];
+                    s.read_exact(&mut len)?;
+                    let mut q = vec![0u8; u16::from_be_bytes(len) as usize];
+                    s.read_exact(&mut q)?;
+                    let Some(r) = reply(&q) else {
+                        bail!("no reply")
+                    };
+                    s.write_all(&(r.len() as u16).to_be_bytes())?;
+                    std::thread::sleep(Duration::from_millis(20));
+                    s.write_all(&r)?;
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+fn query(name: &str) -> Vec<u8> {
+    let mut q = Packet::new_query(0x4242);
+    q.set_flags(PacketFlag::RECURSION_DESIRED);
+    q.questions.push(Question::new(
+        Name::new_unchecked(name).into_owned(),
+        QTYPE::TYPE(TYPE::A),
+        QCLASS::CLASS(CLASS::IN),
+        false,
+    ));
+    q.build_bytes_vec().expect("query")
+}
+
+fn addresses(answer: &[u8]) -> Vec<Ipv4Addr> {
+    let Ok(p) = Packet::parse(answer) else {
+        return Vec::new();
+    };
+    p.answers
+        .iter()
+        .filter_map(|rr| match &rr.rdata {
+            rdata::RData::A(a) => Some(Ipv4Addr::from(a.address)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Resolve `name` from inside `ns` (UDP or TCP), then connect to the
+/// first address on PORT at once, as a client does. (addresses, connected)
+fn resolve_and_connect(ns: &NetNs, name: &'static str, tcp: bool) -> Result<(Vec<Ipv4Addr>, bool)> {
+    ns.enter(move || -> Result<(Vec<Ipv4Addr>, bool)> {
+        let q = query(name);
+        let answer = if tcp {
+            let mut s = TcpStream::connect_timeout(&(DNS, 53).into(), Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.write_all(&(q.len() as u16).to_be_bytes())?;
+            s.write_all(&q)?;
+            let mut len = [0u8; 2];
+            s.read_exact(&mut len)?;
+            let mut a = vec![0u8; u16::from_be_bytes(len) as usize];
+            s.read_exact(&mut a)?;
+            a
+        } else {
+            let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.send_to(&q, (DNS, 53))?;
+            let mut buf = [0u8; 1500];
+            let n = s.recv(&mut buf).context("no DNS answer")?;
+            buf[..n].to_vec()
+        };
+        let addrs = addresses(&answer);
+        let Some(first) = addrs.first() else {
+            return Ok((addrs, false));
+        };
+        let ok =
+            TcpStream::connect_timeout(&(*first, PORT).into(), Duration::from_millis(700)).is_ok();
+        Ok((addrs, ok))
+    })?
+}
+
+/// A namespace holding the external addresses behind the node.
+fn external(node: &NetNs) -> Result<NetNs> {
+    let ext = NetNs::new("pext")?;
+    let host_if: String = format!("x{}", unique("")).chars().take(15).collect();
+    node.ip(&[
+        "link", "add", &host_if, "type", "veth", "peer", "name", "up0", "netns", &ext.name,
+    ])?;
+    node.ip(&["addr", "add", &format!("{EXT_GW}/24"), "dev", &host_if])?;
+    node.ip(&["link", "set", &host_if, "up"])?;
+    ext.ip(&["link", "set", "up0", "up"])?;
+    ext.ip(&["link", "set", "lo", "up"])?;
+    for (i, a) in [API, ADS, IMG, EDGE, SHORT].iter().enumerate() {
+        ext.ip(&[
+            "addr",
+            "add",
+            &format!("{a}/{}", if i == 0 { 24 } else { 32 }),
+            "dev",
+            "up0",
+        ])?;
+    }
+    ext.ip(&["route", "add", "default", "via", &EXT_GW.to_string()])?;
+    tcp_echo_server(&ext, PORT)?;
+    Ok(ext)
+}
+
+fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
+const METRICS: &str = "127.0.0.1:19971";
+
+#[test]
+fn domain_names_are_learned_before_the_answer_reaches_the_pod() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let scratch = Scratch::new(
+        "palisade-fqdn-",
+        &[("cluster.yaml", CLUSTER), ("policies.yaml", POLICIES)],
+    )?;
+    let mut node = Node::new(GW)?;
+    for ip in [CLIENT, DNS, LAB] {
+        node.add_pod(ip)?;
+    }
+    let _ext = external(&node.ns)?;
+    dns_server(&node.pods[1].ns)?;
+    let mut agent = scratch.agent(&node.ns, &["--metrics-addr", METRICS, "--dns-min-ttl", "1"])?;
+    agent.register("shop", "client", &node.pods[0])?;
+    agent.register("kube-system", "coredns", &node.pods[1])?;
+    agent.register("lab", "box", &node.pods[2])?;
+    let (client, lab) = (&node.pods[0].ns, &node.pods[2].ns);
+
+    // Nothing resolved yet: the allowed address is closed.
+    assert!(!tcp_connects(client, API, PORT, 500)?, "not learned yet");
+    // The first connection right after each lookup passes, every time.
+    for i in 0..20 {
+        let (addrs, ok) = resolve_and_connect(client, "api.example.com", false)?;
+        assert_eq!(addrs, [API]);
+        assert!(
+            ok,
+            "lookup {i}: the connection after the answer was dropped"
+        );
+    }
+    // A name no rule names resolves (DNS is allowed) but stays closed.
+    let (addrs, ok) = resolve_and_connect(client, "ads.tracker.example", false)?;
+    assert_eq!(addrs, [ADS]);
+    assert!(!ok, "ads.tracker.example is not allowed");
+    // An answer over TCP, split over two segments; a wildcard.
+    let (addrs, ok) = resolve_and_connect(client, "img.cdn.example", true)?;
+    assert_eq!(addrs, [IMG]);
+    assert!(ok, "an answer over TCP was not learned");
+    // A CNAME chain: the rule names the alias, the address is the target's.
+    let (addrs, ok) = resolve_and_connect(client, "www.example.org", false)?;
+    assert_eq!(addrs, [EDGE]);
+    assert!(
+        ok,
+        "the CNAME chain's address was not learned for the alias"
+    );
+    // A pod no domain rule selects: its answers are not held, nothing is
+    // restricted.
+    let (addrs, ok) = resolve_and_connect(lab, "ads.tracker.example", false)?;
+    assert_eq!((addrs.as_slice(), ok), (&[ADS][..], true));
+
+    // TTL: a 1 s answer. While a connection uses the address it stays;
+    // once none does, it expires.
+    let (_, ok) = resolve_and_connect(client, "short.example.com", false)?;
+    assert!(ok);
+    let mut open = client
+        .enter(|| TcpStream::connect_timeout(&(SHORT, PORT).into(), Duration::from_secs(1)))??;
+    open.set_read_timeout(Some(Duration::from_secs(1)))?;
+    std::thread::sleep(Duration::from_millis(3500));
+    echo(&mut open, 7).context("an open connection was cut when its address expired")?;
+    drop(open);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if !tcp_connects(client, SHORT, PORT, 300)? {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("short.example.com never expired");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // Metrics: answers held, none released early.
+    let text = http_get(&node.ns, METRICS, "/metrics")?;
+    assert!(
+        metric(&text, "palisade_dns_answers_held_total") >= 23,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "palisade_dns_hold_timeouts_total"),
+        0,
+        "{text}"
+    );
+    assert!(
+        metric(&text, "palisade_dns_addresses_learned_total") >= 4,
+        "{text}"
+    );
+
+    // A restart keeps what was learned (within its TTL): no new lookup.
+    agent.kill9()?;
+    agent.spawn()?;
+    agent.sync()?;
+    assert!(
+        tcp_connects(client, API, PORT, 1000)?,
+        "learned addresses lost on restart"
+    );
+    assert!(
+        !tcp_connects(client, ADS, PORT, 500)?,
+        "a restart opened what was closed"
+    );
+    Ok(())
+}
