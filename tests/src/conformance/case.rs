@@ -1071,6 +1071,7 @@ steps:
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         for dir in [
             root.join("conformance"),
+            root.join("conformance-dns"),
             root.join("../../shared/conformance/cases"),
         ] {
             let Ok(files) = case_files(&dir) else {

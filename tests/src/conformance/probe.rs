@@ -312,14 +312,19 @@ impl Job {
         self.attempt_to().0
     }
 
-    /// As [`Job::attempt`], with the address probed (None: the name did
-    /// not resolve).
-    pub fn attempt_to(&self) -> (bool, Option<IpAddr>) {
+    /// As [`Job::attempt`], with the address probed, or why a name did
+    /// not resolve.
+    pub fn attempt_to(&self) -> (bool, Result<IpAddr, String>) {
         let dst = match &self.resolve {
             None => self.dst,
             Some(r) => match super::dns::resolve(r.server, &r.name, r.qtype, DNS_WAIT, DNS_TRIES) {
                 Ok(a) => a,
-                Err(_) => return (false, None),
+                Err(e) => {
+                    return (
+                        false,
+                        Err(format!("{} did not resolve via {}: {e}", r.name, r.server)),
+                    )
+                }
             },
         };
         let ok = match self.protocol {
@@ -327,17 +332,29 @@ impl Job {
             Protocol::Udp => udp_echoes(dst, self.port, UDP_TRIES, UDP_WAIT),
             Protocol::Sctp => sctp_connects(dst, self.port, CONNECT_TIMEOUT),
         };
-        (ok, Some(dst))
+        (ok, Ok(dst))
     }
 }
 
-/// A job's result: not run yet, connected or not, or why it could not run.
-type Slot = Option<Result<bool, String>>;
+/// What one job saw: connected or not, and the address probed (or why a
+/// name did not resolve).
+pub type Outcome = (bool, Result<IpAddr, String>);
+
+/// A job's result: not run yet, what it saw, or why it could not run.
+type Slot = Option<Result<Outcome, String>>;
 
 /// Runs every job at once (at most `parallel` threads): true where the
 /// connection succeeded. Each worker enters the namespace of the job's
 /// source pod before the attempt.
 pub fn run_all(jobs: &[Job], parallel: usize) -> Result<Vec<bool>> {
+    Ok(run_all_detailed(jobs, parallel)?
+        .into_iter()
+        .map(|(ok, _)| ok)
+        .collect())
+}
+
+/// As [`run_all`], with each job's [`Outcome`].
+pub fn run_all_detailed(jobs: &[Job], parallel: usize) -> Result<Vec<Outcome>> {
     if jobs.is_empty() {
         return Ok(Vec::new());
     }
@@ -362,7 +379,7 @@ pub fn run_all(jobs: &[Job], parallel: usize) -> Result<Vec<bool>> {
                     };
                     let r = r.map(|()| {
                         entered = Some(job.src_netns.clone());
-                        job.attempt()
+                        job.attempt_to()
                     });
                     results.lock().expect("results lock")[i] = Some(r);
                 }

@@ -226,8 +226,7 @@ impl<'a> Live<'a> {
             }
             // The cluster DNS's Service, kube-system/kube-dns, in front of
             // the DNS pod: name probes send their queries there.
-            if case.dns.is_some() {
-                let dns = case.dns.as_ref().expect("checked");
+            if let Some(dns) = &case.dns {
                 let pod = case.pod(&dns.key()).expect("the DNS pod is a pod");
                 let ips: Vec<IpAddr> = families.iter().map(|f| services::kube_dns_ip(*f)).collect();
                 cluster.write_object(
@@ -532,6 +531,9 @@ pub struct Cell {
     /// None: skipped (protocol not available).
     pub saw: Option<Reach>,
     pub family: Family,
+    /// A name column: why the name did not resolve (None: it did, or the
+    /// column is a pod).
+    pub unresolved: Option<String>,
 }
 
 /// Probes every cell of a step's probes at once, over each family the
@@ -563,6 +565,7 @@ pub fn probe_step_over(
                     expected,
                     saw: None,
                     family: f,
+                    unresolved: None,
                 };
                 if p.protocol == Protocol::Sctp && !sctp {
                     cells.push(cell);
@@ -574,9 +577,10 @@ pub fn probe_step_over(
             }
         }
     }
-    let results = probe::run_all(&jobs, parallel)?;
-    for (i, ok) in index.into_iter().zip(results) {
+    let results = probe::run_all_detailed(&jobs, parallel)?;
+    for (i, (ok, to)) in index.into_iter().zip(results) {
         cells[i].saw = Some(Reach::from_bool(ok));
+        cells[i].unresolved = to.err();
     }
     Ok(cells)
 }
@@ -845,6 +849,20 @@ pub fn run_case(
                     c.expected,
                     c.saw.expect("probed")
                 ));
+                if let Some(why) = &c.unresolved {
+                    report.lines.push(format!("    dns: {why}"));
+                    // The queries' records (to the DNS pod, or its ClusterIP).
+                    let s = l.ip_of(&c.src, c.family);
+                    let mut ds: Vec<IpAddr> =
+                        l.dns_servers.get(&c.family).copied().into_iter().collect();
+                    if let Some(d) = &l.case.dns {
+                        ds.push(l.ip_of(&d.key(), c.family));
+                    }
+                    for e in explain(&flows, s, &ds, 53, Protocol::Udp) {
+                        report.lines.push(format!("    flow: {e}"));
+                    }
+                    continue;
+                }
                 let (s, ds) = (l.ip_of(&c.src, c.family), l.probed(&c.dst, c.family));
                 for e in explain(&flows, s, &ds, p.port, p.protocol) {
                     report.lines.push(format!("    flow: {e}"));
