@@ -75,6 +75,7 @@ fn connects(live: &Live, src: &str, dst_ip: impl Into<IpAddr>, port: u16) -> boo
         dst: dst_ip,
         port,
         protocol: Protocol::Tcp,
+        resolve: None,
     };
     assert!(
         job.src_netns.starts_with("/run/netns"),

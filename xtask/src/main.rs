@@ -136,6 +136,30 @@ fn run(cli: Cli) -> Result<()> {
             // (palisade's Service translation, kube-proxy's rules beside it).
             step("conformance: the same cases through Services (--via-services)");
             conformance(&root, &cases, None, None, true, true, false)?;
+            // Egress by domain name (FORMAT v2 cluster.dns/cluster.external,
+            // issue 16): the runner's DNS pod and hosts outside the cluster,
+            // pods resolving names with real queries (to the DNS pod, or
+            // through kube-system/kube-dns with --via-services), then over
+            // IPv6 (AAAA) with dual-stack pods.
+            step("conformance: egress by domain name (cluster.dns, cluster.external)");
+            let mut dns_cases = vec![root.join("tests/conformance-dns")];
+            let shared_dns = root.join("../shared/conformance/cases/07-egress-by-domain-name.yaml");
+            if shared_dns.is_file() {
+                dns_cases.push(shared_dns);
+            }
+            conformance(&root, &dns_cases, None, None, true, false, false)?;
+            conformance(&root, &dns_cases, None, None, true, true, false)?;
+            let dual_dns = ["--ip-family".to_string(), "dual".to_string()];
+            conformance_with(
+                &root,
+                &[root.join("tests/conformance-dns")],
+                None,
+                None,
+                true,
+                false,
+                false,
+                &dual_dns,
+            )?;
             // IPv6 (FORMAT v2 --ip-family): dual-stack pods, every probe
             // over both families (tests/conformance-ipv6: the IPv6 cases);
             // then IPv6-only pods over a selection of the other corpora

@@ -144,6 +144,203 @@ pub struct ClusterSpec {
     /// FORMAT v2 `cluster.nodes`.
     #[serde(default, deserialize_with = "null_as_default")]
     pub nodes: Vec<NodeSpec>,
+    /// FORMAT v2 `cluster.dns`: the pod the runner runs the cluster DNS as.
+    #[serde(default)]
+    pub dns: Option<DnsSpec>,
+    /// FORMAT v2 `cluster.external`: hosts outside the cluster.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub external: Vec<ExternalSpec>,
+}
+
+/// `cluster.dns`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct DnsSpec {
+    pub namespace: String,
+    pub name: String,
+    #[serde(default, deserialize_with = "labels")]
+    pub labels: Labels,
+}
+
+impl DnsSpec {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The agents' `--cluster-dns NAMESPACE/KEY=VALUE[,KEY=VALUE...]`
+    /// (the DNS pod's namespace and labels), or None when their default
+    /// (namespace kube-system, label k8s-app=kube-dns) finds this pod, so
+    /// an agent without the flag still runs such cases.
+    pub fn agent_flag(&self) -> Option<String> {
+        let (k, v) = DEFAULT_DNS_LABEL;
+        if self.namespace == DEFAULT_DNS_NAMESPACE
+            && self.labels.get(k).map(String::as_str) == Some(v)
+        {
+            return None;
+        }
+        let labels: Vec<String> = self
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        Some(format!("{}/{}", self.namespace, labels.join(",")))
+    }
+}
+
+/// The DNS pod an agent looks for unless told otherwise (its
+/// `--cluster-dns` default): namespace kube-system, label k8s-app=kube-dns.
+pub const DEFAULT_DNS_NAMESPACE: &str = "kube-system";
+pub const DEFAULT_DNS_LABEL: (&str, &str) = ("k8s-app", "kube-dns");
+
+fn default_ttl() -> u32 {
+    30
+}
+
+/// A `cluster.external` entry as written.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ExternalSpec {
+    pub name: String,
+    #[serde(default)]
+    pub address: Option<String>,
+    #[serde(default = "default_ttl")]
+    pub ttl: u32,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub ports: Vec<PortSpec>,
+    #[serde(default)]
+    pub cname: Option<String>,
+}
+
+/// What an external name is: a host with an address, or an alias.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExternalKind {
+    Host {
+        address: std::net::Ipv4Addr,
+        ports: Vec<PortSpec>,
+    },
+    /// The target's name, normalized.
+    Cname(String),
+}
+
+/// A `cluster.external` entry, checked; the name normalized (lower case,
+/// no trailing dot).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct External {
+    pub name: String,
+    pub ttl: u32,
+    pub kind: ExternalKind,
+}
+
+/// The checked `cluster.external` list.
+#[derive(Clone, Debug, Default)]
+pub struct Externals(pub Vec<External>);
+
+impl Externals {
+    pub fn get(&self, name: &str) -> Option<&External> {
+        let n = super::dns::normalize(name);
+        self.0.iter().find(|e| e.name == n)
+    }
+
+    /// The host a name stands for, CNAMEs followed (None: not a name of
+    /// the case, or a chain that ends nowhere).
+    pub fn host(&self, name: &str) -> Option<(std::net::Ipv4Addr, &[PortSpec])> {
+        let mut cur = self.get(name)?;
+        for _ in 0..=self.0.len() {
+            match &cur.kind {
+                ExternalKind::Host { address, ports } => return Some((*address, ports)),
+                ExternalKind::Cname(t) => cur = self.get(t)?,
+            }
+        }
+        None
+    }
+
+    /// Every host: (name, address, ports).
+    pub fn hosts(&self) -> impl Iterator<Item = (&str, std::net::Ipv4Addr, &[PortSpec])> {
+        self.0.iter().filter_map(|e| match &e.kind {
+            ExternalKind::Host { address, ports } => {
+                Some((e.name.as_str(), *address, ports.as_slice()))
+            }
+            ExternalKind::Cname(_) => None,
+        })
+    }
+
+    fn check(raw: Vec<ExternalSpec>) -> Result<Self> {
+        let mut out: Vec<External> = Vec::new();
+        for e in raw {
+            let name = super::dns::normalize(&e.name);
+            let what = format!("cluster.external {:?}", e.name);
+            if name.is_empty()
+                || name.contains('/')
+                || name.split('.').any(|l| l.is_empty() || l.len() > 63)
+                || name.chars().any(|c| c.is_whitespace())
+            {
+                bail!("{what}: not a domain name");
+            }
+            if out.iter().any(|o| o.name == name) {
+                bail!("{what}: the name is listed twice");
+            }
+            let kind = match (e.address, e.cname) {
+                (Some(a), None) => {
+                    let address: std::net::Ipv4Addr = a
+                        .parse()
+                        .map_err(|_| anyhow!("{what}: address {a:?} is not an IPv4 address"))?;
+                    if address.is_unspecified()
+                        || address.is_loopback()
+                        || address.is_multicast()
+                        || address.is_broadcast()
+                    {
+                        bail!("{what}: address {address} cannot be a host's");
+                    }
+                    for p in &e.ports {
+                        if p.port == 0 {
+                            bail!("{what}: port 0");
+                        }
+                    }
+                    ExternalKind::Host {
+                        address,
+                        ports: e.ports,
+                    }
+                }
+                (None, Some(t)) => {
+                    if !e.ports.is_empty() {
+                        bail!("{what}: a cname has no ports (its target's apply)");
+                    }
+                    ExternalKind::Cname(super::dns::normalize(&t))
+                }
+                _ => bail!("{what}: give either address or cname"),
+            };
+            out.push(External {
+                name,
+                ttl: e.ttl,
+                kind,
+            });
+        }
+        let all = Self(out);
+        for e in &all.0 {
+            if let ExternalKind::Host { address, .. } = &e.kind {
+                if let Some(o) = all.0.iter().find(|o| {
+                    o.name != e.name
+                        && matches!(&o.kind, ExternalKind::Host { address: a, .. } if a == address)
+                }) {
+                    bail!(
+                        "cluster.external: {} and {} have the same address {address} (FORMAT: an address belongs to one host)",
+                        e.name,
+                        o.name
+                    );
+                }
+            }
+            if let ExternalKind::Cname(t) = &e.kind {
+                if all.get(t).is_none() {
+                    bail!(
+                        "cluster.external {}: cname {t} is not a name of cluster.external",
+                        e.name
+                    );
+                }
+                if all.host(&e.name).is_none() {
+                    bail!("cluster.external {}: the cname chain is a loop", e.name);
+                }
+            }
+        }
+        Ok(all)
+    }
 }
 
 /// A node of `cluster.nodes`.
@@ -269,17 +466,20 @@ pub struct Case {
     /// An applied object has an ipBlock or `networks` peer: under
     /// `--ip-family dual` the case is probed over IPv4 only (FORMAT).
     pub address_peers: bool,
+    /// FORMAT v2 `cluster.dns`, with the labels its pod has (those of its
+    /// `cluster.pods` entry when the case lists it there). Its pod is in
+    /// `pods` too (added when the case does not list it), serving 53/UDP
+    /// and 53/TCP.
+    pub dns: Option<DnsSpec>,
+    /// FORMAT v2 `cluster.external`.
+    pub externals: Externals,
 }
 
-/// The FORMAT version 2 features this project does not implement yet, each
-/// with the issue that brings it; None when the case needs none of them.
-pub fn unsupported(raw: &Value) -> Option<String> {
-    let cluster = raw.get("cluster");
-    let mut needs = Vec::new();
-    if cluster.is_some_and(|c| c.get("dns").is_some() || c.get("external").is_some()) {
-        needs.push("cluster DNS and egress by domain name (issue 16)");
-    }
-    (!needs.is_empty()).then(|| format!("needs {}: not implemented yet", needs.join(", ")))
+/// The FORMAT version 2 features this runner does not implement yet, each
+/// with the issue that brings it; None when the case needs none of them
+/// (today: every feature is implemented).
+pub fn unsupported(_raw: &Value) -> Option<String> {
+    None
 }
 
 impl Case {
@@ -305,9 +505,55 @@ impl Case {
                 steps: Vec::new(),
                 unsupported: Some(why),
                 address_peers: false,
+                dns: None,
+                externals: Externals::default(),
             });
         }
-        let raw: CaseFile = serde_yaml::from_value(value).context("not a case file")?;
+        let mut raw: CaseFile = serde_yaml::from_value(value).context("not a case file")?;
+        let externals = Externals::check(std::mem::take(&mut raw.cluster.external))?;
+        let mut dns = raw.cluster.dns.take();
+        if dns.is_none() && !externals.0.is_empty() {
+            bail!("cluster.external needs cluster.dns (the pods resolve the names there)");
+        }
+        if let Some(d) = &mut dns {
+            let at = raw.cluster.pods.iter_mut().find(|p| p.key() == d.key());
+            match at {
+                // Listed as a pod too: that entry's labels; 53 served.
+                Some(p) => {
+                    if p.host_network {
+                        bail!(
+                            "cluster.dns {}: the DNS pod cannot be host-network",
+                            d.key()
+                        );
+                    }
+                    d.labels = p.labels.clone();
+                    for proto in [Protocol::Udp, Protocol::Tcp] {
+                        if !p.serves(53, proto) {
+                            p.ports.push(PortSpec {
+                                port: 53,
+                                protocol: proto,
+                                name: None,
+                            });
+                        }
+                    }
+                }
+                None => raw.cluster.pods.push(PodSpec {
+                    namespace: d.namespace.clone(),
+                    name: d.name.clone(),
+                    labels: d.labels.clone(),
+                    ports: [Protocol::Udp, Protocol::Tcp]
+                        .into_iter()
+                        .map(|protocol| PortSpec {
+                            port: 53,
+                            protocol,
+                            name: None,
+                        })
+                        .collect(),
+                    node: None,
+                    host_network: false,
+                }),
+            }
+        }
         let mut namespaces: BTreeMap<String, Labels> = BTreeMap::new();
         for (name, spec) in raw.cluster.namespaces {
             namespaces.insert(name, spec.unwrap_or_default().labels);
@@ -396,8 +642,25 @@ impl Case {
                     .map(Family::parse)
                     .transpose()
                     .with_context(|| what.clone())?;
-                if let Some(unknown) = expect.pods().find(|k| !has_pod(k)) {
-                    bail!("{what}: the matrix names {unknown}, which is not a pod of the cluster");
+                // Columns: pods, or (FORMAT v2) names of hosts outside the
+                // cluster, resolved through the cluster DNS; a name the
+                // case does not list is asked for all the same (NXDOMAIN).
+                if let Some(unknown) = expect.cols.iter().find(|k| {
+                    if k.contains('/') {
+                        !has_pod(k)
+                    } else {
+                        dns.is_none()
+                    }
+                }) {
+                    if unknown.contains('/') {
+                        bail!(
+                            "{what}: the matrix names {unknown}, which is not a pod of the cluster"
+                        );
+                    }
+                    bail!("{what}: the matrix names the host {unknown}, but the case has no cluster.dns to resolve it");
+                }
+                if let Some((unknown, _)) = expect.rows.iter().find(|(k, _)| !has_pod(k)) {
+                    bail!("{what}: the matrix names {unknown} as a source, which is not a pod of the cluster");
                 }
                 step.probes.push(Probe {
                     port: p.port,
@@ -421,6 +684,8 @@ impl Case {
             steps,
             unsupported: None,
             address_peers,
+            dns,
+            externals,
         })
     }
 
@@ -581,6 +846,122 @@ steps:
     }
 
     #[test]
+    fn cluster_dns_and_external_hosts() {
+        let text = "name: t
+cluster:
+  pods: [{namespace: x, name: a, ports: [{port: 80}]}]
+  dns: {namespace: kube-system, name: coredns, labels: {k8s-app: kube-dns}}
+  external:
+    - {name: API.example.com., address: 198.51.100.10, ports: [{port: 443}, {port: 53, protocol: UDP}]}
+    - {name: www.example.org, cname: api.example.com, ttl: 5}
+    - {name: old.example.org, cname: WWW.example.org}
+steps:
+  - probes:
+      - port: 443
+        expect: |
+          -    api.example.com  old.example.org  nowhere.example  kube-system/coredns
+          x/a  .                .                X                .
+";
+        let c = Case::parse(text, Path::new("t.yaml")).unwrap();
+        assert_eq!(c.unsupported, None);
+        let dns = c.dns.as_ref().unwrap();
+        assert_eq!(dns.key(), "kube-system/coredns");
+        let pod = c.pod("kube-system/coredns").expect("the DNS pod is a pod");
+        assert!(pod.serves(53, Protocol::Udp) && pod.serves(53, Protocol::Tcp));
+        assert_eq!(pod.labels["k8s-app"], "kube-dns");
+        assert_eq!(c.namespaces["kube-system"][NAME_LABEL], "kube-system");
+        let e = &c.externals;
+        assert_eq!(e.0[0].name, "api.example.com");
+        assert_eq!(e.0[0].ttl, 30, "the default TTL");
+        assert_eq!(e.0[1].ttl, 5);
+        let (addr, ports) = e.host("OLD.example.org.").unwrap();
+        assert_eq!(addr, std::net::Ipv4Addr::new(198, 51, 100, 10));
+        assert_eq!(ports.len(), 2);
+        assert_eq!(e.hosts().count(), 1);
+        assert!(e.host("nowhere.example").is_none());
+
+        // Listed as a pod too: that entry's labels, 53 added to its ports.
+        let listed = text.replace(
+            "pods: [{namespace: x, name: a, ports: [{port: 80}]}]",
+            "pods: [{namespace: x, name: a, ports: [{port: 80}]}, {namespace: kube-system, name: coredns, labels: {k8s-app: kube-dns, tier: dns}, ports: [{port: 9153}]}]",
+        );
+        let c = Case::parse(&listed, Path::new("t.yaml")).unwrap();
+        assert_eq!(c.pods.len(), 2);
+        assert_eq!(c.dns.as_ref().unwrap().labels["tier"], "dns");
+        let p = c.pod("kube-system/coredns").unwrap();
+        assert!(p.serves(9153, Protocol::Tcp) && p.serves(53, Protocol::Udp));
+
+        let bad = |from: &str, to: &str, why: &str| {
+            let e = err(&text.replace(from, to));
+            assert!(e.contains(why), "{e}");
+        };
+        bad(
+            "cname: api.example.com,",
+            "cname: nope.example.com,",
+            "cname nope.example.com is not a name",
+        );
+        bad(
+            "{name: old.example.org, cname: WWW.example.org}",
+            "{name: old.example.org, address: 198.51.100.10}",
+            "the same address 198.51.100.10",
+        );
+        bad(
+            "{name: old.example.org, cname: WWW.example.org}",
+            "{name: old.example.org}",
+            "either address or cname",
+        );
+        bad(
+            "{name: old.example.org, cname: WWW.example.org}",
+            "{name: api.example.com, cname: www.example.org}",
+            "listed twice",
+        );
+        bad(
+            "address: 198.51.100.10",
+            "address: 198.51.100",
+            "not an IPv4 address",
+        );
+        bad(
+            "cname: api.example.com, ttl: 5",
+            "cname: old.example.org",
+            "loop",
+        );
+        bad(
+            "  dns: {namespace: kube-system, name: coredns, labels: {k8s-app: kube-dns}}\n",
+            "",
+            "needs cluster.dns",
+        );
+        bad(
+            "          x/a  .",
+            "          api.example.com  .",
+            "as a source",
+        );
+
+        // The agents' flag only when their default does not find the pod.
+        assert_eq!(c.dns.as_ref().unwrap().agent_flag(), None);
+        let other = DnsSpec {
+            namespace: "dns".into(),
+            name: "resolver".into(),
+            labels: [
+                ("app".to_string(), "dns".to_string()),
+                ("tier".to_string(), "infra".to_string()),
+            ]
+            .into(),
+        };
+        assert_eq!(
+            other.agent_flag().as_deref(),
+            Some("dns/app=dns,tier=infra")
+        );
+        let elsewhere = DnsSpec {
+            namespace: "dns".into(),
+            ..c.dns.clone().unwrap()
+        };
+        assert_eq!(
+            elsewhere.agent_flag().as_deref(),
+            Some("dns/k8s-app=kube-dns,tier=dns")
+        );
+    }
+
+    #[test]
     fn parses_the_format() {
         let c = Case::parse(CASE, Path::new("t.yaml")).unwrap();
         assert_eq!(c.name, "example");
@@ -690,6 +1071,7 @@ steps:
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         for dir in [
             root.join("conformance"),
+            root.join("conformance-dns"),
             root.join("../../shared/conformance/cases"),
         ] {
             let Ok(files) = case_files(&dir) else {

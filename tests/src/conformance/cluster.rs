@@ -191,7 +191,24 @@ pub struct Cluster {
     /// The IPv6 range every pod address comes from (`{{subnet}}` over
     /// IPv6), when pods get IPv6.
     pub subnet6: Option<String>,
+    /// The hosts outside the cluster (FORMAT v2 `cluster.external`), see
+    /// [`Cluster::add_external`].
+    external: Option<NetNs>,
+    /// `--cluster-dns` for the agents (`NAMESPACE/KEY=VALUE,...`): given
+    /// only when the case's DNS pod is not the agents' default one.
+    pub cluster_dns: Option<String>,
 }
+
+/// The link between a single node and the external namespace: the node
+/// end, the external end (IPv4 /30 and IPv6 /64, inside the test only).
+pub const EXTERNAL_LINK: (Ipv4Addr, Ipv4Addr) =
+    (Ipv4Addr::new(10, 214, 0, 1), Ipv4Addr::new(10, 214, 0, 2));
+pub const EXTERNAL_LINK6: (Ipv6Addr, Ipv6Addr) = (
+    Ipv6Addr::new(0xfd00, 0x214, 0, 0, 0, 0, 0, 1),
+    Ipv6Addr::new(0xfd00, 0x214, 0, 0, 0, 0, 0, 2),
+);
+/// The external namespace's address on the fabric (several nodes).
+pub const EXTERNAL_FABRIC: Ipv4Addr = Ipv4Addr::new(10, 212, 0, 254);
 
 fn spawn_in(netns: &Path, cmd: &mut Command) -> Result<Child> {
     let ns = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
@@ -459,6 +476,8 @@ impl Cluster {
             keep: None,
             family: IpFamily::Ipv4,
             subnet6: None,
+            external: None,
+            cluster_dns: None,
         };
         fs::create_dir_all(c.manifests())?;
         Ok(c)
@@ -778,6 +797,9 @@ impl Cluster {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&log)?);
+        if let Some(d) = &self.cluster_dns {
+            cmd.args(["--cluster-dns", d]);
+        }
         if multi {
             // Each node is a namespace of its own: the same port on each
             // node's loopback, as on real nodes.
@@ -1226,6 +1248,174 @@ impl Cluster {
         self.servers.serve_on(path, ports, ipv6)
     }
 
+    /// Serve `ports` in the pod `key`, which is the cluster DNS: its UDP
+    /// sockets answer queries from `zone`, its TCP port 53 speaks DNS over
+    /// TCP; anything else is served as by every pod.
+    pub fn serve_dns(
+        &mut self,
+        key: &str,
+        ports: Vec<(u16, Protocol)>,
+        zone: std::sync::Arc<super::dns::Zone>,
+    ) -> Result<()> {
+        let path = self
+            .pod(key)
+            .ok_or_else(|| anyhow!("no pod {key}"))?
+            .netns_path();
+        let ipv6 = self.pod(key).is_some_and(|p| p.ip6.is_some());
+        self.servers.serve_dns(path, ports, ipv6, Some(zone))
+    }
+
+    /// The hosts outside the cluster (FORMAT v2 `cluster.external`): one
+    /// network namespace behind the node's uplink holding every host's
+    /// address (IPv4, and its mirror under `--ip-family ipv6|dual`) on
+    /// its loopback, each host serving its own ports on its own address.
+    ///
+    /// One node: a veth from the node (`ext0`, [`EXTERNAL_LINK`]) to the
+    /// namespace, a route per host address in the node via it, a default
+    /// route back in the namespace. Several nodes: the namespace is
+    /// attached to the fabric like another node ([`EXTERNAL_FABRIC`] and
+    /// its mirror), every node routes the host addresses there, and the
+    /// namespace routes each node's pod ranges to that node. Pod traffic
+    /// is not translated on its way out (the hosts see pod addresses).
+    pub fn add_external(&mut self, hosts: &[(Ipv4Addr, Vec<(u16, Protocol)>)]) -> Result<()> {
+        if hosts.is_empty() {
+            return Ok(());
+        }
+        let v6 = self.family != IpFamily::Ipv4;
+        let ext = NetNs::new(signal::NETNS_PREFIX)?;
+        let name = ext.name.clone();
+        // Recorded at once: torn down whatever fails below.
+        self.external = Some(ext);
+        let ext = self.external.as_ref().expect("just set");
+        for (a, _) in hosts {
+            ext.ip(&["addr", "add", &format!("{a}/32"), "dev", "lo"])?;
+            if v6 {
+                let m = family::mirror(*a);
+                ext.ip(&["-6", "addr", "add", &format!("{m}/128"), "dev", "lo"])?;
+            }
+        }
+        // (host route target, IPv4 next hop, IPv6 next hop) for the nodes.
+        let (via, via6, dev) = if let Some(fab) = &self.fabric {
+            fab.ip(&[
+                "link", "add", "fpext", "type", "veth", "peer", "name", "up0", "netns", &name,
+            ])?;
+            if v6 {
+                ext.sysctl("net.ipv6.conf.up0.accept_dad", "0")?;
+            }
+            fab.ip(&["link", "set", "fpext", "master", "fab0", "up"])?;
+            ext.ip(&[
+                "addr",
+                "add",
+                &format!("{EXTERNAL_FABRIC}/24"),
+                "dev",
+                "up0",
+            ])?;
+            ext.ip(&["link", "set", "up0", "up"])?;
+            let fabric6 = family::mirror_cidr(&format!("{FABRIC_PREFIX}.0/24"))?;
+            let len = fabric6.split_once('/').map_or("128", |(_, l)| l);
+            let e6 = family::mirror(EXTERNAL_FABRIC);
+            if v6 {
+                ext.ip(&[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{e6}/{len}"),
+                    "dev",
+                    "up0",
+                    "nodad",
+                ])?;
+            }
+            for n in &self.nodes {
+                let a = n
+                    .address
+                    .ok_or_else(|| anyhow!("node {} has no fabric address", n.name))?;
+                ext.ip(&["route", "add", &n.subnet, "via", &a.to_string()])?;
+                if let (true, Some(s6), Some(a6)) = (v6, &n.subnet6, n.address6) {
+                    ext.ip(&["-6", "route", "add", s6, "via", &a6.to_string()])?;
+                }
+            }
+            (EXTERNAL_FABRIC, e6, "up0")
+        } else {
+            let node = self.node_ns(0)?;
+            node.ip(&[
+                "link", "add", "ext0", "type", "veth", "peer", "name", "eth0", "netns", &name,
+            ])?;
+            let (n4, e4) = EXTERNAL_LINK;
+            let (n6, e6) = EXTERNAL_LINK6;
+            if v6 {
+                node.sysctl("net.ipv6.conf.ext0.accept_dad", "0")?;
+                ext.sysctl("net.ipv6.conf.eth0.accept_dad", "0")?;
+                node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+            }
+            node.ip(&["addr", "add", &format!("{n4}/30"), "dev", "ext0"])?;
+            node.ip(&["link", "set", "ext0", "up"])?;
+            ext.ip(&["addr", "add", &format!("{e4}/30"), "dev", "eth0"])?;
+            ext.ip(&["link", "set", "eth0", "up"])?;
+            ext.ip(&["route", "add", "default", "via", &n4.to_string()])?;
+            if v6 {
+                node.ip(&[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{n6}/64"),
+                    "dev",
+                    "ext0",
+                    "nodad",
+                ])?;
+                ext.ip(&[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{e6}/64"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ])?;
+                ext.ip(&["-6", "route", "add", "default", "via", &n6.to_string()])?;
+            }
+            (e4, e6, "ext0")
+        };
+        for i in 0..self.nodes.len() {
+            let node = self.node_ns(i)?;
+            for (a, _) in hosts {
+                node.ip(&[
+                    "route",
+                    "replace",
+                    &format!("{a}/32"),
+                    "via",
+                    &via.to_string(),
+                    "dev",
+                    dev,
+                ])?;
+                if v6 {
+                    node.ip(&[
+                        "-6",
+                        "route",
+                        "replace",
+                        &format!("{}/128", family::mirror(*a)),
+                        "via",
+                        &via6.to_string(),
+                        "dev",
+                        dev,
+                    ])?;
+                }
+            }
+        }
+        let mut at: Vec<(IpAddr, u16, Protocol)> = Vec::new();
+        for (a, ports) in hosts {
+            for (port, proto) in ports {
+                at.push(((*a).into(), *port, *proto));
+                if v6 {
+                    at.push((family::mirror(*a).into(), *port, *proto));
+                }
+            }
+        }
+        at.sort();
+        at.dedup();
+        let path = ext.path();
+        self.servers.serve_at(path, at)
+    }
+
     /// Pod addresses by `namespace/name`.
     pub fn addresses(&self) -> BTreeMap<String, Ipv4Addr> {
         self.pods.iter().map(|p| (p.key(), p.ip)).collect()
@@ -1313,6 +1503,16 @@ impl Cluster {
                 if path.exists() {
                     errs.push(format!("node namespace {} is still there", path.display()));
                 }
+            }
+        }
+        if let Some(ext) = self.external.take() {
+            let path = ext.path();
+            drop(ext);
+            if path.exists() {
+                errs.push(format!(
+                    "external namespace {} is still there",
+                    path.display()
+                ));
             }
         }
         drop(self.fabric.take());

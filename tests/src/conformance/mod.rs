@@ -23,6 +23,24 @@
 //! - `--ip-family ipv6|dual`: how pods get IPv6 addresses, which family a
 //!   probe runs over and what is refused is in [`family`]; a mismatch line
 //!   then ends with the family (`... saw X over IPv6`).
+//! - FORMAT v2 `cluster.dns` / `cluster.external` (issue 16): the DNS pod
+//!   is an ordinary pod (added to the case's pods unless listed there),
+//!   whose UDP and TCP 53 answer from a zone of the external names
+//!   ([`dns`]); anything else sent there is served as by every pod. The
+//!   hosts outside the cluster share one namespace behind the node (a veth
+//!   from the single node; with several nodes a port on the fabric, routed
+//!   by every node), each serving its own ports on its own address, IPv4
+//!   and, under `--ip-family ipv6|dual`, the address's mirror (AAAA).
+//!   Pod traffic to them is not translated. A matrix column without `/`
+//!   is a name: the source pod resolves it (UDP, 1 s, one retry, TCP when
+//!   truncated; A or AAAA by the probe's family) at the DNS pod's address,
+//!   or with `--via-services` at the ClusterIP of `kube-system/kube-dns`
+//!   (10.96.0.2 / fd00:96::2, 53/UDP `dns` and 53/TCP `dns-tcp`), then
+//!   probes the address it got; a name the case does not list gets
+//!   NXDOMAIN, and any failed resolution is a failed cell (`dns: ...`
+//!   under a mismatch says why). The agents get `--cluster-dns
+//!   NAMESPACE/KEY=VALUE,...` only when the DNS pod is not in kube-system
+//!   with label k8s-app=kube-dns (their default).
 pub mod case;
 pub mod cluster;
 pub mod dns;

@@ -20,7 +20,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::case::Protocol;
+use super::{case::Protocol, dns::Zone};
 use crate::enter_thread;
 
 /// TCP and SCTP: how long a connection may take to be established.
@@ -276,34 +276,85 @@ pub fn udp_echoes(dst: impl Into<IpAddr>, port: u16, tries: u32, wait: Duration)
     false
 }
 
+/// A name probe's first half: the DNS query made from the source pod.
+#[derive(Clone, Debug)]
+pub struct Resolve {
+    /// The name as the matrix writes it.
+    pub name: String,
+    /// The cluster DNS: the DNS pod's address, or the kube-dns ClusterIP.
+    pub server: IpAddr,
+    /// `dns::TYPE_A` or `dns::TYPE_AAAA`.
+    pub qtype: u16,
+}
+
+/// DNS: how long to wait for an answer, and how many queries in all (the
+/// datapath may hold an answer briefly while the agent learns addresses).
+pub const DNS_WAIT: Duration = Duration::from_millis(1000);
+pub const DNS_TRIES: u32 = 2;
+
 /// One connection attempt, made from inside `src_netns`.
 #[derive(Clone, Debug)]
 pub struct Job {
     pub src_netns: PathBuf,
     /// IPv4 or IPv6: the probe's socket is of the destination's family.
+    /// Unused (unspecified) when `resolve` gives the destination.
     pub dst: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
+    /// A name column (FORMAT v2): resolve first, then probe the address
+    /// got; a failed resolution is a failed probe.
+    pub resolve: Option<Resolve>,
 }
 
 impl Job {
     /// Runs in the caller's (already entered) namespace.
     pub fn attempt(&self) -> bool {
-        match self.protocol {
-            Protocol::Tcp => tcp_connects(self.dst, self.port, CONNECT_TIMEOUT),
-            Protocol::Udp => udp_echoes(self.dst, self.port, UDP_TRIES, UDP_WAIT),
-            Protocol::Sctp => sctp_connects(self.dst, self.port, CONNECT_TIMEOUT),
-        }
+        self.attempt_to().0
+    }
+
+    /// As [`Job::attempt`], with the address probed, or why a name did
+    /// not resolve.
+    pub fn attempt_to(&self) -> (bool, Result<IpAddr, String>) {
+        let dst = match &self.resolve {
+            None => self.dst,
+            Some(r) => match super::dns::resolve(r.server, &r.name, r.qtype, DNS_WAIT, DNS_TRIES) {
+                Ok(a) => a,
+                Err(e) => {
+                    return (
+                        false,
+                        Err(format!("{} did not resolve via {}: {e}", r.name, r.server)),
+                    )
+                }
+            },
+        };
+        let ok = match self.protocol {
+            Protocol::Tcp => tcp_connects(dst, self.port, CONNECT_TIMEOUT),
+            Protocol::Udp => udp_echoes(dst, self.port, UDP_TRIES, UDP_WAIT),
+            Protocol::Sctp => sctp_connects(dst, self.port, CONNECT_TIMEOUT),
+        };
+        (ok, Ok(dst))
     }
 }
 
-/// A job's result: not run yet, connected or not, or why it could not run.
-type Slot = Option<Result<bool, String>>;
+/// What one job saw: connected or not, and the address probed (or why a
+/// name did not resolve).
+pub type Outcome = (bool, Result<IpAddr, String>);
+
+/// A job's result: not run yet, what it saw, or why it could not run.
+type Slot = Option<Result<Outcome, String>>;
 
 /// Runs every job at once (at most `parallel` threads): true where the
 /// connection succeeded. Each worker enters the namespace of the job's
 /// source pod before the attempt.
 pub fn run_all(jobs: &[Job], parallel: usize) -> Result<Vec<bool>> {
+    Ok(run_all_detailed(jobs, parallel)?
+        .into_iter()
+        .map(|(ok, _)| ok)
+        .collect())
+}
+
+/// As [`run_all`], with each job's [`Outcome`].
+pub fn run_all_detailed(jobs: &[Job], parallel: usize) -> Result<Vec<Outcome>> {
     if jobs.is_empty() {
         return Ok(Vec::new());
     }
@@ -328,7 +379,7 @@ pub fn run_all(jobs: &[Job], parallel: usize) -> Result<Vec<bool>> {
                     };
                     let r = r.map(|()| {
                         entered = Some(job.src_netns.clone());
-                        job.attempt()
+                        job.attempt_to()
                     });
                     results.lock().expect("results lock")[i] = Some(r);
                 }
@@ -366,16 +417,34 @@ impl Sock {
         }
     }
 
-    /// Handle what is ready without blocking.
-    fn serve(&self) {
+    /// Handle what is ready without blocking. With a zone (the cluster
+    /// DNS pod) UDP queries are answered from it and TCP connections to
+    /// port 53 are served as DNS over TCP, each on a thread of its own.
+    fn serve(&self, zone: Option<&Arc<Zone>>) {
         match self {
-            Sock::Tcp(l) => while l.accept().is_ok() {},
+            Sock::Tcp(l) => {
+                let dns_port = zone.is_some() && l.local_addr().is_ok_and(|a| a.port() == 53);
+                while let Ok((c, _)) = l.accept() {
+                    if let (true, Some(z)) = (dns_port, zone) {
+                        let z = z.clone();
+                        std::thread::Builder::new()
+                            .name("dns-tcp".into())
+                            .spawn(move || super::dns::serve_tcp(&z, c, DNS_TCP_IDLE))
+                            .ok();
+                    }
+                }
+            }
             Sock::Udp(s) => {
                 let mut buf = [0u8; 2048];
                 while let Ok((n, from)) = s.recv_from(&mut buf) {
-                    // A DNS query, when the demo serves names (`dns`);
-                    // else the echo the probes wait for.
-                    match super::dns::answer(&buf[..n]) {
+                    // A DNS query, when this pod is the cluster DNS or the
+                    // demo serves names (`dns`); else the echo the probes
+                    // wait for.
+                    let a = match zone {
+                        Some(z) => z.answer(&buf[..n]),
+                        None => super::dns::answer(&buf[..n]),
+                    };
+                    match a {
                         Some(a) => s.send_to(&a, from),
                         None => s.send_to(&buf[..n], from),
                     }
@@ -434,6 +503,24 @@ fn bind6(port: u16, protocol: Protocol) -> Result<Sock> {
     })
 }
 
+/// How long a DNS-over-TCP connection may stay quiet.
+const DNS_TCP_IDLE: Duration = Duration::from_secs(3);
+
+/// The same port on one address (a host outside the cluster serves only
+/// its own address); an IPv6 address's socket is IPv6 only.
+fn bind_at(ip: IpAddr, port: u16, protocol: Protocol) -> Result<Sock> {
+    Ok(match protocol {
+        Protocol::Tcp => Sock::Tcp(TcpListener::from(listen_on(
+            ip,
+            port,
+            libc::SOCK_STREAM,
+            0,
+        )?)),
+        Protocol::Udp => Sock::Udp(UdpSocket::from(listen_on(ip, port, libc::SOCK_DGRAM, 0)?)),
+        Protocol::Sctp => Sock::Sctp(listen_on(ip, port, libc::SOCK_STREAM, libc::IPPROTO_SCTP)?),
+    })
+}
+
 /// The server threads of a cluster; stopped and joined on drop.
 #[derive(Default)]
 pub struct Servers {
@@ -455,31 +542,76 @@ impl Servers {
         ports: Vec<(u16, Protocol)>,
         ipv6: bool,
     ) -> Result<()> {
+        self.serve_dns(netns, ports, ipv6, None)
+    }
+
+    /// As [`Servers::serve_on`]; with a zone, the pod is a DNS server too
+    /// (answers on its UDP sockets, DNS over TCP on its TCP port 53).
+    pub fn serve_dns(
+        &mut self,
+        netns: PathBuf,
+        ports: Vec<(u16, Protocol)>,
+        ipv6: bool,
+        zone: Option<Arc<Zone>>,
+    ) -> Result<()> {
         if ports.is_empty() {
             return Ok(());
         }
+        self.spawn(
+            netns,
+            move || {
+                let mut socks = Vec::new();
+                for (port, proto) in &ports {
+                    socks.push(
+                        bind(*port, *proto).with_context(|| format!("binding {proto}/{port}"))?,
+                    );
+                    if ipv6 {
+                        socks.push(
+                            bind6(*port, *proto)
+                                .with_context(|| format!("binding {proto}/{port} on IPv6"))?,
+                        );
+                    }
+                }
+                Ok(socks)
+            },
+            zone,
+        )
+    }
+
+    /// Serves each (address, port, protocol) inside `netns` (the hosts
+    /// outside the cluster: each serves its own ports on its own address).
+    pub fn serve_at(&mut self, netns: PathBuf, at: Vec<(IpAddr, u16, Protocol)>) -> Result<()> {
+        if at.is_empty() {
+            return Ok(());
+        }
+        self.spawn(
+            netns,
+            move || {
+                at.iter()
+                    .map(|(ip, port, proto)| {
+                        bind_at(*ip, *port, *proto)
+                            .with_context(|| format!("binding {proto}/{port} on {ip}"))
+                    })
+                    .collect()
+            },
+            None,
+        )
+    }
+
+    /// A server thread in `netns` polling the sockets `bind` makes there.
+    fn spawn(
+        &mut self,
+        netns: PathBuf,
+        bind: impl FnOnce() -> Result<Vec<Sock>> + Send + 'static,
+        zone: Option<Arc<Zone>>,
+    ) -> Result<()> {
         let (tx, rx) = mpsc::channel::<Result<(), String>>();
         let stop = self.stop.clone();
         let name = netns.display().to_string();
         let h = std::thread::Builder::new()
             .name("pod-server".into())
             .spawn(move || {
-                let socks = enter_thread(&netns).and_then(|()| {
-                    let mut socks = Vec::new();
-                    for (port, proto) in &ports {
-                        socks.push(
-                            bind(*port, *proto)
-                                .with_context(|| format!("binding {proto}/{port}"))?,
-                        );
-                        if ipv6 {
-                            socks.push(
-                                bind6(*port, *proto)
-                                    .with_context(|| format!("binding {proto}/{port} on IPv6"))?,
-                            );
-                        }
-                    }
-                    Ok(socks)
-                });
+                let socks = enter_thread(&netns).and_then(|()| bind());
                 let socks = match socks {
                     Ok(s) => {
                         let _ = tx.send(Ok(()));
@@ -506,7 +638,7 @@ impl Servers {
                     }
                     for (p, s) in fds.iter_mut().zip(&socks) {
                         if p.revents != 0 {
-                            s.serve();
+                            s.serve(zone.as_ref());
                             p.revents = 0;
                         }
                     }

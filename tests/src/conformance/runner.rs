@@ -5,14 +5,16 @@ use std::{
     fmt::Write as _,
     net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{anyhow, bail, Context, Result};
 
 use super::{
-    case::{case_files, Case, Labels, Probe, Protocol, Relabel, Step, NAME_LABEL},
+    case::{case_files, Case, ExternalKind, Labels, Probe, Protocol, Relabel, Step, NAME_LABEL},
     cluster::{Cluster, Tools},
+    dns,
     family::{self, Family, IpFamily},
     flows::{Flow, Tail},
     matrix::Reach,
@@ -39,6 +41,10 @@ pub struct Live<'a> {
     /// `--via-services`: (pod, family) -> its Service's ClusterIP of that
     /// family (probes over that family go there).
     pub service_ips: BTreeMap<(String, Family), IpAddr>,
+    /// FORMAT v2 `cluster.dns`: where a name probe over a family sends its
+    /// query (the DNS pod's address, or via services the kube-dns
+    /// ClusterIP of that family).
+    pub dns_servers: BTreeMap<Family, IpAddr>,
 }
 
 impl<'a> Live<'a> {
@@ -95,6 +101,7 @@ impl<'a> Live<'a> {
             .iter()
             .map(|p| (p.key(), p.labels.clone()))
             .collect();
+        cluster.cluster_dns = case.dns.as_ref().and_then(|d| d.agent_flag());
         for (name, labels) in &case.namespaces {
             cluster.write_namespace(name, labels)?;
         }
@@ -131,7 +138,42 @@ impl<'a> Live<'a> {
                 .collect();
             ports.sort();
             ports.dedup();
-            cluster.serve(&p.key(), ports)?;
+            if case.dns.as_ref().is_some_and(|d| d.key() == p.key()) {
+                cluster.serve_dns(&p.key(), ports, Arc::new(zone(case, opts.ip_family)))?;
+            } else {
+                cluster.serve(&p.key(), ports)?;
+            }
+        }
+        let hosts: Vec<(Ipv4Addr, Vec<(u16, Protocol)>)> = case
+            .externals
+            .hosts()
+            .map(|(_, a, ports)| {
+                let ports = ports
+                    .iter()
+                    .map(|q| (q.port, q.protocol))
+                    .filter(|(_, proto)| *proto != Protocol::Sctp || sctp)
+                    .collect();
+                (a, ports)
+            })
+            .collect();
+        cluster.add_external(&hosts)?;
+        let mut dns_servers = BTreeMap::new();
+        if let Some(d) = &case.dns {
+            for f in [Family::V4, Family::V6] {
+                if !opts.ip_family.has(f) {
+                    continue;
+                }
+                let ip = match f {
+                    Family::V4 => IpAddr::from(addresses.pods[&d.key()]),
+                    Family::V6 => addresses
+                        .pods6
+                        .get(&d.key())
+                        .copied()
+                        .ok_or_else(|| anyhow!("the DNS pod {} has no IPv6 address", d.key()))?
+                        .into(),
+                };
+                dns_servers.insert(f, ip);
+            }
         }
         let mut service_ips = BTreeMap::new();
         if via_services {
@@ -182,6 +224,30 @@ impl<'a> Live<'a> {
                     service_ips.insert((p.key(), f), ip);
                 }
             }
+            // The cluster DNS's Service, kube-system/kube-dns, in front of
+            // the DNS pod: name probes send their queries there.
+            if let Some(dns) = &case.dns {
+                let pod = case.pod(&dns.key()).expect("the DNS pod is a pod");
+                let ips: Vec<IpAddr> = families.iter().map(|f| services::kube_dns_ip(*f)).collect();
+                cluster.write_object(
+                    "svc-kube-system-kube-dns.yaml",
+                    &services::kube_dns_service(&ips),
+                )?;
+                for &f in &families {
+                    let pod_ip = dns_servers[&f];
+                    let file = match f {
+                        Family::V4 => "eps-kube-system-kube-dns.yaml",
+                        Family::V6 => "eps6-kube-system-kube-dns.yaml",
+                    };
+                    cluster.write_object(file, &services::kube_dns_slice(pod, pod_ip))?;
+                    let ip = services::kube_dns_ip(f);
+                    ports
+                        .entry(f)
+                        .or_default()
+                        .extend(services::kube_dns_ports(ip, pod_ip));
+                    dns_servers.insert(f, ip);
+                }
+            }
             for f in families {
                 let range = match f {
                     Family::V4 => services::SERVICE_RANGE,
@@ -216,6 +282,7 @@ impl<'a> Live<'a> {
             rejected: BTreeMap::new(),
             via_services,
             service_ips,
+            dns_servers,
         })
     }
 
@@ -311,6 +378,9 @@ impl<'a> Live<'a> {
         protocol: Protocol,
         f: Family,
     ) -> Result<Job> {
+        if is_name(dst) {
+            return self.name_job(src, dst, port, protocol, f);
+        }
         if f == Family::V4 {
             return self.job(src, dst, port, protocol);
         }
@@ -334,6 +404,7 @@ impl<'a> Live<'a> {
             dst: to,
             port,
             protocol,
+            resolve: None,
         })
     }
 
@@ -355,9 +426,59 @@ impl<'a> Live<'a> {
         )
     }
 
+    /// The probe of the host named `name` from `src` over family `f`:
+    /// the name resolved from inside `src` (A or AAAA), then the address.
+    pub fn name_job(
+        &self,
+        src: &str,
+        name: &str,
+        port: u16,
+        protocol: Protocol,
+        f: Family,
+    ) -> Result<Job> {
+        let s = self
+            .cluster
+            .pod(src)
+            .ok_or_else(|| anyhow!("no pod {src}"))?;
+        let server = *self
+            .dns_servers
+            .get(&f)
+            .ok_or_else(|| anyhow!("{name}: no cluster DNS over {f}"))?;
+        Ok(Job {
+            src_netns: s.netns_path(),
+            dst: match f {
+                Family::V4 => Ipv4Addr::UNSPECIFIED.into(),
+                Family::V6 => std::net::Ipv6Addr::UNSPECIFIED.into(),
+            },
+            port,
+            protocol,
+            resolve: Some(probe::Resolve {
+                name: name.to_string(),
+                server,
+                qtype: match f {
+                    Family::V4 => dns::TYPE_A,
+                    Family::V6 => dns::TYPE_AAAA,
+                },
+            }),
+        })
+    }
+
     /// The addresses a probe over `f` to `dst` is known by: the pod's,
-    /// and via services the ClusterIP it went to.
+    /// and via services the ClusterIP it went to; for a name, the host's
+    /// address (none for a name the case does not list).
     pub fn probed(&self, dst: &str, f: Family) -> Vec<IpAddr> {
+        if is_name(dst) {
+            return self
+                .case
+                .externals
+                .host(dst)
+                .map(|(a, _)| match f {
+                    Family::V4 => IpAddr::from(a),
+                    Family::V6 => family::mirror(a).into(),
+                })
+                .into_iter()
+                .collect();
+        }
         let mut out = vec![self.ip_of(dst, f)];
         out.extend(self.service_ip(dst, f));
         out
@@ -376,8 +497,28 @@ impl<'a> Live<'a> {
             dst: to,
             port,
             protocol,
+            resolve: None,
         })
     }
+}
+
+/// A matrix column that names a host outside the cluster (FORMAT v2: no
+/// `/`), not a pod.
+pub fn is_name(dst: &str) -> bool {
+    !dst.contains('/')
+}
+
+/// The cluster DNS's names: every `cluster.external` entry, AAAA (the
+/// mirror) too when the run gives pods IPv6.
+pub fn zone(case: &Case, run: IpFamily) -> dns::Zone {
+    let mut z = dns::Zone::new(run != IpFamily::Ipv4);
+    for e in &case.externals.0 {
+        match &e.kind {
+            ExternalKind::Host { address, .. } => z.add_a(&e.name, *address, e.ttl),
+            ExternalKind::Cname(t) => z.add_cname(&e.name, t, e.ttl),
+        }
+    }
+    z
 }
 
 /// One observed cell of a step, over one family.
@@ -390,6 +531,9 @@ pub struct Cell {
     /// None: skipped (protocol not available).
     pub saw: Option<Reach>,
     pub family: Family,
+    /// A name column: why the name did not resolve (None: it did, or the
+    /// column is a pod).
+    pub unresolved: Option<String>,
 }
 
 /// Probes every cell of a step's probes at once, over each family the
@@ -421,6 +565,7 @@ pub fn probe_step_over(
                     expected,
                     saw: None,
                     family: f,
+                    unresolved: None,
                 };
                 if p.protocol == Protocol::Sctp && !sctp {
                     cells.push(cell);
@@ -432,9 +577,10 @@ pub fn probe_step_over(
             }
         }
     }
-    let results = probe::run_all(&jobs, parallel)?;
-    for (i, ok) in index.into_iter().zip(results) {
+    let results = probe::run_all_detailed(&jobs, parallel)?;
+    for (i, (ok, to)) in index.into_iter().zip(results) {
         cells[i].saw = Some(Reach::from_bool(ok));
+        cells[i].unresolved = to.err();
     }
     Ok(cells)
 }
@@ -703,6 +849,20 @@ pub fn run_case(
                     c.expected,
                     c.saw.expect("probed")
                 ));
+                if let Some(why) = &c.unresolved {
+                    report.lines.push(format!("    dns: {why}"));
+                    // The queries' records (to the DNS pod, or its ClusterIP).
+                    let s = l.ip_of(&c.src, c.family);
+                    let mut ds: Vec<IpAddr> =
+                        l.dns_servers.get(&c.family).copied().into_iter().collect();
+                    if let Some(d) = &l.case.dns {
+                        ds.push(l.ip_of(&d.key(), c.family));
+                    }
+                    for e in explain(&flows, s, &ds, 53, Protocol::Udp) {
+                        report.lines.push(format!("    flow: {e}"));
+                    }
+                    continue;
+                }
                 let (s, ds) = (l.ip_of(&c.src, c.family), l.probed(&c.dst, c.family));
                 for e in explain(&flows, s, &ds, p.port, p.protocol) {
                     report.lines.push(format!("    flow: {e}"));

@@ -191,6 +191,85 @@ pub fn endpoint_slice_manifest(pod: &PodSpec, pod_ip: IpAddr) -> Option<Value> {
     Some(doc)
 }
 
+/// The cluster DNS's Service (FORMAT v2 `cluster.dns` under
+/// `--via-services`): `kube-system/kube-dns`, as in a cluster.
+pub const KUBE_DNS_NAMESPACE: &str = "kube-system";
+pub const KUBE_DNS_NAME: &str = "kube-dns";
+
+/// The kube-dns ClusterIP of family `f`: the range's base + 2 (of the
+/// addresses kept below the per-pod Services').
+pub fn kube_dns_ip(f: Family) -> IpAddr {
+    match f {
+        Family::V4 => Ipv4Addr::new(10, 96, 0, 2).into(),
+        Family::V6 => Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 2).into(),
+    }
+}
+
+/// kube-dns's ports: (name, protocol), both on 53, target port 53 (the
+/// DNS pod's ports have no names).
+const KUBE_DNS_PORTS: [(&str, Protocol); 2] = [("dns", Protocol::Udp), ("dns-tcp", Protocol::Tcp)];
+
+/// The kube-dns Service with the ClusterIPs `ips` (the primary family
+/// first); its endpoints are the slices of [`kube_dns_slice`] (no
+/// selector, as the per-pod Services).
+pub fn kube_dns_service(ips: &[IpAddr]) -> Value {
+    let all = ips
+        .iter()
+        .map(|ip| format!("\"{ip}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let names: Vec<&str> = ips.iter().map(|ip| family_name(family_of(*ip))).collect();
+    let policy = if ips.len() > 1 {
+        "RequireDualStack"
+    } else {
+        "SingleStack"
+    };
+    let ports: Vec<String> = KUBE_DNS_PORTS
+        .iter()
+        .map(|(n, p)| format!("{{name: {n}, port: 53, protocol: {p}, targetPort: 53}}"))
+        .collect();
+    yaml(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {KUBE_DNS_NAME}, namespace: {KUBE_DNS_NAMESPACE}, labels: {{k8s-app: kube-dns, kubernetes.io/name: CoreDNS}}}}\nspec: {{type: ClusterIP, clusterIP: \"{}\", clusterIPs: [{all}], ipFamilies: [{}], ipFamilyPolicy: {policy}, ports: [{}]}}\n",
+        ips[0],
+        names.join(", "),
+        ports.join(", ")
+    ))
+}
+
+/// kube-dns's EndpointSlice of the DNS pod's address `pod_ip`.
+pub fn kube_dns_slice(pod: &PodSpec, pod_ip: IpAddr) -> Value {
+    let f = family_of(pod_ip);
+    let slice = match f {
+        Family::V4 => format!("{KUBE_DNS_NAME}-1"),
+        Family::V6 => format!("{KUBE_DNS_NAME}-ipv6"),
+    };
+    let ports: Vec<String> = KUBE_DNS_PORTS
+        .iter()
+        .map(|(n, p)| format!("{{name: {n}, port: 53, protocol: {p}}}"))
+        .collect();
+    yaml(&format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {slice}, namespace: {KUBE_DNS_NAMESPACE}, labels: {{kubernetes.io/service-name: {KUBE_DNS_NAME}}}}}\naddressType: {family}\nendpoints: [{{addresses: [\"{pod_ip}\"], conditions: {{ready: true, serving: true, terminating: false}}, targetRef: {{kind: Pod, namespace: {ns}, name: {name}}}}}]\nports: [{ports}]\n",
+        family = family_name(f),
+        ns = pod.namespace,
+        name = pod.name,
+        ports = ports.join(", "),
+    ))
+}
+
+/// kube-dns's ports as the proxier of `ip`'s family sees them.
+pub fn kube_dns_ports(ip: IpAddr, pod_ip: IpAddr) -> Vec<ServicePort> {
+    KUBE_DNS_PORTS
+        .iter()
+        .map(|(n, p)| ServicePort {
+            name: format!("{KUBE_DNS_NAMESPACE}/{KUBE_DNS_NAME}:{n}"),
+            cluster_ip: ip,
+            port: 53,
+            protocol: *p,
+            endpoints: vec![(pod_ip, 53)],
+        })
+        .collect()
+}
+
 /// One Service port as kube-proxy sees it.
 pub struct ServicePort {
     /// `namespace/service:port-name`
@@ -563,6 +642,51 @@ mod tests {
                 .map(str::to_string)
         };
         assert_eq!(svc_chain(&r), svc_chain(&four));
+    }
+
+    #[test]
+    fn kube_dns_service_slices_and_rules() {
+        let dns: PodSpec = serde_yaml::from_str(
+            "{namespace: kube-system, name: coredns, labels: {k8s-app: kube-dns}, ports: [{port: 53, protocol: UDP}, {port: 53, protocol: TCP}]}",
+        )
+        .unwrap();
+        let ip = kube_dns_ip(Family::V4);
+        let svc = kube_dns_service(&[ip, kube_dns_ip(Family::V6)]);
+        assert_eq!(svc["metadata"]["name"], "kube-dns");
+        assert_eq!(svc["spec"]["clusterIPs"][1], "fd00:96::2");
+        assert_eq!(svc["spec"]["ipFamilyPolicy"], "RequireDualStack");
+        assert_eq!(svc["spec"]["ports"][1]["protocol"], "TCP");
+        let pod_ip: IpAddr = "10.213.0.9".parse().unwrap();
+        let slice = kube_dns_slice(&dns, pod_ip);
+        // The agent resolves it to the DNS pod on both protocols.
+        let svc4 = kube_dns_service(&[ip]);
+        let text = format!(
+            "{}---\n{}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: coredns, namespace: kube-system}}\nspec: {{containers: [{{name: c}}]}}\nstatus: {{podIP: 10.213.0.9}}\n",
+            serde_yaml::to_string(&svc4).unwrap(),
+            serde_yaml::to_string(&slice).unwrap()
+        );
+        let m = palisade_agent::manifests::parse_str("t", &text);
+        assert!(m.errors.is_empty(), "{:?}", m.errors);
+        let r = palisade_agent::service_resolve::resolve(&m.into_snapshot());
+        assert!(r.rejections.is_empty(), "{:?}", r.rejections);
+        let mut got: Vec<String> = r
+            .frontends
+            .iter()
+            .map(|f| format!("{}/{} -> {}", f.address, f.protocol, f.backends[0].address))
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                "10.96.0.2:53/17 -> 10.213.0.9:53",
+                "10.96.0.2:53/6 -> 10.213.0.9:53"
+            ]
+        );
+        let rules = kube_proxy_rules(Family::V4, &kube_dns_ports(ip, pod_ip));
+        assert!(rules.contains(
+            "-d 10.96.0.2/32 -p udp -m comment --comment \"kube-system/kube-dns:dns cluster IP\""
+        ));
+        assert!(rules.contains("-m tcp -j DNAT --to-destination 10.213.0.9:53\n"));
     }
 
     #[test]
