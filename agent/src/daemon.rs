@@ -203,7 +203,7 @@ pub struct Agent {
     cluster_dns: crate::fqdn::rules::ClusterDns,
     /// `DNS_SERVERS` (None: no kernel, e.g. tests on the memory dataplane).
     dns_servers: Option<palisade_dataplane::dns::DnsServers>,
-    dns_servers_now: std::collections::BTreeSet<palisade_common::dns::DnsServerKey>,
+    dns_servers_now: crate::fqdn::rules::Servers,
 }
 
 impl Agent {
@@ -515,7 +515,8 @@ impl Agent {
     /// Writes `DNS_SERVERS` from then on (the kernel's, opened by the
     /// caller from the pins).
     pub fn set_dns_servers(&mut self, m: palisade_dataplane::dns::DnsServers) {
-        self.dns_servers_now = m.read();
+        let (v4, v6) = m.read();
+        self.dns_servers_now = crate::fqdn::rules::Servers { v4, v6 };
         self.dns_servers = Some(m);
         self.refresh_fqdn();
     }
@@ -549,7 +550,7 @@ impl Agent {
             return;
         }
         if let Some(m) = self.dns_servers.as_mut() {
-            match m.set(&want) {
+            match m.set(&want.v4, &want.v6) {
                 Ok(()) => self.dns_servers_now = want,
                 Err(e) => error!("writing the cluster DNS servers: {e}"),
             }

@@ -3,7 +3,12 @@
 //! answers from. Pure functions of the model and the Services.
 use std::collections::{BTreeMap, BTreeSet};
 
-use palisade_common::{dns::DnsServerKey, DIR_EGRESS, PROTO_TCP, PROTO_UDP};
+use std::net::IpAddr;
+
+use palisade_common::{
+    dns::{DnsServerKey, DnsServerKey6},
+    DIR_EGRESS, PROTO_TCP, PROTO_UDP,
+};
 
 use super::DomainPattern;
 use crate::{
@@ -65,67 +70,83 @@ impl ClusterDns {
 const DNS_PORT: u16 = 53;
 const DNS_PORT_NAMES: [&str; 2] = ["dns", "dns-tcp"];
 
-/// `DNS_SERVERS`: every cluster DNS pod's address on port 53 (and its
-/// ports named dns/dns-tcp), UDP and TCP, and every Service frontend with
-/// such a pod among its backends (the reply as translated back).
-pub fn servers(model: &Model, dns: &ClusterDns, frontends: &[Frontend]) -> BTreeSet<DnsServerKey> {
-    let mut out = BTreeSet::new();
-    let mut pods = BTreeSet::new();
-    // A local pod's address is known from its registration before the
-    // source reports it.
-    let local: BTreeMap<&crate::model::ObjectKey, std::net::Ipv4Addr> = model
-        .endpoints
-        .values()
-        .filter(|e| !e.ipv4.is_unspecified())
-        .map(|e| (&e.key, e.ipv4))
-        .collect();
+/// `DNS_SERVERS` and `DNS_SERVERS6`, both families in one set.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Servers {
+    pub v4: BTreeSet<DnsServerKey>,
+    pub v6: BTreeSet<DnsServerKey6>,
+}
+
+impl Servers {
+    fn insert(&mut self, addr: IpAddr, port: u16, protocol: u8) {
+        match addr {
+            IpAddr::V4(a) => {
+                self.v4.insert(DnsServerKey::new(
+                    u32::from_ne_bytes(a.octets()),
+                    port,
+                    protocol,
+                ));
+            }
+            IpAddr::V6(a) => {
+                self.v6.insert(DnsServerKey6::new(
+                    palisade_dataplane::maps::ip6_words(a),
+                    port,
+                    protocol,
+                ));
+            }
+        }
+    }
+}
+
+/// Where cluster DNS answers come from: every cluster DNS pod's addresses
+/// on port 53 (and its ports named dns/dns-tcp), UDP and TCP, and every
+/// Service frontend with such a pod among its backends (the reply as
+/// translated back).
+pub fn servers(model: &Model, dns: &ClusterDns, frontends: &[Frontend]) -> Servers {
+    let mut out = Servers::default();
+    let mut pods: BTreeSet<IpAddr> = BTreeSet::new();
+    // A local pod's addresses are known from its registration before the
+    // source reports them.
+    let local: BTreeMap<&crate::model::ObjectKey, &crate::model::LocalEndpoint> =
+        model.endpoints.values().map(|e| (&e.key, e)).collect();
     for (key, p) in &model.pods {
         if p.host_network || !dns.selects(&p.namespace, &p.labels) {
             continue;
         }
-        let Some(ip) = p.ip.or_else(|| local.get(key).copied()) else {
-            continue;
-        };
-        pods.insert(std::net::IpAddr::V4(ip));
-        let addr = u32::from_ne_bytes(ip.octets());
-        for proto in [PROTO_UDP, PROTO_TCP] {
-            out.insert(DnsServerKey::new(addr, DNS_PORT, proto));
-        }
-        for cp in &p.ports {
-            if cp
-                .name
-                .as_deref()
-                .is_some_and(|n| DNS_PORT_NAMES.contains(&n))
-            {
-                if let Some(proto) = crate::compiler::parse::protocol_number(Some(&cp.protocol)) {
-                    out.insert(DnsServerKey::new(addr, cp.port, proto));
+        let ep = local.get(key);
+        let v4 =
+            p.ip.or_else(|| ep.map(|e| e.ipv4).filter(|a| !a.is_unspecified()));
+        let v6 = p.ipv6.or_else(|| ep.and_then(|e| e.ipv6));
+        for ip in v4.map(IpAddr::V4).into_iter().chain(v6.map(IpAddr::V6)) {
+            pods.insert(ip);
+            for proto in [PROTO_UDP, PROTO_TCP] {
+                out.insert(ip, DNS_PORT, proto);
+            }
+            for cp in &p.ports {
+                if cp
+                    .name
+                    .as_deref()
+                    .is_some_and(|n| DNS_PORT_NAMES.contains(&n))
+                {
+                    if let Some(proto) = crate::compiler::parse::protocol_number(Some(&cp.protocol))
+                    {
+                        out.insert(ip, cp.port, proto);
+                    }
                 }
             }
         }
     }
     for f in frontends {
-        let (std::net::IpAddr::V4(cip), true) =
-            (f.ip(), f.protocol == PROTO_UDP || f.protocol == PROTO_TCP)
-        else {
+        if f.protocol != PROTO_UDP && f.protocol != PROTO_TCP {
             continue;
-        };
+        }
         let mut any = false;
         for b in f.backends.iter().filter(|b| pods.contains(&b.address.ip())) {
-            if let std::net::IpAddr::V4(ip) = b.address.ip() {
-                out.insert(DnsServerKey::new(
-                    u32::from_ne_bytes(ip.octets()),
-                    b.address.port(),
-                    f.protocol,
-                ));
-                any = true;
-            }
+            out.insert(b.address.ip(), b.address.port(), f.protocol);
+            any = true;
         }
         if any {
-            out.insert(DnsServerKey::new(
-                u32::from_ne_bytes(cip.octets()),
-                f.address.port(),
-                f.protocol,
-            ));
+            out.insert(f.ip(), f.address.port(), f.protocol);
         }
     }
     out

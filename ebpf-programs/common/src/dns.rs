@@ -40,6 +40,27 @@ pub struct DnsServerKey {
     pub _pad: u8,
 }
 
+/// `DNS_SERVERS6` key: [`DnsServerKey`] for IPv6 sources.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DnsServerKey6 {
+    pub addr: crate::Ip6,
+    pub port_be: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+impl DnsServerKey6 {
+    pub fn new(addr: crate::Ip6, port: u16, protocol: u8) -> Self {
+        Self {
+            addr,
+            port_be: port.to_be(),
+            protocol,
+            _pad: 0,
+        }
+    }
+}
+
 impl DnsServerKey {
     pub fn new(addr: u32, port: u16, protocol: u8) -> Self {
         Self {
@@ -59,6 +80,7 @@ mod tests {
     fn layouts_are_what_the_kernel_reads() {
         assert_eq!(core::mem::size_of::<DnsHeld>(), 8 + 2048);
         assert_eq!(core::mem::size_of::<DnsServerKey>(), 8);
+        assert_eq!(core::mem::size_of::<DnsServerKey6>(), 20);
         let k = DnsServerKey::new(u32::from_ne_bytes([10, 0, 0, 10]), 53, 17);
         assert_eq!(k.port_be.to_ne_bytes(), [0, 53]);
     }

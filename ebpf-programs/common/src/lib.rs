@@ -61,8 +61,10 @@ pub mod maps {
     pub const DNS_HELD: &str = "DNS_HELD";
     /// Nonzero while a pod of the node has domain rules (one `u32`).
     pub const DNS_ACTIVE: &str = "DNS_ACTIVE";
+    /// `DNS_SERVERS` for IPv6 (`dns::DnsServerKey6`).
+    pub const DNS_SERVERS6: &str = "DNS_SERVERS6";
     /// Every map the programs share, in a stable order (pinning, adoption).
-    pub const ALL: [&str; 26] = [
+    pub const ALL: [&str; 27] = [
         ENDPOINTS,
         IPCACHE,
         POLICY,
@@ -89,6 +91,7 @@ pub mod maps {
         DNS_SERVERS,
         DNS_HELD,
         DNS_ACTIVE,
+        DNS_SERVERS6,
     ];
 }
 
@@ -699,6 +702,7 @@ mod pod_impls {
     unsafe impl aya::Pod for service::SvcAffinityKey6 {}
     unsafe impl aya::Pod for service::SvcAffinity6 {}
     unsafe impl aya::Pod for crate::dns::DnsServerKey {}
+    unsafe impl aya::Pod for crate::dns::DnsServerKey6 {}
 }
 
 #[cfg(test)]

@@ -9,11 +9,11 @@ use aya_ebpf::{
     bindings::BPF_RB_FORCE_WAKEUP, helpers::generated::bpf_skb_load_bytes, programs::TcContext,
 };
 use palisade_common::{
-    dns::{DnsHeld, DnsServerKey, HELD_DATA},
+    dns::{DnsHeld, DnsServerKey, DnsServerKey6, HELD_DATA},
     reason, EP_DNS_SNOOP, PROTO_TCP, PROTO_UDP,
 };
 
-use crate::{headers::*, verdict::count, DNS_ACTIVE, DNS_HELD, DNS_SERVERS};
+use crate::{headers::*, verdict::count, DNS_ACTIVE, DNS_HELD, DNS_SERVERS, DNS_SERVERS6};
 
 /// Whether the frame (to a pod, passed by the verdict, replies already
 /// translated back) is a DNS answer to hold; if so it is copied and the
@@ -78,6 +78,65 @@ pub fn held(ctx: &TcContext) -> bool {
     if unsafe { DNS_SERVERS.get(&k) }.is_none() {
         return false;
     }
+    copy(ctx)
+}
+
+/// `held` for an IPv6 frame. Answers carry no extension headers: a frame
+/// with one is not held (its answer goes on unlearned, failing closed).
+/// A subprogram of its own: the IPv6 program's call chain is near the
+/// 512-byte stack limit, and this runs after the verdict's chain returned.
+#[inline(never)]
+pub fn held6(ctx: &TcContext) -> bool {
+    match DNS_ACTIVE.get(0) {
+        Some(v) if *v != 0 => {}
+        _ => return false,
+    }
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let Some(ip) = ptr_at::<Ipv6Hdr>(start, end, ETH_HLEN) else {
+        return false;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let (payload_len, protocol, saddr) = unsafe {
+        (
+            u16::from_be((*ip).payload_len_be) as usize,
+            (*ip).next_header,
+            (*ip).saddr,
+        )
+    };
+    if protocol != PROTO_UDP && protocol != PROTO_TCP {
+        return false;
+    }
+    let l4 = ETH_HLEN + IPV6_HLEN;
+    let Some(ports) = ptr_at::<PortsHdr>(start, end, l4) else {
+        return false;
+    };
+    if protocol == PROTO_TCP {
+        let Some(tcp) = ptr_at::<TcpHdr>(start, end, l4) else {
+            return false;
+        };
+        // SAFETY: bounds checked by ptr_at.
+        let doff = unsafe { ((*tcp).doff_res >> 4) as usize } * 4;
+        if payload_len <= doff {
+            return false;
+        }
+    }
+    let k = DnsServerKey6 {
+        addr: saddr,
+        // SAFETY: bounds checked by ptr_at.
+        port_be: unsafe { (*ports).sport_be },
+        protocol,
+        _pad: 0,
+    };
+    // SAFETY: only the presence of the entry is read.
+    if unsafe { DNS_SERVERS6.get(&k) }.is_none() {
+        return false;
+    }
+    copy(ctx)
+}
+
+/// The frame into `DNS_HELD` if its pod has domain rules; whether it was.
+#[inline(always)]
+fn copy(ctx: &TcContext) -> bool {
     let Some((ifindex, ep)) = crate::verdict::endpoint(ctx) else {
         return false;
     };

@@ -31,7 +31,7 @@ use aya_ebpf::{
 };
 use palisade_common::{
     ct_budget::{CtBudget, CtCharge},
-    dns::DnsServerKey,
+    dns::{DnsServerKey, DnsServerKey6},
     event_limit::{EventBudget, EventLimitKey, EventLimitState},
     reason,
     service::{
@@ -155,6 +155,9 @@ static SVC_AFFINITY6: LruHashMap<SvcAffinityKey6, SvcAffinity6> =
 #[map]
 static DNS_SERVERS: HashMap<DnsServerKey, u8> = HashMap::with_max_entries(sizes::DNS_SERVERS, 0);
 
+#[map]
+static DNS_SERVERS6: HashMap<DnsServerKey6, u8> = HashMap::with_max_entries(sizes::DNS_SERVERS, 0);
+
 /// Nonzero while a pod of the node has domain rules (one entry): frames to
 /// pods skip the hold check otherwise.
 #[map]
@@ -255,7 +258,12 @@ pub fn pod_egress6(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn pod_ingress6(ctx: TcContext) -> i32 {
     // Replies are rewritten in place; nothing at a pod's ingress redirects.
-    tc_action(verdict6::frame::<false>(&ctx, DIR_INGRESS))
+    let r = verdict6::frame::<false>(&ctx, DIR_INGRESS);
+    // A DNS answer for a pod with domain rules waits for the agent (`dns`).
+    if r == Ok(true) && dns::held6(&ctx) {
+        return TC_ACT_SHOT;
+    }
+    tc_action(r)
 }
 
 /// `pod_verify` for IPv6 frames (tail-called from it).

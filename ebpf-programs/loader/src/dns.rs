@@ -9,7 +9,7 @@ use std::{
 
 use aya::maps::{HashMap, Map, MapData, RingBuf};
 use palisade_common::{
-    dns::{DnsHeld, DnsServerKey, HELD_DATA},
+    dns::{DnsHeld, DnsServerKey, DnsServerKey6, HELD_DATA},
     maps as names,
 };
 
@@ -90,6 +90,7 @@ impl HeldReader {
 /// `DNS_ACTIVE`.
 pub struct DnsServers {
     map: HashMap<MapData, DnsServerKey, u8>,
+    map6: HashMap<MapData, DnsServerKey6, u8>,
     active: aya::maps::Array<MapData, u32>,
 }
 
@@ -107,7 +108,12 @@ impl DnsServers {
                     source,
                 }
             })?;
-        Ok(Self { map, active })
+        let map6 =
+            HashMap::try_from(open(pins, names::DNS_SERVERS6)?).map_err(|source| Error::Map {
+                name: names::DNS_SERVERS6,
+                source,
+            })?;
+        Ok(Self { map, map6, active })
     }
 
     /// Switches the to-pod program's hold check on (a pod of the node has
@@ -125,29 +131,42 @@ impl DnsServers {
         self.active.get(&0, 0).is_ok_and(|v| v != 0)
     }
 
-    /// What the map holds.
-    pub fn read(&self) -> BTreeSet<DnsServerKey> {
-        self.map.keys().filter_map(Result::ok).collect()
+    /// What the maps hold.
+    pub fn read(&self) -> (BTreeSet<DnsServerKey>, BTreeSet<DnsServerKey6>) {
+        (
+            self.map.keys().filter_map(Result::ok).collect(),
+            self.map6.keys().filter_map(Result::ok).collect(),
+        )
     }
 
-    /// Makes the map hold exactly `want`.
-    pub fn set(&mut self, want: &BTreeSet<DnsServerKey>) -> Result<(), Error> {
-        let err = |source| Error::Map {
-            name: names::DNS_SERVERS,
-            source,
-        };
-        let have = self.read();
-        for k in want.difference(&have) {
-            self.map.insert(k, 1, 0).map_err(err)?;
-        }
-        for k in have.difference(want) {
-            match self.map.remove(k) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(err(e)),
-            }
-        }
-        Ok(())
+    /// Makes the maps hold exactly `want` and `want6`.
+    pub fn set(
+        &mut self,
+        want: &BTreeSet<DnsServerKey>,
+        want6: &BTreeSet<DnsServerKey6>,
+    ) -> Result<(), Error> {
+        set_keys(&mut self.map, names::DNS_SERVERS, want)?;
+        set_keys(&mut self.map6, names::DNS_SERVERS6, want6)
     }
+}
+
+fn set_keys<K: aya::Pod + Ord>(
+    map: &mut HashMap<MapData, K, u8>,
+    name: &'static str,
+    want: &BTreeSet<K>,
+) -> Result<(), Error> {
+    let err = |source| Error::Map { name, source };
+    let have: BTreeSet<K> = map.keys().filter_map(Result::ok).collect();
+    for k in want.difference(&have) {
+        map.insert(k, 1, 0).map_err(err)?;
+    }
+    for k in have.difference(want) {
+        match map.remove(k) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(err(e)),
+        }
+    }
+    Ok(())
 }
 
 /// The remote ends of tracked connections: an expired learned address
