@@ -816,8 +816,45 @@ mod tests {
                 // `nodes` is understood (resolved against Node objects).
                 (None, Action::Deny),
                 (Some(false), Action::Accept),
-                (Some(false), Action::Accept),
+                // `domainNames` too (resolved against learned addresses).
+                (None, Action::Accept),
             ]
         );
+    }
+
+    #[test]
+    fn domain_names_parse_only_in_accept_rules_and_resolve_to_learned_addresses() {
+        for (spec, why) in [
+            ("tier: Admin\npriority: 1\nsubject: {namespaces: {}}\negress: [{action: Deny, to: [{domainNames: [a.example.com]}]}]", "only allowed in Accept rules"),
+            ("tier: Admin\npriority: 1\nsubject: {namespaces: {}}\negress: [{action: Pass, to: [{domainNames: [a.example.com]}]}]", "only allowed in Accept rules"),
+            ("tier: Admin\npriority: 1\nsubject: {namespaces: {}}\negress: [{action: Accept, to: [{domainNames: [\"*.*.example.com\"]}]}]", "domainNames[0]"),
+            ("tier: Admin\npriority: 1\nsubject: {namespaces: {}}\negress: [{action: Accept, to: [{domainNames: []}]}]", "1 to 25 names"),
+            ("tier: Admin\npriority: 1\nsubject: {namespaces: {}}\negress: [{action: Accept, to: [{domainNames: [a.example.com]}], protocols: [{destinationNamedPort: http}]}]", "namedPorts"),
+        ] {
+            let p = parse_spec(spec);
+            let r = p.rejected().unwrap_or_else(|| panic!("accepted: {spec}"));
+            assert!(r.contains(why), "{spec}: {r}");
+        }
+        let p = parse_spec(
+            "tier: Admin\npriority: 1\nsubject: {namespaces: {}}\negress: [{action: Accept, to: [{domainNames: [api.example.com, \"*.CDN.example\"]}]}]",
+        );
+        let mut p = p.accepted().expect("accepted").clone();
+        assert!(p.has_domain_peers());
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let learned: std::collections::BTreeMap<String, Vec<std::net::IpAddr>> = [
+            ("api.example.com".to_string(), vec![ip("192.0.2.10"), ip("2001:db8::10")]),
+            ("img.cdn.example".to_string(), vec![ip("192.0.2.30")]),
+            ("cdn.example".to_string(), vec![ip("192.0.2.40")]),
+            ("other.example".to_string(), vec![ip("192.0.2.50")]),
+        ]
+        .into();
+        assert!(p.resolve_domains(&learned));
+        assert!(!p.resolve_domains(&learned), "unchanged");
+        let v4: Vec<String> = p.networks().map(|n| n.to_string()).collect();
+        let v6: Vec<String> = p.networks6().map(|n| n.to_string()).collect();
+        assert_eq!(v4, ["192.0.2.10/32", "192.0.2.30/32"], "not the apex, not others");
+        assert_eq!(v6, ["2001:db8::10/128"]);
+        assert!(p.resolve_domains(&Default::default()));
+        assert_eq!(p.networks().count(), 0, "forgotten addresses are gone");
     }
 }

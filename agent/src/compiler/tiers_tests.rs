@@ -970,3 +970,74 @@ fn nodes_peers_cover_the_nodes_ipv6_addresses() {
     e.apply(node("n3", "control-plane", 3));
     assert!(!allowed(&e, 3), "n3 relabelled");
 }
+
+#[test]
+fn domain_peers_follow_the_learned_addresses() {
+    use crate::change::Change;
+    let mut e = crate::compiler::Engine::new(false, Vec::new());
+    let web = Ipv4Addr::new(10, 0, 0, 2);
+    e.apply(Change::Pod(
+        Pod {
+            namespace: "shop".into(),
+            name: "web".into(),
+            labels: labels(&[("app", "web")]),
+            ip: Some(web),
+            ipv6: None,
+            host_network: false,
+            ports: Vec::new(),
+        }
+        .into(),
+    ));
+    e.add_endpoint(LocalEndpoint {
+        key: ObjectKey::new("shop", "web"),
+        endpoint_id: 1,
+        ifindex: 7,
+        host_ifname: "v1".into(),
+        ipv4: web,
+        ipv6: None,
+        container_id: "c1".into(),
+        mac: [0; 6],
+    });
+    for y in [
+        "metadata: {name: names}\nspec: {tier: Admin, priority: 1, subject: {namespaces: {}}, egress: [{name: partners, action: Accept, to: [{domainNames: [api.example.com, '*.cdn.example']}], protocols: [{tcp: {destinationPort: {number: 443}}}]}]}",
+        "metadata: {name: rest}\nspec: {tier: Baseline, priority: 1, subject: {namespaces: {}}, egress: [{name: rest, action: Deny, to: [{networks: [0.0.0.0/0]}]}]}",
+    ] {
+        let c: ClusterNetworkPolicy = serde_yaml::from_str(y).unwrap();
+        e.apply(Change::ClusterPolicy(std::sync::Arc::new(c)));
+    }
+    let allowed = |e: &crate::compiler::Engine, to: [u8; 4], port: u16| {
+        let ev = Evaluator::new(e.desired());
+        let v = ev.ipcache_lookup(Ipv4Addr::from(to)).expect("0.0.0.0/0 is known");
+        ev.policy_match(1, v, DIR_EGRESS, PROTO_TCP, port)
+            .is_none_or(|m| m.value.action == ACTION_ALLOW)
+    };
+    let snoops = |e: &crate::compiler::Engine| {
+        e.desired().endpoints[&7].flags & palisade_common::EP_DNS_SNOOP != 0
+    };
+    assert!(snoops(&e), "a subject of a domain rule has its answers held");
+    assert!(!allowed(&e, [192, 0, 2, 10], 443), "nothing learned yet");
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    e.set_learned(
+        [
+            ("api.example.com".to_string(), vec![ip("192.0.2.10")]),
+            ("img.cdn.example".to_string(), vec![ip("192.0.2.30")]),
+            ("ads.example".to_string(), vec![ip("192.0.2.20")]),
+        ]
+        .into(),
+    );
+    assert!(allowed(&e, [192, 0, 2, 10], 443));
+    assert!(allowed(&e, [192, 0, 2, 30], 443), "the wildcard");
+    assert!(!allowed(&e, [192, 0, 2, 10], 80), "the rule's port only");
+    assert!(!allowed(&e, [192, 0, 2, 20], 443), "a name no pattern matches");
+    assert!(!allowed(&e, [192, 0, 2, 11], 443));
+    let rules = crate::fqdn::rules::rules(e.model());
+    assert_eq!(rules[&7].len(), 2);
+    // Expired: closed again at once.
+    e.set_learned([("img.cdn.example".to_string(), vec![ip("192.0.2.30")])].into());
+    assert!(!allowed(&e, [192, 0, 2, 10], 443), "forgotten");
+    assert!(allowed(&e, [192, 0, 2, 30], 443));
+    // The policy deleted: no longer held, nothing allowed by name.
+    e.apply(Change::ClusterPolicyDeleted("names".into()));
+    assert!(!snoops(&e));
+    assert!(!allowed(&e, [192, 0, 2, 30], 443));
+}
