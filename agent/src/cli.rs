@@ -43,6 +43,10 @@ pub struct ObserveArgs {
     /// the node itself).
     #[arg(long)]
     pub from_node: Option<String>,
+    /// Flows to an address learned for this domain name (egress by domain
+    /// name; case-insensitive, a trailing dot ignored).
+    #[arg(long)]
+    pub domain: Option<String>,
     /// Flows of one address family: ipv4 or ipv6.
     #[arg(long, value_parser = ["ipv4", "ipv6"])]
     pub family: Option<String>,
@@ -145,6 +149,7 @@ pub struct Filter {
     protocol: Option<String>,
     service: Option<String>,
     from_node: Option<String>,
+    domain: Option<String>,
     /// true: IPv6 flows only; false: IPv4 only.
     ipv6: Option<bool>,
 }
@@ -172,6 +177,7 @@ impl ObserveArgs {
             protocol: self.protocol.as_ref().map(|p| p.to_uppercase()),
             service: self.service.clone(),
             from_node: self.from_node.clone(),
+            domain: self.domain.as_deref().map(crate::fqdn::pattern::normalize),
             ipv6: self.family.as_deref().map(|f| f == "ipv6"),
         })
     }
@@ -211,6 +217,9 @@ impl Filter {
         if self.from_node.is_some() && self.from_node != r.src.node {
             return false;
         }
+        if self.domain.as_ref().is_some_and(|d| !r.domains.contains(d)) {
+            return false;
+        }
         if self.ipv6.is_some_and(|v6| v6 != r.src.ip.is_ipv6()) {
             return false;
         }
@@ -245,6 +254,9 @@ pub fn render_flow(r: &FlowRecord) -> String {
     }
     if !r.policies.is_empty() {
         let _ = write!(s, " policies: {}", r.policies.join(", "));
+    }
+    if !r.domains.is_empty() {
+        let _ = write!(s, " domain: {}", r.domains.join(", "));
     }
     if let Some(svc) = &r.service {
         let _ = write!(s, " service: {svc}");
@@ -355,6 +367,17 @@ pub fn render_status(r: &StatusReport) -> String {
             "  {:<10} {:>8} / {:<8} ({pct:.1}%)",
             m.name, m.entries, m.max_entries
         );
+    }
+    if !r.domains.is_empty() {
+        let _ = writeln!(s, "\nLEARNED DOMAIN NAMES ({})", r.domains.len());
+        for d in &r.domains {
+            let addrs: Vec<String> = d
+                .addresses
+                .iter()
+                .map(|(a, left)| format!("{a} (expires in {left}s)"))
+                .collect();
+            let _ = writeln!(s, "  {:<40} {}", d.name, addrs.join(", "));
+        }
     }
     s
 }
@@ -723,6 +746,7 @@ mod tests {
             protocol: None,
             service: None,
             from_node: None,
+            domain: None,
             family: None,
             follow: false,
             json: false,

@@ -204,6 +204,7 @@ pub struct Agent {
     /// `DNS_SERVERS` (None: no kernel, e.g. tests on the memory dataplane).
     dns_servers: Option<palisade_dataplane::dns::DnsServers>,
     dns_servers_now: crate::fqdn::rules::Servers,
+    learned: Option<crate::fqdn::snoop::SharedCache>,
 }
 
 impl Agent {
@@ -276,6 +277,7 @@ impl Agent {
             cluster_dns: cfg.dns.cluster_dns.clone(),
             dns_servers: None,
             dns_servers_now: Default::default(),
+            learned: None,
         };
         if cfg.routing != crate::routing::Mode::None {
             agent.routes = Some(crate::route_sync::RouteSync::spawn(cfg.routing)?);
@@ -951,7 +953,32 @@ impl Agent {
                 .routes
                 .as_ref()
                 .map(|r| r.status.lock().unwrap_or_else(|p| p.into_inner()).clone()),
+            domains: self.domain_status(),
         }
+    }
+
+    /// The learned names for `status`.
+    fn domain_status(&self) -> Vec<palisade_api::DomainStatus> {
+        let Some(c) = &self.learned else {
+            return Vec::new();
+        };
+        let now = crate::fqdn::snoop::now_ms();
+        let c = c.lock().unwrap_or_else(|p| p.into_inner());
+        c.entries()
+            .iter()
+            .map(|(name, addrs)| palisade_api::DomainStatus {
+                name: name.clone(),
+                addresses: addrs
+                    .iter()
+                    .map(|(a, e)| (*a, e.saturating_sub(now) / 1000))
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// The learned-address cache the DNS task keeps (for `status`).
+    pub fn set_learned_cache(&mut self, c: crate::fqdn::snoop::SharedCache) {
+        self.learned = Some(c);
     }
 
     /// Fill levels: endpoint, ipcache and policy from the mirror,

@@ -95,6 +95,10 @@ pub struct FlowRecord {
     /// The tier whose rule decided: "Admin", "NetworkPolicy", "Baseline",
     /// or "default" (no tier decided: allowed); absent for verdicts no
     /// policy made (conntrack, host, malformed packets, unenforced).
+    /// The domain names the remote address was learned for (egress by
+    /// domain name): what a `domainNames` rule allowed it as.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub domains: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tier: Option<String>,
     /// "Accept" or "Deny" (a would-be deny in audit mode too).
@@ -347,6 +351,7 @@ pub fn record<N: Names + ?Sized>(view: &N, e: &FlowEvent) -> FlowRecord {
         service: None,
         service_address: None,
         passed,
+        domains: Vec::new(),
         tier: decided.map(|d| d.0.to_string()),
         action: decided.map(|d| d.1.to_string()),
         passed_tiers,

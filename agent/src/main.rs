@@ -62,8 +62,16 @@ enum Cmd {
         /// namespace/pod, an IPv4 address, or svc/<namespace>/<name>: every
         /// backend of that Service port (verdict PARTIAL when only some
         /// would be allowed)
+        #[arg(
+            long,
+            required_unless_present = "to_domain",
+            conflicts_with = "to_domain"
+        )]
+        to: Option<String>,
+        /// A domain name: every address learned for it from the cluster
+        /// DNS (egress by domain name), each traced.
         #[arg(long)]
-        to: String,
+        to_domain: Option<String>,
         /// PORT/PROTOCOL, e.g. 8080/TCP (protocol defaults to TCP; for
         /// svc/..., the Service port)
         #[arg(long)]
@@ -403,11 +411,66 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Trace {
             s,
             from,
+            to_domain: Some(name),
+            port,
+            json,
+            ..
+        } => {
+            let (port, protocol) = cli::parse_port(&port)?;
+            let Response::Status(st) = call(&s, &Request::Status, Duration::from_secs(10))? else {
+                anyhow::bail!("status: unexpected answer");
+            };
+            let want = palisade_agent::fqdn::pattern::normalize(&name);
+            let addrs: Vec<IpAddr> = st
+                .domains
+                .iter()
+                .filter(|d| d.name == want)
+                .flat_map(|d| d.addresses.iter().map(|(a, _)| *a))
+                .collect();
+            if addrs.is_empty() {
+                println!(
+                    "{want}: no address learned (a pod that a domainNames rule selects learns them when it resolves the name); nothing is allowed by name yet"
+                );
+                return Ok(ExitCode::from(3));
+            }
+            let mut all = true;
+            for a in addrs {
+                let req = Request::Trace(TraceRequest {
+                    from: from.clone(),
+                    to: a.to_string(),
+                    port,
+                    protocol: protocol.clone(),
+                    family: None,
+                });
+                match call(&s, &req, Duration::from_secs(10))? {
+                    Response::Trace(r) => {
+                        all &= r.verdict == "ALLOW";
+                        if json {
+                            println!("{}", serde_json::to_string_pretty(&r)?);
+                        } else {
+                            println!("{want} -> {a}");
+                            print!("{}", cli::render_trace(&r));
+                        }
+                    }
+                    other => return unexpected(other),
+                }
+            }
+            Ok(if all {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(3)
+            })
+        }
+        Cmd::Trace {
+            s,
+            from,
             to,
             port,
             family,
             json,
+            ..
         } => {
+            let to = to.context("--to or --to-domain is required")?;
             let (port, protocol) = cli::parse_port(&port)?;
             let req = Request::Trace(TraceRequest {
                 from,

@@ -50,9 +50,12 @@ pub async fn run(cfg: Config) -> Result<()> {
     let learned_file = cfg.state_dir.join("dns-learned.json");
     let learned = crate::fqdn::cache::Cache::load(&learned_file, crate::fqdn::snoop::now_ms());
     agent.preload_learned(learned.addresses());
+    metrics.dns.learned_addresses.set(learned.len() as u64);
     agent.set_dns_servers(
         palisade_dataplane::dns::DnsServers::open(&cfg.pins).context("opening DNS_SERVERS")?,
     );
+    let learned = Arc::new(std::sync::Mutex::new(learned));
+    agent.set_learned_cache(learned.clone());
     let fqdn_rules = agent.fqdn_rules.clone();
     let view = agent.view.clone();
     let services = agent.services.clone();
@@ -124,7 +127,6 @@ pub async fn run(cfg: Config) -> Result<()> {
         .context("the agent stopped before its first sync")?;
 
     // The DNS task: held answers are learned from, then sent on.
-    let learned = Arc::new(std::sync::Mutex::new(learned));
     {
         let peers = palisade_dataplane::dns::ConntrackPeers::open(&cfg.pins)
             .context("opening conntrack for the DNS task")?;
@@ -157,6 +159,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         events,
         view,
         services,
+        learned.clone(),
         metrics.clone(),
         flowlog.clone(),
         flow_tx.clone(),
@@ -379,6 +382,7 @@ async fn read_events(
     events: EventReader,
     view: SharedView,
     services: SharedServices,
+    learned: crate::fqdn::snoop::SharedCache,
     metrics: Arc<Metrics>,
     log: Arc<Mutex<FlowLog>>,
     tx: broadcast::Sender<String>,
@@ -415,6 +419,16 @@ async fn read_events(
         for e in &batch {
             let mut rec = flowlog::record(&v, e);
             flowlog::name_service(&mut rec, e, &svcs);
+            if rec.direction == "egress" {
+                let c = learned.lock().unwrap_or_else(|p| p.into_inner());
+                if !c.is_empty() {
+                    rec.domains = c
+                        .names_of(rec.dst.ip)
+                        .into_iter()
+                        .map(str::to_string)
+                        .collect();
+                }
+            }
             let Ok(line) = serde_json::to_string(&rec) else {
                 continue;
             };

@@ -35,8 +35,8 @@ const RECORDS: &[(&str, u32, Rec)] = &[
     ("api.example.com", 300, Rec::A(API)),
     ("ads.tracker.example", 30, Rec::A(ADS)),
     ("img.cdn.example", 30, Rec::A(IMG)),
-    ("www.example.org", 30, Rec::Cname("edge.provider.example")),
-    ("edge.provider.example", 30, Rec::A(EDGE)),
+    ("www.example.org", 300, Rec::Cname("edge.provider.example")),
+    ("edge.provider.example", 300, Rec::A(EDGE)),
     ("short.example.com", 1, Rec::A(SHORT)),
 ];
 
@@ -365,6 +365,48 @@ fn domain_names_are_learned_before_the_answer_reaches_the_pod() -> Result<()> {
     assert!(
         metric(&text, "palisade_dns_addresses_learned_total") >= 4,
         "{text}"
+    );
+
+    // Explanations: the record names the rule and the name, observe
+    // filters by name, trace follows the name, status lists it.
+    let rec = agent.wait_flow(|r| r.verdict == "ALLOW" && r.dst.ip == API)?;
+    assert_eq!(rec.domains, ["api.example.com"]);
+    assert_eq!(
+        rec.policies,
+        ["ClusterNetworkPolicy/shop-egress rule partners (Admin tier, Accept)"]
+    );
+    let (ok, out) = agent.cli(&["observe", "--domain", "API.example.com."])?;
+    assert!(ok && out.contains("domain: api.example.com"), "{out}");
+    assert!(!out.contains("192.0.2.40"), "{out}");
+    let (ok, out) = agent.cli(&[
+        "trace",
+        "--from",
+        "shop/client",
+        "--to-domain",
+        "www.example.org",
+        "--port",
+        "443/TCP",
+    ])?;
+    assert!(
+        ok && out.contains("192.0.2.40") && out.contains("rule partners"),
+        "{out}"
+    );
+    let (ok, out) = agent.cli(&[
+        "trace",
+        "--from",
+        "shop/client",
+        "--to-domain",
+        "never.example.com",
+        "--port",
+        "443/TCP",
+    ])?;
+    assert!(!ok && out.contains("no address learned"), "{out}");
+    let st = agent.status()?;
+    let names: Vec<&str> = st.domains.iter().map(|d| d.name.as_str()).collect();
+    assert!(names.contains(&"api.example.com"), "{names:?}");
+    assert!(
+        !names.contains(&"edge.provider.example"),
+        "only names a pattern matches are kept: {names:?}"
     );
 
     // A restart keeps what was learned (within its TTL): no new lookup.

@@ -395,6 +395,19 @@ pub struct StatusReport {
     /// Routing between nodes (None when the agent leaves routing alone).
     #[serde(default)]
     pub routing: Option<RoutingStatus>,
+    /// Egress by domain name: the names learned from the cluster DNS's
+    /// answers, each with its addresses and when they expire.
+    #[serde(default)]
+    pub domains: Vec<DomainStatus>,
+}
+
+/// One learned domain name.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainStatus {
+    pub name: String,
+    /// (address, seconds until it expires; 0: kept past its TTL while a
+    /// connection uses it).
+    pub addresses: Vec<(std::net::IpAddr, u64)>,
 }
 
 /// One node of the cluster as an agent knows it.

@@ -842,7 +842,10 @@ mod tests {
         assert!(p.has_domain_peers());
         let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
         let learned: std::collections::BTreeMap<String, Vec<std::net::IpAddr>> = [
-            ("api.example.com".to_string(), vec![ip("192.0.2.10"), ip("2001:db8::10")]),
+            (
+                "api.example.com".to_string(),
+                vec![ip("192.0.2.10"), ip("2001:db8::10")],
+            ),
             ("img.cdn.example".to_string(), vec![ip("192.0.2.30")]),
             ("cdn.example".to_string(), vec![ip("192.0.2.40")]),
             ("other.example".to_string(), vec![ip("192.0.2.50")]),
@@ -852,7 +855,11 @@ mod tests {
         assert!(!p.resolve_domains(&learned), "unchanged");
         let v4: Vec<String> = p.networks().map(|n| n.to_string()).collect();
         let v6: Vec<String> = p.networks6().map(|n| n.to_string()).collect();
-        assert_eq!(v4, ["192.0.2.10/32", "192.0.2.30/32"], "not the apex, not others");
+        assert_eq!(
+            v4,
+            ["192.0.2.10/32", "192.0.2.30/32"],
+            "not the apex, not others"
+        );
         assert_eq!(v6, ["2001:db8::10/128"]);
         assert!(p.resolve_domains(&Default::default()));
         assert_eq!(p.networks().count(), 0, "forgotten addresses are gone");

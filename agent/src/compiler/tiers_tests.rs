@@ -1007,14 +1007,19 @@ fn domain_peers_follow_the_learned_addresses() {
     }
     let allowed = |e: &crate::compiler::Engine, to: [u8; 4], port: u16| {
         let ev = Evaluator::new(e.desired());
-        let v = ev.ipcache_lookup(Ipv4Addr::from(to)).expect("0.0.0.0/0 is known");
+        let v = ev
+            .ipcache_lookup(Ipv4Addr::from(to))
+            .expect("0.0.0.0/0 is known");
         ev.policy_match(1, v, DIR_EGRESS, PROTO_TCP, port)
             .is_none_or(|m| m.value.action == ACTION_ALLOW)
     };
     let snoops = |e: &crate::compiler::Engine| {
         e.desired().endpoints[&7].flags & palisade_common::EP_DNS_SNOOP != 0
     };
-    assert!(snoops(&e), "a subject of a domain rule has its answers held");
+    assert!(
+        snoops(&e),
+        "a subject of a domain rule has its answers held"
+    );
     assert!(!allowed(&e, [192, 0, 2, 10], 443), "nothing learned yet");
     let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
     e.set_learned(
@@ -1028,7 +1033,10 @@ fn domain_peers_follow_the_learned_addresses() {
     assert!(allowed(&e, [192, 0, 2, 10], 443));
     assert!(allowed(&e, [192, 0, 2, 30], 443), "the wildcard");
     assert!(!allowed(&e, [192, 0, 2, 10], 80), "the rule's port only");
-    assert!(!allowed(&e, [192, 0, 2, 20], 443), "a name no pattern matches");
+    assert!(
+        !allowed(&e, [192, 0, 2, 20], 443),
+        "a name no pattern matches"
+    );
     assert!(!allowed(&e, [192, 0, 2, 11], 443));
     let rules = crate::fqdn::rules::rules(e.model());
     assert_eq!(rules[&7].len(), 2);
