@@ -5,6 +5,7 @@ mod agent;
 mod cluster;
 mod cni;
 mod cnp_testrun;
+mod dns;
 mod memory;
 mod node;
 mod nodes;
@@ -30,8 +31,9 @@ use clap::Parser;
 
 use report::Results;
 
-const SECTIONS: [&str; 10] = [
+const SECTIONS: [&str; 11] = [
     "testrun", "veth", "update", "cni", "memory", "podstart", "agent", "services", "nodes", "cnp",
+    "dns",
 ];
 
 #[derive(Parser)]
@@ -158,6 +160,7 @@ fn run(args: Args) -> Result<()> {
             "cnp" => {
                 cnp_testrun::run(&cnp_testrun::Plan::new(quick, rounds)).map(|x| r.cnp = Some(x))
             }
+            "dns" => dns::run(&dns::Plan::new(quick)).map(|x| r.dns = Some(x)),
             _ => unreachable!("validated above"),
         };
         match res {

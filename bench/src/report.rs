@@ -31,6 +31,8 @@ pub struct Results {
     pub nodes: Option<crate::nodes::Nodes>,
     /// Section 10: new-flow cost with 1k ClusterNetworkPolicy rules.
     pub cnp: Option<crate::cnp_testrun::CnpCost>,
+    /// Section 11: DNS lookups of a pod with domain rules (issue 16).
+    pub dns: Option<crate::dns::DnsCost>,
     /// Sections that failed, with the error.
     pub errors: Vec<(String, String)>,
     /// PNG files written next to the report (empty without a font).
@@ -806,6 +808,7 @@ pub fn targets(r: &Results) -> Vec<Target> {
 
     // 10.
     cnp_targets(r.cnp.as_ref(), &mut out);
+    dns_targets(r.dns.as_ref(), &mut out);
     out
 }
 
@@ -1113,7 +1116,104 @@ pub fn render(r: &Results) -> String {
     if let Some(c) = &r.cnp {
         render_cnp(&mut s, c);
     }
+    if let Some(d) = &r.dns {
+        render_dns(&mut s, d);
+    }
     s
+}
+
+fn dns_targets(d: Option<&crate::dns::DnsCost>, out: &mut Vec<Target>) {
+    use crate::dns::{ADDED_P99_MS, DROPPED_MAX};
+    let m1 = "DNS lookup of a pod with domain rules, added p99 (held answers)".to_string();
+    let t1 = format!("<= {ADDED_P99_MS} ms");
+    let m2 = "connections right after a lookup of a fresh name, dropped".to_string();
+    let t2 = format!("{DROPPED_MAX} over 1000 lookups");
+    match d {
+        Some(d) => {
+            out.push(Target {
+                metric: m1,
+                target: t1,
+                measured: format!(
+                    "{:.2} ms (p99 {:.2} held vs {:.2} not held; p50 {:.2} vs {:.2})",
+                    d.added_p99(),
+                    d.p(true, 99.0),
+                    d.p(false, 99.0),
+                    d.p(true, 50.0),
+                    d.p(false, 50.0)
+                ),
+                met: Some(d.added_p99() <= ADDED_P99_MS),
+            });
+            out.push(Target {
+                metric: m2,
+                target: t2,
+                measured: format!("{} of {}", d.dropped, d.lookups),
+                met: Some(d.dropped <= DROPPED_MAX && d.lookups >= 1000),
+            });
+        }
+        None => {
+            for (metric, target) in [(m1, t1), (m2, t2)] {
+                out.push(Target {
+                    metric,
+                    target,
+                    measured: "-".into(),
+                    met: None,
+                });
+            }
+        }
+    }
+}
+
+fn render_dns(s: &mut String, d: &crate::dns::DnsCost) {
+    let _ = writeln!(
+        s,
+        "## 11. Egress by domain name: DNS lookups (real veths)
+"
+    );
+    let _ = writeln!(
+        s,
+        "{} lookups of fresh names (`h<i>.cdn.example`, each a new address the agent learns and \
+         programs before the answer goes on), from a pod a `domainNames` rule selects (answers \
+         held) and, for each name, first from a pod no domain rule selects (answers not held), \
+         through the same DNS pod; each subject lookup is followed at once by a TCP connection \
+         to the address it got. Latency from sending the query to having the answer.\n",
+        d.lookups
+    );
+    let _ = writeln!(s, "| pod | p50 (ms) | p99 (ms) |\n|---|---|---|");
+    for (name, subject) in [("domain rules (held)", true), ("none (not held)", false)] {
+        let _ = writeln!(
+            s,
+            "| {name} | {:.3} | {:.3} |",
+            d.p(subject, 50.0),
+            d.p(subject, 99.0)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "| domain rules, names known (held, nothing to program) | {:.3} | {:.3} |",
+        median(&d.known_ms).unwrap_or(f64::NAN),
+        percentile(&d.known_ms, 99.0).unwrap_or(f64::NAN)
+    );
+    // The cost of a fresh name grows with the addresses already learned:
+    // each one is a CIDR identity of its own today (README).
+    let _ = writeln!(s, "\n| fresh lookups | p50 (ms) |\n|---|---|");
+    for a in [0, d.lookups / 4, d.lookups / 2, d.lookups * 3 / 4] {
+        let seg = &d.subject_ms[a.min(d.subject_ms.len())..(a + 50).min(d.subject_ms.len())];
+        let _ = writeln!(
+            s,
+            "| {}..{} learned before | {:.3} |",
+            a,
+            a + seg.len(),
+            median(seg).unwrap_or(f64::NAN)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nConnections dropped right after their lookup: {} of {} (fresh and known); answers \
+         sent on before their addresses were programmed (hold timeouts): {}.\n",
+        d.dropped,
+        d.lookups * 2,
+        d.hold_timeouts
+    );
 }
 
 fn image(s: &mut String, r: &Results, file: &str, alt: &str) {

@@ -17,6 +17,7 @@ use palisade_dataplane::Pins;
 
 pub mod agent;
 pub mod conformance;
+pub mod fqdn;
 pub mod oracle;
 pub mod oracle_tiers;
 

@@ -6,16 +6,12 @@
 //! and TTL expiry are learned right; a pod no domain rule selects is left
 //! alone; learned addresses survive an agent restart.
 use std::{
-    io::{Read, Write},
-    net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, TcpStream},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
-use palisade_tests::{agent::*, *};
-use simple_dns::{
-    rdata, Name, Packet, PacketFlag, Question, ResourceRecord, CLASS, QCLASS, QTYPE, TYPE,
-};
+use palisade_tests::{agent::*, fqdn::*, *};
 
 const GW: Ipv4Addr = Ipv4Addr::new(10, 96, 50, 1);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 96, 50, 2);
@@ -31,7 +27,7 @@ const SHORT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 50);
 const PORT: u16 = 443;
 
 /// (name, ttl, A address or CNAME target).
-const RECORDS: &[(&str, u32, Rec)] = &[
+const RECORDS: Zone = &[
     ("api.example.com", 300, Rec::A(API)),
     ("ads.tracker.example", 30, Rec::A(ADS)),
     ("img.cdn.example", 30, Rec::A(IMG)),
@@ -39,12 +35,6 @@ const RECORDS: &[(&str, u32, Rec)] = &[
     ("edge.provider.example", 300, Rec::A(EDGE)),
     ("short.example.com", 1, Rec::A(SHORT)),
 ];
-
-#[derive(Clone, Copy)]
-enum Rec {
-    A(Ipv4Addr),
-    Cname(&'static str),
-}
 
 const CLUSTER: &str = r#"
 apiVersion: v1
@@ -104,170 +94,10 @@ spec:
     - {name: rest, action: Deny, to: [{networks: [0.0.0.0/0]}]}
 "#;
 
-fn reply(query: &[u8]) -> Option<Vec<u8>> {
-    let q = Packet::parse(query).ok()?;
-    let question = q.questions.first()?.clone();
-    let mut r = Packet::new_reply(q.id());
-    r.set_flags(PacketFlag::AUTHORITATIVE_ANSWER);
-    let mut name = question.qname.to_string().to_ascii_lowercase();
-    r.questions.push(question.into_owned());
-    let mut found = false;
-    for _ in 0..4 {
-        let Some((_, ttl, rec)) = RECORDS.iter().find(|(n, _, _)| *n == name) else {
-            break;
-        };
-        found = true;
-        let owner = Name::new_unchecked(&name).into_owned();
-        match rec {
-            Rec::A(a) => {
-                r.answers.push(ResourceRecord::new(
-                    owner,
-                    CLASS::IN,
-                    *ttl,
-                    rdata::RData::A(rdata::A {
-                        address: u32::from(*a),
-                    }),
-                ));
-                break;
-            }
-            Rec::Cname(t) => {
-                r.answers.push(ResourceRecord::new(
-                    owner,
-                    CLASS::IN,
-                    *ttl,
-                    rdata::RData::CNAME(rdata::CNAME(Name::new_unchecked(t).into_owned())),
-                ));
-                name = t.to_string();
-            }
-        }
-    }
-    if !found {
-        *r.rcode_mut() = simple_dns::RCODE::NameError;
-    }
-    r.build_bytes_vec_compressed().ok()
-}
-
-/// UDP and TCP 53 in `ns`. Over TCP the length prefix and the message go
-/// in two segments, 20 ms apart: the agent must read across them.
-fn dns_server(ns: &NetNs) -> Result<()> {
-    let (udp, tcp) = ns.enter(|| -> Result<(UdpSocket, TcpListener)> {
-        Ok((
-            UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 53))?,
-            TcpListener::bind((Ipv4Addr::UNSPECIFIED, 53))?,
-        ))
-    })??;
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 1500];
-        while let Ok((n, from)) = udp.recv_from(&mut buf) {
-            if let Some(r) = reply(&buf[..n]) {
-                let _ = udp.send_to(&r, from);
-            }
-        }
-    });
-    std::thread::spawn(move || {
-        for s in tcp.incoming().flatten() {
-            std::thread::spawn(move || -> Result<()> {
-                let mut s = s;
-                s.set_nodelay(true)?;
-                loop {
-                    let mut len = [0u8; 2];
-                    s.read_exact(&mut len)?;
-                    let mut q = vec![0u8; u16::from_be_bytes(len) as usize];
-                    s.read_exact(&mut q)?;
-                    let Some(r) = reply(&q) else {
-                        bail!("no reply")
-                    };
-                    s.write_all(&(r.len() as u16).to_be_bytes())?;
-                    std::thread::sleep(Duration::from_millis(20));
-                    s.write_all(&r)?;
-                }
-            });
-        }
-    });
-    Ok(())
-}
-
-fn query(name: &str) -> Vec<u8> {
-    let mut q = Packet::new_query(0x4242);
-    q.set_flags(PacketFlag::RECURSION_DESIRED);
-    q.questions.push(Question::new(
-        Name::new_unchecked(name).into_owned(),
-        QTYPE::TYPE(TYPE::A),
-        QCLASS::CLASS(CLASS::IN),
-        false,
-    ));
-    q.build_bytes_vec().expect("query")
-}
-
-fn addresses(answer: &[u8]) -> Vec<Ipv4Addr> {
-    let Ok(p) = Packet::parse(answer) else {
-        return Vec::new();
-    };
-    p.answers
-        .iter()
-        .filter_map(|rr| match &rr.rdata {
-            rdata::RData::A(a) => Some(Ipv4Addr::from(a.address)),
-            _ => None,
-        })
-        .collect()
-}
-
-/// Resolve `name` from inside `ns` (UDP or TCP), then connect to the
-/// first address on PORT at once, as a client does. (addresses, connected)
+/// Resolve and connect on PORT, from `ns`.
 fn resolve_and_connect(ns: &NetNs, name: &'static str, tcp: bool) -> Result<(Vec<Ipv4Addr>, bool)> {
-    ns.enter(move || -> Result<(Vec<Ipv4Addr>, bool)> {
-        let q = query(name);
-        let answer = if tcp {
-            let mut s = TcpStream::connect_timeout(&(DNS, 53).into(), Duration::from_secs(2))?;
-            s.set_read_timeout(Some(Duration::from_secs(2)))?;
-            s.write_all(&(q.len() as u16).to_be_bytes())?;
-            s.write_all(&q)?;
-            let mut len = [0u8; 2];
-            s.read_exact(&mut len)?;
-            let mut a = vec![0u8; u16::from_be_bytes(len) as usize];
-            s.read_exact(&mut a)?;
-            a
-        } else {
-            let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
-            s.set_read_timeout(Some(Duration::from_secs(2)))?;
-            s.send_to(&q, (DNS, 53))?;
-            let mut buf = [0u8; 1500];
-            let n = s.recv(&mut buf).context("no DNS answer")?;
-            buf[..n].to_vec()
-        };
-        let addrs = addresses(&answer);
-        let Some(first) = addrs.first() else {
-            return Ok((addrs, false));
-        };
-        let ok =
-            TcpStream::connect_timeout(&(*first, PORT).into(), Duration::from_millis(700)).is_ok();
-        Ok((addrs, ok))
-    })?
-}
-
-/// A namespace holding the external addresses behind the node.
-fn external(node: &NetNs) -> Result<NetNs> {
-    let ext = NetNs::new("pext")?;
-    let host_if: String = format!("x{}", unique("")).chars().take(15).collect();
-    node.ip(&[
-        "link", "add", &host_if, "type", "veth", "peer", "name", "up0", "netns", &ext.name,
-    ])?;
-    node.ip(&["addr", "add", &format!("{EXT_GW}/24"), "dev", &host_if])?;
-    node.ip(&["link", "set", &host_if, "up"])?;
-    ext.ip(&["link", "set", "up0", "up"])?;
-    ext.ip(&["link", "set", "lo", "up"])?;
-    for (i, a) in [API, ADS, IMG, EDGE, SHORT].iter().enumerate() {
-        ext.ip(&[
-            "addr",
-            "add",
-            &format!("{a}/{}", if i == 0 { 24 } else { 32 }),
-            "dev",
-            "up0",
-        ])?;
-    }
-    ext.ip(&["route", "add", "default", "via", &EXT_GW.to_string()])?;
-    tcp_echo_server(&ext, PORT)?;
-    Ok(ext)
+    let l = lookup_and_connect(ns, DNS, name, tcp, PORT)?;
+    Ok((l.addresses, l.connected))
 }
 
 fn metric(text: &str, series: &str) -> u64 {
@@ -291,8 +121,8 @@ fn domain_names_are_learned_before_the_answer_reaches_the_pod() -> Result<()> {
     for ip in [CLIENT, DNS, LAB] {
         node.add_pod(ip)?;
     }
-    let _ext = external(&node.ns)?;
-    dns_server(&node.pods[1].ns)?;
+    let _ext = external(&node.ns, EXT_GW, &[API, ADS, IMG, EDGE, SHORT], PORT)?;
+    dns_server(&node.pods[1].ns, RECORDS)?;
     let mut agent = scratch.agent(&node.ns, &["--metrics-addr", METRICS, "--dns-min-ttl", "1"])?;
     agent.register("shop", "client", &node.pods[0])?;
     agent.register("kube-system", "coredns", &node.pods[1])?;
