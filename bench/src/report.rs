@@ -1147,7 +1147,7 @@ fn dns_targets(d: Option<&crate::dns::DnsCost>, out: &mut Vec<Target>) {
                 metric: m2,
                 target: t2,
                 measured: format!("{} of {}", d.dropped, d.lookups),
-                met: Some(d.dropped <= DROPPED_MAX && d.lookups >= 1000),
+                met: Some(d.dropped == DROPPED_MAX && d.lookups >= 1000),
             });
         }
         None => {
