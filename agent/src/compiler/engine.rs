@@ -152,6 +152,12 @@ pub struct Engine {
     labels: HashMap<u32, LabelEntry>,
     /// Prefix -> number of accepted rules' block prefixes naming it.
     cidr_refs: HashMap<IpNetwork, usize>,
+    /// While a policy is replaced: prefixes whose last reference its old
+    /// rules dropped, settled after its new rules are in. A prefix the new
+    /// rules keep keeps its CIDR identity (and so its kernel entries):
+    /// replacing the hidden addresses policy for one more learned address
+    /// rewrites one address, not all of them.
+    deferred_cidrs: Option<Vec<IpNetwork>>,
     /// Pod addresses that need a CIDR identity of their own.
     addr_need: HashSet<Ipv4Addr>,
     addr_need6: HashSet<Ipv6Addr>,
@@ -251,6 +257,7 @@ impl Engine {
             label_ids: HashMap::new(),
             labels: HashMap::new(),
             cidr_refs: HashMap::new(),
+            deferred_cidrs: None,
             addr_need: HashSet::new(),
             addr_need6: HashSet::new(),
             cidr_ids: HashMap::from(worlds()),
@@ -1261,6 +1268,7 @@ impl Engine {
         // Whether the namespace's endpoints without pods are held closed
         // may change with its first or last policy.
         self.dirty_unknown_endpoints(Some(&key.namespace));
+        self.deferred_cidrs = Some(Vec::new());
         for c in self.rule_cookies.remove(&key).unwrap_or_default() {
             let st = self.drop_rule(c);
             reuse.insert(st.rule_ref, c);
@@ -1299,6 +1307,9 @@ impl Engine {
                 self.add_rule(c, &key, rr, r.clone());
             }
             self.rule_cookies.insert(key.clone(), cookies);
+        }
+        for net in self.deferred_cidrs.take().unwrap_or_default() {
+            self.refresh_cidr(net);
         }
         for (_, c) in reuse {
             self.view.cookies.remove(&c);
@@ -1440,7 +1451,10 @@ impl Engine {
             if *n == 0 {
                 self.cidr_refs.remove(&net);
             }
-            self.refresh_cidr(net);
+            match self.deferred_cidrs.as_mut() {
+                Some(d) => d.push(net),
+                None => self.refresh_cidr(net),
+            }
         }
         st
     }

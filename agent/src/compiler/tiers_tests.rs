@@ -1049,3 +1049,57 @@ fn domain_peers_follow_the_learned_addresses() {
     assert!(!snoops(&e));
     assert!(!allowed(&e, [192, 0, 2, 30], 443));
 }
+
+/// One more learned address writes its own entries, not every learned
+/// address's again: the hidden addresses policy is replaced, but the
+/// prefixes it keeps keep their CIDR identities.
+#[test]
+fn one_more_learned_address_touches_only_its_own_entries() {
+    use crate::change::Change;
+    let mut e = crate::compiler::Engine::new(false, Vec::new());
+    for (i, ns) in ["shop", "lab"].iter().enumerate() {
+        let ip = Ipv4Addr::new(10, 0, 0, 2 + i as u8);
+        e.apply(Change::Pod(
+            Pod {
+                namespace: ns.to_string(),
+                name: "c".into(),
+                labels: labels(&[]),
+                ip: Some(ip),
+                ipv6: None,
+                host_network: false,
+                ports: Vec::new(),
+            }
+            .into(),
+        ));
+        e.add_endpoint(LocalEndpoint {
+            key: ObjectKey::new(ns, "c"),
+            endpoint_id: 1 + i as u32,
+            ifindex: 7 + i as u32,
+            host_ifname: "v".into(),
+            ipv4: ip,
+            ipv6: None,
+            container_id: format!("c{i}"),
+            mac: [0; 6],
+        });
+    }
+    let y = "metadata: {name: names}\nspec: {tier: Admin, priority: 1, subject: {namespaces: {matchLabels: {kubernetes.io/metadata.name: shop}}}, egress: [{name: partners, action: Accept, to: [{domainNames: ['*.cdn.example']}], protocols: [{tcp: {destinationPort: {number: 443}}}]}, {name: rest, action: Deny, to: [{networks: [0.0.0.0/0]}]}]}";
+    let c: ClusterNetworkPolicy = serde_yaml::from_str(y).unwrap();
+    e.apply(Change::ClusterPolicy(std::sync::Arc::new(c)));
+    let mut learned = std::collections::BTreeMap::new();
+    for i in 1..=60u8 {
+        learned.insert(
+            format!("h{i}.cdn.example"),
+            vec![std::net::IpAddr::V4(Ipv4Addr::new(10, 201, 0, i))],
+        );
+        e.set_learned(learned.clone());
+        let t = e.take_touched();
+        if i > 1 {
+            assert_eq!(t.ipcache.len(), 1, "address {i}");
+            assert!(
+                t.policy.len() <= 2,
+                "address {i}: {} policy keys",
+                t.policy.len()
+            );
+        }
+    }
+}
