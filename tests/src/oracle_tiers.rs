@@ -31,12 +31,12 @@
 //!   `destinationNamedPort` resolved on the destination pod (ingress: the
 //!   subject; egress: the peer, if it is a pod) to its container port of
 //!   that name, whose protocol must be the packet's.
-//! * A `domainNames` peer is not understood here (issue 16): its rule fails
-//!   closed: an Accept matches nothing, a Deny or a Pass matches everything
-//!   and denies (project decision: a Pass that cannot be judged must not
-//!   hand the connection to a more permissive tier).
-//! * An object the CRD's validation refuses (here: a priority above 1000)
-//!   does nothing.
+//! * A `domainNames` peer (issue 16) matches the addresses learned from
+//!   DNS answers for its names; these clusters resolve no names, so it
+//!   matches nothing. The API allows it only in Accept rules: an object
+//!   with one in a Deny or a Pass rule is refused.
+//! * An object the CRD's validation refuses (here: a priority above 1000,
+//!   `domainNames` outside an Accept rule) does nothing.
 use std::net::Ipv4Addr;
 
 use palisade_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
@@ -223,6 +223,10 @@ impl CPolicy {
     /// What the CRD's validation refuses, of what the generator makes.
     pub fn invalid(&self) -> bool {
         self.priority > 1000
+            || self.ingress.iter().chain(&self.egress).any(|r| {
+                r.action != Action::Accept
+                    && r.peers.iter().any(|p| matches!(p, CPeer::DomainNames(_)))
+            })
     }
 }
 
@@ -286,9 +290,6 @@ impl TieredCluster {
 
     /// Does `r` match `flow` (a rule of the flow's direction)?
     fn rule_matches(&self, r: &CRule, flow: &Flow) -> bool {
-        if r.peers.iter().any(|p| matches!(p, CPeer::DomainNames(_))) {
-            return r.action != Action::Accept;
-        }
         if !r.peers.iter().any(|p| self.peer_matches(p, flow.peer)) {
             return false;
         }
@@ -333,9 +334,8 @@ impl TieredCluster {
                     continue;
                 }
                 let at = format!("{}[{}] {:?}", p.name, i, tier);
-                let unknown = r.peers.iter().any(|x| matches!(x, CPeer::DomainNames(_)));
                 return match r.action {
-                    Action::Pass if !unknown => {
+                    Action::Pass => {
                         passed.push(at);
                         None
                     }
