@@ -37,7 +37,7 @@ K8S_VERSIONS = ["1.30", "1.35", "1.37"]
 
 NAMESPACE = "palisade-system"
 SERVICE_ACCOUNT = "palisade-agent"
-AGENT_CAPS = {"BPF", "NET_ADMIN", "PERFMON"}
+AGENT_CAPS = {"BPF", "NET_ADMIN", "PERFMON", "NET_RAW"}
 METRICS_PORT = 9962
 CNI_MODES = {"standalone", "chained-flannel"}
 CONFLIST_NAME = "05-palisade.conflist"
