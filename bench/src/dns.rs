@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use palisade_api::{call, Registration, Request, Response};
 use palisade_tests::{
     agent::write_manifest,
-    fqdn::{dns_server, lookup_and_connect, Rec, Zone},
+    fqdn::{dns_server, lookup_and_connect, Rec, Zone, NAMESPACES},
     tcp_echo_server, NetNs, Node,
 };
 use serde::Serialize;
@@ -38,18 +38,6 @@ const EXT_NET: &str = "10.201.0.0/20";
 const PORT: u16 = 443;
 
 const CLUSTER: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: shop}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: lab}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: kube-system}
----
 apiVersion: v1
 kind: Pod
 metadata: {name: client, namespace: shop}
@@ -197,6 +185,7 @@ pub fn run(plan: &Plan) -> Result<DnsCost> {
     let dir = TempDir::new("palisade-bench-dns-")?;
     let manifests = dir.path().join("manifests");
     std::fs::create_dir_all(&manifests)?;
+    write_manifest(&manifests, "namespaces.yaml", NAMESPACES)?;
     write_manifest(&manifests, "cluster.yaml", CLUSTER)?;
     let mut node = Node::new(GW)?;
     for ip in [SUBJECT, DNS, PLAIN] {

@@ -14,6 +14,22 @@ use simple_dns::{
 
 use crate::{tcp_echo_server, unique, NetNs};
 
+/// The namespaces of the tests' and the bench's clusters: `shop` (subject
+/// of the domain rules), `lab` (not), `kube-system` (the DNS pod).
+pub const NAMESPACES: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: lab}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: kube-system}
+"#;
+
 /// A zone: (name, TTL, record).
 pub type Zone = &'static [(&'static str, u32, Rec)];
 

@@ -38,18 +38,6 @@ const RECORDS: Zone = &[
 
 const CLUSTER: &str = r#"
 apiVersion: v1
-kind: Namespace
-metadata: {name: shop}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: lab}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: kube-system}
----
-apiVersion: v1
 kind: Pod
 metadata: {name: client, namespace: shop, labels: {app: client}}
 spec: {containers: [{name: c}]}
@@ -115,7 +103,11 @@ fn domain_names_are_learned_before_the_answer_reaches_the_pod() -> Result<()> {
     }
     let scratch = Scratch::new(
         "palisade-fqdn-",
-        &[("cluster.yaml", CLUSTER), ("policies.yaml", POLICIES)],
+        &[
+            ("namespaces.yaml", NAMESPACES),
+            ("cluster.yaml", CLUSTER),
+            ("policies.yaml", POLICIES),
+        ],
     )?;
     let mut node = Node::new(GW)?;
     for ip in [CLIENT, DNS, LAB] {

@@ -65,20 +65,7 @@ impl HeldReader {
     /// Block up to `timeout` for a record; true when woken (every held
     /// record wakes the reader).
     pub fn wait(&self, timeout: Duration) -> bool {
-        let mut pfd = libc::pollfd {
-            fd: self.ring.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        let n = unsafe {
-            libc::poll(
-                &mut pfd,
-                1,
-                timeout.as_millis().min(i32::MAX as u128) as i32,
-            )
-        };
-        n > 0
+        crate::events::readable(self.ring.as_raw_fd(), timeout)
     }
 
     pub fn fd(&self) -> RawFd {

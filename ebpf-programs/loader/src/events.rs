@@ -45,20 +45,7 @@ impl EventReader {
     /// readers only once a backlog builds up, so drain after every wait,
     /// woken or not.
     pub fn wait(&self, timeout: Duration) -> bool {
-        let mut pfd = libc::pollfd {
-            fd: self.ring.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        let n = unsafe {
-            libc::poll(
-                &mut pfd,
-                1,
-                timeout.as_millis().min(i32::MAX as u128) as i32,
-            )
-        };
-        n > 0
+        readable(self.ring.as_raw_fd(), timeout)
     }
 
     /// The first event for which `pred` holds, waiting up to `timeout`;
@@ -89,4 +76,22 @@ impl EventReader {
     pub fn into_inner(self) -> RingBuf<MapData> {
         self.ring
     }
+}
+
+/// Blocks up to `timeout` until `fd` is readable; whether it is.
+pub(crate) fn readable(fd: RawFd, timeout: Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let n = unsafe {
+        libc::poll(
+            &mut pfd,
+            1,
+            timeout.as_millis().min(i32::MAX as u128) as i32,
+        )
+    };
+    n > 0
 }
