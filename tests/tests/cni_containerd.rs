@@ -776,7 +776,7 @@ impl ImageAgent {
             linux: Some(LinuxContainerConfig {
                 security_context: Some(LinuxContainerSecurityContext {
                     capabilities: Some(Capability {
-                        add_capabilities: ["BPF", "NET_ADMIN", "PERFMON"]
+                        add_capabilities: ["BPF", "NET_ADMIN", "PERFMON", "NET_RAW"]
                             .map(String::from)
                             .to_vec(),
                         drop_capabilities: vec!["ALL".into()],
@@ -825,7 +825,7 @@ impl ImageAgent {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        // Exactly the three capabilities, no privilege escalation.
+        // Exactly the DaemonSet's four capabilities, no privilege escalation.
         let st = c
             .container_status(ContainerStatusRequest {
                 container_id: id,
@@ -845,9 +845,13 @@ impl ImageAgent {
                 .unwrap_or_default()
         };
         const CAP_NET_ADMIN: u32 = 12;
+        const CAP_NET_RAW: u32 = 13;
         const CAP_PERFMON: u32 = 38;
         const CAP_BPF: u32 = 39;
-        let want = (1u64 << CAP_NET_ADMIN) | (1 << CAP_PERFMON) | (1 << CAP_BPF);
+        let want = (1u64 << CAP_NET_ADMIN)
+            | (1 << CAP_NET_RAW)
+            | (1 << CAP_PERFMON)
+            | (1 << CAP_BPF);
         let eff = u64::from_str_radix(&field("CapEff:"), 16)?;
         let bnd = u64::from_str_radix(&field("CapBnd:"), 16)?;
         ensure!(
