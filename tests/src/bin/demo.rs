@@ -45,6 +45,10 @@ cluster:
       name: coredns
       labels: {k8s-app: kube-dns}
       ports: [{port: 53, protocol: UDP, name: dns}, {port: 53, protocol: TCP, name: dns-tcp}]
+  dns: {namespace: kube-system, name: coredns, labels: {k8s-app: kube-dns}}
+  external:
+    - {name: api.partner.example, address: 192.0.2.10, ports: [{port: 443, protocol: TCP}]}
+    - {name: tracker.example, address: 192.0.2.20, ports: [{port: 443, protocol: TCP}]}
 steps:
   - {}
   - apply:
@@ -158,6 +162,22 @@ steps:
           egress:
             - to: [{podSelector: {matchLabels: {tier: database}}}]
               ports: [{protocol: TCP, port: 5432}]
+  - apply:
+      - apiVersion: policy.networking.k8s.io/v1alpha2
+        kind: ClusterNetworkPolicy
+        metadata: {name: frontend-egress-allow-list}
+        spec:
+          tier: Admin
+          priority: 20
+          subject:
+            pods:
+              namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: app}}
+              podSelector: {matchLabels: {tier: frontend}}
+          egress:
+            - name: partner-api
+              action: Accept
+              to: [{domainNames: [api.partner.example]}]
+              protocols: [{tcp: {destinationPort: {number: 443}}}]
 "#;
 
 /// What each step means, and the matrix NetworkPolicy semantics require
@@ -168,7 +188,7 @@ struct Narration {
     expect: &'static str,
 }
 
-const NARRATION: [Narration; 5] = [
+const NARRATION: [Narration; 6] = [
     Narration {
         title: "no NetworkPolicy: the flat network",
         lines: &["Kubernetes starts open: every pod reaches every port of every other pod."],
@@ -247,6 +267,24 @@ const NARRATION: [Narration; 5] = [
             X X X . .
             X X X - -",
     },
+    Narration {
+        title: "egress allow-list by domain name: tier=frontend may reach api.partner.example, nothing else outside",
+        lines: &[
+            "+ ClusterNetworkPolicy/frontend-egress-allow-list  Admin: tier=frontend of app may reach",
+            "  domainNames [api.partner.example] on TCP 443",
+            "Outside the cluster: api.partner.example (192.0.2.10) and tracker.example (192.0.2.20), both",
+            "served by kube-dns. The agent learns the name's addresses from kube-dns's answers to the pods the",
+            "rule selects (the answer is held until they are programmed): the first connection passes. The",
+            "frontend's NetworkPolicy already isolates its egress, so every other address outside stays closed.",
+        ],
+        expect: "
+            - . X . .
+            X - . . .
+            X X - . .
+            X . X . .
+            X X X . .
+            X X X - -",
+    },
 ];
 
 const SOURCES: [&str; 6] = [
@@ -275,10 +313,19 @@ const DNS_CLIENT: &str = "app/frontend";
 const DNS_NAME: &str = "backend";
 /// One per step; the cluster-wide step keeps app's DNS allowance (its
 /// NetworkPolicy decides before Baseline, which allows DNS too).
-const DNS_EXPECT: [bool; 5] = [true, false, true, true, true];
+const DNS_EXPECT: [bool; 6] = [true, false, true, true, true, true];
 // A step without its DNS expectation panicked the demo once (a merge added
 // a step): the lengths must agree at compile time.
 const _: () = assert!(DNS_EXPECT.len() == NARRATION.len());
+/// The last step: DNS_CLIENT resolves each external name through kube-dns
+/// and connects to the address it got on DOMAIN_PORT/TCP at once; whether
+/// the allow-list lets that connection through, and the rule that must.
+const DOMAIN_STEP: usize = 5;
+const DOMAIN_PORT: u16 = 443;
+const DOMAIN_EXPECT: [(&str, bool); 2] =
+    [("api.partner.example", true), ("tracker.example", false)];
+const DOMAIN_RULE: &str = "ClusterNetworkPolicy/frontend-egress-allow-list rule partner-api";
+const _: () = assert!(DOMAIN_STEP < NARRATION.len());
 /// The resolver configuration a kubelet writes for a pod of `app` (one
 /// search domain and short timeouts keep the blocked step short).
 const RESOLV_CONF: &str =
@@ -324,6 +371,198 @@ fn resolve(netns: &Path, resolv: &Path, name: &str) -> Result<Option<Ipv4Addr>> 
         .split_whitespace()
         .next()
         .and_then(|a| a.parse().ok()))
+}
+
+/// The last step's own checks (DOMAIN_EXPECT): each name resolved through
+/// the kube-dns ClusterIP and connected to at once from DNS_CLIENT, each
+/// outcome explained by its flow record, then what the agent says about
+/// the name (`palisade-agent trace --to-domain`, the learned names of
+/// `palisade-agent status`). False when anything differs from what the
+/// allow-list requires.
+fn domain_step(live: &Live, case: &Case, tools: &Tools, style: &Style) -> Result<bool> {
+    let mut ok = true;
+    let client = live.cluster.pod(DNS_CLIENT).context("the DNS client pod")?;
+    let client_ip = live.ip(DNS_CLIENT);
+    let mut tails: Vec<Tail> = live
+        .cluster
+        .flow_logs()
+        .iter()
+        .map(|f| Tail::new(f))
+        .collect();
+    let jobs: Vec<probe::Job> = DOMAIN_EXPECT
+        .iter()
+        .map(|(name, _)| probe::Job {
+            src_netns: client.netns_path(),
+            dst: Ipv4Addr::UNSPECIFIED.into(),
+            port: DOMAIN_PORT,
+            protocol: Protocol::Tcp,
+            resolve: Some(probe::Resolve {
+                name: name.to_string(),
+                server: KUBE_DNS_IP.into(),
+                qtype: dns::TYPE_A,
+            }),
+        })
+        .collect();
+    let t = Instant::now();
+    let outcomes = probe::run_all_detailed(&jobs, jobs.len())?;
+    let took = t.elapsed();
+    // Where each name should lead (the story's external hosts).
+    let hosts: Vec<Ipv4Addr> = DOMAIN_EXPECT
+        .iter()
+        .map(|(name, _)| {
+            case.externals
+                .host(name)
+                .map(|(a, _)| a)
+                .with_context(|| format!("{name}: not an external host of the story"))
+        })
+        .collect::<Result<_>>()?;
+    let record = |fs: &[Flow], a: Ipv4Addr| -> Option<Flow> {
+        fs.iter()
+            .find(|f| {
+                f.direction == "egress"
+                    && f.is(client_ip, a, DOMAIN_PORT, "TCP")
+                    && (f.verdict == "DROP" || !f.policies.is_empty())
+            })
+            .cloned()
+    };
+    let mut flows = Vec::new();
+    for tail in &mut tails {
+        flows.extend(tail.gather(Duration::from_millis(1500), |fs| {
+            hosts.iter().all(|a| record(fs, *a).is_some())
+        }));
+    }
+    println!();
+    println!(
+        "  Egress by domain name: {DNS_CLIENT} resolves each name through {KUBE_DNS} {KUBE_DNS_IP}:53 and connects at once to {DOMAIN_PORT}/TCP ({:.1} s):",
+        took.as_secs_f64()
+    );
+    for (((name, want), (passed, got)), host) in DOMAIN_EXPECT.iter().zip(&outcomes).zip(&hosts) {
+        let verdict = if *passed { "pass" } else { "DROP" };
+        match got {
+            Ok(a) => println!("    {name} -> {a}, connect: {}", style.cell(verdict)),
+            Err(e) => println!("    {name}: {e}"),
+        }
+        if got.as_ref().ok() != Some(&std::net::IpAddr::from(*host)) {
+            ok = false;
+            println!(
+                "    {} {name}: kube-dns must answer {host} (the frontend's NetworkPolicy allows DNS)",
+                style.paint("1;31", "✗")
+            );
+            continue;
+        }
+        match record(&flows, *host) {
+            Some(f) => {
+                let colour = if f.verdict == "ALLOW" { "32" } else { "31" };
+                let domains = if f.domains.is_empty() {
+                    String::new()
+                } else {
+                    format!(" domain: {}", f.domains.join(", "))
+                };
+                println!(
+                    "      {}",
+                    style.paint(colour, &format!("{}{domains}", f.describe()))
+                );
+                // An allowed connection: the record names the rule and the name.
+                if *want
+                    && f.verdict == "ALLOW"
+                    && !(f.domains.iter().any(|d| d == name)
+                        && f.policies.iter().any(|p| p.contains(DOMAIN_RULE)))
+                {
+                    ok = false;
+                    println!(
+                        "    {} the ALLOW record must name {DOMAIN_RULE} and domain {name}",
+                        style.paint("1;31", "✗")
+                    );
+                }
+            }
+            None => {
+                ok = false;
+                println!("      no flow record of {DNS_CLIENT} -> {host}:{DOMAIN_PORT} TCP reached the flow log");
+            }
+        }
+        if passed != want {
+            ok = false;
+            println!(
+                "    {} {DNS_CLIENT} -> {name}:{DOMAIN_PORT} TCP: the allow-list requires {}, saw {verdict}",
+                style.paint("1;31", "✗"),
+                if *want { "pass" } else { "DROP" },
+            );
+        }
+    }
+
+    // What the agent says about the name: on the client's node.
+    let node = &live.cluster.nodes[client.node];
+    let socket = &node.agent.as_ref().expect("running").socket;
+    let allowed = DOMAIN_EXPECT
+        .iter()
+        .find(|(_, w)| *w)
+        .map(|(n, _)| *n)
+        .context("an allowed name")?;
+    let port = format!("{DOMAIN_PORT}/TCP");
+    let args = [
+        "trace",
+        "--from",
+        DNS_CLIENT,
+        "--to-domain",
+        allowed,
+        "--port",
+        &port,
+    ];
+    println!();
+    println!("  $ palisade-agent {}", args.join(" "));
+    let out = Command::new(&tools.agent)
+        .args(args)
+        .arg("--socket")
+        .arg(socket)
+        .output()
+        .context("running palisade-agent trace")?;
+    for l in String::from_utf8_lossy(&out.stdout).lines() {
+        println!("    {l}");
+    }
+    if !out.status.success() {
+        ok = false;
+        println!(
+            "    {} palisade-agent trace: {} (the allow-list allows it) {}",
+            style.paint("1;31", "✗"),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    println!();
+    println!("  $ palisade-agent status   (its learned names)");
+    let status = status_output(&tools.agent, socket)?;
+    let learned: Vec<&str> = status
+        .lines()
+        .skip_while(|l| !l.starts_with("LEARNED DOMAIN NAMES"))
+        .take_while(|l| !l.trim().is_empty())
+        .collect();
+    for l in &learned {
+        println!("    {l}");
+    }
+    // Learned: the names a rule names, once a selected pod resolved them.
+    for (name, want) in DOMAIN_EXPECT {
+        let listed = learned
+            .iter()
+            .skip(1)
+            .any(|l| l.split_whitespace().next() == Some(name));
+        if listed != want {
+            ok = false;
+            println!(
+                "    {} {name}: {} in the status's learned names",
+                style.paint("1;31", "✗"),
+                if want { "missing" } else { "unexpected" }
+            );
+        }
+    }
+    if ok {
+        println!();
+        println!(
+            "  {} by name exactly what the allow-list requires: {} reached, everything else outside dropped",
+            style.paint("32", "✓"),
+            allowed
+        );
+    }
+    Ok(ok)
 }
 
 struct Style {
@@ -771,6 +1010,9 @@ fn run(style: &Style) -> Result<bool> {
                 for w in wrong {
                     println!("    {w}");
                 }
+            }
+            if i == DOMAIN_STEP && !domain_step(&live, &case, &tools, style)? {
+                all_ok = false;
             }
         }
 

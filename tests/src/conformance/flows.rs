@@ -81,6 +81,10 @@ pub struct Flow {
     /// The node whose agent recorded it (several nodes).
     #[serde(default)]
     pub node: Option<String>,
+    /// Egress by domain name: the names learned for the destination
+    /// address that the deciding rule allows.
+    #[serde(default)]
+    pub domains: Vec<String>,
 }
 
 impl Flow {

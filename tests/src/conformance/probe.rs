@@ -441,7 +441,7 @@ impl Sock {
                     // demo serves names (`dns`); else the echo the probes
                     // wait for.
                     let a = match zone {
-                        Some(z) => z.answer(&buf[..n]),
+                        Some(z) => super::dns::respond_merged(z, &buf[..n], super::dns::UDP_MAX),
                         None => super::dns::answer(&buf[..n]),
                     };
                     match a {
