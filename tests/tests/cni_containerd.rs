@@ -848,10 +848,8 @@ impl ImageAgent {
         const CAP_NET_RAW: u32 = 13;
         const CAP_PERFMON: u32 = 38;
         const CAP_BPF: u32 = 39;
-        let want = (1u64 << CAP_NET_ADMIN)
-            | (1 << CAP_NET_RAW)
-            | (1 << CAP_PERFMON)
-            | (1 << CAP_BPF);
+        let want =
+            (1u64 << CAP_NET_ADMIN) | (1 << CAP_NET_RAW) | (1 << CAP_PERFMON) | (1 << CAP_BPF);
         let eff = u64::from_str_radix(&field("CapEff:"), 16)?;
         let bnd = u64::from_str_radix(&field("CapBnd:"), 16)?;
         ensure!(
