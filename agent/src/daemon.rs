@@ -203,7 +203,6 @@ pub struct Agent {
     cluster_dns: crate::fqdn::rules::ClusterDns,
     /// `DNS_SERVERS` (None: no kernel, e.g. tests on the memory dataplane).
     dns_servers: Option<palisade_dataplane::dns::DnsServers>,
-    dns_servers_now: crate::fqdn::rules::Servers,
     learned: Option<crate::fqdn::snoop::SharedCache>,
 }
 
@@ -276,7 +275,6 @@ impl Agent {
             fqdn_rules: Default::default(),
             cluster_dns: cfg.dns.cluster_dns.clone(),
             dns_servers: None,
-            dns_servers_now: Default::default(),
             learned: None,
         };
         if cfg.routing != crate::routing::Mode::None {
@@ -517,8 +515,6 @@ impl Agent {
     /// Writes `DNS_SERVERS` from then on (the kernel's, opened by the
     /// caller from the pins).
     pub fn set_dns_servers(&mut self, m: palisade_dataplane::dns::DnsServers) {
-        let (v4, v6) = m.read();
-        self.dns_servers_now = crate::fqdn::rules::Servers { v4, v6 };
         self.dns_servers = Some(m);
         self.refresh_fqdn();
     }
@@ -530,32 +526,23 @@ impl Agent {
         let model = self.engine.model();
         let rules = crate::fqdn::rules::rules(model);
         let active = !rules.is_empty();
-        {
-            let mut r = self.fqdn_rules.write().unwrap_or_else(|p| p.into_inner());
-            if *r != rules {
-                *r = rules;
-            }
-        }
-        if let Some(m) = self.dns_servers.as_mut() {
-            if m.active() != active {
-                if let Err(e) = m.set_active(active) {
-                    error!("switching DNS answer holding: {e}");
-                }
-            }
-        }
-        let want = crate::fqdn::rules::servers(
-            model,
-            &self.cluster_dns,
-            &self.resolved_services.frontends,
-        );
-        if want == self.dns_servers_now {
+        *self.fqdn_rules.write().unwrap_or_else(|p| p.into_inner()) = rules;
+        let Some(m) = self.dns_servers.as_mut() else {
             return;
-        }
-        if let Some(m) = self.dns_servers.as_mut() {
-            match m.set(&want.v4, &want.v6) {
-                Ok(()) => self.dns_servers_now = want,
-                Err(e) => error!("writing the cluster DNS servers: {e}"),
-            }
+        };
+        // Where answers come from matters only while some are held (the
+        // programs check `DNS_ACTIVE` first): no walk over every pod after
+        // each sync on a node without domain rules.
+        let want = if active {
+            crate::fqdn::rules::servers(model, &self.cluster_dns, &self.resolved_services.frontends)
+        } else {
+            Default::default()
+        };
+        let r = m
+            .set(&want.v4, &want.v6)
+            .and_then(|()| m.set_active(active));
+        if let Err(e) = r {
+            error!("writing the cluster DNS servers: {e}");
         }
     }
 

@@ -420,14 +420,15 @@ async fn read_events(
             let mut rec = flowlog::record(&v, e);
             flowlog::name_service(&mut rec, e, &svcs);
             if rec.direction == "egress" {
-                let c = learned.lock().unwrap_or_else(|p| p.into_inner());
-                if !c.is_empty() {
-                    rec.domains = c
-                        .names_of(rec.dst.ip)
-                        .into_iter()
-                        .map(str::to_string)
-                        .collect();
-                }
+                // Held only for the lookup: the DNS task takes this lock
+                // with an answer held.
+                rec.domains = learned
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .names_of(rec.dst.ip)
+                    .into_iter()
+                    .map(str::to_string)
+                    .collect();
             }
             let Ok(line) = serde_json::to_string(&rec) else {
                 continue;

@@ -48,8 +48,13 @@ pub enum Learned {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cache {
     names: BTreeMap<String, BTreeMap<IpAddr, u64>>,
+    /// Addresses held over all names.
     #[serde(skip)]
     total: usize,
+    /// address -> the names it was learned for: every egress flow record
+    /// asks (`names_of`), so it is one lookup, not a walk over the names.
+    #[serde(skip)]
+    by_addr: std::collections::HashMap<IpAddr, std::collections::BTreeSet<String>>,
 }
 
 impl Cache {
@@ -89,10 +94,20 @@ impl Cache {
                 .expect("not empty");
             addrs.remove(&first);
             self.total -= 1;
+            if let Some(n) = self.by_addr.get_mut(&first) {
+                n.remove(name);
+                if n.is_empty() {
+                    self.by_addr.remove(&first);
+                }
+            }
             r = Learned::Evicted;
         }
         addrs.insert(addr, expiry);
         self.total += 1;
+        self.by_addr
+            .entry(addr)
+            .or_default()
+            .insert(name.to_string());
         r
     }
 
@@ -129,6 +144,12 @@ impl Cache {
 
     fn recount(&mut self) {
         self.total = self.names.values().map(BTreeMap::len).sum();
+        self.by_addr.clear();
+        for (n, addrs) in &self.names {
+            for a in addrs.keys() {
+                self.by_addr.entry(*a).or_default().insert(n.clone());
+            }
+        }
     }
 
     /// Whether anything expires by `now_ms`.
@@ -154,11 +175,10 @@ impl Cache {
 
     /// The names `addr` was learned for.
     pub fn names_of(&self, addr: IpAddr) -> Vec<&str> {
-        self.names
-            .iter()
-            .filter(|(_, a)| a.contains_key(&addr))
-            .map(|(n, _)| n.as_str())
-            .collect()
+        self.by_addr
+            .get(&addr)
+            .map(|n| n.iter().map(String::as_str).collect())
+            .unwrap_or_default()
     }
 
     pub fn len(&self) -> usize {
@@ -260,6 +280,9 @@ mod tests {
         );
         assert!(!c.addresses().contains_key("c.example"));
         assert_eq!(c.len(), 3);
+        assert!(c.names_of(ip("192.0.2.1")).is_empty(), "evicted");
+        assert!(c.names_of(ip("192.0.2.8")).is_empty(), "refused");
+        assert_eq!(c.names_of(ip("192.0.2.3")), ["churn.example"]);
     }
 
     #[test]
@@ -285,6 +308,12 @@ mod tests {
         let back = Cache::load(&path, 50_000);
         assert_eq!(back.addresses().keys().collect::<Vec<_>>(), ["b.example"]);
         assert_eq!(back.len(), 1);
+        assert_eq!(
+            back.names_of(ip("192.0.2.2")),
+            ["b.example"],
+            "indexed on load"
+        );
+        assert!(back.names_of(ip("192.0.2.1")).is_empty());
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

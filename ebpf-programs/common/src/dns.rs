@@ -5,7 +5,7 @@
 //! to-pod program copies each UDP datagram, and each TCP segment with
 //! payload, that comes from a cluster DNS server (`DNS_SERVERS`: its pods'
 //! and Services' address, port and protocol, written by the agent) into
-//! `DNS_HELD` and steals it. The agent parses the copy, programs what it
+//! `DNS_HELD` and drops it. The agent parses the copy, programs what it
 //! learned, then sends the frame to the pod itself (an AF_PACKET socket
 //! that bypasses tc, so the frame is not held twice). A frame the ring
 //! cannot take, or too large to copy, goes on unheld and is counted: the

@@ -1,6 +1,6 @@
 //! Holding DNS answers for the agent (`palisade_common::dns`): a frame to
 //! a pod with domain rules from a cluster DNS server is copied into
-//! `DNS_HELD` and stolen; the agent sends it on once it has programmed
+//! `DNS_HELD` and dropped; the agent sends the copy on once it has programmed
 //! the addresses in it. Checked at the top of the to-pod program, after
 //! the verdict, on the frame as the pod would get it (a Service reply is
 //! already translated back to its ClusterIP, which `DNS_SERVERS` lists
@@ -17,15 +17,14 @@ use crate::{headers::*, verdict::count, DNS_ACTIVE, DNS_HELD, DNS_SERVERS, DNS_S
 
 /// Whether the frame (to a pod, passed by the verdict, replies already
 /// translated back) is a DNS answer to hold; if so it is copied and the
-/// caller steals it. Frames to pods only pay an array read while no pod
+/// caller drops it. Frames to pods only pay an array read while no pod
 /// on the node has domain rules (`DNS_ACTIVE`), and a hash lookup per
 /// UDP or TCP packet while one has. A TCP segment without payload is
 /// never held: only the answer bytes matter.
 #[inline(always)]
 pub fn held(ctx: &TcContext) -> bool {
-    match DNS_ACTIVE.get(0) {
-        Some(v) if *v != 0 => {}
-        _ => return false,
+    if !active() {
+        return false;
     }
     let (start, end) = (ctx.data(), ctx.data_end());
     let Some(eth) = ptr_at::<EthHdr>(start, end, 0) else {
@@ -53,21 +52,15 @@ pub fn held(ctx: &TcContext) -> bool {
         return false;
     }
     let ihl = ((ver_ihl & 0x0f) as usize) * 4;
-    let Some(ports) = ptr_at::<PortsHdr>(start, end, ETH_HLEN + ihl) else {
+    let Some(sport_be) = answer_sport(
+        start,
+        end,
+        ETH_HLEN + ihl,
+        tot_len.saturating_sub(ihl),
+        protocol,
+    ) else {
         return false;
     };
-    if protocol == PROTO_TCP {
-        let Some(tcp) = ptr_at::<TcpHdr>(start, end, ETH_HLEN + ihl) else {
-            return false;
-        };
-        // SAFETY: bounds checked by ptr_at.
-        let doff = unsafe { ((*tcp).doff_res >> 4) as usize } * 4;
-        if tot_len <= ihl + doff {
-            return false;
-        }
-    }
-    // SAFETY: bounds checked by ptr_at.
-    let sport_be = unsafe { (*ports).sport_be };
     let k = DnsServerKey {
         addr: saddr,
         port_be: sport_be,
@@ -87,9 +80,8 @@ pub fn held(ctx: &TcContext) -> bool {
 /// 512-byte stack limit, and this runs after the verdict's chain returned.
 #[inline(never)]
 pub fn held6(ctx: &TcContext) -> bool {
-    match DNS_ACTIVE.get(0) {
-        Some(v) if *v != 0 => {}
-        _ => return false,
+    if !active() {
+        return false;
     }
     let (start, end) = (ctx.data(), ctx.data_end());
     let Some(ip) = ptr_at::<Ipv6Hdr>(start, end, ETH_HLEN) else {
@@ -106,24 +98,13 @@ pub fn held6(ctx: &TcContext) -> bool {
     if protocol != PROTO_UDP && protocol != PROTO_TCP {
         return false;
     }
-    let l4 = ETH_HLEN + IPV6_HLEN;
-    let Some(ports) = ptr_at::<PortsHdr>(start, end, l4) else {
+    let Some(sport_be) = answer_sport(start, end, ETH_HLEN + IPV6_HLEN, payload_len, protocol)
+    else {
         return false;
     };
-    if protocol == PROTO_TCP {
-        let Some(tcp) = ptr_at::<TcpHdr>(start, end, l4) else {
-            return false;
-        };
-        // SAFETY: bounds checked by ptr_at.
-        let doff = unsafe { ((*tcp).doff_res >> 4) as usize } * 4;
-        if payload_len <= doff {
-            return false;
-        }
-    }
     let k = DnsServerKey6 {
         addr: saddr,
-        // SAFETY: bounds checked by ptr_at.
-        port_be: unsafe { (*ports).sport_be },
+        port_be: sport_be,
         protocol,
         _pad: 0,
     };
@@ -132,6 +113,30 @@ pub fn held6(ctx: &TcContext) -> bool {
         return false;
     }
     copy(ctx)
+}
+
+/// Whether a pod of the node has domain rules (`DNS_ACTIVE`).
+#[inline(always)]
+fn active() -> bool {
+    DNS_ACTIVE.get(0).is_some_and(|v| *v != 0)
+}
+
+/// The source port of a UDP datagram, or of a TCP segment that carries
+/// payload, whose transport header starts `l4` bytes into the frame and
+/// whose transport bytes are `l4_len`; None for anything else.
+#[inline(always)]
+fn answer_sport(start: usize, end: usize, l4: usize, l4_len: usize, protocol: u8) -> Option<u16> {
+    let ports = ptr_at::<PortsHdr>(start, end, l4)?;
+    if protocol == PROTO_TCP {
+        let tcp = ptr_at::<TcpHdr>(start, end, l4)?;
+        // SAFETY: bounds checked by ptr_at.
+        let doff = unsafe { ((*tcp).doff_res >> 4) as usize } * 4;
+        if l4_len <= doff {
+            return None;
+        }
+    }
+    // SAFETY: bounds checked by ptr_at.
+    Some(unsafe { (*ports).sport_be })
 }
 
 /// The frame into `DNS_HELD` if its pod has domain rules; whether it was.

@@ -1,25 +1,20 @@
 //! The agent's side of held DNS answers (`palisade_common::dns`): the
 //! records of `DNS_HELD`, and the `DNS_SERVERS` set. Both opened from the
-//! pins, like `handles`, so the DNS task never waits on the agent's maps.
+//! pins (`handles::open`), so the DNS task never waits on the agent's maps.
 use std::{
     collections::BTreeSet,
     os::fd::{AsRawFd, RawFd},
     time::Duration,
 };
 
-use aya::maps::{HashMap, Map, MapData, RingBuf};
+use aya::maps::{Array, HashMap, MapData, RingBuf};
 use palisade_common::{
+    ct_budget::charged,
     dns::{DnsHeld, DnsServerKey, DnsServerKey6, HELD_DATA},
     maps as names,
 };
 
-use crate::{pins::Pins, Error};
-
-fn open(pins: &Pins, name: &'static str) -> Result<Map, Error> {
-    let err = |source| Error::Map { name, source };
-    let data = MapData::from_pin(pins.map(name)).map_err(err)?;
-    Map::from_map_data(data).map_err(err)
-}
+use crate::{handles::open, pins::Pins, Error};
 
 /// One held frame: the host veth it was leaving by, and its bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,12 +30,9 @@ pub struct HeldReader {
 
 impl HeldReader {
     pub fn open(pins: &Pins) -> Result<Self, Error> {
-        let ring =
-            RingBuf::try_from(open(pins, names::DNS_HELD)?).map_err(|source| Error::Map {
-                name: names::DNS_HELD,
-                source,
-            })?;
-        Ok(Self { ring })
+        Ok(Self {
+            ring: open(pins, names::DNS_HELD)?.0,
+        })
     }
 
     /// Everything held now, oldest first.
@@ -73,57 +65,48 @@ impl HeldReader {
     }
 }
 
-/// `DNS_SERVERS`, written as a whole set (added before removed), and
-/// `DNS_ACTIVE`.
+/// `DNS_SERVERS` and `DNS_SERVERS6`, written as whole sets, and
+/// `DNS_ACTIVE`. Holds what it wrote, so a set equal to the last one
+/// costs no system call (the agent sets them after every sync).
 pub struct DnsServers {
     map: HashMap<MapData, DnsServerKey, u8>,
     map6: HashMap<MapData, DnsServerKey6, u8>,
-    active: aya::maps::Array<MapData, u32>,
+    active: Array<MapData, u32>,
+    /// What the maps hold (read once when opened, then as written).
+    now: BTreeSet<DnsServerKey>,
+    now6: BTreeSet<DnsServerKey6>,
+    active_now: bool,
 }
 
 impl DnsServers {
     pub fn open(pins: &Pins) -> Result<Self, Error> {
-        let map =
-            HashMap::try_from(open(pins, names::DNS_SERVERS)?).map_err(|source| Error::Map {
-                name: names::DNS_SERVERS,
-                source,
-            })?;
-        let active =
-            aya::maps::Array::try_from(open(pins, names::DNS_ACTIVE)?).map_err(|source| {
-                Error::Map {
-                    name: names::DNS_ACTIVE,
-                    source,
-                }
-            })?;
-        let map6 =
-            HashMap::try_from(open(pins, names::DNS_SERVERS6)?).map_err(|source| Error::Map {
-                name: names::DNS_SERVERS6,
-                source,
-            })?;
-        Ok(Self { map, map6, active })
+        let (map, _): (HashMap<MapData, DnsServerKey, u8>, _) = open(pins, names::DNS_SERVERS)?;
+        let (map6, _): (HashMap<MapData, DnsServerKey6, u8>, _) = open(pins, names::DNS_SERVERS6)?;
+        let (active, _): (Array<MapData, u32>, _) = open(pins, names::DNS_ACTIVE)?;
+        Ok(Self {
+            now: map.keys().filter_map(Result::ok).collect(),
+            now6: map6.keys().filter_map(Result::ok).collect(),
+            active_now: active.get(&0, 0).is_ok_and(|v| v != 0),
+            map,
+            map6,
+            active,
+        })
     }
 
     /// Switches the to-pod program's hold check on (a pod of the node has
     /// domain rules) or off.
     pub fn set_active(&mut self, on: bool) -> Result<(), Error> {
+        if on == self.active_now {
+            return Ok(());
+        }
         self.active
             .set(0, on as u32, 0)
             .map_err(|source| Error::Map {
                 name: names::DNS_ACTIVE,
                 source,
-            })
-    }
-
-    pub fn active(&self) -> bool {
-        self.active.get(&0, 0).is_ok_and(|v| v != 0)
-    }
-
-    /// What the maps hold.
-    pub fn read(&self) -> (BTreeSet<DnsServerKey>, BTreeSet<DnsServerKey6>) {
-        (
-            self.map.keys().filter_map(Result::ok).collect(),
-            self.map6.keys().filter_map(Result::ok).collect(),
-        )
+            })?;
+        self.active_now = on;
+        Ok(())
     }
 
     /// Makes the maps hold exactly `want` and `want6`.
@@ -132,26 +115,32 @@ impl DnsServers {
         want: &BTreeSet<DnsServerKey>,
         want6: &BTreeSet<DnsServerKey6>,
     ) -> Result<(), Error> {
-        set_keys(&mut self.map, names::DNS_SERVERS, want)?;
-        set_keys(&mut self.map6, names::DNS_SERVERS6, want6)
+        set_keys(&mut self.map, &mut self.now, names::DNS_SERVERS, want)?;
+        set_keys(&mut self.map6, &mut self.now6, names::DNS_SERVERS6, want6)
     }
 }
 
+/// Writes the difference between `now` (what `map` holds) and `want`;
+/// `now` follows every write made.
 fn set_keys<K: aya::Pod + Ord>(
     map: &mut HashMap<MapData, K, u8>,
+    now: &mut BTreeSet<K>,
     name: &'static str,
     want: &BTreeSet<K>,
 ) -> Result<(), Error> {
     let err = |source| Error::Map { name, source };
-    let have: BTreeSet<K> = map.keys().filter_map(Result::ok).collect();
-    for k in want.difference(&have) {
+    let add: Vec<K> = want.difference(now).copied().collect();
+    let remove: Vec<K> = now.difference(want).copied().collect();
+    for k in add {
         map.insert(k, 1, 0).map_err(err)?;
+        now.insert(k);
     }
-    for k in have.difference(want) {
-        match map.remove(k) {
+    for k in remove {
+        match map.remove(&k) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
             Err(e) => return Err(err(e)),
         }
+        now.remove(&k);
     }
     Ok(())
 }
@@ -165,23 +154,19 @@ pub struct ConntrackPeers {
 
 impl ConntrackPeers {
     pub fn open(pins: &Pins) -> Result<Self, Error> {
-        let err = |name| move |source| Error::Map { name, source };
         Ok(Self {
-            v4: HashMap::try_from(open(pins, names::CONNTRACK)?).map_err(err(names::CONNTRACK))?,
-            v6: HashMap::try_from(open(pins, names::CONNTRACK6)?)
-                .map_err(err(names::CONNTRACK6))?,
+            v4: open(pins, names::CONNTRACK)?.0,
+            v6: open(pins, names::CONNTRACK6)?.0,
         })
     }
 
     /// Every address at either end of a connection open now: a live entry
-    /// (not past its expiry), and for TCP one not closing.
+    /// (not past its expiry), and for TCP one not closing (what a pod's
+    /// conntrack budget counts, `ct_budget::charged`).
     pub fn addresses(&self) -> std::collections::HashSet<std::net::IpAddr> {
-        use palisade_common::conntrack::{TCP_ESTABLISHED, TCP_SYN_RECV, TCP_SYN_SENT};
         let now = crate::maps::monotonic_ns();
         let open = |protocol: u8, v: &palisade_common::CtValue| {
-            v.expires_ns > now
-                && (protocol != palisade_common::PROTO_TCP
-                    || matches!(v.tcp_state, TCP_SYN_SENT | TCP_SYN_RECV | TCP_ESTABLISHED))
+            v.expires_ns > now && charged(protocol, v.tcp_state)
         };
         let mut out = std::collections::HashSet::new();
         for (k, v) in self.v4.iter().filter_map(Result::ok) {

@@ -21,7 +21,8 @@ use crate::{
     Error,
 };
 
-fn open<T: TryFrom<Map, Error = MapError>>(
+/// A pinned map as `T`, and its capacity as created.
+pub(crate) fn open<T: TryFrom<Map, Error = MapError>>(
     pins: &Pins,
     name: &'static str,
 ) -> Result<(T, u32), Error> {
