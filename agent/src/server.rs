@@ -566,7 +566,7 @@ async fn gc(handle: Handle) {
         tick.tick().await;
         let r = tokio::task::spawn_blocking(move || {
             release_free_memory();
-            let r = gc.pass(palisade_dataplane::maps::monotonic_ns());
+            let r = gc.pass(palisade_dataplane::maps::ct_clock_ns());
             (gc, r)
         })
         .await;

@@ -17,7 +17,7 @@ use palisade_common::{
 use palisade_dataplane::{
     events::EventReader,
     loader::MapSizes,
-    maps::{be, monotonic_ns},
+    maps::{be, ct_clock_ns},
     packet::{Packet, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_SYN},
     testrun::{run_tc, TC_ACT_OK, TC_ACT_SHOT},
     ConntrackGc, Datapath, DatapathConfig, Maps,
@@ -369,7 +369,7 @@ fn gc_recounts_charges_and_deletes_a_gone_endpoints_entries() -> Result<()> {
     });
     let k = udp_key(VICTIM, 1000, PEER, 53, DIR_EGRESS, VICTIM_ID);
     assert!(rig.maps.conntrack_entry(&k).is_some());
-    let pass = gc.pass(monotonic_ns())?;
+    let pass = gc.pass(ct_clock_ns())?;
     assert_eq!(pass.orphans_removed, 0);
     assert_eq!(rig.charged(VICTIM_ID), 7);
     assert_eq!(rig.charged(ATTACKER_ID), 4);
@@ -379,7 +379,7 @@ fn gc_recounts_charges_and_deletes_a_gone_endpoints_entries() -> Result<()> {
     // The victim is deregistered (its ifindex entry now belongs to the
     // attacker, and its address is gone): its entries and charge go.
     rig.maps.remove_endpoint(999, be(VICTIM))?;
-    let pass = gc.pass(monotonic_ns())?;
+    let pass = gc.pass(ct_clock_ns())?;
     assert_eq!(pass.orphans_removed, 7);
     assert!(rig.maps.conntrack_entry(&k).is_none());
     assert!(rig.maps.conntrack_charge(VICTIM_ID).is_none());

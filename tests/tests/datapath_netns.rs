@@ -243,7 +243,7 @@ fn gc_removes_expired_conntrack_and_fragment_entries_only() -> Result<()> {
     };
     let mut dp = Datapath::load(&cfg)?;
     let mut maps = dp.take_maps()?;
-    let now = palisade_dataplane::maps::monotonic_ns();
+    let now = palisade_dataplane::maps::ct_clock_ns();
     let ct = |sport: u16| CtKey {
         saddr: be(A),
         daddr: be(B),
@@ -307,7 +307,7 @@ fn gc_removes_expired_conntrack_and_fragment_entries_only() -> Result<()> {
     )?;
     // The GC has map handles of its own, opened from the pins.
     let mut gc = palisade_dataplane::ConntrackGc::open(&pins.pins)?;
-    let pass = gc.pass(palisade_dataplane::maps::monotonic_ns())?;
+    let pass = gc.pass(palisade_dataplane::maps::ct_clock_ns())?;
     assert_eq!(pass.removed, 2);
     assert_eq!((pass.conntrack_entries, pass.fragment_entries), (1, 1));
     assert_eq!(pass.conntrack_max, palisade_common::sizes::CONNTRACK);
@@ -324,7 +324,7 @@ fn gc_removes_expired_conntrack_and_fragment_entries_only() -> Result<()> {
         .collect();
     assert_eq!(left, vec![2]);
     // A second pass finds nothing more to do and the same fill.
-    let again = gc.pass(palisade_dataplane::maps::monotonic_ns())?;
+    let again = gc.pass(palisade_dataplane::maps::ct_clock_ns())?;
     assert_eq!((again.removed, again.conntrack_entries), (0, 1));
     drop(dp);
     Ok(())

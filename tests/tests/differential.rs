@@ -41,7 +41,7 @@ use palisade_common::{
 use palisade_dataplane::{
     events::EventReader,
     loader::MapSizes,
-    maps::{be, from_be, ip6_words, monotonic_ns},
+    maps::{be, ct_clock_ns, from_be, ip6_words},
     packet::{Packet, L3, L4, TCP_FLAG_PSH},
     reference::{policy_bytes, Evaluator, Verdict},
     testrun::run_tc,
@@ -964,7 +964,7 @@ fn run_sequence(rig: &mut Rig, set: &PolicySet, steps: &[Step]) -> Result<Option
     let mut want = rig.maps.counters()?;
     for (i, s) in steps.iter().enumerate() {
         let bytes = s.packet.bytes();
-        let now = monotonic_ns();
+        let now = ct_clock_ns();
         let model = ev.evaluate_frame_at(now, s.ifindex, s.dir, &bytes);
         let name = if s.dir == DIR_EGRESS {
             programs::POD_EGRESS
@@ -1088,7 +1088,7 @@ fn fmt_ct(k: &CtKey, v: &CtValue) -> String {
         v.tcp_state,
         v.flags,
         v.cookie,
-        (v.expires_ns as i128 - monotonic_ns() as i128) / SEC as i128
+        (v.expires_ns as i128 - ct_clock_ns() as i128) / SEC as i128
     )
 }
 
@@ -1272,7 +1272,7 @@ fn run_all(rig: &mut Rig, ifindexes: &[u32], seed: u64) -> Result<Report> {
         }
         let mut rng =
             StdRng::seed_from_u64(seed ^ (n as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        let set = gen_policy_set(&mut rng, ifindexes, monotonic_ns());
+        let set = gen_policy_set(&mut rng, ifindexes, ct_clock_ns());
         let steps = gen_steps(&mut rng, &set, ifindexes, packets);
         let t = Instant::now();
         let m = run_sequence(rig, &set, &steps)?;
@@ -1578,7 +1578,7 @@ fn fuzz_frame(
     dir: u8,
     f: &[u8],
 ) -> Result<Vec<String>> {
-    let model = ev.evaluate_frame_at(monotonic_ns(), ifindex, dir, f);
+    let model = ev.evaluate_frame_at(ct_clock_ns(), ifindex, dir, f);
     let name = if dir == DIR_EGRESS {
         programs::POD_EGRESS
     } else {
@@ -1660,7 +1660,7 @@ fn fuzzed_frames_get_the_reference_verdict_and_never_break_the_invariants() -> R
         let mut set_no = 0u64;
         while ran < frames {
             let mut rng = StdRng::seed_from_u64(seed ^ (set_no + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-            let set = gen_policy_set(&mut rng, &ifindexes, monotonic_ns());
+            let set = gen_policy_set(&mut rng, &ifindexes, ct_clock_ns());
             // Conntrack and fragment state from a generated sequence.
             let warm = gen_steps(&mut rng, &set, &ifindexes, 100);
             if let Some(m) = run_sequence(&mut rig, &set, &warm)? {

@@ -18,7 +18,7 @@ use palisade_common::{
 use palisade_dataplane::{
     events::EventReader,
     loader::MapSizes,
-    maps::{be, ip6_words, monotonic_ns},
+    maps::{be, ct_clock_ns, ip6_words, monotonic_ns},
     packet::{Packet, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_PSH, TCP_FLAG_RST, TCP_FLAG_SYN},
     reference::{Evaluator, Verdict},
     testrun::{run_tc, TC_ACT_OK, TC_ACT_SHOT},
@@ -331,7 +331,7 @@ impl Rig {
             programs::POD_INGRESS
         };
         let before = self.maps.counters()?;
-        let now = monotonic_ns();
+        let now = ct_clock_ns();
         let r = run_tc(self.dp.classifier(name)?, &p.bytes(), IFINDEX, 1)
             .map_err(|e| anyhow::anyhow!("test_run of {p} ({} bytes): {e:?}", p.bytes().len()))?;
         let events = self.events.drain();
@@ -423,6 +423,63 @@ fn unknown_endpoint_fails_closed() -> Result<()> {
     // Even ARP: the endpoint lookup comes first.
     let s = rig.run(DIR_INGRESS, &Packet::arp_request(PEER, POD))?;
     s.assert_silent(false, None);
+    Ok(())
+}
+
+/// The programs take an interface's endpoint from its `ENDPOINT_SLOTS`
+/// slot only when the slot is its own and whole; else from `ENDPOINTS`.
+/// (The slot is made to disagree with the hash here, so the runs go
+/// around the model, which knows only the hash.)
+#[test]
+fn endpoint_slots_are_read_only_when_whole_and_own() -> Result<()> {
+    let mut rig = rig!();
+    // The hash: enforced, nothing allowed.
+    rig.endpoint(EP_INGRESS_ENFORCED | EP_EGRESS_ENFORCED)?;
+    let slot = rig.maps.endpoint_slot(IFINDEX)?;
+    if cfg!(target_arch = "x86_64") {
+        assert_eq!((slot.seq & 1, slot.ifindex), (0, IFINDEX), "{slot:?}");
+        assert_eq!(slot.info, rig.maps.endpoint(IFINDEX).unwrap());
+    }
+    // A new tuple each time: an admitted SYN leaves a conntrack entry.
+    let mut sport = 40000;
+    let mut action = |rig: &mut Rig| -> Result<u32> {
+        sport += 1;
+        let syn = tcp_in(sport, 80, TCP_FLAG_SYN).bytes();
+        let prog = rig.dp.classifier(programs::POD_INGRESS)?;
+        Ok(run_tc(prog, &syn, IFINDEX, 1)?.action)
+    };
+    assert_eq!(action(&mut rig)?, TC_ACT_SHOT);
+    // A whole slot of its own that says "unenforced" is what counts.
+    let open = palisade_common::EndpointSlot {
+        seq: 2,
+        ifindex: IFINDEX,
+        info: EndpointInfo {
+            flags: 0,
+            ..rig.maps.endpoint(IFINDEX).unwrap()
+        },
+    };
+    rig.maps.write_endpoint_slot(IFINDEX, open)?;
+    assert_eq!(action(&mut rig)?, TC_ACT_OK);
+    // Mid-write (odd seq), or another interface's: the hash decides.
+    rig.maps
+        .write_endpoint_slot(IFINDEX, palisade_common::EndpointSlot { seq: 3, ..open })?;
+    assert_eq!(action(&mut rig)?, TC_ACT_SHOT);
+    let other = IFINDEX + palisade_common::sizes::ENDPOINT_SLOTS;
+    rig.maps.write_endpoint_slot(
+        IFINDEX,
+        palisade_common::EndpointSlot {
+            ifindex: other,
+            ..open
+        },
+    )?;
+    assert_eq!(action(&mut rig)?, TC_ACT_SHOT);
+    // Back to its own whole slot, then deregistered: the slot is emptied
+    // first, and nothing is left to pass the interface's packets.
+    rig.maps.write_endpoint_slot(IFINDEX, open)?;
+    assert_eq!(action(&mut rig)?, TC_ACT_OK);
+    rig.maps.remove_endpoint(IFINDEX, be(POD))?;
+    assert_eq!(rig.maps.endpoint_slot(IFINDEX)?.ifindex, 0);
+    assert_eq!(action(&mut rig)?, TC_ACT_SHOT);
     Ok(())
 }
 
@@ -1240,7 +1297,7 @@ fn syn_on_a_closed_entry_rechecks_policy() -> Result<()> {
 fn expired_entries_are_ignored() -> Result<()> {
     let mut rig = rig!();
     rig.endpoint(EP_INGRESS_ENFORCED)?;
-    let now = monotonic_ns();
+    let now = ct_clock_ns();
     let p = tcp_in(43000, 80, TCP_FLAG_ACK);
     let ct = |expires_ns| CtValue {
         expires_ns,
@@ -2260,7 +2317,7 @@ fn audited_entries_are_judged_again_when_audit_ends() -> Result<()> {
 fn entries_of_another_endpoint_are_never_used() -> Result<()> {
     let mut rig = rig!();
     rig.endpoint(EP_INGRESS_ENFORCED)?;
-    let now = monotonic_ns();
+    let now = ct_clock_ns();
     let p = tcp_in(44200, 80, TCP_FLAG_ACK);
     // An established entry for the tuple, made on another endpoint's veth
     // (or by the pod that had this address before: another id).

@@ -617,13 +617,26 @@ pub fn ct_live(ct: &CtValue, protocol: u8, tcp_flags: u8, now: u64) -> bool {
 
 /// Advance an entry on a packet of its flow (`reply`: against the
 /// direction that opened it) and push its expiry out.
+///
+/// Only what changes is written, and the expiry only once it would move
+/// by more than 1/64 of its timeout (an entry may so end that much
+/// early): packets of one flow run on several CPUs, and a store per
+/// packet would bounce the entry's cache line between them.
 #[inline(always)]
 pub fn refresh(ct: &mut CtValue, protocol: u8, tcp_flags: u8, reply: bool, now: u64) {
+    let before = ct.tcp_state;
     if protocol == PROTO_TCP {
-        ct.tcp_state = tcp_next_state(ct.tcp_state, tcp_flags, reply);
+        let state = tcp_next_state(before, tcp_flags, reply);
+        if state != before {
+            ct.tcp_state = state;
+        }
     }
-    ct.expires_ns = now + timeout_ns(protocol, ct.tcp_state);
-    if reply {
+    let timeout = timeout_ns(protocol, ct.tcp_state);
+    // (Without a state change the expiry only moves out: `now` only grows.)
+    if ct.tcp_state != before || now + timeout > ct.expires_ns + (timeout >> 6) {
+        ct.expires_ns = now + timeout;
+    }
+    if reply && ct.flags & CT_SEEN_REPLY == 0 {
         ct.flags |= CT_SEEN_REPLY;
     }
 }
@@ -1116,6 +1129,34 @@ mod ct_tests {
         _pad: [0; 2],
         ipv6: [0; 4],
     };
+
+    #[test]
+    fn refresh_writes_the_expiry_only_when_it_moves_past_the_slack() {
+        use crate::conntrack::{TCP_FLAG_FIN, TIMEOUT_UDP_NS};
+        let d = allow_decision(reason::POLICY_ALLOW, 4, (1, 2));
+        let mut ct = new_ct_entry(&EP, &d, PROTO_UDP, 0, 1_000);
+        let first = ct.expires_ns;
+        assert_eq!(first, 1_000 + TIMEOUT_UDP_NS);
+        let slack = TIMEOUT_UDP_NS >> 6;
+        // Within the slack: nothing written.
+        refresh(&mut ct, PROTO_UDP, 0, false, 1_000 + slack);
+        assert_eq!(ct.expires_ns, first);
+        // Past it: pushed out to a full timeout again.
+        refresh(&mut ct, PROTO_UDP, 0, false, 1_001 + slack);
+        assert_eq!(ct.expires_ns, 1_001 + slack + TIMEOUT_UDP_NS);
+        // A reply is remembered at once.
+        refresh(&mut ct, PROTO_UDP, 0, true, 1_002 + slack);
+        assert_ne!(ct.flags & CT_SEEN_REPLY, 0);
+        // A TCP state change always rewrites the expiry, also to a sooner
+        // one (established -> closing).
+        let mut t = new_ct_entry(&EP, &d, PROTO_TCP, TCP_FLAG_SYN, 0);
+        t.tcp_state = crate::conntrack::TCP_ESTABLISHED;
+        t.expires_ns = 10 + crate::conntrack::TIMEOUT_TCP_ESTABLISHED_NS;
+        refresh(&mut t, PROTO_TCP, TCP_FLAG_FIN, false, 20);
+        assert_ne!(t.tcp_state, crate::conntrack::TCP_ESTABLISHED);
+        assert!(t.expires_ns < 10 + crate::conntrack::TIMEOUT_TCP_ESTABLISHED_NS);
+        assert_eq!(t.expires_ns, 20 + timeout_ns(PROTO_TCP, t.tcp_state));
+    }
 
     #[test]
     fn entries_of_another_generation_or_ended_audit_are_stale() {

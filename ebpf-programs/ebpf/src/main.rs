@@ -38,8 +38,8 @@ use palisade_common::{
         SvcAffinity, SvcAffinity6, SvcAffinityKey, SvcAffinityKey6, SvcBackend, SvcBackend6,
         SvcBackendKey, SvcFrontend, SvcFrontendKey, SvcFrontendKey6, SvcNat, SvcNat6,
     },
-    sizes, CtKey, CtKey6, CtValue, EndpointInfo, EndpointKey, FragKey, FragKey6, FragValue, Ip6,
-    IpcacheValue, PolicyKey, PolicyValue, DIR_EGRESS, DIR_INGRESS,
+    sizes, CtKey, CtKey6, CtValue, EndpointInfo, EndpointKey, EndpointSlot, FragKey, FragKey6,
+    FragValue, Ip6, IpcacheValue, PolicyKey, PolicyValue, DIR_EGRESS, DIR_INGRESS,
 };
 
 // ---- maps shared with userspace (layouts in palisade-common) ----
@@ -47,6 +47,10 @@ use palisade_common::{
 #[map]
 static ENDPOINTS: HashMap<EndpointKey, EndpointInfo> =
     HashMap::with_max_entries(sizes::ENDPOINTS, 0);
+
+/// `ENDPOINTS` by interface, as an array (`palisade_common::EndpointSlot`).
+#[map]
+static ENDPOINT_SLOTS: Array<EndpointSlot> = Array::with_max_entries(sizes::ENDPOINT_SLOTS, 0);
 
 #[map]
 static IPCACHE: LpmTrie<u32, IpcacheValue> = LpmTrie::with_max_entries(sizes::IPCACHE, 0);
@@ -330,7 +334,7 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 /// in the kernel's GPL-compatible list ("GPL", "GPL v2", "Dual MIT/GPL",
 /// "Dual BSD/GPL", ...; "Apache-2.0" is not in it). None of the helpers
 /// these programs call today is `gpl_only`: bpf_map_lookup_elem,
-/// bpf_map_update_elem, bpf_ktime_get_ns, bpf_skb_pull_data,
+/// bpf_map_update_elem, bpf_ktime_get_ns, bpf_ktime_get_coarse_ns, bpf_skb_pull_data,
 /// bpf_ringbuf_reserve, bpf_ringbuf_submit and bpf_ringbuf_query all load
 /// under a non-GPL licence too (checked on this machine's 6.18 kernel: all
 /// three programs load with the string patched to "Apache-2.0"). The dual

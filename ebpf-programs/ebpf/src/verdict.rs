@@ -15,7 +15,7 @@
 //! reference evaluator judges it.
 
 use aya_ebpf::{
-    helpers::bpf_ktime_get_ns,
+    helpers::bpf_ktime_get_coarse_ns,
     maps::{lpm_trie::Key, HashMap, LruHashMap},
     programs::TcContext,
 };
@@ -28,7 +28,7 @@ use palisade_common::{
         later_fragment_verdict, new_ct_entry, own_node_checked, records_entry, refresh, rejudged,
         rejudged_entry, remote_addr, spoofed, track, unchecked_source, Addr, Decision, Tracked,
     },
-    reason,
+    endpoint_slot, reason,
     reject::answerable,
     related::{is_error4, quoted4},
     service::{
@@ -36,15 +36,15 @@ use palisade_common::{
         SvcAffinityKey, SvcBackend, SvcBackendKey, SvcBackendOf, SvcFrontend, SvcFrontendKey,
         SvcNat, SvcNatOf, HAIRPIN_ADDR, HAIRPIN_PEER, NAT_HAIRPIN,
     },
-    CtKey, CtKeyOf, CtValue, EndpointInfo, EndpointKey, FragKey, FragValue, IpcacheValue,
-    CT_SVC_NAT, DIR_EGRESS, DIR_INGRESS, IDENTITY_HOST, IDENTITY_REMOTE_NODE, POLICY_PREFIX_FULL,
-    PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    slot_read, CtKey, CtKeyOf, CtValue, EndpointInfo, EndpointKey, FragKey, FragValue,
+    IpcacheValue, CT_SVC_NAT, DIR_EGRESS, DIR_INGRESS, IDENTITY_HOST, IDENTITY_REMOTE_NODE,
+    POLICY_PREFIX_FULL, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
-    headers::*, service, CONNTRACK, COUNTERS, CT_BUDGET, CT_CHARGE, ENDPOINTS, FRAGMENTS, IPCACHE,
-    POLICY, PROGRAMS, SLOT_EGRESS6, SLOT_INGRESS6, SLOT_VERIFY6, SVC_AFFINITY, SVC_BACKENDS,
-    SVC_FRONTENDS, SVC_NAT,
+    headers::*, service, CONNTRACK, COUNTERS, CT_BUDGET, CT_CHARGE, ENDPOINTS, ENDPOINT_SLOTS,
+    FRAGMENTS, IPCACHE, POLICY, PROGRAMS, SLOT_EGRESS6, SLOT_INGRESS6, SLOT_VERIFY6, SVC_AFFINITY,
+    SVC_BACKENDS, SVC_FRONTENDS, SVC_NAT,
 };
 
 /// Bytes of headers the programs may need in the linear part of the skb:
@@ -145,9 +145,21 @@ pub fn process<const DRY: bool>(
 pub(crate) fn endpoint(ctx: &TcContext) -> Option<(u32, EndpointInfo)> {
     // SAFETY: the context pointer is valid for the program's whole run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if let Some(ep) = slot_endpoint(ifindex) {
+        return Some((ifindex, ep));
+    }
     // SAFETY: map values stay valid while the program runs (RCU).
     let ep = unsafe { *ENDPOINTS.get_ptr(EndpointKey::ifindex(ifindex))? };
     Some((ifindex, ep))
+}
+
+/// `ifindex`'s endpoint from its `ENDPOINT_SLOTS` slot, if the slot holds
+/// it whole (`palisade_common::slot_read`).
+#[inline(always)]
+pub(crate) fn slot_endpoint(ifindex: u32) -> Option<EndpointInfo> {
+    let p = ENDPOINT_SLOTS.get_ptr(endpoint_slot(ifindex))?;
+    // SAFETY: array values stay mapped while the program runs.
+    unsafe { slot_read(p, ifindex) }
 }
 
 /// The frame's headers pulled into the linear part: (data, data_end).
@@ -382,8 +394,7 @@ fn ipv4<const DRY: bool>(
         // First fragment: the rest of the datagram inherits this verdict,
         // if its endpoint may keep one more record.
         if charge(ep, dir, saddr, 1, true) {
-            // SAFETY: helper without preconditions.
-            let (expires_ns, verdict) = first_fragment_verdict(pass, unsafe { bpf_ktime_get_ns() });
+            let (expires_ns, verdict) = first_fragment_verdict(pass, ct_now());
             let v = FragValue {
                 expires_ns,
                 verdict,
@@ -401,8 +412,7 @@ fn ipv4<const DRY: bool>(
 #[inline(always)]
 fn related4(ctx: &TcContext, ep: &EndpointInfo, dir: u8, l4: usize) -> bool {
     let q = quoted4(|off: usize| ctx.load::<u8>(l4 + off).ok());
-    // SAFETY: helper without preconditions.
-    q.ok && related_flow::<u32>(ep, dir, &q, unsafe { bpf_ktime_get_ns() })
+    q.ok && related_flow::<u32>(ep, dir, &q, ct_now())
 }
 
 /// Conntrack first (known flows and replies pass without a policy lookup),
@@ -418,8 +428,7 @@ fn track_and_decide<const DRY: bool>(
     l4: usize,
     redirect: &mut Option<i32>,
 ) -> bool {
-    // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = ct_now();
     let mut ct_flags = 0;
     let mut ct_state = 0;
     let known = if DRY {
@@ -732,6 +741,16 @@ pub(crate) fn translated_entry_idle(protocol: u8, state_before: u8, tcp_flags: u
     protocol == PROTO_TCP
         && state_before == TCP_ESTABLISHED
         && tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST) == 0
+}
+
+/// The clock of conntrack, fragment and affinity entries: CLOCK_MONOTONIC
+/// at tick granularity. Entries live for seconds to hours, and the precise
+/// clock reads the clocksource on every packet. (Userspace reads it as
+/// CLOCK_MONOTONIC_COARSE, `maps::ct_clock_ns`.)
+#[inline(always)]
+pub(crate) fn ct_now() -> u64 {
+    // SAFETY: helper without preconditions.
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// Conntrack lookup of `key` (and its reply direction); `flags` and
@@ -1089,8 +1108,7 @@ pub(crate) fn later_fragment_of<const DRY: bool, A: Family>(
     daddr: A,
     protocol: u8,
 ) -> bool {
-    // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = ct_now();
     // Fragments carry no ports after the first.
     let flow = Flow {
         key: key_of(0, saddr, daddr, 0, 0, protocol, dir),

@@ -10,28 +10,29 @@
 //! extension headers are walked through `bpf_skb_load_bytes`, whose
 //! offsets need no verifier proof (`ipv6::upper_layer`).
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key, programs::TcContext};
+use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
 use palisade_common::{
     conntrack::TCP_FLAG_RST,
     decision::{
         drop_if_enforced as enforced_drop, first_fragment_verdict, foreign_destination,
         foreign_mac, hard_drop, key_of, spoofed, unchecked_source, Decision,
     },
+    endpoint_slot,
     ipv6::{self, Transport, Upper, IPPROTO_ICMPV6, UPPER_AT, UPPER_LATER_FRAGMENT, UPPER_UNKNOWN},
     reason,
     service::{policy_peer, SvcBackend6, SvcNat6, HAIRPIN_ADDR6},
-    CtKey6, CtValue, EndpointInfo, EndpointKey, FragKey6, FragValue, Ip6, IpcacheValue, CT_SVC_NAT,
-    DIR_EGRESS, IDENTITY_HOST, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    slot_copy, CtKey6, CtValue, EndpointInfo, EndpointKey, FragKey6, FragValue, Ip6, IpcacheValue,
+    CT_SVC_NAT, DIR_EGRESS, IDENTITY_HOST, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
     headers::{ptr_at, EthHdr, Ipv6Hdr, ETH_HLEN, IPV6_HLEN},
     service6,
     verdict::{
-        charge, count, ct_track, finish, later_fragment_of, lookup, new_flow, pull, rejudge,
-        related_flow, report_drop_of, Family, Flow,
+        charge, count, ct_now, ct_track, finish, later_fragment_of, lookup, new_flow, pull,
+        rejudge, related_flow, report_drop_of, Family, Flow,
     },
-    CONNTRACK6, ENDPOINTS, ENDPOINTS6, FRAGMENTS6, IPCACHE6, SCRATCH6, SVC_NAT6,
+    CONNTRACK6, ENDPOINTS, ENDPOINTS6, ENDPOINT_SLOTS, FRAGMENTS6, IPCACHE6, SCRATCH6, SVC_NAT6,
 };
 
 impl Family for Ip6 {
@@ -80,6 +81,8 @@ impl Family for Ip6 {
 /// frames of a chain of calls share 512 bytes. Valid for one program run
 /// (programs run with migration disabled: nothing else uses it meanwhile).
 pub(crate) struct Scratch6 {
+    /// The packet's endpoint, when read from its `ENDPOINT_SLOTS` slot.
+    pub(crate) ep: EndpointInfo,
     /// The packet's flow.
     pub(crate) flow: Flow<Ip6>,
     /// The packet's interface, clock reading and transport header offset
@@ -131,16 +134,25 @@ fn report6<const DRY: bool>(ep: &EndpointInfo, ifindex: u32, flow: &Flow<Ip6>, d
 pub fn frame<const DRY: bool>(ctx: &TcContext, dir: u8) -> Result<bool, ()> {
     // SAFETY: the context pointer is valid for the program's whole run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // The endpoint is read in place, not copied onto the stack: the
-    // agent replaces an entry whole (a hash map update swaps elements
-    // under RCU), so the one this run sees stays consistent.
-    let Some(ep) = ENDPOINTS.get_ptr(EndpointKey::ifindex(ifindex)) else {
-        return Err(());
-    };
-    // SAFETY: map values stay valid while the program runs (RCU).
-    let ep = unsafe { &*ep };
     let Some(s) = SCRATCH6.get_ptr_mut(0) else {
         return Err(());
+    };
+    // The endpoint is not copied onto the stack: its slot's copy goes to
+    // this CPU's scratch; else the hash entry is read in place (the agent
+    // replaces an entry whole: a hash map update swaps elements under
+    // RCU, so the one this run sees stays consistent).
+    let slot = ENDPOINT_SLOTS.get_ptr(endpoint_slot(ifindex));
+    // SAFETY: array values stay mapped while the program runs; `s` is
+    // this CPU's scratch.
+    let ep = if slot.is_some_and(|p| unsafe { slot_copy(p, ifindex, &raw mut (*s).ep) }) {
+        // SAFETY: as above.
+        unsafe { &(*s).ep }
+    } else {
+        let Some(ep) = ENDPOINTS.get_ptr(EndpointKey::ifindex(ifindex)) else {
+            return Err(());
+        };
+        // SAFETY: map values stay valid while the program runs (RCU).
+        unsafe { &*ep }
     };
     // SAFETY: this CPU's slot (see `Scratch6`).
     unsafe {
@@ -287,8 +299,7 @@ fn process<const DRY: bool>(
     // Answered when refused for want of a Service backend: only a whole
     // packet without extension headers, never a reset (`reject`).
     flow.answerable = offset == IPV6_HLEN && !upper.fragmented && t.tcp_flags & TCP_FLAG_RST == 0;
-    // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = ct_now();
     // SAFETY: this CPU's slot (see `Scratch6`).
     unsafe {
         (*scratch).now = now;
@@ -436,8 +447,7 @@ fn later_fragment<const DRY: bool>(
 fn first_fragment(ep: &EndpointInfo, dir: u8, flow: &Flow<Ip6>, id: u32, pass: bool) {
     let (saddr, daddr) = (flow.key.saddr, flow.key.daddr);
     if charge(ep, dir, saddr, 1, true) {
-        // SAFETY: helper without preconditions.
-        let now = unsafe { bpf_ktime_get_ns() };
+        let now = ct_now();
         let (expires_ns, verdict) = first_fragment_verdict(pass, now);
         let v = FragValue {
             expires_ns,

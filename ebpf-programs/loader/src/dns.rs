@@ -164,7 +164,7 @@ impl ConntrackPeers {
     /// (not past its expiry), and for TCP one not closing (what a pod's
     /// conntrack budget counts, `ct_budget::charged`).
     pub fn addresses(&self) -> std::collections::HashSet<std::net::IpAddr> {
-        let now = crate::maps::monotonic_ns();
+        let now = crate::maps::ct_clock_ns();
         let open = |protocol: u8, v: &palisade_common::CtValue| {
             v.expires_ns > now && charged(protocol, v.tcp_state)
         };

@@ -306,7 +306,7 @@ impl ConntrackGc {
     }
 
     /// Delete the entries that expired before `now_ns` (CLOCK_MONOTONIC, the
-    /// clock of bpf_ktime_get_ns, see `maps::monotonic_ns`) and those of
+    /// the programs' clock, see `maps::ct_clock_ns`) and those of
     /// endpoints no longer in `ENDPOINTS`, count what is left, in one walk
     /// of each map, and set every endpoint's charge to what it holds.
     ///

@@ -20,6 +20,7 @@ pub mod pins;
 pub mod probe;
 pub mod reference;
 pub mod sizes;
+mod slots;
 pub mod state;
 pub mod tc;
 #[cfg(feature = "test-utils")]

@@ -18,10 +18,11 @@ use palisade_common::{
 #[cfg(feature = "test-utils")]
 use palisade_common::{CtKey, CtKey6, CtValue, FragKey, FragValue};
 
-use crate::{sizes::MapSizes, state::MapState, Error};
+use crate::{sizes::MapSizes, slots::EndpointSlots, state::MapState, Error};
 
 pub struct Maps {
     endpoints: HashMap<MapData, EndpointKey, EndpointInfo>,
+    slots: EndpointSlots,
     ipcache: LpmTrie<MapData, u32, IpcacheValue>,
     endpoints6: HashMap<MapData, Ip6, u32>,
     ipcache6: LpmTrie<MapData, Ip6, IpcacheValue>,
@@ -113,8 +114,9 @@ pub fn from_ip6_words(w: Ip6) -> Ipv6Addr {
 
 impl Maps {
     pub(crate) fn take(ebpf: &mut Ebpf, sizes: &MapSizes) -> Result<Self, Error> {
-        Ok(Self {
+        let mut maps = Self {
             endpoints: take(ebpf, names::ENDPOINTS)?,
+            slots: EndpointSlots::new(take(ebpf, names::ENDPOINT_SLOTS)?),
             ipcache: take(ebpf, names::IPCACHE)?,
             endpoints6: take(ebpf, names::ENDPOINTS6)?,
             ipcache6: take(ebpf, names::IPCACHE6)?,
@@ -142,7 +144,25 @@ impl Maps {
             ct_charge: take(ebpf, names::CT_CHARGE)?,
             events: Some(take(ebpf, names::EVENTS)?),
             sizes: sizes.clone(),
-        })
+        };
+        let entries = maps.interface_entries()?;
+        maps.slots.resync(&entries)?;
+        Ok(maps)
+    }
+
+    /// `ENDPOINTS`' entries by interface.
+    fn interface_entries(&self) -> Result<Vec<(u32, EndpointInfo)>, Error> {
+        let mut out = Vec::new();
+        for kv in self.endpoints.iter() {
+            let (k, v) = kv.map_err(|source| Error::Map {
+                name: names::ENDPOINTS,
+                source,
+            })?;
+            if k.kind == palisade_common::EP_KEY_IFINDEX {
+                out.push((k.value, v));
+            }
+        }
+        Ok(out)
     }
 
     /// The per-endpoint event budget the programs apply
@@ -198,7 +218,8 @@ impl Maps {
         }
         self.endpoints
             .insert(EndpointKey::ifindex(ifindex), info, 0)
-            .map_err(&full)
+            .map_err(&full)?;
+        self.slots.set(ifindex, info)
     }
 
     pub fn endpoint(&self, ifindex: u32) -> Option<EndpointInfo> {
@@ -206,6 +227,9 @@ impl Maps {
     }
 
     pub fn remove_endpoint(&mut self, ifindex: u32, ipv4_be: u32) -> Result<(), Error> {
+        // The fast copy goes first: the interface's packets then find the
+        // hash alone, and none once the entry is gone.
+        self.slots.clear(ifindex)?;
         let c = match self.endpoint(ifindex) {
             Some(old) if old.ipv6 != [0; 4] => {
                 removed(names::ENDPOINTS6, self.endpoints6.remove(&old.ipv6))
@@ -436,6 +460,21 @@ impl Maps {
         self.conntrack.get(k, 0).ok()
     }
 
+    /// The `ENDPOINT_SLOTS` slot of `ifindex`, as the programs see it.
+    pub fn endpoint_slot(&self, ifindex: u32) -> Result<palisade_common::EndpointSlot, Error> {
+        self.slots.raw(ifindex)
+    }
+
+    /// Writes a slot as it is, bypassing the seqlock and `ENDPOINTS`
+    /// (tests of what the programs make of a slot that disagrees).
+    pub fn write_endpoint_slot(
+        &mut self,
+        ifindex: u32,
+        slot: palisade_common::EndpointSlot,
+    ) -> Result<(), Error> {
+        self.slots.write_raw(ifindex, slot)
+    }
+
     pub fn conntrack6_entry(&self, k: &CtKey6) -> Option<CtValue> {
         self.conntrack6.get(k, 0).ok()
     }
@@ -505,6 +544,7 @@ impl Maps {
             }
             Ok(())
         }
+        self.slots.resync(&[])?;
         let keys = self.endpoints.keys().collect();
         clear_map(names::ENDPOINTS, keys, |k| self.endpoints.remove(k))?;
         let keys = self.ipcache.keys().collect();
@@ -560,13 +600,25 @@ pub(crate) fn sum_counters(
     Ok(Counters(out))
 }
 
-/// CLOCK_MONOTONIC in ns, comparable with bpf_ktime_get_ns().
+/// The clock of conntrack, fragment and affinity entries in ns:
+/// CLOCK_MONOTONIC_COARSE, which the programs read with
+/// bpf_ktime_get_coarse_ns() (the same tick count).
+pub fn ct_clock_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC_COARSE)
+}
+
+/// CLOCK_MONOTONIC in ns, comparable with bpf_ktime_get_ns() (the clock of
+/// event timestamps).
 pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: valid pointer to a timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

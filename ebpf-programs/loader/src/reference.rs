@@ -67,7 +67,7 @@ use palisade_common::{
 };
 
 use crate::{
-    maps::monotonic_ns,
+    maps::ct_clock_ns,
     packet::{
         Packet, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
         IPV4_HLEN, SCTP_HLEN, TCP_HLEN, UDP_HLEN,
@@ -346,7 +346,7 @@ impl Evaluator {
     /// The verdict on `packet` arriving at the program of direction `dir`
     /// on interface `ifindex`, now (CLOCK_MONOTONIC, the kernel's clock).
     pub fn evaluate(&mut self, ifindex: u32, dir: u8, packet: &Packet) -> Verdict {
-        self.evaluate_frame_at(monotonic_ns(), ifindex, dir, &packet.bytes())
+        self.evaluate_frame_at(ct_clock_ns(), ifindex, dir, &packet.bytes())
     }
 
     /// As `evaluate`, at time `now_ns`.
