@@ -8,9 +8,9 @@
 use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::{bail, Context, Result};
-use palisade_api::{call, Registration, Request, Response};
+use palisade_api::{call, Request, Response};
 use palisade_tests::{
-    agent::write_manifest,
+    agent::{metric, registration, write_manifest},
     fqdn::{dns_server, lookup_and_connect, Rec, Zone, NAMESPACES},
     tcp_echo_server, NetNs, Node,
 };
@@ -158,27 +158,11 @@ fn register(
     name: &str,
     pod: &palisade_tests::Pod,
 ) -> Result<()> {
-    let r = Registration {
-        container_id: format!("{ns}-{name}-{}", pod.host_if),
-        ifname: "eth0".into(),
-        netns: pod.ns.path().display().to_string(),
-        namespace: ns.into(),
-        pod: name.into(),
-        ipv4: Some(pod.ip),
-        host_ifname: pod.host_if.clone(),
-        mac: None,
-        ipv6: None,
-    };
+    let r = registration(ns, name, pod);
     match call(socket, &Request::Register(r), Duration::from_secs(30))? {
         Response::Ok { .. } => Ok(()),
         other => bail!("register {ns}/{name}: {other:?}"),
     }
-}
-
-fn metric(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0)
 }
 
 pub fn run(plan: &Plan) -> Result<DnsCost> {
@@ -192,7 +176,8 @@ pub fn run(plan: &Plan) -> Result<DnsCost> {
         node.add_pod(ip)?;
     }
     let _ext = external(&node.ns)?;
-    dns_server(&node.pods[1].ns, zone(plan.lookups))?;
+    let zone = zone(plan.lookups);
+    dns_server(&node.pods[1].ns, zone)?;
     let metrics_addr = "127.0.0.1:19981";
     let agent = AgentProc::start_with_metrics(&node.ns, dir.path(), &manifests, &[], metrics_addr)?;
     register(&agent.socket, "shop", "client", &node.pods[0])?;
@@ -205,9 +190,8 @@ pub fn run(plan: &Plan) -> Result<DnsCost> {
     };
     // The unheld pod first, name by name; then the subject, alternating
     // would let one pod's lookups warm the other's path.
-    for i in 1..=plan.lookups {
+    for &(name, _, _) in zone {
         sys::check()?;
-        let name: &'static str = Box::leak(format!("h{i}.cdn.example").into_boxed_str());
         let plain = lookup_and_connect(&node.pods[2].ns, DNS, name, false, PORT)
             .with_context(|| format!("lab/client resolving {name}"))?;
         out.plain_ms.push(plain.took.as_secs_f64() * 1e3);
@@ -218,9 +202,8 @@ pub fn run(plan: &Plan) -> Result<DnsCost> {
             out.dropped += 1;
         }
     }
-    for i in 1..=plan.lookups {
+    for &(name, _, _) in zone {
         sys::check()?;
-        let name: &'static str = Box::leak(format!("h{i}.cdn.example").into_boxed_str());
         let again = lookup_and_connect(&node.pods[0].ns, DNS, name, false, PORT)
             .with_context(|| format!("shop/client resolving {name} again"))?;
         out.known_ms.push(again.took.as_secs_f64() * 1e3);

@@ -251,24 +251,29 @@ impl Agent {
 
     /// Register a pod wired by the test harness, as the CNI plugin would.
     pub fn register(&self, namespace: &str, name: &str, pod: &Pod) -> Result<u32> {
-        let r = Registration {
-            container_id: format!("{namespace}-{name}-{}", pod.host_if),
-            ifname: "eth0".into(),
-            netns: pod.ns.path().display().to_string(),
-            namespace: namespace.into(),
-            pod: name.into(),
-            ipv4: Some(pod.ip),
-            host_ifname: pod.host_if.clone(),
-            mac: None,
-            ipv6: None,
-        };
-        match self.request(&Request::Register(r))? {
+        match self.request(&Request::Register(registration(namespace, name, pod)))? {
             Response::Ok {
                 endpoint_id: Some(id),
                 ..
             } => Ok(id),
             other => bail!("register {namespace}/{name}: {other:?}"),
         }
+    }
+}
+
+/// What the CNI plugin would send the agent for `pod`, wired by the test
+/// harness, as `namespace`/`name`.
+pub fn registration(namespace: &str, name: &str, pod: &Pod) -> Registration {
+    Registration {
+        container_id: format!("{namespace}-{name}-{}", pod.host_if),
+        ifname: "eth0".into(),
+        netns: pod.ns.path().display().to_string(),
+        namespace: namespace.into(),
+        pod: name.into(),
+        ipv4: Some(pod.ip),
+        host_ifname: pod.host_if.clone(),
+        mac: None,
+        ipv6: None,
     }
 }
 
@@ -312,6 +317,14 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// The value of the unlabelled series `series` in a Prometheus text
+/// exposition (0 when it is absent).
+pub fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// One HTTP/1.1 GET to `addr` from inside `node`: the whole response.

@@ -97,12 +97,6 @@ spec:
   ingress: [{action: Deny, from: [{namespaces: {}}]}]
 "#;
 
-fn metric(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn cluster_network_policy_verdicts_are_explained() -> Result<()> {
     if !require_root() {

@@ -88,12 +88,6 @@ fn resolve_and_connect(ns: &NetNs, name: &'static str, tcp: bool) -> Result<(Vec
     Ok((l.addresses, l.connected))
 }
 
-fn metric(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0)
-}
-
 const METRICS: &str = "127.0.0.1:19971";
 
 #[test]

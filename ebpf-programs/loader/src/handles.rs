@@ -305,7 +305,7 @@ impl ConntrackGc {
         self
     }
 
-    /// Delete the entries that expired before `now_ns` (CLOCK_MONOTONIC, the
+    /// Delete the entries that expired before `now_ns` (CLOCK_MONOTONIC_COARSE,
     /// the programs' clock, see `maps::ct_clock_ns`) and those of
     /// endpoints no longer in `ENDPOINTS`, count what is left, in one walk
     /// of each map, and set every endpoint's charge to what it holds.

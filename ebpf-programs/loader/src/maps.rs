@@ -145,24 +145,21 @@ impl Maps {
             events: Some(take(ebpf, names::EVENTS)?),
             sizes: sizes.clone(),
         };
-        let entries = maps.interface_entries()?;
+        // (An entry that cannot be read leaves its slot empty: the
+        // programs then take it from the hash.)
+        let entries: Vec<_> = maps.interface_endpoints().collect();
         maps.slots.resync(&entries)?;
         Ok(maps)
     }
 
-    /// `ENDPOINTS`' entries by interface.
-    fn interface_entries(&self) -> Result<Vec<(u32, EndpointInfo)>, Error> {
-        let mut out = Vec::new();
-        for kv in self.endpoints.iter() {
-            let (k, v) = kv.map_err(|source| Error::Map {
-                name: names::ENDPOINTS,
-                source,
-            })?;
-            if k.kind == palisade_common::EP_KEY_IFINDEX {
-                out.push((k.value, v));
-            }
-        }
-        Ok(out)
+    /// `ENDPOINTS`' entries by interface, (ifindex, entry); unreadable ones
+    /// are skipped.
+    fn interface_endpoints(&self) -> impl Iterator<Item = (u32, EndpointInfo)> + '_ {
+        self.endpoints
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, _)| k.kind == palisade_common::EP_KEY_IFINDEX)
+            .map(|(k, v)| (k.value, v))
     }
 
     /// The per-endpoint event budget the programs apply
@@ -358,11 +355,7 @@ impl Maps {
     /// a restart, before the first sync). Unreadable entries are skipped.
     pub fn read_state(&self) -> MapState {
         let mut s = MapState::default();
-        for (k, v) in self.endpoints.iter().filter_map(Result::ok) {
-            if k.kind == palisade_common::EP_KEY_IFINDEX {
-                s.endpoints.insert(k.value, v);
-            }
-        }
+        s.endpoints.extend(self.interface_endpoints());
         for (k, v) in self.ipcache.iter().filter_map(Result::ok) {
             s.ipcache.insert((from_be(k.data()), k.prefix_len()), v);
         }

@@ -344,7 +344,8 @@ impl Evaluator {
     }
 
     /// The verdict on `packet` arriving at the program of direction `dir`
-    /// on interface `ifindex`, now (CLOCK_MONOTONIC, the kernel's clock).
+    /// on interface `ifindex`, now (the programs' conntrack clock,
+    /// `maps::ct_clock_ns`).
     pub fn evaluate(&mut self, ifindex: u32, dir: u8, packet: &Packet) -> Verdict {
         self.evaluate_frame_at(ct_clock_ns(), ifindex, dir, &packet.bytes())
     }

@@ -55,16 +55,15 @@ impl EndpointSlots {
         self.map.get(&endpoint_slot(ifindex), 0).map_err(map_err)
     }
 
+    /// Moves slot `index` from `cur` to `next` (`writes`).
     fn write(
         &mut self,
-        ifindex: u32,
+        index: u32,
         cur: EndpointSlot,
         next: Option<(u32, EndpointInfo)>,
     ) -> Result<(), Error> {
         for w in writes(cur, next) {
-            self.map
-                .set(endpoint_slot(ifindex), w, 0)
-                .map_err(map_err)?;
+            self.map.set(index, w, 0).map_err(map_err)?;
         }
         Ok(())
     }
@@ -91,7 +90,7 @@ impl EndpointSlots {
         if holds(&cur, ifindex, &info) || (cur.ifindex != 0 && cur.ifindex != ifindex) {
             return Ok(());
         }
-        self.write(ifindex, cur, Some((ifindex, info)))
+        self.write(endpoint_slot(ifindex), cur, Some((ifindex, info)))
     }
 
     /// Before `ifindex` leaves `ENDPOINTS`: its slot is emptied.
@@ -100,7 +99,7 @@ impl EndpointSlots {
         if cur.ifindex != ifindex {
             return Ok(());
         }
-        self.write(ifindex, cur, None)
+        self.write(endpoint_slot(ifindex), cur, None)
     }
 
     /// Every slot made to agree with `ENDPOINTS` (`entries`: its interface
