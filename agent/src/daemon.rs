@@ -51,6 +51,8 @@ pub struct Config {
     pub xdp_deny: Vec<ipnetwork::Ipv4Network>,
     /// Map sizes (entries). Maps already pinned keep the size they have.
     pub map_sizes: palisade_dataplane::loader::MapSizes,
+    /// How pod programs hook their interface (a `cls_bpf` filter or TCX).
+    pub pod_hook: palisade_dataplane::PodHook,
     /// Run `verify` this often in the agent (None: only on request).
     pub verify_interval: Option<std::time::Duration>,
     /// /readyz fails while the last verify run found mismatches.
@@ -221,6 +223,7 @@ impl Agent {
         let (mut dp, events) = KernelDataplane::load(&DatapathConfig {
             pins: cfg.pins.clone(),
             sizes: cfg.map_sizes.clone(),
+            pod_hook: cfg.pod_hook,
         })
         .context("loading the datapath")?;
         dp.set_conntrack_budget(cfg.conntrack_budget)
@@ -349,7 +352,8 @@ impl Agent {
 
     /// While running: endpoints whose host interface is gone (a CNI DEL
     /// whose deregistration failed or never came) are deregistered, so
-    /// their address stops carrying their identity before it is reused.
+    /// their address stops carrying their identity before it is reused;
+    /// the others keep palisade's programs first on their interface.
     pub fn reap_vanished_endpoints(&mut self) -> Result<usize> {
         let gone = self.vanished();
         for e in &gone {
@@ -361,6 +365,22 @@ impl Agent {
                 e.registration.host_ifname
             );
             self.deregister(&e.registration.container_id)?;
+        }
+        let live: Vec<Entry> = self.registry.iter().cloned().collect();
+        for e in live {
+            let ifname = &e.registration.host_ifname;
+            match self.dp.keep_first(ifname) {
+                Ok(false) => {}
+                Ok(true) => warn!(
+                    "{}/{}: a TCX program was attached to {ifname} after palisade's filter; \
+                     palisade's programs now run first in its TCX chain",
+                    e.registration.namespace, e.registration.pod
+                ),
+                Err(err) => error!(
+                    "{}/{}: keeping palisade first on {ifname}: {err}",
+                    e.registration.namespace, e.registration.pod
+                ),
+            }
         }
         Ok(gone.len())
     }

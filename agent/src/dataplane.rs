@@ -44,6 +44,12 @@ pub trait Dataplane: MapWriter + Send {
     /// A registration's interfaces are one veth pair: `host_ifname` on the
     /// node, `ifname` in the namespace `netns`.
     fn check_pod_link(&self, host_ifname: &str, netns: &str, ifname: &str) -> anyhow::Result<()>;
+    /// Keep palisade's programs first on a pod interface: where a TCX
+    /// program now runs ahead of palisade's filter, move palisade into TCX,
+    /// first (`Datapath::keep_first`). Whether anything moved.
+    fn keep_first(&mut self, _ifname: &str) -> Result<bool, Error> {
+        Ok(false)
+    }
     /// After a restart: take over every pinned pod link whose interface
     /// still exists (dropping the others); their ifindexes.
     fn adopt_links(&mut self) -> Result<Vec<u32>, Error>;
@@ -212,6 +218,9 @@ impl Dataplane for KernelDataplane {
     }
     fn check_pod_link(&self, host_ifname: &str, netns: &str, ifname: &str) -> anyhow::Result<()> {
         crate::netlink::check_veth_pair(host_ifname, netns, ifname)
+    }
+    fn keep_first(&mut self, ifname: &str) -> Result<bool, Error> {
+        self.datapath.keep_first(ifname)
     }
     fn adopt_links(&mut self) -> Result<Vec<u32>, Error> {
         self.datapath.adopt_links()

@@ -177,6 +177,13 @@ struct RunArgs {
     /// `conntrack-budget` where an entry is needed, never others' flushed.
     #[arg(long, default_value_t = palisade_common::ct_budget::ENTRIES)]
     conntrack_budget: u32,
+    /// How the policy programs hook a pod's host-side interface: `filter`
+    /// (a cls_bpf filter under clsact, first among filters; a hook that
+    /// already runs TCX programs gets TCX instead, ahead of them) or `tcx`
+    /// (always a pinned TCX link, first in its chain; every attach waits
+    /// for an RCU grace period).
+    #[arg(long, default_value = "filter", env = "PALISADE_POD_HOOK")]
+    pod_hook: palisade_dataplane::PodHook,
     /// IP fragment records (first fragments in flight) one pod may hold
     /// (0: no limit).
     #[arg(long, default_value_t = palisade_common::ct_budget::FRAGMENTS)]
@@ -292,6 +299,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     conntrack: a.conntrack_map_entries,
                     ..Default::default()
                 },
+                pod_hook: a.pod_hook,
                 verify_interval: match a.verify_interval.as_str() {
                     "off" | "" | "0" => None,
                     s => Some(
@@ -551,7 +559,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Cleanup { pin_root } => {
             palisade_dataplane::loader::remove_all(&Pins::new(&pin_root))?;
-            println!("removed {}", pin_root.display());
+            let filters = palisade_dataplane::loader::remove_filters()?;
+            println!(
+                "removed {} and the pod filters of {filters} interfaces",
+                pin_root.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Cmd::InstallCni(mut a) => {

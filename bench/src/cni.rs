@@ -126,71 +126,20 @@ pub fn phase(
     ))
 }
 
-pub fn run(plan: &Plan) -> Result<Cni> {
-    let node = Node::with_agent("pbcn", &manifests())?;
-    let net = node.network("cni", "10.201.0.0/16", None);
-    let mut out = Cni::default();
-    for (name, workers) in [
-        ("sequential".to_string(), 1),
-        (format!("{} concurrent", plan.concurrency), plan.concurrency),
-    ] {
-        sys::check()?;
-        let pods: Vec<NetNs> = (0..plan.pods)
-            .map(|_| NetNs::new("pbcp"))
-            .collect::<Result<_>>()
-            .context("creating pod namespaces")?;
-        let jobs: Vec<Job> = pods
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                (
-                    sys::unique("cni-"),
-                    p.path(),
-                    NAMESPACE.to_string(),
-                    format!("pod-{workers}-{i}"),
-                )
-            })
-            .collect();
-        let (add_ms, add_fail, add_wall) = phase(&node, &net, "ADD", &jobs, workers)?;
-        let st = node.agent().context("agent")?.status()?;
-        eprintln!(
-            "    {name}: {} ADDs ok, agent has {} endpoints",
-            add_ms.len(),
-            st.endpoints.len()
-        );
-        let (del_ms, del_fail, del_wall) = phase(&node, &net, "DEL", &jobs, workers)?;
-        let run = CniRunSet {
-            name,
-            model: "1 namespace, 2 policies".into(),
-            concurrency: workers,
-            add_ms,
-            del_ms,
-            add_wall_s: add_wall,
-            del_wall_s: del_wall,
-            failures: add_fail + del_fail,
-        };
-        eprintln!(
-            "    {}: ADD p50 {:.1} ms p99 {:.1} ms, DEL p50 {:.1} ms p99 {:.1} ms",
-            run.name,
-            crate::stats::median(&run.add_ms).unwrap_or(f64::NAN),
-            crate::stats::percentile(&run.add_ms, 99.0).unwrap_or(f64::NAN),
-            crate::stats::median(&run.del_ms).unwrap_or(f64::NAN),
-            crate::stats::percentile(&run.del_ms, 99.0).unwrap_or(f64::NAN)
-        );
-        out.runs.push(run);
-        drop(pods);
-    }
-    drop(node);
-
-    // The plugin alone: the same ADD/DEL against the stub agent, which
-    // answers at once and attaches nothing. The difference to the runs
-    // above is the agent's share (registration: model, compile, sync,
-    // attach).
-    let stub = Node::with_stub("pbcs")?;
-    let net = stub.network("cni", "10.201.0.0/16", None);
+/// ADD then DEL of `plan.pods` fresh pods with `workers` at once.
+fn measure(
+    node: &Node,
+    net: &Network,
+    plan: &Plan,
+    name: String,
+    model: &str,
+    workers: usize,
+) -> Result<CniRunSet> {
+    sys::check()?;
     let pods: Vec<NetNs> = (0..plan.pods)
         .map(|_| NetNs::new("pbcp"))
-        .collect::<Result<_>>()?;
+        .collect::<Result<_>>()
+        .context("creating pod namespaces")?;
     let jobs: Vec<Job> = pods
         .iter()
         .enumerate()
@@ -199,21 +148,86 @@ pub fn run(plan: &Plan) -> Result<Cni> {
                 sys::unique("cni-"),
                 p.path(),
                 NAMESPACE.to_string(),
-                format!("stub-{i}"),
+                format!("pod-{workers}-{i}"),
             )
         })
         .collect();
-    let (add_ms, add_fail, add_wall) = phase(&stub, &net, "ADD", &jobs, 1)?;
-    let (del_ms, del_fail, del_wall) = phase(&stub, &net, "DEL", &jobs, 1)?;
-    out.runs.push(CniRunSet {
-        name: "sequential".into(),
-        model: "stub agent: the plugin alone".into(),
-        concurrency: 1,
+    let (add_ms, add_fail, add_wall) = phase(node, net, "ADD", &jobs, workers)?;
+    if let Some(agent) = node.agent() {
+        eprintln!(
+            "    {name}: {} ADDs ok, agent has {} endpoints",
+            add_ms.len(),
+            agent.status()?.endpoints.len()
+        );
+    }
+    let (del_ms, del_fail, del_wall) = phase(node, net, "DEL", &jobs, workers)?;
+    let run = CniRunSet {
+        name,
+        model: model.into(),
+        concurrency: workers,
         add_ms,
         del_ms,
         add_wall_s: add_wall,
         del_wall_s: del_wall,
         failures: add_fail + del_fail,
-    });
+    };
+    eprintln!(
+        "    {} ({}): ADD p50 {:.1} ms p99 {:.1} ms, DEL p50 {:.1} ms p99 {:.1} ms",
+        run.name,
+        run.model,
+        crate::stats::median(&run.add_ms).unwrap_or(f64::NAN),
+        crate::stats::percentile(&run.add_ms, 99.0).unwrap_or(f64::NAN),
+        crate::stats::median(&run.del_ms).unwrap_or(f64::NAN),
+        crate::stats::percentile(&run.del_ms, 99.0).unwrap_or(f64::NAN)
+    );
+    Ok(run)
+}
+
+/// The model of the runs against the stub agent.
+pub const STUB_MODEL: &str = "stub agent: the plugin alone";
+/// The model of the context run whose agent hooks pods through TCX.
+pub const TCX_MODEL: &str = "1 namespace, 2 policies, TCX hooks (context)";
+
+pub fn run(plan: &Plan) -> Result<Cni> {
+    let node = Node::with_agent("pbcn", &manifests())?;
+    let net = node.network("cni", "10.201.0.0/16", None);
+    let mut out = Cni::default();
+    let model = "1 namespace, 2 policies";
+    for (name, workers) in [
+        ("sequential".to_string(), 1),
+        (format!("{} concurrent", plan.concurrency), plan.concurrency),
+    ] {
+        out.runs
+            .push(measure(&node, &net, plan, name, model, workers)?);
+    }
+    drop(node);
+
+    // The same with the agent hooking pods through TCX links (the hook
+    // before `cls_bpf` filters): what the attach itself costs.
+    let node = Node::with_agent_env("pbct", &manifests(), &[("PALISADE_POD_HOOK", "tcx")])?;
+    let net = node.network("cni", "10.201.0.0/16", None);
+    out.runs.push(measure(
+        &node,
+        &net,
+        plan,
+        "sequential".into(),
+        TCX_MODEL,
+        1,
+    )?);
+    drop(node);
+
+    // The plugin alone: the same ADD/DEL against the stub agent, which
+    // answers at once and attaches nothing. The difference to the runs
+    // above is the agent's share (registration: model, compile, sync,
+    // attach).
+    let stub = Node::with_stub("pbcs")?;
+    let net = stub.network("cni", "10.201.0.0/16", None);
+    for (name, workers) in [
+        ("sequential".to_string(), 1),
+        (format!("{} concurrent", plan.concurrency), plan.concurrency),
+    ] {
+        out.runs
+            .push(measure(&stub, &net, plan, name, STUB_MODEL, workers)?);
+    }
     Ok(out)
 }

@@ -15,6 +15,9 @@
 //!   a set of `ip saddr . ip daddr . tcp dport` concatenations holding the
 //!   N peer/port pairs and the real allows, then drop to the server.
 //!
+//! * (bt-N): (b) on a fourth node whose agent hooks the pod programs
+//!   through TCX links (`--pod-hook tcx`) instead of `cls_bpf` filters,
+//!   at the largest N: what the hook itself costs per packet;
 //! * (a6), (b6-N): (a) and (b) over IPv6 between the same dual-stack pods
 //!   (each node's CNI config has an IPv6 range beside the IPv4 one; the
 //!   policy selects pods, so it admits the client's IPv6 as its IPv4), at
@@ -616,6 +619,11 @@ pub fn run(plan: &Plan) -> Result<Veth> {
         "fd00:200:3::/64",
     )?;
     let d = site(Node::with_stub("pbnd")?, "10.200.4.0/24", "fd00:200:4::/64")?;
+    let t = site(
+        Node::with_agent_env("pbnt", &manifests(), &[("PALISADE_POD_HOOK", "tcx")])?,
+        "10.200.5.0/24",
+        "fd00:200:5::/64",
+    )?;
     sys::sleep(Duration::from_millis(300)); // iperf3 servers listening
 
     let agent = b.node.agent().context("agent")?;
@@ -635,6 +643,14 @@ pub fn run(plan: &Plan) -> Result<Veth> {
         b.node.pods[b.server].ip6
     );
     let mut extras = Extras::open(&agent.pin_root, server_ep.endpoint_id)?;
+    let t_agent = t.node.agent().context("agent (tcx)")?;
+    let t_server = t_agent
+        .status()?
+        .endpoints
+        .into_iter()
+        .find(|e| e.pod == "server")
+        .context("the tcx agent has no server endpoint")?;
+    let mut t_extras = Extras::open(&t_agent.pin_root, t_server.endpoint_id)?;
 
     let mut out = Veth {
         rounds: plan.rounds,
@@ -649,6 +665,7 @@ pub fn run(plan: &Plan) -> Result<Veth> {
     // once the ring is full): what a stalled agent costs the datapath.
     if let Some(n) = plan.b_sizes.iter().max() {
         configs.push(format!("bs-{n}"));
+        configs.push(format!("bt-{n}"));
     }
     configs.push("a6".into());
     configs.extend(plan.b6_sizes.iter().map(|n| format!("b6-{n}")));
@@ -675,6 +692,7 @@ pub fn run(plan: &Plan) -> Result<Veth> {
     for (name, s, want_denied) in [
         ("(a)", &a, false),
         ("(b)", &b, true),
+        ("(bt)", &t, true),
         ("(c)", &c, true),
         ("(d)", &d, true),
         ("(a6) over IPv6", &a, false),
@@ -694,6 +712,7 @@ pub fn run(plan: &Plan) -> Result<Veth> {
     for (s, v6) in [
         (&a, false),
         (&b, false),
+        (&t, false),
         (&c, false),
         (&d, false),
         (&a, true),
@@ -740,6 +759,10 @@ pub fn run(plan: &Plan) -> Result<Veth> {
                 "b" | "bs" | "b6" => {
                     extras.set(n)?;
                     &b
+                }
+                "bt" => {
+                    t_extras.set(n)?;
+                    &t
                 }
                 "d" => {
                     if d_loaded != n {

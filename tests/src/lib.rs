@@ -155,6 +155,71 @@ impl Drop for NetNs {
     }
 }
 
+/// A `tc` filter on one hook of an interface, as `tc -j filter show` lists
+/// it: priority, handle, program name and id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShownFilter {
+    pub pref: u64,
+    pub handle: u32,
+    pub name: String,
+    pub prog_id: u64,
+}
+
+/// The bpf filters on `ifname`'s `hook` ("ingress" or "egress") inside
+/// `ns`; none when the interface has no clsact qdisc.
+pub fn tc_filters(ns: &NetNs, ifname: &str, hook: &str) -> Result<Vec<ShownFilter>> {
+    let out = ns
+        .cmd("tc")
+        .args(["-j", "filter", "show", "dev", ifname, hook])
+        .output()
+        .context("running tc")?;
+    if !out.status.success() || out.stdout.trim_ascii().is_empty() {
+        return Ok(Vec::new());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("tc -j: {}", String::from_utf8_lossy(&out.stdout)))?;
+    let mut shown = Vec::new();
+    for f in v.as_array().into_iter().flatten() {
+        // tc lists each priority's chain head without options: skip it.
+        let Some(o) = f.get("options") else { continue };
+        let handle = o
+            .get("handle")
+            .and_then(|h| h.as_str())
+            .and_then(|h| u32::from_str_radix(h.trim_start_matches("0x"), 16).ok())
+            .unwrap_or(0);
+        shown.push(ShownFilter {
+            pref: f.get("pref").and_then(|p| p.as_u64()).unwrap_or(0),
+            handle,
+            name: o
+                .get("bpf_name")
+                .and_then(|n| n.as_str())
+                .unwrap_or_default()
+                .to_string(),
+            prog_id: o
+                .get("prog")
+                .and_then(|p| p.get("id"))
+                .and_then(|i| i.as_u64())
+                .unwrap_or(0),
+        });
+    }
+    Ok(shown)
+}
+
+/// palisade's filters (its priority and handle) on `ifname`: those on tc
+/// ingress (the pod's egress program), then on tc egress.
+pub fn palisade_filters(ns: &NetNs, ifname: &str) -> Result<[Vec<ShownFilter>; 2]> {
+    use palisade_dataplane::hooks::{FILTER_HANDLE, FILTER_PRIORITY};
+    let ours = |hook| -> Result<Vec<ShownFilter>> {
+        Ok(tc_filters(ns, ifname, hook)?
+            .into_iter()
+            .filter(|f| {
+                f.pref == u64::from(FILTER_PRIORITY) && f.handle == u32::from(FILTER_HANDLE)
+            })
+            .collect())
+    };
+    Ok([ours("ingress")?, ours("egress")?])
+}
+
 /// One pod: its namespace, address and the host-side veth in the node.
 pub struct Pod {
     pub ns: NetNs,

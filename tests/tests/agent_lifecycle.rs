@@ -49,15 +49,7 @@ fn sigterm_stops_gracefully_and_enforcement_stays() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
-    let scratch = Scratch::new(
-        "palisade-life-",
-        &[("pods.yaml", PODS), ("policy.yaml", ALLOW_8080)],
-    )?;
-    let mut node = Node::new(GW)?;
-    node.add_pod(CLIENT)?;
-    node.add_pod(SERVER)?;
-    tcp_echo_server(&node.pods[1].ns, 8080)?;
-    tcp_echo_server(&node.pods[1].ns, 9090)?;
+    let (scratch, node) = client_and_server("palisade-life-")?;
 
     let mut agent = scratch.agent(&node.ns, &["--metrics-addr", "off"])?;
     agent.register("life", "client", &node.pods[0])?;
@@ -250,6 +242,37 @@ fn registrations_are_checked_against_the_caller_the_veth_pair_and_the_pool() -> 
     Ok(())
 }
 
+/// A client and a server (echoing on 8080 and 9090) on one node, and the
+/// manifests allowing client -> server:8080.
+fn client_and_server(prefix: &str) -> Result<(Scratch, Node)> {
+    let scratch = Scratch::new(prefix, &[("pods.yaml", PODS), ("policy.yaml", ALLOW_8080)])?;
+    let mut node = Node::new(GW)?;
+    node.add_pod(CLIENT)?;
+    node.add_pod(SERVER)?;
+    tcp_echo_server(&node.pods[1].ns, 8080)?;
+    tcp_echo_server(&node.pods[1].ns, 9090)?;
+    Ok((scratch, node))
+}
+
+/// Someone else's pass-everything program on the server's host veth, at
+/// `hooks` (through TCX); kept attached while the result lives.
+fn pass_all_on_server(
+    node: &Node,
+    hooks: &'static [aya::programs::TcAttachType],
+) -> Result<(PinRoot, aya::programs::SchedClassifier)> {
+    let other = PinRoot::new()?;
+    let prog = palisade_dataplane::testrun::load_pass_all(other.pins.root())?;
+    let host_if = node.pods[1].host_if.clone();
+    let prog = node.ns.enter(move || -> Result<_> {
+        let mut prog = prog;
+        for hook in hooks {
+            prog.attach(&host_if, *hook)?;
+        }
+        Ok(prog)
+    })??;
+    Ok((other, prog))
+}
+
 /// Issue 17: palisade's programs run first on a pod's interface. A program
 /// already attached there (another CNI's, a leftover) that answers
 /// TC_ACT_OK would end the TCX chain before policy; attached after it,
@@ -260,27 +283,9 @@ fn palisade_runs_before_programs_already_on_the_interface() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
-    let scratch = Scratch::new(
-        "palisade-order-",
-        &[("pods.yaml", PODS), ("policy.yaml", ALLOW_8080)],
-    )?;
-    let mut node = Node::new(GW)?;
-    node.add_pod(CLIENT)?;
-    node.add_pod(SERVER)?;
-    tcp_echo_server(&node.pods[1].ns, 8080)?;
-    tcp_echo_server(&node.pods[1].ns, 9090)?;
-
-    // Someone else's pass-everything program, on both hooks of the
-    // server's host veth before palisade attaches.
-    let other = PinRoot::new()?;
-    let prog = palisade_dataplane::testrun::load_pass_all(other.pins.root())?;
-    let host_if = node.pods[1].host_if.clone();
-    let _prog = node.ns.enter(move || -> Result<_> {
-        let mut prog = prog;
-        prog.attach(&host_if, TcAttachType::Ingress)?;
-        prog.attach(&host_if, TcAttachType::Egress)?;
-        Ok(prog)
-    })??;
+    let (scratch, node) = client_and_server("palisade-order-")?;
+    // On both hooks of the server's host veth before palisade attaches.
+    let _other = pass_all_on_server(&node, &[TcAttachType::Ingress, TcAttachType::Egress])?;
 
     let agent = scratch.agent(&node.ns, &["--metrics-addr", "off"])?;
     agent.register("life", "client", &node.pods[0])?;
@@ -289,6 +294,64 @@ fn palisade_runs_before_programs_already_on_the_interface() -> Result<()> {
     assert!(
         !tcp_connects(&node.pods[0].ns, SERVER, 9090, 300)?,
         "a program attached earlier let 9090 past the policy"
+    );
+    drop(agent);
+    drop(node);
+    Ok(())
+}
+
+/// The same program attached *after* palisade's filter: TCX runs before
+/// any filter, so it would take the server's packets past policy. The
+/// agent's endpoint check notices and moves palisade's program into the
+/// TCX chain, ahead of it.
+#[test]
+fn palisade_overtakes_a_tcx_program_attached_after_it() -> Result<()> {
+    use aya::programs::TcAttachType;
+    if !require_root() {
+        return Ok(());
+    }
+    let (scratch, node) = client_and_server("palisade-order-late-")?;
+    let agent = scratch.agent(
+        &node.ns,
+        &[
+            "--metrics-addr",
+            "off",
+            "--endpoint-check-interval",
+            "200ms",
+        ],
+    )?;
+    agent.register("life", "client", &node.pods[0])?;
+    agent.register("life", "server", &node.pods[1])?;
+    assert!(!tcp_connects(&node.pods[0].ns, SERVER, 9090, 300)?);
+
+    // On the server's tc egress (its ingress path), after palisade.
+    let _other = pass_all_on_server(&node, &[TcAttachType::Egress])?;
+    let host_if = node.pods[1].host_if.clone();
+    let order = move || -> Result<Vec<String>> {
+        Ok(
+            aya::programs::SchedClassifier::query_tcx(&host_if, TcAttachType::Egress)?
+                .1
+                .iter()
+                .map(|p| p.name_as_str().unwrap_or_default().to_string())
+                .collect(),
+        )
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let now = node.ns.enter(order.clone())??;
+        if now.first().map(String::as_str) == Some("pod_ingress") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "palisade is not first on the server's veth: {now:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(tcp_connects(&node.pods[0].ns, SERVER, 8080, 2000)?);
+    assert!(
+        !tcp_connects(&node.pods[0].ns, SERVER, 9090, 300)?,
+        "a program attached later let 9090 past the policy"
     );
     drop(agent);
     drop(node);

@@ -1,7 +1,7 @@
 //! kill -9 the agent while a TCP stream runs and a denied probe repeats:
 //! the stream is not interrupted, the probe stays denied throughout, and
-//! the restarted agent adopts the pinned state and applies a policy change
-//! made while it was down.
+//! the restarted agent adopts the pinned state, swaps its programs into
+//! the pods' filters, and applies a policy change made while it was down.
 use std::{
     io::{Read, Write},
     net::{Ipv4Addr, TcpStream},
@@ -143,6 +143,15 @@ fn kill_dash_nine_keeps_enforcing_and_the_restarted_agent_adopts() -> Result<()>
     };
 
     std::thread::sleep(Duration::from_millis(500));
+    let hooked = |node: &Node| -> Result<Vec<u64>> {
+        let [e, i] = palisade_filters(&node.ns, &node.pods[1].host_if)?;
+        anyhow::ensure!(
+            e.len() == 1 && i.len() == 1,
+            "one filter per hook: {e:?} {i:?}"
+        );
+        Ok(vec![e[0].prog_id, i[0].prog_id])
+    };
+    let before_kill = hooked(&node)?;
     agent.kill9()?;
     // Changed while the agent is down.
     write_manifest(&scratch.manifests, "policy-other.yaml", ALLOW_OTHER_9090)?;
@@ -176,6 +185,11 @@ fn kill_dash_nine_keeps_enforcing_and_the_restarted_agent_adopts() -> Result<()>
     );
     let st = agent.status()?;
     assert_eq!(st.endpoints.len(), 3, "endpoints adopted: {st:?}");
+    let after = hooked(&node)?;
+    assert!(
+        after.iter().zip(&before_kill).all(|(a, b)| a != b),
+        "the restarted agent's programs replace the filters' ({before_kill:?} -> {after:?})"
+    );
     assert!(
         tcp_connects(&node.pods[2].ns, SERVER, 9090, 2000)?,
         "policy made while down not applied"

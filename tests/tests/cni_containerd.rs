@@ -962,8 +962,14 @@ fn lifecycle(conflist: &str, host_if: &str, ipam_sub: &str, image: bool) -> Resu
         assert_eq!(e.1, s.ip, "{pod}");
         assert!(e.2.starts_with(host_if), "{e:?}");
     }
-    let pins = pod_link_pins(&pin_root)?;
-    ensure!(pins.len() >= 6, "two TCX links per pod pinned: {pins:?}");
+    // Each pod's host veth carries palisade's filter on both hooks.
+    for e in &eps {
+        let [egress, ingress] = palisade_tests::palisade_filters(&n.node, &e.2)?;
+        ensure!(
+            egress.len() == 1 && ingress.len() == 1,
+            "{e:?}: {egress:?} {ingress:?}"
+        );
+    }
 
     assert!(connects(&good, &server)?, "allowed by allow-ok");
     assert!(!connects(&bad, &server)?, "denied by default-deny");

@@ -46,6 +46,7 @@ impl Rig {
         let pins = PinRoot::new()?;
         let cfg = DatapathConfig {
             pins: pins.pins.clone(),
+            pod_hook: Default::default(),
             sizes: MapSizes {
                 endpoints: 64,
                 ipcache: 64,

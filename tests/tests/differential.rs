@@ -1325,6 +1325,7 @@ fn kernel_and_reference_agree_on_random_policies_and_packets() -> Result<()> {
     let cfg = DatapathConfig {
         pins: pins.pins.clone(),
         sizes,
+        pod_hook: Default::default(),
     };
     // test_run resolves the ifindex in the caller's namespace: run there.
     let report = ns.enter(move || -> Result<Report> {
@@ -1633,6 +1634,7 @@ fn fuzzed_frames_get_the_reference_verdict_and_never_break_the_invariants() -> R
     let names = ns.veth_pairs("f", VETH_PAIRS)?;
     let cfg = DatapathConfig {
         pins: pins.pins.clone(),
+        pod_hook: Default::default(),
         sizes: MapSizes {
             endpoints: 256,
             ipcache: 4096,

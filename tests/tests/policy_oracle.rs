@@ -569,6 +569,7 @@ fn kernel_verdicts_match_the_networkpolicy_oracle() -> Result<()> {
     let names = ns.veth_pairs("o", VETH_PAIRS)?;
     let cfg = DatapathConfig {
         pins: pins.pins.clone(),
+        pod_hook: Default::default(),
         sizes: MapSizes {
             endpoints: 64,
             ipcache: 1024,

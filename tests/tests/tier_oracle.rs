@@ -633,6 +633,7 @@ fn kernel_verdicts_match_the_cluster_network_policy_oracle() -> Result<()> {
     let names = ns.veth_pairs("t", VETH_PAIRS)?;
     let cfg = DatapathConfig {
         pins: pins.pins.clone(),
+        pod_hook: Default::default(),
         sizes: MapSizes {
             endpoints: 64,
             ipcache: 1024,

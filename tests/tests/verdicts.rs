@@ -154,6 +154,7 @@ impl Rig {
         let cfg = DatapathConfig {
             pins: pins.pins.clone(),
             sizes,
+            pod_hook: Default::default(),
         };
         let mut dp = Datapath::load(&cfg)?;
         let mut maps = dp.take_maps()?;

@@ -44,6 +44,7 @@ impl Scratch {
             xdp_uplinks: Vec::new(),
             xdp_deny: Vec::new(),
             map_sizes: Default::default(),
+            pod_hook: Default::default(),
             verify_interval: None,
             verify_readiness: false,
             routing: crate::routing::Mode::None,

@@ -13,6 +13,7 @@
 pub mod dns;
 pub mod events;
 pub mod handles;
+pub mod hooks;
 pub mod loader;
 pub mod maps;
 pub mod packet;
@@ -33,6 +34,7 @@ mod testrun {
 }
 
 pub use handles::{ConntrackGc, GcPass, StatsReader};
+pub use hooks::PodHook;
 pub use loader::{Datapath, DatapathConfig};
 pub use maps::{Counters, Maps};
 pub use pins::Pins;

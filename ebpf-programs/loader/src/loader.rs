@@ -1,8 +1,8 @@
 //! Loads palisade's object, adopting pinned maps, and attaches programs to
-//! pod veths through pinned TCX links. Links are pinned so they outlive the
-//! agent: a restarted agent (also after kill -9) finds them, and swaps its
-//! freshly loaded programs in atomically with `attach_to_link`, so the
-//! interface is never without a program.
+//! pod veths (`hooks`: a `cls_bpf` filter, or a pinned TCX link where the
+//! hook already runs TCX programs). Both outlive the agent: a restarted
+//! agent (also after kill -9) finds them and swaps its freshly loaded
+//! programs in atomically, so the interface is never without a program.
 use std::{ffi::CString, fs, io, path::Path};
 
 use aya::{
@@ -18,18 +18,26 @@ use log::{debug, warn};
 use palisade_common::{maps as names, programs, DIR_EGRESS, DIR_INGRESS};
 
 pub use crate::sizes::MapSizes;
-use crate::{maps::Maps, object, pins::Pins, Error};
+use crate::{
+    hooks::{self, Hooked, PodHook},
+    maps::Maps,
+    object,
+    pins::Pins,
+    Error,
+};
 
 #[derive(Clone, Debug, Default)]
 pub struct DatapathConfig {
     pub pins: Pins,
     pub sizes: MapSizes,
+    pub pod_hook: PodHook,
 }
 
 pub struct Datapath {
     ebpf: Ebpf,
     pins: Pins,
     sizes: MapSizes,
+    pod_hook: PodHook,
 }
 
 /// The programs the pod programs tail-call, by `PROGRAMS` slot.
@@ -134,6 +142,7 @@ impl Datapath {
             ebpf,
             pins: cfg.pins.clone(),
             sizes: cfg.sizes.clone(),
+            pod_hook: cfg.pod_hook,
         })
     }
 
@@ -159,16 +168,57 @@ impl Datapath {
     }
 
     /// Attach both policy programs to a pod's host-side interface and
-    /// return its ifindex. Idempotent: an existing pinned link is reused and
-    /// gets this instance's program swapped in atomically.
+    /// return its ifindex. Idempotent: a filter or pinned link of ours
+    /// already there gets this instance's program swapped in atomically.
     pub fn attach_pod(&mut self, ifname: &str) -> Result<u32, Error> {
+        self.attach_pod_via(ifname).map(|(ifindex, _)| ifindex)
+    }
+
+    /// `attach_pod`, also saying how each hook (egress, ingress) was made.
+    pub fn attach_pod_via(&mut self, ifname: &str) -> Result<(u32, [Hooked; 2]), Error> {
         let ifindex = ifindex(ifname)?;
-        for (name, hook, dir) in POD_HOOKS {
+        let mut via = [Hooked::Filter; 2];
+        let mut clsact = false;
+        for (i, (name, hook, dir)) in POD_HOOKS.into_iter().enumerate() {
             let path = self.pins.link(ifindex, dir);
             let prog = classifier(&mut self.ebpf, name)?;
-            attach_tc(prog, name, ifname, hook, &path)?;
+            let tcx =
+                self.pod_hook == PodHook::Tcx || path.exists() || hooks::tcx_occupied(ifname, hook);
+            if tcx {
+                attach_tc(prog, name, ifname, hook, &path)?;
+                // A filter of ours left from before would run second.
+                hooks::delete_filter(ifname, hook)
+                    .map_err(|source| Error::Program { name, source })?;
+                via[i] = Hooked::Tcx;
+            } else {
+                if !clsact {
+                    hooks::ensure_clsact(ifname, name)?;
+                    clsact = true;
+                }
+                hooks::attach_filter(prog, name, ifname, hook)?;
+            }
         }
-        Ok(ifindex)
+        Ok((ifindex, via))
+    }
+
+    /// A TCX program attached to a hook after palisade's filter runs before
+    /// it, and one answering anything but TCX_NEXT would take the packet
+    /// past policy. Where that happened, palisade's program moves into TCX,
+    /// first in that chain, and the filter goes. Whether anything moved.
+    pub fn keep_first(&mut self, ifname: &str) -> Result<bool, Error> {
+        let ifindex = ifindex(ifname)?;
+        let mut moved = false;
+        for (name, hook, dir) in POD_HOOKS {
+            let path = self.pins.link(ifindex, dir);
+            if path.exists() || !hooks::tcx_occupied(ifname, hook) {
+                continue;
+            }
+            let prog = classifier(&mut self.ebpf, name)?;
+            attach_tc(prog, name, ifname, hook, &path)?;
+            hooks::delete_filter(ifname, hook).map_err(|source| Error::Program { name, source })?;
+            moved = true;
+        }
+        Ok(moved)
     }
 
     /// Detach both programs from an interface (gone or not). Keeps going
@@ -180,12 +230,21 @@ impl Datapath {
                 first.get_or_insert(e);
             }
         }
+        // A gone interface took its filters with it.
+        if let Some(ifname) = hooks::ifname(ifindex) {
+            for (name, hook, _) in POD_HOOKS {
+                if let Err(source) = hooks::delete_filter(&ifname, hook) {
+                    first.get_or_insert(Error::Program { name, source });
+                }
+            }
+        }
         first.map_or(Ok(()), Err)
     }
 
-    /// After a restart: move every pinned pod link onto this instance's
-    /// programs, and drop the pins of links whose interface is gone.
-    /// Returns the ifindexes that are still attached.
+    /// After a restart: move every pod hook of ours (pinned links, and
+    /// filters found by handle on this namespace's interfaces) onto this
+    /// instance's programs, and drop the pins of links whose interface is
+    /// gone. Returns the ifindexes that are still attached.
     pub fn adopt_links(&mut self) -> Result<Vec<u32>, Error> {
         let mut live = Vec::new();
         for (ifindex, dir) in self.pins.pinned_links() {
@@ -205,6 +264,16 @@ impl Datapath {
                 Err(e) => {
                     warn!("dropping stale link {}: {e}", path.display());
                     let _ = unpin_link(&path);
+                }
+            }
+        }
+        for (ifindex, ifname) in hooks::interfaces() {
+            for (name, hook, _) in POD_HOOKS {
+                let prog = classifier(&mut self.ebpf, name)?;
+                match hooks::replace_filter(prog, name, &ifname, hook) {
+                    Ok(true) if !live.contains(&ifindex) => live.push(ifindex),
+                    Ok(_) => {}
+                    Err(e) => warn!("adopting the filter on {ifname}: {e}"),
                 }
             }
         }
@@ -251,7 +320,8 @@ impl Datapath {
 }
 
 /// Remove everything palisade pinned under `pins` (links first, so the
-/// programs detach, then maps). For tests and `palisade-agent cleanup`.
+/// programs detach, then maps). For tests and `palisade-agent cleanup`
+/// (which also calls `remove_filters`).
 pub fn remove_all(pins: &Pins) -> Result<(), Error> {
     let io = |what: String| move |source| Error::Io { what, source };
     if let Ok(rd) = fs::read_dir(pins.links_dir()) {
@@ -264,6 +334,26 @@ pub fn remove_all(pins: &Pins) -> Result<(), Error> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(io(format!("removing {}", pins.root().display()))(e)),
     }
+}
+
+/// Delete palisade's pod filters from every interface of this network
+/// namespace; returns how many interfaces had one.
+pub fn remove_filters() -> Result<usize, Error> {
+    let mut n = 0;
+    for (ifindex, ifname) in hooks::interfaces() {
+        let mut had = false;
+        for (name, hook, _) in POD_HOOKS {
+            match hooks::delete_filter(&ifname, hook) {
+                Ok(d) => had |= d,
+                Err(source) => return Err(Error::Program { name, source }),
+            }
+        }
+        if had {
+            debug!("removed palisade's filters from {ifname} ({ifindex})");
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 pub(crate) fn classifier<'a>(
