@@ -71,26 +71,6 @@ impl Netlink {
         Self::from_fd(socket.into_raw_fd())
     }
 
-    /// A socket in the network namespace whose file is `path` (a pod's),
-    /// opened from a short-lived thread that entered it: setns moves only
-    /// the calling thread, and the socket stays bound to that namespace.
-    pub fn in_netns(path: &str) -> Result<Self> {
-        let ns = std::fs::File::open(path).with_context(|| format!("opening netns {path}"))?;
-        let fd = std::thread::scope(|s| {
-            s.spawn(|| -> std::io::Result<RawFd> {
-                // SAFETY: a valid namespace fd; only this thread moves.
-                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(Socket::new(NETLINK_ROUTE)?.into_raw_fd())
-            })
-            .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("netns thread panicked")))
-        })
-        .with_context(|| format!("opening a netlink socket in {path}"))?;
-        Self::from_fd(fd)
-    }
-
     fn from_fd(fd: RawFd) -> Result<Self> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_io()
@@ -309,40 +289,6 @@ impl Netlink {
         }
     }
 
-    /// `name` if it is a veth: (its ifindex, IFLA_LINK: its peer's ifindex
-    /// in the peer's namespace). `None` when absent; an error for another
-    /// kind of link.
-    pub fn veth(&self, name: &str) -> Result<Option<(u32, Option<u32>)>> {
-        Ok(self.veth_info(name)?.map(|(i, p, _)| (i, p)))
-    }
-
-    /// As [`Self::veth`], and whether the peer lives in another network
-    /// namespace (IFLA_LINK_NETNSID present).
-    fn veth_info(&self, name: &str) -> Result<Option<(u32, Option<u32>, bool)>> {
-        let Some(m) = self.link(name)? else {
-            return Ok(None);
-        };
-        let mut veth = false;
-        let mut peer = None;
-        let mut elsewhere = false;
-        for a in &m.attributes {
-            match a {
-                LinkAttribute::LinkNetNsId(_) => elsewhere = true,
-                LinkAttribute::Link(i) => peer = Some(*i),
-                LinkAttribute::LinkInfo(infos) => {
-                    veth |= infos
-                        .iter()
-                        .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
-                }
-                _ => {}
-            }
-        }
-        if !veth {
-            return Err(anyhow!("{name} is not a veth"));
-        }
-        Ok(Some((m.header.index, peer, elsewhere)))
-    }
-
     /// The ifindex of `name`, if it exists.
     pub fn ifindex(&self, name: &str) -> Result<Option<u32>> {
         Ok(self.link(name)?.map(|m| m.header.index))
@@ -479,20 +425,12 @@ impl Netlink {
 /// is never taken). Keeps a local process from having the agent attach to
 /// (and vouch for) an interface that is not the pod's.
 pub fn check_veth_pair(host_ifname: &str, netns: &str, ifname: &str) -> Result<()> {
-    // On a thread of its own: the caller (the owner thread) may be inside
-    // a tokio context, where our runtimes cannot block.
-    std::thread::scope(|s| {
-        s.spawn(|| veth_pair(host_ifname, netns, ifname))
-            .join()
-            .unwrap_or_else(|_| Err(anyhow!("the veth check panicked")))
-    })
-}
-
-fn veth_pair(host_ifname: &str, netns: &str, ifname: &str) -> Result<()> {
-    let host = Netlink::open()?;
-    let (h, h_peer, elsewhere) = host
-        .veth_info(host_ifname)?
-        .ok_or_else(|| anyhow!("no interface {host_ifname} on the node"))?;
+    let host = Socket::new(NETLINK_ROUTE).context("opening a netlink socket")?;
+    let (h, h_peer, elsewhere) = veth_attrs(
+        &link_blocking(&host, host_ifname)?
+            .ok_or_else(|| anyhow!("no interface {host_ifname} on the node"))?,
+        host_ifname,
+    )?;
     // An agent in a container sees the runtime's netns files only where
     // they are mounted in (the DaemonSet mounts /var/run/netns). Without
     // the file, what can be checked from here is that the interface is a
@@ -508,15 +446,100 @@ fn veth_pair(host_ifname: &str, netns: &str, ifname: &str) -> Result<()> {
             "{host_ifname} is not a veth into another namespace (and {netns} is not visible to the agent)"
         ));
     }
-    let pod = Netlink::in_netns(netns)?;
-    let (p, p_peer) = pod
-        .veth(ifname)
-        .with_context(|| format!("in {netns}"))?
-        .ok_or_else(|| anyhow!("no interface {ifname} in {netns}"))?;
+    let pod = socket_in(netns)?;
+    let (p, p_peer, _) = veth_attrs(
+        &link_blocking(&pod, ifname)
+            .with_context(|| format!("in {netns}"))?
+            .ok_or_else(|| anyhow!("no interface {ifname} in {netns}"))?,
+        ifname,
+    )?;
     if h_peer != Some(p) || p_peer != Some(h) {
         return Err(anyhow!(
             "{host_ifname} (ifindex {h}, peer {h_peer:?}) and {ifname} in {netns} (ifindex {p}, peer {p_peer:?}) are not one veth pair"
         ));
     }
     Ok(())
+}
+
+/// A netlink socket in the network namespace whose file is `path` (a
+/// pod's), opened from a short-lived thread that entered it: setns moves
+/// only the calling thread, and the socket stays bound to that namespace.
+fn socket_in(path: &str) -> Result<Socket> {
+    let ns = std::fs::File::open(path).with_context(|| format!("opening netns {path}"))?;
+    let fd = std::thread::scope(|s| {
+        s.spawn(|| -> std::io::Result<RawFd> {
+            // SAFETY: a valid namespace fd; only this thread moves.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(Socket::new(NETLINK_ROUTE)?.into_raw_fd())
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("netns thread panicked")))
+    })
+    .with_context(|| format!("opening a netlink socket in {path}"))?;
+    // SAFETY: `fd` is the netlink socket just made, owned by nobody else.
+    Ok(unsafe { Socket::from_raw_fd(fd) })
+}
+
+/// The link called `name`, asked with one blocking request on a plain
+/// socket. The pair check runs for every registration on the agent's
+/// owner thread, where a runtime and a thread per call (rtnetlink's way)
+/// cost more than the check itself.
+fn link_blocking(sock: &Socket, name: &str) -> Result<Option<LinkMessage>> {
+    use rtnetlink::packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
+    use rtnetlink::packet_route::RouteNetlinkMessage;
+    let mut m = LinkMessage::default();
+    m.attributes.push(LinkAttribute::IfName(name.to_string()));
+    let mut req = NetlinkMessage::new(
+        NetlinkHeader::default(),
+        NetlinkPayload::from(RouteNetlinkMessage::GetLink(m)),
+    );
+    req.header.flags = NLM_F_REQUEST;
+    req.header.sequence_number = 1;
+    req.finalize();
+    let mut buf = vec![0u8; req.buffer_len()];
+    req.serialize(&mut buf);
+    sock.send(&buf, 0)
+        .with_context(|| format!("asking for link {name}"))?;
+    let mut reply = Vec::with_capacity(32 * 1024);
+    let n = sock
+        .recv(&mut reply, 0)
+        .with_context(|| format!("reading link {name}"))?;
+    let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&reply[..n])
+        .map_err(|e| anyhow!("parsing the answer for link {name}: {e}"))?;
+    match msg.payload {
+        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => Ok(Some(l)),
+        NetlinkPayload::Error(e) => match e.code.map(|c| -c.get()) {
+            Some(libc::ENODEV) | Some(libc::ENOENT) => Ok(None),
+            _ => Err(anyhow!("looking up link {name}: {e}")),
+        },
+        other => Err(anyhow!(
+            "looking up link {name}: unexpected answer {other:?}"
+        )),
+    }
+}
+
+/// (ifindex, peer ifindex, is the peer in another namespace) of a veth;
+/// an error when `m` is not one.
+fn veth_attrs(m: &LinkMessage, name: &str) -> Result<(u32, Option<u32>, bool)> {
+    let mut veth = false;
+    let mut peer = None;
+    let mut elsewhere = false;
+    for a in &m.attributes {
+        match a {
+            LinkAttribute::LinkNetNsId(_) => elsewhere = true,
+            LinkAttribute::Link(i) => peer = Some(*i),
+            LinkAttribute::LinkInfo(infos) => {
+                veth |= infos
+                    .iter()
+                    .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
+            }
+            _ => {}
+        }
+    }
+    if !veth {
+        return Err(anyhow!("{name} is not a veth"));
+    }
+    Ok((m.header.index, peer, elsewhere))
 }
