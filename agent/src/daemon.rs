@@ -366,8 +366,7 @@ impl Agent {
             );
             self.deregister(&e.registration.container_id)?;
         }
-        let live: Vec<Entry> = self.registry.iter().cloned().collect();
-        for e in live {
+        for e in self.registry.iter() {
             let ifname = &e.registration.host_ifname;
             match self.dp.keep_first(ifname) {
                 Ok(false) => {}

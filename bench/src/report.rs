@@ -800,10 +800,9 @@ pub fn targets(r: &Results) -> Vec<Target> {
     // 4.
     match &r.cni {
         Some(c) => {
-            let measured = c
-                .runs
-                .iter()
-                .filter(|r| !r.model.contains("stub") && r.model != crate::cni::TCX_MODEL);
+            let measured = c.runs.iter().filter(|r| {
+                ![crate::cni::STUB_MODEL, crate::cni::TCX_MODEL].contains(&r.model.as_str())
+            });
             for run in measured {
                 let p50 = median(&run.add_ms).unwrap_or(f64::NAN);
                 let p99 = percentile(&run.add_ms, 99.0).unwrap_or(f64::NAN);

@@ -166,14 +166,13 @@ pub struct ShownFilter {
 }
 
 /// The bpf filters on `ifname`'s `hook` ("ingress" or "egress") inside
-/// `ns`; none when the interface has no clsact qdisc.
+/// `ns`; none when the interface has no clsact qdisc. An interface that
+/// is not there is an error, never an empty list.
 pub fn tc_filters(ns: &NetNs, ifname: &str, hook: &str) -> Result<Vec<ShownFilter>> {
-    let out = ns
+    let out = run(ns
         .cmd("tc")
-        .args(["-j", "filter", "show", "dev", ifname, hook])
-        .output()
-        .context("running tc")?;
-    if !out.status.success() || out.stdout.trim_ascii().is_empty() {
+        .args(["-j", "filter", "show", "dev", ifname, hook]))?;
+    if out.stdout.trim_ascii().is_empty() {
         return Ok(Vec::new());
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)

@@ -185,10 +185,7 @@ impl Datapath {
             let tcx =
                 self.pod_hook == PodHook::Tcx || path.exists() || hooks::tcx_occupied(ifname, hook);
             if tcx {
-                attach_tc(prog, name, ifname, hook, &path)?;
-                // A filter of ours left from before would run second.
-                hooks::delete_filter(ifname, hook)
-                    .map_err(|source| Error::Program { name, source })?;
+                into_tcx(prog, name, ifname, hook, &path)?;
                 via[i] = Hooked::Tcx;
             } else {
                 if !clsact {
@@ -214,8 +211,7 @@ impl Datapath {
                 continue;
             }
             let prog = classifier(&mut self.ebpf, name)?;
-            attach_tc(prog, name, ifname, hook, &path)?;
-            hooks::delete_filter(ifname, hook).map_err(|source| Error::Program { name, source })?;
+            into_tcx(prog, name, ifname, hook, &path)?;
             moved = true;
         }
         Ok(moved)
@@ -412,6 +408,21 @@ fn attach_tc(
         path: path_str(path),
         source,
     })?;
+    Ok(())
+}
+
+/// Hook `prog` at `hook` through TCX, first in the chain (the pinned link
+/// at `path`), and delete a filter of ours there: behind TCX it would run
+/// second.
+fn into_tcx(
+    prog: &mut SchedClassifier,
+    name: &'static str,
+    ifname: &str,
+    hook: TcAttachType,
+    path: &Path,
+) -> Result<(), Error> {
+    attach_tc(prog, name, ifname, hook, path)?;
+    hooks::delete_filter(ifname, hook).map_err(|source| Error::Program { name, source })?;
     Ok(())
 }
 
