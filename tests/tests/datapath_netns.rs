@@ -259,9 +259,8 @@ fn gc_removes_expired_conntrack_and_fragment_entries_only() -> Result<()> {
         cookie: 0,
         tcp_state: 3,
         flags: 0,
-        _pad: 0,
         generation: 0,
-        _pad2: 0,
+        ..CtValue::default()
     };
     maps.insert_conntrack(ct(1000), value(now - 1))?;
     maps.insert_conntrack(ct(1001), value(now + 60_000_000_000))?;

@@ -460,9 +460,8 @@ fn gen_policy_set(rng: &mut StdRng, ifindexes: &[u32], now: u64) -> PolicySet {
                 cookie: rng.gen_range(0..1000),
                 tcp_state: rng.gen_range(0..=5),
                 flags,
-                _pad: 0,
                 generation: rng.gen_range(0..3),
-                _pad2: 0,
+                ..CtValue::default()
             };
             set.ct.push((k, v));
         }

@@ -6,7 +6,8 @@ use std::net::Ipv4Addr;
 use anyhow::Result;
 use palisade_common::{
     service::{SvcBackend, SvcBackendKey, SvcFrontend, SvcFrontendKey},
-    EndpointInfo, IpcacheValue, IDENTITY_WORLD, PROTO_TCP, PROTO_UDP,
+    CtValue, EndpointInfo, IpcacheValue, CT_SVC_FWD, CT_SVC_NAT, IDENTITY_WORLD, PROTO_TCP,
+    PROTO_UDP,
 };
 use palisade_dataplane::{
     maps::be,
@@ -163,6 +164,35 @@ fn translation_rewrites_headers_with_valid_checksums_both_ways() -> Result<()> {
             "proto {proto}: {back:02x?}"
         );
     }
+
+    // Each flow's translation lives in its two conntrack entries (the
+    // original tuple's holds the backend, the translated tuple's the
+    // ClusterIP:port); no translation map entry was written.
+    let entries = maps.conntrack_entries()?;
+    for (id, proto, sport, tport) in [(1, PROTO_TCP, 80u16, 8080u16), (2, PROTO_UDP, 53, 5353)] {
+        let entry = |daddr: Ipv4Addr, dport: u16| {
+            let k = entries.iter().find(|(k, _)| {
+                (k.protocol, k.daddr, k.dport_be) == (proto, be(daddr), dport.to_be())
+            });
+            k.map(|(_, v)| *v)
+                .unwrap_or_else(|| panic!("no entry to {daddr}:{dport}: {entries:?}"))
+        };
+        let (fwd, tr) = (entry(VIP, sport), entry(BACKEND, tport));
+        let nat = |v: CtValue| {
+            (
+                v.flags & (CT_SVC_NAT | CT_SVC_FWD),
+                v.nat_addr,
+                v.nat_port_be,
+            )
+        };
+        assert_eq!(
+            nat(fwd),
+            (CT_SVC_NAT | CT_SVC_FWD, be(BACKEND), tport.to_be())
+        );
+        assert_eq!(nat(tr), (CT_SVC_NAT, be(VIP), sport.to_be()));
+        assert_eq!((fwd.service_id, tr.service_id), (id, id));
+    }
+    assert_eq!(maps.svc_nat_entries(), vec![]);
 
     // A UDP datagram without a checksum (0) keeps "no checksum".
     let mut bare = Packet::udp(POD, 40002, VIP, 53).with_payload(8).bytes();

@@ -1305,9 +1305,8 @@ fn expired_entries_are_ignored() -> Result<()> {
         cookie: 5,
         tcp_state: TCP_ESTABLISHED,
         flags: 0,
-        _pad: 0,
         generation: 0,
-        _pad2: 0,
+        ..CtValue::default()
     };
     rig.insert_ct(ct_key(&p, DIR_INGRESS), ct(now - 1))?;
     rig.run(DIR_INGRESS, &p)?
@@ -2329,9 +2328,8 @@ fn entries_of_another_endpoint_are_never_used() -> Result<()> {
         cookie: 5,
         tcp_state: TCP_ESTABLISHED,
         flags: 0,
-        _pad: 0,
         generation: 0,
-        _pad2: 0,
+        ..CtValue::default()
     };
     rig.insert_ct(k, v)?;
     rig.run(DIR_INGRESS, &p)?

@@ -789,9 +789,8 @@ pub fn new_ct_entry(
         } else {
             0
         },
-        _pad: 0,
         generation: ep.generation,
-        _pad2: 0,
+        ..CtValue::default()
     }
 }
 

@@ -461,22 +461,42 @@ impl<A: Copy> CtKeyOf<A> {
 /// `CtValue::flags`
 pub const CT_AUDIT: u8 = 1;
 pub const CT_SEEN_REPLY: u8 = 1 << 1;
-/// The flow was translated from a Service frontend (`service`): its
-/// replies are reverse translated through `SVC_NAT`.
+/// The flow was translated from a Service frontend (`service`): both of
+/// its entries carry this flag.
 pub const CT_SVC_NAT: u8 = 1 << 2;
+/// IPv4: the original tuple's entry (client -> ClusterIP) of a translated
+/// flow; its `nat_*` fields hold the backend. Without it, a `CT_SVC_NAT`
+/// entry of IPv4 is the translated tuple's and holds the ClusterIP:port
+/// its replies must come from. (IPv6 keeps both in `SVC_NAT6`.)
+pub const CT_SVC_FWD: u8 = 1 << 3;
+/// IPv4, with `CT_SVC_FWD`: the pod reaches itself through its Service.
+pub const CT_SVC_HAIRPIN: u8 = 1 << 4;
 
+/// `CONNTRACK` and `CONNTRACK6` value.
+///
+/// An IPv4 translated flow's two entries carry its translation, so its
+/// later packets and replies are rewritten from the entry conntrack
+/// already found: no translation map is written when the flow opens or
+/// read per packet (only a hairpin's replies, which meet the pod's own
+/// ingress entry, keep an `SVC_NAT` entry).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtValue {
-    /// bpf_ktime_get_ns() after which the entry is dead.
+    /// ct clock (`bpf_ktime_get_coarse_ns`) after which the entry is dead.
     pub expires_ns: u64,
     pub cookie: u32,
     pub tcp_state: u8,
     pub flags: u8,
-    pub _pad: u16,
+    /// IPv4 `CT_SVC_NAT` entries: the port of `nat_addr` (network order).
+    pub nat_port_be: u16,
     /// `EndpointInfo::generation` the flow was last judged under.
     pub generation: u32,
-    pub _pad2: u32,
+    /// IPv4 `CT_SVC_NAT` entries: the backend (`CT_SVC_FWD`) or the
+    /// ClusterIP (network order).
+    pub nat_addr: u32,
+    /// `CT_SVC_NAT` entries of IPv4: the Service, for flow records.
+    pub service_id: u32,
+    pub _pad: u32,
 }
 
 /// Fragment tracking: non-first fragments inherit the first one's verdict.
@@ -793,7 +813,7 @@ mod tests {
         assert_eq!(size_of::<CtKey>(), 20);
         assert_eq!(size_of::<CtKey6>(), 44);
         assert_eq!(size_of::<FragKey6>(), 44);
-        assert_eq!(size_of::<CtValue>(), 24);
+        assert_eq!(size_of::<CtValue>(), 32);
         assert_eq!(size_of::<FragKey>(), 16);
         assert_eq!(size_of::<FragValue>(), 16);
         assert_eq!(size_of::<FlowEvent>(), 104);

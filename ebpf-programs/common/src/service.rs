@@ -7,18 +7,23 @@
 //!   -> [`SvcFrontend`] (service id, backend count, flags).
 //! - `SVC_BACKENDS` (hash): [`SvcBackendKey`] (service id, slot
 //!   `0..backends`) -> [`SvcBackend`] (pod address, target port).
-//! - `SVC_NAT` (LRU hash): conntrack-style keys -> [`SvcNat`]. Two entries
-//!   per translated flow: the forward one, keyed by the original tuple
-//!   (client -> ClusterIP, scope egress), holds the chosen backend; the
-//!   reverse one, keyed by the reply tuple as the program that reverse
-//!   translates sees it, holds the ClusterIP:port the reply must come from.
-//!   A flow keeps its backend while its conntrack entry (on the translated
-//!   tuple) lives, whatever happens to the backend list meanwhile.
+//! - An IPv4 translated flow's translation lives in its two conntrack
+//!   entries (`CtValue::nat_addr`): the original tuple's (client ->
+//!   ClusterIP, scope egress, `CT_SVC_FWD`) holds the chosen backend, the
+//!   translated tuple's the ClusterIP:port its replies must come from. A
+//!   flow keeps its backend while its original tuple's entry lives,
+//!   whatever happens to the backend list meanwhile.
+//! - `SVC_NAT` (LRU hash): conntrack-style keys -> [`SvcNat`], for what
+//!   the entries cannot carry: a hairpin's reverse translation, keyed by
+//!   the reply as the pod's egress sees it (pod -> [`HAIRPIN_ADDR`]),
+//!   whose conntrack entry is the pod's own ingress one.
 //! - `SVC_AFFINITY` (LRU hash): [`SvcAffinityKey`] (client, service id) ->
 //!   [`SvcAffinity`], for `sessionAffinity: ClientIP` frontends only.
 //!
 //! IPv6 has the same four maps (`SVC_FRONTENDS6`, `SVC_BACKENDS6`,
-//! `SVC_NAT6`, `SVC_AFFINITY6`) with the same roles: the key and value
+//! `SVC_NAT6`, `SVC_AFFINITY6`); `SVC_NAT6` holds both of a flow's
+//! translations (forward, by its original tuple, and reverse, by its
+//! reply), which 16-byte addresses leave no room for in `CtValue`. The key and value
 //! types are generic over the address ([`SvcAddr`]), `*6` aliases for
 //! IPv6. Backend slot keys and service ids are shared: one id space, so a
 //! flow record's `service_id` names its Service whatever the family.
@@ -166,7 +171,7 @@ pub type SvcBackend = SvcBackendOf<u32>;
 pub type SvcBackend6 = SvcBackendOf<Ip6>;
 
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SvcNatOf<A> {
     /// Forward: the backend. Reverse: the ClusterIP.
     pub addr: A,

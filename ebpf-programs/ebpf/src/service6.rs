@@ -133,9 +133,8 @@ pub fn resume(ctx: &TcContext, ep: &EndpointInfo, s: *mut Scratch6) -> bool {
         cookie: sc.cookie,
         tcp_state: 0,
         flags: CT_SVC_NAT,
-        _pad: 0,
         generation: ep.generation,
-        _pad2: 0,
+        ..CtValue::default()
     };
     refresh(&mut v, sc.orig.protocol, sc.flow.tcp_flags, false, sc.now);
     let _ = CONNTRACK6.insert(&sc.orig, &v, 0);
@@ -267,7 +266,7 @@ pub fn track6(ep: &EndpointInfo, s: *mut Scratch6, dir: u8) -> u8 {
         return TRACK_NONE;
     };
     sc.cookie = t.cookie;
-    if t.stale && !rejudge(ep, sc.ifindex, &mut sc.flow, &t, f, sc.now) {
+    if t.stale && !rejudge(ep, sc.ifindex, &mut sc.flow, &t, f, None, sc.now) {
         return TRACK_DROP;
     }
     count::<false>(t.why);

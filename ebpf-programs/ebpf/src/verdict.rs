@@ -25,7 +25,7 @@ use palisade_common::{
     decision::{
         arp_spoofed, ct_key, ct_live, ct_stale, ct_use, decide, drop_if_enforced as enforced_drop,
         empty_key, first_fragment_verdict, foreign_destination, foreign_mac, hard_drop, key_of,
-        later_fragment_verdict, new_ct_entry, own_node_checked, records_entry, refresh, rejudged,
+        later_fragment_verdict, new_ct_entry, own_node_checked, records_entry, rejudged,
         rejudged_entry, remote_addr, spoofed, track, unchecked_source, Addr, Decision, Tracked,
     },
     endpoint_slot, reason,
@@ -37,8 +37,8 @@ use palisade_common::{
         SvcNat, SvcNatOf, HAIRPIN_ADDR, HAIRPIN_PEER, NAT_HAIRPIN,
     },
     slot_read, CtKey, CtKeyOf, CtValue, EndpointInfo, EndpointKey, FragKey, FragValue,
-    IpcacheValue, CT_SVC_NAT, DIR_EGRESS, DIR_INGRESS, IDENTITY_HOST, IDENTITY_REMOTE_NODE,
-    POLICY_PREFIX_FULL, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    IpcacheValue, CT_SVC_FWD, CT_SVC_HAIRPIN, CT_SVC_NAT, DIR_EGRESS, DIR_INGRESS, IDENTITY_HOST,
+    IDENTITY_REMOTE_NODE, POLICY_PREFIX_FULL, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
@@ -72,9 +72,10 @@ pub(crate) trait Family: SvcAddr {
     fn endpoint_of(a: Self) -> Option<u32>;
     /// The ipcache's word on the remote end of a new flow.
     fn peer(dir: u8, remote: Self) -> IpcacheValue;
-    /// The translation of a flow by its original tuple (the family's
-    /// `SVC_NAT`).
-    fn nat_of(k: &CtKeyOf<Self>) -> Option<SvcNatOf<Self>>;
+    /// The translation of a flow by its original tuple's entry `k`, with
+    /// flags `ct_flags`: IPv4 reads it from the entry (`entry`, see
+    /// [`entry_nat`]), IPv6 from `SVC_NAT6`.
+    fn nat_of(k: &CtKeyOf<Self>, ct_flags: u8, entry: Option<&SvcNat>) -> Option<SvcNatOf<Self>>;
     /// `finish`, inlined or as a subprogram of its own (stack frames).
     fn report<const DRY: bool>(ep: &EndpointInfo, ifindex: u32, flow: &Flow<Self>, d: &Decision);
 }
@@ -105,8 +106,8 @@ impl Family for u32 {
         policy_peer(dir, remote, |a| IPCACHE.get(Key::new(32, a)).copied())
     }
     #[inline(always)]
-    fn nat_of(k: &CtKey) -> Option<SvcNat> {
-        lookup(&SVC_NAT, k)
+    fn nat_of(_: &CtKey, ct_flags: u8, entry: Option<&SvcNat>) -> Option<SvcNat> {
+        entry.copied().filter(|_| ct_flags & CT_SVC_FWD != 0)
     }
 }
 
@@ -431,10 +432,11 @@ fn track_and_decide<const DRY: bool>(
     let now = ct_now();
     let mut ct_flags = 0;
     let mut ct_state = 0;
+    let mut n = SvcNat::default();
     let known = if DRY {
         None
     } else {
-        ct_track(
+        ct_track_with(
             ep,
             &flow.key,
             dir,
@@ -442,53 +444,53 @@ fn track_and_decide<const DRY: bool>(
             now,
             &mut ct_flags,
             &mut ct_state,
+            |ct| n = entry_nat(ct),
         )
     };
     if let Some(t) = known {
         let why = t.why;
-        if t.stale && !rejudge(ep, ifindex, flow, &t, ct_flags, now) {
+        if t.stale && !rejudge(ep, ifindex, flow, &t, ct_flags, Some(&n), now) {
             return false;
         }
-        let was_translated = ct_flags & CT_SVC_NAT != 0;
-        if dir == DIR_EGRESS && was_translated {
+        if dir == DIR_EGRESS && ct_flags & CT_SVC_FWD != 0 {
             // A later packet of a translated flow, by its original tuple:
-            // to the backend it was given. Without its translation entry
-            // (evicted) it is a new flow again, below.
-            if let Some(n) = lookup(&SVC_NAT, &flow.key) {
-                count::<DRY>(why);
-                // The translated tuple's entry (replies are matched
-                // against it) follows the handshake and the close; an
-                // established TCP flow's plain segments leave it to the
-                // replies, which refresh it (TCP always answers), so they
-                // cost one conntrack lookup, not two.
-                if t.stale || !translated_entry_idle(flow.key.protocol, ct_state, flow.tcp_flags) {
-                    // (A stale original entry was judged on the translated
-                    // tuple: that entry is brought up to date, or cut, too.)
-                    let tk = translated(&flow.key, n.addr, n.port_be);
-                    let (mut f, mut st) = (0, 0);
-                    if let Some(tt) =
-                        ct_track(ep, &tk, DIR_EGRESS, flow.tcp_flags, now, &mut f, &mut st)
-                    {
-                        if tt.stale {
-                            let mut tf = Flow {
-                                key: tk,
-                                tcp_flags: flow.tcp_flags,
-                                svc: n.service_id,
-                                answerable: false,
-                            };
-                            if !rejudge(ep, ifindex, &mut tf, &tt, f, now) {
-                                let _ = CONNTRACK.remove(&flow.key);
-                                return false;
-                            }
+            // to the backend its entry holds.
+            count::<DRY>(why);
+            // The translated tuple's entry (replies are matched
+            // against it) follows the handshake and the close; an
+            // established TCP flow's plain segments leave it to the
+            // replies, which refresh it (TCP always answers), so they
+            // cost one conntrack lookup, not two.
+            if t.stale || !translated_entry_idle(flow.key.protocol, ct_state, flow.tcp_flags) {
+                // (A stale original entry was judged on the translated
+                // tuple: that entry is brought up to date, or cut, too.)
+                let tk = translated(&flow.key, n.addr, n.port_be);
+                let (mut f, mut st) = (0, 0);
+                if let Some(tt) =
+                    ct_track(ep, &tk, DIR_EGRESS, flow.tcp_flags, now, &mut f, &mut st)
+                {
+                    if tt.stale {
+                        let mut tf = Flow {
+                            key: tk,
+                            tcp_flags: flow.tcp_flags,
+                            svc: n.service_id,
+                            answerable: false,
+                        };
+                        if !rejudge(ep, ifindex, &mut tf, &tt, f, None, now) {
+                            let _ = CONNTRACK.remove(&flow.key);
+                            return false;
                         }
                     }
                 }
-                let orig = flow.key;
-                return translate(ctx, &orig, &n, l4, ifindex, redirect);
             }
+            let orig = flow.key;
+            return translate(ctx, &orig, &n, l4, ifindex, redirect);
         } else {
             count::<DRY>(why);
-            return known_flow(ctx, dir, &flow.key, was_translated, l4, ifindex, redirect);
+            // A reply of a translated flow met the translated tuple's
+            // entry, which holds the ClusterIP:port it must come from.
+            let reverse = (ct_flags & (CT_SVC_NAT | CT_SVC_FWD) == CT_SVC_NAT).then_some(&n);
+            return known_flow(ctx, dir, &flow.key, reverse, l4, ifindex, redirect);
         }
     }
 
@@ -653,10 +655,15 @@ pub(crate) fn charge<A: Family>(
 /// a hairpin (the pod reaching itself through its own Service) as the pod
 /// talking to itself.
 #[inline(always)]
-fn rejudge_decision<A: Family>(ep: &EndpointInfo, k: &CtKeyOf<A>, ct_flags: u8) -> Decision {
+fn rejudge_decision<A: Family>(
+    ep: &EndpointInfo,
+    k: &CtKeyOf<A>,
+    ct_flags: u8,
+    entry: Option<&SvcNat>,
+) -> Decision {
     let mut judged = *k;
     if k.scope == DIR_EGRESS && ct_flags & CT_SVC_NAT != 0 {
-        if let Some(n) = A::nat_of(k) {
+        if let Some(n) = A::nat_of(k, ct_flags, entry) {
             judged = translated(k, n.addr, n.port_be);
         }
     }
@@ -672,18 +679,21 @@ fn rejudge_decision<A: Family>(ep: &EndpointInfo, k: &CtKeyOf<A>, ct_flags: u8) 
 /// the entry is brought up to date and the packet goes on as a known
 /// flow's (true). Denied: the entry is deleted, the packet dropped and
 /// reported (`reason::POLICY_CHANGED`). Only on the first packet after a
-/// change, so it may cost what a new flow costs.
+/// change, so it may cost what a new flow costs. `entry`: the IPv4
+/// translation the entry holds (`entry_nat`).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn rejudge<A: Family>(
     ep: &EndpointInfo,
     ifindex: u32,
     flow: &mut Flow<A>,
     t: &Tracked<A>,
     ct_flags: u8,
+    entry: Option<&SvcNat>,
     now: u64,
 ) -> bool {
     let k = t.key;
-    let d = rejudged(rejudge_decision(ep, &k, ct_flags));
+    let d = rejudged(rejudge_decision(ep, &k, ct_flags, entry));
     if !d.pass {
         A::ct_remove(&k);
         A::report::<false>(ep, ifindex, flow, &d);
@@ -706,18 +716,15 @@ fn known_flow(
     ctx: &TcContext,
     dir: u8,
     key: &CtKey,
-    was_translated: bool,
+    reverse: Option<&SvcNat>,
     l4: usize,
     ifindex: u32,
     redirect: &mut Option<i32>,
 ) -> bool {
-    if dir == DIR_INGRESS && was_translated {
-        return match lookup(&SVC_NAT, key) {
-            Some(n) => service::reverse(ctx, key, &n, l4).is_ok(),
-            // The reverse entry was evicted: the client would drop a
-            // reply from the backend's address anyway.
-            None => true,
-        };
+    if dir == DIR_INGRESS {
+        if let Some(n) = reverse {
+            return service::reverse(ctx, key, n, l4).is_ok();
+        }
     }
     if dir == DIR_EGRESS && key.daddr == HAIRPIN_ADDR {
         if let Some(n) = lookup(&SVC_NAT, key) {
@@ -767,6 +774,22 @@ pub(crate) fn ct_track<A: Family>(
     flags: &mut u8,
     state: &mut u8,
 ) -> Option<Tracked<A>> {
+    ct_track_with(ep, key, dir, tcp_flags, now, flags, state, |_| {})
+}
+
+/// [`ct_track`], and `seen` given the entry that matched.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn ct_track_with<A: Family>(
+    ep: &EndpointInfo,
+    key: &CtKeyOf<A>,
+    dir: u8,
+    tcp_flags: u8,
+    now: u64,
+    flags: &mut u8,
+    state: &mut u8,
+    mut seen: impl FnMut(&CtValue),
+) -> Option<Tracked<A>> {
     let t = track(key, dir, |k, reply| {
         let p = A::ct(k)?;
         // SAFETY: valid map value pointer; concurrent updates of these
@@ -775,6 +798,7 @@ pub(crate) fn ct_track<A: Family>(
         *flags = ct.flags;
         *state = ct.tcp_state;
         let stale = ct_use(ct, ep, k.protocol, tcp_flags, reply, now)?;
+        seen(ct);
         Some((ct.cookie, stale))
     });
     // A FIN or RST moves a refreshed TCP entry to a closing state
@@ -793,6 +817,24 @@ pub(crate) fn ct_track<A: Family>(
         }
     }
     t
+}
+
+/// The translation an IPv4 entry of a translated flow holds
+/// (`CtValue::nat_addr`): its backend, or for the translated tuple's
+/// entry the ClusterIP:port.
+#[inline(always)]
+fn entry_nat(ct: &CtValue) -> SvcNat {
+    SvcNat {
+        addr: ct.nat_addr,
+        port_be: ct.nat_port_be,
+        flags: if ct.flags & CT_SVC_HAIRPIN != 0 {
+            NAT_HAIRPIN
+        } else {
+            0
+        },
+        _pad: 0,
+        service_id: ct.service_id,
+    }
 }
 
 /// Whether `addr` is a node's (the ipcache says `host` or `remote-node`).
@@ -847,31 +889,6 @@ fn service_flow(
 ) -> bool {
     let orig = flow.key;
     flow.svc = fe.service_id;
-    if let Some(n) = lookup(&SVC_NAT, &orig) {
-        let tk = translated(&orig, n.addr, n.port_be);
-        let (mut f, mut st) = (0, 0);
-        if let Some(t) = ct_track(ep, &tk, DIR_EGRESS, flow.tcp_flags, now, &mut f, &mut st) {
-            flow.key = tk;
-            if t.stale && !rejudge(ep, ifindex, flow, &t, f, now) {
-                return false;
-            }
-            flow.key = orig;
-            count::<false>(t.why);
-            // The original tuple's entry was gone: the flow's own again.
-            let mut v = CtValue {
-                expires_ns: 0,
-                cookie: t.cookie,
-                tcp_state: 0,
-                flags: CT_SVC_NAT,
-                _pad: 0,
-                generation: ep.generation,
-                _pad2: 0,
-            };
-            refresh(&mut v, orig.protocol, flow.tcp_flags, false, now);
-            let _ = CONNTRACK.insert(&orig, &v, 0);
-            return translate(ctx, &orig, &n, l4, ifindex, redirect);
-        }
-    }
     let Some((slot, b)) = pick_backend(&orig, fe, now) else {
         // Dropped with its own reason, and answered as kube-proxy's REJECT
         // answers it (ICMP port unreachable) so the client fails at once.
@@ -902,35 +919,38 @@ fn service_flow(
         finish::<false>(ep, ifindex, flow, &d);
         return false;
     }
-    let flags = if hairpin { NAT_HAIRPIN } else { 0 };
-    let fwd = SvcNat {
-        addr: b.addr,
-        port_be: b.port_be,
-        flags,
-        _pad: 0,
-        service_id: fe.service_id,
-    };
-    let rev = SvcNat {
-        addr: orig.daddr,
-        port_be: orig.dport_be,
-        flags,
-        _pad: 0,
-        service_id: fe.service_id,
-    };
-    let rk = reverse_key(&orig, b.addr, b.port_be, hairpin);
-    if SVC_NAT.insert(&orig, &fwd, 0).is_err() || SVC_NAT.insert(&rk, &rev, 0).is_err() {
-        let d = hard_drop(ep, reason::SVC_NAT_FAILED, DIR_EGRESS);
-        finish::<false>(ep, ifindex, flow, &d);
-        return false;
+    if hairpin {
+        // Its replies leave the pod towards HAIRPIN_ADDR and meet the
+        // pod's own ingress entry, which knows nothing of the Service:
+        // they are turned back through `SVC_NAT`.
+        let rev = SvcNat {
+            addr: orig.daddr,
+            port_be: orig.dport_be,
+            flags: NAT_HAIRPIN,
+            _pad: 0,
+            service_id: fe.service_id,
+        };
+        let rk = reverse_key(&orig, b.addr, b.port_be, true);
+        if SVC_NAT.insert(&rk, &rev, 0).is_err() {
+            let d = hard_drop(ep, reason::SVC_NAT_FAILED, DIR_EGRESS);
+            finish::<false>(ep, ifindex, flow, &d);
+            return false;
+        }
     }
-    // Two entries: the translated tuple's (policy's verdict, replies) and
-    // the original tuple's, which later packets find first and which says
-    // "translate" (CT_SVC_NAT), so they cost one conntrack lookup before
-    // their SVC_NAT lookup, not a miss, a reverse miss and a frontend
-    // lookup.
+    // Two entries, each holding the other side of the translation: the
+    // original tuple's (which later packets find first: the backend to
+    // rewrite them to, one conntrack lookup and no frontend lookup) and
+    // the translated tuple's (policy's verdict; replies are matched
+    // against it: the ClusterIP:port to turn them back into).
     let mut v = new_ct_entry(ep, &d, flow.key.protocol, flow.tcp_flags, now);
     v.flags |= CT_SVC_NAT;
+    v.service_id = fe.service_id;
+    v.nat_addr = orig.daddr;
+    v.nat_port_be = orig.dport_be;
     let _ = CONNTRACK.insert(&flow.key, &v, 0);
+    v.flags |= CT_SVC_FWD | if hairpin { CT_SVC_HAIRPIN } else { 0 };
+    v.nat_addr = b.addr;
+    v.nat_port_be = b.port_be;
     let _ = CONNTRACK.insert(&orig, &v, 0);
     if fe.affinity_s != 0 {
         let a = SvcAffinity {
@@ -944,7 +964,7 @@ fn service_flow(
     }
     count::<false>(reason::SVC_TRANSLATED);
     finish::<false>(ep, ifindex, flow, &d);
-    translate(ctx, &orig, &fwd, l4, ifindex, redirect)
+    translate(ctx, &orig, &entry_nat(&v), l4, ifindex, redirect)
 }
 
 /// The backend slot of a new flow: with `sessionAffinity: ClientIP`, the

@@ -57,7 +57,7 @@ impl Family for Ip6 {
         policy_peer(dir, remote, |a| IPCACHE6.get(Key::new(128, a)).copied())
     }
     #[inline(always)]
-    fn nat_of(k: &CtKey6) -> Option<SvcNat6> {
+    fn nat_of(k: &CtKey6, _: u8, _: Option<&palisade_common::service::SvcNat>) -> Option<SvcNat6> {
         lookup(&SVC_NAT6, k)
     }
     /// Deferred: recorded in the scratch slot and reported by `frame` once
@@ -401,7 +401,7 @@ fn known<const DRY: bool>(ep: &EndpointInfo, dir: u8, scratch: *mut Scratch6) ->
         return 0;
     };
     let stale = t.stale;
-    if stale && !rejudge(ep, ifindex, &mut s.flow, &t, flags, now) {
+    if stale && !rejudge(ep, ifindex, &mut s.flow, &t, flags, None, now) {
         return KNOWN_DROP;
     }
     count::<DRY>(t.why);

@@ -98,6 +98,7 @@ impl Datapath {
             })?;
         }
         raise_memlock();
+        retire_incompatible_pins(obj, &cfg.pins)?;
 
         let s = &cfg.sizes;
         let paths: Vec<_> = names::ALL.iter().map(|n| (*n, cfg.pins.map(n))).collect();
@@ -313,6 +314,44 @@ impl Datapath {
     pub fn detach_xdp(&self, ifindex: u32) -> Result<(), Error> {
         unpin_link(&self.pins.xdp_link(ifindex))
     }
+}
+
+/// Set aside pinned maps whose key or value no longer has the size this
+/// object gives it (an upgrade changed a layout): reused, such a map
+/// would fail the verifier, or be read with the wrong layout. Its pin is
+/// removed, so the load creates and pins an empty map in its place; the
+/// old one lives on only while programs still hold it.
+fn retire_incompatible_pins(obj: &[u8], pins: &Pins) -> Result<(), Error> {
+    // (An object that does not parse fails the load itself, clearly.)
+    let Ok(parsed) = aya_obj::Object::parse(obj) else {
+        return Ok(());
+    };
+    for name in names::ALL {
+        let path = pins.map(name);
+        let Some(def) = parsed.maps.get(name) else {
+            continue;
+        };
+        let Ok(info) = aya::maps::MapInfo::from_pin(&path) else {
+            continue;
+        };
+        let (have, want) = (
+            (info.key_size(), info.value_size()),
+            (def.key_size(), def.value_size()),
+        );
+        if have == want {
+            continue;
+        }
+        warn!(
+            "pinned map {name} has {}-byte keys and {}-byte values where this datapath's have {} and {}: \
+             replaced by an empty map",
+            have.0, have.1, want.0, want.1
+        );
+        fs::remove_file(&path).map_err(|source| Error::Io {
+            what: format!("removing {}", path.display()),
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 /// Remove everything palisade pinned under `pins` (links first, so the
