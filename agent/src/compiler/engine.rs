@@ -937,6 +937,13 @@ impl Engine {
     }
 
     fn refresh_pod(&mut self, key: &ObjectKey) {
+        // The model's key where the pod is known: `eff`, `by_ip` and the
+        // view keep the key they are given, and a registration's own copy
+        // would stay behind in them after it goes (two strings per pod).
+        let key = &match self.model.pods.get_key_value(key) {
+            Some((k, _)) => k.clone(),
+            None => key.clone(),
+        };
         let old = self.eff.remove(key);
         let new = self.compute_eff(key).map(|(mut eff, set)| {
             eff.label_id = set.map(|s| self.acquire(s));
@@ -2402,6 +2409,40 @@ mod tests {
         assert_eq!(t.ipcache, HashSet::from([(Ipv4Addr::new(10, 0, 0, 2), 32)]));
         assert!(t.policy.iter().all(|(_, k)| k.endpoint_id == 2), "{t:?}");
         assert_eq!(t.policy.len(), 1);
+    }
+
+    #[test]
+    fn a_deregistered_endpoint_leaves_no_copy_of_its_pod_key() {
+        let mut e = Engine::new(false, Vec::new());
+        e.apply(Change::Pod(
+            Pod {
+                namespace: "a".into(),
+                name: "p".into(),
+                labels: Labels::new(),
+                ip: Some(Ipv4Addr::new(10, 0, 0, 1)),
+                ipv6: None,
+                host_network: false,
+                ports: Vec::new(),
+            }
+            .into(),
+        ));
+        e.add_endpoint(LocalEndpoint {
+            key: ObjectKey::new("a", "p"),
+            endpoint_id: 1,
+            ifindex: 101,
+            host_ifname: "veth1".into(),
+            ipv4: Ipv4Addr::new(10, 0, 0, 1),
+            ipv6: None,
+            container_id: "c1".into(),
+            mac: [0; 6],
+        });
+        e.remove_endpoint("c1");
+        // Register/deregister churn must not leave a copy per registration.
+        let (model, _) = e.model.pods.first_key_value().unwrap();
+        let (held, _) = e.eff.iter().next().unwrap();
+        assert!(Arc::ptr_eq(&model.name, &held.name));
+        let (_, by_ip) = &e.by_ip[&Ipv4Addr::new(10, 0, 0, 1)][0];
+        assert!(Arc::ptr_eq(&model.name, &by_ip.name));
     }
 
     fn block_policy(name: &str, cidr: &str) -> (ObjectKey, Arc<NetworkPolicy>) {
