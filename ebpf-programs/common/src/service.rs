@@ -23,10 +23,11 @@
 //! IPv6 has the same four maps (`SVC_FRONTENDS6`, `SVC_BACKENDS6`,
 //! `SVC_NAT6`, `SVC_AFFINITY6`); `SVC_NAT6` holds both of a flow's
 //! translations (forward, by its original tuple, and reverse, by its
-//! reply), which 16-byte addresses leave no room for in `CtValue`. The key and value
-//! types are generic over the address ([`SvcAddr`]), `*6` aliases for
-//! IPv6. Backend slot keys and service ids are shared: one id space, so a
-//! flow record's `service_id` names its Service whatever the family.
+//! reply), which 16-byte addresses leave no room for in `CtValue`. The
+//! key and value types are generic over the address ([`SvcAddr`]), `*6`
+//! aliases for IPv6. Backend slot keys and service ids are shared: one id
+//! space, so a flow record's `service_id` names its Service whatever the
+//! family.
 use crate::{decision::Addr, CtKeyOf, Ip6, IpcacheValue, DIR_EGRESS, DIR_INGRESS};
 
 /// Source address a hairpinned flow (a pod reaching its own Service and
