@@ -99,7 +99,22 @@ impl Scenario {
     }
 }
 
+/// Issue 18's floors for section 1, over the empty program: an
+/// established flow's packet (IPv4 and IPv6, every map size) ...
 pub const TESTRUN_TARGET_NS: f64 = 40.0;
+/// ... a new flow's first packet, allowed (the repeated tuple) or denied ...
+pub const NEW_FLOW_TARGET_NS: f64 = 300.0;
+/// ... and an allowed new flow with genuinely distinct tuples.
+pub const DISTINCT_TARGET_NS: f64 = 600.0;
+
+/// The floor of a section-1 scenario, by its name.
+pub fn scenario_target_ns(name: &str) -> f64 {
+    if name.starts_with("new flow") {
+        NEW_FLOW_TARGET_NS
+    } else {
+        TESTRUN_TARGET_NS
+    }
+}
 /// Issue 15: an IPv6 established flow within this much of IPv4's.
 pub const IPV6_ESTABLISHED_NS: f64 = 10.0;
 
@@ -668,7 +683,8 @@ pub fn targets(r: &Results) -> Vec<Target> {
     };
 
     // 1.
-    let t1 = format!("<= {TESTRUN_TARGET_NS} ns over the empty program at every size");
+    let floor = |ns: f64| format!("<= {ns} ns over the empty program at every size");
+    let t1 = floor(TESTRUN_TARGET_NS);
     match &r.testrun {
         Some(t) if !t.configs.is_empty() => {
             // The ring-full variants are a diagnostic (the path without
@@ -692,20 +708,41 @@ pub fn targets(r: &Results) -> Vec<Target> {
                     .collect();
                 let worst = overheads.iter().copied().fold(f64::NAN, f64::max);
                 let best = overheads.iter().copied().fold(f64::NAN, f64::min);
+                let target = scenario_target_ns(&name);
                 out.push(Target {
                     metric: format!("per-packet cost, {name}"),
-                    target: t1.clone(),
+                    target: floor(target),
                     measured: format!(
                         "+{} .. +{} ns (spread {} ns)",
                         fmt_num(best),
                         fmt_num(worst),
                         fmt_num(worst - best)
                     ),
-                    met: Some(worst <= TESTRUN_TARGET_NS),
+                    met: Some(worst <= target),
                 });
             }
         }
         _ => out.push(not("per-packet cost", &t1)),
+    }
+    let td = format!("<= {DISTINCT_TARGET_NS} ns over the empty program");
+    match r.testrun.as_ref().and_then(|t| t.distinct.as_ref()) {
+        Some(d) => {
+            let over = median(&paired_diffs(&d.new_flow_ns, &d.empty_ns)).unwrap_or(f64::NAN);
+            out.push(Target {
+                metric: format!(
+                    "per-packet cost, new flow allowed, distinct tuples ({} entries, {} identities)",
+                    size_label(d.policy_entries),
+                    size_label(d.identities)
+                ),
+                target: td,
+                measured: format!("+{} ns", fmt_num(over)),
+                met: (!over.is_nan()).then_some(over <= DISTINCT_TARGET_NS),
+            });
+        }
+        None => out.push(not(
+            "per-packet cost, new flow allowed, distinct tuples",
+            &td,
+        )),
     }
     // Issue 15: IPv6's established flows cost what IPv4's do.
     let t6 = format!("within {IPV6_ESTABLISHED_NS} ns of IPv4 at every size");
@@ -1898,14 +1935,26 @@ mod tests {
                             ..Default::default()
                         },
                         Scenario {
-                            name: "new flow".into(),
-                            ns: vec![126.0, 128.0],
+                            name: "new flow allowed".into(),
+                            ns: vec![326.0, 338.0],
                             events: 100,
                             events_lost: 10,
                         },
+                        Scenario {
+                            name: "new flow denied".into(),
+                            ns: vec![226.0, 228.0],
+                            ..Default::default()
+                        },
                     ],
                 }],
-                distinct: None,
+                distinct: Some(DistinctTuples {
+                    policy_entries: 10_000,
+                    identities: 1000,
+                    calls_per_round: 10,
+                    empty_ns: vec![90.0, 92.0],
+                    new_flow_ns: vec![600.0, 700.0],
+                    ..Default::default()
+                }),
             }),
             veth: Some(Veth {
                 rounds: 2,
@@ -1958,8 +2007,14 @@ mod tests {
         let find = |m: &str| t.iter().find(|x| x.metric.contains(m)).unwrap().clone();
         // established: +24 and +26 -> median +25 <= 40.
         assert_eq!(find("established").met, Some(true));
-        // new flow: +100 -> missed.
-        assert_eq!(find("new flow").met, Some(false));
+        // Each scenario against its own floor: a new flow allowed at
+        // +300 and +310 -> median +305 > 300, missed; denied +200 <= 300.
+        assert_eq!(find("new flow allowed").met, Some(false));
+        assert!(find("new flow allowed").target.contains("300 ns"));
+        assert_eq!(find("new flow denied").met, Some(true));
+        // Distinct tuples: +510 and +608 -> median +559 <= 600.
+        let d = find("distinct tuples");
+        assert_eq!((d.met, d.measured.as_str()), (Some(true), "+559 ns"));
         // (b)/(a): 0.98 and 0.989 -> met.
         assert_eq!(find("veth crr (b)/(a)").met, Some(true));
         // (b)/(c) at 10k: ~3.1 -> met.

@@ -432,7 +432,10 @@ fn track_and_decide<const DRY: bool>(
     let now = ct_now();
     let mut ct_flags = 0;
     let mut ct_state = 0;
-    let mut n = SvcNat::default();
+    // The translation the matched entry holds, copied only from an entry
+    // that has one: `None` is one store, where a zeroed `SvcNat` is a
+    // memset (bpf-linker has LLVM call one for it) on every packet.
+    let mut nat = None;
     let known = if DRY {
         None
     } else {
@@ -444,17 +447,25 @@ fn track_and_decide<const DRY: bool>(
             now,
             &mut ct_flags,
             &mut ct_state,
-            |ct| n = entry_nat(ct),
+            |ct| {
+                if ct.flags & CT_SVC_NAT != 0 {
+                    nat = Some(entry_nat(ct));
+                }
+            },
         )
     };
     if let Some(t) = known {
         let why = t.why;
-        if t.stale && !rejudge(ep, ifindex, flow, &t, ct_flags, Some(&n), now) {
+        if t.stale && !rejudge(ep, ifindex, flow, &t, ct_flags, nat.as_ref(), now) {
             return false;
         }
         if dir == DIR_EGRESS && ct_flags & CT_SVC_FWD != 0 {
             // A later packet of a translated flow, by its original tuple:
-            // to the backend its entry holds.
+            // to the backend its entry holds (`CT_SVC_FWD` comes with
+            // `CT_SVC_NAT`, so the translation was copied).
+            let Some(n) = nat else {
+                return false;
+            };
             count::<DRY>(why);
             // The translated tuple's entry (replies are matched
             // against it) follows the handshake and the close; an
@@ -489,7 +500,7 @@ fn track_and_decide<const DRY: bool>(
             count::<DRY>(why);
             // A reply of a translated flow met the translated tuple's
             // entry, which holds the ClusterIP:port it must come from.
-            let reverse = (ct_flags & (CT_SVC_NAT | CT_SVC_FWD) == CT_SVC_NAT).then_some(&n);
+            let reverse = nat.as_ref().filter(|_| ct_flags & CT_SVC_FWD == 0);
             return known_flow(ctx, dir, &flow.key, reverse, l4, ifindex, redirect);
         }
     }
