@@ -144,7 +144,8 @@ pub mod sizes {
     pub const XDP_DENY: u32 = 64 * 1024;
     pub const SVC_FRONTENDS: u32 = 16 * 1024;
     pub const SVC_BACKENDS: u32 = 64 * 1024;
-    /// Two entries per translated flow (forward and reverse).
+    /// One entry per translated IPv4 hairpin flow (its reverse
+    /// translation; every other IPv4 flow's lives in its conntrack entries).
     pub const SVC_NAT: u32 = 128 * 1024;
     /// One entry per (client, sessionAffinity frontend).
     pub const SVC_AFFINITY: u32 = 64 * 1024;
@@ -155,7 +156,8 @@ pub mod sizes {
     pub const CONNTRACK6: u32 = 256 * 1024;
     pub const FRAGMENTS6: u32 = 4 * 1024;
     /// IPv6 Service translation: the IPv4 sizes, NAT and affinity halved
-    /// as conntrack's are.
+    /// as conntrack's are (`SVC_NAT6` holds both directions of every
+    /// translated IPv6 flow: two entries each).
     pub const SVC_FRONTENDS6: u32 = SVC_FRONTENDS;
     pub const SVC_BACKENDS6: u32 = SVC_BACKENDS;
     pub const SVC_NAT6: u32 = SVC_NAT / 2;
