@@ -116,8 +116,9 @@ pub mod programs {
     /// The verdict path in dry-run mode (no map writes, no events), attached
     /// nowhere: BPF_PROG_TEST_RUN only, for `palisade-agent verify`.
     pub const POD_VERIFY: &str = "pod_verify";
-    /// Tail-called: `pod_egress`'s halves, and the IPv6 halves of the
-    /// other two.
+    /// Tail-called: the IPv6 halves of the three. `pod_egress4` is the
+    /// IPv4 egress path as a program of its own, in its slot for an older
+    /// agent's `pod_egress` (today's judges IPv4 itself).
     pub const POD_EGRESS4: &str = "pod_egress4";
     pub const POD_EGRESS6: &str = "pod_egress6";
     pub const POD_INGRESS6: &str = "pod_ingress6";
