@@ -486,7 +486,18 @@ fn delegated_host_local_dual_stack() -> Result<()> {
         routes6.contains("default via fd00:217::1 dev eth0"),
         "{routes6}"
     );
-    ensure!(pings(&pod, "fd00:217::1")?, "ping6 to host-local's gateway");
+    // Up to three tries: on a node whose interfaces start with IPv6 off,
+    // the first echo right after ADD goes unanswered about half the time
+    // (on this datapath and the one before the pod_egress change alike;
+    // not diagnosed yet). Connectivity is what is checked here.
+    let mut answered = false;
+    for _ in 0..3 {
+        if pings(&pod, "fd00:217::1")? {
+            answered = true;
+            break;
+        }
+    }
+    ensure!(answered, "ping6 to host-local's gateway");
     let checked = with_key(&c, "prevResult", r.stdout.trim());
     exec(Some(&n.node), "CHECK", &env, &checked)?.ok()?;
     exec(Some(&n.node), "DEL", &env, &checked)?.ok()?;
