@@ -98,7 +98,10 @@ pub mod maps {
     ];
 }
 
-/// Slots of `PROGRAMS`.
+/// Slots of `PROGRAMS`. Slot 0 held an older agent's IPv4 egress half
+/// (`pod_egress4`), which its `pod_egress` tail-called; today's judges IPv4
+/// itself, and the slot stays reserved so an older hook keeps its program
+/// through an upgrade.
 pub const SLOT_EGRESS4: u32 = 0;
 pub const SLOT_EGRESS6: u32 = 1;
 pub const SLOT_INGRESS6: u32 = 2;
@@ -116,10 +119,7 @@ pub mod programs {
     /// The verdict path in dry-run mode (no map writes, no events), attached
     /// nowhere: BPF_PROG_TEST_RUN only, for `palisade-agent verify`.
     pub const POD_VERIFY: &str = "pod_verify";
-    /// Tail-called: the IPv6 halves of the three. `pod_egress4` is the
-    /// IPv4 egress path as a program of its own, in its slot for an older
-    /// agent's `pod_egress` (today's judges IPv4 itself).
-    pub const POD_EGRESS4: &str = "pod_egress4";
+    /// Tail-called: the IPv6 halves of the three.
     pub const POD_EGRESS6: &str = "pod_egress6";
     pub const POD_INGRESS6: &str = "pod_ingress6";
     pub const POD_VERIFY6: &str = "pod_verify6";

@@ -88,13 +88,12 @@ static FRAGMENTS6: LruHashMap<FragKey6, FragValue> =
 static SCRATCH6: PerCpuArray<verdict6::Scratch6> = PerCpuArray::with_max_entries(1, 0);
 
 /// Programs reached by tail call, by slot (filled by the loader before
-/// anything is attached): the IPv6 halves. `pod_egress4` (the IPv4 egress
-/// path as a program of its own) still fills its slot: `pod_egress` of an
-/// older agent, still on a hook until the new agent replaces it, reaches
-/// IPv4 through it.
+/// anything is attached): the IPv6 halves. Slot `SLOT_EGRESS4` is an older
+/// agent's: its `pod_egress` reached IPv4 through it. This object neither
+/// has nor fills it; the pinned map keeps the older program there until
+/// the new agent has swapped its own `pod_egress` onto every hook.
 #[map]
 static PROGRAMS: ProgramArray = ProgramArray::with_max_entries(palisade_common::SLOTS, 0);
-const SLOT_EGRESS4: u32 = palisade_common::SLOT_EGRESS4;
 const SLOT_EGRESS6: u32 = palisade_common::SLOT_EGRESS6;
 const SLOT_INGRESS6: u32 = palisade_common::SLOT_INGRESS6;
 const SLOT_VERIFY6: u32 = palisade_common::SLOT_VERIFY6;
@@ -194,13 +193,6 @@ pub fn pod_egress(ctx: TcContext) -> i32 {
         verdict::count::<false>(reason::IPV6_UNSUPPORTED);
         return TC_ACT_SHOT;
     }
-    egress4(&ctx)
-}
-
-/// `pod_egress`'s path for frames that are not IPv6, as a program of its
-/// own too (`PROGRAMS`' egress slot).
-#[classifier]
-pub fn pod_egress4(ctx: TcContext) -> i32 {
     egress4(&ctx)
 }
 

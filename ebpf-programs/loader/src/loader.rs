@@ -41,8 +41,7 @@ pub struct Datapath {
 }
 
 /// The programs the pod programs tail-call, by `PROGRAMS` slot.
-const TAIL_CALLED: [(&str, u32); 3] = [
-    (programs::POD_EGRESS4, palisade_common::SLOT_EGRESS4),
+const TAIL_CALLED: [(&str, u32); 2] = [
     (programs::POD_EGRESS6, palisade_common::SLOT_EGRESS6),
     (programs::POD_INGRESS6, palisade_common::SLOT_INGRESS6),
 ];
