@@ -15,7 +15,7 @@ use std::{
 use futures_util::stream::TryStreamExt;
 use netlink_packet_route::{
     address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage},
-    link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+    link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage, State},
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteScope},
     AddressFamily,
 };
@@ -35,6 +35,9 @@ pub struct Link {
     pub mac: String,
     pub mtu: u32,
     pub up: bool,
+    /// The kernel has processed the carrier (IFLA_OPERSTATE up, or unknown
+    /// for a device that does not report one): see `Netlink::wait_running`.
+    pub running: bool,
     /// "veth", "bridge", … (IFLA_INFO_KIND), empty when the kernel says none.
     pub kind: String,
     /// IFLA_LINK: for a veth, the peer's ifindex in the peer's namespace.
@@ -165,6 +168,33 @@ impl Netlink {
             .map_err(|e| fail(format!("setting link {index} up in {}", self.place), e))
     }
 
+    /// Wait, up to `within`, until the kernel has processed link `name`'s
+    /// carrier: until then IPv6 is not configured on it (no multicast
+    /// route, so neighbour solicitations to its addresses are dropped as
+    /// unroutable) and its transmit queue may still be the no-op one.
+    /// The carrier event is handled by the kernel's link watch, which
+    /// defers any event it does not deem urgent by up to a second: a
+    /// veth's own link-up is one when its ifindex equals its peer's (each
+    /// namespace numbers its own interfaces). A link lookup runs the
+    /// link's pending event, so the first look usually finds it done.
+    /// Returns whether it happened.
+    pub fn wait_running(&self, name: &str, within: std::time::Duration) -> Result<bool> {
+        let start = std::time::Instant::now();
+        let mut pause = std::time::Duration::from_micros(200);
+        loop {
+            match self.link(name)? {
+                Some(l) if l.running => return Ok(true),
+                Some(_) => {}
+                None => return Ok(false),
+            }
+            if start.elapsed() >= within {
+                return Ok(false);
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// `ip link del <name>`; false when there was no such link.
     pub fn delete_link(&self, name: &str) -> Result<bool> {
         let Some(link) = self.link(name)? else {
@@ -184,6 +214,7 @@ impl Netlink {
             mac: String::new(),
             mtu: 0,
             up: m.header.flags.contains(LinkFlags::Up),
+            running: false,
             kind: String::new(),
             peer_index: None,
         };
@@ -193,6 +224,9 @@ impl Netlink {
                 LinkAttribute::Address(b) => l.mac = mac_string(&b),
                 LinkAttribute::Mtu(m) => l.mtu = m,
                 LinkAttribute::Link(i) => l.peer_index = Some(i),
+                LinkAttribute::OperState(st) => {
+                    l.running = matches!(st, State::Up | State::Unknown)
+                }
                 LinkAttribute::LinkInfo(infos) => {
                     for i in infos {
                         if let LinkInfo::Kind(k) = i {

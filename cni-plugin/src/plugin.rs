@@ -146,6 +146,7 @@ pub fn add(ctx: &Ctx) -> Result<Value> {
         // kernel, does the pod get a carrier and a route (each family):
         // no packet ever reaches or leaves it unenforced.
         open_host_side(ctx, &host, &lease)?;
+        settle(ctx, &host, &pod, &result);
         Ok(result)
     })();
     match res {
@@ -169,6 +170,35 @@ fn open_host_side(ctx: &Ctx, host: &Netlink, lease: &Lease) -> Result<()> {
         host.add_route(ip, host_prefix(ip), None, h.index, true)?;
     }
     Ok(())
+}
+
+/// How long ADD waits for the kernel to finish bringing the veth up.
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Return only once the kernel has handled both ends' carrier: before
+/// that, a neighbour solicitation for the pod's IPv6 gateway, or the
+/// node's for the pod, is dropped as unroutable and the pod's first IPv6
+/// packets go nowhere (about half of the first echoes to the gateway, in
+/// a node namespace where the host end and the pod's eth0 have the same
+/// ifindex). Asking for the link runs its pending event (the kernel's
+/// `rtnl_getlink` syncs the link watch), so this takes one look per end,
+/// 0.1-0.3 ms. Late is not fatal (the pod's network works once the kernel
+/// catches up), so a timeout is only reported.
+fn settle(ctx: &Ctx, host: &Netlink, pod: &Netlink, result: &CniResult) {
+    let ends = [
+        (host, result.interfaces.first(), "host"),
+        (pod, result.interfaces.get(1), "pod"),
+    ];
+    for (nl, iface, side) in ends {
+        let Some(iface) = iface else { continue };
+        let ready = nl.wait_running(&iface.name, SETTLE).unwrap_or(false);
+        if !ready {
+            eprintln!(
+                "palisade: {}'s {side} end {} is not running after {SETTLE:?}",
+                ctx.env.container_id, iface.name
+            );
+        }
+    }
 }
 
 /// The ADD error, with what its rollback could not undo.
