@@ -1251,12 +1251,20 @@ fn syn_on_a_closed_entry_rechecks_policy() -> Result<()> {
     assert_eq!(rig.ct(&k).map(|v| v.tcp_state), Some(TCP_FIN_WAIT));
     rig.run(DIR_EGRESS, &syn.reply(TCP_FLAG_RST))?
         .assert_silent(true, Some(reason::REPLY));
-    assert_eq!(rig.ct(&k).map(|v| v.tcp_state), Some(TCP_CLOSE));
+    assert_eq!(
+        rig.ct(&k).map(|v| (v.tcp_state, v.flags & CT_SEEN_REPLY)),
+        Some((TCP_CLOSE, CT_SEEN_REPLY))
+    );
 
-    // A new SYN on the closed tuple is a new connection: policy again.
+    // A new SYN on the closed tuple is a new connection: policy again. Its
+    // entry takes the closed one's place whole (written over in place):
+    // nothing of the old connection, such as its reply seen, stays.
     rig.run(DIR_INGRESS, &syn)?
         .assert_reported(true, VERDICT_ALLOW, reason::POLICY_ALLOW, 91);
-    assert_eq!(rig.ct(&k).map(|v| v.tcp_state), Some(TCP_SYN_SENT));
+    assert_eq!(
+        rig.ct(&k).map(|v| (v.tcp_state, v.flags, v.cookie)),
+        Some((TCP_SYN_SENT, 0, 91))
+    );
     rig.run(DIR_INGRESS, &syn.clone().with_tcp_flags(TCP_FLAG_RST))?
         .assert_silent(true, Some(reason::ESTABLISHED));
     // With the rule gone the reopen is dropped, not carried by the old entry.

@@ -436,6 +436,7 @@ fn track_and_decide<const DRY: bool>(
     // that has one: `None` is one store, where a zeroed `SvcNat` is a
     // memset (bpf-linker has LLVM call one for it) on every packet.
     let mut nat = None;
+    let mut dead = false;
     let known = if DRY {
         None
     } else {
@@ -447,6 +448,7 @@ fn track_and_decide<const DRY: bool>(
             now,
             &mut ct_flags,
             &mut ct_state,
+            &mut dead,
             |ct| {
                 if ct.flags & CT_SVC_NAT != 0 {
                     nat = Some(entry_nat(ct));
@@ -530,11 +532,12 @@ fn track_and_decide<const DRY: bool>(
         }
     }
 
-    new_flow::<DRY, u32>(ep, dir, ifindex, flow, now)
+    new_flow::<DRY, u32>(ep, dir, ifindex, flow, now, dead)
 }
 
 /// A new flow (no Service translation): policy, and an entry when it is
-/// admitted and its endpoint may keep one more.
+/// admitted and its endpoint may keep one more. `dead`: the tuple has an
+/// entry that no longer carries a flow (`ct_track_with`).
 #[inline(always)]
 pub(crate) fn new_flow<const DRY: bool, A: Family>(
     ep: &EndpointInfo,
@@ -542,6 +545,7 @@ pub(crate) fn new_flow<const DRY: bool, A: Family>(
     ifindex: u32,
     flow: &Flow<A>,
     now: u64,
+    dead: bool,
 ) -> bool {
     let mut d = new_flow_policy(ep, dir, &flow.key);
     if !DRY && records_entry(&d, flow.key.protocol, flow.tcp_flags) {
@@ -550,7 +554,7 @@ pub(crate) fn new_flow<const DRY: bool, A: Family>(
         if !ct_budget::charged(flow.key.protocol, v.tcp_state)
             || charge(ep, dir, flow.key.saddr, 1, false)
         {
-            A::ct_insert(&flow.key, &v);
+            record(&flow.key, &v, dead);
         } else if ct_budget::needed(ep, dir, d.reason) {
             d = hard_drop(ep, reason::CT_BUDGET, dir);
         } else {
@@ -559,6 +563,25 @@ pub(crate) fn new_flow<const DRY: bool, A: Family>(
     }
     A::report::<DRY>(ep, ifindex, flow, &d);
     d.pass
+}
+
+/// Records a new flow's entry `v`. A dead entry of the same tuple (a port
+/// reused, a connection reopened after its close) is written over in
+/// place: an LRU map's update takes a free element and releases the old
+/// one, about a quarter of a new flow's cost. Looked up again here, not
+/// kept from conntrack's lookup: an evicted element may carry another
+/// tuple's entry by now.
+#[inline(always)]
+fn record<A: Family>(k: &CtKeyOf<A>, v: &CtValue, dead: bool) {
+    if dead {
+        if let Some(p) = A::ct(k) {
+            // SAFETY: valid map value pointer; a concurrent packet of the
+            // tuple races as with `refresh`.
+            unsafe { *p = *v };
+            return;
+        }
+    }
+    A::ct_insert(k, v);
 }
 
 /// The endpoint a new entry of `ep` in `scope` from `saddr` is charged to
@@ -785,10 +808,22 @@ pub(crate) fn ct_track<A: Family>(
     flags: &mut u8,
     state: &mut u8,
 ) -> Option<Tracked<A>> {
-    ct_track_with(ep, key, dir, tcp_flags, now, flags, state, |_| {})
+    let mut dead = false;
+    ct_track_with(
+        ep,
+        key,
+        dir,
+        tcp_flags,
+        now,
+        flags,
+        state,
+        &mut dead,
+        |_| {},
+    )
 }
 
-/// [`ct_track`], and `seen` given the entry that matched.
+/// [`ct_track`], and `seen` given the entry that matched; `dead` set when
+/// `key` has an entry that no longer carries its flow.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn ct_track_with<A: Family>(
@@ -799,6 +834,7 @@ pub(crate) fn ct_track_with<A: Family>(
     now: u64,
     flags: &mut u8,
     state: &mut u8,
+    dead: &mut bool,
     mut seen: impl FnMut(&CtValue),
 ) -> Option<Tracked<A>> {
     let t = track(key, dir, |k, reply| {
@@ -808,7 +844,14 @@ pub(crate) fn ct_track_with<A: Family>(
         let ct = unsafe { &mut *p };
         *flags = ct.flags;
         *state = ct.tcp_state;
-        let stale = ct_use(ct, ep, k.protocol, tcp_flags, reply, now)?;
+        let Some(stale) = ct_use(ct, ep, k.protocol, tcp_flags, reply, now) else {
+            // `key`'s own entry, expired or reopened: a new flow on the
+            // tuple may take it over (`record`).
+            if !reply {
+                *dead = true;
+            }
+            return None;
+        };
         seen(ct);
         Some((ct.cookie, stale))
     });

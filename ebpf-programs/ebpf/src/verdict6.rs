@@ -29,7 +29,7 @@ use crate::{
     headers::{ptr_at, EthHdr, Ipv6Hdr, ETH_HLEN, IPV6_HLEN},
     service6,
     verdict::{
-        charge, count, ct_now, ct_track, finish, later_fragment_of, lookup, new_flow, pull,
+        charge, count, ct_now, ct_track_with, finish, later_fragment_of, lookup, new_flow, pull,
         rejudge, related_flow, report_drop_of, Family, Flow,
     },
     CONNTRACK6, ENDPOINTS, ENDPOINTS6, ENDPOINT_SLOTS, FRAGMENTS6, IPCACHE6, SCRATCH6, SVC_NAT6,
@@ -95,6 +95,9 @@ pub(crate) struct Scratch6 {
     pub(crate) ct_flags: u8,
     pub(crate) ct_state: u8,
     pub(crate) ct_stale: bool,
+    /// The tuple has an entry that no longer carries a flow (`known`), for
+    /// the new flow's entry to take over (`verdict::record`).
+    pub(crate) ct_dead: bool,
     /// A tc action that replaces the verdict's (a hairpin or an answer
     /// handed back into the pod); 0: none.
     pub(crate) redirect: i32,
@@ -332,9 +335,9 @@ fn process<const DRY: bool>(
         match k {
             KNOWN_PASS => true,
             KNOWN_DROP => false,
-            _ if DRY || dir != DIR_EGRESS => new::<DRY>(ep, dir, ifindex, flow, now),
+            _ if DRY || dir != DIR_EGRESS => new::<DRY>(ep, dir, ifindex, flow, now, scratch),
             _ => match service6::frontend(scratch) {
-                service6::FRONTEND_NONE => new::<DRY>(ep, dir, ifindex, flow, now),
+                service6::FRONTEND_NONE => new::<DRY>(ep, dir, ifindex, flow, now, scratch),
                 service6::FRONTEND_LIVE => match service6::track6(ep, scratch, DIR_EGRESS) {
                     service6::TRACK_NONE => service6::new_flow(ctx, ep, scratch),
                     service6::TRACK_PASS => service6::resume(ctx, ep, scratch),
@@ -389,7 +392,10 @@ fn known<const DRY: bool>(ep: &EndpointInfo, dir: u8, scratch: *mut Scratch6) ->
     let s = unsafe { &mut *scratch };
     let (ifindex, now) = (s.ifindex, s.now);
     let (mut flags, mut state) = (0, 0);
-    let Some(t) = ct_track(
+    s.ct_dead = false;
+    // (`ct_dead` written in place: a local would take the stack past 512
+    // bytes.)
+    let Some(t) = ct_track_with(
         ep,
         &s.flow.key,
         dir,
@@ -397,6 +403,8 @@ fn known<const DRY: bool>(ep: &EndpointInfo, dir: u8, scratch: *mut Scratch6) ->
         now,
         &mut flags,
         &mut state,
+        &mut s.ct_dead,
+        |_| {},
     ) else {
         return 0;
     };
@@ -423,8 +431,12 @@ fn new<const DRY: bool>(
     ifindex: u32,
     flow: &Flow<Ip6>,
     now: u64,
+    scratch: *const Scratch6,
 ) -> bool {
-    new_flow::<DRY, Ip6>(ep, dir, ifindex, flow, now)
+    // SAFETY: this CPU's slot (see `Scratch6`); `known` set it (a dry run
+    // records nothing).
+    let dead = !DRY && unsafe { (*scratch).ct_dead };
+    new_flow::<DRY, Ip6>(ep, dir, ifindex, flow, now, dead)
 }
 
 /// A later fragment: its first fragment's verdict.
