@@ -1555,6 +1555,30 @@ fn ipv6_is_enforced_like_ipv4() -> Result<()> {
     )?;
     rig.run(DIR_INGRESS, &tcp_in)?
         .assert_reported(true, VERDICT_ALLOW, reason::POLICY_ALLOW, 62);
+    // Answered, then reset: a new SYN on the closed tuple is judged again
+    // and its entry takes the closed one's place whole (as IPv4's, see
+    // `syn_on_a_closed_entry_rechecks_policy`).
+    let k = CtKey6 {
+        sport_be: 40000u16.to_be(),
+        dport_be: 80u16.to_be(),
+        protocol: PROTO_TCP,
+        ..k
+    };
+    rig.run(DIR_EGRESS, &tcp_in.reply(TCP_FLAG_SYN | TCP_FLAG_ACK))?
+        .assert_silent(true, Some(reason::REPLY));
+    let rst_in = Packet::ipv6_tcp(PEER6, 40000, POD6, 80, TCP_FLAG_RST);
+    rig.run(DIR_INGRESS, &rst_in)?
+        .assert_silent(true, Some(reason::ESTABLISHED));
+    assert_eq!(
+        rig.ct6(&k).map(|v| (v.tcp_state, v.flags & CT_SEEN_REPLY)),
+        Some((TCP_CLOSE, CT_SEEN_REPLY))
+    );
+    rig.run(DIR_INGRESS, &tcp_in)?
+        .assert_reported(true, VERDICT_ALLOW, reason::POLICY_ALLOW, 62);
+    assert_eq!(
+        rig.ct6(&k).map(|v| (v.tcp_state, v.flags, v.cookie)),
+        Some((TCP_SYN_SENT, 0, 62))
+    );
     // The world (no ipcache prefix but ::/0) is not the block.
     let ext_in = Packet::ipv6_tcp("2001:db9::1".parse()?, 40000, POD6, 80, TCP_FLAG_SYN);
     let s = rig.run(DIR_INGRESS, &ext_in)?;
