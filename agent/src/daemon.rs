@@ -168,7 +168,7 @@ pub struct Agent {
     /// What the programs were told each endpoint may hold.
     conntrack_budget: palisade_common::ct_budget::CtBudget,
     /// Mirror of what the kernel maps hold.
-    current: MapState,
+    current: sync::Mirror,
     /// The model and the desired map state, kept up to date change by
     /// change (the full `Compiler::compile` is its test oracle).
     engine: Engine,
@@ -240,7 +240,7 @@ impl Agent {
         mut dp: Box<dyn Dataplane>,
     ) -> Result<(Self, watch::Receiver<u64>)> {
         let adopted = dp.adopt_links().context("adopting pinned links")?;
-        let current = dp.read_state();
+        let current = sync::Mirror::new(dp.read_state());
         let registry = Registry::open(&cfg.state_dir)
             .with_context(|| format!("opening endpoint registry in {}", cfg.state_dir.display()))?;
         info!(

@@ -577,7 +577,9 @@ pub mod memory {
             m.maps.endpoints.insert(ifindex, v);
             m.log.push(Op::UpsertEndpoint {
                 ifindex,
-                flags: v.flags,
+                // The compiler's flags: the sync's "no entries" bits are
+                // checked by the sync's own tests.
+                flags: v.flags & !palisade_common::EP_NO_ENTRIES_MASK,
             });
             Ok(())
         }

@@ -12,24 +12,113 @@
 //!    flow of an endpoint whose verdicts may have changed is judged again
 //!    on its next packet, against the maps as they now are)
 //!
-//! The generation belongs to the sync, not the compiler: the compiler's
-//! endpoint values carry 0, compared without it, and written with the
-//! generation the kernel holds. It is bumped for an endpoint whose policy
+//! Before all of it, step 0: an endpoint about to get its first policy
+//! entry of a peer class has that class's "no entries" bit cleared
+//! (`palisade_common::no_entries_bit`: the programs skip lookups of a
+//! class the endpoint has no entries of). The bits are set again in step
+//! 7, for the classes the kernel then holds no entry of. So a bit is only
+//! ever set while no entry it would hide exists: a skipped lookup is one
+//! that could not have hit. The counts behind them are kept beside the
+//! kernel mirror ([`Mirror`]), not recounted per sync.
+//!
+//! The generation (and the "no entries" bits) belong to the sync, not the
+//! compiler: the compiler's endpoint values carry 0, compared without
+//! them, and written with what the kernel holds. It is bumped for an endpoint whose policy
 //! entries were written or removed or whose own value changed (flags:
 //! enforcement, audit), and for every endpoint when an address already in
 //! the ipcache changed or lost its identity (a peer's labels changed: the
 //! verdict on any flow with it may differ). A new address does not bump
 //! anything. So one pod's policy change re-judges that pod's flows only.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     hash::Hash,
     net::{Ipv4Addr, Ipv6Addr},
 };
 
-use palisade_common::{EndpointInfo, IpcacheValue, PolicyKey, PolicyValue};
+use palisade_common::{
+    no_entries_bit, peer_class, EndpointInfo, IpcacheValue, PolicyKey, PolicyValue, DIR_EGRESS,
+    DIR_INGRESS, EP_NO_ENTRIES_MASK, PEER_CLASSES,
+};
 use palisade_dataplane::{MapState, Maps};
 
 use crate::compiler::Touched;
+
+/// What the kernel maps hold, and how many policy entries of each peer
+/// class every endpoint id has per direction (for the "no entries" bits,
+/// see the module doc). Read as a [`MapState`]; changed only by the sync,
+/// which keeps the two together.
+#[derive(Debug, Default, Clone)]
+pub struct Mirror {
+    state: MapState,
+    classes: HashMap<(u32, u8, u32), u32>,
+}
+
+impl Mirror {
+    pub fn new(state: MapState) -> Self {
+        let mut m = Self {
+            state: MapState::default(),
+            classes: HashMap::new(),
+        };
+        for (k, v) in state.policy.iter() {
+            m.insert_policy(*k, *v);
+        }
+        m.state = state;
+        m
+    }
+
+    fn class_of(k: &PolicyKey) -> (u32, u8, u32) {
+        (k.endpoint_id, k.direction, peer_class(k.peer_identity))
+    }
+
+    fn insert_policy(&mut self, k: (u32, PolicyKey), v: PolicyValue) {
+        if self.state.policy.insert(k, v).is_none() {
+            *self.classes.entry(Self::class_of(&k.1)).or_default() += 1;
+        }
+    }
+
+    fn remove_policy(&mut self, k: &(u32, PolicyKey)) {
+        if self.state.policy.remove(k).is_some() {
+            let c = Self::class_of(&k.1);
+            if let Some(n) = self.classes.get_mut(&c) {
+                *n -= 1;
+                if *n == 0 {
+                    self.classes.remove(&c);
+                }
+            }
+        }
+    }
+
+    /// Whether the kernel holds an entry of `class` (`Self::class_of`).
+    fn has_class(&self, class: &(u32, u8, u32)) -> bool {
+        self.classes.contains_key(class)
+    }
+
+    /// The "no entries" bits endpoint id `id` may carry now.
+    pub fn no_entries_bits(&self, id: u32) -> u32 {
+        let mut bits = 0;
+        for dir in [DIR_EGRESS, DIR_INGRESS] {
+            for class in 0..PEER_CLASSES {
+                if !self.has_class(&(id, dir, class)) {
+                    bits |= no_entries_bit(dir, class);
+                }
+            }
+        }
+        bits
+    }
+}
+
+impl std::ops::Deref for Mirror {
+    type Target = MapState;
+    fn deref(&self) -> &MapState {
+        &self.state
+    }
+}
+
+impl From<MapState> for Mirror {
+    fn from(s: MapState) -> Self {
+        Self::new(s)
+    }
+}
 
 /// The changes that turn one map state into another.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -99,32 +188,38 @@ pub fn diff(cur: &MapState, want: &MapState) -> Diff {
     }
 }
 
-/// `s` with every endpoint generation 0: map states compared for what the
-/// compiler decides (the generation is the sync's own).
+/// `s` with every endpoint's generation and "no entries" bits 0: map
+/// states compared for what the compiler decides (those are the sync's).
 pub fn without_generations(s: &MapState) -> MapState {
     let mut s = s.clone();
     for v in s.endpoints.values_mut() {
-        v.generation = 0;
+        *v = compiler_part(v);
     }
     s
 }
 
-/// Endpoint values equal but for the generation (which the sync keeps).
-fn same_endpoint(a: &EndpointInfo, b: &EndpointInfo) -> bool {
+/// An endpoint value without what the sync owns.
+fn compiler_part(v: &EndpointInfo) -> EndpointInfo {
     EndpointInfo {
         generation: 0,
-        ..*a
-    } == EndpointInfo {
-        generation: 0,
-        ..*b
+        flags: v.flags & !EP_NO_ENTRIES_MASK,
+        ..*v
     }
 }
 
-/// The value to write: `want` with the generation the kernel holds.
+/// Endpoint values equal but for what the sync keeps.
+fn same_endpoint(a: &EndpointInfo, b: &EndpointInfo) -> bool {
+    compiler_part(a) == compiler_part(b)
+}
+
+/// The value to write: `want` with the generation and "no entries" bits
+/// the kernel holds.
 fn with_generation(cur: Option<&EndpointInfo>, want: &EndpointInfo) -> EndpointInfo {
+    let want = compiler_part(want);
     EndpointInfo {
         generation: cur.map_or(0, |c| c.generation),
-        ..*want
+        flags: want.flags | cur.map_or(0, |c| c.flags & EP_NO_ENTRIES_MASK),
+        ..want
     }
 }
 
@@ -147,7 +242,7 @@ fn endpoint_changes(cur: &MapState, want: &MapState) -> Changes<u32, EndpointInf
 /// Which endpoints' tracked flows a diff may change the verdict on.
 enum Bumps {
     All,
-    Ids(std::collections::HashSet<u32>),
+    Ids(HashSet<u32>),
 }
 
 fn bumps(current: &MapState, d: &Diff) -> Bumps {
@@ -163,7 +258,7 @@ fn bumps(current: &MapState, d: &Diff) -> Bumps {
     if peer_changed {
         return Bumps::All;
     }
-    let mut ids: std::collections::HashSet<u32> = d
+    let mut ids: HashSet<u32> = d
         .policy_upserts
         .iter()
         .map(|((_, k), _)| k.endpoint_id)
@@ -302,14 +397,16 @@ impl MapWriter for Maps {
 /// freed room, what failed is tried once more.
 pub fn apply(
     w: &mut impl MapWriter,
-    current: &mut MapState,
+    current: &mut Mirror,
     want: &MapState,
 ) -> Result<usize, SyncError> {
     let total = diff(current, want).len();
     let mut applied = 0;
     let mut failure = None;
     for _pass in 0..2 {
-        let (n, f) = apply_once(w, current, diff(current, want));
+        // (A full sync also brings every endpoint's "no entries" bits up
+        // to date: after a restart, the kernel's are an older agent's.)
+        let (n, f) = apply_once(w, current, diff(current, want), true);
         applied += n;
         failure = f;
         if failure.is_none() {
@@ -370,7 +467,7 @@ pub fn diff_touched(cur: &MapState, want: &MapState, touched: &Touched) -> Diff 
 /// so the next sync retries them.
 pub fn apply_touched(
     w: &mut impl MapWriter,
-    current: &mut MapState,
+    current: &mut Mirror,
     want: &MapState,
     touched: &Touched,
 ) -> Result<usize, SyncError> {
@@ -378,7 +475,7 @@ pub fn apply_touched(
     let mut applied = 0;
     let mut failure = None;
     for _pass in 0..2 {
-        let (n, f) = apply_once(w, current, diff_touched(current, want, touched));
+        let (n, f) = apply_once(w, current, diff_touched(current, want, touched), false);
         applied += n;
         failure = f;
         if failure.is_none() {
@@ -395,15 +492,33 @@ pub fn apply_touched(
     }
 }
 
-/// One ordered pass; (changes made, first error).
+/// One ordered pass; (changes made, first error). `all_bits`: bring every
+/// endpoint's "no entries" bits up to date, not only those of endpoints
+/// the pass changes.
 fn apply_once(
     w: &mut impl MapWriter,
-    current: &mut MapState,
-    d: Diff,
+    current: &mut Mirror,
+    mut d: Diff,
+    all_bits: bool,
 ) -> (usize, Option<palisade_dataplane::Error>) {
     let mut applied = 0;
     let mut first = None;
-    let bump = bumps(current, &d);
+    let bump = bumps(&current.state, &d);
+    // Endpoint ids whose entries or values change: their bits are redone.
+    let reclassed: HashSet<u32> = d
+        .policy_upserts
+        .iter()
+        .map(|((_, k), _)| k.endpoint_id)
+        .chain(d.policy_removals.iter().map(|(_, k)| k.endpoint_id))
+        .chain(d.endpoint_upserts.iter().map(|(_, v)| v.endpoint_id))
+        .collect();
+    // 0. Lookups of a class about to get its first entry run again first;
+    // where that could not be written, neither are the entries.
+    let blocked = open_classes(w, current, &d, &mut first);
+    if !blocked.is_empty() {
+        d.policy_upserts
+            .retain(|((_, k), _)| !blocked.contains(&Mirror::class_of(k)));
+    }
     let mut done = |r: Result<(), palisade_dataplane::Error>| match r {
         Ok(()) => {
             applied += 1;
@@ -416,22 +531,30 @@ fn apply_once(
     };
     for ((prefix, k), v) in d.policy_upserts {
         if done(w.upsert_policy(prefix, k, v)) {
-            current.policy.insert((prefix, k), v);
+            current.insert_policy((prefix, k), v);
         }
     }
+    let state = &mut current.state;
     for ((addr, prefix), v) in d.ipcache_upserts {
         if done(w.upsert_ipcache(addr, prefix, v)) {
-            current.ipcache.insert((addr, prefix), v);
+            state.ipcache.insert((addr, prefix), v);
         }
     }
     for ((addr, prefix), v) in d.ipcache6_upserts {
         if done(w.upsert_ipcache6(addr, prefix, v)) {
-            current.ipcache6.insert((addr, prefix), v);
+            state.ipcache6.insert((addr, prefix), v);
         }
     }
-    for (ifindex, v) in d.endpoint_upserts {
+    for (ifindex, mut v) in d.endpoint_upserts {
+        // The bits as the kernel holds them now (step 0 may have cleared
+        // some since the diff was taken).
+        let bits = state
+            .endpoints
+            .get(&ifindex)
+            .map_or(0, |c| c.flags & EP_NO_ENTRIES_MASK);
+        v.flags = v.flags & !EP_NO_ENTRIES_MASK | bits;
         // A pod whose address changed must not keep its old by-IP entry.
-        let moved = current
+        let moved = state
             .endpoints
             .get(&ifindex)
             .filter(|old| old.ipv4 != v.ipv4)
@@ -443,54 +566,119 @@ fn apply_once(
             None => w.upsert_endpoint(ifindex, v),
         };
         if done(r) {
-            current.endpoints.insert(ifindex, v);
+            state.endpoints.insert(ifindex, v);
         } else if moved.is_some() {
             // Both indexes of the old address may be gone: fail closed.
-            current.endpoints.remove(&ifindex);
+            state.endpoints.remove(&ifindex);
         }
     }
     for (ifindex, v) in d.endpoint_removals {
         if done(w.remove_endpoint(ifindex, v.ipv4)) {
-            current.endpoints.remove(&ifindex);
+            state.endpoints.remove(&ifindex);
         }
     }
     for (addr, prefix) in d.ipcache_removals {
         if done(w.remove_ipcache(addr, prefix)) {
-            current.ipcache.remove(&(addr, prefix));
+            state.ipcache.remove(&(addr, prefix));
         }
     }
     for (addr, prefix) in d.ipcache6_removals {
         if done(w.remove_ipcache6(addr, prefix)) {
-            current.ipcache6.remove(&(addr, prefix));
+            state.ipcache6.remove(&(addr, prefix));
         }
     }
     for (prefix, k) in d.policy_removals {
         if done(w.remove_policy(prefix, k)) {
-            current.policy.remove(&(prefix, k));
+            current.remove_policy(&(prefix, k));
         }
     }
-    // Not counted as changes: they follow from the ones above.
-    let bumped: Vec<(u32, EndpointInfo)> = current
+    // Not counted as changes: they follow from the ones above. The bits
+    // are set only now, once every removal has been made (a bit set
+    // earlier could hide an entry still in the map).
+    let rewritten: Vec<(u32, EndpointInfo)> = current
+        .state
         .endpoints
         .iter()
-        .filter(|(_, v)| match &bump {
-            Bumps::All => true,
-            Bumps::Ids(ids) => ids.contains(&v.endpoint_id),
-        })
-        .map(|(k, v)| {
-            let mut v = *v;
-            v.generation = v.generation.wrapping_add(1);
-            (*k, v)
+        .filter_map(|(k, v)| {
+            let mut n = *v;
+            let bumped = match &bump {
+                Bumps::All => true,
+                Bumps::Ids(ids) => ids.contains(&v.endpoint_id),
+            };
+            if bumped {
+                n.generation = n.generation.wrapping_add(1);
+            }
+            if all_bits || reclassed.contains(&v.endpoint_id) {
+                n.flags = n.flags & !EP_NO_ENTRIES_MASK | current.no_entries_bits(v.endpoint_id);
+            }
+            (n != *v).then_some((*k, n))
         })
         .collect();
-    for (ifindex, v) in bumped {
+    for (ifindex, v) in rewritten {
         if let Err(e) = w.upsert_endpoint(ifindex, v) {
             first.get_or_insert(e);
         } else {
-            current.endpoints.insert(ifindex, v);
+            current.state.endpoints.insert(ifindex, v);
         }
     }
     (applied, first)
+}
+
+/// Step 0 of a pass: clear the "no entries" bit of every endpoint that
+/// `d` writes the first entry of a class for. Returns the classes whose
+/// bit could not be cleared: their entries must not be written yet.
+fn open_classes(
+    w: &mut impl MapWriter,
+    current: &mut Mirror,
+    d: &Diff,
+    first: &mut Option<palisade_dataplane::Error>,
+) -> HashSet<(u32, u8, u32)> {
+    // Classes with no entry in the kernel yet (a bit can only be set then).
+    let mut opening: HashMap<u32, u32> = HashMap::new();
+    for ((_, k), _) in &d.policy_upserts {
+        let c = Mirror::class_of(k);
+        if !current.has_class(&c) {
+            *opening.entry(c.0).or_default() |= no_entries_bit(c.1, c.2);
+        }
+    }
+    let mut blocked = HashSet::new();
+    if opening.is_empty() {
+        return blocked;
+    }
+    let clear: Vec<(u32, EndpointInfo)> = current
+        .state
+        .endpoints
+        .iter()
+        .filter_map(|(k, v)| {
+            let bits = opening.get(&v.endpoint_id)? & v.flags;
+            (bits != 0).then_some((
+                *k,
+                EndpointInfo {
+                    flags: v.flags & !bits,
+                    ..*v
+                },
+            ))
+        })
+        .collect();
+    for (ifindex, v) in clear {
+        match w.upsert_endpoint(ifindex, v) {
+            Ok(()) => {
+                current.state.endpoints.insert(ifindex, v);
+            }
+            Err(e) => {
+                first.get_or_insert(e);
+                let bits = opening[&v.endpoint_id];
+                for dir in [DIR_EGRESS, DIR_INGRESS] {
+                    for class in 0..PEER_CLASSES {
+                        if bits & no_entries_bit(dir, class) != 0 {
+                            blocked.insert((v.endpoint_id, dir, class));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    blocked
 }
 
 /// What the kernel maps hold now (after a restart, before the first sync).
@@ -583,7 +771,8 @@ mod tests {
             i: u32,
             v: EndpointInfo,
         ) -> Result<(), palisade_dataplane::Error> {
-            self.op(format!("endpoint+ {i} {}", v.flags))
+            // (The "no entries" bits are checked by `Kernel`'s tests.)
+            self.op(format!("endpoint+ {i} {}", v.flags & !EP_NO_ENTRIES_MASK))
         }
         fn remove_endpoint(&mut self, i: u32, _: u32) -> Result<(), palisade_dataplane::Error> {
             self.op(format!("endpoint- {i}"))
@@ -635,7 +824,7 @@ mod tests {
 
     #[test]
     fn identity_change_adds_rules_before_moving_addresses_and_removes_after() {
-        let mut cur = state(400, true);
+        let mut cur = Mirror::new(state(400, true));
         let want = state(401, true);
         let mut r = Recorder::default();
         assert_eq!(apply(&mut r, &mut cur, &want).unwrap(), 3);
@@ -656,10 +845,10 @@ mod tests {
 
     #[test]
     fn enforcement_switches_on_after_rules_and_off_before_their_removal() {
-        let mut cur = MapState {
+        let mut cur = Mirror::new(MapState {
             endpoints: state(400, false).endpoints,
             ..Default::default()
-        };
+        });
         let want = state(400, true);
         let mut r = Recorder::default();
         apply(&mut r, &mut cur, &want).unwrap();
@@ -681,7 +870,7 @@ mod tests {
 
     #[test]
     fn a_failed_write_still_switches_enforcement_on_and_mirrors_the_kernel() {
-        let mut cur = MapState::default();
+        let mut cur = Mirror::default();
         let want = state(400, true);
         // The first write (the policy entry) fails, in both passes.
         let mut r = Recorder {
@@ -705,7 +894,7 @@ mod tests {
 
     #[test]
     fn room_freed_by_removals_is_used_in_the_second_pass() {
-        let mut cur = state(400, true);
+        let mut cur = Mirror::new(state(400, true));
         let want = state(401, true);
         // A map of one entry: the new rule fits only once the old one is gone.
         let mut r = Recorder {
@@ -730,12 +919,13 @@ mod tests {
 
     #[test]
     fn generations_bump_for_the_endpoints_whose_verdicts_may_change() {
-        let mut cur = state(400, true);
-        let mut other = cur.endpoints[&7];
+        let mut s = state(400, true);
+        let mut other = s.endpoints[&7];
         other.endpoint_id = 2;
         other.ipv4 = 5;
-        cur.endpoints.insert(8, other);
-        let mut want = cur.clone();
+        s.endpoints.insert(8, other);
+        let mut cur = Mirror::new(s);
+        let mut want = (*cur).clone();
         // A new rule of endpoint 1: its generation only.
         let mut k = key(402);
         k.dport_be = 81u16.to_be();
@@ -801,9 +991,11 @@ mod tests {
             cidr_identity: 2,
         };
         for touched in [false, true] {
-            let mut cur = state(400, true);
-            let mut want = cur.clone();
-            let sync = |cur: &mut MapState, want: &MapState| {
+            let mut cur = Mirror::new(state(400, true));
+            let mut want = (*cur).clone();
+            // A full sync brings the "no entries" bits up to date first.
+            apply(&mut Recorder::default(), &mut cur, &want).unwrap();
+            let sync = |cur: &mut Mirror, want: &MapState| {
                 let mut r = Recorder::default();
                 let n = if touched {
                     apply_touched(&mut r, cur, want, &all_keys(cur, want)).unwrap()
@@ -854,7 +1046,7 @@ mod tests {
 
     #[test]
     fn touched_keys_sync_in_the_same_order_as_a_full_sync() {
-        let mut cur = state(400, true);
+        let mut cur = Mirror::new(state(400, true));
         let want = state(401, true);
         let mut r = Recorder::default();
         let t = all_keys(&cur, &want);
@@ -875,7 +1067,7 @@ mod tests {
 
     #[test]
     fn only_touched_keys_are_written() {
-        let mut cur = state(400, true);
+        let mut cur = Mirror::new(state(400, true));
         let want = state(401, true);
         let mut t = Touched::default();
         t.ipcache.insert((Ipv4Addr::new(10, 0, 0, 2), 32));
@@ -888,7 +1080,7 @@ mod tests {
 
     #[test]
     fn touched_sync_retries_once_when_removals_free_room() {
-        let mut cur = state(400, true);
+        let mut cur = Mirror::new(state(400, true));
         let want = state(401, true);
         let mut r = Recorder {
             capacity: Some(1),
@@ -898,5 +1090,263 @@ mod tests {
         let t = all_keys(&cur, &want);
         assert_eq!(apply_touched(&mut r, &mut cur, &want, &t).unwrap(), 3);
         assert!(same(&cur, &want), "{cur:?} {want:?}");
+    }
+
+    /// A kernel that checks, after every write, that no "no entries" bit
+    /// hides an entry the map holds; writes fail at random when asked.
+    struct Kernel {
+        maps: MapState,
+        rng: rand::rngs::StdRng,
+        fail_one_in: u32,
+        writes: usize,
+    }
+
+    impl Kernel {
+        fn write(
+            &mut self,
+            f: impl FnOnce(&mut MapState),
+        ) -> Result<(), palisade_dataplane::Error> {
+            use rand::Rng;
+            if self.fail_one_in > 0 && self.rng.gen_range(0..self.fail_one_in) == 0 {
+                return Err(palisade_dataplane::Error::MapFull {
+                    name: "ANY",
+                    entries: 1,
+                });
+            }
+            f(&mut self.maps);
+            self.writes += 1;
+            for v in self.maps.endpoints.values() {
+                for (_, k) in self.maps.policy.keys() {
+                    if k.endpoint_id == v.endpoint_id {
+                        let bit = no_entries_bit(k.direction, peer_class(k.peer_identity));
+                        assert_eq!(
+                            v.flags & bit,
+                            0,
+                            "write {}: endpoint {} skips a class it has {k:?} of",
+                            self.writes,
+                            v.endpoint_id
+                        );
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+
+    impl MapWriter for Kernel {
+        fn upsert_policy(
+            &mut self,
+            p: u32,
+            k: PolicyKey,
+            v: PolicyValue,
+        ) -> Result<(), palisade_dataplane::Error> {
+            self.write(|m| {
+                m.policy.insert((p, k), v);
+            })
+        }
+        fn remove_policy(&mut self, p: u32, k: PolicyKey) -> Result<(), palisade_dataplane::Error> {
+            self.write(|m| {
+                m.policy.remove(&(p, k));
+            })
+        }
+        fn upsert_ipcache(
+            &mut self,
+            a: Ipv4Addr,
+            p: u32,
+            v: IpcacheValue,
+        ) -> Result<(), palisade_dataplane::Error> {
+            self.write(|m| {
+                m.ipcache.insert((a, p), v);
+            })
+        }
+        fn remove_ipcache(&mut self, a: Ipv4Addr, p: u32) -> Result<(), palisade_dataplane::Error> {
+            self.write(|m| {
+                m.ipcache.remove(&(a, p));
+            })
+        }
+        fn upsert_ipcache6(
+            &mut self,
+            a: Ipv6Addr,
+            p: u32,
+            v: IpcacheValue,
+        ) -> Result<(), palisade_dataplane::Error> {
+            self.write(|m| {
+                m.ipcache6.insert((a, p), v);
+            })
+        }
+        fn remove_ipcache6(
+            &mut self,
+            a: Ipv6Addr,
+            p: u32,
+        ) -> Result<(), palisade_dataplane::Error> {
+            self.write(|m| {
+                m.ipcache6.remove(&(a, p));
+            })
+        }
+        fn upsert_endpoint(
+            &mut self,
+            i: u32,
+            v: EndpointInfo,
+        ) -> Result<(), palisade_dataplane::Error> {
+            self.write(|m| {
+                m.endpoints.insert(i, v);
+            })
+        }
+        fn remove_endpoint(&mut self, i: u32, _: u32) -> Result<(), palisade_dataplane::Error> {
+            self.write(|m| {
+                m.endpoints.remove(&i);
+            })
+        }
+    }
+
+    /// A random map state: three pods (some absent) and entries of every
+    /// peer class, both directions.
+    fn random_state(rng: &mut impl rand::Rng) -> MapState {
+        let mut s = MapState::default();
+        for (ifindex, id) in [(10, 1), (11, 2), (12, 3)] {
+            if rng.gen_bool(0.8) {
+                let flags = rng.gen_range(0..4) | (rng.gen_range(0..2) * palisade_common::EP_AUDIT);
+                s.endpoints.insert(
+                    ifindex,
+                    EndpointInfo {
+                        endpoint_id: id,
+                        identity: 300 + id,
+                        ipv4: id,
+                        flags,
+                        generation: 0,
+                        mac: [0; 6],
+                        _pad: [0; 2],
+                        ipv6: [0; 4],
+                    },
+                );
+            }
+        }
+        let peers = [
+            300,
+            301,
+            palisade_common::IDENTITY_FIRST_CIDR + 1,
+            palisade_common::IDENTITY_WORLD,
+            palisade_common::IDENTITY_ANY_POD,
+            palisade_common::IDENTITY_ANY,
+        ];
+        for _ in 0..rng.gen_range(0..12) {
+            let k = PolicyKey {
+                endpoint_id: rng.gen_range(1..4),
+                peer_identity: peers[rng.gen_range(0..peers.len())],
+                direction: rng.gen_range(0..2),
+                protocol: PROTO_TCP,
+                dport_be: [80u16, 443][rng.gen_range(0..2)].to_be(),
+            };
+            let action = rng.gen_range(1..3);
+            s.policy.insert((96, k), PolicyValue { action, cookie: 1 });
+        }
+        if rng.gen_bool(0.5) {
+            s.ipcache.insert(
+                (Ipv4Addr::new(10, 0, 0, 2), 32),
+                IpcacheValue {
+                    identity: 300 + rng.gen_range(0..2),
+                    cidr_identity: 2,
+                },
+            );
+        }
+        s
+    }
+
+    #[test]
+    fn no_entries_bits_never_hide_an_entry_the_kernel_holds() {
+        use rand::{Rng, SeedableRng};
+        let mut skipped = 0;
+        for seed in 0..300u64 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut k = Kernel {
+                maps: MapState::default(),
+                rng: rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed),
+                fail_one_in: if seed % 3 == 0 { 0 } else { 6 },
+                writes: 0,
+            };
+            let mut cur = Mirror::default();
+            for step in 0..12 {
+                let want = random_state(&mut rng);
+                let full = rng.gen_bool(0.3);
+                let r = if full {
+                    apply(&mut k, &mut cur, &want)
+                } else {
+                    let t = all_keys(&cur, &want);
+                    apply_touched(&mut k, &mut cur, &want, &t)
+                };
+                // The mirror, bits and counts included, is the kernel.
+                assert_eq!(*cur, k.maps, "seed {seed} step {step}");
+                assert_eq!(
+                    cur.classes,
+                    Mirror::new(k.maps.clone()).classes,
+                    "seed {seed} step {step}: class counts"
+                );
+                if r.is_ok() {
+                    assert!(same(&cur, &want), "seed {seed} step {step}");
+                    // Every endpoint the sync changed skips exactly the
+                    // classes it has no entries of; after a full sync,
+                    // every endpoint.
+                    for v in cur.endpoints.values() {
+                        let bits = v.flags & EP_NO_ENTRIES_MASK;
+                        assert_eq!(bits & !cur.no_entries_bits(v.endpoint_id), 0);
+                        if full {
+                            assert_eq!(bits, cur.no_entries_bits(v.endpoint_id));
+                        }
+                        skipped += bits.count_ones();
+                    }
+                }
+            }
+        }
+        // Bits do get set: the lookups they save are made.
+        assert!(skipped > 1000, "{skipped}");
+    }
+
+    #[test]
+    fn a_class_opens_before_its_first_entry_and_closes_after_its_last() {
+        let mut cur = Mirror::new(state(400, true));
+        apply(&mut Recorder::default(), &mut cur, &state(400, true)).unwrap();
+        let any_in = no_entries_bit(DIR_INGRESS, palisade_common::PEER_CLASS_ANY);
+        assert_ne!(cur.endpoints[&7].flags & any_in, 0, "no \"any\" entry yet");
+        // An "any peer" entry: the endpoint is written first, without the bit.
+        let mut want = state(400, true);
+        want.policy.insert(
+            (96, key(palisade_common::IDENTITY_ANY)),
+            PolicyValue {
+                action: ACTION_ALLOW,
+                cookie: 2,
+            },
+        );
+        let mut r = Recorder::default();
+        let t = all_keys(&cur, &want);
+        apply_touched(&mut r, &mut cur, &want, &t).unwrap();
+        assert_eq!(r.ops[0], "endpoint+ 7 1");
+        assert_eq!(r.ops[1], "policy+ 96 0");
+        assert_eq!(cur.endpoints[&7].flags & any_in, 0);
+        // Removed again: the bit comes back after the removal.
+        let want = state(400, true);
+        let mut r = Recorder::default();
+        let t = all_keys(&cur, &want);
+        apply_touched(&mut r, &mut cur, &want, &t).unwrap();
+        assert_eq!(r.ops, ["policy- 96 0", "endpoint+ 7 1"]);
+        assert_ne!(cur.endpoints[&7].flags & any_in, 0);
+        // A bit that cannot be cleared keeps its class's entries out.
+        let mut want = state(400, true);
+        want.policy.insert(
+            (96, key(palisade_common::IDENTITY_ANY)),
+            PolicyValue {
+                action: ACTION_ALLOW,
+                cookie: 2,
+            },
+        );
+        let mut r = Recorder {
+            fail_on: Some("endpoint+".into()),
+            ..Default::default()
+        };
+        let t = all_keys(&cur, &want);
+        assert!(apply_touched(&mut r, &mut cur, &want, &t).is_err());
+        assert!(r.ops.is_empty(), "{:?}", r.ops);
+        assert!(!cur
+            .policy
+            .contains_key(&(96, key(palisade_common::IDENTITY_ANY))));
     }
 }

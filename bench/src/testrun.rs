@@ -20,8 +20,11 @@
 //!   only difference to a brand-new tuple is that the first lookup finds an
 //!   entry and the insert replaces one (same work as a miss and an add).
 //! * **new flow denied**: a SYN from a peer no rule admits: conntrack miss
-//!   twice, ipcache, policy three times (exact, CIDR identity, any), drop
-//!   event. Nothing is recorded, so every run is new.
+//!   twice, ipcache, policy once (exact peer: the endpoint's rules name
+//!   pods only, so the agent's sync marks the CIDR, any-pod and any-peer
+//!   lookups as skippable, `palisade_common::no_entries_bit`, and the
+//!   endpoint carries those bits here too), drop event. Nothing is
+//!   recorded, so every run is new.
 //!
 //! New flows emit a ring-buffer event each. Two variants of each new-flow
 //! scenario: **events consumed** (a drainer thread reads the ring as the
@@ -131,19 +134,17 @@ impl Rig {
         unlimited_budgets(&mut maps)?;
         let ring = maps.take_events().context("events map")?;
 
-        maps.upsert_endpoint(
-            IFINDEX,
-            EndpointInfo {
-                endpoint_id: EP_ID,
-                identity: POD_IDENTITY,
-                ipv4: u32::from_ne_bytes(POD.octets()),
-                flags: EP_INGRESS_ENFORCED | EP_EGRESS_ENFORCED,
-                generation: 0,
-                mac: [0; 6],
-                _pad: [0; 2],
-                ipv6: palisade_dataplane::maps::ip6_words(twin6(POD)),
-            },
-        )?;
+        let mut endpoint = EndpointInfo {
+            endpoint_id: EP_ID,
+            identity: POD_IDENTITY,
+            ipv4: u32::from_ne_bytes(POD.octets()),
+            flags: EP_INGRESS_ENFORCED | EP_EGRESS_ENFORCED,
+            generation: 0,
+            mac: [0; 6],
+            _pad: [0; 2],
+            ipv6: palisade_dataplane::maps::ip6_words(twin6(POD)),
+        };
+        maps.upsert_endpoint(IFINDEX, endpoint)?;
         // ipcache: world, one CIDR block containing every peer, and one /32
         // per identity.
         let world = IpcacheValue {
@@ -172,7 +173,8 @@ impl Rig {
         let allowed_id = FIRST_PEER_IDENTITY + allowed_k as u32;
         let denied_id = FIRST_PEER_IDENTITY + denied_k as u32;
 
-        for (prefix, key) in policy_keys(policy_entries, identities, allowed_id, denied_id) {
+        let keys = policy_keys(policy_entries, identities, allowed_id, denied_id);
+        for &(prefix, key) in &keys {
             maps.set_policy(
                 prefix,
                 key,
@@ -182,6 +184,11 @@ impl Rig {
                 },
             )?;
         }
+        // The lookups the agent's map sync lets the programs skip (no
+        // entry of that peer class for the endpoint and direction), as it
+        // sets them: once the entries are in.
+        endpoint.flags |= palisade_common::no_entries_bits(EP_ID, keys.iter().map(|(_, k)| k));
+        maps.upsert_endpoint(IFINDEX, endpoint)?;
         let rig = Self {
             policy_entries,
             identities,

@@ -20,7 +20,7 @@ use palisade_agent::{
     model::{LocalEndpoint, ObjectKey},
     sync,
 };
-use palisade_dataplane::{Datapath, DatapathConfig, MapState};
+use palisade_dataplane::{Datapath, DatapathConfig};
 
 use crate::{
     cluster::{self, Spec},
@@ -61,7 +61,7 @@ fn ms(d: Duration) -> f64 {
 
 struct Pipeline {
     engine: Engine,
-    current: MapState,
+    current: sync::Mirror,
     maps: palisade_dataplane::Maps,
 }
 
@@ -191,7 +191,7 @@ pub fn run(plan: &Plan) -> Result<Update> {
     let rss1 = rss_mib();
     let mut p = Pipeline {
         engine,
-        current: MapState::default(),
+        current: sync::Mirror::default(),
         maps,
     };
     p.engine.take_touched();

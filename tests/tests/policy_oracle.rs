@@ -128,18 +128,13 @@ struct Rig {
 }
 
 impl Rig {
+    /// Written as the agent writes them: through its map sync, so the
+    /// endpoints carry the sync's "no entries" bits and the programs skip
+    /// the lookups they allow (the verdicts must not change).
     fn load(&mut self, compiled: &Compiled) -> Result<()> {
         self.maps.clear()?;
-        let s = &compiled.maps;
-        for (ifindex, e) in &s.endpoints {
-            self.maps.upsert_endpoint(*ifindex, *e)?;
-        }
-        for ((addr, prefix), v) in &s.ipcache {
-            self.maps.set_ipcache(*addr, *prefix, *v)?;
-        }
-        for ((prefix, k), v) in &s.policy {
-            self.maps.set_policy(*prefix, *k, *v)?;
-        }
+        let mut mirror = palisade_agent::sync::Mirror::default();
+        palisade_agent::sync::apply(&mut self.maps, &mut mirror, &compiled.maps)?;
         Ok(())
     }
 

@@ -1889,7 +1889,7 @@ mod tests {
         Compiler::seeded(ids, cookies).compile(e.model())
     }
 
-    fn check(e: &mut Engine, mirror: &mut MapState, what: &str) {
+    fn check(e: &mut Engine, mirror: &mut sync::Mirror, what: &str) {
         let full = oracle(e);
         assert_eq!(
             e.desired().endpoints,
@@ -2335,7 +2335,7 @@ mod tests {
         };
         let mut e = Engine::new(rng.gen_bool(0.1), configured);
         e.set_node_name(Some("n0".into()));
-        let mut mirror = MapState::default();
+        let mut mirror = sync::Mirror::default();
         check(&mut e, &mut mirror, &format!("seed {seed}, initial"));
         let mut log = Vec::new();
         for i in 0..steps {

@@ -13,11 +13,11 @@
 
 use crate::{
     conntrack::{tcp_next_state, tcp_reopens, timeout_ns, TCP_FLAG_ACK, TCP_FLAG_SYN},
-    is_label_identity, reason, CtKey, CtKeyOf, CtValue, EndpointInfo, FlowEvent, FlowEvent4, Ip6,
-    IpcacheValue, PolicyKey, PolicyValue, ACTION_ALLOW, CT_AUDIT, CT_SEEN_REPLY, DIR_EGRESS,
-    DIR_INGRESS, EP_AUDIT, FRAG_TIMEOUT_NS, IDENTITY_ANY, IDENTITY_ANY_POD, IDENTITY_HOST,
-    IDENTITY_WORLD, IDENTITY_WORLD6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW,
-    VERDICT_AUDIT, VERDICT_DROP,
+    is_label_identity, no_entries_bit, peer_class, reason, CtKey, CtKeyOf, CtValue, EndpointInfo,
+    FlowEvent, FlowEvent4, Ip6, IpcacheValue, PolicyKey, PolicyValue, ACTION_ALLOW, CT_AUDIT,
+    CT_SEEN_REPLY, DIR_EGRESS, DIR_INGRESS, EP_AUDIT, FRAG_TIMEOUT_NS, IDENTITY_ANY,
+    IDENTITY_ANY_POD, IDENTITY_HOST, IDENTITY_WORLD, IDENTITY_WORLD6, PROTO_SCTP, PROTO_TCP,
+    PROTO_UDP, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP,
 };
 
 /// An address family's address as the programs keep it: `u32` (IPv4) or
@@ -487,24 +487,36 @@ pub fn policy_key<A>(
 /// ipBlock rules match pod addresses too), then any pod (only when the
 /// peer is a pod: its identity is a label identity, see
 /// [`is_label_identity`]), then any peer. `lookup` is one longest-prefix
-/// match of the policy map with the given full key.
+/// match of the policy map with the given full key. A lookup of a peer
+/// class `flags` (the endpoint's) say it has no entries of in this
+/// direction ([`crate::no_entries_bit`]) is skipped: it could not hit.
 #[inline(always)]
 pub fn policy_lookups<T>(
     pk: &mut PolicyKey,
     peer: &IpcacheValue,
+    flags: u32,
     mut lookup: impl FnMut(&PolicyKey) -> Option<T>,
 ) -> Option<T> {
-    pk.peer_identity = peer.identity;
-    let mut hit = lookup(pk);
-    if hit.is_none() && peer.cidr_identity != peer.identity && peer.cidr_identity != IDENTITY_ANY {
+    let dir = pk.direction;
+    let skipped = |id: u32| flags & no_entries_bit(dir, peer_class(id)) != 0;
+    let mut hit = None;
+    if !skipped(peer.identity) {
+        pk.peer_identity = peer.identity;
+        hit = lookup(pk);
+    }
+    if hit.is_none()
+        && peer.cidr_identity != peer.identity
+        && peer.cidr_identity != IDENTITY_ANY
+        && !skipped(peer.cidr_identity)
+    {
         pk.peer_identity = peer.cidr_identity;
         hit = lookup(pk);
     }
-    if hit.is_none() && is_label_identity(peer.identity) {
+    if hit.is_none() && is_label_identity(peer.identity) && !skipped(IDENTITY_ANY_POD) {
         pk.peer_identity = IDENTITY_ANY_POD;
         hit = lookup(pk);
     }
-    if hit.is_none() {
+    if hit.is_none() && !skipped(IDENTITY_ANY) {
         pk.peer_identity = IDENTITY_ANY;
         hit = lookup(pk);
     }
@@ -538,6 +550,22 @@ pub fn decide<A: Addr>(
     peer: &IpcacheValue,
     lookup: impl FnMut(&PolicyKey) -> Option<PolicyValue>,
 ) -> Decision {
+    decide_with(ep, dir, key, peer, ep.flags, lookup)
+}
+
+/// [`decide`] skipping the lookups `flags` says cannot hit
+/// ([`policy_lookups`]): `ep.flags`, or 0 to make every lookup. (A tracked
+/// flow judged again makes them all: that path is rare, and a copy of the
+/// skip checks inlined there took the IPv6 stages past their stack limit.)
+#[inline(always)]
+pub fn decide_with<A: Addr>(
+    ep: &EndpointInfo,
+    dir: u8,
+    key: &CtKeyOf<A>,
+    peer: &IpcacheValue,
+    flags: u32,
+    lookup: impl FnMut(&PolicyKey) -> Option<PolicyValue>,
+) -> Decision {
     if let Some(d) = tunnel_from_pod(ep, dir, key, peer) {
         return d;
     }
@@ -553,7 +581,7 @@ pub fn decide<A: Addr>(
     // than an `Option<PolicyValue>`: LLVM may copy a `None`'s undefined
     // payload ahead of the check, and the verifier refuses a program that
     // reads an uninitialised register (seen once the programs grew).
-    match policy_lookups(&mut pk, peer, |k| lookup(k).map(pack_hit)) {
+    match policy_lookups(&mut pk, peer, flags, |k| lookup(k).map(pack_hit)) {
         Some(h) => policy_decision(ep, dir, peer, Some(unpack_hit(h))),
         None => policy_decision(ep, dir, peer, None),
     }
@@ -578,7 +606,7 @@ pub fn own_node_checked<A>(
     }
     let mut pk = policy_key(ep, dir, key, peer);
     // (The hit stays packed until it is known to be one: see `decide`.)
-    match policy_lookups(&mut pk, peer, |k| lookup(k).map(pack_hit)) {
+    match policy_lookups(&mut pk, peer, ep.flags, |k| lookup(k).map(pack_hit)) {
         Some(h) => {
             let v = unpack_hit(h);
             if own_node_denied(&v) {
@@ -1008,6 +1036,74 @@ mod tests {
         assert_eq!(seen, [1001, 3000, IDENTITY_ANY_POD, IDENTITY_ANY]);
         assert_eq!((d.pass, d.reason, d.cookie), (false, reason::DENY_RULE, 5));
         assert_eq!((d.src_identity, d.dst_identity), (1001, 1000));
+    }
+
+    #[test]
+    fn lookups_of_a_class_without_entries_are_skipped_per_direction() {
+        let peer = IpcacheValue {
+            identity: 1001,
+            cidr_identity: crate::IDENTITY_FIRST_CIDR + 4,
+        };
+        let lookups = |flags: u32, dir: u8| {
+            let ep = EndpointInfo {
+                flags: flags | crate::EP_EGRESS_ENFORCED | EP_INGRESS_ENFORCED,
+                ..EP
+            };
+            let key = ct_key(7, 1, 2, 3, 80u16.to_be(), PROTO_TCP, dir);
+            let mut seen = [u32::MAX; 4];
+            let mut n = 0;
+            let d = decide(&ep, dir, &key, &peer, |k| {
+                seen[n] = k.peer_identity;
+                n += 1;
+                None
+            });
+            assert!(!d.pass);
+            seen
+        };
+        const N: u32 = u32::MAX;
+        let cidr = peer.cidr_identity;
+        let all = [1001, cidr, IDENTITY_ANY_POD, IDENTITY_ANY];
+        assert_eq!(lookups(0, DIR_INGRESS), all);
+        let bit = |dir, class| crate::no_entries_bit(dir, class);
+        let (l, o, p, a) = (
+            crate::PEER_CLASS_LABEL,
+            crate::PEER_CLASS_OTHER,
+            crate::PEER_CLASS_ANY_POD,
+            crate::PEER_CLASS_ANY,
+        );
+        // Each class alone, and every class: only its lookups go.
+        assert_eq!(
+            lookups(bit(DIR_INGRESS, o), DIR_INGRESS),
+            [1001, IDENTITY_ANY_POD, IDENTITY_ANY, N]
+        );
+        assert_eq!(
+            lookups(bit(DIR_INGRESS, l), DIR_INGRESS),
+            [cidr, IDENTITY_ANY_POD, IDENTITY_ANY, N]
+        );
+        let three = bit(DIR_INGRESS, o) | bit(DIR_INGRESS, p) | bit(DIR_INGRESS, a);
+        assert_eq!(lookups(three, DIR_INGRESS), [1001, N, N, N]);
+        assert_eq!(lookups(three | bit(DIR_INGRESS, l), DIR_INGRESS), [N; 4]);
+        // The other direction's bits change nothing.
+        let egress_all = bit(DIR_EGRESS, l) | bit(DIR_EGRESS, o) | bit(DIR_EGRESS, p);
+        assert_eq!(lookups(egress_all | bit(DIR_EGRESS, a), DIR_INGRESS), all);
+        assert_eq!(lookups(three, DIR_EGRESS), all);
+        // Eight distinct bits, inside the mask, apart from the other flags.
+        let mut bits = 0;
+        for class in 0..crate::PEER_CLASSES {
+            for dir in [DIR_EGRESS, DIR_INGRESS] {
+                assert_eq!(bits & bit(dir, class), 0);
+                bits |= bit(dir, class);
+            }
+        }
+        assert_eq!(bits, crate::EP_NO_ENTRIES_MASK);
+        assert_eq!(bits & 0xff, 0);
+        // Every identity's class.
+        assert_eq!(crate::peer_class(IDENTITY_ANY), a);
+        assert_eq!(crate::peer_class(IDENTITY_ANY_POD), p);
+        assert_eq!(crate::peer_class(crate::IDENTITY_FIRST_DYNAMIC), l);
+        for id in [IDENTITY_HOST, IDENTITY_WORLD, IDENTITY_WORLD6, cidr] {
+            assert_eq!(crate::peer_class(id), o, "{id}");
+        }
     }
 
     #[test]

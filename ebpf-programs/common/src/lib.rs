@@ -225,6 +225,58 @@ pub const EP_HOST_PROTECTED: u32 = 1 << 3;
 /// A `domainNames` rule selects the pod: its DNS answers are held until
 /// the agent has learned their addresses (`dns`).
 pub const EP_DNS_SNOOP: u32 = 1 << 4;
+/// "No policy entries of this peer class" bits, 8 of them from this one:
+/// bit `EP_NO_ENTRIES_SHIFT + 2 * class + dir` ([`no_entries_bit`]) set
+/// means the policy map holds no entry of this endpoint, direction and
+/// peer class ([`peer_class`]), so a new flow's lookup of that class is
+/// skipped: a denied flow of a pod whose rules name pods only costs one
+/// longest-prefix match, not four. Owned by the agent's map sync, never
+/// by the compiler; a bit is only ever set while the map holds no such
+/// entry (cleared before the first one is written, set after the last is
+/// removed). All clear, the default, means every lookup is made.
+pub const EP_NO_ENTRIES_SHIFT: u32 = 8;
+pub const EP_NO_ENTRIES_MASK: u32 = 0xff << EP_NO_ENTRIES_SHIFT;
+/// [`peer_class`]es.
+pub const PEER_CLASS_LABEL: u32 = 0;
+pub const PEER_CLASS_OTHER: u32 = 1;
+pub const PEER_CLASS_ANY_POD: u32 = 2;
+pub const PEER_CLASS_ANY: u32 = 3;
+pub const PEER_CLASSES: u32 = 4;
+
+/// The class of a policy key's peer identity: a lookup with identity `id`
+/// can only hit entries of `id`'s class (every policy prefix covers the
+/// whole peer field, `POLICY_PREFIX_FIXED`).
+#[inline(always)]
+pub const fn peer_class(id: u32) -> u32 {
+    if id == IDENTITY_ANY {
+        PEER_CLASS_ANY
+    } else if id == IDENTITY_ANY_POD {
+        PEER_CLASS_ANY_POD
+    } else if is_label_identity(id) {
+        PEER_CLASS_LABEL
+    } else {
+        PEER_CLASS_OTHER
+    }
+}
+
+/// The `EndpointInfo::flags` bit saying `dir` has no entries of `class`.
+#[inline(always)]
+pub const fn no_entries_bit(dir: u8, class: u32) -> u32 {
+    1 << (EP_NO_ENTRIES_SHIFT + 2 * class + (dir & 1) as u32)
+}
+
+/// The "no entries" bits endpoint id `id` may carry when the policy map
+/// holds `keys` (what the agent's map sync keeps up to date).
+pub fn no_entries_bits<'a>(id: u32, keys: impl IntoIterator<Item = &'a PolicyKey>) -> u32 {
+    let mut bits = EP_NO_ENTRIES_MASK;
+    for k in keys {
+        if k.endpoint_id == id {
+            bits &= !no_entries_bit(k.direction, peer_class(k.peer_identity));
+        }
+    }
+    bits
+}
+
 /// The endpoint id (never a pod's: ids count from 1) under which the
 /// policy map holds host protection's open node ports: keys
 /// (HOST_PORTS_ENDPOINT, IDENTITY_HOST, egress, protocol, port).

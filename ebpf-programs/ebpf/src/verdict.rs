@@ -23,10 +23,11 @@ use palisade_common::{
     conntrack::{TCP_ESTABLISHED, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN},
     ct_budget::{self, CtCharge},
     decision::{
-        arp_spoofed, ct_key, ct_live, ct_stale, ct_use, decide, drop_if_enforced as enforced_drop,
-        empty_key, first_fragment_verdict, foreign_destination, foreign_mac, hard_drop, key_of,
-        later_fragment_verdict, new_ct_entry, own_node_checked, records_entry, rejudged,
-        rejudged_entry, remote_addr, spoofed, track, unchecked_source, Addr, Decision, Tracked,
+        arp_spoofed, ct_key, ct_live, ct_stale, ct_use, decide, decide_with,
+        drop_if_enforced as enforced_drop, empty_key, first_fragment_verdict, foreign_destination,
+        foreign_mac, hard_drop, key_of, later_fragment_verdict, new_ct_entry, own_node_checked,
+        records_entry, rejudged, rejudged_entry, remote_addr, spoofed, track, unchecked_source,
+        Addr, Decision, Tracked,
     },
     endpoint_slot, reason,
     reject::answerable,
@@ -704,7 +705,10 @@ fn rejudge_decision<A: Family>(
     if judged.scope == DIR_EGRESS && judged.daddr == A::own(ep) {
         decide(ep, DIR_EGRESS, &judged, &HAIRPIN_PEER, |_| None)
     } else {
-        policy(ep, judged.scope, &judged)
+        // Every lookup made (`decision::decide_with`).
+        let dir = judged.scope;
+        let peer = A::peer(dir, remote_addr(&judged, dir));
+        decide_with(ep, dir, &judged, &peer, 0, policy_entry)
     }
 }
 

@@ -332,7 +332,7 @@ impl Evaluator {
         };
         let flow = ct_key(endpoint_id, 0, 0, 0, dport.to_be(), protocol, dir);
         let mut k = policy_key(&ep, dir, &flow, &peer);
-        policy_lookups(&mut k, &peer, |k| {
+        policy_lookups(&mut k, &peer, ep.flags, |k| {
             self.policy_lookup(k)
                 .map(|(prefix, key, value)| PolicyMatch {
                     peer_identity: k.peer_identity,
