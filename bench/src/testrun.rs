@@ -28,7 +28,8 @@
 //!
 //! New flows emit a ring-buffer event each. Two variants of each new-flow
 //! scenario: **events consumed** (a drainer thread reads the ring as the
-//! agent does; the programs wake a reader only when a backlog builds up)
+//! agent does: asleep until the programs wake it, which they do once a
+//! backlog builds up, or for 100 ms, then draining everything queued)
 //! and **ring full** (the drainer is paused and the ring filled first: the
 //! event reservation fails and nothing is written). The difference is what
 //! writing the event costs. Events the ring could not take are reported
@@ -40,6 +41,7 @@
 use std::{
     collections::HashSet,
     net::{Ipv4Addr, Ipv6Addr},
+    os::fd::AsRawFd,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -286,14 +288,20 @@ pub fn policy_keys(
     out
 }
 
-/// Consumes every ring while the benchmark runs (as the agent would), and
-/// can be paused so that a ring fills up.
+/// Consumes every ring while the benchmark runs, as the agent does
+/// (`agent/src/server.rs::read_events`): it sleeps until the programs wake
+/// it (edge-triggered: they wake readers once a backlog builds up, not
+/// per record) or 100 ms pass, then drains everything queued. Can be
+/// paused so that a ring fills up.
 pub(crate) struct Drainer {
     stop: Arc<AtomicBool>,
     pause: Arc<AtomicBool>,
     paused: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
+
+/// The agent's drain interval when not woken.
+const DRAIN_INTERVAL_MS: i32 = 100;
 
 impl Drainer {
     pub(crate) fn start(mut rings: Vec<RingBuf<MapData>>) -> Self {
@@ -302,6 +310,7 @@ impl Drainer {
         let paused = Arc::new(AtomicBool::new(false));
         let (s, p, ack) = (stop.clone(), pause.clone(), paused.clone());
         let thread = std::thread::spawn(move || {
+            let ep = Epoll::new(rings.iter().map(|r| r.as_raw_fd()));
             while !s.load(Ordering::SeqCst) {
                 if p.load(Ordering::SeqCst) {
                     ack.store(true, Ordering::SeqCst);
@@ -309,15 +318,11 @@ impl Drainer {
                     continue;
                 }
                 ack.store(false, Ordering::SeqCst);
-                let mut any = false;
                 for r in &mut rings {
-                    while r.next().is_some() {
-                        any = true;
-                    }
+                    while r.next().is_some() {}
                 }
-                if !any {
-                    std::hint::spin_loop();
-                }
+                // (A pause or stop is seen within one interval.)
+                ep.wait(DRAIN_INTERVAL_MS);
             }
         });
         Self {
@@ -347,6 +352,42 @@ impl Drop for Drainer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// Edge-triggered readiness of the rings, as tokio's `AsyncFd` gives the
+/// agent: a wait returns on a wakeup the programs send, not merely because
+/// records are queued.
+struct Epoll(std::os::fd::OwnedFd);
+
+impl Epoll {
+    fn new(fds: impl Iterator<Item = std::os::fd::RawFd>) -> Self {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain syscalls; the descriptor is owned from here on.
+        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        assert!(
+            ep >= 0,
+            "epoll_create1: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: a descriptor just created and owned by nobody else.
+        let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(ep) };
+        for fd in fds {
+            let mut ev = libc::epoll_event {
+                events: (libc::EPOLLIN | libc::EPOLLET) as u32,
+                u64: fd as u64,
+            };
+            // SAFETY: valid descriptors and event.
+            let r = unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) };
+            assert_eq!(r, 0, "epoll_ctl: {}", std::io::Error::last_os_error());
+        }
+        Self(owned)
+    }
+
+    fn wait(&self, timeout_ms: i32) {
+        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 8];
+        // SAFETY: a valid epoll descriptor and buffer.
+        unsafe { libc::epoll_wait(self.0.as_raw_fd(), evs.as_mut_ptr(), 8, timeout_ms) };
     }
 }
 
