@@ -1133,70 +1133,28 @@ mod tests {
         }
     }
 
-    impl MapWriter for Kernel {
-        fn upsert_policy(
-            &mut self,
-            p: u32,
-            k: PolicyKey,
-            v: PolicyValue,
-        ) -> Result<(), palisade_dataplane::Error> {
-            self.write(|m| {
-                m.policy.insert((p, k), v);
-            })
-        }
-        fn remove_policy(&mut self, p: u32, k: PolicyKey) -> Result<(), palisade_dataplane::Error> {
-            self.write(|m| {
-                m.policy.remove(&(p, k));
-            })
-        }
-        fn upsert_ipcache(
-            &mut self,
-            a: Ipv4Addr,
-            p: u32,
-            v: IpcacheValue,
-        ) -> Result<(), palisade_dataplane::Error> {
-            self.write(|m| {
-                m.ipcache.insert((a, p), v);
-            })
-        }
-        fn remove_ipcache(&mut self, a: Ipv4Addr, p: u32) -> Result<(), palisade_dataplane::Error> {
-            self.write(|m| {
-                m.ipcache.remove(&(a, p));
-            })
-        }
-        fn upsert_ipcache6(
-            &mut self,
-            a: Ipv6Addr,
-            p: u32,
-            v: IpcacheValue,
-        ) -> Result<(), palisade_dataplane::Error> {
-            self.write(|m| {
-                m.ipcache6.insert((a, p), v);
-            })
-        }
-        fn remove_ipcache6(
-            &mut self,
-            a: Ipv6Addr,
-            p: u32,
-        ) -> Result<(), palisade_dataplane::Error> {
-            self.write(|m| {
-                m.ipcache6.remove(&(a, p));
-            })
-        }
-        fn upsert_endpoint(
-            &mut self,
-            i: u32,
-            v: EndpointInfo,
-        ) -> Result<(), palisade_dataplane::Error> {
-            self.write(|m| {
-                m.endpoints.insert(i, v);
-            })
-        }
-        fn remove_endpoint(&mut self, i: u32, _: u32) -> Result<(), palisade_dataplane::Error> {
-            self.write(|m| {
-                m.endpoints.remove(&i);
-            })
-        }
+    /// `MapWriter` for `Kernel`: each write applied to its maps, then checked.
+    macro_rules! kernel_writes {
+        ($($name:ident($($arg:ident: $ty:ty),*) => |$m:ident| $apply:expr;)*) => {
+            impl MapWriter for Kernel {
+                $(fn $name(&mut self, $($arg: $ty),*) -> Result<(), palisade_dataplane::Error> {
+                    self.write(|$m: &mut MapState| {
+                        $apply;
+                    })
+                })*
+            }
+        };
+    }
+
+    kernel_writes! {
+        upsert_policy(p: u32, k: PolicyKey, v: PolicyValue) => |m| m.policy.insert((p, k), v);
+        remove_policy(p: u32, k: PolicyKey) => |m| m.policy.remove(&(p, k));
+        upsert_ipcache(a: Ipv4Addr, p: u32, v: IpcacheValue) => |m| m.ipcache.insert((a, p), v);
+        remove_ipcache(a: Ipv4Addr, p: u32) => |m| m.ipcache.remove(&(a, p));
+        upsert_ipcache6(a: Ipv6Addr, p: u32, v: IpcacheValue) => |m| m.ipcache6.insert((a, p), v);
+        remove_ipcache6(a: Ipv6Addr, p: u32) => |m| m.ipcache6.remove(&(a, p));
+        upsert_endpoint(i: u32, v: EndpointInfo) => |m| m.endpoints.insert(i, v);
+        remove_endpoint(i: u32, _ipv4: u32) => |m| m.endpoints.remove(&i);
     }
 
     /// A random map state: three pods (some absent) and entries of every
@@ -1308,14 +1266,18 @@ mod tests {
         let any_in = no_entries_bit(DIR_INGRESS, palisade_common::PEER_CLASS_ANY);
         assert_ne!(cur.endpoints[&7].flags & any_in, 0, "no \"any\" entry yet");
         // An "any peer" entry: the endpoint is written first, without the bit.
-        let mut want = state(400, true);
-        want.policy.insert(
-            (96, key(palisade_common::IDENTITY_ANY)),
-            PolicyValue {
-                action: ACTION_ALLOW,
-                cookie: 2,
-            },
-        );
+        let with_any = {
+            let mut s = state(400, true);
+            s.policy.insert(
+                (96, key(palisade_common::IDENTITY_ANY)),
+                PolicyValue {
+                    action: ACTION_ALLOW,
+                    cookie: 2,
+                },
+            );
+            s
+        };
+        let want = with_any.clone();
         let mut r = Recorder::default();
         let t = all_keys(&cur, &want);
         apply_touched(&mut r, &mut cur, &want, &t).unwrap();
@@ -1330,14 +1292,7 @@ mod tests {
         assert_eq!(r.ops, ["policy- 96 0", "endpoint+ 7 1"]);
         assert_ne!(cur.endpoints[&7].flags & any_in, 0);
         // A bit that cannot be cleared keeps its class's entries out.
-        let mut want = state(400, true);
-        want.policy.insert(
-            (96, key(palisade_common::IDENTITY_ANY)),
-            PolicyValue {
-                action: ACTION_ALLOW,
-                cookie: 2,
-            },
-        );
+        let want = with_any;
         let mut r = Recorder {
             fail_on: Some("endpoint+".into()),
             ..Default::default()
