@@ -581,6 +581,10 @@ fn apply_once(
             current.unsure.insert(ifindex);
             if moved.is_some() {
                 // Both indexes of the old address may be gone: fail closed.
+                // (Should the removal also have half failed, the kernel may
+                // keep the old value, bits included, unseen by step 0 until
+                // the next sync writes the pod again: two failures of
+                // writes that do not fail in practice.)
                 state.endpoints.remove(&ifindex);
             }
         }
