@@ -59,16 +59,15 @@ pub struct Mirror {
 
 impl Mirror {
     pub fn new(state: MapState) -> Self {
-        let mut m = Self {
-            state: MapState::default(),
-            classes: HashMap::new(),
-            unsure: HashSet::new(),
-        };
-        for (k, v) in state.policy.iter() {
-            m.insert_policy(*k, *v);
+        let mut classes: HashMap<_, u32> = HashMap::new();
+        for (_, k) in state.policy.keys() {
+            *classes.entry(Self::class_of(k)).or_default() += 1;
         }
-        m.state = state;
-        m
+        Self {
+            state,
+            classes,
+            unsure: HashSet::new(),
+        }
     }
 
     fn class_of(k: &PolicyKey) -> (u32, u8, u32) {
@@ -116,12 +115,6 @@ impl std::ops::Deref for Mirror {
     type Target = MapState;
     fn deref(&self) -> &MapState {
         &self.state
-    }
-}
-
-impl From<MapState> for Mirror {
-    fn from(s: MapState) -> Self {
-        Self::new(s)
     }
 }
 
@@ -244,13 +237,20 @@ fn endpoint_changes(cur: &MapState, want: &MapState) -> Changes<u32, EndpointInf
     (upserts, removals)
 }
 
-/// Which endpoints' tracked flows a diff may change the verdict on.
-enum Bumps {
-    All,
-    Ids(HashSet<u32>),
+/// The endpoint ids whose policy entries or own value a diff changes:
+/// their tracked flows are judged again, their "no entries" bits redone.
+fn changed_ids(d: &Diff) -> HashSet<u32> {
+    d.policy_upserts
+        .iter()
+        .map(|((_, k), _)| k.endpoint_id)
+        .chain(d.policy_removals.iter().map(|(_, k)| k.endpoint_id))
+        .chain(d.endpoint_upserts.iter().map(|(_, v)| v.endpoint_id))
+        .collect()
 }
 
-fn bumps(current: &MapState, d: &Diff) -> Bumps {
+/// Whether a diff may change the verdict on every endpoint's tracked
+/// flows, not only those of the `changed` ids.
+fn bumps_all(current: &MapState, d: &Diff, changed: &HashSet<u32>) -> bool {
     let peer_changed = d
         .ipcache_upserts
         .iter()
@@ -260,21 +260,8 @@ fn bumps(current: &MapState, d: &Diff) -> Bumps {
             .iter()
             .any(|(k, _)| current.ipcache6.contains_key(k))
         || !d.ipcache6_removals.is_empty();
-    if peer_changed {
-        return Bumps::All;
-    }
-    let mut ids: HashSet<u32> = d
-        .policy_upserts
-        .iter()
-        .map(|((_, k), _)| k.endpoint_id)
-        .chain(d.policy_removals.iter().map(|(_, k)| k.endpoint_id))
-        .collect();
-    ids.extend(d.endpoint_upserts.iter().map(|(_, v)| v.endpoint_id));
     // The node's open ports (host protection) are every endpoint's.
-    if ids.contains(&palisade_common::HOST_PORTS_ENDPOINT) {
-        return Bumps::All;
-    }
-    Bumps::Ids(ids)
+    peer_changed || changed.contains(&palisade_common::HOST_PORTS_ENDPOINT)
 }
 
 /// A sync that could not write everything. Whatever could be written was
@@ -508,21 +495,16 @@ fn apply_once(
 ) -> (usize, Option<palisade_dataplane::Error>) {
     let mut applied = 0;
     let mut first = None;
-    let bump = bumps(&current.state, &d);
-    // Endpoint ids whose entries or values change: their bits are redone.
-    let reclassed: HashSet<u32> = d
-        .policy_upserts
-        .iter()
-        .map(|((_, k), _)| k.endpoint_id)
-        .chain(d.policy_removals.iter().map(|(_, k)| k.endpoint_id))
-        .chain(d.endpoint_upserts.iter().map(|(_, v)| v.endpoint_id))
-        .collect();
+    let changed = changed_ids(&d);
+    let bump_all = bumps_all(&current.state, &d, &changed);
     // 0. Lookups of a class about to get its first entry run again first;
     // where that could not be written, neither are the entries.
     let blocked = open_classes(w, current, &d, &mut first);
     if !blocked.is_empty() {
-        d.policy_upserts
-            .retain(|((_, k), _)| !blocked.contains(&Mirror::class_of(k)));
+        d.policy_upserts.retain(|((_, k), _)| {
+            let bit = no_entries_bit(k.direction, peer_class(k.peer_identity));
+            blocked.get(&k.endpoint_id).is_none_or(|b| b & bit == 0)
+        });
     }
     let mut done = |r: Result<(), palisade_dataplane::Error>| match r {
         Ok(()) => {
@@ -618,14 +600,11 @@ fn apply_once(
         .iter()
         .filter_map(|(k, v)| {
             let mut n = *v;
-            let bumped = match &bump {
-                Bumps::All => true,
-                Bumps::Ids(ids) => ids.contains(&v.endpoint_id),
-            };
-            if bumped {
+            let changed = changed.contains(&v.endpoint_id);
+            if bump_all || changed {
                 n.generation = n.generation.wrapping_add(1);
             }
-            if all_bits || reclassed.contains(&v.endpoint_id) {
+            if all_bits || changed {
                 n.flags = n.flags & !EP_NO_ENTRIES_MASK | current.no_entries_bits(v.endpoint_id);
             }
             (n != *v).then_some((*k, n))
@@ -644,14 +623,15 @@ fn apply_once(
 }
 
 /// Step 0 of a pass: clear the "no entries" bit of every endpoint that
-/// `d` writes the first entry of a class for. Returns the classes whose
-/// bit could not be cleared: their entries must not be written yet.
+/// `d` writes the first entry of a class for. Returns, by endpoint id, the
+/// bits that could not be cleared: their classes' entries must not be
+/// written yet.
 fn open_classes(
     w: &mut impl MapWriter,
     current: &mut Mirror,
     d: &Diff,
     first: &mut Option<palisade_dataplane::Error>,
-) -> HashSet<(u32, u8, u32)> {
+) -> HashMap<u32, u32> {
     // Classes with no entry in the kernel yet (a bit can only be set then).
     let mut opening: HashMap<u32, u32> = HashMap::new();
     for ((_, k), _) in &d.policy_upserts {
@@ -660,7 +640,7 @@ fn open_classes(
             *opening.entry(c.0).or_default() |= no_entries_bit(c.1, c.2);
         }
     }
-    let mut blocked = HashSet::new();
+    let mut blocked = HashMap::new();
     if opening.is_empty() {
         return blocked;
     }
@@ -690,14 +670,7 @@ fn open_classes(
             Err(e) => {
                 first.get_or_insert(e);
                 current.unsure.insert(ifindex);
-                let bits = opening[&v.endpoint_id];
-                for dir in [DIR_EGRESS, DIR_INGRESS] {
-                    for class in 0..PEER_CLASSES {
-                        if bits & no_entries_bit(dir, class) != 0 {
-                            blocked.insert((v.endpoint_id, dir, class));
-                        }
-                    }
-                }
+                blocked.insert(v.endpoint_id, opening[&v.endpoint_id]);
             }
         }
     }
