@@ -13,9 +13,11 @@
 //!    on its next packet, against the maps as they now are)
 //!
 //! Before all of it, step 0: an endpoint about to get its first policy
-//! entry of a peer class has that class's "no entries" bit cleared
-//! (`palisade_common::no_entries_bit`: the programs skip lookups of a
-//! class the endpoint has no entries of). The bits are set again in step
+//! entry of a class has that class's "no entries" bit cleared
+//! (`palisade_common::no_entries_bit`: the programs skip the lookups, or
+//! the copy of the policy map, that could only hit entries of a class the
+//! endpoint has none of; a class is a peer class and a length,
+//! `palisade_common::entry_class`). The bits are set again in step
 //! 7, for the classes the kernel then holds no entry of. So a bit is only
 //! ever set while no entry it would hide exists: a skipped lookup is one
 //! that could not have hit. The counts behind them are kept beside the
@@ -36,14 +38,14 @@ use std::{
 };
 
 use palisade_common::{
-    no_entries_bit, peer_class, EndpointInfo, IpcacheValue, PolicyKey, PolicyValue, DIR_EGRESS,
-    DIR_INGRESS, EP_NO_ENTRIES_MASK, PEER_CLASSES,
+    entry_class, no_entries_bit, EndpointInfo, IpcacheValue, PolicyKey, PolicyValue, DIR_EGRESS,
+    DIR_INGRESS, ENTRY_CLASSES, EP_NO_ENTRIES_MASK,
 };
 use palisade_dataplane::{MapState, Maps};
 
 use crate::compiler::Touched;
 
-/// What the kernel maps hold, and how many policy entries of each peer
+/// What the kernel maps hold, and how many policy entries of each entry
 /// class every endpoint id has per direction (for the "no entries" bits,
 /// see the module doc). Read as a [`MapState`]; changed only by the sync,
 /// which keeps the two together.
@@ -60,8 +62,8 @@ pub struct Mirror {
 impl Mirror {
     pub fn new(state: MapState) -> Self {
         let mut classes: HashMap<_, u32> = HashMap::new();
-        for (_, k) in state.policy.keys() {
-            *classes.entry(Self::class_of(k)).or_default() += 1;
+        for (prefix, k) in state.policy.keys() {
+            *classes.entry(Self::class_of(*prefix, k)).or_default() += 1;
         }
         Self {
             state,
@@ -70,19 +72,23 @@ impl Mirror {
         }
     }
 
-    fn class_of(k: &PolicyKey) -> (u32, u8, u32) {
-        (k.endpoint_id, k.direction, peer_class(k.peer_identity))
+    fn class_of(prefix: u32, k: &PolicyKey) -> (u32, u8, u32) {
+        (
+            k.endpoint_id,
+            k.direction,
+            entry_class(prefix, k.peer_identity),
+        )
     }
 
     fn insert_policy(&mut self, k: (u32, PolicyKey), v: PolicyValue) {
         if self.state.policy.insert(k, v).is_none() {
-            *self.classes.entry(Self::class_of(&k.1)).or_default() += 1;
+            *self.classes.entry(Self::class_of(k.0, &k.1)).or_default() += 1;
         }
     }
 
     fn remove_policy(&mut self, k: &(u32, PolicyKey)) {
         if self.state.policy.remove(k).is_some() {
-            let c = Self::class_of(&k.1);
+            let c = Self::class_of(k.0, &k.1);
             if let Some(n) = self.classes.get_mut(&c) {
                 *n -= 1;
                 if *n == 0 {
@@ -101,7 +107,7 @@ impl Mirror {
     pub fn no_entries_bits(&self, id: u32) -> u32 {
         let mut bits = 0;
         for dir in [DIR_EGRESS, DIR_INGRESS] {
-            for class in 0..PEER_CLASSES {
+            for class in 0..ENTRY_CLASSES {
                 if !self.has_class(&(id, dir, class)) {
                     bits |= no_entries_bit(dir, class);
                 }
@@ -501,8 +507,8 @@ fn apply_once(
     // where that could not be written, neither are the entries.
     let blocked = open_classes(w, current, &d, &mut first);
     if !blocked.is_empty() {
-        d.policy_upserts.retain(|((_, k), _)| {
-            let bit = no_entries_bit(k.direction, peer_class(k.peer_identity));
+        d.policy_upserts.retain(|((prefix, k), _)| {
+            let bit = no_entries_bit(k.direction, entry_class(*prefix, k.peer_identity));
             blocked.get(&k.endpoint_id).is_none_or(|b| b & bit == 0)
         });
     }
@@ -634,8 +640,8 @@ fn open_classes(
 ) -> HashMap<u32, u32> {
     // Classes with no entry in the kernel yet (a bit can only be set then).
     let mut opening: HashMap<u32, u32> = HashMap::new();
-    for ((_, k), _) in &d.policy_upserts {
-        let c = Mirror::class_of(k);
+    for ((prefix, k), _) in &d.policy_upserts {
+        let c = Mirror::class_of(*prefix, k);
         if !current.has_class(&c) {
             *opening.entry(c.0).or_default() |= no_entries_bit(c.1, c.2);
         }
@@ -1127,9 +1133,10 @@ mod tests {
         fn check(&mut self) {
             self.writes += 1;
             for v in self.maps.endpoints.values() {
-                for (_, k) in self.maps.policy.keys() {
+                for (prefix, k) in self.maps.policy.keys() {
                     if k.endpoint_id == v.endpoint_id {
-                        let bit = no_entries_bit(k.direction, peer_class(k.peer_identity));
+                        let bit =
+                            no_entries_bit(k.direction, entry_class(*prefix, k.peer_identity));
                         assert_eq!(
                             v.flags & bit,
                             0,
@@ -1168,7 +1175,7 @@ mod tests {
     }
 
     /// A random map state: three pods (some absent) and entries of every
-    /// peer class, both directions.
+    /// entry class (peer class and length), both directions.
     fn random_state(rng: &mut impl rand::Rng) -> MapState {
         let mut s = MapState::default();
         for (ifindex, id) in [(10, 1), (11, 2), (12, 3)] {
@@ -1206,7 +1213,18 @@ mod tests {
                 dport_be: [80u16, 443][rng.gen_range(0..2)].to_be(),
             };
             let action = rng.gen_range(1..3);
-            s.policy.insert((96, k), PolicyValue { action, cookie: 1 });
+            // One port (the exact copy too) or the whole protocol (the
+            // trie alone): entry classes of both lengths.
+            let (prefix, k) = if rng.gen_bool(0.7) {
+                (96, k)
+            } else {
+                (
+                    palisade_common::POLICY_PREFIX_PROTO,
+                    PolicyKey { dport_be: 0, ..k },
+                )
+            };
+            s.policy
+                .insert((prefix, k), PolicyValue { action, cookie: 1 });
         }
         if rng.gen_bool(0.5) {
             s.ipcache.insert(
@@ -1278,7 +1296,7 @@ mod tests {
     fn a_class_opens_before_its_first_entry_and_closes_after_its_last() {
         let mut cur = Mirror::new(state(400, true));
         apply(&mut Recorder::default(), &mut cur, &state(400, true)).unwrap();
-        let any_in = no_entries_bit(DIR_INGRESS, palisade_common::PEER_CLASS_ANY);
+        let any_in = no_entries_bit(DIR_INGRESS, entry_class(96, palisade_common::IDENTITY_ANY));
         assert_ne!(cur.endpoints[&7].flags & any_in, 0, "no \"any\" entry yet");
         // An "any peer" entry: the endpoint is written first, without the bit.
         let with_any = {

@@ -187,9 +187,10 @@ impl Rig {
             )?;
         }
         // The lookups the agent's map sync lets the programs skip (no
-        // entry of that peer class for the endpoint and direction), as it
-        // sets them: once the entries are in.
-        endpoint.flags |= palisade_common::no_entries_bits(EP_ID, keys.iter().map(|(_, k)| k));
+        // entry of that class, peer class and length, for the endpoint and
+        // direction), as it sets them: once the entries are in.
+        endpoint.flags |=
+            palisade_common::no_entries_bits(EP_ID, keys.iter().map(|(p, k)| (*p, k)));
         maps.upsert_endpoint(IFINDEX, endpoint)?;
         let rig = Self {
             policy_entries,

@@ -12,6 +12,7 @@ use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData};
 use palisade_api::VerifyReport;
 use palisade_common::{
     maps as names, CtKey, CtValue, PolicyKey, PolicyValue, ACTION_ALLOW, ACTION_DENY,
+    POLICY_PREFIX_FULL,
 };
 use palisade_tests::{agent::*, *};
 
@@ -163,7 +164,7 @@ fn verify_proves_the_kernel_agrees_and_catches_a_corrupted_entry() -> Result<()>
     // Corrupt the kernel behind the agent's back: the server's allow entry
     // for the client on 8080 becomes a deny.
     let data = MapData::from_pin(scratch.pins.pins.map(names::POLICY))?;
-    let mut policy: LpmTrie<MapData, PolicyKey, PolicyValue> =
+    let policy: LpmTrie<MapData, PolicyKey, PolicyValue> =
         LpmTrie::try_from(Map::from_map_data(data)?)?;
     let entries: Vec<(Key<PolicyKey>, PolicyValue)> = policy.iter().collect::<Result<_, _>>()?;
     let (key, value) = entries
@@ -173,8 +174,19 @@ fn verify_proves_the_kernel_agrees_and_catches_a_corrupted_entry() -> Result<()>
             v.action == ACTION_ALLOW && u16::from_be(k.dport_be) == 8080 && k.direction == 1
         })
         .context("the server's allow entry")?;
-    policy.insert(
-        key,
+    // The programs read a one-port entry from its exact copy
+    // (`POLICY_EXACT`) before the trie: the corruption goes there.
+    let data = MapData::from_pin(scratch.pins.pins.map(names::POLICY_EXACT))?;
+    let mut exact: HashMap<MapData, PolicyKey, PolicyValue> =
+        HashMap::try_from(Map::from_map_data(data)?)?;
+    assert_eq!(key.prefix_len(), POLICY_PREFIX_FULL, "a one-port entry");
+    assert_eq!(
+        exact.get(&key.data(), 0)?,
+        *value,
+        "the copy holds the entry"
+    );
+    exact.insert(
+        key.data(),
         PolicyValue {
             action: ACTION_DENY,
             cookie: value.cookie,
@@ -218,7 +230,7 @@ fn verify_proves_the_kernel_agrees_and_catches_a_corrupted_entry() -> Result<()>
         .contains("verify mismatch: shop/server ingress"));
 
     // A resync rewrites the entry; verify agrees again.
-    policy.insert(key, value, 0)?;
+    exact.insert(key.data(), value, 0)?;
     let (ok, r) = verify(&agent)?;
     assert!(ok && r.mismatches.is_empty(), "{r:?}");
     drop(agent);

@@ -293,7 +293,7 @@ pub fn host_protected<A: Addr>(
     dir: u8,
     key: &CtKeyOf<A>,
     peer: &IpcacheValue,
-    mut lookup: impl FnMut(&PolicyKey) -> Option<PolicyValue>,
+    mut lookup: impl FnMut(&PolicyKey, Reads) -> Option<PolicyValue>,
 ) -> Option<Decision> {
     if dir != DIR_EGRESS
         || ep.flags & crate::EP_HOST_PROTECTED == 0
@@ -306,7 +306,7 @@ pub fn host_protected<A: Addr>(
     // the node's reserved endpoint.
     let mut pk = policy_key(ep, dir, key, peer);
     pk.endpoint_id = crate::HOST_PORTS_ENDPOINT;
-    match lookup(&pk) {
+    match lookup(&pk, Reads::ALL) {
         Some(v) if v.action == crate::ACTION_ALLOW => None,
         _ => {
             let mut d = hard_drop(ep, reason::HOST_PROTECTED, dir);
@@ -482,43 +482,74 @@ pub fn policy_key<A>(
     }
 }
 
+/// Which copies of the policy map one lookup reads: the exact copy of the
+/// one-port entries (`POLICY_EXACT`), the trie, or both (the copy first:
+/// a hit there is the longest match). A copy is left out when the
+/// endpoint has no entry there that the lookup could hit
+/// ([`crate::entry_class`]); a caller with one map reads it regardless.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reads {
+    pub exact: bool,
+    pub trie: bool,
+}
+
+impl Reads {
+    pub const ALL: Self = Self {
+        exact: true,
+        trie: true,
+    };
+}
+
 /// The policy lookups of a new flow, in order, stopping at the first hit
 /// (allow or deny): the exact peer, then the peer's CIDR identity (so
 /// ipBlock rules match pod addresses too), then any pod (only when the
 /// peer is a pod: its identity is a label identity, see
 /// [`is_label_identity`]), then any peer. `lookup` is one longest-prefix
-/// match of the policy map with the given full key. A lookup of a peer
-/// class `flags` (the endpoint's) say it has no entries of in this
-/// direction ([`crate::no_entries_bit`]) is skipped: it could not hit.
+/// match of the policy map with the given full key, reading the copies
+/// [`Reads`] names. Copies `flags` (the endpoint's) say hold no entry of
+/// the lookup's class in this direction ([`crate::no_entries_bit`]) are
+/// not read, and a lookup with nothing to read is skipped: it could not
+/// hit.
 #[inline(always)]
 pub fn policy_lookups<T>(
     pk: &mut PolicyKey,
     peer: &IpcacheValue,
     flags: u32,
-    mut lookup: impl FnMut(&PolicyKey) -> Option<T>,
+    mut lookup: impl FnMut(&PolicyKey, Reads) -> Option<T>,
 ) -> Option<T> {
     let dir = pk.direction;
-    let skipped = |id: u32| flags & no_entries_bit(dir, peer_class(id)) != 0;
+    let reads = |id: u32| {
+        let one_port = 2 * peer_class(id);
+        Reads {
+            exact: flags & no_entries_bit(dir, one_port) == 0,
+            trie: flags & no_entries_bit(dir, one_port + 1) == 0,
+        }
+    };
+    let some = |r: Reads| r.exact || r.trie;
     let mut hit = None;
-    if !skipped(peer.identity) {
+    let r = reads(peer.identity);
+    if some(r) {
         pk.peer_identity = peer.identity;
-        hit = lookup(pk);
+        hit = lookup(pk, r);
     }
+    let r = reads(peer.cidr_identity);
     if hit.is_none()
         && peer.cidr_identity != peer.identity
         && peer.cidr_identity != IDENTITY_ANY
-        && !skipped(peer.cidr_identity)
+        && some(r)
     {
         pk.peer_identity = peer.cidr_identity;
-        hit = lookup(pk);
+        hit = lookup(pk, r);
     }
-    if hit.is_none() && is_label_identity(peer.identity) && !skipped(IDENTITY_ANY_POD) {
+    let r = reads(IDENTITY_ANY_POD);
+    if hit.is_none() && is_label_identity(peer.identity) && some(r) {
         pk.peer_identity = IDENTITY_ANY_POD;
-        hit = lookup(pk);
+        hit = lookup(pk, r);
     }
-    if hit.is_none() && !skipped(IDENTITY_ANY) {
+    let r = reads(IDENTITY_ANY);
+    if hit.is_none() && some(r) {
         pk.peer_identity = IDENTITY_ANY;
-        hit = lookup(pk);
+        hit = lookup(pk, r);
     }
     hit
 }
@@ -548,7 +579,7 @@ pub fn decide<A: Addr>(
     dir: u8,
     key: &CtKeyOf<A>,
     peer: &IpcacheValue,
-    lookup: impl FnMut(&PolicyKey) -> Option<PolicyValue>,
+    lookup: impl FnMut(&PolicyKey, Reads) -> Option<PolicyValue>,
 ) -> Decision {
     decide_with(ep, dir, key, peer, ep.flags, lookup)
 }
@@ -564,7 +595,7 @@ pub fn decide_with<A: Addr>(
     key: &CtKeyOf<A>,
     peer: &IpcacheValue,
     flags: u32,
-    lookup: impl FnMut(&PolicyKey) -> Option<PolicyValue>,
+    lookup: impl FnMut(&PolicyKey, Reads) -> Option<PolicyValue>,
 ) -> Decision {
     if let Some(d) = tunnel_from_pod(ep, dir, key, peer) {
         return d;
@@ -581,7 +612,7 @@ pub fn decide_with<A: Addr>(
     // than an `Option<PolicyValue>`: LLVM may copy a `None`'s undefined
     // payload ahead of the check, and the verifier refuses a program that
     // reads an uninitialised register (seen once the programs grew).
-    match policy_lookups(&mut pk, peer, flags, |k| lookup(k).map(pack_hit)) {
+    match policy_lookups(&mut pk, peer, flags, |k, r| lookup(k, r).map(pack_hit)) {
         Some(h) => policy_decision(ep, dir, peer, Some(unpack_hit(h))),
         None => policy_decision(ep, dir, peer, None),
     }
@@ -599,14 +630,14 @@ pub fn own_node_checked<A>(
     key: &CtKeyOf<A>,
     peer: &IpcacheValue,
     d: Decision,
-    mut lookup: impl FnMut(&PolicyKey) -> Option<PolicyValue>,
+    mut lookup: impl FnMut(&PolicyKey, Reads) -> Option<PolicyValue>,
 ) -> Decision {
     if d.reason != reason::HOST || dir != DIR_EGRESS {
         return d;
     }
     let mut pk = policy_key(ep, dir, key, peer);
     // (The hit stays packed until it is known to be one: see `decide`.)
-    match policy_lookups(&mut pk, peer, ep.flags, |k| lookup(k).map(pack_hit)) {
+    match policy_lookups(&mut pk, peer, ep.flags, |k, r| lookup(k, r).map(pack_hit)) {
         Some(h) => {
             let v = unpack_hit(h);
             if own_node_denied(&v) {
@@ -1025,7 +1056,7 @@ mod tests {
         let key = ct_key(7, 1, 2, 3, 80u16.to_be(), PROTO_TCP, DIR_INGRESS);
         let mut seen = [0u32; 4];
         let mut n = 0;
-        let d = decide(&EP, DIR_INGRESS, &key, &peer, |k| {
+        let d = decide(&EP, DIR_INGRESS, &key, &peer, |k, _| {
             seen[n] = k.peer_identity;
             n += 1;
             (k.peer_identity == IDENTITY_ANY).then_some(PolicyValue {
@@ -1039,71 +1070,108 @@ mod tests {
     }
 
     #[test]
-    fn lookups_of_a_class_without_entries_are_skipped_per_direction() {
+    fn lookups_read_only_the_copies_holding_entries_of_their_class() {
         let peer = IpcacheValue {
             identity: 1001,
             cidr_identity: crate::IDENTITY_FIRST_CIDR + 4,
         };
+        // (identity, copies read) of each lookup made.
         let lookups = |flags: u32, dir: u8| {
             let ep = EndpointInfo {
                 flags: flags | crate::EP_EGRESS_ENFORCED | EP_INGRESS_ENFORCED,
                 ..EP
             };
             let key = ct_key(7, 1, 2, 3, 80u16.to_be(), PROTO_TCP, dir);
-            let mut seen = [u32::MAX; 4];
+            let mut seen = [(u32::MAX, Reads::ALL); 4];
             let mut n = 0;
-            let d = decide(&ep, dir, &key, &peer, |k| {
-                seen[n] = k.peer_identity;
+            let d = decide(&ep, dir, &key, &peer, |k, r| {
+                seen[n] = (k.peer_identity, r);
                 n += 1;
                 None
             });
             assert!(!d.pass);
             seen
         };
-        const N: u32 = u32::MAX;
+        const N: (u32, Reads) = (u32::MAX, Reads::ALL);
+        let both = |id| (id, Reads::ALL);
+        let (ingress, egress) = (DIR_INGRESS, DIR_EGRESS);
         let cidr = peer.cidr_identity;
-        let all = [1001, cidr, IDENTITY_ANY_POD, IDENTITY_ANY];
-        assert_eq!(lookups(0, DIR_INGRESS), all);
+        let every = [
+            both(1001),
+            both(cidr),
+            both(IDENTITY_ANY_POD),
+            both(IDENTITY_ANY),
+        ];
+        assert_eq!(lookups(0, ingress), every);
         let bit = |dir, class| crate::no_entries_bit(dir, class);
+        // Both entry classes of a peer class: one port, and wider.
+        let class = |dir, c: u32| bit(dir, 2 * c) | bit(dir, 2 * c + 1);
         let (l, o, p, a) = (
             crate::PEER_CLASS_LABEL,
             crate::PEER_CLASS_OTHER,
             crate::PEER_CLASS_ANY_POD,
             crate::PEER_CLASS_ANY,
         );
-        // Each class alone, and every class: only its lookups go.
+        // Each peer class alone, and every class: only its lookups go.
         assert_eq!(
-            lookups(bit(DIR_INGRESS, o), DIR_INGRESS),
-            [1001, IDENTITY_ANY_POD, IDENTITY_ANY, N]
+            lookups(class(ingress, o), ingress),
+            [both(1001), both(IDENTITY_ANY_POD), both(IDENTITY_ANY), N]
         );
         assert_eq!(
-            lookups(bit(DIR_INGRESS, l), DIR_INGRESS),
-            [cidr, IDENTITY_ANY_POD, IDENTITY_ANY, N]
+            lookups(class(ingress, l), ingress),
+            [both(cidr), both(IDENTITY_ANY_POD), both(IDENTITY_ANY), N]
         );
-        let three = bit(DIR_INGRESS, o) | bit(DIR_INGRESS, p) | bit(DIR_INGRESS, a);
-        assert_eq!(lookups(three, DIR_INGRESS), [1001, N, N, N]);
-        assert_eq!(lookups(three | bit(DIR_INGRESS, l), DIR_INGRESS), [N; 4]);
+        let three = class(ingress, o) | class(ingress, p) | class(ingress, a);
+        assert_eq!(lookups(three, ingress), [both(1001), N, N, N]);
+        assert_eq!(lookups(three | class(ingress, l), ingress), [N; 4]);
+        // Half a peer class: only the copy holding its entries is read.
+        let exact = Reads {
+            exact: true,
+            trie: false,
+        };
+        let trie = Reads {
+            exact: false,
+            trie: true,
+        };
+        assert_eq!(
+            lookups(three | bit(ingress, 2 * l + 1), ingress),
+            [(1001, exact), N, N, N]
+        );
+        assert_eq!(
+            lookups(three | bit(ingress, 2 * l), ingress),
+            [(1001, trie), N, N, N]
+        );
         // The other direction's bits change nothing.
-        let egress_all = bit(DIR_EGRESS, l) | bit(DIR_EGRESS, o) | bit(DIR_EGRESS, p);
-        assert_eq!(lookups(egress_all | bit(DIR_EGRESS, a), DIR_INGRESS), all);
-        assert_eq!(lookups(three, DIR_EGRESS), all);
-        // Eight distinct bits, inside the mask, apart from the other flags.
+        let egress_all = (0..crate::ENTRY_CLASSES).fold(0, |b, c| b | bit(egress, c));
+        assert_eq!(lookups(egress_all, ingress), every);
+        assert_eq!(lookups(three, egress), every);
+        // Sixteen distinct bits, inside the mask, apart from the other flags.
         let mut bits = 0;
-        for class in 0..crate::PEER_CLASSES {
-            for dir in [DIR_EGRESS, DIR_INGRESS] {
+        for class in 0..crate::ENTRY_CLASSES {
+            for dir in [egress, ingress] {
                 assert_eq!(bits & bit(dir, class), 0);
                 bits |= bit(dir, class);
             }
         }
         assert_eq!(bits, crate::EP_NO_ENTRIES_MASK);
         assert_eq!(bits & 0xff, 0);
-        // Every identity's class.
+        // Every identity's class, and every length's.
         assert_eq!(crate::peer_class(IDENTITY_ANY), a);
         assert_eq!(crate::peer_class(IDENTITY_ANY_POD), p);
         assert_eq!(crate::peer_class(crate::IDENTITY_FIRST_DYNAMIC), l);
         for id in [IDENTITY_HOST, IDENTITY_WORLD, IDENTITY_WORLD6, cidr] {
             assert_eq!(crate::peer_class(id), o, "{id}");
         }
+        assert_eq!(crate::entry_class(crate::POLICY_PREFIX_FULL, 1001), 2 * l);
+        assert_eq!(
+            crate::entry_class(crate::POLICY_PREFIX_PROTO, 1001),
+            2 * l + 1
+        );
+        assert_eq!(crate::entry_class(90, IDENTITY_ANY), 2 * a + 1);
+        assert_eq!(
+            crate::entry_class(crate::POLICY_PREFIX_FIXED, cidr),
+            2 * o + 1
+        );
     }
 
     #[test]
@@ -1116,7 +1184,7 @@ mod tests {
             };
             let mut seen = [u32::MAX; 4];
             let mut n = 0;
-            let d = decide(&EP, DIR_INGRESS, &key, &peer, |k| {
+            let d = decide(&EP, DIR_INGRESS, &key, &peer, |k, _| {
                 seen[n] = k.peer_identity;
                 n += 1;
                 (k.peer_identity == IDENTITY_ANY_POD).then_some(PolicyValue {
@@ -1168,10 +1236,10 @@ mod tests {
             cidr_identity: IDENTITY_WORLD,
         };
         let key = ct_key(7, 1, 2, 3, 4, PROTO_UDP, DIR_INGRESS);
-        let d = decide(&EP, DIR_INGRESS, &key, &host, |_| unreachable!());
+        let d = decide(&EP, DIR_INGRESS, &key, &host, |_, _| unreachable!());
         assert_eq!((d.pass, d.reason), (true, reason::HOST));
         let world = peer_or_world(None);
-        let d = decide(&EP, DIR_EGRESS, &key, &world, |_| unreachable!());
+        let d = decide(&EP, DIR_EGRESS, &key, &world, |_, _| unreachable!());
         assert_eq!((d.pass, d.reason), (true, reason::UNENFORCED));
     }
 

@@ -22,6 +22,13 @@ pub mod maps {
     pub const ENDPOINTS: &str = "ENDPOINTS";
     pub const IPCACHE: &str = "IPCACHE";
     pub const POLICY: &str = "POLICY";
+    /// The full-length entries of `IPCACHE`, `IPCACHE6` and `POLICY`
+    /// again, in hash maps by the whole key: the programs look there first
+    /// and walk the trie only on a miss. Written and removed with their
+    /// trie entries (the loader's `exact` module).
+    pub const IPCACHE_EXACT: &str = "IPCACHE_EXACT";
+    pub const IPCACHE6_EXACT: &str = "IPCACHE6_EXACT";
+    pub const POLICY_EXACT: &str = "POLICY_EXACT";
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const EVENTS: &str = "EVENTS";
@@ -66,7 +73,7 @@ pub mod maps {
     /// `EndpointSlot`s: the fast index of `ENDPOINTS` by interface.
     pub const ENDPOINT_SLOTS: &str = "ENDPOINT_SLOTS";
     /// Every map the programs share, in a stable order (pinning, adoption).
-    pub const ALL: [&str; 28] = [
+    pub const ALL: [&str; 31] = [
         ENDPOINTS,
         IPCACHE,
         POLICY,
@@ -95,6 +102,9 @@ pub mod maps {
         DNS_ACTIVE,
         DNS_SERVERS6,
         ENDPOINT_SLOTS,
+        IPCACHE_EXACT,
+        IPCACHE6_EXACT,
+        POLICY_EXACT,
     ];
 }
 
@@ -225,17 +235,18 @@ pub const EP_HOST_PROTECTED: u32 = 1 << 3;
 /// A `domainNames` rule selects the pod: its DNS answers are held until
 /// the agent has learned their addresses (`dns`).
 pub const EP_DNS_SNOOP: u32 = 1 << 4;
-/// "No policy entries of this peer class" bits, 8 of them from this one:
-/// bit `EP_NO_ENTRIES_SHIFT + 2 * class + dir` ([`no_entries_bit`]) set
-/// means the policy map holds no entry of this endpoint, direction and
-/// peer class ([`peer_class`]), so a new flow's lookup of that class is
-/// skipped: a denied flow of a pod whose rules name pods only costs one
-/// longest-prefix match, not four. Owned by the agent's map sync, never
-/// by the compiler; a bit is only ever set while the map holds no such
-/// entry (cleared before the first one is written, set after the last is
-/// removed). All clear, the default, means every lookup is made.
+/// "No policy entries of this class" bits, 16 of them from this one: bit
+/// `EP_NO_ENTRIES_SHIFT + 2 * class + dir` ([`no_entries_bit`]) set means
+/// the policy map holds no entry of this endpoint, direction and entry
+/// class ([`entry_class`]: the peer's class, and one port or more), so a
+/// new flow skips the lookup that could only hit such entries: a denied
+/// flow of a pod whose rules name pods on single ports costs one hash
+/// lookup, not four walks of the trie. Owned by the agent's map sync,
+/// never by the compiler; a bit is only ever set while the map holds no
+/// such entry (cleared before the first one is written, set after the
+/// last is removed). All clear, the default, means every lookup is made.
 pub const EP_NO_ENTRIES_SHIFT: u32 = 8;
-pub const EP_NO_ENTRIES_MASK: u32 = 0xff << EP_NO_ENTRIES_SHIFT;
+pub const EP_NO_ENTRIES_MASK: u32 = 0xffff << EP_NO_ENTRIES_SHIFT;
 /// [`peer_class`]es.
 pub const PEER_CLASS_LABEL: u32 = 0;
 pub const PEER_CLASS_OTHER: u32 = 1;
@@ -259,19 +270,36 @@ pub const fn peer_class(id: u32) -> u32 {
     }
 }
 
-/// The `EndpointInfo::flags` bit saying `dir` has no entries of `class`.
+/// [`entry_class`]es: two per peer class.
+pub const ENTRY_CLASSES: u32 = 2 * PEER_CLASSES;
+
+/// The class of the policy entry (`prefix`, peer identity `id`) for the
+/// "no entries" bits: `2 * peer_class(id)` for a one-port entry (full
+/// length: the programs find it in `POLICY_EXACT`), one more for a
+/// shorter one (a port range, a protocol, everything: the trie alone).
+#[inline(always)]
+pub const fn entry_class(prefix: u32, id: u32) -> u32 {
+    2 * peer_class(id) + (prefix < POLICY_PREFIX_FULL) as u32
+}
+
+/// The `EndpointInfo::flags` bit saying `dir` has no entries of entry
+/// class `class`.
 #[inline(always)]
 pub const fn no_entries_bit(dir: u8, class: u32) -> u32 {
     1 << (EP_NO_ENTRIES_SHIFT + 2 * class + (dir & 1) as u32)
 }
 
 /// The "no entries" bits endpoint id `id` may carry when the policy map
-/// holds `keys` (what the agent's map sync keeps up to date).
-pub fn no_entries_bits<'a>(id: u32, keys: impl IntoIterator<Item = &'a PolicyKey>) -> u32 {
+/// holds `entries`, (prefix, key) (what the agent's map sync keeps up to
+/// date).
+pub fn no_entries_bits<'a>(
+    id: u32,
+    entries: impl IntoIterator<Item = (u32, &'a PolicyKey)>,
+) -> u32 {
     let mut bits = EP_NO_ENTRIES_MASK;
-    for k in keys {
+    for (prefix, k) in entries {
         if k.endpoint_id == id {
-            bits &= !no_entries_bit(k.direction, peer_class(k.peer_identity));
+            bits &= !no_entries_bit(k.direction, entry_class(prefix, k.peer_identity));
         }
     }
     bits

@@ -21,7 +21,7 @@ mod verdict;
 mod verdict6;
 
 use aya_ebpf::{
-    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{xdp_action, BPF_F_NO_PREALLOC, TC_ACT_OK, TC_ACT_SHOT},
     macros::{classifier, map, xdp},
     maps::{
         lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray,
@@ -55,8 +55,21 @@ static ENDPOINT_SLOTS: Array<EndpointSlot> = Array::with_max_entries(sizes::ENDP
 #[map]
 static IPCACHE: LpmTrie<u32, IpcacheValue> = LpmTrie::with_max_entries(sizes::IPCACHE, 0);
 
+/// `IPCACHE`'s /32 entries again, by address (`verdict::ipcache`): a hit
+/// is the longest match by definition, one hash lookup instead of a trie
+/// walk. Allocated as used (the trie is, too).
+#[map]
+static IPCACHE_EXACT: HashMap<u32, IpcacheValue> =
+    HashMap::with_max_entries(sizes::IPCACHE, BPF_F_NO_PREALLOC);
+
 #[map]
 static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::with_max_entries(sizes::POLICY, 0);
+
+/// `POLICY`'s full-length entries (one port) again, by key
+/// (`verdict::policy_entry`), as `IPCACHE_EXACT` is to `IPCACHE`.
+#[map]
+static POLICY_EXACT: HashMap<PolicyKey, PolicyValue> =
+    HashMap::with_max_entries(sizes::POLICY, BPF_F_NO_PREALLOC);
 
 #[map]
 static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(sizes::CONNTRACK, 0);
@@ -74,6 +87,11 @@ static ENDPOINTS6: HashMap<Ip6, u32> = HashMap::with_max_entries(sizes::ENDPOINT
 
 #[map]
 static IPCACHE6: LpmTrie<Ip6, IpcacheValue> = LpmTrie::with_max_entries(sizes::IPCACHE6, 0);
+
+/// `IPCACHE6`'s /128 entries again (`verdict6::ipcache6`).
+#[map]
+static IPCACHE6_EXACT: HashMap<Ip6, IpcacheValue> =
+    HashMap::with_max_entries(sizes::IPCACHE6, BPF_F_NO_PREALLOC);
 
 #[map]
 static CONNTRACK6: LruHashMap<CtKey6, CtValue> = LruHashMap::with_max_entries(sizes::CONNTRACK6, 0);

@@ -12,7 +12,6 @@
 
 use aya_ebpf::{
     helpers::{bpf_redirect, bpf_redirect_peer, bpf_skb_change_tail, bpf_skb_load_bytes},
-    maps::lpm_trie::Key,
     programs::TcContext,
 };
 use palisade_common::{
@@ -34,7 +33,7 @@ use crate::{
         charge, count, ct_track, lookup, pick_slot, policy, rejudge, translated_entry_idle, Family,
     },
     verdict6::Scratch6,
-    CONNTRACK6, IPCACHE6, SVC_AFFINITY6, SVC_BACKENDS6, SVC_FRONTENDS6, SVC_NAT6,
+    CONNTRACK6, SVC_AFFINITY6, SVC_BACKENDS6, SVC_FRONTENDS6, SVC_NAT6,
 };
 
 const IP6_SADDR_OFF: usize = ETH_HLEN + 8;
@@ -73,8 +72,7 @@ pub fn frontend(s: *mut Scratch6) -> u8 {
             let Some(fe) = lookup(&SVC_FRONTENDS6, &fk) else {
                 return FRONTEND_NONE;
             };
-            let node = IPCACHE6
-                .get(Key::new(128, k.daddr))
+            let node = crate::verdict6::ipcache6(k.daddr)
                 .is_some_and(|v| v.identity == IDENTITY_HOST || v.identity == IDENTITY_REMOTE_NODE);
             if !node {
                 return FRONTEND_NONE;
@@ -166,7 +164,7 @@ fn judge(ep: &EndpointInfo, s: *mut Scratch6) -> bool {
     let hairpin = s.backend.addr == ep.ipv6;
     s.flow.key = translated(&s.orig, s.backend.addr, s.backend.port_be);
     let d: Decision = if hairpin {
-        decide(ep, DIR_EGRESS, &s.flow.key, &HAIRPIN_PEER, |_| None)
+        decide(ep, DIR_EGRESS, &s.flow.key, &HAIRPIN_PEER, |_, _| None)
     } else {
         policy(ep, DIR_EGRESS, &s.flow.key)
     };

@@ -27,7 +27,7 @@ use palisade_common::{
         drop_if_enforced as enforced_drop, empty_key, first_fragment_verdict, foreign_destination,
         foreign_mac, hard_drop, key_of, later_fragment_verdict, new_ct_entry, own_node_checked,
         records_entry, rejudged, rejudged_entry, remote_addr, spoofed, track, unchecked_source,
-        Addr, Decision, Tracked,
+        Addr, Decision, Reads, Tracked,
     },
     endpoint_slot, reason,
     reject::answerable,
@@ -44,8 +44,8 @@ use palisade_common::{
 
 use crate::{
     headers::*, service, CONNTRACK, COUNTERS, CT_BUDGET, CT_CHARGE, ENDPOINTS, ENDPOINT_SLOTS,
-    FRAGMENTS, IPCACHE, POLICY, PROGRAMS, SLOT_EGRESS6, SLOT_INGRESS6, SLOT_VERIFY6, SVC_AFFINITY,
-    SVC_BACKENDS, SVC_FRONTENDS, SVC_NAT,
+    FRAGMENTS, IPCACHE, IPCACHE_EXACT, POLICY, POLICY_EXACT, PROGRAMS, SLOT_EGRESS6, SLOT_INGRESS6,
+    SLOT_VERIFY6, SVC_AFFINITY, SVC_BACKENDS, SVC_FRONTENDS, SVC_NAT,
 };
 
 /// Bytes of headers the programs may need in the linear part of the skb:
@@ -104,7 +104,7 @@ impl Family for u32 {
     }
     #[inline(always)]
     fn peer(dir: u8, remote: u32) -> IpcacheValue {
-        policy_peer(dir, remote, |a| IPCACHE.get(Key::new(32, a)).copied())
+        policy_peer(dir, remote, ipcache)
     }
     #[inline(always)]
     fn nat_of(_: &CtKey, ct_flags: u8, entry: Option<&SvcNat>) -> Option<SvcNat> {
@@ -703,7 +703,7 @@ fn rejudge_decision<A: Family>(
         }
     }
     if judged.scope == DIR_EGRESS && judged.daddr == A::own(ep) {
-        decide(ep, DIR_EGRESS, &judged, &HAIRPIN_PEER, |_| None)
+        decide(ep, DIR_EGRESS, &judged, &HAIRPIN_PEER, |_, _| None)
     } else {
         // Every lookup made (`decision::decide_with`).
         let dir = judged.scope;
@@ -898,9 +898,7 @@ fn entry_nat(ct: &CtValue) -> SvcNat {
 /// Whether `addr` is a node's (the ipcache says `host` or `remote-node`).
 #[inline(always)]
 fn node_address(addr: u32) -> bool {
-    IPCACHE
-        .get(Key::new(32, addr))
-        .is_some_and(|v| v.identity == IDENTITY_HOST || v.identity == IDENTITY_REMOTE_NODE)
+    ipcache(addr).is_some_and(|v| v.identity == IDENTITY_HOST || v.identity == IDENTITY_REMOTE_NODE)
 }
 
 /// `policy`, and for a pod's new flow to its own node, a
@@ -924,10 +922,28 @@ pub(crate) fn policy<A: Family>(ep: &EndpointInfo, dir: u8, key: &CtKeyOf<A>) ->
     )
 }
 
-/// One longest-prefix match of the policy map with a full key.
+/// The ipcache's longest match for `a`: its /32 entry from the exact
+/// copy, else a walk of the trie (which holds the /32s too, for the
+/// programs of an agent from before the copy; see `IPCACHE_EXACT`).
 #[inline(always)]
-fn policy_entry(pk: &palisade_common::PolicyKey) -> Option<palisade_common::PolicyValue> {
-    POLICY.get(&Key::new(POLICY_PREFIX_FULL, *pk)).copied()
+pub(crate) fn ipcache(a: u32) -> Option<IpcacheValue> {
+    lookup(&IPCACHE_EXACT, &a).or_else(|| IPCACHE.get(Key::new(32, a)).copied())
+}
+
+/// One longest-prefix match of the policy map with a full key, over the
+/// copies `r` names (`decision::Reads`): a one-port entry from the exact
+/// copy, else a walk of the trie.
+#[inline(always)]
+fn policy_entry(pk: &palisade_common::PolicyKey, r: Reads) -> Option<palisade_common::PolicyValue> {
+    if r.exact {
+        if let Some(v) = lookup(&POLICY_EXACT, pk) {
+            return Some(v);
+        }
+    }
+    if r.trie {
+        return POLICY.get(&Key::new(POLICY_PREFIX_FULL, *pk)).copied();
+    }
+    None
 }
 
 /// A packet from a pod to a Service frontend. An open flow keeps the
@@ -963,7 +979,7 @@ fn service_flow(
     let hairpin = b.addr == ep.ipv4;
     flow.key = translated(&orig, b.addr, b.port_be);
     let d = if hairpin {
-        decide(ep, DIR_EGRESS, &flow.key, &HAIRPIN_PEER, |_| None)
+        decide(ep, DIR_EGRESS, &flow.key, &HAIRPIN_PEER, |_, _| None)
     } else {
         policy(ep, DIR_EGRESS, &flow.key)
     };

@@ -32,7 +32,8 @@ use crate::{
         charge, count, ct_now, ct_track_with, finish, later_fragment_of, lookup, new_flow, pull,
         rejudge, related_flow, report_drop_of, Family, Flow,
     },
-    CONNTRACK6, ENDPOINTS, ENDPOINTS6, ENDPOINT_SLOTS, FRAGMENTS6, IPCACHE6, SCRATCH6, SVC_NAT6,
+    CONNTRACK6, ENDPOINTS, ENDPOINTS6, ENDPOINT_SLOTS, FRAGMENTS6, IPCACHE6, IPCACHE6_EXACT,
+    SCRATCH6, SVC_NAT6,
 };
 
 impl Family for Ip6 {
@@ -54,7 +55,7 @@ impl Family for Ip6 {
     }
     #[inline(always)]
     fn peer(dir: u8, remote: Ip6) -> IpcacheValue {
-        policy_peer(dir, remote, |a| IPCACHE6.get(Key::new(128, a)).copied())
+        policy_peer(dir, remote, ipcache6)
     }
     #[inline(always)]
     fn nat_of(k: &CtKey6, _: u8, _: Option<&palisade_common::service::SvcNat>) -> Option<SvcNat6> {
@@ -353,15 +354,18 @@ fn process<const DRY: bool>(
     pass
 }
 
+/// The IPv6 ipcache's longest match for `a`, as `verdict::ipcache`: the
+/// /128 from the exact copy, else a walk of the trie.
+#[inline(always)]
+pub(crate) fn ipcache6(a: Ip6) -> Option<IpcacheValue> {
+    lookup(&IPCACHE6_EXACT, &a).or_else(|| IPCACHE6.get(Key::new(128, a)).copied())
+}
+
 /// `ipv6::link_control` on the flow's addresses (`reason::NONE`: not
 /// neighbour discovery or MLD).
 #[inline(never)]
 fn link(ep: &EndpointInfo, dir: u8, flow: &Flow<Ip6>, icmp_type: u8, hop_limit: u8) -> u8 {
-    let node = |a: &Ip6| {
-        IPCACHE6
-            .get(Key::new(128, *a))
-            .is_some_and(|v| v.identity == IDENTITY_HOST)
-    };
+    let node = |a: &Ip6| ipcache6(*a).is_some_and(|v| v.identity == IDENTITY_HOST);
     // Volatile reads: LLVM would otherwise pass the 16-byte addresses
     // themselves as arguments, and BPF calls take five registers at most.
     // SAFETY: valid references.

@@ -12,6 +12,7 @@
 
 pub mod dns;
 pub mod events;
+mod exact;
 pub mod handles;
 pub mod hooks;
 pub mod loader;

@@ -108,7 +108,9 @@ impl Datapath {
         loader
             .map_max_entries(names::ENDPOINTS, s.endpoints)
             .map_max_entries(names::IPCACHE, s.ipcache)
+            .map_max_entries(names::IPCACHE_EXACT, s.ipcache)
             .map_max_entries(names::POLICY, s.policy)
+            .map_max_entries(names::POLICY_EXACT, s.policy)
             .map_max_entries(names::CONNTRACK, s.conntrack)
             .map_max_entries(names::FRAGMENTS, s.fragments)
             .map_max_entries(names::XDP_DENY, s.xdp_deny)
@@ -122,6 +124,7 @@ impl Datapath {
             .map_max_entries(names::SVC_AFFINITY6, (s.svc_affinity / 2).max(1))
             .map_max_entries(names::ENDPOINTS6, s.endpoints)
             .map_max_entries(names::IPCACHE6, s.ipcache6)
+            .map_max_entries(names::IPCACHE6_EXACT, s.ipcache6)
             .map_max_entries(names::CONNTRACK6, s.conntrack6)
             .map_max_entries(names::FRAGMENTS6, s.fragments6);
         let mut ebpf = loader.load(obj).map_err(Error::Load)?;

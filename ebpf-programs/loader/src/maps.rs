@@ -18,17 +18,17 @@ use palisade_common::{
 #[cfg(feature = "test-utils")]
 use palisade_common::{CtKey, CtKey6, CtValue, FragKey, FragValue};
 
-use crate::{sizes::MapSizes, slots::EndpointSlots, state::MapState, Error};
+use crate::{exact::ExactLpm, sizes::MapSizes, slots::EndpointSlots, state::MapState, Error};
 
 pub struct Maps {
     endpoints: HashMap<MapData, EndpointKey, EndpointInfo>,
     slots: EndpointSlots,
-    ipcache: LpmTrie<MapData, u32, IpcacheValue>,
+    ipcache: ExactLpm<u32, IpcacheValue>,
     endpoints6: HashMap<MapData, Ip6, u32>,
-    ipcache6: LpmTrie<MapData, Ip6, IpcacheValue>,
+    ipcache6: ExactLpm<Ip6, IpcacheValue>,
     #[cfg(feature = "test-utils")]
     conntrack6: HashMap<MapData, CtKey6, CtValue>,
-    policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    policy: ExactLpm<PolicyKey, PolicyValue>,
     /// Raw access for tests only; the GC opens its own (`handles`).
     #[cfg(feature = "test-utils")]
     conntrack: HashMap<MapData, CtKey, CtValue>,
@@ -66,7 +66,7 @@ fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
 }
 
 /// A failed write: full maps get their own error (and metric upstream).
-fn write_err(name: &'static str, entries: u32) -> impl Fn(MapError) -> Error {
+pub(crate) fn write_err(name: &'static str, entries: u32) -> impl Fn(MapError) -> Error {
     move |source| match &source {
         MapError::SyscallError(e)
             if matches!(
@@ -117,12 +117,27 @@ impl Maps {
         let mut maps = Self {
             endpoints: take(ebpf, names::ENDPOINTS)?,
             slots: EndpointSlots::new(take(ebpf, names::ENDPOINT_SLOTS)?),
-            ipcache: take(ebpf, names::IPCACHE)?,
+            ipcache: ExactLpm::new(
+                take(ebpf, names::IPCACHE)?,
+                take(ebpf, names::IPCACHE_EXACT)?,
+                (names::IPCACHE, names::IPCACHE_EXACT),
+                sizes.ipcache,
+            ),
             endpoints6: take(ebpf, names::ENDPOINTS6)?,
-            ipcache6: take(ebpf, names::IPCACHE6)?,
+            ipcache6: ExactLpm::new(
+                take(ebpf, names::IPCACHE6)?,
+                take(ebpf, names::IPCACHE6_EXACT)?,
+                (names::IPCACHE6, names::IPCACHE6_EXACT),
+                sizes.ipcache6,
+            ),
             #[cfg(feature = "test-utils")]
             conntrack6: take(ebpf, names::CONNTRACK6)?,
-            policy: take(ebpf, names::POLICY)?,
+            policy: ExactLpm::new(
+                take(ebpf, names::POLICY)?,
+                take(ebpf, names::POLICY_EXACT)?,
+                (names::POLICY, names::POLICY_EXACT),
+                sizes.policy,
+            ),
             #[cfg(feature = "test-utils")]
             conntrack: take(ebpf, names::CONNTRACK)?,
             #[cfg(feature = "test-utils")]
@@ -149,6 +164,9 @@ impl Maps {
         // programs then take it from the hash.)
         let entries: Vec<_> = maps.interface_endpoints().collect();
         maps.slots.resync(&entries)?;
+        maps.ipcache.fill()?;
+        maps.ipcache6.fill()?;
+        maps.policy.fill()?;
         Ok(maps)
     }
 
@@ -255,16 +273,11 @@ impl Maps {
         prefix: u32,
         v: IpcacheValue,
     ) -> Result<(), Error> {
-        self.ipcache6
-            .insert(&Key::new(prefix, ip6_words(addr)), v, 0)
-            .map_err(write_err(names::IPCACHE6, self.sizes.ipcache6))
+        self.ipcache6.set(prefix, ip6_words(addr), v)
     }
 
     pub fn remove_ipcache6(&mut self, addr: Ipv6Addr, prefix: u32) -> Result<(), Error> {
-        removed(
-            names::IPCACHE6,
-            self.ipcache6.remove(&Key::new(prefix, ip6_words(addr))),
-        )
+        self.ipcache6.remove(prefix, ip6_words(addr))
     }
 
     pub fn set_ipcache(
@@ -273,26 +286,19 @@ impl Maps {
         prefix: u32,
         v: IpcacheValue,
     ) -> Result<(), Error> {
-        self.ipcache
-            .insert(&Key::new(prefix, be(addr)), v, 0)
-            .map_err(write_err(names::IPCACHE, self.sizes.ipcache))
+        self.ipcache.set(prefix, be(addr), v)
     }
 
     pub fn remove_ipcache(&mut self, addr: Ipv4Addr, prefix: u32) -> Result<(), Error> {
-        removed(
-            names::IPCACHE,
-            self.ipcache.remove(&Key::new(prefix, be(addr))),
-        )
+        self.ipcache.remove(prefix, be(addr))
     }
 
     pub fn set_policy(&mut self, prefix: u32, k: PolicyKey, v: PolicyValue) -> Result<(), Error> {
-        self.policy
-            .insert(&Key::new(prefix, k), v, 0)
-            .map_err(write_err(names::POLICY, self.sizes.policy))
+        self.policy.set(prefix, k, v)
     }
 
     pub fn remove_policy(&mut self, prefix: u32, k: PolicyKey) -> Result<(), Error> {
-        removed(names::POLICY, self.policy.remove(&Key::new(prefix, k)))
+        self.policy.remove(prefix, k)
     }
 
     pub fn deny_source(&mut self, addr: Ipv4Addr, prefix: u32, cookie: u32) -> Result<(), Error> {
@@ -356,15 +362,14 @@ impl Maps {
     pub fn read_state(&self) -> MapState {
         let mut s = MapState::default();
         s.endpoints.extend(self.interface_endpoints());
-        for (k, v) in self.ipcache.iter().filter_map(Result::ok) {
-            s.ipcache.insert((from_be(k.data()), k.prefix_len()), v);
+        for (prefix, k, v) in self.ipcache.entries() {
+            s.ipcache.insert((from_be(k), prefix), v);
         }
-        for (k, v) in self.ipcache6.iter().filter_map(Result::ok) {
-            s.ipcache6
-                .insert((from_ip6_words(k.data()), k.prefix_len()), v);
+        for (prefix, k, v) in self.ipcache6.entries() {
+            s.ipcache6.insert((from_ip6_words(k), prefix), v);
         }
-        for (k, v) in self.policy.iter().filter_map(Result::ok) {
-            s.policy.insert((k.prefix_len(), k.data()), v);
+        for (prefix, k, v) in self.policy.entries() {
+            s.policy.insert((prefix, k), v);
         }
         s
     }
@@ -540,18 +545,15 @@ impl Maps {
         self.slots.resync(&[])?;
         let keys = self.endpoints.keys().collect();
         clear_map(names::ENDPOINTS, keys, |k| self.endpoints.remove(k))?;
-        let keys = self.ipcache.keys().collect();
-        clear_map(names::IPCACHE, keys, |k| self.ipcache.remove(k))?;
-        let keys = self.policy.keys().collect();
-        clear_map(names::POLICY, keys, |k| self.policy.remove(k))?;
+        self.ipcache.clear()?;
+        self.policy.clear()?;
         let keys = self.conntrack.keys().collect();
         clear_map(names::CONNTRACK, keys, |k| self.conntrack.remove(k))?;
         let keys = self.fragments.keys().collect();
         clear_map(names::FRAGMENTS, keys, |k| self.fragments.remove(k))?;
         let keys = self.endpoints6.keys().collect();
         clear_map(names::ENDPOINTS6, keys, |k| self.endpoints6.remove(k))?;
-        let keys = self.ipcache6.keys().collect();
-        clear_map(names::IPCACHE6, keys, |k| self.ipcache6.remove(k))?;
+        self.ipcache6.clear()?;
         let keys = self.conntrack6.keys().collect();
         clear_map(names::CONNTRACK6, keys, |k| self.conntrack6.remove(k))?;
         let keys = self.ct_charge.keys().collect();

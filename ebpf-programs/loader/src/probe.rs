@@ -48,7 +48,9 @@ impl Prober {
         loader
             .map_max_entries(names::ENDPOINTS, sizes.endpoints)
             .map_max_entries(names::IPCACHE, sizes.ipcache)
+            .map_max_entries(names::IPCACHE_EXACT, sizes.ipcache)
             .map_max_entries(names::POLICY, sizes.policy)
+            .map_max_entries(names::POLICY_EXACT, sizes.policy)
             .map_max_entries(names::CONNTRACK, sizes.conntrack)
             .map_max_entries(names::FRAGMENTS, sizes.fragments)
             .map_max_entries(names::XDP_DENY, sizes.xdp_deny);

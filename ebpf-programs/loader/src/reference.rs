@@ -332,7 +332,7 @@ impl Evaluator {
         };
         let flow = ct_key(endpoint_id, 0, 0, 0, dport.to_be(), protocol, dir);
         let mut k = policy_key(&ep, dir, &flow, &peer);
-        policy_lookups(&mut k, &peer, ep.flags, |k| {
+        policy_lookups(&mut k, &peer, ep.flags, |k, _| {
             self.policy_lookup(k)
                 .map(|(prefix, key, value)| PolicyMatch {
                     peer_identity: k.peer_identity,
@@ -562,7 +562,8 @@ impl Evaluator {
     /// ClusterNetworkPolicy's deny of the pod's own node.
     fn decide_new_flow<A: Family>(&self, ep: &EndpointInfo, dir: u8, key: &CtKeyOf<A>) -> Decision {
         let peer = A::peer(self, dir, remote_addr(key, dir));
-        let lookup = |k: &PolicyKey| self.policy_lookup(k).map(|(_, _, v)| v);
+        // One map: every lookup reads it whole (`decision::Reads`).
+        let lookup = |k: &PolicyKey, _| self.policy_lookup(k).map(|(_, _, v)| v);
         let d = decision::decide(ep, dir, key, &peer, lookup);
         decision::own_node_checked(ep, dir, key, &peer, d, lookup)
     }
@@ -573,7 +574,7 @@ impl Evaluator {
     /// hairpin is the pod talking to itself.
     fn rejudge_decision<A: Family>(&self, ep: &EndpointInfo, k: &CtKeyOf<A>) -> Decision {
         if k.scope == DIR_EGRESS && k.daddr == A::own(ep) {
-            decision::decide(ep, DIR_EGRESS, k, &HAIRPIN_PEER, |_| None)
+            decision::decide(ep, DIR_EGRESS, k, &HAIRPIN_PEER, |_, _| None)
         } else {
             self.decide(ep, k.scope, k)
         }
@@ -585,7 +586,7 @@ impl Evaluator {
             dir,
             key,
             &A::peer(self, dir, remote_addr(key, dir)),
-            |k| self.policy_lookup(k).map(|(_, _, v)| v),
+            |k, _| self.policy_lookup(k).map(|(_, _, v)| v),
         )
     }
 
