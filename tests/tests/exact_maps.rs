@@ -130,6 +130,41 @@ impl Pinned {
     }
 }
 
+/// A datapath with `setup`'s entries and its pinned maps opened.
+struct Rig {
+    dp: Datapath,
+    maps: Maps,
+    pinned: Pinned,
+    // Dropped last: the pins go after the programs and maps are closed.
+    _root: PinRoot,
+}
+
+impl Rig {
+    fn new(entries: u32) -> Result<Self> {
+        let root = PinRoot::new()?;
+        let mut dp = Datapath::load(&config(&root, entries))?;
+        let mut maps = dp.take_maps()?;
+        setup(&mut maps)?;
+        Ok(Self {
+            dp,
+            maps,
+            pinned: Pinned::open(&root)?,
+            _root: root,
+        })
+    }
+}
+
+/// A `Rig` of `$entries` entries per map; skips the test (returns Ok)
+/// when not root.
+macro_rules! rig {
+    ($entries:expr) => {{
+        if !require_root() {
+            return Ok(());
+        }
+        Rig::new($entries)?
+    }};
+}
+
 /// Whether a new TCP flow from the peer to the pod's port 80 passes
 /// (a fresh source port each time: conntrack never answers).
 fn passes(dp: &mut Datapath, v6: bool, sport: &mut u16) -> Result<bool> {
@@ -155,95 +190,92 @@ fn passes(dp: &mut Datapath, v6: bool, sport: &mut u16) -> Result<bool> {
 
 #[test]
 fn the_programs_read_the_copy_first_and_walk_the_trie_on_a_miss() -> Result<()> {
-    if !require_root() {
-        return Ok(());
-    }
-    let root = PinRoot::new()?;
-    let mut dp = Datapath::load(&config(&root, 1024))?;
-    let mut maps = dp.take_maps()?;
-    setup(&mut maps)?;
-    let mut pinned = Pinned::open(&root)?;
+    let mut r = rig!(1024);
     let mut sport = 40000;
 
     // Written to both, alike.
     let peer = be(PEER);
     let peer6 = ip6_words(PEER6);
-    ensure!(pinned.ipcache_exact.get(&peer, 0)? == ident(ALLOWED));
-    ensure!(Pinned::in_trie(&pinned.ipcache, 32, peer) == Some(ident(ALLOWED)));
-    ensure!(pinned.ipcache6_exact.get(&peer6, 0)? == ident(ALLOWED));
-    ensure!(pinned.policy_exact.get(&rule(ALLOWED, 80), 0)? == action(ACTION_ALLOW));
+    ensure!(r.pinned.ipcache_exact.get(&peer, 0)? == ident(ALLOWED));
+    ensure!(Pinned::in_trie(&r.pinned.ipcache, 32, peer) == Some(ident(ALLOWED)));
+    ensure!(r.pinned.ipcache6_exact.get(&peer6, 0)? == ident(ALLOWED));
+    ensure!(r.pinned.policy_exact.get(&rule(ALLOWED, 80), 0)? == action(ACTION_ALLOW));
     // Shorter prefixes stay in the trie alone.
-    ensure!(pinned.ipcache_exact.keys().count() == 1);
-    ensure!(pinned.ipcache6_exact.keys().count() == 1);
-    maps.set_policy(POLICY_PREFIX_PROTO, rule(3003, 0), action(ACTION_ALLOW))?;
-    ensure!(pinned.policy_exact.keys().count() == 1);
-    ensure!(passes(&mut dp, false, &mut sport)?);
-    ensure!(passes(&mut dp, true, &mut sport)?);
+    ensure!(r.pinned.ipcache_exact.keys().count() == 1);
+    ensure!(r.pinned.ipcache6_exact.keys().count() == 1);
+    r.maps
+        .set_policy(POLICY_PREFIX_PROTO, rule(3003, 0), action(ACTION_ALLOW))?;
+    ensure!(r.pinned.policy_exact.keys().count() == 1);
+    ensure!(passes(&mut r.dp, false, &mut sport)?);
+    ensure!(passes(&mut r.dp, true, &mut sport)?);
 
     // The trie says otherwise: the copy answers first.
-    pinned
+    r.pinned
         .ipcache
         .insert(&Key::new(32, peer), ident(OTHER), 0)?;
-    pinned
+    r.pinned
         .ipcache6
         .insert(&Key::new(128, peer6), ident(OTHER), 0)?;
-    ensure!(passes(&mut dp, false, &mut sport)?, "the copy's identity");
+    ensure!(passes(&mut r.dp, false, &mut sport)?, "the copy's identity");
     ensure!(
-        passes(&mut dp, true, &mut sport)?,
+        passes(&mut r.dp, true, &mut sport)?,
         "the copy's identity (IPv6)"
     );
     // And what the programs see is what the agent reads back.
-    let s = maps.read_state();
+    let s = r.maps.read_state();
     ensure!(s.ipcache.get(&(PEER, 32)) == Some(&ident(ALLOWED)));
     ensure!(s.ipcache6.get(&(PEER6, 128)) == Some(&ident(ALLOWED)));
 
     // No copy: the trie's /32 is found by the walk (identity OTHER, no rule).
-    pinned.ipcache_exact.remove(&peer)?;
-    pinned.ipcache6_exact.remove(&peer6)?;
-    ensure!(!passes(&mut dp, false, &mut sport)?, "the trie's identity");
+    r.pinned.ipcache_exact.remove(&peer)?;
+    r.pinned.ipcache6_exact.remove(&peer6)?;
     ensure!(
-        !passes(&mut dp, true, &mut sport)?,
+        !passes(&mut r.dp, false, &mut sport)?,
+        "the trie's identity"
+    );
+    ensure!(
+        !passes(&mut r.dp, true, &mut sport)?,
         "the trie's identity (IPv6)"
     );
-    let s = maps.read_state();
+    let s = r.maps.read_state();
     ensure!(s.ipcache.get(&(PEER, 32)) == Some(&ident(OTHER)));
     // Rewritten by the agent: both again.
-    maps.set_ipcache(PEER, 32, ident(ALLOWED))?;
-    maps.set_ipcache6(PEER6, 128, ident(ALLOWED))?;
-    ensure!(passes(&mut dp, false, &mut sport)?);
-    ensure!(passes(&mut dp, true, &mut sport)?);
+    r.maps.set_ipcache(PEER, 32, ident(ALLOWED))?;
+    r.maps.set_ipcache6(PEER6, 128, ident(ALLOWED))?;
+    ensure!(passes(&mut r.dp, false, &mut sport)?);
+    ensure!(passes(&mut r.dp, true, &mut sport)?);
 
     // The same for a policy entry: the copy's allow beats the trie's deny,
     // and without the copy the trie's deny decides.
     let k = rule(ALLOWED, 80);
-    pinned
+    r.pinned
         .policy
         .insert(&Key::new(POLICY_PREFIX_FULL, k), action(ACTION_DENY), 0)?;
-    ensure!(passes(&mut dp, false, &mut sport)?, "the copy's allow");
-    pinned.policy_exact.remove(&k)?;
-    ensure!(!passes(&mut dp, false, &mut sport)?, "the trie's deny");
+    ensure!(passes(&mut r.dp, false, &mut sport)?, "the copy's allow");
+    r.pinned.policy_exact.remove(&k)?;
+    ensure!(!passes(&mut r.dp, false, &mut sport)?, "the trie's deny");
     ensure!(
-        !passes(&mut dp, true, &mut sport)?,
+        !passes(&mut r.dp, true, &mut sport)?,
         "the trie's deny (IPv6)"
     );
 
     // A copy without its trie entry is seen by the programs, and reported.
-    pinned.policy_exact.insert(k, action(ACTION_ALLOW), 0)?;
-    pinned.policy.remove(&Key::new(POLICY_PREFIX_FULL, k))?;
-    ensure!(passes(&mut dp, false, &mut sport)?, "the copy alone");
-    let s = maps.read_state();
+    r.pinned.policy_exact.insert(k, action(ACTION_ALLOW), 0)?;
+    r.pinned.policy.remove(&Key::new(POLICY_PREFIX_FULL, k))?;
+    ensure!(passes(&mut r.dp, false, &mut sport)?, "the copy alone");
+    let s = r.maps.read_state();
     ensure!(s.policy.get(&(POLICY_PREFIX_FULL, k)) == Some(&action(ACTION_ALLOW)));
 
     // A removal takes both.
-    maps.remove_policy(POLICY_PREFIX_FULL, k)?;
-    maps.remove_ipcache(PEER, 32)?;
-    maps.remove_ipcache6(PEER6, 128)?;
-    ensure!(pinned.policy_exact.get(&k, 0).is_err());
-    ensure!(pinned.ipcache_exact.get(&peer, 0).is_err());
-    ensure!(Pinned::in_trie(&pinned.ipcache, 32, peer).is_none());
-    ensure!(Pinned::in_trie(&pinned.ipcache6, 128, peer6).is_none());
-    ensure!(!passes(&mut dp, false, &mut sport)?);
-    let s = maps.read_state();
+    r.maps.remove_policy(POLICY_PREFIX_FULL, k)?;
+    r.maps.remove_ipcache(PEER, 32)?;
+    r.maps.remove_ipcache6(PEER6, 128)?;
+    ensure!(r.pinned.policy_exact.get(&k, 0).is_err());
+    ensure!(r.pinned.ipcache_exact.get(&peer, 0).is_err());
+    ensure!(Pinned::in_trie(&r.pinned.ipcache, 32, peer).is_none());
+    ensure!(Pinned::in_trie(&r.pinned.ipcache6, 128, peer6).is_none());
+    ensure!(!passes(&mut r.dp, false, &mut sport)?);
+    let s = r.maps.read_state();
     ensure!(!s.policy.contains_key(&(POLICY_PREFIX_FULL, k)));
     ensure!(!s.ipcache.contains_key(&(PEER, 32)));
     Ok(())
@@ -251,23 +283,17 @@ fn the_programs_read_the_copy_first_and_walk_the_trie_on_a_miss() -> Result<()> 
 
 #[test]
 fn a_write_the_copy_refuses_leaves_nothing_in_the_trie() -> Result<()> {
-    if !require_root() {
-        return Ok(());
-    }
-    let root = PinRoot::new()?;
-    let mut dp = Datapath::load(&config(&root, 8))?;
-    let mut maps = dp.take_maps()?;
-    setup(&mut maps)?;
-    let mut pinned = Pinned::open(&root)?;
+    let mut r = rig!(8);
     let mut sport = 41000;
     // Fill the copy behind the agent's back (1 entry is the peer's).
     for i in 0..7u32 {
-        pinned
+        r.pinned
             .ipcache_exact
             .insert(be(Ipv4Addr::new(192, 0, 2, i as u8)), ident(OTHER), 0)?;
     }
     let fresh = Ipv4Addr::new(10, 1, 0, 10);
-    let err = maps
+    let err = r
+        .maps
         .set_ipcache(fresh, 32, ident(ALLOWED))
         .expect_err("the copy is full");
     ensure!(
@@ -275,14 +301,14 @@ fn a_write_the_copy_refuses_leaves_nothing_in_the_trie() -> Result<()> {
         "{err:?}"
     );
     ensure!(
-        Pinned::in_trie(&pinned.ipcache, 32, be(fresh)).is_none(),
+        Pinned::in_trie(&r.pinned.ipcache, 32, be(fresh)).is_none(),
         "the trie kept the entry its copy refused"
     );
-    ensure!(!maps.read_state().ipcache.contains_key(&(fresh, 32)));
+    ensure!(!r.maps.read_state().ipcache.contains_key(&(fresh, 32)));
     // An entry already there is still updated in place (no room needed).
-    maps.set_ipcache(PEER, 32, ident(OTHER))?;
-    ensure!(pinned.ipcache_exact.get(&be(PEER), 0)? == ident(OTHER));
-    ensure!(!passes(&mut dp, false, &mut sport)?);
+    r.maps.set_ipcache(PEER, 32, ident(OTHER))?;
+    ensure!(r.pinned.ipcache_exact.get(&be(PEER), 0)? == ident(OTHER));
+    ensure!(!passes(&mut r.dp, false, &mut sport)?);
     Ok(())
 }
 
@@ -325,13 +351,7 @@ fn a_restart_copies_what_an_older_agent_left_in_the_trie_alone() -> Result<()> {
 
 #[test]
 fn the_programs_read_only_the_copy_holding_entries_of_the_class() -> Result<()> {
-    if !require_root() {
-        return Ok(());
-    }
-    let root = PinRoot::new()?;
-    let mut dp = Datapath::load(&config(&root, 1024))?;
-    let mut maps = dp.take_maps()?;
-    setup(&mut maps)?;
+    let mut r = rig!(1024);
     let mut sport = 43000;
     // The peer's class (label identities), ingress: one-port entries, and
     // wider ones.
@@ -347,36 +367,37 @@ fn the_programs_read_only_the_copy_holding_entries_of_the_class() -> Result<()> 
     // copy skipped (the bits are the sync's promise; here it is broken on
     // purpose, to see that the programs keep it).
     // (The trie's own copy of it goes, so that only the copy can answer.)
-    let mut pinned = Pinned::open(&root)?;
-    pinned
+    r.pinned
         .policy
         .remove(&Key::new(POLICY_PREFIX_FULL, rule(ALLOWED, 80)))?;
-    flags(&mut maps, wider)?;
-    ensure!(passes(&mut dp, false, &mut sport)?, "read from the copy");
+    flags(&mut r.maps, wider)?;
+    ensure!(passes(&mut r.dp, false, &mut sport)?, "read from the copy");
     ensure!(
-        passes(&mut dp, true, &mut sport)?,
+        passes(&mut r.dp, true, &mut sport)?,
         "read from the copy (IPv6)"
     );
-    flags(&mut maps, one_port)?;
-    ensure!(!passes(&mut dp, false, &mut sport)?, "the copy was read");
+    flags(&mut r.maps, one_port)?;
+    ensure!(!passes(&mut r.dp, false, &mut sport)?, "the copy was read");
     ensure!(
-        !passes(&mut dp, true, &mut sport)?,
+        !passes(&mut r.dp, true, &mut sport)?,
         "the copy was read (IPv6)"
     );
     // A rule for every TCP port instead: the trie alone holds it.
-    maps.remove_policy(POLICY_PREFIX_FULL, rule(ALLOWED, 80))?;
-    maps.set_policy(POLICY_PREFIX_PROTO, rule(ALLOWED, 0), action(ACTION_ALLOW))?;
-    ensure!(passes(&mut dp, false, &mut sport)?, "read from the trie");
+    r.maps
+        .remove_policy(POLICY_PREFIX_FULL, rule(ALLOWED, 80))?;
+    r.maps
+        .set_policy(POLICY_PREFIX_PROTO, rule(ALLOWED, 0), action(ACTION_ALLOW))?;
+    ensure!(passes(&mut r.dp, false, &mut sport)?, "read from the trie");
     ensure!(
-        passes(&mut dp, true, &mut sport)?,
+        passes(&mut r.dp, true, &mut sport)?,
         "read from the trie (IPv6)"
     );
-    flags(&mut maps, wider)?;
-    ensure!(!passes(&mut dp, false, &mut sport)?, "the trie was read");
+    flags(&mut r.maps, wider)?;
+    ensure!(!passes(&mut r.dp, false, &mut sport)?, "the trie was read");
     // Both bits: no lookup of the class at all; none: both copies.
-    flags(&mut maps, one_port | wider)?;
-    ensure!(!passes(&mut dp, false, &mut sport)?);
-    flags(&mut maps, 0)?;
-    ensure!(passes(&mut dp, false, &mut sport)?);
+    flags(&mut r.maps, one_port | wider)?;
+    ensure!(!passes(&mut r.dp, false, &mut sport)?);
+    flags(&mut r.maps, 0)?;
+    ensure!(passes(&mut r.dp, false, &mut sport)?);
     Ok(())
 }

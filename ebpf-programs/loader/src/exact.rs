@@ -148,22 +148,9 @@ impl<K: Pod + Eq + Hash, V: Pod> ExactLpm<K, V> {
     #[cfg(feature = "test-utils")]
     pub(crate) fn clear(&mut self) -> Result<(), Error> {
         let (trie_name, exact_name) = self.names;
-        let keys: Vec<_> = self.trie.keys().collect();
-        for k in keys {
-            let k = k.map_err(|source| Error::Map {
-                name: trie_name,
-                source,
-            })?;
-            removed(trie_name, self.trie.remove(&k))?;
-        }
-        let keys: Vec<_> = self.exact.keys().collect();
-        for k in keys {
-            let k = k.map_err(|source| Error::Map {
-                name: exact_name,
-                source,
-            })?;
-            removed(exact_name, self.exact.remove(&k))?;
-        }
-        Ok(())
+        let keys = self.trie.keys().collect();
+        crate::maps::clear_map(trie_name, keys, |k| self.trie.remove(k))?;
+        let keys = self.exact.keys().collect();
+        crate::maps::clear_map(exact_name, keys, |k| self.exact.remove(k))
     }
 }

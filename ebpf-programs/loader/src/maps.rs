@@ -89,6 +89,20 @@ pub(crate) fn removed(name: &'static str, r: Result<(), MapError>) -> Result<(),
     }
 }
 
+/// Remove every key of `keys` (a map's, collected first) with `remove`.
+#[cfg(feature = "test-utils")]
+pub(crate) fn clear_map<K>(
+    name: &'static str,
+    keys: Vec<Result<K, MapError>>,
+    mut remove: impl FnMut(&K) -> Result<(), MapError>,
+) -> Result<(), Error> {
+    for k in keys {
+        let k = k.map_err(|source| Error::Map { name, source })?;
+        removed(name, remove(&k))?;
+    }
+    Ok(())
+}
+
 pub fn be(addr: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(addr.octets())
 }
@@ -531,17 +545,6 @@ impl Maps {
 
     /// Empty the endpoint, ipcache, policy, conntrack, fragment and charge maps.
     pub fn clear(&mut self) -> Result<(), Error> {
-        fn clear_map<K>(
-            name: &'static str,
-            keys: Vec<Result<K, MapError>>,
-            mut remove: impl FnMut(&K) -> Result<(), MapError>,
-        ) -> Result<(), Error> {
-            for k in keys {
-                let k = k.map_err(|source| Error::Map { name, source })?;
-                removed(name, remove(&k))?;
-            }
-            Ok(())
-        }
         self.slots.resync(&[])?;
         let keys = self.endpoints.keys().collect();
         clear_map(names::ENDPOINTS, keys, |k| self.endpoints.remove(k))?;
