@@ -13,8 +13,8 @@
 //! one, else the trie's. The writes keep that view equal to what the caller
 //! is told:
 //! - an upsert writes the trie, then the hash. When the hash write fails
-//!   the trie gets back the hash's entry (or loses the key when the hash
-//!   had none): a failed write changes nothing the programs see, as a
+//!   (the hash is left as it was) the trie gets back the hash's entry (or
+//!   loses the key when the hash has none): a failed write changes nothing the programs see, as a
 //!   failed write to one map never did.
 //! - a removal takes the key from the trie, then from the hash, which
 //!   answers with the old entry until then: a removal that fails half-way
@@ -68,9 +68,6 @@ impl<K: Pod + Eq + Hash, V: Pod> ExactLpm<K, V> {
     pub(crate) fn set(&mut self, prefix: u32, k: K, v: V) -> Result<(), Error> {
         let (trie_name, exact_name) = self.names;
         let key = Key::new(prefix, k);
-        let before = (prefix == self.full)
-            .then(|| self.exact.get(&k, 0).ok())
-            .flatten();
         self.trie
             .insert(&key, v, 0)
             .map_err(write_err(trie_name, self.entries))?;
@@ -80,11 +77,12 @@ impl<K: Pod + Eq + Hash, V: Pod> ExactLpm<K, V> {
         let Err(e) = self.exact.insert(k, v, 0) else {
             return Ok(());
         };
-        // Best effort: a trie update of a present key or a removal does
-        // not fail for want of room.
-        let _ = match before {
-            Some(old) => self.trie.insert(&key, old, 0),
-            None => self.trie.remove(&key),
+        // The refused write left the hash as it was: the trie gets back
+        // what the hash holds. Best effort: a trie update of a present key
+        // or a removal does not fail for want of room.
+        let _ = match self.exact.get(&k, 0) {
+            Ok(old) => self.trie.insert(&key, old, 0),
+            Err(_) => self.trie.remove(&key),
         };
         Err(write_err(exact_name, self.entries)(e))
     }
