@@ -41,10 +41,10 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData, PerCpuArray};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use palisade_common::{
     reason, Ip6, IpcacheValue, PolicyKey, PolicyValue, ACTION_ALLOW, DIR_INGRESS, IDENTITY_WORLD,
-    POLICY_PREFIX_FULL, PROTO_TCP,
+    PROTO_TCP,
 };
 
 use palisade_dataplane::maps::ip6_words;
@@ -420,14 +420,11 @@ fn nft_load(node: &Node, rules: String) -> Result<f64> {
 
 // ---- palisade extra entries -------------------------------------------------
 
-/// Entries written as the agent writes them: each full-length one into its
-/// trie and its exact copy (`palisade_common::maps::POLICY_EXACT`).
+/// Entries written where the agent writes them: full-length ones (all of
+/// these) into the hash maps (`palisade_common::maps::POLICY_EXACT`, ...).
 struct Extras {
-    policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
     policy_exact: HashMap<MapData, PolicyKey, PolicyValue>,
-    ipcache: LpmTrie<MapData, u32, IpcacheValue>,
     ipcache_exact: HashMap<MapData, u32, IpcacheValue>,
-    ipcache6: LpmTrie<MapData, Ip6, IpcacheValue>,
     ipcache6_exact: HashMap<MapData, Ip6, IpcacheValue>,
     counters: PerCpuArray<MapData, u64>,
     endpoint_id: u32,
@@ -451,11 +448,8 @@ impl Extras {
             MapData::from_pin(maps.join(name)).with_context(|| format!("opening pinned {name}"))
         };
         Ok(Self {
-            policy: LpmTrie::try_from(Map::LpmTrie(open("POLICY")?))?,
             policy_exact: HashMap::try_from(Map::HashMap(open("POLICY_EXACT")?))?,
-            ipcache: LpmTrie::try_from(Map::LpmTrie(open("IPCACHE")?))?,
             ipcache_exact: HashMap::try_from(Map::HashMap(open("IPCACHE_EXACT")?))?,
-            ipcache6: LpmTrie::try_from(Map::LpmTrie(open("IPCACHE6")?))?,
             ipcache6_exact: HashMap::try_from(Map::HashMap(open("IPCACHE6_EXACT")?))?,
             counters: PerCpuArray::try_from(Map::PerCpuArray(open("COUNTERS")?))?,
             endpoint_id,
@@ -478,23 +472,16 @@ impl Extras {
                 cookie: 0,
             };
             let pk = extra_key(self.endpoint_id, k);
-            self.ipcache.insert(&Key::new(32, peer), v, 0)?;
             self.ipcache_exact.insert(peer, v, 0)?;
-            self.ipcache6.insert(&Key::new(128, peer6), v, 0)?;
             self.ipcache6_exact.insert(peer6, v, 0)?;
-            self.policy
-                .insert(&Key::new(POLICY_PREFIX_FULL, pk), rule, 0)?;
             self.policy_exact.insert(pk, rule, 0)?;
         }
         for k in n..self.installed {
             let peer = u32::from_ne_bytes(filler_peer(k).octets());
             let peer6 = ip6_words(filler_peer6(k));
             let pk = extra_key(self.endpoint_id, k);
-            self.policy.remove(&Key::new(POLICY_PREFIX_FULL, pk))?;
             self.policy_exact.remove(&pk)?;
-            self.ipcache.remove(&Key::new(32, peer))?;
             self.ipcache_exact.remove(&peer)?;
-            self.ipcache6.remove(&Key::new(128, peer6))?;
             self.ipcache6_exact.remove(&peer6)?;
         }
         self.installed = n;

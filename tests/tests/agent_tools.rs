@@ -8,11 +8,10 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData};
+use aya::maps::{HashMap, Map, MapData};
 use palisade_api::VerifyReport;
 use palisade_common::{
     maps as names, CtKey, CtValue, PolicyKey, PolicyValue, ACTION_ALLOW, ACTION_DENY,
-    POLICY_PREFIX_FULL,
 };
 use palisade_tests::{agent::*, *};
 
@@ -162,31 +161,20 @@ fn verify_proves_the_kernel_agrees_and_catches_a_corrupted_entry() -> Result<()>
     assert_eq!(probe_entries, 0, "verify left conntrack entries");
 
     // Corrupt the kernel behind the agent's back: the server's allow entry
-    // for the client on 8080 becomes a deny.
-    let data = MapData::from_pin(scratch.pins.pins.map(names::POLICY))?;
-    let policy: LpmTrie<MapData, PolicyKey, PolicyValue> =
-        LpmTrie::try_from(Map::from_map_data(data)?)?;
-    let entries: Vec<(Key<PolicyKey>, PolicyValue)> = policy.iter().collect::<Result<_, _>>()?;
-    let (key, value) = entries
-        .iter()
-        .find(|(k, v)| {
-            let k = k.data();
-            v.action == ACTION_ALLOW && u16::from_be(k.dport_be) == 8080 && k.direction == 1
-        })
-        .context("the server's allow entry")?;
-    // The programs read a one-port entry from its exact copy
-    // (`POLICY_EXACT`) before the trie: the corruption goes there.
+    // for the client on 8080 (one port: in `POLICY_EXACT`, the hash of the
+    // policy map's full-length entries) becomes a deny.
     let data = MapData::from_pin(scratch.pins.pins.map(names::POLICY_EXACT))?;
     let mut exact: HashMap<MapData, PolicyKey, PolicyValue> =
         HashMap::try_from(Map::from_map_data(data)?)?;
-    assert_eq!(key.prefix_len(), POLICY_PREFIX_FULL, "a one-port entry");
-    assert_eq!(
-        exact.get(&key.data(), 0)?,
-        *value,
-        "the copy holds the entry"
-    );
+    let entries: Vec<(PolicyKey, PolicyValue)> = exact.iter().collect::<Result<_, _>>()?;
+    let (key, value) = *entries
+        .iter()
+        .find(|(k, v)| {
+            v.action == ACTION_ALLOW && u16::from_be(k.dport_be) == 8080 && k.direction == 1
+        })
+        .context("the server's allow entry")?;
     exact.insert(
-        key.data(),
+        key,
         PolicyValue {
             action: ACTION_DENY,
             cookie: value.cookie,
@@ -230,7 +218,7 @@ fn verify_proves_the_kernel_agrees_and_catches_a_corrupted_entry() -> Result<()>
         .contains("verify mismatch: shop/server ingress"));
 
     // A resync rewrites the entry; verify agrees again.
-    exact.insert(key.data(), value, 0)?;
+    exact.insert(key, value, 0)?;
     let (ok, r) = verify(&agent)?;
     assert!(ok && r.mismatches.is_empty(), "{r:?}");
     drop(agent);

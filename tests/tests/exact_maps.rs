@@ -1,9 +1,11 @@
-//! The exact copies of the tries' full-length entries (`IPCACHE_EXACT`,
-//! `IPCACHE6_EXACT`, `POLICY_EXACT`; the loader's `exact` module), on the
-//! real programs through BPF_PROG_TEST_RUN: the programs read a copy before
-//! the trie and walk the trie on a miss; a write the copy refuses leaves
-//! nothing behind in the trie; a restart copies what an older agent left
-//! in the trie alone; `read_state` reports what the programs see.
+//! The hash maps of the full-length ipcache and policy entries
+//! (`IPCACHE_EXACT`, `IPCACHE6_EXACT`, `POLICY_EXACT`; the loader's `exact`
+//! module), on the real programs through BPF_PROG_TEST_RUN: full-length
+//! entries go to the hash, shorter ones to the trie; the programs read the
+//! hash first and walk the trie on a miss; a refused write leaves nothing
+//! behind; a restart copies what an older agent left in the trie; each
+//! part is read only when the endpoint's bits allow it; `read_state`
+//! reports what the programs see.
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{ensure, Result};
@@ -189,18 +191,19 @@ fn passes(dp: &mut Datapath, v6: bool, sport: &mut u16) -> Result<bool> {
 }
 
 #[test]
-fn the_programs_read_the_copy_first_and_walk_the_trie_on_a_miss() -> Result<()> {
+fn the_programs_read_the_hash_first_and_walk_the_trie_on_a_miss() -> Result<()> {
     let mut r = rig!(1024);
     let mut sport = 40000;
 
-    // Written to both, alike.
+    // Full-length entries: the hash alone.
     let peer = be(PEER);
     let peer6 = ip6_words(PEER6);
     ensure!(r.pinned.ipcache_exact.get(&peer, 0)? == ident(ALLOWED));
-    ensure!(Pinned::in_trie(&r.pinned.ipcache, 32, peer) == Some(ident(ALLOWED)));
+    ensure!(Pinned::in_trie(&r.pinned.ipcache, 32, peer).is_none());
+    ensure!(Pinned::in_trie(&r.pinned.policy, POLICY_PREFIX_FULL, rule(ALLOWED, 80)).is_none());
     ensure!(r.pinned.ipcache6_exact.get(&peer6, 0)? == ident(ALLOWED));
     ensure!(r.pinned.policy_exact.get(&rule(ALLOWED, 80), 0)? == action(ACTION_ALLOW));
-    // Shorter prefixes stay in the trie alone.
+    // Shorter prefixes: the trie alone.
     ensure!(r.pinned.ipcache_exact.keys().count() == 1);
     ensure!(r.pinned.ipcache6_exact.keys().count() == 1);
     r.maps
@@ -209,24 +212,26 @@ fn the_programs_read_the_copy_first_and_walk_the_trie_on_a_miss() -> Result<()> 
     ensure!(passes(&mut r.dp, false, &mut sport)?);
     ensure!(passes(&mut r.dp, true, &mut sport)?);
 
-    // The trie says otherwise: the copy answers first.
+    // An older agent's /32s left in the trie say otherwise: the hash
+    // answers first.
     r.pinned
         .ipcache
         .insert(&Key::new(32, peer), ident(OTHER), 0)?;
     r.pinned
         .ipcache6
         .insert(&Key::new(128, peer6), ident(OTHER), 0)?;
-    ensure!(passes(&mut r.dp, false, &mut sport)?, "the copy's identity");
+    ensure!(passes(&mut r.dp, false, &mut sport)?, "the hash's identity");
     ensure!(
         passes(&mut r.dp, true, &mut sport)?,
-        "the copy's identity (IPv6)"
+        "the hash's identity (IPv6)"
     );
     // And what the programs see is what the agent reads back.
     let s = r.maps.read_state();
     ensure!(s.ipcache.get(&(PEER, 32)) == Some(&ident(ALLOWED)));
     ensure!(s.ipcache6.get(&(PEER6, 128)) == Some(&ident(ALLOWED)));
 
-    // No copy: the trie's /32 is found by the walk (identity OTHER, no rule).
+    // Not in the hash: the trie's /32 is found by the walk (identity
+    // OTHER, no rule).
     r.pinned.ipcache_exact.remove(&peer)?;
     r.pinned.ipcache6_exact.remove(&peer6)?;
     ensure!(
@@ -239,19 +244,19 @@ fn the_programs_read_the_copy_first_and_walk_the_trie_on_a_miss() -> Result<()> 
     );
     let s = r.maps.read_state();
     ensure!(s.ipcache.get(&(PEER, 32)) == Some(&ident(OTHER)));
-    // Rewritten by the agent: both again.
+    // Rewritten by the agent: into the hash, which shadows the trie's.
     r.maps.set_ipcache(PEER, 32, ident(ALLOWED))?;
     r.maps.set_ipcache6(PEER6, 128, ident(ALLOWED))?;
     ensure!(passes(&mut r.dp, false, &mut sport)?);
     ensure!(passes(&mut r.dp, true, &mut sport)?);
 
-    // The same for a policy entry: the copy's allow beats the trie's deny,
-    // and without the copy the trie's deny decides.
+    // The same for a policy entry: the hash's allow beats a deny left in
+    // the trie, and without the hash's the trie's deny decides.
     let k = rule(ALLOWED, 80);
     r.pinned
         .policy
         .insert(&Key::new(POLICY_PREFIX_FULL, k), action(ACTION_DENY), 0)?;
-    ensure!(passes(&mut r.dp, false, &mut sport)?, "the copy's allow");
+    ensure!(passes(&mut r.dp, false, &mut sport)?, "the hash's allow");
     r.pinned.policy_exact.remove(&k)?;
     ensure!(!passes(&mut r.dp, false, &mut sport)?, "the trie's deny");
     ensure!(
@@ -259,14 +264,14 @@ fn the_programs_read_the_copy_first_and_walk_the_trie_on_a_miss() -> Result<()> 
         "the trie's deny (IPv6)"
     );
 
-    // A copy without its trie entry is seen by the programs, and reported.
+    // The hash's entry alone is seen by the programs, and reported.
     r.pinned.policy_exact.insert(k, action(ACTION_ALLOW), 0)?;
     r.pinned.policy.remove(&Key::new(POLICY_PREFIX_FULL, k))?;
-    ensure!(passes(&mut r.dp, false, &mut sport)?, "the copy alone");
+    ensure!(passes(&mut r.dp, false, &mut sport)?, "the hash alone");
     let s = r.maps.read_state();
     ensure!(s.policy.get(&(POLICY_PREFIX_FULL, k)) == Some(&action(ACTION_ALLOW)));
 
-    // A removal takes both.
+    // A removal takes the trie's leftover too.
     r.maps.remove_policy(POLICY_PREFIX_FULL, k)?;
     r.maps.remove_ipcache(PEER, 32)?;
     r.maps.remove_ipcache6(PEER6, 128)?;
@@ -282,10 +287,10 @@ fn the_programs_read_the_copy_first_and_walk_the_trie_on_a_miss() -> Result<()> 
 }
 
 #[test]
-fn a_write_the_copy_refuses_leaves_nothing_in_the_trie() -> Result<()> {
+fn a_refused_write_leaves_nothing_behind() -> Result<()> {
     let mut r = rig!(8);
     let mut sport = 41000;
-    // Fill the copy behind the agent's back (1 entry is the peer's).
+    // Fill the hash behind the agent's back (1 entry is the peer's).
     for i in 0..7u32 {
         r.pinned
             .ipcache_exact
@@ -295,14 +300,14 @@ fn a_write_the_copy_refuses_leaves_nothing_in_the_trie() -> Result<()> {
     let err = r
         .maps
         .set_ipcache(fresh, 32, ident(ALLOWED))
-        .expect_err("the copy is full");
+        .expect_err("the hash is full");
     ensure!(
         matches!(err, Error::MapFull { name, .. } if name == names::IPCACHE_EXACT),
         "{err:?}"
     );
     ensure!(
         Pinned::in_trie(&r.pinned.ipcache, 32, be(fresh)).is_none(),
-        "the trie kept the entry its copy refused"
+        "the entry went to the trie instead"
     );
     ensure!(!r.maps.read_state().ipcache.contains_key(&(fresh, 32)));
     // An entry already there is still updated in place (no room needed).
@@ -313,7 +318,7 @@ fn a_write_the_copy_refuses_leaves_nothing_in_the_trie() -> Result<()> {
 }
 
 #[test]
-fn a_restart_copies_what_an_older_agent_left_in_the_trie_alone() -> Result<()> {
+fn a_restart_copies_what_an_older_agent_left_in_the_trie() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
@@ -324,9 +329,18 @@ fn a_restart_copies_what_an_older_agent_left_in_the_trie_alone() -> Result<()> {
         let mut maps = dp.take_maps()?;
         setup(&mut maps)?;
     }
-    // An older agent wrote the tries alone.
+    // An older agent wrote every entry into the tries.
     {
         let mut pinned = Pinned::open(&root)?;
+        let (peer, peer6) = (be(PEER), ip6_words(PEER6));
+        pinned
+            .ipcache
+            .insert(&Key::new(32, peer), ident(ALLOWED), 0)?;
+        pinned
+            .ipcache6
+            .insert(&Key::new(128, peer6), ident(ALLOWED), 0)?;
+        let k = Key::new(POLICY_PREFIX_FULL, rule(ALLOWED, 80));
+        pinned.policy.insert(&k, action(ACTION_ALLOW), 0)?;
         pinned.ipcache_exact.remove(&be(PEER))?;
         pinned.ipcache6_exact.remove(&ip6_words(PEER6))?;
         pinned.policy_exact.remove(&rule(ALLOWED, 80))?;
@@ -350,7 +364,7 @@ fn a_restart_copies_what_an_older_agent_left_in_the_trie_alone() -> Result<()> {
 }
 
 #[test]
-fn the_programs_read_only_the_copy_holding_entries_of_the_class() -> Result<()> {
+fn the_programs_read_only_the_part_holding_entries_of_the_class() -> Result<()> {
     let mut r = rig!(1024);
     let mut sport = 43000;
     // The peer's class (label identities), ingress: one-port entries, and
@@ -364,23 +378,19 @@ fn the_programs_read_only_the_copy_holding_entries_of_the_class() -> Result<()> 
         Ok(maps.upsert_endpoint(IFINDEX, EndpointInfo { flags, ..pod })?)
     };
     // The rule has one port: found with the trie skipped, not with the
-    // copy skipped (the bits are the sync's promise; here it is broken on
+    // hash skipped (the bits are the sync's promise; here it is broken on
     // purpose, to see that the programs keep it).
-    // (The trie's own copy of it goes, so that only the copy can answer.)
-    r.pinned
-        .policy
-        .remove(&Key::new(POLICY_PREFIX_FULL, rule(ALLOWED, 80)))?;
     flags(&mut r.maps, wider)?;
-    ensure!(passes(&mut r.dp, false, &mut sport)?, "read from the copy");
+    ensure!(passes(&mut r.dp, false, &mut sport)?, "read from the hash");
     ensure!(
         passes(&mut r.dp, true, &mut sport)?,
-        "read from the copy (IPv6)"
+        "read from the hash (IPv6)"
     );
     flags(&mut r.maps, one_port)?;
-    ensure!(!passes(&mut r.dp, false, &mut sport)?, "the copy was read");
+    ensure!(!passes(&mut r.dp, false, &mut sport)?, "the hash was read");
     ensure!(
         !passes(&mut r.dp, true, &mut sport)?,
-        "the copy was read (IPv6)"
+        "the hash was read (IPv6)"
     );
     // A rule for every TCP port instead: the trie alone holds it.
     r.maps

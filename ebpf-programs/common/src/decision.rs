@@ -482,9 +482,9 @@ pub fn policy_key<A>(
     }
 }
 
-/// Which copies of the policy map one lookup reads: the exact copy of the
-/// one-port entries (`POLICY_EXACT`), the trie, or both (the copy first:
-/// a hit there is the longest match). A copy is left out when the
+/// Which parts of the policy map one lookup reads: the hash of one-port
+/// entries (`POLICY_EXACT`), the trie of wider ones, or both (the hash
+/// first: a hit there is the longest match). A part is left out when the
 /// endpoint has no entry there that the lookup could hit
 /// ([`crate::entry_class`]); a caller with one map reads it regardless.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -505,8 +505,8 @@ impl Reads {
 /// ipBlock rules match pod addresses too), then any pod (only when the
 /// peer is a pod: its identity is a label identity, see
 /// [`is_label_identity`]), then any peer. `lookup` is one longest-prefix
-/// match of the policy map with the given full key, reading the copies
-/// [`Reads`] names. Copies `flags` (the endpoint's) say hold no entry of
+/// match of the policy map with the given full key, reading the parts
+/// [`Reads`] names. Parts `flags` (the endpoint's) say hold no entry of
 /// the lookup's class in this direction ([`crate::no_entries_bit`]) are
 /// not read, and a lookup with nothing to read is skipped: it could not
 /// hit.
@@ -1070,12 +1070,12 @@ mod tests {
     }
 
     #[test]
-    fn lookups_read_only_the_copies_holding_entries_of_their_class() {
+    fn lookups_read_only_the_parts_holding_entries_of_their_class() {
         let peer = IpcacheValue {
             identity: 1001,
             cidr_identity: crate::IDENTITY_FIRST_CIDR + 4,
         };
-        // (identity, copies read) of each lookup made.
+        // (identity, parts read) of each lookup made.
         let lookups = |flags: u32, dir: u8| {
             let ep = EndpointInfo {
                 flags: flags | crate::EP_EGRESS_ENFORCED | EP_INGRESS_ENFORCED,
@@ -1124,7 +1124,7 @@ mod tests {
         let three = class(ingress, o) | class(ingress, p) | class(ingress, a);
         assert_eq!(lookups(three, ingress), [both(1001), N, N, N]);
         assert_eq!(lookups(three | class(ingress, l), ingress), [N; 4]);
-        // Half a peer class: only the copy holding its entries is read.
+        // Half a peer class: only the part holding its entries is read.
         let exact = Reads {
             exact: true,
             trie: false,

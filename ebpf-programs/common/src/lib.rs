@@ -22,10 +22,10 @@ pub mod maps {
     pub const ENDPOINTS: &str = "ENDPOINTS";
     pub const IPCACHE: &str = "IPCACHE";
     pub const POLICY: &str = "POLICY";
-    /// The full-length entries of `IPCACHE`, `IPCACHE6` and `POLICY`
-    /// again, in hash maps by the whole key: the programs look there first
-    /// and walk the trie only on a miss. Written and removed with their
-    /// trie entries (the loader's `exact` module).
+    /// The full-length entries of the ipcaches and the policy map, in
+    /// hash maps by the whole key (`IPCACHE`, `IPCACHE6` and `POLICY` hold
+    /// the shorter prefixes): the programs look there first and walk the
+    /// trie only on a miss (the loader's `exact` module).
     pub const IPCACHE_EXACT: &str = "IPCACHE_EXACT";
     pub const IPCACHE6_EXACT: &str = "IPCACHE6_EXACT";
     pub const POLICY_EXACT: &str = "POLICY_EXACT";

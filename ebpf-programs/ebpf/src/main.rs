@@ -55,9 +55,10 @@ static ENDPOINT_SLOTS: Array<EndpointSlot> = Array::with_max_entries(sizes::ENDP
 #[map]
 static IPCACHE: LpmTrie<u32, IpcacheValue> = LpmTrie::with_max_entries(sizes::IPCACHE, 0);
 
-/// `IPCACHE`'s /32 entries again, by address (`verdict::ipcache`): a hit
-/// is the longest match by definition, one hash lookup instead of a trie
-/// walk. Allocated as used (the trie is, too).
+/// The ipcache's /32 entries, by address (`verdict::ipcache`; `IPCACHE`
+/// holds the shorter prefixes): a hit is the longest match by definition,
+/// one hash lookup instead of a trie walk. Allocated as used (the trie
+/// is, too). The loader's `exact` module keeps the pair.
 #[map]
 static IPCACHE_EXACT: HashMap<u32, IpcacheValue> =
     HashMap::with_max_entries(sizes::IPCACHE, BPF_F_NO_PREALLOC);
@@ -65,7 +66,7 @@ static IPCACHE_EXACT: HashMap<u32, IpcacheValue> =
 #[map]
 static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::with_max_entries(sizes::POLICY, 0);
 
-/// `POLICY`'s full-length entries (one port) again, by key
+/// The policy map's full-length (one-port) entries, by key
 /// (`verdict::policy_entry`), as `IPCACHE_EXACT` is to `IPCACHE`.
 #[map]
 static POLICY_EXACT: HashMap<PolicyKey, PolicyValue> =
@@ -88,7 +89,7 @@ static ENDPOINTS6: HashMap<Ip6, u32> = HashMap::with_max_entries(sizes::ENDPOINT
 #[map]
 static IPCACHE6: LpmTrie<Ip6, IpcacheValue> = LpmTrie::with_max_entries(sizes::IPCACHE6, 0);
 
-/// `IPCACHE6`'s /128 entries again (`verdict6::ipcache6`).
+/// The IPv6 ipcache's /128 entries (`verdict6::ipcache6`).
 #[map]
 static IPCACHE6_EXACT: HashMap<Ip6, IpcacheValue> =
     HashMap::with_max_entries(sizes::IPCACHE6, BPF_F_NO_PREALLOC);

@@ -922,17 +922,16 @@ pub(crate) fn policy<A: Family>(ep: &EndpointInfo, dir: u8, key: &CtKeyOf<A>) ->
     )
 }
 
-/// The ipcache's longest match for `a`: its /32 entry from the exact
-/// copy, else a walk of the trie (which holds the /32s too, for the
-/// programs of an agent from before the copy; see `IPCACHE_EXACT`).
+/// The ipcache's longest match for `a`: its /32 entry from the hash,
+/// else a walk of the trie of shorter prefixes (`IPCACHE_EXACT`).
 #[inline(always)]
 pub(crate) fn ipcache(a: u32) -> Option<IpcacheValue> {
     lookup(&IPCACHE_EXACT, &a).or_else(|| IPCACHE.get(Key::new(32, a)).copied())
 }
 
 /// One longest-prefix match of the policy map with a full key, over the
-/// copies `r` names (`decision::Reads`): a one-port entry from the exact
-/// copy, else a walk of the trie.
+/// parts `r` names (`decision::Reads`): a one-port entry from the hash,
+/// else a walk of the trie of wider entries.
 #[inline(always)]
 fn policy_entry(pk: &palisade_common::PolicyKey, r: Reads) -> Option<palisade_common::PolicyValue> {
     if r.exact {

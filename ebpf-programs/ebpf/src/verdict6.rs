@@ -355,7 +355,7 @@ fn process<const DRY: bool>(
 }
 
 /// The IPv6 ipcache's longest match for `a`, as `verdict::ipcache`: the
-/// /128 from the exact copy, else a walk of the trie.
+/// /128 from the hash, else a walk of the trie of shorter prefixes.
 #[inline(always)]
 pub(crate) fn ipcache6(a: Ip6) -> Option<IpcacheValue> {
     lookup(&IPCACHE6_EXACT, &a).or_else(|| IPCACHE6.get(Key::new(128, a)).copied())

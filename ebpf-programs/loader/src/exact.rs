@@ -1,33 +1,34 @@
-//! An LPM trie whose full-length entries are copied into a hash map by the
-//! whole key: `IPCACHE` + `IPCACHE_EXACT`, `IPCACHE6` + `IPCACHE6_EXACT`,
+//! An LPM trie whose full-length entries live in a hash map by the whole
+//! key instead: `IPCACHE` + `IPCACHE_EXACT`, `IPCACHE6` + `IPCACHE6_EXACT`,
 //! `POLICY` + `POLICY_EXACT`.
 //!
 //! The programs look in the hash first: a hit is the longest match by
 //! definition, one hash lookup where the trie walk grows with the map
 //! (10 -> 10k /32s added about 57 ns to a new flow, 10 -> 10k one-port
-//! policy entries about 90 ns). A miss walks the trie. The trie keeps the
-//! full-length entries too, so the programs of an agent from before the
-//! copy, attached until the new ones replace them, still see every entry.
+//! policy entries about 90 ns). A miss walks the trie, which holds the
+//! shorter prefixes alone, so its walks stay short too.
 //!
-//! For a full-length key the programs see the hash's entry if there is
-//! one, else the trie's. The writes keep that view equal to what the caller
-//! is told:
-//! - an upsert writes the trie, then the hash. When the hash write fails
-//!   (the hash is left as it was) the trie gets back the hash's entry (or
-//!   loses the key when the hash has none): a failed write changes nothing the programs see, as a
-//!   failed write to one map never did.
-//! - a removal takes the key from the trie, then from the hash, which
-//!   answers with the old entry until then: a removal that fails half-way
-//!   leaves the entry visible, as the caller is told.
+//! Pins of an older agent have full-length entries in the trie. Loading
+//! over them copies each into the hash (`fill`; a copy that cannot be
+//! written fails the load) and leaves the trie's, which the older agent's
+//! programs read until the new ones replace them (`adopt_links`). Such a
+//! leftover is shadowed by its copy, goes when the key is removed, and is
+//! never written again.
 //!
-//! `entries` reads back what the programs see; `fill` copies into the hash
-//! what an older agent left in the trie alone.
+//! - an upsert of a full-length entry writes the hash alone; a shorter
+//!   prefix, the trie alone. One write each, as with the trie alone.
+//! - a removal of a full-length key takes it from the trie (a leftover),
+//!   then from the hash, which answers with the old entry until then: a
+//!   removal that fails half-way leaves the entry visible, as the caller
+//!   is told.
+//! - `entries` reads back what the programs see: the hash's entries, and
+//!   the trie's but for a leftover the hash shadows.
 //!
 //! The endpoint's "no entries" bits (`palisade_common::entry_class`) tell
 //! the programs which of the two to read: a class with one-port entries
 //! only is never looked for in the trie, one without them never in the
-//! hash. So every one-port entry must have its copy: a write or a `fill`
-//! that cannot make one fails.
+//! hash. So every full-length entry must be in the hash: a write or a
+//! `fill` that cannot put it there fails.
 use std::{collections::HashSet, hash::Hash};
 
 use aya::{
@@ -67,24 +68,15 @@ impl<K: Pod + Eq + Hash, V: Pod> ExactLpm<K, V> {
 
     pub(crate) fn set(&mut self, prefix: u32, k: K, v: V) -> Result<(), Error> {
         let (trie_name, exact_name) = self.names;
-        let key = Key::new(prefix, k);
-        self.trie
-            .insert(&key, v, 0)
-            .map_err(write_err(trie_name, self.entries))?;
-        if prefix != self.full {
-            return Ok(());
+        if prefix == self.full {
+            return self
+                .exact
+                .insert(k, v, 0)
+                .map_err(write_err(exact_name, self.entries));
         }
-        let Err(e) = self.exact.insert(k, v, 0) else {
-            return Ok(());
-        };
-        // The refused write left the hash as it was: the trie gets back
-        // what the hash holds. Best effort: a trie update of a present key
-        // or a removal does not fail for want of room.
-        let _ = match self.exact.get(&k, 0) {
-            Ok(old) => self.trie.insert(&key, old, 0),
-            Err(_) => self.trie.remove(&key),
-        };
-        Err(write_err(exact_name, self.entries)(e))
+        self.trie
+            .insert(&Key::new(prefix, k), v, 0)
+            .map_err(write_err(trie_name, self.entries))
     }
 
     pub(crate) fn remove(&mut self, prefix: u32, k: K) -> Result<(), Error> {
@@ -96,7 +88,8 @@ impl<K: Pod + Eq + Hash, V: Pod> ExactLpm<K, V> {
         removed(exact_name, self.exact.remove(&k))
     }
 
-    /// Every entry as the programs see it, (prefix, key, value).
+    /// Every entry as the programs see it, (prefix, key, value): a
+    /// leftover the hash shadows is reported with the hash's value.
     /// Unreadable entries are skipped.
     pub(crate) fn entries(&self) -> Vec<(u32, K, V)> {
         let mut full = HashSet::new();
@@ -121,7 +114,7 @@ impl<K: Pod + Eq + Hash, V: Pod> ExactLpm<K, V> {
     }
 
     /// Copy into the hash every full-length trie entry it lacks (an older
-    /// agent wrote the trie alone). A copy that cannot be written fails
+    /// agent wrote them into the trie). A copy that cannot be written fails
     /// the load: the programs skip the trie for a class whose entries all
     /// have one port (`palisade_common::entry_class`), and would not see
     /// the entry.
