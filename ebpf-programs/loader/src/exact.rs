@@ -66,17 +66,15 @@ impl<K: Pod + Eq + Hash, V: Pod> ExactLpm<K, V> {
         }
     }
 
+    /// A failed write is reported under the trie's name, the map the
+    /// operator sizes (`--policy-map-entries` sizes both parts) and the
+    /// `map_full` metric counts.
     pub(crate) fn set(&mut self, prefix: u32, k: K, v: V) -> Result<(), Error> {
-        let (trie_name, exact_name) = self.names;
+        let err = write_err(self.names.0, self.entries);
         if prefix == self.full {
-            return self
-                .exact
-                .insert(k, v, 0)
-                .map_err(write_err(exact_name, self.entries));
+            return self.exact.insert(k, v, 0).map_err(err);
         }
-        self.trie
-            .insert(&Key::new(prefix, k), v, 0)
-            .map_err(write_err(trie_name, self.entries))
+        self.trie.insert(&Key::new(prefix, k), v, 0).map_err(err)
     }
 
     pub(crate) fn remove(&mut self, prefix: u32, k: K) -> Result<(), Error> {
@@ -130,7 +128,7 @@ impl<K: Pod + Eq + Hash, V: Pod> ExactLpm<K, V> {
         for (k, v) in missing {
             self.exact
                 .insert(k, v, 0)
-                .map_err(write_err(self.names.1, self.entries))?;
+                .map_err(write_err(self.names.0, self.entries))?;
         }
         Ok(())
     }
