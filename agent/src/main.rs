@@ -152,9 +152,12 @@ struct RunArgs {
     /// A source prefix the XDP prefilter drops (e.g. 198.51.100.0/24); repeatable.
     #[arg(long = "xdp-deny")]
     xdp_deny: Vec<ipnetwork::Ipv4Network>,
-    /// Entries of the policy map (a full map is an error and a metric).
+    /// Entries of the policy map, for its one-port entries (a hash) and
+    /// for its wider ones (a trie) each (a full map is an error and a metric).
     #[arg(long, default_value_t = palisade_common::sizes::POLICY)]
     policy_map_entries: u32,
+    /// Entries of the ipcache, for its /32s (a hash) and for its shorter
+    /// prefixes (a trie) each.
     #[arg(long, default_value_t = palisade_common::sizes::IPCACHE)]
     ipcache_map_entries: u32,
     #[arg(long, default_value_t = palisade_common::sizes::ENDPOINTS)]
