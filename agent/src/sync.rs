@@ -15,8 +15,8 @@
 //! Before all of it, step 0: an endpoint about to get its first policy
 //! entry of a class has that class's "no entries" bit cleared
 //! (`palisade_common::no_entries_bit`: the programs skip the lookups, or
-//! the copy of the policy map, that could only hit entries of a class the
-//! endpoint has none of; a class is a peer class and a length,
+//! the part of the policy map (hash of one-port entries, trie of wider
+//! ones), that could only hit entries of a class the endpoint has none of; a class is a peer class and a length,
 //! `palisade_common::entry_class`). The bits are set again in step
 //! 7, for the classes the kernel then holds no entry of. So a bit is only
 //! ever set while no entry it would hide exists: a skipped lookup is one
@@ -1213,8 +1213,8 @@ mod tests {
                 dport_be: [80u16, 443][rng.gen_range(0..2)].to_be(),
             };
             let action = rng.gen_range(1..3);
-            // One port (the exact copy too) or the whole protocol (the
-            // trie alone): entry classes of both lengths.
+            // One port (the hash of full-length entries) or the whole
+            // protocol (the trie): entry classes of both lengths.
             let (prefix, k) = if rng.gen_bool(0.7) {
                 (96, k)
             } else {

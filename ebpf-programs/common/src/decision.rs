@@ -13,11 +13,11 @@
 
 use crate::{
     conntrack::{tcp_next_state, tcp_reopens, timeout_ns, TCP_FLAG_ACK, TCP_FLAG_SYN},
-    is_label_identity, no_entries_bit, peer_class, reason, CtKey, CtKeyOf, CtValue, EndpointInfo,
+    entry_class, is_label_identity, no_entries_bit, reason, CtKey, CtKeyOf, CtValue, EndpointInfo,
     FlowEvent, FlowEvent4, Ip6, IpcacheValue, PolicyKey, PolicyValue, ACTION_ALLOW, CT_AUDIT,
     CT_SEEN_REPLY, DIR_EGRESS, DIR_INGRESS, EP_AUDIT, FRAG_TIMEOUT_NS, IDENTITY_ANY,
-    IDENTITY_ANY_POD, IDENTITY_HOST, IDENTITY_WORLD, IDENTITY_WORLD6, PROTO_SCTP, PROTO_TCP,
-    PROTO_UDP, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP,
+    IDENTITY_ANY_POD, IDENTITY_HOST, IDENTITY_WORLD, IDENTITY_WORLD6, POLICY_PREFIX_FULL,
+    PROTO_SCTP, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP,
 };
 
 /// An address family's address as the programs keep it: `u32` (IPv4) or
@@ -518,12 +518,9 @@ pub fn policy_lookups<T>(
     mut lookup: impl FnMut(&PolicyKey, Reads) -> Option<T>,
 ) -> Option<T> {
     let dir = pk.direction;
-    let reads = |id: u32| {
-        let one_port = 2 * peer_class(id);
-        Reads {
-            exact: flags & no_entries_bit(dir, one_port) == 0,
-            trie: flags & no_entries_bit(dir, one_port + 1) == 0,
-        }
+    let reads = |id: u32| Reads {
+        exact: flags & no_entries_bit(dir, entry_class(POLICY_PREFIX_FULL, id)) == 0,
+        trie: flags & no_entries_bit(dir, entry_class(0, id)) == 0,
     };
     let some = |r: Reads| r.exact || r.trie;
     let mut hit = None;

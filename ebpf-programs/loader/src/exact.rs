@@ -94,14 +94,14 @@ impl<K: Pod + Eq + Hash, V: Pod> ExactLpm<K, V> {
         let mut out = Vec::new();
         for (key, v) in self.trie.iter().filter_map(Result::ok) {
             let (prefix, k) = (key.prefix_len(), key.data());
-            if prefix == self.full {
+            let v = if prefix == self.full {
                 full.insert(k);
-                // The hash's entry wins where both hold the key.
-                let v = self.exact.get(&k, 0).unwrap_or(v);
-                out.push((prefix, k, v));
+                // A leftover: the hash's entry wins where both hold the key.
+                self.exact.get(&k, 0).unwrap_or(v)
             } else {
-                out.push((prefix, k, v));
-            }
+                v
+            };
+            out.push((prefix, k, v));
         }
         for (k, v) in self.exact.iter().filter_map(Result::ok) {
             if !full.contains(&k) {
