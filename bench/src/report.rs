@@ -136,6 +136,21 @@ pub struct Veth {
     /// CPU the agent used while a (b) configuration was measured, as a
     /// fraction of one CPU, per sample.
     pub agent_cpu: Vec<(String, f64)>,
+    /// (b)'s programs in real traffic, from the kernel's run statistics
+    /// (a diagnostic pass after the rounds).
+    pub program_ns: Vec<ProgramCost>,
+}
+
+/// One program's runs during one measure of one configuration.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ProgramCost {
+    pub config: String,
+    /// "crr" or "rr".
+    pub measure: String,
+    pub program: String,
+    pub runs: u64,
+    /// Run time over runs, the statistics' own two clock reads included.
+    pub ns_per_run: f64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -1516,6 +1531,24 @@ fn render_veth(s: &mut String, v: &Veth, r: &Results) {
             txt.join(", ")
         );
     }
+    if !v.program_ns.is_empty() {
+        let _ = writeln!(
+            s,
+            "(b)'s programs in this traffic, from the kernel's run statistics (one more pass \
+             after the rounds, statistics on for it alone; they add two clock reads to every run, \
+             so compare these between builds, not with section 1):\n"
+        );
+        let _ = writeln!(s, "| config | measure | program | runs | ns per run |");
+        let _ = writeln!(s, "| --- | --- | --- | ---: | ---: |");
+        for c in &v.program_ns {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {:.0} |",
+                c.config, c.measure, c.program, c.runs, c.ns_per_run
+            );
+        }
+        s.push('\n');
+    }
     if !v.checks.is_empty() {
         let _ = writeln!(s, "Checks before measuring:\n");
         for c in &v.checks {
@@ -2050,6 +2083,27 @@ mod tests {
             measures: vec![m("crr", [99.0, 90.0, 80.0]), m("rr", [90.0, 81.0, 80.0])],
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn program_costs_are_a_table_of_their_own() {
+        let mut v = veth6_sample();
+        let mut s = String::new();
+        render_veth(&mut s, &v, &Results::default());
+        assert!(!s.contains("run statistics"), "no pass, no table: {s}");
+        v.program_ns = vec![ProgramCost {
+            config: "b-10000".into(),
+            measure: "rr".into(),
+            program: "pod_egress".into(),
+            runs: 160_720,
+            ns_per_run: 133.4,
+        }];
+        let mut s = String::new();
+        render_veth(&mut s, &v, &Results::default());
+        assert!(
+            s.contains("| b-10000 | rr | pod_egress | 160720 | 133 |"),
+            "{s}"
+        );
     }
 
     #[test]

@@ -51,7 +51,7 @@ use palisade_dataplane::maps::ip6_words;
 
 use crate::{
     node::{CniPod, Node},
-    report::{Veth, VethMeasure},
+    report::{ProgramCost, Veth, VethMeasure},
     stats::rotated,
     sys::{self, enter_thread, in_netns, ChildGuard},
 };
@@ -834,7 +834,97 @@ pub fn run(plan: &Plan) -> Result<Veth> {
         }
     }
     out.measures = vec![crr_m, rr_m, st_m];
+    out.program_ns = program_costs(plan, &b, &agent.pin_root, &mut extras)?;
     Ok(out)
+}
+
+/// Diagnostic, after the rounds: what (b)'s programs cost per run in this
+/// traffic, from the kernel's own run statistics (`BPF_ENABLE_STATS`, on
+/// for this pass only: it adds two clock reads to every run of every
+/// program), for crr and rr at the largest N over each family. The
+/// throughput ratios move by a few percent between runs; this figure
+/// shows a change of a few ns per packet, which is how builds are
+/// compared. (It is the programs' own time: work they leave to the stack,
+/// e.g. a head copy `ip_forward` then makes, is not in it.)
+fn program_costs(
+    plan: &Plan,
+    b: &Site,
+    pin_root: &std::path::Path,
+    extras: &mut Extras,
+) -> Result<Vec<ProgramCost>> {
+    let ids = pod_programs(pin_root)?;
+    let _stats =
+        aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enabling BPF run statistics")?;
+    let mut out = Vec::new();
+    let runs = [
+        (plan.b_sizes.iter().max(), "b", false),
+        (plan.b6_sizes.iter().max(), "b6", true),
+    ];
+    for (n, kind, v6) in runs {
+        let Some(&n) = n else { continue };
+        extras.set(n)?;
+        let to = b.server_at(v6)?;
+        for measure in ["crr", "rr"] {
+            let before = program_stats(&ids)?;
+            if measure == "crr" {
+                crr(b.client(), to, plan.secs)?;
+            } else {
+                rr(b.client(), to, plan.secs)?;
+            }
+            let after = program_stats(&ids)?;
+            for ((program, c0, t0), (_, c1, t1)) in before.into_iter().zip(after) {
+                let runs = c1.saturating_sub(c0);
+                out.push(ProgramCost {
+                    config: format!("{kind}-{n}"),
+                    measure: measure.into(),
+                    program,
+                    runs,
+                    ns_per_run: (t1.saturating_sub(t0)).as_nanos() as f64 / runs.max(1) as f64,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The ids of `pod_egress` and `pod_ingress` as the agent with pins under
+/// `pin_root` loaded them: the programs that use its pinned COUNTERS map
+/// (every node's agent loads programs of the same names).
+fn pod_programs(pin_root: &std::path::Path) -> Result<Vec<(String, u32)>> {
+    let counters = MapData::from_pin(pin_root.join("maps").join("COUNTERS"))
+        .context("opening pinned COUNTERS")?;
+    let map = counters.info()?.id();
+    let mut out = Vec::new();
+    for p in aya::programs::loaded_programs() {
+        let p = p?;
+        let name = p.name_as_str().unwrap_or_default();
+        if matches!(name, "pod_egress" | "pod_ingress")
+            && p.map_ids()?.is_some_and(|m| m.contains(&map))
+        {
+            out.push((name.to_string(), p.id()));
+        }
+    }
+    out.sort();
+    anyhow::ensure!(
+        out.len() == 2,
+        "expected the agent's pod_egress and pod_ingress, found {out:?}"
+    );
+    Ok(out)
+}
+
+/// (program, runs, run time) of each of `ids`, in order.
+fn program_stats(ids: &[(String, u32)]) -> Result<Vec<(String, u64, Duration)>> {
+    let all: Vec<aya::programs::ProgramInfo> =
+        aya::programs::loaded_programs().collect::<Result<_, _>>()?;
+    ids.iter()
+        .map(|(name, id)| {
+            let p = all
+                .iter()
+                .find(|p| p.id() == *id)
+                .with_context(|| format!("{name} (id {id}) is no longer loaded"))?;
+            Ok((name.clone(), p.run_count(), p.run_time()))
+        })
+        .collect()
 }
 
 #[cfg(test)]
