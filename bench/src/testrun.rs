@@ -15,12 +15,13 @@
 //!   be new only once. The packet is SYN+FIN: the first run admits it and
 //!   records it in FIN_WAIT; every later run finds that entry, which a SYN
 //!   *reopens* (`tcp_reopens`), so the full new-flow path runs every time:
-//!   conntrack lookup, reverse lookup (miss), ipcache, policy (exact hit),
+//!   conntrack lookup (its own tuple: a SYN is not looked up as a reply,
+//!   `decision::track`), ipcache, policy (exact hit),
 //!   conntrack insert (replacing the entry), verdict event, counter. The
 //!   only difference to a brand-new tuple is that the first lookup finds an
 //!   entry and the insert replaces one (same work as a miss and an add).
-//! * **new flow denied**: a SYN from a peer no rule admits: conntrack miss
-//!   twice, ipcache, policy once (exact peer: the endpoint's rules name
+//! * **new flow denied**: a SYN from a peer no rule admits: one conntrack
+//!   miss, ipcache, policy once (exact peer: the endpoint's rules name
 //!   pods only, so the agent's sync marks the CIDR, any-pod and any-peer
 //!   lookups as skippable, `palisade_common::no_entries_bit`, and the
 //!   endpoint carries those bits here too), drop event. Nothing is

@@ -883,7 +883,7 @@ pub(crate) fn ct_track_with<A: Family>(
     dead: &mut bool,
     mut seen: impl FnMut(&CtValue),
 ) -> Option<Tracked<A>> {
-    let t = track(key, dir, |k, reply| {
+    let t = track(key, dir, tcp_flags, |k, reply| {
         let p = A::ct(k)?;
         // SAFETY: valid map value pointer; concurrent updates of these
         // fields race benignly (last writer wins on a timestamp).

@@ -525,7 +525,7 @@ impl Evaluator {
         let key = flow.key;
 
         let conntrack = A::conntrack(self);
-        let known = track(&key, dir, |k, reply| {
+        let known = track(&key, dir, flow.tcp_flags, |k, reply| {
             let ct = conntrack.get_mut(k)?;
             let stale = ct_use(ct, ep, k.protocol, flow.tcp_flags, reply, now)?;
             Some((ct.cookie, stale))
