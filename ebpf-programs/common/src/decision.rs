@@ -804,8 +804,7 @@ pub fn track<A: Copy>(
     if key.protocol == PROTO_TCP && tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN {
         return None;
     }
-    // A SYN from the peer on a closed tuple is a new connection too
-    // (ct_live), so it falls through to policy.
+    // Anything else may be the peer's side of a tracked flow.
     let rk = key.reversed(opposite(dir));
     if let Some((cookie, stale)) = lookup_use(&rk, true) {
         return Some(Tracked {
