@@ -52,14 +52,18 @@ pub fn tcp_next_state(state: u8, flags: u8, reply: bool) -> u8 {
     }
 }
 
+/// A SYN without ACK: the segment that opens a connection.
+#[inline(always)]
+pub fn tcp_opens(flags: u8) -> bool {
+    flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
+}
+
 /// A SYN on an established, closing or closed entry starts a new
 /// connection that must be checked against policy again instead of riding
 /// on the old verdict (a retransmitted SYN during the handshake does not).
 #[inline(always)]
 pub fn tcp_reopens(state: u8, flags: u8) -> bool {
-    flags & TCP_FLAG_SYN != 0
-        && flags & TCP_FLAG_ACK == 0
-        && (state == TCP_ESTABLISHED || state == TCP_CLOSE || state == TCP_FIN_WAIT)
+    tcp_opens(flags) && (state == TCP_ESTABLISHED || state == TCP_CLOSE || state == TCP_FIN_WAIT)
 }
 
 /// How long an entry lives after the last packet that refreshed it.

@@ -12,7 +12,7 @@
 //! ([`policy_lookups`]).
 
 use crate::{
-    conntrack::{tcp_next_state, tcp_reopens, timeout_ns, TCP_FLAG_ACK, TCP_FLAG_SYN},
+    conntrack::{tcp_next_state, tcp_opens, tcp_reopens, timeout_ns},
     entry_class, is_label_identity, no_entries_bit, reason, CtKey, CtKeyOf, CtValue, EndpointInfo,
     FlowEvent, FlowEvent4, Ip6, IpcacheValue, PolicyKey, PolicyValue, ACTION_ALLOW, CT_AUDIT,
     CT_SEEN_REPLY, DIR_EGRESS, DIR_INGRESS, EP_AUDIT, FRAG_TIMEOUT_NS, IDENTITY_ANY,
@@ -801,7 +801,7 @@ pub fn track<A: Copy>(
             key: *key,
         });
     }
-    if key.protocol == PROTO_TCP && tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN {
+    if key.protocol == PROTO_TCP && tcp_opens(tcp_flags) {
         return None;
     }
     // Anything else may be the peer's side of a tracked flow.
@@ -827,7 +827,7 @@ pub fn track<A: Copy>(
 #[inline(always)]
 pub fn records_entry(d: &Decision, protocol: u8, tcp_flags: u8) -> bool {
     if d.reason == reason::UNENFORCED && protocol == PROTO_TCP {
-        return tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
+        return tcp_opens(tcp_flags);
     }
     d.pass
 }
@@ -1288,7 +1288,10 @@ mod tests {
 mod ct_tests {
     extern crate std;
     use super::*;
-    use crate::{EP_INGRESS_ENFORCED, PROTO_ICMP};
+    use crate::{
+        conntrack::{TCP_FLAG_ACK, TCP_FLAG_SYN},
+        EP_INGRESS_ENFORCED, PROTO_ICMP,
+    };
     use std::{vec, vec::Vec};
 
     const EP: EndpointInfo = EndpointInfo {
