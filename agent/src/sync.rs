@@ -15,8 +15,9 @@
 //! Before all of it, step 0: an endpoint about to get its first policy
 //! entry of a class has that class's "no entries" bit cleared
 //! (`palisade_common::no_entries_bit`: the programs skip the lookups, or
-//! the part of the policy map (hash of one-port entries, trie of wider
-//! ones), that could only hit entries of a class the endpoint has none of; a class is a peer class and a length,
+//! the part of the policy map (the hash of one-port entries, the trie of
+//! wider ones), that could only hit entries of a class the endpoint has
+//! none of; a class is a peer class and a length,
 //! `palisade_common::entry_class`). The bits are set again in step
 //! 7, for the classes the kernel then holds no entry of. So a bit is only
 //! ever set while no entry it would hide exists: a skipped lookup is one
