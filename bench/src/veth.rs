@@ -874,12 +874,18 @@ fn program_costs(
             let after = program_stats(&ids)?;
             for ((program, c0, t0), (_, c1, t1)) in before.into_iter().zip(after) {
                 let runs = c1.saturating_sub(c0);
+                // No runs counted (statistics not kept): no figure, not 0 ns.
+                let ns_per_run = if runs == 0 {
+                    f64::NAN
+                } else {
+                    t1.saturating_sub(t0).as_nanos() as f64 / runs as f64
+                };
                 out.push(ProgramCost {
                     config: format!("{kind}-{n}"),
                     measure: measure.into(),
                     program,
                     runs,
-                    ns_per_run: (t1.saturating_sub(t0)).as_nanos() as f64 / runs.max(1) as f64,
+                    ns_per_run,
                 });
             }
         }
