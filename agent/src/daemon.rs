@@ -53,6 +53,8 @@ pub struct Config {
     pub map_sizes: palisade_dataplane::loader::MapSizes,
     /// How pod programs hook their interface (a `cls_bpf` filter or TCX).
     pub pod_hook: palisade_dataplane::PodHook,
+    /// How traffic between pods of the node is delivered once allowed.
+    pub local_delivery: palisade_dataplane::LocalDelivery,
     /// Run `verify` this often in the agent (None: only on request).
     pub verify_interval: Option<std::time::Duration>,
     /// /readyz fails while the last verify run found mismatches.
@@ -224,6 +226,7 @@ impl Agent {
             pins: cfg.pins.clone(),
             sizes: cfg.map_sizes.clone(),
             pod_hook: cfg.pod_hook,
+            local_delivery: cfg.local_delivery,
         })
         .context("loading the datapath")?;
         dp.set_conntrack_budget(cfg.conntrack_budget)

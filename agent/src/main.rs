@@ -187,6 +187,14 @@ struct RunArgs {
     /// for an RCU grace period).
     #[arg(long, default_value = "filter", env = "PALISADE_POD_HOOK")]
     pod_hook: palisade_dataplane::PodHook,
+    /// How an allowed packet from a pod to another pod of this node gets
+    /// there: `redirect` (from the sender's host veth straight to the
+    /// receiver's, TTL and MACs rewritten as a router does, the receiver's
+    /// ingress policy judged as always; the node's IP stack and netfilter
+    /// never see it) or `stack` (routed by the node like any other packet,
+    /// e.g. for host firewall rules on pod-to-pod traffic).
+    #[arg(long, default_value = "redirect", env = "PALISADE_LOCAL_DELIVERY")]
+    local_delivery: palisade_dataplane::LocalDelivery,
     /// IP fragment records (first fragments in flight) one pod may hold
     /// (0: no limit).
     #[arg(long, default_value_t = palisade_common::ct_budget::FRAGMENTS)]
@@ -303,6 +311,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     ..Default::default()
                 },
                 pod_hook: a.pod_hook,
+                local_delivery: a.local_delivery,
                 verify_interval: match a.verify_interval.as_str() {
                     "off" | "" | "0" => None,
                     s => Some(

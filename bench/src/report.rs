@@ -1527,7 +1527,9 @@ fn render_veth(s: &mut String, v: &Veth, r: &Results) {
              reader is woken once, when the backlog passes 64 KiB; a full ring refuses records): \
              what a stalled agent costs the datapath. `bt-N` is (b) on a node whose agent \
              hooks the pod programs through TCX links instead of `cls_bpf` filters: the hook's \
-             own cost.\n",
+             own cost. `bk-N` is (b) on a node whose agent leaves pod-to-pod traffic to the \
+             node's IP stack (`--local-delivery stack`) where (b) redirects it from host veth \
+             to host veth: (b) with (a)'s routing, the programs' cost alone.\n",
             txt.join(", ")
         );
     }

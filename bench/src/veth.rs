@@ -18,6 +18,10 @@
 //! * (bt-N): (b) on a fourth node whose agent hooks the pod programs
 //!   through TCX links (`--pod-hook tcx`) instead of `cls_bpf` filters,
 //!   at the largest N: what the hook itself costs per packet;
+//! * (bk-N): (b) on a fifth node whose agent leaves traffic between its
+//!   pods to the node's IP stack (`--local-delivery stack`) instead of
+//!   redirecting it from host veth to host veth, at the largest N: the
+//!   programs' cost with the stack's routing as (a) has it;
 //! * (a6), (b6-N): (a) and (b) over IPv6 between the same dual-stack pods
 //!   (each node's CNI config has an IPv6 range beside the IPv4 one; the
 //!   policy selects pods, so it admits the client's IPv6 as its IPv4), at
@@ -622,6 +626,15 @@ pub fn run(plan: &Plan) -> Result<Veth> {
         "10.200.5.0/24",
         "fd00:200:5::/64",
     )?;
+    let k = site(
+        Node::with_agent_env(
+            "pbnk",
+            &manifests(),
+            &[("PALISADE_LOCAL_DELIVERY", "stack")],
+        )?,
+        "10.200.6.0/24",
+        "fd00:200:6::/64",
+    )?;
     sys::sleep(Duration::from_millis(300)); // iperf3 servers listening
 
     let agent = b.node.agent().context("agent")?;
@@ -649,6 +662,14 @@ pub fn run(plan: &Plan) -> Result<Veth> {
         .find(|e| e.pod == "server")
         .context("the tcx agent has no server endpoint")?;
     let mut t_extras = Extras::open(&t_agent.pin_root, t_server.endpoint_id)?;
+    let k_agent = k.node.agent().context("agent (stack delivery)")?;
+    let k_server = k_agent
+        .status()?
+        .endpoints
+        .into_iter()
+        .find(|e| e.pod == "server")
+        .context("the stack-delivery agent has no server endpoint")?;
+    let mut k_extras = Extras::open(&k_agent.pin_root, k_server.endpoint_id)?;
 
     let mut out = Veth {
         rounds: plan.rounds,
@@ -664,6 +685,7 @@ pub fn run(plan: &Plan) -> Result<Veth> {
     if let Some(n) = plan.b_sizes.iter().max() {
         configs.push(format!("bs-{n}"));
         configs.push(format!("bt-{n}"));
+        configs.push(format!("bk-{n}"));
     }
     configs.push("a6".into());
     configs.extend(plan.b6_sizes.iter().map(|n| format!("b6-{n}")));
@@ -691,6 +713,7 @@ pub fn run(plan: &Plan) -> Result<Veth> {
         ("(a)", &a, false),
         ("(b)", &b, true),
         ("(bt)", &t, true),
+        ("(bk)", &k, true),
         ("(c)", &c, true),
         ("(d)", &d, true),
         ("(a6) over IPv6", &a, false),
@@ -711,6 +734,7 @@ pub fn run(plan: &Plan) -> Result<Veth> {
         (&a, false),
         (&b, false),
         (&t, false),
+        (&k, false),
         (&c, false),
         (&d, false),
         (&a, true),
@@ -761,6 +785,10 @@ pub fn run(plan: &Plan) -> Result<Veth> {
                 "bt" => {
                     t_extras.set(n)?;
                     &t
+                }
+                "bk" => {
+                    k_extras.set(n)?;
+                    &k
                 }
                 "d" => {
                     if d_loaded != n {

@@ -652,3 +652,78 @@ pub mod cni {
         v
     }
 }
+
+/// The MAC of `ifname` in `ns`.
+pub fn link_mac(ns: &NetNs, ifname: &str) -> Result<[u8; 6]> {
+    let out = ns.ip(&["-o", "link", "show", ifname])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let hex = text
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .ok_or_else(|| anyhow::anyhow!("no MAC in {text}"))?;
+    let mut mac = [0u8; 6];
+    for (b, h) in mac.iter_mut().zip(hex.split(':')) {
+        *b = u8::from_str_radix(h, 16)?;
+    }
+    Ok(mac)
+}
+
+/// A counter of `ns`'s IP statistics: `Ip` `name` from `snmp` (IPv4,
+/// header and value lines) or `name` from `snmp6` (one per line).
+/// (`thread-self`: `/proc/net` is the main thread's namespace.)
+pub fn ip_counter(ns: &NetNs, ipv6: bool, name: &'static str) -> Result<u64> {
+    let file = if ipv6 { "snmp6" } else { "snmp" };
+    let text =
+        ns.enter(move || std::fs::read_to_string(format!("/proc/thread-self/net/{file}")))??;
+    let value = if ipv6 {
+        text.lines()
+            .filter_map(|l| l.split_once(char::is_whitespace))
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.trim().to_string())
+    } else {
+        let mut ip = text.lines().filter(|l| l.starts_with("Ip: "));
+        let (names, values) = (ip.next().unwrap_or(""), ip.next().unwrap_or(""));
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.to_string())
+    };
+    value
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no {name} in /proc/net/{file}"))
+}
+
+/// A TCP listener in `ns` on `port` of `family`'s wildcard address that
+/// takes no segment with a TTL (hop limit) under `min`: IP_MINTTL,
+/// IPV6_MINHOPCOUNT.
+pub fn listener_min_hops(
+    ns: &NetNs,
+    family: IpAddr,
+    port: u16,
+    min: i32,
+) -> Result<std::net::TcpListener> {
+    use std::os::fd::AsRawFd;
+    let any: IpAddr = match family {
+        IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let l = ns.enter(move || std::net::TcpListener::bind((any, port)))??;
+    let (level, opt) = match family {
+        IpAddr::V4(_) => (libc::IPPROTO_IP, libc::IP_MINTTL),
+        IpAddr::V6(_) => (libc::IPPROTO_IPV6, libc::IPV6_MINHOPCOUNT),
+    };
+    // SAFETY: a valid socket and an int option of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            l.as_raw_fd(),
+            level,
+            opt,
+            &min as *const i32 as *const libc::c_void,
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    anyhow::ensure!(rc == 0, "minimum TTL: {}", std::io::Error::last_os_error());
+    Ok(l)
+}

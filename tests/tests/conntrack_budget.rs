@@ -47,6 +47,7 @@ impl Rig {
         let cfg = DatapathConfig {
             pins: pins.pins.clone(),
             pod_hook: Default::default(),
+            local_delivery: Default::default(),
             sizes: MapSizes {
                 endpoints: 64,
                 ipcache: 64,

@@ -11,7 +11,7 @@ use palisade_common::{
 use palisade_dataplane::{
     events::EventReader,
     maps::{be, from_be},
-    Datapath, DatapathConfig, Maps,
+    Datapath, DatapathConfig, LocalDelivery, Maps,
 };
 use palisade_tests::*;
 
@@ -31,12 +31,17 @@ struct Setup {
 /// Node with pods A and B; programs loaded and attached to B's host veth
 /// (and A's when `both`), endpoints registered unenforced.
 fn setup(both: bool) -> Result<Setup> {
+    setup_with(both, LocalDelivery::default())
+}
+
+fn setup_with(both: bool, local_delivery: LocalDelivery) -> Result<Setup> {
     let pins = PinRoot::new()?;
     let mut node = Node::new(GW)?;
     node.add_pod(A)?;
     node.add_pod(B)?;
     let cfg = DatapathConfig {
         pins: pins.pins.clone(),
+        local_delivery,
         ..Default::default()
     };
     let ifs: Vec<(String, Ipv4Addr, u32)> = node
@@ -468,5 +473,94 @@ fn a_new_pod_on_an_old_pods_address_inherits_none_of_its_flows() -> Result<()> {
         })
         .expect("the new pod's ingress judges it as a new flow");
     assert_eq!(e.reason, reason::NO_POLICY_MATCH);
+    Ok(())
+}
+
+/// Both pods' MACs in their endpoint entries, as the CNI plugin
+/// registers them (local delivery needs the receiver's).
+fn register_macs(s: &mut Setup) -> Result<()> {
+    for i in 0..2 {
+        let (host_if, mac) = (
+            s.node.pods[i].host_if.clone(),
+            link_mac(&s.node.pods[i].ns, "eth0")?,
+        );
+        let ifx = s
+            .node
+            .ns
+            .enter(move || palisade_dataplane::loader::ifindex(&host_if))??;
+        let mut info = s.maps.endpoint(ifx).expect("registered");
+        info.mac = mac;
+        s.maps.upsert_endpoint(ifx, info)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn local_delivery_stack_leaves_pod_traffic_to_the_node() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut s = setup_with(true, LocalDelivery::Stack)?;
+    tcp_echo_server(&s.node.pods[1].ns, 8080)?;
+    register_macs(&mut s)?;
+    assert_eq!(s.maps.local_pod(B), None, "no index written");
+    assert!(tcp_connects(&s.node.pods[0].ns, B, 8080, 3000)?);
+    let before = ip_counter(&s.node.ns, false, "ForwDatagrams")?;
+    let c = open_echo(&s)?;
+    assert!(echo_round(&c));
+    let after = ip_counter(&s.node.ns, false, "ForwDatagrams")?;
+    assert!(after - before >= 4, "forwarded: {}", after - before);
+    Ok(())
+}
+
+#[test]
+fn allowed_traffic_between_local_pods_is_delivered_past_the_node_stack() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut s = setup(true)?;
+    tcp_echo_server(&s.node.pods[1].ns, 8080)?;
+    tcp_echo_server(&s.node.pods[1].ns, 9090)?;
+    let ifindex = b_ifindex(&s)?;
+    register_macs(&mut s)?;
+    assert_eq!(s.maps.local_pod(B), Some(ifindex));
+    enforce_ingress(&mut s, ifindex)?;
+    allow_a_to_b_8080(&mut s, 2)?;
+    // (The pods resolve their gateway first.)
+    assert!(tcp_connects(&s.node.pods[0].ns, B, 8080, 3000)?);
+
+    let before = ip_counter(&s.node.ns, false, "ForwDatagrams")?;
+    let c = open_echo(&s)?;
+    for _ in 0..20 {
+        assert!(echo_round(&c), "echo through the redirect");
+    }
+    drop(c);
+    // B's ingress program still judges what is redirected to it.
+    assert!(!tcp_connects(&s.node.pods[0].ns, B, 9090, 1000)?);
+    let after = ip_counter(&s.node.ns, false, "ForwDatagrams")?;
+    // 20 rounds and a handshake each way: at least 40 packets, none of
+    // which the node forwarded.
+    assert_eq!(after - before, 0, "datagrams the node forwarded");
+
+    // The TTL is a router's: one less. B's listeners refuse segments
+    // under their IP_MINTTL, so 64 admits none and 63 admits A's.
+    for (port, min_ttl, connects) in [(8081u16, 64, false), (8082, 63, true)] {
+        let mut key = allow_a_to_b_8080(&mut s, 2)?;
+        key.dport_be = port.to_be();
+        s.maps.set_policy(
+            POLICY_PREFIX_FULL,
+            key,
+            PolicyValue {
+                action: ACTION_ALLOW,
+                cookie: 79,
+            },
+        )?;
+        let _l = listener_min_hops(&s.node.pods[1].ns, B.into(), port, min_ttl)?;
+        assert_eq!(
+            tcp_connects(&s.node.pods[0].ns, B, port, 1000)?,
+            connects,
+            "port {port}, IP_MINTTL {min_ttl}"
+        );
+    }
     Ok(())
 }

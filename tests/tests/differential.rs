@@ -1325,6 +1325,7 @@ fn kernel_and_reference_agree_on_random_policies_and_packets() -> Result<()> {
         pins: pins.pins.clone(),
         sizes,
         pod_hook: Default::default(),
+        local_delivery: Default::default(),
     };
     // test_run resolves the ifindex in the caller's namespace: run there.
     let report = ns.enter(move || -> Result<Report> {
@@ -1634,6 +1635,7 @@ fn fuzzed_frames_get_the_reference_verdict_and_never_break_the_invariants() -> R
     let cfg = DatapathConfig {
         pins: pins.pins.clone(),
         pod_hook: Default::default(),
+        local_delivery: Default::default(),
         sizes: MapSizes {
             endpoints: 256,
             ipcache: 4096,

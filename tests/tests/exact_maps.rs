@@ -48,6 +48,7 @@ fn config(pins: &PinRoot, entries: u32) -> DatapathConfig {
             ..Default::default()
         },
         pod_hook: Default::default(),
+        local_delivery: Default::default(),
     }
 }
 

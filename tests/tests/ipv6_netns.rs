@@ -25,8 +25,9 @@ const A_ID: u32 = 1001;
 const B_ID: u32 = 1002;
 
 struct Setup {
-    _node: NetNs,
+    node: NetNs,
     pods: Vec<NetNs>,
+    a_ifindex: u32,
     b_ifindex: u32,
     _dp: Datapath,
     maps: Maps,
@@ -46,10 +47,10 @@ fn setup() -> Result<Setup> {
         ..Default::default()
     };
     let pods = [(a_if, A, 1, A_ID), (b_if, B, 2, B_ID)];
-    let (dp, mut maps, b_ifindex) = node.enter(move || -> Result<(Datapath, Maps, u32)> {
+    let (dp, mut maps, a_ifindex, b_ifindex) = node.enter(move || -> Result<_> {
         let mut dp = Datapath::load(&cfg)?;
         let mut maps = dp.take_maps()?;
-        let mut b_ifindex = 0;
+        let (mut a_ifindex, mut b_ifindex) = (0, 0);
         for (ifname, ip, ep, identity) in pods {
             // The endpoint first: a program fails closed for an interface
             // it does not know.
@@ -66,9 +67,9 @@ fn setup() -> Result<Setup> {
             };
             maps.upsert_endpoint(ifindex, info)?;
             dp.attach_pod(&ifname)?;
-            b_ifindex = ifindex;
+            (a_ifindex, b_ifindex) = (b_ifindex, ifindex);
         }
-        Ok((dp, maps, b_ifindex))
+        Ok((dp, maps, a_ifindex, b_ifindex))
     })??;
     let v = |identity| IpcacheValue {
         identity,
@@ -81,8 +82,9 @@ fn setup() -> Result<Setup> {
     maps.set_ipcache6(B, 128, v(B_ID))?;
     let events = maps.take_event_reader()?;
     Ok(Setup {
-        _node: node,
+        node,
         pods: vec![a, b],
+        a_ifindex,
         b_ifindex,
         _dp: dp,
         maps,
@@ -193,5 +195,60 @@ fn ipv6_tcp_between_pods_is_enforced_on_real_veths() -> Result<()> {
         (VERDICT_ALLOW, reason::POLICY_ALLOW, 66)
     );
     assert!(!connects(&s.pods[0], B, 8081)?, "other port still denied");
+    Ok(())
+}
+
+#[test]
+fn ipv6_between_local_pods_is_delivered_past_the_node_stack() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut s = setup()?;
+    serve(&s.pods[1], 8080)?;
+    // Delivery needs the pods' MACs, which the CNI plugin registers.
+    for (i, ifindex) in [(0, s.a_ifindex), (1, s.b_ifindex)] {
+        let mut info = s.maps.endpoint(ifindex).expect("registered");
+        info.mac = link_mac(&s.pods[i], "eth0")?;
+        s.maps.upsert_endpoint(ifindex, info)?;
+    }
+    let mut info = s.maps.endpoint(s.b_ifindex).expect("B registered");
+    info.flags |= EP_INGRESS_ENFORCED;
+    info.generation += 1;
+    s.maps.upsert_endpoint(s.b_ifindex, info)?;
+    for port in [8080u16, 8082, 8083] {
+        let k = PolicyKey {
+            endpoint_id: 2,
+            peer_identity: A_ID,
+            direction: DIR_INGRESS,
+            protocol: PROTO_TCP,
+            dport_be: port.to_be(),
+        };
+        let v = PolicyValue {
+            action: ACTION_ALLOW,
+            cookie: 67,
+        };
+        s.maps.set_policy(POLICY_PREFIX_FULL, k, v)?;
+    }
+    // (The pods resolve their gateway first.)
+    assert!(echoes(&s.pods[0], B, 8080)?);
+
+    let before = ip_counter(&s.node, true, "Ip6OutForwDatagrams")?;
+    for _ in 0..10 {
+        assert!(echoes(&s.pods[0], B, 8080)?, "echo through the redirect");
+    }
+    // B's ingress program still judges what is redirected to it.
+    assert!(!connects(&s.pods[0], B, 8081)?, "no rule for 8081");
+    let after = ip_counter(&s.node, true, "Ip6OutForwDatagrams")?;
+    assert_eq!(after - before, 0, "datagrams the node forwarded");
+
+    // The hop limit is a router's: one less.
+    for (port, min, admitted) in [(8082u16, 64, false), (8083, 63, true)] {
+        let _l = listener_min_hops(&s.pods[1], B.into(), port, min)?;
+        assert_eq!(
+            connects(&s.pods[0], B, port)?,
+            admitted,
+            "port {port}, IPV6_MINHOPCOUNT {min}"
+        );
+    }
     Ok(())
 }

@@ -565,6 +565,7 @@ fn kernel_verdicts_match_the_networkpolicy_oracle() -> Result<()> {
     let cfg = DatapathConfig {
         pins: pins.pins.clone(),
         pod_hook: Default::default(),
+        local_delivery: Default::default(),
         sizes: MapSizes {
             endpoints: 64,
             ipcache: 1024,

@@ -155,6 +155,7 @@ impl Rig {
             pins: pins.pins.clone(),
             sizes,
             pod_hook: Default::default(),
+            local_delivery: Default::default(),
         };
         let mut dp = Datapath::load(&cfg)?;
         let mut maps = dp.take_maps()?;

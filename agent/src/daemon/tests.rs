@@ -45,6 +45,7 @@ impl Scratch {
             xdp_deny: Vec::new(),
             map_sizes: Default::default(),
             pod_hook: Default::default(),
+            local_delivery: Default::default(),
             verify_interval: None,
             verify_readiness: false,
             routing: crate::routing::Mode::None,

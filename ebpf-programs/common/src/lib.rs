@@ -13,6 +13,7 @@ pub mod decision;
 pub mod dns;
 pub mod event_limit;
 pub mod ipv6;
+pub mod local;
 pub mod reject;
 pub mod related;
 pub mod service;
@@ -72,8 +73,13 @@ pub mod maps {
     pub const DNS_SERVERS6: &str = "DNS_SERVERS6";
     /// `EndpointSlot`s: the fast index of `ENDPOINTS` by interface.
     pub const ENDPOINT_SLOTS: &str = "ENDPOINT_SLOTS";
+    /// A pod's IPv4 address -> its host veth's ifindex, for local delivery
+    /// (`local::LocalPod`).
+    pub const LOCAL_PODS: &str = "LOCAL_PODS";
+    /// `LOCAL_PODS` for IPv6 (`Ip6` keys).
+    pub const LOCAL_PODS6: &str = "LOCAL_PODS6";
     /// Every map the programs share, in a stable order (pinning, adoption).
-    pub const ALL: [&str; 31] = [
+    pub const ALL: [&str; 33] = [
         ENDPOINTS,
         IPCACHE,
         POLICY,
@@ -105,6 +111,8 @@ pub mod maps {
         IPCACHE_EXACT,
         IPCACHE6_EXACT,
         POLICY_EXACT,
+        LOCAL_PODS,
+        LOCAL_PODS6,
     ];
 }
 

@@ -12,6 +12,7 @@
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
+mod deliver;
 mod dns;
 mod events;
 mod headers;
@@ -78,6 +79,14 @@ static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(size
 #[map]
 static FRAGMENTS: LruHashMap<FragKey, FragValue> =
     LruHashMap::with_max_entries(sizes::FRAGMENTS, 0);
+
+/// Pods of this node by address -> host veth ifindex (`deliver`; a hint
+/// checked against the interface's endpoint entry).
+#[map]
+static LOCAL_PODS: HashMap<u32, u32> = HashMap::with_max_entries(sizes::ENDPOINTS, 0);
+
+#[map]
+static LOCAL_PODS6: HashMap<Ip6, u32> = HashMap::with_max_entries(sizes::ENDPOINTS, 0);
 
 // ---- IPv6 (`verdict6`): the same roles, keyed by IPv6 addresses ----
 
@@ -222,6 +231,8 @@ fn egress4(ctx: &TcContext) -> i32 {
     match (r, redirect) {
         // A hairpin turned back into its pod (`service`).
         (Ok(true), Some(act)) => act,
+        // To a pod of this node: past the node's stack (`deliver`).
+        (Ok(true), None) => deliver::local4(ctx).unwrap_or(TC_ACT_OK),
         _ => tc_action(r),
     }
 }
@@ -271,6 +282,7 @@ pub fn pod_egress6(ctx: TcContext) -> i32 {
     match (r, verdict6::redirect()) {
         // A hairpin or an answer turned back into its pod (`service6`).
         (Ok(true), Some(act)) => act,
+        (Ok(true), None) => deliver::local6(&ctx).unwrap_or(TC_ACT_OK),
         _ => tc_action(r),
     }
 }

@@ -16,6 +16,7 @@ mod exact;
 pub mod handles;
 pub mod hooks;
 pub mod loader;
+mod local;
 pub mod maps;
 pub mod packet;
 pub mod pins;
@@ -37,6 +38,7 @@ mod testrun {
 pub use handles::{ConntrackGc, GcPass, StatsReader};
 pub use hooks::PodHook;
 pub use loader::{Datapath, DatapathConfig};
+pub use local::LocalDelivery;
 pub use maps::{Counters, Maps};
 pub use pins::Pins;
 pub use sizes::MapSizes;

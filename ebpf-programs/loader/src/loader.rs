@@ -20,6 +20,7 @@ use palisade_common::{maps as names, programs, DIR_EGRESS, DIR_INGRESS};
 pub use crate::sizes::MapSizes;
 use crate::{
     hooks::{self, Hooked, PodHook},
+    local::LocalDelivery,
     maps::Maps,
     object,
     pins::Pins,
@@ -31,6 +32,7 @@ pub struct DatapathConfig {
     pub pins: Pins,
     pub sizes: MapSizes,
     pub pod_hook: PodHook,
+    pub local_delivery: LocalDelivery,
 }
 
 pub struct Datapath {
@@ -38,6 +40,7 @@ pub struct Datapath {
     pins: Pins,
     sizes: MapSizes,
     pod_hook: PodHook,
+    local_delivery: LocalDelivery,
 }
 
 /// The programs the pod programs tail-call, by `PROGRAMS` slot.
@@ -123,6 +126,8 @@ impl Datapath {
             .map_max_entries(names::SVC_NAT6, (s.svc_nat / 2).max(1))
             .map_max_entries(names::SVC_AFFINITY6, (s.svc_affinity / 2).max(1))
             .map_max_entries(names::ENDPOINTS6, s.endpoints)
+            .map_max_entries(names::LOCAL_PODS, s.endpoints)
+            .map_max_entries(names::LOCAL_PODS6, s.endpoints)
             .map_max_entries(names::IPCACHE6, s.ipcache6)
             .map_max_entries(names::IPCACHE6_EXACT, s.ipcache6)
             .map_max_entries(names::CONNTRACK6, s.conntrack6)
@@ -146,6 +151,7 @@ impl Datapath {
             pins: cfg.pins.clone(),
             sizes: cfg.sizes.clone(),
             pod_hook: cfg.pod_hook,
+            local_delivery: cfg.local_delivery,
         })
     }
 
@@ -155,7 +161,7 @@ impl Datapath {
 
     /// Typed handles on the maps (call once; the maps move out of the object).
     pub fn take_maps(&mut self) -> Result<Maps, Error> {
-        Maps::take(&mut self.ebpf, &self.sizes)
+        Maps::take(&mut self.ebpf, &self.sizes, self.local_delivery)
     }
 
     /// A loaded tc program, for BPF_PROG_TEST_RUN (`testrun`).

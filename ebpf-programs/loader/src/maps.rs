@@ -18,11 +18,19 @@ use palisade_common::{
 #[cfg(feature = "test-utils")]
 use palisade_common::{CtKey, CtKey6, CtValue, FragKey, FragValue};
 
-use crate::{exact::ExactLpm, sizes::MapSizes, slots::EndpointSlots, state::MapState, Error};
+use crate::{
+    exact::ExactLpm,
+    local::{LocalDelivery, LocalPods},
+    sizes::MapSizes,
+    slots::EndpointSlots,
+    state::MapState,
+    Error,
+};
 
 pub struct Maps {
     endpoints: HashMap<MapData, EndpointKey, EndpointInfo>,
     slots: EndpointSlots,
+    local: LocalPods,
     ipcache: ExactLpm<u32, IpcacheValue>,
     endpoints6: HashMap<MapData, Ip6, u32>,
     ipcache6: ExactLpm<Ip6, IpcacheValue>,
@@ -127,10 +135,20 @@ pub fn from_ip6_words(w: Ip6) -> Ipv6Addr {
 }
 
 impl Maps {
-    pub(crate) fn take(ebpf: &mut Ebpf, sizes: &MapSizes) -> Result<Self, Error> {
+    pub(crate) fn take(
+        ebpf: &mut Ebpf,
+        sizes: &MapSizes,
+        local: LocalDelivery,
+    ) -> Result<Self, Error> {
         let mut maps = Self {
             endpoints: take(ebpf, names::ENDPOINTS)?,
             slots: EndpointSlots::new(take(ebpf, names::ENDPOINT_SLOTS)?),
+            local: LocalPods::new(
+                take(ebpf, names::LOCAL_PODS)?,
+                take(ebpf, names::LOCAL_PODS6)?,
+                local,
+                sizes.endpoints,
+            ),
             ipcache: ExactLpm::new(
                 take(ebpf, names::IPCACHE)?,
                 take(ebpf, names::IPCACHE_EXACT)?,
@@ -178,6 +196,7 @@ impl Maps {
         // programs then take it from the hash.)
         let entries: Vec<_> = maps.interface_endpoints().collect();
         maps.slots.resync(&entries)?;
+        maps.local.resync(&entries)?;
         maps.ipcache.fill()?;
         maps.ipcache6.fill()?;
         maps.policy.fill()?;
@@ -240,7 +259,8 @@ impl Maps {
                 .map_err(write_err(names::ENDPOINTS6, self.sizes.endpoints))?;
         }
         // A changed IPv6 address leaves no stale index behind.
-        if let Some(old) = self.endpoint(ifindex) {
+        let old = self.endpoint(ifindex);
+        if let Some(old) = old {
             if old.ipv6 != info.ipv6 && old.ipv6 != [0; 4] {
                 removed(names::ENDPOINTS6, self.endpoints6.remove(&old.ipv6))?;
             }
@@ -248,7 +268,14 @@ impl Maps {
         self.endpoints
             .insert(EndpointKey::ifindex(ifindex), info, 0)
             .map_err(&full)?;
-        self.slots.set(ifindex, info)
+        self.slots.set(ifindex, info)?;
+        // Last: the programs check it against the entries written above.
+        self.local.set(ifindex, &info, old.as_ref())
+    }
+
+    /// The host veth `LOCAL_PODS` delivers pod address `addr` to.
+    pub fn local_pod(&self, addr: Ipv4Addr) -> Option<u32> {
+        self.local.get4(be(addr))
     }
 
     pub fn endpoint(&self, ifindex: u32) -> Option<EndpointInfo> {
@@ -259,7 +286,11 @@ impl Maps {
         // The fast copy goes first: the interface's packets then find the
         // hash alone, and none once the entry is gone.
         self.slots.clear(ifindex)?;
-        let c = match self.endpoint(ifindex) {
+        let old = self.endpoint(ifindex);
+        if let Some(old) = &old {
+            self.local.clear(ifindex, old)?;
+        }
+        let c = match old {
             Some(old) if old.ipv6 != [0; 4] => {
                 removed(names::ENDPOINTS6, self.endpoints6.remove(&old.ipv6))
             }
