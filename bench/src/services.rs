@@ -37,7 +37,7 @@ use palisade_common::{
     EP_EGRESS_ENFORCED, EP_INGRESS_ENFORCED, IDENTITY_WORLD, POLICY_PREFIX_FULL, PROTO_TCP,
 };
 use palisade_dataplane::{maps::be, Datapath, DatapathConfig, Maps};
-use palisade_tests::{Node, PinRoot};
+use palisade_tests::{link_mac, Node, PinRoot};
 use serde::Serialize;
 
 use crate::{
@@ -343,14 +343,29 @@ pub fn run(plan: &Plan) -> Result<Services> {
         pins: pins.pins.clone(),
         ..Default::default()
     };
-    let ifs: Vec<(String, Ipv4Addr, u32, u32)> = vec![
-        (node.pods[0].host_if.clone(), CLIENT, 1, EP_EGRESS_ENFORCED),
-        (node.pods[1].host_if.clone(), SERVER, 2, EP_INGRESS_ENFORCED),
+    // With their MACs, as the CNI plugin registers pods: traffic between
+    // them is delivered past the node's stack (`palisade_common::local`),
+    // except the `iptables` path's answers, which its DNAT needs undone.
+    let ifs: Vec<(String, Ipv4Addr, u32, u32, [u8; 6])> = vec![
+        (
+            node.pods[0].host_if.clone(),
+            CLIENT,
+            1,
+            EP_EGRESS_ENFORCED,
+            link_mac(&node.pods[0].ns, "eth0")?,
+        ),
+        (
+            node.pods[1].host_if.clone(),
+            SERVER,
+            2,
+            EP_INGRESS_ENFORCED,
+            link_mac(&node.pods[1].ns, "eth0")?,
+        ),
     ];
     let (_dp, mut maps) = in_netns(&node.ns.path(), move || -> Result<(Datapath, Maps)> {
         let mut dp = Datapath::load(&cfg)?;
         let mut maps = dp.take_maps()?;
-        for (ifname, ip, ep, flags) in ifs {
+        for (ifname, ip, ep, flags, mac) in ifs {
             let ifindex = palisade_dataplane::loader::ifindex(&ifname)?;
             maps.upsert_endpoint(
                 ifindex,
@@ -360,7 +375,7 @@ pub fn run(plan: &Plan) -> Result<Services> {
                     ipv4: be(ip),
                     flags,
                     generation: 0,
-                    mac: [0; 6],
+                    mac,
                     _pad: [0; 2],
                     ipv6: [0; 4],
                 },

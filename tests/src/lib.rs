@@ -727,3 +727,31 @@ pub fn listener_min_hops(
     anyhow::ensure!(rc == 0, "minimum TTL: {}", std::io::Error::last_os_error());
     Ok(l)
 }
+
+/// What kube-proxy's NodePort or a hostPort does in `node`: TCP to
+/// `front`:`port` DNATed to `to` (nat PREROUTING, iptables or ip6tables
+/// by family).
+pub fn node_dnat(node: &NetNs, front: IpAddr, port: u16, to: std::net::SocketAddr) -> Result<()> {
+    let tool = if front.is_ipv6() {
+        "ip6tables"
+    } else {
+        "iptables"
+    };
+    run(node.cmd(tool).args([
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-d",
+        &front.to_string(),
+        "-p",
+        "tcp",
+        "--dport",
+        &port.to_string(),
+        "-j",
+        "DNAT",
+        "--to-destination",
+        &to.to_string(),
+    ]))?;
+    Ok(())
+}

@@ -564,3 +564,37 @@ fn allowed_traffic_between_local_pods_is_delivered_past_the_node_stack() -> Resu
     }
     Ok(())
 }
+
+#[test]
+fn answers_to_a_flow_the_node_translated_go_back_through_the_node() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    // kube-proxy's NodePort, a hostPort: the node DNATs an address of its
+    // own to B. A's connection to it reaches B through the stack; B's
+    // answers must go back through the stack, whose conntrack turns their
+    // source back into the address A connected to.
+    const FRONT: Ipv4Addr = Ipv4Addr::new(10, 99, 9, 9);
+    let mut s = setup(true)?;
+    tcp_echo_server(&s.node.pods[1].ns, 8080)?;
+    register_macs(&mut s)?;
+    let ifindex = b_ifindex(&s)?;
+    enforce_ingress(&mut s, ifindex)?;
+    allow_a_to_b_8080(&mut s, 2)?;
+    s.node
+        .ns
+        .ip(&["addr", "add", &format!("{FRONT}/32"), "dev", "lo"])?;
+    node_dnat(&s.node.ns, FRONT.into(), 80, (B, 8080).into())?;
+    let echoed = s.node.pods[0].ns.enter(|| -> Result<bool> {
+        let c = std::net::TcpStream::connect_timeout(&(FRONT, 80).into(), Duration::from_secs(3))?;
+        c.set_read_timeout(Some(Duration::from_millis(1500)))?;
+        Ok((0..5).all(|_| echo_round(&c)))
+    })??;
+    assert!(echoed, "echo through the node's DNAT");
+    // The direct flow is still delivered past the stack.
+    let before = ip_counter(&s.node.ns, false, "ForwDatagrams")?;
+    let c = open_echo(&s)?;
+    assert!(echo_round(&c));
+    assert_eq!(ip_counter(&s.node.ns, false, "ForwDatagrams")? - before, 0);
+    Ok(())
+}

@@ -252,3 +252,35 @@ fn ipv6_between_local_pods_is_delivered_past_the_node_stack() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn ipv6_answers_to_a_flow_the_node_translated_go_back_through_the_node() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    // As `datapath_netns::answers_to_a_flow_the_node_translated_go_back_through_the_node`.
+    const FRONT: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 9, 9);
+    let mut s = setup()?;
+    serve(&s.pods[1], 8080)?;
+    for (i, ifindex) in [(0, s.a_ifindex), (1, s.b_ifindex)] {
+        let mut info = s.maps.endpoint(ifindex).expect("registered");
+        info.mac = link_mac(&s.pods[i], "eth0")?;
+        s.maps.upsert_endpoint(ifindex, info)?;
+    }
+    s.node
+        .ip(&["-6", "addr", "add", &format!("{FRONT}/128"), "dev", "lo"])?;
+    node_dnat(&s.node, FRONT.into(), 80, (B, 8080).into())?;
+    assert!(
+        echoes(&s.pods[0], FRONT, 80)?,
+        "echo through the node's DNAT"
+    );
+    let before = ip_counter(&s.node, true, "Ip6OutForwDatagrams")?;
+    assert!(echoes(&s.pods[0], B, 8080)?);
+    let after = ip_counter(&s.node, true, "Ip6OutForwDatagrams")?;
+    assert_eq!(
+        after - before,
+        0,
+        "the direct flow is delivered past the stack"
+    );
+    Ok(())
+}

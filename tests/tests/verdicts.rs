@@ -10,10 +10,10 @@ use palisade_common::{
     conntrack::{TCP_CLOSE, TCP_ESTABLISHED, TCP_FIN_WAIT, TCP_SYN_RECV, TCP_SYN_SENT},
     programs, reason, CtKey, CtKey6, CtValue, EndpointInfo, FlowEvent, FragKey, FragValue,
     IpcacheValue, PolicyKey, PolicyValue, ACTION_ALLOW, ACTION_DENY, CT_AUDIT, CT_SEEN_REPLY,
-    DIR_EGRESS, DIR_INGRESS, EP_AUDIT, EP_EGRESS_ENFORCED, EP_INGRESS_ENFORCED, IDENTITY_ANY,
-    IDENTITY_ANY_POD, IDENTITY_FIRST_CIDR, IDENTITY_HOST, IDENTITY_WORLD, IDENTITY_WORLD6,
-    POLICY_PREFIX_FIXED, POLICY_PREFIX_FULL, POLICY_PREFIX_PROTO, PROTO_ICMP, PROTO_SCTP,
-    PROTO_TCP, PROTO_UDP, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP,
+    CT_VIA_STACK, DIR_EGRESS, DIR_INGRESS, EP_AUDIT, EP_EGRESS_ENFORCED, EP_INGRESS_ENFORCED,
+    IDENTITY_ANY, IDENTITY_ANY_POD, IDENTITY_FIRST_CIDR, IDENTITY_HOST, IDENTITY_WORLD,
+    IDENTITY_WORLD6, POLICY_PREFIX_FIXED, POLICY_PREFIX_FULL, POLICY_PREFIX_PROTO, PROTO_ICMP,
+    PROTO_SCTP, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP,
 };
 use palisade_dataplane::{
     events::EventReader,
@@ -1264,7 +1264,7 @@ fn syn_on_a_closed_entry_rechecks_policy() -> Result<()> {
         .assert_reported(true, VERDICT_ALLOW, reason::POLICY_ALLOW, 91);
     assert_eq!(
         rig.ct(&k).map(|v| (v.tcp_state, v.flags, v.cookie)),
-        Some((TCP_SYN_SENT, 0, 91))
+        Some((TCP_SYN_SENT, CT_VIA_STACK, 91))
     );
     rig.run(DIR_INGRESS, &syn.clone().with_tcp_flags(TCP_FLAG_RST))?
         .assert_silent(true, Some(reason::ESTABLISHED));
@@ -1578,7 +1578,7 @@ fn ipv6_is_enforced_like_ipv4() -> Result<()> {
         .assert_reported(true, VERDICT_ALLOW, reason::POLICY_ALLOW, 62);
     assert_eq!(
         rig.ct6(&k).map(|v| (v.tcp_state, v.flags, v.cookie)),
-        Some((TCP_SYN_SENT, 0, 62))
+        Some((TCP_SYN_SENT, CT_VIA_STACK, 62))
     );
     // The world (no ipcache prefix but ::/0) is not the block.
     let ext_in = Packet::ipv6_tcp("2001:db9::1".parse()?, 40000, POD6, 80, TCP_FLAG_SYN);
@@ -1973,10 +1973,12 @@ fn audit_mode_passes_would_be_drops_as_audit() -> Result<()> {
         reason::NO_POLICY_MATCH,
         0,
     );
-    // The audited flow is tracked (flagged) and not reported again.
+    // The audited flow is tracked (flagged) and not reported again. (A
+    // test_run frame came through the node's stack, not by local
+    // delivery: its ingress entry says so.)
     assert_eq!(
         rig.ct(&ct_key(&nomatch, DIR_INGRESS)).map(|v| v.flags),
-        Some(CT_AUDIT)
+        Some(CT_AUDIT | CT_VIA_STACK)
     );
     rig.run(DIR_INGRESS, &nomatch.clone().with_tcp_flags(TCP_FLAG_ACK))?
         .assert_silent(true, Some(reason::ESTABLISHED));

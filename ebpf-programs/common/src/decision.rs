@@ -15,9 +15,10 @@ use crate::{
     conntrack::{tcp_next_state, tcp_opens, tcp_reopens, timeout_ns},
     entry_class, is_label_identity, no_entries_bit, reason, CtKey, CtKeyOf, CtValue, EndpointInfo,
     FlowEvent, FlowEvent4, Ip6, IpcacheValue, PolicyKey, PolicyValue, ACTION_ALLOW, CT_AUDIT,
-    CT_SEEN_REPLY, DIR_EGRESS, DIR_INGRESS, EP_AUDIT, FRAG_TIMEOUT_NS, IDENTITY_ANY,
-    IDENTITY_ANY_POD, IDENTITY_HOST, IDENTITY_WORLD, IDENTITY_WORLD6, POLICY_PREFIX_FULL,
-    PROTO_SCTP, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP,
+    CT_SEEN_REPLY, CT_VIA_STACK, DIR_EGRESS, DIR_INGRESS, EP_AUDIT, EP_VIA_STACK, FRAG_TIMEOUT_NS,
+    IDENTITY_ANY, IDENTITY_ANY_POD, IDENTITY_HOST, IDENTITY_WORLD, IDENTITY_WORLD6,
+    POLICY_PREFIX_FULL, PROTO_SCTP, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW, VERDICT_AUDIT,
+    VERDICT_DROP,
 };
 
 /// An address family's address as the programs keep it: `u32` (IPv4) or
@@ -852,6 +853,10 @@ pub fn new_ct_entry(
         tcp_state: state,
         flags: if d.verdict == VERDICT_AUDIT {
             CT_AUDIT
+        } else {
+            0
+        } | if ep.flags & EP_VIA_STACK != 0 {
+            CT_VIA_STACK
         } else {
             0
         },

@@ -243,6 +243,11 @@ pub const EP_HOST_PROTECTED: u32 = 1 << 3;
 /// A `domainNames` rule selects the pod: its DNS answers are held until
 /// the agent has learned their addresses (`dns`).
 pub const EP_DNS_SNOOP: u32 = 1 << 4;
+/// Never in `ENDPOINTS`: set by the programs on their copy of the entry
+/// for a packet to the pod that came through the node's stack, not by
+/// local delivery (`local::LOCAL_MARK`); the flow's entry gets
+/// `CT_VIA_STACK`.
+pub const EP_VIA_STACK: u32 = 1 << 30;
 /// "No policy entries of this class" bits, 16 of them from this one: bit
 /// `EP_NO_ENTRIES_SHIFT + 2 * class + dir` ([`no_entries_bit`]) set means
 /// the policy map holds no entry of this endpoint, direction and entry
@@ -562,6 +567,12 @@ pub const CT_SVC_NAT: u8 = 1 << 2;
 pub const CT_SVC_FWD: u8 = 1 << 3;
 /// IPv4, with `CT_SVC_FWD`: the pod reaches itself through its Service.
 pub const CT_SVC_HAIRPIN: u8 = 1 << 4;
+/// An ingress entry whose flow reached its pod through the node's IP
+/// stack, not by local delivery (`local`): netfilter may have translated
+/// it on the way (kube-proxy's NodePort or a Service palisade leaves to
+/// it, a hostPort), and only the stack can undo that on the pod's
+/// answers, so they are not delivered past it.
+pub const CT_VIA_STACK: u8 = 1 << 5;
 
 /// `CONNTRACK` and `CONNTRACK6` value.
 ///

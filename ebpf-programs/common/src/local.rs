@@ -20,7 +20,20 @@
 //! frame addressed to the receiver's own MAC (pods bridged at layer 2,
 //! e.g. palisade chained behind a bridge CNI: not routed, so not ours to
 //! route).
+//!
+//! The other way round, a pod's answer to a flow that reached it through
+//! the stack goes back through the stack: netfilter may have translated
+//! that flow (kube-proxy's NodePort or a Service palisade leaves to it,
+//! a hostPort), and only its conntrack can undo that. A delivered frame
+//! carries `LOCAL_MARK` from the sender's program to the receiver's
+//! (the mark is cleared there, and would be when the frame enters the
+//! pod's namespace anyway); an ingress entry recorded for a frame without
+//! it gets `CT_VIA_STACK`, and its flow's answers are left to the stack.
 use crate::EndpointInfo;
+
+/// `skb->mark` of a frame delivered by `pod_egress` to a pod of the node,
+/// for the receiver's `pod_ingress` ("pali").
+pub const LOCAL_MARK: u32 = 0x7061_6c69;
 
 /// Ethernet header plus the IPv4 header up to its checksum: what a routed
 /// IPv4 frame has rewritten.
@@ -39,10 +52,14 @@ pub struct LocalPod<'a> {
 impl LocalPod<'_> {
     /// Whether a frame sent to `frame_dst` (its destination MAC) for
     /// `addr_matches` (the receiver's entry holds the packet's destination
-    /// address) may be delivered to this pod past the stack.
+    /// address) may be delivered to this pod past the stack: routed to the
+    /// node (a unicast MAC, not the receiver's), the receiver's MAC known.
     #[inline(always)]
     pub fn accepts(&self, frame_dst: &[u8; 6], addr_matches: bool) -> bool {
-        addr_matches && self.info.mac != [0; 6] && *frame_dst != self.info.mac
+        addr_matches
+            && self.info.mac != [0; 6]
+            && *frame_dst != self.info.mac
+            && frame_dst[0] & 1 == 0
     }
 }
 
@@ -175,6 +192,8 @@ mod tests {
             !pod.accepts(&info.mac, true),
             "bridged: sent to the pod's own MAC"
         );
+        assert!(!pod.accepts(&[0xff; 6], true), "broadcast");
+        assert!(!pod.accepts(&[0x33, 0x33, 0, 0, 0, 1], true), "multicast");
         let unknown = EndpointInfo::default();
         assert!(
             !LocalPod { info: &unknown }.accepts(&[0xee; 6], true),

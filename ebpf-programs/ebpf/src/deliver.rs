@@ -4,7 +4,7 @@
 //! `None` everywhere here means "the stack forwards it", never a drop.
 use aya_ebpf::{helpers::bpf_redirect, programs::TcContext};
 use palisade_common::{
-    local::{ipv4_routed, ipv6_routed, LocalPod, IPV4_REWRITE_LEN, IPV6_REWRITE_LEN},
+    local::{ipv4_routed, ipv6_routed, LocalPod, IPV4_REWRITE_LEN, IPV6_REWRITE_LEN, LOCAL_MARK},
     EndpointInfo, EndpointKey, Ip6,
 };
 
@@ -74,11 +74,25 @@ fn receiver(ifindex: u32) -> Option<EndpointInfo> {
     Some(unsafe { *ENDPOINTS.get_ptr(EndpointKey::ifindex(ifindex))? })
 }
 
+/// Whether the frame at a pod's `pod_ingress` came through the node's
+/// stack rather than by local delivery, whose mark is cleared here.
+#[inline(always)]
+pub fn arrived_via_stack(ctx: &TcContext) -> bool {
+    // SAFETY: the context pointer is valid for the program's whole run.
+    if unsafe { (*ctx.skb.skb).mark } != LOCAL_MARK {
+        return true;
+    }
+    ctx.set_mark(0);
+    false
+}
+
 /// Writes the rewritten headers (one store: the skb's own header area,
-/// which a TCP clone may write without a copy) and redirects.
+/// which a TCP clone may write without a copy), marks the frame as
+/// delivered and redirects.
 #[inline(always)]
 fn redirect<const N: usize>(ctx: &TcContext, out: &[u8; N], ifindex: u32) -> Option<i32> {
     ctx.store(0, out, 0).ok()?;
+    ctx.set_mark(LOCAL_MARK);
     // SAFETY: helper without preconditions.
     Some(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }

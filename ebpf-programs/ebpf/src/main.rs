@@ -282,7 +282,7 @@ pub fn pod_egress6(ctx: TcContext) -> i32 {
     match (r, verdict6::redirect()) {
         // A hairpin or an answer turned back into its pod (`service6`).
         (Ok(true), Some(act)) => act,
-        (Ok(true), None) => deliver::local6(&ctx).unwrap_or(TC_ACT_OK),
+        (Ok(true), None) if !verdict6::via_stack() => deliver::local6(&ctx).unwrap_or(TC_ACT_OK),
         _ => tc_action(r),
     }
 }

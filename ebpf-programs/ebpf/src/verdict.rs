@@ -38,14 +38,15 @@ use palisade_common::{
         SvcNat, SvcNatOf, HAIRPIN_ADDR, HAIRPIN_PEER, NAT_HAIRPIN,
     },
     slot_read, CtKey, CtKeyOf, CtValue, EndpointInfo, EndpointKey, FragKey, FragValue,
-    IpcacheValue, CT_SVC_FWD, CT_SVC_HAIRPIN, CT_SVC_NAT, DIR_EGRESS, DIR_INGRESS, IDENTITY_HOST,
-    IDENTITY_REMOTE_NODE, POLICY_PREFIX_FULL, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    IpcacheValue, CT_SVC_FWD, CT_SVC_HAIRPIN, CT_SVC_NAT, CT_VIA_STACK, DIR_EGRESS, DIR_INGRESS,
+    EP_VIA_STACK, IDENTITY_HOST, IDENTITY_REMOTE_NODE, POLICY_PREFIX_FULL, PROTO_ICMP, PROTO_SCTP,
+    PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
-    headers::*, service, CONNTRACK, COUNTERS, CT_BUDGET, CT_CHARGE, ENDPOINTS, ENDPOINT_SLOTS,
-    FRAGMENTS, IPCACHE, IPCACHE_EXACT, POLICY, POLICY_EXACT, PROGRAMS, SLOT_EGRESS6, SLOT_INGRESS6,
-    SLOT_VERIFY6, SVC_AFFINITY, SVC_BACKENDS, SVC_FRONTENDS, SVC_NAT,
+    deliver, headers::*, service, CONNTRACK, COUNTERS, CT_BUDGET, CT_CHARGE, ENDPOINTS,
+    ENDPOINT_SLOTS, FRAGMENTS, IPCACHE, IPCACHE_EXACT, POLICY, POLICY_EXACT, PROGRAMS,
+    SLOT_EGRESS6, SLOT_INGRESS6, SLOT_VERIFY6, SVC_AFFINITY, SVC_BACKENDS, SVC_FRONTENDS, SVC_NAT,
 };
 
 /// Bytes of headers the programs may need in the linear part of the skb:
@@ -240,9 +241,14 @@ pub fn frame<const DRY: bool>(
     dir: u8,
     redirect: &mut Option<i32>,
 ) -> Result<bool, ()> {
-    let Some((ifindex, ep)) = endpoint(ctx) else {
+    let Some((ifindex, mut ep)) = endpoint(ctx) else {
         return Err(());
     };
+    // A frame to the pod that did not come by local delivery: marked on
+    // this copy of the entry, for the flow's conntrack entry.
+    if !DRY && dir == DIR_INGRESS && deliver::arrived_via_stack(ctx) {
+        ep.flags |= EP_VIA_STACK;
+    }
     let (start, end) = pull(ctx);
     let Some(eth) = ptr_at::<EthHdr>(start, end, 0) else {
         return Ok(drop_unchecked::<DRY>(&ep, dir, ifindex, reason::MALFORMED));
@@ -543,6 +549,11 @@ fn track_and_decide<const DRY: bool>(
             return translate(ctx, &orig, &n, l4, ifindex, redirect);
         } else {
             count::<DRY>(why);
+            // An answer of a flow that came in through the node's stack
+            // leaves through it (`palisade_common::local`).
+            if dir == DIR_EGRESS && ct_flags & CT_VIA_STACK != 0 {
+                *redirect = Some(aya_ebpf::bindings::TC_ACT_OK as i32);
+            }
             // A reply of a translated flow met the translated tuple's
             // entry, which holds the ClusterIP:port it must come from.
             let reverse = nat.as_ref().filter(|_| ct_flags & CT_SVC_FWD == 0);

@@ -22,10 +22,12 @@ use palisade_common::{
     reason,
     service::{policy_peer, SvcBackend6, SvcNat6, HAIRPIN_ADDR6},
     slot_copy, CtKey6, CtValue, EndpointInfo, EndpointKey, FragKey6, FragValue, Ip6, IpcacheValue,
-    CT_SVC_NAT, DIR_EGRESS, IDENTITY_HOST, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    CT_SVC_NAT, CT_VIA_STACK, DIR_EGRESS, DIR_INGRESS, EP_VIA_STACK, IDENTITY_HOST, PROTO_SCTP,
+    PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
+    deliver,
     headers::{ptr_at, EthHdr, Ipv6Hdr, ETH_HLEN, IPV6_HLEN},
     service6,
     verdict::{
@@ -102,6 +104,9 @@ pub(crate) struct Scratch6 {
     /// A tc action that replaces the verdict's (a hairpin or an answer
     /// handed back into the pod); 0: none.
     pub(crate) redirect: i32,
+    /// An answer of a flow that came in through the node's stack
+    /// (`CT_VIA_STACK`): it leaves through the stack too.
+    pub(crate) via_stack: bool,
     /// A new translated flow (`service6`): its original tuple, the
     /// backend chosen and its slot, policy's verdict.
     pub(crate) orig: CtKey6,
@@ -148,7 +153,7 @@ pub fn frame<const DRY: bool>(ctx: &TcContext, dir: u8) -> Result<bool, ()> {
     let slot = ENDPOINT_SLOTS.get_ptr(endpoint_slot(ifindex));
     // SAFETY: array values stay mapped while the program runs; `s` is
     // this CPU's scratch.
-    let ep = if slot.is_some_and(|p| unsafe { slot_copy(p, ifindex, &raw mut (*s).ep) }) {
+    let mut ep = if slot.is_some_and(|p| unsafe { slot_copy(p, ifindex, &raw mut (*s).ep) }) {
         // SAFETY: as above.
         unsafe { &(*s).ep }
     } else {
@@ -158,10 +163,24 @@ pub fn frame<const DRY: bool>(ctx: &TcContext, dir: u8) -> Result<bool, ()> {
         // SAFETY: map values stay valid while the program runs (RCU).
         unsafe { &*ep }
     };
+    // A frame to the pod that did not come by local delivery: marked on a
+    // copy of the entry, for the flow's conntrack entry.
+    if !DRY && dir == DIR_INGRESS && deliver::arrived_via_stack(ctx) {
+        // SAFETY: this CPU's slot (see `Scratch6`); `ep` is it, or a map
+        // value valid while the program runs.
+        unsafe {
+            if !core::ptr::eq(ep, &raw const (*s).ep) {
+                (*s).ep = *ep;
+            }
+            (*s).ep.flags |= EP_VIA_STACK;
+            ep = &(*s).ep;
+        }
+    }
     // SAFETY: this CPU's slot (see `Scratch6`).
     unsafe {
         (*s).pending = false;
         (*s).redirect = 0;
+        (*s).via_stack = false;
         (*s).ifindex = ifindex;
     }
     let pass = checked::<DRY>(ctx, ep, dir, ifindex, s);
@@ -183,6 +202,16 @@ pub fn redirect() -> Option<i32> {
     // SAFETY: this CPU's slot (see `Scratch6`).
     let act = unsafe { (*s).redirect };
     (act != 0).then_some(act)
+}
+
+/// Whether the frame `frame` passed answers a flow that came in through
+/// the node's stack (`CT_VIA_STACK`): then it is not delivered past it.
+#[inline(always)]
+pub fn via_stack() -> bool {
+    // SAFETY: this CPU's slot (see `Scratch6`).
+    SCRATCH6
+        .get_ptr(0)
+        .is_some_and(|s| unsafe { (*s).via_stack })
 }
 
 /// Layer 2 checked, then `process`.
@@ -417,6 +446,7 @@ fn known<const DRY: bool>(ep: &EndpointInfo, dir: u8, scratch: *mut Scratch6) ->
         return KNOWN_DROP;
     }
     count::<DRY>(t.why);
+    s.via_stack = dir == DIR_EGRESS && flags & CT_VIA_STACK != 0;
     let hairpin_reply = dir == DIR_EGRESS && s.flow.key.daddr == HAIRPIN_ADDR6;
     if flags & CT_SVC_NAT != 0 || hairpin_reply {
         s.ct_flags = flags;

@@ -357,10 +357,15 @@ impl Evaluator {
 
     /// The verdict on a raw Ethernet frame: `process()` in verdict.rs.
     pub fn evaluate_frame_at(&mut self, now: u64, ifindex: u32, dir: u8, f: &[u8]) -> Verdict {
-        let Some(ep) = self.endpoints.get(&ifindex).copied() else {
+        let Some(mut ep) = self.endpoints.get(&ifindex).copied() else {
             // Err(()) in the kernel: TC_ACT_SHOT, nothing counted or reported.
             return Verdict::silent(false, reason::NONE, None);
         };
+        // A frame evaluated here carries no local delivery mark: to the
+        // pod, it came through the node's stack (`palisade_common::local`).
+        if dir == palisade_common::DIR_INGRESS {
+            ep.flags |= palisade_common::EP_VIA_STACK;
+        }
 
         if f.len() < ETH_HLEN {
             return drop_unchecked(&ep, dir, ifindex, reason::MALFORMED);
