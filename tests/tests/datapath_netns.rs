@@ -598,3 +598,33 @@ fn answers_to_a_flow_the_node_translated_go_back_through_the_node() -> Result<()
     assert_eq!(ip_counter(&s.node.ns, false, "ForwDatagrams")? - before, 0);
     Ok(())
 }
+
+#[test]
+fn a_reloaded_datapath_rebuilds_its_local_index_from_the_endpoints() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut s = setup(true)?;
+    register_macs(&mut s)?;
+    let ifindex = b_ifindex(&s)?;
+    assert_eq!(s.maps.local_pod(B), Some(ifindex));
+    // A restarted agent takes the pinned maps: with `stack` it empties the
+    // index, with `redirect` it writes it again from ENDPOINTS.
+    for (mode, want) in [
+        (LocalDelivery::Stack, None),
+        (LocalDelivery::Redirect, Some(ifindex)),
+    ] {
+        let cfg = DatapathConfig {
+            pins: s._pins.pins.clone(),
+            local_delivery: mode,
+            ..Default::default()
+        };
+        let maps = s
+            .node
+            .ns
+            .enter(move || -> Result<Maps> { Ok(Datapath::load(&cfg)?.take_maps()?) })??;
+        assert_eq!(maps.local_pod(B), want, "{mode:?}");
+        assert_eq!(s.maps.local_pod(B), want, "the pinned map itself");
+    }
+    Ok(())
+}

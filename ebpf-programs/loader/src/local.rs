@@ -3,6 +3,8 @@
 //! beside `ENDPOINTS` by `Maps::upsert_endpoint`/`remove_endpoint`; an
 //! entry is a hint the programs check against the interface's endpoint
 //! entry, so one left stale delivers nothing.
+use std::collections::HashMap as Wanted;
+
 use aya::maps::{HashMap, MapData};
 use palisade_common::{maps as names, EndpointInfo, Ip6};
 
@@ -99,41 +101,48 @@ impl LocalPods {
 
     /// Make the (pinned, possibly older) index hold exactly `endpoints`'
     /// addresses: what a restarted agent finds is rebuilt, not trusted.
+    /// (By address, so one pass over each: a node may have thousands.)
     pub(crate) fn resync(&mut self, endpoints: &[(u32, EndpointInfo)]) -> Result<(), Error> {
-        let keep = |ifindex: u32, matches: &dyn Fn(&EndpointInfo) -> bool| {
-            self.mode == LocalDelivery::Redirect
-                && endpoints
-                    .iter()
-                    .any(|(i, info)| *i == ifindex && matches(info))
-        };
-        let stale4: Vec<u32> = self
-            .v4
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(a, i)| !keep(*i, &|info| info.ipv4 == *a))
-            .map(|(a, _)| a)
-            .collect();
-        let stale6: Vec<Ip6> = self
-            .v6
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(a, i)| !keep(*i, &|info| info.ipv6 == *a))
-            .map(|(a, _)| a)
-            .collect();
-        for a in stale4 {
-            removed(names::LOCAL_PODS, self.v4.remove(&a))?;
+        let mut want4 = Wanted::new();
+        let mut want6 = Wanted::new();
+        if self.mode == LocalDelivery::Redirect {
+            for (ifindex, info) in endpoints {
+                if info.ipv4 != 0 {
+                    want4.insert(info.ipv4, *ifindex);
+                }
+                if info.ipv6 != [0; 4] {
+                    want6.insert(info.ipv6, *ifindex);
+                }
+            }
         }
-        for a in stale6 {
-            removed(names::LOCAL_PODS6, self.v6.remove(&a))?;
-        }
-        for (ifindex, info) in endpoints {
-            self.set(*ifindex, info, None)?;
-        }
-        Ok(())
+        sync_index(&mut self.v4, &want4, names::LOCAL_PODS, self.entries)?;
+        sync_index(&mut self.v6, &want6, names::LOCAL_PODS6, self.entries)
     }
 
     /// The interface `LOCAL_PODS` delivers `addr` (network order) to.
     pub(crate) fn get4(&self, addr: u32) -> Option<u32> {
         self.v4.get(&addr, 0).ok()
     }
+}
+
+/// `map` made to hold exactly `want`: what it has otherwise is removed,
+/// what it lacks or holds differently is written.
+fn sync_index<K: aya::Pod + Eq + std::hash::Hash>(
+    map: &mut HashMap<MapData, K, u32>,
+    want: &Wanted<K, u32>,
+    name: &'static str,
+    entries: u32,
+) -> Result<(), Error> {
+    let have: Wanted<K, u32> = map.iter().filter_map(Result::ok).collect();
+    for (k, v) in &have {
+        if want.get(k) != Some(v) {
+            removed(name, map.remove(k))?;
+        }
+    }
+    for (k, v) in want {
+        if have.get(k) != Some(v) {
+            map.insert(*k, *v, 0).map_err(write_err(name, entries))?;
+        }
+    }
+    Ok(())
 }
