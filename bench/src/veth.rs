@@ -446,6 +446,22 @@ fn extra_key(endpoint_id: u32, k: usize) -> PolicyKey {
 }
 
 impl Extras {
+    /// The extras of `site`'s server, through its agent (`what` names the
+    /// node in errors).
+    fn of_server(site: &Site, what: &str) -> Result<Self> {
+        let agent = site
+            .node
+            .agent()
+            .with_context(|| format!("agent ({what})"))?;
+        let server = agent
+            .status()?
+            .endpoints
+            .into_iter()
+            .find(|e| e.pod == "server")
+            .with_context(|| format!("the {what} agent has no server endpoint"))?;
+        Self::open(&agent.pin_root, server.endpoint_id)
+    }
+
     fn open(pin_root: &std::path::Path, endpoint_id: u32) -> Result<Self> {
         let maps = pin_root.join("maps");
         let open = |name: &str| -> Result<MapData> {
@@ -654,22 +670,8 @@ pub fn run(plan: &Plan) -> Result<Veth> {
         b.node.pods[b.server].ip6
     );
     let mut extras = Extras::open(&agent.pin_root, server_ep.endpoint_id)?;
-    let t_agent = t.node.agent().context("agent (tcx)")?;
-    let t_server = t_agent
-        .status()?
-        .endpoints
-        .into_iter()
-        .find(|e| e.pod == "server")
-        .context("the tcx agent has no server endpoint")?;
-    let mut t_extras = Extras::open(&t_agent.pin_root, t_server.endpoint_id)?;
-    let k_agent = k.node.agent().context("agent (stack delivery)")?;
-    let k_server = k_agent
-        .status()?
-        .endpoints
-        .into_iter()
-        .find(|e| e.pod == "server")
-        .context("the stack-delivery agent has no server endpoint")?;
-    let mut k_extras = Extras::open(&k_agent.pin_root, k_server.endpoint_id)?;
+    let mut t_extras = Extras::of_server(&t, "tcx")?;
+    let mut k_extras = Extras::of_server(&k, "stack delivery")?;
 
     let mut out = Veth {
         rounds: plan.rounds,

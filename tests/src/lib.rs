@@ -657,16 +657,11 @@ pub mod cni {
 pub fn link_mac(ns: &NetNs, ifname: &str) -> Result<[u8; 6]> {
     let out = ns.ip(&["-o", "link", "show", ifname])?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let hex = text
-        .split_whitespace()
+    text.split_whitespace()
         .skip_while(|w| *w != "link/ether")
         .nth(1)
-        .ok_or_else(|| anyhow::anyhow!("no MAC in {text}"))?;
-    let mut mac = [0u8; 6];
-    for (b, h) in mac.iter_mut().zip(hex.split(':')) {
-        *b = u8::from_str_radix(h, 16)?;
-    }
-    Ok(mac)
+        .and_then(palisade_api::parse_mac)
+        .ok_or_else(|| anyhow::anyhow!("no MAC in {text}"))
 }
 
 /// A counter of `ns`'s IP statistics: `Ip` `name` from `snmp` (IPv4,

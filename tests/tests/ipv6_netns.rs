@@ -93,6 +93,17 @@ fn setup() -> Result<Setup> {
     })
 }
 
+/// Both pods' MACs in their endpoint entries, as the CNI plugin
+/// registers them (local delivery needs the receiver's).
+fn register_macs(s: &mut Setup) -> Result<()> {
+    for (i, ifindex) in [(0, s.a_ifindex), (1, s.b_ifindex)] {
+        let mut info = s.maps.endpoint(ifindex).expect("registered");
+        info.mac = link_mac(&s.pods[i], "eth0")?;
+        s.maps.upsert_endpoint(ifindex, info)?;
+    }
+    Ok(())
+}
+
 fn connects(ns: &NetNs, to: Ipv6Addr, port: u16) -> Result<bool> {
     ns.enter(move || {
         TcpStream::connect_timeout(&SocketAddr::from((to, port)), Duration::from_millis(700))
@@ -205,12 +216,7 @@ fn ipv6_between_local_pods_is_delivered_past_the_node_stack() -> Result<()> {
     }
     let mut s = setup()?;
     serve(&s.pods[1], 8080)?;
-    // Delivery needs the pods' MACs, which the CNI plugin registers.
-    for (i, ifindex) in [(0, s.a_ifindex), (1, s.b_ifindex)] {
-        let mut info = s.maps.endpoint(ifindex).expect("registered");
-        info.mac = link_mac(&s.pods[i], "eth0")?;
-        s.maps.upsert_endpoint(ifindex, info)?;
-    }
+    register_macs(&mut s)?;
     let mut info = s.maps.endpoint(s.b_ifindex).expect("B registered");
     info.flags |= EP_INGRESS_ENFORCED;
     info.generation += 1;
@@ -262,11 +268,7 @@ fn ipv6_answers_to_a_flow_the_node_translated_go_back_through_the_node() -> Resu
     const FRONT: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 9, 9);
     let mut s = setup()?;
     serve(&s.pods[1], 8080)?;
-    for (i, ifindex) in [(0, s.a_ifindex), (1, s.b_ifindex)] {
-        let mut info = s.maps.endpoint(ifindex).expect("registered");
-        info.mac = link_mac(&s.pods[i], "eth0")?;
-        s.maps.upsert_endpoint(ifindex, info)?;
-    }
+    register_macs(&mut s)?;
     s.node
         .ip(&["-6", "addr", "add", &format!("{FRONT}/128"), "dev", "lo"])?;
     node_dnat(&s.node, FRONT.into(), 80, (B, 8080).into())?;

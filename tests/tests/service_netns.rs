@@ -476,23 +476,7 @@ fn a_node_port_on_the_nodes_address_is_translated_and_judged_on_its_backend() ->
     };
     r.maps.set_ipcache(GW, 32, host)?;
     // kube-proxy's NodePort rule: the node's address:30080 -> C.
-    let rule = [
-        "-t",
-        "nat",
-        "-A",
-        "PREROUTING",
-        "-d",
-        "10.98.0.1/32",
-        "-p",
-        "tcp",
-        "--dport",
-        "30080",
-        "-j",
-        "DNAT",
-        "--to-destination",
-        "10.98.0.4:8080",
-    ];
-    run(r.node.ns.cmd("iptables").args(rule))?;
+    node_dnat(&r.node.ns, GW.into(), 30080, (PODS[C], 8080).into())?;
     let np = SocketAddr::from((GW, 30080));
     // Without palisade's frontend the packet is traffic to the pod's own
     // node, which passes; kube-proxy then carries it to C, which A's
@@ -527,23 +511,7 @@ fn kube_proxy_dnat_rules_in_the_node_change_nothing() -> Result<()> {
     let before = tcp_tag(r.ns(A), vip(80))?.0;
     // kube-proxy's rule for the same Service (DNAT in PREROUTING). Pointed
     // at C so that a packet it translated would show.
-    let rule = [
-        "-t",
-        "nat",
-        "-A",
-        "PREROUTING",
-        "-d",
-        "10.97.0.10/32",
-        "-p",
-        "tcp",
-        "--dport",
-        "80",
-        "-j",
-        "DNAT",
-        "--to-destination",
-        "10.98.0.4:8080",
-    ];
-    run(r.node.ns.cmd("iptables").args(rule))?;
+    node_dnat(&r.node.ns, VIP.into(), 80, (PODS[C], 8080).into())?;
     let after = tcp_tag(r.ns(A), vip(80))?.0;
     assert_eq!((before, after), (B as u8, B as u8));
     // And with palisade's translation off, kube-proxy's rule is what works.

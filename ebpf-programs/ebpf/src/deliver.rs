@@ -4,14 +4,14 @@
 //! `None` everywhere here means "the stack forwards it", never a drop.
 use aya_ebpf::{helpers::bpf_redirect, programs::TcContext};
 use palisade_common::{
-    local::{ipv4_routed, ipv6_routed, LocalPod, IPV4_REWRITE_LEN, IPV6_REWRITE_LEN, LOCAL_MARK},
-    EndpointInfo, EndpointKey, Ip6,
+    local::{ipv4_routed, ipv6_routed, LocalPod, LOCAL_MARK},
+    EndpointInfo, Ip6,
 };
 
 use crate::{
     headers::{ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_HLEN, ETH_P_IP, ETH_P_IPV6},
-    verdict::slot_endpoint,
-    ENDPOINTS, LOCAL_PODS, LOCAL_PODS6,
+    verdict::interface_endpoint,
+    LOCAL_PODS, LOCAL_PODS6,
 };
 
 /// The tc action delivering the IPv4 frame in `ctx` to a pod of this node.
@@ -27,16 +27,7 @@ pub fn local4(ctx: &TcContext) -> Option<i32> {
     }
     // SAFETY: map values stay valid while the program runs (RCU).
     let ifindex = unsafe { *LOCAL_PODS.get(&daddr)? };
-    let info = receiver(ifindex)?;
-    let hdr = ptr_at::<[u8; IPV4_REWRITE_LEN]>(start, end, 0)?;
-    // SAFETY: bounds checked by ptr_at.
-    let hdr = unsafe { *hdr };
-    let frame_dst: [u8; 6] = [hdr[0], hdr[1], hdr[2], hdr[3], hdr[4], hdr[5]];
-    if !(LocalPod { info: &info }).accepts(&frame_dst, info.ipv4 == daddr) {
-        return None;
-    }
-    let out = ipv4_routed(&hdr, &info.mac)?;
-    redirect(ctx, &out, ifindex)
+    deliver(ctx, ifindex, |info| info.ipv4 == daddr, ipv4_routed)
 }
 
 /// `local4` for IPv6.
@@ -52,26 +43,33 @@ pub fn local6(ctx: &TcContext) -> Option<i32> {
     }
     // SAFETY: map values stay valid while the program runs (RCU).
     let ifindex = unsafe { *LOCAL_PODS6.get(&daddr)? };
-    let info = receiver(ifindex)?;
-    let hdr = ptr_at::<[u8; IPV6_REWRITE_LEN]>(start, end, 0)?;
+    deliver(ctx, ifindex, |info| info.ipv6 == daddr, ipv6_routed)
+}
+
+/// The frame to host veth `ifindex`, if its endpoint `holds` the
+/// destination address and `accepts` the frame: its first `N` bytes
+/// rewritten by `routed` (one store: the skb's own header area, which a
+/// TCP clone may write without a copy), marked as delivered, redirected.
+#[inline(always)]
+fn deliver<const N: usize>(
+    ctx: &TcContext,
+    ifindex: u32,
+    holds: impl Fn(&EndpointInfo) -> bool,
+    routed: fn(&[u8; N], &[u8; 6]) -> Option<[u8; N]>,
+) -> Option<i32> {
+    let info = interface_endpoint(ifindex)?;
+    let hdr = ptr_at::<[u8; N]>(ctx.data(), ctx.data_end(), 0)?;
     // SAFETY: bounds checked by ptr_at.
     let hdr = unsafe { *hdr };
     let frame_dst: [u8; 6] = [hdr[0], hdr[1], hdr[2], hdr[3], hdr[4], hdr[5]];
-    if !(LocalPod { info: &info }).accepts(&frame_dst, info.ipv6 == daddr) {
+    if !(LocalPod { info: &info }).accepts(&frame_dst, holds(&info)) {
         return None;
     }
-    let out = ipv6_routed(&hdr, &info.mac)?;
-    redirect(ctx, &out, ifindex)
-}
-
-/// The endpoint entry of host veth `ifindex` (its slot, else `ENDPOINTS`).
-#[inline(always)]
-fn receiver(ifindex: u32) -> Option<EndpointInfo> {
-    if let Some(info) = slot_endpoint(ifindex) {
-        return Some(info);
-    }
-    // SAFETY: map values stay valid while the program runs (RCU).
-    Some(unsafe { *ENDPOINTS.get_ptr(EndpointKey::ifindex(ifindex))? })
+    let out = routed(&hdr, &info.mac)?;
+    ctx.store(0, &out, 0).ok()?;
+    ctx.set_mark(LOCAL_MARK);
+    // SAFETY: helper without preconditions.
+    Some(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }
 
 /// Whether the frame at a pod's `pod_ingress` came through the node's
@@ -84,15 +82,4 @@ pub fn arrived_via_stack(ctx: &TcContext) -> bool {
     }
     ctx.set_mark(0);
     false
-}
-
-/// Writes the rewritten headers (one store: the skb's own header area,
-/// which a TCP clone may write without a copy), marks the frame as
-/// delivered and redirects.
-#[inline(always)]
-fn redirect<const N: usize>(ctx: &TcContext, out: &[u8; N], ifindex: u32) -> Option<i32> {
-    ctx.store(0, out, 0).ok()?;
-    ctx.set_mark(LOCAL_MARK);
-    // SAFETY: helper without preconditions.
-    Some(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }

@@ -148,12 +148,17 @@ pub fn process<const DRY: bool>(
 pub(crate) fn endpoint(ctx: &TcContext) -> Option<(u32, EndpointInfo)> {
     // SAFETY: the context pointer is valid for the program's whole run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    Some((ifindex, interface_endpoint(ifindex)?))
+}
+
+/// The endpoint of host veth `ifindex`: its slot, else `ENDPOINTS`.
+#[inline(always)]
+pub(crate) fn interface_endpoint(ifindex: u32) -> Option<EndpointInfo> {
     if let Some(ep) = slot_endpoint(ifindex) {
-        return Some((ifindex, ep));
+        return Some(ep);
     }
     // SAFETY: map values stay valid while the program runs (RCU).
-    let ep = unsafe { *ENDPOINTS.get_ptr(EndpointKey::ifindex(ifindex))? };
-    Some((ifindex, ep))
+    Some(unsafe { *ENDPOINTS.get_ptr(EndpointKey::ifindex(ifindex))? })
 }
 
 /// `ifindex`'s endpoint from its `ENDPOINT_SLOTS` slot, if the slot holds
