@@ -199,23 +199,24 @@ fn wakeups(epfd: i32, wait: Duration) -> usize {
     n.max(0) as usize
 }
 
-/// A stalled reader costs no wakeup per event: once the backlog passed the
-/// wakeup threshold, further records are submitted without one (the old
-/// code forced a wakeup on every record past it).
-#[test]
-fn a_stalled_reader_is_woken_once_not_per_event() -> Result<()> {
+/// One enforced endpoint on a veth of `ns`, its events never read unless
+/// `f` reads them, and an edge-triggered epoll descriptor on the ring:
+/// `f(run, epfd, events)`, where `run(n)` runs a denied datagram (one drop
+/// event each) `n` times through `pod_egress`. Fails if the ring filled up
+/// (every record counts here).
+fn with_event_ring<T: Send + 'static>(
+    ns_name: &str,
+    f: impl FnOnce(&dyn Fn(u32) -> Result<()>, i32, &mut EventReader) -> Result<T> + Send + 'static,
+) -> Result<T> {
     use palisade_dataplane::{packet::Packet, testrun::run_tc};
-    if !require_root() {
-        return Ok(());
-    }
     let pins = PinRoot::new()?;
-    let ns = NetNs::new("pstall")?;
+    let ns = NetNs::new(ns_name)?;
     let names = ns.veth_pairs("s", 1)?;
     let cfg = DatapathConfig {
         pins: pins.pins.clone(),
         ..Default::default()
     };
-    let (crossing, after) = ns.enter(move || -> Result<(usize, usize)> {
+    let out = ns.enter(move || -> Result<T> {
         let ifindex = palisade_dataplane::loader::ifindex(&names[0])?;
         let mut dp = Datapath::load(&cfg)?;
         let mut maps = dp.take_maps()?;
@@ -243,8 +244,7 @@ fn a_stalled_reader_is_woken_once_not_per_event() -> Result<()> {
                 cidr_identity: IDENTITY_WORLD,
             },
         )?;
-        // Never read: the stalled agent.
-        let events = EventReader::new(maps.take_events().context("events map")?);
+        let mut events = EventReader::new(maps.take_events().context("events map")?);
         // SAFETY: plain epoll calls on descriptors this test owns.
         let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         anyhow::ensure!(epfd >= 0, "epoll_create1");
@@ -256,21 +256,16 @@ fn a_stalled_reader_is_woken_once_not_per_event() -> Result<()> {
         let r = unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, events.fd(), &mut reg) };
         anyhow::ensure!(r == 0, "epoll_ctl");
         let prog = dp.classifier(palisade_common::programs::POD_EGRESS)?;
-        // A denied datagram: one drop event per run. The first notification
-        // (the descriptor was readable when registered) is not counted.
         let frame = Packet::udp(pod, 4000, Ipv4Addr::new(10, 97, 0, 9), 53).bytes();
-        run_tc(prog, &frame, ifindex, 1)?;
+        let run = |n: u32| -> Result<()> {
+            run_tc(prog, &frame, ifindex, n)?;
+            Ok(())
+        };
+        // The first notification (the descriptor was readable when
+        // registered) is not counted.
+        run(1)?;
         wakeups(epfd, Duration::from_millis(50));
-        // 64 KiB of records (72 bytes each) and some: the threshold is
-        // crossed once in here.
-        run_tc(prog, &frame, ifindex, 1000)?;
-        let crossing = wakeups(epfd, Duration::from_millis(200));
-        // Past the threshold: each further record alone.
-        let mut after = 0;
-        for _ in 0..20 {
-            run_tc(prog, &frame, ifindex, 1)?;
-            after += wakeups(epfd, Duration::from_millis(20));
-        }
+        let out = f(&run, epfd, &mut events);
         // SAFETY: closing our own epoll descriptor.
         unsafe { libc::close(epfd) };
         let lost = maps.counters()?.get(reason::EVENTS_LOST);
@@ -278,12 +273,82 @@ fn a_stalled_reader_is_woken_once_not_per_event() -> Result<()> {
             lost == 0,
             "the ring filled up ({lost} lost): the test is void"
         );
-        Ok((crossing, after))
-    })??;
-    assert_eq!(crossing, 1, "crossing the backlog must wake the reader");
-    assert_eq!(after, 0, "{after} wakeups for 20 records past the backlog");
+        out
+    })?;
     drop(ns);
     drop(pins);
+    out
+}
+
+/// A stalled reader costs no wakeup per event: once the backlog passed the
+/// wakeup threshold, further records are submitted without one (the old
+/// code forced a wakeup on every record past it).
+#[test]
+fn a_stalled_reader_is_woken_once_not_per_event() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let (crossing, after) = with_event_ring("pstall", |run, epfd, _| {
+        // 64 KiB of records (72 bytes each) and some: the threshold is
+        // crossed once in here.
+        run(1000)?;
+        let crossing = wakeups(epfd, Duration::from_millis(200));
+        // Past the threshold: each further record alone.
+        let mut after = 0;
+        for _ in 0..20 {
+            run(1)?;
+            after += wakeups(epfd, Duration::from_millis(20));
+        }
+        Ok((crossing, after))
+    })?;
+    assert_eq!(crossing, 1, "crossing the backlog must wake the reader");
+    assert_eq!(after, 0, "{after} wakeups for 20 records past the backlog");
+    Ok(())
+}
+
+/// A reader that drains while records keep coming brings the backlog
+/// back under the threshold, and the next records cross it again: those
+/// crossings wake it once per gap (10 ms in the programs), not each time.
+/// A backlog that reaches half the ring still wakes it.
+#[test]
+fn a_draining_reader_is_not_woken_by_every_crossing() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let (fast, woken, half) = with_event_ring("pdrain", |run, epfd, events| {
+        // Crossings well inside the gap: each round drains the backlog
+        // and builds it again. (A round is well under a millisecond; a
+        // machine slow enough to leave the gap is retried.)
+        for _ in 0..5 {
+            std::thread::sleep(Duration::from_millis(20));
+            let t = std::time::Instant::now();
+            let mut woken = 0;
+            for _ in 0..4 {
+                events.drain();
+                run(1000)?;
+                // (Counted per round: edge-triggered, wakeups left
+                // unread would merge into one.)
+                woken += wakeups(epfd, Duration::ZERO);
+            }
+            let fast = t.elapsed() < Duration::from_millis(8);
+            woken += wakeups(epfd, Duration::from_millis(50));
+            if fast {
+                // Stalled past the gap: half the ring (2 MiB) wakes.
+                events.drain();
+                std::thread::sleep(Duration::from_millis(20));
+                run(1000)?;
+                wakeups(epfd, Duration::from_millis(50));
+                run(29_000)?;
+                let half = wakeups(epfd, Duration::from_millis(100));
+                events.drain();
+                return Ok((true, woken, half));
+            }
+        }
+        Ok((false, 0, 0))
+    })?;
+    assert!(fast, "no round of crossings fit in the gap: test void");
+    assert_eq!(woken, 1, "four crossings within the gap: one wakeup");
+    assert_eq!(half, 1, "a backlog reaching half the ring wakes the reader");
     Ok(())
 }
 

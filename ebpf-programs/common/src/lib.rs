@@ -471,7 +471,8 @@ pub unsafe fn slot_copy(p: *const EndpointSlot, ifindex: u32, out: *mut Endpoint
 
 const ENDPOINT_INFO_WORDS: usize = core::mem::size_of::<EndpointInfo>() / 4;
 const _: () = assert!(
-    core::mem::size_of::<EndpointInfo>() % 4 == 0 && core::mem::align_of::<EndpointInfo>() == 4
+    core::mem::size_of::<EndpointInfo>().is_multiple_of(4)
+        && core::mem::align_of::<EndpointInfo>() == 4
 );
 
 /// ipcache value. `identity` is what the longest prefix says (a pod's label

@@ -137,6 +137,11 @@ static EVENT_LIMIT: LruPerCpuHashMap<EventLimitKey, EventLimitState> =
 #[map]
 static EVENT_BUDGET: Array<EventBudget> = Array::with_max_entries(1, 0);
 
+/// When a record last forced a wakeup of the `EVENTS` reader
+/// (`events::wakeup_flags`). Not shared with userspace, not pinned.
+#[map]
+static EVENT_WAKE: Array<u64> = Array::with_max_entries(1, 0);
+
 /// Conntrack and fragment entries charged to each endpoint, and the
 /// budget in force (`palisade_common::ct_budget`).
 #[map]
