@@ -690,6 +690,16 @@ pub fn ip_counter(ns: &NetNs, ipv6: bool, name: &'static str) -> Result<u64> {
         .ok_or_else(|| anyhow::anyhow!("no {name} in /proc/net/{file}"))
 }
 
+/// Closes `c` both ways and waits for the peer's FIN (read to EOF, or
+/// until `c`'s read timeout), so no segment of the connection is still
+/// crossing the node when a caller counts what the node forwards (only
+/// the last ACK may be).
+pub fn close_both_ways(c: &std::net::TcpStream) -> std::io::Result<()> {
+    c.shutdown(std::net::Shutdown::Write)?;
+    let _ = std::io::Read::read_to_end(&mut &*c, &mut Vec::new());
+    Ok(())
+}
+
 /// A TCP listener in `ns` on `port` of `family`'s wildcard address that
 /// takes no segment with a TTL (hop limit) under `min`: IP_MINTTL,
 /// IPV6_MINHOPCOUNT.

@@ -144,11 +144,10 @@ fn echoes(ns: &NetNs, to: Ipv6Addr, port: u16) -> Result<bool> {
         let mut buf = [0u8; 5];
         let ok =
             c.write_all(b"hello").is_ok() && c.read_exact(&mut buf).is_ok() && &buf == b"hello";
-        // Closed both ways before returning: no FIN of this flow is left
-        // to cross the node while a caller counts what it forwards.
+        // Closed before returning: no FIN of this flow is left to cross
+        // the node while a caller counts what it forwards.
         if ok {
-            let _ = c.shutdown(std::net::Shutdown::Write);
-            let _ = c.read_to_end(&mut Vec::new());
+            let _ = close_both_ways(&c);
         }
         ok
     })
